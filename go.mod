@@ -1,0 +1,3 @@
+module github.com/tpfleet/tpfleet
+
+go 1.26
