@@ -1,0 +1,97 @@
+package safetensors
+
+import "fmt"
+
+// Range selects the indices [Start, End) along one dimension.
+type Range struct{ Start, End int }
+
+// ReadSlice reads the parts of the tensor called name that lie in the given
+// index ranges along dimension dim, concatenated in order along that
+// dimension, and returns them as a fresh row-major slice with the resulting
+// shape. For example, with gate_up_proj of shape [E, H, 2I] split over two
+// ranks, rank 0's packed gate and up columns are
+//
+//	f.ReadSlice("gate_up_proj", 2, Range{0, I/2}, Range{I, I + I/2})
+//
+// It reads only the bytes of the result, merging reads of pieces that are
+// adjacent in the file: slicing dimension 0 is one read per range, and
+// slicing the last dimension of an [A, B] tensor is at most A×len(ranges)
+// reads. At least one range is required; empty ranges are allowed.
+func (f *File) ReadSlice(name string, dim int, ranges ...Range) ([]byte, []int, error) {
+	t, err := f.Info(name)
+	if err != nil {
+		return nil, nil, err
+	}
+	shape, pieces, err := slicePlan(t, dim, ranges)
+	if err != nil {
+		return nil, nil, &fileError{f.name, err}
+	}
+	if err := f.checkOpen(); err != nil {
+		return nil, nil, err
+	}
+	var total int64
+	for _, p := range pieces {
+		total += p.n
+	}
+	out := make([]byte, total)
+	pos := int64(0)
+	for _, p := range pieces {
+		if err := f.readAt(out[pos:pos+p.n], p.off); err != nil {
+			return nil, nil, err
+		}
+		pos += p.n
+	}
+	return out, shape, nil
+}
+
+// piece is a run of n bytes at offset off of the data section.
+type piece struct{ off, n int64 }
+
+// slicePlan validates a slice of t and returns its shape and the runs of
+// bytes to read, in output order, with adjacent runs merged.
+func slicePlan(t TensorInfo, dim int, ranges []Range) ([]int, []piece, error) {
+	if dim < 0 || dim >= len(t.Shape) {
+		return nil, nil, fmt.Errorf("tensor %q: slice dimension %d out of range for shape %v", t.Name, dim, t.Shape)
+	}
+	if len(ranges) == 0 {
+		return nil, nil, fmt.Errorf("tensor %q: slice of dimension %d has no ranges", t.Name, dim)
+	}
+	size := t.Shape[dim]
+	sum := 0
+	for _, r := range ranges {
+		if r.Start < 0 || r.Start > r.End || r.End > size {
+			return nil, nil, fmt.Errorf("tensor %q: range [%d, %d) out of bounds for dimension %d of size %d",
+				t.Name, r.Start, r.End, dim, size)
+		}
+		sum += r.End - r.Start
+	}
+	shape := append([]int(nil), t.Shape...)
+	shape[dim] = sum
+	if t.NumBytes() == 0 { // other dimensions may be huge; there is nothing to read
+		return shape, nil, nil
+	}
+	outer := int64(1) // number of blocks before dim
+	for _, d := range t.Shape[:dim] {
+		outer *= int64(d)
+	}
+	stride := int64(t.DType.Size()) // bytes per index of dim
+	for _, d := range t.Shape[dim+1:] {
+		stride *= int64(d)
+	}
+	block := int64(size) * stride
+	var pieces []piece
+	for o := int64(0); o < outer; o++ {
+		for _, r := range ranges {
+			p := piece{t.Begin + o*block + int64(r.Start)*stride, int64(r.End-r.Start) * stride}
+			if p.n == 0 {
+				continue
+			}
+			if last := len(pieces) - 1; last >= 0 && pieces[last].off+pieces[last].n == p.off {
+				pieces[last].n += p.n
+				continue
+			}
+			pieces = append(pieces, p)
+		}
+	}
+	return shape, pieces, nil
+}
