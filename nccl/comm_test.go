@@ -1,0 +1,133 @@
+package nccl_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tpfleet/tpfleet/nccl"
+)
+
+func TestOpErrorString(t *testing.T) {
+	for _, tc := range []struct {
+		err  *nccl.OpError
+		want string
+	}{
+		{&nccl.OpError{Rank: 1, Op: "all-reduce", Peer: 0, Addr: "127.0.0.1:40123", Action: "recv from", Err: io.EOF},
+			"nccl: rank 1: all-reduce: recv from rank 0 (127.0.0.1:40123): EOF"},
+		{&nccl.OpError{Rank: 0, Op: "barrier", Peer: 2, Action: "wait for", Err: context.Canceled},
+			"nccl: rank 0: barrier: wait for rank 2: context canceled"},
+		{&nccl.OpError{Rank: 3, Op: "broadcast", Peer: -1, Err: nccl.ErrClosed},
+			"nccl: rank 3: broadcast: communicator closed"},
+	} {
+		if got := tc.err.Error(); got != tc.want {
+			t.Errorf("(%#v).Error() = %q, want %q", tc.err, got, tc.want)
+		}
+	}
+}
+
+func TestRingConfigValidate(t *testing.T) {
+	two := []string{"127.0.0.1:1", "127.0.0.1:2"}
+	for _, tc := range []struct {
+		cfg  nccl.RingConfig
+		want string // a substring of the error; "" for none
+	}{
+		{nccl.RingConfig{Rank: 1, Addrs: two}, ""},
+		{nccl.RingConfig{Rank: 0, Addrs: []string{""}}, ""},
+		{nccl.RingConfig{Rank: 0}, "no addresses"},
+		{nccl.RingConfig{Rank: 2, Addrs: two}, "rank 2 outside 0..1"},
+		{nccl.RingConfig{Rank: -1, Addrs: two}, "rank -1 outside"},
+		{nccl.RingConfig{Rank: 0, Addrs: two, OpTimeout: -time.Second}, "negative op timeout"},
+		{nccl.RingConfig{Rank: 0, Addrs: two, DialTimeout: -time.Second}, "negative dial timeout"},
+		{nccl.RingConfig{Rank: 0, Addrs: []string{"127.0.0.1:1", "nohost"}}, "address of rank 1"},
+	} {
+		err := tc.cfg.Validate()
+		if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {
+			t.Errorf("(%+v).Validate() = %v, want %q", tc.cfg, err, tc.want)
+		}
+	}
+}
+
+func TestConnectOneRank(t *testing.T) {
+	c, err := nccl.Connect(context.Background(), nil, nccl.RingConfig{Addrs: []string{""}})
+	if err != nil {
+		t.Fatalf("Connect(one rank) = %v, want nil", err)
+	}
+	defer c.Close()
+	if c.Rank() != 0 || c.Size() != 1 {
+		t.Errorf("Connect(one rank): Rank(), Size() = %d, %d, want 0, 1", c.Rank(), c.Size())
+	}
+}
+
+// TestConnectWrongPeer connects two ranks that disagree on the world size: both must fail with an
+// error that says what they found.
+func TestConnectWrongPeer(t *testing.T) {
+	l0, l1 := listen(t), listen(t)
+	cfgs := []nccl.RingConfig{
+		{Rank: 0, Addrs: []string{l0.Addr(), l1.Addr()}, DialTimeout: 2 * time.Second},
+		{Rank: 1, Addrs: []string{l0.Addr(), l1.Addr(), l0.Addr()}, DialTimeout: 2 * time.Second},
+	}
+	errs := make([]error, 2)
+	var wg sync.WaitGroup
+	for r, l := range []*nccl.RingListener{l0, l1} {
+		wg.Go(func() {
+			c, err := nccl.Connect(context.Background(), l, cfgs[r])
+			if err == nil {
+				c.Close()
+			}
+			errs[r] = err
+		})
+	}
+	wg.Wait()
+	for r, want := range []string{"rank 1 of 3, want rank 1 of 2", "rank 0 of 2, want rank 2 of 3"} {
+		if errs[r] == nil || !strings.Contains(errs[r].Error(), want) {
+			t.Errorf("rank %d: Connect(%+v) = %v, want an error containing %q", r, cfgs[r], errs[r], want)
+		}
+	}
+}
+
+// TestConnectNoPeer connects a rank whose peer never comes: it must fail within DialTimeout, naming
+// the peer it waited for.
+func TestConnectNoPeer(t *testing.T) {
+	l0, l1 := listen(t), listen(t)
+	cfg := nccl.RingConfig{Rank: 0, Addrs: []string{l0.Addr(), l1.Addr()}, DialTimeout: 200 * time.Millisecond}
+	start := time.Now()
+	c, err := nccl.Connect(context.Background(), l0, cfg)
+	if err == nil {
+		c.Close()
+	}
+	want := fmt.Sprintf("rank 1 (%s)", l1.Addr())
+	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), want) {
+		t.Errorf("Connect(%+v) = %v, want %v naming %q", cfg, err, context.DeadlineExceeded, want)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("Connect(%+v) took %v, want about %v", cfg, d, cfg.DialTimeout)
+	}
+}
+
+func TestListenerClose(t *testing.T) {
+	l, err := nccl.Listen("127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("Listen(127.0.0.1:0) = %v", err)
+	}
+	for i := range 2 {
+		if err := l.Close(); err != nil {
+			t.Errorf("Close() #%d = %v, want nil", i+1, err)
+		}
+	}
+}
+
+func listen(t *testing.T) *nccl.RingListener {
+	t.Helper()
+	l, err := nccl.Listen("127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("Listen(127.0.0.1:0) = %v", err)
+	}
+	t.Cleanup(func() { l.Close() })
+	return l
+}
