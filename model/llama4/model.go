@@ -1,0 +1,368 @@
+package llama4
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+
+	"github.com/tpfleet/tpfleet/backend"
+	"github.com/tpfleet/tpfleet/nccl"
+)
+
+// ErrInput marks a request the model cannot run: token ids outside the vocabulary, positions past the
+// context. Errors wrap it with the detail.
+var ErrInput = errors.New("llama4: invalid input")
+
+// Layout says how a loaded tensor was cut for this rank: Dim < 0 means the whole tensor (replicated);
+// otherwise the tensor was split along Dim into Parts pieces and this rank holds piece Part. Packed
+// gate_up_proj splits (each rank holding the matching slice of the gate half and of the up half) report Dim
+// 2 like a plain column split: the local tensor keeps the [gate | up] layout.
+type Layout struct {
+	Dim, Part, Parts int
+}
+
+// Replicated is the Layout of a whole tensor.
+var Replicated = Layout{Dim: -1, Parts: 1}
+
+// Split reports whether the tensor was cut, so that its product is partial or sliced.
+func (l Layout) Split() bool { return l.Dim >= 0 && l.Parts > 1 }
+
+// Weights gives the model this rank's slice of each tensor, by its name in a text-only checkpoint (spec
+// §3.2: "model.layers.0.self_attn.q_proj.weight", without the multimodal "language_model." prefix), loaded
+// into the backend. The implementation decides the slicing (a tp_plan); the model adapts its head and
+// expert counts and its collectives to the Layout it is told.
+type Weights interface {
+	Load(ctx context.Context, name string) (backend.Tensor, Layout, error)
+}
+
+// Parallel is this rank's place in its tensor-parallel group. A nil Comm means a single rank.
+type Parallel struct {
+	Comm nccl.Comm
+}
+
+// Model is one rank's slice of a Llama 4 text model, ready to run on a backend.
+type Model struct {
+	Config  Config
+	ops     backend.Ops
+	comm    nccl.Comm
+	invFreq []float32
+
+	embed      backend.Tensor
+	embedFirst int // first vocabulary row this rank holds
+	embedSplit bool
+	layers     []decoderLayer
+	norm       backend.Tensor
+	lmHead     backend.Tensor
+	lmSplit    bool
+}
+
+// decoderLayer is spec §2.5's block: x += attention(norm(x)); x += ffn(norm(x)).
+type decoderLayer struct {
+	index            int
+	inputNorm        backend.Tensor
+	postNorm         backend.Tensor
+	attn             attention
+	ffn              feedForward
+	useRoPE, qkNorm  bool
+	temperatureTuned bool
+	window           backend.Window
+}
+
+// attention holds this rank's heads (spec §2.3): q/k/v colwise by head, o rowwise.
+type attention struct {
+	q, k, v, o       backend.Tensor
+	heads, kvHeads   int // local
+	reduceAfterOProj bool
+}
+
+// feedForward is a dense MLP or a mixture of experts; the layer never asks which.
+type feedForward interface {
+	forward(s *step, h backend.Tensor) backend.Tensor
+}
+
+// mlp is SwiGLU: down(silu(gate(x)) * up(x)) (spec §2.4, dense layers and the shared expert).
+type mlp struct {
+	gate, up, down backend.Tensor
+	partial        bool // down was split rowwise: the output needs an all-reduce
+}
+
+// moe is spec §2.4's Llama4TextMoe: the router picks top-k experts per token, the score scales the
+// expert's input, and the shared expert is always added.
+type moe struct {
+	router       backend.Tensor
+	gateUp, down backend.Tensor // [E_local, H, 2I_local], [E_local, I_local, H]
+	firstExpert  int
+	topK         int
+	shared       mlp
+	partial      bool
+}
+
+// Load builds the model from w. Every tensor the configuration needs must be present.
+func Load(ctx context.Context, ops backend.Ops, cfg Config, w Weights, par Parallel) (*Model, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	comm := par.Comm
+	if comm == nil {
+		comm = nccl.Solo()
+	}
+	m := &Model{Config: cfg, ops: ops, comm: comm, invFreq: cfg.InvFreq()}
+	l := loader{ctx: ctx, w: w}
+
+	var lay Layout
+	m.embed, lay = l.load("model.embed_tokens.weight")
+	m.embedSplit = lay.Split()
+	if lay.Split() {
+		if lay.Dim != 0 {
+			return nil, fmt.Errorf("llama4: embed_tokens split on dim %d: only vocabulary rows (dim 0) can be split", lay.Dim)
+		}
+		m.embedFirst = lay.Part * cfg.VocabSize / lay.Parts
+	}
+	m.norm, _ = l.load("model.norm.weight")
+	head := "lm_head.weight"
+	if cfg.TieWordEmbeddings {
+		head = "model.embed_tokens.weight"
+	}
+	m.lmHead, lay = l.load(head)
+	m.lmSplit = lay.Split()
+	if lay.Split() && lay.Dim != 0 {
+		return nil, fmt.Errorf("llama4: %s split on dim %d: only vocabulary rows (dim 0) can be split", head, lay.Dim)
+	}
+
+	m.layers = make([]decoderLayer, cfg.NumLayers)
+	for i := range m.layers {
+		layer, err := m.loadLayer(&l, i)
+		if err != nil {
+			return nil, err
+		}
+		m.layers[i] = layer
+	}
+	if l.err != nil {
+		return nil, l.err
+	}
+	return m, nil
+}
+
+func (m *Model) loadLayer(l *loader, i int) (decoderLayer, error) {
+	cfg := m.Config
+	p := fmt.Sprintf("model.layers.%d.", i)
+	d := decoderLayer{
+		index:            i,
+		useRoPE:          cfg.UseRoPE[i],
+		qkNorm:           cfg.UseQKNorm && cfg.UseRoPE[i],
+		temperatureTuned: cfg.TemperatureTuning && !cfg.UseRoPE[i],
+	}
+	if cfg.Chunked[i] {
+		d.window = backend.Window{Chunk: cfg.AttentionChunkSize}
+	}
+	d.inputNorm, _ = l.load(p + "input_layernorm.weight")
+	d.postNorm, _ = l.load(p + "post_attention_layernorm.weight")
+
+	var lq, lk, lv, lo Layout
+	a := &d.attn
+	a.q, lq = l.load(p + "self_attn.q_proj.weight")
+	a.k, lk = l.load(p + "self_attn.k_proj.weight")
+	a.v, lv = l.load(p + "self_attn.v_proj.weight")
+	a.o, lo = l.load(p + "self_attn.o_proj.weight")
+	if l.err != nil {
+		return d, l.err
+	}
+	a.heads = a.q.Shape()[0] / cfg.HeadDim
+	a.kvHeads = a.k.Shape()[0] / cfg.HeadDim
+	a.reduceAfterOProj = lo.Split()
+	if lq.Split() != lo.Split() || lk.Split() != lq.Split() || lv.Split() != lq.Split() {
+		return d, fmt.Errorf("llama4: layer %d: q/k/v must be split colwise exactly when o_proj is split rowwise", i)
+	}
+	if a.heads == 0 || a.kvHeads == 0 || a.heads%a.kvHeads != 0 ||
+		a.q.Shape()[0] != a.heads*cfg.HeadDim || a.v.Shape()[0] != a.kvHeads*cfg.HeadDim {
+		return d, fmt.Errorf("llama4: layer %d: local q/k/v rows %d/%d/%d are not whole heads of %d in groups",
+			i, a.q.Shape()[0], a.k.Shape()[0], a.v.Shape()[0], cfg.HeadDim)
+	}
+
+	var err error
+	if cfg.MoE[i] {
+		d.ffn, err = m.loadMoE(l, p+"feed_forward.")
+	} else {
+		d.ffn, err = loadMLP(l, p+"feed_forward.")
+	}
+	return d, err
+}
+
+func loadMLP(l *loader, p string) (*mlp, error) {
+	f := &mlp{}
+	var lg, lu, ld Layout
+	f.gate, lg = l.load(p + "gate_proj.weight")
+	f.up, lu = l.load(p + "up_proj.weight")
+	f.down, ld = l.load(p + "down_proj.weight")
+	f.partial = ld.Split()
+	if l.err == nil && (lg.Split() != ld.Split() || lu.Split() != ld.Split()) {
+		return nil, fmt.Errorf("llama4: %s: gate/up must be split colwise exactly when down_proj is split rowwise", p)
+	}
+	return f, l.err
+}
+
+func (m *Model) loadMoE(l *loader, p string) (*moe, error) {
+	f := &moe{topK: m.Config.TopK}
+	var lr, lgu, ld Layout
+	f.router, lr = l.load(p + "router.weight")
+	f.gateUp, lgu = l.load(p + "experts.gate_up_proj")
+	f.down, ld = l.load(p + "experts.down_proj")
+	shared, err := loadMLP(l, p+"shared_expert.")
+	if err != nil {
+		return nil, err
+	}
+	f.shared = *shared
+	if lr.Split() {
+		return nil, fmt.Errorf("llama4: %srouter.weight must be replicated: every rank routes every token", p)
+	}
+	switch {
+	case lgu.Split() != ld.Split():
+		return nil, fmt.Errorf("llama4: %sexperts: gate_up_proj and down_proj must be split together", p)
+	case lgu.Dim == 0 && ld.Dim == 0: // expert parallel: whole experts per rank
+		f.firstExpert = lgu.Part * f.gateUp.Shape()[0]
+	case lgu.Split() && (lgu.Dim != 2 || ld.Dim != 1):
+		return nil, fmt.Errorf("llama4: %sexperts: split gate_up_proj on dim 2 (packed) with down_proj on dim 1, or both on dim 0 (experts); got %d and %d", p, lgu.Dim, ld.Dim)
+	}
+	f.partial = lgu.Split()
+	return f, nil
+}
+
+// loader loads tensors with a sticky error.
+type loader struct {
+	ctx context.Context
+	w   Weights
+	err error
+}
+
+func (l *loader) load(name string) (backend.Tensor, Layout) {
+	if l.err != nil {
+		return nil, Replicated
+	}
+	t, lay, err := l.w.Load(l.ctx, name)
+	if err != nil {
+		l.err = fmt.Errorf("llama4: load %s: %w", name, err)
+		return nil, Replicated
+	}
+	return t, lay
+}
+
+// Sequence is one sequence's decoding state on this rank: its KV caches and how many positions it holds.
+type Sequence struct {
+	caches   []backend.KVCache
+	next     int // position of the next token
+	capacity int
+}
+
+// Len is the number of tokens the sequence has consumed.
+func (s *Sequence) Len() int { return s.next }
+
+// NewSequence makes an empty sequence with room for capacity tokens (prompt and generated).
+func (m *Model) NewSequence(capacity int) (*Sequence, error) {
+	if capacity <= 0 || capacity > m.Config.MaxPositions {
+		return nil, fmt.Errorf("%w: context of %d tokens: must be in [1, max_position_embeddings=%d]", ErrInput, capacity, m.Config.MaxPositions)
+	}
+	s := &Sequence{caches: make([]backend.KVCache, len(m.layers)), capacity: capacity}
+	for i, l := range m.layers {
+		c, err := m.ops.NewKVCache(l.attn.kvHeads, m.Config.HeadDim, capacity, l.window)
+		if err != nil {
+			return nil, fmt.Errorf("llama4: layer %d kv cache: %w", i, err)
+		}
+		s.caches[i] = c
+	}
+	return s, nil
+}
+
+// Forward runs ids through the model at the sequence's next positions, appending to its caches, and returns
+// logits [T, vocab] for every new token when allLogits is set, else [1, vocab] for the last one.
+func (m *Model) Forward(ctx context.Context, seq *Sequence, ids []int, allLogits bool) (backend.Tensor, error) {
+	if len(ids) == 0 {
+		return nil, fmt.Errorf("%w: no tokens", ErrInput)
+	}
+	for i, id := range ids {
+		if id < 0 || id >= m.Config.VocabSize {
+			return nil, fmt.Errorf("%w: token id %d at index %d is outside the vocabulary [0, %d)", ErrInput, id, i, m.Config.VocabSize)
+		}
+	}
+	if seq.next+len(ids) > seq.capacity {
+		return nil, fmt.Errorf("%w: %d tokens after %d exceed the sequence's context of %d", ErrInput, len(ids), seq.next, seq.capacity)
+	}
+	pos := make([]int, len(ids))
+	for i := range pos {
+		pos[i] = seq.next + i
+	}
+	s := &step{ctx: ctx, ops: m.ops, comm: m.comm}
+
+	x := s.allReduce(s.embed(m.embed, ids, m.embedFirst), m.embedSplit) // spec §2.1
+	for i := range m.layers {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		x = m.layers[i].forward(s, m, x, seq.caches[i], pos)
+	}
+	if !allLogits {
+		x = s.rows(x, len(ids)-1, len(ids))
+	}
+	x = s.rmsNorm(x, m.norm, m.Config.RMSNormEps)           // final norm
+	logits := s.allGather(s.linear(x, m.lmHead), m.lmSplit) // lm_head, vocab-parallel
+	if s.err != nil {
+		return nil, fmt.Errorf("llama4: forward: %w", s.err)
+	}
+	seq.next += len(ids)
+	return logits, nil
+}
+
+// forward is spec §2.5: x = x + attention(input_norm(x)); x = x + ffn(post_attention_norm(x)).
+func (d *decoderLayer) forward(s *step, m *Model, x backend.Tensor, cache backend.KVCache, pos []int) backend.Tensor {
+	eps := m.Config.RMSNormEps
+	x = s.add(x, d.attention(s, m, s.rmsNorm(x, d.inputNorm, eps), cache, pos))
+	return s.add(x, d.ffn.forward(s, s.rmsNorm(x, d.postNorm, eps)))
+}
+
+// attention is spec §2.3 for this rank's heads.
+func (d *decoderLayer) attention(s *step, m *Model, h backend.Tensor, cache backend.KVCache, pos []int) backend.Tensor {
+	a, cfg := &d.attn, m.Config
+	t := len(pos)
+	q := s.reshape(s.linear(h, a.q), t, a.heads, cfg.HeadDim)
+	k := s.reshape(s.linear(h, a.k), t, a.kvHeads, cfg.HeadDim)
+	v := s.reshape(s.linear(h, a.v), t, a.kvHeads, cfg.HeadDim)
+	if d.useRoPE { // (a) RoPE on interleaved pairs, then (b) weightless RMS qk-norm
+		q, k = s.rope(q, pos, m.invFreq), s.rope(k, pos, m.invFreq)
+		if d.qkNorm {
+			q, k = s.rmsNorm(q, nil, cfg.RMSNormEps), s.rmsNorm(k, nil, cfg.RMSNormEps)
+		}
+	}
+	if d.temperatureTuned { // (c) NoPE layers scale q by the absolute position's temperature
+		scale := make([]float32, t)
+		for i, p := range pos {
+			scale[i] = cfg.AttnTemperature(p)
+		}
+		q = s.scaleRows(q, scale)
+	}
+	s.appendKV(cache, k, v, pos) // (d)
+	o := s.attention(q, cache, pos, d.window, float32(1/math.Sqrt(float64(cfg.HeadDim))))
+	o = s.linear(s.reshape(o, t, a.heads*cfg.HeadDim), a.o) // (f)
+	return s.allReduce(o, a.reduceAfterOProj)
+}
+
+func (f *mlp) forward(s *step, h backend.Tensor) backend.Tensor {
+	return s.allReduce(f.local(s, h), f.partial)
+}
+
+// local is the SwiGLU product without the reduction, so the MoE can reduce shared and routed together.
+func (f *mlp) local(s *step, h backend.Tensor) backend.Tensor {
+	return s.linear(s.siluMul(s.linear(h, f.gate), s.linear(h, f.up)), f.down)
+}
+
+// forward is spec §2.4: top-k on raw router logits, sigmoid scores scale the experts' input, plus the shared
+// expert. When both are partial sums (tensor parallel) they are added before one all-reduce; under expert
+// parallelism only the routed sum is partial.
+func (f *moe) forward(s *step, h backend.Tensor) backend.Tensor {
+	routing := s.route(s.linear(h, f.router), f.topK)
+	routed := s.experts(h, routing, f.gateUp, f.down, f.firstExpert)
+	shared := f.shared.local(s, h)
+	if f.partial == f.shared.partial {
+		return s.allReduce(s.add(shared, routed), f.partial)
+	}
+	return s.add(s.allReduce(shared, f.shared.partial), s.allReduce(routed, f.partial))
+}

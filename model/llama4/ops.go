@@ -1,0 +1,109 @@
+package llama4
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/tpfleet/tpfleet/backend"
+	"github.com/tpfleet/tpfleet/nccl"
+)
+
+// step wraps backend.Ops with a sticky error so the forward pass reads as a sequence of formulas: after the
+// first failure every op is skipped and returns nil, and the caller checks err once at the end.
+type step struct {
+	ctx  context.Context
+	ops  backend.Ops
+	comm nccl.Comm
+	err  error
+}
+
+func (s *step) fail(op string, err error) {
+	if s.err == nil && err != nil {
+		s.err = fmt.Errorf("%s: %w", op, err)
+	}
+}
+
+func (s *step) do(op string, f func() (backend.Tensor, error)) backend.Tensor {
+	if s.err != nil {
+		return nil
+	}
+	t, err := f()
+	s.fail(op, err)
+	return t
+}
+
+func (s *step) embed(table backend.Tensor, ids []int, first int) backend.Tensor {
+	return s.do("embed", func() (backend.Tensor, error) { return s.ops.Embed(table, ids, first) })
+}
+
+func (s *step) rmsNorm(x, w backend.Tensor, eps float32) backend.Tensor {
+	return s.do("rms_norm", func() (backend.Tensor, error) { return s.ops.RMSNorm(x, w, eps) })
+}
+
+func (s *step) linear(x, w backend.Tensor) backend.Tensor {
+	return s.do("linear", func() (backend.Tensor, error) { return s.ops.Linear(x, w) })
+}
+
+func (s *step) add(a, b backend.Tensor) backend.Tensor {
+	return s.do("add", func() (backend.Tensor, error) { return s.ops.Add(a, b) })
+}
+
+func (s *step) siluMul(gate, up backend.Tensor) backend.Tensor {
+	return s.do("silu_mul", func() (backend.Tensor, error) { return s.ops.SiLUMul(gate, up) })
+}
+
+func (s *step) scaleRows(x backend.Tensor, scale []float32) backend.Tensor {
+	return s.do("scale_rows", func() (backend.Tensor, error) { return s.ops.ScaleRows(x, scale) })
+}
+
+func (s *step) rope(x backend.Tensor, pos []int, invFreq []float32) backend.Tensor {
+	return s.do("rope", func() (backend.Tensor, error) { return s.ops.RoPE(x, pos, invFreq) })
+}
+
+func (s *step) reshape(x backend.Tensor, shape ...int) backend.Tensor {
+	return s.do("reshape", func() (backend.Tensor, error) { return s.ops.Reshape(x, shape...) })
+}
+
+func (s *step) rows(x backend.Tensor, start, end int) backend.Tensor {
+	return s.do("rows", func() (backend.Tensor, error) { return s.ops.Rows(x, start, end) })
+}
+
+func (s *step) attention(q backend.Tensor, cache backend.KVCache, pos []int, w backend.Window, scale float32) backend.Tensor {
+	return s.do("attention", func() (backend.Tensor, error) { return s.ops.Attention(q, cache, pos, w, scale) })
+}
+
+func (s *step) appendKV(cache backend.KVCache, k, v backend.Tensor, pos []int) {
+	if s.err == nil {
+		s.fail("kv_cache", cache.Append(k, v, pos))
+	}
+}
+
+func (s *step) route(logits backend.Tensor, k int) backend.Routing {
+	if s.err != nil {
+		return nil
+	}
+	r, err := s.ops.Route(logits, k)
+	s.fail("route", err)
+	return r
+}
+
+func (s *step) experts(x backend.Tensor, r backend.Routing, gateUp, down backend.Tensor, first int) backend.Tensor {
+	return s.do("experts", func() (backend.Tensor, error) { return s.ops.Experts(x, r, gateUp, down, first) })
+}
+
+// allReduce sums a partial result over the tensor-parallel group when the weights that made it were split.
+func (s *step) allReduce(t backend.Tensor, partial bool) backend.Tensor {
+	if s.err != nil || !partial || s.comm.Size() == 1 {
+		return t
+	}
+	s.fail("all_reduce", s.ops.AllReduce(s.ctx, s.comm, t))
+	return t
+}
+
+// allGather concatenates the ranks' column slices when the weights that made them were split.
+func (s *step) allGather(t backend.Tensor, split bool) backend.Tensor {
+	if !split || s.comm.Size() == 1 {
+		return t
+	}
+	return s.do("all_gather", func() (backend.Tensor, error) { return s.ops.AllGather(s.ctx, s.comm, t) })
+}
