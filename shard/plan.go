@@ -1,0 +1,342 @@
+package shard
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+)
+
+// Rule is one entry of a plan: tensors matching Pattern are split by Style.
+type Rule struct {
+	Pattern string `json:"pattern"`
+	Style   Style  `json:"style"`
+}
+
+// Plan is an ordered set of rules, HF's tp_plan: a JSON object from module pattern to style, such as
+// {"layers.*.self_attn.q_proj": "colwise"}. The zero Plan has no rules and keeps every tensor whole. A Plan
+// is immutable and safe for concurrent use.
+//
+// A pattern is a dotted module or parameter name in which "*" stands for one all-digit component (a layer
+// or expert index). It matches a checkpoint tensor when the tensor's own name, or the name of the module
+// that holds it (the name less its last component: "….q_proj.weight" → "….q_proj"), ends with the pattern
+// at a dot. Names and patterns are compared without a leading "language_model.", so HF's base-model plans
+// ("layers.*…"), its assembled plans ("model.layers.*…", "language_model.model.layers.*…") and
+// multimodal or text-only checkpoints all fit each other. When several rules match a tensor, one that
+// matches the tensor's own name beats one that matches its module; then the longer pattern wins, then the
+// one with fewer "*"; then the earlier rule.
+type Plan struct {
+	rules []compiledRule
+}
+
+type compiledRule struct {
+	Rule
+	comps []string // pattern components, without "language_model."
+	wild  int      // number of "*" components
+}
+
+// NewPlan makes a plan of rules, in order. It rejects unknown styles (naming the style and the pattern),
+// malformed patterns and a pattern given twice.
+func NewPlan(rules ...Rule) (Plan, error) {
+	p := Plan{rules: make([]compiledRule, 0, len(rules))}
+	seen := make(map[string]bool, len(rules))
+	for _, r := range rules {
+		if !r.Style.Known() {
+			return Plan{}, unknownStyle(r.Pattern, r.Style)
+		}
+		comps, err := patternComponents(r.Pattern)
+		if err != nil {
+			return Plan{}, err
+		}
+		key := strings.Join(comps, ".")
+		if seen[key] {
+			return Plan{}, fmt.Errorf("%w: pattern %q given twice", ErrPlan, r.Pattern)
+		}
+		seen[key] = true
+		c := compiledRule{Rule: r, comps: comps}
+		for _, s := range comps {
+			if s == "*" {
+				c.wild++
+			}
+		}
+		p.rules = append(p.rules, c)
+	}
+	return p, nil
+}
+
+// patternComponents splits a pattern into components, dropping a leading "language_model.".
+func patternComponents(pattern string) ([]string, error) {
+	if pattern == "" {
+		return nil, fmt.Errorf("%w: empty pattern", ErrPlan)
+	}
+	comps := strings.Split(strings.TrimPrefix(pattern, textPrefix), ".")
+	for _, c := range comps {
+		if c == "" {
+			return nil, fmt.Errorf("%w: pattern %q has an empty component", ErrPlan, pattern)
+		}
+		if c != "*" && strings.Contains(c, "*") {
+			return nil, fmt.Errorf("%w: pattern %q: \"*\" must be a whole component (it stands for a layer or expert number)", ErrPlan, pattern)
+		}
+	}
+	return comps, nil
+}
+
+// ParsePlan parses HF's JSON form of a plan: one object from pattern to style name, in the order given.
+func ParsePlan(data []byte) (Plan, error) {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	tok, err := dec.Token()
+	if err != nil {
+		return Plan{}, fmt.Errorf("%w: %v", ErrPlan, err)
+	}
+	if d, ok := tok.(json.Delim); !ok || d != '{' {
+		return Plan{}, fmt.Errorf("%w: want a JSON object of pattern to style, got %v", ErrPlan, tok)
+	}
+	var rules []Rule
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return Plan{}, fmt.Errorf("%w: %v", ErrPlan, err)
+		}
+		pattern := tok.(string) // object keys are always strings
+		var style string
+		if err := dec.Decode(&style); err != nil {
+			return Plan{}, fmt.Errorf("%w: pattern %q: the style must be a string: %v", ErrPlan, pattern, err)
+		}
+		rules = append(rules, Rule{Pattern: pattern, Style: Style(style)})
+	}
+	if _, err := dec.Token(); err != nil { // the closing brace
+		return Plan{}, fmt.Errorf("%w: %v", ErrPlan, err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return Plan{}, fmt.Errorf("%w: data after the plan object", ErrPlan)
+	}
+	return NewPlan(rules...)
+}
+
+// LoadPlan reads a plan file in HF's JSON form (see ParsePlan).
+func LoadPlan(path string) (Plan, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return Plan{}, fmt.Errorf("shard: read plan: %w", err)
+	}
+	p, err := ParsePlan(data)
+	if err != nil {
+		return Plan{}, fmt.Errorf("%s: %w", path, err)
+	}
+	return p, nil
+}
+
+// Rules returns the plan's rules in order.
+func (p Plan) Rules() []Rule {
+	out := make([]Rule, len(p.rules))
+	for i, r := range p.rules {
+		out[i] = r.Rule
+	}
+	return out
+}
+
+// Len is the number of rules.
+func (p Plan) Len() int { return len(p.rules) }
+
+// MarshalJSON writes the plan in HF's form, rules in order.
+func (p Plan) MarshalJSON() ([]byte, error) {
+	var b bytes.Buffer
+	b.WriteByte('{')
+	for i, r := range p.rules {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		k, _ := json.Marshal(r.Pattern) // strings always marshal
+		v, _ := json.Marshal(string(r.Style))
+		b.Write(k)
+		b.WriteByte(':')
+		b.Write(v)
+	}
+	b.WriteByte('}')
+	return b.Bytes(), nil
+}
+
+// UnmarshalJSON reads HF's form; see ParsePlan.
+func (p *Plan) UnmarshalJSON(data []byte) error {
+	q, err := ParsePlan(data)
+	if err != nil {
+		return err
+	}
+	*p = q
+	return nil
+}
+
+// Match returns the rule that decides how the tensor called name is split, by the matching rules of Plan.
+// The name is a checkpoint key, with or without "language_model.".
+func (p Plan) Match(name string) (Rule, bool) {
+	i := p.match(nameComponents(name))
+	if i < 0 {
+		return Rule{}, false
+	}
+	return p.rules[i].Rule, true
+}
+
+// match returns the index of the rule for a tensor's name components, or -1.
+func (p Plan) match(path []string) int {
+	best, bestScore := -1, [3]int{}
+	for i, r := range p.rules {
+		var score [3]int
+		switch {
+		case suffixMatch(r.comps, path):
+			score = [3]int{2, len(r.comps), -r.wild}
+		case len(path) > 1 && suffixMatch(r.comps, path[:len(path)-1]):
+			score = [3]int{1, len(r.comps), -r.wild}
+		default:
+			continue
+		}
+		if best < 0 || greater(score, bestScore) {
+			best, bestScore = i, score
+		}
+	}
+	return best
+}
+
+func greater(a, b [3]int) bool {
+	for i := range a {
+		if a[i] != b[i] {
+			return a[i] > b[i]
+		}
+	}
+	return false
+}
+
+// matchesWithin reports whether r matches path or any module above it.
+func (r compiledRule) matchesWithin(path []string) bool {
+	for end := len(path); end >= len(r.comps); end-- {
+		if suffixMatch(r.comps, path[:end]) {
+			return true
+		}
+	}
+	return false
+}
+
+// suffixMatch reports whether path ends with pattern, component by component; "*" matches a component of
+// digits.
+func suffixMatch(pattern, path []string) bool {
+	if len(pattern) > len(path) {
+		return false
+	}
+	off := len(path) - len(pattern)
+	for i, c := range pattern {
+		s := path[off+i]
+		if c == "*" {
+			if !isDigits(s) {
+				return false
+			}
+		} else if c != s {
+			return false
+		}
+	}
+	return true
+}
+
+func isDigits(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return false
+		}
+	}
+	return true
+}
+
+// textPrefix is llama4.TextPrefix, repeated here because patterns are compared without it whatever the
+// checkpoint's prefix.
+const textPrefix = "language_model."
+
+func nameComponents(name string) []string {
+	return strings.Split(strings.TrimPrefix(name, textPrefix), ".")
+}
+
+// generic writes name with every all-digit component as "*": the form in which one error covers every layer.
+func generic(name string) string {
+	comps := strings.Split(name, ".")
+	for i, c := range comps {
+		if isDigits(c) {
+			comps[i] = "*"
+		}
+	}
+	return strings.Join(comps, ".")
+}
+
+// The built-in plans. Patterns are relative to the text model's base model, as HF writes them.
+var (
+	tpRules = []Rule{
+		{"layers.*.self_attn.q_proj", Colwise},
+		{"layers.*.self_attn.k_proj", Colwise},
+		{"layers.*.self_attn.v_proj", Colwise},
+		{"layers.*.self_attn.o_proj", Rowwise},
+		{"layers.*.feed_forward.shared_expert.gate_proj", Colwise},
+		{"layers.*.feed_forward.shared_expert.up_proj", Colwise},
+		{"layers.*.feed_forward.shared_expert.down_proj", Rowwise},
+		{"layers.*.feed_forward.experts.gate_up_proj", PackedRowwise},
+		{"layers.*.feed_forward.experts.down_proj", Colwise},
+		{"layers.*.feed_forward.experts", MoETPExperts},
+		{"layers.*.feed_forward.gate_proj", Colwise},
+		{"layers.*.feed_forward.up_proj", Colwise},
+		{"layers.*.feed_forward.down_proj", Rowwise},
+	}
+	epRules = []Rule{
+		{"layers.*.self_attn.q_proj", Colwise},
+		{"layers.*.self_attn.k_proj", Colwise},
+		{"layers.*.self_attn.v_proj", Colwise},
+		{"layers.*.self_attn.o_proj", Rowwise},
+		{"layers.*.feed_forward.experts.gate_up_proj", GroupedGEMM},
+		{"layers.*.feed_forward.experts.down_proj", GroupedGEMM},
+		{"layers.*.feed_forward.gate_proj", Colwise},
+		{"layers.*.feed_forward.up_proj", Colwise},
+		{"layers.*.feed_forward.down_proj", Rowwise},
+		{"layers.*.feed_forward.router", EPRouter},
+	}
+	vocabRules = []Rule{
+		{"embed_tokens", EmbeddingRowwise},
+		{"lm_head", ColwiseGatherOutput},
+	}
+)
+
+func mustPlan(rules ...[]Rule) Plan {
+	var all []Rule
+	for _, r := range rules {
+		all = append(all, r...)
+	}
+	p, err := NewPlan(all...)
+	if err != nil {
+		panic(err)
+	}
+	return p
+}
+
+// DefaultPlan is the tensor-parallel plan: transformers 5.17's effective Llama 4 text plan (spec §4.1:
+// Llama4TextConfig.base_model_tp_plan plus Llama4ForCausalLM's "lm_head": "colwise_gather_output") and
+// one addition, "embed_tokens": "embedding_rowwise", so the embedding is vocab-parallel like lm_head
+// (HF keeps it whole unless the embeddings are tied). Attention is split by heads (q/k/v colwise, o_proj
+// rowwise), the shared expert and dense MLPs by intermediate columns, the routed experts' gate_up_proj
+// packed and down_proj on the expert-intermediate dim, and the embedding and lm_head by vocabulary rows.
+func DefaultPlan() Plan { return mustPlan(tpRules, vocabRules) }
+
+// ExpertParallelPlan is HF's base_model_ep_plan with the vocabulary rules of DefaultPlan: attention and
+// dense MLPs split as in DefaultPlan, routed experts whole per rank (grouped_gemm: experts
+// [r·E/tp, (r+1)·E/tp) on rank r), the router whole (ep_router: every rank routes every token and adds only
+// its own experts), and, as in HF's plan, the shared expert whole on every rank.
+func ExpertParallelPlan() Plan { return mustPlan(epRules, vocabRules) }
+
+// NamedPlan returns a built-in plan by name: "tp" (or "default") for DefaultPlan, "ep" for
+// ExpertParallelPlan.
+func NamedPlan(name string) (Plan, bool) {
+	switch name {
+	case "tp", "default":
+		return DefaultPlan(), true
+	case "ep":
+		return ExpertParallelPlan(), true
+	}
+	return Plan{}, false
+}
