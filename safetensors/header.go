@@ -176,7 +176,7 @@ func parseEntry(name string, value json.RawMessage, dataSize int64) (TensorInfo,
 	case begin < 0 || begin > end:
 		return TensorInfo{}, fmt.Errorf("data_offsets [%d, %d] out of order", begin, end)
 	case end > dataSize:
-		return TensorInfo{}, fmt.Errorf("data_offsets [%d, %d] out of range of the %d-byte data section", begin, end, dataSize)
+		return TensorInfo{}, fmt.Errorf("data_offsets [%d, %d] out of range of the %d-byte data section (file truncated?)", begin, end, dataSize)
 	}
 	shape := make([]int, len(e.Shape))
 	for i, d := range e.Shape {

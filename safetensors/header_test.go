@@ -38,7 +38,7 @@ var parseHeaderTests = []struct {
 	{"size overflow", `{"w":{"dtype":"F32","shape":[4294967296,4294967296,4],"data_offsets":[0,16]}}`, 16, safetensors.ErrInvalidHeader, `tensor "w": F32 [4294967296 4294967296 4] needs more than 2^63 bytes`},
 	{"product wraps to zero", `{"w":{"dtype":"U8","shape":[4294967296,4294967296],"data_offsets":[0,0]}}`, 16, safetensors.ErrInvalidHeader, `tensor "w"`},
 	{"one offset", `{"w":{"dtype":"U8","shape":[1],"data_offsets":[0]}}`, 1, safetensors.ErrInvalidHeader, `tensor "w": data_offsets has 1 entries, want 2`},
-	{"end past data", `{"w":{"dtype":"U8","shape":[16],"data_offsets":[0,16]}}`, 8, safetensors.ErrInvalidHeader, `tensor "w": data_offsets [0, 16] out of range of the 8-byte data section`},
+	{"end past data", `{"w":{"dtype":"U8","shape":[16],"data_offsets":[0,16]}}`, 8, safetensors.ErrInvalidHeader, `tensor "w": data_offsets [0, 16] out of range of the 8-byte data section (file truncated?)`},
 	{"begin after end", `{"w":{"dtype":"U8","shape":[0],"data_offsets":[8,4]}}`, 8, safetensors.ErrInvalidHeader, `tensor "w": data_offsets [8, 4] out of order`},
 	{"negative begin", `{"w":{"dtype":"U8","shape":[4],"data_offsets":[-4,0]}}`, 8, safetensors.ErrInvalidHeader, `tensor "w": data_offsets [-4, 0] out of order`},
 	{"overlap", `{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]},"b":{"dtype":"U8","shape":[8],"data_offsets":[4,12]}}`, 16, safetensors.ErrInvalidHeader, `tensor "b" [4, 12] overlaps tensor "a" [0, 8]`},
@@ -124,7 +124,7 @@ func TestOpenSourceErrors(t *testing.T) {
 		{"huge header length", rawFile(1<<63, "", 0), safetensors.ErrInvalidHeader,
 			"safetensors: model.safetensors: invalid header: header length 9223372036854775808 exceeds limit 100000000"},
 		{"data too short", rawFile(uint64(len(good)), good, 3), safetensors.ErrInvalidHeader,
-			`safetensors: model.safetensors: invalid header: tensor "w": data_offsets [0, 4] out of range of the 3-byte data section`},
+			`safetensors: model.safetensors: invalid header: tensor "w": data_offsets [0, 4] out of range of the 3-byte data section (file truncated?)`},
 	}
 	for _, tt := range tests {
 		_, err := safetensors.OpenSource("model.safetensors", bytes.NewReader(tt.file), int64(len(tt.file)))

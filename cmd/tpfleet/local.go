@@ -1,0 +1,328 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/tpfleet/tpfleet/backend"
+	"github.com/tpfleet/tpfleet/backend/cpu"
+	"github.com/tpfleet/tpfleet/model/llama4"
+	"github.com/tpfleet/tpfleet/safetensors"
+	"github.com/tpfleet/tpfleet/sample"
+	"github.com/tpfleet/tpfleet/shard"
+)
+
+// modelFlags are the flags of every command that loads a model in this process.
+type modelFlags struct {
+	dir      string
+	device   string
+	threads  int
+	logLevel string
+	par      parallelFlags
+}
+
+func (f *modelFlags) add(fs *flag.FlagSet) {
+	fs.StringVar(&f.dir, "model", "", "checkpoint directory (config.json and *.safetensors)")
+	fs.StringVar(&f.device, "device", "cpu", "where to run: cpu")
+	fs.IntVar(&f.threads, "threads", 0, "CPU threads for matrix products (0: all cores)")
+	fs.StringVar(&f.logLevel, "log-level", "info", "log level on stderr: debug, info, warn, error")
+	f.par.add(fs)
+}
+
+func (f *modelFlags) check() error {
+	if f.dir == "" {
+		return usagef("--model is required")
+	}
+	if f.device != "cpu" {
+		return usagef("--device %q: this build runs on cpu only", f.device)
+	}
+	if f.threads < 0 {
+		return usagef("--threads %d must be >= 0", f.threads)
+	}
+	return f.par.check()
+}
+
+// newLogger writes human-readable structured logs to stderr.
+func newLogger(w io.Writer, level string) (*zap.Logger, error) {
+	lvl, err := zapcore.ParseLevel(level)
+	if err != nil {
+		return nil, usagef("--log-level: %v", err)
+	}
+	enc := zap.NewDevelopmentEncoderConfig()
+	enc.EncodeTime = zapcore.TimeEncoderOfLayout("15:04:05.000")
+	core := zapcore.NewCore(zapcore.NewConsoleEncoder(enc), zapcore.AddSync(w), lvl)
+	return zap.New(core), nil
+}
+
+// loaded is a model ready to run in this process: the ranks of its TP group that run here.
+type loaded struct {
+	*group
+	gen  llama4.Generation
+	ckpt *safetensors.Checkpoint
+}
+
+func (l *loaded) Close() error { return errors.Join(l.group.Close(), l.ckpt.Close()) }
+
+// loadModel reads config, generation config and this process's ranks' weights from f.dir, logging progress.
+// Before any weight is read, check (when not nil) validates the request against the config, so bad input
+// fails fast.
+func loadModel(ctx context.Context, f modelFlags, log *zap.Logger, check func(llama4.Config) error) (*loaded, error) {
+	start := time.Now()
+	cfg, err := llama4.LoadConfig(f.dir)
+	if err != nil {
+		return nil, err
+	}
+	if check != nil {
+		if err := check(cfg); err != nil {
+			return nil, err
+		}
+	}
+	gen, err := llama4.LoadGeneration(f.dir, cfg)
+	if err != nil {
+		return nil, err
+	}
+	plan, err := resolvePlan(f.par.plan)
+	if err != nil {
+		return nil, err
+	}
+	ckpt, err := safetensors.OpenCheckpoint(f.dir)
+	if err != nil {
+		return nil, err
+	}
+	g, err := loadRanks(ctx, f, cfg, ckpt, plan, log)
+	if err != nil {
+		ckpt.Close()
+		return nil, err
+	}
+	log.Info("model loaded", zap.Int("ranks", len(g.ranks)), zap.Duration("took", time.Since(start).Round(time.Millisecond)))
+	return &loaded{group: g, gen: gen, ckpt: ckpt}, nil
+}
+
+// loadRanks loads the ranks this process runs, each on its own CPU backend.
+func loadRanks(ctx context.Context, f modelFlags, cfg llama4.Config, ckpt *safetensors.Checkpoint, plan shard.Plan, log *zap.Logger) (*group, error) {
+	// Manifests first: a plan that does not fit the model fails before any communicator or weight.
+	comms, ranks, err := groupComms(ctx, f.par)
+	if err != nil {
+		return nil, err
+	}
+	g := &group{comms: comms, leader: ranks[0] == 0}
+	for i, rank := range ranks {
+		ops := cpu.New(cpu.Config{Threads: f.threads})
+		var w llama4.Weights = llama4.NewCheckpointWeights(ckpt, ops, cfg)
+		bytes := int64(0)
+		if f.par.tp > 1 {
+			man, err := shard.NewManifest(cfg, ckpt, plan, f.par.tp, rank)
+			if err != nil {
+				g.Close()
+				return nil, err
+			}
+			w, bytes = shard.NewRankWeights(ckpt, ops, man), man.Bytes
+		} else {
+			for _, s := range cfg.Tensors() {
+				if info, err := ckpt.Info(cfg.Prefix + s.Name); err == nil {
+					bytes += info.NumBytes()
+				}
+			}
+		}
+		log.Info("loading model", zap.String("model", f.dir), zap.String("device", ops.Name()),
+			zap.Int("rank", rank), zap.Int("tp", f.par.tp), zap.String("plan", f.par.plan),
+			zap.Int("layers", cfg.NumLayers), zap.Int("hidden", cfg.HiddenSize), zap.Int("experts", cfg.NumExperts),
+			zap.Int("tensors", len(cfg.Tensors())), zap.String("size", mib(bytes)))
+		m, err := llama4.Load(ctx, ops, cfg, newProgressWeights(w, len(cfg.Tensors()), rank, log), llama4.Parallel{Comm: comms[i]})
+		if err != nil {
+			g.Close()
+			return nil, fmt.Errorf("rank %d: %w", rank, err)
+		}
+		g.ranks = append(g.ranks, m)
+	}
+	return g, nil
+}
+
+// progressWeights logs loading progress every few seconds.
+type progressWeights struct {
+	inner          llama4.Weights
+	rank           int
+	log            *zap.Logger
+	tensors, total int
+	lastReport     time.Time
+	reportEvery    time.Duration
+}
+
+func newProgressWeights(inner llama4.Weights, total, rank int, log *zap.Logger) *progressWeights {
+	return &progressWeights{inner: inner, rank: rank, log: log, total: total, lastReport: time.Now(), reportEvery: 2 * time.Second}
+}
+
+func (p *progressWeights) Load(ctx context.Context, name string) (backend.Tensor, llama4.Layout, error) {
+	t, lay, err := p.inner.Load(ctx, name)
+	if err != nil {
+		return t, lay, err
+	}
+	p.tensors++
+	if time.Since(p.lastReport) >= p.reportEvery {
+		p.lastReport = time.Now()
+		p.log.Info("loading", zap.Int("rank", p.rank), zap.Int("tensors", p.tensors), zap.Int("of", p.total))
+	}
+	return t, lay, nil
+}
+
+// checkIDs rejects token ids outside [0, vocab).
+func checkIDs(ids []int, vocab int) error {
+	for i, id := range ids {
+		if id < 0 || id >= vocab {
+			return fmt.Errorf("token id %d at index %d is outside the vocabulary [0, %d)", id, i, vocab)
+		}
+	}
+	return nil
+}
+
+func mib(n int64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }
+
+// parseIDs parses "1,2,3".
+func parseIDs(s string) ([]int, error) {
+	if strings.TrimSpace(s) == "" {
+		return nil, usagef("--ids is empty")
+	}
+	parts := strings.Split(s, ",")
+	ids := make([]int, len(parts))
+	for i, p := range parts {
+		v, err := strconv.Atoi(strings.TrimSpace(p))
+		if err != nil {
+			return nil, usagef("--ids: %q is not an integer", p)
+		}
+		ids[i] = v
+	}
+	return ids, nil
+}
+
+type generateFlags struct {
+	modelFlags
+	ids         string
+	maxTokens   int
+	temperature float64
+	topK        int
+	topP        float64
+	seed        uint64
+	ignoreEOS   bool
+	json        bool
+}
+
+func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	var f generateFlags
+	fs := flag.NewFlagSet("generate", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	f.modelFlags.add(fs)
+	fs.StringVar(&f.ids, "ids", "", "prompt token ids, comma-separated")
+	fs.IntVar(&f.maxTokens, "max-tokens", 32, "new tokens at most")
+	fs.Float64Var(&f.temperature, "temperature", 0, "sampling temperature; 0 is greedy (default: generation_config.json)")
+	fs.IntVar(&f.topK, "top-k", 0, "sample from the k most likely tokens; 0 disables (default: generation_config.json)")
+	fs.Float64Var(&f.topP, "top-p", 1, "sample from the smallest set of tokens whose probability reaches p (default: generation_config.json)")
+	fs.Uint64Var(&f.seed, "seed", 0, "random seed for sampling")
+	fs.BoolVar(&f.ignoreEOS, "ignore-eos", false, "do not stop at the checkpoint's eos ids")
+	fs.BoolVar(&f.json, "json", false, `print one JSON object: {"ids": [...], "finish_reason": ...}`)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return usagef("unexpected argument %q", fs.Arg(0))
+	}
+	if err := f.check(); err != nil {
+		return err
+	}
+	prompt, err := parseIDs(f.ids)
+	if err != nil {
+		return err
+	}
+	if f.maxTokens <= 0 {
+		return usagef("--max-tokens %d must be positive", f.maxTokens)
+	}
+	if err := (sample.Params{Temperature: f.temperature, TopK: f.topK, TopP: f.topP}).Validate(); err != nil {
+		return usagef("%v", err)
+	}
+	log, err := newLogger(stderr, f.logLevel)
+	if err != nil {
+		return err
+	}
+	defer log.Sync() //nolint:errcheck // nothing to do about a failed flush of stderr
+
+	m, err := loadModel(ctx, f.modelFlags, log, func(cfg llama4.Config) error {
+		if err := checkIDs(prompt, cfg.VocabSize); err != nil {
+			return err
+		}
+		if len(prompt)+f.maxTokens > cfg.MaxPositions {
+			return fmt.Errorf("%d prompt tokens + --max-tokens %d exceed the model's context of %d", len(prompt), f.maxTokens, cfg.MaxPositions)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+
+	params := samplingParams(fs, f, m.gen)
+	opt := llama4.GenerateOptions{MaxTokens: f.maxTokens, Sample: params}
+	if !f.ignoreEOS {
+		opt.StopIDs = m.gen.EOS
+	}
+	start := time.Now()
+	var ids []int
+	var finish llama4.Finish
+	err = m.run(func(rank int, model *llama4.Model) error {
+		got, why, err := model.Generate(ctx, prompt, opt, nil)
+		if rank == 0 {
+			ids, finish = got, why
+		}
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	if !m.leader {
+		return nil // rank 0's process reports
+	}
+	took := time.Since(start)
+	log.Info("generated", zap.Int("prompt-tokens", len(prompt)), zap.Int("new-tokens", len(ids)),
+		zap.String("finish", string(finish)), zap.Duration("took", took.Round(time.Microsecond)),
+		zap.Float64("tokens-per-second", float64(len(ids))/took.Seconds()))
+	if f.json {
+		return json.NewEncoder(stdout).Encode(struct {
+			IDs          []int  `json:"ids"`
+			FinishReason string `json:"finish_reason"`
+			PromptTokens int    `json:"prompt_tokens"`
+		}{ids, string(finish), len(prompt)})
+	}
+	strs := make([]string, len(ids))
+	for i, id := range ids {
+		strs[i] = strconv.Itoa(id)
+	}
+	_, err = fmt.Fprintln(stdout, strings.Join(strs, " "))
+	return err
+}
+
+// samplingParams takes generation_config.json's defaults and overrides them with the flags that were set.
+func samplingParams(fs *flag.FlagSet, f generateFlags, gen llama4.Generation) sample.Params {
+	p := sample.Params{Seed: f.seed, TopP: 1}
+	if gen.DoSample {
+		p.Temperature, p.TopK, p.TopP = gen.Temperature, gen.TopK, gen.TopP
+	}
+	fs.Visit(func(fl *flag.Flag) {
+		switch fl.Name {
+		case "temperature":
+			p.Temperature = f.temperature
+		case "top-k":
+			p.TopK = f.topK
+		case "top-p":
+			p.TopP = f.topP
+		}
+	})
+	return p
+}

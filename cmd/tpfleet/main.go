@@ -1,0 +1,87 @@
+// Command tpfleet serves Llama 4 across GPUs and hosts. This build has the developer tools that run a model
+// in one process: generate and score.
+//
+//	tpfleet generate --model DIR --ids 1,2,3 --max-tokens N [--temperature T] [--json]
+//	tpfleet score --model DIR (--ids 1,2,3 | --ids-file F.safetensors) --out OUT.safetensors
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+// errUsage marks command-line mistakes: they exit with status 2 after the one-line message.
+var errUsage = errors.New("usage")
+
+type command struct {
+	name    string
+	summary string
+	run     func(ctx context.Context, args []string, stdout, stderr io.Writer) error
+}
+
+func commands() []command {
+	return []command{
+		{"generate", "generate tokens from token ids with a local model", runGenerate},
+		{"score", "write the logits of token ids under a local model to a safetensors file", runScore},
+		{"shards", "print how a tp_plan splits a checkpoint across ranks (shards plan)", runShards},
+		{"bench", "time prefill and decode of a random model of a given shape", runBench},
+	}
+}
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+// run dispatches a subcommand and turns its error into one line on stderr and an exit status.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		usage(stderr)
+		if len(args) == 0 {
+			return 2
+		}
+		return 0
+	}
+	for _, c := range commands() {
+		if c.name != args[0] {
+			continue
+		}
+		err := c.run(ctx, args[1:], stdout, stderr)
+		switch {
+		case err == nil:
+			return 0
+		case errors.Is(err, flag.ErrHelp):
+			return 0
+		case errors.Is(err, errUsage):
+			fmt.Fprintf(stderr, "tpfleet %s: %v\n", c.name, err)
+			return 2
+		default:
+			fmt.Fprintf(stderr, "tpfleet %s: %v\n", c.name, err)
+			return 1
+		}
+	}
+	fmt.Fprintf(stderr, "tpfleet: unknown command %q\n", args[0])
+	usage(stderr)
+	return 2
+}
+
+func usage(w io.Writer) {
+	fmt.Fprintln(w, "usage: tpfleet <command> [flags]\n\ncommands:")
+	for _, c := range commands() {
+		fmt.Fprintf(w, "  %-10s %s\n", c.name, c.summary)
+	}
+	fmt.Fprintln(w, "\nRun 'tpfleet <command> -h' for a command's flags.")
+}
+
+// usagef makes a usage error.
+func usagef(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", errUsage, fmt.Sprintf(format, args...))
+}
