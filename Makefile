@@ -3,9 +3,11 @@ GO          ?= go
 BIN         := $(CURDIR)/bin
 STATICCHECK := $(BIN)/staticcheck
 STATICCHECK_VERSION := v0.8.2
+PROTOC_GEN_GO_VERSION := v1.36.12
+PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 MODEL       ?= testdata/fixtures/moe-top1
 
-.PHONY: build run test lint fmt-check vet staticcheck unit fuzz-seeds fixtures clean
+.PHONY: build run test lint fmt-check vet staticcheck unit fixtures proto proto-check protoc clean
 
 build:
 	$(GO) build -o $(BIN)/tpfleet ./cmd/tpfleet
@@ -14,7 +16,7 @@ build:
 run: build
 	$(BIN)/tpfleet generate --model $(MODEL) --ids 1,475,188,269,460 --max-tokens 16 --temperature 0
 
-test: lint unit
+test: lint proto-check unit
 
 lint: fmt-check vet staticcheck
 
@@ -30,6 +32,21 @@ $(STATICCHECK):
 
 staticcheck: $(STATICCHECK)
 	$(STATICCHECK) ./...
+
+# protoc comes from Debian's protobuf-compiler (3.21.12 on bookworm); the plugins are pinned Go modules.
+protoc:
+	@command -v protoc >/dev/null || { command -v apt-get >/dev/null && (apt-get update -q && apt-get install -y -q protobuf-compiler) >/dev/null; } \
+	  || { echo "protoc not found: install protobuf-compiler"; exit 1; }
+	@test -x $(BIN)/protoc-gen-go || GOBIN=$(BIN) $(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+	@test -x $(BIN)/protoc-gen-go-grpc || GOBIN=$(BIN) $(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
+
+# Regenerates proto/tpfleet/v1/*.pb.go from the .proto files.
+proto: protoc
+	cd proto && PATH=$(BIN):$$PATH $(GO) generate ./...
+
+# Fails when the committed generated code differs from what the .proto files generate.
+proto-check: proto
+	@git diff --exit-code -- proto || { echo "proto: generated code is stale; run make proto and commit"; exit 1; }
 
 # Unit, golden and multi-process tests; fuzz targets run their seed corpora as ordinary tests.
 unit:
