@@ -177,3 +177,37 @@ func (c *Checkpoint) file(name string) (*File, error) {
 	}
 	return f, nil
 }
+
+// Float32s reads a whole tensor of any float or integer dtype as float32 values, with its shape.
+func (c *Checkpoint) Float32s(name string) ([]float32, []int, error) {
+	info, err := c.Info(name)
+	if err != nil {
+		return nil, nil, err
+	}
+	data, err := c.ReadAll(name)
+	if err != nil {
+		return nil, nil, err
+	}
+	out := make([]float32, info.NumElements())
+	if err := ToFloat32(info.DType, data, out); err != nil {
+		return nil, nil, fmt.Errorf("tensor %q: %w", name, err)
+	}
+	return out, info.Shape, nil
+}
+
+// Int64s reads a whole integer tensor (token ids) as int64 values, with its shape.
+func (c *Checkpoint) Int64s(name string) ([]int64, []int, error) {
+	info, err := c.Info(name)
+	if err != nil {
+		return nil, nil, err
+	}
+	data, err := c.ReadAll(name)
+	if err != nil {
+		return nil, nil, err
+	}
+	out, err := ToInt64(info.DType, data)
+	if err != nil {
+		return nil, nil, fmt.Errorf("tensor %q: %w", name, err)
+	}
+	return out, info.Shape, nil
+}

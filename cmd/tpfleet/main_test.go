@@ -166,19 +166,11 @@ func readF32(t *testing.T, path, name string) f32Tensor {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	info, err := c.Info(name)
+	v, shape, err := c.Float32s(name)
 	if err != nil {
 		t.Fatal(err)
 	}
-	data, err := c.ReadAll(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	v := make([]float32, info.NumElements())
-	if err := safetensors.ToFloat32(info.DType, data, v); err != nil {
-		t.Fatal(err)
-	}
-	return f32Tensor{info.Shape, v}
+	return f32Tensor{shape, v}
 }
 
 // copyFixture copies a fixture directory so a test can damage it.

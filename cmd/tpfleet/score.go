@@ -108,26 +108,18 @@ func readBatch(ids, file string) ([][]int, error) {
 		return nil, err
 	}
 	defer ckpt.Close()
-	info, err := ckpt.Info("input_ids")
+	flat, shape, err := ckpt.Int64s("input_ids")
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", file, err)
 	}
-	if len(info.Shape) != 2 || info.Shape[0] == 0 || info.Shape[1] == 0 {
-		return nil, fmt.Errorf("%s: input_ids has shape %v, want [batch, seq] with both > 0", file, info.Shape)
+	if len(shape) != 2 || shape[0] == 0 || shape[1] == 0 {
+		return nil, fmt.Errorf("%s: input_ids has shape %v, want [batch, seq] with both > 0", file, shape)
 	}
-	data, err := ckpt.ReadAll("input_ids")
-	if err != nil {
-		return nil, err
-	}
-	flat, err := safetensors.ToInt64(info.DType, data)
-	if err != nil {
-		return nil, fmt.Errorf("%s: input_ids: %w", file, err)
-	}
-	batch := make([][]int, info.Shape[0])
+	batch := make([][]int, shape[0])
 	for b := range batch {
-		batch[b] = make([]int, info.Shape[1])
+		batch[b] = make([]int, shape[1])
 		for i := range batch[b] {
-			batch[b][i] = int(flat[b*info.Shape[1]+i])
+			batch[b][i] = int(flat[b*shape[1]+i])
 		}
 	}
 	return batch, nil

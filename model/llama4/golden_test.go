@@ -74,21 +74,13 @@ func openFixture(t *testing.T, name string) *fixture {
 
 func int64Rows(t *testing.T, c *safetensors.Checkpoint, name string) [][]int {
 	t.Helper()
-	info, err := c.Info(name)
+	flat, shape, err := c.Int64s(name)
 	if err != nil {
 		t.Fatal(err)
 	}
-	data, err := c.ReadAll(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	flat, err := safetensors.ToInt64(info.DType, data)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rows := make([][]int, info.Shape[0])
+	rows := make([][]int, shape[0])
 	for r := range rows {
-		for _, v := range flat[r*info.Shape[1] : (r+1)*info.Shape[1]] {
+		for _, v := range flat[r*shape[1] : (r+1)*shape[1]] {
 			rows[r] = append(rows[r], int(v))
 		}
 	}
@@ -97,19 +89,11 @@ func int64Rows(t *testing.T, c *safetensors.Checkpoint, name string) [][]int {
 
 func float32s(t *testing.T, c *safetensors.Checkpoint, name string) []float32 {
 	t.Helper()
-	info, err := c.Info(name)
+	v, _, err := c.Float32s(name)
 	if err != nil {
 		t.Fatal(err)
 	}
-	data, err := c.ReadAll(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := make([]float32, info.NumElements())
-	if err := safetensors.ToFloat32(info.DType, data, out); err != nil {
-		t.Fatal(err)
-	}
-	return out
+	return v
 }
 
 func (f *fixture) load(t *testing.T) *llama4.Model {
