@@ -1,0 +1,425 @@
+package cuda
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/tpfleet/tpfleet/backend"
+	"github.com/tpfleet/tpfleet/kernels"
+	"github.com/tpfleet/tpfleet/safetensors"
+)
+
+// Backend is backend.Ops on one NVIDIA GPU: its primary context, one stream, cuBLASLt for Linear and
+// NVRTC-compiled kernels (package kernels) for the rest. Make one with New and Close it when done.
+//
+// Like every backend.Ops, a Backend is driven by one goroutine at a time. Ops enqueue work on the stream
+// and return without waiting for the GPU; Float32, ReadRouting and Synchronize wait. Tensors, caches
+// and routings free their device memory when they become unreachable.
+type Backend struct {
+	cfg     Config
+	dev     *device
+	stream  *stream
+	module  *module
+	k       kernelSet
+	gemm    *gemm
+	pool    *pool
+	staging *staging
+	info    Info
+	closed  bool
+	counts  Counters
+}
+
+var _ backend.Ops = (*Backend)(nil)
+
+// kernelSet is every kernel the ops launch.
+type kernelSet struct {
+	convert, embed, rmsnorm, add, siluMul, scaleRows, rope, linearSimple *kernel
+	splitBF16, addHalves                                                 *kernel
+	kvAppend, attention, route, expertGateUp, expertDown                 *kernel
+}
+
+// Info describes what New found and did.
+type Info struct {
+	Device        string            // the GPU's name, e.g. "NVIDIA H100 80GB HBM3"
+	Arch          string            // the kernels' target, e.g. "sm_90"
+	Multiprocs    int               // streaming multiprocessors
+	TotalMemory   int64             // bytes
+	DriverVersion int               // e.g. 13000 for CUDA 13.0
+	CublasLt      int               // cublasLtGetVersion, e.g. 130100
+	NVRTC         string            // e.g. "13.0"
+	Libraries     map[string]string // "cuda", "cublasLt", "nvrtc" → the path loaded
+	KernelCache   string            // the cubin file's directory, "" when the cache is off
+	CacheHit      bool              // the cubin came from the cache
+	CompileTime   time.Duration     // NVRTC compile (0 on a cache hit)
+}
+
+// Counters counts Linear's paths.
+type Counters struct {
+	Gemm     int64 // Linear calls run by cuBLASLt
+	Split    int64 // of which with a float32 x split into two bf16 halves
+	Fallback int64 // Linear calls run by the simple kernel (shapes cuBLASLt declined)
+}
+
+// New loads the CUDA libraries, opens device cfg.Device and compiles the kernels. On a machine without
+// a usable GPU it returns an error wrapping ErrUnavailable that names the missing library or device.
+func New(cfg Config) (*Backend, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.Workspace == 0 {
+		cfg.Workspace = DefaultWorkspace
+	}
+	if cfg.Staging == 0 {
+		cfg.Staging = DefaultStaging
+	}
+	if err := loadLibraries(libDirs(cfg.LibDirs, os.Getenv(EnvLibDirs), filepath.Glob)); err != nil {
+		return nil, err
+	}
+	dev, err := openDevice(cfg.Device)
+	if err != nil {
+		return nil, err
+	}
+	b := &Backend{cfg: cfg, dev: dev}
+	if err := b.init(); err != nil {
+		return nil, errors.Join(err, b.Close())
+	}
+	return b, nil
+}
+
+func (b *Backend) init() error {
+	d := b.dev
+	var err error
+	if b.stream, err = d.newStream(); err != nil {
+		return err
+	}
+	b.pool = newPool(d, b.stream.sync)
+	h, err := d.allocPinned(b.cfg.Staging)
+	if err != nil {
+		return err
+	}
+	b.staging = &staging{h: h}
+	if b.gemm, err = newGemm(d, b.cfg.Workspace); err != nil {
+		return err
+	}
+	version, err := nvrtcVersion()
+	if err != nil {
+		return err
+	}
+	arch := fmt.Sprintf("sm_%d%d", d.ccMajor, d.ccMinor)
+	cacheDir := b.cfg.KernelCache
+	switch cacheDir {
+	case "":
+		cacheDir = defaultKernelCache()
+	case KernelCacheOff:
+		cacheDir = ""
+	}
+	start := time.Now()
+	cubin, hit, err := cachedCompile(cacheDir, kernels.Source(), "tpfleet.cu", arch, version)
+	if err != nil {
+		return err
+	}
+	b.info = Info{
+		Device: d.name, Arch: arch, Multiprocs: d.multiprocessors, TotalMemory: d.totalMem,
+		DriverVersion: d.driverVersion, CublasLt: cublasLtVersion(), NVRTC: version, Libraries: Libraries(),
+		KernelCache: cacheDir, CacheHit: hit,
+	}
+	if !hit {
+		b.info.CompileTime = time.Since(start)
+	}
+	if b.module, err = d.loadModule(cubin); err != nil {
+		return err
+	}
+	for _, k := range []struct {
+		name string
+		dst  **kernel
+	}{
+		{"convert", &b.k.convert}, {"embed", &b.k.embed}, {"rmsnorm", &b.k.rmsnorm}, {"add", &b.k.add},
+		{"silu_mul", &b.k.siluMul}, {"scale_rows", &b.k.scaleRows}, {"rope", &b.k.rope},
+		{"linear_simple", &b.k.linearSimple}, {"split_bf16", &b.k.splitBF16}, {"add_halves", &b.k.addHalves}, {"kv_append", &b.k.kvAppend}, {"attention", &b.k.attention},
+		{"route", &b.k.route}, {"expert_gate_up", &b.k.expertGateUp}, {"expert_down", &b.k.expertDown},
+	} {
+		if *k.dst, err = b.module.function(k.name); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Close waits for the GPU, frees every allocation (tensors still reachable become unusable) and
+// releases the device. It is idempotent.
+func (b *Backend) Close() error {
+	if b.closed {
+		return nil
+	}
+	b.closed = true
+	var errs []error
+	keep := func(err error) {
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if b.stream != nil {
+		keep(b.stream.sync())
+	}
+	if b.pool != nil {
+		keep(b.pool.close())
+	}
+	if b.gemm != nil {
+		keep(b.gemm.close())
+	}
+	if b.module != nil {
+		keep(b.module.unload())
+	}
+	if b.staging != nil {
+		keep(b.staging.h.free())
+	}
+	if b.stream != nil {
+		keep(b.stream.destroy())
+	}
+	keep(b.dev.release())
+	return errors.Join(errs...)
+}
+
+// Name returns "cuda:N" for device N.
+func (b *Backend) Name() string { return fmt.Sprintf("cuda:%d", b.cfg.Device) }
+
+// Info describes the device, the libraries and the kernels' compilation.
+func (b *Backend) Info() Info { return b.info }
+
+// Config returns the configuration in effect (defaults filled in).
+func (b *Backend) Config() Config { return b.cfg }
+
+// Memory reports the device memory the backend holds.
+func (b *Backend) Memory() MemoryStats { return b.pool.snapshot() }
+
+// Counters reports how Linear calls ran.
+func (b *Backend) Counters() Counters { return b.counts }
+
+// DeviceMemory returns the device's free and total memory, as the driver sees it (all processes).
+func (b *Backend) DeviceMemory() (free, total int64, err error) { return b.dev.memInfo() }
+
+// Synchronize waits for all work enqueued so far and frees the memory of unreachable weights and
+// caches. An error from an earlier asynchronous op (an illegal address, say) surfaces here.
+func (b *Backend) Synchronize() error {
+	if b.closed {
+		return ErrClosed
+	}
+	if err := b.stream.sync(); err != nil {
+		return err
+	}
+	b.staging.off = 0
+	return b.pool.flush()
+}
+
+// tensor is a device array: dtype elements, row-major, at buf.ptr + off.
+type tensor struct {
+	b     *Backend
+	buf   *buffer
+	off   int64 // bytes
+	shape []int
+	dt    DType
+}
+
+// Shape returns the tensor's dimensions, outermost first. The caller must not modify the slice.
+func (t *tensor) Shape() []int { return t.shape }
+
+func (t *tensor) ptr() devptr { return t.buf.ptr + devptr(t.off) }
+
+func (t *tensor) numel() int {
+	n, _ := numel(t.shape)
+	return n
+}
+
+// DTypeOf returns the storage type of a tensor made by a cuda Backend.
+func DTypeOf(t backend.Tensor) (DType, error) {
+	tt, ok := t.(*tensor)
+	if !ok || tt == nil {
+		return 0, fmt.Errorf("cuda: dtype of a %T: %w", t, ErrForeign)
+	}
+	return tt.dt, nil
+}
+
+// numel returns the number of elements of shape; ok is false for a negative dimension or an overflow.
+func numel(shape []int) (n int, ok bool) {
+	n = 1
+	for _, d := range shape {
+		if d < 0 {
+			return 0, false
+		}
+		if d != 0 && n > math.MaxInt32*64/d {
+			return 0, false
+		}
+		n *= d
+	}
+	return n, true
+}
+
+// asTensor returns t as one of this backend's tensors, or an error naming op and the operand.
+func (b *Backend) asTensor(op, name string, t backend.Tensor) (*tensor, error) {
+	if b.closed {
+		return nil, fmt.Errorf("cuda: %s: %w", op, ErrClosed)
+	}
+	if t == nil {
+		return nil, fmt.Errorf("cuda: %s: %s is nil: %w", op, name, backend.ErrShape)
+	}
+	tt, ok := t.(*tensor)
+	if !ok || tt == nil || tt.b != b {
+		return nil, fmt.Errorf("cuda: %s: %s is a %T of another backend: %w", op, name, t, ErrForeign)
+	}
+	return tt, nil
+}
+
+// newTensor allocates an activation of shape (already validated) and dtype dt from the pool, poisoned
+// with NaN when the Config says so.
+func (b *Backend) newTensor(dt DType, shape ...int) (*tensor, error) {
+	n, _ := numel(shape)
+	buf, err := b.pool.get(int64(n) * dt.size())
+	if err != nil {
+		return nil, err
+	}
+	buf = b.pool.owned(buf)
+	if b.cfg.Poison {
+		if err := b.stream.memset(buf.ptr, 0xff, buf.size); err != nil {
+			return nil, err
+		}
+	}
+	return &tensor{b: b, buf: buf, shape: shape, dt: dt}, nil
+}
+
+// act allocates an op's output: the configured activation type.
+func (b *Backend) act(shape ...int) (*tensor, error) { return b.newTensor(b.cfg.Activations, shape...) }
+
+// Load copies a checkpoint tensor to the device without losing precision: BF16 stays bf16, F8_E4M3 and
+// F8_E5M2 become bf16 (exactly), F32 stays float32 and every other type safetensors.ToFloat32 accepts
+// becomes float32. Llama 4's checkpoints are bf16, so their weights are stored in bf16. Loaded tensors
+// get dedicated device memory (cuMemAlloc) rather than pool blocks.
+func (b *Backend) Load(dt safetensors.DType, shape []int, data []byte) (backend.Tensor, error) {
+	if b.closed {
+		return nil, ErrClosed
+	}
+	n, ok := numel(shape)
+	if !ok {
+		return nil, fmt.Errorf("cuda: load %s%v: %w", dt, shape, backend.ErrShape)
+	}
+	size := dt.Size()
+	if size == 0 {
+		return nil, fmt.Errorf("cuda: load %s%v: invalid dtype", dt, shape)
+	}
+	if len(data) != n*size {
+		return nil, fmt.Errorf("cuda: load %s%v from %d bytes, want %d: %w", dt, shape, len(data), n*size, backend.ErrShape)
+	}
+	var host []byte
+	var st DType
+	switch dt {
+	case safetensors.BF16:
+		host, st = data, BF16
+	case safetensors.F32:
+		host, st = data, F32
+	default:
+		f := make([]float32, n)
+		if err := safetensors.ToFloat32(dt, data, f); err != nil {
+			return nil, fmt.Errorf("cuda: load %s%v: %w", dt, shape, err)
+		}
+		if dt == safetensors.F8_E4M3 || dt == safetensors.F8_E5M2 {
+			host, st = bf16Bytes(f), BF16
+		} else {
+			host, st = float32Bytes(f), F32
+		}
+	}
+	buf, err := b.pool.getDedicated(int64(len(host)))
+	if err != nil {
+		return nil, fmt.Errorf("cuda: load %s%v: %w", dt, shape, err)
+	}
+	buf = b.pool.owned(buf)
+	if err := b.upload(buf.ptr, host); err != nil {
+		return nil, fmt.Errorf("cuda: load %s%v: %w", dt, shape, err)
+	}
+	return &tensor{b: b, buf: buf, shape: slices.Clone(shape), dt: st}, nil
+}
+
+// bf16Bytes rounds v to bfloat16 (exact for values that have a bf16 form, such as fp8's).
+func bf16Bytes(v []float32) []byte {
+	out := make([]byte, 2*len(v))
+	for i, f := range v {
+		h := safetensors.Float32ToBF16(f)
+		out[2*i], out[2*i+1] = byte(h), byte(h>>8)
+	}
+	return out
+}
+
+// FromFloat32 copies values to a new float32 tensor of the given shape. Values are kept exactly; ops
+// that read the tensor compute in float32 and store their outputs as the configured activation type.
+func (b *Backend) FromFloat32(shape []int, values []float32) (backend.Tensor, error) {
+	if b.closed {
+		return nil, ErrClosed
+	}
+	n, ok := numel(shape)
+	if !ok || n != len(values) {
+		return nil, fmt.Errorf("cuda: from float32 %v with %d values: %w", shape, len(values), backend.ErrShape)
+	}
+	t, err := b.newTensor(F32, slices.Clone(shape)...)
+	if err != nil {
+		return nil, err
+	}
+	if err := b.upload(t.ptr(), float32Bytes(values)); err != nil {
+		return nil, err
+	}
+	return t, nil
+}
+
+// Float32 waits for the work that computes t and returns its values as float32, row-major.
+func (b *Backend) Float32(t backend.Tensor) ([]float32, error) {
+	tt, err := b.asTensor("float32", "t", t)
+	if err != nil {
+		return nil, err
+	}
+	n := tt.numel()
+	raw := make([]byte, int64(n)*tt.dt.size())
+	if err := b.download(raw, tt.ptr()); err != nil {
+		return nil, fmt.Errorf("cuda: float32 of %v: %w", tt.shape, err)
+	}
+	out := make([]float32, n)
+	if tt.dt == F32 {
+		for i := range out {
+			out[i] = math.Float32frombits(uint32(raw[4*i]) | uint32(raw[4*i+1])<<8 | uint32(raw[4*i+2])<<16 | uint32(raw[4*i+3])<<24)
+		}
+	} else {
+		for i := range out {
+			out[i] = safetensors.BF16ToFloat32(uint16(raw[2*i]) | uint16(raw[2*i+1])<<8)
+		}
+	}
+	return out, nil
+}
+
+// Reshape returns a view of t with a new shape of the same element count. It shares t's memory.
+func (b *Backend) Reshape(t backend.Tensor, shape ...int) (backend.Tensor, error) {
+	tt, err := b.asTensor("reshape", "t", t)
+	if err != nil {
+		return nil, err
+	}
+	n, ok := numel(shape)
+	if !ok || n != tt.numel() {
+		return nil, fmt.Errorf("cuda: reshape %v to %v: %w", tt.shape, shape, backend.ErrShape)
+	}
+	return &tensor{b: b, buf: tt.buf, off: tt.off, shape: slices.Clone(shape), dt: tt.dt}, nil
+}
+
+// Rows returns a view of rows [start, end) of t along its first dimension. It shares t's memory.
+func (b *Backend) Rows(t backend.Tensor, start, end int) (backend.Tensor, error) {
+	tt, err := b.asTensor("rows", "t", t)
+	if err != nil {
+		return nil, err
+	}
+	if len(tt.shape) == 0 || start < 0 || end < start || end > tt.shape[0] {
+		return nil, fmt.Errorf("cuda: rows [%d, %d) of %v: %w", start, end, tt.shape, backend.ErrShape)
+	}
+	row, _ := numel(tt.shape[1:])
+	shape := slices.Clone(tt.shape)
+	shape[0] = end - start
+	return &tensor{b: b, buf: tt.buf, off: tt.off + int64(start)*int64(row)*tt.dt.size(), shape: shape, dt: tt.dt}, nil
+}

@@ -1,0 +1,113 @@
+package cuda
+
+import (
+	"flag"
+	"fmt"
+	"path/filepath"
+	"strings"
+)
+
+// DType is the storage type of a device tensor.
+type DType int
+
+const (
+	// BF16 is bfloat16, the storage of weights and (by default) activations. Its value is the kernels'
+	// DT_BF16 code.
+	BF16 DType = iota
+	// F32 is IEEE float32. Its value is the kernels' DT_F32 code.
+	F32
+)
+
+// String returns "bf16" or "f32".
+func (d DType) String() string {
+	switch d {
+	case BF16:
+		return "bf16"
+	case F32:
+		return "f32"
+	}
+	return fmt.Sprintf("DType(%d)", int(d))
+}
+
+// Set parses "bf16" or "f32" (flag.Value).
+func (d *DType) Set(s string) error {
+	switch strings.ToLower(s) {
+	case "bf16", "bfloat16":
+		*d = BF16
+	case "f32", "float32":
+		*d = F32
+	default:
+		return fmt.Errorf("cuda: dtype %q: want bf16 or f32", s)
+	}
+	return nil
+}
+
+// size is the number of bytes of one element.
+func (d DType) size() int64 {
+	if d == F32 {
+		return 4
+	}
+	return 2
+}
+
+// Defaults of Config.
+const (
+	// DefaultWorkspace is cuBLASLt's workspace: 32 MiB, what cuBLAS itself uses on Hopper.
+	DefaultWorkspace = 32 << 20
+	// DefaultStaging is the pinned host buffer that host↔device copies go through: 8 MiB.
+	DefaultStaging = 8 << 20
+	// KernelCacheOff as Config.KernelCache disables the on-disk cubin cache.
+	KernelCacheOff = "off"
+)
+
+// Config configures a Backend.
+type Config struct {
+	// Device is the ordinal of the GPU to use (0 is the first CUDA sees).
+	Device int `json:"cuda-device"`
+	// Activations is the storage type of every op's output: BF16 (the zero value; DESIGN §6) or F32
+	// (twice the activation memory, for numerical comparisons). Weights keep their checkpoint's type
+	// (bf16 for every Llama 4 checkpoint) and the KV cache is always bf16.
+	Activations DType `json:"cuda-activations"`
+	// Poison fills every newly allocated activation with NaN before the op writes it, so elements an op
+	// fails to write show up. It costs a memset per allocation: for tests and debugging.
+	Poison bool `json:"cuda-poison"`
+	// KernelCache is the directory where compiled kernels are kept between runs. Empty means
+	// os.UserCacheDir()/tpfleet/kernels; KernelCacheOff disables the cache.
+	KernelCache string `json:"cuda-kernel-cache"`
+	// LibDirs are directories searched for libcuda, cuBLASLt and NVRTC before $TPFLEET_CUDA_LIB_DIRS and
+	// the default places (pip wheels' nvidia/*/lib, /usr/local/cuda/lib64, ...).
+	LibDirs []string `json:"cuda-lib-dirs"`
+	// Workspace is cuBLASLt's workspace in bytes. 0 means DefaultWorkspace.
+	Workspace int64 `json:"cuda-workspace"`
+	// Staging is the size in bytes of the pinned host buffer used for copies. 0 means DefaultStaging.
+	Staging int64 `json:"cuda-staging"`
+}
+
+// Validate reports a Config that New would refuse.
+func (c Config) Validate() error {
+	switch {
+	case c.Device < 0:
+		return fmt.Errorf("cuda: Device = %d, want >= 0", c.Device)
+	case c.Activations != BF16 && c.Activations != F32:
+		return fmt.Errorf("cuda: Activations = %v, want bf16 or f32", c.Activations)
+	case c.Workspace < 0:
+		return fmt.Errorf("cuda: Workspace = %d, want >= 0", c.Workspace)
+	case c.Staging < 0:
+		return fmt.Errorf("cuda: Staging = %d, want >= 0", c.Staging)
+	}
+	return nil
+}
+
+// AddFlags binds c's fields to flags in fs, with c's current values as defaults.
+func (c *Config) AddFlags(fs *flag.FlagSet) {
+	fs.IntVar(&c.Device, "cuda-device", c.Device, "ordinal of the GPU to use")
+	fs.Var(&c.Activations, "cuda-activations", "storage of activations: bf16 or f32")
+	fs.BoolVar(&c.Poison, "cuda-poison", c.Poison, "fill new activations with NaN first (debugging)")
+	fs.StringVar(&c.KernelCache, "cuda-kernel-cache", c.KernelCache, "directory for compiled kernels (empty: the user cache dir; off: none)")
+	fs.Func("cuda-lib-dirs", "colon-separated directories searched first for the CUDA libraries", func(s string) error {
+		c.LibDirs = filepath.SplitList(s)
+		return nil
+	})
+	fs.Int64Var(&c.Workspace, "cuda-workspace", c.Workspace, "cuBLASLt workspace in bytes (0: 32 MiB)")
+	fs.Int64Var(&c.Staging, "cuda-staging", c.Staging, "pinned staging buffer in bytes (0: 8 MiB)")
+}

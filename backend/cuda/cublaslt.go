@@ -1,0 +1,203 @@
+package cuda
+
+/*
+#include "shim.h"
+*/
+import "C"
+
+import (
+	"fmt"
+	"unsafe"
+)
+
+// lt holds the cuBLASLt entry points, resolved once by loadLibraries.
+var lt struct {
+	getVersion, statusString, statusName, create, destroy         unsafe.Pointer
+	descCreate, descDestroy, descSet, layoutCreate, layoutDestroy unsafe.Pointer
+	prefCreate, prefDestroy, prefSet, heuristic, matmul           unsafe.Pointer
+}
+
+func cublasLtSymbols() []symbol {
+	return []symbol{
+		{name: "cublasLtGetVersion", dst: &lt.getVersion},
+		{name: "cublasLtGetStatusString", dst: &lt.statusString},
+		{name: "cublasLtGetStatusName", dst: &lt.statusName, optional: true},
+		{name: "cublasLtCreate", dst: &lt.create},
+		{name: "cublasLtDestroy", dst: &lt.destroy},
+		{name: "cublasLtMatmulDescCreate", dst: &lt.descCreate},
+		{name: "cublasLtMatmulDescDestroy", dst: &lt.descDestroy},
+		{name: "cublasLtMatmulDescSetAttribute", dst: &lt.descSet},
+		{name: "cublasLtMatrixLayoutCreate", dst: &lt.layoutCreate},
+		{name: "cublasLtMatrixLayoutDestroy", dst: &lt.layoutDestroy},
+		{name: "cublasLtMatmulPreferenceCreate", dst: &lt.prefCreate},
+		{name: "cublasLtMatmulPreferenceDestroy", dst: &lt.prefDestroy},
+		{name: "cublasLtMatmulPreferenceSetAttribute", dst: &lt.prefSet},
+		{name: "cublasLtMatmulAlgoGetHeuristic", dst: &lt.heuristic},
+		{name: "cublasLtMatmul", dst: &lt.matmul},
+	}
+}
+
+// cuBLASLt and library_types.h constants (checked against the CUDA 13 headers by the prototype).
+const (
+	cudaR32F         = 0
+	cudaR16BF        = 14
+	cublasCompute32F = 68
+	descTransA       = 3
+	descTransB       = 4
+	prefMaxWorkspace = 1
+	opN, opT         = 0, 1
+)
+
+func cublasLtVersion() int { return int(C.tp_ltGetVersion(lt.getVersion)) }
+
+// gemmKey identifies a GEMM shape: D [m, n] = x [m, k] · w [n, k]ᵀ with bf16 inputs and out as D's type.
+type gemmKey struct {
+	m, n, k int
+	out     DType
+}
+
+// gemmPlan is a cached cuBLASLt description of one shape; ok is false when cuBLASLt has no algorithm
+// for it (the backend then uses its own kernel).
+type gemmPlan struct {
+	desc      C.cublasLtMatmulDesc_t
+	w, x, d   C.cublasLtMatrixLayout_t
+	heuristic C.cublasLtMatmulHeuristicResult_t
+	ok        bool
+	destroyed bool
+}
+
+// gemm owns a cuBLASLt handle, its workspace and the plans made so far.
+type gemm struct {
+	d      *device
+	h      C.cublasLtHandle_t
+	ws     devptr
+	wsSize int64
+	plans  map[gemmKey]*gemmPlan
+}
+
+func newGemm(d *device, workspace int64) (*gemm, error) {
+	g := &gemm{d: d, wsSize: workspace, plans: map[gemmKey]*gemmPlan{}}
+	if err := check("cublasLtCreate", ltStatus(C.tp_ltCreate(lt.create, d.ctx, &g.h))); err != nil {
+		return nil, err
+	}
+	if workspace > 0 {
+		ws, err := d.memAlloc(workspace)
+		if err != nil {
+			C.tp_ltDestroy(lt.destroy, d.ctx, g.h)
+			return nil, err
+		}
+		g.ws = ws
+	}
+	return g, nil
+}
+
+func (g *gemm) close() error {
+	var first error
+	keep := func(err error) {
+		if first == nil {
+			first = err
+		}
+	}
+	for _, p := range g.plans {
+		keep(p.destroy())
+	}
+	g.plans = nil
+	if g.ws != 0 {
+		keep(g.d.memFree(g.ws))
+	}
+	keep(check("cublasLtDestroy", ltStatus(C.tp_ltDestroy(lt.destroy, g.d.ctx, g.h))))
+	return first
+}
+
+func (p *gemmPlan) destroy() error {
+	if p.destroyed {
+		return nil
+	}
+	p.destroyed = true
+	var first error
+	for _, l := range []C.cublasLtMatrixLayout_t{p.w, p.x, p.d} {
+		if l != nil {
+			if err := check("cublasLtMatrixLayoutDestroy", ltStatus(C.tp_ltMatrixLayoutDestroy(lt.layoutDestroy, l))); err != nil && first == nil {
+				first = err
+			}
+		}
+	}
+	if p.desc != nil {
+		if err := check("cublasLtMatmulDescDestroy", ltStatus(C.tp_ltMatmulDescDestroy(lt.descDestroy, p.desc))); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+func ltType(dt DType) C.int {
+	if dt == F32 {
+		return cudaR32F
+	}
+	return cudaR16BF
+}
+
+// plan returns the cached plan for key, making it on first use. In cuBLASLt's column-major terms the
+// product is Dᵀ [n, m] = op(W) · X with W stored [k, n] (ld k) transposed and X stored [k, m] (ld k).
+func (g *gemm) plan(key gemmKey) (*gemmPlan, error) {
+	if p, ok := g.plans[key]; ok {
+		return p, nil
+	}
+	p := &gemmPlan{}
+	op := fmt.Sprintf("gemm m=%d n=%d k=%d", key.m, key.n, key.k)
+	fail := func(err error) (*gemmPlan, error) {
+		p.destroy()
+		return nil, err
+	}
+	if err := check(op+": cublasLtMatmulDescCreate", ltStatus(C.tp_ltMatmulDescCreate(lt.descCreate, &p.desc, cublasCompute32F, cudaR32F))); err != nil {
+		return fail(err)
+	}
+	ta, tb := C.int32_t(opT), C.int32_t(opN)
+	if err := check(op+": set TRANSA", ltStatus(C.tp_ltMatmulDescSetAttribute(lt.descSet, p.desc, descTransA, unsafe.Pointer(&ta), 4))); err != nil {
+		return fail(err)
+	}
+	if err := check(op+": set TRANSB", ltStatus(C.tp_ltMatmulDescSetAttribute(lt.descSet, p.desc, descTransB, unsafe.Pointer(&tb), 4))); err != nil {
+		return fail(err)
+	}
+	m, n, k := C.uint64_t(key.m), C.uint64_t(key.n), C.uint64_t(key.k)
+	if err := check(op+": layout W", ltStatus(C.tp_ltMatrixLayoutCreate(lt.layoutCreate, &p.w, cudaR16BF, k, n, C.int64_t(key.k)))); err != nil {
+		return fail(err)
+	}
+	if err := check(op+": layout X", ltStatus(C.tp_ltMatrixLayoutCreate(lt.layoutCreate, &p.x, cudaR16BF, k, m, C.int64_t(key.k)))); err != nil {
+		return fail(err)
+	}
+	if err := check(op+": layout D", ltStatus(C.tp_ltMatrixLayoutCreate(lt.layoutCreate, &p.d, ltType(key.out), n, m, C.int64_t(key.n)))); err != nil {
+		return fail(err)
+	}
+	var pref C.cublasLtMatmulPreference_t
+	if err := check(op+": cublasLtMatmulPreferenceCreate", ltStatus(C.tp_ltMatmulPreferenceCreate(lt.prefCreate, &pref))); err != nil {
+		return fail(err)
+	}
+	defer C.tp_ltMatmulPreferenceDestroy(lt.prefDestroy, pref)
+	ws := C.uint64_t(g.wsSize)
+	if err := check(op+": set MAX_WORKSPACE_BYTES", ltStatus(C.tp_ltMatmulPreferenceSetAttribute(lt.prefSet, pref, prefMaxWorkspace, unsafe.Pointer(&ws), 8))); err != nil {
+		return fail(err)
+	}
+	var nres C.int
+	st := ltStatus(C.tp_ltMatmulAlgoGetHeuristic(lt.heuristic, g.d.ctx, g.h, p.desc, p.w, p.x, p.d, p.d, pref, &p.heuristic, &nres))
+	// NOT_SUPPORTED means no algorithm for this shape: not an error, the fallback kernel takes it.
+	const notSupported = 15
+	switch {
+	case st == notSupported:
+	case !st.ok():
+		return fail(check(op+": cublasLtMatmulAlgoGetHeuristic", st))
+	default:
+		p.ok = nres > 0
+	}
+	g.plans[key] = p
+	return p, nil
+}
+
+// run enqueues D = X · Wᵀ with the plan of key on s. The pointers must be 16-byte aligned (pool buffers
+// and loaded tensors are 256-byte aligned).
+func (g *gemm) run(p *gemmPlan, key gemmKey, x, w, d devptr, s *stream) error {
+	alpha, beta := C.float(1), C.float(0)
+	return check(fmt.Sprintf("cublasLtMatmul m=%d n=%d k=%d", key.m, key.n, key.k), ltStatus(C.tp_ltMatmul(lt.matmul, g.d.ctx, g.h, p.desc, &alpha,
+		C.CUdeviceptr(w), p.w, C.CUdeviceptr(x), p.x, &beta, C.CUdeviceptr(d), p.d, C.CUdeviceptr(d), p.d,
+		&p.heuristic.algo, C.CUdeviceptr(g.ws), C.size_t(g.wsSize), s.s)))
+}

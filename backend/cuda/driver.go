@@ -1,0 +1,302 @@
+package cuda
+
+/*
+#include <stdlib.h>
+#include "shim.h"
+*/
+import "C"
+
+import (
+	"fmt"
+	"math"
+	"unsafe"
+)
+
+// drv holds the driver API entry points, resolved once by loadLibraries.
+var drv struct {
+	init, driverGetVersion, deviceGetCount, deviceGet, deviceGetName        unsafe.Pointer
+	deviceGetAttribute, deviceTotalMem, primaryCtxRetain, primaryCtxRelease unsafe.Pointer
+	ctxSetCurrent, getErrorName, getErrorString, memAlloc, memFree          unsafe.Pointer
+	memAllocHost, memFreeHost, memGetInfo, memcpyHtoDAsync, memcpyDtoHAsync unsafe.Pointer
+	memsetD8Async, moduleLoadData, moduleUnload, moduleGetFunction, launch  unsafe.Pointer
+	streamCreate, streamDestroy, streamSynchronize                          unsafe.Pointer
+}
+
+// driverSymbols names the entry points with the ABI version this package declares: the _v2 names are
+// the ones CUDA's own header selects (size_t sizes, 64-bit device pointers).
+func driverSymbols() []symbol {
+	return []symbol{
+		{name: "cuInit", dst: &drv.init},
+		{name: "cuDriverGetVersion", dst: &drv.driverGetVersion},
+		{name: "cuDeviceGetCount", dst: &drv.deviceGetCount},
+		{name: "cuDeviceGet", dst: &drv.deviceGet},
+		{name: "cuDeviceGetName", dst: &drv.deviceGetName},
+		{name: "cuDeviceGetAttribute", dst: &drv.deviceGetAttribute},
+		{name: "cuDeviceTotalMem_v2", dst: &drv.deviceTotalMem},
+		{name: "cuDevicePrimaryCtxRetain", dst: &drv.primaryCtxRetain},
+		{name: "cuDevicePrimaryCtxRelease_v2", dst: &drv.primaryCtxRelease},
+		{name: "cuCtxSetCurrent", dst: &drv.ctxSetCurrent},
+		{name: "cuGetErrorName", dst: &drv.getErrorName},
+		{name: "cuGetErrorString", dst: &drv.getErrorString},
+		{name: "cuMemAlloc_v2", dst: &drv.memAlloc},
+		{name: "cuMemFree_v2", dst: &drv.memFree},
+		{name: "cuMemAllocHost_v2", dst: &drv.memAllocHost},
+		{name: "cuMemFreeHost", dst: &drv.memFreeHost},
+		{name: "cuMemGetInfo_v2", dst: &drv.memGetInfo},
+		{name: "cuMemcpyHtoDAsync_v2", dst: &drv.memcpyHtoDAsync},
+		{name: "cuMemcpyDtoHAsync_v2", dst: &drv.memcpyDtoHAsync},
+		{name: "cuMemsetD8Async", dst: &drv.memsetD8Async},
+		{name: "cuModuleLoadData", dst: &drv.moduleLoadData},
+		{name: "cuModuleUnload", dst: &drv.moduleUnload},
+		{name: "cuModuleGetFunction", dst: &drv.moduleGetFunction},
+		{name: "cuLaunchKernel", dst: &drv.launch},
+		{name: "cuStreamCreate", dst: &drv.streamCreate},
+		{name: "cuStreamDestroy_v2", dst: &drv.streamDestroy},
+		{name: "cuStreamSynchronize", dst: &drv.streamSynchronize},
+	}
+}
+
+// Device attributes (CUdevice_attribute).
+const (
+	attrMultiprocessors = 16
+	attrCCMajor         = 75
+	attrCCMinor         = 76
+)
+
+// devptr is a device address.
+type devptr uint64
+
+// device is one GPU and its primary context (the context the CUDA runtime inside cuBLASLt and NCCL uses
+// too).
+type device struct {
+	ordinal         int
+	dev             C.CUdevice
+	ctx             C.CUcontext
+	name            string
+	ccMajor         int
+	ccMinor         int
+	multiprocessors int
+	totalMem        int64
+	driverVersion   int
+}
+
+func driverVersion() (int, error) {
+	var v C.int
+	err := check("cuDriverGetVersion", cuResult(C.tp_cuDriverGetVersion(drv.driverGetVersion, &v)))
+	return int(v), err
+}
+
+// openDevice retains the primary context of GPU ordinal.
+func openDevice(ordinal int) (*device, error) {
+	var n C.int
+	if err := check("cuDeviceGetCount", cuResult(C.tp_cuDeviceGetCount(drv.deviceGetCount, &n))); err != nil {
+		return nil, err
+	}
+	if ordinal < 0 || ordinal >= int(n) {
+		return nil, fmt.Errorf("%w: device %d requested, %d present", ErrUnavailable, ordinal, int(n))
+	}
+	d := &device{ordinal: ordinal}
+	if err := check("cuDeviceGet", cuResult(C.tp_cuDeviceGet(drv.deviceGet, &d.dev, C.int(ordinal)))); err != nil {
+		return nil, err
+	}
+	var name [256]C.char
+	if err := check("cuDeviceGetName", cuResult(C.tp_cuDeviceGetName(drv.deviceGetName, &name[0], 256, d.dev))); err != nil {
+		return nil, err
+	}
+	d.name = C.GoString(&name[0])
+	for _, a := range []struct {
+		attr int
+		dst  *int
+	}{{attrCCMajor, &d.ccMajor}, {attrCCMinor, &d.ccMinor}, {attrMultiprocessors, &d.multiprocessors}} {
+		var v C.int
+		if err := check("cuDeviceGetAttribute", cuResult(C.tp_cuDeviceGetAttribute(drv.deviceGetAttribute, &v, C.int(a.attr), d.dev))); err != nil {
+			return nil, err
+		}
+		*a.dst = int(v)
+	}
+	var total C.size_t
+	if err := check("cuDeviceTotalMem", cuResult(C.tp_cuDeviceTotalMem(drv.deviceTotalMem, &total, d.dev))); err != nil {
+		return nil, err
+	}
+	d.totalMem = int64(total)
+	var err error
+	if d.driverVersion, err = driverVersion(); err != nil {
+		return nil, err
+	}
+	if err := check("cuDevicePrimaryCtxRetain", cuResult(C.tp_cuDevicePrimaryCtxRetain(drv.primaryCtxRetain, &d.ctx, d.dev))); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+func (d *device) release() error {
+	return check("cuDevicePrimaryCtxRelease", cuResult(C.tp_cuDevicePrimaryCtxRelease(drv.primaryCtxRelease, d.dev)))
+}
+
+func (d *device) memAlloc(n int64) (devptr, error) {
+	var p C.CUdeviceptr
+	err := check(fmt.Sprintf("cuMemAlloc(%d bytes)", n), cuResult(C.tp_cuMemAlloc(drv.memAlloc, d.ctx, &p, C.size_t(n))))
+	return devptr(p), err
+}
+
+func (d *device) memFree(p devptr) error {
+	return check("cuMemFree", cuResult(C.tp_cuMemFree(drv.memFree, d.ctx, C.CUdeviceptr(p))))
+}
+
+// memInfo returns the device's free and total memory.
+func (d *device) memInfo() (free, total int64, err error) {
+	var f, t C.size_t
+	err = check("cuMemGetInfo", cuResult(C.tp_cuMemGetInfo(drv.memGetInfo, d.ctx, &f, &t)))
+	return int64(f), int64(t), err
+}
+
+// stream is a CUstream of a device.
+type stream struct {
+	d *device
+	s C.CUstream
+}
+
+func (d *device) newStream() (*stream, error) {
+	var s C.CUstream
+	// Blocking (flags 0): ordered with the legacy default stream that cuBLASLt's internals may use.
+	if err := check("cuStreamCreate", cuResult(C.tp_cuStreamCreate(drv.streamCreate, d.ctx, &s, 0))); err != nil {
+		return nil, err
+	}
+	return &stream{d: d, s: s}, nil
+}
+
+func (s *stream) destroy() error {
+	return check("cuStreamDestroy", cuResult(C.tp_cuStreamDestroy(drv.streamDestroy, s.d.ctx, s.s)))
+}
+
+func (s *stream) sync() error {
+	return check("cuStreamSynchronize", cuResult(C.tp_cuStreamSynchronize(drv.streamSynchronize, s.d.ctx, s.s)))
+}
+
+// htod enqueues a copy of n bytes from pinned host memory src to dst.
+func (s *stream) htod(dst devptr, src unsafe.Pointer, n int64) error {
+	return check("cuMemcpyHtoDAsync", cuResult(C.tp_cuMemcpyHtoDAsync(drv.memcpyHtoDAsync, s.d.ctx, C.CUdeviceptr(dst), src, C.size_t(n), s.s)))
+}
+
+// dtoh enqueues a copy of n bytes from src to pinned host memory dst.
+func (s *stream) dtoh(dst unsafe.Pointer, src devptr, n int64) error {
+	return check("cuMemcpyDtoHAsync", cuResult(C.tp_cuMemcpyDtoHAsync(drv.memcpyDtoHAsync, s.d.ctx, dst, C.CUdeviceptr(src), C.size_t(n), s.s)))
+}
+
+func (s *stream) memset(dst devptr, v byte, n int64) error {
+	return check("cuMemsetD8Async", cuResult(C.tp_cuMemsetD8Async(drv.memsetD8Async, s.d.ctx, C.CUdeviceptr(dst), C.uchar(v), C.size_t(n), s.s)))
+}
+
+// pinned is page-locked host memory allocated by the driver (C memory, never Go's).
+type pinned struct {
+	d    *device
+	p    unsafe.Pointer
+	size int64
+}
+
+func (d *device) allocPinned(n int64) (*pinned, error) {
+	var p unsafe.Pointer
+	if err := check("cuMemAllocHost", cuResult(C.tp_cuMemAllocHost(drv.memAllocHost, d.ctx, &p, C.size_t(n)))); err != nil {
+		return nil, err
+	}
+	return &pinned{d: d, p: p, size: n}, nil
+}
+
+func (h *pinned) free() error {
+	return check("cuMemFreeHost", cuResult(C.tp_cuMemFreeHost(drv.memFreeHost, h.d.ctx, h.p)))
+}
+
+// bytes views [off, off+n) of the pinned memory.
+func (h *pinned) bytes(off, n int64) []byte {
+	return unsafe.Slice((*byte)(unsafe.Add(h.p, off)), n)
+}
+
+// module is a loaded cubin.
+type module struct {
+	d *device
+	m C.CUmodule
+}
+
+func (d *device) loadModule(image []byte) (*module, error) {
+	if len(image) == 0 {
+		return nil, fmt.Errorf("cuda: load module: empty image")
+	}
+	var m C.CUmodule
+	if err := check("cuModuleLoadData", cuResult(C.tp_cuModuleLoadData(drv.moduleLoadData, d.ctx, &m, unsafe.Pointer(&image[0])))); err != nil {
+		return nil, err
+	}
+	return &module{d: d, m: m}, nil
+}
+
+func (m *module) unload() error {
+	return check("cuModuleUnload", cuResult(C.tp_cuModuleUnload(drv.moduleUnload, m.d.ctx, m.m)))
+}
+
+// kernel is an entry point of a module.
+type kernel struct {
+	name string
+	f    C.CUfunction
+}
+
+func (m *module) function(name string) (*kernel, error) {
+	cn := C.CString(name)
+	defer C.free(unsafe.Pointer(cn))
+	var f C.CUfunction
+	if err := check("cuModuleGetFunction("+name+")", cuResult(C.tp_cuModuleGetFunction(drv.moduleGetFunction, m.d.ctx, &f, m.m, cn))); err != nil {
+		return nil, err
+	}
+	return &kernel{name: name, f: f}, nil
+}
+
+// dim3 is a grid or block size.
+type dim3 struct{ x, y, z uint32 }
+
+// packArgs encodes kernel arguments into 8-byte slots: devptr, *tensor and *buffer (their device
+// address), int (as int32: the kernels take int), int32, int64, float32 and bool (as int32).
+func packArgs(slots []uint64, args []any) error {
+	if len(args) > len(slots) {
+		return fmt.Errorf("cuda: %d kernel arguments, at most %d", len(args), len(slots))
+	}
+	for i, a := range args {
+		switch v := a.(type) {
+		case devptr:
+			slots[i] = uint64(v)
+		case *tensor:
+			slots[i] = uint64(v.ptr())
+		case *buffer:
+			slots[i] = uint64(v.ptr)
+		case int:
+			if v < math.MinInt32 || v > math.MaxInt32 {
+				return fmt.Errorf("cuda: kernel argument %d = %d overflows int32", i, v)
+			}
+			slots[i] = uint64(uint32(int32(v)))
+		case int32:
+			slots[i] = uint64(uint32(v))
+		case int64:
+			slots[i] = uint64(v)
+		case float32:
+			slots[i] = uint64(math.Float32bits(v))
+		case bool:
+			if v {
+				slots[i] = 1
+			} else {
+				slots[i] = 0
+			}
+		default:
+			return fmt.Errorf("cuda: unsupported kernel argument %d of type %T", i, a)
+		}
+	}
+	return nil
+}
+
+// launch enqueues k on s. Tensors among args stay reachable until the launch is enqueued; after that,
+// stream order protects their memory (see pool).
+func (s *stream) launch(k *kernel, grid, block dim3, shmem int, args ...any) error {
+	var slots [C.TP_MAX_ARGS]uint64
+	if err := packArgs(slots[:], args); err != nil {
+		return fmt.Errorf("%s: %w", k.name, err)
+	}
+	return check("cuLaunchKernel("+k.name+")", cuResult(C.tp_cuLaunchKernel(drv.launch, s.d.ctx, k.f,
+		C.uint(grid.x), C.uint(grid.y), C.uint(grid.z), C.uint(block.x), C.uint(block.y), C.uint(block.z),
+		C.uint(shmem), s.s, (*C.uint64_t)(unsafe.Pointer(&slots[0])), C.int(len(args)))))
+}

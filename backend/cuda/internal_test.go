@@ -1,0 +1,214 @@
+package cuda
+
+import (
+	"errors"
+	"flag"
+	"io"
+	"math"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"unsafe"
+)
+
+// These tests need no GPU: they run everywhere, CI included.
+
+func TestCandidates(t *testing.T) {
+	exists := func(p string) bool {
+		return p == "/w/nvidia/cu13/lib/libcublasLt.so.13" || p == "/x/libcublasLt.so.12" || p == "/x/libcublasLt.so.13"
+	}
+	got := candidates([]string{"libcublasLt.so.13", "libcublasLt.so.12"}, []string{"/w/nvidia/cu13/lib", "/x"}, exists)
+	want := []string{
+		"/w/nvidia/cu13/lib/libcublasLt.so.13", "/x/libcublasLt.so.13", "libcublasLt.so.13",
+		"/x/libcublasLt.so.12", "libcublasLt.so.12",
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("candidates = %v, want %v", got, want)
+	}
+}
+
+func TestLibDirs(t *testing.T) {
+	glob := func(pat string) ([]string, error) {
+		if pat == "/usr/local/cuda/lib64" {
+			return []string{"/usr/local/cuda/lib64"}, nil
+		}
+		if strings.Contains(pat, "/opt/") {
+			return []string{"/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib", "/first"}, nil
+		}
+		return nil, nil
+	}
+	got := libDirs([]string{"/first"}, "/env/a:/env/b:", glob)
+	want := []string{"/first", "/env/a", "/env/b", "/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib", "/usr/local/cuda/lib64"}
+	if !slices.Equal(got, want) {
+		t.Errorf("libDirs = %v, want %v", got, want)
+	}
+}
+
+// TestOpenLibraryMissing checks the error of a library that is nowhere: it names every path tried with
+// dlerror's text and wraps ErrUnavailable.
+func TestOpenLibraryMissing(t *testing.T) {
+	dir := t.TempDir()
+	bogus := filepath.Join(dir, "libtpfleet-missing.so.7")
+	if err := os.WriteFile(bogus, []byte("not an ELF file"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, err := openLibrary([]string{"libtpfleet-missing.so.7"}, []string{dir, "/nonexistent"})
+	var le *LoadError
+	if !errors.As(err, &le) || !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("openLibrary(missing) error = %v, want a *LoadError wrapping ErrUnavailable", err)
+	}
+	if len(le.Tried) != 2 || le.Tried[0].Path != bogus || le.Tried[1].Path != "libtpfleet-missing.so.7" {
+		t.Errorf("Tried = %+v, want the file in %s then the bare soname", le.Tried, dir)
+	}
+	msg := err.Error()
+	for _, want := range []string{"cannot load libtpfleet-missing.so.7", bogus, "libtpfleet-missing.so.7: "} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("error %q does not contain %q", msg, want)
+		}
+	}
+	for _, a := range le.Tried {
+		if a.Err == "" {
+			t.Errorf("attempt %s has no dlerror text", a.Path)
+		}
+	}
+}
+
+// TestResolveMissingSymbol loads libc (always there) and asks for a symbol it lacks.
+func TestResolveMissingSymbol(t *testing.T) {
+	l, err := dlopen("libc.so.6")
+	if err != nil {
+		t.Skipf("dlopen(libc.so.6): %v", err)
+	}
+	var strlen, nope, opt unsafe.Pointer
+	ps, pn, po := &strlen, &nope, &opt
+	if err := l.resolve([]symbol{{name: "strlen", dst: ps}, {name: "tpfleet_nope", dst: po, optional: true}}); err != nil || *ps == nil || *po != nil {
+		t.Errorf("resolve(strlen, optional nope) = %v (strlen %v, nope %v), want strlen only", err, *ps, *po)
+	}
+	err = l.resolve([]symbol{{name: "tpfleet_nope", dst: pn}})
+	var se *SymbolError
+	if !errors.As(err, &se) || se.Symbol != "tpfleet_nope" || se.Path != "libc.so.6" || !errors.Is(err, ErrUnavailable) {
+		t.Errorf("resolve(tpfleet_nope) error = %v, want a *SymbolError for it wrapping ErrUnavailable", err)
+	}
+}
+
+// TestNewWithoutCUDA runs only where libcuda is absent (CI): New must fail cleanly, naming the library.
+func TestNewWithoutCUDA(t *testing.T) {
+	if _, err := dlopen("libcuda.so.1"); err == nil {
+		t.Skip("libcuda.so.1 is present")
+	}
+	_, err := New(Config{LibDirs: []string{t.TempDir()}})
+	if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "libcuda.so.1") {
+		t.Errorf("New without libcuda error = %v, want one wrapping ErrUnavailable naming libcuda.so.1", err)
+	}
+}
+
+func TestErrorFormat(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		want string
+	}{
+		{check("cuMemAlloc(64 bytes)", cuResult(2)), "cuda: cuMemAlloc(64 bytes): cuda error 2 CUDA_ERROR_OUT_OF_MEMORY"},
+		{check("cublasLtMatmul", ltStatus(15)), "cuda: cublasLtMatmul: cublasLt error 15 CUBLAS_STATUS_NOT_SUPPORTED"},
+		{check("nvrtcCompileProgram", rtcResult(6)), "cuda: nvrtcCompileProgram: nvrtc error 6 NVRTC_ERROR_COMPILATION"},
+	} {
+		if tc.err == nil || !strings.HasPrefix(tc.err.Error(), tc.want) {
+			t.Errorf("error = %v, want prefix %q", tc.err, tc.want)
+		}
+	}
+	if err := check("cuInit", cuResult(0)); err != nil {
+		t.Errorf("check(success) = %v, want nil", err)
+	}
+	if err := check("cuInit", cuResult(100)); !errors.Is(err, ErrUnavailable) {
+		t.Errorf("check(cuInit, NO_DEVICE) = %v, want it to match ErrUnavailable", err)
+	}
+	if err := check("cuMemAlloc", cuResult(2)); errors.Is(err, ErrUnavailable) {
+		t.Errorf("check(OUT_OF_MEMORY) matches ErrUnavailable, want not")
+	}
+	ce := &CompileError{Name: "k.cu", Err: check("nvrtcCompileProgram", rtcResult(6)), Log: "k.cu(3): error: x"}
+	if !strings.Contains(ce.Error(), "k.cu(3): error: x") || !errors.Is(ce, ce.Err) {
+		t.Errorf("CompileError = %v, want the log and the wrapped error", ce)
+	}
+}
+
+func TestSizeClass(t *testing.T) {
+	for _, tc := range []struct{ n, want int64 }{{0, 256}, {1, 256}, {256, 256}, {257, 512}, {4096, 4096}, {4097, 8192}, {3 << 20, 4 << 20}} {
+		if got := sizeClass(tc.n); got != tc.want {
+			t.Errorf("sizeClass(%d) = %d, want %d", tc.n, got, tc.want)
+		}
+	}
+}
+
+func TestPackArgs(t *testing.T) {
+	slots := make([]uint64, 8)
+	if err := packArgs(slots, []any{devptr(0x1000), 7, int32(-1), int64(-2), float32(1.5), true, false}); err != nil {
+		t.Fatal(err)
+	}
+	want := []uint64{0x1000, 7, 0xffffffff, math.MaxUint64 - 1, uint64(math.Float32bits(1.5)), 1, 0, 0}
+	if !slices.Equal(slots, want) {
+		t.Errorf("packArgs = %#x, want %#x", slots, want)
+	}
+	for _, bad := range [][]any{{"x"}, {1 << 40}, make([]any, 9)} {
+		if err := packArgs(slots, bad); err == nil {
+			t.Errorf("packArgs(%v) error = nil, want an error", bad)
+		}
+	}
+}
+
+func TestInt32Bytes(t *testing.T) {
+	b, err := int32Bytes("ids", []int{1, -2})
+	if err != nil || !slices.Equal(b, []byte{1, 0, 0, 0, 0xfe, 0xff, 0xff, 0xff}) {
+		t.Errorf("int32Bytes([1 -2]) = %v, %v", b, err)
+	}
+	if _, err := int32Bytes("ids", []int{1 << 33}); err == nil {
+		t.Errorf("int32Bytes([1<<33]) error = nil, want an overflow error")
+	}
+}
+
+// TestKernelCache checks the key depends on source, arch and version, and that a cached cubin is used
+// without NVRTC (which this test never loads).
+func TestKernelCache(t *testing.T) {
+	k := cacheKey("src", "sm_90", "13.0")
+	for _, other := range []string{cacheKey("src2", "sm_90", "13.0"), cacheKey("src", "sm_80", "13.0"), cacheKey("src", "sm_90", "12.9")} {
+		if other == k {
+			t.Errorf("cacheKey collision: %s", k)
+		}
+	}
+	dir := t.TempDir()
+	writeCache(filepath.Join(dir, k+".cubin"), []byte("CUBIN"))
+	got, hit, err := cachedCompile(dir, "src", "x.cu", "sm_90", "13.0")
+	if err != nil || !hit || string(got) != "CUBIN" {
+		t.Errorf("cachedCompile(cached) = %q, %v, %v; want CUBIN, true, nil", got, hit, err)
+	}
+	if d := defaultKernelCache(); d != "" && !strings.HasSuffix(d, filepath.Join("tpfleet", "kernels")) {
+		t.Errorf("defaultKernelCache() = %q, want .../tpfleet/kernels", d)
+	}
+}
+
+func TestConfig(t *testing.T) {
+	if err := (Config{}).Validate(); err != nil {
+		t.Errorf("Config{}.Validate() = %v, want nil", err)
+	}
+	for _, c := range []Config{{Device: -1}, {Activations: 7}, {Workspace: -1}, {Staging: -1}} {
+		if err := c.Validate(); err == nil {
+			t.Errorf("%+v.Validate() = nil, want an error", c)
+		}
+	}
+	var c Config
+	fs := flag.NewFlagSet("t", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	c.AddFlags(fs)
+	if err := fs.Parse([]string{"-cuda-device=2", "-cuda-activations=f32", "-cuda-poison", "-cuda-lib-dirs=/a:/b", "-cuda-kernel-cache=off"}); err != nil {
+		t.Fatal(err)
+	}
+	if c.Device != 2 || c.Activations != F32 || !c.Poison || !slices.Equal(c.LibDirs, []string{"/a", "/b"}) || c.KernelCache != KernelCacheOff {
+		t.Errorf("after flags: %+v", c)
+	}
+	if err := fs.Parse([]string{"-cuda-activations=fp64"}); err == nil {
+		t.Errorf("-cuda-activations=fp64: error = nil, want an error")
+	}
+	if BF16.String() != "bf16" || F32.String() != "f32" {
+		t.Errorf("DType strings = %s, %s", BF16, F32)
+	}
+}

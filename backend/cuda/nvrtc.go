@@ -1,0 +1,164 @@
+package cuda
+
+/*
+#include <stdlib.h>
+#include "shim.h"
+*/
+import "C"
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"path/filepath"
+	"unsafe"
+)
+
+// rtc holds the NVRTC entry points, resolved once by loadLibraries.
+var rtc struct {
+	version, errorString, create, compile, logSize, log, cubinSize, cubin, destroy unsafe.Pointer
+}
+
+func nvrtcSymbols() []symbol {
+	return []symbol{
+		{name: "nvrtcVersion", dst: &rtc.version},
+		{name: "nvrtcGetErrorString", dst: &rtc.errorString},
+		{name: "nvrtcCreateProgram", dst: &rtc.create},
+		{name: "nvrtcCompileProgram", dst: &rtc.compile},
+		{name: "nvrtcGetProgramLogSize", dst: &rtc.logSize},
+		{name: "nvrtcGetProgramLog", dst: &rtc.log},
+		{name: "nvrtcGetCUBINSize", dst: &rtc.cubinSize},
+		{name: "nvrtcGetCUBIN", dst: &rtc.cubin},
+		{name: "nvrtcDestroyProgram", dst: &rtc.destroy},
+	}
+}
+
+func nvrtcVersion() (string, error) {
+	var a, b C.int
+	if err := check("nvrtcVersion", rtcResult(C.tp_nvrtcVersion(rtc.version, &a, &b))); err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("%d.%d", int(a), int(b)), nil
+}
+
+// CompileError is a kernel source NVRTC rejected, with its log.
+type CompileError struct {
+	Name string
+	Err  error
+	Log  string
+}
+
+func (e *CompileError) Error() string {
+	return fmt.Sprintf("cuda: compile %s: %v\n%s", e.Name, e.Err, e.Log)
+}
+
+func (e *CompileError) Unwrap() error { return e.Err }
+
+// compileOptions are NVRTC's options for arch (e.g. "sm_90"). No fast math: the kernels' float32
+// results should not depend on the compiler's approximations.
+func compileOptions(arch string) []string {
+	return []string{"--gpu-architecture=" + arch, "-std=c++17", "--fmad=true"}
+}
+
+// compile compiles src for arch to a cubin.
+func compile(src, name, arch string) ([]byte, error) {
+	csrc, cname := C.CString(src), C.CString(name)
+	defer C.free(unsafe.Pointer(csrc))
+	defer C.free(unsafe.Pointer(cname))
+	var p C.nvrtcProgram
+	if err := check("nvrtcCreateProgram", rtcResult(C.tp_nvrtcCreateProgram(rtc.create, &p, csrc, cname))); err != nil {
+		return nil, err
+	}
+	defer C.tp_nvrtcDestroyProgram(rtc.destroy, &p)
+	opts := compileOptions(arch)
+	argv := (**C.char)(C.calloc(C.size_t(len(opts)), C.size_t(unsafe.Sizeof((*C.char)(nil)))))
+	defer C.free(unsafe.Pointer(argv))
+	args := unsafe.Slice(argv, len(opts))
+	for i, o := range opts {
+		args[i] = C.CString(o)
+	}
+	defer func() {
+		for _, a := range args {
+			C.free(unsafe.Pointer(a))
+		}
+	}()
+	if st := rtcResult(C.tp_nvrtcCompileProgram(rtc.compile, p, C.int(len(opts)), argv)); !st.ok() {
+		log := ""
+		var n C.size_t
+		if C.tp_nvrtcGetSize(rtc.logSize, p, &n) == 0 && n > 1 {
+			buf := make([]byte, int(n))
+			if C.tp_nvrtcGetData(rtc.log, p, (*C.char)(unsafe.Pointer(&buf[0]))) == 0 {
+				log = string(buf[:n-1])
+			}
+		}
+		return nil, &CompileError{Name: name, Err: check("nvrtcCompileProgram", st), Log: log}
+	}
+	var n C.size_t
+	if err := check("nvrtcGetCUBINSize", rtcResult(C.tp_nvrtcGetSize(rtc.cubinSize, p, &n))); err != nil {
+		return nil, err
+	}
+	if n == 0 {
+		return nil, fmt.Errorf("cuda: compile %s: empty cubin", name)
+	}
+	out := make([]byte, int(n))
+	if err := check("nvrtcGetCUBIN", rtcResult(C.tp_nvrtcGetData(rtc.cubin, p, (*C.char)(unsafe.Pointer(&out[0]))))); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// cacheKey names the cubin of src for arch by NVRTC version: a hash of all three and the options.
+func cacheKey(src, arch, version string) string {
+	h := sha256.New()
+	for _, s := range append([]string{src, arch, version}, compileOptions(arch)...) {
+		fmt.Fprintf(h, "%d:%s;", len(s), s)
+	}
+	return hex.EncodeToString(h.Sum(nil))[:32]
+}
+
+// defaultKernelCache is os.UserCacheDir()/tpfleet/kernels, or "" when there is no user cache dir.
+func defaultKernelCache() string {
+	d, err := os.UserCacheDir()
+	if err != nil {
+		return ""
+	}
+	return filepath.Join(d, "tpfleet", "kernels")
+}
+
+// cachedCompile returns the cubin of src for arch from dir when present, else compiles it and stores it
+// there. The cache is best effort: a dir of "" or one that cannot be read or written only costs a
+// compile. hit reports whether the cubin came from the cache.
+func cachedCompile(dir, src, name, arch, version string) (cubin []byte, hit bool, err error) {
+	var path string
+	if dir != "" {
+		path = filepath.Join(dir, cacheKey(src, arch, version)+".cubin")
+		if b, err := os.ReadFile(path); err == nil && len(b) > 0 {
+			return b, true, nil
+		}
+	}
+	cubin, err = compile(src, name, arch)
+	if err != nil {
+		return nil, false, err
+	}
+	if path != "" {
+		writeCache(path, cubin)
+	}
+	return cubin, false, nil
+}
+
+// writeCache stores b at path atomically (a temporary file renamed), ignoring failures.
+func writeCache(path string, b []byte) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return
+	}
+	f, err := os.CreateTemp(filepath.Dir(path), ".cubin-*")
+	if err != nil {
+		return
+	}
+	_, werr := f.Write(b)
+	cerr := f.Close()
+	if werr != nil || cerr != nil || os.Rename(f.Name(), path) != nil {
+		os.Remove(f.Name())
+	}
+}

@@ -1,0 +1,367 @@
+package cuda
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"runtime"
+	"slices"
+
+	"github.com/tpfleet/tpfleet/backend"
+	"github.com/tpfleet/tpfleet/nccl"
+)
+
+// Launch geometry of the elementwise kernels (grid-stride loops).
+const (
+	elemBlock = 256
+	maxBlocks = 65535
+)
+
+func elemGrid(n int) dim3 {
+	return dim3{uint32(min(max((n+elemBlock-1)/elemBlock, 1), maxBlocks)), 1, 1}
+}
+
+var elemBlockDim = dim3{elemBlock, 1, 1}
+
+// Embed gathers rows of table [V, H]: out[i] = table[ids[i]-first] when first <= ids[i] < first+V, else
+// zeros. The output has the table's dtype (the gather is exact).
+func (b *Backend) Embed(table backend.Tensor, ids []int, first int) (backend.Tensor, error) {
+	tt, err := b.asTensor("embed", "table", table)
+	if err != nil {
+		return nil, err
+	}
+	if len(tt.shape) != 2 {
+		return nil, fmt.Errorf("cuda: embed table%v: %w", tt.shape, backend.ErrShape)
+	}
+	V, H := tt.shape[0], tt.shape[1]
+	out, err := b.newTensor(tt.dt, len(ids), H)
+	if err != nil {
+		return nil, err
+	}
+	n := len(ids) * H
+	if n == 0 {
+		return out, nil
+	}
+	rows := make([]int, len(ids))
+	for i, id := range ids {
+		rows[i] = -1
+		if id >= first && id-first < V {
+			rows[i] = id - first
+		}
+	}
+	rb, err := int32Bytes("rows", rows)
+	if err != nil {
+		return nil, err
+	}
+	rbuf, err := b.temp(rb)
+	if err != nil {
+		return nil, err
+	}
+	defer b.pool.release(*rbuf)
+	err = b.stream.launch(b.k.embed, elemGrid(n), elemBlockDim, 0, tt, int(tt.dt), rbuf, H, out, int64(n))
+	return b.result("embed", out, err)
+}
+
+// result wraps an op's launch error; on success it returns out.
+func (b *Backend) result(op string, out *tensor, err error) (backend.Tensor, error) {
+	if err != nil {
+		return nil, fmt.Errorf("cuda: %s: %w", op, err)
+	}
+	return out, nil
+}
+
+// RMSNorm normalises x over its last dimension in float32, x · 1/sqrt(mean(x²) + eps) (the root in
+// float64), then multiplies by weight when it is not nil. One block a row.
+func (b *Backend) RMSNorm(x, weight backend.Tensor, eps float32) (backend.Tensor, error) {
+	xt, err := b.asTensor("rmsnorm", "x", x)
+	if err != nil {
+		return nil, err
+	}
+	var wt *tensor
+	if weight != nil {
+		if wt, err = b.asTensor("rmsnorm", "weight", weight); err != nil {
+			return nil, err
+		}
+		if len(xt.shape) == 0 || len(wt.shape) != 1 || wt.shape[0] != xt.shape[len(xt.shape)-1] {
+			return nil, fmt.Errorf("cuda: rmsnorm x%v weight%v: %w", xt.shape, wt.shape, backend.ErrShape)
+		}
+	}
+	if len(xt.shape) == 0 {
+		return nil, fmt.Errorf("cuda: rmsnorm x%v: %w", xt.shape, backend.ErrShape)
+	}
+	n := xt.shape[len(xt.shape)-1]
+	out, err := b.act(slices.Clone(xt.shape)...)
+	if err != nil {
+		return nil, err
+	}
+	if n == 0 || xt.numel() == 0 {
+		return out, nil
+	}
+	rows := xt.numel() / n
+	var wp any = devptr(0)
+	wdt, hasW := int(BF16), false
+	if wt != nil {
+		wp, wdt, hasW = wt, int(wt.dt), true
+	}
+	err = b.stream.launch(b.k.rmsnorm, dim3{uint32(rows), 1, 1}, dim3{256, 1, 1}, 0,
+		xt, int(xt.dt), wp, wdt, hasW, out, int(out.dt), n, eps)
+	return b.result("rmsnorm", out, err)
+}
+
+// Add returns a + b elementwise; the shapes must be equal.
+func (b *Backend) Add(x, y backend.Tensor) (backend.Tensor, error) {
+	return b.binary("add", b.k.add, x, y)
+}
+
+// SiLUMul returns silu(gate) · up elementwise (float32 math); the shapes must be equal.
+func (b *Backend) SiLUMul(gate, up backend.Tensor) (backend.Tensor, error) {
+	return b.binary("silumul", b.k.siluMul, gate, up)
+}
+
+func (b *Backend) binary(op string, k *kernel, x, y backend.Tensor) (backend.Tensor, error) {
+	xt, err := b.asTensor(op, "a", x)
+	if err != nil {
+		return nil, err
+	}
+	yt, err := b.asTensor(op, "b", y)
+	if err != nil {
+		return nil, err
+	}
+	if !slices.Equal(xt.shape, yt.shape) {
+		return nil, fmt.Errorf("cuda: %s a%v b%v: %w", op, xt.shape, yt.shape, backend.ErrShape)
+	}
+	out, err := b.act(slices.Clone(xt.shape)...)
+	if err != nil {
+		return nil, err
+	}
+	n := xt.numel()
+	if n == 0 {
+		return out, nil
+	}
+	err = b.stream.launch(k, elemGrid(n), elemBlockDim, 0, xt, int(xt.dt), yt, int(yt.dt), out, int(out.dt), int64(n))
+	return b.result(op, out, err)
+}
+
+// ScaleRows multiplies row i of x ([T, ...]) by scale[i] (len T).
+func (b *Backend) ScaleRows(x backend.Tensor, scale []float32) (backend.Tensor, error) {
+	xt, err := b.asTensor("scalerows", "x", x)
+	if err != nil {
+		return nil, err
+	}
+	if len(xt.shape) == 0 || xt.shape[0] != len(scale) {
+		return nil, fmt.Errorf("cuda: scalerows x%v scale[%d]: %w", xt.shape, len(scale), backend.ErrShape)
+	}
+	out, err := b.act(slices.Clone(xt.shape)...)
+	if err != nil {
+		return nil, err
+	}
+	n := xt.numel()
+	if n == 0 {
+		return out, nil
+	}
+	sbuf, err := b.temp(float32Bytes(scale))
+	if err != nil {
+		return nil, err
+	}
+	defer b.pool.release(*sbuf)
+	row := n / len(scale)
+	err = b.stream.launch(b.k.scaleRows, elemGrid(n), elemBlockDim, 0, xt, int(xt.dt), sbuf, out, int(out.dt), int64(row), int64(n))
+	return b.result("scalerows", out, err)
+}
+
+// RoPE rotates the interleaved pairs (x[2i], x[2i+1]) of each head of x [T, heads, D] by the angle
+// θ = float32(pos[t])·invFreq[i] (a float32 product); cos θ and sin θ are evaluated in float64 and
+// rounded to float32, the rotation is float32.
+func (b *Backend) RoPE(x backend.Tensor, pos []int, invFreq []float32) (backend.Tensor, error) {
+	xt, err := b.asTensor("rope", "x", x)
+	if err != nil {
+		return nil, err
+	}
+	if len(xt.shape) != 3 || xt.shape[0] != len(pos) || xt.shape[2]%2 != 0 || xt.shape[2]/2 != len(invFreq) {
+		return nil, fmt.Errorf("cuda: rope x%v pos[%d] invFreq[%d]: %w", xt.shape, len(pos), len(invFreq), backend.ErrShape)
+	}
+	T, heads, D := xt.shape[0], xt.shape[1], xt.shape[2]
+	out, err := b.act(T, heads, D)
+	if err != nil {
+		return nil, err
+	}
+	pairs := T * heads * (D / 2)
+	if pairs == 0 {
+		return out, nil
+	}
+	pb, err := int32Bytes("pos", pos)
+	if err != nil {
+		return nil, err
+	}
+	pbuf, err := b.temp(pb)
+	if err != nil {
+		return nil, err
+	}
+	defer b.pool.release(*pbuf)
+	fbuf, err := b.temp(float32Bytes(invFreq))
+	if err != nil {
+		return nil, err
+	}
+	defer b.pool.release(*fbuf)
+	err = b.stream.launch(b.k.rope, elemGrid(pairs), elemBlockDim, 0, xt, int(xt.dt), pbuf, fbuf, out, int(out.dt), heads, D/2, int64(pairs))
+	return b.result("rope", out, err)
+}
+
+// Linear computes x · wᵀ for x [T, in] and w [out, in] → [T, out]: a cuBLASLt bf16 GEMM with float32
+// accumulation. A float32 x (Config.Activations F32, or FromFloat32 inputs) is split into two bf16
+// halves (see splitLinear) so no precision is lost on it; a weight that is not bf16 (or an operand not
+// 256-byte aligned) is first converted into a temporary bf16 copy. Shapes cuBLASLt has no algorithm for run on a simple kernel (float32 math on the
+// operands as stored).
+func (b *Backend) Linear(x, w backend.Tensor) (backend.Tensor, error) {
+	xt, err := b.asTensor("linear", "x", x)
+	if err != nil {
+		return nil, err
+	}
+	wt, err := b.asTensor("linear", "w", w)
+	if err != nil {
+		return nil, err
+	}
+	if len(xt.shape) != 2 || len(wt.shape) != 2 || xt.shape[1] != wt.shape[1] {
+		return nil, fmt.Errorf("cuda: linear x%v w%v: %w", xt.shape, wt.shape, backend.ErrShape)
+	}
+	T, in, outDim := xt.shape[0], xt.shape[1], wt.shape[0]
+	y, err := b.act(T, outDim)
+	if err != nil {
+		return nil, err
+	}
+	if T == 0 || outDim == 0 {
+		return y, nil
+	}
+	key := gemmKey{m: T, n: outDim, k: in, out: y.dt}
+	var plan *gemmPlan
+	if in > 0 {
+		if plan, err = b.gemm.plan(key); err != nil {
+			return nil, fmt.Errorf("cuda: linear x%v w%v: %w", xt.shape, wt.shape, err)
+		}
+	}
+	if plan == nil || !plan.ok {
+		b.counts.Fallback++
+		err = b.stream.launch(b.k.linearSimple, elemGrid(T*outDim), elemBlockDim, 0,
+			xt, int(xt.dt), wt, int(wt.dt), y, int(y.dt), T, in, outDim)
+		return b.result("linear", y, err)
+	}
+	b.counts.Gemm++
+	wp, wtmp, err := b.bf16Operand(wt)
+	if err != nil {
+		return nil, err
+	}
+	if wtmp != nil {
+		defer b.pool.release(*wtmp)
+	}
+	if xt.dt != BF16 {
+		err = b.splitLinear(xt, wp, y)
+	} else {
+		var xp devptr
+		var xtmp *buffer
+		if xp, xtmp, err = b.bf16Operand(xt); err != nil {
+			return nil, err
+		}
+		if xtmp != nil {
+			defer b.pool.release(*xtmp)
+		}
+		err = b.gemm.run(plan, key, xp, wp, y.ptr(), b.stream)
+	}
+	runtime.KeepAlive(xt)
+	runtime.KeepAlive(wt)
+	return b.result(fmt.Sprintf("linear x%v w%v", xt.shape, wt.shape), y, err)
+}
+
+// splitLinear computes y = x · wᵀ for a float32 x as [hi; lo] · wᵀ, one GEMM of 2T rows (the weight is
+// read once) into a float32 scratch, then y = top + bottom half. hi = bf16(x) and lo = bf16(x − hi)
+// keep about 16 significant bits of x, so the result matches float32 math on bf16 weights far better
+// than rounding x to bf16 does.
+func (b *Backend) splitLinear(xt *tensor, w devptr, y *tensor) error {
+	T, in, out := xt.shape[0], xt.shape[1], y.shape[1]
+	key := gemmKey{m: 2 * T, n: out, k: in, out: F32}
+	plan, err := b.gemm.plan(key)
+	if err != nil {
+		return err
+	}
+	if !plan.ok {
+		return fmt.Errorf("no cuBLASLt algorithm for the split GEMM m=%d n=%d k=%d", 2*T, out, in)
+	}
+	b.counts.Split++
+	n := T * in
+	halves, err := b.pool.get(int64(2*n) * 2)
+	if err != nil {
+		return err
+	}
+	defer b.pool.release(*halves)
+	d, err := b.pool.get(int64(2*T*out) * 4)
+	if err != nil {
+		return err
+	}
+	defer b.pool.release(*d)
+	if err := b.stream.launch(b.k.splitBF16, elemGrid(n), elemBlockDim, 0, xt, int(xt.dt), halves, int64(n)); err != nil {
+		return err
+	}
+	if err := b.gemm.run(plan, key, halves.ptr, w, d.ptr, b.stream); err != nil {
+		return err
+	}
+	return b.stream.launch(b.k.addHalves, elemGrid(T*out), elemBlockDim, 0, d, y, int(y.dt), int64(T*out))
+}
+
+// bf16Operand returns t's address when it is bf16 and aligned, else a temporary bf16 copy (which the
+// caller releases after enqueuing its use).
+func (b *Backend) bf16Operand(t *tensor) (devptr, *buffer, error) {
+	if t.dt == BF16 && t.ptr()%alignment == 0 {
+		return t.ptr(), nil, nil
+	}
+	n := t.numel()
+	buf, err := b.pool.get(int64(n) * 2)
+	if err != nil {
+		return 0, nil, err
+	}
+	if err := b.stream.launch(b.k.convert, elemGrid(n), elemBlockDim, 0, t, int(t.dt), buf, int(BF16), int64(n)); err != nil {
+		b.pool.release(*buf)
+		return 0, nil, err
+	}
+	return buf.ptr, buf, nil
+}
+
+// AllReduce sums t across the ranks of c in place. Only single-rank communicators are supported so far
+// (the sum is t itself); larger groups need the NCCL communicator and give an error wrapping
+// errors.ErrUnsupported.
+func (b *Backend) AllReduce(ctx context.Context, c nccl.Comm, t backend.Tensor) error {
+	tt, err := b.asTensor("allreduce", "t", t)
+	if err != nil {
+		return err
+	}
+	if c == nil {
+		return fmt.Errorf("cuda: allreduce t%v: nil comm", tt.shape)
+	}
+	if c.Size() != 1 {
+		return fmt.Errorf("cuda: allreduce t%v over %d ranks: device communicators are not implemented yet: %w",
+			tt.shape, c.Size(), errors.ErrUnsupported)
+	}
+	return ctx.Err()
+}
+
+// AllGather concatenates each rank's t [T, n] along the last dimension in rank order → [T, n·size]. Only
+// single-rank communicators are supported so far (the result is t); larger groups give an error
+// wrapping errors.ErrUnsupported.
+func (b *Backend) AllGather(ctx context.Context, c nccl.Comm, t backend.Tensor) (backend.Tensor, error) {
+	tt, err := b.asTensor("allgather", "t", t)
+	if err != nil {
+		return nil, err
+	}
+	if len(tt.shape) != 2 {
+		return nil, fmt.Errorf("cuda: allgather t%v: %w", tt.shape, backend.ErrShape)
+	}
+	if c == nil {
+		return nil, fmt.Errorf("cuda: allgather t%v: nil comm", tt.shape)
+	}
+	if c.Size() != 1 {
+		return nil, fmt.Errorf("cuda: allgather t%v over %d ranks: device communicators are not implemented yet: %w",
+			tt.shape, c.Size(), errors.ErrUnsupported)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	return tt, nil
+}

@@ -1,0 +1,54 @@
+package kernels
+
+import (
+	"slices"
+	"strings"
+	"testing"
+)
+
+// TestSource checks that every file is embedded, in order, with #line directives.
+func TestSource(t *testing.T) {
+	files := Files()
+	for _, want := range []string{"attention.cu", "elementwise.cu", "moe.cu"} {
+		if !slices.Contains(files, want) {
+			t.Errorf("Files() = %v, want it to contain %s", files, want)
+		}
+	}
+	src := Source()
+	if !strings.HasPrefix(src, "#line 1 \"prelude.cuh\"\n") {
+		t.Errorf("Source() starts with %.40q, want the prelude's #line directive", src)
+	}
+	last := -1
+	for _, f := range files {
+		i := strings.Index(src, "#line 1 \""+f+"\"\n")
+		if i < last {
+			t.Errorf("Source(): %s at offset %d, want after %d", f, i, last)
+		}
+		last = i
+	}
+	if strings.Contains(src, "#include") {
+		t.Errorf("Source() has an #include: the kernels must stay header-free for NVRTC")
+	}
+}
+
+// TestEntries checks the kernels the backend looks up exist, once each.
+func TestEntries(t *testing.T) {
+	got := Entries(Source())
+	want := []string{"kv_append", "attention", "convert", "embed", "rmsnorm", "add", "silu_mul",
+		"scale_rows", "rope", "linear_simple", "split_bf16", "add_halves", "route", "expert_gate_up", "expert_down"}
+	if !slices.Equal(got, want) {
+		t.Errorf("Entries(Source()) = %v, want %v", got, want)
+	}
+	if got := Entries(`extern "C" __global__ void __launch_bounds__(128) f(int x) {}`); !slices.Equal(got, []string{"f"}) {
+		t.Errorf("Entries(launch bounds) = %v, want [f]", got)
+	}
+}
+
+func TestFile(t *testing.T) {
+	if _, err := File("nope.cu"); err == nil {
+		t.Errorf("File(nope.cu) error = nil, want an error")
+	}
+	if s, err := File(Prelude); err != nil || !strings.Contains(s, "f32_to_bf16") {
+		t.Errorf("File(%s) = %.30q, %v; want the prelude", Prelude, s, err)
+	}
+}

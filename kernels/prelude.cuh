@@ -1,0 +1,53 @@
+// prelude.cuh: definitions shared by every kernel file. The kernels are compiled by NVRTC at run time
+// with no CUDA headers: bfloat16 is handled as its bit pattern (the upper half of a float32), and each
+// tensor operand comes with a dtype code so one kernel serves bf16 and float32 storage. All arithmetic
+// is float32 (float64 where noted).
+
+typedef unsigned short bf16_t;
+typedef unsigned int u32;
+
+// Storage dtype codes; they match backend/cuda's kernel dtype codes.
+#define DT_BF16 0
+#define DT_F32 1
+
+__device__ __forceinline__ float bf16_to_f32(bf16_t h) { return __uint_as_float(((u32)h) << 16); }
+
+// f32_to_bf16 rounds to nearest, ties to even; NaN stays a (quiet) NaN.
+__device__ __forceinline__ bf16_t f32_to_bf16(float f) {
+	u32 u = __float_as_uint(f);
+	if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40u);
+	u += 0x7fffu + ((u >> 16) & 1u);
+	return (bf16_t)(u >> 16);
+}
+
+__device__ __forceinline__ float ld(const void* p, int dt, long long i) {
+	return dt == DT_BF16 ? bf16_to_f32(((const bf16_t*)p)[i]) : ((const float*)p)[i];
+}
+
+__device__ __forceinline__ void st(void* p, int dt, long long i, float v) {
+	if (dt == DT_BF16) ((bf16_t*)p)[i] = f32_to_bf16(v);
+	else ((float*)p)[i] = v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+	for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+	return v;
+}
+
+// block_sum returns the sum of v over the block (blockDim.x a multiple of 32, at most 1024) to every
+// thread. scratch holds 32 floats of shared memory.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+	int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+	v = warp_sum(v);
+	__syncthreads();
+	if (lane == 0) scratch[warp] = v;
+	__syncthreads();
+	v = lane < warps ? scratch[lane] : 0.0f;
+	return warp_sum(v);
+}
+
+__device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
+
+// NEG_INF is float32 -∞ (no math.h here).
+#define NEG_INF __int_as_float(0xff800000)
