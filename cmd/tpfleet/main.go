@@ -29,6 +29,7 @@ func commands() []command {
 	return []command{
 		{"generate", "generate tokens from token ids with a local model", runGenerate},
 		{"score", "write the logits of token ids under a local model to a safetensors file", runScore},
+		{"worker", "run a worker: register in etcd, load this rank's shards, serve steps", runWorker},
 		{"tokenize", "encode text or a chat, or decode ids, with a checkpoint tokenizer", runTokenize},
 		{"shards", "print how a tp_plan splits a checkpoint across ranks (shards plan)", runShards},
 		{"bench", "time prefill and decode of a random model of a given shape", runBench},

@@ -1,0 +1,253 @@
+package cluster
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+)
+
+// Plan is the placement plan: which member holds which rank of which TP group. It is stored as one
+// JSON value under plan and replaced as a whole, epoch by epoch, with compare-and-swap.
+type Plan struct {
+	// Epoch numbers plans from 1; each stored plan's epoch is the previous one's plus one.
+	Epoch int64 `json:"epoch"`
+	// Model is the checkpoint directory or name.
+	Model string `json:"model"`
+	// TP is the tensor-parallel size: the number of ranks in every group.
+	TP int `json:"tp"`
+	// PlanName names the tp_plan: "tp", "ep" or the name in a plan file.
+	PlanName string `json:"plan_name"`
+	// Groups are the TP groups (replicas of the model). It may be empty: a plan that places nothing.
+	Groups []Group `json:"groups"`
+	// Created is when the plan was made; PutPlan sets it to the current time when zero.
+	Created time.Time `json:"created"`
+}
+
+// Group is one TP group: TP ranks that together hold one replica of the model.
+type Group struct {
+	ID    int          `json:"id"`
+	Ranks []Assignment `json:"ranks"` // Ranks[i].Rank == i
+}
+
+// Assignment places one rank of a group on a member.
+type Assignment struct {
+	Rank     int    `json:"rank"`
+	MemberID string `json:"member_id"`
+	Addr     string `json:"addr"` // the member's gRPC address, host:port
+}
+
+// Validate reports a Plan that PutPlan would refuse: epoch below 1, no model, TP below 1, a group
+// whose size is not TP, ranks out of order, a duplicate group ID, a member placed twice, a missing
+// member ID or address.
+func (p Plan) Validate() error {
+	switch {
+	case p.Epoch < 1:
+		return fmt.Errorf("%w: plan: epoch %d, want >= 1", ErrInvalid, p.Epoch)
+	case p.Model == "":
+		return fmt.Errorf("%w: plan %d: no model", ErrInvalid, p.Epoch)
+	case p.TP < 1:
+		return fmt.Errorf("%w: plan %d: TP %d, want >= 1", ErrInvalid, p.Epoch, p.TP)
+	}
+	groups := make(map[int]bool, len(p.Groups))
+	members := make(map[string]string)
+	for gi, g := range p.Groups {
+		if g.ID < 0 || groups[g.ID] {
+			return fmt.Errorf("%w: plan %d: group %d: ID %d negative or repeated", ErrInvalid, p.Epoch, gi, g.ID)
+		}
+		groups[g.ID] = true
+		if len(g.Ranks) != p.TP {
+			return fmt.Errorf("%w: plan %d: group %d has %d ranks, want TP = %d", ErrInvalid, p.Epoch, g.ID, len(g.Ranks), p.TP)
+		}
+		for i, a := range g.Ranks {
+			where := fmt.Sprintf("group %d rank %d", g.ID, i)
+			switch {
+			case a.Rank != i:
+				return fmt.Errorf("%w: plan %d: %s: Rank = %d, want %d", ErrInvalid, p.Epoch, where, a.Rank, i)
+			case a.MemberID == "":
+				return fmt.Errorf("%w: plan %d: %s: no member", ErrInvalid, p.Epoch, where)
+			case a.Addr == "":
+				return fmt.Errorf("%w: plan %d: %s: member %s has no address", ErrInvalid, p.Epoch, where, a.MemberID)
+			}
+			if prev, dup := members[a.MemberID]; dup {
+				return fmt.Errorf("%w: plan %d: member %s placed twice (%s and %s)", ErrInvalid, p.Epoch, a.MemberID, prev, where)
+			}
+			members[a.MemberID] = where
+		}
+	}
+	return nil
+}
+
+// Plan returns the stored plan, and false when none is stored yet.
+func (c *Client) Plan(ctx context.Context) (Plan, bool, error) {
+	ctx, cancel := c.bind(ctx)
+	defer cancel()
+	resp, err := c.cli.Get(ctx, c.key(keyPlan))
+	if err != nil {
+		return Plan{}, false, fmt.Errorf("cluster: read plan: %w", c.ctxErr(ctx, err))
+	}
+	if len(resp.Kvs) == 0 {
+		return Plan{}, false, nil
+	}
+	var p Plan
+	if err := json.Unmarshal(resp.Kvs[0].Value, &p); err != nil {
+		return Plan{}, false, fmt.Errorf("cluster: decode plan at %s: %w", c.key(keyPlan), err)
+	}
+	return p, true, nil
+}
+
+// PutPlan stores p if the stored plan's epoch is prevEpoch (0: no plan stored) and p.Epoch is
+// prevEpoch+1. Otherwise it fails with ErrConflict, naming the stored epoch; the caller reads the plan
+// again and recomputes. A zero p.Created is set to the current time.
+func (c *Client) PutPlan(ctx context.Context, p Plan, prevEpoch int64) error {
+	return c.putPlan(ctx, p, prevEpoch, nil)
+}
+
+// planGuard is an extra condition of a plan write: a leadership that must still hold.
+type planGuard struct {
+	key string
+	rev int64
+}
+
+func (c *Client) putPlan(ctx context.Context, p Plan, prevEpoch int64, guard *planGuard) error {
+	if p.Epoch != prevEpoch+1 {
+		return fmt.Errorf("%w: plan epoch %d does not follow %d", ErrConflict, p.Epoch, prevEpoch)
+	}
+	if p.Created.IsZero() {
+		p.Created = time.Now().UTC()
+	}
+	if err := p.Validate(); err != nil {
+		return err
+	}
+	val, err := json.Marshal(p)
+	if err != nil {
+		return fmt.Errorf("cluster: put plan %d: %w", p.Epoch, err)
+	}
+	ctx, cancel := c.bind(ctx)
+	defer cancel()
+	key := c.key(keyPlan)
+
+	// The epoch lives inside the JSON value, so the swap compares the key's revision: none when
+	// prevEpoch is 0, else the revision of the value read here, checked to hold prevEpoch.
+	cond := clientv3.Compare(clientv3.CreateRevision(key), "=", 0)
+	if prevEpoch != 0 {
+		resp, err := c.cli.Get(ctx, key)
+		if err != nil {
+			return fmt.Errorf("cluster: put plan %d: %w", p.Epoch, c.ctxErr(ctx, err))
+		}
+		stored, err := storedEpoch(resp.Kvs)
+		if err != nil {
+			return fmt.Errorf("cluster: put plan %d: %w", p.Epoch, err)
+		}
+		if stored != prevEpoch {
+			return fmt.Errorf("%w: put plan %d: stored epoch is %d, want %d", ErrConflict, p.Epoch, stored, prevEpoch)
+		}
+		cond = clientv3.Compare(clientv3.ModRevision(key), "=", resp.Kvs[0].ModRevision)
+	}
+	conds := []clientv3.Cmp{cond}
+	orElse := []clientv3.Op{clientv3.OpGet(key)}
+	if guard != nil {
+		conds = append(conds, clientv3.Compare(clientv3.CreateRevision(guard.key), "=", guard.rev))
+		orElse = append(orElse, clientv3.OpGet(guard.key))
+	}
+	resp, err := c.cli.Txn(ctx).If(conds...).Then(clientv3.OpPut(key, string(val))).Else(orElse...).Commit()
+	if err != nil {
+		return fmt.Errorf("cluster: put plan %d: %w", p.Epoch, c.ctxErr(ctx, err))
+	}
+	if !resp.Succeeded {
+		if guard != nil {
+			kvs := resp.Responses[1].GetResponseRange().Kvs
+			if len(kvs) == 0 || kvs[0].CreateRevision != guard.rev {
+				return fmt.Errorf("%w: put plan %d: leader key %s is gone", ErrNotLeader, p.Epoch, guard.key)
+			}
+		}
+		stored, err := storedEpoch(resp.Responses[0].GetResponseRange().Kvs)
+		if err != nil {
+			return fmt.Errorf("cluster: put plan %d: %w", p.Epoch, err)
+		}
+		return fmt.Errorf("%w: put plan %d: stored epoch is %d, want %d", ErrConflict, p.Epoch, stored, prevEpoch)
+	}
+	c.lg.Info("plan stored", zap.Int64("epoch", p.Epoch), zap.Int("tp", p.TP), zap.Int("groups", len(p.Groups)),
+		zap.String("model", p.Model), zap.String("plan-name", p.PlanName))
+	return nil
+}
+
+// storedEpoch decodes the epoch of the plan value in kvs, 0 when there is none.
+func storedEpoch(kvs []*mvccpb.KeyValue) (int64, error) {
+	if len(kvs) == 0 {
+		return 0, nil
+	}
+	var e struct {
+		Epoch int64 `json:"epoch"`
+	}
+	if err := json.Unmarshal(kvs[0].Value, &e); err != nil {
+		return 0, fmt.Errorf("decode stored plan: %w", err)
+	}
+	return e.Epoch, nil
+}
+
+// WatchPlan returns a channel that receives the stored plan first (if any), then every newer epoch, in
+// increasing epoch order. The channel is unbuffered and nothing is dropped: while the reader is busy,
+// etcd's watch holds the later plans (a reader that falls behind etcd's compaction sees the latest plan
+// next, skipping the compacted ones). Plans that do not decode are logged and skipped, as are deletions.
+// The channel is closed when ctx ends or the client is closed.
+func (c *Client) WatchPlan(ctx context.Context) <-chan Plan {
+	out := make(chan Plan)
+	key := c.key(keyPlan)
+	c.goWatch(ctx, func(ctx context.Context) {
+		defer close(out)
+		var last int64
+		send := func(value []byte) bool {
+			var p Plan
+			if err := json.Unmarshal(value, &p); err != nil {
+				c.lg.Warn("skipping undecodable plan", zap.String("key", key), zap.Error(err))
+				return true
+			}
+			if p.Epoch <= last {
+				return true
+			}
+			select {
+			case out <- p:
+				last = p.Epoch
+				return true
+			case <-ctx.Done():
+				return false
+			}
+		}
+		for ctx.Err() == nil {
+			resp, err := c.cli.Get(ctx, key)
+			if err != nil {
+				if ctx.Err() == nil {
+					c.lg.Warn("reading plan failed; retrying", zap.Error(err))
+				}
+				sleep(ctx, retryWait)
+				continue
+			}
+			if len(resp.Kvs) > 0 && !send(resp.Kvs[0].Value) {
+				return
+			}
+			wctx, wcancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+			for wr := range c.cli.Watch(wctx, key, clientv3.WithRev(resp.Header.Revision+1)) {
+				if err := wr.Err(); err != nil {
+					if ctx.Err() == nil {
+						c.lg.Warn("plan watch failed; reading again", zap.Error(err))
+					}
+					break
+				}
+				for _, ev := range wr.Events {
+					if ev.Type == clientv3.EventTypePut && !send(ev.Kv.Value) {
+						wcancel()
+						return
+					}
+				}
+			}
+			wcancel()
+			sleep(ctx, retryWait)
+		}
+	})
+	return out
+}

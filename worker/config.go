@@ -1,0 +1,290 @@
+package worker
+
+import (
+	"flag"
+	"fmt"
+	"maps"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/tpfleet/tpfleet/cluster"
+	"github.com/tpfleet/tpfleet/nccl"
+)
+
+// Defaults of Config. A zero field of a Config means its default.
+const (
+	// DefaultListenAddr is where the gRPC server listens: loopback, any free port.
+	DefaultListenAddr = "127.0.0.1:0"
+	// DefaultDevice is the device the worker runs on.
+	DefaultDevice = DeviceCPU
+	// DefaultRingHost is the host the TCP ring listener binds for CPU collectives.
+	DefaultRingHost = "127.0.0.1"
+	// DefaultLeaseTTL is the TTL of the member's etcd lease: a worker that dies disappears from the
+	// member list within it.
+	DefaultLeaseTTL = 10 * time.Second
+	// DefaultOpTimeout bounds one collective whose peers do not answer.
+	DefaultOpTimeout = nccl.DefaultOpTimeout
+	// DefaultRendezvousTimeout bounds the wait for a TP group's peers to publish their ring addresses
+	// (they publish once their weights are loaded) and the ring's connection.
+	DefaultRendezvousTimeout = 10 * time.Minute
+	// DefaultGracefulStopTimeout bounds Close's graceful stop of the gRPC server.
+	DefaultGracefulStopTimeout = 5 * time.Second
+	// DefaultKeepAliveTime is how long a connection may be silent before the server pings the client.
+	DefaultKeepAliveTime = 30 * time.Second
+	// DefaultKeepAliveTimeout is how long the server waits for a ping's answer before it closes the
+	// connection.
+	DefaultKeepAliveTimeout = 10 * time.Second
+	// DefaultMaxRecvMsgSize bounds a message the server receives: 64 MiB, room for StepRequests of
+	// about 10 million token ids.
+	DefaultMaxRecvMsgSize = 64 << 20
+	// DefaultKeepAliveMinTime is the shortest interval between a client's pings that the server
+	// tolerates.
+	DefaultKeepAliveMinTime = 5 * time.Second
+)
+
+// Devices a worker can be configured with.
+const (
+	DeviceCPU  = "cpu"
+	DeviceCUDA = "cuda"
+)
+
+// Config configures a Worker. The json tags are the flag names of AddFlags.
+type Config struct {
+	// ID names the member in etcd; it must be unique in the cluster. Letters, digits and ". _ : @ -",
+	// starting with a letter or digit. Empty means "<host>-<pid>".
+	ID string `json:"id"`
+	// ListenAddr is the host:port of the gRPC server (Worker, health, reflection); port 0 picks a free
+	// port. Empty means DefaultListenAddr.
+	ListenAddr string `json:"listen"`
+	// AdvertiseAddr is the host:port registered in etcd for the coordinator to dial. Empty means the
+	// bound address (with the host name in place of an unspecified host such as 0.0.0.0).
+	AdvertiseAddr string `json:"advertise"`
+	// Model is the checkpoint directory (config.json and *.safetensors) this worker loads its slices
+	// from. Empty means the plan's Model, read as a directory on this host. When set, the plan's Model is
+	// only a name: a plan with another name still loads this directory, but does not reuse weights
+	// loaded under the old name.
+	Model string `json:"model"`
+	// Device is where the model runs: "cpu". "cuda" is recognised and refused until the CUDA backend
+	// lands. Empty means DefaultDevice.
+	Device string `json:"device"`
+	// DeviceIndex is the ordinal of the device among the host's devices of its kind (torchrun's
+	// LOCAL_RANK); it is registered with the member. For the CPU it is informational.
+	DeviceIndex int `json:"device-index"`
+	// Threads is the number of goroutines of the CPU backend's matrix products. Zero means GOMAXPROCS.
+	// Several workers on one host should share the cores: Threads = cores / workers.
+	Threads int `json:"threads"`
+	// RingHost is the host the TCP ring listener binds for CPU collectives, on a free port; its address
+	// is published to the group's peers through etcd, so it must be reachable from them. An unspecified
+	// host (0.0.0.0) binds every interface and publishes the advertised address's host. Empty means
+	// DefaultRingHost, which only works for groups within one host.
+	RingHost string `json:"ring-host"`
+	// Etcd is the cluster's etcd (endpoints, cluster name, dial timeout). Endpoints are required.
+	Etcd cluster.Config `json:"etcd"`
+	// LeaseTTL is the TTL of the member's lease: shorter detects a dead worker sooner and costs more
+	// keep-alive traffic (one renewal every TTL/3). Zero means DefaultLeaseTTL.
+	LeaseTTL time.Duration `json:"lease-ttl"`
+	// OpTimeout bounds one collective of the TCP ring: a rank that waits longer for its peers fails the
+	// step and the worker. Set it above the longest gap between ranks reaching the same collective.
+	// Zero means DefaultOpTimeout.
+	OpTimeout time.Duration `json:"op-timeout"`
+	// RendezvousTimeout bounds the wait for the group's peers when the communicator of an epoch is
+	// built: peers publish once their weights are loaded, so it must cover the slowest peer's load. A
+	// new plan epoch ends the wait sooner. Zero means DefaultRendezvousTimeout.
+	RendezvousTimeout time.Duration `json:"rendezvous-timeout"`
+	// GracefulStopTimeout bounds Close's graceful stop of the gRPC server (in-flight steps finish,
+	// Step streams end with UNAVAILABLE); then it stops the server forcibly. Zero means
+	// DefaultGracefulStopTimeout.
+	GracefulStopTimeout time.Duration `json:"graceful-stop-timeout"`
+	// KeepAliveTime is how long a client connection may be silent before the server pings it, and
+	// KeepAliveTimeout how long it waits for the answer before closing the connection: together they
+	// detect a dead coordinator under an idle Step stream. Zero means DefaultKeepAliveTime and
+	// DefaultKeepAliveTimeout. Connections have no maximum age: Step streams live as long as the
+	// coordinator.
+	KeepAliveTime    time.Duration `json:"keepalive-time"`
+	KeepAliveTimeout time.Duration `json:"keepalive-timeout"`
+	// KeepAliveMinTime is the shortest interval between client pings the server accepts (also without
+	// active streams); a client that pings more often is disconnected. Zero means
+	// DefaultKeepAliveMinTime.
+	KeepAliveMinTime time.Duration `json:"keepalive-min-time"`
+	// MaxRecvMsgSize bounds, in bytes, a message the gRPC server accepts; a StepRequest takes about 5
+	// bytes per token id. Zero means DefaultMaxRecvMsgSize.
+	MaxRecvMsgSize int `json:"max-recv-msg-size"`
+	// Labels are registered with the member, e.g. torchrun's RANK, LOCAL_RANK and WORLD_SIZE.
+	Labels map[string]string `json:"labels,omitempty"`
+	// Logger receives the worker's logs. Nil means zap.NewNop().
+	Logger *zap.Logger `json:"-"`
+}
+
+// DefaultConfig returns a Config with every defaulted field set to its default, as AddFlags shows them.
+// ID stays empty ("<host>-<pid>" at New) and Etcd has no endpoints.
+func DefaultConfig() Config {
+	return Config{
+		ListenAddr:          DefaultListenAddr,
+		Device:              DefaultDevice,
+		RingHost:            DefaultRingHost,
+		LeaseTTL:            DefaultLeaseTTL,
+		OpTimeout:           DefaultOpTimeout,
+		RendezvousTimeout:   DefaultRendezvousTimeout,
+		GracefulStopTimeout: DefaultGracefulStopTimeout,
+		KeepAliveTime:       DefaultKeepAliveTime,
+		KeepAliveTimeout:    DefaultKeepAliveTimeout,
+		KeepAliveMinTime:    DefaultKeepAliveMinTime,
+		MaxRecvMsgSize:      DefaultMaxRecvMsgSize,
+	}
+}
+
+// AddFlags binds c's fields to flags in fs, with c's current values as defaults, and the etcd client's
+// flags (--etcd-endpoints, --cluster, --etcd-dial-timeout) to c.Etcd.
+func (c *Config) AddFlags(fs *flag.FlagSet) {
+	fs.StringVar(&c.ID, "id", c.ID, "member ID, unique in the cluster (empty: <host>-<pid>)")
+	fs.StringVar(&c.ListenAddr, "listen", c.ListenAddr, "host:port of the worker's gRPC server (port 0: any free port)")
+	fs.StringVar(&c.AdvertiseAddr, "advertise", c.AdvertiseAddr, "host:port the coordinator dials (empty: the bound address)")
+	fs.StringVar(&c.Model, "model", c.Model, "checkpoint directory (empty: the plan's model, as a path on this host)")
+	fs.StringVar(&c.Device, "device", c.Device, "where to run: cpu (cuda: not yet)")
+	fs.IntVar(&c.DeviceIndex, "device-index", c.DeviceIndex, "device ordinal on this host (torchrun's LOCAL_RANK)")
+	fs.IntVar(&c.Threads, "threads", c.Threads, "CPU threads for matrix products (0: all cores)")
+	fs.StringVar(&c.RingHost, "ring-host", c.RingHost, "host the TCP ring listener binds; must be reachable from the group's peers")
+	fs.DurationVar(&c.LeaseTTL, "lease-ttl", c.LeaseTTL, "TTL of the member's etcd lease")
+	fs.DurationVar(&c.OpTimeout, "op-timeout", c.OpTimeout, "deadline of one collective; a dead peer fails the step within it")
+	fs.DurationVar(&c.RendezvousTimeout, "rendezvous-timeout", c.RendezvousTimeout, "how long to wait for the TP group's peers to load and meet")
+	fs.DurationVar(&c.GracefulStopTimeout, "graceful-stop-timeout", c.GracefulStopTimeout, "how long Close lets in-flight steps finish before it stops forcibly")
+	fs.DurationVar(&c.KeepAliveTime, "keepalive-time", c.KeepAliveTime, "ping a client connection silent for this long")
+	fs.DurationVar(&c.KeepAliveTimeout, "keepalive-timeout", c.KeepAliveTimeout, "close a connection whose ping is not answered within this")
+	fs.DurationVar(&c.KeepAliveMinTime, "keepalive-min-time", c.KeepAliveMinTime, "shortest client ping interval tolerated")
+	fs.IntVar(&c.MaxRecvMsgSize, "max-recv-msg-size", c.MaxRecvMsgSize, "largest gRPC message accepted, in bytes")
+	c.Etcd.AddFlags(fs)
+}
+
+// Validate reports a Config that New cannot use. Zero fields are valid: they mean their defaults.
+func (c Config) Validate() error {
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("%w: %s", ErrInvalidConfig, fmt.Sprintf(format, args...))
+	}
+	if c.ID != "" {
+		if err := (cluster.Member{ID: c.ID, Addr: "127.0.0.1:1"}).Validate(); err != nil {
+			return bad("ID %q: want letters, digits and . _ : @ -, starting with a letter or digit", c.ID)
+		}
+	}
+	for _, a := range []struct{ name, addr string }{{"listen", c.ListenAddr}, {"advertise", c.AdvertiseAddr}} {
+		if a.addr == "" {
+			continue
+		}
+		if _, _, err := net.SplitHostPort(a.addr); err != nil {
+			return bad("%s address %q: %v", a.name, a.addr, err)
+		}
+	}
+	switch c.Device {
+	case "", DeviceCPU:
+	case DeviceCUDA:
+		return fmt.Errorf("%w: %q: this build runs on %q only; the CUDA backend is not written yet", ErrUnsupportedDevice, c.Device, DeviceCPU)
+	default:
+		return bad("device %q: want %q", c.Device, DeviceCPU)
+	}
+	switch {
+	case c.MaxRecvMsgSize < 0:
+		return bad("max receive message size %d, want >= 0", c.MaxRecvMsgSize)
+	case c.DeviceIndex < 0:
+		return bad("device index %d, want >= 0", c.DeviceIndex)
+	case c.Threads < 0:
+		return bad("threads %d, want >= 0", c.Threads)
+	case strings.ContainsAny(c.RingHost, " /"):
+		return bad("ring host %q is not a host", c.RingHost)
+	case c.LeaseTTL < 0, c.OpTimeout < 0, c.RendezvousTimeout < 0, c.GracefulStopTimeout < 0,
+		c.KeepAliveTime < 0, c.KeepAliveTimeout < 0, c.KeepAliveMinTime < 0:
+		return bad("negative duration")
+	}
+	if err := c.Etcd.Validate(); err != nil {
+		return fmt.Errorf("%w: etcd: %w", ErrInvalidConfig, err)
+	}
+	return nil
+}
+
+// withDefaults returns a copy of c with zero fields replaced by their defaults.
+func (c Config) withDefaults() Config {
+	d := DefaultConfig()
+	set := func(v *string, def string) {
+		if *v == "" {
+			*v = def
+		}
+	}
+	setDur := func(v *time.Duration, def time.Duration) {
+		if *v == 0 {
+			*v = def
+		}
+	}
+	if c.ID == "" {
+		c.ID = defaultID()
+	}
+	set(&c.ListenAddr, d.ListenAddr)
+	set(&c.Device, d.Device)
+	set(&c.RingHost, d.RingHost)
+	setDur(&c.LeaseTTL, d.LeaseTTL)
+	setDur(&c.OpTimeout, d.OpTimeout)
+	setDur(&c.RendezvousTimeout, d.RendezvousTimeout)
+	setDur(&c.GracefulStopTimeout, d.GracefulStopTimeout)
+	setDur(&c.KeepAliveTime, d.KeepAliveTime)
+	setDur(&c.KeepAliveTimeout, d.KeepAliveTimeout)
+	setDur(&c.KeepAliveMinTime, d.KeepAliveMinTime)
+	if c.MaxRecvMsgSize == 0 {
+		c.MaxRecvMsgSize = d.MaxRecvMsgSize
+	}
+	if c.Logger == nil {
+		c.Logger = zap.NewNop()
+	}
+	c.Labels = maps.Clone(c.Labels)
+	c.Etcd.Endpoints = append([]string(nil), c.Etcd.Endpoints...)
+	return c
+}
+
+// defaultID is "<host>-<pid>", with characters a member ID cannot hold replaced by "-".
+func defaultID() string {
+	host, err := os.Hostname()
+	if err != nil || host == "" {
+		host = "worker"
+	}
+	host = strings.Map(func(r rune) rune {
+		switch {
+		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9', r == '.', r == '_', r == '-':
+			return r
+		}
+		return '-'
+	}, host)
+	host = strings.TrimLeft(host, ".-_")
+	if host == "" {
+		host = "worker"
+	}
+	return host + "-" + strconv.Itoa(os.Getpid())
+}
+
+// TorchrunVars are the variables torchrun (and tpfleet launch) set for each process it starts, that
+// ApplyTorchrunEnv records in Labels.
+var TorchrunVars = []string{"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"}
+
+// ApplyTorchrunEnv honours torchrun's environment, read through getenv: it records the TorchrunVars that
+// are set in Labels (under their own names) and, unless deviceIndexSet (the --device-index flag was
+// given), takes LOCAL_RANK as DeviceIndex. A LOCAL_RANK that is not a non-negative integer is an error.
+func (c *Config) ApplyTorchrunEnv(getenv func(string) string, deviceIndexSet bool) error {
+	for _, k := range TorchrunVars {
+		v := getenv(k)
+		if v == "" {
+			continue
+		}
+		if c.Labels == nil {
+			c.Labels = make(map[string]string)
+		}
+		c.Labels[k] = v
+	}
+	if v := getenv("LOCAL_RANK"); v != "" && !deviceIndexSet {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 {
+			return fmt.Errorf("%w: LOCAL_RANK=%q is not a device index", ErrInvalidConfig, v)
+		}
+		c.DeviceIndex = n
+	}
+	return nil
+}

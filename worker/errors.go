@@ -1,0 +1,89 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"strings"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/tpfleet/tpfleet/cluster"
+)
+
+// Sentinel errors, tested with errors.Is. A StepResponse.error is the text of an error that wraps one of
+// them, so its prefix ("worker: epoch mismatch", …) tells the coordinator what happened; the package
+// doc lists which ones leave the stream and the worker usable.
+var (
+	// ErrInvalidConfig means a Config fails Validate.
+	ErrInvalidConfig = errors.New("worker: invalid config")
+	// ErrUnsupportedDevice means Config.Device names a device this build cannot drive yet ("cuda").
+	ErrUnsupportedDevice = errors.New("worker: device not supported yet")
+	// ErrProtocol means a StepRequest carries a StepProtocol other than STEP_PROTOCOL_V1.
+	ErrProtocol = errors.New("worker: unsupported step protocol")
+	// ErrEpochMismatch means a StepRequest names another plan epoch than the one the worker is on.
+	ErrEpochMismatch = errors.New("worker: epoch mismatch")
+	// ErrNotServing means the worker holds no model for its epoch yet (loading, or building its
+	// communicator), or holds none at all (idle: this member has no assignment in the plan).
+	ErrNotServing = errors.New("worker: not serving")
+	// ErrUnknownSequence means a SequenceWork without start names a sequence the worker does not hold:
+	// never started, released, or dropped when the epoch changed.
+	ErrUnknownSequence = errors.New("worker: unknown sequence")
+	// ErrInvalidRequest means a SequenceWork the model cannot run: no ids, ids outside the vocabulary, a
+	// capacity outside [1, max_position_embeddings], more tokens than the sequence's capacity, invalid
+	// sampling parameters.
+	ErrInvalidRequest = errors.New("worker: invalid request")
+	// ErrFailed means the worker failed in its current epoch: its weights did not load, its
+	// communicator could not be built, or a step's forward pass failed (a peer died, a collective timed
+	// out). The worker stays failed until a new plan epoch arrives.
+	ErrFailed = errors.New("worker: failed")
+	// ErrSuperseded means LoadPlan waited for an epoch that a newer plan replaced before it was
+	// loaded.
+	ErrSuperseded = errors.New("worker: epoch superseded")
+	// ErrClosed means the worker was closed, or is closing.
+	ErrClosed = errors.New("worker: closed")
+)
+
+// statusCodes maps the package's errors (and the context's) to gRPC codes, first match wins. It is the
+// one table of the service; see toStatus.
+var statusCodes = []struct {
+	err  error
+	code codes.Code
+}{
+	{ErrClosed, codes.Unavailable},
+	{cluster.ErrClosed, codes.Unavailable},
+	{cluster.ErrUnavailable, codes.Unavailable},
+	{ErrSuperseded, codes.Aborted},
+	{ErrFailed, codes.Unavailable},
+	{ErrInvalidRequest, codes.InvalidArgument},
+	{ErrEpochMismatch, codes.FailedPrecondition},
+	{ErrNotServing, codes.Unavailable},
+	{ErrUnknownSequence, codes.NotFound},
+	{ErrProtocol, codes.InvalidArgument},
+	{context.DeadlineExceeded, codes.DeadlineExceeded},
+	{context.Canceled, codes.Canceled},
+}
+
+// toStatus turns err into a gRPC status error through statusCodes; unknown errors become Internal.
+func toStatus(err error) error {
+	if err == nil {
+		return nil
+	}
+	if _, ok := status.FromError(err); ok {
+		return err
+	}
+	for _, e := range statusCodes {
+		if errors.Is(err, e.err) {
+			return status.Error(e.code, oneLine(err.Error()))
+		}
+	}
+	return status.Error(codes.Internal, oneLine(err.Error()))
+}
+
+// oneLine keeps an error's text on one line, as StepResponse.error and logs want it.
+func oneLine(s string) string {
+	if !strings.ContainsAny(s, "\r\n") {
+		return s
+	}
+	return strings.Join(strings.FieldsFunc(s, func(r rune) bool { return r == '\n' || r == '\r' }), "; ")
+}

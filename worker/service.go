@@ -1,0 +1,85 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"io"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	tpfleetv1 "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
+)
+
+// service is the Worker gRPC service over a Worker.
+type service struct {
+	tpfleetv1.UnimplementedWorkerServer
+	w *Worker
+}
+
+var _ tpfleetv1.WorkerServer = (*service)(nil)
+
+// Step answers each request of the stream with one response, in order. Per-request failures go in
+// StepResponse.error and the stream goes on; the stream itself ends when the client closes its side
+// (OK), when the transport fails, or when the worker closes (UNAVAILABLE, after the step in flight).
+func (s *service) Step(stream grpc.BidiStreamingServer[tpfleetv1.StepRequest, tpfleetv1.StepResponse]) error {
+	ctx := stream.Context()
+	reqs := make(chan *tpfleetv1.StepRequest)
+	recvErr := make(chan error, 1) // its one sender returns after sending
+	// Recv blocks, so it runs apart from the loop that watches for Close. It returns once the handler
+	// has (the stream is then done), and Close waits for it.
+	s.w.streams.Go(func() {
+		for {
+			req, err := stream.Recv()
+			if err != nil {
+				recvErr <- err
+				return
+			}
+			select {
+			case reqs <- req:
+			case <-ctx.Done():
+				return
+			}
+		}
+	})
+	for {
+		select {
+		case req := <-reqs:
+			if err := stream.Send(s.w.Step(req)); err != nil {
+				return err
+			}
+		case err := <-recvErr:
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return err
+		case <-s.w.closing:
+			return status.Error(codes.Unavailable, ErrClosed.Error())
+		}
+	}
+}
+
+// LoadPlan waits for the worker to apply the epoch; see Worker.LoadPlan.
+func (s *service) LoadPlan(ctx context.Context, req *tpfleetv1.LoadPlanRequest) (*tpfleetv1.LoadPlanResponse, error) {
+	if err := s.w.LoadPlan(ctx, req.GetEpoch()); err != nil {
+		return nil, toStatus(err)
+	}
+	return &tpfleetv1.LoadPlanResponse{Epoch: req.GetEpoch()}, nil
+}
+
+// Status reports the worker's Status.
+func (s *service) Status(context.Context, *tpfleetv1.StatusRequest) (*tpfleetv1.StatusResponse, error) {
+	st := s.w.Status()
+	return &tpfleetv1.StatusResponse{
+		MemberId:    st.MemberID,
+		Epoch:       st.Epoch,
+		Group:       int32(st.Group),
+		Rank:        int32(st.Rank),
+		Tp:          int32(st.TP),
+		State:       string(st.State),
+		WeightBytes: st.WeightBytes,
+		Sequences:   int32(st.Sequences),
+		Device:      st.Device,
+	}, nil
+}

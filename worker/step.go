@@ -1,0 +1,201 @@
+package worker
+
+import (
+	"errors"
+	"fmt"
+
+	"go.uber.org/zap"
+
+	"github.com/tpfleet/tpfleet/model/llama4"
+	tpfleetv1 "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
+	"github.com/tpfleet/tpfleet/sample"
+)
+
+// sequence is one sequence's state on this rank: its KV caches and, on rank 0, its sampler.
+type sequence struct {
+	seq      *llama4.Sequence
+	capacity int
+	sampler  *sample.Sampler // rank 0 only
+}
+
+// Step runs one StepRequest and returns its response; see the package doc for the semantics. Requests
+// are run one at a time, across all streams, in the order Step is called.
+func (w *Worker) Step(req *tpfleetv1.StepRequest) *tpfleetv1.StepResponse {
+	resp := &tpfleetv1.StepResponse{Step: req.GetStep()}
+	results, err := w.step(req)
+	if err != nil {
+		resp.Error = oneLine(err.Error())
+		w.lg.Debug("step failed", zap.Uint64("step", req.GetStep()), zap.Int64("epoch", req.GetEpoch()), zap.Error(err))
+		return resp
+	}
+	resp.Results = results
+	return resp
+}
+
+func (w *Worker) step(req *tpfleetv1.StepRequest) ([]*tpfleetv1.SequenceResult, error) {
+	if req.GetProtocol() != tpfleetv1.StepProtocol_STEP_PROTOCOL_V1 {
+		return nil, fmt.Errorf("%w: %s, this worker speaks %s", ErrProtocol, req.GetProtocol(), tpfleetv1.StepProtocol_STEP_PROTOCOL_V1)
+	}
+	w.runMu.Lock()
+	defer w.runMu.Unlock()
+	w.mu.Lock()
+	state, epoch, rank, failure, closed := w.state, w.epoch, w.rank, w.failure, w.closed
+	w.mu.Unlock()
+	switch {
+	case closed:
+		return nil, ErrClosed
+	case req.GetEpoch() != epoch:
+		return nil, fmt.Errorf("%w: request epoch %d, worker on epoch %d (%s)", ErrEpochMismatch, req.GetEpoch(), epoch, state)
+	}
+	// Releases apply after the work, also when the work fails: they only drop state.
+	defer w.release(req.GetRelease())
+	switch state {
+	case StateIdle:
+		return nil, fmt.Errorf("%w: idle: no assignment in epoch %d", ErrNotServing, epoch)
+	case StateLoading:
+		return nil, fmt.Errorf("%w: loading epoch %d", ErrNotServing, epoch)
+	case StateFailed:
+		return nil, fmt.Errorf("%w: epoch %d: %w", ErrFailed, epoch, failure)
+	}
+	wts := w.wts
+	if err := w.validate(req, wts.model.Config); err != nil {
+		return nil, err
+	}
+	var results []*tpfleetv1.SequenceResult
+	for i, work := range req.GetSeqs() {
+		id := work.GetSeqId()
+		s := w.seqs[id]
+		if work.GetStart() {
+			seq, err := wts.model.NewSequence(int(work.GetCapacity()))
+			if err != nil {
+				return nil, w.stepError(epoch, i, id, err)
+			}
+			s = &sequence{seq: seq, capacity: int(work.GetCapacity())}
+			if rank == 0 {
+				s.sampler = sample.New(samplingParams(work.GetSampling(), wts))
+			}
+			w.seqs[id] = s
+		}
+		ids := make([]int, len(work.GetIds()))
+		for j, t := range work.GetIds() {
+			ids[j] = int(t)
+		}
+		logits, err := wts.model.Forward(w.ctx, s.seq, ids, false)
+		if err != nil {
+			return nil, w.stepError(epoch, i, id, err)
+		}
+		if rank != 0 || !work.GetSample() {
+			continue
+		}
+		row, err := w.ops.Float32(logits)
+		if err != nil {
+			return nil, w.stepError(epoch, i, id, err)
+		}
+		results = append(results, &tpfleetv1.SequenceResult{SeqId: id, NextId: int32(s.sampler.Next(row))})
+	}
+	w.mu.Lock()
+	w.nseqs = len(w.seqs)
+	w.mu.Unlock()
+	return results, nil
+}
+
+// stepError classifies an error of seqs[i]'s forward pass. Invalid input (which validate should have
+// caught) leaves the worker serving; anything else (a collective failed: a peer died or timed out, or
+// the worker is closing) fails the epoch and closes its communicator, so that the peers fail at once.
+func (w *Worker) stepError(epoch int64, i int, id uint64, err error) error {
+	where := fmt.Sprintf("seq %d (seqs[%d])", id, i)
+	if errors.Is(err, llama4.ErrInput) {
+		return fmt.Errorf("%w: %s: %w", ErrInvalidRequest, where, err)
+	}
+	if w.ctx.Err() != nil {
+		return fmt.Errorf("%w: %s: %w", ErrClosed, where, err)
+	}
+	err = fmt.Errorf("%w: epoch %d: %s: %w", ErrFailed, epoch, where, err)
+	w.mu.Lock()
+	var comm interface{ Close() error }
+	if w.epoch == epoch && w.state == StateServing {
+		w.failure = err
+		if w.comm != nil {
+			comm = w.comm
+		}
+		w.comm = nil
+		w.setStateLocked(StateFailed)
+	}
+	w.nseqs = len(w.seqs)
+	w.mu.Unlock()
+	if comm != nil {
+		_ = comm.Close()
+	}
+	w.lg.Error("step failed", zap.Int64("epoch", epoch), zap.Error(err))
+	return err
+}
+
+// validate checks every SequenceWork of req against the sequences held, in order (a request may start
+// a sequence and feed it again), before anything runs: a request that fails validation changes no
+// sequence. The checks depend only on the request and on state every rank shares, so all ranks of a
+// group reject the same requests.
+func (w *Worker) validate(req *tpfleetv1.StepRequest, cfg llama4.Config) error {
+	type shadow struct{ len, capacity int }
+	sim := make(map[uint64]shadow)
+	for i, work := range req.GetSeqs() {
+		id := work.GetSeqId()
+		where := fmt.Sprintf("seq %d (seqs[%d])", id, i)
+		var sh shadow
+		if work.GetStart() {
+			c := int(work.GetCapacity())
+			if c < 1 || c > cfg.MaxPositions {
+				return fmt.Errorf("%w: %s: capacity %d outside [1, max_position_embeddings=%d]", ErrInvalidRequest, where, c, cfg.MaxPositions)
+			}
+			if sp := work.GetSampling(); sp != nil {
+				if err := samplingFromProto(sp).Validate(); err != nil {
+					return fmt.Errorf("%w: %s: %w", ErrInvalidRequest, where, err)
+				}
+			}
+			sh = shadow{0, c}
+		} else if s, ok := sim[id]; ok {
+			sh = s
+		} else if s, ok := w.seqs[id]; ok {
+			sh = shadow{s.seq.Len(), s.capacity}
+		} else {
+			return fmt.Errorf("%w: %s was not started in this epoch, or was released", ErrUnknownSequence, where)
+		}
+		ids := work.GetIds()
+		if len(ids) == 0 {
+			return fmt.Errorf("%w: %s: no ids", ErrInvalidRequest, where)
+		}
+		for j, t := range ids {
+			if t < 0 || int(t) >= cfg.VocabSize {
+				return fmt.Errorf("%w: %s: token id %d at index %d is outside the vocabulary [0, %d)", ErrInvalidRequest, where, t, j, cfg.VocabSize)
+			}
+		}
+		if sh.len+len(ids) > sh.capacity {
+			return fmt.Errorf("%w: %s: %d ids after %d exceed the capacity of %d", ErrInvalidRequest, where, len(ids), sh.len, sh.capacity)
+		}
+		sh.len += len(ids)
+		sim[id] = sh
+	}
+	return nil
+}
+
+// release drops the named sequences; unknown ids are ignored.
+func (w *Worker) release(ids []uint64) {
+	for _, id := range ids {
+		delete(w.seqs, id)
+	}
+	w.mu.Lock()
+	w.nseqs = len(w.seqs)
+	w.mu.Unlock()
+}
+
+func samplingFromProto(sp *tpfleetv1.SamplingParams) sample.Params {
+	return sample.Params{Temperature: sp.GetTemperature(), TopK: int(sp.GetTopK()), TopP: sp.GetTopP(), Seed: sp.GetSeed()}
+}
+
+// samplingParams are the parameters of a sequence's sampler: sp, or the checkpoint's
+// generation_config.json when sp is unset.
+func samplingParams(sp *tpfleetv1.SamplingParams, wts *weights) sample.Params {
+	if sp == nil {
+		return wts.defaultSampling()
+	}
+	return samplingFromProto(sp)
+}

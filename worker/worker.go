@@ -1,0 +1,568 @@
+package worker
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/reflection"
+
+	"github.com/tpfleet/tpfleet/backend/cpu"
+	"github.com/tpfleet/tpfleet/cluster"
+	"github.com/tpfleet/tpfleet/nccl"
+	tpfleetv1 "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
+)
+
+// State is what a worker is doing in its current plan epoch.
+type State string
+
+// The states of a worker. Health (grpc.health.v1) follows them: the whole server ("") is SERVING while
+// idle or serving and NOT_SERVING while loading or failed; the service "tpfleet.v1.Worker" is SERVING only
+// while serving, i.e. while Step can run. Both are NOT_SERVING once Close has begun.
+const (
+	// StateIdle: no plan yet, or this member has no assignment in the plan's epoch. The worker holds no
+	// weights and answers steps with ErrNotServing.
+	StateIdle State = "idle"
+	// StateLoading: the worker moves to a new epoch: it loads (or reuses) its weights and then builds
+	// the TP group's communicator, or, when unassigned, frees its weights.
+	StateLoading State = "loading"
+	// StateServing: weights and communicator are ready; Step runs.
+	StateServing State = "serving"
+	// StateFailed: loading, the communicator or a step failed in this epoch. Weights that loaded are
+	// kept, to be reused by the next epoch, which the coordinator is expected to write.
+	StateFailed State = "failed"
+)
+
+// Status is a snapshot of a worker.
+type Status struct {
+	MemberID string
+	// Addr is the gRPC address registered in etcd.
+	Addr  string
+	State State
+	// Epoch is the plan epoch the worker is on (0: none seen yet).
+	Epoch int64
+	// Group and Rank are the worker's place in the epoch, -1 when unassigned; TP is the group's size, 0
+	// when unassigned.
+	Group, Rank, TP int
+	// Model is the checkpoint directory of the loaded weights, empty when none are loaded.
+	Model string
+	// WeightBytes is the size of the loaded weights as read from the checkpoint.
+	WeightBytes int64
+	// Sequences is the number of sequences (KV caches) held.
+	Sequences int
+	// Device is where the model runs, e.g. "cpu".
+	Device string
+	// Loads counts the times weights were read from the checkpoint; epochs that reuse the loaded weights
+	// do not count.
+	Loads int
+	// Err is why the worker failed, in StateFailed.
+	Err error
+}
+
+// phases of applying a plan epoch.
+const (
+	phaseWeights = iota // loading (or reusing) weights
+	phaseComm           // building the communicator
+)
+
+// applyJob is the plan epoch being applied. Its fields are guarded by Worker.mu.
+type applyJob struct {
+	key      weightsKey
+	assigned bool
+	phase    int
+	cancel   context.CancelFunc
+}
+
+// Worker is one worker process's device: it registers in etcd, follows the plan, loads its slices and
+// serves the Worker gRPC service. Make one with New, then Start it; Close stops it. Its methods are
+// safe for concurrent use.
+type Worker struct {
+	cfg           Config
+	lg            *zap.Logger
+	ops           *cpu.Backend
+	progressEvery time.Duration
+
+	// ctx is the lifetime of steps: Close cancels it once the graceful stop is over (or forced). bgCtx
+	// is the lifetime of the background work (plan watch, loading, rendezvous, registration): Close
+	// cancels it first.
+	ctx      context.Context
+	cancel   context.CancelFunc
+	bgCtx    context.Context
+	bgCancel context.CancelFunc
+	bg       sync.WaitGroup // plan watch, plan apply, registration keeper
+	serveWG  sync.WaitGroup // the gRPC server's Serve
+	streams  sync.WaitGroup // Step streams' receive goroutines
+	closing  chan struct{}  // closed when Close begins
+	ready    chan struct{}
+	errc     chan error // buffered to its one sender, the gRPC server's Serve
+	wake     chan struct{}
+
+	closeOnce sync.Once
+	closeErr  error
+
+	addr   string
+	srv    *grpc.Server
+	health *health.Server
+	cli    *cluster.Client
+
+	// runMu is held while a step runs and while the weights or the sequences change.
+	runMu sync.Mutex
+	wts   *weights
+	seqs  map[uint64]*sequence
+
+	mu         sync.Mutex
+	started    bool
+	closed     bool
+	reg        *cluster.Registration
+	state      State
+	epoch      int64
+	group      int
+	rank       int
+	tp         int
+	comm       nccl.Comm // the epoch's communicator, while serving
+	failure    error
+	weightDir  string
+	weightSize int64
+	nseqs      int
+	loads      int
+	latest     cluster.Plan // the newest plan seen
+	applying   *applyJob
+	readyEpoch int64         // Ready closes once the worker settles on this epoch (or a later one)
+	changed    chan struct{} // closed and replaced whenever state, epoch or latest change
+}
+
+// New checks cfg and returns a Worker that has not started: it opens nothing until Start.
+func New(cfg Config) (*Worker, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	cfg = cfg.withDefaults()
+	ctx, cancel := context.WithCancel(context.Background())
+	bgCtx, bgCancel := context.WithCancel(ctx)
+	w := &Worker{
+		cfg:           cfg,
+		lg:            cfg.Logger.With(zap.String("member-id", cfg.ID)),
+		ops:           cpu.New(cpu.Config{Threads: cfg.Threads}),
+		progressEvery: 2 * time.Second,
+		ctx:           ctx,
+		cancel:        cancel,
+		bgCtx:         bgCtx,
+		bgCancel:      bgCancel,
+		closing:       make(chan struct{}),
+		ready:         make(chan struct{}),
+		errc:          make(chan error, 1),
+		wake:          make(chan struct{}, 1),
+		seqs:          make(map[uint64]*sequence),
+		state:         StateIdle,
+		group:         -1,
+		rank:          -1,
+		changed:       make(chan struct{}),
+	}
+	return w, nil
+}
+
+// Start opens the gRPC listener and serves on it, connects to etcd, registers the member under a lease
+// and starts following the plan. It returns once the listener is open and the member registered;
+// loading happens in the background (see Ready). ctx bounds the start only. On failure Start undoes
+// what it did; the Worker must then only be closed.
+func (w *Worker) Start(ctx context.Context) (err error) {
+	w.mu.Lock()
+	switch {
+	case w.closed:
+		w.mu.Unlock()
+		return ErrClosed
+	case w.started:
+		w.mu.Unlock()
+		return errors.New("worker: already started")
+	}
+	w.started = true
+	w.mu.Unlock()
+	defer func() {
+		if err != nil {
+			_ = w.Close()
+		}
+	}()
+
+	lis, err := net.Listen("tcp", w.cfg.ListenAddr)
+	if err != nil {
+		return fmt.Errorf("worker: listen %s: %w", w.cfg.ListenAddr, err)
+	}
+	serving := false
+	defer func() {
+		if !serving {
+			_ = lis.Close()
+		}
+	}()
+	w.addr = advertised(w.cfg.AdvertiseAddr, lis.Addr())
+	w.srv = grpc.NewServer(
+		grpc.KeepaliveParams(keepalive.ServerParameters{
+			// MaxConnectionIdle, MaxConnectionAge and MaxConnectionAgeGrace stay unset (infinite): a
+			// Step stream lives as long as its coordinator.
+			Time:    w.cfg.KeepAliveTime,
+			Timeout: w.cfg.KeepAliveTimeout,
+		}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{
+			MinTime:             w.cfg.KeepAliveMinTime,
+			PermitWithoutStream: true, // a coordinator keeps its connections alive between streams
+		}),
+		grpc.MaxRecvMsgSize(w.cfg.MaxRecvMsgSize),
+		grpc.WaitForHandlers(true), // Stop returns only once every handler has: Close then owns them all
+	)
+	w.health = health.NewServer()
+	tpfleetv1.RegisterWorkerServer(w.srv, &service{w: w})
+	healthpb.RegisterHealthServer(w.srv, w.health)
+	reflection.Register(w.srv)
+	w.mu.Lock()
+	w.publishHealthLocked()
+	w.mu.Unlock()
+	w.lg.Info("starting worker",
+		zap.String("listen", lis.Addr().String()), zap.String("advertise", w.addr),
+		zap.String("model", w.cfg.Model), zap.String("device", w.cfg.Device), zap.Int("device-index", w.cfg.DeviceIndex),
+		zap.Int("threads", w.ops.Threads()), zap.String("ring-host", w.cfg.RingHost),
+		zap.Strings("etcd-endpoints", w.cfg.Etcd.Endpoints), zap.String("cluster", w.cfg.Etcd.Cluster),
+		zap.Duration("lease-ttl", w.cfg.LeaseTTL), zap.Duration("op-timeout", w.cfg.OpTimeout),
+		zap.Duration("rendezvous-timeout", w.cfg.RendezvousTimeout),
+		zap.Duration("graceful-stop-timeout", w.cfg.GracefulStopTimeout),
+		zap.Duration("keepalive-time", w.cfg.KeepAliveTime), zap.Duration("keepalive-timeout", w.cfg.KeepAliveTimeout),
+		zap.Duration("keepalive-min-time", w.cfg.KeepAliveMinTime), zap.Int("max-recv-msg-size", w.cfg.MaxRecvMsgSize),
+		zap.Any("labels", w.cfg.Labels))
+
+	ecfg := w.cfg.Etcd
+	if ecfg.Logger == nil {
+		ecfg.Logger = w.cfg.Logger
+	}
+	cli, err := cluster.New(ctx, ecfg)
+	if err != nil {
+		return err
+	}
+	w.cli = cli
+	reg, err := w.register(ctx)
+	if err != nil {
+		return err
+	}
+	w.mu.Lock()
+	w.reg = reg
+	w.mu.Unlock()
+	// Serve once the handlers have what they use; connections that come earlier wait in the backlog.
+	serving = true
+	w.serveWG.Go(func() {
+		if err := w.srv.Serve(lis); err != nil {
+			w.errc <- fmt.Errorf("worker: serve %s: %w", w.addr, err)
+		}
+	})
+
+	p, ok, err := cli.Plan(ctx)
+	if err != nil {
+		return err
+	}
+	w.mu.Lock()
+	if ok {
+		w.readyEpoch = p.Epoch
+	}
+	w.mu.Unlock()
+	if ok {
+		w.offer(p)
+	} else {
+		w.markReady()
+	}
+	w.bg.Go(w.watchPlans)
+	w.bg.Go(w.applyLoop)
+	w.bg.Go(w.keepRegistered)
+	return nil
+}
+
+// Ready returns a channel that is closed once the worker has settled on the plan it found in etcd at
+// Start (serving its assignment, or idle when it has none or there is no plan). It stays open while
+// that load fails; a later epoch that settles closes it.
+func (w *Worker) Ready() <-chan struct{} { return w.ready }
+
+// Err returns a channel that receives an error that stops the worker from serving (the gRPC server
+// failed) and is closed by Close. A failed load or step is not reported here: the worker goes to
+// StateFailed and waits for the next plan epoch.
+func (w *Worker) Err() <-chan error { return w.errc }
+
+// Addr returns the gRPC address registered in etcd (valid after Start).
+func (w *Worker) Addr() string { return w.addr }
+
+// ID returns the member ID.
+func (w *Worker) ID() string { return w.cfg.ID }
+
+// Status returns a snapshot of the worker.
+func (w *Worker) Status() Status {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return Status{
+		MemberID:    w.cfg.ID,
+		Addr:        w.addr,
+		State:       w.state,
+		Epoch:       w.epoch,
+		Group:       w.group,
+		Rank:        w.rank,
+		TP:          w.tp,
+		Model:       w.weightDir,
+		WeightBytes: w.weightSize,
+		Sequences:   w.nseqs,
+		Device:      w.cfg.Device,
+		Loads:       w.loads,
+		Err:         w.failure,
+	}
+}
+
+// Close stops the worker, gracefully first: health turns NOT_SERVING, loading and rendezvous stop, the
+// member is deregistered (its key leaves etcd at once), Step streams end with UNAVAILABLE after their
+// in-flight step and the gRPC server stops gracefully; after Config.GracefulStopTimeout it cancels the
+// steps, closes the communicator and stops the server forcibly. Then it frees the model and closes
+// the etcd client and Err. It is idempotent and returns the errors of deregistering and of closing
+// the etcd client. Call it after Start has returned, or instead of Start.
+func (w *Worker) Close() error {
+	w.closeOnce.Do(func() {
+		w.mu.Lock()
+		w.closed = true
+		w.mu.Unlock()
+		close(w.closing)
+		w.bgCancel()
+		if w.health != nil {
+			w.health.Shutdown()
+		}
+		w.bg.Wait()
+		w.mu.Lock()
+		reg := w.reg // read after keepRegistered has stopped: it may have replaced it
+		w.mu.Unlock()
+
+		var errs []error
+		if reg != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), w.cfg.GracefulStopTimeout)
+			if err := reg.Close(ctx); err != nil {
+				errs = append(errs, fmt.Errorf("worker: deregister: %w", err))
+			}
+			cancel()
+		}
+		if w.srv != nil {
+			w.stopServer()
+		}
+		w.cancel()
+		w.serveWG.Wait()
+		w.streams.Wait()
+
+		w.mu.Lock()
+		comm := w.comm
+		w.comm = nil
+		w.mu.Unlock()
+		if comm != nil {
+			_ = comm.Close()
+		}
+		w.runMu.Lock()
+		w.wts = nil
+		clear(w.seqs)
+		w.runMu.Unlock()
+		if w.cli != nil {
+			if err := w.cli.Close(); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		close(w.errc)
+		w.closeErr = errors.Join(errs...)
+		w.lg.Info("worker closed")
+	})
+	return w.closeErr
+}
+
+// stopServer stops the gRPC server gracefully, and forcibly after the graceful stop timeout: it then
+// cancels the running steps and closes the communicator so that a step blocked in a collective
+// returns at once.
+func (w *Worker) stopServer() {
+	t := time.AfterFunc(w.cfg.GracefulStopTimeout, func() {
+		w.lg.Warn("graceful stop timed out; stopping forcibly", zap.Duration("timeout", w.cfg.GracefulStopTimeout))
+		w.cancel()
+		w.mu.Lock()
+		comm := w.comm
+		w.mu.Unlock()
+		if comm != nil {
+			_ = comm.Close()
+		}
+		w.srv.Stop()
+	})
+	w.srv.GracefulStop()
+	t.Stop()
+	w.srv.Stop() // returns at once after a graceful stop; waits for the forced one otherwise
+}
+
+// member is the member this worker registers.
+func (w *Worker) member() cluster.Member {
+	host, _ := os.Hostname()
+	total, free := memInfo()
+	return cluster.Member{
+		ID:   w.cfg.ID,
+		Addr: w.addr,
+		Host: host,
+		Devices: []cluster.Device{{
+			Kind:        cluster.DeviceCPU,
+			Index:       w.cfg.DeviceIndex,
+			Name:        fmt.Sprintf("cpu (%d threads)", w.ops.Threads()),
+			MemoryTotal: total,
+			MemoryFree:  free,
+		}},
+		Labels: w.cfg.Labels,
+	}
+}
+
+// register registers the member. When the ID is taken it retries for one lease TTL (and a second):
+// a worker restarted with the same ID finds its predecessor's key until that lease expires.
+func (w *Worker) register(ctx context.Context) (*cluster.Registration, error) {
+	deadline := time.Now().Add(w.cfg.LeaseTTL + time.Second)
+	for {
+		reg, err := w.cli.Register(ctx, w.member(), w.cfg.LeaseTTL)
+		if !errors.Is(err, cluster.ErrMemberExists) || time.Now().After(deadline) {
+			return reg, err
+		}
+		w.lg.Warn("member ID taken; waiting for the holder's lease to expire", zap.Error(err))
+		t := time.NewTimer(250 * time.Millisecond)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, fmt.Errorf("worker: register: %w", ctx.Err())
+		case <-t.C:
+		}
+	}
+}
+
+// keepRegistered registers the member again when its lease is lost (etcd unreachable past the TTL),
+// retrying with backoff until it succeeds or the worker closes.
+func (w *Worker) keepRegistered() {
+	for {
+		w.mu.Lock()
+		reg := w.reg
+		w.mu.Unlock()
+		select {
+		case <-w.bgCtx.Done():
+			return
+		case <-reg.Done():
+		}
+		if w.bgCtx.Err() != nil {
+			return
+		}
+		w.lg.Warn("member lease lost; registering again")
+		for wait := 250 * time.Millisecond; ; wait = min(2*wait, 5*time.Second) {
+			r, err := w.cli.Register(w.bgCtx, w.member(), w.cfg.LeaseTTL)
+			if err == nil {
+				w.mu.Lock()
+				w.reg = r
+				w.mu.Unlock()
+				break
+			}
+			if w.bgCtx.Err() != nil {
+				return
+			}
+			w.lg.Warn("registering again failed; retrying", zap.Error(err), zap.Duration("in", wait))
+			t := time.NewTimer(wait)
+			select {
+			case <-w.bgCtx.Done():
+				t.Stop()
+				return
+			case <-t.C:
+			}
+		}
+	}
+}
+
+// setStateLocked sets the state, publishes it to health, closes Ready when the worker has settled and
+// wakes LoadPlan waiters. The caller holds w.mu.
+func (w *Worker) setStateLocked(s State) {
+	if w.state != s {
+		w.lg.Debug("state", zap.String("from", string(w.state)), zap.String("to", string(s)), zap.Int64("epoch", w.epoch))
+	}
+	w.state = s
+	w.publishHealthLocked()
+	if (s == StateServing || s == StateIdle) && w.epoch >= w.readyEpoch {
+		w.markReady()
+	}
+	w.notifyLocked()
+}
+
+// publishHealthLocked sets the health statuses from the state; see State.
+func (w *Worker) publishHealthLocked() {
+	if w.health == nil || w.closed {
+		return
+	}
+	all, step := healthpb.HealthCheckResponse_NOT_SERVING, healthpb.HealthCheckResponse_NOT_SERVING
+	switch w.state {
+	case StateServing:
+		all, step = healthpb.HealthCheckResponse_SERVING, healthpb.HealthCheckResponse_SERVING
+	case StateIdle:
+		all = healthpb.HealthCheckResponse_SERVING
+	}
+	w.health.SetServingStatus("", all)
+	w.health.SetServingStatus(tpfleetv1.Worker_ServiceDesc.ServiceName, step)
+}
+
+// notifyLocked wakes everyone waiting on w.changed. The caller holds w.mu.
+func (w *Worker) notifyLocked() {
+	close(w.changed)
+	w.changed = make(chan struct{})
+}
+
+func (w *Worker) markReady() {
+	select {
+	case <-w.ready:
+	default:
+		close(w.ready)
+	}
+}
+
+// advertised returns the address to register: adv when set, else the bound address with the host name
+// in place of an unspecified host.
+func advertised(adv string, bound net.Addr) string {
+	if adv != "" {
+		return adv
+	}
+	s := bound.String()
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return s
+	}
+	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
+		if h, err := os.Hostname(); err == nil && h != "" {
+			return net.JoinHostPort(h, port)
+		}
+	}
+	return s
+}
+
+// memInfo returns the host's total and available memory in bytes from /proc/meminfo; zeros where it
+// cannot be read.
+func memInfo() (total, free int64) {
+	data, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0, 0
+	}
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	for sc.Scan() {
+		f := bytes.Fields(sc.Bytes())
+		if len(f) < 2 {
+			continue
+		}
+		kib, err := strconv.ParseInt(string(f[1]), 10, 64)
+		if err != nil {
+			continue
+		}
+		switch string(f[0]) {
+		case "MemTotal:":
+			total = kib << 10
+		case "MemAvailable:":
+			free = kib << 10
+		}
+	}
+	return total, free
+}
