@@ -76,6 +76,9 @@ type Ops interface {
 	Reshape(t Tensor, shape ...int) (Tensor, error)
 	// Rows returns rows [start, end) of t along its first dimension.
 	Rows(t Tensor, start, end int) (Tensor, error)
+	// Concat joins tensors along their first dimension; the other dimensions must agree. It is how a
+	// batch of sequences is put back together after each sequence's attention.
+	Concat(ts ...Tensor) (Tensor, error)
 
 	// Embed gathers rows of table [V, H] for ids: out[i] = table[ids[i]-first] when first <= ids[i] <
 	// first+V, else zeros (so vocab-parallel ranks each fill their own rows and an all-reduce completes

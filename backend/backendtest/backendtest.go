@@ -45,6 +45,7 @@ func Run(t *testing.T, ops backend.Ops, tol Tolerance) {
 		{"Load", s.testLoad},
 		{"FromFloat32", s.testFromFloat32},
 		{"ReshapeRows", s.testReshapeRows},
+		{"Concat", s.testConcat},
 		{"Embed", s.testEmbed},
 		{"RMSNorm", s.testRMSNorm},
 		{"Linear", s.testLinear},
@@ -337,6 +338,39 @@ func (s *suite) testReshapeRows(t *testing.T) {
 			return err
 		})
 	}
+}
+
+func (s *suite) testConcat(t *testing.T) {
+	r := rng(t)
+	a, b, c := uniform(r, 2*3*4, 1), uniform(r, 1*3*4, 1), uniform(r, 5*3*4, 1)
+	x, err := s.ops.Concat(s.tensor(t, []int{2, 3, 4}, a), s.tensor(t, []int{1, 3, 4}, b), s.tensor(t, []int{5, 3, 4}, c))
+	if err != nil {
+		t.Fatalf("Concat([2 3 4], [1 3 4], [5 3 4]) error: %v", err)
+	}
+	want := append(append(slices.Clone(a), b...), c...)
+	if got := s.read(t, "Concat", x, 8, 3, 4); !slices.Equal(got, want) {
+		t.Errorf("Concat = %v, want %v", got, want)
+	}
+	// Rows of a concatenation are the pieces again.
+	y, err := s.ops.Rows(x, 2, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := s.read(t, "Rows(Concat)", y, 1, 3, 4); !slices.Equal(got, b) {
+		t.Errorf("Rows(Concat, 2, 3) = %v, want %v", got, b)
+	}
+	one, err := s.ops.Concat(s.tensor(t, []int{1, 3, 4}, b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := s.read(t, "Concat(one)", one, 1, 3, 4); !slices.Equal(got, b) {
+		t.Errorf("Concat(one) = %v, want %v", got, b)
+	}
+	wantShapeErr(t, "Concat()", func() error { _, err := s.ops.Concat(); return err })
+	wantShapeErr(t, "Concat([2 3 4], [1 4 3])", func() error {
+		_, err := s.ops.Concat(s.tensor(t, []int{2, 3, 4}, a), s.tensor(t, []int{1, 4, 3}, b))
+		return err
+	})
 }
 
 func (s *suite) testEmbed(t *testing.T) {

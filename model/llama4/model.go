@@ -276,51 +276,96 @@ func (m *Model) NewSequence(capacity int) (*Sequence, error) {
 // Forward runs ids through the model at the sequence's next positions, appending to its caches, and returns
 // logits [T, vocab] for every new token when allLogits is set, else [1, vocab] for the last one.
 func (m *Model) Forward(ctx context.Context, seq *Sequence, ids []int, allLogits bool) (backend.Tensor, error) {
-	if len(ids) == 0 {
-		return nil, fmt.Errorf("%w: no tokens", ErrInput)
+	return m.ForwardBatch(ctx, []*Sequence{seq}, [][]int{ids}, allLogits)
+}
+
+// span is one sequence's rows in a batch and the positions of its new tokens.
+type span struct {
+	start, end int
+	pos        []int
+	seq        *Sequence
+}
+
+// ForwardBatch runs new tokens of several sequences in one pass: matrix products, norms and experts see
+// every row at once, so each weight is read once per step, and attention runs per sequence against its own
+// cache. ids[i] feeds seqs[i]. It returns logits for every new token of every sequence in order when
+// allLogits is set, else the last token's of each sequence ([len(seqs), vocab]). On error no sequence
+// advances, but caches may hold the failed step's keys: start such a sequence again.
+func (m *Model) ForwardBatch(ctx context.Context, seqs []*Sequence, ids [][]int, allLogits bool) (backend.Tensor, error) {
+	if len(seqs) == 0 || len(seqs) != len(ids) {
+		return nil, fmt.Errorf("%w: %d sequences with %d token lists", ErrInput, len(seqs), len(ids))
 	}
-	for i, id := range ids {
-		if id < 0 || id >= m.Config.VocabSize {
-			return nil, fmt.Errorf("%w: token id %d at index %d is outside the vocabulary [0, %d)", ErrInput, id, i, m.Config.VocabSize)
+	spans := make([]span, len(seqs))
+	var flat, pos []int
+	for i, seq := range seqs {
+		if err := m.checkInput(seq, ids[i]); err != nil {
+			return nil, fmt.Errorf("sequence %d: %w", i, err)
 		}
-	}
-	if seq.next+len(ids) > seq.capacity {
-		return nil, fmt.Errorf("%w: %d tokens after %d exceed the sequence's context of %d", ErrInput, len(ids), seq.next, seq.capacity)
-	}
-	pos := make([]int, len(ids))
-	for i := range pos {
-		pos[i] = seq.next + i
+		for j := 0; j < i; j++ {
+			if seqs[j] == seq {
+				return nil, fmt.Errorf("%w: sequence %d appears twice in one batch", ErrInput, i)
+			}
+		}
+		sp := span{start: len(flat), end: len(flat) + len(ids[i]), seq: seq}
+		for k := range ids[i] {
+			sp.pos = append(sp.pos, seq.next+k)
+		}
+		flat, pos = append(flat, ids[i]...), append(pos, sp.pos...)
+		spans[i] = sp
 	}
 	s := &step{ctx: ctx, ops: m.ops, comm: m.comm}
 
-	x := s.allReduce(s.embed(m.embed, ids, m.embedFirst), m.embedSplit) // spec §2.1
-	for i := range m.layers {
+	x := s.allReduce(s.embed(m.embed, flat, m.embedFirst), m.embedSplit) // spec §2.1
+	for l := range m.layers {
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
-		x = m.layers[i].forward(s, m, x, seq.caches[i], pos)
+		x = m.layers[l].forward(s, m, x, pos, spans)
 	}
-	if !allLogits {
-		x = s.rows(x, len(ids)-1, len(ids))
+	if !allLogits { // only the last token of each sequence needs logits
+		last := make([]backend.Tensor, len(spans))
+		for i, sp := range spans {
+			last[i] = s.rows(x, sp.end-1, sp.end)
+		}
+		x = s.concat(last...)
 	}
 	x = s.rmsNorm(x, m.norm, m.Config.RMSNormEps)           // final norm
 	logits := s.allGather(s.linear(x, m.lmHead), m.lmSplit) // lm_head, vocab-parallel
 	if s.err != nil {
 		return nil, fmt.Errorf("llama4: forward: %w", s.err)
 	}
-	seq.next += len(ids)
+	for _, sp := range spans {
+		sp.seq.next += len(sp.pos)
+	}
 	return logits, nil
 }
 
+// checkInput rejects tokens outside the vocabulary or past the sequence's context.
+func (m *Model) checkInput(seq *Sequence, ids []int) error {
+	if len(ids) == 0 {
+		return fmt.Errorf("%w: no tokens", ErrInput)
+	}
+	for i, id := range ids {
+		if id < 0 || id >= m.Config.VocabSize {
+			return fmt.Errorf("%w: token id %d at index %d is outside the vocabulary [0, %d)", ErrInput, id, i, m.Config.VocabSize)
+		}
+	}
+	if seq.next+len(ids) > seq.capacity {
+		return fmt.Errorf("%w: %d tokens after %d exceed the sequence's context of %d", ErrInput, len(ids), seq.next, seq.capacity)
+	}
+	return nil
+}
+
 // forward is spec §2.5: x = x + attention(input_norm(x)); x = x + ffn(post_attention_norm(x)).
-func (d *decoderLayer) forward(s *step, m *Model, x backend.Tensor, cache backend.KVCache, pos []int) backend.Tensor {
+func (d *decoderLayer) forward(s *step, m *Model, x backend.Tensor, pos []int, spans []span) backend.Tensor {
 	eps := m.Config.RMSNormEps
-	x = s.add(x, d.attention(s, m, s.rmsNorm(x, d.inputNorm, eps), cache, pos))
+	x = s.add(x, d.attention(s, m, s.rmsNorm(x, d.inputNorm, eps), pos, spans))
 	return s.add(x, d.ffn.forward(s, s.rmsNorm(x, d.postNorm, eps)))
 }
 
-// attention is spec §2.3 for this rank's heads.
-func (d *decoderLayer) attention(s *step, m *Model, h backend.Tensor, cache backend.KVCache, pos []int) backend.Tensor {
+// attention is spec §2.3 for this rank's heads. Projections, RoPE and norms run on all rows; the cache
+// update and the attention itself per sequence.
+func (d *decoderLayer) attention(s *step, m *Model, h backend.Tensor, pos []int, spans []span) backend.Tensor {
 	a, cfg := &d.attn, m.Config
 	t := len(pos)
 	q := s.reshape(s.linear(h, a.q), t, a.heads, cfg.HeadDim)
@@ -339,9 +384,14 @@ func (d *decoderLayer) attention(s *step, m *Model, h backend.Tensor, cache back
 		}
 		q = s.scaleRows(q, scale)
 	}
-	s.appendKV(cache, k, v, pos) // (d)
-	o := s.attention(q, cache, pos, d.window, float32(1/math.Sqrt(float64(cfg.HeadDim))))
-	o = s.linear(s.reshape(o, t, a.heads*cfg.HeadDim), a.o) // (f)
+	scale := float32(1 / math.Sqrt(float64(cfg.HeadDim)))
+	outs := make([]backend.Tensor, len(spans))
+	for i, sp := range spans {
+		cache := sp.seq.caches[d.index]
+		s.appendKV(cache, s.rows(k, sp.start, sp.end), s.rows(v, sp.start, sp.end), sp.pos) // (d)
+		outs[i] = s.attention(s.rows(q, sp.start, sp.end), cache, sp.pos, d.window, scale)
+	}
+	o := s.linear(s.reshape(s.concat(outs...), t, a.heads*cfg.HeadDim), a.o) // (f)
 	return s.allReduce(o, a.reduceAfterOProj)
 }
 

@@ -68,6 +68,10 @@ func (s *step) rows(x backend.Tensor, start, end int) backend.Tensor {
 	return s.do("rows", func() (backend.Tensor, error) { return s.ops.Rows(x, start, end) })
 }
 
+func (s *step) concat(ts ...backend.Tensor) backend.Tensor {
+	return s.do("concat", func() (backend.Tensor, error) { return s.ops.Concat(ts...) })
+}
+
 func (s *step) attention(q backend.Tensor, cache backend.KVCache, pos []int, w backend.Window, scale float32) backend.Tensor {
 	return s.do("attention", func() (backend.Tensor, error) { return s.ops.Attention(q, cache, pos, w, scale) })
 }
