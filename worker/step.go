@@ -61,37 +61,71 @@ func (w *Worker) step(req *tpfleetv1.StepRequest) ([]*tpfleetv1.SequenceResult, 
 	if err := w.validate(req, wts.model.Config); err != nil {
 		return nil, err
 	}
+	// Works run in batches: consecutive works of distinct sequences share one forward pass (each weight is
+	// read once per batch); a sequence that comes back in the same request starts a new batch.
 	var results []*tpfleetv1.SequenceResult
+	var batch []int // indices into req.Seqs
+	inBatch := map[uint64]bool{}
+	flush := func() error {
+		if len(batch) == 0 {
+			return nil
+		}
+		seqs := make([]*llama4.Sequence, len(batch))
+		ids := make([][]int, len(batch))
+		for k, i := range batch {
+			work := req.GetSeqs()[i]
+			seqs[k] = w.seqs[work.GetSeqId()].seq
+			for _, t := range work.GetIds() {
+				ids[k] = append(ids[k], int(t))
+			}
+		}
+		first := req.GetSeqs()[batch[0]].GetSeqId()
+		logits, err := wts.model.ForwardBatch(w.ctx, seqs, ids, false)
+		if err != nil {
+			return w.stepError(epoch, batch[0], first, err)
+		}
+		if rank == 0 {
+			var rows []float32
+			vocab := wts.model.Config.VocabSize
+			for k, i := range batch {
+				work := req.GetSeqs()[i]
+				if !work.GetSample() {
+					continue
+				}
+				if rows == nil {
+					if rows, err = w.ops.Float32(logits); err != nil {
+						return w.stepError(epoch, i, work.GetSeqId(), err)
+					}
+				}
+				next := w.seqs[work.GetSeqId()].sampler.Next(rows[k*vocab : (k+1)*vocab])
+				results = append(results, &tpfleetv1.SequenceResult{SeqId: work.GetSeqId(), NextId: int32(next)})
+			}
+		}
+		batch, inBatch = batch[:0], map[uint64]bool{}
+		return nil
+	}
 	for i, work := range req.GetSeqs() {
 		id := work.GetSeqId()
-		s := w.seqs[id]
+		if inBatch[id] {
+			if err := flush(); err != nil {
+				return nil, err
+			}
+		}
 		if work.GetStart() {
 			seq, err := wts.model.NewSequence(int(work.GetCapacity()))
 			if err != nil {
 				return nil, w.stepError(epoch, i, id, err)
 			}
-			s = &sequence{seq: seq, capacity: int(work.GetCapacity())}
+			s := &sequence{seq: seq, capacity: int(work.GetCapacity())}
 			if rank == 0 {
 				s.sampler = sample.New(samplingParams(work.GetSampling(), wts))
 			}
 			w.seqs[id] = s
 		}
-		ids := make([]int, len(work.GetIds()))
-		for j, t := range work.GetIds() {
-			ids[j] = int(t)
-		}
-		logits, err := wts.model.Forward(w.ctx, s.seq, ids, false)
-		if err != nil {
-			return nil, w.stepError(epoch, i, id, err)
-		}
-		if rank != 0 || !work.GetSample() {
-			continue
-		}
-		row, err := w.ops.Float32(logits)
-		if err != nil {
-			return nil, w.stepError(epoch, i, id, err)
-		}
-		results = append(results, &tpfleetv1.SequenceResult{SeqId: id, NextId: int32(s.sampler.Next(row))})
+		batch, inBatch[id] = append(batch, i), true
+	}
+	if err := flush(); err != nil {
+		return nil, err
 	}
 	w.mu.Lock()
 	w.nseqs = len(w.seqs)
