@@ -229,11 +229,15 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	fs.Uint64Var(&f.seed, "seed", 0, "random seed for sampling")
 	fs.BoolVar(&f.ignoreEOS, "ignore-eos", false, "do not stop at the checkpoint's eos ids")
 	fs.BoolVar(&f.json, "json", false, `print one JSON object: {"ids": [...], "finish_reason": ...}`)
+	remote := addRemoteFlags(fs) // --addr: generate on a coordinator (remote.go)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if fs.NArg() > 0 {
 		return usagef("unexpected argument %q", fs.Arg(0))
+	}
+	if remote.addr != "" {
+		return runRemoteGenerate(ctx, fs, f, *remote, stdout, stderr)
 	}
 	if err := f.check(); err != nil {
 		return err

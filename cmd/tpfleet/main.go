@@ -27,7 +27,12 @@ type command struct {
 
 func commands() []command {
 	return []command{
-		{"generate", "generate tokens from token ids with a local model", runGenerate},
+		{"serve", "serve a model on this machine: embedded etcd, a coordinator and local workers", runServe},
+		{"coordinator", "run a coordinator: plan the workers in etcd into TP groups, serve clients", runCoordinator},
+		{"launch", "start workers like torchrun (--nproc-per-node, --standalone, ...)", runLaunch},
+		{"etcd", "run a single-member etcd for a cluster's state (tests, small setups)", runEtcd},
+		{"cluster", "read the cluster's state from etcd (cluster members, cluster shards)", runCluster},
+		{"generate", "generate tokens from token ids with a local model or a coordinator (--addr)", runGenerate},
 		{"score", "write the logits of token ids under a local model to a safetensors file", runScore},
 		{"worker", "run a worker: register in etcd, load this rank's shards, serve steps", runWorker},
 		{"tokenize", "encode text or a chat, or decode ids, with a checkpoint tokenizer", runTokenize},
@@ -78,7 +83,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 func usage(w io.Writer) {
 	fmt.Fprintln(w, "usage: tpfleet <command> [flags]\n\ncommands:")
 	for _, c := range commands() {
-		fmt.Fprintf(w, "  %-10s %s\n", c.name, c.summary)
+		fmt.Fprintf(w, "  %-12s %s\n", c.name, c.summary)
 	}
 	fmt.Fprintln(w, "\nRun 'tpfleet <command> -h' for a command's flags.")
 }

@@ -1,0 +1,173 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/tpfleet/tpfleet/cluster"
+)
+
+// runCluster dispatches the tools that read the cluster's state straight from etcd.
+func runCluster(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		fmt.Fprintln(stderr, "usage: tpfleet cluster <subcommand> --etcd ENDPOINTS [flags]\n\nsubcommands:\n"+
+			"  members    list the registered workers\n"+
+			"  shards     show the plan: the epoch and which worker holds which rank of which TP group\n\n"+
+			"Run 'tpfleet cluster <subcommand> -h' for its flags.")
+		if len(args) == 0 {
+			return usagef("a subcommand is required")
+		}
+		return flag.ErrHelp
+	}
+	switch args[0] {
+	case "members":
+		return runClusterMembers(ctx, args[1:], stdout, stderr)
+	case "shards":
+		return runClusterShards(ctx, args[1:], stdout, stderr)
+	}
+	return usagef("unknown subcommand %q (want: members, shards)", args[0])
+}
+
+// clusterFlags are the flags of the cluster tools.
+type clusterFlags struct {
+	etcd cluster.Config
+	json bool
+}
+
+func parseClusterFlags(name string, args []string, stderr io.Writer) (clusterFlags, error) {
+	var f clusterFlags
+	fs := flag.NewFlagSet("cluster "+name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	f.etcd.AddFlags(fs)
+	etcdFlag(fs, &f.etcd)
+	fs.BoolVar(&f.json, "json", false, "print JSON instead of a table")
+	if err := fs.Parse(args); err != nil {
+		return f, err
+	}
+	switch {
+	case fs.NArg() > 0:
+		return f, usagef("unexpected argument %q", fs.Arg(0))
+	case len(f.etcd.Endpoints) == 0:
+		return f, usagef("--etcd is required")
+	}
+	return f, nil
+}
+
+func dialCluster(ctx context.Context, f clusterFlags) (*cluster.Client, error) {
+	return cluster.New(ctx, f.etcd)
+}
+
+// runClusterMembers lists the registered workers.
+func runClusterMembers(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	f, err := parseClusterFlags("members", args, stderr)
+	if err != nil {
+		return err
+	}
+	cl, err := dialCluster(ctx, f)
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	ms, _, err := cl.Members(ctx)
+	if err != nil {
+		return err
+	}
+	if f.json {
+		if ms == nil {
+			ms = []cluster.Member{}
+		}
+		return printJSON(stdout, ms)
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tADDR\tHOST\tDEVICES\tSTARTED")
+	for _, m := range ms {
+		var devs []string
+		for _, d := range m.Devices {
+			devs = append(devs, fmt.Sprintf("%s:%d", d.Kind, d.Index))
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", m.ID, m.Addr, m.Host, strings.Join(devs, ","), m.Started.Local().Format(time.DateTime))
+	}
+	return tw.Flush()
+}
+
+// shardsView is `cluster shards --json`: the plan and the members it leaves idle.
+type shardsView struct {
+	Plan *cluster.Plan `json:"plan"` // null when no plan is stored
+	Idle []string      `json:"idle"` // registered members with no rank in the plan
+}
+
+// runClusterShards shows the stored plan.
+func runClusterShards(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	f, err := parseClusterFlags("shards", args, stderr)
+	if err != nil {
+		return err
+	}
+	cl, err := dialCluster(ctx, f)
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	p, ok, err := cl.Plan(ctx)
+	if err != nil {
+		return err
+	}
+	ms, _, err := cl.Members(ctx)
+	if err != nil {
+		return err
+	}
+	placed := make(map[string]bool)
+	for _, g := range p.Groups {
+		for _, a := range g.Ranks {
+			placed[a.MemberID] = true
+		}
+	}
+	v := shardsView{Idle: []string{}}
+	if ok {
+		v.Plan = &p
+	}
+	for _, m := range ms {
+		if !placed[m.ID] {
+			v.Idle = append(v.Idle, m.ID)
+		}
+	}
+	if f.json {
+		return printJSON(stdout, v)
+	}
+	if !ok {
+		fmt.Fprintf(stdout, "no plan under %s (idle members: %s)\n", cl.Prefix(), orNone(v.Idle))
+		return nil
+	}
+	fmt.Fprintf(stdout, "epoch %d: model %s, tp %d, plan %s, %d group(s), written %s\n",
+		p.Epoch, p.Model, p.TP, p.PlanName, len(p.Groups), p.Created.Local().Format(time.DateTime))
+	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "GROUP\tRANK\tMEMBER\tADDR")
+	for _, g := range p.Groups {
+		for _, a := range g.Ranks {
+			fmt.Fprintf(tw, "%d\t%d\t%s\t%s\n", g.ID, a.Rank, a.MemberID, a.Addr)
+		}
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(stdout, "idle: %s\n", orNone(v.Idle))
+	return err
+}
+
+func orNone(ids []string) string {
+	if len(ids) == 0 {
+		return "none"
+	}
+	return strings.Join(ids, ", ")
+}
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}

@@ -1,0 +1,191 @@
+package coordinator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
+	"github.com/tpfleet/tpfleet/sample"
+)
+
+// Client calls a coordinator's Generation and Admin services, for programs that should not depend on
+// the generated protobuf code (cmd/tpfleet). Errors are gRPC status errors (status.Code reads them), or
+// the caller's context error. It is safe for concurrent use.
+type Client struct {
+	conn   *grpc.ClientConn
+	gen    pb.GenerationClient
+	admin  pb.AdminClient
+	health healthpb.HealthClient
+}
+
+// Dial makes a Client of the coordinator at addr (host:port), over plaintext. It connects lazily: the
+// first call reports an unreachable address.
+func Dial(addr string) (*Client, error) {
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, fmt.Errorf("coordinator: dial %s: %w", addr, err)
+	}
+	return &Client{
+		conn:   conn,
+		gen:    pb.NewGenerationClient(conn),
+		admin:  pb.NewAdminClient(conn),
+		health: healthpb.NewHealthClient(conn),
+	}, nil
+}
+
+// Close closes the connection.
+func (c *Client) Close() error { return c.conn.Close() }
+
+// GenerateRequest is one generation: a prompt of token ids and when to stop.
+type GenerateRequest struct {
+	// Model names the served model; empty means the only one.
+	Model string
+	// PromptIDs is the prompt; it must not be empty.
+	PromptIDs []int
+	// MaxTokens bounds the new tokens; it must be positive and fit the model's context.
+	MaxTokens int
+	// Sampling chooses the tokens; nil means the checkpoint's generation_config.json.
+	Sampling *sample.Params
+	// IgnoreEOS keeps generating past the checkpoint's eos ids.
+	IgnoreEOS bool
+	// StopIDs end the generation too, besides the eos ids.
+	StopIDs []int
+}
+
+// GenerateResult is a finished generation.
+type GenerateResult struct {
+	// IDs are the new tokens; after FinishStop the last one is the eos or stop id.
+	IDs []int
+	// FinishReason is FinishStop or FinishLength.
+	FinishReason string
+	// PromptTokens is the length of the prompt.
+	PromptTokens int
+}
+
+// Generate runs one generation. emit, when not nil, receives the new ids as the coordinator streams
+// them (usually one at a time), from the calling goroutine; an error from emit cancels the generation
+// and is returned.
+func (c *Client) Generate(ctx context.Context, req GenerateRequest, emit func(ids []int) error) (GenerateResult, error) {
+	in := &pb.GenerateRequest{
+		Model:     req.Model,
+		PromptIds: toInt32(req.PromptIDs),
+		MaxTokens: int32(req.MaxTokens),
+		IgnoreEos: req.IgnoreEOS,
+		StopIds:   toInt32(req.StopIDs),
+	}
+	if p := req.Sampling; p != nil {
+		in.Sampling = &pb.SamplingParams{Temperature: p.Temperature, TopK: int32(p.TopK), TopP: p.TopP, Seed: p.Seed}
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := c.gen.Generate(ctx, in)
+	if err != nil {
+		return GenerateResult{}, err
+	}
+	res := GenerateResult{PromptTokens: len(req.PromptIDs)}
+	for {
+		msg, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			if res.FinishReason == "" {
+				return res, fmt.Errorf("coordinator: generate: the stream ended without a finish reason")
+			}
+			return res, nil
+		}
+		if err != nil {
+			return res, err
+		}
+		ids := make([]int, len(msg.GetIds()))
+		for i, id := range msg.GetIds() {
+			ids[i] = int(id)
+		}
+		res.IDs = append(res.IDs, ids...)
+		if msg.GetPromptTokens() > 0 {
+			res.PromptTokens = int(msg.GetPromptTokens())
+		}
+		if msg.GetFinishReason() != "" {
+			res.FinishReason = msg.GetFinishReason()
+		}
+		if emit != nil && len(ids) > 0 {
+			if err := emit(ids); err != nil {
+				return res, err
+			}
+		}
+	}
+}
+
+// WaitReady blocks until the coordinator reports SERVING on the gRPC health service (it leads and a
+// TP group serves), polling every interval, or until ctx ends.
+func (c *Client) WaitReady(ctx context.Context, interval time.Duration) error {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		resp, err := c.health.Check(ctx, &healthpb.HealthCheckRequest{})
+		if err == nil && resp.GetStatus() == healthpb.HealthCheckResponse_SERVING {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			if err == nil {
+				err = fmt.Errorf("status %s", resp.GetStatus())
+			}
+			return fmt.Errorf("coordinator: not serving: %w (last: %v)", ctx.Err(), err)
+		case <-t.C:
+		}
+	}
+}
+
+// Placement is one rank of a TP group in the plan, as the Admin service's Shards reports it.
+type Placement struct {
+	Group, Rank int
+	MemberID    string
+	Addr        string
+}
+
+// Shards is the plan in force.
+type Shards struct {
+	Epoch       int64
+	Model       string
+	TP          int
+	Plan        string
+	Assignments []Placement
+}
+
+// Shards reads the plan through the coordinator's Admin service.
+func (c *Client) Shards(ctx context.Context) (Shards, error) {
+	resp, err := c.admin.Shards(ctx, &pb.ShardsRequest{})
+	if err != nil {
+		return Shards{}, err
+	}
+	s := Shards{Epoch: resp.GetEpoch(), Model: resp.GetModel(), TP: int(resp.GetTp()), Plan: resp.GetPlan()}
+	for _, a := range resp.GetAssignments() {
+		s.Assignments = append(s.Assignments, Placement{Group: int(a.GetGroup()), Rank: int(a.GetRank()), MemberID: a.GetMemberId(), Addr: a.GetAddr()})
+	}
+	return s, nil
+}
+
+// Rebalance asks the leading coordinator for a new epoch, with TP size tp when tp > 0, and returns it.
+func (c *Client) Rebalance(ctx context.Context, tp int) (int64, error) {
+	resp, err := c.admin.Rebalance(ctx, &pb.RebalanceRequest{Tp: int32(tp)})
+	if err != nil {
+		return 0, err
+	}
+	return resp.GetEpoch(), nil
+}
+
+func toInt32(v []int) []int32 {
+	if v == nil {
+		return nil
+	}
+	out := make([]int32, len(v))
+	for i, x := range v {
+		out[i] = int32(x)
+	}
+	return out
+}

@@ -1,0 +1,173 @@
+package coordinator
+
+import (
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/tpfleet/tpfleet/cluster"
+)
+
+// Defaults of Config. A zero field means its default.
+const (
+	// DefaultListenAddr is where the client and admin gRPC server listens: loopback only, so that a
+	// coordinator started without thought is not reachable from the network.
+	DefaultListenAddr = "127.0.0.1:7070"
+	// DefaultTP is the tensor-parallel size of a group.
+	DefaultTP = 1
+	// DefaultPlan is the tp_plan: HF's base_model_tp_plan with a vocab-parallel embedding.
+	DefaultPlan = "tp"
+	// DefaultMaxQueue bounds the requests waiting for a place in a batch; one more is refused with
+	// RESOURCE_EXHAUSTED.
+	DefaultMaxQueue = 256
+	// DefaultMaxBatch is the most sequences one step of a group runs.
+	DefaultMaxBatch = 32
+	// DefaultTokenBudget is the most tokens one step of a group feeds: one per decoding sequence plus
+	// the prompt pieces of sequences in prefill.
+	DefaultTokenBudget = 512
+	// DefaultLeaderTTL is the lease of the coordinator election: a standby takes over about this long
+	// after the leader dies.
+	DefaultLeaderTTL = 5 * time.Second
+	// DefaultSettle is how long the member list must stay unchanged before the leader plans, so that
+	// workers starting together land in one epoch instead of one epoch each.
+	DefaultSettle = 250 * time.Millisecond
+	// DefaultShutdownGrace bounds Close's graceful stop of the gRPC server (streams in flight finish)
+	// before it cuts them.
+	DefaultShutdownGrace = 5 * time.Second
+)
+
+// Config configures a Coordinator. Fields are read once, by New.
+type Config struct {
+	// ListenAddr is the host:port of the gRPC server with the Generation and Admin services, health
+	// and reflection. Port 0 picks a free port (see Coordinator.Addr). Empty means DefaultListenAddr.
+	ListenAddr string `json:"listen"`
+	// ID names this coordinator in the leader election; it must be unique among the coordinators of a
+	// cluster. Empty means "coordinator-<host>-<pid>".
+	ID string `json:"id"`
+	// Etcd is how to reach the cluster's etcd and which cluster's keys to use.
+	Etcd cluster.Config `json:"etcd"`
+	// Model is the checkpoint directory (config.json, generation_config.json, *.safetensors). The
+	// coordinator reads its configs; the workers read its weights, so it must be the same path on every
+	// host. It is stored absolute in the plan. Required. The served model's name is the directory's
+	// base name.
+	Model string `json:"model"`
+	// TP is the tensor-parallel size: the ranks (workers) of one group. Workers beyond a multiple of
+	// TP stay idle. Zero means DefaultTP.
+	TP int `json:"tp"`
+	// Plan is the tp_plan: "tp", "ep" or the path of a plan file in HF's format (readable by every
+	// worker). Empty means DefaultPlan.
+	Plan string `json:"plan"`
+	// MaxQueue bounds the requests waiting to join a batch (requests already in a batch do not count).
+	// Zero means DefaultMaxQueue.
+	MaxQueue int `json:"max-queue"`
+	// MaxBatch is the most sequences in one step of a group. Zero means DefaultMaxBatch.
+	MaxBatch int `json:"max-batch"`
+	// TokenBudget is the most tokens fed in one step of a group: each decoding sequence takes one, and
+	// prompts are fed in pieces that fit what is left. It must be at least MaxBatch. Zero means
+	// DefaultTokenBudget.
+	TokenBudget int `json:"token-budget"`
+	// LeaderTTL is the lease of the leader election key (whole seconds; etcd's minimum applies). Zero
+	// means DefaultLeaderTTL.
+	LeaderTTL time.Duration `json:"leader-ttl"`
+	// Settle is how long the member list must stay unchanged before the leader plans. Zero means
+	// DefaultSettle.
+	Settle time.Duration `json:"settle"`
+	// ShutdownGrace bounds the graceful part of Close. Zero means DefaultShutdownGrace.
+	ShutdownGrace time.Duration `json:"shutdown-grace"`
+	// Logger receives the coordinator's logs. Nil means zap.NewNop().
+	Logger *zap.Logger `json:"-"`
+}
+
+// Validate reports a Config that New cannot use. Etcd is checked by cluster.Config.Validate.
+func (c Config) Validate() error {
+	switch {
+	case c.Model == "":
+		return fmt.Errorf("%w: config: no model directory", ErrInvalidConfig)
+	case c.TP < 0:
+		return fmt.Errorf("%w: config: TP %d, want >= 1", ErrInvalidConfig, c.TP)
+	case c.MaxQueue < 0:
+		return fmt.Errorf("%w: config: max queue %d, want >= 1", ErrInvalidConfig, c.MaxQueue)
+	case c.MaxBatch < 0:
+		return fmt.Errorf("%w: config: max batch %d, want >= 1", ErrInvalidConfig, c.MaxBatch)
+	case c.TokenBudget < 0:
+		return fmt.Errorf("%w: config: token budget %d, want >= 1", ErrInvalidConfig, c.TokenBudget)
+	case c.LeaderTTL < 0 || c.Settle < 0 || c.ShutdownGrace < 0:
+		return fmt.Errorf("%w: config: negative duration", ErrInvalidConfig)
+	}
+	d := c.withDefaults()
+	if d.TokenBudget < d.MaxBatch {
+		return fmt.Errorf("%w: config: token budget %d below max batch %d: every decoding sequence needs a token per step",
+			ErrInvalidConfig, d.TokenBudget, d.MaxBatch)
+	}
+	if _, _, err := net.SplitHostPort(d.ListenAddr); err != nil {
+		return fmt.Errorf("%w: config: listen address %q: %v", ErrInvalidConfig, d.ListenAddr, err)
+	}
+	if err := c.Etcd.Validate(); err != nil {
+		return fmt.Errorf("%w: %w", ErrInvalidConfig, err)
+	}
+	return nil
+}
+
+// withDefaults returns c with zero fields replaced by their defaults.
+func (c Config) withDefaults() Config {
+	if c.ListenAddr == "" {
+		c.ListenAddr = DefaultListenAddr
+	}
+	if c.ID == "" {
+		host, err := os.Hostname()
+		if err != nil || host == "" {
+			host = "localhost"
+		}
+		c.ID = "coordinator-" + host + "-" + strconv.Itoa(os.Getpid())
+	}
+	if c.TP == 0 {
+		c.TP = DefaultTP
+	}
+	if c.Plan == "" {
+		c.Plan = DefaultPlan
+	}
+	if c.MaxQueue == 0 {
+		c.MaxQueue = DefaultMaxQueue
+	}
+	if c.MaxBatch == 0 {
+		c.MaxBatch = DefaultMaxBatch
+	}
+	if c.TokenBudget == 0 {
+		c.TokenBudget = DefaultTokenBudget
+	}
+	if c.LeaderTTL == 0 {
+		c.LeaderTTL = DefaultLeaderTTL
+	}
+	if c.Settle == 0 {
+		c.Settle = DefaultSettle
+	}
+	if c.ShutdownGrace == 0 {
+		c.ShutdownGrace = DefaultShutdownGrace
+	}
+	if c.Logger == nil {
+		c.Logger = zap.NewNop()
+	}
+	return c
+}
+
+// AddFlags binds c's fields to flags in fs, with c's current values as defaults, and the etcd client's
+// flags (cluster.Config.AddFlags).
+func (c *Config) AddFlags(fs *flag.FlagSet) {
+	fs.StringVar(&c.ListenAddr, "listen", c.ListenAddr, "host:port of the client and admin gRPC server (port 0: any; empty: "+DefaultListenAddr+")")
+	fs.StringVar(&c.ID, "id", c.ID, "coordinator id in the leader election (empty: coordinator-<host>-<pid>)")
+	fs.StringVar(&c.Model, "model", c.Model, "checkpoint directory, the same path on every worker's host")
+	fs.IntVar(&c.TP, "tp", c.TP, "tensor-parallel size: workers per group (0: 1)")
+	fs.StringVar(&c.Plan, "plan", c.Plan, `tp_plan: "tp", "ep" or a plan file in HF's format (empty: tp)`)
+	fs.IntVar(&c.MaxQueue, "max-queue", c.MaxQueue, "requests that may wait for a place in a batch; more are refused (0: 256)")
+	fs.IntVar(&c.MaxBatch, "max-batch", c.MaxBatch, "sequences per step of a group (0: 32)")
+	fs.IntVar(&c.TokenBudget, "token-budget", c.TokenBudget, "tokens per step of a group: decodes plus prompt pieces (0: 512)")
+	fs.DurationVar(&c.LeaderTTL, "leader-ttl", c.LeaderTTL, "lease of the leader election; a standby takes over this long after the leader dies (0: 5s)")
+	fs.DurationVar(&c.Settle, "settle", c.Settle, "how long the member list must stay unchanged before a new plan (0: 250ms)")
+	fs.DurationVar(&c.ShutdownGrace, "shutdown-grace", c.ShutdownGrace, "how long a shutdown lets streams finish before cutting them (0: 5s)")
+	c.Etcd.AddFlags(fs)
+}

@@ -1,0 +1,709 @@
+package coordinator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/reflection"
+
+	"github.com/tpfleet/tpfleet/cluster"
+	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
+	"github.com/tpfleet/tpfleet/safetensors"
+	"github.com/tpfleet/tpfleet/shard"
+)
+
+// errLeadershipLost ends a term of leadership that etcd took away.
+var errLeadershipLost = errors.New("coordinator: leadership lost")
+
+// Coordinator places the model's shards on the cluster's workers and serves clients. It campaigns for
+// leadership of the cluster's coordinators; the leader plans (epochs in etcd), runs one step loop per TP
+// group and serves Generate; a standby answers Generate with UNAVAILABLE until it leads. Make one with
+// New, then Start it; Close stops it. Its methods are safe for concurrent use.
+type Coordinator struct {
+	cfg   Config
+	log   *zap.Logger
+	model modelInfo
+	queue *queue
+	dial  dialFunc
+
+	seqIDs atomic.Uint64
+
+	lis    net.Listener
+	srv    *grpc.Server
+	health *health.Server
+	cl     *cluster.Client
+
+	// ctx is the coordinator's lifetime: Close cancels it, which ends the leadership loop and the
+	// groups; wg waits for them.
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	ready     chan struct{}
+	readyOnce sync.Once
+	errc      chan error // buffer 1: the first fatal error
+
+	rebalanceReqs chan rebalanceReq
+
+	mu          sync.Mutex
+	started     bool
+	draining    bool
+	leader      bool
+	plan        cluster.Plan // the plan in force while leading; Epoch 0 when none
+	tp          int          // the TP size new plans use
+	readyGroups map[int]bool // groups of plan.Epoch that serve
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// New checks cfg and the model's configs; it starts nothing.
+func New(cfg Config) (*Coordinator, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	cfg = cfg.withDefaults()
+	m, err := loadModelInfo(cfg.Model)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkTP(m, cfg.Plan, cfg.TP); err != nil {
+		return nil, err
+	}
+	if cfg.Etcd.Logger == nil {
+		cfg.Etcd.Logger = cfg.Logger
+	}
+	c := &Coordinator{
+		cfg:           cfg,
+		log:           cfg.Logger.With(zap.String("coordinator-id", cfg.ID)),
+		model:         m,
+		queue:         newQueue(cfg.MaxQueue),
+		dial:          dialWorker,
+		ready:         make(chan struct{}),
+		errc:          make(chan error, 1),
+		rebalanceReqs: make(chan rebalanceReq),
+		tp:            cfg.TP,
+		readyGroups:   make(map[int]bool),
+	}
+	// Sequence ids of different coordinator lives differ, so a worker never confuses them.
+	c.seqIDs.Store(uint64(time.Now().UnixNano()))
+	return c, nil
+}
+
+// dialWorker opens a plaintext connection to a worker. No keepalive pings: a dead worker breaks its
+// Step stream (the connection resets) or loses its etcd lease, and both end its group's steps.
+func dialWorker(addr string) (*grpc.ClientConn, error) {
+	return grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+}
+
+// checkTP reports a TP size the model cannot be split into under the tp_plan, as the workers would.
+func checkTP(m modelInfo, planName string, tp int) error {
+	if tp < 1 {
+		return fmt.Errorf("%w: TP %d, want >= 1", ErrInvalidConfig, tp)
+	}
+	plan, ok := shard.NamedPlan(planName)
+	if !ok {
+		var err error
+		if plan, err = shard.LoadPlan(planName); err != nil {
+			return fmt.Errorf("%w: plan %q is not tp, ep or a readable plan file: %w", ErrInvalidConfig, planName, err)
+		}
+	}
+	ckpt, err := safetensors.OpenCheckpoint(m.dir)
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrInvalidConfig, err)
+	}
+	defer ckpt.Close()
+	if _, err := shard.NewManifest(m.cfg, ckpt, plan, tp, 0); err != nil {
+		return fmt.Errorf("%w: model %s at TP %d under plan %q: %w", ErrInvalidConfig, m.name, tp, planName, err)
+	}
+	return nil
+}
+
+// Start listens on cfg.ListenAddr, connects to etcd and starts campaigning; it returns once the gRPC
+// server accepts connections. ctx bounds the start only (the connection to etcd); the coordinator runs
+// until Close. Ready tells when it serves.
+func (c *Coordinator) Start(ctx context.Context) error {
+	c.mu.Lock()
+	if c.started {
+		c.mu.Unlock()
+		return fmt.Errorf("coordinator: started twice")
+	}
+	c.started = true
+	c.mu.Unlock()
+
+	c.log.Info("starting coordinator",
+		zap.String("listen", c.cfg.ListenAddr),
+		zap.String("model", c.model.dir),
+		zap.String("model-name", c.model.name),
+		zap.Int("tp", c.cfg.TP),
+		zap.String("plan", c.cfg.Plan),
+		zap.Int("max-queue", c.cfg.MaxQueue),
+		zap.Int("max-batch", c.cfg.MaxBatch),
+		zap.Int("token-budget", c.cfg.TokenBudget),
+		zap.Duration("leader-ttl", c.cfg.LeaderTTL),
+		zap.Duration("settle", c.cfg.Settle),
+		zap.Strings("etcd-endpoints", c.cfg.Etcd.Endpoints),
+		zap.String("cluster", c.cfg.Etcd.Cluster))
+
+	cl, err := cluster.New(ctx, c.cfg.Etcd)
+	if err != nil {
+		return err
+	}
+	lis, err := net.Listen("tcp", c.cfg.ListenAddr)
+	if err != nil {
+		_ = cl.Close()
+		return fmt.Errorf("coordinator: listen: %w", err)
+	}
+	c.cl, c.lis = cl, lis
+	c.srv = grpc.NewServer(
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{
+			MinTime:             10 * time.Second, // clients may ping every 10 s, e.g. during a long generation
+			PermitWithoutStream: true,             // and while idle
+		}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{
+			Time:    30 * time.Second, // ping an idle client after 30 s, so a vanished client's streams end
+			Timeout: 10 * time.Second, // and close the connection when the ping is not answered in 10 s
+			// MaxConnectionAge stays unset: Generate streams may be long.
+		}),
+	)
+	pb.RegisterGenerationServer(c.srv, &generationServer{c: c})
+	pb.RegisterAdminServer(c.srv, &adminServer{c: c})
+	c.health = health.NewServer()
+	c.setHealth(false)
+	healthpb.RegisterHealthServer(c.srv, c.health)
+	reflection.Register(c.srv)
+
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	c.wg.Add(2)
+	go func() {
+		defer c.wg.Done()
+		if err := c.srv.Serve(lis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+			c.fail(fmt.Errorf("coordinator: serve gRPC: %w", err))
+		}
+	}()
+	go func() {
+		defer c.wg.Done()
+		c.campaign()
+	}()
+	c.log.Info("coordinator listening", zap.String("addr", c.Addr()))
+	return nil
+}
+
+// Addr returns the address the gRPC server listens on (with the port it got for port 0), or "" before
+// Start.
+func (c *Coordinator) Addr() string {
+	if c.lis == nil {
+		return ""
+	}
+	return c.lis.Addr().String()
+}
+
+// Ready returns a channel that is closed once the coordinator leads and at least one TP group serves.
+func (c *Coordinator) Ready() <-chan struct{} { return c.ready }
+
+// Err returns a channel that receives the error that stopped the coordinator's gRPC server, if one
+// does. The coordinator still needs Close.
+func (c *Coordinator) Err() <-chan error { return c.errc }
+
+func (c *Coordinator) fail(err error) {
+	c.log.Error("coordinator failed", zap.Error(err))
+	select {
+	case c.errc <- err:
+	default:
+	}
+}
+
+// Close stops the coordinator: it refuses new requests, lets the requests in flight finish for up to
+// ShutdownGrace, then stops the groups (ending what is left with UNAVAILABLE), resigns the leadership so
+// a standby takes over at once, and closes the etcd client. It is idempotent.
+func (c *Coordinator) Close() error {
+	c.closeOnce.Do(func() {
+		c.mu.Lock()
+		c.draining = true
+		started := c.started && c.srv != nil
+		c.mu.Unlock()
+		if !started {
+			return
+		}
+		c.log.Info("stopping coordinator")
+		c.health.Shutdown()
+		stopped := make(chan struct{})
+		go func() {
+			c.srv.GracefulStop()
+			close(stopped)
+		}()
+		t := time.NewTimer(c.cfg.ShutdownGrace)
+		select {
+		case <-stopped:
+			t.Stop()
+		case <-t.C:
+			c.log.Warn("requests still running at the end of the shutdown grace; cutting them", zap.Duration("grace", c.cfg.ShutdownGrace))
+		}
+		c.cancel()
+		c.srv.Stop()
+		<-stopped
+		c.wg.Wait()
+		c.closeErr = c.cl.Close()
+		c.log.Info("coordinator stopped")
+	})
+	return c.closeErr
+}
+
+// setHealth reports the coordinator serving (leading with a group that serves) or not.
+func (c *Coordinator) setHealth(serving bool) {
+	st := healthpb.HealthCheckResponse_NOT_SERVING
+	if serving {
+		st = healthpb.HealthCheckResponse_SERVING
+	}
+	for _, svc := range []string{"", pb.Generation_ServiceDesc.ServiceName} {
+		c.health.SetServingStatus(svc, st)
+	}
+}
+
+// updateServing recomputes health and readiness; c.mu is held.
+func (c *Coordinator) updateServing() {
+	serving := c.leader && !c.draining && len(c.readyGroups) > 0
+	c.setHealth(serving)
+	if serving {
+		c.readyOnce.Do(func() { close(c.ready) })
+	}
+}
+
+// admit queues a checked request, or says why it cannot be served now.
+func (c *Coordinator) admit(r *request) error {
+	c.mu.Lock()
+	draining, leader, groups := c.draining, c.leader, len(c.plan.Groups)
+	c.mu.Unlock()
+	switch {
+	case draining:
+		return fmt.Errorf("%w: shutting down", ErrClosed)
+	case !leader:
+		return fmt.Errorf("%w: this coordinator is a standby", ErrNotLeader)
+	case groups == 0:
+		return fmt.Errorf("%w: no TP group of %d workers is placed; see the cluster's members", ErrNoPlan, c.currentTP())
+	}
+	return c.queue.push(r)
+}
+
+func (c *Coordinator) currentTP() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.tp
+}
+
+// campaign alternates between campaigning for leadership and leading, until Close.
+func (c *Coordinator) campaign() {
+	for c.ctx.Err() == nil {
+		c.log.Info("campaigning for leadership")
+		l, err := c.cl.Campaign(c.ctx, c.cfg.ID, c.cfg.LeaderTTL)
+		if err != nil {
+			if c.ctx.Err() != nil {
+				break
+			}
+			c.log.Warn("campaign failed; retrying", zap.Error(err))
+			sleep(c.ctx, time.Second)
+			continue
+		}
+		c.mu.Lock()
+		c.leader = true
+		c.mu.Unlock()
+		err = c.lead(l)
+		c.stepDown()
+		if c.ctx.Err() == nil {
+			c.log.Warn("stepped down", zap.Error(err))
+		}
+		rctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		if err := l.Resign(rctx); err != nil && !errors.Is(err, cluster.ErrClosed) {
+			c.log.Debug("resign", zap.Error(err))
+		}
+		cancel()
+	}
+	c.stepDown()
+}
+
+// stepDown ends the leadership: the groups stop and every waiting request ends with UNAVAILABLE.
+func (c *Coordinator) stepDown() {
+	c.mu.Lock()
+	c.leader = false
+	c.plan = cluster.Plan{}
+	clear(c.readyGroups)
+	c.updateServing()
+	c.mu.Unlock()
+	reason := fmt.Errorf("%w: leadership ended", ErrNotLeader)
+	if c.ctx.Err() != nil {
+		reason = fmt.Errorf("%w: shutting down", ErrClosed)
+	}
+	for _, r := range c.queue.drain() {
+		r.end("", reason)
+	}
+}
+
+// rebalanceReq asks the leadership loop for a new epoch.
+type rebalanceReq struct {
+	tp    int
+	reply chan rebalanceReply // buffer 1
+}
+
+type rebalanceReply struct {
+	epoch int64
+	err   error
+}
+
+// leader is one term of leadership: the state of the loop that plans and runs the groups.
+type leader struct {
+	c       *Coordinator
+	l       *cluster.Leadership
+	ctx     context.Context
+	log     *zap.Logger
+	members []cluster.Member
+	plan    cluster.Plan // the stored plan (Epoch 0: none)
+	cleaned int64        // rendezvous data before this epoch was deleted
+
+	groupsEpoch int64 // the epoch the running groups serve
+	groupsStop  context.CancelFunc
+	groupsWG    sync.WaitGroup
+	groupReady  chan struct{} // buffer 1: some group became ready
+	groupFailed chan int64    // buffer 1: a worker of a group reported this epoch failed
+
+	// A failed epoch is followed by a new one after a back-off that doubles with each failure in a row
+	// and resets once every group serves.
+	failTimer  *time.Timer
+	failEpoch  int64 // the failed epoch the timer will replace; 0: none pending
+	failStreak int
+}
+
+// Back-off of re-plans after failed epochs.
+const (
+	failFirst = time.Second
+	failMax   = 30 * time.Second
+)
+
+// lead plans and serves while l holds. It returns when the leadership is lost or the coordinator
+// closes, with the groups stopped.
+func (c *Coordinator) lead(l *cluster.Leadership) error {
+	ctx, cancel := context.WithCancel(c.ctx)
+	defer cancel()
+	ld := &leader{c: c, l: l, ctx: ctx, log: c.log, groupReady: make(chan struct{}, 1), groupFailed: make(chan int64, 1),
+		failTimer: time.NewTimer(time.Hour)}
+	ld.failTimer.Stop()
+	defer ld.failTimer.Stop()
+	defer ld.stopGroups()
+
+	members := c.cl.WatchMembers(ctx)
+	plans := c.cl.WatchPlan(ctx)
+	p, ok, err := c.cl.Plan(ctx)
+	if err != nil {
+		return err
+	}
+	if ok {
+		ld.plan = p
+	}
+	c.log.Info("leading", zap.Int64("stored-epoch", ld.plan.Epoch))
+	settle := time.NewTimer(time.Hour)
+	settle.Stop()
+	defer settle.Stop()
+	haveMembers := false
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-l.Done():
+			return errLeadershipLost
+		case ms, ok := <-members:
+			if !ok {
+				return fmt.Errorf("coordinator: member watch ended: %w", ctxErr(ctx, cluster.ErrClosed))
+			}
+			ld.members, haveMembers = ms, true
+			settle.Reset(c.cfg.Settle)
+		case p, ok := <-plans:
+			if !ok {
+				return fmt.Errorf("coordinator: plan watch ended: %w", ctxErr(ctx, cluster.ErrClosed))
+			}
+			if p.Epoch > ld.plan.Epoch {
+				c.log.Warn("plan replaced by another writer", zap.Int64("epoch", p.Epoch))
+				ld.plan = p
+				ld.apply()
+				if haveMembers {
+					settle.Reset(c.cfg.Settle)
+				}
+			}
+		case <-settle.C:
+			if err := ld.reconcile(); err != nil {
+				if errors.Is(err, cluster.ErrNotLeader) || ctx.Err() != nil {
+					return err
+				}
+				c.log.Warn("planning failed; retrying", zap.Error(err))
+				settle.Reset(time.Second)
+			}
+		case req := <-c.rebalanceReqs:
+			epoch, err := ld.rebalance(req.tp)
+			req.reply <- rebalanceReply{epoch, err}
+			if errors.Is(err, cluster.ErrNotLeader) {
+				return err
+			}
+		case <-ld.groupReady:
+			ld.cleanRendezvous()
+		case epoch := <-ld.groupFailed:
+			if epoch == ld.plan.Epoch && ld.failEpoch == 0 {
+				wait := min(failFirst<<min(ld.failStreak, 10), failMax)
+				ld.failStreak++
+				ld.failEpoch = epoch
+				ld.failTimer.Reset(wait)
+				c.log.Warn("epoch failed on a worker; writing a new one", zap.Int64("epoch", epoch), zap.Duration("in", wait))
+			}
+		case <-ld.failTimer.C:
+			failed := ld.failEpoch
+			ld.failEpoch = 0
+			if failed == ld.plan.Epoch {
+				if err := ld.replace(); err != nil {
+					if errors.Is(err, cluster.ErrNotLeader) || ctx.Err() != nil {
+						return err
+					}
+					c.log.Warn("replacing the failed epoch failed", zap.Error(err))
+				}
+			}
+		}
+	}
+}
+
+// reconcile brings the stored plan in line with the members: a plan that still fits them is resumed
+// as it is (no new epoch: workers keep their shards), otherwise the next epoch is written.
+func (ld *leader) reconcile() error {
+	for range 5 {
+		s := spec{model: ld.c.model.dir, tp: ld.c.currentTP(), planName: ld.c.cfg.Plan}
+		var keep *cluster.Plan
+		if ld.plan.Epoch > 0 {
+			keep = &ld.plan
+		}
+		want := place(ld.members, s, keep)
+		if ld.plan.Epoch > 0 && samePlacement(ld.plan, want) {
+			if ld.groupsEpoch != ld.plan.Epoch {
+				ld.log.Info("resuming plan", zap.Int64("epoch", ld.plan.Epoch), zap.Int("groups", len(ld.plan.Groups)))
+			}
+			ld.apply()
+			return nil
+		}
+		if ld.plan.Epoch == 0 && len(want.Groups) == 0 {
+			ld.log.Info("waiting for workers", zap.Int("members", len(ld.members)), zap.Int("tp", s.tp))
+			return nil
+		}
+		err := ld.put(want)
+		if errors.Is(err, cluster.ErrConflict) {
+			if p, ok, err := ld.c.cl.Plan(ld.ctx); err == nil && ok {
+				ld.plan = p
+			}
+			continue
+		}
+		return err
+	}
+	return fmt.Errorf("coordinator: plan: %w five times in a row", cluster.ErrConflict)
+}
+
+// replace writes the current placement (the surviving groups, and new ones from free members) as the
+// next epoch: workers of a failed epoch start over with it, keeping their weights.
+func (ld *leader) replace() error {
+	for range 5 {
+		s := spec{model: ld.c.model.dir, tp: ld.c.currentTP(), planName: ld.c.cfg.Plan}
+		var keep *cluster.Plan
+		if ld.plan.Epoch > 0 {
+			keep = &ld.plan
+		}
+		err := ld.put(place(ld.members, s, keep))
+		if !errors.Is(err, cluster.ErrConflict) {
+			return err
+		}
+		if p, ok, err := ld.c.cl.Plan(ld.ctx); err == nil && ok {
+			ld.plan = p
+		}
+	}
+	return fmt.Errorf("coordinator: plan: %w five times in a row", cluster.ErrConflict)
+}
+
+// put writes want as the next epoch, guarded by the leadership, and applies it.
+func (ld *leader) put(want cluster.Plan) error {
+	want.Epoch = ld.plan.Epoch + 1
+	if err := ld.l.PutPlan(ld.ctx, want, ld.plan.Epoch); err != nil {
+		return err
+	}
+	placed := 0
+	for _, g := range want.Groups {
+		placed += len(g.Ranks)
+	}
+	ld.log.Info("plan written", zap.Int64("epoch", want.Epoch), zap.Int("tp", want.TP), zap.Int("groups", len(want.Groups)),
+		zap.Int("members", len(ld.members)), zap.Int("idle", len(ld.members)-placed))
+	ld.plan = want
+	ld.apply()
+	return nil
+}
+
+// rebalance writes a fresh placement of the members as the next epoch, with a new TP size when tp > 0.
+func (ld *leader) rebalance(tp int) (int64, error) {
+	if tp > 0 {
+		if err := checkTP(ld.c.model, ld.c.cfg.Plan, tp); err != nil {
+			return 0, fmt.Errorf("%w: %w", ErrInvalidRequest, err)
+		}
+		ld.c.mu.Lock()
+		ld.c.tp = tp
+		ld.c.mu.Unlock()
+	}
+	s := spec{model: ld.c.model.dir, tp: ld.c.currentTP(), planName: ld.c.cfg.Plan}
+	for range 5 {
+		err := ld.put(place(ld.members, s, nil))
+		if errors.Is(err, cluster.ErrConflict) {
+			if p, ok, err := ld.c.cl.Plan(ld.ctx); err == nil && ok {
+				ld.plan = p
+			}
+			continue
+		}
+		if err != nil {
+			return 0, err
+		}
+		return ld.plan.Epoch, nil
+	}
+	return 0, fmt.Errorf("coordinator: rebalance: %w five times in a row", cluster.ErrConflict)
+}
+
+// apply runs the groups of the stored plan: when its epoch differs from the running groups', they stop
+// (their requests go back to the queue) and the plan's groups start.
+func (ld *leader) apply() {
+	c := ld.c
+	c.mu.Lock()
+	c.plan = ld.plan
+	c.mu.Unlock()
+	if ld.groupsEpoch == ld.plan.Epoch {
+		return
+	}
+	ld.stopGroups()
+	ctx, cancel := context.WithCancel(ld.ctx)
+	ld.groupsEpoch, ld.groupsStop = ld.plan.Epoch, cancel
+	if len(ld.plan.Groups) == 0 {
+		// Nothing will take the waiting requests: fail them rather than let them wait for workers.
+		for _, r := range c.queue.drain() {
+			r.end("", fmt.Errorf("%w: epoch %d places no TP group of %d workers", ErrNoPlan, ld.plan.Epoch, ld.plan.TP))
+		}
+	}
+	for _, g := range ld.plan.Groups {
+		log := c.log.With(zap.Int64("epoch", ld.plan.Epoch), zap.Int("group", g.ID))
+		cfg := groupConfig{
+			epoch:       ld.plan.Epoch,
+			group:       g,
+			queue:       c.queue,
+			maxBatch:    c.cfg.MaxBatch,
+			tokenBudget: c.cfg.TokenBudget,
+			seqIDs:      &c.seqIDs,
+			dial:        c.dial,
+			log:         log,
+			onReady:     ld.onReady(ld.plan.Epoch, g.ID),
+			onFailed:    ld.onFailed(ld.plan.Epoch),
+		}
+		ld.groupsWG.Go(func() { runGroup(ctx, cfg) })
+	}
+}
+
+// onReady returns the callback through which a group of epoch reports that it serves or stopped.
+func (ld *leader) onReady(epoch int64, group int) func(bool) {
+	return func(ready bool) {
+		c := ld.c
+		c.mu.Lock()
+		if c.plan.Epoch == epoch {
+			if ready {
+				c.readyGroups[group] = true
+			} else {
+				delete(c.readyGroups, group)
+			}
+			c.updateServing()
+		}
+		c.mu.Unlock()
+		if ready {
+			select {
+			case ld.groupReady <- struct{}{}:
+			default: // a signal is pending already
+			}
+		}
+	}
+}
+
+// onFailed returns the callback through which a group of epoch reports a worker failed in it.
+func (ld *leader) onFailed(epoch int64) func() {
+	return func() {
+		select {
+		case ld.groupFailed <- epoch:
+		default: // a report is pending already; the leader handles one failure per epoch
+		}
+	}
+}
+
+// stopGroups stops the running groups and waits for them.
+func (ld *leader) stopGroups() {
+	if ld.groupsStop != nil {
+		ld.groupsStop()
+		ld.groupsWG.Wait()
+		ld.groupsStop = nil
+	}
+	ld.groupsEpoch = 0
+	c := ld.c
+	c.mu.Lock()
+	clear(c.readyGroups)
+	c.updateServing()
+	c.mu.Unlock()
+}
+
+// cleanRendezvous deletes the rendezvous data of older epochs once every group of the plan serves.
+func (ld *leader) cleanRendezvous() {
+	c := ld.c
+	c.mu.Lock()
+	all := c.plan.Epoch == ld.plan.Epoch && len(c.readyGroups) == len(ld.plan.Groups)
+	c.mu.Unlock()
+	if !all || ld.cleaned >= ld.plan.Epoch {
+		return
+	}
+	ld.failStreak = 0
+	ld.log.Info("every group serves", zap.Int64("epoch", ld.plan.Epoch), zap.Int("groups", len(ld.plan.Groups)))
+	ctx, cancel := context.WithTimeout(ld.ctx, 5*time.Second)
+	defer cancel()
+	if err := c.cl.DeleteRendezvousBefore(ctx, ld.plan.Epoch); err != nil {
+		ld.log.Warn("deleting old rendezvous data", zap.Error(err))
+		return
+	}
+	ld.cleaned = ld.plan.Epoch
+}
+
+// Rebalance computes a fresh placement of the current members and writes it as the next epoch, with
+// TP size tp when tp > 0 (0 keeps it). It returns the new epoch. Only the leader rebalances: a standby
+// fails with ErrNotLeader.
+func (c *Coordinator) Rebalance(ctx context.Context, tp int) (int64, error) {
+	if tp < 0 {
+		return 0, invalid("tp %d must be >= 0", tp)
+	}
+	c.mu.Lock()
+	leader := c.leader
+	c.mu.Unlock()
+	if !leader {
+		return 0, fmt.Errorf("%w: rebalance on the leader", ErrNotLeader)
+	}
+	req := rebalanceReq{tp: tp, reply: make(chan rebalanceReply, 1)}
+	select {
+	case c.rebalanceReqs <- req:
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	case <-c.ctx.Done():
+		return 0, ErrClosed
+	}
+	select {
+	case r := <-req.reply:
+		return r.epoch, r.err
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	}
+}

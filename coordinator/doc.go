@@ -1,0 +1,49 @@
+// Package coordinator places a model's shards on the cluster's workers and serves clients: it is the
+// process between gRPC clients and the workers' Step streams.
+//
+// # What it does
+//
+//   - Leadership: every coordinator campaigns in etcd (cluster.Client.Campaign); only the leader plans
+//     and schedules. A standby answers Generate with UNAVAILABLE and takes over when the leader's lease
+//     expires (Config.LeaderTTL) or it resigns (Close).
+//   - Placement: the members (sorted by ID) form TP groups of Config.TP consecutive members, one
+//     replica of the model each; members left over stay idle. On taking the lead, the stored plan is
+//     resumed as it is, without a new epoch, when it still fits the live members (workers keep their
+//     shards across a coordinator restart); otherwise the next epoch is written with compare-and-swap,
+//     keeping the groups whose members are all still there. A group is used only once each of its
+//     workers reports (Status) that it serves the epoch.
+//   - Scheduling: one step loop per group keeps a Step stream to each rank and sends every rank the same
+//     StepRequests in the same order (continuous batching): new requests join at step boundaries within
+//     Config.MaxBatch sequences and Config.TokenBudget tokens per step (a decode takes one token, a
+//     prompt is fed in pieces of what is left); rank 0 returns each sampled token, which is streamed to
+//     its client at once; finished and cancelled sequences are released at the next step.
+//   - Errors: requests are checked before they queue (INVALID_ARGUMENT); the queue is bounded
+//     (RESOURCE_EXHAUSTED). A broken stream or a failed step ends the group's requests (UNAVAILABLE or
+//     INTERNAL) and the group reconnects; a worker whose epoch failed gets a new epoch. When the plan
+//     changes, the requests in flight go back to the head of the queue and run again from their prompt
+//     and the tokens already sent.
+//
+// # Services
+//
+// The gRPC server at Config.ListenAddr serves tpfleet.v1.Generation and tpfleet.v1.Admin, the standard
+// health service (SERVING once the coordinator leads and a group serves) and server reflection, so
+// grpcurl works:
+//
+//	grpcurl -plaintext -d '{"prompt_ids":[1,2,3],"max_tokens":8}' 127.0.0.1:7070 tpfleet.v1.Generation/Generate
+//
+// Client wraps the services for Go programs that should not use the generated code.
+//
+// # Usage
+//
+//	c, err := coordinator.New(coordinator.Config{
+//		Etcd:  cluster.Config{Endpoints: []string{"http://127.0.0.1:2379"}},
+//		Model: "/models/Llama-4-Scout-17B-16E",
+//		TP:    8,
+//	})
+//	if err := c.Start(ctx); err != nil { ... } // listening
+//	defer c.Close()
+//	<-c.Ready() // leading, a group serves
+//
+// The package imports cluster, model/llama4, shard, safetensors, sample and the generated protobuf
+// code; it knows nothing of backends or communicators, which live in the workers.
+package coordinator

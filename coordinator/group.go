@@ -1,0 +1,423 @@
+package coordinator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+
+	"github.com/tpfleet/tpfleet/cluster"
+	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
+)
+
+// Worker states as StatusResponse.state reports them ("idle" and "loading" besides).
+const (
+	workerServing = "serving"
+	workerFailed  = "failed"
+)
+
+// Timings of a group's connection to its workers.
+const (
+	statusTimeout  = 2 * time.Second        // one Status call
+	pollFirst      = 50 * time.Millisecond  // first wait between Status calls while a worker loads
+	pollMax        = 500 * time.Millisecond // longest wait between Status calls
+	reconnectFirst = 100 * time.Millisecond // first wait before a failed group reconnects
+	reconnectMax   = 2 * time.Second        // longest wait before a failed group reconnects
+)
+
+// errEpochFailed means a worker reports its epoch failed: it serves nothing until a new epoch.
+var errEpochFailed = errors.New("failed in epoch")
+
+// dialFunc opens a client connection to a worker; tests substitute in-process listeners.
+type dialFunc func(addr string) (*grpc.ClientConn, error)
+
+// groupConfig is what a group runner needs from the coordinator.
+type groupConfig struct {
+	epoch       int64
+	group       cluster.Group
+	queue       *queue
+	maxBatch    int
+	tokenBudget int
+	seqIDs      *atomic.Uint64 // shared by the groups: sequence ids are unique per coordinator
+	dial        dialFunc
+	log         *zap.Logger
+	// onReady is called with true when the group starts serving and false when it stops; from the
+	// group's goroutine, so it must not block.
+	onReady func(ready bool)
+	// onFailed is called when a worker of the group reports its epoch failed (it stays failed until a
+	// new epoch); from the group's goroutine, so it must not block.
+	onFailed func()
+}
+
+// sequence is a request in a group's batch.
+type sequence struct {
+	id      uint64
+	req     *request
+	tokens  []int32 // prompt and the ids chosen so far: what the workers must have seen to sample next
+	fed     int     // tokens sent to the workers
+	started bool    // the start work was sent
+}
+
+// runGroup connects to the group's workers, waits until each serves the epoch, and runs the step loop,
+// reconnecting after a failure, until ctx ends. When ctx ends, the requests in its batch go back to the
+// head of the queue (cancelled ones are dropped); after a failure they end with the error.
+func runGroup(ctx context.Context, cfg groupConfig) {
+	wait := reconnectFirst
+	for ctx.Err() == nil {
+		start := time.Now()
+		err := serveGroup(ctx, cfg)
+		if ctx.Err() != nil {
+			return
+		}
+		if time.Since(start) > 10*reconnectMax {
+			wait = reconnectFirst
+		}
+		if errors.Is(err, errEpochFailed) {
+			cfg.onFailed()
+		}
+		cfg.log.Warn("group failed; reconnecting", zap.Error(err), zap.Duration("after", wait))
+		if !sleep(ctx, wait) {
+			return
+		}
+		wait = min(2*wait, reconnectMax)
+	}
+}
+
+// rankReply is one message (or the end) of a rank's Step stream.
+type rankReply struct {
+	rank int
+	resp *pb.StepResponse
+	err  error
+}
+
+// serveGroup is one connection of the group: it returns when ctx ends (ctx's error) or the group fails.
+func serveGroup(ctx context.Context, cfg groupConfig) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	ranks := cfg.group.Ranks
+	conns := make([]*grpc.ClientConn, 0, len(ranks))
+	defer func() {
+		for _, c := range conns {
+			_ = c.Close()
+		}
+	}()
+	clients := make([]pb.WorkerClient, len(ranks))
+	for i, a := range ranks {
+		conn, err := cfg.dial(a.Addr)
+		if err != nil {
+			return fmt.Errorf("%w: rank %d (%s at %s): %w", ErrWorkerLost, i, a.MemberID, a.Addr, err)
+		}
+		conns = append(conns, conn)
+		clients[i] = pb.NewWorkerClient(conn)
+	}
+
+	start := time.Now()
+	for i, a := range ranks {
+		if err := waitServing(ctx, clients[i], cfg.epoch, cfg.group.ID, a, cfg.log); err != nil {
+			return err
+		}
+	}
+
+	streams := make([]grpc.BidiStreamingClient[pb.StepRequest, pb.StepResponse], len(ranks))
+	for i, a := range ranks {
+		s, err := clients[i].Step(ctx)
+		if err != nil {
+			return fmt.Errorf("%w: rank %d (%s at %s): open step stream: %w", ErrWorkerLost, i, a.MemberID, a.Addr, ctxErr(ctx, err))
+		}
+		streams[i] = s
+	}
+	replies := make(chan rankReply, len(ranks)) // each receiver has at most one reply in flight per step
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel() // runs before wg.Wait: ends the receivers
+	for i, s := range streams {
+		wg.Go(func() {
+			for {
+				resp, err := s.Recv()
+				select {
+				case replies <- rankReply{rank: i, resp: resp, err: err}:
+				case <-ctx.Done():
+					return
+				}
+				if err != nil {
+					return
+				}
+			}
+		})
+	}
+
+	members := make([]string, len(ranks))
+	for i, a := range ranks {
+		members[i] = a.MemberID
+	}
+	cfg.log.Info("group serving", zap.Strings("members", members), zap.Duration("took", time.Since(start).Round(time.Millisecond)))
+	cfg.onReady(true)
+	defer cfg.onReady(false)
+	b := &batch{cfg: cfg, streams: streams, replies: replies}
+	err := b.loop(ctx)
+	b.stop(ctx, err)
+	return err
+}
+
+// waitServing polls a worker's Status until it serves epoch as the planned group and rank, or ctx ends.
+func waitServing(ctx context.Context, c pb.WorkerClient, epoch int64, group int, a cluster.Assignment, log *zap.Logger) error {
+	wait := pollFirst
+	var last string
+	for {
+		sctx, cancel := context.WithTimeout(ctx, statusTimeout)
+		st, err := c.Status(sctx, &pb.StatusRequest{})
+		cancel()
+		var now string
+		switch {
+		case ctx.Err() != nil:
+			return ctx.Err()
+		case err != nil:
+			now = "unreachable: " + err.Error()
+		case st.GetEpoch() == epoch && st.GetState() == workerServing:
+			if st.GetGroup() != int32(group) || st.GetRank() != int32(a.Rank) || (st.GetMemberId() != "" && st.GetMemberId() != a.MemberID) {
+				return fmt.Errorf("%w: worker at %s serves epoch %d as %s group %d rank %d, want %s group %d rank %d",
+					ErrStepFailed, a.Addr, epoch, st.GetMemberId(), st.GetGroup(), st.GetRank(), a.MemberID, group, a.Rank)
+			}
+			return nil
+		case st.GetEpoch() == epoch && st.GetState() == workerFailed:
+			return fmt.Errorf("%w: worker %s at %s: %w %d", ErrStepFailed, a.MemberID, a.Addr, errEpochFailed, epoch)
+		default:
+			now = fmt.Sprintf("epoch %d, %s", st.GetEpoch(), st.GetState())
+		}
+		if now != last {
+			log.Debug("waiting for worker", zap.Int("rank", a.Rank), zap.String("member-id", a.MemberID),
+				zap.String("addr", a.Addr), zap.String("worker-state", now))
+			last = now
+		}
+		if !sleep(ctx, wait) {
+			return ctx.Err()
+		}
+		wait = min(2*wait, pollMax)
+	}
+}
+
+// batch is the step loop of one connected group: the sequences it runs and its workers' streams.
+type batch struct {
+	cfg     groupConfig
+	streams []grpc.BidiStreamingClient[pb.StepRequest, pb.StepResponse]
+	replies <-chan rankReply
+	step    uint64
+	active  []*sequence
+	release []uint64 // sequences to release at the next step
+}
+
+// loop runs steps until ctx ends or a step fails. Each iteration is one step boundary: cancelled
+// sequences are released, the batch is filled from the queue within MaxBatch and the token budget, and
+// one StepRequest goes to every rank.
+func (b *batch) loop(ctx context.Context) error {
+	for {
+		queued := b.cfg.queue.wait() // before popping, so that a request added after the pop wakes us
+		b.dropCancelled()
+		work, sampled := b.plan()
+		if len(work) == 0 && len(b.release) == 0 {
+			select {
+			case <-queued:
+				continue
+			case r := <-b.replies:
+				return b.unexpected(r)
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		results, err := b.run(ctx, work)
+		if err != nil {
+			return err
+		}
+		b.deliver(sampled, results)
+	}
+}
+
+// dropCancelled takes the sequences whose clients went away out of the batch.
+func (b *batch) dropCancelled() {
+	b.active = slices.DeleteFunc(b.active, func(s *sequence) bool {
+		if !s.req.cancelled() {
+			return false
+		}
+		b.cfg.log.Debug("sequence cancelled", zap.Uint64("seq-id", s.id), zap.Int("generated", len(s.req.gen)))
+		if s.started {
+			b.release = append(b.release, s.id)
+		}
+		return true
+	})
+}
+
+// plan builds the work of the next step: a decode for every sequence that has one new token, prompt
+// pieces within what is left of the token budget, then new sequences from the queue while the batch has
+// room. It returns the work and the sequences that asked to sample.
+func (b *batch) plan() ([]*pb.SequenceWork, []*sequence) {
+	budget := b.cfg.tokenBudget
+	var work []*pb.SequenceWork
+	var sampled []*sequence
+	feed := func(s *sequence, n int) {
+		w := &pb.SequenceWork{SeqId: s.id, Ids: s.tokens[s.fed : s.fed+n]}
+		if !s.started {
+			w.Start, w.Capacity, w.Sampling = true, int32(len(s.req.prompt)+s.req.maxTokens), s.req.sampling
+			s.started = true
+		}
+		s.fed += n
+		if s.fed == len(s.tokens) {
+			w.Sample = true
+			sampled = append(sampled, s)
+		}
+		budget -= n
+		work = append(work, w)
+	}
+	for _, s := range b.active {
+		if s.started && len(s.tokens)-s.fed == 1 {
+			feed(s, 1)
+		}
+	}
+	for _, s := range b.active {
+		if left := len(s.tokens) - s.fed; budget > 0 && (!s.started || left > 1) {
+			feed(s, min(left, budget))
+		}
+	}
+	for budget > 0 && len(b.active) < b.cfg.maxBatch {
+		r := b.cfg.queue.pop()
+		if r == nil {
+			break
+		}
+		if r.cancelled() {
+			continue
+		}
+		s := &sequence{id: b.cfg.seqIDs.Add(1), req: r, tokens: append(slices.Clone(r.prompt), r.gen...)}
+		b.active = append(b.active, s)
+		feed(s, min(len(s.tokens), budget))
+	}
+	return work, sampled
+}
+
+// run sends one step to every rank and waits for every rank's answer; it returns rank 0's results.
+func (b *batch) run(ctx context.Context, work []*pb.SequenceWork) ([]*pb.SequenceResult, error) {
+	b.step++
+	req := &pb.StepRequest{
+		Protocol: pb.StepProtocol_STEP_PROTOCOL_V1,
+		Epoch:    b.cfg.epoch,
+		Step:     b.step,
+		Seqs:     work,
+		Release:  b.release,
+	}
+	ranks := b.cfg.group.Ranks
+	for i, s := range b.streams {
+		if err := s.Send(req); err != nil {
+			return nil, fmt.Errorf("%w: rank %d (%s at %s): send step %d: %w", ErrWorkerLost, i, ranks[i].MemberID, ranks[i].Addr, b.step, ctxErr(ctx, err))
+		}
+	}
+	b.release = nil
+	var results []*pb.SequenceResult
+	answered := make([]bool, len(b.streams))
+	for range b.streams {
+		var r rankReply
+		select {
+		case r = <-b.replies:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		a := ranks[r.rank]
+		switch {
+		case r.err != nil:
+			return nil, fmt.Errorf("%w: rank %d (%s at %s): step %d: %w", ErrWorkerLost, r.rank, a.MemberID, a.Addr, b.step, ctxErr(ctx, r.err))
+		case r.resp.GetError() != "":
+			return nil, fmt.Errorf("%w: rank %d (%s at %s): step %d: %s", ErrStepFailed, r.rank, a.MemberID, a.Addr, b.step, r.resp.GetError())
+		case r.resp.GetStep() != b.step || answered[r.rank]:
+			return nil, fmt.Errorf("%w: rank %d (%s at %s) answered step %d, want %d", ErrStepFailed, r.rank, a.MemberID, a.Addr, r.resp.GetStep(), b.step)
+		}
+		answered[r.rank] = true
+		if r.rank == 0 {
+			results = r.resp.GetResults()
+		}
+	}
+	return results, nil
+}
+
+// unexpected turns a reply that came while no step was in flight into an error.
+func (b *batch) unexpected(r rankReply) error {
+	a := b.cfg.group.Ranks[r.rank]
+	if r.err != nil {
+		return fmt.Errorf("%w: rank %d (%s at %s): %w", ErrWorkerLost, r.rank, a.MemberID, a.Addr, r.err)
+	}
+	return fmt.Errorf("%w: rank %d (%s at %s) answered step %d, none in flight", ErrStepFailed, r.rank, a.MemberID, a.Addr, r.resp.GetStep())
+}
+
+// deliver hands rank 0's tokens to their requests and ends the requests that finished.
+func (b *batch) deliver(sampled []*sequence, results []*pb.SequenceResult) {
+	next := make(map[uint64]int32, len(results))
+	for _, res := range results {
+		next[res.GetSeqId()] = res.GetNextId()
+	}
+	done := make(map[uint64]bool)
+	for _, s := range sampled {
+		id, ok := next[s.id]
+		if !ok {
+			s.req.end("", fmt.Errorf("%w: rank 0 returned no token for sequence %d at step %d", ErrStepFailed, s.id, b.step))
+			done[s.id] = true
+			continue
+		}
+		s.tokens = append(s.tokens, id)
+		s.req.gen = append(s.req.gen, id)
+		s.req.emit(id)
+		if why, ok := s.req.finished(); ok {
+			s.req.end(why, nil)
+			done[s.id] = true
+		}
+	}
+	if len(done) == 0 {
+		return
+	}
+	b.active = slices.DeleteFunc(b.active, func(s *sequence) bool {
+		if done[s.id] {
+			b.release = append(b.release, s.id)
+			return true
+		}
+		return false
+	})
+}
+
+// stop settles the batch's requests when the loop ended with err: after the group was stopped (ctx
+// ended) they go back to the head of the queue, to be run again from their prompt and the ids chosen so
+// far; after a failure they end with err.
+func (b *batch) stop(ctx context.Context, err error) {
+	if ctx.Err() != nil {
+		for _, s := range slices.Backward(b.active) {
+			if !s.req.cancelled() {
+				b.cfg.queue.pushFront(s.req)
+			}
+		}
+	} else {
+		for _, s := range b.active {
+			s.req.end("", err)
+		}
+	}
+	b.active = nil
+}
+
+// ctxErr returns ctx's error when ctx has ended, else err.
+func ctxErr(ctx context.Context, err error) error {
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return err
+}
+
+// sleep waits d or until ctx ends, and reports whether ctx is still live.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}

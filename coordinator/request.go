@@ -1,0 +1,203 @@
+package coordinator
+
+import (
+	"container/list"
+	"fmt"
+	"path/filepath"
+	"sync"
+
+	"github.com/tpfleet/tpfleet/model/llama4"
+	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
+	"github.com/tpfleet/tpfleet/sample"
+)
+
+// Finish reasons, as GenerateResponse.finish_reason carries them.
+const (
+	FinishStop   = "stop"   // an eos or stop id was chosen (it is the last id)
+	FinishLength = "length" // max_tokens ids were chosen
+)
+
+// modelInfo is what the coordinator knows of the served model: enough to check requests.
+type modelInfo struct {
+	name string // the checkpoint directory's base name
+	dir  string // absolute
+	cfg  llama4.Config
+	gen  llama4.Generation
+}
+
+// loadModelInfo reads dir's config.json and generation_config.json.
+func loadModelInfo(dir string) (modelInfo, error) {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return modelInfo{}, fmt.Errorf("%w: model %s: %w", ErrInvalidConfig, dir, err)
+	}
+	cfg, err := llama4.LoadConfig(abs)
+	if err != nil {
+		return modelInfo{}, fmt.Errorf("%w: %w", ErrInvalidConfig, err)
+	}
+	gen, err := llama4.LoadGeneration(abs, cfg)
+	if err != nil {
+		return modelInfo{}, fmt.Errorf("%w: %w", ErrInvalidConfig, err)
+	}
+	return modelInfo{name: filepath.Base(abs), dir: abs, cfg: cfg, gen: gen}, nil
+}
+
+// defaultSampling is generation_config.json's sampling: its settings when do_sample is set, else greedy.
+func (m modelInfo) defaultSampling() sample.Params {
+	p := sample.Params{TopP: 1}
+	if m.gen.DoSample {
+		p.Temperature, p.TopK, p.TopP = m.gen.Temperature, m.gen.TopK, m.gen.TopP
+	}
+	return p
+}
+
+// invalid makes an ErrInvalidRequest error.
+func invalid(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", ErrInvalidRequest, fmt.Sprintf(format, args...))
+}
+
+// newRequest checks a GenerateRequest against the model and makes the request the scheduler runs.
+func (m modelInfo) newRequest(in *pb.GenerateRequest) (*request, error) {
+	if in.GetModel() != "" && in.GetModel() != m.name {
+		return nil, invalid("unknown model %q: this cluster serves %q", in.GetModel(), m.name)
+	}
+	switch {
+	case in.GetPrompt() != "" && len(in.GetPromptIds()) > 0:
+		return nil, invalid("set prompt_ids or prompt, not both")
+	case in.GetPrompt() != "":
+		return nil, fmt.Errorf("%w: a text prompt needs the model's tokenizer: %w; send prompt_ids", ErrInvalidRequest, ErrNoTokenizer)
+	case len(in.GetPromptIds()) == 0:
+		return nil, invalid("empty prompt: set prompt_ids")
+	}
+	vocab := m.cfg.VocabSize
+	for i, id := range in.GetPromptIds() {
+		if id < 0 || int(id) >= vocab {
+			return nil, invalid("prompt id %d at index %d is outside the vocabulary [0, %d)", id, i, vocab)
+		}
+	}
+	n, maxTokens := len(in.GetPromptIds()), int(in.GetMaxTokens())
+	switch {
+	case maxTokens <= 0:
+		return nil, invalid("max_tokens %d must be positive", maxTokens)
+	case n+maxTokens > m.cfg.MaxPositions:
+		return nil, invalid("%d prompt tokens + max_tokens %d exceed the model's context of %d", n, maxTokens, m.cfg.MaxPositions)
+	}
+	p := m.defaultSampling()
+	if s := in.GetSampling(); s != nil {
+		p = sample.Params{Temperature: s.GetTemperature(), TopK: int(s.GetTopK()), TopP: s.GetTopP(), Seed: s.GetSeed()}
+	}
+	if err := p.Validate(); err != nil {
+		return nil, invalid("sampling: %v", err)
+	}
+	stop := make(map[int32]bool)
+	if !in.GetIgnoreEos() {
+		for _, id := range m.gen.EOS {
+			stop[int32(id)] = true
+		}
+	}
+	for i, id := range in.GetStopIds() {
+		if id < 0 || int(id) >= vocab {
+			return nil, invalid("stop id %d at index %d is outside the vocabulary [0, %d)", id, i, vocab)
+		}
+		stop[id] = true
+	}
+	return newRequest(in.GetPromptIds(), maxTokens, p, stop), nil
+}
+
+// request is one Generate call on its way through the queue and a group's batch.
+type request struct {
+	// Set before the request is queued, read-only afterwards.
+	prompt    []int32
+	maxTokens int
+	sampling  *pb.SamplingParams
+	stop      map[int32]bool
+
+	// Queue bookkeeping, guarded by the queue's mutex.
+	elem    *list.Element
+	counted bool
+
+	// gen holds the ids chosen so far. Only the group holding the request touches it; a request passes
+	// from group to group through the queue, whose mutex orders those accesses.
+	gen []int32
+
+	// gone is closed when the client went away (cancel).
+	gone     chan struct{}
+	goneOnce sync.Once
+
+	// Output to the Generate handler: ids not yet sent, and the end.
+	mu      sync.Mutex
+	pending []int32
+	done    bool
+	finish  string
+	err     error
+	notify  chan struct{} // buffer 1: something is pending; a full buffer already says so
+}
+
+func newRequest(prompt []int32, maxTokens int, p sample.Params, stop map[int32]bool) *request {
+	return &request{
+		prompt:    append([]int32(nil), prompt...),
+		maxTokens: maxTokens,
+		sampling:  &pb.SamplingParams{Temperature: p.Temperature, TopK: int32(p.TopK), TopP: p.TopP, Seed: p.Seed},
+		stop:      stop,
+		gone:      make(chan struct{}),
+		notify:    make(chan struct{}, 1),
+	}
+}
+
+// emit hands a chosen id to the client; it never blocks.
+func (r *request) emit(id int32) {
+	r.mu.Lock()
+	r.pending = append(r.pending, id)
+	r.mu.Unlock()
+	r.wake()
+}
+
+// end finishes the request with a finish reason, or with err. Only the first call counts.
+func (r *request) end(finish string, err error) {
+	r.mu.Lock()
+	if !r.done {
+		r.done, r.finish, r.err = true, finish, err
+	}
+	r.mu.Unlock()
+	r.wake()
+}
+
+func (r *request) wake() {
+	select {
+	case r.notify <- struct{}{}:
+	default:
+	}
+}
+
+// take returns the ids emitted since the last take and, once the request ended, its outcome.
+func (r *request) take() (ids []int32, done bool, finish string, err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ids, r.pending = r.pending, nil
+	return ids, r.done, r.finish, r.err
+}
+
+// cancel marks the request abandoned by its client; the group holding it releases its sequence at
+// the next step boundary.
+func (r *request) cancel() { r.goneOnce.Do(func() { close(r.gone) }) }
+
+// cancelled reports whether the client went away.
+func (r *request) cancelled() bool {
+	select {
+	case <-r.gone:
+		return true
+	default:
+		return false
+	}
+}
+
+// finished reports whether the last chosen id ends the request, and why.
+func (r *request) finished() (string, bool) {
+	if n := len(r.gen); n > 0 && r.stop[r.gen[n-1]] {
+		return FinishStop, true
+	}
+	if len(r.gen) >= r.maxTokens {
+		return FinishLength, true
+	}
+	return "", false
+}
