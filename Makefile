@@ -7,13 +7,19 @@ PROTOC_GEN_GO_VERSION := v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 MODEL       ?= testdata/fixtures/moe-top1
 
-.PHONY: build run test lint fmt-check vet staticcheck unit fixtures proto proto-check protoc clean
+.PHONY: build run generate test lint fmt-check vet staticcheck unit fixtures proto proto-check protoc clean
 
 build:
 	$(GO) build -o $(BIN)/tpfleet ./cmd/tpfleet
 
-# The README's run command: greedy generation on a tiny checkpoint shipped in testdata/.
+# The README's run command: serve a tiny checkpoint shipped in testdata/ on this machine (embedded etcd, a
+# coordinator and two CPU workers at TP=2) until Ctrl-C.
+LISTEN ?= 127.0.0.1:7070
 run: build
+	$(BIN)/tpfleet serve --model $(MODEL) --tp 2 --listen $(LISTEN)
+
+# One-shot greedy generation in this process, no server.
+generate: build
 	$(BIN)/tpfleet generate --model $(MODEL) --ids 1,475,188,269,460 --max-tokens 16 --temperature 0
 
 test: lint proto-check unit
