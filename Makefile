@@ -16,7 +16,7 @@ build:
 # coordinator and two CPU workers at TP=2) until Ctrl-C.
 LISTEN ?= 127.0.0.1:7070
 run: build
-	$(BIN)/tpfleet serve --model $(MODEL) --tp 2 --listen $(LISTEN)
+	$(BIN)/tpfleet serve --model $(MODEL) --tp 2 --listen $(LISTEN) --etcd-listen 127.0.0.1:2379
 
 # One-shot greedy generation in this process, no server.
 generate: build
