@@ -15,23 +15,10 @@ import (
 
 // runCluster dispatches the tools that read the cluster's state straight from etcd.
 func runCluster(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
-		fmt.Fprintln(stderr, "usage: tpfleet cluster <subcommand> --etcd ENDPOINTS [flags]\n\nsubcommands:\n"+
-			"  members    list the registered workers\n"+
-			"  shards     show the plan: the epoch and which worker holds which rank of which TP group\n\n"+
-			"Run 'tpfleet cluster <subcommand> -h' for its flags.")
-		if len(args) == 0 {
-			return usagef("a subcommand is required")
-		}
-		return flag.ErrHelp
-	}
-	switch args[0] {
-	case "members":
-		return runClusterMembers(ctx, args[1:], stdout, stderr)
-	case "shards":
-		return runClusterShards(ctx, args[1:], stdout, stderr)
-	}
-	return usagef("unknown subcommand %q (want: members, shards)", args[0])
+	return runSubcommand(ctx, "cluster", "--etcd ENDPOINTS [flags]", []command{
+		{"members", "list the registered workers", runClusterMembers},
+		{"shards", "show the plan: the epoch and which worker holds which rank of which TP group", runClusterShards},
+	}, args, stdout, stderr)
 }
 
 // clusterFlags are the flags of the cluster tools.

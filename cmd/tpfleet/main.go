@@ -13,6 +13,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 )
 
@@ -86,6 +87,29 @@ func usage(w io.Writer) {
 		fmt.Fprintf(w, "  %-12s %s\n", c.name, c.summary)
 	}
 	fmt.Fprintln(w, "\nRun 'tpfleet <command> -h' for a command's flags.")
+}
+
+// runSubcommand dispatches `tpfleet <parent> <sub> ...` to one of subs, with its own usage text.
+func runSubcommand(ctx context.Context, parent, flagsHint string, subs []command, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		fmt.Fprintf(stderr, "usage: tpfleet %s <subcommand> %s\n\nsubcommands:\n", parent, flagsHint)
+		for _, c := range subs {
+			fmt.Fprintf(stderr, "  %-10s %s\n", c.name, c.summary)
+		}
+		fmt.Fprintf(stderr, "\nRun 'tpfleet %s <subcommand> -h' for its flags.\n", parent)
+		if len(args) == 0 {
+			return usagef("a subcommand is required")
+		}
+		return flag.ErrHelp
+	}
+	names := make([]string, len(subs))
+	for i, c := range subs {
+		if c.name == args[0] {
+			return c.run(ctx, args[1:], stdout, stderr)
+		}
+		names[i] = c.name
+	}
+	return usagef("unknown subcommand %q (want: %s)", args[0], strings.Join(names, ", "))
 }
 
 // usagef makes a usage error.

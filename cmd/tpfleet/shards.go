@@ -16,20 +16,9 @@ import (
 
 // runShards dispatches the shard tools: `tpfleet shards plan` prints what each rank of a TP group loads.
 func runShards(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
-		fmt.Fprintln(stderr, "usage: tpfleet shards <subcommand> [flags]\n\nsubcommands:\n"+
-			"  plan       print each rank's tensors, styles, local shapes and bytes under a tp_plan\n\n"+
-			"Run 'tpfleet shards <subcommand> -h' for its flags.")
-		if len(args) == 0 {
-			return usagef("a subcommand is required")
-		}
-		return flag.ErrHelp
-	}
-	switch args[0] {
-	case "plan":
-		return runShardsPlan(ctx, args[1:], stdout, stderr)
-	}
-	return usagef("unknown subcommand %q (want: plan)", args[0])
+	return runSubcommand(ctx, "shards", "[flags]", []command{
+		{"plan", "print each rank's tensors, styles, local shapes and bytes under a tp_plan", runShardsPlan},
+	}, args, stdout, stderr)
 }
 
 type shardsPlanFlags struct {
