@@ -92,3 +92,34 @@ extern "C" __global__ void split_bf16(const void* x, int xdt, bf16_t* out, long 
 extern "C" __global__ void add_halves(const float* d, void* y, int ydt, long long n) {
 	GRID_STRIDE(i, n) st(y, ydt, i, d[i] + d[n + i]);
 }
+
+// gather_permute turns an all-gather's [size, T, n] blocks (rank r's [T, n] at r) into [T, size·n]: each
+// row is the ranks' rows side by side in rank order. Same dtype in and out (exact).
+extern "C" __global__ void gather_permute(const void* g, int dt, void* y, int T, int n, int size, long long total) {
+	GRID_STRIDE(i, total) { // i indexes y
+		long long row = (long long)n * size;
+		long long t = i / row, c = i - t * row;
+		long long r = c / n, j = c - r * n;
+		st(y, dt, i, ld(g, dt, (r * T + t) * n + j));
+	}
+}
+
+// splitmix64 is a counter-based hash: fill_random's generator.
+__device__ __forceinline__ unsigned long long splitmix64(unsigned long long x) {
+	x += 0x9e3779b97f4a7c15ull;
+	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+	x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+	return x ^ (x >> 31);
+}
+
+// fill_random sets n bf16 values to mean + std·z, z ~ N(0, 1) by Box–Muller on a hash of (seed, i): the
+// same seed gives the same values. For benchmarks' random weights.
+extern "C" __global__ void fill_random(bf16_t* y, long long n, unsigned long long seed, float mean, float std) {
+	GRID_STRIDE(i, n) {
+		unsigned long long h = splitmix64(seed ^ splitmix64((unsigned long long)i));
+		float u1 = (float)((h >> 40) + 1) * 5.9604645e-8f; // (0, 1]
+		float u2 = (float)(h & 0xffffffull) * 5.9604645e-8f;
+		float z = sqrtf(-2.0f * logf(u1)) * cosf(6.2831853f * u2);
+		y[i] = f32_to_bf16(mean + std * z);
+	}
+}

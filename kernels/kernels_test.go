@@ -35,7 +35,7 @@ func TestSource(t *testing.T) {
 func TestEntries(t *testing.T) {
 	got := Entries(Source())
 	want := []string{"kv_append", "attention", "convert", "embed", "rmsnorm", "add", "silu_mul",
-		"scale_rows", "rope", "linear_simple", "split_bf16", "add_halves", "route", "expert_gate_up", "expert_down"}
+		"scale_rows", "rope", "linear_simple", "split_bf16", "add_halves", "gather_permute", "fill_random", "route", "expert_gate_up", "expert_down"}
 	if !slices.Equal(got, want) {
 		t.Errorf("Entries(Source()) = %v, want %v", got, want)
 	}

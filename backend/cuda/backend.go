@@ -8,9 +8,11 @@ import (
 	"path/filepath"
 	"slices"
 	"time"
+	"unsafe"
 
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/kernels"
+	"github.com/tpfleet/tpfleet/nccl"
 	"github.com/tpfleet/tpfleet/safetensors"
 )
 
@@ -41,6 +43,7 @@ type kernelSet struct {
 	convert, embed, rmsnorm, add, siluMul, scaleRows, rope, linearSimple *kernel
 	splitBF16, addHalves                                                 *kernel
 	kvAppend, attention, route, expertGateUp, expertDown                 *kernel
+	gatherPermute, fillRandom                                            *kernel
 }
 
 // Info describes what New found and did.
@@ -142,6 +145,7 @@ func (b *Backend) init() error {
 		{"silu_mul", &b.k.siluMul}, {"scale_rows", &b.k.scaleRows}, {"rope", &b.k.rope},
 		{"linear_simple", &b.k.linearSimple}, {"split_bf16", &b.k.splitBF16}, {"add_halves", &b.k.addHalves}, {"kv_append", &b.k.kvAppend}, {"attention", &b.k.attention},
 		{"route", &b.k.route}, {"expert_gate_up", &b.k.expertGateUp}, {"expert_down", &b.k.expertDown},
+		{"gather_permute", &b.k.gatherPermute}, {"fill_random", &b.k.fillRandom},
 	} {
 		if *k.dst, err = b.module.function(k.name); err != nil {
 			return err
@@ -184,6 +188,17 @@ func (b *Backend) Close() error {
 	keep(b.dev.release())
 	return errors.Join(errs...)
 }
+
+// Context returns the device's primary context (a CUcontext), for nccl.NewNCCLGroup.
+func (b *Backend) Context() uintptr { return uintptr(unsafe.Pointer(b.dev.ctx)) }
+
+// Stream returns the backend's stream (a CUstream): nccl.DeviceBuffer values of this backend's
+// collectives name it.
+func (b *Backend) Stream() uintptr { return uintptr(unsafe.Pointer(b.stream.s)) }
+
+// MakeCurrent makes the device's primary context current on the calling OS thread, as nccl.NewNCCL
+// requires. Call it on a goroutine locked to its thread (runtime.LockOSThread).
+func (b *Backend) MakeCurrent() error { return b.dev.makeCurrent() }
 
 // Name returns "cuda:N" for device N.
 func (b *Backend) Name() string { return fmt.Sprintf("cuda:%d", b.cfg.Device) }
@@ -291,7 +306,9 @@ func (b *Backend) newTensor(dt DType, shape ...int) (*tensor, error) {
 	return &tensor{b: b, buf: buf, shape: shape, dt: dt}, nil
 }
 
-// act allocates an op's output: the configured activation type.
+// act allocates the output of an op whose consumer is a GEMM or attention (RMSNorm, SiLUMul, RoPE,
+// ScaleRows, Attention): Config.Activations, bf16 by default. Linear, Add and Experts, whose outputs
+// are the residual stream and the logits, always store float32.
 func (b *Backend) act(shape ...int) (*tensor, error) { return b.newTensor(b.cfg.Activations, shape...) }
 
 // Load copies a checkpoint tensor to the device without losing precision: BF16 stays bf16, F8_E4M3 and
@@ -422,4 +439,47 @@ func (b *Backend) Rows(t backend.Tensor, start, end int) (backend.Tensor, error)
 	shape := slices.Clone(tt.shape)
 	shape[0] = end - start
 	return &tensor{b: b, buf: tt.buf, off: tt.off + int64(start)*int64(row)*tt.dt.size(), shape: shape, dt: tt.dt}, nil
+}
+
+// RandomBF16 makes a bf16 tensor of shape whose values are mean + std·z, z ~ N(0, 1), generated on the
+// device from a counter-based hash of seed and the element index (the same seed gives the same values).
+// It gets dedicated memory like a loaded weight. Benchmarks use it for random models: nothing crosses
+// the PCIe bus, so a 20 GB model is ready in well under a second.
+func (b *Backend) RandomBF16(shape []int, mean, std float32, seed uint64) (backend.Tensor, error) {
+	if b.closed {
+		return nil, ErrClosed
+	}
+	n, ok := numel(shape)
+	if !ok {
+		return nil, fmt.Errorf("cuda: random bf16%v: %w", shape, backend.ErrShape)
+	}
+	buf, err := b.pool.getDedicated(int64(n) * 2)
+	if err != nil {
+		return nil, fmt.Errorf("cuda: random bf16%v: %w", shape, err)
+	}
+	buf = b.pool.owned(buf)
+	t := &tensor{b: b, buf: buf, shape: slices.Clone(shape), dt: BF16}
+	if n == 0 {
+		return t, nil
+	}
+	err = b.stream.launch(b.k.fillRandom, elemGrid(n), elemBlockDim, 0, t, int64(n), int64(seed), mean, std)
+	return b.result("random bf16", t, err)
+}
+
+// DeviceCount loads the CUDA libraries (see New) and returns the number of GPUs the driver sees.
+func DeviceCount() (int, error) {
+	if err := loadLibraries(libDirs(nil, os.Getenv(EnvLibDirs), filepath.Glob)); err != nil {
+		return 0, err
+	}
+	return deviceCount()
+}
+
+// DeviceBuffer describes t's device memory for an NCCL collective on the backend's stream. t must stay
+// reachable until the collective has been enqueued.
+func (b *Backend) DeviceBuffer(t backend.Tensor) (nccl.DeviceBuffer, error) {
+	tt, err := b.asTensor("device buffer", "t", t)
+	if err != nil {
+		return nccl.DeviceBuffer{}, err
+	}
+	return b.commBuffer(tt), nil
 }

@@ -64,9 +64,11 @@ const (
 type Config struct {
 	// Device is the ordinal of the GPU to use (0 is the first CUDA sees).
 	Device int `json:"cuda-device"`
-	// Activations is the storage type of every op's output: BF16 (the zero value; DESIGN §6) or F32
-	// (twice the activation memory, for numerical comparisons). Weights keep their checkpoint's type
-	// (bf16 for every Llama 4 checkpoint) and the KV cache is always bf16.
+	// Activations is the storage type of the ops' outputs that feed GEMMs and attention (RMSNorm,
+	// SiLUMul, RoPE, ScaleRows, Attention): BF16 (the zero value; DESIGN §6), or F32, a reference mode
+	// that also splits float32 GEMM inputs into two bf16 halves (twice the GEMM work, near-float32
+	// results). Linear, Add and Experts always store float32 (residual stream, logits). Weights keep their
+	// checkpoint's type (bf16 for every Llama 4 checkpoint) and the KV cache is always bf16.
 	Activations DType `json:"cuda-activations"`
 	// Poison fills every newly allocated activation with NaN before the op writes it, so elements an op
 	// fails to write show up. It costs a memset per allocation: for tests and debugging.

@@ -25,10 +25,16 @@
 // # Numerics (DESIGN §6)
 //
 // Weights keep their checkpoint's type: bf16 for Llama 4 (F8 is widened to bf16 exactly, F32 and F16
-// stay float32). Every op stores its output as Config.Activations, bf16 by default, and computes in
-// float32: norms, softmax, RoPE angles (cos and sin in float64), router sigmoid (float64). Linear is a
-// cuBLASLt bf16 GEMM with float32 accumulation. The KV cache is bf16. FromFloat32 keeps its values as
-// float32 and Embed returns the table's type, so gathers and host inputs are exact.
+// stay float32). Every op computes in float32: norms, softmax, RoPE angles (cos and sin in float64),
+// router sigmoid (float64). What an op stores depends on its role, as in HF's bf16 model but with the
+// residual stream and the logits kept in float32: ops whose output feeds a GEMM or attention (RMSNorm,
+// SiLUMul, RoPE, ScaleRows, Attention) store Config.Activations, bf16 by default; Linear (a cuBLASLt
+// GEMM with bf16 inputs, float32 accumulation and a float32 output), Add and Experts store float32, so
+// the residual stream, the router's logits and the model's logits are float32. Prefill does one GEMM per
+// Linear and every weight is read once. Activations F32 (a reference mode) stores every output as
+// float32 and splits float32 GEMM inputs into two bf16 halves: near-float32 results for twice the GEMM
+// work. The KV cache is bf16. FromFloat32 keeps its values as float32 and Embed returns the table's
+// type, so gathers and host inputs are exact.
 //
 // # Kernels
 //
@@ -39,6 +45,7 @@
 //
 // # Collectives
 //
-// AllReduce and AllGather accept single-rank communicators only, for now; the NCCL communicator will
-// take device buffers.
+// AllReduce and AllGather run on the backend's stream through an NCCL communicator (nccl.NewNCCL,
+// nccl.NewNCCLGroup; see Backend.MakeCurrent), given nccl.DeviceBuffer values. A single-rank
+// communicator of any kind (nccl.Solo) is accepted too: its collectives are no-ops.
 package cuda

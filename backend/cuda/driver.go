@@ -19,7 +19,7 @@ var drv struct {
 	ctxSetCurrent, getErrorName, getErrorString, memAlloc, memFree          unsafe.Pointer
 	memAllocHost, memFreeHost, memGetInfo, memcpyHtoDAsync, memcpyDtoHAsync unsafe.Pointer
 	memsetD8Async, moduleLoadData, moduleUnload, moduleGetFunction, launch  unsafe.Pointer
-	streamCreate, streamDestroy, streamSynchronize                          unsafe.Pointer
+	streamCreate, streamDestroy, streamSynchronize, memcpyDtoDAsync         unsafe.Pointer
 }
 
 // driverSymbols names the entry points with the ABI version this package declares: the _v2 names are
@@ -45,6 +45,7 @@ func driverSymbols() []symbol {
 		{name: "cuMemGetInfo_v2", dst: &drv.memGetInfo},
 		{name: "cuMemcpyHtoDAsync_v2", dst: &drv.memcpyHtoDAsync},
 		{name: "cuMemcpyDtoHAsync_v2", dst: &drv.memcpyDtoHAsync},
+		{name: "cuMemcpyDtoDAsync_v2", dst: &drv.memcpyDtoDAsync},
 		{name: "cuMemsetD8Async", dst: &drv.memsetD8Async},
 		{name: "cuModuleLoadData", dst: &drv.moduleLoadData},
 		{name: "cuModuleUnload", dst: &drv.moduleUnload},
@@ -84,6 +85,12 @@ func driverVersion() (int, error) {
 	var v C.int
 	err := check("cuDriverGetVersion", cuResult(C.tp_cuDriverGetVersion(drv.driverGetVersion, &v)))
 	return int(v), err
+}
+
+func deviceCount() (int, error) {
+	var n C.int
+	err := check("cuDeviceGetCount", cuResult(C.tp_cuDeviceGetCount(drv.deviceGetCount, &n)))
+	return int(n), err
 }
 
 // openDevice retains the primary context of GPU ordinal.
@@ -127,6 +134,10 @@ func openDevice(ordinal int) (*device, error) {
 		return nil, err
 	}
 	return d, nil
+}
+
+func (d *device) makeCurrent() error {
+	return check("cuCtxSetCurrent", cuResult(C.tp_make_current(d.ctx)))
 }
 
 func (d *device) release() error {
@@ -181,6 +192,11 @@ func (s *stream) htod(dst devptr, src unsafe.Pointer, n int64) error {
 // dtoh enqueues a copy of n bytes from src to pinned host memory dst.
 func (s *stream) dtoh(dst unsafe.Pointer, src devptr, n int64) error {
 	return check("cuMemcpyDtoHAsync", cuResult(C.tp_cuMemcpyDtoHAsync(drv.memcpyDtoHAsync, s.d.ctx, dst, C.CUdeviceptr(src), C.size_t(n), s.s)))
+}
+
+// dtod enqueues a copy of n bytes between device addresses.
+func (s *stream) dtod(dst, src devptr, n int64) error {
+	return check("cuMemcpyDtoDAsync", cuResult(C.tp_cuMemcpyDtoDAsync(drv.memcpyDtoDAsync, s.d.ctx, C.CUdeviceptr(dst), C.CUdeviceptr(src), C.size_t(n), s.s)))
 }
 
 func (s *stream) memset(dst devptr, v byte, n int64) error {

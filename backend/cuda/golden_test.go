@@ -15,16 +15,15 @@ import (
 )
 
 // DESIGN §6's bounds for teacher-forced logits of the CUDA backend against HF's float32 reference:
-// relative L2 <= 3e-2 and top-1 agreement >= 98 % of positions.
-//
-// With bf16 activations the logits themselves are stored in bf16, whose step at |logit| 8..16 is
-// 0.03..0.06, while the fixtures' smallest top-1/top-2 gaps are 0.003..0.01 (random tiny models): a
-// few positions per fixture flip on rounding alone, so 98 % (at most one flip in 80) cannot be promised
-// there. bf16 activations are held to 95 %; f32 activations (float32 residual stream and logits, x
-// split into two bf16 halves for the GEMMs) to DESIGN's 98 %. docs/gpu-notes.md has the measurements.
-const goldenRelL2 = 3e-2
-
-var goldenTop1 = map[cuda.DType]float64{cuda.BF16: 0.95, cuda.F32: 0.98}
+// relative L2 <= 3e-2 and top-1 agreement >= 98 % of positions, in both modes. The default mode feeds
+// bf16 to every GEMM (as HF's bf16 model does) but keeps the residual stream and the logits in float32:
+// the fixtures' smallest top-1/top-2 gaps (0.003..0.01, random tiny models) are far below the bf16 step
+// of a logit of 8..16 (0.03..0.06), so bf16 logits would flip a few positions per fixture on rounding
+// alone. Activations F32 is the near-float32 reference. docs/gpu-notes.md has the measurements.
+const (
+	goldenRelL2 = 3e-2
+	goldenTop1  = 0.98
+)
 
 // fixturesDir finds testdata/fixtures from the working directory or one of its parents, so the test
 // binary runs from the package directory (go test) or the repository root (scripts/gpu/test.sh).
@@ -178,10 +177,10 @@ func goldenFixture(t *testing.T, b *cuda.Backend, dir string, act cuda.DType) {
 	}
 
 	status := ""
-	if rel > goldenRelL2 || top1 < goldenTop1[act] {
+	if rel > goldenRelL2 || top1 < goldenTop1 {
 		status = " FAIL"
 		t.Errorf("relative L2 = %.3g (want <= %.3g), top-1 agreement = %d/%d = %.1f%% (want >= %.0f%%)",
-			rel, goldenRelL2, agree, positions, 100*top1, 100*goldenTop1[act])
+			rel, goldenRelL2, agree, positions, 100*top1, 100*goldenTop1)
 	}
 	name := filepath.Base(dir)
 	t.Logf("%s act=%s: relL2 %.3g, top-1 %d/%d, greedy prefix %d/%d, score %v, generate %v (%d cuMemAlloc, %d in the last 10 steps), memory %+v",

@@ -129,7 +129,7 @@ func (b *Backend) Experts(x backend.Tensor, r backend.Routing, gateUp, down back
 	if first < math.MinInt32/2 || first > math.MaxInt32/2 {
 		first = math.MaxInt32 / 2 // no expert id reaches it: every slot is elsewhere
 	}
-	out, err := b.act(T, H)
+	out, err := b.newTensor(F32, T, H) // a residual-stream update
 	if err != nil {
 		return nil, err
 	}

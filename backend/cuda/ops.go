@@ -108,17 +108,19 @@ func (b *Backend) RMSNorm(x, weight backend.Tensor, eps float32) (backend.Tensor
 	return b.result("rmsnorm", out, err)
 }
 
-// Add returns a + b elementwise; the shapes must be equal.
+// Add returns a + b elementwise; the shapes must be equal. The sum is float32: Add builds the residual
+// stream.
 func (b *Backend) Add(x, y backend.Tensor) (backend.Tensor, error) {
-	return b.binary("add", b.k.add, x, y)
+	return b.binary("add", b.k.add, F32, x, y)
 }
 
-// SiLUMul returns silu(gate) · up elementwise (float32 math); the shapes must be equal.
+// SiLUMul returns silu(gate) · up elementwise (float32 math); the shapes must be equal. The product feeds
+// down_proj, so it is stored as a GEMM input (Config.Activations).
 func (b *Backend) SiLUMul(gate, up backend.Tensor) (backend.Tensor, error) {
-	return b.binary("silumul", b.k.siluMul, gate, up)
+	return b.binary("silumul", b.k.siluMul, b.cfg.Activations, gate, up)
 }
 
-func (b *Backend) binary(op string, k *kernel, x, y backend.Tensor) (backend.Tensor, error) {
+func (b *Backend) binary(op string, k *kernel, dt DType, x, y backend.Tensor) (backend.Tensor, error) {
 	xt, err := b.asTensor(op, "a", x)
 	if err != nil {
 		return nil, err
@@ -130,7 +132,7 @@ func (b *Backend) binary(op string, k *kernel, x, y backend.Tensor) (backend.Ten
 	if !slices.Equal(xt.shape, yt.shape) {
 		return nil, fmt.Errorf("cuda: %s a%v b%v: %w", op, xt.shape, yt.shape, backend.ErrShape)
 	}
-	out, err := b.act(slices.Clone(xt.shape)...)
+	out, err := b.newTensor(dt, slices.Clone(xt.shape)...)
 	if err != nil {
 		return nil, err
 	}
@@ -207,11 +209,14 @@ func (b *Backend) RoPE(x backend.Tensor, pos []int, invFreq []float32) (backend.
 	return b.result("rope", out, err)
 }
 
-// Linear computes x · wᵀ for x [T, in] and w [out, in] → [T, out]: a cuBLASLt bf16 GEMM with float32
-// accumulation. A float32 x (Config.Activations F32, or FromFloat32 inputs) is split into two bf16
-// halves (see splitLinear) so no precision is lost on it; a weight that is not bf16 (or an operand not
-// 256-byte aligned) is first converted into a temporary bf16 copy. Shapes cuBLASLt has no algorithm for run on a simple kernel (float32 math on the
-// operands as stored).
+// Linear computes x · wᵀ for x [T, in] and w [out, in] → [T, out]: a cuBLASLt GEMM with bf16 inputs,
+// float32 accumulation and a float32 output (Linear outputs are residual-stream updates, router logits
+// and the model's logits, which DESIGN §6 keeps in float32). With the default Activations (bf16) a
+// float32 x is rounded to bf16 first, as HF's bf16 model feeds its Linears, so prefill is one GEMM per
+// Linear. With Activations F32 a float32 x is split into two bf16 halves (see splitLinear): float32-input
+// accuracy for twice the GEMM work. A weight that is not bf16 (or an operand not 256-byte aligned) is
+// first converted into a temporary bf16 copy. Shapes cuBLASLt has no algorithm for run on a simple
+// kernel (float32 math on the operands as stored).
 func (b *Backend) Linear(x, w backend.Tensor) (backend.Tensor, error) {
 	xt, err := b.asTensor("linear", "x", x)
 	if err != nil {
@@ -225,7 +230,7 @@ func (b *Backend) Linear(x, w backend.Tensor) (backend.Tensor, error) {
 		return nil, fmt.Errorf("cuda: linear x%v w%v: %w", xt.shape, wt.shape, backend.ErrShape)
 	}
 	T, in, outDim := xt.shape[0], xt.shape[1], wt.shape[0]
-	y, err := b.act(T, outDim)
+	y, err := b.newTensor(F32, T, outDim)
 	if err != nil {
 		return nil, err
 	}
@@ -253,7 +258,7 @@ func (b *Backend) Linear(x, w backend.Tensor) (backend.Tensor, error) {
 	if wtmp != nil {
 		defer b.pool.release(*wtmp)
 	}
-	if xt.dt != BF16 {
+	if xt.dt != BF16 && b.cfg.Activations == F32 {
 		err = b.splitLinear(xt, wp, y)
 	} else {
 		var xp devptr
@@ -324,9 +329,18 @@ func (b *Backend) bf16Operand(t *tensor) (devptr, *buffer, error) {
 	return buf.ptr, buf, nil
 }
 
-// AllReduce sums t across the ranks of c in place. Only single-rank communicators are supported so far
-// (the sum is t itself); larger groups need the NCCL communicator and give an error wrapping
-// errors.ErrUnsupported.
+// commBuffer describes t's memory for an NCCL collective on the backend's stream.
+func (b *Backend) commBuffer(t *tensor) nccl.DeviceBuffer {
+	typ := nccl.Float32
+	if t.dt == BF16 {
+		typ = nccl.BFloat16
+	}
+	return nccl.DeviceBuffer{Ptr: uintptr(t.ptr()), N: t.numel(), Type: typ, Stream: b.Stream()}
+}
+
+// AllReduce sums t across the ranks of c in place, enqueued on the backend's stream (c must be an NCCL
+// communicator whose rank runs on this backend's device, see nccl.NewNCCLGroup). A single-rank
+// communicator of any kind leaves t as it is.
 func (b *Backend) AllReduce(ctx context.Context, c nccl.Comm, t backend.Tensor) error {
 	tt, err := b.asTensor("allreduce", "t", t)
 	if err != nil {
@@ -335,16 +349,23 @@ func (b *Backend) AllReduce(ctx context.Context, c nccl.Comm, t backend.Tensor) 
 	if c == nil {
 		return fmt.Errorf("cuda: allreduce t%v: nil comm", tt.shape)
 	}
-	if c.Size() != 1 {
-		return fmt.Errorf("cuda: allreduce t%v over %d ranks: device communicators are not implemented yet: %w",
-			tt.shape, c.Size(), errors.ErrUnsupported)
+	if c.Size() == 1 {
+		return ctx.Err()
 	}
-	return ctx.Err()
+	if !nccl.AcceptsDeviceBuffers(c) {
+		return fmt.Errorf("cuda: allreduce t%v over a %T of %d ranks: device tensors need an NCCL communicator: %w",
+			tt.shape, c, c.Size(), errors.ErrUnsupported)
+	}
+	if err := c.AllReduce(ctx, b.commBuffer(tt)); err != nil {
+		return fmt.Errorf("cuda: allreduce t%v: %w", tt.shape, err)
+	}
+	runtime.KeepAlive(tt)
+	return nil
 }
 
-// AllGather concatenates each rank's t [T, n] along the last dimension in rank order → [T, n·size]. Only
-// single-rank communicators are supported so far (the result is t); larger groups give an error
-// wrapping errors.ErrUnsupported.
+// AllGather concatenates each rank's t [T, n] along the last dimension in rank order → [T, n·size],
+// on the backend's stream: NCCL gathers the ranks' blocks into [size, T, n] and, for T > 1, a kernel
+// permutes them into rows. A single-rank communicator returns t.
 func (b *Backend) AllGather(ctx context.Context, c nccl.Comm, t backend.Tensor) (backend.Tensor, error) {
 	tt, err := b.asTensor("allgather", "t", t)
 	if err != nil {
@@ -356,12 +377,34 @@ func (b *Backend) AllGather(ctx context.Context, c nccl.Comm, t backend.Tensor) 
 	if c == nil {
 		return nil, fmt.Errorf("cuda: allgather t%v: nil comm", tt.shape)
 	}
-	if c.Size() != 1 {
-		return nil, fmt.Errorf("cuda: allgather t%v over %d ranks: device communicators are not implemented yet: %w",
-			tt.shape, c.Size(), errors.ErrUnsupported)
+	if c.Size() == 1 {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		return tt, nil
 	}
-	if err := ctx.Err(); err != nil {
+	if !nccl.AcceptsDeviceBuffers(c) {
+		return nil, fmt.Errorf("cuda: allgather t%v over a %T of %d ranks: device tensors need an NCCL communicator: %w",
+			tt.shape, c, c.Size(), errors.ErrUnsupported)
+	}
+	T, n, size := tt.shape[0], tt.shape[1], c.Size()
+	g, err := b.newTensor(tt.dt, size, T, n)
+	if err != nil {
 		return nil, err
 	}
-	return tt, nil
+	gb := b.commBuffer(g)
+	if err := c.AllGather(ctx, b.commBuffer(tt), gb); err != nil {
+		return nil, fmt.Errorf("cuda: allgather t%v: %w", tt.shape, err)
+	}
+	runtime.KeepAlive(tt)
+	if T <= 1 {
+		return &tensor{b: b, buf: g.buf, off: g.off, shape: []int{T, size * n}, dt: g.dt}, nil
+	}
+	out, err := b.newTensor(tt.dt, T, size*n)
+	if err != nil {
+		return nil, err
+	}
+	total := T * size * n
+	err = b.stream.launch(b.k.gatherPermute, elemGrid(total), elemBlockDim, 0, g, int(g.dt), out, T, n, size, int64(total))
+	return b.result("allgather", out, err)
 }

@@ -19,6 +19,12 @@ static CUresult bind(CUcontext c) {
 	return r;
 }
 
+CUresult tp_make_current(CUcontext c) {
+	CUresult r = ((CUresult(*)(CUcontext))ctx_setter)(c);
+	bound = r == 0 ? c : 0;
+	return r;
+}
+
 #define BIND(c) do { CUresult r_ = bind(c); if (r_) return r_; } while (0)
 
 CUresult tp_cuInit(void* f, unsigned flags) { return ((CUresult(*)(unsigned))f)(flags); }
@@ -45,6 +51,10 @@ CUresult tp_cuMemcpyHtoDAsync(void* f, CUcontext c, CUdeviceptr d, const void* s
 CUresult tp_cuMemcpyDtoHAsync(void* f, CUcontext c, void* d, CUdeviceptr s, size_t n, CUstream st) {
 	BIND(c);
 	return ((CUresult(*)(void*, CUdeviceptr, size_t, CUstream))f)(d, s, n, st);
+}
+CUresult tp_cuMemcpyDtoDAsync(void* f, CUcontext c, CUdeviceptr d, CUdeviceptr s, size_t n, CUstream st) {
+	BIND(c);
+	return ((CUresult(*)(CUdeviceptr, CUdeviceptr, size_t, CUstream))f)(d, s, n, st);
 }
 CUresult tp_cuMemsetD8Async(void* f, CUcontext c, CUdeviceptr d, unsigned char v, size_t n, CUstream st) {
 	BIND(c);

@@ -23,6 +23,8 @@ const char* tp_dlerror(void);
 
 // Driver API. tp_set_ctx_setter registers cuCtxSetCurrent for the binding of contexts.
 void tp_set_ctx_setter(void* f);
+// tp_make_current makes c current on the calling thread, whatever the thread had (and records it).
+CUresult tp_make_current(CUcontext c);
 CUresult tp_cuInit(void* f, unsigned flags);
 CUresult tp_cuDriverGetVersion(void* f, int* v);
 CUresult tp_cuDeviceGetCount(void* f, int* n);
@@ -41,6 +43,7 @@ CUresult tp_cuMemFreeHost(void* f, CUcontext c, void* p);
 CUresult tp_cuMemGetInfo(void* f, CUcontext c, size_t* free, size_t* total);
 CUresult tp_cuMemcpyHtoDAsync(void* f, CUcontext c, CUdeviceptr dst, const void* src, size_t n, CUstream s);
 CUresult tp_cuMemcpyDtoHAsync(void* f, CUcontext c, void* dst, CUdeviceptr src, size_t n, CUstream s);
+CUresult tp_cuMemcpyDtoDAsync(void* f, CUcontext c, CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s);
 CUresult tp_cuMemsetD8Async(void* f, CUcontext c, CUdeviceptr dst, unsigned char v, size_t n, CUstream s);
 CUresult tp_cuModuleLoadData(void* f, CUcontext c, CUmodule* m, const void* image);
 CUresult tp_cuModuleUnload(void* f, CUcontext c, CUmodule m);

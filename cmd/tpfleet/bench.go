@@ -3,28 +3,36 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"math"
+	"math/rand/v2"
 	"runtime"
+	"strings"
 	"time"
 
 	"github.com/tpfleet/tpfleet/backend"
-	"github.com/tpfleet/tpfleet/backend/cpu"
+	"github.com/tpfleet/tpfleet/backend/cuda"
 	"github.com/tpfleet/tpfleet/model/llama4"
-	"github.com/tpfleet/tpfleet/sample"
+	"github.com/tpfleet/tpfleet/safetensors"
+	"github.com/tpfleet/tpfleet/shard"
 )
 
 type benchFlags struct {
 	layers, hidden, heads, kvHeads, headDim, experts, topK, intermediate, intermediateMLP, vocab, moeStep int
-	prompt, tokens, threads, runs                                                                         int
+	prompt, tokens, threads, runs, tp                                                                     int
+	device                                                                                                string
 	json                                                                                                  bool
 }
 
-// benchResult is one measurement; times are the best of the runs.
+// benchResult is one measurement; times are the best of the runs (the first run warms up).
 type benchResult struct {
 	Device         string  `json:"device"`
-	Threads        int     `json:"threads"`
+	Card           string  `json:"card,omitempty"`
+	TP             int     `json:"tp"`
+	Threads        int     `json:"threads,omitempty"`
 	Layers         int     `json:"layers"`
 	Hidden         int     `json:"hidden"`
 	Experts        int     `json:"experts"`
@@ -35,6 +43,129 @@ type benchResult struct {
 	DecodeTokens   int     `json:"decode_tokens"`
 	DecodeMSPerTok float64 `json:"decode_ms_per_token"`
 	TokensPerSec   float64 `json:"decode_tokens_per_second"`
+	// StepBytes is the weight bytes one batch-1 decode step must read (attention, dense and shared
+	// MLPs, top-k experts of each MoE layer, router, norms, the lm_head, one embedding row), over all
+	// ranks.
+	StepBytes int64 `json:"decode_weight_bytes_per_step"`
+	// CopyGBs is the measured device-to-device copy rate (bytes read + written per second / 1e9) on
+	// rank 0's GPU; FloorMS is StepBytes / TP / that rate, the memory-bandwidth floor of a decode step.
+	CopyGBs       float64 `json:"copy_gb_per_s,omitempty"`
+	FloorMS       float64 `json:"decode_floor_ms,omitempty"`
+	FloorFraction float64 `json:"decode_fraction_of_floor,omitempty"`
+	LoadMS        float64 `json:"load_ms"`
+}
+
+// randomFiller is implemented by backends that can fill random bf16 weights themselves (cuda): bench's
+// random models then start in well under a second instead of generating gigabytes on the host.
+type randomFiller interface {
+	RandomBF16(shape []int, mean, std float32, seed uint64) (backend.Tensor, error)
+}
+
+// synchronizer is implemented by asynchronous backends (cuda): it waits for the work enqueued so far.
+type synchronizer interface {
+	Synchronize() error
+}
+
+// benchWeights are random bf16 weights for one rank, scaled like llama4.RandomWeights (norm weights
+// near 1, matrices ~ N(0, 1/fan_in)), cut for the rank by a shard manifest when tp > 1. They are
+// generated on the device when the backend is a randomFiller, else on the host.
+type benchWeights struct {
+	ops    backend.Ops
+	cfg    llama4.Config
+	man    *shard.Manifest // nil for tp = 1
+	seed   uint64
+	shapes map[string][]int
+}
+
+func (w *benchWeights) Load(ctx context.Context, name string) (backend.Tensor, llama4.Layout, error) {
+	shape, ok := w.shapes[name]
+	if !ok {
+		return nil, llama4.Replicated, fmt.Errorf("bench weights: no tensor %s in this configuration", name)
+	}
+	local, lay := shape, llama4.Replicated
+	if w.man != nil {
+		ts, ok := w.man.Lookup(w.cfg.Prefix + name)
+		if !ok {
+			return nil, lay, fmt.Errorf("bench weights: %s is not in rank %d's manifest", name, w.man.Rank)
+		}
+		local, lay = ts.LocalShape, ts.Layout
+	}
+	mean, std := 0.0, 1/math.Sqrt(float64(shape[len(shape)-1]))
+	switch {
+	case len(shape) == 1:
+		mean, std = 1, 0.1
+	case len(shape) == 3:
+		std = 1 / math.Sqrt(float64(shape[1]))
+	case name == "model.embed_tokens.weight":
+		std = 1
+	}
+	var h uint64 = 14695981039346656037 // FNV-1a of the name, so tensors differ
+	for i := 0; i < len(name); i++ {
+		h = (h ^ uint64(name[i])) * 1099511628211
+	}
+	if rf, ok := w.ops.(randomFiller); ok {
+		t, err := rf.RandomBF16(local, float32(mean), float32(std), w.seed^h)
+		return t, lay, err
+	}
+	n := 1
+	for _, d := range local {
+		n *= d
+	}
+	rng := rand.New(rand.NewPCG(w.seed, h))
+	data := make([]byte, 2*n)
+	for i := range n {
+		v := safetensors.Float32ToBF16(float32(mean + std*rng.NormFloat64()))
+		data[2*i], data[2*i+1] = byte(v), byte(v>>8)
+	}
+	t, err := w.ops.Load(safetensors.BF16, local, data)
+	return t, lay, err
+}
+
+// specCatalog is a shard.Catalog of a configuration's tensors, all bf16, for planning random weights.
+type specCatalog struct {
+	prefix string
+	specs  []llama4.TensorSpec
+}
+
+func (c specCatalog) Names() []string {
+	names := make([]string, len(c.specs))
+	for i, s := range c.specs {
+		names[i] = c.prefix + s.Name
+	}
+	return names
+}
+
+func (c specCatalog) Info(name string) (safetensors.TensorInfo, error) {
+	for _, s := range c.specs {
+		if c.prefix+s.Name == name {
+			n := int64(2)
+			for _, d := range s.Shape {
+				n *= int64(d)
+			}
+			return safetensors.TensorInfo{Name: name, DType: safetensors.BF16, Shape: s.Shape, End: n}, nil
+		}
+	}
+	return safetensors.TensorInfo{}, fmt.Errorf("no tensor %s", name)
+}
+
+// stepBytes is the weight bytes a batch-1 decode step reads: every tensor, except the routed experts
+// (top-k of E per MoE layer) and the embedding table (one row).
+func stepBytes(cfg llama4.Config) int64 {
+	var total int64
+	for _, s := range cfg.Tensors() {
+		n := int64(2)
+		for _, d := range s.Shape {
+			n *= int64(d)
+		}
+		switch {
+		case strings.HasSuffix(s.Name, "experts.gate_up_proj") || strings.HasSuffix(s.Name, "experts.down_proj"):
+			n = n / int64(cfg.NumExperts) * int64(min(cfg.TopK, cfg.NumExperts))
+		case s.Name == "model.embed_tokens.weight":
+			n = 2 * int64(cfg.HiddenSize)
+		}
+		total += n
+	}
+	return total
 }
 
 // runBench times prefill and batch-1 decode of a random model of the given shape (no checkpoint needed).
@@ -56,13 +187,18 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&f.prompt, "prompt", 128, "prompt tokens (prefill)")
 	fs.IntVar(&f.tokens, "tokens", 32, "decoded tokens")
 	fs.IntVar(&f.threads, "threads", 0, "CPU threads (0: all cores)")
-	fs.IntVar(&f.runs, "runs", 3, "repetitions; the best is reported")
+	fs.IntVar(&f.runs, "runs", 3, "repetitions; the best is reported (the first also warms up)")
+	fs.StringVar(&f.device, "device", "cpu", "cpu or cuda (rank r of --tp N on GPU r)")
+	fs.IntVar(&f.tp, "tp", 1, "tensor-parallel ranks in this process (HF's tp plan)")
 	fs.BoolVar(&f.json, "json", false, "print one JSON object")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if f.runs < 1 || f.prompt < 1 || f.tokens < 1 {
-		return usagef("--runs, --prompt and --tokens must be positive")
+	if f.runs < 1 || f.prompt < 1 || f.tokens < 1 || f.tp < 1 {
+		return usagef("--runs, --prompt, --tokens and --tp must be positive")
+	}
+	if f.device != "cpu" && f.device != "cuda" {
+		return usagef("--device %q: want cpu or cuda", f.device)
 	}
 	cfgJSON, _ := json.Marshal(map[string]any{
 		"model_type": "llama4_text", "vocab_size": f.vocab, "hidden_size": f.hidden, "intermediate_size": f.intermediate,
@@ -79,13 +215,48 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if threads == 0 {
 		threads = runtime.GOMAXPROCS(0)
 	}
-	ops := cpu.New(cpu.Config{Threads: threads})
-	m, err := llama4.Load(ctx, ops, cfg, llama4.NewRandomWeights(cfg, ops, 1), llama4.Parallel{})
+	mf := modelFlags{device: f.device, threads: threads, par: parallelFlags{tp: f.tp, plan: "tp", rank: -1}}
+	start := time.Now()
+	g, allOps, _, err := newRankOps(ctx, mf)
 	if err != nil {
 		return err
 	}
-	res := benchResult{Device: ops.Name(), Threads: threads, Layers: f.layers, Hidden: f.hidden, Experts: f.experts,
-		Vocab: f.vocab, PromptTokens: f.prompt, DecodeTokens: f.tokens}
+	defer g.Close()
+	var mans []shard.Manifest
+	if f.tp > 1 {
+		plan, _ := shard.NamedPlan("tp")
+		if mans, err = shard.NewManifests(cfg, specCatalog{prefix: cfg.Prefix, specs: cfg.Tensors()}, plan, f.tp); err != nil {
+			return err
+		}
+	}
+	shapes := map[string][]int{}
+	for _, s := range cfg.Tensors() {
+		shapes[s.Name] = s.Shape
+	}
+	for r, ops := range allOps {
+		w := &benchWeights{ops: ops, cfg: cfg, seed: 1, shapes: shapes}
+		if mans != nil {
+			w.man = &mans[r]
+		}
+		m, err := llama4.Load(ctx, ops, cfg, w, llama4.Parallel{Comm: g.comms[r]})
+		if err != nil {
+			return fmt.Errorf("rank %d: %w", r, err)
+		}
+		g.ranks = append(g.ranks, m)
+	}
+	for _, ops := range allOps {
+		if s, ok := ops.(synchronizer); ok {
+			if err := s.Synchronize(); err != nil {
+				return err
+			}
+		}
+	}
+	res := benchResult{Device: allOps[0].Name(), TP: f.tp, Layers: f.layers, Hidden: f.hidden, Experts: f.experts,
+		Vocab: f.vocab, PromptTokens: f.prompt, DecodeTokens: f.tokens, StepBytes: stepBytes(cfg),
+		LoadMS: float64(time.Since(start)) / float64(time.Millisecond)}
+	if f.device == "cpu" {
+		res.Threads = threads
+	}
 	for _, s := range cfg.Tensors() {
 		n := int64(2)
 		for _, d := range s.Shape {
@@ -93,12 +264,21 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		res.WeightBytes += n
 	}
+	if b, ok := allOps[0].(*cuda.Backend); ok {
+		res.Card = b.Info().Device
+		bw, err := b.CopyBandwidth(1<<30, 20)
+		if err != nil {
+			return err
+		}
+		res.CopyGBs = bw / 1e9
+		res.FloorMS = float64(res.StepBytes) / float64(f.tp) / bw * 1e3
+	}
 	prompt := make([]int, f.prompt)
 	for i := range prompt {
 		prompt[i] = (i*7919 + 13) % f.vocab
 	}
 	for r := 0; r < f.runs; r++ {
-		prefill, decode, err := benchOnce(ctx, m, ops, prompt, f.tokens)
+		prefill, decode, err := benchOnce(ctx, g, allOps, prompt, f.tokens)
 		if err != nil {
 			return err
 		}
@@ -111,40 +291,68 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 	}
 	res.TokensPerSec = 1000 / res.DecodeMSPerTok
+	if res.FloorMS > 0 {
+		res.FloorFraction = res.FloorMS / res.DecodeMSPerTok
+	}
 	if f.json {
 		return json.NewEncoder(stdout).Encode(res)
 	}
-	_, err = fmt.Fprintf(stdout, "device %s threads %d: %d layers, hidden %d, %d experts, vocab %d, %.1f MiB bf16\n"+
+	_, err = fmt.Fprintf(stdout, "device %s %s tp %d: %d layers, hidden %d, %d experts, vocab %d, %.1f MiB bf16 (loaded in %.0f ms)\n"+
 		"prefill %d tokens: %.1f ms\ndecode: %.2f ms/token, %.1f tokens/s\n",
-		res.Device, res.Threads, res.Layers, res.Hidden, res.Experts, res.Vocab, float64(res.WeightBytes)/(1<<20),
+		res.Device, res.Card, res.TP, res.Layers, res.Hidden, res.Experts, res.Vocab, float64(res.WeightBytes)/(1<<20), res.LoadMS,
 		res.PromptTokens, res.PrefillMS, res.DecodeMSPerTok, res.TokensPerSec)
+	if err == nil && res.FloorMS > 0 {
+		_, err = fmt.Fprintf(stdout, "decode floor: %.1f MiB of weights a step / %d rank(s) at %.0f GB/s (measured copy) = %.3f ms; decode at %.0f %% of it\n",
+			float64(res.StepBytes)/(1<<20), res.TP, res.CopyGBs, res.FloorMS, 100*res.FloorFraction)
+	}
 	return err
 }
 
-// benchOnce runs one prefill and greedy decode steps, returning their wall times.
-func benchOnce(ctx context.Context, m *llama4.Model, ops backend.Ops, prompt []int, tokens int) (prefill, decode time.Duration, err error) {
-	seq, err := m.NewSequence(len(prompt) + tokens)
-	if err != nil {
-		return 0, 0, err
+// benchOnce runs one prefill and tokens decode steps on every rank of g, returning their wall times.
+// Each decode step feeds a fixed token (no host argmax) and waits for the step's logits on the device;
+// the prefill waits for its logits too.
+func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, tokens int) (prefill, decode time.Duration, err error) {
+	seqs := make([]*llama4.Sequence, len(g.ranks))
+	for r, m := range g.ranks {
+		if seqs[r], err = m.NewSequence(len(prompt) + tokens); err != nil {
+			return 0, 0, err
+		}
+	}
+	wait := func(r int, logits backend.Tensor) error {
+		if s, ok := ops[r].(synchronizer); ok {
+			return s.Synchronize()
+		}
+		_, err := ops[r].Float32(logits)
+		return err
 	}
 	start := time.Now()
-	logits, err := m.Forward(ctx, seq, prompt, false)
-	if err != nil {
-		return 0, 0, err
-	}
-	row, err := ops.Float32(logits)
+	err = g.run(func(r int, m *llama4.Model) error {
+		logits, err := m.Forward(ctx, seqs[r], prompt, false)
+		if err != nil {
+			return err
+		}
+		return wait(r, logits)
+	})
 	if err != nil {
 		return 0, 0, err
 	}
 	prefill = time.Since(start)
+	vocab := g.Config().VocabSize
 	start = time.Now()
-	for i := 0; i < tokens; i++ {
-		if logits, err = m.Forward(ctx, seq, []int{sample.Argmax(row)}, false); err != nil {
-			return 0, 0, err
+	err = g.run(func(r int, m *llama4.Model) error {
+		for i := 0; i < tokens; i++ {
+			logits, err := m.Forward(ctx, seqs[r], []int{(i*104729 + 7) % vocab}, false)
+			if err != nil {
+				return err
+			}
+			if err := wait(r, logits); err != nil {
+				return err
+			}
 		}
-		if row, err = ops.Float32(logits); err != nil {
-			return 0, 0, err
-		}
+		return nil
+	})
+	if err != nil {
+		return 0, 0, errors.Join(err)
 	}
 	return prefill, time.Since(start), nil
 }

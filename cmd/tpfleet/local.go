@@ -15,7 +15,6 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/tpfleet/tpfleet/backend"
-	"github.com/tpfleet/tpfleet/backend/cpu"
 	"github.com/tpfleet/tpfleet/model/llama4"
 	"github.com/tpfleet/tpfleet/safetensors"
 	"github.com/tpfleet/tpfleet/sample"
@@ -33,7 +32,7 @@ type modelFlags struct {
 
 func (f *modelFlags) add(fs *flag.FlagSet) {
 	fs.StringVar(&f.dir, "model", "", "checkpoint directory (config.json and *.safetensors)")
-	fs.StringVar(&f.device, "device", "cpu", "where to run: cpu")
+	fs.StringVar(&f.device, "device", "cpu", "where to run: cpu or cuda (rank r of --tp N on GPU r)")
 	fs.IntVar(&f.threads, "threads", 0, "CPU threads for matrix products (0: all cores)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level on stderr: debug, info, warn, error")
 	f.par.add(fs)
@@ -43,8 +42,8 @@ func (f *modelFlags) check() error {
 	if f.dir == "" {
 		return usagef("--model is required")
 	}
-	if f.device != "cpu" {
-		return usagef("--device %q: this build runs on cpu only", f.device)
+	if f.device != "cpu" && f.device != "cuda" {
+		return usagef("--device %q: want cpu or cuda", f.device)
 	}
 	if f.threads < 0 {
 		return usagef("--threads %d must be >= 0", f.threads)
@@ -108,16 +107,16 @@ func loadModel(ctx context.Context, f modelFlags, log *zap.Logger, check func(ll
 	return &loaded{group: g, gen: gen, ckpt: ckpt}, nil
 }
 
-// loadRanks loads the ranks this process runs, each on its own CPU backend.
+// loadRanks loads the ranks this process runs, each on its own backend (a CPU backend, or GPU r for rank
+// r with --device cuda).
 func loadRanks(ctx context.Context, f modelFlags, cfg llama4.Config, ckpt *safetensors.Checkpoint, plan shard.Plan, log *zap.Logger) (*group, error) {
-	// Manifests first: a plan that does not fit the model fails before any communicator or weight.
-	comms, ranks, err := groupComms(ctx, f.par)
+	g, allOps, ranks, err := newRankOps(ctx, f)
 	if err != nil {
 		return nil, err
 	}
-	g := &group{comms: comms, leader: ranks[0] == 0}
+	comms := g.comms
 	for i, rank := range ranks {
-		ops := cpu.New(cpu.Config{Threads: f.threads})
+		ops := allOps[i]
 		var w llama4.Weights = llama4.NewCheckpointWeights(ckpt, ops, cfg)
 		bytes := int64(0)
 		if f.par.tp > 1 {

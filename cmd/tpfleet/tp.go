@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -12,6 +13,9 @@ import (
 	"sync"
 	"time"
 
+	"github.com/tpfleet/tpfleet/backend"
+	"github.com/tpfleet/tpfleet/backend/cpu"
+	"github.com/tpfleet/tpfleet/backend/cuda"
 	"github.com/tpfleet/tpfleet/model/llama4"
 	"github.com/tpfleet/tpfleet/nccl"
 	"github.com/tpfleet/tpfleet/shard"
@@ -66,9 +70,10 @@ func resolvePlan(name string) (shard.Plan, error) {
 
 // group is the ranks of one TP group that this process runs, in rank order: all of them, or only its own.
 type group struct {
-	ranks  []*llama4.Model
-	leader bool // this process runs rank 0, which reports results
-	comms  []nccl.Comm
+	ranks    []*llama4.Model
+	leader   bool // this process runs rank 0, which reports results
+	comms    []nccl.Comm
+	backends []io.Closer // GPU backends, closed after the communicators
 }
 
 // Config is the model's configuration (the same on every rank).
@@ -94,7 +99,55 @@ func (g *group) Close() error {
 	for _, c := range g.comms {
 		errs = append(errs, c.Close())
 	}
+	for _, b := range g.backends {
+		errs = append(errs, b.Close())
+	}
 	return errors.Join(errs...)
+}
+
+// newRankOps makes the backends of this process's ranks and their communicators. On cpu each rank gets
+// its own cpu backend and the communicators of groupComms. On cuda the ranks run in this process on
+// GPUs 0..tp-1, joined by an in-process NCCL group (one process per rank needs the NCCL unique id in the
+// rendezvous, which is not wired yet).
+func newRankOps(ctx context.Context, f modelFlags) (*group, []backend.Ops, []int, error) {
+	if f.device != "cuda" {
+		comms, ranks, err := groupComms(ctx, f.par)
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		ops := make([]backend.Ops, len(ranks))
+		for i := range ops {
+			ops[i] = cpu.New(cpu.Config{Threads: f.threads})
+		}
+		return &group{comms: comms, leader: ranks[0] == 0}, ops, ranks, nil
+	}
+	if f.par.rank >= 0 {
+		return nil, nil, nil, usagef("--device cuda runs every rank in this process: --rank is not supported")
+	}
+	g := &group{leader: true}
+	ops := make([]backend.Ops, f.par.tp)
+	ranks := make([]int, f.par.tp)
+	ctxs := make([]uintptr, f.par.tp)
+	for i := range ops {
+		b, err := cuda.New(cuda.Config{Device: i})
+		if err != nil {
+			g.Close()
+			return nil, nil, nil, fmt.Errorf("rank %d: %w", i, err)
+		}
+		g.backends = append(g.backends, b)
+		ops[i], ranks[i], ctxs[i] = b, i, b.Context()
+	}
+	if f.par.tp == 1 {
+		g.comms = []nccl.Comm{nccl.Solo()}
+		return g, ops, ranks, nil
+	}
+	comms, err := nccl.NewNCCLGroup(ctx, ctxs)
+	if err != nil {
+		g.Close()
+		return nil, nil, nil, err
+	}
+	g.comms = comms
+	return g, ops, ranks, nil
 }
 
 // groupComms makes this process's communicators: one per local rank.

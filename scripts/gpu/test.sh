@@ -3,6 +3,8 @@
 #
 #   scripts/gpu/test.sh              here: build the GPU packages' test binaries (go test -c, cgo, stripped)
 #                                    into .gpubuild/ (git-ignored) and gzip them
+#   BENCH=1 scripts/gpu/test.sh --run  also benches Scout-4L (tpfleet bench --device cuda) at TP=1 and,
+#                                    with 2 GPUs, TP=2, and adds them to the table
 #   scripts/gpu/test.sh --run [ARGS] on the GPU machine, from a copy of the repo that carries .gpubuild/:
 #                                    unpack and run every binary from the repo root with -test.v (ARGS are
 #                                    passed on, e.g. -test.run=TestGolden), then print a table
@@ -13,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BUILD=.gpubuild
-PKGS=(backend/cuda)
+PKGS=(backend/cuda nccl)
 
 build() {
 	mkdir -p "$BUILD"
@@ -23,6 +25,8 @@ build() {
 		CGO_ENABLED=1 go test -c -ldflags='-s -w' -o "$BUILD/$name.test" "./$pkg"
 		gzip -9 -f "$BUILD/$name.test"
 	done
+	CGO_ENABLED=1 go build -ldflags='-s -w' -o "$BUILD/tpfleet" ./cmd/tpfleet
+	gzip -9 -f "$BUILD/tpfleet"
 	ls -l "$BUILD"
 	du -sh "$BUILD"
 }
@@ -39,18 +43,50 @@ run() {
 		echo "== $(date -u +%FT%TZ) $(hostname)"
 		nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 || true
 	} | tee "$log"
+	# NCCL from the pip wheel when it is not in a system directory.
+	if [ -z "${TPFLEET_NCCL_LIB_DIRS:-}" ]; then
+		TPFLEET_NCCL_LIB_DIRS=$(python3 -c 'import glob, site; print(":".join(d for p in site.getsitepackages() for d in glob.glob(p + "/nvidia/*/lib")))' 2>/dev/null || true)
+		export TPFLEET_NCCL_LIB_DIRS
+	fi
+	export NCCL_NVLS_ENABLE=0
 	for gz in "$BUILD"/*.test.gz; do
 		bin="$tmp/$(basename "$gz" .gz)"
 		gunzip -c "$gz" >"$bin"
 		chmod +x "$bin"
 		echo "== $bin $*" | tee -a "$log"
 		set +e
-		"$bin" -test.v -test.count=1 -test.timeout=540s "$@" 2>&1 | grep -v '^=== \(RUN\|PAUSE\|CONT\)' | tee -a "$log"
+		"$bin" -test.v -test.count=1 -test.timeout="${TEST_TIMEOUT:-540s}" "$@" 2>&1 | grep --line-buffered -v '^=== \(RUN\|PAUSE\|CONT\)' | tee -a "$log"
 		st=${PIPESTATUS[0]}
 		set -e
 		echo "== exit $st" | tee -a "$log"
 		[ "$st" = 0 ] || rc=$st
 	done
+	if [ -n "${BENCH:-}" ] && [ -f "$BUILD/tpfleet.gz" ]; then
+		gunzip -c "$BUILD/tpfleet.gz" >"$tmp/tpfleet"
+		chmod +x "$tmp/tpfleet"
+		local gpus scout maverick tp
+		gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+		scout="--layers 4 --hidden 5120 --heads 40 --kv-heads 8 --head-dim 128 --experts 16 --intermediate 8192 --vocab 202048"
+		for tp in 1 2; do
+			[ "$tp" -le "$gpus" ] || continue
+			echo "== bench Scout-4L tp $tp" | tee -a "$log"
+			set +e
+			timeout "${BENCH_TIMEOUT:-120}" "$tmp/tpfleet" bench --device cuda --tp "$tp" $scout --prompt 2048 --tokens "${BENCH_TOKENS:-32}" --runs "${BENCH_RUNS:-3}" --json 2>&1 | tee -a "$log" "$tmp/bench.json"
+			st=${PIPESTATUS[0]}
+			set -e
+			[ "$st" = 0 ] || rc=$st
+			python3 - "$tmp/bench.json" "$tp" >>"$table" <<'PY' || true
+import json, sys
+for line in open(sys.argv[1]):
+    if line.startswith("{"):
+        r = json.loads(line)
+        print("bench Scout-4L|tp %s %s|decode %.2f ms/step (floor %.3f ms = %.2f GB at %.0f GB/s, %.0f%%)|prefill %d: %.1f ms, load %.0f ms" % (
+            sys.argv[2], r.get("card", ""), r["decode_ms_per_token"], r.get("decode_floor_ms", 0), r["decode_weight_bytes_per_step"] / 1e9,
+            r.get("copy_gb_per_s", 0), 100 * r.get("decode_fraction_of_floor", 0), r["prompt_tokens"], r["prefill_ms"], r["load_ms"]))
+PY
+			: >"$tmp/bench.json"
+		done
+	fi
 	[ -n "${OUT:-}" ] && cp "$table" "$OUT/gpu-table.txt"
 	echo
 	echo "== table (card: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1))"

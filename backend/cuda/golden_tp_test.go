@@ -1,0 +1,183 @@
+package cuda_test
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tpfleet/tpfleet/backend/cuda"
+	"github.com/tpfleet/tpfleet/model/llama4"
+	"github.com/tpfleet/tpfleet/nccl"
+	"github.com/tpfleet/tpfleet/safetensors"
+	"github.com/tpfleet/tpfleet/shard"
+)
+
+// TestGoldenTP2 runs each fixture's teacher-forced scoring with TP=2 (HF's tp plan) on GPUs 0 and 1,
+// joined by an in-process NCCL group, and compares the logits with TP=1 on GPU 0 and with HF's float32
+// goldens: relative L2 <= 3e-2 and top-1 agreement >= 98 % for both. It skips with fewer than 2 GPUs.
+func TestGoldenTP2(t *testing.T) {
+	n, err := cuda.DeviceCount()
+	if err != nil {
+		t.Skipf("no usable GPU: %v", err)
+	}
+	if n < 2 {
+		t.Skipf("TP=2 needs 2 GPUs, %d present", n)
+	}
+	var bs []*cuda.Backend
+	for d := range 2 {
+		b, err := cuda.New(cuda.Config{Device: d})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer b.Close()
+		bs = append(bs, b)
+	}
+	root := fixturesDir(t)
+	entries, err := os.ReadDir(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		if !e.IsDir() {
+			continue
+		}
+		t.Run(e.Name(), func(t *testing.T) { goldenTP2(t, bs, filepath.Join(root, e.Name())) })
+	}
+}
+
+func goldenTP2(t *testing.T, bs []*cuda.Backend, dir string) {
+	ctx := context.Background()
+	cfg, err := llama4.LoadConfig(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ckpt, err := safetensors.OpenCheckpoint(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ckpt.Close()
+	golden, err := safetensors.OpenCheckpoint(filepath.Join(dir, "golden.safetensors"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer golden.Close()
+	info, data := readGolden(t, golden, "score_ids")
+	ids64, err := safetensors.ToInt64(info.DType, data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	batch, seq := info.Shape[0], info.Shape[1]
+	info, data = readGolden(t, golden, "score_logits")
+	want := make([]float32, info.NumElements())
+	if err := safetensors.ToFloat32(info.DType, data, want); err != nil {
+		t.Fatal(err)
+	}
+
+	// TP=1 on GPU 0.
+	m1, err := llama4.Load(ctx, bs[0], cfg, llama4.NewCheckpointWeights(ckpt, bs[0], cfg), llama4.Parallel{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// TP=2 on GPUs 0 and 1.
+	plan, _ := shard.NamedPlan("tp")
+	comms, err := nccl.NewNCCLGroup(ctx, []uintptr{bs[0].Context(), bs[1].Context()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		for _, c := range comms {
+			c.Close()
+		}
+	}()
+	ranks := make([]*llama4.Model, 2)
+	for r := range ranks {
+		man, err := shard.NewManifest(cfg, ckpt, plan, 2, r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ranks[r], err = llama4.Load(ctx, bs[r], cfg, shard.NewRankWeights(ckpt, bs[r], man), llama4.Parallel{Comm: comms[r]}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var vsTP1, vsHF agreement
+	var elapsed time.Duration
+	for r := range batch {
+		row := make([]int, seq)
+		for i := range row {
+			row[i] = int(ids64[r*seq+i])
+		}
+		one, err := m1.Score(ctx, row)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := make([][]float32, 2)
+		errs := make([]error, 2)
+		start := time.Now()
+		var wg sync.WaitGroup
+		for k := range ranks {
+			wg.Go(func() { got[k], errs[k] = ranks[k].Score(ctx, row) })
+		}
+		wg.Wait()
+		elapsed += time.Since(start)
+		for _, err := range errs {
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		if fmt.Sprint(got[0][:8]) != fmt.Sprint(got[1][:8]) {
+			t.Errorf("rank 0 and rank 1 logits differ: %v vs %v", got[0][:8], got[1][:8])
+		}
+		vsTP1.add(got[0], one, cfg.VocabSize)
+		vsHF.add(got[0], want[r*seq*cfg.VocabSize:(r+1)*seq*cfg.VocabSize], cfg.VocabSize)
+	}
+	name := filepath.Base(dir)
+	status := ""
+	for _, a := range []struct {
+		what string
+		a    *agreement
+	}{{"TP=1 GPU", &vsTP1}, {"HF float32", &vsHF}} {
+		rel, top1 := a.a.result()
+		if rel > goldenRelL2 || top1 < goldenTop1 {
+			status = " FAIL"
+			t.Errorf("TP=2 vs %s: relative L2 = %.3g (want <= %.3g), top-1 = %d/%d (want >= %.0f%%)",
+				a.what, rel, goldenRelL2, a.a.agree, a.a.positions, 100*goldenTop1)
+		}
+	}
+	r1, _ := vsTP1.result()
+	rh, _ := vsHF.result()
+	t.Logf("%s TP=2: vs TP=1 relL2 %.3g top-1 %d/%d; vs HF relL2 %.3g top-1 %d/%d; score %v",
+		name, r1, vsTP1.agree, vsTP1.positions, rh, vsHF.agree, vsHF.positions, elapsed)
+	row("tp2 "+name, fmt.Sprintf("TP=2 (GPUs 0,1, NCCL), %dx%d ids", batch, seq),
+		fmt.Sprintf("vsTP1 relL2 %.2e top1 %d/%d; vsHF relL2 %.2e top1 %d/%d%s", r1, vsTP1.agree, vsTP1.positions, rh, vsHF.agree, vsHF.positions, status),
+		fmt.Sprintf("score %v", elapsed.Round(time.Millisecond)))
+}
+
+// agreement accumulates relative L2 and top-1 agreement of logits [positions, vocab] against a reference.
+type agreement struct {
+	num, den         float64
+	agree, positions int
+}
+
+func (a *agreement) add(got, want []float32, vocab int) {
+	for p := 0; p+vocab <= len(want); p += vocab {
+		g, h := got[p:p+vocab], want[p:p+vocab]
+		for i := range h {
+			d := float64(g[i]) - float64(h[i])
+			a.num += d * d
+			a.den += float64(h[i]) * float64(h[i])
+		}
+		if argmax(g) == argmax(h) {
+			a.agree++
+		}
+		a.positions++
+	}
+}
+
+func (a *agreement) result() (relL2, top1 float64) {
+	return math.Sqrt(a.num / a.den), float64(a.agree) / float64(a.positions)
+}

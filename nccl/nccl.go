@@ -1,0 +1,367 @@
+package nccl
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+)
+
+// UniqueID is NCCL's 128-byte bootstrap id (ncclUniqueId). One rank makes it with NewUniqueID and every
+// rank of the group passes the same id to NewNCCL (through the rendezvous: etcd, a file, a flag).
+type UniqueID [128]byte
+
+// DeviceBuffer is GPU memory for the NCCL communicator: Len elements of Type at device address Ptr, and
+// the CUDA stream (a CUstream; 0 is the legacy default stream) the collective is enqueued on. Only the
+// NCCL communicator accepts it; the CPU communicators reject it with an error wrapping
+// errors.ErrUnsupported, and NCCL rejects host buffers the same way.
+type DeviceBuffer struct {
+	Ptr    uintptr
+	N      int
+	Type   DType
+	Stream uintptr
+}
+
+// DType returns the element type.
+func (b DeviceBuffer) DType() DType { return b.Type }
+
+// Len returns the number of elements.
+func (b DeviceBuffer) Len() int { return b.N }
+
+var _ Buffer = DeviceBuffer{}
+
+// ncclComm is one rank of an NCCL communicator.
+//
+// Collectives on device buffers are stream-ordered: AllReduce, AllGather and Broadcast enqueue the
+// operation on the buffer's stream and return without waiting for the GPU (the result is there for
+// the work enqueued after it on that stream). Barrier waits for completion. Errors that NCCL finds
+// asynchronously (a peer's failure, a network error) come from ncclCommGetAsyncError, checked after
+// every call and by a watchdog; the watchdog also aborts the communicator (ncclCommAbort, which makes
+// its kernels return) when the last enqueued collective has not completed within the op timeout, so a
+// dead peer gives an error instead of a hang. After that the stream's results are garbage and every
+// later call fails with an error wrapping ErrClosed.
+type ncclComm struct {
+	rank, size int
+	timeout    time.Duration
+
+	mu         sync.Mutex
+	d          device
+	closed     bool
+	broken     error
+	recorded   bool // an event was recorded after the last collective and has not been seen complete
+	lastRecord time.Time
+	stop       chan struct{}
+}
+
+var _ Comm = (*ncclComm)(nil)
+
+// watchdogPeriod is how often the watchdog polls NCCL's async error and the last collective's event.
+const watchdogPeriod = 50 * time.Millisecond
+
+// NewNCCL joins rank of an NCCL communicator of size ranks (ncclCommInitRank), blocking until every rank
+// has joined. The calling goroutine must be locked to its OS thread (runtime.LockOSThread) with the
+// device's primary context current on it: with backend/cuda, call Backend.MakeCurrent on the locked
+// thread first. The communicator remembers that context and makes it current around each of its calls,
+// restoring the thread's own afterwards. NCCL_NVLS_ENABLE is set to 0 in the process when unset. ctx
+// bounds nothing once ncclCommInitRank runs (NCCL has no cancellation there); it is checked first.
+func NewNCCL(ctx context.Context, id UniqueID, rank, size int) (Comm, error) {
+	if size < 1 || rank < 0 || rank >= size {
+		return nil, &OpError{Rank: rank, Op: opConnect, Peer: -1, Err: fmt.Errorf("%w: rank %d of %d", ErrMismatch, rank, size)}
+	}
+	if err := load(); err != nil {
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, &OpError{Rank: rank, Op: opConnect, Peer: -1, Err: err}
+	}
+	cur, err := currentContext()
+	if err != nil {
+		return nil, &OpError{Rank: rank, Op: opConnect, Peer: -1, Err: err}
+	}
+	comm, err := initRank(id, rank, size)
+	if err != nil {
+		return nil, &OpError{Rank: rank, Op: opConnect, Peer: -1, Err: err}
+	}
+	return newComm(device{comm: comm, ctx: cuCtx(cur)}, rank, size)
+}
+
+// NewNCCLGroup makes an in-process NCCL group of len(contexts) ranks, rank r on the CUDA context
+// contexts[r] (a CUcontext, such as backend/cuda's Backend.Context: one GPU per rank). One thread
+// initialises them all between ncclGroupStart and ncclGroupEnd. Drive each communicator from its own
+// goroutine, as the ranks of any group.
+func NewNCCLGroup(ctx context.Context, contexts []uintptr) ([]Comm, error) {
+	if len(contexts) == 0 {
+		return nil, fmt.Errorf("nccl: new NCCL group of 0 ranks: %w", ErrMismatch)
+	}
+	if err := load(); err != nil {
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	id, err := NewUniqueID()
+	if err != nil {
+		return nil, err
+	}
+	raw, err := initGroup(id, contexts)
+	if err != nil {
+		for r, c := range raw {
+			if c != nil {
+				d := device{comm: c, ctx: cuCtx(contexts[r])}
+				_ = d.release(true) // already failing
+			}
+		}
+		return nil, &OpError{Rank: 0, Op: opConnect, Peer: -1, Err: err}
+	}
+	comms := make([]Comm, len(raw))
+	for r, c := range raw {
+		if comms[r], err = newComm(device{comm: c, ctx: cuCtx(contexts[r])}, r, len(raw)); err != nil {
+			for _, c := range comms[:r] {
+				_ = c.Close() // already failing
+			}
+			for i := r + 1; i < len(raw); i++ {
+				d := device{comm: raw[i], ctx: cuCtx(contexts[i])}
+				_ = d.release(true)
+			}
+			return nil, err
+		}
+	}
+	return comms, nil
+}
+
+// AcceptsDeviceBuffers reports whether c is an NCCL communicator, the only kind that takes DeviceBuffer
+// values. (The CPU communicators reject them, but only once their peers have joined the call.)
+func AcceptsDeviceBuffers(c Comm) bool {
+	_, ok := c.(*ncclComm)
+	return ok
+}
+
+func newComm(d device, rank, size int) (*ncclComm, error) {
+	if err := d.setup(); err != nil {
+		_ = d.release(true) // already failing
+		return nil, &OpError{Rank: rank, Op: opConnect, Peer: -1, Err: err}
+	}
+	c := &ncclComm{rank: rank, size: size, timeout: DefaultOpTimeout, d: d, stop: make(chan struct{})}
+	go c.watchdog()
+	return c, nil
+}
+
+// Rank returns this rank's index.
+func (c *ncclComm) Rank() int { return c.rank }
+
+// Size returns the number of ranks.
+func (c *ncclComm) Size() int { return c.size }
+
+// checkDevice accepts device buffers of a known dtype with an address.
+func checkDevice(b Buffer) (DeviceBuffer, error) {
+	d, ok := b.(DeviceBuffer)
+	if !ok {
+		return d, fmt.Errorf("buffer type %T on an NCCL communicator: %w", b, errors.ErrUnsupported)
+	}
+	if d.Type.size() == 0 || d.N < 0 || (d.N > 0 && d.Ptr == 0) {
+		return d, fmt.Errorf("%w: device buffer %s[%d] at %#x", ErrMismatch, d.Type, d.N, d.Ptr)
+	}
+	return d, nil
+}
+
+// run runs an enqueueing collective under the lock: it fails on a closed or broken communicator, breaks
+// it on any error, and records the completion event on stream after the call.
+func (c *ncclComm) run(ctx context.Context, op string, stream uintptr, f func() error) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err := c.usable(); err != nil {
+		return &OpError{Rank: c.rank, Op: op, Peer: -1, Err: err}
+	}
+	err := ctx.Err()
+	if err == nil {
+		err = f()
+	}
+	if err == nil {
+		err = c.d.record(stream)
+	}
+	if err == nil {
+		err = c.d.asyncError()
+	}
+	if err != nil {
+		c.breakLocked(err)
+		return &OpError{Rank: c.rank, Op: op, Peer: -1, Err: err}
+	}
+	c.recorded, c.lastRecord = true, time.Now()
+	return nil
+}
+
+// usable returns nil, or why the communicator can no longer be used. c.mu is held.
+func (c *ncclComm) usable() error {
+	switch {
+	case c.closed:
+		return ErrClosed
+	case c.broken != nil:
+		return fmt.Errorf("%w: broken by an earlier failure: %w", ErrClosed, c.broken)
+	}
+	return nil
+}
+
+// breakLocked marks the communicator broken and aborts it, so its pending kernels return. c.mu is held.
+func (c *ncclComm) breakLocked(err error) {
+	if c.broken != nil || c.closed {
+		return
+	}
+	c.broken = err
+	_ = c.d.release(true) // the communicator is already failing with err
+}
+
+func (c *ncclComm) watchdog() {
+	t := time.NewTicker(watchdogPeriod)
+	defer t.Stop()
+	for {
+		select {
+		case <-c.stop:
+			return
+		case <-t.C:
+		}
+		c.mu.Lock()
+		if c.closed || c.broken != nil {
+			c.mu.Unlock()
+			return
+		}
+		c.checkLocked()
+		c.mu.Unlock()
+	}
+}
+
+// checkLocked polls the async error and the last collective's completion, breaking the communicator on
+// an error or a collective pending past the timeout. c.mu is held.
+func (c *ncclComm) checkLocked() {
+	if err := c.d.asyncError(); err != nil {
+		c.breakLocked(err)
+		return
+	}
+	if !c.recorded {
+		return
+	}
+	done, err := c.d.done()
+	switch {
+	case err != nil:
+		c.breakLocked(err)
+	case done:
+		c.recorded = false
+	case time.Since(c.lastRecord) > c.timeout:
+		c.breakLocked(fmt.Errorf("collective not complete after %v (a peer is dead or stuck): %w", c.timeout, context.DeadlineExceeded))
+	}
+}
+
+// AllReduce sums buf (a DeviceBuffer) across the ranks in place, on its stream.
+func (c *ncclComm) AllReduce(ctx context.Context, buf Buffer) error {
+	b, err := checkDevice(buf)
+	if err != nil {
+		return c.fail(opAllReduce, err)
+	}
+	return c.run(ctx, opAllReduce, b.Stream, func() error { return c.d.allReduce(b) })
+}
+
+// AllGather concatenates every rank's send into recv in rank order, on send's stream.
+func (c *ncclComm) AllGather(ctx context.Context, send, recv Buffer) error {
+	s, err := checkDevice(send)
+	if err != nil {
+		return c.fail(opAllGather, err)
+	}
+	r, err := checkDevice(recv)
+	if err != nil {
+		return c.fail(opAllGather, err)
+	}
+	if s.Type != r.Type || r.N != c.size*s.N {
+		return c.fail(opAllGather, fmt.Errorf("%w: send %s, recv %s, want recv %s[%d]", ErrMismatch, describe(s), describe(r), s.Type, c.size*s.N))
+	}
+	return c.run(ctx, opAllGather, s.Stream, func() error { return c.d.allGather(s, r) })
+}
+
+// Broadcast copies root's buf into buf on every other rank, on its stream.
+func (c *ncclComm) Broadcast(ctx context.Context, buf Buffer, root int) error {
+	b, err := checkDevice(buf)
+	if err != nil {
+		return c.fail(opBroadcast, err)
+	}
+	if err := checkRoot(root, c.size); err != nil {
+		return c.fail(opBroadcast, err)
+	}
+	return c.run(ctx, opBroadcast, b.Stream, func() error { return c.d.broadcast(b, root) })
+}
+
+// Barrier all-reduces one float on the legacy default stream (so it also waits for the work of the
+// context's blocking streams) and waits until it completes, ctx ends or the op timeout passes.
+func (c *ncclComm) Barrier(ctx context.Context) error {
+	c.mu.Lock()
+	if err := c.usable(); err != nil {
+		c.mu.Unlock()
+		return &OpError{Rank: c.rank, Op: opBarrier, Peer: -1, Err: err}
+	}
+	b := c.d.barrierBuffer()
+	c.mu.Unlock()
+	if err := c.run(ctx, opBarrier, b.Stream, func() error { return c.d.allReduce(b) }); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(c.timeout)
+	for wait := time.Microsecond; ; wait = min(2*wait, time.Millisecond) {
+		c.mu.Lock()
+		if err := c.usable(); err != nil {
+			c.mu.Unlock()
+			return &OpError{Rank: c.rank, Op: opBarrier, Peer: -1, Err: err}
+		}
+		c.checkLocked()
+		done := !c.recorded && c.broken == nil
+		var err error
+		switch {
+		case done:
+		case ctx.Err() != nil:
+			err = ctx.Err()
+		case time.Now().After(deadline):
+			err = fmt.Errorf("barrier not complete after %v: %w", c.timeout, context.DeadlineExceeded)
+		}
+		if err != nil {
+			c.breakLocked(err)
+		}
+		if err == nil && c.broken != nil {
+			err = c.broken
+		}
+		c.mu.Unlock()
+		if err != nil {
+			return &OpError{Rank: c.rank, Op: opBarrier, Peer: -1, Err: err}
+		}
+		if done {
+			return nil
+		}
+		time.Sleep(wait)
+	}
+}
+
+// fail breaks the communicator for an argument error (the peers would otherwise wait for this rank's
+// part) and returns it as an OpError.
+func (c *ncclComm) fail(op string, err error) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if uerr := c.usable(); uerr != nil {
+		err = uerr
+	} else {
+		c.breakLocked(err)
+	}
+	return &OpError{Rank: c.rank, Op: op, Peer: -1, Err: err}
+}
+
+// Close destroys the communicator (ncclCommDestroy), or aborts it when it is broken. It is idempotent.
+func (c *ncclComm) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return nil
+	}
+	c.closed = true
+	close(c.stop)
+	if c.broken != nil {
+		return nil // aborted and released when it broke
+	}
+	if err := c.d.release(false); err != nil {
+		return &OpError{Rank: c.rank, Op: opClose, Peer: -1, Err: err}
+	}
+	return nil
+}
