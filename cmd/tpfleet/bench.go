@@ -22,30 +22,33 @@ import (
 
 type benchFlags struct {
 	layers, hidden, heads, kvHeads, headDim, experts, topK, intermediate, intermediateMLP, vocab, moeStep int
-	prompt, tokens, threads, runs, tp                                                                     int
+	prompt, tokens, threads, runs, tp, batch, context                                                     int
 	device                                                                                                string
 	json                                                                                                  bool
 }
 
 // benchResult is one measurement; times are the best of the runs (the first run warms up).
 type benchResult struct {
-	Device         string  `json:"device"`
-	Card           string  `json:"card,omitempty"`
-	TP             int     `json:"tp"`
-	Threads        int     `json:"threads,omitempty"`
-	Layers         int     `json:"layers"`
-	Hidden         int     `json:"hidden"`
-	Experts        int     `json:"experts"`
-	Vocab          int     `json:"vocab"`
-	WeightBytes    int64   `json:"weight_bytes_bf16"`
-	PromptTokens   int     `json:"prompt_tokens"`
-	PrefillMS      float64 `json:"prefill_ms"`
-	DecodeTokens   int     `json:"decode_tokens"`
-	DecodeMSPerTok float64 `json:"decode_ms_per_token"`
+	Device       string  `json:"device"`
+	Card         string  `json:"card,omitempty"`
+	TP           int     `json:"tp"`
+	Threads      int     `json:"threads,omitempty"`
+	Layers       int     `json:"layers"`
+	Hidden       int     `json:"hidden"`
+	Experts      int     `json:"experts"`
+	Vocab        int     `json:"vocab"`
+	WeightBytes  int64   `json:"weight_bytes_bf16"`
+	PromptTokens int     `json:"prompt_tokens"`
+	PrefillMS    float64 `json:"prefill_ms"`
+	DecodeTokens int     `json:"decode_tokens"`
+	// Batch is the number of sequences of a decode step; each starts with Context cached tokens.
+	Batch          int     `json:"batch"`
+	Context        int     `json:"context,omitempty"`
+	DecodeMSPerTok float64 `json:"decode_ms_per_token"` // per step: one token for each of Batch sequences
 	TokensPerSec   float64 `json:"decode_tokens_per_second"`
-	// StepBytes is the weight bytes one batch-1 decode step must read (attention, dense and shared
-	// MLPs, top-k experts of each MoE layer, router, norms, the lm_head, one embedding row), over all
-	// ranks.
+	// StepBytes is the weight bytes one decode step of Batch sequences must read (attention, dense and
+	// shared MLPs, at most Batch·top-k experts of each MoE layer, router, norms, the lm_head, embedding
+	// rows), over all ranks.
 	StepBytes int64 `json:"decode_weight_bytes_per_step"`
 	// CopyGBs is the measured device-to-device copy rate (bytes read + written per second / 1e9) on
 	// rank 0's GPU; FloorMS is StepBytes / TP / that rate, the memory-bandwidth floor of a decode step.
@@ -148,9 +151,9 @@ func (c specCatalog) Info(name string) (safetensors.TensorInfo, error) {
 	return safetensors.TensorInfo{}, fmt.Errorf("no tensor %s", name)
 }
 
-// stepBytes is the weight bytes a batch-1 decode step reads: every tensor, except the routed experts
-// (top-k of E per MoE layer) and the embedding table (one row).
-func stepBytes(cfg llama4.Config) int64 {
+// stepBytes is the weight bytes a decode step of batch sequences reads: every tensor, except the routed
+// experts (at most batch·top-k of E per MoE layer) and the embedding table (one row a sequence).
+func stepBytes(cfg llama4.Config, batch int) int64 {
 	var total int64
 	for _, s := range cfg.Tensors() {
 		n := int64(2)
@@ -159,9 +162,9 @@ func stepBytes(cfg llama4.Config) int64 {
 		}
 		switch {
 		case strings.HasSuffix(s.Name, "experts.gate_up_proj") || strings.HasSuffix(s.Name, "experts.down_proj"):
-			n = n / int64(cfg.NumExperts) * int64(min(cfg.TopK, cfg.NumExperts))
+			n = n / int64(cfg.NumExperts) * int64(min(batch*cfg.TopK, cfg.NumExperts))
 		case s.Name == "model.embed_tokens.weight":
-			n = 2 * int64(cfg.HiddenSize)
+			n = 2 * int64(cfg.HiddenSize) * int64(batch)
 		}
 		total += n
 	}
@@ -185,7 +188,9 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&f.moeStep, "moe-step", 1, "interleave_moe_layer_step: 1 all MoE, 2 alternate dense/MoE")
 	fs.IntVar(&f.vocab, "vocab", 32000, "vocabulary size")
 	fs.IntVar(&f.prompt, "prompt", 128, "prompt tokens (prefill)")
-	fs.IntVar(&f.tokens, "tokens", 32, "decoded tokens")
+	fs.IntVar(&f.tokens, "tokens", 32, "decode steps")
+	fs.IntVar(&f.batch, "batch", 1, "sequences decoded together in each step")
+	fs.IntVar(&f.context, "context", 128, "cached tokens of each sequence before the timed decode steps when --batch > 1")
 	fs.IntVar(&f.threads, "threads", 0, "CPU threads (0: all cores)")
 	fs.IntVar(&f.runs, "runs", 3, "repetitions; the best is reported (the first also warms up)")
 	fs.StringVar(&f.device, "device", "cpu", "cpu or cuda (rank r of --tp N on GPU r)")
@@ -194,8 +199,8 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if f.runs < 1 || f.prompt < 1 || f.tokens < 1 || f.tp < 1 {
-		return usagef("--runs, --prompt, --tokens and --tp must be positive")
+	if f.runs < 1 || f.prompt < 1 || f.tokens < 1 || f.tp < 1 || f.batch < 1 || f.context < 1 {
+		return usagef("--runs, --prompt, --tokens, --tp, --batch and --context must be positive")
 	}
 	if f.device != "cpu" && f.device != "cuda" {
 		return usagef("--device %q: want cpu or cuda", f.device)
@@ -205,7 +210,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		"intermediate_size_mlp": f.intermediateMLP, "num_hidden_layers": f.layers, "num_attention_heads": f.heads,
 		"num_key_value_heads": f.kvHeads, "head_dim": f.headDim, "num_local_experts": f.experts,
 		"num_experts_per_tok": f.topK, "interleave_moe_layer_step": f.moeStep,
-		"max_position_embeddings": f.prompt + f.tokens,
+		"max_position_embeddings": max(f.prompt, f.context) + f.tokens,
 	})
 	cfg, err := llama4.ParseConfig(cfgJSON)
 	if err != nil {
@@ -252,7 +257,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 	}
 	res := benchResult{Device: allOps[0].Name(), TP: f.tp, Layers: f.layers, Hidden: f.hidden, Experts: f.experts,
-		Vocab: f.vocab, PromptTokens: f.prompt, DecodeTokens: f.tokens, StepBytes: stepBytes(cfg),
+		Vocab: f.vocab, PromptTokens: f.prompt, DecodeTokens: f.tokens, Batch: f.batch, StepBytes: stepBytes(cfg, f.batch),
 		LoadMS: float64(time.Since(start)) / float64(time.Millisecond)}
 	if f.device == "cpu" {
 		res.Threads = threads
@@ -277,8 +282,11 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	for i := range prompt {
 		prompt[i] = (i*7919 + 13) % f.vocab
 	}
+	if f.batch > 1 {
+		res.Context = f.context
+	}
 	for r := 0; r < f.runs; r++ {
-		prefill, decode, err := benchOnce(ctx, g, allOps, prompt, f.tokens)
+		prefill, decode, err := benchOnce(ctx, g, allOps, prompt, f.tokens, f.batch, f.context)
 		if err != nil {
 			return err
 		}
@@ -290,7 +298,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			res.DecodeMSPerTok = perTok
 		}
 	}
-	res.TokensPerSec = 1000 / res.DecodeMSPerTok
+	res.TokensPerSec = 1000 * float64(f.batch) / res.DecodeMSPerTok
 	if res.FloorMS > 0 {
 		res.FloorFraction = res.FloorMS / res.DecodeMSPerTok
 	}
@@ -298,9 +306,9 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return json.NewEncoder(stdout).Encode(res)
 	}
 	_, err = fmt.Fprintf(stdout, "device %s %s tp %d: %d layers, hidden %d, %d experts, vocab %d, %.1f MiB bf16 (loaded in %.0f ms)\n"+
-		"prefill %d tokens: %.1f ms\ndecode: %.2f ms/token, %.1f tokens/s\n",
+		"prefill %d tokens: %.1f ms\ndecode batch %d: %.2f ms/step, %.1f tokens/s\n",
 		res.Device, res.Card, res.TP, res.Layers, res.Hidden, res.Experts, res.Vocab, float64(res.WeightBytes)/(1<<20), res.LoadMS,
-		res.PromptTokens, res.PrefillMS, res.DecodeMSPerTok, res.TokensPerSec)
+		res.PromptTokens, res.PrefillMS, res.Batch, res.DecodeMSPerTok, res.TokensPerSec)
 	if err == nil && res.FloorMS > 0 {
 		_, err = fmt.Fprintf(stdout, "decode floor: %.1f MiB of weights a step / %d rank(s) at %.0f GB/s (measured copy) = %.3f ms; decode at %.0f %% of it\n",
 			float64(res.StepBytes)/(1<<20), res.TP, res.CopyGBs, res.FloorMS, 100*res.FloorFraction)
@@ -310,8 +318,9 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 
 // benchOnce runs one prefill and tokens decode steps on every rank of g, returning their wall times.
 // Each decode step feeds a fixed token (no host argmax) and waits for the step's logits on the device;
-// the prefill waits for its logits too.
-func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, tokens int) (prefill, decode time.Duration, err error) {
+// the prefill waits for its logits too. With batch > 1 the decode steps run batch sequences of context
+// cached tokens each (prefilled untimed) through one ForwardBatch.
+func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, tokens, batch, context int) (prefill, decode time.Duration, err error) {
 	seqs := make([]*llama4.Sequence, len(g.ranks))
 	for r, m := range g.ranks {
 		if seqs[r], err = m.NewSequence(len(prompt) + tokens); err != nil {
@@ -338,6 +347,10 @@ func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, t
 	}
 	prefill = time.Since(start)
 	vocab := g.Config().VocabSize
+	if batch > 1 {
+		d, err := benchBatchDecode(ctx, g, ops, wait, tokens, batch, context, vocab)
+		return prefill, d, err
+	}
 	start = time.Now()
 	err = g.run(func(r int, m *llama4.Model) error {
 		for i := 0; i < tokens; i++ {
@@ -355,4 +368,51 @@ func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, t
 		return 0, 0, errors.Join(err)
 	}
 	return prefill, time.Since(start), nil
+}
+
+// benchBatchDecode times tokens decode steps of batch sequences that each hold context cached tokens.
+func benchBatchDecode(ctx context.Context, g *group, ops []backend.Ops, wait func(int, backend.Tensor) error,
+	tokens, batch, context, vocab int) (time.Duration, error) {
+	seqs := make([][]*llama4.Sequence, len(g.ranks))
+	prefill := make([][]int, batch)
+	for b := range prefill {
+		for i := 0; i < context; i++ {
+			prefill[b] = append(prefill[b], (b*7919+i*31+3)%vocab)
+		}
+	}
+	err := g.run(func(r int, m *llama4.Model) error {
+		for b := 0; b < batch; b++ {
+			s, err := m.NewSequence(context + tokens)
+			if err != nil {
+				return err
+			}
+			seqs[r] = append(seqs[r], s)
+		}
+		logits, err := m.ForwardBatch(ctx, seqs[r], prefill, false)
+		if err != nil {
+			return err
+		}
+		return wait(r, logits)
+	})
+	if err != nil {
+		return 0, err
+	}
+	start := time.Now()
+	err = g.run(func(r int, m *llama4.Model) error {
+		ids := make([][]int, batch)
+		for i := 0; i < tokens; i++ {
+			for b := range ids {
+				ids[b] = []int{(i*104729 + b*13 + 7) % vocab}
+			}
+			logits, err := m.ForwardBatch(ctx, seqs[r], ids, false)
+			if err != nil {
+				return err
+			}
+			if err := wait(r, logits); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	return time.Since(start), err
 }
