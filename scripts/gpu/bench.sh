@@ -8,7 +8,8 @@
 #                                 JSON lines to $OUT/bench.jsonl, a table last.
 #
 # With the device tool: run(command="bash scripts/gpu/bench.sh --run", carry=[".gpubuild"], kind="nvidia-h200-x2").
-# SHAPES (default "scout maverick"), BATCHES ("1 16 64"), TOKENS (16), RUNS (2) and HF (1) adjust a run.
+# SHAPES (default "scout maverick"), TPS ("1 2"; empty: no tpfleet run), BATCHES ("1 16 64"), TOKENS (16),
+# RUNS (2) and HF (1) adjust a run.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BUILD=.gpubuild
@@ -34,7 +35,7 @@ common="--layers 4 --hidden 5120 --heads 40 --kv-heads 8 --head-dim 128 --interm
 declare -A shape_flags=([scout]="--experts 16 --moe-step 1" [maverick]="--experts 128 --moe-step 2 --intermediate-mlp 16384")
 
 for shape in ${SHAPES:-scout maverick}; do
-	for tp in 1 2; do
+	for tp in ${TPS-1 2}; do
 		[ "$tp" -le "$gpus" ] || continue
 		for batch in ${BATCHES:-1 16 64}; do
 			echo "== tpfleet $shape tp $tp batch $batch"
@@ -57,7 +58,9 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 print(f"{'impl':9s} {'shape':9s} {'card':22s} {'tp':>2s} {'batch':>5s} {'decode ms/step':>15s} {'floor ms':>9s} {'prefill 2048 ms':>16s}")
 for r in rows:
-    if r.get("impl") == "tpfleet":
+    if "error" in r:
+        print(f"{'hf':9s} {r['shape']:9s} {r['gpu'][:22]:22s} {1:2d} {r['batch']:5d} {r['error'][:60]}")
+    elif r.get("impl") == "tpfleet":
         print(f"{'tpfleet':9s} {r['shape']:9s} {r.get('card', '')[:22]:22s} {r['tp']:2d} {r['batch']:5d} {r['decode_ms_per_token']:15.3f} "
               f"{r.get('decode_floor_ms', 0):9.3f} {r['prefill_ms']:16.1f}")
     else:
