@@ -17,10 +17,11 @@ import (
 	"github.com/tpfleet/tpfleet/shard"
 )
 
-// TestGoldenTP2 runs each fixture's teacher-forced scoring with TP=2 (HF's tp plan) on GPUs 0 and 1,
-// joined by an in-process NCCL group, and compares the logits with TP=1 on GPU 0 and with HF's float32
-// goldens: relative L2 <= 3e-2 and top-1 agreement >= 98 % for both. It skips with fewer than 2 GPUs.
-func TestGoldenTP2(t *testing.T) {
+// TestGoldenTP runs each fixture's teacher-forced scoring with TP = 2, 4 and 8 (HF's tp plan; as many as
+// there are GPUs) on GPUs 0..TP-1, joined by an in-process NCCL group, and compares the logits with TP=1
+// on GPU 0 and with HF's float32 goldens: relative L2 <= 3e-2 and top-1 agreement >= 98 % for both. It
+// skips with fewer than 2 GPUs.
+func TestGoldenTP(t *testing.T) {
 	n, err := cuda.DeviceCount()
 	if err != nil {
 		t.Skipf("no usable GPU: %v", err)
@@ -29,7 +30,7 @@ func TestGoldenTP2(t *testing.T) {
 		t.Skipf("TP=2 needs 2 GPUs, %d present", n)
 	}
 	var bs []*cuda.Backend
-	for d := range 2 {
+	for d := range min(n, 8) {
 		b, err := cuda.New(cuda.Config{Device: d})
 		if err != nil {
 			t.Fatal(err)
@@ -46,15 +47,24 @@ func TestGoldenTP2(t *testing.T) {
 		if !e.IsDir() {
 			continue
 		}
-		t.Run(e.Name(), func(t *testing.T) { goldenTP2(t, bs, filepath.Join(root, e.Name())) })
+		for _, tp := range []int{2, 4, 8} {
+			if tp <= len(bs) {
+				t.Run(fmt.Sprintf("%s/tp%d", e.Name(), tp), func(t *testing.T) { goldenTP(t, bs[:tp], filepath.Join(root, e.Name())) })
+			}
+		}
 	}
 }
 
-func goldenTP2(t *testing.T, bs []*cuda.Backend, dir string) {
+// goldenTP compares TP = len(bs) on those GPUs with TP=1 on the first and with HF's goldens.
+func goldenTP(t *testing.T, bs []*cuda.Backend, dir string) {
+	tp := len(bs)
 	ctx := context.Background()
 	cfg, err := llama4.LoadConfig(dir)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if cfg.NumHeads%tp != 0 {
+		t.Skipf("the fixture's %d heads do not split %d ways", cfg.NumHeads, tp)
 	}
 	ckpt, err := safetensors.OpenCheckpoint(dir)
 	if err != nil {
@@ -83,9 +93,13 @@ func goldenTP2(t *testing.T, bs []*cuda.Backend, dir string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// TP=2 on GPUs 0 and 1.
+	// TP on GPUs 0..tp-1.
 	plan, _ := shard.NamedPlan("tp")
-	comms, err := nccl.NewNCCLGroup(ctx, []uintptr{bs[0].Context(), bs[1].Context()})
+	contexts := make([]uintptr, tp)
+	for i, b := range bs {
+		contexts[i] = b.Context()
+	}
+	comms, err := nccl.NewNCCLGroup(ctx, contexts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -94,9 +108,9 @@ func goldenTP2(t *testing.T, bs []*cuda.Backend, dir string) {
 			c.Close()
 		}
 	}()
-	ranks := make([]*llama4.Model, 2)
+	ranks := make([]*llama4.Model, tp)
 	for r := range ranks {
-		man, err := shard.NewManifest(cfg, ckpt, plan, 2, r)
+		man, err := shard.NewManifest(cfg, ckpt, plan, tp, r)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -115,8 +129,8 @@ func goldenTP2(t *testing.T, bs []*cuda.Backend, dir string) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		got := make([][]float32, 2)
-		errs := make([]error, 2)
+		got := make([][]float32, tp)
+		errs := make([]error, tp)
 		start := time.Now()
 		var wg sync.WaitGroup
 		for k := range ranks {
@@ -129,8 +143,10 @@ func goldenTP2(t *testing.T, bs []*cuda.Backend, dir string) {
 				t.Fatal(err)
 			}
 		}
-		if fmt.Sprint(got[0][:8]) != fmt.Sprint(got[1][:8]) {
-			t.Errorf("rank 0 and rank 1 logits differ: %v vs %v", got[0][:8], got[1][:8])
+		for k := 1; k < tp; k++ {
+			if fmt.Sprint(got[0][:8]) != fmt.Sprint(got[k][:8]) {
+				t.Errorf("rank 0 and rank %d logits differ: %v vs %v", k, got[0][:8], got[k][:8])
+			}
 		}
 		vsTP1.add(got[0], one, cfg.VocabSize)
 		vsHF.add(got[0], want[r*seq*cfg.VocabSize:(r+1)*seq*cfg.VocabSize], cfg.VocabSize)
@@ -144,15 +160,15 @@ func goldenTP2(t *testing.T, bs []*cuda.Backend, dir string) {
 		rel, top1 := a.a.result()
 		if rel > goldenRelL2 || top1 < goldenTop1 {
 			status = " FAIL"
-			t.Errorf("TP=2 vs %s: relative L2 = %.3g (want <= %.3g), top-1 = %d/%d (want >= %.0f%%)",
-				a.what, rel, goldenRelL2, a.a.agree, a.a.positions, 100*goldenTop1)
+			t.Errorf("TP=%d vs %s: relative L2 = %.3g (want <= %.3g), top-1 = %d/%d (want >= %.0f%%)",
+				tp, a.what, rel, goldenRelL2, a.a.agree, a.a.positions, 100*goldenTop1)
 		}
 	}
 	r1, _ := vsTP1.result()
 	rh, _ := vsHF.result()
-	t.Logf("%s TP=2: vs TP=1 relL2 %.3g top-1 %d/%d; vs HF relL2 %.3g top-1 %d/%d; score %v",
-		name, r1, vsTP1.agree, vsTP1.positions, rh, vsHF.agree, vsHF.positions, elapsed)
-	row("tp2 "+name, fmt.Sprintf("TP=2 (GPUs 0,1, NCCL), %dx%d ids", batch, seq),
+	t.Logf("%s TP=%d: vs TP=1 relL2 %.3g top-1 %d/%d; vs HF relL2 %.3g top-1 %d/%d; score %v",
+		name, tp, r1, vsTP1.agree, vsTP1.positions, rh, vsHF.agree, vsHF.positions, elapsed)
+	row(fmt.Sprintf("tp%d %s", tp, name), fmt.Sprintf("TP=%d (GPUs 0..%d, NCCL), %dx%d ids", tp, tp-1, batch, seq),
 		fmt.Sprintf("vsTP1 relL2 %.2e top1 %d/%d; vsHF relL2 %.2e top1 %d/%d%s", r1, vsTP1.agree, vsTP1.positions, rh, vsHF.agree, vsHF.positions, status),
 		fmt.Sprintf("score %v", elapsed.Round(time.Millisecond)))
 }

@@ -67,7 +67,7 @@ run() {
 		local gpus scout maverick tp
 		gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
 		scout="--layers 4 --hidden 5120 --heads 40 --kv-heads 8 --head-dim 128 --experts 16 --intermediate 8192 --vocab 202048"
-		for tp in 1 2; do
+		for tp in 1 2 4 8; do
 			[ "$tp" -le "$gpus" ] || continue
 			echo "== bench Scout-4L tp $tp" | tee -a "$log"
 			set +e
