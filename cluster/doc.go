@@ -52,8 +52,10 @@
 //	}
 //
 // `tpfleet serve` starts StartEmbedded first and passes its Endpoints to New. Every process may also
-// run StartGossip with its member ID as the node name: OnLeave reports a killed process within about a
-// second, sooner than its etcd lease expires.
+// run StartGossip: a worker names its node after its member ID, gives it Member.GossipMeta as meta and
+// registers the node's address as Member.Gossip; the coordinator joins those addresses (Gossip.Join),
+// and its OnLeave reports a killed worker within about a second, sooner than its etcd lease expires.
+// etcd stays the authority on membership; gossip only tells sooner that a member's process died.
 //
 // # Lifetimes and channels
 //

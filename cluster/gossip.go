@@ -3,16 +3,19 @@ package cluster
 import (
 	"cmp"
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"log"
 	"net"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/memberlist"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 )
 
 // Defaults of GossipConfig. They start from memberlist's DefaultLocalConfig and probe faster, so that a
@@ -121,6 +124,7 @@ type Gossip struct {
 
 	mu     sync.Mutex // serialises Leave and Close: memberlist panics on Leave after Shutdown
 	closed bool
+	quiet  atomic.Bool // set by Close: memberlist's logs stop
 }
 
 // StartGossip starts a gossip node and joins cfg.Join. It returns once the node listens and has
@@ -150,7 +154,16 @@ func StartGossip(ctx context.Context, cfg GossipConfig) (*Gossip, error) {
 	// dead node alone and the live ones would wait for failure detection. The LAN value (4) makes
 	// that unlikely, for a few more small packets.
 	mc.RetransmitMult = 4
-	mc.Logger = log.New(stdLogWriter{lg.Named("memberlist")}, "", 0)
+	// Member IDs are unique in etcd, so a node that comes back under a dead node's name at another
+	// address is that member's new process (a worker restarted with a fixed ID): it takes the name
+	// over at once instead of being refused until the dead node is reaped (GossipToTheDeadTime, 15 s).
+	mc.DeadNodeReclaimTime = time.Nanosecond
+	// Once Close begins, memberlist's goroutines still running complain about the sockets it closed
+	// ("use of closed network connection"): quiet drops those lines.
+	mlg := lg.Named("memberlist").WithOptions(zap.WrapCore(func(c zapcore.Core) zapcore.Core {
+		return quietCore{Core: c, quiet: &g.quiet}
+	}))
+	mc.Logger = log.New(stdLogWriter{mlg}, "", 0)
 	mc.Delegate = metaDelegate{meta: slices.Clone(cfg.Meta)}
 	mc.Events = g.events
 	lg.Info("starting gossip",
@@ -219,6 +232,38 @@ func (g *Gossip) Members() []string {
 	return names
 }
 
+// Join contacts the gossip nodes at addrs (host:port), one after the other, and merges their gossip
+// cluster with this node's: nodes started apart (each worker starts its own) become one. It returns
+// how many answered; the error joins the failures of the others, and is nil when all answered. One
+// address takes at most memberlist's TCP timeout (1 s); ctx is checked between addresses. It fails with
+// ErrInvalid for an address without a port and with ErrClosed after Close.
+func (g *Gossip) Join(ctx context.Context, addrs []string) (int, error) {
+	for _, a := range addrs {
+		if _, _, err := net.SplitHostPort(a); err != nil {
+			return 0, fmt.Errorf("%w: gossip join: address %q: %v", ErrInvalid, a, err)
+		}
+	}
+	n := 0
+	var errs []error
+	for _, a := range addrs {
+		if err := ctx.Err(); err != nil {
+			return n, errors.Join(append(errs, fmt.Errorf("cluster: gossip join: %w", err))...)
+		}
+		g.mu.Lock()
+		closed := g.closed
+		g.mu.Unlock()
+		if closed {
+			return n, errors.Join(append(errs, fmt.Errorf("cluster: gossip join: %w", ErrClosed))...)
+		}
+		if _, err := g.ml.Join([]string{a}); err != nil {
+			errs = append(errs, fmt.Errorf("cluster: gossip join %s: %w", a, err))
+			continue
+		}
+		n++
+	}
+	return n, errors.Join(errs...)
+}
+
 // Leave tells the other nodes that this one is leaving, waiting at most timeout for the message to
 // spread, so that they report OnLeave at once instead of after failure detection. Call Close after.
 // It fails with ErrClosed after Close.
@@ -235,7 +280,8 @@ func (g *Gossip) Leave(timeout time.Duration) error {
 }
 
 // Close stops the node without telling the others (they detect the failure; call Leave first for a
-// graceful exit) and stops the callback goroutine. It is idempotent.
+// graceful exit) and stops the callback goroutine. From then on memberlist logs nothing: what it
+// says while its sockets close is noise. It is idempotent.
 func (g *Gossip) Close() error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -243,6 +289,7 @@ func (g *Gossip) Close() error {
 		return nil
 	}
 	g.closed = true
+	g.quiet.Store(true)
 	var err error
 	if e := g.ml.Shutdown(); e != nil {
 		err = fmt.Errorf("cluster: gossip shutdown: %w", e)

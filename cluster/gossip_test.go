@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -163,5 +164,67 @@ func TestGossipJoinFails(t *testing.T) {
 	_, err := cluster.StartGossip(testCtx(t), cluster.GossipConfig{Name: "late", BindAddr: "127.0.0.1", Join: []string{addr}, Logger: zap.NewNop()})
 	if err == nil {
 		t.Fatalf("StartGossip joining a closed node %s = nil error, want failure", addr)
+	}
+}
+
+// TestGossipJoinReclaim: nodes started apart are merged by Join; a node that dies and comes back
+// under its name at another address (a worker restarted with a fixed ID) is reported joined again.
+func TestGossipJoinReclaim(t *testing.T) {
+	t.Parallel()
+	newEvents := func() *events { return &events{joined: map[string][]byte{}, left: map[string]time.Time{}} }
+	evA := newEvents()
+	a := startNode(t, "a", nil, evA)
+	b := startNode(t, "b", nil, newEvents())
+	c := startNode(t, "c", nil, newEvents())
+	if n, err := a.Join(testCtx(t), []string{b.Addr(), c.Addr()}); n != 2 || err != nil {
+		t.Fatalf("Join(b, c) = %d, %v, want 2, nil", n, err)
+	}
+	want := []string{"a", "b", "c"}
+	eventually(t, 10*time.Second, func() error {
+		for _, g := range []*cluster.Gossip{a, b, c} {
+			if got := g.Members(); !slices.Equal(got, want) {
+				return fmt.Errorf("Members() = %v, want %v", got, want)
+			}
+		}
+		return nil
+	})
+
+	// c crashes; a new process named c starts elsewhere and is joined.
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, func() error {
+		if _, ok := evA.leftAt("c"); !ok {
+			return errors.New("a has not reported c gone")
+		}
+		return nil
+	})
+	evA.mu.Lock()
+	delete(evA.joined, "c")
+	evA.mu.Unlock()
+	c2 := startNode(t, "c", nil, newEvents())
+	if n, err := a.Join(testCtx(t), []string{c2.Addr()}); n != 1 || err != nil {
+		t.Fatalf("Join(new c at %s) = %d, %v, want 1, nil", c2.Addr(), n, err)
+	}
+	eventually(t, 5*time.Second, func() error {
+		if _, ok := evA.hasJoined("c"); !ok || !slices.Equal(a.Members(), want) {
+			return fmt.Errorf("a: new c not joined; Members() = %v", a.Members())
+		}
+		return nil
+	})
+
+	// Errors: an address without a port, a node that does not answer, a closed node.
+	if _, err := a.Join(testCtx(t), []string{"127.0.0.1"}); !errors.Is(err, cluster.ErrInvalid) {
+		t.Errorf("Join(no port) = %v, want ErrInvalid", err)
+	}
+	gone := startNode(t, "gone", nil, newEvents())
+	addr := gone.Addr()
+	_ = gone.Close()
+	if n, err := a.Join(testCtx(t), []string{addr, b.Addr()}); n != 1 || err == nil || !strings.Contains(err.Error(), addr) {
+		t.Errorf("Join(closed node, b) = %d, %v, want 1 and an error naming %s", n, err, addr)
+	}
+	_ = b.Close()
+	if _, err := b.Join(testCtx(t), []string{a.Addr()}); !errors.Is(err, cluster.ErrClosed) {
+		t.Errorf("Join after Close = %v, want ErrClosed", err)
 	}
 }

@@ -43,8 +43,19 @@ type Member struct {
 	Host    string            `json:"host"`
 	Devices []Device          `json:"devices,omitempty"`
 	Labels  map[string]string `json:"labels,omitempty"`
+	// Gossip is the host:port of the worker's gossip node (StartGossip), which the coordinator joins to
+	// hear of the worker's death sooner than its lease expires. Empty when the worker runs no gossip.
+	Gossip string `json:"gossip,omitempty"`
 	// Started is when the worker started; Register sets it to the current time when zero.
 	Started time.Time `json:"started"`
+}
+
+// GossipMeta returns the meta that the member's gossip node carries (GossipConfig.Meta): its start
+// time. A gossip event names a node by member ID; the meta tells which process of that ID it is about,
+// since a restarted worker keeps its ID but not its start time. Compare an event's meta with the
+// GossipMeta of the registered member. Started must be set (it is what Register stores).
+func (m Member) GossipMeta() []byte {
+	return []byte(m.Started.UTC().Format(time.RFC3339Nano))
 }
 
 // Validate reports a Member that Register would refuse.
@@ -54,6 +65,11 @@ func (m Member) Validate() error {
 	}
 	if _, _, err := net.SplitHostPort(m.Addr); err != nil {
 		return fmt.Errorf("%w: member %s: address %q: %v", ErrInvalid, m.ID, m.Addr, err)
+	}
+	if m.Gossip != "" {
+		if _, _, err := net.SplitHostPort(m.Gossip); err != nil {
+			return fmt.Errorf("%w: member %s: gossip address %q: %v", ErrInvalid, m.ID, m.Gossip, err)
+		}
 	}
 	for i, d := range m.Devices {
 		switch {

@@ -2,6 +2,7 @@ package cluster_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"slices"
 	"strings"
@@ -54,6 +55,8 @@ func TestMemberValidate(t *testing.T) {
 		{"empty ID", bad(func(m *cluster.Member) { m.ID = "" }), false},
 		{"slash in ID", bad(func(m *cluster.Member) { m.ID = "a/b" }), false},
 		{"no port", bad(func(m *cluster.Member) { m.Addr = "127.0.0.1" }), false},
+		{"gossip address", bad(func(m *cluster.Member) { m.Gossip = "127.0.0.1:7946" }), true},
+		{"gossip without port", bad(func(m *cluster.Member) { m.Gossip = "127.0.0.1" }), false},
 		{"device kind", bad(func(m *cluster.Member) { m.Devices[0].Kind = "gpu" }), false},
 		{"device index", bad(func(m *cluster.Member) { m.Devices[0].Index = -1 }), false},
 		{"device memory", bad(func(m *cluster.Member) { m.Devices[0].MemoryFree = -1 }), false},
@@ -93,7 +96,9 @@ func TestRegisterMembers(t *testing.T) {
 	watch := c.WatchMembers(ctx)
 	recvUntil(t, watch, 10*time.Second, "initial empty list", func(ms []cluster.Member) bool { return len(ms) == 0 })
 
-	r1, err := c.Register(ctx, worker("w-2", 7002), 5*time.Second)
+	w2 := worker("w-2", 7002)
+	w2.Gossip = "127.0.0.1:8002"
+	r1, err := c.Register(ctx, w2, 5*time.Second)
 	if err != nil {
 		t.Fatalf("Register(w-2): %v", err)
 	}
@@ -107,6 +112,9 @@ func TestRegisterMembers(t *testing.T) {
 	}
 	if got := ms[0]; got.Addr != "127.0.0.1:7001" || got.Started.IsZero() || len(got.Devices) != 1 || got.Labels["zone"] != "a" {
 		t.Errorf("Members()[0] = %+v, want the registered fields and a start time", got)
+	}
+	if got := ms[1]; got.Gossip != "127.0.0.1:8002" {
+		t.Errorf("Members()[1].Gossip = %q, want 127.0.0.1:8002", got.Gossip)
 	}
 	recvUntil(t, watch, 10*time.Second, "both members", func(ms []cluster.Member) bool {
 		return slices.Equal(ids(ms), []string{"w-1", "w-2"})
@@ -262,5 +270,32 @@ func TestClientClosed(t *testing.T) {
 	}
 	if _, err := c.Register(ctx, worker("w-1", 1), time.Second); !errors.Is(err, cluster.ErrClosed) {
 		t.Errorf("Register after Close = %v, want ErrClosed", err)
+	}
+}
+
+// TestGossipMeta: the meta of a member's gossip node survives the member's JSON in etcd, and tells
+// two processes of one ID apart.
+func TestGossipMeta(t *testing.T) {
+	t.Parallel()
+	m := worker("w-1", 7001)
+	m.Started = time.Date(2025, 3, 1, 12, 0, 0, 123456789, time.FixedZone("CET", 3600))
+	data, err := json.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var back cluster.Member
+	if err := json.Unmarshal(data, &back); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := string(back.GossipMeta()), string(m.GossipMeta()); got != want {
+		t.Errorf("GossipMeta() after a JSON round trip = %q, want %q", got, want)
+	}
+	if got, want := string(m.GossipMeta()), "2025-03-01T11:00:00.123456789Z"; got != want {
+		t.Errorf("GossipMeta() = %q, want %q", got, want)
+	}
+	later := m
+	later.Started = m.Started.Add(time.Millisecond)
+	if string(later.GossipMeta()) == string(m.GossipMeta()) {
+		t.Errorf("GossipMeta() of two start times is the same: %q", m.GossipMeta())
 	}
 }

@@ -43,12 +43,15 @@ func Dial(addr string) (*Client, error) {
 // Close closes the connection.
 func (c *Client) Close() error { return c.conn.Close() }
 
-// GenerateRequest is one generation: a prompt of token ids and when to stop.
+// GenerateRequest is one generation: a prompt of token ids or text, and when to stop.
 type GenerateRequest struct {
 	// Model names the served model; empty means the only one.
 	Model string
-	// PromptIDs is the prompt; it must not be empty.
+	// PromptIDs is the prompt as token ids. Exactly one of PromptIDs and Prompt must be set.
 	PromptIDs []int
+	// Prompt is the prompt as text, which the coordinator encodes with the model's tokenizer, BOS
+	// added (HF's tokenizer(text)); a model without a tokenizer refuses it (FAILED_PRECONDITION).
+	Prompt string
 	// MaxTokens bounds the new tokens; it must be positive and fit the model's context.
 	MaxTokens int
 	// Sampling chooses the tokens; nil means the checkpoint's generation_config.json.
@@ -63,6 +66,8 @@ type GenerateRequest struct {
 type GenerateResult struct {
 	// IDs are the new tokens; after FinishStop the last one is the eos or stop id.
 	IDs []int
+	// Text is the text of IDs, special tokens left out, when the model has a tokenizer; else empty.
+	Text string
 	// FinishReason is FinishStop or FinishLength.
 	FinishReason string
 	// PromptTokens is the length of the prompt.
@@ -70,12 +75,15 @@ type GenerateResult struct {
 }
 
 // Generate runs one generation. emit, when not nil, receives the new ids as the coordinator streams
-// them (usually one at a time), from the calling goroutine; an error from emit cancels the generation
-// and is returned.
-func (c *Client) Generate(ctx context.Context, req GenerateRequest, emit func(ids []int) error) (GenerateResult, error) {
+// them (usually one at a time) with the text they complete (only whole characters: a character split
+// across tokens comes with its last token; "" without a tokenizer), from the calling goroutine; an
+// error from emit cancels the generation and is returned. The last text, what is left of an incomplete
+// character at the end, may come with no ids.
+func (c *Client) Generate(ctx context.Context, req GenerateRequest, emit func(ids []int, text string) error) (GenerateResult, error) {
 	in := &pb.GenerateRequest{
 		Model:     req.Model,
 		PromptIds: toInt32(req.PromptIDs),
+		Prompt:    req.Prompt,
 		MaxTokens: int32(req.MaxTokens),
 		IgnoreEos: req.IgnoreEOS,
 		StopIds:   toInt32(req.StopIDs),
@@ -106,18 +114,33 @@ func (c *Client) Generate(ctx context.Context, req GenerateRequest, emit func(id
 			ids[i] = int(id)
 		}
 		res.IDs = append(res.IDs, ids...)
+		res.Text += msg.GetText()
 		if msg.GetPromptTokens() > 0 {
 			res.PromptTokens = int(msg.GetPromptTokens())
 		}
 		if msg.GetFinishReason() != "" {
 			res.FinishReason = msg.GetFinishReason()
 		}
-		if emit != nil && len(ids) > 0 {
-			if err := emit(ids); err != nil {
+		if emit != nil && (len(ids) > 0 || msg.GetText() != "") {
+			if err := emit(ids, msg.GetText()); err != nil {
 				return res, err
 			}
 		}
 	}
+}
+
+// Tokenize encodes text with the served model's tokenizer, adding BOS when addSpecial is set. A model
+// without a tokenizer fails with FAILED_PRECONDITION.
+func (c *Client) Tokenize(ctx context.Context, model, text string, addSpecial bool) ([]int, error) {
+	resp, err := c.gen.Tokenize(ctx, &pb.TokenizeRequest{Model: model, Text: text, AddSpecial: addSpecial})
+	if err != nil {
+		return nil, err
+	}
+	ids := make([]int, len(resp.GetIds()))
+	for i, id := range resp.GetIds() {
+		ids[i] = int(id)
+	}
+	return ids, nil
 }
 
 // WaitReady blocks until the coordinator reports SERVING on the gRPC health service (it leads and a

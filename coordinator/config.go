@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"time"
 
@@ -79,6 +80,16 @@ type Config struct {
 	Settle time.Duration `json:"settle"`
 	// ShutdownGrace bounds the graceful part of Close. Zero means DefaultShutdownGrace.
 	ShutdownGrace time.Duration `json:"shutdown-grace"`
+	// Gossip configures the coordinator's gossip node (memberlist), named "coordinator/<ID>". The leader
+	// joins the gossip nodes that workers register (cluster.Member.Gossip) and, when gossip declares
+	// one dead, places the cluster without it at once instead of waiting for its etcd lease to expire
+	// (see the package doc, Failure detection). An empty BindAddr means the host of ListenAddr when that
+	// is an IP address (loopback for the default), else cluster.DefaultGossipBindAddr; port 0 picks a
+	// free port. Flags: --gossip-bind-addr, --gossip-bind-port, --gossip-advertise-addr, ...
+	Gossip cluster.GossipConfig `json:"gossip"`
+	// NoGossip runs no gossip node: a dead worker is noticed when its lease expires (or when its Step
+	// stream breaks, for its group's requests).
+	NoGossip bool `json:"no-gossip"`
 	// Logger receives the coordinator's logs. Nil means zap.NewNop().
 	Logger *zap.Logger `json:"-"`
 }
@@ -106,6 +117,13 @@ func (c Config) Validate() error {
 	}
 	if _, _, err := net.SplitHostPort(d.ListenAddr); err != nil {
 		return fmt.Errorf("%w: config: listen address %q: %v", ErrInvalidConfig, d.ListenAddr, err)
+	}
+	if !c.NoGossip {
+		g := c.Gossip
+		g.Name = gossipNodeName(d.ID)
+		if err := g.Validate(); err != nil {
+			return fmt.Errorf("%w: config: %w", ErrInvalidConfig, err)
+		}
 	}
 	if err := c.Etcd.Validate(); err != nil {
 		return fmt.Errorf("%w: %w", ErrInvalidConfig, err)
@@ -152,11 +170,26 @@ func (c Config) withDefaults() Config {
 	if c.Logger == nil {
 		c.Logger = zap.NewNop()
 	}
+	if c.Gossip.BindAddr == "" {
+		c.Gossip.BindAddr = gossipBindAddr(c.ListenAddr)
+	}
+	c.Gossip.Join = slices.Clone(c.Gossip.Join)
 	return c
 }
 
-// AddFlags binds c's fields to flags in fs, with c's current values as defaults, and the etcd client's
-// flags (cluster.Config.AddFlags).
+// gossipBindAddr is the gossip bind address that goes with a gRPC listen address: its host when that is
+// an IP address, so that gossip is reachable where the gRPC server is (loopback only, or every
+// interface), else "" (cluster.DefaultGossipBindAddr).
+func gossipBindAddr(listen string) string {
+	host, _, err := net.SplitHostPort(listen)
+	if err != nil || net.ParseIP(host) == nil {
+		return ""
+	}
+	return host
+}
+
+// AddFlags binds c's fields to flags in fs, with c's current values as defaults, the gossip node's flags
+// (cluster.GossipConfig.AddFlags) and the etcd client's flags (cluster.Config.AddFlags).
 func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.ListenAddr, "listen", c.ListenAddr, "host:port of the client and admin gRPC server (port 0: any; empty: "+DefaultListenAddr+")")
 	fs.StringVar(&c.ID, "id", c.ID, "coordinator id in the leader election (empty: coordinator-<host>-<pid>)")
@@ -169,5 +202,8 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.LeaderTTL, "leader-ttl", c.LeaderTTL, "lease of the leader election; a standby takes over this long after the leader dies (0: 5s)")
 	fs.DurationVar(&c.Settle, "settle", c.Settle, "how long the member list must stay unchanged before a new plan (0: 250ms)")
 	fs.DurationVar(&c.ShutdownGrace, "shutdown-grace", c.ShutdownGrace, "how long a shutdown lets streams finish before cutting them (0: 5s)")
+	fs.BoolVar(&c.NoGossip, "no-gossip", c.NoGossip, "run no gossip node: a dead worker is noticed when its etcd lease expires")
+	c.Gossip.AddFlags(fs)
+	fs.Lookup("gossip-bind-addr").Usage = "gossip listen address (empty: the host of --listen when it is an IP address, else 0.0.0.0)"
 	c.Etcd.AddFlags(fs)
 }

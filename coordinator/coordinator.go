@@ -43,6 +43,13 @@ type Coordinator struct {
 	srv    *grpc.Server
 	health *health.Server
 	cl     *cluster.Client
+	gossip *cluster.Gossip // nil with Config.NoGossip
+
+	// gossipDown holds the gossip nodes that left or were declared dead and have not come back;
+	// gossipChanged (buffer 1: a pending wake-up is enough) wakes the leader when it changes.
+	gossipMu      sync.Mutex
+	gossipDown    map[gossipNode]struct{}
+	gossipChanged chan struct{}
 
 	// ctx is the coordinator's lifetime: Close cancels it, which ends the leadership loop and the
 	// groups; wg waits for them.
@@ -95,6 +102,8 @@ func New(cfg Config) (*Coordinator, error) {
 		rebalanceReqs: make(chan rebalanceReq),
 		tp:            cfg.TP,
 		readyGroups:   make(map[int]bool),
+		gossipDown:    make(map[gossipNode]struct{}),
+		gossipChanged: make(chan struct{}, 1),
 	}
 	// Sequence ids of different coordinator lives differ, so a worker never confuses them.
 	c.seqIDs.Store(uint64(time.Now().UnixNano()))
@@ -146,6 +155,7 @@ func (c *Coordinator) Start(ctx context.Context) error {
 		zap.String("listen", c.cfg.ListenAddr),
 		zap.String("model", c.model.dir),
 		zap.String("model-name", c.model.name),
+		zap.Bool("tokenizer", c.model.tok != nil),
 		zap.Int("tp", c.cfg.TP),
 		zap.String("plan", c.cfg.Plan),
 		zap.Int("max-queue", c.cfg.MaxQueue),
@@ -153,6 +163,7 @@ func (c *Coordinator) Start(ctx context.Context) error {
 		zap.Int("token-budget", c.cfg.TokenBudget),
 		zap.Duration("leader-ttl", c.cfg.LeaderTTL),
 		zap.Duration("settle", c.cfg.Settle),
+		zap.Bool("no-gossip", c.cfg.NoGossip),
 		zap.Strings("etcd-endpoints", c.cfg.Etcd.Endpoints),
 		zap.String("cluster", c.cfg.Etcd.Cluster))
 
@@ -166,6 +177,13 @@ func (c *Coordinator) Start(ctx context.Context) error {
 		return fmt.Errorf("coordinator: listen: %w", err)
 	}
 	c.cl, c.lis = cl, lis
+	if !c.cfg.NoGossip {
+		if err := c.startGossip(ctx); err != nil {
+			_ = lis.Close()
+			_ = cl.Close()
+			return err
+		}
+	}
 	c.srv = grpc.NewServer(
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{
 			MinTime:             10 * time.Second, // clients may ping every 10 s, e.g. during a long generation
@@ -254,6 +272,12 @@ func (c *Coordinator) Close() error {
 		c.srv.Stop()
 		<-stopped
 		c.wg.Wait()
+		if c.gossip != nil {
+			if err := c.gossip.Leave(gossipLeaveTimeout); err != nil {
+				c.log.Debug("gossip leave", zap.Error(err))
+			}
+			_ = c.gossip.Close()
+		}
 		c.closeErr = c.cl.Close()
 		c.log.Info("coordinator stopped")
 	})
@@ -366,9 +390,10 @@ type leader struct {
 	l       *cluster.Leadership
 	ctx     context.Context
 	log     *zap.Logger
-	members []cluster.Member
-	plan    cluster.Plan // the stored plan (Epoch 0: none)
-	cleaned int64        // rendezvous data before this epoch was deleted
+	members []cluster.Member // the registered members, as etcd lists them
+	dead    map[string]bool  // members gossip reports dead, as last logged (see gossipChanged)
+	plan    cluster.Plan     // the stored plan (Epoch 0: none)
+	cleaned int64            // rendezvous data before this epoch was deleted
 
 	groupsEpoch int64 // the epoch the running groups serve
 	groupsStop  context.CancelFunc
@@ -402,6 +427,17 @@ func (c *Coordinator) lead(l *cluster.Leadership) error {
 
 	members := c.cl.WatchMembers(ctx)
 	plans := c.cl.WatchPlan(ctx)
+	var joinLists chan []cluster.Member // to the gossip joiner; nil without gossip
+	if c.gossip != nil {
+		joinLists = make(chan []cluster.Member, 1) // the latest list only: see offerMembers
+		jctx, jcancel := context.WithCancel(ctx)
+		var joiner sync.WaitGroup
+		joiner.Go(func() { c.joinGossip(jctx, joinLists) })
+		defer func() {
+			jcancel()
+			joiner.Wait()
+		}()
+	}
 	p, ok, err := c.cl.Plan(ctx)
 	if err != nil {
 		return err
@@ -426,6 +462,17 @@ func (c *Coordinator) lead(l *cluster.Leadership) error {
 			}
 			ld.members, haveMembers = ms, true
 			settle.Reset(c.cfg.Settle)
+			if joinLists != nil {
+				c.forgetGossip(ms)
+				ld.gossipChanged()
+				offerMembers(joinLists, ms)
+			}
+		case <-c.gossipChanged:
+			// A worker that gossip declares dead is lost now: place the cluster without it at once,
+			// without waiting for Settle, let alone for its lease to expire.
+			if haveMembers && ld.gossipChanged() {
+				settle.Reset(0)
+			}
 		case p, ok := <-plans:
 			if !ok {
 				return fmt.Errorf("coordinator: plan watch ended: %w", ctxErr(ctx, cluster.ErrClosed))
@@ -486,7 +533,7 @@ func (ld *leader) reconcile() error {
 		if ld.plan.Epoch > 0 {
 			keep = &ld.plan
 		}
-		want := place(ld.members, s, keep)
+		want := place(ld.live(), s, keep)
 		if ld.plan.Epoch > 0 && samePlacement(ld.plan, want) {
 			if ld.groupsEpoch != ld.plan.Epoch {
 				ld.log.Info("resuming plan", zap.Int64("epoch", ld.plan.Epoch), zap.Int("groups", len(ld.plan.Groups)))
@@ -495,7 +542,7 @@ func (ld *leader) reconcile() error {
 			return nil
 		}
 		if ld.plan.Epoch == 0 && len(want.Groups) == 0 {
-			ld.log.Info("waiting for workers", zap.Int("members", len(ld.members)), zap.Int("tp", s.tp))
+			ld.log.Info("waiting for workers", zap.Int("members", len(ld.live())), zap.Int("tp", s.tp))
 			return nil
 		}
 		err := ld.put(want)
@@ -519,7 +566,7 @@ func (ld *leader) replace() error {
 		if ld.plan.Epoch > 0 {
 			keep = &ld.plan
 		}
-		err := ld.put(place(ld.members, s, keep))
+		err := ld.put(place(ld.live(), s, keep))
 		if !errors.Is(err, cluster.ErrConflict) {
 			return err
 		}
@@ -540,8 +587,9 @@ func (ld *leader) put(want cluster.Plan) error {
 	for _, g := range want.Groups {
 		placed += len(g.Ranks)
 	}
+	live := len(ld.live())
 	ld.log.Info("plan written", zap.Int64("epoch", want.Epoch), zap.Int("tp", want.TP), zap.Int("groups", len(want.Groups)),
-		zap.Int("members", len(ld.members)), zap.Int("idle", len(ld.members)-placed))
+		zap.Int("members", len(ld.members)), zap.Int("gossip-dead", len(ld.members)-live), zap.Int("idle", live-placed))
 	ld.plan = want
 	ld.apply()
 	return nil
@@ -559,7 +607,7 @@ func (ld *leader) rebalance(tp int) (int64, error) {
 	}
 	s := spec{model: ld.c.model.dir, tp: ld.c.currentTP(), planName: ld.c.cfg.Plan}
 	for range 5 {
-		err := ld.put(place(ld.members, s, nil))
+		err := ld.put(place(ld.live(), s, nil))
 		if errors.Is(err, cluster.ErrConflict) {
 			if p, ok, err := ld.c.cl.Plan(ld.ctx); err == nil && ok {
 				ld.plan = p

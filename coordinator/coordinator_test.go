@@ -155,7 +155,7 @@ func TestServe(t *testing.T) {
 			prompt := []int{10 * (i + 1), 10*(i+1) + 1}
 			var streamed []int
 			res, err := cli.Generate(testCtx(t), GenerateRequest{PromptIDs: prompt, MaxTokens: 30, Sampling: greedy(), IgnoreEOS: true},
-				func(ids []int) error { streamed = append(streamed, ids...); return nil })
+				func(ids []int, _ string) error { streamed = append(streamed, ids...); return nil })
 			want := echo(prompt, 30)
 			switch {
 			case err != nil:
@@ -190,7 +190,6 @@ func TestServe(t *testing.T) {
 		{"max_tokens negative", &pb.GenerateRequest{PromptIds: []int32{1}, MaxTokens: -3}, "must be positive"},
 		{"past the context", &pb.GenerateRequest{PromptIds: []int32{1, 2}, MaxTokens: 255}, "2 prompt tokens + max_tokens 255 exceed the model's context of 256"},
 		{"unknown model", &pb.GenerateRequest{Model: "gpt-2", PromptIds: []int32{1}, MaxTokens: 4}, `unknown model "gpt-2": this cluster serves "moe-top1"`},
-		{"text without a tokenizer", &pb.GenerateRequest{Prompt: "hello", MaxTokens: 4}, "tokenizer"},
 		{"text and ids", &pb.GenerateRequest{Prompt: "hello", PromptIds: []int32{1}, MaxTokens: 4}, "not both"},
 		{"negative temperature", &pb.GenerateRequest{PromptIds: []int32{1}, MaxTokens: 4, Sampling: &pb.SamplingParams{Temperature: -1}}, "temperature"},
 		{"top_p above 1", &pb.GenerateRequest{PromptIds: []int32{1}, MaxTokens: 4, Sampling: &pb.SamplingParams{TopP: 1.5}}, "top-p"},
@@ -209,8 +208,16 @@ func TestServe(t *testing.T) {
 		t.Errorf("Generate after bad requests = %+v, %v; want [41 42 43]", res, err)
 	}
 
-	if _, err := cli.gen.Tokenize(testCtx(t), &pb.TokenizeRequest{Text: "hi"}); status.Code(err) != codes.Unimplemented {
-		t.Errorf("Tokenize = %v, want Unimplemented", err)
+	// Text needs the model's tokenizer, which this fixture lacks.
+	stream, err := cli.gen.Generate(testCtx(t), &pb.GenerateRequest{Prompt: "hello", MaxTokens: 4})
+	if err == nil {
+		_, err = stream.Recv()
+	}
+	if st, _ := status.FromError(err); st.Code() != codes.FailedPrecondition || !strings.Contains(st.Message(), "moe-top1 has no tokenizer") || Reason(err) != "NO_TOKENIZER" {
+		t.Errorf("Generate(text, no tokenizer) = %v, want FailedPrecondition, has no tokenizer, NO_TOKENIZER", err)
+	}
+	if _, err := cli.Tokenize(testCtx(t), "", "hi", true); status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "no tokenizer") {
+		t.Errorf("Tokenize without a tokenizer = %v, want FailedPrecondition, no tokenizer", err)
 	}
 	models, err := cli.gen.ListModels(testCtx(t), &pb.ListModelsRequest{})
 	if err != nil || len(models.GetModels()) != 1 {
@@ -292,7 +299,7 @@ func TestCancelReleases(t *testing.T) {
 	done := make(chan error, 1)
 	go func() {
 		_, err := cli.Generate(ctx, GenerateRequest{PromptIDs: []int{5}, MaxTokens: 250, Sampling: greedy(), IgnoreEOS: true},
-			func([]int) error {
+			func([]int, string) error {
 				select {
 				case got <- struct{}{}:
 				default:
@@ -504,12 +511,25 @@ func TestConfigValidate(t *testing.T) {
 		{"bad listen address", func(c *Config) { c.ListenAddr = "nowhere" }},
 		{"no etcd", func(c *Config) { c.Etcd.Endpoints = nil }},
 		{"negative ttl", func(c *Config) { c.LeaderTTL = -time.Second }},
+		{"gossip bind host name", func(c *Config) { c.Gossip.BindAddr = "localhost" }},
+		{"gossip probe timeout above interval", func(c *Config) { c.Gossip.ProbeTimeout = 2 * time.Second }},
 	} {
 		c := ok
 		tc.edit(&c)
 		if err := c.Validate(); !errors.Is(err, ErrInvalidConfig) {
 			t.Errorf("Validate(%s) = %v, want ErrInvalidConfig", tc.name, err)
 		}
+	}
+	noGossip := ok
+	noGossip.NoGossip, noGossip.Gossip.BindAddr = true, "localhost"
+	if err := noGossip.Validate(); err != nil {
+		t.Errorf("Validate(NoGossip with a bad gossip config) = %v, want nil", err)
+	}
+	if d := (Config{ListenAddr: "0.0.0.0:7070"}).withDefaults(); d.Gossip.BindAddr != "0.0.0.0" {
+		t.Errorf("gossip bind address for listen 0.0.0.0:7070 = %q, want 0.0.0.0", d.Gossip.BindAddr)
+	}
+	if d := (Config{ListenAddr: "localhost:7070"}).withDefaults(); d.Gossip.BindAddr != "" {
+		t.Errorf("gossip bind address for listen localhost:7070 = %q, want empty (cluster's default)", d.Gossip.BindAddr)
 	}
 	cfg := ok
 	cfg.TP = 3

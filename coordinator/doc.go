@@ -17,11 +17,34 @@
 //     Config.MaxBatch sequences and Config.TokenBudget tokens per step (a decode takes one token, a
 //     prompt is fed in pieces of what is left); rank 0 returns each sampled token, which is streamed to
 //     its client at once; finished and cancelled sequences are released at the next step.
+//   - Text: when the model directory has a tokenizer.json, New loads it (package tokenizer).
+//     Generate then takes a text prompt, encoded with BOS as HF's tokenizer(text) does, instead of
+//     prompt_ids (exactly one of the two), and every GenerateResponse carries the text of its ids, decoded
+//     as they stream (tokenizer.Decoder: whole UTF-8 characters only, special tokens left out, the rest
+//     of an unfinished character flushed as U+FFFD with the last response); Tokenize encodes. Without a
+//     tokenizer both answer FAILED_PRECONDITION and responses carry no text.
 //   - Errors: requests are checked before they queue (INVALID_ARGUMENT); the queue is bounded
 //     (RESOURCE_EXHAUSTED). A broken stream or a failed step ends the group's requests (UNAVAILABLE or
 //     INTERNAL) and the group reconnects; a worker whose epoch failed gets a new epoch. When the plan
 //     changes, the requests in flight go back to the head of the queue and run again from their prompt
 //     and the tokens already sent.
+//
+// # Failure detection: etcd leases and gossip
+//
+// etcd is the authority on membership: a worker is a member while its key lives under its lease, and
+// placement only ever uses members. A killed worker's key stays until the lease expires (the worker's
+// LeaseTTL, 10 s by default), so gossip tells sooner: every worker runs a memberlist node and registers
+// its address (cluster.Member.Gossip); the coordinator runs one too ("coordinator/<id>"), and the leader
+// joins the nodes of the members it sees (again every 2 s for those missing), which makes them one
+// gossip cluster. When gossip declares a worker's node dead (about a second after a crash with the
+// default probes) the leader treats the worker as lost at once: a plan that places it is replaced by
+// the next epoch without it (its group dissolves; the others keep serving), and it is not placed
+// again. The two combine as follows: a member is placed only if it is registered in etcd and gossip
+// does not report its process (member ID and start time, the node's meta) dead. A gossip-dead member
+// becomes placeable again when its node rejoins gossip (a healed partition: the node refutes its death)
+// or when it registers anew (a restarted process has a new start time); when its lease expires it leaves
+// the member list and gossip's verdict is forgotten. Gossip never adds a member, and a worker without
+// gossip (NoGossip, or a node the leader cannot reach) is noticed when its lease expires, as before.
 //
 // # Services
 //
@@ -30,6 +53,7 @@
 // grpcurl works:
 //
 //	grpcurl -plaintext -d '{"prompt_ids":[1,2,3],"max_tokens":8}' 127.0.0.1:7070 tpfleet.v1.Generation/Generate
+//	grpcurl -plaintext -d '{"prompt":"Hello","max_tokens":8}' 127.0.0.1:7070 tpfleet.v1.Generation/Generate
 //
 // Client wraps the services for Go programs that should not use the generated code.
 //
@@ -44,6 +68,6 @@
 //	defer c.Close()
 //	<-c.Ready() // leading, a group serves
 //
-// The package imports cluster, model/llama4, shard, safetensors, sample and the generated protobuf
-// code; it knows nothing of backends or communicators, which live in the workers.
+// The package imports cluster, model/llama4, shard, safetensors, sample, tokenizer and the generated
+// protobuf code; it knows nothing of backends or communicators, which live in the workers.
 package coordinator

@@ -21,8 +21,9 @@ var (
 	// outside the vocabulary, max_tokens not positive or past the context, an unknown model, bad
 	// sampling parameters.
 	ErrInvalidRequest = errors.New("coordinator: invalid request")
-	// ErrNoTokenizer means a text prompt or a Tokenize call on a model whose tokenizer the coordinator
-	// does not have.
+	// ErrNoTokenizer means a text prompt or a Tokenize call on a model without a tokenizer (no
+	// tokenizer.json in its directory): FAILED_PRECONDITION, as no retry helps until the model directory
+	// has one and the coordinator restarts.
 	ErrNoTokenizer = errors.New("coordinator: no tokenizer")
 	// ErrQueueFull means MaxQueue requests are already waiting for a place in a batch.
 	ErrQueueFull = errors.New("coordinator: queue full")
@@ -50,8 +51,8 @@ var statusTable = []struct {
 	code   codes.Code
 	reason string
 }{
+	{ErrNoTokenizer, codes.FailedPrecondition, "NO_TOKENIZER"},
 	{ErrInvalidRequest, codes.InvalidArgument, "INVALID_REQUEST"},
-	{ErrNoTokenizer, codes.Unimplemented, "NO_TOKENIZER"},
 	{ErrQueueFull, codes.ResourceExhausted, "QUEUE_FULL"},
 	{ErrNotLeader, codes.Unavailable, "NOT_LEADER"},
 	{ErrNoPlan, codes.Unavailable, "NO_PLAN"},

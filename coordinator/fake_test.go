@@ -34,7 +34,10 @@ type fakeWorker struct {
 	mu sync.Mutex
 	// hook, when set, runs before each step is answered, on the stream's goroutine and without mu; a
 	// non-empty return fails the step with that error text.
-	hook   func(req *pb.StepRequest) string
+	hook func(req *pb.StepRequest) string
+	// next, when set, chooses the id sampled after a sequence's ids (its prompt and the ids fed since);
+	// it runs under mu.
+	next   func(seq []int32) int32
 	epoch  int64
 	group  int32
 	rank   int32
@@ -79,6 +82,12 @@ func (w *fakeWorker) setHook(hook func(req *pb.StepRequest) string) {
 	w.mu.Unlock()
 }
 
+func (w *fakeWorker) setNext(next func(seq []int32) int32) {
+	w.mu.Lock()
+	w.next = next
+	w.mu.Unlock()
+}
+
 func (w *fakeWorker) setState(s string) {
 	w.mu.Lock()
 	w.state = s
@@ -89,8 +98,15 @@ func (w *fakeWorker) setState(s string) {
 // ends. It returns the registration.
 func (w *fakeWorker) follow(t *testing.T, cl *cluster.Client) *cluster.Registration {
 	t.Helper()
+	return w.followAs(t, cl, cluster.Member{ID: w.id, Addr: w.addr, Host: "test"}, 2*time.Second)
+}
+
+// followAs is follow with the member m registered under a lease of ttl. The plan watch ends with the
+// test or when cl closes.
+func (w *fakeWorker) followAs(t *testing.T, cl *cluster.Client, m cluster.Member, ttl time.Duration) *cluster.Registration {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	reg, err := cl.Register(ctx, cluster.Member{ID: w.id, Addr: w.addr, Host: "test"}, 2*time.Second)
+	reg, err := cl.Register(ctx, m, ttl)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -178,7 +194,11 @@ func (w *fakeWorker) step(req *pb.StepRequest) ([]*pb.SequenceResult, error) {
 		w.seqs[id] = append(w.seqs[id], s.GetIds()...)
 		if s.GetSample() && w.rank == 0 {
 			ids := w.seqs[id]
-			out = append(out, &pb.SequenceResult{SeqId: id, NextId: (ids[len(ids)-1] + 1) % fakeVocab})
+			next := (ids[len(ids)-1] + 1) % fakeVocab
+			if w.next != nil {
+				next = w.next(ids)
+			}
+			out = append(out, &pb.SequenceResult{SeqId: id, NextId: next})
 		}
 	}
 	for _, id := range req.GetRelease() {

@@ -2,13 +2,17 @@ package coordinator
 
 import (
 	"container/list"
+	"errors"
 	"fmt"
+	"io/fs"
+	"os"
 	"path/filepath"
 	"sync"
 
 	"github.com/tpfleet/tpfleet/model/llama4"
 	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/sample"
+	"github.com/tpfleet/tpfleet/tokenizer"
 )
 
 // Finish reasons, as GenerateResponse.finish_reason carries them.
@@ -17,15 +21,18 @@ const (
 	FinishLength = "length" // max_tokens ids were chosen
 )
 
-// modelInfo is what the coordinator knows of the served model: enough to check requests.
+// modelInfo is what the coordinator knows of the served model: enough to check requests, and to turn
+// text into ids and back.
 type modelInfo struct {
 	name string // the checkpoint directory's base name
 	dir  string // absolute
 	cfg  llama4.Config
 	gen  llama4.Generation
+	tok  *tokenizer.Tokenizer // nil when the directory has no tokenizer.json
 }
 
-// loadModelInfo reads dir's config.json and generation_config.json.
+// loadModelInfo reads dir's config.json and generation_config.json, and its tokenizer when it has a
+// tokenizer.json.
 func loadModelInfo(dir string) (modelInfo, error) {
 	abs, err := filepath.Abs(dir)
 	if err != nil {
@@ -39,7 +46,33 @@ func loadModelInfo(dir string) (modelInfo, error) {
 	if err != nil {
 		return modelInfo{}, fmt.Errorf("%w: %w", ErrInvalidConfig, err)
 	}
-	return modelInfo{name: filepath.Base(abs), dir: abs, cfg: cfg, gen: gen}, nil
+	m := modelInfo{name: filepath.Base(abs), dir: abs, cfg: cfg, gen: gen}
+	if _, err := os.Stat(filepath.Join(abs, tokenizer.TokenizerFile)); err == nil {
+		if m.tok, err = tokenizer.Load(abs); err != nil {
+			return modelInfo{}, fmt.Errorf("%w: %w", ErrInvalidConfig, err)
+		}
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return modelInfo{}, fmt.Errorf("%w: model %s: %w", ErrInvalidConfig, abs, err)
+	}
+	return m, nil
+}
+
+// noTokenizer is the error of a text request to a model without a tokenizer.
+func (m modelInfo) noTokenizer() error {
+	return fmt.Errorf("%w: model %s has no tokenizer (no %s in %s); send token ids", ErrNoTokenizer, m.name, tokenizer.TokenizerFile, m.dir)
+}
+
+// encode turns a prompt text into ids as HF's tokenizer(text) does: special tokens (BOS) added.
+func (m modelInfo) encode(text string) ([]int32, error) {
+	if m.tok == nil {
+		return nil, m.noTokenizer()
+	}
+	ids := m.tok.Encode(text, true)
+	out := make([]int32, len(ids))
+	for i, id := range ids {
+		out[i] = int32(id)
+	}
+	return out, nil
 }
 
 // defaultSampling is generation_config.json's sampling: its settings when do_sample is set, else greedy.
@@ -61,21 +94,26 @@ func (m modelInfo) newRequest(in *pb.GenerateRequest) (*request, error) {
 	if in.GetModel() != "" && in.GetModel() != m.name {
 		return nil, invalid("unknown model %q: this cluster serves %q", in.GetModel(), m.name)
 	}
+	prompt, what := in.GetPromptIds(), "prompt id"
 	switch {
-	case in.GetPrompt() != "" && len(in.GetPromptIds()) > 0:
+	case in.GetPrompt() != "" && len(prompt) > 0:
 		return nil, invalid("set prompt_ids or prompt, not both")
 	case in.GetPrompt() != "":
-		return nil, fmt.Errorf("%w: a text prompt needs the model's tokenizer: %w; send prompt_ids", ErrInvalidRequest, ErrNoTokenizer)
-	case len(in.GetPromptIds()) == 0:
-		return nil, invalid("empty prompt: set prompt_ids")
+		var err error
+		if prompt, err = m.encode(in.GetPrompt()); err != nil {
+			return nil, err
+		}
+		what = "prompt text's id"
+	case len(prompt) == 0:
+		return nil, invalid("empty prompt: set prompt_ids or prompt")
 	}
 	vocab := m.cfg.VocabSize
-	for i, id := range in.GetPromptIds() {
+	for i, id := range prompt {
 		if id < 0 || int(id) >= vocab {
-			return nil, invalid("prompt id %d at index %d is outside the vocabulary [0, %d)", id, i, vocab)
+			return nil, invalid("%s %d at index %d is outside the vocabulary [0, %d)", what, id, i, vocab)
 		}
 	}
-	n, maxTokens := len(in.GetPromptIds()), int(in.GetMaxTokens())
+	n, maxTokens := len(prompt), int(in.GetMaxTokens())
 	switch {
 	case maxTokens <= 0:
 		return nil, invalid("max_tokens %d must be positive", maxTokens)
@@ -101,7 +139,7 @@ func (m modelInfo) newRequest(in *pb.GenerateRequest) (*request, error) {
 		}
 		stop[id] = true
 	}
-	return newRequest(in.GetPromptIds(), maxTokens, p, stop), nil
+	return newRequest(prompt, maxTokens, p, stop), nil
 }
 
 // request is one Generate call on its way through the queue and a group's batch.

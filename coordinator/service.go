@@ -3,6 +3,7 @@ package coordinator
 import (
 	"context"
 	"fmt"
+	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/tpfleet/tpfleet/cluster"
 	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
+	"github.com/tpfleet/tpfleet/tokenizer"
 )
 
 // generationServer is the client-facing Generation service.
@@ -20,8 +22,10 @@ type generationServer struct {
 
 var _ pb.GenerationServer = (*generationServer)(nil)
 
-// Generate checks the request, queues it, and streams its ids as the group running it chooses them.
-// When the client goes away, the request leaves the queue or its sequence is released at the next step.
+// Generate checks the request (a text prompt is encoded with the model's tokenizer, BOS added), queues
+// it, and streams its ids as the group running it chooses them, with their text when the model has a
+// tokenizer. When the client goes away, the request leaves the queue or its sequence is released at the
+// next step.
 func (s *generationServer) Generate(in *pb.GenerateRequest, stream grpc.ServerStreamingServer[pb.GenerateResponse]) error {
 	c := s.c
 	start := time.Now()
@@ -41,6 +45,10 @@ func (s *generationServer) Generate(in *pb.GenerateRequest, stream grpc.ServerSt
 	ctx := stream.Context()
 	promptTokens := int32(len(r.prompt))
 	var sent int32
+	var text *textStream
+	if c.model.tok != nil {
+		text = &textStream{dec: c.model.tok.NewDecoder(true), log: c.log}
+	}
 	for {
 		select {
 		case <-r.notify:
@@ -52,6 +60,9 @@ func (s *generationServer) Generate(in *pb.GenerateRequest, stream grpc.ServerSt
 		if len(ids) > 0 || (done && err == nil) {
 			sent += int32(len(ids))
 			msg := &pb.GenerateResponse{Ids: ids, PromptTokens: promptTokens, CompletionTokens: sent}
+			if text != nil {
+				msg.Text = text.add(ids, done && err == nil)
+			}
 			if done && err == nil {
 				msg.FinishReason = finish
 			}
@@ -67,12 +78,47 @@ func (s *generationServer) Generate(in *pb.GenerateRequest, stream grpc.ServerSt
 	}
 }
 
-// Tokenize needs the model's tokenizer, which the coordinator does not load yet.
-func (s *generationServer) Tokenize(ctx context.Context, in *pb.TokenizeRequest) (*pb.TokenizeResponse, error) {
-	if in.GetModel() != "" && in.GetModel() != s.c.model.name {
-		return nil, toStatus(invalid("unknown model %q: this cluster serves %q", in.GetModel(), s.c.model.name))
+// textStream decodes a Generate stream's ids into text as they come: only whole UTF-8 characters,
+// special tokens left out (as HF's decode(ids, skip_special_tokens=True)).
+type textStream struct {
+	dec    *tokenizer.Decoder
+	log    *zap.Logger
+	logged bool // an id without text was logged
+}
+
+// add returns the text that ids complete, and with last what is left of an incomplete character
+// (as U+FFFD). An id the tokenizer does not know (a model vocabulary larger than the tokenizer's)
+// gives no text, as HF's decode skips it.
+func (t *textStream) add(ids []int32, last bool) string {
+	var b strings.Builder
+	for _, id := range ids {
+		piece, err := t.dec.Add(int(id))
+		if err != nil {
+			if !t.logged {
+				t.log.Debug("generated id has no text", zap.Int32("id", id), zap.Error(err))
+				t.logged = true
+			}
+			continue
+		}
+		b.WriteString(piece)
 	}
-	return nil, toStatus(fmt.Errorf("%w: model %s: tokenization is not available yet; send token ids", ErrNoTokenizer, s.c.model.name))
+	if last {
+		b.WriteString(t.dec.Flush())
+	}
+	return b.String()
+}
+
+// Tokenize encodes text with the model's tokenizer; add_special adds BOS. A model without a tokenizer
+// answers FAILED_PRECONDITION.
+func (s *generationServer) Tokenize(ctx context.Context, in *pb.TokenizeRequest) (*pb.TokenizeResponse, error) {
+	m := s.c.model
+	if in.GetModel() != "" && in.GetModel() != m.name {
+		return nil, toStatus(invalid("unknown model %q: this cluster serves %q", in.GetModel(), m.name))
+	}
+	if m.tok == nil {
+		return nil, toStatus(m.noTokenizer())
+	}
+	return &pb.TokenizeResponse{Ids: toInt32(m.tok.Encode(in.GetText(), in.GetAddSpecial()))}, nil
 }
 
 // ListModels names the served model, its sizes and how it is placed now.

@@ -6,6 +6,7 @@ import (
 	"maps"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -114,6 +115,18 @@ type Config struct {
 	// MaxRecvMsgSize bounds, in bytes, a message the gRPC server accepts; a StepRequest takes about 5
 	// bytes per token id. Zero means DefaultMaxRecvMsgSize.
 	MaxRecvMsgSize int `json:"max-recv-msg-size"`
+	// Gossip configures the worker's gossip node (memberlist), through which the coordinator learns of
+	// the worker's death within about a second instead of when its lease expires (LeaseTTL). The worker
+	// names the node after its member ID, gives it its start time as meta (cluster.Member.GossipMeta)
+	// and registers its address as cluster.Member.Gossip; the coordinator joins it. An empty BindAddr
+	// means the host of ListenAddr when that is an IP address (loopback for the default ListenAddr),
+	// else cluster.DefaultGossipBindAddr; port 0 picks a free port. On several hosts the other nodes
+	// must reach the advertised address: set AdvertiseAddr when the host's first private address is
+	// not the right one. Flags: --gossip-bind-addr, --gossip-bind-port, --gossip-advertise-addr, ...
+	Gossip cluster.GossipConfig `json:"gossip"`
+	// NoGossip runs no gossip node: the coordinator then learns of the worker's death only when its
+	// lease expires.
+	NoGossip bool `json:"no-gossip"`
 	// Labels are registered with the member, e.g. torchrun's RANK, LOCAL_RANK and WORLD_SIZE.
 	Labels map[string]string `json:"labels,omitempty"`
 	// Logger receives the worker's logs. Nil means zap.NewNop().
@@ -138,8 +151,9 @@ func DefaultConfig() Config {
 	}
 }
 
-// AddFlags binds c's fields to flags in fs, with c's current values as defaults, and the etcd client's
-// flags (--etcd-endpoints, --cluster, --etcd-dial-timeout) to c.Etcd.
+// AddFlags binds c's fields to flags in fs, with c's current values as defaults, the gossip node's flags
+// (--gossip-bind-addr, --gossip-bind-port, ...) to c.Gossip and the etcd client's flags
+// (--etcd-endpoints, --cluster, --etcd-dial-timeout) to c.Etcd.
 func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.ID, "id", c.ID, "member ID, unique in the cluster (empty: <host>-<pid>)")
 	fs.StringVar(&c.ListenAddr, "listen", c.ListenAddr, "host:port of the worker's gRPC server (port 0: any free port)")
@@ -157,6 +171,9 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.KeepAliveTimeout, "keepalive-timeout", c.KeepAliveTimeout, "close a connection whose ping is not answered within this")
 	fs.DurationVar(&c.KeepAliveMinTime, "keepalive-min-time", c.KeepAliveMinTime, "shortest client ping interval tolerated")
 	fs.IntVar(&c.MaxRecvMsgSize, "max-recv-msg-size", c.MaxRecvMsgSize, "largest gRPC message accepted, in bytes")
+	fs.BoolVar(&c.NoGossip, "no-gossip", c.NoGossip, "run no gossip node: the coordinator notices this worker's death only when its lease expires")
+	c.Gossip.AddFlags(fs)
+	fs.Lookup("gossip-bind-addr").Usage = "gossip listen address (empty: the host of --listen when it is an IP address, else 0.0.0.0)"
 	c.Etcd.AddFlags(fs)
 }
 
@@ -198,6 +215,13 @@ func (c Config) Validate() error {
 		c.KeepAliveTime < 0, c.KeepAliveTimeout < 0, c.KeepAliveMinTime < 0:
 		return bad("negative duration")
 	}
+	if !c.NoGossip {
+		g := c.Gossip
+		g.Name = "worker" // the member ID, checked above
+		if err := g.Validate(); err != nil {
+			return fmt.Errorf("%w: %w", ErrInvalidConfig, err)
+		}
+	}
 	if err := c.Etcd.Validate(); err != nil {
 		return fmt.Errorf("%w: etcd: %w", ErrInvalidConfig, err)
 	}
@@ -236,9 +260,24 @@ func (c Config) withDefaults() Config {
 	if c.Logger == nil {
 		c.Logger = zap.NewNop()
 	}
+	if c.Gossip.BindAddr == "" {
+		c.Gossip.BindAddr = gossipBindAddr(c.ListenAddr)
+	}
+	c.Gossip.Join = slices.Clone(c.Gossip.Join)
 	c.Labels = maps.Clone(c.Labels)
 	c.Etcd.Endpoints = append([]string(nil), c.Etcd.Endpoints...)
 	return c
+}
+
+// gossipBindAddr is the gossip bind address that goes with a gRPC listen address: its host when that is
+// an IP address, so that gossip is reachable where the gRPC server is (loopback only, or every
+// interface), else "" (cluster.DefaultGossipBindAddr).
+func gossipBindAddr(listen string) string {
+	host, _, err := net.SplitHostPort(listen)
+	if err != nil || net.ParseIP(host) == nil {
+		return ""
+	}
+	return host
 }
 
 // defaultID is "<host>-<pid>", with characters a member ID cannot hold replaced by "-".

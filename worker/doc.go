@@ -15,6 +15,14 @@
 //	...                         // watch w.Err()
 //	w.Close()                   // graceful, then forced; deregisters; idempotent
 //
+// # Gossip
+//
+// Unless Config.NoGossip is set, Start also starts a gossip node (cluster.StartGossip) named after the
+// member ID, with the worker's start time as its meta, and registers its address as
+// cluster.Member.Gossip. The node starts alone; the leading coordinator joins it, and so learns of the
+// worker's death within about a second instead of when the lease expires. Close leaves gossip before it
+// deregisters, so the coordinator hears of a graceful stop at once either way.
+//
 // # Plans and epochs
 //
 // The worker watches the plan in etcd. For each new epoch it drops the previous epoch's communicator

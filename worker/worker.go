@@ -71,6 +71,9 @@ type Status struct {
 	Err error
 }
 
+// gossipLeaveTimeout bounds the wait for the gossip node's leave message to reach a peer at Close.
+const gossipLeaveTimeout = time.Second
+
 // phases of applying a plan epoch.
 const (
 	phaseWeights = iota // loading (or reusing) weights
@@ -112,10 +115,11 @@ type Worker struct {
 	closeOnce sync.Once
 	closeErr  error
 
-	addr   string
-	srv    *grpc.Server
-	health *health.Server
-	cli    *cluster.Client
+	addr      string
+	startedAt time.Time // registered as the member's start time; set by Start
+	srv       *grpc.Server
+	health    *health.Server
+	cli       *cluster.Client
 
 	// runMu is held while a step runs and while the weights or the sequences change.
 	runMu sync.Mutex
@@ -126,6 +130,8 @@ type Worker struct {
 	started    bool
 	closed     bool
 	reg        *cluster.Registration
+	gossip     *cluster.Gossip // nil with Config.NoGossip, or before Start
+	gossipAddr string          // the gossip node's address, registered as Member.Gossip
 	state      State
 	epoch      int64
 	group      int
@@ -206,6 +212,7 @@ func (w *Worker) Start(ctx context.Context) (err error) {
 		}
 	}()
 	w.addr = advertised(w.cfg.AdvertiseAddr, lis.Addr())
+	w.startedAt = time.Now().UTC()
 	w.srv = grpc.NewServer(
 		grpc.KeepaliveParams(keepalive.ServerParameters{
 			// MaxConnectionIdle, MaxConnectionAge and MaxConnectionAgeGrace stay unset (infinite): a
@@ -237,7 +244,13 @@ func (w *Worker) Start(ctx context.Context) (err error) {
 		zap.Duration("graceful-stop-timeout", w.cfg.GracefulStopTimeout),
 		zap.Duration("keepalive-time", w.cfg.KeepAliveTime), zap.Duration("keepalive-timeout", w.cfg.KeepAliveTimeout),
 		zap.Duration("keepalive-min-time", w.cfg.KeepAliveMinTime), zap.Int("max-recv-msg-size", w.cfg.MaxRecvMsgSize),
-		zap.Any("labels", w.cfg.Labels))
+		zap.Bool("no-gossip", w.cfg.NoGossip), zap.Any("labels", w.cfg.Labels))
+
+	if !w.cfg.NoGossip {
+		if err := w.startGossip(ctx); err != nil {
+			return err
+		}
+	}
 
 	ecfg := w.cfg.Etcd
 	if ecfg.Logger == nil {
@@ -283,6 +296,25 @@ func (w *Worker) Start(ctx context.Context) (err error) {
 	return nil
 }
 
+// startGossip starts the worker's gossip node, alone: the coordinator joins it through the address
+// registered with the member.
+func (w *Worker) startGossip(ctx context.Context) error {
+	gcfg := w.cfg.Gossip
+	gcfg.Name = w.cfg.ID
+	gcfg.Meta = cluster.Member{Started: w.startedAt}.GossipMeta()
+	if gcfg.Logger == nil {
+		gcfg.Logger = w.lg.Named("gossip")
+	}
+	g, err := cluster.StartGossip(ctx, gcfg)
+	if err != nil {
+		return fmt.Errorf("worker: %w (--no-gossip runs without gossip)", err)
+	}
+	w.mu.Lock()
+	w.gossip, w.gossipAddr = g, g.Addr()
+	w.mu.Unlock()
+	return nil
+}
+
 // Ready returns a channel that is closed once the worker has settled on the plan it found in etcd at
 // Start (serving its assignment, or idle when it has none or there is no plan). It stays open while
 // that load fails; a later epoch that settles closes it.
@@ -321,9 +353,10 @@ func (w *Worker) Status() Status {
 }
 
 // Close stops the worker, gracefully first: health turns NOT_SERVING, loading and rendezvous stop, the
-// member is deregistered (its key leaves etcd at once), Step streams end with UNAVAILABLE after their
-// in-flight step and the gRPC server stops gracefully; after Config.GracefulStopTimeout it cancels the
-// steps, closes the communicator and stops the server forcibly. Then it frees the model and closes
+// gossip node leaves (the coordinator hears of it at once) and the member is deregistered (its key
+// leaves etcd at once), Step streams end with UNAVAILABLE after their in-flight step and the gRPC
+// server stops gracefully; after Config.GracefulStopTimeout it cancels the steps, closes the
+// communicator and stops the server forcibly. Then it frees the model and closes
 // the etcd client and Err. It is idempotent and returns the errors of deregistering and of closing
 // the etcd client. Call it after Start has returned, or instead of Start.
 func (w *Worker) Close() error {
@@ -339,8 +372,15 @@ func (w *Worker) Close() error {
 		w.bg.Wait()
 		w.mu.Lock()
 		reg := w.reg // read after keepRegistered has stopped: it may have replaced it
+		g := w.gossip
 		w.mu.Unlock()
 
+		if g != nil {
+			if err := g.Leave(gossipLeaveTimeout); err != nil {
+				w.lg.Debug("gossip leave", zap.Error(err))
+			}
+			_ = g.Close()
+		}
 		var errs []error
 		if reg != nil {
 			ctx, cancel := context.WithTimeout(context.Background(), w.cfg.GracefulStopTimeout)
@@ -414,7 +454,9 @@ func (w *Worker) member() cluster.Member {
 			MemoryTotal: total,
 			MemoryFree:  free,
 		}},
-		Labels: w.cfg.Labels,
+		Labels:  w.cfg.Labels,
+		Gossip:  w.gossipAddr,
+		Started: w.startedAt, // also when registering again: the same process, the same gossip meta
 	}
 }
 

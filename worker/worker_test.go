@@ -304,6 +304,9 @@ func TestConfigValidate(t *testing.T) {
 		{"negative threads", func(c *worker.Config) { c.Threads = -1 }, worker.ErrInvalidConfig},
 		{"negative ttl", func(c *worker.Config) { c.LeaseTTL = -time.Second }, worker.ErrInvalidConfig},
 		{"no etcd", func(c *worker.Config) { c.Etcd.Endpoints = nil }, worker.ErrInvalidConfig},
+		{"gossip bind host name", func(c *worker.Config) { c.Gossip.BindAddr = "localhost" }, worker.ErrInvalidConfig},
+		{"gossip join without port", func(c *worker.Config) { c.Gossip.Join = []string{"10.0.0.1"} }, worker.ErrInvalidConfig},
+		{"no gossip ignores its config", func(c *worker.Config) { c.NoGossip, c.Gossip.BindAddr = true, "localhost" }, nil},
 	} {
 		cfg := base
 		tc.mutate(&cfg)

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -206,6 +205,7 @@ func parseIDs(s string) ([]int, error) {
 type generateFlags struct {
 	modelFlags
 	ids         string
+	prompt      string // text, instead of ids (text.go)
 	maxTokens   int
 	temperature float64
 	topK        int
@@ -221,13 +221,14 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	fs.SetOutput(stderr)
 	f.modelFlags.add(fs)
 	fs.StringVar(&f.ids, "ids", "", "prompt token ids, comma-separated")
+	fs.StringVar(&f.prompt, "prompt", "", "prompt text, encoded with the model's tokenizer (BOS added); instead of --ids; prints text")
 	fs.IntVar(&f.maxTokens, "max-tokens", 32, "new tokens at most")
 	fs.Float64Var(&f.temperature, "temperature", 0, "sampling temperature; 0 is greedy (default: generation_config.json)")
 	fs.IntVar(&f.topK, "top-k", 0, "sample from the k most likely tokens; 0 disables (default: generation_config.json)")
 	fs.Float64Var(&f.topP, "top-p", 1, "sample from the smallest set of tokens whose probability reaches p (default: generation_config.json)")
 	fs.Uint64Var(&f.seed, "seed", 0, "random seed for sampling")
 	fs.BoolVar(&f.ignoreEOS, "ignore-eos", false, "do not stop at the checkpoint's eos ids")
-	fs.BoolVar(&f.json, "json", false, `print one JSON object: {"ids": [...], "finish_reason": ...}`)
+	fs.BoolVar(&f.json, "json", false, `print one JSON object: {"ids": [...], "finish_reason": ..., "prompt_tokens": N, "text": ...}`)
 	remote := addRemoteFlags(fs) // --addr: generate on a coordinator (remote.go)
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -241,10 +242,6 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if err := f.check(); err != nil {
 		return err
 	}
-	prompt, err := parseIDs(f.ids)
-	if err != nil {
-		return err
-	}
 	if f.maxTokens <= 0 {
 		return usagef("--max-tokens %d must be positive", f.maxTokens)
 	}
@@ -256,6 +253,12 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return err
 	}
 	defer log.Sync() //nolint:errcheck // nothing to do about a failed flush of stderr
+
+	// The prompt: --ids, or --prompt through the model's tokenizer (text.go).
+	prompt, tok, err := localPrompt(fs, f, log)
+	if err != nil {
+		return err
+	}
 
 	m, err := loadModel(ctx, f.modelFlags, log, func(cfg llama4.Config) error {
 		if err := checkIDs(prompt, cfg.VocabSize); err != nil {
@@ -296,19 +299,11 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	log.Info("generated", zap.Int("prompt-tokens", len(prompt)), zap.Int("new-tokens", len(ids)),
 		zap.String("finish", string(finish)), zap.Duration("took", took.Round(time.Microsecond)),
 		zap.Float64("tokens-per-second", float64(len(ids))/took.Seconds()))
-	if f.json {
-		return json.NewEncoder(stdout).Encode(struct {
-			IDs          []int  `json:"ids"`
-			FinishReason string `json:"finish_reason"`
-			PromptTokens int    `json:"prompt_tokens"`
-		}{ids, string(finish), len(prompt)})
+	out := generateOutput{IDs: ids, FinishReason: string(finish), PromptTokens: len(prompt)}
+	if tok != nil {
+		out.Text = decodeText(tok, ids)
 	}
-	strs := make([]string, len(ids))
-	for i, id := range ids {
-		strs[i] = strconv.Itoa(id)
-	}
-	_, err = fmt.Fprintln(stdout, strings.Join(strs, " "))
-	return err
+	return writeGenerated(stdout, f, out) // text.go
 }
 
 // samplingParams takes generation_config.json's defaults and overrides them with the flags that were set.

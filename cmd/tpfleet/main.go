@@ -33,7 +33,7 @@ func commands() []command {
 		{"launch", "start workers like torchrun (--nproc-per-node, --standalone, ...)", runLaunch},
 		{"etcd", "run a single-member etcd for a cluster's state (tests, small setups)", runEtcd},
 		{"cluster", "read the cluster's state from etcd (cluster members, cluster shards)", runCluster},
-		{"generate", "generate tokens from token ids with a local model or a coordinator (--addr)", runGenerate},
+		{"generate", "generate from token ids or text with a local model or a coordinator (--addr)", runGenerate},
 		{"score", "write the logits of token ids under a local model to a safetensors file", runScore},
 		{"worker", "run a worker: register in etcd, load this rank's shards, serve steps", runWorker},
 		{"tokenize", "encode text or a chat, or decode ids, with a checkpoint tokenizer", runTokenize},

@@ -32,18 +32,25 @@ func addRemoteFlags(fs *flag.FlagSet) *remoteFlags {
 }
 
 // runRemoteGenerate is `tpfleet generate --addr`: the same request and output as the local mode, served
-// by a coordinator. Without --json the ids are printed as they arrive. Sampling flags override the
-// server's generation_config.json defaults as a whole: once one is set, the unset ones take their flag
-// defaults (temperature 0, top-k 0, top-p 1).
+// by a coordinator. The prompt is --ids, or --prompt text that the coordinator encodes with the model's
+// tokenizer. Without --json the output streams as it arrives: the text for --prompt, else the ids.
+// Sampling flags override the server's generation_config.json defaults as a whole: once one is set, the
+// unset ones take their flag defaults (temperature 0, top-k 0, top-p 1).
 func runRemoteGenerate(ctx context.Context, fs *flag.FlagSet, f generateFlags, r remoteFlags, stdout, stderr io.Writer) error {
-	prompt, err := parseIDs(f.ids)
+	text, err := textPrompt(fs, f)
 	if err != nil {
 		return err
+	}
+	var prompt []int
+	if !text {
+		if prompt, err = parseIDs(f.ids); err != nil {
+			return err
+		}
 	}
 	if f.maxTokens <= 0 {
 		return usagef("--max-tokens %d must be positive", f.maxTokens)
 	}
-	req := coordinator.GenerateRequest{PromptIDs: prompt, MaxTokens: f.maxTokens, IgnoreEOS: f.ignoreEOS}
+	req := coordinator.GenerateRequest{PromptIDs: prompt, Prompt: f.prompt, MaxTokens: f.maxTokens, IgnoreEOS: f.ignoreEOS}
 	if f.dir != "" {
 		req.Model = filepath.Base(filepath.Clean(f.dir))
 	}
@@ -80,9 +87,20 @@ func runRemoteGenerate(ctx context.Context, fs *flag.FlagSet, f generateFlags, r
 
 	start := time.Now()
 	printed := 0
-	var emit func([]int) error
-	if !f.json {
-		emit = func(ids []int) error {
+	var emit func([]int, string) error
+	switch {
+	case f.json:
+	case text:
+		emit = func(_ []int, s string) error {
+			if s == "" {
+				return nil
+			}
+			printed++
+			_, err := io.WriteString(stdout, s)
+			return err
+		}
+	default:
+		emit = func(ids []int, _ string) error {
 			for _, id := range ids {
 				sep := " "
 				if printed == 0 {
@@ -113,11 +131,7 @@ func runRemoteGenerate(ctx context.Context, fs *flag.FlagSet, f generateFlags, r
 		zap.String("finish", res.FinishReason), zap.Duration("took", took.Round(time.Microsecond)),
 		zap.Float64("tokens-per-second", float64(len(res.IDs))/took.Seconds()))
 	if f.json {
-		return json.NewEncoder(stdout).Encode(struct {
-			IDs          []int  `json:"ids"`
-			FinishReason string `json:"finish_reason"`
-			PromptTokens int    `json:"prompt_tokens"`
-		}{res.IDs, res.FinishReason, res.PromptTokens})
+		return json.NewEncoder(stdout).Encode(generateOutput{IDs: res.IDs, FinishReason: res.FinishReason, PromptTokens: res.PromptTokens, Text: res.Text})
 	}
 	if printed == 0 {
 		_, err = fmt.Fprintln(stdout)

@@ -32,10 +32,10 @@ const (
 type GenerationClient interface {
 	// Generate streams the new tokens of one request as they are chosen; the last message carries
 	// finish_reason. Errors: INVALID_ARGUMENT for a bad request (empty prompt, ids outside the vocabulary,
-	// max_tokens 0 or past the context, unknown model), RESOURCE_EXHAUSTED when the queue is full,
-	// UNAVAILABLE while no plan is serving.
+	// max_tokens 0 or past the context, unknown model), FAILED_PRECONDITION for a text prompt when the
+	// model has no tokenizer, RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE while no plan is serving.
 	Generate(ctx context.Context, in *GenerateRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[GenerateResponse], error)
-	// Tokenize turns text into ids with the served model's tokenizer.
+	// Tokenize turns text into ids with the served model's tokenizer (FAILED_PRECONDITION without one).
 	Tokenize(ctx context.Context, in *TokenizeRequest, opts ...grpc.CallOption) (*TokenizeResponse, error)
 	// ListModels names the models this cluster serves.
 	ListModels(ctx context.Context, in *ListModelsRequest, opts ...grpc.CallOption) (*ListModelsResponse, error)
@@ -96,10 +96,10 @@ func (c *generationClient) ListModels(ctx context.Context, in *ListModelsRequest
 type GenerationServer interface {
 	// Generate streams the new tokens of one request as they are chosen; the last message carries
 	// finish_reason. Errors: INVALID_ARGUMENT for a bad request (empty prompt, ids outside the vocabulary,
-	// max_tokens 0 or past the context, unknown model), RESOURCE_EXHAUSTED when the queue is full,
-	// UNAVAILABLE while no plan is serving.
+	// max_tokens 0 or past the context, unknown model), FAILED_PRECONDITION for a text prompt when the
+	// model has no tokenizer, RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE while no plan is serving.
 	Generate(*GenerateRequest, grpc.ServerStreamingServer[GenerateResponse]) error
-	// Tokenize turns text into ids with the served model's tokenizer.
+	// Tokenize turns text into ids with the served model's tokenizer (FAILED_PRECONDITION without one).
 	Tokenize(context.Context, *TokenizeRequest) (*TokenizeResponse, error)
 	// ListModels names the models this cluster serves.
 	ListModels(context.Context, *ListModelsRequest) (*ListModelsResponse, error)

@@ -1,0 +1,214 @@
+package coordinator
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/tpfleet/tpfleet/cluster"
+)
+
+// gossipRejoin is how often the leader tries again to join the gossip nodes of registered workers that
+// are not among its gossip node's live nodes (not joined yet, unreachable, or declared dead).
+const gossipRejoin = 2 * time.Second
+
+// gossipLeaveTimeout bounds Close's wait for its gossip leave message to reach a peer.
+const gossipLeaveTimeout = time.Second
+
+// gossipNodeName is the name of a coordinator's gossip node: "coordinator/<id>". A member ID cannot
+// hold "/", so it never clashes with a worker's node, which is named after its member ID.
+func gossipNodeName(id string) string { return "coordinator/" + id }
+
+// gossipNode is one process's gossip node as its events name it: the member ID and the meta, the
+// worker's start time (cluster.Member.GossipMeta), which tells processes of one ID apart.
+type gossipNode struct{ name, meta string }
+
+// memberNode is the gossip node of a registered member.
+func memberNode(m cluster.Member) gossipNode { return gossipNode{m.ID, string(m.GossipMeta())} }
+
+// startGossip starts the coordinator's gossip node, alone: the leader joins the workers' nodes.
+func (c *Coordinator) startGossip(ctx context.Context) error {
+	gcfg := c.cfg.Gossip
+	gcfg.Name = gossipNodeName(c.cfg.ID)
+	if gcfg.Logger == nil {
+		gcfg.Logger = c.log.Named("gossip")
+	}
+	gcfg.OnJoin = func(name string, meta []byte) { c.gossipEvent(gossipNode{name, string(meta)}, true) }
+	gcfg.OnLeave = func(name string, meta []byte) { c.gossipEvent(gossipNode{name, string(meta)}, false) }
+	g, err := cluster.StartGossip(ctx, gcfg)
+	if err != nil {
+		return fmt.Errorf("coordinator: %w (--no-gossip runs without gossip)", err)
+	}
+	c.gossip = g
+	return nil
+}
+
+// gossipEvent records that a node joined (or came back) or left (or was declared dead) and wakes the
+// leader. It runs on the gossip node's callback goroutine and never blocks.
+func (c *Coordinator) gossipEvent(n gossipNode, alive bool) {
+	c.gossipMu.Lock()
+	if alive {
+		delete(c.gossipDown, n)
+	} else {
+		c.gossipDown[n] = struct{}{}
+	}
+	c.gossipMu.Unlock()
+	select {
+	case c.gossipChanged <- struct{}{}:
+	default: // a wake-up is pending already
+	}
+}
+
+// gossipDead returns the IDs of the members whose gossip node (of this very process: same start time)
+// was declared dead or left, and has not come back.
+func (c *Coordinator) gossipDead(members []cluster.Member) map[string]bool {
+	c.gossipMu.Lock()
+	defer c.gossipMu.Unlock()
+	var dead map[string]bool
+	for _, m := range members {
+		if _, down := c.gossipDown[memberNode(m)]; down {
+			if dead == nil {
+				dead = make(map[string]bool)
+			}
+			dead[m.ID] = true
+		}
+	}
+	return dead
+}
+
+// forgetGossip drops the dead nodes of processes that are no longer registered: once a member's lease is
+// gone, etcd says what gossip said, and a process that registers again is a new node.
+func (c *Coordinator) forgetGossip(members []cluster.Member) {
+	registered := make(map[gossipNode]bool, len(members))
+	for _, m := range members {
+		registered[memberNode(m)] = true
+	}
+	c.gossipMu.Lock()
+	defer c.gossipMu.Unlock()
+	for n := range c.gossipDown {
+		if !registered[n] {
+			delete(c.gossipDown, n)
+		}
+	}
+}
+
+// live returns the members that placement may use: the registered ones that gossip does not report
+// dead.
+func (ld *leader) live() []cluster.Member {
+	dead := ld.c.gossipDead(ld.members)
+	if len(dead) == 0 {
+		return ld.members
+	}
+	out := make([]cluster.Member, 0, len(ld.members))
+	for _, m := range ld.members {
+		if !dead[m.ID] {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// gossipChanged logs the members whose gossip state changed since the last call and reports whether
+// placement must be looked at again: a member went dead, came back, or went away.
+func (ld *leader) gossipChanged() bool {
+	dead := ld.c.gossipDead(ld.members)
+	planned := make(map[string]bool)
+	for _, g := range ld.plan.Groups {
+		for _, a := range g.Ranks {
+			planned[a.MemberID] = true
+		}
+	}
+	changed := false
+	for id := range dead {
+		if !ld.dead[id] {
+			changed = true
+			if planned[id] {
+				ld.log.Warn("gossip declared a planned worker dead; placing the cluster without it, ahead of its lease",
+					zap.String("member-id", id), zap.Int64("epoch", ld.plan.Epoch))
+			} else {
+				ld.log.Info("gossip declared an idle worker dead; it will not be placed", zap.String("member-id", id))
+			}
+		}
+	}
+	registered := make(map[string]bool, len(ld.members))
+	for _, m := range ld.members {
+		registered[m.ID] = true
+	}
+	for id := range ld.dead {
+		if !dead[id] {
+			changed = true
+			if registered[id] {
+				ld.log.Info("worker back in gossip, or registered again; it may be placed", zap.String("member-id", id))
+			} else {
+				ld.log.Debug("the lease of a worker gossip declared dead has expired", zap.String("member-id", id))
+			}
+		}
+	}
+	ld.dead = dead
+	return changed
+}
+
+// joinGossip runs while this coordinator leads: it joins the gossip nodes of the members of each list it
+// receives, and every gossipRejoin tries again those that are not among the live nodes, until ctx ends.
+// Workers start their nodes alone; these joins make them one gossip cluster with the coordinator.
+func (c *Coordinator) joinGossip(ctx context.Context, lists <-chan []cluster.Member) {
+	var members []cluster.Member
+	retry := time.NewTimer(time.Hour)
+	retry.Stop()
+	defer retry.Stop()
+	warned := make(map[string]bool) // gossip addresses whose failed join was logged at warn level
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case members = <-lists:
+		case <-retry.C:
+		}
+		alive := make(map[string]bool)
+		for _, name := range c.gossip.Members() {
+			alive[name] = true
+		}
+		missing := 0
+		for _, m := range members {
+			if m.Gossip == "" || alive[m.ID] {
+				continue
+			}
+			missing++
+			if _, err := c.gossip.Join(ctx, []string{m.Gossip}); err != nil {
+				if ctx.Err() != nil {
+					return
+				}
+				lvl := zap.DebugLevel
+				if !warned[m.Gossip] && c.gossipDead([]cluster.Member{m}) == nil {
+					lvl, warned[m.Gossip] = zap.WarnLevel, true
+				}
+				c.log.Log(lvl, "cannot join a worker's gossip node; retrying (until then its death is noticed when its lease expires)",
+					zap.String("member-id", m.ID), zap.String("gossip", m.Gossip), zap.Error(err))
+				continue
+			}
+			delete(warned, m.Gossip)
+			c.log.Debug("joined a worker's gossip node", zap.String("member-id", m.ID), zap.String("gossip", m.Gossip))
+		}
+		if missing > 0 {
+			retry.Reset(gossipRejoin)
+		}
+	}
+}
+
+// offerMembers hands the latest member list to the gossip joiner: a list it has not read yet is
+// replaced. The leader loop is the only sender.
+func offerMembers(ch chan []cluster.Member, ms []cluster.Member) {
+	ms = slices.Clone(ms)
+	select {
+	case ch <- ms:
+	default:
+		select {
+		case <-ch:
+		default:
+		}
+		ch <- ms
+	}
+}

@@ -1,0 +1,163 @@
+package coordinator
+
+import (
+	"fmt"
+	"slices"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/tpfleet/tpfleet/cluster"
+)
+
+// gossipWorker is a fake worker with its own etcd client and gossip node, as a worker process has, so
+// that a test can crash it: its gossip node stops without leaving, its gRPC server stops, and its lease
+// is orphaned, so that its member key stays until the lease expires.
+type gossipWorker struct {
+	*fakeWorker
+	cl     *cluster.Client
+	gossip *cluster.Gossip
+}
+
+// startGossipWorker starts a gossipWorker that registers with a lease of ttl and follows the plan.
+func startGossipWorker(t *testing.T, id string, ttl time.Duration) *gossipWorker {
+	t.Helper()
+	w := &gossipWorker{fakeWorker: startFakeWorker(t, id)}
+	var err error
+	if w.cl, err = cluster.New(testCtx(t), etcdConfig(t)); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = w.cl.Close() })
+	m := cluster.Member{ID: id, Addr: w.addr, Host: "test", Started: time.Now().UTC()}
+	w.gossip, err = cluster.StartGossip(testCtx(t), cluster.GossipConfig{Name: id, BindAddr: "127.0.0.1", Meta: m.GossipMeta(), Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = w.gossip.Close() })
+	m.Gossip = w.gossip.Addr()
+	w.followAs(t, w.cl, m, ttl)
+	return w
+}
+
+// crash stops the worker as a killed process stops: no gossip leave, no deregistration.
+func (w *gossipWorker) crash(t *testing.T) {
+	t.Helper()
+	if err := w.gossip.Close(); err != nil {
+		t.Fatal(err)
+	}
+	w.srv.Stop()
+	if err := w.cl.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestGossipWorkerLost: at TP 1 three workers make three groups. One crashes; gossip reports it dead
+// and the coordinator places the cluster without it within a couple of seconds, while its member key,
+// under a 10 s lease, is still in etcd. The two groups left serve.
+func TestGossipWorkerLost(t *testing.T) {
+	const ttl = 10 * time.Second
+	cl := clusterClient(t)
+	var ws []*gossipWorker
+	for i := range 3 {
+		ws = append(ws, startGossipWorker(t, fmt.Sprintf("w%d", i), ttl))
+	}
+	cfg := testConfig(t)
+	cfg.TP = 1
+	c, cli := startCoordinator(t, cfg)
+	waitReady(t, c)
+	eventually(t, "three groups serving, four gossip nodes", func() bool {
+		c.mu.Lock()
+		groups := len(c.readyGroups)
+		c.mu.Unlock()
+		return groups == 3 && len(c.gossip.Members()) == 4
+	})
+	epoch := storedEpoch(t, cl)
+
+	killed := time.Now()
+	ws[1].crash(t)
+	var replanned time.Duration
+	eventually(t, "a plan without w1", func() bool {
+		p, _, err := cl.Plan(testCtx(t))
+		if err != nil || p.Epoch == epoch {
+			return false
+		}
+		replanned = time.Since(killed)
+		var placed []string
+		for _, g := range p.Groups {
+			for _, a := range g.Ranks {
+				placed = append(placed, a.MemberID)
+			}
+		}
+		if !slices.Equal(placed, []string{"w0", "w2"}) {
+			t.Fatalf("plan after w1's crash places %v, want [w0 w2]", placed)
+		}
+		return true
+	})
+	t.Logf("re-planned %v after the crash (lease TTL %v)", replanned.Round(time.Millisecond), ttl)
+	if replanned > ttl/2 {
+		t.Errorf("re-planned %v after the crash, want well within the %v lease", replanned, ttl)
+	}
+	ms, _, err := cl.Members(testCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.ContainsFunc(ms, func(m cluster.Member) bool { return m.ID == "w1" }) {
+		t.Errorf("w1 left etcd before the re-plan was checked (%v after the crash): the lease, not gossip, may have done it", time.Since(killed))
+	}
+	eventually(t, "two groups serving", func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.plan.Epoch > epoch && len(c.readyGroups) == 2
+	})
+	for i := range 4 {
+		prompt := []int{100 + i}
+		res, err := cli.Generate(testCtx(t), GenerateRequest{PromptIDs: prompt, MaxTokens: 3, Sampling: greedy()}, nil)
+		if err != nil || !slices.Equal(res.IDs, echo(prompt, 3)) {
+			t.Errorf("Generate after the crash = %+v, %v; want %v", res, err, echo(prompt, 3))
+		}
+	}
+}
+
+// TestGossipDead: a member is dead to placement while gossip's last word on its process (member ID and
+// start time) is a leave; it comes back when the node rejoins or when it registers again (a new start
+// time), and the node is forgotten once the member is no longer registered.
+func TestGossipDead(t *testing.T) {
+	t0 := time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
+	w0 := cluster.Member{ID: "w0", Started: t0}
+	w1 := cluster.Member{ID: "w1", Started: t0}
+	w1again := cluster.Member{ID: "w1", Started: t0.Add(time.Minute)}
+	c := &Coordinator{gossipDown: make(map[gossipNode]struct{}), gossipChanged: make(chan struct{}, 1)}
+	dead := func(ms ...cluster.Member) []string {
+		var ids []string
+		for id := range c.gossipDead(ms) {
+			ids = append(ids, id)
+		}
+		slices.Sort(ids)
+		return ids
+	}
+	for _, step := range []struct {
+		name    string
+		do      func()
+		members []cluster.Member
+		want    []string
+	}{
+		{"none", func() {}, []cluster.Member{w0, w1}, nil},
+		{"w1 leaves", func() { c.gossipEvent(memberNode(w1), false) }, []cluster.Member{w0, w1}, []string{"w1"}},
+		{"another coordinator leaves", func() { c.gossipEvent(gossipNode{"coordinator/b", ""}, false) }, []cluster.Member{w0, w1}, []string{"w1"}},
+		{"w1 registers again", func() {}, []cluster.Member{w0, w1again}, nil},
+		{"the old w1 comes back", func() { c.gossipEvent(memberNode(w1), true) }, []cluster.Member{w0, w1}, nil},
+		{"w1 leaves again", func() { c.gossipEvent(memberNode(w1), false) }, []cluster.Member{w0, w1}, []string{"w1"}},
+		{"w1's lease expires", func() { c.forgetGossip([]cluster.Member{w0}) }, []cluster.Member{w0, w1}, nil},
+	} {
+		step.do()
+		if got := dead(step.members...); !slices.Equal(got, step.want) {
+			t.Errorf("%s: gossipDead = %v, want %v", step.name, got, step.want)
+		}
+	}
+	select {
+	case <-c.gossipChanged:
+	default:
+		t.Errorf("gossip events did not wake the leader")
+	}
+}
