@@ -32,6 +32,7 @@ func commands() []command {
 		{"coordinator", "run a coordinator: plan the workers in etcd into TP groups, serve clients", runCoordinator},
 		{"launch", "start workers like torchrun (--nproc-per-node, --standalone, ...)", runLaunch},
 		{"etcd", "run a single-member etcd for a cluster's state (tests, small setups)", runEtcd},
+		{"rebalance", "ask the coordinator for a new plan epoch (optionally another --tp)", runRebalance},
 		{"cluster", "read the cluster's state from etcd (cluster members, cluster shards)", runCluster},
 		{"generate", "generate from token ids or text with a local model or a coordinator (--addr)", runGenerate},
 		{"score", "write the logits of token ids under a local model to a safetensors file", runScore},
