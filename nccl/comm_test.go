@@ -84,12 +84,21 @@ func TestConnectWrongPeer(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	// Rank 1 meets rank 0 twice (as its predecessor and, at the third address, as "rank 2"); whichever
-	// handshake fails first names rank 0's view of the world.
-	for r, want := range []string{"rank 1 of 3, want rank 1 of 2", "it is rank 0 of 2, want rank"} {
-		if errs[r] == nil || !strings.Contains(errs[r].Error(), want) {
-			t.Errorf("rank %d: Connect(%+v) = %v, want an error containing %q", r, cfgs[r], errs[r], want)
+	// Both must fail. Which handshake each side sees fail first depends on timing (rank 1 meets rank 0
+	// both as its predecessor and at the address it takes for rank 2, and a side whose peer gave up may
+	// only see its dial time out), but at least one error must say what was found: the other world size.
+	named := false
+	for r, err := range errs {
+		if err == nil {
+			t.Errorf("rank %d: Connect(%+v) succeeded with a peer of another world size", r, cfgs[r])
+			continue
 		}
+		if strings.Contains(err.Error(), "wrong peer") && strings.Contains(err.Error(), "of 2") && strings.Contains(err.Error(), "of 3") {
+			named = true
+		}
+	}
+	if !named {
+		t.Errorf("no error names the mismatch: %v; %v", errs[0], errs[1])
 	}
 }
 

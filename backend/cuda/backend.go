@@ -34,6 +34,10 @@ type Backend struct {
 	info    Info
 	closed  bool
 	counts  Counters
+
+	// gemvRows is the largest row count Linear runs on the GEMV kernel (gemvMaxRows; tests change it to
+	// compare with cuBLASLt).
+	gemvRows int
 }
 
 var _ backend.Ops = (*Backend)(nil)
@@ -44,6 +48,9 @@ type kernelSet struct {
 	splitBF16, addHalves                                                 *kernel
 	kvAppend, attention, route, expertGateUp, expertDown                 *kernel
 	gatherPermute, fillRandom                                            *kernel
+	gemv                                                                 [4]*kernel // gemv_1, _2, _4, _8
+	moePlan, expertGEMV1, expertGEMV8, expertAct, expertCombine          *kernel
+	expertGather                                                         *kernel
 }
 
 // Info describes what New found and did.
@@ -61,11 +68,16 @@ type Info struct {
 	CompileTime   time.Duration     // NVRTC compile (0 on a cache hit)
 }
 
-// Counters counts Linear's paths.
+// Counters counts Linear's and Experts' paths.
 type Counters struct {
+	GEMV     int64 // Linear calls run by the GEMV kernel (at most gemvMaxRows rows)
 	Gemm     int64 // Linear calls run by cuBLASLt
 	Split    int64 // of which with a float32 x split into two bf16 halves
 	Fallback int64 // Linear calls run by the simple kernel (shapes cuBLASLt declined)
+
+	ExpertsGEMV    int64 // Experts calls run by the split-K GEMV (at most skinnyRows tokens)
+	ExpertsGrouped int64 // Experts calls run as one cuBLASLt GEMM per active expert (prefill)
+	ExpertsSimple  int64 // Experts calls run by the generic kernels (shapes the others do not take)
 }
 
 // New loads the CUDA libraries, opens device cfg.Device and compiles the kernels. On a machine without
@@ -87,7 +99,7 @@ func New(cfg Config) (*Backend, error) {
 	if err != nil {
 		return nil, err
 	}
-	b := &Backend{cfg: cfg, dev: dev}
+	b := &Backend{cfg: cfg, dev: dev, gemvRows: gemvMaxRows}
 	if err := b.init(); err != nil {
 		return nil, errors.Join(err, b.Close())
 	}
@@ -146,6 +158,9 @@ func (b *Backend) init() error {
 		{"linear_simple", &b.k.linearSimple}, {"split_bf16", &b.k.splitBF16}, {"add_halves", &b.k.addHalves}, {"kv_append", &b.k.kvAppend}, {"attention", &b.k.attention},
 		{"route", &b.k.route}, {"expert_gate_up", &b.k.expertGateUp}, {"expert_down", &b.k.expertDown},
 		{"gather_permute", &b.k.gatherPermute}, {"fill_random", &b.k.fillRandom},
+		{"gemv_1", &b.k.gemv[0]}, {"gemv_2", &b.k.gemv[1]}, {"gemv_4", &b.k.gemv[2]}, {"gemv_8", &b.k.gemv[3]},
+		{"moe_plan", &b.k.moePlan}, {"expert_gemv_1", &b.k.expertGEMV1}, {"expert_gemv_8", &b.k.expertGEMV8},
+		{"expert_act", &b.k.expertAct}, {"expert_combine", &b.k.expertCombine}, {"expert_gather", &b.k.expertGather},
 	} {
 		if *k.dst, err = b.module.function(k.name); err != nil {
 			return err
@@ -307,9 +322,25 @@ func (b *Backend) newTensor(dt DType, shape ...int) (*tensor, error) {
 }
 
 // act allocates the output of an op whose consumer is a GEMM or attention (RMSNorm, SiLUMul, RoPE,
-// ScaleRows, Attention): Config.Activations, bf16 by default. Linear, Add and Experts, whose outputs
-// are the residual stream and the logits, always store float32.
-func (b *Backend) act(shape ...int) (*tensor, error) { return b.newTensor(b.cfg.Activations, shape...) }
+// ScaleRows, Attention), of type actType(shape). Linear, Add and Experts, whose outputs are the
+// residual stream and the logits, always store float32.
+func (b *Backend) act(shape ...int) (*tensor, error) { return b.newTensor(b.actType(shape), shape...) }
+
+// skinnyRows is the most rows (tokens) for which a GEMM is memory-bound on the weight: decode steps and
+// small batches. There, keeping GEMM inputs in float32 costs nothing measurable (the weight is read once
+// either way), so the default mode does.
+const skinnyRows = 64
+
+// actType is the storage type of a GEMM or attention input of shape: Config.Activations, except that
+// in the default (bf16) mode an input of at most skinnyRows rows (its first dimension) stays float32,
+// and Linear then feeds it to the GEMM at float32 accuracy (the GEMV kernel, or the hi/lo bf16 split).
+// Prefill (more rows) stores bf16 and runs bf16 GEMMs at full tensor-core speed.
+func (b *Backend) actType(shape []int) DType {
+	if b.cfg.Activations == BF16 && len(shape) > 0 && shape[0] <= skinnyRows {
+		return F32
+	}
+	return b.cfg.Activations
+}
 
 // Load copies a checkpoint tensor to the device without losing precision: BF16 stays bf16, F8_E4M3 and
 // F8_E5M2 become bf16 (exactly), F32 stays float32 and every other type safetensors.ToFloat32 accepts

@@ -50,10 +50,12 @@ const (
 
 func cublasLtVersion() int { return int(C.tp_ltGetVersion(lt.getVersion)) }
 
-// gemmKey identifies a GEMM shape: D [m, n] = x [m, k] · w [n, k]ᵀ with bf16 inputs and out as D's type.
+// gemmKey identifies a GEMM shape: D [m, n] = x [m, k] · w [n, k]ᵀ with bf16 inputs and out as D's type,
+// or, with wIn, D = x · w for an input-major w [k, n] (the experts' gate_up and down weights).
 type gemmKey struct {
 	m, n, k int
 	out     DType
+	wIn     bool
 }
 
 // gemmPlan is a cached cuBLASLt description of one shape; ok is false when cuBLASLt has no algorithm
@@ -138,7 +140,8 @@ func ltType(dt DType) C.int {
 }
 
 // plan returns the cached plan for key, making it on first use. In cuBLASLt's column-major terms the
-// product is Dᵀ [n, m] = op(W) · X with W stored [k, n] (ld k) transposed and X stored [k, m] (ld k).
+// product is Dᵀ [n, m] = op(W) · X with W stored [k, n] (ld k) transposed, or for wIn stored [n, k]
+// (ld n) as it is, and X stored [k, m] (ld k).
 func (g *gemm) plan(key gemmKey) (*gemmPlan, error) {
 	if p, ok := g.plans[key]; ok {
 		return p, nil
@@ -153,6 +156,11 @@ func (g *gemm) plan(key gemmKey) (*gemmPlan, error) {
 		return fail(err)
 	}
 	ta, tb := C.int32_t(opT), C.int32_t(opN)
+	wRows, wCols, wLd := key.k, key.n, key.k // w [n, k] row-major: column-major [k, n], transposed
+	if key.wIn {
+		ta = opN
+		wRows, wCols, wLd = key.n, key.k, key.n // w [k, n] row-major: column-major [n, k]
+	}
 	if err := check(op+": set TRANSA", ltStatus(C.tp_ltMatmulDescSetAttribute(lt.descSet, p.desc, descTransA, unsafe.Pointer(&ta), 4))); err != nil {
 		return fail(err)
 	}
@@ -160,7 +168,7 @@ func (g *gemm) plan(key gemmKey) (*gemmPlan, error) {
 		return fail(err)
 	}
 	m, n, k := C.uint64_t(key.m), C.uint64_t(key.n), C.uint64_t(key.k)
-	if err := check(op+": layout W", ltStatus(C.tp_ltMatrixLayoutCreate(lt.layoutCreate, &p.w, cudaR16BF, k, n, C.int64_t(key.k)))); err != nil {
+	if err := check(op+": layout W", ltStatus(C.tp_ltMatrixLayoutCreate(lt.layoutCreate, &p.w, cudaR16BF, C.uint64_t(wRows), C.uint64_t(wCols), C.int64_t(wLd)))); err != nil {
 		return fail(err)
 	}
 	if err := check(op+": layout X", ltStatus(C.tp_ltMatrixLayoutCreate(lt.layoutCreate, &p.x, cudaR16BF, k, m, C.int64_t(key.k)))); err != nil {

@@ -262,6 +262,23 @@ func TestOpsVsCPU(t *testing.T) {
 			return b.Linear(pick(x, side), pick(w, side))
 		})
 	}
+	// The GEMV kernel against cuBLASLt (for T <= 64 rows and a float32 x, the hi/lo split GEMM) on the
+	// decode shapes: attention q/o, k/v, the shared expert's down and gate/up.
+	for _, s := range []struct{ T, in, out int }{{1, 5120, 5120}, {2, 5120, 5120}, {4, 5120, 5120}, {8, 5120, 5120},
+		{1, 5120, 1024}, {1, 8192, 5120}, {1, 5120, 16384}} {
+		x, w := e.input(1, s.T, s.in), e.weight(0.05, s.out, s.in)
+		for _, rows := range []int{8, 0} {
+			name := "Lin gemv"
+			if rows == 0 {
+				name = "Lin lt-split"
+			}
+			old := cuda.SetGEMVRows(g, rows)
+			e.compare(name, fmt.Sprintf("[%d %d]x[%d %d]", s.T, s.in, s.out, s.in), bound, func(b backend.Ops, side int) (backend.Tensor, error) {
+				return b.Linear(pick(x, side), pick(w, side))
+			})
+			cuda.SetGEMVRows(g, old)
+		}
+	}
 	{
 		x, w := e.input(2, 128, 5120), e.weight(1, 5120)
 		e.compare("RMSNorm", "[128 5120]", bound, func(b backend.Ops, side int) (backend.Tensor, error) {
@@ -341,8 +358,10 @@ func TestOpsVsCPU(t *testing.T) {
 				return b.Attention(pick(q, side), caches[side], pos, w, float32(1/math.Sqrt(float64(s.headD))))
 			})
 	}
-	// MoE: route then experts (Scout-like E and k, smaller H and I to keep the cpu side quick).
-	for _, s := range []struct{ T, E, k, H, I int }{{1, 16, 1, 5120, 1024}, {32, 16, 1, 2048, 1024}, {8, 8, 2, 1024, 512}} {
+	// MoE: route then experts (Scout-like E and k, smaller H and I to keep the cpu side quick, and the
+	// Scout decode shape). T <= 64 runs the split-K GEMV path, T 256 and 200 the grouped GEMMs.
+	for _, s := range []struct{ T, E, k, H, I int }{{1, 16, 1, 5120, 1024}, {1, 16, 1, 5120, 8192}, {32, 16, 1, 2048, 1024},
+		{8, 8, 2, 1024, 512}, {64, 16, 1, 1024, 512}, {256, 16, 2, 1024, 512}, {200, 8, 1, 512, 256}} {
 		x := e.input(1, s.T, s.H)
 		logits := e.input(3, s.T, s.E)
 		gu := e.weight(float32(2/math.Sqrt(float64(s.H))), s.E, s.H, 2*s.I)

@@ -27,21 +27,33 @@
 // Weights keep their checkpoint's type: bf16 for Llama 4 (F8 is widened to bf16 exactly, F32 and F16
 // stay float32). Every op computes in float32: norms, softmax, RoPE angles (cos and sin in float64),
 // router sigmoid (float64). What an op stores depends on its role, as in HF's bf16 model but with the
-// residual stream and the logits kept in float32: ops whose output feeds a GEMM or attention (RMSNorm,
-// SiLUMul, RoPE, ScaleRows, Attention) store Config.Activations, bf16 by default; Linear (a cuBLASLt
-// GEMM with bf16 inputs, float32 accumulation and a float32 output), Add and Experts store float32, so
-// the residual stream, the router's logits and the model's logits are float32. Prefill does one GEMM per
-// Linear and every weight is read once. Activations F32 (a reference mode) stores every output as
-// float32 and splits float32 GEMM inputs into two bf16 halves: near-float32 results for twice the GEMM
-// work. The KV cache is bf16. FromFloat32 keeps its values as float32 and Embed returns the table's
-// type, so gathers and host inputs are exact.
+// residual stream and the logits kept in float32: Linear, Add and Experts store float32, so the
+// residual stream, the router's logits and the model's logits are float32. Ops whose output feeds a
+// GEMM or attention (RMSNorm, SiLUMul, RoPE, ScaleRows, Attention) store Config.Activations (bf16 by
+// default), with one exception, the skinny-GEMM rule:
+//
+//   - At most 64 rows (tokens: decode, small batches, short prompts), a GEMM is memory-bound on its
+//     weight, so float32 inputs cost nothing measurable. Those ops then store float32, and Linear feeds
+//     the float32 x at float32 accuracy: for 1..2 rows the GEMV kernel (float32 math on bf16 weights,
+//     one launch), for 3..64 rows one cuBLASLt GEMM on the hi/lo bf16 split of x (hi = bf16(x),
+//     lo = bf16(x − hi), stacked as 2T rows so the weight is read once; the halves are added).
+//     The decode experts (split-K GEMV) also compute on float32 inputs.
+//   - More rows (prefill): bf16 storage and one bf16 GEMM per Linear (per active expert for the
+//     routed experts), at full tensor-core speed.
+//
+// Activations F32 (a reference mode) stores every output as float32 and uses the float32 paths at any
+// row count. The KV cache is bf16. FromFloat32 keeps its values as float32 and Embed returns the
+// table's type, so gathers and host inputs are exact.
 //
 // # Kernels
 //
 // The kernels are CUDA C in package kernels, compiled by NVRTC at New for the device's architecture
 // (sm_90 on H100 and H200) and cached on disk under os.UserCacheDir()/tpfleet/kernels, keyed by a hash
 // of the source, the architecture and NVRTC's version. They include no header. Experts read the
-// router's choice from device memory, so a MoE layer makes no host round trip.
+// router's choice from device memory: moe_plan groups the routing slots by expert (counts and
+// permutation) on the device. For at most 64 tokens a split-K GEMV per active expert reads only the
+// chosen experts' weights, with no host round trip; for more tokens (prefill) the per-expert counts
+// come to the host once per MoE layer and cuBLASLt runs one GEMM per active expert.
 //
 // # Collectives
 //

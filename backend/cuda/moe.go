@@ -1,8 +1,10 @@
 package cuda
 
 import (
+	"encoding/binary"
 	"fmt"
 	"math"
+	"runtime"
 
 	"github.com/tpfleet/tpfleet/backend"
 )
@@ -95,9 +97,15 @@ func (b *Backend) ReadRouting(r backend.Routing) (experts []int, scores []float3
 
 // Experts computes, for each row t of x [T, H], the sum over its chosen experts e (those among first ..
 // first+E-1, in routing order) of (up ⊙ silu(gate))·down[e], where [gate | up] = (x[t]·s)·gateUp[e];
-// gateUp is [E, H, 2I] and down [E, I, H]. Two kernels, both reading the expert ids from device memory:
-// a GEMV per routing slot for gate|up with SiLU·mul (float32 activations in a temporary buffer), then a
-// GEMV per token summing its slots' down projections. Returns [T, H].
+// gateUp is [E, H, 2I] and down [E, I, H]. Returns [T, H] (float32). The expert ids stay on the device
+// (moe_plan groups the routing slots by expert there). Three paths:
+//   - T <= skinnyRows (decode): a split-K GEMV per active expert (gemv.cu) that reads only the chosen
+//     experts' weights with 16-byte loads, float32 math on x as stored; 5 launches, no host round trip.
+//   - larger T (prefill) in the default mode: one cuBLASLt GEMM per active expert for gate_up and for
+//     down, on the tokens gathered by expert (bf16 inputs, float32 accumulation). The per-expert counts
+//     come to the host (one synchronization per MoE layer). Activations F32 keeps the GEMV path.
+//   - shapes those kernels do not take (H or I not a multiple of 8 and 4, weights not bf16): the
+//     generic per-slot kernels of moe.cu.
 func (b *Backend) Experts(x backend.Tensor, r backend.Routing, gateUp, down backend.Tensor, first int) (backend.Tensor, error) {
 	xt, err := b.asTensor("experts", "x", x)
 	if err != nil {
@@ -122,10 +130,6 @@ func (b *Backend) Experts(x backend.Tensor, r backend.Routing, gateUp, down back
 	}
 	T, H := xt.shape[0], xt.shape[1]
 	E, I := gt.shape[0], dt.shape[1]
-	k := rt.k
-	if H > maxSharedFloats || I > maxSharedFloats {
-		return nil, fmt.Errorf("cuda: experts H=%d I=%d: at most %d each: %w", H, I, maxSharedFloats, backend.ErrShape)
-	}
 	if first < math.MinInt32/2 || first > math.MaxInt32/2 {
 		first = math.MaxInt32 / 2 // no expert id reaches it: every slot is elsewhere
 	}
@@ -135,6 +139,33 @@ func (b *Backend) Experts(x backend.Tensor, r backend.Routing, gateUp, down back
 	}
 	if T == 0 || H == 0 {
 		return out, nil
+	}
+	e := &expertsCall{x: xt, r: rt, gu: gt, down: dt, out: out, first: first, T: T, H: H, E: E, I: I}
+	fast := E > 0 && I > 0 && H%8 == 0 && I%4 == 0 && gt.dt == BF16 && dt.dt == BF16 && gt.ptr()%16 == 0 && dt.ptr()%16 == 0 &&
+		E <= maxPlanExperts
+	switch {
+	case fast && T > skinnyRows && b.cfg.Activations == BF16 && H*I%128 == 0 && gt.ptr()%alignment == 0 && dt.ptr()%alignment == 0:
+		done, err := b.expertsGrouped(e)
+		if err != nil {
+			return nil, fmt.Errorf("cuda: experts: %w", err)
+		}
+		if done {
+			b.counts.ExpertsGrouped++
+			return out, nil
+		}
+		// cuBLASLt had no algorithm for one of the shapes: the GEMV path takes any T.
+		fallthrough
+	case fast:
+		b.counts.ExpertsGEMV++
+		if err := b.expertsGEMV(e); err != nil {
+			return nil, fmt.Errorf("cuda: experts: %w", err)
+		}
+		return out, nil
+	}
+	b.counts.ExpertsSimple++
+	k := rt.k
+	if H > maxSharedFloats || I > maxSharedFloats {
+		return nil, fmt.Errorf("cuda: experts H=%d I=%d: at most %d each: %w", H, I, maxSharedFloats, backend.ErrShape)
 	}
 	act, err := b.pool.get(int64(T) * int64(k) * int64(max(I, 1)) * 4)
 	if err != nil {
@@ -150,4 +181,232 @@ func (b *Backend) Experts(x backend.Tensor, r backend.Routing, gateUp, down back
 	err = b.stream.launch(b.k.expertDown, dim3{uint32(T), uint32((H + 127) / 128), 1}, dim3{128, 1, 1}, I*4,
 		act, rt.experts, k, dt, int(dt.dt), first, E, H, I, out, int(out.dt))
 	return b.result("experts", out, err)
+}
+
+// maxPlanExperts bounds E for moe_plan, which keeps 2E ints in shared memory.
+const maxPlanExperts = 4096
+
+// Launch geometry of the expert GEMV (EG_WARPS, EG_COLS and EG_KTILE in gemv.cu).
+const (
+	egThreads = 256
+	egCols    = 256
+	egKTile   = 1024
+)
+
+// expertsCall is one Experts call's operands and sizes.
+type expertsCall struct {
+	x, gu, down, out *tensor
+	r                *routing
+	first            int
+	T, H, E, I       int
+}
+
+// expertPlan is moe_plan's output in device memory: ctl holds seg [2E], meta [2] and active [E] (int32);
+// perm [rows] and rowOf [T·k].
+type expertPlan struct {
+	ctl, perm, rowOf *buffer
+	rows             int // capacity of the permuted order
+}
+
+func (p *expertPlan) release(b *Backend) {
+	b.pool.release(*p.ctl)
+	b.pool.release(*p.perm)
+	b.pool.release(*p.rowOf)
+}
+
+func (p *expertPlan) seg() devptr         { return p.ctl.ptr }
+func (p *expertPlan) meta(E int) devptr   { return p.ctl.ptr + devptr(8*E) }
+func (p *expertPlan) active(E int) devptr { return p.ctl.ptr + devptr(8*E+8) }
+func (e *expertsCall) slots() int         { return e.T * e.r.k }
+func (e *expertsCall) expertBound() int   { return min(e.slots(), e.E) }
+func (e *expertsCall) scores() devptr     { return e.r.scores.ptr }
+func ceilDiv(a, b int) int                { return (a + b - 1) / b }
+func (b *Backend) releaseAll(bufs ...*buffer) { // release pool blocks after their last use is enqueued
+	for _, x := range bufs {
+		b.pool.release(*x)
+	}
+}
+
+// plan enqueues moe_plan for e's routing with blocks aligned to align rows. With align > 1 the
+// permutation is first filled with -1, so gap rows are recognisable.
+func (b *Backend) planExperts(e *expertsCall, align int) (*expertPlan, error) {
+	n := e.slots()
+	rows := n
+	if align > 1 {
+		rows = n + (align-1)*e.expertBound()
+	}
+	p := &expertPlan{rows: rows}
+	var err error
+	if p.ctl, err = b.pool.get(int64(3*e.E+2) * 4); err != nil {
+		return nil, err
+	}
+	if p.perm, err = b.pool.get(int64(max(rows, 1)) * 4); err != nil {
+		b.pool.release(*p.ctl)
+		return nil, err
+	}
+	if p.rowOf, err = b.pool.get(int64(n) * 4); err != nil {
+		b.releaseAll(p.ctl, p.perm)
+		return nil, err
+	}
+	if align > 1 {
+		if err := b.stream.memset(p.perm.ptr, 0xff, int64(rows)*4); err != nil {
+			p.release(b)
+			return nil, err
+		}
+	}
+	if err := b.stream.launch(b.k.moePlan, dim3{1, 1, 1}, dim3{32, 1, 1}, 8*e.E,
+		e.r.experts, n, e.first, e.E, align, p.seg(), p.perm, p.rowOf, p.active(e.E), p.meta(e.E)); err != nil {
+		p.release(b)
+		return nil, err
+	}
+	return p, nil
+}
+
+// splitK picks the K rows per block (a multiple of 32, at most egKTile) for the expert GEMV over
+// [K, N] weights with z expert blocks, aiming at about 8 blocks per SM, and returns it with the
+// number of splits.
+func (b *Backend) splitK(K, N, z int) (ksplit, splits int) {
+	blocks := ceilDiv(N, egCols) * z
+	target := 8 * max(b.dev.multiprocessors, 1)
+	s := max(ceilDiv(target, blocks), 1)
+	ksplit = ceilDiv(K, s)
+	ksplit = min(max(ceilDiv(ksplit, 32)*32, 64), egKTile)
+	return ksplit, ceilDiv(K, ksplit)
+}
+
+// expertsGEMV is the decode path: moe_plan, gate_up GEMV (partials per K split), SiLU·mul summing the
+// splits, down GEMV, and a combine that sums each token's slots in routing order.
+func (b *Backend) expertsGEMV(e *expertsCall) error {
+	p, err := b.planExperts(e, 1)
+	if err != nil {
+		return err
+	}
+	defer p.release(b)
+	R, H, I, k := e.slots(), e.H, e.I, e.r.k
+	z := e.expertBound()
+	kern := b.k.expertGEMV8
+	if e.T == 1 { // Route's k experts of a token are distinct: one row per expert
+		kern = b.k.expertGEMV1
+	}
+	ks1, s1 := b.splitK(H, 2*I, z)
+	p1, err := b.pool.get(int64(s1) * int64(R) * int64(2*I) * 4)
+	if err != nil {
+		return err
+	}
+	defer b.pool.release(*p1)
+	if err := b.stream.launch(kern, dim3{uint32(ceilDiv(2*I, egCols)), uint32(s1), uint32(z)}, dim3{egThreads, 1, 1}, 0,
+		e.x, int(e.x.dt), 0, p.perm, e.scores(), k, p.seg(), p.active(e.E), p.meta(e.E), e.gu, H, 2*I, ks1, p1, R); err != nil {
+		return err
+	}
+	act, err := b.pool.get(int64(R) * int64(I) * 4)
+	if err != nil {
+		return err
+	}
+	defer b.pool.release(*act)
+	if err := b.stream.launch(b.k.expertAct, elemGrid(R*I), elemBlockDim, 0, p1, s1, R, I, p.meta(e.E), act, int(F32)); err != nil {
+		return err
+	}
+	ks2, s2 := b.splitK(I, H, z)
+	p2, err := b.pool.get(int64(s2) * int64(R) * int64(H) * 4)
+	if err != nil {
+		return err
+	}
+	defer b.pool.release(*p2)
+	if err := b.stream.launch(kern, dim3{uint32(ceilDiv(H, egCols)), uint32(s2), uint32(z)}, dim3{egThreads, 1, 1}, 0,
+		act, int(F32), 1, p.perm, e.scores(), k, p.seg(), p.active(e.E), p.meta(e.E), e.down, I, H, ks2, p2, R); err != nil {
+		return err
+	}
+	return b.stream.launch(b.k.expertCombine, elemGrid(e.T*H), elemBlockDim, 0, p2, s2, R, H, p.rowOf, k, e.out, int(e.out.dt), int64(e.T*H))
+}
+
+// expertsGrouped is the prefill path: moe_plan with 128-row aligned blocks, the per-expert counts to the
+// host, the tokens gathered by expert (scaled, bf16), one cuBLASLt GEMM per active expert for gate_up
+// into a float32 [rows, 2I], SiLU·mul to bf16, one GEMM per active expert for down into a float32
+// [rows, H], and the combine. It returns false, having enqueued nothing that writes the output, when
+// cuBLASLt has no algorithm for one of the shapes.
+func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
+	const align = 128 // rows: every block starts 256-byte aligned in each buffer
+	p, err := b.planExperts(e, align)
+	if err != nil {
+		return false, err
+	}
+	defer p.release(b)
+	H, I, k, E := e.H, e.I, e.r.k, e.E
+	raw := make([]byte, 4*(2*E+2))
+	if err := b.download(raw, p.ctl.ptr); err != nil {
+		return false, err
+	}
+	at := func(i int) int { return int(int32(binary.LittleEndian.Uint32(raw[4*i:]))) }
+	rows := at(2*E + 1)
+	type job struct{ e, r0, n int }
+	var jobs []job
+	for x := range E {
+		if n := at(2*x + 1); n > 0 {
+			jobs = append(jobs, job{x, at(2 * x), n})
+		}
+	}
+	keys := make([][2]gemmKey, len(jobs))
+	plans := make([][2]*gemmPlan, len(jobs))
+	for i, j := range jobs {
+		keys[i] = [2]gemmKey{{m: j.n, n: 2 * I, k: H, out: F32, wIn: true}, {m: j.n, n: H, k: I, out: F32, wIn: true}}
+		for h := range 2 {
+			if plans[i][h], err = b.gemm.plan(keys[i][h]); err != nil {
+				return false, err
+			}
+			if !plans[i][h].ok {
+				return false, nil
+			}
+		}
+	}
+	xp, err := b.pool.get(int64(rows) * int64(H) * 2)
+	if err != nil {
+		return false, err
+	}
+	defer b.pool.release(*xp)
+	if rows > 0 {
+		if err := b.stream.launch(b.k.expertGather, elemGrid(rows*H), elemBlockDim, 0,
+			e.x, int(e.x.dt), p.perm, e.scores(), k, H, xp, int64(rows)*int64(H)); err != nil {
+			return false, err
+		}
+	}
+	g, err := b.pool.get(int64(rows) * int64(2*I) * 4)
+	if err != nil {
+		return false, err
+	}
+	defer b.pool.release(*g)
+	for i, j := range jobs {
+		w := e.gu.ptr() + devptr(int64(j.e)*int64(H)*int64(2*I)*2)
+		if err := b.gemm.run(plans[i][0], keys[i][0], xp.ptr+devptr(int64(j.r0)*int64(H)*2), w,
+			g.ptr+devptr(int64(j.r0)*int64(2*I)*4), b.stream); err != nil {
+			return false, err
+		}
+	}
+	act, err := b.pool.get(int64(rows) * int64(I) * 2)
+	if err != nil {
+		return false, err
+	}
+	defer b.pool.release(*act)
+	if rows > 0 {
+		if err := b.stream.launch(b.k.expertAct, elemGrid(rows*I), elemBlockDim, 0, g, 1, rows, I, p.meta(E), act, int(BF16)); err != nil {
+			return false, err
+		}
+	}
+	y, err := b.pool.get(int64(rows) * int64(H) * 4)
+	if err != nil {
+		return false, err
+	}
+	defer b.pool.release(*y)
+	for i, j := range jobs {
+		w := e.down.ptr() + devptr(int64(j.e)*int64(I)*int64(H)*2)
+		if err := b.gemm.run(plans[i][1], keys[i][1], act.ptr+devptr(int64(j.r0)*int64(I)*2), w,
+			y.ptr+devptr(int64(j.r0)*int64(H)*4), b.stream); err != nil {
+			return false, err
+		}
+	}
+	if err := b.stream.launch(b.k.expertCombine, elemGrid(e.T*H), elemBlockDim, 0, y, 1, max(rows, 1), H, p.rowOf, k,
+		e.out, int(e.out.dt), int64(e.T*H)); err != nil {
+		return false, err
+	}
+	runtime.KeepAlive(e)
+	return true, nil
 }

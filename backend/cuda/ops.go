@@ -17,6 +17,12 @@ const (
 	maxBlocks = 65535
 )
 
+// Launch geometry of the GEMV kernels (GEMV_WARPS and GEMV_ROWS in gemv.cu).
+const (
+	gemvWarps       = 4
+	gemvRowsPerWarp = 2
+)
+
 func elemGrid(n int) dim3 {
 	return dim3{uint32(min(max((n+elemBlock-1)/elemBlock, 1), maxBlocks)), 1, 1}
 }
@@ -117,7 +123,11 @@ func (b *Backend) Add(x, y backend.Tensor) (backend.Tensor, error) {
 // SiLUMul returns silu(gate) · up elementwise (float32 math); the shapes must be equal. The product feeds
 // down_proj, so it is stored as a GEMM input (Config.Activations).
 func (b *Backend) SiLUMul(gate, up backend.Tensor) (backend.Tensor, error) {
-	return b.binary("silumul", b.k.siluMul, b.cfg.Activations, gate, up)
+	dt := b.cfg.Activations
+	if gt, ok := gate.(*tensor); ok && gt != nil {
+		dt = b.actType(gt.shape)
+	}
+	return b.binary("silumul", b.k.siluMul, dt, gate, up)
 }
 
 func (b *Backend) binary(op string, k *kernel, dt DType, x, y backend.Tensor) (backend.Tensor, error) {
@@ -209,14 +219,28 @@ func (b *Backend) RoPE(x backend.Tensor, pos []int, invFreq []float32) (backend.
 	return b.result("rope", out, err)
 }
 
-// Linear computes x · wᵀ for x [T, in] and w [out, in] → [T, out]: a cuBLASLt GEMM with bf16 inputs,
-// float32 accumulation and a float32 output (Linear outputs are residual-stream updates, router logits
-// and the model's logits, which DESIGN §6 keeps in float32). With the default Activations (bf16) a
-// float32 x is rounded to bf16 first, as HF's bf16 model feeds its Linears, so prefill is one GEMM per
-// Linear. With Activations F32 a float32 x is split into two bf16 halves (see splitLinear): float32-input
-// accuracy for twice the GEMM work. A weight that is not bf16 (or an operand not 256-byte aligned) is
-// first converted into a temporary bf16 copy. Shapes cuBLASLt has no algorithm for run on a simple
-// kernel (float32 math on the operands as stored).
+// gemvMaxRows is the most rows Linear runs on the GEMV kernel (gemv.cu) rather than cuBLASLt: it
+// reads each weight once with 16-byte loads and computes in float32 on the float32 x as it is, in one
+// launch (the hi/lo split GEMM takes three). Measured on an H200 (docs/gpu-notes.md): at 1 row the
+// GEMV is as fast or faster than cuBLASLt on the decode shapes, at 2 rows they tie within the noise, and
+// from 4 rows on cuBLASLt wins (the GEMV rereads x from L1 for every weight row). The kernels exist for
+// up to 8 rows (SetGEMVRows in tests).
+const gemvMaxRows = 2
+
+// gemvKernelRows is the most rows the GEMV kernels take (gemv_8).
+const gemvKernelRows = 8
+
+// Linear computes x · wᵀ for x [T, in] and w [out, in] → [T, out], float32 out (Linear outputs are
+// residual-stream updates, router logits and the model's logits, which DESIGN §6 keeps in float32).
+// The path depends on T, the number of rows:
+//   - T <= gemvMaxRows (2), a bf16 w and in % 8 == 0: the GEMV kernel, float32 math on x as stored.
+//   - T <= skinnyRows (64; any T with Activations F32) and a float32 x: one cuBLASLt GEMM of 2T rows on the hi/lo
+//     bf16 split of x (see splitLinear), float32-input accuracy for one weight read.
+//   - otherwise (prefill): x rounded to bf16, one cuBLASLt GEMM (bf16 inputs, float32 accumulation).
+//
+// A weight that is not bf16 (or an operand not 256-byte aligned) is first converted into a temporary
+// bf16 copy for cuBLASLt. Shapes cuBLASLt has no algorithm for run on a simple kernel (float32 math on
+// the operands as stored).
 func (b *Backend) Linear(x, w backend.Tensor) (backend.Tensor, error) {
 	xt, err := b.asTensor("linear", "x", x)
 	if err != nil {
@@ -236,6 +260,17 @@ func (b *Backend) Linear(x, w backend.Tensor) (backend.Tensor, error) {
 	}
 	if T == 0 || outDim == 0 {
 		return y, nil
+	}
+	if T <= min(b.gemvRows, gemvKernelRows) && wt.dt == BF16 && in > 0 && in%8 == 0 && wt.ptr()%16 == 0 && xt.ptr()%16 == 0 {
+		b.counts.GEMV++
+		i := 0
+		for 1<<i < T {
+			i++
+		}
+		rows := gemvWarps * gemvRowsPerWarp
+		err = b.stream.launch(b.k.gemv[i], dim3{uint32((outDim + rows - 1) / rows), 1, 1}, dim3{gemvWarps * 32, 1, 1}, 0,
+			xt, int(xt.dt), wt, y, T, in, outDim)
+		return b.result(fmt.Sprintf("linear x%v w%v", xt.shape, wt.shape), y, err)
 	}
 	key := gemmKey{m: T, n: outDim, k: in, out: y.dt}
 	var plan *gemmPlan
@@ -258,7 +293,7 @@ func (b *Backend) Linear(x, w backend.Tensor) (backend.Tensor, error) {
 	if wtmp != nil {
 		defer b.pool.release(*wtmp)
 	}
-	if xt.dt != BF16 && b.cfg.Activations == F32 {
+	if xt.dt != BF16 && (b.cfg.Activations == F32 || T <= skinnyRows) {
 		err = b.splitLinear(xt, wp, y)
 	} else {
 		var xp devptr

@@ -1,0 +1,342 @@
+// gemv.cu: memory-bound kernels for skinny products (decode): a GEMV for Linear at a few rows, and the
+// routed experts' split-K GEMV that reads only the chosen experts' weights, plus the routing plan (counts
+// and permutation by expert) that the decode and the prefill expert paths share.
+//
+// Weights are read with 16-byte loads (8 bf16), so these kernels need rows of a multiple of 8 elements
+// and 16-byte aligned weights; the host checks both and uses the generic kernels otherwise.
+
+struct alignas(16) u32x4 {
+	u32 x, y, z, w;
+};
+
+struct alignas(16) f32x4 {
+	float x, y, z, w;
+};
+
+__device__ __forceinline__ long long dt_size(int dt) { return dt == DT_F32 ? 4 : 2; }
+
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+
+// bf16x8 widens the 8 bf16 values of v to float32 (exact).
+__device__ __forceinline__ void bf16x8(u32x4 v, float* f) {
+	f[0] = __uint_as_float(v.x << 16);
+	f[1] = __uint_as_float(v.x & 0xffff0000u);
+	f[2] = __uint_as_float(v.y << 16);
+	f[3] = __uint_as_float(v.y & 0xffff0000u);
+	f[4] = __uint_as_float(v.z << 16);
+	f[5] = __uint_as_float(v.z & 0xffff0000u);
+	f[6] = __uint_as_float(v.w << 16);
+	f[7] = __uint_as_float(v.w & 0xffff0000u);
+}
+
+// load8 reads elements [8c, 8c+8) of row (a float32 or bf16 array) as float32.
+__device__ __forceinline__ void load8(const void* row, int dt, int c, float* f) {
+	if (dt == DT_F32) {
+		f32x4 a = ((const f32x4*)row)[2 * c], b = ((const f32x4*)row)[2 * c + 1];
+		f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+		f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+	} else {
+		bf16x8(((const u32x4*)row)[c], f);
+	}
+}
+
+#define GEMV_WARPS 4
+#define GEMV_ROWS 2 // output rows per warp: each x chunk read from L1 serves two weight rows
+
+// gemv_rows computes y [T, N] (float32) = x [T, K] · w [N, K]ᵀ for T <= NT with float32 math (an f32 x
+// is used as it is, not rounded to bf16). Each warp owns GEMV_ROWS output rows; its lanes stride over K
+// in 16-byte chunks, four chunks per row in flight, and a warp sum finishes each dot product (a fixed
+// order: the result does not depend on timing). K % 8 == 0; w and x 16-byte aligned.
+template <int NT>
+__device__ __forceinline__ void gemv_rows(const void* __restrict__ x, int xdt, const bf16_t* __restrict__ w,
+	float* __restrict__ y, int T, int K, int N) {
+	int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+	int n0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
+	if (n0 >= N) return; // uniform over the warp
+	long long xrow = dt_size(xdt) * (long long)K;
+	const u32x4* wr[GEMV_ROWS];
+#pragma unroll
+	for (int r = 0; r < GEMV_ROWS; r++) wr[r] = (const u32x4*)(w + (long long)imin(n0 + r, N - 1) * K);
+	float acc[GEMV_ROWS][NT];
+#pragma unroll
+	for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+		for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
+	int K8 = K >> 3;
+	int c = lane;
+	for (; c + 96 < K8; c += 128) {
+		u32x4 wv[4][GEMV_ROWS];
+#pragma unroll
+		for (int u = 0; u < 4; u++)
+#pragma unroll
+			for (int r = 0; r < GEMV_ROWS; r++) wv[u][r] = wr[r][c + 32 * u];
+#pragma unroll
+		for (int u = 0; u < 4; u++) {
+			float wf[GEMV_ROWS][8];
+#pragma unroll
+			for (int r = 0; r < GEMV_ROWS; r++) bf16x8(wv[u][r], wf[r]);
+#pragma unroll
+			for (int t = 0; t < NT; t++) {
+				if (t < T) {
+					float xv[8];
+					load8((const char*)x + t * xrow, xdt, c + 32 * u, xv);
+#pragma unroll
+					for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+						for (int i = 0; i < 8; i++) acc[r][t] += xv[i] * wf[r][i];
+				}
+			}
+		}
+	}
+	for (; c < K8; c += 32) {
+		float wf[GEMV_ROWS][8];
+#pragma unroll
+		for (int r = 0; r < GEMV_ROWS; r++) bf16x8(wr[r][c], wf[r]);
+#pragma unroll
+		for (int t = 0; t < NT; t++) {
+			if (t < T) {
+				float xv[8];
+				load8((const char*)x + t * xrow, xdt, c, xv);
+#pragma unroll
+				for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+					for (int i = 0; i < 8; i++) acc[r][t] += xv[i] * wf[r][i];
+			}
+		}
+	}
+#pragma unroll
+	for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+		for (int t = 0; t < NT; t++) {
+			float s = warp_sum(acc[r][t]);
+			if (lane == 0 && t < T && n0 + r < N) y[(long long)t * N + n0 + r] = s;
+		}
+}
+
+// gemv_N: y [T, N] = x [T, K] · w [N, K]ᵀ for T <= N rows (grid: ceil(N / (GEMV_WARPS·GEMV_ROWS))
+// blocks of GEMV_WARPS warps).
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
+gemv_1(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_rows<1>(x, xdt, w, y, T, K, N); }
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
+gemv_2(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_rows<2>(x, xdt, w, y, T, K, N); }
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
+gemv_4(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_rows<4>(x, xdt, w, y, T, K, N); }
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
+gemv_8(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_rows<8>(x, xdt, w, y, T, K, N); }
+
+// moe_plan groups the n = T·k routing slots by expert. experts[s] is slot s's expert id; only the E
+// experts first .. first+E-1 are held here. For local expert e, seg[2e] is the first row of its block
+// in the permuted order and seg[2e+1] its slot count; blocks are in expert order, each starting at a
+// multiple of align (1 for decode; 128 for prefill, so that every block's rows are 256-byte aligned for
+// cuBLASLt). perm[row] = the slot of a permuted row (rows in gaps are left as they are); row_of[s] = the
+// permuted row of slot s, or -1 when its expert is elsewhere; active[0 .. meta[0]) lists the local
+// experts with slots, ascending; meta[1] is the number of rows including gaps. Within an expert, slots
+// keep their order. One warp; dynamic shared memory holds 2E ints.
+extern "C" __global__ void moe_plan(const int* experts, int n, int first, int E, int align,
+	int* seg, int* perm, int* row_of, int* active, int* meta) {
+	extern __shared__ int plan_sh[];
+	int* cnt = plan_sh;
+	int* cur = plan_sh + E;
+	int lane = threadIdx.x;
+	for (int e = lane; e < E; e += 32) cnt[e] = 0;
+	__syncwarp();
+	for (int base = 0; base < n; base += 32) {
+		int s = base + lane;
+		int e = s < n ? experts[s] - first : -1;
+		bool ok = s < n && e >= 0 && e < E;
+		unsigned peers = __match_any_sync(0xffffffffu, ok ? e : -1);
+		if (ok && lane == __ffs(peers) - 1) cnt[e] += __popc(peers);
+		__syncwarp();
+	}
+	if (lane == 0) {
+		int off = 0, na = 0;
+		for (int e = 0; e < E; e++) {
+			seg[2 * e] = off;
+			seg[2 * e + 1] = cnt[e];
+			cur[e] = off;
+			if (cnt[e] > 0) {
+				active[na++] = e;
+				off += (cnt[e] + align - 1) / align * align;
+			}
+		}
+		meta[0] = na;
+		meta[1] = off;
+	}
+	__syncwarp();
+	for (int base = 0; base < n; base += 32) {
+		int s = base + lane;
+		int e = s < n ? experts[s] - first : -1;
+		bool ok = s < n && e >= 0 && e < E;
+		unsigned peers = __match_any_sync(0xffffffffu, ok ? e : -1);
+		int r = -1;
+		if (ok) {
+			r = cur[e] + __popc(peers & ((1u << lane) - 1u));
+			perm[r] = s;
+		}
+		if (s < n) row_of[s] = r;
+		__syncwarp();
+		if (ok && lane == __ffs(peers) - 1) cur[e] += __popc(peers);
+		__syncwarp();
+	}
+}
+
+#define EG_WARPS 8
+#define EG_COLS 256  // columns per block: 32 lanes × 8
+#define EG_KTILE 1024 // the most K rows one block (one split) covers
+
+// expert_gemv_rows is the split-K GEMV of the routed experts for a few rows each. Block (x, y, z) takes
+// the z-th active expert e (blocks past meta[0] return), columns [256x, 256x+256) and K rows
+// [y·ksplit, (y+1)·ksplit) of W_e = w + e·K·N (input-major [K, N], bf16), and writes
+// P[y][r][c] = Σ_{k in split} in[r][k] · W_e[k][c] for the expert's rows r, NS rows at a time. The
+// input row r is x[perm[r] / topk] · scores[perm[r]] (mode 0: gate_up, the router's score scales the
+// input as in Llama 4) or x[r] (mode 1: down, x holding one row per permuted row). Each warp walks every
+// 8th K row with one 16-byte load a lane, four rows in flight; the warps' sums are added in a fixed
+// order through shared memory, so results do not depend on timing.
+template <int NS>
+__device__ __forceinline__ void expert_gemv_rows(const void* __restrict__ x, int xdt, int mode, const int* __restrict__ perm,
+	const float* __restrict__ scores, int topk, const int* __restrict__ seg, const int* __restrict__ active,
+	const int* __restrict__ meta, const bf16_t* __restrict__ w, int K, int N, int ksplit, float* __restrict__ P, int R) {
+	__shared__ float xs[NS][EG_KTILE];
+	__shared__ float red[EG_WARPS][EG_COLS];
+	if ((int)blockIdx.z >= meta[0]) return;
+	int e = active[blockIdx.z];
+	int r0 = seg[2 * e], nr = seg[2 * e + 1];
+	int split = blockIdx.y;
+	int k0 = split * ksplit, k1 = imin(K, k0 + ksplit);
+	if (k0 >= K) return;
+	int kn = k1 - k0;
+	int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+	int c8 = blockIdx.x * 32 + lane; // this lane's chunk of 8 columns
+	bool colok = c8 * 8 < N;
+	const bf16_t* we = w + (long long)e * K * N + c8 * 8;
+	for (int g = 0; g < nr; g += NS) {
+		int ng = imin(NS, nr - g);
+		__syncthreads(); // the previous group is done with xs
+		for (int i = threadIdx.x; i < ng * kn; i += blockDim.x) {
+			int j = i / kn, kk = i - j * kn;
+			int r = r0 + g + j;
+			float v;
+			if (mode == 0) {
+				int sl = perm[r];
+				v = ld(x, xdt, (long long)(sl / topk) * K + k0 + kk) * scores[sl];
+			} else {
+				v = ld(x, xdt, (long long)r * K + k0 + kk);
+			}
+			xs[j][kk] = v;
+		}
+		__syncthreads();
+		float acc[NS][8];
+#pragma unroll
+		for (int j = 0; j < NS; j++)
+#pragma unroll
+			for (int i = 0; i < 8; i++) acc[j][i] = 0.0f;
+		if (colok) {
+			int kk = k0 + warp;
+			for (; kk + 3 * EG_WARPS < k1; kk += 4 * EG_WARPS) {
+				u32x4 wv[4];
+#pragma unroll
+				for (int u = 0; u < 4; u++) wv[u] = *(const u32x4*)(we + (long long)(kk + u * EG_WARPS) * N);
+#pragma unroll
+				for (int u = 0; u < 4; u++) {
+					float wf[8];
+					bf16x8(wv[u], wf);
+#pragma unroll
+					for (int j = 0; j < NS; j++) {
+						if (j < ng) {
+							float xv = xs[j][kk + u * EG_WARPS - k0];
+#pragma unroll
+							for (int i = 0; i < 8; i++) acc[j][i] += xv * wf[i];
+						}
+					}
+				}
+			}
+			for (; kk < k1; kk += EG_WARPS) {
+				float wf[8];
+				bf16x8(*(const u32x4*)(we + (long long)kk * N), wf);
+#pragma unroll
+				for (int j = 0; j < NS; j++) {
+					if (j < ng) {
+						float xv = xs[j][kk - k0];
+#pragma unroll
+						for (int i = 0; i < 8; i++) acc[j][i] += xv * wf[i];
+					}
+				}
+			}
+		}
+#pragma unroll
+		for (int j = 0; j < NS; j++) {
+			if (j < ng) { // uniform over the block
+				__syncthreads(); // red is free
+#pragma unroll
+				for (int i = 0; i < 8; i++) red[warp][lane * 8 + i] = acc[j][i];
+				__syncthreads();
+				int col = blockIdx.x * EG_COLS + threadIdx.x;
+				if (col < N) {
+					float s = 0.0f;
+#pragma unroll
+					for (int v = 0; v < EG_WARPS; v++) s += red[v][threadIdx.x];
+					P[((long long)split * R + r0 + g + j) * N + col] = s;
+				}
+			}
+		}
+	}
+}
+
+// expert_gemv_1 serves decode at one token (an expert then has at most one row); expert_gemv_8 any row
+// count, 8 rows a pass. Blocks of EG_WARPS warps (256 threads).
+extern "C" __global__ void __launch_bounds__(EG_WARPS * 32)
+expert_gemv_1(const void* x, int xdt, int mode, const int* perm, const float* scores, int topk, const int* seg,
+	const int* active, const int* meta, const bf16_t* w, int K, int N, int ksplit, float* P, int R) {
+	expert_gemv_rows<1>(x, xdt, mode, perm, scores, topk, seg, active, meta, w, K, N, ksplit, P, R);
+}
+extern "C" __global__ void __launch_bounds__(EG_WARPS * 32)
+expert_gemv_8(const void* x, int xdt, int mode, const int* perm, const float* scores, int topk, const int* seg,
+	const int* active, const int* meta, const bf16_t* w, int K, int N, int ksplit, float* P, int R) {
+	expert_gemv_rows<8>(x, xdt, mode, perm, scores, topk, seg, active, meta, w, K, N, ksplit, P, R);
+}
+
+// expert_act sets act[r][c] = silu(g) · u for the first meta[1] of R permuted rows, where g and u are
+// the sums over the S splits of P[s][r][c] and P[s][r][I + c] (P [S, R, 2I], gate columns then up).
+extern "C" __global__ void expert_act(const float* P, int S, int R, int I, const int* meta, void* act, int adt) {
+	long long rows = meta[1];
+	GRID_STRIDE(i, (long long)R * I) {
+		long long r = i / I, c = i - r * I;
+		if (r >= rows) continue;
+		float g = 0.0f, u = 0.0f;
+		for (int s = 0; s < S; s++) {
+			const float* p = P + ((long long)s * R + r) * 2 * I;
+			g += p[c];
+			u += p[I + c];
+		}
+		st(act, adt, i, silu(g) * u);
+	}
+}
+
+// expert_combine sets out[t][h] (n = T·H elements) to the sum, over token t's k slots in routing order
+// whose expert is held here (row_of >= 0), of the slot's down projection: the sum over the S splits of
+// P[s][row][h] (P [S, R, H]). Tokens with no local expert get zeros.
+extern "C" __global__ void expert_combine(const float* P, int S, int R, int H, const int* row_of, int k, void* out, int odt, long long n) {
+	GRID_STRIDE(i, n) {
+		long long t = i / H, h = i - t * H;
+		float sum = 0.0f;
+		for (int j = 0; j < k; j++) {
+			int r = row_of[t * k + j];
+			if (r < 0) continue;
+			float y = 0.0f;
+			for (int s = 0; s < S; s++) y += P[((long long)s * R + r) * H + h];
+			sum += y;
+		}
+		st(out, odt, i, sum);
+	}
+}
+
+// expert_gather writes the prefill experts' GEMM input: row r of xp [R, H] (bf16) is
+// x[perm[r] / k] · scores[perm[r]], or zeros for a gap row (perm[r] < 0: the host fills perm with -1
+// first). n = R·H.
+extern "C" __global__ void expert_gather(const void* x, int xdt, const int* perm, const float* scores, int k, int H, bf16_t* xp, long long n) {
+	GRID_STRIDE(i, n) {
+		long long r = i / H, h = i - r * H;
+		int sl = perm[r];
+		xp[i] = f32_to_bf16(sl >= 0 ? ld(x, xdt, (long long)(sl / k) * H + h) * scores[sl] : 0.0f);
+	}
+}
