@@ -19,6 +19,9 @@ const (
 	// DefaultListenAddr is where the client and admin gRPC server listens: loopback only, so that a
 	// coordinator started without thought is not reachable from the network.
 	DefaultListenAddr = "127.0.0.1:7070"
+	// DefaultHTTPAddr is where the tpfleet serve and coordinator commands put the OpenAI-compatible HTTP
+	// gateway: vLLM's port, on loopback. A Config's zero HTTPAddr runs no gateway.
+	DefaultHTTPAddr = "127.0.0.1:8000"
 	// DefaultTP is the tensor-parallel size of a group.
 	DefaultTP = 1
 	// DefaultPlan is the tp_plan: HF's base_model_tp_plan with a vocab-parallel embedding.
@@ -37,8 +40,8 @@ const (
 	// DefaultSettle is how long the member list must stay unchanged before the leader plans, so that
 	// workers starting together land in one epoch instead of one epoch each.
 	DefaultSettle = 250 * time.Millisecond
-	// DefaultShutdownGrace bounds Close's graceful stop of the gRPC server (streams in flight finish)
-	// before it cuts them.
+	// DefaultShutdownGrace bounds Close's graceful stop of the gRPC server and the HTTP gateway (streams
+	// in flight finish) before it cuts them.
 	DefaultShutdownGrace = 5 * time.Second
 )
 
@@ -47,6 +50,12 @@ type Config struct {
 	// ListenAddr is the host:port of the gRPC server with the Generation and Admin services, health
 	// and reflection. Port 0 picks a free port (see Coordinator.Addr). Empty means DefaultListenAddr.
 	ListenAddr string `json:"listen"`
+	// HTTPAddr is the host:port of the OpenAI-compatible HTTP gateway: GET /v1/models, POST
+	// /v1/completions, POST /v1/chat/completions and GET /health (see Coordinator.HTTPAddr).
+	// Every coordinator listens; a standby answers generation requests with 503. Port 0 picks a free port
+	// (see Coordinator.HTTPAddr). Empty means no gateway; the tpfleet commands default to
+	// DefaultHTTPAddr.
+	HTTPAddr string `json:"http-listen"`
 	// ID names this coordinator in the leader election; it must be unique among the coordinators of a
 	// cluster. Empty means "coordinator-<host>-<pid>".
 	ID string `json:"id"`
@@ -78,7 +87,8 @@ type Config struct {
 	// Settle is how long the member list must stay unchanged before the leader plans. Zero means
 	// DefaultSettle.
 	Settle time.Duration `json:"settle"`
-	// ShutdownGrace bounds the graceful part of Close. Zero means DefaultShutdownGrace.
+	// ShutdownGrace bounds the graceful part of Close, for the gRPC server and the HTTP gateway together.
+	// Zero means DefaultShutdownGrace.
 	ShutdownGrace time.Duration `json:"shutdown-grace"`
 	// Gossip configures the coordinator's gossip node (memberlist), named "coordinator/<ID>". The leader
 	// joins the gossip nodes that workers register (cluster.Member.Gossip) and, when gossip declares
@@ -117,6 +127,11 @@ func (c Config) Validate() error {
 	}
 	if _, _, err := net.SplitHostPort(d.ListenAddr); err != nil {
 		return fmt.Errorf("%w: config: listen address %q: %v", ErrInvalidConfig, d.ListenAddr, err)
+	}
+	if c.HTTPAddr != "" {
+		if _, _, err := net.SplitHostPort(c.HTTPAddr); err != nil {
+			return fmt.Errorf("%w: config: http listen address %q: %v", ErrInvalidConfig, c.HTTPAddr, err)
+		}
 	}
 	if !c.NoGossip {
 		g := c.Gossip
@@ -192,6 +207,7 @@ func gossipBindAddr(listen string) string {
 // (cluster.GossipConfig.AddFlags) and the etcd client's flags (cluster.Config.AddFlags).
 func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.ListenAddr, "listen", c.ListenAddr, "host:port of the client and admin gRPC server (port 0: any; empty: "+DefaultListenAddr+")")
+	fs.StringVar(&c.HTTPAddr, "http-listen", c.HTTPAddr, "host:port of the OpenAI-compatible HTTP gateway (port 0: any; empty: no gateway)")
 	fs.StringVar(&c.ID, "id", c.ID, "coordinator id in the leader election (empty: coordinator-<host>-<pid>)")
 	fs.StringVar(&c.Model, "model", c.Model, "checkpoint directory, the same path on every worker's host")
 	fs.IntVar(&c.TP, "tp", c.TP, "tensor-parallel size: workers per group (0: 1)")

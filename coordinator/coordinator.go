@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -44,6 +45,10 @@ type Coordinator struct {
 	health *health.Server
 	cl     *cluster.Client
 	gossip *cluster.Gossip // nil with Config.NoGossip
+
+	// The OpenAI-compatible HTTP gateway (openai.go); nil without Config.HTTPAddr.
+	httpLis net.Listener
+	httpSrv *http.Server
 
 	// gossipDown holds the gossip nodes that left or were declared dead and have not come back;
 	// gossipChanged (buffer 1: a pending wake-up is enough) wakes the leader when it changes.
@@ -153,6 +158,7 @@ func (c *Coordinator) Start(ctx context.Context) error {
 
 	c.log.Info("starting coordinator",
 		zap.String("listen", c.cfg.ListenAddr),
+		zap.String("http-listen", c.cfg.HTTPAddr),
 		zap.String("model", c.model.dir),
 		zap.String("model-name", c.model.name),
 		zap.Bool("tokenizer", c.model.tok != nil),
@@ -176,10 +182,19 @@ func (c *Coordinator) Start(ctx context.Context) error {
 		_ = cl.Close()
 		return fmt.Errorf("coordinator: listen: %w", err)
 	}
-	c.cl, c.lis = cl, lis
+	httpLis, err := c.listenHTTP()
+	if err != nil {
+		_ = lis.Close()
+		_ = cl.Close()
+		return err
+	}
+	c.cl, c.lis, c.httpLis = cl, lis, httpLis
 	if !c.cfg.NoGossip {
 		if err := c.startGossip(ctx); err != nil {
 			_ = lis.Close()
+			if httpLis != nil {
+				_ = httpLis.Close()
+			}
 			_ = cl.Close()
 			return err
 		}
@@ -214,7 +229,8 @@ func (c *Coordinator) Start(ctx context.Context) error {
 		defer c.wg.Done()
 		c.campaign()
 	}()
-	c.log.Info("coordinator listening", zap.String("addr", c.Addr()))
+	c.serveHTTP()
+	c.log.Info("coordinator listening", zap.String("addr", c.Addr()), zap.String("http-addr", c.HTTPAddr()))
 	return nil
 }
 
@@ -256,20 +272,25 @@ func (c *Coordinator) Close() error {
 		}
 		c.log.Info("stopping coordinator")
 		c.health.Shutdown()
+		grace, cancelGrace := context.WithTimeout(context.Background(), c.cfg.ShutdownGrace)
+		defer cancelGrace()
 		stopped := make(chan struct{})
 		go func() {
 			c.srv.GracefulStop()
 			close(stopped)
 		}()
-		t := time.NewTimer(c.cfg.ShutdownGrace)
+		httpStopped := c.shutdownHTTP(grace) // the gRPC and HTTP servers share the deadline
 		select {
 		case <-stopped:
-			t.Stop()
-		case <-t.C:
+		case <-grace.Done():
+		}
+		<-httpStopped
+		if grace.Err() != nil {
 			c.log.Warn("requests still running at the end of the shutdown grace; cutting them", zap.Duration("grace", c.cfg.ShutdownGrace))
 		}
 		c.cancel()
 		c.srv.Stop()
+		c.closeHTTP()
 		<-stopped
 		c.wg.Wait()
 		if c.gossip != nil {

@@ -57,6 +57,12 @@
 //
 // Client wraps the services for Go programs that should not use the generated code.
 //
+// # OpenAI-compatible HTTP
+//
+// With Config.HTTPAddr set, the coordinator also serves GET /v1/models, POST /v1/completions and
+// POST /v1/chat/completions (Server-Sent Events when "stream" is set) and GET /health, through the same
+// queue and batches as the gRPC API and with the same validation messages (openai.go).
+//
 // # Usage
 //
 //	c, err := coordinator.New(coordinator.Config{

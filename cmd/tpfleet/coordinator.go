@@ -41,6 +41,7 @@ func runCoordinator(ctx context.Context, args []string, stdout, stderr io.Writer
 	fs := flag.NewFlagSet("coordinator", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	cfg.ListenAddr = coordinator.DefaultListenAddr
+	cfg.HTTPAddr = coordinator.DefaultHTTPAddr
 	cfg.TP = coordinator.DefaultTP
 	cfg.Plan = coordinator.DefaultPlan
 	cfg.AddFlags(fs)

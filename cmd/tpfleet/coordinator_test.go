@@ -96,7 +96,7 @@ func TestClusterProcesses(t *testing.T) {
 	g := readGolden(t, "moe-top1")
 	model := filepath.Join(fixtures, "moe-top1")
 	_, ep := startEtcd(t)
-	coordArgs := []string{"coordinator", "--etcd", ep, "--model", model, "--tp", "2", "--listen", "127.0.0.1:0", "--leader-ttl", "2s", "--settle", "50ms"}
+	coordArgs := []string{"coordinator", "--etcd", ep, "--model", model, "--tp", "2", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--leader-ttl", "2s", "--settle", "50ms"}
 	coord := startProc(t, "coordinator", coordArgs...)
 	addr := coord.line(t)
 	var workers []*proc

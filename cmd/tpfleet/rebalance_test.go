@@ -15,7 +15,7 @@ func TestRebalance(t *testing.T) {
 	g := readGolden(t, "moe-top1")
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	lines, code, stderr := runInProcess(ctx, "serve", "--model", filepath.Join(fixtures, "moe-top1"), "--tp", "1", "--workers", "2",
+	lines, code, stderr := runInProcess(ctx, "serve", "--model", filepath.Join(fixtures, "moe-top1"), "--tp", "1", "--workers", "2", "--http-listen", "127.0.0.1:0",
 		"--listen", "127.0.0.1:0", "--log-level", "warn")
 	var addr string
 	select {

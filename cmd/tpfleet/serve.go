@@ -25,6 +25,7 @@ type serveFlags struct {
 	threads     int
 	plan        string
 	listen      string
+	httpListen  string
 	dataDir     string
 	etcdListen  string
 	maxQueue    int
@@ -35,9 +36,9 @@ type serveFlags struct {
 
 // runServe is the one-machine deployment: an embedded etcd, a coordinator and --workers local workers
 // (default: --tp, one TP group), all in this process, until SIGINT or SIGTERM. It prints the
-// coordinator's address on stdout.
+// coordinator's gRPC address on stdout; the OpenAI-compatible HTTP gateway listens on --http-listen.
 //
-//	tpfleet serve --model DIR [--tp N] [--device cpu] [--listen ADDR] [--workers N]
+//	tpfleet serve --model DIR [--tp N] [--device cpu] [--listen ADDR] [--http-listen ADDR] [--workers N]
 func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var f serveFlags
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
@@ -49,6 +50,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&f.threads, "threads", 0, "CPU threads of each worker's matrix products (0: cores / workers)")
 	fs.StringVar(&f.plan, "plan", coordinator.DefaultPlan, `tp_plan: "tp", "ep" or a plan file in HF's format`)
 	fs.StringVar(&f.listen, "listen", coordinator.DefaultListenAddr, "host:port of the coordinator's gRPC server (port 0: any)")
+	fs.StringVar(&f.httpListen, "http-listen", coordinator.DefaultHTTPAddr, "host:port of the OpenAI-compatible HTTP gateway (port 0: any; empty: no gateway)")
 	fs.StringVar(&f.dataDir, "data-dir", "", "etcd's data directory, kept across runs (empty: a temporary one, removed at exit)")
 	fs.StringVar(&f.etcdListen, "etcd-listen", "127.0.0.1:0", "host:port of the embedded etcd's clients (port 0: any)")
 	fs.IntVar(&f.maxQueue, "max-queue", 0, "requests that may wait for a batch (0: 256)")
@@ -99,7 +101,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	etcd := cluster.Config{Endpoints: e.Endpoints()}
 
 	c, err := coordinator.New(coordinator.Config{
-		ListenAddr: f.listen, Model: f.model, TP: f.tp, Plan: f.plan,
+		ListenAddr: f.listen, HTTPAddr: f.httpListen, Model: f.model, TP: f.tp, Plan: f.plan,
 		MaxQueue: f.maxQueue, MaxBatch: f.maxBatch, TokenBudget: f.tokenBudget,
 		Etcd: etcd, Logger: log.Named("coordinator"),
 	})
@@ -140,7 +142,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			}
 		}()
 	}
-	log.Info("serve started", zap.String("addr", c.Addr()), zap.Strings("etcd-endpoints", e.Endpoints()),
+	log.Info("serve started", zap.String("addr", c.Addr()), zap.String("http-addr", c.HTTPAddr()), zap.Strings("etcd-endpoints", e.Endpoints()),
 		zap.Int("workers", f.workers), zap.Int("tp", f.tp), zap.Int("replicas", f.workers/f.tp), zap.Int("threads", f.threads))
 	if _, err := fmt.Fprintln(stdout, c.Addr()); err != nil {
 		return err

@@ -75,7 +75,7 @@ func TestGenerateText(t *testing.T) {
 	// The same through a coordinator.
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	lines, exit, serveErr := runInProcess(ctx, "serve", "--model", model, "--listen", "127.0.0.1:0", "--log-level", "warn")
+	lines, exit, serveErr := runInProcess(ctx, "serve", "--model", model, "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--log-level", "warn")
 	var addr string
 	select {
 	case addr = <-lines:
