@@ -6,7 +6,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 )
 
 // TestRebalance: on `tpfleet serve` with two TP=1 replicas, `tpfleet rebalance --tp 2` writes the next
@@ -15,16 +14,8 @@ func TestRebalance(t *testing.T) {
 	g := readGolden(t, "moe-top1")
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	lines, code, stderr := runInProcess(ctx, "serve", "--model", filepath.Join(fixtures, "moe-top1"), "--tp", "1", "--workers", "2", "--http-listen", "127.0.0.1:0",
-		"--listen", "127.0.0.1:0", "--log-level", "warn")
-	var addr string
-	select {
-	case addr = <-lines:
-	case c := <-code:
-		t.Fatalf("serve exited %d before printing its address:\n%s", c, stderr)
-	case <-time.After(30 * time.Second):
-		t.Fatal("serve printed no address within 30s")
-	}
+	addr, code, _ := startServe(t, ctx, "--model", filepath.Join(fixtures, "moe-top1"), "--tp", "1", "--workers", "2",
+		"--http-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--log-level", "warn")
 	cli := waitCoordinator(t, addr)
 	before, err := cli.Shards(ctx)
 	if err != nil || before.TP != 1 || len(before.Assignments) != 2 {

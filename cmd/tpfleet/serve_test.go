@@ -16,16 +16,8 @@ func TestServe(t *testing.T) {
 	g := readGolden(t, "moe-top1")
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	lines, code, stderr := runInProcess(ctx, "serve", "--model", filepath.Join(fixtures, "moe-top1"), "--tp", "2", "--workers", "4", "--http-listen", "127.0.0.1:0",
-		"--listen", "127.0.0.1:0", "--log-level", "warn")
-	var addr string
-	select {
-	case addr = <-lines:
-	case c := <-code:
-		t.Fatalf("serve exited %d before printing its address:\n%s", c, stderr)
-	case <-time.After(30 * time.Second):
-		t.Fatal("serve printed no address within 30s")
-	}
+	addr, code, stderr := startServe(t, ctx, "--model", filepath.Join(fixtures, "moe-top1"), "--tp", "2", "--workers", "4",
+		"--http-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--log-level", "warn")
 	cli := waitCoordinator(t, addr)
 	t.Logf("serving after %v", time.Since(start).Round(time.Millisecond))
 	generateConcurrently(t, addr, g, 8)
@@ -44,6 +36,22 @@ func TestServe(t *testing.T) {
 	if s := stderr.String(); strings.Contains(s, "ERROR") || strings.Contains(s, "panic") {
 		t.Errorf("serve logged errors:\n%s", s)
 	}
+}
+
+// startServe runs `tpfleet serve args...` in this process until ctx ends and returns the address it prints
+// first (the coordinator's), its exit status channel and its stderr.
+func startServe(t *testing.T, ctx context.Context, args ...string) (string, <-chan int, *lockedBuffer) {
+	t.Helper()
+	lines, code, stderr := runInProcess(ctx, append([]string{"serve"}, args...)...)
+	select {
+	case addr := <-lines:
+		return addr, code, stderr
+	case c := <-code:
+		t.Fatalf("serve exited %d before printing its address:\n%s", c, stderr)
+	case <-time.After(30 * time.Second):
+		t.Fatal("serve printed no address within 30s")
+	}
+	return "", nil, nil
 }
 
 func TestServeFlags(t *testing.T) {

@@ -75,15 +75,7 @@ func TestGenerateText(t *testing.T) {
 	// The same through a coordinator.
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	lines, exit, serveErr := runInProcess(ctx, "serve", "--model", model, "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--log-level", "warn")
-	var addr string
-	select {
-	case addr = <-lines:
-	case c := <-exit:
-		t.Fatalf("serve exited %d before printing its address:\n%s", c, serveErr)
-	case <-time.After(30 * time.Second):
-		t.Fatal("serve printed no address within 30s")
-	}
+	addr, exit, serveErr := startServe(t, ctx, "--model", model, "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--log-level", "warn")
 	cli := waitCoordinator(t, addr)
 	remote := generateJSONOf(t, append([]string{"--addr", addr, "--prompt", text}, flags...)...)
 	if !slices.Equal(remote.IDs, local.IDs) || remote.Text != want || remote.PromptTokens != len(promptIDs) {
