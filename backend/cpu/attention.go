@@ -7,18 +7,12 @@ import (
 	"github.com/tpfleet/tpfleet/backend"
 )
 
-// kvCache is the cpu KVCache: the keys and values of the kept positions, which are consecutive, so only
-// the first one is stored.
+// kvCache is the cpu KVCache: the keys and values of the kept positions (consecutive, from
+// positions.First()).
 type kvCache struct {
 	kvHeads, headDim int
-	capacity         int
-	window           backend.Window
-
-	k, v     []float32 // [kept, kvHeads, headDim]
-	first    int       // position of the first kept entry
-	next     int       // position the next Append must start at, valid when appended > 0
-	appended int       // positions appended so far (Len)
-	dropped  int       // every position below it has been dropped (0 when none)
+	positions        backend.KVPositions
+	k, v             []float32 // [kept, kvHeads, headDim]
 }
 
 var _ backend.KVCache = (*kvCache)(nil)
@@ -28,10 +22,7 @@ var _ backend.KVCache = (*kvCache)(nil)
 // 2·window.Chunk and grows if a long Append needs more. The returned cache is not safe for concurrent
 // use.
 //
-// A chunked cache drops, at the start of each Append, the positions before the chunk of the last
-// position appended so far: no query at or after the new positions can see them. Dropping at the start
-// of the next Append rather than at the end of this one keeps a prefill that spans several chunks whole
-// until its queries have been attended.
+// A chunked cache drops positions as backend.KVPositions says, and frees their storage.
 func (b *Backend) NewKVCache(kvHeads, headDim, capacity int, window backend.Window) (backend.KVCache, error) {
 	if kvHeads <= 0 || headDim <= 0 || capacity <= 0 || window.Chunk < 0 {
 		return nil, fmt.Errorf("cpu: new kv cache kvHeads=%d headDim=%d capacity=%d chunk=%d: %w",
@@ -43,20 +34,19 @@ func (b *Backend) NewKVCache(kvHeads, headDim, capacity int, window backend.Wind
 	}
 	stride := kvHeads * headDim
 	return &kvCache{
-		kvHeads:  kvHeads,
-		headDim:  headDim,
-		capacity: capacity,
-		window:   window,
-		k:        make([]float32, 0, room*stride),
-		v:        make([]float32, 0, room*stride),
+		kvHeads:   kvHeads,
+		headDim:   headDim,
+		positions: backend.KVPositions{Window: window, Capacity: capacity},
+		k:         make([]float32, 0, room*stride),
+		v:         make([]float32, 0, room*stride),
 	}, nil
 }
 
 // Len returns the number of positions appended so far.
-func (c *kvCache) Len() int { return c.appended }
+func (c *kvCache) Len() int { return c.positions.Len() }
 
 // Kept returns the number of positions held in memory.
-func (c *kvCache) Kept() int { return len(c.k) / (c.kvHeads * c.headDim) }
+func (c *kvCache) Kept() int { return c.positions.Kept() }
 
 // Append stores k and v ([T, kvHeads, headDim]) for positions pos, which must be consecutive, start
 // where the previous Append ended (any position >= 0 for the first) and stay below the capacity. On
@@ -77,49 +67,17 @@ func (c *kvCache) Append(k, v backend.Tensor, pos []int) error {
 		return fmt.Errorf("cpu: kv append k%v v%v pos[%d] to a cache of [%d %d]: %w",
 			kt.shape, vt.shape, len(pos), c.kvHeads, c.headDim, backend.ErrShape)
 	}
-	if len(pos) == 0 {
-		return nil
+	if err := c.positions.CheckAppend(pos); err != nil {
+		return fmt.Errorf("cpu: %w", err)
 	}
-	want := pos[0]
-	if c.appended > 0 {
-		want = c.next
-	}
-	for i, p := range pos {
-		if p != want+i || p < 0 || p >= c.capacity {
-			return fmt.Errorf("cpu: kv append positions %d..%d (pos[%d] = %d), want consecutive from %d below capacity %d: %w",
-				pos[0], pos[len(pos)-1], i, p, want, c.capacity, backend.ErrShape)
-		}
-	}
-	if c.appended > 0 {
-		c.drop()
-	} else {
-		c.first = pos[0]
+	if dropped := c.positions.Append(pos); dropped > 0 {
+		off := dropped * c.kvHeads * c.headDim
+		c.k = c.k[:copy(c.k, c.k[off:])]
+		c.v = c.v[:copy(c.v, c.v[off:])]
 	}
 	c.k = append(c.k, kt.data...)
 	c.v = append(c.v, vt.data...)
-	c.next = pos[len(pos)-1] + 1
-	c.appended += len(pos)
 	return nil
-}
-
-// drop discards the positions before the chunk of the last appended position, for a chunked cache.
-func (c *kvCache) drop() {
-	chunk := c.window.Chunk
-	if chunk == 0 {
-		return
-	}
-	last := c.next - 1
-	start := last - last%chunk
-	if start <= c.first {
-		return
-	}
-	off := (start - c.first) * c.kvHeads * c.headDim
-	n := copy(c.k, c.k[off:])
-	c.k = c.k[:n]
-	n = copy(c.v, c.v[off:])
-	c.v = c.v[:n]
-	c.first = start
-	c.dropped = start
 }
 
 // Attention computes softmax(q·kᵀ·scale)·v for q [T, heads, D] at positions pos over the keys of cache
@@ -143,17 +101,10 @@ func (b *Backend) Attention(q backend.Tensor, cache backend.KVCache, pos []int, 
 			qt.shape, len(pos), c.kvHeads, c.headDim, window.Chunk, backend.ErrShape)
 	}
 	T, heads, D := qt.shape[0], qt.shape[1], qt.shape[2]
-	kept := c.Kept()
-	for t, p := range pos {
-		from := 0
-		if window.Chunk > 0 {
-			from = p - p%window.Chunk
-		}
-		if kept == 0 || p < c.first || p >= c.next || from < c.dropped {
-			return nil, fmt.Errorf("cpu: attention pos[%d] = %d (chunk %d) over a cache holding %d..%d (dropped below %d): %w",
-				t, p, window.Chunk, c.first, c.first+kept-1, c.dropped, backend.ErrShape)
-		}
+	if err := c.positions.CheckAttend(pos, window); err != nil {
+		return nil, fmt.Errorf("cpu: %w", err)
 	}
+	first, kept := c.positions.First(), c.positions.Kept()
 	group := heads / c.kvHeads
 	stride := c.kvHeads * D
 	out := alloc(T, heads, D)
@@ -163,7 +114,7 @@ func (b *Backend) Attention(q backend.Tensor, cache backend.KVCache, pos []int, 
 		for it := lo; it < hi; it++ {
 			t, h := it/heads, it%heads
 			p := pos[t]
-			from := c.first
+			from := first
 			if window.Chunk > 0 {
 				from = max(from, p-p%window.Chunk)
 			}
@@ -172,7 +123,7 @@ func (b *Backend) Attention(q backend.Tensor, cache backend.KVCache, pos []int, 
 			s := scores[:p-from+1]
 			m := float32(math.Inf(-1))
 			for j := range s {
-				off := (from-c.first+j)*stride + kvOff
+				off := (from-first+j)*stride + kvOff
 				s[j] = dot(qv, c.k[off:off+D]) * scale
 				m = max(m, s[j])
 			}
@@ -185,7 +136,7 @@ func (b *Backend) Attention(q backend.Tensor, cache backend.KVCache, pos []int, 
 			inv := 1 / sum
 			o := out.data[it*D : (it+1)*D]
 			for j, e := range s {
-				off := (from-c.first+j)*stride + kvOff
+				off := (from-first+j)*stride + kvOff
 				axpy(o, float32(float64(e)*inv), c.v[off:off+D])
 			}
 		}

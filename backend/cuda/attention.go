@@ -16,14 +16,8 @@ const maxHeadDim = 256
 type kvCache struct {
 	b                *Backend
 	kvHeads, headDim int
-	capacity         int
-	window           backend.Window
+	positions        backend.KVPositions
 	k, v             *buffer
-
-	first    int // position of the first kept entry
-	next     int // position the next Append must start at, valid when appended > 0
-	appended int // positions appended so far (Len)
-	dropped  int // every position below it has been dropped (0 when none)
 }
 
 var _ backend.KVCache = (*kvCache)(nil)
@@ -43,7 +37,7 @@ func (b *Backend) NewKVCache(kvHeads, headDim, capacity int, window backend.Wind
 	if !ok {
 		return nil, fmt.Errorf("cuda: new kv cache of %d×%d×%d: %w", capacity, kvHeads, headDim, backend.ErrShape)
 	}
-	c := &kvCache{b: b, kvHeads: kvHeads, headDim: headDim, capacity: capacity, window: window}
+	c := &kvCache{b: b, kvHeads: kvHeads, headDim: headDim, positions: backend.KVPositions{Window: window, Capacity: capacity}}
 	var err error
 	if c.k, err = b.pool.getDedicated(int64(n) * 2); err != nil {
 		return nil, err
@@ -57,15 +51,10 @@ func (b *Backend) NewKVCache(kvHeads, headDim, capacity int, window backend.Wind
 }
 
 // Len returns the number of positions appended so far.
-func (c *kvCache) Len() int { return c.appended }
+func (c *kvCache) Len() int { return c.positions.Len() }
 
 // Kept returns the number of positions attention may still read.
-func (c *kvCache) Kept() int {
-	if c.appended == 0 {
-		return 0
-	}
-	return c.next - c.first
-}
+func (c *kvCache) Kept() int { return c.positions.Kept() }
 
 // Append stores k and v ([T, kvHeads, headDim], any dtype, converted to bf16) for positions pos, which
 // must be consecutive, start where the previous Append ended (any position >= 0 for the first) and stay
@@ -87,18 +76,11 @@ func (c *kvCache) Append(k, v backend.Tensor, pos []int) error {
 		return fmt.Errorf("cuda: kv append k%v v%v pos[%d] to a cache of [%d %d]: %w",
 			kt.shape, vt.shape, len(pos), c.kvHeads, c.headDim, backend.ErrShape)
 	}
+	if err := c.positions.CheckAppend(pos); err != nil {
+		return fmt.Errorf("cuda: %w", err)
+	}
 	if len(pos) == 0 {
 		return nil
-	}
-	want := pos[0]
-	if c.appended > 0 {
-		want = c.next
-	}
-	for i, p := range pos {
-		if p != want+i || p < 0 || p >= c.capacity {
-			return fmt.Errorf("cuda: kv append positions %d..%d (pos[%d] = %d), want consecutive from %d below capacity %d: %w",
-				pos[0], pos[len(pos)-1], i, p, want, c.capacity, backend.ErrShape)
-		}
 	}
 	stride := c.kvHeads * c.headDim
 	n := len(pos) * stride
@@ -106,29 +88,8 @@ func (c *kvCache) Append(k, v backend.Tensor, pos []int) error {
 		c.k, c.v, int64(pos[0])*int64(stride), int64(n)); err != nil {
 		return fmt.Errorf("cuda: kv append: %w", err)
 	}
-	if c.appended > 0 {
-		c.drop()
-	} else {
-		c.first = pos[0]
-	}
-	c.next = pos[len(pos)-1] + 1
-	c.appended += len(pos)
+	c.positions.Append(pos) // the memory covers every position; dropping is only logical
 	return nil
-}
-
-// drop forgets the positions before the chunk of the last appended position, for a chunked cache.
-func (c *kvCache) drop() {
-	chunk := c.window.Chunk
-	if chunk == 0 {
-		return
-	}
-	last := c.next - 1
-	start := last - last%chunk
-	if start <= c.first {
-		return
-	}
-	c.first = start
-	c.dropped = start
 }
 
 // Attention computes softmax(q·kᵀ·scale)·v for q [T, heads, D] at positions pos over the keys of cache
@@ -153,16 +114,8 @@ func (b *Backend) Attention(q backend.Tensor, cache backend.KVCache, pos []int, 
 	if D > maxHeadDim {
 		return nil, fmt.Errorf("cuda: attention head dim %d > %d is not supported: %w", D, maxHeadDim, backend.ErrShape)
 	}
-	kept := c.Kept()
-	for t, p := range pos {
-		from := 0
-		if window.Chunk > 0 {
-			from = p - p%window.Chunk
-		}
-		if kept == 0 || p < c.first || p >= c.next || from < c.dropped {
-			return nil, fmt.Errorf("cuda: attention pos[%d] = %d (chunk %d) over a cache holding %d..%d (dropped below %d): %w",
-				t, p, window.Chunk, c.first, c.first+kept-1, c.dropped, backend.ErrShape)
-		}
+	if err := c.positions.CheckAttend(pos, window); err != nil {
+		return nil, fmt.Errorf("cuda: %w", err)
 	}
 	out, err := b.act(T, heads, D)
 	if err != nil {
@@ -181,6 +134,6 @@ func (b *Backend) Attention(q backend.Tensor, cache backend.KVCache, pos []int, 
 	}
 	defer b.pool.release(*pbuf)
 	err = b.stream.launch(b.k.attention, dim3{uint32(T), uint32(heads), 1}, dim3{128, 1, 1}, 0,
-		qt, int(qt.dt), c.k, c.v, pbuf, out, int(out.dt), heads, c.kvHeads, D, window.Chunk, c.first, scale)
+		qt, int(qt.dt), c.k, c.v, pbuf, out, int(out.dt), heads, c.kvHeads, D, window.Chunk, c.positions.First(), scale)
 	return b.result("attention", out, err)
 }
