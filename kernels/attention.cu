@@ -84,3 +84,151 @@ attention(const void* q, int qdt, const bf16_t* kc, const bf16_t* vc, const int*
 		st(out, odt, qoff + d, o / L);
 	}
 }
+
+// Split-K decode attention (flash-decoding) for a few queries: attention_split computes partial
+// softmax results over key chunks, attention_combine merges them with the log-sum-exp rule.
+#define ATTS_MAXG 8
+#define ATTS_PAIRS (ATT_MAXD / 64)
+
+// attention_split: block (s, kvh, t) covers the keys [lo + s·span, lo + (s+1)·span) ∩ [lo, pos[t]] of query
+// t, where lo is the first key pos[t] may see (as in attention), for all G = heads / kv_heads query heads
+// of kv head kvh, so each K/V row is read once per group. Each of the 4 warps runs an online softmax
+// (float32) per query head over every 4th key of the chunk (lane L holds elements 64i + 2L, +1); the
+// warps merge in shared memory and the block writes, per query head, the chunk's max m, sum l and
+// unnormalised Σ e·v to part_ml [T, heads, splits, 2] and part_acc [T, heads, splits, D]. An empty chunk
+// writes m = -inf, l = 0. D is even and at most ATT_MAXD, G at most ATTS_MAXG.
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+attention_split(const void* q, int qdt, const bf16_t* kc, const bf16_t* vc, const int* pos,
+	float* part_ml, float* part_acc, int heads, int kv_heads, int D, int chunk, int first_kept, float scale,
+	int splits, int span) {
+	__shared__ float sm_m[ATT_WARPS][ATTS_MAXG], sm_l[ATT_WARPS][ATTS_MAXG];
+	__shared__ float sm_acc[ATT_WARPS][ATTS_MAXG][ATT_MAXD];
+	int s = blockIdx.x, kvh = blockIdx.y, t = blockIdx.z;
+	int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+	int G = heads / kv_heads;
+	int p = pos[t];
+	int from = chunk > 0 ? p - p % chunk : 0;
+	if (from < first_kept) from = first_kept;
+	int lo = from + s * span;
+	int hi = lo + span - 1 < p ? lo + span - 1 : p;
+	float qr[ATTS_MAXG][ATTS_PAIRS][2], acc[ATTS_MAXG][ATTS_PAIRS][2], m[ATTS_MAXG], l[ATTS_MAXG];
+#pragma unroll
+	for (int g = 0; g < ATTS_MAXG; g++) {
+		long long qoff = ((long long)t * heads + (long long)kvh * G + g) * D;
+#pragma unroll
+		for (int i = 0; i < ATTS_PAIRS; i++) {
+			int d = 64 * i + 2 * lane;
+			bool in = g < G && d < D;
+			qr[g][i][0] = in ? ld(q, qdt, qoff + d) : 0.0f;
+			qr[g][i][1] = in ? ld(q, qdt, qoff + d + 1) : 0.0f;
+			acc[g][i][0] = acc[g][i][1] = 0.0f;
+		}
+		m[g] = NEG_INF;
+		l[g] = 0.0f;
+	}
+	long long stride = (long long)kv_heads * D;
+	for (int j = lo + warp; j <= hi; j += ATT_WARPS) {
+		const bf16_t* kr = kc + j * stride + (long long)kvh * D;
+		const bf16_t* vr = vc + j * stride + (long long)kvh * D;
+		float kf[ATTS_PAIRS][2], vf[ATTS_PAIRS][2];
+#pragma unroll
+		for (int i = 0; i < ATTS_PAIRS; i++) {
+			int d = 64 * i + 2 * lane;
+			unsigned int kw = 0, vw = 0;
+			if (d < D) {
+				kw = *(const unsigned int*)(kr + d);
+				vw = *(const unsigned int*)(vr + d);
+			}
+			kf[i][0] = __uint_as_float(kw << 16);
+			kf[i][1] = __uint_as_float(kw & 0xffff0000u);
+			vf[i][0] = __uint_as_float(vw << 16);
+			vf[i][1] = __uint_as_float(vw & 0xffff0000u);
+		}
+#pragma unroll
+		for (int g = 0; g < ATTS_MAXG; g++) {
+			if (g < G) {
+				float sc = 0.0f;
+#pragma unroll
+				for (int i = 0; i < ATTS_PAIRS; i++) sc += qr[g][i][0] * kf[i][0] + qr[g][i][1] * kf[i][1];
+				sc = warp_sum(sc) * scale;
+				float mn = fmaxf(m[g], sc);
+				float corr = expf(m[g] - mn);
+				float e = expf(sc - mn);
+				l[g] = l[g] * corr + e;
+#pragma unroll
+				for (int i = 0; i < ATTS_PAIRS; i++) {
+					acc[g][i][0] = acc[g][i][0] * corr + e * vf[i][0];
+					acc[g][i][1] = acc[g][i][1] * corr + e * vf[i][1];
+				}
+				m[g] = mn;
+			}
+		}
+	}
+#pragma unroll
+	for (int g = 0; g < ATTS_MAXG; g++) {
+		if (g < G) {
+			if (lane == 0) {
+				sm_m[warp][g] = m[g];
+				sm_l[warp][g] = l[g];
+			}
+#pragma unroll
+			for (int i = 0; i < ATTS_PAIRS; i++) {
+				int d = 64 * i + 2 * lane;
+				if (d < D) {
+					sm_acc[warp][g][d] = acc[g][i][0];
+					sm_acc[warp][g][d + 1] = acc[g][i][1];
+				}
+			}
+		}
+	}
+	__syncthreads();
+	for (int x = threadIdx.x; x < G * D; x += blockDim.x) {
+		int g = x / D, d = x - g * D;
+		float M = NEG_INF;
+		for (int w = 0; w < ATT_WARPS; w++) M = fmaxf(M, sm_m[w][g]);
+		float L = 0.0f, o = 0.0f;
+		for (int w = 0; w < ATT_WARPS; w++) {
+			float f = sm_m[w][g] == NEG_INF ? 0.0f : expf(sm_m[w][g] - M);
+			L += sm_l[w][g] * f;
+			o += sm_acc[w][g][d] * f;
+		}
+		long long row = ((long long)t * heads + (long long)kvh * G + g) * splits + s;
+		part_acc[row * D + d] = o;
+		if (d == 0) {
+			part_ml[2 * row] = M;
+			part_ml[2 * row + 1] = L;
+		}
+	}
+}
+
+// attention_combine: block (t, h) merges the splits' partials of query t, head h (attention_split) with
+// the log-sum-exp rule, in split order, and stores the normalised result. splits <= ATTC_MAXSPLITS.
+#define ATTC_MAXSPLITS 1024
+extern "C" __global__ void attention_combine(const float* part_ml, const float* part_acc, void* out, int odt,
+	int heads, int D, int splits) {
+	__shared__ float sm_w[ATTC_MAXSPLITS];
+	__shared__ float sm_red[32];
+	int t = blockIdx.x, h = blockIdx.y;
+	long long row0 = ((long long)t * heads + h) * splits;
+	float mx = NEG_INF;
+	for (int s = threadIdx.x; s < splits; s += blockDim.x) mx = fmaxf(mx, part_ml[2 * (row0 + s)]);
+#pragma unroll
+	for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+	int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+	if (lane == 0) sm_red[warp] = mx;
+	__syncthreads();
+	float M = NEG_INF;
+	for (int w = 0; w < warps; w++) M = fmaxf(M, sm_red[w]);
+	for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+		float m = part_ml[2 * (row0 + s)];
+		sm_w[s] = m == NEG_INF ? 0.0f : expf(m - M);
+	}
+	__syncthreads();
+	float L = 0.0f;
+	for (int s = 0; s < splits; s++) L += sm_w[s] * part_ml[2 * (row0 + s) + 1];
+	for (int d = threadIdx.x; d < D; d += blockDim.x) {
+		float o = 0.0f;
+		for (int s = 0; s < splits; s++) o += sm_w[s] * part_acc[(row0 + s) * D + d];
+		st(out, odt, ((long long)t * heads + h) * D + d, o / L);
+	}
+}

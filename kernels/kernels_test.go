@@ -34,7 +34,7 @@ func TestSource(t *testing.T) {
 // TestEntries checks the kernels the backend looks up exist, once each.
 func TestEntries(t *testing.T) {
 	got := Entries(Source())
-	want := []string{"kv_append", "attention", "convert", "embed", "rmsnorm", "add", "silu_mul",
+	want := []string{"kv_append", "attention", "attention_split", "attention_combine", "convert", "embed", "rmsnorm", "add", "silu_mul",
 		"scale_rows", "rope", "linear_simple", "split_bf16", "add_halves", "gather_permute", "fill_random",
 		"gemv_1", "gemv_2", "gemv_4", "gemv_8", "moe_plan", "expert_gemv_1", "expert_gemv_8", "expert_act", "expert_combine",
 		"expert_gather", "route", "expert_gate_up", "expert_down"}

@@ -93,8 +93,9 @@ func (c *kvCache) Append(k, v backend.Tensor, pos []int) error {
 }
 
 // Attention computes softmax(q·kᵀ·scale)·v for q [T, heads, D] at positions pos over the keys of cache
-// each query may see under window, query head h reading kv head h / (heads / kvHeads): one block per
-// (query, head), an online softmax in float32 over the bf16 cache. Each query position must be held by
+// each query may see under window, query head h reading kv head h / (heads / kvHeads): an online softmax
+// in float32 over the bf16 cache, for at most splitMaxQueries queries split over the keys
+// (attentionSplit), else one block per (query, head). Each query position must be held by
 // the cache, and so must every key it may see. D is at most 256.
 func (b *Backend) Attention(q backend.Tensor, cache backend.KVCache, pos []int, window backend.Window, scale float32) (backend.Tensor, error) {
 	qt, err := b.asTensor("attention", "q", q)
@@ -133,7 +134,60 @@ func (b *Backend) Attention(q backend.Tensor, cache backend.KVCache, pos []int, 
 		return nil, err
 	}
 	defer b.pool.release(*pbuf)
+	if T <= splitMaxQueries && heads/c.kvHeads <= splitMaxGroup && D%2 == 0 {
+		err = b.attentionSplit(qt, c, pos, pbuf, out, window, scale)
+		return b.result("attention", out, err)
+	}
 	err = b.stream.launch(b.k.attention, dim3{uint32(T), uint32(heads), 1}, dim3{128, 1, 1}, 0,
 		qt, int(qt.dt), c.k, c.v, pbuf, out, int(out.dt), heads, c.kvHeads, D, window.Chunk, c.positions.First(), scale)
 	return b.result("attention", out, err)
+}
+
+// Split-K decode attention (attention_split and attention_combine in attention.cu).
+const (
+	splitMaxQueries = 8    // Attention takes the split path for at most this many queries
+	splitMaxGroup   = 8    // and at most this many query heads per kv head (ATTS_MAXG)
+	splitMinSpan    = 32   // keys per split at least (8 per warp)
+	splitMaxSplits  = 1024 // ATTC_MAXSPLITS
+)
+
+// attentionSplit is flash-decoding: the visible key range of each query is cut into splits of span
+// keys; block (split, kv head, query) runs the online softmax for all query heads of its kv head over
+// its split (K/V read once per group) and writes float32 partials (max, sum, Σ e·v), and
+// attention_combine merges the splits with the log-sum-exp rule, in split order (deterministic). The
+// number of splits aims at about 2 blocks per SM.
+func (b *Backend) attentionSplit(qt *tensor, c *kvCache, pos []int, pbuf *buffer, out *tensor, window backend.Window, scale float32) error {
+	T, heads, D := qt.shape[0], qt.shape[1], qt.shape[2]
+	first := c.positions.First()
+	maxN := 1
+	for _, p := range pos {
+		from := 0
+		if window.Chunk > 0 {
+			from = p - p%window.Chunk
+		}
+		from = max(from, first)
+		maxN = max(maxN, p-from+1)
+	}
+	target := 2 * max(b.dev.multiprocessors, 1)
+	splits := max(ceilDiv(target, T*c.kvHeads), 1)
+	span := max(ceilDiv(maxN, splits), splitMinSpan)
+	span = max(span, ceilDiv(maxN, splitMaxSplits))
+	splits = ceilDiv(maxN, span)
+	rows := int64(T) * int64(heads) * int64(splits)
+	ml, err := b.pool.get(rows * 2 * 4)
+	if err != nil {
+		return err
+	}
+	defer b.pool.release(*ml)
+	acc, err := b.pool.get(rows * int64(D) * 4)
+	if err != nil {
+		return err
+	}
+	defer b.pool.release(*acc)
+	if err := b.stream.launch(b.k.attentionSplit, dim3{uint32(splits), uint32(c.kvHeads), uint32(T)}, dim3{128, 1, 1}, 0,
+		qt, int(qt.dt), c.k, c.v, pbuf, ml, acc, heads, c.kvHeads, D, window.Chunk, first, scale, splits, span); err != nil {
+		return err
+	}
+	return b.stream.launch(b.k.attentionCombine, dim3{uint32(T), uint32(heads), 1}, dim3{128, 1, 1}, 0,
+		ml, acc, out, int(out.dt), heads, D, splits)
 }

@@ -47,6 +47,7 @@ type kernelSet struct {
 	convert, embed, rmsnorm, add, siluMul, scaleRows, rope, linearSimple *kernel
 	splitBF16, addHalves                                                 *kernel
 	kvAppend, attention, route, expertGateUp, expertDown                 *kernel
+	attentionSplit, attentionCombine                                     *kernel
 	gatherPermute, fillRandom                                            *kernel
 	gemv                                                                 [4]*kernel // gemv_1, _2, _4, _8
 	moePlan, expertGEMV1, expertGEMV8, expertAct, expertCombine          *kernel
@@ -156,6 +157,7 @@ func (b *Backend) init() error {
 		{"convert", &b.k.convert}, {"embed", &b.k.embed}, {"rmsnorm", &b.k.rmsnorm}, {"add", &b.k.add},
 		{"silu_mul", &b.k.siluMul}, {"scale_rows", &b.k.scaleRows}, {"rope", &b.k.rope},
 		{"linear_simple", &b.k.linearSimple}, {"split_bf16", &b.k.splitBF16}, {"add_halves", &b.k.addHalves}, {"kv_append", &b.k.kvAppend}, {"attention", &b.k.attention},
+		{"attention_split", &b.k.attentionSplit}, {"attention_combine", &b.k.attentionCombine},
 		{"route", &b.k.route}, {"expert_gate_up", &b.k.expertGateUp}, {"expert_down", &b.k.expertDown},
 		{"gather_permute", &b.k.gatherPermute}, {"fill_random", &b.k.fillRandom},
 		{"gemv_1", &b.k.gemv[0]}, {"gemv_2", &b.k.gemv[1]}, {"gemv_4", &b.k.gemv[2]}, {"gemv_8", &b.k.gemv[3]},

@@ -331,6 +331,9 @@ func TestOpsVsCPU(t *testing.T) {
 		heads, kvHeads, headD int
 	}{
 		{"decode", 1024, 1, 0, 40, 8, 128},
+		{"decode chunked", 1000, 1, 256, 40, 8, 128},
+		{"decode", 700, 3, 256, 40, 8, 128},
+		{"decode", 1024, 8, 0, 40, 8, 128},
 		{"prefill", 512, 512, 0, 40, 8, 128},
 		{"prefill chunked", 512, 512, 128, 40, 8, 128},
 	} {
