@@ -58,9 +58,11 @@ proto-check: proto
 unit:
 	$(GO) test -race -timeout 20m ./...
 
-# Regenerates testdata/fixtures with HF transformers; needs PyTorch and transformers (the GPU machine).
+# Regenerates testdata/fixtures and testdata/tokenizer/golden.json with HF transformers and tokenizers; needs
+# PyTorch, transformers and tokenizers (the GPU machine).
 fixtures:
 	python3 scripts/fixtures/make_fixtures.py --out testdata/fixtures
+	python3 scripts/fixtures/make_tokenizer_golden.py
 
 clean:
 	rm -rf $(BIN)
