@@ -256,18 +256,6 @@ func (c *Client) track() bool {
 	return true
 }
 
-// sleep waits d or until ctx ends, and reports whether ctx is still live.
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
-}
-
 // ttlSeconds converts a TTL to etcd's whole seconds, rounding up, at least 1.
 func ttlSeconds(ttl time.Duration) int64 {
 	s := int64((ttl + time.Second - 1) / time.Second)

@@ -16,6 +16,8 @@ import (
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+
+	"github.com/tpfleet/tpfleet/internal/wait"
 )
 
 // Device kinds.
@@ -328,7 +330,7 @@ func (c *Client) WatchMembers(ctx context.Context) <-chan []Member {
 				if ctx.Err() == nil {
 					c.lg.Warn("listing members failed; retrying", zap.Error(err))
 				}
-				sleep(ctx, retryWait)
+				wait.Sleep(ctx, retryWait)
 				continue
 			}
 			set := make(map[string]Member, len(resp.Kvs))
@@ -362,7 +364,7 @@ func (c *Client) WatchMembers(ctx context.Context) <-chan []Member {
 				}
 			}
 			wcancel()
-			sleep(ctx, retryWait)
+			wait.Sleep(ctx, retryWait)
 		}
 	})
 	return out

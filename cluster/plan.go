@@ -9,6 +9,8 @@ import (
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+
+	"github.com/tpfleet/tpfleet/internal/wait"
 )
 
 // Plan is the placement plan: which member holds which rank of which TP group. It is stored as one
@@ -224,7 +226,7 @@ func (c *Client) WatchPlan(ctx context.Context) <-chan Plan {
 				if ctx.Err() == nil {
 					c.lg.Warn("reading plan failed; retrying", zap.Error(err))
 				}
-				sleep(ctx, retryWait)
+				wait.Sleep(ctx, retryWait)
 				continue
 			}
 			if len(resp.Kvs) > 0 && !send(resp.Kvs[0].Value) {
@@ -246,7 +248,7 @@ func (c *Client) WatchPlan(ctx context.Context) <-chan Plan {
 				}
 			}
 			wcancel()
-			sleep(ctx, retryWait)
+			wait.Sleep(ctx, retryWait)
 		}
 	})
 	return out

@@ -10,6 +10,8 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+
+	"github.com/tpfleet/tpfleet/internal/wait"
 )
 
 // rdzvEpoch is the key segment of an epoch: zero-padded to 20 digits so that keys sort by epoch and
@@ -120,7 +122,7 @@ func (c *Client) WaitRendezvous(ctx context.Context, epoch int64, group, size in
 		if bctx.Err() != nil {
 			return fail(bctx.Err())
 		}
-		if !sleep(bctx, retryWait) {
+		if !wait.Sleep(bctx, retryWait) {
 			return fail(bctx.Err())
 		}
 	}

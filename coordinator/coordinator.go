@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/reflection"
 
 	"github.com/tpfleet/tpfleet/cluster"
+	"github.com/tpfleet/tpfleet/internal/wait"
 	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/safetensors"
 	"github.com/tpfleet/tpfleet/shard"
@@ -357,7 +358,7 @@ func (c *Coordinator) campaign() {
 				break
 			}
 			c.log.Warn("campaign failed; retrying", zap.Error(err))
-			sleep(c.ctx, time.Second)
+			wait.Sleep(c.ctx, time.Second)
 			continue
 		}
 		c.mu.Lock()

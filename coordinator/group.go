@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/tpfleet/tpfleet/cluster"
+	"github.com/tpfleet/tpfleet/internal/wait"
 	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 )
 
@@ -68,7 +69,7 @@ type sequence struct {
 // reconnecting after a failure, until ctx ends. When ctx ends, the requests in its batch go back to the
 // head of the queue (cancelled ones are dropped); after a failure they end with the error.
 func runGroup(ctx context.Context, cfg groupConfig) {
-	wait := reconnectFirst
+	backoff := reconnectFirst
 	for ctx.Err() == nil {
 		start := time.Now()
 		err := serveGroup(ctx, cfg)
@@ -76,16 +77,16 @@ func runGroup(ctx context.Context, cfg groupConfig) {
 			return
 		}
 		if time.Since(start) > 10*reconnectMax {
-			wait = reconnectFirst
+			backoff = reconnectFirst
 		}
 		if errors.Is(err, errEpochFailed) {
 			cfg.onFailed()
 		}
-		cfg.log.Warn("group failed; reconnecting", zap.Error(err), zap.Duration("after", wait))
-		if !sleep(ctx, wait) {
+		cfg.log.Warn("group failed; reconnecting", zap.Error(err), zap.Duration("after", backoff))
+		if !wait.Sleep(ctx, backoff) {
 			return
 		}
-		wait = min(2*wait, reconnectMax)
+		backoff = min(2*backoff, reconnectMax)
 	}
 }
 
@@ -167,7 +168,7 @@ func serveGroup(ctx context.Context, cfg groupConfig) error {
 
 // waitServing polls a worker's Status until it serves epoch as the planned group and rank, or ctx ends.
 func waitServing(ctx context.Context, c pb.WorkerClient, epoch int64, group int, a cluster.Assignment, log *zap.Logger) error {
-	wait := pollFirst
+	backoff := pollFirst
 	var last string
 	for {
 		sctx, cancel := context.WithTimeout(ctx, statusTimeout)
@@ -195,10 +196,10 @@ func waitServing(ctx context.Context, c pb.WorkerClient, epoch int64, group int,
 				zap.String("addr", a.Addr), zap.String("worker-state", now))
 			last = now
 		}
-		if !sleep(ctx, wait) {
+		if !wait.Sleep(ctx, backoff) {
 			return ctx.Err()
 		}
-		wait = min(2*wait, pollMax)
+		backoff = min(2*backoff, pollMax)
 	}
 }
 
@@ -408,16 +409,4 @@ func ctxErr(ctx context.Context, err error) error {
 		return ctx.Err()
 	}
 	return err
-}
-
-// sleep waits d or until ctx ends, and reports whether ctx is still live.
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
 }
