@@ -2,11 +2,22 @@
 //
 // The cache of one layer is two bf16 arrays [capacity, kvHeads, D] indexed by absolute position.
 
-// kv_append converts n = T·kvHeads·D elements of k and v into the caches, starting at element offset.
-extern "C" __global__ void kv_append(const void* k, int kdt, const void* v, int vdt, bf16_t* kc, bf16_t* vc, long long offset, long long n) {
+// KV_ROW is the number of int64 words per row in the rows arrays kv_append and attention_split read
+// (kvRow in attention.go): [0] the cache's key array, [1] its value array, [2] its first kept position,
+// [3] the row's position. Reading them from device memory lets one launch serve rows of several
+// sequences, and keeps the launches the same from step to step, so a recorded decode step (a CUDA graph)
+// replays for any sequences and positions.
+#define KV_ROW 4
+
+// kv_append converts n = T·stride elements of k and v (T rows of stride = kvHeads·D) into the caches:
+// row t goes to position rows[t] of its own cache.
+extern "C" __global__ void kv_append(const void* k, int kdt, const void* v, int vdt, const long long* rows, long long stride, long long n) {
 	for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-		kc[offset + i] = f32_to_bf16(ld(k, kdt, i));
-		vc[offset + i] = f32_to_bf16(ld(v, vdt, i));
+		long long t = i / stride, j = i - t * stride;
+		const long long* r = rows + KV_ROW * t;
+		long long dst = r[3] * stride + j;
+		((bf16_t*)r[0])[dst] = f32_to_bf16(ld(k, kdt, i));
+		((bf16_t*)r[1])[dst] = f32_to_bf16(ld(v, vdt, i));
 	}
 }
 
@@ -90,25 +101,35 @@ attention(const void* q, int qdt, const bf16_t* kc, const bf16_t* vc, const int*
 #define ATTS_MAXG 8
 #define ATTS_PAIRS (ATT_MAXD / 64)
 
-// attention_split: block (s, kvh, t) covers the keys [lo + s·span, lo + (s+1)·span) ∩ [lo, pos[t]] of query
-// t, where lo is the first key pos[t] may see (as in attention), for all G = heads / kv_heads query heads
-// of kv head kvh, so each K/V row is read once per group. Each of the 4 warps runs an online softmax
-// (float32) per query head over every 4th key of the chunk (lane L holds elements 64i + 2L, +1); the
-// warps merge in shared memory and the block writes, per query head, the chunk's max m, sum l and
-// unnormalised Σ e·v to part_ml [T, heads, splits, 2] and part_acc [T, heads, splits, D]. An empty chunk
-// writes m = -inf, l = 0. D is even and at most ATT_MAXD, G at most ATTS_MAXG.
+// attention_split: block (s, kvh, t) covers split s of query t's visible keys [lo, pos[t]], where lo is
+// the first key pos[t] may see (as in attention), for all G = heads / kv_heads query heads of kv head
+// kvh, so each K/V row is read once per group. The keys are cut into `splits` spans of
+// max(ceil(n / splits), ATTS_MINSPAN) keys, n the number of visible keys, so the grid depends only on
+// the shapes and a recorded step replays at any context length; later splits may be empty. Query t's
+// cache and position are row t of rows (KV_ROW), so the queries may belong to different sequences.
+// Each of the 4 warps runs an online softmax (float32) per query head over every 4th key of the split
+// (lane L holds elements 64i + 2L, +1); the warps merge in shared memory and the block writes, per query
+// head, the split's max m, sum l and unnormalised Σ e·v to part_ml [T, heads, splits, 2] and part_acc
+// [T, heads, splits, D]. An empty split writes m = -inf, l = 0 and zeros. D is even and at most
+// ATT_MAXD, G at most ATTS_MAXG.
+#define ATTS_MINSPAN 32
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
-attention_split(const void* q, int qdt, const bf16_t* kc, const bf16_t* vc, const int* pos,
-	float* part_ml, float* part_acc, int heads, int kv_heads, int D, int chunk, int first_kept, float scale,
-	int splits, int span) {
+attention_split(const void* q, int qdt, const long long* rows,
+	float* part_ml, float* part_acc, int heads, int kv_heads, int D, int chunk, float scale, int splits) {
 	__shared__ float sm_m[ATT_WARPS][ATTS_MAXG], sm_l[ATT_WARPS][ATTS_MAXG];
 	__shared__ float sm_acc[ATT_WARPS][ATTS_MAXG][ATT_MAXD];
 	int s = blockIdx.x, kvh = blockIdx.y, t = blockIdx.z;
 	int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 	int G = heads / kv_heads;
-	int p = pos[t];
+	const long long* r = rows + KV_ROW * t;
+	const bf16_t* kc = (const bf16_t*)r[0];
+	const bf16_t* vc = (const bf16_t*)r[1];
+	int first_kept = (int)r[2];
+	int p = (int)r[3];
 	int from = chunk > 0 ? p - p % chunk : 0;
 	if (from < first_kept) from = first_kept;
+	int span = (p - from + splits) / splits; // ceil(n / splits), n = p - from + 1
+	if (span < ATTS_MINSPAN) span = ATTS_MINSPAN;
 	int lo = from + s * span;
 	int hi = lo + span - 1 < p ? lo + span - 1 : p;
 	float qr[ATTS_MAXG][ATTS_PAIRS][2], acc[ATTS_MAXG][ATTS_PAIRS][2], m[ATTS_MAXG], l[ATTS_MAXG];

@@ -36,6 +36,24 @@ extern "C" __global__ void rmsnorm(const void* x, int xdt, const void* w, int wd
 	}
 }
 
+// add_rmsnorm is add followed by rmsnorm in one pass over the row (the residual stream's update and the
+// next norm): s = a + b is stored as float32, exactly as add stores it, and y = s * rsqrt(mean(s²) + eps)
+// * w as rmsnorm computes it. One block a row; each thread rereads only the sums it wrote itself.
+extern "C" __global__ void add_rmsnorm(const void* a, int adt, const void* b, int bdt, float* s,
+	const void* w, int wdt, void* y, int ydt, int n, float eps) {
+	__shared__ float scratch[32];
+	long long off = (long long)blockIdx.x * n;
+	float ss = 0.0f;
+	for (int i = threadIdx.x; i < n; i += blockDim.x) {
+		float v = ld(a, adt, off + i) + ld(b, bdt, off + i);
+		s[off + i] = v;
+		ss += v * v;
+	}
+	ss = block_sum(ss, scratch);
+	float inv = (float)(1.0 / sqrt((double)ss / (double)n + (double)eps));
+	for (int i = threadIdx.x; i < n; i += blockDim.x) st(y, ydt, off + i, s[off + i] * inv * ld(w, wdt, i));
+}
+
 extern "C" __global__ void add(const void* a, int adt, const void* b, int bdt, void* y, int ydt, long long n) {
 	GRID_STRIDE(i, n) st(y, ydt, i, ld(a, adt, i) + ld(b, bdt, i));
 }

@@ -1,7 +1,9 @@
 package cuda
 
 import (
+	"encoding/binary"
 	"fmt"
+	"slices"
 
 	"github.com/tpfleet/tpfleet/backend"
 )
@@ -56,6 +58,54 @@ func (c *kvCache) Len() int { return c.positions.Len() }
 // Kept returns the number of positions attention may still read.
 func (c *kvCache) Kept() int { return c.positions.Kept() }
 
+// kvRow is one row of keys/values to append, or one query, as kv_append and attention_split read it from
+// device memory (KV_ROW int64 words in attention.cu): its cache's key and value arrays, the cache's first
+// kept position, and the row's position. Passing these as data rather than launch parameters lets one
+// launch serve the rows of several sequences (AttendBatch) and keeps a decode step's launches the same
+// whatever its sequences and positions, so a recorded step (a CUDA graph) replays for all of them.
+type kvRow struct {
+	c   *kvCache
+	pos int
+}
+
+const kvRowWords = 4 // KV_ROW
+
+// uploadRows uploads rows for kv_append or attention_split; first is read now, so upload attention rows
+// after the appends they follow.
+func (b *Backend) uploadRows(rows []kvRow) (*buffer, error) {
+	m := make([]byte, 8*kvRowWords*len(rows))
+	for i, r := range rows {
+		w := m[8*kvRowWords*i:]
+		binary.LittleEndian.PutUint64(w[0:], uint64(r.c.k.ptr))
+		binary.LittleEndian.PutUint64(w[8:], uint64(r.c.v.ptr))
+		binary.LittleEndian.PutUint64(w[16:], uint64(r.c.positions.First()))
+		binary.LittleEndian.PutUint64(w[24:], uint64(r.pos))
+	}
+	return b.temp(m)
+}
+
+// appendRows converts k and v [T, kvHeads, D] into the caches and positions rows names, in one launch.
+func (b *Backend) appendRows(kt, vt *tensor, rows []kvRow) error {
+	meta, err := b.uploadRows(rows)
+	if err != nil {
+		return err
+	}
+	defer b.pool.release(*meta)
+	stride := kt.shape[1] * kt.shape[2]
+	n := len(rows) * stride
+	return b.stream.launch(b.k.kvAppend, elemGrid(n), elemBlockDim, 0, kt, int(kt.dt), vt, int(vt.dt),
+		meta, int64(stride), int64(n))
+}
+
+// record notes pos as appended, restorably while a step is recorded or replayed.
+func (c *kvCache) record(pos []int) {
+	if r := c.b.rec; r != nil { // a recorded step may be undone and run again
+		saved := c.positions
+		r.onUndo(func() { c.positions = saved })
+	}
+	c.positions.Append(pos) // the memory covers every position; dropping is only logical
+}
+
 // Append stores k and v ([T, kvHeads, headDim], any dtype, converted to bf16) for positions pos, which
 // must be consecutive, start where the previous Append ended (any position >= 0 for the first) and stay
 // below the capacity. On error the cache is unchanged.
@@ -69,6 +119,25 @@ func (c *kvCache) Append(k, v backend.Tensor, pos []int) error {
 	if err != nil {
 		return err
 	}
+	if err := c.checkAppend(kt, vt, pos); err != nil {
+		return err
+	}
+	if len(pos) == 0 {
+		return nil
+	}
+	rows := make([]kvRow, len(pos))
+	for i, p := range pos {
+		rows[i] = kvRow{c, p}
+	}
+	if err := b.appendRows(kt, vt, rows); err != nil {
+		return fmt.Errorf("cuda: kv append: %w", err)
+	}
+	c.record(pos)
+	return nil
+}
+
+// checkAppend checks k and v [len(pos), kvHeads, headDim] and the positions.
+func (c *kvCache) checkAppend(kt, vt *tensor, pos []int) error {
 	ok := func(s []int) bool {
 		return len(s) == 3 && s[0] == len(pos) && s[1] == c.kvHeads && s[2] == c.headDim
 	}
@@ -79,16 +148,6 @@ func (c *kvCache) Append(k, v backend.Tensor, pos []int) error {
 	if err := c.positions.CheckAppend(pos); err != nil {
 		return fmt.Errorf("cuda: %w", err)
 	}
-	if len(pos) == 0 {
-		return nil
-	}
-	stride := c.kvHeads * c.headDim
-	n := len(pos) * stride
-	if err := b.stream.launch(b.k.kvAppend, elemGrid(n), elemBlockDim, 0, kt, int(kt.dt), vt, int(vt.dt),
-		c.k, c.v, int64(pos[0])*int64(stride), int64(n)); err != nil {
-		return fmt.Errorf("cuda: kv append: %w", err)
-	}
-	c.positions.Append(pos) // the memory covers every position; dropping is only logical
 	return nil
 }
 
@@ -125,6 +184,14 @@ func (b *Backend) Attention(q backend.Tensor, cache backend.KVCache, pos []int, 
 	if T == 0 {
 		return out, nil
 	}
+	if splitEligible(T, heads, c.kvHeads, D) {
+		rows := make([]kvRow, T)
+		for i, p := range pos {
+			rows[i] = kvRow{c, p}
+		}
+		err = b.attentionSplit(qt, c.kvHeads, rows, out, window, scale)
+		return b.result("attention", out, err)
+	}
 	pb, err := int32Bytes("pos", pos)
 	if err != nil {
 		return nil, err
@@ -134,8 +201,8 @@ func (b *Backend) Attention(q backend.Tensor, cache backend.KVCache, pos []int, 
 		return nil, err
 	}
 	defer b.pool.release(*pbuf)
-	if T <= splitMaxQueries && heads/c.kvHeads <= splitMaxGroup && D%2 == 0 {
-		err = b.attentionSplit(qt, c, pos, pbuf, out, window, scale)
+	if b.flashEligible(qt, heads, c.kvHeads, D, T) {
+		err = b.attentionFlash(qt, c, pbuf, out, window, scale)
 		return b.result("attention", out, err)
 	}
 	err = b.stream.launch(b.k.attention, dim3{uint32(T), uint32(heads), 1}, dim3{128, 1, 1}, 0,
@@ -143,51 +210,154 @@ func (b *Backend) Attention(q backend.Tensor, cache backend.KVCache, pos []int, 
 	return b.result("attention", out, err)
 }
 
+// splitEligible reports whether T queries of heads query heads over kvHeads of dimension D take the split
+// path.
+func splitEligible(T, heads, kvHeads, D int) bool {
+	return T <= splitMaxQueries && heads/kvHeads <= splitMaxGroup && D%2 == 0
+}
+
 // Split-K decode attention (attention_split and attention_combine in attention.cu).
 const (
 	splitMaxQueries = 8    // Attention takes the split path for at most this many queries
 	splitMaxGroup   = 8    // and at most this many query heads per kv head (ATTS_MAXG)
-	splitMinSpan    = 32   // keys per split at least (8 per warp)
 	splitMaxSplits  = 1024 // ATTC_MAXSPLITS
 )
 
-// attentionSplit is flash-decoding: the visible key range of each query is cut into splits of span
-// keys; block (split, kv head, query) runs the online softmax for all query heads of its kv head over
-// its split (K/V read once per group) and writes float32 partials (max, sum, Σ e·v), and
-// attention_combine merges the splits with the log-sum-exp rule, in split order (deterministic). The
-// number of splits aims at about 2 blocks per SM.
-func (b *Backend) attentionSplit(qt *tensor, c *kvCache, pos []int, pbuf *buffer, out *tensor, window backend.Window, scale float32) error {
+// attentionSplit is flash-decoding: the visible key range of each query is cut into splits; block
+// (split, kv head, query) runs the online softmax for all query heads of its kv head over its split (K/V
+// read once per group) and writes float32 partials (max, sum, Σ e·v), and attention_combine merges the
+// splits with the log-sum-exp rule, in split order (deterministic). Query t reads the cache and position
+// of rows[t], so the queries may come from several sequences. The number of splits aims at about 2
+// blocks per SM and depends only on the shapes; the kernel sizes the spans from the positions it reads,
+// so the launches are the same at every context length.
+func (b *Backend) attentionSplit(qt *tensor, kvHeads int, rows []kvRow, out *tensor, window backend.Window, scale float32) error {
 	T, heads, D := qt.shape[0], qt.shape[1], qt.shape[2]
-	first := c.positions.First()
-	maxN := 1
-	for _, p := range pos {
-		from := 0
-		if window.Chunk > 0 {
-			from = p - p%window.Chunk
-		}
-		from = max(from, first)
-		maxN = max(maxN, p-from+1)
-	}
 	target := 2 * max(b.dev.multiprocessors, 1)
-	splits := max(ceilDiv(target, T*c.kvHeads), 1)
-	span := max(ceilDiv(maxN, splits), splitMinSpan)
-	span = max(span, ceilDiv(maxN, splitMaxSplits))
-	splits = ceilDiv(maxN, span)
-	rows := int64(T) * int64(heads) * int64(splits)
-	ml, err := b.pool.get(rows * 2 * 4)
+	splits := min(max(ceilDiv(target, T*kvHeads), 1), splitMaxSplits)
+	meta, err := b.uploadRows(rows)
+	if err != nil {
+		return err
+	}
+	defer b.pool.release(*meta)
+	parts := int64(T) * int64(heads) * int64(splits)
+	ml, err := b.pool.get(parts * 2 * 4)
 	if err != nil {
 		return err
 	}
 	defer b.pool.release(*ml)
-	acc, err := b.pool.get(rows * int64(D) * 4)
+	acc, err := b.pool.get(parts * int64(D) * 4)
 	if err != nil {
 		return err
 	}
 	defer b.pool.release(*acc)
-	if err := b.stream.launch(b.k.attentionSplit, dim3{uint32(splits), uint32(c.kvHeads), uint32(T)}, dim3{128, 1, 1}, 0,
-		qt, int(qt.dt), c.k, c.v, pbuf, ml, acc, heads, c.kvHeads, D, window.Chunk, first, scale, splits, span); err != nil {
+	if err := b.stream.launch(b.k.attentionSplit, dim3{uint32(splits), uint32(kvHeads), uint32(T)}, dim3{128, 1, 1}, 0,
+		qt, int(qt.dt), meta, ml, acc, heads, kvHeads, D, window.Chunk, scale, splits); err != nil {
 		return err
 	}
 	return b.stream.launch(b.k.attentionCombine, dim3{uint32(T), uint32(heads), 1}, dim3{128, 1, 1}, 0,
 		ml, acc, out, int(out.dt), heads, D, splits)
+}
+
+var _ backend.BatchAttender = (*Backend)(nil)
+
+// AttendBatch appends and attends the rows of several sequences (backend.BatchAttender). When every
+// span has at most splitMaxQueries rows (decode), it takes one kv_append launch and one split attention
+// over all rows, whatever the number of sequences; otherwise each span goes through Append and
+// Attention.
+func (b *Backend) AttendBatch(q, k, v backend.Tensor, spans []backend.AttendSpan, window backend.Window, scale float32) (backend.Tensor, error) {
+	qt, err := b.asTensor("attend batch", "q", q)
+	if err != nil {
+		return nil, err
+	}
+	kt, err := b.asTensor("attend batch", "k", k)
+	if err != nil {
+		return nil, err
+	}
+	vt, err := b.asTensor("attend batch", "v", v)
+	if err != nil {
+		return nil, err
+	}
+	if len(qt.shape) != 3 || len(kt.shape) != 3 || !slices.Equal(kt.shape, vt.shape) || kt.shape[0] != qt.shape[0] ||
+		kt.shape[2] != qt.shape[2] || window.Chunk < 0 || len(spans) == 0 {
+		return nil, fmt.Errorf("cuda: attend batch q%v k%v v%v, %d spans, chunk %d: %w", qt.shape, kt.shape, vt.shape, len(spans), window.Chunk, backend.ErrShape)
+	}
+	T, heads, kvHeads, D := qt.shape[0], qt.shape[1], kt.shape[1], qt.shape[2]
+	caches := make([]*kvCache, len(spans))
+	small, next := true, 0
+	for i, sp := range spans {
+		c, ok := sp.Cache.(*kvCache)
+		if !ok || c == nil || c.b != b {
+			return nil, fmt.Errorf("cuda: attend batch: span %d's cache is a %T of another backend: %w", i, sp.Cache, ErrForeign)
+		}
+		if sp.Start != next || sp.End < sp.Start || sp.End > T || len(sp.Pos) != sp.End-sp.Start ||
+			c.kvHeads != kvHeads || c.headDim != D || slices.Contains(caches[:i], c) {
+			return nil, fmt.Errorf("cuda: attend batch: span %d rows [%d, %d) pos[%d] of %d rows, cache [%d %d], k%v: %w",
+				i, sp.Start, sp.End, len(sp.Pos), T, c.kvHeads, c.headDim, kt.shape, backend.ErrShape)
+		}
+		caches[i], next = c, sp.End
+		small = small && splitEligible(sp.End-sp.Start, heads, kvHeads, D)
+	}
+	if next != T {
+		return nil, fmt.Errorf("cuda: attend batch: spans cover %d of %d rows: %w", next, T, backend.ErrShape)
+	}
+	if !small {
+		return b.attendEach(qt, kt, vt, spans, window, scale)
+	}
+	for i, sp := range spans {
+		if err := caches[i].positions.CheckAppend(sp.Pos); err != nil {
+			return nil, fmt.Errorf("cuda: attend batch: span %d: %w", i, err)
+		}
+	}
+	rows := make([]kvRow, 0, T)
+	for i, sp := range spans {
+		for _, p := range sp.Pos {
+			rows = append(rows, kvRow{caches[i], p})
+		}
+	}
+	if err := b.appendRows(kt, vt, rows); err != nil {
+		return nil, fmt.Errorf("cuda: attend batch: kv append: %w", err)
+	}
+	for i, sp := range spans {
+		caches[i].record(sp.Pos)
+	}
+	for i, sp := range spans {
+		if err := caches[i].positions.CheckAttend(sp.Pos, window); err != nil {
+			return nil, fmt.Errorf("cuda: attend batch: span %d: %w", i, err)
+		}
+	}
+	out, err := b.act(T, heads, D)
+	if err != nil {
+		return nil, err
+	}
+	err = b.attentionSplit(qt, kvHeads, rows, out, window, scale)
+	return b.result("attend batch", out, err)
+}
+
+// attendEach is AttendBatch one span at a time.
+func (b *Backend) attendEach(qt, kt, vt *tensor, spans []backend.AttendSpan, window backend.Window, scale float32) (backend.Tensor, error) {
+	outs := make([]backend.Tensor, len(spans))
+	for i, sp := range spans {
+		kr, err := b.Rows(kt, sp.Start, sp.End)
+		if err != nil {
+			return nil, err
+		}
+		vr, err := b.Rows(vt, sp.Start, sp.End)
+		if err != nil {
+			return nil, err
+		}
+		if err := sp.Cache.Append(kr, vr, sp.Pos); err != nil {
+			return nil, err
+		}
+		qr, err := b.Rows(qt, sp.Start, sp.End)
+		if err != nil {
+			return nil, err
+		}
+		if outs[i], err = b.Attention(qr, sp.Cache, sp.Pos, window, scale); err != nil {
+			return nil, err
+		}
+	}
+	if len(outs) == 1 {
+		return outs[0], nil
+	}
+	return b.Concat(outs...)
 }

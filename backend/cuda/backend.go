@@ -35,6 +35,13 @@ type Backend struct {
 	closed  bool
 	counts  Counters
 
+	rec   *recorder             // the Step being captured or replayed, nil otherwise (graph.go)
+	steps map[string]*stepState // Step's recordings by key
+	prof  *profiler             // Profile's events, kept for the next Profile
+
+	// noFlash makes Attention skip the flash path (tests time the attention kernel against it).
+	noFlash bool
+
 	// gemvRows is the largest row count Linear runs on the GEMV kernel (gemvMaxRows; tests change it to
 	// compare with cuBLASLt).
 	gemvRows int
@@ -48,10 +55,12 @@ type kernelSet struct {
 	splitBF16, addHalves                                                 *kernel
 	kvAppend, attention, route, expertGateUp, expertDown                 *kernel
 	attentionSplit, attentionCombine                                     *kernel
+	attentionFlash                                                       *kernel
 	gatherPermute, fillRandom                                            *kernel
 	gemv                                                                 [4]*kernel // gemv_1, _2, _4, _8
 	moePlan, expertGEMV1, expertGEMV8, expertAct, expertCombine          *kernel
 	expertGather                                                         *kernel
+	addRMSNorm                                                           *kernel
 }
 
 // Info describes what New found and did.
@@ -92,6 +101,9 @@ func New(cfg Config) (*Backend, error) {
 	}
 	if cfg.Staging == 0 {
 		cfg.Staging = DefaultStaging
+	}
+	if os.Getenv(EnvGraphs) == "0" {
+		cfg.Eager = true
 	}
 	if err := loadLibraries(libDirs(cfg.LibDirs, os.Getenv(EnvLibDirs), filepath.Glob)); err != nil {
 		return nil, err
@@ -158,11 +170,13 @@ func (b *Backend) init() error {
 		{"silu_mul", &b.k.siluMul}, {"scale_rows", &b.k.scaleRows}, {"rope", &b.k.rope},
 		{"linear_simple", &b.k.linearSimple}, {"split_bf16", &b.k.splitBF16}, {"add_halves", &b.k.addHalves}, {"kv_append", &b.k.kvAppend}, {"attention", &b.k.attention},
 		{"attention_split", &b.k.attentionSplit}, {"attention_combine", &b.k.attentionCombine},
+		{"attention_flash", &b.k.attentionFlash},
 		{"route", &b.k.route}, {"expert_gate_up", &b.k.expertGateUp}, {"expert_down", &b.k.expertDown},
 		{"gather_permute", &b.k.gatherPermute}, {"fill_random", &b.k.fillRandom},
 		{"gemv_1", &b.k.gemv[0]}, {"gemv_2", &b.k.gemv[1]}, {"gemv_4", &b.k.gemv[2]}, {"gemv_8", &b.k.gemv[3]},
 		{"moe_plan", &b.k.moePlan}, {"expert_gemv_1", &b.k.expertGEMV1}, {"expert_gemv_8", &b.k.expertGEMV8},
 		{"expert_act", &b.k.expertAct}, {"expert_combine", &b.k.expertCombine}, {"expert_gather", &b.k.expertGather},
+		{"add_rmsnorm", &b.k.addRMSNorm},
 	} {
 		if *k.dst, err = b.module.function(k.name); err != nil {
 			return err
@@ -187,6 +201,8 @@ func (b *Backend) Close() error {
 	if b.stream != nil {
 		keep(b.stream.sync())
 	}
+	b.closeGraphs()
+	b.closeProfiler()
 	if b.pool != nil {
 		keep(b.pool.close())
 	}

@@ -60,6 +60,10 @@ const (
 	KernelCacheOff = "off"
 )
 
+// EnvGraphs, when set to 0, makes every Backend run steps eagerly (Config.Eager): like vLLM's
+// --enforce-eager, for comparing and debugging without CUDA graphs.
+const EnvGraphs = "TPFLEET_CUDA_GRAPHS"
+
 // Config configures a Backend.
 type Config struct {
 	// Device is the ordinal of the GPU to use (0 is the first CUDA sees).
@@ -83,6 +87,9 @@ type Config struct {
 	Workspace int64 `json:"cuda-workspace"`
 	// Staging is the size in bytes of the pinned host buffer used for copies. 0 means DefaultStaging.
 	Staging int64 `json:"cuda-staging"`
+	// Eager turns CUDA graphs off: Step runs every step's ops one by one (for comparisons and debugging).
+	// The environment variable EnvGraphs=0 does the same for any Config.
+	Eager bool `json:"cuda-eager"`
 }
 
 // Validate reports a Config that New would refuse.

@@ -204,8 +204,20 @@ func (g *gemm) plan(key gemmKey) (*gemmPlan, error) {
 // run enqueues D = X · Wᵀ with the plan of key on s. The pointers must be 16-byte aligned (pool buffers
 // and loaded tensors are 256-byte aligned).
 func (g *gemm) run(p *gemmPlan, key gemmKey, x, w, d devptr, s *stream) error {
+	if s.rec != nil {
+		if enqueue, err := s.rec.op([]uint64{sigMatmul, uint64(uintptr(unsafe.Pointer(p))), uint64(x), uint64(w), uint64(d)}); !enqueue {
+			return err
+		}
+	}
 	alpha, beta := C.float(1), C.float(0)
-	return check(fmt.Sprintf("cublasLtMatmul m=%d n=%d k=%d", key.m, key.n, key.k), ltStatus(C.tp_ltMatmul(lt.matmul, g.d.ctx, g.h, p.desc, &alpha,
+	st := ltStatus(C.tp_ltMatmul(lt.matmul, g.d.ctx, g.h, p.desc, &alpha,
 		C.CUdeviceptr(w), p.w, C.CUdeviceptr(x), p.x, &beta, C.CUdeviceptr(d), p.d, C.CUdeviceptr(d), p.d,
-		&p.heuristic.algo, C.CUdeviceptr(g.ws), C.size_t(g.wsSize), s.s)))
+		&p.heuristic.algo, C.CUdeviceptr(g.ws), C.size_t(g.wsSize), s.s))
+	if st.ok() {
+		if s.prof != nil {
+			s.prof.mark(s, fmt.Sprintf("cublasLt m=%d n=%d k=%d", key.m, key.n, key.k))
+		}
+		return nil
+	}
+	return check(fmt.Sprintf("cublasLtMatmul m=%d n=%d k=%d", key.m, key.n, key.k), st)
 }

@@ -20,6 +20,10 @@ var drv struct {
 	memAllocHost, memFreeHost, memGetInfo, memcpyHtoDAsync, memcpyDtoHAsync unsafe.Pointer
 	memsetD8Async, moduleLoadData, moduleUnload, moduleGetFunction, launch  unsafe.Pointer
 	streamCreate, streamDestroy, streamSynchronize, memcpyDtoDAsync         unsafe.Pointer
+
+	// Optional: without them every step runs eagerly (see graph.go).
+	beginCapture, endCapture, graphInstantiate, graphLaunch, graphExecDestroy, graphDestroy unsafe.Pointer
+	eventCreate, eventDestroy, eventRecord, eventSynchronize, eventElapsedTime              unsafe.Pointer
 }
 
 // driverSymbols names the entry points with the ABI version this package declares: the _v2 names are
@@ -54,6 +58,17 @@ func driverSymbols() []symbol {
 		{name: "cuStreamCreate", dst: &drv.streamCreate},
 		{name: "cuStreamDestroy_v2", dst: &drv.streamDestroy},
 		{name: "cuStreamSynchronize", dst: &drv.streamSynchronize},
+		{name: "cuStreamBeginCapture_v2", dst: &drv.beginCapture, optional: true},
+		{name: "cuStreamEndCapture", dst: &drv.endCapture, optional: true},
+		{name: "cuGraphInstantiateWithFlags", dst: &drv.graphInstantiate, optional: true},
+		{name: "cuGraphLaunch", dst: &drv.graphLaunch, optional: true},
+		{name: "cuGraphExecDestroy", dst: &drv.graphExecDestroy, optional: true},
+		{name: "cuGraphDestroy", dst: &drv.graphDestroy, optional: true},
+		{name: "cuEventCreate", dst: &drv.eventCreate, optional: true},
+		{name: "cuEventDestroy_v2", dst: &drv.eventDestroy, optional: true},
+		{name: "cuEventRecord", dst: &drv.eventRecord, optional: true},
+		{name: "cuEventSynchronize", dst: &drv.eventSynchronize, optional: true},
+		{name: "cuEventElapsedTime", dst: &drv.eventElapsedTime, optional: true},
 	}
 }
 
@@ -163,8 +178,10 @@ func (d *device) memInfo() (free, total int64, err error) {
 
 // stream is a CUstream of a device.
 type stream struct {
-	d *device
-	s C.CUstream
+	d    *device
+	s    C.CUstream
+	rec  *recorder // set while a Step captures or replays (graph.go)
+	prof *profiler // set while Profile runs (profile.go)
 }
 
 func (d *device) newStream() (*stream, error) {
@@ -181,11 +198,15 @@ func (s *stream) destroy() error {
 }
 
 func (s *stream) sync() error {
+	if s.rec != nil {
+		return s.rec.fail(fmt.Errorf("%w: stream synchronize", errNotRecordable))
+	}
 	return check("cuStreamSynchronize", cuResult(C.tp_cuStreamSynchronize(drv.streamSynchronize, s.d.ctx, s.s)))
 }
 
-// htod enqueues a copy of n bytes from pinned host memory src to dst.
-func (s *stream) htod(dst devptr, src unsafe.Pointer, n int64) error {
+// htodNow enqueues a copy of n bytes from pinned host memory src to dst. Uploads go through
+// Backend.upload, which knows about recorded steps.
+func (s *stream) htodNow(dst devptr, src unsafe.Pointer, n int64) error {
 	return check("cuMemcpyHtoDAsync", cuResult(C.tp_cuMemcpyHtoDAsync(drv.memcpyHtoDAsync, s.d.ctx, C.CUdeviceptr(dst), src, C.size_t(n), s.s)))
 }
 
@@ -196,10 +217,24 @@ func (s *stream) dtoh(dst unsafe.Pointer, src devptr, n int64) error {
 
 // dtod enqueues a copy of n bytes between device addresses.
 func (s *stream) dtod(dst, src devptr, n int64) error {
-	return check("cuMemcpyDtoDAsync", cuResult(C.tp_cuMemcpyDtoDAsync(drv.memcpyDtoDAsync, s.d.ctx, C.CUdeviceptr(dst), C.CUdeviceptr(src), C.size_t(n), s.s)))
+	if s.rec != nil {
+		if enqueue, err := s.rec.op([]uint64{sigDtoD, uint64(dst), uint64(src), uint64(n)}); !enqueue {
+			return err
+		}
+	}
+	err := check("cuMemcpyDtoDAsync", cuResult(C.tp_cuMemcpyDtoDAsync(drv.memcpyDtoDAsync, s.d.ctx, C.CUdeviceptr(dst), C.CUdeviceptr(src), C.size_t(n), s.s)))
+	if s.prof != nil && err == nil {
+		s.prof.mark(s, "memcpy DtoD")
+	}
+	return err
 }
 
 func (s *stream) memset(dst devptr, v byte, n int64) error {
+	if s.rec != nil {
+		if enqueue, err := s.rec.op([]uint64{sigMemset, uint64(dst), uint64(v), uint64(n)}); !enqueue {
+			return err
+		}
+	}
 	return check("cuMemsetD8Async", cuResult(C.tp_cuMemsetD8Async(drv.memsetD8Async, s.d.ctx, C.CUdeviceptr(dst), C.uchar(v), C.size_t(n), s.s)))
 }
 
@@ -312,7 +347,27 @@ func (s *stream) launch(k *kernel, grid, block dim3, shmem int, args ...any) err
 	if err := packArgs(slots[:], args); err != nil {
 		return fmt.Errorf("%s: %w", k.name, err)
 	}
-	return check("cuLaunchKernel("+k.name+")", cuResult(C.tp_cuLaunchKernel(drv.launch, s.d.ctx, k.f,
+	if s.rec != nil {
+		var sig [9 + C.TP_MAX_ARGS]uint64
+		sig[0], sig[1] = sigLaunch, uint64(uintptr(unsafe.Pointer(k.f)))
+		sig[2], sig[3], sig[4] = uint64(grid.x), uint64(grid.y), uint64(grid.z)
+		sig[5], sig[6], sig[7], sig[8] = uint64(block.x), uint64(block.y), uint64(block.z), uint64(shmem)
+		n := 9 + copy(sig[9:], slots[:len(args)])
+		if enqueue, err := s.rec.op(sig[:n]); !enqueue {
+			if err != nil {
+				return fmt.Errorf("%s: %w", k.name, err)
+			}
+			return nil
+		}
+	}
+	r := cuResult(C.tp_cuLaunchKernel(drv.launch, s.d.ctx, k.f,
 		C.uint(grid.x), C.uint(grid.y), C.uint(grid.z), C.uint(block.x), C.uint(block.y), C.uint(block.z),
-		C.uint(shmem), s.s, (*C.uint64_t)(unsafe.Pointer(&slots[0])), C.int(len(args)))))
+		C.uint(shmem), s.s, (*C.uint64_t)(unsafe.Pointer(&slots[0])), C.int(len(args))))
+	if r != 0 {
+		return check("cuLaunchKernel("+k.name+")", r)
+	}
+	if s.prof != nil {
+		s.prof.mark(s, k.name)
+	}
+	return nil
 }

@@ -7,3 +7,21 @@ func SetGEMVRows(b *Backend, rows int) int {
 	b.gemvRows = rows
 	return old
 }
+
+// SetFlash turns b's tensor-core prefill path (attention_flash) on or off and returns the previous
+// setting, so that tests can compare it with the attention kernel.
+func SetFlash(b *Backend, on bool) bool {
+	old := !b.noFlash
+	b.noFlash = !on
+	return old
+}
+
+// FlashEligible reports whether Attention of q (a cuda tensor [T, heads, D]) over a cache of kvHeads
+// heads takes the flash path.
+func FlashEligible(b *Backend, q any, heads, kvHeads int) bool {
+	qt, ok := q.(*tensor)
+	if !ok || len(qt.shape) != 3 {
+		return false
+	}
+	return b.flashEligible(qt, heads, kvHeads, qt.shape[2], qt.shape[0])
+}

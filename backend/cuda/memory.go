@@ -37,8 +37,9 @@ type buffer struct {
 type memKind uint8
 
 const (
-	pooled    memKind = iota // an activation block from the size-class free lists
-	dedicated                // a weight or a cache: its own cuMemAlloc, freed at the next sync point
+	pooled     memKind = iota // an activation block from the size-class free lists
+	dedicated                 // a weight or a cache: its own cuMemAlloc, freed at the next sync point
+	graphOwned                // a pooled block reserved for a recorded step until its graph is freed (graph.go)
 )
 
 // alignment of every block: cuMemAlloc gives 256 bytes, and cuBLASLt assumes it.
@@ -69,6 +70,8 @@ type pool struct {
 	stats    MemoryStats
 	grown    int64 // bytes of pooled blocks cuMemAlloc'ed since the last forced collection
 	gets     int   // pooled blocks handed out since the last forced collection
+
+	rec *recorder // set while a Step captures or replays: blocks then come from its recording
 }
 
 // When a free list is empty and, since the last forced collection, the pool has handed out gcEveryGets
@@ -115,8 +118,16 @@ func (p *pool) cuAlloc(n int64) (devptr, error) {
 }
 
 // get returns a block of at least n bytes from the free lists (no cleanup attached: the caller puts it
-// back).
+// back), or while a step is recorded, the recording's block.
 func (p *pool) get(n int64) (*buffer, error) {
+	if p.rec != nil {
+		return p.rec.allocate(p, n)
+	}
+	return p.getPooled(n)
+}
+
+// getPooled is get without a recording.
+func (p *pool) getPooled(n int64) (*buffer, error) {
 	class := sizeClass(n)
 	p.mu.Lock()
 	if p.closed {
@@ -165,6 +176,9 @@ func (p *pool) take(class int64) *buffer {
 
 // getDedicated returns a block of its own for a weight or a cache.
 func (p *pool) getDedicated(n int64) (*buffer, error) {
+	if p.rec != nil {
+		return nil, p.rec.fail(fmt.Errorf("%w: a weight or cache allocation", errNotRecordable))
+	}
 	p.mu.Lock()
 	closed := p.closed
 	p.mu.Unlock()
@@ -186,6 +200,9 @@ func (p *pool) getDedicated(n int64) (*buffer, error) {
 // release takes a block back: a pooled one to its free list, a dedicated one to the deferred list.
 // Safe from any goroutine; a no-op after close (close frees every block).
 func (p *pool) release(b buffer) {
+	if b.kind == graphOwned { // its graph gives it back (freeGraph)
+		return
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
@@ -204,6 +221,9 @@ func (b buffer) class() int64 { return b.size }
 
 // owned returns a buffer whose memory returns to the pool when the buffer becomes unreachable.
 func (p *pool) owned(b *buffer) *buffer {
+	if b.kind == graphOwned {
+		return b
+	}
 	runtime.AddCleanup(b, p.release, *b)
 	return b
 }
@@ -290,6 +310,9 @@ type staging struct {
 
 // upload enqueues a copy of src to dst, through the staging buffer, synchronizing when it is full.
 func (b *Backend) upload(dst devptr, src []byte) error {
+	if b.rec != nil {
+		return b.rec.upload(b.stream, dst, src)
+	}
 	st := b.staging
 	for len(src) > 0 {
 		if st.off >= st.h.size {
@@ -300,8 +323,11 @@ func (b *Backend) upload(dst devptr, src []byte) error {
 		}
 		n := min(int64(len(src)), st.h.size-st.off)
 		copy(st.h.bytes(st.off, n), src[:n])
-		if err := b.stream.htod(dst, unsafe.Add(st.h.p, st.off), n); err != nil {
+		if err := b.stream.htodNow(dst, unsafe.Add(st.h.p, st.off), n); err != nil {
 			return err
+		}
+		if b.stream.prof != nil {
+			b.stream.prof.mark(b.stream, "memcpy HtoD")
 		}
 		st.off = roundUp(st.off+n, 64)
 		dst += devptr(n)
@@ -312,6 +338,9 @@ func (b *Backend) upload(dst devptr, src []byte) error {
 
 // download copies len(dst) bytes from src to dst, waiting for all work enqueued so far.
 func (b *Backend) download(dst []byte, src devptr) error {
+	if b.rec != nil {
+		return b.rec.fail(fmt.Errorf("%w: a download", errNotRecordable))
+	}
 	st := b.staging
 	for len(dst) > 0 {
 		if err := b.stream.sync(); err != nil { // finishes earlier uploads that use the buffer

@@ -114,6 +114,46 @@ func (b *Backend) RMSNorm(x, weight backend.Tensor, eps float32) (backend.Tensor
 	return b.result("rmsnorm", out, err)
 }
 
+var _ backend.AddNormer = (*Backend)(nil)
+
+// AddRMSNorm returns sum = x + y (float32, as Add) and RMSNorm(sum, weight, eps) (as RMSNorm), in one
+// kernel: the residual update and the norm after it read and write the row once.
+func (b *Backend) AddRMSNorm(x, y, weight backend.Tensor, eps float32) (sum, normed backend.Tensor, err error) {
+	xt, err := b.asTensor("add_rmsnorm", "x", x)
+	if err != nil {
+		return nil, nil, err
+	}
+	yt, err := b.asTensor("add_rmsnorm", "y", y)
+	if err != nil {
+		return nil, nil, err
+	}
+	wt, err := b.asTensor("add_rmsnorm", "weight", weight)
+	if err != nil {
+		return nil, nil, err
+	}
+	if len(xt.shape) == 0 || !slices.Equal(xt.shape, yt.shape) || len(wt.shape) != 1 || wt.shape[0] != xt.shape[len(xt.shape)-1] {
+		return nil, nil, fmt.Errorf("cuda: add_rmsnorm x%v y%v weight%v: %w", xt.shape, yt.shape, wt.shape, backend.ErrShape)
+	}
+	st, err := b.newTensor(F32, slices.Clone(xt.shape)...)
+	if err != nil {
+		return nil, nil, err
+	}
+	out, err := b.act(slices.Clone(xt.shape)...)
+	if err != nil {
+		return nil, nil, err
+	}
+	n := xt.shape[len(xt.shape)-1]
+	if n == 0 || xt.numel() == 0 {
+		return st, out, nil
+	}
+	err = b.stream.launch(b.k.addRMSNorm, dim3{uint32(xt.numel() / n), 1, 1}, dim3{256, 1, 1}, 0,
+		xt, int(xt.dt), yt, int(yt.dt), st, wt, int(wt.dt), out, int(out.dt), n, eps)
+	if err != nil {
+		return nil, nil, fmt.Errorf("cuda: add_rmsnorm: %w", err)
+	}
+	return st, out, nil
+}
+
 // Add returns a + b elementwise; the shapes must be equal. The sum is float32: Add builds the residual
 // stream.
 func (b *Backend) Add(x, y backend.Tensor) (backend.Tensor, error) {
@@ -391,6 +431,9 @@ func (b *Backend) AllReduce(ctx context.Context, c nccl.Comm, t backend.Tensor) 
 		return fmt.Errorf("cuda: allreduce t%v over a %T of %d ranks: device tensors need an NCCL communicator: %w",
 			tt.shape, c, c.Size(), errors.ErrUnsupported)
 	}
+	if b.rec != nil { // the NCCL communicator's completion events cannot be recorded yet
+		return b.rec.fail(fmt.Errorf("%w: allreduce", errNotRecordable))
+	}
 	if err := c.AllReduce(ctx, b.commBuffer(tt)); err != nil {
 		return fmt.Errorf("cuda: allreduce t%v: %w", tt.shape, err)
 	}
@@ -421,6 +464,9 @@ func (b *Backend) AllGather(ctx context.Context, c nccl.Comm, t backend.Tensor) 
 	if !nccl.AcceptsDeviceBuffers(c) {
 		return nil, fmt.Errorf("cuda: allgather t%v over a %T of %d ranks: device tensors need an NCCL communicator: %w",
 			tt.shape, c, c.Size(), errors.ErrUnsupported)
+	}
+	if b.rec != nil {
+		return nil, b.rec.fail(fmt.Errorf("%w: allgather", errNotRecordable))
 	}
 	T, n, size := tt.shape[0], tt.shape[1], c.Size()
 	g, err := b.newTensor(tt.dt, size, T, n)

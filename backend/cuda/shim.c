@@ -80,6 +80,24 @@ CUresult tp_cuLaunchKernel(void* f, CUcontext c, CUfunction fn, unsigned gx, uns
 		CUstream, void**, void**))f)(fn, gx, gy, gz, bx, by, bz, shmem, s, params, NULL);
 }
 
+CUresult tp_cuStreamBeginCapture(void* f, CUcontext c, CUstream s, int mode) { BIND(c); return ((CUresult(*)(CUstream, int))f)(s, mode); }
+CUresult tp_cuStreamEndCapture(void* f, CUcontext c, CUstream s, CUgraph* g) { BIND(c); return ((CUresult(*)(CUstream, CUgraph*))f)(s, g); }
+CUresult tp_cuGraphInstantiate(void* f, CUcontext c, CUgraphExec* e, CUgraph g, unsigned long long flags) {
+	BIND(c);
+	return ((CUresult(*)(CUgraphExec*, CUgraph, unsigned long long))f)(e, g, flags);
+}
+CUresult tp_cuGraphLaunch(void* f, CUcontext c, CUgraphExec e, CUstream s) { BIND(c); return ((CUresult(*)(CUgraphExec, CUstream))f)(e, s); }
+CUresult tp_cuGraphExecDestroy(void* f, CUcontext c, CUgraphExec e) { BIND(c); return ((CUresult(*)(CUgraphExec))f)(e); }
+CUresult tp_cuGraphDestroy(void* f, CUcontext c, CUgraph g) { BIND(c); return ((CUresult(*)(CUgraph))f)(g); }
+CUresult tp_cuEventCreate(void* f, CUcontext c, CUevent* e, unsigned flags) { BIND(c); return ((CUresult(*)(CUevent*, unsigned))f)(e, flags); }
+CUresult tp_cuEventDestroy(void* f, CUcontext c, CUevent e) { BIND(c); return ((CUresult(*)(CUevent))f)(e); }
+CUresult tp_cuEventRecord(void* f, CUcontext c, CUevent e, CUstream s) { BIND(c); return ((CUresult(*)(CUevent, CUstream))f)(e, s); }
+CUresult tp_cuEventSynchronize(void* f, CUcontext c, CUevent e) { BIND(c); return ((CUresult(*)(CUevent))f)(e); }
+CUresult tp_cuEventElapsedTime(void* f, CUcontext c, float* ms, CUevent a, CUevent b) {
+	BIND(c);
+	return ((CUresult(*)(float*, CUevent, CUevent))f)(ms, a, b);
+}
+
 size_t tp_ltGetVersion(void* f) { return ((size_t(*)(void))f)(); }
 const char* tp_ltGetStatusString(void* f, cublasStatus_t s) { return ((const char*(*)(cublasStatus_t))f)(s); }
 const char* tp_ltGetStatusName(void* f, cublasStatus_t s) { return ((const char*(*)(cublasStatus_t))f)(s); }

@@ -57,6 +57,23 @@ CUresult tp_cuStreamSynchronize(void* f, CUcontext c, CUstream s);
 CUresult tp_cuLaunchKernel(void* f, CUcontext c, CUfunction fn, unsigned gx, unsigned gy, unsigned gz,
 	unsigned bx, unsigned by, unsigned bz, unsigned shmem, CUstream s, uint64_t* args, int nargs);
 
+// CUDA graphs and events (driver API, CUDA 12+ ABI names: cuStreamBeginCapture_v2,
+// cuGraphInstantiateWithFlags, cuEventDestroy_v2).
+typedef void* CUgraph;
+typedef void* CUgraphExec;
+typedef void* CUevent;
+CUresult tp_cuStreamBeginCapture(void* f, CUcontext c, CUstream s, int mode);
+CUresult tp_cuStreamEndCapture(void* f, CUcontext c, CUstream s, CUgraph* g);
+CUresult tp_cuGraphInstantiate(void* f, CUcontext c, CUgraphExec* e, CUgraph g, unsigned long long flags);
+CUresult tp_cuGraphLaunch(void* f, CUcontext c, CUgraphExec e, CUstream s);
+CUresult tp_cuGraphExecDestroy(void* f, CUcontext c, CUgraphExec e);
+CUresult tp_cuGraphDestroy(void* f, CUcontext c, CUgraph g);
+CUresult tp_cuEventCreate(void* f, CUcontext c, CUevent* e, unsigned flags);
+CUresult tp_cuEventDestroy(void* f, CUcontext c, CUevent e);
+CUresult tp_cuEventRecord(void* f, CUcontext c, CUevent e, CUstream s);
+CUresult tp_cuEventSynchronize(void* f, CUcontext c, CUevent e);
+CUresult tp_cuEventElapsedTime(void* f, CUcontext c, float* ms, CUevent a, CUevent b);
+
 // cuBLASLt (cublasLt.h values, unchanged from CUDA 11 to 13).
 typedef int cublasStatus_t;
 typedef void* cublasLtHandle_t;

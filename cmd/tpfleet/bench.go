@@ -24,7 +24,7 @@ type benchFlags struct {
 	layers, hidden, heads, kvHeads, headDim, experts, topK, intermediate, intermediateMLP, vocab, moeStep int
 	prompt, tokens, threads, runs, tp, batch, context                                                     int
 	device                                                                                                string
-	json                                                                                                  bool
+	json, profile                                                                                         bool
 }
 
 // benchResult is one measurement; times are the best of the runs (the first run warms up).
@@ -56,7 +56,26 @@ type benchResult struct {
 	FloorMS       float64 `json:"decode_floor_ms,omitempty"`
 	FloorFraction float64 `json:"decode_fraction_of_floor,omitempty"`
 	LoadMS        float64 `json:"load_ms"`
+	// Graphs is how the cuda backend of rank 0 ran the decode steps (CUDA graph replays per key).
+	Graphs []cuda.GraphStats `json:"graphs,omitempty"`
+	// ProfileDecode and ProfilePrefill are rank 0's GPU time per operation (--profile): one decode step
+	// (averaged over profileSteps) and one prefill of the prompt, run eagerly with an event after each
+	// operation; *GPUMS is the whole step's GPU time.
+	ProfileDecode       []profileRow `json:"profile_decode,omitempty"`
+	ProfileDecodeGPUMS  float64      `json:"profile_decode_gpu_ms,omitempty"`
+	ProfilePrefill      []profileRow `json:"profile_prefill,omitempty"`
+	ProfilePrefillGPUMS float64      `json:"profile_prefill_gpu_ms,omitempty"`
 }
+
+// profileRow is one line of a GPU profile: an operation kind, its calls and GPU time per step.
+type profileRow struct {
+	Op    string  `json:"op"`
+	Calls float64 `json:"calls"`
+	MS    float64 `json:"ms"`
+}
+
+// profileSteps is how many decode steps --profile averages.
+const profileSteps = 4
 
 // randomFiller is implemented by backends that can fill random bf16 weights themselves (cuda): bench's
 // random models then start in well under a second instead of generating gigabytes on the host.
@@ -196,6 +215,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&f.device, "device", "cpu", "cpu or cuda (rank r of --tp N on GPU r)")
 	fs.IntVar(&f.tp, "tp", 1, "tensor-parallel ranks in this process (HF's tp plan)")
 	fs.BoolVar(&f.json, "json", false, "print one JSON object")
+	fs.BoolVar(&f.profile, "profile", false, "also profile one prefill and the decode steps on the GPU (time per kernel; cuda only)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -298,6 +318,14 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			res.DecodeMSPerTok = perTok
 		}
 	}
+	if b, ok := allOps[0].(*cuda.Backend); ok {
+		res.Graphs = b.Graphs()
+		if f.profile {
+			if err := benchProfile(ctx, g, allOps, prompt, &res); err != nil {
+				return fmt.Errorf("profile: %w", err)
+			}
+		}
+	}
 	res.TokensPerSec = 1000 * float64(f.batch) / res.DecodeMSPerTok
 	if res.FloorMS > 0 {
 		res.FloorFraction = res.FloorMS / res.DecodeMSPerTok
@@ -312,6 +340,21 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err == nil && res.FloorMS > 0 {
 		_, err = fmt.Fprintf(stdout, "decode floor: %.1f MiB of weights a step / %d rank(s) at %.0f GB/s (measured copy) = %.3f ms; decode at %.0f %% of it\n",
 			float64(res.StepBytes)/(1<<20), res.TP, res.CopyGBs, res.FloorMS, 100*res.FloorFraction)
+	}
+	for _, p := range []struct {
+		name string
+		gpu  float64
+		rows []profileRow
+	}{{"decode step", res.ProfileDecodeGPUMS, res.ProfileDecode}, {"prefill", res.ProfilePrefillGPUMS, res.ProfilePrefill}} {
+		if err != nil || p.rows == nil {
+			continue
+		}
+		_, err = fmt.Fprintf(stdout, "profile of one %s (rank 0, eager): %.3f ms of GPU time\n", p.name, p.gpu)
+		for _, r := range p.rows {
+			if err == nil {
+				_, err = fmt.Fprintf(stdout, "  %8.3f ms %6.1f calls  %s\n", r.MS, r.Calls, r.Op)
+			}
+		}
 	}
 	return err
 }
@@ -368,6 +411,53 @@ func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, t
 		return 0, 0, errors.Join(err)
 	}
 	return prefill, time.Since(start), nil
+}
+
+// benchProfile profiles, on every rank, a prefill of prompt and profileSteps decode steps after it, and
+// keeps rank 0's tables in res.
+func benchProfile(ctx context.Context, g *group, ops []backend.Ops, prompt []int, res *benchResult) error {
+	vocab := g.Config().VocabSize
+	return g.run(func(r int, m *llama4.Model) error {
+		b, ok := ops[r].(*cuda.Backend)
+		if !ok {
+			return fmt.Errorf("rank %d: --profile needs --device cuda", r)
+		}
+		seq, err := m.NewSequence(len(prompt) + profileSteps)
+		if err != nil {
+			return err
+		}
+		prefill, prefillGPU, err := b.Profile(func() error {
+			_, err := m.Forward(ctx, seq, prompt, false)
+			return err
+		})
+		if err != nil {
+			return err
+		}
+		decode, decodeGPU, err := b.Profile(func() error {
+			for i := 0; i < profileSteps; i++ {
+				if _, err := m.Forward(ctx, seq, []int{(i*104729 + 7) % vocab}, false); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil || r != 0 {
+			return err
+		}
+		res.ProfilePrefill, res.ProfilePrefillGPUMS = profileRows(prefill, 1), ms(prefillGPU)
+		res.ProfileDecode, res.ProfileDecodeGPUMS = profileRows(decode, profileSteps), ms(decodeGPU)/profileSteps
+		return nil
+	})
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+func profileRows(entries []cuda.ProfileEntry, steps int) []profileRow {
+	rows := make([]profileRow, len(entries))
+	for i, e := range entries {
+		rows[i] = profileRow{Op: e.Op, Calls: float64(e.Calls) / float64(steps), MS: ms(e.GPU) / float64(steps)}
+	}
+	return rows
 }
 
 // benchBatchDecode times tokens decode steps of batch sequences that each hold context cached tokens.

@@ -313,29 +313,56 @@ func (m *Model) ForwardBatch(ctx context.Context, seqs []*Sequence, ids [][]int,
 		flat, pos = append(flat, ids[i]...), append(pos, sp.pos...)
 		spans[i] = sp
 	}
-	s := &step{ctx: ctx, ops: m.ops, comm: m.comm}
+	run := func() (backend.Tensor, error) { return m.forward(ctx, flat, pos, spans, allLogits) }
+	var logits backend.Tensor
+	var err error
+	if rec, ok := m.ops.(backend.StepRecorder); ok && len(flat) == len(seqs) && !allLogits {
+		// A decode step: the same ops for every step of this many sequences, so the backend may record
+		// them once (a CUDA graph) and replay them.
+		logits, err = rec.Step(fmt.Sprintf("llama4 decode %d", len(seqs)), run)
+	} else {
+		logits, err = run()
+	}
+	if err != nil {
+		return nil, err
+	}
+	for _, sp := range spans {
+		sp.seq.next += len(sp.pos)
+	}
+	return logits, nil
+}
 
+// forward is the model proper: embedding, decoder layers, final norm and lm_head over the batch's rows
+// flat at positions pos. It has no effect besides the backend's ops (StepRecorder may run it twice).
+func (m *Model) forward(ctx context.Context, flat, pos []int, spans []span, allLogits bool) (backend.Tensor, error) {
+	s := &step{ctx: ctx, ops: m.ops, comm: m.comm}
+	eps := m.Config.RMSNormEps
 	x := s.allReduce(s.embed(m.embed, flat, m.embedFirst), m.embedSplit) // spec §2.1
+	// h is always the norm of x that the next block reads: each residual add is fused with the norm
+	// after it, the last layer's with the final norm.
+	next := func(l int) backend.Tensor {
+		if l+1 < len(m.layers) {
+			return m.layers[l+1].inputNorm
+		}
+		return m.norm
+	}
+	h := s.rmsNorm(x, next(-1), eps)
 	for l := range m.layers {
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
-		x = m.layers[l].forward(s, m, x, pos, spans)
+		x, h = m.layers[l].forward(s, m, x, h, next(l), pos, spans)
 	}
 	if !allLogits { // only the last token of each sequence needs logits
 		last := make([]backend.Tensor, len(spans))
 		for i, sp := range spans {
-			last[i] = s.rows(x, sp.end-1, sp.end)
+			last[i] = s.rows(h, sp.end-1, sp.end)
 		}
-		x = s.concat(last...)
+		h = s.concat(last...)
 	}
-	x = s.rmsNorm(x, m.norm, m.Config.RMSNormEps)           // final norm
-	logits := s.allGather(s.linear(x, m.lmHead), m.lmSplit) // lm_head, vocab-parallel
+	logits := s.allGather(s.linear(h, m.lmHead), m.lmSplit) // lm_head, vocab-parallel
 	if s.err != nil {
 		return nil, fmt.Errorf("llama4: forward: %w", s.err)
-	}
-	for _, sp := range spans {
-		sp.seq.next += len(sp.pos)
 	}
 	return logits, nil
 }
@@ -356,11 +383,12 @@ func (m *Model) checkInput(seq *Sequence, ids []int) error {
 	return nil
 }
 
-// forward is spec §2.5: x = x + attention(input_norm(x)); x = x + ffn(post_attention_norm(x)).
-func (d *decoderLayer) forward(s *step, m *Model, x backend.Tensor, pos []int, spans []span) backend.Tensor {
+// forward is spec §2.5: x = x + attention(input_norm(x)); x = x + ffn(post_attention_norm(x)). h is
+// input_norm(x); it returns the new x and nextNorm(x), the norm the next block reads.
+func (d *decoderLayer) forward(s *step, m *Model, x, h, nextNorm backend.Tensor, pos []int, spans []span) (backend.Tensor, backend.Tensor) {
 	eps := m.Config.RMSNormEps
-	x = s.add(x, d.attention(s, m, s.rmsNorm(x, d.inputNorm, eps), pos, spans))
-	return s.add(x, d.ffn.forward(s, s.rmsNorm(x, d.postNorm, eps)))
+	x, h = s.addNorm(x, d.attention(s, m, h, pos, spans), d.postNorm, eps)
+	return s.addNorm(x, d.ffn.forward(s, h), nextNorm, eps)
 }
 
 // attention is spec §2.3 for this rank's heads. Projections, RoPE and norms run on all rows; the cache
@@ -385,13 +413,23 @@ func (d *decoderLayer) attention(s *step, m *Model, h backend.Tensor, pos []int,
 		q = s.scaleRows(q, scale)
 	}
 	scale := float32(1 / math.Sqrt(float64(cfg.HeadDim)))
-	outs := make([]backend.Tensor, len(spans))
-	for i, sp := range spans {
-		cache := sp.seq.caches[d.index]
-		s.appendKV(cache, s.rows(k, sp.start, sp.end), s.rows(v, sp.start, sp.end), sp.pos) // (d)
-		outs[i] = s.attention(s.rows(q, sp.start, sp.end), cache, sp.pos, d.window, scale)
+	var att backend.Tensor
+	if ba, ok := s.ops.(backend.BatchAttender); ok { // (d) and (e) for every sequence at once
+		as := make([]backend.AttendSpan, len(spans))
+		for i, sp := range spans {
+			as[i] = backend.AttendSpan{Cache: sp.seq.caches[d.index], Start: sp.start, End: sp.end, Pos: sp.pos}
+		}
+		att = s.attendBatch(ba, q, k, v, as, d.window, scale)
+	} else {
+		outs := make([]backend.Tensor, len(spans))
+		for i, sp := range spans {
+			cache := sp.seq.caches[d.index]
+			s.appendKV(cache, s.rows(k, sp.start, sp.end), s.rows(v, sp.start, sp.end), sp.pos) // (d)
+			outs[i] = s.attention(s.rows(q, sp.start, sp.end), cache, sp.pos, d.window, scale)
+		}
+		att = s.concat(outs...)
 	}
-	o := s.linear(s.reshape(s.concat(outs...), t, a.heads*cfg.HeadDim), a.o) // (f)
+	o := s.linear(s.reshape(att, t, a.heads*cfg.HeadDim), a.o) // (f)
 	return s.allReduce(o, a.reduceAfterOProj)
 }
 

@@ -40,6 +40,20 @@ func (s *step) rmsNorm(x, w backend.Tensor, eps float32) backend.Tensor {
 	return s.do("rms_norm", func() (backend.Tensor, error) { return s.ops.RMSNorm(x, w, eps) })
 }
 
+// addNorm returns x + y and RMSNorm(x + y, w): one fused op where the backend has it.
+func (s *step) addNorm(x, y, w backend.Tensor, eps float32) (sum, normed backend.Tensor) {
+	if s.err != nil {
+		return nil, nil
+	}
+	if f, ok := s.ops.(backend.AddNormer); ok {
+		sum, normed, err := f.AddRMSNorm(x, y, w, eps)
+		s.fail("add_rms_norm", err)
+		return sum, normed
+	}
+	sum = s.add(x, y)
+	return sum, s.rmsNorm(sum, w, eps)
+}
+
 func (s *step) linear(x, w backend.Tensor) backend.Tensor {
 	return s.do("linear", func() (backend.Tensor, error) { return s.ops.Linear(x, w) })
 }
@@ -74,6 +88,10 @@ func (s *step) concat(ts ...backend.Tensor) backend.Tensor {
 
 func (s *step) attention(q backend.Tensor, cache backend.KVCache, pos []int, w backend.Window, scale float32) backend.Tensor {
 	return s.do("attention", func() (backend.Tensor, error) { return s.ops.Attention(q, cache, pos, w, scale) })
+}
+
+func (s *step) attendBatch(ba backend.BatchAttender, q, k, v backend.Tensor, spans []backend.AttendSpan, w backend.Window, scale float32) backend.Tensor {
+	return s.do("attention", func() (backend.Tensor, error) { return ba.AttendBatch(q, k, v, spans, w, scale) })
 }
 
 func (s *step) appendKV(cache backend.KVCache, k, v backend.Tensor, pos []int) {

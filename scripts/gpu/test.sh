@@ -69,22 +69,32 @@ run() {
 		scout="--layers 4 --hidden 5120 --heads 40 --kv-heads 8 --head-dim 128 --experts 16 --intermediate 8192 --vocab 202048"
 		for tp in 1 2 4 8; do
 			[ "$tp" -le "$gpus" ] || continue
-			echo "== bench Scout-4L tp $tp" | tee -a "$log"
-			set +e
-			timeout "${BENCH_TIMEOUT:-120}" "$tmp/tpfleet" bench --device cuda --tp "$tp" $scout --prompt 2048 --tokens "${BENCH_TOKENS:-32}" --runs "${BENCH_RUNS:-3}" --json 2>&1 | tee -a "$log" "$tmp/bench.json"
-			st=${PIPESTATUS[0]}
-			set -e
-			[ "$st" = 0 ] || rc=$st
-			python3 - "$tmp/bench.json" "$tp" >>"$table" <<'PY' || true
+			for mode in graphs eager; do
+				[ "$mode" = graphs ] || [ "$tp" = 1 ] || continue
+				echo "== bench Scout-4L tp $tp $mode" | tee -a "$log"
+				set +e
+				TPFLEET_CUDA_GRAPHS=$([ "$mode" = graphs ] && echo 1 || echo 0) timeout "${BENCH_TIMEOUT:-120}" "$tmp/tpfleet" bench --device cuda --tp "$tp" $scout \
+					--prompt 2048 --tokens "${BENCH_TOKENS:-32}" --runs "${BENCH_RUNS:-3}" --profile --json 2>&1 | tee -a "$log" "$tmp/bench.json"
+				st=${PIPESTATUS[0]}
+				set -e
+				[ "$st" = 0 ] || rc=$st
+				python3 - "$tmp/bench.json" "$tp $mode" >>"$table" <<'PY' || true
 import json, sys
 for line in open(sys.argv[1]):
     if line.startswith("{"):
         r = json.loads(line)
-        print("bench Scout-4L|tp %s %s|decode %.2f ms/step (floor %.3f ms = %.2f GB at %.0f GB/s, %.0f%%)|prefill %d: %.1f ms, load %.0f ms" % (
+        print("bench Scout-4L|tp %s %s|decode %.3f ms/step (floor %.3f ms = %.2f GB at %.0f GB/s, %.0f%%)|prefill %d: %.1f ms, load %.0f ms" % (
             sys.argv[2], r.get("card", ""), r["decode_ms_per_token"], r.get("decode_floor_ms", 0), r["decode_weight_bytes_per_step"] / 1e9,
             r.get("copy_gb_per_s", 0), 100 * r.get("decode_fraction_of_floor", 0), r["prompt_tokens"], r["prefill_ms"], r["load_ms"]))
+        for kind in ("decode", "prefill"):
+            rows = r.get("profile_" + kind) or []
+            print("profile %s|tp %s, eager, GPU %.3f ms|%s|" % (kind, sys.argv[2], r.get("profile_%s_gpu_ms" % kind, 0),
+                "; ".join("%s %.3f ms x%.0f" % (x["op"][:28], x["ms"], x["calls"]) for x in rows[:8])))
+        for g in r.get("graphs") or []:
+            print("graphs|%s|steps %d replays %d captures %d eager %s|" % (g["key"], g["steps"], g["replays"], g["captures"], g["eager"]))
 PY
-			: >"$tmp/bench.json"
+				: >"$tmp/bench.json"
+			done
 		done
 	fi
 	[ -n "${OUT:-}" ] && cp "$table" "$OUT/gpu-table.txt"

@@ -1,0 +1,161 @@
+package cuda_test
+
+import (
+	"math/rand/v2"
+	"slices"
+	"testing"
+
+	"github.com/tpfleet/tpfleet/backend"
+	"github.com/tpfleet/tpfleet/backend/cuda"
+	"github.com/tpfleet/tpfleet/safetensors"
+)
+
+// TestAddRMSNormEqualsAddThenNorm: the fused kernel must give exactly what Add then RMSNorm give, in both
+// activation modes and at decode (1 row) and prefill (100 rows, bf16 norm output) sizes.
+func TestAddRMSNormEqualsAddThenNorm(t *testing.T) {
+	for _, act := range []cuda.DType{cuda.BF16, cuda.F32} {
+		b := newBackend(t, act)
+		r := rand.New(rand.NewPCG(3, 4))
+		for _, rows := range []int{1, 7, 100} {
+			const n = 5120
+			x, err := b.FromFloat32([]int{rows, n}, randVals(r, rows*n, 4))
+			if err != nil {
+				t.Fatal(err)
+			}
+			y, err := b.FromFloat32([]int{rows, n}, randVals(r, rows*n, 1))
+			if err != nil {
+				t.Fatal(err)
+			}
+			w, err := b.Load(safetensors.BF16, []int{n}, bf16Data(randVals(r, n, 2)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			sum, normed, err := b.AddRMSNorm(x, y, w, 1e-5)
+			if err != nil {
+				t.Fatal(err)
+			}
+			wantSum, err := b.Add(x, y)
+			if err != nil {
+				t.Fatal(err)
+			}
+			wantNormed, err := b.RMSNorm(wantSum, w, 1e-5)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, c := range []struct {
+				name      string
+				got, want backend.Tensor
+			}{{"sum", sum, wantSum}, {"normed", normed, wantNormed}} {
+				g, err := b.Float32(c.got)
+				if err != nil {
+					t.Fatal(err)
+				}
+				h, err := b.Float32(c.want)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if !slices.Equal(g, h) {
+					t.Errorf("act %s rows %d: %s differs from Add then RMSNorm (rel L2 %.3g)", act, rows, c.name, relL2(g, h))
+				}
+			}
+		}
+	}
+}
+
+// TestAttendBatchEqualsEach: AttendBatch over several sequences must give what Append and Attention give
+// one sequence at a time, for decode-sized spans (one launch over all rows) and with a prefill span
+// among them (one span at a time), with and without a chunked window; and the caches must end up in the
+// same state (checked by a second, decode-only round).
+func TestAttendBatchEqualsEach(t *testing.T) {
+	b := newBackend(t, cuda.BF16)
+	r := rand.New(rand.NewPCG(5, 6))
+	const heads, kvHeads, D = 8, 2, 64
+	for _, chunk := range []int{0, 16} {
+		window := backend.Window{Chunk: chunk}
+		for _, lens := range [][]int{{1, 1, 1}, {3, 1, 8, 2}, {1, 20, 1}} {
+			// Two copies of the same sequences: prefilled alike, then one batched and one per span.
+			starts := []int{5, 17, 30, 2}
+			var batched, each []backend.KVCache
+			for i := range lens {
+				for _, dst := range []*[]backend.KVCache{&batched, &each} {
+					c, err := b.NewKVCache(kvHeads, D, 128, window)
+					if err != nil {
+						t.Fatal(err)
+					}
+					*dst = append(*dst, c)
+				}
+				n := starts[i]
+				kv := randTensor(t, b, r, n, kvHeads, D)
+				pos := seq(0, n)
+				for _, c := range []backend.KVCache{batched[i], each[i]} {
+					if err := c.Append(kv, kv, pos); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+			for round := range 2 {
+				rows := 0
+				spans := make([]backend.AttendSpan, len(lens))
+				for i, l := range lens {
+					if round == 1 {
+						l = 1
+					}
+					first := batched[i].Len()
+					spans[i] = backend.AttendSpan{Cache: batched[i], Start: rows, End: rows + l, Pos: seq(first, l)}
+					rows += l
+				}
+				q := randTensor(t, b, r, rows, heads, D)
+				k := randTensor(t, b, r, rows, kvHeads, D)
+				v := randTensor(t, b, r, rows, kvHeads, D)
+				got, err := b.AttendBatch(q, k, v, spans, window, 0.125)
+				if err != nil {
+					t.Fatal(err)
+				}
+				var outs []backend.Tensor
+				for i, sp := range spans {
+					rk, _ := b.Rows(k, sp.Start, sp.End)
+					rv, _ := b.Rows(v, sp.Start, sp.End)
+					if err := each[i].Append(rk, rv, sp.Pos); err != nil {
+						t.Fatal(err)
+					}
+					rq, _ := b.Rows(q, sp.Start, sp.End)
+					o, err := b.Attention(rq, each[i], sp.Pos, window, 0.125)
+					if err != nil {
+						t.Fatal(err)
+					}
+					outs = append(outs, o)
+				}
+				want, err := b.Concat(outs...)
+				if err != nil {
+					t.Fatal(err)
+				}
+				g, _ := b.Float32(got)
+				h, _ := b.Float32(want)
+				if d := relL2(g, h); d > 1e-6 {
+					t.Errorf("chunk %d spans %v round %d: AttendBatch vs one by one rel L2 %.3g", chunk, lens, round, d)
+				}
+			}
+		}
+	}
+}
+
+func randTensor(t *testing.T, b *cuda.Backend, r *rand.Rand, shape ...int) backend.Tensor {
+	t.Helper()
+	n := 1
+	for _, d := range shape {
+		n *= d
+	}
+	x, err := b.FromFloat32(shape, randVals(r, n, 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return x
+}
+
+func seq(from, n int) []int {
+	p := make([]int, n)
+	for i := range p {
+		p[i] = from + i
+	}
+	return p
+}

@@ -1,0 +1,110 @@
+package cuda
+
+/*
+#include "shim.h"
+*/
+import "C"
+
+import (
+	"errors"
+	"slices"
+	"time"
+)
+
+// ProfileEntry is the GPU time of one kind of stream operation (a kernel, a cuBLASLt matmul of one
+// shape, a copy) over a profiled run.
+type ProfileEntry struct {
+	Op    string
+	Calls int
+	GPU   time.Duration // summed event-to-event time: the operation and any idle gap before it
+}
+
+// profiler records an event after every stream operation while Profile runs.
+type profiler struct {
+	events []C.CUevent // reused across runs
+	labels []string
+	n      int
+}
+
+// mark records an event labelled op on s, after the operation just enqueued.
+func (p *profiler) mark(s *stream, op string) {
+	if p.n == len(p.events) {
+		var e C.CUevent
+		if check("cuEventCreate", cuResult(C.tp_cuEventCreate(drv.eventCreate, s.d.ctx, &e, 0))) != nil {
+			return
+		}
+		p.events = append(p.events, e)
+		p.labels = append(p.labels, "")
+	}
+	if check("cuEventRecord", cuResult(C.tp_cuEventRecord(drv.eventRecord, s.d.ctx, p.events[p.n], s.s))) == nil {
+		p.labels[p.n] = op
+		p.n++
+	}
+}
+
+// Profile runs f eagerly (no graphs) with an event after each stream operation and returns the GPU
+// time per operation kind, largest first, and the GPU time from the first operation's start to the
+// last one's end. The time between two events is charged to the later operation, so launch gaps show
+// up in the operation that waited for its launch. For finding where a step's time goes; it slows the
+// host side down.
+func (b *Backend) Profile(f func() error) (entries []ProfileEntry, total time.Duration, err error) {
+	if b.closed {
+		return nil, 0, ErrClosed
+	}
+	if drv.eventElapsedTime == nil || !graphsAvailable() {
+		return nil, 0, errors.New("cuda: profile: the driver has no event timing entry points")
+	}
+	if b.rec != nil || b.stream.prof != nil {
+		return nil, 0, errors.New("cuda: profile: already recording or profiling")
+	}
+	if err := b.Synchronize(); err != nil {
+		return nil, 0, err
+	}
+	p := b.prof
+	if p == nil {
+		p = &profiler{}
+		b.prof = p
+	}
+	p.n = 0
+	p.mark(b.stream, "start")
+	b.stream.prof = p
+	ferr := f()
+	b.stream.prof = nil
+	if err := b.Synchronize(); err != nil {
+		return nil, 0, errors.Join(ferr, err)
+	}
+	if ferr != nil {
+		return nil, 0, ferr
+	}
+	byOp := map[string]*ProfileEntry{}
+	for i := 1; i < p.n; i++ {
+		var ms C.float
+		if err := check("cuEventElapsedTime", cuResult(C.tp_cuEventElapsedTime(drv.eventElapsedTime, b.dev.ctx, &ms, p.events[i-1], p.events[i]))); err != nil {
+			return nil, 0, err
+		}
+		d := time.Duration(float64(ms) * float64(time.Millisecond))
+		e := byOp[p.labels[i]]
+		if e == nil {
+			e = &ProfileEntry{Op: p.labels[i]}
+			byOp[p.labels[i]] = e
+		}
+		e.Calls++
+		e.GPU += d
+		total += d
+	}
+	for _, e := range byOp {
+		entries = append(entries, *e)
+	}
+	slices.SortFunc(entries, func(a, b ProfileEntry) int { return int(b.GPU - a.GPU) })
+	return entries, total, nil
+}
+
+func (b *Backend) closeProfiler() {
+	if b.prof == nil {
+		return
+	}
+	for _, e := range b.prof.events {
+		_ = check("cuEventDestroy", cuResult(C.tp_cuEventDestroy(drv.eventDestroy, b.dev.ctx, e)))
+	}
+	b.prof = nil
+}

@@ -1,0 +1,37 @@
+package backend
+
+// StepRecorder is implemented by backends that can record the ops of one model step and replay the
+// recording for later steps of the same shapes (CUDA graphs), instead of issuing the ops one by one.
+//
+// Step runs f, which issues one step's ops and returns its result. Steps given the same key must issue
+// the same ops on operands of the same shapes (a decode step over a batch of B sequences, say); their
+// host arguments (token ids, positions) may differ. f may run more than once within one Step (a replay
+// that turns out different is undone and run again), so it must have no effect besides its ops; ops
+// undo their own host bookkeeping (KV cache positions). The result is valid until the next Step with the
+// same key, which may reuse its memory.
+type StepRecorder interface {
+	Step(key string, f func() (Tensor, error)) (Tensor, error)
+}
+
+// AddNormer is implemented by backends that fuse the residual add with the RMSNorm that follows it:
+// AddRMSNorm returns sum = x + y (as Add) and RMSNorm(sum, weight, eps) (as RMSNorm), with the same
+// values as the two ops.
+type AddNormer interface {
+	AddRMSNorm(x, y, weight Tensor, eps float32) (sum, normed Tensor, err error)
+}
+
+// AttendSpan is one sequence's share of a batched attention: rows [Start, End) of q, k and v, at the
+// absolute positions Pos (End - Start of them), against the sequence's Cache.
+type AttendSpan struct {
+	Cache      KVCache
+	Start, End int
+	Pos        []int
+}
+
+// BatchAttender is implemented by backends that append and attend the rows of several sequences in one
+// call. AttendBatch does, for each span in order, Cache.Append(k rows, v rows, Pos) and then
+// Attention(q rows, Cache, Pos, window, scale), and returns the outputs in row order ([T, heads, D]): the
+// values of those calls, in fewer launches. The spans must cover the rows in order, each cache once.
+type BatchAttender interface {
+	AttendBatch(q, k, v Tensor, spans []AttendSpan, window Window, scale float32) (Tensor, error)
+}
