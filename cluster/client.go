@@ -30,6 +30,7 @@ const (
 	keyMembers = "members/"
 	keyPlan    = "plan"
 	keyRdzv    = "rdzv/"
+	keyNCCL    = "nccl/"
 	keyLeader  = "leader" // concurrency.Election appends "/"
 )
 

@@ -17,13 +17,16 @@
 //	                                     worker's lease                lease kept alive every TTL/3
 //	plan                                 Plan as JSON                  the leading coordinator (PutPlan),
 //	                                                                   compare-and-swap on the epoch
-//	rdzv/<epoch>/<group>/<rank>          raw bytes: NCCL unique id     each rank (PutRendezvous); the
-//	                                     or TCP ring address           coordinator deletes old epochs
+//	rdzv/<epoch>/<group>/<rank>          raw bytes: TCP ring address   each rank (PutRendezvous); the
+//	                                     (CPU) or a ready mark (GPU)   coordinator deletes old epochs
+//	nccl/<epoch>/<group>                 raw bytes: the group's NCCL   rank 0 of the group (PutNCCLID),
+//	                                     unique id (128 bytes)         under a lease of a TTL; old
+//	                                                                   epochs deleted with rdzv/
 //	leader/<lease-id-hex>                coordinator id, under its     etcd's concurrency.Election
 //	                                     lease; the oldest key leads   (Campaign)
 //
-// <epoch> in rdzv keys is zero-padded to 20 digits so that keys sort by epoch and
-// DeleteRendezvousBefore is one range delete.
+// <epoch> in rdzv and nccl keys is zero-padded to 20 digits so that keys sort by epoch and
+// DeleteRendezvousBefore is one range delete of each.
 //
 // # Usage
 //
@@ -37,7 +40,10 @@
 //		// load this member's shards for p; for its group g and rank r:
 //		_ = c.PutRendezvous(ctx, p.Epoch, g, r, myRingAddr)
 //		peers, err := c.WaitRendezvous(ctx, p.Epoch, g, p.TP) // ranks 0..TP-1, in order
-//		// build the communicator from peers
+//		// build the TCP ring from peers; or, on GPU, once every rank is there (peers), rank 0
+//		// publishes the NCCL unique id and the others wait for it:
+//		//   rank 0: c.PutNCCLID(ctx, p.Epoch, g, id, ttl)
+//		//   others: id, err := c.WaitNCCLID(ctx, p.Epoch, g)
 //	}
 //
 // A coordinator:

@@ -40,6 +40,9 @@ func TestKeyLayout(t *testing.T) {
 	if err := c.PutRendezvous(ctx, 1, 0, 0, []byte("10.0.0.1:29500")); err != nil {
 		t.Fatalf("PutRendezvous: %v", err)
 	}
+	if err := c.PutNCCLID(ctx, 1, 0, []byte("\x00nccl-id"), 0); err != nil {
+		t.Fatalf("PutNCCLID: %v", err)
+	}
 	l, err := c.Campaign(ctx, "coord-1", 5*time.Second)
 	if err != nil {
 		t.Fatalf("Campaign: %v", err)
@@ -62,6 +65,7 @@ func TestKeyLayout(t *testing.T) {
 	want := []string{
 		strings.TrimPrefix(l.Key(), "/tpfleet/layout/"),
 		"members/host-42-0",
+		"nccl/00000000000000000001/0",
 		"plan",
 		"rdzv/00000000000000000001/0/0",
 	}
@@ -85,5 +89,8 @@ func TestKeyLayout(t *testing.T) {
 	}
 	if got := string(values["rdzv/00000000000000000001/0/0"]); got != "10.0.0.1:29500" {
 		t.Errorf("rendezvous value = %q, want the raw bytes", got)
+	}
+	if got := string(values["nccl/00000000000000000001/0"]); got != "\x00nccl-id" {
+		t.Errorf("nccl id value = %q, want the raw bytes", got)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
@@ -128,20 +129,122 @@ func (c *Client) WaitRendezvous(ctx context.Context, epoch int64, group, size in
 	}
 }
 
-// DeleteRendezvousBefore deletes the rendezvous data of every epoch below epoch.
+// DeleteRendezvousBefore deletes the rendezvous data (rdzv/ keys) and the NCCL unique ids (nccl/ keys)
+// of every epoch below epoch, in one transaction.
 func (c *Client) DeleteRendezvousBefore(ctx context.Context, epoch int64) error {
 	if epoch < 1 {
 		return nil
 	}
 	ctx, cancel := c.bind(ctx)
 	defer cancel()
-	from, to := c.key(keyRdzv), c.key(keyRdzv+rdzvEpoch(epoch))
-	resp, err := c.cli.Delete(ctx, from, clientv3.WithRange(to))
+	var ops []clientv3.Op
+	for _, k := range []string{keyRdzv, keyNCCL} {
+		ops = append(ops, clientv3.OpDelete(c.key(k), clientv3.WithRange(c.key(k+rdzvEpoch(epoch)))))
+	}
+	resp, err := c.cli.Txn(ctx).Then(ops...).Commit()
 	if err != nil {
 		return fmt.Errorf("cluster: delete rendezvous before epoch %d: %w", epoch, c.ctxErr(ctx, err))
 	}
-	if resp.Deleted > 0 {
-		c.lg.Debug("rendezvous deleted", zap.Int64("before-epoch", epoch), zap.Int64("keys", resp.Deleted))
+	var deleted int64
+	for _, r := range resp.Responses {
+		if d := r.GetResponseDeleteRange(); d != nil {
+			deleted += d.Deleted
+		}
+	}
+	if deleted > 0 {
+		c.lg.Debug("rendezvous deleted", zap.Int64("before-epoch", epoch), zap.Int64("keys", deleted))
 	}
 	return nil
+}
+
+// ncclIDKey returns the key of one group's NCCL unique id in one epoch.
+func (c *Client) ncclIDKey(epoch int64, group int) string {
+	return c.key(keyNCCL + rdzvEpoch(epoch) + "/" + strconv.Itoa(group))
+}
+
+// PutNCCLID publishes the NCCL unique id of group in epoch (raw bytes, as nccl.UniqueID.MarshalBinary
+// makes them) under nccl/<epoch>/<group>. Rank 0 of the group (or the coordinator) makes the id and
+// puts it; the other ranks read it with WaitNCCLID. Publishing again replaces it: the latest id is
+// the group's.
+//
+// The key is scoped to the epoch, so a new epoch never reads an old epoch's id (whose bootstrap
+// listener is gone), and DeleteRendezvousBefore removes it with the epoch's rendezvous data. With ttl
+// > 0 it is also attached to a lease of that TTL (rounded up to whole seconds) that is not kept
+// alive: the id disappears by itself once the group has had ttl to read it, even when no coordinator
+// cleans up. Give a ttl longer than the wait of the slowest rank.
+func (c *Client) PutNCCLID(ctx context.Context, epoch int64, group int, id []byte, ttl time.Duration) error {
+	if err := checkRdzv("put nccl id", epoch, group); err != nil {
+		return err
+	}
+	switch {
+	case len(id) == 0:
+		return fmt.Errorf("%w: put nccl id: epoch %d group %d: empty id", ErrInvalid, epoch, group)
+	case ttl < 0:
+		return fmt.Errorf("%w: put nccl id: negative TTL %v", ErrInvalid, ttl)
+	}
+	ctx, cancel := c.bind(ctx)
+	defer cancel()
+	var opts []clientv3.OpOption
+	if ttl > 0 {
+		g, err := c.cli.Grant(ctx, ttlSeconds(ttl))
+		if err != nil {
+			return fmt.Errorf("cluster: put nccl id epoch %d group %d: grant lease: %w", epoch, group, c.ctxErr(ctx, err))
+		}
+		opts = append(opts, clientv3.WithLease(g.ID))
+	}
+	if _, err := c.cli.Put(ctx, c.ncclIDKey(epoch, group), string(id), opts...); err != nil {
+		return fmt.Errorf("cluster: put nccl id epoch %d group %d: %w", epoch, group, c.ctxErr(ctx, err))
+	}
+	return nil
+}
+
+// WaitNCCLID blocks until the NCCL unique id of group in epoch is published (PutNCCLID) and returns its
+// bytes. It watches etcd rather than polling. When ctx ends first it fails with an error that wraps
+// ErrRendezvousIncomplete and ctx's error and says whose id is missing.
+func (c *Client) WaitNCCLID(ctx context.Context, epoch int64, group int) ([]byte, error) {
+	if err := checkRdzv("wait nccl id", epoch, group); err != nil {
+		return nil, err
+	}
+	bctx, cancel := c.bind(ctx)
+	defer cancel()
+	key := c.ncclIDKey(epoch, group)
+	fail := func(err error) ([]byte, error) {
+		if cerr := c.ctxErr(bctx, nil); cerr != nil {
+			if errors.Is(cerr, ErrClosed) {
+				return nil, fmt.Errorf("cluster: wait nccl id epoch %d group %d: %w", epoch, group, ErrClosed)
+			}
+			return nil, fmt.Errorf("%w: epoch %d group %d: rank 0 did not publish the NCCL unique id (%s): %w",
+				ErrRendezvousIncomplete, epoch, group, key, cerr)
+		}
+		return nil, fmt.Errorf("cluster: wait nccl id epoch %d group %d: %w", epoch, group, err)
+	}
+	for {
+		resp, err := c.cli.Get(bctx, key)
+		if err != nil {
+			return fail(err)
+		}
+		if len(resp.Kvs) > 0 && len(resp.Kvs[0].Value) > 0 {
+			return slices.Clone(resp.Kvs[0].Value), nil
+		}
+		wctx, wcancel := context.WithCancel(clientv3.WithRequireLeader(bctx))
+		for wr := range c.cli.Watch(wctx, key, clientv3.WithRev(resp.Header.Revision+1)) {
+			if err := wr.Err(); err != nil {
+				c.lg.Debug("nccl id watch failed; reading again", zap.Error(err))
+				break
+			}
+			for _, ev := range wr.Events {
+				if ev.Type == clientv3.EventTypePut && len(ev.Kv.Value) > 0 {
+					wcancel()
+					return slices.Clone(ev.Kv.Value), nil
+				}
+			}
+		}
+		wcancel()
+		if bctx.Err() != nil {
+			return fail(bctx.Err())
+		}
+		if !wait.Sleep(bctx, retryWait) {
+			return fail(bctx.Err())
+		}
+	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"sync"
 	"time"
 )
@@ -65,7 +66,16 @@ const watchdogPeriod = 50 * time.Millisecond
 // thread first. The communicator remembers that context and makes it current around each of its calls,
 // restoring the thread's own afterwards. NCCL_NVLS_ENABLE is set to 0 in the process when unset. ctx
 // bounds nothing once ncclCommInitRank runs (NCCL has no cancellation there); it is checked first.
+// JoinNCCL does the same on a locked thread of its own, and stops waiting when ctx ends.
 func NewNCCL(ctx context.Context, id UniqueID, rank, size int) (Comm, error) {
+	c, err := newNCCL(ctx, id, rank, size, DefaultOpTimeout)
+	if err != nil {
+		return nil, err // not a nil *ncclComm in a non-nil Comm
+	}
+	return c, nil
+}
+
+func newNCCL(ctx context.Context, id UniqueID, rank, size int, timeout time.Duration) (*ncclComm, error) {
 	if size < 1 || rank < 0 || rank >= size {
 		return nil, &OpError{Rank: rank, Op: opConnect, Peer: -1, Err: fmt.Errorf("%w: rank %d of %d", ErrMismatch, rank, size)}
 	}
@@ -83,7 +93,94 @@ func NewNCCL(ctx context.Context, id UniqueID, rank, size int) (Comm, error) {
 	if err != nil {
 		return nil, &OpError{Rank: rank, Op: opConnect, Peer: -1, Err: err}
 	}
-	return newComm(device{comm: comm, ctx: cuCtx(cur)}, rank, size)
+	return newComm(device{comm: comm, ctx: cuCtx(cur)}, rank, size, timeout)
+}
+
+// NCCLConfig is one rank of an NCCL communicator that JoinNCCL joins: one process per GPU, the ranks
+// meeting through the UniqueID that rank 0 made (NewUniqueID) and published (a rendezvous file, etcd).
+type NCCLConfig struct {
+	// ID is the group's bootstrap id, the same on every rank.
+	ID UniqueID
+	// Rank is this rank's index, 0 <= Rank < Size.
+	Rank, Size int
+	// MakeCurrent makes this rank's CUDA context current on the calling OS thread: with backend/cuda,
+	// the device's Backend.MakeCurrent. Required.
+	MakeCurrent func() error
+	// OpTimeout is how long a collective may stay pending before the watchdog aborts the communicator
+	// (a dead or stuck peer). Zero means DefaultOpTimeout.
+	OpTimeout time.Duration
+}
+
+// JoinNCCL joins rank cfg.Rank of an NCCL communicator of cfg.Size ranks, each rank in its own process
+// (or goroutine). It runs ncclCommInitRank on a goroutine of its own, locked to its OS thread, with
+// the context cfg.MakeCurrent makes current there, so the caller needs no thread affinity.
+// ncclCommInitRank returns once every rank has joined; it cannot be cancelled. JoinNCCL waits for it
+// until ctx ends: then it returns an error wrapping ctx's error, and the initialisation goes on in the
+// background until NCCL gives up or the peers come, when its communicator is closed at once. Join the
+// ranks once they are all known to be alive (after a rendezvous), so that this is rare. Errors: an
+// *OpError with op "connect" (ErrMismatch for a bad rank or size, NCCL's error for a failed
+// initialisation), or an error wrapping ErrUnavailable when libnccl.so.2 or libcuda.so.1 cannot be
+// loaded.
+func JoinNCCL(ctx context.Context, cfg NCCLConfig) (Comm, error) {
+	rank, size := cfg.Rank, cfg.Size
+	fail := func(err error) (Comm, error) { return nil, &OpError{Rank: rank, Op: opConnect, Peer: -1, Err: err} }
+	switch {
+	case size < 1 || rank < 0 || rank >= size:
+		return fail(fmt.Errorf("%w: rank %d of %d", ErrMismatch, rank, size))
+	case cfg.MakeCurrent == nil:
+		return fail(errors.New("nccl: join: no MakeCurrent to make the rank's CUDA context current"))
+	case cfg.OpTimeout < 0:
+		return fail(fmt.Errorf("nccl: join: negative op timeout %v", cfg.OpTimeout))
+	}
+	if err := load(); err != nil {
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		return fail(err)
+	}
+	type result struct {
+		c   *ncclComm
+		err error
+	}
+	// Unbuffered: the result goes either to the caller or, once the caller has given up (abandoned),
+	// to Close, never to both or neither.
+	done := make(chan result)
+	abandoned := make(chan struct{})
+	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		var r result
+		if r.err = cfg.MakeCurrent(); r.err != nil {
+			r.err = &OpError{Rank: rank, Op: opConnect, Peer: -1, Err: fmt.Errorf("make the CUDA context current: %w", r.err)}
+		} else {
+			r.c, r.err = newNCCL(context.Background(), cfg.ID, rank, size, cfg.OpTimeout)
+		}
+		select {
+		case done <- r:
+		case <-abandoned:
+			if r.c != nil {
+				_ = r.c.Close() // nobody waits for it any more
+			}
+		}
+	}()
+	select {
+	case r := <-done:
+		if r.err != nil {
+			return nil, r.err
+		}
+		return r.c, nil
+	case <-ctx.Done():
+		close(abandoned)
+		// The result may be ready at the same time: whichever side takes it closes it.
+		select {
+		case r := <-done:
+			if r.c != nil {
+				_ = r.c.Close()
+			}
+		default:
+		}
+		return fail(fmt.Errorf("waiting for ncclCommInitRank (the peers did not all join): %w", ctx.Err()))
+	}
 }
 
 // NewNCCLGroup makes an in-process NCCL group of len(contexts) ranks, rank r on the CUDA context
@@ -116,7 +213,7 @@ func NewNCCLGroup(ctx context.Context, contexts []uintptr) ([]Comm, error) {
 	}
 	comms := make([]Comm, len(raw))
 	for r, c := range raw {
-		if comms[r], err = newComm(device{comm: c, ctx: cuCtx(contexts[r])}, r, len(raw)); err != nil {
+		if comms[r], err = newComm(device{comm: c, ctx: cuCtx(contexts[r])}, r, len(raw), DefaultOpTimeout); err != nil {
 			for _, c := range comms[:r] {
 				_ = c.Close() // already failing
 			}
@@ -131,18 +228,29 @@ func NewNCCLGroup(ctx context.Context, contexts []uintptr) ([]Comm, error) {
 }
 
 // AcceptsDeviceBuffers reports whether c is an NCCL communicator, the only kind that takes DeviceBuffer
-// values. (The CPU communicators reject them, but only once their peers have joined the call.)
+// values. (The CPU communicators reject them, but only once their peers have joined the call.) A Comm
+// of another package that forwards its collectives to an NCCL communicator (one that is replaced at
+// every plan epoch, say) says so by having a method AcceptsDeviceBuffers() bool that returns true.
 func AcceptsDeviceBuffers(c Comm) bool {
-	_, ok := c.(*ncclComm)
-	return ok
+	switch c := c.(type) {
+	case *ncclComm:
+		return true
+	case interface{ AcceptsDeviceBuffers() bool }:
+		return c.AcceptsDeviceBuffers()
+	}
+	return false
 }
 
-func newComm(d device, rank, size int) (*ncclComm, error) {
+// newComm wraps an initialised communicator and starts its watchdog; timeout 0 means DefaultOpTimeout.
+func newComm(d device, rank, size int, timeout time.Duration) (*ncclComm, error) {
+	if timeout <= 0 {
+		timeout = DefaultOpTimeout
+	}
 	if err := d.setup(); err != nil {
 		_ = d.release(true) // already failing
 		return nil, &OpError{Rank: rank, Op: opConnect, Peer: -1, Err: err}
 	}
-	c := &ncclComm{rank: rank, size: size, timeout: DefaultOpTimeout, d: d, stop: make(chan struct{})}
+	c := &ncclComm{rank: rank, size: size, timeout: timeout, d: d, stop: make(chan struct{})}
 	go c.watchdog()
 	return c, nil
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"sync/atomic"
+	"time"
 
 	"go.uber.org/zap"
 
@@ -17,6 +18,7 @@ import (
 // epochs it has none, and collectives fail with an error wrapping nccl.ErrClosed.
 type epochComm struct {
 	rank, size int
+	device     bool // the epochs' communicators are NCCL's, which take device buffers
 	cur        atomic.Pointer[commBox]
 }
 
@@ -25,7 +27,13 @@ type commBox struct{ c nccl.Comm }
 
 var _ nccl.Comm = (*epochComm)(nil)
 
-func newEpochComm(rank, size int) *epochComm { return &epochComm{rank: rank, size: size} }
+func newEpochComm(rank, size int, device bool) *epochComm {
+	return &epochComm{rank: rank, size: size, device: device}
+}
+
+// AcceptsDeviceBuffers tells nccl.AcceptsDeviceBuffers (and so the GPU backend) that the epochs'
+// communicators are NCCL's: device tensors go to them as they are.
+func (e *epochComm) AcceptsDeviceBuffers() bool { return e.device }
 
 // set makes c the communicator of the current epoch (nil: none). The caller closes the old one.
 func (e *epochComm) set(c nccl.Comm) {
@@ -81,12 +89,15 @@ func (e *epochComm) Barrier(ctx context.Context) error {
 // Close does nothing: the worker closes each epoch's communicator itself.
 func (e *epochComm) Close() error { return nil }
 
-// connect builds the communicator of rank a.Rank of group g in plan p: Solo for TP 1; otherwise a TCP
-// ring whose addresses meet in etcd (each rank publishes its listener's address, then waits for all
-// the group's).
+// connect builds the communicator of rank a.Rank of group g in plan p: Solo for TP 1; on GPU an NCCL
+// communicator (connectNCCL); otherwise a TCP ring whose addresses meet in etcd (each rank publishes
+// its listener's address, then waits for all the group's).
 func (w *Worker) connect(ctx context.Context, p cluster.Plan, g cluster.Group, a cluster.Assignment) (nccl.Comm, error) {
 	if p.TP == 1 {
 		return nccl.Solo(), nil
+	}
+	if w.gpu != nil {
+		return w.connectNCCL(ctx, p, g, a)
 	}
 	ctx, cancel := context.WithTimeout(ctx, w.cfg.RendezvousTimeout)
 	defer cancel()
@@ -120,4 +131,81 @@ func (w *Worker) connect(ctx context.Context, p cluster.Plan, g cluster.Group, a
 	}
 	lg.Info("communicator ready", zap.Strings("ring", addrs))
 	return comm, nil
+}
+
+// connectNCCL builds the NCCL communicator of rank a.Rank of group g in plan p, on the worker's GPU:
+// the group meets in etcd (ncclExchange: every rank marks itself ready once its weights are loaded;
+// then rank 0 makes the NCCL unique id and publishes it under nccl/<epoch>/<group>, and the others
+// read it), then every rank joins with the id (nccl.JoinNCCL, the GPU's context current). The whole is
+// bounded by Config.RendezvousTimeout and by ctx (a newer epoch, Close).
+func (w *Worker) connectNCCL(ctx context.Context, p cluster.Plan, g cluster.Group, a cluster.Assignment) (nccl.Comm, error) {
+	ctx, cancel := context.WithTimeout(ctx, w.cfg.RendezvousTimeout)
+	defer cancel()
+	lg := w.lg.With(zap.Int64("epoch", p.Epoch), zap.Int("group", g.ID), zap.Int("rank", a.Rank), zap.Int("tp", p.TP))
+	// NCCL first, so that a host without it fails at once, not after the rendezvous.
+	if _, _, err := nccl.Library(); err != nil {
+		return nil, err
+	}
+	mark := []byte(w.cfg.ID + " " + w.gpu.Name())
+	lg.Info("waiting for the group's peers", zap.ByteString("mark", mark))
+	start := time.Now()
+	id, peers, err := ncclExchange(ctx, w.cli, ncclGroup{epoch: p.Epoch, group: g.ID, rank: a.Rank, size: p.TP},
+		mark, w.cfg.RendezvousTimeout, nccl.NewUniqueID)
+	if err != nil {
+		return nil, err
+	}
+	lg.Debug("NCCL unique id exchanged; initialising NCCL", zap.Duration("took", time.Since(start).Round(time.Millisecond)))
+	comm, err := nccl.JoinNCCL(ctx, nccl.NCCLConfig{ID: id, Rank: a.Rank, Size: p.TP, MakeCurrent: w.gpu.MakeCurrent, OpTimeout: w.cfg.OpTimeout})
+	if err != nil {
+		return nil, err
+	}
+	names := make([]string, len(peers))
+	for r, d := range peers {
+		names[r] = string(d)
+	}
+	lg.Info("communicator ready", zap.String("kind", "nccl"), zap.Strings("ranks", names),
+		zap.Duration("took", time.Since(start).Round(time.Millisecond)))
+	return comm, nil
+}
+
+// ncclGroup names one rank of one TP group in one plan epoch.
+type ncclGroup struct {
+	epoch             int64
+	group, rank, size int
+}
+
+// ncclExchange is the etcd half of building an NCCL communicator: this rank publishes mark under
+// rdzv/<epoch>/<group>/<rank> and waits until every rank of the group has (so all are alive and
+// have loaded their weights before NCCL's uninterruptible initialisation starts); then rank 0 makes
+// the group's unique id with newID and publishes it under nccl/<epoch>/<group>, with a lease of ttl,
+// and the other ranks wait for it. It returns the id and every rank's mark, in rank order. Errors
+// name the missing ranks (or rank 0's missing id) when ctx ends first.
+func ncclExchange(ctx context.Context, cli *cluster.Client, r ncclGroup, mark []byte, ttl time.Duration,
+	newID func() (nccl.UniqueID, error)) (nccl.UniqueID, [][]byte, error) {
+	var id nccl.UniqueID
+	if err := cli.PutRendezvous(ctx, r.epoch, r.group, r.rank, mark); err != nil {
+		return id, nil, err
+	}
+	peers, err := cli.WaitRendezvous(ctx, r.epoch, r.group, r.size)
+	if err != nil {
+		return id, nil, err
+	}
+	if r.rank == 0 {
+		if id, err = newID(); err != nil {
+			return id, nil, fmt.Errorf("make the NCCL unique id: %w", err)
+		}
+		raw, _ := id.MarshalBinary() // never fails
+		if err := cli.PutNCCLID(ctx, r.epoch, r.group, raw, ttl); err != nil {
+			return id, nil, err
+		}
+		return id, peers, nil
+	}
+	raw, err := cli.WaitNCCLID(ctx, r.epoch, r.group)
+	if err != nil {
+		return id, nil, err
+	}
+	if err := id.UnmarshalBinary(raw); err != nil {
+		return id, nil, fmt.Errorf("the NCCL unique id of epoch %d group %d in etcd: %w", r.epoch, r.group, err)
+	}
+	return id, peers, nil
 }

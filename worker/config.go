@@ -70,16 +70,20 @@ type Config struct {
 	// only a name: a plan with another name still loads this directory, but does not reuse weights
 	// loaded under the old name.
 	Model string `json:"model"`
-	// Device is where the model runs: "cpu". "cuda" is recognised and refused until the CUDA backend
-	// lands. Empty means DefaultDevice.
+	// Device is where the model runs: "cpu" (the pure-Go backend; collectives over a TCP ring) or
+	// "cuda" (GPU DeviceIndex through backend/cuda; collectives through NCCL, whose unique id rank 0
+	// of each TP group publishes in etcd). Empty means DefaultDevice.
 	Device string `json:"device"`
 	// DeviceIndex is the ordinal of the device among the host's devices of its kind (torchrun's
-	// LOCAL_RANK); it is registered with the member. For the CPU it is informational.
+	// LOCAL_RANK): with "cuda" the GPU the worker opens (as CUDA numbers them, after
+	// CUDA_VISIBLE_DEVICES); for the CPU it is informational. It is registered with the member.
 	DeviceIndex int `json:"device-index"`
-	// Threads is the number of goroutines of the CPU backend's matrix products. Zero means GOMAXPROCS.
-	// Several workers on one host should share the cores: Threads = cores / workers.
+	// Threads is the number of goroutines of the CPU backend's matrix products (unused with "cuda").
+	// Zero means GOMAXPROCS. Several workers on one host should share the cores: Threads = cores /
+	// workers.
 	Threads int `json:"threads"`
-	// RingHost is the host the TCP ring listener binds for CPU collectives, on a free port; its address
+	// RingHost is the host the TCP ring listener binds for CPU collectives (unused with "cuda": NCCL
+	// finds its own interfaces, see NCCL_SOCKET_IFNAME), on a free port; its address
 	// is published to the group's peers through etcd, so it must be reachable from them. An unspecified
 	// host (0.0.0.0) binds every interface and publishes the advertised address's host. Empty means
 	// DefaultRingHost, which only works for groups within one host.
@@ -89,13 +93,15 @@ type Config struct {
 	// LeaseTTL is the TTL of the member's lease: shorter detects a dead worker sooner and costs more
 	// keep-alive traffic (one renewal every TTL/3). Zero means DefaultLeaseTTL.
 	LeaseTTL time.Duration `json:"lease-ttl"`
-	// OpTimeout bounds one collective of the TCP ring: a rank that waits longer for its peers fails the
-	// step and the worker. Set it above the longest gap between ranks reaching the same collective.
-	// Zero means DefaultOpTimeout.
+	// OpTimeout bounds one collective (of the TCP ring, or an NCCL collective pending on the GPU): a rank
+	// that waits longer for its peers fails the step and the worker. Set it above the longest gap
+	// between ranks reaching the same collective. Zero means DefaultOpTimeout.
 	OpTimeout time.Duration `json:"op-timeout"`
 	// RendezvousTimeout bounds the wait for the group's peers when the communicator of an epoch is
 	// built: peers publish once their weights are loaded, so it must cover the slowest peer's load. A
-	// new plan epoch ends the wait sooner. Zero means DefaultRendezvousTimeout.
+	// new plan epoch ends the wait sooner. On GPU it also bounds the wait for rank 0's NCCL unique id
+	// and for NCCL's initialisation, and is the TTL of the id's lease in etcd. Zero means
+	// DefaultRendezvousTimeout.
 	RendezvousTimeout time.Duration `json:"rendezvous-timeout"`
 	// GracefulStopTimeout bounds Close's graceful stop of the gRPC server (in-flight steps finish,
 	// Step streams end with UNAVAILABLE); then it stops the server forcibly. Zero means
@@ -159,8 +165,9 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.ListenAddr, "listen", c.ListenAddr, "host:port of the worker's gRPC server (port 0: any free port)")
 	fs.StringVar(&c.AdvertiseAddr, "advertise", c.AdvertiseAddr, "host:port the coordinator dials (empty: the bound address)")
 	fs.StringVar(&c.Model, "model", c.Model, "checkpoint directory (empty: the plan's model, as a path on this host)")
-	fs.StringVar(&c.Device, "device", c.Device, "where to run: cpu (cuda: not yet)")
-	fs.IntVar(&c.DeviceIndex, "device-index", c.DeviceIndex, "device ordinal on this host (torchrun's LOCAL_RANK)")
+	fs.StringVar(&c.Device, "device", c.Device, "where to run: cpu (TCP ring collectives) or cuda (one GPU, NCCL collectives)")
+	fs.IntVar(&c.DeviceIndex, "device-index", c.DeviceIndex, "device ordinal on this host: the GPU with --device cuda (default: torchrun's LOCAL_RANK, else 0)")
+	fs.IntVar(&c.DeviceIndex, "gpu", c.DeviceIndex, "same as --device-index")
 	fs.IntVar(&c.Threads, "threads", c.Threads, "CPU threads for matrix products (0: all cores)")
 	fs.StringVar(&c.RingHost, "ring-host", c.RingHost, "host the TCP ring listener binds; must be reachable from the group's peers")
 	fs.DurationVar(&c.LeaseTTL, "lease-ttl", c.LeaseTTL, "TTL of the member's etcd lease")
@@ -196,11 +203,9 @@ func (c Config) Validate() error {
 		}
 	}
 	switch c.Device {
-	case "", DeviceCPU:
-	case DeviceCUDA:
-		return fmt.Errorf("%w: %q: this build runs on %q only; the CUDA backend is not written yet", ErrUnsupportedDevice, c.Device, DeviceCPU)
+	case "", DeviceCPU, DeviceCUDA:
 	default:
-		return bad("device %q: want %q", c.Device, DeviceCPU)
+		return bad("device %q: want %q or %q", c.Device, DeviceCPU, DeviceCUDA)
 	}
 	switch {
 	case c.MaxRecvMsgSize < 0:
@@ -305,8 +310,8 @@ func defaultID() string {
 var TorchrunVars = []string{"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"}
 
 // ApplyTorchrunEnv honours torchrun's environment, read through getenv: it records the TorchrunVars that
-// are set in Labels (under their own names) and, unless deviceIndexSet (the --device-index flag was
-// given), takes LOCAL_RANK as DeviceIndex. A LOCAL_RANK that is not a non-negative integer is an error.
+// are set in Labels (under their own names) and, unless deviceIndexSet (the --device-index or --gpu flag
+// was given), takes LOCAL_RANK as DeviceIndex: one GPU per local rank, as torchrun's workers do. A LOCAL_RANK that is not a non-negative integer is an error.
 func (c *Config) ApplyTorchrunEnv(getenv func(string) string, deviceIndexSet bool) error {
 	for _, k := range TorchrunVars {
 		v := getenv(k)

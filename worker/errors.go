@@ -17,8 +17,10 @@ import (
 var (
 	// ErrInvalidConfig means a Config fails Validate.
 	ErrInvalidConfig = errors.New("worker: invalid config")
-	// ErrUnsupportedDevice means Config.Device names a device this build cannot drive yet ("cuda").
-	ErrUnsupportedDevice = errors.New("worker: device not supported yet")
+	// ErrDeviceUnavailable means Start could not open Config.Device on this host: for "cuda", the CUDA
+	// driver (libcuda.so.1), cuBLASLt, NVRTC or GPU Config.DeviceIndex is missing. The error also wraps
+	// backend/cuda's error, which names what is missing.
+	ErrDeviceUnavailable = errors.New("worker: device unavailable")
 	// ErrProtocol means a StepRequest carries a StepProtocol other than STEP_PROTOCOL_V1.
 	ErrProtocol = errors.New("worker: unsupported step protocol")
 	// ErrEpochMismatch means a StepRequest names another plan epoch than the one the worker is on.

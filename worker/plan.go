@@ -3,6 +3,7 @@ package worker
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"time"
 
 	"go.uber.org/zap"
@@ -125,6 +126,14 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 		}
 	}
 	wts := w.wts
+	if drop != nil && w.gpu != nil {
+		// Device memory returns to the backend when its tensors are collected: free the old weights'
+		// before the new ones load.
+		runtime.GC()
+		if err := w.gpu.Synchronize(); err != nil {
+			lg.Warn("free the previous weights' device memory", zap.Error(err))
+		}
+	}
 	w.runMu.Unlock()
 	w.mu.Lock()
 	w.nseqs = 0

@@ -19,7 +19,9 @@ import (
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
 
+	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/backend/cpu"
+	"github.com/tpfleet/tpfleet/backend/cuda"
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/nccl"
 	tpfleetv1 "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
@@ -94,7 +96,8 @@ type applyJob struct {
 type Worker struct {
 	cfg           Config
 	lg            *zap.Logger
-	ops           *cpu.Backend
+	ops           backend.Ops   // the CPU backend from New, or the GPU's from Start
+	gpu           *cuda.Backend // the GPU with Device "cuda" (set by Start), else nil
 	progressEvery time.Duration
 
 	// ctx is the lifetime of steps: Close cancels it once the graceful stop is over (or forced). bgCtx
@@ -160,7 +163,6 @@ func New(cfg Config) (*Worker, error) {
 	w := &Worker{
 		cfg:           cfg,
 		lg:            cfg.Logger.With(zap.String("member-id", cfg.ID)),
-		ops:           cpu.New(cpu.Config{Threads: cfg.Threads}),
 		progressEvery: 2 * time.Second,
 		ctx:           ctx,
 		cancel:        cancel,
@@ -176,7 +178,56 @@ func New(cfg Config) (*Worker, error) {
 		rank:          -1,
 		changed:       make(chan struct{}),
 	}
+	if cfg.Device != DeviceCUDA {
+		w.ops = cpu.New(cpu.Config{Threads: cfg.Threads})
+	}
 	return w, nil
+}
+
+// openDevice opens GPU Config.DeviceIndex when the device is "cuda" (the CPU backend needs nothing
+// opened). It fails with an error wrapping ErrDeviceUnavailable and backend/cuda's error, which names
+// the missing library or device.
+func (w *Worker) openDevice() error {
+	if w.cfg.Device != DeviceCUDA {
+		return nil
+	}
+	b, err := cuda.New(cuda.Config{Device: w.cfg.DeviceIndex})
+	if err != nil {
+		return fmt.Errorf("%w: cuda:%d: %w", ErrDeviceUnavailable, w.cfg.DeviceIndex, err)
+	}
+	w.gpu, w.ops = b, b
+	info := b.Info()
+	w.lg.Info("GPU opened", zap.String("device", b.Name()), zap.String("name", info.Device), zap.String("arch", info.Arch),
+		zap.Int64("memory", info.TotalMemory), zap.Int("driver", info.DriverVersion), zap.Bool("kernel-cache-hit", info.CacheHit))
+	if path, version, err := nccl.Library(); err != nil {
+		// TP 1 needs no NCCL; a larger group's epochs fail with this error.
+		w.lg.Warn("NCCL unavailable: TP groups of more than one GPU will fail", zap.Error(err))
+	} else {
+		w.lg.Info("NCCL loaded", zap.String("path", path), zap.Int("version", version))
+	}
+	return nil
+}
+
+// deviceDesc describes the worker's device for its member record and logs.
+func (w *Worker) deviceDesc() cluster.Device {
+	if w.gpu != nil {
+		free, total, err := w.gpu.DeviceMemory()
+		if err != nil {
+			total, free = w.gpu.Info().TotalMemory, 0
+		}
+		return cluster.Device{Kind: cluster.DeviceCUDA, Index: w.cfg.DeviceIndex, Name: w.gpu.Info().Device, MemoryTotal: total, MemoryFree: free}
+	}
+	total, free := memInfo()
+	return cluster.Device{Kind: cluster.DeviceCPU, Index: w.cfg.DeviceIndex, Name: fmt.Sprintf("cpu (%d threads)", w.threads()),
+		MemoryTotal: total, MemoryFree: free}
+}
+
+// threads is the CPU backend's thread count, 0 on a GPU.
+func (w *Worker) threads() int {
+	if c, ok := w.ops.(*cpu.Backend); ok {
+		return c.Threads()
+	}
+	return 0
 }
 
 // Start opens the gRPC listener and serves on it, connects to etcd, registers the member under a lease
@@ -201,6 +252,9 @@ func (w *Worker) Start(ctx context.Context) (err error) {
 		}
 	}()
 
+	if err := w.openDevice(); err != nil {
+		return err
+	}
 	lis, err := net.Listen("tcp", w.cfg.ListenAddr)
 	if err != nil {
 		return fmt.Errorf("worker: listen %s: %w", w.cfg.ListenAddr, err)
@@ -237,7 +291,7 @@ func (w *Worker) Start(ctx context.Context) (err error) {
 	w.lg.Info("starting worker",
 		zap.String("listen", lis.Addr().String()), zap.String("advertise", w.addr),
 		zap.String("model", w.cfg.Model), zap.String("device", w.cfg.Device), zap.Int("device-index", w.cfg.DeviceIndex),
-		zap.Int("threads", w.ops.Threads()), zap.String("ring-host", w.cfg.RingHost),
+		zap.String("backend", w.deviceDesc().Name), zap.Int("threads", w.threads()), zap.String("ring-host", w.cfg.RingHost),
 		zap.Strings("etcd-endpoints", w.cfg.Etcd.Endpoints), zap.String("cluster", w.cfg.Etcd.Cluster),
 		zap.Duration("lease-ttl", w.cfg.LeaseTTL), zap.Duration("op-timeout", w.cfg.OpTimeout),
 		zap.Duration("rendezvous-timeout", w.cfg.RendezvousTimeout),
@@ -406,6 +460,11 @@ func (w *Worker) Close() error {
 		w.runMu.Lock()
 		w.wts = nil
 		clear(w.seqs)
+		if w.gpu != nil {
+			if err := w.gpu.Close(); err != nil {
+				w.lg.Warn("close the GPU", zap.Error(err))
+			}
+		}
 		w.runMu.Unlock()
 		if w.cli != nil {
 			if err := w.cli.Close(); err != nil {
@@ -442,18 +501,11 @@ func (w *Worker) stopServer() {
 // member is the member this worker registers.
 func (w *Worker) member() cluster.Member {
 	host, _ := os.Hostname()
-	total, free := memInfo()
 	return cluster.Member{
-		ID:   w.cfg.ID,
-		Addr: w.addr,
-		Host: host,
-		Devices: []cluster.Device{{
-			Kind:        cluster.DeviceCPU,
-			Index:       w.cfg.DeviceIndex,
-			Name:        fmt.Sprintf("cpu (%d threads)", w.ops.Threads()),
-			MemoryTotal: total,
-			MemoryFree:  free,
-		}},
+		ID:      w.cfg.ID,
+		Addr:    w.addr,
+		Host:    host,
+		Devices: []cluster.Device{w.deviceDesc()},
 		Labels:  w.cfg.Labels,
 		Gossip:  w.gossipAddr,
 		Started: w.startedAt, // also when registering again: the same process, the same gossip meta

@@ -3,6 +3,7 @@ package worker_test
 import (
 	"errors"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -10,6 +11,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
+	"github.com/tpfleet/tpfleet/backend/cuda"
 	tpfleetv1 "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/worker"
 )
@@ -297,7 +299,7 @@ func TestConfigValidate(t *testing.T) {
 	}{
 		{"default", func(*worker.Config) {}, nil},
 		{"zero durations mean defaults", func(c *worker.Config) { c.LeaseTTL, c.OpTimeout = 0, 0 }, nil},
-		{"cuda", func(c *worker.Config) { c.Device = "cuda" }, worker.ErrUnsupportedDevice},
+		{"cuda", func(c *worker.Config) { c.Device = "cuda" }, nil},
 		{"tpu", func(c *worker.Config) { c.Device = "tpu" }, worker.ErrInvalidConfig},
 		{"bad id", func(c *worker.Config) { c.ID = "a b" }, worker.ErrInvalidConfig},
 		{"bad listen", func(c *worker.Config) { c.ListenAddr = "nowhere" }, worker.ErrInvalidConfig},
@@ -339,5 +341,37 @@ func TestApplyTorchrunEnv(t *testing.T) {
 	env["LOCAL_RANK"] = "x"
 	if err := cfg.ApplyTorchrunEnv(getenv, false); !errors.Is(err, worker.ErrInvalidConfig) {
 		t.Errorf("ApplyTorchrunEnv with LOCAL_RANK=x = %v, want ErrInvalidConfig", err)
+	}
+}
+
+// TestStartCUDAWithoutGPU: where CUDA is missing (this machine), a cuda worker's Start fails at once with
+// ErrDeviceUnavailable and backend/cuda's one-line error naming the library, before it registers
+// anything. It skips where a GPU is usable.
+func TestStartCUDAWithoutGPU(t *testing.T) {
+	if n, err := cuda.DeviceCount(); err == nil && n > 0 {
+		t.Skipf("%d GPUs here: the unavailable path cannot be checked", n)
+	}
+	e := startEtcd(t)
+	cfg := testConfig(t, e, "gpu-less")
+	cfg.Device, cfg.DeviceIndex = worker.DeviceCUDA, 1
+	w, err := worker.New(cfg)
+	if err != nil {
+		t.Fatalf("New(cuda) = %v, want nil: New opens nothing", err)
+	}
+	start := time.Now()
+	err = w.Start(testCtx(t))
+	if !errors.Is(err, worker.ErrDeviceUnavailable) || !errors.Is(err, cuda.ErrUnavailable) ||
+		!strings.Contains(err.Error(), "cuda:1") || strings.Contains(err.Error(), "\n") {
+		t.Errorf("Start(cuda) = %v, want one line wrapping ErrDeviceUnavailable and cuda.ErrUnavailable, naming cuda:1", err)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("Start(cuda) took %v", d)
+	}
+	if err := w.Close(); err != nil {
+		t.Errorf("Close after a failed Start: %v", err)
+	}
+	members, _, err := newClient(t, e).Members(testCtx(t))
+	if err != nil || len(members) != 0 {
+		t.Errorf("members after a failed Start = %v, %v; want none", members, err)
 	}
 }

@@ -50,6 +50,7 @@ type launchFlags struct {
 	monitorInterval time.Duration
 	role            string
 	logLevel        string
+	device          string // the workers' --device; "" leaves it to them (cpu), or cuda with --nproc-per-node gpu
 
 	// --standalone's coordinator.
 	model       string
@@ -231,12 +232,13 @@ func runLaunch(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		stdout:   &syncWriter{w: stdout},
 		stderr:   &syncWriter{w: stderr},
 		log:      log,
+		device:   f.device,
 	}
 	log.Info("launching",
 		zap.String("subcommand", g.sub), zap.Strings("args", g.args), zap.Int("nproc-per-node", nproc),
 		zap.Int("nnodes", nnodes), zap.Int("node-rank", f.nodeRank), zap.String("etcd", g.etcd),
 		zap.String("cluster", clusterName), zap.String("rdzv-backend", f.rdzvBackend), zap.String("run-id", runID),
-		zap.Int("max-restarts", f.maxRestarts), zap.Bool("standalone", f.standalone))
+		zap.Int("max-restarts", f.maxRestarts), zap.Bool("standalone", f.standalone), zap.String("device", f.device))
 	return g.run(ctx, sigs)
 }
 
@@ -254,7 +256,7 @@ func parseLaunch(args []string, stderr io.Writer) (launchFlags, []string, error)
 	}
 	t := &torchrunFlag{fs: fs}
 	t.string(&f.nnodes, "nnodes", "1", "number of nodes, or MIN:MAX with MIN == MAX (elastic ranges are not supported)")
-	t.string(&f.nprocPerNode, "nproc-per-node", "1", `processes (workers) on this node: a number, "cpu" or "auto" (the number of CPUs)`)
+	t.string(&f.nprocPerNode, "nproc-per-node", "1", `processes (workers) on this node: a number, "gpu" (the number of GPUs), "cpu" (of CPUs) or "auto" (GPUs with --device cuda, else CPUs)`)
 	t.int(&f.nodeRank, "node-rank", 0, "rank of this node among --nnodes")
 	t.string(&f.masterAddr, "master-addr", defaultMasterAddr, "host of the cluster's etcd when --rdzv-endpoint is not given")
 	t.int(&f.masterPort, "master-port", defaultMasterPort, "port of the cluster's etcd when --rdzv-endpoint is not given")
@@ -266,6 +268,7 @@ func parseLaunch(args []string, stderr io.Writer) (launchFlags, []string, error)
 	t.seconds(&f.monitorInterval, "monitor-interval", 100*time.Millisecond, "accepted for torchrun compatibility: launch reacts to a child's exit at once")
 	t.string(&f.role, "role", "default", "role name of the workers (ROLE_NAME)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level on stderr: debug, info, warn, error")
+	fs.StringVar(&f.device, "device", "", `the workers' device, passed to each as --device: cpu or cuda (one GPU per worker, --gpu = LOCAL_RANK) (empty: cuda with --nproc-per-node gpu, else the worker's default, cpu)`)
 	fs.StringVar(&f.model, "model", "", "with --standalone: the checkpoint directory the coordinator serves")
 	fs.IntVar(&f.tp, "tp", 0, "with --standalone: tensor-parallel size (0: --nproc-per-node)")
 	fs.StringVar(&f.plan, "plan", coordinator.DefaultPlan, `with --standalone: tp_plan: "tp", "ep" or a plan file`)
@@ -285,6 +288,14 @@ func parseLaunch(args []string, stderr io.Writer) (launchFlags, []string, error)
 	}
 	if sub[0] == "launch" {
 		return f, nil, usagef("launch cannot launch itself")
+	}
+	switch f.device {
+	case "", "cpu", "cuda":
+	default:
+		return f, nil, usagef("--device %q: want cpu or cuda", f.device)
+	}
+	if f.device == "" && f.nprocPerNode == "gpu" {
+		f.device = "cuda"
 	}
 	nnodes, _, err := f.sizes()
 	if err != nil {
@@ -331,15 +342,22 @@ func (f launchFlags) sizes() (nnodes, nproc int, err error) {
 	if err != nil || nnodes < 1 {
 		return 0, 0, usagef("--nnodes %q: want a positive count", f.nnodes)
 	}
-	switch f.nprocPerNode {
-	case "cpu", "auto":
+	switch {
+	case f.nprocPerNode == "cpu", f.nprocPerNode == "auto" && f.device != "cuda":
 		nproc = runtime.NumCPU()
-	case "gpu", "xpu":
-		return 0, 0, usagef("--nproc-per-node %s: this build has no GPU detection; give a number", f.nprocPerNode)
+	case f.nprocPerNode == "gpu", f.nprocPerNode == "auto":
+		if nproc, err = gpuCount(); err != nil {
+			return 0, 0, fmt.Errorf("--nproc-per-node %s: %w", f.nprocPerNode, err)
+		}
+		if nproc < 1 {
+			return 0, 0, fmt.Errorf("--nproc-per-node %s: no GPU visible", f.nprocPerNode)
+		}
+	case f.nprocPerNode == "xpu":
+		return 0, 0, usagef("--nproc-per-node xpu: this build has no XPU support; give a number")
 	default:
 		nproc, err = strconv.Atoi(f.nprocPerNode)
 		if err != nil || nproc < 1 {
-			return 0, 0, usagef("--nproc-per-node %q: want a positive count, cpu or auto", f.nprocPerNode)
+			return 0, 0, usagef("--nproc-per-node %q: want a positive count, gpu, cpu or auto", f.nprocPerNode)
 		}
 	}
 	return nnodes, nproc, nil
@@ -425,6 +443,10 @@ type localGroup struct {
 	stdout   io.Writer
 	stderr   io.Writer
 	log      *zap.Logger
+	// device is the workers' --device ("" leaves it out).
+	device string
+	// perChild, when set, gives local rank lr's own arguments, after the common ones.
+	perChild func(lr int) []string
 }
 
 // exit is a child's end.
@@ -478,7 +500,11 @@ func (g *localGroup) run(ctx context.Context, sigs <-chan os.Signal) error {
 func (g *localGroup) start(exe string, restart int) (*attempt, error) {
 	a := &attempt{exits: make(chan exit, g.nproc)}
 	for lr := range g.nproc {
-		cmd := exec.Command(exe, g.childArgs()...)
+		args := g.childArgs()
+		if g.perChild != nil {
+			args = append(args, g.perChild(lr)...)
+		}
+		cmd := exec.Command(exe, args...)
 		cmd.Env = g.env(lr, restart)
 		cmd.Stdout = g.stdout
 		cmd.Stderr = &prefixWriter{w: g.stderr, prefix: fmt.Sprintf("[%s%d] ", g.role, lr)}
@@ -495,12 +521,19 @@ func (g *localGroup) start(exe string, restart int) (*attempt, error) {
 }
 
 // childArgs is the child's command line: the subcommand, the rendezvous's etcd and cluster for the
-// commands that join the cluster (before the user's arguments, which win), and the user's arguments.
+// commands that join the cluster (and a worker's --device, or its --threads on the CPU) before the
+// user's arguments, which win, and the user's arguments.
 func (g *localGroup) childArgs() []string {
 	args := []string{g.sub}
 	switch g.sub {
 	case "worker":
-		args = append(args, "--etcd", g.etcd, "--cluster", g.cluster, "--threads", strconv.Itoa(max(1, runtime.NumCPU()/g.nproc)))
+		args = append(args, "--etcd", g.etcd, "--cluster", g.cluster)
+		if g.device != "" {
+			args = append(args, "--device", g.device) // a GPU each: LOCAL_RANK is the worker's --gpu
+		}
+		if g.device != "cuda" {
+			args = append(args, "--threads", strconv.Itoa(max(1, runtime.NumCPU()/g.nproc)))
+		}
 	case "coordinator":
 		args = append(args, "--etcd", g.etcd, "--cluster", g.cluster)
 	}

@@ -31,7 +31,7 @@ type modelFlags struct {
 
 func (f *modelFlags) add(fs *flag.FlagSet) {
 	fs.StringVar(&f.dir, "model", "", "checkpoint directory (config.json and *.safetensors)")
-	fs.StringVar(&f.device, "device", "cpu", "where to run: cpu or cuda (rank r of --tp N on GPU r)")
+	fs.StringVar(&f.device, "device", "cpu", "where to run: cpu or cuda (one GPU per rank: rank r of --tp N on GPU r, or --gpu with --rank)")
 	fs.IntVar(&f.threads, "threads", 0, "CPU threads for matrix products (0: all cores)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level on stderr: debug, info, warn, error")
 	f.par.add(fs)

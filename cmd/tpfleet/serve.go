@@ -6,14 +6,19 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
+	"net/url"
 	"os"
 	"runtime"
+	"strconv"
 	"time"
 
 	"go.uber.org/zap"
 
+	"github.com/tpfleet/tpfleet/backend/cuda"
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/coordinator"
+	"github.com/tpfleet/tpfleet/nccl"
 	"github.com/tpfleet/tpfleet/worker"
 )
 
@@ -34,19 +39,24 @@ type serveFlags struct {
 	logLevel    string
 }
 
-// runServe is the one-machine deployment: an embedded etcd, a coordinator and --workers local workers
-// (default: --tp, one TP group), all in this process, until SIGINT or SIGTERM. It prints the
-// coordinator's gRPC address on stdout; the OpenAI-compatible HTTP gateway listens on --http-listen.
+// runServe is the one-machine deployment: an embedded etcd, a coordinator and --workers local workers,
+// until SIGINT or SIGTERM. It prints the coordinator's gRPC address on stdout; the OpenAI-compatible HTTP
+// gateway listens on --http-listen. On the CPU (default: --tp workers, one TP group) the workers run in
+// this process. With --device cuda it starts one worker process per GPU (`tpfleet worker --device cuda
+// --gpu i`, as tpfleet launch starts its children, i = the local rank), by default as many as the GPUs
+// it sees, rounded down to a multiple of --tp; their TP groups build NCCL communicators through the
+// embedded etcd.
 //
-//	tpfleet serve --model DIR [--tp N] [--device cpu] [--listen ADDR] [--http-listen ADDR] [--workers N]
+//	tpfleet serve --model DIR [--tp N] [--device cpu|cuda] [--listen ADDR] [--http-listen ADDR] [--workers N]
 func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var f serveFlags
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.StringVar(&f.model, "model", "", "checkpoint directory (config.json and *.safetensors)")
 	fs.IntVar(&f.tp, "tp", 1, "tensor-parallel size: workers per group")
-	fs.IntVar(&f.workers, "workers", 0, "local workers; a multiple of --tp gives several replicas (0: --tp)")
-	fs.StringVar(&f.device, "device", worker.DeviceCPU, "where the workers run: cpu")
+	fs.IntVar(&f.workers, "workers", 0, "local workers; a multiple of --tp gives several replicas (0: --tp on cpu; on cuda the visible GPUs, rounded down to a multiple of --tp)")
+	fs.IntVar(&f.workers, "nproc-per-node", 0, "same as --workers (torchrun's name: one worker per GPU)")
+	fs.StringVar(&f.device, "device", worker.DeviceCPU, "where the workers run: cpu (in this process) or cuda (one worker process per GPU)")
 	fs.IntVar(&f.threads, "threads", 0, "CPU threads of each worker's matrix products (0: cores / workers)")
 	fs.StringVar(&f.plan, "plan", coordinator.DefaultPlan, `tp_plan: "tp", "ep" or a plan file in HF's format`)
 	fs.StringVar(&f.listen, "listen", coordinator.DefaultListenAddr, "host:port of the coordinator's gRPC server (port 0: any)")
@@ -60,9 +70,6 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if f.workers == 0 {
-		f.workers = f.tp
-	}
 	switch {
 	case fs.NArg() > 0:
 		return usagef("unexpected argument %q", fs.Arg(0))
@@ -70,12 +77,23 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return usagef("--model is required")
 	case f.tp < 1:
 		return usagef("--tp %d must be >= 1", f.tp)
-	case f.workers < f.tp:
-		return usagef("--workers %d is fewer than --tp %d: no group could form", f.workers, f.tp)
+	case f.workers < 0:
+		return usagef("--workers %d must be >= 0", f.workers)
 	case f.threads < 0:
 		return usagef("--threads %d must be >= 0", f.threads)
-	case f.device != worker.DeviceCPU:
-		return usagef("--device %q: this build runs on cpu only", f.device)
+	case f.device != worker.DeviceCPU && f.device != worker.DeviceCUDA:
+		return usagef("--device %q: want cpu or cuda", f.device)
+	}
+	if f.device == worker.DeviceCUDA {
+		if err := serveGPUs(&f); err != nil {
+			return err
+		}
+	}
+	if f.workers == 0 {
+		f.workers = f.tp
+	}
+	if f.workers < f.tp {
+		return usagef("--workers %d is fewer than --tp %d: no group could form", f.workers, f.tp)
 	}
 	if f.threads == 0 {
 		f.threads = max(1, runtime.NumCPU()/f.workers)
@@ -120,7 +138,14 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 	}()
 	werrs := make(chan error, f.workers)
-	for i := range f.workers {
+	// With --device cuda: one worker process per GPU, stopped after the coordinator.
+	procs := startServeProcs(f, e.Endpoints()[0], stderr, log)
+	defer procs.stop()
+	inProcess := f.workers // on the CPU
+	if procs != nil {
+		inProcess = 0
+	}
+	for i := range inProcess {
 		wcfg := worker.DefaultConfig()
 		wcfg.ID = fmt.Sprintf("serve-%d-w%03d", os.Getpid(), i)
 		wcfg.DeviceIndex = i
@@ -143,7 +168,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}()
 	}
 	log.Info("serve started", zap.String("addr", c.Addr()), zap.String("http-addr", c.HTTPAddr()), zap.Strings("etcd-endpoints", e.Endpoints()),
-		zap.Int("workers", f.workers), zap.Int("tp", f.tp), zap.Int("replicas", f.workers/f.tp), zap.Int("threads", f.threads))
+		zap.String("device", f.device), zap.Int("workers", f.workers), zap.Int("tp", f.tp), zap.Int("replicas", f.workers/f.tp), zap.Int("threads", f.threads))
 	if _, err := fmt.Fprintln(stdout, c.Addr()); err != nil {
 		return err
 	}
@@ -154,6 +179,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			errc <- err
 		case err := <-werrs:
 			errc <- err
+		case <-procs.exited():
+			errc <- procs.err()
 		case <-ctx.Done():
 		}
 	}()
@@ -165,6 +192,110 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		cerr = errors.Join(cerr, w.Close())
 	}
 	workers = nil
+	procs.stop()
 	log.Info("stopped", zap.Duration("took", time.Since(start).Round(time.Millisecond)))
 	return errors.Join(err, cerr)
+}
+
+// gpuCount is the number of GPUs this process sees (a variable for tests).
+var gpuCount = cuda.DeviceCount
+
+// serveGPUs checks serve's GPU set-up: that CUDA (and for --tp > 1 NCCL) loads, and that there are
+// GPUs for --workers; with --workers 0 it takes the visible GPUs, rounded down to a multiple of --tp.
+func serveGPUs(f *serveFlags) error {
+	n, err := gpuCount()
+	if err != nil {
+		return err
+	}
+	if f.tp > 1 {
+		if _, _, err := nccl.Library(); err != nil {
+			return err
+		}
+	}
+	switch {
+	case f.workers == 0 && n < f.tp:
+		return fmt.Errorf("--tp %d needs %d GPUs; %d visible", f.tp, f.tp, n)
+	case f.workers == 0:
+		f.workers = n - n%f.tp
+	case f.workers > n:
+		return fmt.Errorf("--workers %d: %d GPUs visible (one worker per GPU)", f.workers, n)
+	}
+	return nil
+}
+
+// serveProcs is serve's worker processes on GPUs; nil on the CPU, where the workers run in this
+// process. Its methods accept a nil receiver.
+type serveProcs struct {
+	cancel context.CancelFunc
+	done   chan struct{} // closed when the group has stopped
+	runErr error         // the group's end, set before done closes
+}
+
+// startServeProcs starts serve's --workers worker processes on GPUs 0..workers-1, as tpfleet launch
+// starts its children (torchrun's environment; their stdout and stderr go to stderr, lines prefixed
+// [worker<i>]): `tpfleet worker --etcd ETCD --device cuda --gpu i --id serve-<pid>-w<i>`, member IDs
+// that sort by GPU, so that TP rank r of the first group runs on GPU r. It returns nil on the CPU.
+func startServeProcs(f serveFlags, etcd string, stderr io.Writer, log *zap.Logger) *serveProcs {
+	if f.device != worker.DeviceCUDA {
+		return nil
+	}
+	host, port := "127.0.0.1", "2379"
+	if u, err := url.Parse(etcd); err == nil {
+		if h, p, err := net.SplitHostPort(u.Host); err == nil {
+			host, port = h, p
+		}
+	}
+	out := &syncWriter{w: stderr}
+	pid := os.Getpid()
+	g := &localGroup{
+		sub:     "worker",
+		args:    []string{"--log-level", f.logLevel},
+		device:  worker.DeviceCUDA,
+		nproc:   f.workers,
+		nnodes:  1,
+		role:    "worker",
+		master:  [2]string{host, port},
+		etcd:    etcd,
+		cluster: cluster.DefaultCluster,
+		runID:   "none",
+		stdout:  out,
+		stderr:  out,
+		log:     log.Named("workers"),
+		perChild: func(lr int) []string {
+			return []string{"--gpu", strconv.Itoa(lr), "--id", fmt.Sprintf("serve-%d-w%03d", pid, lr)}
+		},
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	p := &serveProcs{cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(p.done)
+		p.runErr = g.run(ctx, nil)
+	}()
+	return p
+}
+
+// exited is closed when the worker processes have stopped (nil for no processes: never).
+func (p *serveProcs) exited() <-chan struct{} {
+	if p == nil {
+		return nil
+	}
+	return p.done
+}
+
+// err is why the worker processes stopped, once exited is closed.
+func (p *serveProcs) err() error {
+	if p.runErr != nil {
+		return fmt.Errorf("worker processes: %w", p.runErr)
+	}
+	return errors.New("worker processes: every worker exited")
+}
+
+// stop stops the worker processes (SIGTERM, then SIGKILL after a grace period) and waits for them. It
+// is idempotent.
+func (p *serveProcs) stop() {
+	if p == nil {
+		return
+	}
+	p.cancel()
+	<-p.done
 }

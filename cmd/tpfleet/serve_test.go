@@ -63,7 +63,7 @@ func TestServeFlags(t *testing.T) {
 	}{
 		{[]string{"serve"}, 2, "--model is required"},
 		{[]string{"serve", "--model", model, "--tp", "2", "--workers", "1"}, 2, "fewer than --tp"},
-		{[]string{"serve", "--model", model, "--device", "cuda"}, 2, "cpu only"},
+		{[]string{"serve", "--model", model, "--device", "tpu"}, 2, "want cpu or cuda"},
 		{[]string{"serve", "--model", model, "--tp", "3", "--listen", "127.0.0.1:0"}, 1, "TP 3"},
 	} {
 		code, _, stderr := tpfleet(t, tc.args...)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -9,7 +10,6 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -22,14 +22,15 @@ import (
 )
 
 // parallelFlags choose how a local model is split over a tensor-parallel group: N ranks as goroutines of
-// this process (--tp N), or this process as one rank of N processes joined by a TCP ring (--rank R with a
-// rendezvous directory, like torchrun's file store).
+// this process (--tp N), or this process as one rank of N processes (--rank R with a rendezvous directory,
+// like torchrun's file store) joined by a TCP ring on the CPU or by NCCL on GPUs.
 type parallelFlags struct {
 	tp        int
 	plan      string
 	rank      int
 	rdzv      string
 	ringHost  string
+	gpu       int
 	opTimeout time.Duration
 }
 
@@ -38,8 +39,10 @@ func (f *parallelFlags) add(fs *flag.FlagSet) {
 	fs.StringVar(&f.plan, "plan", "tp", `"tp" (HF's tp_plan, vocab-parallel embedding), "ep" (expert parallel) or a JSON plan file in HF's format`)
 	fs.IntVar(&f.rank, "rank", -1, "run only this rank, in a group of --tp processes that meet in --rdzv (-1: all ranks in this process)")
 	fs.StringVar(&f.rdzv, "rdzv", "", "rendezvous directory shared by the processes of a group (with --rank); use a fresh one per run")
-	fs.StringVar(&f.ringHost, "ring-host", "127.0.0.1", "address this rank listens on for its ring peer (with --rank)")
-	fs.DurationVar(&f.opTimeout, "op-timeout", nccl.DefaultOpTimeout, "deadline of one collective (with --rank); a dead peer fails the group within it")
+	fs.StringVar(&f.ringHost, "ring-host", "127.0.0.1", "address this rank listens on for its ring peer (with --rank, --device cpu)")
+	fs.IntVar(&f.gpu, "gpu", -1, "with --device cuda: this rank's GPU with --rank (-1: the local rank, --rank mod the visible GPUs); "+
+		"without, the GPU of rank 0, rank r on GPU gpu+r (-1: 0)")
+	fs.DurationVar(&f.opTimeout, "op-timeout", nccl.DefaultOpTimeout, "deadline of one collective, of the rendezvous and of NCCL's set-up (with --rank); a dead peer fails the group within it")
 }
 
 func (f *parallelFlags) check() error {
@@ -50,6 +53,8 @@ func (f *parallelFlags) check() error {
 		return usagef("--rank %d must be in [0, %d)", f.rank, f.tp)
 	case f.rank >= 0 && f.rdzv == "":
 		return usagef("--rank needs --rdzv, a directory shared by the group's processes")
+	case f.gpu < -1:
+		return usagef("--gpu %d must be >= 0 (or -1: the local rank)", f.gpu)
 	case f.opTimeout <= 0:
 		return usagef("--op-timeout must be positive")
 	}
@@ -106,9 +111,10 @@ func (g *group) Close() error {
 }
 
 // newRankOps makes the backends of this process's ranks and their communicators. On cpu each rank gets
-// its own cpu backend and the communicators of groupComms. On cuda the ranks run in this process on
-// GPUs 0..tp-1, joined by an in-process NCCL group (one process per rank needs the NCCL unique id in the
-// rendezvous, which is not wired yet).
+// its own cpu backend and the communicators of groupComms. On cuda with every rank in this process, rank
+// r runs on GPU --gpu+r, joined by an in-process NCCL group; with --rank, this process's rank runs on
+// its GPU (newRankGPU) and joins the other processes' ranks through NCCL, the unique id passed through
+// the rendezvous directory.
 func newRankOps(ctx context.Context, f modelFlags) (*group, []backend.Ops, []int, error) {
 	if f.device != "cuda" {
 		comms, ranks, err := groupComms(ctx, f.par)
@@ -122,14 +128,15 @@ func newRankOps(ctx context.Context, f modelFlags) (*group, []backend.Ops, []int
 		return &group{comms: comms, leader: ranks[0] == 0}, ops, ranks, nil
 	}
 	if f.par.rank >= 0 {
-		return nil, nil, nil, usagef("--device cuda runs every rank in this process: --rank is not supported")
+		return newRankGPU(ctx, f.par)
 	}
+	first := max(f.par.gpu, 0)
 	g := &group{leader: true}
 	ops := make([]backend.Ops, f.par.tp)
 	ranks := make([]int, f.par.tp)
 	ctxs := make([]uintptr, f.par.tp)
 	for i := range ops {
-		b, err := cuda.New(cuda.Config{Device: i})
+		b, err := cuda.New(cuda.Config{Device: first + i})
 		if err != nil {
 			g.Close()
 			return nil, nil, nil, fmt.Errorf("rank %d: %w", i, err)
@@ -150,6 +157,79 @@ func newRankOps(ctx context.Context, f modelFlags) (*group, []backend.Ops, []int
 	return g, ops, ranks, nil
 }
 
+// localGPU is the GPU of rank in a process of its own: --gpu, or else the local rank, rank mod the
+// number of GPUs this process sees (ranks 0..n-1 of a host on GPUs 0..n-1, as torchrun's LOCAL_RANK).
+// Counting the GPUs loads the CUDA libraries, so a missing one is the first error, naming it.
+func localGPU(f parallelFlags) (int, error) {
+	n, err := cuda.DeviceCount()
+	if err != nil {
+		return 0, err
+	}
+	switch {
+	case n < 1:
+		return 0, fmt.Errorf("%w: the driver sees no GPU (CUDA_VISIBLE_DEVICES=%q)", cuda.ErrUnavailable, os.Getenv("CUDA_VISIBLE_DEVICES"))
+	case f.gpu >= n:
+		return 0, fmt.Errorf("%w: --gpu %d: %d GPUs visible (CUDA_VISIBLE_DEVICES=%q)", cuda.ErrUnavailable, f.gpu, n, os.Getenv("CUDA_VISIBLE_DEVICES"))
+	case f.gpu >= 0:
+		return f.gpu, nil
+	}
+	return f.rank % n, nil
+}
+
+// newRankGPU opens this process's rank (--rank) on its GPU and, for --tp > 1, joins the group's NCCL
+// communicator: rank 0 makes the NCCL unique id and publishes it with its rendezvous record; every
+// rank waits for the others' records, takes rank 0's id and joins (nccl.JoinNCCL, the GPU's context
+// current). A missing CUDA or NCCL library fails first, with the error that names it.
+func newRankGPU(ctx context.Context, f parallelFlags) (*group, []backend.Ops, []int, error) {
+	gpu, err := localGPU(f)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	if f.tp > 1 {
+		if _, _, err := nccl.Library(); err != nil { // before the GPU's set-up and the wait for peers
+			return nil, nil, nil, err
+		}
+	}
+	b, err := cuda.New(cuda.Config{Device: gpu})
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("rank %d: %w", f.rank, err)
+	}
+	g := &group{leader: f.rank == 0, backends: []io.Closer{b}}
+	if f.tp == 1 {
+		g.comms = []nccl.Comm{nccl.Solo()}
+		return g, []backend.Ops{b}, []int{f.rank}, nil
+	}
+	var id nccl.UniqueID
+	if f.rank == 0 {
+		if id, err = nccl.NewUniqueID(); err != nil {
+			g.Close()
+			return nil, nil, nil, fmt.Errorf("rank 0: make the NCCL unique id: %w", err)
+		}
+	}
+	host, _ := os.Hostname()
+	rec := rdzvRecord{Device: "cuda", Addr: fmt.Sprintf("%s pid %d %s", host, os.Getpid(), b.Name())}
+	if f.rank == 0 {
+		rec.NCCLID = &id
+	}
+	recs, err := rendezvous(ctx, f.rdzv, f.rank, f.tp, rec, f.opTimeout)
+	if err != nil {
+		g.Close()
+		return nil, nil, nil, err
+	}
+	if f.rank != 0 {
+		id = *recs[0].NCCLID // rendezvous checked it is there
+	}
+	jctx, cancel := context.WithTimeout(ctx, f.opTimeout)
+	defer cancel()
+	comm, err := nccl.JoinNCCL(jctx, nccl.NCCLConfig{ID: id, Rank: f.rank, Size: f.tp, MakeCurrent: b.MakeCurrent, OpTimeout: f.opTimeout})
+	if err != nil {
+		g.Close()
+		return nil, nil, nil, err
+	}
+	g.comms = []nccl.Comm{comm}
+	return g, []backend.Ops{b}, []int{f.rank}, nil
+}
+
 // groupComms makes this process's communicators: one per local rank.
 func groupComms(ctx context.Context, f parallelFlags) ([]nccl.Comm, []int, error) {
 	switch {
@@ -167,9 +247,13 @@ func groupComms(ctx context.Context, f parallelFlags) ([]nccl.Comm, []int, error
 		return nil, nil, err
 	}
 	defer l.Close()
-	addrs, err := rendezvous(ctx, f.rdzv, f.rank, f.tp, l.Addr(), f.opTimeout)
+	recs, err := rendezvous(ctx, f.rdzv, f.rank, f.tp, rdzvRecord{Device: "cpu", Addr: l.Addr()}, f.opTimeout)
 	if err != nil {
 		return nil, nil, err
+	}
+	addrs := make([]string, len(recs))
+	for r, rec := range recs {
+		addrs[r] = rec.Addr
 	}
 	comm, err := nccl.Connect(ctx, l, nccl.RingConfig{Rank: f.rank, Addrs: addrs, OpTimeout: f.opTimeout, DialTimeout: f.opTimeout})
 	if err != nil {
@@ -178,39 +262,61 @@ func groupComms(ctx context.Context, f parallelFlags) ([]nccl.Comm, []int, error
 	return []nccl.Comm{comm}, []int{f.rank}, nil
 }
 
-// rendezvous publishes this rank's ring address as a file in dir and waits until every rank's is there.
-func rendezvous(ctx context.Context, dir string, rank, size int, addr string, timeout time.Duration) ([]string, error) {
+// rdzvRecord is what one rank publishes in the rendezvous directory.
+type rdzvRecord struct {
+	// Device is "cpu" or "cuda": every rank of a group must run on the same kind.
+	Device string `json:"device"`
+	// Addr is the rank's TCP ring address (cpu), or its host, pid and GPU (cuda: for errors and logs).
+	Addr string `json:"addr"`
+	// NCCLID is the group's NCCL unique id, from rank 0 on cuda (base64 in the file).
+	NCCLID *nccl.UniqueID `json:"nccl_id,omitempty"`
+}
+
+// rdzvFile is the name of rank's record in the rendezvous directory.
+func rdzvFile(dir string, rank int) string {
+	return filepath.Join(dir, "rank-"+strconv.Itoa(rank)+".json")
+}
+
+// rendezvous publishes this rank's record as a file in dir (written to a temporary file and renamed, so
+// that readers never see part of it) and waits, up to timeout, until every rank's is there. It returns
+// the records in rank order, after checking that they agree: one device kind, and on cuda rank 0's
+// NCCL unique id.
+func rendezvous(ctx context.Context, dir string, rank, size int, rec rdzvRecord, timeout time.Duration) ([]rdzvRecord, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("rendezvous: %w", err)
 	}
-	name := filepath.Join(dir, "rank-"+strconv.Itoa(rank)+".addr")
-	tmp := name + ".tmp"
-	if err := os.WriteFile(tmp, []byte(addr), 0o644); err != nil {
+	data, err := json.Marshal(rec)
+	if err != nil {
 		return nil, fmt.Errorf("rendezvous: %w", err)
 	}
-	if err := os.Rename(tmp, name); err != nil {
+	if err := writeFileAtomic(rdzvFile(dir, rank), data); err != nil {
 		return nil, fmt.Errorf("rendezvous: %w", err)
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()
-	addrs := make([]string, size)
+	recs := make([]*rdzvRecord, size)
 	for {
 		missing := -1
-		for r := range addrs {
-			if addrs[r] != "" {
+		for r := range recs {
+			if recs[r] != nil {
 				continue
 			}
-			data, err := os.ReadFile(filepath.Join(dir, "rank-"+strconv.Itoa(r)+".addr"))
+			data, err := os.ReadFile(rdzvFile(dir, r))
 			if err != nil {
 				missing = r
 				continue
 			}
-			addrs[r] = strings.TrimSpace(string(data))
+			var got rdzvRecord
+			if err := json.Unmarshal(data, &got); err != nil {
+				return nil, fmt.Errorf("rendezvous in %s: rank %d's record %s: %w (a directory of another run? use a fresh one per run)",
+					dir, r, rdzvFile(dir, r), err)
+			}
+			recs[r] = &got
 		}
 		if missing < 0 {
-			return addrs, nil
+			break
 		}
 		select {
 		case <-ctx.Done():
@@ -218,4 +324,39 @@ func rendezvous(ctx context.Context, dir string, rank, size int, addr string, ti
 		case <-tick.C:
 		}
 	}
+	out := make([]rdzvRecord, size)
+	for r, got := range recs {
+		if got.Device != rec.Device {
+			return nil, fmt.Errorf("rendezvous in %s: rank %d runs on %s (%s), this rank (%d) on %s: give every rank the same --device",
+				dir, r, got.Device, got.Addr, rank, rec.Device)
+		}
+		out[r] = *got
+	}
+	if rec.Device == "cuda" && out[0].NCCLID == nil {
+		return nil, fmt.Errorf("rendezvous in %s: rank 0 (%s) published no NCCL unique id", dir, out[0].Addr)
+	}
+	return out, nil
+}
+
+// writeFileAtomic writes data to a temporary file in name's directory and renames it to name.
+func writeFileAtomic(name string, data []byte) error {
+	f, err := os.CreateTemp(filepath.Dir(name), "."+filepath.Base(name)+".*.tmp")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	_, err = f.Write(data)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Chmod(tmp, 0o644)
+	}
+	if err == nil {
+		err = os.Rename(tmp, name)
+	}
+	if err != nil {
+		_ = os.Remove(tmp)
+	}
+	return err
 }

@@ -16,9 +16,10 @@ import (
 // runWorker runs one worker until ctx ends (SIGINT or SIGTERM), then closes it gracefully:
 //
 //	tpfleet worker --etcd http://127.0.0.1:2379 [--cluster NAME] [--model DIR] [--listen ADDR] [--id ID] [--threads N] ...
+//	tpfleet worker --etcd http://127.0.0.1:2379 --device cuda --gpu N ...   # one worker process per GPU
 //
 // Under torchrun (or tpfleet launch) it records RANK, LOCAL_RANK and WORLD_SIZE in the member's labels and
-// takes LOCAL_RANK as --device-index when that flag is absent.
+// takes LOCAL_RANK as --device-index (--gpu) when that flag is absent.
 func runWorker(ctx context.Context, args []string, _, stderr io.Writer) error {
 	cfg := worker.DefaultConfig()
 	fs := flag.NewFlagSet("worker", flag.ContinueOnError)
@@ -42,7 +43,7 @@ func runWorker(ctx context.Context, args []string, _, stderr io.Writer) error {
 	}
 	set := make(map[string]bool)
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-	if err := cfg.ApplyTorchrunEnv(os.Getenv, set["device-index"]); err != nil {
+	if err := cfg.ApplyTorchrunEnv(os.Getenv, set["device-index"] || set["gpu"]); err != nil {
 		return usagef("%v", err)
 	}
 	if len(cfg.Etcd.Endpoints) == 0 {
