@@ -35,3 +35,18 @@ type AttendSpan struct {
 type BatchAttender interface {
 	AttendBatch(q, k, v Tensor, spans []AttendSpan, window Window, scale float32) (Tensor, error)
 }
+
+// QKRotator is implemented by backends that rotate queries and keys in one op: RoPEQK(q, k, pos,
+// invFreq, norm, eps) returns RoPE(q, pos, invFreq) and RoPE(k, pos, invFreq), each followed, when norm is
+// set, by the weightless RMSNorm(·, nil, eps) of every head (Llama 4's qk-norm), with the values of those
+// ops up to float32 summation order in the norm.
+type QKRotator interface {
+	RoPEQK(q, k Tensor, pos []int, invFreq []float32, norm bool, eps float32) (Tensor, Tensor, error)
+}
+
+// MultiLinear is implemented by backends that compute several products of one input in one go:
+// LinearMulti(x, w0, w1, ...) returns Linear(x, w0), Linear(x, w1), ... with the same values (attention's
+// q, k and v; a gated MLP's gate and up).
+type MultiLinear interface {
+	LinearMulti(x Tensor, ws ...Tensor) ([]Tensor, error)
+}

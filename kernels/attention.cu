@@ -113,6 +113,23 @@ attention(const void* q, int qdt, const bf16_t* kc, const bf16_t* vc, const int*
 // [T, heads, splits, D]. An empty split writes m = -inf, l = 0 and zeros. D is even and at most
 // ATT_MAXD, G at most ATTS_MAXG.
 #define ATTS_MINSPAN 32
+
+// att_load_kv loads lane's bf16 pairs (elements 64i + 2·lane, +1) of key j's K and V rows of one kv head
+// (offset head_off) when j <= hi and the pair is inside D; the others are left as they are.
+__device__ __forceinline__ void att_load_kv(const bf16_t* kc, const bf16_t* vc, int j, int hi, long long stride,
+	long long head_off, int D, int lane, unsigned int* kw, unsigned int* vw) {
+	if (j > hi) return;
+	const bf16_t* kr = kc + j * stride + head_off;
+	const bf16_t* vr = vc + j * stride + head_off;
+#pragma unroll
+	for (int i = 0; i < ATTS_PAIRS; i++) {
+		int d = 64 * i + 2 * lane;
+		if (d < D) {
+			kw[i] = *(const unsigned int*)(kr + d);
+			vw[i] = *(const unsigned int*)(vr + d);
+		}
+	}
+}
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention_split(const void* q, int qdt, const long long* rows,
 	float* part_ml, float* part_acc, int heads, int kv_heads, int D, int chunk, float scale, int splits) {
@@ -148,18 +165,24 @@ attention_split(const void* q, int qdt, const long long* rows,
 		l[g] = 0.0f;
 	}
 	long long stride = (long long)kv_heads * D;
+	// The key and value words of this warp's next key are loaded before the current key is used, so a
+	// warp's walk waits for memory about once, not once per key.
+	unsigned int kn[ATTS_PAIRS], vn[ATTS_PAIRS];
+#pragma unroll
+	for (int i = 0; i < ATTS_PAIRS; i++) kn[i] = vn[i] = 0;
+	att_load_kv(kc, vc, lo + warp, hi, stride, (long long)kvh * D, D, lane, kn, vn);
 	for (int j = lo + warp; j <= hi; j += ATT_WARPS) {
-		const bf16_t* kr = kc + j * stride + (long long)kvh * D;
-		const bf16_t* vr = vc + j * stride + (long long)kvh * D;
+		unsigned int kcur[ATTS_PAIRS], vcur[ATTS_PAIRS];
+#pragma unroll
+		for (int i = 0; i < ATTS_PAIRS; i++) {
+			kcur[i] = kn[i];
+			vcur[i] = vn[i];
+		}
+		att_load_kv(kc, vc, j + ATT_WARPS, hi, stride, (long long)kvh * D, D, lane, kn, vn);
 		float kf[ATTS_PAIRS][2], vf[ATTS_PAIRS][2];
 #pragma unroll
 		for (int i = 0; i < ATTS_PAIRS; i++) {
-			int d = 64 * i + 2 * lane;
-			unsigned int kw = 0, vw = 0;
-			if (d < D) {
-				kw = *(const unsigned int*)(kr + d);
-				vw = *(const unsigned int*)(vr + d);
-			}
+			unsigned int kw = kcur[i], vw = vcur[i];
 			kf[i][0] = __uint_as_float(kw << 16);
 			kf[i][1] = __uint_as_float(kw & 0xffff0000u);
 			vf[i][0] = __uint_as_float(vw << 16);
@@ -249,6 +272,7 @@ extern "C" __global__ void attention_combine(const float* part_ml, const float* 
 	for (int s = 0; s < splits; s++) L += sm_w[s] * part_ml[2 * (row0 + s) + 1];
 	for (int d = threadIdx.x; d < D; d += blockDim.x) {
 		float o = 0.0f;
+#pragma unroll 8
 		for (int s = 0; s < splits; s++) o += sm_w[s] * part_acc[(row0 + s) * D + d];
 		st(out, odt, ((long long)t * heads + h) * D + d, o / L);
 	}

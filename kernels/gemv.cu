@@ -43,15 +43,14 @@ __device__ __forceinline__ void load8(const void* row, int dt, int c, float* f) 
 #define GEMV_WARPS 4
 #define GEMV_ROWS 2 // output rows per warp: each x chunk read from L1 serves two weight rows
 
-// gemv_rows computes y [T, N] (float32) = x [T, K] · w [N, K]ᵀ for T <= NT with float32 math (an f32 x
-// is used as it is, not rounded to bf16). Each warp owns GEMV_ROWS output rows; its lanes stride over K
-// in 16-byte chunks, four chunks per row in flight, and a warp sum finishes each dot product (a fixed
+// gemv_rows computes output rows n0 .. n0+GEMV_ROWS-1 of y [T, N] (float32) = x [T, K] · w [N, K]ᵀ for
+// T <= NT with float32 math (an f32 x is used as it is, not rounded to bf16). Its lanes stride over K in
+// 16-byte chunks, four chunks per row in flight, and a warp sum finishes each dot product (a fixed
 // order: the result does not depend on timing). K % 8 == 0; w and x 16-byte aligned.
 template <int NT>
-__device__ __forceinline__ void gemv_rows(const void* __restrict__ x, int xdt, const bf16_t* __restrict__ w,
-	float* __restrict__ y, int T, int K, int N) {
-	int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-	int n0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
+__device__ __forceinline__ void gemv_rows(const void* __restrict__ x, int xdt,
+	const bf16_t* __restrict__ w, float* __restrict__ y, int T, int K, int N, int n0) {
+	int lane = threadIdx.x & 31;
 	if (n0 >= N) return; // uniform over the warp
 	long long xrow = dt_size(xdt) * (long long)K;
 	const u32x4* wr[GEMV_ROWS];
@@ -67,19 +66,19 @@ __device__ __forceinline__ void gemv_rows(const void* __restrict__ x, int xdt, c
 	for (; c + 96 < K8; c += 128) {
 		u32x4 wv[4][GEMV_ROWS];
 #pragma unroll
-		for (int u = 0; u < 4; u++)
+		for (int v = 0; v < 4; v++)
 #pragma unroll
-			for (int r = 0; r < GEMV_ROWS; r++) wv[u][r] = wr[r][c + 32 * u];
+			for (int r = 0; r < GEMV_ROWS; r++) wv[v][r] = wr[r][c + 32 * v];
 #pragma unroll
-		for (int u = 0; u < 4; u++) {
+		for (int v = 0; v < 4; v++) {
 			float wf[GEMV_ROWS][8];
 #pragma unroll
-			for (int r = 0; r < GEMV_ROWS; r++) bf16x8(wv[u][r], wf[r]);
+			for (int r = 0; r < GEMV_ROWS; r++) bf16x8(wv[v][r], wf[r]);
 #pragma unroll
 			for (int t = 0; t < NT; t++) {
 				if (t < T) {
 					float xv[8];
-					load8((const char*)x + t * xrow, xdt, c + 32 * u, xv);
+					load8((const char*)x + t * xrow, xdt, c + 32 * v, xv);
 #pragma unroll
 					for (int r = 0; r < GEMV_ROWS; r++)
 #pragma unroll
@@ -113,16 +112,44 @@ __device__ __forceinline__ void gemv_rows(const void* __restrict__ x, int xdt, c
 		}
 }
 
+// gemv_row0 is the first output row of this warp: each warp owns GEMV_ROWS consecutive rows.
+__device__ __forceinline__ int gemv_row0() { return (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * GEMV_ROWS; }
+
 // gemv_N: y [T, N] = x [T, K] · w [N, K]ᵀ for T <= N rows (grid: ceil(N / (GEMV_WARPS·GEMV_ROWS))
 // blocks of GEMV_WARPS warps).
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_1(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_rows<1>(x, xdt, w, y, T, K, N); }
+gemv_1(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_rows<1>(x, xdt, w, y, T, K, N, gemv_row0()); }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_2(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_rows<2>(x, xdt, w, y, T, K, N); }
+gemv_2(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_rows<2>(x, xdt, w, y, T, K, N, gemv_row0()); }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_4(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_rows<4>(x, xdt, w, y, T, K, N); }
+gemv_4(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_rows<4>(x, xdt, w, y, T, K, N, gemv_row0()); }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_8(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_rows<8>(x, xdt, w, y, T, K, N); }
+gemv_8(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_rows<8>(x, xdt, w, y, T, K, N, gemv_row0()); }
+
+// gemv_multi_N computes up to three products of one x in one launch: y_s [T, N_s] = x · w_sᵀ for s = 0,
+// 1, 2 (N_s even, so that no warp's rows straddle two products; N_2 may be 0), over N_0 + N_1 + N_2 rows.
+template <int NT>
+__device__ __forceinline__ void gemv_multi(const void* x, int xdt, const bf16_t* w0, float* y0, int n0,
+	const bf16_t* w1, float* y1, int n1, const bf16_t* w2, float* y2, int n2, int T, int K) {
+	int n = gemv_row0();
+	if (n < n0) {
+		gemv_rows<NT>(x, xdt, w0, y0, T, K, n0, n);
+	} else if (n < n0 + n1) {
+		gemv_rows<NT>(x, xdt, w1, y1, T, K, n1, n - n0);
+	} else {
+		gemv_rows<NT>(x, xdt, w2, y2, T, K, n2, n - n0 - n1);
+	}
+}
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
+gemv_multi_1(const void* x, int xdt, const bf16_t* w0, float* y0, int n0, const bf16_t* w1, float* y1, int n1,
+	const bf16_t* w2, float* y2, int n2, int T, int K) {
+	gemv_multi<1>(x, xdt, w0, y0, n0, w1, y1, n1, w2, y2, n2, T, K);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
+gemv_multi_2(const void* x, int xdt, const bf16_t* w0, float* y0, int n0, const bf16_t* w1, float* y1, int n1,
+	const bf16_t* w2, float* y2, int n2, int T, int K) {
+	gemv_multi<2>(x, xdt, w0, y0, n0, w1, y1, n1, w2, y2, n2, T, K);
+}
 
 // moe_plan groups the n = T·k routing slots by expert. experts[s] is slot s's expert id; only the E
 // experts first .. first+E-1 are held here. For local expert e, seg[2e] is the first row of its block

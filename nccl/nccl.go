@@ -22,6 +22,10 @@ type DeviceBuffer struct {
 	N      int
 	Type   DType
 	Stream uintptr
+	// Captured says Stream is capturing a CUDA graph: the collective becomes a node of the graph and
+	// runs when the graph is launched, so the communicator records no completion event for it (an event
+	// recorded during capture cannot be polled). Whoever launches the graph watches its completion.
+	Captured bool
 }
 
 // DType returns the element type.
@@ -52,6 +56,7 @@ type ncclComm struct {
 	broken     error
 	recorded   bool // an event was recorded after the last collective and has not been seen complete
 	lastRecord time.Time
+	captured   bool // a collective was captured into a CUDA graph (see Close)
 	stop       chan struct{}
 }
 
@@ -227,6 +232,25 @@ func NewNCCLGroup(ctx context.Context, contexts []uintptr) ([]Comm, error) {
 	return comms, nil
 }
 
+// Underlying returns the communicator c forwards its collectives to now: c itself, unless c has a method
+// Current() Comm (a forwarder, such as a worker's communicator that is replaced at every plan epoch), in
+// which case the one it currently forwards to. A CUDA graph that captured a collective is bound to the
+// underlying communicator.
+func Underlying(c Comm) Comm {
+	for range 8 { // forwarders of forwarders, but never a cycle
+		f, ok := c.(interface{ Current() Comm })
+		if !ok {
+			return c
+		}
+		n := f.Current()
+		if n == nil {
+			return c
+		}
+		c = n
+	}
+	return c
+}
+
 // AcceptsDeviceBuffers reports whether c is an NCCL communicator, the only kind that takes DeviceBuffer
 // values. (The CPU communicators reject them, but only once their peers have joined the call.) A Comm
 // of another package that forwards its collectives to an NCCL communicator (one that is replaced at
@@ -275,7 +299,7 @@ func checkDevice(b Buffer) (DeviceBuffer, error) {
 
 // run runs an enqueueing collective under the lock: it fails on a closed or broken communicator, breaks
 // it on any error, and records the completion event on stream after the call.
-func (c *ncclComm) run(ctx context.Context, op string, stream uintptr, f func() error) error {
+func (c *ncclComm) run(ctx context.Context, op string, stream uintptr, captured bool, f func() error) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if err := c.usable(); err != nil {
@@ -285,7 +309,7 @@ func (c *ncclComm) run(ctx context.Context, op string, stream uintptr, f func() 
 	if err == nil {
 		err = f()
 	}
-	if err == nil {
+	if err == nil && !captured {
 		err = c.d.record(stream)
 	}
 	if err == nil {
@@ -295,7 +319,11 @@ func (c *ncclComm) run(ctx context.Context, op string, stream uintptr, f func() 
 		c.breakLocked(err)
 		return &OpError{Rank: c.rank, Op: op, Peer: -1, Err: err}
 	}
-	c.recorded, c.lastRecord = true, time.Now()
+	if captured {
+		c.captured = true
+	} else {
+		c.recorded, c.lastRecord = true, time.Now()
+	}
 	return nil
 }
 
@@ -365,7 +393,7 @@ func (c *ncclComm) AllReduce(ctx context.Context, buf Buffer) error {
 	if err != nil {
 		return c.fail(opAllReduce, err)
 	}
-	return c.run(ctx, opAllReduce, b.Stream, func() error { return c.d.allReduce(b) })
+	return c.run(ctx, opAllReduce, b.Stream, b.Captured, func() error { return c.d.allReduce(b) })
 }
 
 // AllGather concatenates every rank's send into recv in rank order, on send's stream.
@@ -381,7 +409,7 @@ func (c *ncclComm) AllGather(ctx context.Context, send, recv Buffer) error {
 	if s.Type != r.Type || r.N != c.size*s.N {
 		return c.fail(opAllGather, fmt.Errorf("%w: send %s, recv %s, want recv %s[%d]", ErrMismatch, describe(s), describe(r), s.Type, c.size*s.N))
 	}
-	return c.run(ctx, opAllGather, s.Stream, func() error { return c.d.allGather(s, r) })
+	return c.run(ctx, opAllGather, s.Stream, s.Captured, func() error { return c.d.allGather(s, r) })
 }
 
 // Broadcast copies root's buf into buf on every other rank, on its stream.
@@ -393,7 +421,7 @@ func (c *ncclComm) Broadcast(ctx context.Context, buf Buffer, root int) error {
 	if err := checkRoot(root, c.size); err != nil {
 		return c.fail(opBroadcast, err)
 	}
-	return c.run(ctx, opBroadcast, b.Stream, func() error { return c.d.broadcast(b, root) })
+	return c.run(ctx, opBroadcast, b.Stream, b.Captured, func() error { return c.d.broadcast(b, root) })
 }
 
 // Barrier all-reduces one float on the legacy default stream (so it also waits for the work of the
@@ -406,7 +434,7 @@ func (c *ncclComm) Barrier(ctx context.Context) error {
 	}
 	b := c.d.barrierBuffer()
 	c.mu.Unlock()
-	if err := c.run(ctx, opBarrier, b.Stream, func() error { return c.d.allReduce(b) }); err != nil {
+	if err := c.run(ctx, opBarrier, b.Stream, false, func() error { return c.d.allReduce(b) }); err != nil {
 		return err
 	}
 	deadline := time.Now().Add(c.timeout)
@@ -467,6 +495,15 @@ func (c *ncclComm) Close() error {
 	close(c.stop)
 	if c.broken != nil {
 		return nil // aborted and released when it broke
+	}
+	if c.captured {
+		// NCCL holds a reference for every CUDA graph that captured one of this communicator's
+		// collectives, and ncclCommDestroy (ncclCommAbort too) waits until those graphs are destroyed,
+		// which their owner (the GPU backend) does on its own schedule. So destroy in the background:
+		// the goroutine ends once the graphs are gone.
+		d := c.d
+		go func() { _ = d.release(false) }()
+		return nil
 	}
 	if err := c.d.release(false); err != nil {
 		return &OpError{Rank: c.rank, Op: opClose, Peer: -1, Err: err}

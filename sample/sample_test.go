@@ -2,6 +2,7 @@ package sample_test
 
 import (
 	"math"
+	"math/rand/v2"
 	"testing"
 
 	"github.com/tpfleet/tpfleet/sample"
@@ -98,5 +99,81 @@ func TestGreedyAndSeeds(t *testing.T) {
 		if x, y := a.Next(logits), b.Next(logits); x != y {
 			t.Fatalf("draw %d: same seed gave %d and %d", i, x, y)
 		}
+	}
+}
+
+// TestPickEqualsNext: Pick fed with Uniform's draws makes the choices Next makes from the same seed, for
+// greedy and sampled settings, single-logit rows included (which draw nothing).
+func TestPickEqualsNext(t *testing.T) {
+	r := rand.New(rand.NewPCG(1, 2))
+	rows := [][]float32{{0.5}, {1, 3, 3, 2}, make([]float32, 300)}
+	for i := range rows[2] {
+		rows[2][i] = float32(r.NormFloat64() * 2)
+	}
+	for _, p := range []sample.Params{
+		{},
+		{Temperature: 1, Seed: 3},
+		{Temperature: 0.7, TopK: 50, TopP: 0.9, Seed: 4},
+		{Temperature: 1.3, TopP: 0.5, Seed: 5},
+		{Temperature: 0.5, TopK: 1, Seed: 6},
+	} {
+		a, b := sample.New(p), sample.New(p)
+		if b.Params() != p {
+			t.Errorf("Params() = %+v, want %+v", b.Params(), p)
+		}
+		for step := range 300 {
+			row := rows[step%len(rows)]
+			if got, want := sample.Pick(row, b.Params(), b.Uniform(len(row))), a.Next(row); got != want {
+				t.Fatalf("%+v step %d: Pick(Uniform) = %d, Next = %d", p, step, got, want)
+			}
+		}
+	}
+	if u := sample.New(sample.Params{}).Uniform(10); u != 0 {
+		t.Errorf("greedy Uniform = %v, want 0", u)
+	}
+}
+
+// TestPickRule checks Pick's rule on hand-computed cases: u walks the cumulative probabilities in logit
+// order, ties by lower id, after top-k and top-p.
+func TestPickRule(t *testing.T) {
+	ln := func(v float64) float32 { return float32(math.Log(v)) }
+	// Probabilities 0.1, 0.4, 0.2, 0.3 (ids 0..3): order 1, 3, 2, 0; cumulative .4 .7 .9 1.
+	logits := []float32{ln(0.1), ln(0.4), ln(0.2), ln(0.3)}
+	for _, tc := range []struct {
+		p    sample.Params
+		u    float64
+		want int
+	}{
+		{sample.Params{Temperature: 1}, 0, 1},
+		{sample.Params{Temperature: 1}, 0.39, 1},
+		{sample.Params{Temperature: 1}, 0.41, 3},
+		{sample.Params{Temperature: 1}, 0.8, 2},
+		{sample.Params{Temperature: 1}, 0.95, 0},
+		{sample.Params{Temperature: 1, TopK: 2}, 0.95, 3},            // 1, 3 renormalised: .57 .43
+		{sample.Params{Temperature: 1, TopK: 2}, 0.5, 1},             // .5 < .571
+		{sample.Params{Temperature: 1, TopP: 0.6}, 0.6, 3},           // 1, 3 kept (.7): .6·.7 = .42 > .4
+		{sample.Params{Temperature: 1, TopP: 0.6}, 0.99, 3},          //
+		{sample.Params{Temperature: 1, TopP: 0.3}, 0.99, 1},          // .4 reaches .3 alone
+		{sample.Params{Temperature: 1, TopK: 1}, 0.99, 1},            // top-1 is the argmax
+		{sample.Params{Temperature: 1, TopK: 9, TopP: 1}, 0.95, 0},   // filters off
+		{sample.Params{Temperature: 1, TopK: 0, TopP: 0}, 0.95, 0},   //
+		{sample.Params{Temperature: 0, TopK: 3, TopP: 0.5}, 0.95, 1}, // greedy ignores the rest
+	} {
+		if got := sample.Pick(logits, tc.p, tc.u); got != tc.want {
+			t.Errorf("Pick(%+v, u %v) = %d, want %d", tc.p, tc.u, got, tc.want)
+		}
+	}
+	// Ties: equal logits are ordered by id, so u picks the lower id first.
+	ties := []float32{0, 1, 1, 0}
+	for _, tc := range []struct {
+		u    float64
+		want int
+	}{{0.1, 1}, {0.3, 1}, {0.4, 2}, {0.7, 2}, {0.8, 0}, {0.99, 3}} {
+		if got := sample.Pick(ties, sample.Params{Temperature: 1}, tc.u); got != tc.want {
+			t.Errorf("Pick(ties, u %v) = %d, want %d", tc.u, got, tc.want)
+		}
+	}
+	if got := sample.Pick([]float32{0, 2, 2}, sample.Params{Temperature: 1, TopK: 1}, 0.99); got != 1 {
+		t.Errorf("Pick(top-1 on a tie) = %d, want 1 (the lower id)", got)
 	}
 }

@@ -44,6 +44,14 @@ func (e *epochComm) set(c nccl.Comm) {
 	e.cur.Store(&commBox{c})
 }
 
+// Current returns the communicator of the current epoch, nil between epochs (nccl.Underlying).
+func (e *epochComm) Current() nccl.Comm {
+	if b := e.cur.Load(); b != nil {
+		return b.c
+	}
+	return nil
+}
+
 func (e *epochComm) get(op string) (nccl.Comm, error) {
 	if b := e.cur.Load(); b != nil {
 		return b.c, nil

@@ -59,6 +59,7 @@ func Run(t *testing.T, ops backend.Ops, tol Tolerance) {
 		{"Experts", s.testExperts},
 		{"ExpertsSplit", s.testExpertsSplit},
 		{"Foreign", s.testForeign},
+		{"Sample", s.testSample},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, tt.fn)

@@ -20,6 +20,12 @@
 // A backend whose Routing can be read back implements [RoutingReader]; Run then also checks Route's
 // choice and scores directly, and otherwise checks them through Experts only.
 //
+// A backend that implements backend.Sampler gets the Sample subtest: greedy and top-1 rows (ties, -0,
+// masked -Inf) must give the argmax exactly; sampled rows (top-k 50 / top-p 0.9, the whole-vocabulary
+// nucleus, plain temperature, top-k at and beyond 1024, rows of 1 to 202048 logits, bf16 logits through
+// Load, N = 1 and 16 mixed rows) must give the definition's id within backend.SampleTolerance of the draw
+// and the top-p, against a float64 restatement of the definition.
+//
 // Collectives are not covered: they need a communicator matched to the backend's memory, so each
 // backend tests them itself.
 package backendtest

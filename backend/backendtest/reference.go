@@ -2,6 +2,7 @@ package backendtest
 
 import (
 	"math"
+	"slices"
 	"sort"
 )
 
@@ -169,4 +170,86 @@ func refExperts(x []float32, experts []int, scores []float64, k int, gateUp, dow
 		}
 	}
 	return y
+}
+
+// refArgmax is the first index of the largest value (-0 equals +0).
+func refArgmax(row []float32) int {
+	best := 0
+	for i, v := range row {
+		if v > row[best] {
+			best = i
+		}
+	}
+	return best
+}
+
+// refSampleRow is backend.Sampler's definition for one row, set up for one temperature and top-k: the
+// kept ids in order (logit descending, ties by lower id) and their cumulative probabilities, in float64.
+type refSampleRow struct {
+	order []int
+	cum   []float64
+}
+
+func newRefSampleRow(row []float32, temp float64, topK int) *refSampleRow {
+	order := make([]int, len(row))
+	for i := range order {
+		order[i] = i
+	}
+	slices.SortFunc(order, func(a, b int) int {
+		switch x, y := row[a], row[b]; {
+		case x > y:
+			return -1
+		case x < y:
+			return 1
+		}
+		return a - b
+	})
+	if topK > 0 && topK < len(order) {
+		order = order[:topK]
+	}
+	top := float64(row[order[0]])
+	w := make([]float64, len(order))
+	var sum float64
+	for i, id := range order {
+		w[i] = math.Exp((float64(row[id]) - top) / temp)
+		sum += w[i]
+	}
+	cum := make([]float64, len(order))
+	var c float64
+	for i := range w {
+		c += w[i] / sum
+		cum[i] = c
+	}
+	return &refSampleRow{order: order, cum: cum}
+}
+
+// pos is the position in r.order that draw u chooses with top-p p.
+func (r *refSampleRow) pos(u, p float64) int {
+	n, s := len(r.order), 1.0
+	if p > 0 && p < 1 {
+		for i, c := range r.cum {
+			if c >= p {
+				n = i + 1
+				break
+			}
+		}
+		s = r.cum[n-1]
+	}
+	x := u * s
+	for i := range n {
+		if r.cum[i] > x {
+			return i
+		}
+	}
+	return n - 1
+}
+
+// position returns id's position in r.order, or -1 when top-k dropped it.
+func (r *refSampleRow) position(id int) int {
+	for i, o := range r.order {
+		if o == id {
+			return i
+		}
+	}
+	return -1
 }

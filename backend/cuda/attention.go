@@ -218,21 +218,22 @@ func splitEligible(T, heads, kvHeads, D int) bool {
 
 // Split-K decode attention (attention_split and attention_combine in attention.cu).
 const (
-	splitMaxQueries = 8    // Attention takes the split path for at most this many queries
-	splitMaxGroup   = 8    // and at most this many query heads per kv head (ATTS_MAXG)
-	splitMaxSplits  = 1024 // ATTC_MAXSPLITS
+	defaultSplitPerSM = 2    // blocks per SM: more splits shorten each warp's walk but lengthen the combine
+	splitMaxQueries   = 8    // Attention takes the split path for at most this many queries
+	splitMaxGroup     = 8    // and at most this many query heads per kv head (ATTS_MAXG)
+	splitMaxSplits    = 1024 // ATTC_MAXSPLITS
 )
 
 // attentionSplit is flash-decoding: the visible key range of each query is cut into splits; block
 // (split, kv head, query) runs the online softmax for all query heads of its kv head over its split (K/V
 // read once per group) and writes float32 partials (max, sum, Σ e·v), and attention_combine merges the
 // splits with the log-sum-exp rule, in split order (deterministic). Query t reads the cache and position
-// of rows[t], so the queries may come from several sequences. The number of splits aims at about 2
-// blocks per SM and depends only on the shapes; the kernel sizes the spans from the positions it reads,
+// of rows[t], so the queries may come from several sequences. The number of splits aims at
+// b.splitPerSM blocks per SM and depends only on the shapes; the kernel sizes the spans from the positions it reads,
 // so the launches are the same at every context length.
 func (b *Backend) attentionSplit(qt *tensor, kvHeads int, rows []kvRow, out *tensor, window backend.Window, scale float32) error {
 	T, heads, D := qt.shape[0], qt.shape[1], qt.shape[2]
-	target := 2 * max(b.dev.multiprocessors, 1)
+	target := b.splitPerSM * max(b.dev.multiprocessors, 1)
 	splits := min(max(ceilDiv(target, T*kvHeads), 1), splitMaxSplits)
 	meta, err := b.uploadRows(rows)
 	if err != nil {

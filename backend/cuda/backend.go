@@ -38,9 +38,14 @@ type Backend struct {
 	rec   *recorder             // the Step being captured or replayed, nil otherwise (graph.go)
 	steps map[string]*stepState // Step's recordings by key
 	prof  *profiler             // Profile's events, kept for the next Profile
+	// argBytes counts the bytes temp uploads (kernel arguments), so that Step knows how much room a
+	// recording of a step needs for them.
+	argBytes int64
 
 	// noFlash makes Attention skip the flash path (tests time the attention kernel against it).
 	noFlash bool
+	// splitPerSM is the number of decode attention blocks per SM attentionSplit aims at.
+	splitPerSM int
 
 	// gemvRows is the largest row count Linear runs on the GEMV kernel (gemvMaxRows; tests change it to
 	// compare with cuBLASLt).
@@ -60,7 +65,10 @@ type kernelSet struct {
 	gemv                                                                 [4]*kernel // gemv_1, _2, _4, _8
 	moePlan, expertGEMV1, expertGEMV8, expertAct, expertCombine          *kernel
 	expertGather                                                         *kernel
-	addRMSNorm                                                           *kernel
+	sampleArgmax, sampleRows                                             *kernel
+	addRMSNorm, spin                                                     *kernel
+	gemvMulti                                                            [2]*kernel // _1, _2
+	ropeQK                                                               *kernel
 }
 
 // Info describes what New found and did.
@@ -112,7 +120,7 @@ func New(cfg Config) (*Backend, error) {
 	if err != nil {
 		return nil, err
 	}
-	b := &Backend{cfg: cfg, dev: dev, gemvRows: gemvMaxRows}
+	b := &Backend{cfg: cfg, dev: dev, gemvRows: gemvMaxRows, splitPerSM: defaultSplitPerSM}
 	if err := b.init(); err != nil {
 		return nil, errors.Join(err, b.Close())
 	}
@@ -176,7 +184,9 @@ func (b *Backend) init() error {
 		{"gemv_1", &b.k.gemv[0]}, {"gemv_2", &b.k.gemv[1]}, {"gemv_4", &b.k.gemv[2]}, {"gemv_8", &b.k.gemv[3]},
 		{"moe_plan", &b.k.moePlan}, {"expert_gemv_1", &b.k.expertGEMV1}, {"expert_gemv_8", &b.k.expertGEMV8},
 		{"expert_act", &b.k.expertAct}, {"expert_combine", &b.k.expertCombine}, {"expert_gather", &b.k.expertGather},
-		{"add_rmsnorm", &b.k.addRMSNorm},
+		{"sample_argmax", &b.k.sampleArgmax}, {"sample_rows", &b.k.sampleRows},
+		{"add_rmsnorm", &b.k.addRMSNorm}, {"spin", &b.k.spin},
+		{"gemv_multi_1", &b.k.gemvMulti[0]}, {"gemv_multi_2", &b.k.gemvMulti[1]}, {"rope_qk", &b.k.ropeQK},
 	} {
 		if *k.dst, err = b.module.function(k.name); err != nil {
 			return err

@@ -53,7 +53,9 @@
 // router's choice from device memory: moe_plan groups the routing slots by expert (counts and
 // permutation) on the device. For at most 64 tokens a split-K GEMV per active expert reads only the
 // chosen experts' weights, with no host round trip; for more tokens (prefill) the per-expert counts
-// come to the host once per MoE layer and cuBLASLt runs one GEMM per active expert.
+// come to the host once per MoE layer and cuBLASLt runs one GEMM per active expert. Backend implements
+// backend.Sampler (sample.cu): the next token is chosen on the device, one block a row, and only its id
+// comes back.
 //
 // # Collectives
 //

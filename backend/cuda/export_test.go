@@ -8,6 +8,13 @@ func SetGEMVRows(b *Backend, rows int) int {
 	return old
 }
 
+// SetSplitPerSM sets the blocks per SM b's decode attention aims at and returns the previous value.
+func SetSplitPerSM(b *Backend, n int) int {
+	old := b.splitPerSM
+	b.splitPerSM = n
+	return old
+}
+
 // SetFlash turns b's tensor-core prefill path (attention_flash) on or off and returns the previous
 // setting, so that tests can compare it with the attention kernel.
 func SetFlash(b *Backend, on bool) bool {

@@ -1,6 +1,7 @@
 package cuda_test
 
 import (
+	"math"
 	"math/rand/v2"
 	"slices"
 	"testing"
@@ -158,4 +159,96 @@ func seq(from, n int) []int {
 		p[i] = from + i
 	}
 	return p
+}
+
+// TestLinearMulti: LinearMulti must equal one Linear per weight exactly, on the fused GEMV path (1 and 2
+// rows, q/k/v and router/gate/up shapes) and on the fallbacks (3 rows; an odd output width).
+func TestLinearMulti(t *testing.T) {
+	b := newBackend(t, cuda.BF16)
+	r := rand.New(rand.NewPCG(7, 8))
+	weight := func(out, in int) backend.Tensor {
+		w, err := b.Load(safetensors.BF16, []int{out, in}, bf16Data(randVals(r, out*in, 0.05)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return w
+	}
+	read := func(x backend.Tensor) []float32 {
+		v, err := b.Float32(x)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	const in = 512
+	for _, outs := range [][]int{{640, 128, 128}, {16, 1024, 1024}, {64, 63}} {
+		ws := make([]backend.Tensor, len(outs))
+		for i, n := range outs {
+			ws[i] = weight(n, in)
+		}
+		for _, T := range []int{1, 2, 3} {
+			x := randTensor(t, b, r, T, in)
+			got, err := b.LinearMulti(x, ws...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i, w := range ws {
+				want, err := b.Linear(x, w)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if g, h := read(got[i]), read(want); !slices.Equal(g, h) {
+					t.Errorf("outs %v T %d: LinearMulti[%d] differs from Linear (rel L2 %.3g)", outs, T, i, relL2(g, h))
+				}
+			}
+		}
+	}
+}
+
+// TestRoPEQKEqualsRoPEThenNorm: the fused rotation and qk-norm must give what RoPE and the weightless
+// RMSNorm give, for decode (float32 activations) and prefill (bf16) row counts, with and without norm:
+// equal without it, within float32 summation order (1e-6) with it.
+func TestRoPEQKEqualsRoPEThenNorm(t *testing.T) {
+	b := newBackend(t, cuda.BF16)
+	r := rand.New(rand.NewPCG(9, 10))
+	invFreq := make([]float32, 64)
+	for i := range invFreq {
+		invFreq[i] = float32(1 / math.Pow(500000, float64(2*i)/128))
+	}
+	for _, T := range []int{1, 3, 100} {
+		q, k := randTensor(t, b, r, T, 40, 128), randTensor(t, b, r, T, 8, 128)
+		pos := seq(8000, T)
+		for _, norm := range []bool{false, true} {
+			gq, gk, err := b.RoPEQK(q, k, pos, invFreq, norm, 1e-5)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, c := range []struct {
+				name    string
+				in, got backend.Tensor
+			}{{"q", q, gq}, {"k", k, gk}} {
+				want, err := b.RoPE(c.in, pos, invFreq)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if norm {
+					if want, err = b.RMSNorm(want, nil, 1e-5); err != nil {
+						t.Fatal(err)
+					}
+				}
+				g, _ := b.Float32(c.got)
+				h, _ := b.Float32(want)
+				bound := 0.0 // without norm: the same arithmetic
+				switch {
+				case norm && T > 64: // bf16 outputs: a norm differing in the last float32 bit may flip a rounding
+					bound = 1e-4
+				case norm:
+					bound = 1e-6
+				}
+				if d := relL2(g, h); d > bound {
+					t.Errorf("T %d norm %v %s: RoPEQK vs RoPE then RMSNorm rel L2 %.3g > %g", T, norm, c.name, d, bound)
+				}
+			}
+		}
+	}
 }

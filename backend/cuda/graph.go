@@ -21,7 +21,8 @@ import (
 // step, in replay mode: the ops check their operands and do their host bookkeeping (KV positions) as
 // usual, but instead of launching they only compare each launch with the recorded one and copy the
 // step's host arguments (token ids, positions, cache addresses: kernels read these from device memory,
-// see kvMeta) into the pinned memory the graph's copy nodes read. So a recording serves every step with
+// see kvRow) into pinned memory. The graph's first node copies them all to the device at once, and the
+// kernels read them there. So a recording serves every step with
 // the same shapes (a batch-size bucket), whichever sequences and positions it holds.
 //
 // Device memory: what the ops allocate during capture is reserved for the graph (never returned to the
@@ -30,8 +31,9 @@ import (
 //
 // If a replay's launches differ from the recording (a chunked cache dropped positions, a sequence of
 // another capacity), the replay is undone (the ops' host bookkeeping is restored) and the step runs
-// eagerly; the next step records again. Ops that cannot be recorded (a host sync, a collective on a
-// communicator that is not capture-safe) make the key eager for good.
+// eagerly; the next step records again. Ops that cannot be recorded (a host sync) make the key eager
+// for good. NCCL collectives are recorded (NCCL supports stream capture); every rank of a group records
+// and replays the same steps, so the collectives inside their graphs pair up as they would eagerly.
 
 // errNotRecordable is returned by an op that cannot be part of a recorded step.
 var errNotRecordable = errors.New("cuda: op cannot be recorded in a graph")
@@ -54,6 +56,8 @@ const (
 	sigDtoD
 	sigMemset
 	sigMatmul
+	sigArg
+	sigCollective
 )
 
 type recMode uint8
@@ -70,7 +74,8 @@ type recorder struct {
 	g     *stepGraph
 	cur   int   // replay: index of the next signature value
 	alloc int   // replay: index of the next allocation
-	pin   int64 // next free offset in g.pinned
+	args  int64 // next free offset in the arguments, g.pinned[0, g.argCap)
+	pin   int64 // next free offset in g.pinned for other uploads, from g.argCap
 	err   error // the first failure: errNotRecordable or errReplayDiff, wrapped with the detail
 	undo  []func()
 }
@@ -143,6 +148,29 @@ func (r *recorder) allocate(p *pool, n int64) (*buffer, error) {
 	return &b, nil
 }
 
+// argAlign aligns each kernel argument array in a recording's arguments.
+const argAlign = 16
+
+// arg places a kernel argument array (Backend.temp) in the recording's arguments: the bytes go to the
+// graph's pinned memory, which the graph's first node copies to g.args, and the kernels read them at
+// the same offset there.
+func (r *recorder) arg(src []byte) (*buffer, error) {
+	if r.err != nil {
+		return nil, r.err
+	}
+	n := int64(len(src))
+	off := r.args
+	if off+n > r.g.argCap {
+		return nil, r.fail(fmt.Errorf("%w: the step's kernel arguments outgrew the %d bytes of its first run", errReplayDiff, r.g.argCap))
+	}
+	r.args = roundUp(off+n, argAlign)
+	if _, err := r.op([]uint64{sigArg, uint64(n), uint64(off)}); err != nil {
+		return nil, err
+	}
+	copy(r.g.pinned.bytes(off, n), src)
+	return &buffer{ptr: r.g.args.ptr + devptr(off), size: n, kind: graphOwned}, nil
+}
+
 // upload stages src for the graph's host-to-device copy: captured as a copy from the graph's pinned
 // memory, and on replay written to the same pinned bytes before the graph is launched.
 func (r *recorder) upload(s *stream, dst devptr, src []byte) error {
@@ -171,6 +199,8 @@ func (r *recorder) upload(s *stream, dst devptr, src []byte) error {
 type stepGraph struct {
 	sigs   []uint64
 	allocs []buffer
+	args   *buffer // the kernel arguments on the device, copied from pinned[0, argCap) at the start
+	argCap int64
 	pinned *pinned
 	exec   C.CUgraphExec
 	done   C.CUevent // recorded after each launch: the pinned arguments may be rewritten once it fires
@@ -178,8 +208,9 @@ type stepGraph struct {
 
 // stepState is what Step knows of one key.
 type stepState struct {
-	runs     int  // steps run with this key
-	eager    bool // never record this key again
+	runs     int   // steps run with this key
+	args     int64 // bytes of kernel arguments the first (eager) step uploaded
+	eager    bool  // never record this key again
 	g        *stepGraph
 	replays  int64
 	captures int
@@ -234,13 +265,24 @@ func (b *Backend) Step(key string, f func() (backend.Tensor, error)) (backend.Te
 	}
 	st.runs++
 	switch {
-	case st.eager || st.runs == 1:
+	case st.eager:
 		return f()
+	case st.runs == 1:
+		return b.measure(st, f)
 	case st.g == nil:
 		return b.capture(st, f)
 	default:
 		return b.replay(st, f)
 	}
+}
+
+// measure runs f eagerly and keeps the bytes of kernel arguments it uploads, the room the next recording
+// of st's key reserves for them.
+func (b *Backend) measure(st *stepState, f func() (backend.Tensor, error)) (backend.Tensor, error) {
+	b.argBytes = 0
+	out, err := f()
+	st.args = b.argBytes
+	return out, err
 }
 
 // begin installs r as the recorder of the stream, the pool and the ops.
@@ -260,17 +302,33 @@ func (b *Backend) capture(st *stepState, f func() (backend.Tensor, error)) (back
 		st.eager = true
 		return f()
 	}
-	g := &stepGraph{}
+	if st.args > graphPinnedBytes/2 {
+		st.eager = true
+		return f()
+	}
+	g := &stepGraph{argCap: roundUp(max(st.args, argAlign), 256)}
 	var err error
 	if g.pinned, err = b.dev.allocPinned(graphPinnedBytes); err != nil {
 		return nil, err
 	}
+	if g.args, err = b.pool.getPooled(g.argCap); err != nil {
+		b.freeGraph(g)
+		return nil, err
+	}
+	g.args.kind = graphOwned
 	if err := b.stream.beginCapture(); err != nil {
 		b.freeGraph(g)
 		st.eager = true
 		return f()
 	}
-	r := &recorder{mode: recCapture, g: g}
+	// The first node: every kernel argument of the step, in one copy.
+	if err := b.stream.htodNow(g.args.ptr, g.pinned.p, g.argCap); err != nil {
+		_, _ = b.stream.endCapture()
+		b.freeGraph(g)
+		st.eager = true
+		return f()
+	}
+	r := &recorder{mode: recCapture, g: g, pin: g.argCap}
 	b.begin(r)
 	out, ferr := f()
 	b.end()
@@ -288,8 +346,10 @@ func (b *Backend) capture(st *stepState, f func() (backend.Tensor, error)) (back
 		if ferr != nil && r.err == nil && cerr == nil {
 			return nil, ferr // the step itself failed (bad input): as eagerly, but with nothing enqueued
 		}
-		st.eager = true
-		return f()
+		if !errors.Is(r.err, errReplayDiff) { // an op that cannot be recorded: for good
+			st.eager = true
+		}
+		return b.measure(st, f) // the step outgrew its first run's arguments: measure again, record next time
 	}
 	if err := check("cuEventCreate", cuResult(C.tp_cuEventCreate(drv.eventCreate, b.dev.ctx, &g.done, 2))); err != nil { // 2: CU_EVENT_DISABLE_TIMING
 		b.freeGraph(g)
@@ -310,11 +370,11 @@ func (b *Backend) replay(st *stepState, f func() (backend.Tensor, error)) (backe
 	if err := check("cuEventSynchronize", cuResult(C.tp_cuEventSynchronize(drv.eventSynchronize, b.dev.ctx, g.done))); err != nil {
 		return nil, err
 	}
-	r := &recorder{mode: recReplay, g: g}
+	r := &recorder{mode: recReplay, g: g, pin: g.argCap}
 	b.begin(r)
 	out, ferr := f()
 	b.end()
-	if r.err == nil && (r.cur != len(g.sigs) || r.alloc != len(g.allocs)) {
+	if r.err == nil && (r.cur != len(g.sigs) || r.alloc != len(g.allocs) || r.args > g.argCap) {
 		r.err = fmt.Errorf("%w: the step ended early", errReplayDiff)
 	}
 	if r.err != nil || ferr != nil {
@@ -322,10 +382,11 @@ func (b *Backend) replay(st *stepState, f func() (backend.Tensor, error)) (backe
 		if r.err == nil {
 			return nil, ferr
 		}
-		// Earlier results of this key are no longer promised: the graph and its memory can go.
+		// Earlier results of this key are no longer promised: the graph and its memory can go. The next
+		// step records again, with room for this step's arguments.
 		st.g = nil
 		b.freeGraph(g)
-		return f()
+		return b.measure(st, f)
 	}
 	if err := b.launchGraph(g); err != nil {
 		return nil, err
@@ -358,12 +419,25 @@ func (b *Backend) freeGraph(g *stepGraph) {
 		b.pool.release(a)
 	}
 	g.allocs = nil
+	if g.args != nil {
+		g.args.kind = pooled
+		b.pool.release(*g.args)
+		g.args = nil
+	}
 	if g.pinned != nil {
 		if b.stream.sync() == nil {
 			_ = g.pinned.free()
 		}
 		g.pinned = nil
 	}
+}
+
+// ReleaseGraphs frees every recorded step: their CUDA graphs and memory. Later steps record again. Call it
+// from the goroutine that drives the backend before closing an NCCL communicator the steps used: NCCL
+// destroys a communicator only once the graphs that captured its collectives are gone.
+func (b *Backend) ReleaseGraphs() {
+	b.closeGraphs()
+	b.steps = nil
 }
 
 func (b *Backend) closeGraphs() {

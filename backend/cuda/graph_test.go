@@ -90,7 +90,8 @@ func TestGraphDecodeEqualsEager(t *testing.T) {
 			compare("batch B", []int{80, 80, 40}, [][]int{{30}, {31, 32}, {33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50}}, 20)
 
 			after := stats(graphs)
-			for _, key := range []string{"llama4 decode 1", "llama4 decode 3"} {
+			key1, key3 := fmt.Sprintf("llama4 %p decode 1", mg), fmt.Sprintf("llama4 %p decode 3", mg)
+			for _, key := range []string{key1, key3} {
 				a, b := after[key], before[key]
 				replays, captures := a.Replays-b.Replays, a.Captures-b.Captures
 				t.Logf("%s: %d steps, %d replays, %d captures, eager %v", key, a.Steps-b.Steps, replays, captures, a.Eager)
@@ -98,7 +99,11 @@ func TestGraphDecodeEqualsEager(t *testing.T) {
 					t.Errorf("%s was not replayed: %+v", key, a)
 				}
 			}
-			row("graph "+fixture, "decode 1 and 3 vs eager", "equal", fmt.Sprintf("%+v", after["llama4 decode 3"]))
+			status := "equal, replayed"
+			if t.Failed() {
+				status = "FAIL"
+			}
+			row("graph "+fixture, "decode 1 and 3 vs eager", status, fmt.Sprintf("%+v", after[key3]))
 		})
 	}
 }

@@ -364,6 +364,10 @@ func (b *Backend) download(dst []byte, src devptr) error {
 // temp returns a pooled block of n bytes holding src (uploaded), for kernel arguments that live for one
 // op. The caller releases it after enqueuing the kernels that read it.
 func (b *Backend) temp(src []byte) (*buffer, error) {
+	if b.rec != nil {
+		return b.rec.arg(src)
+	}
+	b.argBytes += roundUp(int64(len(src)), argAlign)
 	buf, err := b.pool.get(int64(len(src)))
 	if err != nil {
 		return nil, err

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"reflect"
 	"runtime"
 	"slices"
 
@@ -109,9 +110,19 @@ func (b *Backend) RMSNorm(x, weight backend.Tensor, eps float32) (backend.Tensor
 	if wt != nil {
 		wp, wdt, hasW = wt, int(wt.dt), true
 	}
-	err = b.stream.launch(b.k.rmsnorm, dim3{uint32(rows), 1, 1}, dim3{256, 1, 1}, 0,
+	err = b.stream.launch(b.k.rmsnorm, dim3{uint32(rows), 1, 1}, b.normBlock(rows, n), 0,
 		xt, int(xt.dt), wp, wdt, hasW, out, int(out.dt), n, eps)
 	return b.result("rmsnorm", out, err)
+}
+
+// normBlock is the block of the norm kernels (one block a row of n): with few rows (decode) each block is
+// a large share of the work, so it gets enough threads for every thread to load NORM_UNROLL (4) elements
+// at once; with many rows, 256 threads.
+func (b *Backend) normBlock(rows, n int) dim3 {
+	if rows > 4*b.dev.multiprocessors {
+		return dim3{256, 1, 1}
+	}
+	return dim3{uint32(min(max(roundUp(int64(ceilDiv(n, 4)), 32), 32), 1024)), 1, 1}
 }
 
 var _ backend.AddNormer = (*Backend)(nil)
@@ -146,7 +157,7 @@ func (b *Backend) AddRMSNorm(x, y, weight backend.Tensor, eps float32) (sum, nor
 	if n == 0 || xt.numel() == 0 {
 		return st, out, nil
 	}
-	err = b.stream.launch(b.k.addRMSNorm, dim3{uint32(xt.numel() / n), 1, 1}, dim3{256, 1, 1}, 0,
+	err = b.stream.launch(b.k.addRMSNorm, dim3{uint32(xt.numel() / n), 1, 1}, b.normBlock(xt.numel()/n, n), 0,
 		xt, int(xt.dt), yt, int(yt.dt), st, wt, int(wt.dt), out, int(out.dt), n, eps)
 	if err != nil {
 		return nil, nil, fmt.Errorf("cuda: add_rmsnorm: %w", err)
@@ -301,16 +312,14 @@ func (b *Backend) Linear(x, w backend.Tensor) (backend.Tensor, error) {
 	if T == 0 || outDim == 0 {
 		return y, nil
 	}
-	if T <= min(b.gemvRows, gemvKernelRows) && wt.dt == BF16 && in > 0 && in%8 == 0 && wt.ptr()%16 == 0 && xt.ptr()%16 == 0 {
+	if b.gemvOK(xt, wt) {
 		b.counts.GEMV++
 		i := 0
 		for 1<<i < T {
 			i++
 		}
-		rows := gemvWarps * gemvRowsPerWarp
-		err = b.stream.launch(b.k.gemv[i], dim3{uint32((outDim + rows - 1) / rows), 1, 1}, dim3{gemvWarps * 32, 1, 1}, 0,
-			xt, int(xt.dt), wt, y, T, in, outDim)
-		return b.result(fmt.Sprintf("linear x%v w%v", xt.shape, wt.shape), y, err)
+		err = b.stream.launch(b.k.gemv[i], gemvGrid(outDim), gemvBlock, 0, xt, int(xt.dt), wt, y, T, in, outDim)
+		return b.result("linear", y, err)
 	}
 	key := gemmKey{m: T, n: outDim, k: in, out: y.dt}
 	var plan *gemmPlan
@@ -348,7 +357,10 @@ func (b *Backend) Linear(x, w backend.Tensor) (backend.Tensor, error) {
 	}
 	runtime.KeepAlive(xt)
 	runtime.KeepAlive(wt)
-	return b.result(fmt.Sprintf("linear x%v w%v", xt.shape, wt.shape), y, err)
+	if err != nil {
+		return nil, fmt.Errorf("cuda: linear x%v w%v: %w", xt.shape, wt.shape, err)
+	}
+	return y, nil
 }
 
 // splitLinear computes y = x · wᵀ for a float32 x as [hi; lo] · wᵀ, one GEMM of 2T rows (the weight is
@@ -413,6 +425,31 @@ func (b *Backend) commBuffer(t *tensor) nccl.DeviceBuffer {
 	return nccl.DeviceBuffer{Ptr: uintptr(t.ptr()), N: t.numel(), Type: typ, Stream: b.Stream()}
 }
 
+// recordCollective records (capture) or checks (replay) a collective of kind op on bufs in a recorded
+// step, and marks the buffers as captured. It says whether to call the communicator: always outside a
+// recorded step, while capturing, and never while replaying (the graph runs it).
+//
+// The signature includes the underlying communicator, so a recording made with one (a worker's previous
+// epoch, say) is not replayed with another: the replay differs, and the step is recorded again.
+func (b *Backend) recordCollective(ctx context.Context, c nccl.Comm, op uint64, bufs ...*nccl.DeviceBuffer) (enqueue bool, err error) {
+	if b.rec == nil {
+		return true, nil
+	}
+	if err := ctx.Err(); err != nil {
+		return false, err
+	}
+	var id uint64
+	if v := reflect.ValueOf(nccl.Underlying(c)); v.Kind() == reflect.Pointer {
+		id = uint64(v.Pointer())
+	}
+	sig := []uint64{sigCollective, op, id}
+	for _, buf := range bufs {
+		buf.Captured = true
+		sig = append(sig, uint64(buf.Ptr), uint64(buf.N), uint64(buf.Type))
+	}
+	return b.rec.op(sig)
+}
+
 // AllReduce sums t across the ranks of c in place, enqueued on the backend's stream (c must be an NCCL
 // communicator whose rank runs on this backend's device, see nccl.NewNCCLGroup). A single-rank
 // communicator of any kind leaves t as it is.
@@ -431,10 +468,11 @@ func (b *Backend) AllReduce(ctx context.Context, c nccl.Comm, t backend.Tensor) 
 		return fmt.Errorf("cuda: allreduce t%v over a %T of %d ranks: device tensors need an NCCL communicator: %w",
 			tt.shape, c, c.Size(), errors.ErrUnsupported)
 	}
-	if b.rec != nil { // the NCCL communicator's completion events cannot be recorded yet
-		return b.rec.fail(fmt.Errorf("%w: allreduce", errNotRecordable))
+	buf := b.commBuffer(tt)
+	if enqueue, err := b.recordCollective(ctx, c, 1, &buf); !enqueue {
+		return err
 	}
-	if err := c.AllReduce(ctx, b.commBuffer(tt)); err != nil {
+	if err := c.AllReduce(ctx, buf); err != nil {
 		return fmt.Errorf("cuda: allreduce t%v: %w", tt.shape, err)
 	}
 	runtime.KeepAlive(tt)
@@ -465,17 +503,20 @@ func (b *Backend) AllGather(ctx context.Context, c nccl.Comm, t backend.Tensor) 
 		return nil, fmt.Errorf("cuda: allgather t%v over a %T of %d ranks: device tensors need an NCCL communicator: %w",
 			tt.shape, c, c.Size(), errors.ErrUnsupported)
 	}
-	if b.rec != nil {
-		return nil, b.rec.fail(fmt.Errorf("%w: allgather", errNotRecordable))
-	}
 	T, n, size := tt.shape[0], tt.shape[1], c.Size()
 	g, err := b.newTensor(tt.dt, size, T, n)
 	if err != nil {
 		return nil, err
 	}
-	gb := b.commBuffer(g)
-	if err := c.AllGather(ctx, b.commBuffer(tt), gb); err != nil {
-		return nil, fmt.Errorf("cuda: allgather t%v: %w", tt.shape, err)
+	sb, gb := b.commBuffer(tt), b.commBuffer(g)
+	enqueue, err := b.recordCollective(ctx, c, 2, &sb, &gb)
+	if err != nil {
+		return nil, err
+	}
+	if enqueue {
+		if err := c.AllGather(ctx, sb, gb); err != nil {
+			return nil, fmt.Errorf("cuda: allgather t%v: %w", tt.shape, err)
+		}
 	}
 	runtime.KeepAlive(tt)
 	if T <= 1 {
@@ -488,4 +529,55 @@ func (b *Backend) AllGather(ctx context.Context, c nccl.Comm, t backend.Tensor) 
 	total := T * size * n
 	err = b.stream.launch(b.k.gatherPermute, elemGrid(total), elemBlockDim, 0, g, int(g.dt), out, T, n, size, int64(total))
 	return b.result("allgather", out, err)
+}
+
+var _ backend.QKRotator = (*Backend)(nil)
+
+// RoPEQK rotates q [T, qheads, D] and k [T, kheads, D] by position and, with norm, applies the
+// weightless RMS norm to every head (backend.QKRotator): one launch, one warp a head, instead of two RoPE
+// and two RMSNorm launches.
+func (b *Backend) RoPEQK(q, k backend.Tensor, pos []int, invFreq []float32, norm bool, eps float32) (backend.Tensor, backend.Tensor, error) {
+	qt, err := b.asTensor("rope qk", "q", q)
+	if err != nil {
+		return nil, nil, err
+	}
+	kt, err := b.asTensor("rope qk", "k", k)
+	if err != nil {
+		return nil, nil, err
+	}
+	if len(qt.shape) != 3 || len(kt.shape) != 3 || qt.shape[0] != len(pos) || kt.shape[0] != len(pos) ||
+		qt.shape[2] != kt.shape[2] || qt.shape[2]%2 != 0 || qt.shape[2]/2 != len(invFreq) {
+		return nil, nil, fmt.Errorf("cuda: rope qk q%v k%v pos[%d] invFreq[%d]: %w", qt.shape, kt.shape, len(pos), len(invFreq), backend.ErrShape)
+	}
+	T, qh, kh, D := qt.shape[0], qt.shape[1], kt.shape[1], qt.shape[2]
+	qo, err := b.act(T, qh, D)
+	if err != nil {
+		return nil, nil, err
+	}
+	ko, err := b.newTensor(qo.dt, T, kh, D)
+	if err != nil {
+		return nil, nil, err
+	}
+	if T == 0 || D == 0 || qh+kh == 0 {
+		return qo, ko, nil
+	}
+	pb, err := int32Bytes("pos", pos)
+	if err != nil {
+		return nil, nil, err
+	}
+	pbuf, err := b.temp(pb)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer b.pool.release(*pbuf)
+	fbuf, err := b.temp(float32Bytes(invFreq))
+	if err != nil {
+		return nil, nil, err
+	}
+	defer b.pool.release(*fbuf)
+	if err := b.stream.launch(b.k.ropeQK, dim3{uint32(T), uint32(qh + kh), 1}, dim3{32, 1, 1}, 0,
+		qt, int(qt.dt), kt, int(kt.dt), pbuf, fbuf, qo, ko, int(qo.dt), qh, kh, D/2, norm, eps); err != nil {
+		return nil, nil, fmt.Errorf("cuda: rope qk: %w", err)
+	}
+	return qo, ko, nil
 }

@@ -19,6 +19,9 @@ type ProfileEntry struct {
 	GPU   time.Duration // summed event-to-event time: the operation and any idle gap before it
 }
 
+// profileSpinCycles is how long Profile holds the stream before f's operations: about 50 ms at 2 GHz.
+const profileSpinCycles = int64(100_000_000)
+
 // profiler records an event after every stream operation while Profile runs.
 type profiler struct {
 	events []C.CUevent // reused across runs
@@ -45,8 +48,9 @@ func (p *profiler) mark(s *stream, op string) {
 // Profile runs f eagerly (no graphs) with an event after each stream operation and returns the GPU
 // time per operation kind, largest first, and the GPU time from the first operation's start to the
 // last one's end. The time between two events is charged to the later operation, so launch gaps show
-// up in the operation that waited for its launch. For finding where a step's time goes; it slows the
-// host side down.
+// up in the operation that waited for its launch; a spin kernel launched before f holds the stream for
+// about 50 ms, so that f's operations queue up and run back to back when f enqueues faster than that. For
+// finding where a step's time goes; it slows the host side down.
 func (b *Backend) Profile(f func() error) (entries []ProfileEntry, total time.Duration, err error) {
 	if b.closed {
 		return nil, 0, ErrClosed
@@ -66,6 +70,11 @@ func (b *Backend) Profile(f func() error) (entries []ProfileEntry, total time.Du
 		b.prof = p
 	}
 	p.n = 0
+	// Hold the stream for a while so that f's operations queue up behind the spin: the events then
+	// measure the GPU's work, not the host's launches (unless f enqueues for longer than this).
+	if err := b.stream.launch(b.k.spin, dim3{1, 1, 1}, dim3{1, 1, 1}, 0, profileSpinCycles); err != nil {
+		return nil, 0, err
+	}
 	p.mark(b.stream, "start")
 	b.stream.prof = p
 	ferr := f()

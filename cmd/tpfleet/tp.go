@@ -101,6 +101,11 @@ func (g *group) run(f func(rank int, m *llama4.Model) error) error {
 
 func (g *group) Close() error {
 	var errs []error
+	for _, b := range g.backends {
+		if r, ok := b.(interface{ ReleaseGraphs() }); ok {
+			r.ReleaseGraphs() // before the communicators: NCCL waits for the graphs that captured them
+		}
+	}
 	for _, c := range g.comms {
 		errs = append(errs, c.Close())
 	}

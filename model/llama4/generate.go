@@ -2,9 +2,11 @@ package llama4
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 
+	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/sample"
 )
 
@@ -27,6 +29,11 @@ const (
 // Generate runs prompt through the model, then decodes one token at a time through the KV cache. It calls
 // emit (when not nil) with each new token as soon as it is chosen and returns all new tokens, including a
 // final stop id, as HF's generate() does.
+//
+// Tokens are chosen with package sample's rule from a stream of draws seeded by opt.Sample.Seed. When the
+// backend implements backend.Sampler, the choice is made where the logits are (they are never read back)
+// with the draws made here, so a seed gives the same tokens as on the host, up to the backend's
+// documented rounding slack; otherwise the logits come to the host and sample.Sampler chooses.
 func (m *Model) Generate(ctx context.Context, prompt []int, opt GenerateOptions, emit func(id int) error) ([]int, Finish, error) {
 	if opt.MaxTokens <= 0 {
 		return nil, "", fmt.Errorf("%w: max tokens %d must be positive", ErrInput, opt.MaxTokens)
@@ -50,11 +57,10 @@ func (m *Model) Generate(ctx context.Context, prompt []int, opt GenerateOptions,
 		if err != nil {
 			return out, "", err
 		}
-		row, err := m.ops.Float32(logits)
+		id, err := m.choose(logits, sampler)
 		if err != nil {
-			return out, "", fmt.Errorf("llama4: read logits: %w", err)
+			return out, "", err
 		}
-		id := sampler.Next(row)
 		out = append(out, id)
 		if emit != nil {
 			if err := emit(id); err != nil {
@@ -67,6 +73,35 @@ func (m *Model) Generate(ctx context.Context, prompt []int, opt GenerateOptions,
 		next = []int{id}
 	}
 	return out, FinishLength, nil
+}
+
+// choose picks the next token from logits [1, vocab]: on the backend when it implements backend.Sampler
+// (with the draw sampler.Next would make), else on the host. A backend that refuses the settings
+// (errors.ErrUnsupported) leaves the choice to the host, with the same draw.
+func (m *Model) choose(logits backend.Tensor, sampler *sample.Sampler) (int, error) {
+	smp, onDevice := m.ops.(backend.Sampler)
+	if !onDevice {
+		values, err := m.ops.Float32(logits)
+		if err != nil {
+			return 0, fmt.Errorf("llama4: read logits: %w", err)
+		}
+		return sampler.Next(values), nil
+	}
+	shape := logits.Shape()
+	p := sampler.Params()
+	row := backend.SampleRow{Temperature: p.Temperature, TopK: p.TopK, TopP: p.TopP, U: sampler.Uniform(shape[len(shape)-1])}
+	ids, err := smp.Sample(logits, []backend.SampleRow{row})
+	if err == nil {
+		return ids[0], nil
+	}
+	if !errors.Is(err, errors.ErrUnsupported) {
+		return 0, fmt.Errorf("llama4: sample: %w", err)
+	}
+	values, err := m.ops.Float32(logits)
+	if err != nil {
+		return 0, fmt.Errorf("llama4: read logits: %w", err)
+	}
+	return sample.Pick(values, p, row.U), nil
 }
 
 // Score runs ids teacher-forced through a fresh sequence and returns logits [len(ids), vocab] on the host.

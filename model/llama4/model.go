@@ -319,7 +319,7 @@ func (m *Model) ForwardBatch(ctx context.Context, seqs []*Sequence, ids [][]int,
 	if rec, ok := m.ops.(backend.StepRecorder); ok && len(flat) == len(seqs) && !allLogits {
 		// A decode step: the same ops for every step of this many sequences, so the backend may record
 		// them once (a CUDA graph) and replay them.
-		logits, err = rec.Step(fmt.Sprintf("llama4 decode %d", len(seqs)), run)
+		logits, err = rec.Step(fmt.Sprintf("llama4 %p decode %d", m, len(seqs)), run)
 	} else {
 		logits, err = run()
 	}
@@ -396,14 +396,12 @@ func (d *decoderLayer) forward(s *step, m *Model, x, h, nextNorm backend.Tensor,
 func (d *decoderLayer) attention(s *step, m *Model, h backend.Tensor, pos []int, spans []span) backend.Tensor {
 	a, cfg := &d.attn, m.Config
 	t := len(pos)
-	q := s.reshape(s.linear(h, a.q), t, a.heads, cfg.HeadDim)
-	k := s.reshape(s.linear(h, a.k), t, a.kvHeads, cfg.HeadDim)
-	v := s.reshape(s.linear(h, a.v), t, a.kvHeads, cfg.HeadDim)
+	qkv := s.linears(h, a.q, a.k, a.v)
+	q := s.reshape(qkv[0], t, a.heads, cfg.HeadDim)
+	k := s.reshape(qkv[1], t, a.kvHeads, cfg.HeadDim)
+	v := s.reshape(qkv[2], t, a.kvHeads, cfg.HeadDim)
 	if d.useRoPE { // (a) RoPE on interleaved pairs, then (b) weightless RMS qk-norm
-		q, k = s.rope(q, pos, m.invFreq), s.rope(k, pos, m.invFreq)
-		if d.qkNorm {
-			q, k = s.rmsNorm(q, nil, cfg.RMSNormEps), s.rmsNorm(k, nil, cfg.RMSNormEps)
-		}
+		q, k = s.ropeQK(q, k, pos, m.invFreq, d.qkNorm, cfg.RMSNormEps)
 	}
 	if d.temperatureTuned { // (c) NoPE layers scale q by the absolute position's temperature
 		scale := make([]float32, t)
@@ -439,16 +437,18 @@ func (f *mlp) forward(s *step, h backend.Tensor) backend.Tensor {
 
 // local is the SwiGLU product without the reduction, so the MoE can reduce shared and routed together.
 func (f *mlp) local(s *step, h backend.Tensor) backend.Tensor {
-	return s.linear(s.siluMul(s.linear(h, f.gate), s.linear(h, f.up)), f.down)
+	gu := s.linears(h, f.gate, f.up)
+	return s.linear(s.siluMul(gu[0], gu[1]), f.down)
 }
 
 // forward is spec §2.4: top-k on raw router logits, sigmoid scores scale the experts' input, plus the shared
 // expert. When both are partial sums (tensor parallel) they are added before one all-reduce; under expert
 // parallelism only the routed sum is partial.
 func (f *moe) forward(s *step, h backend.Tensor) backend.Tensor {
-	routing := s.route(s.linear(h, f.router), f.topK)
+	p := s.linears(h, f.router, f.shared.gate, f.shared.up) // every product of h at once
+	routing := s.route(p[0], f.topK)
 	routed := s.experts(h, routing, f.gateUp, f.down, f.firstExpert)
-	shared := f.shared.local(s, h)
+	shared := s.linear(s.siluMul(p[1], p[2]), f.shared.down)
 	if f.partial == f.shared.partial {
 		return s.allReduce(s.add(shared, routed), f.partial)
 	}

@@ -58,6 +58,25 @@ func (s *step) linear(x, w backend.Tensor) backend.Tensor {
 	return s.do("linear", func() (backend.Tensor, error) { return s.ops.Linear(x, w) })
 }
 
+// linears returns x · wᵀ for each w: one op where the backend has it (backend.MultiLinear).
+func (s *step) linears(x backend.Tensor, ws ...backend.Tensor) []backend.Tensor {
+	out := make([]backend.Tensor, len(ws))
+	if s.err != nil {
+		return out
+	}
+	if ml, ok := s.ops.(backend.MultiLinear); ok {
+		ys, err := ml.LinearMulti(x, ws...)
+		if s.fail("linear", err); err == nil {
+			copy(out, ys)
+		}
+		return out
+	}
+	for i, w := range ws {
+		out[i] = s.linear(x, w)
+	}
+	return out
+}
+
 func (s *step) add(a, b backend.Tensor) backend.Tensor {
 	return s.do("add", func() (backend.Tensor, error) { return s.ops.Add(a, b) })
 }
@@ -72,6 +91,24 @@ func (s *step) scaleRows(x backend.Tensor, scale []float32) backend.Tensor {
 
 func (s *step) rope(x backend.Tensor, pos []int, invFreq []float32) backend.Tensor {
 	return s.do("rope", func() (backend.Tensor, error) { return s.ops.RoPE(x, pos, invFreq) })
+}
+
+// ropeQK rotates q and k and, with norm, applies the weightless qk-norm to both: one op where the backend
+// has it (backend.QKRotator).
+func (s *step) ropeQK(q, k backend.Tensor, pos []int, invFreq []float32, norm bool, eps float32) (backend.Tensor, backend.Tensor) {
+	if s.err != nil {
+		return nil, nil
+	}
+	if r, ok := s.ops.(backend.QKRotator); ok {
+		qo, ko, err := r.RoPEQK(q, k, pos, invFreq, norm, eps)
+		s.fail("rope", err)
+		return qo, ko
+	}
+	q, k = s.rope(q, pos, invFreq), s.rope(k, pos, invFreq)
+	if norm {
+		q, k = s.rmsNorm(q, nil, eps), s.rmsNorm(k, nil, eps)
+	}
+	return q, k
 }
 
 func (s *step) reshape(x backend.Tensor, shape ...int) backend.Tensor {

@@ -487,7 +487,11 @@ func checkContextError(t *testing.T, what string, comms []nccl.Comm, ctx context
 		t.Errorf("%s took %v, want < %v", what, d, prompt)
 	}
 	for r, err := range errs {
-		if !errors.Is(err, want) {
+		// The ranks share ctx, but one may hear of its end from a peer that saw it first: the peer's
+		// failure then carries the same cause as text (peers' errors are not wrapped, so that their
+		// context errors are not taken for this rank's).
+		fromPeer := err != nil && strings.Contains(err.Error(), "peer failed") && strings.Contains(err.Error(), want.Error())
+		if !errors.Is(err, want) && !fromPeer {
 			t.Errorf("rank %d: %s = %v, want %v", r, what, err, want)
 		}
 	}

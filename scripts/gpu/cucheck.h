@@ -31,3 +31,4 @@ __device__ float atomicAdd(float*, float); __device__ int atomicAdd(int*, int);
 __device__ unsigned atomicAdd(unsigned*, unsigned); __device__ int atomicMax(int*, int);
 __device__ unsigned long long atomicAdd(unsigned long long*, unsigned long long);
 __device__ unsigned __cvta_generic_to_shared(const void*);
+__device__ long long clock64();

@@ -98,7 +98,7 @@ ids="$prompt,$greedy"
 
 # (a) score: one process at TP 1 (it also fills the kernel cache), then two rank processes at TP 2.
 t0=$(now)
-if timeout "$STEP_TIMEOUT" "$bin" score --model "$MODEL" --device cuda --ids "$ids" --out "$tmp/tp1.safetensors" >"$out/score-tp1.log" 2>&1; then
+if timeout -k 10 "$STEP_TIMEOUT" "$bin" score --model "$MODEL" --device cuda --ids "$ids" --out "$tmp/tp1.safetensors" >"$out/score-tp1.log" 2>&1; then
 	row "score --tp 1 (1 process)" PASS "$(elapsed "$t0")"
 else
 	fail "score --tp 1 (1 process)" "exit $? (timeout: 124)"
@@ -109,7 +109,7 @@ t0=$(now)
 rdzv="$tmp/rdzv"
 pids=()
 for r in 0 1; do
-	timeout "$STEP_TIMEOUT" "$bin" score --model "$MODEL" --device cuda --tp 2 --rank "$r" --rdzv "$rdzv" \
+	timeout -k 10 "$STEP_TIMEOUT" "$bin" score --model "$MODEL" --device cuda --tp 2 --rank "$r" --rdzv "$rdzv" \
 		--op-timeout "$((STEP_TIMEOUT - 10))s" --ids "$ids" --out "$tmp/tp2.safetensors" >"$out/score-rank$r.log" 2>&1 &
 	pids+=($!)
 done
@@ -182,7 +182,7 @@ if [ -z "$addr" ]; then
 else
 	row "serve --device cuda --tp 2" PASS "coordinator at $addr after $(elapsed "$t0")"
 	t0=$(now)
-	if timeout "$((STEP_TIMEOUT + 10))" "$bin" generate --addr "$addr" --ids "$prompt" --max-tokens "$MAX_TOKENS" --temperature 0 \
+	if timeout -k 10 "$((STEP_TIMEOUT + 10))" "$bin" generate --addr "$addr" --ids "$prompt" --max-tokens "$MAX_TOKENS" --temperature 0 \
 		--ignore-eos --json --wait "${STEP_TIMEOUT}s" >"$tmp/generate.json" 2>"$out/generate.log"; then
 		if res=$(python3 - "$tmp/generate.json" "$greedy" "$MAX_TOKENS" <<'PY'
 import json, sys

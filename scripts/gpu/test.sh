@@ -73,7 +73,7 @@ run() {
 				[ "$mode" = graphs ] || [ "$tp" = 1 ] || continue
 				echo "== bench Scout-4L tp $tp $mode" | tee -a "$log"
 				set +e
-				TPFLEET_CUDA_GRAPHS=$([ "$mode" = graphs ] && echo 1 || echo 0) timeout "${BENCH_TIMEOUT:-120}" "$tmp/tpfleet" bench --device cuda --tp "$tp" $scout \
+				TPFLEET_CUDA_GRAPHS=$([ "$mode" = graphs ] && echo 1 || echo 0) timeout -k 10 "${BENCH_TIMEOUT:-120}" "$tmp/tpfleet" bench --device cuda --tp "$tp" $scout \
 					--prompt 2048 --tokens "${BENCH_TOKENS:-32}" --runs "${BENCH_RUNS:-3}" --profile --json 2>&1 | tee -a "$log" "$tmp/bench.json"
 				st=${PIPESTATUS[0]}
 				set -e

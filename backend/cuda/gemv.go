@@ -1,0 +1,81 @@
+package cuda
+
+import (
+	"fmt"
+
+	"github.com/tpfleet/tpfleet/backend"
+)
+
+// The GEMV kernels (gemv.cu) for decode: Linear at a few rows, and several products of one x in one
+// launch (q, k and v; the router and the shared expert's gate and up), which saves a decode layer launches.
+//
+// Measured and dropped (docs/gpu-notes.md): four rows a warp instead of two (no faster), and SwiGLU's
+// product fused into the down projection's x loads (2.6 times slower than silu_mul and a GEMV: every warp
+// recomputed the product and read two float32 rows per weight chunk).
+
+// gemvBlock and gemvGrid size a GEMV launch over n output rows: GEMV_WARPS warps of GEMV_ROWS rows each.
+var gemvBlock = dim3{gemvWarps * 32, 1, 1}
+
+func gemvGrid(n int) dim3 {
+	rows := gemvWarps * gemvRowsPerWarp
+	return dim3{uint32((n + rows - 1) / rows), 1, 1}
+}
+
+// gemvOK reports whether x · wᵀ runs on a GEMV kernel: at most gemvRows rows, a bf16 w, K a multiple of
+// 8 and 16-byte aligned operands (the kernels' 16-byte loads).
+func (b *Backend) gemvOK(xt, wt *tensor) bool {
+	T, in := xt.shape[0], xt.shape[1]
+	return T <= min(b.gemvRows, gemvKernelRows) && wt.dt == BF16 && in > 0 && in%8 == 0 && wt.ptr()%16 == 0 && xt.ptr()%16 == 0
+}
+
+var _ backend.MultiLinear = (*Backend)(nil)
+
+// LinearMulti returns Linear(x, w) for each of ws (backend.MultiLinear). Two or three products that the
+// GEMV kernels take (at most 2 rows, bf16 weights of the same input width and an even number of output
+// rows each) run as one launch; otherwise each is a Linear.
+func (b *Backend) LinearMulti(x backend.Tensor, ws ...backend.Tensor) ([]backend.Tensor, error) {
+	xt, err := b.asTensor("linear multi", "x", x)
+	if err != nil {
+		return nil, err
+	}
+	wts := make([]*tensor, len(ws))
+	fused := len(ws) >= 2 && len(ws) <= 3 && len(xt.shape) == 2 && xt.shape[0] <= 2
+	for i, w := range ws {
+		if wts[i], err = b.asTensor("linear multi", fmt.Sprintf("w%d", i), w); err != nil {
+			return nil, err
+		}
+		fused = fused && len(wts[i].shape) == 2 && wts[i].shape[1] == xt.shape[1] && wts[i].shape[0]%gemvRowsPerWarp == 0 && b.gemvOK(xt, wts[i])
+	}
+	out := make([]backend.Tensor, len(ws))
+	if !fused {
+		for i, w := range ws {
+			if out[i], err = b.Linear(x, w); err != nil {
+				return nil, err
+			}
+		}
+		return out, nil
+	}
+	T, in := xt.shape[0], xt.shape[1]
+	args := []any{xt, int(xt.dt)}
+	total := 0
+	for i := range 3 {
+		if i >= len(wts) {
+			args = append(args, devptr(0), devptr(0), 0)
+			continue
+		}
+		n := wts[i].shape[0]
+		y, err := b.newTensor(F32, T, n)
+		if err != nil {
+			return nil, err
+		}
+		out[i] = y
+		args = append(args, wts[i], y, n)
+		total += n
+	}
+	args = append(args, T, in)
+	b.counts.GEMV += int64(len(ws))
+	if err := b.stream.launch(b.k.gemvMulti[T-1], gemvGrid(total), gemvBlock, 0, args...); err != nil {
+		return nil, fmt.Errorf("cuda: linear multi x%v: %w", xt.shape, err)
+	}
+	return out, nil
+}
