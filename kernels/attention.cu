@@ -116,13 +116,14 @@ attention(const void* q, int qdt, const bf16_t* kc, const bf16_t* vc, const int*
 
 // att_load_kv loads lane's bf16 pairs (elements 64i + 2·lane, +1) of key j's K and V rows of one kv head
 // (offset head_off) when j <= hi and the pair is inside D; the others are left as they are.
+template <int PAIRS>
 __device__ __forceinline__ void att_load_kv(const bf16_t* kc, const bf16_t* vc, int j, int hi, long long stride,
 	long long head_off, int D, int lane, unsigned int* kw, unsigned int* vw) {
 	if (j > hi) return;
 	const bf16_t* kr = kc + j * stride + head_off;
 	const bf16_t* vr = vc + j * stride + head_off;
 #pragma unroll
-	for (int i = 0; i < ATTS_PAIRS; i++) {
+	for (int i = 0; i < PAIRS; i++) {
 		int d = 64 * i + 2 * lane;
 		if (d < D) {
 			kw[i] = *(const unsigned int*)(kr + d);
@@ -130,8 +131,8 @@ __device__ __forceinline__ void att_load_kv(const bf16_t* kc, const bf16_t* vc, 
 		}
 	}
 }
-extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
-attention_split(const void* q, int qdt, const long long* rows,
+template <int PAIRS>
+__device__ __forceinline__ void attention_split_body(const void* q, int qdt, const long long* rows,
 	float* part_ml, float* part_acc, int heads, int kv_heads, int D, int chunk, float scale, int splits) {
 	__shared__ float sm_m[ATT_WARPS][ATTS_MAXG], sm_l[ATT_WARPS][ATTS_MAXG];
 	__shared__ float sm_acc[ATT_WARPS][ATTS_MAXG][ATT_MAXD];
@@ -149,12 +150,12 @@ attention_split(const void* q, int qdt, const long long* rows,
 	if (span < ATTS_MINSPAN) span = ATTS_MINSPAN;
 	int lo = from + s * span;
 	int hi = lo + span - 1 < p ? lo + span - 1 : p;
-	float qr[ATTS_MAXG][ATTS_PAIRS][2], acc[ATTS_MAXG][ATTS_PAIRS][2], m[ATTS_MAXG], l[ATTS_MAXG];
+	float qr[ATTS_MAXG][PAIRS][2], acc[ATTS_MAXG][PAIRS][2], m[ATTS_MAXG], l[ATTS_MAXG];
 #pragma unroll
 	for (int g = 0; g < ATTS_MAXG; g++) {
 		long long qoff = ((long long)t * heads + (long long)kvh * G + g) * D;
 #pragma unroll
-		for (int i = 0; i < ATTS_PAIRS; i++) {
+		for (int i = 0; i < PAIRS; i++) {
 			int d = 64 * i + 2 * lane;
 			bool in = g < G && d < D;
 			qr[g][i][0] = in ? ld(q, qdt, qoff + d) : 0.0f;
@@ -167,40 +168,50 @@ attention_split(const void* q, int qdt, const long long* rows,
 	long long stride = (long long)kv_heads * D;
 	// The key and value words of this warp's next key are loaded before the current key is used, so a
 	// warp's walk waits for memory about once, not once per key.
-	unsigned int kn[ATTS_PAIRS], vn[ATTS_PAIRS];
+	unsigned int kn[PAIRS], vn[PAIRS];
 #pragma unroll
-	for (int i = 0; i < ATTS_PAIRS; i++) kn[i] = vn[i] = 0;
-	att_load_kv(kc, vc, lo + warp, hi, stride, (long long)kvh * D, D, lane, kn, vn);
+	for (int i = 0; i < PAIRS; i++) kn[i] = vn[i] = 0;
+	att_load_kv<PAIRS>(kc, vc, lo + warp, hi, stride, (long long)kvh * D, D, lane, kn, vn);
 	for (int j = lo + warp; j <= hi; j += ATT_WARPS) {
-		unsigned int kcur[ATTS_PAIRS], vcur[ATTS_PAIRS];
+		unsigned int kcur[PAIRS], vcur[PAIRS];
 #pragma unroll
-		for (int i = 0; i < ATTS_PAIRS; i++) {
+		for (int i = 0; i < PAIRS; i++) {
 			kcur[i] = kn[i];
 			vcur[i] = vn[i];
 		}
-		att_load_kv(kc, vc, j + ATT_WARPS, hi, stride, (long long)kvh * D, D, lane, kn, vn);
-		float kf[ATTS_PAIRS][2], vf[ATTS_PAIRS][2];
+		att_load_kv<PAIRS>(kc, vc, j + ATT_WARPS, hi, stride, (long long)kvh * D, D, lane, kn, vn);
+		float kf[PAIRS][2], vf[PAIRS][2];
 #pragma unroll
-		for (int i = 0; i < ATTS_PAIRS; i++) {
+		for (int i = 0; i < PAIRS; i++) {
 			unsigned int kw = kcur[i], vw = vcur[i];
 			kf[i][0] = __uint_as_float(kw << 16);
 			kf[i][1] = __uint_as_float(kw & 0xffff0000u);
 			vf[i][0] = __uint_as_float(vw << 16);
 			vf[i][1] = __uint_as_float(vw & 0xffff0000u);
 		}
+		float dot[ATTS_MAXG];
+#pragma unroll
+		for (int g = 0; g < ATTS_MAXG; g++) {
+			dot[g] = 0.0f;
+#pragma unroll
+			for (int i = 0; i < PAIRS; i++) dot[g] += qr[g][i][0] * kf[i][0] + qr[g][i][1] * kf[i][1];
+		}
+		// The heads' warp sums interleaved (warp_sum's order, so the same values): their shuffles overlap
+		// instead of waiting for one another.
+#pragma unroll
+		for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+			for (int g = 0; g < ATTS_MAXG; g++) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], o);
 #pragma unroll
 		for (int g = 0; g < ATTS_MAXG; g++) {
 			if (g < G) {
-				float sc = 0.0f;
-#pragma unroll
-				for (int i = 0; i < ATTS_PAIRS; i++) sc += qr[g][i][0] * kf[i][0] + qr[g][i][1] * kf[i][1];
-				sc = warp_sum(sc) * scale;
+				float sc = dot[g] * scale;
 				float mn = fmaxf(m[g], sc);
 				float corr = expf(m[g] - mn);
 				float e = expf(sc - mn);
 				l[g] = l[g] * corr + e;
 #pragma unroll
-				for (int i = 0; i < ATTS_PAIRS; i++) {
+				for (int i = 0; i < PAIRS; i++) {
 					acc[g][i][0] = acc[g][i][0] * corr + e * vf[i][0];
 					acc[g][i][1] = acc[g][i][1] * corr + e * vf[i][1];
 				}
@@ -216,7 +227,7 @@ attention_split(const void* q, int qdt, const long long* rows,
 				sm_l[warp][g] = l[g];
 			}
 #pragma unroll
-			for (int i = 0; i < ATTS_PAIRS; i++) {
+			for (int i = 0; i < PAIRS; i++) {
 				int d = 64 * i + 2 * lane;
 				if (d < D) {
 					sm_acc[warp][g][d] = acc[g][i][0];
@@ -243,6 +254,19 @@ attention_split(const void* q, int qdt, const long long* rows,
 			part_ml[2 * row + 1] = L;
 		}
 	}
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+attention_split(const void* q, int qdt, const long long* rows,
+	float* part_ml, float* part_acc, int heads, int kv_heads, int D, int chunk, float scale, int splits) {
+	attention_split_body<ATTS_PAIRS>(q, qdt, rows, part_ml, part_acc, heads, kv_heads, D, chunk, scale, splits);
+}
+
+// attention_split_128 is attention_split for D <= 128: half the registers for q and the accumulators.
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+attention_split_128(const void* q, int qdt, const long long* rows,
+	float* part_ml, float* part_acc, int heads, int kv_heads, int D, int chunk, float scale, int splits) {
+	attention_split_body<2>(q, qdt, rows, part_ml, part_acc, heads, kv_heads, D, chunk, scale, splits);
 }
 
 // attention_combine: block (t, h) merges the splits' partials of query t, head h (attention_split) with

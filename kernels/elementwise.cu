@@ -105,12 +105,38 @@ extern "C" __global__ void spin(long long cycles) {
 	}
 }
 
+// binary_n applies op to ELEM_UNROLL elements of a and b per pass (GRID_STRIDE_N).
+template <typename Op>
+__device__ __forceinline__ void binary_n(const void* a, int adt, const void* b, int bdt, void* y, int ydt, long long n, Op op) {
+	GRID_STRIDE_N(i0, n) {
+		float va[ELEM_UNROLL], vb[ELEM_UNROLL];
+#pragma unroll
+		for (int u = 0; u < ELEM_UNROLL; u++) {
+			long long i = i0 + (long long)u * blockDim.x;
+			va[u] = i < n ? ld(a, adt, i) : 0.0f;
+			vb[u] = i < n ? ld(b, bdt, i) : 0.0f;
+		}
+#pragma unroll
+		for (int u = 0; u < ELEM_UNROLL; u++) {
+			long long i = i0 + (long long)u * blockDim.x;
+			if (i < n) st(y, ydt, i, op(va[u], vb[u]));
+		}
+	}
+}
+
+struct add_op {
+	__device__ float operator()(float a, float b) const { return a + b; }
+};
+struct silu_mul_op {
+	__device__ float operator()(float g, float u) const { return silu(g) * u; }
+};
+
 extern "C" __global__ void add(const void* a, int adt, const void* b, int bdt, void* y, int ydt, long long n) {
-	GRID_STRIDE(i, n) st(y, ydt, i, ld(a, adt, i) + ld(b, bdt, i));
+	binary_n(a, adt, b, bdt, y, ydt, n, add_op());
 }
 
 extern "C" __global__ void silu_mul(const void* g, int gdt, const void* u, int udt, void* y, int ydt, long long n) {
-	GRID_STRIDE(i, n) st(y, ydt, i, silu(ld(g, gdt, i)) * ld(u, udt, i));
+	binary_n(g, gdt, u, udt, y, ydt, n, silu_mul_op());
 }
 
 // scale_rows multiplies row r (row elements each) of x by s[r].

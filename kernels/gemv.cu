@@ -43,27 +43,20 @@ __device__ __forceinline__ void load8(const void* row, int dt, int c, float* f) 
 #define GEMV_WARPS 4
 #define GEMV_ROWS 2 // output rows per warp: each x chunk read from L1 serves two weight rows
 
-// gemv_rows computes output rows n0 .. n0+GEMV_ROWS-1 of y [T, N] (float32) = x [T, K] · w [N, K]ᵀ for
-// T <= NT with float32 math (an f32 x is used as it is, not rounded to bf16). Its lanes stride over K in
-// 16-byte chunks, four chunks per row in flight, and a warp sum finishes each dot product (a fixed
-// order: the result does not depend on timing). K % 8 == 0; w and x 16-byte aligned.
+// gemv_accum adds to acc[r][t] this lane's share of the dot products of rows n0 .. n0+GEMV_ROWS-1 of
+// w [N, K] with the T <= NT rows of x [T, K], over the 16-byte chunks [cbeg, cend) of K: the lanes of a
+// warp stride over the chunks, four chunks per row in flight, with float32 math (an f32 x is used as it
+// is, not rounded to bf16). K % 8 == 0; w and x 16-byte aligned.
 template <int NT>
-__device__ __forceinline__ void gemv_rows(const void* __restrict__ x, int xdt,
-	const bf16_t* __restrict__ w, float* __restrict__ y, int T, int K, int N, int n0) {
+__device__ __forceinline__ void gemv_accum(const void* __restrict__ x, int xdt, const bf16_t* __restrict__ w,
+	int T, int K, int N, int n0, int cbeg, int cend, float (&acc)[GEMV_ROWS][NT]) {
 	int lane = threadIdx.x & 31;
-	if (n0 >= N) return; // uniform over the warp
 	long long xrow = dt_size(xdt) * (long long)K;
 	const u32x4* wr[GEMV_ROWS];
 #pragma unroll
 	for (int r = 0; r < GEMV_ROWS; r++) wr[r] = (const u32x4*)(w + (long long)imin(n0 + r, N - 1) * K);
-	float acc[GEMV_ROWS][NT];
-#pragma unroll
-	for (int r = 0; r < GEMV_ROWS; r++)
-#pragma unroll
-		for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
-	int K8 = K >> 3;
-	int c = lane;
-	for (; c + 96 < K8; c += 128) {
+	int c = cbeg + lane;
+	for (; c + 96 < cend; c += 128) {
 		u32x4 wv[4][GEMV_ROWS];
 #pragma unroll
 		for (int v = 0; v < 4; v++)
@@ -87,7 +80,7 @@ __device__ __forceinline__ void gemv_rows(const void* __restrict__ x, int xdt,
 			}
 		}
 	}
-	for (; c < K8; c += 32) {
+	for (; c < cend; c += 32) {
 		float wf[GEMV_ROWS][8];
 #pragma unroll
 		for (int r = 0; r < GEMV_ROWS; r++) bf16x8(wr[r][c], wf[r]);
@@ -103,6 +96,22 @@ __device__ __forceinline__ void gemv_rows(const void* __restrict__ x, int xdt,
 			}
 		}
 	}
+}
+
+// gemv_rows computes output rows n0 .. n0+GEMV_ROWS-1 of y [T, N] (float32) = x [T, K] · w [N, K]ᵀ with
+// one warp over all of K, and a warp sum finishes each dot product (a fixed order: the result does not
+// depend on timing).
+template <int NT>
+__device__ __forceinline__ void gemv_rows(const void* __restrict__ x, int xdt,
+	const bf16_t* __restrict__ w, float* __restrict__ y, int T, int K, int N, int n0) {
+	int lane = threadIdx.x & 31;
+	if (n0 >= N) return; // uniform over the warp
+	float acc[GEMV_ROWS][NT];
+#pragma unroll
+	for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+		for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
+	gemv_accum<NT>(x, xdt, w, T, K, N, n0, 0, K >> 3, acc);
 #pragma unroll
 	for (int r = 0; r < GEMV_ROWS; r++)
 #pragma unroll
@@ -110,6 +119,41 @@ __device__ __forceinline__ void gemv_rows(const void* __restrict__ x, int xdt,
 			float s = warp_sum(acc[r][t]);
 			if (lane == 0 && t < T && n0 + r < N) y[(long long)t * N + n0 + r] = s;
 		}
+}
+
+// gemv_split_rows is gemv_rows for a whole block: its GEMV_WARPS warps share the rows n0 ..
+// n0+GEMV_ROWS-1, each over a contiguous quarter of K, and the partial sums are added in warp order (a
+// fixed order). A small product (decode's attention and MLP weights) is bound by how many dependent
+// loads each warp waits for, not by bandwidth: this gives it four times the warps, each waiting a
+// quarter as often.
+template <int NT>
+__device__ __forceinline__ void gemv_split_rows(const void* __restrict__ x, int xdt,
+	const bf16_t* __restrict__ w, float* __restrict__ y, int T, int K, int N, int n0) {
+	__shared__ float part[GEMV_WARPS][GEMV_ROWS][NT];
+	int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+	if (n0 >= N) return; // uniform over the block
+	float acc[GEMV_ROWS][NT];
+#pragma unroll
+	for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+		for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
+	int K8 = K >> 3, per = (K8 + GEMV_WARPS - 1) / GEMV_WARPS;
+	gemv_accum<NT>(x, xdt, w, T, K, N, n0, imin(K8, warp * per), imin(K8, (warp + 1) * per), acc);
+#pragma unroll
+	for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+		for (int t = 0; t < NT; t++) {
+			float v = warp_sum(acc[r][t]);
+			if (lane == 0) part[warp][r][t] = v;
+		}
+	__syncthreads();
+	if (warp == 0 && lane < GEMV_ROWS * NT) {
+		int r = lane / NT, t = lane - r * NT;
+		float v = 0.0f;
+#pragma unroll
+		for (int q = 0; q < GEMV_WARPS; q++) v += part[q][r][t];
+		if (t < T && n0 + r < N) y[(long long)t * N + n0 + r] = v;
+	}
 }
 
 // gemv_row0 is the first output row of this warp: each warp owns GEMV_ROWS consecutive rows.
@@ -126,18 +170,26 @@ gemv_4(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) {
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_8(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_rows<8>(x, xdt, w, y, T, K, N, gemv_row0()); }
 
+// gemv_split_N: y [T, N] = x [T, K] · w [N, K]ᵀ for T <= N rows with gemv_split_rows (grid:
+// ceil(N / GEMV_ROWS) blocks of GEMV_WARPS warps).
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
+gemv_split_1(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_split_rows<1>(x, xdt, w, y, T, K, N, blockIdx.x * GEMV_ROWS); }
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
+gemv_split_2(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_split_rows<2>(x, xdt, w, y, T, K, N, blockIdx.x * GEMV_ROWS); }
+
 // gemv_multi_N computes up to three products of one x in one launch: y_s [T, N_s] = x · w_sᵀ for s = 0,
-// 1, 2 (N_s even, so that no warp's rows straddle two products; N_2 may be 0), over N_0 + N_1 + N_2 rows.
+// 1, 2 (N_s even, so that no block's rows straddle two products; N_2 may be 0), over N_0 + N_1 + N_2
+// rows, GEMV_ROWS a block (gemv_split_rows: these are the small products).
 template <int NT>
 __device__ __forceinline__ void gemv_multi(const void* x, int xdt, const bf16_t* w0, float* y0, int n0,
 	const bf16_t* w1, float* y1, int n1, const bf16_t* w2, float* y2, int n2, int T, int K) {
-	int n = gemv_row0();
+	int n = blockIdx.x * GEMV_ROWS;
 	if (n < n0) {
-		gemv_rows<NT>(x, xdt, w0, y0, T, K, n0, n);
+		gemv_split_rows<NT>(x, xdt, w0, y0, T, K, n0, n);
 	} else if (n < n0 + n1) {
-		gemv_rows<NT>(x, xdt, w1, y1, T, K, n1, n - n0);
+		gemv_split_rows<NT>(x, xdt, w1, y1, T, K, n1, n - n0);
 	} else {
-		gemv_rows<NT>(x, xdt, w2, y2, T, K, n2, n - n0 - n1);
+		gemv_split_rows<NT>(x, xdt, w2, y2, T, K, n2, n - n0 - n1);
 	}
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
@@ -324,18 +376,30 @@ expert_gemv_8(const void* x, int xdt, int mode, const int* perm, const float* sc
 
 // expert_act sets act[r][c] = silu(g) · u for the first meta[1] of R permuted rows, where g and u are
 // the sums over the S splits of P[s][r][c] and P[s][r][I + c] (P [S, R, 2I], gate columns then up).
+// ELEM_UNROLL elements a thread per pass; R·I < 2^31 (the host checks), so the index math is 32-bit.
 extern "C" __global__ void expert_act(const float* P, int S, int R, int I, const int* meta, void* act, int adt) {
-	long long rows = meta[1];
-	GRID_STRIDE(i, (long long)R * I) {
-		long long r = i / I, c = i - r * I;
-		if (r >= rows) continue;
-		float g = 0.0f, u = 0.0f;
-		for (int s = 0; s < S; s++) {
-			const float* p = P + ((long long)s * R + r) * 2 * I;
-			g += p[c];
-			u += p[I + c];
+	int rows = meta[1];
+	long long n = (long long)R * I;
+	GRID_STRIDE_N(i0, n) {
+		float g[ELEM_UNROLL], u[ELEM_UNROLL];
+#pragma unroll
+		for (int v = 0; v < ELEM_UNROLL; v++) {
+			int i = (int)i0 + v * (int)blockDim.x;
+			int r = i / I, c = i - r * I;
+			g[v] = u[v] = 0.0f;
+			if (i < n && r < rows) {
+				for (int s = 0; s < S; s++) {
+					const float* p = P + ((long long)s * R + r) * 2 * I;
+					g[v] += p[c];
+					u[v] += p[I + c];
+				}
+			}
 		}
-		st(act, adt, i, silu(g) * u);
+#pragma unroll
+		for (int v = 0; v < ELEM_UNROLL; v++) {
+			int i = (int)i0 + v * (int)blockDim.x;
+			if (i < n && i / I < rows) st(act, adt, i, silu(g[v]) * u[v]);
+		}
 	}
 }
 
@@ -359,11 +423,24 @@ extern "C" __global__ void expert_combine(const float* P, int S, int R, int H, c
 
 // expert_gather writes the prefill experts' GEMM input: row r of xp [R, H] (bf16) is
 // x[perm[r] / k] · scores[perm[r]], or zeros for a gap row (perm[r] < 0: the host fills perm with -1
-// first). n = R·H.
+// first). n = R·H < 2^31 (the host checks); ELEM_UNROLL elements a thread per pass.
 extern "C" __global__ void expert_gather(const void* x, int xdt, const int* perm, const float* scores, int k, int H, bf16_t* xp, long long n) {
-	GRID_STRIDE(i, n) {
-		long long r = i / H, h = i - r * H;
-		int sl = perm[r];
-		xp[i] = f32_to_bf16(sl >= 0 ? ld(x, xdt, (long long)(sl / k) * H + h) * scores[sl] : 0.0f);
+	GRID_STRIDE_N(i0, n) {
+		float v[ELEM_UNROLL];
+#pragma unroll
+		for (int u = 0; u < ELEM_UNROLL; u++) {
+			int i = (int)i0 + u * (int)blockDim.x;
+			v[u] = 0.0f;
+			if (i < n) {
+				int r = i / H, h = i - r * H;
+				int sl = perm[r];
+				if (sl >= 0) v[u] = ld(x, xdt, (long long)(sl / k) * H + h) * scores[sl];
+			}
+		}
+#pragma unroll
+		for (int u = 0; u < ELEM_UNROLL; u++) {
+			int i = (int)i0 + u * (int)blockDim.x;
+			if (i < n) xp[i] = f32_to_bf16(v[u]);
+		}
 	}
 }

@@ -49,5 +49,14 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
 
+// ELEM_UNROLL is how many elements a thread of the large elementwise kernels handles per pass: their
+// loads are all issued before any is used, so that each thread keeps several in flight (with one load a
+// thread, too few bytes are in flight to use the memory's bandwidth). Pass k of the thread handles
+// element i0 + k·blockDim.x, so each pass is coalesced. The host sizes their grids with elemGridN.
+#define ELEM_UNROLL 4
+#define GRID_STRIDE_N(i0, n) \
+	for (long long i0 = (long long)blockIdx.x * blockDim.x * ELEM_UNROLL + threadIdx.x; i0 < (n); \
+		i0 += (long long)gridDim.x * blockDim.x * ELEM_UNROLL)
+
 // NEG_INF is float32 -∞ (no math.h here).
 #define NEG_INF __int_as_float(0xff800000)

@@ -251,7 +251,11 @@ func (b *Backend) attentionSplit(qt *tensor, kvHeads int, rows []kvRow, out *ten
 		return err
 	}
 	defer b.pool.release(*acc)
-	if err := b.stream.launch(b.k.attentionSplit, dim3{uint32(splits), uint32(kvHeads), uint32(T)}, dim3{128, 1, 1}, 0,
+	kern := b.k.attentionSplit
+	if D <= 128 {
+		kern = b.k.attentionSplit128
+	}
+	if err := b.stream.launch(kern, dim3{uint32(splits), uint32(kvHeads), uint32(T)}, dim3{128, 1, 1}, 0,
 		qt, int(qt.dt), meta, ml, acc, heads, kvHeads, D, window.Chunk, scale, splits); err != nil {
 		return err
 	}

@@ -44,6 +44,8 @@ type Backend struct {
 
 	// noFlash makes Attention skip the flash path (tests time the attention kernel against it).
 	noFlash bool
+	// noGEMVSplit makes Linear use the one-warp-a-row GEMV for small weights too (tests compare).
+	noGEMVSplit bool
 	// splitPerSM is the number of decode attention blocks per SM attentionSplit aims at.
 	splitPerSM int
 
@@ -59,7 +61,7 @@ type kernelSet struct {
 	convert, embed, rmsnorm, add, siluMul, scaleRows, rope, linearSimple *kernel
 	splitBF16, addHalves                                                 *kernel
 	kvAppend, attention, route, expertGateUp, expertDown                 *kernel
-	attentionSplit, attentionCombine                                     *kernel
+	attentionSplit, attentionSplit128, attentionCombine                  *kernel
 	attentionFlash                                                       *kernel
 	gatherPermute, fillRandom                                            *kernel
 	gemv                                                                 [4]*kernel // gemv_1, _2, _4, _8
@@ -67,7 +69,7 @@ type kernelSet struct {
 	expertGather                                                         *kernel
 	sampleArgmax, sampleRows                                             *kernel
 	addRMSNorm, spin                                                     *kernel
-	gemvMulti                                                            [2]*kernel // _1, _2
+	gemvMulti, gemvSplit                                                 [2]*kernel // _1, _2
 	ropeQK                                                               *kernel
 }
 
@@ -177,7 +179,8 @@ func (b *Backend) init() error {
 		{"convert", &b.k.convert}, {"embed", &b.k.embed}, {"rmsnorm", &b.k.rmsnorm}, {"add", &b.k.add},
 		{"silu_mul", &b.k.siluMul}, {"scale_rows", &b.k.scaleRows}, {"rope", &b.k.rope},
 		{"linear_simple", &b.k.linearSimple}, {"split_bf16", &b.k.splitBF16}, {"add_halves", &b.k.addHalves}, {"kv_append", &b.k.kvAppend}, {"attention", &b.k.attention},
-		{"attention_split", &b.k.attentionSplit}, {"attention_combine", &b.k.attentionCombine},
+		{"attention_split", &b.k.attentionSplit}, {"attention_split_128", &b.k.attentionSplit128},
+		{"attention_combine", &b.k.attentionCombine},
 		{"attention_flash", &b.k.attentionFlash},
 		{"route", &b.k.route}, {"expert_gate_up", &b.k.expertGateUp}, {"expert_down", &b.k.expertDown},
 		{"gather_permute", &b.k.gatherPermute}, {"fill_random", &b.k.fillRandom},
@@ -186,7 +189,8 @@ func (b *Backend) init() error {
 		{"expert_act", &b.k.expertAct}, {"expert_combine", &b.k.expertCombine}, {"expert_gather", &b.k.expertGather},
 		{"sample_argmax", &b.k.sampleArgmax}, {"sample_rows", &b.k.sampleRows},
 		{"add_rmsnorm", &b.k.addRMSNorm}, {"spin", &b.k.spin},
-		{"gemv_multi_1", &b.k.gemvMulti[0]}, {"gemv_multi_2", &b.k.gemvMulti[1]}, {"rope_qk", &b.k.ropeQK},
+		{"gemv_multi_1", &b.k.gemvMulti[0]}, {"gemv_multi_2", &b.k.gemvMulti[1]},
+		{"gemv_split_1", &b.k.gemvSplit[0]}, {"gemv_split_2", &b.k.gemvSplit[1]}, {"rope_qk", &b.k.ropeQK},
 	} {
 		if *k.dst, err = b.module.function(k.name); err != nil {
 			return err

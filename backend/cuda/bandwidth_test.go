@@ -61,8 +61,9 @@ func TestDecodeBandwidth(t *testing.T) {
 		}
 		return x
 	}
-	{
-		name := "GEMV bw"
+	for _, split := range []bool{true, false} {
+		cuda.SetGEMVSplit(b, split)
+		name := map[bool]string{true: "GEMV bw", false: "GEMV-warp bw"}[split]
 		for _, s := range []struct{ in, out int }{{5120, 5120}, {5120, 1024}, {5120, 8192}, {8192, 5120}, {5120, 202048}} {
 			w, x := weight(s.out, s.in, 1), vector(s.in)
 			measure(name, fmt.Sprintf("[1 %d]x[%d %d]", s.in, s.out, s.in), int64(s.out)*int64(s.in)*2, func() error {
@@ -76,6 +77,7 @@ func TestDecodeBandwidth(t *testing.T) {
 			return err
 		})
 	}
+	cuda.SetGEMVSplit(b, true)
 
 	// Decode attention at a 2048-token context: 40 query heads over 8 kv heads of 128.
 	cache, err := b.NewKVCache(8, 128, 4096, backend.Window{})

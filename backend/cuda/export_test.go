@@ -8,6 +8,14 @@ func SetGEMVRows(b *Backend, rows int) int {
 	return old
 }
 
+// SetGEMVSplit makes b's Linear split K over a block's warps for small weights (the default) or not, and
+// returns the previous setting.
+func SetGEMVSplit(b *Backend, on bool) bool {
+	old := !b.noGEMVSplit
+	b.noGEMVSplit = !on
+	return old
+}
+
 // SetSplitPerSM sets the blocks per SM b's decode attention aims at and returns the previous value.
 func SetSplitPerSM(b *Backend, n int) int {
 	old := b.splitPerSM

@@ -21,6 +21,13 @@ func gemvGrid(n int) dim3 {
 	return dim3{uint32((n + rows - 1) / rows), 1, 1}
 }
 
+// gemvSplitMaxRows is the most output rows for which Linear's GEMV splits K over a block's warps
+// (gemv_split_N): decode's attention and MLP weights. The lm_head (202048 rows) has enough warps without.
+const gemvSplitMaxRows = 32768
+
+// gemvSplitGrid sizes a gemv_split_N or gemv_multi_N launch: GEMV_ROWS rows a block.
+func gemvSplitGrid(n int) dim3 { return dim3{uint32(ceilDiv(n, gemvRowsPerWarp)), 1, 1} }
+
 // gemvOK reports whether x · wᵀ runs on a GEMV kernel: at most gemvRows rows, a bf16 w, K a multiple of
 // 8 and 16-byte aligned operands (the kernels' 16-byte loads).
 func (b *Backend) gemvOK(xt, wt *tensor) bool {
@@ -39,12 +46,13 @@ func (b *Backend) LinearMulti(x backend.Tensor, ws ...backend.Tensor) ([]backend
 		return nil, err
 	}
 	wts := make([]*tensor, len(ws))
-	fused := len(ws) >= 2 && len(ws) <= 3 && len(xt.shape) == 2 && xt.shape[0] <= 2
+	fused := !b.noGEMVSplit && len(ws) >= 2 && len(ws) <= 3 && len(xt.shape) == 2 && xt.shape[0] <= 2
 	for i, w := range ws {
 		if wts[i], err = b.asTensor("linear multi", fmt.Sprintf("w%d", i), w); err != nil {
 			return nil, err
 		}
-		fused = fused && len(wts[i].shape) == 2 && wts[i].shape[1] == xt.shape[1] && wts[i].shape[0]%gemvRowsPerWarp == 0 && b.gemvOK(xt, wts[i])
+		fused = fused && len(wts[i].shape) == 2 && wts[i].shape[1] == xt.shape[1] && wts[i].shape[0]%gemvRowsPerWarp == 0 &&
+			wts[i].shape[0] <= gemvSplitMaxRows && b.gemvOK(xt, wts[i])
 	}
 	out := make([]backend.Tensor, len(ws))
 	if !fused {
@@ -74,7 +82,7 @@ func (b *Backend) LinearMulti(x backend.Tensor, ws ...backend.Tensor) ([]backend
 	}
 	args = append(args, T, in)
 	b.counts.GEMV += int64(len(ws))
-	if err := b.stream.launch(b.k.gemvMulti[T-1], gemvGrid(total), gemvBlock, 0, args...); err != nil {
+	if err := b.stream.launch(b.k.gemvMulti[T-1], gemvSplitGrid(total), gemvBlock, 0, args...); err != nil {
 		return nil, fmt.Errorf("cuda: linear multi x%v: %w", xt.shape, err)
 	}
 	return out, nil

@@ -141,7 +141,9 @@ func (b *Backend) Experts(x backend.Tensor, r backend.Routing, gateUp, down back
 		return out, nil
 	}
 	e := &expertsCall{x: xt, r: rt, gu: gt, down: dt, out: out, first: first, T: T, H: H, E: E, I: I}
-	fast := E > 0 && I > 0 && H%8 == 0 && I%4 == 0 && gt.dt == BF16 && dt.dt == BF16 && gt.ptr()%16 == 0 && dt.ptr()%16 == 0 &&
+	// The fast paths' elementwise kernels index rows × width with 32-bit math.
+	small := int64(T*rt.k+E*128)*int64(max(H, 2*I)) < math.MaxInt32
+	fast := small && E > 0 && I > 0 && H%8 == 0 && I%4 == 0 && gt.dt == BF16 && dt.dt == BF16 && gt.ptr()%16 == 0 && dt.ptr()%16 == 0 &&
 		E <= maxPlanExperts
 	switch {
 	case fast && T > skinnyRows && b.cfg.Activations == BF16 && H*I%128 == 0 && gt.ptr()%alignment == 0 && dt.ptr()%alignment == 0:
@@ -303,7 +305,7 @@ func (b *Backend) expertsGEMV(e *expertsCall) error {
 		return err
 	}
 	defer b.pool.release(*act)
-	if err := b.stream.launch(b.k.expertAct, elemGrid(R*I), elemBlockDim, 0, p1, s1, R, I, p.meta(e.E), act, int(F32)); err != nil {
+	if err := b.stream.launch(b.k.expertAct, elemGridN(R*I), elemBlockDim, 0, p1, s1, R, I, p.meta(e.E), act, int(F32)); err != nil {
 		return err
 	}
 	ks2, s2 := b.splitK(I, H, z)
@@ -364,7 +366,7 @@ func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
 	}
 	defer b.pool.release(*xp)
 	if rows > 0 {
-		if err := b.stream.launch(b.k.expertGather, elemGrid(rows*H), elemBlockDim, 0,
+		if err := b.stream.launch(b.k.expertGather, elemGridN(rows*H), elemBlockDim, 0,
 			e.x, int(e.x.dt), p.perm, e.scores(), k, H, xp, int64(rows)*int64(H)); err != nil {
 			return false, err
 		}
@@ -387,7 +389,7 @@ func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
 	}
 	defer b.pool.release(*act)
 	if rows > 0 {
-		if err := b.stream.launch(b.k.expertAct, elemGrid(rows*I), elemBlockDim, 0, g, 1, rows, I, p.meta(E), act, int(BF16)); err != nil {
+		if err := b.stream.launch(b.k.expertAct, elemGridN(rows*I), elemBlockDim, 0, g, 1, rows, I, p.meta(E), act, int(BF16)); err != nil {
 			return false, err
 		}
 	}

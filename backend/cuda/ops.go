@@ -30,6 +30,12 @@ func elemGrid(n int) dim3 {
 
 var elemBlockDim = dim3{elemBlock, 1, 1}
 
+// elemUnroll is ELEM_UNROLL: the kernels with GRID_STRIDE_N loops handle that many elements a thread per
+// pass, and elemGridN sizes their grids.
+const elemUnroll = 4
+
+func elemGridN(n int) dim3 { return elemGrid(ceilDiv(n, elemUnroll)) }
+
 // Embed gathers rows of table [V, H]: out[i] = table[ids[i]-first] when first <= ids[i] < first+V, else
 // zeros. The output has the table's dtype (the gather is exact).
 func (b *Backend) Embed(table backend.Tensor, ids []int, first int) (backend.Tensor, error) {
@@ -201,7 +207,7 @@ func (b *Backend) binary(op string, k *kernel, dt DType, x, y backend.Tensor) (b
 	if n == 0 {
 		return out, nil
 	}
-	err = b.stream.launch(k, elemGrid(n), elemBlockDim, 0, xt, int(xt.dt), yt, int(yt.dt), out, int(out.dt), int64(n))
+	err = b.stream.launch(k, elemGridN(n), elemBlockDim, 0, xt, int(xt.dt), yt, int(yt.dt), out, int(out.dt), int64(n))
 	return b.result(op, out, err)
 }
 
@@ -318,7 +324,11 @@ func (b *Backend) Linear(x, w backend.Tensor) (backend.Tensor, error) {
 		for 1<<i < T {
 			i++
 		}
-		err = b.stream.launch(b.k.gemv[i], gemvGrid(outDim), gemvBlock, 0, xt, int(xt.dt), wt, y, T, in, outDim)
+		if T <= 2 && outDim <= gemvSplitMaxRows && !b.noGEMVSplit {
+			err = b.stream.launch(b.k.gemvSplit[T-1], gemvSplitGrid(outDim), gemvBlock, 0, xt, int(xt.dt), wt, y, T, in, outDim)
+		} else {
+			err = b.stream.launch(b.k.gemv[i], gemvGrid(outDim), gemvBlock, 0, xt, int(xt.dt), wt, y, T, in, outDim)
+		}
 		return b.result("linear", y, err)
 	}
 	key := gemmKey{m: T, n: outDim, k: in, out: y.dt}

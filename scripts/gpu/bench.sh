@@ -39,14 +39,16 @@ for shape in ${SHAPES:-scout maverick}; do
 		[ "$tp" -le "$gpus" ] || continue
 		for batch in ${BATCHES:-1 16 64}; do
 			echo "== tpfleet $shape tp $tp batch $batch"
-			timeout 180 "$tmp/tpfleet" bench --device cuda --tp "$tp" $common ${shape_flags[$shape]} \
-				--batch "$batch" --context 128 --prompt 2048 --tokens "${TOKENS:-16}" --runs "${RUNS:-2}" --json \
+			profile=""
+			[ "$batch" != 1 ] || profile=--profile # where a batch-1 step's GPU time goes, per kernel
+			timeout -k 10 180 "$tmp/tpfleet" bench --device cuda --tp "$tp" $common ${shape_flags[$shape]} \
+				--batch "$batch" --context 128 --prompt 2048 --tokens "${TOKENS:-16}" --runs "${RUNS:-2}" $profile --json \
 				2>"$tmp/err" | sed "s/^{/{\"impl\":\"tpfleet\",\"shape\":\"$shape\",/" | tee -a "$jsonl" || tail -5 "$tmp/err"
 		done
 	done
 	if [ "${HF:-1}" = 1 ]; then
 		echo "== HF transformers $shape tp 1"
-		timeout 300 python3 scripts/gpu/bench_hf.py --shape "$shape" --layers 4 --batches "$(echo ${BATCHES:-1 16 64} | tr ' ' ,)" \
+		timeout -k 10 300 python3 scripts/gpu/bench_hf.py --shape "$shape" --layers 4 --batches "$(echo ${BATCHES:-1 16 64} | tr ' ' ,)" \
 			--context 128 --prefill 2048 2>"$tmp/hf.err" | grep '^{' | tee -a "$jsonl" || tail -5 "$tmp/hf.err"
 	fi
 done
