@@ -311,12 +311,14 @@ __device__ __forceinline__ void expert_gemv_rows(const void* __restrict__ x, int
 			for (int i = 0; i < 8; i++) acc[j][i] = 0.0f;
 		if (colok) {
 			int kk = k0 + warp;
-			for (; kk + 3 * EG_WARPS < k1; kk += 4 * EG_WARPS) {
-				u32x4 wv[4];
+			// Eight weight rows in flight a warp (Nsight Compute: with four, the warps waited on memory
+			// 70 % of the time at 65 % of the DRAM bandwidth).
+			for (; kk + 7 * EG_WARPS < k1; kk += 8 * EG_WARPS) {
+				u32x4 wv[8];
 #pragma unroll
-				for (int u = 0; u < 4; u++) wv[u] = *(const u32x4*)(we + (long long)(kk + u * EG_WARPS) * N);
+				for (int u = 0; u < 8; u++) wv[u] = *(const u32x4*)(we + (long long)(kk + u * EG_WARPS) * N);
 #pragma unroll
-				for (int u = 0; u < 4; u++) {
+				for (int u = 0; u < 8; u++) {
 					float wf[8];
 					bf16x8(wv[u], wf);
 #pragma unroll

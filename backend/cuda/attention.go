@@ -251,11 +251,11 @@ func (b *Backend) attentionSplit(qt *tensor, kvHeads int, rows []kvRow, out *ten
 		return err
 	}
 	defer b.pool.release(*acc)
-	kern := b.k.attentionSplit
+	kern, threads := b.k.attentionSplit, uint32(128)
 	if D <= 128 {
-		kern = b.k.attentionSplit128
+		kern, threads = b.k.attentionSplit128, 256 // ATTS_WARPS_128 warps
 	}
-	if err := b.stream.launch(kern, dim3{uint32(splits), uint32(kvHeads), uint32(T)}, dim3{128, 1, 1}, 0,
+	if err := b.stream.launch(kern, dim3{uint32(splits), uint32(kvHeads), uint32(T)}, dim3{threads, 1, 1}, 0,
 		qt, int(qt.dt), meta, ml, acc, heads, kvHeads, D, window.Chunk, scale, splits); err != nil {
 		return err
 	}
