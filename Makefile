@@ -7,7 +7,7 @@ PROTOC_GEN_GO_VERSION := v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 MODEL       ?= testdata/fixtures/moe-top1
 
-.PHONY: build run generate test lint fmt-check vet staticcheck unit fixtures proto proto-check protoc clean
+.PHONY: build run generate test lint fmt-check vet staticcheck kernels-check unit fixtures proto proto-check protoc clean
 
 build:
 	$(GO) build -o $(BIN)/tpfleet ./cmd/tpfleet
@@ -24,7 +24,7 @@ generate: build
 
 test: lint proto-check unit
 
-lint: fmt-check vet staticcheck
+lint: fmt-check vet staticcheck kernels-check
 
 fmt-check:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
@@ -38,6 +38,13 @@ $(STATICCHECK):
 
 staticcheck: $(STATICCHECK)
 	$(STATICCHECK) ./...
+
+# The CUDA kernels are compiled only on a GPU (NVRTC); clang checks their syntax and types here. clang-14
+# comes from Debian when missing.
+kernels-check:
+	@command -v clang-14 >/dev/null || command -v clang >/dev/null || { command -v apt-get >/dev/null && (apt-get update -q && apt-get install -y -q clang-14) >/dev/null; } \
+	  || { echo "clang not found: install clang-14"; exit 1; }
+	@bash scripts/gpu/cucheck.sh
 
 # protoc comes from Debian's protobuf-compiler (3.21.12 on bookworm); the plugins are pinned Go modules.
 protoc:
