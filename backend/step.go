@@ -50,3 +50,10 @@ type QKRotator interface {
 type MultiLinear interface {
 	LinearMulti(x Tensor, ws ...Tensor) ([]Tensor, error)
 }
+
+// ExpertsAdder is implemented by backends that add a tensor to the routed experts' output in the same
+// pass: ExpertsAdd(x, r, gateUp, down, first, add) returns Add(Experts(x, r, gateUp, down, first), add)
+// with the same values (Llama 4 adds the shared expert's output).
+type ExpertsAdder interface {
+	ExpertsAdd(x Tensor, r Routing, gateUp, down Tensor, first int, add Tensor) (Tensor, error)
+}

@@ -131,11 +131,11 @@ __device__ __forceinline__ void att_load_kv(const bf16_t* kc, const bf16_t* vc, 
 		}
 	}
 }
-template <int PAIRS, int WARPS>
+template <int PAIRS, int WARPS, int MG>
 __device__ __forceinline__ void attention_split_body(const void* q, int qdt, const long long* rows,
 	float* part_ml, float* part_acc, int heads, int kv_heads, int D, int chunk, float scale, int splits) {
-	__shared__ float sm_m[WARPS][ATTS_MAXG], sm_l[WARPS][ATTS_MAXG];
-	__shared__ float sm_acc[WARPS][ATTS_MAXG][64 * PAIRS];
+	__shared__ float sm_m[WARPS][MG], sm_l[WARPS][MG];
+	__shared__ float sm_acc[WARPS][MG][64 * PAIRS];
 	int s = blockIdx.x, kvh = blockIdx.y, t = blockIdx.z;
 	int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 	int G = heads / kv_heads;
@@ -150,9 +150,9 @@ __device__ __forceinline__ void attention_split_body(const void* q, int qdt, con
 	if (span < ATTS_MINSPAN) span = ATTS_MINSPAN;
 	int lo = from + s * span;
 	int hi = lo + span - 1 < p ? lo + span - 1 : p;
-	float qr[ATTS_MAXG][PAIRS][2], acc[ATTS_MAXG][PAIRS][2], m[ATTS_MAXG], l[ATTS_MAXG];
+	float qr[MG][PAIRS][2], acc[MG][PAIRS][2], m[MG], l[MG];
 #pragma unroll
-	for (int g = 0; g < ATTS_MAXG; g++) {
+	for (int g = 0; g < MG; g++) {
 		long long qoff = ((long long)t * heads + (long long)kvh * G + g) * D;
 #pragma unroll
 		for (int i = 0; i < PAIRS; i++) {
@@ -189,9 +189,9 @@ __device__ __forceinline__ void attention_split_body(const void* q, int qdt, con
 			vf[i][0] = __uint_as_float(vw << 16);
 			vf[i][1] = __uint_as_float(vw & 0xffff0000u);
 		}
-		float dot[ATTS_MAXG];
+		float dot[MG];
 #pragma unroll
-		for (int g = 0; g < ATTS_MAXG; g++) {
+		for (int g = 0; g < MG; g++) {
 			dot[g] = 0.0f;
 #pragma unroll
 			for (int i = 0; i < PAIRS; i++) dot[g] += qr[g][i][0] * kf[i][0] + qr[g][i][1] * kf[i][1];
@@ -201,9 +201,9 @@ __device__ __forceinline__ void attention_split_body(const void* q, int qdt, con
 #pragma unroll
 		for (int o = 16; o > 0; o >>= 1)
 #pragma unroll
-			for (int g = 0; g < ATTS_MAXG; g++) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], o);
+			for (int g = 0; g < MG; g++) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], o);
 #pragma unroll
-		for (int g = 0; g < ATTS_MAXG; g++) {
+		for (int g = 0; g < MG; g++) {
 			if (g < G) {
 				float sc = dot[g] * scale;
 				float mn = fmaxf(m[g], sc);
@@ -220,7 +220,7 @@ __device__ __forceinline__ void attention_split_body(const void* q, int qdt, con
 		}
 	}
 #pragma unroll
-	for (int g = 0; g < ATTS_MAXG; g++) {
+	for (int g = 0; g < MG; g++) {
 		if (g < G) {
 			if (lane == 0) {
 				sm_m[warp][g] = m[g];
@@ -259,17 +259,39 @@ __device__ __forceinline__ void attention_split_body(const void* q, int qdt, con
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention_split(const void* q, int qdt, const long long* rows,
 	float* part_ml, float* part_acc, int heads, int kv_heads, int D, int chunk, float scale, int splits) {
-	attention_split_body<ATTS_PAIRS, ATT_WARPS>(q, qdt, rows, part_ml, part_acc, heads, kv_heads, D, chunk, scale, splits);
+	attention_split_body<ATTS_PAIRS, ATT_WARPS, ATTS_MAXG>(q, qdt, rows, part_ml, part_acc, heads, kv_heads, D, chunk, scale, splits);
 }
 
-// attention_split_128 is attention_split for D <= 128 with ATTS_WARPS_128 warps: half the registers for
-// q and the accumulators, and half the keys a warp. (Nsight Compute on an H200: the 4-warp kernel issued
-// an instruction every 3 cycles per warp at 6 % achieved occupancy, bound by each warp's serial walk.)
+// attention_split_128_gM is attention_split for D <= 128 and at most M query heads a kv head, with
+// ATTS_WARPS_128 warps: half the registers for q and the accumulators, half the keys a warp, and no
+// work for heads a group does not have (Llama 4's 40/8 heads are groups of 5). (Nsight Compute on an
+// H200: the 4-warp, 8-head kernel issued an instruction every 3 cycles per warp at 6 % achieved
+// occupancy, bound by each warp's serial walk over its keys.)
 #define ATTS_WARPS_128 8
 extern "C" __global__ void __launch_bounds__(ATTS_WARPS_128 * 32)
-attention_split_128(const void* q, int qdt, const long long* rows,
-	float* part_ml, float* part_acc, int heads, int kv_heads, int D, int chunk, float scale, int splits) {
-	attention_split_body<2, ATTS_WARPS_128>(q, qdt, rows, part_ml, part_acc, heads, kv_heads, D, chunk, scale, splits);
+attention_split_128_g1(const void* q, int qdt, const long long* rows, float* part_ml, float* part_acc, int heads,
+	int kv_heads, int D, int chunk, float scale, int splits) {
+	attention_split_body<2, ATTS_WARPS_128, 1>(q, qdt, rows, part_ml, part_acc, heads, kv_heads, D, chunk, scale, splits);
+}
+extern "C" __global__ void __launch_bounds__(ATTS_WARPS_128 * 32)
+attention_split_128_g2(const void* q, int qdt, const long long* rows, float* part_ml, float* part_acc, int heads,
+	int kv_heads, int D, int chunk, float scale, int splits) {
+	attention_split_body<2, ATTS_WARPS_128, 2>(q, qdt, rows, part_ml, part_acc, heads, kv_heads, D, chunk, scale, splits);
+}
+extern "C" __global__ void __launch_bounds__(ATTS_WARPS_128 * 32)
+attention_split_128_g4(const void* q, int qdt, const long long* rows, float* part_ml, float* part_acc, int heads,
+	int kv_heads, int D, int chunk, float scale, int splits) {
+	attention_split_body<2, ATTS_WARPS_128, 4>(q, qdt, rows, part_ml, part_acc, heads, kv_heads, D, chunk, scale, splits);
+}
+extern "C" __global__ void __launch_bounds__(ATTS_WARPS_128 * 32)
+attention_split_128_g5(const void* q, int qdt, const long long* rows, float* part_ml, float* part_acc, int heads,
+	int kv_heads, int D, int chunk, float scale, int splits) {
+	attention_split_body<2, ATTS_WARPS_128, 5>(q, qdt, rows, part_ml, part_acc, heads, kv_heads, D, chunk, scale, splits);
+}
+extern "C" __global__ void __launch_bounds__(ATTS_WARPS_128 * 32)
+attention_split_128_g8(const void* q, int qdt, const long long* rows, float* part_ml, float* part_acc, int heads,
+	int kv_heads, int D, int chunk, float scale, int splits) {
+	attention_split_body<2, ATTS_WARPS_128, 8>(q, qdt, rows, part_ml, part_acc, heads, kv_heads, D, chunk, scale, splits);
 }
 
 // attention_combine: block (t, h) merges the splits' partials of query t, head h (attention_split) with

@@ -407,8 +407,10 @@ extern "C" __global__ void expert_act(const float* P, int S, int R, int I, const
 
 // expert_combine sets out[t][h] (n = T·H elements) to the sum, over token t's k slots in routing order
 // whose expert is held here (row_of >= 0), of the slot's down projection: the sum over the S splits of
-// P[s][row][h] (P [S, R, H]). Tokens with no local expert get zeros.
-extern "C" __global__ void expert_combine(const float* P, int S, int R, int H, const int* row_of, int k, void* out, int odt, long long n) {
+// P[s][row][h] (P [S, R, H]). Tokens with no local expert get zeros. With add (not null), add[t][h] is
+// added to the sum last (the shared expert's output: Add(routed, shared) in one pass).
+extern "C" __global__ void expert_combine(const float* P, int S, int R, int H, const int* row_of, int k, void* out, int odt, long long n,
+	const void* add, int adt) {
 	GRID_STRIDE(i, n) {
 		long long t = i / H, h = i - t * H;
 		float sum = 0.0f;
@@ -419,6 +421,7 @@ extern "C" __global__ void expert_combine(const float* P, int S, int R, int H, c
 			for (int s = 0; s < S; s++) y += P[((long long)s * R + r) * H + h];
 			sum += y;
 		}
+		if (add) sum += ld(add, adt, i);
 		st(out, odt, i, sum);
 	}
 }

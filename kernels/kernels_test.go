@@ -34,7 +34,7 @@ func TestSource(t *testing.T) {
 // TestEntries checks the kernels the backend looks up exist, once each.
 func TestEntries(t *testing.T) {
 	got := Entries(Source())
-	want := []string{"kv_append", "attention", "attention_split", "attention_split_128", "attention_combine", "convert", "embed", "rmsnorm", "add_rmsnorm", "spin", "add", "silu_mul",
+	want := []string{"kv_append", "attention", "attention_split", "attention_split_128_g1", "attention_split_128_g2", "attention_split_128_g4", "attention_split_128_g5", "attention_split_128_g8", "attention_combine", "convert", "embed", "rmsnorm", "add_rmsnorm", "spin", "add", "silu_mul",
 		"scale_rows", "rope", "rope_qk", "linear_simple", "split_bf16", "add_halves", "gather_permute", "fill_random", "attention_flash",
 		"gemv_1", "gemv_2", "gemv_4", "gemv_8", "gemv_split_1", "gemv_split_2", "gemv_multi_1", "gemv_multi_2", "moe_plan", "expert_gemv_1", "expert_gemv_8", "expert_act", "expert_combine",
 		"expert_gather", "route", "expert_gate_up", "expert_down", "sample_argmax", "sample_rows"}

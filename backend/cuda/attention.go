@@ -252,8 +252,13 @@ func (b *Backend) attentionSplit(qt *tensor, kvHeads int, rows []kvRow, out *ten
 	}
 	defer b.pool.release(*acc)
 	kern, threads := b.k.attentionSplit, uint32(128)
-	if D <= 128 {
-		kern, threads = b.k.attentionSplit128, 256 // ATTS_WARPS_128 warps
+	if D <= 128 { // attention_split_128_gM for the smallest group size M that holds heads/kvHeads
+		for i, g := range [...]int{1, 2, 4, 5, 8} {
+			if heads/kvHeads <= g {
+				kern, threads = b.k.attentionSplit128[i], 256 // ATTS_WARPS_128 warps
+				break
+			}
+		}
 	}
 	if err := b.stream.launch(kern, dim3{uint32(splits), uint32(kvHeads), uint32(T)}, dim3{threads, 1, 1}, 0,
 		qt, int(qt.dt), meta, ml, acc, heads, kvHeads, D, window.Chunk, scale, splits); err != nil {

@@ -61,7 +61,8 @@ type kernelSet struct {
 	convert, embed, rmsnorm, add, siluMul, scaleRows, rope, linearSimple *kernel
 	splitBF16, addHalves                                                 *kernel
 	kvAppend, attention, route, expertGateUp, expertDown                 *kernel
-	attentionSplit, attentionSplit128, attentionCombine                  *kernel
+	attentionSplit, attentionCombine                                     *kernel
+	attentionSplit128                                                    [5]*kernel // groups of at most 1, 2, 4, 5, 8
 	attentionFlash                                                       *kernel
 	gatherPermute, fillRandom                                            *kernel
 	gemv                                                                 [4]*kernel // gemv_1, _2, _4, _8
@@ -179,7 +180,10 @@ func (b *Backend) init() error {
 		{"convert", &b.k.convert}, {"embed", &b.k.embed}, {"rmsnorm", &b.k.rmsnorm}, {"add", &b.k.add},
 		{"silu_mul", &b.k.siluMul}, {"scale_rows", &b.k.scaleRows}, {"rope", &b.k.rope},
 		{"linear_simple", &b.k.linearSimple}, {"split_bf16", &b.k.splitBF16}, {"add_halves", &b.k.addHalves}, {"kv_append", &b.k.kvAppend}, {"attention", &b.k.attention},
-		{"attention_split", &b.k.attentionSplit}, {"attention_split_128", &b.k.attentionSplit128},
+		{"attention_split", &b.k.attentionSplit},
+		{"attention_split_128_g1", &b.k.attentionSplit128[0]}, {"attention_split_128_g2", &b.k.attentionSplit128[1]},
+		{"attention_split_128_g4", &b.k.attentionSplit128[2]}, {"attention_split_128_g5", &b.k.attentionSplit128[3]},
+		{"attention_split_128_g8", &b.k.attentionSplit128[4]},
 		{"attention_combine", &b.k.attentionCombine},
 		{"attention_flash", &b.k.attentionFlash},
 		{"route", &b.k.route}, {"expert_gate_up", &b.k.expertGateUp}, {"expert_down", &b.k.expertDown},

@@ -252,3 +252,46 @@ func TestRoPEQKEqualsRoPEThenNorm(t *testing.T) {
 		}
 	}
 }
+
+// TestExpertsAddEqualsExpertsThenAdd: the shared expert's output added inside the experts' combine must
+// give what Experts then Add give, on the decode (GEMV) and prefill (grouped GEMM) paths.
+func TestExpertsAddEqualsExpertsThenAdd(t *testing.T) {
+	b := newBackend(t, cuda.BF16)
+	r := rand.New(rand.NewPCG(11, 12))
+	const E, H, I = 8, 512, 256
+	gateUp, err := b.Load(safetensors.BF16, []int{E, H, 2 * I}, bf16Data(randVals(r, E*H*2*I, 0.05)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	down, err := b.Load(safetensors.BF16, []int{E, I, H}, bf16Data(randVals(r, E*I*H, 0.05)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, T := range []int{1, 3, 100} {
+		for _, first := range []int{0, 4} { // 4: half the chosen experts are another rank's
+			x, shared := randTensor(t, b, r, T, H), randTensor(t, b, r, T, H)
+			logits := randTensor(t, b, r, T, 2*E)
+			routing, err := b.Route(logits, 2)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := b.ExpertsAdd(x, routing, gateUp, down, first, shared)
+			if err != nil {
+				t.Fatal(err)
+			}
+			routed, err := b.Experts(x, routing, gateUp, down, first)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want, err := b.Add(routed, shared)
+			if err != nil {
+				t.Fatal(err)
+			}
+			g, _ := b.Float32(got)
+			h, _ := b.Float32(want)
+			if !slices.Equal(g, h) {
+				t.Errorf("T %d first %d: ExpertsAdd differs from Experts then Add (rel L2 %.3g)", T, first, relL2(g, h))
+			}
+		}
+	}
+}

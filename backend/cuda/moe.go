@@ -107,6 +107,23 @@ func (b *Backend) ReadRouting(r backend.Routing) (experts []int, scores []float3
 //   - shapes those kernels do not take (H or I not a multiple of 8 and 4, weights not bf16): the
 //     generic per-slot kernels of moe.cu.
 func (b *Backend) Experts(x backend.Tensor, r backend.Routing, gateUp, down backend.Tensor, first int) (backend.Tensor, error) {
+	return b.experts(x, r, gateUp, down, first, nil)
+}
+
+var _ backend.ExpertsAdder = (*Backend)(nil)
+
+// ExpertsAdd returns Add(Experts(x, r, gateUp, down, first), add) (backend.ExpertsAdder): the fast paths
+// add it in the kernel that sums the experts' outputs, saving a launch and a pass over [T, H].
+func (b *Backend) ExpertsAdd(x backend.Tensor, r backend.Routing, gateUp, down backend.Tensor, first int, add backend.Tensor) (backend.Tensor, error) {
+	at, err := b.asTensor("experts add", "add", add)
+	if err != nil {
+		return nil, err
+	}
+	return b.experts(x, r, gateUp, down, first, at)
+}
+
+// experts is Experts, plus add when it is not nil.
+func (b *Backend) experts(x backend.Tensor, r backend.Routing, gateUp, down backend.Tensor, first int, add *tensor) (backend.Tensor, error) {
 	xt, err := b.asTensor("experts", "x", x)
 	if err != nil {
 		return nil, err
@@ -130,6 +147,9 @@ func (b *Backend) Experts(x backend.Tensor, r backend.Routing, gateUp, down back
 	}
 	T, H := xt.shape[0], xt.shape[1]
 	E, I := gt.shape[0], dt.shape[1]
+	if add != nil && (len(add.shape) != 2 || add.shape[0] != T || add.shape[1] != H) {
+		return nil, fmt.Errorf("cuda: experts add%v to [%d %d]: %w", add.shape, T, H, backend.ErrShape)
+	}
 	if first < math.MinInt32/2 || first > math.MaxInt32/2 {
 		first = math.MaxInt32 / 2 // no expert id reaches it: every slot is elsewhere
 	}
@@ -140,7 +160,7 @@ func (b *Backend) Experts(x backend.Tensor, r backend.Routing, gateUp, down back
 	if T == 0 || H == 0 {
 		return out, nil
 	}
-	e := &expertsCall{x: xt, r: rt, gu: gt, down: dt, out: out, first: first, T: T, H: H, E: E, I: I}
+	e := &expertsCall{x: xt, r: rt, gu: gt, down: dt, out: out, add: add, first: first, T: T, H: H, E: E, I: I}
 	// The fast paths' elementwise kernels index rows × width with 32-bit math.
 	small := int64(T*rt.k+E*128)*int64(max(H, 2*I)) < math.MaxInt32
 	fast := small && E > 0 && I > 0 && H%8 == 0 && I%4 == 0 && gt.dt == BF16 && dt.dt == BF16 && gt.ptr()%16 == 0 && dt.ptr()%16 == 0 &&
@@ -182,7 +202,10 @@ func (b *Backend) Experts(x backend.Tensor, r backend.Routing, gateUp, down back
 	}
 	err = b.stream.launch(b.k.expertDown, dim3{uint32(T), uint32((H + 127) / 128), 1}, dim3{128, 1, 1}, I*4,
 		act, rt.experts, k, dt, int(dt.dt), first, E, H, I, out, int(out.dt))
-	return b.result("experts", out, err)
+	if err != nil || add == nil {
+		return b.result("experts", out, err)
+	}
+	return b.Add(out, add)
 }
 
 // maxPlanExperts bounds E for moe_plan, which keeps 2E ints in shared memory.
@@ -198,9 +221,18 @@ const (
 // expertsCall is one Experts call's operands and sizes.
 type expertsCall struct {
 	x, gu, down, out *tensor
+	add              *tensor // added to the output by expert_combine (ExpertsAdd), or nil
 	r                *routing
 	first            int
 	T, H, E, I       int
+}
+
+// addend is expert_combine's add and adt arguments: e.add, or a null pointer.
+func (e *expertsCall) addend() (devptr, int) {
+	if e.add == nil {
+		return 0, int(F32)
+	}
+	return e.add.ptr(), int(e.add.dt)
 }
 
 // expertPlan is moe_plan's output in device memory: ctl holds seg [2E], meta [2] and active [E] (int32);
@@ -325,7 +357,9 @@ func (b *Backend) expertsGEMV(e *expertsCall) error {
 		act, int(F32), 1, p.perm, e.scores(), k, p.seg(), p.active(e.E), p.meta(e.E), e.down, I, H, ks2, p2, R); err != nil {
 		return err
 	}
-	return b.stream.launch(b.k.expertCombine, elemGrid(e.T*H), elemBlockDim, 0, p2, s2, R, H, p.rowOf, k, e.out, int(e.out.dt), int64(e.T*H))
+	ap, adt := e.addend()
+	return b.stream.launch(b.k.expertCombine, elemGrid(e.T*H), elemBlockDim, 0, p2, s2, R, H, p.rowOf, k, e.out, int(e.out.dt), int64(e.T*H),
+		ap, adt)
 }
 
 // expertsGrouped is the prefill path: moe_plan with 128-row aligned blocks, the per-expert counts to the
@@ -412,8 +446,9 @@ func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
 			return false, err
 		}
 	}
+	ap, adt := e.addend()
 	if err := b.stream.launch(b.k.expertCombine, elemGrid(e.T*H), elemBlockDim, 0, y, 1, max(rows, 1), H, p.rowOf, k,
-		e.out, int(e.out.dt), int64(e.T*H)); err != nil {
+		e.out, int(e.out.dt), int64(e.T*H), ap, adt); err != nil {
 		return false, err
 	}
 	runtime.KeepAlive(e)

@@ -447,10 +447,10 @@ func (f *mlp) local(s *step, h backend.Tensor) backend.Tensor {
 func (f *moe) forward(s *step, h backend.Tensor) backend.Tensor {
 	p := s.linears(h, f.router, f.shared.gate, f.shared.up) // every product of h at once
 	routing := s.route(p[0], f.topK)
-	routed := s.experts(h, routing, f.gateUp, f.down, f.firstExpert)
 	shared := s.linear(s.siluMul(p[1], p[2]), f.shared.down)
 	if f.partial == f.shared.partial {
-		return s.allReduce(s.add(shared, routed), f.partial)
+		return s.allReduce(s.expertsAdd(h, routing, f.gateUp, f.down, f.firstExpert, shared), f.partial)
 	}
+	routed := s.experts(h, routing, f.gateUp, f.down, f.firstExpert)
 	return s.add(s.allReduce(shared, f.shared.partial), s.allReduce(routed, f.partial))
 }

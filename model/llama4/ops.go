@@ -150,6 +150,15 @@ func (s *step) experts(x backend.Tensor, r backend.Routing, gateUp, down backend
 	return s.do("experts", func() (backend.Tensor, error) { return s.ops.Experts(x, r, gateUp, down, first) })
 }
 
+// expertsAdd returns the routed experts' output plus add: one op where the backend has it
+// (backend.ExpertsAdder).
+func (s *step) expertsAdd(x backend.Tensor, r backend.Routing, gateUp, down backend.Tensor, first int, add backend.Tensor) backend.Tensor {
+	if ea, ok := s.ops.(backend.ExpertsAdder); ok {
+		return s.do("experts", func() (backend.Tensor, error) { return ea.ExpertsAdd(x, r, gateUp, down, first, add) })
+	}
+	return s.add(s.experts(x, r, gateUp, down, first), add)
+}
+
 // allReduce sums a partial result over the tensor-parallel group when the weights that made it were split.
 func (s *step) allReduce(t backend.Tensor, partial bool) backend.Tensor {
 	if s.err != nil || !partial || s.comm.Size() == 1 {
