@@ -48,7 +48,7 @@ func (b *Backend) LinearMulti(x backend.Tensor, ws ...backend.Tensor) ([]backend
 	wts := make([]*tensor, len(ws))
 	fused := !b.noGEMVSplit && len(ws) >= 2 && len(ws) <= 3 && len(xt.shape) == 2 && xt.shape[0] <= 2
 	for i, w := range ws {
-		if wts[i], err = b.asTensor("linear multi", fmt.Sprintf("w%d", i), w); err != nil {
+		if wts[i], err = b.asTensor("linear multi", "w", w); err != nil {
 			return nil, err
 		}
 		fused = fused && len(wts[i].shape) == 2 && wts[i].shape[1] == xt.shape[1] && wts[i].shape[0]%gemvRowsPerWarp == 0 &&

@@ -258,22 +258,31 @@ func (b *Backend) RoPE(x backend.Tensor, pos []int, invFreq []float32) (backend.
 	if pairs == 0 {
 		return out, nil
 	}
-	pb, err := int32Bytes("pos", pos)
-	if err != nil {
-		return nil, err
-	}
-	pbuf, err := b.temp(pb)
+	pbuf, fbuf, err := b.ropeArgs(pos, invFreq)
 	if err != nil {
 		return nil, err
 	}
 	defer b.pool.release(*pbuf)
-	fbuf, err := b.temp(float32Bytes(invFreq))
-	if err != nil {
-		return nil, err
-	}
 	defer b.pool.release(*fbuf)
 	err = b.stream.launch(b.k.rope, elemGrid(pairs), elemBlockDim, 0, xt, int(xt.dt), pbuf, fbuf, out, int(out.dt), heads, D/2, int64(pairs))
 	return b.result("rope", out, err)
+}
+
+// ropeArgs uploads the positions (int32) and inverse frequencies the rope kernels read; the caller
+// releases both buffers after enqueuing the kernel.
+func (b *Backend) ropeArgs(pos []int, invFreq []float32) (pbuf, fbuf *buffer, err error) {
+	pb, err := int32Bytes("pos", pos)
+	if err != nil {
+		return nil, nil, err
+	}
+	if pbuf, err = b.temp(pb); err != nil {
+		return nil, nil, err
+	}
+	if fbuf, err = b.temp(float32Bytes(invFreq)); err != nil {
+		b.pool.release(*pbuf)
+		return nil, nil, err
+	}
+	return pbuf, fbuf, nil
 }
 
 // gemvMaxRows is the most rows Linear runs on the GEMV kernel (gemv.cu) rather than cuBLASLt: it
@@ -571,19 +580,11 @@ func (b *Backend) RoPEQK(q, k backend.Tensor, pos []int, invFreq []float32, norm
 	if T == 0 || D == 0 || qh+kh == 0 {
 		return qo, ko, nil
 	}
-	pb, err := int32Bytes("pos", pos)
-	if err != nil {
-		return nil, nil, err
-	}
-	pbuf, err := b.temp(pb)
+	pbuf, fbuf, err := b.ropeArgs(pos, invFreq)
 	if err != nil {
 		return nil, nil, err
 	}
 	defer b.pool.release(*pbuf)
-	fbuf, err := b.temp(float32Bytes(invFreq))
-	if err != nil {
-		return nil, nil, err
-	}
 	defer b.pool.release(*fbuf)
 	if err := b.stream.launch(b.k.ropeQK, dim3{uint32(T), uint32(qh + kh), 1}, dim3{32, 1, 1}, 0,
 		qt, int(qt.dt), kt, int(kt.dt), pbuf, fbuf, qo, ko, int(qo.dt), qh, kh, D/2, norm, eps); err != nil {
