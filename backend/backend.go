@@ -4,7 +4,7 @@ import (
 	"context"
 	"errors"
 
-	"github.com/tpfleet/tpfleet/nccl"
+	"github.com/tpfleet/tpfleet/comm"
 	"github.com/tpfleet/tpfleet/safetensors"
 )
 
@@ -118,7 +118,7 @@ type Ops interface {
 	Experts(x Tensor, r Routing, gateUp, down Tensor, first int) (Tensor, error)
 
 	// AllReduce sums t across the ranks of c, in place.
-	AllReduce(ctx context.Context, c nccl.Comm, t Tensor) error
+	AllReduce(ctx context.Context, c comm.Comm, t Tensor) error
 	// AllGather concatenates each rank's t [T, n] along the last dimension in rank order → [T, n·size].
-	AllGather(ctx context.Context, c nccl.Comm, t Tensor) (Tensor, error)
+	AllGather(ctx context.Context, c comm.Comm, t Tensor) (Tensor, error)
 }

@@ -10,12 +10,13 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tpfleet/tpfleet/cluster"
-	"github.com/tpfleet/tpfleet/nccl"
+	"github.com/tpfleet/tpfleet/comm"
+	"github.com/tpfleet/tpfleet/comm/nccl"
 )
 
 // epochComm is the communicator a loaded model holds for its whole life: it forwards every collective
 // to the communicator of the current epoch, so weights outlive the epochs that reuse them. Between
-// epochs it has none, and collectives fail with an error wrapping nccl.ErrClosed.
+// epochs it has none, and collectives fail with an error wrapping comm.ErrClosed.
 type epochComm struct {
 	rank, size int
 	device     bool // the epochs' communicators are NCCL's, which take device buffers
@@ -23,20 +24,20 @@ type epochComm struct {
 }
 
 // commBox lets an atomic.Pointer hold an interface value.
-type commBox struct{ c nccl.Comm }
+type commBox struct{ c comm.Comm }
 
-var _ nccl.Comm = (*epochComm)(nil)
+var _ comm.Comm = (*epochComm)(nil)
 
 func newEpochComm(rank, size int, device bool) *epochComm {
 	return &epochComm{rank: rank, size: size, device: device}
 }
 
-// AcceptsDeviceBuffers tells nccl.AcceptsDeviceBuffers (and so the GPU backend) that the epochs'
+// AcceptsDeviceBuffers tells comm.AcceptsDeviceBuffers (and so the GPU backend) that the epochs'
 // communicators are NCCL's: device tensors go to them as they are.
 func (e *epochComm) AcceptsDeviceBuffers() bool { return e.device }
 
 // set makes c the communicator of the current epoch (nil: none). The caller closes the old one.
-func (e *epochComm) set(c nccl.Comm) {
+func (e *epochComm) set(c comm.Comm) {
 	if c == nil {
 		e.cur.Store(nil)
 		return
@@ -44,25 +45,25 @@ func (e *epochComm) set(c nccl.Comm) {
 	e.cur.Store(&commBox{c})
 }
 
-// Current returns the communicator of the current epoch, nil between epochs (nccl.Underlying).
-func (e *epochComm) Current() nccl.Comm {
+// Current returns the communicator of the current epoch, nil between epochs (comm.Underlying).
+func (e *epochComm) Current() comm.Comm {
 	if b := e.cur.Load(); b != nil {
 		return b.c
 	}
 	return nil
 }
 
-func (e *epochComm) get(op string) (nccl.Comm, error) {
+func (e *epochComm) get(op string) (comm.Comm, error) {
 	if b := e.cur.Load(); b != nil {
 		return b.c, nil
 	}
-	return nil, &nccl.OpError{Rank: e.rank, Op: op, Peer: -1, Err: fmt.Errorf("%w: no communicator for this epoch", nccl.ErrClosed)}
+	return nil, &comm.OpError{Rank: e.rank, Op: op, Peer: -1, Err: fmt.Errorf("%w: no communicator for this epoch", comm.ErrClosed)}
 }
 
 func (e *epochComm) Rank() int { return e.rank }
 func (e *epochComm) Size() int { return e.size }
 
-func (e *epochComm) AllReduce(ctx context.Context, buf nccl.Buffer) error {
+func (e *epochComm) AllReduce(ctx context.Context, buf comm.Buffer) error {
 	c, err := e.get("all-reduce")
 	if err != nil {
 		return err
@@ -70,7 +71,7 @@ func (e *epochComm) AllReduce(ctx context.Context, buf nccl.Buffer) error {
 	return c.AllReduce(ctx, buf)
 }
 
-func (e *epochComm) AllGather(ctx context.Context, send, recv nccl.Buffer) error {
+func (e *epochComm) AllGather(ctx context.Context, send, recv comm.Buffer) error {
 	c, err := e.get("all-gather")
 	if err != nil {
 		return err
@@ -78,7 +79,7 @@ func (e *epochComm) AllGather(ctx context.Context, send, recv nccl.Buffer) error
 	return c.AllGather(ctx, send, recv)
 }
 
-func (e *epochComm) Broadcast(ctx context.Context, buf nccl.Buffer, root int) error {
+func (e *epochComm) Broadcast(ctx context.Context, buf comm.Buffer, root int) error {
 	c, err := e.get("broadcast")
 	if err != nil {
 		return err
@@ -100,16 +101,16 @@ func (e *epochComm) Close() error { return nil }
 // connect builds the communicator of rank a.Rank of group g in plan p: Solo for TP 1; on GPU an NCCL
 // communicator (connectNCCL); otherwise a TCP ring whose addresses meet in etcd (each rank publishes
 // its listener's address, then waits for all the group's).
-func (w *Worker) connect(ctx context.Context, p cluster.Plan, g cluster.Group, a cluster.Assignment) (nccl.Comm, error) {
+func (w *Worker) connect(ctx context.Context, p cluster.Plan, g cluster.Group, a cluster.Assignment) (comm.Comm, error) {
 	if p.TP == 1 {
-		return nccl.Solo(), nil
+		return comm.Solo(), nil
 	}
 	if w.gpu != nil {
 		return w.connectNCCL(ctx, p, g, a)
 	}
 	ctx, cancel := context.WithTimeout(ctx, w.cfg.RendezvousTimeout)
 	defer cancel()
-	l, err := nccl.Listen(net.JoinHostPort(w.cfg.RingHost, "0"))
+	l, err := comm.Listen(net.JoinHostPort(w.cfg.RingHost, "0"))
 	if err != nil {
 		return nil, err
 	}
@@ -133,7 +134,7 @@ func (w *Worker) connect(ctx context.Context, p cluster.Plan, g cluster.Group, a
 	for r, d := range data {
 		addrs[r] = string(d)
 	}
-	comm, err := nccl.Connect(ctx, l, nccl.RingConfig{Rank: a.Rank, Addrs: addrs, OpTimeout: w.cfg.OpTimeout, DialTimeout: w.cfg.OpTimeout})
+	comm, err := comm.Connect(ctx, l, comm.RingConfig{Rank: a.Rank, Addrs: addrs, OpTimeout: w.cfg.OpTimeout, DialTimeout: w.cfg.OpTimeout})
 	if err != nil {
 		return nil, err
 	}
@@ -144,9 +145,9 @@ func (w *Worker) connect(ctx context.Context, p cluster.Plan, g cluster.Group, a
 // connectNCCL builds the NCCL communicator of rank a.Rank of group g in plan p, on the worker's GPU:
 // the group meets in etcd (ncclExchange: every rank marks itself ready once its weights are loaded;
 // then rank 0 makes the NCCL unique id and publishes it under nccl/<epoch>/<group>, and the others
-// read it), then every rank joins with the id (nccl.JoinNCCL, the GPU's context current). The whole is
+// read it), then every rank joins with the id (nccl.Join, the GPU's context current). The whole is
 // bounded by Config.RendezvousTimeout and by ctx (a newer epoch, Close).
-func (w *Worker) connectNCCL(ctx context.Context, p cluster.Plan, g cluster.Group, a cluster.Assignment) (nccl.Comm, error) {
+func (w *Worker) connectNCCL(ctx context.Context, p cluster.Plan, g cluster.Group, a cluster.Assignment) (comm.Comm, error) {
 	ctx, cancel := context.WithTimeout(ctx, w.cfg.RendezvousTimeout)
 	defer cancel()
 	lg := w.lg.With(zap.Int64("epoch", p.Epoch), zap.Int("group", g.ID), zap.Int("rank", a.Rank), zap.Int("tp", p.TP))
@@ -163,7 +164,7 @@ func (w *Worker) connectNCCL(ctx context.Context, p cluster.Plan, g cluster.Grou
 		return nil, err
 	}
 	lg.Debug("NCCL unique id exchanged; initialising NCCL", zap.Duration("took", time.Since(start).Round(time.Millisecond)))
-	comm, err := nccl.JoinNCCL(ctx, nccl.NCCLConfig{ID: id, Rank: a.Rank, Size: p.TP, MakeCurrent: w.gpu.MakeCurrent, OpTimeout: w.cfg.OpTimeout})
+	comm, err := nccl.Join(ctx, nccl.Config{ID: id, Rank: a.Rank, Size: p.TP, MakeCurrent: w.gpu.MakeCurrent, OpTimeout: w.cfg.OpTimeout})
 	if err != nil {
 		return nil, err
 	}

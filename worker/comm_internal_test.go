@@ -14,11 +14,12 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tpfleet/tpfleet/cluster"
-	"github.com/tpfleet/tpfleet/nccl"
+	"github.com/tpfleet/tpfleet/comm"
+	"github.com/tpfleet/tpfleet/comm/nccl"
 )
 
 // The NCCL id exchange of GPU workers, against a real embedded etcd. NCCL cannot run here: rank 0's
-// id comes from a fake newID, and the test checks what every rank would pass to nccl.JoinNCCL.
+// id comes from a fake newID, and the test checks what every rank would pass to nccl.Join.
 
 func startTestEtcd(t *testing.T) *cluster.Embedded {
 	t.Helper()
@@ -180,7 +181,7 @@ func TestNCCLExchangeFailures(t *testing.T) {
 // TestEpochCommAcceptsDeviceBuffers: a GPU worker's per-epoch communicator is NCCL's to the GPU
 // backend; a CPU worker's is not.
 func TestEpochCommAcceptsDeviceBuffers(t *testing.T) {
-	if !nccl.AcceptsDeviceBuffers(newEpochComm(0, 2, true)) || nccl.AcceptsDeviceBuffers(newEpochComm(0, 2, false)) {
+	if !comm.AcceptsDeviceBuffers(newEpochComm(0, 2, true)) || comm.AcceptsDeviceBuffers(newEpochComm(0, 2, false)) {
 		t.Errorf("AcceptsDeviceBuffers(epochComm) does not follow the worker's device")
 	}
 }

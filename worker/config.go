@@ -14,7 +14,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tpfleet/tpfleet/cluster"
-	"github.com/tpfleet/tpfleet/nccl"
+	"github.com/tpfleet/tpfleet/comm"
 )
 
 // Defaults of Config. A zero field of a Config means its default.
@@ -29,7 +29,7 @@ const (
 	// member list within it.
 	DefaultLeaseTTL = 10 * time.Second
 	// DefaultOpTimeout bounds one collective whose peers do not answer.
-	DefaultOpTimeout = nccl.DefaultOpTimeout
+	DefaultOpTimeout = comm.DefaultOpTimeout
 	// DefaultRendezvousTimeout bounds the wait for a TP group's peers to publish their ring addresses
 	// (they publish once their weights are loaded) and the ring's connection.
 	DefaultRendezvousTimeout = 10 * time.Minute

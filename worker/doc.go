@@ -35,14 +35,14 @@
 //     name, plan name, TP and rank are reused, so a coordinator restart or a re-plan that keeps this
 //     assignment costs no reload. A newer epoch that arrives during a load with the same assignment
 //     lets the load finish and takes it over; any other newer epoch cancels the work in progress.
-//     Then it builds the group's communicator: for TP 1 none is needed (nccl.Solo). On the CPU it
+//     Then it builds the group's communicator: for TP 1 none is needed (comm.Solo). On the CPU it
 //     listens on Config.RingHost, publishes that address with cluster.PutRendezvous(epoch, g, r),
 //     waits for the group's with WaitRendezvous and joins the TCP ring (nccl.Connect). On the GPU
 //     ("cuda") every rank publishes a ready mark the same way and waits for the group's (so that all
 //     ranks are alive and loaded before NCCL's uninterruptible initialisation); then rank 0 makes the
 //     NCCL unique id (nccl.NewUniqueID) and publishes it with cluster.PutNCCLID(epoch, g) under a
 //     lease of Config.RendezvousTimeout, the other ranks read it with WaitNCCLID, and every rank joins
-//     (nccl.JoinNCCL, with the GPU's context current). The id's key is scoped to the epoch, so a new
+//     (nccl.Join, with the GPU's context current). The id's key is scoped to the epoch, so a new
 //     epoch never reuses an old epoch's id, and the coordinator deletes old epochs' keys.
 //   - when the plan does not assign this member, it frees its weights and is idle.
 //

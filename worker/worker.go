@@ -23,7 +23,8 @@ import (
 	"github.com/tpfleet/tpfleet/backend/cpu"
 	"github.com/tpfleet/tpfleet/backend/cuda"
 	"github.com/tpfleet/tpfleet/cluster"
-	"github.com/tpfleet/tpfleet/nccl"
+	"github.com/tpfleet/tpfleet/comm"
+	"github.com/tpfleet/tpfleet/comm/nccl"
 	tpfleetv1 "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 )
 
@@ -140,7 +141,7 @@ type Worker struct {
 	group      int
 	rank       int
 	tp         int
-	comm       nccl.Comm // the epoch's communicator, while serving
+	comm       comm.Comm // the epoch's communicator, while serving
 	failure    error
 	weightDir  string
 	weightSize int64

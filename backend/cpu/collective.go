@@ -5,13 +5,13 @@ import (
 	"fmt"
 
 	"github.com/tpfleet/tpfleet/backend"
-	"github.com/tpfleet/tpfleet/nccl"
+	"github.com/tpfleet/tpfleet/comm"
 )
 
-// AllReduce sums t across the ranks of c in place, through a nccl.HostF32 view of its storage. Views
+// AllReduce sums t across the ranks of c in place, through a comm.HostF32 view of its storage. Views
 // made by Reshape or Rows that share t's storage see the sum too. It blocks until c's collective
 // completes or ctx ends; when ctx has ended, the error wraps ctx.Err() rather than c's error.
-func (b *Backend) AllReduce(ctx context.Context, c nccl.Comm, t backend.Tensor) error {
+func (b *Backend) AllReduce(ctx context.Context, c comm.Comm, t backend.Tensor) error {
 	tt, err := asTensor("allreduce", "t", t)
 	if err != nil {
 		return err
@@ -19,7 +19,7 @@ func (b *Backend) AllReduce(ctx context.Context, c nccl.Comm, t backend.Tensor) 
 	if c == nil {
 		return fmt.Errorf("cpu: allreduce t%v: nil comm", tt.shape)
 	}
-	if err := c.AllReduce(ctx, nccl.HostF32(tt.data)); err != nil {
+	if err := c.AllReduce(ctx, comm.HostF32(tt.data)); err != nil {
 		if ctx.Err() != nil {
 			err = ctx.Err()
 		}
@@ -30,7 +30,7 @@ func (b *Backend) AllReduce(ctx context.Context, c nccl.Comm, t backend.Tensor) 
 
 // AllGather concatenates each rank's t [T, n] along the last dimension in rank order → [T, n·size].
 // Every rank must pass the same shape. It blocks like AllReduce.
-func (b *Backend) AllGather(ctx context.Context, c nccl.Comm, t backend.Tensor) (backend.Tensor, error) {
+func (b *Backend) AllGather(ctx context.Context, c comm.Comm, t backend.Tensor) (backend.Tensor, error) {
 	tt, err := asTensor("allgather", "t", t)
 	if err != nil {
 		return nil, err
@@ -42,8 +42,8 @@ func (b *Backend) AllGather(ctx context.Context, c nccl.Comm, t backend.Tensor) 
 		return nil, fmt.Errorf("cpu: allgather t%v: nil comm", tt.shape)
 	}
 	T, n, size := tt.shape[0], tt.shape[1], c.Size()
-	recv := make(nccl.HostF32, size*T*n) // [size][T][n]
-	if err := c.AllGather(ctx, nccl.HostF32(tt.data), recv); err != nil {
+	recv := make(comm.HostF32, size*T*n) // [size][T][n]
+	if err := c.AllGather(ctx, comm.HostF32(tt.data), recv); err != nil {
 		if ctx.Err() != nil {
 			err = ctx.Err()
 		}

@@ -15,7 +15,7 @@ import (
 
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/backend/backendtest"
-	"github.com/tpfleet/tpfleet/nccl"
+	"github.com/tpfleet/tpfleet/comm"
 	"github.com/tpfleet/tpfleet/safetensors"
 )
 
@@ -353,7 +353,7 @@ func TestCollectives(t *testing.T) {
 	b := New(Config{})
 	for n := 2; n <= 4; n++ {
 		t.Run(fmt.Sprintf("ranks=%d", n), func(t *testing.T) {
-			comms := nccl.NewLocalGroup(n)
+			comms := comm.NewLocalGroup(n)
 			t.Cleanup(func() {
 				for _, c := range comms {
 					c.Close()
@@ -428,10 +428,10 @@ func TestCollectivesSolo(t *testing.T) {
 	b := New(Config{})
 	x, _ := b.FromFloat32([]int{2, 2}, []float32{1, 2, 3, 4})
 	ctx := context.Background()
-	if err := b.AllReduce(ctx, nccl.Solo(), x); err != nil {
+	if err := b.AllReduce(ctx, comm.Solo(), x); err != nil {
 		t.Fatalf("AllReduce(Solo) error: %v", err)
 	}
-	g, err := b.AllGather(ctx, nccl.Solo(), x)
+	g, err := b.AllGather(ctx, comm.Solo(), x)
 	if err != nil {
 		t.Fatalf("AllGather(Solo) error: %v", err)
 	}
@@ -439,7 +439,7 @@ func TestCollectivesSolo(t *testing.T) {
 		t.Errorf("AllGather(Solo) = %v, want [1 2 3 4]", got)
 	}
 	flat, _ := b.FromFloat32([]int{4}, []float32{1, 2, 3, 4})
-	if _, err := b.AllGather(ctx, nccl.Solo(), flat); !errors.Is(err, backend.ErrShape) {
+	if _, err := b.AllGather(ctx, comm.Solo(), flat); !errors.Is(err, backend.ErrShape) {
 		t.Errorf("AllGather([4]) error = %v, want ErrShape", err)
 	}
 	if err := b.AllReduce(ctx, nil, x); err == nil {

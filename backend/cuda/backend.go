@@ -3,16 +3,16 @@ package cuda
 import (
 	"errors"
 	"fmt"
+	"github.com/tpfleet/tpfleet/internal/dl"
 	"math"
 	"os"
-	"path/filepath"
 	"slices"
 	"time"
 	"unsafe"
 
 	"github.com/tpfleet/tpfleet/backend"
+	"github.com/tpfleet/tpfleet/comm"
 	"github.com/tpfleet/tpfleet/kernels"
-	"github.com/tpfleet/tpfleet/nccl"
 	"github.com/tpfleet/tpfleet/safetensors"
 )
 
@@ -116,7 +116,7 @@ func New(cfg Config) (*Backend, error) {
 	if os.Getenv(EnvGraphs) == "0" {
 		cfg.Eager = true
 	}
-	if err := loadLibraries(libDirs(cfg.LibDirs, os.Getenv(EnvLibDirs), filepath.Glob)); err != nil {
+	if err := loadLibraries(dl.SearchDirs(cfg.LibDirs)); err != nil {
 		return nil, err
 	}
 	dev, err := openDevice(cfg.Device)
@@ -240,14 +240,14 @@ func (b *Backend) Close() error {
 	return errors.Join(errs...)
 }
 
-// Context returns the device's primary context (a CUcontext), for nccl.NewNCCLGroup.
+// Context returns the device's primary context (a CUcontext), for nccl.NewGroup.
 func (b *Backend) Context() uintptr { return uintptr(unsafe.Pointer(b.dev.ctx)) }
 
-// Stream returns the backend's stream (a CUstream): nccl.DeviceBuffer values of this backend's
+// Stream returns the backend's stream (a CUstream): comm.DeviceBuffer values of this backend's
 // collectives name it.
 func (b *Backend) Stream() uintptr { return uintptr(unsafe.Pointer(b.stream.s)) }
 
-// MakeCurrent makes the device's primary context current on the calling OS thread, as nccl.NewNCCL
+// MakeCurrent makes the device's primary context current on the calling OS thread, as nccl.New
 // requires. Call it on a goroutine locked to its thread (runtime.LockOSThread).
 func (b *Backend) MakeCurrent() error { return b.dev.makeCurrent() }
 
@@ -535,7 +535,7 @@ func (b *Backend) RandomBF16(shape []int, mean, std float32, seed uint64) (backe
 
 // DeviceCount loads the CUDA libraries (see New) and returns the number of GPUs the driver sees.
 func DeviceCount() (int, error) {
-	if err := loadLibraries(libDirs(nil, os.Getenv(EnvLibDirs), filepath.Glob)); err != nil {
+	if err := loadLibraries(dl.SearchDirs(nil)); err != nil {
 		return 0, err
 	}
 	return deviceCount()
@@ -543,10 +543,10 @@ func DeviceCount() (int, error) {
 
 // DeviceBuffer describes t's device memory for an NCCL collective on the backend's stream. t must stay
 // reachable until the collective has been enqueued.
-func (b *Backend) DeviceBuffer(t backend.Tensor) (nccl.DeviceBuffer, error) {
+func (b *Backend) DeviceBuffer(t backend.Tensor) (comm.DeviceBuffer, error) {
 	tt, err := b.asTensor("device buffer", "t", t)
 	if err != nil {
-		return nccl.DeviceBuffer{}, err
+		return comm.DeviceBuffer{}, err
 	}
 	return b.commBuffer(tt), nil
 }

@@ -8,7 +8,7 @@ import (
 
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/backend/cuda"
-	"github.com/tpfleet/tpfleet/nccl"
+	"github.com/tpfleet/tpfleet/comm"
 )
 
 func testCollectives(t *testing.T, b *cuda.Backend) {
@@ -17,10 +17,10 @@ func testCollectives(t *testing.T, b *cuda.Backend) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := b.AllReduce(ctx, nccl.Solo(), x); err != nil {
+	if err := b.AllReduce(ctx, comm.Solo(), x); err != nil {
 		t.Errorf("AllReduce(Solo) error: %v", err)
 	}
-	g, err := b.AllGather(ctx, nccl.Solo(), x)
+	g, err := b.AllGather(ctx, comm.Solo(), x)
 	if err != nil {
 		t.Fatalf("AllGather(Solo) error: %v", err)
 	}
@@ -28,13 +28,13 @@ func testCollectives(t *testing.T, b *cuda.Backend) {
 		t.Errorf("AllGather(Solo) = %v, %v; want [1 2 3 4]", got, err)
 	}
 	flat, _ := b.FromFloat32([]int{4}, []float32{1, 2, 3, 4})
-	if _, err := b.AllGather(ctx, nccl.Solo(), flat); !errors.Is(err, backend.ErrShape) {
+	if _, err := b.AllGather(ctx, comm.Solo(), flat); !errors.Is(err, backend.ErrShape) {
 		t.Errorf("AllGather([4]) error = %v, want ErrShape", err)
 	}
 	if err := b.AllReduce(ctx, nil, x); err == nil {
 		t.Errorf("AllReduce(nil comm) error = nil, want an error")
 	}
-	group := nccl.NewLocalGroup(2)
+	group := comm.NewLocalGroup(2)
 	defer func() {
 		for _, c := range group {
 			c.Close()

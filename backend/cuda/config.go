@@ -80,7 +80,7 @@ type Config struct {
 	// KernelCache is the directory where compiled kernels are kept between runs. Empty means
 	// os.UserCacheDir()/tpfleet/kernels; KernelCacheOff disables the cache.
 	KernelCache string `json:"cuda-kernel-cache"`
-	// LibDirs are directories searched for libcuda, cuBLASLt and NVRTC before $TPFLEET_CUDA_LIB_DIRS and
+	// LibDirs are directories searched for libcuda, cuBLASLt and NVRTC before $TPFLEET_LIB_DIRS and
 	// the default places (pip wheels' nvidia/*/lib, /usr/local/cuda/lib64, ...).
 	LibDirs []string `json:"cuda-lib-dirs"`
 	// Workspace is cuBLASLt's workspace in bytes. 0 means DefaultWorkspace.

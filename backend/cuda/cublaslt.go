@@ -7,6 +7,7 @@ import "C"
 
 import (
 	"fmt"
+	"github.com/tpfleet/tpfleet/internal/dl"
 	"unsafe"
 )
 
@@ -17,23 +18,23 @@ var lt struct {
 	prefCreate, prefDestroy, prefSet, heuristic, matmul           unsafe.Pointer
 }
 
-func cublasLtSymbols() []symbol {
-	return []symbol{
-		{name: "cublasLtGetVersion", dst: &lt.getVersion},
-		{name: "cublasLtGetStatusString", dst: &lt.statusString},
-		{name: "cublasLtGetStatusName", dst: &lt.statusName, optional: true},
-		{name: "cublasLtCreate", dst: &lt.create},
-		{name: "cublasLtDestroy", dst: &lt.destroy},
-		{name: "cublasLtMatmulDescCreate", dst: &lt.descCreate},
-		{name: "cublasLtMatmulDescDestroy", dst: &lt.descDestroy},
-		{name: "cublasLtMatmulDescSetAttribute", dst: &lt.descSet},
-		{name: "cublasLtMatrixLayoutCreate", dst: &lt.layoutCreate},
-		{name: "cublasLtMatrixLayoutDestroy", dst: &lt.layoutDestroy},
-		{name: "cublasLtMatmulPreferenceCreate", dst: &lt.prefCreate},
-		{name: "cublasLtMatmulPreferenceDestroy", dst: &lt.prefDestroy},
-		{name: "cublasLtMatmulPreferenceSetAttribute", dst: &lt.prefSet},
-		{name: "cublasLtMatmulAlgoGetHeuristic", dst: &lt.heuristic},
-		{name: "cublasLtMatmul", dst: &lt.matmul},
+func cublasLtSymbols() []dl.Symbol {
+	return []dl.Symbol{
+		{Name: "cublasLtGetVersion", Dst: &lt.getVersion},
+		{Name: "cublasLtGetStatusString", Dst: &lt.statusString},
+		{Name: "cublasLtGetStatusName", Dst: &lt.statusName, Optional: true},
+		{Name: "cublasLtCreate", Dst: &lt.create},
+		{Name: "cublasLtDestroy", Dst: &lt.destroy},
+		{Name: "cublasLtMatmulDescCreate", Dst: &lt.descCreate},
+		{Name: "cublasLtMatmulDescDestroy", Dst: &lt.descDestroy},
+		{Name: "cublasLtMatmulDescSetAttribute", Dst: &lt.descSet},
+		{Name: "cublasLtMatrixLayoutCreate", Dst: &lt.layoutCreate},
+		{Name: "cublasLtMatrixLayoutDestroy", Dst: &lt.layoutDestroy},
+		{Name: "cublasLtMatmulPreferenceCreate", Dst: &lt.prefCreate},
+		{Name: "cublasLtMatmulPreferenceDestroy", Dst: &lt.prefDestroy},
+		{Name: "cublasLtMatmulPreferenceSetAttribute", Dst: &lt.prefSet},
+		{Name: "cublasLtMatmulAlgoGetHeuristic", Dst: &lt.heuristic},
+		{Name: "cublasLtMatmul", Dst: &lt.matmul},
 	}
 }
 

@@ -6,7 +6,7 @@
 //
 // # Libraries
 //
-// Each library is searched for in Config.LibDirs, then $TPFLEET_CUDA_LIB_DIRS (colon-separated), then
+// Each library is searched for (package internal/dl) in Config.LibDirs, then $TPFLEET_LIB_DIRS (colon-separated), then
 // the usual places (pip wheels' nvidia/*/lib, /usr/local/cuda/lib64, the driver's directory), then by
 // bare soname through ld.so: libcuda.so.1, libcublasLt.so.13 or .12, libnvrtc.so.13 or .12. dlopen and
 // dlerror run on a locked OS thread; a failure lists every path tried with dlerror's text.
@@ -59,7 +59,7 @@
 //
 // # Collectives
 //
-// AllReduce and AllGather run on the backend's stream through an NCCL communicator (nccl.NewNCCL,
-// nccl.NewNCCLGroup; see Backend.MakeCurrent), given nccl.DeviceBuffer values. A single-rank
-// communicator of any kind (nccl.Solo) is accepted too: its collectives are no-ops.
+// AllReduce and AllGather run on the backend's stream through an NCCL communicator (nccl.New,
+// nccl.NewGroup of package comm/nccl; see Backend.MakeCurrent), given comm.DeviceBuffer values. A single-rank
+// communicator of any kind (comm.Solo) is accepted too: its collectives are no-ops.
 package cuda

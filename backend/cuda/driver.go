@@ -8,6 +8,7 @@ import "C"
 
 import (
 	"fmt"
+	"github.com/tpfleet/tpfleet/internal/dl"
 	"math"
 	"unsafe"
 )
@@ -28,47 +29,47 @@ var drv struct {
 
 // driverSymbols names the entry points with the ABI version this package declares: the _v2 names are
 // the ones CUDA's own header selects (size_t sizes, 64-bit device pointers).
-func driverSymbols() []symbol {
-	return []symbol{
-		{name: "cuInit", dst: &drv.init},
-		{name: "cuDriverGetVersion", dst: &drv.driverGetVersion},
-		{name: "cuDeviceGetCount", dst: &drv.deviceGetCount},
-		{name: "cuDeviceGet", dst: &drv.deviceGet},
-		{name: "cuDeviceGetName", dst: &drv.deviceGetName},
-		{name: "cuDeviceGetAttribute", dst: &drv.deviceGetAttribute},
-		{name: "cuDeviceTotalMem_v2", dst: &drv.deviceTotalMem},
-		{name: "cuDevicePrimaryCtxRetain", dst: &drv.primaryCtxRetain},
-		{name: "cuDevicePrimaryCtxRelease_v2", dst: &drv.primaryCtxRelease},
-		{name: "cuCtxSetCurrent", dst: &drv.ctxSetCurrent},
-		{name: "cuGetErrorName", dst: &drv.getErrorName},
-		{name: "cuGetErrorString", dst: &drv.getErrorString},
-		{name: "cuMemAlloc_v2", dst: &drv.memAlloc},
-		{name: "cuMemFree_v2", dst: &drv.memFree},
-		{name: "cuMemAllocHost_v2", dst: &drv.memAllocHost},
-		{name: "cuMemFreeHost", dst: &drv.memFreeHost},
-		{name: "cuMemGetInfo_v2", dst: &drv.memGetInfo},
-		{name: "cuMemcpyHtoDAsync_v2", dst: &drv.memcpyHtoDAsync},
-		{name: "cuMemcpyDtoHAsync_v2", dst: &drv.memcpyDtoHAsync},
-		{name: "cuMemcpyDtoDAsync_v2", dst: &drv.memcpyDtoDAsync},
-		{name: "cuMemsetD8Async", dst: &drv.memsetD8Async},
-		{name: "cuModuleLoadData", dst: &drv.moduleLoadData},
-		{name: "cuModuleUnload", dst: &drv.moduleUnload},
-		{name: "cuModuleGetFunction", dst: &drv.moduleGetFunction},
-		{name: "cuLaunchKernel", dst: &drv.launch},
-		{name: "cuStreamCreate", dst: &drv.streamCreate},
-		{name: "cuStreamDestroy_v2", dst: &drv.streamDestroy},
-		{name: "cuStreamSynchronize", dst: &drv.streamSynchronize},
-		{name: "cuStreamBeginCapture_v2", dst: &drv.beginCapture, optional: true},
-		{name: "cuStreamEndCapture", dst: &drv.endCapture, optional: true},
-		{name: "cuGraphInstantiateWithFlags", dst: &drv.graphInstantiate, optional: true},
-		{name: "cuGraphLaunch", dst: &drv.graphLaunch, optional: true},
-		{name: "cuGraphExecDestroy", dst: &drv.graphExecDestroy, optional: true},
-		{name: "cuGraphDestroy", dst: &drv.graphDestroy, optional: true},
-		{name: "cuEventCreate", dst: &drv.eventCreate, optional: true},
-		{name: "cuEventDestroy_v2", dst: &drv.eventDestroy, optional: true},
-		{name: "cuEventRecord", dst: &drv.eventRecord, optional: true},
-		{name: "cuEventSynchronize", dst: &drv.eventSynchronize, optional: true},
-		{name: "cuEventElapsedTime", dst: &drv.eventElapsedTime, optional: true},
+func driverSymbols() []dl.Symbol {
+	return []dl.Symbol{
+		{Name: "cuInit", Dst: &drv.init},
+		{Name: "cuDriverGetVersion", Dst: &drv.driverGetVersion},
+		{Name: "cuDeviceGetCount", Dst: &drv.deviceGetCount},
+		{Name: "cuDeviceGet", Dst: &drv.deviceGet},
+		{Name: "cuDeviceGetName", Dst: &drv.deviceGetName},
+		{Name: "cuDeviceGetAttribute", Dst: &drv.deviceGetAttribute},
+		{Name: "cuDeviceTotalMem_v2", Dst: &drv.deviceTotalMem},
+		{Name: "cuDevicePrimaryCtxRetain", Dst: &drv.primaryCtxRetain},
+		{Name: "cuDevicePrimaryCtxRelease_v2", Dst: &drv.primaryCtxRelease},
+		{Name: "cuCtxSetCurrent", Dst: &drv.ctxSetCurrent},
+		{Name: "cuGetErrorName", Dst: &drv.getErrorName},
+		{Name: "cuGetErrorString", Dst: &drv.getErrorString},
+		{Name: "cuMemAlloc_v2", Dst: &drv.memAlloc},
+		{Name: "cuMemFree_v2", Dst: &drv.memFree},
+		{Name: "cuMemAllocHost_v2", Dst: &drv.memAllocHost},
+		{Name: "cuMemFreeHost", Dst: &drv.memFreeHost},
+		{Name: "cuMemGetInfo_v2", Dst: &drv.memGetInfo},
+		{Name: "cuMemcpyHtoDAsync_v2", Dst: &drv.memcpyHtoDAsync},
+		{Name: "cuMemcpyDtoHAsync_v2", Dst: &drv.memcpyDtoHAsync},
+		{Name: "cuMemcpyDtoDAsync_v2", Dst: &drv.memcpyDtoDAsync},
+		{Name: "cuMemsetD8Async", Dst: &drv.memsetD8Async},
+		{Name: "cuModuleLoadData", Dst: &drv.moduleLoadData},
+		{Name: "cuModuleUnload", Dst: &drv.moduleUnload},
+		{Name: "cuModuleGetFunction", Dst: &drv.moduleGetFunction},
+		{Name: "cuLaunchKernel", Dst: &drv.launch},
+		{Name: "cuStreamCreate", Dst: &drv.streamCreate},
+		{Name: "cuStreamDestroy_v2", Dst: &drv.streamDestroy},
+		{Name: "cuStreamSynchronize", Dst: &drv.streamSynchronize},
+		{Name: "cuStreamBeginCapture_v2", Dst: &drv.beginCapture, Optional: true},
+		{Name: "cuStreamEndCapture", Dst: &drv.endCapture, Optional: true},
+		{Name: "cuGraphInstantiateWithFlags", Dst: &drv.graphInstantiate, Optional: true},
+		{Name: "cuGraphLaunch", Dst: &drv.graphLaunch, Optional: true},
+		{Name: "cuGraphExecDestroy", Dst: &drv.graphExecDestroy, Optional: true},
+		{Name: "cuGraphDestroy", Dst: &drv.graphDestroy, Optional: true},
+		{Name: "cuEventCreate", Dst: &drv.eventCreate, Optional: true},
+		{Name: "cuEventDestroy_v2", Dst: &drv.eventDestroy, Optional: true},
+		{Name: "cuEventRecord", Dst: &drv.eventRecord, Optional: true},
+		{Name: "cuEventSynchronize", Dst: &drv.eventSynchronize, Optional: true},
+		{Name: "cuEventElapsedTime", Dst: &drv.eventElapsedTime, Optional: true},
 	}
 }
 

@@ -11,8 +11,8 @@ import (
 	"time"
 
 	"github.com/tpfleet/tpfleet/backend/cuda"
+	"github.com/tpfleet/tpfleet/comm/nccl"
 	"github.com/tpfleet/tpfleet/model/llama4"
-	"github.com/tpfleet/tpfleet/nccl"
 	"github.com/tpfleet/tpfleet/safetensors"
 	"github.com/tpfleet/tpfleet/shard"
 )
@@ -99,7 +99,7 @@ func goldenTP(t *testing.T, bs []*cuda.Backend, dir string) {
 	for i, b := range bs {
 		contexts[i] = b.Context()
 	}
-	comms, err := nccl.NewNCCLGroup(ctx, contexts)
+	comms, err := nccl.NewGroup(ctx, contexts)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -3,99 +3,20 @@ package cuda
 import (
 	"errors"
 	"flag"
+	"github.com/tpfleet/tpfleet/internal/dl"
 	"io"
 	"math"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
-	"unsafe"
 )
 
 // These tests need no GPU: they run everywhere, CI included.
 
-func TestCandidates(t *testing.T) {
-	exists := func(p string) bool {
-		return p == "/w/nvidia/cu13/lib/libcublasLt.so.13" || p == "/x/libcublasLt.so.12" || p == "/x/libcublasLt.so.13"
-	}
-	got := candidates([]string{"libcublasLt.so.13", "libcublasLt.so.12"}, []string{"/w/nvidia/cu13/lib", "/x"}, exists)
-	want := []string{
-		"/w/nvidia/cu13/lib/libcublasLt.so.13", "/x/libcublasLt.so.13", "libcublasLt.so.13",
-		"/x/libcublasLt.so.12", "libcublasLt.so.12",
-	}
-	if !slices.Equal(got, want) {
-		t.Errorf("candidates = %v, want %v", got, want)
-	}
-}
-
-func TestLibDirs(t *testing.T) {
-	glob := func(pat string) ([]string, error) {
-		if pat == "/usr/local/cuda/lib64" {
-			return []string{"/usr/local/cuda/lib64"}, nil
-		}
-		if strings.Contains(pat, "/opt/") {
-			return []string{"/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib", "/first"}, nil
-		}
-		return nil, nil
-	}
-	got := libDirs([]string{"/first"}, "/env/a:/env/b:", glob)
-	want := []string{"/first", "/env/a", "/env/b", "/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib", "/usr/local/cuda/lib64"}
-	if !slices.Equal(got, want) {
-		t.Errorf("libDirs = %v, want %v", got, want)
-	}
-}
-
-// TestOpenLibraryMissing checks the error of a library that is nowhere: it names every path tried with
-// dlerror's text and wraps ErrUnavailable.
-func TestOpenLibraryMissing(t *testing.T) {
-	dir := t.TempDir()
-	bogus := filepath.Join(dir, "libtpfleet-missing.so.7")
-	if err := os.WriteFile(bogus, []byte("not an ELF file"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	_, err := openLibrary([]string{"libtpfleet-missing.so.7"}, []string{dir, "/nonexistent"})
-	var le *LoadError
-	if !errors.As(err, &le) || !errors.Is(err, ErrUnavailable) {
-		t.Fatalf("openLibrary(missing) error = %v, want a *LoadError wrapping ErrUnavailable", err)
-	}
-	if len(le.Tried) != 2 || le.Tried[0].Path != bogus || le.Tried[1].Path != "libtpfleet-missing.so.7" {
-		t.Errorf("Tried = %+v, want the file in %s then the bare soname", le.Tried, dir)
-	}
-	msg := err.Error()
-	for _, want := range []string{"cannot load libtpfleet-missing.so.7", bogus, "libtpfleet-missing.so.7: "} {
-		if !strings.Contains(msg, want) {
-			t.Errorf("error %q does not contain %q", msg, want)
-		}
-	}
-	for _, a := range le.Tried {
-		if a.Err == "" {
-			t.Errorf("attempt %s has no dlerror text", a.Path)
-		}
-	}
-}
-
-// TestResolveMissingSymbol loads libc (always there) and asks for a symbol it lacks.
-func TestResolveMissingSymbol(t *testing.T) {
-	l, err := dlopen("libc.so.6")
-	if err != nil {
-		t.Skipf("dlopen(libc.so.6): %v", err)
-	}
-	var strlen, nope, opt unsafe.Pointer
-	ps, pn, po := &strlen, &nope, &opt
-	if err := l.resolve([]symbol{{name: "strlen", dst: ps}, {name: "tpfleet_nope", dst: po, optional: true}}); err != nil || *ps == nil || *po != nil {
-		t.Errorf("resolve(strlen, optional nope) = %v (strlen %v, nope %v), want strlen only", err, *ps, *po)
-	}
-	err = l.resolve([]symbol{{name: "tpfleet_nope", dst: pn}})
-	var se *SymbolError
-	if !errors.As(err, &se) || se.Symbol != "tpfleet_nope" || se.Path != "libc.so.6" || !errors.Is(err, ErrUnavailable) {
-		t.Errorf("resolve(tpfleet_nope) error = %v, want a *SymbolError for it wrapping ErrUnavailable", err)
-	}
-}
-
 // TestNewWithoutCUDA runs only where libcuda is absent (CI): New must fail cleanly, naming the library.
 func TestNewWithoutCUDA(t *testing.T) {
-	if _, err := dlopen("libcuda.so.1"); err == nil {
+	if _, err := dl.Open([]string{"libcuda.so.1"}, nil, ErrUnavailable); err == nil {
 		t.Skip("libcuda.so.1 is present")
 	}
 	_, err := New(Config{LibDirs: []string{t.TempDir()}})

@@ -10,6 +10,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"github.com/tpfleet/tpfleet/internal/dl"
 	"os"
 	"path/filepath"
 	"unsafe"
@@ -20,17 +21,17 @@ var rtc struct {
 	version, errorString, create, compile, logSize, log, cubinSize, cubin, destroy unsafe.Pointer
 }
 
-func nvrtcSymbols() []symbol {
-	return []symbol{
-		{name: "nvrtcVersion", dst: &rtc.version},
-		{name: "nvrtcGetErrorString", dst: &rtc.errorString},
-		{name: "nvrtcCreateProgram", dst: &rtc.create},
-		{name: "nvrtcCompileProgram", dst: &rtc.compile},
-		{name: "nvrtcGetProgramLogSize", dst: &rtc.logSize},
-		{name: "nvrtcGetProgramLog", dst: &rtc.log},
-		{name: "nvrtcGetCUBINSize", dst: &rtc.cubinSize},
-		{name: "nvrtcGetCUBIN", dst: &rtc.cubin},
-		{name: "nvrtcDestroyProgram", dst: &rtc.destroy},
+func nvrtcSymbols() []dl.Symbol {
+	return []dl.Symbol{
+		{Name: "nvrtcVersion", Dst: &rtc.version},
+		{Name: "nvrtcGetErrorString", Dst: &rtc.errorString},
+		{Name: "nvrtcCreateProgram", Dst: &rtc.create},
+		{Name: "nvrtcCompileProgram", Dst: &rtc.compile},
+		{Name: "nvrtcGetProgramLogSize", Dst: &rtc.logSize},
+		{Name: "nvrtcGetProgramLog", Dst: &rtc.log},
+		{Name: "nvrtcGetCUBINSize", Dst: &rtc.cubinSize},
+		{Name: "nvrtcGetCUBIN", Dst: &rtc.cubin},
+		{Name: "nvrtcDestroyProgram", Dst: &rtc.destroy},
 	}
 }
 

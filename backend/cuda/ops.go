@@ -9,7 +9,7 @@ import (
 	"slices"
 
 	"github.com/tpfleet/tpfleet/backend"
-	"github.com/tpfleet/tpfleet/nccl"
+	"github.com/tpfleet/tpfleet/comm"
 )
 
 // Launch geometry of the elementwise kernels (grid-stride loops).
@@ -436,12 +436,12 @@ func (b *Backend) bf16Operand(t *tensor) (devptr, *buffer, error) {
 }
 
 // commBuffer describes t's memory for an NCCL collective on the backend's stream.
-func (b *Backend) commBuffer(t *tensor) nccl.DeviceBuffer {
-	typ := nccl.Float32
+func (b *Backend) commBuffer(t *tensor) comm.DeviceBuffer {
+	typ := comm.Float32
 	if t.dt == BF16 {
-		typ = nccl.BFloat16
+		typ = comm.BFloat16
 	}
-	return nccl.DeviceBuffer{Ptr: uintptr(t.ptr()), N: t.numel(), Type: typ, Stream: b.Stream()}
+	return comm.DeviceBuffer{Ptr: uintptr(t.ptr()), N: t.numel(), Type: typ, Stream: b.Stream()}
 }
 
 // recordCollective records (capture) or checks (replay) a collective of kind op on bufs in a recorded
@@ -450,7 +450,7 @@ func (b *Backend) commBuffer(t *tensor) nccl.DeviceBuffer {
 //
 // The signature includes the underlying communicator, so a recording made with one (a worker's previous
 // epoch, say) is not replayed with another: the replay differs, and the step is recorded again.
-func (b *Backend) recordCollective(ctx context.Context, c nccl.Comm, op uint64, bufs ...*nccl.DeviceBuffer) (enqueue bool, err error) {
+func (b *Backend) recordCollective(ctx context.Context, c comm.Comm, op uint64, bufs ...*comm.DeviceBuffer) (enqueue bool, err error) {
 	if b.rec == nil {
 		return true, nil
 	}
@@ -458,7 +458,7 @@ func (b *Backend) recordCollective(ctx context.Context, c nccl.Comm, op uint64, 
 		return false, err
 	}
 	var id uint64
-	if v := reflect.ValueOf(nccl.Underlying(c)); v.Kind() == reflect.Pointer {
+	if v := reflect.ValueOf(comm.Underlying(c)); v.Kind() == reflect.Pointer {
 		id = uint64(v.Pointer())
 	}
 	sig := []uint64{sigCollective, op, id}
@@ -470,9 +470,9 @@ func (b *Backend) recordCollective(ctx context.Context, c nccl.Comm, op uint64, 
 }
 
 // AllReduce sums t across the ranks of c in place, enqueued on the backend's stream (c must be an NCCL
-// communicator whose rank runs on this backend's device, see nccl.NewNCCLGroup). A single-rank
+// communicator whose rank runs on this backend's device, see nccl.NewGroup). A single-rank
 // communicator of any kind leaves t as it is.
-func (b *Backend) AllReduce(ctx context.Context, c nccl.Comm, t backend.Tensor) error {
+func (b *Backend) AllReduce(ctx context.Context, c comm.Comm, t backend.Tensor) error {
 	tt, err := b.asTensor("allreduce", "t", t)
 	if err != nil {
 		return err
@@ -483,7 +483,7 @@ func (b *Backend) AllReduce(ctx context.Context, c nccl.Comm, t backend.Tensor) 
 	if c.Size() == 1 {
 		return ctx.Err()
 	}
-	if !nccl.AcceptsDeviceBuffers(c) {
+	if !comm.AcceptsDeviceBuffers(c) {
 		return fmt.Errorf("cuda: allreduce t%v over a %T of %d ranks: device tensors need an NCCL communicator: %w",
 			tt.shape, c, c.Size(), errors.ErrUnsupported)
 	}
@@ -501,7 +501,7 @@ func (b *Backend) AllReduce(ctx context.Context, c nccl.Comm, t backend.Tensor) 
 // AllGather concatenates each rank's t [T, n] along the last dimension in rank order → [T, n·size],
 // on the backend's stream: NCCL gathers the ranks' blocks into [size, T, n] and, for T > 1, a kernel
 // permutes them into rows. A single-rank communicator returns t.
-func (b *Backend) AllGather(ctx context.Context, c nccl.Comm, t backend.Tensor) (backend.Tensor, error) {
+func (b *Backend) AllGather(ctx context.Context, c comm.Comm, t backend.Tensor) (backend.Tensor, error) {
 	tt, err := b.asTensor("allgather", "t", t)
 	if err != nil {
 		return nil, err
@@ -518,7 +518,7 @@ func (b *Backend) AllGather(ctx context.Context, c nccl.Comm, t backend.Tensor) 
 		}
 		return tt, nil
 	}
-	if !nccl.AcceptsDeviceBuffers(c) {
+	if !comm.AcceptsDeviceBuffers(c) {
 		return nil, fmt.Errorf("cuda: allgather t%v over a %T of %d ranks: device tensors need an NCCL communicator: %w",
 			tt.shape, c, c.Size(), errors.ErrUnsupported)
 	}

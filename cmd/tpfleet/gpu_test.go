@@ -14,7 +14,7 @@ import (
 	"time"
 
 	"github.com/tpfleet/tpfleet/backend/cuda"
-	"github.com/tpfleet/tpfleet/nccl"
+	"github.com/tpfleet/tpfleet/comm/nccl"
 )
 
 // The GPU paths that can be checked without a GPU: the errors where CUDA is missing, the rendezvous

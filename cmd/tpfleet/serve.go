@@ -17,8 +17,8 @@ import (
 
 	"github.com/tpfleet/tpfleet/backend/cuda"
 	"github.com/tpfleet/tpfleet/cluster"
+	"github.com/tpfleet/tpfleet/comm/nccl"
 	"github.com/tpfleet/tpfleet/coordinator"
-	"github.com/tpfleet/tpfleet/nccl"
 	"github.com/tpfleet/tpfleet/worker"
 )
 

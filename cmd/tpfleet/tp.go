@@ -16,8 +16,9 @@ import (
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/backend/cpu"
 	"github.com/tpfleet/tpfleet/backend/cuda"
+	"github.com/tpfleet/tpfleet/comm"
+	"github.com/tpfleet/tpfleet/comm/nccl"
 	"github.com/tpfleet/tpfleet/model/llama4"
-	"github.com/tpfleet/tpfleet/nccl"
 	"github.com/tpfleet/tpfleet/shard"
 )
 
@@ -42,7 +43,7 @@ func (f *parallelFlags) add(fs *flag.FlagSet) {
 	fs.StringVar(&f.ringHost, "ring-host", "127.0.0.1", "address this rank listens on for its ring peer (with --rank, --device cpu)")
 	fs.IntVar(&f.gpu, "gpu", -1, "with --device cuda: this rank's GPU with --rank (-1: the local rank, --rank mod the visible GPUs); "+
 		"without, the GPU of rank 0, rank r on GPU gpu+r (-1: 0)")
-	fs.DurationVar(&f.opTimeout, "op-timeout", nccl.DefaultOpTimeout, "deadline of one collective, of the rendezvous and of NCCL's set-up (with --rank); a dead peer fails the group within it")
+	fs.DurationVar(&f.opTimeout, "op-timeout", comm.DefaultOpTimeout, "deadline of one collective, of the rendezvous and of NCCL's set-up (with --rank); a dead peer fails the group within it")
 }
 
 func (f *parallelFlags) check() error {
@@ -77,7 +78,7 @@ func resolvePlan(name string) (shard.Plan, error) {
 type group struct {
 	ranks    []*llama4.Model
 	leader   bool // this process runs rank 0, which reports results
-	comms    []nccl.Comm
+	comms    []comm.Comm
 	backends []io.Closer // GPU backends, closed after the communicators
 }
 
@@ -150,10 +151,10 @@ func newRankOps(ctx context.Context, f modelFlags) (*group, []backend.Ops, []int
 		ops[i], ranks[i], ctxs[i] = b, i, b.Context()
 	}
 	if f.par.tp == 1 {
-		g.comms = []nccl.Comm{nccl.Solo()}
+		g.comms = []comm.Comm{comm.Solo()}
 		return g, ops, ranks, nil
 	}
-	comms, err := nccl.NewNCCLGroup(ctx, ctxs)
+	comms, err := nccl.NewGroup(ctx, ctxs)
 	if err != nil {
 		g.Close()
 		return nil, nil, nil, err
@@ -183,7 +184,7 @@ func localGPU(f parallelFlags) (int, error) {
 
 // newRankGPU opens this process's rank (--rank) on its GPU and, for --tp > 1, joins the group's NCCL
 // communicator: rank 0 makes the NCCL unique id and publishes it with its rendezvous record; every
-// rank waits for the others' records, takes rank 0's id and joins (nccl.JoinNCCL, the GPU's context
+// rank waits for the others' records, takes rank 0's id and joins (nccl.Join, the GPU's context
 // current). A missing CUDA or NCCL library fails first, with the error that names it.
 func newRankGPU(ctx context.Context, f parallelFlags) (*group, []backend.Ops, []int, error) {
 	gpu, err := localGPU(f)
@@ -201,7 +202,7 @@ func newRankGPU(ctx context.Context, f parallelFlags) (*group, []backend.Ops, []
 	}
 	g := &group{leader: f.rank == 0, backends: []io.Closer{b}}
 	if f.tp == 1 {
-		g.comms = []nccl.Comm{nccl.Solo()}
+		g.comms = []comm.Comm{comm.Solo()}
 		return g, []backend.Ops{b}, []int{f.rank}, nil
 	}
 	var id nccl.UniqueID
@@ -226,28 +227,28 @@ func newRankGPU(ctx context.Context, f parallelFlags) (*group, []backend.Ops, []
 	}
 	jctx, cancel := context.WithTimeout(ctx, f.opTimeout)
 	defer cancel()
-	comm, err := nccl.JoinNCCL(jctx, nccl.NCCLConfig{ID: id, Rank: f.rank, Size: f.tp, MakeCurrent: b.MakeCurrent, OpTimeout: f.opTimeout})
+	c, err := nccl.Join(jctx, nccl.Config{ID: id, Rank: f.rank, Size: f.tp, MakeCurrent: b.MakeCurrent, OpTimeout: f.opTimeout})
 	if err != nil {
 		g.Close()
 		return nil, nil, nil, err
 	}
-	g.comms = []nccl.Comm{comm}
+	g.comms = []comm.Comm{c}
 	return g, []backend.Ops{b}, []int{f.rank}, nil
 }
 
 // groupComms makes this process's communicators: one per local rank.
-func groupComms(ctx context.Context, f parallelFlags) ([]nccl.Comm, []int, error) {
+func groupComms(ctx context.Context, f parallelFlags) ([]comm.Comm, []int, error) {
 	switch {
 	case f.tp == 1:
-		return []nccl.Comm{nccl.Solo()}, []int{0}, nil
+		return []comm.Comm{comm.Solo()}, []int{0}, nil
 	case f.rank < 0:
 		ranks := make([]int, f.tp)
 		for i := range ranks {
 			ranks[i] = i
 		}
-		return nccl.NewLocalGroup(f.tp), ranks, nil
+		return comm.NewLocalGroup(f.tp), ranks, nil
 	}
-	l, err := nccl.Listen(f.ringHost + ":0")
+	l, err := comm.Listen(f.ringHost + ":0")
 	if err != nil {
 		return nil, nil, err
 	}
@@ -260,11 +261,11 @@ func groupComms(ctx context.Context, f parallelFlags) ([]nccl.Comm, []int, error
 	for r, rec := range recs {
 		addrs[r] = rec.Addr
 	}
-	comm, err := nccl.Connect(ctx, l, nccl.RingConfig{Rank: f.rank, Addrs: addrs, OpTimeout: f.opTimeout, DialTimeout: f.opTimeout})
+	c, err := comm.Connect(ctx, l, comm.RingConfig{Rank: f.rank, Addrs: addrs, OpTimeout: f.opTimeout, DialTimeout: f.opTimeout})
 	if err != nil {
 		return nil, nil, err
 	}
-	return []nccl.Comm{comm}, []int{f.rank}, nil
+	return []comm.Comm{c}, []int{f.rank}, nil
 }
 
 // rdzvRecord is what one rank publishes in the rendezvous directory.

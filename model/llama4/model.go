@@ -7,7 +7,7 @@ import (
 	"math"
 
 	"github.com/tpfleet/tpfleet/backend"
-	"github.com/tpfleet/tpfleet/nccl"
+	"github.com/tpfleet/tpfleet/comm"
 )
 
 // ErrInput marks a request the model cannot run: token ids outside the vocabulary, positions past the
@@ -38,14 +38,14 @@ type Weights interface {
 
 // Parallel is this rank's place in its tensor-parallel group. A nil Comm means a single rank.
 type Parallel struct {
-	Comm nccl.Comm
+	Comm comm.Comm
 }
 
 // Model is one rank's slice of a Llama 4 text model, ready to run on a backend.
 type Model struct {
 	Config  Config
 	ops     backend.Ops
-	comm    nccl.Comm
+	comm    comm.Comm
 	invFreq []float32
 
 	embed      backend.Tensor
@@ -103,11 +103,11 @@ func Load(ctx context.Context, ops backend.Ops, cfg Config, w Weights, par Paral
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	comm := par.Comm
-	if comm == nil {
-		comm = nccl.Solo()
+	c := par.Comm
+	if c == nil {
+		c = comm.Solo()
 	}
-	m := &Model{Config: cfg, ops: ops, comm: comm, invFreq: cfg.InvFreq()}
+	m := &Model{Config: cfg, ops: ops, comm: c, invFreq: cfg.InvFreq()}
 	l := loader{ctx: ctx, w: w}
 
 	var lay Layout

@@ -5,7 +5,7 @@ import (
 	"fmt"
 
 	"github.com/tpfleet/tpfleet/backend"
-	"github.com/tpfleet/tpfleet/nccl"
+	"github.com/tpfleet/tpfleet/comm"
 )
 
 // step wraps backend.Ops with a sticky error so the forward pass reads as a sequence of formulas: after the
@@ -13,7 +13,7 @@ import (
 type step struct {
 	ctx  context.Context
 	ops  backend.Ops
-	comm nccl.Comm
+	comm comm.Comm
 	err  error
 }
 

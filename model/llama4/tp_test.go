@@ -8,13 +8,13 @@ import (
 	"testing"
 
 	"github.com/tpfleet/tpfleet/backend/cpu"
+	"github.com/tpfleet/tpfleet/comm"
 	"github.com/tpfleet/tpfleet/model/llama4"
-	"github.com/tpfleet/tpfleet/nccl"
 	"github.com/tpfleet/tpfleet/shard"
 )
 
 // loadRanks loads every rank of a TP group in this process, each with its own CPU backend, over comms.
-func (f *fixture) loadRanks(t *testing.T, plan shard.Plan, comms []nccl.Comm) []*llama4.Model {
+func (f *fixture) loadRanks(t *testing.T, plan shard.Plan, comms []comm.Comm) []*llama4.Model {
 	t.Helper()
 	ranks := make([]*llama4.Model, len(comms))
 	for r, comm := range comms {
@@ -62,7 +62,7 @@ func TestTensorParallelEqualsTP1(t *testing.T) {
 		for _, planName := range []string{"tp", "ep"} {
 			for _, tp := range []int{2, 4} {
 				t.Run(fmt.Sprintf("%s/%s/tp%d", f.name, planName, tp), func(t *testing.T) {
-					ranks := f.loadRanks(t, plans[planName], nccl.NewLocalGroup(tp))
+					ranks := f.loadRanks(t, plans[planName], comm.NewLocalGroup(tp))
 					got := onAllRanks(t, ranks, func(m *llama4.Model) ([]float32, error) {
 						return m.Score(context.Background(), f.scoreIDs[0])
 					})

@@ -25,9 +25,9 @@ jsonl="$out/bench.jsonl"
 gunzip -c "$BUILD/tpfleet.gz" >"$tmp/tpfleet"
 chmod +x "$tmp/tpfleet"
 export NCCL_NVLS_ENABLE=0
-if [ -z "${TPFLEET_NCCL_LIB_DIRS:-}" ]; then
-	TPFLEET_NCCL_LIB_DIRS=$(python3 -c 'import glob, site; print(":".join(d for p in site.getsitepackages() for d in glob.glob(p + "/nvidia/*/lib")))' 2>/dev/null || true)
-	export TPFLEET_NCCL_LIB_DIRS
+if [ -z "${TPFLEET_LIB_DIRS:-}" ]; then
+	TPFLEET_LIB_DIRS=$(python3 -c 'import glob, site; print(":".join(d for p in site.getsitepackages() for d in glob.glob(p + "/nvidia/*/lib")))' 2>/dev/null || true)
+	export TPFLEET_LIB_DIRS
 fi
 gpus=$(nvidia-smi -L | wc -l)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader

@@ -38,9 +38,9 @@ gunzip -c "$BUILD/tpfleet.gz" >"$bin"
 chmod +x "$bin"
 
 # NCCL from the pip wheel when it is not in a system directory (as scripts/gpu/test.sh).
-if [ -z "${TPFLEET_NCCL_LIB_DIRS:-}" ]; then
-	TPFLEET_NCCL_LIB_DIRS=$(python3 -c 'import glob, site; print(":".join(d for p in site.getsitepackages() for d in glob.glob(p + "/nvidia/*/lib")))' 2>/dev/null || true)
-	export TPFLEET_NCCL_LIB_DIRS
+if [ -z "${TPFLEET_LIB_DIRS:-}" ]; then
+	TPFLEET_LIB_DIRS=$(python3 -c 'import glob, site; print(":".join(d for p in site.getsitepackages() for d in glob.glob(p + "/nvidia/*/lib")))' 2>/dev/null || true)
+	export TPFLEET_LIB_DIRS
 fi
 export NCCL_NVLS_ENABLE=0
 
@@ -74,7 +74,7 @@ trap cleanup EXIT
 say "== $(date -u +%FT%TZ) $(hostname) tpfleet multiproc, model $MODEL"
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$log"
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-say "TPFLEET_NCCL_LIB_DIRS=${TPFLEET_NCCL_LIB_DIRS:-} CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-}"
+say "TPFLEET_LIB_DIRS=${TPFLEET_LIB_DIRS:-} CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-}"
 if [ "${gpus:-0}" -lt 2 ]; then
 	row "GPUs" SKIP "$gpus visible; the multi-process tests need 2"
 	print_table

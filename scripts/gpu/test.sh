@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BUILD=.gpubuild
-PKGS=(backend/cuda nccl)
+PKGS=(backend/cuda comm/nccl)
 
 build() {
 	mkdir -p "$BUILD"
@@ -44,9 +44,9 @@ run() {
 		nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 || true
 	} | tee "$log"
 	# NCCL from the pip wheel when it is not in a system directory.
-	if [ -z "${TPFLEET_NCCL_LIB_DIRS:-}" ]; then
-		TPFLEET_NCCL_LIB_DIRS=$(python3 -c 'import glob, site; print(":".join(d for p in site.getsitepackages() for d in glob.glob(p + "/nvidia/*/lib")))' 2>/dev/null || true)
-		export TPFLEET_NCCL_LIB_DIRS
+	if [ -z "${TPFLEET_LIB_DIRS:-}" ]; then
+		TPFLEET_LIB_DIRS=$(python3 -c 'import glob, site; print(":".join(d for p in site.getsitepackages() for d in glob.glob(p + "/nvidia/*/lib")))' 2>/dev/null || true)
+		export TPFLEET_LIB_DIRS
 	fi
 	export NCCL_NVLS_ENABLE=0
 	for gz in "$BUILD"/*.test.gz; do

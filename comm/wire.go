@@ -1,4 +1,4 @@
-package nccl
+package comm
 
 import (
 	"encoding/binary"
@@ -128,7 +128,7 @@ func (h header) payloadSize() int {
 	if h.op == codeAbort {
 		return int(h.count)
 	}
-	return int(h.count) * DType(h.wire).size()
+	return int(h.count) * DType(h.wire).Size()
 }
 
 // String describes the collective a header belongs to, as "all-reduce #3 float32[1024]".
@@ -146,13 +146,13 @@ func (h header) String() string {
 func codeName(code uint8) string {
 	switch code {
 	case codeAllReduce:
-		return opAllReduce
+		return OpAllReduce
 	case codeAllGather:
-		return opAllGather
+		return OpAllGather
 	case codeBroadcast:
-		return opBroadcast
+		return OpBroadcast
 	case codeBarrier:
-		return opBarrier
+		return OpBarrier
 	case codeAbort:
 		return "abort"
 	}

@@ -7,7 +7,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/tpfleet/tpfleet/nccl"
+	"github.com/tpfleet/tpfleet/comm"
+	"github.com/tpfleet/tpfleet/comm/nccl"
 )
 
 // fakeID is an id with every byte set, as NCCL's are opaque bytes (including zeros).
@@ -92,45 +93,45 @@ func TestUniqueIDEncoding(t *testing.T) {
 	}
 }
 
-// TestJoinNCCLArguments: JoinNCCL checks its arguments before it needs NCCL, and without NCCL fails with
+// TestJoinArguments: Join checks its arguments before it needs NCCL, and without NCCL fails with
 // ErrUnavailable at once (no GPU needed).
-func TestJoinNCCLArguments(t *testing.T) {
+func TestJoinArguments(t *testing.T) {
 	ctx := context.Background()
 	current := func() error { return nil }
-	for _, cfg := range []nccl.NCCLConfig{
+	for _, cfg := range []nccl.Config{
 		{Rank: 2, Size: 2, MakeCurrent: current},
 		{Rank: -1, Size: 2, MakeCurrent: current},
 		{Rank: 0, Size: 0, MakeCurrent: current},
 	} {
-		if _, err := nccl.JoinNCCL(ctx, cfg); !errors.Is(err, nccl.ErrMismatch) {
-			t.Errorf("JoinNCCL(rank %d of %d) = %v, want ErrMismatch", cfg.Rank, cfg.Size, err)
+		if _, err := nccl.Join(ctx, cfg); !errors.Is(err, comm.ErrMismatch) {
+			t.Errorf("Join(rank %d of %d) = %v, want ErrMismatch", cfg.Rank, cfg.Size, err)
 		}
 	}
-	if _, err := nccl.JoinNCCL(ctx, nccl.NCCLConfig{Rank: 0, Size: 2}); err == nil || !strings.Contains(err.Error(), "MakeCurrent") {
-		t.Errorf("JoinNCCL without MakeCurrent = %v, want an error naming it", err)
+	if _, err := nccl.Join(ctx, nccl.Config{Rank: 0, Size: 2}); err == nil || !strings.Contains(err.Error(), "MakeCurrent") {
+		t.Errorf("Join without MakeCurrent = %v, want an error naming it", err)
 	}
 	if _, _, err := nccl.Library(); err == nil {
 		t.Skip("NCCL is available here: the unavailable path cannot be checked")
 	}
-	_, err := nccl.JoinNCCL(ctx, nccl.NCCLConfig{ID: fakeID(), Rank: 1, Size: 2, MakeCurrent: current})
+	_, err := nccl.Join(ctx, nccl.Config{ID: fakeID(), Rank: 1, Size: 2, MakeCurrent: current})
 	if !errors.Is(err, nccl.ErrUnavailable) || !strings.Contains(err.Error(), "lib") {
-		t.Errorf("JoinNCCL without NCCL = %v, want ErrUnavailable naming the library", err)
+		t.Errorf("Join without NCCL = %v, want ErrUnavailable naming the library", err)
 	}
 }
 
 // ncclForwarder is a Comm of another package that forwards to an NCCL communicator.
 type ncclForwarder struct {
-	nccl.Comm
+	comm.Comm
 	device bool
 }
 
 func (f ncclForwarder) AcceptsDeviceBuffers() bool { return f.device }
 
 func TestAcceptsDeviceBuffersOfForwarders(t *testing.T) {
-	if nccl.AcceptsDeviceBuffers(nccl.Solo()) || nccl.AcceptsDeviceBuffers(nccl.NewLocalGroup(2)[0]) {
+	if comm.AcceptsDeviceBuffers(comm.Solo()) || comm.AcceptsDeviceBuffers(comm.NewLocalGroup(2)[0]) {
 		t.Errorf("AcceptsDeviceBuffers of a CPU communicator = true")
 	}
-	if !nccl.AcceptsDeviceBuffers(ncclForwarder{nccl.Solo(), true}) || nccl.AcceptsDeviceBuffers(ncclForwarder{nccl.Solo(), false}) {
+	if !comm.AcceptsDeviceBuffers(ncclForwarder{comm.Solo(), true}) || comm.AcceptsDeviceBuffers(ncclForwarder{comm.Solo(), false}) {
 		t.Errorf("AcceptsDeviceBuffers does not ask a forwarding Comm")
 	}
 }

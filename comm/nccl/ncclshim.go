@@ -1,14 +1,12 @@
 package nccl
 
 // The cgo half of the NCCL communicator: our own declarations of the few NCCL and CUDA driver entry
-// points it uses (no header needed to build), dlopen/dlsym, and trampolines. Every trampoline that
+// points it uses (no header needed to build), and trampolines (package internal/dl dlopens the libraries). Every trampoline that
 // touches the device makes the communicator's CUDA context current on the calling thread for the call
 // and restores the thread's previous context afterwards, so callers (backend/cuda binds its context
 // once per thread) see their thread's state unchanged.
 
 /*
-#cgo LDFLAGS: -ldl
-#include <dlfcn.h>
 #include <stdlib.h>
 #include <stdint.h>
 #include <stddef.h>
@@ -23,9 +21,6 @@ typedef void* CUstream;
 typedef void* CUevent;
 typedef unsigned long long CUdeviceptr;
 
-static void* tn_dlopen(const char* p) { return dlopen(p, RTLD_NOW | RTLD_GLOBAL); }
-static void* tn_dlsym(void* h, const char* n) { return dlsym(h, n); }
-static const char* tn_dlerror(void) { return dlerror(); }
 
 // Driver entry points, set by tn_set_driver.
 static void *cu_get, *cu_set, *cu_alloc, *cu_free, *cu_ev_create, *cu_ev_destroy, *cu_ev_record, *cu_ev_query;
@@ -107,50 +102,12 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
-	"runtime"
-	"strings"
 	"sync"
 	"unsafe"
+
+	"github.com/tpfleet/tpfleet/comm"
+	"github.com/tpfleet/tpfleet/internal/dl"
 )
-
-// EnvLibDirs names an environment variable holding extra directories (colon-separated) searched for
-// libnccl.so.2 (and libcuda.so.1) before the default ones.
-const EnvLibDirs = "TPFLEET_NCCL_LIB_DIRS"
-
-// ncclLibGlobs are where libnccl.so.2 usually lives: system directories first, then pip wheels
-// (nvidia-nccl-cu12/cu13 install nvidia/nccl/lib). The bare soname (ld.so's own search) comes last.
-var ncclLibGlobs = []string{
-	"/usr/lib/x86_64-linux-gnu",
-	"/usr/lib64",
-	"/usr/local/cuda/lib64",
-	"/usr/local/nccl/lib",
-	"/usr/local/lib/python3*/dist-packages/nvidia/nccl/lib",
-	"/usr/local/lib/python3*/site-packages/nvidia/nccl/lib",
-	"/usr/lib/python3/dist-packages/nvidia/nccl/lib",
-	"/opt/*/.venv/lib/python3*/site-packages/nvidia/nccl/lib",
-	"/opt/*/lib/python3*/site-packages/nvidia/nccl/lib",
-	"/usr/local/lib/python3*/dist-packages/nvidia/*/lib", // CUDA 13 wheels: nvidia/cu13/lib
-	"/usr/local/lib/python3*/site-packages/nvidia/*/lib",
-	"/opt/*/.venv/lib/python3*/site-packages/nvidia/*/lib",
-}
-
-// driverLibGlobs are where libcuda.so.1 usually lives (it is normally loaded already by backend/cuda,
-// and then dlopen returns that copy).
-var driverLibGlobs = []string{"/usr/local/nvidia/lib64", "/usr/lib/x86_64-linux-gnu", "/usr/lib64"}
-
-// LoadError reports a library none of whose candidates dlopen accepted: every path tried with dlerror's
-// text. It wraps ErrUnavailable.
-type LoadError struct {
-	Name  string
-	Tried []string // "path: dlerror text"
-}
-
-func (e *LoadError) Error() string {
-	return fmt.Sprintf("nccl: cannot load %s: %s", e.Name, strings.Join(e.Tried, "; "))
-}
-
-func (e *LoadError) Unwrap() error { return ErrUnavailable }
 
 // ErrUnavailable reports that NCCL cannot be used here: libnccl.so.2 or libcuda.so.1 is missing or
 // lacks an entry point.
@@ -168,116 +125,51 @@ var nc struct {
 	cuEvCreate, cuEvDestroy, cuEvRecord, cuEvQuery unsafe.Pointer
 }
 
-func dlopenFirst(name string, globs []string) (unsafe.Pointer, string, error) {
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	var cands []string
-	seen := map[string]bool{}
-	add := func(dir string) {
-		p := filepath.Join(dir, name)
-		if dir != "" && !seen[p] {
-			if _, err := os.Stat(p); err == nil {
-				seen[p] = true
-				cands = append(cands, p)
-			}
-		}
-	}
-	for _, d := range filepath.SplitList(os.Getenv(EnvLibDirs)) {
-		add(d)
-	}
-	for _, g := range globs {
-		m, _ := filepath.Glob(g)
-		for _, d := range m {
-			add(d)
-		}
-	}
-	cands = append(cands, name)
-	e := &LoadError{Name: name}
-	for _, p := range cands {
-		cp := C.CString(p)
-		C.tn_dlerror()
-		h := C.tn_dlopen(cp)
-		C.free(unsafe.Pointer(cp))
-		if h != nil {
-			return h, p, nil
-		}
-		msg := "unknown dlopen error"
-		if s := C.tn_dlerror(); s != nil {
-			msg = C.GoString(s)
-		}
-		e.Tried = append(e.Tried, p+": "+msg)
-	}
-	return nil, "", e
-}
-
-func resolve(h unsafe.Pointer, path string, syms map[string]*unsafe.Pointer, optional ...string) error {
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	for name, dst := range syms {
-		cn := C.CString(name)
-		C.tn_dlerror()
-		p := C.tn_dlsym(h, cn)
-		C.free(unsafe.Pointer(cn))
-		if p == nil {
-			if contains(optional, name) {
-				continue
-			}
-			msg := ""
-			if s := C.tn_dlerror(); s != nil {
-				msg = C.GoString(s)
-			}
-			return fmt.Errorf("%w: %s: symbol %s not found: %s", ErrUnavailable, path, name, msg)
-		}
-		*dst = p
-	}
-	return nil
-}
-
-func contains(l []string, s string) bool {
-	for _, x := range l {
-		if x == s {
-			return true
-		}
-	}
-	return false
-}
-
-// load dlopens libnccl.so.2 and libcuda.so.1 once per process and sets NCCL_NVLS_ENABLE=0 when it is
-// unset: NVLink multicast (NVLS) can take shared GPUs out of service, so it stays off unless asked for.
+// load dlopens libcuda.so.1 and libnccl.so.2 once per process (package internal/dl's search) and sets
+// NCCL_NVLS_ENABLE=0 when it is unset: NVLink multicast (NVLS) can take shared GPUs out of service, so it
+// stays off unless asked for.
 func load() error {
 	nc.once.Do(func() {
 		if _, ok := os.LookupEnv("NCCL_NVLS_ENABLE"); !ok {
 			os.Setenv("NCCL_NVLS_ENABLE", "0")
 		}
-		cu, cuPath, err := dlopenFirst("libcuda.so.1", driverLibGlobs)
-		if err != nil {
-			nc.err = err
-			return
-		}
-		if nc.err = resolve(cu, cuPath, map[string]*unsafe.Pointer{
-			"cuCtxGetCurrent": &nc.cuGet, "cuCtxSetCurrent": &nc.cuSet, "cuMemAlloc_v2": &nc.cuAlloc,
-			"cuMemFree_v2": &nc.cuFree, "cuEventCreate": &nc.cuEvCreate, "cuEventDestroy_v2": &nc.cuEvDestroy,
-			"cuEventRecord": &nc.cuEvRecord, "cuEventQuery": &nc.cuEvQuery,
-		}); nc.err != nil {
+		dirs := dl.SearchDirs(nil)
+		if _, nc.err = open([]string{"libcuda.so.1"}, dirs,
+			dl.Symbol{Name: "cuCtxGetCurrent", Dst: &nc.cuGet}, dl.Symbol{Name: "cuCtxSetCurrent", Dst: &nc.cuSet},
+			dl.Symbol{Name: "cuMemAlloc_v2", Dst: &nc.cuAlloc}, dl.Symbol{Name: "cuMemFree_v2", Dst: &nc.cuFree},
+			dl.Symbol{Name: "cuEventCreate", Dst: &nc.cuEvCreate}, dl.Symbol{Name: "cuEventDestroy_v2", Dst: &nc.cuEvDestroy},
+			dl.Symbol{Name: "cuEventRecord", Dst: &nc.cuEvRecord}, dl.Symbol{Name: "cuEventQuery", Dst: &nc.cuEvQuery},
+		); nc.err != nil {
 			return
 		}
 		ptrs := [8]unsafe.Pointer{nc.cuGet, nc.cuSet, nc.cuAlloc, nc.cuFree, nc.cuEvCreate, nc.cuEvDestroy, nc.cuEvRecord, nc.cuEvQuery}
 		C.tn_set_driver((*unsafe.Pointer)(unsafe.Pointer(&ptrs[0])))
-		h, path, err := dlopenFirst("libnccl.so.2", ncclLibGlobs)
-		if err != nil {
-			nc.err = err
-			return
+		l, err := open([]string{"libnccl.so.2"}, dirs,
+			dl.Symbol{Name: "ncclGetVersion", Dst: &nc.version}, dl.Symbol{Name: "ncclGetErrorString", Dst: &nc.errStr},
+			dl.Symbol{Name: "ncclGetLastError", Dst: &nc.lastErr, Optional: true},
+			dl.Symbol{Name: "ncclGetUniqueId", Dst: &nc.uniqueID}, dl.Symbol{Name: "ncclCommInitRank", Dst: &nc.initRank},
+			dl.Symbol{Name: "ncclCommDestroy", Dst: &nc.destroy}, dl.Symbol{Name: "ncclCommAbort", Dst: &nc.abort},
+			dl.Symbol{Name: "ncclCommGetAsyncError", Dst: &nc.asyncErr}, dl.Symbol{Name: "ncclAllReduce", Dst: &nc.allReduce},
+			dl.Symbol{Name: "ncclAllGather", Dst: &nc.allGather}, dl.Symbol{Name: "ncclBroadcast", Dst: &nc.broadcast},
+			dl.Symbol{Name: "ncclGroupStart", Dst: &nc.groupStart}, dl.Symbol{Name: "ncclGroupEnd", Dst: &nc.groupEnd},
+		)
+		if nc.err = err; err == nil {
+			nc.path = l.Path
 		}
-		nc.path = path
-		nc.err = resolve(h, path, map[string]*unsafe.Pointer{
-			"ncclGetVersion": &nc.version, "ncclGetErrorString": &nc.errStr, "ncclGetLastError": &nc.lastErr,
-			"ncclGetUniqueId": &nc.uniqueID, "ncclCommInitRank": &nc.initRank, "ncclCommDestroy": &nc.destroy,
-			"ncclCommAbort": &nc.abort, "ncclCommGetAsyncError": &nc.asyncErr, "ncclAllReduce": &nc.allReduce,
-			"ncclAllGather": &nc.allGather, "ncclBroadcast": &nc.broadcast, "ncclGroupStart": &nc.groupStart,
-			"ncclGroupEnd": &nc.groupEnd,
-		}, "ncclGetLastError")
 	})
 	return nc.err
+}
+
+// open loads the first of sonames found in dirs and resolves syms in it.
+func open(sonames, dirs []string, syms ...dl.Symbol) (*dl.Library, error) {
+	l, err := dl.Open(sonames, dirs, ErrUnavailable)
+	if err == nil {
+		err = l.Resolve(syms...)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("nccl: %w", err)
+	}
+	return l, nil
 }
 
 // Library returns the path libnccl.so.2 was loaded from and NCCL's version code (e.g. 22803 for
@@ -302,13 +194,13 @@ type ncclError struct {
 
 func (e *ncclError) Error() string { return fmt.Sprintf("%s: error %d (%s)", e.call, e.code, e.text) }
 
-func ncclCheck(comm C.ncclComm_t, call string, r C.ncclResult_t) error {
+func ncclCheck(c C.ncclComm_t, call string, r C.ncclResult_t) error {
 	if r == 0 {
 		return nil
 	}
 	text := C.GoString(C.tn_getErrorString(nc.errStr, r))
-	if comm != nil {
-		if last := C.GoString(C.tn_getLastError(nc.lastErr, comm)); last != "" {
+	if c != nil {
+		if last := C.GoString(C.tn_getLastError(nc.lastErr, c)); last != "" {
 			text += ": " + last
 		}
 	}
@@ -326,7 +218,7 @@ func cuCheck(call string, r C.CUresult) error {
 const cuNotReady = 600
 
 // NewUniqueID returns a fresh NCCL bootstrap id (ncclGetUniqueId). Rank 0 makes it and every rank
-// passes the same id to NewNCCL.
+// passes the same id to New.
 func NewUniqueID() (UniqueID, error) {
 	var id UniqueID
 	if err := load(); err != nil {
@@ -437,30 +329,30 @@ func (d *device) done() (bool, error) {
 	return r == 0, cuCheck("cuEventQuery", r)
 }
 
-func ncclType(t DType) C.int {
-	if t == BFloat16 {
+func ncclType(t comm.DType) C.int {
+	if t == comm.BFloat16 {
 		return 9 // ncclBfloat16
 	}
 	return 7 // ncclFloat32
 }
 
-func (d *device) allReduce(b DeviceBuffer) error {
+func (d *device) allReduce(b comm.DeviceBuffer) error {
 	return ncclCheck(d.comm, "ncclAllReduce", C.tn_allReduce(nc.allReduce, d.ctx, C.uint64_t(b.Ptr), C.uint64_t(b.Ptr),
 		C.size_t(b.N), ncclType(b.Type), 0, d.comm, C.uintptr_t(b.Stream)))
 }
 
-func (d *device) allGather(send, recv DeviceBuffer) error {
+func (d *device) allGather(send, recv comm.DeviceBuffer) error {
 	return ncclCheck(d.comm, "ncclAllGather", C.tn_allGather(nc.allGather, d.ctx, C.uint64_t(send.Ptr), C.uint64_t(recv.Ptr),
 		C.size_t(send.N), ncclType(send.Type), d.comm, C.uintptr_t(send.Stream)))
 }
 
-func (d *device) broadcast(b DeviceBuffer, root int) error {
+func (d *device) broadcast(b comm.DeviceBuffer, root int) error {
 	return ncclCheck(d.comm, "ncclBroadcast", C.tn_broadcast(nc.broadcast, d.ctx, C.uint64_t(b.Ptr), C.uint64_t(b.Ptr),
 		C.size_t(b.N), ncclType(b.Type), C.int(root), d.comm, C.uintptr_t(b.Stream)))
 }
 
 // barrierBuffer is the one-float scratch Barrier all-reduces, on the legacy default stream (ordered
 // after the work of every blocking stream of the context).
-func (d *device) barrierBuffer() DeviceBuffer {
-	return DeviceBuffer{Ptr: uintptr(d.one), N: 1, Type: Float32}
+func (d *device) barrierBuffer() comm.DeviceBuffer {
+	return comm.DeviceBuffer{Ptr: uintptr(d.one), N: 1, Type: comm.Float32}
 }

@@ -1,17 +1,17 @@
-package nccl_test
+package comm_test
 
 import (
 	"context"
 	"fmt"
 	"sync"
 
-	"github.com/tpfleet/tpfleet/nccl"
+	"github.com/tpfleet/tpfleet/comm"
 )
 
 // Two ranks in one process sum their activations; each rank is driven by its own goroutine.
 func ExampleNewLocalGroup() {
-	comms := nccl.NewLocalGroup(2)
-	bufs := []nccl.HostF32{{1, 2, 3}, {10, 20, 30}}
+	comms := comm.NewLocalGroup(2)
+	bufs := []comm.HostF32{{1, 2, 3}, {10, 20, 30}}
 	var wg sync.WaitGroup
 	for r, c := range comms {
 		wg.Go(func() {

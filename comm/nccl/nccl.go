@@ -4,37 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/tpfleet/tpfleet/comm"
 	"runtime"
 	"sync"
 	"time"
 )
 
 // UniqueID is NCCL's 128-byte bootstrap id (ncclUniqueId). One rank makes it with NewUniqueID and every
-// rank of the group passes the same id to NewNCCL (through the rendezvous: etcd, a file, a flag).
+// rank of the group passes the same id to New (through the rendezvous: etcd, a file, a flag).
 type UniqueID [128]byte
-
-// DeviceBuffer is GPU memory for the NCCL communicator: Len elements of Type at device address Ptr, and
-// the CUDA stream (a CUstream; 0 is the legacy default stream) the collective is enqueued on. Only the
-// NCCL communicator accepts it; the CPU communicators reject it with an error wrapping
-// errors.ErrUnsupported, and NCCL rejects host buffers the same way.
-type DeviceBuffer struct {
-	Ptr    uintptr
-	N      int
-	Type   DType
-	Stream uintptr
-	// Captured says Stream is capturing a CUDA graph: the collective becomes a node of the graph and
-	// runs when the graph is launched, so the communicator records no completion event for it (an event
-	// recorded during capture cannot be polled). Whoever launches the graph watches its completion.
-	Captured bool
-}
-
-// DType returns the element type.
-func (b DeviceBuffer) DType() DType { return b.Type }
-
-// Len returns the number of elements.
-func (b DeviceBuffer) Len() int { return b.N }
-
-var _ Buffer = DeviceBuffer{}
 
 // ncclComm is one rank of an NCCL communicator.
 //
@@ -45,7 +23,7 @@ var _ Buffer = DeviceBuffer{}
 // every call and by a watchdog; the watchdog also aborts the communicator (ncclCommAbort, which makes
 // its kernels return) when the last enqueued collective has not completed within the op timeout, so a
 // dead peer gives an error instead of a hang. After that the stream's results are garbage and every
-// later call fails with an error wrapping ErrClosed.
+// later call fails with an error wrapping comm.ErrClosed.
 type ncclComm struct {
 	rank, size int
 	timeout    time.Duration
@@ -60,50 +38,50 @@ type ncclComm struct {
 	stop       chan struct{}
 }
 
-var _ Comm = (*ncclComm)(nil)
+var _ comm.Comm = (*ncclComm)(nil)
 
 // watchdogPeriod is how often the watchdog polls NCCL's async error and the last collective's event.
 const watchdogPeriod = 50 * time.Millisecond
 
-// NewNCCL joins rank of an NCCL communicator of size ranks (ncclCommInitRank), blocking until every rank
+// New joins rank of an NCCL communicator of size ranks (ncclCommInitRank), blocking until every rank
 // has joined. The calling goroutine must be locked to its OS thread (runtime.LockOSThread) with the
 // device's primary context current on it: with backend/cuda, call Backend.MakeCurrent on the locked
 // thread first. The communicator remembers that context and makes it current around each of its calls,
 // restoring the thread's own afterwards. NCCL_NVLS_ENABLE is set to 0 in the process when unset. ctx
 // bounds nothing once ncclCommInitRank runs (NCCL has no cancellation there); it is checked first.
-// JoinNCCL does the same on a locked thread of its own, and stops waiting when ctx ends.
-func NewNCCL(ctx context.Context, id UniqueID, rank, size int) (Comm, error) {
-	c, err := newNCCL(ctx, id, rank, size, DefaultOpTimeout)
+// Join does the same on a locked thread of its own, and stops waiting when ctx ends.
+func New(ctx context.Context, id UniqueID, rank, size int) (comm.Comm, error) {
+	c, err := newNCCL(ctx, id, rank, size, comm.DefaultOpTimeout)
 	if err != nil {
-		return nil, err // not a nil *ncclComm in a non-nil Comm
+		return nil, err // not a nil *ncclComm in a non-nil comm.Comm
 	}
 	return c, nil
 }
 
 func newNCCL(ctx context.Context, id UniqueID, rank, size int, timeout time.Duration) (*ncclComm, error) {
 	if size < 1 || rank < 0 || rank >= size {
-		return nil, &OpError{Rank: rank, Op: opConnect, Peer: -1, Err: fmt.Errorf("%w: rank %d of %d", ErrMismatch, rank, size)}
+		return nil, &comm.OpError{Rank: rank, Op: comm.OpConnect, Peer: -1, Err: fmt.Errorf("%w: rank %d of %d", comm.ErrMismatch, rank, size)}
 	}
 	if err := load(); err != nil {
 		return nil, err
 	}
 	if err := ctx.Err(); err != nil {
-		return nil, &OpError{Rank: rank, Op: opConnect, Peer: -1, Err: err}
+		return nil, &comm.OpError{Rank: rank, Op: comm.OpConnect, Peer: -1, Err: err}
 	}
 	cur, err := currentContext()
 	if err != nil {
-		return nil, &OpError{Rank: rank, Op: opConnect, Peer: -1, Err: err}
+		return nil, &comm.OpError{Rank: rank, Op: comm.OpConnect, Peer: -1, Err: err}
 	}
-	comm, err := initRank(id, rank, size)
+	raw, err := initRank(id, rank, size)
 	if err != nil {
-		return nil, &OpError{Rank: rank, Op: opConnect, Peer: -1, Err: err}
+		return nil, &comm.OpError{Rank: rank, Op: comm.OpConnect, Peer: -1, Err: err}
 	}
-	return newComm(device{comm: comm, ctx: cuCtx(cur)}, rank, size, timeout)
+	return newComm(device{comm: raw, ctx: cuCtx(cur)}, rank, size, timeout)
 }
 
-// NCCLConfig is one rank of an NCCL communicator that JoinNCCL joins: one process per GPU, the ranks
+// Config is one rank of an NCCL communicator that Join joins: one process per GPU, the ranks
 // meeting through the UniqueID that rank 0 made (NewUniqueID) and published (a rendezvous file, etcd).
-type NCCLConfig struct {
+type Config struct {
 	// ID is the group's bootstrap id, the same on every rank.
 	ID UniqueID
 	// Rank is this rank's index, 0 <= Rank < Size.
@@ -112,26 +90,28 @@ type NCCLConfig struct {
 	// the device's Backend.MakeCurrent. Required.
 	MakeCurrent func() error
 	// OpTimeout is how long a collective may stay pending before the watchdog aborts the communicator
-	// (a dead or stuck peer). Zero means DefaultOpTimeout.
+	// (a dead or stuck peer). Zero means comm.DefaultOpTimeout.
 	OpTimeout time.Duration
 }
 
-// JoinNCCL joins rank cfg.Rank of an NCCL communicator of cfg.Size ranks, each rank in its own process
+// Join joins rank cfg.Rank of an NCCL communicator of cfg.Size ranks, each rank in its own process
 // (or goroutine). It runs ncclCommInitRank on a goroutine of its own, locked to its OS thread, with
 // the context cfg.MakeCurrent makes current there, so the caller needs no thread affinity.
-// ncclCommInitRank returns once every rank has joined; it cannot be cancelled. JoinNCCL waits for it
+// ncclCommInitRank returns once every rank has joined; it cannot be cancelled. Join waits for it
 // until ctx ends: then it returns an error wrapping ctx's error, and the initialisation goes on in the
 // background until NCCL gives up or the peers come, when its communicator is closed at once. Join the
 // ranks once they are all known to be alive (after a rendezvous), so that this is rare. Errors: an
-// *OpError with op "connect" (ErrMismatch for a bad rank or size, NCCL's error for a failed
+// *comm.OpError with op "connect" (comm.ErrMismatch for a bad rank or size, NCCL's error for a failed
 // initialisation), or an error wrapping ErrUnavailable when libnccl.so.2 or libcuda.so.1 cannot be
 // loaded.
-func JoinNCCL(ctx context.Context, cfg NCCLConfig) (Comm, error) {
+func Join(ctx context.Context, cfg Config) (comm.Comm, error) {
 	rank, size := cfg.Rank, cfg.Size
-	fail := func(err error) (Comm, error) { return nil, &OpError{Rank: rank, Op: opConnect, Peer: -1, Err: err} }
+	fail := func(err error) (comm.Comm, error) {
+		return nil, &comm.OpError{Rank: rank, Op: comm.OpConnect, Peer: -1, Err: err}
+	}
 	switch {
 	case size < 1 || rank < 0 || rank >= size:
-		return fail(fmt.Errorf("%w: rank %d of %d", ErrMismatch, rank, size))
+		return fail(fmt.Errorf("%w: rank %d of %d", comm.ErrMismatch, rank, size))
 	case cfg.MakeCurrent == nil:
 		return fail(errors.New("nccl: join: no MakeCurrent to make the rank's CUDA context current"))
 	case cfg.OpTimeout < 0:
@@ -156,7 +136,7 @@ func JoinNCCL(ctx context.Context, cfg NCCLConfig) (Comm, error) {
 		defer runtime.UnlockOSThread()
 		var r result
 		if r.err = cfg.MakeCurrent(); r.err != nil {
-			r.err = &OpError{Rank: rank, Op: opConnect, Peer: -1, Err: fmt.Errorf("make the CUDA context current: %w", r.err)}
+			r.err = &comm.OpError{Rank: rank, Op: comm.OpConnect, Peer: -1, Err: fmt.Errorf("make the CUDA context current: %w", r.err)}
 		} else {
 			r.c, r.err = newNCCL(context.Background(), cfg.ID, rank, size, cfg.OpTimeout)
 		}
@@ -188,13 +168,13 @@ func JoinNCCL(ctx context.Context, cfg NCCLConfig) (Comm, error) {
 	}
 }
 
-// NewNCCLGroup makes an in-process NCCL group of len(contexts) ranks, rank r on the CUDA context
+// NewGroup makes an in-process NCCL group of len(contexts) ranks, rank r on the CUDA context
 // contexts[r] (a CUcontext, such as backend/cuda's Backend.Context: one GPU per rank). One thread
 // initialises them all between ncclGroupStart and ncclGroupEnd. Drive each communicator from its own
 // goroutine, as the ranks of any group.
-func NewNCCLGroup(ctx context.Context, contexts []uintptr) ([]Comm, error) {
+func NewGroup(ctx context.Context, contexts []uintptr) ([]comm.Comm, error) {
 	if len(contexts) == 0 {
-		return nil, fmt.Errorf("nccl: new NCCL group of 0 ranks: %w", ErrMismatch)
+		return nil, fmt.Errorf("nccl: new NCCL group of 0 ranks: %w", comm.ErrMismatch)
 	}
 	if err := load(); err != nil {
 		return nil, err
@@ -214,11 +194,11 @@ func NewNCCLGroup(ctx context.Context, contexts []uintptr) ([]Comm, error) {
 				_ = d.release(true) // already failing
 			}
 		}
-		return nil, &OpError{Rank: 0, Op: opConnect, Peer: -1, Err: err}
+		return nil, &comm.OpError{Rank: 0, Op: comm.OpConnect, Peer: -1, Err: err}
 	}
-	comms := make([]Comm, len(raw))
+	comms := make([]comm.Comm, len(raw))
 	for r, c := range raw {
-		if comms[r], err = newComm(device{comm: c, ctx: cuCtx(contexts[r])}, r, len(raw), DefaultOpTimeout); err != nil {
+		if comms[r], err = newComm(device{comm: c, ctx: cuCtx(contexts[r])}, r, len(raw), comm.DefaultOpTimeout); err != nil {
 			for _, c := range comms[:r] {
 				_ = c.Close() // already failing
 			}
@@ -232,47 +212,14 @@ func NewNCCLGroup(ctx context.Context, contexts []uintptr) ([]Comm, error) {
 	return comms, nil
 }
 
-// Underlying returns the communicator c forwards its collectives to now: c itself, unless c has a method
-// Current() Comm (a forwarder, such as a worker's communicator that is replaced at every plan epoch), in
-// which case the one it currently forwards to. A CUDA graph that captured a collective is bound to the
-// underlying communicator.
-func Underlying(c Comm) Comm {
-	for range 8 { // forwarders of forwarders, but never a cycle
-		f, ok := c.(interface{ Current() Comm })
-		if !ok {
-			return c
-		}
-		n := f.Current()
-		if n == nil {
-			return c
-		}
-		c = n
-	}
-	return c
-}
-
-// AcceptsDeviceBuffers reports whether c is an NCCL communicator, the only kind that takes DeviceBuffer
-// values. (The CPU communicators reject them, but only once their peers have joined the call.) A Comm
-// of another package that forwards its collectives to an NCCL communicator (one that is replaced at
-// every plan epoch, say) says so by having a method AcceptsDeviceBuffers() bool that returns true.
-func AcceptsDeviceBuffers(c Comm) bool {
-	switch c := c.(type) {
-	case *ncclComm:
-		return true
-	case interface{ AcceptsDeviceBuffers() bool }:
-		return c.AcceptsDeviceBuffers()
-	}
-	return false
-}
-
-// newComm wraps an initialised communicator and starts its watchdog; timeout 0 means DefaultOpTimeout.
+// newComm wraps an initialised communicator and starts its watchdog; timeout 0 means comm.DefaultOpTimeout.
 func newComm(d device, rank, size int, timeout time.Duration) (*ncclComm, error) {
 	if timeout <= 0 {
-		timeout = DefaultOpTimeout
+		timeout = comm.DefaultOpTimeout
 	}
 	if err := d.setup(); err != nil {
 		_ = d.release(true) // already failing
-		return nil, &OpError{Rank: rank, Op: opConnect, Peer: -1, Err: err}
+		return nil, &comm.OpError{Rank: rank, Op: comm.OpConnect, Peer: -1, Err: err}
 	}
 	c := &ncclComm{rank: rank, size: size, timeout: timeout, d: d, stop: make(chan struct{})}
 	go c.watchdog()
@@ -286,13 +233,13 @@ func (c *ncclComm) Rank() int { return c.rank }
 func (c *ncclComm) Size() int { return c.size }
 
 // checkDevice accepts device buffers of a known dtype with an address.
-func checkDevice(b Buffer) (DeviceBuffer, error) {
-	d, ok := b.(DeviceBuffer)
+func checkDevice(b comm.Buffer) (comm.DeviceBuffer, error) {
+	d, ok := b.(comm.DeviceBuffer)
 	if !ok {
 		return d, fmt.Errorf("buffer type %T on an NCCL communicator: %w", b, errors.ErrUnsupported)
 	}
-	if d.Type.size() == 0 || d.N < 0 || (d.N > 0 && d.Ptr == 0) {
-		return d, fmt.Errorf("%w: device buffer %s[%d] at %#x", ErrMismatch, d.Type, d.N, d.Ptr)
+	if d.Type.Size() == 0 || d.N < 0 || (d.N > 0 && d.Ptr == 0) {
+		return d, fmt.Errorf("%w: device buffer %s[%d] at %#x", comm.ErrMismatch, d.Type, d.N, d.Ptr)
 	}
 	return d, nil
 }
@@ -303,7 +250,7 @@ func (c *ncclComm) run(ctx context.Context, op string, stream uintptr, captured 
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if err := c.usable(); err != nil {
-		return &OpError{Rank: c.rank, Op: op, Peer: -1, Err: err}
+		return &comm.OpError{Rank: c.rank, Op: op, Peer: -1, Err: err}
 	}
 	err := ctx.Err()
 	if err == nil {
@@ -317,7 +264,7 @@ func (c *ncclComm) run(ctx context.Context, op string, stream uintptr, captured 
 	}
 	if err != nil {
 		c.breakLocked(err)
-		return &OpError{Rank: c.rank, Op: op, Peer: -1, Err: err}
+		return &comm.OpError{Rank: c.rank, Op: op, Peer: -1, Err: err}
 	}
 	if captured {
 		c.captured = true
@@ -331,9 +278,9 @@ func (c *ncclComm) run(ctx context.Context, op string, stream uintptr, captured 
 func (c *ncclComm) usable() error {
 	switch {
 	case c.closed:
-		return ErrClosed
+		return comm.ErrClosed
 	case c.broken != nil:
-		return fmt.Errorf("%w: broken by an earlier failure: %w", ErrClosed, c.broken)
+		return fmt.Errorf("%w: broken by an earlier failure: %w", comm.ErrClosed, c.broken)
 	}
 	return nil
 }
@@ -387,41 +334,41 @@ func (c *ncclComm) checkLocked() {
 	}
 }
 
-// AllReduce sums buf (a DeviceBuffer) across the ranks in place, on its stream.
-func (c *ncclComm) AllReduce(ctx context.Context, buf Buffer) error {
+// AllReduce sums buf (a comm.DeviceBuffer) across the ranks in place, on its stream.
+func (c *ncclComm) AllReduce(ctx context.Context, buf comm.Buffer) error {
 	b, err := checkDevice(buf)
 	if err != nil {
-		return c.fail(opAllReduce, err)
+		return c.fail(comm.OpAllReduce, err)
 	}
-	return c.run(ctx, opAllReduce, b.Stream, b.Captured, func() error { return c.d.allReduce(b) })
+	return c.run(ctx, comm.OpAllReduce, b.Stream, b.Captured, func() error { return c.d.allReduce(b) })
 }
 
 // AllGather concatenates every rank's send into recv in rank order, on send's stream.
-func (c *ncclComm) AllGather(ctx context.Context, send, recv Buffer) error {
+func (c *ncclComm) AllGather(ctx context.Context, send, recv comm.Buffer) error {
 	s, err := checkDevice(send)
 	if err != nil {
-		return c.fail(opAllGather, err)
+		return c.fail(comm.OpAllGather, err)
 	}
 	r, err := checkDevice(recv)
 	if err != nil {
-		return c.fail(opAllGather, err)
+		return c.fail(comm.OpAllGather, err)
 	}
 	if s.Type != r.Type || r.N != c.size*s.N {
-		return c.fail(opAllGather, fmt.Errorf("%w: send %s, recv %s, want recv %s[%d]", ErrMismatch, describe(s), describe(r), s.Type, c.size*s.N))
+		return c.fail(comm.OpAllGather, fmt.Errorf("%w: send %s, recv %s, want recv %s[%d]", comm.ErrMismatch, describe(s), describe(r), s.Type, c.size*s.N))
 	}
-	return c.run(ctx, opAllGather, s.Stream, s.Captured, func() error { return c.d.allGather(s, r) })
+	return c.run(ctx, comm.OpAllGather, s.Stream, s.Captured, func() error { return c.d.allGather(s, r) })
 }
 
 // Broadcast copies root's buf into buf on every other rank, on its stream.
-func (c *ncclComm) Broadcast(ctx context.Context, buf Buffer, root int) error {
+func (c *ncclComm) Broadcast(ctx context.Context, buf comm.Buffer, root int) error {
 	b, err := checkDevice(buf)
 	if err != nil {
-		return c.fail(opBroadcast, err)
+		return c.fail(comm.OpBroadcast, err)
 	}
 	if err := checkRoot(root, c.size); err != nil {
-		return c.fail(opBroadcast, err)
+		return c.fail(comm.OpBroadcast, err)
 	}
-	return c.run(ctx, opBroadcast, b.Stream, b.Captured, func() error { return c.d.broadcast(b, root) })
+	return c.run(ctx, comm.OpBroadcast, b.Stream, b.Captured, func() error { return c.d.broadcast(b, root) })
 }
 
 // Barrier all-reduces one float on the legacy default stream (so it also waits for the work of the
@@ -430,11 +377,11 @@ func (c *ncclComm) Barrier(ctx context.Context) error {
 	c.mu.Lock()
 	if err := c.usable(); err != nil {
 		c.mu.Unlock()
-		return &OpError{Rank: c.rank, Op: opBarrier, Peer: -1, Err: err}
+		return &comm.OpError{Rank: c.rank, Op: comm.OpBarrier, Peer: -1, Err: err}
 	}
 	b := c.d.barrierBuffer()
 	c.mu.Unlock()
-	if err := c.run(ctx, opBarrier, b.Stream, false, func() error { return c.d.allReduce(b) }); err != nil {
+	if err := c.run(ctx, comm.OpBarrier, b.Stream, false, func() error { return c.d.allReduce(b) }); err != nil {
 		return err
 	}
 	deadline := time.Now().Add(c.timeout)
@@ -442,7 +389,7 @@ func (c *ncclComm) Barrier(ctx context.Context) error {
 		c.mu.Lock()
 		if err := c.usable(); err != nil {
 			c.mu.Unlock()
-			return &OpError{Rank: c.rank, Op: opBarrier, Peer: -1, Err: err}
+			return &comm.OpError{Rank: c.rank, Op: comm.OpBarrier, Peer: -1, Err: err}
 		}
 		c.checkLocked()
 		done := !c.recorded && c.broken == nil
@@ -462,7 +409,7 @@ func (c *ncclComm) Barrier(ctx context.Context) error {
 		}
 		c.mu.Unlock()
 		if err != nil {
-			return &OpError{Rank: c.rank, Op: opBarrier, Peer: -1, Err: err}
+			return &comm.OpError{Rank: c.rank, Op: comm.OpBarrier, Peer: -1, Err: err}
 		}
 		if done {
 			return nil
@@ -472,7 +419,7 @@ func (c *ncclComm) Barrier(ctx context.Context) error {
 }
 
 // fail breaks the communicator for an argument error (the peers would otherwise wait for this rank's
-// part) and returns it as an OpError.
+// part) and returns it as an comm.OpError.
 func (c *ncclComm) fail(op string, err error) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -481,7 +428,7 @@ func (c *ncclComm) fail(op string, err error) error {
 	} else {
 		c.breakLocked(err)
 	}
-	return &OpError{Rank: c.rank, Op: op, Peer: -1, Err: err}
+	return &comm.OpError{Rank: c.rank, Op: op, Peer: -1, Err: err}
 }
 
 // Close destroys the communicator (ncclCommDestroy), or aborts it when it is broken. It is idempotent.
@@ -506,7 +453,22 @@ func (c *ncclComm) Close() error {
 		return nil
 	}
 	if err := c.d.release(false); err != nil {
-		return &OpError{Rank: c.rank, Op: opClose, Peer: -1, Err: err}
+		return &comm.OpError{Rank: c.rank, Op: comm.OpClose, Peer: -1, Err: err}
 	}
 	return nil
 }
+
+// checkRoot checks a broadcast root for a group of n ranks.
+func checkRoot(root, n int) error {
+	if root < 0 || root >= n {
+		return fmt.Errorf("%w: root %d outside 0..%d", comm.ErrMismatch, root, n-1)
+	}
+	return nil
+}
+
+// describe formats a buffer as "float32[1024]".
+func describe(b comm.Buffer) string { return fmt.Sprintf("%s[%d]", b.DType(), b.Len()) }
+
+// AcceptsDeviceBuffers reports true: an NCCL communicator takes comm.DeviceBuffer values (see
+// comm.AcceptsDeviceBuffers).
+func (c *ncclComm) AcceptsDeviceBuffers() bool { return true }

@@ -10,7 +10,8 @@ import (
 	"time"
 
 	"github.com/tpfleet/tpfleet/backend/cuda"
-	"github.com/tpfleet/tpfleet/nccl"
+	"github.com/tpfleet/tpfleet/comm"
+	"github.com/tpfleet/tpfleet/comm/nccl"
 )
 
 // TestNCCLLibrary loads libnccl.so.2 and reports its version; it skips where NCCL is absent.
@@ -58,7 +59,7 @@ func TestNCCLDevice(t *testing.T) {
 		ctxs[r] = bs[r].Context()
 	}
 	start := time.Now()
-	comms, err := nccl.NewNCCLGroup(ctx, ctxs)
+	comms, err := nccl.NewGroup(ctx, ctxs)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -212,7 +213,7 @@ func TestNCCLDevice(t *testing.T) {
 
 	// A host buffer on an NCCL communicator: ErrUnsupported (it breaks the group, so it comes last).
 	each(func(r int) error {
-		if err := comms[r].AllReduce(ctx, nccl.HostF32{1}); !errors.Is(err, errors.ErrUnsupported) {
+		if err := comms[r].AllReduce(ctx, comm.HostF32{1}); !errors.Is(err, errors.ErrUnsupported) {
 			return fmt.Errorf("rank %d: AllReduce(HostF32) error = %v, want ErrUnsupported", r, err)
 		}
 		return nil

@@ -1,4 +1,4 @@
-package nccl
+package comm
 
 import (
 	"bufio"
@@ -47,20 +47,20 @@ func (c RingConfig) Validate() error {
 	n := len(c.Addrs)
 	switch {
 	case n == 0:
-		return errors.New("nccl: ring config: no addresses")
+		return errors.New("comm: ring config: no addresses")
 	case c.Rank < 0 || c.Rank >= n:
-		return fmt.Errorf("nccl: ring config: rank %d outside 0..%d", c.Rank, n-1)
+		return fmt.Errorf("comm: ring config: rank %d outside 0..%d", c.Rank, n-1)
 	case c.OpTimeout < 0:
-		return fmt.Errorf("nccl: ring config: negative op timeout %v", c.OpTimeout)
+		return fmt.Errorf("comm: ring config: negative op timeout %v", c.OpTimeout)
 	case c.DialTimeout < 0:
-		return fmt.Errorf("nccl: ring config: negative dial timeout %v", c.DialTimeout)
+		return fmt.Errorf("comm: ring config: negative dial timeout %v", c.DialTimeout)
 	}
 	if n == 1 {
 		return nil
 	}
 	for r, a := range c.Addrs {
 		if _, _, err := net.SplitHostPort(a); err != nil {
-			return fmt.Errorf("nccl: ring config: address of rank %d: %w", r, err)
+			return fmt.Errorf("comm: ring config: address of rank %d: %w", r, err)
 		}
 	}
 	return nil
@@ -76,11 +76,11 @@ type RingListener struct {
 func Listen(addr string) (*RingListener, error) {
 	a, err := net.ResolveTCPAddr("tcp", addr)
 	if err != nil {
-		return nil, fmt.Errorf("nccl: listen %s: %w", addr, err)
+		return nil, fmt.Errorf("comm: listen %s: %w", addr, err)
 	}
 	ln, err := net.ListenTCP("tcp", a)
 	if err != nil {
-		return nil, fmt.Errorf("nccl: listen %s: %w", addr, err)
+		return nil, fmt.Errorf("comm: listen %s: %w", addr, err)
 	}
 	return &RingListener{ln: ln}, nil
 }
@@ -92,7 +92,7 @@ func (l *RingListener) Addr() string { return l.ln.Addr().String() }
 // Close closes the listener; connections it accepted stay open. It is idempotent.
 func (l *RingListener) Close() error {
 	if err := l.ln.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
-		return fmt.Errorf("nccl: close listener %s: %w", l.Addr(), err)
+		return fmt.Errorf("comm: close listener %s: %w", l.Addr(), err)
 	}
 	return nil
 }
@@ -117,7 +117,7 @@ func Connect(ctx context.Context, l *RingListener, cfg RingConfig) (Comm, error)
 		return Solo(), nil
 	}
 	if l == nil {
-		return nil, &OpError{Rank: cfg.Rank, Op: opConnect, Peer: -1, Err: errors.New("nil listener")}
+		return nil, &OpError{Rank: cfg.Rank, Op: OpConnect, Peer: -1, Err: errors.New("nil listener")}
 	}
 	ctx, cancel := context.WithTimeout(ctx, cmp.Or(cfg.DialTimeout, DefaultDialTimeout))
 	defer cancel()
@@ -167,7 +167,7 @@ func dialNext(ctx context.Context, cfg RingConfig) (net.Conn, error) {
 	n := len(cfg.Addrs)
 	peer := (cfg.Rank + 1) % n
 	fail := func(err error) error {
-		return &OpError{Rank: cfg.Rank, Op: opConnect, Peer: peer, Addr: cfg.Addrs[peer], Action: "dial", Err: err}
+		return &OpError{Rank: cfg.Rank, Op: OpConnect, Peer: peer, Addr: cfg.Addrs[peer], Action: "dial", Err: err}
 	}
 	var d net.Dialer
 	wait := 10 * time.Millisecond
@@ -218,7 +218,7 @@ func acceptPrev(ctx context.Context, l *RingListener, cfg RingConfig) (net.Conn,
 			if rejected != nil {
 				err = fmt.Errorf("%w; rejected %v", err, rejected)
 			}
-			return nil, &OpError{Rank: cfg.Rank, Op: opConnect, Peer: peer, Addr: cfg.Addrs[peer],
+			return nil, &OpError{Rank: cfg.Rank, Op: OpConnect, Peer: peer, Addr: cfg.Addrs[peer],
 				Action: "accept from", Err: err}
 		}
 		if err := handshake(ctx, conn, false, cfg.Rank, n, peer); err != nil {
@@ -271,7 +271,7 @@ func (c *ring) Rank() int { return c.rank }
 func (c *ring) Size() int { return c.size }
 
 func (c *ring) AllReduce(ctx context.Context, buf Buffer) error {
-	return c.run(ctx, opAllReduce, func() error {
+	return c.run(ctx, OpAllReduce, func() error {
 		if err := checkBuffer(buf); err != nil {
 			return err
 		}
@@ -285,7 +285,7 @@ func (c *ring) AllReduce(ctx context.Context, buf Buffer) error {
 			send, recv := c.chunk(total, c.rank-s), c.chunk(total, c.rank-s-1)
 			f := c.frame(h.with(send.len()))
 			putF32(f[headerSize:], work[send.lo:send.hi])
-			p, err := c.exchange(opAllReduce, f, h.with(recv.len()))
+			p, err := c.exchange(OpAllReduce, f, h.with(recv.len()))
 			if err != nil {
 				return err
 			}
@@ -303,7 +303,7 @@ func (c *ring) AllReduce(ctx context.Context, buf Buffer) error {
 			send, recv := c.chunk(total, c.rank+1-s), c.chunk(total, c.rank-s)
 			f := c.frame(h.with(send.len()))
 			putElems(f[headerSize:], buf, send.lo, send.hi)
-			p, err := c.exchange(opAllReduce, f, h.with(recv.len()))
+			p, err := c.exchange(OpAllReduce, f, h.with(recv.len()))
 			if err != nil {
 				return err
 			}
@@ -314,7 +314,7 @@ func (c *ring) AllReduce(ctx context.Context, buf Buffer) error {
 }
 
 func (c *ring) AllGather(ctx context.Context, send, recv Buffer) error {
-	return c.run(ctx, opAllGather, func() error {
+	return c.run(ctx, OpAllGather, func() error {
 		if err := checkGather(send, recv, c.size); err != nil {
 			return err
 		}
@@ -327,7 +327,7 @@ func (c *ring) AllGather(ctx context.Context, send, recv Buffer) error {
 			out, in := c.mod(c.rank-s), c.mod(c.rank-s-1)
 			f := c.frame(h)
 			putElems(f[headerSize:], recv, out*m, (out+1)*m)
-			p, err := c.exchange(opAllGather, f, h)
+			p, err := c.exchange(OpAllGather, f, h)
 			if err != nil {
 				return err
 			}
@@ -338,7 +338,7 @@ func (c *ring) AllGather(ctx context.Context, send, recv Buffer) error {
 }
 
 func (c *ring) Broadcast(ctx context.Context, buf Buffer, root int) error {
-	return c.run(ctx, opBroadcast, func() error {
+	return c.run(ctx, OpBroadcast, func() error {
 		if err := checkBuffer(buf); err != nil {
 			return err
 		}
@@ -353,33 +353,33 @@ func (c *ring) Broadcast(ctx context.Context, buf Buffer, root int) error {
 		if c.rank == root {
 			f := c.frame(h)
 			putElems(f[headerSize:], buf, 0, buf.Len())
-			if err := c.send(opBroadcast, f); err != nil {
+			if err := c.send(OpBroadcast, f); err != nil {
 				return err
 			}
-			_, err := c.recv(opBroadcast, h.with(0))
+			_, err := c.recv(OpBroadcast, h.with(0))
 			return err
 		}
-		p, err := c.recv(opBroadcast, h)
+		p, err := c.recv(OpBroadcast, h)
 		if err != nil {
 			return err
 		}
 		getElems(buf, 0, p)
 		if c.mod(c.rank+1) == root {
-			return c.send(opBroadcast, c.frame(h.with(0)))
+			return c.send(OpBroadcast, c.frame(h.with(0)))
 		}
 		f := c.frame(h)
 		putElems(f[headerSize:], buf, 0, buf.Len())
-		return c.send(opBroadcast, f)
+		return c.send(OpBroadcast, f)
 	})
 }
 
 func (c *ring) Barrier(ctx context.Context) error {
-	return c.run(ctx, opBarrier, func() error {
+	return c.run(ctx, OpBarrier, func() error {
 		// After n-1 steps, each frame received having been sent only after the sender received its
 		// previous one, every rank has heard (indirectly) from every other.
 		h := header{seq: c.seq, op: codeBarrier}
 		for range c.size - 1 {
-			if _, err := c.exchange(opBarrier, c.frame(h), h); err != nil {
+			if _, err := c.exchange(OpBarrier, c.frame(h), h); err != nil {
 				return err
 			}
 		}
@@ -398,7 +398,7 @@ func (c *ring) closeConns() error {
 	var err error
 	c.closeOnce.Do(func() { err = errors.Join(c.prev.Close(), c.next.Close()) })
 	if err != nil {
-		return &OpError{Rank: c.rank, Op: opClose, Peer: -1, Err: err}
+		return &OpError{Rank: c.rank, Op: OpClose, Peer: -1, Err: err}
 	}
 	return nil
 }

@@ -1,4 +1,4 @@
-package nccl
+package comm
 
 import (
 	"context"
@@ -28,8 +28,8 @@ func (d DType) String() string {
 	return fmt.Sprintf("DType(%d)", int(d))
 }
 
-// size is the number of bytes of one element, 0 for an unknown DType.
-func (d DType) size() int {
+// Size is the number of bytes of one element, 0 for an unknown DType.
+func (d DType) Size() int {
 	switch d {
 	case Float32:
 		return 4
@@ -39,8 +39,8 @@ func (d DType) size() int {
 	return 0
 }
 
-// Buffer is memory a collective reads and writes in place. Host buffers are HostF32 and HostBF16; the
-// GPU backend will add a device buffer type that only the NCCL implementation accepts. A CPU
+// Buffer is memory a collective reads and writes in place. Host buffers are HostF32 and HostBF16;
+// DeviceBuffer is GPU memory, which only a device communicator (comm/nccl) accepts. A CPU
 // implementation given a buffer it cannot use returns an error wrapping errors.ErrUnsupported.
 type Buffer interface {
 	// DType is the element type.
@@ -121,11 +121,11 @@ type Comm interface {
 
 // ErrClosed reports a collective on a communicator that was closed, or broken by an earlier failure.
 // Test for it with errors.Is.
-var ErrClosed = errors.New("nccl: communicator closed")
+var ErrClosed = errors.New("comm: communicator closed")
 
 // ErrMismatch reports buffers or arguments that do not fit the collective, or that differ between
 // ranks: another dtype, length or root, or another collective altogether. Test for it with errors.Is.
-var ErrMismatch = errors.New("nccl: mismatched collective")
+var ErrMismatch = errors.New("comm: mismatched collective")
 
 // OpError is the error of a collective, or of Connect, on one rank.
 type OpError struct {
@@ -141,10 +141,10 @@ type OpError struct {
 	Err    error // the cause
 }
 
-// Error returns, for example, "nccl: rank 1: all-reduce: recv from rank 0 (127.0.0.1:40123): EOF".
+// Error returns, for example, "comm: rank 1: all-reduce: recv from rank 0 (127.0.0.1:40123): EOF".
 func (e *OpError) Error() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "nccl: rank %d: %s: ", e.Rank, e.Op)
+	fmt.Fprintf(&b, "comm: rank %d: %s: ", e.Rank, e.Op)
 	if e.Peer >= 0 {
 		fmt.Fprintf(&b, "%s rank %d", e.Action, e.Peer)
 		if e.Addr != "" {
@@ -153,7 +153,7 @@ func (e *OpError) Error() string {
 		b.WriteString(": ")
 	}
 	if e.Err != nil {
-		b.WriteString(strings.TrimPrefix(e.Err.Error(), "nccl: "))
+		b.WriteString(strings.TrimPrefix(e.Err.Error(), "comm: "))
 	}
 	return b.String()
 }
@@ -178,12 +178,12 @@ func origin(err error) string {
 
 // The names of the collectives in errors.
 const (
-	opAllReduce = "all-reduce"
-	opAllGather = "all-gather"
-	opBroadcast = "broadcast"
-	opBarrier   = "barrier"
-	opConnect   = "connect"
-	opClose     = "close"
+	OpAllReduce = "all-reduce"
+	OpAllGather = "all-gather"
+	OpBroadcast = "broadcast"
+	OpBarrier   = "barrier"
+	OpConnect   = "connect"
+	OpClose     = "close"
 )
 
 // checkBuffer accepts the host buffer types.

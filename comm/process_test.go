@@ -1,4 +1,4 @@
-package nccl_test
+package comm_test
 
 import (
 	"bytes"
@@ -17,7 +17,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tpfleet/tpfleet/nccl"
+	"github.com/tpfleet/tpfleet/comm"
 )
 
 // The multi-process tests re-execute the test binary as the ranks of a TCP ring. TestMain turns the
@@ -187,27 +187,27 @@ func runChild(mode string) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), childLifetime)
 	defer cancel()
-	comm, err := joinRing(ctx, os.Getenv(childDir), rank, size, opTimeout)
+	c, err := joinRing(ctx, os.Getenv(childDir), rank, size, opTimeout)
 	if err != nil {
 		return err
 	}
-	defer comm.Close()
+	defer c.Close()
 	switch mode {
 	case "checksum":
-		sum, err := workload(ctx, comm)
+		sum, err := workload(ctx, c)
 		if err != nil {
 			return err
 		}
 		fmt.Printf("checksum %x\n", sum)
 		return nil
 	case "loop":
-		buf := make(nccl.HostF32, 1024)
+		buf := make(comm.HostF32, 1024)
 		for i := 0; ctx.Err() == nil; i++ {
 			for j := range buf {
 				buf[j] = float32(rank + j + i)
 			}
 			// No deadline: the op timeout bounds each call.
-			if err := comm.AllReduce(context.Background(), buf); err != nil {
+			if err := c.AllReduce(context.Background(), buf); err != nil {
 				return err
 			}
 			if i == 0 {
@@ -221,8 +221,8 @@ func runChild(mode string) error {
 
 // joinRing listens, publishes this rank's address as a file in dir, waits for the other ranks' files
 // and connects.
-func joinRing(ctx context.Context, dir string, rank, size int, opTimeout time.Duration) (nccl.Comm, error) {
-	l, err := nccl.Listen("127.0.0.1:0")
+func joinRing(ctx context.Context, dir string, rank, size int, opTimeout time.Duration) (comm.Comm, error) {
+	l, err := comm.Listen("127.0.0.1:0")
 	if err != nil {
 		return nil, err
 	}
@@ -243,7 +243,7 @@ func joinRing(ctx context.Context, dir string, rank, size int, opTimeout time.Du
 		}
 		addrs[r] = string(b)
 	}
-	return nccl.Connect(ctx, l, nccl.RingConfig{Rank: rank, Addrs: addrs, OpTimeout: opTimeout, DialTimeout: 10 * time.Second})
+	return comm.Connect(ctx, l, comm.RingConfig{Rank: rank, Addrs: addrs, OpTimeout: opTimeout, DialTimeout: 10 * time.Second})
 }
 
 // waitForFile polls for a file until it exists or ctx ends.
@@ -266,13 +266,13 @@ func waitForFile(ctx context.Context, path string) ([]byte, error) {
 // workload runs a fixed mix of collectives and returns a hash of every result. Its values are
 // multiples of 1/8 small enough that every sum is exact in float32 and in bfloat16, so the hash does
 // not depend on the summation order and any Comm of the same size gives the same one.
-func workload(ctx context.Context, c nccl.Comm) (uint64, error) {
+func workload(ctx context.Context, c comm.Comm) (uint64, error) {
 	h := fnv.New64a()
 	put := func(v uint32) { h.Write([]byte{byte(v), byte(v >> 8), byte(v >> 16), byte(v >> 24)}) }
 	r, n := c.Rank(), c.Size()
 	value := func(round, i int) float32 { return float32((r+1)*(i+round)%17-8) / 8 }
 	for round := range 4 {
-		buf := make(nccl.HostF32, 1001)
+		buf := make(comm.HostF32, 1001)
 		for i := range buf {
 			buf[i] = value(round, i)
 		}
@@ -283,7 +283,7 @@ func workload(ctx context.Context, c nccl.Comm) (uint64, error) {
 			put(math.Float32bits(x))
 		}
 	}
-	bf := make(nccl.HostBF16, 257)
+	bf := make(comm.HostBF16, 257)
 	for i := range bf {
 		bf[i] = uint16(math.Float32bits(value(9, i)) >> 16)
 	}
@@ -293,7 +293,7 @@ func workload(ctx context.Context, c nccl.Comm) (uint64, error) {
 	for _, x := range bf {
 		put(uint32(x))
 	}
-	send, recv := make(nccl.HostF32, 5), make(nccl.HostF32, 5*n)
+	send, recv := make(comm.HostF32, 5), make(comm.HostF32, 5*n)
 	for i := range send {
 		send[i] = value(3, i)
 	}
@@ -304,7 +304,7 @@ func workload(ctx context.Context, c nccl.Comm) (uint64, error) {
 		put(math.Float32bits(x))
 	}
 	for root := range n {
-		b := nccl.HostF32{value(root, 1), value(root, 2)}
+		b := comm.HostF32{value(root, 1), value(root, 2)}
 		if err := c.Broadcast(ctx, b, root); err != nil {
 			return 0, err
 		}
@@ -322,7 +322,7 @@ func localChecksum(t *testing.T, n int) uint64 {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	comms := nccl.NewLocalGroup(n)
+	comms := comm.NewLocalGroup(n)
 	sums := make([]uint64, n)
 	errs := make([]error, n)
 	var wg sync.WaitGroup

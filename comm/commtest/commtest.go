@@ -1,18 +1,18 @@
-// Package nccltest is the conformance suite for nccl.Comm. Every implementation's tests call [Run]:
+// Package commtest is the conformance suite for comm.Comm. Every implementation's tests call [Run]:
 //
 //	func TestConformance(t *testing.T) {
-//		nccltest.Run(t, func(t *testing.T, n int) []nccl.Comm { return nccl.NewLocalGroup(n) })
+//		commtest.Run(t, func(t *testing.T, n int) []comm.Comm { return comm.NewLocalGroup(n) })
 //	}
 //
 // Run checks, for groups of 1 to 4 ranks, the results of every collective on seeded random data of
 // several lengths (0, fewer than the ranks, not divisible by them, large) against float64 references
 // written here; that all ranks hold bitwise-identical AllReduce results and that a second run gives the
-// same bits; that BFloat16 sums are rounded once, ties to even; and the failure contract of nccl.Comm:
-// arguments that do not fit or that differ between ranks fail with nccl.ErrMismatch on some rank and
+// same bits; that BFloat16 sums are rounded once, ties to even; and the failure contract of comm.Comm:
+// arguments that do not fit or that differ between ranks fail with comm.ErrMismatch on some rank and
 // with an error on every rank (by its next call when ranks disagree on Broadcast's root), a cancelled or expired ctx fails promptly with ctx's error, a closed or
 // failed rank makes its peers fail promptly with errors that name it, a broken communicator then
-// fails with nccl.ErrClosed, and no goroutine outlives Close.
-package nccltest
+// fails with comm.ErrClosed, and no goroutine outlives Close.
+package commtest
 
 import (
 	"context"
@@ -28,7 +28,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tpfleet/tpfleet/nccl"
+	"github.com/tpfleet/tpfleet/comm"
 )
 
 // Time limits of the suite. A correct implementation needs a fraction of them.
@@ -47,7 +47,7 @@ const (
 // goroutines running after Close (or must end them in a t.Cleanup that runs before it returns). The
 // communicators should not time out by themselves within callTimeout (10 s). Subtests run one after
 // another.
-func Run(t *testing.T, newGroup func(t *testing.T, n int) []nccl.Comm) {
+func Run(t *testing.T, newGroup func(t *testing.T, n int) []comm.Comm) {
 	for _, n := range []int{1, 2, 3, 4} {
 		t.Run(fmt.Sprintf("n=%d", n), func(t *testing.T) {
 			for _, tc := range cases {
@@ -77,7 +77,7 @@ func Run(t *testing.T, newGroup func(t *testing.T, n int) []nccl.Comm) {
 var cases = []struct {
 	name     string
 	minRanks int
-	run      func(t *testing.T, comms []nccl.Comm)
+	run      func(t *testing.T, comms []comm.Comm)
 }{
 	{"AllReduceFloat32", 1, testAllReduceF32},
 	{"AllReduceBFloat16", 1, testAllReduceBF16},
@@ -106,7 +106,7 @@ func lengths(n int) []int {
 	return slices.Compact(ls)
 }
 
-func testAllReduceF32(t *testing.T, comms []nccl.Comm) {
+func testAllReduceF32(t *testing.T, comms []comm.Comm) {
 	n := len(comms)
 	// The largest length makes frames larger than loopback socket buffers.
 	for _, l := range append(lengths(n), 1<<18) {
@@ -134,7 +134,7 @@ func testAllReduceF32(t *testing.T, comms []nccl.Comm) {
 	}
 }
 
-func testAllReduceBF16(t *testing.T, comms []nccl.Comm) {
+func testAllReduceBF16(t *testing.T, comms []comm.Comm) {
 	n := len(comms)
 	for _, l := range lengths(n) {
 		ins := make([][]uint16, n)
@@ -173,7 +173,7 @@ func testAllReduceBF16(t *testing.T, comms []nccl.Comm) {
 
 // testRoundsOnce uses values whose float32 sum is exact in any order but not a bfloat16, so the result
 // shows whether the sum was rounded once (to nearest, ties to even) or at every step.
-func testRoundsOnce(t *testing.T, comms []nccl.Comm) {
+func testRoundsOnce(t *testing.T, comms []comm.Comm) {
 	n := len(comms)
 	const l = 64
 	ins := make([][]uint16, n)
@@ -212,25 +212,25 @@ func testRoundsOnce(t *testing.T, comms []nccl.Comm) {
 	}
 }
 
-func testAllGather(t *testing.T, comms []nccl.Comm) {
+func testAllGather(t *testing.T, comms []comm.Comm) {
 	n := len(comms)
 	for _, m := range []int{0, 1, 5, 1000} {
 		sends := randF32(n, m, uint64(m)+200)
-		recvs := make([]nccl.HostF32, n)
-		sendsBF := make([]nccl.HostBF16, n)
-		recvsBF := make([]nccl.HostBF16, n)
+		recvs := make([]comm.HostF32, n)
+		sendsBF := make([]comm.HostBF16, n)
+		recvsBF := make([]comm.HostBF16, n)
 		for r := range n {
 			recvs[r] = poisonF32(n * m)
-			sendsBF[r] = make(nccl.HostBF16, m)
+			sendsBF[r] = make(comm.HostBF16, m)
 			for i, x := range sends[r] {
 				sendsBF[r][i] = uint16(math.Float32bits(x) >> 16)
 			}
-			recvsBF[r] = make(nccl.HostBF16, n*m)
+			recvsBF[r] = make(comm.HostBF16, n*m)
 		}
-		must(t, fmt.Sprintf("AllGather(float32[%d])", m), onAll(comms, func(ctx context.Context, r int, c nccl.Comm) error {
-			return c.AllGather(ctx, nccl.HostF32(sends[r]), recvs[r])
+		must(t, fmt.Sprintf("AllGather(float32[%d])", m), onAll(comms, func(ctx context.Context, r int, c comm.Comm) error {
+			return c.AllGather(ctx, comm.HostF32(sends[r]), recvs[r])
 		}))
-		must(t, fmt.Sprintf("AllGather(bfloat16[%d])", m), onAll(comms, func(ctx context.Context, r int, c nccl.Comm) error {
+		must(t, fmt.Sprintf("AllGather(bfloat16[%d])", m), onAll(comms, func(ctx context.Context, r int, c comm.Comm) error {
 			return c.AllGather(ctx, sendsBF[r], recvsBF[r])
 		}))
 		for r := range n {
@@ -248,14 +248,14 @@ func testAllGather(t *testing.T, comms []nccl.Comm) {
 	}
 	// In place: each rank's send is its own block of recv.
 	const m = 3
-	recvs := make([]nccl.HostF32, n)
+	recvs := make([]comm.HostF32, n)
 	for r := range recvs {
 		recvs[r] = poisonF32(n * m)
 		for i := range m {
 			recvs[r][r*m+i] = float32(10*r + i)
 		}
 	}
-	must(t, "AllGather in place", onAll(comms, func(ctx context.Context, r int, c nccl.Comm) error {
+	must(t, "AllGather in place", onAll(comms, func(ctx context.Context, r int, c comm.Comm) error {
 		return c.AllGather(ctx, recvs[r][r*m:(r+1)*m], recvs[r])
 	}))
 	for r := range n {
@@ -267,23 +267,23 @@ func testAllGather(t *testing.T, comms []nccl.Comm) {
 	}
 }
 
-func testBroadcast(t *testing.T, comms []nccl.Comm) {
+func testBroadcast(t *testing.T, comms []comm.Comm) {
 	n := len(comms)
 	for root := range n {
 		for _, l := range []int{0, 3, 1000} {
 			data := randF32(n, l, uint64(l+root))
-			bf := make([]nccl.HostBF16, n)
+			bf := make([]comm.HostBF16, n)
 			for r := range n {
-				bf[r] = make(nccl.HostBF16, l)
+				bf[r] = make(comm.HostBF16, l)
 				for i, x := range data[r] {
 					bf[r][i] = uint16(math.Float32bits(x) >> 16)
 				}
 			}
 			want, wantBF := slices.Clone(data[root]), slices.Clone(bf[root])
-			must(t, fmt.Sprintf("Broadcast(float32[%d], %d)", l, root), onAll(comms, func(ctx context.Context, r int, c nccl.Comm) error {
-				return c.Broadcast(ctx, nccl.HostF32(data[r]), root)
+			must(t, fmt.Sprintf("Broadcast(float32[%d], %d)", l, root), onAll(comms, func(ctx context.Context, r int, c comm.Comm) error {
+				return c.Broadcast(ctx, comm.HostF32(data[r]), root)
 			}))
-			must(t, fmt.Sprintf("Broadcast(bfloat16[%d], %d)", l, root), onAll(comms, func(ctx context.Context, r int, c nccl.Comm) error {
+			must(t, fmt.Sprintf("Broadcast(bfloat16[%d], %d)", l, root), onAll(comms, func(ctx context.Context, r int, c comm.Comm) error {
 				return c.Broadcast(ctx, bf[r], root)
 			}))
 			for r := range n {
@@ -298,11 +298,11 @@ func testBroadcast(t *testing.T, comms []nccl.Comm) {
 	}
 }
 
-func testBarrier(t *testing.T, comms []nccl.Comm) {
+func testBarrier(t *testing.T, comms []comm.Comm) {
 	n := len(comms)
 	for last := range n {
 		var entered atomic.Bool
-		errs := onAll(comms, func(ctx context.Context, r int, c nccl.Comm) error {
+		errs := onAll(comms, func(ctx context.Context, r int, c comm.Comm) error {
 			if r == last {
 				time.Sleep(20 * time.Millisecond) // so the others reach the barrier first (not needed for correctness)
 				entered.Store(true)
@@ -322,12 +322,12 @@ func testBarrier(t *testing.T, comms []nccl.Comm) {
 
 // testSequence mixes collectives, so an implementation that keeps state between them (sequence
 // numbers, buffers) is checked for staying in step.
-func testSequence(t *testing.T, comms []nccl.Comm) {
+func testSequence(t *testing.T, comms []comm.Comm) {
 	n := len(comms)
-	errs := onAll(comms, func(ctx context.Context, r int, c nccl.Comm) error {
+	errs := onAll(comms, func(ctx context.Context, r int, c comm.Comm) error {
 		for step := range 20 {
 			l := step % 5
-			buf := make(nccl.HostF32, l)
+			buf := make(comm.HostF32, l)
 			for i := range buf {
 				buf[i] = float32(r + i)
 			}
@@ -339,8 +339,8 @@ func testSequence(t *testing.T, comms []nccl.Comm) {
 					return fmt.Errorf("step %d: AllReduce(float32[%d])[%d] = %g, want %g", step, l, i, got, want)
 				}
 			}
-			recv := make(nccl.HostBF16, n*l)
-			send := make(nccl.HostBF16, l)
+			recv := make(comm.HostBF16, n*l)
+			send := make(comm.HostBF16, l)
 			for i := range send {
 				send[i] = uint16(r)
 			}
@@ -353,7 +353,7 @@ func testSequence(t *testing.T, comms []nccl.Comm) {
 				}
 			}
 			root := step % n
-			b := nccl.HostF32{float32(r), float32(step)}
+			b := comm.HostF32{float32(r), float32(step)}
 			if err := c.Broadcast(ctx, b, root); err != nil {
 				return err
 			}
@@ -371,91 +371,91 @@ func testSequence(t *testing.T, comms []nccl.Comm) {
 	must(t, "sequence", errs)
 }
 
-func testRecvLength(t *testing.T, comms []nccl.Comm) {
+func testRecvLength(t *testing.T, comms []comm.Comm) {
 	n := len(comms)
 	bad := n - 1
-	errs := onAll(comms, func(ctx context.Context, r int, c nccl.Comm) error {
-		recv := make(nccl.HostF32, 4*n)
+	errs := onAll(comms, func(ctx context.Context, r int, c comm.Comm) error {
+		recv := make(comm.HostF32, 4*n)
 		if r == bad {
 			recv = recv[:4*n-1]
 		}
-		return c.AllGather(ctx, make(nccl.HostF32, 4), recv)
+		return c.AllGather(ctx, make(comm.HostF32, 4), recv)
 	})
-	checkFailed(t, "AllGather with a short recv", comms, errs, bad, nccl.ErrMismatch)
+	checkFailed(t, "AllGather with a short recv", comms, errs, bad, comm.ErrMismatch)
 }
 
-func testRootRange(t *testing.T, comms []nccl.Comm) {
+func testRootRange(t *testing.T, comms []comm.Comm) {
 	n := len(comms)
-	errs := onAll(comms, func(ctx context.Context, r int, c nccl.Comm) error {
-		return c.Broadcast(ctx, make(nccl.HostF32, 4), n)
+	errs := onAll(comms, func(ctx context.Context, r int, c comm.Comm) error {
+		return c.Broadcast(ctx, make(comm.HostF32, 4), n)
 	})
-	checkFailed(t, fmt.Sprintf("Broadcast(root %d)", n), comms, errs, 0, nccl.ErrMismatch)
+	checkFailed(t, fmt.Sprintf("Broadcast(root %d)", n), comms, errs, 0, comm.ErrMismatch)
 }
 
 // deviceBuffer stands for a buffer type that CPU implementations cannot use.
 type deviceBuffer struct{}
 
-func (deviceBuffer) DType() nccl.DType { return nccl.Float32 }
+func (deviceBuffer) DType() comm.DType { return comm.Float32 }
 func (deviceBuffer) Len() int          { return 4 }
 
-func testUnsupported(t *testing.T, comms []nccl.Comm) {
-	errs := onAll(comms, func(ctx context.Context, r int, c nccl.Comm) error {
+func testUnsupported(t *testing.T, comms []comm.Comm) {
+	errs := onAll(comms, func(ctx context.Context, r int, c comm.Comm) error {
 		if r == 0 {
 			return c.AllReduce(ctx, deviceBuffer{})
 		}
-		return c.AllReduce(ctx, make(nccl.HostF32, 4))
+		return c.AllReduce(ctx, make(comm.HostF32, 4))
 	})
 	checkFailed(t, "AllReduce(device buffer)", comms, errs, 0, errors.ErrUnsupported)
 }
 
-func testLengthMismatch(t *testing.T, comms []nccl.Comm) {
+func testLengthMismatch(t *testing.T, comms []comm.Comm) {
 	bad := len(comms) - 1
-	errs := onAll(comms, func(ctx context.Context, r int, c nccl.Comm) error {
+	errs := onAll(comms, func(ctx context.Context, r int, c comm.Comm) error {
 		if r == bad {
-			return c.AllReduce(ctx, make(nccl.HostF32, 5))
+			return c.AllReduce(ctx, make(comm.HostF32, 5))
 		}
-		return c.AllReduce(ctx, make(nccl.HostF32, 4))
+		return c.AllReduce(ctx, make(comm.HostF32, 4))
 	})
-	checkFailed(t, "AllReduce with one longer buffer", comms, errs, -1, nccl.ErrMismatch)
+	checkFailed(t, "AllReduce with one longer buffer", comms, errs, -1, comm.ErrMismatch)
 }
 
-func testDTypeMismatch(t *testing.T, comms []nccl.Comm) {
+func testDTypeMismatch(t *testing.T, comms []comm.Comm) {
 	bad := len(comms) - 1
-	errs := onAll(comms, func(ctx context.Context, r int, c nccl.Comm) error {
+	errs := onAll(comms, func(ctx context.Context, r int, c comm.Comm) error {
 		if r == bad {
-			return c.AllReduce(ctx, make(nccl.HostBF16, 4))
+			return c.AllReduce(ctx, make(comm.HostBF16, 4))
 		}
-		return c.AllReduce(ctx, make(nccl.HostF32, 4))
+		return c.AllReduce(ctx, make(comm.HostF32, 4))
 	})
-	checkFailed(t, "AllReduce with one bfloat16 buffer", comms, errs, -1, nccl.ErrMismatch)
+	checkFailed(t, "AllReduce with one bfloat16 buffer", comms, errs, -1, comm.ErrMismatch)
 }
 
 // testRootMismatch lets ranks disagree on Broadcast's root. A rank that received its data from the
 // root it expected may return before another notices the disagreement, so only some rank must fail
 // at once; every rank must fail by its next call.
-func testRootMismatch(t *testing.T, comms []nccl.Comm) {
-	errs := onAll(comms, func(ctx context.Context, r int, c nccl.Comm) error {
-		return c.Broadcast(ctx, make(nccl.HostF32, 4), min(r, 1))
+func testRootMismatch(t *testing.T, comms []comm.Comm) {
+	errs := onAll(comms, func(ctx context.Context, r int, c comm.Comm) error {
+		return c.Broadcast(ctx, make(comm.HostF32, 4), min(r, 1))
 	})
-	if !slices.ContainsFunc(errs, func(err error) bool { return errors.Is(err, nccl.ErrMismatch) }) {
-		t.Errorf("Broadcast with different roots: no rank's error wraps %v: %v", nccl.ErrMismatch, errs)
+	if !slices.ContainsFunc(errs, func(err error) bool { return errors.Is(err, comm.ErrMismatch) }) {
+		t.Errorf("Broadcast with different roots: no rank's error wraps %v: %v", comm.ErrMismatch, errs)
 	}
 	checkBroken(t, comms)
 }
 
-func testCollectiveMismatch(t *testing.T, comms []nccl.Comm) {
-	errs := onAll(comms, func(ctx context.Context, r int, c nccl.Comm) error {
+func testCollectiveMismatch(t *testing.T, comms []comm.Comm) {
+	errs := onAll(comms, func(ctx context.Context, r int, c comm.Comm) error {
 		if r == 1 {
-			return c.AllGather(ctx, make(nccl.HostF32, 4), make(nccl.HostF32, 4*len(comms)))
+			return c.AllGather(ctx, make(comm.HostF32, 4), make(comm.HostF32, 4*len(comms)))
 		}
-		return c.AllReduce(ctx, make(nccl.HostF32, 4))
+		return c.AllReduce(ctx, make(comm.HostF32, 4))
 	})
-	checkFailed(t, "AllReduce on all ranks but AllGather on rank 1", comms, errs, -1, nccl.ErrMismatch)
+	checkFailed(t, "AllReduce on all ranks but AllGather on rank 1", comms, errs, -1, comm.ErrMismatch)
 }
 
 // testCancel cancels the collective of every rank but the last, which never calls it: they must
 // return ctx's error promptly, and the last rank, calling later, must fail promptly too.
-func testCancel(t *testing.T, comms []nccl.Comm) {
+func testCancel(t *testing.T, comms []comm.Comm) {
 	n := len(comms)
 	ctx, cancel := context.WithCancel(context.Background())
 	if n == 1 {
@@ -467,7 +467,7 @@ func testCancel(t *testing.T, comms []nccl.Comm) {
 	checkContextError(t, "AllReduce with a cancelled ctx", comms, ctx, context.Canceled)
 }
 
-func testDeadline(t *testing.T, comms []nccl.Comm) {
+func testDeadline(t *testing.T, comms []comm.Comm) {
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	if len(comms) == 1 {
@@ -476,12 +476,12 @@ func testDeadline(t *testing.T, comms []nccl.Comm) {
 	checkContextError(t, "AllReduce with a 50ms deadline", comms, ctx, context.DeadlineExceeded)
 }
 
-func checkContextError(t *testing.T, what string, comms []nccl.Comm, ctx context.Context, want error) {
+func checkContextError(t *testing.T, what string, comms []comm.Comm, ctx context.Context, want error) {
 	t.Helper()
 	n := len(comms)
 	start := time.Now()
-	errs := onAll(comms[:max(n-1, 1)], func(_ context.Context, r int, c nccl.Comm) error {
-		return c.AllReduce(ctx, make(nccl.HostF32, 8))
+	errs := onAll(comms[:max(n-1, 1)], func(_ context.Context, r int, c comm.Comm) error {
+		return c.AllReduce(ctx, make(comm.HostF32, 8))
 	})
 	if d := time.Since(start); d > prompt {
 		t.Errorf("%s took %v, want < %v", what, d, prompt)
@@ -498,7 +498,7 @@ func checkContextError(t *testing.T, what string, comms []nccl.Comm, ctx context
 	if n > 1 {
 		late := comms[n-1]
 		start := time.Now()
-		err := withTimeout(func(ctx context.Context) error { return late.AllReduce(ctx, make(nccl.HostF32, 8)) })
+		err := withTimeout(func(ctx context.Context) error { return late.AllReduce(ctx, make(comm.HostF32, 8)) })
 		if err == nil || errors.Is(err, context.DeadlineExceeded) || time.Since(start) > prompt {
 			t.Errorf("rank %d: AllReduce after the others' %s = %v after %v, want a prompt error",
 				n-1, what, err, time.Since(start))
@@ -508,7 +508,7 @@ func checkContextError(t *testing.T, what string, comms []nccl.Comm, ctx context
 }
 
 // testClose closes rank 0: the others must fail promptly naming rank 0, and rank 0 must refuse work.
-func testClose(t *testing.T, comms []nccl.Comm) {
+func testClose(t *testing.T, comms []comm.Comm) {
 	n := len(comms)
 	if err := comms[0].Close(); err != nil {
 		t.Fatalf("rank 0: Close() = %v, want nil", err)
@@ -516,12 +516,12 @@ func testClose(t *testing.T, comms []nccl.Comm) {
 	if err := comms[0].Close(); err != nil {
 		t.Fatalf("rank 0: second Close() = %v, want nil", err)
 	}
-	if err := withTimeout(func(ctx context.Context) error { return comms[0].Barrier(ctx) }); !errors.Is(err, nccl.ErrClosed) {
-		t.Errorf("rank 0: Barrier after Close = %v, want %v", err, nccl.ErrClosed)
+	if err := withTimeout(func(ctx context.Context) error { return comms[0].Barrier(ctx) }); !errors.Is(err, comm.ErrClosed) {
+		t.Errorf("rank 0: Barrier after Close = %v, want %v", err, comm.ErrClosed)
 	}
 	start := time.Now()
-	errs := onAll(comms[1:], func(ctx context.Context, r int, c nccl.Comm) error {
-		return c.AllReduce(ctx, make(nccl.HostF32, 8))
+	errs := onAll(comms[1:], func(ctx context.Context, r int, c comm.Comm) error {
+		return c.AllReduce(ctx, make(comm.HostF32, 8))
 	})
 	for i, err := range errs {
 		r := i + 1
@@ -541,15 +541,15 @@ func testClose(t *testing.T, comms []nccl.Comm) {
 }
 
 // testCloseDuringCall closes rank 0 from another goroutine while it waits for a rank that never comes.
-func testCloseDuringCall(t *testing.T, comms []nccl.Comm) {
+func testCloseDuringCall(t *testing.T, comms []comm.Comm) {
 	n := len(comms)
 	defer time.AfterFunc(20*time.Millisecond, func() { comms[0].Close() }).Stop()
 	start := time.Now()
-	errs := onAll(comms[:n-1], func(ctx context.Context, r int, c nccl.Comm) error {
-		return c.AllReduce(ctx, make(nccl.HostF32, 8))
+	errs := onAll(comms[:n-1], func(ctx context.Context, r int, c comm.Comm) error {
+		return c.AllReduce(ctx, make(comm.HostF32, 8))
 	})
-	if !errors.Is(errs[0], nccl.ErrClosed) {
-		t.Errorf("rank 0: AllReduce closed meanwhile = %v, want %v", errs[0], nccl.ErrClosed)
+	if !errors.Is(errs[0], comm.ErrClosed) {
+		t.Errorf("rank 0: AllReduce closed meanwhile = %v, want %v", errs[0], comm.ErrClosed)
 	}
 	for r, err := range errs[1:] {
 		if err == nil || errors.Is(err, context.DeadlineExceeded) {
@@ -563,15 +563,15 @@ func testCloseDuringCall(t *testing.T, comms []nccl.Comm) {
 
 // checkFailed checks that a collective failed on every rank, that rank culprit's error wraps want
 // (culprit -1: some rank's), and that the communicator is then broken.
-func checkFailed(t *testing.T, what string, comms []nccl.Comm, errs []error, culprit int, want error) {
+func checkFailed(t *testing.T, what string, comms []comm.Comm, errs []error, culprit int, want error) {
 	t.Helper()
 	some := false
 	for r, err := range errs {
 		if err == nil || errors.Is(err, context.DeadlineExceeded) {
 			t.Errorf("rank %d: %s = %v, want a prompt error", r, what, err)
 		}
-		if _, ok := errors.AsType[*nccl.OpError](err); err != nil && !ok {
-			t.Errorf("rank %d: %s = %T %v, want an *nccl.OpError", r, what, err, err)
+		if _, ok := errors.AsType[*comm.OpError](err); err != nil && !ok {
+			t.Errorf("rank %d: %s = %T %v, want an *comm.OpError", r, what, err, err)
 		}
 		if errors.Is(err, want) {
 			some = true
@@ -586,9 +586,9 @@ func checkFailed(t *testing.T, what string, comms []nccl.Comm, errs []error, cul
 }
 
 // checkBroken checks that every rank of a communicator that failed refuses further collectives.
-func checkBroken(t *testing.T, comms []nccl.Comm) {
+func checkBroken(t *testing.T, comms []comm.Comm) {
 	t.Helper()
-	errs := onAll(comms, func(ctx context.Context, r int, c nccl.Comm) error {
+	errs := onAll(comms, func(ctx context.Context, r int, c comm.Comm) error {
 		return c.Barrier(ctx)
 	})
 	for i, err := range errs {
@@ -600,7 +600,7 @@ func checkBroken(t *testing.T, comms []nccl.Comm) {
 
 // onAll runs f for every comm in its own goroutine, with a ctx bounded by callTimeout, and returns the
 // errors in comm order.
-func onAll(comms []nccl.Comm, f func(ctx context.Context, r int, c nccl.Comm) error) []error {
+func onAll(comms []comm.Comm, f func(ctx context.Context, r int, c comm.Comm) error) []error {
 	errs := make([]error, len(comms))
 	var wg sync.WaitGroup
 	for i, c := range comms {
@@ -627,26 +627,26 @@ func must(t *testing.T, what string, errs []error) {
 	}
 }
 
-func allReduceF32(t *testing.T, comms []nccl.Comm, ins [][]float32) [][]float32 {
+func allReduceF32(t *testing.T, comms []comm.Comm, ins [][]float32) [][]float32 {
 	t.Helper()
 	outs := make([][]float32, len(ins))
 	for r, in := range ins {
 		outs[r] = slices.Clone(in)
 	}
-	must(t, fmt.Sprintf("AllReduce(float32[%d])", len(ins[0])), onAll(comms, func(ctx context.Context, r int, c nccl.Comm) error {
-		return c.AllReduce(ctx, nccl.HostF32(outs[r]))
+	must(t, fmt.Sprintf("AllReduce(float32[%d])", len(ins[0])), onAll(comms, func(ctx context.Context, r int, c comm.Comm) error {
+		return c.AllReduce(ctx, comm.HostF32(outs[r]))
 	}))
 	return outs
 }
 
-func allReduceBF16(t *testing.T, comms []nccl.Comm, ins [][]uint16) [][]uint16 {
+func allReduceBF16(t *testing.T, comms []comm.Comm, ins [][]uint16) [][]uint16 {
 	t.Helper()
 	outs := make([][]uint16, len(ins))
 	for r, in := range ins {
 		outs[r] = slices.Clone(in)
 	}
-	must(t, fmt.Sprintf("AllReduce(bfloat16[%d])", len(ins[0])), onAll(comms, func(ctx context.Context, r int, c nccl.Comm) error {
-		return c.AllReduce(ctx, nccl.HostBF16(outs[r]))
+	must(t, fmt.Sprintf("AllReduce(bfloat16[%d])", len(ins[0])), onAll(comms, func(ctx context.Context, r int, c comm.Comm) error {
+		return c.AllReduce(ctx, comm.HostBF16(outs[r]))
 	}))
 	return outs
 }
@@ -676,8 +676,8 @@ func randF32(n, l int, seed uint64) [][]float32 {
 }
 
 // poisonF32 returns l NaNs, so unwritten elements show.
-func poisonF32(l int) nccl.HostF32 {
-	b := make(nccl.HostF32, l)
+func poisonF32(l int) comm.HostF32 {
+	b := make(comm.HostF32, l)
 	for i := range b {
 		b[i] = float32(math.NaN())
 	}
@@ -712,7 +712,7 @@ func firstDiff(a, b []uint16) int {
 func widen(h uint16) float32 { return math.Float32frombits(uint32(h) << 16) }
 
 // roundBF16 rounds a finite f to the nearer of the two bfloat16 values around it, ties to the even
-// one. It is written independently of the nccl package's rounding.
+// one. It is written independently of the comm package's rounding.
 func roundBF16(f float32) uint16 {
 	lo := uint16(math.Float32bits(f) >> 16) // toward zero
 	hi := lo + 1                            // away from zero
@@ -724,7 +724,7 @@ func roundBF16(f float32) uint16 {
 	return hi
 }
 
-func closeAll(t *testing.T, comms []nccl.Comm) {
+func closeAll(t *testing.T, comms []comm.Comm) {
 	t.Helper()
 	for r, c := range comms {
 		if err := c.Close(); err != nil {

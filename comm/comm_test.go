@@ -1,4 +1,4 @@
-package nccl_test
+package comm_test
 
 import (
 	"context"
@@ -10,20 +10,20 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tpfleet/tpfleet/nccl"
+	"github.com/tpfleet/tpfleet/comm"
 )
 
 func TestOpErrorString(t *testing.T) {
 	for _, tc := range []struct {
-		err  *nccl.OpError
+		err  *comm.OpError
 		want string
 	}{
-		{&nccl.OpError{Rank: 1, Op: "all-reduce", Peer: 0, Addr: "127.0.0.1:40123", Action: "recv from", Err: io.EOF},
-			"nccl: rank 1: all-reduce: recv from rank 0 (127.0.0.1:40123): EOF"},
-		{&nccl.OpError{Rank: 0, Op: "barrier", Peer: 2, Action: "wait for", Err: context.Canceled},
-			"nccl: rank 0: barrier: wait for rank 2: context canceled"},
-		{&nccl.OpError{Rank: 3, Op: "broadcast", Peer: -1, Err: nccl.ErrClosed},
-			"nccl: rank 3: broadcast: communicator closed"},
+		{&comm.OpError{Rank: 1, Op: "all-reduce", Peer: 0, Addr: "127.0.0.1:40123", Action: "recv from", Err: io.EOF},
+			"comm: rank 1: all-reduce: recv from rank 0 (127.0.0.1:40123): EOF"},
+		{&comm.OpError{Rank: 0, Op: "barrier", Peer: 2, Action: "wait for", Err: context.Canceled},
+			"comm: rank 0: barrier: wait for rank 2: context canceled"},
+		{&comm.OpError{Rank: 3, Op: "broadcast", Peer: -1, Err: comm.ErrClosed},
+			"comm: rank 3: broadcast: communicator closed"},
 	} {
 		if got := tc.err.Error(); got != tc.want {
 			t.Errorf("(%#v).Error() = %q, want %q", tc.err, got, tc.want)
@@ -34,17 +34,17 @@ func TestOpErrorString(t *testing.T) {
 func TestRingConfigValidate(t *testing.T) {
 	two := []string{"127.0.0.1:1", "127.0.0.1:2"}
 	for _, tc := range []struct {
-		cfg  nccl.RingConfig
+		cfg  comm.RingConfig
 		want string // a substring of the error; "" for none
 	}{
-		{nccl.RingConfig{Rank: 1, Addrs: two}, ""},
-		{nccl.RingConfig{Rank: 0, Addrs: []string{""}}, ""},
-		{nccl.RingConfig{Rank: 0}, "no addresses"},
-		{nccl.RingConfig{Rank: 2, Addrs: two}, "rank 2 outside 0..1"},
-		{nccl.RingConfig{Rank: -1, Addrs: two}, "rank -1 outside"},
-		{nccl.RingConfig{Rank: 0, Addrs: two, OpTimeout: -time.Second}, "negative op timeout"},
-		{nccl.RingConfig{Rank: 0, Addrs: two, DialTimeout: -time.Second}, "negative dial timeout"},
-		{nccl.RingConfig{Rank: 0, Addrs: []string{"127.0.0.1:1", "nohost"}}, "address of rank 1"},
+		{comm.RingConfig{Rank: 1, Addrs: two}, ""},
+		{comm.RingConfig{Rank: 0, Addrs: []string{""}}, ""},
+		{comm.RingConfig{Rank: 0}, "no addresses"},
+		{comm.RingConfig{Rank: 2, Addrs: two}, "rank 2 outside 0..1"},
+		{comm.RingConfig{Rank: -1, Addrs: two}, "rank -1 outside"},
+		{comm.RingConfig{Rank: 0, Addrs: two, OpTimeout: -time.Second}, "negative op timeout"},
+		{comm.RingConfig{Rank: 0, Addrs: two, DialTimeout: -time.Second}, "negative dial timeout"},
+		{comm.RingConfig{Rank: 0, Addrs: []string{"127.0.0.1:1", "nohost"}}, "address of rank 1"},
 	} {
 		err := tc.cfg.Validate()
 		if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {
@@ -54,7 +54,7 @@ func TestRingConfigValidate(t *testing.T) {
 }
 
 func TestConnectOneRank(t *testing.T) {
-	c, err := nccl.Connect(context.Background(), nil, nccl.RingConfig{Addrs: []string{""}})
+	c, err := comm.Connect(context.Background(), nil, comm.RingConfig{Addrs: []string{""}})
 	if err != nil {
 		t.Fatalf("Connect(one rank) = %v, want nil", err)
 	}
@@ -68,15 +68,15 @@ func TestConnectOneRank(t *testing.T) {
 // error that says what they found.
 func TestConnectWrongPeer(t *testing.T) {
 	l0, l1 := listen(t), listen(t)
-	cfgs := []nccl.RingConfig{
+	cfgs := []comm.RingConfig{
 		{Rank: 0, Addrs: []string{l0.Addr(), l1.Addr()}, DialTimeout: 2 * time.Second},
 		{Rank: 1, Addrs: []string{l0.Addr(), l1.Addr(), l0.Addr()}, DialTimeout: 2 * time.Second},
 	}
 	errs := make([]error, 2)
 	var wg sync.WaitGroup
-	for r, l := range []*nccl.RingListener{l0, l1} {
+	for r, l := range []*comm.RingListener{l0, l1} {
 		wg.Go(func() {
-			c, err := nccl.Connect(context.Background(), l, cfgs[r])
+			c, err := comm.Connect(context.Background(), l, cfgs[r])
 			if err == nil {
 				c.Close()
 			}
@@ -106,9 +106,9 @@ func TestConnectWrongPeer(t *testing.T) {
 // the peer it waited for.
 func TestConnectNoPeer(t *testing.T) {
 	l0, l1 := listen(t), listen(t)
-	cfg := nccl.RingConfig{Rank: 0, Addrs: []string{l0.Addr(), l1.Addr()}, DialTimeout: 200 * time.Millisecond}
+	cfg := comm.RingConfig{Rank: 0, Addrs: []string{l0.Addr(), l1.Addr()}, DialTimeout: 200 * time.Millisecond}
 	start := time.Now()
-	c, err := nccl.Connect(context.Background(), l0, cfg)
+	c, err := comm.Connect(context.Background(), l0, cfg)
 	if err == nil {
 		c.Close()
 	}
@@ -122,7 +122,7 @@ func TestConnectNoPeer(t *testing.T) {
 }
 
 func TestListenerClose(t *testing.T) {
-	l, err := nccl.Listen("127.0.0.1:0")
+	l, err := comm.Listen("127.0.0.1:0")
 	if err != nil {
 		t.Fatalf("Listen(127.0.0.1:0) = %v", err)
 	}
@@ -133,9 +133,9 @@ func TestListenerClose(t *testing.T) {
 	}
 }
 
-func listen(t *testing.T) *nccl.RingListener {
+func listen(t *testing.T) *comm.RingListener {
 	t.Helper()
-	l, err := nccl.Listen("127.0.0.1:0")
+	l, err := comm.Listen("127.0.0.1:0")
 	if err != nil {
 		t.Fatalf("Listen(127.0.0.1:0) = %v", err)
 	}

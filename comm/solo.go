@@ -1,4 +1,4 @@
-package nccl
+package comm
 
 import (
 	"context"
@@ -23,11 +23,11 @@ func (*solo) Rank() int { return 0 }
 func (*solo) Size() int { return 1 }
 
 func (s *solo) AllReduce(ctx context.Context, buf Buffer) error {
-	return s.run(ctx, opAllReduce, func() error { return checkBuffer(buf) })
+	return s.run(ctx, OpAllReduce, func() error { return checkBuffer(buf) })
 }
 
 func (s *solo) AllGather(ctx context.Context, send, recv Buffer) error {
-	return s.run(ctx, opAllGather, func() error {
+	return s.run(ctx, OpAllGather, func() error {
 		if err := checkGather(send, recv, 1); err != nil {
 			return err
 		}
@@ -37,7 +37,7 @@ func (s *solo) AllGather(ctx context.Context, send, recv Buffer) error {
 }
 
 func (s *solo) Broadcast(ctx context.Context, buf Buffer, root int) error {
-	return s.run(ctx, opBroadcast, func() error {
+	return s.run(ctx, OpBroadcast, func() error {
 		if err := checkBuffer(buf); err != nil {
 			return err
 		}
@@ -46,7 +46,7 @@ func (s *solo) Broadcast(ctx context.Context, buf Buffer, root int) error {
 }
 
 func (s *solo) Barrier(ctx context.Context) error {
-	return s.run(ctx, opBarrier, func() error { return nil })
+	return s.run(ctx, OpBarrier, func() error { return nil })
 }
 
 func (s *solo) Close() error {

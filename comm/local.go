@@ -1,4 +1,4 @@
-package nccl
+package comm
 
 import (
 	"context"
@@ -17,7 +17,7 @@ import (
 // ranks' pending and later collectives fail with an error naming it. NewLocalGroup panics if n < 1.
 func NewLocalGroup(n int) []Comm {
 	if n < 1 {
-		panic(fmt.Sprintf("nccl: NewLocalGroup(%d): a group needs at least one rank", n))
+		panic(fmt.Sprintf("comm: NewLocalGroup(%d): a group needs at least one rank", n))
 	}
 	if n == 1 {
 		return []Comm{Solo()}
@@ -71,7 +71,7 @@ func (c *localComm) Rank() int { return c.rank }
 func (c *localComm) Size() int { return c.g.n }
 
 func (c *localComm) AllReduce(ctx context.Context, buf Buffer) error {
-	op, err := c.join(ctx, localPost{op: opAllReduce, buf: buf})
+	op, err := c.join(ctx, localPost{op: OpAllReduce, buf: buf})
 	if err != nil {
 		return err
 	}
@@ -83,7 +83,7 @@ func (c *localComm) AllReduce(ctx context.Context, buf Buffer) error {
 }
 
 func (c *localComm) AllGather(ctx context.Context, send, recv Buffer) error {
-	op, err := c.join(ctx, localPost{op: opAllGather, buf: send, recv: recv})
+	op, err := c.join(ctx, localPost{op: OpAllGather, buf: send, recv: recv})
 	if err != nil {
 		return err
 	}
@@ -95,7 +95,7 @@ func (c *localComm) AllGather(ctx context.Context, send, recv Buffer) error {
 }
 
 func (c *localComm) Broadcast(ctx context.Context, buf Buffer, root int) error {
-	op, err := c.join(ctx, localPost{op: opBroadcast, buf: buf, root: root})
+	op, err := c.join(ctx, localPost{op: OpBroadcast, buf: buf, root: root})
 	if err != nil {
 		return err
 	}
@@ -107,7 +107,7 @@ func (c *localComm) Broadcast(ctx context.Context, buf Buffer, root int) error {
 }
 
 func (c *localComm) Barrier(ctx context.Context) error {
-	op, err := c.join(ctx, localPost{op: opBarrier})
+	op, err := c.join(ctx, localPost{op: OpBarrier})
 	if err != nil {
 		return err
 	}
@@ -121,7 +121,7 @@ func (c *localComm) Close() error {
 	defer g.mu.Unlock()
 	if !g.closed[c.rank] {
 		g.closed[c.rank] = true
-		g.abortLocked(c.rank, &OpError{Rank: c.rank, Op: opClose, Peer: -1, Err: ErrClosed})
+		g.abortLocked(c.rank, &OpError{Rank: c.rank, Op: OpClose, Peer: -1, Err: ErrClosed})
 	}
 	return nil
 }
@@ -213,7 +213,7 @@ func (g *localGroup) abortLocked(rank int, err error) {
 // commit checks that the ranks agree and prepares the result; the group's lock is held.
 func (op *localOp) commit() {
 	op.err = op.check()
-	if op.err == nil && op.posts[0].op == opAllReduce {
+	if op.err == nil && op.posts[0].op == OpAllReduce {
 		switch op.posts[0].buf.(type) {
 		case HostF32:
 			op.sum = make(HostF32, op.posts[0].buf.Len())
@@ -237,10 +237,10 @@ func (op *localOp) check() error {
 	for r, p := range op.posts {
 		var err error
 		switch p.op {
-		case opBarrier:
-		case opAllGather:
+		case OpBarrier:
+		case OpAllGather:
 			err = checkGather(p.buf, p.recv, n)
-		case opBroadcast:
+		case OpBroadcast:
 			if err = checkBuffer(p.buf); err == nil {
 				err = checkRoot(p.root, n)
 			}
@@ -253,7 +253,7 @@ func (op *localOp) check() error {
 	}
 	for r, p := range op.posts {
 		switch {
-		case p.op == opBarrier:
+		case p.op == OpBarrier:
 		case p.buf.DType() != p0.buf.DType() || p.buf.Len() != p0.buf.Len():
 			return fmt.Errorf("%w: rank %d has %s, rank 0 %s", ErrMismatch, r, describe(p.buf), describe(p0.buf))
 		case p.root != p0.root:

@@ -1,4 +1,4 @@
-package nccl_test
+package comm_test
 
 import (
 	"context"
@@ -6,25 +6,25 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tpfleet/tpfleet/nccl"
-	"github.com/tpfleet/tpfleet/nccl/nccltest"
+	"github.com/tpfleet/tpfleet/comm"
+	"github.com/tpfleet/tpfleet/comm/commtest"
 )
 
 func TestLocalGroupConformance(t *testing.T) {
-	nccltest.Run(t, func(t *testing.T, n int) []nccl.Comm { return nccl.NewLocalGroup(n) })
+	commtest.Run(t, func(t *testing.T, n int) []comm.Comm { return comm.NewLocalGroup(n) })
 }
 
 func TestRingConformance(t *testing.T) {
-	nccltest.Run(t, newRing)
+	commtest.Run(t, newRing)
 }
 
 // newRing connects n ranks of a TCP ring over 127.0.0.1, each in its own goroutine.
-func newRing(t *testing.T, n int) []nccl.Comm {
+func newRing(t *testing.T, n int) []comm.Comm {
 	t.Helper()
-	ls := make([]*nccl.RingListener, n)
+	ls := make([]*comm.RingListener, n)
 	addrs := make([]string, n)
 	for r := range ls {
-		l, err := nccl.Listen("127.0.0.1:0")
+		l, err := comm.Listen("127.0.0.1:0")
 		if err != nil {
 			t.Fatalf("Listen(127.0.0.1:0) = %v", err)
 		}
@@ -33,12 +33,12 @@ func newRing(t *testing.T, n int) []nccl.Comm {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	comms := make([]nccl.Comm, n)
+	comms := make([]comm.Comm, n)
 	errs := make([]error, n)
 	var wg sync.WaitGroup
 	for r := range comms {
 		wg.Go(func() {
-			comms[r], errs[r] = nccl.Connect(ctx, ls[r], nccl.RingConfig{Rank: r, Addrs: addrs, OpTimeout: 20 * time.Second})
+			comms[r], errs[r] = comm.Connect(ctx, ls[r], comm.RingConfig{Rank: r, Addrs: addrs, OpTimeout: 20 * time.Second})
 		})
 	}
 	wg.Wait()

@@ -1,15 +1,14 @@
-// Package nccl owns the collectives of a TP group: the [Comm] interface through which the ranks of a
-// tensor-parallel group all-reduce, all-gather and broadcast activations, and its implementations.
+// Package comm owns the collectives of a TP group: the [Comm] interface through which the ranks of a
+// tensor-parallel group all-reduce, all-gather and broadcast activations, and its pure-Go
+// implementations. The GPU one, NCCL, is package comm/nccl (cgo).
 //
 //   - [Solo] is the one-rank communicator of TP=1: every collective is a no-op or a copy.
 //   - [NewLocalGroup] runs n ranks as goroutines of one process over shared memory, for tests and for
 //     `--tp N` on one CPU.
 //   - [Listen] and [Connect] join one rank per process into a TCP ring, for CPU worker processes.
-//   - [NewNCCLGroup] joins n GPUs of one process into an NCCL communicator, and [JoinNCCL] (or
-//     [NewNCCL]) one rank per process: NCCL is dlopened at run time (cgo, no CUDA needed to build),
-//     and its collectives take [DeviceBuffer] values, which only it accepts. Rank 0 makes the group's
-//     [UniqueID] with [NewUniqueID] and publishes it (its base64 text, UniqueID.MarshalText, in a
-//     rendezvous file; its raw bytes in etcd); the other ranks read it and join with the same id.
+//   - Package comm/nccl joins GPUs into an NCCL communicator (nccl.NewGroup in one process, nccl.Join one
+//     rank per process); its collectives take [DeviceBuffer] values, which only a device communicator
+//     accepts ([AcceptsDeviceBuffers]).
 //
 // # Determinism
 //
@@ -27,7 +26,7 @@
 // rank hangs waiting for a dead or cancelled peer, and the error names the rank where the failure
 // started. Build a new communicator after any error.
 //
-// The package knows nothing of Llama, gRPC or cluster membership: callers publish ring addresses and
-// NCCL unique ids however they like (etcd, files) and pass them to Connect and JoinNCCL. It imports only the standard library. Its
-// conformance suite is [github.com/tpfleet/tpfleet/nccl/nccltest.Run].
-package nccl
+// The package knows nothing of Llama, gRPC or cluster membership: callers publish ring addresses however
+// they like (etcd, files) and pass them to Connect. It imports only the standard library. Its
+// conformance suite is [github.com/tpfleet/tpfleet/comm/commtest.Run].
+package comm
