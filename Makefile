@@ -7,7 +7,7 @@ PROTOC_GEN_GO_VERSION := v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 MODEL       ?= testdata/fixtures/moe-top1
 
-.PHONY: build run generate test lint fmt-check vet staticcheck kernels-check unit fixtures proto proto-check protoc clean
+.PHONY: build run generate test lint fmt-check mod-check vet staticcheck kernels-check unit fixtures proto proto-check protoc clean
 
 build:
 	$(GO) build -o $(BIN)/tpfleet ./cmd/tpfleet
@@ -24,11 +24,15 @@ generate: build
 
 test: lint proto-check unit
 
-lint: fmt-check vet staticcheck kernels-check
+lint: fmt-check mod-check vet staticcheck kernels-check
 
 fmt-check:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$out" ]; then echo "gofmt differences in:"; echo "$$out"; exit 1; fi
+
+# go.mod and go.sum must be what `go mod tidy` makes: direct dependencies marked direct, nothing unused.
+mod-check:
+	@$(GO) mod tidy -diff || { echo "go.mod/go.sum are not tidy: run go mod tidy and commit"; exit 1; }
 
 vet:
 	$(GO) vet ./...
