@@ -30,7 +30,7 @@ type modelInfo struct {
 	config model.Config
 	cfg    model.Info // config.Info(): vocabulary, context, eos ids
 	gen    model.Generation
-	tok  *tokenizer.Tokenizer // nil when the directory has no tokenizer.json
+	tok    *tokenizer.Tokenizer // nil when the directory has no tokenizer.json
 }
 
 // loadModelInfo reads dir's config.json and generation_config.json, and its tokenizer when it has a
