@@ -60,7 +60,7 @@ type Split struct {
 // Tree); nothing else lists a model's tensors.
 type TensorSpec struct {
 	// Name is the checkpoint key without the configuration's key prefix
-	// ("model.layers.0.self_attn.q_proj.weight" for a Llama 4 text model).
+	// ("model.layers.0.attn.query.weight").
 	Name  string
 	Shape []int
 	Kind  Kind
@@ -85,7 +85,7 @@ func (s TensorSpec) SplitOn(dim int) (Split, bool) {
 	return Split{}, false
 }
 
-// Role is the tensor's short name for messages: its last name component before ".weight" ("q_proj").
+// Role is the tensor's short name for messages: its last name component before ".weight" ("query").
 func (s TensorSpec) Role() string {
 	name := strings.TrimSuffix(s.Name, ".weight")
 	return name[strings.LastIndex(name, ".")+1:]

@@ -18,7 +18,7 @@ var ErrTree = errors.New("model: malformed tensor tree")
 //
 // The tag vocabulary, on fields of type Weight[T] (leaves: one tensor each):
 //
-//	tensor:"q_proj.weight"      the name, appended to the enclosing path with a dot
+//	tensor:"query.weight"       the name, appended to the enclosing path with a dot
 //	shape:"heads,hidden"        the shape: one named dimension (a key of Dims, or an alias) per entry,
 //	                            each Count·Size long; "2*name" is a dimension packing two halves
 //	split:"0=colwise,2=packed_rowwise@experts"

@@ -329,9 +329,8 @@ func (a *analysis) decide(t *planned, errs *errorSet) {
 }
 
 // checkGroups checks that tensors of one group (model.TensorSpec.Group: a layer's attention, MLP or
-// experts) are split in ways that fit: all whole, or all split in the same mode. For Llama 4 that is q/k/v
-// colwise exactly when o_proj is rowwise, MLP gate/up colwise exactly when down is rowwise, and the routed
-// experts whole, packed gate_up with down on dim 1, or both by expert.
+// experts) are split in ways that fit: all whole, or all split in the same mode. The model declares the
+// groups and their modes with its tensors (model.TensorSpec.Group, model.Split.Mode).
 func (a *analysis) checkGroups(errs *errorSet) {
 	groups := map[string][]*planned{}
 	var order []string

@@ -18,12 +18,12 @@ type Rule struct {
 }
 
 // Plan is an ordered set of rules, HF's tp_plan: a JSON object from module pattern to style, such as
-// {"layers.*.self_attn.q_proj": "colwise"}. The zero Plan has no rules and keeps every tensor whole. A Plan
+// {"layers.*.attn.query": "colwise"}. The zero Plan has no rules and keeps every tensor whole. A Plan
 // is immutable and safe for concurrent use.
 //
 // A pattern is a dotted module or parameter name in which "*" stands for one all-digit component (a layer
 // or expert index). It matches a checkpoint tensor when the tensor's own name, or the name of the module
-// that holds it (the name less its last component: "….q_proj.weight" → "….q_proj"), ends with the pattern
+// that holds it (the name less its last component: "….query.weight" → "….query"), ends with the pattern
 // at a dot. Names and patterns are compared without a leading "language_model.", so HF's base-model plans
 // ("layers.*…"), its assembled plans ("model.layers.*…", "language_model.model.layers.*…") and
 // multimodal or text-only checkpoints all fit each other. When several rules match a tensor, one that
@@ -287,10 +287,9 @@ func builtin(cfg model.Config, name string) (Plan, bool) {
 	return p, true
 }
 
-// DefaultPlan is the model's tensor-parallel plan, its built-in plan "tp" (model.Info.Plans). For Llama 4
-// that is transformers 5.17's effective text plan (spec §4.1: base_model_tp_plan plus lm_head
-// colwise_gather_output) and a vocab-parallel embedding (embed_tokens embedding_rowwise). A model without
-// one gets the zero Plan: every tensor whole.
+// DefaultPlan is the model's tensor-parallel plan, its built-in plan "tp" (model.Info.Plans; for Llama 4,
+// transformers 5.17's effective text plan with a vocab-parallel embedding). A model without one gets the
+// zero Plan: every tensor whole.
 func DefaultPlan(cfg model.Config) Plan {
 	p, _ := builtin(cfg, "tp")
 	return p

@@ -172,7 +172,7 @@ func (c Config) Open(ctx context.Context, ops backend.Ops, w run.Weights, par ru
 // runner is a *Model as a run.Model: the family-neutral surface the worker and the command line use.
 type runner struct{ m *Model }
 
-// Model returns the Llama 4 model behind a run.Model that Config.Open made, or nil.
+// AsModel returns the Llama 4 model behind a run.Model that Config.Open made, or nil.
 func AsModel(m run.Model) *Model {
 	if r, ok := m.(runner); ok {
 		return r.m
