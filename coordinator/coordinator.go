@@ -127,7 +127,7 @@ func checkTP(m modelInfo, planName string, tp int) error {
 	if tp < 1 {
 		return fmt.Errorf("%w: TP %d, want >= 1", ErrInvalidConfig, tp)
 	}
-	plan, ok := shard.NamedPlan(planName)
+	plan, ok := shard.NamedPlan(m.config, planName)
 	if !ok {
 		var err error
 		if plan, err = shard.LoadPlan(planName); err != nil {
@@ -139,7 +139,7 @@ func checkTP(m modelInfo, planName string, tp int) error {
 		return fmt.Errorf("%w: %w", ErrInvalidConfig, err)
 	}
 	defer ckpt.Close()
-	if _, err := shard.NewManifest(m.cfg, ckpt, plan, tp, 0); err != nil {
+	if _, err := shard.NewManifest(m.config, ckpt, plan, tp, 0); err != nil {
 		return fmt.Errorf("%w: model %s at TP %d under plan %q: %w", ErrInvalidConfig, m.name, tp, planName, err)
 	}
 	return nil

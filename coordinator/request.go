@@ -9,7 +9,7 @@ import (
 	"path/filepath"
 	"sync"
 
-	"github.com/tpfleet/tpfleet/model/llama4"
+	"github.com/tpfleet/tpfleet/model"
 	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/sample"
 	"github.com/tpfleet/tpfleet/tokenizer"
@@ -26,9 +26,11 @@ const (
 type modelInfo struct {
 	name string // the checkpoint directory's base name
 	dir  string // absolute
-	cfg  llama4.Config
-	gen  llama4.Generation
-	tok  *tokenizer.Tokenizer // nil when the directory has no tokenizer.json
+	// config is the model's configuration, from the family its config.json names (model.LoadConfig).
+	config model.Config
+	cfg    model.Info // config.Info(): vocabulary, context, eos ids
+	gen    model.Generation
+	tok    *tokenizer.Tokenizer // nil when the directory has no tokenizer.json
 }
 
 // loadModelInfo reads dir's config.json and generation_config.json, and its tokenizer when it has a
@@ -38,15 +40,18 @@ func loadModelInfo(dir string) (modelInfo, error) {
 	if err != nil {
 		return modelInfo{}, fmt.Errorf("%w: model %s: %w", ErrInvalidConfig, dir, err)
 	}
-	cfg, err := llama4.LoadConfig(abs)
+	cfg, err := model.LoadConfig(abs)
 	if err != nil {
 		return modelInfo{}, fmt.Errorf("%w: %w", ErrInvalidConfig, err)
 	}
-	gen, err := llama4.LoadGeneration(abs, cfg)
+	if err := cfg.Validate(); err != nil {
+		return modelInfo{}, fmt.Errorf("%w: %w", ErrInvalidConfig, err)
+	}
+	gen, err := model.LoadGeneration(abs, cfg.Info())
 	if err != nil {
 		return modelInfo{}, fmt.Errorf("%w: %w", ErrInvalidConfig, err)
 	}
-	m := modelInfo{name: filepath.Base(abs), dir: abs, cfg: cfg, gen: gen}
+	m := modelInfo{name: filepath.Base(abs), dir: abs, config: cfg, cfg: cfg.Info(), gen: gen}
 	if _, err := os.Stat(filepath.Join(abs, tokenizer.TokenizerFile)); err == nil {
 		if m.tok, err = tokenizer.Load(abs); err != nil {
 			return modelInfo{}, fmt.Errorf("%w: %w", ErrInvalidConfig, err)

@@ -8,10 +8,10 @@ type Range struct{ Start, End int }
 // ReadSlice reads the parts of the tensor called name that lie in the given
 // index ranges along dimension dim, concatenated in order along that
 // dimension, and returns them as a fresh row-major slice with the resulting
-// shape. For example, with gate_up_proj of shape [E, H, 2I] split over two
-// ranks, rank 0's packed gate and up columns are
+// shape. For example, with a packed experts tensor of shape [E, H, 2I] split over
+// two ranks, rank 0's slices of both halves are
 //
-//	f.ReadSlice("gate_up_proj", 2, Range{0, I/2}, Range{I, I + I/2})
+//	f.ReadSlice("experts", 2, Range{0, I/2}, Range{I, I + I/2})
 //
 // It reads only the bytes of the result, merging reads of pieces that are
 // adjacent in the file: slicing dimension 0 is one read per range, and

@@ -1,43 +1,39 @@
 // Package shard is tpfleet's tp_plan engine: it parses Hugging Face tensor-parallel plans, matches their
 // patterns to checkpoint tensors, decides which part of each tensor every rank of a TP group holds, and
-// loads exactly that part of a safetensors checkpoint for the Llama 4 model.
+// reads exactly that part of a safetensors checkpoint.
 //
-// It owns plans (Plan, Rule, Style), manifests (Manifest: what one rank reads, with byte counts) and one
-// rank's weights (RankWeights, a llama4.Weights). It imports model/llama4 for the Config and Layout types,
-// backend for Ops.Load and safetensors for range reads; it knows nothing of gRPC, etcd or NCCL, and the
-// worker and coordinator use it, never the other way round.
+// It is model-neutral: it works from the tensor specs a model declares (model.Config: []model.TensorSpec
+// with names, shapes, the dimensions the model can take a slice of and in units of what, and the groups
+// whose splits must fit each other) and from the model's built-in plans (model.Info.Plans). It owns plans
+// (Plan, Rule, Style), manifests (Manifest: what one rank reads, with byte counts) and one rank's reads
+// (RankReader: bytes, shapes and model.Layouts). It imports model and safetensors only: no model family,
+// no backend, no gRPC, etcd or NCCL; loading the bytes into a backend is model/run's RankWeights. The
+// worker, the coordinator and the command line use it, never the other way round.
 //
 // # Plans
 //
 // A plan is HF's JSON object from module pattern to style (spec §4), for example
 //
-//	{"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.o_proj": "rowwise"}
+//	{"layers.*.attn.query": "colwise", "layers.*.attn.out": "rowwise"}
 //
-// ParsePlan and LoadPlan read one; DefaultPlan and ExpertParallelPlan are the built-ins. See Plan for how
-// patterns match tensor names.
-//
-// DefaultPlan is transformers 5.17's Llama 4 text plan (base_model_tp_plan, with lm_head
-// colwise_gather_output) plus a vocab-parallel embedding (embed_tokens embedding_rowwise), which HF leaves
-// whole. Per decoder layer the model then does one all-reduce after o_proj and one after the feed-forward
-// (shared expert and routed experts reduced together); the embedding is all-reduced and the logits
-// all-gathered. ExpertParallelPlan is HF's base_model_ep_plan with the same vocabulary rules: whole experts
-// per rank, router and shared expert whole.
+// ParsePlan and LoadPlan read one; DefaultPlan ("tp") and ExpertParallelPlan ("ep") are the model's
+// built-ins. See Plan for how patterns match tensor names. Llama 4's built-ins, declared in model/llama4,
+// are transformers 5.17's text plan plus a vocab-parallel embedding, and HF's expert-parallel plan with
+// the same vocabulary rules.
 //
 // # Styles
 //
-// What each style does to a weight of the Llama 4 model (nn.Linear weights are [out, in]; the routed
-// experts' gate_up_proj is [E, H, 2I] and down_proj [E, I, H]):
+// What each style does to a weight (nn.Linear weights are [out, in]; stacked experts are [E, in, out]):
 //
 //	colwise, colwise_gather_output, colwise_rep, local_colwise
-//	    dim 0 of a 2-D weight (q/k/v by heads, gate/up by intermediate columns, lm_head by vocabulary),
-//	    dim ndim-2 of a 3-D tensor (experts.down_proj → dim 1), dim 0 of a bias, dim 1 of an embedding
+//	    dim 0 of a 2-D weight (output features: heads, intermediate columns, vocabulary rows),
+//	    dim ndim-2 of a 3-D tensor, dim 0 of a bias, dim 1 of an embedding
 //	rowwise, rowwise_split_input, rowwise_rep, local_rowwise
-//	    the last dim (o_proj by heads, down_proj by intermediate columns); a bias stays whole; an
-//	    embedding splits dim 0
+//	    the last dim (input features); a bias stays whole; an embedding splits dim 0
 //	embedding_rowwise
 //	    dim 0 (embedding vocabulary rows)
 //	packed_rowwise, local_packed_rowwise
-//	    the last dim, packed: rank r takes slice r of each half (gate_up_proj's gate and up columns)
+//	    the last dim, packed: rank r takes slice r of each half (a fused gate and up projection)
 //	packed_colwise
 //	    dim ndim-2, packed
 //	grouped_gemm
@@ -46,15 +42,15 @@
 //	replicated_with_grad_allreduce
 //	    no parameter split (module hooks and activation layouts)
 //
-// A split the model cannot run is an error (ErrUnsupported): the model takes q/k/v split only on dim 0,
-// o_proj only on dim 1, the router and norms only whole, gate_up_proj only packed on dim 2 or by expert.
+// A split the model cannot run is an error (ErrUnsupported): a tensor is split only on a dimension its
+// TensorSpec lists, packed exactly where the spec's dimension packs two halves.
 //
-// # Key/value heads
+// # Replicated units (key/value heads)
 //
-// q/k/v/o splits cut whole heads. When num_key_value_heads is smaller than the TP size, the kv heads are
-// replicated as vLLM does: tp must be a multiple of num_key_value_heads, and rank r reads kv head
-// r / (tp / num_key_value_heads), the one its own q heads attend with. The model is told a head split
-// (Layout{Dim: 0, Part: r, Parts: tp}) with one local kv head, which is exactly right for its local q heads.
+// Splits cut whole units. When a replicable unit (key/value heads) is fewer than the TP size, it is
+// replicated as vLLM does: tp must be a multiple of the count, and rank r reads unit r / (tp / count),
+// the one its own query heads attend with. The model is told a plain split (Layout{Dim: 0, Part: r,
+// Parts: tp}) with one local unit, which is exactly right for its local query heads.
 //
 // # Errors
 //

@@ -19,11 +19,11 @@ var (
 	// ErrIndivisible means a split does not divide a dimension into whole units (heads, experts,
 	// intermediate columns, vocabulary rows) for the TP size.
 	ErrIndivisible = errors.New("shard: not divisible by the TP size")
-	// ErrUnsupported means a style splits a tensor in a way the Llama 4 model cannot run (an o_proj split
-	// on its output rows, a norm split at all, gate_up_proj split without packing).
+	// ErrUnsupported means a style splits a tensor in a way the model cannot run (a split on a dimension
+	// its TensorSpec does not list, a norm split at all, a packed tensor split without packing).
 	ErrUnsupported = errors.New("shard: split not supported by the model")
 	// ErrInconsistent means tensors that work together are split in ways that do not fit each other
-	// (q/k/v colwise without o_proj rowwise).
+	// (attention inputs split by heads without the output projection).
 	ErrInconsistent = errors.New("shard: inconsistent split")
 	// ErrRank means a TP size below 1 or a rank outside [0, tp).
 	ErrRank = errors.New("shard: invalid TP size or rank")

@@ -52,7 +52,7 @@ func ExampleParsePlan() {
 
 // The built-in plans, in HF's JSON form.
 func ExampleExpertParallelPlan() {
-	for _, r := range shard.ExpertParallelPlan().Rules() {
+	for _, r := range shard.ExpertParallelPlan(llama4.Config{}).Rules() {
 		fmt.Printf("%s: %s\n", r.Pattern, r.Style)
 	}
 	// Output:
@@ -84,7 +84,7 @@ func ExampleNewManifest() {
 		return
 	}
 	defer ckpt.Close()
-	m, err := shard.NewManifest(cfg, ckpt, shard.DefaultPlan(), 2, 1)
+	m, err := shard.NewManifest(cfg, ckpt, shard.DefaultPlan(cfg), 2, 1)
 	if err != nil {
 		fmt.Println(err)
 		return

@@ -9,6 +9,7 @@ import (
 
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/model/llama4"
+	"github.com/tpfleet/tpfleet/model/run"
 	"github.com/tpfleet/tpfleet/safetensors"
 )
 
@@ -104,4 +105,12 @@ func (a *assembly) place(dim int, ranges []safetensors.Range, part []byte) error
 		return fmt.Errorf("part has %d bytes, ranges cover %d", len(part), pos)
 	}
 	return nil
+}
+
+// llama4Family is a Llama 4 configuration for its built-in plans, which do not depend on the sizes.
+var llama4Family = llama4.Config{}
+
+// NewRankWeights is run.RankWeights over this package's RankReader: what the worker loads a rank with.
+func NewRankWeights(r Reader, ops backend.Ops, m Manifest) *run.RankWeights {
+	return run.NewRankWeights(NewRankReader(r, m), ops)
 }

@@ -3,9 +3,10 @@ package shard
 import (
 	"encoding/json"
 	"fmt"
+	"sort"
 	"strings"
 
-	"github.com/tpfleet/tpfleet/model/llama4"
+	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/safetensors"
 )
 
@@ -17,20 +18,20 @@ type Catalog interface {
 
 var _ Catalog = (*safetensors.Checkpoint)(nil)
 
-// Manifest is what one rank of a TP group loads: every tensor of the text model, how the plan splits it,
-// and the part this rank reads. Vision and projector tensors (vision_model.*, multi_modal_projector.*) are
-// not part of it.
+// Manifest is what one rank of a TP group loads: every tensor of the model, how the plan splits it, and
+// the part this rank reads. Tensors of other parts of the checkpoint (model.Info.Foreign: a vision tower,
+// a projector) are not part of it.
 type Manifest struct {
 	TP   int `json:"tp"`
 	Rank int `json:"rank"`
-	// Prefix is the text model's key prefix in the checkpoint (llama4.Config.Prefix): the model asks for
-	// names without it.
+	// Prefix is the model's key prefix in the checkpoint (model.Info.Prefix): the model asks for names
+	// without it.
 	Prefix  string        `json:"prefix,omitempty"`
 	Tensors []TensorShard `json:"tensors"` // in checkpoint name order
 	// Unused are the plan's rules that decide no tensor's split: module styles on modules above the
-	// tensors (moe_tp_experts on experts, gather on feed_forward) or on a module whose parameters a more
-	// specific rule claims, rules for Llama 4 modules this checkpoint lacks (dense MLPs in an all-MoE
-	// model such as Scout), and rules for the vision tower.
+	// tensors or on a module whose parameters a more specific rule claims, rules for tensors the model
+	// declares but this checkpoint lacks (dense MLPs in an all-MoE model), and rules for the checkpoint's
+	// foreign parts (a vision tower).
 	Unused []Rule `json:"unused,omitempty"`
 
 	Bytes           int64 `json:"bytes"`            // bytes this rank reads
@@ -61,7 +62,7 @@ type TensorShard struct {
 	Replicas int
 	// Layout is what the model is told. It is {Dim, Rank, TP} for every split tensor, including k/v with
 	// replicated heads (the model sees a head split whose local kv heads serve its local q heads).
-	Layout llama4.Layout
+	Layout model.Layout
 }
 
 // Split reports whether the tensor is cut across the ranks.
@@ -105,16 +106,16 @@ func (m *Manifest) Lookup(name string) (TensorShard, bool) {
 	return TensorShard{}, false
 }
 
-// NewManifest applies plan to the text tensors of cat for rank of a TP group of size tp. It checks, and
+// NewManifest applies plan to the model's tensors in cat for rank of a TP group of size tp. It checks, and
 // reports together in one error (an Errors, each wrapping a sentinel), every problem it finds: unknown
-// patterns (ErrNoMatch), splits that do not cut whole heads, experts, intermediate columns or vocabulary
-// rows (ErrIndivisible), splits the model cannot run (ErrUnsupported), and q/k/v/o, MLP or expert
-// tensors split in ways that do not fit each other (ErrInconsistent).
+// patterns (ErrNoMatch), splits that do not cut whole units of the model's TensorSpec (heads, experts,
+// intermediate columns, vocabulary rows: ErrIndivisible), splits the model cannot run (ErrUnsupported), and
+// tensors of one group split in ways that do not fit each other (ErrInconsistent).
 //
-// Key/value heads: with num_key_value_heads >= tp they must divide by tp. With fewer kv heads than ranks
-// they are replicated as vLLM does, which needs tp to be a multiple of num_key_value_heads: rank r reads kv
-// head r / (tp / num_key_value_heads), the one its q heads use.
-func NewManifest(cfg llama4.Config, cat Catalog, plan Plan, tp, rank int) (Manifest, error) {
+// Replicable units (key/value heads): with at least tp of them they must divide by tp. With fewer units
+// than ranks they are replicated as vLLM does, which needs tp to be a multiple of their count: rank r reads
+// unit r / (tp / count), the one its other slices use.
+func NewManifest(cfg model.Config, cat Catalog, plan Plan, tp, rank int) (Manifest, error) {
 	if tp < 1 || rank < 0 || rank >= tp {
 		return Manifest{}, fmt.Errorf("%w: rank %d of tp %d: need tp >= 1 and 0 <= rank < tp", ErrRank, rank, tp)
 	}
@@ -126,7 +127,7 @@ func NewManifest(cfg llama4.Config, cat Catalog, plan Plan, tp, rank int) (Manif
 }
 
 // NewManifests returns the manifests of every rank of a TP group of size tp; see NewManifest.
-func NewManifests(cfg llama4.Config, cat Catalog, plan Plan, tp int) ([]Manifest, error) {
+func NewManifests(cfg model.Config, cat Catalog, plan Plan, tp int) ([]Manifest, error) {
 	if tp < 1 {
 		return nil, fmt.Errorf("%w: tp %d: need tp >= 1", ErrRank, tp)
 	}
@@ -144,7 +145,8 @@ func NewManifests(cfg llama4.Config, cat Catalog, plan Plan, tp int) ([]Manifest
 // analysis is the rank-independent part of a manifest.
 type analysis struct {
 	tp      int
-	pols    map[role]policy
+	specs   map[string]model.TensorSpec // every tensor the model declares, by name without the prefix
+	order   map[string]int              // declaration order of specs
 	prefix  string
 	tensors []planned
 	unused  []Rule
@@ -157,22 +159,33 @@ type planned struct {
 	dim      int
 	packed   bool
 	unit     int // elements of dim per unit (head_dim for attention), for k/v head replication
-	replicas int // > 1: k/v heads replicated on this many ranks
-	role     role
-	layer    string // "model.layers.N." for per-layer tensors, else ""
+	replicas int // > 1: units (k/v heads) replicated on this many ranks
+	spec     model.TensorSpec
+	known    bool   // the model declares the tensor (spec is set)
+	mode     string // the split's group mode (model.Split.Mode)
 	bad      bool   // already reported
 }
 
-func analyze(cfg llama4.Config, cat Catalog, plan Plan, tp int) (*analysis, error) {
+func analyze(cfg model.Config, cat Catalog, plan Plan, tp int) (*analysis, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("shard: %w", err)
 	}
-	a := &analysis{tp: tp, prefix: cfg.Prefix, pols: policies(cfg)}
+	info := cfg.Info()
+	declared, err := cfg.Tree().Declared()
+	if err != nil {
+		return nil, fmt.Errorf("shard: %w", err)
+	}
+	a := &analysis{tp: tp, prefix: info.Prefix, specs: make(map[string]model.TensorSpec, len(declared)), order: make(map[string]int, len(declared))}
+	arch := make([][]string, len(declared))
+	for i, s := range declared {
+		a.specs[s.Name], a.order[s.Name] = s, i
+		arch[i] = nameComponents(s.Name)
+	}
 	var errs errorSet
 
-	var text, other [][]string // name components of text and of skipped tensors
+	var text, other [][]string // name components of the model's and of skipped tensors
 	for _, name := range cat.Names() {
-		if !isText(name, cfg.Prefix) {
+		if !isText(name, info) {
 			other = append(other, nameComponents(name))
 			continue
 		}
@@ -184,11 +197,11 @@ func analyze(cfg llama4.Config, cat Catalog, plan Plan, tp int) (*analysis, erro
 		text = append(text, nameComponents(name))
 	}
 	if len(a.tensors) == 0 {
-		return nil, fmt.Errorf("%w: the checkpoint has no text-model tensors (prefix %q)", ErrNoMatch, cfg.Prefix)
+		return nil, fmt.Errorf("%w: the checkpoint has no text-model tensors (prefix %q)", ErrNoMatch, info.Prefix)
 	}
 
-	// Every rule must match something: a tensor or a module above one, of this checkpoint or of the Llama
-	// 4 architecture (HF's plan names dense MLPs, which Scout does not have).
+	// Every rule must match something: a tensor or a module above one, of this checkpoint or of every
+	// tensor the model declares (HF's Llama 4 plan names dense MLPs, which Scout does not have).
 	assigned := make([]bool, plan.Len())
 	for i := range a.tensors {
 		t := &a.tensors[i]
@@ -197,14 +210,12 @@ func analyze(cfg llama4.Config, cat Catalog, plan Plan, tp int) (*analysis, erro
 			assigned[k] = true
 		}
 	}
-	arch := architecture(cfg)
 	for k, r := range plan.rules {
 		if assigned[k] {
 			continue
 		}
 		a.unused = append(a.unused, r.Rule)
-		if anyWithin(r, text) || anyWithin(r, arch) || anyWithin(r, other) ||
-			r.comps[0] == "vision_model" || r.comps[0] == "multi_modal_projector" {
+		if anyWithin(r, text) || anyWithin(r, arch) || anyWithin(r, other) || foreign(r.Pattern, info) {
 			continue
 		}
 		errs.add(fmt.Errorf("%w %q (style %s)", ErrNoMatch, r.Pattern, r.Style))
@@ -220,28 +231,6 @@ func analyze(cfg llama4.Config, cat Catalog, plan Plan, tp int) (*analysis, erro
 	return a, nil
 }
 
-// architecture lists the text tensors a Llama 4 checkpoint may have, dense and MoE variants of every layer,
-// as name components.
-func architecture(cfg llama4.Config) [][]string {
-	perLayer := []string{
-		"input_layernorm.weight", "post_attention_layernorm.weight",
-		"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-		"feed_forward.router.weight", "feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj",
-		"feed_forward.shared_expert.gate_proj.weight", "feed_forward.shared_expert.up_proj.weight",
-		"feed_forward.shared_expert.down_proj.weight",
-		"feed_forward.gate_proj.weight", "feed_forward.up_proj.weight", "feed_forward.down_proj.weight",
-	}
-	out := [][]string{
-		nameComponents("model.embed_tokens.weight"), nameComponents("model.norm.weight"), nameComponents("lm_head.weight"),
-	}
-	for i := range cfg.NumLayers {
-		for _, n := range perLayer {
-			out = append(out, nameComponents(fmt.Sprintf("model.layers.%d.%s", i, n)))
-		}
-	}
-	return out
-}
-
 func anyWithin(r compiledRule, paths [][]string) bool {
 	for _, p := range paths {
 		if r.matchesWithin(p) {
@@ -251,29 +240,29 @@ func anyWithin(r compiledRule, paths [][]string) bool {
 	return false
 }
 
-// isText reports whether a checkpoint key belongs to the text model.
-func isText(name, prefix string) bool {
-	if !strings.HasPrefix(name, prefix) {
-		return false
-	}
-	return !strings.HasPrefix(name, "vision_model.") && !strings.HasPrefix(name, "multi_modal_projector.")
+// isText reports whether a checkpoint key belongs to the model (the text model of a multimodal checkpoint).
+func isText(name string, info model.Info) bool {
+	return strings.HasPrefix(name, info.Prefix) && !foreign(name, info)
 }
 
-// decide sets t's split dimension and checks it against the model and the config.
+// foreign reports whether a checkpoint key or plan pattern belongs to another part of the checkpoint.
+func foreign(name string, info model.Info) bool {
+	for _, f := range info.Foreign {
+		if strings.HasPrefix(name, f) {
+			return true
+		}
+	}
+	return false
+}
+
+// decide sets t's split dimension and checks it against the model's TensorSpec and the config.
 func (a *analysis) decide(t *planned, errs *errorSet) {
-	rel := strings.Split(strings.TrimPrefix(t.info.Name, a.prefix), ".")
-	if len(rel) > 0 && rel[0] == "model" {
-		rel = rel[1:]
-	}
-	t.role = classify(rel)
-	if len(rel) > 2 && rel[0] == "layers" {
-		t.layer = "model.layers." + rel[1] + "."
-	}
+	t.spec, t.known = a.specs[strings.TrimPrefix(t.info.Name, a.prefix)]
 	t.dim, t.packed, t.unit, t.replicas = -1, false, 1, 1
 	if t.rule.Style == "" {
 		return
 	}
-	t.dim, t.packed = t.rule.Style.dim(len(t.info.Shape), t.role == roleEmbed)
+	t.dim, t.packed = t.rule.Style.dim(len(t.info.Shape), t.known && t.spec.Kind == model.KindEmbedding)
 	if t.dim < 0 {
 		return
 	}
@@ -289,138 +278,106 @@ func (a *analysis) decide(t *planned, errs *errorSet) {
 	if t.packed {
 		how = "packed (each half)"
 	}
-	pol, known := a.pols[t.role]
-	var u units
-	if known {
-		var ok bool
-		if u, ok = pol.dims[t.dim]; !ok {
-			fail(ErrUnsupported, "splits dim %d of %v, but the model takes %s %s", t.dim, shape, t.role, pol.takes)
+	var u model.Unit
+	if t.known {
+		sp, ok := t.spec.SplitOn(t.dim)
+		if !ok {
+			fail(ErrUnsupported, "splits dim %d of %v, but the model takes %s %s", t.dim, shape, t.spec.Role(), t.spec.Takes())
 			return
 		}
-		if u.packed != t.packed {
-			if u.packed {
-				fail(ErrUnsupported, "splits dim %d of %v plainly, which would give the first ranks only gate columns and the last only up columns; use packed_rowwise, which takes the matching slice of both halves", t.dim, shape)
+		if sp.Packed != t.packed {
+			if sp.Packed {
+				fail(ErrUnsupported, "splits dim %d of %v plainly, which would give the first ranks only the first half's columns and the last only the second's (gate and up); use packed_rowwise, which takes the matching slice of both halves", t.dim, shape)
 			} else {
-				fail(ErrUnsupported, "splits dim %d of %v packed, but %s does not pack two halves on it", t.dim, shape, t.role)
+				fail(ErrUnsupported, "splits dim %d of %v packed, but %s does not pack two halves on it", t.dim, shape, t.spec.Role())
 			}
 			return
 		}
-		want := u.count * u.size
-		if u.packed {
+		u, t.mode = sp.Unit, sp.Mode
+		want := u.Count * u.Size
+		if sp.Packed {
 			want *= 2
 		}
 		if size != want {
-			fail(ErrInconsistent, "dim %d has %d entries, but the config gives %d %s of %d", t.dim, size, u.count, u.what, u.size)
+			fail(ErrInconsistent, "dim %d has %d entries, but the config gives %d %s of %d", t.dim, size, u.Count, u.What, u.Size)
 			return
 		}
 	} else {
-		u = units{count: size, size: 1, what: fmt.Sprintf("entries of dim %d", t.dim)}
+		u = model.Unit{Count: size, Size: 1, What: fmt.Sprintf("entries of dim %d", t.dim)}
 		if t.packed {
 			if size%2 != 0 {
 				fail(ErrUnsupported, "splits dim %d of %v packed, but its size is odd", t.dim, shape)
 				return
 			}
-			u.count = size / 2
-			u.what += " per half"
+			u.Count = size / 2
+			u.What += " per half"
 		}
 	}
-	t.unit = u.size
-	if u.count%a.tp == 0 {
+	t.unit = u.Size
+	if u.Count%a.tp == 0 {
 		return
 	}
-	if t.role == roleK || t.role == roleV {
-		if u.count < a.tp && a.tp%u.count == 0 {
-			t.replicas = a.tp / u.count // vLLM's kv-head replication
+	if u.Replicable {
+		if u.Count < a.tp && a.tp%u.Count == 0 {
+			t.replicas = a.tp / u.Count // vLLM's kv-head replication
 			return
 		}
-		fail(ErrIndivisible, "%d %s cannot be split over tp=%d: tp must divide num_key_value_heads, or be a multiple of it (each kv head is then replicated on tp/num_key_value_heads ranks)", u.count, u.what, a.tp)
+		fail(ErrIndivisible, "%d %s cannot be split over tp=%d: tp must divide their number, or be a multiple of it (each is then replicated on tp/%d ranks)", u.Count, u.What, a.tp, u.Count)
 		return
 	}
-	fail(ErrIndivisible, "%d %s cannot be split %s over tp=%d", u.count, u.what, how, a.tp)
+	fail(ErrIndivisible, "%d %s cannot be split %s over tp=%d", u.Count, u.What, how, a.tp)
 }
 
-// checkGroups checks, per layer, that tensors used together are split in ways that fit: the model requires
-// q/k/v colwise exactly when o_proj is rowwise, MLP gate/up colwise exactly when down is rowwise, and the
-// routed experts either whole, packed gate_up with down on dim 1, or both by expert.
+// checkGroups checks that tensors of one group (model.TensorSpec.Group: a layer's attention, MLP or
+// experts) are split in ways that fit: all whole, or all split in the same mode. The model declares the
+// groups and their modes with its tensors (model.TensorSpec.Group, model.Split.Mode).
 func (a *analysis) checkGroups(errs *errorSet) {
-	type group struct {
-		layer, module string
-		members       map[role]*planned
-	}
-	groups := map[string]*group{}
+	groups := map[string][]*planned{}
 	var order []string
 	for i := range a.tensors {
 		t := &a.tensors[i]
-		mod := t.role.module()
-		if t.layer == "" || mod == "" {
+		if !t.known || t.spec.Group == "" {
 			continue
 		}
-		key := t.layer + mod
-		g, ok := groups[key]
-		if !ok {
-			g = &group{layer: t.layer, module: mod, members: map[role]*planned{}}
-			groups[key] = g
-			order = append(order, key)
+		g := t.spec.Group
+		if _, ok := groups[g]; !ok {
+			order = append(order, g)
 		}
-		g.members[t.role] = t
+		groups[g] = append(groups[g], t)
 	}
-	for _, key := range order {
-		g := groups[key]
+	for _, g := range order {
+		members := groups[g]
 		bad := false
-		for _, t := range g.members {
+		for _, t := range members {
 			bad = bad || t.bad
 		}
-		if bad {
+		if bad || consistent(members) {
 			continue
 		}
-		var roles []role
-		var rule string
-		switch g.module {
-		case "self_attn":
-			roles = []role{roleQ, roleK, roleV, roleO}
-			rule = "q/k/v must be split colwise (by heads) exactly when o_proj is split rowwise"
-		case "feed_forward", "feed_forward.shared_expert":
-			roles = []role{roleMLPGate, roleMLPUp, roleMLPDown}
-			if g.module != "feed_forward" {
-				roles = []role{roleSharedGate, roleSharedUp, roleSharedDown}
-			}
-			rule = "gate_proj and up_proj must be split colwise exactly when down_proj is split rowwise"
-		case "feed_forward.experts":
-			roles = []role{roleExpertsGateUp, roleExpertsDown}
-			rule = "split gate_up_proj packed on dim 2 (packed_rowwise) with down_proj on dim 1 (colwise), or both by expert on dim 0 (grouped_gemm), or neither"
-		}
-		var present []*planned
-		for _, r := range roles {
-			if t := g.members[r]; t != nil {
-				present = append(present, t)
-			}
-		}
-		if consistent(g.module, present) {
-			continue
-		}
-		parts := make([]string, len(present))
-		for i, t := range present {
+		sort.SliceStable(members, func(i, j int) bool { return a.order[members[i].spec.Name] < a.order[members[j].spec.Name] })
+		parts := make([]string, len(members))
+		rule := ""
+		for i, t := range members {
 			parts[i] = describe(t)
+			if t.spec.GroupRule != "" {
+				rule = t.spec.GroupRule
+			}
+		}
+		if rule == "" {
+			rule = "split all of them, in the same way, or none"
 		}
 		errs.add(&TensorError{
-			Tensor: generic(a.prefix + g.layer + g.module),
+			Tensor: generic(a.prefix + g),
 			Reason: strings.Join(parts, ", ") + ": " + rule,
 			Err:    ErrInconsistent,
 		})
 	}
 }
 
-func consistent(module string, ts []*planned) bool {
-	if module == "feed_forward.experts" {
-		dims := map[role]int{roleExpertsGateUp: -1, roleExpertsDown: -1}
-		for _, t := range ts {
-			dims[t.role] = t.dim
-		}
-		gu, dn := dims[roleExpertsGateUp], dims[roleExpertsDown]
-		return gu == dn && (gu == -1 || gu == 0) || gu == 2 && dn == 1
-	}
+// consistent reports whether a group's tensors are all whole or all split in one mode.
+func consistent(ts []*planned) bool {
 	for _, t := range ts[1:] {
-		if (t.dim >= 0) != (ts[0].dim >= 0) {
+		if (t.dim >= 0) != (ts[0].dim >= 0) || t.dim >= 0 && t.mode != ts[0].mode {
 			return false
 		}
 	}
@@ -446,7 +403,7 @@ func (a *analysis) manifest(rank int) Manifest {
 		s := TensorShard{
 			Name: t.info.Name, Style: t.rule.Style, Pattern: t.rule.Pattern, DType: t.info.DType,
 			Shape: t.info.Shape, Dim: t.dim, Packed: t.packed, Replicas: 1,
-			LocalShape: append([]int(nil), t.info.Shape...), Layout: llama4.Replicated,
+			LocalShape: append([]int(nil), t.info.Shape...), Layout: model.Replicated,
 		}
 		full := t.info.NumBytes()
 		m.FullBytes += full
@@ -477,7 +434,7 @@ func (a *analysis) manifest(rank int) Manifest {
 			for _, d := range s.LocalShape {
 				s.Bytes *= int64(d)
 			}
-			s.Layout = llama4.Layout{Dim: t.dim, Part: rank, Parts: a.tp}
+			s.Layout = model.Layout{Dim: t.dim, Part: rank, Parts: a.tp}
 			m.SplitBytes += s.Bytes
 		}
 		m.Bytes += s.Bytes

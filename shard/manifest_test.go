@@ -17,8 +17,8 @@ var builtins = []struct {
 	name string
 	plan Plan
 }{
-	{"tp", DefaultPlan()},
-	{"ep", ExpertParallelPlan()},
+	{"tp", DefaultPlan(llama4Family)},
+	{"ep", ExpertParallelPlan(llama4Family)},
 }
 
 // TestManifestReassembles loads every rank's part of every tensor through RankWeights and checks that the
@@ -157,7 +157,7 @@ func TestManifestSplits(t *testing.T) {
 	}
 	for _, tt := range tests {
 		cfg, ckpt := openFixture(t, tt.fixture)
-		plan, _ := NamedPlan(tt.plan)
+		plan, _ := NamedPlan(llama4Family, tt.plan)
 		m, err := NewManifest(cfg, ckpt, plan, tt.tp, tt.rank)
 		if err != nil {
 			t.Errorf("NewManifest(%s, %s, tp %d, rank %d) error: %v", tt.fixture, tt.plan, tt.tp, tt.rank, err)
@@ -178,7 +178,7 @@ func TestManifestSplits(t *testing.T) {
 
 func TestManifestSkipsVision(t *testing.T) {
 	cfg, ckpt := openFixture(t, "dense-moe-mm")
-	m, err := NewManifest(cfg, ckpt, DefaultPlan(), 2, 0)
+	m, err := NewManifest(cfg, ckpt, DefaultPlan(llama4Family), 2, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -359,7 +359,7 @@ func TestManifestErrors(t *testing.T) {
 	}
 	for _, tt := range tests {
 		cfg, ckpt := openFixture(t, tt.fixture)
-		plan, ok := NamedPlan(tt.plan)
+		plan, ok := NamedPlan(llama4Family, tt.plan)
 		if !ok {
 			var err error
 			if plan, err = ParsePlan([]byte(tt.plan)); err != nil {
@@ -413,7 +413,7 @@ func TestManifestErrors(t *testing.T) {
 // TestTensorErrorAs shows the structured error behind a message.
 func TestTensorErrorAs(t *testing.T) {
 	cfg, ckpt := openFixture(t, "moe-top2")
-	_, err := NewManifest(cfg, ckpt, DefaultPlan(), 3, 0)
+	_, err := NewManifest(cfg, ckpt, DefaultPlan(llama4Family), 3, 0)
 	var te *TensorError
 	if !errors.As(err, &te) {
 		t.Fatalf("NewManifest(moe-top2, tp 3) = %v, want a *TensorError", err)

@@ -7,6 +7,8 @@ import (
 	"io"
 	"os"
 	"strings"
+
+	"github.com/tpfleet/tpfleet/model"
 )
 
 // Rule is one entry of a plan: tensors matching Pattern are split by Style.
@@ -16,12 +18,12 @@ type Rule struct {
 }
 
 // Plan is an ordered set of rules, HF's tp_plan: a JSON object from module pattern to style, such as
-// {"layers.*.self_attn.q_proj": "colwise"}. The zero Plan has no rules and keeps every tensor whole. A Plan
+// {"layers.*.attn.query": "colwise"}. The zero Plan has no rules and keeps every tensor whole. A Plan
 // is immutable and safe for concurrent use.
 //
 // A pattern is a dotted module or parameter name in which "*" stands for one all-digit component (a layer
 // or expert index). It matches a checkpoint tensor when the tensor's own name, or the name of the module
-// that holds it (the name less its last component: "….q_proj.weight" → "….q_proj"), ends with the pattern
+// that holds it (the name less its last component: "….query.weight" → "….query"), ends with the pattern
 // at a dot. Names and patterns are compared without a leading "language_model.", so HF's base-model plans
 // ("layers.*…"), its assembled plans ("model.layers.*…", "language_model.model.layers.*…") and
 // multimodal or text-only checkpoints all fit each other. When several rules match a tensor, one that
@@ -249,8 +251,8 @@ func isDigits(s string) bool {
 	return true
 }
 
-// textPrefix is llama4.TextPrefix, repeated here because patterns are compared without it whatever the
-// checkpoint's prefix.
+// textPrefix is the key prefix Hugging Face gives a multimodal checkpoint's language model; patterns and
+// names are compared without it whatever the checkpoint's prefix.
 const textPrefix = "language_model."
 
 func nameComponents(name string) []string {
@@ -268,75 +270,43 @@ func generic(name string) string {
 	return strings.Join(comps, ".")
 }
 
-// The built-in plans. Patterns are relative to the text model's base model, as HF writes them.
-var (
-	tpRules = []Rule{
-		{"layers.*.self_attn.q_proj", Colwise},
-		{"layers.*.self_attn.k_proj", Colwise},
-		{"layers.*.self_attn.v_proj", Colwise},
-		{"layers.*.self_attn.o_proj", Rowwise},
-		{"layers.*.feed_forward.shared_expert.gate_proj", Colwise},
-		{"layers.*.feed_forward.shared_expert.up_proj", Colwise},
-		{"layers.*.feed_forward.shared_expert.down_proj", Rowwise},
-		{"layers.*.feed_forward.experts.gate_up_proj", PackedRowwise},
-		{"layers.*.feed_forward.experts.down_proj", Colwise},
-		{"layers.*.feed_forward.experts", MoETPExperts},
-		{"layers.*.feed_forward.gate_proj", Colwise},
-		{"layers.*.feed_forward.up_proj", Colwise},
-		{"layers.*.feed_forward.down_proj", Rowwise},
+// builtin makes a model's built-in plan from its declaration; a malformed one is the family's bug.
+func builtin(cfg model.Config, name string) (Plan, bool) {
+	rules, ok := cfg.Info().Plans[name]
+	if !ok {
+		return Plan{}, false
 	}
-	epRules = []Rule{
-		{"layers.*.self_attn.q_proj", Colwise},
-		{"layers.*.self_attn.k_proj", Colwise},
-		{"layers.*.self_attn.v_proj", Colwise},
-		{"layers.*.self_attn.o_proj", Rowwise},
-		{"layers.*.feed_forward.experts.gate_up_proj", GroupedGEMM},
-		{"layers.*.feed_forward.experts.down_proj", GroupedGEMM},
-		{"layers.*.feed_forward.gate_proj", Colwise},
-		{"layers.*.feed_forward.up_proj", Colwise},
-		{"layers.*.feed_forward.down_proj", Rowwise},
-		{"layers.*.feed_forward.router", EPRouter},
-	}
-	vocabRules = []Rule{
-		{"embed_tokens", EmbeddingRowwise},
-		{"lm_head", ColwiseGatherOutput},
-	}
-)
-
-func mustPlan(rules ...[]Rule) Plan {
-	var all []Rule
-	for _, r := range rules {
-		all = append(all, r...)
+	all := make([]Rule, len(rules))
+	for i, r := range rules {
+		all[i] = Rule{Pattern: r.Pattern, Style: Style(r.Style)}
 	}
 	p, err := NewPlan(all...)
 	if err != nil {
-		panic(err)
+		panic(fmt.Sprintf("shard: %s's built-in plan %q: %v", cfg.Info().Family, name, err))
 	}
+	return p, true
+}
+
+// DefaultPlan is the model's tensor-parallel plan, its built-in plan "tp" (model.Info.Plans; for Llama 4,
+// transformers 5.17's effective text plan with a vocab-parallel embedding). A model without one gets the
+// zero Plan: every tensor whole.
+func DefaultPlan(cfg model.Config) Plan {
+	p, _ := builtin(cfg, "tp")
 	return p
 }
 
-// DefaultPlan is the tensor-parallel plan: transformers 5.17's effective Llama 4 text plan (spec §4.1:
-// Llama4TextConfig.base_model_tp_plan plus Llama4ForCausalLM's "lm_head": "colwise_gather_output") and
-// one addition, "embed_tokens": "embedding_rowwise", so the embedding is vocab-parallel like lm_head
-// (HF keeps it whole unless the embeddings are tied). Attention is split by heads (q/k/v colwise, o_proj
-// rowwise), the shared expert and dense MLPs by intermediate columns, the routed experts' gate_up_proj
-// packed and down_proj on the expert-intermediate dim, and the embedding and lm_head by vocabulary rows.
-func DefaultPlan() Plan { return mustPlan(tpRules, vocabRules) }
+// ExpertParallelPlan is the model's built-in plan "ep": whole experts per rank (for Llama 4, HF's
+// base_model_ep_plan with the vocabulary rules of DefaultPlan). A model without one gets the zero Plan.
+func ExpertParallelPlan(cfg model.Config) Plan {
+	p, _ := builtin(cfg, "ep")
+	return p
+}
 
-// ExpertParallelPlan is HF's base_model_ep_plan with the vocabulary rules of DefaultPlan: attention and
-// dense MLPs split as in DefaultPlan, routed experts whole per rank (grouped_gemm: experts
-// [r·E/tp, (r+1)·E/tp) on rank r), the router whole (ep_router: every rank routes every token and adds only
-// its own experts), and, as in HF's plan, the shared expert whole on every rank.
-func ExpertParallelPlan() Plan { return mustPlan(epRules, vocabRules) }
-
-// NamedPlan returns a built-in plan by name: "tp" (or "default") for DefaultPlan, "ep" for
-// ExpertParallelPlan.
-func NamedPlan(name string) (Plan, bool) {
-	switch name {
-	case "tp", "default":
-		return DefaultPlan(), true
-	case "ep":
-		return ExpertParallelPlan(), true
+// NamedPlan returns one of the model's built-in plans by name: "tp" (or "default") for DefaultPlan, "ep"
+// for ExpertParallelPlan, or any other name the model declares.
+func NamedPlan(cfg model.Config, name string) (Plan, bool) {
+	if name == "default" {
+		name = "tp"
 	}
-	return Plan{}, false
+	return builtin(cfg, name)
 }

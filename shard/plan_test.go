@@ -126,24 +126,24 @@ func TestBuiltinPlans(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := append(hf.Rules(), Rule{"embed_tokens", EmbeddingRowwise}, Rule{"lm_head", ColwiseGatherOutput})
-	if got := DefaultPlan().Rules(); !slices.Equal(got, want) {
-		t.Errorf("DefaultPlan() = %v, want %v", got, want)
+	if got := DefaultPlan(llama4Family).Rules(); !slices.Equal(got, want) {
+		t.Errorf("DefaultPlan(llama4Family) = %v, want %v", got, want)
 	}
 	hf, err = ParsePlan([]byte(hfEP517))
 	if err != nil {
 		t.Fatal(err)
 	}
 	want = append(hf.Rules(), Rule{"embed_tokens", EmbeddingRowwise}, Rule{"lm_head", ColwiseGatherOutput})
-	if got := ExpertParallelPlan().Rules(); !slices.Equal(got, want) {
-		t.Errorf("ExpertParallelPlan() = %v, want %v", got, want)
+	if got := ExpertParallelPlan(llama4Family).Rules(); !slices.Equal(got, want) {
+		t.Errorf("ExpertParallelPlan(llama4Family) = %v, want %v", got, want)
 	}
 	for _, name := range []string{"tp", "default", "ep"} {
-		if _, ok := NamedPlan(name); !ok {
-			t.Errorf("NamedPlan(%q) = _, false, want true", name)
+		if _, ok := NamedPlan(llama4Family, name); !ok {
+			t.Errorf("NamedPlan(llama4Family, %q) = _, false, want true", name)
 		}
 	}
-	if _, ok := NamedPlan("plan.json"); ok {
-		t.Errorf("NamedPlan(%q) = _, true, want false", "plan.json")
+	if _, ok := NamedPlan(llama4Family, "plan.json"); ok {
+		t.Errorf("NamedPlan(llama4Family, %q) = _, true, want false", "plan.json")
 	}
 }
 

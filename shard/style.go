@@ -15,7 +15,7 @@ type Style string
 // The styles of transformers 5.17 (spec §4.2).
 const (
 	// Colwise splits output features: dim 0 of an nn.Linear weight [out, in] and of a bias, dim ndim-2 of a
-	// 3-D tensor (HF's Shard(ndim-2): experts.down_proj [E, I, H] → dim 1), dim 1 of an embedding.
+	// 3-D tensor (HF's Shard(ndim-2): stacked experts [E, I, H] → dim 1), dim 1 of an embedding.
 	Colwise Style = "colwise"
 	// Rowwise splits input features: the last dim of a weight of two or more dims; a 1-D bias stays whole
 	// (it is added once after the all-reduce); an embedding splits its vocabulary rows (dim 0).
@@ -29,8 +29,8 @@ const (
 	// PackedColwise splits dim ndim-2 of a tensor that packs two halves along it: each rank takes slice r of
 	// both halves.
 	PackedColwise Style = "packed_colwise"
-	// PackedRowwise splits the last dim of a tensor that packs two halves along it: on experts.gate_up_proj
-	// [E, H, 2I] rank r takes columns [r·I/tp, (r+1)·I/tp) of the gate half and the same of the up half.
+	// PackedRowwise splits the last dim of a tensor that packs two halves along it: on packed experts
+	// [E, H, 2I] rank r takes columns [r·I/tp, (r+1)·I/tp) of the first half and the same of the second.
 	PackedRowwise Style = "packed_rowwise"
 	// MoETPExperts is a module style (the experts' partial sums are all-reduced); it splits no parameter.
 	MoETPExperts Style = "moe_tp_experts"

@@ -1,12 +1,10 @@
 package shard
 
 import (
-	"context"
 	"fmt"
 	"slices"
 
-	"github.com/tpfleet/tpfleet/backend"
-	"github.com/tpfleet/tpfleet/model/llama4"
+	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/safetensors"
 )
 
@@ -19,55 +17,53 @@ type Reader interface {
 
 var _ Reader = (*safetensors.Checkpoint)(nil)
 
-// RankWeights is one rank's llama4.Weights: it reads exactly the part of each tensor its Manifest gives it
-// (range reads; never a whole split tensor) and loads it into a backend. Load is safe for concurrent use
-// when the backend's Load is.
-type RankWeights struct {
-	r   Reader
-	ops backend.Ops
-	m   Manifest
-}
-
-var _ llama4.Weights = (*RankWeights)(nil)
-
-// NewRankWeights loads the tensors of m from r into ops. The reader must stay open while the model loads.
-func NewRankWeights(r Reader, ops backend.Ops, m Manifest) *RankWeights {
-	return &RankWeights{r: r, ops: ops, m: m}
-}
-
-// Manifest returns the manifest the weights follow.
-func (w *RankWeights) Manifest() Manifest { return w.m }
-
-// Load reads this rank's part of the tensor the model calls name (without the manifest's prefix), loads it
-// into the backend and returns it with its Layout: {Dim, Rank, TP} for a split tensor, llama4.Replicated
-// for a whole one. A name outside the manifest is an error wrapping safetensors.ErrNotFound.
-func (w *RankWeights) Load(ctx context.Context, name string) (backend.Tensor, llama4.Layout, error) {
-	if err := ctx.Err(); err != nil {
-		return nil, llama4.Replicated, err
-	}
-	full := w.m.Prefix + name
-	s, ok := w.m.Lookup(full)
+// Read reads this rank's part of the tensor the model calls name (without the manifest's prefix) from r:
+// range reads for a split tensor (never the whole of it), the whole tensor otherwise. It returns the
+// tensor's entry, whose LocalShape, DType and Layout describe the bytes. A name outside the manifest is an
+// error wrapping safetensors.ErrNotFound. Read is safe for concurrent use when r is.
+func (m *Manifest) Read(r Reader, name string) (TensorShard, []byte, error) {
+	full := m.Prefix + name
+	s, ok := m.Lookup(full)
 	if !ok {
-		return nil, llama4.Replicated, fmt.Errorf("shard: rank %d of %d: %q is not a text tensor of the checkpoint: %w",
-			w.m.Rank, w.m.TP, full, safetensors.ErrNotFound)
+		return s, nil, fmt.Errorf("shard: rank %d of %d: %q is not a text tensor of the checkpoint: %w",
+			m.Rank, m.TP, full, safetensors.ErrNotFound)
 	}
 	var data []byte
 	var err error
 	if s.Split() {
 		var shape []int
-		data, shape, err = w.r.ReadSlice(full, s.Dim, s.Ranges...)
+		data, shape, err = r.ReadSlice(full, s.Dim, s.Ranges...)
 		if err == nil && !slices.Equal(shape, s.LocalShape) {
 			err = fmt.Errorf("read shape %v, want %v", shape, s.LocalShape)
 		}
 	} else {
-		data, err = w.r.ReadAll(full)
+		data, err = r.ReadAll(full)
 	}
 	if err != nil {
-		return nil, llama4.Replicated, fmt.Errorf("shard: rank %d of %d: read %s: %w", w.m.Rank, w.m.TP, full, err)
+		return s, nil, fmt.Errorf("shard: rank %d of %d: read %s: %w", m.Rank, m.TP, full, err)
 	}
-	t, err := w.ops.Load(s.DType, s.LocalShape, data)
+	return s, data, nil
+}
+
+// RankReader is one rank's view of a checkpoint: the slices its Manifest gives it, read from a Reader.
+// It hands out bytes, never backend tensors; model/run's RankWeights loads them into a backend.
+type RankReader struct {
+	r Reader
+	m Manifest
+}
+
+// NewRankReader reads m's slices from r. The reader must stay open while it is used.
+func NewRankReader(r Reader, m Manifest) *RankReader { return &RankReader{r: r, m: m} }
+
+// Manifest returns the manifest the reader follows.
+func (rr *RankReader) Manifest() Manifest { return rr.m }
+
+// ReadTensor reads this rank's part of name (see Manifest.Read) and returns its dtype, local shape, bytes
+// and the Layout the model is told: {Dim, Rank, TP} for a split tensor, model.Replicated for a whole one.
+func (rr *RankReader) ReadTensor(name string) (safetensors.DType, []int, []byte, model.Layout, error) {
+	s, data, err := rr.m.Read(rr.r, name)
 	if err != nil {
-		return nil, llama4.Replicated, fmt.Errorf("shard: rank %d of %d: load %s %s%v: %w", w.m.Rank, w.m.TP, full, s.DType, s.LocalShape, err)
+		return 0, nil, nil, model.Replicated, err
 	}
-	return t, s.Layout, nil
+	return s.DType, s.LocalShape, data, s.Layout, nil
 }

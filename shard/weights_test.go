@@ -187,7 +187,7 @@ func TestRankWeightsLoadModel(t *testing.T) {
 
 func TestRankWeightsErrors(t *testing.T) {
 	cfg, ckpt := openFixture(t, "dense-moe-mm")
-	m, err := NewManifest(cfg, ckpt, DefaultPlan(), 2, 1)
+	m, err := NewManifest(cfg, ckpt, DefaultPlan(llama4Family), 2, 1)
 	if err != nil {
 		t.Fatal(err)
 	}

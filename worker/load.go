@@ -12,7 +12,8 @@ import (
 
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/cluster"
-	"github.com/tpfleet/tpfleet/model/llama4"
+	"github.com/tpfleet/tpfleet/model"
+	"github.com/tpfleet/tpfleet/model/run"
 	"github.com/tpfleet/tpfleet/safetensors"
 	"github.com/tpfleet/tpfleet/sample"
 	"github.com/tpfleet/tpfleet/shard"
@@ -39,9 +40,10 @@ func (k weightsKey) String() string {
 // is replaced at every epoch.
 type weights struct {
 	key     weightsKey
-	model   *llama4.Model
+	model   run.Model
+	info    model.Info // the model's vocabulary, context and ids
 	comm    *epochComm
-	gen     llama4.Generation
+	gen     model.Generation
 	bytes   int64 // bytes read from the checkpoint
 	tensors int
 }
@@ -73,8 +75,8 @@ func (w *Worker) keyFor(p cluster.Plan, a cluster.Assignment) weightsKey {
 }
 
 // resolvePlan returns a built-in plan by name ("tp", "ep") or reads a plan file.
-func resolvePlan(name string) (shard.Plan, error) {
-	if plan, ok := shard.NamedPlan(name); ok {
+func resolvePlan(cfg model.Config, name string) (shard.Plan, error) {
+	if plan, ok := shard.NamedPlan(cfg, name); ok {
 		return plan, nil
 	}
 	plan, err := shard.LoadPlan(name)
@@ -88,15 +90,16 @@ func resolvePlan(name string) (shard.Plan, error) {
 // the backend and builds the model over them.
 func (w *Worker) loadWeights(ctx context.Context, k weightsKey) (*weights, error) {
 	start := time.Now()
-	cfg, err := llama4.LoadConfig(k.dir)
+	cfg, err := model.LoadConfig(k.dir)
 	if err != nil {
 		return nil, err
 	}
-	gen, err := llama4.LoadGeneration(k.dir, cfg)
+	info := cfg.Info()
+	gen, err := model.LoadGeneration(k.dir, info)
 	if err != nil {
 		return nil, err
 	}
-	plan, err := resolvePlan(k.planName)
+	plan, err := resolvePlan(cfg, k.planName)
 	if err != nil {
 		return nil, err
 	}
@@ -112,14 +115,13 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey) (*weights, error
 	}
 	lg := w.lg.With(zap.Int("rank", k.rank), zap.Int("tp", k.tp))
 	lg.Info("loading weights", zap.String("model", k.dir), zap.String("plan", k.planName),
-		zap.String("device", w.ops.Name()), zap.Int("layers", cfg.NumLayers), zap.Int("hidden", cfg.HiddenSize),
-		zap.Int("experts", cfg.NumExperts), zap.Int("tensors", len(man.Tensors)),
+		zap.String("device", w.ops.Name()), zap.String("family", info.Family), zap.Int("tensors", len(man.Tensors)),
 		zap.Int64("bytes", man.Bytes), zap.Int64("full-bytes", man.FullBytes))
 
 	comm := newEpochComm(k.rank, k.tp, w.gpu != nil)
-	pw := &progressWeights{inner: shard.NewRankWeights(ckpt, w.ops, man), man: &man, lg: lg,
+	pw := &progressWeights{inner: run.NewRankWeights(shard.NewRankReader(ckpt, man), w.ops), man: &man, lg: lg,
 		total: len(man.Tensors), totalBytes: man.Bytes, start: start, last: start, every: w.progressEvery}
-	m, err := llama4.Load(ctx, w.ops, cfg, pw, llama4.Parallel{Comm: comm})
+	m, err := run.Open(ctx, w.ops, cfg, pw, run.Parallel{Comm: comm})
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
@@ -130,12 +132,12 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey) (*weights, error
 	lg.Info("weights loaded", zap.Int("tensors", pw.tensors), zap.Int64("bytes", pw.bytes),
 		zap.Duration("took", took.Round(time.Millisecond)),
 		zap.Float64("mib-per-second", float64(pw.bytes)/(1<<20)/max(took.Seconds(), 1e-9)))
-	return &weights{key: k, model: m, comm: comm, gen: gen, bytes: pw.bytes, tensors: pw.tensors}, nil
+	return &weights{key: k, model: m, info: info, comm: comm, gen: gen, bytes: pw.bytes, tensors: pw.tensors}, nil
 }
 
 // progressWeights counts the tensors and bytes loaded and logs progress every few seconds.
 type progressWeights struct {
-	inner             llama4.Weights
+	inner             run.Weights
 	man               *shard.Manifest
 	lg                *zap.Logger
 	tensors, total    int
@@ -144,9 +146,9 @@ type progressWeights struct {
 	every             time.Duration
 }
 
-var _ llama4.Weights = (*progressWeights)(nil)
+var _ run.Weights = (*progressWeights)(nil)
 
-func (p *progressWeights) Load(ctx context.Context, name string) (backend.Tensor, llama4.Layout, error) {
+func (p *progressWeights) Load(ctx context.Context, name string) (backend.Tensor, model.Layout, error) {
 	t, lay, err := p.inner.Load(ctx, name)
 	if err != nil {
 		return t, lay, err

@@ -6,14 +6,15 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/tpfleet/tpfleet/model/llama4"
+	"github.com/tpfleet/tpfleet/model"
+	"github.com/tpfleet/tpfleet/model/run"
 	tpfleetv1 "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/sample"
 )
 
 // sequence is one sequence's state on this rank: its KV caches and, on rank 0, its sampler.
 type sequence struct {
-	seq      *llama4.Sequence
+	seq      run.Sequence
 	capacity int
 	sampler  *sample.Sampler // rank 0 only
 }
@@ -58,7 +59,7 @@ func (w *Worker) step(req *tpfleetv1.StepRequest) ([]*tpfleetv1.SequenceResult, 
 		return nil, fmt.Errorf("%w: epoch %d: %w", ErrFailed, epoch, failure)
 	}
 	wts := w.wts
-	if err := w.validate(req, wts.model.Config); err != nil {
+	if err := w.validate(req, wts.info); err != nil {
 		return nil, err
 	}
 	// Works run in batches: consecutive works of distinct sequences share one forward pass (each weight is
@@ -70,7 +71,7 @@ func (w *Worker) step(req *tpfleetv1.StepRequest) ([]*tpfleetv1.SequenceResult, 
 		if len(batch) == 0 {
 			return nil
 		}
-		seqs := make([]*llama4.Sequence, len(batch))
+		seqs := make([]run.Sequence, len(batch))
 		ids := make([][]int, len(batch))
 		for k, i := range batch {
 			work := req.GetSeqs()[i]
@@ -86,7 +87,7 @@ func (w *Worker) step(req *tpfleetv1.StepRequest) ([]*tpfleetv1.SequenceResult, 
 		}
 		if rank == 0 {
 			var rows []float32
-			vocab := wts.model.Config.VocabSize
+			vocab := wts.info.VocabSize
 			for k, i := range batch {
 				work := req.GetSeqs()[i]
 				if !work.GetSample() {
@@ -138,7 +139,7 @@ func (w *Worker) step(req *tpfleetv1.StepRequest) ([]*tpfleetv1.SequenceResult, 
 // the worker is closing) fails the epoch and closes its communicator, so that the peers fail at once.
 func (w *Worker) stepError(epoch int64, i int, id uint64, err error) error {
 	where := fmt.Sprintf("seq %d (seqs[%d])", id, i)
-	if errors.Is(err, llama4.ErrInput) {
+	if errors.Is(err, run.ErrInput) {
 		return fmt.Errorf("%w: %s: %w", ErrInvalidRequest, where, err)
 	}
 	if w.ctx.Err() != nil {
@@ -168,7 +169,7 @@ func (w *Worker) stepError(epoch int64, i int, id uint64, err error) error {
 // a sequence and feed it again), before anything runs: a request that fails validation changes no
 // sequence. The checks depend only on the request and on state every rank shares, so all ranks of a
 // group reject the same requests.
-func (w *Worker) validate(req *tpfleetv1.StepRequest, cfg llama4.Config) error {
+func (w *Worker) validate(req *tpfleetv1.StepRequest, cfg model.Info) error {
 	type shadow struct{ len, capacity int }
 	sim := make(map[uint64]shadow)
 	for i, work := range req.GetSeqs() {

@@ -13,6 +13,7 @@ import (
 	"github.com/tpfleet/tpfleet/backend/cuda"
 	"github.com/tpfleet/tpfleet/comm/nccl"
 	"github.com/tpfleet/tpfleet/model/llama4"
+	"github.com/tpfleet/tpfleet/model/run"
 	"github.com/tpfleet/tpfleet/safetensors"
 	"github.com/tpfleet/tpfleet/shard"
 )
@@ -94,7 +95,7 @@ func goldenTP(t *testing.T, bs []*cuda.Backend, dir string) {
 		t.Fatal(err)
 	}
 	// TP on GPUs 0..tp-1.
-	plan, _ := shard.NamedPlan("tp")
+	plan, _ := shard.NamedPlan(cfg, "tp")
 	contexts := make([]uintptr, tp)
 	for i, b := range bs {
 		contexts[i] = b.Context()
@@ -114,7 +115,7 @@ func goldenTP(t *testing.T, bs []*cuda.Backend, dir string) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if ranks[r], err = llama4.Load(ctx, bs[r], cfg, shard.NewRankWeights(ckpt, bs[r], man), llama4.Parallel{Comm: comms[r]}); err != nil {
+		if ranks[r], err = llama4.Load(ctx, bs[r], cfg, run.NewRankWeights(shard.NewRankReader(ckpt, man), bs[r]), llama4.Parallel{Comm: comms[r]}); err != nil {
 			t.Fatal(err)
 		}
 	}

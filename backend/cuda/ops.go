@@ -178,7 +178,7 @@ func (b *Backend) Add(x, y backend.Tensor) (backend.Tensor, error) {
 }
 
 // SiLUMul returns silu(gate) · up elementwise (float32 math); the shapes must be equal. The product feeds
-// down_proj, so it is stored as a GEMM input (Config.Activations).
+// the down projection, so it is stored as a GEMM input (Config.Activations).
 func (b *Backend) SiLUMul(gate, up backend.Tensor) (backend.Tensor, error) {
 	dt := b.cfg.Activations
 	if gt, ok := gate.(*tensor); ok && gt != nil {

@@ -7,15 +7,15 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"math"
 	"math/rand/v2"
 	"runtime"
-	"strings"
 	"time"
 
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/backend/cuda"
+	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/model/llama4"
+	modelrun "github.com/tpfleet/tpfleet/model/run"
 	"github.com/tpfleet/tpfleet/safetensors"
 	"github.com/tpfleet/tpfleet/shard"
 )
@@ -92,19 +92,20 @@ type synchronizer interface {
 // near 1, matrices ~ N(0, 1/fan_in)), cut for the rank by a shard manifest when tp > 1. They are
 // generated on the device when the backend is a randomFiller, else on the host.
 type benchWeights struct {
-	ops    backend.Ops
-	cfg    llama4.Config
-	man    *shard.Manifest // nil for tp = 1
-	seed   uint64
-	shapes map[string][]int
+	ops   backend.Ops
+	cfg   llama4.Config
+	man   *shard.Manifest // nil for tp = 1
+	seed  uint64
+	specs map[string]model.TensorSpec
 }
 
-func (w *benchWeights) Load(ctx context.Context, name string) (backend.Tensor, llama4.Layout, error) {
-	shape, ok := w.shapes[name]
+func (w *benchWeights) Load(ctx context.Context, name string) (backend.Tensor, model.Layout, error) {
+	spec, ok := w.specs[name]
+	shape := spec.Shape
 	if !ok {
-		return nil, llama4.Replicated, fmt.Errorf("bench weights: no tensor %s in this configuration", name)
+		return nil, model.Replicated, fmt.Errorf("bench weights: no tensor %s in this configuration", name)
 	}
-	local, lay := shape, llama4.Replicated
+	local, lay := shape, model.Replicated
 	if w.man != nil {
 		ts, ok := w.man.Lookup(w.cfg.Prefix + name)
 		if !ok {
@@ -112,15 +113,7 @@ func (w *benchWeights) Load(ctx context.Context, name string) (backend.Tensor, l
 		}
 		local, lay = ts.LocalShape, ts.Layout
 	}
-	mean, std := 0.0, 1/math.Sqrt(float64(shape[len(shape)-1]))
-	switch {
-	case len(shape) == 1:
-		mean, std = 1, 0.1
-	case len(shape) == 3:
-		std = 1 / math.Sqrt(float64(shape[1]))
-	case name == "model.embed_tokens.weight":
-		std = 1
-	}
+	mean, std := llama4.RandomScale(spec)
 	var h uint64 = 14695981039346656037 // FNV-1a of the name, so tensors differ
 	for i := 0; i < len(name); i++ {
 		h = (h ^ uint64(name[i])) * 1099511628211
@@ -146,7 +139,7 @@ func (w *benchWeights) Load(ctx context.Context, name string) (backend.Tensor, l
 // specCatalog is a shard.Catalog of a configuration's tensors, all bf16, for planning random weights.
 type specCatalog struct {
 	prefix string
-	specs  []llama4.TensorSpec
+	specs  []model.TensorSpec
 }
 
 func (c specCatalog) Names() []string {
@@ -179,10 +172,10 @@ func stepBytes(cfg llama4.Config, batch int) int64 {
 		for _, d := range s.Shape {
 			n *= int64(d)
 		}
-		switch {
-		case strings.HasSuffix(s.Name, "experts.gate_up_proj") || strings.HasSuffix(s.Name, "experts.down_proj"):
+		switch s.Kind {
+		case model.KindExperts:
 			n = n / int64(cfg.NumExperts) * int64(min(batch*cfg.TopK, cfg.NumExperts))
-		case s.Name == "model.embed_tokens.weight":
+		case model.KindEmbedding:
 			n = 2 * int64(cfg.HiddenSize) * int64(batch)
 		}
 		total += n
@@ -249,21 +242,21 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	defer g.Close()
 	var mans []shard.Manifest
 	if f.tp > 1 {
-		plan, _ := shard.NamedPlan("tp")
+		plan, _ := shard.NamedPlan(cfg, "tp")
 		if mans, err = shard.NewManifests(cfg, specCatalog{prefix: cfg.Prefix, specs: cfg.Tensors()}, plan, f.tp); err != nil {
 			return err
 		}
 	}
-	shapes := map[string][]int{}
+	specs := map[string]model.TensorSpec{}
 	for _, s := range cfg.Tensors() {
-		shapes[s.Name] = s.Shape
+		specs[s.Name] = s
 	}
 	for r, ops := range allOps {
-		w := &benchWeights{ops: ops, cfg: cfg, seed: 1, shapes: shapes}
+		w := &benchWeights{ops: ops, cfg: cfg, seed: 1, specs: specs}
 		if mans != nil {
 			w.man = &mans[r]
 		}
-		m, err := llama4.Load(ctx, ops, cfg, w, llama4.Parallel{Comm: g.comms[r]})
+		m, err := cfg.Open(ctx, ops, w, modelrun.Parallel{Comm: g.comms[r]})
 		if err != nil {
 			return fmt.Errorf("rank %d: %w", r, err)
 		}
@@ -366,7 +359,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, tokens, batch, context int) (prefill, decode time.Duration, err error) {
 	seqs := make([]*llama4.Sequence, len(g.ranks))
 	for r, m := range g.ranks {
-		if seqs[r], err = m.NewSequence(len(prompt) + tokens); err != nil {
+		if seqs[r], err = llama4.AsModel(m).NewSequence(len(prompt) + tokens); err != nil {
 			return 0, 0, err
 		}
 	}
@@ -378,7 +371,8 @@ func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, t
 		return err
 	}
 	start := time.Now()
-	err = g.run(func(r int, m *llama4.Model) error {
+	err = g.run(func(r int, rm modelrun.Model) error {
+		m := llama4.AsModel(rm) // the benchmark times the Llama 4 model itself
 		logits, err := m.Forward(ctx, seqs[r], prompt, false)
 		if err != nil {
 			return err
@@ -389,13 +383,14 @@ func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, t
 		return 0, 0, err
 	}
 	prefill = time.Since(start)
-	vocab := g.Config().VocabSize
+	vocab := g.Info().VocabSize
 	if batch > 1 {
 		d, err := benchBatchDecode(ctx, g, ops, wait, tokens, batch, context, vocab)
 		return prefill, d, err
 	}
 	start = time.Now()
-	err = g.run(func(r int, m *llama4.Model) error {
+	err = g.run(func(r int, rm modelrun.Model) error {
+		m := llama4.AsModel(rm) // the benchmark times the Llama 4 model itself
 		for i := 0; i < tokens; i++ {
 			logits, err := m.Forward(ctx, seqs[r], []int{(i*104729 + 7) % vocab}, false)
 			if err != nil {
@@ -416,8 +411,9 @@ func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, t
 // benchProfile profiles, on every rank, a prefill of prompt and profileSteps decode steps after it, and
 // keeps rank 0's tables in res.
 func benchProfile(ctx context.Context, g *group, ops []backend.Ops, prompt []int, res *benchResult) error {
-	vocab := g.Config().VocabSize
-	return g.run(func(r int, m *llama4.Model) error {
+	vocab := g.Info().VocabSize
+	return g.run(func(r int, rm modelrun.Model) error {
+		m := llama4.AsModel(rm) // the benchmark times the Llama 4 model itself
 		b, ok := ops[r].(*cuda.Backend)
 		if !ok {
 			return fmt.Errorf("rank %d: --profile needs --device cuda", r)
@@ -470,7 +466,8 @@ func benchBatchDecode(ctx context.Context, g *group, ops []backend.Ops, wait fun
 			prefill[b] = append(prefill[b], (b*7919+i*31+3)%vocab)
 		}
 	}
-	err := g.run(func(r int, m *llama4.Model) error {
+	err := g.run(func(r int, rm modelrun.Model) error {
+		m := llama4.AsModel(rm) // the benchmark times the Llama 4 model itself
 		for b := 0; b < batch; b++ {
 			s, err := m.NewSequence(context + tokens)
 			if err != nil {
@@ -488,7 +485,8 @@ func benchBatchDecode(ctx context.Context, g *group, ops []backend.Ops, wait fun
 		return 0, err
 	}
 	start := time.Now()
-	err = g.run(func(r int, m *llama4.Model) error {
+	err = g.run(func(r int, rm modelrun.Model) error {
+		m := llama4.AsModel(rm) // the benchmark times the Llama 4 model itself
 		ids := make([][]int, batch)
 		for i := 0; i < tokens; i++ {
 			for b := range ids {

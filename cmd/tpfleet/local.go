@@ -14,7 +14,8 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/tpfleet/tpfleet/backend"
-	"github.com/tpfleet/tpfleet/model/llama4"
+	"github.com/tpfleet/tpfleet/model"
+	modelrun "github.com/tpfleet/tpfleet/model/run"
 	"github.com/tpfleet/tpfleet/safetensors"
 	"github.com/tpfleet/tpfleet/sample"
 	"github.com/tpfleet/tpfleet/shard"
@@ -65,7 +66,7 @@ func newLogger(w io.Writer, level string) (*zap.Logger, error) {
 // loaded is a model ready to run in this process: the ranks of its TP group that run here.
 type loaded struct {
 	*group
-	gen  llama4.Generation
+	gen  model.Generation
 	ckpt *safetensors.Checkpoint
 }
 
@@ -74,22 +75,22 @@ func (l *loaded) Close() error { return errors.Join(l.group.Close(), l.ckpt.Clos
 // loadModel reads config, generation config and this process's ranks' weights from f.dir, logging progress.
 // Before any weight is read, check (when not nil) validates the request against the config, so bad input
 // fails fast.
-func loadModel(ctx context.Context, f modelFlags, log *zap.Logger, check func(llama4.Config) error) (*loaded, error) {
+func loadModel(ctx context.Context, f modelFlags, log *zap.Logger, check func(model.Info) error) (*loaded, error) {
 	start := time.Now()
-	cfg, err := llama4.LoadConfig(f.dir)
+	cfg, err := model.LoadConfig(f.dir)
 	if err != nil {
 		return nil, err
 	}
 	if check != nil {
-		if err := check(cfg); err != nil {
+		if err := check(cfg.Info()); err != nil {
 			return nil, err
 		}
 	}
-	gen, err := llama4.LoadGeneration(f.dir, cfg)
+	gen, err := model.LoadGeneration(f.dir, cfg.Info())
 	if err != nil {
 		return nil, err
 	}
-	plan, err := resolvePlan(f.par.plan)
+	plan, err := resolvePlan(cfg, f.par.plan)
 	if err != nil {
 		return nil, err
 	}
@@ -108,15 +109,16 @@ func loadModel(ctx context.Context, f modelFlags, log *zap.Logger, check func(ll
 
 // loadRanks loads the ranks this process runs, each on its own backend (a CPU backend, or GPU r for rank
 // r with --device cuda).
-func loadRanks(ctx context.Context, f modelFlags, cfg llama4.Config, ckpt *safetensors.Checkpoint, plan shard.Plan, log *zap.Logger) (*group, error) {
+func loadRanks(ctx context.Context, f modelFlags, cfg model.Config, ckpt *safetensors.Checkpoint, plan shard.Plan, log *zap.Logger) (*group, error) {
 	g, allOps, ranks, err := newRankOps(ctx, f)
 	if err != nil {
 		return nil, err
 	}
 	comms := g.comms
+	specs, prefix := model.Tensors(cfg), cfg.Info().Prefix
 	for i, rank := range ranks {
 		ops := allOps[i]
-		var w llama4.Weights = llama4.NewCheckpointWeights(ckpt, ops, cfg)
+		var w modelrun.Weights = modelrun.NewCheckpointWeights(ckpt, ops, cfg)
 		bytes := int64(0)
 		if f.par.tp > 1 {
 			man, err := shard.NewManifest(cfg, ckpt, plan, f.par.tp, rank)
@@ -124,19 +126,18 @@ func loadRanks(ctx context.Context, f modelFlags, cfg llama4.Config, ckpt *safet
 				g.Close()
 				return nil, err
 			}
-			w, bytes = shard.NewRankWeights(ckpt, ops, man), man.Bytes
+			w, bytes = modelrun.NewRankWeights(shard.NewRankReader(ckpt, man), ops), man.Bytes
 		} else {
-			for _, s := range cfg.Tensors() {
-				if info, err := ckpt.Info(cfg.Prefix + s.Name); err == nil {
+			for _, s := range specs {
+				if info, err := ckpt.Info(prefix + s.Name); err == nil {
 					bytes += info.NumBytes()
 				}
 			}
 		}
 		log.Info("loading model", zap.String("model", f.dir), zap.String("device", ops.Name()),
 			zap.Int("rank", rank), zap.Int("tp", f.par.tp), zap.String("plan", f.par.plan),
-			zap.Int("layers", cfg.NumLayers), zap.Int("hidden", cfg.HiddenSize), zap.Int("experts", cfg.NumExperts),
-			zap.Int("tensors", len(cfg.Tensors())), zap.String("size", mib(bytes)))
-		m, err := llama4.Load(ctx, ops, cfg, newProgressWeights(w, len(cfg.Tensors()), rank, log), llama4.Parallel{Comm: comms[i]})
+			zap.String("family", cfg.Info().Family), zap.Int("tensors", len(specs)), zap.String("size", mib(bytes)))
+		m, err := modelrun.Open(ctx, ops, cfg, newProgressWeights(w, len(specs), rank, log), modelrun.Parallel{Comm: comms[i]})
 		if err != nil {
 			g.Close()
 			return nil, fmt.Errorf("rank %d: %w", rank, err)
@@ -148,7 +149,7 @@ func loadRanks(ctx context.Context, f modelFlags, cfg llama4.Config, ckpt *safet
 
 // progressWeights logs loading progress every few seconds.
 type progressWeights struct {
-	inner          llama4.Weights
+	inner          modelrun.Weights
 	rank           int
 	log            *zap.Logger
 	tensors, total int
@@ -156,11 +157,11 @@ type progressWeights struct {
 	reportEvery    time.Duration
 }
 
-func newProgressWeights(inner llama4.Weights, total, rank int, log *zap.Logger) *progressWeights {
+func newProgressWeights(inner modelrun.Weights, total, rank int, log *zap.Logger) *progressWeights {
 	return &progressWeights{inner: inner, rank: rank, log: log, total: total, lastReport: time.Now(), reportEvery: 2 * time.Second}
 }
 
-func (p *progressWeights) Load(ctx context.Context, name string) (backend.Tensor, llama4.Layout, error) {
+func (p *progressWeights) Load(ctx context.Context, name string) (backend.Tensor, model.Layout, error) {
 	t, lay, err := p.inner.Load(ctx, name)
 	if err != nil {
 		return t, lay, err
@@ -260,7 +261,7 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return err
 	}
 
-	m, err := loadModel(ctx, f.modelFlags, log, func(cfg llama4.Config) error {
+	m, err := loadModel(ctx, f.modelFlags, log, func(cfg model.Info) error {
 		if err := checkIDs(prompt, cfg.VocabSize); err != nil {
 			return err
 		}
@@ -275,15 +276,15 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	defer m.Close()
 
 	params := samplingParams(fs, f, m.gen)
-	opt := llama4.GenerateOptions{MaxTokens: f.maxTokens, Sample: params}
+	opt := modelrun.GenerateOptions{MaxTokens: f.maxTokens, Sample: params}
 	if !f.ignoreEOS {
 		opt.StopIDs = m.gen.EOS
 	}
 	start := time.Now()
 	var ids []int
-	var finish llama4.Finish
-	err = m.run(func(rank int, model *llama4.Model) error {
-		got, why, err := model.Generate(ctx, prompt, opt, nil)
+	var finish modelrun.Finish
+	err = m.run(func(rank int, rm modelrun.Model) error {
+		got, why, err := rm.Generate(ctx, prompt, opt, nil)
 		if rank == 0 {
 			ids, finish = got, why
 		}
@@ -307,7 +308,7 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 }
 
 // samplingParams takes generation_config.json's defaults and overrides them with the flags that were set.
-func samplingParams(fs *flag.FlagSet, f generateFlags, gen llama4.Generation) sample.Params {
+func samplingParams(fs *flag.FlagSet, f generateFlags, gen model.Generation) sample.Params {
 	p := sample.Params{Seed: f.seed, TopP: 1}
 	if gen.DoSample {
 		p.Temperature, p.TopK, p.TopP = gen.Temperature, gen.TopK, gen.TopP

@@ -15,6 +15,9 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+
+	// Model families register themselves with package model; this binary serves Llama 4.
+	_ "github.com/tpfleet/tpfleet/model/llama4"
 )
 
 // errUsage marks command-line mistakes: they exit with status 2 after the one-line message.

@@ -8,7 +8,8 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/tpfleet/tpfleet/model/llama4"
+	"github.com/tpfleet/tpfleet/model"
+	modelrun "github.com/tpfleet/tpfleet/model/run"
 	"github.com/tpfleet/tpfleet/safetensors"
 )
 
@@ -53,7 +54,7 @@ func runScore(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	defer log.Sync() //nolint:errcheck // nothing to do about a failed flush of stderr
 
-	m, err := loadModel(ctx, f.modelFlags, log, func(cfg llama4.Config) error {
+	m, err := loadModel(ctx, f.modelFlags, log, func(cfg model.Info) error {
 		for b, ids := range batch {
 			if err := checkIDs(ids, cfg.VocabSize); err != nil {
 				return fmt.Errorf("sequence %d: %w", b, err)
@@ -66,13 +67,13 @@ func runScore(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	defer m.Close()
 
-	vocab := m.Config().VocabSize
+	vocab := m.Info().VocabSize
 	seqLen := len(batch[0])
 	logits := make([]float32, 0, len(batch)*seqLen*vocab)
 	for b, ids := range batch {
 		var row []float32
-		err := m.run(func(rank int, model *llama4.Model) error {
-			got, err := model.Score(ctx, ids)
+		err := m.run(func(rank int, rm modelrun.Model) error {
+			got, err := rm.Score(ctx, ids)
 			if rank == 0 {
 				row = got
 			}

@@ -9,7 +9,7 @@ import (
 	"strings"
 	"text/tabwriter"
 
-	"github.com/tpfleet/tpfleet/model/llama4"
+	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/safetensors"
 	"github.com/tpfleet/tpfleet/shard"
 )
@@ -55,11 +55,11 @@ func runShardsPlan(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	plan, err := resolvePlan(f.plan)
+	cfg, err := model.LoadConfig(f.dir)
 	if err != nil {
 		return err
 	}
-	cfg, err := llama4.LoadConfig(f.dir)
+	plan, err := resolvePlan(cfg, f.plan)
 	if err != nil {
 		return err
 	}

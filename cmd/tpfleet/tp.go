@@ -18,7 +18,8 @@ import (
 	"github.com/tpfleet/tpfleet/backend/cuda"
 	"github.com/tpfleet/tpfleet/comm"
 	"github.com/tpfleet/tpfleet/comm/nccl"
-	"github.com/tpfleet/tpfleet/model/llama4"
+	"github.com/tpfleet/tpfleet/model"
+	modelrun "github.com/tpfleet/tpfleet/model/run"
 	"github.com/tpfleet/tpfleet/shard"
 )
 
@@ -62,9 +63,9 @@ func (f *parallelFlags) check() error {
 	return nil
 }
 
-// resolvePlan returns a built-in plan by name ("tp", "ep") or reads a plan file.
-func resolvePlan(name string) (shard.Plan, error) {
-	if plan, ok := shard.NamedPlan(name); ok {
+// resolvePlan returns one of the model's built-in plans by name ("tp", "ep") or reads a plan file.
+func resolvePlan(cfg model.Config, name string) (shard.Plan, error) {
+	if plan, ok := shard.NamedPlan(cfg, name); ok {
 		return plan, nil
 	}
 	plan, err := shard.LoadPlan(name)
@@ -76,18 +77,18 @@ func resolvePlan(name string) (shard.Plan, error) {
 
 // group is the ranks of one TP group that this process runs, in rank order: all of them, or only its own.
 type group struct {
-	ranks    []*llama4.Model
+	ranks    []modelrun.Model
 	leader   bool // this process runs rank 0, which reports results
 	comms    []comm.Comm
 	backends []io.Closer // GPU backends, closed after the communicators
 }
 
-// Config is the model's configuration (the same on every rank).
-func (g *group) Config() llama4.Config { return g.ranks[0].Config }
+// Info is the model's description (the same on every rank).
+func (g *group) Info() model.Info { return g.ranks[0].Config().Info() }
 
 // run calls f on every local rank concurrently, as the ranks of a TP group must run, and returns the first
 // rank's error, or the first error of another rank when it failed alone.
-func (g *group) run(f func(rank int, m *llama4.Model) error) error {
+func (g *group) run(f func(rank int, m modelrun.Model) error) error {
 	if len(g.ranks) == 1 {
 		return f(0, g.ranks[0])
 	}

@@ -9,6 +9,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/tpfleet/tpfleet/model"
 )
 
 // ErrConfig marks an invalid config.json or generation_config.json; errors wrap it and name the field.
@@ -62,16 +64,8 @@ type Config struct {
 	EOS []int
 }
 
-// Generation is generation_config.json: stop ids and sampling defaults.
-type Generation struct {
-	BOS         int
-	EOS         []int
-	Pad         int
-	DoSample    bool
-	Temperature float64
-	TopK        int
-	TopP        float64
-}
+// Generation is generation_config.json: stop ids and sampling defaults; see model.Generation.
+type Generation = model.Generation
 
 // LoadConfig reads dir/config.json (model_type llama4 or llama4_text).
 func LoadConfig(dir string) (Config, error) {
@@ -88,40 +82,7 @@ func LoadConfig(dir string) (Config, error) {
 
 // LoadGeneration reads dir/generation_config.json. A missing file gives greedy defaults with cfg's ids.
 func LoadGeneration(dir string, cfg Config) (Generation, error) {
-	g := Generation{BOS: cfg.BOS, EOS: cfg.EOS, Temperature: 1, TopP: 1}
-	data, err := os.ReadFile(filepath.Join(dir, "generation_config.json"))
-	if errors.Is(err, os.ErrNotExist) {
-		return g, nil
-	}
-	if err != nil {
-		return g, fmt.Errorf("llama4: read generation config: %w", err)
-	}
-	f, err := decodeFields(data)
-	if err != nil {
-		return g, fmt.Errorf("generation_config.json: %w", err)
-	}
-	if err := f.optInt("bos_token_id", &g.BOS); err != nil {
-		return g, err
-	}
-	if err := f.optIDs("eos_token_id", &g.EOS); err != nil {
-		return g, err
-	}
-	if err := f.optInt("pad_token_id", &g.Pad); err != nil {
-		return g, err
-	}
-	if err := f.optBool("do_sample", &g.DoSample); err != nil {
-		return g, err
-	}
-	if err := f.optFloat("temperature", &g.Temperature); err != nil {
-		return g, err
-	}
-	if err := f.optInt("top_k", &g.TopK); err != nil {
-		return g, err
-	}
-	if err := f.optFloat("top_p", &g.TopP); err != nil {
-		return g, err
-	}
-	return g, nil
+	return model.LoadGeneration(dir, cfg.Info())
 }
 
 // ParseConfig parses config.json bytes. For model_type "llama4" the text model's settings are read from

@@ -7,23 +7,20 @@ import (
 	"slices"
 
 	"github.com/tpfleet/tpfleet/backend"
+	"github.com/tpfleet/tpfleet/model/run"
 	"github.com/tpfleet/tpfleet/sample"
 )
 
-// GenerateOptions bound and steer a generation.
-type GenerateOptions struct {
-	MaxTokens int           // new tokens at most; must be positive
-	Sample    sample.Params // Temperature 0 is greedy
-	StopIDs   []int         // generation ends after emitting one of these (eos ids); empty: never
-}
+// GenerateOptions bound and steer a generation; see run.GenerateOptions.
+type GenerateOptions = run.GenerateOptions
 
-// Finish says why a generation ended.
-type Finish string
+// Finish says why a generation ended; see run.Finish.
+type Finish = run.Finish
 
 // The reasons a generation ends, in OpenAI's words.
 const (
-	FinishStop   Finish = "stop"   // a stop id was generated (it is the last id returned)
-	FinishLength Finish = "length" // MaxTokens were generated
+	FinishStop   = run.FinishStop   // a stop id was generated (it is the last id returned)
+	FinishLength = run.FinishLength // MaxTokens were generated
 )
 
 // Generate runs prompt through the model, then decodes one token at a time through the KV cache. It calls

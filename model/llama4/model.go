@@ -2,44 +2,33 @@ package llama4
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"math"
 
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/comm"
+	"github.com/tpfleet/tpfleet/model"
+	"github.com/tpfleet/tpfleet/model/run"
 )
 
 // ErrInput marks a request the model cannot run: token ids outside the vocabulary, positions past the
-// context. Errors wrap it with the detail.
-var ErrInput = errors.New("llama4: invalid input")
+// context. Errors wrap it with the detail. It is run.ErrInput, so callers need not know the family.
+var ErrInput = run.ErrInput
 
-// Layout says how a loaded tensor was cut for this rank: Dim < 0 means the whole tensor (replicated);
-// otherwise the tensor was split along Dim into Parts pieces and this rank holds piece Part. Packed
-// gate_up_proj splits (each rank holding the matching slice of the gate half and of the up half) report Dim
-// 2 like a plain column split: the local tensor keeps the [gate | up] layout.
-type Layout struct {
-	Dim, Part, Parts int
-}
+// Layout says how a loaded tensor was cut for this rank; see model.Layout.
+type Layout = model.Layout
 
 // Replicated is the Layout of a whole tensor.
-var Replicated = Layout{Dim: -1, Parts: 1}
-
-// Split reports whether the tensor was cut, so that its product is partial or sliced.
-func (l Layout) Split() bool { return l.Dim >= 0 && l.Parts > 1 }
+var Replicated = model.Replicated
 
 // Weights gives the model this rank's slice of each tensor, by its name in a text-only checkpoint (spec
 // §3.2: "model.layers.0.self_attn.q_proj.weight", without the multimodal "language_model." prefix), loaded
 // into the backend. The implementation decides the slicing (a tp_plan); the model adapts its head and
 // expert counts and its collectives to the Layout it is told.
-type Weights interface {
-	Load(ctx context.Context, name string) (backend.Tensor, Layout, error)
-}
+type Weights = run.Weights
 
 // Parallel is this rank's place in its tensor-parallel group. A nil Comm means a single rank.
-type Parallel struct {
-	Comm comm.Comm
-}
+type Parallel = run.Parallel
 
 // Model is one rank's slice of a Llama 4 text model, ready to run on a backend.
 type Model struct {
@@ -98,7 +87,8 @@ type moe struct {
 	partial      bool
 }
 
-// Load builds the model from w. Every tensor the configuration needs must be present.
+// Load builds the model from w: model.Load fills the declared tensor tree (tree.go), then each part is
+// checked against the Layout it came with. Every tensor the configuration has must be present.
 func Load(ctx context.Context, ops backend.Ops, cfg Config, w Weights, par Parallel) (*Model, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
@@ -107,67 +97,58 @@ func Load(ctx context.Context, ops backend.Ops, cfg Config, w Weights, par Paral
 	if c == nil {
 		c = comm.Solo()
 	}
+	tree := cfg.Tree()
+	if err := model.Load(ctx, tree, w); err != nil {
+		return nil, fmt.Errorf("llama4: %w", err)
+	}
+	tw := tree.Root.(*textWeights)
 	m := &Model{Config: cfg, ops: ops, comm: c, invFreq: cfg.InvFreq()}
-	l := loader{ctx: ctx, w: w}
 
-	var lay Layout
-	m.embed, lay = l.load("model.embed_tokens.weight")
-	m.embedSplit = lay.Split()
-	if lay.Split() {
+	m.embed, m.embedSplit = tw.Embed.T, tw.Embed.Layout.Split()
+	if lay := tw.Embed.Layout; lay.Split() {
 		if lay.Dim != 0 {
 			return nil, fmt.Errorf("llama4: embed_tokens split on dim %d: only vocabulary rows (dim 0) can be split", lay.Dim)
 		}
 		m.embedFirst = lay.Part * cfg.VocabSize / lay.Parts
 	}
-	m.norm, _ = l.load("model.norm.weight")
-	head := "lm_head.weight"
+	m.norm = tw.Norm.T
+	head := tw.LMHead
 	if cfg.TieWordEmbeddings {
-		head = "model.embed_tokens.weight"
+		head = tw.Embed
 	}
-	m.lmHead, lay = l.load(head)
-	m.lmSplit = lay.Split()
-	if lay.Split() && lay.Dim != 0 {
-		return nil, fmt.Errorf("llama4: %s split on dim %d: only vocabulary rows (dim 0) can be split", head, lay.Dim)
+	m.lmHead, m.lmSplit = head.T, head.Layout.Split()
+	if head.Layout.Split() && head.Layout.Dim != 0 {
+		return nil, fmt.Errorf("llama4: lm_head split on dim %d: only vocabulary rows (dim 0) can be split", head.Layout.Dim)
 	}
 
 	m.layers = make([]decoderLayer, cfg.NumLayers)
 	for i := range m.layers {
-		layer, err := m.loadLayer(&l, i)
+		layer, err := m.loadLayer(&tw.Layers[i], i)
 		if err != nil {
 			return nil, err
 		}
 		m.layers[i] = layer
 	}
-	if l.err != nil {
-		return nil, l.err
-	}
 	return m, nil
 }
 
-func (m *Model) loadLayer(l *loader, i int) (decoderLayer, error) {
+func (m *Model) loadLayer(lw *layerWeights, i int) (decoderLayer, error) {
 	cfg := m.Config
-	p := fmt.Sprintf("model.layers.%d.", i)
 	d := decoderLayer{
 		index:            i,
 		useRoPE:          cfg.UseRoPE[i],
 		qkNorm:           cfg.UseQKNorm && cfg.UseRoPE[i],
 		temperatureTuned: cfg.TemperatureTuning && !cfg.UseRoPE[i],
+		inputNorm:        lw.InputNorm.T,
+		postNorm:         lw.PostNorm.T,
 	}
 	if cfg.Chunked[i] {
 		d.window = backend.Window{Chunk: cfg.AttentionChunkSize}
 	}
-	d.inputNorm, _ = l.load(p + "input_layernorm.weight")
-	d.postNorm, _ = l.load(p + "post_attention_layernorm.weight")
 
-	var lq, lk, lv, lo Layout
-	a := &d.attn
-	a.q, lq = l.load(p + "self_attn.q_proj.weight")
-	a.k, lk = l.load(p + "self_attn.k_proj.weight")
-	a.v, lv = l.load(p + "self_attn.v_proj.weight")
-	a.o, lo = l.load(p + "self_attn.o_proj.weight")
-	if l.err != nil {
-		return d, l.err
-	}
+	aw, a := &lw.Attn, &d.attn
+	a.q, a.k, a.v, a.o = aw.Q.T, aw.K.T, aw.V.T, aw.O.T
+	lq, lk, lv, lo := aw.Q.Layout, aw.K.Layout, aw.V.Layout, aw.O.Layout
 	a.heads = a.q.Shape()[0] / cfg.HeadDim
 	a.kvHeads = a.k.Shape()[0] / cfg.HeadDim
 	a.reduceAfterOProj = lo.Split()
@@ -180,35 +161,28 @@ func (m *Model) loadLayer(l *loader, i int) (decoderLayer, error) {
 			i, a.q.Shape()[0], a.k.Shape()[0], a.v.Shape()[0], cfg.HeadDim)
 	}
 
+	p := fmt.Sprintf("model.layers.%d.feed_forward.", i)
 	var err error
 	if cfg.MoE[i] {
-		d.ffn, err = m.loadMoE(l, p+"feed_forward.")
+		d.ffn, err = m.loadMoE(lw.MoE, p)
 	} else {
-		d.ffn, err = loadMLP(l, p+"feed_forward.")
+		d.ffn, err = loadMLP(lw.MLP, p)
 	}
 	return d, err
 }
 
-func loadMLP(l *loader, p string) (*mlp, error) {
-	f := &mlp{}
-	var lg, lu, ld Layout
-	f.gate, lg = l.load(p + "gate_proj.weight")
-	f.up, lu = l.load(p + "up_proj.weight")
-	f.down, ld = l.load(p + "down_proj.weight")
-	f.partial = ld.Split()
-	if l.err == nil && (lg.Split() != ld.Split() || lu.Split() != ld.Split()) {
+func loadMLP(w *mlpWeights, p string) (*mlp, error) {
+	f := &mlp{gate: w.Gate.T, up: w.Up.T, down: w.Down.T, partial: w.Down.Layout.Split()}
+	if w.Gate.Layout.Split() != w.Down.Layout.Split() || w.Up.Layout.Split() != w.Down.Layout.Split() {
 		return nil, fmt.Errorf("llama4: %s: gate/up must be split colwise exactly when down_proj is split rowwise", p)
 	}
-	return f, l.err
+	return f, nil
 }
 
-func (m *Model) loadMoE(l *loader, p string) (*moe, error) {
-	f := &moe{topK: m.Config.TopK}
-	var lr, lgu, ld Layout
-	f.router, lr = l.load(p + "router.weight")
-	f.gateUp, lgu = l.load(p + "experts.gate_up_proj")
-	f.down, ld = l.load(p + "experts.down_proj")
-	shared, err := loadMLP(l, p+"shared_expert.")
+func (m *Model) loadMoE(w *moeWeights, p string) (*moe, error) {
+	f := &moe{topK: m.Config.TopK, router: w.Router.T, gateUp: w.GateUp.T, down: w.Down.T}
+	lr, lgu, ld := w.Router.Layout, w.GateUp.Layout, w.Down.Layout
+	shared, err := loadMLP(&w.Shared, p+"shared_expert.")
 	if err != nil {
 		return nil, err
 	}
@@ -226,25 +200,6 @@ func (m *Model) loadMoE(l *loader, p string) (*moe, error) {
 	}
 	f.partial = lgu.Split()
 	return f, nil
-}
-
-// loader loads tensors with a sticky error.
-type loader struct {
-	ctx context.Context
-	w   Weights
-	err error
-}
-
-func (l *loader) load(name string) (backend.Tensor, Layout) {
-	if l.err != nil {
-		return nil, Replicated
-	}
-	t, lay, err := l.w.Load(l.ctx, name)
-	if err != nil {
-		l.err = fmt.Errorf("llama4: load %s: %w", name, err)
-		return nil, Replicated
-	}
-	return t, lay
 }
 
 // Sequence is one sequence's decoding state on this rank: its KV caches and how many positions it holds.

@@ -10,6 +10,7 @@ import (
 	"github.com/tpfleet/tpfleet/backend/cpu"
 	"github.com/tpfleet/tpfleet/comm"
 	"github.com/tpfleet/tpfleet/model/llama4"
+	"github.com/tpfleet/tpfleet/model/run"
 	"github.com/tpfleet/tpfleet/shard"
 )
 
@@ -23,7 +24,7 @@ func (f *fixture) loadRanks(t *testing.T, plan shard.Plan, comms []comm.Comm) []
 			t.Fatal(err)
 		}
 		ops := cpu.New(cpu.Config{})
-		m, err := llama4.Load(context.Background(), ops, f.cfg, shard.NewRankWeights(f.ckpt, ops, man), llama4.Parallel{Comm: comm})
+		m, err := llama4.Load(context.Background(), ops, f.cfg, run.NewRankWeights(shard.NewRankReader(f.ckpt, man), ops), llama4.Parallel{Comm: comm})
 		if err != nil {
 			t.Fatalf("rank %d: %v", r, err)
 		}
@@ -53,7 +54,7 @@ func onAllRanks[T any](t *testing.T, ranks []*llama4.Model, f func(m *llama4.Mod
 // TestTensorParallelEqualsTP1: for every fixture, TP=2 and TP=4 under the default (HF) plan and the
 // expert-parallel plan give the TP=1 logits within 1e-5 relative and the same greedy ids (issue 3).
 func TestTensorParallelEqualsTP1(t *testing.T) {
-	plans := map[string]shard.Plan{"tp": shard.DefaultPlan(), "ep": shard.ExpertParallelPlan()}
+	plans := map[string]shard.Plan{"tp": shard.DefaultPlan(llama4.Config{}), "ep": shard.ExpertParallelPlan(llama4.Config{})}
 	for _, f := range fixtures(t) {
 		want, err := f.load(t).Score(context.Background(), f.scoreIDs[0])
 		if err != nil {

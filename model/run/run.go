@@ -1,0 +1,94 @@
+// Package run is the runnable side of a model: what the worker and the command line need to load a
+// model.Config onto a backend and run it, without naming the model's family. It is the only package of
+// model/ that knows backends and communicators, so the coordinator, which imports model, links neither.
+//
+// A family's configuration type implements Opener (a capability found by type assertion, as backends'
+// optional ops are); Open dispatches to it. Model is the small surface the callers use: sequences,
+// batched forward passes, generation and scoring. RankWeights loads one rank's slices of a checkpoint, as
+// a shard.Manifest cuts them, into a backend.
+package run
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/tpfleet/tpfleet/backend"
+	"github.com/tpfleet/tpfleet/comm"
+	"github.com/tpfleet/tpfleet/model"
+	"github.com/tpfleet/tpfleet/sample"
+)
+
+// ErrInput marks a request a model cannot run: token ids outside the vocabulary, positions past the
+// context, an empty batch. Errors wrap it with the detail.
+var ErrInput = errors.New("model: invalid input")
+
+// ErrNotRunnable means a configuration's family has no runtime in this binary.
+var ErrNotRunnable = errors.New("model: not runnable")
+
+// Weights gives a model this rank's slice of each tensor loaded into a backend; see model.Weights.
+type Weights = model.Weights[backend.Tensor]
+
+// Weight is a leaf of a family's tensor tree as loaded into a backend.
+type Weight = model.Weight[backend.Tensor]
+
+// Parallel is a rank's place in its tensor-parallel group. A nil Comm means a single rank.
+type Parallel struct {
+	Comm comm.Comm
+}
+
+// Sequence is one sequence's decoding state on a rank (its KV caches). It belongs to the Model that made
+// it and is not safe for concurrent use.
+type Sequence interface {
+	// Len is the number of tokens the sequence has consumed.
+	Len() int
+}
+
+// GenerateOptions bound and steer a generation.
+type GenerateOptions struct {
+	MaxTokens int           // new tokens at most; must be positive
+	Sample    sample.Params // Temperature 0 is greedy
+	StopIDs   []int         // generation ends after emitting one of these (eos ids); empty: never
+}
+
+// Finish says why a generation ended.
+type Finish string
+
+// The reasons a generation ends, in OpenAI's words.
+const (
+	FinishStop   Finish = "stop"   // a stop id was generated (it is the last id returned)
+	FinishLength Finish = "length" // MaxTokens were generated
+)
+
+// Model is one rank's slice of a model, loaded on a backend. Its methods run the rank's part of each
+// step, collectives included: every rank of a TP group must call the same methods with the same
+// arguments, concurrently. A Model is not safe for concurrent use; its tensors belong to the backend.
+type Model interface {
+	// Config is the configuration the model was opened with.
+	Config() model.Config
+	// NewSequence makes an empty sequence with room for capacity tokens; errors wrap ErrInput.
+	NewSequence(capacity int) (Sequence, error)
+	// ForwardBatch runs ids[i] through seqs[i] at their next positions in one pass and returns logits
+	// [rows, vocab] on the backend: every new token's when allLogits is set, else each sequence's last.
+	// On error no sequence advances.
+	ForwardBatch(ctx context.Context, seqs []Sequence, ids [][]int, allLogits bool) (backend.Tensor, error)
+	// Generate runs prompt then decodes up to opt.MaxTokens, calling emit (when not nil) with each new id.
+	Generate(ctx context.Context, prompt []int, opt GenerateOptions, emit func(id int) error) ([]int, Finish, error)
+	// Score runs ids teacher-forced and returns logits [len(ids), vocab] on the host.
+	Score(ctx context.Context, ids []int) ([]float32, error)
+}
+
+// Opener is implemented by the configuration types of families that run in this binary.
+type Opener interface {
+	// Open builds the model from w on ops.
+	Open(ctx context.Context, ops backend.Ops, w Weights, par Parallel) (Model, error)
+}
+
+// Open builds cfg's model on ops from w.
+func Open(ctx context.Context, ops backend.Ops, cfg model.Config, w Weights, par Parallel) (Model, error) {
+	o, ok := cfg.(Opener)
+	if !ok {
+		return nil, fmt.Errorf("%w: %s (%T) has no runtime", ErrNotRunnable, cfg.Info().Family, cfg)
+	}
+	return o.Open(ctx, ops, w, par)
+}
