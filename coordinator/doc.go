@@ -55,7 +55,7 @@
 //	grpcurl -plaintext -d '{"prompt_ids":[1,2,3],"max_tokens":8}' 127.0.0.1:7070 tpfleet.v1.Generation/Generate
 //	grpcurl -plaintext -d '{"prompt":"Hello","max_tokens":8}' 127.0.0.1:7070 tpfleet.v1.Generation/Generate
 //
-// Client wraps the services for Go programs that should not use the generated code.
+// Package client wraps the services for Go programs that should not use the generated code.
 //
 // # OpenAI-compatible HTTP
 //

@@ -23,13 +23,14 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 	"google.golang.org/grpc/status"
 
+	"github.com/tpfleet/tpfleet/client"
 	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/tokenizer"
 )
 
 // startGateway starts a coordinator with its HTTP gateway on a free port; it returns the coordinator,
 // a gRPC client of it and the gateway's base URL.
-func startGateway(t *testing.T, cfg Config) (*Coordinator, *Client, string) {
+func startGateway(t *testing.T, cfg Config) (*Coordinator, *testClient, string) {
 	t.Helper()
 	cfg.HTTPAddr = "127.0.0.1:0"
 	c, cli := startCoordinator(t, cfg)
@@ -100,7 +101,7 @@ func events(t *testing.T, body []byte) []string {
 }
 
 // greedyIDs runs a greedy request through gRPC, the reference the gateway's answers must equal.
-func greedyIDs(t *testing.T, cli *Client, req GenerateRequest) GenerateResult {
+func greedyIDs(t *testing.T, cli *testClient, req client.GenerateRequest) client.GenerateResult {
 	t.Helper()
 	req.Sampling = greedy()
 	res, err := cli.Generate(testCtx(t), req, nil)
@@ -111,7 +112,7 @@ func greedyIDs(t *testing.T, cli *Client, req GenerateRequest) GenerateResult {
 }
 
 // grpcMessage returns the status message that Generate fails in with.
-func grpcMessage(t *testing.T, cli *Client, in *pb.GenerateRequest) string {
+func grpcMessage(t *testing.T, cli *testClient, in *pb.GenerateRequest) string {
 	t.Helper()
 	stream, err := cli.gen.Generate(testCtx(t), in)
 	if err == nil {
@@ -145,7 +146,7 @@ func TestOpenAICompletions(t *testing.T) {
 		t.Errorf("GET /health = %d %s, want 200", code, data)
 	}
 
-	want := greedyIDs(t, cli, GenerateRequest{PromptIDs: []int{10, 11}, MaxTokens: 6, IgnoreEOS: true})
+	want := greedyIDs(t, cli, client.GenerateRequest{PromptIDs: []int{10, 11}, MaxTokens: 6, IgnoreEOS: true})
 	wantIDs := toInt32(want.IDs)
 	code, data = post(t, base, "/v1/completions",
 		`{"model":"moe-top1","prompt":[10,11],"max_tokens":6,"temperature":0,"ignore_eos":true,"return_token_ids":true}`)
@@ -346,7 +347,7 @@ func TestOpenAIChat(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := greedyIDs(t, cli, GenerateRequest{PromptIDs: prompt, MaxTokens: 6})
+	want := greedyIDs(t, cli, client.GenerateRequest{PromptIDs: prompt, MaxTokens: 6})
 	if want.Text != "Hi✓ " {
 		t.Fatalf("Generate(chat prompt) text = %q, want %q", want.Text, "Hi✓ ")
 	}
@@ -404,7 +405,7 @@ func TestOpenAIChat(t *testing.T) {
 	}
 
 	// A text prompt of /v1/completions: encoded with BOS, as Generate encodes it.
-	wantText := greedyIDs(t, cli, GenerateRequest{Prompt: "hello", MaxTokens: 5})
+	wantText := greedyIDs(t, cli, client.GenerateRequest{Prompt: "hello", MaxTokens: 5})
 	_, data = post(t, base, "/v1/completions", `{"prompt":"hello","max_tokens":5,"temperature":0,"return_token_ids":true}`)
 	if res := decode[completionResponse](t, data); len(res.Choices) != 1 || res.Choices[0].Text != wantText.Text ||
 		!slices.Equal(res.Choices[0].TokenIDs, toInt32(wantText.IDs)) || !slices.Equal(res.Choices[0].PromptTokenIDs, []int32{490, 394}) {
