@@ -25,6 +25,7 @@ import (
 
 	"github.com/tpfleet/tpfleet/client"
 	"github.com/tpfleet/tpfleet/gateway"
+	"github.com/tpfleet/tpfleet/gateway/gatewaytest"
 	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/tokenizer"
 )
@@ -77,28 +78,6 @@ func decode[T any](t *testing.T, data []byte) T {
 		t.Fatalf("decoding %s: %v", data, err)
 	}
 	return v
-}
-
-// events splits a complete Server-Sent Events body into the data of its events, checking the framing
-// ("data: ...\n\n" each) and that "data: [DONE]" comes last.
-func events(t *testing.T, body []byte) []string {
-	t.Helper()
-	s := string(body)
-	if !strings.HasSuffix(s, "data: [DONE]\n\n") {
-		t.Fatalf("stream %q does not end with data: [DONE]", s)
-	}
-	var out []string
-	for _, ev := range strings.Split(strings.TrimSuffix(s, "data: [DONE]\n\n"), "\n\n") {
-		if ev == "" {
-			continue
-		}
-		data, ok := strings.CutPrefix(ev, "data: ")
-		if !ok || strings.Contains(data, "\n") {
-			t.Fatalf("stream event %q, want one data: line", ev)
-		}
-		out = append(out, data)
-	}
-	return out
 }
 
 // greedyIDs runs a greedy request through gRPC, the reference the gateway's answers must equal.
@@ -172,7 +151,7 @@ func TestOpenAICompletions(t *testing.T) {
 	if code != http.StatusOK || hdr.Get("Content-Type") != "text/event-stream" {
 		t.Fatalf("POST /v1/completions (stream) = %d %s %s, want 200 text/event-stream", code, hdr.Get("Content-Type"), data)
 	}
-	evs := events(t, data)
+	evs := gatewaytest.Events(t, data)
 	if len(evs) < 2 {
 		t.Fatalf("stream events %q, want chunks and a usage chunk", evs)
 	}
@@ -379,7 +358,7 @@ func TestOpenAIChat(t *testing.T) {
 	if code != http.StatusOK || hdr.Get("Content-Type") != "text/event-stream" {
 		t.Fatalf("POST /v1/chat/completions (stream) = %d %s", code, body)
 	}
-	evs := events(t, body)
+	evs := gatewaytest.Events(t, body)
 	var text strings.Builder
 	for i, ev := range evs {
 		chunk := decode[gateway.ChatResponse](t, []byte(ev))
@@ -415,7 +394,7 @@ func TestOpenAIChat(t *testing.T) {
 	// The text of a streamed completion adds up too; ✓ comes whole.
 	_, _, body = call(t, testCtx(t), http.MethodPost, base+"/v1/completions", `{"prompt":["hello"],"max_tokens":5,"stream":true}`)
 	text.Reset()
-	for _, ev := range events(t, body) {
+	for _, ev := range gatewaytest.Events(t, body) {
 		ch := decode[gateway.CompletionResponse](t, []byte(ev)).Choices[0]
 		if (ch.Text == "" && ch.FinishReason == nil) || !utf8.ValidString(ch.Text) {
 			t.Errorf("completion stream event %s: want whole characters, and no empty events but the last", ev)
@@ -564,7 +543,7 @@ func TestOpenAIStepFailed(t *testing.T) {
 
 	// The group reconnects; meanwhile the request waits in the queue.
 	code, _, body := call(t, testCtx(t), http.MethodPost, base+"/v1/completions", `{"prompt":[95],"max_tokens":10,"return_token_ids":true,"stream":true}`)
-	evs := events(t, body)
+	evs := gatewaytest.Events(t, body)
 	if code != http.StatusOK || len(evs) < 2 {
 		t.Fatalf("POST /v1/completions (stream) on a failing step = %d %s, want 200, chunks and an error event", code, body)
 	}

@@ -14,6 +14,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/tpfleet/tpfleet/gateway/gatewaytest"
 )
 
 // fakeGen is a Generator whose model counts: after a prompt ending in id k it generates k+1, k+2, …,
@@ -166,28 +168,6 @@ func decode[T any](t *testing.T, data []byte) T {
 	return v
 }
 
-// events splits a complete Server-Sent Events body into the data of its events, checking the framing
-// ("data: ...\n\n" each) and that "data: [DONE]" comes last.
-func events(t *testing.T, body []byte) []string {
-	t.Helper()
-	s := string(body)
-	if !strings.HasSuffix(s, "data: [DONE]\n\n") {
-		t.Fatalf("stream %q does not end with data: [DONE]", s)
-	}
-	var out []string
-	for _, ev := range strings.Split(strings.TrimSuffix(s, "data: [DONE]\n\n"), "\n\n") {
-		if ev == "" {
-			continue
-		}
-		data, ok := strings.CutPrefix(ev, "data: ")
-		if !ok || strings.Contains(data, "\n") {
-			t.Fatalf("stream event %q, want one data: line", ev)
-		}
-		out = append(out, data)
-	}
-	return out
-}
-
 // TestRequest: the JSON fields become the Generator's Request: max_tokens (or the rest of the context),
 // sampling fields only when set, vLLM's top_k -1 as 0, stop ids, text prompts, chat prompts.
 func TestRequest(t *testing.T) {
@@ -288,7 +268,7 @@ func TestResponses(t *testing.T) {
 	if code != http.StatusOK || hdr.Get("Content-Type") != "text/event-stream" || hdr.Get("Cache-Control") != "no-cache" {
 		t.Fatalf("POST /v1/completions (stream) = %d %v %s, want 200 text/event-stream", code, hdr, data)
 	}
-	evs := events(t, data)
+	evs := gatewaytest.Events(t, data)
 	if len(evs) != 4 {
 		t.Fatalf("stream events %q, want 3 chunks and a usage chunk", evs)
 	}
@@ -306,7 +286,7 @@ func TestResponses(t *testing.T) {
 
 	// Streamed chat: the role first, then deltas.
 	_, _, data = call(t, http.MethodPost, base+"/v1/chat/completions", `{"messages":[{"role":"user","content":"x"}],"max_tokens":2,"stream":true}`)
-	evs = events(t, data)
+	evs = gatewaytest.Events(t, data)
 	if len(evs) != 3 {
 		t.Fatalf("chat stream events %q, want the role and 2 deltas", evs)
 	}
@@ -449,7 +429,7 @@ func TestStreamFailure(t *testing.T) {
 		t.Errorf("POST /v1/completions failing = %d %s, want 500 step_failed", code, data)
 	}
 	code, _, data = call(t, http.MethodPost, base+"/v1/completions", `{"prompt":[5],"max_tokens":4,"stream":true,"return_token_ids":true}`)
-	evs := events(t, data)
+	evs := gatewaytest.Events(t, data)
 	if code != http.StatusOK || len(evs) != 3 {
 		t.Fatalf("POST /v1/completions (stream) failing = %d %s, want 200, 2 chunks and an error event", code, data)
 	}
