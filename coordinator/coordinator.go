@@ -47,7 +47,7 @@ type Coordinator struct {
 	cl     *cluster.Client
 	gossip *cluster.Gossip // nil with Config.NoGossip
 
-	// The OpenAI-compatible HTTP gateway (openai.go); nil without Config.HTTPAddr.
+	// The OpenAI-compatible HTTP gateway (package gateway, gateway.go); nil without Config.HTTPAddr.
 	httpLis net.Listener
 	httpSrv *http.Server
 

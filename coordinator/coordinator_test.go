@@ -13,9 +13,12 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
+	"github.com/tpfleet/tpfleet/client"
 	"github.com/tpfleet/tpfleet/cluster"
 	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/sample"
@@ -88,7 +91,7 @@ func testConfig(t *testing.T) Config {
 
 // startCoordinator starts a coordinator and returns it with a client of it; both close when the test
 // ends.
-func startCoordinator(t *testing.T, cfg Config) (*Coordinator, *Client) {
+func startCoordinator(t *testing.T, cfg Config) (*Coordinator, *testClient) {
 	t.Helper()
 	c, err := New(cfg)
 	if err != nil {
@@ -98,12 +101,31 @@ func startCoordinator(t *testing.T, cfg Config) (*Coordinator, *Client) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = c.Close() })
-	cli, err := Dial(c.Addr())
+	return c, dialTest(t, c.Addr())
+}
+
+// testClient is a client of a coordinator under test: the Go client, and the generated stubs for what
+// it does not wrap.
+type testClient struct {
+	*client.Client
+	gen   pb.GenerationClient
+	admin pb.AdminClient
+}
+
+// dialTest makes a testClient of the coordinator at addr; it closes when the test ends.
+func dialTest(t *testing.T, addr string) *testClient {
+	t.Helper()
+	cli, err := client.Dial(addr)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = cli.Close() })
-	return c, cli
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = conn.Close() })
+	return &testClient{Client: cli, gen: pb.NewGenerationClient(conn), admin: pb.NewAdminClient(conn)}
 }
 
 // startWorkers starts fake workers w0..wn-1 that register in the test's cluster and follow its plan.
@@ -154,7 +176,7 @@ func TestServe(t *testing.T) {
 		wg.Go(func() {
 			prompt := []int{10 * (i + 1), 10*(i+1) + 1}
 			var streamed []int
-			res, err := cli.Generate(testCtx(t), GenerateRequest{PromptIDs: prompt, MaxTokens: 30, Sampling: greedy(), IgnoreEOS: true},
+			res, err := cli.Generate(testCtx(t), client.GenerateRequest{PromptIDs: prompt, MaxTokens: 30, Sampling: greedy(), IgnoreEOS: true},
 				func(ids []int, _ string) error { streamed = append(streamed, ids...); return nil })
 			want := echo(prompt, 30)
 			switch {
@@ -173,7 +195,7 @@ func TestServe(t *testing.T) {
 	}
 
 	// eos: a prompt ending in 1 generates 2, an eos id of the fixture.
-	res, err := cli.Generate(testCtx(t), GenerateRequest{PromptIDs: []int{1}, MaxTokens: 5, Sampling: greedy()}, nil)
+	res, err := cli.Generate(testCtx(t), client.GenerateRequest{PromptIDs: []int{1}, MaxTokens: 5, Sampling: greedy()}, nil)
 	if err != nil || !slices.Equal(res.IDs, []int{2}) || res.FinishReason != FinishStop {
 		t.Errorf("Generate([1]) = %+v, %v; want [2], stop", res, err)
 	}
@@ -203,7 +225,7 @@ func TestServe(t *testing.T) {
 			t.Errorf("Generate(%s) = %v, want InvalidArgument with %q", tc.name, err, tc.msg)
 		}
 	}
-	res, err = cli.Generate(testCtx(t), GenerateRequest{Model: "moe-top1", PromptIDs: []int{40}, MaxTokens: 3, Sampling: greedy(), IgnoreEOS: true}, nil)
+	res, err = cli.Generate(testCtx(t), client.GenerateRequest{Model: "moe-top1", PromptIDs: []int{40}, MaxTokens: 3, Sampling: greedy(), IgnoreEOS: true}, nil)
 	if err != nil || !slices.Equal(res.IDs, []int{41, 42, 43}) {
 		t.Errorf("Generate after bad requests = %+v, %v; want [41 42 43]", res, err)
 	}
@@ -262,7 +284,7 @@ func TestQueueFull(t *testing.T) {
 	var wg sync.WaitGroup
 	errs := make([]error, 3)
 	gen := func(i int) {
-		res, err := cli.Generate(testCtx(t), GenerateRequest{PromptIDs: []int{100 + i}, MaxTokens: 2, Sampling: greedy()}, nil)
+		res, err := cli.Generate(testCtx(t), client.GenerateRequest{PromptIDs: []int{100 + i}, MaxTokens: 2, Sampling: greedy()}, nil)
 		if err == nil && !slices.Equal(res.IDs, echo([]int{100 + i}, 2)) {
 			err = fmt.Errorf("got %v", res.IDs)
 		}
@@ -273,7 +295,7 @@ func TestQueueFull(t *testing.T) {
 	wg.Go(func() { gen(1) })
 	wg.Go(func() { gen(2) })
 	eventually(t, "two queued requests", func() bool { return c.queue.len() == 2 })
-	_, err := cli.Generate(testCtx(t), GenerateRequest{PromptIDs: []int{1}, MaxTokens: 2}, nil)
+	_, err := cli.Generate(testCtx(t), client.GenerateRequest{PromptIDs: []int{1}, MaxTokens: 2}, nil)
 	if st, _ := status.FromError(err); st.Code() != codes.ResourceExhausted || !strings.Contains(st.Message(), "queue full") || Reason(err) != "QUEUE_FULL" {
 		t.Errorf("Generate with a full queue = %v (reason %q), want ResourceExhausted, queue full, QUEUE_FULL", err, Reason(err))
 	}
@@ -298,7 +320,7 @@ func TestCancelReleases(t *testing.T) {
 	got := make(chan struct{})
 	done := make(chan error, 1)
 	go func() {
-		_, err := cli.Generate(ctx, GenerateRequest{PromptIDs: []int{5}, MaxTokens: 250, Sampling: greedy(), IgnoreEOS: true},
+		_, err := cli.Generate(ctx, client.GenerateRequest{PromptIDs: []int{5}, MaxTokens: 250, Sampling: greedy(), IgnoreEOS: true},
 			func([]int, string) error {
 				select {
 				case got <- struct{}{}:
@@ -324,7 +346,7 @@ func TestResumeAfterRestart(t *testing.T) {
 	ws, _ := startWorkers(t, cl, 2)
 	a, cliA := startCoordinator(t, testConfig(t))
 	waitReady(t, a)
-	if _, err := cliA.Generate(testCtx(t), GenerateRequest{PromptIDs: []int{7}, MaxTokens: 2, Sampling: greedy()}, nil); err != nil {
+	if _, err := cliA.Generate(testCtx(t), client.GenerateRequest{PromptIDs: []int{7}, MaxTokens: 2, Sampling: greedy()}, nil); err != nil {
 		t.Fatal(err)
 	}
 	epoch := storedEpoch(t, cl)
@@ -333,7 +355,7 @@ func TestResumeAfterRestart(t *testing.T) {
 	}
 	b, cliB := startCoordinator(t, testConfig(t))
 	waitReady(t, b)
-	res, err := cliB.Generate(testCtx(t), GenerateRequest{PromptIDs: []int{7}, MaxTokens: 2, Sampling: greedy()}, nil)
+	res, err := cliB.Generate(testCtx(t), client.GenerateRequest{PromptIDs: []int{7}, MaxTokens: 2, Sampling: greedy()}, nil)
 	if err != nil || !slices.Equal(res.IDs, []int{8, 9}) {
 		t.Errorf("Generate on the new coordinator = %+v, %v; want [8 9]", res, err)
 	}
@@ -382,7 +404,7 @@ func TestReplan(t *testing.T) {
 		defer c.mu.Unlock()
 		return c.plan.Epoch == 3 && c.readyGroups[1]
 	})
-	res, err := cli.Generate(testCtx(t), GenerateRequest{PromptIDs: []int{20}, MaxTokens: 3, Sampling: greedy()}, nil)
+	res, err := cli.Generate(testCtx(t), client.GenerateRequest{PromptIDs: []int{20}, MaxTokens: 3, Sampling: greedy()}, nil)
 	if err != nil || !slices.Equal(res.IDs, []int{21, 22, 23}) {
 		t.Errorf("Generate after the re-plans = %+v, %v; want [21 22 23]", res, err)
 	}
@@ -396,7 +418,7 @@ func TestStandby(t *testing.T) {
 	a, _ := startCoordinator(t, testConfig(t))
 	waitReady(t, a)
 	b, cliB := startCoordinator(t, testConfig(t))
-	_, err := cliB.Generate(testCtx(t), GenerateRequest{PromptIDs: []int{1}, MaxTokens: 2}, nil)
+	_, err := cliB.Generate(testCtx(t), client.GenerateRequest{PromptIDs: []int{1}, MaxTokens: 2}, nil)
 	if st, _ := status.FromError(err); st.Code() != codes.Unavailable || !strings.Contains(st.Message(), "standby") || Reason(err) != "NOT_LEADER" {
 		t.Errorf("Generate on a standby = %v (reason %q), want Unavailable, standby, NOT_LEADER", err, Reason(err))
 	}
@@ -410,7 +432,7 @@ func TestStandby(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitReady(t, b)
-	res, err := cliB.Generate(testCtx(t), GenerateRequest{PromptIDs: []int{30}, MaxTokens: 2, Sampling: greedy()}, nil)
+	res, err := cliB.Generate(testCtx(t), client.GenerateRequest{PromptIDs: []int{30}, MaxTokens: 2, Sampling: greedy()}, nil)
 	if err != nil || !slices.Equal(res.IDs, []int{31, 32}) {
 		t.Errorf("Generate on the new leader = %+v, %v; want [31 32]", res, err)
 	}
@@ -442,7 +464,7 @@ func TestRebalance(t *testing.T) {
 		defer c.mu.Unlock()
 		return len(c.readyGroups) == 2
 	})
-	res, err := cli.Generate(testCtx(t), GenerateRequest{PromptIDs: []int{50}, MaxTokens: 2, Sampling: greedy()}, nil)
+	res, err := cli.Generate(testCtx(t), client.GenerateRequest{PromptIDs: []int{50}, MaxTokens: 2, Sampling: greedy()}, nil)
 	if err != nil || !slices.Equal(res.IDs, []int{51, 52}) {
 		t.Errorf("Generate after rebalancing = %+v, %v; want [51 52]", res, err)
 	}
@@ -463,7 +485,7 @@ func TestFailedEpochReplaced(t *testing.T) {
 	})
 	c, cli := startCoordinator(t, testConfig(t))
 	waitReady(t, c)
-	_, err := cli.Generate(testCtx(t), GenerateRequest{PromptIDs: []int{60}, MaxTokens: 2, Sampling: greedy()}, nil)
+	_, err := cli.Generate(testCtx(t), client.GenerateRequest{PromptIDs: []int{60}, MaxTokens: 2, Sampling: greedy()}, nil)
 	if st, _ := status.FromError(err); st.Code() != codes.Internal || !strings.Contains(st.Message(), "all-reduce timed out") {
 		t.Errorf("Generate on a failing step = %v, want Internal with the worker's error", err)
 	}
@@ -473,7 +495,7 @@ func TestFailedEpochReplaced(t *testing.T) {
 		defer c.mu.Unlock()
 		return c.plan.Epoch == 2 && len(c.readyGroups) == 1
 	})
-	res, err := cli.Generate(testCtx(t), GenerateRequest{PromptIDs: []int{60}, MaxTokens: 2, Sampling: greedy()}, nil)
+	res, err := cli.Generate(testCtx(t), client.GenerateRequest{PromptIDs: []int{60}, MaxTokens: 2, Sampling: greedy()}, nil)
 	if err != nil || !slices.Equal(res.IDs, []int{61, 62}) {
 		t.Errorf("Generate in the new epoch = %+v, %v; want [61 62]", res, err)
 	}
@@ -489,7 +511,7 @@ func TestNoPlanUnavailable(t *testing.T) {
 		defer c.mu.Unlock()
 		return c.leader
 	})
-	_, err := cli.Generate(testCtx(t), GenerateRequest{PromptIDs: []int{1}, MaxTokens: 2}, nil)
+	_, err := cli.Generate(testCtx(t), client.GenerateRequest{PromptIDs: []int{1}, MaxTokens: 2}, nil)
 	if st, _ := status.FromError(err); st.Code() != codes.Unavailable || !strings.Contains(st.Message(), "no plan") {
 		t.Errorf("Generate with 1 worker at TP 2 = %v, want Unavailable, no plan", err)
 	}

@@ -1,5 +1,6 @@
 // Package coordinator places a model's shards on the cluster's workers and serves clients: it is the
-// process between gRPC clients and the workers' Step streams.
+// process between gRPC clients and the workers' Step streams. It keeps leadership, placement,
+// scheduling and the gRPC services; the HTTP API is package gateway and the Go client package client.
 //
 // # What it does
 //
@@ -55,13 +56,15 @@
 //	grpcurl -plaintext -d '{"prompt_ids":[1,2,3],"max_tokens":8}' 127.0.0.1:7070 tpfleet.v1.Generation/Generate
 //	grpcurl -plaintext -d '{"prompt":"Hello","max_tokens":8}' 127.0.0.1:7070 tpfleet.v1.Generation/Generate
 //
-// Client wraps the services for Go programs that should not use the generated code.
+// Package client wraps the services for Go programs that should not use the generated code.
 //
 // # OpenAI-compatible HTTP
 //
-// With Config.HTTPAddr set, the coordinator also serves GET /v1/models, POST /v1/completions and
-// POST /v1/chat/completions (Server-Sent Events when "stream" is set) and GET /health, through the same
-// queue and batches as the gRPC API and with the same validation messages (openai.go).
+// With Config.HTTPAddr set, the coordinator also serves package gateway's OpenAI-compatible API (GET
+// /v1/models, POST /v1/completions, POST /v1/chat/completions with Server-Sent Events, GET /health)
+// through the same checks, queue and batches as the gRPC API: gateway.go implements gateway.Generator
+// over the coordinator and maps its errors to the gateway's kinds; the coordinator owns the listener
+// and stops it with the gRPC server (Config.ShutdownGrace).
 //
 // # Usage
 //
@@ -74,6 +77,7 @@
 //	defer c.Close()
 //	<-c.Ready() // leading, a group serves
 //
-// The package imports cluster, model/llama4, shard, safetensors, sample, tokenizer and the generated
-// protobuf code; it knows nothing of backends or communicators, which live in the workers.
+// The package imports cluster, gateway, model/llama4, shard, safetensors, sample, tokenizer and the
+// generated protobuf code; it knows nothing of backends or communicators, which live in the workers,
+// and must not import client (its tests do).
 package coordinator

@@ -8,6 +8,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/tpfleet/tpfleet/client"
 	"github.com/tpfleet/tpfleet/cluster"
 )
 
@@ -112,7 +113,7 @@ func TestGossipWorkerLost(t *testing.T) {
 	})
 	for i := range 4 {
 		prompt := []int{100 + i}
-		res, err := cli.Generate(testCtx(t), GenerateRequest{PromptIDs: prompt, MaxTokens: 3, Sampling: greedy()}, nil)
+		res, err := cli.Generate(testCtx(t), client.GenerateRequest{PromptIDs: prompt, MaxTokens: 3, Sampling: greedy()}, nil)
 		if err != nil || !slices.Equal(res.IDs, echo(prompt, 3)) {
 			t.Errorf("Generate after the crash = %+v, %v; want %v", res, err, echo(prompt, 3))
 		}

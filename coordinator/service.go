@@ -194,3 +194,16 @@ func (s *adminServer) Rebalance(ctx context.Context, in *pb.RebalanceRequest) (*
 	}
 	return &pb.RebalanceResponse{Epoch: epoch}, nil
 }
+
+// toInt32 converts token ids to the API's int32 (the coordinator's ids fit: they are below the
+// vocabulary size).
+func toInt32(v []int) []int32 {
+	if v == nil {
+		return nil
+	}
+	out := make([]int32, len(v))
+	for i, x := range v {
+		out[i] = int32(x)
+	}
+	return out
+}

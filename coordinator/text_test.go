@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/tpfleet/tpfleet/client"
 	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/tokenizer"
 )
@@ -124,7 +125,7 @@ func TestText(t *testing.T) {
 	}
 
 	// The Client: the same ids and text, from ids too; emit's pieces add up to the text.
-	for _, req := range []GenerateRequest{
+	for _, req := range []client.GenerateRequest{
 		{Prompt: "hello", MaxTokens: len(script), Sampling: greedy()},
 		{PromptIDs: []int{490, 394}, MaxTokens: len(script), Sampling: greedy()},
 	} {

@@ -1,15 +1,6 @@
 package worker
 
-import (
-	"context"
-	"errors"
-	"strings"
-
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
-
-	"github.com/tpfleet/tpfleet/cluster"
-)
+import "errors"
 
 // Sentinel errors, tested with errors.Is. A StepResponse.error is the text of an error that wraps one of
 // them, so its prefix ("worker: epoch mismatch", …) tells the coordinator what happened; the package
@@ -45,47 +36,3 @@ var (
 	// ErrClosed means the worker was closed, or is closing.
 	ErrClosed = errors.New("worker: closed")
 )
-
-// statusCodes maps the package's errors (and the context's) to gRPC codes, first match wins. It is the
-// one table of the service; see toStatus.
-var statusCodes = []struct {
-	err  error
-	code codes.Code
-}{
-	{ErrClosed, codes.Unavailable},
-	{cluster.ErrClosed, codes.Unavailable},
-	{cluster.ErrUnavailable, codes.Unavailable},
-	{ErrSuperseded, codes.Aborted},
-	{ErrFailed, codes.Unavailable},
-	{ErrInvalidRequest, codes.InvalidArgument},
-	{ErrEpochMismatch, codes.FailedPrecondition},
-	{ErrNotServing, codes.Unavailable},
-	{ErrUnknownSequence, codes.NotFound},
-	{ErrProtocol, codes.InvalidArgument},
-	{context.DeadlineExceeded, codes.DeadlineExceeded},
-	{context.Canceled, codes.Canceled},
-}
-
-// toStatus turns err into a gRPC status error through statusCodes; unknown errors become Internal.
-func toStatus(err error) error {
-	if err == nil {
-		return nil
-	}
-	if _, ok := status.FromError(err); ok {
-		return err
-	}
-	for _, e := range statusCodes {
-		if errors.Is(err, e.err) {
-			return status.Error(e.code, oneLine(err.Error()))
-		}
-	}
-	return status.Error(codes.Internal, oneLine(err.Error()))
-}
-
-// oneLine keeps an error's text on one line, as StepResponse.error and logs want it.
-func oneLine(s string) string {
-	if !strings.ContainsAny(s, "\r\n") {
-		return s
-	}
-	return strings.Join(strings.FieldsFunc(s, func(r rune) bool { return r == '\n' || r == '\r' }), "; ")
-}

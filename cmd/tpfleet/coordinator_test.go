@@ -16,14 +16,14 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/tpfleet/tpfleet/coordinator"
+	"github.com/tpfleet/tpfleet/client"
 	"github.com/tpfleet/tpfleet/sample"
 )
 
 // waitCoordinator waits until the coordinator at addr serves (health SERVING).
-func waitCoordinator(t *testing.T, addr string) *coordinator.Client {
+func waitCoordinator(t *testing.T, addr string) *client.Client {
 	t.Helper()
-	cli, err := coordinator.Dial(addr)
+	cli, err := client.Dial(addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -113,14 +113,14 @@ func TestClusterProcesses(t *testing.T) {
 	greedy := &sample.Params{TopP: 1}
 	for _, tc := range []struct {
 		name string
-		req  coordinator.GenerateRequest
+		req  client.GenerateRequest
 		msg  string
 	}{
-		{"empty prompt", coordinator.GenerateRequest{MaxTokens: 4}, "empty prompt"},
-		{"id outside the vocabulary", coordinator.GenerateRequest{PromptIDs: []int{1, 600}, MaxTokens: 4}, "outside the vocabulary [0, 512)"},
-		{"max_tokens 0", coordinator.GenerateRequest{PromptIDs: []int{1}}, "max_tokens 0"},
-		{"past the context", coordinator.GenerateRequest{PromptIDs: []int{1}, MaxTokens: 256}, "exceed the model's context of 256"},
-		{"unknown model", coordinator.GenerateRequest{Model: "llama-2", PromptIDs: []int{1}, MaxTokens: 4}, `unknown model "llama-2"`},
+		{"empty prompt", client.GenerateRequest{MaxTokens: 4}, "empty prompt"},
+		{"id outside the vocabulary", client.GenerateRequest{PromptIDs: []int{1, 600}, MaxTokens: 4}, "outside the vocabulary [0, 512)"},
+		{"max_tokens 0", client.GenerateRequest{PromptIDs: []int{1}}, "max_tokens 0"},
+		{"past the context", client.GenerateRequest{PromptIDs: []int{1}, MaxTokens: 256}, "exceed the model's context of 256"},
+		{"unknown model", client.GenerateRequest{Model: "llama-2", PromptIDs: []int{1}, MaxTokens: 4}, `unknown model "llama-2"`},
 	} {
 		_, err := cli.Generate(ctx, tc.req, nil)
 		if st, _ := status.FromError(err); st.Code() != codes.InvalidArgument || !strings.Contains(st.Message(), tc.msg) {
@@ -136,7 +136,7 @@ func TestClusterProcesses(t *testing.T) {
 	if want := strings.ReplaceAll(joinIDs(g.greedy[:5]), ",", " ") + "\n"; code != 0 || stdout != want {
 		t.Errorf("generate --addr = %d, %q (%s), want 0, %q", code, stdout, stderr, want)
 	}
-	res, err := cli.Generate(ctx, coordinator.GenerateRequest{PromptIDs: g.prompt, MaxTokens: 3, Sampling: greedy, IgnoreEOS: true}, nil)
+	res, err := cli.Generate(ctx, client.GenerateRequest{PromptIDs: g.prompt, MaxTokens: 3, Sampling: greedy, IgnoreEOS: true}, nil)
 	if err != nil || !slices.Equal(res.IDs, g.greedy[:3]) {
 		t.Errorf("Generate after bad requests = %+v, %v; want %v", res, err, g.greedy[:3])
 	}
@@ -165,7 +165,7 @@ func TestClusterProcesses(t *testing.T) {
 	if !strings.Contains(coord2.stderr.String(), "resuming plan") {
 		t.Errorf("the new coordinator did not log that it resumed the plan")
 	}
-	if _, err := cli.Generate(ctx, coordinator.GenerateRequest{PromptIDs: g.prompt, MaxTokens: 300}, nil); status.Code(err) != codes.InvalidArgument {
+	if _, err := cli.Generate(ctx, client.GenerateRequest{PromptIDs: g.prompt, MaxTokens: 300}, nil); status.Code(err) != codes.InvalidArgument {
 		t.Errorf("Generate past the context on the new coordinator = %v, want InvalidArgument", err)
 	}
 	generateConcurrently(t, addr, g, 8)

@@ -12,6 +12,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
+	"github.com/tpfleet/tpfleet/client"
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/coordinator"
 	"github.com/tpfleet/tpfleet/sample"
@@ -89,7 +90,7 @@ func TestGossipFailover(t *testing.T) {
 	generate := func(what string) {
 		t.Helper()
 		for range 3 {
-			res, err := cli.Generate(ctx, coordinator.GenerateRequest{PromptIDs: g.prompt, MaxTokens: len(g.greedy), Sampling: greedy, IgnoreEOS: true}, nil)
+			res, err := cli.Generate(ctx, client.GenerateRequest{PromptIDs: g.prompt, MaxTokens: len(g.greedy), Sampling: greedy, IgnoreEOS: true}, nil)
 			if err != nil || !slices.Equal(res.IDs, g.greedy) {
 				t.Errorf("Generate %s = %v, %v; want %v", what, res.IDs, err, g.greedy)
 			}
@@ -131,7 +132,7 @@ func TestGossipFailover(t *testing.T) {
 		t.Errorf("w1 is no longer registered %v after the kill: the re-plan cannot be told apart from the lease's", time.Since(killed))
 	}
 	waitFor(t, 10*time.Second, "two groups serving", func() bool {
-		_, err := cli.Generate(ctx, coordinator.GenerateRequest{PromptIDs: []int{1}, MaxTokens: 1, Sampling: greedy}, nil)
+		_, err := cli.Generate(ctx, client.GenerateRequest{PromptIDs: []int{1}, MaxTokens: 1, Sampling: greedy}, nil)
 		return err == nil
 	})
 	generate("after the kill")

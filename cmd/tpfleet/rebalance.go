@@ -9,7 +9,7 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/tpfleet/tpfleet/coordinator"
+	"github.com/tpfleet/tpfleet/client"
 )
 
 // runRebalance asks the leading coordinator for a new plan epoch from the current members, optionally with
@@ -34,7 +34,7 @@ func runRebalance(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	}
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
-	cli, err := coordinator.Dial(*addr)
+	cli, err := client.Dial(*addr)
 	if err != nil {
 		return err
 	}
@@ -49,8 +49,8 @@ func runRebalance(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	}
 	if *asJSON {
 		return json.NewEncoder(stdout).Encode(struct {
-			Epoch  int64              `json:"epoch"`
-			Shards coordinator.Shards `json:"shards"`
+			Epoch  int64         `json:"epoch"`
+			Shards client.Shards `json:"shards"`
 		}{epoch, shards})
 	}
 	fmt.Fprintf(stdout, "epoch %d: model %s, tp %d, plan %s\n", epoch, shards.Model, shards.TP, shards.Plan)

@@ -13,7 +13,7 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/grpc/status"
 
-	"github.com/tpfleet/tpfleet/coordinator"
+	"github.com/tpfleet/tpfleet/client"
 	"github.com/tpfleet/tpfleet/sample"
 )
 
@@ -50,7 +50,7 @@ func runRemoteGenerate(ctx context.Context, fs *flag.FlagSet, f generateFlags, r
 	if f.maxTokens <= 0 {
 		return usagef("--max-tokens %d must be positive", f.maxTokens)
 	}
-	req := coordinator.GenerateRequest{PromptIDs: prompt, Prompt: f.prompt, MaxTokens: f.maxTokens, IgnoreEOS: f.ignoreEOS}
+	req := client.GenerateRequest{PromptIDs: prompt, Prompt: f.prompt, MaxTokens: f.maxTokens, IgnoreEOS: f.ignoreEOS}
 	if f.dir != "" {
 		req.Model = filepath.Base(filepath.Clean(f.dir))
 	}
@@ -71,7 +71,7 @@ func runRemoteGenerate(ctx context.Context, fs *flag.FlagSet, f generateFlags, r
 	}
 	defer log.Sync() //nolint:errcheck // nothing to do about a failed flush of stderr
 
-	cli, err := coordinator.Dial(r.addr)
+	cli, err := client.Dial(r.addr)
 	if err != nil {
 		return err
 	}

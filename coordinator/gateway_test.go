@@ -23,13 +23,16 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 	"google.golang.org/grpc/status"
 
+	"github.com/tpfleet/tpfleet/client"
+	"github.com/tpfleet/tpfleet/gateway"
+	"github.com/tpfleet/tpfleet/gateway/gatewaytest"
 	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/tokenizer"
 )
 
 // startGateway starts a coordinator with its HTTP gateway on a free port; it returns the coordinator,
 // a gRPC client of it and the gateway's base URL.
-func startGateway(t *testing.T, cfg Config) (*Coordinator, *Client, string) {
+func startGateway(t *testing.T, cfg Config) (*Coordinator, *testClient, string) {
 	t.Helper()
 	cfg.HTTPAddr = "127.0.0.1:0"
 	c, cli := startCoordinator(t, cfg)
@@ -77,30 +80,8 @@ func decode[T any](t *testing.T, data []byte) T {
 	return v
 }
 
-// events splits a complete Server-Sent Events body into the data of its events, checking the framing
-// ("data: ...\n\n" each) and that "data: [DONE]" comes last.
-func events(t *testing.T, body []byte) []string {
-	t.Helper()
-	s := string(body)
-	if !strings.HasSuffix(s, "data: [DONE]\n\n") {
-		t.Fatalf("stream %q does not end with data: [DONE]", s)
-	}
-	var out []string
-	for _, ev := range strings.Split(strings.TrimSuffix(s, "data: [DONE]\n\n"), "\n\n") {
-		if ev == "" {
-			continue
-		}
-		data, ok := strings.CutPrefix(ev, "data: ")
-		if !ok || strings.Contains(data, "\n") {
-			t.Fatalf("stream event %q, want one data: line", ev)
-		}
-		out = append(out, data)
-	}
-	return out
-}
-
 // greedyIDs runs a greedy request through gRPC, the reference the gateway's answers must equal.
-func greedyIDs(t *testing.T, cli *Client, req GenerateRequest) GenerateResult {
+func greedyIDs(t *testing.T, cli *testClient, req client.GenerateRequest) client.GenerateResult {
 	t.Helper()
 	req.Sampling = greedy()
 	res, err := cli.Generate(testCtx(t), req, nil)
@@ -111,7 +92,7 @@ func greedyIDs(t *testing.T, cli *Client, req GenerateRequest) GenerateResult {
 }
 
 // grpcMessage returns the status message that Generate fails in with.
-func grpcMessage(t *testing.T, cli *Client, in *pb.GenerateRequest) string {
+func grpcMessage(t *testing.T, cli *testClient, in *pb.GenerateRequest) string {
 	t.Helper()
 	stream, err := cli.gen.Generate(testCtx(t), in)
 	if err == nil {
@@ -133,29 +114,29 @@ func TestOpenAICompletions(t *testing.T) {
 	ctx := testCtx(t)
 
 	code, _, data := call(t, ctx, http.MethodGet, base+"/v1/models", "")
-	models := decode[modelList](t, data)
+	models := decode[gateway.ModelList](t, data)
 	if code != http.StatusOK || models.Object != "list" || len(models.Data) != 1 ||
 		models.Data[0].ID != "moe-top1" || models.Data[0].Object != "model" || models.Data[0].MaxModelLen != 256 {
 		t.Errorf("GET /v1/models = %d %s, want 200, a list of moe-top1 with max_model_len 256", code, data)
 	}
-	if code, _, data := call(t, ctx, http.MethodGet, base+"/v1/models/moe-top1", ""); code != http.StatusOK || decode[modelCard](t, data).ID != "moe-top1" {
+	if code, _, data := call(t, ctx, http.MethodGet, base+"/v1/models/moe-top1", ""); code != http.StatusOK || decode[gateway.ModelCard](t, data).ID != "moe-top1" {
 		t.Errorf("GET /v1/models/moe-top1 = %d %s, want 200 and the model", code, data)
 	}
 	if code, _, data := call(t, ctx, http.MethodGet, base+"/health", ""); code != http.StatusOK {
 		t.Errorf("GET /health = %d %s, want 200", code, data)
 	}
 
-	want := greedyIDs(t, cli, GenerateRequest{PromptIDs: []int{10, 11}, MaxTokens: 6, IgnoreEOS: true})
-	wantIDs := toInt32(want.IDs)
+	want := greedyIDs(t, cli, client.GenerateRequest{PromptIDs: []int{10, 11}, MaxTokens: 6, IgnoreEOS: true})
+	wantIDs := want.IDs
 	code, data = post(t, base, "/v1/completions",
 		`{"model":"moe-top1","prompt":[10,11],"max_tokens":6,"temperature":0,"ignore_eos":true,"return_token_ids":true}`)
-	res := decode[completionResponse](t, data)
+	res := decode[gateway.CompletionResponse](t, data)
 	if code != http.StatusOK || res.Object != "text_completion" || !strings.HasPrefix(res.ID, "cmpl-") || res.Model != "moe-top1" || len(res.Choices) != 1 {
 		t.Fatalf("POST /v1/completions = %d %s, want 200 and one text_completion choice", code, data)
 	}
 	ch := res.Choices[0]
 	if !slices.Equal(ch.TokenIDs, wantIDs) || ch.FinishReason == nil || *ch.FinishReason != FinishLength ||
-		!slices.Equal(ch.PromptTokenIDs, []int32{10, 11}) || *res.Usage != (usageInfo{2, 6, 8}) {
+		!slices.Equal(ch.PromptTokenIDs, []int{10, 11}) || *res.Usage != (gateway.Usage{PromptTokens: 2, CompletionTokens: 6, TotalTokens: 8}) {
 		t.Errorf("POST /v1/completions = %s; want token_ids %v, finish length, prompt_token_ids [10 11], usage 2+6", data, wantIDs)
 	}
 	// Without return_token_ids, no ids (and no text: the fixture has no tokenizer).
@@ -170,14 +151,14 @@ func TestOpenAICompletions(t *testing.T) {
 	if code != http.StatusOK || hdr.Get("Content-Type") != "text/event-stream" {
 		t.Fatalf("POST /v1/completions (stream) = %d %s %s, want 200 text/event-stream", code, hdr.Get("Content-Type"), data)
 	}
-	evs := events(t, data)
+	evs := gatewaytest.Events(t, data)
 	if len(evs) < 2 {
 		t.Fatalf("stream events %q, want chunks and a usage chunk", evs)
 	}
-	var ids []int32
+	var ids []int
 	for i, ev := range evs[:len(evs)-1] {
-		chunk := decode[completionResponse](t, []byte(ev))
-		if chunk.Object != "text_completion" || chunk.ID != decode[completionResponse](t, []byte(evs[0])).ID || len(chunk.Choices) != 1 || chunk.Usage != nil {
+		chunk := decode[gateway.CompletionResponse](t, []byte(ev))
+		if chunk.Object != "text_completion" || chunk.ID != decode[gateway.CompletionResponse](t, []byte(evs[0])).ID || len(chunk.Choices) != 1 || chunk.Usage != nil {
 			t.Fatalf("stream chunk %d = %s, want one text_completion choice of the stream's id, no usage", i, ev)
 		}
 		ids = append(ids, chunk.Choices[0].TokenIDs...)
@@ -192,26 +173,26 @@ func TestOpenAICompletions(t *testing.T) {
 	if !slices.Equal(ids, wantIDs) {
 		t.Errorf("streamed token_ids = %v, want %v", ids, wantIDs)
 	}
-	if u := decode[completionResponse](t, []byte(evs[len(evs)-1])); len(u.Choices) != 0 || u.Usage == nil || *u.Usage != (usageInfo{2, 6, 8}) {
+	if u := decode[gateway.CompletionResponse](t, []byte(evs[len(evs)-1])); len(u.Choices) != 0 || u.Usage == nil || *u.Usage != (gateway.Usage{PromptTokens: 2, CompletionTokens: 6, TotalTokens: 8}) {
 		t.Errorf("last stream event = %s, want no choices and usage 2+6", evs[len(evs)-1])
 	}
 
 	for _, tc := range []struct {
 		name   string
 		body   string
-		ids    []int32
+		ids    []int
 		finish string
-		usage  usageInfo
+		usage  gateway.Usage
 	}{
 		// A prompt ending in 1 generates 2, an eos id of the fixture.
-		{"eos", `{"prompt":[1],"max_tokens":5,"temperature":0}`, []int32{2}, FinishStop, usageInfo{1, 1, 2}},
-		{"stop_token_ids", `{"prompt":[10],"max_tokens":5,"stop_token_ids":[13]}`, []int32{11, 12, 13}, FinishStop, usageInfo{1, 3, 4}},
-		{"one-element batch", `{"prompt":[[20]],"max_tokens":2,"ignore_eos":true}`, []int32{21, 22}, FinishLength, usageInfo{1, 2, 3}},
+		{"eos", `{"prompt":[1],"max_tokens":5,"temperature":0}`, []int{2}, FinishStop, gateway.Usage{PromptTokens: 1, CompletionTokens: 1, TotalTokens: 2}},
+		{"stop_token_ids", `{"prompt":[10],"max_tokens":5,"stop_token_ids":[13]}`, []int{11, 12, 13}, FinishStop, gateway.Usage{PromptTokens: 1, CompletionTokens: 3, TotalTokens: 4}},
+		{"one-element batch", `{"prompt":[[20]],"max_tokens":2,"ignore_eos":true}`, []int{21, 22}, FinishLength, gateway.Usage{PromptTokens: 1, CompletionTokens: 2, TotalTokens: 3}},
 		// max_tokens left out: the rest of the context of 256.
-		{"max_tokens left out", `{"prompt":[5,6],"ignore_eos":true,"top_k":-1,"seed":-7}`, nil, FinishLength, usageInfo{2, 254, 256}},
+		{"max_tokens left out", `{"prompt":[5,6],"ignore_eos":true,"top_k":-1,"seed":-7}`, nil, FinishLength, gateway.Usage{PromptTokens: 2, CompletionTokens: 254, TotalTokens: 256}},
 	} {
 		code, data := post(t, base, "/v1/completions", strings.Replace(tc.body, "{", `{"return_token_ids":true,`, 1))
-		res := decode[completionResponse](t, data)
+		res := decode[gateway.CompletionResponse](t, data)
 		if code != http.StatusOK || len(res.Choices) != 1 || res.Choices[0].FinishReason == nil {
 			t.Errorf("%s: POST /v1/completions = %d %s, want 200", tc.name, code, data)
 			continue
@@ -290,12 +271,12 @@ func TestOpenAIErrors(t *testing.T) {
 			method = http.MethodPost
 		}
 		code, hdr, data := call(t, testCtx(t), method, base+tc.path, tc.body)
-		body := decode[errorBody](t, data)
+		body := decode[gateway.ErrorBody](t, data)
 		want := tc.msg
 		if tc.grpc != nil {
 			want = grpcMessage(t, cli, tc.grpc)
 		}
-		typ := errTypeInvalid
+		typ := "invalid_request_error"
 		if (tc.grpc != nil && body.Error.Message != want) || (tc.grpc == nil && !strings.Contains(body.Error.Message, want)) ||
 			code != tc.status || body.Error.Code != tc.code || body.Error.Type != typ || hdr.Get("Content-Type") != "application/json" {
 			t.Errorf("%s: %s %s = %d %s; want %d, type %s, code %s, message %q", tc.name, method, tc.path, code, data, tc.status, typ, tc.code, want)
@@ -303,7 +284,7 @@ func TestOpenAIErrors(t *testing.T) {
 	}
 	// The coordinator still serves.
 	if code, data := post(t, base, "/v1/completions", `{"prompt":[40],"max_tokens":3,"ignore_eos":true,"return_token_ids":true}`); code != http.StatusOK ||
-		!slices.Equal(decode[completionResponse](t, data).Choices[0].TokenIDs, []int32{41, 42, 43}) {
+		!slices.Equal(decode[gateway.CompletionResponse](t, data).Choices[0].TokenIDs, []int{41, 42, 43}) {
 		t.Errorf("POST /v1/completions after the errors = %d %s, want 200 and [41 42 43]", code, data)
 	}
 }
@@ -346,19 +327,19 @@ func TestOpenAIChat(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := greedyIDs(t, cli, GenerateRequest{PromptIDs: prompt, MaxTokens: 6})
+	want := greedyIDs(t, cli, client.GenerateRequest{PromptIDs: prompt, MaxTokens: 6})
 	if want.Text != "Hi✓ " {
 		t.Fatalf("Generate(chat prompt) text = %q, want %q", want.Text, "Hi✓ ")
 	}
 
 	code, data := post(t, base, "/v1/chat/completions", `{"model":"moe-top1","messages":`+messages+`,"max_tokens":6,"temperature":0,"return_token_ids":true}`)
-	res := decode[chatResponse](t, data)
+	res := decode[gateway.ChatResponse](t, data)
 	if code != http.StatusOK || res.Object != "chat.completion" || !strings.HasPrefix(res.ID, "chatcmpl-") || len(res.Choices) != 1 || res.Choices[0].Message == nil {
 		t.Fatalf("POST /v1/chat/completions = %d %s, want 200 and one chat.completion choice", code, data)
 	}
 	ch := res.Choices[0]
-	if ch.Message.Role != "assistant" || ch.Message.Content == nil || *ch.Message.Content != want.Text || !slices.Equal(ch.TokenIDs, toInt32(want.IDs)) ||
-		*ch.FinishReason != FinishLength || !slices.Equal(res.PromptTokenIDs, toInt32(prompt)) || *res.Usage != (usageInfo{len(prompt), 6, len(prompt) + 6}) {
+	if ch.Message.Role != "assistant" || ch.Message.Content == nil || *ch.Message.Content != want.Text || !slices.Equal(ch.TokenIDs, want.IDs) ||
+		*ch.FinishReason != FinishLength || !slices.Equal(res.PromptTokenIDs, prompt) || *res.Usage != (gateway.Usage{PromptTokens: len(prompt), CompletionTokens: 6, TotalTokens: len(prompt) + 6}) {
 		t.Errorf("POST /v1/chat/completions = %s; want assistant %q, ids %v, finish length, the chat prompt %v, usage %d+6", data, want.Text, want.IDs, prompt, len(prompt))
 	}
 
@@ -368,7 +349,7 @@ func TestOpenAIChat(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, data = post(t, base, "/v1/chat/completions", `{"messages":`+messages+`,"max_tokens":6,"max_completion_tokens":2,"add_generation_prompt":false,"return_token_ids":true}`)
-	if res := decode[chatResponse](t, data); !slices.Equal(res.PromptTokenIDs, toInt32(noGen)) || res.Usage == nil || res.Usage.CompletionTokens != 2 {
+	if res := decode[gateway.ChatResponse](t, data); !slices.Equal(res.PromptTokenIDs, noGen) || res.Usage == nil || res.Usage.CompletionTokens != 2 {
 		t.Errorf("POST /v1/chat/completions (max_completion_tokens 2, no generation prompt) = %s; want prompt %v, 2 tokens", data, noGen)
 	}
 
@@ -377,10 +358,10 @@ func TestOpenAIChat(t *testing.T) {
 	if code != http.StatusOK || hdr.Get("Content-Type") != "text/event-stream" {
 		t.Fatalf("POST /v1/chat/completions (stream) = %d %s", code, body)
 	}
-	evs := events(t, body)
+	evs := gatewaytest.Events(t, body)
 	var text strings.Builder
 	for i, ev := range evs {
-		chunk := decode[chatResponse](t, []byte(ev))
+		chunk := decode[gateway.ChatResponse](t, []byte(ev))
 		if chunk.Object != "chat.completion.chunk" || len(chunk.Choices) != 1 || chunk.Choices[0].Delta == nil {
 			t.Fatalf("chat stream event %d = %s, want a chat.completion.chunk with a delta", i, ev)
 		}
@@ -404,17 +385,17 @@ func TestOpenAIChat(t *testing.T) {
 	}
 
 	// A text prompt of /v1/completions: encoded with BOS, as Generate encodes it.
-	wantText := greedyIDs(t, cli, GenerateRequest{Prompt: "hello", MaxTokens: 5})
+	wantText := greedyIDs(t, cli, client.GenerateRequest{Prompt: "hello", MaxTokens: 5})
 	_, data = post(t, base, "/v1/completions", `{"prompt":"hello","max_tokens":5,"temperature":0,"return_token_ids":true}`)
-	if res := decode[completionResponse](t, data); len(res.Choices) != 1 || res.Choices[0].Text != wantText.Text ||
-		!slices.Equal(res.Choices[0].TokenIDs, toInt32(wantText.IDs)) || !slices.Equal(res.Choices[0].PromptTokenIDs, []int32{490, 394}) {
+	if res := decode[gateway.CompletionResponse](t, data); len(res.Choices) != 1 || res.Choices[0].Text != wantText.Text ||
+		!slices.Equal(res.Choices[0].TokenIDs, wantText.IDs) || !slices.Equal(res.Choices[0].PromptTokenIDs, []int{490, 394}) {
 		t.Errorf("POST /v1/completions (text) = %s; want text %q, ids %v, prompt [490 394]", data, wantText.Text, wantText.IDs)
 	}
 	// The text of a streamed completion adds up too; ✓ comes whole.
 	_, _, body = call(t, testCtx(t), http.MethodPost, base+"/v1/completions", `{"prompt":["hello"],"max_tokens":5,"stream":true}`)
 	text.Reset()
-	for _, ev := range events(t, body) {
-		ch := decode[completionResponse](t, []byte(ev)).Choices[0]
+	for _, ev := range gatewaytest.Events(t, body) {
+		ch := decode[gateway.CompletionResponse](t, []byte(ev)).Choices[0]
 		if (ch.Text == "" && ch.FinishReason == nil) || !utf8.ValidString(ch.Text) {
 			t.Errorf("completion stream event %s: want whole characters, and no empty events but the last", ev)
 		}
@@ -435,7 +416,7 @@ func TestOpenAIChat(t *testing.T) {
 		{"bad message type", `{"messages":"hi"}`, "field messages: want an array, got string"},
 	} {
 		code, data := post(t, base, "/v1/chat/completions", tc.body)
-		if body := decode[errorBody](t, data); code != http.StatusBadRequest || body.Error.Code != "invalid_request" || !strings.Contains(body.Error.Message, tc.msg) {
+		if body := decode[gateway.ErrorBody](t, data); code != http.StatusBadRequest || body.Error.Code != "invalid_request" || !strings.Contains(body.Error.Message, tc.msg) {
 			t.Errorf("%s: POST /v1/chat/completions = %d %s, want 400 invalid_request with %q", tc.name, code, data, tc.msg)
 		}
 	}
@@ -492,7 +473,7 @@ func TestOpenAIQueueFull(t *testing.T) {
 	}
 	eventually(t, "a queued request", func() bool { return c.queue.len() == 1 })
 	code, data := post(t, base, "/v1/completions", `{"prompt":[1],"max_tokens":2}`)
-	if body := decode[errorBody](t, data); code != http.StatusTooManyRequests || body.Error.Code != "queue_full" || body.Error.Type != errTypeRateLimit ||
+	if body := decode[gateway.ErrorBody](t, data); code != http.StatusTooManyRequests || body.Error.Code != "queue_full" || body.Error.Type != "rate_limit_error" ||
 		body.Error.Message != "coordinator: queue full: 1 requests are waiting" {
 		t.Errorf("POST /v1/completions with a full queue = %d %s, want 429 queue_full", code, data)
 	}
@@ -527,7 +508,7 @@ func TestOpenAIUnavailable(t *testing.T) {
 				method, body = http.MethodGet, ""
 			}
 			code, _, data := call(t, testCtx(t), method, tc.base+path, body)
-			if e := decode[errorBody](t, data); code != http.StatusServiceUnavailable || e.Error.Code != tc.code || e.Error.Type != errTypeUnavailable {
+			if e := decode[gateway.ErrorBody](t, data); code != http.StatusServiceUnavailable || e.Error.Code != tc.code || e.Error.Type != "service_unavailable" {
 				t.Errorf("%s: %s %s = %d %s, want 503 %s", tc.name, method, path, code, data, tc.code)
 			}
 		}
@@ -555,22 +536,22 @@ func TestOpenAIStepFailed(t *testing.T) {
 	waitReady(t, c)
 
 	code, data := post(t, base, "/v1/completions", `{"prompt":[98],"max_tokens":4}`)
-	if e := decode[errorBody](t, data); code != http.StatusInternalServerError || e.Error.Code != "step_failed" || e.Error.Type != errTypeServer ||
+	if e := decode[gateway.ErrorBody](t, data); code != http.StatusInternalServerError || e.Error.Code != "step_failed" || e.Error.Type != "server_error" ||
 		!strings.Contains(e.Error.Message, "illegal memory access") {
 		t.Errorf("POST /v1/completions on a failing step = %d %s, want 500 step_failed with the worker's error", code, data)
 	}
 
 	// The group reconnects; meanwhile the request waits in the queue.
 	code, _, body := call(t, testCtx(t), http.MethodPost, base+"/v1/completions", `{"prompt":[95],"max_tokens":10,"return_token_ids":true,"stream":true}`)
-	evs := events(t, body)
+	evs := gatewaytest.Events(t, body)
 	if code != http.StatusOK || len(evs) < 2 {
 		t.Fatalf("POST /v1/completions (stream) on a failing step = %d %s, want 200, chunks and an error event", code, body)
 	}
-	var ids []int32
+	var ids []int
 	for _, ev := range evs[:len(evs)-1] {
-		ids = append(ids, decode[completionResponse](t, []byte(ev)).Choices[0].TokenIDs...)
+		ids = append(ids, decode[gateway.CompletionResponse](t, []byte(ev)).Choices[0].TokenIDs...)
 	}
-	if e := decode[errorBody](t, []byte(evs[len(evs)-1])); !slices.Equal(ids, []int32{96, 97, 98, 99}) || e.Error.Code != "step_failed" {
+	if e := decode[gateway.ErrorBody](t, []byte(evs[len(evs)-1])); !slices.Equal(ids, []int{96, 97, 98, 99}) || e.Error.Code != "step_failed" {
 		t.Errorf("stream on a failing step = ids %v, last event %s; want [96 97 98 99], then a step_failed error", ids, evs[len(evs)-1])
 	}
 }

@@ -1,4 +1,4 @@
-package coordinator
+package client
 
 import (
 	"context"
@@ -13,6 +13,12 @@ import (
 
 	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/sample"
+)
+
+// Finish reasons, as GenerateResult.FinishReason carries them.
+const (
+	FinishStop   = "stop"   // an eos or stop id was chosen (it is the last id)
+	FinishLength = "length" // max_tokens ids were chosen
 )
 
 // Client calls a coordinator's Generation and Admin services, for programs that should not depend on
@@ -30,7 +36,7 @@ type Client struct {
 func Dial(addr string) (*Client, error) {
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
-		return nil, fmt.Errorf("coordinator: dial %s: %w", addr, err)
+		return nil, fmt.Errorf("client: dial %s: %w", addr, err)
 	}
 	return &Client{
 		conn:   conn,
@@ -102,7 +108,7 @@ func (c *Client) Generate(ctx context.Context, req GenerateRequest, emit func(id
 		msg, err := stream.Recv()
 		if errors.Is(err, io.EOF) {
 			if res.FinishReason == "" {
-				return res, fmt.Errorf("coordinator: generate: the stream ended without a finish reason")
+				return res, fmt.Errorf("client: generate: the stream ended without a finish reason")
 			}
 			return res, nil
 		}
@@ -158,7 +164,7 @@ func (c *Client) WaitReady(ctx context.Context, interval time.Duration) error {
 			if err == nil {
 				err = fmt.Errorf("status %s", resp.GetStatus())
 			}
-			return fmt.Errorf("coordinator: not serving: %w (last: %v)", ctx.Err(), err)
+			return fmt.Errorf("client: coordinator not serving: %w (last: %v)", ctx.Err(), err)
 		case <-t.C:
 		}
 	}

@@ -1,0 +1,301 @@
+package coordinator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"net"
+	"net/http"
+
+	"github.com/tpfleet/tpfleet/gateway"
+	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
+	"github.com/tpfleet/tpfleet/tokenizer"
+)
+
+// HTTPAddr returns the address the OpenAI-compatible HTTP gateway listens on (with the port it got for
+// port 0), or "" before Start and when Config.HTTPAddr is empty.
+//
+// The gateway (package gateway) serves GET /v1/models, POST /v1/completions, POST
+// /v1/chat/completions and GET /health over the coordinator: its requests take Generate's checks (same
+// messages), queue and batches; /health answers 200 while this coordinator leads and a TP group
+// serves, else 503. Errors are OpenAI error bodies: 400 for an invalid request, 404 for an unknown
+// model or route, 429 when the queue is full, 503 from a standby, without a plan or while shutting
+// down, 500 when a worker failed a step. A client that goes away cancels its request: it leaves the
+// queue or its sequence is released at the next step.
+func (c *Coordinator) HTTPAddr() string {
+	if c.httpLis == nil {
+		return ""
+	}
+	return c.httpLis.Addr().String()
+}
+
+// listenHTTP opens the gateway's listener when Config.HTTPAddr is set; nil otherwise.
+func (c *Coordinator) listenHTTP() (net.Listener, error) {
+	if c.cfg.HTTPAddr == "" {
+		return nil, nil
+	}
+	lis, err := net.Listen("tcp", c.cfg.HTTPAddr)
+	if err != nil {
+		return nil, fmt.Errorf("coordinator: listen (http): %w", err)
+	}
+	return lis, nil
+}
+
+// serveHTTP serves the gateway on c.httpLis, if any, in a goroutine of c.wg.
+func (c *Coordinator) serveHTTP() {
+	if c.httpLis == nil {
+		return
+	}
+	g, err := gateway.New(gateway.Config{Generator: generator{c}, Logger: c.log})
+	if err != nil { // a Config that cannot fail Validate
+		c.fail(fmt.Errorf("coordinator: serve HTTP: %w", err))
+		return
+	}
+	c.httpSrv = g.NewServer()
+	c.wg.Go(func() {
+		if err := c.httpSrv.Serve(c.httpLis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			c.fail(fmt.Errorf("coordinator: serve HTTP: %w", err))
+		}
+	})
+}
+
+// shutdownHTTP starts the graceful stop of the gateway: it stops listening, closes idle connections
+// and waits for the requests in flight until ctx ends. The channel is closed when that is over (at
+// once without a gateway); closeHTTP then cuts what is left.
+func (c *Coordinator) shutdownHTTP(ctx context.Context) <-chan struct{} {
+	done := make(chan struct{})
+	if c.httpSrv == nil {
+		close(done)
+		return done
+	}
+	go func() {
+		defer close(done)
+		_ = c.httpSrv.Shutdown(ctx) // ctx's error when requests were still running
+	}()
+	return done
+}
+
+// closeHTTP closes the gateway's connections, which cancels the requests still running.
+func (c *Coordinator) closeHTTP() {
+	if c.httpSrv != nil {
+		_ = c.httpSrv.Close()
+	}
+}
+
+// serving says why the coordinator does not serve requests now, or nil when it does (the gRPC health
+// service's SERVING).
+func (c *Coordinator) serving() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch {
+	case c.draining:
+		return fmt.Errorf("%w: shutting down", ErrClosed)
+	case !c.leader:
+		return fmt.Errorf("%w: this coordinator is a standby", ErrNotLeader)
+	case len(c.readyGroups) == 0:
+		return fmt.Errorf("%w: no TP group of %d workers serves yet; see the cluster's members", ErrNoPlan, c.tp)
+	}
+	return nil
+}
+
+// submit checks a request as Generate does and queues it. The caller must remove and cancel it when
+// it is done with it.
+func (c *Coordinator) submit(in *pb.GenerateRequest) (*request, error) {
+	r, err := c.model.newRequest(in)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.admit(r); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// generator is the coordinator as the gateway's Generator: its requests take Generate's checks,
+// queue and batches.
+type generator struct{ c *Coordinator }
+
+var _ gateway.Generator = generator{}
+
+// gatewayKinds tells the gateway how to answer the coordinator's errors: the kind picks the HTTP
+// status, the code is statusTable's reason in lower case. The first entry that errors.Is matches wins;
+// other errors are 500 internal_error.
+var gatewayKinds = []struct {
+	err  error
+	kind error // nil: 500
+	code string
+}{
+	{ErrNoTokenizer, gateway.ErrInvalidRequest, "no_tokenizer"},
+	{ErrInvalidRequest, gateway.ErrInvalidRequest, "invalid_request"},
+	{ErrQueueFull, gateway.ErrOverloaded, "queue_full"},
+	{ErrNotLeader, gateway.ErrUnavailable, "not_leader"},
+	{ErrNoPlan, gateway.ErrUnavailable, "no_plan"},
+	{ErrWorkerLost, gateway.ErrUnavailable, "worker_lost"},
+	{ErrClosed, gateway.ErrUnavailable, "closed"},
+	{ErrStepFailed, nil, "step_failed"},
+}
+
+// toGateway classifies err for the gateway (see gatewayKinds); its text stays the same.
+func toGateway(err error) error {
+	for _, e := range gatewayKinds {
+		if errors.Is(err, e.err) {
+			return &gateway.Error{Kind: e.kind, Code: e.code, Err: err}
+		}
+	}
+	return err
+}
+
+// Model describes the served model; another name is 404 model_not_found, with Generate's message.
+func (g generator) Model(name string) (gateway.Model, error) {
+	m := g.c.model
+	if name != "" && name != m.name {
+		return gateway.Model{}, &gateway.Error{Kind: gateway.ErrNotFound, Code: "model_not_found",
+			Err: invalid("unknown model %q: this cluster serves %q", name, m.name)}
+	}
+	return gateway.Model{Name: m.name, MaxModelLen: m.cfg.MaxPositions}, nil
+}
+
+// Tokenizer returns the model's tokenizer, or the error of a text request without one.
+func (g generator) Tokenizer() (gateway.Tokenizer, error) {
+	m := g.c.model
+	if m.tok == nil {
+		return nil, toGateway(m.noTokenizer())
+	}
+	return gatewayTokenizer{m.tok}, nil
+}
+
+// Serving reports why the coordinator does not serve now, or nil.
+func (g generator) Serving() error { return toGateway(g.c.serving()) }
+
+// Generate turns req into a GenerateRequest, checks it as Generate does and queues it. Sampling fields
+// left out take generation_config.json's values.
+func (g generator) Generate(_ context.Context, req gateway.Request) (gateway.Stream, error) {
+	c := g.c
+	in, err := c.model.fromGateway(req)
+	if err != nil {
+		return nil, toGateway(err)
+	}
+	r, err := c.submit(in)
+	if err != nil {
+		return nil, toGateway(err)
+	}
+	s := &stream{c: c, r: r, prompt: make([]int, len(r.prompt))}
+	for i, id := range r.prompt {
+		s.prompt[i] = int(id)
+	}
+	if c.model.tok != nil {
+		s.text = &textStream{dec: c.model.tok.NewDecoder(true), log: c.log}
+	}
+	return s, nil
+}
+
+// fromGateway makes the GenerateRequest of a gateway request. Ids outside int32 are reported with
+// Generate's message for an id outside the vocabulary (Generate checks the rest); max_tokens and top_k
+// are clamped to int32.
+func (m modelInfo) fromGateway(req gateway.Request) (*pb.GenerateRequest, error) {
+	in := &pb.GenerateRequest{Model: req.Model, Prompt: req.Prompt, MaxTokens: clamp32(req.MaxTokens), IgnoreEos: req.IgnoreEOS}
+	var err error
+	if in.PromptIds, err = m.tokenIDs(req.PromptIDs, "prompt id"); err != nil {
+		return nil, err
+	}
+	p := m.defaultSampling()
+	s := req.Sampling
+	if s.Temperature != nil {
+		p.Temperature = *s.Temperature
+	}
+	if s.TopP != nil {
+		p.TopP = *s.TopP
+	}
+	if s.TopK != nil {
+		p.TopK = int(clamp32(*s.TopK))
+	}
+	if s.Seed != nil {
+		p.Seed = *s.Seed
+	}
+	in.Sampling = &pb.SamplingParams{Temperature: p.Temperature, TopK: int32(p.TopK), TopP: p.TopP, Seed: p.Seed}
+	if in.StopIds, err = m.tokenIDs(req.StopIDs, "stop id"); err != nil {
+		return nil, err
+	}
+	return in, nil
+}
+
+// clamp32 limits v to the range of int32.
+func clamp32(v int) int32 {
+	return int32(max(math.MinInt32, min(math.MaxInt32, v)))
+}
+
+// tokenIDs converts ids to int32, reporting one outside int32 with Generate's message for an id
+// outside the vocabulary.
+func (m modelInfo) tokenIDs(ids []int, what string) ([]int32, error) {
+	if ids == nil {
+		return nil, nil
+	}
+	out := make([]int32, len(ids))
+	for i, id := range ids {
+		if id < math.MinInt32 || id > math.MaxInt32 {
+			return nil, invalid("%s %d at index %d is outside the vocabulary [0, %d)", what, id, i, m.cfg.VocabSize)
+		}
+		out[i] = int32(id)
+	}
+	return out, nil
+}
+
+// stream is a queued request as a gateway.Stream.
+type stream struct {
+	c      *Coordinator
+	r      *request
+	prompt []int
+	text   *textStream // nil without a tokenizer
+}
+
+func (s *stream) PromptIDs() []int { return s.prompt }
+
+// Next waits for the request's next ids, or its end.
+func (s *stream) Next(ctx context.Context) (gateway.Chunk, error) {
+	for {
+		select {
+		case <-s.r.notify:
+		case <-ctx.Done():
+			return gateway.Chunk{}, ctx.Err()
+		}
+		got, done, finish, err := s.r.take()
+		ch := gateway.Chunk{IDs: make([]int, len(got))}
+		for i, id := range got {
+			ch.IDs[i] = int(id)
+		}
+		if s.text != nil {
+			ch.Text = s.text.add(got, done && err == nil)
+		}
+		switch {
+		case err != nil:
+			return ch, toGateway(err)
+		case done:
+			ch.Finish = finish
+			return ch, nil
+		case len(got) > 0:
+			return ch, nil
+		}
+	}
+}
+
+// Close takes the request out of the queue, or has its sequence released at the next step.
+func (s *stream) Close() {
+	s.c.queue.remove(s.r)
+	s.r.cancel()
+}
+
+// gatewayTokenizer is the model's tokenizer as the gateway's.
+type gatewayTokenizer struct{ tok *tokenizer.Tokenizer }
+
+func (t gatewayTokenizer) Encode(text string, addSpecial bool) []int {
+	return t.tok.Encode(text, addSpecial)
+}
+
+func (t gatewayTokenizer) EncodeChat(msgs []gateway.Message, addGenerationPrompt bool) ([]int, error) {
+	tm := make([]tokenizer.Message, len(msgs))
+	for i, m := range msgs {
+		tm[i] = tokenizer.Message{Role: m.Role, Content: m.Content}
+	}
+	return t.tok.EncodeChat(tm, addGenerationPrompt)
+}

@@ -1,0 +1,44 @@
+// Package gateway is tpfleet's OpenAI-compatible HTTP API, as vLLM serves it, over a small generation
+// interface of plain Go types (Generator): it owns the JSON, the validation of OpenAI's fields and
+// Server-Sent Events, and nothing of how tokens are made.
+//
+// # Routes
+//
+//   - GET /v1/models lists the served model (Generator.Model); GET /v1/models/{model} describes it.
+//   - POST /v1/completions takes a prompt (a string, which the Generator encodes with BOS, or an array
+//     of token ids, or a one-element array of either) and POST /v1/chat/completions takes messages,
+//     rendered with the model's chat template and a generation prompt (Tokenizer.EncodeChat). Both take
+//     max_tokens (left out: the rest of the context), temperature, top_p, seed and vLLM's top_k,
+//     stop_token_ids, ignore_eos and return_token_ids; sampling fields left out take the model's
+//     defaults. With stream they answer Server-Sent Events in OpenAI's chunk format, one event per
+//     Chunk the Generator hands over (usually one token), flushed at once, then "data: [DONE]"; a
+//     failure after the first event comes as an error event before the end.
+//   - GET /health answers 200 while Generator.Serving is nil, else its error (503 for an
+//     ErrUnavailable one).
+//
+// # Errors
+//
+// Errors are OpenAI error bodies ({"error": {"message", "type", "param", "code"}}, ErrorBody). The
+// gateway's own checks (malformed JSON, unsupported OpenAI fields, unknown routes and methods, a body
+// over 64 MiB) answer 400, 404, 405 or 413. A Generator's error is answered by its kind (see
+// Generator): ErrInvalidRequest 400, ErrNotFound 404, ErrOverloaded 429, ErrUnavailable 503, other
+// errors 500; an *Error names the body's code. Messages are the errors' text as it is, so a Generator's
+// checks read the same through HTTP as through its other APIs.
+//
+// A client that goes away cancels its request: the request's context ends, Stream.Next returns, and
+// the gateway closes the Stream.
+//
+// # Usage
+//
+//	g, err := gateway.New(gateway.Config{Generator: gen, Logger: log})
+//	if err != nil { ... }
+//	srv := g.NewServer() // no write timeout: a stream lasts as long as its generation
+//	go srv.Serve(lis)
+//	defer srv.Shutdown(ctx)
+//
+// The coordinator serves it at its Config.HTTPAddr (package coordinator implements Generator over its
+// queue and batches).
+//
+// The package imports zap and the standard library only: not the generated protobuf code, not the
+// coordinator, no backend and no cgo, so a Generator over any engine can serve it.
+package gateway

@@ -1,0 +1,457 @@
+package gateway
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"reflect"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tpfleet/tpfleet/gateway/gatewaytest"
+)
+
+// fakeGen is a Generator whose model counts: after a prompt ending in id k it generates k+1, k+2, …,
+// each with the text "<k+1>". Its tokenizer (when tok is set) encodes a text as its bytes after a BOS
+// of 1, and a chat as the bytes of "role: content\n" for each message.
+type fakeGen struct {
+	tok     bool
+	serving error
+	genErr  error // Generate's error
+	failAt  int   // when > 0: Next fails after this many tokens
+	failErr error
+
+	mu     sync.Mutex
+	last   Request
+	closed int
+}
+
+var _ Generator = (*fakeGen)(nil)
+
+func (f *fakeGen) Model(name string) (Model, error) {
+	if name != "" && name != "fake" {
+		return Model{}, &Error{Kind: ErrNotFound, Code: "model_not_found", Err: fmt.Errorf("fake: unknown model %q", name)}
+	}
+	return Model{Name: "fake", MaxModelLen: 64}, nil
+}
+
+func (f *fakeGen) Tokenizer() (Tokenizer, error) {
+	if !f.tok {
+		return nil, &Error{Kind: ErrInvalidRequest, Code: "no_tokenizer", Err: errors.New("fake: no tokenizer")}
+	}
+	return fakeTok{}, nil
+}
+
+func (f *fakeGen) Serving() error { return f.serving }
+
+func (f *fakeGen) Generate(_ context.Context, req Request) (Stream, error) {
+	f.mu.Lock()
+	f.last = req
+	f.mu.Unlock()
+	if f.genErr != nil {
+		return nil, f.genErr
+	}
+	prompt := req.PromptIDs
+	if req.Prompt != "" {
+		prompt = fakeTok{}.Encode(req.Prompt, true)
+	}
+	if len(prompt) == 0 || req.MaxTokens <= 0 {
+		return nil, fmt.Errorf("fake: %w: empty prompt or max_tokens %d", ErrInvalidRequest, req.MaxTokens)
+	}
+	return &fakeStream{f: f, prompt: prompt, next: prompt[len(prompt)-1] + 1, left: req.MaxTokens}, nil
+}
+
+type fakeStream struct {
+	f          *fakeGen
+	prompt     []int
+	next, left int
+	sent       int
+}
+
+func (s *fakeStream) PromptIDs() []int { return s.prompt }
+
+func (s *fakeStream) Next(ctx context.Context) (Chunk, error) {
+	if err := ctx.Err(); err != nil {
+		return Chunk{}, err
+	}
+	if s.f.failAt > 0 && s.sent == s.f.failAt {
+		return Chunk{}, s.f.failErr
+	}
+	ch := Chunk{IDs: []int{s.next}, Text: fmt.Sprintf("<%d>", s.next)}
+	s.next++
+	s.sent++
+	if s.left--; s.left == 0 {
+		ch.Finish = FinishLength
+	}
+	return ch, nil
+}
+
+func (s *fakeStream) Close() {
+	s.f.mu.Lock()
+	s.f.closed++
+	s.f.mu.Unlock()
+}
+
+type fakeTok struct{}
+
+func (fakeTok) Encode(text string, addSpecial bool) []int {
+	var ids []int
+	if addSpecial {
+		ids = append(ids, 1)
+	}
+	for _, b := range []byte(text) {
+		ids = append(ids, int(b))
+	}
+	return ids
+}
+
+func (fakeTok) EncodeChat(msgs []Message, addGenerationPrompt bool) ([]int, error) {
+	var b strings.Builder
+	for _, m := range msgs {
+		if m.Role == "tool" {
+			return nil, errors.New("role tool is not in the template")
+		}
+		fmt.Fprintf(&b, "%s: %s\n", m.Role, m.Content)
+	}
+	if addGenerationPrompt {
+		b.WriteString("assistant: ")
+	}
+	return fakeTok{}.Encode(b.String(), false), nil
+}
+
+// serve starts a gateway of f on a test server and returns its base URL.
+func serve(t *testing.T, f *fakeGen) string {
+	t.Helper()
+	g, err := New(Config{Generator: f})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(g)
+	t.Cleanup(srv.Close)
+	return srv.URL
+}
+
+// call sends a request and returns its status, headers and body.
+func call(t *testing.T, method, url, body string) (int, http.Header, []byte) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, method, url, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("%s %s: reading the body: %v", method, url, err)
+	}
+	return resp.StatusCode, resp.Header, data
+}
+
+func decode[T any](t *testing.T, data []byte) T {
+	t.Helper()
+	var v T
+	if err := json.Unmarshal(data, &v); err != nil {
+		t.Fatalf("decoding %s: %v", data, err)
+	}
+	return v
+}
+
+// TestRequest: the JSON fields become the Generator's Request: max_tokens (or the rest of the context),
+// sampling fields only when set, vLLM's top_k -1 as 0, stop ids, text prompts, chat prompts.
+func TestRequest(t *testing.T) {
+	f := &fakeGen{tok: true}
+	base := serve(t, f)
+	temp, topP, k0, k5, seed := 0.5, 0.9, 0, 5, uint64(1<<64-7)
+	for _, tc := range []struct {
+		path, body string
+		want       Request
+	}{
+		{"/v1/completions", `{"prompt":[10,11],"max_tokens":3}`, Request{PromptIDs: []int{10, 11}, MaxTokens: 3}},
+		{"/v1/completions", `{"model":"fake","prompt":[[7]],"ignore_eos":true,"stop_token_ids":[9,8]}`,
+			Request{Model: "fake", PromptIDs: []int{7}, MaxTokens: 63, IgnoreEOS: true, StopIDs: []int{9, 8}}},
+		{"/v1/completions", `{"prompt":[1],"max_tokens":2,"temperature":0.5,"top_p":0.9,"top_k":-1,"seed":-7}`,
+			Request{PromptIDs: []int{1}, MaxTokens: 2, Sampling: Sampling{Temperature: &temp, TopP: &topP, TopK: &k0, Seed: &seed}}},
+		{"/v1/completions", `{"prompt":[1],"max_tokens":2,"top_k":5}`, Request{PromptIDs: []int{1}, MaxTokens: 2, Sampling: Sampling{TopK: &k5}}},
+		// A text prompt: the rest of the context after its encoding (BOS + 2 bytes).
+		{"/v1/completions", `{"prompt":"hi"}`, Request{Prompt: "hi", MaxTokens: 61}},
+		{"/v1/completions", `{"prompt":["hi"],"max_tokens":2}`, Request{Prompt: "hi", MaxTokens: 2}},
+		{"/v1/chat/completions", `{"messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}],"max_tokens":9,"max_completion_tokens":2}`,
+			Request{PromptIDs: fakeTok{}.Encode("user: a\nb\nassistant: ", false), MaxTokens: 2}},
+		{"/v1/chat/completions", `{"messages":[{"role":"user","content":null}],"add_generation_prompt":false}`,
+			Request{PromptIDs: fakeTok{}.Encode("user: \n", false), MaxTokens: 64 - 7}},
+	} {
+		code, _, data := call(t, http.MethodPost, base+tc.path, tc.body)
+		f.mu.Lock()
+		got := f.last
+		f.mu.Unlock()
+		gs, ws := got, tc.want
+		gs.Sampling, ws.Sampling = Sampling{}, Sampling{}
+		if code != http.StatusOK || !reflect.DeepEqual(gs, ws) || !sameSampling(got.Sampling, tc.want.Sampling) {
+			t.Errorf("POST %s %s = %d %s, Request %+v; want 200, Request %+v", tc.path, tc.body, code, data, got, tc.want)
+		}
+	}
+}
+
+func sameSampling(a, b Sampling) bool {
+	eq := func(x, y any) bool { return fmt.Sprint(x) == fmt.Sprint(y) }
+	deref := func(p any) any {
+		switch v := p.(type) {
+		case *float64:
+			if v != nil {
+				return *v
+			}
+		case *int:
+			if v != nil {
+				return *v
+			}
+		case *uint64:
+			if v != nil {
+				return *v
+			}
+		}
+		return nil
+	}
+	return eq(deref(a.Temperature), deref(b.Temperature)) && eq(deref(a.TopP), deref(b.TopP)) &&
+		eq(deref(a.TopK), deref(b.TopK)) && eq(deref(a.Seed), deref(b.Seed))
+}
+
+// TestResponses: whole and streamed responses of both endpoints, in OpenAI's formats.
+func TestResponses(t *testing.T) {
+	f := &fakeGen{tok: true}
+	base := serve(t, f)
+
+	code, _, data := call(t, http.MethodGet, base+"/v1/models", "")
+	if ms := decode[ModelList](t, data); code != http.StatusOK || ms.Object != "list" || len(ms.Data) != 1 || ms.Data[0].ID != "fake" ||
+		ms.Data[0].Object != "model" || ms.Data[0].OwnedBy != "tpfleet" || ms.Data[0].MaxModelLen != 64 {
+		t.Errorf("GET /v1/models = %d %s, want 200, a list of fake with max_model_len 64", code, data)
+	}
+	if code, _, data := call(t, http.MethodGet, base+"/v1/models/fake", ""); code != http.StatusOK || decode[ModelCard](t, data).ID != "fake" {
+		t.Errorf("GET /v1/models/fake = %d %s, want 200 and the model", code, data)
+	}
+	if code, _, data := call(t, http.MethodGet, base+"/health", ""); code != http.StatusOK || len(data) != 0 {
+		t.Errorf("GET /health = %d %q, want 200 and no body", code, data)
+	}
+
+	code, _, data = call(t, http.MethodPost, base+"/v1/completions", `{"prompt":[10,11],"max_tokens":3,"return_token_ids":true}`)
+	res := decode[CompletionResponse](t, data)
+	if code != http.StatusOK || res.Object != "text_completion" || !strings.HasPrefix(res.ID, "cmpl-") || res.Model != "fake" || len(res.Choices) != 1 ||
+		res.Choices[0].Text != "<12><13><14>" || !slices.Equal(res.Choices[0].TokenIDs, []int{12, 13, 14}) || !slices.Equal(res.Choices[0].PromptTokenIDs, []int{10, 11}) ||
+		res.Choices[0].FinishReason == nil || *res.Choices[0].FinishReason != FinishLength || res.Usage == nil || *res.Usage != (Usage{PromptTokens: 2, CompletionTokens: 3, TotalTokens: 5}) {
+		t.Errorf("POST /v1/completions = %d %s; want text <12><13><14>, ids, prompt ids, finish length, usage 2+3", code, data)
+	}
+	if _, _, data := call(t, http.MethodPost, base+"/v1/completions", `{"prompt":[10],"max_tokens":1}`); strings.Contains(string(data), "token_ids") {
+		t.Errorf("POST /v1/completions without return_token_ids = %s, want no token_ids", data)
+	}
+
+	code, _, data = call(t, http.MethodPost, base+"/v1/chat/completions", `{"messages":[{"role":"user","content":"x"}],"max_tokens":2}`)
+	chat := decode[ChatResponse](t, data)
+	if code != http.StatusOK || chat.Object != "chat.completion" || !strings.HasPrefix(chat.ID, "chatcmpl-") || len(chat.Choices) != 1 || chat.Choices[0].Message == nil ||
+		chat.Choices[0].Message.Role != "assistant" || *chat.Choices[0].Message.Content != "<33><34>" || *chat.Choices[0].FinishReason != FinishLength || chat.Usage.CompletionTokens != 2 {
+		t.Errorf("POST /v1/chat/completions = %d %s; want the assistant's <33><34>, finish length", code, data)
+	}
+
+	// Streamed completion: a chunk per token, prompt ids on the first, finish on the last, then usage.
+	code, hdr, data := call(t, http.MethodPost, base+"/v1/completions",
+		`{"prompt":[10],"max_tokens":3,"return_token_ids":true,"stream":true,"stream_options":{"include_usage":true}}`)
+	if code != http.StatusOK || hdr.Get("Content-Type") != "text/event-stream" || hdr.Get("Cache-Control") != "no-cache" {
+		t.Fatalf("POST /v1/completions (stream) = %d %v %s, want 200 text/event-stream", code, hdr, data)
+	}
+	evs := gatewaytest.Events(t, data)
+	if len(evs) != 4 {
+		t.Fatalf("stream events %q, want 3 chunks and a usage chunk", evs)
+	}
+	for i, ev := range evs[:3] {
+		ch := decode[CompletionResponse](t, []byte(ev))
+		c := ch.Choices[0]
+		if ch.ID != decode[CompletionResponse](t, []byte(evs[0])).ID || ch.Usage != nil || !slices.Equal(c.TokenIDs, []int{11 + i}) ||
+			c.Text != fmt.Sprintf("<%d>", 11+i) || (c.PromptTokenIDs != nil) != (i == 0) || (c.FinishReason != nil) != (i == 2) {
+			t.Errorf("stream chunk %d = %s; want id %d, prompt ids on the first, finish on the last", i, ev, 11+i)
+		}
+	}
+	if u := decode[CompletionResponse](t, []byte(evs[3])); len(u.Choices) != 0 || u.Usage == nil || *u.Usage != (Usage{PromptTokens: 1, CompletionTokens: 3, TotalTokens: 4}) {
+		t.Errorf("last stream event = %s, want no choices and usage 1+3", evs[3])
+	}
+
+	// Streamed chat: the role first, then deltas.
+	_, _, data = call(t, http.MethodPost, base+"/v1/chat/completions", `{"messages":[{"role":"user","content":"x"}],"max_tokens":2,"stream":true}`)
+	evs = gatewaytest.Events(t, data)
+	if len(evs) != 3 {
+		t.Fatalf("chat stream events %q, want the role and 2 deltas", evs)
+	}
+	var text strings.Builder
+	for i, ev := range evs {
+		ch := decode[ChatResponse](t, []byte(ev))
+		if ch.Object != "chat.completion.chunk" || len(ch.Choices) != 1 || ch.Choices[0].Delta == nil || (ch.Choices[0].Delta.Role == "assistant") != (i == 0) ||
+			(ch.Choices[0].FinishReason != nil) != (i == 2) {
+			t.Errorf("chat stream event %d = %s; want the role first, finish last", i, ev)
+		}
+		if c := ch.Choices[0].Delta.Content; c != nil {
+			text.WriteString(*c)
+		}
+	}
+	if text.String() != "<33><34>" {
+		t.Errorf("streamed chat content = %q, want <33><34>", text.String())
+	}
+	eventually(t, "all 5 streams closed", func() bool {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		return f.closed == 5
+	})
+}
+
+// eventually waits until cond holds, failing the test after 10 s.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestErrors: the gateway's own checks, and a Generator's errors by kind, as OpenAI error bodies.
+func TestErrors(t *testing.T) {
+	f := &fakeGen{}
+	base := serve(t, f)
+	for _, tc := range []struct {
+		name, method, path, body string
+		status                   int
+		typ, code, msg           string
+	}{
+		{"malformed JSON", "", "/v1/completions", `{"prompt": [1,`, 400, "invalid_request_error", "invalid_request", "gateway: invalid request: malformed JSON body: unexpected end"},
+		{"bad JSON syntax", "", "/v1/completions", `{"prompt": [1,]}`, 400, "invalid_request_error", "invalid_request", "malformed JSON body: invalid character ']'"},
+		{"wrong type", "", "/v1/completions", `{"prompt":[1],"max_tokens":"5"}`, 400, "invalid_request_error", "invalid_request", "field max_tokens: want an integer, got string"},
+		{"not an object", "", "/v1/completions", `[1,2]`, 400, "invalid_request_error", "invalid_request", "want an object, got array"},
+		{"data after the object", "", "/v1/completions", `{"prompt":[1]} {}`, 400, "invalid_request_error", "invalid_request", "data after the JSON object"},
+		{"empty body", "", "/v1/completions", ``, 400, "invalid_request_error", "invalid_request", "empty request body"},
+		{"prompt fills the context", "", "/v1/completions", `{"prompt":[` + strings.Repeat("1,", 63) + `1]}`, 400, "invalid_request_error", "invalid_request",
+			"64 prompt tokens leave no room for new tokens in the model's context of 64"},
+		{"n 2", "", "/v1/completions", `{"prompt":[1],"n":2}`, 400, "invalid_request_error", "invalid_request", "n 2: only one choice per request"},
+		{"stop strings", "", "/v1/completions", `{"prompt":[1],"stop":["\n"]}`, 400, "invalid_request_error", "invalid_request", "stop strings are not supported; use stop_token_ids"},
+		{"logprobs", "", "/v1/completions", `{"prompt":[1],"logprobs":5}`, 400, "invalid_request_error", "invalid_request", "logprobs are not supported"},
+		{"presence_penalty", "", "/v1/completions", `{"prompt":[1],"presence_penalty":1}`, 400, "invalid_request_error", "invalid_request", "presence_penalty is not supported"},
+		{"echo", "", "/v1/completions", `{"prompt":[1],"echo":true}`, 400, "invalid_request_error", "invalid_request", "echo is not supported"},
+		{"best_of", "", "/v1/completions", `{"prompt":[1],"best_of":3}`, 400, "invalid_request_error", "invalid_request", "best_of 3: only one choice"},
+		{"suffix", "", "/v1/completions", `{"prompt":[1],"suffix":"x"}`, 400, "invalid_request_error", "invalid_request", "suffix is not supported"},
+		{"batch", "", "/v1/completions", `{"prompt":["a","b"]}`, 400, "invalid_request_error", "invalid_request", "a batch of 2 prompts is not supported"},
+		{"prompt object", "", "/v1/completions", `{"prompt":{"text":"a"}}`, 400, "invalid_request_error", "invalid_request", "prompt must be a string or an array of token ids"},
+		{"fractional id", "", "/v1/completions", `{"prompt":[1.5]}`, 400, "invalid_request_error", "invalid_request", "prompt must be a string or an array of token ids"},
+		{"unknown model", "", "/v1/completions", `{"model":"gpt-2","prompt":[1]}`, 404, "invalid_request_error", "model_not_found", `fake: unknown model "gpt-2"`},
+		{"unknown model (chat)", "", "/v1/chat/completions", `{"model":"gpt-2","messages":[]}`, 404, "invalid_request_error", "model_not_found", `fake: unknown model "gpt-2"`},
+		{"unknown model (GET)", http.MethodGet, "/v1/models/gpt-2", "", 404, "invalid_request_error", "model_not_found", `fake: unknown model "gpt-2"`},
+		{"chat without a tokenizer", "", "/v1/chat/completions", `{"messages":[{"role":"user","content":"hi"}]}`, 400, "invalid_request_error", "no_tokenizer", "fake: no tokenizer"},
+		{"tools", "", "/v1/chat/completions", `{"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function"}]}`, 400, "invalid_request_error", "invalid_request", "tools are not supported"},
+		{"top_logprobs", "", "/v1/chat/completions", `{"messages":[],"top_logprobs":2}`, 400, "invalid_request_error", "invalid_request", "top_logprobs is not supported"},
+		{"bad message type", "", "/v1/chat/completions", `{"messages":"hi"}`, 400, "invalid_request_error", "invalid_request", "field messages: want an array, got string"},
+		{"the Generator's check", "", "/v1/completions", `{"max_tokens":4}`, 400, "invalid_request_error", "invalid_request", "fake: gateway: invalid request: empty prompt or max_tokens 4"},
+		{"unknown route", http.MethodGet, "/v1/embeddings", "", 404, "invalid_request_error", "not_found", "no route GET /v1/embeddings"},
+		{"wrong method", http.MethodGet, "/v1/completions", "", 405, "invalid_request_error", "method_not_allowed", "method GET not allowed on /v1/completions: use POST"},
+		{"wrong method (models)", http.MethodPost, "/v1/models", "", 405, "invalid_request_error", "method_not_allowed", "use GET or HEAD"},
+	} {
+		method := tc.method
+		if method == "" {
+			method = http.MethodPost
+		}
+		code, hdr, data := call(t, method, base+tc.path, tc.body)
+		body := decode[ErrorBody](t, data)
+		if code != tc.status || body.Error.Type != tc.typ || body.Error.Code != tc.code || !strings.Contains(body.Error.Message, tc.msg) ||
+			body.Error.Param != nil || hdr.Get("Content-Type") != "application/json" {
+			t.Errorf("%s: %s %s = %d %s; want %d, type %s, code %s, message with %q", tc.name, method, tc.path, code, data, tc.status, tc.typ, tc.code, tc.msg)
+		}
+	}
+
+	// The chat checks that need a tokenizer.
+	f.tok = true
+	for _, tc := range []struct{ name, body, msg string }{
+		{"no messages", `{"messages":[]}`, "messages: empty"},
+		{"no role", `{"messages":[{"content":"hi"}]}`, "messages[0]: no role"},
+		{"image part", `{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}`, `messages[0].content: part 0: type "image_url" is not supported`},
+		{"content object", `{"messages":[{"role":"user","content":{"text":"hi"}}]}`, "messages[0].content: want a string or an array of content parts"},
+		{"template error", `{"messages":[{"role":"tool","content":"hi"}]}`, "gateway: invalid request: messages: role tool is not in the template"},
+	} {
+		code, _, data := call(t, http.MethodPost, base+"/v1/chat/completions", tc.body)
+		if body := decode[ErrorBody](t, data); code != http.StatusBadRequest || body.Error.Code != "invalid_request" || !strings.Contains(body.Error.Message, tc.msg) {
+			t.Errorf("%s: POST /v1/chat/completions = %d %s, want 400 invalid_request with %q", tc.name, code, data, tc.msg)
+		}
+	}
+}
+
+// TestErrorKinds: a Generator's errors are answered by kind, with an *Error's code, and the message as
+// it is; /health answers Serving's error.
+func TestErrorKinds(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		err       error
+		status    int
+		typ, code string
+	}{
+		{"invalid", fmt.Errorf("x: %w: bad", ErrInvalidRequest), 400, "invalid_request_error", "invalid_request"},
+		{"not found", &Error{Kind: ErrNotFound, Err: errors.New("x: gone")}, 404, "invalid_request_error", "not_found"},
+		{"overloaded", &Error{Kind: ErrOverloaded, Code: "queue_full", Err: errors.New("x: queue full: 1 requests are waiting")}, 429, "rate_limit_error", "queue_full"},
+		{"unavailable", &Error{Kind: ErrUnavailable, Code: "not_leader", Err: errors.New("x: standby")}, 503, "service_unavailable", "not_leader"},
+		{"server error with a code", &Error{Code: "step_failed", Err: errors.New("x: step failed: cuda")}, 500, "server_error", "step_failed"},
+		{"other", errors.New("x: boom"), 500, "server_error", "internal_error"},
+	} {
+		base := serve(t, &fakeGen{genErr: tc.err, serving: tc.err})
+		for _, r := range []struct{ method, path, body string }{
+			{http.MethodPost, "/v1/completions", `{"prompt":[1],"max_tokens":2}`},
+			{http.MethodGet, "/health", ""},
+		} {
+			code, _, data := call(t, r.method, base+r.path, r.body)
+			if e := decode[ErrorBody](t, data); code != tc.status || e.Error.Type != tc.typ || e.Error.Code != tc.code || e.Error.Message != tc.err.Error() {
+				t.Errorf("%s: %s %s = %d %s; want %d %s %s %q", tc.name, r.method, r.path, code, data, tc.status, tc.typ, tc.code, tc.err.Error())
+			}
+		}
+	}
+}
+
+// TestStreamFailure: a failure before the end is the error whole, or an error event after the chunks
+// already sent, then the stream's end.
+func TestStreamFailure(t *testing.T) {
+	f := &fakeGen{failAt: 2, failErr: &Error{Code: "step_failed", Err: errors.New("x: step failed: illegal memory access")}}
+	base := serve(t, f)
+	code, _, data := call(t, http.MethodPost, base+"/v1/completions", `{"prompt":[5],"max_tokens":4}`)
+	if e := decode[ErrorBody](t, data); code != 500 || e.Error.Code != "step_failed" || !strings.Contains(e.Error.Message, "illegal memory access") {
+		t.Errorf("POST /v1/completions failing = %d %s, want 500 step_failed", code, data)
+	}
+	code, _, data = call(t, http.MethodPost, base+"/v1/completions", `{"prompt":[5],"max_tokens":4,"stream":true,"return_token_ids":true}`)
+	evs := gatewaytest.Events(t, data)
+	if code != http.StatusOK || len(evs) != 3 {
+		t.Fatalf("POST /v1/completions (stream) failing = %d %s, want 200, 2 chunks and an error event", code, data)
+	}
+	var ids []int
+	for _, ev := range evs[:2] {
+		ids = append(ids, decode[CompletionResponse](t, []byte(ev)).Choices[0].TokenIDs...)
+	}
+	if e := decode[ErrorBody](t, []byte(evs[2])); !slices.Equal(ids, []int{6, 7}) || e.Error.Code != "step_failed" || e.Error.Type != "server_error" {
+		t.Errorf("failing stream = ids %v, last event %s; want [6 7], then a step_failed error", ids, evs[2])
+	}
+}
+
+// TestConfig: New refuses a Config without a Generator.
+func TestConfig(t *testing.T) {
+	if _, err := New(Config{}); err == nil || !strings.Contains(err.Error(), "no Generator") {
+		t.Errorf("New(Config{}) = %v, want an error naming the missing Generator", err)
+	}
+	g, err := New(Config{Generator: &fakeGen{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if srv := g.NewServer(); srv.Handler != g || srv.WriteTimeout != 0 || srv.ReadTimeout != 0 || srv.ReadHeaderTimeout != headerReadTimeout {
+		t.Errorf("NewServer() = %+v, want the gateway's handler, no read or write timeout, a header timeout", srv)
+	}
+}

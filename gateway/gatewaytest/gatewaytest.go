@@ -1,0 +1,30 @@
+// Package gatewaytest holds test helpers for the gateway's HTTP API, shared by the gateway's own tests
+// and the end-to-end tests of the servers that embed it (the coordinator's).
+package gatewaytest
+
+import (
+	"strings"
+	"testing"
+)
+
+// Events splits a complete Server-Sent Events body into the data of its events, checking the framing
+// ("data: ...\n\n" each) and that "data: [DONE]" comes last; it fails tb otherwise.
+func Events(tb testing.TB, body []byte) []string {
+	tb.Helper()
+	s := string(body)
+	if !strings.HasSuffix(s, "data: [DONE]\n\n") {
+		tb.Fatalf("stream %q does not end with data: [DONE]", s)
+	}
+	var out []string
+	for _, ev := range strings.Split(strings.TrimSuffix(s, "data: [DONE]\n\n"), "\n\n") {
+		if ev == "" {
+			continue
+		}
+		data, ok := strings.CutPrefix(ev, "data: ")
+		if !ok || strings.Contains(data, "\n") {
+			tb.Fatalf("stream event %q, want one data: line", ev)
+		}
+		out = append(out, data)
+	}
+	return out
+}
