@@ -127,12 +127,9 @@ func checkTP(m modelInfo, planName string, tp int) error {
 	if tp < 1 {
 		return fmt.Errorf("%w: TP %d, want >= 1", ErrInvalidConfig, tp)
 	}
-	plan, ok := shard.NamedPlan(m.config, planName)
-	if !ok {
-		var err error
-		if plan, err = shard.LoadPlan(planName); err != nil {
-			return fmt.Errorf("%w: plan %q is not tp, ep or a readable plan file: %w", ErrInvalidConfig, planName, err)
-		}
+	plan, err := shard.ResolvePlan(m.config, planName)
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrInvalidConfig, err)
 	}
 	ckpt, err := safetensors.OpenCheckpoint(m.dir)
 	if err != nil {

@@ -89,6 +89,13 @@ func (t TensorShard) MarshalJSON() ([]byte, error) {
 	}{t.Name, t.Style, t.Pattern, t.DType.String(), t.Shape, t.Dim, t.Packed, ranges, t.LocalShape, t.Bytes, t.Replicas})
 }
 
+// BytesOf returns the bytes this rank reads of the tensor the model calls name (without the prefix), 0
+// for a tensor outside the manifest.
+func (m *Manifest) BytesOf(name string) int64 {
+	s, _ := m.Lookup(m.Prefix + name)
+	return s.Bytes
+}
+
 // Lookup returns the entry of the tensor with checkpoint name name (with the prefix).
 func (m *Manifest) Lookup(name string) (TensorShard, bool) {
 	if m.index != nil {

@@ -3,9 +3,11 @@ package shard
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 
 	"github.com/tpfleet/tpfleet/model"
@@ -309,4 +311,33 @@ func NamedPlan(cfg model.Config, name string) (Plan, bool) {
 		name = "tp"
 	}
 	return builtin(cfg, name)
+}
+
+// ResolvePlan returns the model's built-in plan called name (NamedPlan: "tp", "default", "ep", ...) or
+// else reads name as a plan file (LoadPlan). A name that is neither gives an error that says so and wraps
+// os.ErrNotExist; a plan file that does not parse gives LoadPlan's error.
+func ResolvePlan(cfg model.Config, name string) (Plan, error) {
+	if plan, ok := NamedPlan(cfg, name); ok {
+		return plan, nil
+	}
+	plan, err := LoadPlan(name)
+	if errors.Is(err, os.ErrNotExist) {
+		return plan, fmt.Errorf("plan %q is neither a built-in plan (%s) nor a plan file: %w", name, builtinNames(cfg), err)
+	}
+	return plan, err
+}
+
+// builtinNames lists the model's built-in plan names for messages, the default first: "tp, ep".
+func builtinNames(cfg model.Config) string {
+	names := make([]string, 0, len(cfg.Info().Plans))
+	for n := range cfg.Info().Plans {
+		if n != "tp" {
+			names = append(names, n)
+		}
+	}
+	slices.Sort(names)
+	if _, ok := cfg.Info().Plans["tp"]; ok {
+		names = append([]string{"tp"}, names...)
+	}
+	return strings.Join(names, ", ")
 }

@@ -2,15 +2,12 @@ package worker
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"time"
 
 	"go.uber.org/zap"
 
-	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/model/run"
@@ -74,18 +71,6 @@ func (w *Worker) keyFor(p cluster.Plan, a cluster.Assignment) weightsKey {
 	return weightsKey{dir: dir, model: p.Model, planName: name, tp: p.TP, rank: a.Rank}
 }
 
-// resolvePlan returns a built-in plan by name ("tp", "ep") or reads a plan file.
-func resolvePlan(cfg model.Config, name string) (shard.Plan, error) {
-	if plan, ok := shard.NamedPlan(cfg, name); ok {
-		return plan, nil
-	}
-	plan, err := shard.LoadPlan(name)
-	if errors.Is(err, os.ErrNotExist) {
-		return plan, fmt.Errorf("plan %q is not tp, ep or a plan file on this host: %w", name, err)
-	}
-	return plan, err
-}
-
 // loadWeights reads exactly this rank's slices of the checkpoint (range reads of the mmapped files) into
 // the backend and builds the model over them.
 func (w *Worker) loadWeights(ctx context.Context, k weightsKey) (*weights, error) {
@@ -99,9 +84,9 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey) (*weights, error
 	if err != nil {
 		return nil, err
 	}
-	plan, err := resolvePlan(cfg, k.planName)
+	plan, err := shard.ResolvePlan(cfg, k.planName)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("on this host: %w", err)
 	}
 	ckpt, err := safetensors.OpenCheckpoint(k.dir)
 	if err != nil {
@@ -119,8 +104,8 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey) (*weights, error
 		zap.Int64("bytes", man.Bytes), zap.Int64("full-bytes", man.FullBytes))
 
 	comm := newEpochComm(k.rank, k.tp, w.gpu != nil)
-	pw := &progressWeights{inner: run.NewRankWeights(shard.NewRankReader(ckpt, man), w.ops), man: &man, lg: lg,
-		total: len(man.Tensors), totalBytes: man.Bytes, start: start, last: start, every: w.progressEvery}
+	pw := &run.Progress{Weights: run.NewRankWeights(shard.NewRankReader(ckpt, man), w.ops), Log: lg,
+		Total: len(man.Tensors), TotalBytes: man.Bytes, BytesOf: man.BytesOf, Every: w.progressEvery}
 	m, err := run.Open(ctx, w.ops, cfg, pw, run.Parallel{Comm: comm})
 	if err != nil {
 		if ctx.Err() != nil {
@@ -129,39 +114,9 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey) (*weights, error
 		return nil, err
 	}
 	took := time.Since(start)
-	lg.Info("weights loaded", zap.Int("tensors", pw.tensors), zap.Int64("bytes", pw.bytes),
+	tensors, bytes := pw.Loaded()
+	lg.Info("weights loaded", zap.Int("tensors", tensors), zap.Int64("bytes", bytes),
 		zap.Duration("took", took.Round(time.Millisecond)),
-		zap.Float64("mib-per-second", float64(pw.bytes)/(1<<20)/max(took.Seconds(), 1e-9)))
-	return &weights{key: k, model: m, info: info, comm: comm, gen: gen, bytes: pw.bytes, tensors: pw.tensors}, nil
-}
-
-// progressWeights counts the tensors and bytes loaded and logs progress every few seconds.
-type progressWeights struct {
-	inner             run.Weights
-	man               *shard.Manifest
-	lg                *zap.Logger
-	tensors, total    int
-	bytes, totalBytes int64
-	start, last       time.Time
-	every             time.Duration
-}
-
-var _ run.Weights = (*progressWeights)(nil)
-
-func (p *progressWeights) Load(ctx context.Context, name string) (backend.Tensor, model.Layout, error) {
-	t, lay, err := p.inner.Load(ctx, name)
-	if err != nil {
-		return t, lay, err
-	}
-	p.tensors++
-	if s, ok := p.man.Lookup(p.man.Prefix + name); ok {
-		p.bytes += s.Bytes
-	}
-	if now := time.Now(); now.Sub(p.last) >= p.every {
-		p.last = now
-		p.lg.Info("loading weights", zap.Int("tensors", p.tensors), zap.Int("of", p.total),
-			zap.Int64("bytes", p.bytes), zap.Int64("of-bytes", p.totalBytes),
-			zap.Duration("elapsed", now.Sub(p.start).Round(time.Millisecond)))
-	}
-	return t, lay, nil
+		zap.Float64("mib-per-second", float64(bytes)/(1<<20)/max(took.Seconds(), 1e-9)))
+	return &weights{key: k, model: m, info: info, comm: comm, gen: gen, bytes: bytes, tensors: tensors}, nil
 }

@@ -13,7 +13,6 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
-	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/model"
 	modelrun "github.com/tpfleet/tpfleet/model/run"
 	"github.com/tpfleet/tpfleet/safetensors"
@@ -119,25 +118,30 @@ func loadRanks(ctx context.Context, f modelFlags, cfg model.Config, ckpt *safete
 	for i, rank := range ranks {
 		ops := allOps[i]
 		var w modelrun.Weights = modelrun.NewCheckpointWeights(ckpt, ops, cfg)
-		bytes := int64(0)
+		bytesOf := func(name string) int64 {
+			info, err := ckpt.Info(prefix + name)
+			if err != nil {
+				return 0
+			}
+			return info.NumBytes()
+		}
 		if f.par.tp > 1 {
 			man, err := shard.NewManifest(cfg, ckpt, plan, f.par.tp, rank)
 			if err != nil {
 				g.Close()
 				return nil, err
 			}
-			w, bytes = modelrun.NewRankWeights(shard.NewRankReader(ckpt, man), ops), man.Bytes
-		} else {
-			for _, s := range specs {
-				if info, err := ckpt.Info(prefix + s.Name); err == nil {
-					bytes += info.NumBytes()
-				}
-			}
+			w, bytesOf = modelrun.NewRankWeights(shard.NewRankReader(ckpt, man), ops), man.BytesOf
+		}
+		bytes := int64(0)
+		for _, s := range specs {
+			bytes += bytesOf(s.Name)
 		}
 		log.Info("loading model", zap.String("model", f.dir), zap.String("device", ops.Name()),
 			zap.Int("rank", rank), zap.Int("tp", f.par.tp), zap.String("plan", f.par.plan),
 			zap.String("family", cfg.Info().Family), zap.Int("tensors", len(specs)), zap.String("size", mib(bytes)))
-		m, err := modelrun.Open(ctx, ops, cfg, newProgressWeights(w, len(specs), rank, log), modelrun.Parallel{Comm: comms[i]})
+		progress := &modelrun.Progress{Weights: w, Log: log.With(zap.Int("rank", rank)), Total: len(specs), TotalBytes: bytes, BytesOf: bytesOf}
+		m, err := modelrun.Open(ctx, ops, cfg, progress, modelrun.Parallel{Comm: comms[i]})
 		if err != nil {
 			g.Close()
 			return nil, fmt.Errorf("rank %d: %w", rank, err)
@@ -145,33 +149,6 @@ func loadRanks(ctx context.Context, f modelFlags, cfg model.Config, ckpt *safete
 		g.ranks = append(g.ranks, m)
 	}
 	return g, nil
-}
-
-// progressWeights logs loading progress every few seconds.
-type progressWeights struct {
-	inner          modelrun.Weights
-	rank           int
-	log            *zap.Logger
-	tensors, total int
-	lastReport     time.Time
-	reportEvery    time.Duration
-}
-
-func newProgressWeights(inner modelrun.Weights, total, rank int, log *zap.Logger) *progressWeights {
-	return &progressWeights{inner: inner, rank: rank, log: log, total: total, lastReport: time.Now(), reportEvery: 2 * time.Second}
-}
-
-func (p *progressWeights) Load(ctx context.Context, name string) (backend.Tensor, model.Layout, error) {
-	t, lay, err := p.inner.Load(ctx, name)
-	if err != nil {
-		return t, lay, err
-	}
-	p.tensors++
-	if time.Since(p.lastReport) >= p.reportEvery {
-		p.lastReport = time.Now()
-		p.log.Info("loading", zap.Int("rank", p.rank), zap.Int("tensors", p.tensors), zap.Int("of", p.total))
-	}
-	return t, lay, nil
 }
 
 // checkIDs rejects token ids outside [0, vocab).

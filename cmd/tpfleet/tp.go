@@ -65,12 +65,9 @@ func (f *parallelFlags) check() error {
 
 // resolvePlan returns one of the model's built-in plans by name ("tp", "ep") or reads a plan file.
 func resolvePlan(cfg model.Config, name string) (shard.Plan, error) {
-	if plan, ok := shard.NamedPlan(cfg, name); ok {
-		return plan, nil
-	}
-	plan, err := shard.LoadPlan(name)
+	plan, err := shard.ResolvePlan(cfg, name)
 	if errors.Is(err, os.ErrNotExist) {
-		return plan, usagef("--plan %q is not tp, ep or a plan file", name)
+		return plan, usagef("--%v", err)
 	}
 	return plan, err
 }
