@@ -116,7 +116,8 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey) (*weights, error
 		zap.Int("experts", cfg.NumExperts), zap.Int("tensors", len(man.Tensors)),
 		zap.Int64("bytes", man.Bytes), zap.Int64("full-bytes", man.FullBytes))
 
-	comm := newEpochComm(k.rank, k.tp, w.gpu != nil)
+	_, device := w.ops.(backend.DeviceContext) // the epochs' communicators are then NCCL's
+	comm := newEpochComm(k.rank, k.tp, device)
 	pw := &progressWeights{inner: shard.NewRankWeights(ckpt, w.ops, man), man: &man, lg: lg,
 		total: len(man.Tensors), totalBytes: man.Bytes, start: start, last: start, every: w.progressEvery}
 	m, err := llama4.Load(ctx, w.ops, cfg, pw, llama4.Parallel{Comm: comm})
