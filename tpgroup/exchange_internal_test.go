@@ -1,4 +1,4 @@
-package worker
+package tpgroup
 
 import (
 	"context"
@@ -14,12 +14,12 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tpfleet/tpfleet/cluster"
-	"github.com/tpfleet/tpfleet/comm"
 	"github.com/tpfleet/tpfleet/comm/nccl"
 )
 
-// The NCCL id exchange of GPU workers, against a real embedded etcd. NCCL cannot run here: rank 0's
-// id comes from a fake newID, and the test checks what every rank would pass to nccl.Join.
+// The NCCL id exchange of GPU workers (Join through cluster.Rendezvous), against a real embedded etcd.
+// NCCL cannot run here: rank 0's id comes from a fake newID, and the test checks what every rank would
+// pass to nccl.Join.
 
 func startTestEtcd(t *testing.T) *cluster.Embedded {
 	t.Helper()
@@ -72,11 +72,11 @@ func TestNCCLExchange(t *testing.T) {
 		for rank := size - 1; rank >= 0; rank-- {
 			cli := testClient(t, e)
 			wg.Go(func() {
-				var peers [][]byte
-				ids[rank], peers, errs[rank] = ncclExchange(ctx, cli, ncclGroup{epoch: epoch, group: 1, rank: rank, size: size},
-					fmt.Appendf(nil, "w%d cuda:%d", rank, rank), time.Minute, f.newID)
+				var peers []record
+				ids[rank], peers, errs[rank] = exchangeID(ctx, cli.Rendezvous(epoch, 1, time.Minute), rank, size,
+					record{Device: "gpu", Addr: fmt.Sprintf("w%d cuda:%d", rank, rank)}, f.newID)
 				for r, p := range peers {
-					if want := fmt.Sprintf("w%d cuda:%d", r, r); string(p) != want && errs[rank] == nil {
+					if want := fmt.Sprintf("w%d cuda:%d", r, r); p.Addr != want && errs[rank] == nil {
 						errs[rank] = fmt.Errorf("peer %d's mark %q, want %q", r, p, want)
 					}
 				}
@@ -136,7 +136,7 @@ func TestNCCLExchangeFailures(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(t.Context(), 300*time.Millisecond)
 	defer cancel()
-	_, _, err := ncclExchange(ctx, cli, ncclGroup{epoch: 1, group: 0, rank: 0, size: 2}, []byte("w0"), time.Minute, f.newID)
+	_, _, err := exchangeID(ctx, cli.Rendezvous(1, 0, time.Minute), 0, 2, record{Device: "gpu", Addr: "w0"}, f.newID)
 	if !errors.Is(err, cluster.ErrRendezvousIncomplete) || !strings.Contains(err.Error(), "missing ranks [1]") {
 		t.Errorf("rank 0 without rank 1 = %v, want ErrRendezvousIncomplete naming rank 1", err)
 	}
@@ -147,7 +147,7 @@ func TestNCCLExchangeFailures(t *testing.T) {
 	// Rank 0 marked itself ready (above) but never publishes an id: rank 1 fails naming it.
 	ctx, cancel = context.WithTimeout(t.Context(), 300*time.Millisecond)
 	defer cancel()
-	_, _, err = ncclExchange(ctx, cli, ncclGroup{epoch: 1, group: 0, rank: 1, size: 2}, []byte("w1"), time.Minute, f.newID)
+	_, _, err = exchangeID(ctx, cli.Rendezvous(1, 0, time.Minute), 1, 2, record{Device: "gpu", Addr: "w1"}, f.newID)
 	if !errors.Is(err, cluster.ErrRendezvousIncomplete) || !strings.Contains(err.Error(), "rank 0 did not publish the NCCL unique id") {
 		t.Errorf("rank 1 without rank 0's id = %v, want ErrRendezvousIncomplete naming rank 0's id", err)
 	}
@@ -156,7 +156,7 @@ func TestNCCLExchangeFailures(t *testing.T) {
 	bad := func() (nccl.UniqueID, error) { return nccl.UniqueID{}, nccl.ErrUnavailable }
 	ctx2, cancel2 := context.WithTimeout(t.Context(), 10*time.Second)
 	defer cancel2()
-	_, _, err = ncclExchange(ctx2, cli, ncclGroup{epoch: 2, group: 0, rank: 0, size: 1}, []byte("w0"), time.Minute, bad)
+	_, _, err = exchangeID(ctx2, cli.Rendezvous(2, 0, time.Minute), 0, 1, record{Device: "gpu", Addr: "w0"}, bad)
 	if !errors.Is(err, nccl.ErrUnavailable) || !strings.Contains(err.Error(), "make the NCCL unique id") {
 		t.Errorf("rank 0 with a failing newID = %v, want it wrapped", err)
 	}
@@ -169,19 +169,11 @@ func TestNCCLExchangeFailures(t *testing.T) {
 	if err := cli.PutNCCLID(ctx2, 3, 0, []byte("short"), 0); err != nil {
 		t.Fatal(err)
 	}
-	if err := cli.PutRendezvous(ctx2, 3, 0, 0, []byte("w0")); err != nil {
+	if err := cli.PutRendezvous(ctx2, 3, 0, 0, []byte(`{"device":"gpu","addr":"w0"}`)); err != nil {
 		t.Fatal(err)
 	}
-	_, _, err = ncclExchange(ctx2, cli, ncclGroup{epoch: 3, group: 0, rank: 1, size: 2}, []byte("w1"), time.Minute, f.newID)
+	_, _, err = exchangeID(ctx2, cli.Rendezvous(3, 0, time.Minute), 1, 2, record{Device: "gpu", Addr: "w1"}, f.newID)
 	if !errors.Is(err, nccl.ErrInvalidUniqueID) {
 		t.Errorf("rank 1 reading a 5-byte id = %v, want ErrInvalidUniqueID", err)
-	}
-}
-
-// TestEpochCommAcceptsDeviceBuffers: a GPU worker's per-epoch communicator is NCCL's to the GPU
-// backend; a CPU worker's is not.
-func TestEpochCommAcceptsDeviceBuffers(t *testing.T) {
-	if !comm.AcceptsDeviceBuffers(newEpochComm(0, 2, true)) || comm.AcceptsDeviceBuffers(newEpochComm(0, 2, false)) {
-		t.Errorf("AcceptsDeviceBuffers(epochComm) does not follow the worker's device")
 	}
 }

@@ -50,7 +50,7 @@ const (
 )
 
 // DeviceCPU is the pure-Go backend's name, the default device. Any name registered with package backend
-// (backend.Names: "cuda" where the binary imports backend/cuda) is a device too.
+// (backend.Names: "cuda" where the binary links the cuda backend) is a device too.
 const DeviceCPU = "cpu"
 
 // Config configures a Worker. The json tags are the flag names of AddFlags.

@@ -24,8 +24,8 @@ import (
 	_ "github.com/tpfleet/tpfleet/backend/cpu" // the default device (DefaultDevice): every worker can run on it
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/comm"
-	"github.com/tpfleet/tpfleet/tpgroup"
 	tpfleetv1 "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
+	"github.com/tpfleet/tpfleet/tpgroup"
 )
 
 // State is what a worker is doing in its current plan epoch.

@@ -12,6 +12,7 @@ import (
 
 	"github.com/tpfleet/tpfleet/backend/cuda"
 	"github.com/tpfleet/tpfleet/comm/nccl"
+	"github.com/tpfleet/tpfleet/internal/gputest"
 	"github.com/tpfleet/tpfleet/model/llama4"
 	"github.com/tpfleet/tpfleet/safetensors"
 	"github.com/tpfleet/tpfleet/shard"
@@ -22,10 +23,9 @@ import (
 // on GPU 0 and with HF's float32 goldens: relative L2 <= 3e-2 and top-1 agreement >= 98 % for both. It
 // skips with fewer than 2 GPUs.
 func TestGoldenTP(t *testing.T) {
+	gputest.Require(t)
 	n, err := cuda.DeviceCount()
-	if err != nil {
-		t.Skipf("no usable GPU: %v", err)
-	}
+	gputest.Check(t, "cuda.DeviceCount", err)
 	if n < 2 {
 		t.Skipf("TP=2 needs 2 GPUs, %d present", n)
 	}
