@@ -14,7 +14,6 @@ import (
 	"github.com/tpfleet/tpfleet/comm/nccl"
 	"github.com/tpfleet/tpfleet/internal/gputest"
 	"github.com/tpfleet/tpfleet/model/llama4"
-	"github.com/tpfleet/tpfleet/safetensors"
 	"github.com/tpfleet/tpfleet/shard"
 )
 
@@ -66,27 +65,8 @@ func goldenTP(t *testing.T, bs []*cuda.Backend, dir string) {
 	if cfg.NumHeads%tp != 0 {
 		t.Skipf("the fixture's %d heads do not split %d ways", cfg.NumHeads, tp)
 	}
-	ckpt, err := safetensors.OpenCheckpoint(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ckpt.Close()
-	golden, err := safetensors.OpenCheckpoint(filepath.Join(dir, "golden.safetensors"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer golden.Close()
-	info, data := readGolden(t, golden, "score_ids")
-	ids64, err := safetensors.ToInt64(info.DType, data)
-	if err != nil {
-		t.Fatal(err)
-	}
-	batch, seq := info.Shape[0], info.Shape[1]
-	info, data = readGolden(t, golden, "score_logits")
-	want := make([]float32, info.NumElements())
-	if err := safetensors.ToFloat32(info.DType, data, want); err != nil {
-		t.Fatal(err)
-	}
+	ckpt, gold := openGolden(t, dir)
+	ids64, batch, seq, want := gold.ids, gold.batch, gold.seq, gold.logits
 
 	// TP=1 on GPU 0.
 	m1, err := llama4.Load(ctx, bs[0], cfg, llama4.NewCheckpointWeights(ckpt, bs[0], cfg), llama4.Parallel{})
