@@ -6,7 +6,7 @@
 // # Registry
 //
 // Backends register themselves by name in their package's init (Register with a Driver): backend/cpu
-// as "cpu" (pure Go, float32, the reference) and backend/cuda as "cuda". A binary offers the backends
+// as "cpu" (pure Go, float32, the reference) and the cuda backend as "cuda". A binary offers the backends
 // it imports for their side effect only (cmd/tpfleet/backends.go); everything else opens them with
 // Open(ctx, name, Options) (device index, threads, and the backend's own settings, bound to flags
 // with BindFlags), lists them with Names, and asks the registry, before anything is open, whether a
