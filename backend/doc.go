@@ -1,6 +1,26 @@
-// Package backend defines Ops, the operations Llama 4's forward pass is written over, and the Tensor,
-// KVCache and Routing values they exchange. Implementations live in sub-packages: backend/cpu (pure Go,
-// float32) and, later, backend/cuda. The package knows nothing of Llama: ops are named for the math they
-// do (RMSNorm, RoPE, Attention, Experts), not for the layer that calls them. Sampler is an optional
-// capability: choosing the next token where the logits are, with package sample's rule.
+// Package backend defines Ops, the operations Llama 4's forward pass is written over, the Tensor, KVCache
+// and Routing values they exchange, the registry of backends and their optional capabilities. The
+// package knows nothing of Llama: ops are named for the math they do (RMSNorm, RoPE, Attention,
+// Experts), not for the layer that calls them.
+//
+// # Registry
+//
+// Backends register themselves by name in their package's init (Register with a Driver): backend/cpu
+// as "cpu" (pure Go, float32, the reference) and the cuda backend as "cuda". A binary offers the backends
+// it imports for their side effect only (cmd/tpfleet/backends.go); everything else opens them with
+// Open(ctx, name, Options) (device index, threads, and the backend's own settings, bound to flags
+// with BindFlags), lists them with Names, and asks the registry, before anything is open, whether a
+// backend has devices of its own (HasDevices, DeviceCount) and whether its groups need a device
+// communicator (Driver.DeviceComm). An unknown name is an error wrapping ErrUnknown that lists the
+// registered ones; a backend that cannot run on this machine (cuda without a GPU) returns an error
+// wrapping ErrUnavailable that names what is missing.
+//
+// # Optional capabilities
+//
+// What only some backends can do is a small interface, found by a type assertion on an Ops, never by
+// a backend's name or concrete type: fused ops (AddNormer, QKRotator, MultiLinear, ExpertsAdder,
+// BatchAttender; their docs name the unfused ops they must equal), recorded steps (StepRecorder,
+// GraphReporter), on-device sampling (Sampler), Synchronizer, MemoryReporter, Describer, Threader,
+// Profiler, BandwidthMeter, and DeviceContext, which makes a TP group of the backend join through NCCL
+// instead of the TCP ring (package tpgroup).
 package backend

@@ -248,3 +248,43 @@ func (c *Client) WaitNCCLID(ctx context.Context, epoch int64, group int) ([]byte
 		}
 	}
 }
+
+// Rendezvous is where one TP group meets in etcd for one plan epoch: the records of its ranks under
+// rdzv/<epoch>/<group>/<rank> and rank 0's NCCL unique id under nccl/<epoch>/<group>. It implements the
+// Rendezvous that package tpgroup's Join takes (the other implementation is tpgroup.Dir, a directory
+// for processes started by hand). Make one with Client.Rendezvous; it is safe for concurrent use.
+type Rendezvous struct {
+	c     *Client
+	epoch int64
+	group int
+	idTTL time.Duration
+}
+
+// Rendezvous returns the meeting place of group in epoch. idTTL is the TTL of the NCCL unique id's lease
+// (see PutNCCLID; 0: no lease).
+func (c *Client) Rendezvous(epoch int64, group int, idTTL time.Duration) *Rendezvous {
+	return &Rendezvous{c: c, epoch: epoch, group: group, idTTL: idTTL}
+}
+
+// Exchange publishes rec as rank's record (PutRendezvous) and waits until ranks 0..size-1 have
+// published theirs (WaitRendezvous), returning them in rank order. When ctx ends first the error wraps
+// ErrRendezvousIncomplete and names the missing ranks.
+func (r *Rendezvous) Exchange(ctx context.Context, rank, size int, rec []byte) ([][]byte, error) {
+	if err := r.c.PutRendezvous(ctx, r.epoch, r.group, rank, rec); err != nil {
+		return nil, err
+	}
+	return r.c.WaitRendezvous(ctx, r.epoch, r.group, size)
+}
+
+// PublishID publishes the group's NCCL unique id (PutNCCLID, under a lease of the idTTL).
+func (r *Rendezvous) PublishID(ctx context.Context, id []byte) error {
+	return r.c.PutNCCLID(ctx, r.epoch, r.group, id, r.idTTL)
+}
+
+// WaitID waits for the group's NCCL unique id (WaitNCCLID).
+func (r *Rendezvous) WaitID(ctx context.Context) ([]byte, error) {
+	return r.c.WaitNCCLID(ctx, r.epoch, r.group)
+}
+
+// String names the meeting place in errors: "etcd epoch E group G".
+func (r *Rendezvous) String() string { return fmt.Sprintf("etcd epoch %d group %d", r.epoch, r.group) }

@@ -13,6 +13,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/comm"
 )
@@ -48,11 +49,9 @@ const (
 	DefaultKeepAliveMinTime = 5 * time.Second
 )
 
-// Devices a worker can be configured with.
-const (
-	DeviceCPU  = "cpu"
-	DeviceCUDA = "cuda"
-)
+// DeviceCPU is the pure-Go backend's name, the default device. Any name registered with package backend
+// (backend.Names: "cuda" where the binary links the cuda backend) is a device too.
+const DeviceCPU = "cpu"
 
 // Config configures a Worker. The json tags are the flag names of AddFlags.
 type Config struct {
@@ -70,19 +69,20 @@ type Config struct {
 	// only a name: a plan with another name still loads this directory, but does not reuse weights
 	// loaded under the old name.
 	Model string `json:"model"`
-	// Device is where the model runs: "cpu" (the pure-Go backend; collectives over a TCP ring) or
-	// "cuda" (GPU DeviceIndex through backend/cuda; collectives through NCCL, whose unique id rank 0
-	// of each TP group publishes in etcd). Empty means DefaultDevice.
+	// Device is the name of the backend the model runs on, as registered with package backend: "cpu"
+	// (the pure-Go backend, always there; collectives over a TCP ring) or, where the binary imports it,
+	// "cuda" (GPU DeviceIndex; a device backend's collectives go through NCCL, whose unique id rank 0 of
+	// each TP group publishes in etcd). Empty means DefaultDevice.
 	Device string `json:"device"`
 	// DeviceIndex is the ordinal of the device among the host's devices of its kind (torchrun's
-	// LOCAL_RANK): with "cuda" the GPU the worker opens (as CUDA numbers them, after
+	// LOCAL_RANK): with a device backend ("cuda") the device the worker opens (as CUDA numbers them, after
 	// CUDA_VISIBLE_DEVICES); for the CPU it is informational. It is registered with the member.
 	DeviceIndex int `json:"device-index"`
-	// Threads is the number of goroutines of the CPU backend's matrix products (unused with "cuda").
+	// Threads is the number of goroutines of the CPU backend's matrix products (unused by device backends).
 	// Zero means GOMAXPROCS. Several workers on one host should share the cores: Threads = cores /
 	// workers.
 	Threads int `json:"threads"`
-	// RingHost is the host the TCP ring listener binds for CPU collectives (unused with "cuda": NCCL
+	// RingHost is the host the TCP ring listener binds for CPU collectives (unused by device backends: NCCL
 	// finds its own interfaces, see NCCL_SOCKET_IFNAME), on a free port; its address
 	// is published to the group's peers through etcd, so it must be reachable from them. An unspecified
 	// host (0.0.0.0) binds every interface and publishes the advertised address's host. Empty means
@@ -165,7 +165,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.ListenAddr, "listen", c.ListenAddr, "host:port of the worker's gRPC server (port 0: any free port)")
 	fs.StringVar(&c.AdvertiseAddr, "advertise", c.AdvertiseAddr, "host:port the coordinator dials (empty: the bound address)")
 	fs.StringVar(&c.Model, "model", c.Model, "checkpoint directory (empty: the plan's model, as a path on this host)")
-	fs.StringVar(&c.Device, "device", c.Device, "where to run: cpu (TCP ring collectives) or cuda (one GPU, NCCL collectives)")
+	fs.StringVar(&c.Device, "device", c.Device, "the backend to run on: "+strings.Join(backend.Names(), " or ")+" (cpu: TCP ring collectives; a GPU backend: one GPU, NCCL collectives)")
 	fs.IntVar(&c.DeviceIndex, "device-index", c.DeviceIndex, "device ordinal on this host: the GPU with --device cuda (default: torchrun's LOCAL_RANK, else 0)")
 	fs.IntVar(&c.DeviceIndex, "gpu", c.DeviceIndex, "same as --device-index")
 	fs.IntVar(&c.Threads, "threads", c.Threads, "CPU threads for matrix products (0: all cores)")
@@ -202,10 +202,10 @@ func (c Config) Validate() error {
 			return bad("%s address %q: %v", a.name, a.addr, err)
 		}
 	}
-	switch c.Device {
-	case "", DeviceCPU, DeviceCUDA:
-	default:
-		return bad("device %q: want %q or %q", c.Device, DeviceCPU, DeviceCUDA)
+	if c.Device != "" {
+		if _, err := backend.Lookup(c.Device); err != nil {
+			return bad("%v", err)
+		}
 	}
 	switch {
 	case c.MaxRecvMsgSize < 0:

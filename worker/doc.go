@@ -1,12 +1,16 @@
 // Package worker is the worker side of tpfleet's distributed runtime: one process (or one Worker value)
-// per device: the CPU (Config.Device "cpu"), or one GPU ("cuda", GPU Config.DeviceIndex, opened by
-// Start; one worker process per GPU). A Worker registers itself in etcd under a lease, follows the placement plan, loads exactly
+// per device. It owns its device through backend.Ops only: Start opens the backend registered under
+// Config.Device (backend.Open; "cpu", always linked, or "cuda" where the binary imports it, on device
+// Config.DeviceIndex: one worker process per GPU) and finds what it can do by its optional capabilities
+// (backend.Synchronizer, MemoryReporter, Describer, DeviceContext), never by its name or concrete type.
+// A Worker registers itself in etcd under a lease, follows the placement plan, loads exactly
 // its slices of the checkpoint for its rank of a TP group, builds the group's communicator, and serves
 // the Worker gRPC service (tpfleet.v1.Worker) to the coordinator, with the gRPC health service and
 // server reflection beside it.
 //
-// It imports cluster (etcd), model/llama4, shard, nccl, sample, the backends and the generated
-// protobuf code; it must not import coordinator or cmd.
+// It imports cluster (etcd), model/llama4, shard, tpgroup (the communicator), sample, backend (and
+// backend/cpu for its registration: the default device) and the generated protobuf code; it must not
+// import coordinator, cmd or a backend other than cpu.
 //
 // # Life cycle
 //
@@ -35,14 +39,15 @@
 //     name, plan name, TP and rank are reused, so a coordinator restart or a re-plan that keeps this
 //     assignment costs no reload. A newer epoch that arrives during a load with the same assignment
 //     lets the load finish and takes it over; any other newer epoch cancels the work in progress.
-//     Then it builds the group's communicator: for TP 1 none is needed (comm.Solo). On the CPU it
-//     listens on Config.RingHost, publishes that address with cluster.PutRendezvous(epoch, g, r),
-//     waits for the group's with WaitRendezvous and joins the TCP ring (nccl.Connect). On the GPU
-//     ("cuda") every rank publishes a ready mark the same way and waits for the group's (so that all
-//     ranks are alive and loaded before NCCL's uninterruptible initialisation); then rank 0 makes the
-//     NCCL unique id (nccl.NewUniqueID) and publishes it with cluster.PutNCCLID(epoch, g) under a
-//     lease of Config.RendezvousTimeout, the other ranks read it with WaitNCCLID, and every rank joins
-//     (nccl.Join, with the GPU's context current). The id's key is scoped to the epoch, so a new
+//     Then it builds the group's communicator with tpgroup.Join, the group meeting in etcd
+//     (cluster.Rendezvous of the epoch and group): for TP 1 none is needed (comm.Solo). Every rank
+//     publishes a record under rdzv/<epoch>/<g>/<r> (its device and, on the CPU, the address of its TCP
+//     ring listener on Config.RingHost) and waits for the group's. A CPU group then joins the TCP ring
+//     (comm.Connect). A device group (the backend is a backend.DeviceContext) waits the same way, so
+//     that all ranks are alive and loaded before NCCL's uninterruptible initialisation; then rank 0
+//     makes the NCCL unique id and publishes it with cluster.PutNCCLID(epoch, g) under a lease of
+//     Config.RendezvousTimeout, the other ranks read it with WaitNCCLID, and every rank joins
+//     (nccl.Join, with the device's context current). The id's key is scoped to the epoch, so a new
 //     epoch never reuses an old epoch's id, and the coordinator deletes old epochs' keys.
 //   - when the plan does not assign this member, it frees its weights and is idle.
 //

@@ -8,9 +8,9 @@ import "errors"
 var (
 	// ErrInvalidConfig means a Config fails Validate.
 	ErrInvalidConfig = errors.New("worker: invalid config")
-	// ErrDeviceUnavailable means Start could not open Config.Device on this host: for "cuda", the CUDA
-	// driver (libcuda.so.1), cuBLASLt, NVRTC or GPU Config.DeviceIndex is missing. The error also wraps
-	// backend/cuda's error, which names what is missing.
+	// ErrDeviceUnavailable means Start could not open Config.Device on this host (for a GPU backend,
+	// its driver, a library or device Config.DeviceIndex is missing). The error also wraps the backend's
+	// error, which names what is missing and wraps backend.ErrUnavailable.
 	ErrDeviceUnavailable = errors.New("worker: device unavailable")
 	// ErrProtocol means a StepRequest carries a StepProtocol other than STEP_PROTOCOL_V1.
 	ErrProtocol = errors.New("worker: unsupported step protocol")

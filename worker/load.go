@@ -8,6 +8,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/model/run"
@@ -103,7 +104,8 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey) (*weights, error
 		zap.String("device", w.ops.Name()), zap.String("family", info.Family), zap.Int("tensors", len(man.Tensors)),
 		zap.Int64("bytes", man.Bytes), zap.Int64("full-bytes", man.FullBytes))
 
-	comm := newEpochComm(k.rank, k.tp, w.gpu != nil)
+	_, device := w.ops.(backend.DeviceContext) // the epochs' communicators are then NCCL's
+	comm := newEpochComm(k.rank, k.tp, device)
 	pw := &run.Progress{Weights: run.NewRankWeights(shard.NewRankReader(ckpt, man), w.ops), Log: lg,
 		Total: len(man.Tensors), TotalBytes: man.Bytes, BytesOf: man.BytesOf, Every: w.progressEvery}
 	m, err := run.Open(ctx, w.ops, cfg, pw, run.Parallel{Comm: comm})

@@ -8,6 +8,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/cluster"
 )
 
@@ -126,11 +127,11 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 		}
 	}
 	wts := w.wts
-	if drop != nil && w.gpu != nil {
-		// Device memory returns to the backend when its tensors are collected: free the old weights'
-		// before the new ones load.
+	if s, ok := w.ops.(backend.Synchronizer); ok && drop != nil {
+		// An asynchronous device's memory returns to the backend when its tensors are collected: free
+		// the old weights' before the new ones load.
 		runtime.GC()
-		if err := w.gpu.Synchronize(); err != nil {
+		if err := s.Synchronize(); err != nil {
 			lg.Warn("free the previous weights' device memory", zap.Error(err))
 		}
 	}

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"strconv"
@@ -20,12 +21,11 @@ import (
 	"google.golang.org/grpc/reflection"
 
 	"github.com/tpfleet/tpfleet/backend"
-	"github.com/tpfleet/tpfleet/backend/cpu"
-	"github.com/tpfleet/tpfleet/backend/cuda"
+	_ "github.com/tpfleet/tpfleet/backend/cpu" // the default device (DefaultDevice): every worker can run on it
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/comm"
-	"github.com/tpfleet/tpfleet/comm/nccl"
 	tpfleetv1 "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
+	"github.com/tpfleet/tpfleet/tpgroup"
 )
 
 // State is what a worker is doing in its current plan epoch.
@@ -97,8 +97,7 @@ type applyJob struct {
 type Worker struct {
 	cfg           Config
 	lg            *zap.Logger
-	ops           backend.Ops   // the CPU backend from New, or the GPU's from Start
-	gpu           *cuda.Backend // the GPU with Device "cuda" (set by Start), else nil
+	ops           backend.Ops // Config.Device's backend, opened by Start
 	progressEvery time.Duration
 
 	// ctx is the lifetime of steps: Close cancels it once the graceful stop is over (or forced). bgCtx
@@ -179,54 +178,62 @@ func New(cfg Config) (*Worker, error) {
 		rank:          -1,
 		changed:       make(chan struct{}),
 	}
-	if cfg.Device != DeviceCUDA {
-		w.ops = cpu.New(cpu.Config{Threads: cfg.Threads})
-	}
 	return w, nil
 }
 
-// openDevice opens GPU Config.DeviceIndex when the device is "cuda" (the CPU backend needs nothing
-// opened). It fails with an error wrapping ErrDeviceUnavailable and backend/cuda's error, which names
-// the missing library or device.
-func (w *Worker) openDevice() error {
-	if w.cfg.Device != DeviceCUDA {
-		return nil
-	}
-	b, err := cuda.New(cuda.Config{Device: w.cfg.DeviceIndex})
+// openDevice opens the backend registered as Config.Device on device Config.DeviceIndex (backend.Open).
+// It fails with an error wrapping ErrDeviceUnavailable and the backend's error, which names the missing
+// library or device (and wraps backend.ErrUnavailable when the backend cannot run on this host).
+func (w *Worker) openDevice(ctx context.Context) error {
+	b, err := backend.Open(ctx, w.cfg.Device, backend.Options{Device: w.cfg.DeviceIndex, Threads: w.cfg.Threads})
 	if err != nil {
-		return fmt.Errorf("%w: cuda:%d: %w", ErrDeviceUnavailable, w.cfg.DeviceIndex, err)
+		return fmt.Errorf("%w: %s:%d: %w", ErrDeviceUnavailable, w.cfg.Device, w.cfg.DeviceIndex, err)
 	}
-	w.gpu, w.ops = b, b
-	info := b.Info()
-	w.lg.Info("GPU opened", zap.String("device", b.Name()), zap.String("name", info.Device), zap.String("arch", info.Arch),
-		zap.Int64("memory", info.TotalMemory), zap.Int("driver", info.DriverVersion), zap.Bool("kernel-cache-hit", info.CacheHit))
-	if path, version, err := nccl.Library(); err != nil {
-		// TP 1 needs no NCCL; a larger group's epochs fail with this error.
-		w.lg.Warn("NCCL unavailable: TP groups of more than one GPU will fail", zap.Error(err))
-	} else {
-		w.lg.Info("NCCL loaded", zap.String("path", path), zap.Int("version", version))
+	w.ops = b
+	if d, ok := b.(backend.Describer); ok {
+		desc := d.Describe()
+		w.lg.Info("device opened", zap.String("device", b.Name()), zap.String("name", desc.Name),
+			zap.Int64("memory", desc.TotalMemory), zap.Any("details", desc.Details))
+	}
+	if _, ok := b.(backend.DeviceContext); ok {
+		if path, version, err := tpgroup.DeviceCommLibrary(); err != nil {
+			// TP 1 needs no NCCL; a larger group's epochs fail with this error.
+			w.lg.Warn("NCCL unavailable: TP groups of more than one device will fail", zap.Error(err))
+		} else {
+			w.lg.Info("NCCL loaded", zap.String("path", path), zap.Int("version", version))
+		}
 	}
 	return nil
 }
 
-// deviceDesc describes the worker's device for its member record and logs.
+// deviceDesc describes the worker's device for its member record and logs: its kind is Config.Device;
+// name and memory come from the backend's Describer and MemoryReporter, else from the host.
 func (w *Worker) deviceDesc() cluster.Device {
-	if w.gpu != nil {
-		free, total, err := w.gpu.DeviceMemory()
-		if err != nil {
-			total, free = w.gpu.Info().TotalMemory, 0
+	d := cluster.Device{Kind: w.cfg.Device, Index: w.cfg.DeviceIndex}
+	if m, ok := w.ops.(backend.MemoryReporter); ok {
+		var err error
+		if d.MemoryFree, d.MemoryTotal, err = m.DeviceMemory(); err != nil {
+			d.MemoryFree, d.MemoryTotal = 0, 0
 		}
-		return cluster.Device{Kind: cluster.DeviceCUDA, Index: w.cfg.DeviceIndex, Name: w.gpu.Info().Device, MemoryTotal: total, MemoryFree: free}
+	} else {
+		d.MemoryTotal, d.MemoryFree = memInfo()
 	}
-	total, free := memInfo()
-	return cluster.Device{Kind: cluster.DeviceCPU, Index: w.cfg.DeviceIndex, Name: fmt.Sprintf("cpu (%d threads)", w.threads()),
-		MemoryTotal: total, MemoryFree: free}
+	if desc, ok := w.ops.(backend.Describer); ok {
+		dd := desc.Describe()
+		d.Name = dd.Name
+		if d.MemoryTotal == 0 {
+			d.MemoryTotal = dd.TotalMemory
+		}
+	} else {
+		d.Name = fmt.Sprintf("%s (%d threads)", w.cfg.Device, w.threads())
+	}
+	return d
 }
 
-// threads is the CPU backend's thread count, 0 on a GPU.
+// threads is the backend's host thread count (backend.Threader), 0 for a backend without.
 func (w *Worker) threads() int {
-	if c, ok := w.ops.(*cpu.Backend); ok {
-		return c.Threads()
+	if t, ok := w.ops.(backend.Threader); ok {
+		return t.Threads()
 	}
 	return 0
 }
@@ -253,7 +260,7 @@ func (w *Worker) Start(ctx context.Context) (err error) {
 		}
 	}()
 
-	if err := w.openDevice(); err != nil {
+	if err := w.openDevice(ctx); err != nil {
 		return err
 	}
 	lis, err := net.Listen("tcp", w.cfg.ListenAddr)
@@ -461,9 +468,9 @@ func (w *Worker) Close() error {
 		w.runMu.Lock()
 		w.wts = nil
 		clear(w.seqs)
-		if w.gpu != nil {
-			if err := w.gpu.Close(); err != nil {
-				w.lg.Warn("close the GPU", zap.Error(err))
+		if c, ok := w.ops.(io.Closer); ok {
+			if err := c.Close(); err != nil {
+				w.lg.Warn("close the device", zap.Error(err))
 			}
 		}
 		w.runMu.Unlock()

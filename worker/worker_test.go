@@ -1,7 +1,9 @@
 package worker_test
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -11,7 +13,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
-	"github.com/tpfleet/tpfleet/backend/cuda"
+	"github.com/tpfleet/tpfleet/backend"
 	tpfleetv1 "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/worker"
 )
@@ -299,7 +301,7 @@ func TestConfigValidate(t *testing.T) {
 	}{
 		{"default", func(*worker.Config) {}, nil},
 		{"zero durations mean defaults", func(c *worker.Config) { c.LeaseTTL, c.OpTimeout = 0, 0 }, nil},
-		{"cuda", func(c *worker.Config) { c.Device = "cuda" }, nil},
+		{"registered device", func(c *worker.Config) { c.Device = "nogpu" }, nil},
 		{"tpu", func(c *worker.Config) { c.Device = "tpu" }, worker.ErrInvalidConfig},
 		{"bad id", func(c *worker.Config) { c.ID = "a b" }, worker.ErrInvalidConfig},
 		{"bad listen", func(c *worker.Config) { c.ListenAddr = "nowhere" }, worker.ErrInvalidConfig},
@@ -344,28 +346,37 @@ func TestApplyTorchrunEnv(t *testing.T) {
 	}
 }
 
-// TestStartCUDAWithoutGPU: where CUDA is missing (this machine), a cuda worker's Start fails at once with
-// ErrDeviceUnavailable and backend/cuda's one-line error naming the library, before it registers
-// anything. It skips where a GPU is usable.
-func TestStartCUDAWithoutGPU(t *testing.T) {
-	if n, err := cuda.DeviceCount(); err == nil && n > 0 {
-		t.Skipf("%d GPUs here: the unavailable path cannot be checked", n)
-	}
+// nogpu is a device backend registered for these tests that cannot open on this host, as cuda where there
+// is no GPU: its error wraps backend.ErrUnavailable and names the missing library.
+func init() {
+	backend.Register("nogpu", backend.Driver{
+		Open: func(context.Context, backend.Options) (backend.Ops, error) {
+			return nil, fmt.Errorf("nogpu: %w: libnogpu.so.1 not found", backend.ErrUnavailable)
+		},
+		Devices:    func() (int, error) { return 0, nil },
+		DeviceComm: true,
+	})
+}
+
+// TestStartUnavailableDevice: where a registered backend cannot open (cuda without a GPU), Start fails at
+// once with ErrDeviceUnavailable and the backend's one-line error naming the library, before it
+// registers anything. cmd/tpfleet's tests check the same with the real cuda backend.
+func TestStartUnavailableDevice(t *testing.T) {
 	e := startEtcd(t)
 	cfg := testConfig(t, e, "gpu-less")
-	cfg.Device, cfg.DeviceIndex = worker.DeviceCUDA, 1
+	cfg.Device, cfg.DeviceIndex = "nogpu", 1
 	w, err := worker.New(cfg)
 	if err != nil {
-		t.Fatalf("New(cuda) = %v, want nil: New opens nothing", err)
+		t.Fatalf("New(nogpu) = %v, want nil: New opens nothing", err)
 	}
 	start := time.Now()
 	err = w.Start(testCtx(t))
-	if !errors.Is(err, worker.ErrDeviceUnavailable) || !errors.Is(err, cuda.ErrUnavailable) ||
-		!strings.Contains(err.Error(), "cuda:1") || strings.Contains(err.Error(), "\n") {
-		t.Errorf("Start(cuda) = %v, want one line wrapping ErrDeviceUnavailable and cuda.ErrUnavailable, naming cuda:1", err)
+	if !errors.Is(err, worker.ErrDeviceUnavailable) || !errors.Is(err, backend.ErrUnavailable) ||
+		!strings.Contains(err.Error(), "nogpu:1") || !strings.Contains(err.Error(), "libnogpu.so.1") || strings.Contains(err.Error(), "\n") {
+		t.Errorf("Start(nogpu) = %v, want one line wrapping ErrDeviceUnavailable and backend.ErrUnavailable, naming nogpu:1 and the library", err)
 	}
 	if d := time.Since(start); d > 10*time.Second {
-		t.Errorf("Start(cuda) took %v", d)
+		t.Errorf("Start(nogpu) took %v", d)
 	}
 	if err := w.Close(); err != nil {
 		t.Errorf("Close after a failed Start: %v", err)

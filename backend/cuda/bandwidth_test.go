@@ -41,7 +41,7 @@ func TestDecodeBandwidth(t *testing.T) {
 		per := total / calls
 		var kernels string
 		for _, e := range entries {
-			kernels += fmt.Sprintf(" %s %v", e.Op, (e.GPU / calls).Round(100*time.Nanosecond))
+			kernels += fmt.Sprintf(" %s %v", e.Op, (e.Device / calls).Round(100*time.Nanosecond))
 		}
 		t.Logf("%s %s: %v per call, %.0f GB/s;%s", name, shape, per, float64(bytes)/per.Seconds()/1e9, kernels)
 		row(name, shape, fmt.Sprintf("%.0f GB/s (%.0f%% of copy)", float64(bytes)/per.Seconds()/1e9, 100*float64(bytes)/per.Seconds()/copyRate),

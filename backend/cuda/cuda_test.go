@@ -1,7 +1,6 @@
 package cuda_test
 
 import (
-	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -14,6 +13,7 @@ import (
 	"github.com/tpfleet/tpfleet/backend/backendtest"
 	"github.com/tpfleet/tpfleet/backend/cpu"
 	"github.com/tpfleet/tpfleet/backend/cuda"
+	"github.com/tpfleet/tpfleet/internal/gputest"
 	"github.com/tpfleet/tpfleet/safetensors"
 )
 
@@ -32,29 +32,20 @@ const conformanceRelL2 = 3e-2
 var (
 	backendsMu sync.Mutex
 	backends   = map[cuda.DType]*cuda.Backend{}
-	skipReason string
 )
 
-// newBackend returns the shared Backend storing activations as act, or skips the test when CUDA is
-// unavailable here.
+// newBackend returns the shared Backend storing activations as act. It skips the test only where the
+// machine has no NVIDIA GPU (gputest.Require); where it has one, a failure to open CUDA fails the test.
 func newBackend(t testing.TB, act cuda.DType) *cuda.Backend {
 	t.Helper()
+	gputest.Require(t)
 	backendsMu.Lock()
 	defer backendsMu.Unlock()
-	if skipReason != "" {
-		t.Skip(skipReason)
-	}
 	if b, ok := backends[act]; ok {
 		return b
 	}
 	b, err := cuda.New(cuda.Config{Activations: act, Poison: true})
-	if errors.Is(err, cuda.ErrUnavailable) {
-		skipReason = fmt.Sprintf("no usable GPU: %v", err)
-		t.Skip(skipReason)
-	}
-	if err != nil {
-		t.Fatalf("cuda.New: %v", err)
-	}
+	gputest.Check(t, "cuda.New", err)
 	if len(backends) == 0 {
 		i := b.Info()
 		t.Logf("device %q %s, %d SMs, %.1f GiB; driver %d, cuBLASLt %d, NVRTC %s; libraries %v; kernels: cache %q hit %v, compiled in %v",

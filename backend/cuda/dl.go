@@ -6,10 +6,10 @@ package cuda
 import "C"
 
 import (
-	"errors"
 	"fmt"
 	"sync"
 
+	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/internal/dl"
 )
 
@@ -22,8 +22,15 @@ var (
 
 // ErrUnavailable reports that CUDA cannot be used on this machine: a library is missing, the driver
 // finds no GPU, or the requested device does not exist. Errors from New wrap it; callers fall back to the
-// CPU backend when errors.Is(err, ErrUnavailable).
-var ErrUnavailable = errors.New("cuda: unavailable")
+// CPU backend when errors.Is(err, ErrUnavailable). It wraps backend.ErrUnavailable, so callers that do
+// not know this backend test for that.
+var ErrUnavailable error = unavailableError{}
+
+// unavailableError is ErrUnavailable: "cuda: unavailable", unwrapping to backend.ErrUnavailable.
+type unavailableError struct{}
+
+func (unavailableError) Error() string { return "cuda: unavailable" }
+func (unavailableError) Unwrap() error { return backend.ErrUnavailable }
 
 // libs holds the process-wide loaded libraries and their entry points. A library is loaded once; a
 // failed load is retried by the next New.

@@ -2,7 +2,19 @@
 // (libcuda.so.1), cuBLASLt and NVRTC at run time with dlopen. Nothing CUDA is needed to build it: the
 // cgo code declares the few types and entry points it uses itself (shim.h) and calls the addresses dlsym
 // returns. On a machine without the libraries or a GPU, New returns an error wrapping ErrUnavailable
-// that names what is missing, and the caller uses the cpu backend instead.
+// (which wraps backend.ErrUnavailable) that names what is missing, and the caller uses the cpu backend
+// instead.
+//
+// # Registration
+//
+// The package registers itself with package backend as "cuda" (register.go): backend.Open("cuda", o)
+// opens GPU o.Device with the settings of o.Config (those of Config.AddFlags but --cuda-device,
+// through backend.BindFlags), backend.DeviceCount("cuda") is DeviceCount, and its TP groups join
+// through NCCL. Binaries import it for that side effect only; callers use Backend through package
+// backend's interfaces: Ops, StepRecorder, Sampler and the fused ops, and the capabilities
+// Synchronizer, MemoryReporter, Describer, DeviceContext (MakeCurrent, Context, Stream: what an NCCL
+// communicator needs), Profiler, GraphReporter and BandwidthMeter. Its tests and scripts/gpu use the
+// concrete type.
 //
 // # Libraries
 //
@@ -59,7 +71,8 @@
 //
 // # Collectives
 //
-// AllReduce and AllGather run on the backend's stream through an NCCL communicator (nccl.New,
-// nccl.NewGroup of package comm/nccl; see Backend.MakeCurrent), given comm.DeviceBuffer values. A single-rank
+// AllReduce and AllGather run on the backend's stream through an NCCL communicator (nccl.Join,
+// nccl.NewGroup of package comm/nccl, which package tpgroup calls; see Backend.MakeCurrent), given
+// comm.DeviceBuffer values. A single-rank
 // communicator of any kind (comm.Solo) is accepted too: its collectives are no-ops.
 package cuda

@@ -8,6 +8,8 @@ import "C"
 import (
 	"errors"
 	"fmt"
+
+	"github.com/tpfleet/tpfleet/backend"
 )
 
 // ErrForeign reports a tensor, KV cache or routing that this backend did not make (another backend's, or
@@ -37,9 +39,10 @@ func (e *Error) Error() string {
 	return s
 }
 
-// Is makes errors.Is(err, ErrUnavailable) hold for the driver's "no device" and "no driver" codes.
+// Is makes errors.Is(err, ErrUnavailable) (and so backend.ErrUnavailable) hold for the driver's "no
+// device" and "no driver" codes.
 func (e *Error) Is(target error) bool {
-	return target == ErrUnavailable && e.Lib == "cuda" && (e.Code == cudaErrorNoDevice || e.Code == cudaErrorNoDriver ||
+	return (target == ErrUnavailable || target == backend.ErrUnavailable) && e.Lib == "cuda" && (e.Code == cudaErrorNoDevice || e.Code == cudaErrorNoDriver ||
 		e.Code == cudaErrorInsufficientDriver || e.Code == cudaErrorInvalidDevice)
 }
 

@@ -82,32 +82,49 @@ func TestGolden(t *testing.T) {
 	}
 }
 
+// scoreGolden is HF's scoring golden of a fixture: batch rows of seq token ids and their logits.
+type scoreGolden struct {
+	file       *safetensors.Checkpoint // golden.safetensors, for the other goldens
+	ids        []int64
+	batch, seq int
+	logits     []float32
+}
+
+// openGolden opens the fixture's checkpoint in dir (closed at the test's end) and reads its scoring
+// golden (golden.safetensors: score_ids, score_logits).
+func openGolden(t *testing.T, dir string) (*safetensors.Checkpoint, scoreGolden) {
+	t.Helper()
+	ckpt, err := safetensors.OpenCheckpoint(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ckpt.Close() })
+	golden, err := safetensors.OpenCheckpoint(filepath.Join(dir, "golden.safetensors"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { golden.Close() })
+	g := scoreGolden{file: golden}
+	info, data := readGolden(t, golden, "score_ids")
+	if g.ids, err = safetensors.ToInt64(info.DType, data); err != nil {
+		t.Fatal(err)
+	}
+	g.batch, g.seq = info.Shape[0], info.Shape[1]
+	info, data = readGolden(t, golden, "score_logits")
+	g.logits = make([]float32, info.NumElements())
+	if err := safetensors.ToFloat32(info.DType, data, g.logits); err != nil {
+		t.Fatal(err)
+	}
+	return ckpt, g
+}
+
 func goldenFixture(t *testing.T, b *cuda.Backend, dir string, act cuda.DType) {
 	cfg, err := llama4.LoadConfig(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ckpt, err := safetensors.OpenCheckpoint(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ckpt.Close()
-	golden, err := safetensors.OpenCheckpoint(filepath.Join(dir, "golden.safetensors"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer golden.Close()
-	info, data := readGolden(t, golden, "score_ids")
-	ids, err := safetensors.ToInt64(info.DType, data)
-	if err != nil {
-		t.Fatal(err)
-	}
-	batch, seq := info.Shape[0], info.Shape[1]
-	info, data = readGolden(t, golden, "score_logits")
-	want := make([]float32, info.NumElements())
-	if err := safetensors.ToFloat32(info.DType, data, want); err != nil {
-		t.Fatal(err)
-	}
+	ckpt, gold := openGolden(t, dir)
+	ids, batch, seq, want, golden := gold.ids, gold.batch, gold.seq, gold.logits, gold.file
 	ctx := context.Background()
 	m, err := llama4.Load(ctx, b, cfg, llama4.NewCheckpointWeights(ckpt, b, cfg), llama4.Parallel{})
 	if err != nil {
@@ -146,7 +163,7 @@ func goldenFixture(t *testing.T, b *cuda.Backend, dir string, act cuda.DType) {
 	top1 := float64(agree) / float64(positions)
 
 	// Greedy decoding through the KV cache, one token a step after the prompt.
-	info, data = readGolden(t, golden, "prompt_ids")
+	info, data := readGolden(t, golden, "prompt_ids")
 	p64, _ := safetensors.ToInt64(info.DType, data)
 	info, data = readGolden(t, golden, "greedy_ids")
 	g64, _ := safetensors.ToInt64(info.DType, data)

@@ -12,9 +12,9 @@ import (
 
 	"github.com/tpfleet/tpfleet/backend/cuda"
 	"github.com/tpfleet/tpfleet/comm/nccl"
+	"github.com/tpfleet/tpfleet/internal/gputest"
 	"github.com/tpfleet/tpfleet/model/llama4"
 	"github.com/tpfleet/tpfleet/model/run"
-	"github.com/tpfleet/tpfleet/safetensors"
 	"github.com/tpfleet/tpfleet/shard"
 )
 
@@ -23,10 +23,9 @@ import (
 // on GPU 0 and with HF's float32 goldens: relative L2 <= 3e-2 and top-1 agreement >= 98 % for both. It
 // skips with fewer than 2 GPUs.
 func TestGoldenTP(t *testing.T) {
+	gputest.Require(t)
 	n, err := cuda.DeviceCount()
-	if err != nil {
-		t.Skipf("no usable GPU: %v", err)
-	}
+	gputest.Check(t, "cuda.DeviceCount", err)
 	if n < 2 {
 		t.Skipf("TP=2 needs 2 GPUs, %d present", n)
 	}
@@ -67,27 +66,8 @@ func goldenTP(t *testing.T, bs []*cuda.Backend, dir string) {
 	if cfg.NumHeads%tp != 0 {
 		t.Skipf("the fixture's %d heads do not split %d ways", cfg.NumHeads, tp)
 	}
-	ckpt, err := safetensors.OpenCheckpoint(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ckpt.Close()
-	golden, err := safetensors.OpenCheckpoint(filepath.Join(dir, "golden.safetensors"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer golden.Close()
-	info, data := readGolden(t, golden, "score_ids")
-	ids64, err := safetensors.ToInt64(info.DType, data)
-	if err != nil {
-		t.Fatal(err)
-	}
-	batch, seq := info.Shape[0], info.Shape[1]
-	info, data = readGolden(t, golden, "score_logits")
-	want := make([]float32, info.NumElements())
-	if err := safetensors.ToFloat32(info.DType, data, want); err != nil {
-		t.Fatal(err)
-	}
+	ckpt, gold := openGolden(t, dir)
+	ids64, batch, seq, want := gold.ids, gold.batch, gold.seq, gold.logits
 
 	// TP=1 on GPU 0.
 	m1, err := llama4.Load(ctx, bs[0], cfg, llama4.NewCheckpointWeights(ckpt, bs[0], cfg), llama4.Parallel{})

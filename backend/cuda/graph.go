@@ -223,14 +223,8 @@ const maxCaptures = 64
 // graphPinnedBytes is the pinned memory each recording holds for its host arguments.
 const graphPinnedBytes = 1 << 20
 
-// GraphStats says how Step ran the steps of one key.
-type GraphStats struct {
-	Key      string `json:"key"`
-	Steps    int    `json:"steps"`    // steps run
-	Replays  int64  `json:"replays"`  // of which replayed
-	Captures int    `json:"captures"` // recordings made
-	Eager    bool   `json:"eager"`    // the key runs eagerly for good
-}
+// GraphStats says how Step ran the steps of one key (backend.GraphStats).
+type GraphStats = backend.GraphStats
 
 // Graphs reports Step's work per key.
 func (b *Backend) Graphs() []GraphStats {

@@ -9,15 +9,13 @@ import (
 	"errors"
 	"slices"
 	"time"
+
+	"github.com/tpfleet/tpfleet/backend"
 )
 
 // ProfileEntry is the GPU time of one kind of stream operation (a kernel, a cuBLASLt matmul of one
-// shape, a copy) over a profiled run.
-type ProfileEntry struct {
-	Op    string
-	Calls int
-	GPU   time.Duration // summed event-to-event time: the operation and any idle gap before it
-}
+// shape, a copy) over a profiled run: backend.ProfileEntry, whose Device is the GPU time.
+type ProfileEntry = backend.ProfileEntry
 
 // profileSpinCycles is how long Profile holds the stream before f's operations: about 50 ms at 2 GHz.
 const profileSpinCycles = int64(100_000_000)
@@ -98,13 +96,13 @@ func (b *Backend) Profile(f func() error) (entries []ProfileEntry, total time.Du
 			byOp[p.labels[i]] = e
 		}
 		e.Calls++
-		e.GPU += d
+		e.Device += d
 		total += d
 	}
 	for _, e := range byOp {
 		entries = append(entries, *e)
 	}
-	slices.SortFunc(entries, func(a, b ProfileEntry) int { return int(b.GPU - a.GPU) })
+	slices.SortFunc(entries, func(a, b ProfileEntry) int { return int(b.Device - a.Device) })
 	return entries, total, nil
 }
 

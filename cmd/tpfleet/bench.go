@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/tpfleet/tpfleet/backend"
-	"github.com/tpfleet/tpfleet/backend/cuda"
 	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/model/llama4"
 	modelrun "github.com/tpfleet/tpfleet/model/run"
@@ -56,8 +55,9 @@ type benchResult struct {
 	FloorMS       float64 `json:"decode_floor_ms,omitempty"`
 	FloorFraction float64 `json:"decode_fraction_of_floor,omitempty"`
 	LoadMS        float64 `json:"load_ms"`
-	// Graphs is how the cuda backend of rank 0 ran the decode steps (CUDA graph replays per key).
-	Graphs []cuda.GraphStats `json:"graphs,omitempty"`
+	// Graphs is how rank 0's backend ran the decode steps (CUDA graph replays per key), when it reports
+	// them (backend.GraphReporter).
+	Graphs []backend.GraphStats `json:"graphs,omitempty"`
 	// ProfileDecode and ProfilePrefill are rank 0's GPU time per operation (--profile): one decode step
 	// (averaged over profileSteps) and one prefill of the prompt, run eagerly with an event after each
 	// operation; *GPUMS is the whole step's GPU time.
@@ -81,11 +81,6 @@ const profileSteps = 4
 // random models then start in well under a second instead of generating gigabytes on the host.
 type randomFiller interface {
 	RandomBF16(shape []int, mean, std float32, seed uint64) (backend.Tensor, error)
-}
-
-// synchronizer is implemented by asynchronous backends (cuda): it waits for the work enqueued so far.
-type synchronizer interface {
-	Synchronize() error
 }
 
 // benchWeights are random bf16 weights for one rank, scaled like llama4.RandomWeights (norm weights
@@ -205,18 +200,18 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&f.context, "context", 128, "cached tokens of each sequence before the timed decode steps when --batch > 1")
 	fs.IntVar(&f.threads, "threads", 0, "CPU threads (0: all cores)")
 	fs.IntVar(&f.runs, "runs", 3, "repetitions; the best is reported (the first also warms up)")
-	fs.StringVar(&f.device, "device", "cpu", "cpu or cuda (rank r of --tp N on GPU r)")
+	fs.StringVar(&f.device, "device", "cpu", deviceChoices()+" (a GPU backend: rank r of --tp N on GPU r)")
 	fs.IntVar(&f.tp, "tp", 1, "tensor-parallel ranks in this process (HF's tp plan)")
 	fs.BoolVar(&f.json, "json", false, "print one JSON object")
-	fs.BoolVar(&f.profile, "profile", false, "also profile one prefill and the decode steps on the GPU (time per kernel; cuda only)")
+	fs.BoolVar(&f.profile, "profile", false, "also profile one prefill and the decode steps on the GPU (time per kernel; backends that profile, e.g. cuda)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if f.runs < 1 || f.prompt < 1 || f.tokens < 1 || f.tp < 1 || f.batch < 1 || f.context < 1 {
 		return usagef("--runs, --prompt, --tokens, --tp, --batch and --context must be positive")
 	}
-	if f.device != "cpu" && f.device != "cuda" {
-		return usagef("--device %q: want cpu or cuda", f.device)
+	if err := checkDevice(f.device); err != nil {
+		return err
 	}
 	cfgJSON, _ := json.Marshal(map[string]any{
 		"model_type": "llama4_text", "vocab_size": f.vocab, "hidden_size": f.hidden, "intermediate_size": f.intermediate,
@@ -263,7 +258,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		g.ranks = append(g.ranks, m)
 	}
 	for _, ops := range allOps {
-		if s, ok := ops.(synchronizer); ok {
+		if s, ok := ops.(backend.Synchronizer); ok {
 			if err := s.Synchronize(); err != nil {
 				return err
 			}
@@ -272,7 +267,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	res := benchResult{Device: allOps[0].Name(), TP: f.tp, Layers: f.layers, Hidden: f.hidden, Experts: f.experts,
 		Vocab: f.vocab, PromptTokens: f.prompt, DecodeTokens: f.tokens, Batch: f.batch, StepBytes: stepBytes(cfg, f.batch),
 		LoadMS: float64(time.Since(start)) / float64(time.Millisecond)}
-	if f.device == "cpu" {
+	if _, ok := allOps[0].(backend.Threader); ok {
 		res.Threads = threads
 	}
 	for _, s := range cfg.Tensors() {
@@ -282,8 +277,10 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		res.WeightBytes += n
 	}
-	if b, ok := allOps[0].(*cuda.Backend); ok {
-		res.Card = b.Info().Device
+	if d, ok := allOps[0].(backend.Describer); ok {
+		res.Card = d.Describe().Name
+	}
+	if b, ok := allOps[0].(backend.BandwidthMeter); ok {
 		bw, err := b.CopyBandwidth(1<<30, 20)
 		if err != nil {
 			return err
@@ -311,12 +308,12 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			res.DecodeMSPerTok = perTok
 		}
 	}
-	if b, ok := allOps[0].(*cuda.Backend); ok {
+	if b, ok := allOps[0].(backend.GraphReporter); ok {
 		res.Graphs = b.Graphs()
-		if f.profile {
-			if err := benchProfile(ctx, g, allOps, prompt, &res); err != nil {
-				return fmt.Errorf("profile: %w", err)
-			}
+	}
+	if _, ok := allOps[0].(backend.Profiler); ok && f.profile {
+		if err := benchProfile(ctx, g, allOps, prompt, &res); err != nil {
+			return fmt.Errorf("profile: %w", err)
 		}
 	}
 	res.TokensPerSec = 1000 * float64(f.batch) / res.DecodeMSPerTok
@@ -364,7 +361,7 @@ func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, t
 		}
 	}
 	wait := func(r int, logits backend.Tensor) error {
-		if s, ok := ops[r].(synchronizer); ok {
+		if s, ok := ops[r].(backend.Synchronizer); ok {
 			return s.Synchronize()
 		}
 		_, err := ops[r].Float32(logits)
@@ -414,9 +411,9 @@ func benchProfile(ctx context.Context, g *group, ops []backend.Ops, prompt []int
 	vocab := g.Info().VocabSize
 	return g.run(func(r int, rm modelrun.Model) error {
 		m := llama4.AsModel(rm) // the benchmark times the Llama 4 model itself
-		b, ok := ops[r].(*cuda.Backend)
+		b, ok := ops[r].(backend.Profiler)
 		if !ok {
-			return fmt.Errorf("rank %d: --profile needs --device cuda", r)
+			return fmt.Errorf("rank %d: --profile needs a backend that profiles its device (%s does not)", r, ops[r].Name())
 		}
 		seq, err := m.NewSequence(len(prompt) + profileSteps)
 		if err != nil {
@@ -448,10 +445,10 @@ func benchProfile(ctx context.Context, g *group, ops []backend.Ops, prompt []int
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
-func profileRows(entries []cuda.ProfileEntry, steps int) []profileRow {
+func profileRows(entries []backend.ProfileEntry, steps int) []profileRow {
 	rows := make([]profileRow, len(entries))
 	for i, e := range entries {
-		rows[i] = profileRow{Op: e.Op, Calls: float64(e.Calls) / float64(steps), MS: ms(e.GPU) / float64(steps)}
+		rows[i] = profileRow{Op: e.Op, Calls: float64(e.Calls) / float64(steps), MS: ms(e.Device) / float64(steps)}
 	}
 	return rows
 }

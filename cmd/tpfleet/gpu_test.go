@@ -2,31 +2,27 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"io"
 	"os"
 	"path/filepath"
 	"runtime"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
-	"github.com/tpfleet/tpfleet/backend/cuda"
-	"github.com/tpfleet/tpfleet/comm/nccl"
+	"github.com/tpfleet/tpfleet/internal/gputest"
+	"github.com/tpfleet/tpfleet/tpgroup"
 )
 
-// The GPU paths that can be checked without a GPU: the errors where CUDA is missing, the rendezvous
-// file that carries rank 0's NCCL unique id, and serve's worker processes. scripts/gpu/multiproc.sh
-// runs the real thing on a GPU machine.
+// The GPU paths that can be checked without a GPU: the errors where CUDA is missing and serve's worker
+// processes (the rendezvous directory that carries rank 0's NCCL unique id is tested in package
+// tpgroup). scripts/gpu/multiproc.sh runs the real thing on a GPU machine.
 
-// skipWithCUDA skips where a GPU is usable: the tests check the paths of a machine without one.
+// skipWithCUDA skips where the machine has a GPU: the tests check the paths of a machine without one.
 func skipWithCUDA(t *testing.T) {
 	t.Helper()
-	if n, err := cuda.DeviceCount(); err == nil && n > 0 {
-		t.Skipf("%d GPUs here: the unavailable paths cannot be checked", n)
-	}
+	gputest.SkipIfPresent(t)
 }
 
 // TestCUDAUnavailable: every command asked for --device cuda on a machine without CUDA exits 1 at once,
@@ -78,87 +74,6 @@ func TestCUDAUnavailable(t *testing.T) {
 	}
 }
 
-// TestRendezvousCarriesNCCLID: the file rendezvous of separate rank processes hands rank 0's NCCL unique
-// id to every rank (atomically written JSON files, base64 id); ranks on different devices, a cuda rank 0
-// without an id, a foreign file and a missing rank are errors that say so, within the timeout.
-func TestRendezvousCarriesNCCLID(t *testing.T) {
-	ctx := context.Background()
-	var id nccl.UniqueID
-	for i := range id {
-		id[i] = byte(255 - i)
-	}
-	dir := t.TempDir()
-	const size = 3
-	recs := make([][]rdzvRecord, size)
-	errs := make([]error, size)
-	var wg sync.WaitGroup
-	for r := range size {
-		rec := rdzvRecord{Device: "cuda", Addr: fmt.Sprintf("host pid %d cuda:%d", 100+r, r)}
-		if r == 0 {
-			rec.NCCLID = &id
-		}
-		wg.Go(func() {
-			time.Sleep(time.Duration(size-r) * 30 * time.Millisecond) // rank 0 last; any order works
-			recs[r], errs[r] = rendezvous(ctx, dir, r, size, rec, 10*time.Second)
-		})
-	}
-	wg.Wait()
-	for r := range size {
-		if errs[r] != nil {
-			t.Fatalf("rank %d: %v", r, errs[r])
-		}
-		if got := recs[r][0].NCCLID; got == nil || *got != id {
-			t.Errorf("rank %d got rank 0's id %v, want the id rank 0 published", r, got)
-		}
-		for p, rec := range recs[r] {
-			if want := fmt.Sprintf("host pid %d cuda:%d", 100+p, p); rec.Addr != want || rec.Device != "cuda" {
-				t.Errorf("rank %d: record of rank %d = %+v, want %q on cuda", r, p, rec, want)
-			}
-		}
-	}
-	data, err := os.ReadFile(filepath.Join(dir, "rank-0.json"))
-	text, _ := id.MarshalText()
-	if err != nil || !strings.Contains(string(data), `"nccl_id":"`+string(text)+`"`) {
-		t.Errorf("rank-0.json = %s, %v; want the id in base64", data, err)
-	}
-	if tmp, _ := filepath.Glob(filepath.Join(dir, "*.tmp")); len(tmp) != 0 {
-		t.Errorf("temporary files left behind: %v", tmp)
-	}
-
-	cases := []struct {
-		name  string
-		setup func(dir string)
-		rec   rdzvRecord
-		want  string
-	}{
-		{"mixed devices", func(dir string) {
-			_ = writeFileAtomic(rdzvFile(dir, 0), []byte(`{"device":"cpu","addr":"127.0.0.1:4000"}`))
-		}, rdzvRecord{Device: "cuda", Addr: "gpu-host"}, "rank 0 runs on cpu (127.0.0.1:4000), this rank (1) on cuda"},
-		{"no id", func(dir string) {
-			_ = writeFileAtomic(rdzvFile(dir, 0), []byte(`{"device":"cuda","addr":"gpu-host-0"}`))
-		}, rdzvRecord{Device: "cuda", Addr: "gpu-host-1"}, "rank 0 (gpu-host-0) published no NCCL unique id"},
-		{"foreign file", func(dir string) {
-			_ = os.WriteFile(rdzvFile(dir, 0), []byte("127.0.0.1:4000"), 0o644)
-		}, rdzvRecord{Device: "cpu", Addr: "127.0.0.1:4001"}, "use a fresh one per run"},
-		{"bad id", func(dir string) {
-			_ = os.WriteFile(rdzvFile(dir, 0), []byte(`{"device":"cuda","addr":"x","nccl_id":"AAAA"}`), 0o644)
-		}, rdzvRecord{Device: "cuda", Addr: "y"}, "invalid unique id"},
-		{"missing rank", func(string) {}, rdzvRecord{Device: "cuda", Addr: "y"}, "rank 0 did not publish its address"},
-	}
-	for _, tc := range cases {
-		dir := t.TempDir()
-		tc.setup(dir)
-		start := time.Now()
-		_, err := rendezvous(ctx, dir, 1, 2, tc.rec, 300*time.Millisecond)
-		if err == nil || !strings.Contains(err.Error(), tc.want) {
-			t.Errorf("%s: rendezvous = %v, want an error with %q", tc.name, err, tc.want)
-		}
-		if d := time.Since(start); d > 5*time.Second {
-			t.Errorf("%s: rendezvous took %v", tc.name, d)
-		}
-	}
-}
-
 // TestServeCUDAStartsWorkerProcesses: serve --device cuda starts one `tpfleet worker --device cuda --gpu
 // i` process per GPU (here 2 pretended GPUs; the workers then find no CUDA) and, when they fail, exits 1
 // naming the failure instead of hanging.
@@ -166,7 +81,7 @@ func TestServeCUDAStartsWorkerProcesses(t *testing.T) {
 	skipWithCUDA(t)
 	t.Setenv("TPFLEET_TEST_AS_MAIN", "1") // the children are this test binary acting as tpfleet
 	old := gpuCount
-	gpuCount = func() (int, error) { return 2, nil }
+	gpuCount = func(string) (int, error) { return 2, nil }
 	t.Cleanup(func() { gpuCount = old })
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -199,7 +114,7 @@ func TestServeCUDAStartsWorkerProcesses(t *testing.T) {
 func TestServeGPUCount(t *testing.T) {
 	old := gpuCount
 	t.Cleanup(func() { gpuCount = old })
-	gpuCount = func() (int, error) { return 5, nil }
+	gpuCount = func(string) (int, error) { return 5, nil }
 	for _, tc := range []struct {
 		f       serveFlags
 		workers int
@@ -212,7 +127,7 @@ func TestServeGPUCount(t *testing.T) {
 	} {
 		f := tc.f
 		if tc.f.tp > 1 {
-			if _, _, err := nccl.Library(); err != nil {
+			if err := tpgroup.CheckDeviceComm(); err != nil {
 				continue // serveGPUs checks NCCL first for TP > 1
 			}
 		}
@@ -227,9 +142,9 @@ func TestServeGPUCount(t *testing.T) {
 			t.Errorf("serveGPUs(%+v) = workers %d, %v; want %d", tc.f, f.workers, err, tc.workers)
 		}
 	}
-	gpuCount = func() (int, error) { return 1, nil }
+	gpuCount = func(string) (int, error) { return 1, nil }
 	f := serveFlags{tp: 2}
-	if _, _, err := nccl.Library(); err == nil {
+	if err := tpgroup.CheckDeviceComm(); err == nil {
 		if err := serveGPUs(&f); err == nil || !strings.Contains(err.Error(), "--tp 2 needs 2 GPUs; 1 visible") {
 			t.Errorf("serveGPUs(tp 2, 1 GPU) = %v, want an error naming the counts", err)
 		}
@@ -242,7 +157,7 @@ func TestServeGPUCount(t *testing.T) {
 func TestLaunchDevice(t *testing.T) {
 	old := gpuCount
 	t.Cleanup(func() { gpuCount = old })
-	gpuCount = func() (int, error) { return 3, nil }
+	gpuCount = func(string) (int, error) { return 3, nil }
 
 	f, sub, err := parseLaunch([]string{"--nproc-per-node", "gpu"}, io.Discard)
 	if err != nil {
@@ -272,7 +187,7 @@ func TestLaunchDevice(t *testing.T) {
 	if _, _, err := parseLaunch([]string{"--device", "tpu"}, io.Discard); err == nil || !strings.Contains(err.Error(), "want cpu or cuda") {
 		t.Errorf("--device tpu = %v, want a usage error", err)
 	}
-	gpuCount = func() (int, error) { return 0, nil }
+	gpuCount = func(string) (int, error) { return 0, nil }
 	if _, _, err := parseLaunch([]string{"--nproc-per-node", "gpu"}, io.Discard); err == nil || !strings.Contains(err.Error(), "no GPU visible") {
 		t.Errorf("--nproc-per-node gpu with no GPU = %v, want an error", err)
 	}

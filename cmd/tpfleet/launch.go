@@ -21,6 +21,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/coordinator"
 )
@@ -289,13 +290,13 @@ func parseLaunch(args []string, stderr io.Writer) (launchFlags, []string, error)
 	if sub[0] == "launch" {
 		return f, nil, usagef("launch cannot launch itself")
 	}
-	switch f.device {
-	case "", "cpu", "cuda":
-	default:
-		return f, nil, usagef("--device %q: want cpu or cuda", f.device)
+	if f.device != "" {
+		if err := checkDevice(f.device); err != nil {
+			return f, nil, err
+		}
 	}
 	if f.device == "" && f.nprocPerNode == "gpu" {
-		f.device = "cuda"
+		f.device = gpuBackend()
 	}
 	nnodes, _, err := f.sizes()
 	if err != nil {
@@ -329,6 +330,17 @@ func parseLaunch(args []string, stderr io.Writer) (launchFlags, []string, error)
 	return f, sub, nil
 }
 
+// gpuBackend is the backend that --nproc-per-node gpu means: the first registered (by name) that has
+// devices of its own ("cuda" in this binary), or "" when none is.
+func gpuBackend() string {
+	for _, n := range backend.Names() {
+		if backend.HasDevices(n) {
+			return n
+		}
+	}
+	return ""
+}
+
 // sizes parses --nnodes and --nproc-per-node.
 func (f launchFlags) sizes() (nnodes, nproc int, err error) {
 	lo, hi, ranged := strings.Cut(f.nnodes, ":")
@@ -343,10 +355,14 @@ func (f launchFlags) sizes() (nnodes, nproc int, err error) {
 		return 0, 0, usagef("--nnodes %q: want a positive count", f.nnodes)
 	}
 	switch {
-	case f.nprocPerNode == "cpu", f.nprocPerNode == "auto" && f.device != "cuda":
+	case f.nprocPerNode == "cpu", f.nprocPerNode == "auto" && !backend.HasDevices(f.device):
 		nproc = runtime.NumCPU()
 	case f.nprocPerNode == "gpu", f.nprocPerNode == "auto":
-		if nproc, err = gpuCount(); err != nil {
+		device := f.device
+		if device == "" {
+			device = gpuBackend()
+		}
+		if nproc, err = gpuCount(device); err != nil {
 			return 0, 0, fmt.Errorf("--nproc-per-node %s: %w", f.nprocPerNode, err)
 		}
 		if nproc < 1 {
@@ -531,7 +547,7 @@ func (g *localGroup) childArgs() []string {
 		if g.device != "" {
 			args = append(args, "--device", g.device) // a GPU each: LOCAL_RANK is the worker's --gpu
 		}
-		if g.device != "cuda" {
+		if !backend.HasDevices(g.device) { // the workers share the host's cores
 			args = append(args, "--threads", strconv.Itoa(max(1, runtime.NumCPU()/g.nproc)))
 		}
 	case "coordinator":

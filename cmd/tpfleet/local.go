@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
+	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/model"
 	modelrun "github.com/tpfleet/tpfleet/model/run"
 	"github.com/tpfleet/tpfleet/safetensors"
@@ -27,27 +28,41 @@ type modelFlags struct {
 	threads  int
 	logLevel string
 	par      parallelFlags
+	// backendConfig holds the registered backends' own flags (backend.BindFlags), by backend name.
+	backendConfig map[string]backend.FlagConfig
 }
 
 func (f *modelFlags) add(fs *flag.FlagSet) {
 	fs.StringVar(&f.dir, "model", "", "checkpoint directory (config.json and *.safetensors)")
-	fs.StringVar(&f.device, "device", "cpu", "where to run: cpu or cuda (one GPU per rank: rank r of --tp N on GPU r, or --gpu with --rank)")
+	fs.StringVar(&f.device, "device", "cpu", "where to run: "+deviceChoices()+" (a GPU backend: one GPU per rank, rank r of --tp N on GPU r, or --gpu with --rank)")
 	fs.IntVar(&f.threads, "threads", 0, "CPU threads for matrix products (0: all cores)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level on stderr: debug, info, warn, error")
 	f.par.add(fs)
+	f.backendConfig = backend.BindFlags(fs)
 }
 
 func (f *modelFlags) check() error {
 	if f.dir == "" {
 		return usagef("--model is required")
 	}
-	if f.device != "cpu" && f.device != "cuda" {
-		return usagef("--device %q: want cpu or cuda", f.device)
+	if err := checkDevice(f.device); err != nil {
+		return err
 	}
 	if f.threads < 0 {
 		return usagef("--threads %d must be >= 0", f.threads)
 	}
 	return f.par.check()
+}
+
+// deviceChoices lists the registered backends for usage texts: "cpu or cuda".
+func deviceChoices() string { return strings.Join(backend.Names(), " or ") }
+
+// checkDevice rejects a --device that no backend registered, listing those that did.
+func checkDevice(name string) error {
+	if _, err := backend.Lookup(name); err != nil {
+		return usagef("--device %q: want %s", name, deviceChoices())
+	}
+	return nil
 }
 
 // newLogger writes human-readable structured logs to stderr.
@@ -106,8 +121,7 @@ func loadModel(ctx context.Context, f modelFlags, log *zap.Logger, check func(mo
 	return &loaded{group: g, gen: gen, ckpt: ckpt}, nil
 }
 
-// loadRanks loads the ranks this process runs, each on its own backend (a CPU backend, or GPU r for rank
-// r with --device cuda).
+// loadRanks loads the ranks this process runs, each on its own backend (newRankOps).
 func loadRanks(ctx context.Context, f modelFlags, cfg model.Config, ckpt *safetensors.Checkpoint, plan shard.Plan, log *zap.Logger) (*group, error) {
 	g, allOps, ranks, err := newRankOps(ctx, f)
 	if err != nil {

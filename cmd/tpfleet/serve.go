@@ -15,10 +15,10 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/tpfleet/tpfleet/backend/cuda"
+	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/cluster"
-	"github.com/tpfleet/tpfleet/comm/nccl"
 	"github.com/tpfleet/tpfleet/coordinator"
+	"github.com/tpfleet/tpfleet/tpgroup"
 	"github.com/tpfleet/tpfleet/worker"
 )
 
@@ -56,7 +56,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&f.tp, "tp", 1, "tensor-parallel size: workers per group")
 	fs.IntVar(&f.workers, "workers", 0, "local workers; a multiple of --tp gives several replicas (0: --tp on cpu; on cuda the visible GPUs, rounded down to a multiple of --tp)")
 	fs.IntVar(&f.workers, "nproc-per-node", 0, "same as --workers (torchrun's name: one worker per GPU)")
-	fs.StringVar(&f.device, "device", worker.DeviceCPU, "where the workers run: cpu (in this process) or cuda (one worker process per GPU)")
+	fs.StringVar(&f.device, "device", worker.DeviceCPU, "where the workers run: "+deviceChoices()+" (cpu: in this process; a GPU backend: one worker process per GPU)")
 	fs.IntVar(&f.threads, "threads", 0, "CPU threads of each worker's matrix products (0: cores / workers)")
 	fs.StringVar(&f.plan, "plan", coordinator.DefaultPlan, `tp_plan: "tp", "ep" or a plan file in HF's format`)
 	fs.StringVar(&f.listen, "listen", coordinator.DefaultListenAddr, "host:port of the coordinator's gRPC server (port 0: any)")
@@ -81,10 +81,11 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return usagef("--workers %d must be >= 0", f.workers)
 	case f.threads < 0:
 		return usagef("--threads %d must be >= 0", f.threads)
-	case f.device != worker.DeviceCPU && f.device != worker.DeviceCUDA:
-		return usagef("--device %q: want cpu or cuda", f.device)
 	}
-	if f.device == worker.DeviceCUDA {
+	if err := checkDevice(f.device); err != nil {
+		return err
+	}
+	if backend.HasDevices(f.device) {
 		if err := serveGPUs(&f); err != nil {
 			return err
 		}
@@ -148,6 +149,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	for i := range inProcess {
 		wcfg := worker.DefaultConfig()
 		wcfg.ID = fmt.Sprintf("serve-%d-w%03d", os.Getpid(), i)
+		wcfg.Device = f.device
 		wcfg.DeviceIndex = i
 		wcfg.Threads = f.threads
 		wcfg.Etcd = etcd
@@ -197,18 +199,19 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	return errors.Join(err, cerr)
 }
 
-// gpuCount is the number of GPUs this process sees (a variable for tests).
-var gpuCount = cuda.DeviceCount
+// gpuCount is the number of devices of backend device that this process sees (a variable for tests).
+var gpuCount = backend.DeviceCount
 
-// serveGPUs checks serve's GPU set-up: that CUDA (and for --tp > 1 NCCL) loads, and that there are
-// GPUs for --workers; with --workers 0 it takes the visible GPUs, rounded down to a multiple of --tp.
+// serveGPUs checks serve's set-up on a backend with devices (a GPU): that its libraries (and for --tp >
+// 1 the device communicator's, when its groups need one) load, and that there are devices for
+// --workers; with --workers 0 it takes the visible devices, rounded down to a multiple of --tp.
 func serveGPUs(f *serveFlags) error {
-	n, err := gpuCount()
+	n, err := gpuCount(f.device)
 	if err != nil {
 		return err
 	}
-	if f.tp > 1 {
-		if _, _, err := nccl.Library(); err != nil {
+	if d, _ := backend.Lookup(f.device); d.DeviceComm && f.tp > 1 {
+		if err := tpgroup.CheckDeviceComm(); err != nil {
 			return err
 		}
 	}
@@ -231,12 +234,13 @@ type serveProcs struct {
 	runErr error         // the group's end, set before done closes
 }
 
-// startServeProcs starts serve's --workers worker processes on GPUs 0..workers-1, as tpfleet launch
-// starts its children (torchrun's environment; their stdout and stderr go to stderr, lines prefixed
-// [worker<i>]): `tpfleet worker --etcd ETCD --device cuda --gpu i --id serve-<pid>-w<i>`, member IDs
-// that sort by GPU, so that TP rank r of the first group runs on GPU r. It returns nil on the CPU.
+// startServeProcs starts serve's --workers worker processes on devices 0..workers-1 of a backend with
+// devices, as tpfleet launch starts its children (torchrun's environment; their stdout and stderr go to
+// stderr, lines prefixed [worker<i>]): `tpfleet worker --etcd ETCD --device DEVICE --gpu i --id
+// serve-<pid>-w<i>`, member IDs that sort by device, so that TP rank r of the first group runs on device
+// r. It returns nil on a backend without devices (the CPU), whose workers run in this process.
 func startServeProcs(f serveFlags, etcd string, stderr io.Writer, log *zap.Logger) *serveProcs {
-	if f.device != worker.DeviceCUDA {
+	if !backend.HasDevices(f.device) {
 		return nil
 	}
 	host, port := "127.0.0.1", "2379"
@@ -250,7 +254,7 @@ func startServeProcs(f serveFlags, etcd string, stderr io.Writer, log *zap.Logge
 	g := &localGroup{
 		sub:     "worker",
 		args:    []string{"--log-level", f.logLevel},
-		device:  worker.DeviceCUDA,
+		device:  f.device,
 		nproc:   f.workers,
 		nnodes:  1,
 		role:    "worker",

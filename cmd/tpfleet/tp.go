@@ -2,30 +2,25 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
-	"strconv"
 	"sync"
 	"time"
 
 	"github.com/tpfleet/tpfleet/backend"
-	"github.com/tpfleet/tpfleet/backend/cpu"
-	"github.com/tpfleet/tpfleet/backend/cuda"
 	"github.com/tpfleet/tpfleet/comm"
-	"github.com/tpfleet/tpfleet/comm/nccl"
 	"github.com/tpfleet/tpfleet/model"
 	modelrun "github.com/tpfleet/tpfleet/model/run"
 	"github.com/tpfleet/tpfleet/shard"
+	"github.com/tpfleet/tpfleet/tpgroup"
 )
 
 // parallelFlags choose how a local model is split over a tensor-parallel group: N ranks as goroutines of
 // this process (--tp N), or this process as one rank of N processes (--rank R with a rendezvous directory,
-// like torchrun's file store) joined by a TCP ring on the CPU or by NCCL on GPUs.
+// like torchrun's file store, tpgroup.Dir) joined by a TCP ring on the CPU or by NCCL on GPUs.
 type parallelFlags struct {
 	tp        int
 	plan      string
@@ -77,7 +72,7 @@ type group struct {
 	ranks    []modelrun.Model
 	leader   bool // this process runs rank 0, which reports results
 	comms    []comm.Comm
-	backends []io.Closer // GPU backends, closed after the communicators
+	backends []backend.Ops // closed (those that are io.Closers) after the communicators
 }
 
 // Info is the model's description (the same on every rank).
@@ -101,7 +96,7 @@ func (g *group) run(f func(rank int, m modelrun.Model) error) error {
 func (g *group) Close() error {
 	var errs []error
 	for _, b := range g.backends {
-		if r, ok := b.(interface{ ReleaseGraphs() }); ok {
+		if r, ok := b.(backend.GraphReporter); ok {
 			r.ReleaseGraphs() // before the communicators: NCCL waits for the graphs that captured them
 		}
 	}
@@ -109,50 +104,36 @@ func (g *group) Close() error {
 		errs = append(errs, c.Close())
 	}
 	for _, b := range g.backends {
-		errs = append(errs, b.Close())
+		if c, ok := b.(io.Closer); ok {
+			errs = append(errs, c.Close())
+		}
 	}
 	return errors.Join(errs...)
 }
 
-// newRankOps makes the backends of this process's ranks and their communicators. On cpu each rank gets
-// its own cpu backend and the communicators of groupComms. On cuda with every rank in this process, rank
-// r runs on GPU --gpu+r, joined by an in-process NCCL group; with --rank, this process's rank runs on
-// its GPU (newRankGPU) and joins the other processes' ranks through NCCL, the unique id passed through
-// the rendezvous directory.
+// newRankOps opens the backends of this process's ranks (registry name --device) and their
+// communicators. With every rank in this process, rank r opens device --gpu+r (devices of backends that
+// have them; cpu ranks share the host's cores) and the ranks make an in-process group (tpgroup.Local:
+// NCCL on device backends, else comm.NewLocalGroup); with --rank, this process's rank opens its device
+// (localDevice) and joins the other processes' ranks through the rendezvous directory (tpgroup.Join).
 func newRankOps(ctx context.Context, f modelFlags) (*group, []backend.Ops, []int, error) {
-	if f.device != "cuda" {
-		comms, ranks, err := groupComms(ctx, f.par)
-		if err != nil {
-			return nil, nil, nil, err
-		}
-		ops := make([]backend.Ops, len(ranks))
-		for i := range ops {
-			ops[i] = cpu.New(cpu.Config{Threads: f.threads})
-		}
-		return &group{comms: comms, leader: ranks[0] == 0}, ops, ranks, nil
-	}
 	if f.par.rank >= 0 {
-		return newRankGPU(ctx, f.par)
+		return newRankProcess(ctx, f)
 	}
 	first := max(f.par.gpu, 0)
 	g := &group{leader: true}
 	ops := make([]backend.Ops, f.par.tp)
 	ranks := make([]int, f.par.tp)
-	ctxs := make([]uintptr, f.par.tp)
 	for i := range ops {
-		b, err := cuda.New(cuda.Config{Device: first + i})
+		b, err := openRank(ctx, f, first+i)
 		if err != nil {
 			g.Close()
 			return nil, nil, nil, fmt.Errorf("rank %d: %w", i, err)
 		}
 		g.backends = append(g.backends, b)
-		ops[i], ranks[i], ctxs[i] = b, i, b.Context()
+		ops[i], ranks[i] = b, i
 	}
-	if f.par.tp == 1 {
-		g.comms = []comm.Comm{comm.Solo()}
-		return g, ops, ranks, nil
-	}
-	comms, err := nccl.NewGroup(ctx, ctxs)
+	comms, err := tpgroup.Local(ctx, ops)
 	if err != nil {
 		g.Close()
 		return nil, nil, nil, err
@@ -161,206 +142,66 @@ func newRankOps(ctx context.Context, f modelFlags) (*group, []backend.Ops, []int
 	return g, ops, ranks, nil
 }
 
-// localGPU is the GPU of rank in a process of its own: --gpu, or else the local rank, rank mod the
-// number of GPUs this process sees (ranks 0..n-1 of a host on GPUs 0..n-1, as torchrun's LOCAL_RANK).
-// Counting the GPUs loads the CUDA libraries, so a missing one is the first error, naming it.
-func localGPU(f parallelFlags) (int, error) {
-	n, err := cuda.DeviceCount()
+// openRank opens --device on device index (ignored by backends without devices).
+func openRank(ctx context.Context, f modelFlags, device int) (backend.Ops, error) {
+	return backend.Open(ctx, f.device, backend.Options{Device: device, Threads: f.threads, Config: f.backendConfig[f.device]})
+}
+
+// localDevice is the device of rank in a process of its own, for backends with devices: --gpu, or else
+// the local rank, rank mod the number of devices this process sees (ranks 0..n-1 of a host on devices
+// 0..n-1, as torchrun's LOCAL_RANK). Counting the devices loads the backend's libraries, so a missing
+// one is the first error, naming it. Backends without devices get 0.
+func localDevice(device string, f parallelFlags) (int, error) {
+	if !backend.HasDevices(device) {
+		return 0, nil
+	}
+	n, err := backend.DeviceCount(device)
 	if err != nil {
 		return 0, err
 	}
 	switch {
 	case n < 1:
-		return 0, fmt.Errorf("%w: the driver sees no GPU (CUDA_VISIBLE_DEVICES=%q)", cuda.ErrUnavailable, os.Getenv("CUDA_VISIBLE_DEVICES"))
+		return 0, fmt.Errorf("%w: %s: no device visible (CUDA_VISIBLE_DEVICES=%q)", backend.ErrUnavailable, device, os.Getenv("CUDA_VISIBLE_DEVICES"))
 	case f.gpu >= n:
-		return 0, fmt.Errorf("%w: --gpu %d: %d GPUs visible (CUDA_VISIBLE_DEVICES=%q)", cuda.ErrUnavailable, f.gpu, n, os.Getenv("CUDA_VISIBLE_DEVICES"))
+		return 0, fmt.Errorf("%w: --gpu %d: %d %s devices visible (CUDA_VISIBLE_DEVICES=%q)", backend.ErrUnavailable, f.gpu, n, device, os.Getenv("CUDA_VISIBLE_DEVICES"))
 	case f.gpu >= 0:
 		return f.gpu, nil
 	}
 	return f.rank % n, nil
 }
 
-// newRankGPU opens this process's rank (--rank) on its GPU and, for --tp > 1, joins the group's NCCL
-// communicator: rank 0 makes the NCCL unique id and publishes it with its rendezvous record; every
-// rank waits for the others' records, takes rank 0's id and joins (nccl.Join, the GPU's context
-// current). A missing CUDA or NCCL library fails first, with the error that names it.
-func newRankGPU(ctx context.Context, f parallelFlags) (*group, []backend.Ops, []int, error) {
-	gpu, err := localGPU(f)
+// newRankProcess opens this process's rank (--rank) on its device and joins the group's other processes
+// through the rendezvous directory --rdzv (tpgroup.Join: the TCP ring on --ring-host, or NCCL on a device
+// backend, rank 0's unique id passed through the directory). --op-timeout bounds the meeting and the
+// communicator's set-up. A missing library fails first, with the error that names it.
+func newRankProcess(ctx context.Context, f modelFlags) (*group, []backend.Ops, []int, error) {
+	dev, err := localDevice(f.device, f.par)
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	if f.tp > 1 {
-		if _, _, err := nccl.Library(); err != nil { // before the GPU's set-up and the wait for peers
+	if d, _ := backend.Lookup(f.device); d.DeviceComm && f.par.tp > 1 {
+		if err := tpgroup.CheckDeviceComm(); err != nil { // before the device's set-up and the wait for peers
 			return nil, nil, nil, err
 		}
 	}
-	b, err := cuda.New(cuda.Config{Device: gpu})
+	b, err := openRank(ctx, f, dev)
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("rank %d: %w", f.rank, err)
+		return nil, nil, nil, fmt.Errorf("rank %d: %w", f.par.rank, err)
 	}
-	g := &group{leader: f.rank == 0, backends: []io.Closer{b}}
-	if f.tp == 1 {
-		g.comms = []comm.Comm{comm.Solo()}
-		return g, []backend.Ops{b}, []int{f.rank}, nil
-	}
-	var id nccl.UniqueID
-	if f.rank == 0 {
-		if id, err = nccl.NewUniqueID(); err != nil {
-			g.Close()
-			return nil, nil, nil, fmt.Errorf("rank 0: make the NCCL unique id: %w", err)
-		}
-	}
+	g := &group{leader: f.par.rank == 0, backends: []backend.Ops{b}}
 	host, _ := os.Hostname()
-	rec := rdzvRecord{Device: "cuda", Addr: fmt.Sprintf("%s pid %d %s", host, os.Getpid(), b.Name())}
-	if f.rank == 0 {
-		rec.NCCLID = &id
-	}
-	recs, err := rendezvous(ctx, f.rdzv, f.rank, f.tp, rec, f.opTimeout)
-	if err != nil {
-		g.Close()
-		return nil, nil, nil, err
-	}
-	if f.rank != 0 {
-		id = *recs[0].NCCLID // rendezvous checked it is there
-	}
-	jctx, cancel := context.WithTimeout(ctx, f.opTimeout)
+	jctx, cancel := context.WithTimeout(ctx, f.par.opTimeout)
 	defer cancel()
-	c, err := nccl.Join(jctx, nccl.Config{ID: id, Rank: f.rank, Size: f.tp, MakeCurrent: b.MakeCurrent, OpTimeout: f.opTimeout})
+	c, err := tpgroup.Join(jctx, tpgroup.Dir(f.par.rdzv), f.par.rank, f.par.tp, b, tpgroup.Options{
+		Device:    f.device,
+		Name:      fmt.Sprintf("%s pid %d %s", host, os.Getpid(), b.Name()),
+		RingHost:  f.par.ringHost,
+		OpTimeout: f.par.opTimeout,
+	})
 	if err != nil {
 		g.Close()
 		return nil, nil, nil, err
 	}
 	g.comms = []comm.Comm{c}
-	return g, []backend.Ops{b}, []int{f.rank}, nil
-}
-
-// groupComms makes this process's communicators: one per local rank.
-func groupComms(ctx context.Context, f parallelFlags) ([]comm.Comm, []int, error) {
-	switch {
-	case f.tp == 1:
-		return []comm.Comm{comm.Solo()}, []int{0}, nil
-	case f.rank < 0:
-		ranks := make([]int, f.tp)
-		for i := range ranks {
-			ranks[i] = i
-		}
-		return comm.NewLocalGroup(f.tp), ranks, nil
-	}
-	l, err := comm.Listen(f.ringHost + ":0")
-	if err != nil {
-		return nil, nil, err
-	}
-	defer l.Close()
-	recs, err := rendezvous(ctx, f.rdzv, f.rank, f.tp, rdzvRecord{Device: "cpu", Addr: l.Addr()}, f.opTimeout)
-	if err != nil {
-		return nil, nil, err
-	}
-	addrs := make([]string, len(recs))
-	for r, rec := range recs {
-		addrs[r] = rec.Addr
-	}
-	c, err := comm.Connect(ctx, l, comm.RingConfig{Rank: f.rank, Addrs: addrs, OpTimeout: f.opTimeout, DialTimeout: f.opTimeout})
-	if err != nil {
-		return nil, nil, err
-	}
-	return []comm.Comm{c}, []int{f.rank}, nil
-}
-
-// rdzvRecord is what one rank publishes in the rendezvous directory.
-type rdzvRecord struct {
-	// Device is "cpu" or "cuda": every rank of a group must run on the same kind.
-	Device string `json:"device"`
-	// Addr is the rank's TCP ring address (cpu), or its host, pid and GPU (cuda: for errors and logs).
-	Addr string `json:"addr"`
-	// NCCLID is the group's NCCL unique id, from rank 0 on cuda (base64 in the file).
-	NCCLID *nccl.UniqueID `json:"nccl_id,omitempty"`
-}
-
-// rdzvFile is the name of rank's record in the rendezvous directory.
-func rdzvFile(dir string, rank int) string {
-	return filepath.Join(dir, "rank-"+strconv.Itoa(rank)+".json")
-}
-
-// rendezvous publishes this rank's record as a file in dir (written to a temporary file and renamed, so
-// that readers never see part of it) and waits, up to timeout, until every rank's is there. It returns
-// the records in rank order, after checking that they agree: one device kind, and on cuda rank 0's
-// NCCL unique id.
-func rendezvous(ctx context.Context, dir string, rank, size int, rec rdzvRecord, timeout time.Duration) ([]rdzvRecord, error) {
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, fmt.Errorf("rendezvous: %w", err)
-	}
-	data, err := json.Marshal(rec)
-	if err != nil {
-		return nil, fmt.Errorf("rendezvous: %w", err)
-	}
-	if err := writeFileAtomic(rdzvFile(dir, rank), data); err != nil {
-		return nil, fmt.Errorf("rendezvous: %w", err)
-	}
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	tick := time.NewTicker(20 * time.Millisecond)
-	defer tick.Stop()
-	recs := make([]*rdzvRecord, size)
-	for {
-		missing := -1
-		for r := range recs {
-			if recs[r] != nil {
-				continue
-			}
-			data, err := os.ReadFile(rdzvFile(dir, r))
-			if err != nil {
-				missing = r
-				continue
-			}
-			var got rdzvRecord
-			if err := json.Unmarshal(data, &got); err != nil {
-				return nil, fmt.Errorf("rendezvous in %s: rank %d's record %s: %w (a directory of another run? use a fresh one per run)",
-					dir, r, rdzvFile(dir, r), err)
-			}
-			recs[r] = &got
-		}
-		if missing < 0 {
-			break
-		}
-		select {
-		case <-ctx.Done():
-			return nil, fmt.Errorf("rendezvous in %s: rank %d did not publish its address: %w", dir, missing, ctx.Err())
-		case <-tick.C:
-		}
-	}
-	out := make([]rdzvRecord, size)
-	for r, got := range recs {
-		if got.Device != rec.Device {
-			return nil, fmt.Errorf("rendezvous in %s: rank %d runs on %s (%s), this rank (%d) on %s: give every rank the same --device",
-				dir, r, got.Device, got.Addr, rank, rec.Device)
-		}
-		out[r] = *got
-	}
-	if rec.Device == "cuda" && out[0].NCCLID == nil {
-		return nil, fmt.Errorf("rendezvous in %s: rank 0 (%s) published no NCCL unique id", dir, out[0].Addr)
-	}
-	return out, nil
-}
-
-// writeFileAtomic writes data to a temporary file in name's directory and renames it to name.
-func writeFileAtomic(name string, data []byte) error {
-	f, err := os.CreateTemp(filepath.Dir(name), "."+filepath.Base(name)+".*.tmp")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	_, err = f.Write(data)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Chmod(tmp, 0o644)
-	}
-	if err == nil {
-		err = os.Rename(tmp, name)
-	}
-	if err != nil {
-		_ = os.Remove(tmp)
-	}
-	return err
+	return g, []backend.Ops{b}, []int{f.par.rank}, nil
 }

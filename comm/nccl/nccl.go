@@ -45,7 +45,7 @@ const watchdogPeriod = 50 * time.Millisecond
 
 // New joins rank of an NCCL communicator of size ranks (ncclCommInitRank), blocking until every rank
 // has joined. The calling goroutine must be locked to its OS thread (runtime.LockOSThread) with the
-// device's primary context current on it: with backend/cuda, call Backend.MakeCurrent on the locked
+// device's primary context current on it: with the cuda backend, call its MakeCurrent (backend.DeviceContext) on the locked
 // thread first. The communicator remembers that context and makes it current around each of its calls,
 // restoring the thread's own afterwards. NCCL_NVLS_ENABLE is set to 0 in the process when unset. ctx
 // bounds nothing once ncclCommInitRank runs (NCCL has no cancellation there); it is checked first.
@@ -86,7 +86,7 @@ type Config struct {
 	ID UniqueID
 	// Rank is this rank's index, 0 <= Rank < Size.
 	Rank, Size int
-	// MakeCurrent makes this rank's CUDA context current on the calling OS thread: with backend/cuda,
+	// MakeCurrent makes this rank's CUDA context current on the calling OS thread: with the cuda backend,
 	// the device's Backend.MakeCurrent. Required.
 	MakeCurrent func() error
 	// OpTimeout is how long a collective may stay pending before the watchdog aborts the communicator
@@ -169,7 +169,7 @@ func Join(ctx context.Context, cfg Config) (comm.Comm, error) {
 }
 
 // NewGroup makes an in-process NCCL group of len(contexts) ranks, rank r on the CUDA context
-// contexts[r] (a CUcontext, such as backend/cuda's Backend.Context: one GPU per rank). One thread
+// contexts[r] (a CUcontext, such as the cuda backend's Context (backend.DeviceContext): one GPU per rank). One thread
 // initialises them all between ncclGroupStart and ncclGroupEnd. Drive each communicator from its own
 // goroutine, as the ranks of any group.
 func NewGroup(ctx context.Context, contexts []uintptr) ([]comm.Comm, error) {

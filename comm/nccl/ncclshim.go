@@ -3,7 +3,7 @@ package nccl
 // The cgo half of the NCCL communicator: our own declarations of the few NCCL and CUDA driver entry
 // points it uses (no header needed to build), and trampolines (package internal/dl dlopens the libraries). Every trampoline that
 // touches the device makes the communicator's CUDA context current on the calling thread for the call
-// and restores the thread's previous context afterwards, so callers (backend/cuda binds its context
+// and restores the thread's previous context afterwards, so callers (the cuda backend binds its context
 // once per thread) see their thread's state unchanged.
 
 /*

@@ -11,7 +11,9 @@
 #                                    (op/fixture | shape | error | time) last
 #
 # With the device tool: run(command="bash scripts/gpu/test.sh --run", carry=[".gpubuild"]).
-# Logs also go to $OUT when it is set. Exit status: non-zero when any binary failed.
+# Logs also go to $OUT when it is set. Exit status: non-zero when any binary failed, or, on a machine
+# with a GPU (nvidia-smi -L lists one), when a binary ran no test or skipped them all: GPU tests skip
+# only where there is no GPU (internal/gputest), so a GPU run that tests nothing is a failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BUILD=.gpubuild
@@ -49,18 +51,36 @@ run() {
 		export TPFLEET_LIB_DIRS
 	fi
 	export NCCL_NVLS_ENABLE=0
+	local gpus
+	gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+	local nbin=0
+	shopt -s nullglob
 	for gz in "$BUILD"/*.test.gz; do
+		nbin=$((nbin + 1))
 		bin="$tmp/$(basename "$gz" .gz)"
 		gunzip -c "$gz" >"$bin"
 		chmod +x "$bin"
 		echo "== $bin $*" | tee -a "$log"
+		: >"$tmp/bin.out"
 		set +e
-		"$bin" -test.v -test.count=1 -test.timeout="${TEST_TIMEOUT:-540s}" "$@" 2>&1 | grep --line-buffered -v '^=== \(RUN\|PAUSE\|CONT\)' | tee -a "$log"
+		"$bin" -test.v -test.count=1 -test.timeout="${TEST_TIMEOUT:-540s}" "$@" 2>&1 | grep --line-buffered -v '^=== \(RUN\|PAUSE\|CONT\)' | tee -a "$log" "$tmp/bin.out"
 		st=${PIPESTATUS[0]}
 		set -e
 		echo "== exit $st" | tee -a "$log"
 		[ "$st" = 0 ] || rc=$st
+		local passed skipped
+		passed=$(grep -c -- '--- PASS: ' "$tmp/bin.out" || true)
+		skipped=$(grep -c -- '--- SKIP: ' "$tmp/bin.out" || true)
+		echo "== $(basename "$bin"): $passed passed, $skipped skipped" | tee -a "$log"
+		if [ "$gpus" -gt 0 ] && [ "$passed" -eq 0 ]; then
+			echo "== FAIL: $(basename "$bin") passed no test on a machine with $gpus GPU(s)" | tee -a "$log"
+			[ "$rc" != 0 ] || rc=1
+		fi
 	done
+	if [ "$nbin" -eq 0 ]; then
+		echo "== FAIL: no test binary in $BUILD (run scripts/gpu/test.sh here first)" | tee -a "$log"
+		rc=1
+	fi
 	if [ -n "${BENCH:-}" ] && [ -f "$BUILD/tpfleet.gz" ]; then
 		gunzip -c "$BUILD/tpfleet.gz" >"$tmp/tpfleet"
 		chmod +x "$tmp/tpfleet"
