@@ -48,7 +48,7 @@ type KVCache interface {
 	Kept() int
 }
 
-// Routing is the router's choice for a batch of tokens: for each token, TopK experts and their scores. It
+// Routing is the expert choice for a batch of tokens: for each token, TopK experts and their scores. It
 // stays wherever the backend computed it (on the device for cuda).
 type Routing interface {
 	// TopK is the number of experts chosen per token.

@@ -85,7 +85,7 @@ var (
 // are unspecified.
 //
 // Results: after AllReduce every rank holds bitwise-identical values, so ranks that then take discrete
-// decisions on them (router top-k, sampling) decide alike. The summation order is fixed by the
+// decisions on them (top-k expert choice, sampling) decide alike. The summation order is fixed by the
 // implementation and the group size, never by timing, so the same inputs give the same bits on every
 // run. BFloat16 values are summed in float32 and the sum is rounded once to bfloat16, to nearest with
 // ties to even.

@@ -14,7 +14,7 @@
 //
 // After AllReduce every rank holds bitwise-identical values, and the same inputs give the same bits on
 // every run: the summation order depends only on the implementation and the group size, never on
-// timing. Ranks can therefore take discrete decisions (router top-k, greedy sampling) on reduced values
+// timing. Ranks can therefore take discrete decisions (top-k expert choice, greedy sampling) on reduced values
 // and still agree. The local group adds rank 0, 1, ..., n-1 in that order; the TCP ring adds chunk c of
 // the buffer in ring order starting at rank c (reduce-scatter) and then copies the owners' final values
 // to every rank (all-gather). BFloat16 values are summed in float32 and rounded once.

@@ -36,7 +36,7 @@ const (
 	MoETPExperts Style = "moe_tp_experts"
 	// GroupedGEMM splits dim 0, the expert dimension: whole experts per rank (expert parallelism).
 	GroupedGEMM Style = "grouped_gemm"
-	// EPRouter is a module style on the router under expert parallelism; the router weight stays whole.
+	// EPRouter is HF's module style for expert routing under expert parallelism: no parameter is split.
 	EPRouter Style = "ep_router"
 	// Replicate keeps every parameter whole.
 	Replicate Style = "replicate"

@@ -38,9 +38,9 @@
 //
 // Weights keep their checkpoint's type: bf16 for Llama 4 (F8 is widened to bf16 exactly, F32 and F16
 // stay float32). Every op computes in float32: norms, softmax, RoPE angles (cos and sin in float64),
-// router sigmoid (float64). What an op stores depends on its role, as in HF's bf16 model but with the
+// routing sigmoid (float64). What an op stores depends on its role, as in HF's bf16 model but with the
 // residual stream and the logits kept in float32: Linear, Add and Experts store float32, so the
-// residual stream, the router's logits and the model's logits are float32. Ops whose output feeds a
+// residual stream, the routing logits and the model's logits are float32. Ops whose output feeds a
 // GEMM or attention (RMSNorm, SiLUMul, RoPE, ScaleRows, Attention) store Config.Activations (bf16 by
 // default), with one exception, the skinny-GEMM rule:
 //
@@ -62,7 +62,7 @@
 // The kernels are CUDA C in package kernels, compiled by NVRTC at New for the device's architecture
 // (sm_90 on H100 and H200) and cached on disk under os.UserCacheDir()/tpfleet/kernels, keyed by a hash
 // of the source, the architecture and NVRTC's version. They include no header. Experts read the
-// router's choice from device memory: moe_plan groups the routing slots by expert (counts and
+// expert choice from device memory: moe_plan groups the routing slots by expert (counts and
 // permutation) on the device. For at most 64 tokens a split-K GEMV per active expert reads only the
 // chosen experts' weights, with no host round trip; for more tokens (prefill) the per-expert counts
 // come to the host once per MoE layer and cuBLASLt runs one GEMM per active expert. Backend implements

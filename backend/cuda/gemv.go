@@ -7,7 +7,7 @@ import (
 )
 
 // The GEMV kernels (gemv.cu) for decode: Linear at a few rows, and several products of one x in one
-// launch (q, k and v; the router and the shared expert's gate and up), which saves a decode layer launches.
+// launch (q, k and v; the routing logits and the shared expert's gate and up), which saves a decode layer launches.
 //
 // Measured and dropped (docs/gpu-notes.md): four rows a warp instead of two (no faster), and SwiGLU's
 // product fused into the down projection's x loads (2.6 times slower than silu_mul and a GEMV: every warp

@@ -297,7 +297,7 @@ const gemvMaxRows = 2
 const gemvKernelRows = 8
 
 // Linear computes x · wᵀ for x [T, in] and w [out, in] → [T, out], float32 out (Linear outputs are
-// residual-stream updates, router logits and the model's logits, which DESIGN §6 keeps in float32).
+// residual-stream updates, routing logits and the model's logits, which DESIGN §6 keeps in float32).
 // The path depends on T, the number of rows:
 //   - T <= gemvMaxRows (2), a bf16 w and in % 8 == 0: the GEMV kernel, float32 math on x as stored.
 //   - T <= skinnyRows (64; any T with Activations F32) and a float32 x: one cuBLASLt GEMM of 2T rows on the hi/lo

@@ -46,7 +46,7 @@ type benchResult struct {
 	DecodeMSPerTok float64 `json:"decode_ms_per_token"` // per step: one token for each of Batch sequences
 	TokensPerSec   float64 `json:"decode_tokens_per_second"`
 	// StepBytes is the weight bytes one decode step of Batch sequences must read (attention, dense and
-	// shared MLPs, at most Batch·top-k experts of each MoE layer, router, norms, the lm_head, embedding
+	// shared MLPs, at most Batch·top-k experts of each MoE layer, the routing weight, norms, the lm_head, embedding
 	// rows), over all ranks.
 	StepBytes int64 `json:"decode_weight_bytes_per_step"`
 	// CopyGBs is the measured device-to-device copy rate (bytes read + written per second / 1e9) on
