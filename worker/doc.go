@@ -8,9 +8,10 @@
 // the Worker gRPC service (tpfleet.v1.Worker) to the coordinator, with the gRPC health service and
 // server reflection beside it.
 //
-// It imports cluster (etcd), model/llama4, shard, tpgroup (the communicator), sample, backend (and
-// backend/cpu for its registration: the default device) and the generated protobuf code; it must not
-// import coordinator, cmd or a backend other than cpu.
+// It imports cluster (etcd), model and model/run (any registered family), shard, tpgroup (the
+// communicator), sample, backend (the interface and its registry) and the generated protobuf code; it must
+// not import coordinator, cmd, a model family or a backend implementation: the binary imports those for
+// their registration (tpfleet's cmd/tpfleet/backends.go; a test, backend/cpu).
 //
 // # Life cycle
 //

@@ -21,7 +21,6 @@ import (
 	"google.golang.org/grpc/reflection"
 
 	"github.com/tpfleet/tpfleet/backend"
-	_ "github.com/tpfleet/tpfleet/backend/cpu" // the default device (DefaultDevice): every worker can run on it
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/comm"
 	tpfleetv1 "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
