@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# scripts/gpu/multiproc.sh — --device cuda across processes, on a machine with 2 GPUs (no Go needed).
+# scripts/gpu/multiproc.sh — --device cuda across processes, on a machine with TP (2) GPUs (no Go needed).
 #
 #   scripts/gpu/test.sh                 here (Go): build .gpubuild/tpfleet.gz (with the test binaries)
 #   bash scripts/gpu/multiproc.sh       on the GPU machine, from the repo root of a copy that carries
 #                                       .gpubuild/: unpack tpfleet and run
-#     (a) `tpfleet score --device cuda --tp 2 --rank R --rdzv DIR` as two processes (rank R on GPU R,
+#     (a) `tpfleet score --device cuda --tp $TP --rank R --rdzv DIR` as TP processes (rank R on GPU R,
 #         NCCL through the unique id in the rendezvous directory) against one `--tp 1` process on the
 #         fixture's prompt + greedy ids: relative L2 of the logits <= 1e-3 (python3 compares);
-#     (b) `tpfleet serve --device cuda --tp 2` (one worker process per GPU, NCCL id through the embedded
+#     (b) `tpfleet serve --device cuda --tp $TP` (one worker process per GPU, NCCL id through the embedded
 #         etcd) on free loopback ports, `tpfleet generate --addr ... --temperature 0 --json` of the
 #         fixture's prompt_ids: the first MAX_TOKENS ids equal golden.json's greedy_ids; then SIGTERM
 #         stops serve (exit 0).
-#     and print a PASS/FAIL table last. Exit status: 0 all passed, 1 a step failed, 3 fewer than 2 GPUs.
+#     and print a PASS/FAIL table last. Exit status: 0 all passed, 1 a step failed, 3 fewer than TP GPUs.
+#     TP=1 runs the same paths on one GPU (the rendezvous, the worker's backend and group set-up) without
+#     NCCL traffic.
 #
 # With the device tool: run(command="bash scripts/gpu/multiproc.sh", carry=[".gpubuild"], kind="nvidia-h100-x2").
 # MODEL (testdata/fixtures/moe-top1), MAX_TOKENS (16), STEP_TIMEOUT (60 s a step) adjust a run. Logs go to
@@ -22,6 +24,7 @@ BUILD=.gpubuild
 MODEL=${MODEL:-testdata/fixtures/moe-top1}
 MAX_TOKENS=${MAX_TOKENS:-16}
 STEP_TIMEOUT=${STEP_TIMEOUT:-60}
+TP=${TP:-2}
 
 if [ ! -f "$BUILD/tpfleet.gz" ]; then
 	echo "multiproc.sh: $BUILD/tpfleet.gz not found: build it with scripts/gpu/test.sh where Go is, and carry $BUILD" >&2
@@ -75,8 +78,8 @@ say "== $(date -u +%FT%TZ) $(hostname) tpfleet multiproc, model $MODEL"
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$log"
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 say "TPFLEET_LIB_DIRS=${TPFLEET_LIB_DIRS:-} CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-}"
-if [ "${gpus:-0}" -lt 2 ]; then
-	row "GPUs" SKIP "$gpus visible; the multi-process tests need 2"
+if [ "${gpus:-0}" -lt "$TP" ]; then
+	row "GPUs" SKIP "$gpus visible; TP=$TP needs $TP"
 	print_table
 	exit 3
 fi
@@ -96,7 +99,7 @@ if [ -z "${prompt:-}" ] || [ -z "${greedy:-}" ]; then
 fi
 ids="$prompt,$greedy"
 
-# (a) score: one process at TP 1 (it also fills the kernel cache), then two rank processes at TP 2.
+# (a) score: one process at TP 1 (it also fills the kernel cache), then TP rank processes.
 t0=$(now)
 if timeout -k 10 "$STEP_TIMEOUT" "$bin" score --model "$MODEL" --device cuda --ids "$ids" --out "$tmp/tp1.safetensors" >"$out/score-tp1.log" 2>&1; then
 	row "score --tp 1 (1 process)" PASS "$(elapsed "$t0")"
@@ -108,23 +111,24 @@ fi
 t0=$(now)
 rdzv="$tmp/rdzv"
 pids=()
-for r in 0 1; do
-	timeout -k 10 "$STEP_TIMEOUT" "$bin" score --model "$MODEL" --device cuda --tp 2 --rank "$r" --rdzv "$rdzv" \
-		--op-timeout "$((STEP_TIMEOUT - 10))s" --ids "$ids" --out "$tmp/tp2.safetensors" >"$out/score-rank$r.log" 2>&1 &
+ranks=$(seq 0 $((TP - 1)))
+for r in $ranks; do
+	timeout -k 10 "$STEP_TIMEOUT" "$bin" score --model "$MODEL" --device cuda --tp "$TP" --rank "$r" --rdzv "$rdzv" \
+		--op-timeout "$((STEP_TIMEOUT - 10))s" --ids "$ids" --out "$tmp/tpN.safetensors" >"$out/score-rank$r.log" 2>&1 &
 	pids+=($!)
 done
 st=0
-for r in 0 1; do
+for r in $ranks; do
 	wait "${pids[$r]}" || { s=$?; [ "$st" != 0 ] || st=$s; show "score rank $r" "$out/score-rank$r.log"; }
 done
 if [ "$st" = 0 ]; then
-	row "score --tp 2 --rank 0/1 (2 procs)" PASS "$(elapsed "$t0"), NCCL id through $rdzv"
+	row "score --tp $TP --rank R ($TP procs)" PASS "$(elapsed "$t0"), rendezvous in $rdzv"
 else
-	fail "score --tp 2 --rank 0/1 (2 procs)" "exit $st (timeout: 124)"
+	fail "score --tp $TP --rank R ($TP procs)" "exit $st (timeout: 124)"
 fi
 
-if [ -f "$tmp/tp1.safetensors" ] && [ -f "$tmp/tp2.safetensors" ]; then
-	if res=$(python3 - "$tmp/tp2.safetensors" "$tmp/tp1.safetensors" <<'PY'
+if [ -f "$tmp/tp1.safetensors" ] && [ -f "$tmp/tpN.safetensors" ]; then
+	if res=$(python3 - "$tmp/tpN.safetensors" "$tmp/tp1.safetensors" <<'PY'
 import array, json, math, struct, sys
 
 def logits(path):
@@ -157,17 +161,17 @@ print("relL2 %.2e (<= 1e-3), max abs diff %.2e, top-1 %d/%d, shape %s" % (rel, m
 sys.exit(0 if ok else 1)
 PY
 	); then
-		row "logits tp2 vs tp1" PASS "$res"
+		row "logits tp$TP vs tp1" PASS "$res"
 	else
-		fail "logits tp2 vs tp1" "${res:-comparison failed}"
+		fail "logits tp$TP vs tp1" "${res:-comparison failed}"
 	fi
 else
-	fail "logits tp2 vs tp1" "no logits to compare"
+	fail "logits tp$TP vs tp1" "no logits to compare"
 fi
 
-# (b) serve --device cuda --tp 2: two worker processes, GPU 0 and 1; a greedy generation through it.
+# (b) serve --device cuda --tp TP: TP worker processes, one a GPU; a greedy generation through it.
 t0=$(now)
-setsid "$bin" serve --model "$MODEL" --device cuda --tp 2 --workers 2 --listen 127.0.0.1:0 --http-listen "" \
+setsid "$bin" serve --model "$MODEL" --device cuda --tp "$TP" --workers "$TP" --listen 127.0.0.1:0 --http-listen "" \
 	--etcd-listen 127.0.0.1:0 >"$tmp/serve.out" 2>"$out/serve.log" &
 serve_pid=$!
 addr=
@@ -177,10 +181,10 @@ for _ in $(seq $((STEP_TIMEOUT * 10))); do
 	sleep 0.1
 done
 if [ -z "$addr" ]; then
-	fail "serve --device cuda --tp 2" "no address within ${STEP_TIMEOUT}s (serve $(kill -0 "$serve_pid" 2>/dev/null && echo running || echo exited))"
+	fail "serve --device cuda --tp $TP" "no address within ${STEP_TIMEOUT}s (serve $(kill -0 "$serve_pid" 2>/dev/null && echo running || echo exited))"
 	show "serve" "$out/serve.log"
 else
-	row "serve --device cuda --tp 2" PASS "coordinator at $addr after $(elapsed "$t0")"
+	row "serve --device cuda --tp $TP" PASS "coordinator at $addr after $(elapsed "$t0")"
 	t0=$(now)
 	if timeout -k 10 "$((STEP_TIMEOUT + 10))" "$bin" generate --addr "$addr" --ids "$prompt" --max-tokens "$MAX_TOKENS" --temperature 0 \
 		--ignore-eos --json --wait "${STEP_TIMEOUT}s" >"$tmp/generate.json" 2>"$out/generate.log"; then
