@@ -40,9 +40,10 @@ func halfToFloat32(h uint16) float32 {
 	return math.Float32frombits(sign | (exp+127-15)<<23 | mant<<13)
 }
 
-// e4m3ToFloat32 converts an F8_E4M3 (e4m3fn) byte: bias 7, no infinities,
-// 0x7F and 0xFF are NaN, the largest finite value is 448.
-func e4m3ToFloat32(b uint8) float32 {
+// E4M3ToFloat32 converts an F8_E4M3 (e4m3fn, OCP FP8) byte: bias 7, no
+// infinities, 0x7F and 0xFF are NaN, the largest finite value is 448 and the
+// smallest subnormal 2^-9. It is exact.
+func E4M3ToFloat32(b uint8) float32 {
 	exp := int(b>>3) & 0xF
 	mant := float64(b & 7)
 	var v float64
@@ -96,7 +97,7 @@ func ToFloat32(dt DType, src []byte, dst []float32) error {
 		}
 	case F8_E4M3:
 		for i := range dst {
-			dst[i] = e4m3ToFloat32(src[i])
+			dst[i] = E4M3ToFloat32(src[i])
 		}
 	case F8_E5M2:
 		for i := range dst {
