@@ -1,6 +1,12 @@
 package backend
 
-import "time"
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/tpfleet/tpfleet/quant"
+)
 
 // Optional capabilities. Callers find them with a type assertion on an Ops (or on a value a backend
 // returned) to the interface, never to a backend's concrete type; a backend that lacks one simply does
@@ -92,4 +98,26 @@ type GraphStats struct {
 // that memory-bound steps are measured against.
 type BandwidthMeter interface {
 	CopyBandwidth(bytes int64, iters int) (float64, error)
+}
+
+// QuantizedLoader is implemented by backends that hold quantised weights (package quant's formats: fp8
+// rowwise, int4 group-wise). LoadQuantized makes a weight tensor from w (codes and scales in host memory,
+// not kept); the tensor carries its format, and Linear (w [out, in], InputDim 1) and Experts (gateUp
+// [E, H, 2I] and down [E, I, H], InputDim 1) dispatch on it: the model does not change per format. Their
+// result must equal the op on the dequantised weight (quant.Weight.Dequantize), with the input rows first
+// quantised per token (quant.FakeQuantFP8Rows) where the format has DynamicActivations: for Experts that
+// is the score-scaled input of gate/up and the SwiGLU product before down (FbgemmFp8, spec §3.5). A
+// backend without it holds only the checkpoint's dtypes; use LoadQuantized to get a clear error.
+type QuantizedLoader interface {
+	LoadQuantized(w quant.Weight) (Tensor, error)
+}
+
+// LoadQuantized loads w into ops through its QuantizedLoader; a backend without the capability gives an
+// error wrapping errors.ErrUnsupported that names the backend and the format.
+func LoadQuantized(ops Ops, w quant.Weight) (Tensor, error) {
+	q, ok := ops.(QuantizedLoader)
+	if !ok {
+		return nil, fmt.Errorf("backend %s: %s weights: %w (this backend holds bf16 weights only)", ops.Name(), w.Format, errors.ErrUnsupported)
+	}
+	return q.LoadQuantized(w)
 }

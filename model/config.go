@@ -54,6 +54,12 @@ type Info struct {
 	// Plans are the family's built-in tp_plans, by name: "tp" (the default) and "ep" where the model has
 	// experts.
 	Plans map[string][]PlanRule
+	// Quantization is config.json's quantization_config, raw JSON ("" when absent): a pre-quantised
+	// checkpoint (package quant parses it).
+	Quantization string
+	// ScaleSuffix names a quantised weight's scale tensor in the checkpoint: the weight's name plus it
+	// (compressed-tensors). Empty: the family reads no pre-quantised checkpoints.
+	ScaleSuffix string
 }
 
 // PlanRule is one entry of a built-in tp_plan, in Hugging Face's form: a module pattern and a style name.

@@ -2,6 +2,7 @@ package model
 
 import (
 	"fmt"
+	"strconv"
 	"strings"
 )
 
@@ -73,6 +74,20 @@ type TensorSpec struct {
 	// ("model.layers.0.self_attn"); empty when the tensor has no such partners. GroupRule says the rule in
 	// words.
 	Group, GroupRule string
+	// Quantizable means the tensor is a linear or expert weight that may be held quantised (fp8, int4)
+	// with InputDim its input (reduction) dimension: scales run along the others.
+	Quantizable bool
+	InputDim    int
+	// PerExpert, for stacked experts, are the checkpoint names of the per-expert storage form
+	// (compressed-tensors FP8 checkpoints): one template per part along the last dimension, in order
+	// (gate then up), "{e}" standing for the expert index; each part is stored as nn.Linear [out, in],
+	// the transpose of the expert's slice of this input-major tensor. Empty: stored only stacked.
+	PerExpert []string
+}
+
+// ExpertName returns part p of expert e's name in the per-expert storage form.
+func (s TensorSpec) ExpertName(p, e int) string {
+	return strings.ReplaceAll(s.PerExpert[p], "{e}", strconv.Itoa(e))
 }
 
 // SplitOn returns the split the model accepts on dim, if any.

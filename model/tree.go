@@ -30,6 +30,12 @@ var ErrTree = errors.New("model: malformed tensor tree")
 //	rule:"q/k/v must be …"      the group's rule in words (on any one member)
 //	whole:"to route every token" why an unsplittable tensor must stay whole (for messages)
 //	if:"untied"                 present only where Conds["untied"] holds (optional tensors)
+//	quant:"1"                   a weight that may be held quantised, with dimension 1 its input
+//	                            (reduction) dimension
+//	experts:"experts.{e}.gate_proj.weight|experts.{e}.up_proj.weight"
+//	                            (kind experts) the per-expert storage form: the names, under the
+//	                            enclosing path, of each expert's parts along the last dimension, stored
+//	                            as nn.Linear [out, in] (see TensorSpec.PerExpert)
 //
 // and on fields of struct, *struct or []struct type (subtrees):
 //
@@ -253,6 +259,27 @@ func (w *walker) spec(f reflect.StructField, name, parent, rule string, aliases 
 				return s, fmt.Errorf("%w: split entry %q is not a dimension of %v", ErrTree, e, s.Shape)
 			}
 			s.Splits = append(s.Splits, Split{Dim: dim, Unit: units[dim], Packed: packed[dim], Style: style, Mode: mode})
+		}
+	}
+	if q, ok := f.Tag.Lookup("quant"); ok {
+		d, err := strconv.Atoi(q)
+		if err != nil || d < 0 || d >= len(s.Shape) {
+			return s, fmt.Errorf("%w: quant %q is not a dimension of %v", ErrTree, q, s.Shape)
+		}
+		s.Quantizable, s.InputDim = true, d
+	}
+	if pe := f.Tag.Get("experts"); pe != "" {
+		if s.Kind != KindExperts || len(s.Shape) != 3 {
+			return s, fmt.Errorf("%w: experts tag on a %q tensor of %v (want stacked experts)", ErrTree, s.Kind, s.Shape)
+		}
+		for _, p := range strings.Split(pe, "|") {
+			if !strings.Contains(p, "{e}") {
+				return s, fmt.Errorf("%w: experts name %q has no {e}", ErrTree, p)
+			}
+			s.PerExpert = append(s.PerExpert, join(parent, p))
+		}
+		if s.Shape[2]%len(s.PerExpert) != 0 {
+			return s, fmt.Errorf("%w: %d per-expert parts do not divide dim 2 of %v", ErrTree, len(s.PerExpert), s.Shape)
 		}
 	}
 	switch g := f.Tag.Get("group"); g {

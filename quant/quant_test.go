@@ -63,7 +63,7 @@ func TestRoundE4M3(t *testing.T) {
 		{0x1.8p-10, 0x1p-9}, // above half
 		{3 * 0x1p-10, 0x1p-8},
 		{460, 448}, {1e9, 448}, {-1e9, -448}, // saturating
-		{0.0146484375, 0.015625}, // subnormal/normal boundary: 7.5·2^-9 rounds to 8·2^-9 = 2^-6
+		{0.0146484375, 0.015625},  // subnormal/normal boundary: 7.5·2^-9 rounds to 8·2^-9 = 2^-6
 		{239.99, 240}, {-17, -16}, // 17 is halfway between 16 and 18: ties to even mantissa (16)
 	}
 	for _, tt := range tests {

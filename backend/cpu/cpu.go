@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 
 	"github.com/tpfleet/tpfleet/backend"
+	"github.com/tpfleet/tpfleet/quant"
 	"github.com/tpfleet/tpfleet/safetensors"
 )
 
@@ -69,6 +70,9 @@ func (b *Backend) Name() string { return "cpu" }
 type tensor struct {
 	shape []int
 	data  []float32
+	// format is a weight's format (LoadQuantized): data holds its dequantised values, and ops whose
+	// format has DynamicActivations quantise their input rows first. Zero for every other tensor.
+	format quant.Format
 }
 
 // Shape returns the tensor's dimensions, outermost first. The caller must not modify the slice.
@@ -141,6 +145,33 @@ func (b *Backend) Load(dt safetensors.DType, shape []int, data []byte) (backend.
 		return nil, fmt.Errorf("cpu: load %s%v: %w", dt, shape, err)
 	}
 	return newTensor(slices.Clone(shape), out), nil
+}
+
+var _ backend.QuantizedLoader = (*Backend)(nil)
+
+// LoadQuantized makes a weight tensor of w's format. The cpu backend is the reference: it keeps the
+// dequantised values (quant.Weight.Dequantize: q·scale in float32) and the format, so Linear and Experts
+// compute exactly the dequantised math, quantising their input rows per token first where the format has
+// DynamicActivations.
+func (b *Backend) LoadQuantized(w quant.Weight) (backend.Tensor, error) {
+	vals, err := w.Dequantize()
+	if err != nil {
+		return nil, fmt.Errorf("cpu: load %s%v: %w", w.Format, w.Shape, err)
+	}
+	t := newTensor(slices.Clone(w.Shape), vals)
+	t.format = w.Format
+	return t, nil
+}
+
+// actRows returns x's rows quantised to FP8 per token when the weight's format asks for it (a copy), else
+// x itself.
+func actRows(x []float32, n int, w quant.Format) []float32 {
+	if !w.DynamicActivations {
+		return x
+	}
+	q := make([]float32, len(x))
+	quant.FakeQuantFP8Rows(q, x, n)
+	return q
 }
 
 // FromFloat32 copies values into a new tensor of the given shape.

@@ -6,7 +6,8 @@ import (
 	"github.com/tpfleet/tpfleet/backend"
 )
 
-// Linear computes x · wᵀ for x [T, in] and w [out, in] → [T, out].
+// Linear computes x · wᵀ for x [T, in] and w [out, in] → [T, out]. A quantised w (LoadQuantized) holds
+// its dequantised values; with DynamicActivations the rows of x are quantised to FP8 per token first.
 //
 // The output columns (rows of w) are split into blocks over the Backend's threads. Inside a block, a
 // tile of w rows small enough for L1 is multiplied with every row of a tile of x, so each weight row is
@@ -30,7 +31,7 @@ func (b *Backend) Linear(x, w backend.Tensor) (backend.Tensor, error) {
 	}
 	T, in, out := xt.shape[0], xt.shape[1], wt.shape[0]
 	y := alloc(T, out)
-	b.matmulT(y.data, xt.data, wt.data, T, in, out)
+	b.matmulT(y.data, actRows(xt.data, in, wt.format), wt.data, T, in, out)
 	return y, nil
 }
 

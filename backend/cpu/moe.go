@@ -69,7 +69,9 @@ const expertTile = 8
 
 // Experts computes, for each row t of x [T, H], the sum over its chosen experts e (those among first ..
 // first+E-1) with score s of (up ⊙ silu(gate))·down[e], where [gate | up] = (x[t]·s)·gateUp[e]; gateUp is
-// [E, H, 2I] and down [E, I, H]. Returns [T, H].
+// [E, H, 2I] and down [E, I, H]. Returns [T, H]. Quantised experts (LoadQuantized) hold their
+// dequantised values; with DynamicActivations the score-scaled input rows and the SwiGLU rows are
+// quantised to FP8 per token before their products (FbgemmFp8Llama4TextExperts, spec §3.5).
 //
 // Tokens are grouped by expert so that each expert's weights are streamed once per tile of expertTile
 // tokens; the columns of each product are split over the threads. Every element is accumulated in a fixed
@@ -130,6 +132,7 @@ func (b *Backend) Experts(x backend.Tensor, r backend.Routing, gateUp, down back
 					h[i*H+c] = v * sc
 				}
 			}
+			h = actRows(h, H, gt.format)
 			// [gate | up] = h · gu, columns split over threads.
 			g := make([]float32, n*2*I)
 			b.parallel(2*I, b.grain(2*I, n*H), func(lo, hi int) {
@@ -144,6 +147,7 @@ func (b *Backend) Experts(x backend.Tensor, r backend.Routing, gateUp, down back
 			for i := range n {
 				siluMul(act[i*I:(i+1)*I], g[i*2*I:i*2*I+I], g[i*2*I+I:(i+1)*2*I])
 			}
+			act = actRows(act, I, dt.format)
 			// y = act · dn, columns split over threads.
 			b.parallel(H, b.grain(H, n*I), func(lo, hi int) {
 				for row := range I {

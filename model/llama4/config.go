@@ -32,6 +32,9 @@ type Rope struct {
 
 // Config is the text model's configuration (spec §1.1) with every derived per-layer property resolved.
 type Config struct {
+	// QuantizationConfig is config.json's quantization_config, raw ("" when absent): a pre-quantised
+	// checkpoint (spec §3.4; model.Info.Quantization).
+	QuantizationConfig  string
 	VocabSize           int
 	HiddenSize          int
 	IntermediateSize    int // per expert and shared expert
@@ -117,6 +120,11 @@ func ParseConfig(data []byte) (Config, error) {
 		return Config{}, err
 	}
 	cfg.Prefix = prefix
+	if raw, ok := top.raw("quantization_config"); ok {
+		cfg.QuantizationConfig = string(raw)
+	} else if raw, ok := text.raw("quantization_config"); ok {
+		cfg.QuantizationConfig = string(raw)
+	}
 	return cfg, nil
 }
 

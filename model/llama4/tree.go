@@ -13,7 +13,10 @@ import (
 // (model.Load), the tensor list (Config.Tensors: random weights, planning without a checkpoint) and shard's
 // split rules and consistency groups all derive from these tags; see model.Tree for the vocabulary. Shapes
 // name the dimensions of Config.Tree's Dims. nn.Linear weights are [out, in]; the routed experts are
-// stored input-major ([E, H, 2I] with the gate half first, and [E, I, H]).
+// stored input-major ([E, H, 2I] with the gate half first, and [E, I, H]); FP8 checkpoints (spec §3.3–3.4)
+// store them per expert as nn.Linear weights instead (the experts tags), each quantised weight with its
+// per-row "weight_scale" (Info.ScaleSuffix). quant tags mark the weights --quantization may quantise:
+// attention, dense MLP, shared and routed experts; the router, embedding, norms and lm_head stay bf16.
 
 // weight is one loaded tensor and how it was cut for this rank.
 type weight = run.Weight
@@ -38,26 +41,26 @@ type layerWeights struct {
 // attnWeights are spec §2.3's projections: q/k/v split by heads (colwise), o by heads on its input
 // (rowwise).
 type attnWeights struct {
-	Q weight `tensor:"q_proj.weight" shape:"heads,hidden" split:"0=colwise" group:"." rule:"q/k/v must be split colwise (by heads) exactly when o_proj is split rowwise"`
-	K weight `tensor:"k_proj.weight" shape:"kv_heads,hidden" split:"0=colwise" group:"."`
-	V weight `tensor:"v_proj.weight" shape:"kv_heads,hidden" split:"0=colwise" group:"."`
-	O weight `tensor:"o_proj.weight" shape:"hidden,heads" split:"1=rowwise" group:"."`
+	Q weight `tensor:"q_proj.weight" shape:"heads,hidden" quant:"1" split:"0=colwise" group:"." rule:"q/k/v must be split colwise (by heads) exactly when o_proj is split rowwise"`
+	K weight `tensor:"k_proj.weight" shape:"kv_heads,hidden" quant:"1" split:"0=colwise" group:"."`
+	V weight `tensor:"v_proj.weight" shape:"kv_heads,hidden" quant:"1" split:"0=colwise" group:"."`
+	O weight `tensor:"o_proj.weight" shape:"hidden,heads" quant:"1" split:"1=rowwise" group:"."`
 }
 
 // mlpWeights is SwiGLU (spec §2.4): a dense layer's feed-forward, or the shared expert; inter is its
 // width.
 type mlpWeights struct {
-	Gate weight `tensor:"gate_proj.weight" shape:"inter,hidden" split:"0=colwise" group:"." rule:"gate_proj and up_proj must be split colwise exactly when down_proj is split rowwise"`
-	Up   weight `tensor:"up_proj.weight" shape:"inter,hidden" split:"0=colwise" group:"."`
-	Down weight `tensor:"down_proj.weight" shape:"hidden,inter" split:"1=rowwise" group:"."`
+	Gate weight `tensor:"gate_proj.weight" shape:"inter,hidden" quant:"1" split:"0=colwise" group:"." rule:"gate_proj and up_proj must be split colwise exactly when down_proj is split rowwise"`
+	Up   weight `tensor:"up_proj.weight" shape:"inter,hidden" quant:"1" split:"0=colwise" group:"."`
+	Down weight `tensor:"down_proj.weight" shape:"hidden,inter" quant:"1" split:"1=rowwise" group:"."`
 }
 
 // moeWeights is spec §2.4's Llama4TextMoe: the router (whole on every rank), the routed experts (packed
 // gate_up and down split on the intermediate dim, or whole experts per rank), and the shared expert.
 type moeWeights struct {
 	Router weight     `tensor:"router.weight" shape:"experts,hidden" whole:"to route every token"`
-	GateUp weight     `tensor:"experts.gate_up_proj" shape:"experts,hidden,2*expert_halves" kind:"experts" split:"2=packed_rowwise,0=grouped_gemm@experts" group:"experts" rule:"split gate_up_proj packed on dim 2 (packed_rowwise) with down_proj on dim 1 (colwise), or both by expert on dim 0 (grouped_gemm), or neither"`
-	Down   weight     `tensor:"experts.down_proj" shape:"experts,intermediate,hidden" kind:"experts" split:"1=colwise,0=grouped_gemm@experts" group:"experts"`
+	GateUp weight     `tensor:"experts.gate_up_proj" shape:"experts,hidden,2*expert_halves" kind:"experts" quant:"1" experts:"experts.{e}.gate_proj.weight|experts.{e}.up_proj.weight" split:"2=packed_rowwise,0=grouped_gemm@experts" group:"experts" rule:"split gate_up_proj packed on dim 2 (packed_rowwise) with down_proj on dim 1 (colwise), or both by expert on dim 0 (grouped_gemm), or neither"`
+	Down   weight     `tensor:"experts.down_proj" shape:"experts,intermediate,hidden" kind:"experts" quant:"1" experts:"experts.{e}.down_proj.weight" split:"1=colwise,0=grouped_gemm@experts" group:"experts"`
 	Shared mlpWeights `tensor:"shared_expert" dims:"inter=intermediate"`
 }
 
@@ -89,7 +92,8 @@ func (c Config) Info() model.Info {
 	return model.Info{
 		Family: Family, Prefix: c.Prefix, Foreign: []string{"vision_model.", "multi_modal_projector."},
 		VocabSize: c.VocabSize, MaxPositions: c.MaxPositions, BOS: c.BOS, EOS: c.EOS,
-		Plans: map[string][]model.PlanRule{"tp": planRules(tpPlan, vocabPlan), "ep": planRules(epPlan, vocabPlan)},
+		Plans:        map[string][]model.PlanRule{"tp": planRules(tpPlan, vocabPlan), "ep": planRules(epPlan, vocabPlan)},
+		Quantization: c.QuantizationConfig, ScaleSuffix: "_scale", // compressed-tensors: "….weight_scale"
 	}
 }
 
