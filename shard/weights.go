@@ -58,6 +58,21 @@ func NewRankReader(r Reader, m Manifest) *RankReader { return &RankReader{r: r, 
 // Manifest returns the manifest the reader follows.
 func (rr *RankReader) Manifest() Manifest { return rr.m }
 
+// ReadScales reads the float32 scales of this rank's part of a quantised tensor (see ScaleReader); the
+// reader must be a ScaleReader (a View).
+func (rr *RankReader) ReadScales(name string) ([]float32, []int, error) {
+	sr, ok := rr.r.(ScaleReader)
+	if !ok {
+		return nil, nil, fmt.Errorf("shard: %s is quantised, but the checkpoint is not read through a View", name)
+	}
+	full := rr.m.Prefix + name
+	s, ok := rr.m.Lookup(full)
+	if !ok {
+		return nil, nil, fmt.Errorf("shard: %q is not in the manifest: %w", full, safetensors.ErrNotFound)
+	}
+	return sr.ReadScales(full, s.Dim, s.Ranges...)
+}
+
 // ReadTensor reads this rank's part of name (see Manifest.Read) and returns its dtype, local shape, bytes
 // and the Layout the model is told: {Dim, Rank, TP} for a split tensor, model.Replicated for a whole one.
 func (rr *RankReader) ReadTensor(name string) (safetensors.DType, []int, []byte, model.Layout, error) {

@@ -3,9 +3,11 @@ package run
 import (
 	"context"
 	"fmt"
+	"sync/atomic"
 
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/model"
+	"github.com/tpfleet/tpfleet/quant"
 	"github.com/tpfleet/tpfleet/safetensors"
 )
 
@@ -21,7 +23,77 @@ type Slices interface {
 type RankWeights struct {
 	s   Slices
 	ops backend.Ops
+	q   quantizer
 }
+
+// ScaleSlices is implemented by Slices that read pre-quantised checkpoints (*shard.RankReader over a
+// shard.View): the float32 scales of this rank's part of a quantised tensor.
+type ScaleSlices interface {
+	ReadScales(name string) ([]float32, []int, error)
+}
+
+// quantizer decides how a tensor is held: as the checkpoint stores it, quantised on the fly to format (the
+// weights the model declares Quantizable), or, for an F8_E4M3 tensor of a pre-quantised checkpoint, as
+// weight-only FP8 with its scales.
+type quantizer struct {
+	specs  map[string]model.TensorSpec
+	format quant.Format
+	mem    atomic.Int64 // bytes held in memory so far (quantised: codes and scales)
+}
+
+func (q *quantizer) configure(cfg model.Config, f quant.Format) {
+	q.specs, q.format = map[string]model.TensorSpec{}, f
+	for _, s := range model.Tensors(cfg) {
+		q.specs[s.Name] = s
+	}
+}
+
+// load makes the backend tensor of name from its stored bytes; scales reads a pre-quantised tensor's.
+func (q *quantizer) load(ops backend.Ops, name string, dt safetensors.DType, shape []int, data []byte,
+	scales func() ([]float32, error)) (backend.Tensor, error) {
+	spec, known := q.specs[name]
+	var w quant.Weight
+	switch {
+	case dt == safetensors.F8_E4M3:
+		if !known || !spec.Quantizable {
+			return nil, fmt.Errorf("a quantised %s tensor the model cannot hold quantised (configure the Weights with the model's Config)", dt)
+		}
+		sc, err := scales()
+		if err != nil {
+			return nil, err
+		}
+		w = quant.Weight{Format: quant.Format{Kind: quant.FP8}, Shape: shape, InputDim: spec.InputDim, Data: data, Scales: sc}
+		if err := w.Check(); err != nil {
+			return nil, err
+		}
+	case q.format.Quantized() && known && spec.Quantizable:
+		vals := make([]float32, len(data)/max(dt.Size(), 1))
+		if err := safetensors.ToFloat32(dt, data, vals); err != nil {
+			return nil, err
+		}
+		var err error
+		if w, err = quant.Quantize(q.format, shape, spec.InputDim, vals); err != nil {
+			return nil, err
+		}
+	default:
+		q.mem.Add(int64(len(data)))
+		return ops.Load(dt, shape, data)
+	}
+	q.mem.Add(w.Bytes())
+	return backend.LoadQuantized(ops, w)
+}
+
+// WithFormat makes w hold cfg's quantisable weights (model.TensorSpec.Quantizable) in format f, quantised
+// at load from this rank's slices only, and lets it load pre-quantised (F8_E4M3) checkpoints read through
+// a shard.View. The backend must be a backend.QuantizedLoader for either. It returns w.
+func (w *RankWeights) WithFormat(cfg model.Config, f quant.Format) *RankWeights {
+	w.q.configure(cfg, f)
+	return w
+}
+
+// MemoryBytes is the bytes of the tensors loaded so far as held in memory: their stored size, or their
+// quantised size (codes and scales).
+func (w *RankWeights) MemoryBytes() int64 { return w.q.mem.Load() }
 
 var _ Weights = (*RankWeights)(nil)
 
@@ -40,7 +112,14 @@ func (w *RankWeights) Load(ctx context.Context, name string) (backend.Tensor, mo
 	if err != nil {
 		return nil, model.Replicated, err
 	}
-	t, err := w.ops.Load(dt, shape, data)
+	t, err := w.q.load(w.ops, name, dt, shape, data, func() ([]float32, error) {
+		ss, ok := w.s.(ScaleSlices)
+		if !ok {
+			return nil, fmt.Errorf("%s: the slices' reader reads no scales", dt)
+		}
+		sc, _, err := ss.ReadScales(name)
+		return sc, err
+	})
 	if err != nil {
 		return nil, model.Replicated, fmt.Errorf("load %s %s%v: %w", name, dt, shape, err)
 	}
@@ -53,7 +132,19 @@ type CheckpointWeights struct {
 	ckpt   *safetensors.Checkpoint
 	ops    backend.Ops
 	prefix string
+	q      quantizer
 }
+
+// WithFormat makes w hold cfg's quantisable weights in format f, quantised at load (see
+// RankWeights.WithFormat; pre-quantised checkpoints load through a shard.View and RankWeights). It returns
+// w.
+func (w *CheckpointWeights) WithFormat(cfg model.Config, f quant.Format) *CheckpointWeights {
+	w.q.configure(cfg, f)
+	return w
+}
+
+// MemoryBytes is the bytes of the tensors loaded so far as held in memory (see RankWeights.MemoryBytes).
+func (w *CheckpointWeights) MemoryBytes() int64 { return w.q.mem.Load() }
 
 var _ Weights = (*CheckpointWeights)(nil)
 
@@ -76,7 +167,9 @@ func (w *CheckpointWeights) Load(ctx context.Context, name string) (backend.Tens
 	if err != nil {
 		return nil, model.Replicated, err
 	}
-	t, err := w.ops.Load(info.DType, info.Shape, data)
+	t, err := w.q.load(w.ops, name, info.DType, info.Shape, data, func() ([]float32, error) {
+		return nil, fmt.Errorf("pre-quantised checkpoints load through a shard.View and RankWeights")
+	})
 	if err != nil {
 		return nil, model.Replicated, fmt.Errorf("%s %s%v: %w", full, info.DType, info.Shape, err)
 	}
