@@ -55,6 +55,12 @@ const DeviceCPU = "cpu"
 
 // Config configures a Worker. The json tags are the flag names of AddFlags.
 type Config struct {
+	// Quantization is how the worker holds the quantisable weights of a bf16 checkpoint: "" (as stored),
+	// "fp8" (rowwise, FbgemmFp8 semantics) or "int4" (group-wise, QuantizationGroup input columns a
+	// scale), quantised at load from this rank's own slices. Every worker of a TP group must be given the
+	// same value (serve and launch pass theirs to all). Pre-quantised (FP8) checkpoints need none.
+	Quantization      string `json:"quantization"`
+	QuantizationGroup int    `json:"quantization-group"`
 	// ID names the member in etcd; it must be unique in the cluster. Letters, digits and ". _ : @ -",
 	// starting with a letter or digit. Empty means "<host>-<pid>".
 	ID string `json:"id"`
@@ -161,6 +167,8 @@ func DefaultConfig() Config {
 // (--gossip-bind-addr, --gossip-bind-port, ...) to c.Gossip and the etcd client's flags
 // (--etcd-endpoints, --cluster, --etcd-dial-timeout) to c.Etcd.
 func (c *Config) AddFlags(fs *flag.FlagSet) {
+	fs.StringVar(&c.Quantization, "quantization", c.Quantization, "quantise the checkpoint's linear and expert weights at load: none, fp8 (rowwise, dynamic per-token activations) or int4 (weight-only, group-wise)")
+	fs.IntVar(&c.QuantizationGroup, "quantization-group", c.QuantizationGroup, "int4: input columns per scale (0: 128)")
 	fs.StringVar(&c.ID, "id", c.ID, "member ID, unique in the cluster (empty: <host>-<pid>)")
 	fs.StringVar(&c.ListenAddr, "listen", c.ListenAddr, "host:port of the worker's gRPC server (port 0: any free port)")
 	fs.StringVar(&c.AdvertiseAddr, "advertise", c.AdvertiseAddr, "host:port the coordinator dials (empty: the bound address)")

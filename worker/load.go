@@ -1,6 +1,7 @@
 package worker
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"path/filepath"
@@ -12,6 +13,7 @@ import (
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/model/run"
+	"github.com/tpfleet/tpfleet/quant"
 	"github.com/tpfleet/tpfleet/safetensors"
 	"github.com/tpfleet/tpfleet/sample"
 	"github.com/tpfleet/tpfleet/shard"
@@ -95,18 +97,26 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey) (*weights, error
 	}
 	// The backend copies what it loads, so the mapping is not needed once the model is built.
 	defer ckpt.Close()
-	man, err := shard.NewManifest(cfg, ckpt, plan, k.tp, k.rank)
+	view, err := shard.NewView(cfg, ckpt)
+	if err != nil {
+		return nil, err
+	}
+	format, err := quant.ParseFormat(w.cfg.Quantization, cmp.Or(w.cfg.QuantizationGroup, quant.DefaultGroupSize))
+	if err != nil {
+		return nil, err
+	}
+	man, err := shard.NewManifest(cfg, view, plan, k.tp, k.rank)
 	if err != nil {
 		return nil, err
 	}
 	lg := w.lg.With(zap.Int("rank", k.rank), zap.Int("tp", k.tp))
 	lg.Info("loading weights", zap.String("model", k.dir), zap.String("plan", k.planName),
-		zap.String("device", w.ops.Name()), zap.String("family", info.Family), zap.Int("tensors", len(man.Tensors)),
+		zap.String("device", w.ops.Name()), zap.String("family", info.Family), zap.Stringer("format", format), zap.Int("tensors", len(man.Tensors)),
 		zap.Int64("bytes", man.Bytes), zap.Int64("full-bytes", man.FullBytes))
 
 	_, device := w.ops.(backend.DeviceContext) // the epochs' communicators are then NCCL's
 	comm := newEpochComm(k.rank, k.tp, device)
-	pw := &run.Progress{Weights: run.NewRankWeights(shard.NewRankReader(ckpt, man), w.ops), Log: lg,
+	pw := &run.Progress{Weights: run.NewRankWeights(shard.NewRankReader(view, man), w.ops).WithFormat(cfg, format), Log: lg,
 		Total: len(man.Tensors), TotalBytes: man.Bytes, BytesOf: man.BytesOf, Every: w.progressEvery}
 	m, err := run.Open(ctx, w.ops, cfg, pw, run.Parallel{Comm: comm})
 	if err != nil {

@@ -16,6 +16,7 @@ import (
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/model"
 	modelrun "github.com/tpfleet/tpfleet/model/run"
+	"github.com/tpfleet/tpfleet/quant"
 	"github.com/tpfleet/tpfleet/safetensors"
 	"github.com/tpfleet/tpfleet/sample"
 	"github.com/tpfleet/tpfleet/shard"
@@ -28,6 +29,9 @@ type modelFlags struct {
 	threads  int
 	logLevel string
 	par      parallelFlags
+	// quantization and group are --quantization and --quantization-group (quant.ParseFormat).
+	quantization string
+	group        int
 	// backendConfig holds the registered backends' own flags (backend.BindFlags), by backend name.
 	backendConfig map[string]backend.FlagConfig
 }
@@ -37,6 +41,8 @@ func (f *modelFlags) add(fs *flag.FlagSet) {
 	fs.StringVar(&f.device, "device", "cpu", "where to run: "+deviceChoices()+" (a GPU backend: one GPU per rank, rank r of --tp N on GPU r, or --gpu with --rank)")
 	fs.IntVar(&f.threads, "threads", 0, "CPU threads for matrix products (0: all cores)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level on stderr: debug, info, warn, error")
+	fs.StringVar(&f.quantization, "quantization", "", "quantise the checkpoint's linear and expert weights at load: none, fp8 (rowwise, dynamic per-token activations) or int4 (weight-only, group-wise); lm_head and router stay bf16")
+	fs.IntVar(&f.group, "quantization-group", quant.DefaultGroupSize, "int4: input columns per scale")
 	f.par.add(fs)
 	f.backendConfig = backend.BindFlags(fs)
 }
@@ -50,6 +56,9 @@ func (f *modelFlags) check() error {
 	}
 	if f.threads < 0 {
 		return usagef("--threads %d must be >= 0", f.threads)
+	}
+	if _, err := quant.ParseFormat(f.quantization, f.group); err != nil {
+		return usagef("%v", err)
 	}
 	return f.par.check()
 }
@@ -129,9 +138,21 @@ func loadRanks(ctx context.Context, f modelFlags, cfg model.Config, ckpt *safete
 	}
 	comms := g.comms
 	specs, prefix := model.Tensors(cfg), cfg.Info().Prefix
+	format, err := quant.ParseFormat(f.quantization, f.group)
+	if err != nil {
+		g.Close()
+		return nil, usagef("%v", err)
+	}
+	view, err := shard.NewView(cfg, ckpt)
+	if err != nil {
+		g.Close()
+		return nil, err
+	}
 	for i, rank := range ranks {
 		ops := allOps[i]
-		var w modelrun.Weights = modelrun.NewCheckpointWeights(ckpt, ops, cfg)
+		cw := modelrun.NewCheckpointWeights(ckpt, ops, cfg).WithFormat(cfg, format)
+		var w modelrun.Weights = cw
+		memBytes := cw.MemoryBytes
 		bytesOf := func(name string) int64 {
 			info, err := ckpt.Info(prefix + name)
 			if err != nil {
@@ -139,13 +160,14 @@ func loadRanks(ctx context.Context, f modelFlags, cfg model.Config, ckpt *safete
 			}
 			return info.NumBytes()
 		}
-		if f.par.tp > 1 {
-			man, err := shard.NewManifest(cfg, ckpt, plan, f.par.tp, rank)
+		if f.par.tp > 1 || view.Scheme() != nil { // pre-quantised checkpoints read through the view
+			man, err := shard.NewManifest(cfg, view, plan, f.par.tp, rank)
 			if err != nil {
 				g.Close()
 				return nil, err
 			}
-			w, bytesOf = modelrun.NewRankWeights(shard.NewRankReader(ckpt, man), ops), man.BytesOf
+			rw := modelrun.NewRankWeights(shard.NewRankReader(view, man), ops).WithFormat(cfg, format)
+			w, bytesOf, memBytes = rw, man.BytesOf, rw.MemoryBytes
 		}
 		bytes := int64(0)
 		for _, s := range specs {
@@ -153,13 +175,15 @@ func loadRanks(ctx context.Context, f modelFlags, cfg model.Config, ckpt *safete
 		}
 		log.Info("loading model", zap.String("model", f.dir), zap.String("device", ops.Name()),
 			zap.Int("rank", rank), zap.Int("tp", f.par.tp), zap.String("plan", f.par.plan),
-			zap.String("family", cfg.Info().Family), zap.Int("tensors", len(specs)), zap.String("size", mib(bytes)))
+			zap.String("family", cfg.Info().Family), zap.Int("tensors", len(specs)), zap.String("size", mib(bytes)),
+			zap.Stringer("format", format))
 		progress := &modelrun.Progress{Weights: w, Log: log.With(zap.Int("rank", rank)), Total: len(specs), TotalBytes: bytes, BytesOf: bytesOf}
 		m, err := modelrun.Open(ctx, ops, cfg, progress, modelrun.Parallel{Comm: comms[i]})
 		if err != nil {
 			g.Close()
 			return nil, fmt.Errorf("rank %d: %w", rank, err)
 		}
+		log.Info("weights in memory", zap.Int("rank", rank), zap.String("stored", mib(bytes)), zap.String("in-memory", mib(memBytes())), zap.Stringer("format", format))
 		g.ranks = append(g.ranks, m)
 	}
 	return g, nil
