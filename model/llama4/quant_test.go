@@ -478,3 +478,44 @@ func fp8Ref(v []float32, shape []int, inDim int) []float32 {
 	}
 	return out
 }
+
+// TestQuantGoldens compares with HF float32 logits of the quantised fixtures that
+// scripts/fixtures/make_quant_fixtures.py writes on the GPU machine (testdata/fixtures/quant): the
+// compressed-tensors FP8 checkpoint (dequantised, spec §3.4), and fp8 rowwise (weight-only) and int4
+// quantise→dequantise of moe-top2, each to 1e-4 relative. It skips only while those files are absent.
+func TestQuantGoldens(t *testing.T) {
+	dir := filepath.Join(fixturesDir, "quant")
+	if _, err := os.Stat(filepath.Join(dir, "golden-fp8-ct.safetensors")); errors.Is(err, os.ErrNotExist) {
+		t.Skip("no quantised goldens: run scripts/fixtures/make_quant_fixtures.py on the GPU machine and commit testdata/fixtures/quant")
+	}
+	golden := func(name string) ([]int, []float32) {
+		g, err := safetensors.OpenCheckpoint(filepath.Join(dir, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer g.Close()
+		return int64Rows(t, g, "score_ids")[0], float32s(t, g, "score_logits")
+	}
+	ids, want := golden("golden-fp8-ct.safetensors")
+	ranks := loadFP8Ranks(t, filepath.Join(dir, "fp8-ct"), shard.DefaultPlan(llama4.Config{}), comm.NewLocalGroup(1))
+	cfg, _ := openDir(t, filepath.Join(dir, "fp8-ct"))
+	if worst, at := maxRelDiff(t, score(t, ranks, ids), want, cfg.VocabSize); worst > 1e-4 {
+		t.Errorf("fp8-ct vs HF: max |Δ|/max |ref| = %.3g at %d, want <= 1e-4", worst, at)
+	}
+	f := openFixture(t, "moe-top2")
+	for name, fm := range map[string]quant.Format{"fp8": {Kind: quant.FP8}, "int4": {Kind: quant.Int4, GroupSize: 128}} {
+		ids, want := golden("golden-" + name + ".safetensors")
+		ops := cpu.New(cpu.Config{})
+		m, err := llama4.Load(context.Background(), ops, f.cfg, llama4.NewCheckpointWeights(f.ckpt, ops, f.cfg).WithFormat(f.cfg, fm), llama4.Parallel{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := m.Score(context.Background(), ids)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if worst, at := maxRelDiff(t, got, want, f.cfg.VocabSize); worst > 1e-4 {
+			t.Errorf("%s vs HF: max |Δ|/max |ref| = %.3g at %d, want <= 1e-4", name, worst, at)
+		}
+	}
+}
