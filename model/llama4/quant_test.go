@@ -299,7 +299,6 @@ func TestFP8CheckpointErrors(t *testing.T) {
 	}
 }
 
-
 // int4Ref is an independent straightforward int4 quantise→dequantise of an [outer, in, inner] tensor
 // (symmetric, scale bf16(max/7) per group of g input columns, round half to even, clamp to [-8, 7]).
 func int4Ref(v []float32, shape []int, inDim, g int) []float32 {
