@@ -302,15 +302,7 @@ func TestFP8CheckpointErrors(t *testing.T) {
 // int4Ref is an independent straightforward int4 quantise→dequantise of an [outer, in, inner] tensor
 // (symmetric, scale bf16(max/7) per group of g input columns, round half to even, clamp to [-8, 7]).
 func int4Ref(v []float32, shape []int, inDim, g int) []float32 {
-	outer, inner := 1, 1
-	for i, d := range shape {
-		if i < inDim {
-			outer *= d
-		} else if i > inDim {
-			inner *= d
-		}
-	}
-	in := shape[inDim]
+	outer, in, inner := around(shape, inDim)
 	out := make([]float32, len(v))
 	for o := range outer {
 		for k := range inner {
@@ -449,15 +441,7 @@ func fp8Ref(v []float32, shape []int, inDim int) []float32 {
 		}
 		return float32(math.Copysign(float64(table[best]), float64(x)))
 	}
-	outer, inner := 1, 1
-	for i, d := range shape {
-		if i < inDim {
-			outer *= d
-		} else if i > inDim {
-			inner *= d
-		}
-	}
-	in := shape[inDim]
+	outer, in, inner := around(shape, inDim)
 	out := make([]float32, len(v))
 	for o := range outer {
 		for k := range inner {
@@ -517,4 +501,17 @@ func TestQuantGoldens(t *testing.T) {
 			t.Errorf("%s vs HF: max |Δ|/max |ref| = %.3g at %d, want <= 1e-4", name, worst, at)
 		}
 	}
+}
+
+// around views shape as [outer, in, inner] around its input dimension.
+func around(shape []int, inDim int) (outer, in, inner int) {
+	outer, inner = 1, 1
+	for i, d := range shape {
+		if i < inDim {
+			outer *= d
+		} else if i > inDim {
+			inner *= d
+		}
+	}
+	return outer, shape[inDim], inner
 }
