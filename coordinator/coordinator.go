@@ -101,7 +101,7 @@ func New(cfg Config) (*Coordinator, error) {
 		cfg:           cfg,
 		log:           cfg.Logger.With(zap.String("coordinator-id", cfg.ID)),
 		model:         m,
-		queue:         newQueue(cfg.MaxQueue),
+		queue:         newQueueTimeout(cfg.MaxQueue, cfg.ResumeTimeout),
 		dial:          dialWorker,
 		ready:         make(chan struct{}),
 		errc:          make(chan error, 1),
@@ -655,24 +655,27 @@ func (ld *leader) apply() {
 	ctx, cancel := context.WithCancel(ld.ctx)
 	ld.groupsEpoch, ld.groupsStop = ld.plan.Epoch, cancel
 	if len(ld.plan.Groups) == 0 {
-		// Nothing will take the waiting requests: fail them rather than let them wait for workers.
-		for _, r := range c.queue.drain() {
+		// Nothing will take the waiting requests: fail the new ones rather than let them wait for workers;
+		// those handed back by a group wait until their resume deadline, for a plan with a group.
+		for _, r := range c.queue.drainNew() {
 			r.end("", fmt.Errorf("%w: epoch %d places no TP group of %d workers", ErrNoPlan, ld.plan.Epoch, ld.plan.TP))
 		}
 	}
 	for _, g := range ld.plan.Groups {
 		log := c.log.With(zap.Int64("epoch", ld.plan.Epoch), zap.Int("group", g.ID))
 		cfg := groupConfig{
-			epoch:       ld.plan.Epoch,
-			group:       g,
-			queue:       c.queue,
-			maxBatch:    c.cfg.MaxBatch,
-			tokenBudget: c.cfg.TokenBudget,
-			seqIDs:      &c.seqIDs,
-			dial:        c.dial,
-			log:         log,
-			onReady:     ld.onReady(ld.plan.Epoch, g.ID),
-			onFailed:    ld.onFailed(ld.plan.Epoch),
+			epoch:            ld.plan.Epoch,
+			group:            g,
+			queue:            c.queue,
+			maxBatch:         c.cfg.MaxBatch,
+			tokenBudget:      c.cfg.TokenBudget,
+			stepTimeout:      c.cfg.StepTimeout,
+			stepTokenTimeout: c.cfg.StepTokenTimeout,
+			seqIDs:           &c.seqIDs,
+			dial:             c.dial,
+			log:              log,
+			onReady:          ld.onReady(ld.plan.Epoch, g.ID),
+			onFailed:         ld.onFailed(ld.plan.Epoch),
 		}
 		ld.groupsWG.Go(func() { runGroup(ctx, cfg) })
 	}
