@@ -28,8 +28,10 @@ import (
 // accepted request must complete with its uninterrupted greedy output; the test prints, per fault, the
 // streams' longest pause (p50 and max) and the requests completed, failed and wrong.
 //
-// TPFLEET_CHAOS_STOP sets how long a worker stays SIGSTOPped (default 3s in CI; the full run
-// uses 10s): go test ./cmd/tpfleet -run TestChaos -v with TPFLEET_CHAOS_STOP=10s.
+// TPFLEET_CHAOS_STOP and TPFLEET_CHAOS_ETCD_STOP set how long a worker and etcd stay SIGSTOPped (3s each
+// in CI; the full run uses 10s), TPFLEET_CHAOS_LEADER_TTL the coordinator's --leader-ttl (2s):
+//
+//	TPFLEET_CHAOS_STOP=10s TPFLEET_CHAOS_ETCD_STOP=10s go test ./cmd/tpfleet -run TestChaos -v
 
 // chaosStream records one client stream's token arrivals and outcomes.
 type chaosStream struct {
@@ -89,17 +91,23 @@ func TestChaos(t *testing.T) {
 	if testing.Short() {
 		t.Skip("chaos: separate processes for a minute or more")
 	}
-	stop := 3 * time.Second
+	stop, etcdStop, leaderTTL := 3*time.Second, 3*time.Second, "2s"
 	if d, err := time.ParseDuration(os.Getenv("TPFLEET_CHAOS_STOP")); err == nil {
 		stop = d
+	}
+	if d, err := time.ParseDuration(os.Getenv("TPFLEET_CHAOS_ETCD_STOP")); err == nil {
+		etcdStop = d
+	}
+	if v := os.Getenv("TPFLEET_CHAOS_LEADER_TTL"); v != "" {
+		leaderTTL = v
 	}
 	t.Setenv("TPFLEET_TEST_LIFETIME", "10m")
 	start := time.Now()
 	model := filepath.Join(fixtures, "moe-top1")
-	_, ep := startEtcd(t)
+	etcd, ep := startEtcd(t)
 	httpAddr := freeAddr(t)
 	coordArgs := []string{"coordinator", "--etcd", ep, "--model", model, "--tp", "2", "--listen", "127.0.0.1:0",
-		"--http-listen", httpAddr, "--leader-ttl", "2s", "--settle", "100ms", "--step-timeout", "2s", "--max-batch", "16",
+		"--http-listen", httpAddr, "--leader-ttl", leaderTTL, "--settle", "100ms", "--step-timeout", "2s", "--max-batch", "16",
 		"--log-level", "info"}
 	coord := startProc(t, "coordinator", coordArgs...)
 	addr := coord.line(t)
@@ -196,7 +204,17 @@ func TestChaos(t *testing.T) {
 	time.Sleep(stop)
 	workers[2].signal(t, syscall.SIGCONT)
 	settle("two groups after SIGCONT")
+	mark(fmt.Sprintf("SIGSTOP etcd %v", etcdStop))
+	etcd.signal(t, syscall.SIGSTOP)
+	time.Sleep(etcdStop)
+	etcd.signal(t, syscall.SIGCONT)
+	settle("two groups after etcd's SIGCONT")
 	mark("end")
+	loads := 0
+	for _, w := range workers {
+		loads += countLine(w.stderr.String(), "weights loaded")
+	}
+	t.Logf("weights loaded %d times by the 4 workers in all (4 at start, +1 for the restarted one)", loads)
 	cancel()
 	wg.Wait()
 
