@@ -40,6 +40,15 @@ const (
 	// DefaultSettle is how long the member list must stay unchanged before the leader plans, so that
 	// workers starting together land in one epoch instead of one epoch each.
 	DefaultSettle = 250 * time.Millisecond
+	// DefaultResumeTimeout is how long a request handed back by a group that stopped or failed may wait
+	// for another group before it fails with ErrNotPlaced.
+	DefaultResumeTimeout = 30 * time.Second
+	// DefaultStepTimeout is the deadline of a step of one token: a rank that does not answer within it
+	// (plus DefaultStepTokenTimeout for every token of the step) fails the group, and its requests resume
+	// elsewhere. It covers a collective with a hung peer; raise it for models whose step takes longer.
+	DefaultStepTimeout = 10 * time.Second
+	// DefaultStepTokenTimeout is what each token of a step adds to its deadline (prefill pieces).
+	DefaultStepTokenTimeout = 20 * time.Millisecond
 	// DefaultShutdownGrace bounds Close's graceful stop of the gRPC server and the HTTP gateway (streams
 	// in flight finish) before it cuts them.
 	DefaultShutdownGrace = 5 * time.Second
@@ -87,6 +96,18 @@ type Config struct {
 	// Settle is how long the member list must stay unchanged before the leader plans. Zero means
 	// DefaultSettle.
 	Settle time.Duration `json:"settle"`
+	// ResumeTimeout is how long a request that a group handed back (the plan changed, a worker was lost,
+	// a step failed or timed out) may wait for a place in another group before it fails with
+	// ErrNotPlaced (UNAVAILABLE), counted from the hand-back after its last token. Zero means
+	// DefaultResumeTimeout.
+	ResumeTimeout time.Duration `json:"resume-timeout"`
+	// StepTimeout is the deadline of a one-token step: every rank must answer within StepTimeout plus
+	// StepTokenTimeout per token of the step, or the group fails (ErrStepTimeout) and its requests resume
+	// in another group. Zero means DefaultStepTimeout.
+	StepTimeout time.Duration `json:"step-timeout"`
+	// StepTokenTimeout is what each token of a step adds to its deadline. Zero means
+	// DefaultStepTokenTimeout.
+	StepTokenTimeout time.Duration `json:"step-token-timeout"`
 	// ShutdownGrace bounds the graceful part of Close, for the gRPC server and the HTTP gateway together.
 	// Zero means DefaultShutdownGrace.
 	ShutdownGrace time.Duration `json:"shutdown-grace"`
@@ -117,7 +138,7 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: config: max batch %d, want >= 1", ErrInvalidConfig, c.MaxBatch)
 	case c.TokenBudget < 0:
 		return fmt.Errorf("%w: config: token budget %d, want >= 1", ErrInvalidConfig, c.TokenBudget)
-	case c.LeaderTTL < 0 || c.Settle < 0 || c.ShutdownGrace < 0:
+	case c.LeaderTTL < 0 || c.Settle < 0 || c.ShutdownGrace < 0 || c.ResumeTimeout < 0 || c.StepTimeout < 0 || c.StepTokenTimeout < 0:
 		return fmt.Errorf("%w: config: negative duration", ErrInvalidConfig)
 	}
 	d := c.withDefaults()
@@ -182,6 +203,15 @@ func (c Config) withDefaults() Config {
 	if c.ShutdownGrace == 0 {
 		c.ShutdownGrace = DefaultShutdownGrace
 	}
+	if c.ResumeTimeout == 0 {
+		c.ResumeTimeout = DefaultResumeTimeout
+	}
+	if c.StepTimeout == 0 {
+		c.StepTimeout = DefaultStepTimeout
+	}
+	if c.StepTokenTimeout == 0 {
+		c.StepTokenTimeout = DefaultStepTokenTimeout
+	}
 	if c.Logger == nil {
 		c.Logger = zap.NewNop()
 	}
@@ -217,6 +247,9 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.IntVar(&c.TokenBudget, "token-budget", c.TokenBudget, "tokens per step of a group: decodes plus prompt pieces (0: 512)")
 	fs.DurationVar(&c.LeaderTTL, "leader-ttl", c.LeaderTTL, "lease of the leader election; a standby takes over this long after the leader dies (0: 5s)")
 	fs.DurationVar(&c.Settle, "settle", c.Settle, "how long the member list must stay unchanged before a new plan (0: 250ms)")
+	fs.DurationVar(&c.ResumeTimeout, "resume-timeout", c.ResumeTimeout, "how long a request handed back by a stopped or failed group may wait for another before it fails (0: 30s)")
+	fs.DurationVar(&c.StepTimeout, "step-timeout", c.StepTimeout, "deadline of a one-token step; a group that misses it fails and its requests resume elsewhere (0: 10s)")
+	fs.DurationVar(&c.StepTokenTimeout, "step-token-timeout", c.StepTokenTimeout, "what each token of a step adds to its deadline (0: 20ms)")
 	fs.DurationVar(&c.ShutdownGrace, "shutdown-grace", c.ShutdownGrace, "how long a shutdown lets streams finish before cutting them (0: 5s)")
 	fs.BoolVar(&c.NoGossip, "no-gossip", c.NoGossip, "run no gossip node: a dead worker is noticed when its etcd lease expires")
 	c.Gossip.AddFlags(fs)

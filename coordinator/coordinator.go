@@ -70,6 +70,7 @@ type Coordinator struct {
 	rebalanceReqs chan rebalanceReq
 
 	mu          sync.Mutex
+	etcdLost    bool // leading on a lapsed lease while etcd is unreachable (leader.ride)
 	started     bool
 	draining    bool
 	leader      bool
@@ -101,7 +102,7 @@ func New(cfg Config) (*Coordinator, error) {
 		cfg:           cfg,
 		log:           cfg.Logger.With(zap.String("coordinator-id", cfg.ID)),
 		model:         m,
-		queue:         newQueue(cfg.MaxQueue),
+		queue:         newQueueTimeout(cfg.MaxQueue, cfg.ResumeTimeout),
 		dial:          dialWorker,
 		ready:         make(chan struct{}),
 		errc:          make(chan error, 1),
@@ -339,6 +340,13 @@ func (c *Coordinator) admit(r *request) error {
 	return c.queue.push(r)
 }
 
+// setEtcdLost records whether the leader serves on a lapsed lease, etcd unreachable.
+func (c *Coordinator) setEtcdLost(lost bool) {
+	c.mu.Lock()
+	c.etcdLost = lost
+	c.mu.Unlock()
+}
+
 func (c *Coordinator) currentTP() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -474,7 +482,11 @@ func (c *Coordinator) lead(l *cluster.Leadership) error {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-l.Done():
-			return errLeadershipLost
+			nl, err := ld.ride()
+			if err != nil {
+				return err
+			}
+			l, ld.l = nl, nl
 		case ms, ok := <-members:
 			if !ok {
 				return fmt.Errorf("coordinator: member watch ended: %w", ctxErr(ctx, cluster.ErrClosed))
@@ -540,6 +552,41 @@ func (c *Coordinator) lead(l *cluster.Leadership) error {
 				}
 			}
 		}
+	}
+}
+
+// ride keeps the groups serving the current plan after the leadership's lease lapsed, as long as etcd
+// does not answer (an etcd outage: nobody can lead or change the plan then), and campaigns again. It
+// returns the regained leadership, or errLeadershipLost as soon as etcd answers that another coordinator
+// leads (that one's plan and epochs fence this one out).
+func (ld *leader) ride() (*cluster.Leadership, error) {
+	c := ld.c
+	c.setEtcdLost(true)
+	defer c.setEtcdLost(false)
+	ld.log.Warn("leadership lease lapsed; serving the current plan while etcd is unreachable: the plan cannot change",
+		zap.Int64("epoch", ld.plan.Epoch))
+	for {
+		if err := ld.ctx.Err(); err != nil {
+			return nil, err
+		}
+		cctx, cancel := context.WithTimeout(ld.ctx, time.Second)
+		id, ok, err := c.cl.Leader(cctx)
+		cancel()
+		if err == nil && ok && id != c.cfg.ID {
+			ld.log.Warn("another coordinator leads", zap.String("leader-id", id))
+			return nil, errLeadershipLost
+		}
+		if err == nil {
+			cctx, cancel := context.WithTimeout(ld.ctx, 2*c.cfg.LeaderTTL+time.Second)
+			nl, err := c.cl.Campaign(cctx, c.cfg.ID, c.cfg.LeaderTTL)
+			cancel()
+			if err == nil {
+				ld.log.Info("leadership regained; etcd answers again", zap.Int64("epoch", ld.plan.Epoch))
+				return nl, nil
+			}
+			ld.log.Debug("campaign while riding out", zap.Error(err))
+		}
+		wait.Sleep(ld.ctx, 250*time.Millisecond)
 	}
 }
 
@@ -655,24 +702,27 @@ func (ld *leader) apply() {
 	ctx, cancel := context.WithCancel(ld.ctx)
 	ld.groupsEpoch, ld.groupsStop = ld.plan.Epoch, cancel
 	if len(ld.plan.Groups) == 0 {
-		// Nothing will take the waiting requests: fail them rather than let them wait for workers.
-		for _, r := range c.queue.drain() {
+		// Nothing will take the waiting requests: fail the new ones rather than let them wait for workers;
+		// those handed back by a group wait until their resume deadline, for a plan with a group.
+		for _, r := range c.queue.drainNew() {
 			r.end("", fmt.Errorf("%w: epoch %d places no TP group of %d workers", ErrNoPlan, ld.plan.Epoch, ld.plan.TP))
 		}
 	}
 	for _, g := range ld.plan.Groups {
 		log := c.log.With(zap.Int64("epoch", ld.plan.Epoch), zap.Int("group", g.ID))
 		cfg := groupConfig{
-			epoch:       ld.plan.Epoch,
-			group:       g,
-			queue:       c.queue,
-			maxBatch:    c.cfg.MaxBatch,
-			tokenBudget: c.cfg.TokenBudget,
-			seqIDs:      &c.seqIDs,
-			dial:        c.dial,
-			log:         log,
-			onReady:     ld.onReady(ld.plan.Epoch, g.ID),
-			onFailed:    ld.onFailed(ld.plan.Epoch),
+			epoch:            ld.plan.Epoch,
+			group:            g,
+			queue:            c.queue,
+			maxBatch:         c.cfg.MaxBatch,
+			tokenBudget:      c.cfg.TokenBudget,
+			stepTimeout:      c.cfg.StepTimeout,
+			stepTokenTimeout: c.cfg.StepTokenTimeout,
+			seqIDs:           &c.seqIDs,
+			dial:             c.dial,
+			log:              log,
+			onReady:          ld.onReady(ld.plan.Epoch, g.ID),
+			onFailed:         ld.onFailed(ld.plan.Epoch),
 		}
 		ld.groupsWG.Go(func() { runGroup(ctx, cfg) })
 	}

@@ -25,10 +25,15 @@
 //     of an unfinished character flushed as U+FFFD with the last response); Tokenize encodes. Without a
 //     tokenizer both answer FAILED_PRECONDITION and responses carry no text.
 //   - Errors: requests are checked before they queue (INVALID_ARGUMENT); the queue is bounded
-//     (RESOURCE_EXHAUSTED). A broken stream or a failed step ends the group's requests (UNAVAILABLE or
-//     INTERNAL) and the group reconnects; a worker whose epoch failed gets a new epoch. When the plan
-//     changes, the requests in flight go back to the head of the queue and run again from their prompt
-//     and the tokens already sent.
+//     (RESOURCE_EXHAUSTED). No plan change or group failure fails a request: when the plan changes, a
+//     Step stream breaks, a step fails or misses its deadline (Config.StepTimeout plus
+//     Config.StepTokenTimeout per token), the group's requests go back to the head of the queue and run
+//     again in whichever group takes them first, from their prompt and the tokens already sent
+//     (re-prefill; a sampled request's sampler skips the draws made, so a fixed seed gives the same
+//     output): the client sees a pause, and no token twice. The group reconnects; a worker whose epoch
+//     failed gets a new epoch. A request fails only when maxFailures (3) failures in a row pass without
+//     a token (with the last failure's error: INTERNAL for a step error), or when no group takes it
+//     within Config.ResumeTimeout (ErrNotPlaced: UNAVAILABLE).
 //
 // # Failure detection: etcd leases and gossip
 //

@@ -27,6 +27,13 @@ var (
 	ErrWorkerLost = errors.New("coordinator: worker lost")
 	// ErrStepFailed means a worker answered a step with an error.
 	ErrStepFailed = errors.New("coordinator: step failed")
+	// ErrStepTimeout means a rank did not answer a step within its deadline (Config.StepTimeout and
+	// StepTokenTimeout): a hung or partially-addressed group. The group is failed and its requests resume
+	// elsewhere.
+	ErrStepTimeout = errors.New("coordinator: step timed out")
+	// ErrNotPlaced means a request handed back by a group that stopped or failed found no other group
+	// within Config.ResumeTimeout. The error also wraps the failure that handed it back, if any.
+	ErrNotPlaced = errors.New("coordinator: request not placed again")
 	// ErrClosed means the coordinator was closed before or during the call.
 	ErrClosed = errors.New("coordinator: closed")
 )

@@ -131,6 +131,8 @@ var gatewayKinds = []struct {
 	{ErrQueueFull, gateway.ErrOverloaded, "queue_full"},
 	{ErrNotLeader, gateway.ErrUnavailable, "not_leader"},
 	{ErrNoPlan, gateway.ErrUnavailable, "no_plan"},
+	{ErrNotPlaced, gateway.ErrUnavailable, "not_placed"}, // before the cause it wraps
+	{ErrStepTimeout, gateway.ErrUnavailable, "step_timeout"},
 	{ErrWorkerLost, gateway.ErrUnavailable, "worker_lost"},
 	{ErrClosed, gateway.ErrUnavailable, "closed"},
 	{ErrStepFailed, nil, "step_failed"},

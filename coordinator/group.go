@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -45,9 +46,12 @@ type groupConfig struct {
 	queue       *queue
 	maxBatch    int
 	tokenBudget int
-	seqIDs      *atomic.Uint64 // shared by the groups: sequence ids are unique per coordinator
-	dial        dialFunc
-	log         *zap.Logger
+	// A step must be answered within stepTimeout plus stepTokenTimeout per token it feeds.
+	stepTimeout      time.Duration
+	stepTokenTimeout time.Duration
+	seqIDs           *atomic.Uint64 // shared by the groups: sequence ids are unique per coordinator
+	dial             dialFunc
+	log              *zap.Logger
 	// onReady is called with true when the group starts serving and false when it stops; from the
 	// group's goroutine, so it must not block.
 	onReady func(ready bool)
@@ -66,8 +70,9 @@ type sequence struct {
 }
 
 // runGroup connects to the group's workers, waits until each serves the epoch, and runs the step loop,
-// reconnecting after a failure, until ctx ends. When ctx ends, the requests in its batch go back to the
-// head of the queue (cancelled ones are dropped); after a failure they end with the error.
+// reconnecting after a failure, until ctx ends. Whether ctx ended or the group failed, the requests in
+// its batch go back to the head of the queue (queue.resume; cancelled ones are dropped), to run again
+// from their prompt and the ids chosen so far in whichever group takes them first.
 func runGroup(ctx context.Context, cfg groupConfig) {
 	backoff := reconnectFirst
 	for ctx.Err() == nil {
@@ -264,6 +269,7 @@ func (b *batch) plan() ([]*pb.SequenceWork, []*sequence) {
 		w := &pb.SequenceWork{SeqId: s.id, Ids: s.tokens[s.fed : s.fed+n]}
 		if !s.started {
 			w.Start, w.Capacity, w.Sampling = true, int32(len(s.req.prompt)+s.req.maxTokens), s.req.sampling
+			w.Resumed = uint32(len(s.req.gen)) // rank 0 skips the draws made for them
 			s.started = true
 		}
 		s.fed += n
@@ -316,6 +322,13 @@ func (b *batch) run(ctx context.Context, work []*pb.SequenceWork) ([]*pb.Sequenc
 		}
 	}
 	b.release = nil
+	tokens := 0
+	for _, w := range work {
+		tokens += len(w.GetIds())
+	}
+	limit := b.cfg.stepTimeout + time.Duration(tokens)*b.cfg.stepTokenTimeout
+	deadline := time.NewTimer(limit)
+	defer deadline.Stop()
 	var results []*pb.SequenceResult
 	answered := make([]bool, len(b.streams))
 	for range b.streams {
@@ -324,6 +337,14 @@ func (b *batch) run(ctx context.Context, work []*pb.SequenceWork) ([]*pb.Sequenc
 		case r = <-b.replies:
 		case <-ctx.Done():
 			return nil, ctx.Err()
+		case <-deadline.C:
+			var late []string
+			for i, ok := range answered {
+				if !ok {
+					late = append(late, fmt.Sprintf("rank %d (%s at %s)", i, ranks[i].MemberID, ranks[i].Addr))
+				}
+			}
+			return nil, fmt.Errorf("%w: step %d of %d tokens: no answer within %v from %s", ErrStepTimeout, b.step, tokens, limit, strings.Join(late, ", "))
 		}
 		a := ranks[r.rank]
 		switch {
@@ -367,6 +388,7 @@ func (b *batch) deliver(sampled []*sequence, results []*pb.SequenceResult) {
 		}
 		s.tokens = append(s.tokens, id)
 		s.req.gen = append(s.req.gen, id)
+		s.req.progressed()
 		s.req.emit(id)
 		if why, ok := s.req.finished(); ok {
 			s.req.end(why, nil)
@@ -385,20 +407,25 @@ func (b *batch) deliver(sampled []*sequence, results []*pb.SequenceResult) {
 	})
 }
 
-// stop settles the batch's requests when the loop ended with err: after the group was stopped (ctx
-// ended) they go back to the head of the queue, to be run again from their prompt and the ids chosen so
-// far; after a failure they end with err.
+// stop hands the batch's requests back to the head of the queue (queue.resume), in their order, when
+// the loop ended with err: after the group was stopped (ctx ended: a plan change) or failed (a lost
+// worker, a failed or late step). They run again from their prompt and the ids chosen so far, so their
+// clients see a pause and no id twice; a request fails only after maxFailures failures in a row or when
+// no group takes it within its deadline.
 func (b *batch) stop(ctx context.Context, err error) {
+	cause := err
 	if ctx.Err() != nil {
-		for _, s := range slices.Backward(b.active) {
-			if !s.req.cancelled() {
-				b.cfg.queue.pushFront(s.req)
-			}
+		cause = nil
+	}
+	resumed := 0
+	for _, s := range slices.Backward(b.active) {
+		if !s.req.cancelled() && b.cfg.queue.resume(s.req, cause) {
+			resumed++
 		}
-	} else {
-		for _, s := range b.active {
-			s.req.end("", err)
-		}
+	}
+	if len(b.active) > 0 {
+		b.cfg.log.Info("group let its requests go", zap.Int("requests", len(b.active)), zap.Int("resumed", resumed),
+			zap.Bool("failed", cause != nil), zap.NamedError("cause", cause))
 	}
 	b.active = nil
 }

@@ -29,6 +29,7 @@ func testGroup(t *testing.T, q *queue, maxBatch, budget int, ws ...*fakeWorker) 
 	var seq atomic.Uint64
 	cfg := groupConfig{
 		epoch: 1, group: g, queue: q, maxBatch: maxBatch, tokenBudget: budget, seqIDs: &seq,
+		stepTimeout: DefaultStepTimeout, stepTokenTimeout: DefaultStepTokenTimeout,
 		dial: dialWorker, log: zap.NewNop(), onReady: func(bool) {}, onFailed: func() { failed.Add(1) },
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -222,18 +223,23 @@ func TestBatchStopsAtStopID(t *testing.T) {
 	}
 }
 
-// TestBatchStepErrors: a step error ends the batch's requests with ErrStepFailed (INTERNAL), a broken
-// stream with ErrWorkerLost (UNAVAILABLE), and the group reconnects and serves the next request.
+// TestBatchStepErrors: a step that fails whatever group runs it ends its request with ErrStepFailed
+// (INTERNAL) after maxFailures tries, and the group reconnects and serves the next request; a request
+// whose group broke (ErrWorkerLost) and that no group takes again fails at its resume deadline with
+// ErrNotPlaced (UNAVAILABLE), which wraps the failure.
 func TestBatchStepErrors(t *testing.T) {
 	w0, w1 := startFakeWorker(t, "w0"), startFakeWorker(t, "w1")
 	var fail atomic.Bool
+	var tries atomic.Int32
 	w1.setHook(func(*pb.StepRequest) string {
 		if fail.Load() {
+			tries.Add(1)
 			return "worker: failed: epoch 1: all-reduce: peer gone"
 		}
 		return ""
 	})
 	q := newQueue(4)
+	q.resumeTimeout = time.Second
 	failed := testGroup(t, q, 4, 16, w0, w1)
 
 	fail.Store(true)
@@ -245,6 +251,9 @@ func TestBatchStepErrors(t *testing.T) {
 	if !errors.Is(err, ErrStepFailed) || Code(err).String() != "Internal" {
 		t.Fatalf("request on a failing step ended with %v (code %v), want ErrStepFailed, Internal", err, Code(err))
 	}
+	if n := tries.Load(); n != maxFailures {
+		t.Errorf("a request failing every step was tried %d times, want %d", n, maxFailures)
+	}
 	fail.Store(false)
 	r = greedyRequest([]int32{1}, 5)
 	if err := q.push(r); err != nil {
@@ -254,7 +263,7 @@ func TestBatchStepErrors(t *testing.T) {
 		t.Fatalf("request after the group reconnected = %v, %v; want [2 3 4 5 6]", ids, err)
 	}
 
-	// A broken stream: rank 1 goes away while a step is in flight.
+	// A broken stream: rank 1 goes away while a step is in flight, for good.
 	released := func(w *fakeWorker) bool {
 		steps := w.recorded()
 		return len(steps) > 0 && len(steps[len(steps)-1].GetSeqs()) == 0
@@ -267,12 +276,50 @@ func TestBatchStepErrors(t *testing.T) {
 	}
 	g.next(t)
 	w1.srv.Stop()
-	if _, _, err := result(t, r); !errors.Is(err, ErrWorkerLost) || Code(err).String() != "Unavailable" {
-		t.Fatalf("request on a broken stream ended with %v (code %v), want ErrWorkerLost, Unavailable", err, Code(err))
+	if _, _, err := result(t, r); !errors.Is(err, ErrNotPlaced) || !errors.Is(err, ErrWorkerLost) || Code(err).String() != "Unavailable" {
+		t.Fatalf("request on a broken stream ended with %v (code %v), want ErrNotPlaced wrapping ErrWorkerLost, Unavailable", err, Code(err))
 	}
 	g.release()
 	if failed.Load() != 0 {
 		t.Errorf("onFailed called %d times, want 0: no worker reported its epoch failed", failed.Load())
+	}
+}
+
+// TestBatchResumesAfterFailure: a step that fails once (a peer's communicator closed by a plan change,
+// a stray epoch mismatch) does not fail the requests in flight: they resume with their prompt and the
+// ids already streamed (re-prefill, the sampler skipping the draws made), and the client gets every id
+// once, as if nothing happened.
+func TestBatchResumesAfterFailure(t *testing.T) {
+	w0, w1 := startFakeWorker(t, "w0"), startFakeWorker(t, "w1")
+	var once atomic.Bool
+	w1.setHook(func(req *pb.StepRequest) string {
+		for _, s := range req.GetSeqs() {
+			if slices.Contains(s.GetIds(), 4) && once.CompareAndSwap(false, true) {
+				return "worker: epoch mismatch: request epoch 1, worker on epoch 2 (loading)"
+			}
+		}
+		return ""
+	})
+	q := newQueue(4)
+	testGroup(t, q, 4, 16, w0, w1)
+	r := greedyRequest([]int32{1}, 6)
+	if err := q.push(r); err != nil {
+		t.Fatal(err)
+	}
+	ids, finish, err := result(t, r)
+	if !slices.Equal(ids, []int32{2, 3, 4, 5, 6, 7}) || finish != FinishLength || err != nil {
+		t.Fatalf("request across a failed step = %v, %q, %v; want [2 3 4 5 6 7], length, no error", ids, finish, err)
+	}
+	var resumed *pb.SequenceWork
+	for _, st := range w0.recorded() {
+		for _, s := range st.GetSeqs() {
+			if s.GetStart() && s.GetResumed() > 0 {
+				resumed = s
+			}
+		}
+	}
+	if resumed == nil || !slices.Equal(resumed.GetIds(), []int32{1, 2, 3, 4}) || resumed.GetResumed() != 3 || !resumed.GetSample() {
+		t.Errorf("resumed sequence's start = %v, want ids [1 2 3 4], resumed 3, sample", resumed)
 	}
 }
 
@@ -285,6 +332,7 @@ func TestGroupReportsFailedEpoch(t *testing.T) {
 		return "worker: failed: epoch 1: boom"
 	})
 	q := newQueue(4)
+	q.resumeTimeout = 500 * time.Millisecond
 	failed := testGroup(t, q, 4, 16, w)
 	r := greedyRequest([]int32{1}, 5)
 	if err := q.push(r); err != nil {

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/tpfleet/tpfleet/model"
 	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
@@ -158,10 +159,16 @@ type request struct {
 	// Queue bookkeeping, guarded by the queue's mutex.
 	elem    *list.Element
 	counted bool
+	timer   *time.Timer // while a resumed request waits: ends it at its deadline (queue.resume)
 
 	// gen holds the ids chosen so far. Only the group holding the request touches it; a request passes
 	// from group to group through the queue, whose mutex orders those accesses.
 	gen []int32
+	// Resumption, touched like gen: group failures since the last chosen id, the last failure, and when
+	// it was first handed back since its last chosen id (zero: it is progressing).
+	failures int
+	lastErr  error
+	stalled  time.Time
 
 	// gone is closed when the client went away (cancel).
 	gone     chan struct{}
@@ -185,6 +192,19 @@ func newRequest(prompt []int32, maxTokens int, p sample.Params, stop map[int32]b
 		gone:      make(chan struct{}),
 		notify:    make(chan struct{}, 1),
 	}
+}
+
+// progressed records that the request chose an id: its failures and its resume deadline start over.
+func (r *request) progressed() {
+	r.failures, r.lastErr, r.stalled = 0, nil, time.Time{}
+}
+
+// notPlaced is the error of a resumed request that no group took within d.
+func (r *request) notPlaced(d time.Duration) error {
+	if r.lastErr != nil {
+		return fmt.Errorf("%w within %v after %d of %d tokens; its last group failed: %w", ErrNotPlaced, d, len(r.gen), r.maxTokens, r.lastErr)
+	}
+	return fmt.Errorf("%w within %v after %d of %d tokens (its group stopped and no TP group took it)", ErrNotPlaced, d, len(r.gen), r.maxTokens)
 }
 
 // emit hands a chosen id to the client; it never blocks.

@@ -22,6 +22,8 @@ var statusTable = rpcstatus.Table{Domain: ErrorDomain, Rules: []rpcstatus.Rule{
 	{Err: ErrQueueFull, Code: codes.ResourceExhausted, Reason: "QUEUE_FULL"},
 	{Err: ErrNotLeader, Code: codes.Unavailable, Reason: "NOT_LEADER"},
 	{Err: ErrNoPlan, Code: codes.Unavailable, Reason: "NO_PLAN"},
+	{Err: ErrNotPlaced, Code: codes.Unavailable, Reason: "NOT_PLACED"}, // before the cause it wraps
+	{Err: ErrStepTimeout, Code: codes.Unavailable, Reason: "STEP_TIMEOUT"},
 	{Err: ErrWorkerLost, Code: codes.Unavailable, Reason: "WORKER_LOST"},
 	{Err: ErrClosed, Code: codes.Unavailable, Reason: "CLOSED"},
 	{Err: ErrStepFailed, Code: codes.Internal, Reason: "STEP_FAILED"},

@@ -69,6 +69,15 @@ func (s *Sampler) Uniform(n int) float64 {
 	return s.rng.Float64()
 }
 
+// Skip advances the stream past steps calls of Next on rows of n logits, as if they had been made: a
+// sampler made from the same Params and skipped past the tokens a request already chose continues that
+// request's draws exactly (how a resumed sequence keeps its output reproducible under a fixed seed).
+func (s *Sampler) Skip(steps, n int) {
+	for range steps {
+		s.Uniform(n)
+	}
+}
+
 // Next picks a token id from logits, drawing from the sampler's stream (see Uniform).
 func (s *Sampler) Next(logits []float32) int {
 	u := s.Uniform(len(logits))

@@ -133,6 +133,27 @@ func TestPickEqualsNext(t *testing.T) {
 	}
 }
 
+// TestSkip: a sampler skipped past k draws continues exactly as one that made them (a resumed
+// sequence), for every k.
+func TestSkip(t *testing.T) {
+	logits := []float32{0.1, 0.3, 0.2, 0.25}
+	p := sample.Params{Temperature: 1, Seed: 11}
+	var want []int
+	a := sample.New(p)
+	for range 40 {
+		want = append(want, a.Next(logits))
+	}
+	for _, k := range []int{0, 1, 7, 39} {
+		b := sample.New(p)
+		b.Skip(k, len(logits))
+		for i := k; i < len(want); i++ {
+			if got := b.Next(logits); got != want[i] {
+				t.Fatalf("Skip(%d) then Next at draw %d = %d, want %d", k, i, got, want[i])
+			}
+		}
+	}
+}
+
 // TestPickRule checks Pick's rule on hand-computed cases: u walks the cumulative probabilities in logit
 // order, ties by lower id, after top-k and top-p.
 func TestPickRule(t *testing.T) {

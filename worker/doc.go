@@ -79,7 +79,8 @@
 //     sequence's capacity. A request that fails a check changes no sequence;
 //  4. then, for each SequenceWork in order: start makes a new sequence (replacing one of the same
 //     id) with room for capacity tokens and, on rank 0, a sampler from sampling (unset: the
-//     checkpoint's generation_config.json, greedy when it does not sample); ids run through the model
+//     checkpoint's generation_config.json, greedy when it does not sample), advanced past resumed draws
+//     (a request the coordinator resumes with its prompt and tokens so far); ids run through the model
 //     at the sequence's next positions; when sample is set, rank 0 draws the next token from the last
 //     position's logits and adds SequenceResult{seq_id, next_id}, in SequenceWork order. Other ranks
 //     answer with no results. The sampled token is not fed back by the worker: the coordinator sends
@@ -100,7 +101,9 @@
 //   - "worker: closed": the worker is closing.
 //
 // The stream itself ends only when the coordinator closes its side, the connection fails, or the
-// worker closes (UNAVAILABLE, once the step in flight has finished).
+// worker closes (UNAVAILABLE, once the step in flight has finished). When it ends, the sequences it
+// started and did not release are dropped: the coordinator that held them is gone (or gave up that
+// connection) and resumes their requests elsewhere, so a crashed coordinator leaves none behind.
 //
 // # LoadPlan
 //

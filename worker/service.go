@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 
+	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -23,8 +24,15 @@ var _ tpfleetv1.WorkerServer = (*service)(nil)
 // Step answers each request of the stream with one response, in order. Per-request failures go in
 // StepResponse.error and the stream goes on; the stream itself ends when the client closes its side
 // (OK), when the transport fails, or when the worker closes (UNAVAILABLE, after the step in flight).
+// When it ends, the sequences it started and did not release are dropped: their coordinator is gone.
 func (s *service) Step(stream grpc.BidiStreamingServer[tpfleetv1.StepRequest, tpfleetv1.StepResponse]) error {
 	ctx := stream.Context()
+	id := s.w.streamIDs.Add(1)
+	defer func() {
+		if n := s.w.releaseStream(id); n > 0 {
+			s.w.lg.Info("step stream ended; dropped its sequences", zap.Int("sequences", n))
+		}
+	}()
 	reqs := make(chan *tpfleetv1.StepRequest)
 	recvErr := make(chan error, 1) // its one sender returns after sending
 	// Recv blocks, so it runs apart from the loop that watches for Close. It returns once the handler
@@ -46,7 +54,7 @@ func (s *service) Step(stream grpc.BidiStreamingServer[tpfleetv1.StepRequest, tp
 	for {
 		select {
 		case req := <-reqs:
-			if err := stream.Send(s.w.Step(req)); err != nil {
+			if err := stream.Send(s.w.stepOn(id, req)); err != nil {
 				return err
 			}
 		case err := <-recvErr:

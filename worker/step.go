@@ -17,13 +17,21 @@ type sequence struct {
 	seq      run.Sequence
 	capacity int
 	sampler  *sample.Sampler // rank 0 only
+	stream   uint64          // the Step stream that started it (0: a direct Step call); see releaseStream
 }
 
 // Step runs one StepRequest and returns its response; see the package doc for the semantics. Requests
-// are run one at a time, across all streams, in the order Step is called.
+// are run one at a time, across all streams, in the order Step is called. Sequences started through
+// Step belong to no stream: only a release or a new epoch drops them.
 func (w *Worker) Step(req *tpfleetv1.StepRequest) *tpfleetv1.StepResponse {
+	return w.stepOn(0, req)
+}
+
+// stepOn is Step for the Step stream numbered stream (0: none): the sequences it starts are dropped when
+// that stream ends (releaseStream).
+func (w *Worker) stepOn(stream uint64, req *tpfleetv1.StepRequest) *tpfleetv1.StepResponse {
 	resp := &tpfleetv1.StepResponse{Step: req.GetStep()}
-	results, err := w.step(req)
+	results, err := w.step(stream, req)
 	if err != nil {
 		resp.Error = oneLine(err.Error())
 		w.lg.Debug("step failed", zap.Uint64("step", req.GetStep()), zap.Int64("epoch", req.GetEpoch()), zap.Error(err))
@@ -33,7 +41,7 @@ func (w *Worker) Step(req *tpfleetv1.StepRequest) *tpfleetv1.StepResponse {
 	return resp
 }
 
-func (w *Worker) step(req *tpfleetv1.StepRequest) ([]*tpfleetv1.SequenceResult, error) {
+func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.SequenceResult, error) {
 	if req.GetProtocol() != tpfleetv1.StepProtocol_STEP_PROTOCOL_V1 {
 		return nil, fmt.Errorf("%w: %s, this worker speaks %s", ErrProtocol, req.GetProtocol(), tpfleetv1.StepProtocol_STEP_PROTOCOL_V1)
 	}
@@ -117,9 +125,10 @@ func (w *Worker) step(req *tpfleetv1.StepRequest) ([]*tpfleetv1.SequenceResult, 
 			if err != nil {
 				return nil, w.stepError(epoch, i, id, err)
 			}
-			s := &sequence{seq: seq, capacity: int(work.GetCapacity())}
+			s := &sequence{seq: seq, capacity: int(work.GetCapacity()), stream: stream}
 			if rank == 0 {
 				s.sampler = sample.New(samplingParams(work.GetSampling(), wts))
+				s.sampler.Skip(int(work.GetResumed()), wts.info.VocabSize)
 			}
 			w.seqs[id] = s
 		}
@@ -210,6 +219,26 @@ func (w *Worker) validate(req *tpfleetv1.StepRequest, cfg model.Info) error {
 		sim[id] = sh
 	}
 	return nil
+}
+
+// releaseStream drops the sequences that the Step stream numbered stream started and that are still
+// held: the coordinator that sent them is gone (it closed the stream, crashed, or its connection failed)
+// and will prefill them again wherever it resumes them, so nothing would ever release them. It waits
+// for the step in flight.
+func (w *Worker) releaseStream(stream uint64) int {
+	w.runMu.Lock()
+	defer w.runMu.Unlock()
+	n := 0
+	for id, s := range w.seqs {
+		if s.stream == stream {
+			delete(w.seqs, id)
+			n++
+		}
+	}
+	w.mu.Lock()
+	w.nseqs = len(w.seqs)
+	w.mu.Unlock()
+	return n
 }
 
 // release drops the named sequences; unknown ids are ignored.

@@ -11,6 +11,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -124,9 +125,10 @@ type Worker struct {
 	cli       *cluster.Client
 
 	// runMu is held while a step runs and while the weights or the sequences change.
-	runMu sync.Mutex
-	wts   *weights
-	seqs  map[uint64]*sequence
+	runMu     sync.Mutex
+	wts       *weights
+	seqs      map[uint64]*sequence
+	streamIDs atomic.Uint64 // numbers the Step streams from 1 (see sequence.stream)
 
 	mu         sync.Mutex
 	started    bool

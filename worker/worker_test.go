@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"slices"
 	"strings"
 	"testing"
@@ -133,6 +134,33 @@ func TestGenerateTP2(t *testing.T) {
 		}
 		// 15 of its 16 positions are used: two more tokens do not fit.
 		g.wantError(&tpfleetv1.StepRequest{Seqs: []*tpfleetv1.SequenceWork{{SeqId: 20, Ids: []int32{res, res}}}}, "worker: invalid request")
+	})
+
+	t.Run("stream end drops its sequences", func(t *testing.T) {
+		// A coordinator that goes away (crash, closed stream) leaves nothing behind: the sequences its
+		// streams started are dropped when they end; those of other streams stay.
+		g.t = t
+		g.send(&tpfleetv1.StepRequest{Release: []uint64{10, 11, 20, 21}})
+		g.run(greedy(30, gold.Prompt, len(gold.Prompt)+4))
+		other := newGroup(t, 1, c0, c1)
+		other.run(greedy(31, gold.Prompt, len(gold.Prompt)+4))
+		for _, s := range other.streams {
+			if err := s.CloseSend(); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := s.Recv(); err != io.EOF {
+				t.Fatalf("Recv after CloseSend = %v, want EOF", err)
+			}
+		}
+		for i, c := range []tpfleetv1.WorkerClient{c0, c1} {
+			eventually(t, 10*time.Second, func() error {
+				if n := statusOf(t, c).GetSequences(); n != 1 {
+					return fmt.Errorf("rank %d: sequences after the other stream ended = %d, want 1", i, n)
+				}
+				return nil
+			})
+		}
+		g.run(next(30, 1)) // the first stream's sequence is still there
 	})
 
 	t.Run("status and health", func(t *testing.T) {

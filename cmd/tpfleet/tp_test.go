@@ -15,7 +15,11 @@ import (
 // TestMain lets the test binary act as the tpfleet command, so tests can start real rank processes.
 func TestMain(m *testing.M) {
 	if os.Getenv("TPFLEET_TEST_AS_MAIN") == "1" {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		life := time.Minute
+		if d, err := time.ParseDuration(os.Getenv("TPFLEET_TEST_LIFETIME")); err == nil { // the chaos test's processes
+			life = d
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), life)
 		code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 		cancel()
 		os.Exit(code)

@@ -160,7 +160,11 @@ type SequenceWork struct {
 	// sampling is set with start; rank 0 keeps a sampler per sequence.
 	Sampling *SamplingParams `protobuf:"bytes,5,opt,name=sampling,proto3" json:"sampling,omitempty"`
 	// sample asks rank 0 for the next token after ids (false for a prompt piece that is not the last).
-	Sample        bool `protobuf:"varint,6,opt,name=sample,proto3" json:"sample,omitempty"`
+	Sample bool `protobuf:"varint,6,opt,name=sample,proto3" json:"sample,omitempty"`
+	// resumed is set with start for a request that already chose that many tokens on another sequence (a
+	// group that stopped or failed): rank 0 advances the new sampler's random stream by as many draws, so
+	// that a sampled request resumed with its prompt and tokens so far continues as if uninterrupted.
+	Resumed       uint32 `protobuf:"varint,7,opt,name=resumed,proto3" json:"resumed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -235,6 +239,13 @@ func (x *SequenceWork) GetSample() bool {
 		return x.Sample
 	}
 	return false
+}
+
+func (x *SequenceWork) GetResumed() uint32 {
+	if x != nil {
+		return x.Resumed
+	}
+	return 0
 }
 
 type StepResponse struct {
@@ -594,14 +605,15 @@ const file_tpfleet_v1_worker_proto_rawDesc = "" +
 	"\x05epoch\x18\x02 \x01(\x03R\x05epoch\x12\x12\n" +
 	"\x04step\x18\x03 \x01(\x04R\x04step\x12,\n" +
 	"\x04seqs\x18\x04 \x03(\v2\x18.tpfleet.v1.SequenceWorkR\x04seqs\x12\x18\n" +
-	"\arelease\x18\x05 \x03(\x04R\arelease\"\xb9\x01\n" +
+	"\arelease\x18\x05 \x03(\x04R\arelease\"\xd3\x01\n" +
 	"\fSequenceWork\x12\x15\n" +
 	"\x06seq_id\x18\x01 \x01(\x04R\x05seqId\x12\x10\n" +
 	"\x03ids\x18\x02 \x03(\x05R\x03ids\x12\x14\n" +
 	"\x05start\x18\x03 \x01(\bR\x05start\x12\x1a\n" +
 	"\bcapacity\x18\x04 \x01(\x05R\bcapacity\x126\n" +
 	"\bsampling\x18\x05 \x01(\v2\x1a.tpfleet.v1.SamplingParamsR\bsampling\x12\x16\n" +
-	"\x06sample\x18\x06 \x01(\bR\x06sample\"n\n" +
+	"\x06sample\x18\x06 \x01(\bR\x06sample\x12\x18\n" +
+	"\aresumed\x18\a \x01(\rR\aresumed\"n\n" +
 	"\fStepResponse\x12\x12\n" +
 	"\x04step\x18\x01 \x01(\x04R\x04step\x124\n" +
 	"\aresults\x18\x02 \x03(\v2\x1a.tpfleet.v1.SequenceResultR\aresults\x12\x14\n" +
