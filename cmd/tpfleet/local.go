@@ -41,7 +41,7 @@ func (f *modelFlags) add(fs *flag.FlagSet) {
 	fs.StringVar(&f.device, "device", "cpu", "where to run: "+deviceChoices()+" (a GPU backend: one GPU per rank, rank r of --tp N on GPU r, or --gpu with --rank)")
 	fs.IntVar(&f.threads, "threads", 0, "CPU threads for matrix products (0: all cores)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level on stderr: debug, info, warn, error")
-	fs.StringVar(&f.quantization, "quantization", "", "quantise the checkpoint's linear and expert weights at load: none, fp8 (rowwise, dynamic per-token activations) or int4 (weight-only, group-wise); lm_head and router stay bf16")
+	fs.StringVar(&f.quantization, "quantization", "", "quantise the checkpoint's linear and expert weights at load: none, fp8 (rowwise, dynamic per-token activations) or int4 (weight-only, group-wise); lm_head and the routing weights stay bf16")
 	fs.IntVar(&f.group, "quantization-group", quant.DefaultGroupSize, "int4: input columns per scale")
 	f.par.add(fs)
 	f.backendConfig = backend.BindFlags(fs)
