@@ -122,8 +122,11 @@ func TestGossipFailover(t *testing.T) {
 			placed = append(placed, a.MemberID)
 		}
 	}
+	// Group order follows the order the workers were first placed in, which depends on when each
+	// registered; what matters is who is placed.
+	slices.Sort(placed)
 	if !slices.Equal(placed, []string{"w0", "w2"}) {
-		t.Errorf("plan after the kill places %v, want [w0 w2]", placed)
+		t.Errorf("plan after the kill places %v, want w0 and w2", placed)
 	}
 	if took > 3*time.Second {
 		t.Errorf("re-planned %v after the kill, want about 2 s (gossip), well before the %v lease expires", took, leaseTTL)
