@@ -87,6 +87,7 @@ type CompletionChoice struct {
 	Text           string    `json:"text"`
 	Logprobs       *struct{} `json:"logprobs"` // always null
 	FinishReason   *string   `json:"finish_reason"`
+	StopReason     string    `json:"stop_reason,omitempty"` // vLLM: the stop string that ended the choice
 	PromptTokenIDs []int     `json:"prompt_token_ids,omitempty"`
 	TokenIDs       []int     `json:"token_ids,omitempty"`
 }
@@ -114,6 +115,7 @@ type ChatChoice struct {
 	Delta        *ChatContent `json:"delta,omitempty"`
 	Logprobs     *struct{}    `json:"logprobs"` // always null
 	FinishReason *string      `json:"finish_reason"`
+	StopReason   string       `json:"stop_reason,omitempty"` // vLLM: the stop string that ended the choice
 	TokenIDs     []int        `json:"token_ids,omitempty"`
 }
 
@@ -129,22 +131,22 @@ type ChatResponse struct {
 }
 
 // response is the whole (non-streamed) response of a generation.
-func (o output) response(text string, ids, prompt []int, finish string) any {
+func (o output) response(text string, ids, prompt []int, finish, stopReason string) any {
 	u := newUsage(len(prompt), len(ids))
 	if !o.returnIDs {
 		ids, prompt = nil, nil
 	}
 	if o.kind == kindChat {
 		return ChatResponse{ID: o.id, Object: "chat.completion", Created: o.created, Model: o.model, Usage: u, PromptTokenIDs: prompt,
-			Choices: []ChatChoice{{Message: &ChatContent{Role: "assistant", Content: &text}, FinishReason: &finish, TokenIDs: ids}}}
+			Choices: []ChatChoice{{Message: &ChatContent{Role: "assistant", Content: &text}, FinishReason: &finish, StopReason: stopReason, TokenIDs: ids}}}
 	}
 	return CompletionResponse{ID: o.id, Object: "text_completion", Created: o.created, Model: o.model, Usage: u,
-		Choices: []CompletionChoice{{Text: text, FinishReason: &finish, PromptTokenIDs: prompt, TokenIDs: ids}}}
+		Choices: []CompletionChoice{{Text: text, FinishReason: &finish, StopReason: stopReason, PromptTokenIDs: prompt, TokenIDs: ids}}}
 }
 
 // chunk is a streamed event with new text and ids; finish is "" until the last one, and prompt is set
 // on the first one only.
-func (o output) chunk(text string, ids, prompt []int, finish string) any {
+func (o output) chunk(text string, ids, prompt []int, finish, stopReason string) any {
 	var fin *string
 	if finish != "" {
 		fin = &finish
@@ -158,10 +160,10 @@ func (o output) chunk(text string, ids, prompt []int, finish string) any {
 			delta.Content = &text
 		}
 		return ChatResponse{ID: o.id, Object: "chat.completion.chunk", Created: o.created, Model: o.model,
-			Choices: []ChatChoice{{Delta: delta, FinishReason: fin, TokenIDs: ids}}}
+			Choices: []ChatChoice{{Delta: delta, FinishReason: fin, StopReason: stopReason, TokenIDs: ids}}}
 	}
 	return CompletionResponse{ID: o.id, Object: "text_completion", Created: o.created, Model: o.model,
-		Choices: []CompletionChoice{{Text: text, FinishReason: fin, PromptTokenIDs: prompt, TokenIDs: ids}}}
+		Choices: []CompletionChoice{{Text: text, FinishReason: fin, StopReason: stopReason, PromptTokenIDs: prompt, TokenIDs: ids}}}
 }
 
 // roleChunk is a chat stream's first event: the assistant's role and empty content, as OpenAI sends it.
@@ -267,7 +269,7 @@ func (g *Gateway) generate(w http.ResponseWriter, hr *http.Request, req Request,
 				g.fail(w, err)
 				return
 			case done:
-				writeJSON(w, http.StatusOK, o.response(all.String(), ids, prompt, ch.Finish))
+				writeJSON(w, http.StatusOK, o.response(all.String(), ids, prompt, ch.Finish, ch.StopReason))
 				return
 			}
 			continue
@@ -278,7 +280,7 @@ func (g *Gateway) generate(w http.ResponseWriter, hr *http.Request, req Request,
 			if first && o.kind == kindCompletion {
 				p = prompt
 			}
-			if werr := sse.event(o.chunk(ch.Text, ch.IDs, p, ch.Finish)); werr != nil {
+			if werr := sse.event(o.chunk(ch.Text, ch.IDs, p, ch.Finish, ch.StopReason)); werr != nil {
 				g.log.Debug("http stream: client gone", zap.Error(werr))
 				return
 			}

@@ -16,22 +16,25 @@ import (
 // and vLLM's extensions (top_k, stop_token_ids, ignore_eos, return_token_ids). A field left out takes
 // the model's default (the Generator's); max_tokens left out is the rest of the context.
 type samplingFields struct {
-	MaxTokens      *int64   `json:"max_tokens"`
-	Temperature    *float64 `json:"temperature"`
-	TopP           *float64 `json:"top_p"`
-	TopK           *int64   `json:"top_k"` // vLLM: -1 or 0 is off
-	Seed           *int64   `json:"seed"`
-	StopTokenIDs   []int64  `json:"stop_token_ids"`
-	IgnoreEOS      bool     `json:"ignore_eos"`
-	ReturnTokenIDs bool     `json:"return_token_ids"` // vLLM: token_ids (and prompt_token_ids) in the response
-	Stream         bool     `json:"stream"`
+	MaxTokens    *int64   `json:"max_tokens"`
+	Temperature  *float64 `json:"temperature"`
+	TopP         *float64 `json:"top_p"`
+	TopK         *int64   `json:"top_k"` // vLLM: -1 or 0 is off
+	Seed         *int64   `json:"seed"`
+	StopTokenIDs []int64  `json:"stop_token_ids"`
+	// Stop is a string or an array of up to maxStops strings; include_stop_str_in_output is vLLM's.
+	Stop           json.RawMessage `json:"stop"`
+	IncludeStopStr bool            `json:"include_stop_str_in_output"`
+	ResponseFormat json.RawMessage `json:"response_format"`
+	IgnoreEOS      bool            `json:"ignore_eos"`
+	ReturnTokenIDs bool            `json:"return_token_ids"` // vLLM: token_ids (and prompt_token_ids) in the response
+	Stream         bool            `json:"stream"`
 	StreamOptions  *struct {
 		IncludeUsage bool `json:"include_usage"`
 	} `json:"stream_options"`
 
 	// OpenAI fields this gateway does not implement: refused unless left at their defaults.
 	N                *int64          `json:"n"`
-	Stop             json.RawMessage `json:"stop"`
 	Logprobs         json.RawMessage `json:"logprobs"`
 	PresencePenalty  *float64        `json:"presence_penalty"`
 	FrequencyPenalty *float64        `json:"frequency_penalty"`
@@ -42,8 +45,8 @@ func (s *samplingFields) unsupported() error {
 	switch {
 	case s.N != nil && *s.N != 1:
 		return invalid("n %d: only one choice per request is supported", *s.N)
-	case !isEmptyJSON(s.Stop, `""`, "[]"):
-		return invalid("stop strings are not supported; use stop_token_ids")
+	case !isEmptyJSON(s.ResponseFormat, `{"type":"text"}`) && !isTextFormat(s.ResponseFormat):
+		return invalid("response_format %s is not supported: only {\"type\": \"text\"}", bytes.TrimSpace(s.ResponseFormat))
 	case !isEmptyJSON(s.Logprobs, "false", "0"):
 		return invalid("logprobs are not supported")
 	case s.PresencePenalty != nil && *s.PresencePenalty != 0:
@@ -52,6 +55,47 @@ func (s *samplingFields) unsupported() error {
 		return invalid("frequency_penalty is not supported")
 	}
 	return nil
+}
+
+// maxStops is how many stop strings a request may give, as OpenAI allows.
+const maxStops = 4
+
+// stops reads the stop field: absent, null, a string ("" is none) or an array of up to maxStops
+// non-empty strings.
+func (s *samplingFields) stops() ([]string, error) {
+	raw := bytes.TrimSpace(s.Stop)
+	if len(raw) == 0 || string(raw) == "null" {
+		return nil, nil
+	}
+	var one string
+	if json.Unmarshal(raw, &one) == nil {
+		if one == "" {
+			return nil, nil
+		}
+		return []string{one}, nil
+	}
+	var list []string
+	if err := json.Unmarshal(raw, &list); err != nil {
+		return nil, invalid("stop must be a string or an array of strings")
+	}
+	if len(list) > maxStops {
+		return nil, invalid("stop: %d strings; at most %d are allowed", len(list), maxStops)
+	}
+	for i, str := range list {
+		if str == "" {
+			return nil, invalid("stop[%d] is empty", i)
+		}
+	}
+	return list, nil
+}
+
+// isTextFormat reports whether raw is response_format {"type": "text"}, however spaced.
+func isTextFormat(raw json.RawMessage) bool {
+	var f map[string]json.RawMessage
+	if json.Unmarshal(raw, &f) != nil || len(f) != 1 {
+		return false
+	}
+	return string(bytes.TrimSpace(f["type"])) == `"text"`
 }
 
 // isEmptyJSON reports whether raw is absent, null or one of the given empty values.
@@ -93,6 +137,11 @@ func (s *samplingFields) fill(req *Request, m Model, maxTokens *int64, n int) er
 	}
 	req.IgnoreEOS = s.IgnoreEOS
 	req.StopIDs = ints(s.StopTokenIDs)
+	var err error
+	if req.Stop, err = s.stops(); err != nil {
+		return err
+	}
+	req.IncludeStopStr = s.IncludeStopStr
 	return nil
 }
 
