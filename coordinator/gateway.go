@@ -294,6 +294,8 @@ func (t gatewayTokenizer) Encode(text string, addSpecial bool) []int {
 	return t.tok.Encode(text, addSpecial)
 }
 
+func (t gatewayTokenizer) Decode(ids []int) (string, error) { return t.tok.Decode(ids, true) }
+
 func (t gatewayTokenizer) EncodeChat(msgs []gateway.Message, addGenerationPrompt bool) ([]int, error) {
 	tm := make([]tokenizer.Message, len(msgs))
 	for i, m := range msgs {

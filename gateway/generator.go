@@ -48,6 +48,8 @@ type Tokenizer interface {
 	// EncodeChat renders msgs with the model's chat template, with the assistant's header after them
 	// when addGenerationPrompt is set, and encodes the result.
 	EncodeChat(msgs []Message, addGenerationPrompt bool) ([]int, error)
+	// Decode turns ids into text, special tokens left out (echo of a prompt of ids).
+	Decode(ids []int) (string, error)
 }
 
 // Model describes the served model.

@@ -34,17 +34,26 @@ type samplingFields struct {
 	} `json:"stream_options"`
 
 	// OpenAI fields this gateway does not implement: refused unless left at their defaults.
-	N                *int64          `json:"n"`
-	Logprobs         json.RawMessage `json:"logprobs"`
-	PresencePenalty  *float64        `json:"presence_penalty"`
-	FrequencyPenalty *float64        `json:"frequency_penalty"`
+	N                 *int64          `json:"n"`
+	Logprobs          json.RawMessage `json:"logprobs"`
+	PresencePenalty   *float64        `json:"presence_penalty"`
+	MinTokens         *int64          `json:"min_tokens"`
+	RepetitionPenalty *float64        `json:"repetition_penalty"`
+	LogitBias         json.RawMessage `json:"logit_bias"`
+	FrequencyPenalty  *float64        `json:"frequency_penalty"`
 }
 
 // unsupported reports an OpenAI field set to what the gateway cannot do.
 func (s *samplingFields) unsupported() error {
 	switch {
-	case s.N != nil && *s.N != 1:
-		return invalid("n %d: only one choice per request is supported", *s.N)
+	case s.N != nil && (*s.N < 1 || *s.N > maxChoices):
+		return invalid("n %d must be in [1, %d]", *s.N, maxChoices)
+	case s.MinTokens != nil && *s.MinTokens != 0:
+		return invalid("min_tokens is not supported")
+	case s.RepetitionPenalty != nil && *s.RepetitionPenalty != 1:
+		return invalid("repetition_penalty is not supported")
+	case !isEmptyJSON(s.LogitBias, "{}"):
+		return invalid("logit_bias is not supported")
 	case !isEmptyJSON(s.ResponseFormat, `{"type":"text"}`) && !isTextFormat(s.ResponseFormat):
 		return invalid("response_format %s is not supported: only {\"type\": \"text\"}", bytes.TrimSpace(s.ResponseFormat))
 	case !isEmptyJSON(s.Logprobs, "false", "0"):
@@ -56,6 +65,9 @@ func (s *samplingFields) unsupported() error {
 	}
 	return nil
 }
+
+// maxChoices bounds n, the choices of one request.
+const maxChoices = 128
 
 // maxStops is how many stop strings a request may give, as OpenAI allows.
 const maxStops = 4
@@ -210,8 +222,6 @@ func (b *completionRequest) request(g *Gateway) (Request, error) {
 		return Request{}, err
 	}
 	switch {
-	case b.Echo:
-		return Request{}, invalid("echo is not supported")
 	case b.BestOf != nil && *b.BestOf != 1:
 		return Request{}, invalid("best_of %d: only one choice per request is supported", *b.BestOf)
 	case b.Suffix != nil && *b.Suffix != "":
