@@ -47,7 +47,8 @@ func (c *Coordinator) serveHTTP() {
 	if c.httpLis == nil {
 		return
 	}
-	g, err := gateway.New(gateway.Config{Generator: generator{c}, Logger: c.log})
+	g, err := gateway.New(gateway.Config{Generator: generator{c}, Logger: c.log,
+		AllowedOrigins: c.cfg.HTTPAllowedOrigins, APIKey: c.cfg.HTTPAPIKey})
 	if err != nil { // a Config that cannot fail Validate
 		c.fail(fmt.Errorf("coordinator: serve HTTP: %w", err))
 		return
