@@ -346,4 +346,3 @@ func parseInterspersed(fs *flag.FlagSet, args []string, pos *string) error {
 		*pos, args = fs.Arg(0), fs.Args()[1:]
 	}
 }
-
