@@ -14,9 +14,13 @@ build:
 
 # The README's run command: serve a tiny checkpoint shipped in testdata/ on this machine (embedded etcd, a
 # coordinator and two CPU workers at TP=2) until Ctrl-C.
-LISTEN ?= 127.0.0.1:7070
+# Every port is a variable: LISTEN (gRPC), HOST and PORT (the OpenAI HTTP gateway), ETCD_LISTEN.
+LISTEN      ?= 127.0.0.1:7070
+HOST        ?= 127.0.0.1
+PORT        ?= 8000
+ETCD_LISTEN ?= 127.0.0.1:2379
 run: build
-	$(BIN)/tpfleet serve --model $(MODEL) --tp 2 --listen $(LISTEN) --etcd-listen 127.0.0.1:2379
+	$(BIN)/tpfleet serve $(MODEL) --tensor-parallel-size 2 --host $(HOST) --port $(PORT) --listen $(LISTEN) --etcd-listen $(ETCD_LISTEN)
 
 # One-shot greedy generation in this process, no server.
 generate: build

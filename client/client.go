@@ -66,6 +66,10 @@ type GenerateRequest struct {
 	IgnoreEOS bool
 	// StopIDs end the generation too, besides the eos ids.
 	StopIDs []int
+	// Stop strings end the generation too, matched on the decoded text as vLLM does: the text ends
+	// before the stop string, or after it with IncludeStopStr. They need the model's tokenizer.
+	Stop           []string
+	IncludeStopStr bool
 }
 
 // GenerateResult is a finished generation.
@@ -76,6 +80,8 @@ type GenerateResult struct {
 	Text string
 	// FinishReason is FinishStop or FinishLength.
 	FinishReason string
+	// StopReason is the stop string that ended the generation, if one did.
+	StopReason string
 	// PromptTokens is the length of the prompt.
 	PromptTokens int
 }
@@ -93,6 +99,9 @@ func (c *Client) Generate(ctx context.Context, req GenerateRequest, emit func(id
 		MaxTokens: int32(req.MaxTokens),
 		IgnoreEos: req.IgnoreEOS,
 		StopIds:   toInt32(req.StopIDs),
+		Stop:      req.Stop,
+
+		IncludeStopStrInOutput: req.IncludeStopStr,
 	}
 	if p := req.Sampling; p != nil {
 		in.Sampling = &pb.SamplingParams{Temperature: p.Temperature, TopK: int32(p.TopK), TopP: p.TopP, Seed: p.Seed}
@@ -125,7 +134,7 @@ func (c *Client) Generate(ctx context.Context, req GenerateRequest, emit func(id
 			res.PromptTokens = int(msg.GetPromptTokens())
 		}
 		if msg.GetFinishReason() != "" {
-			res.FinishReason = msg.GetFinishReason()
+			res.FinishReason, res.StopReason = msg.GetFinishReason(), msg.GetStopReason()
 		}
 		if emit != nil && (len(ids) > 0 || msg.GetText() != "") {
 			if err := emit(ids, msg.GetText()); err != nil {

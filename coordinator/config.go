@@ -65,6 +65,15 @@ type Config struct {
 	// (see Coordinator.HTTPAddr). Empty means no gateway; the tpfleet commands default to
 	// DefaultHTTPAddr.
 	HTTPAddr string `json:"http-listen"`
+	// HTTPAllowedOrigins are the origins the gateway's CORS headers allow ("*": any); empty: none.
+	HTTPAllowedOrigins []string `json:"allowed-origins"`
+	// HTTPAPIKey, when set, is the bearer token the gateway's /v1 routes require (vLLM's --api-key).
+	HTTPAPIKey string `json:"-"`
+	// ServedModelName is the model's name in the APIs; empty means the checkpoint directory's base name.
+	ServedModelName string `json:"served-model-name"`
+	// MaxModelLen bounds a request's prompt and new tokens; 0 means the model's max_position_embeddings,
+	// and more than that is refused.
+	MaxModelLen int `json:"max-model-len"`
 	// ID names this coordinator in the leader election; it must be unique among the coordinators of a
 	// cluster. Empty means "coordinator-<host>-<pid>".
 	ID string `json:"id"`

@@ -47,7 +47,8 @@ func (c *Coordinator) serveHTTP() {
 	if c.httpLis == nil {
 		return
 	}
-	g, err := gateway.New(gateway.Config{Generator: generator{c}, Logger: c.log})
+	g, err := gateway.New(gateway.Config{Generator: generator{c}, Logger: c.log,
+		AllowedOrigins: c.cfg.HTTPAllowedOrigins, APIKey: c.cfg.HTTPAPIKey})
 	if err != nil { // a Config that cannot fail Validate
 		c.fail(fmt.Errorf("coordinator: serve HTTP: %w", err))
 		return
@@ -182,12 +183,9 @@ func (g generator) Generate(_ context.Context, req gateway.Request) (gateway.Str
 	if err != nil {
 		return nil, toGateway(err)
 	}
-	s := &stream{c: c, r: r, prompt: make([]int, len(r.prompt))}
+	s := &stream{c: c, r: r, prompt: make([]int, len(r.prompt)), out: c.newOutput(r)}
 	for i, id := range r.prompt {
 		s.prompt[i] = int(id)
-	}
-	if c.model.tok != nil {
-		s.text = &textStream{dec: c.model.tok.NewDecoder(true), log: c.log}
 	}
 	return s, nil
 }
@@ -196,7 +194,8 @@ func (g generator) Generate(_ context.Context, req gateway.Request) (gateway.Str
 // Generate's message for an id outside the vocabulary (Generate checks the rest); max_tokens and top_k
 // are clamped to int32.
 func (m modelInfo) fromGateway(req gateway.Request) (*pb.GenerateRequest, error) {
-	in := &pb.GenerateRequest{Model: req.Model, Prompt: req.Prompt, MaxTokens: clamp32(req.MaxTokens), IgnoreEos: req.IgnoreEOS}
+	in := &pb.GenerateRequest{Model: req.Model, Prompt: req.Prompt, MaxTokens: clamp32(req.MaxTokens), IgnoreEos: req.IgnoreEOS,
+		Stop: req.Stop, IncludeStopStrInOutput: req.IncludeStopStr}
 	var err error
 	if in.PromptIds, err = m.tokenIDs(req.PromptIDs, "prompt id"); err != nil {
 		return nil, err
@@ -248,7 +247,7 @@ type stream struct {
 	c      *Coordinator
 	r      *request
 	prompt []int
-	text   *textStream // nil without a tokenizer
+	out    *output
 }
 
 func (s *stream) PromptIDs() []int { return s.prompt }
@@ -262,12 +261,14 @@ func (s *stream) Next(ctx context.Context) (gateway.Chunk, error) {
 			return gateway.Chunk{}, ctx.Err()
 		}
 		got, done, finish, err := s.r.take()
-		ch := gateway.Chunk{IDs: make([]int, len(got))}
+		got, text, stopped := s.out.add(got, done && err == nil)
+		if stopped != "" { // a stop string ends the request here: its sequence is released at the next step
+			done, finish, err = true, FinishStop, nil
+			s.Close()
+		}
+		ch := gateway.Chunk{IDs: make([]int, len(got)), Text: text, StopReason: stopped}
 		for i, id := range got {
 			ch.IDs[i] = int(id)
-		}
-		if s.text != nil {
-			ch.Text = s.text.add(got, done && err == nil)
 		}
 		switch {
 		case err != nil:
@@ -293,6 +294,8 @@ type gatewayTokenizer struct{ tok *tokenizer.Tokenizer }
 func (t gatewayTokenizer) Encode(text string, addSpecial bool) []int {
 	return t.tok.Encode(text, addSpecial)
 }
+
+func (t gatewayTokenizer) Decode(ids []int) (string, error) { return t.tok.Decode(ids, true) }
 
 func (t gatewayTokenizer) EncodeChat(msgs []gateway.Message, addGenerationPrompt bool) ([]int, error) {
 	tm := make([]tokenizer.Message, len(msgs))

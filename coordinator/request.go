@@ -145,7 +145,17 @@ func (m modelInfo) newRequest(in *pb.GenerateRequest) (*request, error) {
 		}
 		stop[id] = true
 	}
-	return newRequest(prompt, maxTokens, p, stop), nil
+	for i, str := range in.GetStop() {
+		if str == "" {
+			return nil, invalid("stop string at index %d is empty", i)
+		}
+	}
+	if len(in.GetStop()) > 0 && m.tok == nil {
+		return nil, fmt.Errorf("%w: stop strings are matched on the decoded text: %w", ErrNoTokenizer, m.noTokenizer())
+	}
+	r := newRequest(prompt, maxTokens, p, stop)
+	r.stopStrings, r.includeStop = in.GetStop(), in.GetIncludeStopStrInOutput()
+	return r, nil
 }
 
 // request is one Generate call on its way through the queue and a group's batch.
@@ -155,6 +165,10 @@ type request struct {
 	maxTokens int
 	sampling  *pb.SamplingParams
 	stop      map[int32]bool
+	// stopStrings end the request when its decoded text holds one (output finds them);
+	// includeStop keeps the one found in the text.
+	stopStrings []string
+	includeStop bool
 
 	// Queue bookkeeping, guarded by the queue's mutex.
 	elem    *list.Element

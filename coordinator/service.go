@@ -45,10 +45,7 @@ func (s *generationServer) Generate(in *pb.GenerateRequest, stream grpc.ServerSt
 	ctx := stream.Context()
 	promptTokens := int32(len(r.prompt))
 	var sent int32
-	var text *textStream
-	if c.model.tok != nil {
-		text = &textStream{dec: c.model.tok.NewDecoder(true), log: c.log}
-	}
+	out := c.newOutput(r)
 	for {
 		select {
 		case <-r.notify:
@@ -58,11 +55,12 @@ func (s *generationServer) Generate(in *pb.GenerateRequest, stream grpc.ServerSt
 		}
 		ids, done, finish, err := r.take()
 		if len(ids) > 0 || (done && err == nil) {
-			sent += int32(len(ids))
-			msg := &pb.GenerateResponse{Ids: ids, PromptTokens: promptTokens, CompletionTokens: sent}
-			if text != nil {
-				msg.Text = text.add(ids, done && err == nil)
+			ids, text, stopped := out.add(ids, done && err == nil)
+			if stopped != "" { // a stop string: the request ends here, whatever came after it
+				done, finish, err = true, FinishStop, nil
 			}
+			sent += int32(len(ids))
+			msg := &pb.GenerateResponse{Ids: ids, Text: text, PromptTokens: promptTokens, CompletionTokens: sent, StopReason: stopped}
 			if done && err == nil {
 				msg.FinishReason = finish
 			}

@@ -8,10 +8,17 @@
 //   - POST /v1/completions takes a prompt (a string, which the Generator encodes with BOS, or an array
 //     of token ids, or a one-element array of either) and POST /v1/chat/completions takes messages,
 //     rendered with the model's chat template and a generation prompt (Tokenizer.EncodeChat). Both take
-//     max_tokens (left out: the rest of the context), temperature, top_p, seed and vLLM's top_k,
-//     stop_token_ids, ignore_eos and return_token_ids; sampling fields left out take the model's
-//     defaults. With stream they answer Server-Sent Events in OpenAI's chunk format, one event per
-//     Chunk the Generator hands over (usually one token), flushed at once, then "data: [DONE]"; a
+//     max_tokens (left out: the rest of the context), temperature, top_p, seed, stop (a string or up to
+//     4 strings, matched on the decoded text as vLLM does: the text ends before the stop string and
+//     finish_reason is "stop", stop_reason names it) and vLLM's top_k, stop_token_ids, ignore_eos,
+//     include_stop_str_in_output and return_token_ids; sampling fields left out take the model's
+//     defaults. n asks for up to 128 choices of one prompt: each is its own generation, seeded with the
+//     request's seed + its index as vLLM seeds them (a random seed each without one); streamed, their
+//     events interleave, each with its choice's index. echo (completions) puts the prompt's text before
+//     each choice's. response_format other than {"type": "text"}, tools, logprobs, presence and
+//     frequency and repetition penalties, min_tokens and logit_bias are refused (400), never ignored. With stream they answer Server-Sent Events in OpenAI's chunk format, one event per
+//     Chunk the Generator hands over (usually one token; text that could still become a stop string is
+//     held back until it cannot), flushed at once, then "data: [DONE]"; a
 //     failure after the first event comes as an error event before the end.
 //   - GET /health answers 200 while Generator.Serving is nil, else its error (503 for an
 //     ErrUnavailable one).

@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -30,6 +31,12 @@ type Config struct {
 	Generator Generator
 	// Logger logs refused and failed requests (debug and warn); nil means none.
 	Logger *zap.Logger
+	// AllowedOrigins are the origins whose browser requests the CORS headers allow ("*": any); empty
+	// means no CORS headers.
+	AllowedOrigins []string
+	// APIKey, when set, is the bearer token every /v1 route requires (401 without it), as vLLM's
+	// --api-key; /health stays open.
+	APIKey string
 }
 
 // Validate reports a Config that New refuses.
@@ -46,6 +53,8 @@ type Gateway struct {
 	log     *zap.Logger
 	created int64 // unix seconds: when the gateway was made, the model object's "created"
 	mux     *http.ServeMux
+	origins []string
+	apiKey  string
 }
 
 // New returns the gateway of cfg.Generator.
@@ -53,7 +62,8 @@ func New(cfg Config) (*Gateway, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	g := &Gateway{gen: cfg.Generator, log: cfg.Logger, created: time.Now().Unix(), mux: http.NewServeMux()}
+	g := &Gateway{gen: cfg.Generator, log: cfg.Logger, created: time.Now().Unix(), mux: http.NewServeMux(),
+		origins: cfg.AllowedOrigins, apiKey: cfg.APIKey}
 	if g.log == nil {
 		g.log = zap.NewNop()
 	}
@@ -69,8 +79,37 @@ func New(cfg Config) (*Gateway, error) {
 	return g, nil
 }
 
-// ServeHTTP serves the gateway's routes.
-func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) { g.mux.ServeHTTP(w, r) }
+// ServeHTTP serves the gateway's routes, with CORS headers for the allowed origins and the API key's
+// check on /v1 routes.
+func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if origin := r.Header.Get("Origin"); origin != "" && g.allowed(origin) {
+		h := w.Header()
+		h.Set("Access-Control-Allow-Origin", origin)
+		h.Add("Vary", "Origin")
+		if r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != "" { // a preflight
+			h.Set("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+			h.Set("Access-Control-Allow-Headers", "Authorization, Content-Type")
+			w.WriteHeader(http.StatusNoContent)
+			return
+		}
+	}
+	if g.apiKey != "" && strings.HasPrefix(r.URL.Path, "/v1") &&
+		subtle.ConstantTimeCompare([]byte(r.Header.Get("Authorization")), []byte("Bearer "+g.apiKey)) != 1 {
+		g.fail(w, &httpError{http.StatusUnauthorized, "unauthorized", errors.New("missing or wrong API key: send Authorization: Bearer KEY")})
+		return
+	}
+	g.mux.ServeHTTP(w, r)
+}
+
+// allowed reports whether CORS allows origin.
+func (g *Gateway) allowed(origin string) bool {
+	for _, o := range g.origins {
+		if o == "*" || o == origin {
+			return true
+		}
+	}
+	return false
+}
 
 // NewServer returns an http.Server of the gateway. It has no write timeout, as a streamed response
 // lasts as long as its generation, and no server-wide read timeout, which would cancel the requests of

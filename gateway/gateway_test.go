@@ -28,6 +28,8 @@ type fakeGen struct {
 	failAt  int   // when > 0: Next fails after this many tokens
 	failErr error
 
+	onGenerate func(Request) // when set: called with each request
+
 	mu     sync.Mutex
 	last   Request
 	closed int
@@ -55,6 +57,9 @@ func (f *fakeGen) Generate(_ context.Context, req Request) (Stream, error) {
 	f.mu.Lock()
 	f.last = req
 	f.mu.Unlock()
+	if f.onGenerate != nil {
+		f.onGenerate(req)
+	}
 	if f.genErr != nil {
 		return nil, f.genErr
 	}
@@ -110,6 +115,16 @@ func (fakeTok) Encode(text string, addSpecial bool) []int {
 		ids = append(ids, int(b))
 	}
 	return ids
+}
+
+func (fakeTok) Decode(ids []int) (string, error) {
+	var b []byte
+	for _, id := range ids {
+		if id > 1 {
+			b = append(b, byte(id))
+		}
+	}
+	return string(b), nil
 }
 
 func (fakeTok) EncodeChat(msgs []Message, addGenerationPrompt bool) ([]int, error) {
@@ -184,6 +199,12 @@ func TestRequest(t *testing.T) {
 		{"/v1/completions", `{"prompt":[1],"max_tokens":2,"temperature":0.5,"top_p":0.9,"top_k":-1,"seed":-7}`,
 			Request{PromptIDs: []int{1}, MaxTokens: 2, Sampling: Sampling{Temperature: &temp, TopP: &topP, TopK: &k0, Seed: &seed}}},
 		{"/v1/completions", `{"prompt":[1],"max_tokens":2,"top_k":5}`, Request{PromptIDs: []int{1}, MaxTokens: 2, Sampling: Sampling{TopK: &k5}}},
+		// stop: a string, a list, "" as none; include_stop_str_in_output is vLLM's.
+		{"/v1/completions", `{"prompt":[1],"max_tokens":2,"stop":"\n"}`, Request{PromptIDs: []int{1}, MaxTokens: 2, Stop: []string{"\n"}}},
+		{"/v1/completions", `{"prompt":[1],"max_tokens":2,"stop":""}`, Request{PromptIDs: []int{1}, MaxTokens: 2}},
+		{"/v1/completions", `{"prompt":[1],"max_tokens":2,"stop":["a","bc"],"include_stop_str_in_output":true}`,
+			Request{PromptIDs: []int{1}, MaxTokens: 2, Stop: []string{"a", "bc"}, IncludeStopStr: true}},
+		{"/v1/completions", `{"prompt":[1],"max_tokens":2,"response_format":{"type":"text"}}`, Request{PromptIDs: []int{1}, MaxTokens: 2}},
 		// A text prompt: the rest of the context after its encoding (BOS + 2 bytes).
 		{"/v1/completions", `{"prompt":"hi"}`, Request{Prompt: "hi", MaxTokens: 61}},
 		{"/v1/completions", `{"prompt":["hi"],"max_tokens":2}`, Request{Prompt: "hi", MaxTokens: 2}},
@@ -340,11 +361,18 @@ func TestErrors(t *testing.T) {
 		{"empty body", "", "/v1/completions", ``, 400, "invalid_request_error", "invalid_request", "empty request body"},
 		{"prompt fills the context", "", "/v1/completions", `{"prompt":[` + strings.Repeat("1,", 63) + `1]}`, 400, "invalid_request_error", "invalid_request",
 			"64 prompt tokens leave no room for new tokens in the model's context of 64"},
-		{"n 2", "", "/v1/completions", `{"prompt":[1],"n":2}`, 400, "invalid_request_error", "invalid_request", "n 2: only one choice per request"},
-		{"stop strings", "", "/v1/completions", `{"prompt":[1],"stop":["\n"]}`, 400, "invalid_request_error", "invalid_request", "stop strings are not supported; use stop_token_ids"},
+		{"n 0", "", "/v1/completions", `{"prompt":[1],"n":0}`, 400, "invalid_request_error", "invalid_request", "n 0 must be in [1, 128]"},
+		{"n 129", "", "/v1/chat/completions", `{"messages":[],"n":129}`, 400, "invalid_request_error", "invalid_request", "n 129 must be in [1, 128]"},
+		{"min_tokens", "", "/v1/completions", `{"prompt":[1],"min_tokens":3}`, 400, "invalid_request_error", "invalid_request", "min_tokens is not supported"},
+		{"repetition_penalty", "", "/v1/completions", `{"prompt":[1],"repetition_penalty":1.2}`, 400, "invalid_request_error", "invalid_request", "repetition_penalty is not supported"},
+		{"logit_bias", "", "/v1/completions", `{"prompt":[1],"logit_bias":{"5":-100}}`, 400, "invalid_request_error", "invalid_request", "logit_bias is not supported"},
+		{"five stop strings", "", "/v1/completions", `{"prompt":[1],"stop":["a","b","c","d","e"]}`, 400, "invalid_request_error", "invalid_request", "stop: 5 strings; at most 4 are allowed"},
+		{"empty stop string", "", "/v1/completions", `{"prompt":[1],"stop":["a",""]}`, 400, "invalid_request_error", "invalid_request", "stop[1] is empty"},
+		{"stop not strings", "", "/v1/completions", `{"prompt":[1],"stop":[1]}`, 400, "invalid_request_error", "invalid_request", "stop must be a string or an array of strings"},
+		{"response_format", "", "/v1/chat/completions", `{"messages":[],"response_format":{"type":"json_schema"}}`, 400, "invalid_request_error", "invalid_request", `response_format {"type":"json_schema"} is not supported`},
 		{"logprobs", "", "/v1/completions", `{"prompt":[1],"logprobs":5}`, 400, "invalid_request_error", "invalid_request", "logprobs are not supported"},
 		{"presence_penalty", "", "/v1/completions", `{"prompt":[1],"presence_penalty":1}`, 400, "invalid_request_error", "invalid_request", "presence_penalty is not supported"},
-		{"echo", "", "/v1/completions", `{"prompt":[1],"echo":true}`, 400, "invalid_request_error", "invalid_request", "echo is not supported"},
+		{"echo of ids without a tokenizer", "", "/v1/completions", `{"prompt":[1],"echo":true}`, 400, "invalid_request_error", "no_tokenizer", "echo of a prompt of token ids: fake: no tokenizer"},
 		{"best_of", "", "/v1/completions", `{"prompt":[1],"best_of":3}`, 400, "invalid_request_error", "invalid_request", "best_of 3: only one choice"},
 		{"suffix", "", "/v1/completions", `{"prompt":[1],"suffix":"x"}`, 400, "invalid_request_error", "invalid_request", "suffix is not supported"},
 		{"batch", "", "/v1/completions", `{"prompt":["a","b"]}`, 400, "invalid_request_error", "invalid_request", "a batch of 2 prompts is not supported"},
@@ -453,5 +481,87 @@ func TestConfig(t *testing.T) {
 	}
 	if srv := g.NewServer(); srv.Handler != g || srv.WriteTimeout != 0 || srv.ReadTimeout != 0 || srv.ReadHeaderTimeout != headerReadTimeout {
 		t.Errorf("NewServer() = %+v, want the gateway's handler, no read or write timeout, a header timeout", srv)
+	}
+}
+
+// TestChoices: n choices, each with its index and its seed (the request's + index), whole and streamed
+// (events interleaved, each with its index; usage sums the choices); echo puts the prompt's text before
+// each choice's.
+func TestChoices(t *testing.T) {
+	f := &fakeGen{tok: true}
+	base := serve(t, f)
+	var mu sync.Mutex
+	var seeds []uint64
+	f.onGenerate = func(req Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		if req.Sampling.Seed != nil {
+			seeds = append(seeds, *req.Sampling.Seed)
+		}
+	}
+	code, _, data := call(t, http.MethodPost, base+"/v1/completions", `{"prompt":[5],"max_tokens":2,"n":3,"seed":10}`)
+	res := decode[CompletionResponse](t, data)
+	if code != 200 || len(res.Choices) != 3 || res.Usage.CompletionTokens != 6 {
+		t.Fatalf("POST /v1/completions n 3 = %d %s; want 3 choices, 6 completion tokens", code, data)
+	}
+	for i, c := range res.Choices {
+		if c.Index != i || c.Text != "<6><7>" || *c.FinishReason != FinishLength {
+			t.Errorf("choice %d = %+v; want index %d, text <6><7>, finish length", i, c, i)
+		}
+	}
+	mu.Lock()
+	if !slices.Equal(seeds, []uint64{10, 11, 12}) {
+		t.Errorf("seeds of n 3, seed 10 = %v; want [10 11 12]", seeds)
+	}
+	seeds = nil
+	mu.Unlock()
+
+	// Streamed chat: a role chunk per choice, then deltas that add up per index.
+	code, _, data = call(t, http.MethodPost, base+"/v1/chat/completions",
+		`{"messages":[{"role":"user","content":"a"}],"max_tokens":3,"n":2,"stream":true,"stream_options":{"include_usage":true}}`)
+	texts, finishes, roles := map[int]string{}, map[int]string{}, 0
+	evs := gatewaytest.Events(t, data)
+	for _, ev := range evs[:len(evs)-1] {
+		ch := decode[ChatResponse](t, []byte(ev))
+		c := ch.Choices[0]
+		if c.Delta.Role == "assistant" {
+			roles++
+		}
+		if c.Delta.Content != nil {
+			texts[c.Index] += *c.Delta.Content
+		}
+		if c.FinishReason != nil {
+			finishes[c.Index] = *c.FinishReason
+		}
+	}
+	u := decode[ChatResponse](t, []byte(evs[len(evs)-1])).Usage
+	if code != 200 || roles != 2 || texts[0] != "<33><34><35>" || texts[1] != texts[0] || finishes[0] != FinishLength || finishes[1] != FinishLength ||
+		u == nil || u.CompletionTokens != 6 {
+		t.Errorf("POST /v1/chat/completions n 2 stream = %d %s; want 2 roles, texts <33><34><35> at indexes 0 and 1, usage of 6", code, data)
+	}
+	mu.Lock()
+	if len(seeds) != 2 {
+		t.Errorf("seeds of n 2 without a seed = %v; want 2 random seeds", seeds)
+	}
+	mu.Unlock()
+
+	// echo: the prompt's text first, whole and streamed; ids are decoded.
+	for _, tc := range []struct{ body, want string }{
+		{`{"prompt":"ab","max_tokens":1,"echo":true}`, "ab<99>"},
+		{`{"prompt":[1,104,105],"max_tokens":1,"echo":true}`, "hi<106>"},
+		{`{"prompt":"ab","max_tokens":2,"echo":true,"stream":true}`, "ab<99><100>"},
+	} {
+		code, _, data := call(t, http.MethodPost, base+"/v1/completions", tc.body)
+		got := ""
+		if strings.Contains(tc.body, "stream") {
+			for _, ev := range gatewaytest.Events(t, data) {
+				got += decode[CompletionResponse](t, []byte(ev)).Choices[0].Text
+			}
+		} else {
+			got = decode[CompletionResponse](t, data).Choices[0].Text
+		}
+		if code != 200 || got != tc.want {
+			t.Errorf("POST /v1/completions %s = %d %s; want text %q", tc.body, code, data, tc.want)
+		}
 	}
 }

@@ -2,10 +2,14 @@ package gateway
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"encoding/json"
+	"fmt"
+	mrand "math/rand/v2"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -36,7 +40,11 @@ func (g *Gateway) generation(k kind) http.HandlerFunc {
 			g.fail(w, err)
 			return
 		}
-		g.generate(w, r, req, g.newOutput(k, req.Model, b.sampling()))
+		o := g.newOutput(k, req.Model, b.sampling())
+		if c, ok := b.(*completionRequest); ok {
+			o.echo = c.Echo
+		}
+		g.generate(w, r, req, o)
 	}
 }
 
@@ -49,6 +57,8 @@ type output struct {
 	stream    bool
 	usage     bool // stream_options.include_usage: a last chunk with the usage
 	returnIDs bool
+	n         int  // choices
+	echo      bool // completions: the prompt's text before each choice's
 }
 
 func (g *Gateway) newOutput(k kind, model string, s *samplingFields) output {
@@ -59,6 +69,10 @@ func (g *Gateway) newOutput(k kind, model string, s *samplingFields) output {
 	if m, err := g.gen.Model(model); err == nil {
 		model = m.Name
 	}
+	n := 1
+	if s.N != nil {
+		n = int(*s.N) // checked by unsupported
+	}
 	return output{
 		kind:      k,
 		id:        prefix + rand.Text(),
@@ -67,6 +81,7 @@ func (g *Gateway) newOutput(k kind, model string, s *samplingFields) output {
 		stream:    s.Stream,
 		usage:     s.Stream && s.StreamOptions != nil && s.StreamOptions.IncludeUsage,
 		returnIDs: s.ReturnTokenIDs,
+		n:         n,
 	}
 }
 
@@ -87,6 +102,7 @@ type CompletionChoice struct {
 	Text           string    `json:"text"`
 	Logprobs       *struct{} `json:"logprobs"` // always null
 	FinishReason   *string   `json:"finish_reason"`
+	StopReason     string    `json:"stop_reason,omitempty"` // vLLM: the stop string that ended the choice
 	PromptTokenIDs []int     `json:"prompt_token_ids,omitempty"`
 	TokenIDs       []int     `json:"token_ids,omitempty"`
 }
@@ -114,6 +130,7 @@ type ChatChoice struct {
 	Delta        *ChatContent `json:"delta,omitempty"`
 	Logprobs     *struct{}    `json:"logprobs"` // always null
 	FinishReason *string      `json:"finish_reason"`
+	StopReason   string       `json:"stop_reason,omitempty"` // vLLM: the stop string that ended the choice
 	TokenIDs     []int        `json:"token_ids,omitempty"`
 }
 
@@ -128,23 +145,50 @@ type ChatResponse struct {
 	PromptTokenIDs []int        `json:"prompt_token_ids,omitempty"`
 }
 
+// choice is one finished choice of a whole response.
+type choice struct {
+	text               string
+	ids                []int
+	finish, stopReason string
+}
+
 // response is the whole (non-streamed) response of a generation.
-func (o output) response(text string, ids, prompt []int, finish string) any {
-	u := newUsage(len(prompt), len(ids))
+func (o output) response(choices []choice, prompt []int) any {
+	completion := 0
+	for _, c := range choices {
+		completion += len(c.ids)
+	}
+	u := newUsage(len(prompt), completion)
 	if !o.returnIDs {
-		ids, prompt = nil, nil
+		prompt = nil
 	}
 	if o.kind == kindChat {
-		return ChatResponse{ID: o.id, Object: "chat.completion", Created: o.created, Model: o.model, Usage: u, PromptTokenIDs: prompt,
-			Choices: []ChatChoice{{Message: &ChatContent{Role: "assistant", Content: &text}, FinishReason: &finish, TokenIDs: ids}}}
+		r := ChatResponse{ID: o.id, Object: "chat.completion", Created: o.created, Model: o.model, Usage: u, PromptTokenIDs: prompt}
+		for i, c := range choices {
+			r.Choices = append(r.Choices, ChatChoice{Index: i, Message: &ChatContent{Role: "assistant", Content: &c.text},
+				FinishReason: &c.finish, StopReason: c.stopReason, TokenIDs: o.ids(c.ids)})
+		}
+		return r
 	}
-	return CompletionResponse{ID: o.id, Object: "text_completion", Created: o.created, Model: o.model, Usage: u,
-		Choices: []CompletionChoice{{Text: text, FinishReason: &finish, PromptTokenIDs: prompt, TokenIDs: ids}}}
+	r := CompletionResponse{ID: o.id, Object: "text_completion", Created: o.created, Model: o.model, Usage: u}
+	for i, c := range choices {
+		r.Choices = append(r.Choices, CompletionChoice{Index: i, Text: c.text, FinishReason: &c.finish, StopReason: c.stopReason,
+			PromptTokenIDs: prompt, TokenIDs: o.ids(c.ids)})
+	}
+	return r
+}
+
+// ids returns ids when the request asked for them (return_token_ids), else nil.
+func (o output) ids(ids []int) []int {
+	if !o.returnIDs {
+		return nil
+	}
+	return ids
 }
 
 // chunk is a streamed event with new text and ids; finish is "" until the last one, and prompt is set
 // on the first one only.
-func (o output) chunk(text string, ids, prompt []int, finish string) any {
+func (o output) chunk(index int, text string, ids, prompt []int, finish, stopReason string) any {
 	var fin *string
 	if finish != "" {
 		fin = &finish
@@ -158,20 +202,20 @@ func (o output) chunk(text string, ids, prompt []int, finish string) any {
 			delta.Content = &text
 		}
 		return ChatResponse{ID: o.id, Object: "chat.completion.chunk", Created: o.created, Model: o.model,
-			Choices: []ChatChoice{{Delta: delta, FinishReason: fin, TokenIDs: ids}}}
+			Choices: []ChatChoice{{Index: index, Delta: delta, FinishReason: fin, StopReason: stopReason, TokenIDs: ids}}}
 	}
 	return CompletionResponse{ID: o.id, Object: "text_completion", Created: o.created, Model: o.model,
-		Choices: []CompletionChoice{{Text: text, FinishReason: fin, PromptTokenIDs: prompt, TokenIDs: ids}}}
+		Choices: []CompletionChoice{{Index: index, Text: text, FinishReason: fin, StopReason: stopReason, PromptTokenIDs: prompt, TokenIDs: ids}}}
 }
 
 // roleChunk is a chat stream's first event: the assistant's role and empty content, as OpenAI sends it.
-func (o output) roleChunk(prompt []int) any {
+func (o output) roleChunk(index int, prompt []int) any {
 	empty := ""
 	if !o.returnIDs {
 		prompt = nil
 	}
 	return ChatResponse{ID: o.id, Object: "chat.completion.chunk", Created: o.created, Model: o.model, PromptTokenIDs: prompt,
-		Choices: []ChatChoice{{Delta: &ChatContent{Role: "assistant", Content: &empty}}}}
+		Choices: []ChatChoice{{Index: index, Delta: &ChatContent{Role: "assistant", Content: &empty}}}}
 }
 
 // usageChunk is the last event of a stream with stream_options.include_usage: no choices, the usage.
@@ -223,83 +267,194 @@ func (s *sseWriter) write(b []byte) error {
 	return s.rc.Flush()
 }
 
-// generate starts req and writes its response: whole, or streamed as events as the ids come. When the
-// client goes away (the request's context ends), the stream is closed, which ends the generation.
+// choiceChunk is a chunk of one choice's stream, or its failure.
+type choiceChunk struct {
+	index int
+	Chunk
+	err error
+}
+
+// startChoices starts the n generations of a request (n > 1: choice i's seed is the request's + i, as
+// vLLM seeds its child requests, or a random one when the request has none). On an error the streams
+// started are closed.
+func (g *Gateway) startChoices(ctx context.Context, req Request, n int) ([]Stream, error) {
+	streams := make([]Stream, 0, n)
+	for i := range n {
+		r := req
+		if n > 1 {
+			seed := mrand.Uint64()
+			if req.Sampling.Seed != nil {
+				seed = *req.Sampling.Seed + uint64(i)
+			}
+			r.Sampling.Seed = &seed
+		}
+		st, err := g.gen.Generate(ctx, r)
+		if err != nil {
+			for _, s := range streams {
+				s.Close()
+			}
+			return nil, err
+		}
+		streams = append(streams, st)
+	}
+	return streams, nil
+}
+
+// generate starts req's choices and writes its response: whole, or streamed as events as the ids come
+// (the choices' events interleaved, each with its index). When the client goes away (the request's
+// context ends), the streams are closed, which ends the generations.
 func (g *Gateway) generate(w http.ResponseWriter, hr *http.Request, req Request, o output) {
 	start := time.Now()
-	ctx := hr.Context()
-	st, err := g.gen.Generate(ctx, req)
+	ctx, cancel := context.WithCancel(hr.Context())
+	defer cancel()
+	streams, err := g.startChoices(ctx, req, o.n)
 	if err != nil {
 		g.fail(w, err)
 		return
 	}
-	defer st.Close()
-	prompt := st.PromptIDs()
-	var sse *sseWriter
-	if o.stream {
-		if sse, err = startSSE(w); err == nil && o.kind == kindChat {
-			err = sse.event(o.roleChunk(prompt))
+	defer func() {
+		for _, st := range streams {
+			st.Close()
 		}
-		if err != nil {
-			g.log.Debug("http stream: client gone", zap.Error(err))
+	}()
+	prompt := streams[0].PromptIDs()
+	echo := ""
+	if o.echo {
+		if echo, err = g.echoText(req, prompt); err != nil {
+			g.fail(w, err)
 			return
 		}
 	}
-	var ids []int
-	var all strings.Builder
-	first := true
-	for {
-		ch, err := st.Next(ctx)
+	if !o.stream {
+		g.whole(ctx, w, streams, prompt, echo, o, start)
+		return
+	}
+	sse, err := startSSE(w)
+	for i := range streams {
+		if err == nil && o.kind == kindChat {
+			err = sse.event(o.roleChunk(i, prompt))
+		}
+	}
+	if err != nil {
+		g.log.Debug("http stream: client gone", zap.Error(err))
+		return
+	}
+	// One goroutine per choice reads its stream; this one writes the events. They end when their
+	// stream does or ctx does (the deferred cancel, before the wait, ends them on an early return).
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel()
+	chunks := make(chan choiceChunk, len(streams))
+	for i, st := range streams {
+		wg.Go(func() {
+			for {
+				ch, err := st.Next(ctx)
+				select {
+				case chunks <- choiceChunk{i, ch, err}:
+				case <-ctx.Done():
+					return
+				}
+				if err != nil || ch.Finish != "" {
+					return
+				}
+			}
+		})
+	}
+	completion, left := 0, len(streams)
+	first := make([]bool, len(streams))
+	for i := range first {
+		first[i] = true
+	}
+	for left > 0 {
+		var c choiceChunk
+		select {
+		case c = <-chunks:
+		case <-ctx.Done():
+		}
 		if ctx.Err() != nil {
-			g.log.Debug("http request cancelled by its client", zap.Int("prompt-tokens", len(prompt)), zap.Int("sent", len(ids)))
+			g.log.Debug("http request cancelled by its client", zap.Int("prompt-tokens", len(prompt)), zap.Int("sent", completion))
 			return
 		}
-		ids = append(ids, ch.IDs...)
-		done := ch.Finish != "" && err == nil
-		if done {
-			g.log.Debug("http request done", zap.Int("prompt-tokens", len(prompt)), zap.Int("new-tokens", len(ids)),
-				zap.String("finish", ch.Finish), zap.Duration("took", time.Since(start)))
+		completion += len(c.IDs)
+		done := c.Finish != "" && c.err == nil
+		text := c.Text
+		if first[c.index] && echo != "" {
+			text = echo + text
 		}
-		if !o.stream {
-			all.WriteString(ch.Text)
-			switch {
-			case err != nil:
-				g.fail(w, err)
-				return
-			case done:
-				writeJSON(w, http.StatusOK, o.response(all.String(), ids, prompt, ch.Finish))
-				return
-			}
-			continue
-		}
-		// Skipped: a token that ends inside a character, unless its id was asked for.
-		if ch.Text != "" || done || (o.returnIDs && len(ch.IDs) > 0) {
+		// Skipped: a token that ends inside a character (or held back), unless its id was asked for.
+		if text != "" || done || (o.returnIDs && len(c.IDs) > 0) {
 			var p []int
-			if first && o.kind == kindCompletion {
+			if first[c.index] && o.kind == kindCompletion {
 				p = prompt
 			}
-			if werr := sse.event(o.chunk(ch.Text, ch.IDs, p, ch.Finish)); werr != nil {
+			if werr := sse.event(o.chunk(c.index, text, c.IDs, p, c.Finish, c.StopReason)); werr != nil {
 				g.log.Debug("http stream: client gone", zap.Error(werr))
 				return
 			}
-			first = false
+			first[c.index] = false
 		}
-		if err != nil {
+		if c.err != nil {
 			// The status is sent already: the error comes as an event, then the end (as vLLM does).
-			_, body := toHTTP(err)
-			g.log.Debug("http stream failed", zap.Error(err))
+			_, body := toHTTP(c.err)
+			g.log.Debug("http stream failed", zap.Error(c.err))
 			_ = sse.event(body)
 			_ = sse.done()
 			return
 		}
 		if done {
-			if o.usage {
-				if werr := sse.event(o.usageChunk(len(prompt), len(ids))); werr != nil {
-					return
-				}
-			}
-			_ = sse.done()
+			left--
+			g.log.Debug("http choice done", zap.Int("index", c.index), zap.Int("prompt-tokens", len(prompt)),
+				zap.String("finish", c.Finish), zap.Duration("took", time.Since(start)))
+		}
+	}
+	if o.usage {
+		if werr := sse.event(o.usageChunk(len(prompt), completion)); werr != nil {
 			return
 		}
 	}
+	_ = sse.done()
+}
+
+// whole reads every choice to its end and writes the whole response.
+func (g *Gateway) whole(ctx context.Context, w http.ResponseWriter, streams []Stream, prompt []int, echo string, o output, start time.Time) {
+	choices := make([]choice, len(streams))
+	for i, st := range streams {
+		c := &choices[i]
+		var text strings.Builder
+		text.WriteString(echo)
+		for c.finish == "" {
+			ch, err := st.Next(ctx)
+			if ctx.Err() != nil {
+				g.log.Debug("http request cancelled by its client", zap.Int("prompt-tokens", len(prompt)), zap.Int("sent", len(c.ids)))
+				return
+			}
+			c.ids = append(c.ids, ch.IDs...)
+			text.WriteString(ch.Text)
+			if err != nil {
+				g.fail(w, err)
+				return
+			}
+			c.finish, c.stopReason = ch.Finish, ch.StopReason
+		}
+		c.text = text.String()
+	}
+	g.log.Debug("http request done", zap.Int("prompt-tokens", len(prompt)), zap.Int("choices", len(choices)),
+		zap.Duration("took", time.Since(start)))
+	writeJSON(w, http.StatusOK, o.response(choices, prompt))
+}
+
+// echoText is the prompt as text, for echo: the prompt text as sent, or its ids decoded.
+func (g *Gateway) echoText(req Request, prompt []int) (string, error) {
+	if req.Prompt != "" {
+		return req.Prompt, nil
+	}
+	tok, err := g.gen.Tokenizer()
+	if err != nil {
+		return "", fmt.Errorf("echo of a prompt of token ids: %w", err)
+	}
+	text, err := tok.Decode(prompt)
+	if err != nil {
+		return "", fmt.Errorf("%w: echo: %w", ErrInvalidRequest, err)
+	}
+	return text, nil
 }

@@ -48,6 +48,8 @@ type Tokenizer interface {
 	// EncodeChat renders msgs with the model's chat template, with the assistant's header after them
 	// when addGenerationPrompt is set, and encodes the result.
 	EncodeChat(msgs []Message, addGenerationPrompt bool) ([]int, error)
+	// Decode turns ids into text, special tokens left out (echo of a prompt of ids).
+	Decode(ids []int) (string, error)
 }
 
 // Model describes the served model.
@@ -81,6 +83,11 @@ type Request struct {
 	IgnoreEOS bool
 	// StopIDs end the generation too, besides the eos ids.
 	StopIDs []int
+	// Stop strings end the generation too, matched on the decoded text as vLLM matches them: the text
+	// ends before the stop string (after it with IncludeStopStr) and the finish is FinishStop. A stream
+	// holds back text that could still become a stop string. They need the model's tokenizer.
+	Stop           []string
+	IncludeStopStr bool
 }
 
 // Sampling is a request's sampling parameters; nil fields take the model's defaults
@@ -101,11 +108,13 @@ type Chunk struct {
 	Text string
 	// Finish is set on the last chunk: FinishStop or FinishLength.
 	Finish string
+	// StopReason is the stop string that ended the generation, on the last chunk.
+	StopReason string
 }
 
 // Finish reasons.
 const (
-	FinishStop   = "stop"   // an eos or stop id was chosen (it is the last id)
+	FinishStop   = "stop"   // an eos or stop id was chosen (it is the last id), or a stop string completed
 	FinishLength = "length" // max_tokens ids were chosen
 )
 

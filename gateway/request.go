@@ -16,34 +16,46 @@ import (
 // and vLLM's extensions (top_k, stop_token_ids, ignore_eos, return_token_ids). A field left out takes
 // the model's default (the Generator's); max_tokens left out is the rest of the context.
 type samplingFields struct {
-	MaxTokens      *int64   `json:"max_tokens"`
-	Temperature    *float64 `json:"temperature"`
-	TopP           *float64 `json:"top_p"`
-	TopK           *int64   `json:"top_k"` // vLLM: -1 or 0 is off
-	Seed           *int64   `json:"seed"`
-	StopTokenIDs   []int64  `json:"stop_token_ids"`
-	IgnoreEOS      bool     `json:"ignore_eos"`
-	ReturnTokenIDs bool     `json:"return_token_ids"` // vLLM: token_ids (and prompt_token_ids) in the response
-	Stream         bool     `json:"stream"`
+	MaxTokens    *int64   `json:"max_tokens"`
+	Temperature  *float64 `json:"temperature"`
+	TopP         *float64 `json:"top_p"`
+	TopK         *int64   `json:"top_k"` // vLLM: -1 or 0 is off
+	Seed         *int64   `json:"seed"`
+	StopTokenIDs []int64  `json:"stop_token_ids"`
+	// Stop is a string or an array of up to maxStops strings; include_stop_str_in_output is vLLM's.
+	Stop           json.RawMessage `json:"stop"`
+	IncludeStopStr bool            `json:"include_stop_str_in_output"`
+	ResponseFormat json.RawMessage `json:"response_format"`
+	IgnoreEOS      bool            `json:"ignore_eos"`
+	ReturnTokenIDs bool            `json:"return_token_ids"` // vLLM: token_ids (and prompt_token_ids) in the response
+	Stream         bool            `json:"stream"`
 	StreamOptions  *struct {
 		IncludeUsage bool `json:"include_usage"`
 	} `json:"stream_options"`
 
 	// OpenAI fields this gateway does not implement: refused unless left at their defaults.
-	N                *int64          `json:"n"`
-	Stop             json.RawMessage `json:"stop"`
-	Logprobs         json.RawMessage `json:"logprobs"`
-	PresencePenalty  *float64        `json:"presence_penalty"`
-	FrequencyPenalty *float64        `json:"frequency_penalty"`
+	N                 *int64          `json:"n"`
+	Logprobs          json.RawMessage `json:"logprobs"`
+	PresencePenalty   *float64        `json:"presence_penalty"`
+	MinTokens         *int64          `json:"min_tokens"`
+	RepetitionPenalty *float64        `json:"repetition_penalty"`
+	LogitBias         json.RawMessage `json:"logit_bias"`
+	FrequencyPenalty  *float64        `json:"frequency_penalty"`
 }
 
 // unsupported reports an OpenAI field set to what the gateway cannot do.
 func (s *samplingFields) unsupported() error {
 	switch {
-	case s.N != nil && *s.N != 1:
-		return invalid("n %d: only one choice per request is supported", *s.N)
-	case !isEmptyJSON(s.Stop, `""`, "[]"):
-		return invalid("stop strings are not supported; use stop_token_ids")
+	case s.N != nil && (*s.N < 1 || *s.N > maxChoices):
+		return invalid("n %d must be in [1, %d]", *s.N, maxChoices)
+	case s.MinTokens != nil && *s.MinTokens != 0:
+		return invalid("min_tokens is not supported")
+	case s.RepetitionPenalty != nil && *s.RepetitionPenalty != 1:
+		return invalid("repetition_penalty is not supported")
+	case !isEmptyJSON(s.LogitBias, "{}"):
+		return invalid("logit_bias is not supported")
+	case !isEmptyJSON(s.ResponseFormat, `{"type":"text"}`) && !isTextFormat(s.ResponseFormat):
+		return invalid("response_format %s is not supported: only {\"type\": \"text\"}", bytes.TrimSpace(s.ResponseFormat))
 	case !isEmptyJSON(s.Logprobs, "false", "0"):
 		return invalid("logprobs are not supported")
 	case s.PresencePenalty != nil && *s.PresencePenalty != 0:
@@ -52,6 +64,50 @@ func (s *samplingFields) unsupported() error {
 		return invalid("frequency_penalty is not supported")
 	}
 	return nil
+}
+
+// maxChoices bounds n, the choices of one request.
+const maxChoices = 128
+
+// maxStops is how many stop strings a request may give, as OpenAI allows.
+const maxStops = 4
+
+// stops reads the stop field: absent, null, a string ("" is none) or an array of up to maxStops
+// non-empty strings.
+func (s *samplingFields) stops() ([]string, error) {
+	raw := bytes.TrimSpace(s.Stop)
+	if len(raw) == 0 || string(raw) == "null" {
+		return nil, nil
+	}
+	var one string
+	if json.Unmarshal(raw, &one) == nil {
+		if one == "" {
+			return nil, nil
+		}
+		return []string{one}, nil
+	}
+	var list []string
+	if err := json.Unmarshal(raw, &list); err != nil {
+		return nil, invalid("stop must be a string or an array of strings")
+	}
+	if len(list) > maxStops {
+		return nil, invalid("stop: %d strings; at most %d are allowed", len(list), maxStops)
+	}
+	for i, str := range list {
+		if str == "" {
+			return nil, invalid("stop[%d] is empty", i)
+		}
+	}
+	return list, nil
+}
+
+// isTextFormat reports whether raw is response_format {"type": "text"}, however spaced.
+func isTextFormat(raw json.RawMessage) bool {
+	var f map[string]json.RawMessage
+	if json.Unmarshal(raw, &f) != nil || len(f) != 1 {
+		return false
+	}
+	return string(bytes.TrimSpace(f["type"])) == `"text"`
 }
 
 // isEmptyJSON reports whether raw is absent, null or one of the given empty values.
@@ -93,6 +149,11 @@ func (s *samplingFields) fill(req *Request, m Model, maxTokens *int64, n int) er
 	}
 	req.IgnoreEOS = s.IgnoreEOS
 	req.StopIDs = ints(s.StopTokenIDs)
+	var err error
+	if req.Stop, err = s.stops(); err != nil {
+		return err
+	}
+	req.IncludeStopStr = s.IncludeStopStr
 	return nil
 }
 
@@ -161,8 +222,6 @@ func (b *completionRequest) request(g *Gateway) (Request, error) {
 		return Request{}, err
 	}
 	switch {
-	case b.Echo:
-		return Request{}, invalid("echo is not supported")
 	case b.BestOf != nil && *b.BestOf != 1:
 		return Request{}, invalid("best_of %d: only one choice per request is supported", *b.BestOf)
 	case b.Suffix != nil && *b.Suffix != "":

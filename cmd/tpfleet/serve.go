@@ -37,6 +37,9 @@ type serveFlags struct {
 	maxBatch    int
 	tokenBudget int
 	logLevel    string
+	// vLLM's serve flags.
+	host, apiKey, servedName, origins string
+	port, maxModelLen                 int
 }
 
 // runServe is the one-machine deployment: an embedded etcd, a coordinator and --workers local workers,
@@ -47,13 +50,24 @@ type serveFlags struct {
 // it sees, rounded down to a multiple of --tp; their TP groups build NCCL communicators through the
 // embedded etcd.
 //
-//	tpfleet serve --model DIR [--tp N] [--device cpu|cuda] [--listen ADDR] [--http-listen ADDR] [--workers N]
+// As vllm serve, the model may come first as an argument, and --tensor-parallel-size, --host, --port,
+// --api-key, --served-model-name, --max-model-len and --allowed-origins work as vLLM's.
+//
+//	tpfleet serve MODEL [--tensor-parallel-size N] [--host H] [--port P] [--device cpu|cuda] [--listen ADDR] [--workers N]
+//	tpfleet serve --model DIR [--tp N] [--http-listen ADDR] ...
 func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var f serveFlags
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.StringVar(&f.model, "model", "", "checkpoint directory (config.json and *.safetensors)")
 	fs.IntVar(&f.tp, "tp", 1, "tensor-parallel size: workers per group")
+	fs.IntVar(&f.tp, "tensor-parallel-size", 1, "same as --tp (vLLM's name)")
+	fs.StringVar(&f.host, "host", "", "host of the HTTP gateway, replacing --http-listen's (vLLM's flag)")
+	fs.IntVar(&f.port, "port", 0, "port of the HTTP gateway, replacing --http-listen's (vLLM's flag; 0: keep it)")
+	fs.StringVar(&f.apiKey, "api-key", "", "bearer token the HTTP gateway's /v1 routes require (empty: none)")
+	fs.StringVar(&f.servedName, "served-model-name", "", "the model's name in the APIs (empty: the checkpoint directory's name)")
+	fs.IntVar(&f.maxModelLen, "max-model-len", 0, "context of a request, prompt and new tokens (0: max_position_embeddings)")
+	fs.StringVar(&f.origins, "allowed-origins", "", `comma-separated origins the HTTP gateway's CORS allows ("*": any; empty: no CORS)`)
 	fs.IntVar(&f.workers, "workers", 0, "local workers; a multiple of --tp gives several replicas (0: --tp on cpu; on cuda the visible GPUs, rounded down to a multiple of --tp)")
 	fs.IntVar(&f.workers, "nproc-per-node", 0, "same as --workers (torchrun's name: one worker per GPU)")
 	fs.StringVar(&f.device, "device", worker.DeviceCPU, "where the workers run: "+deviceChoices()+" (cpu: in this process; a GPU backend: one worker process per GPU)")
@@ -67,12 +81,23 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&f.maxBatch, "max-batch", 0, "sequences per step (0: 32)")
 	fs.IntVar(&f.tokenBudget, "token-budget", 0, "tokens per step: decodes plus prompt pieces (0: 512)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level on stderr: debug, info, warn, error")
-	if err := fs.Parse(args); err != nil {
+	if err := parseInterspersed(fs, args, &f.model); err != nil {
 		return err
 	}
+	if f.host != "" || f.port != 0 {
+		host, port, err := net.SplitHostPort(f.httpListen)
+		if err != nil {
+			return usagef("--http-listen %q: %v", f.httpListen, err)
+		}
+		if f.host != "" {
+			host = f.host
+		}
+		if f.port != 0 {
+			port = strconv.Itoa(f.port)
+		}
+		f.httpListen = net.JoinHostPort(host, port)
+	}
 	switch {
-	case fs.NArg() > 0:
-		return usagef("unexpected argument %q", fs.Arg(0))
 	case f.model == "":
 		return usagef("--model is required")
 	case f.tp < 1:
@@ -121,6 +146,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 
 	c, err := coordinator.New(coordinator.Config{
 		ListenAddr: f.listen, HTTPAddr: f.httpListen, Model: f.model, TP: f.tp, Plan: f.plan,
+		HTTPAPIKey: f.apiKey, HTTPAllowedOrigins: splitList(f.origins), ServedModelName: f.servedName, MaxModelLen: f.maxModelLen,
 		MaxQueue: f.maxQueue, MaxBatch: f.maxBatch, TokenBudget: f.tokenBudget,
 		Etcd: etcd, Logger: log.Named("coordinator"),
 	})
@@ -302,4 +328,21 @@ func (p *serveProcs) stop() {
 	}
 	p.cancel()
 	<-p.done
+}
+
+// parseInterspersed parses args with fs, taking one positional argument, wherever it comes (vllm serve
+// MODEL --flags), into *pos; a second one, or one beside a set *pos, is a usage error.
+func parseInterspersed(fs *flag.FlagSet, args []string, pos *string) error {
+	for {
+		if err := fs.Parse(args); err != nil {
+			return err
+		}
+		if fs.NArg() == 0 {
+			return nil
+		}
+		if *pos != "" {
+			return usagef("unexpected argument %q", fs.Arg(0))
+		}
+		*pos, args = fs.Arg(0), fs.Args()[1:]
+	}
 }

@@ -2,7 +2,11 @@ package main
 
 import (
 	"context"
+	"io"
+	"net"
+	"net/http"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -62,6 +66,8 @@ func TestServeFlags(t *testing.T) {
 		want string
 	}{
 		{[]string{"serve"}, 2, "--model is required"},
+		{[]string{"serve", model, "other"}, 2, `unexpected argument "other"`},
+		{[]string{"serve", model, "--max-model-len", "100000", "--listen", "127.0.0.1:0"}, 1, "max model len 100000 must be in [1, 256]"},
 		{[]string{"serve", "--model", model, "--tp", "2", "--workers", "1"}, 2, "fewer than --tp"},
 		{[]string{"serve", "--model", model, "--device", "tpu"}, 2, "want cpu or cuda"},
 		{[]string{"serve", "--model", model, "--tp", "3", "--listen", "127.0.0.1:0"}, 1, "TP 3"},
@@ -70,5 +76,61 @@ func TestServeFlags(t *testing.T) {
 		if code != tc.code || !strings.Contains(stderr, tc.want) {
 			t.Errorf("tpfleet %s = exit %d, %q; want %d with %q", strings.Join(tc.args, " "), code, stderr, tc.code, tc.want)
 		}
+	}
+}
+
+// TestServeVLLMFlags: `tpfleet serve MODEL --tensor-parallel-size 2 --host H --port P` as vllm serve
+// takes it; --served-model-name names the model, --max-model-len bounds its context, --api-key guards
+// /v1 and --allowed-origins answers CORS.
+func TestServeVLLMFlags(t *testing.T) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := strconv.Itoa(lis.Addr().(*net.TCPAddr).Port)
+	lis.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	addr, code, stderr := startServe(t, ctx, filepath.Join(fixtures, "moe-top1"), "--tensor-parallel-size", "2", "--host", "127.0.0.1", "--port", port,
+		"--served-model-name", "tiny", "--max-model-len", "64", "--api-key", "k3y", "--allowed-origins", "http://a.example",
+		"--listen", "127.0.0.1:0", "--log-level", "warn")
+	waitCoordinator(t, addr)
+	base := "http://127.0.0.1:" + port
+	get := func(path, key, origin string) (int, http.Header, string) {
+		req, _ := http.NewRequest(http.MethodGet, base+path, nil)
+		if key != "" {
+			req.Header.Set("Authorization", "Bearer "+key)
+		}
+		if origin != "" {
+			req.Header.Set("Origin", origin)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatalf("GET %s: %v", path, err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, resp.Header, string(body)
+	}
+	if c, _, body := get("/v1/models", "k3y", ""); c != 200 || !strings.Contains(body, `"id":"tiny"`) || !strings.Contains(body, `"max_model_len":64`) {
+		t.Errorf("GET /v1/models = %d %s; want the model tiny with max_model_len 64", c, body)
+	}
+	if c, _, body := get("/v1/models", "wrong", ""); c != 401 {
+		t.Errorf("GET /v1/models with a wrong key = %d %s; want 401", c, body)
+	}
+	if c, h, _ := get("/health", "", "http://a.example"); c != 200 || h.Get("Access-Control-Allow-Origin") != "http://a.example" {
+		t.Errorf("GET /health from an allowed origin = %d, Access-Control-Allow-Origin %q; want 200, the origin", c, h.Get("Access-Control-Allow-Origin"))
+	}
+	if _, h, _ := get("/health", "", "http://b.example"); h.Get("Access-Control-Allow-Origin") != "" {
+		t.Errorf("GET /health from another origin: Access-Control-Allow-Origin %q, want none", h.Get("Access-Control-Allow-Origin"))
+	}
+	cancel()
+	select {
+	case c := <-code:
+		if c != 0 {
+			t.Errorf("serve exited %d, want 0:\n%s", c, stderr)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("serve did not stop within 30s")
 	}
 }

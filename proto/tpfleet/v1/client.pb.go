@@ -35,9 +35,15 @@ type GenerateRequest struct {
 	// ignore_eos keeps generating past the checkpoint's eos ids.
 	IgnoreEos bool `protobuf:"varint,6,opt,name=ignore_eos,json=ignoreEos,proto3" json:"ignore_eos,omitempty"`
 	// stop_ids end generation too, besides the eos ids.
-	StopIds       []int32 `protobuf:"varint,7,rep,packed,name=stop_ids,json=stopIds,proto3" json:"stop_ids,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	StopIds []int32 `protobuf:"varint,7,rep,packed,name=stop_ids,json=stopIds,proto3" json:"stop_ids,omitempty"`
+	// stop strings end generation too, as vLLM matches them: on the decoded text (special tokens left
+	// out), across token boundaries. The text is cut before the stop string (after it with
+	// include_stop_str_in_output) and finish_reason is "stop"; text that could still become a stop string
+	// is held back from the stream until it cannot. Needs the model's tokenizer; strings must not be empty.
+	Stop                   []string `protobuf:"bytes,8,rep,name=stop,proto3" json:"stop,omitempty"`
+	IncludeStopStrInOutput bool     `protobuf:"varint,9,opt,name=include_stop_str_in_output,json=includeStopStrInOutput,proto3" json:"include_stop_str_in_output,omitempty"`
+	unknownFields          protoimpl.UnknownFields
+	sizeCache              protoimpl.SizeCache
 }
 
 func (x *GenerateRequest) Reset() {
@@ -119,18 +125,35 @@ func (x *GenerateRequest) GetStopIds() []int32 {
 	return nil
 }
 
+func (x *GenerateRequest) GetStop() []string {
+	if x != nil {
+		return x.Stop
+	}
+	return nil
+}
+
+func (x *GenerateRequest) GetIncludeStopStrInOutput() bool {
+	if x != nil {
+		return x.IncludeStopStrInOutput
+	}
+	return false
+}
+
 type GenerateResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// ids are the tokens chosen since the previous message (usually one).
 	Ids []int32 `protobuf:"varint,1,rep,packed,name=ids,proto3" json:"ids,omitempty"`
 	// text is the decoded text of ids when the model has a tokenizer.
 	Text string `protobuf:"bytes,2,opt,name=text,proto3" json:"text,omitempty"`
-	// finish_reason is set on the last message: "stop" (an eos or stop id, included in ids) or "length".
+	// finish_reason is set on the last message: "stop" (an eos or stop id, included in ids, or a stop
+	// string: ids end with the token that completed it) or "length".
 	FinishReason     string `protobuf:"bytes,3,opt,name=finish_reason,json=finishReason,proto3" json:"finish_reason,omitempty"`
 	PromptTokens     int32  `protobuf:"varint,4,opt,name=prompt_tokens,json=promptTokens,proto3" json:"prompt_tokens,omitempty"`
 	CompletionTokens int32  `protobuf:"varint,5,opt,name=completion_tokens,json=completionTokens,proto3" json:"completion_tokens,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// stop_reason is the stop string that ended the generation (on the last message only).
+	StopReason    string `protobuf:"bytes,6,opt,name=stop_reason,json=stopReason,proto3" json:"stop_reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GenerateResponse) Reset() {
@@ -196,6 +219,13 @@ func (x *GenerateResponse) GetCompletionTokens() int32 {
 		return x.CompletionTokens
 	}
 	return 0
+}
+
+func (x *GenerateResponse) GetStopReason() string {
+	if x != nil {
+		return x.StopReason
+	}
+	return ""
 }
 
 type TokenizeRequest struct {
@@ -464,7 +494,7 @@ var File_tpfleet_v1_client_proto protoreflect.FileDescriptor
 const file_tpfleet_v1_client_proto_rawDesc = "" +
 	"\n" +
 	"\x17tpfleet/v1/client.proto\x12\n" +
-	"tpfleet.v1\x1a\x17tpfleet/v1/common.proto\"\xef\x01\n" +
+	"tpfleet.v1\x1a\x17tpfleet/v1/common.proto\"\xbf\x02\n" +
 	"\x0fGenerateRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x1d\n" +
 	"\n" +
@@ -475,13 +505,17 @@ const file_tpfleet_v1_client_proto_rawDesc = "" +
 	"\bsampling\x18\x05 \x01(\v2\x1a.tpfleet.v1.SamplingParamsR\bsampling\x12\x1d\n" +
 	"\n" +
 	"ignore_eos\x18\x06 \x01(\bR\tignoreEos\x12\x19\n" +
-	"\bstop_ids\x18\a \x03(\x05R\astopIds\"\xaf\x01\n" +
+	"\bstop_ids\x18\a \x03(\x05R\astopIds\x12\x12\n" +
+	"\x04stop\x18\b \x03(\tR\x04stop\x12:\n" +
+	"\x1ainclude_stop_str_in_output\x18\t \x01(\bR\x16includeStopStrInOutput\"\xd0\x01\n" +
 	"\x10GenerateResponse\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\x05R\x03ids\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\tR\x04text\x12#\n" +
 	"\rfinish_reason\x18\x03 \x01(\tR\ffinishReason\x12#\n" +
 	"\rprompt_tokens\x18\x04 \x01(\x05R\fpromptTokens\x12+\n" +
-	"\x11completion_tokens\x18\x05 \x01(\x05R\x10completionTokens\"\\\n" +
+	"\x11completion_tokens\x18\x05 \x01(\x05R\x10completionTokens\x12\x1f\n" +
+	"\vstop_reason\x18\x06 \x01(\tR\n" +
+	"stopReason\"\\\n" +
 	"\x0fTokenizeRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\tR\x04text\x12\x1f\n" +
