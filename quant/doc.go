@@ -32,7 +32,7 @@
 // (scripts/fixtures/make_quant_fixtures.py, TestQuantGoldens) agree to 1e-4.
 //
 //   - compressed-tensors FP8 checkpoints (CompressedTensorsFP8, RoundBF16): transformers 5.17 decompresses
-//     W_bf16 = (W_fp8.to(float32) * weight_scale.to(float32)).to(bfloat16) (spec §3.4), so Dequantize
+//     W_bf16 = (W_fp8.to(float32) * scale.to(float32)).to(bfloat16) (spec §3.4), so Dequantize
 //     rounds each q·scale to bf16; the scales are read in the checkpoint's dtype (usually bf16) and widened
 //     exactly to float32.
 //   - fp8 rowwise of a bf16 checkpoint (--quantization fp8, FbgemmFp8, spec §3.5): scale = max|row|/448 in

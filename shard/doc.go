@@ -56,7 +56,7 @@
 //
 // A View (NewView) presents a checkpoint as the model declares it whatever its storage form: a
 // compressed-tensors FP8 checkpoint (quantization_config, spec §3.4; package quant parses it) stores routed
-// experts per expert as nn.Linear weights in F8_E4M3 with a "weight_scale" per output row; the View shows them
+// experts per expert as nn.Linear weights in F8_E4M3 with a scale tensor per output row; the View shows them
 // stacked under their declared names with dtype F8_E4M3 and answers ReadScales for exactly the rows a rank
 // reads, so every plan and split works unchanged. Manifests count stored bytes (F8_E4M3: a byte an element,
 // scales aside). Formats chosen at load (--quantization fp8|int4) are not shard's business: the rank reads

@@ -40,7 +40,7 @@ type benchResult struct {
 	Vocab       int    `json:"vocab"`
 	WeightBytes int64  `json:"weight_bytes_bf16"`
 	// Format is the quantisable weights' format (--quantization; quant.Format.String), and MemoryBytes the
-	// weights' bytes in it (lm_head, embedding, router and norms in bf16).
+	// weights' bytes in it (lm_head, embedding, routing weight and norms in bf16).
 	Format       string  `json:"format"`
 	MemoryBytes  int64   `json:"weight_bytes"`
 	PromptTokens int     `json:"prompt_tokens"`
@@ -197,7 +197,7 @@ func (c specCatalog) Info(name string) (safetensors.TensorInfo, error) {
 // stepBytes is the weight bytes a decode step of batch sequences reads: every tensor, except the routed
 // experts (at most batch·top-k of E per MoE layer) and the embedding table (one row a sequence), each in
 // the format it is held in: the quantisable ones in f (fp8: a byte an element plus float32 scales; int4:
-// half a byte plus bf16 scales, quant.Format.Bytes), the others (lm_head, embedding, router, norms) bf16.
+// half a byte plus bf16 scales, quant.Format.Bytes), the others (lm_head, embedding, routing weight, norms) bf16.
 // Scales are counted for whole tensors (TP = 1).
 func stepBytes(cfg llama4.Config, batch int, f quant.Format) int64 {
 	var total int64
