@@ -112,12 +112,22 @@ type QuantizedLoader interface {
 	LoadQuantized(w quant.Weight) (Tensor, error)
 }
 
-// LoadQuantized loads w into ops through its QuantizedLoader; a backend without the capability gives an
-// error wrapping errors.ErrUnsupported that names the backend and the format.
+// LoadQuantized loads w into ops through its QuantizedLoader; a backend without the capability gives
+// CheckQuantized's error.
 func LoadQuantized(ops Ops, w quant.Weight) (Tensor, error) {
 	q, ok := ops.(QuantizedLoader)
 	if !ok {
-		return nil, fmt.Errorf("backend %s: %s weights: %w (this backend holds bf16 weights only)", ops.Name(), w.Format, errors.ErrUnsupported)
+		return nil, CheckQuantized(ops, w.Format)
 	}
 	return q.LoadQuantized(w)
+}
+
+// CheckQuantized reports, before anything is loaded, whether ops can hold weights of format f: nil for
+// bf16 or a QuantizedLoader, else one line wrapping errors.ErrUnsupported that names the backend and the
+// format.
+func CheckQuantized(ops Ops, f quant.Format) error {
+	if _, ok := ops.(QuantizedLoader); ok || !f.Quantized() {
+		return nil
+	}
+	return fmt.Errorf("backend %s: %s weights: %w (this backend holds bf16 weights only)", ops.Name(), f, errors.ErrUnsupported)
 }

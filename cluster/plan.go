@@ -24,6 +24,11 @@ type Plan struct {
 	TP int `json:"tp"`
 	// PlanName names the tp_plan: "tp", "ep" or the name in a plan file.
 	PlanName string `json:"plan_name"`
+	// Quantization is how every rank holds the quantisable weights of a bf16 checkpoint, so that the ranks
+	// of a group agree: "" (as stored), "fp8" or "int4" (quant.ParseFormat's names). QuantizationGroup is
+	// int4's input columns per scale (0 otherwise). A pre-quantised checkpoint needs neither.
+	Quantization      string `json:"quantization,omitempty"`
+	QuantizationGroup int    `json:"quantization_group,omitempty"`
 	// Groups are the TP groups (replicas of the model). It may be empty: a plan that places nothing.
 	Groups []Group `json:"groups"`
 	// Created is when the plan was made; PutPlan sets it to the current time when zero.
@@ -174,7 +179,8 @@ func (c *Client) putPlan(ctx context.Context, p Plan, prevEpoch int64, guard *pl
 		return fmt.Errorf("%w: put plan %d: stored epoch is %d, want %d", ErrConflict, p.Epoch, stored, prevEpoch)
 	}
 	c.lg.Info("plan stored", zap.Int64("epoch", p.Epoch), zap.Int("tp", p.TP), zap.Int("groups", len(p.Groups)),
-		zap.String("model", p.Model), zap.String("plan-name", p.PlanName))
+		zap.String("model", p.Model), zap.String("plan-name", p.PlanName),
+		zap.String("quantization", p.Quantization))
 	return nil
 }
 

@@ -1,6 +1,7 @@
 package coordinator
 
 import (
+	"cmp"
 	"flag"
 	"fmt"
 	"net"
@@ -12,6 +13,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tpfleet/tpfleet/cluster"
+	"github.com/tpfleet/tpfleet/quant"
 )
 
 // Defaults of Config. A zero field means its default.
@@ -90,6 +92,14 @@ type Config struct {
 	// Plan is the tp_plan: "tp", "ep" or the path of a plan file in HF's format (readable by every
 	// worker). Empty means DefaultPlan.
 	Plan string `json:"plan"`
+	// Quantization is how the workers hold the quantisable weights of a bf16 checkpoint, quantised at load
+	// from each rank's own slices: "" (as stored), "fp8" (rowwise, FbgemmFp8 semantics) or "int4"
+	// (group-wise, QuantizationGroup input columns a scale); "none" and "bf16" mean "". It is written into
+	// the plan (cluster.Plan.Quantization), so every rank of a group holds the same format. Pre-quantised
+	// (FP8) checkpoints need none.
+	Quantization string `json:"quantization"`
+	// QuantizationGroup is int4's input columns per scale. Zero means quant.DefaultGroupSize.
+	QuantizationGroup int `json:"quantization-group"`
 	// MaxQueue bounds the requests waiting to join a batch (requests already in a batch do not count).
 	// Zero means DefaultMaxQueue.
 	MaxQueue int `json:"max-queue"`
@@ -141,6 +151,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: config: no model directory", ErrInvalidConfig)
 	case c.TP < 0:
 		return fmt.Errorf("%w: config: TP %d, want >= 1", ErrInvalidConfig, c.TP)
+	case c.QuantizationGroup < 0:
+		return fmt.Errorf("%w: config: quantization group %d, want >= 1", ErrInvalidConfig, c.QuantizationGroup)
 	case c.MaxQueue < 0:
 		return fmt.Errorf("%w: config: max queue %d, want >= 1", ErrInvalidConfig, c.MaxQueue)
 	case c.MaxBatch < 0:
@@ -173,6 +185,9 @@ func (c Config) Validate() error {
 	if err := c.Etcd.Validate(); err != nil {
 		return fmt.Errorf("%w: %w", ErrInvalidConfig, err)
 	}
+	if _, err := quant.ParseFormat(c.Quantization, cmp.Or(c.QuantizationGroup, quant.DefaultGroupSize)); err != nil {
+		return fmt.Errorf("%w: config: %w", ErrInvalidConfig, err)
+	}
 	return nil
 }
 
@@ -193,6 +208,10 @@ func (c Config) withDefaults() Config {
 	}
 	if c.Plan == "" {
 		c.Plan = DefaultPlan
+	}
+	// The plan carries the canonical form: "" for none, the group only for int4 (Validate checked it).
+	if f, err := quant.ParseFormat(c.Quantization, cmp.Or(c.QuantizationGroup, quant.DefaultGroupSize)); err == nil {
+		c.Quantization, c.QuantizationGroup = string(f.Kind), f.GroupSize
 	}
 	if c.MaxQueue == 0 {
 		c.MaxQueue = DefaultMaxQueue
@@ -251,6 +270,8 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.Model, "model", c.Model, "checkpoint directory, the same path on every worker's host")
 	fs.IntVar(&c.TP, "tp", c.TP, "tensor-parallel size: workers per group (0: 1)")
 	fs.StringVar(&c.Plan, "plan", c.Plan, `tp_plan: "tp", "ep" or a plan file in HF's format (empty: tp)`)
+	fs.StringVar(&c.Quantization, "quantization", c.Quantization, "quantise the checkpoint's linear and expert weights at load on every worker (written into the plan): none, fp8 (rowwise, dynamic per-token activations) or int4 (weight-only, group-wise); lm_head and the routing weights stay bf16")
+	fs.IntVar(&c.QuantizationGroup, "quantization-group", c.QuantizationGroup, "int4: input columns per scale (0: 128)")
 	fs.IntVar(&c.MaxQueue, "max-queue", c.MaxQueue, "requests that may wait for a place in a batch; more are refused (0: 256)")
 	fs.IntVar(&c.MaxBatch, "max-batch", c.MaxBatch, "sequences per step of a group (0: 32)")
 	fs.IntVar(&c.TokenBudget, "token-budget", c.TokenBudget, "tokens per step of a group: decodes plus prompt pieces (0: 512)")

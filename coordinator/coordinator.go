@@ -104,6 +104,9 @@ func New(cfg Config) (*Coordinator, error) {
 	if err := checkTP(m, cfg.Plan, cfg.TP); err != nil {
 		return nil, err
 	}
+	if cfg.Quantization != "" && m.config.Info().Quantization != "" {
+		return nil, fmt.Errorf("%w: --quantization %s: %s is pre-quantised (config.json has a quantization_config); leave --quantization empty", ErrInvalidConfig, cfg.Quantization, m.dir)
+	}
 	if cfg.Etcd.Logger == nil {
 		cfg.Etcd.Logger = cfg.Logger
 	}
@@ -172,6 +175,8 @@ func (c *Coordinator) Start(ctx context.Context) error {
 		zap.Bool("tokenizer", c.model.tok != nil),
 		zap.Int("tp", c.cfg.TP),
 		zap.String("plan", c.cfg.Plan),
+		zap.String("quantization", c.cfg.Quantization),
+		zap.Int("quantization-group", c.cfg.QuantizationGroup),
 		zap.Int("max-queue", c.cfg.MaxQueue),
 		zap.Int("max-batch", c.cfg.MaxBatch),
 		zap.Int("token-budget", c.cfg.TokenBudget),
@@ -354,6 +359,11 @@ func (c *Coordinator) setEtcdLost(lost bool) {
 	c.mu.Lock()
 	c.etcdLost = lost
 	c.mu.Unlock()
+}
+
+// spec is what the leader places now: the model, the current TP size, the tp_plan and the quantisation.
+func (c *Coordinator) spec() spec {
+	return spec{model: c.model.dir, tp: c.currentTP(), planName: c.cfg.Plan, quantization: c.cfg.Quantization, group: c.cfg.QuantizationGroup}
 }
 
 func (c *Coordinator) currentTP() int {
@@ -603,7 +613,7 @@ func (ld *leader) ride() (*cluster.Leadership, error) {
 // as it is (no new epoch: workers keep their shards), otherwise the next epoch is written.
 func (ld *leader) reconcile() error {
 	for range 5 {
-		s := spec{model: ld.c.model.dir, tp: ld.c.currentTP(), planName: ld.c.cfg.Plan}
+		s := ld.c.spec()
 		var keep *cluster.Plan
 		if ld.plan.Epoch > 0 {
 			keep = &ld.plan
@@ -636,7 +646,7 @@ func (ld *leader) reconcile() error {
 // next epoch: workers of a failed epoch start over with it, keeping their weights.
 func (ld *leader) replace() error {
 	for range 5 {
-		s := spec{model: ld.c.model.dir, tp: ld.c.currentTP(), planName: ld.c.cfg.Plan}
+		s := ld.c.spec()
 		var keep *cluster.Plan
 		if ld.plan.Epoch > 0 {
 			keep = &ld.plan
@@ -680,7 +690,7 @@ func (ld *leader) rebalance(tp int) (int64, error) {
 		ld.c.tp = tp
 		ld.c.mu.Unlock()
 	}
-	s := spec{model: ld.c.model.dir, tp: ld.c.currentTP(), planName: ld.c.cfg.Plan}
+	s := ld.c.spec()
 	for range 5 {
 		err := ld.put(place(ld.live(), s, nil))
 		if errors.Is(err, cluster.ErrConflict) {

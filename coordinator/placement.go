@@ -7,16 +7,22 @@ import (
 	"github.com/tpfleet/tpfleet/cluster"
 )
 
-// spec is what a plan places: the model (checkpoint directory), the TP size and the tp_plan's name.
+// spec is what a plan places: the model (checkpoint directory), the TP size, the tp_plan's name and the
+// weights' quantisation.
 type spec struct {
-	model    string
-	tp       int
-	planName string
+	model        string
+	tp           int
+	planName     string
+	quantization string
+	group        int
 }
 
-func (s spec) of(p cluster.Plan) bool {
-	return p.Model == s.model && p.TP == s.tp && p.PlanName == s.planName
+// specOf is the spec of plan p.
+func specOf(p cluster.Plan) spec {
+	return spec{model: p.Model, tp: p.TP, planName: p.PlanName, quantization: p.Quantization, group: p.QuantizationGroup}
 }
+
+func (s spec) of(p cluster.Plan) bool { return specOf(p) == s }
 
 // place computes the groups of a plan for members under s. When keep is a plan of the same spec, its
 // groups whose members are all still registered at the same addresses stay as they are (same group ID,
@@ -24,7 +30,8 @@ func (s spec) of(p cluster.Plan) bool {
 // groups of s.tp consecutive members, numbered with the lowest free group IDs; fewer than s.tp left over
 // stay idle. The result has Epoch 0: the caller numbers it.
 func place(members []cluster.Member, s spec, keep *cluster.Plan) cluster.Plan {
-	p := cluster.Plan{Model: s.model, TP: s.tp, PlanName: s.planName, Groups: []cluster.Group{}}
+	p := cluster.Plan{Model: s.model, TP: s.tp, PlanName: s.planName, Quantization: s.quantization,
+		QuantizationGroup: s.group, Groups: []cluster.Group{}}
 	if s.tp < 1 {
 		return p
 	}
@@ -83,7 +90,7 @@ func groupAlive(g cluster.Group, byID map[string]cluster.Member) bool {
 
 // samePlacement reports whether two plans place the same model the same way, epochs aside.
 func samePlacement(a, b cluster.Plan) bool {
-	if a.Model != b.Model || a.TP != b.TP || a.PlanName != b.PlanName || len(a.Groups) != len(b.Groups) {
+	if specOf(a) != specOf(b) || len(a.Groups) != len(b.Groups) {
 		return false
 	}
 	for i := range a.Groups {

@@ -62,15 +62,16 @@ var placeTests = []struct {
 	{"one group", members("a", "b"), tp2, "", "0:a,b"},
 	{"sorted by id", members("b", "a"), tp2, "", "0:a,b"},
 	{"replicas and an idle member", members("e", "d", "c", "b", "a"), tp2, "", "0:a,b 1:c,d"},
-	{"tp 1: one group each", members("a", "b", "c"), spec{"/m", 1, "tp"}, "", "0:a 1:b 2:c"},
-	{"tp 4", members("a", "b", "c", "d", "e", "f", "g", "h"), spec{"/m", 4, "ep"}, "", "0:a,b,c,d 1:e,f,g,h"},
+	{"tp 1: one group each", members("a", "b", "c"), spec{model: "/m", tp: 1, planName: "tp"}, "", "0:a 1:b 2:c"},
+	{"tp 4", members("a", "b", "c", "d", "e", "f", "g", "h"), spec{model: "/m", tp: 4, planName: "ep"}, "", "0:a,b,c,d 1:e,f,g,h"},
 	{"resume: same members", members("a", "b", "c"), tp2, "0:a,b", "0:a,b"},
 	{"resume keeps a group whatever the member order", members("a", "b", "c"), tp2, "0:b,c", "0:b,c"},
 	{"a new member forms a second group", members("a", "b", "c", "d"), tp2, "0:c,d", "0:c,d 1:a,b"},
 	{"a member of a group left: its partner idles", members("a", "c", "d"), tp2, "0:a,b 1:c,d", "1:c,d"},
 	{"a member left, another joined: lowest free group id", members("a", "b", "c", "e", "f", "g"), tp2, "0:a,b 1:c,d 2:e,f", "0:a,b 1:c,g 2:e,f"},
-	{"another TP: replace everything", members("a", "b", "c", "d"), spec{"/m/scout", 4, "tp"}, "0:a,b 1:c,d", "0:a,b,c,d"},
-	{"another model: replace everything", members("a", "b", "c", "d"), spec{"/m/maverick", 2, "tp"}, "0:c,d", "0:a,b 1:c,d"},
+	{"another TP: replace everything", members("a", "b", "c", "d"), spec{model: "/m/scout", tp: 4, planName: "tp"}, "0:a,b 1:c,d", "0:a,b,c,d"},
+	{"another model: replace everything", members("a", "b", "c", "d"), spec{model: "/m/maverick", tp: 2, planName: "tp"}, "0:c,d", "0:a,b 1:c,d"},
+	{"another quantization: replace everything", members("a", "b", "c", "d"), spec{model: "/m/scout", tp: 2, planName: "tp", quantization: "int4", group: 128}, "0:c,d", "0:a,b 1:c,d"},
 }
 
 func TestPlace(t *testing.T) {
@@ -83,7 +84,7 @@ func TestPlace(t *testing.T) {
 			}
 			got := place(tc.members, tc.s, keep)
 			want := tc.want
-			if groups(got) != want || got.Epoch != 0 || got.Model != tc.s.model || got.TP != tc.s.tp || got.PlanName != tc.s.planName {
+			if groups(got) != want || got.Epoch != 0 || specOf(got) != tc.s {
 				t.Errorf("place(%d members, %+v, keep %q) = %q (epoch %d, %s, tp %d, %s), want %q",
 					len(tc.members), tc.s, tc.keep, groups(got), got.Epoch, got.Model, got.TP, got.PlanName, want)
 			}
@@ -122,7 +123,7 @@ func TestSamePlacement(t *testing.T) {
 		{"other ranks", planOf(tp2, 1, "0:b,a 1:c,d"), false},
 		{"fewer groups", planOf(tp2, 1, "0:a,b"), false},
 		{"other group ids", planOf(tp2, 1, "0:a,b 2:c,d"), false},
-		{"other plan name", planOf(spec{tp2.model, 2, "ep"}, 1, "0:a,b 1:c,d"), false},
+		{"other plan name", planOf(spec{model: tp2.model, tp: 2, planName: "ep"}, 1, "0:a,b 1:c,d"), false},
 	} {
 		if got := samePlacement(a, tc.b); got != tc.want {
 			t.Errorf("samePlacement(%q, %s: %q) = %v, want %v", groups(a), tc.name, groups(tc.b), got, tc.want)

@@ -29,8 +29,9 @@ type Scheme struct {
 	names  map[string]bool
 }
 
-// Format is the format of the scheme's quantised weights: weight-only FP8 rowwise.
-func (s *Scheme) Format() Format { return Format{Kind: FP8} }
+// Format is the format of the scheme's quantised weights: weight-only FP8 per output channel, dequantised
+// to bf16 (CompressedTensorsFP8).
+func (s *Scheme) Format() Format { return CompressedTensorsFP8() }
 
 // Ignored reports whether module (a checkpoint name without ".weight", prefix included) is in Ignore.
 func (s *Scheme) Ignored(module string) bool {

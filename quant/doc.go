@@ -25,5 +25,23 @@
 // replaced by the number of groups (1 for fp8). Data is row-major over Shape: one E4M3 code per element
 // for fp8; for int4 two elements per byte, element 2k in the low nibble.
 //
+// # Numerics: what the dequantised weight is
+//
+// The CPU backend is the reference: it computes with Weight.Dequantize's values in float32, and each
+// format's values are those of the HF path it stands for, so that HF float32 logits of the same weights
+// (scripts/fixtures/make_quant_fixtures.py, TestQuantGoldens) agree to 1e-4.
+//
+//   - compressed-tensors FP8 checkpoints (CompressedTensorsFP8, RoundBF16): transformers 5.17 decompresses
+//     W_bf16 = (W_fp8.to(float32) * scale.to(float32)).to(bfloat16) (spec §3.4), so Dequantize
+//     rounds each q·scale to bf16; the scales are read in the checkpoint's dtype (usually bf16) and widened
+//     exactly to float32.
+//   - fp8 rowwise of a bf16 checkpoint (--quantization fp8, FbgemmFp8, spec §3.5): scale = max|row|/448 in
+//     float32, code = E4M3(clamp(w/scale, ±448)) with w/scale a float32 division (as the spec writes it;
+//     fbgemm's kernel multiplies by 448/max, which can differ at a rounding tie), and the dequantised value
+//     q·scale stays float32, not rounded to bf16: f8f8bf16_rowwise multiplies the float32 accumulator by
+//     the two scales, so its weight is exactly q·scale. Only the GEMM's output is bf16, which a float32
+//     reference does not model (the CUDA bound, 3e-2, covers it).
+//   - int4: q·scale in float32 (q in [-8, 7], scale bf16-valued); no further rounding.
+//
 // quant imports only safetensors; the coordinator may import it (it links no backend).
 package quant

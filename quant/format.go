@@ -37,15 +37,27 @@ type Format struct {
 	// product, as FbgemmFp8 does (FakeQuantFP8Rows); false is weight-only FP8 (dequantised weights times
 	// float activations), the reference of a compressed-tensors checkpoint (spec §3.4, dequantize=True).
 	DynamicActivations bool
+	// RoundBF16 (fp8) means a dequantised weight is rounded to bf16, bf16(float32(q)·float32(scale)), as
+	// transformers 5.17 decompresses a compressed-tensors checkpoint (spec §3.4); false keeps q·scale in
+	// float32, as FbgemmFp8's rowwise GEMM applies the scales to its float32 accumulator (§3.5). See the
+	// package doc, Numerics.
+	RoundBF16 bool
 }
 
-// String names the format for logs and messages: "bf16", "fp8-rowwise", "fp8-rowwise+act",
-// "int4-g128".
+// CompressedTensorsFP8 is the format of a compressed-tensors checkpoint's FP8 weights (Scheme.Format):
+// weight-only FP8 with one scale per output channel, dequantised to bf16 (spec §3.4).
+func CompressedTensorsFP8() Format { return Format{Kind: FP8, RoundBF16: true} }
+
+// String names the format for logs and messages: "bf16", "fp8-rowwise", "fp8-rowwise+act", "fp8-ct"
+// (CompressedTensorsFP8), "int4-g128".
 func (f Format) String() string {
 	switch f.Kind {
 	case BF16:
 		return "bf16"
 	case FP8:
+		if f.RoundBF16 {
+			return "fp8-ct"
+		}
 		if f.DynamicActivations {
 			return "fp8-rowwise+act"
 		}
@@ -128,12 +140,30 @@ func (w Weight) ScaleShape() []int {
 	return s
 }
 
-// Bytes is the weight's size in memory: codes plus float32 (fp8) or bf16 (int4) scales.
-func (w Weight) Bytes() int64 {
-	if w.Format.Kind == Int4 {
-		return int64(len(w.Data)) + 2*int64(len(w.Scales))
+// Bytes is the weight's size in memory: codes plus float32 (fp8) or bf16 (int4) scales
+// (Format.Bytes of its shape).
+func (w Weight) Bytes() int64 { return w.Format.Bytes(w.Shape, w.InputDim) }
+
+// Bytes is the size in memory of a weight of shape, with input dimension inDim, held in f: 2 bytes an
+// element for bf16; 1 (fp8) or ½ (int4) plus its scales (Weight.Bytes) for the others. A shape f cannot
+// hold gives 0.
+func (f Format) Bytes(shape []int, inDim int) int64 {
+	if !f.Quantized() {
+		n := int64(2)
+		for _, d := range shape {
+			n *= int64(d)
+		}
+		return n
 	}
-	return int64(len(w.Data)) + 4*int64(len(w.Scales))
+	outer, in, inner, g, err := Weight{Format: f, Shape: shape, InputDim: inDim}.dims()
+	if err != nil {
+		return 0
+	}
+	n, scales := int64(outer)*int64(in)*int64(inner), int64(outer)*int64(g)*int64(inner)
+	if f.Kind == Int4 {
+		return (n+1)/2 + 2*scales
+	}
+	return n + 4*scales
 }
 
 // Check reports data or scales whose lengths do not fit the shape.
@@ -156,7 +186,8 @@ func (w Weight) Check() error {
 	return nil
 }
 
-// Dequantize returns the weight's values, q·scale in float32, row-major over Shape.
+// Dequantize returns the weight's values, q·scale in float32 (rounded to bf16 where the format has
+// RoundBF16), row-major over Shape.
 func (w Weight) Dequantize() ([]float32, error) {
 	if err := w.Check(); err != nil {
 		return nil, err
@@ -179,6 +210,9 @@ func (w Weight) Dequantize() ([]float32, error) {
 					q = float32(int4At(w.Data, idx))
 				}
 				out[idx] = q * s
+				if w.Format.RoundBF16 {
+					out[idx] = safetensors.BF16ToFloat32(safetensors.Float32ToBF16(out[idx]))
+				}
 			}
 		}
 	}

@@ -213,3 +213,44 @@ func FuzzParseCompressedTensors(f *testing.F) {
 		}
 	})
 }
+
+// TestRoundBF16: a compressed-tensors weight dequantises to bf16(q·scale) (spec §3.4); fp8 rowwise keeps
+// q·scale in float32.
+func TestRoundBF16(t *testing.T) {
+	// q = 1.125 (code 0x39), scale 1+2^-7: q·scale = 1.133789…, which bf16 (8 significant bits) rounds to 1.1328125.
+	w := Weight{Format: CompressedTensorsFP8(), Shape: []int{1, 1}, InputDim: 1, Data: []byte{0x39}, Scales: []float32{1 + 0x1p-7}}
+	got, err := w.Dequantize()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got[0] != 1.1328125 {
+		t.Errorf("Dequantize(%s) = %v, want 1.1328125", w.Format, got[0])
+	}
+	w.Format = Format{Kind: FP8}
+	if got, _ = w.Dequantize(); got[0] != 1.125*(1+0x1p-7) {
+		t.Errorf("Dequantize(%s) = %v, want %v", w.Format, got[0], 1.125*(1+0x1p-7))
+	}
+	if s := CompressedTensorsFP8().String(); s != "fp8-ct" {
+		t.Errorf("CompressedTensorsFP8().String() = %q, want fp8-ct", s)
+	}
+}
+
+func TestFormatBytes(t *testing.T) {
+	tests := []struct {
+		f     Format
+		shape []int
+		in    int
+		want  int64
+	}{
+		{Format{}, []int{4, 6}, 1, 48},
+		{Format{Kind: FP8}, []int{4, 6}, 1, 24 + 4*4},
+		{Format{Kind: Int4, GroupSize: 4}, []int{4, 6}, 1, 12 + 2*4*2},
+		{Format{Kind: Int4, GroupSize: 128}, []int{2, 256, 8}, 1, 2048 + 2*2*2*8}, // experts [E, in, out]
+		{Format{Kind: FP8}, []int{4, 6}, 2, 0},
+	}
+	for _, tt := range tests {
+		if got := tt.f.Bytes(tt.shape, tt.in); got != tt.want {
+			t.Errorf("%s.Bytes(%v, %d) = %d, want %d", tt.f, tt.shape, tt.in, got, tt.want)
+		}
+	}
+}

@@ -52,6 +52,16 @@
 // the one its own query heads attend with. The model is told a plain split (Layout{Dim: 0, Part: r,
 // Parts: tp}) with one local unit, which is exactly right for its local query heads.
 //
+// # Quantised checkpoints
+//
+// A View (NewView) presents a checkpoint as the model declares it whatever its storage form: a
+// compressed-tensors FP8 checkpoint (quantization_config, spec §3.4; package quant parses it) stores routed
+// experts per expert as nn.Linear weights in F8_E4M3 with a scale tensor per output row; the View shows them
+// stacked under their declared names with dtype F8_E4M3 and answers ReadScales for exactly the rows a rank
+// reads, so every plan and split works unchanged. Manifests count stored bytes (F8_E4M3: a byte an element,
+// scales aside). Formats chosen at load (--quantization fp8|int4) are not shard's business: the rank reads
+// bf16 slices and model/run quantises them.
+//
 // # Errors
 //
 // Every error wraps a sentinel (ErrPlan, ErrUnknownStyle, ErrNoMatch, ErrIndivisible, ErrUnsupported,

@@ -1,6 +1,7 @@
 package worker
 
 import (
+	"cmp"
 	"flag"
 	"fmt"
 	"maps"
@@ -16,6 +17,7 @@ import (
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/comm"
+	"github.com/tpfleet/tpfleet/quant"
 )
 
 // Defaults of Config. A zero field of a Config means its default.
@@ -55,10 +57,11 @@ const DeviceCPU = "cpu"
 
 // Config configures a Worker. The json tags are the flag names of AddFlags.
 type Config struct {
-	// Quantization is how the worker holds the quantisable weights of a bf16 checkpoint: "" (as stored),
-	// "fp8" (rowwise, FbgemmFp8 semantics) or "int4" (group-wise, QuantizationGroup input columns a
-	// scale), quantised at load from this rank's own slices. Every worker of a TP group must be given the
-	// same value (serve and launch pass theirs to all). Pre-quantised (FP8) checkpoints need none.
+	// Quantization is a check, not a choice: the plan says how the ranks hold the quantisable weights of a
+	// bf16 checkpoint (cluster.Plan.Quantization, from the coordinator's --quantization), so that every rank
+	// of a group agrees. Empty (the default) takes the plan's; "none", "fp8" or "int4" (with
+	// QuantizationGroup, 0: quant.DefaultGroupSize) makes the worker refuse, with ErrInvalidConfig, to load
+	// a plan whose quantisation differs.
 	Quantization      string `json:"quantization"`
 	QuantizationGroup int    `json:"quantization-group"`
 	// ID names the member in etcd; it must be unique in the cluster. Letters, digits and ". _ : @ -",
@@ -167,8 +170,8 @@ func DefaultConfig() Config {
 // (--gossip-bind-addr, --gossip-bind-port, ...) to c.Gossip and the etcd client's flags
 // (--etcd-endpoints, --cluster, --etcd-dial-timeout) to c.Etcd.
 func (c *Config) AddFlags(fs *flag.FlagSet) {
-	fs.StringVar(&c.Quantization, "quantization", c.Quantization, "quantise the checkpoint's linear and expert weights at load: none, fp8 (rowwise, dynamic per-token activations) or int4 (weight-only, group-wise)")
-	fs.IntVar(&c.QuantizationGroup, "quantization-group", c.QuantizationGroup, "int4: input columns per scale (0: 128)")
+	fs.StringVar(&c.Quantization, "quantization", c.Quantization, "check only: refuse a plan whose quantization (the coordinator's --quantization) is not this: none, fp8 or int4 (empty: take the plan's)")
+	fs.IntVar(&c.QuantizationGroup, "quantization-group", c.QuantizationGroup, "with --quantization int4: the input columns per scale the plan must have (0: 128)")
 	fs.StringVar(&c.ID, "id", c.ID, "member ID, unique in the cluster (empty: <host>-<pid>)")
 	fs.StringVar(&c.ListenAddr, "listen", c.ListenAddr, "host:port of the worker's gRPC server (port 0: any free port)")
 	fs.StringVar(&c.AdvertiseAddr, "advertise", c.AdvertiseAddr, "host:port the coordinator dials (empty: the bound address)")
@@ -212,6 +215,11 @@ func (c Config) Validate() error {
 	}
 	if c.Device != "" {
 		if _, err := backend.Lookup(c.Device); err != nil {
+			return bad("%v", err)
+		}
+	}
+	if c.Quantization != "" {
+		if _, err := quant.ParseFormat(c.Quantization, cmp.Or(c.QuantizationGroup, quant.DefaultGroupSize)); err != nil {
 			return bad("%v", err)
 		}
 	}

@@ -30,10 +30,17 @@ type weightsKey struct {
 	model    string // the plan's model name
 	planName string
 	tp, rank int
+	// quantization and group are the plan's Quantization and QuantizationGroup.
+	quantization string
+	group        int
 }
 
 func (k weightsKey) String() string {
-	return fmt.Sprintf("%s (%s) plan %s rank %d of %d", k.dir, k.model, k.planName, k.rank, k.tp)
+	s := fmt.Sprintf("%s (%s) plan %s rank %d of %d", k.dir, k.model, k.planName, k.rank, k.tp)
+	if k.quantization != "" {
+		s += " quantization " + k.quantization
+	}
+	return s
 }
 
 // weights are one rank's loaded model. The model runs its collectives through comm, whose communicator
@@ -71,7 +78,8 @@ func (w *Worker) keyFor(p cluster.Plan, a cluster.Assignment) weightsKey {
 	if name == "" {
 		name = DefaultPlanName
 	}
-	return weightsKey{dir: dir, model: p.Model, planName: name, tp: p.TP, rank: a.Rank}
+	return weightsKey{dir: dir, model: p.Model, planName: name, tp: p.TP, rank: a.Rank,
+		quantization: p.Quantization, group: p.QuantizationGroup}
 }
 
 // loadWeights reads exactly this rank's slices of the checkpoint (range reads of the mmapped files) into
@@ -101,7 +109,7 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey) (*weights, error
 	if err != nil {
 		return nil, err
 	}
-	format, err := quant.ParseFormat(w.cfg.Quantization, cmp.Or(w.cfg.QuantizationGroup, quant.DefaultGroupSize))
+	format, err := w.formatFor(k)
 	if err != nil {
 		return nil, err
 	}
@@ -131,4 +139,26 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey) (*weights, error
 		zap.Duration("took", took.Round(time.Millisecond)),
 		zap.Float64("mib-per-second", float64(bytes)/(1<<20)/max(took.Seconds(), 1e-9)))
 	return &weights{key: k, model: m, info: info, comm: comm, gen: gen, bytes: bytes, tensors: tensors}, nil
+}
+
+// formatFor returns the weight format of k's plan. The plan decides, so that the ranks of a group agree; a
+// worker started with its own --quantization refuses a plan that says otherwise (ErrInvalidConfig) rather
+// than hold its slices in another format than its peers.
+func (w *Worker) formatFor(k weightsKey) (quant.Format, error) {
+	format, err := quant.ParseFormat(k.quantization, cmp.Or(k.group, quant.DefaultGroupSize))
+	if err != nil {
+		return quant.Format{}, fmt.Errorf("plan: %w", err)
+	}
+	if w.cfg.Quantization == "" {
+		return format, nil
+	}
+	own, err := quant.ParseFormat(w.cfg.Quantization, cmp.Or(w.cfg.QuantizationGroup, quant.DefaultGroupSize))
+	if err != nil {
+		return quant.Format{}, fmt.Errorf("%w: %w", ErrInvalidConfig, err)
+	}
+	if own != format {
+		return quant.Format{}, fmt.Errorf("%w: --quantization %s, but the plan's quantization is %s (the coordinator's --quantization decides; start the worker without it)",
+			ErrInvalidConfig, own, format)
+	}
+	return format, nil
 }

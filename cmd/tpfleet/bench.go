@@ -15,6 +15,7 @@ import (
 	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/model/llama4"
 	modelrun "github.com/tpfleet/tpfleet/model/run"
+	"github.com/tpfleet/tpfleet/quant"
 	"github.com/tpfleet/tpfleet/safetensors"
 	"github.com/tpfleet/tpfleet/shard"
 )
@@ -24,19 +25,24 @@ type benchFlags struct {
 	prompt, tokens, threads, runs, tp, batch, context                                                     int
 	device                                                                                                string
 	json, profile                                                                                         bool
+	quant                                                                                                 quantFlags
 }
 
 // benchResult is one measurement; times are the best of the runs (the first run warms up).
 type benchResult struct {
-	Device       string  `json:"device"`
-	Card         string  `json:"card,omitempty"`
-	TP           int     `json:"tp"`
-	Threads      int     `json:"threads,omitempty"`
-	Layers       int     `json:"layers"`
-	Hidden       int     `json:"hidden"`
-	Experts      int     `json:"experts"`
-	Vocab        int     `json:"vocab"`
-	WeightBytes  int64   `json:"weight_bytes_bf16"`
+	Device      string `json:"device"`
+	Card        string `json:"card,omitempty"`
+	TP          int    `json:"tp"`
+	Threads     int    `json:"threads,omitempty"`
+	Layers      int    `json:"layers"`
+	Hidden      int    `json:"hidden"`
+	Experts     int    `json:"experts"`
+	Vocab       int    `json:"vocab"`
+	WeightBytes int64  `json:"weight_bytes_bf16"`
+	// Format is the quantisable weights' format (--quantization; quant.Format.String), and MemoryBytes the
+	// weights' bytes in it (lm_head, embedding, routing weight and norms in bf16).
+	Format       string  `json:"format"`
+	MemoryBytes  int64   `json:"weight_bytes"`
 	PromptTokens int     `json:"prompt_tokens"`
 	PrefillMS    float64 `json:"prefill_ms"`
 	DecodeTokens int     `json:"decode_tokens"`
@@ -47,7 +53,7 @@ type benchResult struct {
 	TokensPerSec   float64 `json:"decode_tokens_per_second"`
 	// StepBytes is the weight bytes one decode step of Batch sequences must read (attention, dense and
 	// shared MLPs, at most Batch·top-k experts of each MoE layer, the routing weight, norms, the lm_head, embedding
-	// rows), over all ranks.
+	// rows), over all ranks, each tensor in the format it is held in (stepBytes).
 	StepBytes int64 `json:"decode_weight_bytes_per_step"`
 	// CopyGBs is the measured device-to-device copy rate (bytes read + written per second / 1e9) on
 	// rank 0's GPU; FloorMS is StepBytes / TP / that rate, the memory-bandwidth floor of a decode step.
@@ -85,38 +91,56 @@ type randomFiller interface {
 
 // benchWeights are random bf16 weights for one rank, scaled like llama4.RandomWeights (norm weights
 // near 1, matrices ~ N(0, 1/fan_in)), cut for the rank by a shard manifest when tp > 1. They are
-// generated on the device when the backend is a randomFiller, else on the host.
+// generated on the device when the backend is a randomFiller and the tensor stays bf16, else on the host
+// (ReadTensor) and loaded through a run.RankWeights, which quantises the quantisable ones to format
+// exactly as a checkpoint's are at load.
 type benchWeights struct {
-	ops   backend.Ops
-	cfg   llama4.Config
-	man   *shard.Manifest // nil for tp = 1
-	seed  uint64
-	specs map[string]model.TensorSpec
+	ops    backend.Ops
+	cfg    llama4.Config
+	man    *shard.Manifest // nil for tp = 1
+	seed   uint64
+	specs  map[string]model.TensorSpec
+	format quant.Format
+	rw     *modelrun.RankWeights // over w itself
 }
 
-func (w *benchWeights) Load(ctx context.Context, name string) (backend.Tensor, model.Layout, error) {
+func newBenchWeights(ops backend.Ops, cfg llama4.Config, man *shard.Manifest, specs map[string]model.TensorSpec, f quant.Format) *benchWeights {
+	w := &benchWeights{ops: ops, cfg: cfg, man: man, seed: 1, specs: specs, format: f}
+	w.rw = modelrun.NewRankWeights(w, ops).WithFormat(cfg, f)
+	return w
+}
+
+var _ modelrun.Slices = (*benchWeights)(nil)
+
+// locate returns name's spec, this rank's shape and layout of it, and the hash of its name (tensors'
+// random streams differ by it).
+func (w *benchWeights) locate(name string) (model.TensorSpec, []int, model.Layout, uint64, error) {
 	spec, ok := w.specs[name]
-	shape := spec.Shape
 	if !ok {
-		return nil, model.Replicated, fmt.Errorf("bench weights: no tensor %s in this configuration", name)
+		return spec, nil, model.Replicated, 0, fmt.Errorf("bench weights: no tensor %s in this configuration", name)
 	}
-	local, lay := shape, model.Replicated
+	local, lay := spec.Shape, model.Replicated
 	if w.man != nil {
 		ts, ok := w.man.Lookup(w.cfg.Prefix + name)
 		if !ok {
-			return nil, lay, fmt.Errorf("bench weights: %s is not in rank %d's manifest", name, w.man.Rank)
+			return spec, nil, lay, 0, fmt.Errorf("bench weights: %s is not in rank %d's manifest", name, w.man.Rank)
 		}
 		local, lay = ts.LocalShape, ts.Layout
 	}
-	mean, std := llama4.RandomScale(spec)
 	var h uint64 = 14695981039346656037 // FNV-1a of the name, so tensors differ
 	for i := 0; i < len(name); i++ {
 		h = (h ^ uint64(name[i])) * 1099511628211
 	}
-	if rf, ok := w.ops.(randomFiller); ok {
-		t, err := rf.RandomBF16(local, float32(mean), float32(std), w.seed^h)
-		return t, lay, err
+	return spec, local, lay, h, nil
+}
+
+// ReadTensor generates this rank's part of name on the host, bf16.
+func (w *benchWeights) ReadTensor(name string) (safetensors.DType, []int, []byte, model.Layout, error) {
+	spec, local, lay, h, err := w.locate(name)
+	if err != nil {
+		return safetensors.BF16, nil, nil, lay, err
 	}
+	mean, std := llama4.RandomScale(spec)
 	n := 1
 	for _, d := range local {
 		n *= d
@@ -127,8 +151,20 @@ func (w *benchWeights) Load(ctx context.Context, name string) (backend.Tensor, m
 		v := safetensors.Float32ToBF16(float32(mean + std*rng.NormFloat64()))
 		data[2*i], data[2*i+1] = byte(v), byte(v>>8)
 	}
-	t, err := w.ops.Load(safetensors.BF16, local, data)
-	return t, lay, err
+	return safetensors.BF16, local, data, lay, nil
+}
+
+func (w *benchWeights) Load(ctx context.Context, name string) (backend.Tensor, model.Layout, error) {
+	spec, local, lay, h, err := w.locate(name)
+	if err != nil {
+		return nil, lay, err
+	}
+	if rf, ok := w.ops.(randomFiller); ok && !(w.format.Quantized() && spec.Quantizable) {
+		mean, std := llama4.RandomScale(spec)
+		t, err := rf.RandomBF16(local, float32(mean), float32(std), w.seed^h)
+		return t, lay, err
+	}
+	return w.rw.Load(ctx, name)
 }
 
 // specCatalog is a shard.Catalog of a configuration's tensors, all bf16, for planning random weights.
@@ -159,14 +195,14 @@ func (c specCatalog) Info(name string) (safetensors.TensorInfo, error) {
 }
 
 // stepBytes is the weight bytes a decode step of batch sequences reads: every tensor, except the routed
-// experts (at most batch·top-k of E per MoE layer) and the embedding table (one row a sequence).
-func stepBytes(cfg llama4.Config, batch int) int64 {
+// experts (at most batch·top-k of E per MoE layer) and the embedding table (one row a sequence), each in
+// the format it is held in: the quantisable ones in f (fp8: a byte an element plus float32 scales; int4:
+// half a byte plus bf16 scales, quant.Format.Bytes), the others (lm_head, embedding, routing weight, norms) bf16.
+// Scales are counted for whole tensors (TP = 1).
+func stepBytes(cfg llama4.Config, batch int, f quant.Format) int64 {
 	var total int64
 	for _, s := range cfg.Tensors() {
-		n := int64(2)
-		for _, d := range s.Shape {
-			n *= int64(d)
-		}
+		n := tensorBytes(s, f)
 		switch s.Kind {
 		case model.KindExperts:
 			n = n / int64(cfg.NumExperts) * int64(min(batch*cfg.TopK, cfg.NumExperts))
@@ -176,6 +212,14 @@ func stepBytes(cfg llama4.Config, batch int) int64 {
 		total += n
 	}
 	return total
+}
+
+// tensorBytes is the size of a whole tensor held in f (bf16 unless it is quantisable).
+func tensorBytes(s model.TensorSpec, f quant.Format) int64 {
+	if !s.Quantizable {
+		f = quant.Format{}
+	}
+	return f.Bytes(s.Shape, s.InputDim)
 }
 
 // runBench times prefill and batch-1 decode of a random model of the given shape (no checkpoint needed).
@@ -203,6 +247,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&f.device, "device", "cpu", deviceChoices()+" (a GPU backend: rank r of --tp N on GPU r)")
 	fs.IntVar(&f.tp, "tp", 1, "tensor-parallel ranks in this process (HF's tp plan)")
 	fs.BoolVar(&f.json, "json", false, "print one JSON object")
+	f.quant.addFlags(fs, "")
 	fs.BoolVar(&f.profile, "profile", false, "also profile one prefill and the decode steps on the GPU (time per kernel; backends that profile, e.g. cuda)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -211,6 +256,10 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return usagef("--runs, --prompt, --tokens, --tp, --batch and --context must be positive")
 	}
 	if err := checkDevice(f.device); err != nil {
+		return err
+	}
+	format, err := f.quant.format()
+	if err != nil {
 		return err
 	}
 	cfgJSON, _ := json.Marshal(map[string]any{
@@ -235,6 +284,11 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	defer g.Close()
+	for _, ops := range allOps {
+		if err := backend.CheckQuantized(ops, format); err != nil {
+			return err
+		}
+	}
 	var mans []shard.Manifest
 	if f.tp > 1 {
 		plan, _ := shard.NamedPlan(cfg, "tp")
@@ -247,10 +301,11 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		specs[s.Name] = s
 	}
 	for r, ops := range allOps {
-		w := &benchWeights{ops: ops, cfg: cfg, seed: 1, specs: specs}
+		var man *shard.Manifest
 		if mans != nil {
-			w.man = &mans[r]
+			man = &mans[r]
 		}
+		w := newBenchWeights(ops, cfg, man, specs, format)
 		m, err := cfg.Open(ctx, ops, w, modelrun.Parallel{Comm: g.comms[r]})
 		if err != nil {
 			return fmt.Errorf("rank %d: %w", r, err)
@@ -265,17 +320,14 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 	}
 	res := benchResult{Device: allOps[0].Name(), TP: f.tp, Layers: f.layers, Hidden: f.hidden, Experts: f.experts,
-		Vocab: f.vocab, PromptTokens: f.prompt, DecodeTokens: f.tokens, Batch: f.batch, StepBytes: stepBytes(cfg, f.batch),
+		Vocab: f.vocab, PromptTokens: f.prompt, DecodeTokens: f.tokens, Batch: f.batch, StepBytes: stepBytes(cfg, f.batch, format), Format: format.String(),
 		LoadMS: float64(time.Since(start)) / float64(time.Millisecond)}
 	if _, ok := allOps[0].(backend.Threader); ok {
 		res.Threads = threads
 	}
 	for _, s := range cfg.Tensors() {
-		n := int64(2)
-		for _, d := range s.Shape {
-			n *= int64(d)
-		}
-		res.WeightBytes += n
+		res.WeightBytes += tensorBytes(s, quant.Format{})
+		res.MemoryBytes += tensorBytes(s, format)
 	}
 	if d, ok := allOps[0].(backend.Describer); ok {
 		res.Card = d.Describe().Name
@@ -323,9 +375,9 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if f.json {
 		return json.NewEncoder(stdout).Encode(res)
 	}
-	_, err = fmt.Fprintf(stdout, "device %s %s tp %d: %d layers, hidden %d, %d experts, vocab %d, %.1f MiB bf16 (loaded in %.0f ms)\n"+
+	_, err = fmt.Fprintf(stdout, "device %s %s tp %d: %d layers, hidden %d, %d experts, vocab %d, %.1f MiB bf16, %.1f MiB as %s (loaded in %.0f ms)\n"+
 		"prefill %d tokens: %.1f ms\ndecode batch %d: %.2f ms/step, %.1f tokens/s\n",
-		res.Device, res.Card, res.TP, res.Layers, res.Hidden, res.Experts, res.Vocab, float64(res.WeightBytes)/(1<<20), res.LoadMS,
+		res.Device, res.Card, res.TP, res.Layers, res.Hidden, res.Experts, res.Vocab, float64(res.WeightBytes)/(1<<20), float64(res.MemoryBytes)/(1<<20), res.Format, res.LoadMS,
 		res.PromptTokens, res.PrefillMS, res.Batch, res.DecodeMSPerTok, res.TokensPerSec)
 	if err == nil && res.FloorMS > 0 {
 		_, err = fmt.Fprintf(stdout, "decode floor: %.1f MiB of weights a step / %d rank(s) at %.0f GB/s (measured copy) = %.3f ms; decode at %.0f %% of it\n",

@@ -57,6 +57,7 @@ type launchFlags struct {
 	model       string
 	tp          int
 	plan        string
+	quant       quantFlags
 	listen      string
 	maxQueue    int
 	maxBatch    int
@@ -273,6 +274,7 @@ func parseLaunch(args []string, stderr io.Writer) (launchFlags, []string, error)
 	fs.StringVar(&f.model, "model", "", "with --standalone: the checkpoint directory the coordinator serves")
 	fs.IntVar(&f.tp, "tp", 0, "with --standalone: tensor-parallel size (0: --nproc-per-node)")
 	fs.StringVar(&f.plan, "plan", coordinator.DefaultPlan, `with --standalone: tp_plan: "tp", "ep" or a plan file`)
+	f.quant.addFlags(fs, "with --standalone: ")
 	fs.StringVar(&f.listen, "listen", coordinator.DefaultListenAddr, "with --standalone: host:port of the coordinator's gRPC server (port 0: any)")
 	fs.IntVar(&f.maxQueue, "max-queue", 0, "with --standalone: requests that may wait for a batch (0: 256)")
 	fs.IntVar(&f.maxBatch, "max-batch", 0, "with --standalone: sequences per step (0: 32)")
@@ -417,6 +419,7 @@ func startStandalone(ctx context.Context, f launchFlags, nproc int, clusterName 
 	}
 	c, err := coordinator.New(coordinator.Config{
 		ListenAddr: f.listen, Model: f.model, TP: tp, Plan: f.plan,
+		Quantization: f.quant.name, QuantizationGroup: f.quant.group,
 		MaxQueue: f.maxQueue, MaxBatch: f.maxBatch, TokenBudget: f.tokenBudget,
 		Etcd:   cluster.Config{Endpoints: e.Endpoints(), Cluster: clusterName},
 		Logger: log,

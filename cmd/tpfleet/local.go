@@ -29,9 +29,7 @@ type modelFlags struct {
 	threads  int
 	logLevel string
 	par      parallelFlags
-	// quantization and group are --quantization and --quantization-group (quant.ParseFormat).
-	quantization string
-	group        int
+	quant    quantFlags
 	// backendConfig holds the registered backends' own flags (backend.BindFlags), by backend name.
 	backendConfig map[string]backend.FlagConfig
 }
@@ -41,8 +39,7 @@ func (f *modelFlags) add(fs *flag.FlagSet) {
 	fs.StringVar(&f.device, "device", "cpu", "where to run: "+deviceChoices()+" (a GPU backend: one GPU per rank, rank r of --tp N on GPU r, or --gpu with --rank)")
 	fs.IntVar(&f.threads, "threads", 0, "CPU threads for matrix products (0: all cores)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level on stderr: debug, info, warn, error")
-	fs.StringVar(&f.quantization, "quantization", "", "quantise the checkpoint's linear and expert weights at load: none, fp8 (rowwise, dynamic per-token activations) or int4 (weight-only, group-wise); lm_head and the routing weights stay bf16")
-	fs.IntVar(&f.group, "quantization-group", quant.DefaultGroupSize, "int4: input columns per scale")
+	f.quant.addFlags(fs, "")
 	f.par.add(fs)
 	f.backendConfig = backend.BindFlags(fs)
 }
@@ -57,10 +54,31 @@ func (f *modelFlags) check() error {
 	if f.threads < 0 {
 		return usagef("--threads %d must be >= 0", f.threads)
 	}
-	if _, err := quant.ParseFormat(f.quantization, f.group); err != nil {
-		return usagef("%v", err)
+	if _, err := f.quant.format(); err != nil {
+		return err
 	}
 	return f.par.check()
+}
+
+// quantFlags are --quantization and --quantization-group.
+type quantFlags struct {
+	name  string
+	group int
+}
+
+// addFlags binds the flags; prefix begins their usage texts ("with --standalone: ").
+func (q *quantFlags) addFlags(fs *flag.FlagSet, prefix string) {
+	fs.StringVar(&q.name, "quantization", "", prefix+"quantise the checkpoint's linear and expert weights at load: none, fp8 (rowwise, dynamic per-token activations) or int4 (weight-only, group-wise); lm_head and the routing weights stay bf16")
+	fs.IntVar(&q.group, "quantization-group", quant.DefaultGroupSize, prefix+"int4: input columns per scale")
+}
+
+// format is the weight format the flags ask for (quant.ParseFormat); a bad value is a usage error.
+func (q quantFlags) format() (quant.Format, error) {
+	f, err := quant.ParseFormat(q.name, q.group)
+	if err != nil {
+		return quant.Format{}, usagef("%v", err)
+	}
+	return f, nil
 }
 
 // deviceChoices lists the registered backends for usage texts: "cpu or cuda".
@@ -138,10 +156,10 @@ func loadRanks(ctx context.Context, f modelFlags, cfg model.Config, ckpt *safete
 	}
 	comms := g.comms
 	specs, prefix := model.Tensors(cfg), cfg.Info().Prefix
-	format, err := quant.ParseFormat(f.quantization, f.group)
+	format, err := f.quant.format()
 	if err != nil {
 		g.Close()
-		return nil, usagef("%v", err)
+		return nil, err
 	}
 	view, err := shard.NewView(cfg, ckpt)
 	if err != nil {

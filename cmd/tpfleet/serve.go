@@ -29,6 +29,7 @@ type serveFlags struct {
 	device      string
 	threads     int
 	plan        string
+	quant       quantFlags
 	listen      string
 	httpListen  string
 	dataDir     string
@@ -73,6 +74,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&f.device, "device", worker.DeviceCPU, "where the workers run: "+deviceChoices()+" (cpu: in this process; a GPU backend: one worker process per GPU)")
 	fs.IntVar(&f.threads, "threads", 0, "CPU threads of each worker's matrix products (0: cores / workers)")
 	fs.StringVar(&f.plan, "plan", coordinator.DefaultPlan, `tp_plan: "tp", "ep" or a plan file in HF's format`)
+	f.quant.addFlags(fs, "")
 	fs.StringVar(&f.listen, "listen", coordinator.DefaultListenAddr, "host:port of the coordinator's gRPC server (port 0: any)")
 	fs.StringVar(&f.httpListen, "http-listen", coordinator.DefaultHTTPAddr, "host:port of the OpenAI-compatible HTTP gateway (port 0: any; empty: no gateway)")
 	fs.StringVar(&f.dataDir, "data-dir", "", "etcd's data directory, kept across runs (empty: a temporary one, removed at exit)")
@@ -147,6 +149,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	c, err := coordinator.New(coordinator.Config{
 		ListenAddr: f.listen, HTTPAddr: f.httpListen, Model: f.model, TP: f.tp, Plan: f.plan,
 		HTTPAPIKey: f.apiKey, HTTPAllowedOrigins: splitList(f.origins), ServedModelName: f.servedName, MaxModelLen: f.maxModelLen,
+		Quantization: f.quant.name, QuantizationGroup: f.quant.group,
 		MaxQueue: f.maxQueue, MaxBatch: f.maxBatch, TokenBudget: f.tokenBudget,
 		Etcd: etcd, Logger: log.Named("coordinator"),
 	})

@@ -10,6 +10,7 @@ import (
 	"text/tabwriter"
 
 	"github.com/tpfleet/tpfleet/model"
+	"github.com/tpfleet/tpfleet/quant"
 	"github.com/tpfleet/tpfleet/safetensors"
 	"github.com/tpfleet/tpfleet/shard"
 )
@@ -17,16 +18,62 @@ import (
 // runShards dispatches the shard tools: `tpfleet shards plan` prints what each rank of a TP group loads.
 func runShards(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	return runSubcommand(ctx, "shards", "[flags]", []command{
-		{"plan", "print each rank's tensors, styles, local shapes and bytes under a tp_plan", runShardsPlan},
+		{"plan", "print each rank's tensors, styles, local shapes, stored and in-memory formats and bytes under a tp_plan", runShardsPlan},
 	}, args, stdout, stderr)
 }
 
 type shardsPlanFlags struct {
-	dir  string
-	tp   int
-	rank int
-	plan string
-	json bool
+	dir   string
+	tp    int
+	rank  int
+	plan  string
+	json  bool
+	quant quantFlags
+}
+
+// tensorMemory is how a rank holds one tensor: its stored dtype and the bytes it reads (F8_E4M3: the
+// codes; their scales are read beside them), and its in-memory format and bytes (codes and scales).
+type tensorMemory struct {
+	Name        string `json:"name"`
+	StoredDType string `json:"stored_dtype"`
+	StoredBytes int64  `json:"stored_bytes"`
+	Format      string `json:"format"`
+	MemoryBytes int64  `json:"memory_bytes"`
+}
+
+// rankMemory is one rank's tensors as held in memory.
+type rankMemory struct {
+	Rank        int            `json:"rank"`
+	MemoryBytes int64          `json:"memory_bytes"`
+	Tensors     []tensorMemory `json:"tensors"`
+}
+
+// memoryOf says how rank m holds each tensor: F8_E4M3 tensors of a pre-quantised checkpoint as
+// quant.CompressedTensorsFP8, the quantisable ones of a bf16 checkpoint in f, the rest as stored.
+func memoryOf(cfg model.Config, m shard.Manifest, f quant.Format) rankMemory {
+	specs := map[string]model.TensorSpec{}
+	prefix := cfg.Info().Prefix
+	for _, s := range model.Tensors(cfg) {
+		specs[prefix+s.Name] = s
+	}
+	r := rankMemory{Rank: m.Rank}
+	for _, t := range m.Tensors {
+		spec, known := specs[t.Name]
+		tm := tensorMemory{Name: t.Name, StoredDType: t.DType.String(), StoredBytes: t.Bytes, Format: strings.ToLower(t.DType.String()), MemoryBytes: t.Bytes}
+		held := quant.Format{}
+		switch {
+		case t.DType == safetensors.F8_E4M3:
+			held = quant.CompressedTensorsFP8()
+		case known && spec.Quantizable && f.Quantized():
+			held = f
+		}
+		if held.Quantized() && known {
+			tm.Format, tm.MemoryBytes = held.String(), held.Bytes(t.LocalShape, spec.InputDim)
+		}
+		r.MemoryBytes += tm.MemoryBytes
+		r.Tensors = append(r.Tensors, tm)
+	}
+	return r
 }
 
 // runShardsPlan applies a plan to a checkpoint and prints every rank's manifest.
@@ -39,6 +86,7 @@ func runShardsPlan(ctx context.Context, args []string, stdout, stderr io.Writer)
 	fs.IntVar(&f.rank, "rank", -1, "print only this rank (-1: every rank)")
 	fs.StringVar(&f.plan, "plan", "tp", `"tp" (HF's tp_plan with a vocab-parallel embedding), "ep" (expert parallel) or a JSON plan file in HF's format`)
 	fs.BoolVar(&f.json, "json", false, "print one JSON object instead of tables")
+	f.quant.addFlags(fs, "")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -59,6 +107,10 @@ func runShardsPlan(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if err != nil {
 		return err
 	}
+	format, err := f.quant.format()
+	if err != nil {
+		return err
+	}
 	plan, err := resolvePlan(cfg, f.plan)
 	if err != nil {
 		return err
@@ -68,43 +120,55 @@ func runShardsPlan(ctx context.Context, args []string, stdout, stderr io.Writer)
 		return err
 	}
 	defer ckpt.Close()
-	ranks, err := shard.NewManifests(cfg, ckpt, plan, f.tp)
+	view, err := shard.NewView(cfg, ckpt) // pre-quantised checkpoints: stacked experts, F8_E4M3 dtypes
+	if err != nil {
+		return err
+	}
+	ranks, err := shard.NewManifests(cfg, view, plan, f.tp)
 	if err != nil {
 		return err
 	}
 	if f.rank >= 0 {
 		ranks = ranks[f.rank : f.rank+1]
 	}
+	mem := make([]rankMemory, len(ranks))
+	for i, m := range ranks {
+		mem[i] = memoryOf(cfg, m, format)
+	}
 	if f.json {
 		return json.NewEncoder(stdout).Encode(struct {
-			Model string           `json:"model"`
-			Plan  string           `json:"plan"`
-			Rules shard.Plan       `json:"rules"`
-			TP    int              `json:"tp"`
-			Ranks []shard.Manifest `json:"ranks"`
-		}{f.dir, f.plan, plan, f.tp, ranks})
+			Model        string           `json:"model"`
+			Plan         string           `json:"plan"`
+			Rules        shard.Plan       `json:"rules"`
+			TP           int              `json:"tp"`
+			Quantization string           `json:"quantization"`
+			Ranks        []shard.Manifest `json:"ranks"`
+			Memory       []rankMemory     `json:"memory"`
+		}{f.dir, f.plan, plan, f.tp, format.String(), ranks, mem})
 	}
-	return printShardsPlan(stdout, f, ranks)
+	return printShardsPlan(stdout, f, ranks, mem)
 }
 
-func printShardsPlan(w io.Writer, f shardsPlanFlags, ranks []shard.Manifest) error {
+func printShardsPlan(w io.Writer, f shardsPlanFlags, ranks []shard.Manifest, mem []rankMemory) error {
 	full := ranks[0].FullBytes
 	fmt.Fprintf(w, "model %s, plan %s, tp %d: %d text tensors, %s whole\n", f.dir, f.plan, f.tp, len(ranks[0].Tensors), shardsSize(full))
-	for _, m := range ranks {
+	for i, m := range ranks {
 		fmt.Fprintf(w, "\nrank %d of %d\n", m.Rank, m.TP)
 		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-		fmt.Fprintln(tw, "  TENSOR\tSTYLE\tSPLIT\tLOCAL SHAPE\tBYTES")
-		for _, t := range m.Tensors {
+		fmt.Fprintln(tw, "  TENSOR\tSTYLE\tSPLIT\tLOCAL SHAPE\tSTORED\tBYTES\tIN MEMORY\tMEMORY BYTES")
+		for j, t := range m.Tensors {
 			style := string(t.Style)
 			if style == "" {
 				style = "-"
 			}
-			fmt.Fprintf(tw, "  %s\t%s\t%s\t%v\t%d\n", t.Name, style, shardsSplit(t), t.LocalShape, t.Bytes)
+			tm := mem[i].Tensors[j]
+			fmt.Fprintf(tw, "  %s\t%s\t%s\t%v\t%s\t%d\t%s\t%d\n", t.Name, style, shardsSplit(t), t.LocalShape, tm.StoredDType, t.Bytes, tm.Format, tm.MemoryBytes)
 		}
 		if err := tw.Flush(); err != nil {
 			return err
 		}
-		fmt.Fprintf(w, "  rank %d reads %s: split %s, whole %s\n", m.Rank, shardsSize(m.Bytes), shardsSize(m.SplitBytes), shardsSize(m.ReplicatedBytes))
+		fmt.Fprintf(w, "  rank %d reads %s: split %s, whole %s; holds %s in memory\n", m.Rank, shardsSize(m.Bytes), shardsSize(m.SplitBytes),
+			shardsSize(m.ReplicatedBytes), shardsSize(mem[i].MemoryBytes))
 	}
 	fmt.Fprintln(w, "\ntotals")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)

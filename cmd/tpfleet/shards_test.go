@@ -138,3 +138,51 @@ func TestShardsPlanErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestShardsPlanQuantization: with --quantization each tensor shows its stored dtype and bytes and its
+// in-memory format and bytes, in the table and in --json; lm_head and the router stay bf16.
+func TestShardsPlanQuantization(t *testing.T) {
+	var out, errOut bytes.Buffer
+	if err := runShards(context.Background(), []string{"plan", "--model", shardsFixture, "--quantization", "fp8"}, &out, &errOut); err != nil {
+		t.Fatalf("shards plan --quantization fp8 = %v (stderr %q)", err, errOut.String())
+	}
+	for _, want := range []string{"STORED", "IN MEMORY", "MEMORY BYTES", "fp8-rowwise+act", "BF16", "in memory"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("shards plan --quantization fp8 output lacks %q:\n%s", want, out.String())
+		}
+	}
+	out.Reset()
+	if err := runShards(context.Background(), []string{"plan", "--model", shardsFixture, "--quantization", "int4", "--json"}, &out, &errOut); err != nil {
+		t.Fatalf("shards plan --quantization int4 --json = %v", err)
+	}
+	var got struct {
+		Quantization string `json:"quantization"`
+		Memory       []struct {
+			MemoryBytes int64 `json:"memory_bytes"`
+			Tensors     []struct {
+				Name        string `json:"name"`
+				StoredDType string `json:"stored_dtype"`
+				StoredBytes int64  `json:"stored_bytes"`
+				Format      string `json:"format"`
+				MemoryBytes int64  `json:"memory_bytes"`
+			} `json:"tensors"`
+		} `json:"memory"`
+	}
+	if err := json.Unmarshal(out.Bytes(), &got); err != nil {
+		t.Fatal(err)
+	}
+	if got.Quantization != "int4-g128" || len(got.Memory) != 1 {
+		t.Fatalf("shards plan --json: quantization %q, %d ranks of memory", got.Quantization, len(got.Memory))
+	}
+	var sum int64
+	for _, x := range got.Memory[0].Tensors {
+		sum += x.MemoryBytes
+		quantised := !strings.Contains(x.Name, "lm_head") && !strings.Contains(x.Name, "router") && !strings.Contains(x.Name, "embed") && !strings.Contains(x.Name, "norm")
+		if x.StoredDType != "BF16" || (x.Format == "int4-g128") != quantised || (quantised && x.MemoryBytes*3 >= x.StoredBytes) || (!quantised && x.MemoryBytes != x.StoredBytes) {
+			t.Errorf("tensor %+v: want int4-g128 at under a third of its bytes exactly when quantisable", x)
+		}
+	}
+	if sum != got.Memory[0].MemoryBytes {
+		t.Errorf("memory_bytes = %d, want the tensors' sum %d", got.Memory[0].MemoryBytes, sum)
+	}
+}

@@ -31,7 +31,8 @@ const fp8QC = `{"config_groups": {"group_0": {"targets": ["Linear"], "output_act
  "format": "float-quantized", "quant_method": "compressed-tensors", "kv_cache_scheme": null, "ignore": IGNORE}`
 
 // fp8Row quantises one output row per spec §3.4: scale = bf16(max|w|/448), code = E4M3(w/scale); it
-// returns the codes, the scale and the dequantised row (code·scale in float32).
+// returns the codes, the scale and the dequantised row as transformers 5.17 decompresses it,
+// bf16(float32(code)·float32(scale)).
 func fp8Row(w []float32) ([]byte, float32, []float32) {
 	var amax float32
 	for _, v := range w {
@@ -44,7 +45,7 @@ func fp8Row(w []float32) ([]byte, float32, []float32) {
 	codes, deq := make([]byte, len(w)), make([]float32, len(w))
 	for i, v := range w {
 		codes[i] = quant.EncodeE4M3(min(max(v/s, -448), 448))
-		deq[i] = quant.DecodeE4M3(codes[i]) * s
+		deq[i] = safetensors.BF16ToFloat32(safetensors.Float32ToBF16(quant.DecodeE4M3(codes[i]) * s))
 	}
 	return codes, s, deq
 }
@@ -464,8 +465,9 @@ func fp8Ref(v []float32, shape []int, inDim int) []float32 {
 
 // TestQuantGoldens compares with HF float32 logits of the quantised fixtures that
 // scripts/fixtures/make_quant_fixtures.py writes on the GPU machine (testdata/fixtures/quant): the
-// compressed-tensors FP8 checkpoint (dequantised, spec §3.4), and fp8 rowwise (weight-only) and int4
-// quantise→dequantise of moe-top2, each to 1e-4 relative. It skips only while those files are absent.
+// compressed-tensors FP8 checkpoint (dequantised to bf16, spec §3.4), and fp8 rowwise (weight-only, q·scale
+// in float32) and int4 quantise→dequantise of moe-top2, each to 1e-4 relative (see quant's package doc,
+// Numerics). It skips only while those files are absent.
 func TestQuantGoldens(t *testing.T) {
 	dir := filepath.Join(fixturesDir, "quant")
 	if _, err := os.Stat(filepath.Join(dir, "golden-fp8-ct.safetensors")); errors.Is(err, os.ErrNotExist) {
@@ -480,8 +482,8 @@ func TestQuantGoldens(t *testing.T) {
 		return int64Rows(t, g, "score_ids")[0], float32s(t, g, "score_logits")
 	}
 	ids, want := golden("golden-fp8-ct.safetensors")
-	ranks := loadFP8Ranks(t, filepath.Join(dir, "fp8-ct"), shard.DefaultPlan(llama4.Config{}), comm.NewLocalGroup(1))
 	cfg, _ := openDir(t, filepath.Join(dir, "fp8-ct"))
+	ranks := loadFP8Ranks(t, filepath.Join(dir, "fp8-ct"), shard.DefaultPlan(cfg), comm.NewLocalGroup(1))
 	if worst, at := maxRelDiff(t, score(t, ranks, ids), want, cfg.VocabSize); worst > 1e-4 {
 		t.Errorf("fp8-ct vs HF: max |Δ|/max |ref| = %.3g at %d, want <= 1e-4", worst, at)
 	}

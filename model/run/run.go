@@ -6,6 +6,13 @@
 // optional ops are); Open dispatches to it. Model is the small surface the callers use: sequences,
 // batched forward passes, generation and scoring. RankWeights loads one rank's slices of a checkpoint, as
 // a shard.Manifest cuts them, into a backend.
+//
+// Weight formats: RankWeights.WithFormat (and CheckpointWeights.WithFormat) hold the tensors the model
+// declares Quantizable in a package quant format, quantised at load from this rank's slices only (fp8
+// rowwise, int4 group-wise), and load the F8_E4M3 tensors of a pre-quantised (compressed-tensors) checkpoint
+// read through a shard.View with their scales, as quant.CompressedTensorsFP8. Either needs a backend that
+// implements backend.QuantizedLoader; the others get one line wrapping errors.ErrUnsupported naming the
+// format. MemoryBytes counts what is held (codes and scales).
 package run
 
 import (

@@ -34,7 +34,7 @@ type ScaleSlices interface {
 
 // quantizer decides how a tensor is held: as the checkpoint stores it, quantised on the fly to format (the
 // weights the model declares Quantizable), or, for an F8_E4M3 tensor of a pre-quantised checkpoint, as
-// weight-only FP8 with its scales.
+// weight-only FP8 with its scales, dequantised to bf16 (quant.CompressedTensorsFP8, spec §3.4).
 type quantizer struct {
 	specs  map[string]model.TensorSpec
 	format quant.Format
@@ -62,7 +62,7 @@ func (q *quantizer) load(ops backend.Ops, name string, dt safetensors.DType, sha
 		if err != nil {
 			return nil, err
 		}
-		w = quant.Weight{Format: quant.Format{Kind: quant.FP8}, Shape: shape, InputDim: spec.InputDim, Data: data, Scales: sc}
+		w = quant.Weight{Format: quant.CompressedTensorsFP8(), Shape: shape, InputDim: spec.InputDim, Data: data, Scales: sc}
 		if err := w.Check(); err != nil {
 			return nil, err
 		}

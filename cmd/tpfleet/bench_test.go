@@ -1,0 +1,63 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"testing"
+
+	"github.com/tpfleet/tpfleet/model"
+	"github.com/tpfleet/tpfleet/quant"
+)
+
+var benchTiny = []string{"--layers", "2", "--hidden", "128", "--heads", "4", "--kv-heads", "2", "--head-dim", "32", "--experts", "4",
+	"--intermediate", "256", "--intermediate-mlp", "256", "--vocab", "1000", "--prompt", "8", "--tokens", "2", "--runs", "1", "--json"}
+
+// TestBenchQuantization: bench --quantization runs on the cpu at TP 1 and 2, and its floor counts every
+// quantisable tensor in its stored format (fewer bytes than bf16; int4 fewer than fp8) and the rest in bf16.
+func TestBenchQuantization(t *testing.T) {
+	step := map[string]int64{}
+	for _, q := range []string{"none", "fp8", "int4"} {
+		for _, tp := range []string{"1", "2"} {
+			var out, errOut bytes.Buffer
+			if err := runBench(context.Background(), append([]string{"--quantization", q, "--tp", tp}, benchTiny...), &out, &errOut); err != nil {
+				t.Fatalf("bench --quantization %s --tp %s = %v (stderr %q)", q, tp, err, errOut.String())
+			}
+			var res benchResult
+			if err := json.Unmarshal(out.Bytes(), &res); err != nil {
+				t.Fatal(err)
+			}
+			if res.DecodeMSPerTok <= 0 || res.MemoryBytes <= 0 || (q == "none") != (res.MemoryBytes == res.WeightBytes) {
+				t.Errorf("bench --quantization %s --tp %s = %+v", q, tp, res)
+			}
+			step[q] = res.StepBytes
+		}
+	}
+	if !(step["int4"] < step["fp8"] && step["fp8"] < step["none"]) {
+		t.Errorf("decode bytes per step: none %d, fp8 %d, int4 %d; want decreasing", step["none"], step["fp8"], step["int4"])
+	}
+	var errOut bytes.Buffer
+	if err := runBench(context.Background(), append([]string{"--quantization", "fp4"}, benchTiny...), &bytes.Buffer{}, &errOut); err == nil {
+		t.Errorf("bench --quantization fp4 = nil, want a usage error")
+	}
+}
+
+func TestBenchTensorBytes(t *testing.T) {
+	lin := model.TensorSpec{Name: "q", Shape: []int{256, 300}, InputDim: 1, Quantizable: true}
+	head := model.TensorSpec{Name: "lm_head.weight", Shape: []int{1000, 128}, InputDim: 1}
+	tests := []struct {
+		s    model.TensorSpec
+		f    quant.Format
+		want int64
+	}{
+		{lin, quant.Format{}, 2 * 256 * 300},
+		{lin, quant.Format{Kind: quant.FP8}, 256*300 + 4*256},                      // a byte an element, a float32 scale a row
+		{lin, quant.Format{Kind: quant.Int4, GroupSize: 128}, 256*300/2 + 2*256*3}, // half a byte, a bf16 scale per row and group
+		{head, quant.Format{Kind: quant.Int4, GroupSize: 128}, 2 * 1000 * 128},     // lm_head stays bf16
+	}
+	for _, tt := range tests {
+		if got := tensorBytes(tt.s, tt.f); got != tt.want {
+			t.Errorf("tensorBytes(%s%v, %s) = %d, want %d", tt.s.Name, tt.s.Shape, tt.f, got, tt.want)
+		}
+	}
+}
