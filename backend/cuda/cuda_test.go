@@ -21,9 +21,6 @@ import (
 // here and runs them on the GPU machine; rows for its closing table go to the file named by
 // $TPFLEET_GPU_TABLE (op|shape|error|time).
 
-// EnvTable names the file that table rows are appended to.
-const EnvTable = "TPFLEET_GPU_TABLE"
-
 // conformanceRelL2 is the relative L2 bound for backendtest with bf16 storage: bf16 keeps 8 significant
 // bits (a relative rounding error up to 2^-9 ≈ 2e-3 per value), and the suite's ops chain a few
 // roundings (operands to bf16, output to bf16).
@@ -68,30 +65,8 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-var tableMu sync.Mutex
-
-// row appends one line to the table file, when there is one.
-func row(cols ...string) {
-	path := os.Getenv(EnvTable)
-	if path == "" {
-		return
-	}
-	tableMu.Lock()
-	defer tableMu.Unlock()
-	f, err := os.OpenFile(path, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
-	if err != nil {
-		return
-	}
-	defer f.Close()
-	line := ""
-	for i, c := range cols {
-		if i > 0 {
-			line += "|"
-		}
-		line += c
-	}
-	fmt.Fprintln(f, line)
-}
+// row appends one line to the table scripts/gpu/test.sh prints.
+func row(cols ...string) { gputest.Row(cols...) }
 
 func TestConformance(t *testing.T) {
 	for _, act := range []cuda.DType{cuda.BF16, cuda.F32} {

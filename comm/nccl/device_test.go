@@ -25,26 +25,5 @@ func TestNCCLLibrary(t *testing.T) {
 	if _, err := nccl.NewUniqueID(); err != nil {
 		t.Errorf("NewUniqueID: %v", err)
 	}
-	gpuRow("nccl library", path, fmt.Sprintf("version %d", v), "")
-}
-
-// gpuRow appends a row to the table scripts/gpu/test.sh prints ($TPFLEET_GPU_TABLE).
-func gpuRow(cols ...string) {
-	path := os.Getenv("TPFLEET_GPU_TABLE")
-	if path == "" {
-		return
-	}
-	f, err := os.OpenFile(path, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
-	if err != nil {
-		return
-	}
-	defer f.Close()
-	line := ""
-	for i, c := range cols {
-		if i > 0 {
-			line += "|"
-		}
-		line += c
-	}
-	fmt.Fprintln(f, line)
+	gputest.Row("nccl library", path, fmt.Sprintf("version %d", v), "")
 }

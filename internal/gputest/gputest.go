@@ -10,8 +10,11 @@
 package gputest
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"testing"
 )
 
@@ -52,4 +55,27 @@ func SkipIfPresent(t testing.TB) {
 	if n := Count(); n > 0 {
 		t.Skipf("%d NVIDIA GPU(s) here: the paths of a machine without one cannot be checked", n)
 	}
+}
+
+// EnvTable names the file that Row appends to: scripts/gpu/test.sh sets it and prints the table last.
+const EnvTable = "TPFLEET_GPU_TABLE"
+
+// tableMu serialises the appends of one test binary's goroutines; each row is one write.
+var tableMu sync.Mutex
+
+// Row appends one line of columns ("op|shape|error|time") to the table file, when $TPFLEET_GPU_TABLE
+// names one; otherwise it does nothing.
+func Row(cols ...string) {
+	path := os.Getenv(EnvTable)
+	if path == "" {
+		return
+	}
+	tableMu.Lock()
+	defer tableMu.Unlock()
+	f, err := os.OpenFile(path, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	fmt.Fprintln(f, strings.Join(cols, "|"))
 }
