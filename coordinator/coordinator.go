@@ -56,6 +56,9 @@ type Coordinator struct {
 	gossipMu      sync.Mutex
 	gossipDown    map[gossipNode]struct{}
 	gossipChanged chan struct{}
+	// coordDown receives the IDs of other coordinators whose gossip node died (buffer 8; see gossipEvent
+	// for the drop policy); the deposer reads it.
+	coordDown chan string
 
 	// ctx is the coordinator's lifetime: Close cancels it, which ends the leadership loop and the
 	// groups; wg waits for them.
@@ -111,6 +114,7 @@ func New(cfg Config) (*Coordinator, error) {
 		readyGroups:   make(map[int]bool),
 		gossipDown:    make(map[gossipNode]struct{}),
 		gossipChanged: make(chan struct{}, 1),
+		coordDown:     make(chan string, 8),
 	}
 	// Sequence ids of different coordinator lives differ, so a worker never confuses them.
 	c.seqIDs.Store(uint64(time.Now().UnixNano()))
@@ -218,6 +222,9 @@ func (c *Coordinator) Start(ctx context.Context) error {
 
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	c.wg.Add(2)
+	if c.gossip != nil {
+		c.wg.Go(c.depose)
+	}
 	go func() {
 		defer c.wg.Done()
 		if err := c.srv.Serve(lis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
@@ -357,7 +364,7 @@ func (c *Coordinator) currentTP() int {
 func (c *Coordinator) campaign() {
 	for c.ctx.Err() == nil {
 		c.log.Info("campaigning for leadership")
-		l, err := c.cl.Campaign(c.ctx, c.cfg.ID, c.cfg.LeaderTTL)
+		l, err := c.campaignOnce()
 		if err != nil {
 			if c.ctx.Err() != nil {
 				break
@@ -381,6 +388,22 @@ func (c *Coordinator) campaign() {
 		cancel()
 	}
 	c.stepDown()
+}
+
+// campaignOnce campaigns until this coordinator leads; meanwhile its gossip node joins the workers', so
+// that it hears of the leader's death (see depose).
+func (c *Coordinator) campaignOnce() (*cluster.Leadership, error) {
+	if c.gossip == nil {
+		return c.cl.Campaign(c.ctx, c.cfg.ID, c.cfg.LeaderTTL)
+	}
+	ctx, cancel := context.WithCancel(c.ctx)
+	var standby sync.WaitGroup
+	standby.Go(func() { c.standbyGossip(ctx) })
+	defer func() {
+		cancel()
+		standby.Wait()
+	}()
+	return c.cl.Campaign(c.ctx, c.cfg.ID, c.cfg.LeaderTTL)
 }
 
 // stepDown ends the leadership: the groups stop and every waiting request ends with UNAVAILABLE.
@@ -712,6 +735,7 @@ func (ld *leader) apply() {
 		log := c.log.With(zap.Int64("epoch", ld.plan.Epoch), zap.Int("group", g.ID))
 		cfg := groupConfig{
 			epoch:            ld.plan.Epoch,
+			leaderRev:        ld.l.Rev(),
 			group:            g,
 			queue:            c.queue,
 			maxBatch:         c.cfg.MaxBatch,

@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -49,6 +51,15 @@ func (c *Coordinator) startGossip(ctx context.Context) error {
 // gossipEvent records that a node joined (or came back) or left (or was declared dead) and wakes the
 // leader. It runs on the gossip node's callback goroutine and never blocks.
 func (c *Coordinator) gossipEvent(n gossipNode, alive bool) {
+	if id, ok := strings.CutPrefix(n.name, "coordinator/"); ok {
+		if !alive && id != c.cfg.ID {
+			select {
+			case c.coordDown <- id:
+			default: // full: the deposer is busy with earlier deaths; a leader still expires with its lease
+			}
+		}
+		return
+	}
 	c.gossipMu.Lock()
 	if alive {
 		delete(c.gossipDown, n)
@@ -210,5 +221,56 @@ func offerMembers(ch chan []cluster.Member, ms []cluster.Member) {
 		default:
 		}
 		ch <- ms
+	}
+}
+
+// depose runs for the coordinator's lifetime: when gossip declares another coordinator's node dead (a
+// crash: about a second with the default probes) and that coordinator leads, it deposes it in etcd
+// (cluster.Client.Depose), so that the standbys' campaigns end at once instead of after the dead
+// leader's lease (Config.LeaderTTL). Only a coordinator that does not lead deposes.
+func (c *Coordinator) depose() {
+	for {
+		select {
+		case <-c.ctx.Done():
+			return
+		case id := <-c.coordDown:
+			c.mu.Lock()
+			leader := c.leader
+			c.mu.Unlock()
+			if leader {
+				continue
+			}
+			ctx, cancel := context.WithTimeout(c.ctx, 2*time.Second)
+			ok, err := c.cl.Depose(ctx, id)
+			cancel()
+			switch {
+			case err != nil:
+				c.log.Warn("gossip declared the leader dead; deposing it failed (its lease will expire)", zap.String("leader-id", id), zap.Error(err))
+			case ok:
+				c.log.Warn("gossip declared the leader dead; deposed it", zap.String("leader-id", id))
+			}
+		}
+	}
+}
+
+// standbyGossip runs while this coordinator campaigns: it joins the gossip nodes of the registered
+// workers, as the leader does, so that its node is in the cluster's gossip and learns of the leader's
+// death. It returns when ctx ends.
+func (c *Coordinator) standbyGossip(ctx context.Context) {
+	lists := make(chan []cluster.Member, 1)
+	var joiner sync.WaitGroup
+	joiner.Go(func() { c.joinGossip(ctx, lists) })
+	defer joiner.Wait()
+	members := c.cl.WatchMembers(ctx)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ms, ok := <-members:
+			if !ok {
+				return
+			}
+			offerMembers(lists, ms)
+		}
 	}
 }
