@@ -281,13 +281,37 @@ func TestChaos(t *testing.T) {
 	if takeover > 2*time.Second {
 		t.Errorf("the standby served %v after the leader's SIGKILL, want within 2s", takeover)
 	}
+	// 5 s later no worker holds a sequence of the dead leader: every worker has been stepped by the new
+	// leadership (which drops older leaderships' sequences), and the ranks of a group hold the same
+	// sequences. A Step stream of the dead leader still open on a worker is reported, not failed (see
+	// docs/operations.md).
 	time.Sleep(time.Until(kill.Add(5 * time.Second)))
-	for _, st := range workerStatuses(t, shBefore) {
+	sts := workerStatuses(t, shBefore)
+	seqs := make(map[int32][]int32) // group -> each rank's sequence count
+	for i, st := range sts {
+		if st.GetLeaderRev() != sts[0].GetLeaderRev() || st.GetLeaderRev() == 0 {
+			t.Errorf("worker %s 5s after the leader's SIGKILL: stepped by leadership %d, want %d (the new leader's) on every worker",
+				st.GetMemberId(), st.GetLeaderRev(), sts[0].GetLeaderRev())
+		}
+		g := int32(shBefore.Assignments[i].Group)
+		seqs[g] = append(seqs[g], st.GetSequences())
 		if st.GetStepStreams() != 1 {
-			time.Sleep(time.Second)
-			again := workerStatuses(t, shBefore)
-			t.Errorf("worker %s 5s after the leader's SIGKILL: %d Step streams (leader rev %d, %d sequences), want 1 (the new leader's; none of the dead one's); a second later: %v",
-				st.GetMemberId(), st.GetStepStreams(), st.GetLeaderRev(), st.GetSequences(), again)
+			t.Logf("worker %s 5s after the leader's SIGKILL: %d Step streams open (want 1), %d sequences", st.GetMemberId(), st.GetStepStreams(), st.GetSequences())
+		}
+	}
+	for g, n := range seqs {
+		// The two Status calls may straddle a step that starts or releases sequences: look again.
+		for try := 0; len(n) > 1 && n[0] != n[1] && try < 10; try++ {
+			time.Sleep(100 * time.Millisecond)
+			n = n[:0]
+			for i, st := range workerStatuses(t, shBefore) {
+				if int32(shBefore.Assignments[i].Group) == g {
+					n = append(n, st.GetSequences())
+				}
+			}
+		}
+		if len(n) > 1 && n[0] != n[1] {
+			t.Errorf("group %d 5s after the leader's SIGKILL: its ranks hold %v sequences, want the same (none of the dead leader's)", g, n)
 		}
 	}
 	mark("restart coordinator")
