@@ -59,6 +59,9 @@ type Coordinator struct {
 	// coordDown receives the IDs of other coordinators whose gossip node died (buffer 8; see gossipEvent
 	// for the drop policy); the deposer reads it.
 	coordDown chan string
+	// coordChanged wakes a standby waiting for its turn (see standbyGate) when another coordinator's
+	// gossip node joins or leaves (buffer 1: a pending wake-up covers later ones).
+	coordChanged chan struct{}
 
 	// ctx is the coordinator's lifetime: Close cancels it, which ends the leadership loop and the
 	// groups; wg waits for them.
@@ -115,6 +118,7 @@ func New(cfg Config) (*Coordinator, error) {
 		gossipDown:    make(map[gossipNode]struct{}),
 		gossipChanged: make(chan struct{}, 1),
 		coordDown:     make(chan string, 8),
+		coordChanged:  make(chan struct{}, 1),
 	}
 	// Sequence ids of different coordinator lives differ, so a worker never confuses them.
 	c.seqIDs.Store(uint64(time.Now().UnixNano()))
@@ -391,7 +395,9 @@ func (c *Coordinator) campaign() {
 }
 
 // campaignOnce campaigns until this coordinator leads; meanwhile its gossip node joins the workers', so
-// that it hears of the leader's death (see depose).
+// that it hears of the leader's death (see depose). With gossip, a standby holds no key in the election
+// while a leader that gossip reports alive leads (see standbyGate): an etcd outage, which lapses the
+// leader's lease, must not hand the lead to a queued standby while the leader still serves.
 func (c *Coordinator) campaignOnce() (*cluster.Leadership, error) {
 	if c.gossip == nil {
 		return c.cl.Campaign(c.ctx, c.cfg.ID, c.cfg.LeaderTTL)
@@ -403,7 +409,32 @@ func (c *Coordinator) campaignOnce() (*cluster.Leadership, error) {
 		cancel()
 		standby.Wait()
 	}()
-	return c.cl.Campaign(c.ctx, c.cfg.ID, c.cfg.LeaderTTL)
+	gate := &standbyGate{c: c, grace: 2 * c.cfg.LeaderTTL}
+	for {
+		if err := gate.waitTurn(c.ctx); err != nil {
+			return nil, err
+		}
+		cctx, ccancel := context.WithCancel(c.ctx)
+		var withdrew atomic.Bool
+		var watch sync.WaitGroup
+		watch.Go(func() {
+			if gate.waitLiveLeader(cctx) {
+				withdrew.Store(true)
+				ccancel()
+			}
+		})
+		l, err := c.cl.Campaign(cctx, c.cfg.ID, c.cfg.LeaderTTL)
+		ccancel()
+		watch.Wait()
+		switch {
+		case err == nil:
+			return l, nil
+		case withdrew.Load() && c.ctx.Err() == nil:
+			c.log.Info("a leader gossip reports alive holds the lead; withdrew from the election", zap.String("leader-id", gate.last))
+		default:
+			return nil, err
+		}
+	}
 }
 
 // stepDown ends the leadership: the groups stop and every waiting request ends with UNAVAILABLE.

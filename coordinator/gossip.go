@@ -58,6 +58,10 @@ func (c *Coordinator) gossipEvent(n gossipNode, alive bool) {
 			default: // full: the deposer is busy with earlier deaths; a leader still expires with its lease
 			}
 		}
+		select {
+		case c.coordChanged <- struct{}{}:
+		default: // a wake-up is pending already
+		}
 		return
 	}
 	c.gossipMu.Lock()
@@ -271,6 +275,117 @@ func (c *Coordinator) standbyGossip(ctx context.Context) {
 				return
 			}
 			offerMembers(lists, ms)
+		}
+	}
+}
+
+// standbyPoll is how often a standby reads the leader key while it waits for its turn or campaigns.
+const standbyPoll = 100 * time.Millisecond
+
+// standbyGate decides when a standby with gossip may hold a key in the election. It may not while
+// another coordinator leads (the oldest key is its) and gossip reports that coordinator's node alive: the
+// leader serves, and an etcd outage that lapses its lease must not move the lead (the queued key would
+// win when etcd returns and the lapsed lease is revoked). It may when the leader's node is dead (depose
+// deletes its key), when the leader has no gossip node known to this one (a --no-gossip leader: its
+// lease decides, as without gossip), and when the leader key is gone: at once if the last leader's node
+// is dead or unknown, else after grace, during which the live leader re-takes the key (see ride). Only
+// the campaigning goroutine uses a gate.
+type standbyGate struct {
+	c     *Coordinator
+	grace time.Duration
+	last  string    // the leader last read from etcd; "" none yet
+	gone  time.Time // when the key of a live last leader was found gone; zero: not gone
+	held  bool      // the last verdict was to hold off (for logging transitions)
+}
+
+// alive reports whether gossip reports the coordinator id's node alive (another coordinator's only).
+func (g *standbyGate) alive(id string) bool {
+	if id == "" || id == g.c.cfg.ID {
+		return false
+	}
+	return slices.Contains(g.c.gossip.Members(), gossipNodeName(id))
+}
+
+// read returns the current leader, or ok false when etcd does not answer.
+func (g *standbyGate) read(ctx context.Context) (id string, found, ok bool) {
+	rctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	id, found, err := g.c.cl.Leader(rctx)
+	return id, found, err == nil
+}
+
+// mayCampaign reads the leader and says whether this standby may hold a key in the election now; while
+// etcd does not answer, it may not.
+func (g *standbyGate) mayCampaign(ctx context.Context) bool {
+	id, found, ok := g.read(ctx)
+	if !ok {
+		return false
+	}
+	if found {
+		if id != g.c.cfg.ID {
+			g.last = id
+		}
+		g.gone = time.Time{}
+		return !g.alive(id)
+	}
+	if !g.alive(g.last) {
+		return true
+	}
+	if g.gone.IsZero() {
+		g.gone = time.Now()
+		g.c.log.Info("the leader key is gone while gossip reports the leader alive; waiting for it to lead again",
+			zap.String("leader-id", g.last), zap.Duration("grace", g.grace))
+	}
+	if time.Since(g.gone) >= g.grace {
+		g.c.log.Warn("the leader, alive in gossip, did not lead again within the grace; campaigning",
+			zap.String("leader-id", g.last), zap.Duration("grace", g.grace))
+		return true
+	}
+	return false
+}
+
+// waitTurn returns when this standby may campaign, or with ctx's error.
+func (g *standbyGate) waitTurn(ctx context.Context) error {
+	tick := time.NewTicker(standbyPoll)
+	defer tick.Stop()
+	for {
+		may := g.mayCampaign(ctx)
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if may {
+			g.held = false
+			return nil
+		}
+		if !g.held {
+			g.held = true
+			g.c.log.Info("standing by: a leader serves", zap.String("leader-id", g.last))
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-tick.C:
+		case <-g.c.coordChanged:
+		}
+	}
+}
+
+// waitLiveLeader runs while this standby campaigns: it returns true as soon as another coordinator that
+// gossip reports alive holds the oldest key (this one must withdraw), false when ctx ends.
+func (g *standbyGate) waitLiveLeader(ctx context.Context) bool {
+	tick := time.NewTicker(standbyPoll)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-tick.C:
+		case <-g.c.coordChanged:
+		}
+		id, found, ok := g.read(ctx)
+		if ok && found && id != g.c.cfg.ID && g.alive(id) && ctx.Err() == nil {
+			g.last, g.gone = id, time.Time{}
+			return true
 		}
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
 	"github.com/tpfleet/tpfleet/client"
@@ -161,4 +162,85 @@ func TestGossipDead(t *testing.T) {
 	default:
 		t.Errorf("gossip events did not wake the leader")
 	}
+}
+
+// electionKeys returns the values of the keys in the test cluster's coordinator election, oldest first.
+func electionKeys(t *testing.T) []string {
+	t.Helper()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: testEndpoints, DialTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = cli.Close() }()
+	resp, err := cli.Get(testCtx(t), cluster.KeyRoot+clusterName(t)+"/leader/", clientv3.WithPrefix(),
+		clientv3.WithSort(clientv3.SortByCreateRevision, clientv3.SortAscend))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for _, kv := range resp.Kvs {
+		ids = append(ids, string(kv.Value))
+	}
+	return ids
+}
+
+// TestStandbyKeepsLiveLeader: with gossip, a standby holds no election key while a leader that gossip
+// reports alive leads. When the leader's key and lease go while it lives (as when etcd returns from an
+// outage longer than the leader's TTL and revokes the lapsed lease), the leader leads again and keeps
+// serving its groups, and the standby does not lead. When the leader dies, the standby leads.
+func TestStandbyKeepsLiveLeader(t *testing.T) {
+	cl := clusterClient(t)
+	for i := range 2 {
+		startGossipWorker(t, fmt.Sprintf("w%d", i), 10*time.Second)
+	}
+	cfgA, cfgB := testConfig(t), testConfig(t)
+	cfgA.ID, cfgB.ID = "a", "b"
+	a, cliA := startCoordinator(t, cfgA)
+	waitReady(t, a)
+	b, _ := startCoordinator(t, cfgB)
+	eventually(t, "the standby withdrawn from the election, gossip reporting the leader alive", func() bool {
+		return slices.Equal(electionKeys(t), []string{"a"}) && slices.Contains(b.gossip.Members(), gossipNodeName("a"))
+	})
+	epoch := storedEpoch(t, cl)
+
+	// The leader's key and lease go while it lives.
+	if ok, err := cl.Depose(testCtx(t), "a"); err != nil || !ok {
+		t.Fatalf("Depose(a) = %v, %v; want true, nil", ok, err)
+	}
+	eventually(t, "the live leader leading again", func() bool { return slices.Equal(electionKeys(t), []string{"a"}) })
+	for _, c := range []struct {
+		name   string
+		c      *Coordinator
+		leader bool
+	}{{"a", a, true}, {"b", b, false}} {
+		c.c.mu.Lock()
+		leader, groups := c.c.leader, len(c.c.readyGroups)
+		c.c.mu.Unlock()
+		if leader != c.leader || (leader && groups != 1) {
+			t.Errorf("coordinator %s after the leader's lease went: leader %v, %d groups serving; want leader %v", c.name, leader, groups, c.leader)
+		}
+	}
+	if e := storedEpoch(t, cl); e != epoch {
+		t.Errorf("epoch after the leader's lease went = %d, want %d (the plan kept)", e, epoch)
+	}
+	prompt := []int{7}
+	if res, err := cliA.Generate(testCtx(t), client.GenerateRequest{PromptIDs: prompt, MaxTokens: 3, Sampling: greedy()}, nil); err != nil || !slices.Equal(res.IDs, echo(prompt, 3)) {
+		t.Errorf("Generate on the leader after its lease went = %+v, %v; want %v", res, err, echo(prompt, 3))
+	}
+
+	// The leader dies as a killed process does: its gossip node stops without leaving, and its etcd
+	// client closes without resigning. The standby leads.
+	died := time.Now()
+	if err := a.gossip.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.cl.Close(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the standby leading", func() bool {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		return b.leader
+	})
+	t.Logf("the standby leads %v after the leader's gossip node stopped", time.Since(died).Round(time.Millisecond))
 }

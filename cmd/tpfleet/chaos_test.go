@@ -327,8 +327,13 @@ func TestChaos(t *testing.T) {
 	settle("two groups after the coordinator's restart")
 
 	mark(fmt.Sprintf("SIGSTOP etcd %v", etcdStop))
+	// The leader is found before the stop: while etcd is stopped, Shards on a coordinator that has not
+	// yet noticed waits for etcd, which would lengthen the outage.
+	leadIdx := leaderIdx()
+	climu.Lock()
+	lead := clis[leadIdx]
+	climu.Unlock()
 	etcd.signal(t, syscall.SIGSTOP)
-	lead := leaderCli()
 	reported := false
 	for stop := time.Now().Add(etcdStop); time.Now().Before(stop); time.Sleep(100 * time.Millisecond) {
 		ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
@@ -343,6 +348,14 @@ func TestChaos(t *testing.T) {
 	}
 	settle("two groups after etcd's SIGCONT")
 	mark("end")
+	// An etcd outage never moves the lead away from a live leader: when the leader's lease lapsed, it
+	// leads again and the standby stands by.
+	if i := leaderIdx(); i != leadIdx {
+		t.Errorf("after the etcd outage coordinator %d leads, want %d (the leader before it)", i, leadIdx)
+	}
+	t.Logf("across the etcd outage: the leader regained its lapsed leadership %d times; the standby waited for it %d times",
+		strings.Count(coords[leadIdx].stderr.String(), "leadership regained"),
+		strings.Count(coords[1-leadIdx].stderr.String(), "waiting for it to lead again"))
 	loads := 0
 	for _, w := range workers {
 		loads += countLine(w.stderr.String(), "weights loaded")
