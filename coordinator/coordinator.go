@@ -487,6 +487,8 @@ type leader struct {
 	failTimer  *time.Timer
 	failEpoch  int64 // the failed epoch the timer will replace; 0: none pending
 	failStreak int
+
+	lapsedSince time.Time // since when a planned worker alive in gossip is not registered (see reregistering)
 }
 
 // Back-off of re-plans after failed epochs.
@@ -571,6 +573,10 @@ func (c *Coordinator) lead(l *cluster.Leadership) error {
 				}
 			}
 		case <-settle.C:
+			if wait := ld.reregistering(); wait > 0 {
+				settle.Reset(wait)
+				continue
+			}
 			if err := ld.reconcile(); err != nil {
 				if errors.Is(err, cluster.ErrNotLeader) || ctx.Err() != nil {
 					return err

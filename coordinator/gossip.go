@@ -166,6 +166,57 @@ func (ld *leader) gossipChanged() bool {
 	return changed
 }
 
+// reregisterGrace bounds how long the leader keeps the plan unchanged for a planned worker whose member
+// key is gone while gossip reports its node alive: its lease lapsed in an etcd outage, and it registers
+// again as soon as etcd answers (worker keepRegistered), with the same address, so the plan still fits.
+const reregisterGrace = 5 * time.Second
+
+// reregisterPoll is how often the leader looks again while it waits for such workers.
+const reregisterPoll = 100 * time.Millisecond
+
+// reregistering returns how long to wait before placing the members, or 0 to place them now: while a
+// planned worker is not registered but gossip reports its node alive, for up to reregisterGrace, the
+// leader waits for it to register again instead of writing an epoch without it (which would move its
+// group's shards and load weights again when it returns). A worker that exits cleanly deregisters and
+// leaves gossip, and a dead one is declared dead by gossip, so neither is waited for long.
+func (ld *leader) reregistering() time.Duration {
+	if ld.c.gossip == nil || ld.plan.Epoch == 0 {
+		return 0
+	}
+	registered := make(map[string]bool, len(ld.members))
+	for _, m := range ld.members {
+		registered[m.ID] = true
+	}
+	alive := make(map[string]bool)
+	for _, name := range ld.c.gossip.Members() {
+		alive[name] = true
+	}
+	var missing []string
+	for _, g := range ld.plan.Groups {
+		for _, a := range g.Ranks {
+			if !registered[a.MemberID] && alive[a.MemberID] {
+				missing = append(missing, a.MemberID)
+			}
+		}
+	}
+	if len(missing) == 0 {
+		ld.lapsedSince = time.Time{}
+		return 0
+	}
+	if ld.lapsedSince.IsZero() {
+		ld.lapsedSince = time.Now()
+		ld.log.Info("planned workers alive in gossip are not registered (their leases lapsed?); waiting for them to register again",
+			zap.Strings("member-ids", missing), zap.Int64("epoch", ld.plan.Epoch), zap.Duration("grace", reregisterGrace))
+	}
+	left := reregisterGrace - time.Since(ld.lapsedSince)
+	if left <= 0 {
+		ld.log.Warn("planned workers alive in gossip did not register again within the grace; placing the cluster without them",
+			zap.Strings("member-ids", missing), zap.Duration("grace", reregisterGrace))
+		return 0
+	}
+	return min(left, reregisterPoll)
+}
+
 // joinGossip runs while this coordinator leads: it joins the gossip nodes of the members of each list it
 // receives, and every gossipRejoin tries again those that are not among the live nodes, until ctx ends.
 // Workers start their nodes alone; these joins make them one gossip cluster with the coordinator.

@@ -1,6 +1,7 @@
 package coordinator
 
 import (
+	"context"
 	"fmt"
 	"slices"
 	"testing"
@@ -20,6 +21,8 @@ type gossipWorker struct {
 	*fakeWorker
 	cl     *cluster.Client
 	gossip *cluster.Gossip
+	member cluster.Member
+	reg    *cluster.Registration
 }
 
 // startGossipWorker starts a gossipWorker that registers with a lease of ttl and follows the plan.
@@ -38,7 +41,8 @@ func startGossipWorker(t *testing.T, id string, ttl time.Duration) *gossipWorker
 	}
 	t.Cleanup(func() { _ = w.gossip.Close() })
 	m.Gossip = w.gossip.Addr()
-	w.followAs(t, w.cl, m, ttl)
+	w.member = m
+	w.reg = w.followAs(t, w.cl, m, ttl)
 	return w
 }
 
@@ -243,4 +247,46 @@ func TestStandbyKeepsLiveLeader(t *testing.T) {
 		return b.leader
 	})
 	t.Logf("the standby leads %v after the leader's gossip node stopped", time.Since(died).Round(time.Millisecond))
+}
+
+// TestLapsedWorkerKept: a planned worker whose member lease is revoked while it lives (as etcd revokes
+// leases that lapsed during an outage) and that registers again keeps its place: no new epoch.
+func TestLapsedWorkerKept(t *testing.T) {
+	cl := clusterClient(t)
+	var ws []*gossipWorker
+	for i := range 2 {
+		ws = append(ws, startGossipWorker(t, fmt.Sprintf("w%d", i), 10*time.Second))
+	}
+	c, cli := startCoordinator(t, testConfig(t))
+	waitReady(t, c)
+	eventually(t, "three gossip nodes", func() bool { return len(c.gossip.Members()) == 3 })
+	epoch := storedEpoch(t, cl)
+
+	etcd, err := clientv3.New(clientv3.Config{Endpoints: testEndpoints, DialTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = etcd.Close() }()
+	if _, err := etcd.Revoke(testCtx(t), ws[1].reg.Lease()); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "w1 not registered", func() bool {
+		ms, _, err := cl.Members(testCtx(t))
+		return err == nil && !slices.ContainsFunc(ms, func(m cluster.Member) bool { return m.ID == "w1" })
+	})
+	// Longer than the coordinator's settle (20 ms) and shorter than reregisterGrace: the worker's
+	// keep-alive finds its lease gone and registers again.
+	time.Sleep(500 * time.Millisecond)
+	reg, err := ws[1].cl.Register(testCtx(t), ws[1].member, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = reg.Close(context.Background()) })
+	prompt := []int{9}
+	if res, err := cli.Generate(testCtx(t), client.GenerateRequest{PromptIDs: prompt, MaxTokens: 3, Sampling: greedy()}, nil); err != nil || !slices.Equal(res.IDs, echo(prompt, 3)) {
+		t.Errorf("Generate after w1 registered again = %+v, %v; want %v", res, err, echo(prompt, 3))
+	}
+	if e := storedEpoch(t, cl); e != epoch {
+		t.Errorf("epoch after w1's lease was revoked and it registered again = %d, want %d (the plan kept)", e, epoch)
+	}
 }
