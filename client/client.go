@@ -193,6 +193,11 @@ type Shards struct {
 	TP          int
 	Plan        string
 	Assignments []Placement
+	// LeaderID is the coordinator that answered when it leads, empty when it is a standby.
+	LeaderID string
+	// EtcdUnreachable is set while the leader serves this plan with etcd unreachable: the plan (read
+	// from the leader's memory) cannot change until etcd answers.
+	EtcdUnreachable bool
 }
 
 // Shards reads the plan through the coordinator's Admin service.
@@ -201,7 +206,8 @@ func (c *Client) Shards(ctx context.Context) (Shards, error) {
 	if err != nil {
 		return Shards{}, err
 	}
-	s := Shards{Epoch: resp.GetEpoch(), Model: resp.GetModel(), TP: int(resp.GetTp()), Plan: resp.GetPlan()}
+	s := Shards{Epoch: resp.GetEpoch(), Model: resp.GetModel(), TP: int(resp.GetTp()), Plan: resp.GetPlan(),
+		LeaderID: resp.GetLeaderId(), EtcdUnreachable: resp.GetEtcdUnreachable()}
 	for _, a := range resp.GetAssignments() {
 		s.Assignments = append(s.Assignments, Placement{Group: int(a.GetGroup()), Rank: int(a.GetRank()), MemberID: a.GetMemberId(), Addr: a.GetAddr()})
 	}

@@ -205,3 +205,38 @@ func (c *Client) revoke(id clientv3.LeaseID, ttl int64) {
 	defer cancel()
 	_, _ = c.cli.Revoke(ctx, id)
 }
+
+// Depose ends the leadership of the coordinator id when it is the current leader: it deletes its
+// election key (only if that key still leads with id as its value) and revokes the key's lease, so the
+// next campaigner leads at once instead of waiting for the lease to expire. A standby calls it when
+// gossip declares the leader's process dead. It reports whether it deposed id; a leader that is not id,
+// or no leader, is no error. The deposed process, should it be alive after all, finds its leadership
+// lost (Done) and its plan writes refused (ErrNotLeader).
+func (c *Client) Depose(ctx context.Context, id string) (bool, error) {
+	ctx, cancel := c.bind(ctx)
+	defer cancel()
+	resp, err := c.cli.Get(ctx, c.key(keyLeader+"/"), clientv3.WithFirstCreate()...)
+	if err != nil {
+		return false, fmt.Errorf("cluster: depose %s: read leader: %w", id, c.ctxErr(ctx, err))
+	}
+	if len(resp.Kvs) == 0 || string(resp.Kvs[0].Value) != id {
+		return false, nil
+	}
+	kv := resp.Kvs[0]
+	key := string(kv.Key)
+	txn, err := c.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.CreateRevision(key), "=", kv.CreateRevision)).
+		Then(clientv3.OpDelete(key)).
+		Commit()
+	if err != nil {
+		return false, fmt.Errorf("cluster: depose %s: delete leader key: %w", id, c.ctxErr(ctx, err))
+	}
+	if !txn.Succeeded {
+		return false, nil
+	}
+	if _, err := c.cli.Revoke(ctx, clientv3.LeaseID(kv.Lease)); err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
+		c.lg.Debug("depose: revoke the deposed leader's lease", zap.String("leader-id", id), zap.Error(err))
+	}
+	c.lg.Warn("deposed the leader", zap.String("leader-id", id), zap.String("leader-key", key))
+	return true, nil
+}

@@ -275,7 +275,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.IntVar(&c.MaxQueue, "max-queue", c.MaxQueue, "requests that may wait for a place in a batch; more are refused (0: 256)")
 	fs.IntVar(&c.MaxBatch, "max-batch", c.MaxBatch, "sequences per step of a group (0: 32)")
 	fs.IntVar(&c.TokenBudget, "token-budget", c.TokenBudget, "tokens per step of a group: decodes plus prompt pieces (0: 512)")
-	fs.DurationVar(&c.LeaderTTL, "leader-ttl", c.LeaderTTL, "lease of the leader election; a standby takes over this long after the leader dies (0: 5s)")
+	fs.DurationVar(&c.LeaderTTL, "leader-ttl", c.LeaderTTL, "lease of the leader election; a standby takes over this long after the leader dies, sooner when gossip declares it dead (0: 5s)")
 	fs.DurationVar(&c.Settle, "settle", c.Settle, "how long the member list must stay unchanged before a new plan (0: 250ms)")
 	fs.DurationVar(&c.ResumeTimeout, "resume-timeout", c.ResumeTimeout, "how long a request handed back by a stopped or failed group may wait for another before it fails (0: 30s)")
 	fs.DurationVar(&c.StepTimeout, "step-timeout", c.StepTimeout, "deadline of a one-token step; a group that misses it fails and its requests resume elsewhere (0: 10s)")

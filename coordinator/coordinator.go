@@ -56,6 +56,12 @@ type Coordinator struct {
 	gossipMu      sync.Mutex
 	gossipDown    map[gossipNode]struct{}
 	gossipChanged chan struct{}
+	// coordDown receives the IDs of other coordinators whose gossip node died (buffer 8; see gossipEvent
+	// for the drop policy); the deposer reads it.
+	coordDown chan string
+	// coordChanged wakes a standby waiting for its turn (see standbyGate) when another coordinator's
+	// gossip node joins or leaves (buffer 1: a pending wake-up covers later ones).
+	coordChanged chan struct{}
 
 	// ctx is the coordinator's lifetime: Close cancels it, which ends the leadership loop and the
 	// groups; wg waits for them.
@@ -123,6 +129,8 @@ func New(cfg Config) (*Coordinator, error) {
 		readyGroups:   make(map[int]bool),
 		gossipDown:    make(map[gossipNode]struct{}),
 		gossipChanged: make(chan struct{}, 1),
+		coordDown:     make(chan string, 8),
+		coordChanged:  make(chan struct{}, 1),
 	}
 	// Sequence ids of different coordinator lives differ, so a worker never confuses them.
 	c.seqIDs.Store(uint64(time.Now().UnixNano()))
@@ -232,6 +240,9 @@ func (c *Coordinator) Start(ctx context.Context) error {
 
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	c.wg.Add(2)
+	if c.gossip != nil {
+		c.wg.Go(c.depose)
+	}
 	go func() {
 		defer c.wg.Done()
 		if err := c.srv.Serve(lis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
@@ -376,7 +387,7 @@ func (c *Coordinator) currentTP() int {
 func (c *Coordinator) campaign() {
 	for c.ctx.Err() == nil {
 		c.log.Info("campaigning for leadership")
-		l, err := c.cl.Campaign(c.ctx, c.cfg.ID, c.cfg.LeaderTTL)
+		l, err := c.campaignOnce()
 		if err != nil {
 			if c.ctx.Err() != nil {
 				break
@@ -400,6 +411,49 @@ func (c *Coordinator) campaign() {
 		cancel()
 	}
 	c.stepDown()
+}
+
+// campaignOnce campaigns until this coordinator leads; meanwhile its gossip node joins the workers', so
+// that it hears of the leader's death (see depose). With gossip, a standby holds no key in the election
+// while a leader that gossip reports alive leads (see standbyGate): an etcd outage, which lapses the
+// leader's lease, must not hand the lead to a queued standby while the leader still serves.
+func (c *Coordinator) campaignOnce() (*cluster.Leadership, error) {
+	if c.gossip == nil {
+		return c.cl.Campaign(c.ctx, c.cfg.ID, c.cfg.LeaderTTL)
+	}
+	ctx, cancel := context.WithCancel(c.ctx)
+	var standby sync.WaitGroup
+	standby.Go(func() { c.standbyGossip(ctx) })
+	defer func() {
+		cancel()
+		standby.Wait()
+	}()
+	gate := &standbyGate{c: c, grace: 2 * c.cfg.LeaderTTL}
+	for {
+		if err := gate.waitTurn(c.ctx); err != nil {
+			return nil, err
+		}
+		cctx, ccancel := context.WithCancel(c.ctx)
+		var withdrew atomic.Bool
+		var watch sync.WaitGroup
+		watch.Go(func() {
+			if gate.waitLiveLeader(cctx) {
+				withdrew.Store(true)
+				ccancel()
+			}
+		})
+		l, err := c.cl.Campaign(cctx, c.cfg.ID, c.cfg.LeaderTTL)
+		ccancel()
+		watch.Wait()
+		switch {
+		case err == nil:
+			return l, nil
+		case withdrew.Load() && c.ctx.Err() == nil:
+			c.log.Info("a leader gossip reports alive holds the lead; withdrew from the election", zap.String("leader-id", gate.last))
+		default:
+			return nil, err
+		}
+	}
 }
 
 // stepDown ends the leadership: the groups stop and every waiting request ends with UNAVAILABLE.
@@ -452,6 +506,8 @@ type leader struct {
 	failTimer  *time.Timer
 	failEpoch  int64 // the failed epoch the timer will replace; 0: none pending
 	failStreak int
+
+	lapsedSince time.Time // since when a planned worker alive in gossip is not registered (see reregistering)
 }
 
 // Back-off of re-plans after failed epochs.
@@ -536,6 +592,10 @@ func (c *Coordinator) lead(l *cluster.Leadership) error {
 				}
 			}
 		case <-settle.C:
+			if wait := ld.reregistering(); wait > 0 {
+				settle.Reset(wait)
+				continue
+			}
 			if err := ld.reconcile(); err != nil {
 				if errors.Is(err, cluster.ErrNotLeader) || ctx.Err() != nil {
 					return err
@@ -731,6 +791,7 @@ func (ld *leader) apply() {
 		log := c.log.With(zap.Int64("epoch", ld.plan.Epoch), zap.Int("group", g.ID))
 		cfg := groupConfig{
 			epoch:            ld.plan.Epoch,
+			leaderRev:        ld.l.Rev(),
 			group:            g,
 			queue:            c.queue,
 			maxBatch:         c.cfg.MaxBatch,

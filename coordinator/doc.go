@@ -5,8 +5,15 @@
 // # What it does
 //
 //   - Leadership: every coordinator campaigns in etcd (cluster.Client.Campaign); only the leader plans
-//     and schedules. A standby answers Generate with UNAVAILABLE and takes over when the leader's lease
-//     expires (Config.LeaderTTL) or it resigns (Close).
+//     and schedules. A standby answers Generate with UNAVAILABLE and takes over when the leader resigns
+//     (Close), when gossip declares the leader's node dead (the standby's node joins the workers' while
+//     it campaigns, and deposes the dead leader in etcd: cluster.Client.Depose; about a second), or at
+//     the latest when the leader's lease expires (Config.LeaderTTL). With gossip, a standby holds no
+//     election key while gossip reports the leader's node alive, so an etcd outage that lapses the
+//     leader's lease never hands the lead to a standby: the leader, which keeps serving its plan, leads
+//     again when etcd returns (the standby waits 2×LeaderTTL for it). Every StepRequest carries the
+//     leadership's election revision (leader_rev): workers refuse steps of an older leadership than the
+//     newest they have seen, which fences a deposed leader that is still alive.
 //   - Placement: the members (sorted by ID) form TP groups of Config.TP consecutive members, one
 //     replica of the model each; members left over stay idle. On taking the lead, the stored plan is
 //     resumed as it is, without a new epoch, when it still fits the live members (workers keep their

@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -49,6 +51,19 @@ func (c *Coordinator) startGossip(ctx context.Context) error {
 // gossipEvent records that a node joined (or came back) or left (or was declared dead) and wakes the
 // leader. It runs on the gossip node's callback goroutine and never blocks.
 func (c *Coordinator) gossipEvent(n gossipNode, alive bool) {
+	if id, ok := strings.CutPrefix(n.name, "coordinator/"); ok {
+		if !alive && id != c.cfg.ID {
+			select {
+			case c.coordDown <- id:
+			default: // full: the deposer is busy with earlier deaths; a leader still expires with its lease
+			}
+		}
+		select {
+		case c.coordChanged <- struct{}{}:
+		default: // a wake-up is pending already
+		}
+		return
+	}
 	c.gossipMu.Lock()
 	if alive {
 		delete(c.gossipDown, n)
@@ -151,6 +166,57 @@ func (ld *leader) gossipChanged() bool {
 	return changed
 }
 
+// reregisterGrace bounds how long the leader keeps the plan unchanged for a planned worker whose member
+// key is gone while gossip reports its node alive: its lease lapsed in an etcd outage, and it registers
+// again as soon as etcd answers (worker keepRegistered), with the same address, so the plan still fits.
+const reregisterGrace = 5 * time.Second
+
+// reregisterPoll is how often the leader looks again while it waits for such workers.
+const reregisterPoll = 100 * time.Millisecond
+
+// reregistering returns how long to wait before placing the members, or 0 to place them now: while a
+// planned worker is not registered but gossip reports its node alive, for up to reregisterGrace, the
+// leader waits for it to register again instead of writing an epoch without it (which would move its
+// group's shards and load weights again when it returns). A worker that exits cleanly deregisters and
+// leaves gossip, and a dead one is declared dead by gossip, so neither is waited for long.
+func (ld *leader) reregistering() time.Duration {
+	if ld.c.gossip == nil || ld.plan.Epoch == 0 {
+		return 0
+	}
+	registered := make(map[string]bool, len(ld.members))
+	for _, m := range ld.members {
+		registered[m.ID] = true
+	}
+	alive := make(map[string]bool)
+	for _, name := range ld.c.gossip.Members() {
+		alive[name] = true
+	}
+	var missing []string
+	for _, g := range ld.plan.Groups {
+		for _, a := range g.Ranks {
+			if !registered[a.MemberID] && alive[a.MemberID] {
+				missing = append(missing, a.MemberID)
+			}
+		}
+	}
+	if len(missing) == 0 {
+		ld.lapsedSince = time.Time{}
+		return 0
+	}
+	if ld.lapsedSince.IsZero() {
+		ld.lapsedSince = time.Now()
+		ld.log.Info("planned workers alive in gossip are not registered (their leases lapsed?); waiting for them to register again",
+			zap.Strings("member-ids", missing), zap.Int64("epoch", ld.plan.Epoch), zap.Duration("grace", reregisterGrace))
+	}
+	left := reregisterGrace - time.Since(ld.lapsedSince)
+	if left <= 0 {
+		ld.log.Warn("planned workers alive in gossip did not register again within the grace; placing the cluster without them",
+			zap.Strings("member-ids", missing), zap.Duration("grace", reregisterGrace))
+		return 0
+	}
+	return min(left, reregisterPoll)
+}
+
 // joinGossip runs while this coordinator leads: it joins the gossip nodes of the members of each list it
 // receives, and every gossipRejoin tries again those that are not among the live nodes, until ctx ends.
 // Workers start their nodes alone; these joins make them one gossip cluster with the coordinator.
@@ -210,5 +276,167 @@ func offerMembers(ch chan []cluster.Member, ms []cluster.Member) {
 		default:
 		}
 		ch <- ms
+	}
+}
+
+// depose runs for the coordinator's lifetime: when gossip declares another coordinator's node dead (a
+// crash: about a second with the default probes) and that coordinator leads, it deposes it in etcd
+// (cluster.Client.Depose), so that the standbys' campaigns end at once instead of after the dead
+// leader's lease (Config.LeaderTTL). Only a coordinator that does not lead deposes.
+func (c *Coordinator) depose() {
+	for {
+		select {
+		case <-c.ctx.Done():
+			return
+		case id := <-c.coordDown:
+			c.mu.Lock()
+			leader := c.leader
+			c.mu.Unlock()
+			if leader {
+				continue
+			}
+			ctx, cancel := context.WithTimeout(c.ctx, 2*time.Second)
+			ok, err := c.cl.Depose(ctx, id)
+			cancel()
+			switch {
+			case err != nil:
+				c.log.Warn("gossip declared the leader dead; deposing it failed (its lease will expire)", zap.String("leader-id", id), zap.Error(err))
+			case ok:
+				c.log.Warn("gossip declared the leader dead; deposed it", zap.String("leader-id", id))
+			}
+		}
+	}
+}
+
+// standbyGossip runs while this coordinator campaigns: it joins the gossip nodes of the registered
+// workers, as the leader does, so that its node is in the cluster's gossip and learns of the leader's
+// death. It returns when ctx ends.
+func (c *Coordinator) standbyGossip(ctx context.Context) {
+	lists := make(chan []cluster.Member, 1)
+	var joiner sync.WaitGroup
+	joiner.Go(func() { c.joinGossip(ctx, lists) })
+	defer joiner.Wait()
+	members := c.cl.WatchMembers(ctx)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ms, ok := <-members:
+			if !ok {
+				return
+			}
+			offerMembers(lists, ms)
+		}
+	}
+}
+
+// standbyPoll is how often a standby reads the leader key while it waits for its turn or campaigns.
+const standbyPoll = 100 * time.Millisecond
+
+// standbyGate decides when a standby with gossip may hold a key in the election. It may not while
+// another coordinator leads (the oldest key is its) and gossip reports that coordinator's node alive: the
+// leader serves, and an etcd outage that lapses its lease must not move the lead (the queued key would
+// win when etcd returns and the lapsed lease is revoked). It may when the leader's node is dead (depose
+// deletes its key), when the leader has no gossip node known to this one (a --no-gossip leader: its
+// lease decides, as without gossip), and when the leader key is gone: at once if the last leader's node
+// is dead or unknown, else after grace, during which the live leader re-takes the key (see ride). Only
+// the campaigning goroutine uses a gate.
+type standbyGate struct {
+	c     *Coordinator
+	grace time.Duration
+	last  string    // the leader last read from etcd; "" none yet
+	gone  time.Time // when the key of a live last leader was found gone; zero: not gone
+	held  bool      // the last verdict was to hold off (for logging transitions)
+}
+
+// alive reports whether gossip reports the coordinator id's node alive (another coordinator's only).
+func (g *standbyGate) alive(id string) bool {
+	if id == "" || id == g.c.cfg.ID {
+		return false
+	}
+	return slices.Contains(g.c.gossip.Members(), gossipNodeName(id))
+}
+
+// read returns the current leader, or ok false when etcd does not answer.
+func (g *standbyGate) read(ctx context.Context) (id string, found, ok bool) {
+	rctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	id, found, err := g.c.cl.Leader(rctx)
+	return id, found, err == nil
+}
+
+// mayCampaign reads the leader and says whether this standby may hold a key in the election now; while
+// etcd does not answer, it may not.
+func (g *standbyGate) mayCampaign(ctx context.Context) bool {
+	id, found, ok := g.read(ctx)
+	if !ok {
+		return false
+	}
+	if found {
+		if id != g.c.cfg.ID {
+			g.last = id
+		}
+		g.gone = time.Time{}
+		return !g.alive(id)
+	}
+	if !g.alive(g.last) {
+		return true
+	}
+	if g.gone.IsZero() {
+		g.gone = time.Now()
+		g.c.log.Info("the leader key is gone while gossip reports the leader alive; waiting for it to lead again",
+			zap.String("leader-id", g.last), zap.Duration("grace", g.grace))
+	}
+	if time.Since(g.gone) >= g.grace {
+		g.c.log.Warn("the leader, alive in gossip, did not lead again within the grace; campaigning",
+			zap.String("leader-id", g.last), zap.Duration("grace", g.grace))
+		return true
+	}
+	return false
+}
+
+// waitTurn returns when this standby may campaign, or with ctx's error.
+func (g *standbyGate) waitTurn(ctx context.Context) error {
+	tick := time.NewTicker(standbyPoll)
+	defer tick.Stop()
+	for {
+		may := g.mayCampaign(ctx)
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if may {
+			g.held = false
+			return nil
+		}
+		if !g.held {
+			g.held = true
+			g.c.log.Info("standing by: a leader serves", zap.String("leader-id", g.last))
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-tick.C:
+		case <-g.c.coordChanged:
+		}
+	}
+}
+
+// waitLiveLeader runs while this standby campaigns: it returns true as soon as another coordinator that
+// gossip reports alive holds the oldest key (this one must withdraw), false when ctx ends.
+func (g *standbyGate) waitLiveLeader(ctx context.Context) bool {
+	tick := time.NewTicker(standbyPoll)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-tick.C:
+		case <-g.c.coordChanged:
+		}
+		id, found, ok := g.read(ctx)
+		if ok && found && id != g.c.cfg.ID && g.alive(id) && ctx.Err() == nil {
+			g.last, g.gone = id, time.Time{}
+			return true
+		}
 	}
 }

@@ -1,11 +1,13 @@
 package coordinator
 
 import (
+	"context"
 	"fmt"
 	"slices"
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
 	"github.com/tpfleet/tpfleet/client"
@@ -19,6 +21,8 @@ type gossipWorker struct {
 	*fakeWorker
 	cl     *cluster.Client
 	gossip *cluster.Gossip
+	member cluster.Member
+	reg    *cluster.Registration
 }
 
 // startGossipWorker starts a gossipWorker that registers with a lease of ttl and follows the plan.
@@ -37,7 +41,8 @@ func startGossipWorker(t *testing.T, id string, ttl time.Duration) *gossipWorker
 	}
 	t.Cleanup(func() { _ = w.gossip.Close() })
 	m.Gossip = w.gossip.Addr()
-	w.followAs(t, w.cl, m, ttl)
+	w.member = m
+	w.reg = w.followAs(t, w.cl, m, ttl)
 	return w
 }
 
@@ -160,5 +165,128 @@ func TestGossipDead(t *testing.T) {
 	case <-c.gossipChanged:
 	default:
 		t.Errorf("gossip events did not wake the leader")
+	}
+}
+
+// electionKeys returns the values of the keys in the test cluster's coordinator election, oldest first.
+func electionKeys(t *testing.T) []string {
+	t.Helper()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: testEndpoints, DialTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = cli.Close() }()
+	resp, err := cli.Get(testCtx(t), cluster.KeyRoot+clusterName(t)+"/leader/", clientv3.WithPrefix(),
+		clientv3.WithSort(clientv3.SortByCreateRevision, clientv3.SortAscend))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for _, kv := range resp.Kvs {
+		ids = append(ids, string(kv.Value))
+	}
+	return ids
+}
+
+// TestStandbyKeepsLiveLeader: with gossip, a standby holds no election key while a leader that gossip
+// reports alive leads. When the leader's key and lease go while it lives (as when etcd returns from an
+// outage longer than the leader's TTL and revokes the lapsed lease), the leader leads again and keeps
+// serving its groups, and the standby does not lead. When the leader dies, the standby leads.
+func TestStandbyKeepsLiveLeader(t *testing.T) {
+	cl := clusterClient(t)
+	for i := range 2 {
+		startGossipWorker(t, fmt.Sprintf("w%d", i), 10*time.Second)
+	}
+	cfgA, cfgB := testConfig(t), testConfig(t)
+	cfgA.ID, cfgB.ID = "a", "b"
+	a, cliA := startCoordinator(t, cfgA)
+	waitReady(t, a)
+	b, _ := startCoordinator(t, cfgB)
+	eventually(t, "the standby withdrawn from the election, gossip reporting the leader alive", func() bool {
+		return slices.Equal(electionKeys(t), []string{"a"}) && slices.Contains(b.gossip.Members(), gossipNodeName("a"))
+	})
+	epoch := storedEpoch(t, cl)
+
+	// The leader's key and lease go while it lives.
+	if ok, err := cl.Depose(testCtx(t), "a"); err != nil || !ok {
+		t.Fatalf("Depose(a) = %v, %v; want true, nil", ok, err)
+	}
+	eventually(t, "the live leader leading again", func() bool { return slices.Equal(electionKeys(t), []string{"a"}) })
+	for _, c := range []struct {
+		name   string
+		c      *Coordinator
+		leader bool
+	}{{"a", a, true}, {"b", b, false}} {
+		c.c.mu.Lock()
+		leader, groups := c.c.leader, len(c.c.readyGroups)
+		c.c.mu.Unlock()
+		if leader != c.leader || (leader && groups != 1) {
+			t.Errorf("coordinator %s after the leader's lease went: leader %v, %d groups serving; want leader %v", c.name, leader, groups, c.leader)
+		}
+	}
+	if e := storedEpoch(t, cl); e != epoch {
+		t.Errorf("epoch after the leader's lease went = %d, want %d (the plan kept)", e, epoch)
+	}
+	prompt := []int{7}
+	if res, err := cliA.Generate(testCtx(t), client.GenerateRequest{PromptIDs: prompt, MaxTokens: 3, Sampling: greedy()}, nil); err != nil || !slices.Equal(res.IDs, echo(prompt, 3)) {
+		t.Errorf("Generate on the leader after its lease went = %+v, %v; want %v", res, err, echo(prompt, 3))
+	}
+
+	// The leader dies as a killed process does: its gossip node stops without leaving, and its etcd
+	// client closes without resigning. The standby leads.
+	died := time.Now()
+	if err := a.gossip.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.cl.Close(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the standby leading", func() bool {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		return b.leader
+	})
+	t.Logf("the standby leads %v after the leader's gossip node stopped", time.Since(died).Round(time.Millisecond))
+}
+
+// TestLapsedWorkerKept: a planned worker whose member lease is revoked while it lives (as etcd revokes
+// leases that lapsed during an outage) and that registers again keeps its place: no new epoch.
+func TestLapsedWorkerKept(t *testing.T) {
+	cl := clusterClient(t)
+	var ws []*gossipWorker
+	for i := range 2 {
+		ws = append(ws, startGossipWorker(t, fmt.Sprintf("w%d", i), 10*time.Second))
+	}
+	c, cli := startCoordinator(t, testConfig(t))
+	waitReady(t, c)
+	eventually(t, "three gossip nodes", func() bool { return len(c.gossip.Members()) == 3 })
+	epoch := storedEpoch(t, cl)
+
+	etcd, err := clientv3.New(clientv3.Config{Endpoints: testEndpoints, DialTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = etcd.Close() }()
+	if _, err := etcd.Revoke(testCtx(t), ws[1].reg.Lease()); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "w1 not registered", func() bool {
+		ms, _, err := cl.Members(testCtx(t))
+		return err == nil && !slices.ContainsFunc(ms, func(m cluster.Member) bool { return m.ID == "w1" })
+	})
+	// Longer than the coordinator's settle (20 ms) and shorter than reregisterGrace: the worker's
+	// keep-alive finds its lease gone and registers again.
+	time.Sleep(500 * time.Millisecond)
+	reg, err := ws[1].cl.Register(testCtx(t), ws[1].member, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = reg.Close(context.Background()) })
+	prompt := []int{9}
+	if res, err := cli.Generate(testCtx(t), client.GenerateRequest{PromptIDs: prompt, MaxTokens: 3, Sampling: greedy()}, nil); err != nil || !slices.Equal(res.IDs, echo(prompt, 3)) {
+		t.Errorf("Generate after w1 registered again = %+v, %v; want %v", res, err, echo(prompt, 3))
+	}
+	if e := storedEpoch(t, cl); e != epoch {
+		t.Errorf("epoch after w1's lease was revoked and it registered again = %d, want %d (the plan kept)", e, epoch)
 	}
 }

@@ -42,6 +42,7 @@ type dialFunc func(addr string) (*grpc.ClientConn, error)
 // groupConfig is what a group runner needs from the coordinator.
 type groupConfig struct {
 	epoch       int64
+	leaderRev   int64 // the leadership's election revision, sent in every StepRequest (fencing); 0: none
 	group       cluster.Group
 	queue       *queue
 	maxBatch    int
@@ -309,11 +310,12 @@ func (b *batch) plan() ([]*pb.SequenceWork, []*sequence) {
 func (b *batch) run(ctx context.Context, work []*pb.SequenceWork) ([]*pb.SequenceResult, error) {
 	b.step++
 	req := &pb.StepRequest{
-		Protocol: pb.StepProtocol_STEP_PROTOCOL_V1,
-		Epoch:    b.cfg.epoch,
-		Step:     b.step,
-		Seqs:     work,
-		Release:  b.release,
+		Protocol:  pb.StepProtocol_STEP_PROTOCOL_V1,
+		Epoch:     b.cfg.epoch,
+		Step:      b.step,
+		Seqs:      work,
+		Release:   b.release,
+		LeaderRev: b.cfg.leaderRev,
 	}
 	ranks := b.cfg.group.Ranks
 	for i, s := range b.streams {

@@ -171,12 +171,23 @@ func memberProto(m cluster.Member) *pb.Member {
 	return pm
 }
 
+// Shards answers with the stored plan. A leader riding out an etcd outage answers with the plan in
+// force, from memory, and says so (etcd_unreachable): the plan cannot change until etcd answers.
 func (s *adminServer) Shards(ctx context.Context, in *pb.ShardsRequest) (*pb.ShardsResponse, error) {
-	p, _, err := s.c.cl.Plan(ctx)
-	if err != nil {
-		return nil, toStatus(err)
+	c := s.c
+	c.mu.Lock()
+	leader, etcdLost, p := c.leader, c.etcdLost, c.plan
+	c.mu.Unlock()
+	if !etcdLost {
+		var err error
+		if p, _, err = c.cl.Plan(ctx); err != nil {
+			return nil, toStatus(err)
+		}
 	}
-	out := &pb.ShardsResponse{Epoch: p.Epoch, Model: p.Model, Tp: int32(p.TP), Plan: p.PlanName}
+	out := &pb.ShardsResponse{Epoch: p.Epoch, Model: p.Model, Tp: int32(p.TP), Plan: p.PlanName, EtcdUnreachable: etcdLost}
+	if leader {
+		out.LeaderId = c.cfg.ID
+	}
 	for _, g := range p.Groups {
 		for _, a := range g.Ranks {
 			out.Assignments = append(out.Assignments, &pb.Assignment{Group: int32(g.ID), Rank: int32(a.Rank), MemberId: a.MemberID, Addr: a.Addr})

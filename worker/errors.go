@@ -33,6 +33,10 @@ var (
 	// ErrSuperseded means LoadPlan waited for an epoch that a newer plan replaced before it was
 	// loaded.
 	ErrSuperseded = errors.New("worker: epoch superseded")
+	// ErrStaleLeader means a StepRequest came from a coordinator whose leadership is older
+	// (StepRequest.leader_rev) than one that has already stepped this worker: a deposed leader that has
+	// not noticed yet. It is refused so that two coordinators never drive one TP group.
+	ErrStaleLeader = errors.New("worker: step from a deposed leader")
 	// ErrClosed means the worker was closed, or is closing.
 	ErrClosed = errors.New("worker: closed")
 )

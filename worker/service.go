@@ -28,6 +28,8 @@ var _ tpfleetv1.WorkerServer = (*service)(nil)
 func (s *service) Step(stream grpc.BidiStreamingServer[tpfleetv1.StepRequest, tpfleetv1.StepResponse]) error {
 	ctx := stream.Context()
 	id := s.w.streamIDs.Add(1)
+	s.w.openSteps.Add(1)
+	defer s.w.openSteps.Add(-1)
 	defer func() {
 		if n := s.w.releaseStream(id); n > 0 {
 			s.w.lg.Info("step stream ended; dropped its sequences", zap.Int("sequences", n))
@@ -89,5 +91,7 @@ func (s *service) Status(context.Context, *tpfleetv1.StatusRequest) (*tpfleetv1.
 		WeightBytes: st.WeightBytes,
 		Sequences:   int32(st.Sequences),
 		Device:      st.Device,
+		StepStreams: int32(st.StepStreams),
+		LeaderRev:   s.w.currentLeaderRev(),
 	}, nil
 }

@@ -21,6 +21,7 @@ var statusCodes = rpcstatus.Table{Rules: []rpcstatus.Rule{
 	{Err: ErrFailed, Code: codes.Unavailable},
 	{Err: ErrInvalidRequest, Code: codes.InvalidArgument},
 	{Err: ErrEpochMismatch, Code: codes.FailedPrecondition},
+	{Err: ErrStaleLeader, Code: codes.FailedPrecondition},
 	{Err: ErrNotServing, Code: codes.Unavailable},
 	{Err: ErrUnknownSequence, Code: codes.NotFound},
 	{Err: ErrProtocol, Code: codes.InvalidArgument},

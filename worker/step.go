@@ -18,6 +18,7 @@ type sequence struct {
 	capacity int
 	sampler  *sample.Sampler // rank 0 only
 	stream   uint64          // the Step stream that started it (0: a direct Step call); see releaseStream
+	rev      int64           // the leader_rev of the request that started it; see fence
 }
 
 // Step runs one StepRequest and returns its response; see the package doc for the semantics. Requests
@@ -55,6 +56,9 @@ func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.S
 		return nil, ErrClosed
 	case req.GetEpoch() != epoch:
 		return nil, fmt.Errorf("%w: request epoch %d, worker on epoch %d (%s)", ErrEpochMismatch, req.GetEpoch(), epoch, state)
+	}
+	if err := w.fence(req.GetLeaderRev()); err != nil {
+		return nil, err
 	}
 	// Releases apply after the work, also when the work fails: they only drop state.
 	defer w.release(req.GetRelease())
@@ -125,7 +129,7 @@ func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.S
 			if err != nil {
 				return nil, w.stepError(epoch, i, id, err)
 			}
-			s := &sequence{seq: seq, capacity: int(work.GetCapacity()), stream: stream}
+			s := &sequence{seq: seq, capacity: int(work.GetCapacity()), stream: stream, rev: req.GetLeaderRev()}
 			if rank == 0 {
 				s.sampler = sample.New(samplingParams(work.GetSampling(), wts))
 				s.sampler.Skip(int(work.GetResumed()), wts.info.VocabSize)
@@ -220,6 +224,42 @@ func (w *Worker) validate(req *tpfleetv1.StepRequest, cfg model.Info) error {
 	}
 	return nil
 }
+
+// fence refuses a request of a leadership older than the newest seen (rev 0 is not fenced). A newer
+// leadership's first request drops the sequences that older leaderships' requests started: their
+// coordinator was deposed (it crashed, or gossip declared it dead) and the new leader prefills them
+// again, so nothing would release them, even when the old stream stays open (a half-open connection).
+// runMu is held.
+func (w *Worker) fence(rev int64) error {
+	if rev == 0 {
+		return nil
+	}
+	seen := w.leaderRev.Load()
+	if rev < seen {
+		return fmt.Errorf("%w: leader revision %d, a newer leader (revision %d) steps this worker", ErrStaleLeader, rev, seen)
+	}
+	if rev == seen {
+		return nil
+	}
+	w.leaderRev.Store(rev)
+	n := 0
+	for id, s := range w.seqs {
+		if s.rev != 0 && s.rev < rev {
+			delete(w.seqs, id)
+			n++
+		}
+	}
+	w.mu.Lock()
+	w.nseqs = len(w.seqs)
+	w.mu.Unlock()
+	if n > 0 {
+		w.lg.Info("a newer leader steps this worker; dropped the sequences of the older one", zap.Int64("leader-rev", rev), zap.Int("sequences", n))
+	}
+	return nil
+}
+
+// currentLeaderRev returns the highest leader revision seen.
+func (w *Worker) currentLeaderRev() int64 { return w.leaderRev.Load() }
 
 // releaseStream drops the sequences that the Step stream numbered stream started and that are still
 // held: the coordinator that sent them is gone (it closed the stream, crashed, or its connection failed)

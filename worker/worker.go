@@ -67,6 +67,8 @@ type Status struct {
 	Sequences int
 	// Device is where the model runs, e.g. "cpu".
 	Device string
+	// StepStreams is the number of Step streams open (one per coordinator driving the worker).
+	StepStreams int
 	// Loads counts the times weights were read from the checkpoint; epochs that reuse the loaded weights
 	// do not count.
 	Loads int
@@ -129,6 +131,8 @@ type Worker struct {
 	wts       *weights
 	seqs      map[uint64]*sequence
 	streamIDs atomic.Uint64 // numbers the Step streams from 1 (see sequence.stream)
+	openSteps atomic.Int32  // Step streams open now
+	leaderRev atomic.Int64  // the highest StepRequest.leader_rev seen; written under runMu
 
 	mu         sync.Mutex
 	started    bool
@@ -410,6 +414,7 @@ func (w *Worker) Status() Status {
 		WeightBytes: w.weightSize,
 		Sequences:   w.nseqs,
 		Device:      w.cfg.Device,
+		StepStreams: int(w.openSteps.Load()),
 		Loads:       w.loads,
 		Err:         w.failure,
 	}

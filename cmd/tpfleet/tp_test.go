@@ -6,8 +6,10 @@ import (
 	"math"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -20,7 +22,9 @@ func TestMain(m *testing.M) {
 			life = d
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), life)
+		ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM) // as main does: a clean exit
 		code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+		stop()
 		cancel()
 		os.Exit(code)
 	}

@@ -282,14 +282,20 @@ func (x *Assignment) GetAddr() string {
 }
 
 type ShardsResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Epoch         int64                  `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
-	Model         string                 `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
-	Tp            int32                  `protobuf:"varint,3,opt,name=tp,proto3" json:"tp,omitempty"`
-	Plan          string                 `protobuf:"bytes,4,opt,name=plan,proto3" json:"plan,omitempty"`
-	Assignments   []*Assignment          `protobuf:"bytes,5,rep,name=assignments,proto3" json:"assignments,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Epoch       int64                  `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	Model       string                 `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
+	Tp          int32                  `protobuf:"varint,3,opt,name=tp,proto3" json:"tp,omitempty"`
+	Plan        string                 `protobuf:"bytes,4,opt,name=plan,proto3" json:"plan,omitempty"`
+	Assignments []*Assignment          `protobuf:"bytes,5,rep,name=assignments,proto3" json:"assignments,omitempty"`
+	// leader_id is the coordinator that answered, when it leads; empty on a standby.
+	LeaderId string `protobuf:"bytes,6,opt,name=leader_id,json=leaderId,proto3" json:"leader_id,omitempty"`
+	// etcd_unreachable is set while the answering leader serves its current plan with etcd unreachable:
+	// the plan is the one in force, read from the leader's memory, and cannot change (no new epoch, no
+	// rebalance, no re-placement of a lost worker) until etcd answers again.
+	EtcdUnreachable bool `protobuf:"varint,7,opt,name=etcd_unreachable,json=etcdUnreachable,proto3" json:"etcd_unreachable,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *ShardsResponse) Reset() {
@@ -355,6 +361,20 @@ func (x *ShardsResponse) GetAssignments() []*Assignment {
 		return x.Assignments
 	}
 	return nil
+}
+
+func (x *ShardsResponse) GetLeaderId() string {
+	if x != nil {
+		return x.LeaderId
+	}
+	return ""
+}
+
+func (x *ShardsResponse) GetEtcdUnreachable() bool {
+	if x != nil {
+		return x.EtcdUnreachable
+	}
+	return false
 }
 
 type RebalanceRequest struct {
@@ -467,13 +487,15 @@ const file_tpfleet_v1_admin_proto_rawDesc = "" +
 	"\x05group\x18\x01 \x01(\x05R\x05group\x12\x12\n" +
 	"\x04rank\x18\x02 \x01(\x05R\x04rank\x12\x1b\n" +
 	"\tmember_id\x18\x03 \x01(\tR\bmemberId\x12\x12\n" +
-	"\x04addr\x18\x04 \x01(\tR\x04addr\"\x9a\x01\n" +
+	"\x04addr\x18\x04 \x01(\tR\x04addr\"\xe2\x01\n" +
 	"\x0eShardsResponse\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x03R\x05epoch\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12\x0e\n" +
 	"\x02tp\x18\x03 \x01(\x05R\x02tp\x12\x12\n" +
 	"\x04plan\x18\x04 \x01(\tR\x04plan\x128\n" +
-	"\vassignments\x18\x05 \x03(\v2\x16.tpfleet.v1.AssignmentR\vassignments\"\"\n" +
+	"\vassignments\x18\x05 \x03(\v2\x16.tpfleet.v1.AssignmentR\vassignments\x12\x1b\n" +
+	"\tleader_id\x18\x06 \x01(\tR\bleaderId\x12)\n" +
+	"\x10etcd_unreachable\x18\a \x01(\bR\x0fetcdUnreachable\"\"\n" +
 	"\x10RebalanceRequest\x12\x0e\n" +
 	"\x02tp\x18\x01 \x01(\x05R\x02tp\")\n" +
 	"\x11RebalanceResponse\x12\x14\n" +

@@ -78,7 +78,12 @@ type StepRequest struct {
 	// seqs are run in this order on every rank.
 	Seqs []*SequenceWork `protobuf:"bytes,4,rep,name=seqs,proto3" json:"seqs,omitempty"`
 	// release names sequences whose KV caches can be dropped (finished or cancelled).
-	Release       []uint64 `protobuf:"varint,5,rep,packed,name=release,proto3" json:"release,omitempty"`
+	Release []uint64 `protobuf:"varint,5,rep,packed,name=release,proto3" json:"release,omitempty"`
+	// leader_rev fences coordinators: the etcd creation revision of the sender's leader key, which grows
+	// with every leadership. A worker refuses (FAILED_PRECONDITION) a request whose leader_rev is below
+	// the highest it has seen, and drops the sequences of older leaderships' streams when a newer one
+	// steps. 0: not fenced (a direct Step call, or an older coordinator).
+	LeaderRev     int64 `protobuf:"varint,6,opt,name=leader_rev,json=leaderRev,proto3" json:"leader_rev,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -146,6 +151,13 @@ func (x *StepRequest) GetRelease() []uint64 {
 		return x.Release
 	}
 	return nil
+}
+
+func (x *StepRequest) GetLeaderRev() int64 {
+	if x != nil {
+		return x.LeaderRev
+	}
+	return 0
 }
 
 // SequenceWork feeds tokens to one sequence: its prompt (or a piece of it) when start is set, else the
@@ -493,10 +505,14 @@ type StatusResponse struct {
 	Rank     int32                  `protobuf:"varint,4,opt,name=rank,proto3" json:"rank,omitempty"`
 	Tp       int32                  `protobuf:"varint,5,opt,name=tp,proto3" json:"tp,omitempty"`
 	// state: "idle" (no plan), "loading", "serving", "failed".
-	State         string `protobuf:"bytes,6,opt,name=state,proto3" json:"state,omitempty"`
-	WeightBytes   int64  `protobuf:"varint,7,opt,name=weight_bytes,json=weightBytes,proto3" json:"weight_bytes,omitempty"`
-	Sequences     int32  `protobuf:"varint,8,opt,name=sequences,proto3" json:"sequences,omitempty"`
-	Device        string `protobuf:"bytes,9,opt,name=device,proto3" json:"device,omitempty"`
+	State       string `protobuf:"bytes,6,opt,name=state,proto3" json:"state,omitempty"`
+	WeightBytes int64  `protobuf:"varint,7,opt,name=weight_bytes,json=weightBytes,proto3" json:"weight_bytes,omitempty"`
+	Sequences   int32  `protobuf:"varint,8,opt,name=sequences,proto3" json:"sequences,omitempty"`
+	Device      string `protobuf:"bytes,9,opt,name=device,proto3" json:"device,omitempty"`
+	// step_streams is the number of Step streams open on the worker (one per coordinator that drives it).
+	StepStreams int32 `protobuf:"varint,10,opt,name=step_streams,json=stepStreams,proto3" json:"step_streams,omitempty"`
+	// leader_rev is the highest StepRequest.leader_rev the worker has seen.
+	LeaderRev     int64 `protobuf:"varint,11,opt,name=leader_rev,json=leaderRev,proto3" json:"leader_rev,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -594,18 +610,34 @@ func (x *StatusResponse) GetDevice() string {
 	return ""
 }
 
+func (x *StatusResponse) GetStepStreams() int32 {
+	if x != nil {
+		return x.StepStreams
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetLeaderRev() int64 {
+	if x != nil {
+		return x.LeaderRev
+	}
+	return 0
+}
+
 var File_tpfleet_v1_worker_proto protoreflect.FileDescriptor
 
 const file_tpfleet_v1_worker_proto_rawDesc = "" +
 	"\n" +
 	"\x17tpfleet/v1/worker.proto\x12\n" +
-	"tpfleet.v1\x1a\x17tpfleet/v1/common.proto\"\xb5\x01\n" +
+	"tpfleet.v1\x1a\x17tpfleet/v1/common.proto\"\xd4\x01\n" +
 	"\vStepRequest\x124\n" +
 	"\bprotocol\x18\x01 \x01(\x0e2\x18.tpfleet.v1.StepProtocolR\bprotocol\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x03R\x05epoch\x12\x12\n" +
 	"\x04step\x18\x03 \x01(\x04R\x04step\x12,\n" +
 	"\x04seqs\x18\x04 \x03(\v2\x18.tpfleet.v1.SequenceWorkR\x04seqs\x12\x18\n" +
-	"\arelease\x18\x05 \x03(\x04R\arelease\"\xd3\x01\n" +
+	"\arelease\x18\x05 \x03(\x04R\arelease\x12\x1d\n" +
+	"\n" +
+	"leader_rev\x18\x06 \x01(\x03R\tleaderRev\"\xd3\x01\n" +
 	"\fSequenceWork\x12\x15\n" +
 	"\x06seq_id\x18\x01 \x01(\x04R\x05seqId\x12\x10\n" +
 	"\x03ids\x18\x02 \x03(\x05R\x03ids\x12\x14\n" +
@@ -625,7 +657,7 @@ const file_tpfleet_v1_worker_proto_rawDesc = "" +
 	"\x05epoch\x18\x01 \x01(\x03R\x05epoch\"(\n" +
 	"\x10LoadPlanResponse\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x03R\x05epoch\"\x0f\n" +
-	"\rStatusRequest\"\xec\x01\n" +
+	"\rStatusRequest\"\xae\x02\n" +
 	"\x0eStatusResponse\x12\x1b\n" +
 	"\tmember_id\x18\x01 \x01(\tR\bmemberId\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x03R\x05epoch\x12\x14\n" +
@@ -635,7 +667,11 @@ const file_tpfleet_v1_worker_proto_rawDesc = "" +
 	"\x05state\x18\x06 \x01(\tR\x05state\x12!\n" +
 	"\fweight_bytes\x18\a \x01(\x03R\vweightBytes\x12\x1c\n" +
 	"\tsequences\x18\b \x01(\x05R\tsequences\x12\x16\n" +
-	"\x06device\x18\t \x01(\tR\x06device*C\n" +
+	"\x06device\x18\t \x01(\tR\x06device\x12!\n" +
+	"\fstep_streams\x18\n" +
+	" \x01(\x05R\vstepStreams\x12\x1d\n" +
+	"\n" +
+	"leader_rev\x18\v \x01(\x03R\tleaderRev*C\n" +
 	"\fStepProtocol\x12\x1d\n" +
 	"\x19STEP_PROTOCOL_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10STEP_PROTOCOL_V1\x10\x012\xcf\x01\n" +
