@@ -120,7 +120,7 @@ func TestOpenAIStopStrings(t *testing.T) {
 	}
 	prompt := tok.Encode("hi", true)
 	ws[0].setNext(func(seq []int32) int32 {
-		if n := len(seq) - len(prompt); n < len(script) {
+		if n := len(seq) - len(prompt); n >= 0 && n < len(script) {
 			return script[n]
 		}
 		return 'z'
@@ -166,7 +166,7 @@ func TestOpenAIStopStrings(t *testing.T) {
 					t.Fatal(err)
 				}
 				ws[0].setNext(func(seq []int32) int32 {
-					if n := len(seq) - len(chat); n < len(script) {
+					if n := len(seq) - len(chat); n >= 0 && n < len(script) {
 						return script[n]
 					}
 					return 'z'
@@ -200,7 +200,7 @@ func TestOpenAIStopStrings(t *testing.T) {
 			}
 		}
 		ws[0].setNext(func(seq []int32) int32 {
-			if n := len(seq) - len(prompt); n < len(script) {
+			if n := len(seq) - len(prompt); n >= 0 && n < len(script) {
 				return script[n]
 			}
 			return 'z'
