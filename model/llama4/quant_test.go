@@ -484,7 +484,9 @@ func TestQuantGoldens(t *testing.T) {
 	ids, want := golden("golden-fp8-ct.safetensors")
 	cfg, _ := openDir(t, filepath.Join(dir, "fp8-ct"))
 	ranks := loadFP8Ranks(t, filepath.Join(dir, "fp8-ct"), shard.DefaultPlan(cfg), comm.NewLocalGroup(1))
-	if worst, at := maxRelDiff(t, score(t, ranks, ids), want, cfg.VocabSize); worst > 1e-4 {
+	worst, at := maxRelDiff(t, score(t, ranks, ids), want, cfg.VocabSize)
+	t.Logf("fp8-ct vs HF: max |Δ|/max |ref| = %.3g", worst)
+	if worst > 1e-4 {
 		t.Errorf("fp8-ct vs HF: max |Δ|/max |ref| = %.3g at %d, want <= 1e-4", worst, at)
 	}
 	f := openFixture(t, "moe-top2")
@@ -499,7 +501,9 @@ func TestQuantGoldens(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if worst, at := maxRelDiff(t, got, want, f.cfg.VocabSize); worst > 1e-4 {
+		worst, at := maxRelDiff(t, got, want, f.cfg.VocabSize)
+		t.Logf("%s vs HF: max |Δ|/max |ref| = %.3g", name, worst)
+		if worst > 1e-4 {
 			t.Errorf("%s vs HF: max |Δ|/max |ref| = %.3g at %d, want <= 1e-4", name, worst, at)
 		}
 	}
