@@ -73,11 +73,12 @@ proto-check: proto
 unit:
 	$(GO) test -race -timeout 20m ./...
 
-# Regenerates testdata/fixtures and testdata/tokenizer/golden.json with HF transformers and tokenizers; needs
+# Regenerates testdata/fixtures, testdata/quant and testdata/tokenizer/golden.json with HF transformers and tokenizers; needs
 # PyTorch, transformers and tokenizers (the GPU machine).
 fixtures:
 	python3 scripts/fixtures/make_fixtures.py --out testdata/fixtures
 	python3 scripts/fixtures/make_tokenizer_golden.py
+	python3 scripts/fixtures/make_quant_fixtures.py --fixtures testdata/fixtures --out testdata/quant
 
 clean:
 	rm -rf $(BIN)

@@ -464,14 +464,14 @@ func fp8Ref(v []float32, shape []int, inDim int) []float32 {
 }
 
 // TestQuantGoldens compares with HF float32 logits of the quantised fixtures that
-// scripts/fixtures/make_quant_fixtures.py writes on the GPU machine (testdata/fixtures/quant): the
+// scripts/fixtures/make_quant_fixtures.py writes on the GPU machine (testdata/quant): the
 // compressed-tensors FP8 checkpoint (dequantised to bf16, spec §3.4), and fp8 rowwise (weight-only, q·scale
 // in float32) and int4 quantise→dequantise of moe-top2, each to 1e-4 relative (see quant's package doc,
 // Numerics). It skips only while those files are absent.
 func TestQuantGoldens(t *testing.T) {
-	dir := filepath.Join(fixturesDir, "quant")
+	dir := filepath.Join(fixturesDir, "..", "quant")
 	if _, err := os.Stat(filepath.Join(dir, "golden-fp8-ct.safetensors")); errors.Is(err, os.ErrNotExist) {
-		t.Skip("no quantised goldens: run scripts/fixtures/make_quant_fixtures.py on the GPU machine and commit testdata/fixtures/quant")
+		t.Skip("no quantised goldens: run scripts/fixtures/make_quant_fixtures.py on the GPU machine and commit testdata/quant")
 	}
 	golden := func(name string) ([]int, []float32) {
 		g, err := safetensors.OpenCheckpoint(filepath.Join(dir, name))
