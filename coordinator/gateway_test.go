@@ -45,23 +45,7 @@ func startGateway(t *testing.T, cfg Config) (*Coordinator, *testClient, string) 
 // call sends a request to the gateway and returns its status, headers and body.
 func call(t *testing.T, ctx context.Context, method, url, body string) (int, http.Header, []byte) {
 	t.Helper()
-	req, err := http.NewRequestWithContext(ctx, method, url, strings.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if body != "" {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, url, err)
-	}
-	defer resp.Body.Close()
-	data, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatalf("%s %s: reading the body: %v", method, url, err)
-	}
-	return resp.StatusCode, resp.Header, data
+	return gatewaytest.Call(t, ctx, method, url, body)
 }
 
 // post sends a JSON body to the gateway and returns its status and body.

@@ -3,9 +3,35 @@
 package gatewaytest
 
 import (
+	"context"
+	"io"
+	"net/http"
 	"strings"
 	"testing"
 )
+
+// Call sends method url with body (JSON, when not empty) and returns the response's status, headers and
+// body; it fails tb when the request cannot be made or read.
+func Call(tb testing.TB, ctx context.Context, method, url, body string) (int, http.Header, []byte) {
+	tb.Helper()
+	req, err := http.NewRequestWithContext(ctx, method, url, strings.NewReader(body))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		tb.Fatalf("%s %s: %v", method, url, err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(resp.Body)
+	if err != nil {
+		tb.Fatalf("%s %s: reading the body: %v", method, url, err)
+	}
+	return resp.StatusCode, resp.Header, data
+}
 
 // Events splits a complete Server-Sent Events body into the data of its events, checking the framing
 // ("data: ...\n\n" each) and that "data: [DONE]" comes last; it fails tb otherwise.
