@@ -428,7 +428,7 @@ func (c *Coordinator) campaignOnce() (*cluster.Leadership, error) {
 		cancel()
 		standby.Wait()
 	}()
-	gate := &standbyGate{c: c, grace: 2 * c.cfg.LeaderTTL}
+	gate := &standbyGate{c: c, grace: 2 * c.cfg.LeaderTTL, made: time.Now()}
 	for {
 		if err := gate.waitTurn(c.ctx); err != nil {
 			return nil, err

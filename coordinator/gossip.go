@@ -338,7 +338,7 @@ const standbyPoll = 100 * time.Millisecond
 // leader serves, and an etcd outage that lapses its lease must not move the lead (the queued key would
 // win when etcd returns and the lapsed lease is revoked). It may when the leader's node is dead (depose
 // deletes its key), when the leader has no gossip node known to this one (a --no-gossip leader: its
-// lease decides, as without gossip), and when the leader key is gone: at once if the last leader's node
+// lease decides, as without gossip, once this node's gossip can tell: see gossipSettled), and when the leader key is gone: at once if the last leader's node
 // is dead or unknown, else after grace, during which the live leader re-takes the key (see ride). Only
 // the campaigning goroutine uses a gate.
 type standbyGate struct {
@@ -347,6 +347,7 @@ type standbyGate struct {
 	last  string    // the leader last read from etcd; "" none yet
 	gone  time.Time // when the key of a live last leader was found gone; zero: not gone
 	held  bool      // the last verdict was to hold off (for logging transitions)
+	made  time.Time // when the gate was made (see gossipSettled)
 }
 
 // alive reports whether gossip reports the coordinator id's node alive (another coordinator's only).
@@ -355,6 +356,14 @@ func (g *standbyGate) alive(id string) bool {
 		return false
 	}
 	return slices.Contains(g.c.gossip.Members(), gossipNodeName(id))
+}
+
+// gossipSettled reports whether gossip can tell a live leader from a dead one: this node has joined
+// another one (a join's push/pull brings the whole membership), or grace has passed since the gate was
+// made (no node to join: a leader without gossip, whose lease decides). Until then a standby that found
+// a leader holds no key: a key queued behind a live leader would win if that leader's key went.
+func (g *standbyGate) gossipSettled() bool {
+	return len(g.c.gossip.Members()) > 1 || time.Since(g.made) >= g.grace
 }
 
 // read returns the current leader, or ok false when etcd does not answer.
@@ -377,7 +386,7 @@ func (g *standbyGate) mayCampaign(ctx context.Context) bool {
 			g.last = id
 		}
 		g.gone = time.Time{}
-		return !g.alive(id)
+		return !g.alive(id) && g.gossipSettled()
 	}
 	if !g.alive(g.last) {
 		return true
