@@ -38,6 +38,8 @@ type Coordinator struct {
 	model modelInfo
 	queue *queue
 	dial  dialFunc
+	// advertised is the gRPC address published in this coordinator's gossip meta; set by Start.
+	advertised string
 
 	seqIDs atomic.Uint64
 
@@ -56,6 +58,11 @@ type Coordinator struct {
 	gossipMu      sync.Mutex
 	gossipDown    map[gossipNode]struct{}
 	gossipChanged chan struct{}
+	// coordAddrs are the gRPC addresses of the coordinators whose gossip nodes are alive, from their
+	// nodes' meta (see watchLeader); under gossipMu.
+	coordAddrs map[string]string
+	// procGone holds when watchLeader found a coordinator's process gone; under gossipMu.
+	procGone map[string]time.Time
 	// coordDown receives the IDs of other coordinators whose gossip node died (buffer 8; see gossipEvent
 	// for the drop policy); the deposer reads it.
 	coordDown chan string
@@ -130,6 +137,8 @@ func New(cfg Config) (*Coordinator, error) {
 		gossipDown:    make(map[gossipNode]struct{}),
 		gossipChanged: make(chan struct{}, 1),
 		coordDown:     make(chan string, 8),
+		coordAddrs:    make(map[string]string),
+		procGone:      make(map[string]time.Time),
 		coordChanged:  make(chan struct{}, 1),
 	}
 	// Sequence ids of different coordinator lives differ, so a worker never confuses them.
@@ -210,6 +219,7 @@ func (c *Coordinator) Start(ctx context.Context) error {
 		return err
 	}
 	c.cl, c.lis, c.httpLis = cl, lis, httpLis
+	c.advertised = cluster.Advertised(c.cfg.AdvertiseAddr, lis.Addr())
 	if !c.cfg.NoGossip {
 		if err := c.startGossip(ctx); err != nil {
 			_ = lis.Close()
@@ -424,6 +434,7 @@ func (c *Coordinator) campaignOnce() (*cluster.Leadership, error) {
 	ctx, cancel := context.WithCancel(c.ctx)
 	var standby sync.WaitGroup
 	standby.Go(func() { c.standbyGossip(ctx) })
+	standby.Go(func() { c.watchLeader(ctx) })
 	defer func() {
 		cancel()
 		standby.Wait()

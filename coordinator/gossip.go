@@ -35,6 +35,7 @@ func memberNode(m cluster.Member) gossipNode { return gossipNode{m.ID, string(m.
 func (c *Coordinator) startGossip(ctx context.Context) error {
 	gcfg := c.cfg.Gossip
 	gcfg.Name = gossipNodeName(c.cfg.ID)
+	gcfg.Meta = []byte(c.advertised) // a standby watches the leader's process there (see watchLeader)
 	if gcfg.Logger == nil {
 		gcfg.Logger = c.log.Named("gossip")
 	}
@@ -52,6 +53,13 @@ func (c *Coordinator) startGossip(ctx context.Context) error {
 // leader. It runs on the gossip node's callback goroutine and never blocks.
 func (c *Coordinator) gossipEvent(n gossipNode, alive bool) {
 	if id, ok := strings.CutPrefix(n.name, "coordinator/"); ok {
+		c.gossipMu.Lock()
+		if alive && n.meta != "" {
+			c.coordAddrs[id] = n.meta
+		} else if !alive {
+			delete(c.coordAddrs, id)
+		}
+		c.gossipMu.Unlock()
 		if !alive && id != c.cfg.ID {
 			select {
 			case c.coordDown <- id:
@@ -280,7 +288,8 @@ func offerMembers(ch chan []cluster.Member, ms []cluster.Member) {
 }
 
 // depose runs for the coordinator's lifetime: when gossip declares another coordinator's node dead (a
-// crash: about a second with the default probes) and that coordinator leads, it deposes it in etcd
+// crash: about a second with the default probes) or watchLeader finds its process gone, and that
+// coordinator leads, it deposes it in etcd
 // (cluster.Client.Depose), so that the standbys' campaigns end at once instead of after the dead
 // leader's lease (Config.LeaderTTL). Only a coordinator that does not lead deposes.
 func (c *Coordinator) depose() {
@@ -300,9 +309,9 @@ func (c *Coordinator) depose() {
 			cancel()
 			switch {
 			case err != nil:
-				c.log.Warn("gossip declared the leader dead; deposing it failed (its lease will expire)", zap.String("leader-id", id), zap.Error(err))
+				c.log.Warn("the leader is dead; deposing it failed (its lease will expire)", zap.String("leader-id", id), zap.Error(err))
 			case ok:
-				c.log.Warn("gossip declared the leader dead; deposed it", zap.String("leader-id", id))
+				c.log.Warn("the leader is dead; deposed it", zap.String("leader-id", id))
 			}
 		}
 	}
@@ -350,9 +359,10 @@ type standbyGate struct {
 	made  time.Time // when the gate was made (see gossipSettled)
 }
 
-// alive reports whether gossip reports the coordinator id's node alive (another coordinator's only).
+// alive reports whether gossip reports the coordinator id's node alive (another coordinator's only),
+// and its process was not found gone (see watchLeader).
 func (g *standbyGate) alive(id string) bool {
-	if id == "" || id == g.c.cfg.ID {
+	if id == "" || id == g.c.cfg.ID || g.c.foundGone(id) {
 		return false
 	}
 	return slices.Contains(g.c.gossip.Members(), gossipNodeName(id))

@@ -278,7 +278,7 @@ func (w *Worker) Start(ctx context.Context) (err error) {
 			_ = lis.Close()
 		}
 	}()
-	w.addr = advertised(w.cfg.AdvertiseAddr, lis.Addr())
+	w.addr = cluster.Advertised(w.cfg.AdvertiseAddr, lis.Addr())
 	w.startedAt = time.Now().UTC()
 	w.srv = grpc.NewServer(
 		grpc.KeepaliveParams(keepalive.ServerParameters{
@@ -627,25 +627,6 @@ func (w *Worker) markReady() {
 	default:
 		close(w.ready)
 	}
-}
-
-// advertised returns the address to register: adv when set, else the bound address with the host name
-// in place of an unspecified host.
-func advertised(adv string, bound net.Addr) string {
-	if adv != "" {
-		return adv
-	}
-	s := bound.String()
-	host, port, err := net.SplitHostPort(s)
-	if err != nil {
-		return s
-	}
-	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
-		if h, err := os.Hostname(); err == nil && h != "" {
-			return net.JoinHostPort(h, port)
-		}
-	}
-	return s
 }
 
 // memInfo returns the host's total and available memory in bytes from /proc/meminfo; zeros where it
