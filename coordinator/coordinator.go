@@ -105,14 +105,8 @@ func New(cfg Config) (*Coordinator, error) {
 	if err != nil {
 		return nil, err
 	}
-	if cfg.ServedModelName != "" {
-		m.name = cfg.ServedModelName
-	}
-	switch {
-	case cfg.MaxModelLen < 0 || cfg.MaxModelLen > m.cfg.MaxPositions:
-		return nil, fmt.Errorf("%w: max model len %d must be in [1, %d] (max_position_embeddings)", ErrInvalidConfig, cfg.MaxModelLen, m.cfg.MaxPositions)
-	case cfg.MaxModelLen > 0:
-		m.cfg.MaxPositions = cfg.MaxModelLen
+	if err := m.serveAs(cfg.ServedModelName, cfg.MaxModelLen); err != nil {
+		return nil, err
 	}
 	if err := checkTP(m, cfg.Plan, cfg.TP); err != nil {
 		return nil, err

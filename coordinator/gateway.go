@@ -150,8 +150,14 @@ func toGateway(err error) error {
 }
 
 // Model describes the served model; another name is 404 model_not_found, with Generate's message.
-func (g generator) Model(name string) (gateway.Model, error) {
-	m := g.c.model
+func (g generator) Model(name string) (gateway.Model, error) { return g.c.model.gatewayModel(name) }
+
+// Tokenizer returns the model's tokenizer, or the error of a text request without one.
+func (g generator) Tokenizer() (gateway.Tokenizer, error) { return g.c.model.gatewayTokenizer() }
+
+// gatewayModel describes the model to the gateway; another name is 404 model_not_found, with
+// Generate's message.
+func (m modelInfo) gatewayModel(name string) (gateway.Model, error) {
 	if name != "" && name != m.name {
 		return gateway.Model{}, &gateway.Error{Kind: gateway.ErrNotFound, Code: "model_not_found",
 			Err: invalid("unknown model %q: this cluster serves %q", name, m.name)}
@@ -159,9 +165,9 @@ func (g generator) Model(name string) (gateway.Model, error) {
 	return gateway.Model{Name: m.name, MaxModelLen: m.cfg.MaxPositions}, nil
 }
 
-// Tokenizer returns the model's tokenizer, or the error of a text request without one.
-func (g generator) Tokenizer() (gateway.Tokenizer, error) {
-	m := g.c.model
+// gatewayTokenizer returns the model's tokenizer as the gateway's, or the error of a text request
+// without one.
+func (m modelInfo) gatewayTokenizer() (gateway.Tokenizer, error) {
 	if m.tok == nil {
 		return nil, toGateway(m.noTokenizer())
 	}

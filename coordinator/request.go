@@ -63,6 +63,21 @@ func loadModelInfo(dir string) (modelInfo, error) {
 	return m, nil
 }
 
+// serveAs names the model name in the APIs (empty: the directory's base name) and bounds its context to
+// maxLen tokens (0: max_position_embeddings).
+func (m *modelInfo) serveAs(name string, maxLen int) error {
+	if name != "" {
+		m.name = name
+	}
+	switch {
+	case maxLen < 0 || maxLen > m.cfg.MaxPositions:
+		return fmt.Errorf("%w: max model len %d must be in [1, %d] (max_position_embeddings)", ErrInvalidConfig, maxLen, m.cfg.MaxPositions)
+	case maxLen > 0:
+		m.cfg.MaxPositions = maxLen
+	}
+	return nil
+}
+
 // noTokenizer is the error of a text request to a model without a tokenizer.
 func (m modelInfo) noTokenizer() error {
 	return fmt.Errorf("%w: model %s has no tokenizer (no %s in %s); send token ids", ErrNoTokenizer, m.name, tokenizer.TokenizerFile, m.dir)

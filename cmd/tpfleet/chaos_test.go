@@ -45,6 +45,7 @@ type chaosStream struct {
 	mu       sync.Mutex
 	arrivals []time.Time
 	done     []chaosOutcome
+	onToken  func() // nil: none; called after each token's arrival is recorded
 }
 
 type chaosOutcome struct {
@@ -72,6 +73,9 @@ func (s *chaosStream) token(now time.Time) {
 	s.mu.Lock()
 	s.arrivals = append(s.arrivals, now)
 	s.mu.Unlock()
+	if s.onToken != nil {
+		s.onToken()
+	}
 }
 
 func (s *chaosStream) end(o chaosOutcome) {
@@ -126,7 +130,9 @@ func TestChaos(t *testing.T) {
 	t.Setenv("TPFLEET_TEST_LIFETIME", "10m")
 	start := time.Now()
 	model := filepath.Join(fixtures, "moe-top1")
-	etcd, ep := startEtcd(t)
+	etcdDir, etcdPeer := t.TempDir(), freeAddr(t)
+	etcd := startProc(t, "etcd", "etcd", "--listen", "127.0.0.1:0", "--peer-listen", etcdPeer, "--data-dir", etcdDir)
+	ep := etcd.line(t)
 	var err error
 	httpAddr := freeAddr(t)
 	httpAddrs := []string{httpAddr, freeAddr(t)}
@@ -295,7 +301,9 @@ func TestChaos(t *testing.T) {
 	coords[old].signal(t, syscall.SIGKILL)
 	takeover := serveTime(t, clis[1-old], kill, prompts[0])
 	t.Logf("standby serving %v after the leader's SIGKILL", takeover.Round(time.Millisecond))
-	if bound := takeoverBound(); takeover > bound {
+	// The 2 s target is TestCoordinatorFailover's check; here the first request after the take-over
+	// queues behind 16 re-admitted streams on two -race cores, so the bound is looser.
+	if bound := 2 * takeoverBound(); takeover > bound {
 		t.Errorf("the standby served %v after the leader's SIGKILL, want within %v", takeover, bound)
 	}
 	// 5 s later no worker holds a sequence of the dead leader: every worker has been stepped by the new
@@ -364,13 +372,25 @@ func TestChaos(t *testing.T) {
 		t.Errorf("the leader's Shards never reported etcd unreachable (with the plan in force) during a %v outage", etcdStop)
 	}
 	settle("two groups after etcd's SIGCONT")
+
+	// etcd dies and comes back on its data directory and ports, as a supervisor restarts it: its
+	// clients reconnect, the leases it kept are renewed, and nothing is re-planned or reloaded.
+	mark("SIGKILL etcd, restart")
+	etcd.signal(t, syscall.SIGKILL)
+	etcd.wait(t, 10*time.Second)
+	time.Sleep(time.Second)
+	etcd = startProc(t, "etcd (restarted)", "etcd", "--listen", strings.TrimPrefix(ep, "http://"), "--peer-listen", etcdPeer, "--data-dir", etcdDir)
+	if got := etcd.line(t); got != ep {
+		t.Fatalf("the restarted etcd serves %s, want %s", got, ep)
+	}
+	settle("two groups after etcd's restart")
 	mark("end")
 	// An etcd outage never moves the lead away from a live leader: when the leader's lease lapsed, it
 	// leads again and the standby stands by.
 	if i := leaderIdx(); i != leadIdx {
-		t.Errorf("after the etcd outage coordinator %d leads, want %d (the leader before it)", i, leadIdx)
+		t.Errorf("after the etcd outages coordinator %d leads, want %d (the leader before them)", i, leadIdx)
 	}
-	t.Logf("across the etcd outage: the leader regained its lapsed leadership %d times; the standby waited for it %d times",
+	t.Logf("across the etcd outages: the leader regained its lapsed leadership %d times; the standby waited for it %d times",
 		strings.Count(coords[leadIdx].stderr.String(), "leadership regained"),
 		strings.Count(coords[1-leadIdx].stderr.String(), "waiting for it to lead again"))
 	loads := 0
@@ -378,7 +398,7 @@ func TestChaos(t *testing.T) {
 		loads += countLine(w.stderr.String(), "weights loaded")
 	}
 	if loads != loadsBefore {
-		t.Errorf("weights loaded %d times during and after the etcd outage, want 0", loads-loadsBefore)
+		t.Errorf("weights loaded %d times during and after the etcd outages, want 0", loads-loadsBefore)
 	}
 	cancel()
 	wg.Wait()

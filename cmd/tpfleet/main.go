@@ -33,6 +33,7 @@ func commands() []command {
 	return []command{
 		{"serve", "serve a model on this machine: embedded etcd, a coordinator and local workers", runServe},
 		{"coordinator", "run a coordinator: plan the workers in etcd into TP groups, serve clients", runCoordinator},
+		{"gateway", "serve the OpenAI HTTP API in a process of its own, over the coordinators (--coordinators)", runGateway},
 		{"launch", "start workers like torchrun (--nproc-per-node, --standalone, ...)", runLaunch},
 		{"etcd", "run a single-member etcd for a cluster's state (tests, small setups)", runEtcd},
 		{"rebalance", "ask the coordinator for a new plan epoch (optionally another --tp)", runRebalance},
