@@ -16,6 +16,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -136,8 +137,9 @@ func TestChaos(t *testing.T) {
 	var err error
 	httpAddr := freeAddr(t)
 	httpAddrs := []string{httpAddr, freeAddr(t)}
+	grpcAddrs := []string{freeAddr(t), freeAddr(t)} // fixed across a restart, for the gateway
 	coordArgs := func(i int) []string {
-		return []string{"coordinator", "--etcd", ep, "--model", model, "--tp", "2", "--listen", "127.0.0.1:0",
+		return []string{"coordinator", "--etcd", ep, "--model", model, "--tp", "2", "--listen", grpcAddrs[i],
 			"--http-listen", httpAddrs[i], "--leader-ttl", leaderTTL, "--settle", "100ms", "--step-timeout", "2s", "--max-batch", "16",
 			"--log-level", "info"}
 	}
@@ -183,6 +185,10 @@ func TestChaos(t *testing.T) {
 		return err == nil && len(sh.Assignments) == 4
 	})
 	t.Logf("serving 2 groups after %v", time.Since(start).Round(time.Millisecond))
+	// The HTTP API in a process of its own, over both coordinators.
+	gwAddr := startProc(t, "gateway", "gateway", "--coordinators", strings.Join(grpcAddrs, ","), "--model", model,
+		"--http-listen", "127.0.0.1:0").line(t)
+	var bareCuts atomic.Int64 // gateway streams cut without an error event: must stay 0
 
 	// The uninterrupted greedy output of each prompt, from the cluster before any fault.
 	const nPrompts, maxTokens = 8, 120
@@ -198,10 +204,12 @@ func TestChaos(t *testing.T) {
 		want[i] = res.IDs
 	}
 
-	// 16 streams, every fourth over HTTP, each running requests in a loop until the faults are over. An
-	// attempt that ends with UNAVAILABLE (gRPC: a cut connection, a standby's NOT_LEADER) or, over HTTP, a
-	// refused connection, a 503 or a stream cut without [DONE] is retried from scratch on the other
-	// coordinator, for up to 30 s: what a client does when its coordinator dies.
+	// 16 streams, every fourth over HTTP (half of those on a coordinator's own HTTP port, half through
+	// the gateway process), each running requests in a loop until the faults are over. An attempt that
+	// ends with UNAVAILABLE (gRPC: a cut connection, a standby's NOT_LEADER) or, over HTTP, a refused
+	// connection, a 503, a stream cut without [DONE] or the gateway's coordinator_lost event is retried
+	// from scratch on the other coordinator (through the gateway: on the gateway), for up to 30 s: what a
+	// client does when its coordinator dies.
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	streams := make([]*chaosStream, 16)
@@ -218,9 +226,15 @@ func TestChaos(t *testing.T) {
 				retried := false
 				var cuts []time.Time
 				for deadline := time.Now().Add(30 * time.Second); ; {
-					if k%4 == 3 {
+					switch {
+					case k%8 == 7:
+						got, err = chaosHTTP(ctx, gwAddr, prompts[i], maxTokens, s)
+						if err != nil && ctx.Err() == nil && strings.Contains(err.Error(), "without [DONE]") {
+							bareCuts.Add(1)
+						}
+					case k%4 == 3:
 						got, err = chaosHTTP(ctx, httpAddrs[c], prompts[i], maxTokens, s)
-					} else {
+					default:
 						climu.Lock()
 						cl := clis[c]
 						climu.Unlock()
@@ -402,6 +416,9 @@ func TestChaos(t *testing.T) {
 	}
 	cancel()
 	wg.Wait()
+	if n := bareCuts.Load(); n > 0 {
+		t.Errorf("%d HTTP streams through the gateway were cut without an error event, want 0", n)
+	}
 
 	// The table: per fault window, the streams' longest pause and the outcomes.
 	var b strings.Builder
@@ -466,7 +483,8 @@ func chaosRetryable(err error) bool {
 	if errors.As(err, &http503) {
 		return http503.code == http.StatusServiceUnavailable
 	}
-	return !strings.HasPrefix(err.Error(), "error event")
+	// The gateway's event for a stream its coordinator's death cut; other error events are final.
+	return !strings.HasPrefix(err.Error(), "error event") || strings.HasPrefix(err.Error(), "error event coordinator_lost")
 }
 
 // chaosHTTPError is a completion answered with an HTTP error status.
