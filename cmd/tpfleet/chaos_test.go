@@ -225,7 +225,8 @@ func TestChaos(t *testing.T) {
 				var err error
 				retried := false
 				var cuts []time.Time
-				for deadline := time.Now().Add(30 * time.Second); ; {
+				var deadline time.Time // 30 s after the first cut: a client retries that long
+				for {
 					switch {
 					case k%8 == 7:
 						got, err = chaosHTTP(ctx, gwAddr, prompts[i], maxTokens, s)
@@ -249,7 +250,12 @@ func TestChaos(t *testing.T) {
 							})
 						got = res.IDs
 					}
-					if err == nil || ctx.Err() != nil || !chaosRetryable(err) || time.Now().After(deadline) {
+					if err == nil || ctx.Err() != nil || !chaosRetryable(err) {
+						break
+					}
+					if deadline.IsZero() {
+						deadline = time.Now().Add(30 * time.Second)
+					} else if time.Now().After(deadline) {
 						break
 					}
 					retried, c = true, 1-c
