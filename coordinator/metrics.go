@@ -30,9 +30,9 @@ var (
 	e2eBuckets  = []float64{0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240, 480, 960, 1920, 7680}
 	stepBuckets = []float64{0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1, 2, 4, 8, 16}
 	// Sizes of a step: sequences and tokens, powers of two.
-	batchBuckets = prometheus.ExponentialBuckets(1, 2, 10)  // 1 .. 512
-	tokenBuckets = prometheus.ExponentialBuckets(1, 2, 14)  // 1 .. 8192
-	countBuckets = prometheus.ExponentialBuckets(1, 4, 10)  // request lengths: 1 .. 262144
+	batchBuckets = prometheus.ExponentialBuckets(1, 2, 10)     // 1 .. 512
+	tokenBuckets = prometheus.ExponentialBuckets(1, 2, 14)     // 1 .. 8192
+	countBuckets = prometheus.ExponentialBuckets(1, 4, 10)     // request lengths: 1 .. 262144
 	queueBuckets = prometheus.ExponentialBuckets(0.001, 4, 12) // 1 ms .. ~70 min
 )
 
@@ -56,13 +56,13 @@ type metrics struct {
 	promptLen       prometheus.Histogram
 	generationLen   prometheus.Histogram
 
-	stepTime      *prometheus.HistogramVec // group
-	stepSeqs      *prometheus.HistogramVec // group
-	stepTokens    *prometheus.HistogramVec // group
-	stepFailures  *prometheus.CounterVec   // group
-	groupRunning  *prometheus.GaugeVec     // group
-	epochChanges  prometheus.Counter
-	resumedTotal  prometheus.Counter
+	stepTime     *prometheus.HistogramVec // group
+	stepSeqs     *prometheus.HistogramVec // group
+	stepTokens   *prometheus.HistogramVec // group
+	stepFailures *prometheus.CounterVec   // group
+	groupRunning *prometheus.GaugeVec     // group
+	epochChanges prometheus.Counter
+	resumedTotal prometheus.Counter
 }
 
 // newMetrics makes the coordinator's metrics and registers them, with the Go runtime's and the
