@@ -61,7 +61,6 @@ type metrics struct {
 	stepTokens   *prometheus.HistogramVec // group
 	stepFailures *prometheus.CounterVec   // group
 	groupRunning *prometheus.GaugeVec     // group
-	epochChanges prometheus.Counter
 	resumedTotal prometheus.Counter
 }
 
