@@ -229,6 +229,7 @@ func (b *batch) loop(ctx context.Context) error {
 		queued := b.cfg.queue.wait() // before popping, so that a request added after the pop wakes us
 		b.dropCancelled()
 		work, sampled := b.plan()
+		b.cfg.obs.setRunning(len(b.active))
 		if len(work) == 0 && len(b.release) == 0 {
 			select {
 			case <-queued:
