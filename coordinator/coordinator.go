@@ -365,8 +365,12 @@ func (c *Coordinator) admit(r *request) error {
 	case groups == 0:
 		return fmt.Errorf("%w: no TP group of %d workers is placed; see the cluster's members", ErrNoPlan, c.currentTP())
 	}
-	c.metrics.admitted(r)
-	return c.queue.push(r)
+	c.metrics.admitted(r) // before push: a group may take it at once
+	if err := c.queue.push(r); err != nil {
+		r.obs = nil // never queued: counted as rejected by the caller
+		return err
+	}
+	return nil
 }
 
 // metricsState is what the metrics export of the leadership and the plan, at scrape time.
