@@ -40,6 +40,8 @@ type Coordinator struct {
 	dial  dialFunc
 	// advertised is the gRPC address published in this coordinator's gossip meta; set by Start.
 	advertised string
+	// metrics are served at MetricsPath on the HTTP gateway (metrics.go).
+	metrics *metrics
 
 	seqIDs atomic.Uint64
 
@@ -135,6 +137,7 @@ func New(cfg Config) (*Coordinator, error) {
 		procGone:      make(map[string]time.Time),
 		coordChanged:  make(chan struct{}, 1),
 	}
+	c.metrics = newMetrics(c.queue.len, c.metricsState)
 	// Sequence ids of different coordinator lives differ, so a worker never confuses them.
 	c.seqIDs.Store(uint64(time.Now().UnixNano()))
 	return c, nil
@@ -366,7 +369,22 @@ func (c *Coordinator) admit(r *request) error {
 	case groups == 0:
 		return fmt.Errorf("%w: no TP group of %d workers is placed; see the cluster's members", ErrNoPlan, c.currentTP())
 	}
-	return c.queue.push(r)
+	c.metrics.admitted(r) // before push: a group may take it at once
+	if err := c.queue.push(r); err != nil {
+		r.obs = nil // never queued: counted as rejected by the caller
+		return err
+	}
+	return nil
+}
+
+// metricsState is what the metrics export of the leadership and the plan, at scrape time.
+func (c *Coordinator) metricsState() (leader bool, epoch int64, tp, groups, ready int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.leader {
+		return false, 0, c.tp, 0, 0
+	}
+	return true, c.plan.Epoch, c.plan.TP, len(c.plan.Groups), len(c.readyGroups)
 }
 
 // setEtcdLost records whether the leader serves on a lapsed lease, etcd unreachable.
@@ -808,6 +826,7 @@ func (ld *leader) apply() {
 			log:              log,
 			onReady:          ld.onReady(ld.plan.Epoch, g.ID),
 			onFailed:         ld.onFailed(ld.plan.Epoch),
+			obs:              c.metrics.group(g.ID),
 		}
 		ld.groupsWG.Go(func() { runGroup(ctx, cfg) })
 	}

@@ -54,6 +54,11 @@ func (c *Coordinator) serveHTTP() {
 		return
 	}
 	c.httpSrv = g.NewServer()
+	// The metrics share the gateway's port, outside its API key (as vLLM's /metrics).
+	mux := http.NewServeMux()
+	mux.Handle("GET "+MetricsPath, c.metrics.handler())
+	mux.Handle("/", c.httpSrv.Handler)
+	c.httpSrv.Handler = mux
 	c.wg.Go(func() {
 		if err := c.httpSrv.Serve(c.httpLis); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			c.fail(fmt.Errorf("coordinator: serve HTTP: %w", err))
@@ -108,6 +113,7 @@ func (c *Coordinator) submit(in *pb.GenerateRequest) (*request, error) {
 		return nil, err
 	}
 	if err := c.admit(r); err != nil {
+		c.metrics.rejected()
 		return nil, err
 	}
 	return r, nil
@@ -270,6 +276,7 @@ func (s *stream) Next(ctx context.Context) (gateway.Chunk, error) {
 		got, text, stopped := s.out.add(got, done && err == nil)
 		if stopped != "" { // a stop string ends the request here: its sequence is released at the next step
 			done, finish, err = true, FinishStop, nil
+			s.r.end(FinishStop, nil)
 			s.Close()
 		}
 		ch := gateway.Chunk{IDs: make([]int, len(got)), Text: text, StopReason: stopped}

@@ -210,6 +210,7 @@ type request struct {
 	finish  string
 	err     error
 	notify  chan struct{} // buffer 1: something is pending; a full buffer already says so
+	obs     *requestObs   // its metrics, set at admission (nil: none); used under mu
 }
 
 func newRequest(prompt []int32, maxTokens int, p sample.Params, stop map[int32]bool) *request {
@@ -240,6 +241,7 @@ func (r *request) notPlaced(d time.Duration) error {
 func (r *request) emit(id int32) {
 	r.mu.Lock()
 	r.pending = append(r.pending, id)
+	r.obs.token()
 	r.mu.Unlock()
 	r.wake()
 }
@@ -249,6 +251,7 @@ func (r *request) end(finish string, err error) {
 	r.mu.Lock()
 	if !r.done {
 		r.done, r.finish, r.err = true, finish, err
+		r.obs.end(finish, err, false)
 	}
 	r.mu.Unlock()
 	r.wake()
@@ -271,7 +274,23 @@ func (r *request) take() (ids []int32, done bool, finish string, err error) {
 
 // cancel marks the request abandoned by its client; the group holding it releases its sequence at
 // the next step boundary.
-func (r *request) cancel() { r.goneOnce.Do(func() { close(r.gone) }) }
+func (r *request) cancel() {
+	r.goneOnce.Do(func() {
+		close(r.gone)
+		r.mu.Lock()
+		if !r.done {
+			r.obs.end("", nil, true)
+		}
+		r.mu.Unlock()
+	})
+}
+
+// scheduled records that a group took the request into its batch.
+func (r *request) scheduled() {
+	r.mu.Lock()
+	r.obs.schedule()
+	r.mu.Unlock()
+}
 
 // cancelled reports whether the client went away.
 func (r *request) cancelled() bool {

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"strconv"
 	"sync"
@@ -126,6 +127,11 @@ type Worker struct {
 	health    *health.Server
 	cli       *cluster.Client
 
+	// metrics are served on metricsLis by metricsSrv when Config.MetricsAddr is set (metrics.go).
+	metrics    *metrics
+	metricsLis net.Listener
+	metricsSrv *http.Server
+
 	// runMu is held while a step runs and while the weights or the sequences change.
 	runMu     sync.Mutex
 	wts       *weights
@@ -183,6 +189,7 @@ func New(cfg Config) (*Worker, error) {
 		rank:          -1,
 		changed:       make(chan struct{}),
 	}
+	w.metrics = newMetrics(w.Status)
 	return w, nil
 }
 
@@ -313,6 +320,9 @@ func (w *Worker) Start(ctx context.Context) (err error) {
 		zap.Duration("keepalive-min-time", w.cfg.KeepAliveMinTime), zap.Int("max-recv-msg-size", w.cfg.MaxRecvMsgSize),
 		zap.Bool("no-gossip", w.cfg.NoGossip), zap.Any("labels", w.cfg.Labels))
 
+	if err := w.startMetrics(); err != nil {
+		return err
+	}
 	if !w.cfg.NoGossip {
 		if err := w.startGossip(ctx); err != nil {
 			return err
@@ -461,6 +471,7 @@ func (w *Worker) Close() error {
 			w.stopServer()
 		}
 		w.cancel()
+		w.stopMetrics()
 		w.serveWG.Wait()
 		w.streams.Wait()
 

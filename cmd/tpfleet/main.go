@@ -43,7 +43,8 @@ func commands() []command {
 		{"worker", "run a worker: register in etcd, load this rank's shards, serve steps", runWorker},
 		{"tokenize", "encode text or a chat, or decode ids, with a checkpoint tokenizer", runTokenize},
 		{"shards", "print how a tp_plan splits a checkpoint across ranks (shards plan)", runShards},
-		{"bench", "time prefill and decode of a random model of a given shape", runBench},
+		{"bench", "time prefill and decode of a random model, or with --addr load a running server (TTFT, ITL, tokens/s)", runBench},
+		{"version", "print the version, commit, Go version and the GPU libraries found", runVersion},
 	}
 }
 
