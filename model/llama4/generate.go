@@ -113,3 +113,16 @@ func (m *Model) Score(ctx context.Context, ids []int) ([]float32, error) {
 	}
 	return m.ops.Float32(logits)
 }
+
+// ScoreImages is Score with images: features in the <|patch|> slots of ids (see ForwardImages).
+func (m *Model) ScoreImages(ctx context.Context, ids []int, images Images) ([]float32, error) {
+	seq, err := m.NewSequence(len(ids))
+	if err != nil {
+		return nil, err
+	}
+	logits, err := m.ForwardImages(ctx, seq, ids, images, true)
+	if err != nil {
+		return nil, err
+	}
+	return m.ops.Float32(logits)
+}

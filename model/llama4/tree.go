@@ -210,3 +210,8 @@ func (r runner) Generate(ctx context.Context, prompt []int, opt run.GenerateOpti
 }
 
 func (r runner) Score(ctx context.Context, ids []int) ([]float32, error) { return r.m.Score(ctx, ids) }
+
+// ScoreImages is Model.ScoreImages: Score with image features in the <|patch|> (patchID) slots.
+func (r runner) ScoreImages(ctx context.Context, ids []int, patchID int, features []float32) ([]float32, error) {
+	return r.m.ScoreImages(ctx, ids, Images{PatchID: patchID, Features: features})
+}
