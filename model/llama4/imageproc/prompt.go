@@ -71,3 +71,32 @@ func (c Config) Expand(prompt []int, grids []Grid, ids SpecialIDs) ([]int, error
 	}
 	return out, nil
 }
+
+// The special tokens' names in Llama 4's tokenizer.
+const (
+	TokenImageStart = "<|image_start|>"
+	TokenImageEnd   = "<|image_end|>"
+	TokenImage      = "<|image|>"
+	TokenPatch      = "<|patch|>"
+	TokenTileX      = "<|tile_x_separator|>"
+	TokenTileY      = "<|tile_y_separator|>"
+)
+
+// LookupIDs builds SpecialIDs from a tokenizer's token-to-id lookup (tokenizer.Tokenizer.TokenID).
+func LookupIDs(tokenID func(token string) (int, bool)) (SpecialIDs, error) {
+	var ids SpecialIDs
+	for _, e := range []struct {
+		name string
+		dst  *int
+	}{
+		{TokenImageStart, &ids.ImageStart}, {TokenImageEnd, &ids.ImageEnd}, {TokenImage, &ids.Image},
+		{TokenPatch, &ids.Patch}, {TokenTileX, &ids.TileX}, {TokenTileY, &ids.TileY},
+	} {
+		id, ok := tokenID(e.name)
+		if !ok {
+			return SpecialIDs{}, fmt.Errorf("%w: the tokenizer has no %s token", ErrConfig, e.name)
+		}
+		*e.dst = id
+	}
+	return ids, nil
+}
