@@ -363,3 +363,40 @@ func TestDecodeFormats(t *testing.T) {
 		}
 	}
 }
+
+func TestPrepare(t *testing.T) {
+	c := Config{MaxImages: 2}
+	var buf bytes.Buffer
+	src := image.NewRGBA(image.Rect(0, 0, 500, 300))
+	for i := range src.Pix {
+		src.Pix[i] = uint8(i)
+	}
+	if err := png.Encode(&buf, src); err != nil {
+		t.Fatal(err)
+	}
+	img := buf.Bytes()
+	ph := llama4IDs.Image
+	r, err := c.Prepare([]int{1, ph, 2, ph}, [][]byte{img, img}, llama4IDs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Tiles != 6 || len(r.Pixels) != 6*3*336*336 || len(r.IDs) != 2+2*437 || !slices.Equal(r.Grids, []Grid{{1, 2}, {1, 2}}) {
+		t.Errorf("Prepare = %d tiles, %d values, %d ids, grids %v; want 6, %d, %d, [1×2 1×2]", r.Tiles, len(r.Pixels), len(r.IDs), r.Grids, 6*3*336*336, 2+2*437)
+	}
+	huge := pngWithSize(t, 20000, 20000)
+	for _, tt := range []struct {
+		name   string
+		prompt []int
+		images [][]byte
+		want   error
+	}{
+		{"three images", []int{ph, ph, ph}, [][]byte{img, img, img}, ErrTooMany},
+		{"placeholder without image", []int{ph, ph}, [][]byte{img}, ErrTooMany},
+		{"corrupt second image", []int{ph, ph}, [][]byte{img, []byte("garbage")}, ErrImage},
+		{"20000×20000", []int{ph}, [][]byte{huge}, ErrTooLarge},
+	} {
+		if _, err := c.Prepare(tt.prompt, tt.images, llama4IDs); !errors.Is(err, tt.want) {
+			t.Errorf("Prepare(%s) error = %v, want %v", tt.name, err, tt.want)
+		}
+	}
+}
