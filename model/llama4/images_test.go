@@ -62,6 +62,16 @@ func TestForwardImagesMerge(t *testing.T) {
 		}
 	}
 
+	opt := llama4.GenerateOptions{MaxTokens: 5}
+	wantIDs, _, err := m.Generate(ctx, ids, opt, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gotIDs, _, err := m.GenerateImages(ctx, ids, llama4.Images{PatchID: patch, Features: own}, opt, nil)
+	if err != nil || !slices.Equal(gotIDs, wantIDs) {
+		t.Errorf("GenerateImages with the slot token's own embedding = %v, %v; Generate = %v", gotIDs, err, wantIDs)
+	}
+
 	for _, bad := range [][]float32{own[:4*h], append(slices.Clone(own), own[:h]...), own[:h+3]} {
 		if _, err := m.ScoreImages(ctx, ids, llama4.Images{PatchID: patch, Features: bad}); !errors.Is(err, llama4.ErrInput) {
 			t.Errorf("ScoreImages with %d feature values for %d slots: error = %v, want ErrInput", len(bad), len(slots), err)
