@@ -9,6 +9,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -137,6 +138,65 @@ func TestScoreImages(t *testing.T) {
 		}
 		if diff/ref > 1e-4 {
 			t.Errorf("position %d: max |Δ|/max |ref| = %.3g, want <= 1e-4", pos, diff/ref)
+		}
+	}
+}
+
+// TestGenerateImageErrors: --image on a checkpoint without a vision tower, without a tokenizer, or with
+// --addr is a clear error before any weight loads.
+func TestGenerateImageErrors(t *testing.T) {
+	img := filepath.Join(t.TempDir(), "x.png")
+	if err := os.WriteFile(img, []byte("not a png"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--model", filepath.Join(fixtures, "moe-top1"), "--ids", "1,2"}, "no vision tower"},
+		{[]string{"--model", filepath.Join(fixtures, "dense-moe-mm"), "--ids", "1,2"}, "needs the model's tokenizer"},
+		{[]string{"--addr", "127.0.0.1:1", "--ids", "1,2"}, "--image works without --addr only"},
+	} {
+		args := append([]string{"generate", "--image", img}, tt.args...)
+		code, _, stderr := tpfleet(t, args...)
+		if code == 0 || !strings.Contains(stderr, tt.want) {
+			t.Errorf("tpfleet %v: exit %d, stderr %q; want an error containing %q", args, code, stderr, tt.want)
+		}
+	}
+}
+
+// TestGenerateImage: `tpfleet generate --image` decodes the PNG, processes it, lays out the prompt and
+// decodes greedily to HF's ids (testdata/vision, prompt "one": a 500×300 image, 3 tiles).
+func TestGenerateImage(t *testing.T) {
+	if _, err := os.Stat(visionFixtures); errors.Is(err, fs.ErrNotExist) {
+		// Remove this skip (make it a t.Fatal) once testdata/vision is committed.
+		t.Skip("testdata/vision is missing: run python3 scripts/fixtures/make_vision_fixtures.py --out testdata/vision on the GPU machine and commit it")
+	}
+	gold, err := safetensors.OpenCheckpoint(filepath.Join(visionFixtures, "golden.safetensors"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gold.Close()
+	want, _, err := gold.Int64s("one.greedy_ids")
+	if err != nil {
+		t.Fatal(err)
+	}
+	code, stdout, stderr := tpfleet(t, "generate", "--model", filepath.Join(visionFixtures, "model"),
+		"--prompt", "<|image|>What is in this picture?", "--image", filepath.Join(visionFixtures, "images", "b_500x300.png"),
+		"--max-tokens", strconv.Itoa(len(want)), "--temperature", "0", "--ignore-eos", "--json")
+	if code != 0 {
+		t.Fatalf("generate --image: exit %d: %s", code, stderr)
+	}
+	var got generateJSON
+	if err := json.Unmarshal([]byte(stdout), &got); err != nil {
+		t.Fatalf("generate --json output %q: %v", stdout, err)
+	}
+	if got.PromptTokens < 437 {
+		t.Errorf("generate --image: %d prompt tokens, want the image's 437 and the text's", got.PromptTokens)
+	}
+	for i := range want {
+		if i >= len(got.IDs) || got.IDs[i] != int(want[i]) {
+			t.Fatalf("generate --image ids %v, HF %v", got.IDs, want)
 		}
 	}
 }
