@@ -52,10 +52,54 @@ func (c Config) Decode(data []byte) (*Image, error) {
 	return toRGB(img), nil
 }
 
-// toRGB converts any image to RGB, compositing translucent pixels over white.
+// toRGB converts any image to RGB, compositing translucent pixels over white. The common decoder outputs
+// take a direct path with the same results as the generic one.
 func toRGB(img image.Image) *Image {
 	b := img.Bounds()
 	out := NewImage(b.Dx(), b.Dy())
+	switch m := img.(type) {
+	case *image.NRGBA:
+		for y := range b.Dy() {
+			row := m.Pix[y*m.Stride : y*m.Stride+4*b.Dx()]
+			dst := out.Pix[3*y*b.Dx():]
+			for x := range b.Dx() {
+				a := row[4*x+3]
+				dst[3*x], dst[3*x+1], dst[3*x+2] = overWhite(row[4*x], a), overWhite(row[4*x+1], a), overWhite(row[4*x+2], a)
+			}
+		}
+		return out
+	case *image.RGBA: // premultiplied: opaque pixels directly, others through NRGBA
+		for y := range b.Dy() {
+			row := m.Pix[y*m.Stride : y*m.Stride+4*b.Dx()]
+			dst := out.Pix[3*y*b.Dx():]
+			for x := range b.Dx() {
+				c := color.NRGBA{R: row[4*x], G: row[4*x+1], B: row[4*x+2], A: row[4*x+3]}
+				if c.A != 0xff {
+					c = color.NRGBAModel.Convert(color.RGBA(c)).(color.NRGBA)
+				}
+				dst[3*x], dst[3*x+1], dst[3*x+2] = overWhite(c.R, c.A), overWhite(c.G, c.A), overWhite(c.B, c.A)
+			}
+		}
+		return out
+	case *image.YCbCr:
+		for y := range b.Dy() {
+			dst := out.Pix[3*y*b.Dx():]
+			for x := range b.Dx() {
+				yi, ci := m.YOffset(b.Min.X+x, b.Min.Y+y), m.COffset(b.Min.X+x, b.Min.Y+y)
+				dst[3*x], dst[3*x+1], dst[3*x+2] = color.YCbCrToRGB(m.Y[yi], m.Cb[ci], m.Cr[ci])
+			}
+		}
+		return out
+	case *image.Gray:
+		for y := range b.Dy() {
+			row := m.Pix[y*m.Stride : y*m.Stride+b.Dx()]
+			dst := out.Pix[3*y*b.Dx():]
+			for x, v := range row {
+				dst[3*x], dst[3*x+1], dst[3*x+2] = v, v, v
+			}
+		}
+		return out
+	}
 	i := 0
 	for y := b.Min.Y; y < b.Max.Y; y++ {
 		for x := b.Min.X; x < b.Max.X; x++ {

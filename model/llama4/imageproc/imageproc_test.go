@@ -400,3 +400,53 @@ func TestPrepare(t *testing.T) {
 		}
 	}
 }
+
+// TestToRGBFastPaths: the direct conversions of NRGBA, YCbCr and Gray images equal the generic one.
+func TestToRGBFastPaths(t *testing.T) {
+	generic := func(img image.Image) *Image {
+		b := img.Bounds()
+		out := NewImage(b.Dx(), b.Dy())
+		i := 0
+		for y := b.Min.Y; y < b.Max.Y; y++ {
+			for x := b.Min.X; x < b.Max.X; x++ {
+				c := color.NRGBAModel.Convert(img.At(x, y)).(color.NRGBA)
+				out.Pix[i], out.Pix[i+1], out.Pix[i+2] = overWhite(c.R, c.A), overWhite(c.G, c.A), overWhite(c.B, c.A)
+				i += 3
+			}
+		}
+		return out
+	}
+	r := image.Rect(3, 2, 40, 23) // a non-zero origin, odd sizes
+	nrgba := image.NewNRGBA(r)
+	gray := image.NewGray(r)
+	for i := range nrgba.Pix {
+		nrgba.Pix[i] = uint8(i * 37)
+	}
+	for i := range gray.Pix {
+		gray.Pix[i] = uint8(i * 11)
+	}
+	rgba := image.NewRGBA(r)
+	for i := 0; i < len(rgba.Pix); i += 4 {
+		a := uint8(255)
+		if i%12 == 0 {
+			a = uint8(i * 3)
+		}
+		rgba.Pix[i], rgba.Pix[i+1], rgba.Pix[i+2], rgba.Pix[i+3] = min(uint8(i), a), min(uint8(i*5), a), min(uint8(i*9), a), a
+	}
+	imgs := map[string]image.Image{"nrgba": nrgba, "gray": gray, "rgba": rgba}
+	for _, sub := range []image.YCbCrSubsampleRatio{image.YCbCrSubsampleRatio444, image.YCbCrSubsampleRatio420, image.YCbCrSubsampleRatio422} {
+		y := image.NewYCbCr(r, sub)
+		for i := range y.Y {
+			y.Y[i] = uint8(i * 7)
+		}
+		for i := range y.Cb {
+			y.Cb[i], y.Cr[i] = uint8(i*13), uint8(255-i*5)
+		}
+		imgs[sub.String()] = y
+	}
+	for name, img := range imgs {
+		if got, want := toRGB(img), generic(img); !slices.Equal(got.Pix, want.Pix) {
+			t.Errorf("toRGB(%s) differs from the generic conversion", name)
+		}
+	}
+}
