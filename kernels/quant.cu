@@ -373,3 +373,38 @@ qexpert_gemv_8(const void* x, int xdt, int mode, const int* perm, const float* s
 	float* P, int R) {
 	qexpert_gemv_rows<8>(x, xdt, mode, perm, scores, topk, seg, active, meta, w, scales, fmt, gs, K, N, ksplit, P, R);
 }
+
+// quantize_bf16 quantises a bf16 weight v viewed as [outer, in, inner] (quant.Quantize's rules, on the
+// values as they are): one thread a scale, nscales = outer·G·inner of them, scale s = (o·G + g)·inner + c
+// over input rows [g·gs, min((g+1)·gs, in)). fp8 (QF_FP8 or QF_FP8_BF16): s = FP8RowScale(max|w|, 0),
+// code = E4M3(clamp(w/s, ±448)), scales float32. int4: s = bf16(max|w|/7), q = clamp(rint(w/s), -8, 7)
+// (0 where s = 0), scales bf16; the nibbles are or-ed into codes, which the host zeroes first. For
+// benchmarks' random quantised weights, made on the device.
+extern "C" __global__ void quantize_bf16(const bf16_t* v, long long in, long long inner, int fmt, int gs, int G,
+	long long nscales, unsigned char* codes, void* scales) {
+	GRID_STRIDE(s, nscales) {
+		long long c = s % inner, og = s / inner;
+		long long g = og % G, o = og / G;
+		long long lo = g * gs, hi = lo + gs < in ? lo + gs : in;
+		float amax = 0.0f;
+		for (long long i = lo; i < hi; i++) amax = fmaxf(amax, fabsf(bf16_to_f32(v[(o * in + i) * inner + c])));
+		if (fmt == QF_INT4) {
+			float sc = bf16_to_f32(f32_to_bf16(amax / 7.0f));
+			((bf16_t*)scales)[s] = f32_to_bf16(sc);
+			for (long long i = lo; i < hi; i++) {
+				long long idx = (o * in + i) * inner + c;
+				int q = 0;
+				if (sc != 0.0f) q = (int)fminf(fmaxf(rintf(bf16_to_f32(v[idx]) / sc), -8.0f), 7.0f);
+				u32 nib = ((u32)q & 15u) << (4 * (int)(idx & 1));
+				atomicOr((u32*)(codes + ((idx >> 1) & ~3ll)), nib << (8 * (int)((idx >> 1) & 3)));
+			}
+		} else {
+			float sc = fp8_row_scale(amax, 0.0f);
+			((float*)scales)[s] = sc;
+			for (long long i = lo; i < hi; i++) {
+				long long idx = (o * in + i) * inner + c;
+				codes[idx] = (unsigned char)e4m3_encode(round_e4m3(fminf(fmaxf(bf16_to_f32(v[idx]) / sc, -FP8_MAX), FP8_MAX)));
+			}
+		}
+	}
+}

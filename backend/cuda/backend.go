@@ -75,7 +75,7 @@ type kernelSet struct {
 	addRMSNorm, spin                                                     *kernel
 	gemvMulti, gemvSplit                                                 [2]*kernel // _1, _2
 	ropeQK                                                               *kernel
-	actQuantRows, dequantBF16, qexpertGEMV1, qexpertGEMV8                *kernel
+	actQuantRows, dequantBF16, qexpertGEMV1, qexpertGEMV8, quantizeBF16  *kernel
 	qgemv                                                                [4]*kernel // qgemv_1, _2, _4, _8
 }
 
@@ -205,7 +205,7 @@ func (b *Backend) init() error {
 		{"gemv_split_1", &b.k.gemvSplit[0]}, {"gemv_split_2", &b.k.gemvSplit[1]}, {"rope_qk", &b.k.ropeQK},
 		{"act_quant_rows", &b.k.actQuantRows}, {"dequant_bf16", &b.k.dequantBF16},
 		{"qgemv_1", &b.k.qgemv[0]}, {"qgemv_2", &b.k.qgemv[1]}, {"qgemv_4", &b.k.qgemv[2]}, {"qgemv_8", &b.k.qgemv[3]},
-		{"qexpert_gemv_1", &b.k.qexpertGEMV1}, {"qexpert_gemv_8", &b.k.qexpertGEMV8},
+		{"qexpert_gemv_1", &b.k.qexpertGEMV1}, {"qexpert_gemv_8", &b.k.qexpertGEMV8}, {"quantize_bf16", &b.k.quantizeBF16},
 	} {
 		if *k.dst, err = b.module.function(k.name); err != nil {
 			return err

@@ -438,3 +438,101 @@ func TestQuantGEMVTimes(t *testing.T) {
 func loadBF16(g *cuda.Backend, vals []float32, shape ...int) (backend.Tensor, error) {
 	return g.Load(safetensors.BF16, shape, bf16Data(vals))
 }
+
+// TestRandomQuantized: RandomQuantized (bench's random quantised weights, quantised on the device) gives
+// the codes and scales quant.Quantize makes of the same bf16 values on the host: Linear ([out, in]) and
+// Experts ([E, in, out] weights) give bit-identical results on the two weights. A difference means the
+// device quantiser (quantize_bf16) departs from quant.Quantize.
+func TestRandomQuantized(t *testing.T) {
+	g := newBackend(t, cuda.BF16)
+	r := rand.New(rand.NewPCG(41, 42))
+	same := func(name string, a, b backend.Tensor) {
+		t.Helper()
+		av, err := g.Float32(a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		bv, err := g.Float32(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		diff := 0
+		for i := range av {
+			if math.Float32bits(av[i]) != math.Float32bits(bv[i]) {
+				if diff == 0 {
+					t.Errorf("%s: device-quantised [%d] = %g, host-quantised %g", name, i, av[i], bv[i])
+				}
+				diff++
+			}
+		}
+		if diff > 0 {
+			t.Errorf("%s: %d of %d outputs differ", name, diff, len(av))
+		}
+		row("RandomQuant", name, fmt.Sprintf("%d/%d differ", diff, len(av)), "")
+	}
+	// hostCopy quantises the device's random bf16 values (the same seed) on the host and loads them.
+	hostCopy := func(f quant.Format, shape []int, seed uint64) backend.Tensor {
+		t.Helper()
+		src, err := g.RandomBF16(shape, 0, 0.05, seed)
+		if err != nil {
+			t.Fatal(err)
+		}
+		vals, err := g.Float32(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		qf := f
+		qf.RoundBF16 = false
+		w, err := quant.Quantize(qf, shape, 1, vals)
+		if err != nil {
+			t.Fatal(err)
+		}
+		w.Format = f
+		gw, err := g.LoadQuantized(w)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return gw
+	}
+	for _, f := range []quant.Format{{Kind: quant.FP8}, quant.CompressedTensorsFP8(), {Kind: quant.Int4, GroupSize: 128}, {Kind: quant.Int4, GroupSize: 48}} {
+		shape := []int{160, 400}
+		dev, err := g.RandomQuantized(f, shape, 1, 0, 0.05, 7)
+		if err != nil {
+			t.Fatal(err)
+		}
+		host := hostCopy(f, shape, 7)
+		x, _ := g.FromFloat32([]int{3, 400}, randVals(r, 1200, 1))
+		a, err := g.Linear(x, dev)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := g.Linear(x, host)
+		if err != nil {
+			t.Fatal(err)
+		}
+		same(fmt.Sprintf("Linear %s %v", f, shape), a, b)
+
+		const E, H, I = 3, 256, 96
+		gud, err1 := g.RandomQuantized(f, []int{E, H, 2 * I}, 1, 0, 0.05, 8)
+		dnd, err2 := g.RandomQuantized(f, []int{E, I, H}, 1, 0, 0.05, 9)
+		if err1 != nil || err2 != nil {
+			t.Fatal(err1, err2)
+		}
+		guh, dnh := hostCopy(f, []int{E, H, 2 * I}, 8), hostCopy(f, []int{E, I, H}, 9)
+		xe, _ := g.FromFloat32([]int{4, H}, randVals(r, 4*H, 1))
+		logits, _ := g.FromFloat32([]int{4, E}, randVals(r, 4*E, 3))
+		rt, err := g.Route(logits, 2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		a, err = g.Experts(xe, rt, gud, dnd, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err = g.Experts(xe, rt, guh, dnh, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		same(fmt.Sprintf("Experts %s [%d %d %d]", f, E, H, 2*I), a, b)
+	}
+}

@@ -30,6 +30,7 @@ __device__ unsigned __match_any_sync(unsigned, int); __device__ unsigned __ballo
 __device__ unsigned __activemask();
 __device__ float atomicAdd(float*, float); __device__ int atomicAdd(int*, int);
 __device__ unsigned atomicAdd(unsigned*, unsigned); __device__ int atomicMax(int*, int);
+__device__ unsigned atomicOr(unsigned*, unsigned);
 __device__ unsigned long long atomicAdd(unsigned long long*, unsigned long long);
 __device__ unsigned __cvta_generic_to_shared(const void*);
 __device__ long long clock64();
