@@ -194,6 +194,9 @@ __device__ __forceinline__ void qgemv_rows(const void* __restrict__ x, int xdt, 
 		wr[r] = (const u32x4*)(w + (long long)n * rowBytes);
 		srow[r] = int4 ? 0.0f : ((const float*)scales)[n];
 	}
+	// Two chunks a row in flight (the loads do not depend on the sums, so the unrolled loop issues both
+	// first).
+#pragma unroll 2
 	for (int ch = lane; ch < chunks; ch += 32) {
 		u32x4 wv[GEMV_ROWS];
 #pragma unroll
@@ -328,6 +331,8 @@ __device__ __forceinline__ void qexpert_gemv_rows(const void* __restrict__ x, in
 #pragma unroll
 			for (int i = 0; i < 8; i++) acc[j][i] = 0.0f;
 		if (colok) {
+			// Four K rows a warp in flight (expert_gemv_rows keeps eight: unmeasured here).
+#pragma unroll 4
 			for (int kk = k0 + warp; kk < k1; kk += EG_WARPS) {
 				float wf[8];
 				qexpert_w8(w, scales, fmt, gs, G, e, K, N, kk, c8 * 8, wf);
