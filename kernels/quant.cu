@@ -165,25 +165,18 @@ __device__ __forceinline__ void qgemv_acc8(const void* __restrict__ x, int xdt, 
 	}
 }
 
-// qgemv_rows computes output rows n0 .. n0+GEMV_ROWS-1 of y [T, N] (float32) = x [T, K] · w [N, K]ᵀ for a
-// quantised w read as it is stored: each lane loads 16 bytes of a row at a time (16 fp8 codes or 32
-// int4 nibbles), dequantises them in registers and multiplies by x (float32 or bf16, as stored); a warp
-// sum finishes each dot product. K is a multiple of 16 (fp8) or 32 (int4; gs too, so that a 16-byte
-// chunk lies in one scale group); w and x 16-byte aligned.
+// qgemv_accum adds to acc[r][t] this lane's share of the dot products of rows n0 .. n0+GEMV_ROWS-1 of
+// a quantised w [N, K] with the T <= NT rows of x [T, K], over the 16-byte chunks [cbeg, cend) of each
+// row (16 fp8 codes or 32 int4 nibbles a chunk): the lanes of a warp stride over the chunks, and each
+// chunk is dequantised in registers (q·s, as quant.Weight.Dequantize) and multiplied by x (float32 or
+// bf16, as stored) in float32. K is a multiple of 16 (fp8) or 32 (int4; gs too, so that a chunk lies in
+// one scale group); w and x 16-byte aligned.
 template <int NT>
-__device__ __forceinline__ void qgemv_rows(const void* __restrict__ x, int xdt, const unsigned char* __restrict__ w,
-	const void* __restrict__ scales, int fmt, int gs, float* __restrict__ y, int T, int K, int N, int n0) {
+__device__ __forceinline__ void qgemv_accum(const void* __restrict__ x, int xdt, const unsigned char* __restrict__ w,
+	const void* __restrict__ scales, int fmt, int gs, int T, int K, int N, int n0, int cbeg, int cend, float (&acc)[GEMV_ROWS][NT]) {
 	int lane = threadIdx.x & 31;
-	if (n0 >= N) return; // uniform over the warp
-	float acc[GEMV_ROWS][NT];
-#pragma unroll
-	for (int r = 0; r < GEMV_ROWS; r++)
-#pragma unroll
-		for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
 	long long xrow = dt_size(xdt) * (long long)K;
 	bool int4 = fmt == QF_INT4;
-	int per = int4 ? 32 : 16; // elements a 16-byte chunk holds
-	int chunks = K / per;
 	long long rowBytes = int4 ? K / 2 : K;
 	int G = int4 ? (K + gs - 1) / gs : 1;
 	const u32x4* wr[GEMV_ROWS];
@@ -197,7 +190,7 @@ __device__ __forceinline__ void qgemv_rows(const void* __restrict__ x, int xdt, 
 	// Two chunks a row in flight (the loads do not depend on the sums, so the unrolled loop issues both
 	// first).
 #pragma unroll 2
-	for (int ch = lane; ch < chunks; ch += 32) {
+	for (int ch = cbeg + lane; ch < cend; ch += 32) {
 		u32x4 wv[GEMV_ROWS];
 #pragma unroll
 		for (int r = 0; r < GEMV_ROWS; r++) wv[r] = wr[r][ch];
@@ -236,6 +229,24 @@ __device__ __forceinline__ void qgemv_rows(const void* __restrict__ x, int xdt, 
 			}
 		}
 	}
+}
+
+// qgemv_chunks is the number of 16-byte chunks of a row of K elements in format fmt.
+__device__ __forceinline__ int qgemv_chunks(int fmt, int K) { return fmt == QF_INT4 ? K / 32 : K / 16; }
+
+// qgemv_rows computes output rows n0 .. n0+GEMV_ROWS-1 of y [T, N] (float32) = x [T, K] · w [N, K]ᵀ for a
+// quantised w with one warp over all of K (qgemv_accum); a warp sum finishes each dot product.
+template <int NT>
+__device__ __forceinline__ void qgemv_rows(const void* __restrict__ x, int xdt, const unsigned char* __restrict__ w,
+	const void* __restrict__ scales, int fmt, int gs, float* __restrict__ y, int T, int K, int N, int n0) {
+	int lane = threadIdx.x & 31;
+	if (n0 >= N) return; // uniform over the warp
+	float acc[GEMV_ROWS][NT];
+#pragma unroll
+	for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+		for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
+	qgemv_accum<NT>(x, xdt, w, scales, fmt, gs, T, K, N, n0, 0, qgemv_chunks(fmt, K), acc);
 #pragma unroll
 	for (int r = 0; r < GEMV_ROWS; r++)
 #pragma unroll
@@ -243,6 +254,40 @@ __device__ __forceinline__ void qgemv_rows(const void* __restrict__ x, int xdt, 
 			float v = warp_sum(acc[r][t]);
 			if (lane == 0 && t < T && n0 + r < N) y[(long long)t * N + n0 + r] = v;
 		}
+}
+
+// qgemv_split_rows is qgemv_rows for a whole block (as gemv_split_rows): its GEMV_WARPS warps share the
+// rows n0 .. n0+GEMV_ROWS-1, each over a contiguous quarter of the chunks, and the partial sums are added
+// in warp order (a fixed order). For small weights (few rows), which one warp a row pair leaves short of
+// loads in flight.
+template <int NT>
+__device__ __forceinline__ void qgemv_split_rows(const void* __restrict__ x, int xdt, const unsigned char* __restrict__ w,
+	const void* __restrict__ scales, int fmt, int gs, float* __restrict__ y, int T, int K, int N, int n0) {
+	__shared__ float part[GEMV_WARPS][GEMV_ROWS][NT];
+	int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+	if (n0 >= N) return; // uniform over the block
+	float acc[GEMV_ROWS][NT];
+#pragma unroll
+	for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+		for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
+	int chunks = qgemv_chunks(fmt, K), per = (chunks + GEMV_WARPS - 1) / GEMV_WARPS;
+	qgemv_accum<NT>(x, xdt, w, scales, fmt, gs, T, K, N, n0, imin(chunks, warp * per), imin(chunks, (warp + 1) * per), acc);
+#pragma unroll
+	for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+		for (int t = 0; t < NT; t++) {
+			float v = warp_sum(acc[r][t]);
+			if (lane == 0) part[warp][r][t] = v;
+		}
+	__syncthreads();
+	if (warp == 0 && lane < GEMV_ROWS * NT) {
+		int r = lane / NT, t = lane - r * NT;
+		float v = 0.0f;
+#pragma unroll
+		for (int q = 0; q < GEMV_WARPS; q++) v += part[q][r][t];
+		if (t < T && n0 + r < N) y[(long long)t * N + n0 + r] = v;
+	}
 }
 
 // qgemv_N: y [T, N] = x [T, K] · w [N, K]ᵀ for a quantised w and T <= N rows (grid: ceil(N /
@@ -262,6 +307,17 @@ qgemv_4(const void* x, int xdt, const unsigned char* w, const void* scales, int 
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 qgemv_8(const void* x, int xdt, const unsigned char* w, const void* scales, int fmt, int gs, float* y, int T, int K, int N) {
 	qgemv_rows<8>(x, xdt, w, scales, fmt, gs, y, T, K, N, gemv_row0());
+}
+
+// qgemv_split_N: qgemv_N for T <= N rows with qgemv_split_rows (grid: ceil(N / GEMV_ROWS) blocks of
+// GEMV_WARPS warps).
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
+qgemv_split_1(const void* x, int xdt, const unsigned char* w, const void* scales, int fmt, int gs, float* y, int T, int K, int N) {
+	qgemv_split_rows<1>(x, xdt, w, scales, fmt, gs, y, T, K, N, blockIdx.x * GEMV_ROWS);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
+qgemv_split_2(const void* x, int xdt, const unsigned char* w, const void* scales, int fmt, int gs, float* y, int T, int K, int N) {
+	qgemv_split_rows<2>(x, xdt, w, scales, fmt, gs, y, T, K, N, blockIdx.x * GEMV_ROWS);
 }
 
 // qexpert_w8 dequantises the 8 weights [c0, c0+8) of row kk of expert e's [K, N] slice of a quantised

@@ -77,6 +77,7 @@ type kernelSet struct {
 	ropeQK                                                               *kernel
 	actQuantRows, dequantBF16, qexpertGEMV1, qexpertGEMV8, quantizeBF16  *kernel
 	qgemv                                                                [4]*kernel // qgemv_1, _2, _4, _8
+	qgemvSplit                                                           [2]*kernel // qgemv_split_1, _2
 }
 
 // Info describes what New found and did.
@@ -205,6 +206,7 @@ func (b *Backend) init() error {
 		{"gemv_split_1", &b.k.gemvSplit[0]}, {"gemv_split_2", &b.k.gemvSplit[1]}, {"rope_qk", &b.k.ropeQK},
 		{"act_quant_rows", &b.k.actQuantRows}, {"dequant_bf16", &b.k.dequantBF16},
 		{"qgemv_1", &b.k.qgemv[0]}, {"qgemv_2", &b.k.qgemv[1]}, {"qgemv_4", &b.k.qgemv[2]}, {"qgemv_8", &b.k.qgemv[3]},
+		{"qgemv_split_1", &b.k.qgemvSplit[0]}, {"qgemv_split_2", &b.k.qgemvSplit[1]},
 		{"qexpert_gemv_1", &b.k.qexpertGEMV1}, {"qexpert_gemv_8", &b.k.qexpertGEMV8}, {"quantize_bf16", &b.k.quantizeBF16},
 	} {
 		if *k.dst, err = b.module.function(k.name); err != nil {

@@ -14,7 +14,8 @@ import (
 // per output channel and group (quant's package doc, Layout). Linear and Experts dispatch on the format:
 //   - decode (at most qgemvMaxRows rows for Linear, skinnyRows tokens for Experts): GEMV kernels
 //     (quant.cu) that read the codes and dequantise in registers, so a step reads 1 (fp8) or ½ (int4)
-//     byte a weight instead of 2;
+//     byte a weight instead of 2; at 1 or 2 rows a weight of at most gemvSplitMaxRows rows splits K
+//     over a block's warps (qgemv_split_N), as the bf16 GEMV does;
 //   - prefill: the weight (one expert at a time for Experts) is dequantised into a bf16 scratch and the
 //     bf16 path (cuBLASLt) runs on it.
 //
@@ -203,8 +204,13 @@ func (b *Backend) linearQuant(xt, wt *tensor) (backend.Tensor, error) {
 		for 1<<i < T {
 			i++
 		}
-		err = b.stream.launch(b.k.qgemv[i], gemvGrid(outDim), gemvBlock, 0,
-			x, int(x.dt), wt, wt.q.scales, wt.q.code, wt.q.gs, y, T, in, outDim)
+		// As Linear's bf16 GEMV: at 1 or 2 rows, weights of up to gemvSplitMaxRows rows split K over a
+		// block's warps (qgemv_split_N), the others one warp a row pair.
+		k, grid := b.k.qgemv[i], gemvGrid(outDim)
+		if T <= 2 && outDim <= gemvSplitMaxRows && !b.noGEMVSplit {
+			k, grid = b.k.qgemvSplit[T-1], gemvSplitGrid(outDim)
+		}
+		err = b.stream.launch(k, grid, gemvBlock, 0, x, int(x.dt), wt, wt.q.scales, wt.q.code, wt.q.gs, y, T, in, outDim)
 		if err != nil {
 			return nil, fmt.Errorf("cuda: linear x%v w%v (%s): %w", xt.shape, wt.shape, wt.q.format, err)
 		}

@@ -163,8 +163,8 @@ func pickSide(p pair, side int) backend.Tensor {
 
 // TestQuantLinearVsCPU compares Linear on quantised weights with the cpu backend for every format, at
 // 1, 7, 64 and 300 rows, on shapes the GEMV takes (K a multiple of 16 for fp8, 32 for int4) and shapes it
-// does not (K = 1000, 77: the dequantise-to-bf16 path), and at up to 8 rows both the GEMV and the
-// dequantised path (SetQuantGEMV off).
+// does not (K = 1000, 77: the dequantise-to-bf16 path), at 1 row both GEMV kernels (split-K and one
+// warp a row pair), and at up to 8 rows the dequantised path too (SetQuantGEMV off).
 func TestQuantLinearVsCPU(t *testing.T) {
 	g := newBackend(t, cuda.BF16)
 	e := &opEnv{t: t, cpu: cpu.New(cpu.Config{}), gpu: g, r: rand.New(rand.NewPCG(11, 12))}
@@ -174,25 +174,23 @@ func TestQuantLinearVsCPU(t *testing.T) {
 			for _, T := range []int{1, 7, 64, 300} {
 				x := e.input(1, T, s.in)
 				shape := fmt.Sprintf("%s [%d %d]x[%d %d]", f, T, s.in, s.out, s.in)
-				for _, gemv := range []bool{true, false} {
-					if !gemv && T > 8 {
+				// The default paths (split-K GEMV at 1 row), the one-warp GEMV (split off), the
+				// dequantised path at GEMV row counts.
+				for _, mode := range []string{"", " nosplit", " deq"} {
+					if (mode == " nosplit" && T > 2) || (mode == " deq" && T > 8) {
 						continue
 					}
-					old := cuda.SetQuantGEMV(g, gemv)
+					oldQ := cuda.SetQuantGEMV(g, mode != " deq")
+					oldS := cuda.SetGEMVSplit(g, mode != " nosplit")
 					bound := quantBF16RelL2
-					name := "QLinear"
-					if gemv && T <= 8 {
-						bound = quantGEMVRelL2 // the GEMV when the shape allows, else still bf16's bound
-						if !qgemvShape(f, s.in) {
-							bound = quantBF16RelL2
-						}
-					} else if !gemv {
-						name = "QLinear deq"
+					if mode != " deq" && T <= 8 && qgemvShape(f, s.in) {
+						bound = quantGEMVRelL2
 					}
-					e.qcompare(name, shape, bound, func(b backend.Ops, side int) (backend.Tensor, error) {
+					e.qcompare("QLinear"+mode, shape, bound, func(b backend.Ops, side int) (backend.Tensor, error) {
 						return b.Linear(pickSide(x, side), pickSide(w, side))
 					})
-					cuda.SetQuantGEMV(g, old)
+					cuda.SetQuantGEMV(g, oldQ)
+					cuda.SetGEMVSplit(g, oldS)
 				}
 			}
 		}
@@ -336,9 +334,10 @@ func TestQuantRefusals(t *testing.T) {
 }
 
 // TestQuantGEMVTimes times, on the device (Profile), Linear at one row on Scout-like shapes for bf16,
-// fp8 (weight-only and with activation quantisation) and int4 weights, and a Scout decode MoE layer's
-// routed expert (T 1, k 1, H 5120, I 8192), and reports the effective weight bandwidth. No bound: the
-// table rows are for the lead.
+// fp8 (weight-only and with activation quantisation) and int4 weights, each with the split-K GEMV (the
+// default) and without ("nosplit"), and a Scout decode MoE layer's routed expert (T 1, k 1, H 5120,
+// I 8192), and reports the effective weight bandwidth (the weight's bytes in its format over the time).
+// No bound: the table rows are for the lead.
 func TestQuantGEMVTimes(t *testing.T) {
 	g := newBackend(t, cuda.BF16)
 	r := rand.New(rand.NewPCG(31, 32))
@@ -392,10 +391,18 @@ func TestQuantGEMVTimes(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			timeIt("GEMV "+f.String(), fmt.Sprintf("[1 %d]x[%d %d]", s.in, s.out, s.in), f.Bytes([]int{s.out, s.in}, 1), func() error {
-				_, err := g.Linear(x, w)
-				return err
-			})
+			for _, split := range []bool{true, false} {
+				old := cuda.SetGEMVSplit(g, split)
+				name := "GEMV " + f.String()
+				if !split {
+					name += " nosplit"
+				}
+				timeIt(name, fmt.Sprintf("[1 %d]x[%d %d]", s.in, s.out, s.in), f.Bytes([]int{s.out, s.in}, 1), func() error {
+					_, err := g.Linear(x, w)
+					return err
+				})
+				cuda.SetGEMVSplit(g, old)
+			}
 		}
 	}
 	// A routed expert of a Scout decode step (the one expert held: the host quantises it in a few

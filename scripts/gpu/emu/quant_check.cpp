@@ -27,7 +27,7 @@ QW make(int fmt, int gs, long outer, long in, long inner) {
 		q.sf.resize(outer * inner); for (auto& s : q.sf) s = urand(0.001f, 0.1f); }
 	return q;
 }
-void test_qgemv(int fmt, int gs, int T, int K, int N, int xdt) {
+void test_qgemv(int fmt, int gs, int T, int K, int N, int xdt, bool split = false) {
 	QW w = make(fmt, gs, N, K, 1);
 	// align the codes to 16 bytes
 	std::vector<float> xf(T * K); for (auto& v : xf) v = urand(-1, 1);
@@ -35,8 +35,11 @@ void test_qgemv(int fmt, int gs, int T, int K, int N, int xdt) {
 	const void* x = xdt == DT_BF16 ? (const void*)xb.data() : (const void*)xf.data();
 	std::vector<float> y(T * N, NAN);
 	dim3 grid{(unsigned)((N + GEMV_WARPS * GEMV_ROWS - 1) / (GEMV_WARPS * GEMV_ROWS))}, block{GEMV_WARPS * 32};
+	if (split) grid = dim3{(unsigned)((N + GEMV_ROWS - 1) / GEMV_ROWS)};
 	launch(grid, block, [&] {
-		if (T == 1) qgemv_1(x, xdt, w.codes.data(), w.scales(), fmt, gs, y.data(), T, K, N);
+		if (split && T == 1) qgemv_split_1(x, xdt, w.codes.data(), w.scales(), fmt, gs, y.data(), T, K, N);
+		else if (split) qgemv_split_2(x, xdt, w.codes.data(), w.scales(), fmt, gs, y.data(), T, K, N);
+		else if (T == 1) qgemv_1(x, xdt, w.codes.data(), w.scales(), fmt, gs, y.data(), T, K, N);
 		else if (T == 2) qgemv_2(x, xdt, w.codes.data(), w.scales(), fmt, gs, y.data(), T, K, N);
 		else if (T <= 4) qgemv_4(x, xdt, w.codes.data(), w.scales(), fmt, gs, y.data(), T, K, N);
 		else qgemv_8(x, xdt, w.codes.data(), w.scales(), fmt, gs, y.data(), T, K, N); });
@@ -129,6 +132,9 @@ int main() {
 		test_qgemv(QF_INT4, 32, T, 96, 11, xdt); test_qgemv(QF_INT4, 128, T, 256, 8, xdt); test_qgemv(QF_INT4, 64, T, 320, 3, xdt); }
 	// Several chunks a lane (the stride loop): 65 chunks a row.
 	test_qgemv(QF_FP8, 0, 2, 1040, 5, DT_F32); test_qgemv(QF_INT4, 32, 3, 2080, 5, DT_BF16); test_qgemv(QF_INT4, 160, 1, 2080, 4, DT_F32);
+	// The split-K variant (a block's warps share a row pair): chunk counts below, at and above 4·32.
+	for (int T : {1, 2}) { test_qgemv(QF_FP8, 0, T, 48, 7, DT_F32, true); test_qgemv(QF_FP8_BF16, 0, T, 2048, 5, DT_BF16, true);
+		test_qgemv(QF_INT4, 32, T, 4160, 3, DT_F32, true); test_qgemv(QF_INT4, 128, T, 256, 6, DT_BF16, true); }
 	printf("qgemv done bad=%d\n", bad);
 	for (int f : {QF_FP8, QF_FP8_BF16}) test_dequant(f, 0);
 	test_dequant(QF_INT4, 16); test_dequant(QF_INT4, 7);
