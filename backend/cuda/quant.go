@@ -2,6 +2,7 @@ package cuda
 
 import (
 	"fmt"
+	"runtime"
 	"slices"
 
 	"github.com/tpfleet/tpfleet/backend"
@@ -12,7 +13,7 @@ import (
 // Quantised weights (package quant's formats) stay on the GPU in their compact form: fp8 as one E4M3
 // code a byte and one float32 scale per output channel, int4 as two nibbles a byte and one bf16 scale
 // per output channel and group (quant's package doc, Layout). Linear and Experts dispatch on the format:
-//   - decode (at most qgemvMaxRows rows for Linear, skinnyRows tokens for Experts): GEMV kernels
+//   - decode and small batches (at most skinnyRows rows or tokens): GEMV kernels
 //     (quant.cu) that read the codes and dequantise in registers, so a step reads 1 (fp8) or ½ (int4)
 //     byte a weight instead of 2; at 1 or 2 rows a weight of at most gemvSplitMaxRows rows splits K
 //     over a block's warps (qgemv_split_N), as the bf16 GEMV does;
@@ -36,9 +37,12 @@ const (
 	qfInt4    = 2 // q·s, s bf16-valued
 )
 
-// qgemvMaxRows is the most rows Linear runs on the quantised GEMV (qgemv_8): it reads the compact
-// weight once, where the prefill path reads it, writes and rereads a bf16 copy.
-const qgemvMaxRows = 8
+// qgemvKernelRows is the most rows one quantised GEMV launch takes (qgemv_8). Linear runs up to
+// skinnyRows rows on it (qgemvOK), qgemvKernelRows rows a
+// launch: each launch reads the compact weight once (at 64 rows, 8 times: 8 bytes a weight for fp8,
+// where the bf16 copy costs 2 written and 2 read), and the result keeps float32 accuracy, as the
+// skinny-GEMM rule asks (doc.go, Numerics).
+const qgemvKernelRows = 8
 
 // actQuantBlock is act_quant_rows' block: one block a row.
 var actQuantBlock = dim3{256, 1, 1}
@@ -155,9 +159,9 @@ func (b *Backend) dequant(t *tensor, off, n int64) (*buffer, error) {
 	return buf, nil
 }
 
-// qgemvOK reports whether x [T, in] · wᵀ runs on the quantised GEMV: at most qgemvMaxRows rows, K a
+// qgemvOK reports whether x [T, in] · wᵀ runs on the quantised GEMV: at most skinnyRows rows, K a
 // multiple of a 16-byte chunk's elements (16 fp8, 32 int4; the int4 group size too) and 16-byte aligned
-// operands.
+// operands (every block of qgemvKernelRows rows of x then is too).
 func (b *Backend) qgemvOK(xt, wt *tensor) bool {
 	T, in := xt.shape[0], xt.shape[1]
 	per := 16
@@ -167,7 +171,7 @@ func (b *Backend) qgemvOK(xt, wt *tensor) bool {
 			return false
 		}
 	}
-	return !b.noQuantGEMV && T <= qgemvMaxRows && in > 0 && in%per == 0 && wt.ptr()%16 == 0 && xt.ptr()%16 == 0
+	return !b.noQuantGEMV && T <= skinnyRows && in > 0 && in%per == 0 && wt.ptr()%16 == 0 && xt.ptr()%16 == 0
 }
 
 // linearQuant is Linear for a quantised w [out, in]: x's rows quantised first where the format says so,
@@ -200,20 +204,26 @@ func (b *Backend) linearQuant(xt, wt *tensor) (backend.Tensor, error) {
 			return nil, err
 		}
 		b.counts.QuantGEMV++
-		i := 0
-		for 1<<i < T {
-			i++
+		for r0 := 0; r0 < T; r0 += qgemvKernelRows {
+			n := min(qgemvKernelRows, T-r0)
+			i := 0
+			for 1<<i < n {
+				i++
+			}
+			// As Linear's bf16 GEMV: at 1 or 2 rows, weights of up to gemvSplitMaxRows rows split K over
+			// a block's warps (qgemv_split_N), the others one warp a row pair.
+			k, grid := b.k.qgemv[i], gemvGrid(outDim)
+			if T <= 2 && outDim <= gemvSplitMaxRows && !b.noGEMVSplit {
+				k, grid = b.k.qgemvSplit[T-1], gemvSplitGrid(outDim)
+			}
+			xp := x.ptr() + devptr(int64(r0)*int64(in)*x.dt.size())
+			yp := y.ptr() + devptr(int64(r0)*int64(outDim)*4)
+			err = b.stream.launch(k, grid, gemvBlock, 0, xp, int(x.dt), wt, wt.q.scales, wt.q.code, wt.q.gs, yp, n, in, outDim)
+			if err != nil {
+				return nil, fmt.Errorf("cuda: linear x%v w%v (%s): %w", xt.shape, wt.shape, wt.q.format, err)
+			}
 		}
-		// As Linear's bf16 GEMV: at 1 or 2 rows, weights of up to gemvSplitMaxRows rows split K over a
-		// block's warps (qgemv_split_N), the others one warp a row pair.
-		k, grid := b.k.qgemv[i], gemvGrid(outDim)
-		if T <= 2 && outDim <= gemvSplitMaxRows && !b.noGEMVSplit {
-			k, grid = b.k.qgemvSplit[T-1], gemvSplitGrid(outDim)
-		}
-		err = b.stream.launch(k, grid, gemvBlock, 0, x, int(x.dt), wt, wt.q.scales, wt.q.code, wt.q.gs, y, T, in, outDim)
-		if err != nil {
-			return nil, fmt.Errorf("cuda: linear x%v w%v (%s): %w", xt.shape, wt.shape, wt.q.format, err)
-		}
+		runtime.KeepAlive(x)
 		return y, nil
 	}
 	b.counts.QuantDequant++

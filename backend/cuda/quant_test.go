@@ -17,14 +17,19 @@ import (
 
 // Bounds of the quantised ops against the cpu backend (the reference: the dequantised weights in float32,
 // quant.Weight.Dequantize). The GEMV paths dequantise in registers to the very same float32 weights, so
-// only the summation order differs (about 1e-6); where the format quantises activations, the experts'
-// SwiGLU rows may round to a neighbouring E4M3 value now and then (their float32 products differ in the
-// last bits), hence a looser bound there. The prefill paths round the dequantised weights and the inputs
-// to bf16 (as the bf16 path rounds its inputs: 2^-9 relative each), like the bf16 comparisons.
+// only the summation order differs (about 1e-6). The prefill paths round the dequantised weights and the
+// inputs to bf16 (as the bf16 path rounds its inputs: 2^-9 relative each), like the bf16 comparisons.
+// Where the format quantises activations, the experts' SwiGLU rows are rounded to E4M3 after products
+// that differ from the cpu's: an element near a rounding midpoint lands on the neighbouring E4M3 value
+// (a step is 6–12 % of it). With float32 products (GEMV) that is rare (about 2e-5 of the elements): one
+// such element moves a one-token output by a few 1e-3. With bf16-rounded inputs (prefill, about 4e-3
+// relative off in the gate and up products) some 10 % of the elements move a step, about 2–3e-2
+// relative L2: a bug (a wrong scale, index or nibble) gives errors of order one.
 const (
 	quantGEMVRelL2    = 1e-4
-	quantGEMVActRelL2 = 3e-3
+	quantGEMVActRelL2 = 1e-2
 	quantBF16RelL2    = 1.5e-2
+	quantBF16ActRelL2 = 6e-2
 )
 
 // quantFormats are the formats the tests load: fp8 rowwise weight-only, fp8 with dynamic activations
@@ -164,7 +169,8 @@ func pickSide(p pair, side int) backend.Tensor {
 // TestQuantLinearVsCPU compares Linear on quantised weights with the cpu backend for every format, at
 // 1, 7, 64 and 300 rows, on shapes the GEMV takes (K a multiple of 16 for fp8, 32 for int4) and shapes it
 // does not (K = 1000, 77: the dequantise-to-bf16 path), at 1 row both GEMV kernels (split-K and one
-// warp a row pair), and at up to 8 rows the dequantised path too (SetQuantGEMV off).
+// warp a row pair), and at up to 64 rows (the GEMV, 8 rows a launch) the dequantised path too
+// (SetQuantGEMV off). 300 rows is prefill: the dequantised path.
 func TestQuantLinearVsCPU(t *testing.T) {
 	g := newBackend(t, cuda.BF16)
 	e := &opEnv{t: t, cpu: cpu.New(cpu.Config{}), gpu: g, r: rand.New(rand.NewPCG(11, 12))}
@@ -177,13 +183,13 @@ func TestQuantLinearVsCPU(t *testing.T) {
 				// The default paths (split-K GEMV at 1 row), the one-warp GEMV (split off), the
 				// dequantised path at GEMV row counts.
 				for _, mode := range []string{"", " nosplit", " deq"} {
-					if (mode == " nosplit" && T > 2) || (mode == " deq" && T > 8) {
+					if (mode == " nosplit" && T > 2) || (mode == " deq" && T > 64) {
 						continue
 					}
 					oldQ := cuda.SetQuantGEMV(g, mode != " deq")
 					oldS := cuda.SetGEMVSplit(g, mode != " nosplit")
 					bound := quantBF16RelL2
-					if mode != " deq" && T <= 8 && qgemvShape(f, s.in) {
+					if mode != " deq" && T <= 64 && qgemvShape(f, s.in) {
 						bound = quantGEMVRelL2
 					}
 					e.qcompare("QLinear"+mode, shape, bound, func(b backend.Ops, side int) (backend.Tensor, error) {
@@ -243,11 +249,13 @@ func TestQuantExpertsVsCPU(t *testing.T) {
 			gu := e.qweight(f, float32(2/math.Sqrt(float64(s.H))), s.E, s.H, 2*s.I)
 			dn := e.qweight(f, float32(2/math.Sqrt(float64(s.I))), s.E, s.I, s.H)
 			bound := quantBF16RelL2
-			if s.gemv && s.T <= 64 && s.H%8 == 0 {
+			switch {
+			case s.gemv && s.T <= 64 && s.H%8 == 0 && f.DynamicActivations:
+				bound = quantGEMVActRelL2
+			case s.gemv && s.T <= 64 && s.H%8 == 0:
 				bound = quantGEMVRelL2
-				if f.DynamicActivations {
-					bound = quantGEMVActRelL2
-				}
+			case f.DynamicActivations:
+				bound = quantBF16ActRelL2
 			}
 			name := "QExperts"
 			if !s.gemv {
