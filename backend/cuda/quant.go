@@ -38,10 +38,10 @@ const (
 )
 
 // qgemvKernelRows is the most rows one quantised GEMV launch takes (qgemv_8). Linear runs up to
-// skinnyRows rows on it (qgemvOK), qgemvKernelRows rows a
-// launch: each launch reads the compact weight once (at 64 rows, 8 times: 8 bytes a weight for fp8,
-// where the bf16 copy costs 2 written and 2 read), and the result keeps float32 accuracy, as the
-// skinny-GEMM rule asks (doc.go, Numerics).
+// skinnyRows rows on it (qgemvOK), qgemvKernelRows rows a launch: each launch reads the compact weight
+// once (at 64 rows 8 times, 8 bytes a weight for fp8, where the bf16 copy costs 2 written and 2 read),
+// and the result keeps float32 accuracy, as the skinny-GEMM rule asks (doc.go, Numerics). More rows
+// (prefill; also with Activations F32, where the bf16 weights' path would split x) take the bf16 copy.
 const qgemvKernelRows = 8
 
 // actQuantBlock is act_quant_rows' block: one block a row.
