@@ -413,26 +413,21 @@ func TestQuantGEMVTimes(t *testing.T) {
 			}
 		}
 	}
-	// A routed expert of a Scout decode step (the one expert held: the host quantises it in a few
-	// seconds; the GEMV reads only the chosen expert either way).
-	const E, H, I = 1, 5120, 8192
-	guVals, dnVals := randVals(r, E*H*2*I, 0.02), randVals(r, E*I*H, 0.02)
+	// A routed expert of a Scout decode step: E 16, one chosen (k 1). The weights are random on the
+	// device (RandomBF16, RandomQuantized: TestRandomQuantized checks those against quant.Quantize);
+	// the host would take minutes to quantise 2 G weights column by column.
+	const E, H, I = 16, 5120, 8192
 	x, _ := g.FromFloat32([]int{1, H}, randVals(r, H, 1))
-	logits, _ := g.FromFloat32([]int{1, E}, []float32{1})
+	logits, _ := g.FromFloat32([]int{1, E}, randVals(r, E, 3))
 	for _, f := range formats {
 		var gu, dn backend.Tensor
 		var err error
 		if f.Quantized() {
-			gw, err1 := quant.Quantize(f, []int{E, H, 2 * I}, 1, guVals)
-			dw, err2 := quant.Quantize(f, []int{E, I, H}, 1, dnVals)
-			if err1 != nil || err2 != nil {
-				t.Fatal(err1, err2)
+			if gu, err = g.RandomQuantized(f, []int{E, H, 2 * I}, 1, 0, 0.02, 1); err == nil {
+				dn, err = g.RandomQuantized(f, []int{E, I, H}, 1, 0, 0.02, 2)
 			}
-			if gu, err = g.LoadQuantized(gw); err == nil {
-				dn, err = g.LoadQuantized(dw)
-			}
-		} else if gu, err = loadBF16(g, guVals, E, H, 2*I); err == nil {
-			dn, err = loadBF16(g, dnVals, E, I, H)
+		} else if gu, err = g.RandomBF16([]int{E, H, 2 * I}, 0, 0.02, 1); err == nil {
+			dn, err = g.RandomBF16([]int{E, I, H}, 0, 0.02, 2)
 		}
 		if err != nil {
 			t.Fatal(err)
