@@ -21,9 +21,17 @@ import (
 // Issue 11's bounds for the quantised models on the GPU against HF's float32 logits of the same
 // quantised weights (testdata/quant, scripts/fixtures/make_quant_fixtures.py): relative L2 <= 5e-2 and
 // top-1 agreement >= 95 % of positions.
+//
+// fp8+act (FbgemmFp8's dynamic activations) has no HF golden and is compared with the cpu backend,
+// which it cannot match as closely as the weight-only formats do: every quantised Linear rounds its
+// input rows to E4M3, and inputs that differ from the cpu's in the last bits (the KV cache is bf16 on
+// the GPU, float32 on the cpu: attention outputs differ by about 2^-9) land on the neighbouring E4M3
+// value near a rounding midpoint, a step of 6–12 % of that element. Hence the looser bounds.
 const (
 	quantGoldenRelL2 = 5e-2
 	quantGoldenTop1  = 0.95
+	quantActRelL2    = 1e-1
+	quantActTop1     = 0.90
 )
 
 // quantModel is one quantised model of the goldens: how to load it on a backend.
@@ -31,6 +39,8 @@ type quantModel struct {
 	name   string
 	golden string // the HF golden in testdata/quant ("" for a comparison with the cpu backend only)
 	load   func(t *testing.T, ops backend.Ops) *llama4.Model
+	// relL2 and top1 are the bounds (quantGolden… with a golden, quantAct… without).
+	relL2, top1 float64
 }
 
 // quantModels are the compressed-tensors FP8 checkpoint (testdata/quant/fp8-ct, read through a
@@ -56,7 +66,7 @@ func quantModels(t *testing.T) []quantModel {
 		}
 	}
 	return []quantModel{
-		{"fp8-ct", filepath.Join(quantDir, "golden-fp8-ct.safetensors"), func(t *testing.T, ops backend.Ops) *llama4.Model {
+		{name: "fp8-ct", golden: filepath.Join(quantDir, "golden-fp8-ct.safetensors"), relL2: quantGoldenRelL2, top1: quantGoldenTop1, load: func(t *testing.T, ops backend.Ops) *llama4.Model {
 			cfg, err := llama4.LoadConfig(ctDir)
 			if err != nil {
 				t.Fatal(err)
@@ -77,9 +87,11 @@ func quantModels(t *testing.T) []quantModel {
 			}
 			return m
 		}},
-		{"fp8", filepath.Join(quantDir, "golden-fp8.safetensors"), fromFixture(quant.Format{Kind: quant.FP8})},
-		{"int4-g128", filepath.Join(quantDir, "golden-int4.safetensors"), fromFixture(quant.Format{Kind: quant.Int4, GroupSize: 128})},
-		{"fp8+act", "", fromFixture(quant.Format{Kind: quant.FP8, DynamicActivations: true})},
+		{name: "fp8", golden: filepath.Join(quantDir, "golden-fp8.safetensors"), relL2: quantGoldenRelL2, top1: quantGoldenTop1,
+			load: fromFixture(quant.Format{Kind: quant.FP8})},
+		{name: "int4-g128", golden: filepath.Join(quantDir, "golden-int4.safetensors"), relL2: quantGoldenRelL2, top1: quantGoldenTop1,
+			load: fromFixture(quant.Format{Kind: quant.Int4, GroupSize: 128})},
+		{name: "fp8+act", relL2: quantActRelL2, top1: quantActTop1, load: fromFixture(quant.Format{Kind: quant.FP8, DynamicActivations: true})},
 	}
 }
 
@@ -96,7 +108,7 @@ func openCheckpoint(t *testing.T, dir string) *safetensors.Checkpoint {
 // TestQuantGolden scores the quantised goldens' ids teacher-forced on the GPU and compares the logits
 // with HF's float32 ones (relative L2, top-1 agreement per position), and with the cpu backend's (the
 // reference, which matches HF to 1e-4: model/llama4.TestQuantGoldens). fp8+act has no HF golden: it is
-// held to the same bounds against the cpu backend. Greedy decoding (16 tokens through the KV cache: the
+// held to looser bounds against the cpu backend (quantActRelL2, quantActTop1: see there why). Greedy decoding (16 tokens through the KV cache: the
 // one-row GEMV paths) is compared with the cpu's and reported.
 func TestQuantGolden(t *testing.T) {
 	for _, act := range []cuda.DType{cuda.BF16, cuda.F32} {
@@ -167,11 +179,11 @@ func TestQuantGolden(t *testing.T) {
 					same++
 				}
 				status := ""
-				if rel > quantGoldenRelL2 || float64(agree) < quantGoldenTop1*float64(positions) || math.IsNaN(rel) {
+				if rel > qm.relL2 || float64(agree) < qm.top1*float64(positions) || math.IsNaN(rel) {
 					status = " FAIL"
 					t.Errorf("%s act=%s vs %s: relative L2 = %.3g (want <= %.3g), top-1 agreement %d/%d (want >= %.0f%%); "+
 						"worst position %d (max |Δ|/max|ref| %.3g); vs cpu: relative L2 %.3g, top-1 %d/%d; paths %s",
-						qm.name, act, against, rel, quantGoldenRelL2, agree, positions, 100*quantGoldenTop1, worstPos, worst, relCPU, agreeCPU, positions, paths)
+						qm.name, act, against, rel, qm.relL2, agree, positions, 100*qm.top1, worstPos, worst, relCPU, agreeCPU, positions, paths)
 				}
 				t.Logf("%s act=%s: vs %s relL2 %.3g top-1 %d/%d (worst position %d: %.3g); vs cpu relL2 %.3g top-1 %d/%d; greedy vs cpu %d/%d %v / %v; score %v; paths %s",
 					qm.name, act, against, rel, agree, positions, worstPos, worst, relCPU, agreeCPU, positions, same, len(cg), gg, cg, elapsed, paths)
