@@ -9,6 +9,7 @@ import (
 	"net/http"
 
 	"github.com/tpfleet/tpfleet/gateway"
+	"github.com/tpfleet/tpfleet/internal/samplingpb"
 	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/tokenizer"
 )
@@ -214,7 +215,19 @@ func (m modelInfo) fromGateway(req gateway.Request) (*pb.GenerateRequest, error)
 	if s.Seed != nil {
 		p.Seed = *s.Seed
 	}
-	in.Sampling = &pb.SamplingParams{Temperature: p.Temperature, TopK: int32(p.TopK), TopP: p.TopP, Seed: p.Seed}
+	p.MinTokens = int(clamp32(s.MinTokens))
+	p.RepetitionPenalty, p.FrequencyPenalty, p.PresencePenalty = s.RepetitionPenalty, s.FrequencyPenalty, s.PresencePenalty
+	p.Logprobs, p.TopLogprobs = req.Logprobs, int(clamp32(req.TopLogprobs))
+	if len(s.LogitBias) > 0 {
+		p.LogitBias = make(map[int]float64, len(s.LogitBias))
+		for id, b := range s.LogitBias {
+			if id < 0 || id >= m.cfg.VocabSize {
+				return nil, invalid("logit_bias id %d is outside the vocabulary [0, %d)", id, m.cfg.VocabSize)
+			}
+			p.LogitBias[id] = b
+		}
+	}
+	in.Sampling = samplingpb.ToProto(p)
 	if in.StopIds, err = m.tokenIDs(req.StopIDs, "stop id"); err != nil {
 		return nil, err
 	}
@@ -260,8 +273,8 @@ func (s *stream) Next(ctx context.Context) (gateway.Chunk, error) {
 		case <-ctx.Done():
 			return gateway.Chunk{}, ctx.Err()
 		}
-		got, done, finish, err := s.r.take()
-		got, text, stopped := s.out.add(got, done && err == nil)
+		got, lps, done, finish, err := s.r.take()
+		got, lps, text, stopped := s.out.add(got, lps, done && err == nil)
 		if stopped != "" { // a stop string ends the request here: its sequence is released at the next step
 			done, finish, err = true, FinishStop, nil
 			s.Close()
@@ -269,6 +282,13 @@ func (s *stream) Next(ctx context.Context) (gateway.Chunk, error) {
 		ch := gateway.Chunk{IDs: make([]int, len(got)), Text: text, StopReason: stopped}
 		for i, id := range got {
 			ch.IDs[i] = int(id)
+		}
+		for _, lp := range lps {
+			t := gateway.TokenLogprobs{Logprob: lp.GetLogprob()}
+			for _, top := range lp.GetTop() {
+				t.Top = append(t.Top, gateway.TokenLogprob{ID: int(top.GetId()), Logprob: top.GetLogprob()})
+			}
+			ch.Logprobs = append(ch.Logprobs, t)
 		}
 		switch {
 		case err != nil:
@@ -296,6 +316,15 @@ func (t gatewayTokenizer) Encode(text string, addSpecial bool) []int {
 }
 
 func (t gatewayTokenizer) Decode(ids []int) (string, error) { return t.tok.Decode(ids, true) }
+
+// TokenText is decode([id]) with special tokens kept, as vLLM writes a token in logprobs.
+func (t gatewayTokenizer) TokenText(id int) string {
+	s, err := t.tok.Decode([]int{id}, false)
+	if err != nil {
+		return ""
+	}
+	return s
+}
 
 func (t gatewayTokenizer) EncodeChat(msgs []gateway.Message, addGenerationPrompt bool) ([]int, error) {
 	tm := make([]tokenizer.Message, len(msgs))

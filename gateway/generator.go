@@ -50,6 +50,9 @@ type Tokenizer interface {
 	EncodeChat(msgs []Message, addGenerationPrompt bool) ([]int, error)
 	// Decode turns ids into text, special tokens left out (echo of a prompt of ids).
 	Decode(ids []int) (string, error)
+	// TokenText is the text of one token as logprobs show it: decode([id]) with special tokens kept;
+	// "" for an id the tokenizer does not know.
+	TokenText(id int) string
 }
 
 // Model describes the served model.
@@ -88,6 +91,10 @@ type Request struct {
 	// holds back text that could still become a stop string. They need the model's tokenizer.
 	Stop           []string
 	IncludeStopStr bool
+	// Logprobs asks for each new token's log-probability and the TopLogprobs (at most 20) most likely
+	// tokens' (Chunk.Logprobs), of the model's own distribution as vLLM gives them.
+	Logprobs    bool
+	TopLogprobs int
 }
 
 // Sampling is a request's sampling parameters; nil fields take the model's defaults
@@ -97,6 +104,13 @@ type Sampling struct {
 	TopP        *float64
 	TopK        *int // 0 is off
 	Seed        *uint64
+
+	// MinTokens holds back the eos and stop ids (and stop strings) until this many tokens came.
+	MinTokens int
+	// LogitBias is added to the logits of its ids.
+	LogitBias map[int]float64
+	// Penalties as vLLM applies them; 0 is off (and so is a RepetitionPenalty of 1).
+	RepetitionPenalty, FrequencyPenalty, PresencePenalty float64
 }
 
 // Chunk is a piece of a generation's output.
@@ -110,6 +124,20 @@ type Chunk struct {
 	Finish string
 	// StopReason is the stop string that ended the generation, on the last chunk.
 	StopReason string
+	// Logprobs has one entry per id of IDs when the request asked for logprobs, else none.
+	Logprobs []TokenLogprobs
+}
+
+// TokenLogprobs are a chosen token's log-probability and the most likely tokens' (highest first).
+type TokenLogprobs struct {
+	Logprob float32
+	Top     []TokenLogprob
+}
+
+// TokenLogprob is a token id and its log-probability.
+type TokenLogprob struct {
+	ID      int
+	Logprob float32
 }
 
 // Finish reasons.
