@@ -15,8 +15,13 @@
 //     defaults. n asks for up to 128 choices of one prompt: each is its own generation, seeded with the
 //     request's seed + its index as vLLM seeds them (a random seed each without one); streamed, their
 //     events interleave, each with its choice's index. echo (completions) puts the prompt's text before
-//     each choice's. response_format other than {"type": "text"}, tools, logprobs, presence and
-//     frequency and repetition penalties, min_tokens and logit_bias are refused (400), never ignored. With stream they answer Server-Sent Events in OpenAI's chunk format, one event per
+//     each choice's. presence_penalty, frequency_penalty, vLLM's repetition_penalty and min_tokens, and
+//     logit_bias (clamped to [-100, 100]) go to the Generator. logprobs (completions: an integer up to
+//     20; chat: logprobs true and top_logprobs up to 20) add each token's log-probability of the raw
+//     model distribution in the endpoint's format, as vLLM writes them (a token is decode([id]) with
+//     special tokens kept, "token_id:N" without a tokenizer). response_format other than
+//     {"type": "text"} (no constrained decoding yet), tools, and logprobs with echo are refused (400),
+//     never ignored. With stream they answer Server-Sent Events in OpenAI's chunk format, one event per
 //     Chunk the Generator hands over (usually one token; text that could still become a stop string is
 //     held back until it cannot), flushed at once, then "data: [DONE]"; a
 //     failure after the first event comes as an error event before the end.
