@@ -5,7 +5,7 @@ STATICCHECK := $(BIN)/staticcheck
 STATICCHECK_VERSION := v0.8.2
 PROTOC_GEN_GO_VERSION := v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
-MODEL       ?= testdata/fixtures/moe-top1
+MODEL       ?= testdata/serve/moe-top1-chat
 
 .PHONY: build run generate test lint fmt-check mod-check vet staticcheck kernels-check unit fixtures proto proto-check protoc clean
 
