@@ -181,23 +181,26 @@ func (c *Client) WaitReady(ctx context.Context, interval time.Duration) error {
 
 // Placement is one rank of a TP group in the plan, as the Admin service's Shards reports it.
 type Placement struct {
-	Group, Rank int
-	MemberID    string
-	Addr        string
+	Group    int    `json:"group"`
+	Rank     int    `json:"rank"`
+	MemberID string `json:"member_id"`
+	Addr     string `json:"addr"`
 }
 
 // Shards is the plan in force.
+//
+// Its JSON (rebalance --json) is snake_case, as every --json output of the command line.
 type Shards struct {
-	Epoch       int64
-	Model       string
-	TP          int
-	Plan        string
-	Assignments []Placement
+	Epoch       int64       `json:"epoch"`
+	Model       string      `json:"model"`
+	TP          int         `json:"tp"`
+	Plan        string      `json:"plan"`
+	Assignments []Placement `json:"assignments"`
 	// LeaderID is the coordinator that answered when it leads, empty when it is a standby.
-	LeaderID string
+	LeaderID string `json:"leader_id"`
 	// EtcdUnreachable is set while the leader serves this plan with etcd unreachable: the plan (read
 	// from the leader's memory) cannot change until etcd answers.
-	EtcdUnreachable bool
+	EtcdUnreachable bool `json:"etcd_unreachable"`
 }
 
 // Shards reads the plan through the coordinator's Admin service.
