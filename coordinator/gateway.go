@@ -317,14 +317,9 @@ func (t gatewayTokenizer) Encode(text string, addSpecial bool) []int {
 
 func (t gatewayTokenizer) Decode(ids []int) (string, error) { return t.tok.Decode(ids, true) }
 
-// TokenText is decode([id]) with special tokens kept, as vLLM writes a token in logprobs.
-func (t gatewayTokenizer) TokenText(id int) string {
-	s, err := t.tok.Decode([]int{id}, false)
-	if err != nil {
-		return ""
-	}
-	return s
-}
+func (t gatewayTokenizer) DecodeSpecial(ids []int) (string, error) { return t.tok.Decode(ids, false) }
+
+func (t gatewayTokenizer) Token(id int) (string, bool) { return t.tok.Token(id) }
 
 func (t gatewayTokenizer) EncodeChat(msgs []gateway.Message, addGenerationPrompt bool) ([]int, error) {
 	tm := make([]tokenizer.Message, len(msgs))

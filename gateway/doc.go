@@ -25,6 +25,9 @@
 //     Chunk the Generator hands over (usually one token; text that could still become a stop string is
 //     held back until it cannot), flushed at once, then "data: [DONE]"; a
 //     failure after the first event comes as an error event before the end.
+//   - POST /tokenize and POST /detokenize, as vLLM serves them: a prompt (add_special_tokens, default
+//     true) or a chat's messages (add_generation_prompt, default true) to count, max_model_len, tokens
+//     (and token_strs with return_token_strs); tokens to prompt, the text with special tokens kept.
 //   - GET /health answers 200 while Generator.Serving is nil, else its error (503 for an
 //     ErrUnavailable one).
 //

@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"reflect"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -135,7 +136,19 @@ func (fakeTok) Decode(ids []int) (string, error) {
 	return string(b), nil
 }
 
-func (fakeTok) TokenText(id int) string { return fmt.Sprintf("<%d>", id) }
+// DecodeSpecial writes each id k as "<k>".
+func (fakeTok) DecodeSpecial(ids []int) (string, error) {
+	var b strings.Builder
+	for _, id := range ids {
+		fmt.Fprintf(&b, "<%d>", id)
+	}
+	return b.String(), nil
+}
+
+// Token is the id's byte, quoted.
+func (fakeTok) Token(id int) (string, bool) {
+	return strconv.Quote(string(rune(id))), id >= 0 && id < 256
+}
 
 func (fakeTok) EncodeChat(msgs []Message, addGenerationPrompt bool) ([]int, error) {
 	var b strings.Builder

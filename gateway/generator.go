@@ -50,9 +50,11 @@ type Tokenizer interface {
 	EncodeChat(msgs []Message, addGenerationPrompt bool) ([]int, error)
 	// Decode turns ids into text, special tokens left out (echo of a prompt of ids).
 	Decode(ids []int) (string, error)
-	// TokenText is the text of one token as logprobs show it: decode([id]) with special tokens kept;
-	// "" for an id the tokenizer does not know.
-	TokenText(id int) string
+	// DecodeSpecial is Decode with special tokens kept: a token as logprobs show it (decode([id])),
+	// and /detokenize.
+	DecodeSpecial(ids []int) (string, error)
+	// Token is a token's string in the vocabulary (/tokenize's token_strs); false for an unknown id.
+	Token(id int) (string, bool)
 }
 
 // Model describes the served model.

@@ -23,7 +23,11 @@ func (l logprobs) text(id int) string {
 	if l.tok == nil {
 		return "token_id:" + strconv.Itoa(id)
 	}
-	return l.tok.TokenText(id)
+	text, err := l.tok.DecodeSpecial([]int{id})
+	if err != nil {
+		return ""
+	}
+	return text
 }
 
 // CompletionLogprobs is a text_completion choice's logprobs: per token its text, its offset in the

@@ -315,19 +315,9 @@ func (b *chatRequest) request(g *Gateway) (Request, error) {
 	if err != nil {
 		return Request{}, err
 	}
-	if len(b.Messages) == 0 {
-		return Request{}, invalid("messages: empty: send at least one message")
-	}
-	msgs := make([]Message, len(b.Messages))
-	for i, msg := range b.Messages {
-		if msg.Role == "" {
-			return Request{}, invalid("messages[%d]: no role", i)
-		}
-		content, err := messageContent(msg.Content)
-		if err != nil {
-			return Request{}, invalid("messages[%d].content: %v", i, err)
-		}
-		msgs[i] = Message{Role: msg.Role, Content: content}
+	msgs, err := messages(b.Messages)
+	if err != nil {
+		return Request{}, err
 	}
 	addGen := b.AddGenerationPrompt == nil || *b.AddGenerationPrompt
 	ids, err := tok.EncodeChat(msgs, addGen)
@@ -340,6 +330,25 @@ func (b *chatRequest) request(g *Gateway) (Request, error) {
 		maxTokens = b.MaxCompletionTokens
 	}
 	return req, b.fill(&req, m, maxTokens, len(ids))
+}
+
+// messages reads a chat's messages: at least one, each with a role.
+func messages(in []chatMessage) ([]Message, error) {
+	if len(in) == 0 {
+		return nil, invalid("messages: empty: send at least one message")
+	}
+	msgs := make([]Message, len(in))
+	for i, msg := range in {
+		if msg.Role == "" {
+			return nil, invalid("messages[%d]: no role", i)
+		}
+		content, err := messageContent(msg.Content)
+		if err != nil {
+			return nil, invalid("messages[%d].content: %v", i, err)
+		}
+		msgs[i] = Message{Role: msg.Role, Content: content}
+	}
+	return msgs, nil
 }
 
 // completionLogprobs reads a completion's logprobs: absent, null or false is none; an integer in [0,
