@@ -2,6 +2,7 @@ package coordinator
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
@@ -321,10 +322,13 @@ func (t gatewayTokenizer) DecodeSpecial(ids []int) (string, error) { return t.to
 
 func (t gatewayTokenizer) Token(id int) (string, bool) { return t.tok.Token(id) }
 
-func (t gatewayTokenizer) EncodeChat(msgs []gateway.Message, addGenerationPrompt bool) ([]int, error) {
+func (t gatewayTokenizer) EncodeChat(msgs []gateway.Message, tools []json.RawMessage, addGenerationPrompt bool) ([]int, error) {
 	tm := make([]tokenizer.Message, len(msgs))
 	for i, m := range msgs {
-		tm[i] = tokenizer.Message{Role: m.Role, Content: m.Content}
+		tm[i] = tokenizer.Message{Role: m.Role, Content: m.Content, ToolCallID: m.ToolCallID}
+		for _, c := range m.ToolCalls {
+			tm[i].ToolCalls = append(tm[i].ToolCalls, tokenizer.ToolCall{ID: c.ID, Name: c.Name, Arguments: c.Arguments})
+		}
 	}
-	return t.tok.EncodeChat(tm, addGenerationPrompt)
+	return t.tok.EncodeChatTools(tm, tools, addGenerationPrompt)
 }

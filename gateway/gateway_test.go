@@ -27,6 +27,7 @@ type fakeGen struct {
 	genErr  error // Generate's error
 	failAt  int   // when > 0: Next fails after this many tokens
 	failErr error
+	texts   []string // when set: the chunks' texts, the last one finishing with "stop"
 
 	onGenerate func(Request) // when set: called with each request
 
@@ -92,6 +93,10 @@ func (s *fakeStream) Next(ctx context.Context) (Chunk, error) {
 		return Chunk{}, s.f.failErr
 	}
 	ch := Chunk{IDs: []int{s.next}, Text: fmt.Sprintf("<%d>", s.next)}
+	last := false
+	if texts := s.f.texts; len(texts) > 0 {
+		ch.Text, last = texts[s.sent], s.sent == len(texts)-1
+	}
 	if s.lp {
 		t := TokenLogprobs{Logprob: -float32(s.next) / 100}
 		for i := range s.top {
@@ -103,6 +108,9 @@ func (s *fakeStream) Next(ctx context.Context) (Chunk, error) {
 	s.sent++
 	if s.left--; s.left == 0 {
 		ch.Finish = FinishLength
+	}
+	if last {
+		ch.Finish = FinishStop
 	}
 	return ch, nil
 }
@@ -150,13 +158,22 @@ func (fakeTok) Token(id int) (string, bool) {
 	return strconv.Quote(string(rune(id))), id >= 0 && id < 256
 }
 
-func (fakeTok) EncodeChat(msgs []Message, addGenerationPrompt bool) ([]int, error) {
+// EncodeChat writes "tools: [...]\n" when there are tools, then "role: content\n" per message (and
+// "call name args\n" per tool call); it refuses role tool (a template error).
+func (fakeTok) EncodeChat(msgs []Message, tools []json.RawMessage, addGenerationPrompt bool) ([]int, error) {
 	var b strings.Builder
+	if tools != nil {
+		t, _ := json.Marshal(tools)
+		fmt.Fprintf(&b, "tools: %s\n", t)
+	}
 	for _, m := range msgs {
 		if m.Role == "tool" {
 			return nil, errors.New("role tool is not in the template")
 		}
 		fmt.Fprintf(&b, "%s: %s\n", m.Role, m.Content)
+		for _, c := range m.ToolCalls {
+			fmt.Fprintf(&b, "call %s %s\n", c.Name, c.Arguments)
+		}
 	}
 	if addGenerationPrompt {
 		b.WriteString("assistant: ")
@@ -398,7 +415,10 @@ func TestErrors(t *testing.T) {
 		{"unknown model (chat)", "", "/v1/chat/completions", `{"model":"gpt-2","messages":[]}`, 404, "invalid_request_error", "model_not_found", `fake: unknown model "gpt-2"`},
 		{"unknown model (GET)", http.MethodGet, "/v1/models/gpt-2", "", 404, "invalid_request_error", "model_not_found", `fake: unknown model "gpt-2"`},
 		{"chat without a tokenizer", "", "/v1/chat/completions", `{"messages":[{"role":"user","content":"hi"}]}`, 400, "invalid_request_error", "no_tokenizer", "fake: no tokenizer"},
-		{"tools", "", "/v1/chat/completions", `{"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function"}]}`, 400, "invalid_request_error", "invalid_request", "tools are not supported"},
+		{"tool without a name", "", "/v1/chat/completions", `{"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function"}]}`, 400, "invalid_request_error", "invalid_request", `tools[0]: want {"type": "function"`},
+		{"tool_choice required", "", "/v1/chat/completions", `{"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"required"}`, 400, "invalid_request_error", "invalid_request", `tool_choice "required" needs constrained decoding`},
+		{"tool_choice named", "", "/v1/chat/completions", `{"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":{"type":"function","function":{"name":"f"}}}`, 400, "invalid_request_error", "invalid_request", "a named function needs constrained decoding"},
+		{"tool_choice unknown", "", "/v1/chat/completions", `{"messages":[{"role":"user","content":"hi"}],"tool_choice":"always"}`, 400, "invalid_request_error", "invalid_request", `tool_choice "always"`},
 		{"bad message type", "", "/v1/chat/completions", `{"messages":"hi"}`, 400, "invalid_request_error", "invalid_request", "field messages: want an array, got string"},
 		{"the Generator's check", "", "/v1/completions", `{"max_tokens":4}`, 400, "invalid_request_error", "invalid_request", "fake: gateway: invalid request: empty prompt or max_tokens 4"},
 		{"unknown route", http.MethodGet, "/v1/embeddings", "", 404, "invalid_request_error", "not_found", "no route GET /v1/embeddings"},

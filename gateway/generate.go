@@ -44,6 +44,9 @@ func (g *Gateway) generation(k kind) http.HandlerFunc {
 		if c, ok := b.(*completionRequest); ok {
 			o.echo = c.Echo
 		}
+		if c, ok := b.(*chatRequest); ok {
+			o.tools = c.tools == toolsAuto
+		}
 		o.lp = logprobs{on: req.Logprobs, top: req.TopLogprobs}
 		if tok, err := g.gen.Tokenizer(); err == nil && o.lp.on {
 			o.lp.tok = tok
@@ -64,6 +67,7 @@ type output struct {
 	n         int  // choices
 	echo      bool // completions: the prompt's text before each choice's
 	lp        logprobs
+	tools     bool // chat with tools: the output is parsed for tool calls
 }
 
 func (g *Gateway) newOutput(k kind, model string, s *samplingFields) output {
@@ -122,10 +126,12 @@ type CompletionResponse struct {
 	Usage   *Usage             `json:"usage,omitempty"`
 }
 
-// ChatContent is a chat response's message, or a chunk's delta (whose fields may be absent).
+// ChatContent is a chat response's message, or a chunk's delta (whose fields may be absent). A message
+// with tool calls has no content.
 type ChatContent struct {
-	Role    string  `json:"role,omitempty"`
-	Content *string `json:"content,omitempty"`
+	Role      string         `json:"role,omitempty"`
+	Content   *string        `json:"content,omitempty"`
+	ToolCalls []ChatToolCall `json:"tool_calls,omitempty"`
 }
 
 // ChatChoice is a choice of a chat.completion response or chunk.
@@ -173,6 +179,10 @@ func (o output) response(choices []choice, prompt []int) (any, error) {
 		for i, c := range choices {
 			ch := ChatChoice{Index: i, Message: &ChatContent{Role: "assistant", Content: &c.text},
 				FinishReason: &c.finish, StopReason: c.stopReason, TokenIDs: o.ids(c.ids)}
+			if calls, ok := parseToolCalls(c.text); o.tools && ok {
+				finish := FinishToolCalls
+				ch.Message.Content, ch.Message.ToolCalls, ch.FinishReason = nil, chatToolCalls(calls, false), &finish
+			}
 			if o.lp.on {
 				var err error
 				if ch.Logprobs, err = o.lp.chat(c.ids, c.lps); err != nil {
@@ -240,6 +250,39 @@ func (o output) chunk(index int, text string, ids []int, lps []TokenLogprobs, of
 	}
 	return CompletionResponse{ID: o.id, Object: "text_completion", Created: o.created, Model: o.model,
 		Choices: []CompletionChoice{{Index: index, Text: text, Logprobs: clp, FinishReason: fin, StopReason: stopReason, PromptTokenIDs: prompt, TokenIDs: ids}}}, offset, nil
+}
+
+// toolHold holds a chat stream's text while it may be a tool call: from its start for as long as it is
+// white space or begins with "{".
+type toolHold struct {
+	text    string
+	decided bool // the text is not a tool call: it streams
+}
+
+// add takes a chunk's text (last: the choice ends) and returns the text to send now and, at the end,
+// the tool calls the held text makes (its text is then not sent).
+func (h *toolHold) add(text string, last bool) (string, []ChatToolCall) {
+	if h.decided {
+		return text, nil
+	}
+	h.text += text
+	if rest := strings.TrimLeft(h.text, " \t\r\n"); rest != "" && rest[0] != '{' {
+		h.decided = true
+		return h.text, nil
+	}
+	if !last {
+		return "", nil
+	}
+	if calls, ok := parseToolCalls(h.text); ok {
+		return "", chatToolCalls(calls, true)
+	}
+	return h.text, nil
+}
+
+// toolChunk is a chat stream's event with a choice's tool calls.
+func (o output) toolChunk(index int, calls []ChatToolCall) any {
+	return ChatResponse{ID: o.id, Object: "chat.completion.chunk", Created: o.created, Model: o.model,
+		Choices: []ChatChoice{{Index: index, Delta: &ChatContent{ToolCalls: calls}}}}
 }
 
 // roleChunk is a chat stream's first event: the assistant's role and empty content, as OpenAI sends it.
@@ -396,6 +439,7 @@ func (g *Gateway) generate(w http.ResponseWriter, hr *http.Request, req Request,
 	}
 	completion, left := 0, len(streams)
 	offsets := make([]int, len(streams)) // logprobs' text offsets, per choice
+	held := make([]toolHold, len(streams))
 	first := make([]bool, len(streams))
 	for i := range first {
 		first[i] = true
@@ -416,13 +460,26 @@ func (g *Gateway) generate(w http.ResponseWriter, hr *http.Request, req Request,
 		if first[c.index] && echo != "" {
 			text = echo + text
 		}
+		finish := c.Finish
+		if o.tools {
+			// Text that may be a tool call is held to the end, then sent as calls or as text.
+			var calls []ChatToolCall
+			text, calls = held[c.index].add(text, done)
+			if len(calls) > 0 {
+				if werr := sse.event(o.toolChunk(c.index, calls)); werr != nil {
+					g.log.Debug("http stream: client gone", zap.Error(werr))
+					return
+				}
+				finish = FinishToolCalls
+			}
+		}
 		// Skipped: a token that ends inside a character (or held back), unless its id was asked for.
 		if text != "" || done || ((o.returnIDs || o.lp.on) && len(c.IDs) > 0) {
 			var p []int
 			if first[c.index] && o.kind == kindCompletion {
 				p = prompt
 			}
-			ev, off, cerr := o.chunk(c.index, text, c.IDs, c.Logprobs, offsets[c.index], p, c.Finish, c.StopReason)
+			ev, off, cerr := o.chunk(c.index, text, c.IDs, c.Logprobs, offsets[c.index], p, finish, c.StopReason)
 			if cerr != nil {
 				_, body := toHTTP(cerr)
 				_ = sse.event(body)

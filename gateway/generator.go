@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 )
 
@@ -46,8 +47,9 @@ type Tokenizer interface {
 	// Encode turns text into ids, with the special tokens (BOS) when addSpecial is set.
 	Encode(text string, addSpecial bool) []int
 	// EncodeChat renders msgs with the model's chat template, with the assistant's header after them
-	// when addGenerationPrompt is set, and encodes the result.
-	EncodeChat(msgs []Message, addGenerationPrompt bool) ([]int, error)
+	// when addGenerationPrompt is set, and encodes the result;
+	// tools (OpenAI's tool objects, nil for none) are the template's tools variable.
+	EncodeChat(msgs []Message, tools []json.RawMessage, addGenerationPrompt bool) ([]int, error)
 	// Decode turns ids into text, special tokens left out (echo of a prompt of ids).
 	Decode(ids []int) (string, error)
 	// DecodeSpecial is Decode with special tokens kept: a token as logprobs show it (decode([id])),
@@ -65,10 +67,13 @@ type Model struct {
 	MaxModelLen int
 }
 
-// Message is one turn of a chat.
+// Message is one turn of a chat: an assistant's may carry tool calls, a tool's the id of the call it
+// answers.
 type Message struct {
-	Role    string
-	Content string
+	Role       string
+	Content    string
+	ToolCalls  []ToolCall
+	ToolCallID string
 }
 
 // Request is one generation.

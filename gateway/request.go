@@ -204,19 +204,26 @@ type completionRequest struct {
 
 // chatRequest is the body of POST /v1/chat/completions.
 type chatRequest struct {
-	Model               string          `json:"model"`
-	Messages            []chatMessage   `json:"messages"`
-	MaxCompletionTokens *int64          `json:"max_completion_tokens"` // OpenAI's newer max_tokens; wins over it
-	AddGenerationPrompt *bool           `json:"add_generation_prompt"` // vLLM; default true
-	Tools               json.RawMessage `json:"tools"`
-	TopLogprobs         *int64          `json:"top_logprobs"`
+	Model               string            `json:"model"`
+	Messages            []chatMessage     `json:"messages"`
+	MaxCompletionTokens *int64            `json:"max_completion_tokens"` // OpenAI's newer max_tokens; wins over it
+	AddGenerationPrompt *bool             `json:"add_generation_prompt"` // vLLM; default true
+	Tools               []json.RawMessage `json:"tools"`
+	ToolChoice          json.RawMessage   `json:"tool_choice"`
+	ParallelToolCalls   *bool             `json:"parallel_tool_calls"` // accepted; the model decides
+	TopLogprobs         *int64            `json:"top_logprobs"`
 	samplingFields
+
+	tools toolChoice // set by request
 }
 
-// chatMessage is one turn: content is a string, or an array of {"type": "text", "text"} parts.
+// chatMessage is one turn: content is a string, or an array of {"type": "text", "text"} parts; an
+// assistant's may have tool_calls, a tool's a tool_call_id.
 type chatMessage struct {
-	Role    string          `json:"role"`
-	Content json.RawMessage `json:"content"`
+	Role       string          `json:"role"`
+	Content    json.RawMessage `json:"content"`
+	ToolCalls  []chatToolCall  `json:"tool_calls"`
+	ToolCallID string          `json:"tool_call_id"`
 }
 
 func (s *samplingFields) sampling() *samplingFields { return s }
@@ -304,9 +311,11 @@ func (b *chatRequest) request(g *Gateway) (Request, error) {
 	if err != nil {
 		return Request{}, err
 	}
-	if !isEmptyJSON(b.Tools, "[]") {
-		return Request{}, invalid("tools are not supported")
+	tools, mode, err := readTools(b.Tools, b.ToolChoice)
+	if err != nil {
+		return Request{}, err
 	}
+	b.tools = mode
 	on, top, err := chatLogprobs(b.Logprobs, b.TopLogprobs)
 	if err != nil {
 		return Request{}, err
@@ -320,7 +329,7 @@ func (b *chatRequest) request(g *Gateway) (Request, error) {
 		return Request{}, err
 	}
 	addGen := b.AddGenerationPrompt == nil || *b.AddGenerationPrompt
-	ids, err := tok.EncodeChat(msgs, addGen)
+	ids, err := tok.EncodeChat(msgs, tools, addGen)
 	if err != nil {
 		return Request{}, fmt.Errorf("%w: messages: %w", ErrInvalidRequest, err)
 	}
@@ -346,7 +355,11 @@ func messages(in []chatMessage) ([]Message, error) {
 		if err != nil {
 			return nil, invalid("messages[%d].content: %v", i, err)
 		}
-		msgs[i] = Message{Role: msg.Role, Content: content}
+		calls, err := toolCalls(msg.ToolCalls)
+		if err != nil {
+			return nil, invalid("messages[%d].%v", i, err)
+		}
+		msgs[i] = Message{Role: msg.Role, Content: content, ToolCalls: calls, ToolCallID: msg.ToolCallID}
 	}
 	return msgs, nil
 }

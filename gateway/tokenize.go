@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/http"
 )
@@ -8,12 +9,13 @@ import (
 // tokenizeRequest is the body of POST /tokenize, as vLLM takes it: a completion's prompt, or a chat's
 // messages rendered with the chat template.
 type tokenizeRequest struct {
-	Model               string        `json:"model"`
-	Prompt              *string       `json:"prompt"`
-	Messages            []chatMessage `json:"messages"`
-	AddSpecialTokens    *bool         `json:"add_special_tokens"`    // default: true for a prompt, false for messages
-	AddGenerationPrompt *bool         `json:"add_generation_prompt"` // messages; default true
-	ReturnTokenStrs     bool          `json:"return_token_strs"`
+	Model               string            `json:"model"`
+	Prompt              *string           `json:"prompt"`
+	Messages            []chatMessage     `json:"messages"`
+	Tools               []json.RawMessage `json:"tools"`
+	AddSpecialTokens    *bool             `json:"add_special_tokens"`    // default: true for a prompt, false for messages
+	AddGenerationPrompt *bool             `json:"add_generation_prompt"` // messages; default true
+	ReturnTokenStrs     bool              `json:"return_token_strs"`
 }
 
 // TokenizeResponse is the response of POST /tokenize.
@@ -66,7 +68,12 @@ func (g *Gateway) tokenize(w http.ResponseWriter, r *http.Request) {
 			g.fail(w, err)
 			return
 		}
-		if ids, err = tok.EncodeChat(msgs, b.AddGenerationPrompt == nil || *b.AddGenerationPrompt); err != nil {
+		tools, _, err := readTools(b.Tools, nil)
+		if err != nil {
+			g.fail(w, err)
+			return
+		}
+		if ids, err = tok.EncodeChat(msgs, tools, b.AddGenerationPrompt == nil || *b.AddGenerationPrompt); err != nil {
 			g.fail(w, fmt.Errorf("%w: messages: %w", ErrInvalidRequest, err))
 			return
 		}
