@@ -403,7 +403,7 @@ func TestOpenAIChat(t *testing.T) {
 		{"no role", `{"messages":[{"content":"hi"}]}`, "messages[0]: no role"},
 		{"image part", `{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}`, `messages[0].content: part 0: type "image_url" is not supported`},
 		{"content object", `{"messages":[{"role":"user","content":{"text":"hi"}}]}`, "messages[0].content: want a string or an array of content parts"},
-		{"tools", `{"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function"}]}`, "tools are not supported"},
+		{"tool without a name", `{"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function"}]}`, `tools[0]: want {"type": "function"`},
 		{"bad message type", `{"messages":"hi"}`, "field messages: want an array, got string"},
 	} {
 		code, data := post(t, base, "/v1/chat/completions", tc.body)
