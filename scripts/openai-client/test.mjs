@@ -1,6 +1,7 @@
 // The official openai npm client against a running `tpfleet serve` (BASE_URL, e.g. http://127.0.0.1:8000)
 // of the testdata/serve/moe-top1-chat fixture: completions and chat, whole and streamed; stop strings;
-// logprobs; n = 3; seed reproducibility. Run by cmd/tpfleet's TestOpenAINodeClient; exits non-zero on
+// logprobs; n = 3; seed reproducibility; tools and tool calls rendered (the parser of the model's calls is
+// tested in Go on fixed outputs: the fixture's random model does not call tools). Run by cmd/tpfleet's TestOpenAINodeClient; exits non-zero on
 // the first failed check, naming it.
 import assert from 'node:assert/strict';
 import OpenAI from 'openai';
@@ -122,10 +123,36 @@ check('n = 3 and seed reproducibility', async () => {
   assert.deepEqual(again.choices.map((c) => c.message.content), chat.choices.map((c) => c.message.content));
 });
 
+check('tools, a tool call and its result rendered by the chat template', async () => {
+  const tools = [{
+    type: 'function',
+    function: { name: 'get_weather', description: 'Weather in a city', parameters: { type: 'object', properties: { city: { type: 'string' } }, required: ['city'] } },
+  }];
+  const convo = [
+    { role: 'user', content: 'Weather in Paris?' },
+    { role: 'assistant', content: null, tool_calls: [{ id: 'call_1', type: 'function', function: { name: 'get_weather', arguments: '{"city": "Paris"}' } }] },
+    { role: 'tool', tool_call_id: 'call_1', content: '{"temp": 21}' },
+  ];
+  const r = await client.chat.completions.create({ model, messages: convo, tools, max_tokens: 4, temperature: 0 });
+  assert.ok(['stop', 'length', 'tool_calls'].includes(r.choices[0].finish_reason));
+  // The prompt it generated from: /tokenize and /detokenize of the same messages and tools.
+  const post = async (path, body) => (await fetch(`${base}${path}`, { method: 'POST', body: JSON.stringify(body) })).json();
+  const tok = await post('/tokenize', { model, messages: convo, tools });
+  assert.equal(tok.count, r.usage.prompt_tokens);
+  const { prompt } = await post('/detokenize', { model, tokens: tok.tokens });
+  assert.ok(prompt.includes('{\n    "type": "function",\n    "function": {\n        "name": "get_weather",'), prompt);
+  assert.ok(prompt.includes('<|python_start|><|python_end|>{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot|>'), prompt);
+  assert.ok(prompt.includes('<|header_start|>ipython<|header_end|>\n\n"{\\"temp\\": 21}"<|eot|>'), prompt);
+});
+
 check('a refused field is a 400 the client raises', async () => {
   await assert.rejects(
     client.chat.completions.create({ model, messages, max_tokens: 4, response_format: { type: 'json_object' } }),
     (err) => err instanceof OpenAI.BadRequestError && /response_format/.test(err.message),
+  );
+  await assert.rejects(
+    client.chat.completions.create({ model, messages, max_tokens: 4, tools: [{ type: 'function', function: { name: 'f' } }], tool_choice: 'required' }),
+    (err) => err instanceof OpenAI.BadRequestError && /tool_choice/.test(err.message),
   );
 });
 
