@@ -8,7 +8,9 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/tpfleet/tpfleet/client"
 	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
+	"github.com/tpfleet/tpfleet/sample"
 )
 
 // TestSamplingControls: the penalties, bias and min_tokens reach rank 0 as the request set them, with
@@ -76,6 +78,13 @@ func TestSamplingControls(t *testing.T) {
 			got.GetPresencePenalty() != want.GetPresencePenalty() || got.GetMinTokens() != want.GetMinTokens() || got.GetTopLogprobs() != want.GetTopLogprobs() {
 			t.Errorf("%s: rank 0 got sampling %v, want %v", tc.name, got, want)
 		}
+	}
+
+	// The Go client gives them one per id.
+	res, err := cli.Generate(testCtx(t), client.GenerateRequest{PromptIDs: []int{40}, MaxTokens: 2,
+		Sampling: &sample.Params{Logprobs: true, TopLogprobs: 2, FrequencyPenalty: 0.5}}, nil)
+	if err != nil || len(res.Logprobs) != 2 || res.Logprobs[1].ID != 42 || res.Logprobs[1].Logprob != -0.125 || len(res.Logprobs[1].Top) != 2 {
+		t.Errorf("client Generate with logprobs = %+v, %v; want 2 logprobs, each with 2 top ones", res, err)
 	}
 
 	// The gateway writes the logprobs; without a tokenizer a token is "token_id:N".
