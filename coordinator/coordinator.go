@@ -98,6 +98,9 @@ func New(cfg Config) (*Coordinator, error) {
 	if err != nil {
 		return nil, err
 	}
+	if m.gen, err = generationConfig(cfg.GenerationConfig, m); err != nil {
+		return nil, err
+	}
 	if cfg.ServedModelName != "" {
 		m.name = cfg.ServedModelName
 	}

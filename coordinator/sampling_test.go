@@ -2,8 +2,11 @@ package coordinator
 
 import (
 	"encoding/json"
+	"errors"
 	"io"
 	"net/http"
+	"os"
+	"path/filepath"
 	"reflect"
 	"slices"
 	"testing"
@@ -120,4 +123,44 @@ func ids32(ids []int) []int32 {
 		out[i] = int32(id)
 	}
 	return out
+}
+
+// TestGenerationConfig: --generation-config as vLLM's: auto keeps the checkpoint's
+// generation_config.json, vllm samples at temperature 1, a directory's file replaces it; anything else
+// is refused.
+func TestGenerationConfig(t *testing.T) {
+	m, err := loadModelInfo(fixture)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "generation_config.json"), []byte(`{"do_sample": true, "temperature": 0.3, "top_k": 5, "eos_token_id": 7}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		choice string
+		want   sample.Params
+		eos    []int
+		err    bool
+	}{
+		{"", m.defaultSampling(), m.gen.EOS, false},
+		{"auto", m.defaultSampling(), m.gen.EOS, false},
+		{"vllm", sample.Params{Temperature: 1, TopP: 1}, m.gen.EOS, false},
+		{dir, sample.Params{Temperature: 0.3, TopK: 5, TopP: 1}, []int{7}, false},
+		{t.TempDir(), sample.Params{}, nil, true},
+		{"greedy", sample.Params{}, nil, true},
+	} {
+		g, err := generationConfig(tc.choice, m)
+		if tc.err {
+			if !errors.Is(err, ErrInvalidConfig) {
+				t.Errorf("generationConfig(%q) = %v, want an ErrInvalidConfig", tc.choice, err)
+			}
+			continue
+		}
+		mm := m
+		mm.gen = g
+		if err != nil || !reflect.DeepEqual(mm.defaultSampling(), tc.want) || !slices.Equal(g.EOS, tc.eos) {
+			t.Errorf("generationConfig(%q) = %+v, %v; want sampling %+v, eos %v", tc.choice, g, err, tc.want, tc.eos)
+		}
+	}
 }

@@ -41,6 +41,7 @@ type serveFlags struct {
 	// vLLM's serve flags.
 	host, apiKey, servedName, origins string
 	port, maxModelLen                 int
+	genConfig                         string
 }
 
 // runServe is the one-machine deployment: an embedded etcd, a coordinator and --workers local workers,
@@ -68,6 +69,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&f.apiKey, "api-key", "", "bearer token the HTTP gateway's /v1 routes require (empty: none)")
 	fs.StringVar(&f.servedName, "served-model-name", "", "the model's name in the APIs (empty: the checkpoint directory's name)")
 	fs.IntVar(&f.maxModelLen, "max-model-len", 0, "context of a request, prompt and new tokens (0: max_position_embeddings)")
+	fs.StringVar(&f.genConfig, "generation-config", "auto", `default sampling of requests that leave it out: "auto" (the checkpoint's generation_config.json), "vllm" (vLLM's defaults: temperature 1) or a directory with a generation_config.json`)
 	fs.StringVar(&f.origins, "allowed-origins", "", `comma-separated origins the HTTP gateway's CORS allows ("*": any; empty: no CORS)`)
 	fs.IntVar(&f.workers, "workers", 0, "local workers; a multiple of --tp gives several replicas (0: --tp on cpu; on cuda the visible GPUs, rounded down to a multiple of --tp)")
 	fs.IntVar(&f.workers, "nproc-per-node", 0, "same as --workers (torchrun's name: one worker per GPU)")
@@ -149,7 +151,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	c, err := coordinator.New(coordinator.Config{
 		ListenAddr: f.listen, HTTPAddr: f.httpListen, Model: f.model, TP: f.tp, Plan: f.plan,
 		HTTPAPIKey: f.apiKey, HTTPAllowedOrigins: splitList(f.origins), ServedModelName: f.servedName, MaxModelLen: f.maxModelLen,
-		Quantization: f.quant.name, QuantizationGroup: f.quant.group,
+		GenerationConfig: f.genConfig,
+		Quantization:     f.quant.name, QuantizationGroup: f.quant.group,
 		MaxQueue: f.maxQueue, MaxBatch: f.maxBatch, TokenBudget: f.tokenBudget,
 		Etcd: etcd, Logger: log.Named("coordinator"),
 	})
