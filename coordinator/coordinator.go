@@ -98,9 +98,6 @@ func New(cfg Config) (*Coordinator, error) {
 	if err != nil {
 		return nil, err
 	}
-	if m.gen, err = generationConfig(cfg.GenerationConfig, m); err != nil {
-		return nil, err
-	}
 	if cfg.ServedModelName != "" {
 		m.name = cfg.ServedModelName
 	}
@@ -111,6 +108,9 @@ func New(cfg Config) (*Coordinator, error) {
 		m.cfg.MaxPositions = cfg.MaxModelLen
 	}
 	if err := checkTP(m, cfg.Plan, cfg.TP); err != nil {
+		return nil, err
+	}
+	if m.gen, err = generationConfig(cfg.GenerationConfig, m); err != nil {
 		return nil, err
 	}
 	if cfg.Quantization != "" && m.config.Info().Quantization != "" {
