@@ -284,13 +284,7 @@ func (s *stream) Next(ctx context.Context) (gateway.Chunk, error) {
 		for i, id := range got {
 			ch.IDs[i] = int(id)
 		}
-		for _, lp := range lps {
-			t := gateway.TokenLogprobs{Logprob: lp.GetLogprob()}
-			for _, top := range lp.GetTop() {
-				t.Top = append(t.Top, gateway.TokenLogprob{ID: int(top.GetId()), Logprob: top.GetLogprob()})
-			}
-			ch.Logprobs = append(ch.Logprobs, t)
-		}
+		ch.Logprobs = gatewayLogprobs(lps)
 		switch {
 		case err != nil:
 			return ch, toGateway(err)
@@ -301,6 +295,20 @@ func (s *stream) Next(ctx context.Context) (gateway.Chunk, error) {
 			return ch, nil
 		}
 	}
+}
+
+// gatewayLogprobs converts the logprobs of a GenerateResponse's ids (none, or one per id) for a
+// gateway.Chunk.
+func gatewayLogprobs(lps []*pb.ChosenLogprobs) []gateway.TokenLogprobs {
+	var out []gateway.TokenLogprobs
+	for _, lp := range lps {
+		t := gateway.TokenLogprobs{Logprob: lp.GetLogprob()}
+		for _, top := range lp.GetTop() {
+			t.Top = append(t.Top, gateway.TokenLogprob{ID: int(top.GetId()), Logprob: top.GetLogprob()})
+		}
+		out = append(out, t)
+	}
+	return out
 }
 
 // Close takes the request out of the queue, or has its sequence released at the next step.
