@@ -84,11 +84,12 @@ $(OPENAI_CLIENT)/node_modules/.package-lock.json: $(OPENAI_CLIENT)/package-lock.
 	cd $(OPENAI_CLIENT) && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
-# Regenerates testdata/fixtures, testdata/quant and testdata/tokenizer/golden.json with HF transformers and tokenizers; needs
+# Regenerates testdata/fixtures, testdata/quant, testdata/tokenizer/golden.json and chat_template_golden.json with HF transformers and tokenizers; needs
 # PyTorch, transformers and tokenizers (the GPU machine).
 fixtures:
 	python3 scripts/fixtures/make_fixtures.py --out testdata/fixtures
 	python3 scripts/fixtures/make_tokenizer_golden.py
+	python3 scripts/fixtures/make_chat_template_golden.py
 	python3 scripts/fixtures/make_quant_fixtures.py --fixtures testdata/fixtures --out testdata/quant
 
 clean:
