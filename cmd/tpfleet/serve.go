@@ -53,7 +53,8 @@ type serveFlags struct {
 // embedded etcd.
 //
 // As vllm serve, the model may come first as an argument, and --tensor-parallel-size, --host, --port,
-// --api-key, --served-model-name, --max-model-len and --allowed-origins work as vLLM's.
+// --api-key, --served-model-name, --max-model-len, --generation-config and --allowed-origins work as
+// vLLM's.
 //
 //	tpfleet serve MODEL [--tensor-parallel-size N] [--host H] [--port P] [--device cpu|cuda] [--listen ADDR] [--workers N]
 //	tpfleet serve --model DIR [--tp N] [--http-listen ADDR] ...
@@ -61,6 +62,12 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	var f serveFlags
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintln(fs.Output(), "usage: tpfleet serve MODEL [flags]   (or --model MODEL)\n\n"+
+			"Serves MODEL on this machine as vllm serve does: an embedded etcd, a coordinator with the OpenAI API\n"+
+			"on --host:--port (default 127.0.0.1:8000) and gRPC on --listen, and --workers local workers.\n\nflags:")
+		fs.PrintDefaults()
+	}
 	fs.StringVar(&f.model, "model", "", "checkpoint directory (config.json and *.safetensors)")
 	fs.IntVar(&f.tp, "tp", 1, "tensor-parallel size: workers per group")
 	fs.IntVar(&f.tp, "tensor-parallel-size", 1, "same as --tp (vLLM's name)")
