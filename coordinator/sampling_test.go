@@ -90,24 +90,28 @@ func TestSamplingControls(t *testing.T) {
 		t.Errorf("client Generate with logprobs = %+v, %v; want 2 logprobs, each with 2 top ones", res, err)
 	}
 
-	// The gateway writes the logprobs; without a tokenizer a token is "token_id:N".
-	code, data := post(t, base, "/v1/completions", `{"prompt":[40],"max_tokens":2,"logprobs":1}`)
-	var r struct {
-		Choices []struct {
-			Logprobs *struct {
-				Tokens        []string             `json:"tokens"`
-				TokenLogprobs []float32            `json:"token_logprobs"`
-				TopLogprobs   []map[string]float32 `json:"top_logprobs"`
-			} `json:"logprobs"`
-		} `json:"choices"`
-	}
-	if err := json.Unmarshal(data, &r); code != http.StatusOK || err != nil {
-		t.Fatalf("POST /v1/completions = %d %s", code, data)
-	}
-	lp := r.Choices[0].Logprobs
-	if lp == nil || !slices.Equal(lp.Tokens, []string{"token_id:41", "token_id:42"}) || !slices.Equal(lp.TokenLogprobs, []float32{-0.125, -0.125}) ||
-		len(lp.TopLogprobs) != 2 || len(lp.TopLogprobs[0]) != 1 {
-		t.Errorf("completion logprobs = %+v", lp)
+	// The gateway writes the logprobs, the coordinator's own and one over a Proxy (the gateway
+	// process); without a tokenizer a token is "token_id:N".
+	_, proxied := startProxyGateway(t, c.Addr())
+	for _, url := range []string{base, proxied} {
+		code, data := post(t, url, "/v1/completions", `{"prompt":[40],"max_tokens":2,"logprobs":1}`)
+		var r struct {
+			Choices []struct {
+				Logprobs *struct {
+					Tokens        []string             `json:"tokens"`
+					TokenLogprobs []float32            `json:"token_logprobs"`
+					TopLogprobs   []map[string]float32 `json:"top_logprobs"`
+				} `json:"logprobs"`
+			} `json:"choices"`
+		}
+		if err := json.Unmarshal(data, &r); code != http.StatusOK || err != nil || len(r.Choices) != 1 {
+			t.Fatalf("POST %s/v1/completions = %d %s", url, code, data)
+		}
+		lp := r.Choices[0].Logprobs
+		if lp == nil || !slices.Equal(lp.Tokens, []string{"token_id:41", "token_id:42"}) || !slices.Equal(lp.TokenLogprobs, []float32{-0.125, -0.125}) ||
+			len(lp.TopLogprobs) != 2 || len(lp.TopLogprobs[0]) != 1 {
+			t.Errorf("%s: completion logprobs = %+v", url, lp)
+		}
 	}
 }
 

@@ -19,7 +19,7 @@ import (
 func TestLaunchStandalone(t *testing.T) {
 	start := time.Now()
 	g := readGolden(t, "moe-top1")
-	httpAddr := "127.0.0.1:" + freePort(t)
+	httpAddr := freePort(t)
 	p := startProc(t, "launch", "launch", "--standalone", "--nproc-per-node", "2", "--model", filepath.Join(fixtures, "moe-top1"),
 		"--tp", "2", "--listen", "127.0.0.1:0", "--http-listen", httpAddr, "--", "worker", "--op-timeout", "20s")
 	addr := p.line(t)

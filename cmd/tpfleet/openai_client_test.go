@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"testing"
 	"time"
 )
@@ -19,22 +18,14 @@ const chatFixture = "../../testdata/serve/moe-top1-chat"
 // openAIClientDir holds the official openai npm client's pinned install and its checks (test.mjs).
 const openAIClientDir = "../../scripts/openai-client"
 
-// freePort returns a port on 127.0.0.1 that was free a moment ago.
-func freePort(t *testing.T) string {
-	t.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lis.Close()
-	return strconv.Itoa(lis.Addr().(*net.TCPAddr).Port)
-}
-
 // serveChat runs `tpfleet serve` of the chat fixture at TP=2 with its gateway on a free port until the
 // test ends; it returns the gateway's base URL.
 func serveChat(t *testing.T, extra ...string) string {
 	t.Helper()
-	port := freePort(t)
+	_, port, err := net.SplitHostPort(freePort(t))
+	if err != nil {
+		t.Fatal(err)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	args := append([]string{chatFixture, "--tensor-parallel-size", "2", "--host", "127.0.0.1", "--port", port,
 		"--listen", "127.0.0.1:0", "--log-level", "warn"}, extra...)

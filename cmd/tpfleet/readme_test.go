@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -123,7 +124,10 @@ func curl(t *testing.T, words []string) (int, []byte) {
 // openai client example (when the client is installed: see TestOpenAINodeClient) prints text.
 func TestREADMEExamples(t *testing.T) {
 	listen, etcd := freeAddr(t), freeAddr(t)
-	port := freePort(t)
+	_, port, err := net.SplitHostPort(freePort(t))
+	if err != nil {
+		t.Fatal(err)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	addr, code, stderr := startServe(t, ctx, chatFixture, "--tensor-parallel-size", "2", "--host", "127.0.0.1", "--port", port,
