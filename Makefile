@@ -7,9 +7,9 @@ HELM        := $(BIN)/helm
 HELM_VERSION := v4.3.2
 PROTOC_GEN_GO_VERSION := v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
-MODEL       ?= testdata/fixtures/moe-top1
+MODEL       ?= testdata/serve/moe-top1-chat
 
-.PHONY: build run generate test lint fmt-check mod-check vet staticcheck kernels-check unit deploy-check helm fixtures proto proto-check protoc clean
+.PHONY: build run generate test lint fmt-check mod-check vet staticcheck kernels-check unit openai-client deploy-check helm fixtures proto proto-check protoc clean
 
 build:
 	$(GO) build -o $(BIN)/tpfleet ./cmd/tpfleet
@@ -71,9 +71,20 @@ proto: protoc
 proto-check: proto
 	@git diff --exit-code -- proto || { echo "proto: generated code is stale; run make proto and commit"; exit 1; }
 
-# Unit, golden and multi-process tests; fuzz targets run their seed corpora as ordinary tests.
-unit:
-	$(GO) test -race -timeout 20m ./...
+# Unit, golden and multi-process tests; fuzz targets run their seed corpora as ordinary tests. The official
+# openai npm client's test (cmd/tpfleet TestOpenAINodeClient) must run: TPFLEET_OPENAI_CLIENT=1.
+unit: openai-client
+	TPFLEET_OPENAI_CLIENT=1 $(GO) test -race -timeout 20m ./...
+
+# The official openai npm client, pinned by scripts/openai-client/package-lock.json, installed once into
+# its git-ignored node_modules (again only when the lock file changes). Node and npm come from Debian
+# when missing.
+OPENAI_CLIENT := scripts/openai-client
+openai-client: $(OPENAI_CLIENT)/node_modules/.package-lock.json
+$(OPENAI_CLIENT)/node_modules/.package-lock.json: $(OPENAI_CLIENT)/package-lock.json $(OPENAI_CLIENT)/package.json
+	@command -v node >/dev/null && command -v npm >/dev/null || { apt-get update -q && apt-get install -y -q nodejs npm; }
+	cd $(OPENAI_CLIENT) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
 
 # helm, pinned, built from its module (CI has no other way to get it); the first build takes minutes, later
 # ones come from bin/ or the Go build cache.
@@ -91,11 +102,12 @@ deploy-check: $(HELM) $(STATICCHECK)
 	cd deploy && $(GO) vet ./... && $(STATICCHECK) ./...
 	cd deploy && HELM=$(HELM) $(GO) test -count=1 -timeout 15m ./...
 
-# Regenerates testdata/fixtures, testdata/quant and testdata/tokenizer/golden.json with HF transformers and tokenizers; needs
+# Regenerates testdata/fixtures, testdata/quant, testdata/tokenizer/golden.json and chat_template_golden.json with HF transformers and tokenizers; needs
 # PyTorch, transformers and tokenizers (the GPU machine).
 fixtures:
 	python3 scripts/fixtures/make_fixtures.py --out testdata/fixtures
 	python3 scripts/fixtures/make_tokenizer_golden.py
+	python3 scripts/fixtures/make_chat_template_golden.py
 	python3 scripts/fixtures/make_quant_fixtures.py --fixtures testdata/fixtures --out testdata/quant
 
 clean:

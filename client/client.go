@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/tpfleet/tpfleet/internal/samplingpb"
 	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/sample"
 )
@@ -60,7 +61,8 @@ type GenerateRequest struct {
 	Prompt string
 	// MaxTokens bounds the new tokens; it must be positive and fit the model's context.
 	MaxTokens int
-	// Sampling chooses the tokens; nil means the checkpoint's generation_config.json.
+	// Sampling chooses the tokens (with its penalties, bias, min tokens and logprobs); nil means the
+	// checkpoint's generation_config.json.
 	Sampling *sample.Params
 	// IgnoreEOS keeps generating past the checkpoint's eos ids.
 	IgnoreEOS bool
@@ -84,6 +86,9 @@ type GenerateResult struct {
 	StopReason string
 	// PromptTokens is the length of the prompt.
 	PromptTokens int
+	// Logprobs has one entry per id of IDs when Sampling.Logprobs was set: the id, its log-probability
+	// and the Sampling.TopLogprobs most likely ids'.
+	Logprobs []sample.Choice
 }
 
 // Generate runs one generation. emit, when not nil, receives the new ids as the coordinator streams
@@ -104,7 +109,7 @@ func (c *Client) Generate(ctx context.Context, req GenerateRequest, emit func(id
 		IncludeStopStrInOutput: req.IncludeStopStr,
 	}
 	if p := req.Sampling; p != nil {
-		in.Sampling = &pb.SamplingParams{Temperature: p.Temperature, TopK: int32(p.TopK), TopP: p.TopP, Seed: p.Seed}
+		in.Sampling = samplingpb.ToProto(*p)
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -130,6 +135,16 @@ func (c *Client) Generate(ctx context.Context, req GenerateRequest, emit func(id
 		}
 		res.IDs = append(res.IDs, ids...)
 		res.Text += msg.GetText()
+		for i, lp := range msg.GetLogprobs() {
+			c := sample.Choice{Logprob: lp.GetLogprob()}
+			if i < len(ids) {
+				c.ID = ids[i]
+			}
+			for _, t := range lp.GetTop() {
+				c.Top = append(c.Top, sample.TokenLogprob{ID: int(t.GetId()), Logprob: t.GetLogprob()})
+			}
+			res.Logprobs = append(res.Logprobs, c)
+		}
 		if msg.GetPromptTokens() > 0 {
 			res.PromptTokens = int(msg.GetPromptTokens())
 		}
@@ -181,23 +196,26 @@ func (c *Client) WaitReady(ctx context.Context, interval time.Duration) error {
 
 // Placement is one rank of a TP group in the plan, as the Admin service's Shards reports it.
 type Placement struct {
-	Group, Rank int
-	MemberID    string
-	Addr        string
+	Group    int    `json:"group"`
+	Rank     int    `json:"rank"`
+	MemberID string `json:"member_id"`
+	Addr     string `json:"addr"`
 }
 
 // Shards is the plan in force.
+//
+// Its JSON (rebalance --json) is snake_case, as every --json output of the command line.
 type Shards struct {
-	Epoch       int64
-	Model       string
-	TP          int
-	Plan        string
-	Assignments []Placement
+	Epoch       int64       `json:"epoch"`
+	Model       string      `json:"model"`
+	TP          int         `json:"tp"`
+	Plan        string      `json:"plan"`
+	Assignments []Placement `json:"assignments"`
 	// LeaderID is the coordinator that answered when it leads, empty when it is a standby.
-	LeaderID string
+	LeaderID string `json:"leader_id"`
 	// EtcdUnreachable is set while the leader serves this plan with etcd unreachable: the plan (read
 	// from the leader's memory) cannot change until etcd answers.
-	EtcdUnreachable bool
+	EtcdUnreachable bool `json:"etcd_unreachable"`
 }
 
 // Shards reads the plan through the coordinator's Admin service.

@@ -80,6 +80,11 @@ type Config struct {
 	// MaxModelLen bounds a request's prompt and new tokens; 0 means the model's max_position_embeddings,
 	// and more than that is refused.
 	MaxModelLen int `json:"max-model-len"`
+	// GenerationConfig chooses the default sampling of requests that leave it out, as vLLM's
+	// --generation-config: "auto" (or empty) the checkpoint's generation_config.json; "vllm" vLLM's
+	// defaults (sampling at temperature 1, top-p 1, no top-k; the eos ids stay the checkpoint's);
+	// anything else a directory whose generation_config.json replaces the checkpoint's.
+	GenerationConfig string `json:"generation-config"`
 	// ID names this coordinator in the leader election; it must be unique among the coordinators of a
 	// cluster. Empty means "coordinator-<host>-<pid>".
 	ID string `json:"id"`
@@ -274,6 +279,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.ID, "id", c.ID, "coordinator id in the leader election (empty: coordinator-<host>-<pid>)")
 	fs.StringVar(&c.Model, "model", c.Model, "checkpoint directory, the same path on every worker's host")
 	fs.IntVar(&c.TP, "tp", c.TP, "tensor-parallel size: workers per group (0: 1)")
+	fs.StringVar(&c.GenerationConfig, "generation-config", c.GenerationConfig, `default sampling: "auto" (the checkpoint's generation_config.json), "vllm" (vLLM's: temperature 1) or a directory with a generation_config.json (empty: auto)`)
 	fs.StringVar(&c.Plan, "plan", c.Plan, `tp_plan: "tp", "ep" or a plan file in HF's format (empty: tp)`)
 	fs.StringVar(&c.Quantization, "quantization", c.Quantization, "quantise the checkpoint's linear and expert weights at load on every worker (written into the plan): none, fp8 (rowwise, dynamic per-token activations) or int4 (weight-only, group-wise); lm_head and the routing weights stay bf16")
 	fs.IntVar(&c.QuantizationGroup, "quantization-group", c.QuantizationGroup, "int4: input columns per scale (0: 128)")

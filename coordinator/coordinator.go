@@ -113,6 +113,9 @@ func New(cfg Config) (*Coordinator, error) {
 	if err := checkTP(m, cfg.Plan, cfg.TP); err != nil {
 		return nil, err
 	}
+	if m.gen, err = generationConfig(cfg.GenerationConfig, m); err != nil {
+		return nil, err
+	}
 	if cfg.Quantization != "" && m.config.Info().Quantization != "" {
 		return nil, fmt.Errorf("%w: --quantization %s: %s is pre-quantised (config.json has a quantization_config); leave --quantization empty", ErrInvalidConfig, cfg.Quantization, m.dir)
 	}

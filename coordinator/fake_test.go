@@ -44,6 +44,7 @@ type fakeWorker struct {
 	state  string
 	seqs   map[uint64][]int32
 	caps   map[uint64]int
+	lps    map[uint64]*pb.SamplingParams // sequences whose sampling asks for logprobs
 	steps  []*pb.StepRequest
 	status int // Status calls
 }
@@ -57,7 +58,7 @@ func startFakeWorker(t *testing.T, id string) *fakeWorker {
 	if err != nil {
 		t.Fatal(err)
 	}
-	w := &fakeWorker{id: id, addr: lis.Addr().String(), state: "idle", seqs: map[uint64][]int32{}, caps: map[uint64]int{}}
+	w := &fakeWorker{id: id, addr: lis.Addr().String(), state: "idle", seqs: map[uint64][]int32{}, caps: map[uint64]int{}, lps: map[uint64]*pb.SamplingParams{}}
 	w.srv = grpc.NewServer()
 	pb.RegisterWorkerServer(w.srv, w)
 	go func() { _ = w.srv.Serve(lis) }()
@@ -185,6 +186,10 @@ func (w *fakeWorker) step(req *pb.StepRequest) ([]*pb.SequenceResult, error) {
 		id := s.GetSeqId()
 		if s.GetStart() {
 			w.seqs[id], w.caps[id] = nil, int(s.GetCapacity())
+			delete(w.lps, id)
+			if s.GetSampling().GetLogprobs() {
+				w.lps[id] = s.GetSampling()
+			}
 		} else if _, ok := w.seqs[id]; !ok {
 			return nil, fmt.Errorf("fake: unknown sequence %d", id)
 		}
@@ -198,12 +203,24 @@ func (w *fakeWorker) step(req *pb.StepRequest) ([]*pb.SequenceResult, error) {
 			if w.next != nil {
 				next = w.next(ids)
 			}
-			out = append(out, &pb.SequenceResult{SeqId: id, NextId: next})
+			res := &pb.SequenceResult{SeqId: id, NextId: next}
+			if sp := w.lps[id]; sp != nil { // the chosen id has -1/8 and is the top one; then id+1, id+2, … at -1, -2, …
+				res.Logprobs = &pb.ChosenLogprobs{Logprob: -0.125}
+				for k := range sp.GetTopLogprobs() {
+					l := &pb.TokenLogprob{Id: next, Logprob: -0.125}
+					if k > 0 {
+						l = &pb.TokenLogprob{Id: (next + k) % fakeVocab, Logprob: -float32(k)}
+					}
+					res.Logprobs.Top = append(res.Logprobs.Top, l)
+				}
+			}
+			out = append(out, res)
 		}
 	}
 	for _, id := range req.GetRelease() {
 		delete(w.seqs, id)
 		delete(w.caps, id)
+		delete(w.lps, id)
 	}
 	return out, nil
 }

@@ -2,6 +2,7 @@ package coordinator
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
@@ -9,6 +10,7 @@ import (
 	"net/http"
 
 	"github.com/tpfleet/tpfleet/gateway"
+	"github.com/tpfleet/tpfleet/internal/samplingpb"
 	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/tokenizer"
 )
@@ -226,7 +228,19 @@ func (m modelInfo) fromGateway(req gateway.Request) (*pb.GenerateRequest, error)
 	if s.Seed != nil {
 		p.Seed = *s.Seed
 	}
-	in.Sampling = &pb.SamplingParams{Temperature: p.Temperature, TopK: int32(p.TopK), TopP: p.TopP, Seed: p.Seed}
+	p.MinTokens = int(clamp32(s.MinTokens))
+	p.RepetitionPenalty, p.FrequencyPenalty, p.PresencePenalty = s.RepetitionPenalty, s.FrequencyPenalty, s.PresencePenalty
+	p.Logprobs, p.TopLogprobs = req.Logprobs, int(clamp32(req.TopLogprobs))
+	if len(s.LogitBias) > 0 {
+		p.LogitBias = make(map[int]float64, len(s.LogitBias))
+		for id, b := range s.LogitBias {
+			if id < 0 || id >= m.cfg.VocabSize {
+				return nil, invalid("logit_bias id %d is outside the vocabulary [0, %d)", id, m.cfg.VocabSize)
+			}
+			p.LogitBias[id] = b
+		}
+	}
+	in.Sampling = samplingpb.ToProto(p)
 	if in.StopIds, err = m.tokenIDs(req.StopIDs, "stop id"); err != nil {
 		return nil, err
 	}
@@ -272,8 +286,8 @@ func (s *stream) Next(ctx context.Context) (gateway.Chunk, error) {
 		case <-ctx.Done():
 			return gateway.Chunk{}, ctx.Err()
 		}
-		got, done, finish, err := s.r.take()
-		got, text, stopped := s.out.add(got, done && err == nil)
+		got, lps, done, finish, err := s.r.take()
+		got, lps, text, stopped := s.out.add(got, lps, done && err == nil)
 		if stopped != "" { // a stop string ends the request here: its sequence is released at the next step
 			done, finish, err = true, FinishStop, nil
 			s.r.end(FinishStop, nil)
@@ -283,6 +297,7 @@ func (s *stream) Next(ctx context.Context) (gateway.Chunk, error) {
 		for i, id := range got {
 			ch.IDs[i] = int(id)
 		}
+		ch.Logprobs = gatewayLogprobs(lps)
 		switch {
 		case err != nil:
 			return ch, toGateway(err)
@@ -293,6 +308,20 @@ func (s *stream) Next(ctx context.Context) (gateway.Chunk, error) {
 			return ch, nil
 		}
 	}
+}
+
+// gatewayLogprobs converts the logprobs of a GenerateResponse's ids (none, or one per id) for a
+// gateway.Chunk.
+func gatewayLogprobs(lps []*pb.ChosenLogprobs) []gateway.TokenLogprobs {
+	var out []gateway.TokenLogprobs
+	for _, lp := range lps {
+		t := gateway.TokenLogprobs{Logprob: lp.GetLogprob()}
+		for _, top := range lp.GetTop() {
+			t.Top = append(t.Top, gateway.TokenLogprob{ID: int(top.GetId()), Logprob: top.GetLogprob()})
+		}
+		out = append(out, t)
+	}
+	return out
 }
 
 // Close takes the request out of the queue, or has its sequence released at the next step.
@@ -310,10 +339,17 @@ func (t gatewayTokenizer) Encode(text string, addSpecial bool) []int {
 
 func (t gatewayTokenizer) Decode(ids []int) (string, error) { return t.tok.Decode(ids, true) }
 
-func (t gatewayTokenizer) EncodeChat(msgs []gateway.Message, addGenerationPrompt bool) ([]int, error) {
+func (t gatewayTokenizer) DecodeSpecial(ids []int) (string, error) { return t.tok.Decode(ids, false) }
+
+func (t gatewayTokenizer) Token(id int) (string, bool) { return t.tok.Token(id) }
+
+func (t gatewayTokenizer) EncodeChat(msgs []gateway.Message, tools []json.RawMessage, addGenerationPrompt bool) ([]int, error) {
 	tm := make([]tokenizer.Message, len(msgs))
 	for i, m := range msgs {
-		tm[i] = tokenizer.Message{Role: m.Role, Content: m.Content}
+		tm[i] = tokenizer.Message{Role: m.Role, Content: m.Content, ToolCallID: m.ToolCallID}
+		for _, c := range m.ToolCalls {
+			tm[i].ToolCalls = append(tm[i].ToolCalls, tokenizer.ToolCall{ID: c.ID, Name: c.Name, Arguments: c.Arguments})
+		}
 	}
-	return t.tok.EncodeChat(tm, addGenerationPrompt)
+	return t.tok.EncodeChatTools(tm, tools, addGenerationPrompt)
 }

@@ -244,7 +244,12 @@ func TestOpenAIErrors(t *testing.T) {
 		{"stop strings without a tokenizer", "", "/v1/completions", `{"prompt":[1],"max_tokens":4,"stop":["\n"]}`, 400, "no_tokenizer",
 			&pb.GenerateRequest{PromptIds: []int32{1}, MaxTokens: 4, Stop: []string{"\n"}}, ""},
 		{"response_format", "", "/v1/completions", `{"prompt":[1],"response_format":{"type":"json_object"}}`, 400, "invalid_request", nil, `response_format {"type":"json_object"} is not supported`},
-		{"logprobs", "", "/v1/completions", `{"prompt":[1],"logprobs":5}`, 400, "invalid_request", nil, "logprobs are not supported"},
+		{"logit_bias id outside the vocabulary", "", "/v1/completions", `{"prompt":[1],"max_tokens":4,"logit_bias":{"512":1}}`, 400, "invalid_request",
+			&pb.GenerateRequest{PromptIds: []int32{1}, MaxTokens: 4, Sampling: &pb.SamplingParams{LogitBias: map[int32]float64{512: 1}}}, ""},
+		{"min_tokens above max_tokens", "", "/v1/completions", `{"prompt":[1],"max_tokens":4,"min_tokens":5}`, 400, "invalid_request",
+			&pb.GenerateRequest{PromptIds: []int32{1}, MaxTokens: 4, Sampling: &pb.SamplingParams{MinTokens: 5}}, ""},
+		{"frequency_penalty out of range", "", "/v1/completions", `{"prompt":[1],"max_tokens":4,"frequency_penalty":3}`, 400, "invalid_request",
+			&pb.GenerateRequest{PromptIds: []int32{1}, MaxTokens: 4, Sampling: &pb.SamplingParams{FrequencyPenalty: 3}}, ""},
 		{"echo of ids without a tokenizer", "", "/v1/completions", `{"prompt":[1],"echo":true}`, 400, "no_tokenizer", nil, "echo of a prompt of token ids: coordinator: no tokenizer"},
 		{"batch", "", "/v1/completions", `{"prompt":["a","b"]}`, 400, "invalid_request", nil, "a batch of 2 prompts is not supported"},
 		{"prompt object", "", "/v1/completions", `{"prompt":{"text":"a"}}`, 400, "invalid_request", nil, "prompt must be a string or an array of token ids"},
@@ -398,7 +403,7 @@ func TestOpenAIChat(t *testing.T) {
 		{"no role", `{"messages":[{"content":"hi"}]}`, "messages[0]: no role"},
 		{"image part", `{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}`, `messages[0].content: part 0: type "image_url" is not supported`},
 		{"content object", `{"messages":[{"role":"user","content":{"text":"hi"}}]}`, "messages[0].content: want a string or an array of content parts"},
-		{"tools", `{"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function"}]}`, "tools are not supported"},
+		{"tool without a name", `{"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function"}]}`, `tools[0]: want {"type": "function"`},
 		{"bad message type", `{"messages":"hi"}`, "field messages: want an array, got string"},
 	} {
 		code, data := post(t, base, "/v1/chat/completions", tc.body)

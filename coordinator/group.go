@@ -389,22 +389,23 @@ func (b *batch) unexpected(r rankReply) error {
 
 // deliver hands rank 0's tokens to their requests and ends the requests that finished.
 func (b *batch) deliver(sampled []*sequence, results []*pb.SequenceResult) {
-	next := make(map[uint64]int32, len(results))
+	next := make(map[uint64]*pb.SequenceResult, len(results))
 	for _, res := range results {
-		next[res.GetSeqId()] = res.GetNextId()
+		next[res.GetSeqId()] = res
 	}
 	done := make(map[uint64]bool)
 	for _, s := range sampled {
-		id, ok := next[s.id]
+		res, ok := next[s.id]
 		if !ok {
 			s.req.end("", fmt.Errorf("%w: rank 0 returned no token for sequence %d at step %d", ErrStepFailed, s.id, b.step))
 			done[s.id] = true
 			continue
 		}
+		id := res.GetNextId()
 		s.tokens = append(s.tokens, id)
 		s.req.gen = append(s.req.gen, id)
 		s.req.progressed()
-		s.req.emit(id)
+		s.req.emit(id, res.GetLogprobs())
 		if why, ok := s.req.finished(); ok {
 			s.req.end(why, nil)
 			done[s.id] = true

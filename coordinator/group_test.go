@@ -61,7 +61,7 @@ func result(t *testing.T, r *request) ([]int32, string, error) {
 		case <-timeout:
 			t.Fatalf("request with prompt %v did not end", r.prompt)
 		}
-		got, done, finish, err := r.take()
+		got, _, done, finish, err := r.take()
 		ids = append(ids, got...)
 		if done {
 			return ids, finish, err

@@ -286,7 +286,8 @@ func (s *proxyStream) Next(ctx context.Context) (gateway.Chunk, error) {
 				return gateway.Chunk{}, fromStatus(err)
 			}
 		}
-		ch := gateway.Chunk{IDs: make([]int, len(msg.GetIds())), Text: msg.GetText(), Finish: msg.GetFinishReason(), StopReason: msg.GetStopReason()}
+		ch := gateway.Chunk{IDs: make([]int, len(msg.GetIds())), Text: msg.GetText(), Finish: msg.GetFinishReason(), StopReason: msg.GetStopReason(),
+			Logprobs: gatewayLogprobs(msg.GetLogprobs())}
 		for i, id := range msg.GetIds() {
 			ch.IDs[i] = int(id)
 		}

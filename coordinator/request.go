@@ -7,9 +7,11 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
+	"github.com/tpfleet/tpfleet/internal/samplingpb"
 	"github.com/tpfleet/tpfleet/model"
 	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/sample"
@@ -143,10 +145,18 @@ func (m modelInfo) newRequest(in *pb.GenerateRequest) (*request, error) {
 	}
 	p := m.defaultSampling()
 	if s := in.GetSampling(); s != nil {
-		p = sample.Params{Temperature: s.GetTemperature(), TopK: int(s.GetTopK()), TopP: s.GetTopP(), Seed: s.GetSeed()}
+		p = samplingpb.FromProto(s)
 	}
 	if err := p.Validate(); err != nil {
 		return nil, invalid("sampling: %v", err)
+	}
+	for id := range p.LogitBias {
+		if id < 0 || id >= vocab {
+			return nil, invalid("logit_bias id %d is outside the vocabulary [0, %d)", id, vocab)
+		}
+	}
+	if p.MinTokens > maxTokens {
+		return nil, invalid("min_tokens %d must be at most max_tokens %d", p.MinTokens, maxTokens)
 	}
 	stop := make(map[int32]bool)
 	if !in.GetIgnoreEos() {
@@ -168,6 +178,15 @@ func (m modelInfo) newRequest(in *pb.GenerateRequest) (*request, error) {
 	if len(in.GetStop()) > 0 && m.tok == nil {
 		return nil, fmt.Errorf("%w: stop strings are matched on the decoded text: %w", ErrNoTokenizer, m.noTokenizer())
 	}
+	// min_tokens holds back the ids that would end the request: the eos ids (unless ignored) and the
+	// stop ids, as vLLM's all_stop_token_ids.
+	p.MinStopIDs = nil
+	if p.MinTokens > 0 {
+		for id := range stop {
+			p.MinStopIDs = append(p.MinStopIDs, int(id))
+		}
+		slices.Sort(p.MinStopIDs)
+	}
 	r := newRequest(prompt, maxTokens, p, stop)
 	r.stopStrings, r.includeStop = in.GetStop(), in.GetIncludeStopStrInOutput()
 	return r, nil
@@ -180,6 +199,8 @@ type request struct {
 	maxTokens int
 	sampling  *pb.SamplingParams
 	stop      map[int32]bool
+	// minTokens: stop strings are not looked for before this many tokens (vLLM).
+	minTokens int
 	// stopStrings end the request when its decoded text holds one (output finds them);
 	// includeStop keeps the one found in the text.
 	stopStrings []string
@@ -203,9 +224,10 @@ type request struct {
 	gone     chan struct{}
 	goneOnce sync.Once
 
-	// Output to the Generate handler: ids not yet sent, and the end.
+	// Output to the Generate handler: ids not yet sent (with their logprobs when asked for), and the end.
 	mu      sync.Mutex
 	pending []int32
+	lps     []*pb.ChosenLogprobs
 	done    bool
 	finish  string
 	err     error
@@ -217,7 +239,8 @@ func newRequest(prompt []int32, maxTokens int, p sample.Params, stop map[int32]b
 	return &request{
 		prompt:    append([]int32(nil), prompt...),
 		maxTokens: maxTokens,
-		sampling:  &pb.SamplingParams{Temperature: p.Temperature, TopK: int32(p.TopK), TopP: p.TopP, Seed: p.Seed},
+		sampling:  samplingpb.ToProto(p),
+		minTokens: p.MinTokens,
 		stop:      stop,
 		gone:      make(chan struct{}),
 		notify:    make(chan struct{}, 1),
@@ -237,10 +260,13 @@ func (r *request) notPlaced(d time.Duration) error {
 	return fmt.Errorf("%w within %v after %d of %d tokens (its group stopped and no TP group took it)", ErrNotPlaced, d, len(r.gen), r.maxTokens)
 }
 
-// emit hands a chosen id to the client; it never blocks.
-func (r *request) emit(id int32) {
+// emit hands a chosen id and its logprobs (nil when not asked for) to the client; it never blocks.
+func (r *request) emit(id int32, lp *pb.ChosenLogprobs) {
 	r.mu.Lock()
 	r.pending = append(r.pending, id)
+	if lp != nil {
+		r.lps = append(r.lps, lp)
+	}
 	r.obs.token()
 	r.mu.Unlock()
 	r.wake()
@@ -264,12 +290,14 @@ func (r *request) wake() {
 	}
 }
 
-// take returns the ids emitted since the last take and, once the request ended, its outcome.
-func (r *request) take() (ids []int32, done bool, finish string, err error) {
+// take returns the ids emitted since the last take, their logprobs (when asked for) and, once the
+// request ended, its outcome.
+func (r *request) take() (ids []int32, lps []*pb.ChosenLogprobs, done bool, finish string, err error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	ids, r.pending = r.pending, nil
-	return ids, r.done, r.finish, r.err
+	lps, r.lps = r.lps, nil
+	return ids, lps, r.done, r.finish, r.err
 }
 
 // cancel marks the request abandoned by its client; the group holding it releases its sequence at

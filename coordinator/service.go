@@ -54,15 +54,15 @@ func (s *generationServer) Generate(in *pb.GenerateRequest, stream grpc.ServerSt
 			c.log.Debug("request cancelled by its client", zap.Int32("prompt-tokens", promptTokens), zap.Int32("sent", sent))
 			return toStatus(ctx.Err())
 		}
-		ids, done, finish, err := r.take()
+		ids, lps, done, finish, err := r.take()
 		if len(ids) > 0 || (done && err == nil) {
-			ids, text, stopped := out.add(ids, done && err == nil)
+			ids, lps, text, stopped := out.add(ids, lps, done && err == nil)
 			if stopped != "" { // a stop string: the request ends here, whatever came after it
 				done, finish, err = true, FinishStop, nil
 				r.end(FinishStop, nil)
 			}
 			sent += int32(len(ids))
-			msg := &pb.GenerateResponse{Ids: ids, Text: text, PromptTokens: promptTokens, CompletionTokens: sent, StopReason: stopped}
+			msg := &pb.GenerateResponse{Ids: ids, Text: text, PromptTokens: promptTokens, CompletionTokens: sent, StopReason: stopped, Logprobs: lps}
 			if done && err == nil {
 				msg.FinishReason = finish
 			}

@@ -2,6 +2,8 @@ package coordinator
 
 import (
 	"strings"
+
+	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 )
 
 // stopText finds a request's stop strings in its decoded text as vLLM's detokenizer does
@@ -84,33 +86,43 @@ func (s *stopText) held() int {
 type output struct {
 	text *textStream // nil without a tokenizer
 	stop stopText
+	// n counts the ids added; stop strings are looked for only once n passes minTokens, as vLLM's
+	// detokenizer does.
+	n, minTokens int
 }
 
 func (c *Coordinator) newOutput(r *request) *output {
-	o := &output{stop: stopText{stops: r.stopStrings, include: r.includeStop}}
+	o := &output{stop: stopText{stops: r.stopStrings, include: r.includeStop}, minTokens: r.minTokens}
 	if c.model.tok != nil {
 		o.text = &textStream{dec: c.model.tok.NewDecoder(true), log: c.log}
 	}
 	return o
 }
 
-// add takes the ids chosen since the last call (last: the request ended) and returns the ids to send,
-// the text to send and, when a stop string ended the generation, that string: ids then end with the
-// token that completed it and the ids after it are dropped.
-func (o *output) add(ids []int32, last bool) ([]int32, string, string) {
+// add takes the ids chosen since the last call and their logprobs (none, or one per id; last: the
+// request ended) and returns the ids and logprobs to send, the text to send and, when a stop string
+// ended the generation, that string: ids then end with the token that completed it and the ids after
+// it are dropped.
+func (o *output) add(ids []int32, lps []*pb.ChosenLogprobs, last bool) ([]int32, []*pb.ChosenLogprobs, string, string) {
 	if o.text == nil {
-		return ids, "", ""
+		return ids, lps, "", ""
 	}
 	if o.stop.hit != "" {
-		return nil, "", o.stop.hit
+		return nil, nil, "", o.stop.hit
 	}
 	for i, id := range ids {
-		if o.stop.add(o.text.add([]int32{id}, false)) {
-			return ids[:i+1], o.stop.next(true), o.stop.hit
+		o.n++
+		piece := o.text.add([]int32{id}, false)
+		if o.n <= o.minTokens {
+			o.stop.text += piece // not searched yet: a stop string must end after min_tokens
+			continue
+		}
+		if o.stop.add(piece) {
+			return ids[:i+1], lps[:min(i+1, len(lps))], o.stop.next(true), o.stop.hit
 		}
 	}
 	if last && o.stop.add(o.text.add(nil, true)) {
-		return ids, o.stop.next(true), o.stop.hit
+		return ids, lps, o.stop.next(true), o.stop.hit
 	}
-	return ids, o.stop.next(last), ""
+	return ids, lps, o.stop.next(last), ""
 }

@@ -137,15 +137,19 @@ func TestOpenAIStopStrings(t *testing.T) {
 		want    string
 		reason  string
 		tokens  int
+		min     int // min_tokens: stop strings are looked for only after that many tokens
 	}{
-		{"inside one token", `"ell"`, false, "h", "ell", 1},
-		{"across two tokens", `"o w"`, false, "hell", "o w", 3},
-		{"across two tokens, included", `["o w"]`, true, "hello w", "o w", 3},
-		{"at the very start", `["hel"]`, false, "", "hel", 1},
-		{"several stops", `["bye", "rl", "wor"]`, false, "hello ", "wor", 5},
-		{"no match", `["xyz"]`, false, "hello world, byezz", "", 14},
+		{"inside one token", `"ell"`, false, "h", "ell", 1, 0},
+		{"across two tokens", `"o w"`, false, "hell", "o w", 3, 0},
+		{"across two tokens, included", `["o w"]`, true, "hello w", "o w", 3, 0},
+		{"at the very start", `["hel"]`, false, "", "hel", 1, 0},
+		{"several stops", `["bye", "rl", "wor"]`, false, "hello ", "wor", 5, 0},
+		{"no match", `["xyz"]`, false, "hello world, byezz", "", 14, 0},
+		// vLLM looks for stop strings only once more than min_tokens tokens came: "hel", complete
+		// after the first token, is never found; "bye" is.
+		{"min_tokens", `["hel", "bye"]`, false, "hello world, ", "bye", 12, 1},
 	} {
-		body := `{"prompt":"hi","max_tokens":14,"temperature":0,"stop":` + tc.stop + fmt.Sprintf(`,"include_stop_str_in_output":%v,"return_token_ids":true`, tc.include)
+		body := `{"prompt":"hi","max_tokens":14,"temperature":0,"stop":` + tc.stop + fmt.Sprintf(`,"include_stop_str_in_output":%v,"return_token_ids":true,"min_tokens":%d`, tc.include, tc.min)
 		finish := FinishStop
 		if tc.reason == "" {
 			finish = FinishLength
@@ -213,7 +217,9 @@ func TestOpenAIStopStrings(t *testing.T) {
 			_ = json.Unmarshal([]byte(tc.stop), &one)
 			stops = []string{one}
 		}
-		g, err := cli.Generate(testCtx(t), client.GenerateRequest{Prompt: "hi", MaxTokens: 14, Sampling: greedy(), Stop: stops, IncludeStopStr: tc.include}, nil)
+		sampling := greedy()
+		sampling.MinTokens = tc.min
+		g, err := cli.Generate(testCtx(t), client.GenerateRequest{Prompt: "hi", MaxTokens: 14, Sampling: sampling, Stop: stops, IncludeStopStr: tc.include}, nil)
 		if err != nil || g.Text != tc.want || g.FinishReason != finish || g.StopReason != tc.reason || len(g.IDs) != tc.tokens {
 			t.Errorf("%s: Generate(stop %q) = %+v, %v; want text %q, finish %s, stop reason %q, %d ids", tc.name, stops, g, err, tc.want, finish, tc.reason, tc.tokens)
 		}

@@ -15,11 +15,24 @@
 //     defaults. n asks for up to 128 choices of one prompt: each is its own generation, seeded with the
 //     request's seed + its index as vLLM seeds them (a random seed each without one); streamed, their
 //     events interleave, each with its choice's index. echo (completions) puts the prompt's text before
-//     each choice's. response_format other than {"type": "text"}, tools, logprobs, presence and
-//     frequency and repetition penalties, min_tokens and logit_bias are refused (400), never ignored. With stream they answer Server-Sent Events in OpenAI's chunk format, one event per
+//     each choice's. presence_penalty, frequency_penalty, vLLM's repetition_penalty and min_tokens, and
+//     logit_bias (clamped to [-100, 100]) go to the Generator. logprobs (completions: an integer up to
+//     20; chat: logprobs true and top_logprobs up to 20) add each token's log-probability of the raw
+//     model distribution in the endpoint's format, as vLLM writes them (a token is decode([id]) with
+//     special tokens kept, "token_id:N" without a tokenizer). Chat tools are rendered by the model's
+//     chat template (with the assistants' tool_calls, their arguments parsed from JSON, and role tool
+//     turns); with tool_choice "auto" (the default) the output is parsed for Llama 4's JSON tool calls
+//     ({"name", "parameters"}, as vLLM's llama3_json parser reads them) and answered as tool_calls with
+//     finish_reason "tool_calls" (streamed: text that may be a call is held to the end, then sent as
+//     one tool_calls delta or as text); "none" leaves the output text. response_format other than
+//     {"type": "text"} and tool_choice "required" or a named function (both need constrained decoding,
+//     not built yet), and logprobs with echo are refused (400), never ignored. With stream they answer Server-Sent Events in OpenAI's chunk format, one event per
 //     Chunk the Generator hands over (usually one token; text that could still become a stop string is
 //     held back until it cannot), flushed at once, then "data: [DONE]"; a
 //     failure after the first event comes as an error event before the end.
+//   - POST /tokenize and POST /detokenize, as vLLM serves them: a prompt (add_special_tokens, default
+//     true) or a chat's messages (add_generation_prompt, default true) to count, max_model_len, tokens
+//     (and token_strs with return_token_strs); tokens to prompt, the text with special tokens kept.
 //   - GET /health answers 200 while Generator.Serving is nil, else its error (503 for an
 //     ErrUnavailable one).
 //

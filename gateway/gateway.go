@@ -71,10 +71,12 @@ func New(cfg Config) (*Gateway, error) {
 	g.mux.HandleFunc("/v1/models/{model...}", allow(g.model, http.MethodGet, http.MethodHead))
 	g.mux.HandleFunc("/v1/completions", allow(g.generation(kindCompletion), http.MethodPost))
 	g.mux.HandleFunc("/v1/chat/completions", allow(g.generation(kindChat), http.MethodPost))
+	g.mux.HandleFunc("/tokenize", allow(g.tokenize, http.MethodPost))
+	g.mux.HandleFunc("/detokenize", allow(g.detokenize, http.MethodPost))
 	g.mux.HandleFunc("/health", allow(g.health, http.MethodGet, http.MethodHead))
 	g.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		g.fail(w, &httpError{http.StatusNotFound, "not_found", fmt.Errorf(
-			"no route %s %s: the gateway serves /v1/models, /v1/completions, /v1/chat/completions and /health", r.Method, r.URL.Path)})
+			"no route %s %s: the gateway serves /v1/models, /v1/completions, /v1/chat/completions, /tokenize, /detokenize and /health", r.Method, r.URL.Path)})
 	})
 	return g, nil
 }

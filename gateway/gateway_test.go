@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"reflect"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -26,6 +27,7 @@ type fakeGen struct {
 	genErr  error // Generate's error
 	failAt  int   // when > 0: Next fails after this many tokens
 	failErr error
+	texts   []string // when set: the chunks' texts, the last one finishing with "stop"
 
 	onGenerate func(Request) // when set: called with each request
 
@@ -69,7 +71,7 @@ func (f *fakeGen) Generate(_ context.Context, req Request) (Stream, error) {
 	if len(prompt) == 0 || req.MaxTokens <= 0 {
 		return nil, fmt.Errorf("fake: %w: empty prompt or max_tokens %d", ErrInvalidRequest, req.MaxTokens)
 	}
-	return &fakeStream{f: f, prompt: prompt, next: prompt[len(prompt)-1] + 1, left: req.MaxTokens}, nil
+	return &fakeStream{f: f, prompt: prompt, next: prompt[len(prompt)-1] + 1, left: req.MaxTokens, lp: req.Logprobs, top: req.TopLogprobs}, nil
 }
 
 type fakeStream struct {
@@ -77,6 +79,8 @@ type fakeStream struct {
 	prompt     []int
 	next, left int
 	sent       int
+	lp         bool // logprobs: the chosen id k has -k/100; the top ones are k+1, k+2, … with -0.5, -1, …
+	top        int
 }
 
 func (s *fakeStream) PromptIDs() []int { return s.prompt }
@@ -89,10 +93,24 @@ func (s *fakeStream) Next(ctx context.Context) (Chunk, error) {
 		return Chunk{}, s.f.failErr
 	}
 	ch := Chunk{IDs: []int{s.next}, Text: fmt.Sprintf("<%d>", s.next)}
+	last := false
+	if texts := s.f.texts; len(texts) > 0 {
+		ch.Text, last = texts[s.sent], s.sent == len(texts)-1
+	}
+	if s.lp {
+		t := TokenLogprobs{Logprob: -float32(s.next) / 100}
+		for i := range s.top {
+			t.Top = append(t.Top, TokenLogprob{ID: s.next + i + 1, Logprob: -float32(i+1) / 2})
+		}
+		ch.Logprobs = []TokenLogprobs{t}
+	}
 	s.next++
 	s.sent++
 	if s.left--; s.left == 0 {
 		ch.Finish = FinishLength
+	}
+	if last {
+		ch.Finish = FinishStop
 	}
 	return ch, nil
 }
@@ -126,13 +144,36 @@ func (fakeTok) Decode(ids []int) (string, error) {
 	return string(b), nil
 }
 
-func (fakeTok) EncodeChat(msgs []Message, addGenerationPrompt bool) ([]int, error) {
+// DecodeSpecial writes each id k as "<k>".
+func (fakeTok) DecodeSpecial(ids []int) (string, error) {
 	var b strings.Builder
+	for _, id := range ids {
+		fmt.Fprintf(&b, "<%d>", id)
+	}
+	return b.String(), nil
+}
+
+// Token is the id's byte, quoted.
+func (fakeTok) Token(id int) (string, bool) {
+	return strconv.Quote(string(rune(id))), id >= 0 && id < 256
+}
+
+// EncodeChat writes "tools: [...]\n" when there are tools, then "role: content\n" per message (and
+// "call name args\n" per tool call); it refuses role tool (a template error).
+func (fakeTok) EncodeChat(msgs []Message, tools []json.RawMessage, addGenerationPrompt bool) ([]int, error) {
+	var b strings.Builder
+	if tools != nil {
+		t, _ := json.Marshal(tools)
+		fmt.Fprintf(&b, "tools: %s\n", t)
+	}
 	for _, m := range msgs {
 		if m.Role == "tool" {
 			return nil, errors.New("role tool is not in the template")
 		}
 		fmt.Fprintf(&b, "%s: %s\n", m.Role, m.Content)
+		for _, c := range m.ToolCalls {
+			fmt.Fprintf(&b, "call %s %s\n", c.Name, c.Arguments)
+		}
 	}
 	if addGenerationPrompt {
 		b.WriteString("assistant: ")
@@ -349,15 +390,21 @@ func TestErrors(t *testing.T) {
 			"64 prompt tokens leave no room for new tokens in the model's context of 64"},
 		{"n 0", "", "/v1/completions", `{"prompt":[1],"n":0}`, 400, "invalid_request_error", "invalid_request", "n 0 must be in [1, 128]"},
 		{"n 129", "", "/v1/chat/completions", `{"messages":[],"n":129}`, 400, "invalid_request_error", "invalid_request", "n 129 must be in [1, 128]"},
-		{"min_tokens", "", "/v1/completions", `{"prompt":[1],"min_tokens":3}`, 400, "invalid_request_error", "invalid_request", "min_tokens is not supported"},
-		{"repetition_penalty", "", "/v1/completions", `{"prompt":[1],"repetition_penalty":1.2}`, 400, "invalid_request_error", "invalid_request", "repetition_penalty is not supported"},
-		{"logit_bias", "", "/v1/completions", `{"prompt":[1],"logit_bias":{"5":-100}}`, 400, "invalid_request_error", "invalid_request", "logit_bias is not supported"},
+		{"min_tokens", "", "/v1/completions", `{"prompt":[1],"min_tokens":-3}`, 400, "invalid_request_error", "invalid_request", "min_tokens -3 must be >= 0"},
+		{"repetition_penalty", "", "/v1/completions", `{"prompt":[1],"repetition_penalty":0}`, 400, "invalid_request_error", "invalid_request", "repetition_penalty 0 must be > 0"},
+		{"logit_bias key", "", "/v1/completions", `{"prompt":[1],"logit_bias":{"a":-100}}`, 400, "invalid_request_error", "invalid_request", `logit_bias: key "a" is not a token id`},
+		{"logit_bias value", "", "/v1/completions", `{"prompt":[1],"logit_bias":{"5":"x"}}`, 400, "invalid_request_error", "invalid_request", "field logit_bias"},
+		{"logprobs 21", "", "/v1/completions", `{"prompt":[1],"logprobs":21}`, 400, "invalid_request_error", "invalid_request", "logprobs 21 must be an integer in [0, 20]"},
+		{"logprobs true (completions)", "", "/v1/completions", `{"prompt":[1],"logprobs":true}`, 400, "invalid_request_error", "invalid_request", "logprobs true must be an integer in [0, 20]"},
+		{"logprobs with echo", "", "/v1/completions", `{"prompt":[1],"logprobs":1,"echo":true}`, 400, "invalid_request_error", "invalid_request", "logprobs with echo"},
+		{"logprobs 3 (chat)", "", "/v1/chat/completions", `{"messages":[],"logprobs":3}`, 400, "invalid_request_error", "invalid_request", "logprobs 3 must be true or false"},
+		{"top_logprobs without logprobs", "", "/v1/chat/completions", `{"messages":[],"top_logprobs":2}`, 400, "invalid_request_error", "invalid_request", "top_logprobs needs logprobs set to true"},
+		{"top_logprobs 21", "", "/v1/chat/completions", `{"messages":[],"logprobs":true,"top_logprobs":21}`, 400, "invalid_request_error", "invalid_request", "top_logprobs 21 must be in [0, 20]"},
+		{"response_format json_object", "", "/v1/completions", `{"prompt":[1],"response_format":{"type":"json_object"}}`, 400, "invalid_request_error", "invalid_request", `response_format {"type":"json_object"} is not supported`},
 		{"five stop strings", "", "/v1/completions", `{"prompt":[1],"stop":["a","b","c","d","e"]}`, 400, "invalid_request_error", "invalid_request", "stop: 5 strings; at most 4 are allowed"},
 		{"empty stop string", "", "/v1/completions", `{"prompt":[1],"stop":["a",""]}`, 400, "invalid_request_error", "invalid_request", "stop[1] is empty"},
 		{"stop not strings", "", "/v1/completions", `{"prompt":[1],"stop":[1]}`, 400, "invalid_request_error", "invalid_request", "stop must be a string or an array of strings"},
 		{"response_format", "", "/v1/chat/completions", `{"messages":[],"response_format":{"type":"json_schema"}}`, 400, "invalid_request_error", "invalid_request", `response_format {"type":"json_schema"} is not supported`},
-		{"logprobs", "", "/v1/completions", `{"prompt":[1],"logprobs":5}`, 400, "invalid_request_error", "invalid_request", "logprobs are not supported"},
-		{"presence_penalty", "", "/v1/completions", `{"prompt":[1],"presence_penalty":1}`, 400, "invalid_request_error", "invalid_request", "presence_penalty is not supported"},
 		{"echo of ids without a tokenizer", "", "/v1/completions", `{"prompt":[1],"echo":true}`, 400, "invalid_request_error", "no_tokenizer", "echo of a prompt of token ids: fake: no tokenizer"},
 		{"best_of", "", "/v1/completions", `{"prompt":[1],"best_of":3}`, 400, "invalid_request_error", "invalid_request", "best_of 3: only one choice"},
 		{"suffix", "", "/v1/completions", `{"prompt":[1],"suffix":"x"}`, 400, "invalid_request_error", "invalid_request", "suffix is not supported"},
@@ -368,8 +415,10 @@ func TestErrors(t *testing.T) {
 		{"unknown model (chat)", "", "/v1/chat/completions", `{"model":"gpt-2","messages":[]}`, 404, "invalid_request_error", "model_not_found", `fake: unknown model "gpt-2"`},
 		{"unknown model (GET)", http.MethodGet, "/v1/models/gpt-2", "", 404, "invalid_request_error", "model_not_found", `fake: unknown model "gpt-2"`},
 		{"chat without a tokenizer", "", "/v1/chat/completions", `{"messages":[{"role":"user","content":"hi"}]}`, 400, "invalid_request_error", "no_tokenizer", "fake: no tokenizer"},
-		{"tools", "", "/v1/chat/completions", `{"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function"}]}`, 400, "invalid_request_error", "invalid_request", "tools are not supported"},
-		{"top_logprobs", "", "/v1/chat/completions", `{"messages":[],"top_logprobs":2}`, 400, "invalid_request_error", "invalid_request", "top_logprobs is not supported"},
+		{"tool without a name", "", "/v1/chat/completions", `{"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function"}]}`, 400, "invalid_request_error", "invalid_request", `tools[0]: want {"type": "function"`},
+		{"tool_choice required", "", "/v1/chat/completions", `{"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"required"}`, 400, "invalid_request_error", "invalid_request", `tool_choice "required" needs constrained decoding`},
+		{"tool_choice named", "", "/v1/chat/completions", `{"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":{"type":"function","function":{"name":"f"}}}`, 400, "invalid_request_error", "invalid_request", "a named function needs constrained decoding"},
+		{"tool_choice unknown", "", "/v1/chat/completions", `{"messages":[{"role":"user","content":"hi"}],"tool_choice":"always"}`, 400, "invalid_request_error", "invalid_request", `tool_choice "always"`},
 		{"bad message type", "", "/v1/chat/completions", `{"messages":"hi"}`, 400, "invalid_request_error", "invalid_request", "field messages: want an array, got string"},
 		{"the Generator's check", "", "/v1/completions", `{"max_tokens":4}`, 400, "invalid_request_error", "invalid_request", "fake: gateway: invalid request: empty prompt or max_tokens 4"},
 		{"unknown route", http.MethodGet, "/v1/embeddings", "", 404, "invalid_request_error", "not_found", "no route GET /v1/embeddings"},

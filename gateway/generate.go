@@ -44,6 +44,13 @@ func (g *Gateway) generation(k kind) http.HandlerFunc {
 		if c, ok := b.(*completionRequest); ok {
 			o.echo = c.Echo
 		}
+		if c, ok := b.(*chatRequest); ok {
+			o.tools = c.tools == toolsAuto
+		}
+		o.lp = logprobs{on: req.Logprobs, top: req.TopLogprobs}
+		if tok, err := g.gen.Tokenizer(); err == nil && o.lp.on {
+			o.lp.tok = tok
+		}
 		g.generate(w, r, req, o)
 	}
 }
@@ -59,6 +66,8 @@ type output struct {
 	returnIDs bool
 	n         int  // choices
 	echo      bool // completions: the prompt's text before each choice's
+	lp        logprobs
+	tools     bool // chat with tools: the output is parsed for tool calls
 }
 
 func (g *Gateway) newOutput(k kind, model string, s *samplingFields) output {
@@ -98,13 +107,13 @@ func newUsage(prompt, completion int) *Usage {
 
 // CompletionChoice is a choice of a text_completion response or chunk.
 type CompletionChoice struct {
-	Index          int       `json:"index"`
-	Text           string    `json:"text"`
-	Logprobs       *struct{} `json:"logprobs"` // always null
-	FinishReason   *string   `json:"finish_reason"`
-	StopReason     string    `json:"stop_reason,omitempty"` // vLLM: the stop string that ended the choice
-	PromptTokenIDs []int     `json:"prompt_token_ids,omitempty"`
-	TokenIDs       []int     `json:"token_ids,omitempty"`
+	Index          int                 `json:"index"`
+	Text           string              `json:"text"`
+	Logprobs       *CompletionLogprobs `json:"logprobs"` // null unless asked for
+	FinishReason   *string             `json:"finish_reason"`
+	StopReason     string              `json:"stop_reason,omitempty"` // vLLM: the stop string that ended the choice
+	PromptTokenIDs []int               `json:"prompt_token_ids,omitempty"`
+	TokenIDs       []int               `json:"token_ids,omitempty"`
 }
 
 // CompletionResponse is the response of POST /v1/completions, or a chunk of its stream.
@@ -117,21 +126,23 @@ type CompletionResponse struct {
 	Usage   *Usage             `json:"usage,omitempty"`
 }
 
-// ChatContent is a chat response's message, or a chunk's delta (whose fields may be absent).
+// ChatContent is a chat response's message, or a chunk's delta (whose fields may be absent). A message
+// with tool calls has no content.
 type ChatContent struct {
-	Role    string  `json:"role,omitempty"`
-	Content *string `json:"content,omitempty"`
+	Role      string         `json:"role,omitempty"`
+	Content   *string        `json:"content,omitempty"`
+	ToolCalls []ChatToolCall `json:"tool_calls,omitempty"`
 }
 
 // ChatChoice is a choice of a chat.completion response or chunk.
 type ChatChoice struct {
-	Index        int          `json:"index"`
-	Message      *ChatContent `json:"message,omitempty"`
-	Delta        *ChatContent `json:"delta,omitempty"`
-	Logprobs     *struct{}    `json:"logprobs"` // always null
-	FinishReason *string      `json:"finish_reason"`
-	StopReason   string       `json:"stop_reason,omitempty"` // vLLM: the stop string that ended the choice
-	TokenIDs     []int        `json:"token_ids,omitempty"`
+	Index        int           `json:"index"`
+	Message      *ChatContent  `json:"message,omitempty"`
+	Delta        *ChatContent  `json:"delta,omitempty"`
+	Logprobs     *ChatLogprobs `json:"logprobs"` // null unless asked for
+	FinishReason *string       `json:"finish_reason"`
+	StopReason   string        `json:"stop_reason,omitempty"` // vLLM: the stop string that ended the choice
+	TokenIDs     []int         `json:"token_ids,omitempty"`
 }
 
 // ChatResponse is the response of POST /v1/chat/completions, or a chunk of its stream.
@@ -149,11 +160,12 @@ type ChatResponse struct {
 type choice struct {
 	text               string
 	ids                []int
+	lps                []TokenLogprobs
 	finish, stopReason string
 }
 
 // response is the whole (non-streamed) response of a generation.
-func (o output) response(choices []choice, prompt []int) any {
+func (o output) response(choices []choice, prompt []int) (any, error) {
 	completion := 0
 	for _, c := range choices {
 		completion += len(c.ids)
@@ -165,17 +177,35 @@ func (o output) response(choices []choice, prompt []int) any {
 	if o.kind == kindChat {
 		r := ChatResponse{ID: o.id, Object: "chat.completion", Created: o.created, Model: o.model, Usage: u, PromptTokenIDs: prompt}
 		for i, c := range choices {
-			r.Choices = append(r.Choices, ChatChoice{Index: i, Message: &ChatContent{Role: "assistant", Content: &c.text},
-				FinishReason: &c.finish, StopReason: c.stopReason, TokenIDs: o.ids(c.ids)})
+			ch := ChatChoice{Index: i, Message: &ChatContent{Role: "assistant", Content: &c.text},
+				FinishReason: &c.finish, StopReason: c.stopReason, TokenIDs: o.ids(c.ids)}
+			if calls, ok := parseToolCalls(c.text); o.tools && ok {
+				finish := FinishToolCalls
+				ch.Message.Content, ch.Message.ToolCalls, ch.FinishReason = nil, chatToolCalls(calls, false), &finish
+			}
+			if o.lp.on {
+				var err error
+				if ch.Logprobs, err = o.lp.chat(c.ids, c.lps); err != nil {
+					return nil, err
+				}
+			}
+			r.Choices = append(r.Choices, ch)
 		}
-		return r
+		return r, nil
 	}
 	r := CompletionResponse{ID: o.id, Object: "text_completion", Created: o.created, Model: o.model, Usage: u}
 	for i, c := range choices {
-		r.Choices = append(r.Choices, CompletionChoice{Index: i, Text: c.text, FinishReason: &c.finish, StopReason: c.stopReason,
-			PromptTokenIDs: prompt, TokenIDs: o.ids(c.ids)})
+		ch := CompletionChoice{Index: i, Text: c.text, FinishReason: &c.finish, StopReason: c.stopReason,
+			PromptTokenIDs: prompt, TokenIDs: o.ids(c.ids)}
+		if o.lp.on {
+			var err error
+			if ch.Logprobs, _, err = o.lp.completion(c.ids, c.lps, 0); err != nil { // echo has no logprobs: offsets from 0
+				return nil, err
+			}
+		}
+		r.Choices = append(r.Choices, ch)
 	}
-	return r
+	return r, nil
 }
 
 // ids returns ids when the request asked for them (return_token_ids), else nil.
@@ -186,12 +216,26 @@ func (o output) ids(ids []int) []int {
 	return ids
 }
 
-// chunk is a streamed event with new text and ids; finish is "" until the last one, and prompt is set
-// on the first one only.
-func (o output) chunk(index int, text string, ids, prompt []int, finish, stopReason string) any {
+// chunk is a streamed event with new text and ids (and their logprobs, the first at offset characters
+// of the choice's text); finish is "" until the last one, and prompt is set on the first one only. It
+// returns the offset after the chunk's tokens.
+func (o output) chunk(index int, text string, ids []int, lps []TokenLogprobs, offset int, prompt []int, finish, stopReason string) (any, int, error) {
 	var fin *string
 	if finish != "" {
 		fin = &finish
+	}
+	var clp *CompletionLogprobs
+	var chlp *ChatLogprobs
+	var err error
+	if o.lp.on && len(ids) > 0 {
+		if o.kind == kindChat {
+			chlp, err = o.lp.chat(ids, lps)
+		} else {
+			clp, offset, err = o.lp.completion(ids, lps, offset)
+		}
+		if err != nil {
+			return nil, offset, err
+		}
 	}
 	if !o.returnIDs {
 		ids, prompt = nil, nil
@@ -202,10 +246,43 @@ func (o output) chunk(index int, text string, ids, prompt []int, finish, stopRea
 			delta.Content = &text
 		}
 		return ChatResponse{ID: o.id, Object: "chat.completion.chunk", Created: o.created, Model: o.model,
-			Choices: []ChatChoice{{Index: index, Delta: delta, FinishReason: fin, StopReason: stopReason, TokenIDs: ids}}}
+			Choices: []ChatChoice{{Index: index, Delta: delta, Logprobs: chlp, FinishReason: fin, StopReason: stopReason, TokenIDs: ids}}}, offset, nil
 	}
 	return CompletionResponse{ID: o.id, Object: "text_completion", Created: o.created, Model: o.model,
-		Choices: []CompletionChoice{{Index: index, Text: text, FinishReason: fin, StopReason: stopReason, PromptTokenIDs: prompt, TokenIDs: ids}}}
+		Choices: []CompletionChoice{{Index: index, Text: text, Logprobs: clp, FinishReason: fin, StopReason: stopReason, PromptTokenIDs: prompt, TokenIDs: ids}}}, offset, nil
+}
+
+// toolHold holds a chat stream's text while it may be a tool call: from its start for as long as it is
+// white space or begins with "{".
+type toolHold struct {
+	text    string
+	decided bool // the text is not a tool call: it streams
+}
+
+// add takes a chunk's text (last: the choice ends) and returns the text to send now and, at the end,
+// the tool calls the held text makes (its text is then not sent).
+func (h *toolHold) add(text string, last bool) (string, []ChatToolCall) {
+	if h.decided {
+		return text, nil
+	}
+	h.text += text
+	if rest := strings.TrimLeft(h.text, " \t\r\n"); rest != "" && rest[0] != '{' {
+		h.decided = true
+		return h.text, nil
+	}
+	if !last {
+		return "", nil
+	}
+	if calls, ok := parseToolCalls(h.text); ok {
+		return "", chatToolCalls(calls, true)
+	}
+	return h.text, nil
+}
+
+// toolChunk is a chat stream's event with a choice's tool calls.
+func (o output) toolChunk(index int, calls []ChatToolCall) any {
+	return ChatResponse{ID: o.id, Object: "chat.completion.chunk", Created: o.created, Model: o.model,
+		Choices: []ChatChoice{{Index: index, Delta: &ChatContent{ToolCalls: calls}}}}
 }
 
 // roleChunk is a chat stream's first event: the assistant's role and empty content, as OpenAI sends it.
@@ -361,6 +438,8 @@ func (g *Gateway) generate(w http.ResponseWriter, hr *http.Request, req Request,
 		})
 	}
 	completion, left := 0, len(streams)
+	offsets := make([]int, len(streams)) // logprobs' text offsets, per choice
+	held := make([]toolHold, len(streams))
 	first := make([]bool, len(streams))
 	for i := range first {
 		first[i] = true
@@ -381,13 +460,34 @@ func (g *Gateway) generate(w http.ResponseWriter, hr *http.Request, req Request,
 		if first[c.index] && echo != "" {
 			text = echo + text
 		}
+		finish := c.Finish
+		if o.tools {
+			// Text that may be a tool call is held to the end, then sent as calls or as text.
+			var calls []ChatToolCall
+			text, calls = held[c.index].add(text, done)
+			if len(calls) > 0 {
+				if werr := sse.event(o.toolChunk(c.index, calls)); werr != nil {
+					g.log.Debug("http stream: client gone", zap.Error(werr))
+					return
+				}
+				finish = FinishToolCalls
+			}
+		}
 		// Skipped: a token that ends inside a character (or held back), unless its id was asked for.
-		if text != "" || done || (o.returnIDs && len(c.IDs) > 0) {
+		if text != "" || done || ((o.returnIDs || o.lp.on) && len(c.IDs) > 0) {
 			var p []int
 			if first[c.index] && o.kind == kindCompletion {
 				p = prompt
 			}
-			if werr := sse.event(o.chunk(c.index, text, c.IDs, p, c.Finish, c.StopReason)); werr != nil {
+			ev, off, cerr := o.chunk(c.index, text, c.IDs, c.Logprobs, offsets[c.index], p, finish, c.StopReason)
+			if cerr != nil {
+				_, body := toHTTP(cerr)
+				_ = sse.event(body)
+				_ = sse.done()
+				return
+			}
+			offsets[c.index] = off
+			if werr := sse.event(ev); werr != nil {
 				g.log.Debug("http stream: client gone", zap.Error(werr))
 				return
 			}
@@ -429,6 +529,7 @@ func (g *Gateway) whole(ctx context.Context, w http.ResponseWriter, streams []St
 				return
 			}
 			c.ids = append(c.ids, ch.IDs...)
+			c.lps = append(c.lps, ch.Logprobs...)
 			text.WriteString(ch.Text)
 			if err != nil {
 				g.fail(w, err)
@@ -440,7 +541,12 @@ func (g *Gateway) whole(ctx context.Context, w http.ResponseWriter, streams []St
 	}
 	g.log.Debug("http request done", zap.Int("prompt-tokens", len(prompt)), zap.Int("choices", len(choices)),
 		zap.Duration("took", time.Since(start)))
-	writeJSON(w, http.StatusOK, o.response(choices, prompt))
+	resp, err := o.response(choices, prompt)
+	if err != nil {
+		g.fail(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, resp)
 }
 
 // echoText is the prompt as text, for echo: the prompt text as sent, or its ids decoded.

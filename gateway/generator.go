@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 )
 
@@ -46,10 +47,16 @@ type Tokenizer interface {
 	// Encode turns text into ids, with the special tokens (BOS) when addSpecial is set.
 	Encode(text string, addSpecial bool) []int
 	// EncodeChat renders msgs with the model's chat template, with the assistant's header after them
-	// when addGenerationPrompt is set, and encodes the result.
-	EncodeChat(msgs []Message, addGenerationPrompt bool) ([]int, error)
+	// when addGenerationPrompt is set, and encodes the result;
+	// tools (OpenAI's tool objects, nil for none) are the template's tools variable.
+	EncodeChat(msgs []Message, tools []json.RawMessage, addGenerationPrompt bool) ([]int, error)
 	// Decode turns ids into text, special tokens left out (echo of a prompt of ids).
 	Decode(ids []int) (string, error)
+	// DecodeSpecial is Decode with special tokens kept: a token as logprobs show it (decode([id])),
+	// and /detokenize.
+	DecodeSpecial(ids []int) (string, error)
+	// Token is a token's string in the vocabulary (/tokenize's token_strs); false for an unknown id.
+	Token(id int) (string, bool)
 }
 
 // Model describes the served model.
@@ -60,10 +67,13 @@ type Model struct {
 	MaxModelLen int
 }
 
-// Message is one turn of a chat.
+// Message is one turn of a chat: an assistant's may carry tool calls, a tool's the id of the call it
+// answers.
 type Message struct {
-	Role    string
-	Content string
+	Role       string
+	Content    string
+	ToolCalls  []ToolCall
+	ToolCallID string
 }
 
 // Request is one generation.
@@ -88,6 +98,10 @@ type Request struct {
 	// holds back text that could still become a stop string. They need the model's tokenizer.
 	Stop           []string
 	IncludeStopStr bool
+	// Logprobs asks for each new token's log-probability and the TopLogprobs (at most 20) most likely
+	// tokens' (Chunk.Logprobs), of the model's own distribution as vLLM gives them.
+	Logprobs    bool
+	TopLogprobs int
 }
 
 // Sampling is a request's sampling parameters; nil fields take the model's defaults
@@ -97,6 +111,13 @@ type Sampling struct {
 	TopP        *float64
 	TopK        *int // 0 is off
 	Seed        *uint64
+
+	// MinTokens holds back the eos and stop ids (and stop strings) until this many tokens came.
+	MinTokens int
+	// LogitBias is added to the logits of its ids.
+	LogitBias map[int]float64
+	// Penalties as vLLM applies them; 0 is off (and so is a RepetitionPenalty of 1).
+	RepetitionPenalty, FrequencyPenalty, PresencePenalty float64
 }
 
 // Chunk is a piece of a generation's output.
@@ -110,6 +131,20 @@ type Chunk struct {
 	Finish string
 	// StopReason is the stop string that ended the generation, on the last chunk.
 	StopReason string
+	// Logprobs has one entry per id of IDs when the request asked for logprobs, else none.
+	Logprobs []TokenLogprobs
+}
+
+// TokenLogprobs are a chosen token's log-probability and the most likely tokens' (highest first).
+type TokenLogprobs struct {
+	Logprob float32
+	Top     []TokenLogprob
+}
+
+// TokenLogprob is a token id and its log-probability.
+type TokenLogprob struct {
+	ID      int
+	Logprob float32
 }
 
 // Finish reasons.

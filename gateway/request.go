@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"reflect"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -33,14 +35,13 @@ type samplingFields struct {
 		IncludeUsage bool `json:"include_usage"`
 	} `json:"stream_options"`
 
-	// OpenAI fields this gateway does not implement: refused unless left at their defaults.
-	N                 *int64          `json:"n"`
-	Logprobs          json.RawMessage `json:"logprobs"`
-	PresencePenalty   *float64        `json:"presence_penalty"`
-	MinTokens         *int64          `json:"min_tokens"`
-	RepetitionPenalty *float64        `json:"repetition_penalty"`
-	LogitBias         json.RawMessage `json:"logit_bias"`
-	FrequencyPenalty  *float64        `json:"frequency_penalty"`
+	N                 *int64             `json:"n"`
+	Logprobs          json.RawMessage    `json:"logprobs"` // completions: an integer (top count); chat: true or false
+	PresencePenalty   *float64           `json:"presence_penalty"`
+	FrequencyPenalty  *float64           `json:"frequency_penalty"`
+	RepetitionPenalty *float64           `json:"repetition_penalty"` // vLLM
+	MinTokens         *int64             `json:"min_tokens"`         // vLLM
+	LogitBias         map[string]float64 `json:"logit_bias"`         // token id (as a string) to a bias, clamped to [-100, 100]
 }
 
 // unsupported reports an OpenAI field set to what the gateway cannot do.
@@ -48,20 +49,10 @@ func (s *samplingFields) unsupported() error {
 	switch {
 	case s.N != nil && (*s.N < 1 || *s.N > maxChoices):
 		return invalid("n %d must be in [1, %d]", *s.N, maxChoices)
-	case s.MinTokens != nil && *s.MinTokens != 0:
-		return invalid("min_tokens is not supported")
-	case s.RepetitionPenalty != nil && *s.RepetitionPenalty != 1:
-		return invalid("repetition_penalty is not supported")
-	case !isEmptyJSON(s.LogitBias, "{}"):
-		return invalid("logit_bias is not supported")
 	case !isEmptyJSON(s.ResponseFormat, `{"type":"text"}`) && !isTextFormat(s.ResponseFormat):
-		return invalid("response_format %s is not supported: only {\"type\": \"text\"}", bytes.TrimSpace(s.ResponseFormat))
-	case !isEmptyJSON(s.Logprobs, "false", "0"):
-		return invalid("logprobs are not supported")
-	case s.PresencePenalty != nil && *s.PresencePenalty != 0:
-		return invalid("presence_penalty is not supported")
-	case s.FrequencyPenalty != nil && *s.FrequencyPenalty != 0:
-		return invalid("frequency_penalty is not supported")
+		return invalid("response_format %s is not supported: only {\"type\": \"text\"} (no constrained decoding yet)", bytes.TrimSpace(s.ResponseFormat))
+	case s.MinTokens != nil && *s.MinTokens < 0:
+		return invalid("min_tokens %d must be >= 0", *s.MinTokens)
 	}
 	return nil
 }
@@ -147,6 +138,31 @@ func (s *samplingFields) fill(req *Request, m Model, maxTokens *int64, n int) er
 		seed := uint64(*s.Seed)
 		req.Sampling.Seed = &seed
 	}
+	if s.MinTokens != nil {
+		req.Sampling.MinTokens = int(min(*s.MinTokens, math.MaxInt32))
+	}
+	if s.PresencePenalty != nil {
+		req.Sampling.PresencePenalty = *s.PresencePenalty
+	}
+	if s.FrequencyPenalty != nil {
+		req.Sampling.FrequencyPenalty = *s.FrequencyPenalty
+	}
+	if s.RepetitionPenalty != nil {
+		if *s.RepetitionPenalty <= 0 {
+			return invalid("repetition_penalty %g must be > 0", *s.RepetitionPenalty)
+		}
+		req.Sampling.RepetitionPenalty = *s.RepetitionPenalty
+	}
+	if len(s.LogitBias) > 0 {
+		req.Sampling.LogitBias = make(map[int]float64, len(s.LogitBias))
+		for k, b := range s.LogitBias {
+			id, err := strconv.Atoi(k)
+			if err != nil {
+				return invalid("logit_bias: key %q is not a token id", k)
+			}
+			req.Sampling.LogitBias[id] = max(-100, min(100, b)) // as vLLM clamps it
+		}
+	}
 	req.IgnoreEOS = s.IgnoreEOS
 	req.StopIDs = ints(s.StopTokenIDs)
 	var err error
@@ -188,19 +204,26 @@ type completionRequest struct {
 
 // chatRequest is the body of POST /v1/chat/completions.
 type chatRequest struct {
-	Model               string          `json:"model"`
-	Messages            []chatMessage   `json:"messages"`
-	MaxCompletionTokens *int64          `json:"max_completion_tokens"` // OpenAI's newer max_tokens; wins over it
-	AddGenerationPrompt *bool           `json:"add_generation_prompt"` // vLLM; default true
-	Tools               json.RawMessage `json:"tools"`
-	TopLogprobs         *int64          `json:"top_logprobs"`
+	Model               string            `json:"model"`
+	Messages            []chatMessage     `json:"messages"`
+	MaxCompletionTokens *int64            `json:"max_completion_tokens"` // OpenAI's newer max_tokens; wins over it
+	AddGenerationPrompt *bool             `json:"add_generation_prompt"` // vLLM; default true
+	Tools               []json.RawMessage `json:"tools"`
+	ToolChoice          json.RawMessage   `json:"tool_choice"`
+	ParallelToolCalls   *bool             `json:"parallel_tool_calls"` // accepted; the model decides
+	TopLogprobs         *int64            `json:"top_logprobs"`
 	samplingFields
+
+	tools toolChoice // set by request
 }
 
-// chatMessage is one turn: content is a string, or an array of {"type": "text", "text"} parts.
+// chatMessage is one turn: content is a string, or an array of {"type": "text", "text"} parts; an
+// assistant's may have tool_calls, a tool's a tool_call_id.
 type chatMessage struct {
-	Role    string          `json:"role"`
-	Content json.RawMessage `json:"content"`
+	Role       string          `json:"role"`
+	Content    json.RawMessage `json:"content"`
+	ToolCalls  []chatToolCall  `json:"tool_calls"`
+	ToolCallID string          `json:"tool_call_id"`
 }
 
 func (s *samplingFields) sampling() *samplingFields { return s }
@@ -227,11 +250,18 @@ func (b *completionRequest) request(g *Gateway) (Request, error) {
 	case b.Suffix != nil && *b.Suffix != "":
 		return Request{}, invalid("suffix is not supported")
 	}
+	on, top, err := completionLogprobs(b.Logprobs)
+	if err != nil {
+		return Request{}, err
+	}
+	if on && b.Echo {
+		return Request{}, invalid("logprobs with echo (the prompt's logprobs) are not supported")
+	}
 	text, ids, err := parsePrompt(b.Prompt)
 	if err != nil {
 		return Request{}, err
 	}
-	req := Request{Model: b.Model, Prompt: text, PromptIDs: ints(ids)}
+	req := Request{Model: b.Model, Prompt: text, PromptIDs: ints(ids), Logprobs: on, TopLogprobs: top}
 	n := len(ids)
 	if text != "" && b.MaxTokens == nil {
 		if tok, err := g.gen.Tokenizer(); err == nil {
@@ -281,41 +311,91 @@ func (b *chatRequest) request(g *Gateway) (Request, error) {
 	if err != nil {
 		return Request{}, err
 	}
-	switch {
-	case !isEmptyJSON(b.Tools, "[]"):
-		return Request{}, invalid("tools are not supported")
-	case b.TopLogprobs != nil && *b.TopLogprobs != 0:
-		return Request{}, invalid("top_logprobs is not supported")
+	tools, mode, err := readTools(b.Tools, b.ToolChoice)
+	if err != nil {
+		return Request{}, err
+	}
+	b.tools = mode
+	on, top, err := chatLogprobs(b.Logprobs, b.TopLogprobs)
+	if err != nil {
+		return Request{}, err
 	}
 	tok, err := g.gen.Tokenizer()
 	if err != nil {
 		return Request{}, err
 	}
-	if len(b.Messages) == 0 {
-		return Request{}, invalid("messages: empty: send at least one message")
-	}
-	msgs := make([]Message, len(b.Messages))
-	for i, msg := range b.Messages {
-		if msg.Role == "" {
-			return Request{}, invalid("messages[%d]: no role", i)
-		}
-		content, err := messageContent(msg.Content)
-		if err != nil {
-			return Request{}, invalid("messages[%d].content: %v", i, err)
-		}
-		msgs[i] = Message{Role: msg.Role, Content: content}
+	msgs, err := messages(b.Messages)
+	if err != nil {
+		return Request{}, err
 	}
 	addGen := b.AddGenerationPrompt == nil || *b.AddGenerationPrompt
-	ids, err := tok.EncodeChat(msgs, addGen)
+	ids, err := tok.EncodeChat(msgs, tools, addGen)
 	if err != nil {
 		return Request{}, fmt.Errorf("%w: messages: %w", ErrInvalidRequest, err)
 	}
-	req := Request{Model: b.Model, PromptIDs: ids}
+	req := Request{Model: b.Model, PromptIDs: ids, Logprobs: on, TopLogprobs: top}
 	maxTokens := b.MaxTokens
 	if b.MaxCompletionTokens != nil {
 		maxTokens = b.MaxCompletionTokens
 	}
 	return req, b.fill(&req, m, maxTokens, len(ids))
+}
+
+// messages reads a chat's messages: at least one, each with a role.
+func messages(in []chatMessage) ([]Message, error) {
+	if len(in) == 0 {
+		return nil, invalid("messages: empty: send at least one message")
+	}
+	msgs := make([]Message, len(in))
+	for i, msg := range in {
+		if msg.Role == "" {
+			return nil, invalid("messages[%d]: no role", i)
+		}
+		content, err := messageContent(msg.Content)
+		if err != nil {
+			return nil, invalid("messages[%d].content: %v", i, err)
+		}
+		calls, err := toolCalls(msg.ToolCalls)
+		if err != nil {
+			return nil, invalid("messages[%d].%v", i, err)
+		}
+		msgs[i] = Message{Role: msg.Role, Content: content, ToolCalls: calls, ToolCallID: msg.ToolCallID}
+	}
+	return msgs, nil
+}
+
+// completionLogprobs reads a completion's logprobs: absent, null or false is none; an integer in [0,
+// maxLogprobs] asks for the chosen token's and that many top ones.
+func completionLogprobs(raw json.RawMessage) (bool, int, error) {
+	if isEmptyJSON(raw, "false") {
+		return false, 0, nil
+	}
+	var n int64
+	if err := json.Unmarshal(raw, &n); err != nil || n < 0 || n > maxLogprobs {
+		return false, 0, invalid("logprobs %s must be an integer in [0, %d]", bytes.TrimSpace(raw), maxLogprobs)
+	}
+	return true, int(n), nil
+}
+
+// chatLogprobs reads a chat request's logprobs (true or false) and top_logprobs ([0, maxLogprobs], which
+// needs logprobs true when positive).
+func chatLogprobs(raw json.RawMessage, top *int64) (bool, int, error) {
+	var on bool
+	if !isEmptyJSON(raw) {
+		if err := json.Unmarshal(raw, &on); err != nil {
+			return false, 0, invalid("logprobs %s must be true or false", bytes.TrimSpace(raw))
+		}
+	}
+	if top == nil {
+		return on, 0, nil
+	}
+	switch {
+	case *top < 0 || *top > maxLogprobs:
+		return false, 0, invalid("top_logprobs %d must be in [0, %d]", *top, maxLogprobs)
+	case *top > 0 && !on:
+		return false, 0, invalid("top_logprobs needs logprobs set to true")
+	}
+	return on, int(*top), nil
 }
 
 // messageContent reads a message's content: a string, null (""), or an array of text parts, joined

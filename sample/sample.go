@@ -17,12 +17,35 @@ import (
 )
 
 // Params are the sampling settings. Temperature 0 means greedy; TopK 0 and TopP 1 (or 0) disable those filters.
+// The zero values of the other fields disable what they control.
 type Params struct {
 	Temperature float64
 	TopK        int
 	TopP        float64
 	Seed        uint64
+
+	// MinTokens holds back the MinStopIDs (the eos and stop ids) until this many tokens were chosen:
+	// their logits are -Inf before then.
+	MinTokens  int
+	MinStopIDs []int
+	// LogitBias is added to the logits of its ids (vLLM clamps OpenAI's to [-100, 100] before).
+	LogitBias map[int]float64
+	// RepetitionPenalty (0 or 1: off) divides the positive logit of an id seen in the prompt or the
+	// output, and multiplies a negative one. FrequencyPenalty is subtracted from an id's logit once
+	// per time it was chosen, PresencePenalty once if it was chosen at all.
+	RepetitionPenalty float64
+	FrequencyPenalty  float64
+	PresencePenalty   float64
+
+	// Logprobs asks Choose for the chosen id's log-probability and the TopLogprobs most likely ids'.
+	// They are of the model's own distribution (vLLM's raw logprobs): the log-softmax of the logits as
+	// they come, before the bias, the penalties, the temperature and the filters.
+	Logprobs    bool
+	TopLogprobs int
 }
+
+// MaxTopLogprobs bounds Params.TopLogprobs, as vLLM's default max_logprobs does.
+const MaxTopLogprobs = 20
 
 // Validate reports settings no sampler can honour.
 func (p Params) Validate() error {
@@ -33,18 +56,52 @@ func (p Params) Validate() error {
 		return fmt.Errorf("sample: top-k %d must be >= 0", p.TopK)
 	case p.TopP < 0 || p.TopP > 1 || math.IsNaN(p.TopP):
 		return fmt.Errorf("sample: top-p %g must be in [0, 1]", p.TopP)
+	case p.MinTokens < 0:
+		return fmt.Errorf("sample: min tokens %d must be >= 0", p.MinTokens)
+	case p.RepetitionPenalty < 0 || math.IsNaN(p.RepetitionPenalty) || math.IsInf(p.RepetitionPenalty, 0):
+		return fmt.Errorf("sample: repetition penalty %g must be > 0 (0: off)", p.RepetitionPenalty)
+	case !(p.FrequencyPenalty >= -2 && p.FrequencyPenalty <= 2):
+		return fmt.Errorf("sample: frequency penalty %g must be in [-2, 2]", p.FrequencyPenalty)
+	case !(p.PresencePenalty >= -2 && p.PresencePenalty <= 2):
+		return fmt.Errorf("sample: presence penalty %g must be in [-2, 2]", p.PresencePenalty)
+	case p.TopLogprobs < 0 || p.TopLogprobs > MaxTopLogprobs:
+		return fmt.Errorf("sample: top logprobs %d must be in [0, %d]", p.TopLogprobs, MaxTopLogprobs)
+	}
+	for id, b := range p.LogitBias {
+		if math.IsNaN(b) {
+			return fmt.Errorf("sample: logit bias of id %d is NaN", id)
+		}
 	}
 	return nil
+}
+
+// Processed reports whether p changes the logits before the choice (bias, penalties, min tokens): the
+// choice then needs the sampler's history, and Pick on the raw logits does not make it.
+func (p Params) Processed() bool {
+	return len(p.LogitBias) > 0 || (p.RepetitionPenalty != 0 && p.RepetitionPenalty != 1) ||
+		p.FrequencyPenalty != 0 || p.PresencePenalty != 0 || (p.MinTokens > 0 && len(p.MinStopIDs) > 0)
 }
 
 // Greedy reports whether p always takes the argmax (Temperature 0).
 func (p Params) Greedy() bool { return p.Temperature == 0 }
 
 // Sampler draws tokens with fixed Params. It is not safe for concurrent use.
+//
+// When the Params process the logits (Processed), the sampler keeps the sequence's history: the ids it
+// was fed before its first choice (Feed: the prompt) and the ids it chose.
 type Sampler struct {
 	p   Params
 	rng *rand.Rand
-	idx []int // scratch
+	idx []int     // scratch
+	buf []float32 // scratch: the processed logits
+
+	// History, kept when p.Processed().
+	fed     []int        // ids fed before the first choice
+	resumed int          // of them, the last ones were chosen before a resume (Skip)
+	started bool         // a choice was made: fed ids are the chosen ones from then on
+	prompt  map[int]bool // ids of the prompt (the repetition penalty's)
+	counts  map[int]int  // chosen ids and how often
+	chosen  int          // how many ids were chosen, resumed ones included
 }
 
 // New returns a Sampler; p must be valid.
@@ -72,18 +129,174 @@ func (s *Sampler) Uniform(n int) float64 {
 // Skip advances the stream past steps calls of Next on rows of n logits, as if they had been made: a
 // sampler made from the same Params and skipped past the tokens a request already chose continues that
 // request's draws exactly (how a resumed sequence keeps its output reproducible under a fixed seed).
+//
+// The last steps ids given to Feed before the first choice are then the ids chosen before: the
+// penalties and MinTokens count them as output.
 func (s *Sampler) Skip(steps, n int) {
 	for range steps {
 		s.Uniform(n)
 	}
+	s.resumed += steps
+}
+
+// Feed records ids the sequence was fed. Before the first choice they are the prompt (on a resumed
+// sequence the prompt, then the ids Skip stands for); after it they are the ids chosen, which the
+// sampler recorded when it chose them, so they are ignored. Only Processed Params need it.
+func (s *Sampler) Feed(ids []int) {
+	if s.started || !s.p.Processed() {
+		return
+	}
+	s.fed = append(s.fed, ids...)
 }
 
 // Next picks a token id from logits, drawing from the sampler's stream (see Uniform).
 func (s *Sampler) Next(logits []float32) int {
+	return s.Choose(logits).ID
+}
+
+// TokenLogprob is an id and its log-probability.
+type TokenLogprob struct {
+	ID      int
+	Logprob float32
+}
+
+// Choice is what Choose chose: the id and, when the Params ask for them, its log-probability and the
+// TopLogprobs most likely ids (highest first, ties by lower id), of the logits as they came.
+type Choice struct {
+	ID      int
+	Logprob float32
+	Top     []TokenLogprob
+}
+
+// Choose picks a token id from logits as Next does, after the bias, min tokens and penalties of the
+// Params (in vLLM's order: min tokens, bias, repetition, frequency, presence), and records it in the
+// history. logits is not modified.
+func (s *Sampler) Choose(logits []float32) Choice {
 	u := s.Uniform(len(logits))
-	var id int
-	id, s.idx = pick(logits, s.p, u, s.idx)
-	return id
+	row := logits
+	if s.p.Processed() {
+		s.start()
+		row = s.process(logits)
+	}
+	var c Choice
+	c.ID, s.idx = pick(row, s.p, u, s.idx)
+	if s.p.Logprobs {
+		c.Logprob, c.Top = Logprobs(logits, c.ID, s.p.TopLogprobs)
+	}
+	s.chosen++
+	if s.counts != nil {
+		s.counts[c.ID]++
+	}
+	s.started = true
+	return c
+}
+
+// start splits the fed ids into prompt and output at the first choice.
+func (s *Sampler) start() {
+	if s.started {
+		return
+	}
+	s.prompt, s.counts = map[int]bool{}, map[int]int{}
+	cut := max(0, len(s.fed)-s.resumed)
+	for _, id := range s.fed[:cut] {
+		s.prompt[id] = true
+	}
+	for _, id := range s.fed[cut:] {
+		s.counts[id]++
+	}
+	s.chosen = s.resumed
+	s.fed = nil
+}
+
+// process returns the logits after min tokens, the bias and the penalties, in a scratch row.
+func (s *Sampler) process(logits []float32) []float32 {
+	s.buf = append(s.buf[:0], logits...)
+	row, p := s.buf, s.p
+	if s.chosen < p.MinTokens {
+		for _, id := range p.MinStopIDs {
+			if id >= 0 && id < len(row) {
+				row[id] = float32(math.Inf(-1))
+			}
+		}
+	}
+	for id, b := range p.LogitBias {
+		if id >= 0 && id < len(row) {
+			row[id] = float32(float64(row[id]) + b)
+		}
+	}
+	if r := p.RepetitionPenalty; r != 0 && r != 1 {
+		penalise := func(id int) {
+			if id < 0 || id >= len(row) {
+				return
+			}
+			if row[id] > 0 {
+				row[id] = float32(float64(row[id]) / r)
+			} else {
+				row[id] = float32(float64(row[id]) * r)
+			}
+		}
+		for id := range s.prompt {
+			penalise(id)
+		}
+		for id := range s.counts {
+			if !s.prompt[id] {
+				penalise(id)
+			}
+		}
+	}
+	for id, n := range s.counts {
+		if id < 0 || id >= len(row) {
+			continue
+		}
+		row[id] = float32(float64(row[id]) - p.FrequencyPenalty*float64(n) - p.PresencePenalty)
+	}
+	return row
+}
+
+// Logprobs returns the log-probability of id under the log-softmax of logits (in float64) and the top
+// ids with theirs, highest first, ties by lower id. A log-probability of -Inf is given as -9999, as
+// vLLM's API writes it.
+func Logprobs(logits []float32, id, top int) (float32, []TokenLogprob) {
+	maxL := math.Inf(-1)
+	for _, x := range logits {
+		maxL = max(maxL, float64(x))
+	}
+	sum := 0.0
+	for _, x := range logits {
+		sum += math.Exp(float64(x) - maxL)
+	}
+	lse := maxL + math.Log(sum)
+	lp := func(i int) float32 {
+		v := float64(logits[i]) - lse
+		if math.IsInf(v, -1) || v < -9999 {
+			v = -9999
+		}
+		return float32(v)
+	}
+	var tops []TokenLogprob
+	if top > 0 {
+		order := func(a, b int) int {
+			if c := cmp.Compare(logits[b], logits[a]); c != 0 {
+				return c
+			}
+			return a - b
+		}
+		var idx []int
+		if top < len(logits) {
+			idx = topK(logits, top, order, nil)
+		} else {
+			idx = make([]int, len(logits))
+			for i := range idx {
+				idx[i] = i
+			}
+			slices.SortFunc(idx, order)
+		}
+		tops = make([]TokenLogprob, len(idx))
+		for i, j := range idx {
+			tops[i] = TokenLogprob{ID: j, Logprob: lp(j)}
+		}
+	}
+	return lp(id), tops
 }
 
 // Pick chooses a token id from logits with p's temperature, top-k and top-p (p.Seed is not used) and the

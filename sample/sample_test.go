@@ -3,6 +3,7 @@ package sample_test
 import (
 	"math"
 	"math/rand/v2"
+	"reflect"
 	"testing"
 
 	"github.com/tpfleet/tpfleet/sample"
@@ -118,7 +119,7 @@ func TestPickEqualsNext(t *testing.T) {
 		{Temperature: 0.5, TopK: 1, Seed: 6},
 	} {
 		a, b := sample.New(p), sample.New(p)
-		if b.Params() != p {
+		if !reflect.DeepEqual(b.Params(), p) {
 			t.Errorf("Params() = %+v, want %+v", b.Params(), p)
 		}
 		for step := range 300 {

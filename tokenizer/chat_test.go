@@ -40,8 +40,8 @@ var chatCases = []struct {
 	{
 		name: "system and user",
 		messages: []Message{
-			{"system", "You are a helpful assistant."},
-			{"user", "What is the capital of France?"},
+			{Role: "system", Content: "You are a helpful assistant."},
+			{Role: "user", Content: "What is the capital of France?"},
 		},
 		genPrompt: true,
 		want: "<|begin_of_text|>" + hs + "system" + he + "You are a helpful assistant." + eot +
@@ -50,8 +50,8 @@ var chatCases = []struct {
 	{
 		name: "no generation prompt",
 		messages: []Message{
-			{"system", "You are a helpful assistant."},
-			{"user", "What is the capital of France?"},
+			{Role: "system", Content: "You are a helpful assistant."},
+			{Role: "user", Content: "What is the capital of France?"},
 		},
 		want: "<|begin_of_text|>" + hs + "system" + he + "You are a helpful assistant." + eot +
 			hs + "user" + he + "What is the capital of France?" + eot,
@@ -59,8 +59,8 @@ var chatCases = []struct {
 	{
 		name: "system message is trimmed, others are not",
 		messages: []Message{
-			{"system", " \n Be brief.\t\n"},
-			{"user", "  hi  "},
+			{Role: "system", Content: " \n Be brief.\t\n"},
+			{Role: "user", Content: "  hi  "},
 		},
 		genPrompt: true,
 		want: "<|begin_of_text|>" + hs + "system" + he + "Be brief." + eot +
@@ -69,10 +69,10 @@ var chatCases = []struct {
 	{
 		name: "multi-turn without system",
 		messages: []Message{
-			{"user", "Hello"},
-			{"assistant", "Hi! How can I help?"},
-			{"user", "Tell me a joke.\n"},
-			{"system", " late system "},
+			{Role: "user", Content: "Hello"},
+			{Role: "assistant", Content: "Hi! How can I help?"},
+			{Role: "user", Content: "Tell me a joke.\n"},
+			{Role: "system", Content: " late system "},
 		},
 		genPrompt: true,
 		want: "<|begin_of_text|>" + hs + "user" + he + "Hello" + eot + hs + "assistant" + he + "Hi! How can I help?" + eot +
@@ -81,7 +81,7 @@ var chatCases = []struct {
 	{
 		name: "special tokens and unicode in content",
 		messages: []Message{
-			{"user", "你好 👋 <|eot|> مرحبا"},
+			{Role: "user", Content: "你好 👋 <|eot|> مرحبا"},
 		},
 		genPrompt: true,
 		want:      "<|begin_of_text|>" + hs + "user" + he + "你好 👋 <|eot|> مرحبا" + eot + hs + "assistant" + he,
@@ -112,8 +112,8 @@ func TestChatTemplateMatchesFallback(t *testing.T) {
 // string is iterable, so the template pipes it through tojson).
 func TestChatToolTurn(t *testing.T) {
 	msgs := []Message{
-		{"user", "Weather in Paris?"},
-		{"tool", `{"temp": 20, "sky": "clear"}`},
+		{Role: "user", Content: "Weather in Paris?"},
+		{Role: "tool", Content: `{"temp": 20, "sky": "clear"}`},
 	}
 	want := "<|begin_of_text|>" + hs + "user" + he + "Weather in Paris?" + eot +
 		hs + "ipython" + he + `"{\"temp\": 20, \"sky\": \"clear\"}"` + eot + hs + "assistant" + he
@@ -153,7 +153,7 @@ func TestEncodeChatHasOneBOS(t *testing.T) {
 
 func TestChatTemplateSources(t *testing.T) {
 	tokJSON, cfgJSON := tinyFiles(t)
-	msgs := []Message{{"user", "hi"}}
+	msgs := []Message{{Role: "user", Content: "hi"}}
 	tests := []struct {
 		name  string
 		files map[string][]byte
@@ -183,10 +183,10 @@ func TestChatTemplateErrors(t *testing.T) {
 	tokJSON, _ := tinyFiles(t)
 	raising := loadFiles(t, map[string][]byte{TokenizerFile: tokJSON, ConfigFile: []byte(
 		`{"chat_template": "{% if messages[0].role != 'user' %}{{ raise_exception('first message must be from the user') }}{% endif %}ok"}`)})
-	if got, err := raising.ApplyChatTemplate([]Message{{"user", "x"}}, false); got != "ok" || err != nil {
+	if got, err := raising.ApplyChatTemplate([]Message{{Role: "user", Content: "x"}}, false); got != "ok" || err != nil {
 		t.Errorf("ApplyChatTemplate(user) = %q, %v, want ok", got, err)
 	}
-	_, err := raising.ApplyChatTemplate([]Message{{"assistant", "x"}}, false)
+	_, err := raising.ApplyChatTemplate([]Message{{Role: "assistant", Content: "x"}}, false)
 	if !errors.Is(err, ErrChatTemplate) || !strings.Contains(err.Error(), "first message must be from the user") {
 		t.Errorf("ApplyChatTemplate(raise_exception) error = %v, want ErrChatTemplate with the message", err)
 	}
@@ -200,7 +200,7 @@ func TestChatTemplateErrors(t *testing.T) {
 	}
 	// Without a template the fallback needs Llama 4's header tokens.
 	noHeaders := loadFiles(t, map[string][]byte{TokenizerFile: mustJSON(t, minimalFile(nil, nil, true))})
-	if _, err := noHeaders.ApplyChatTemplate([]Message{{"user", "x"}}, true); !errors.Is(err, ErrChatTemplate) || !strings.Contains(err.Error(), "<|header_start|>") {
+	if _, err := noHeaders.ApplyChatTemplate([]Message{{Role: "user", Content: "x"}}, true); !errors.Is(err, ErrChatTemplate) || !strings.Contains(err.Error(), "<|header_start|>") {
 		t.Errorf("ApplyChatTemplate without template or header tokens: error = %v, want ErrChatTemplate naming <|header_start|>", err)
 	}
 }

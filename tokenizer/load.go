@@ -695,9 +695,10 @@ func chatTemplateField(raw json.RawMessage) (string, error) {
 	return "", fmt.Errorf("%w: chat_template list has no template named \"default\"", ErrUnsupported)
 }
 
-// setTemplate compiles the chat template.
+// setTemplate compiles the chat template, its tojson(indent=N) turned into transformers' (see
+// rewriteTojsonIndent).
 func (t *Tokenizer) setTemplate(src string) error {
-	tmpl, err := jinja.Compile(src)
+	tmpl, err := jinja.Compile(rewriteTojsonIndent(src))
 	if err != nil {
 		return fmt.Errorf("%w: compile: %v", ErrChatTemplate, err)
 	}

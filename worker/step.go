@@ -7,6 +7,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/tpfleet/tpfleet/internal/samplingpb"
 	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/model/run"
 	tpfleetv1 "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
@@ -109,6 +110,8 @@ func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.S
 			vocab := wts.info.VocabSize
 			for k, i := range batch {
 				work := req.GetSeqs()[i]
+				smp := w.seqs[work.GetSeqId()].sampler
+				smp.Feed(ids[k]) // the prompt, for the penalties
 				if !work.GetSample() {
 					continue
 				}
@@ -117,8 +120,9 @@ func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.S
 						return w.stepError(epoch, i, work.GetSeqId(), err)
 					}
 				}
-				next := w.seqs[work.GetSeqId()].sampler.Next(rows[k*vocab : (k+1)*vocab])
-				results = append(results, &tpfleetv1.SequenceResult{SeqId: work.GetSeqId(), NextId: int32(next)})
+				c := smp.Choose(rows[k*vocab : (k+1)*vocab])
+				results = append(results, &tpfleetv1.SequenceResult{SeqId: work.GetSeqId(), NextId: int32(c.ID),
+					Logprobs: samplingpb.ChoiceLogprobs(smp.Params(), c)})
 			}
 		}
 		batch, inBatch = batch[:0], map[uint64]bool{}
@@ -202,7 +206,7 @@ func (w *Worker) validate(req *tpfleetv1.StepRequest, cfg model.Info) error {
 				return fmt.Errorf("%w: %s: capacity %d outside [1, max_position_embeddings=%d]", ErrInvalidRequest, where, c, cfg.MaxPositions)
 			}
 			if sp := work.GetSampling(); sp != nil {
-				if err := samplingFromProto(sp).Validate(); err != nil {
+				if err := samplingpb.FromProto(sp).Validate(); err != nil {
 					return fmt.Errorf("%w: %s: %w", ErrInvalidRequest, where, err)
 				}
 			}
@@ -300,15 +304,11 @@ func (w *Worker) release(ids []uint64) {
 	w.mu.Unlock()
 }
 
-func samplingFromProto(sp *tpfleetv1.SamplingParams) sample.Params {
-	return sample.Params{Temperature: sp.GetTemperature(), TopK: int(sp.GetTopK()), TopP: sp.GetTopP(), Seed: sp.GetSeed()}
-}
-
 // samplingParams are the parameters of a sequence's sampler: sp, or the checkpoint's
 // generation_config.json when sp is unset.
 func samplingParams(sp *tpfleetv1.SamplingParams, wts *weights) sample.Params {
 	if sp == nil {
 		return wts.defaultSampling()
 	}
-	return samplingFromProto(sp)
+	return samplingpb.FromProto(sp)
 }

@@ -98,6 +98,43 @@ func TestGenerateTP2(t *testing.T) {
 		}
 	})
 
+	t.Run("logprobs and bias", func(t *testing.T) {
+		g.t = t
+		// Greedy with logprobs: the chosen id is the top one, with its logprob. A bias of +100 on
+		// another id makes it the choice, and its logprob stays the raw one (lower than the top's).
+		biased := (gold.Greedy[0] + 1) % 16
+		for _, tc := range []struct {
+			name string
+			sp   *tpfleetv1.SamplingParams
+			want int32
+		}{
+			{"greedy", &tpfleetv1.SamplingParams{Logprobs: true, TopLogprobs: 3}, gold.Greedy[0]},
+			{"biased", &tpfleetv1.SamplingParams{Logprobs: true, TopLogprobs: 3, LogitBias: map[int32]float64{biased: 100}}, biased},
+			{"min tokens", &tpfleetv1.SamplingParams{Logprobs: true, TopLogprobs: 3, MinTokens: 1, MinTokensStopIds: []int32{gold.Greedy[0]}}, -1},
+		} {
+			work := &tpfleetv1.SequenceWork{SeqId: 40, Ids: gold.Prompt, Start: true, Capacity: int32(len(gold.Prompt) + 1), Sampling: tc.sp, Sample: true}
+			resps := g.send(&tpfleetv1.StepRequest{Seqs: []*tpfleetv1.SequenceWork{work}, Release: []uint64{40}})
+			if len(resps[0].GetResults()) != 1 {
+				t.Fatalf("%s: results %v, want one", tc.name, resps[0].GetResults())
+			}
+			res := resps[0].GetResults()[0]
+			lp, top := res.GetLogprobs().GetLogprob(), res.GetLogprobs().GetTop()
+			if len(top) != 3 || top[0].GetLogprob() < top[1].GetLogprob() || top[1].GetLogprob() < top[2].GetLogprob() || top[0].GetId() != gold.Greedy[0] {
+				t.Fatalf("%s: top logprobs %v, want 3, highest first, HF's greedy id %d first", tc.name, top, gold.Greedy[0])
+			}
+			switch {
+			case tc.want >= 0 && res.GetNextId() != tc.want:
+				t.Errorf("%s: next id %d, want %d", tc.name, res.GetNextId(), tc.want)
+			case tc.want < 0 && res.GetNextId() == gold.Greedy[0]:
+				t.Errorf("%s: next id %d, the id min_tokens holds back", tc.name, res.GetNextId())
+			case res.GetNextId() == gold.Greedy[0] && lp != top[0].GetLogprob():
+				t.Errorf("%s: logprob %v, want the top one %v", tc.name, lp, top[0].GetLogprob())
+			case res.GetNextId() != gold.Greedy[0] && !(lp < top[0].GetLogprob() && lp < 0):
+				t.Errorf("%s: logprob of id %d %v, want below the top's %v", tc.name, res.GetNextId(), lp, top[0].GetLogprob())
+			}
+		}
+	})
+
 	t.Run("errors", func(t *testing.T) {
 		g.t = t
 		g.run(greedy(20, gold.Prompt, len(gold.Prompt)+4))

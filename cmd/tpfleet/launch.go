@@ -59,6 +59,7 @@ type launchFlags struct {
 	plan        string
 	quant       quantFlags
 	listen      string
+	httpListen  string // with --standalone: the HTTP gateway (empty: none)
 	maxQueue    int
 	maxBatch    int
 	tokenBudget int
@@ -279,6 +280,7 @@ func parseLaunch(args []string, stderr io.Writer) (launchFlags, []string, error)
 	fs.IntVar(&f.maxQueue, "max-queue", 0, "with --standalone: requests that may wait for a batch (0: 256)")
 	fs.IntVar(&f.maxBatch, "max-batch", 0, "with --standalone: sequences per step (0: 32)")
 	fs.IntVar(&f.tokenBudget, "token-budget", 0, "with --standalone: tokens per step (0: 512)")
+	fs.StringVar(&f.httpListen, "http-listen", "", "with --standalone: host:port of the coordinator's OpenAI-compatible HTTP gateway, as serve's (port 0: any; empty: no gateway)")
 	if err := fs.Parse(args); err != nil {
 		return f, nil, err
 	}
@@ -418,7 +420,7 @@ func startStandalone(ctx context.Context, f launchFlags, nproc int, clusterName 
 		tp = nproc
 	}
 	c, err := coordinator.New(coordinator.Config{
-		ListenAddr: f.listen, Model: f.model, TP: tp, Plan: f.plan,
+		ListenAddr: f.listen, HTTPAddr: f.httpListen, Model: f.model, TP: tp, Plan: f.plan,
 		Quantization: f.quant.name, QuantizationGroup: f.quant.group,
 		MaxQueue: f.maxQueue, MaxBatch: f.maxBatch, TokenBudget: f.tokenBudget,
 		Etcd:   cluster.Config{Endpoints: e.Endpoints(), Cluster: clusterName},

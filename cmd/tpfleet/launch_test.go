@@ -2,6 +2,7 @@ package main
 
 import (
 	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -13,16 +14,27 @@ import (
 
 // TestLaunchStandalone: `tpfleet launch --standalone --nproc-per-node 2 --model DIR --tp 2` serves on one
 // box (an etcd and a coordinator in the launch process, two worker processes): 8 concurrent requests
-// return the fixture's greedy ids; SIGTERM stops the group and launch exits 0.
+// return the fixture's greedy ids, and its --http-listen gateway answers the OpenAI API; SIGTERM stops
+// the group and launch exits 0.
 func TestLaunchStandalone(t *testing.T) {
 	start := time.Now()
 	g := readGolden(t, "moe-top1")
+	httpAddr := freePort(t)
 	p := startProc(t, "launch", "launch", "--standalone", "--nproc-per-node", "2", "--model", filepath.Join(fixtures, "moe-top1"),
-		"--tp", "2", "--listen", "127.0.0.1:0", "--", "worker", "--op-timeout", "20s")
+		"--tp", "2", "--listen", "127.0.0.1:0", "--http-listen", httpAddr, "--", "worker", "--op-timeout", "20s")
 	addr := p.line(t)
 	waitCoordinator(t, addr)
 	t.Logf("serving after %v", time.Since(start).Round(time.Millisecond))
 	generateConcurrently(t, addr, g, 8)
+	resp, err := http.Post("http://"+httpAddr+"/v1/completions", "application/json", strings.NewReader(`{"prompt":[1,2,3],"max_tokens":2,"return_token_ids":true}`))
+	if err != nil {
+		t.Fatalf("POST /v1/completions to launch's gateway: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), `"token_ids"`) {
+		t.Errorf("POST /v1/completions to launch's gateway = %d %s, want 200 with token_ids", resp.StatusCode, body)
+	}
 	stderr := p.stderr.String()
 	for _, want := range []string{"[default0] ", "[default1] ", `"subcommand": "worker"`, "worker ready"} {
 		if !strings.Contains(stderr, want) {

@@ -55,20 +55,29 @@ func main() {
 	os.Exit(code)
 }
 
-// run dispatches a subcommand and turns its error into one line on stderr and an exit status.
+// run dispatches a subcommand and turns its error into one line on stderr and an exit status. Help that
+// was asked for (help, -h, --help, `tpfleet help CMD [SUB]`) goes to stdout; usage after a mistake goes
+// to stderr.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+	switch {
+	case len(args) == 0:
 		usage(stderr)
-		if len(args) == 0 {
-			return 2
-		}
+		return 2
+	case args[0] == "help" && len(args) > 1: // tpfleet help CMD [SUB]: CMD [SUB] -h
+		args = append(append([]string(nil), args[1:]...), "-h")
+	case args[0] == "-h" || args[0] == "-help" || args[0] == "--help" || args[0] == "help":
+		usage(stdout)
 		return 0
 	}
 	for _, c := range commands() {
 		if c.name != args[0] {
 			continue
 		}
-		err := c.run(ctx, args[1:], stdout, stderr)
+		errOut := stderr
+		if wantsHelp(args[1:]) {
+			errOut = stdout
+		}
+		err := c.run(ctx, args[1:], stdout, errOut)
 		switch {
 		case err == nil:
 			return 0
@@ -87,12 +96,26 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	return 2
 }
 
+// wantsHelp reports whether a command's arguments ask for its help: -h, -help or --help before any
+// "--", or help as a subcommand.
+func wantsHelp(args []string) bool {
+	for i, a := range args {
+		switch {
+		case a == "--":
+			return false
+		case a == "-h" || a == "-help" || a == "--help" || (i == 0 && a == "help"):
+			return true
+		}
+	}
+	return false
+}
+
 func usage(w io.Writer) {
 	fmt.Fprintln(w, "usage: tpfleet <command> [flags]\n\ncommands:")
 	for _, c := range commands() {
 		fmt.Fprintf(w, "  %-12s %s\n", c.name, c.summary)
 	}
-	fmt.Fprintln(w, "\nRun 'tpfleet <command> -h' for a command's flags.")
+	fmt.Fprintln(w, "\nRun 'tpfleet help <command>' or 'tpfleet <command> -h' for a command's flags.")
 }
 
 // runSubcommand dispatches `tpfleet <parent> <sub> ...` to one of subs, with its own usage text.

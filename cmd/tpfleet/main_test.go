@@ -271,3 +271,38 @@ func TestBadInputsGiveOneLineErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestHelp: help that is asked for goes to stdout with exit 0, for every command (`tpfleet help CMD`
+// and CMD -h); usage after a mistake goes to stderr with exit 2.
+func TestHelp(t *testing.T) {
+	for _, tc := range []struct {
+		args       []string
+		code       int
+		stdout     string // contained in stdout
+		stderrOnly string // when set: contained in stderr, and stdout is empty
+	}{
+		{[]string{"help"}, 0, "commands:", ""},
+		{[]string{"--help"}, 0, "tpfleet help <command>", ""},
+		{[]string{"help", "serve"}, 0, "-tensor-parallel-size", ""},
+		{[]string{"serve", "--help"}, 0, "-served-model-name", ""},
+		{[]string{"help", "cluster"}, 0, "subcommands:", ""},
+		{[]string{"help", "cluster", "members"}, 0, "Usage of cluster members", ""},
+		{[]string{"rebalance", "-h"}, 0, "-json", ""},
+		{[]string{}, 2, "", "usage: tpfleet <command>"},
+		{[]string{"help", "nosuch"}, 2, "", `unknown command "nosuch"`},
+		{[]string{"serve", "--no-such-flag"}, 1, "", "flag provided but not defined"},
+	} {
+		code, stdout, stderr := tpfleet(t, tc.args...)
+		if code != tc.code || !strings.Contains(stdout, tc.stdout) ||
+			(tc.stderrOnly != "" && (stdout != "" || !strings.Contains(stderr, tc.stderrOnly))) {
+			t.Errorf("tpfleet %s = exit %d, stdout %.80q, stderr %.80q; want exit %d, stdout with %q, stderr with %q",
+				strings.Join(tc.args, " "), code, stdout, stderr, tc.code, tc.stdout, tc.stderrOnly)
+		}
+	}
+	// Every command has help.
+	for _, c := range commands() {
+		if code, stdout, _ := tpfleet(t, "help", c.name); code != 0 || stdout == "" {
+			t.Errorf("tpfleet help %s = exit %d, stdout %q; want 0 and its help", c.name, code, stdout)
+		}
+	}
+}

@@ -41,6 +41,7 @@ type serveFlags struct {
 	// vLLM's serve flags.
 	host, apiKey, servedName, origins string
 	port, maxModelLen                 int
+	genConfig                         string
 }
 
 // runServe is the one-machine deployment: an embedded etcd, a coordinator and --workers local workers,
@@ -52,7 +53,8 @@ type serveFlags struct {
 // embedded etcd.
 //
 // As vllm serve, the model may come first as an argument, and --tensor-parallel-size, --host, --port,
-// --api-key, --served-model-name, --max-model-len and --allowed-origins work as vLLM's.
+// --api-key, --served-model-name, --max-model-len, --generation-config and --allowed-origins work as
+// vLLM's.
 //
 //	tpfleet serve MODEL [--tensor-parallel-size N] [--host H] [--port P] [--device cpu|cuda] [--listen ADDR] [--workers N]
 //	tpfleet serve --model DIR [--tp N] [--http-listen ADDR] ...
@@ -60,6 +62,12 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	var f serveFlags
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintln(fs.Output(), "usage: tpfleet serve MODEL [flags]   (or --model MODEL)\n\n"+
+			"Serves MODEL on this machine as vllm serve does: an embedded etcd, a coordinator with the OpenAI API\n"+
+			"on --host:--port (default 127.0.0.1:8000) and gRPC on --listen, and --workers local workers.\n\nflags:")
+		fs.PrintDefaults()
+	}
 	fs.StringVar(&f.model, "model", "", "checkpoint directory (config.json and *.safetensors)")
 	fs.IntVar(&f.tp, "tp", 1, "tensor-parallel size: workers per group")
 	fs.IntVar(&f.tp, "tensor-parallel-size", 1, "same as --tp (vLLM's name)")
@@ -68,6 +76,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&f.apiKey, "api-key", "", "bearer token the HTTP gateway's /v1 routes require (empty: none)")
 	fs.StringVar(&f.servedName, "served-model-name", "", "the model's name in the APIs (empty: the checkpoint directory's name)")
 	fs.IntVar(&f.maxModelLen, "max-model-len", 0, "context of a request, prompt and new tokens (0: max_position_embeddings)")
+	fs.StringVar(&f.genConfig, "generation-config", "auto", `default sampling of requests that leave it out: "auto" (the checkpoint's generation_config.json), "vllm" (vLLM's defaults: temperature 1) or a directory with a generation_config.json`)
 	fs.StringVar(&f.origins, "allowed-origins", "", `comma-separated origins the HTTP gateway's CORS allows ("*": any; empty: no CORS)`)
 	fs.IntVar(&f.workers, "workers", 0, "local workers; a multiple of --tp gives several replicas (0: --tp on cpu; on cuda the visible GPUs, rounded down to a multiple of --tp)")
 	fs.IntVar(&f.workers, "nproc-per-node", 0, "same as --workers (torchrun's name: one worker per GPU)")
@@ -149,7 +158,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	c, err := coordinator.New(coordinator.Config{
 		ListenAddr: f.listen, HTTPAddr: f.httpListen, Model: f.model, TP: f.tp, Plan: f.plan,
 		HTTPAPIKey: f.apiKey, HTTPAllowedOrigins: splitList(f.origins), ServedModelName: f.servedName, MaxModelLen: f.maxModelLen,
-		Quantization: f.quant.name, QuantizationGroup: f.quant.group,
+		GenerationConfig: f.genConfig,
+		Quantization:     f.quant.name, QuantizationGroup: f.quant.group,
 		MaxQueue: f.maxQueue, MaxBatch: f.maxBatch, TokenBudget: f.tokenBudget,
 		Etcd: etcd, Logger: log.Named("coordinator"),
 	})

@@ -68,6 +68,7 @@ func TestServeFlags(t *testing.T) {
 		{[]string{"serve"}, 2, "--model is required"},
 		{[]string{"serve", model, "other"}, 2, `unexpected argument "other"`},
 		{[]string{"serve", model, "--max-model-len", "100000", "--listen", "127.0.0.1:0"}, 1, "max model len 100000 must be in [1, 256]"},
+		{[]string{"serve", model, "--generation-config", "greedy", "--listen", "127.0.0.1:0"}, 1, `--generation-config "greedy": want auto, vllm or a directory`},
 		{[]string{"serve", "--model", model, "--tp", "2", "--workers", "1"}, 2, "fewer than --tp"},
 		{[]string{"serve", "--model", model, "--device", "tpu"}, 2, "want cpu or cuda"},
 		{[]string{"serve", "--model", model, "--tp", "3", "--listen", "127.0.0.1:0"}, 1, "TP 3"},

@@ -58,6 +58,7 @@ func (m *Model) generate(ctx context.Context, prompt []int, images *Images, opt 
 		return nil, "", err
 	}
 	sampler := sample.New(opt.Sample)
+	sampler.Feed(prompt) // the penalties' history
 	var out []int
 	next := prompt
 	for len(out) < opt.MaxTokens {
@@ -90,10 +91,12 @@ func (m *Model) generate(ctx context.Context, prompt []int, images *Images, opt 
 
 // choose picks the next token from logits [1, vocab]: on the backend when it implements backend.Sampler
 // (with the draw sampler.Next would make), else on the host. A backend that refuses the settings
-// (errors.ErrUnsupported) leaves the choice to the host, with the same draw.
+// (errors.ErrUnsupported) leaves the choice to the host, with the same draw. Settings that process the
+// logits (bias, penalties, min tokens: sample.Params.Processed) or ask for logprobs are the host's:
+// the row is read back and sampler chooses, so backend.Sampler needs to know only Pick's rule.
 func (m *Model) choose(logits backend.Tensor, sampler *sample.Sampler) (int, error) {
 	smp, onDevice := m.ops.(backend.Sampler)
-	if !onDevice {
+	if p := sampler.Params(); !onDevice || p.Processed() || p.Logprobs {
 		values, err := m.ops.Float32(logits)
 		if err != nil {
 			return 0, fmt.Errorf("llama4: read logits: %w", err)

@@ -115,3 +115,32 @@ func TestGenerateSamplerError(t *testing.T) {
 		t.Errorf("Generate with a failing Sampler: error = nil, want its error")
 	}
 }
+
+// TestGenerateProcessedOnHost: settings that process the logits are applied on the host even when the
+// backend samples: min tokens hold back a biased id for two tokens, then the bias of +100 makes it every
+// choice; the device's Sampler is not asked.
+func TestGenerateProcessedOnHost(t *testing.T) {
+	ctx := context.Background()
+	f := openFixture(t, "moe-top1")
+	ops := cpu.New(cpu.Config{})
+	dev := &onBackend{Ops: ops, smp: ops}
+	m := f.loadWith(t, dev)
+	biased := (f.greedyIDs[0] + 5) % f.cfg.VocabSize
+	for _, p := range []sample.Params{
+		{LogitBias: map[int]float64{biased: 100}, MinTokens: 2, MinStopIDs: []int{biased}},
+		{LogitBias: map[int]float64{biased: 100}, MinTokens: 2, MinStopIDs: []int{biased}, Temperature: 0.7, Seed: 3, RepetitionPenalty: 1.1},
+	} {
+		samples := dev.samples
+		got, _, err := m.Generate(ctx, f.prompt, llama4.GenerateOptions{MaxTokens: 6, Sample: p}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := []int{biased, biased, biased, biased}
+		if len(got) != 6 || got[0] == biased || got[1] == biased || !slices.Equal(got[2:], want) {
+			t.Errorf("%+v: Generate = %v, want 2 ids other than %d, then %v", p, got, biased, want)
+		}
+		if dev.samples != samples {
+			t.Errorf("%+v: the backend's Sampler was asked %d times, want 0", p, dev.samples-samples)
+		}
+	}
+}

@@ -151,7 +151,9 @@ type GenerateResponse struct {
 	PromptTokens     int32  `protobuf:"varint,4,opt,name=prompt_tokens,json=promptTokens,proto3" json:"prompt_tokens,omitempty"`
 	CompletionTokens int32  `protobuf:"varint,5,opt,name=completion_tokens,json=completionTokens,proto3" json:"completion_tokens,omitempty"`
 	// stop_reason is the stop string that ended the generation (on the last message only).
-	StopReason    string `protobuf:"bytes,6,opt,name=stop_reason,json=stopReason,proto3" json:"stop_reason,omitempty"`
+	StopReason string `protobuf:"bytes,6,opt,name=stop_reason,json=stopReason,proto3" json:"stop_reason,omitempty"`
+	// logprobs has one entry per id of ids when sampling.logprobs is set.
+	Logprobs      []*ChosenLogprobs `protobuf:"bytes,7,rep,name=logprobs,proto3" json:"logprobs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -226,6 +228,13 @@ func (x *GenerateResponse) GetStopReason() string {
 		return x.StopReason
 	}
 	return ""
+}
+
+func (x *GenerateResponse) GetLogprobs() []*ChosenLogprobs {
+	if x != nil {
+		return x.Logprobs
+	}
+	return nil
 }
 
 type TokenizeRequest struct {
@@ -507,7 +516,7 @@ const file_tpfleet_v1_client_proto_rawDesc = "" +
 	"ignore_eos\x18\x06 \x01(\bR\tignoreEos\x12\x19\n" +
 	"\bstop_ids\x18\a \x03(\x05R\astopIds\x12\x12\n" +
 	"\x04stop\x18\b \x03(\tR\x04stop\x12:\n" +
-	"\x1ainclude_stop_str_in_output\x18\t \x01(\bR\x16includeStopStrInOutput\"\xd0\x01\n" +
+	"\x1ainclude_stop_str_in_output\x18\t \x01(\bR\x16includeStopStrInOutput\"\x88\x02\n" +
 	"\x10GenerateResponse\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\x05R\x03ids\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\tR\x04text\x12#\n" +
@@ -515,7 +524,8 @@ const file_tpfleet_v1_client_proto_rawDesc = "" +
 	"\rprompt_tokens\x18\x04 \x01(\x05R\fpromptTokens\x12+\n" +
 	"\x11completion_tokens\x18\x05 \x01(\x05R\x10completionTokens\x12\x1f\n" +
 	"\vstop_reason\x18\x06 \x01(\tR\n" +
-	"stopReason\"\\\n" +
+	"stopReason\x126\n" +
+	"\blogprobs\x18\a \x03(\v2\x1a.tpfleet.v1.ChosenLogprobsR\blogprobs\"\\\n" +
 	"\x0fTokenizeRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\tR\x04text\x12\x1f\n" +
@@ -562,21 +572,23 @@ var file_tpfleet_v1_client_proto_goTypes = []any{
 	(*ListModelsResponse)(nil), // 5: tpfleet.v1.ListModelsResponse
 	(*Model)(nil),              // 6: tpfleet.v1.Model
 	(*SamplingParams)(nil),     // 7: tpfleet.v1.SamplingParams
+	(*ChosenLogprobs)(nil),     // 8: tpfleet.v1.ChosenLogprobs
 }
 var file_tpfleet_v1_client_proto_depIdxs = []int32{
 	7, // 0: tpfleet.v1.GenerateRequest.sampling:type_name -> tpfleet.v1.SamplingParams
-	6, // 1: tpfleet.v1.ListModelsResponse.models:type_name -> tpfleet.v1.Model
-	0, // 2: tpfleet.v1.Generation.Generate:input_type -> tpfleet.v1.GenerateRequest
-	2, // 3: tpfleet.v1.Generation.Tokenize:input_type -> tpfleet.v1.TokenizeRequest
-	4, // 4: tpfleet.v1.Generation.ListModels:input_type -> tpfleet.v1.ListModelsRequest
-	1, // 5: tpfleet.v1.Generation.Generate:output_type -> tpfleet.v1.GenerateResponse
-	3, // 6: tpfleet.v1.Generation.Tokenize:output_type -> tpfleet.v1.TokenizeResponse
-	5, // 7: tpfleet.v1.Generation.ListModels:output_type -> tpfleet.v1.ListModelsResponse
-	5, // [5:8] is the sub-list for method output_type
-	2, // [2:5] is the sub-list for method input_type
-	2, // [2:2] is the sub-list for extension type_name
-	2, // [2:2] is the sub-list for extension extendee
-	0, // [0:2] is the sub-list for field type_name
+	8, // 1: tpfleet.v1.GenerateResponse.logprobs:type_name -> tpfleet.v1.ChosenLogprobs
+	6, // 2: tpfleet.v1.ListModelsResponse.models:type_name -> tpfleet.v1.Model
+	0, // 3: tpfleet.v1.Generation.Generate:input_type -> tpfleet.v1.GenerateRequest
+	2, // 4: tpfleet.v1.Generation.Tokenize:input_type -> tpfleet.v1.TokenizeRequest
+	4, // 5: tpfleet.v1.Generation.ListModels:input_type -> tpfleet.v1.ListModelsRequest
+	1, // 6: tpfleet.v1.Generation.Generate:output_type -> tpfleet.v1.GenerateResponse
+	3, // 7: tpfleet.v1.Generation.Tokenize:output_type -> tpfleet.v1.TokenizeResponse
+	5, // 8: tpfleet.v1.Generation.ListModels:output_type -> tpfleet.v1.ListModelsResponse
+	6, // [6:9] is the sub-list for method output_type
+	3, // [3:6] is the sub-list for method input_type
+	3, // [3:3] is the sub-list for extension type_name
+	3, // [3:3] is the sub-list for extension extendee
+	0, // [0:3] is the sub-list for field type_name
 }
 
 func init() { file_tpfleet_v1_client_proto_init() }

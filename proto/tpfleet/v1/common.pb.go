@@ -24,11 +24,26 @@ const (
 // SamplingParams choose the next token. temperature 0 is greedy; top_k 0 and top_p 0 or 1 disable those
 // filters. When a request leaves sampling unset the checkpoint's generation_config.json applies.
 type SamplingParams struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Temperature   float64                `protobuf:"fixed64,1,opt,name=temperature,proto3" json:"temperature,omitempty"`
-	TopK          int32                  `protobuf:"varint,2,opt,name=top_k,json=topK,proto3" json:"top_k,omitempty"`
-	TopP          float64                `protobuf:"fixed64,3,opt,name=top_p,json=topP,proto3" json:"top_p,omitempty"`
-	Seed          uint64                 `protobuf:"varint,4,opt,name=seed,proto3" json:"seed,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Temperature float64                `protobuf:"fixed64,1,opt,name=temperature,proto3" json:"temperature,omitempty"`
+	TopK        int32                  `protobuf:"varint,2,opt,name=top_k,json=topK,proto3" json:"top_k,omitempty"`
+	TopP        float64                `protobuf:"fixed64,3,opt,name=top_p,json=topP,proto3" json:"top_p,omitempty"`
+	Seed        uint64                 `protobuf:"varint,4,opt,name=seed,proto3" json:"seed,omitempty"`
+	// min_tokens holds back min_tokens_stop_ids (the eos and stop ids) until that many tokens were chosen.
+	MinTokens        int32   `protobuf:"varint,5,opt,name=min_tokens,json=minTokens,proto3" json:"min_tokens,omitempty"`
+	MinTokensStopIds []int32 `protobuf:"varint,6,rep,packed,name=min_tokens_stop_ids,json=minTokensStopIds,proto3" json:"min_tokens_stop_ids,omitempty"`
+	// logit_bias is added to the logits of its ids, before the penalties.
+	LogitBias map[int32]float64 `protobuf:"bytes,7,rep,name=logit_bias,json=logitBias,proto3" json:"logit_bias,omitempty" protobuf_key:"varint,1,opt,name=key" protobuf_val:"fixed64,2,opt,name=value"`
+	// Penalties as vLLM applies them, in this order: repetition_penalty (0 or 1: off) divides the positive
+	// logit of an id seen in the prompt or the output and multiplies a negative one; frequency_penalty is
+	// subtracted once per time an id was chosen, presence_penalty once if it was.
+	RepetitionPenalty float64 `protobuf:"fixed64,8,opt,name=repetition_penalty,json=repetitionPenalty,proto3" json:"repetition_penalty,omitempty"`
+	FrequencyPenalty  float64 `protobuf:"fixed64,9,opt,name=frequency_penalty,json=frequencyPenalty,proto3" json:"frequency_penalty,omitempty"`
+	PresencePenalty   float64 `protobuf:"fixed64,10,opt,name=presence_penalty,json=presencePenalty,proto3" json:"presence_penalty,omitempty"`
+	// logprobs asks for each chosen token's log-probability and the top_logprobs (at most 20) most likely
+	// tokens' under the model's own distribution (before bias, penalties, temperature and filters).
+	Logprobs      bool  `protobuf:"varint,11,opt,name=logprobs,proto3" json:"logprobs,omitempty"`
+	TopLogprobs   int32 `protobuf:"varint,12,opt,name=top_logprobs,json=topLogprobs,proto3" json:"top_logprobs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -91,17 +106,199 @@ func (x *SamplingParams) GetSeed() uint64 {
 	return 0
 }
 
+func (x *SamplingParams) GetMinTokens() int32 {
+	if x != nil {
+		return x.MinTokens
+	}
+	return 0
+}
+
+func (x *SamplingParams) GetMinTokensStopIds() []int32 {
+	if x != nil {
+		return x.MinTokensStopIds
+	}
+	return nil
+}
+
+func (x *SamplingParams) GetLogitBias() map[int32]float64 {
+	if x != nil {
+		return x.LogitBias
+	}
+	return nil
+}
+
+func (x *SamplingParams) GetRepetitionPenalty() float64 {
+	if x != nil {
+		return x.RepetitionPenalty
+	}
+	return 0
+}
+
+func (x *SamplingParams) GetFrequencyPenalty() float64 {
+	if x != nil {
+		return x.FrequencyPenalty
+	}
+	return 0
+}
+
+func (x *SamplingParams) GetPresencePenalty() float64 {
+	if x != nil {
+		return x.PresencePenalty
+	}
+	return 0
+}
+
+func (x *SamplingParams) GetLogprobs() bool {
+	if x != nil {
+		return x.Logprobs
+	}
+	return false
+}
+
+func (x *SamplingParams) GetTopLogprobs() int32 {
+	if x != nil {
+		return x.TopLogprobs
+	}
+	return 0
+}
+
+// TokenLogprob is a token and its log-probability (-9999 for none).
+type TokenLogprob struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            int32                  `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Logprob       float32                `protobuf:"fixed32,2,opt,name=logprob,proto3" json:"logprob,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TokenLogprob) Reset() {
+	*x = TokenLogprob{}
+	mi := &file_tpfleet_v1_common_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TokenLogprob) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TokenLogprob) ProtoMessage() {}
+
+func (x *TokenLogprob) ProtoReflect() protoreflect.Message {
+	mi := &file_tpfleet_v1_common_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TokenLogprob.ProtoReflect.Descriptor instead.
+func (*TokenLogprob) Descriptor() ([]byte, []int) {
+	return file_tpfleet_v1_common_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *TokenLogprob) GetId() int32 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *TokenLogprob) GetLogprob() float32 {
+	if x != nil {
+		return x.Logprob
+	}
+	return 0
+}
+
+// ChosenLogprobs are a chosen token's log-probability and the most likely tokens', highest first.
+type ChosenLogprobs struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Logprob       float32                `protobuf:"fixed32,1,opt,name=logprob,proto3" json:"logprob,omitempty"`
+	Top           []*TokenLogprob        `protobuf:"bytes,2,rep,name=top,proto3" json:"top,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ChosenLogprobs) Reset() {
+	*x = ChosenLogprobs{}
+	mi := &file_tpfleet_v1_common_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ChosenLogprobs) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ChosenLogprobs) ProtoMessage() {}
+
+func (x *ChosenLogprobs) ProtoReflect() protoreflect.Message {
+	mi := &file_tpfleet_v1_common_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ChosenLogprobs.ProtoReflect.Descriptor instead.
+func (*ChosenLogprobs) Descriptor() ([]byte, []int) {
+	return file_tpfleet_v1_common_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ChosenLogprobs) GetLogprob() float32 {
+	if x != nil {
+		return x.Logprob
+	}
+	return 0
+}
+
+func (x *ChosenLogprobs) GetTop() []*TokenLogprob {
+	if x != nil {
+		return x.Top
+	}
+	return nil
+}
+
 var File_tpfleet_v1_common_proto protoreflect.FileDescriptor
 
 const file_tpfleet_v1_common_proto_rawDesc = "" +
 	"\n" +
 	"\x17tpfleet/v1/common.proto\x12\n" +
-	"tpfleet.v1\"p\n" +
+	"tpfleet.v1\"\x8c\x04\n" +
 	"\x0eSamplingParams\x12 \n" +
 	"\vtemperature\x18\x01 \x01(\x01R\vtemperature\x12\x13\n" +
 	"\x05top_k\x18\x02 \x01(\x05R\x04topK\x12\x13\n" +
 	"\x05top_p\x18\x03 \x01(\x01R\x04topP\x12\x12\n" +
-	"\x04seed\x18\x04 \x01(\x04R\x04seedB7Z5github.com/tpfleet/tpfleet/proto/tpfleet/v1;tpfleetv1b\x06proto3"
+	"\x04seed\x18\x04 \x01(\x04R\x04seed\x12\x1d\n" +
+	"\n" +
+	"min_tokens\x18\x05 \x01(\x05R\tminTokens\x12-\n" +
+	"\x13min_tokens_stop_ids\x18\x06 \x03(\x05R\x10minTokensStopIds\x12H\n" +
+	"\n" +
+	"logit_bias\x18\a \x03(\v2).tpfleet.v1.SamplingParams.LogitBiasEntryR\tlogitBias\x12-\n" +
+	"\x12repetition_penalty\x18\b \x01(\x01R\x11repetitionPenalty\x12+\n" +
+	"\x11frequency_penalty\x18\t \x01(\x01R\x10frequencyPenalty\x12)\n" +
+	"\x10presence_penalty\x18\n" +
+	" \x01(\x01R\x0fpresencePenalty\x12\x1a\n" +
+	"\blogprobs\x18\v \x01(\bR\blogprobs\x12!\n" +
+	"\ftop_logprobs\x18\f \x01(\x05R\vtopLogprobs\x1a<\n" +
+	"\x0eLogitBiasEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\x05R\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x01R\x05value:\x028\x01\"8\n" +
+	"\fTokenLogprob\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x05R\x02id\x12\x18\n" +
+	"\alogprob\x18\x02 \x01(\x02R\alogprob\"V\n" +
+	"\x0eChosenLogprobs\x12\x18\n" +
+	"\alogprob\x18\x01 \x01(\x02R\alogprob\x12*\n" +
+	"\x03top\x18\x02 \x03(\v2\x18.tpfleet.v1.TokenLogprobR\x03topB7Z5github.com/tpfleet/tpfleet/proto/tpfleet/v1;tpfleetv1b\x06proto3"
 
 var (
 	file_tpfleet_v1_common_proto_rawDescOnce sync.Once
@@ -115,16 +312,21 @@ func file_tpfleet_v1_common_proto_rawDescGZIP() []byte {
 	return file_tpfleet_v1_common_proto_rawDescData
 }
 
-var file_tpfleet_v1_common_proto_msgTypes = make([]protoimpl.MessageInfo, 1)
+var file_tpfleet_v1_common_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
 var file_tpfleet_v1_common_proto_goTypes = []any{
 	(*SamplingParams)(nil), // 0: tpfleet.v1.SamplingParams
+	(*TokenLogprob)(nil),   // 1: tpfleet.v1.TokenLogprob
+	(*ChosenLogprobs)(nil), // 2: tpfleet.v1.ChosenLogprobs
+	nil,                    // 3: tpfleet.v1.SamplingParams.LogitBiasEntry
 }
 var file_tpfleet_v1_common_proto_depIdxs = []int32{
-	0, // [0:0] is the sub-list for method output_type
-	0, // [0:0] is the sub-list for method input_type
-	0, // [0:0] is the sub-list for extension type_name
-	0, // [0:0] is the sub-list for extension extendee
-	0, // [0:0] is the sub-list for field type_name
+	3, // 0: tpfleet.v1.SamplingParams.logit_bias:type_name -> tpfleet.v1.SamplingParams.LogitBiasEntry
+	1, // 1: tpfleet.v1.ChosenLogprobs.top:type_name -> tpfleet.v1.TokenLogprob
+	2, // [2:2] is the sub-list for method output_type
+	2, // [2:2] is the sub-list for method input_type
+	2, // [2:2] is the sub-list for extension type_name
+	2, // [2:2] is the sub-list for extension extendee
+	0, // [0:2] is the sub-list for field type_name
 }
 
 func init() { file_tpfleet_v1_common_proto_init() }
@@ -138,7 +340,7 @@ func file_tpfleet_v1_common_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tpfleet_v1_common_proto_rawDesc), len(file_tpfleet_v1_common_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   1,
+			NumMessages:   4,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

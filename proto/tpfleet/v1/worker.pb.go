@@ -322,9 +322,11 @@ func (x *StepResponse) GetError() string {
 }
 
 type SequenceResult struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	SeqId         uint64                 `protobuf:"varint,1,opt,name=seq_id,json=seqId,proto3" json:"seq_id,omitempty"`
-	NextId        int32                  `protobuf:"varint,2,opt,name=next_id,json=nextId,proto3" json:"next_id,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	SeqId  uint64                 `protobuf:"varint,1,opt,name=seq_id,json=seqId,proto3" json:"seq_id,omitempty"`
+	NextId int32                  `protobuf:"varint,2,opt,name=next_id,json=nextId,proto3" json:"next_id,omitempty"`
+	// logprobs are next_id's when the sequence's sampling asked for them.
+	Logprobs      *ChosenLogprobs `protobuf:"bytes,3,opt,name=logprobs,proto3" json:"logprobs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -371,6 +373,13 @@ func (x *SequenceResult) GetNextId() int32 {
 		return x.NextId
 	}
 	return 0
+}
+
+func (x *SequenceResult) GetLogprobs() *ChosenLogprobs {
+	if x != nil {
+		return x.Logprobs
+	}
+	return nil
 }
 
 type LoadPlanRequest struct {
@@ -649,10 +658,11 @@ const file_tpfleet_v1_worker_proto_rawDesc = "" +
 	"\fStepResponse\x12\x12\n" +
 	"\x04step\x18\x01 \x01(\x04R\x04step\x124\n" +
 	"\aresults\x18\x02 \x03(\v2\x1a.tpfleet.v1.SequenceResultR\aresults\x12\x14\n" +
-	"\x05error\x18\x03 \x01(\tR\x05error\"@\n" +
+	"\x05error\x18\x03 \x01(\tR\x05error\"x\n" +
 	"\x0eSequenceResult\x12\x15\n" +
 	"\x06seq_id\x18\x01 \x01(\x04R\x05seqId\x12\x17\n" +
-	"\anext_id\x18\x02 \x01(\x05R\x06nextId\"'\n" +
+	"\anext_id\x18\x02 \x01(\x05R\x06nextId\x126\n" +
+	"\blogprobs\x18\x03 \x01(\v2\x1a.tpfleet.v1.ChosenLogprobsR\blogprobs\"'\n" +
 	"\x0fLoadPlanRequest\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x03R\x05epoch\"(\n" +
 	"\x10LoadPlanResponse\x12\x14\n" +
@@ -705,23 +715,25 @@ var file_tpfleet_v1_worker_proto_goTypes = []any{
 	(*StatusRequest)(nil),    // 7: tpfleet.v1.StatusRequest
 	(*StatusResponse)(nil),   // 8: tpfleet.v1.StatusResponse
 	(*SamplingParams)(nil),   // 9: tpfleet.v1.SamplingParams
+	(*ChosenLogprobs)(nil),   // 10: tpfleet.v1.ChosenLogprobs
 }
 var file_tpfleet_v1_worker_proto_depIdxs = []int32{
-	0, // 0: tpfleet.v1.StepRequest.protocol:type_name -> tpfleet.v1.StepProtocol
-	2, // 1: tpfleet.v1.StepRequest.seqs:type_name -> tpfleet.v1.SequenceWork
-	9, // 2: tpfleet.v1.SequenceWork.sampling:type_name -> tpfleet.v1.SamplingParams
-	4, // 3: tpfleet.v1.StepResponse.results:type_name -> tpfleet.v1.SequenceResult
-	1, // 4: tpfleet.v1.Worker.Step:input_type -> tpfleet.v1.StepRequest
-	5, // 5: tpfleet.v1.Worker.LoadPlan:input_type -> tpfleet.v1.LoadPlanRequest
-	7, // 6: tpfleet.v1.Worker.Status:input_type -> tpfleet.v1.StatusRequest
-	3, // 7: tpfleet.v1.Worker.Step:output_type -> tpfleet.v1.StepResponse
-	6, // 8: tpfleet.v1.Worker.LoadPlan:output_type -> tpfleet.v1.LoadPlanResponse
-	8, // 9: tpfleet.v1.Worker.Status:output_type -> tpfleet.v1.StatusResponse
-	7, // [7:10] is the sub-list for method output_type
-	4, // [4:7] is the sub-list for method input_type
-	4, // [4:4] is the sub-list for extension type_name
-	4, // [4:4] is the sub-list for extension extendee
-	0, // [0:4] is the sub-list for field type_name
+	0,  // 0: tpfleet.v1.StepRequest.protocol:type_name -> tpfleet.v1.StepProtocol
+	2,  // 1: tpfleet.v1.StepRequest.seqs:type_name -> tpfleet.v1.SequenceWork
+	9,  // 2: tpfleet.v1.SequenceWork.sampling:type_name -> tpfleet.v1.SamplingParams
+	4,  // 3: tpfleet.v1.StepResponse.results:type_name -> tpfleet.v1.SequenceResult
+	10, // 4: tpfleet.v1.SequenceResult.logprobs:type_name -> tpfleet.v1.ChosenLogprobs
+	1,  // 5: tpfleet.v1.Worker.Step:input_type -> tpfleet.v1.StepRequest
+	5,  // 6: tpfleet.v1.Worker.LoadPlan:input_type -> tpfleet.v1.LoadPlanRequest
+	7,  // 7: tpfleet.v1.Worker.Status:input_type -> tpfleet.v1.StatusRequest
+	3,  // 8: tpfleet.v1.Worker.Step:output_type -> tpfleet.v1.StepResponse
+	6,  // 9: tpfleet.v1.Worker.LoadPlan:output_type -> tpfleet.v1.LoadPlanResponse
+	8,  // 10: tpfleet.v1.Worker.Status:output_type -> tpfleet.v1.StatusResponse
+	8,  // [8:11] is the sub-list for method output_type
+	5,  // [5:8] is the sub-list for method input_type
+	5,  // [5:5] is the sub-list for extension type_name
+	5,  // [5:5] is the sub-list for extension extendee
+	0,  // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_tpfleet_v1_worker_proto_init() }

@@ -1,0 +1,78 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"io/fs"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+// chatFixture is the fixture with a tokenizer and a chat template that `make run` serves.
+const chatFixture = "../../testdata/serve/moe-top1-chat"
+
+// openAIClientDir holds the official openai npm client's pinned install and its checks (test.mjs).
+const openAIClientDir = "../../scripts/openai-client"
+
+// serveChat runs `tpfleet serve` of the chat fixture at TP=2 with its gateway on a free port until the
+// test ends; it returns the gateway's base URL.
+func serveChat(t *testing.T, extra ...string) string {
+	t.Helper()
+	_, port, err := net.SplitHostPort(freePort(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	args := append([]string{chatFixture, "--tensor-parallel-size", "2", "--host", "127.0.0.1", "--port", port,
+		"--listen", "127.0.0.1:0", "--log-level", "warn"}, extra...)
+	addr, code, stderr := startServe(t, ctx, args...)
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case c := <-code:
+			if c != 0 {
+				t.Errorf("serve exited %d, want 0:\n%s", c, stderr)
+			}
+		case <-time.After(30 * time.Second):
+			t.Error("serve did not stop within 30s")
+		}
+	})
+	waitCoordinator(t, addr)
+	return "http://127.0.0.1:" + port
+}
+
+// TestOpenAINodeClient runs the official openai npm client (pinned in scripts/openai-client) against
+// `tpfleet serve` of the chat fixture: completions and chat, whole and streamed, stop strings, logprobs,
+// n = 3, seed reproducibility, a refused field. It needs node and the client installed (`make
+// openai-client`); without them it skips, unless TPFLEET_OPENAI_CLIENT=1 (set by `make test`) makes that
+// a failure.
+func TestOpenAINodeClient(t *testing.T) {
+	node, err := exec.LookPath("node")
+	if err == nil {
+		_, err = os.Stat(filepath.Join(openAIClientDir, "node_modules", "openai", "package.json"))
+	}
+	if err != nil {
+		if os.Getenv("TPFLEET_OPENAI_CLIENT") == "1" {
+			t.Fatalf("the openai npm client is not installed (%v): run make openai-client", err)
+		}
+		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, exec.ErrNotFound) {
+			t.Skipf("the openai npm client is not installed (%v): make openai-client installs it", err)
+		}
+		t.Fatal(err)
+	}
+	base := serveChat(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, node, "test.mjs")
+	cmd.Dir = openAIClientDir
+	cmd.Env = append(os.Environ(), "BASE_URL="+base)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("node test.mjs against %s: %v\n%s", base, err, out)
+	}
+	t.Logf("node test.mjs:\n%s", out)
+}

@@ -1,0 +1,120 @@
+package gateway
+
+import (
+	"encoding/json"
+	"net/http"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/tpfleet/tpfleet/gateway/gatewaytest"
+)
+
+// TestSamplingControls: the penalties, min_tokens, logit_bias (clamped to [-100, 100]) and logprobs
+// reach the Generator.
+func TestSamplingControls(t *testing.T) {
+	f := &fakeGen{tok: true}
+	base := serve(t, f)
+	body := `{"prompt":[1],"max_tokens":2,"presence_penalty":0.5,"frequency_penalty":-0.25,"repetition_penalty":1.3,
+		"min_tokens":2,"logit_bias":{"7":250,"9":-3.5},"logprobs":4}`
+	if code, _, data := call(t, http.MethodPost, base+"/v1/completions", body); code != http.StatusOK {
+		t.Fatalf("POST /v1/completions = %d %s", code, data)
+	}
+	f.mu.Lock()
+	got := f.last
+	f.mu.Unlock()
+	want := Sampling{MinTokens: 2, LogitBias: map[int]float64{7: 100, 9: -3.5}, RepetitionPenalty: 1.3, FrequencyPenalty: -0.25, PresencePenalty: 0.5}
+	if !reflect.DeepEqual(got.Sampling, want) || !got.Logprobs || got.TopLogprobs != 4 {
+		t.Errorf("Generator got sampling %+v, logprobs %v top %d; want %+v, true, 4", got.Sampling, got.Logprobs, got.TopLogprobs, want)
+	}
+}
+
+// TestLogprobFormats: completions and chat logprobs, whole and streamed, as vLLM writes them. The fake
+// gives the chosen id k the logprob -k/100 and its top ones k+1, k+2, … -0.5, -1, …; its tokens are
+// "<k>".
+func TestLogprobFormats(t *testing.T) {
+	f := &fakeGen{tok: true}
+	base := serve(t, f)
+	// Prompt [1]: ids 2 and 3.
+	wantCompletion := `{"text_offset":[0,3],"token_logprobs":[-0.02,-0.03],"tokens":["<2>","<3>"],` +
+		`"top_logprobs":[{"<2>":-0.02,"<3>":-0.5,"<4>":-1},{"<3>":-0.03,"<4>":-0.5,"<5>":-1}]}`
+	// The chat prompt ends with "assistant: ": ids 33 and 34.
+	wantChat := `{"content":[` +
+		`{"token":"<33>","logprob":-0.33,"bytes":[60,51,51,62],"top_logprobs":[{"token":"<33>","logprob":-0.33,"bytes":[60,51,51,62]},{"token":"<34>","logprob":-0.5,"bytes":[60,51,52,62]}]},` +
+		`{"token":"<34>","logprob":-0.34,"bytes":[60,51,52,62],"top_logprobs":[{"token":"<34>","logprob":-0.34,"bytes":[60,51,52,62]},{"token":"<35>","logprob":-0.5,"bytes":[60,51,53,62]}]}]}`
+	compact := func(s string) string {
+		var v any
+		if err := json.Unmarshal([]byte(s), &v); err != nil {
+			t.Fatalf("%s: %v", s, err)
+		}
+		b, _ := json.Marshal(v)
+		return string(b)
+	}
+	for _, tc := range []struct {
+		name, path, body, want string
+	}{
+		{"completions", "/v1/completions", `{"prompt":[1],"max_tokens":2,"logprobs":2}`, wantCompletion},
+		{"chat", "/v1/chat/completions", `{"messages":[{"role":"user","content":"\u0001"}],"max_tokens":2,"logprobs":true,"top_logprobs":2}`, wantChat},
+	} {
+		code, _, data := call(t, http.MethodPost, base+tc.path, tc.body)
+		var r struct {
+			Choices []struct {
+				Logprobs json.RawMessage `json:"logprobs"`
+			} `json:"choices"`
+		}
+		if err := json.Unmarshal(data, &r); code != http.StatusOK || err != nil || len(r.Choices) != 1 {
+			t.Fatalf("%s: POST = %d %s", tc.name, code, data)
+		}
+		if got := compact(string(r.Choices[0].Logprobs)); got != compact(tc.want) {
+			t.Errorf("%s: logprobs = %s\nwant %s", tc.name, got, tc.want)
+		}
+		// Streamed: one event per token, with that token's logprobs; offsets go on from the last event.
+		code, _, data = call(t, http.MethodPost, base+tc.path, strings.Replace(tc.body, "{", `{"stream":true,`, 1))
+		var parts []string
+		for _, ev := range gatewaytest.Events(t, data) {
+			if ev == "[DONE]" {
+				continue
+			}
+			if err := json.Unmarshal([]byte(ev), &r); err != nil {
+				t.Fatalf("%s: event %s: %v", tc.name, ev, err)
+			}
+			if lp := r.Choices[0].Logprobs; len(lp) > 0 && string(lp) != "null" {
+				parts = append(parts, compact(string(lp)))
+			}
+		}
+		var want []string
+		if tc.path == "/v1/completions" {
+			want = []string{
+				compact(`{"text_offset":[0],"token_logprobs":[-0.02],"tokens":["<2>"],"top_logprobs":[{"<2>":-0.02,"<3>":-0.5,"<4>":-1}]}`),
+				compact(`{"text_offset":[3],"token_logprobs":[-0.03],"tokens":["<3>"],"top_logprobs":[{"<3>":-0.03,"<4>":-0.5,"<5>":-1}]}`),
+			}
+		} else {
+			var whole ChatLogprobs
+			_ = json.Unmarshal([]byte(wantChat), &whole)
+			for _, c := range whole.Content {
+				b, _ := json.Marshal(ChatLogprobs{Content: []ChatTokenLogprob{c}})
+				want = append(want, compact(string(b)))
+			}
+		}
+		if code != http.StatusOK || !reflect.DeepEqual(parts, want) {
+			t.Errorf("%s streamed: %d, logprobs %v\nwant %v", tc.name, code, parts, want)
+		}
+	}
+	// Without logprobs asked for, the field is null.
+	_, _, data := call(t, http.MethodPost, base+"/v1/completions", `{"prompt":[1],"max_tokens":1}`)
+	if !strings.Contains(string(data), `"logprobs":null`) {
+		t.Errorf("completion without logprobs = %s, want logprobs null", data)
+	}
+}
+
+// TestTopLogprobMap: a token already in the map is left out, as a Python dict keeps the first; the
+// order is kept and HTML is not escaped.
+func TestTopLogprobMap(t *testing.T) {
+	var b strings.Builder
+	enc := json.NewEncoder(&b)
+	enc.SetEscapeHTML(false) // as writeJSON and the event stream write
+	err := enc.Encode(TopLogprobMap{{"<b>", -1}, {"a", -2}, {"<b>", -3}})
+	if want := `{"<b>":-1,"a":-2}` + "\n"; err != nil || b.String() != want {
+		t.Errorf("Encode = %s, %v; want %s", b.String(), err, want)
+	}
+}
