@@ -120,6 +120,9 @@ type Config struct {
 	// ErrNotPlaced (UNAVAILABLE), counted from the hand-back after its last token. Zero means
 	// DefaultResumeTimeout.
 	ResumeTimeout time.Duration `json:"resume-timeout"`
+	// LoadBandwidth is the read rate, in bytes a second, that rebalance's time estimates assume of a worker
+	// loading the tensors it lacks. Zero means DefaultLoadBandwidth.
+	LoadBandwidth float64 `json:"load-bandwidth"`
 	// StepTimeout is the deadline of a one-token step: every rank must answer within StepTimeout plus
 	// StepTokenTimeout per token of the step, or the group fails (ErrStepTimeout) and its requests resume
 	// in another group. Zero means DefaultStepTimeout.
@@ -159,6 +162,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: config: max batch %d, want >= 1", ErrInvalidConfig, c.MaxBatch)
 	case c.TokenBudget < 0:
 		return fmt.Errorf("%w: config: token budget %d, want >= 1", ErrInvalidConfig, c.TokenBudget)
+	case c.LoadBandwidth < 0:
+		return fmt.Errorf("%w: load bandwidth %g, want >= 0", ErrInvalidConfig, c.LoadBandwidth)
 	case c.LeaderTTL < 0 || c.Settle < 0 || c.ShutdownGrace < 0 || c.ResumeTimeout < 0 || c.StepTimeout < 0 || c.StepTokenTimeout < 0:
 		return fmt.Errorf("%w: config: negative duration", ErrInvalidConfig)
 	}
@@ -277,6 +282,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.IntVar(&c.TokenBudget, "token-budget", c.TokenBudget, "tokens per step of a group: decodes plus prompt pieces (0: 512)")
 	fs.DurationVar(&c.LeaderTTL, "leader-ttl", c.LeaderTTL, "lease of the leader election; a standby takes over this long after the leader dies, sooner when gossip declares it dead (0: 5s)")
 	fs.DurationVar(&c.Settle, "settle", c.Settle, "how long the member list must stay unchanged before a new plan (0: 250ms)")
+	fs.Float64Var(&c.LoadBandwidth, "load-bandwidth", c.LoadBandwidth, "bytes a second a worker reads, for rebalance's time estimates (0: 1 GiB/s)")
 	fs.DurationVar(&c.ResumeTimeout, "resume-timeout", c.ResumeTimeout, "how long a request handed back by a stopped or failed group may wait for another before it fails (0: 30s)")
 	fs.DurationVar(&c.StepTimeout, "step-timeout", c.StepTimeout, "deadline of a one-token step; a group that misses it fails and its requests resume elsewhere (0: 10s)")
 	fs.DurationVar(&c.StepTokenTimeout, "step-token-timeout", c.StepTokenTimeout, "what each token of a step adds to its deadline (0: 20ms)")

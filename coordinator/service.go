@@ -197,11 +197,29 @@ func (s *adminServer) Shards(ctx context.Context, in *pb.ShardsRequest) (*pb.Sha
 }
 
 func (s *adminServer) Rebalance(ctx context.Context, in *pb.RebalanceRequest) (*pb.RebalanceResponse, error) {
-	epoch, err := s.c.Rebalance(ctx, int(in.GetTp()))
+	opts := RebalanceOptions{TP: int(in.GetTp()), Plan: in.GetPlan(), PlanFile: in.GetPlanFile(), Replicas: KeepReplicas,
+		Drain: in.GetDrain(), Undrain: in.GetUndrain(), DryRun: in.GetDryRun(), Wait: in.GetWait()}
+	if in.Replicas != nil {
+		opts.Replicas = int(in.GetReplicas())
+	}
+	res, err := s.c.Rebalance(ctx, opts)
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	return &pb.RebalanceResponse{Epoch: epoch}, nil
+	p := res.Plan
+	out := &pb.RebalanceResponse{Epoch: res.Epoch, DryRun: res.DryRun, Tp: int32(p.TP), Plan: p.PlanName, Replicas: int32(p.Replicas),
+		Drained: p.Drained, PrepareSeconds: res.Prepare.Seconds(), SwitchSeconds: res.Switch.Seconds()}
+	for _, g := range p.Groups {
+		for _, a := range g.Ranks {
+			out.Assignments = append(out.Assignments, &pb.Assignment{Group: int32(g.ID), Rank: int32(a.Rank), MemberId: a.MemberID, Addr: a.Addr})
+		}
+	}
+	for _, m := range res.Moves {
+		out.Moves = append(out.Moves, &pb.WorkerMove{MemberId: m.MemberID, Group: int32(m.Group), Rank: int32(m.Rank), Drained: m.Drained,
+			Loaded: int32(m.Loaded), LoadedBytes: m.LoadedBytes, Kept: int32(m.Kept), KeptBytes: m.KeptBytes,
+			Dropped: int32(m.Dropped), DroppedBytes: m.DroppedBytes, EstimatedSeconds: m.Estimate.Seconds()})
+	}
+	return out, nil
 }
 
 // toInt32 converts token ids to the API's int32 (the coordinator's ids fit: they are below the

@@ -34,7 +34,9 @@ type AdminClient interface {
 	Members(ctx context.Context, in *MembersRequest, opts ...grpc.CallOption) (*MembersResponse, error)
 	// Shards shows the current plan: which worker holds which rank of which TP group.
 	Shards(ctx context.Context, in *ShardsRequest, opts ...grpc.CallOption) (*ShardsResponse, error)
-	// Rebalance computes a new plan epoch from the current members and applies it.
+	// Rebalance computes a new plan epoch from the current members and applies it: the workers of the new
+	// plan first load what they lack while the current epoch serves, then the epoch switches. With dry_run
+	// it only reports the moves.
 	Rebalance(ctx context.Context, in *RebalanceRequest, opts ...grpc.CallOption) (*RebalanceResponse, error)
 }
 
@@ -86,7 +88,9 @@ type AdminServer interface {
 	Members(context.Context, *MembersRequest) (*MembersResponse, error)
 	// Shards shows the current plan: which worker holds which rank of which TP group.
 	Shards(context.Context, *ShardsRequest) (*ShardsResponse, error)
-	// Rebalance computes a new plan epoch from the current members and applies it.
+	// Rebalance computes a new plan epoch from the current members and applies it: the workers of the new
+	// plan first load what they lack while the current epoch serves, then the epoch switches. With dry_run
+	// it only reports the moves.
 	Rebalance(context.Context, *RebalanceRequest) (*RebalanceResponse, error)
 	mustEmbedUnimplementedAdminServer()
 }
