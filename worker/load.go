@@ -26,10 +26,11 @@ const DefaultPlanName = "tp"
 // so the second reuses the first's weights. The TP group is not part of it: rank r of every group
 // holds the same slices.
 type weightsKey struct {
-	dir      string // checkpoint directory
-	model    string // the plan's model name
-	planName string
-	tp, rank int
+	dir       string // checkpoint directory
+	model     string // the plan's model name
+	planName  string
+	planRules string // the plan file's content carried by the plan (cluster.Plan.PlanRules); "": none
+	tp, rank  int
 	// quantization and group are the plan's Quantization and QuantizationGroup.
 	quantization string
 	group        int
@@ -51,8 +52,69 @@ type weights struct {
 	info    model.Info // the model's vocabulary, context and ids
 	comm    *epochComm
 	gen     model.Generation
-	bytes   int64 // bytes read from the checkpoint
+	bytes   int64 // bytes held, as stored in the checkpoint
 	tensors int
+	// read is the part of bytes read for these weights; the rest (kept tensors, keptBytes) was taken over
+	// from the weights held before.
+	read      int64
+	kept      int
+	keptBytes int64
+	// resident are the backend tensors by the model's name for them, with their shard keys: what a later
+	// load may take over instead of reading.
+	resident map[string]resident
+}
+
+// resident is one loaded tensor and what identifies its bytes: its manifest entry's shard.TensorShard.Key
+// and the format it is held in.
+type resident struct {
+	key    string
+	t      backend.Tensor
+	layout model.Layout
+}
+
+// sameSource reports whether weights of k and of o come from the same checkpoint in the same format, so
+// that tensors with equal shard keys hold the same bytes.
+func (k weightsKey) sameSource(o weightsKey) bool {
+	return k.dir == o.dir && k.quantization == o.quantization && k.group == o.group
+}
+
+// reuseWeights loads a rank's tensors, taking over those that earlier weights hold with the same shard key
+// (same bytes, same Layout, same format) instead of reading them. Load runs on the model's loader
+// goroutine only.
+type reuseWeights struct {
+	next   run.Weights // reads what is lacking
+	man    *shard.Manifest
+	format string
+	from   []map[string]resident
+
+	got       map[string]resident
+	kept      int
+	keptBytes int64
+}
+
+var _ run.Weights = (*reuseWeights)(nil)
+
+func (r *reuseWeights) Load(ctx context.Context, name string) (backend.Tensor, model.Layout, error) {
+	ts, ok := r.man.Lookup(r.man.Prefix + name)
+	key := ts.Key() + "|" + r.format
+	if ok {
+		for _, from := range r.from {
+			if h, held := from[name]; held && h.key == key {
+				r.got[name] = h
+				r.kept++
+				r.keptBytes += ts.Bytes
+				return h.t, h.layout, nil
+			}
+		}
+	}
+	t, lay, err := r.next.Load(ctx, name)
+	if err != nil {
+		return t, lay, err
+	}
+	if ok {
+		r.got[name] = resident{key: key, t: t, layout: lay}
+	}
+	return t, lay, nil
 }
 
 // defaultSampling is the sampling a sequence started without SamplingParams uses: the checkpoint's
@@ -78,13 +140,14 @@ func (w *Worker) keyFor(p cluster.Plan, a cluster.Assignment) weightsKey {
 	if name == "" {
 		name = DefaultPlanName
 	}
-	return weightsKey{dir: dir, model: p.Model, planName: name, tp: p.TP, rank: a.Rank,
+	return weightsKey{dir: dir, model: p.Model, planName: name, planRules: string(p.PlanRules), tp: p.TP, rank: a.Rank,
 		quantization: p.Quantization, group: p.QuantizationGroup}
 }
 
 // loadWeights reads exactly this rank's slices of the checkpoint (range reads of the mmapped files) into
-// the backend and builds the model over them.
-func (w *Worker) loadWeights(ctx context.Context, k weightsKey) (*weights, error) {
+// the backend and builds the model over them. Tensors that the weights in from (nil ones skipped) hold
+// with the same shard key, from the same checkpoint in the same format, are taken over, not read.
+func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights) (*weights, error) {
 	start := time.Now()
 	cfg, err := model.LoadConfig(k.dir)
 	if err != nil {
@@ -95,7 +158,7 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey) (*weights, error
 	if err != nil {
 		return nil, err
 	}
-	plan, err := shard.ResolvePlan(cfg, k.planName)
+	plan, err := shard.PlanOf(cfg, k.planName, []byte(k.planRules))
 	if err != nil {
 		return nil, fmt.Errorf("on this host: %w", err)
 	}
@@ -126,7 +189,13 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey) (*weights, error
 	comm := newEpochComm(k.rank, k.tp, device)
 	pw := &run.Progress{Weights: run.NewRankWeights(shard.NewRankReader(view, man), w.ops).WithFormat(cfg, format), Log: lg,
 		Total: len(man.Tensors), TotalBytes: man.Bytes, BytesOf: man.BytesOf, Every: w.progressEvery}
-	m, err := run.Open(ctx, w.ops, cfg, pw, run.Parallel{Comm: comm})
+	rw := &reuseWeights{next: pw, man: &man, format: format.String(), got: make(map[string]resident)}
+	for _, f := range from {
+		if f != nil && f.key.sameSource(k) {
+			rw.from = append(rw.from, f.resident)
+		}
+	}
+	m, err := run.Open(ctx, w.ops, cfg, rw, run.Parallel{Comm: comm})
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
@@ -136,9 +205,15 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey) (*weights, error
 	took := time.Since(start)
 	tensors, bytes := pw.Loaded()
 	lg.Info("weights loaded", zap.Int("tensors", tensors), zap.Int64("bytes", bytes),
+		zap.Int("kept-tensors", rw.kept), zap.Int64("kept-bytes", rw.keptBytes),
 		zap.Duration("took", took.Round(time.Millisecond)),
 		zap.Float64("mib-per-second", float64(bytes)/(1<<20)/max(took.Seconds(), 1e-9)))
-	return &weights{key: k, model: m, info: info, comm: comm, gen: gen, bytes: bytes, tensors: tensors}, nil
+	w.mu.Lock()
+	w.readBytes += bytes
+	w.keptTensors, w.keptBytes = rw.kept, rw.keptBytes
+	w.mu.Unlock()
+	return &weights{key: k, model: m, info: info, comm: comm, gen: gen, bytes: bytes + rw.keptBytes, tensors: tensors + rw.kept,
+		read: bytes, kept: rw.kept, keptBytes: rw.keptBytes, resident: rw.got}, nil
 }
 
 // formatFor returns the weight format of k's plan. The plan decides, so that the ranks of a group agree; a

@@ -2,7 +2,9 @@ package worker
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 
 	"go.uber.org/zap"
@@ -10,6 +12,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/tpfleet/tpfleet/cluster"
 	tpfleetv1 "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 )
 
@@ -93,5 +96,21 @@ func (s *service) Status(context.Context, *tpfleetv1.StatusRequest) (*tpfleetv1.
 		Device:      st.Device,
 		StepStreams: int32(st.StepStreams),
 		LeaderRev:   s.w.currentLeaderRev(),
+		ReadBytes:   st.ReadBytes,
+		KeptTensors: int32(st.KeptTensors),
+		KeptBytes:   st.KeptBytes,
 	}, nil
+}
+
+// Prepare loads the tensors the worker lacks for its rank in the plan it is sent (see Worker.Prepare).
+func (s *service) Prepare(ctx context.Context, req *tpfleetv1.PrepareRequest) (*tpfleetv1.PrepareResponse, error) {
+	var p cluster.Plan
+	if err := json.Unmarshal(req.GetPlan(), &p); err != nil {
+		return nil, toStatus(fmt.Errorf("%w: prepare: plan: %w", ErrInvalidRequest, err))
+	}
+	r, err := s.w.Prepare(ctx, p)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &tpfleetv1.PrepareResponse{Loaded: int32(r.Loaded), LoadedBytes: r.LoadedBytes, Kept: int32(r.Kept), KeptBytes: r.KeptBytes}, nil
 }

@@ -72,6 +72,12 @@ type Status struct {
 	// Loads counts the times weights were read from the checkpoint; epochs that reuse the loaded weights
 	// do not count.
 	Loads int
+	// ReadBytes is the tensor bytes read since Start (from the checkpoint or a peer); a tensor kept across
+	// a plan change is not read again. KeptTensors and KeptBytes are what the last load took over from
+	// the weights held before it.
+	ReadBytes   int64
+	KeptTensors int
+	KeptBytes   int64
 	// Err is why the worker failed, in StateFailed.
 	Err error
 }
@@ -129,6 +135,8 @@ type Worker struct {
 	// runMu is held while a step runs and while the weights or the sequences change.
 	runMu     sync.Mutex
 	wts       *weights
+	staged    *weights   // loaded by Prepare for a plan about to be written; nil: none
+	prepareMu sync.Mutex // serialises Prepare
 	seqs      map[uint64]*sequence
 	streamIDs atomic.Uint64 // numbers the Step streams from 1 (see sequence.stream)
 	openSteps atomic.Int32  // Step streams open now
@@ -151,6 +159,11 @@ type Worker struct {
 	weightSize int64
 	nseqs      int
 	loads      int
+	// readBytes counts the tensor bytes read since Start; keptTensors and keptBytes are what the last load
+	// took over from the weights held before it.
+	readBytes   int64
+	keptTensors int
+	keptBytes   int64
 	latest     cluster.Plan // the newest plan seen
 	applying   *applyJob
 	readyEpoch int64         // Ready closes once the worker settles on this epoch (or a later one)
@@ -416,6 +429,9 @@ func (w *Worker) Status() Status {
 		Device:      w.cfg.Device,
 		StepStreams: int(w.openSteps.Load()),
 		Loads:       w.loads,
+		ReadBytes:   w.readBytes,
+		KeptTensors: w.keptTensors,
+		KeptBytes:   w.keptBytes,
 		Err:         w.failure,
 	}
 }
