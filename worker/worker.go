@@ -164,10 +164,10 @@ type Worker struct {
 	readBytes   int64
 	keptTensors int
 	keptBytes   int64
-	latest     cluster.Plan // the newest plan seen
-	applying   *applyJob
-	readyEpoch int64         // Ready closes once the worker settles on this epoch (or a later one)
-	changed    chan struct{} // closed and replaced whenever state, epoch or latest change
+	latest      cluster.Plan // the newest plan seen
+	applying    *applyJob
+	readyEpoch  int64         // Ready closes once the worker settles on this epoch (or a later one)
+	changed     chan struct{} // closed and replaced whenever state, epoch or latest change
 }
 
 // New checks cfg and returns a Worker that has not started: it opens nothing until Start.
