@@ -44,13 +44,6 @@ func (s spec) drainedIDs() []string {
 	return strings.Split(s.drained, "\n")
 }
 
-// sameWeights reports whether a rank of s and the same rank of o hold the same bytes of the same tensors:
-// same model, TP, tp_plan and quantisation.
-func (s spec) sameWeights(o spec) bool {
-	return s.model == o.model && s.tp == o.tp && s.planName == o.planName && s.planRules == o.planRules &&
-		s.quantization == o.quantization && s.group == o.group
-}
-
 // sameGroups reports whether the groups of a plan of s can stay as a plan of o has them without moving a
 // byte, or at least most: same model, TP and quantisation (the tp_plan may differ: the slices both plans
 // split alike stay).

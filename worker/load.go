@@ -149,6 +149,24 @@ func (w *Worker) keyFor(p cluster.Plan, a cluster.Assignment) weightsKey {
 // with the same shard key, from the same checkpoint in the same format, are taken over, not read.
 func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights) (*weights, error) {
 	start := time.Now()
+	// The checkpoint: the directory's files, or a peer's when the directory holds none.
+	var src shard.Source
+	if hasCheckpoint(k.dir) {
+		ckpt, err := safetensors.OpenCheckpoint(k.dir)
+		if err != nil {
+			return nil, err
+		}
+		// The backend copies what it loads, so the mapping is not needed once the model is built.
+		defer ckpt.Close()
+		src = ckpt
+	} else {
+		rc, conn, err := w.dialCheckpoint(ctx, k.dir)
+		if err != nil {
+			return nil, err
+		}
+		defer conn.Close()
+		src = rc
+	}
 	cfg, err := model.LoadConfig(k.dir)
 	if err != nil {
 		return nil, err
@@ -162,13 +180,7 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 	if err != nil {
 		return nil, fmt.Errorf("on this host: %w", err)
 	}
-	ckpt, err := safetensors.OpenCheckpoint(k.dir)
-	if err != nil {
-		return nil, err
-	}
-	// The backend copies what it loads, so the mapping is not needed once the model is built.
-	defer ckpt.Close()
-	view, err := shard.NewView(cfg, ckpt)
+	view, err := shard.NewView(cfg, src)
 	if err != nil {
 		return nil, err
 	}

@@ -85,20 +85,21 @@ func (s *service) LoadPlan(ctx context.Context, req *tpfleetv1.LoadPlanRequest) 
 func (s *service) Status(context.Context, *tpfleetv1.StatusRequest) (*tpfleetv1.StatusResponse, error) {
 	st := s.w.Status()
 	return &tpfleetv1.StatusResponse{
-		MemberId:    st.MemberID,
-		Epoch:       st.Epoch,
-		Group:       int32(st.Group),
-		Rank:        int32(st.Rank),
-		Tp:          int32(st.TP),
-		State:       string(st.State),
-		WeightBytes: st.WeightBytes,
-		Sequences:   int32(st.Sequences),
-		Device:      st.Device,
-		StepStreams: int32(st.StepStreams),
-		LeaderRev:   s.w.currentLeaderRev(),
-		ReadBytes:   st.ReadBytes,
-		KeptTensors: int32(st.KeptTensors),
-		KeptBytes:   st.KeptBytes,
+		MemberId:      st.MemberID,
+		Epoch:         st.Epoch,
+		Group:         int32(st.Group),
+		Rank:          int32(st.Rank),
+		Tp:            int32(st.TP),
+		State:         string(st.State),
+		WeightBytes:   st.WeightBytes,
+		Sequences:     int32(st.Sequences),
+		Device:        st.Device,
+		StepStreams:   int32(st.StepStreams),
+		LeaderRev:     s.w.currentLeaderRev(),
+		ReadBytes:     st.ReadBytes,
+		KeptTensors:   int32(st.KeptTensors),
+		KeptBytes:     st.KeptBytes,
+		StreamedBytes: st.StreamedBytes,
 	}, nil
 }
 

@@ -78,6 +78,9 @@ type Status struct {
 	ReadBytes   int64
 	KeptTensors int
 	KeptBytes   int64
+	// StreamedBytes is the part of ReadBytes received from a peer (the worker's model directory held no
+	// checkpoint).
+	StreamedBytes int64
 	// Err is why the worker failed, in StateFailed.
 	Err error
 }
@@ -135,8 +138,10 @@ type Worker struct {
 	// runMu is held while a step runs and while the weights or the sequences change.
 	runMu     sync.Mutex
 	wts       *weights
-	staged    *weights   // loaded by Prepare for a plan about to be written; nil: none
-	prepareMu sync.Mutex // serialises Prepare
+	staged    *weights     // loaded by Prepare for a plan about to be written; nil: none
+	seedState              // the checkpoint served to peers (remote.go)
+	streamed  atomic.Int64 // tensor bytes received from peers
+	prepareMu sync.Mutex   // serialises Prepare
 	seqs      map[uint64]*sequence
 	streamIDs atomic.Uint64 // numbers the Step streams from 1 (see sequence.stream)
 	openSteps atomic.Int32  // Step streams open now
@@ -416,23 +421,24 @@ func (w *Worker) Status() Status {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return Status{
-		MemberID:    w.cfg.ID,
-		Addr:        w.addr,
-		State:       w.state,
-		Epoch:       w.epoch,
-		Group:       w.group,
-		Rank:        w.rank,
-		TP:          w.tp,
-		Model:       w.weightDir,
-		WeightBytes: w.weightSize,
-		Sequences:   w.nseqs,
-		Device:      w.cfg.Device,
-		StepStreams: int(w.openSteps.Load()),
-		Loads:       w.loads,
-		ReadBytes:   w.readBytes,
-		KeptTensors: w.keptTensors,
-		KeptBytes:   w.keptBytes,
-		Err:         w.failure,
+		MemberID:      w.cfg.ID,
+		Addr:          w.addr,
+		State:         w.state,
+		Epoch:         w.epoch,
+		Group:         w.group,
+		Rank:          w.rank,
+		TP:            w.tp,
+		Model:         w.weightDir,
+		WeightBytes:   w.weightSize,
+		Sequences:     w.nseqs,
+		Device:        w.cfg.Device,
+		StepStreams:   int(w.openSteps.Load()),
+		Loads:         w.loads,
+		ReadBytes:     w.readBytes,
+		KeptTensors:   w.keptTensors,
+		KeptBytes:     w.keptBytes,
+		StreamedBytes: w.streamed.Load(),
+		Err:           w.failure,
 	}
 }
 
@@ -487,8 +493,9 @@ func (w *Worker) Close() error {
 		if comm != nil {
 			_ = comm.Close()
 		}
+		w.closeSeed()
 		w.runMu.Lock()
-		w.wts = nil
+		w.wts, w.staged = nil, nil
 		clear(w.seqs)
 		if c, ok := w.ops.(io.Closer); ok {
 			if err := c.Close(); err != nil {

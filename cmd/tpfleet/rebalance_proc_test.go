@@ -191,3 +191,36 @@ func TestRebalanceProcesses(t *testing.T) {
 		t.Error(f)
 	}
 }
+
+// TestShardStreamingProcesses: a worker whose model directory is empty (no shared volume) receives its
+// slices over gRPC from its peer, which has the checkpoint: the group of two serves the fixture's greedy
+// ids, and the empty worker read every byte it holds from the peer.
+func TestShardStreamingProcesses(t *testing.T) {
+	g := readGolden(t, "moe-top1")
+	model := filepath.Join(fixtures, "moe-top1")
+	_, ep := startEtcd(t)
+	coord := startProc(t, "coordinator", "coordinator", "--etcd", ep, "--model", model, "--tp", "2", "--listen", "127.0.0.1:0",
+		"--http-listen", "", "--settle", "50ms", "--no-gossip")
+	addr := coord.line(t)
+	empty := t.TempDir()
+	startProc(t, "worker a", "worker", "--etcd", ep, "--id", "a", "--threads", "1", "--no-gossip")
+	startProc(t, "worker b", "worker", "--etcd", ep, "--id", "b", "--threads", "1", "--no-gossip", "--model", empty)
+	cli := waitCoordinator(t, addr)
+	generateConcurrently(t, addr, g, 4)
+
+	sh, err := cli.Shards(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, st := range workerStatuses(t, sh) {
+		id := sh.Assignments[i].MemberID
+		t.Logf("worker %s: holds %d bytes, read %d, of them %d streamed from a peer", id, st.GetWeightBytes(), st.GetReadBytes(), st.GetStreamedBytes())
+		want := int64(0)
+		if id == "b" {
+			want = st.GetWeightBytes()
+		}
+		if st.GetStreamedBytes() != want || st.GetReadBytes() != st.GetWeightBytes() {
+			t.Errorf("worker %s: streamed %d of %d bytes read, holds %d; want %d streamed", id, st.GetStreamedBytes(), st.GetReadBytes(), st.GetWeightBytes(), want)
+		}
+	}
+}
