@@ -186,6 +186,13 @@ func TestRebalanceProcesses(t *testing.T) {
 	stop()
 	wg.Wait()
 	_ = tw.Flush()
+
+	// cluster shards shows what each worker holds under the live plan.
+	code, stdout, stderr := tpfleet(t, "cluster", "shards", "--etcd", ep)
+	if code != 0 || !strings.Contains(stdout, "MEMBER  GROUP  RANK  TENSORS  BYTES") || !strings.Contains(stdout, "355.1 KiB") {
+		t.Errorf("cluster shards = exit %d, %q (%s); want the tensors each worker holds", code, stdout, stderr)
+	}
+	t.Logf("tpfleet cluster shards:\n%s", stdout)
 	t.Logf("%d requests completed; per switch the longest pause between tokens and the bytes each worker read:\n%s", completed(), table.String())
 	for _, f := range failures {
 		t.Error(f)
