@@ -21,6 +21,8 @@ type RebalanceRequest struct {
 	Drain, Undrain string
 	// DryRun computes the moves and changes nothing; Wait returns once the new epoch serves.
 	DryRun, Wait bool
+	// Experts places the experts of every MoE layer over the ranks by their load (the ep plan).
+	Experts bool
 }
 
 // Move is what one worker does in a plan change: its place in the new plan (Group and Rank -1: none) and
@@ -53,12 +55,36 @@ type RebalanceResult struct {
 	// SwitchSeconds how long from the new epoch's write until it served (with Wait).
 	PrepareSeconds float64 `json:"prepare_seconds"`
 	SwitchSeconds  float64 `json:"switch_seconds"`
+	// ExpertOrder is, per MoE layer, the expert each slot holds (slots rank by rank); empty: the
+	// checkpoint's order.
+	ExpertOrder map[int][]int `json:"expert_order,omitempty"`
+}
+
+// ExpertLoad is the cluster's expert load: per MoE layer, the tokens routed to each expert, summed over
+// Groups TP groups of plan Epoch.
+type ExpertLoad struct {
+	Epoch  int64           `json:"epoch"`
+	Groups int             `json:"groups"`
+	Layers map[int][]int64 `json:"layers"`
+}
+
+// Experts reads the expert load through the coordinator's Admin service.
+func (c *Client) Experts(ctx context.Context) (ExpertLoad, error) {
+	resp, err := c.admin.Experts(ctx, &pb.ExpertsRequest{})
+	if err != nil {
+		return ExpertLoad{}, err
+	}
+	out := ExpertLoad{Epoch: resp.GetEpoch(), Groups: int(resp.GetGroups()), Layers: make(map[int][]int64)}
+	for _, l := range resp.GetLayers() {
+		out.Layers[int(l.GetLayer())] = l.GetTokens()
+	}
+	return out, nil
 }
 
 // RebalanceWith asks the leading coordinator for the plan change req describes.
 func (c *Client) RebalanceWith(ctx context.Context, req RebalanceRequest) (RebalanceResult, error) {
 	in := &pb.RebalanceRequest{Tp: int32(req.TP), Plan: req.Plan, PlanFile: req.PlanFile, Drain: req.Drain,
-		Undrain: req.Undrain, DryRun: req.DryRun, Wait: req.Wait}
+		Undrain: req.Undrain, DryRun: req.DryRun, Wait: req.Wait, Experts: req.Experts}
 	if req.Replicas != KeepReplicas {
 		r := int32(req.Replicas)
 		in.Replicas = &r
@@ -75,6 +101,16 @@ func (c *Client) RebalanceWith(ctx context.Context, req RebalanceRequest) (Rebal
 	}
 	for _, a := range resp.GetAssignments() {
 		out.Assignments = append(out.Assignments, Placement{Group: int(a.GetGroup()), Rank: int(a.GetRank()), MemberID: a.GetMemberId(), Addr: a.GetAddr()})
+	}
+	for _, o := range resp.GetExpertOrder() {
+		if out.ExpertOrder == nil {
+			out.ExpertOrder = make(map[int][]int)
+		}
+		es := make([]int, len(o.GetExperts()))
+		for i, e := range o.GetExperts() {
+			es[i] = int(e)
+		}
+		out.ExpertOrder[int(o.GetLayer())] = es
 	}
 	for _, m := range resp.GetMoves() {
 		out.Moves = append(out.Moves, Move{MemberID: m.GetMemberId(), Group: int(m.GetGroup()), Rank: int(m.GetRank()), Drained: m.GetDrained(),

@@ -38,10 +38,20 @@ type Plan struct {
 	// int4's input columns per scale (0 otherwise). A pre-quantised checkpoint needs neither.
 	Quantization      string `json:"quantization,omitempty"`
 	QuantizationGroup int    `json:"quantization_group,omitempty"`
+	// Order permutes the units of one dimension per layer (shard.Plan.WithOrder): rebalance --experts
+	// places the experts of each MoE layer over the ranks by their load. Nil: the checkpoint's order.
+	Order *UnitOrder `json:"order,omitempty"`
 	// Groups are the TP groups (replicas of the model). It may be empty: a plan that places nothing.
 	Groups []Group `json:"groups"`
 	// Created is when the plan was made; PutPlan sets it to the current time when zero.
 	Created time.Time `json:"created"`
+}
+
+// UnitOrder is a permutation of the units of the dimension named Unit ("experts"), per layer: index i of
+// that dimension holds the checkpoint's unit Layers[L][i] in layer L.
+type UnitOrder struct {
+	Unit   string        `json:"unit"`
+	Layers map[int][]int `json:"layers"`
 }
 
 // Group is one TP group: TP ranks that together hold one replica of the model.

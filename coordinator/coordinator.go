@@ -88,6 +88,7 @@ type Coordinator struct {
 	planRules   []byte
 	replicas    int
 	drained     []string
+	order       string       // the expert order (cluster.Plan.Order as JSON); "": the checkpoint's
 	readyGroups map[int]bool // groups of plan.Epoch that serve
 
 	closeOnce sync.Once
@@ -386,7 +387,8 @@ func (c *Coordinator) spec() spec {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return spec{model: c.model.dir, tp: c.tp, planName: c.planName, planRules: string(c.planRules),
-		quantization: c.cfg.Quantization, group: c.cfg.QuantizationGroup, replicas: c.replicas, drained: joinDrained(c.drained)}
+		quantization: c.cfg.Quantization, group: c.cfg.QuantizationGroup, replicas: c.replicas, drained: joinDrained(c.drained),
+		order: c.order}
 }
 
 func (c *Coordinator) currentTP() int {

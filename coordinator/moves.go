@@ -58,18 +58,21 @@ func PlanMoves(dir string, from, to cluster.Plan, others []string, bandwidth flo
 		return nil, fmt.Errorf("plan moves: %w", err)
 	}
 	type rankKey struct {
-		name, rules string
-		tp, rank    int
+		name, rules, order string
+		tp, rank           int
 	}
 	manifests := make(map[rankKey]*shard.Manifest)
 	manifest := func(p cluster.Plan, rank int) (*shard.Manifest, error) {
-		k := rankKey{p.PlanName, string(p.PlanRules), p.TP, rank}
+		k := rankKey{p.PlanName, string(p.PlanRules), orderText(p.Order), p.TP, rank}
 		if m, ok := manifests[k]; ok {
 			return m, nil
 		}
 		plan, err := shard.PlanOf(cfg, p.PlanName, p.PlanRules)
 		if err != nil {
 			return nil, err
+		}
+		if p.Order != nil {
+			plan = plan.WithOrder(p.Order.Unit, p.Order.Layers)
 		}
 		m, err := shard.NewManifest(cfg, view, plan, p.TP, rank)
 		if err != nil {

@@ -21,12 +21,34 @@ type spec struct {
 	group        int
 	replicas     int
 	drained      string // the drained member IDs, sorted, joined by "\n"
+	order        string // cluster.Plan.Order as JSON; "": none
 }
 
 // specOf is the spec of plan p.
 func specOf(p cluster.Plan) spec {
 	return spec{model: p.Model, tp: p.TP, planName: p.PlanName, planRules: string(p.PlanRules), quantization: p.Quantization,
-		group: p.QuantizationGroup, replicas: p.Replicas, drained: joinDrained(p.Drained)}
+		group: p.QuantizationGroup, replicas: p.Replicas, drained: joinDrained(p.Drained), order: orderText(p.Order)}
+}
+
+// orderText is spec.order of o.
+func orderText(o *cluster.UnitOrder) string {
+	if o == nil {
+		return ""
+	}
+	data, _ := json.Marshal(o) // map keys sorted: equal orders give equal text
+	return string(data)
+}
+
+// unitOrder decodes s.order; nil when s has none.
+func (s spec) unitOrder() *cluster.UnitOrder {
+	if s.order == "" {
+		return nil
+	}
+	var o cluster.UnitOrder
+	if json.Unmarshal([]byte(s.order), &o) != nil {
+		return nil
+	}
+	return &o
 }
 
 // joinDrained is spec.drained of a list of member IDs.
@@ -65,6 +87,7 @@ func place(members []cluster.Member, s spec, keep *cluster.Plan) cluster.Plan {
 	if s.planRules != "" {
 		p.PlanRules = json.RawMessage(s.planRules)
 	}
+	p.Order = s.unitOrder()
 	if s.tp < 1 {
 		return p
 	}

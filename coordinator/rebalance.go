@@ -39,6 +39,11 @@ type RebalanceOptions struct {
 	DryRun bool
 	// Wait returns only once every group of the new epoch serves (or ctx ends).
 	Wait bool
+	// Experts places the experts of every MoE layer over the ranks by their load (ExpertLoad), under the
+	// ep plan: the most loaded experts go to different ranks.
+	Experts bool
+
+	load *ExpertLoad // the load Experts balances, read before the leader computes the plan
 }
 
 // RebalanceResult is a rebalance's plan and what it moves.
@@ -66,13 +71,17 @@ type rebalanceReply struct {
 }
 
 // adopt takes over what a stored plan says of the operator's choices that are not flags: its replicas cap
-// and drained members (so that a new leader keeps a drain).
+// and drained members (so that a new leader keeps a drain), and, for the same TP and tp_plan, the plan
+// file's rules and the expert order.
 func (c *Coordinator) adopt(p cluster.Plan) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.replicas, c.drained = p.Replicas, slices.Clone(p.Drained)
 	if p.Model == c.model.dir && p.TP == c.tp && len(p.PlanRules) > 0 {
 		c.planName, c.planRules = p.PlanName, slices.Clone(p.PlanRules)
+	}
+	if p.Model == c.model.dir && p.TP == c.tp && p.PlanName == c.planName {
+		c.order = orderText(p.Order)
 	}
 }
 
@@ -93,6 +102,16 @@ func (c *Coordinator) Rebalance(ctx context.Context, opts RebalanceOptions) (Reb
 		return RebalanceResult{}, invalid("drain and undrain of the same worker %s", opts.Drain)
 	case len(opts.PlanFile) > 0 && opts.Plan == "":
 		return RebalanceResult{}, invalid("a plan file needs a plan name")
+	}
+	if opts.Experts {
+		load, err := c.ExpertLoad(ctx)
+		if err != nil {
+			return RebalanceResult{}, err
+		}
+		if len(load.Layers) == 0 {
+			return RebalanceResult{}, invalid("--experts: no expert load counted yet (serve some requests first; a backend that routes on the device does not count); the plan is unchanged")
+		}
+		opts.load = &load
 	}
 	res, err := c.askLeader(ctx, rebalanceReq{opts: opts})
 	if err != nil || opts.DryRun {
@@ -262,7 +281,7 @@ func (ld *leader) rebalance(req rebalanceReq) (RebalanceResult, error) {
 		return RebalanceResult{Epoch: want.Epoch, Plan: want, Moves: moves}, nil
 	}
 	c.mu.Lock()
-	c.tp, c.planName, c.planRules, c.replicas, c.drained = s.tp, s.planName, []byte(s.planRules), s.replicas, s.drainedIDs()
+	c.tp, c.planName, c.planRules, c.replicas, c.drained, c.order = s.tp, s.planName, []byte(s.planRules), s.replicas, s.drainedIDs(), s.order
 	c.mu.Unlock()
 	for range 5 {
 		err := ld.put(place(ld.live(), s, keep))
@@ -302,6 +321,19 @@ func (ld *leader) rebalanceSpec(opts RebalanceOptions) (spec, error) {
 		if err := checkTP(c.model, s.planName, []byte(s.planRules), s.tp); err != nil {
 			return spec{}, fmt.Errorf("%w: %w; the plan is unchanged", ErrInvalidRequest, err)
 		}
+	}
+	if opts.TP > 0 || opts.Plan != "" {
+		s.order = "" // an order balanced for other ranks, or a plan that cannot hold one
+	}
+	if opts.Experts {
+		if s.planName != "ep" {
+			return spec{}, invalid("--experts places whole experts per rank: it needs the ep plan (--plan ep), not %q; the plan is unchanged", s.planName)
+		}
+		ord, _, err := balanceExperts(opts.load.Layers, s.unitOrder(), s.tp)
+		if err != nil {
+			return spec{}, fmt.Errorf("%w; the plan is unchanged", err)
+		}
+		s.order = orderText(ord)
 	}
 	drained := s.drainedIDs()
 	if id := opts.Drain; id != "" {

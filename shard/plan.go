@@ -33,6 +33,7 @@ type Rule struct {
 // one with fewer "*"; then the earlier rule.
 type Plan struct {
 	rules []compiledRule
+	order *unitOrder // see WithOrder; nil: every unit in checkpoint order
 }
 
 type compiledRule struct {

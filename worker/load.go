@@ -3,6 +3,7 @@ package worker
 import (
 	"cmp"
 	"context"
+	"encoding/json"
 	"fmt"
 	"path/filepath"
 	"time"
@@ -30,6 +31,7 @@ type weightsKey struct {
 	model     string // the plan's model name
 	planName  string
 	planRules string // the plan file's content carried by the plan (cluster.Plan.PlanRules); "": none
+	order     string // the plan's unit order (cluster.Plan.Order) as JSON; "": none
 	tp, rank  int
 	// quantization and group are the plan's Quantization and QuantizationGroup.
 	quantization string
@@ -62,6 +64,20 @@ type weights struct {
 	// resident are the backend tensors by the model's name for them, with their shard keys: what a later
 	// load may take over instead of reading.
 	resident map[string]resident
+	// order is the plan's unit order the weights were loaded in; nil: the checkpoint's.
+	order *cluster.UnitOrder
+}
+
+// unitOrder decodes k's unit order; nil when it has none.
+func (k weightsKey) unitOrder() (*cluster.UnitOrder, error) {
+	if k.order == "" {
+		return nil, nil
+	}
+	var o cluster.UnitOrder
+	if err := json.Unmarshal([]byte(k.order), &o); err != nil {
+		return nil, fmt.Errorf("plan: unit order: %w", err)
+	}
+	return &o, nil
 }
 
 // resident is one loaded tensor and what identifies its bytes: its manifest entry's shard.TensorShard.Key
@@ -140,7 +156,12 @@ func (w *Worker) keyFor(p cluster.Plan, a cluster.Assignment) weightsKey {
 	if name == "" {
 		name = DefaultPlanName
 	}
-	return weightsKey{dir: dir, model: p.Model, planName: name, planRules: string(p.PlanRules), tp: p.TP, rank: a.Rank,
+	var order string
+	if p.Order != nil {
+		data, _ := json.Marshal(p.Order) // a map of ints: sorted keys, so equal orders give equal keys
+		order = string(data)
+	}
+	return weightsKey{dir: dir, model: p.Model, planName: name, planRules: string(p.PlanRules), order: order, tp: p.TP, rank: a.Rank,
 		quantization: p.Quantization, group: p.QuantizationGroup}
 }
 
@@ -179,6 +200,13 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 	plan, err := shard.PlanOf(cfg, k.planName, []byte(k.planRules))
 	if err != nil {
 		return nil, fmt.Errorf("on this host: %w", err)
+	}
+	order, err := k.unitOrder()
+	if err != nil {
+		return nil, err
+	}
+	if order != nil {
+		plan = plan.WithOrder(order.Unit, order.Layers)
 	}
 	view, err := shard.NewView(cfg, src)
 	if err != nil {
@@ -225,7 +253,7 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 	w.keptTensors, w.keptBytes = rw.kept, rw.keptBytes
 	w.mu.Unlock()
 	return &weights{key: k, model: m, info: info, comm: comm, gen: gen, bytes: bytes + rw.keptBytes, tensors: tensors + rw.kept,
-		read: bytes, kept: rw.kept, keptBytes: rw.keptBytes, resident: rw.got}, nil
+		read: bytes, kept: rw.kept, keptBytes: rw.keptBytes, resident: rw.got, order: order}, nil
 }
 
 // formatFor returns the weight format of k's plan. The plan decides, so that the ranks of a group agree; a

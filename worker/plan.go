@@ -10,6 +10,7 @@ import (
 
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/cluster"
+	"github.com/tpfleet/tpfleet/model/run"
 )
 
 // watchPlans feeds the plans etcd delivers to the applier.
@@ -146,7 +147,7 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 
 	if !assigned {
 		w.mu.Lock()
-		w.weightDir, w.weightSize = "", 0
+		w.weightDir, w.weightSize, w.expertLoad = "", 0, nil
 		w.setStateLocked(StateIdle)
 		w.mu.Unlock()
 		lg.Info("idle: no assignment in this epoch", zap.Int("groups", len(p.Groups)))
@@ -186,6 +187,8 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 	w.runMu.Unlock()
 	w.mu.Lock()
 	w.weightDir, w.weightSize = key.dir, wts.bytes
+	w.expertLoad, _ = wts.model.(run.ExpertLoader)
+	w.expertOrder = wts.order
 	w.mu.Unlock()
 
 	// A newer plan that needs the same weights may have come while they loaded: its communicator is

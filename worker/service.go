@@ -84,7 +84,14 @@ func (s *service) LoadPlan(ctx context.Context, req *tpfleetv1.LoadPlanRequest) 
 // Status reports the worker's Status.
 func (s *service) Status(context.Context, *tpfleetv1.StatusRequest) (*tpfleetv1.StatusResponse, error) {
 	st := s.w.Status()
+	var load []*tpfleetv1.ExpertLoad
+	for i, l := range st.ExpertLoad {
+		if l != nil {
+			load = append(load, &tpfleetv1.ExpertLoad{Layer: int32(i), Tokens: l})
+		}
+	}
 	return &tpfleetv1.StatusResponse{
+		ExpertLoad:    load,
 		MemberId:      st.MemberID,
 		Epoch:         st.Epoch,
 		Group:         int32(st.Group),

@@ -24,6 +24,7 @@ import (
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/comm"
+	"github.com/tpfleet/tpfleet/model/run"
 	tpfleetv1 "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/tpgroup"
 )
@@ -81,6 +82,9 @@ type Status struct {
 	// StreamedBytes is the part of ReadBytes received from a peer (the worker's model directory held no
 	// checkpoint).
 	StreamedBytes int64
+	// ExpertLoad is, per decoder layer, the tokens routed to each expert since the served weights were
+	// loaded (nil for a dense layer); nil when the model or backend does not count them.
+	ExpertLoad [][]int64
 	// Err is why the worker failed, in StateFailed.
 	Err error
 }
@@ -169,7 +173,9 @@ type Worker struct {
 	readBytes   int64
 	keptTensors int
 	keptBytes   int64
-	latest      cluster.Plan // the newest plan seen
+	expertLoad  run.ExpertLoader   // the served model's expert counts; nil: none
+	expertOrder *cluster.UnitOrder // the order its experts were loaded in; nil: the checkpoint's
+	latest      cluster.Plan       // the newest plan seen
 	applying    *applyJob
 	readyEpoch  int64         // Ready closes once the worker settles on this epoch (or a later one)
 	changed     chan struct{} // closed and replaced whenever state, epoch or latest change
@@ -438,8 +444,33 @@ func (w *Worker) Status() Status {
 		KeptTensors:   w.keptTensors,
 		KeptBytes:     w.keptBytes,
 		StreamedBytes: w.streamed.Load(),
+		ExpertLoad:    w.expertLoadLocked(),
 		Err:           w.failure,
 	}
+}
+
+// expertLoadLocked returns the served model's expert load, nil when it has none. w.mu is held.
+func (w *Worker) expertLoadLocked() [][]int64 {
+	if w.expertLoad == nil {
+		return nil
+	}
+	load := w.expertLoad.ExpertLoad()
+	if w.expertOrder == nil {
+		return load
+	}
+	// Slot i of layer L holds the checkpoint's expert order[L][i]: report by the checkpoint's numbering.
+	for l, counts := range load {
+		ord, ok := w.expertOrder.Layers[l]
+		if !ok || len(ord) != len(counts) {
+			continue
+		}
+		out := make([]int64, len(counts))
+		for i, c := range counts {
+			out[ord[i]] = c
+		}
+		load[l] = out
+	}
+	return load
 }
 
 // Close stops the worker, gracefully first: health turns NOT_SERVING, loading and rendezvous stop, the

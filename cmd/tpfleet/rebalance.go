@@ -10,6 +10,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -31,6 +32,7 @@ func runRebalance(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	fs.StringVar(&req.Undrain, "undrain", "", "put a drained worker back")
 	fs.BoolVar(&req.DryRun, "dry-run", false, "print the moves (per worker the tensors loaded, kept and dropped) and change nothing")
 	fs.BoolVar(&req.Wait, "wait", false, "return once every group of the new epoch serves")
+	fs.BoolVar(&req.Experts, "experts", false, "place the experts of every MoE layer over the ranks by their load (the ep plan): the hottest on the least loaded ranks")
 	timeout := fs.Duration("timeout", 5*time.Minute, "how long to wait for the coordinator (loads and --wait included)")
 	asJSON := fs.Bool("json", false, "print one JSON object")
 	if err := fs.Parse(args); err != nil {
@@ -61,12 +63,23 @@ func runRebalance(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		return err
 	}
 	defer cli.Close()
+	var load client.ExpertLoad
+	if req.Experts {
+		if load, err = cli.Experts(ctx); err != nil {
+			return fmt.Errorf("expert load via %s: %w", *addr, err)
+		}
+	}
 	res, err := cli.RebalanceWith(ctx, req)
 	if err != nil {
 		return fmt.Errorf("rebalance via %s: %w", *addr, err)
 	}
 	if *asJSON {
 		return json.NewEncoder(stdout).Encode(rebalanceJSON(res))
+	}
+	if req.Experts {
+		if err := writeExperts(stdout, load, res); err != nil {
+			return err
+		}
 	}
 	return writeRebalance(stdout, res)
 }
@@ -129,6 +142,38 @@ func writeRebalance(w io.Writer, res client.RebalanceResult) error {
 		fmt.Fprintln(w)
 	}
 	return nil
+}
+
+// writeExperts prints, per MoE layer, the tokens each expert got and the rank that holds it after the
+// change (slots rank by rank, experts/tp each).
+func writeExperts(w io.Writer, load client.ExpertLoad, res client.RebalanceResult) error {
+	layers := make([]int, 0, len(load.Layers))
+	for l := range load.Layers {
+		layers = append(layers, l)
+	}
+	sort.Ints(layers)
+	fmt.Fprintf(w, "expert load of epoch %d (%d group(s)):\n", load.Epoch, load.Groups)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "LAYER\tEXPERT\tTOKENS\tNEW RANK")
+	for _, l := range layers {
+		counts := load.Layers[l]
+		per := max(len(counts)/max(res.TP, 1), 1)
+		newRank := make([]int, len(counts))
+		for i := range newRank {
+			newRank[i] = i / per
+		}
+		if ord, ok := res.ExpertOrder[l]; ok {
+			for slot, e := range ord {
+				if e < len(newRank) {
+					newRank[e] = slot / per
+				}
+			}
+		}
+		for e, n := range counts {
+			fmt.Fprintf(tw, "%d\t%d\t%d\t%d\n", l, e, n, newRank[e])
+		}
+	}
+	return tw.Flush()
 }
 
 func groupCount(as []client.Placement) int {

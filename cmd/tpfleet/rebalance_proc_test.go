@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"path/filepath"
 	"slices"
@@ -229,5 +230,82 @@ func TestShardStreamingProcesses(t *testing.T) {
 		if st.GetStreamedBytes() != want || st.GetReadBytes() != st.GetWeightBytes() {
 			t.Errorf("worker %s: streamed %d of %d bytes read, holds %d; want %d streamed", id, st.GetStreamedBytes(), st.GetReadBytes(), st.GetWeightBytes(), want)
 		}
+	}
+}
+
+// TestExpertsProcesses: under the ep plan (TP 2: half the experts on each rank), the coordinator shows the
+// tokens each expert got after requests; `rebalance --experts` places the experts by that load — the most
+// loaded experts on different ranks, so the hottest expert's rank carries less — and the group then still
+// answers with the fixture's greedy ids (the router's rows are permuted with the experts).
+func TestExpertsProcesses(t *testing.T) {
+	g := readGolden(t, "moe-top1")
+	model := filepath.Join(fixtures, "moe-top1")
+	_, ep := startEtcd(t)
+	coord := startProc(t, "coordinator", "coordinator", "--etcd", ep, "--model", model, "--tp", "2", "--plan", "ep",
+		"--listen", "127.0.0.1:0", "--http-listen", "", "--settle", "50ms", "--no-gossip")
+	addr := coord.line(t)
+	for _, id := range []string{"a", "b"} {
+		startProc(t, "worker "+id, "worker", "--etcd", ep, "--id", id, "--threads", "1", "--no-gossip")
+	}
+	cli := waitCoordinator(t, addr)
+	generateConcurrently(t, addr, g, 4)
+
+	ctx := context.Background()
+	load, err := cli.Experts(ctx)
+	if err != nil || load.Groups != 1 || len(load.Layers) == 0 {
+		t.Fatalf("Experts() = %+v, %v; want the counts of one group", load, err)
+	}
+	rankLoad := func(counts []int64, order []int) []int64 {
+		per := len(counts) / 2
+		out := make([]int64, 2)
+		for slot := range counts {
+			e := slot
+			if order != nil {
+				e = order[slot]
+			}
+			out[slot/per] += counts[e]
+		}
+		return out
+	}
+	exit, stdout, errOut := tpfleet(t, "rebalance", "--addr", addr, "--experts", "--wait")
+	if exit != 0 {
+		t.Fatalf("rebalance --experts = exit %d, %q", exit, errOut)
+	}
+	t.Logf("tpfleet rebalance --experts --wait:\n%s", stdout)
+	exit, stdout, errOut = tpfleet(t, "rebalance", "--addr", addr, "--dry-run", "--json")
+	var res struct {
+		ExpertOrder map[int][]int `json:"expert_order"`
+	}
+	if exit != 0 || json.Unmarshal([]byte(stdout), &res) != nil || len(res.ExpertOrder) == 0 {
+		t.Fatalf("rebalance --dry-run --json after --experts = exit %d, %q (%s); want the expert order", exit, stdout, errOut)
+	}
+	movedAny := false
+	for l, counts := range load.Layers {
+		ord := res.ExpertOrder[l]
+		before, after := rankLoad(counts, nil), rankLoad(counts, ord)
+		if max(after[0], after[1]) > max(before[0], before[1]) {
+			t.Errorf("layer %d: tokens per rank %v before, %v after --experts; want the busiest rank to carry no more", l, before, after)
+		}
+		hot := 0
+		for e := range counts {
+			if counts[e] > counts[hot] {
+				hot = e
+			}
+		}
+		per := len(counts) / 2
+		rank := slices.Index(ord, hot) / per
+		t.Logf("layer %d: tokens per expert %v; order %v; hottest expert %d on rank %d → %d; tokens per rank %v → %v",
+			l, counts, ord, hot, hot/per, rank, before, after)
+		if !slices.Equal(ord, []int{0, 1, 2, 3}[:len(ord)]) {
+			movedAny = true
+		}
+	}
+	if !movedAny {
+		t.Logf("no layer needed another placement")
+	}
+	generateConcurrently(t, addr, g, 4)
+	after, err := cli.Experts(ctx)
+	if err != nil || len(after.Layers) == 0 {
+		t.Errorf("Experts() after the switch = %+v, %v; want counts", after, err)
 	}
 }

@@ -396,7 +396,10 @@ type RebalanceRequest struct {
 	// dry_run computes the new plan and its moves and changes nothing.
 	DryRun bool `protobuf:"varint,7,opt,name=dry_run,json=dryRun,proto3" json:"dry_run,omitempty"`
 	// wait returns only once every group of the new epoch serves.
-	Wait          bool `protobuf:"varint,8,opt,name=wait,proto3" json:"wait,omitempty"`
+	Wait bool `protobuf:"varint,8,opt,name=wait,proto3" json:"wait,omitempty"`
+	// experts re-places the experts of every MoE layer over the ranks by their load (expert plan only): the
+	// hottest experts go to the least loaded ranks.
+	Experts       bool `protobuf:"varint,9,opt,name=experts,proto3" json:"experts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -487,6 +490,110 @@ func (x *RebalanceRequest) GetWait() bool {
 	return false
 }
 
+func (x *RebalanceRequest) GetExperts() bool {
+	if x != nil {
+		return x.Experts
+	}
+	return false
+}
+
+type ExpertsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExpertsRequest) Reset() {
+	*x = ExpertsRequest{}
+	mi := &file_tpfleet_v1_admin_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExpertsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExpertsRequest) ProtoMessage() {}
+
+func (x *ExpertsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tpfleet_v1_admin_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExpertsRequest.ProtoReflect.Descriptor instead.
+func (*ExpertsRequest) Descriptor() ([]byte, []int) {
+	return file_tpfleet_v1_admin_proto_rawDescGZIP(), []int{7}
+}
+
+type ExpertsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Epoch int64                  `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	// groups is the number of groups whose load is summed.
+	Groups        int32         `protobuf:"varint,2,opt,name=groups,proto3" json:"groups,omitempty"`
+	Layers        []*ExpertLoad `protobuf:"bytes,3,rep,name=layers,proto3" json:"layers,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExpertsResponse) Reset() {
+	*x = ExpertsResponse{}
+	mi := &file_tpfleet_v1_admin_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExpertsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExpertsResponse) ProtoMessage() {}
+
+func (x *ExpertsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tpfleet_v1_admin_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExpertsResponse.ProtoReflect.Descriptor instead.
+func (*ExpertsResponse) Descriptor() ([]byte, []int) {
+	return file_tpfleet_v1_admin_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *ExpertsResponse) GetEpoch() int64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *ExpertsResponse) GetGroups() int32 {
+	if x != nil {
+		return x.Groups
+	}
+	return 0
+}
+
+func (x *ExpertsResponse) GetLayers() []*ExpertLoad {
+	if x != nil {
+		return x.Layers
+	}
+	return nil
+}
+
 // WorkerMove is what one worker does in a plan change: its place in the new plan and the tensors (its
 // slices of them) it loads, keeps and drops.
 type WorkerMove struct {
@@ -510,7 +617,7 @@ type WorkerMove struct {
 
 func (x *WorkerMove) Reset() {
 	*x = WorkerMove{}
-	mi := &file_tpfleet_v1_admin_proto_msgTypes[7]
+	mi := &file_tpfleet_v1_admin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -522,7 +629,7 @@ func (x *WorkerMove) String() string {
 func (*WorkerMove) ProtoMessage() {}
 
 func (x *WorkerMove) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_admin_proto_msgTypes[7]
+	mi := &file_tpfleet_v1_admin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -535,7 +642,7 @@ func (x *WorkerMove) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WorkerMove.ProtoReflect.Descriptor instead.
 func (*WorkerMove) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_admin_proto_rawDescGZIP(), []int{7}
+	return file_tpfleet_v1_admin_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *WorkerMove) GetMemberId() string {
@@ -630,13 +737,16 @@ type RebalanceResponse struct {
 	// how long from writing the epoch until every group served (with wait).
 	PrepareSeconds float64 `protobuf:"fixed64,9,opt,name=prepare_seconds,json=prepareSeconds,proto3" json:"prepare_seconds,omitempty"`
 	SwitchSeconds  float64 `protobuf:"fixed64,10,opt,name=switch_seconds,json=switchSeconds,proto3" json:"switch_seconds,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// expert_order is, per MoE layer, the expert each slot holds (slots rank by rank, experts/tp each);
+	// empty when the plan keeps the checkpoint's order.
+	ExpertOrder   []*ExpertOrder `protobuf:"bytes,11,rep,name=expert_order,json=expertOrder,proto3" json:"expert_order,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *RebalanceResponse) Reset() {
 	*x = RebalanceResponse{}
-	mi := &file_tpfleet_v1_admin_proto_msgTypes[8]
+	mi := &file_tpfleet_v1_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -648,7 +758,7 @@ func (x *RebalanceResponse) String() string {
 func (*RebalanceResponse) ProtoMessage() {}
 
 func (x *RebalanceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_admin_proto_msgTypes[8]
+	mi := &file_tpfleet_v1_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -661,7 +771,7 @@ func (x *RebalanceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RebalanceResponse.ProtoReflect.Descriptor instead.
 func (*RebalanceResponse) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_admin_proto_rawDescGZIP(), []int{8}
+	return file_tpfleet_v1_admin_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RebalanceResponse) GetEpoch() int64 {
@@ -734,12 +844,71 @@ func (x *RebalanceResponse) GetSwitchSeconds() float64 {
 	return 0
 }
 
+func (x *RebalanceResponse) GetExpertOrder() []*ExpertOrder {
+	if x != nil {
+		return x.ExpertOrder
+	}
+	return nil
+}
+
+type ExpertOrder struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Layer         int32                  `protobuf:"varint,1,opt,name=layer,proto3" json:"layer,omitempty"`
+	Experts       []int32                `protobuf:"varint,2,rep,packed,name=experts,proto3" json:"experts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExpertOrder) Reset() {
+	*x = ExpertOrder{}
+	mi := &file_tpfleet_v1_admin_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExpertOrder) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExpertOrder) ProtoMessage() {}
+
+func (x *ExpertOrder) ProtoReflect() protoreflect.Message {
+	mi := &file_tpfleet_v1_admin_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExpertOrder.ProtoReflect.Descriptor instead.
+func (*ExpertOrder) Descriptor() ([]byte, []int) {
+	return file_tpfleet_v1_admin_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *ExpertOrder) GetLayer() int32 {
+	if x != nil {
+		return x.Layer
+	}
+	return 0
+}
+
+func (x *ExpertOrder) GetExperts() []int32 {
+	if x != nil {
+		return x.Experts
+	}
+	return nil
+}
+
 var File_tpfleet_v1_admin_proto protoreflect.FileDescriptor
 
 const file_tpfleet_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"\x16tpfleet/v1/admin.proto\x12\n" +
-	"tpfleet.v1\"\x10\n" +
+	"tpfleet.v1\x1a\x17tpfleet/v1/worker.proto\"\x10\n" +
 	"\x0eMembersRequest\"}\n" +
 	"\x06Member\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
@@ -763,7 +932,7 @@ const file_tpfleet_v1_admin_proto_rawDesc = "" +
 	"\x04plan\x18\x04 \x01(\tR\x04plan\x128\n" +
 	"\vassignments\x18\x05 \x03(\v2\x16.tpfleet.v1.AssignmentR\vassignments\x12\x1b\n" +
 	"\tleader_id\x18\x06 \x01(\tR\bleaderId\x12)\n" +
-	"\x10etcd_unreachable\x18\a \x01(\bR\x0fetcdUnreachable\"\xde\x01\n" +
+	"\x10etcd_unreachable\x18\a \x01(\bR\x0fetcdUnreachable\"\xf8\x01\n" +
 	"\x10RebalanceRequest\x12\x0e\n" +
 	"\x02tp\x18\x01 \x01(\x05R\x02tp\x12\x12\n" +
 	"\x04plan\x18\x02 \x01(\tR\x04plan\x12\x1b\n" +
@@ -772,8 +941,14 @@ const file_tpfleet_v1_admin_proto_rawDesc = "" +
 	"\x05drain\x18\x05 \x01(\tR\x05drain\x12\x18\n" +
 	"\aundrain\x18\x06 \x01(\tR\aundrain\x12\x17\n" +
 	"\adry_run\x18\a \x01(\bR\x06dryRun\x12\x12\n" +
-	"\x04wait\x18\b \x01(\bR\x04waitB\v\n" +
-	"\t_replicas\"\xc7\x02\n" +
+	"\x04wait\x18\b \x01(\bR\x04wait\x12\x18\n" +
+	"\aexperts\x18\t \x01(\bR\aexpertsB\v\n" +
+	"\t_replicas\"\x10\n" +
+	"\x0eExpertsRequest\"o\n" +
+	"\x0fExpertsResponse\x12\x14\n" +
+	"\x05epoch\x18\x01 \x01(\x03R\x05epoch\x12\x16\n" +
+	"\x06groups\x18\x02 \x01(\x05R\x06groups\x12.\n" +
+	"\x06layers\x18\x03 \x03(\v2\x16.tpfleet.v1.ExpertLoadR\x06layers\"\xc7\x02\n" +
 	"\n" +
 	"WorkerMove\x12\x1b\n" +
 	"\tmember_id\x18\x01 \x01(\tR\bmemberId\x12\x14\n" +
@@ -788,7 +963,7 @@ const file_tpfleet_v1_admin_proto_rawDesc = "" +
 	"\adropped\x18\t \x01(\x05R\adropped\x12#\n" +
 	"\rdropped_bytes\x18\n" +
 	" \x01(\x03R\fdroppedBytes\x12+\n" +
-	"\x11estimated_seconds\x18\v \x01(\x01R\x10estimatedSeconds\"\xd4\x02\n" +
+	"\x11estimated_seconds\x18\v \x01(\x01R\x10estimatedSeconds\"\x90\x03\n" +
 	"\x11RebalanceResponse\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x03R\x05epoch\x12\x17\n" +
 	"\adry_run\x18\x02 \x01(\bR\x06dryRun\x12\x0e\n" +
@@ -800,11 +975,16 @@ const file_tpfleet_v1_admin_proto_rawDesc = "" +
 	"\x05moves\x18\b \x03(\v2\x16.tpfleet.v1.WorkerMoveR\x05moves\x12'\n" +
 	"\x0fprepare_seconds\x18\t \x01(\x01R\x0eprepareSeconds\x12%\n" +
 	"\x0eswitch_seconds\x18\n" +
-	" \x01(\x01R\rswitchSeconds2\xd6\x01\n" +
+	" \x01(\x01R\rswitchSeconds\x12:\n" +
+	"\fexpert_order\x18\v \x03(\v2\x17.tpfleet.v1.ExpertOrderR\vexpertOrder\"=\n" +
+	"\vExpertOrder\x12\x14\n" +
+	"\x05layer\x18\x01 \x01(\x05R\x05layer\x12\x18\n" +
+	"\aexperts\x18\x02 \x03(\x05R\aexperts2\x9a\x02\n" +
 	"\x05Admin\x12B\n" +
 	"\aMembers\x12\x1a.tpfleet.v1.MembersRequest\x1a\x1b.tpfleet.v1.MembersResponse\x12?\n" +
 	"\x06Shards\x12\x19.tpfleet.v1.ShardsRequest\x1a\x1a.tpfleet.v1.ShardsResponse\x12H\n" +
-	"\tRebalance\x12\x1c.tpfleet.v1.RebalanceRequest\x1a\x1d.tpfleet.v1.RebalanceResponseB7Z5github.com/tpfleet/tpfleet/proto/tpfleet/v1;tpfleetv1b\x06proto3"
+	"\tRebalance\x12\x1c.tpfleet.v1.RebalanceRequest\x1a\x1d.tpfleet.v1.RebalanceResponse\x12B\n" +
+	"\aExperts\x12\x1a.tpfleet.v1.ExpertsRequest\x1a\x1b.tpfleet.v1.ExpertsResponseB7Z5github.com/tpfleet/tpfleet/proto/tpfleet/v1;tpfleetv1b\x06proto3"
 
 var (
 	file_tpfleet_v1_admin_proto_rawDescOnce sync.Once
@@ -818,7 +998,7 @@ func file_tpfleet_v1_admin_proto_rawDescGZIP() []byte {
 	return file_tpfleet_v1_admin_proto_rawDescData
 }
 
-var file_tpfleet_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_tpfleet_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
 var file_tpfleet_v1_admin_proto_goTypes = []any{
 	(*MembersRequest)(nil),    // 0: tpfleet.v1.MembersRequest
 	(*Member)(nil),            // 1: tpfleet.v1.Member
@@ -827,25 +1007,33 @@ var file_tpfleet_v1_admin_proto_goTypes = []any{
 	(*Assignment)(nil),        // 4: tpfleet.v1.Assignment
 	(*ShardsResponse)(nil),    // 5: tpfleet.v1.ShardsResponse
 	(*RebalanceRequest)(nil),  // 6: tpfleet.v1.RebalanceRequest
-	(*WorkerMove)(nil),        // 7: tpfleet.v1.WorkerMove
-	(*RebalanceResponse)(nil), // 8: tpfleet.v1.RebalanceResponse
+	(*ExpertsRequest)(nil),    // 7: tpfleet.v1.ExpertsRequest
+	(*ExpertsResponse)(nil),   // 8: tpfleet.v1.ExpertsResponse
+	(*WorkerMove)(nil),        // 9: tpfleet.v1.WorkerMove
+	(*RebalanceResponse)(nil), // 10: tpfleet.v1.RebalanceResponse
+	(*ExpertOrder)(nil),       // 11: tpfleet.v1.ExpertOrder
+	(*ExpertLoad)(nil),        // 12: tpfleet.v1.ExpertLoad
 }
 var file_tpfleet_v1_admin_proto_depIdxs = []int32{
-	1, // 0: tpfleet.v1.MembersResponse.members:type_name -> tpfleet.v1.Member
-	4, // 1: tpfleet.v1.ShardsResponse.assignments:type_name -> tpfleet.v1.Assignment
-	4, // 2: tpfleet.v1.RebalanceResponse.assignments:type_name -> tpfleet.v1.Assignment
-	7, // 3: tpfleet.v1.RebalanceResponse.moves:type_name -> tpfleet.v1.WorkerMove
-	0, // 4: tpfleet.v1.Admin.Members:input_type -> tpfleet.v1.MembersRequest
-	3, // 5: tpfleet.v1.Admin.Shards:input_type -> tpfleet.v1.ShardsRequest
-	6, // 6: tpfleet.v1.Admin.Rebalance:input_type -> tpfleet.v1.RebalanceRequest
-	2, // 7: tpfleet.v1.Admin.Members:output_type -> tpfleet.v1.MembersResponse
-	5, // 8: tpfleet.v1.Admin.Shards:output_type -> tpfleet.v1.ShardsResponse
-	8, // 9: tpfleet.v1.Admin.Rebalance:output_type -> tpfleet.v1.RebalanceResponse
-	7, // [7:10] is the sub-list for method output_type
-	4, // [4:7] is the sub-list for method input_type
-	4, // [4:4] is the sub-list for extension type_name
-	4, // [4:4] is the sub-list for extension extendee
-	0, // [0:4] is the sub-list for field type_name
+	1,  // 0: tpfleet.v1.MembersResponse.members:type_name -> tpfleet.v1.Member
+	4,  // 1: tpfleet.v1.ShardsResponse.assignments:type_name -> tpfleet.v1.Assignment
+	12, // 2: tpfleet.v1.ExpertsResponse.layers:type_name -> tpfleet.v1.ExpertLoad
+	4,  // 3: tpfleet.v1.RebalanceResponse.assignments:type_name -> tpfleet.v1.Assignment
+	9,  // 4: tpfleet.v1.RebalanceResponse.moves:type_name -> tpfleet.v1.WorkerMove
+	11, // 5: tpfleet.v1.RebalanceResponse.expert_order:type_name -> tpfleet.v1.ExpertOrder
+	0,  // 6: tpfleet.v1.Admin.Members:input_type -> tpfleet.v1.MembersRequest
+	3,  // 7: tpfleet.v1.Admin.Shards:input_type -> tpfleet.v1.ShardsRequest
+	6,  // 8: tpfleet.v1.Admin.Rebalance:input_type -> tpfleet.v1.RebalanceRequest
+	7,  // 9: tpfleet.v1.Admin.Experts:input_type -> tpfleet.v1.ExpertsRequest
+	2,  // 10: tpfleet.v1.Admin.Members:output_type -> tpfleet.v1.MembersResponse
+	5,  // 11: tpfleet.v1.Admin.Shards:output_type -> tpfleet.v1.ShardsResponse
+	10, // 12: tpfleet.v1.Admin.Rebalance:output_type -> tpfleet.v1.RebalanceResponse
+	8,  // 13: tpfleet.v1.Admin.Experts:output_type -> tpfleet.v1.ExpertsResponse
+	10, // [10:14] is the sub-list for method output_type
+	6,  // [6:10] is the sub-list for method input_type
+	6,  // [6:6] is the sub-list for extension type_name
+	6,  // [6:6] is the sub-list for extension extendee
+	0,  // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_tpfleet_v1_admin_proto_init() }
@@ -853,6 +1041,7 @@ func file_tpfleet_v1_admin_proto_init() {
 	if File_tpfleet_v1_admin_proto != nil {
 		return
 	}
+	file_tpfleet_v1_worker_proto_init()
 	file_tpfleet_v1_admin_proto_msgTypes[6].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -860,7 +1049,7 @@ func file_tpfleet_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tpfleet_v1_admin_proto_rawDesc), len(file_tpfleet_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   9,
+			NumMessages:   12,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -521,6 +521,9 @@ type StatusResponse struct {
 	KeptBytes   int64 `protobuf:"varint,14,opt,name=kept_bytes,json=keptBytes,proto3" json:"kept_bytes,omitempty"`
 	// streamed_bytes is the part of read_bytes received from a peer over ReadTensor.
 	StreamedBytes int64 `protobuf:"varint,15,opt,name=streamed_bytes,json=streamedBytes,proto3" json:"streamed_bytes,omitempty"`
+	// expert_load is, per MoE layer, the tokens routed to each expert (in the checkpoint's expert order)
+	// since the weights were loaded; empty where the backend does not count them (routing on a device).
+	ExpertLoad    []*ExpertLoad `protobuf:"bytes,16,rep,name=expert_load,json=expertLoad,proto3" json:"expert_load,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -660,6 +663,66 @@ func (x *StatusResponse) GetStreamedBytes() int64 {
 	return 0
 }
 
+func (x *StatusResponse) GetExpertLoad() []*ExpertLoad {
+	if x != nil {
+		return x.ExpertLoad
+	}
+	return nil
+}
+
+// ExpertLoad is one MoE layer's tokens per expert: tokens[e] (token, choice) pairs went to expert e.
+type ExpertLoad struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Layer         int32                  `protobuf:"varint,1,opt,name=layer,proto3" json:"layer,omitempty"`
+	Tokens        []int64                `protobuf:"varint,2,rep,packed,name=tokens,proto3" json:"tokens,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExpertLoad) Reset() {
+	*x = ExpertLoad{}
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExpertLoad) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExpertLoad) ProtoMessage() {}
+
+func (x *ExpertLoad) ProtoReflect() protoreflect.Message {
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExpertLoad.ProtoReflect.Descriptor instead.
+func (*ExpertLoad) Descriptor() ([]byte, []int) {
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *ExpertLoad) GetLayer() int32 {
+	if x != nil {
+		return x.Layer
+	}
+	return 0
+}
+
+func (x *ExpertLoad) GetTokens() []int64 {
+	if x != nil {
+		return x.Tokens
+	}
+	return nil
+}
+
 type PrepareRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// plan is the plan to prepare for, as JSON (cluster.Plan; epoch 0 until written).
@@ -670,7 +733,7 @@ type PrepareRequest struct {
 
 func (x *PrepareRequest) Reset() {
 	*x = PrepareRequest{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[8]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -682,7 +745,7 @@ func (x *PrepareRequest) String() string {
 func (*PrepareRequest) ProtoMessage() {}
 
 func (x *PrepareRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[8]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -695,7 +758,7 @@ func (x *PrepareRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareRequest.ProtoReflect.Descriptor instead.
 func (*PrepareRequest) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{8}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *PrepareRequest) GetPlan() []byte {
@@ -718,7 +781,7 @@ type PrepareResponse struct {
 
 func (x *PrepareResponse) Reset() {
 	*x = PrepareResponse{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[9]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -730,7 +793,7 @@ func (x *PrepareResponse) String() string {
 func (*PrepareResponse) ProtoMessage() {}
 
 func (x *PrepareResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[9]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -743,7 +806,7 @@ func (x *PrepareResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareResponse.ProtoReflect.Descriptor instead.
 func (*PrepareResponse) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{9}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *PrepareResponse) GetLoaded() int32 {
@@ -782,7 +845,7 @@ type CheckpointInfoRequest struct {
 
 func (x *CheckpointInfoRequest) Reset() {
 	*x = CheckpointInfoRequest{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[10]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -794,7 +857,7 @@ func (x *CheckpointInfoRequest) String() string {
 func (*CheckpointInfoRequest) ProtoMessage() {}
 
 func (x *CheckpointInfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[10]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -807,7 +870,7 @@ func (x *CheckpointInfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckpointInfoRequest.ProtoReflect.Descriptor instead.
 func (*CheckpointInfoRequest) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{10}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{11}
 }
 
 type CheckpointFile struct {
@@ -820,7 +883,7 @@ type CheckpointFile struct {
 
 func (x *CheckpointFile) Reset() {
 	*x = CheckpointFile{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[11]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -832,7 +895,7 @@ func (x *CheckpointFile) String() string {
 func (*CheckpointFile) ProtoMessage() {}
 
 func (x *CheckpointFile) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[11]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -845,7 +908,7 @@ func (x *CheckpointFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckpointFile.ProtoReflect.Descriptor instead.
 func (*CheckpointFile) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{11}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *CheckpointFile) GetName() string {
@@ -873,7 +936,7 @@ type TensorHeader struct {
 
 func (x *TensorHeader) Reset() {
 	*x = TensorHeader{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[12]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -885,7 +948,7 @@ func (x *TensorHeader) String() string {
 func (*TensorHeader) ProtoMessage() {}
 
 func (x *TensorHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[12]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -898,7 +961,7 @@ func (x *TensorHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TensorHeader.ProtoReflect.Descriptor instead.
 func (*TensorHeader) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{12}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *TensorHeader) GetName() string {
@@ -932,7 +995,7 @@ type CheckpointInfoResponse struct {
 
 func (x *CheckpointInfoResponse) Reset() {
 	*x = CheckpointInfoResponse{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[13]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -944,7 +1007,7 @@ func (x *CheckpointInfoResponse) String() string {
 func (*CheckpointInfoResponse) ProtoMessage() {}
 
 func (x *CheckpointInfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[13]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -957,7 +1020,7 @@ func (x *CheckpointInfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckpointInfoResponse.ProtoReflect.Descriptor instead.
 func (*CheckpointInfoResponse) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{13}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *CheckpointInfoResponse) GetFiles() []*CheckpointFile {
@@ -988,7 +1051,7 @@ type ReadTensorRequest struct {
 
 func (x *ReadTensorRequest) Reset() {
 	*x = ReadTensorRequest{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[14]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1000,7 +1063,7 @@ func (x *ReadTensorRequest) String() string {
 func (*ReadTensorRequest) ProtoMessage() {}
 
 func (x *ReadTensorRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[14]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1013,7 +1076,7 @@ func (x *ReadTensorRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadTensorRequest.ProtoReflect.Descriptor instead.
 func (*ReadTensorRequest) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{14}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ReadTensorRequest) GetName() string {
@@ -1061,7 +1124,7 @@ type TensorChunk struct {
 
 func (x *TensorChunk) Reset() {
 	*x = TensorChunk{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[15]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1073,7 +1136,7 @@ func (x *TensorChunk) String() string {
 func (*TensorChunk) ProtoMessage() {}
 
 func (x *TensorChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[15]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1086,7 +1149,7 @@ func (x *TensorChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TensorChunk.ProtoReflect.Descriptor instead.
 func (*TensorChunk) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{15}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *TensorChunk) GetOffset() int64 {
@@ -1171,7 +1234,7 @@ const file_tpfleet_v1_worker_proto_rawDesc = "" +
 	"\x05epoch\x18\x01 \x01(\x03R\x05epoch\"(\n" +
 	"\x10LoadPlanResponse\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x03R\x05epoch\"\x0f\n" +
-	"\rStatusRequest\"\xb6\x03\n" +
+	"\rStatusRequest\"\xef\x03\n" +
 	"\x0eStatusResponse\x12\x1b\n" +
 	"\tmember_id\x18\x01 \x01(\tR\bmemberId\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x03R\x05epoch\x12\x14\n" +
@@ -1191,7 +1254,13 @@ const file_tpfleet_v1_worker_proto_rawDesc = "" +
 	"\fkept_tensors\x18\r \x01(\x05R\vkeptTensors\x12\x1d\n" +
 	"\n" +
 	"kept_bytes\x18\x0e \x01(\x03R\tkeptBytes\x12%\n" +
-	"\x0estreamed_bytes\x18\x0f \x01(\x03R\rstreamedBytes\"$\n" +
+	"\x0estreamed_bytes\x18\x0f \x01(\x03R\rstreamedBytes\x127\n" +
+	"\vexpert_load\x18\x10 \x03(\v2\x16.tpfleet.v1.ExpertLoadR\n" +
+	"expertLoad\":\n" +
+	"\n" +
+	"ExpertLoad\x12\x14\n" +
+	"\x05layer\x18\x01 \x01(\x05R\x05layer\x12\x16\n" +
+	"\x06tokens\x18\x02 \x03(\x03R\x06tokens\"$\n" +
 	"\x0ePrepareRequest\x12\x12\n" +
 	"\x04plan\x18\x01 \x01(\fR\x04plan\"\x7f\n" +
 	"\x0fPrepareResponse\x12\x16\n" +
@@ -1249,7 +1318,7 @@ func file_tpfleet_v1_worker_proto_rawDescGZIP() []byte {
 }
 
 var file_tpfleet_v1_worker_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tpfleet_v1_worker_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_tpfleet_v1_worker_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_tpfleet_v1_worker_proto_goTypes = []any{
 	(StepProtocol)(0),              // 0: tpfleet.v1.StepProtocol
 	(*StepRequest)(nil),            // 1: tpfleet.v1.StepRequest
@@ -1260,40 +1329,42 @@ var file_tpfleet_v1_worker_proto_goTypes = []any{
 	(*LoadPlanResponse)(nil),       // 6: tpfleet.v1.LoadPlanResponse
 	(*StatusRequest)(nil),          // 7: tpfleet.v1.StatusRequest
 	(*StatusResponse)(nil),         // 8: tpfleet.v1.StatusResponse
-	(*PrepareRequest)(nil),         // 9: tpfleet.v1.PrepareRequest
-	(*PrepareResponse)(nil),        // 10: tpfleet.v1.PrepareResponse
-	(*CheckpointInfoRequest)(nil),  // 11: tpfleet.v1.CheckpointInfoRequest
-	(*CheckpointFile)(nil),         // 12: tpfleet.v1.CheckpointFile
-	(*TensorHeader)(nil),           // 13: tpfleet.v1.TensorHeader
-	(*CheckpointInfoResponse)(nil), // 14: tpfleet.v1.CheckpointInfoResponse
-	(*ReadTensorRequest)(nil),      // 15: tpfleet.v1.ReadTensorRequest
-	(*TensorChunk)(nil),            // 16: tpfleet.v1.TensorChunk
-	(*SamplingParams)(nil),         // 17: tpfleet.v1.SamplingParams
+	(*ExpertLoad)(nil),             // 9: tpfleet.v1.ExpertLoad
+	(*PrepareRequest)(nil),         // 10: tpfleet.v1.PrepareRequest
+	(*PrepareResponse)(nil),        // 11: tpfleet.v1.PrepareResponse
+	(*CheckpointInfoRequest)(nil),  // 12: tpfleet.v1.CheckpointInfoRequest
+	(*CheckpointFile)(nil),         // 13: tpfleet.v1.CheckpointFile
+	(*TensorHeader)(nil),           // 14: tpfleet.v1.TensorHeader
+	(*CheckpointInfoResponse)(nil), // 15: tpfleet.v1.CheckpointInfoResponse
+	(*ReadTensorRequest)(nil),      // 16: tpfleet.v1.ReadTensorRequest
+	(*TensorChunk)(nil),            // 17: tpfleet.v1.TensorChunk
+	(*SamplingParams)(nil),         // 18: tpfleet.v1.SamplingParams
 }
 var file_tpfleet_v1_worker_proto_depIdxs = []int32{
 	0,  // 0: tpfleet.v1.StepRequest.protocol:type_name -> tpfleet.v1.StepProtocol
 	2,  // 1: tpfleet.v1.StepRequest.seqs:type_name -> tpfleet.v1.SequenceWork
-	17, // 2: tpfleet.v1.SequenceWork.sampling:type_name -> tpfleet.v1.SamplingParams
+	18, // 2: tpfleet.v1.SequenceWork.sampling:type_name -> tpfleet.v1.SamplingParams
 	4,  // 3: tpfleet.v1.StepResponse.results:type_name -> tpfleet.v1.SequenceResult
-	12, // 4: tpfleet.v1.CheckpointInfoResponse.files:type_name -> tpfleet.v1.CheckpointFile
-	13, // 5: tpfleet.v1.CheckpointInfoResponse.tensors:type_name -> tpfleet.v1.TensorHeader
-	1,  // 6: tpfleet.v1.Worker.Step:input_type -> tpfleet.v1.StepRequest
-	5,  // 7: tpfleet.v1.Worker.LoadPlan:input_type -> tpfleet.v1.LoadPlanRequest
-	7,  // 8: tpfleet.v1.Worker.Status:input_type -> tpfleet.v1.StatusRequest
-	9,  // 9: tpfleet.v1.Worker.Prepare:input_type -> tpfleet.v1.PrepareRequest
-	11, // 10: tpfleet.v1.Worker.CheckpointInfo:input_type -> tpfleet.v1.CheckpointInfoRequest
-	15, // 11: tpfleet.v1.Worker.ReadTensor:input_type -> tpfleet.v1.ReadTensorRequest
-	3,  // 12: tpfleet.v1.Worker.Step:output_type -> tpfleet.v1.StepResponse
-	6,  // 13: tpfleet.v1.Worker.LoadPlan:output_type -> tpfleet.v1.LoadPlanResponse
-	8,  // 14: tpfleet.v1.Worker.Status:output_type -> tpfleet.v1.StatusResponse
-	10, // 15: tpfleet.v1.Worker.Prepare:output_type -> tpfleet.v1.PrepareResponse
-	14, // 16: tpfleet.v1.Worker.CheckpointInfo:output_type -> tpfleet.v1.CheckpointInfoResponse
-	16, // 17: tpfleet.v1.Worker.ReadTensor:output_type -> tpfleet.v1.TensorChunk
-	12, // [12:18] is the sub-list for method output_type
-	6,  // [6:12] is the sub-list for method input_type
-	6,  // [6:6] is the sub-list for extension type_name
-	6,  // [6:6] is the sub-list for extension extendee
-	0,  // [0:6] is the sub-list for field type_name
+	9,  // 4: tpfleet.v1.StatusResponse.expert_load:type_name -> tpfleet.v1.ExpertLoad
+	13, // 5: tpfleet.v1.CheckpointInfoResponse.files:type_name -> tpfleet.v1.CheckpointFile
+	14, // 6: tpfleet.v1.CheckpointInfoResponse.tensors:type_name -> tpfleet.v1.TensorHeader
+	1,  // 7: tpfleet.v1.Worker.Step:input_type -> tpfleet.v1.StepRequest
+	5,  // 8: tpfleet.v1.Worker.LoadPlan:input_type -> tpfleet.v1.LoadPlanRequest
+	7,  // 9: tpfleet.v1.Worker.Status:input_type -> tpfleet.v1.StatusRequest
+	10, // 10: tpfleet.v1.Worker.Prepare:input_type -> tpfleet.v1.PrepareRequest
+	12, // 11: tpfleet.v1.Worker.CheckpointInfo:input_type -> tpfleet.v1.CheckpointInfoRequest
+	16, // 12: tpfleet.v1.Worker.ReadTensor:input_type -> tpfleet.v1.ReadTensorRequest
+	3,  // 13: tpfleet.v1.Worker.Step:output_type -> tpfleet.v1.StepResponse
+	6,  // 14: tpfleet.v1.Worker.LoadPlan:output_type -> tpfleet.v1.LoadPlanResponse
+	8,  // 15: tpfleet.v1.Worker.Status:output_type -> tpfleet.v1.StatusResponse
+	11, // 16: tpfleet.v1.Worker.Prepare:output_type -> tpfleet.v1.PrepareResponse
+	15, // 17: tpfleet.v1.Worker.CheckpointInfo:output_type -> tpfleet.v1.CheckpointInfoResponse
+	17, // 18: tpfleet.v1.Worker.ReadTensor:output_type -> tpfleet.v1.TensorChunk
+	13, // [13:19] is the sub-list for method output_type
+	7,  // [7:13] is the sub-list for method input_type
+	7,  // [7:7] is the sub-list for extension type_name
+	7,  // [7:7] is the sub-list for extension extendee
+	0,  // [0:7] is the sub-list for field type_name
 }
 
 func init() { file_tpfleet_v1_worker_proto_init() }
@@ -1308,7 +1379,7 @@ func file_tpfleet_v1_worker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tpfleet_v1_worker_proto_rawDesc), len(file_tpfleet_v1_worker_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   16,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
