@@ -253,6 +253,7 @@ type PrepareResult struct {
 // written: its epoch may be 0), taking over the tensors it holds already; the epoch that places the worker
 // so then starts without loading. The worker keeps serving meanwhile. A worker p does not place prepares
 // nothing. Prepared weights that no epoch takes over are dropped at the next epoch. Calls are serialised.
+// On a device backend (not safe for concurrent use) the steps wait while Prepare loads.
 func (w *Worker) Prepare(ctx context.Context, p cluster.Plan) (PrepareResult, error) {
 	w.prepareMu.Lock()
 	defer w.prepareMu.Unlock()
@@ -271,13 +272,24 @@ func (w *Worker) Prepare(ctx context.Context, p cluster.Plan) (PrepareResult, er
 	}
 	lg := w.lg.With(zap.Int64("for-epoch", p.Epoch))
 	lg.Info("preparing weights", zap.Stringer("weights", key))
+	// A device backend is driven by one goroutine at a time (backend.Ops): its load holds the steps' lock,
+	// so the current epoch's steps wait for it (as they would at the switch). The cpu backend is safe for
+	// concurrent use and keeps serving meanwhile.
+	_, device := w.ops.(backend.DeviceContext)
+	if device {
+		w.runMu.Lock()
+	}
 	wts, err := w.loadWeights(ctx, key, cur, staged)
+	if !device {
+		w.runMu.Lock()
+	}
+	if err == nil {
+		w.staged = wts
+	}
+	w.runMu.Unlock()
 	if err != nil {
 		return PrepareResult{}, fmt.Errorf("worker: prepare %s: %w", key, err)
 	}
-	w.runMu.Lock()
-	w.staged = wts
-	w.runMu.Unlock()
 	w.mu.Lock()
 	w.loads++
 	w.mu.Unlock()
