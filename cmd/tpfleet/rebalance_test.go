@@ -8,9 +8,9 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
-	"time"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestRebalance: on `tpfleet serve` with two TP=1 replicas, `tpfleet rebalance --tp 2` writes the next
