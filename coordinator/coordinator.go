@@ -200,6 +200,8 @@ func (c *Coordinator) Start(ctx context.Context) error {
 		zap.Duration("leader-ttl", c.cfg.LeaderTTL),
 		zap.Duration("settle", c.cfg.Settle),
 		zap.Bool("no-gossip", c.cfg.NoGossip),
+		zap.Float64("load-bandwidth", c.cfg.LoadBandwidth),
+		zap.Duration("experts-every", c.cfg.ExpertsEvery),
 		zap.Strings("etcd-endpoints", c.cfg.Etcd.Endpoints),
 		zap.String("cluster", c.cfg.Etcd.Cluster))
 
@@ -251,6 +253,9 @@ func (c *Coordinator) Start(ctx context.Context) error {
 	c.wg.Add(2)
 	if c.gossip != nil {
 		c.wg.Go(c.depose)
+	}
+	if c.cfg.ExpertsEvery > 0 {
+		c.wg.Go(c.autoExperts)
 	}
 	go func() {
 		defer c.wg.Done()

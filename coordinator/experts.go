@@ -5,6 +5,9 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"time"
+
+	"go.uber.org/zap"
 
 	"github.com/tpfleet/tpfleet/cluster"
 	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
@@ -175,4 +178,74 @@ func balanceExperts(load map[int][]int64, cur *cluster.UnitOrder, tp int) (*clus
 		out.Layers[l] = ord
 	}
 	return out, moved, nil
+}
+
+// imbalance is the largest ratio, over the layers, of the busiest rank's tokens to the mean rank's when
+// each layer's experts lie in order (nil: the checkpoint's) over tp ranks; 1 when perfectly balanced or
+// nothing was counted.
+func imbalance(load map[int][]int64, order *cluster.UnitOrder, tp int) float64 {
+	worst := 1.0
+	for l, counts := range load {
+		if tp < 1 || len(counts)%tp != 0 {
+			continue
+		}
+		per := len(counts) / tp
+		ranks := make([]int64, tp)
+		var total int64
+		for slot := range counts {
+			e := slot
+			if order != nil && len(order.Layers[l]) == len(counts) {
+				e = order.Layers[l][slot]
+			}
+			ranks[slot/per] += counts[e]
+			total += counts[e]
+		}
+		if total == 0 {
+			continue
+		}
+		worst = max(worst, float64(slices.Max(ranks))*float64(tp)/float64(total))
+	}
+	return worst
+}
+
+// autoExperts is the automatic expert rebalancing (Config.ExpertsEvery): while this coordinator leads
+// under the ep plan, it looks at the expert load every ExpertsEvery and rebalances the experts when a
+// layer's busiest rank carries more than ExpertsImbalance times the mean and balancing would move an
+// expert. The counts restart with the weights of each new placement. It ends with the coordinator.
+func (c *Coordinator) autoExperts() {
+	threshold := c.cfg.ExpertsImbalance
+	if threshold == 0 {
+		threshold = DefaultExpertsImbalance
+	}
+	t := time.NewTicker(c.cfg.ExpertsEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-c.ctx.Done():
+			return
+		case <-t.C:
+		}
+		s := c.spec()
+		c.mu.Lock()
+		leader := c.leader
+		c.mu.Unlock()
+		if !leader || s.planName != "ep" {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(c.ctx, max(c.cfg.ExpertsEvery, time.Minute))
+		load, err := c.ExpertLoad(ctx)
+		if err != nil || len(load.Layers) == 0 {
+			cancel()
+			continue
+		}
+		cur := s.unitOrder()
+		_, moved, err := balanceExperts(load.Layers, cur, s.tp)
+		if r := imbalance(load.Layers, cur, s.tp); err == nil && moved && r > threshold {
+			c.log.Info("rebalancing experts", zap.Float64("imbalance", r), zap.Float64("threshold", threshold))
+			if _, err := c.Rebalance(ctx, RebalanceOptions{Replicas: KeepReplicas, Experts: true}); err != nil {
+				c.log.Warn("rebalancing experts failed", zap.Error(err))
+			}
+		}
+		cancel()
+	}
 }

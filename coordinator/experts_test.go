@@ -37,3 +37,24 @@ func TestBalanceExperts(t *testing.T) {
 		t.Errorf("balanceExperts(3 experts, tp 2) = nil error, want one")
 	}
 }
+
+func TestImbalance(t *testing.T) {
+	load := map[int][]int64{0: {64, 40, 36, 24}, 1: {10, 10, 10, 10}}
+	for _, tc := range []struct {
+		order *cluster.UnitOrder
+		tp    int
+		want  float64
+	}{
+		{nil, 2, 104.0 * 2 / 164},
+		{&cluster.UnitOrder{Unit: expertsUnit, Layers: map[int][]int{0: {0, 3, 2, 1}}}, 2, 88.0 * 2 / 164},
+		{nil, 1, 1},
+		{nil, 4, 64.0 * 4 / 164},
+	} {
+		if got := imbalance(load, tc.order, tc.tp); got < tc.want-1e-9 || got > tc.want+1e-9 {
+			t.Errorf("imbalance(%v, %v, tp %d) = %g, want %g", load, tc.order, tc.tp, got, tc.want)
+		}
+	}
+	if got := imbalance(map[int][]int64{0: {0, 0}}, nil, 2); got != 1 {
+		t.Errorf("imbalance(nothing counted) = %g, want 1", got)
+	}
+}

@@ -309,3 +309,35 @@ func TestExpertsProcesses(t *testing.T) {
 		t.Errorf("Experts() after the switch = %+v, %v; want counts", after, err)
 	}
 }
+
+// TestExpertsAutomatic: with --experts-every the leader rebalances the experts by itself once the load is
+// uneven (off by default), and the group still answers with the fixture's greedy ids.
+func TestExpertsAutomatic(t *testing.T) {
+	g := readGolden(t, "moe-top1")
+	model := filepath.Join(fixtures, "moe-top1")
+	_, ep := startEtcd(t)
+	coord := startProc(t, "coordinator", "coordinator", "--etcd", ep, "--model", model, "--tp", "2", "--plan", "ep",
+		"--listen", "127.0.0.1:0", "--http-listen", "", "--settle", "50ms", "--no-gossip", "--experts-every", "300ms", "--experts-imbalance", "1.05")
+	addr := coord.line(t)
+	for _, id := range []string{"a", "b"} {
+		startProc(t, "worker "+id, "worker", "--etcd", ep, "--id", id, "--threads", "1", "--no-gossip")
+	}
+	waitCoordinator(t, addr)
+	generateConcurrently(t, addr, g, 4)
+	ordered := func() bool {
+		code, stdout, _ := tpfleet(t, "cluster", "shards", "--etcd", ep, "--json")
+		var v struct {
+			Plan *struct {
+				Order *struct {
+					Layers map[string][]int `json:"layers"`
+				} `json:"order"`
+			} `json:"plan"`
+		}
+		return code == 0 && json.Unmarshal([]byte(stdout), &v) == nil && v.Plan != nil && v.Plan.Order != nil && len(v.Plan.Order.Layers) > 0
+	}
+	waitFor(t, 60*time.Second, "an expert order in the plan", ordered)
+	generateConcurrently(t, addr, g, 4)
+	if s := coord.stderr.String(); !strings.Contains(s, "rebalancing experts") {
+		t.Errorf("the coordinator logged no automatic rebalance:\n%s", tail(s, 20))
+	}
+}
