@@ -172,6 +172,7 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 	start := time.Now()
 	// The checkpoint: the directory's files, or a peer's when the directory holds none.
 	var src shard.Source
+	var remote *remoteCheckpoint
 	if hasCheckpoint(k.dir) {
 		ckpt, err := safetensors.OpenCheckpoint(k.dir)
 		if err != nil {
@@ -186,7 +187,7 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 			return nil, err
 		}
 		defer conn.Close()
-		src = rc
+		src, remote = rc, rc
 	}
 	cfg, err := model.LoadConfig(k.dir)
 	if err != nil {
@@ -248,6 +249,9 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 		zap.Int("kept-tensors", rw.kept), zap.Int64("kept-bytes", rw.keptBytes),
 		zap.Duration("took", took.Round(time.Millisecond)),
 		zap.Float64("mib-per-second", float64(bytes)/(1<<20)/max(took.Seconds(), 1e-9)))
+	if remote != nil {
+		w.streamed.Add(remote.streamed.Load())
+	}
 	w.mu.Lock()
 	w.readBytes += bytes
 	w.keptTensors, w.keptBytes = rw.kept, rw.keptBytes

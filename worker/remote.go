@@ -271,8 +271,8 @@ type remoteCheckpoint struct {
 	peer     string
 	names    []string
 	infos    map[string]safetensors.TensorInfo
-	streamed *atomic.Int64 // bytes received, for Status
-	resumed  atomic.Int64  // streams beyond the first of each read
+	streamed atomic.Int64 // bytes received
+	resumed  atomic.Int64 // streams beyond the first of each read
 }
 
 var _ shard.Source = (*remoteCheckpoint)(nil)
@@ -366,7 +366,7 @@ func (w *Worker) remoteFrom(ctx context.Context, c tpfleetv1.WorkerClient, peer,
 			return nil, fmt.Errorf("worker: checkpoint from %s: %w", peer, err)
 		}
 	}
-	rc := &remoteCheckpoint{ctx: ctx, client: c, peer: peer, infos: make(map[string]safetensors.TensorInfo), streamed: &w.streamed}
+	rc := &remoteCheckpoint{ctx: ctx, client: c, peer: peer, infos: make(map[string]safetensors.TensorInfo)}
 	for _, t := range info.GetTensors() {
 		dt, err := safetensors.ParseDType(t.GetDtype())
 		if err != nil {

@@ -144,7 +144,7 @@ type Worker struct {
 	wts       *weights
 	staged    *weights     // loaded by Prepare for a plan about to be written; nil: none
 	seedState              // the checkpoint served to peers (remote.go)
-	streamed  atomic.Int64 // tensor bytes received from peers
+	streamed  atomic.Int64 // tensor bytes received from peers, for the loads that completed
 	prepareMu sync.Mutex   // serialises Prepare
 	seqs      map[uint64]*sequence
 	streamIDs atomic.Uint64 // numbers the Step streams from 1 (see sequence.stream)
