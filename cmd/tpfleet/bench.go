@@ -223,10 +223,16 @@ func tensorBytes(s model.TensorSpec, f quant.Format) int64 {
 }
 
 // runBench times prefill and batch-1 decode of a random model of the given shape (no checkpoint needed).
+//
+// With --addr it is the serving benchmark instead (loadbench.go): load on a running coordinator.
 func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if isLoadBench(args) {
+		return runLoadBench(ctx, args, stdout, stderr)
+	}
 	var f benchFlags
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	fs.String("addr", "", "benchmark a running coordinator at host:port instead: TTFT, ITL, end-to-end latency, tokens/s (see tpfleet bench --addr X -h)")
 	fs.IntVar(&f.layers, "layers", 4, "decoder layers")
 	fs.IntVar(&f.hidden, "hidden", 512, "hidden size")
 	fs.IntVar(&f.heads, "heads", 8, "attention heads")
