@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -109,6 +110,28 @@ type reuseWeights struct {
 }
 
 var _ run.Weights = (*reuseWeights)(nil)
+
+// lacking returns the entries of the manifest, and their bytes, that no earlier weights hold: what the load
+// will read.
+func (r *reuseWeights) lacking() (int, int64) {
+	n, bytes := 0, int64(0)
+	for _, ts := range r.man.Tensors {
+		name := strings.TrimPrefix(ts.Name, r.man.Prefix)
+		key := ts.Key() + "|" + r.format
+		held := false
+		for _, from := range r.from {
+			if h, ok := from[name]; ok && h.key == key {
+				held = true
+				break
+			}
+		}
+		if !held {
+			n++
+			bytes += ts.Bytes
+		}
+	}
+	return n, bytes
+}
 
 func (r *reuseWeights) Load(ctx context.Context, name string) (backend.Tensor, model.Layout, error) {
 	ts, ok := r.man.Lookup(r.man.Prefix + name)
@@ -228,17 +251,19 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 
 	_, device := w.ops.(backend.DeviceContext) // the epochs' communicators are then NCCL's
 	comm := newEpochComm(k.rank, k.tp, device)
-	w.metrics.loadStart(len(man.Tensors), man.Bytes)
-	defer w.metrics.loadEnd()
-	counted := &progressWeights{Weights: run.NewRankWeights(shard.NewRankReader(view, man), w.ops).WithFormat(cfg, format), m: w.metrics, bytesOf: man.BytesOf}
-	pw := &run.Progress{Weights: counted, Log: lg,
-		Total: len(man.Tensors), TotalBytes: man.Bytes, BytesOf: man.BytesOf, Every: w.progressEvery}
-	rw := &reuseWeights{next: pw, man: &man, format: format.String(), got: make(map[string]resident)}
+	rw := &reuseWeights{man: &man, format: format.String(), got: make(map[string]resident)}
 	for _, f := range from {
 		if f != nil && f.key.sameSource(k) {
 			rw.from = append(rw.from, f.resident)
 		}
 	}
+	toRead, toReadBytes := rw.lacking()
+	w.metrics.loadStart(toRead, toReadBytes)
+	defer w.metrics.loadEnd()
+	counted := &progressWeights{Weights: run.NewRankWeights(shard.NewRankReader(view, man), w.ops).WithFormat(cfg, format), m: w.metrics, bytesOf: man.BytesOf}
+	pw := &run.Progress{Weights: counted, Log: lg,
+		Total: toRead, TotalBytes: toReadBytes, BytesOf: man.BytesOf, Every: w.progressEvery}
+	rw.next = pw
 	m, err := run.Open(ctx, w.ops, cfg, rw, run.Parallel{Comm: comm})
 	if err != nil {
 		if ctx.Err() != nil {
