@@ -55,6 +55,15 @@ type Routing interface {
 	TopK() int
 }
 
+// ExpertCounter is implemented by a Routing whose choices the host reads without a copy from the device
+// (cpu's): the model counts the tokens each expert gets (expert load, for rebalancing hot experts). A
+// device backend whose routing stays on the device leaves it out, and its experts are not counted.
+type ExpertCounter interface {
+	// CountExperts adds to counts[e] the number of (token, choice) pairs routed to expert e. counts has one
+	// entry per expert of the router's logits; a shorter one is an error wrapping ErrShape.
+	CountExperts(counts []int64) error
+}
+
 // Ops is the set of operations the model's forward pass is written over. Every shape is given outermost
 // first; "[T, n]" means T rows of n elements. Implementations compute in float32 or better unless their doc
 // says otherwise. An op with operands of the wrong shape returns an error wrapping ErrShape, never panics.

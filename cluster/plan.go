@@ -24,15 +24,34 @@ type Plan struct {
 	TP int `json:"tp"`
 	// PlanName names the tp_plan: "tp", "ep" or the name in a plan file.
 	PlanName string `json:"plan_name"`
+	// PlanRules is the plan file's content (HF's JSON form) when PlanName is not one of the model's
+	// built-in plans and the plan came from an operator's file: every worker reads the same rules, whether
+	// or not it has the file. Empty: PlanName is built in, or a file at that path on every worker.
+	PlanRules json.RawMessage `json:"plan_rules,omitempty"`
+	// Replicas caps the number of groups; 0 places as many as the undrained members fill.
+	Replicas int `json:"replicas,omitempty"`
+	// Drained lists members an operator took out of service (rebalance --drain): they stay registered but
+	// hold no rank until undrained. Sorted; they may have left the cluster since.
+	Drained []string `json:"drained,omitempty"`
 	// Quantization is how every rank holds the quantisable weights of a bf16 checkpoint, so that the ranks
 	// of a group agree: "" (as stored), "fp8" or "int4" (quant.ParseFormat's names). QuantizationGroup is
 	// int4's input columns per scale (0 otherwise). A pre-quantised checkpoint needs neither.
 	Quantization      string `json:"quantization,omitempty"`
 	QuantizationGroup int    `json:"quantization_group,omitempty"`
+	// Order permutes the units of one dimension per layer (shard.Plan.WithOrder): rebalance --experts
+	// places the experts of each MoE layer over the ranks by their load. Nil: the checkpoint's order.
+	Order *UnitOrder `json:"order,omitempty"`
 	// Groups are the TP groups (replicas of the model). It may be empty: a plan that places nothing.
 	Groups []Group `json:"groups"`
 	// Created is when the plan was made; PutPlan sets it to the current time when zero.
 	Created time.Time `json:"created"`
+}
+
+// UnitOrder is a permutation of the units of the dimension named Unit ("experts"), per layer: index i of
+// that dimension holds the checkpoint's unit Layers[L][i] in layer L.
+type UnitOrder struct {
+	Unit   string        `json:"unit"`
+	Layers map[int][]int `json:"layers"`
 }
 
 // Group is one TP group: TP ranks that together hold one replica of the model.
@@ -48,9 +67,9 @@ type Assignment struct {
 	Addr     string `json:"addr"` // the member's gRPC address, host:port
 }
 
-// Validate reports a Plan that PutPlan would refuse: epoch below 1, no model, TP below 1, a group
-// whose size is not TP, ranks out of order, a duplicate group ID, a member placed twice, a missing
-// member ID or address.
+// Validate reports a Plan that PutPlan would refuse: epoch below 1, no model, TP below 1, negative
+// replicas or more groups than Replicas, a group whose size is not TP, ranks out of order, a duplicate
+// group ID, a member placed twice or placed while drained, a missing member ID or address.
 func (p Plan) Validate() error {
 	switch {
 	case p.Epoch < 1:
@@ -59,6 +78,14 @@ func (p Plan) Validate() error {
 		return fmt.Errorf("%w: plan %d: no model", ErrInvalid, p.Epoch)
 	case p.TP < 1:
 		return fmt.Errorf("%w: plan %d: TP %d, want >= 1", ErrInvalid, p.Epoch, p.TP)
+	case p.Replicas < 0:
+		return fmt.Errorf("%w: plan %d: replicas %d, want >= 0", ErrInvalid, p.Epoch, p.Replicas)
+	case p.Replicas > 0 && len(p.Groups) > p.Replicas:
+		return fmt.Errorf("%w: plan %d: %d groups, more than replicas = %d", ErrInvalid, p.Epoch, len(p.Groups), p.Replicas)
+	}
+	drained := make(map[string]bool, len(p.Drained))
+	for _, id := range p.Drained {
+		drained[id] = true
 	}
 	groups := make(map[int]bool, len(p.Groups))
 	members := make(map[string]string)
@@ -79,6 +106,9 @@ func (p Plan) Validate() error {
 				return fmt.Errorf("%w: plan %d: %s: no member", ErrInvalid, p.Epoch, where)
 			case a.Addr == "":
 				return fmt.Errorf("%w: plan %d: %s: member %s has no address", ErrInvalid, p.Epoch, where, a.MemberID)
+			}
+			if drained[a.MemberID] {
+				return fmt.Errorf("%w: plan %d: %s: member %s is drained", ErrInvalid, p.Epoch, where, a.MemberID)
 			}
 			if prev, dup := members[a.MemberID]; dup {
 				return fmt.Errorf("%w: plan %d: member %s placed twice (%s and %s)", ErrInvalid, p.Epoch, a.MemberID, prev, where)

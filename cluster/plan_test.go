@@ -48,6 +48,11 @@ func TestPlanValidate(t *testing.T) {
 		{"member twice", edit(func(p *cluster.Plan) { p.Groups[1].Ranks[0].MemberID = "w-0-0" }), false},
 		{"no member", edit(func(p *cluster.Plan) { p.Groups[0].Ranks[1].MemberID = "" }), false},
 		{"no address", edit(func(p *cluster.Plan) { p.Groups[0].Ranks[1].Addr = "" }), false},
+		{"replicas cap kept", edit(func(p *cluster.Plan) { p.Replicas = 2 }), true},
+		{"more groups than replicas", edit(func(p *cluster.Plan) { p.Replicas = 1 }), false},
+		{"negative replicas", edit(func(p *cluster.Plan) { p.Replicas = -1 }), false},
+		{"drained idle member", edit(func(p *cluster.Plan) { p.Drained = []string{"w-9-9"} }), true},
+		{"drained member placed", edit(func(p *cluster.Plan) { p.Drained = []string{"w-1-0"} }), false},
 	}
 	for _, tt := range tests {
 		err := tt.p.Validate()

@@ -45,6 +45,9 @@ const (
 	// DefaultResumeTimeout is how long a request handed back by a group that stopped or failed may wait
 	// for another group before it fails with ErrNotPlaced.
 	DefaultResumeTimeout = 30 * time.Second
+	// DefaultExpertsImbalance is Config.ExpertsImbalance's default: act when the busiest rank of a layer
+	// carries a quarter more tokens than the mean.
+	DefaultExpertsImbalance = 1.25
 	// DefaultStepTimeout is the deadline of a step of one token: a rank that does not answer within it
 	// (plus DefaultStepTokenTimeout for every token of the step) fails the group, and its requests resume
 	// elsewhere. It covers a collective with a hung peer; raise it for models whose step takes longer.
@@ -129,6 +132,16 @@ type Config struct {
 	// ErrNotPlaced (UNAVAILABLE), counted from the hand-back after its last token. Zero means
 	// DefaultResumeTimeout.
 	ResumeTimeout time.Duration `json:"resume-timeout"`
+	// LoadBandwidth is the read rate, in bytes a second, that rebalance's time estimates assume of a worker
+	// loading the tensors it lacks. Zero means DefaultLoadBandwidth.
+	LoadBandwidth float64 `json:"load-bandwidth"`
+	// ExpertsEvery is how often the leader looks at the expert load under the ep plan and, when the
+	// busiest rank of a layer carries more than ExpertsImbalance times the mean, rebalances the experts
+	// (rebalance --experts). Zero means never: the automatic mode is off by default.
+	ExpertsEvery time.Duration `json:"experts-every"`
+	// ExpertsImbalance is the busiest rank's load over the mean that ExpertsEvery acts on. Zero means
+	// DefaultExpertsImbalance.
+	ExpertsImbalance float64 `json:"experts-imbalance"`
 	// StepTimeout is the deadline of a one-token step: every rank must answer within StepTimeout plus
 	// StepTokenTimeout per token of the step, or the group fails (ErrStepTimeout) and its requests resume
 	// in another group. Zero means DefaultStepTimeout.
@@ -168,6 +181,10 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: config: max batch %d, want >= 1", ErrInvalidConfig, c.MaxBatch)
 	case c.TokenBudget < 0:
 		return fmt.Errorf("%w: config: token budget %d, want >= 1", ErrInvalidConfig, c.TokenBudget)
+	case c.ExpertsEvery < 0 || c.ExpertsImbalance < 0 || (c.ExpertsImbalance > 0 && c.ExpertsImbalance < 1):
+		return fmt.Errorf("%w: experts every %v, imbalance %g: want durations >= 0 and an imbalance of 0 (default) or >= 1", ErrInvalidConfig, c.ExpertsEvery, c.ExpertsImbalance)
+	case c.LoadBandwidth < 0:
+		return fmt.Errorf("%w: load bandwidth %g, want >= 0", ErrInvalidConfig, c.LoadBandwidth)
 	case c.LeaderTTL < 0 || c.Settle < 0 || c.ShutdownGrace < 0 || c.ResumeTimeout < 0 || c.StepTimeout < 0 || c.StepTokenTimeout < 0:
 		return fmt.Errorf("%w: config: negative duration", ErrInvalidConfig)
 	}
@@ -288,6 +305,9 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.IntVar(&c.TokenBudget, "token-budget", c.TokenBudget, "tokens per step of a group: decodes plus prompt pieces (0: 512)")
 	fs.DurationVar(&c.LeaderTTL, "leader-ttl", c.LeaderTTL, "lease of the leader election; a standby takes over this long after the leader dies, sooner when gossip declares it dead (0: 5s)")
 	fs.DurationVar(&c.Settle, "settle", c.Settle, "how long the member list must stay unchanged before a new plan (0: 250ms)")
+	fs.DurationVar(&c.ExpertsEvery, "experts-every", c.ExpertsEvery, "under the ep plan, look at the expert load this often and rebalance the experts when a rank is too busy (0: never)")
+	fs.Float64Var(&c.ExpertsImbalance, "experts-imbalance", c.ExpertsImbalance, "the busiest rank's expert load over the mean that --experts-every acts on (0: 1.25)")
+	fs.Float64Var(&c.LoadBandwidth, "load-bandwidth", c.LoadBandwidth, "bytes a second a worker reads, for rebalance's time estimates (0: 1 GiB/s)")
 	fs.DurationVar(&c.ResumeTimeout, "resume-timeout", c.ResumeTimeout, "how long a request handed back by a stopped or failed group may wait for another before it fails (0: 30s)")
 	fs.DurationVar(&c.StepTimeout, "step-timeout", c.StepTimeout, "deadline of a one-token step; a group that misses it fails and its requests resume elsewhere (0: 10s)")
 	fs.DurationVar(&c.StepTokenTimeout, "step-token-timeout", c.StepTokenTimeout, "what each token of a step adds to its deadline (0: 20ms)")

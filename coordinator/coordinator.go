@@ -84,13 +84,20 @@ type Coordinator struct {
 
 	rebalanceReqs chan rebalanceReq
 
-	mu          sync.Mutex
-	etcdLost    bool // leading on a lapsed lease while etcd is unreachable (leader.ride)
-	started     bool
-	draining    bool
-	leader      bool
-	plan        cluster.Plan // the plan in force while leading; Epoch 0 when none
-	tp          int          // the TP size new plans use
+	mu       sync.Mutex
+	etcdLost bool // leading on a lapsed lease while etcd is unreachable (leader.ride)
+	started  bool
+	draining bool
+	leader   bool
+	plan     cluster.Plan // the plan in force while leading; Epoch 0 when none
+	tp       int          // the TP size new plans use
+	// What new plans use besides (see rebalance.go): the tp_plan's name and, from an operator's file, its
+	// rules; the most groups (0: no cap); the drained members.
+	planName    string
+	planRules   []byte
+	replicas    int
+	drained     []string
+	order       string       // the expert order (cluster.Plan.Order as JSON); "": the checkpoint's
 	readyGroups map[int]bool // groups of plan.Epoch that serve
 
 	closeOnce sync.Once
@@ -110,7 +117,7 @@ func New(cfg Config) (*Coordinator, error) {
 	if err := m.serveAs(cfg.ServedModelName, cfg.MaxModelLen); err != nil {
 		return nil, err
 	}
-	if err := checkTP(m, cfg.Plan, cfg.TP); err != nil {
+	if err := checkTP(m, cfg.Plan, nil, cfg.TP); err != nil {
 		return nil, err
 	}
 	if m.gen, err = generationConfig(cfg.GenerationConfig, m); err != nil {
@@ -132,6 +139,7 @@ func New(cfg Config) (*Coordinator, error) {
 		errc:          make(chan error, 1),
 		rebalanceReqs: make(chan rebalanceReq),
 		tp:            cfg.TP,
+		planName:      cfg.Plan,
 		readyGroups:   make(map[int]bool),
 		gossipDown:    make(map[gossipNode]struct{}),
 		gossipChanged: make(chan struct{}, 1),
@@ -152,12 +160,13 @@ func dialWorker(addr string) (*grpc.ClientConn, error) {
 	return grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 }
 
-// checkTP reports a TP size the model cannot be split into under the tp_plan, as the workers would.
-func checkTP(m modelInfo, planName string, tp int) error {
+// checkTP reports a TP size the model cannot be split into under the tp_plan (rules parsed when given, see
+// shard.PlanOf), as the workers would.
+func checkTP(m modelInfo, planName string, rules []byte, tp int) error {
 	if tp < 1 {
 		return fmt.Errorf("%w: TP %d, want >= 1", ErrInvalidConfig, tp)
 	}
-	plan, err := shard.ResolvePlan(m.config, planName)
+	plan, err := shard.PlanOf(m.config, planName, rules)
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrInvalidConfig, err)
 	}
@@ -200,6 +209,8 @@ func (c *Coordinator) Start(ctx context.Context) error {
 		zap.Duration("leader-ttl", c.cfg.LeaderTTL),
 		zap.Duration("settle", c.cfg.Settle),
 		zap.Bool("no-gossip", c.cfg.NoGossip),
+		zap.Float64("load-bandwidth", c.cfg.LoadBandwidth),
+		zap.Duration("experts-every", c.cfg.ExpertsEvery),
 		zap.Strings("etcd-endpoints", c.cfg.Etcd.Endpoints),
 		zap.String("cluster", c.cfg.Etcd.Cluster))
 
@@ -252,6 +263,9 @@ func (c *Coordinator) Start(ctx context.Context) error {
 	c.wg.Add(2)
 	if c.gossip != nil {
 		c.wg.Go(c.depose)
+	}
+	if c.cfg.ExpertsEvery > 0 {
+		c.wg.Go(c.autoExperts)
 	}
 	go func() {
 		defer c.wg.Done()
@@ -397,9 +411,14 @@ func (c *Coordinator) setEtcdLost(lost bool) {
 	c.mu.Unlock()
 }
 
-// spec is what the leader places now: the model, the current TP size, the tp_plan and the quantisation.
+// spec is what the leader places now: the model, the current TP size, tp_plan, replicas and drained
+// members, and the quantisation.
 func (c *Coordinator) spec() spec {
-	return spec{model: c.model.dir, tp: c.currentTP(), planName: c.cfg.Plan, quantization: c.cfg.Quantization, group: c.cfg.QuantizationGroup}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return spec{model: c.model.dir, tp: c.tp, planName: c.planName, planRules: string(c.planRules),
+		quantization: c.cfg.Quantization, group: c.cfg.QuantizationGroup, replicas: c.replicas, drained: joinDrained(c.drained),
+		order: c.order}
 }
 
 func (c *Coordinator) currentTP() int {
@@ -499,17 +518,6 @@ func (c *Coordinator) stepDown() {
 	}
 }
 
-// rebalanceReq asks the leadership loop for a new epoch.
-type rebalanceReq struct {
-	tp    int
-	reply chan rebalanceReply // buffer 1
-}
-
-type rebalanceReply struct {
-	epoch int64
-	err   error
-}
-
 // leader is one term of leadership: the state of the loop that plans and runs the groups.
 type leader struct {
 	c       *Coordinator
@@ -572,6 +580,7 @@ func (c *Coordinator) lead(l *cluster.Leadership) error {
 	}
 	if ok {
 		ld.plan = p
+		c.adopt(p)
 	}
 	c.log.Info("leading", zap.Int64("stored-epoch", ld.plan.Epoch))
 	settle := time.NewTimer(time.Hour)
@@ -630,8 +639,8 @@ func (c *Coordinator) lead(l *cluster.Leadership) error {
 				settle.Reset(time.Second)
 			}
 		case req := <-c.rebalanceReqs:
-			epoch, err := ld.rebalance(req.tp)
-			req.reply <- rebalanceReply{epoch, err}
+			res, err := ld.rebalance(req)
+			req.reply <- rebalanceReply{res, err}
 			if errors.Is(err, cluster.ErrNotLeader) {
 				return err
 			}
@@ -766,33 +775,6 @@ func (ld *leader) put(want cluster.Plan) error {
 	return nil
 }
 
-// rebalance writes a fresh placement of the members as the next epoch, with a new TP size when tp > 0.
-func (ld *leader) rebalance(tp int) (int64, error) {
-	if tp > 0 {
-		if err := checkTP(ld.c.model, ld.c.cfg.Plan, tp); err != nil {
-			return 0, fmt.Errorf("%w: %w", ErrInvalidRequest, err)
-		}
-		ld.c.mu.Lock()
-		ld.c.tp = tp
-		ld.c.mu.Unlock()
-	}
-	s := ld.c.spec()
-	for range 5 {
-		err := ld.put(place(ld.live(), s, nil))
-		if errors.Is(err, cluster.ErrConflict) {
-			if p, ok, err := ld.c.cl.Plan(ld.ctx); err == nil && ok {
-				ld.plan = p
-			}
-			continue
-		}
-		if err != nil {
-			return 0, err
-		}
-		return ld.plan.Epoch, nil
-	}
-	return 0, fmt.Errorf("coordinator: rebalance: %w five times in a row", cluster.ErrConflict)
-}
-
 // apply runs the groups of the stored plan: when its epoch differs from the running groups', they stop
 // (their requests go back to the queue) and the plan's groups start.
 func (ld *leader) apply() {
@@ -901,33 +883,4 @@ func (ld *leader) cleanRendezvous() {
 		return
 	}
 	ld.cleaned = ld.plan.Epoch
-}
-
-// Rebalance computes a fresh placement of the current members and writes it as the next epoch, with
-// TP size tp when tp > 0 (0 keeps it). It returns the new epoch. Only the leader rebalances: a standby
-// fails with ErrNotLeader.
-func (c *Coordinator) Rebalance(ctx context.Context, tp int) (int64, error) {
-	if tp < 0 {
-		return 0, invalid("tp %d must be >= 0", tp)
-	}
-	c.mu.Lock()
-	leader := c.leader
-	c.mu.Unlock()
-	if !leader {
-		return 0, fmt.Errorf("%w: rebalance on the leader", ErrNotLeader)
-	}
-	req := rebalanceReq{tp: tp, reply: make(chan rebalanceReply, 1)}
-	select {
-	case c.rebalanceReqs <- req:
-	case <-ctx.Done():
-		return 0, ctx.Err()
-	case <-c.ctx.Done():
-		return 0, ErrClosed
-	}
-	select {
-	case r := <-req.reply:
-		return r.epoch, r.err
-	case <-ctx.Done():
-		return 0, ctx.Err()
-	}
 }

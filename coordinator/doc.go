@@ -21,8 +21,16 @@
 //     replica of the model each; members left over stay idle. On taking the lead, the stored plan is
 //     resumed as it is, without a new epoch, when it still fits the live members (workers keep their
 //     shards across a coordinator restart); otherwise the next epoch is written with compare-and-swap,
-//     keeping the groups whose members are all still there. A group is used only once each of its
-//     workers reports (Status) that it serves the epoch.
+//     keeping each remaining member's group and rank (a group that lost members is completed from idle
+//     ones). A group is used only once each of its workers reports (Status) that it serves the epoch.
+//   - Rebalancing (rebalance.go, Rebalance): an operator changes the TP size, the tp_plan (a built-in name
+//     or a plan file's rules, carried in the plan), the replicas cap, or drains and undrains a worker
+//     (drained members stay registered but hold no rank; the plan records them). The new placement keeps
+//     every worker's rank it can (placement.go), PlanMoves says per worker which slices it loads, keeps and
+//     drops (shard keys), each worker that must read something loads it first beside the weights it serves
+//     with (Worker/Prepare) while the old epoch serves, and only then is the epoch written. --experts
+//     (experts.go) permutes each MoE layer's experts over the ep plan's ranks by the load the workers count
+//     (Admin/Experts).
 //   - Scheduling: one step loop per group keeps a Step stream to each rank and sends every rank the same
 //     StepRequests in the same order (continuous batching): new requests join at step boundaries within
 //     Config.MaxBatch sequences and Config.TokenBudget tokens per step (a decode takes one token, a

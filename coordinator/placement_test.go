@@ -71,6 +71,14 @@ var placeTests = []struct {
 	{"a member left, another joined: lowest free group id", members("a", "b", "c", "e", "f", "g"), tp2, "0:a,b 1:c,d 2:e,f", "0:a,b 1:c,g 2:e,f"},
 	{"another TP: replace everything", members("a", "b", "c", "d"), spec{model: "/m/scout", tp: 4, planName: "tp"}, "0:a,b 1:c,d", "0:a,b,c,d"},
 	{"another model: replace everything", members("a", "b", "c", "d"), spec{model: "/m/maverick", tp: 2, planName: "tp"}, "0:c,d", "0:a,b 1:c,d"},
+	{"tp to ep: the groups stay", members("a", "b", "c", "d"), spec{model: "/m/scout", tp: 2, planName: "ep"}, "0:b,a 1:c,d", "0:b,a 1:c,d"},
+	{"drain a member: a free one takes its rank", members("a", "b", "c"), spec{model: "/m/scout", tp: 2, planName: "tp", drained: "a"}, "0:a,b", "0:c,b"},
+	{"drain a member: its group gives way to a whole one", members("a", "b", "c", "d", "e"), spec{model: "/m/scout", tp: 2, planName: "tp", drained: "b"}, "0:a,b 1:c,d", "0:a,e 1:c,d"},
+	{"drain the only spare", members("a", "b", "c"), spec{model: "/m/scout", tp: 2, planName: "tp", drained: "c"}, "0:a,b", "0:a,b"},
+	{"drain leaves too few", members("a", "b"), spec{model: "/m/scout", tp: 2, planName: "tp", drained: "b"}, "0:a,b", ""},
+	{"one replica of two", members("a", "b", "c", "d"), spec{model: "/m/scout", tp: 2, planName: "tp", replicas: 1}, "0:c,d 1:a,b", "0:c,d"},
+	{"two replicas of one", members("a", "b", "c", "d"), spec{model: "/m/scout", tp: 2, planName: "tp", replicas: 2}, "1:c,d", "0:a,b 1:c,d"},
+	{"tp 2 to 1 with one replica: a holder first", members("a", "b", "c"), spec{model: "/m/scout", tp: 1, planName: "tp", replicas: 1}, "0:c,b", "0:b"},
 	{"another quantization: replace everything", members("a", "b", "c", "d"), spec{model: "/m/scout", tp: 2, planName: "tp", quantization: "int4", group: 128}, "0:c,d", "0:a,b 1:c,d"},
 }
 

@@ -3,6 +3,7 @@ package coordinator
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -199,11 +200,48 @@ func (s *adminServer) Shards(ctx context.Context, in *pb.ShardsRequest) (*pb.Sha
 }
 
 func (s *adminServer) Rebalance(ctx context.Context, in *pb.RebalanceRequest) (*pb.RebalanceResponse, error) {
-	epoch, err := s.c.Rebalance(ctx, int(in.GetTp()))
+	opts := RebalanceOptions{TP: int(in.GetTp()), Plan: in.GetPlan(), PlanFile: in.GetPlanFile(), Replicas: KeepReplicas,
+		Drain: in.GetDrain(), Undrain: in.GetUndrain(), DryRun: in.GetDryRun(), Wait: in.GetWait(), Experts: in.GetExperts()}
+	if in.Replicas != nil {
+		opts.Replicas = int(in.GetReplicas())
+	}
+	res, err := s.c.Rebalance(ctx, opts)
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	return &pb.RebalanceResponse{Epoch: epoch}, nil
+	p := res.Plan
+	out := &pb.RebalanceResponse{Epoch: res.Epoch, DryRun: res.DryRun, Tp: int32(p.TP), Plan: p.PlanName, Replicas: int32(p.Replicas),
+		Drained: p.Drained, PrepareSeconds: res.Prepare.Seconds(), SwitchSeconds: res.Switch.Seconds()}
+	for _, g := range p.Groups {
+		for _, a := range g.Ranks {
+			out.Assignments = append(out.Assignments, &pb.Assignment{Group: int32(g.ID), Rank: int32(a.Rank), MemberId: a.MemberID, Addr: a.Addr})
+		}
+	}
+	if p.Order != nil {
+		layers := make([]int, 0, len(p.Order.Layers))
+		for l := range p.Order.Layers {
+			layers = append(layers, l)
+		}
+		slices.Sort(layers)
+		for _, l := range layers {
+			out.ExpertOrder = append(out.ExpertOrder, &pb.ExpertOrder{Layer: int32(l), Experts: toInt32(p.Order.Layers[l])})
+		}
+	}
+	for _, m := range res.Moves {
+		out.Moves = append(out.Moves, &pb.WorkerMove{MemberId: m.MemberID, Group: int32(m.Group), Rank: int32(m.Rank), Drained: m.Drained,
+			Loaded: int32(m.Loaded), LoadedBytes: m.LoadedBytes, Kept: int32(m.Kept), KeptBytes: m.KeptBytes,
+			Dropped: int32(m.Dropped), DroppedBytes: m.DroppedBytes, EstimatedSeconds: m.Estimate.Seconds()})
+	}
+	return out, nil
+}
+
+// Experts sums the expert load of the groups in force (see Coordinator.ExpertLoad).
+func (s *adminServer) Experts(ctx context.Context, _ *pb.ExpertsRequest) (*pb.ExpertsResponse, error) {
+	l, err := s.c.ExpertLoad(ctx)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &pb.ExpertsResponse{Epoch: l.Epoch, Groups: int32(l.Groups), Layers: expertLoadProto(l)}, nil
 }
 
 // toInt32 converts token ids to the API's int32 (the coordinator's ids fit: they are below the

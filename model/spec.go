@@ -64,7 +64,9 @@ type TensorSpec struct {
 	// ("model.layers.0.attn.query.weight").
 	Name  string
 	Shape []int
-	Kind  Kind
+	// Dims names each dimension's unit, as a key of the tree's Dims ("experts", "hidden").
+	Dims []string
+	Kind Kind
 	// Splits are the dimensions the model can take a slice of; none: only whole.
 	Splits []Split
 	// Whole says why the tensor must stay whole, after "only whole: every rank needs all of it"

@@ -219,11 +219,16 @@ func (w *walker) structure(v reflect.Value, path string, index int, aliases map[
 }
 
 func (w *walker) unit(name string, aliases map[string]string) (Unit, bool) {
-	if a, ok := aliases[name]; ok {
-		name = a
-	}
-	u, ok := w.t.Dims[name]
+	u, ok := w.t.Dims[w.unitName(name, aliases)]
 	return u, ok
+}
+
+// unitName is the Dims key a shape entry names, aliases resolved.
+func (w *walker) unitName(name string, aliases map[string]string) string {
+	if a, ok := aliases[name]; ok {
+		return a
+	}
+	return name
 }
 
 // spec builds a leaf's TensorSpec from its tags.
@@ -248,6 +253,7 @@ func (w *walker) spec(f reflect.StructField, name, parent, rule string, aliases 
 			n *= 2
 		}
 		s.Shape = append(s.Shape, n)
+		s.Dims = append(s.Dims, w.unitName(strings.TrimPrefix(d, "2*"), aliases))
 		units, packed = append(units, u), append(packed, halves)
 	}
 	if sp := f.Tag.Get("split"); sp != "" {

@@ -2,12 +2,14 @@ package shard
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"slices"
 	"testing"
 
 	"github.com/tpfleet/tpfleet/backend"
+	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/model/llama4"
 	"github.com/tpfleet/tpfleet/model/run"
 	"github.com/tpfleet/tpfleet/safetensors"
@@ -113,4 +115,45 @@ var llama4Family = llama4.Config{}
 // NewRankWeights is run.RankWeights over this package's RankReader: what the worker loads a rank with.
 func NewRankWeights(r Reader, ops backend.Ops, m Manifest) *run.RankWeights {
 	return run.NewRankWeights(NewRankReader(r, m), ops)
+}
+
+// TestWithOrder: under the ep plan a permutation of the experts gives each rank the experts of its slots
+// and every rank the router's rows in slot order; the tp plan, which splits experts on another dimension,
+// cannot take one, nor can an order that is not a permutation.
+func TestWithOrder(t *testing.T) {
+	cfg, ckpt := openFixture(t, "moe-top1")
+	ep, _ := NamedPlan(cfg, "ep")
+	m, err := NewManifest(cfg, ckpt, ep.WithOrder("experts", map[int][]int{0: {3, 1, 2, 0}}), 2, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name   string
+		dim    int
+		ranges []safetensors.Range
+		layout model.Layout
+	}{
+		{"model.layers.0.feed_forward.experts.gate_up_proj", 0, []safetensors.Range{{Start: 3, End: 4}, {Start: 1, End: 2}}, model.Layout{Dim: 0, Part: 0, Parts: 2}},
+		{"model.layers.0.feed_forward.router.weight", 0, []safetensors.Range{{Start: 3, End: 4}, {Start: 1, End: 3}, {Start: 0, End: 1}}, model.Replicated},
+		{"model.layers.1.feed_forward.experts.gate_up_proj", 0, []safetensors.Range{{Start: 0, End: 2}}, model.Layout{Dim: 0, Part: 0, Parts: 2}},
+	} {
+		s, ok := m.Lookup(tc.name)
+		if !ok || s.Dim != tc.dim || !slices.Equal(s.Ranges, tc.ranges) || s.Layout != tc.layout {
+			t.Errorf("%s: dim %d, ranges %v, layout %+v; want %d, %v, %+v", tc.name, s.Dim, s.Ranges, s.Layout, tc.dim, tc.ranges, tc.layout)
+		}
+	}
+	tp, _ := NamedPlan(cfg, "tp")
+	for _, bad := range []struct {
+		plan  Plan
+		order map[int][]int
+	}{
+		{tp, map[int][]int{0: {3, 1, 2, 0}}},
+		{ep, map[int][]int{0: {0, 0, 1, 2}}},
+		{ep, map[int][]int{0: {0, 1}}},
+		{ep, map[int][]int{99: {0, 1, 2, 3}}},
+	} {
+		if _, err := NewManifest(cfg, ckpt, bad.plan.WithOrder("experts", bad.order), 2, 0); !errors.Is(err, ErrPlan) {
+			t.Errorf("NewManifest with order %v = %v, want ErrPlan", bad.order, err)
+		}
+	}
 }

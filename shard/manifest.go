@@ -153,10 +153,11 @@ func NewManifests(cfg model.Config, cat Catalog, plan Plan, tp int) ([]Manifest,
 type analysis struct {
 	tp      int
 	specs   map[string]model.TensorSpec // every tensor the model declares, by name without the prefix
-	order   map[string]int              // declaration order of specs
+	declIdx map[string]int              // declaration order of specs
 	prefix  string
 	tensors []planned
 	unused  []Rule
+	order   *unitOrder // the plan's permutation of a unit (Plan.WithOrder); nil: none
 }
 
 // planned is a tensor with its split decided.
@@ -182,10 +183,10 @@ func analyze(cfg model.Config, cat Catalog, plan Plan, tp int) (*analysis, error
 	if err != nil {
 		return nil, fmt.Errorf("shard: %w", err)
 	}
-	a := &analysis{tp: tp, prefix: info.Prefix, specs: make(map[string]model.TensorSpec, len(declared)), order: make(map[string]int, len(declared))}
+	a := &analysis{tp: tp, prefix: info.Prefix, specs: make(map[string]model.TensorSpec, len(declared)), declIdx: make(map[string]int, len(declared))}
 	arch := make([][]string, len(declared))
 	for i, s := range declared {
-		a.specs[s.Name], a.order[s.Name] = s, i
+		a.specs[s.Name], a.declIdx[s.Name] = s, i
 		arch[i] = nameComponents(s.Name)
 	}
 	var errs errorSet
@@ -232,6 +233,8 @@ func analyze(cfg model.Config, cat Catalog, plan Plan, tp int) (*analysis, error
 		a.decide(&a.tensors[i], &errs)
 	}
 	a.checkGroups(&errs)
+	a.order = plan.order
+	a.checkOrder(&errs)
 	if err := errs.err(); err != nil {
 		return nil, err
 	}
@@ -361,7 +364,7 @@ func (a *analysis) checkGroups(errs *errorSet) {
 		if bad || consistent(members) {
 			continue
 		}
-		sort.SliceStable(members, func(i, j int) bool { return a.order[members[i].spec.Name] < a.order[members[j].spec.Name] })
+		sort.SliceStable(members, func(i, j int) bool { return a.declIdx[members[i].spec.Name] < a.declIdx[members[j].spec.Name] })
 		parts := make([]string, len(members))
 		rule := ""
 		for i, t := range members {
@@ -444,6 +447,7 @@ func (a *analysis) manifest(rank int) Manifest {
 			s.Layout = model.Layout{Dim: t.dim, Part: rank, Parts: a.tp}
 			m.SplitBytes += s.Bytes
 		}
+		a.permute(&s, t)
 		m.Bytes += s.Bytes
 		m.index[s.Name] = len(m.Tensors)
 		m.Tensors = append(m.Tensors, s)

@@ -33,6 +33,7 @@ type Rule struct {
 // one with fewer "*"; then the earlier rule.
 type Plan struct {
 	rules []compiledRule
+	order *unitOrder // see WithOrder; nil: every unit in checkpoint order
 }
 
 type compiledRule struct {
@@ -340,4 +341,20 @@ func builtinNames(cfg model.Config) string {
 		names = append([]string{"tp"}, names...)
 	}
 	return strings.Join(names, ", ")
+}
+
+// PlanOf returns the plan a placement names: rules (a plan file's content in HF's JSON form) parsed when
+// given, else ResolvePlan(cfg, name), with "tp" for an empty name.
+func PlanOf(cfg model.Config, name string, rules []byte) (Plan, error) {
+	if len(rules) > 0 {
+		p, err := ParsePlan(rules)
+		if err != nil {
+			return Plan{}, fmt.Errorf("plan %q: %w", name, err)
+		}
+		return p, nil
+	}
+	if name == "" {
+		name = "tp"
+	}
+	return ResolvePlan(cfg, name)
 }

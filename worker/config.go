@@ -78,6 +78,10 @@ type Config struct {
 	// only a name: a plan with another name still loads this directory, but does not reuse weights
 	// loaded under the old name.
 	Model string `json:"model"`
+	// Seed is the gRPC address of a worker (or any process serving the Worker service's CheckpointInfo and
+	// ReadTensor) that streams the checkpoint's slices to this worker when its model directory holds no
+	// checkpoint. Empty means the registered workers are asked in turn; the seed is asked first otherwise.
+	Seed string `json:"seed"`
 	// Device is the name of the backend the model runs on, as registered with package backend: "cpu"
 	// (the pure-Go backend, always there; collectives over a TCP ring) or, where the binary imports it,
 	// "cuda" (GPU DeviceIndex; a device backend's collectives go through NCCL, whose unique id rank 0 of
@@ -180,7 +184,8 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.ListenAddr, "listen", c.ListenAddr, "host:port of the worker's gRPC server (port 0: any free port)")
 	fs.StringVar(&c.MetricsAddr, "metrics-listen", c.MetricsAddr, "host:port of an HTTP listener serving Prometheus metrics at "+MetricsPath+" (port 0: any; empty: none)")
 	fs.StringVar(&c.AdvertiseAddr, "advertise", c.AdvertiseAddr, "host:port the coordinator dials (empty: the bound address)")
-	fs.StringVar(&c.Model, "model", c.Model, "checkpoint directory (empty: the plan's model, as a path on this host)")
+	fs.StringVar(&c.Model, "model", c.Model, "checkpoint directory (empty: the plan's model, as a path on this host); without a checkpoint in it, the slices are streamed from a peer")
+	fs.StringVar(&c.Seed, "seed", c.Seed, "host:port of a worker that streams the checkpoint when the model directory holds none (empty: ask the registered workers)")
 	fs.StringVar(&c.Device, "device", c.Device, "the backend to run on: "+strings.Join(backend.Names(), " or ")+" (cpu: TCP ring collectives; a GPU backend: one GPU, NCCL collectives)")
 	fs.IntVar(&c.DeviceIndex, "device-index", c.DeviceIndex, "device ordinal on this host: the GPU with --device cuda (default: torchrun's LOCAL_RANK, else 0)")
 	fs.IntVar(&c.DeviceIndex, "gpu", c.DeviceIndex, "same as --device-index")

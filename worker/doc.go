@@ -38,7 +38,14 @@
 //     weights: the shard manifest of the plan's PlanName ("tp", "ep", or a plan file on this host) for
 //     TP and rank r, read with range reads. Weights already loaded for the same checkpoint, model
 //     name, plan name, TP and rank are reused, so a coordinator restart or a re-plan that keeps this
-//     assignment costs no reload. A newer epoch that arrives during a load with the same assignment
+//     assignment costs no reload. Otherwise the load takes over, from the weights held and those
+//     Prepare staged, every tensor slice with the same shard key (shard.TensorShard.Key: same tensor,
+//     ranges, layout, format) and reads only the rest; what it does not take over is dropped once it is
+//     done. Prepare (the coordinator's call before it writes a rebalanced epoch) loads a coming plan's
+//     weights so while the current epoch serves, and the epoch then takes them over without a read.
+//     Without a checkpoint in its model directory the worker reads from a peer (remote.go: CheckpointInfo,
+//     ReadTensor: chunked, CRC-32C and SHA-256 checked, resumed where a stream broke), from Config.Seed
+//     first. A newer epoch that arrives during a load with the same assignment
 //     lets the load finish and takes it over; any other newer epoch cancels the work in progress.
 //     Then it builds the group's communicator with tpgroup.Join, the group meeting in etcd
 //     (cluster.Rendezvous of the epoch and group): for TP 1 none is needed (comm.Solo). Every rank

@@ -3,8 +3,10 @@ package worker
 import (
 	"cmp"
 	"context"
+	"encoding/json"
 	"fmt"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -26,10 +28,12 @@ const DefaultPlanName = "tp"
 // so the second reuses the first's weights. The TP group is not part of it: rank r of every group
 // holds the same slices.
 type weightsKey struct {
-	dir      string // checkpoint directory
-	model    string // the plan's model name
-	planName string
-	tp, rank int
+	dir       string // checkpoint directory
+	model     string // the plan's model name
+	planName  string
+	planRules string // the plan file's content carried by the plan (cluster.Plan.PlanRules); "": none
+	order     string // the plan's unit order (cluster.Plan.Order) as JSON; "": none
+	tp, rank  int
 	// quantization and group are the plan's Quantization and QuantizationGroup.
 	quantization string
 	group        int
@@ -51,8 +55,105 @@ type weights struct {
 	info    model.Info // the model's vocabulary, context and ids
 	comm    *epochComm
 	gen     model.Generation
-	bytes   int64 // bytes read from the checkpoint
+	bytes   int64 // bytes held, as stored in the checkpoint
 	tensors int
+	// read is the part of bytes read for these weights; the rest (kept tensors, keptBytes) was taken over
+	// from the weights held before.
+	read      int64
+	kept      int
+	keptBytes int64
+	// resident are the backend tensors by the model's name for them, with their shard keys: what a later
+	// load may take over instead of reading.
+	resident map[string]resident
+	// order is the plan's unit order the weights were loaded in; nil: the checkpoint's.
+	order *cluster.UnitOrder
+}
+
+// unitOrder decodes k's unit order; nil when it has none.
+func (k weightsKey) unitOrder() (*cluster.UnitOrder, error) {
+	if k.order == "" {
+		return nil, nil
+	}
+	var o cluster.UnitOrder
+	if err := json.Unmarshal([]byte(k.order), &o); err != nil {
+		return nil, fmt.Errorf("plan: unit order: %w", err)
+	}
+	return &o, nil
+}
+
+// resident is one loaded tensor and what identifies its bytes: its manifest entry's shard.TensorShard.Key
+// and the format it is held in.
+type resident struct {
+	key    string
+	t      backend.Tensor
+	layout model.Layout
+}
+
+// sameSource reports whether weights of k and of o come from the same checkpoint in the same format, so
+// that tensors with equal shard keys hold the same bytes.
+func (k weightsKey) sameSource(o weightsKey) bool {
+	return k.dir == o.dir && k.quantization == o.quantization && k.group == o.group
+}
+
+// reuseWeights loads a rank's tensors, taking over those that earlier weights hold with the same shard key
+// (same bytes, same Layout, same format) instead of reading them. Load runs on the model's loader
+// goroutine only.
+type reuseWeights struct {
+	next   run.Weights // reads what is lacking
+	man    *shard.Manifest
+	format string
+	from   []map[string]resident
+
+	got       map[string]resident
+	kept      int
+	keptBytes int64
+}
+
+var _ run.Weights = (*reuseWeights)(nil)
+
+// lacking returns the entries of the manifest, and their bytes, that no earlier weights hold: what the load
+// will read.
+func (r *reuseWeights) lacking() (int, int64) {
+	n, bytes := 0, int64(0)
+	for _, ts := range r.man.Tensors {
+		name := strings.TrimPrefix(ts.Name, r.man.Prefix)
+		key := ts.Key() + "|" + r.format
+		held := false
+		for _, from := range r.from {
+			if h, ok := from[name]; ok && h.key == key {
+				held = true
+				break
+			}
+		}
+		if !held {
+			n++
+			bytes += ts.Bytes
+		}
+	}
+	return n, bytes
+}
+
+func (r *reuseWeights) Load(ctx context.Context, name string) (backend.Tensor, model.Layout, error) {
+	ts, ok := r.man.Lookup(r.man.Prefix + name)
+	key := ts.Key() + "|" + r.format
+	if ok {
+		for _, from := range r.from {
+			if h, held := from[name]; held && h.key == key {
+				r.got[name] = h
+				r.kept++
+				r.keptBytes += ts.Bytes
+				return h.t, h.layout, nil
+			}
+		}
+	}
+	t, lay, err := r.next.Load(ctx, name)
+	if err != nil {
+		return t, lay, err
+	}
+	if ok {
+		r.got[name] = resident{key: key, t: t, layout: lay}
+	}
+	return t, lay, nil
 }
 
 // defaultSampling is the sampling a sequence started without SamplingParams uses: the checkpoint's
@@ -78,14 +179,39 @@ func (w *Worker) keyFor(p cluster.Plan, a cluster.Assignment) weightsKey {
 	if name == "" {
 		name = DefaultPlanName
 	}
-	return weightsKey{dir: dir, model: p.Model, planName: name, tp: p.TP, rank: a.Rank,
+	var order string
+	if p.Order != nil {
+		data, _ := json.Marshal(p.Order) // a map of ints: sorted keys, so equal orders give equal keys
+		order = string(data)
+	}
+	return weightsKey{dir: dir, model: p.Model, planName: name, planRules: string(p.PlanRules), order: order, tp: p.TP, rank: a.Rank,
 		quantization: p.Quantization, group: p.QuantizationGroup}
 }
 
 // loadWeights reads exactly this rank's slices of the checkpoint (range reads of the mmapped files) into
-// the backend and builds the model over them.
-func (w *Worker) loadWeights(ctx context.Context, k weightsKey) (*weights, error) {
+// the backend and builds the model over them. Tensors that the weights in from (nil ones skipped) hold
+// with the same shard key, from the same checkpoint in the same format, are taken over, not read.
+func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights) (*weights, error) {
 	start := time.Now()
+	// The checkpoint: the directory's files, or a peer's when the directory holds none.
+	var src shard.Source
+	var remote *remoteCheckpoint
+	if hasCheckpoint(k.dir) {
+		ckpt, err := safetensors.OpenCheckpoint(k.dir)
+		if err != nil {
+			return nil, err
+		}
+		// The backend copies what it loads, so the mapping is not needed once the model is built.
+		defer ckpt.Close()
+		src = ckpt
+	} else {
+		rc, conn, err := w.dialCheckpoint(ctx, k.dir)
+		if err != nil {
+			return nil, err
+		}
+		defer conn.Close()
+		src, remote = rc, rc
+	}
 	cfg, err := model.LoadConfig(k.dir)
 	if err != nil {
 		return nil, err
@@ -95,17 +221,18 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey) (*weights, error
 	if err != nil {
 		return nil, err
 	}
-	plan, err := shard.ResolvePlan(cfg, k.planName)
+	plan, err := shard.PlanOf(cfg, k.planName, []byte(k.planRules))
 	if err != nil {
 		return nil, fmt.Errorf("on this host: %w", err)
 	}
-	ckpt, err := safetensors.OpenCheckpoint(k.dir)
+	order, err := k.unitOrder()
 	if err != nil {
 		return nil, err
 	}
-	// The backend copies what it loads, so the mapping is not needed once the model is built.
-	defer ckpt.Close()
-	view, err := shard.NewView(cfg, ckpt)
+	if order != nil {
+		plan = plan.WithOrder(order.Unit, order.Layers)
+	}
+	view, err := shard.NewView(cfg, src)
 	if err != nil {
 		return nil, err
 	}
@@ -124,12 +251,20 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey) (*weights, error
 
 	_, device := w.ops.(backend.DeviceContext) // the epochs' communicators are then NCCL's
 	comm := newEpochComm(k.rank, k.tp, device)
-	w.metrics.loadStart(len(man.Tensors), man.Bytes)
+	rw := &reuseWeights{man: &man, format: format.String(), got: make(map[string]resident)}
+	for _, f := range from {
+		if f != nil && f.key.sameSource(k) {
+			rw.from = append(rw.from, f.resident)
+		}
+	}
+	toRead, toReadBytes := rw.lacking()
+	w.metrics.loadStart(toRead, toReadBytes)
 	defer w.metrics.loadEnd()
 	counted := &progressWeights{Weights: run.NewRankWeights(shard.NewRankReader(view, man), w.ops).WithFormat(cfg, format), m: w.metrics, bytesOf: man.BytesOf}
 	pw := &run.Progress{Weights: counted, Log: lg,
-		Total: len(man.Tensors), TotalBytes: man.Bytes, BytesOf: man.BytesOf, Every: w.progressEvery}
-	m, err := run.Open(ctx, w.ops, cfg, pw, run.Parallel{Comm: comm})
+		Total: toRead, TotalBytes: toReadBytes, BytesOf: man.BytesOf, Every: w.progressEvery}
+	rw.next = pw
+	m, err := run.Open(ctx, w.ops, cfg, rw, run.Parallel{Comm: comm})
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
@@ -139,9 +274,18 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey) (*weights, error
 	took := time.Since(start)
 	tensors, bytes := pw.Loaded()
 	lg.Info("weights loaded", zap.Int("tensors", tensors), zap.Int64("bytes", bytes),
+		zap.Int("kept-tensors", rw.kept), zap.Int64("kept-bytes", rw.keptBytes),
 		zap.Duration("took", took.Round(time.Millisecond)),
 		zap.Float64("mib-per-second", float64(bytes)/(1<<20)/max(took.Seconds(), 1e-9)))
-	return &weights{key: k, model: m, info: info, comm: comm, gen: gen, bytes: bytes, tensors: tensors}, nil
+	if remote != nil {
+		w.streamed.Add(remote.streamed.Load())
+	}
+	w.mu.Lock()
+	w.readBytes += bytes
+	w.keptTensors, w.keptBytes = rw.kept, rw.keptBytes
+	w.mu.Unlock()
+	return &weights{key: k, model: m, info: info, comm: comm, gen: gen, bytes: bytes + rw.keptBytes, tensors: tensors + rw.kept,
+		read: bytes, kept: rw.kept, keptBytes: rw.keptBytes, resident: rw.got, order: order}, nil
 }
 
 // formatFor returns the weight format of k's plan. The plan decides, so that the ranks of a group agree; a

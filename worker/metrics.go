@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"strconv"
 	"sync/atomic"
 	"time"
 
@@ -145,12 +146,14 @@ var (
 	descLoadBytes     = prometheus.NewDesc("tpfleet_weight_load_bytes", "Checkpoint bytes of the current (or last) weight load read so far.", nil, nil)
 	descLoadBytesOf   = prometheus.NewDesc("tpfleet_weight_load_bytes_total", "Checkpoint bytes the current (or last) weight load reads.", nil, nil)
 	descLoadProgress  = prometheus.NewDesc("tpfleet_weight_load_progress", "Fraction of the current (or last) weight load done, by bytes (0 before any load).", nil, nil)
+	descExpertTokens  = prometheus.NewDesc("tpfleet_worker_expert_tokens_total", "Tokens routed to each expert of each MoE layer since the served weights were loaded (checkpoint numbering; cpu routing only).", []string{"layer", "expert"}, nil)
+	descReadBytes     = prometheus.NewDesc("tpfleet_worker_read_bytes_total", "Tensor bytes read (from the checkpoint or a peer) since the worker started; tensors kept across a plan change are not read again.", nil, nil)
 	descLoadSeconds   = prometheus.NewDesc("tpfleet_weight_load_seconds", "Time the current (or last) weight load has taken.", nil, nil)
 )
 
 func (s *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descState, descEpoch, descRank, descGroup, descSeqs, descStreams, descWeights, descLoads,
-		descLoadTensors, descLoadTensorsOf, descLoadBytes, descLoadBytesOf, descLoadProgress, descLoadSeconds} {
+		descLoadTensors, descLoadTensorsOf, descLoadBytes, descLoadBytesOf, descLoadProgress, descLoadSeconds, descExpertTokens, descReadBytes} {
 		ch <- d
 	}
 }
@@ -174,6 +177,12 @@ func (s *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(descStreams, float64(st.StepStreams))
 	gauge(descWeights, float64(st.WeightBytes))
 	ch <- prometheus.MustNewConstMetric(descLoads, prometheus.CounterValue, float64(st.Loads))
+	ch <- prometheus.MustNewConstMetric(descReadBytes, prometheus.CounterValue, float64(st.ReadBytes))
+	for l, counts := range st.ExpertLoad {
+		for e, n := range counts {
+			ch <- prometheus.MustNewConstMetric(descExpertTokens, prometheus.CounterValue, float64(n), strconv.Itoa(l), strconv.Itoa(e))
+		}
+	}
 
 	m := s.m
 	bytes, total := m.loadBytes.Load(), m.loadBytesTotal.Load()

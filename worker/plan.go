@@ -10,6 +10,7 @@ import (
 
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/cluster"
+	"github.com/tpfleet/tpfleet/model/run"
 )
 
 // watchPlans feeds the plans etcd delivers to the applier.
@@ -113,44 +114,40 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 	}
 
 	// The previous epoch's sequences go (the coordinator prefills them again); its weights go too unless
-	// this epoch needs the same ones.
+	// this epoch needs the same ones. Weights of the same checkpoint and format stay until the new ones are
+	// loaded, which take over the tensors they share with them (and with those Prepare staged).
 	w.runMu.Lock()
 	n := len(w.seqs)
 	clear(w.seqs)
-	drop := w.wts
-	if drop != nil {
-		drop.comm.set(nil)
-		if assigned && drop.key == key {
-			drop = nil
+	prev, staged := w.wts, w.staged
+	w.staged = nil
+	if prev != nil {
+		prev.comm.set(nil)
+		if assigned && prev.key == key {
+			prev = nil // kept whole
 		} else {
 			w.wts = nil
 		}
 	}
 	wts := w.wts
-	if s, ok := w.ops.(backend.Synchronizer); ok && drop != nil {
-		// An asynchronous device's memory returns to the backend when its tensors are collected: free
-		// the old weights' before the new ones load.
-		runtime.GC()
-		if err := s.Synchronize(); err != nil {
-			lg.Warn("free the previous weights' device memory", zap.Error(err))
-		}
+	if staged != nil && (!assigned || wts != nil || !staged.key.sameSource(key)) {
+		staged = nil
+	}
+	if prev != nil && (!assigned || !prev.key.sameSource(key)) {
+		w.freeLocked(lg, prev)
+		prev = nil
 	}
 	w.runMu.Unlock()
 	w.mu.Lock()
 	w.nseqs = 0
-	if drop != nil {
-		w.weightDir, w.weightSize = "", 0
-	}
 	w.mu.Unlock()
 	if n > 0 {
 		lg.Info("dropped the previous epoch's sequences", zap.Int("sequences", n))
 	}
-	if drop != nil {
-		lg.Info("freed weights", zap.Stringer("weights", drop.key), zap.Int64("bytes", drop.bytes))
-	}
 
 	if !assigned {
 		w.mu.Lock()
+		w.weightDir, w.weightSize, w.expertLoad = "", 0, nil
 		w.setStateLocked(StateIdle)
 		w.mu.Unlock()
 		lg.Info("idle: no assignment in this epoch", zap.Int("groups", len(p.Groups)))
@@ -158,23 +155,41 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 	}
 	lg.Info("applying plan", zap.Int("group", g.ID), zap.Int("rank", a.Rank), zap.Int("tp", p.TP),
 		zap.String("model", p.Model), zap.String("plan", key.planName))
-	if wts == nil {
+	switch {
+	case wts != nil:
+		lg.Info("reusing loaded weights", zap.Stringer("weights", key), zap.Int64("bytes", wts.bytes))
+	case staged != nil && staged.key == key:
+		wts = staged
+		lg.Info("taking over the prepared weights", zap.Stringer("weights", key), zap.Int64("bytes", wts.bytes),
+			zap.Int64("read-bytes", wts.read), zap.Int("kept-tensors", wts.kept))
+	default:
 		var err error
-		wts, err = w.loadWeights(ctx, key)
+		wts, err = w.loadWeights(ctx, key, prev, staged)
 		if err != nil {
+			if prev != nil {
+				w.runMu.Lock()
+				w.freeLocked(lg, prev)
+				w.runMu.Unlock()
+			}
 			w.fail(ctx, p.Epoch, fmt.Errorf("load weights of %s: %w", key, err))
 			return
 		}
-		w.runMu.Lock()
-		w.wts = wts
-		w.runMu.Unlock()
 		w.mu.Lock()
 		w.loads++
-		w.weightDir, w.weightSize = key.dir, wts.bytes
 		w.mu.Unlock()
-	} else {
-		lg.Info("reusing loaded weights", zap.Stringer("weights", key), zap.Int64("bytes", wts.bytes))
 	}
+	w.runMu.Lock()
+	w.wts = wts
+	if prev != nil {
+		// What the new weights did not take over is dropped now.
+		w.freeLocked(lg, prev)
+	}
+	w.runMu.Unlock()
+	w.mu.Lock()
+	w.weightDir, w.weightSize = key.dir, wts.bytes
+	w.expertLoad, _ = wts.model.(run.ExpertLoader)
+	w.expertOrder = wts.order
+	w.mu.Unlock()
 
 	// A newer plan that needs the same weights may have come while they loaded: its communicator is
 	// the one to build.
@@ -213,6 +228,72 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 	w.mu.Unlock()
 	lg.Info("serving", zap.Int("group", g.ID), zap.Int("rank", a.Rank), zap.Int("tp", p.TP),
 		zap.Duration("took", time.Since(start).Round(time.Millisecond)))
+}
+
+// freeLocked lets weights go (their tensors that other weights took over stay with those) and, on an
+// asynchronous device, returns their memory to the backend. runMu is held.
+func (w *Worker) freeLocked(lg *zap.Logger, wts *weights) {
+	if s, ok := w.ops.(backend.Synchronizer); ok {
+		// An asynchronous device's memory returns to the backend when its tensors are collected.
+		runtime.GC()
+		if err := s.Synchronize(); err != nil {
+			lg.Warn("free the previous weights' device memory", zap.Error(err))
+		}
+	}
+	lg.Info("dropped weights", zap.Stringer("weights", wts.key), zap.Int64("bytes", wts.bytes))
+}
+
+// PrepareResult is what Prepare loaded and what it took over from the weights held.
+type PrepareResult struct {
+	Loaded, Kept           int
+	LoadedBytes, KeptBytes int64
+}
+
+// Prepare loads, beside the weights the worker serves with, its rank's weights in plan p (not yet
+// written: its epoch may be 0), taking over the tensors it holds already; the epoch that places the worker
+// so then starts without loading. The worker keeps serving meanwhile. A worker p does not place prepares
+// nothing. Prepared weights that no epoch takes over are dropped at the next epoch. Calls are serialised.
+// On a device backend (not safe for concurrent use) the steps wait while Prepare loads.
+func (w *Worker) Prepare(ctx context.Context, p cluster.Plan) (PrepareResult, error) {
+	w.prepareMu.Lock()
+	defer w.prepareMu.Unlock()
+	_, a, ok := findAssignment(p, w.cfg.ID)
+	if !ok {
+		return PrepareResult{}, nil
+	}
+	key := w.keyFor(p, a)
+	w.runMu.Lock()
+	cur, staged := w.wts, w.staged
+	w.runMu.Unlock()
+	for _, h := range []*weights{cur, staged} {
+		if h != nil && h.key == key {
+			return PrepareResult{Kept: h.tensors, KeptBytes: h.bytes}, nil
+		}
+	}
+	lg := w.lg.With(zap.Int64("for-epoch", p.Epoch))
+	lg.Info("preparing weights", zap.Stringer("weights", key))
+	// A device backend is driven by one goroutine at a time (backend.Ops): its load holds the steps' lock,
+	// so the current epoch's steps wait for it (as they would at the switch). The cpu backend is safe for
+	// concurrent use and keeps serving meanwhile.
+	_, device := w.ops.(backend.DeviceContext)
+	if device {
+		w.runMu.Lock()
+	}
+	wts, err := w.loadWeights(ctx, key, cur, staged)
+	if !device {
+		w.runMu.Lock()
+	}
+	if err == nil {
+		w.staged = wts
+	}
+	w.runMu.Unlock()
+	if err != nil {
+		return PrepareResult{}, fmt.Errorf("worker: prepare %s: %w", key, err)
+	}
+	w.mu.Lock()
+	w.loads++
+	w.mu.Unlock()
+	return PrepareResult{Loaded: wts.tensors - wts.kept, LoadedBytes: wts.read, Kept: wts.kept, KeptBytes: wts.keptBytes}, nil
 }
 
 // fail puts the worker in StateFailed for epoch, unless ctx ended (a newer epoch or Close stopped the

@@ -2,7 +2,9 @@ package worker
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 
 	"go.uber.org/zap"
@@ -10,6 +12,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/tpfleet/tpfleet/cluster"
 	tpfleetv1 "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 )
 
@@ -81,17 +84,41 @@ func (s *service) LoadPlan(ctx context.Context, req *tpfleetv1.LoadPlanRequest) 
 // Status reports the worker's Status.
 func (s *service) Status(context.Context, *tpfleetv1.StatusRequest) (*tpfleetv1.StatusResponse, error) {
 	st := s.w.Status()
+	var load []*tpfleetv1.ExpertLoad
+	for i, l := range st.ExpertLoad {
+		if l != nil {
+			load = append(load, &tpfleetv1.ExpertLoad{Layer: int32(i), Tokens: l})
+		}
+	}
 	return &tpfleetv1.StatusResponse{
-		MemberId:    st.MemberID,
-		Epoch:       st.Epoch,
-		Group:       int32(st.Group),
-		Rank:        int32(st.Rank),
-		Tp:          int32(st.TP),
-		State:       string(st.State),
-		WeightBytes: st.WeightBytes,
-		Sequences:   int32(st.Sequences),
-		Device:      st.Device,
-		StepStreams: int32(st.StepStreams),
-		LeaderRev:   s.w.currentLeaderRev(),
+		ExpertLoad:    load,
+		MemberId:      st.MemberID,
+		Epoch:         st.Epoch,
+		Group:         int32(st.Group),
+		Rank:          int32(st.Rank),
+		Tp:            int32(st.TP),
+		State:         string(st.State),
+		WeightBytes:   st.WeightBytes,
+		Sequences:     int32(st.Sequences),
+		Device:        st.Device,
+		StepStreams:   int32(st.StepStreams),
+		LeaderRev:     s.w.currentLeaderRev(),
+		ReadBytes:     st.ReadBytes,
+		KeptTensors:   int32(st.KeptTensors),
+		KeptBytes:     st.KeptBytes,
+		StreamedBytes: st.StreamedBytes,
 	}, nil
+}
+
+// Prepare loads the tensors the worker lacks for its rank in the plan it is sent (see Worker.Prepare).
+func (s *service) Prepare(ctx context.Context, req *tpfleetv1.PrepareRequest) (*tpfleetv1.PrepareResponse, error) {
+	var p cluster.Plan
+	if err := json.Unmarshal(req.GetPlan(), &p); err != nil {
+		return nil, toStatus(fmt.Errorf("%w: prepare: plan: %w", ErrInvalidRequest, err))
+	}
+	r, err := s.w.Prepare(ctx, p)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &tpfleetv1.PrepareResponse{Loaded: int32(r.Loaded), LoadedBytes: r.LoadedBytes, Kept: int32(r.Kept), KeptBytes: r.KeptBytes}, nil
 }

@@ -25,6 +25,7 @@ import (
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/comm"
+	"github.com/tpfleet/tpfleet/model/run"
 	tpfleetv1 "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/tpgroup"
 )
@@ -73,6 +74,18 @@ type Status struct {
 	// Loads counts the times weights were read from the checkpoint; epochs that reuse the loaded weights
 	// do not count.
 	Loads int
+	// ReadBytes is the tensor bytes read since Start (from the checkpoint or a peer); a tensor kept across
+	// a plan change is not read again. KeptTensors and KeptBytes are what the last load took over from
+	// the weights held before it.
+	ReadBytes   int64
+	KeptTensors int
+	KeptBytes   int64
+	// StreamedBytes is the part of ReadBytes received from a peer (the worker's model directory held no
+	// checkpoint).
+	StreamedBytes int64
+	// ExpertLoad is, per decoder layer, the tokens routed to each expert since the served weights were
+	// loaded (nil for a dense layer); nil when the model or backend does not count them.
+	ExpertLoad [][]int64
 	// Err is why the worker failed, in StateFailed.
 	Err error
 }
@@ -135,6 +148,10 @@ type Worker struct {
 	// runMu is held while a step runs and while the weights or the sequences change.
 	runMu     sync.Mutex
 	wts       *weights
+	staged    *weights     // loaded by Prepare for a plan about to be written; nil: none
+	seedState              // the checkpoint served to peers (remote.go)
+	streamed  atomic.Int64 // tensor bytes received from peers, for the loads that completed
+	prepareMu sync.Mutex   // serialises Prepare
 	seqs      map[uint64]*sequence
 	streamIDs atomic.Uint64 // numbers the Step streams from 1 (see sequence.stream)
 	openSteps atomic.Int32  // Step streams open now
@@ -157,10 +174,17 @@ type Worker struct {
 	weightSize int64
 	nseqs      int
 	loads      int
-	latest     cluster.Plan // the newest plan seen
-	applying   *applyJob
-	readyEpoch int64         // Ready closes once the worker settles on this epoch (or a later one)
-	changed    chan struct{} // closed and replaced whenever state, epoch or latest change
+	// readBytes counts the tensor bytes read since Start; keptTensors and keptBytes are what the last load
+	// took over from the weights held before it.
+	readBytes   int64
+	keptTensors int
+	keptBytes   int64
+	expertLoad  run.ExpertLoader   // the served model's expert counts; nil: none
+	expertOrder *cluster.UnitOrder // the order its experts were loaded in; nil: the checkpoint's
+	latest      cluster.Plan       // the newest plan seen
+	applying    *applyJob
+	readyEpoch  int64         // Ready closes once the worker settles on this epoch (or a later one)
+	changed     chan struct{} // closed and replaced whenever state, epoch or latest change
 }
 
 // New checks cfg and returns a Worker that has not started: it opens nothing until Start.
@@ -413,21 +437,50 @@ func (w *Worker) Status() Status {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return Status{
-		MemberID:    w.cfg.ID,
-		Addr:        w.addr,
-		State:       w.state,
-		Epoch:       w.epoch,
-		Group:       w.group,
-		Rank:        w.rank,
-		TP:          w.tp,
-		Model:       w.weightDir,
-		WeightBytes: w.weightSize,
-		Sequences:   w.nseqs,
-		Device:      w.cfg.Device,
-		StepStreams: int(w.openSteps.Load()),
-		Loads:       w.loads,
-		Err:         w.failure,
+		MemberID:      w.cfg.ID,
+		Addr:          w.addr,
+		State:         w.state,
+		Epoch:         w.epoch,
+		Group:         w.group,
+		Rank:          w.rank,
+		TP:            w.tp,
+		Model:         w.weightDir,
+		WeightBytes:   w.weightSize,
+		Sequences:     w.nseqs,
+		Device:        w.cfg.Device,
+		StepStreams:   int(w.openSteps.Load()),
+		Loads:         w.loads,
+		ReadBytes:     w.readBytes,
+		KeptTensors:   w.keptTensors,
+		KeptBytes:     w.keptBytes,
+		StreamedBytes: w.streamed.Load(),
+		ExpertLoad:    w.expertLoadLocked(),
+		Err:           w.failure,
 	}
+}
+
+// expertLoadLocked returns the served model's expert load, nil when it has none. w.mu is held.
+func (w *Worker) expertLoadLocked() [][]int64 {
+	if w.expertLoad == nil {
+		return nil
+	}
+	load := w.expertLoad.ExpertLoad()
+	if w.expertOrder == nil {
+		return load
+	}
+	// Slot i of layer L holds the checkpoint's expert order[L][i]: report by the checkpoint's numbering.
+	for l, counts := range load {
+		ord, ok := w.expertOrder.Layers[l]
+		if !ok || len(ord) != len(counts) {
+			continue
+		}
+		out := make([]int64, len(counts))
+		for i, c := range counts {
+			out[ord[i]] = c
+		}
+		load[l] = out
+	}
+	return load
 }
 
 // Close stops the worker, gracefully first: health turns NOT_SERVING, loading and rendezvous stop, the
@@ -482,8 +535,9 @@ func (w *Worker) Close() error {
 		if comm != nil {
 			_ = comm.Close()
 		}
+		w.closeSeed()
 		w.runMu.Lock()
-		w.wts = nil
+		w.wts, w.staged = nil, nil
 		clear(w.seqs)
 		if c, ok := w.ops.(io.Closer); ok {
 			if err := c.Close(); err != nil {

@@ -16,7 +16,21 @@ type routing struct {
 	scores    []float32 // [T·k]
 }
 
-var _ backend.Routing = (*routing)(nil)
+var (
+	_ backend.Routing       = (*routing)(nil)
+	_ backend.ExpertCounter = (*routing)(nil)
+)
+
+// CountExperts adds the tokens routed to each expert to counts.
+func (r *routing) CountExperts(counts []int64) error {
+	for _, e := range r.experts {
+		if e >= len(counts) {
+			return fmt.Errorf("cpu: count experts: expert %d, %d counts: %w", e, len(counts), backend.ErrShape)
+		}
+		counts[e]++
+	}
+	return nil
+}
 
 // TopK returns the number of experts chosen per token.
 func (r *routing) TopK() int { return r.k }

@@ -10,7 +10,9 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/tpfleet/tpfleet/client"
 	"github.com/tpfleet/tpfleet/cluster"
+	"github.com/tpfleet/tpfleet/coordinator"
 )
 
 // runCluster dispatches the tools that read the cluster's state straight from etcd.
@@ -23,8 +25,9 @@ func runCluster(ctx context.Context, args []string, stdout, stderr io.Writer) er
 
 // clusterFlags are the flags of the cluster tools.
 type clusterFlags struct {
-	etcd cluster.Config
-	json bool
+	etcd  cluster.Config
+	json  bool
+	model string // cluster shards: where to read the checkpoint's headers ("": the plan's model)
 }
 
 func parseClusterFlags(name string, args []string, stderr io.Writer) (clusterFlags, error) {
@@ -34,6 +37,9 @@ func parseClusterFlags(name string, args []string, stderr io.Writer) (clusterFla
 	f.etcd.AddFlags(fs)
 	etcdFlag(fs, &f.etcd)
 	fs.BoolVar(&f.json, "json", false, "print JSON instead of a table")
+	if name == "shards" {
+		fs.StringVar(&f.model, "model", "", "the checkpoint directory, for the tensors each worker holds (default: the plan's model)")
+	}
 	if err := fs.Parse(args); err != nil {
 		return f, err
 	}
@@ -83,10 +89,13 @@ func runClusterMembers(ctx context.Context, args []string, stdout, stderr io.Wri
 	return tw.Flush()
 }
 
-// shardsView is `cluster shards --json`: the plan and the members it leaves idle.
+// shardsView is `cluster shards --json`: the plan, the members it leaves idle and what each worker holds.
 type shardsView struct {
 	Plan *cluster.Plan `json:"plan"` // null when no plan is stored
 	Idle []string      `json:"idle"` // registered members with no rank in the plan
+	// Workers is what each member holds of the checkpoint under the plan (loaded: the tensors, their
+	// bytes); absent when the checkpoint could not be read here.
+	Workers []client.Move `json:"workers,omitempty"`
 }
 
 // runClusterShards shows the stored plan.
@@ -123,6 +132,10 @@ func runClusterShards(ctx context.Context, args []string, stdout, stderr io.Writ
 			v.Idle = append(v.Idle, m.ID)
 		}
 	}
+	var holdErr error
+	if ok {
+		v.Workers, holdErr = heldTensors(f.model, p, v.Idle)
+	}
 	if f.json {
 		return printJSON(stdout, v)
 	}
@@ -142,8 +155,35 @@ func runClusterShards(ctx context.Context, args []string, stdout, stderr io.Writ
 	if err := tw.Flush(); err != nil {
 		return err
 	}
-	_, err = fmt.Fprintf(stdout, "idle: %s\n", orNone(v.Idle))
-	return err
+	if _, err = fmt.Fprintf(stdout, "idle: %s\n", orNone(v.Idle)); err != nil {
+		return err
+	}
+	if holdErr != nil {
+		_, err = fmt.Fprintf(stdout, "tensors held: not shown (%v; see --model)\n", holdErr)
+		return err
+	}
+	return writeMoves(stdout, v.Workers, true)
+}
+
+// heldTensors is what every worker holds under plan p: the moves from nothing to p, read from the
+// checkpoint at dir (p's model when empty).
+func heldTensors(dir string, p cluster.Plan, idle []string) ([]client.Move, error) {
+	moves, err := coordinator.PlanMoves(dir, cluster.Plan{}, p, idle, 0)
+	if err != nil {
+		return nil, err
+	}
+	return clientMoves(moves), nil
+}
+
+// clientMoves converts the coordinator's moves to the client's (and --json's) form.
+func clientMoves(moves []coordinator.WorkerMove) []client.Move {
+	out := make([]client.Move, 0, len(moves))
+	for _, m := range moves {
+		out = append(out, client.Move{MemberID: m.MemberID, Group: m.Group, Rank: m.Rank, Drained: m.Drained,
+			Loaded: m.Loaded, LoadedBytes: m.LoadedBytes, Kept: m.Kept, KeptBytes: m.KeptBytes, Dropped: m.Dropped,
+			DroppedBytes: m.DroppedBytes, EstimatedSeconds: m.Estimate.Seconds()})
+	}
+	return out
 }
 
 func orNone(ids []string) string {

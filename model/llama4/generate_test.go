@@ -144,3 +144,32 @@ func TestGenerateProcessedOnHost(t *testing.T) {
 		}
 	}
 }
+
+// TestExpertLoad: on cpu, every MoE layer counts top-k experts for every token it runs (the prompt in one
+// prefill, then each generated token but the last, which is never fed back), and dense layers count none.
+func TestExpertLoad(t *testing.T) {
+	f := openFixture(t, "moe-top1")
+	m := f.loadWith(t, cpu.New(cpu.Config{}))
+	n := 8
+	if _, _, err := m.Generate(context.Background(), f.prompt, llama4.GenerateOptions{MaxTokens: n}, nil); err != nil {
+		t.Fatal(err)
+	}
+	load := m.ExpertLoad()
+	moeLayers := 0
+	for i, layer := range load {
+		if layer == nil {
+			continue
+		}
+		moeLayers++
+		var sum int64
+		for _, c := range layer {
+			sum += c
+		}
+		if want := int64((len(f.prompt) + n - 1) * f.cfg.TopK); sum != want {
+			t.Errorf("ExpertLoad()[%d] = %v, sum %d; want %d tokens × top-%d", i, layer, sum, len(f.prompt)+n-1, f.cfg.TopK)
+		}
+	}
+	if moeLayers == 0 {
+		t.Errorf("ExpertLoad() = %v, want counts for the MoE layers", load)
+	}
+}

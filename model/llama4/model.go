@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"sync/atomic"
 
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/comm"
@@ -85,6 +86,9 @@ type moe struct {
 	topK         int
 	shared       mlp
 	partial      bool
+	// tokens counts the (token, choice) pairs routed to each expert, where the backend's routing is an
+	// backend.ExpertCounter (see Model.ExpertLoad).
+	tokens []atomic.Int64
 }
 
 // Load builds the model from w: model.Load fills the declared tensor tree (tree.go), then each part is
@@ -180,7 +184,8 @@ func loadMLP(w *mlpWeights, p string) (*mlp, error) {
 }
 
 func (m *Model) loadMoE(w *moeWeights, p string) (*moe, error) {
-	f := &moe{topK: m.Config.TopK, router: w.Router.T, gateUp: w.GateUp.T, down: w.Down.T}
+	f := &moe{topK: m.Config.TopK, router: w.Router.T, gateUp: w.GateUp.T, down: w.Down.T,
+		tokens: make([]atomic.Int64, w.Router.T.Shape()[0])}
 	lr, lgu, ld := w.Router.Layout, w.GateUp.Layout, w.Down.Layout
 	shared, err := loadMLP(&w.Shared, p+"shared_expert.")
 	if err != nil {
@@ -200,6 +205,41 @@ func (m *Model) loadMoE(w *moeWeights, p string) (*moe, error) {
 	}
 	f.partial = lgu.Split()
 	return f, nil
+}
+
+// count adds a step's routing to the expert load, where the backend can count it.
+func (f *moe) count(r backend.Routing) {
+	ec, ok := r.(backend.ExpertCounter)
+	if !ok {
+		return
+	}
+	n := make([]int64, len(f.tokens))
+	if ec.CountExperts(n) != nil {
+		return
+	}
+	for e, c := range n {
+		if c != 0 {
+			f.tokens[e].Add(c)
+		}
+	}
+}
+
+// ExpertLoad returns, per decoder layer, the tokens routed to each expert since the model was loaded
+// (nil for a dense layer); all nil where the backend does not count (see backend.ExpertCounter). Every
+// rank of a group routes every token, so each reports the group's load. Safe for concurrent use.
+func (m *Model) ExpertLoad() [][]int64 {
+	out := make([][]int64, len(m.layers))
+	for i, d := range m.layers {
+		f, ok := d.ffn.(*moe)
+		if !ok {
+			continue
+		}
+		out[i] = make([]int64, len(f.tokens))
+		for e := range f.tokens {
+			out[i][e] = f.tokens[e].Load()
+		}
+	}
+	return out
 }
 
 // Sequence is one sequence's decoding state on this rank: its KV caches and how many positions it holds.
@@ -494,6 +534,7 @@ func (f *mlp) local(s *step, h backend.Tensor) backend.Tensor {
 func (f *moe) forward(s *step, h backend.Tensor) backend.Tensor {
 	p := s.linears(h, f.router, f.shared.gate, f.shared.up) // every product of h at once
 	routing := s.route(p[0], f.topK)
+	f.count(routing)
 	shared := s.linear(s.siluMul(p[1], p[2]), f.shared.down)
 	if f.partial == f.shared.partial {
 		return s.allReduce(s.expertsAdd(h, routing, f.gateUp, f.down, f.firstExpert, shared), f.partial)

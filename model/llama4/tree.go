@@ -186,6 +186,11 @@ func AsModel(m run.Model) *Model {
 
 func (r runner) Config() model.Config { return r.m.Config }
 
+var _ run.ExpertLoader = runner{}
+
+// ExpertLoad is Model.ExpertLoad.
+func (r runner) ExpertLoad() [][]int64 { return r.m.ExpertLoad() }
+
 func (r runner) NewSequence(capacity int) (run.Sequence, error) {
 	s, err := r.m.NewSequence(capacity)
 	if err != nil {

@@ -85,6 +85,13 @@ type Model interface {
 	Score(ctx context.Context, ids []int) ([]float32, error)
 }
 
+// ExpertLoader is implemented by a Model of a mixture of experts that counts the tokens routed to each
+// expert: ExpertLoad returns them per decoder layer since the model was loaded (nil for a dense layer).
+// It is safe to call while the model runs.
+type ExpertLoader interface {
+	ExpertLoad() [][]int64
+}
+
 // Opener is implemented by the configuration types of families that run in this binary.
 type Opener interface {
 	// Open builds the model from w on ops.

@@ -380,7 +380,26 @@ func (x *ShardsResponse) GetEtcdUnreachable() bool {
 type RebalanceRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// tp, when positive, changes the TP size; 0 keeps it.
-	Tp            int32 `protobuf:"varint,1,opt,name=tp,proto3" json:"tp,omitempty"`
+	Tp int32 `protobuf:"varint,1,opt,name=tp,proto3" json:"tp,omitempty"`
+	// plan, when set, changes the tp_plan: a built-in name ("tp", "ep") or, with plan_file, the name of the
+	// file the rules came from.
+	Plan string `protobuf:"bytes,2,opt,name=plan,proto3" json:"plan,omitempty"`
+	// plan_file is a plan file's content (HF's JSON form of a tp_plan), read by the client: the workers need
+	// not have the file.
+	PlanFile []byte `protobuf:"bytes,3,opt,name=plan_file,json=planFile,proto3" json:"plan_file,omitempty"`
+	// replicas, when present, caps the number of TP groups; 0 lifts the cap (as many as the workers fill).
+	Replicas *int32 `protobuf:"varint,4,opt,name=replicas,proto3,oneof" json:"replicas,omitempty"`
+	// drain takes a worker (member ID) out of service: its group is re-planned without it and it stays
+	// registered but idle. undrain puts a drained worker back.
+	Drain   string `protobuf:"bytes,5,opt,name=drain,proto3" json:"drain,omitempty"`
+	Undrain string `protobuf:"bytes,6,opt,name=undrain,proto3" json:"undrain,omitempty"`
+	// dry_run computes the new plan and its moves and changes nothing.
+	DryRun bool `protobuf:"varint,7,opt,name=dry_run,json=dryRun,proto3" json:"dry_run,omitempty"`
+	// wait returns only once every group of the new epoch serves.
+	Wait bool `protobuf:"varint,8,opt,name=wait,proto3" json:"wait,omitempty"`
+	// experts re-places the experts of every MoE layer over the ranks by their load (expert plan only): the
+	// hottest experts go to the least loaded ranks.
+	Experts       bool `protobuf:"varint,9,opt,name=experts,proto3" json:"experts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -422,16 +441,312 @@ func (x *RebalanceRequest) GetTp() int32 {
 	return 0
 }
 
-type RebalanceResponse struct {
+func (x *RebalanceRequest) GetPlan() string {
+	if x != nil {
+		return x.Plan
+	}
+	return ""
+}
+
+func (x *RebalanceRequest) GetPlanFile() []byte {
+	if x != nil {
+		return x.PlanFile
+	}
+	return nil
+}
+
+func (x *RebalanceRequest) GetReplicas() int32 {
+	if x != nil && x.Replicas != nil {
+		return *x.Replicas
+	}
+	return 0
+}
+
+func (x *RebalanceRequest) GetDrain() string {
+	if x != nil {
+		return x.Drain
+	}
+	return ""
+}
+
+func (x *RebalanceRequest) GetUndrain() string {
+	if x != nil {
+		return x.Undrain
+	}
+	return ""
+}
+
+func (x *RebalanceRequest) GetDryRun() bool {
+	if x != nil {
+		return x.DryRun
+	}
+	return false
+}
+
+func (x *RebalanceRequest) GetWait() bool {
+	if x != nil {
+		return x.Wait
+	}
+	return false
+}
+
+func (x *RebalanceRequest) GetExperts() bool {
+	if x != nil {
+		return x.Experts
+	}
+	return false
+}
+
+type ExpertsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Epoch         int64                  `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExpertsRequest) Reset() {
+	*x = ExpertsRequest{}
+	mi := &file_tpfleet_v1_admin_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExpertsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExpertsRequest) ProtoMessage() {}
+
+func (x *ExpertsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tpfleet_v1_admin_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExpertsRequest.ProtoReflect.Descriptor instead.
+func (*ExpertsRequest) Descriptor() ([]byte, []int) {
+	return file_tpfleet_v1_admin_proto_rawDescGZIP(), []int{7}
+}
+
+type ExpertsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Epoch int64                  `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	// groups is the number of groups whose load is summed.
+	Groups        int32         `protobuf:"varint,2,opt,name=groups,proto3" json:"groups,omitempty"`
+	Layers        []*ExpertLoad `protobuf:"bytes,3,rep,name=layers,proto3" json:"layers,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExpertsResponse) Reset() {
+	*x = ExpertsResponse{}
+	mi := &file_tpfleet_v1_admin_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExpertsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExpertsResponse) ProtoMessage() {}
+
+func (x *ExpertsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tpfleet_v1_admin_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExpertsResponse.ProtoReflect.Descriptor instead.
+func (*ExpertsResponse) Descriptor() ([]byte, []int) {
+	return file_tpfleet_v1_admin_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *ExpertsResponse) GetEpoch() int64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *ExpertsResponse) GetGroups() int32 {
+	if x != nil {
+		return x.Groups
+	}
+	return 0
+}
+
+func (x *ExpertsResponse) GetLayers() []*ExpertLoad {
+	if x != nil {
+		return x.Layers
+	}
+	return nil
+}
+
+// WorkerMove is what one worker does in a plan change: its place in the new plan and the tensors (its
+// slices of them) it loads, keeps and drops.
+type WorkerMove struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	MemberId string                 `protobuf:"bytes,1,opt,name=member_id,json=memberId,proto3" json:"member_id,omitempty"`
+	// group and rank in the new plan; -1 when the worker holds no rank (idle or drained).
+	Group        int32 `protobuf:"varint,2,opt,name=group,proto3" json:"group,omitempty"`
+	Rank         int32 `protobuf:"varint,3,opt,name=rank,proto3" json:"rank,omitempty"`
+	Drained      bool  `protobuf:"varint,4,opt,name=drained,proto3" json:"drained,omitempty"`
+	Loaded       int32 `protobuf:"varint,5,opt,name=loaded,proto3" json:"loaded,omitempty"`
+	LoadedBytes  int64 `protobuf:"varint,6,opt,name=loaded_bytes,json=loadedBytes,proto3" json:"loaded_bytes,omitempty"`
+	Kept         int32 `protobuf:"varint,7,opt,name=kept,proto3" json:"kept,omitempty"`
+	KeptBytes    int64 `protobuf:"varint,8,opt,name=kept_bytes,json=keptBytes,proto3" json:"kept_bytes,omitempty"`
+	Dropped      int32 `protobuf:"varint,9,opt,name=dropped,proto3" json:"dropped,omitempty"`
+	DroppedBytes int64 `protobuf:"varint,10,opt,name=dropped_bytes,json=droppedBytes,proto3" json:"dropped_bytes,omitempty"`
+	// estimated_seconds is the time to read loaded_bytes at the coordinator's load bandwidth.
+	EstimatedSeconds float64 `protobuf:"fixed64,11,opt,name=estimated_seconds,json=estimatedSeconds,proto3" json:"estimated_seconds,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *WorkerMove) Reset() {
+	*x = WorkerMove{}
+	mi := &file_tpfleet_v1_admin_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WorkerMove) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WorkerMove) ProtoMessage() {}
+
+func (x *WorkerMove) ProtoReflect() protoreflect.Message {
+	mi := &file_tpfleet_v1_admin_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WorkerMove.ProtoReflect.Descriptor instead.
+func (*WorkerMove) Descriptor() ([]byte, []int) {
+	return file_tpfleet_v1_admin_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *WorkerMove) GetMemberId() string {
+	if x != nil {
+		return x.MemberId
+	}
+	return ""
+}
+
+func (x *WorkerMove) GetGroup() int32 {
+	if x != nil {
+		return x.Group
+	}
+	return 0
+}
+
+func (x *WorkerMove) GetRank() int32 {
+	if x != nil {
+		return x.Rank
+	}
+	return 0
+}
+
+func (x *WorkerMove) GetDrained() bool {
+	if x != nil {
+		return x.Drained
+	}
+	return false
+}
+
+func (x *WorkerMove) GetLoaded() int32 {
+	if x != nil {
+		return x.Loaded
+	}
+	return 0
+}
+
+func (x *WorkerMove) GetLoadedBytes() int64 {
+	if x != nil {
+		return x.LoadedBytes
+	}
+	return 0
+}
+
+func (x *WorkerMove) GetKept() int32 {
+	if x != nil {
+		return x.Kept
+	}
+	return 0
+}
+
+func (x *WorkerMove) GetKeptBytes() int64 {
+	if x != nil {
+		return x.KeptBytes
+	}
+	return 0
+}
+
+func (x *WorkerMove) GetDropped() int32 {
+	if x != nil {
+		return x.Dropped
+	}
+	return 0
+}
+
+func (x *WorkerMove) GetDroppedBytes() int64 {
+	if x != nil {
+		return x.DroppedBytes
+	}
+	return 0
+}
+
+func (x *WorkerMove) GetEstimatedSeconds() float64 {
+	if x != nil {
+		return x.EstimatedSeconds
+	}
+	return 0
+}
+
+type RebalanceResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// epoch is the new epoch; with dry_run, the one it would be.
+	Epoch       int64         `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	DryRun      bool          `protobuf:"varint,2,opt,name=dry_run,json=dryRun,proto3" json:"dry_run,omitempty"`
+	Tp          int32         `protobuf:"varint,3,opt,name=tp,proto3" json:"tp,omitempty"`
+	Plan        string        `protobuf:"bytes,4,opt,name=plan,proto3" json:"plan,omitempty"`
+	Replicas    int32         `protobuf:"varint,5,opt,name=replicas,proto3" json:"replicas,omitempty"`
+	Drained     []string      `protobuf:"bytes,6,rep,name=drained,proto3" json:"drained,omitempty"`
+	Assignments []*Assignment `protobuf:"bytes,7,rep,name=assignments,proto3" json:"assignments,omitempty"`
+	Moves       []*WorkerMove `protobuf:"bytes,8,rep,name=moves,proto3" json:"moves,omitempty"`
+	// prepare_seconds is how long the workers took to load what they lacked before the switch; switch_seconds
+	// how long from writing the epoch until every group served (with wait).
+	PrepareSeconds float64 `protobuf:"fixed64,9,opt,name=prepare_seconds,json=prepareSeconds,proto3" json:"prepare_seconds,omitempty"`
+	SwitchSeconds  float64 `protobuf:"fixed64,10,opt,name=switch_seconds,json=switchSeconds,proto3" json:"switch_seconds,omitempty"`
+	// expert_order is, per MoE layer, the expert each slot holds (slots rank by rank, experts/tp each);
+	// empty when the plan keeps the checkpoint's order.
+	ExpertOrder   []*ExpertOrder `protobuf:"bytes,11,rep,name=expert_order,json=expertOrder,proto3" json:"expert_order,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *RebalanceResponse) Reset() {
 	*x = RebalanceResponse{}
-	mi := &file_tpfleet_v1_admin_proto_msgTypes[7]
+	mi := &file_tpfleet_v1_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -443,7 +758,7 @@ func (x *RebalanceResponse) String() string {
 func (*RebalanceResponse) ProtoMessage() {}
 
 func (x *RebalanceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_admin_proto_msgTypes[7]
+	mi := &file_tpfleet_v1_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -456,7 +771,7 @@ func (x *RebalanceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RebalanceResponse.ProtoReflect.Descriptor instead.
 func (*RebalanceResponse) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_admin_proto_rawDescGZIP(), []int{7}
+	return file_tpfleet_v1_admin_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RebalanceResponse) GetEpoch() int64 {
@@ -466,12 +781,134 @@ func (x *RebalanceResponse) GetEpoch() int64 {
 	return 0
 }
 
+func (x *RebalanceResponse) GetDryRun() bool {
+	if x != nil {
+		return x.DryRun
+	}
+	return false
+}
+
+func (x *RebalanceResponse) GetTp() int32 {
+	if x != nil {
+		return x.Tp
+	}
+	return 0
+}
+
+func (x *RebalanceResponse) GetPlan() string {
+	if x != nil {
+		return x.Plan
+	}
+	return ""
+}
+
+func (x *RebalanceResponse) GetReplicas() int32 {
+	if x != nil {
+		return x.Replicas
+	}
+	return 0
+}
+
+func (x *RebalanceResponse) GetDrained() []string {
+	if x != nil {
+		return x.Drained
+	}
+	return nil
+}
+
+func (x *RebalanceResponse) GetAssignments() []*Assignment {
+	if x != nil {
+		return x.Assignments
+	}
+	return nil
+}
+
+func (x *RebalanceResponse) GetMoves() []*WorkerMove {
+	if x != nil {
+		return x.Moves
+	}
+	return nil
+}
+
+func (x *RebalanceResponse) GetPrepareSeconds() float64 {
+	if x != nil {
+		return x.PrepareSeconds
+	}
+	return 0
+}
+
+func (x *RebalanceResponse) GetSwitchSeconds() float64 {
+	if x != nil {
+		return x.SwitchSeconds
+	}
+	return 0
+}
+
+func (x *RebalanceResponse) GetExpertOrder() []*ExpertOrder {
+	if x != nil {
+		return x.ExpertOrder
+	}
+	return nil
+}
+
+type ExpertOrder struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Layer         int32                  `protobuf:"varint,1,opt,name=layer,proto3" json:"layer,omitempty"`
+	Experts       []int32                `protobuf:"varint,2,rep,packed,name=experts,proto3" json:"experts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExpertOrder) Reset() {
+	*x = ExpertOrder{}
+	mi := &file_tpfleet_v1_admin_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExpertOrder) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExpertOrder) ProtoMessage() {}
+
+func (x *ExpertOrder) ProtoReflect() protoreflect.Message {
+	mi := &file_tpfleet_v1_admin_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExpertOrder.ProtoReflect.Descriptor instead.
+func (*ExpertOrder) Descriptor() ([]byte, []int) {
+	return file_tpfleet_v1_admin_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *ExpertOrder) GetLayer() int32 {
+	if x != nil {
+		return x.Layer
+	}
+	return 0
+}
+
+func (x *ExpertOrder) GetExperts() []int32 {
+	if x != nil {
+		return x.Experts
+	}
+	return nil
+}
+
 var File_tpfleet_v1_admin_proto protoreflect.FileDescriptor
 
 const file_tpfleet_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"\x16tpfleet/v1/admin.proto\x12\n" +
-	"tpfleet.v1\"\x10\n" +
+	"tpfleet.v1\x1a\x17tpfleet/v1/worker.proto\"\x10\n" +
 	"\x0eMembersRequest\"}\n" +
 	"\x06Member\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
@@ -495,15 +932,59 @@ const file_tpfleet_v1_admin_proto_rawDesc = "" +
 	"\x04plan\x18\x04 \x01(\tR\x04plan\x128\n" +
 	"\vassignments\x18\x05 \x03(\v2\x16.tpfleet.v1.AssignmentR\vassignments\x12\x1b\n" +
 	"\tleader_id\x18\x06 \x01(\tR\bleaderId\x12)\n" +
-	"\x10etcd_unreachable\x18\a \x01(\bR\x0fetcdUnreachable\"\"\n" +
+	"\x10etcd_unreachable\x18\a \x01(\bR\x0fetcdUnreachable\"\xf8\x01\n" +
 	"\x10RebalanceRequest\x12\x0e\n" +
-	"\x02tp\x18\x01 \x01(\x05R\x02tp\")\n" +
+	"\x02tp\x18\x01 \x01(\x05R\x02tp\x12\x12\n" +
+	"\x04plan\x18\x02 \x01(\tR\x04plan\x12\x1b\n" +
+	"\tplan_file\x18\x03 \x01(\fR\bplanFile\x12\x1f\n" +
+	"\breplicas\x18\x04 \x01(\x05H\x00R\breplicas\x88\x01\x01\x12\x14\n" +
+	"\x05drain\x18\x05 \x01(\tR\x05drain\x12\x18\n" +
+	"\aundrain\x18\x06 \x01(\tR\aundrain\x12\x17\n" +
+	"\adry_run\x18\a \x01(\bR\x06dryRun\x12\x12\n" +
+	"\x04wait\x18\b \x01(\bR\x04wait\x12\x18\n" +
+	"\aexperts\x18\t \x01(\bR\aexpertsB\v\n" +
+	"\t_replicas\"\x10\n" +
+	"\x0eExpertsRequest\"o\n" +
+	"\x0fExpertsResponse\x12\x14\n" +
+	"\x05epoch\x18\x01 \x01(\x03R\x05epoch\x12\x16\n" +
+	"\x06groups\x18\x02 \x01(\x05R\x06groups\x12.\n" +
+	"\x06layers\x18\x03 \x03(\v2\x16.tpfleet.v1.ExpertLoadR\x06layers\"\xc7\x02\n" +
+	"\n" +
+	"WorkerMove\x12\x1b\n" +
+	"\tmember_id\x18\x01 \x01(\tR\bmemberId\x12\x14\n" +
+	"\x05group\x18\x02 \x01(\x05R\x05group\x12\x12\n" +
+	"\x04rank\x18\x03 \x01(\x05R\x04rank\x12\x18\n" +
+	"\adrained\x18\x04 \x01(\bR\adrained\x12\x16\n" +
+	"\x06loaded\x18\x05 \x01(\x05R\x06loaded\x12!\n" +
+	"\floaded_bytes\x18\x06 \x01(\x03R\vloadedBytes\x12\x12\n" +
+	"\x04kept\x18\a \x01(\x05R\x04kept\x12\x1d\n" +
+	"\n" +
+	"kept_bytes\x18\b \x01(\x03R\tkeptBytes\x12\x18\n" +
+	"\adropped\x18\t \x01(\x05R\adropped\x12#\n" +
+	"\rdropped_bytes\x18\n" +
+	" \x01(\x03R\fdroppedBytes\x12+\n" +
+	"\x11estimated_seconds\x18\v \x01(\x01R\x10estimatedSeconds\"\x90\x03\n" +
 	"\x11RebalanceResponse\x12\x14\n" +
-	"\x05epoch\x18\x01 \x01(\x03R\x05epoch2\xd6\x01\n" +
+	"\x05epoch\x18\x01 \x01(\x03R\x05epoch\x12\x17\n" +
+	"\adry_run\x18\x02 \x01(\bR\x06dryRun\x12\x0e\n" +
+	"\x02tp\x18\x03 \x01(\x05R\x02tp\x12\x12\n" +
+	"\x04plan\x18\x04 \x01(\tR\x04plan\x12\x1a\n" +
+	"\breplicas\x18\x05 \x01(\x05R\breplicas\x12\x18\n" +
+	"\adrained\x18\x06 \x03(\tR\adrained\x128\n" +
+	"\vassignments\x18\a \x03(\v2\x16.tpfleet.v1.AssignmentR\vassignments\x12,\n" +
+	"\x05moves\x18\b \x03(\v2\x16.tpfleet.v1.WorkerMoveR\x05moves\x12'\n" +
+	"\x0fprepare_seconds\x18\t \x01(\x01R\x0eprepareSeconds\x12%\n" +
+	"\x0eswitch_seconds\x18\n" +
+	" \x01(\x01R\rswitchSeconds\x12:\n" +
+	"\fexpert_order\x18\v \x03(\v2\x17.tpfleet.v1.ExpertOrderR\vexpertOrder\"=\n" +
+	"\vExpertOrder\x12\x14\n" +
+	"\x05layer\x18\x01 \x01(\x05R\x05layer\x12\x18\n" +
+	"\aexperts\x18\x02 \x03(\x05R\aexperts2\x9a\x02\n" +
 	"\x05Admin\x12B\n" +
 	"\aMembers\x12\x1a.tpfleet.v1.MembersRequest\x1a\x1b.tpfleet.v1.MembersResponse\x12?\n" +
 	"\x06Shards\x12\x19.tpfleet.v1.ShardsRequest\x1a\x1a.tpfleet.v1.ShardsResponse\x12H\n" +
-	"\tRebalance\x12\x1c.tpfleet.v1.RebalanceRequest\x1a\x1d.tpfleet.v1.RebalanceResponseB7Z5github.com/tpfleet/tpfleet/proto/tpfleet/v1;tpfleetv1b\x06proto3"
+	"\tRebalance\x12\x1c.tpfleet.v1.RebalanceRequest\x1a\x1d.tpfleet.v1.RebalanceResponse\x12B\n" +
+	"\aExperts\x12\x1a.tpfleet.v1.ExpertsRequest\x1a\x1b.tpfleet.v1.ExpertsResponseB7Z5github.com/tpfleet/tpfleet/proto/tpfleet/v1;tpfleetv1b\x06proto3"
 
 var (
 	file_tpfleet_v1_admin_proto_rawDescOnce sync.Once
@@ -517,7 +998,7 @@ func file_tpfleet_v1_admin_proto_rawDescGZIP() []byte {
 	return file_tpfleet_v1_admin_proto_rawDescData
 }
 
-var file_tpfleet_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
+var file_tpfleet_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
 var file_tpfleet_v1_admin_proto_goTypes = []any{
 	(*MembersRequest)(nil),    // 0: tpfleet.v1.MembersRequest
 	(*Member)(nil),            // 1: tpfleet.v1.Member
@@ -526,22 +1007,33 @@ var file_tpfleet_v1_admin_proto_goTypes = []any{
 	(*Assignment)(nil),        // 4: tpfleet.v1.Assignment
 	(*ShardsResponse)(nil),    // 5: tpfleet.v1.ShardsResponse
 	(*RebalanceRequest)(nil),  // 6: tpfleet.v1.RebalanceRequest
-	(*RebalanceResponse)(nil), // 7: tpfleet.v1.RebalanceResponse
+	(*ExpertsRequest)(nil),    // 7: tpfleet.v1.ExpertsRequest
+	(*ExpertsResponse)(nil),   // 8: tpfleet.v1.ExpertsResponse
+	(*WorkerMove)(nil),        // 9: tpfleet.v1.WorkerMove
+	(*RebalanceResponse)(nil), // 10: tpfleet.v1.RebalanceResponse
+	(*ExpertOrder)(nil),       // 11: tpfleet.v1.ExpertOrder
+	(*ExpertLoad)(nil),        // 12: tpfleet.v1.ExpertLoad
 }
 var file_tpfleet_v1_admin_proto_depIdxs = []int32{
-	1, // 0: tpfleet.v1.MembersResponse.members:type_name -> tpfleet.v1.Member
-	4, // 1: tpfleet.v1.ShardsResponse.assignments:type_name -> tpfleet.v1.Assignment
-	0, // 2: tpfleet.v1.Admin.Members:input_type -> tpfleet.v1.MembersRequest
-	3, // 3: tpfleet.v1.Admin.Shards:input_type -> tpfleet.v1.ShardsRequest
-	6, // 4: tpfleet.v1.Admin.Rebalance:input_type -> tpfleet.v1.RebalanceRequest
-	2, // 5: tpfleet.v1.Admin.Members:output_type -> tpfleet.v1.MembersResponse
-	5, // 6: tpfleet.v1.Admin.Shards:output_type -> tpfleet.v1.ShardsResponse
-	7, // 7: tpfleet.v1.Admin.Rebalance:output_type -> tpfleet.v1.RebalanceResponse
-	5, // [5:8] is the sub-list for method output_type
-	2, // [2:5] is the sub-list for method input_type
-	2, // [2:2] is the sub-list for extension type_name
-	2, // [2:2] is the sub-list for extension extendee
-	0, // [0:2] is the sub-list for field type_name
+	1,  // 0: tpfleet.v1.MembersResponse.members:type_name -> tpfleet.v1.Member
+	4,  // 1: tpfleet.v1.ShardsResponse.assignments:type_name -> tpfleet.v1.Assignment
+	12, // 2: tpfleet.v1.ExpertsResponse.layers:type_name -> tpfleet.v1.ExpertLoad
+	4,  // 3: tpfleet.v1.RebalanceResponse.assignments:type_name -> tpfleet.v1.Assignment
+	9,  // 4: tpfleet.v1.RebalanceResponse.moves:type_name -> tpfleet.v1.WorkerMove
+	11, // 5: tpfleet.v1.RebalanceResponse.expert_order:type_name -> tpfleet.v1.ExpertOrder
+	0,  // 6: tpfleet.v1.Admin.Members:input_type -> tpfleet.v1.MembersRequest
+	3,  // 7: tpfleet.v1.Admin.Shards:input_type -> tpfleet.v1.ShardsRequest
+	6,  // 8: tpfleet.v1.Admin.Rebalance:input_type -> tpfleet.v1.RebalanceRequest
+	7,  // 9: tpfleet.v1.Admin.Experts:input_type -> tpfleet.v1.ExpertsRequest
+	2,  // 10: tpfleet.v1.Admin.Members:output_type -> tpfleet.v1.MembersResponse
+	5,  // 11: tpfleet.v1.Admin.Shards:output_type -> tpfleet.v1.ShardsResponse
+	10, // 12: tpfleet.v1.Admin.Rebalance:output_type -> tpfleet.v1.RebalanceResponse
+	8,  // 13: tpfleet.v1.Admin.Experts:output_type -> tpfleet.v1.ExpertsResponse
+	10, // [10:14] is the sub-list for method output_type
+	6,  // [6:10] is the sub-list for method input_type
+	6,  // [6:6] is the sub-list for extension type_name
+	6,  // [6:6] is the sub-list for extension extendee
+	0,  // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_tpfleet_v1_admin_proto_init() }
@@ -549,13 +1041,15 @@ func file_tpfleet_v1_admin_proto_init() {
 	if File_tpfleet_v1_admin_proto != nil {
 		return
 	}
+	file_tpfleet_v1_worker_proto_init()
+	file_tpfleet_v1_admin_proto_msgTypes[6].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tpfleet_v1_admin_proto_rawDesc), len(file_tpfleet_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   8,
+			NumMessages:   12,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

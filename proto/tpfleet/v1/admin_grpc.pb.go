@@ -22,6 +22,7 @@ const (
 	Admin_Members_FullMethodName   = "/tpfleet.v1.Admin/Members"
 	Admin_Shards_FullMethodName    = "/tpfleet.v1.Admin/Shards"
 	Admin_Rebalance_FullMethodName = "/tpfleet.v1.Admin/Rebalance"
+	Admin_Experts_FullMethodName   = "/tpfleet.v1.Admin/Experts"
 )
 
 // AdminClient is the client API for Admin service.
@@ -34,8 +35,13 @@ type AdminClient interface {
 	Members(ctx context.Context, in *MembersRequest, opts ...grpc.CallOption) (*MembersResponse, error)
 	// Shards shows the current plan: which worker holds which rank of which TP group.
 	Shards(ctx context.Context, in *ShardsRequest, opts ...grpc.CallOption) (*ShardsResponse, error)
-	// Rebalance computes a new plan epoch from the current members and applies it.
+	// Rebalance computes a new plan epoch from the current members and applies it: the workers of the new
+	// plan first load what they lack while the current epoch serves, then the epoch switches. With dry_run
+	// it only reports the moves.
 	Rebalance(ctx context.Context, in *RebalanceRequest, opts ...grpc.CallOption) (*RebalanceResponse, error)
+	// Experts reports the expert load: per MoE layer, the tokens routed to each expert, summed over the TP
+	// groups of the plan in force (each group's rank 0 counts for its group).
+	Experts(ctx context.Context, in *ExpertsRequest, opts ...grpc.CallOption) (*ExpertsResponse, error)
 }
 
 type adminClient struct {
@@ -76,6 +82,16 @@ func (c *adminClient) Rebalance(ctx context.Context, in *RebalanceRequest, opts 
 	return out, nil
 }
 
+func (c *adminClient) Experts(ctx context.Context, in *ExpertsRequest, opts ...grpc.CallOption) (*ExpertsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ExpertsResponse)
+	err := c.cc.Invoke(ctx, Admin_Experts_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility.
@@ -86,8 +102,13 @@ type AdminServer interface {
 	Members(context.Context, *MembersRequest) (*MembersResponse, error)
 	// Shards shows the current plan: which worker holds which rank of which TP group.
 	Shards(context.Context, *ShardsRequest) (*ShardsResponse, error)
-	// Rebalance computes a new plan epoch from the current members and applies it.
+	// Rebalance computes a new plan epoch from the current members and applies it: the workers of the new
+	// plan first load what they lack while the current epoch serves, then the epoch switches. With dry_run
+	// it only reports the moves.
 	Rebalance(context.Context, *RebalanceRequest) (*RebalanceResponse, error)
+	// Experts reports the expert load: per MoE layer, the tokens routed to each expert, summed over the TP
+	// groups of the plan in force (each group's rank 0 counts for its group).
+	Experts(context.Context, *ExpertsRequest) (*ExpertsResponse, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -106,6 +127,9 @@ func (UnimplementedAdminServer) Shards(context.Context, *ShardsRequest) (*Shards
 }
 func (UnimplementedAdminServer) Rebalance(context.Context, *RebalanceRequest) (*RebalanceResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Rebalance not implemented")
+}
+func (UnimplementedAdminServer) Experts(context.Context, *ExpertsRequest) (*ExpertsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Experts not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 func (UnimplementedAdminServer) testEmbeddedByValue()               {}
@@ -182,6 +206,24 @@ func _Admin_Rebalance_Handler(srv interface{}, ctx context.Context, dec func(int
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_Experts_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ExpertsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).Experts(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_Experts_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).Experts(ctx, req.(*ExpertsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -200,6 +242,10 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Rebalance",
 			Handler:    _Admin_Rebalance_Handler,
+		},
+		{
+			MethodName: "Experts",
+			Handler:    _Admin_Experts_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -521,7 +521,18 @@ type StatusResponse struct {
 	// step_streams is the number of Step streams open on the worker (one per coordinator that drives it).
 	StepStreams int32 `protobuf:"varint,10,opt,name=step_streams,json=stepStreams,proto3" json:"step_streams,omitempty"`
 	// leader_rev is the highest StepRequest.leader_rev the worker has seen.
-	LeaderRev     int64 `protobuf:"varint,11,opt,name=leader_rev,json=leaderRev,proto3" json:"leader_rev,omitempty"`
+	LeaderRev int64 `protobuf:"varint,11,opt,name=leader_rev,json=leaderRev,proto3" json:"leader_rev,omitempty"`
+	// read_bytes is the bytes of tensors the worker has read (from its checkpoint or a peer) since it
+	// started; a tensor it keeps across a plan change is not read again.
+	ReadBytes int64 `protobuf:"varint,12,opt,name=read_bytes,json=readBytes,proto3" json:"read_bytes,omitempty"`
+	// kept_tensors and kept_bytes are what the last load took over from the weights held before it.
+	KeptTensors int32 `protobuf:"varint,13,opt,name=kept_tensors,json=keptTensors,proto3" json:"kept_tensors,omitempty"`
+	KeptBytes   int64 `protobuf:"varint,14,opt,name=kept_bytes,json=keptBytes,proto3" json:"kept_bytes,omitempty"`
+	// streamed_bytes is the part of read_bytes received from a peer over ReadTensor.
+	StreamedBytes int64 `protobuf:"varint,15,opt,name=streamed_bytes,json=streamedBytes,proto3" json:"streamed_bytes,omitempty"`
+	// expert_load is, per MoE layer, the tokens routed to each expert (in the checkpoint's expert order)
+	// since the weights were loaded; empty where the backend does not count them (routing on a device).
+	ExpertLoad    []*ExpertLoad `protobuf:"bytes,16,rep,name=expert_load,json=expertLoad,proto3" json:"expert_load,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -633,6 +644,572 @@ func (x *StatusResponse) GetLeaderRev() int64 {
 	return 0
 }
 
+func (x *StatusResponse) GetReadBytes() int64 {
+	if x != nil {
+		return x.ReadBytes
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetKeptTensors() int32 {
+	if x != nil {
+		return x.KeptTensors
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetKeptBytes() int64 {
+	if x != nil {
+		return x.KeptBytes
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetStreamedBytes() int64 {
+	if x != nil {
+		return x.StreamedBytes
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetExpertLoad() []*ExpertLoad {
+	if x != nil {
+		return x.ExpertLoad
+	}
+	return nil
+}
+
+// ExpertLoad is one MoE layer's tokens per expert: tokens[e] (token, choice) pairs went to expert e.
+type ExpertLoad struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Layer         int32                  `protobuf:"varint,1,opt,name=layer,proto3" json:"layer,omitempty"`
+	Tokens        []int64                `protobuf:"varint,2,rep,packed,name=tokens,proto3" json:"tokens,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExpertLoad) Reset() {
+	*x = ExpertLoad{}
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExpertLoad) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExpertLoad) ProtoMessage() {}
+
+func (x *ExpertLoad) ProtoReflect() protoreflect.Message {
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExpertLoad.ProtoReflect.Descriptor instead.
+func (*ExpertLoad) Descriptor() ([]byte, []int) {
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *ExpertLoad) GetLayer() int32 {
+	if x != nil {
+		return x.Layer
+	}
+	return 0
+}
+
+func (x *ExpertLoad) GetTokens() []int64 {
+	if x != nil {
+		return x.Tokens
+	}
+	return nil
+}
+
+type PrepareRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// plan is the plan to prepare for, as JSON (cluster.Plan; epoch 0 until written).
+	Plan          []byte `protobuf:"bytes,1,opt,name=plan,proto3" json:"plan,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PrepareRequest) Reset() {
+	*x = PrepareRequest{}
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PrepareRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PrepareRequest) ProtoMessage() {}
+
+func (x *PrepareRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PrepareRequest.ProtoReflect.Descriptor instead.
+func (*PrepareRequest) Descriptor() ([]byte, []int) {
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *PrepareRequest) GetPlan() []byte {
+	if x != nil {
+		return x.Plan
+	}
+	return nil
+}
+
+type PrepareResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// loaded and loaded_bytes are what the worker read; kept and kept_bytes what it already held.
+	Loaded        int32 `protobuf:"varint,1,opt,name=loaded,proto3" json:"loaded,omitempty"`
+	LoadedBytes   int64 `protobuf:"varint,2,opt,name=loaded_bytes,json=loadedBytes,proto3" json:"loaded_bytes,omitempty"`
+	Kept          int32 `protobuf:"varint,3,opt,name=kept,proto3" json:"kept,omitempty"`
+	KeptBytes     int64 `protobuf:"varint,4,opt,name=kept_bytes,json=keptBytes,proto3" json:"kept_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PrepareResponse) Reset() {
+	*x = PrepareResponse{}
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PrepareResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PrepareResponse) ProtoMessage() {}
+
+func (x *PrepareResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PrepareResponse.ProtoReflect.Descriptor instead.
+func (*PrepareResponse) Descriptor() ([]byte, []int) {
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *PrepareResponse) GetLoaded() int32 {
+	if x != nil {
+		return x.Loaded
+	}
+	return 0
+}
+
+func (x *PrepareResponse) GetLoadedBytes() int64 {
+	if x != nil {
+		return x.LoadedBytes
+	}
+	return 0
+}
+
+func (x *PrepareResponse) GetKept() int32 {
+	if x != nil {
+		return x.Kept
+	}
+	return 0
+}
+
+func (x *PrepareResponse) GetKeptBytes() int64 {
+	if x != nil {
+		return x.KeptBytes
+	}
+	return 0
+}
+
+type CheckpointInfoRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CheckpointInfoRequest) Reset() {
+	*x = CheckpointInfoRequest{}
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CheckpointInfoRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CheckpointInfoRequest) ProtoMessage() {}
+
+func (x *CheckpointInfoRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CheckpointInfoRequest.ProtoReflect.Descriptor instead.
+func (*CheckpointInfoRequest) Descriptor() ([]byte, []int) {
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{11}
+}
+
+type CheckpointFile struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Data          []byte                 `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CheckpointFile) Reset() {
+	*x = CheckpointFile{}
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CheckpointFile) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CheckpointFile) ProtoMessage() {}
+
+func (x *CheckpointFile) ProtoReflect() protoreflect.Message {
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CheckpointFile.ProtoReflect.Descriptor instead.
+func (*CheckpointFile) Descriptor() ([]byte, []int) {
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *CheckpointFile) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *CheckpointFile) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+type TensorHeader struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Dtype         string                 `protobuf:"bytes,2,opt,name=dtype,proto3" json:"dtype,omitempty"`
+	Shape         []int64                `protobuf:"varint,3,rep,packed,name=shape,proto3" json:"shape,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TensorHeader) Reset() {
+	*x = TensorHeader{}
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TensorHeader) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TensorHeader) ProtoMessage() {}
+
+func (x *TensorHeader) ProtoReflect() protoreflect.Message {
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TensorHeader.ProtoReflect.Descriptor instead.
+func (*TensorHeader) Descriptor() ([]byte, []int) {
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *TensorHeader) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *TensorHeader) GetDtype() string {
+	if x != nil {
+		return x.Dtype
+	}
+	return ""
+}
+
+func (x *TensorHeader) GetShape() []int64 {
+	if x != nil {
+		return x.Shape
+	}
+	return nil
+}
+
+type CheckpointInfoResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Files         []*CheckpointFile      `protobuf:"bytes,1,rep,name=files,proto3" json:"files,omitempty"`
+	Tensors       []*TensorHeader        `protobuf:"bytes,2,rep,name=tensors,proto3" json:"tensors,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CheckpointInfoResponse) Reset() {
+	*x = CheckpointInfoResponse{}
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CheckpointInfoResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CheckpointInfoResponse) ProtoMessage() {}
+
+func (x *CheckpointInfoResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CheckpointInfoResponse.ProtoReflect.Descriptor instead.
+func (*CheckpointInfoResponse) Descriptor() ([]byte, []int) {
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *CheckpointInfoResponse) GetFiles() []*CheckpointFile {
+	if x != nil {
+		return x.Files
+	}
+	return nil
+}
+
+func (x *CheckpointInfoResponse) GetTensors() []*TensorHeader {
+	if x != nil {
+		return x.Tensors
+	}
+	return nil
+}
+
+type ReadTensorRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// dim < 0 or no ranges: the whole tensor; else the [start, end) index ranges along dim, as pairs.
+	Dim    int32   `protobuf:"varint,2,opt,name=dim,proto3" json:"dim,omitempty"`
+	Ranges []int64 `protobuf:"varint,3,rep,packed,name=ranges,proto3" json:"ranges,omitempty"`
+	// offset is the first byte to send: the bytes a broken stream delivered already.
+	Offset        int64 `protobuf:"varint,4,opt,name=offset,proto3" json:"offset,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReadTensorRequest) Reset() {
+	*x = ReadTensorRequest{}
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReadTensorRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReadTensorRequest) ProtoMessage() {}
+
+func (x *ReadTensorRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReadTensorRequest.ProtoReflect.Descriptor instead.
+func (*ReadTensorRequest) Descriptor() ([]byte, []int) {
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *ReadTensorRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ReadTensorRequest) GetDim() int32 {
+	if x != nil {
+		return x.Dim
+	}
+	return 0
+}
+
+func (x *ReadTensorRequest) GetRanges() []int64 {
+	if x != nil {
+		return x.Ranges
+	}
+	return nil
+}
+
+func (x *ReadTensorRequest) GetOffset() int64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+type TensorChunk struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Offset int64                  `protobuf:"varint,1,opt,name=offset,proto3" json:"offset,omitempty"`
+	Data   []byte                 `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
+	// crc32c is the Castagnoli CRC-32 of data.
+	Crc32C uint32 `protobuf:"varint,3,opt,name=crc32c,proto3" json:"crc32c,omitempty"`
+	// The last chunk also carries the whole read's size, shape and SHA-256.
+	Last          bool    `protobuf:"varint,4,opt,name=last,proto3" json:"last,omitempty"`
+	Size          int64   `protobuf:"varint,5,opt,name=size,proto3" json:"size,omitempty"`
+	Shape         []int64 `protobuf:"varint,6,rep,packed,name=shape,proto3" json:"shape,omitempty"`
+	Sha256        []byte  `protobuf:"bytes,7,opt,name=sha256,proto3" json:"sha256,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TensorChunk) Reset() {
+	*x = TensorChunk{}
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TensorChunk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TensorChunk) ProtoMessage() {}
+
+func (x *TensorChunk) ProtoReflect() protoreflect.Message {
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TensorChunk.ProtoReflect.Descriptor instead.
+func (*TensorChunk) Descriptor() ([]byte, []int) {
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *TensorChunk) GetOffset() int64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *TensorChunk) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+func (x *TensorChunk) GetCrc32C() uint32 {
+	if x != nil {
+		return x.Crc32C
+	}
+	return 0
+}
+
+func (x *TensorChunk) GetLast() bool {
+	if x != nil {
+		return x.Last
+	}
+	return false
+}
+
+func (x *TensorChunk) GetSize() int64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *TensorChunk) GetShape() []int64 {
+	if x != nil {
+		return x.Shape
+	}
+	return nil
+}
+
+func (x *TensorChunk) GetSha256() []byte {
+	if x != nil {
+		return x.Sha256
+	}
+	return nil
+}
+
 var File_tpfleet_v1_worker_proto protoreflect.FileDescriptor
 
 const file_tpfleet_v1_worker_proto_rawDesc = "" +
@@ -667,7 +1244,7 @@ const file_tpfleet_v1_worker_proto_rawDesc = "" +
 	"\x05epoch\x18\x01 \x01(\x03R\x05epoch\"(\n" +
 	"\x10LoadPlanResponse\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x03R\x05epoch\"\x0f\n" +
-	"\rStatusRequest\"\xae\x02\n" +
+	"\rStatusRequest\"\xef\x03\n" +
 	"\x0eStatusResponse\x12\x1b\n" +
 	"\tmember_id\x18\x01 \x01(\tR\bmemberId\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x03R\x05epoch\x12\x14\n" +
@@ -681,14 +1258,62 @@ const file_tpfleet_v1_worker_proto_rawDesc = "" +
 	"\fstep_streams\x18\n" +
 	" \x01(\x05R\vstepStreams\x12\x1d\n" +
 	"\n" +
-	"leader_rev\x18\v \x01(\x03R\tleaderRev*C\n" +
+	"leader_rev\x18\v \x01(\x03R\tleaderRev\x12\x1d\n" +
+	"\n" +
+	"read_bytes\x18\f \x01(\x03R\treadBytes\x12!\n" +
+	"\fkept_tensors\x18\r \x01(\x05R\vkeptTensors\x12\x1d\n" +
+	"\n" +
+	"kept_bytes\x18\x0e \x01(\x03R\tkeptBytes\x12%\n" +
+	"\x0estreamed_bytes\x18\x0f \x01(\x03R\rstreamedBytes\x127\n" +
+	"\vexpert_load\x18\x10 \x03(\v2\x16.tpfleet.v1.ExpertLoadR\n" +
+	"expertLoad\":\n" +
+	"\n" +
+	"ExpertLoad\x12\x14\n" +
+	"\x05layer\x18\x01 \x01(\x05R\x05layer\x12\x16\n" +
+	"\x06tokens\x18\x02 \x03(\x03R\x06tokens\"$\n" +
+	"\x0ePrepareRequest\x12\x12\n" +
+	"\x04plan\x18\x01 \x01(\fR\x04plan\"\x7f\n" +
+	"\x0fPrepareResponse\x12\x16\n" +
+	"\x06loaded\x18\x01 \x01(\x05R\x06loaded\x12!\n" +
+	"\floaded_bytes\x18\x02 \x01(\x03R\vloadedBytes\x12\x12\n" +
+	"\x04kept\x18\x03 \x01(\x05R\x04kept\x12\x1d\n" +
+	"\n" +
+	"kept_bytes\x18\x04 \x01(\x03R\tkeptBytes\"\x17\n" +
+	"\x15CheckpointInfoRequest\"8\n" +
+	"\x0eCheckpointFile\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04data\x18\x02 \x01(\fR\x04data\"N\n" +
+	"\fTensorHeader\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05dtype\x18\x02 \x01(\tR\x05dtype\x12\x14\n" +
+	"\x05shape\x18\x03 \x03(\x03R\x05shape\"~\n" +
+	"\x16CheckpointInfoResponse\x120\n" +
+	"\x05files\x18\x01 \x03(\v2\x1a.tpfleet.v1.CheckpointFileR\x05files\x122\n" +
+	"\atensors\x18\x02 \x03(\v2\x18.tpfleet.v1.TensorHeaderR\atensors\"i\n" +
+	"\x11ReadTensorRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n" +
+	"\x03dim\x18\x02 \x01(\x05R\x03dim\x12\x16\n" +
+	"\x06ranges\x18\x03 \x03(\x03R\x06ranges\x12\x16\n" +
+	"\x06offset\x18\x04 \x01(\x03R\x06offset\"\xa7\x01\n" +
+	"\vTensorChunk\x12\x16\n" +
+	"\x06offset\x18\x01 \x01(\x03R\x06offset\x12\x12\n" +
+	"\x04data\x18\x02 \x01(\fR\x04data\x12\x16\n" +
+	"\x06crc32c\x18\x03 \x01(\rR\x06crc32c\x12\x12\n" +
+	"\x04last\x18\x04 \x01(\bR\x04last\x12\x12\n" +
+	"\x04size\x18\x05 \x01(\x03R\x04size\x12\x14\n" +
+	"\x05shape\x18\x06 \x03(\x03R\x05shape\x12\x16\n" +
+	"\x06sha256\x18\a \x01(\fR\x06sha256*C\n" +
 	"\fStepProtocol\x12\x1d\n" +
 	"\x19STEP_PROTOCOL_UNSPECIFIED\x10\x00\x12\x14\n" +
-	"\x10STEP_PROTOCOL_V1\x10\x012\xcf\x01\n" +
+	"\x10STEP_PROTOCOL_V1\x10\x012\xb4\x03\n" +
 	"\x06Worker\x12=\n" +
 	"\x04Step\x12\x17.tpfleet.v1.StepRequest\x1a\x18.tpfleet.v1.StepResponse(\x010\x01\x12E\n" +
 	"\bLoadPlan\x12\x1b.tpfleet.v1.LoadPlanRequest\x1a\x1c.tpfleet.v1.LoadPlanResponse\x12?\n" +
-	"\x06Status\x12\x19.tpfleet.v1.StatusRequest\x1a\x1a.tpfleet.v1.StatusResponseB7Z5github.com/tpfleet/tpfleet/proto/tpfleet/v1;tpfleetv1b\x06proto3"
+	"\x06Status\x12\x19.tpfleet.v1.StatusRequest\x1a\x1a.tpfleet.v1.StatusResponse\x12B\n" +
+	"\aPrepare\x12\x1a.tpfleet.v1.PrepareRequest\x1a\x1b.tpfleet.v1.PrepareResponse\x12W\n" +
+	"\x0eCheckpointInfo\x12!.tpfleet.v1.CheckpointInfoRequest\x1a\".tpfleet.v1.CheckpointInfoResponse\x12F\n" +
+	"\n" +
+	"ReadTensor\x12\x1d.tpfleet.v1.ReadTensorRequest\x1a\x17.tpfleet.v1.TensorChunk0\x01B7Z5github.com/tpfleet/tpfleet/proto/tpfleet/v1;tpfleetv1b\x06proto3"
 
 var (
 	file_tpfleet_v1_worker_proto_rawDescOnce sync.Once
@@ -703,37 +1328,55 @@ func file_tpfleet_v1_worker_proto_rawDescGZIP() []byte {
 }
 
 var file_tpfleet_v1_worker_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tpfleet_v1_worker_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
+var file_tpfleet_v1_worker_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_tpfleet_v1_worker_proto_goTypes = []any{
-	(StepProtocol)(0),        // 0: tpfleet.v1.StepProtocol
-	(*StepRequest)(nil),      // 1: tpfleet.v1.StepRequest
-	(*SequenceWork)(nil),     // 2: tpfleet.v1.SequenceWork
-	(*StepResponse)(nil),     // 3: tpfleet.v1.StepResponse
-	(*SequenceResult)(nil),   // 4: tpfleet.v1.SequenceResult
-	(*LoadPlanRequest)(nil),  // 5: tpfleet.v1.LoadPlanRequest
-	(*LoadPlanResponse)(nil), // 6: tpfleet.v1.LoadPlanResponse
-	(*StatusRequest)(nil),    // 7: tpfleet.v1.StatusRequest
-	(*StatusResponse)(nil),   // 8: tpfleet.v1.StatusResponse
-	(*SamplingParams)(nil),   // 9: tpfleet.v1.SamplingParams
-	(*ChosenLogprobs)(nil),   // 10: tpfleet.v1.ChosenLogprobs
+	(StepProtocol)(0),              // 0: tpfleet.v1.StepProtocol
+	(*StepRequest)(nil),            // 1: tpfleet.v1.StepRequest
+	(*SequenceWork)(nil),           // 2: tpfleet.v1.SequenceWork
+	(*StepResponse)(nil),           // 3: tpfleet.v1.StepResponse
+	(*SequenceResult)(nil),         // 4: tpfleet.v1.SequenceResult
+	(*LoadPlanRequest)(nil),        // 5: tpfleet.v1.LoadPlanRequest
+	(*LoadPlanResponse)(nil),       // 6: tpfleet.v1.LoadPlanResponse
+	(*StatusRequest)(nil),          // 7: tpfleet.v1.StatusRequest
+	(*StatusResponse)(nil),         // 8: tpfleet.v1.StatusResponse
+	(*ExpertLoad)(nil),             // 9: tpfleet.v1.ExpertLoad
+	(*PrepareRequest)(nil),         // 10: tpfleet.v1.PrepareRequest
+	(*PrepareResponse)(nil),        // 11: tpfleet.v1.PrepareResponse
+	(*CheckpointInfoRequest)(nil),  // 12: tpfleet.v1.CheckpointInfoRequest
+	(*CheckpointFile)(nil),         // 13: tpfleet.v1.CheckpointFile
+	(*TensorHeader)(nil),           // 14: tpfleet.v1.TensorHeader
+	(*CheckpointInfoResponse)(nil), // 15: tpfleet.v1.CheckpointInfoResponse
+	(*ReadTensorRequest)(nil),      // 16: tpfleet.v1.ReadTensorRequest
+	(*TensorChunk)(nil),            // 17: tpfleet.v1.TensorChunk
+	(*SamplingParams)(nil),         // 18: tpfleet.v1.SamplingParams
+	(*ChosenLogprobs)(nil),         // 19: tpfleet.v1.ChosenLogprobs
 }
 var file_tpfleet_v1_worker_proto_depIdxs = []int32{
 	0,  // 0: tpfleet.v1.StepRequest.protocol:type_name -> tpfleet.v1.StepProtocol
 	2,  // 1: tpfleet.v1.StepRequest.seqs:type_name -> tpfleet.v1.SequenceWork
-	9,  // 2: tpfleet.v1.SequenceWork.sampling:type_name -> tpfleet.v1.SamplingParams
+	18, // 2: tpfleet.v1.SequenceWork.sampling:type_name -> tpfleet.v1.SamplingParams
 	4,  // 3: tpfleet.v1.StepResponse.results:type_name -> tpfleet.v1.SequenceResult
-	10, // 4: tpfleet.v1.SequenceResult.logprobs:type_name -> tpfleet.v1.ChosenLogprobs
-	1,  // 5: tpfleet.v1.Worker.Step:input_type -> tpfleet.v1.StepRequest
-	5,  // 6: tpfleet.v1.Worker.LoadPlan:input_type -> tpfleet.v1.LoadPlanRequest
-	7,  // 7: tpfleet.v1.Worker.Status:input_type -> tpfleet.v1.StatusRequest
-	3,  // 8: tpfleet.v1.Worker.Step:output_type -> tpfleet.v1.StepResponse
-	6,  // 9: tpfleet.v1.Worker.LoadPlan:output_type -> tpfleet.v1.LoadPlanResponse
-	8,  // 10: tpfleet.v1.Worker.Status:output_type -> tpfleet.v1.StatusResponse
-	8,  // [8:11] is the sub-list for method output_type
-	5,  // [5:8] is the sub-list for method input_type
-	5,  // [5:5] is the sub-list for extension type_name
-	5,  // [5:5] is the sub-list for extension extendee
-	0,  // [0:5] is the sub-list for field type_name
+	19, // 4: tpfleet.v1.SequenceResult.logprobs:type_name -> tpfleet.v1.ChosenLogprobs
+	9,  // 5: tpfleet.v1.StatusResponse.expert_load:type_name -> tpfleet.v1.ExpertLoad
+	13, // 6: tpfleet.v1.CheckpointInfoResponse.files:type_name -> tpfleet.v1.CheckpointFile
+	14, // 7: tpfleet.v1.CheckpointInfoResponse.tensors:type_name -> tpfleet.v1.TensorHeader
+	1,  // 8: tpfleet.v1.Worker.Step:input_type -> tpfleet.v1.StepRequest
+	5,  // 9: tpfleet.v1.Worker.LoadPlan:input_type -> tpfleet.v1.LoadPlanRequest
+	7,  // 10: tpfleet.v1.Worker.Status:input_type -> tpfleet.v1.StatusRequest
+	10, // 11: tpfleet.v1.Worker.Prepare:input_type -> tpfleet.v1.PrepareRequest
+	12, // 12: tpfleet.v1.Worker.CheckpointInfo:input_type -> tpfleet.v1.CheckpointInfoRequest
+	16, // 13: tpfleet.v1.Worker.ReadTensor:input_type -> tpfleet.v1.ReadTensorRequest
+	3,  // 14: tpfleet.v1.Worker.Step:output_type -> tpfleet.v1.StepResponse
+	6,  // 15: tpfleet.v1.Worker.LoadPlan:output_type -> tpfleet.v1.LoadPlanResponse
+	8,  // 16: tpfleet.v1.Worker.Status:output_type -> tpfleet.v1.StatusResponse
+	11, // 17: tpfleet.v1.Worker.Prepare:output_type -> tpfleet.v1.PrepareResponse
+	15, // 18: tpfleet.v1.Worker.CheckpointInfo:output_type -> tpfleet.v1.CheckpointInfoResponse
+	17, // 19: tpfleet.v1.Worker.ReadTensor:output_type -> tpfleet.v1.TensorChunk
+	14, // [14:20] is the sub-list for method output_type
+	8,  // [8:14] is the sub-list for method input_type
+	8,  // [8:8] is the sub-list for extension type_name
+	8,  // [8:8] is the sub-list for extension extendee
+	0,  // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_tpfleet_v1_worker_proto_init() }
@@ -748,7 +1391,7 @@ func file_tpfleet_v1_worker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tpfleet_v1_worker_proto_rawDesc), len(file_tpfleet_v1_worker_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   8,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -19,9 +19,12 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Worker_Step_FullMethodName     = "/tpfleet.v1.Worker/Step"
-	Worker_LoadPlan_FullMethodName = "/tpfleet.v1.Worker/LoadPlan"
-	Worker_Status_FullMethodName   = "/tpfleet.v1.Worker/Status"
+	Worker_Step_FullMethodName           = "/tpfleet.v1.Worker/Step"
+	Worker_LoadPlan_FullMethodName       = "/tpfleet.v1.Worker/LoadPlan"
+	Worker_Status_FullMethodName         = "/tpfleet.v1.Worker/Status"
+	Worker_Prepare_FullMethodName        = "/tpfleet.v1.Worker/Prepare"
+	Worker_CheckpointInfo_FullMethodName = "/tpfleet.v1.Worker/CheckpointInfo"
+	Worker_ReadTensor_FullMethodName     = "/tpfleet.v1.Worker/ReadTensor"
 )
 
 // WorkerClient is the client API for Worker service.
@@ -40,6 +43,16 @@ type WorkerClient interface {
 	LoadPlan(ctx context.Context, in *LoadPlanRequest, opts ...grpc.CallOption) (*LoadPlanResponse, error)
 	// Status reports what the worker holds.
 	Status(ctx context.Context, in *StatusRequest, opts ...grpc.CallOption) (*StatusResponse, error)
+	// Prepare loads, beside the weights the worker serves with, the tensors it lacks for its rank in a plan
+	// the coordinator is about to write, so that the switch to that epoch loads nothing; it returns once
+	// they are loaded. The current epoch keeps serving meanwhile.
+	Prepare(ctx context.Context, in *PrepareRequest, opts ...grpc.CallOption) (*PrepareResponse, error)
+	// CheckpointInfo lists the worker's checkpoint for a peer that lacks the files: its small files (config,
+	// tokenizer) whole and its tensors' headers. NOT_FOUND when the worker has no checkpoint files.
+	CheckpointInfo(ctx context.Context, in *CheckpointInfoRequest, opts ...grpc.CallOption) (*CheckpointInfoResponse, error)
+	// ReadTensor streams a tensor of the worker's checkpoint, whole or the index ranges along one dimension
+	// that a peer's rank needs, in checksummed chunks from offset (a broken stream resumes where it broke).
+	ReadTensor(ctx context.Context, in *ReadTensorRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[TensorChunk], error)
 }
 
 type workerClient struct {
@@ -83,6 +96,45 @@ func (c *workerClient) Status(ctx context.Context, in *StatusRequest, opts ...gr
 	return out, nil
 }
 
+func (c *workerClient) Prepare(ctx context.Context, in *PrepareRequest, opts ...grpc.CallOption) (*PrepareResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PrepareResponse)
+	err := c.cc.Invoke(ctx, Worker_Prepare_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *workerClient) CheckpointInfo(ctx context.Context, in *CheckpointInfoRequest, opts ...grpc.CallOption) (*CheckpointInfoResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CheckpointInfoResponse)
+	err := c.cc.Invoke(ctx, Worker_CheckpointInfo_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *workerClient) ReadTensor(ctx context.Context, in *ReadTensorRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[TensorChunk], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Worker_ServiceDesc.Streams[1], Worker_ReadTensor_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ReadTensorRequest, TensorChunk]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Worker_ReadTensorClient = grpc.ServerStreamingClient[TensorChunk]
+
 // WorkerServer is the server API for Worker service.
 // All implementations must embed UnimplementedWorkerServer
 // for forward compatibility.
@@ -99,6 +151,16 @@ type WorkerServer interface {
 	LoadPlan(context.Context, *LoadPlanRequest) (*LoadPlanResponse, error)
 	// Status reports what the worker holds.
 	Status(context.Context, *StatusRequest) (*StatusResponse, error)
+	// Prepare loads, beside the weights the worker serves with, the tensors it lacks for its rank in a plan
+	// the coordinator is about to write, so that the switch to that epoch loads nothing; it returns once
+	// they are loaded. The current epoch keeps serving meanwhile.
+	Prepare(context.Context, *PrepareRequest) (*PrepareResponse, error)
+	// CheckpointInfo lists the worker's checkpoint for a peer that lacks the files: its small files (config,
+	// tokenizer) whole and its tensors' headers. NOT_FOUND when the worker has no checkpoint files.
+	CheckpointInfo(context.Context, *CheckpointInfoRequest) (*CheckpointInfoResponse, error)
+	// ReadTensor streams a tensor of the worker's checkpoint, whole or the index ranges along one dimension
+	// that a peer's rank needs, in checksummed chunks from offset (a broken stream resumes where it broke).
+	ReadTensor(*ReadTensorRequest, grpc.ServerStreamingServer[TensorChunk]) error
 	mustEmbedUnimplementedWorkerServer()
 }
 
@@ -117,6 +179,15 @@ func (UnimplementedWorkerServer) LoadPlan(context.Context, *LoadPlanRequest) (*L
 }
 func (UnimplementedWorkerServer) Status(context.Context, *StatusRequest) (*StatusResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Status not implemented")
+}
+func (UnimplementedWorkerServer) Prepare(context.Context, *PrepareRequest) (*PrepareResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Prepare not implemented")
+}
+func (UnimplementedWorkerServer) CheckpointInfo(context.Context, *CheckpointInfoRequest) (*CheckpointInfoResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CheckpointInfo not implemented")
+}
+func (UnimplementedWorkerServer) ReadTensor(*ReadTensorRequest, grpc.ServerStreamingServer[TensorChunk]) error {
+	return status.Error(codes.Unimplemented, "method ReadTensor not implemented")
 }
 func (UnimplementedWorkerServer) mustEmbedUnimplementedWorkerServer() {}
 func (UnimplementedWorkerServer) testEmbeddedByValue()                {}
@@ -182,6 +253,53 @@ func _Worker_Status_Handler(srv interface{}, ctx context.Context, dec func(inter
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Worker_Prepare_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PrepareRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(WorkerServer).Prepare(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Worker_Prepare_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(WorkerServer).Prepare(ctx, req.(*PrepareRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Worker_CheckpointInfo_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CheckpointInfoRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(WorkerServer).CheckpointInfo(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Worker_CheckpointInfo_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(WorkerServer).CheckpointInfo(ctx, req.(*CheckpointInfoRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Worker_ReadTensor_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(ReadTensorRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(WorkerServer).ReadTensor(m, &grpc.GenericServerStream[ReadTensorRequest, TensorChunk]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Worker_ReadTensorServer = grpc.ServerStreamingServer[TensorChunk]
+
 // Worker_ServiceDesc is the grpc.ServiceDesc for Worker service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -197,6 +315,14 @@ var Worker_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "Status",
 			Handler:    _Worker_Status_Handler,
 		},
+		{
+			MethodName: "Prepare",
+			Handler:    _Worker_Prepare_Handler,
+		},
+		{
+			MethodName: "CheckpointInfo",
+			Handler:    _Worker_CheckpointInfo_Handler,
+		},
 	},
 	Streams: []grpc.StreamDesc{
 		{
@@ -204,6 +330,11 @@ var Worker_ServiceDesc = grpc.ServiceDesc{
 			Handler:       _Worker_Step_Handler,
 			ServerStreams: true,
 			ClientStreams: true,
+		},
+		{
+			StreamName:    "ReadTensor",
+			Handler:       _Worker_ReadTensor_Handler,
+			ServerStreams: true,
 		},
 	},
 	Metadata: "tpfleet/v1/worker.proto",

@@ -1,0 +1,133 @@
+package shard
+
+import (
+	"fmt"
+	"maps"
+	"slices"
+
+	"github.com/tpfleet/tpfleet/model"
+	"github.com/tpfleet/tpfleet/safetensors"
+)
+
+// unitOrder permutes the units of one named dimension, per layer.
+type unitOrder struct {
+	unit   string
+	layers map[int][]int
+}
+
+// WithOrder returns p with the units of the dimension named unit (a key of the model's Dims: "experts")
+// permuted, layer by layer: in every tensor of layer L (the first all-digit component of its name) with a
+// dimension of that unit, index i of the dimension holds the checkpoint's unit layers[L][i]. Whole tensors
+// are read in that order (every rank reads all of them: a router's rows), and tensors split on that
+// dimension give each rank the units of its indices (whole experts per rank: the ep plan). The model then
+// sees the units permuted alike in every such tensor, which changes nothing of what it computes but which
+// rank holds which unit. NewManifest reports an order that is not a permutation of the dimension, and a
+// tensor split on another dimension than the permuted one. Layers without an order keep the checkpoint's.
+func (p Plan) WithOrder(unit string, layers map[int][]int) Plan {
+	if len(layers) == 0 {
+		p.order = nil
+		return p
+	}
+	o := &unitOrder{unit: unit, layers: make(map[int][]int, len(layers))}
+	for l, ord := range layers {
+		o.layers[l] = slices.Clone(ord)
+	}
+	p.order = o
+	return p
+}
+
+// layerOf returns the layer of a tensor name: its first all-digit component.
+func layerOf(name string) (int, bool) {
+	for _, c := range nameComponents(name) {
+		if isDigits(c) {
+			var n int
+			fmt.Sscan(c, &n)
+			return n, true
+		}
+	}
+	return 0, false
+}
+
+// orderOf returns the permuted dimension of t and its order, if any.
+func (a *analysis) orderOf(t planned) (int, []int, bool) {
+	if a.order == nil || !t.known {
+		return 0, nil, false
+	}
+	d := slices.Index(t.spec.Dims, a.order.unit)
+	if d < 0 {
+		return 0, nil, false
+	}
+	l, ok := layerOf(t.info.Name)
+	if !ok {
+		return 0, nil, false
+	}
+	ord, ok := a.order.layers[l]
+	return d, ord, ok
+}
+
+// checkOrder reports orders that do not fit the tensors they permute.
+func (a *analysis) checkOrder(errs *errorSet) {
+	if a.order == nil {
+		return
+	}
+	used := make(map[int]bool)
+	for _, t := range a.tensors {
+		d, ord, ok := a.orderOf(t)
+		if !ok {
+			continue
+		}
+		l, _ := layerOf(t.info.Name)
+		used[l] = true
+		n := t.info.Shape[d]
+		sorted := slices.Sorted(slices.Values(ord))
+		switch {
+		case len(ord) != n || !slices.Equal(sorted, seq(n)):
+			errs.add(fmt.Errorf("%w: %s: the order of %s in layer %d, %v, is not a permutation of its %d %s", ErrPlan, t.info.Name, a.order.unit, l, ord, n, a.order.unit))
+		case t.dim >= 0 && (t.dim != d || t.packed || t.replicas > 1):
+			errs.add(fmt.Errorf("%w: %s is split on dim %d: an order of %s needs whole %s per rank (split on dim %d, as the ep plan does)", ErrPlan, t.info.Name, t.dim, a.order.unit, a.order.unit, d))
+		}
+	}
+	for _, l := range slices.Sorted(maps.Keys(a.order.layers)) {
+		if !used[l] {
+			errs.add(fmt.Errorf("%w: an order of %s for layer %d, which has no tensor with %s", ErrPlan, a.order.unit, l, a.order.unit))
+		}
+	}
+}
+
+func seq(n int) []int {
+	out := make([]int, n)
+	for i := range out {
+		out[i] = i
+	}
+	return out
+}
+
+// permute applies the order to entry s of planned tensor t: its ranges along the permuted dimension become
+// the checkpoint's units of its indices (all of them for a whole tensor, which stays Replicated).
+func (a *analysis) permute(s *TensorShard, t planned) {
+	d, ord, ok := a.orderOf(t)
+	if !ok {
+		return
+	}
+	var slots []safetensors.Range
+	if t.dim == d {
+		slots = s.Ranges
+	} else {
+		slots = []safetensors.Range{{Start: 0, End: t.info.Shape[d]}}
+	}
+	var out []safetensors.Range
+	for _, r := range slots {
+		for i := r.Start; i < r.End; i++ {
+			u := ord[i]
+			if n := len(out); n > 0 && out[n-1].End == u {
+				out[n-1].End++
+				continue
+			}
+			out = append(out, safetensors.Range{Start: u, End: u + 1})
+		}
+	}
+	s.Dim, s.Ranges = d, out
+	if t.dim < 0 {
+		s.Layout = model.Replicated
+	}
+}
