@@ -21,8 +21,7 @@
 // # Tokens
 //
 // Tokens holds bearer tokens (vLLM's --api-key, several allowed) and compares them in constant time.
-// Authorizer applies per-method Rules to gRPC calls (UnaryInterceptor, StreamInterceptor): a missing
-// or wrong token is UNAUTHENTICATED, a known caller without the right role or token PERMISSION_DENIED.
+// Package internal/grpcauth applies roles and tokens to gRPC calls.
 //
 // # Listening without TLS
 //

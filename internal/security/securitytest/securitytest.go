@@ -22,8 +22,14 @@ type Set struct {
 // temporary directory of t.
 func Certs(t testing.TB) Set {
 	t.Helper()
+	return CertsFor(t, Cluster)
+}
+
+// CertsFor is Certs for the named cluster.
+func CertsFor(t testing.TB, cluster string) Set {
+	t.Helper()
 	dir := t.TempDir()
-	if _, err := security.CreateDevCerts(dir, Cluster, nil, 0); err != nil {
+	if _, err := security.CreateDevCerts(dir, cluster, nil, 0); err != nil {
 		t.Fatalf("CreateDevCerts: %v", err)
 	}
 	return Set{Dir: dir}

@@ -1,9 +1,7 @@
-package security
+package grpcauth
 
 import (
 	"context"
-	"crypto/sha256"
-	"crypto/subtle"
 	"strings"
 
 	"google.golang.org/grpc"
@@ -13,47 +11,9 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+
+	"github.com/tpfleet/tpfleet/internal/security"
 )
-
-// Tokens is a set of bearer tokens, compared in constant time. The zero Tokens holds none. Its
-// methods are safe for concurrent use; it is not changed after NewTokens.
-type Tokens struct {
-	sums [][sha256.Size]byte
-}
-
-// NewTokens returns the set of the non-empty keys.
-func NewTokens(keys ...string) Tokens {
-	var t Tokens
-	for _, k := range keys {
-		if k != "" {
-			t.sums = append(t.sums, sha256.Sum256([]byte(k)))
-		}
-	}
-	return t
-}
-
-// Len is the number of tokens.
-func (t Tokens) Len() int { return len(t.sums) }
-
-// Valid reports whether token is one of the set. Every token is compared, each in constant time (of
-// their hashes, so the length does not show either).
-func (t Tokens) Valid(token string) bool {
-	sum := sha256.Sum256([]byte(token))
-	ok := 0
-	for _, s := range t.sums {
-		ok |= subtle.ConstantTimeCompare(sum[:], s[:])
-	}
-	return ok == 1 && token != ""
-}
-
-// BearerToken returns the token of an "Authorization: Bearer TOKEN" value, or "".
-func BearerToken(authorization string) string {
-	const prefix = "bearer "
-	if len(authorization) < len(prefix) || !strings.EqualFold(authorization[:len(prefix)], prefix) {
-		return ""
-	}
-	return strings.TrimSpace(authorization[len(prefix):])
-}
 
 // Rule says who may call the gRPC methods whose full name starts with Prefix.
 type Rule struct {
@@ -62,17 +22,17 @@ type Rule struct {
 	// Open lets anyone call (health, reflection).
 	Open bool
 	// Roles are the certificate roles that may call (with TLS on).
-	Roles []Role
+	Roles []security.Role
 	// Tokens are bearer tokens that may call. When it holds tokens, a caller must send one of them
 	// (or, when TokenOrRole, have one of Roles instead).
-	Tokens Tokens
+	Tokens security.Tokens
 	// TokenOrRole lets a caller in with either one of Tokens or one of Roles (the Admin API); else a
 	// caller needs both when both are configured (the Generation API: a client certificate and an API
 	// key).
 	TokenOrRole bool
 	// Known are tokens that are valid elsewhere but not here (the client API keys on the Admin API):
 	// they are refused with PERMISSION_DENIED rather than UNAUTHENTICATED.
-	Known Tokens
+	Known security.Tokens
 }
 
 // Authorizer checks gRPC calls against Rules: the first rule whose Prefix matches the method applies;
@@ -80,7 +40,7 @@ type Rule struct {
 // against the CA by the handshake, and their identity must also name TLS's cluster. Without TLS, roles
 // cannot be checked: a rule lets in callers with its tokens, or anyone when it has none.
 type Authorizer struct {
-	TLS   *TLS
+	TLS   *security.TLS
 	Rules []Rule
 }
 
@@ -104,11 +64,11 @@ func (a *Authorizer) Authorize(ctx context.Context, method string) error {
 	token := ""
 	if md, ok := metadata.FromIncomingContext(ctx); ok {
 		if v := md.Get("authorization"); len(v) > 0 {
-			token = BearerToken(v[0])
+			token = security.BearerToken(v[0])
 		}
 	}
 	tokenOK := rule.Tokens.Len() > 0 && rule.Tokens.Valid(token)
-	var id *Identity
+	var id *security.Identity
 	if a.TLS != nil {
 		if got, ok := peerIdentity(ctx); ok {
 			id = &got
@@ -152,16 +112,16 @@ func (a *Authorizer) Authorize(ctx context.Context, method string) error {
 }
 
 // peerIdentity is the identity of the verified client certificate of ctx's peer.
-func peerIdentity(ctx context.Context) (Identity, bool) {
+func peerIdentity(ctx context.Context) (security.Identity, bool) {
 	p, ok := peer.FromContext(ctx)
 	if !ok || p.AuthInfo == nil {
-		return Identity{}, false
+		return security.Identity{}, false
 	}
 	info, ok := p.AuthInfo.(credentials.TLSInfo)
 	if !ok || len(info.State.VerifiedChains) == 0 || len(info.State.VerifiedChains[0]) == 0 {
-		return Identity{}, false
+		return security.Identity{}, false
 	}
-	return IdentityOf(info.State.VerifiedChains[0][0]), true
+	return security.IdentityOf(info.State.VerifiedChains[0][0]), true
 }
 
 // UnaryInterceptor checks every unary call with Authorize.
@@ -199,7 +159,7 @@ func (a *Authorizer) ServerOptions() []grpc.ServerOption {
 
 // DialCredentials returns the transport credentials of a gRPC client of a tpfleet server whose
 // certificate has one of roles: mTLS with t, or plaintext when t is nil.
-func DialCredentials(t *TLS, roles ...Role) credentials.TransportCredentials {
+func DialCredentials(t *security.TLS, roles ...security.Role) credentials.TransportCredentials {
 	if t == nil {
 		return insecure.NewCredentials()
 	}
