@@ -25,6 +25,7 @@ func runCluster(ctx context.Context, args []string, stdout, stderr io.Writer) er
 type clusterFlags struct {
 	etcd cluster.Config
 	json bool
+	tls  tlsFlags
 }
 
 func parseClusterFlags(name string, args []string, stderr io.Writer) (clusterFlags, error) {
@@ -34,9 +35,15 @@ func parseClusterFlags(name string, args []string, stderr io.Writer) (clusterFla
 	f.etcd.AddFlags(fs)
 	etcdFlag(fs, &f.etcd)
 	fs.BoolVar(&f.json, "json", false, "print JSON instead of a table")
+	f.tls.add(fs)
 	if err := fs.Parse(args); err != nil {
 		return f, err
 	}
+	tc, err := f.tls.etcdTLS()
+	if err != nil {
+		return f, usagef("%v", err)
+	}
+	f.etcd.TLS = tc
 	switch {
 	case fs.NArg() > 0:
 		return f, usagef("unexpected argument %q", fs.Arg(0))

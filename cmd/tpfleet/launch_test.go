@@ -11,14 +11,16 @@ import (
 	"time"
 )
 
-// TestLaunchStandalone: `tpfleet launch --standalone --nproc-per-node 2 --model DIR --tp 2` serves on one
-// box (an etcd and a coordinator in the launch process, two worker processes): 8 concurrent requests
-// return the fixture's greedy ids; SIGTERM stops the group and launch exits 0.
+// TestLaunchStandalone: `tpfleet launch --standalone --nproc-per-node 2 --model DIR --tp 2`, with TLS on
+// (the node certificate, passed on to the workers) and an API key, serves on one box (an etcd and a
+// coordinator in the launch process, two worker processes): 8 concurrent requests return the fixture's
+// greedy ids; SIGTERM stops the group and launch exits 0.
 func TestLaunchStandalone(t *testing.T) {
 	start := time.Now()
 	g := readGolden(t, "moe-top1")
-	p := startProc(t, "launch", "launch", "--standalone", "--nproc-per-node", "2", "--model", filepath.Join(fixtures, "moe-top1"),
-		"--tp", "2", "--listen", "127.0.0.1:0", "--", "worker", "--op-timeout", "20s")
+	certs := withTLS(t)
+	p := startProc(t, "launch", append(append([]string{"launch", "--standalone", "--nproc-per-node", "2", "--model", filepath.Join(fixtures, "moe-top1"),
+		"--tp", "2", "--listen", "127.0.0.1:0", "--api-key", testAPIKey}, certs.Args("node")...), "--", "worker", "--op-timeout", "20s")...)
 	addr := p.line(t)
 	waitCoordinator(t, addr)
 	t.Logf("serving after %v", time.Since(start).Round(time.Millisecond))

@@ -43,6 +43,7 @@ func commands() []command {
 		{"tokenize", "encode text or a chat, or decode ids, with a checkpoint tokenizer", runTokenize},
 		{"shards", "print how a tp_plan splits a checkpoint across ranks (shards plan)", runShards},
 		{"bench", "time prefill and decode of a random model of a given shape", runBench},
+		{"certs", "make a development CA and the cluster's certificates (roles), and a gossip key", runCerts},
 	}
 }
 

@@ -21,6 +21,10 @@ func runRebalance(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	tp := fs.Int("tp", 0, "new tensor-parallel size (0: keep the current one)")
 	timeout := fs.Duration("timeout", 30*time.Second, "how long to wait for the coordinator")
 	asJSON := fs.Bool("json", false, "print one JSON object")
+	var token string
+	tokenFlag(fs, &token, "an admin key of the coordinator (else the admin role of --tls-cert)")
+	var tf tlsFlags
+	tf.add(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -34,7 +38,11 @@ func runRebalance(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	}
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
-	cli, err := client.Dial(*addr)
+	tc, err := tf.clientTLS()
+	if err != nil {
+		return usagef("%v", err)
+	}
+	cli, err := client.Dial(*addr, client.WithTLS(tc), client.WithToken(token))
 	if err != nil {
 		return err
 	}
