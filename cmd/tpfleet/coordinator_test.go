@@ -171,6 +171,15 @@ func TestClusterProcesses(t *testing.T) {
 		t.Errorf("cluster members = %d, %q; want two workers", code, stdout)
 	}
 	epoch := planEpoch(t, ep)
+	for i, w := range workers {
+		ring := false
+		for _, l := range strings.Split(w.stderr.String(), "\n") {
+			ring = ring || strings.Contains(l, "\tcommunicator ready\t") && strings.Contains(l, `"tls": true`)
+		}
+		if !ring {
+			t.Errorf("worker %d did not log a TLS ring (communicator ready, tls true)", i)
+		}
+	}
 	loads := make([]int, len(workers))
 	for i, w := range workers {
 		loads[i] = countLine(w.stderr.String(), "weights loaded")
