@@ -2,6 +2,7 @@ package worker_test
 
 import (
 	"crypto/tls"
+	"errors"
 	"io"
 	"testing"
 
@@ -13,6 +14,7 @@ import (
 	"github.com/tpfleet/tpfleet/internal/security"
 	"github.com/tpfleet/tpfleet/internal/security/securitytest"
 	tpfleetv1 "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
+	"github.com/tpfleet/tpfleet/worker"
 )
 
 // dialTLS connects to a worker's gRPC server with cfg.
@@ -88,5 +90,19 @@ func TestSecurity(t *testing.T) {
 	}
 	if got := g.generate(2, gold.Prompt, len(gold.Greedy)); !equalIDs(got, gold.Greedy) {
 		t.Errorf("after the refusals: greedy ids = %s, want %s", fmtIDs(got), fmtIDs(gold.Greedy))
+	}
+
+	// A worker does not start with a certificate that is not a worker's, or of another cluster.
+	for name, tl := range map[string]*security.TLS{"a client's": certs.Load(t, "client"), "another cluster's": securitytest.CertsFor(t, "other").Load(t, "worker")} {
+		cfg := testConfig(t, e, "w9")
+		cfg.TLS = tl
+		w, err := worker.New(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := w.Start(testCtx(t)); !errors.Is(err, worker.ErrInvalidConfig) {
+			t.Errorf("Start with %s certificate = %v, want ErrInvalidConfig", name, err)
+		}
+		_ = w.Close()
 	}
 }
