@@ -1,11 +1,14 @@
 package security_test
 
 import (
+	"context"
+	"crypto/tls"
 	"errors"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -138,5 +141,70 @@ func TestReload(t *testing.T) {
 	}
 	if _, err := tl.Reload(); err == nil || !tl.Identity().Has(security.RoleAdmin) {
 		t.Errorf("Reload of a broken certificate = %v, %+v; want an error and the previous certificate", err, tl.Identity())
+	}
+}
+
+// TestWatchServesNewCertificate: a server's configuration from ServerConfig presents the certificate
+// Watch last loaded, so a renewed certificate reaches new connections without a restart.
+func TestWatchServesNewCertificate(t *testing.T) {
+	set := securitytest.Certs(t)
+	cfg := set.Config("worker")
+	cfg.ReloadInterval = 10 * time.Millisecond
+	server, err := security.Load(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	var wg sync.WaitGroup
+	wg.Go(func() { server.Watch(ctx, nil) })
+	defer func() { cancel(); wg.Wait() }()
+
+	l, err := tls.Listen("tcp", "127.0.0.1:0", server.ServerConfig(true))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	wg.Go(func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			_ = c.(*tls.Conn).Handshake()
+			_ = c.Close()
+		}
+	})
+	client := set.Load(t, "client")
+	peerName := func() string {
+		c, err := tls.Dial("tcp", l.Addr().String(), client.ClientConfig())
+		if err != nil {
+			t.Fatalf("Dial: %v", err)
+		}
+		defer c.Close()
+		return c.ConnectionState().PeerCertificates[0].Subject.CommonName
+	}
+	if got := peerName(); got != "worker" {
+		t.Fatalf("server certificate %q, want worker", got)
+	}
+	node := set.Config("node")
+	for _, f := range [][2]string{{node.CertFile, cfg.CertFile}, {node.KeyFile, cfg.KeyFile}} {
+		data, err := os.ReadFile(f[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		tmp := f[1] + ".new"
+		if err := os.WriteFile(tmp, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, f[1]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for peerName() != "node" {
+		if time.Now().After(deadline) {
+			t.Fatal("the server still presents the old certificate 10s after the files changed")
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
