@@ -179,6 +179,12 @@ func TestClusterProcesses(t *testing.T) {
 		if !ring {
 			t.Errorf("worker %d did not log a TLS ring (communicator ready, tls true)", i)
 		}
+		if !strings.Contains(w.stderr.String(), `"gossip-encrypted": true`) {
+			t.Errorf("worker %d's gossip is not encrypted", i)
+		}
+	}
+	if s := coord.stderr.String(); !strings.Contains(s, `"gossip-encrypted": true`) || strings.Contains(s, "cannot join a worker's gossip node") {
+		t.Errorf("the coordinator's gossip is not encrypted, or could not join the workers' (encrypted) gossip")
 	}
 	loads := make([]int, len(workers))
 	for i, w := range workers {

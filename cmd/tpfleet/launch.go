@@ -301,6 +301,7 @@ func parseLaunch(args []string, stderr io.Writer) (launchFlags, []string, error)
 	keysFlag(fs, &f.apiKeys, "api-key", "with --standalone: bearer token the coordinator's Generation API requires; repeat for several")
 	keysFlag(fs, &f.adminKeys, "admin-key", "with --standalone: bearer token that opens the coordinator's Admin API; repeat for several")
 	f.tls.add(fs)
+	f.tls.addGossipKey(fs)
 	if err := fs.Parse(args); err != nil {
 		return f, nil, err
 	}
@@ -445,6 +446,7 @@ func startStandalone(ctx context.Context, f launchFlags, nproc int, clusterName 
 		Quantization: f.quant.name, QuantizationGroup: f.quant.group,
 		MaxQueue: f.maxQueue, MaxBatch: f.maxBatch, TokenBudget: f.tokenBudget,
 		APIKeys: f.apiKeys, AdminKeys: f.adminKeys, TLS: tl, Insecure: f.tls.cfg.Insecure,
+		Gossip: cluster.GossipConfig{KeyFile: f.tls.gossipKey},
 		Etcd:   cluster.Config{Endpoints: e.Endpoints(), Cluster: clusterName},
 		Logger: log,
 	})

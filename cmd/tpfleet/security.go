@@ -16,12 +16,21 @@ import (
 // EnvToken is the environment variable that gives the client commands' --token.
 const EnvToken = "TPFLEET_TOKEN"
 
-// tlsFlags are every command's --tls-cert, --tls-key, --tls-ca and --insecure (security.Config).
+// tlsFlags are every command's --tls-cert, --tls-key, --tls-ca and --insecure (security.Config), and,
+// for the commands that run coordinators and workers in their own process (serve, launch --standalone),
+// the gossip key file.
 type tlsFlags struct {
-	cfg security.Config
+	cfg       security.Config
+	gossipKey string
 }
 
 func (f *tlsFlags) add(fs *flag.FlagSet) { f.cfg.AddFlags(fs) }
+
+// addGossipKey adds --gossip-key-file, defaulting to $TPFLEET_GOSSIP_KEY_FILE.
+func (f *tlsFlags) addGossipKey(fs *flag.FlagSet) {
+	fs.StringVar(&f.gossipKey, "gossip-key-file", os.Getenv(cluster.EnvGossipKeyFile),
+		"file of base64 gossip keys of the coordinator and workers, one a line, the first encrypting (env "+cluster.EnvGossipKeyFile+"; empty: plaintext gossip)")
+}
 
 // load loads the certificates (nil without TLS) and, until ctx ends, reloads them when their files
 // change; wait waits for that goroutine after ctx ended.
@@ -52,6 +61,9 @@ func (f *tlsFlags) env() []string {
 	}
 	if f.cfg.Insecure {
 		env = append(env, security.EnvInsecure+"=1")
+	}
+	if f.gossipKey != "" {
+		env = append(env, cluster.EnvGossipKeyFile+"="+f.gossipKey)
 	}
 	return env
 }

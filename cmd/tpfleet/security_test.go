@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/tpfleet/tpfleet/client"
+	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/internal/security"
 	"github.com/tpfleet/tpfleet/internal/security/securitytest"
 )
@@ -14,13 +15,18 @@ import (
 // testAPIKey is the API key of the tests that run with TLS.
 const testAPIKey = "sk-test-6d1f"
 
-// withTLS makes a development CA and the cluster's certificates for the test and sets, for the
-// commands it runs in this process and the processes it starts, the TPFLEET_TLS_* variables of the
-// admin's certificate (a client of the Generation and Admin APIs, and an etcd user) and TPFLEET_TOKEN:
-// the client side of the test. Servers get their own certificates by flags (Set.Args), which win.
+// withTLS makes a development CA, the cluster's certificates and a gossip key (tpfleet certs) for the
+// test and sets, for the commands it runs in this process and the processes it starts, the
+// TPFLEET_TLS_* variables of the admin's certificate (a client of the Generation and Admin APIs, and an
+// etcd user), TPFLEET_TOKEN (the client side of the test) and TPFLEET_GOSSIP_KEY_FILE (every gossip
+// node's). Servers get their own certificates by flags (Set.Args), which win.
 func withTLS(t *testing.T) securitytest.Set {
 	t.Helper()
 	certs := securitytest.Certs(t)
+	if code, _, stderr := tpfleet(t, "certs", "--dir", certs.Dir); code != 0 {
+		t.Fatalf("tpfleet certs: %s", stderr)
+	}
+	t.Setenv(cluster.EnvGossipKeyFile, filepath.Join(certs.Dir, gossipKeyFile))
 	for _, kv := range certs.Env("admin") {
 		k, v, _ := strings.Cut(kv, "=")
 		t.Setenv(k, v)

@@ -71,6 +71,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	keysFlag(fs, &f.apiKeys, "api-key", "bearer token the Generation API and the HTTP gateway's /v1 routes require; repeat for several (vLLM's flag; none: no token)")
 	keysFlag(fs, &f.adminKeys, "admin-key", "bearer token that opens the Admin API to a caller without the admin role in its certificate; repeat for several")
 	f.tls.add(fs)
+	f.tls.addGossipKey(fs)
 	fs.StringVar(&f.servedName, "served-model-name", "", "the model's name in the APIs (empty: the checkpoint directory's name)")
 	fs.IntVar(&f.maxModelLen, "max-model-len", 0, "context of a request, prompt and new tokens (0: max_position_embeddings)")
 	fs.StringVar(&f.origins, "allowed-origins", "", `comma-separated origins the HTTP gateway's CORS allows ("*": any; empty: no CORS)`)
@@ -167,6 +168,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	c, err := coordinator.New(coordinator.Config{
 		ListenAddr: f.listen, HTTPAddr: f.httpListen, Model: f.model, TP: f.tp, Plan: f.plan,
 		APIKeys: f.apiKeys, AdminKeys: f.adminKeys, TLS: tl, Insecure: f.tls.cfg.Insecure,
+		Gossip:             cluster.GossipConfig{KeyFile: f.tls.gossipKey},
 		HTTPAllowedOrigins: splitList(f.origins), ServedModelName: f.servedName, MaxModelLen: f.maxModelLen,
 		Quantization: f.quant.name, QuantizationGroup: f.quant.group,
 		MaxQueue: f.maxQueue, MaxBatch: f.maxBatch, TokenBudget: f.tokenBudget,
@@ -202,6 +204,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		wcfg.Threads = f.threads
 		wcfg.Etcd = etcd
 		wcfg.TLS, wcfg.Insecure = tl, f.tls.cfg.Insecure
+		wcfg.Gossip.KeyFile = f.tls.gossipKey
 		wcfg.Logger = log.Named(fmt.Sprintf("worker%d", i))
 		w, err := worker.New(wcfg)
 		if err != nil {
