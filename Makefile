@@ -3,11 +3,13 @@ GO          ?= go
 BIN         := $(CURDIR)/bin
 STATICCHECK := $(BIN)/staticcheck
 STATICCHECK_VERSION := v0.8.2
+HELM        := $(BIN)/helm
+HELM_VERSION := v4.3.2
 PROTOC_GEN_GO_VERSION := v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 MODEL       ?= testdata/fixtures/moe-top1
 
-.PHONY: build run generate test lint fmt-check mod-check vet staticcheck kernels-check unit fixtures proto proto-check protoc clean
+.PHONY: build run generate test lint fmt-check mod-check vet staticcheck kernels-check unit deploy-check helm fixtures proto proto-check protoc clean
 
 build:
 	$(GO) build -o $(BIN)/tpfleet ./cmd/tpfleet
@@ -26,7 +28,7 @@ run: build
 generate: build
 	$(BIN)/tpfleet generate --model $(MODEL) --ids 1,475,188,269,460 --max-tokens 16 --temperature 0
 
-test: lint proto-check unit
+test: lint proto-check unit deploy-check
 
 lint: fmt-check mod-check vet staticcheck kernels-check
 
@@ -72,6 +74,22 @@ proto-check: proto
 # Unit, golden and multi-process tests; fuzz targets run their seed corpora as ordinary tests.
 unit:
 	$(GO) test -race -timeout 20m ./...
+
+# helm, pinned, built from its module (CI has no other way to get it); the first build takes minutes, later
+# ones come from bin/ or the Go build cache.
+$(HELM):
+	GOBIN=$(BIN) $(GO) install helm.sh/helm/v4/cmd/helm@$(HELM_VERSION)
+
+helm: $(HELM)
+
+# deploy/ is a Go module of its own, so that k8s.io/api (which its tests decode the rendered manifests
+# into) stays out of tpfleet's go.mod and -race run: the same tidiness, vet and staticcheck checks, then
+# its tests: the Dockerfile's go build line, helm lint --strict and helm template of the example value
+# sets with strict decoding, the values schema, and the CPU demo chart run as local processes.
+deploy-check: $(HELM) $(STATICCHECK)
+	@cd deploy && { $(GO) mod tidy -diff || { echo "deploy/go.mod is not tidy: cd deploy && go mod tidy"; exit 1; }; }
+	cd deploy && $(GO) vet ./... && $(STATICCHECK) ./...
+	cd deploy && HELM=$(HELM) $(GO) test -count=1 -timeout 15m ./...
 
 # Regenerates testdata/fixtures, testdata/quant and testdata/tokenizer/golden.json with HF transformers and tokenizers; needs
 # PyTorch, transformers and tokenizers (the GPU machine).

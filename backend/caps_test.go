@@ -9,7 +9,7 @@ import (
 	"github.com/tpfleet/tpfleet/quant"
 )
 
-// bf16Only is a backend without QuantizedLoader (as cuda is today); only Name is called.
+// bf16Only is a backend without QuantizedLoader; only Name is called.
 type bf16Only struct{ backend.Ops }
 
 func (bf16Only) Name() string { return "cuda" }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"maps"
 	"net"
+	"os"
 	"slices"
 	"sync"
 	"time"
@@ -368,4 +369,23 @@ func (c *Client) WatchMembers(ctx context.Context) <-chan []Member {
 		}
 	})
 	return out
+}
+
+// Advertised returns the address to publish for a listener bound at bound: adv when set, else the bound
+// address with the host name in place of an unspecified host (0.0.0.0, ::).
+func Advertised(adv string, bound net.Addr) string {
+	if adv != "" {
+		return adv
+	}
+	s := bound.String()
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return s
+	}
+	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
+		if h, err := os.Hostname(); err == nil && h != "" {
+			return net.JoinHostPort(h, port)
+		}
+	}
+	return s
 }

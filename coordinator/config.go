@@ -63,6 +63,10 @@ type Config struct {
 	// ListenAddr is the host:port of the gRPC server with the Generation and Admin services, health
 	// and reflection. Port 0 picks a free port (see Coordinator.Addr). Empty means DefaultListenAddr.
 	ListenAddr string `json:"listen"`
+	// AdvertiseAddr is the host:port at which other coordinators reach this one's gRPC server (a
+	// standby watches the leader's process there, see the package doc). Empty means the bound address,
+	// with the host name for an unspecified host (0.0.0.0).
+	AdvertiseAddr string `json:"advertise"`
 	// HTTPAddr is the host:port of the OpenAI-compatible HTTP gateway: GET /v1/models, POST
 	// /v1/completions, POST /v1/chat/completions and GET /health (see Coordinator.HTTPAddr).
 	// Every coordinator listens; a standby answers generation requests with 503. Port 0 picks a free port
@@ -314,6 +318,7 @@ func gossipBindAddr(listen string) string {
 // (cluster.GossipConfig.AddFlags) and the etcd client's flags (cluster.Config.AddFlags).
 func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.ListenAddr, "listen", c.ListenAddr, "host:port of the client and admin gRPC server (port 0: any; empty: "+DefaultListenAddr+")")
+	fs.StringVar(&c.AdvertiseAddr, "advertise", c.AdvertiseAddr, "host:port at which other coordinators reach this one's gRPC server (empty: the bound address)")
 	fs.StringVar(&c.HTTPAddr, "http-listen", c.HTTPAddr, "host:port of the OpenAI-compatible HTTP gateway (port 0: any; empty: no gateway)")
 	fs.StringVar(&c.ID, "id", c.ID, "coordinator id in the leader election (empty: coordinator-<host>-<pid>)")
 	fs.StringVar(&c.Model, "model", c.Model, "checkpoint directory, the same path on every worker's host")

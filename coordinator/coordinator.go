@@ -40,6 +40,10 @@ type Coordinator struct {
 	model modelInfo
 	queue *queue
 	dial  dialFunc
+	// advertised is the gRPC address published in this coordinator's gossip meta; set by Start.
+	advertised string
+	// metrics are served at MetricsPath on the HTTP gateway (metrics.go).
+	metrics *metrics
 
 	seqIDs atomic.Uint64
 
@@ -58,6 +62,11 @@ type Coordinator struct {
 	gossipMu      sync.Mutex
 	gossipDown    map[gossipNode]struct{}
 	gossipChanged chan struct{}
+	// coordAddrs are the gRPC addresses of the coordinators whose gossip nodes are alive, from their
+	// nodes' meta (see watchLeader); under gossipMu.
+	coordAddrs map[string]string
+	// procGone holds when watchLeader found a coordinator's process gone; under gossipMu.
+	procGone map[string]time.Time
 	// coordDown receives the IDs of other coordinators whose gossip node died (buffer 8; see gossipEvent
 	// for the drop policy); the deposer reads it.
 	coordDown chan string
@@ -100,14 +109,8 @@ func New(cfg Config) (*Coordinator, error) {
 	if err != nil {
 		return nil, err
 	}
-	if cfg.ServedModelName != "" {
-		m.name = cfg.ServedModelName
-	}
-	switch {
-	case cfg.MaxModelLen < 0 || cfg.MaxModelLen > m.cfg.MaxPositions:
-		return nil, fmt.Errorf("%w: max model len %d must be in [1, %d] (max_position_embeddings)", ErrInvalidConfig, cfg.MaxModelLen, m.cfg.MaxPositions)
-	case cfg.MaxModelLen > 0:
-		m.cfg.MaxPositions = cfg.MaxModelLen
+	if err := m.serveAs(cfg.ServedModelName, cfg.MaxModelLen); err != nil {
+		return nil, err
 	}
 	if err := checkTP(m, cfg.Plan, cfg.TP); err != nil {
 		return nil, err
@@ -132,8 +135,11 @@ func New(cfg Config) (*Coordinator, error) {
 		gossipDown:    make(map[gossipNode]struct{}),
 		gossipChanged: make(chan struct{}, 1),
 		coordDown:     make(chan string, 8),
+		coordAddrs:    make(map[string]string),
+		procGone:      make(map[string]time.Time),
 		coordChanged:  make(chan struct{}, 1),
 	}
+	c.metrics = newMetrics(c.queue.len, c.metricsState)
 	// Sequence ids of different coordinator lives differ, so a worker never confuses them.
 	c.seqIDs.Store(uint64(time.Now().UnixNano()))
 	return c, nil
@@ -244,6 +250,7 @@ func (c *Coordinator) Start(ctx context.Context) error {
 		return err
 	}
 	c.cl, c.lis, c.httpLis = cl, lis, httpLis
+	c.advertised = cluster.Advertised(c.cfg.AdvertiseAddr, lis.Addr())
 	if !c.cfg.NoGossip {
 		if err := c.startGossip(ctx); err != nil {
 			_ = lis.Close()
@@ -396,7 +403,22 @@ func (c *Coordinator) admit(r *request) error {
 	case groups == 0:
 		return fmt.Errorf("%w: no TP group of %d workers is placed; see the cluster's members", ErrNoPlan, c.currentTP())
 	}
-	return c.queue.push(r)
+	c.metrics.admitted(r) // before push: a group may take it at once
+	if err := c.queue.push(r); err != nil {
+		r.obs = nil // never queued: counted as rejected by the caller
+		return err
+	}
+	return nil
+}
+
+// metricsState is what the metrics export of the leadership and the plan, at scrape time.
+func (c *Coordinator) metricsState() (leader bool, epoch int64, tp, groups, ready int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.leader {
+		return false, 0, c.tp, 0, 0
+	}
+	return true, c.plan.Epoch, c.plan.TP, len(c.plan.Groups), len(c.readyGroups)
 }
 
 // setEtcdLost records whether the leader serves on a lapsed lease, etcd unreachable.
@@ -458,11 +480,12 @@ func (c *Coordinator) campaignOnce() (*cluster.Leadership, error) {
 	ctx, cancel := context.WithCancel(c.ctx)
 	var standby sync.WaitGroup
 	standby.Go(func() { c.standbyGossip(ctx) })
+	standby.Go(func() { c.watchLeader(ctx) })
 	defer func() {
 		cancel()
 		standby.Wait()
 	}()
-	gate := &standbyGate{c: c, grace: 2 * c.cfg.LeaderTTL}
+	gate := &standbyGate{c: c, grace: 2 * c.cfg.LeaderTTL, made: time.Now()}
 	for {
 		if err := gate.waitTurn(c.ctx); err != nil {
 			return nil, err
@@ -837,6 +860,7 @@ func (ld *leader) apply() {
 			log:              log,
 			onReady:          ld.onReady(ld.plan.Epoch, g.ID),
 			onFailed:         ld.onFailed(ld.plan.Epoch),
+			obs:              c.metrics.group(g.ID),
 		}
 		ld.groupsWG.Go(func() { runGroup(ctx, cfg) })
 	}

@@ -6,9 +6,12 @@
 //
 //   - Leadership: every coordinator campaigns in etcd (cluster.Client.Campaign); only the leader plans
 //     and schedules. A standby answers Generate with UNAVAILABLE and takes over when the leader resigns
-//     (Close), when gossip declares the leader's node dead (the standby's node joins the workers' while
-//     it campaigns, and deposes the dead leader in etcd: cluster.Client.Depose; about a second), or at
-//     the latest when the leader's lease expires (Config.LeaderTTL). With gossip, a standby holds no
+//     (Close), when the leader's process dies (the standby holds a health Watch stream open to the
+//     leader's gRPC address, which the leader's gossip node publishes; a killed process's sockets close,
+//     the stream ends, and when the address then refuses connections the standby deposes the dead
+//     leader in etcd: cluster.Client.Depose; a few hundred milliseconds), when gossip declares the
+//     leader's node dead (a vanished host; the standby's node joins the workers' while it campaigns;
+//     about a second and a half), or at the latest when the leader's lease expires (Config.LeaderTTL). With gossip, a standby holds no
 //     election key while gossip reports the leader's node alive, so an etcd outage that lapses the
 //     leader's lease never hands the lead to a standby: the leader, which keeps serving its plan, leads
 //     again when etcd returns (the standby waits 2×LeaderTTL for it). Every StepRequest carries the

@@ -60,6 +60,11 @@ func (c *Coordinator) serveHTTP() {
 		return
 	}
 	c.httpSrv = g.NewServer()
+	// The metrics share the gateway's port, outside its API key (as vLLM's /metrics).
+	mux := http.NewServeMux()
+	mux.Handle("GET "+MetricsPath, c.metrics.handler())
+	mux.Handle("/", c.httpSrv.Handler)
+	c.httpSrv.Handler = mux
 	c.wg.Go(func() {
 		if err := c.httpSrv.Serve(c.httpLis); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			c.fail(fmt.Errorf("coordinator: serve HTTP: %w", err))
@@ -114,6 +119,7 @@ func (c *Coordinator) submit(in *pb.GenerateRequest) (*request, error) {
 		return nil, err
 	}
 	if err := c.admit(r); err != nil {
+		c.metrics.rejected()
 		return nil, err
 	}
 	return r, nil
@@ -156,8 +162,14 @@ func toGateway(err error) error {
 }
 
 // Model describes the served model; another name is 404 model_not_found, with Generate's message.
-func (g generator) Model(name string) (gateway.Model, error) {
-	m := g.c.model
+func (g generator) Model(name string) (gateway.Model, error) { return g.c.model.gatewayModel(name) }
+
+// Tokenizer returns the model's tokenizer, or the error of a text request without one.
+func (g generator) Tokenizer() (gateway.Tokenizer, error) { return g.c.model.gatewayTokenizer() }
+
+// gatewayModel describes the model to the gateway; another name is 404 model_not_found, with
+// Generate's message.
+func (m modelInfo) gatewayModel(name string) (gateway.Model, error) {
 	if name != "" && name != m.name {
 		return gateway.Model{}, &gateway.Error{Kind: gateway.ErrNotFound, Code: "model_not_found",
 			Err: invalid("unknown model %q: this cluster serves %q", name, m.name)}
@@ -165,9 +177,9 @@ func (g generator) Model(name string) (gateway.Model, error) {
 	return gateway.Model{Name: m.name, MaxModelLen: m.cfg.MaxPositions}, nil
 }
 
-// Tokenizer returns the model's tokenizer, or the error of a text request without one.
-func (g generator) Tokenizer() (gateway.Tokenizer, error) {
-	m := g.c.model
+// gatewayTokenizer returns the model's tokenizer as the gateway's, or the error of a text request
+// without one.
+func (m modelInfo) gatewayTokenizer() (gateway.Tokenizer, error) {
 	if m.tok == nil {
 		return nil, toGateway(m.noTokenizer())
 	}
@@ -270,6 +282,7 @@ func (s *stream) Next(ctx context.Context) (gateway.Chunk, error) {
 		got, text, stopped := s.out.add(got, done && err == nil)
 		if stopped != "" { // a stop string ends the request here: its sequence is released at the next step
 			done, finish, err = true, FinishStop, nil
+			s.r.end(FinishStop, nil)
 			s.Close()
 		}
 		ch := gateway.Chunk{IDs: make([]int, len(got)), Text: text, StopReason: stopped}

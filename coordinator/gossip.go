@@ -35,6 +35,7 @@ func memberNode(m cluster.Member) gossipNode { return gossipNode{m.ID, string(m.
 func (c *Coordinator) startGossip(ctx context.Context) error {
 	gcfg := c.cfg.Gossip
 	gcfg.Name = gossipNodeName(c.cfg.ID)
+	gcfg.Meta = []byte(c.advertised) // a standby watches the leader's process there (see watchLeader)
 	if gcfg.Logger == nil {
 		gcfg.Logger = c.log.Named("gossip")
 	}
@@ -52,6 +53,13 @@ func (c *Coordinator) startGossip(ctx context.Context) error {
 // leader. It runs on the gossip node's callback goroutine and never blocks.
 func (c *Coordinator) gossipEvent(n gossipNode, alive bool) {
 	if id, ok := strings.CutPrefix(n.name, "coordinator/"); ok {
+		c.gossipMu.Lock()
+		if alive && n.meta != "" {
+			c.coordAddrs[id] = n.meta
+		} else if !alive {
+			delete(c.coordAddrs, id)
+		}
+		c.gossipMu.Unlock()
 		if !alive && id != c.cfg.ID {
 			select {
 			case c.coordDown <- id:
@@ -280,7 +288,8 @@ func offerMembers(ch chan []cluster.Member, ms []cluster.Member) {
 }
 
 // depose runs for the coordinator's lifetime: when gossip declares another coordinator's node dead (a
-// crash: about a second with the default probes) and that coordinator leads, it deposes it in etcd
+// crash: about a second with the default probes) or watchLeader finds its process gone, and that
+// coordinator leads, it deposes it in etcd
 // (cluster.Client.Depose), so that the standbys' campaigns end at once instead of after the dead
 // leader's lease (Config.LeaderTTL). Only a coordinator that does not lead deposes.
 func (c *Coordinator) depose() {
@@ -300,9 +309,9 @@ func (c *Coordinator) depose() {
 			cancel()
 			switch {
 			case err != nil:
-				c.log.Warn("gossip declared the leader dead; deposing it failed (its lease will expire)", zap.String("leader-id", id), zap.Error(err))
+				c.log.Warn("the leader is dead; deposing it failed (its lease will expire)", zap.String("leader-id", id), zap.Error(err))
 			case ok:
-				c.log.Warn("gossip declared the leader dead; deposed it", zap.String("leader-id", id))
+				c.log.Warn("the leader is dead; deposed it", zap.String("leader-id", id))
 			}
 		}
 	}
@@ -338,7 +347,7 @@ const standbyPoll = 100 * time.Millisecond
 // leader serves, and an etcd outage that lapses its lease must not move the lead (the queued key would
 // win when etcd returns and the lapsed lease is revoked). It may when the leader's node is dead (depose
 // deletes its key), when the leader has no gossip node known to this one (a --no-gossip leader: its
-// lease decides, as without gossip), and when the leader key is gone: at once if the last leader's node
+// lease decides, as without gossip, once this node's gossip can tell: see gossipSettled), and when the leader key is gone: at once if the last leader's node
 // is dead or unknown, else after grace, during which the live leader re-takes the key (see ride). Only
 // the campaigning goroutine uses a gate.
 type standbyGate struct {
@@ -347,14 +356,24 @@ type standbyGate struct {
 	last  string    // the leader last read from etcd; "" none yet
 	gone  time.Time // when the key of a live last leader was found gone; zero: not gone
 	held  bool      // the last verdict was to hold off (for logging transitions)
+	made  time.Time // when the gate was made (see gossipSettled)
 }
 
-// alive reports whether gossip reports the coordinator id's node alive (another coordinator's only).
+// alive reports whether gossip reports the coordinator id's node alive (another coordinator's only),
+// and its process was not found gone (see watchLeader).
 func (g *standbyGate) alive(id string) bool {
-	if id == "" || id == g.c.cfg.ID {
+	if id == "" || id == g.c.cfg.ID || g.c.foundGone(id) {
 		return false
 	}
 	return slices.Contains(g.c.gossip.Members(), gossipNodeName(id))
+}
+
+// gossipSettled reports whether gossip can tell a live leader from a dead one: this node has joined
+// another one (a join's push/pull brings the whole membership), or grace has passed since the gate was
+// made (no node to join: a leader without gossip, whose lease decides). Until then a standby that found
+// a leader holds no key: a key queued behind a live leader would win if that leader's key went.
+func (g *standbyGate) gossipSettled() bool {
+	return len(g.c.gossip.Members()) > 1 || time.Since(g.made) >= g.grace
 }
 
 // read returns the current leader, or ok false when etcd does not answer.
@@ -377,7 +396,7 @@ func (g *standbyGate) mayCampaign(ctx context.Context) bool {
 			g.last = id
 		}
 		g.gone = time.Time{}
-		return !g.alive(id)
+		return !g.alive(id) && g.gossipSettled()
 	}
 	if !g.alive(g.last) {
 		return true

@@ -290,3 +290,37 @@ func TestLapsedWorkerKept(t *testing.T) {
 		t.Errorf("epoch after w1's lease was revoked and it registered again = %d, want %d (the plan kept)", e, epoch)
 	}
 }
+
+// TestStandbyDeposesGoneLeader: when the leader's gRPC server is gone (a killed process's sockets close)
+// the standby deposes it and leads at once, although gossip still reports the leader's node alive and
+// its lease is kept alive: the standby's health Watch stream ended and the address refuses connections.
+func TestStandbyDeposesGoneLeader(t *testing.T) {
+	for i := range 2 {
+		startGossipWorker(t, fmt.Sprintf("w%d", i), 10*time.Second)
+	}
+	cfgA, cfgB := testConfig(t), testConfig(t)
+	cfgA.ID, cfgB.ID = "a", "b"
+	cfgA.LeaderTTL, cfgB.LeaderTTL = 10*time.Second, 10*time.Second
+	a, _ := startCoordinator(t, cfgA)
+	waitReady(t, a)
+	b, _ := startCoordinator(t, cfgB)
+	eventually(t, "the standby watching the leader's address", func() bool {
+		_, addr := b.leaderAddr(testCtx(t))
+		return addr == a.Addr()
+	})
+	gone := time.Now()
+	a.srv.Stop() // closes the listener and the connections, as the kernel does for a killed process
+	eventually(t, "the standby leading", func() bool {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		return b.leader
+	})
+	took := time.Since(gone)
+	t.Logf("the standby leads %v after the leader's gRPC server stopped", took.Round(time.Millisecond))
+	if !slices.Contains(b.gossip.Members(), gossipNodeName("a")) {
+		t.Errorf("gossip no longer lists the old leader's node: the take-over may be gossip's doing, not the watch's")
+	}
+	if took > 5*time.Second {
+		t.Errorf("the standby led %v after the leader's server stopped, want well within the 10 s lease", took)
+	}
+}

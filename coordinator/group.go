@@ -59,6 +59,8 @@ type groupConfig struct {
 	// onFailed is called when a worker of the group reports its epoch failed (it stays failed until a
 	// new epoch); from the group's goroutine, so it must not block.
 	onFailed func()
+	// obs records the group's steps (metrics.go); nil records nothing.
+	obs *groupObs
 }
 
 // sequence is a request in a group's batch.
@@ -227,6 +229,7 @@ func (b *batch) loop(ctx context.Context) error {
 		queued := b.cfg.queue.wait() // before popping, so that a request added after the pop wakes us
 		b.dropCancelled()
 		work, sampled := b.plan()
+		b.cfg.obs.setRunning(len(b.active))
 		if len(work) == 0 && len(b.release) == 0 {
 			select {
 			case <-queued:
@@ -237,11 +240,14 @@ func (b *batch) loop(ctx context.Context) error {
 				return ctx.Err()
 			}
 		}
+		start := time.Now()
 		results, err := b.run(ctx, work)
+		b.cfg.obs.step(time.Since(start), len(work), workTokens(work), err)
 		if err != nil {
 			return err
 		}
 		b.deliver(sampled, results)
+		b.cfg.obs.setRunning(len(b.active))
 	}
 }
 
@@ -299,6 +305,7 @@ func (b *batch) plan() ([]*pb.SequenceWork, []*sequence) {
 		if r.cancelled() {
 			continue
 		}
+		r.scheduled()
 		s := &sequence{id: b.cfg.seqIDs.Add(1), req: r, tokens: append(slices.Clone(r.prompt), r.gen...)}
 		b.active = append(b.active, s)
 		feed(s, min(len(s.tokens), budget))
@@ -324,10 +331,7 @@ func (b *batch) run(ctx context.Context, work []*pb.SequenceWork) ([]*pb.Sequenc
 		}
 	}
 	b.release = nil
-	tokens := 0
-	for _, w := range work {
-		tokens += len(w.GetIds())
-	}
+	tokens := workTokens(work)
 	limit := b.cfg.stepTimeout + time.Duration(tokens)*b.cfg.stepTokenTimeout
 	deadline := time.NewTimer(limit)
 	defer deadline.Stop()
@@ -363,6 +367,15 @@ func (b *batch) run(ctx context.Context, work []*pb.SequenceWork) ([]*pb.Sequenc
 		}
 	}
 	return results, nil
+}
+
+// workTokens is the number of token ids a step feeds.
+func workTokens(work []*pb.SequenceWork) int {
+	n := 0
+	for _, w := range work {
+		n += len(w.GetIds())
+	}
+	return n
 }
 
 // unexpected turns a reply that came while no step was in flight into an error.
@@ -425,6 +438,8 @@ func (b *batch) stop(ctx context.Context, err error) {
 			resumed++
 		}
 	}
+	b.cfg.obs.resumed(resumed)
+	b.cfg.obs.setRunning(0)
 	if len(b.active) > 0 {
 		b.cfg.log.Info("group let its requests go", zap.Int("requests", len(b.active)), zap.Int("resumed", resumed),
 			zap.Bool("failed", cause != nil), zap.NamedError("cause", cause))

@@ -63,6 +63,21 @@ func loadModelInfo(dir string) (modelInfo, error) {
 	return m, nil
 }
 
+// serveAs names the model name in the APIs (empty: the directory's base name) and bounds its context to
+// maxLen tokens (0: max_position_embeddings).
+func (m *modelInfo) serveAs(name string, maxLen int) error {
+	if name != "" {
+		m.name = name
+	}
+	switch {
+	case maxLen < 0 || maxLen > m.cfg.MaxPositions:
+		return fmt.Errorf("%w: max model len %d must be in [1, %d] (max_position_embeddings)", ErrInvalidConfig, maxLen, m.cfg.MaxPositions)
+	case maxLen > 0:
+		m.cfg.MaxPositions = maxLen
+	}
+	return nil
+}
+
 // noTokenizer is the error of a text request to a model without a tokenizer.
 func (m modelInfo) noTokenizer() error {
 	return fmt.Errorf("%w: model %s has no tokenizer (no %s in %s); send token ids", ErrNoTokenizer, m.name, tokenizer.TokenizerFile, m.dir)
@@ -195,6 +210,7 @@ type request struct {
 	finish  string
 	err     error
 	notify  chan struct{} // buffer 1: something is pending; a full buffer already says so
+	obs     *requestObs   // its metrics, set at admission (nil: none); used under mu
 }
 
 func newRequest(prompt []int32, maxTokens int, p sample.Params, stop map[int32]bool) *request {
@@ -225,6 +241,7 @@ func (r *request) notPlaced(d time.Duration) error {
 func (r *request) emit(id int32) {
 	r.mu.Lock()
 	r.pending = append(r.pending, id)
+	r.obs.token()
 	r.mu.Unlock()
 	r.wake()
 }
@@ -234,6 +251,7 @@ func (r *request) end(finish string, err error) {
 	r.mu.Lock()
 	if !r.done {
 		r.done, r.finish, r.err = true, finish, err
+		r.obs.end(finish, err, false)
 	}
 	r.mu.Unlock()
 	r.wake()
@@ -256,7 +274,23 @@ func (r *request) take() (ids []int32, done bool, finish string, err error) {
 
 // cancel marks the request abandoned by its client; the group holding it releases its sequence at
 // the next step boundary.
-func (r *request) cancel() { r.goneOnce.Do(func() { close(r.gone) }) }
+func (r *request) cancel() {
+	r.goneOnce.Do(func() {
+		close(r.gone)
+		r.mu.Lock()
+		if !r.done {
+			r.obs.end("", nil, true)
+		}
+		r.mu.Unlock()
+	})
+}
+
+// scheduled records that a group took the request into its batch.
+func (r *request) scheduled() {
+	r.mu.Lock()
+	r.obs.schedule()
+	r.mu.Unlock()
+}
 
 // cancelled reports whether the client went away.
 func (r *request) cancelled() bool {

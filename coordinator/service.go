@@ -35,6 +35,7 @@ func (s *generationServer) Generate(in *pb.GenerateRequest, stream grpc.ServerSt
 		return toStatus(err)
 	}
 	if err := c.admit(r); err != nil {
+		c.metrics.rejected()
 		c.log.Debug("request refused", zap.Error(err))
 		return toStatus(err)
 	}
@@ -58,6 +59,7 @@ func (s *generationServer) Generate(in *pb.GenerateRequest, stream grpc.ServerSt
 			ids, text, stopped := out.add(ids, done && err == nil)
 			if stopped != "" { // a stop string: the request ends here, whatever came after it
 				done, finish, err = true, FinishStop, nil
+				r.end(FinishStop, nil)
 			}
 			sent += int32(len(ids))
 			msg := &pb.GenerateResponse{Ids: ids, Text: text, PromptTokens: promptTokens, CompletionTokens: sent, StopReason: stopped}

@@ -151,6 +151,10 @@ type Config struct {
 	TLS *security.TLS `json:"-"`
 	// Insecure allows plaintext listeners on non-loopback addresses; every start then logs a warning.
 	Insecure bool `json:"insecure"`
+	// MetricsAddr is the host:port of an HTTP listener serving the worker's Prometheus metrics at
+	// MetricsPath (state, epoch, weight-load progress, steps, KV cache); port 0 picks a free port (see
+	// Worker.MetricsAddr). Empty means no metrics listener.
+	MetricsAddr string `json:"metrics-listen"`
 	// Labels are registered with the member, e.g. torchrun's RANK, LOCAL_RANK and WORLD_SIZE.
 	Labels map[string]string `json:"labels,omitempty"`
 	// Logger receives the worker's logs. Nil means zap.NewNop().
@@ -183,6 +187,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.IntVar(&c.QuantizationGroup, "quantization-group", c.QuantizationGroup, "with --quantization int4: the input columns per scale the plan must have (0: 128)")
 	fs.StringVar(&c.ID, "id", c.ID, "member ID, unique in the cluster (empty: <host>-<pid>)")
 	fs.StringVar(&c.ListenAddr, "listen", c.ListenAddr, "host:port of the worker's gRPC server (port 0: any free port)")
+	fs.StringVar(&c.MetricsAddr, "metrics-listen", c.MetricsAddr, "host:port of an HTTP listener serving Prometheus metrics at "+MetricsPath+" (port 0: any; empty: none)")
 	fs.StringVar(&c.AdvertiseAddr, "advertise", c.AdvertiseAddr, "host:port the coordinator dials (empty: the bound address)")
 	fs.StringVar(&c.Model, "model", c.Model, "checkpoint directory (empty: the plan's model, as a path on this host)")
 	fs.StringVar(&c.Device, "device", c.Device, "the backend to run on: "+strings.Join(backend.Names(), " or ")+" (cpu: TCP ring collectives; a GPU backend: one GPU, NCCL collectives)")
@@ -214,7 +219,7 @@ func (c Config) Validate() error {
 			return bad("ID %q: want letters, digits and . _ : @ -, starting with a letter or digit", c.ID)
 		}
 	}
-	for _, a := range []struct{ name, addr string }{{"listen", c.ListenAddr}, {"advertise", c.AdvertiseAddr}} {
+	for _, a := range []struct{ name, addr string }{{"listen", c.ListenAddr}, {"advertise", c.AdvertiseAddr}, {"metrics-listen", c.MetricsAddr}} {
 		if a.addr == "" {
 			continue
 		}
@@ -269,7 +274,8 @@ func (c Config) insecureListeners() ([]string, error) {
 		what, addr string
 		secure     bool
 	}
-	ls := []listener{{"--listen", d.ListenAddr, c.TLS != nil}, {"--ring-host", d.RingHost, c.TLS != nil}}
+	ls := []listener{{"--listen", d.ListenAddr, c.TLS != nil}, {"--ring-host", d.RingHost, c.TLS != nil},
+		{"--metrics-listen", c.MetricsAddr, c.TLS != nil}}
 	if !c.NoGossip {
 		ls = append(ls, listener{"--gossip-bind-addr (give --gossip-key-file)", cmp.Or(d.Gossip.BindAddr, cluster.DefaultGossipBindAddr), c.Gossip.KeyFile != ""})
 	}

@@ -124,7 +124,10 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey) (*weights, error
 
 	_, device := w.ops.(backend.DeviceContext) // the epochs' communicators are then NCCL's
 	comm := newEpochComm(k.rank, k.tp, device)
-	pw := &run.Progress{Weights: run.NewRankWeights(shard.NewRankReader(view, man), w.ops).WithFormat(cfg, format), Log: lg,
+	w.metrics.loadStart(len(man.Tensors), man.Bytes)
+	defer w.metrics.loadEnd()
+	counted := &progressWeights{Weights: run.NewRankWeights(shard.NewRankReader(view, man), w.ops).WithFormat(cfg, format), m: w.metrics, bytesOf: man.BytesOf}
+	pw := &run.Progress{Weights: counted, Log: lg,
 		Total: len(man.Tensors), TotalBytes: man.Bytes, BytesOf: man.BytesOf, Every: w.progressEvery}
 	m, err := run.Open(ctx, w.ops, cfg, pw, run.Parallel{Comm: comm})
 	if err != nil {

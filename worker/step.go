@@ -3,6 +3,7 @@ package worker
 import (
 	"errors"
 	"fmt"
+	"time"
 
 	"go.uber.org/zap"
 
@@ -32,7 +33,13 @@ func (w *Worker) Step(req *tpfleetv1.StepRequest) *tpfleetv1.StepResponse {
 // that stream ends (releaseStream).
 func (w *Worker) stepOn(stream uint64, req *tpfleetv1.StepRequest) *tpfleetv1.StepResponse {
 	resp := &tpfleetv1.StepResponse{Step: req.GetStep()}
+	start := time.Now()
 	results, err := w.step(stream, req)
+	tokens := 0
+	for _, s := range req.GetSeqs() {
+		tokens += len(s.GetIds())
+	}
+	w.metrics.step(time.Since(start), tokens, err)
 	if err != nil {
 		resp.Error = oneLine(err.Error())
 		w.lg.Debug("step failed", zap.Uint64("step", req.GetStep()), zap.Int64("epoch", req.GetEpoch()), zap.Error(err))
@@ -275,6 +282,7 @@ func (w *Worker) releaseStream(stream uint64) int {
 			n++
 		}
 	}
+	w.metrics.kv(w.seqs)
 	w.mu.Lock()
 	w.nseqs = len(w.seqs)
 	w.mu.Unlock()
@@ -286,6 +294,7 @@ func (w *Worker) release(ids []uint64) {
 	for _, id := range ids {
 		delete(w.seqs, id)
 	}
+	w.metrics.kv(w.seqs)
 	w.mu.Lock()
 	w.nseqs = len(w.seqs)
 	w.mu.Unlock()

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"strconv"
 	"sync"
@@ -129,6 +130,11 @@ type Worker struct {
 	health    *health.Server
 	cli       *cluster.Client
 
+	// metrics are served on metricsLis by metricsSrv when Config.MetricsAddr is set (metrics.go).
+	metrics    *metrics
+	metricsLis net.Listener
+	metricsSrv *http.Server
+
 	// runMu is held while a step runs and while the weights or the sequences change.
 	runMu     sync.Mutex
 	wts       *weights
@@ -186,6 +192,7 @@ func New(cfg Config) (*Worker, error) {
 		rank:          -1,
 		changed:       make(chan struct{}),
 	}
+	w.metrics = newMetrics(w.Status)
 	return w, nil
 }
 
@@ -301,7 +308,7 @@ func (w *Worker) Start(ctx context.Context) (err error) {
 			_ = lis.Close()
 		}
 	}()
-	w.addr = advertised(w.cfg.AdvertiseAddr, lis.Addr())
+	w.addr = cluster.Advertised(w.cfg.AdvertiseAddr, lis.Addr())
 	w.startedAt = time.Now().UTC()
 	w.srv = grpc.NewServer(append(w.authorizer().ServerOptions(),
 		grpc.KeepaliveParams(keepalive.ServerParameters{
@@ -340,6 +347,9 @@ func (w *Worker) Start(ctx context.Context) (err error) {
 		w.lg.Warn(security.InsecureWarning, zap.Strings("addrs", open))
 	}
 
+	if err := w.startMetrics(); err != nil {
+		return err
+	}
 	if !w.cfg.NoGossip {
 		if err := w.startGossip(ctx); err != nil {
 			return err
@@ -488,6 +498,7 @@ func (w *Worker) Close() error {
 			w.stopServer()
 		}
 		w.cancel()
+		w.stopMetrics()
 		w.serveWG.Wait()
 		w.streams.Wait()
 
@@ -654,25 +665,6 @@ func (w *Worker) markReady() {
 	default:
 		close(w.ready)
 	}
-}
-
-// advertised returns the address to register: adv when set, else the bound address with the host name
-// in place of an unspecified host.
-func advertised(adv string, bound net.Addr) string {
-	if adv != "" {
-		return adv
-	}
-	s := bound.String()
-	host, port, err := net.SplitHostPort(s)
-	if err != nil {
-		return s
-	}
-	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
-		if h, err := os.Hostname(); err == nil && h != "" {
-			return net.JoinHostPort(h, port)
-		}
-	}
-	return s
 }
 
 // memInfo returns the host's total and available memory in bytes from /proc/meminfo; zeros where it

@@ -333,6 +333,8 @@ func TestConfigValidate(t *testing.T) {
 		{"tpu", func(c *worker.Config) { c.Device = "tpu" }, worker.ErrInvalidConfig},
 		{"bad id", func(c *worker.Config) { c.ID = "a b" }, worker.ErrInvalidConfig},
 		{"bad listen", func(c *worker.Config) { c.ListenAddr = "nowhere" }, worker.ErrInvalidConfig},
+		{"bad metrics listen", func(c *worker.Config) { c.MetricsAddr = "9400" }, worker.ErrInvalidConfig},
+		{"metrics listen", func(c *worker.Config) { c.MetricsAddr = "127.0.0.1:0" }, nil},
 		{"negative threads", func(c *worker.Config) { c.Threads = -1 }, worker.ErrInvalidConfig},
 		{"negative ttl", func(c *worker.Config) { c.LeaseTTL = -time.Second }, worker.ErrInvalidConfig},
 		{"no etcd", func(c *worker.Config) { c.Etcd.Endpoints = nil }, worker.ErrInvalidConfig},

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/tpfleet/tpfleet/backend"
+	"github.com/tpfleet/tpfleet/quant"
 	"github.com/tpfleet/tpfleet/safetensors"
 )
 
@@ -58,6 +59,7 @@ func Run(t *testing.T, ops backend.Ops, tol Tolerance) {
 		{"Route", s.testRoute},
 		{"Experts", s.testExperts},
 		{"ExpertsSplit", s.testExpertsSplit},
+		{"Quantized", s.testQuantized},
 		{"Foreign", s.testForeign},
 		{"Sample", s.testSample},
 	}
@@ -1159,5 +1161,78 @@ func (s *suite) testForeign(t *testing.T) {
 		}},
 	} {
 		wantErr(t, tc.name, tc.fn)
+	}
+}
+
+// testQuantized checks, for a backend.QuantizedLoader, Linear and Experts on weights in package quant's
+// formats against the reference on the dequantised weights (quant.Weight.Dequantize), with x's rows
+// quantised per token first for a format with DynamicActivations (Linear only: the experts' SwiGLU rows
+// would be rounded to E4M3 from float64 here). It skips for backends without the capability.
+func (s *suite) testQuantized(t *testing.T) {
+	ql, ok := s.ops.(backend.QuantizedLoader)
+	if !ok {
+		t.Skipf("%s is not a backend.QuantizedLoader", s.ops.Name())
+	}
+	r := rng(t)
+	load := func(f quant.Format, shape []int, vals []float32) (backend.Tensor, []float32) {
+		t.Helper()
+		qf := f
+		qf.RoundBF16 = false // the codes and scales do not depend on how they are dequantised
+		w, err := quant.Quantize(qf, shape, 1, vals)
+		if err != nil {
+			t.Fatalf("quant.Quantize(%s, %v): %v", f, shape, err)
+		}
+		w.Format = f
+		deq, err := w.Dequantize()
+		if err != nil {
+			t.Fatalf("Dequantize(%s%v): %v", f, shape, err)
+		}
+		wt, err := ql.LoadQuantized(w)
+		if err != nil {
+			t.Fatalf("LoadQuantized(%s%v) error: %v", f, shape, err)
+		}
+		return wt, deq
+	}
+	for _, f := range []quant.Format{{Kind: quant.FP8}, {Kind: quant.FP8, DynamicActivations: true}, quant.CompressedTensorsFP8(), {Kind: quant.Int4, GroupSize: 32}} {
+		for _, T := range []int{1, 3, 17} {
+			for _, in := range []int{64, 96, 13} {
+				const out = 40
+				xv := uniform(r, T*in, 1)
+				w, wv := load(f, []int{out, in}, uniform(r, out*in, 0.2))
+				s.poison(t, T*out)
+				y, err := s.ops.Linear(s.tensor(t, []int{T, in}, xv), w)
+				if err != nil {
+					t.Fatalf("Linear([%d %d], %s[%d %d]) error: %v", T, in, f, out, in, err)
+				}
+				xq := xv
+				if f.DynamicActivations {
+					xq = make([]float32, len(xv))
+					quant.FakeQuantFP8Rows(xq, xv, in)
+				}
+				s.close(t, fmt.Sprintf("Linear([%d %d], %s[%d %d])", T, in, f, out, in), s.read(t, "Linear", y, T, out), refLinear(xq, wv, T, in, out))
+			}
+		}
+		if f.DynamicActivations {
+			continue
+		}
+		for _, tc := range []struct{ T, E, k, H, I int }{{1, 4, 1, 64, 32}, {3, 4, 2, 64, 32}, {17, 4, 2, 96, 48}} {
+			name := fmt.Sprintf("Experts(T %d, E %d, k %d, H %d, I %d, %s)", tc.T, tc.E, tc.k, tc.H, tc.I, f)
+			logits := uniform(r, tc.T*tc.E, 3)
+			xv := uniform(r, tc.T*tc.H, 1)
+			gu, dn := expertWeights(r, tc.E, tc.H, tc.I)
+			guT, guV := load(f, []int{tc.E, tc.H, 2 * tc.I}, gu)
+			dnT, dnV := load(f, []int{tc.E, tc.I, tc.H}, dn)
+			rt, err := s.ops.Route(s.tensor(t, []int{tc.T, tc.E}, logits), tc.k)
+			if err != nil {
+				t.Fatalf("%s: Route error: %v", name, err)
+			}
+			s.poison(t, tc.T*tc.H)
+			y, err := s.ops.Experts(s.tensor(t, []int{tc.T, tc.H}, xv), rt, guT, dnT, 0)
+			if err != nil {
+				t.Fatalf("%s error: %v", name, err)
+			}
+			experts, scores := refRoute(logits, tc.T, tc.E, tc.k)
+			s.close(t, name, s.read(t, name, y, tc.T, tc.H), refExperts(xv, experts, scores, tc.k, guV, dnV, tc.T, tc.H, tc.E, tc.I, 0))
+		}
 	}
 }

@@ -52,6 +52,9 @@ type Backend struct {
 	// gemvRows is the largest row count Linear runs on the GEMV kernel (gemvMaxRows; tests change it to
 	// compare with cuBLASLt).
 	gemvRows int
+	// noQuantGEMV makes Linear and Experts on quantised weights take the dequantise-to-bf16 paths at any
+	// row count (tests compare them with the GEMV kernels).
+	noQuantGEMV bool
 }
 
 var _ backend.Ops = (*Backend)(nil)
@@ -72,6 +75,9 @@ type kernelSet struct {
 	addRMSNorm, spin                                                     *kernel
 	gemvMulti, gemvSplit                                                 [2]*kernel // _1, _2
 	ropeQK                                                               *kernel
+	actQuantRows, dequantBF16, qexpertGEMV1, qexpertGEMV8, quantizeBF16  *kernel
+	qgemv                                                                [4]*kernel // qgemv_1, _2, _4, _8
+	qgemvSplit                                                           [2]*kernel // qgemv_split_1, _2
 }
 
 // Info describes what New found and did.
@@ -99,6 +105,9 @@ type Counters struct {
 	ExpertsGEMV    int64 // Experts calls run by the split-K GEMV (at most skinnyRows tokens)
 	ExpertsGrouped int64 // Experts calls run as one cuBLASLt GEMM per active expert (prefill)
 	ExpertsSimple  int64 // Experts calls run by the generic kernels (shapes the others do not take)
+
+	QuantGEMV    int64 // Linear calls on a quantised weight run by the quantised GEMV (decode)
+	QuantDequant int64 // Linear calls on a quantised weight run on a dequantised bf16 copy (prefill)
 }
 
 // New loads the CUDA libraries, opens device cfg.Device and compiles the kernels. On a machine without
@@ -195,6 +204,10 @@ func (b *Backend) init() error {
 		{"add_rmsnorm", &b.k.addRMSNorm}, {"spin", &b.k.spin},
 		{"gemv_multi_1", &b.k.gemvMulti[0]}, {"gemv_multi_2", &b.k.gemvMulti[1]},
 		{"gemv_split_1", &b.k.gemvSplit[0]}, {"gemv_split_2", &b.k.gemvSplit[1]}, {"rope_qk", &b.k.ropeQK},
+		{"act_quant_rows", &b.k.actQuantRows}, {"dequant_bf16", &b.k.dequantBF16},
+		{"qgemv_1", &b.k.qgemv[0]}, {"qgemv_2", &b.k.qgemv[1]}, {"qgemv_4", &b.k.qgemv[2]}, {"qgemv_8", &b.k.qgemv[3]},
+		{"qgemv_split_1", &b.k.qgemvSplit[0]}, {"qgemv_split_2", &b.k.qgemvSplit[1]},
+		{"qexpert_gemv_1", &b.k.qexpertGEMV1}, {"qexpert_gemv_8", &b.k.qexpertGEMV8}, {"quantize_bf16", &b.k.quantizeBF16},
 	} {
 		if *k.dst, err = b.module.function(k.name); err != nil {
 			return err
@@ -289,6 +302,7 @@ type tensor struct {
 	off   int64 // bytes
 	shape []int
 	dt    DType
+	q     *qweight // a quantised weight's format and scales (dt is quantized), nil otherwise
 }
 
 // Shape returns the tensor's dimensions, outermost first. The caller must not modify the slice.
@@ -462,6 +476,9 @@ func (b *Backend) Float32(t backend.Tensor) ([]float32, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := notQuantized("float32", tt); err != nil {
+		return nil, err
+	}
 	n := tt.numel()
 	raw := make([]byte, int64(n)*tt.dt.size())
 	if err := b.download(raw, tt.ptr()); err != nil {
@@ -486,6 +503,9 @@ func (b *Backend) Reshape(t backend.Tensor, shape ...int) (backend.Tensor, error
 	if err != nil {
 		return nil, err
 	}
+	if err := notQuantized("reshape", tt); err != nil {
+		return nil, err
+	}
 	n, ok := numel(shape)
 	if !ok || n != tt.numel() {
 		return nil, fmt.Errorf("cuda: reshape %v to %v: %w", tt.shape, shape, backend.ErrShape)
@@ -497,6 +517,9 @@ func (b *Backend) Reshape(t backend.Tensor, shape ...int) (backend.Tensor, error
 func (b *Backend) Rows(t backend.Tensor, start, end int) (backend.Tensor, error) {
 	tt, err := b.asTensor("rows", "t", t)
 	if err != nil {
+		return nil, err
+	}
+	if err := notQuantized("rows", tt); err != nil {
 		return nil, err
 	}
 	if len(tt.shape) == 0 || start < 0 || end < start || end > tt.shape[0] {

@@ -25,6 +25,8 @@ func (d DType) String() string {
 		return "bf16"
 	case F32:
 		return "f32"
+	case quantized:
+		return "quantized"
 	}
 	return fmt.Sprintf("DType(%d)", int(d))
 }

@@ -13,8 +13,8 @@
 // through NCCL. Binaries import it for that side effect only; callers use Backend through package
 // backend's interfaces: Ops, StepRecorder, Sampler and the fused ops, and the capabilities
 // Synchronizer, MemoryReporter, Describer, DeviceContext (MakeCurrent, Context, Stream: what an NCCL
-// communicator needs), Profiler, GraphReporter and BandwidthMeter. Its tests and scripts/gpu use the
-// concrete type.
+// communicator needs), Profiler, GraphReporter, BandwidthMeter and QuantizedLoader. Its tests and
+// scripts/gpu use the concrete type.
 //
 // # Libraries
 //
@@ -37,7 +37,8 @@
 // # Numerics (DESIGN §6)
 //
 // Weights keep their checkpoint's type: bf16 for Llama 4 (F8 is widened to bf16 exactly, F32 and F16
-// stay float32). Every op computes in float32: norms, softmax, RoPE angles (cos and sin in float64),
+// stay float32), unless they are loaded in a package quant format (LoadQuantized: fp8 or int4 codes and
+// their scales, kept compact; quant.go says how Linear and Experts read them). Every op computes in float32: norms, softmax, RoPE angles (cos and sin in float64),
 // routing sigmoid (float64). What an op stores depends on its role, as in HF's bf16 model but with the
 // residual stream and the logits kept in float32: Linear, Add and Experts store float32, so the
 // residual stream, the routing logits and the model's logits are float32. Ops whose output feeds a

@@ -40,3 +40,11 @@ func FlashEligible(b *Backend, q any, heads, kvHeads int) bool {
 	}
 	return b.flashEligible(qt, heads, kvHeads, qt.shape[2], qt.shape[0])
 }
+
+// SetQuantGEMV makes b's Linear and Experts on quantised weights use the GEMV kernels for few rows (the
+// default) or the dequantise-to-bf16 paths at any row count, and returns the previous setting.
+func SetQuantGEMV(b *Backend, on bool) bool {
+	old := !b.noQuantGEMV
+	b.noQuantGEMV = !on
+	return old
+}

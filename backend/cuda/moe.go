@@ -2,6 +2,7 @@ package cuda
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"math"
 	"runtime"
@@ -163,6 +164,10 @@ func (b *Backend) experts(x backend.Tensor, r backend.Routing, gateUp, down back
 	e := &expertsCall{x: xt, r: rt, gu: gt, down: dt, out: out, add: add, first: first, T: T, H: H, E: E, I: I}
 	// The fast paths' elementwise kernels index rows × width with 32-bit math.
 	small := int64(T*rt.k+E*128)*int64(max(H, 2*I)) < math.MaxInt32
+	if gt.q != nil || dt.q != nil {
+		fast := small && E > 0 && I > 0 && H%8 == 0 && I%4 == 0 && gt.ptr()%16 == 0 && dt.ptr()%16 == 0 && E <= maxPlanExperts
+		return b.expertsQuant(e, fast)
+	}
 	fast := small && E > 0 && I > 0 && H%8 == 0 && I%4 == 0 && gt.dt == BF16 && dt.dt == BF16 && gt.ptr()%16 == 0 && dt.ptr()%16 == 0 &&
 		E <= maxPlanExperts
 	switch {
@@ -207,6 +212,81 @@ func (b *Backend) experts(x backend.Tensor, r backend.Routing, gateUp, down back
 	}
 	return b.Add(out, add)
 }
+
+// expertsQuant is Experts on quantised weights (both must be): the decode GEMV reading the compact
+// weights (qexpert_gemv_N), or for prefill the grouped GEMMs on each active expert dequantised to bf16;
+// inputs quantised per token where the formats say so. Shapes the fast paths do not take run the
+// generic kernels on bf16 copies of the whole weights (weight-only formats only).
+func (b *Backend) expertsQuant(e *expertsCall, fast bool) (backend.Tensor, error) {
+	gt, dt := e.gu, e.down
+	if gt.q == nil || dt.q == nil {
+		return nil, fmt.Errorf("cuda: experts gateUp %v (%s) down %v (%s): both quantised or neither: %w",
+			gt.shape, formatOf(gt), dt.shape, formatOf(dt), backend.ErrShape)
+	}
+	if !fast {
+		if gt.q.dyn() || dt.q.dyn() {
+			return nil, fmt.Errorf("cuda: experts x%v gateUp%v down%v (%s): dynamic activations need H %% 8 == 0 and I %% 4 == 0: %w",
+				e.x.shape, gt.shape, dt.shape, gt.q.format, errors.ErrUnsupported)
+		}
+		gb, err := b.dequant(gt, 0, int64(gt.numel()))
+		if err != nil {
+			return nil, fmt.Errorf("cuda: experts: %w", err)
+		}
+		defer b.pool.release(*gb)
+		db, err := b.dequant(dt, 0, int64(dt.numel()))
+		if err != nil {
+			return nil, fmt.Errorf("cuda: experts: %w", err)
+		}
+		defer b.pool.release(*db)
+		return b.experts(e.x, e.r, &tensor{b: b, buf: gb, shape: gt.shape, dt: BF16}, &tensor{b: b, buf: db, shape: dt.shape, dt: BF16}, e.first, e.add)
+	}
+	if (e.T > skinnyRows || b.noQuantGEMV) && b.cfg.Activations == BF16 {
+		done, err := b.expertsGrouped(e)
+		if err != nil {
+			return nil, fmt.Errorf("cuda: experts (%s): %w", gt.q.format, err)
+		}
+		if done {
+			b.counts.ExpertsGrouped++
+			return e.out, nil
+		}
+	}
+	b.counts.ExpertsGEMV++
+	if err := b.expertsGEMV(e); err != nil {
+		return nil, fmt.Errorf("cuda: experts (%s): %w", gt.q.format, err)
+	}
+	return e.out, nil
+}
+
+// formatOf names t's weight format for messages.
+func formatOf(t *tensor) string {
+	if t.q == nil {
+		return t.dt.String()
+	}
+	return t.q.format.String()
+}
+
+// launchExpertGEMV enqueues the split-K expert GEMV (expert_gemv_N, or qexpert_gemv_N for a quantised
+// w) over w [E, K, N] for plan p's active experts; one selects the one-row kernel (decode of one token).
+func (b *Backend) launchExpertGEMV(one bool, e *expertsCall, p *expertPlan, x any, xdt, mode int, w *tensor, K, N, ks, splits int, P *buffer, R int) error {
+	grid := dim3{uint32(ceilDiv(N, egCols)), uint32(splits), uint32(e.expertBound())}
+	if w.q == nil {
+		kern := b.k.expertGEMV8
+		if one {
+			kern = b.k.expertGEMV1
+		}
+		return b.stream.launch(kern, grid, dim3{egThreads, 1, 1}, 0,
+			x, xdt, mode, p.perm, e.scores(), e.r.k, p.seg(), p.active(e.E), p.meta(e.E), w, K, N, ks, P, R)
+	}
+	kern := b.k.qexpertGEMV8
+	if one {
+		kern = b.k.qexpertGEMV1
+	}
+	return b.stream.launch(kern, grid, dim3{egThreads, 1, 1}, 0,
+		x, xdt, mode, p.perm, e.scores(), e.r.k, p.seg(), p.active(e.E), p.meta(e.E), w, w.q.scales, w.q.code, w.q.gs, K, N, ks, P, R)
+}
+
+// rowsOf is the address of moe_plan's meta[1], the number of permuted rows (act_quant_rows' nrows).
+func (p *expertPlan) rowsOf(E int) devptr { return p.meta(E) + 4 }
 
 // maxPlanExperts bounds E for moe_plan, which keeps 2E ints in shared memory.
 const maxPlanExperts = 4096
@@ -323,18 +403,29 @@ func (b *Backend) expertsGEMV(e *expertsCall) error {
 	defer p.release(b)
 	R, H, I, k := e.slots(), e.H, e.I, e.r.k
 	z := e.expertBound()
-	kern := b.k.expertGEMV8
-	if e.T == 1 { // Route's k experts of a token are distinct: one row per expert
-		kern = b.k.expertGEMV1
-	}
+	one := e.T == 1 // Route's k experts of a token are distinct: one row per expert
 	ks1, s1 := b.splitK(H, 2*I, z)
 	p1, err := b.pool.get(int64(s1) * int64(R) * int64(2*I) * 4)
 	if err != nil {
 		return err
 	}
 	defer b.pool.release(*p1)
-	if err := b.stream.launch(kern, dim3{uint32(ceilDiv(2*I, egCols)), uint32(s1), uint32(z)}, dim3{egThreads, 1, 1}, 0,
-		e.x, int(e.x.dt), 0, p.perm, e.scores(), k, p.seg(), p.active(e.E), p.meta(e.E), e.gu, H, 2*I, ks1, p1, R); err != nil {
+	var x any = e.x
+	xdt, mode := int(e.x.dt), 0
+	if q := e.gu.q; q != nil && q.dyn() {
+		// The score-scaled input rows, gathered by expert and quantised per token (mode 1 reads them).
+		xq, err := b.pool.get(int64(R) * int64(H) * 4)
+		if err != nil {
+			return err
+		}
+		defer b.pool.release(*xq)
+		if err := b.stream.launch(b.k.actQuantRows, dim3{uint32(R), 1, 1}, actQuantBlock, 0,
+			e.x, int(e.x.dt), p.perm, e.scores(), k, H, true, xq, int(F32), p.rowsOf(e.E)); err != nil {
+			return err
+		}
+		x, xdt, mode = xq, int(F32), 1
+	}
+	if err := b.launchExpertGEMV(one, e, p, x, xdt, mode, e.gu, H, 2*I, ks1, s1, p1, R); err != nil {
 		return err
 	}
 	act, err := b.pool.get(int64(R) * int64(I) * 4)
@@ -347,14 +438,19 @@ func (b *Backend) expertsGEMV(e *expertsCall) error {
 	if err := b.stream.launch(b.k.expertAct, elemGrid(R*I), elemBlockDim, 0, p1, s1, R, I, p.meta(e.E), act, int(F32)); err != nil {
 		return err
 	}
+	if q := e.down.q; q != nil && q.dyn() { // the SwiGLU rows quantised per token, in place
+		if err := b.stream.launch(b.k.actQuantRows, dim3{uint32(R), 1, 1}, actQuantBlock, 0,
+			act, int(F32), devptr(0), devptr(0), 1, I, true, act, int(F32), p.rowsOf(e.E)); err != nil {
+			return err
+		}
+	}
 	ks2, s2 := b.splitK(I, H, z)
 	p2, err := b.pool.get(int64(s2) * int64(R) * int64(H) * 4)
 	if err != nil {
 		return err
 	}
 	defer b.pool.release(*p2)
-	if err := b.stream.launch(kern, dim3{uint32(ceilDiv(H, egCols)), uint32(s2), uint32(z)}, dim3{egThreads, 1, 1}, 0,
-		act, int(F32), 1, p.perm, e.scores(), k, p.seg(), p.active(e.E), p.meta(e.E), e.down, I, H, ks2, p2, R); err != nil {
+	if err := b.launchExpertGEMV(one, e, p, act, int(F32), 1, e.down, I, H, ks2, s2, p2, R); err != nil {
 		return err
 	}
 	ap, adt := e.addend()
@@ -406,7 +502,14 @@ func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
 		return false, err
 	}
 	defer b.pool.release(*xp)
-	if rows > 0 {
+	switch {
+	case rows == 0:
+	case e.gu.q != nil && e.gu.q.dyn(): // gathered, scaled and quantised per token, then bf16
+		if err := b.stream.launch(b.k.actQuantRows, dim3{uint32(rows), 1, 1}, actQuantBlock, 0,
+			e.x, int(e.x.dt), p.perm, e.scores(), k, H, true, xp, int(BF16), devptr(0)); err != nil {
+			return false, err
+		}
+	default:
 		if err := b.stream.launch(b.k.expertGather, elemGridN(rows*H), elemBlockDim, 0,
 			e.x, int(e.x.dt), p.perm, e.scores(), k, H, xp, int64(rows)*int64(H)); err != nil {
 			return false, err
@@ -418,9 +521,16 @@ func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
 	}
 	defer b.pool.release(*g)
 	for i, j := range jobs {
-		w := e.gu.ptr() + devptr(int64(j.e)*int64(H)*int64(2*I)*2)
-		if err := b.gemm.run(plans[i][0], keys[i][0], xp.ptr+devptr(int64(j.r0)*int64(H)*2), w,
-			g.ptr+devptr(int64(j.r0)*int64(2*I)*4), b.stream); err != nil {
+		w, tmp, err := b.expertWeight(e.gu, j.e, H, 2*I)
+		if err != nil {
+			return false, err
+		}
+		err = b.gemm.run(plans[i][0], keys[i][0], xp.ptr+devptr(int64(j.r0)*int64(H)*2), w,
+			g.ptr+devptr(int64(j.r0)*int64(2*I)*4), b.stream)
+		if tmp != nil {
+			b.pool.release(*tmp)
+		}
+		if err != nil {
 			return false, err
 		}
 	}
@@ -429,7 +539,22 @@ func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
 		return false, err
 	}
 	defer b.pool.release(*act)
-	if rows > 0 {
+	switch {
+	case rows == 0:
+	case e.down.q != nil && e.down.q.dyn(): // SwiGLU in float32, quantised per token, then bf16
+		a32, err := b.pool.get(int64(rows) * int64(I) * 4)
+		if err != nil {
+			return false, err
+		}
+		defer b.pool.release(*a32)
+		if err := b.stream.launch(b.k.expertAct, elemGridN(rows*I), elemBlockDim, 0, g, 1, rows, I, p.meta(E), a32, int(F32)); err != nil {
+			return false, err
+		}
+		if err := b.stream.launch(b.k.actQuantRows, dim3{uint32(rows), 1, 1}, actQuantBlock, 0,
+			a32, int(F32), devptr(0), devptr(0), 1, I, true, act, int(BF16), devptr(0)); err != nil {
+			return false, err
+		}
+	default:
 		if err := b.stream.launch(b.k.expertAct, elemGridN(rows*I), elemBlockDim, 0, g, 1, rows, I, p.meta(E), act, int(BF16)); err != nil {
 			return false, err
 		}
@@ -440,9 +565,16 @@ func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
 	}
 	defer b.pool.release(*y)
 	for i, j := range jobs {
-		w := e.down.ptr() + devptr(int64(j.e)*int64(I)*int64(H)*2)
-		if err := b.gemm.run(plans[i][1], keys[i][1], act.ptr+devptr(int64(j.r0)*int64(I)*2), w,
-			y.ptr+devptr(int64(j.r0)*int64(H)*4), b.stream); err != nil {
+		w, tmp, err := b.expertWeight(e.down, j.e, I, H)
+		if err != nil {
+			return false, err
+		}
+		err = b.gemm.run(plans[i][1], keys[i][1], act.ptr+devptr(int64(j.r0)*int64(I)*2), w,
+			y.ptr+devptr(int64(j.r0)*int64(H)*4), b.stream)
+		if tmp != nil {
+			b.pool.release(*tmp)
+		}
+		if err != nil {
 			return false, err
 		}
 	}
@@ -453,4 +585,19 @@ func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
 	}
 	runtime.KeepAlive(e)
 	return true, nil
+}
+
+// expertWeight returns the address of expert x's [K, N] bf16 slice of w [E, K, N]: in w itself, or for a
+// quantised w in a dequantised bf16 copy (tmp, which the caller releases after enqueuing its use; stream
+// order lets the next expert reuse the block).
+func (b *Backend) expertWeight(w *tensor, x, K, N int) (ptr devptr, tmp *buffer, err error) {
+	n := int64(K) * int64(N)
+	if w.q == nil {
+		return w.ptr() + devptr(int64(x)*n*2), nil, nil
+	}
+	tmp, err = b.dequant(w, int64(x)*n, n)
+	if err != nil {
+		return 0, nil, err
+	}
+	return tmp.ptr, tmp, nil
 }

@@ -304,9 +304,9 @@ const gemvKernelRows = 8
 //     bf16 split of x (see splitLinear), float32-input accuracy for one weight read.
 //   - otherwise (prefill): x rounded to bf16, one cuBLASLt GEMM (bf16 inputs, float32 accumulation).
 //
-// A weight that is not bf16 (or an operand not 256-byte aligned) is first converted into a temporary
-// bf16 copy for cuBLASLt. Shapes cuBLASLt has no algorithm for run on a simple kernel (float32 math on
-// the operands as stored).
+// A quantised w (LoadQuantized) takes linearQuant's paths (quant.go). A weight that is not bf16 (or an
+// operand not 256-byte aligned) is first converted into a temporary bf16 copy for cuBLASLt. Shapes
+// cuBLASLt has no algorithm for run on a simple kernel (float32 math on the operands as stored).
 func (b *Backend) Linear(x, w backend.Tensor) (backend.Tensor, error) {
 	xt, err := b.asTensor("linear", "x", x)
 	if err != nil {
@@ -318,6 +318,12 @@ func (b *Backend) Linear(x, w backend.Tensor) (backend.Tensor, error) {
 	}
 	if len(xt.shape) != 2 || len(wt.shape) != 2 || xt.shape[1] != wt.shape[1] {
 		return nil, fmt.Errorf("cuda: linear x%v w%v: %w", xt.shape, wt.shape, backend.ErrShape)
+	}
+	if err := notQuantized("linear input", xt); err != nil {
+		return nil, err
+	}
+	if wt.q != nil {
+		return b.linearQuant(xt, wt)
 	}
 	T, in, outDim := xt.shape[0], xt.shape[1], wt.shape[0]
 	y, err := b.newTensor(F32, T, outDim)

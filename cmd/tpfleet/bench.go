@@ -89,11 +89,18 @@ type randomFiller interface {
 	RandomBF16(shape []int, mean, std float32, seed uint64) (backend.Tensor, error)
 }
 
+// randomQuantFiller is implemented by backends that can make random quantised weights themselves (cuda):
+// random values as RandomBF16's, quantised on the device by quant.Quantize's rules.
+type randomQuantFiller interface {
+	RandomQuantized(f quant.Format, shape []int, inputDim int, mean, std float32, seed uint64) (backend.Tensor, error)
+}
+
 // benchWeights are random bf16 weights for one rank, scaled like llama4.RandomWeights (norm weights
 // near 1, matrices ~ N(0, 1/fan_in)), cut for the rank by a shard manifest when tp > 1. They are
-// generated on the device when the backend is a randomFiller and the tensor stays bf16, else on the host
-// (ReadTensor) and loaded through a run.RankWeights, which quantises the quantisable ones to format
-// exactly as a checkpoint's are at load.
+// generated on the device when the backend is a randomFiller and the tensor stays bf16 (a
+// randomQuantFiller for the quantisable ones in a quantised format), else on the host (ReadTensor) and
+// loaded through a run.RankWeights, which quantises the quantisable ones to format exactly as a
+// checkpoint's are at load.
 type benchWeights struct {
 	ops    backend.Ops
 	cfg    llama4.Config
@@ -159,9 +166,15 @@ func (w *benchWeights) Load(ctx context.Context, name string) (backend.Tensor, m
 	if err != nil {
 		return nil, lay, err
 	}
-	if rf, ok := w.ops.(randomFiller); ok && !(w.format.Quantized() && spec.Quantizable) {
+	quantized := w.format.Quantized() && spec.Quantizable
+	if rf, ok := w.ops.(randomFiller); ok && !quantized {
 		mean, std := llama4.RandomScale(spec)
 		t, err := rf.RandomBF16(local, float32(mean), float32(std), w.seed^h)
+		return t, lay, err
+	}
+	if rq, ok := w.ops.(randomQuantFiller); ok && quantized {
+		mean, std := llama4.RandomScale(spec)
+		t, err := rq.RandomQuantized(w.format, local, spec.InputDim, float32(mean), float32(std), w.seed^h)
 		return t, lay, err
 	}
 	return w.rw.Load(ctx, name)
@@ -223,10 +236,16 @@ func tensorBytes(s model.TensorSpec, f quant.Format) int64 {
 }
 
 // runBench times prefill and batch-1 decode of a random model of the given shape (no checkpoint needed).
+//
+// With --addr it is the serving benchmark instead (loadbench.go): load on a running coordinator.
 func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if isLoadBench(args) {
+		return runLoadBench(ctx, args, stdout, stderr)
+	}
 	var f benchFlags
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	fs.String("addr", "", "benchmark a running coordinator at host:port instead: TTFT, ITL, end-to-end latency, tokens/s (see tpfleet bench --addr X -h)")
 	fs.IntVar(&f.layers, "layers", 4, "decoder layers")
 	fs.IntVar(&f.hidden, "hidden", 512, "hidden size")
 	fs.IntVar(&f.heads, "heads", 8, "attention heads")

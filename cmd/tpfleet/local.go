@@ -247,6 +247,7 @@ type generateFlags struct {
 	seed        uint64
 	ignoreEOS   bool
 	json        bool
+	images      imageFiles // --image (images.go)
 }
 
 func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -263,6 +264,7 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	fs.Uint64Var(&f.seed, "seed", 0, "random seed for sampling")
 	fs.BoolVar(&f.ignoreEOS, "ignore-eos", false, "do not stop at the checkpoint's eos ids")
 	fs.BoolVar(&f.json, "json", false, `print one JSON object: {"ids": [...], "finish_reason": ..., "prompt_tokens": N, "text": ...}`)
+	fs.Var(&f.images, "image", "image file (PNG, JPEG, GIF, WebP) for the prompt's <|image|> placeholders in order; repeatable; with none in the prompt, one per image goes first")
 	remote := addRemoteFlags(fs) // --addr: generate on a coordinator (remote.go)
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -271,6 +273,9 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return usagef("unexpected argument %q", fs.Arg(0))
 	}
 	if remote.addr != "" {
+		if len(f.images) > 0 {
+			return usagef("--image works without --addr only (the gRPC API takes no images yet)")
+		}
 		return runRemoteGenerate(ctx, fs, f, *remote, stdout, stderr)
 	}
 	if err := f.check(); err != nil {
@@ -293,6 +298,12 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if err != nil {
 		return err
 	}
+	var pix *pixels
+	if len(f.images) > 0 { // images.go: the prompt's image tokens and pixel values
+		if prompt, pix, err = imagePrompt(f.dir, f.images, prompt, tok); err != nil {
+			return err
+		}
+	}
 
 	m, err := loadModel(ctx, f.modelFlags, log, func(cfg model.Info) error {
 		if err := checkIDs(prompt, cfg.VocabSize); err != nil {
@@ -308,6 +319,10 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	}
 	defer m.Close()
 
+	features, err := imageFeatures(ctx, f.dir, m.ckpt, pix, [][]int{prompt}, log)
+	if err != nil {
+		return err
+	}
 	params := samplingParams(fs, f, m.gen)
 	opt := modelrun.GenerateOptions{MaxTokens: f.maxTokens, Sample: params}
 	if !f.ignoreEOS {
@@ -317,7 +332,18 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	var ids []int
 	var finish modelrun.Finish
 	err = m.run(func(rank int, rm modelrun.Model) error {
-		got, why, err := rm.Generate(ctx, prompt, opt, nil)
+		var got []int
+		var why modelrun.Finish
+		var err error
+		if features != nil {
+			ig, ok := rm.(imageGenerator)
+			if !ok {
+				return fmt.Errorf("%w: the %s model takes no images", modelrun.ErrInput, rm.Config().Info().Family)
+			}
+			got, why, err = ig.GenerateImages(ctx, prompt, features.patchID, features.rows[0], opt, nil)
+		} else {
+			got, why, err = rm.Generate(ctx, prompt, opt, nil)
+		}
 		if rank == 0 {
 			ids, finish = got, why
 		}

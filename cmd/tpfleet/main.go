@@ -33,6 +33,7 @@ func commands() []command {
 	return []command{
 		{"serve", "serve a model on this machine: embedded etcd, a coordinator and local workers", runServe},
 		{"coordinator", "run a coordinator: plan the workers in etcd into TP groups, serve clients", runCoordinator},
+		{"gateway", "serve the OpenAI HTTP API in a process of its own, over the coordinators (--coordinators)", runGateway},
 		{"launch", "start workers like torchrun (--nproc-per-node, --standalone, ...)", runLaunch},
 		{"etcd", "run a single-member etcd for a cluster's state (tests, small setups)", runEtcd},
 		{"rebalance", "ask the coordinator for a new plan epoch (optionally another --tp)", runRebalance},
@@ -42,7 +43,8 @@ func commands() []command {
 		{"worker", "run a worker: register in etcd, load this rank's shards, serve steps", runWorker},
 		{"tokenize", "encode text or a chat, or decode ids, with a checkpoint tokenizer", runTokenize},
 		{"shards", "print how a tp_plan splits a checkpoint across ranks (shards plan)", runShards},
-		{"bench", "time prefill and decode of a random model of a given shape", runBench},
+		{"bench", "time prefill and decode of a random model, or with --addr load a running server (TTFT, ITL, tokens/s)", runBench},
+		{"version", "print the version, commit, Go version and the GPU libraries found", runVersion},
 		{"certs", "make a development CA and the cluster's certificates (roles), and a gossip key", runCerts},
 	}
 }

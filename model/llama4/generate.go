@@ -32,6 +32,17 @@ const (
 // with the draws made here, so a seed gives the same tokens as on the host, up to the backend's
 // documented rounding slack; otherwise the logits come to the host and sample.Sampler chooses.
 func (m *Model) Generate(ctx context.Context, prompt []int, opt GenerateOptions, emit func(id int) error) ([]int, Finish, error) {
+	return m.generate(ctx, prompt, nil, opt, emit)
+}
+
+// GenerateImages is Generate with image features in the prompt's <|patch|> slots (see ForwardImages).
+// The features enter with the prompt only: decode steps read the image tokens' keys and values from the
+// cache and never need the features again.
+func (m *Model) GenerateImages(ctx context.Context, prompt []int, images Images, opt GenerateOptions, emit func(id int) error) ([]int, Finish, error) {
+	return m.generate(ctx, prompt, &images, opt, emit)
+}
+
+func (m *Model) generate(ctx context.Context, prompt []int, images *Images, opt GenerateOptions, emit func(id int) error) ([]int, Finish, error) {
 	if opt.MaxTokens <= 0 {
 		return nil, "", fmt.Errorf("%w: max tokens %d must be positive", ErrInput, opt.MaxTokens)
 	}
@@ -50,7 +61,12 @@ func (m *Model) Generate(ctx context.Context, prompt []int, opt GenerateOptions,
 	var out []int
 	next := prompt
 	for len(out) < opt.MaxTokens {
-		logits, err := m.Forward(ctx, seq, next, false)
+		var logits backend.Tensor
+		if images != nil && len(out) == 0 {
+			logits, err = m.ForwardImages(ctx, seq, next, *images, false)
+		} else {
+			logits, err = m.Forward(ctx, seq, next, false)
+		}
 		if err != nil {
 			return out, "", err
 		}
@@ -108,6 +124,19 @@ func (m *Model) Score(ctx context.Context, ids []int) ([]float32, error) {
 		return nil, err
 	}
 	logits, err := m.Forward(ctx, seq, ids, true)
+	if err != nil {
+		return nil, err
+	}
+	return m.ops.Float32(logits)
+}
+
+// ScoreImages is Score with images: features in the <|patch|> slots of ids (see ForwardImages).
+func (m *Model) ScoreImages(ctx context.Context, ids []int, images Images) ([]float32, error) {
+	seq, err := m.NewSequence(len(ids))
+	if err != nil {
+		return nil, err
+	}
+	logits, err := m.ForwardImages(ctx, seq, ids, images, true)
 	if err != nil {
 		return nil, err
 	}

@@ -241,12 +241,32 @@ type span struct {
 	seq        *Sequence
 }
 
+// Images are image features for the <|patch|> slots of a sequence's new tokens (spec §6.4): one row of
+// the text model's hidden size per id equal to PatchID, in the order the ids hold them (package
+// model/llama4/vision's Model.Features). The slots' own embeddings are replaced; nothing else changes.
+type Images struct {
+	PatchID  int
+	Features []float32 // [slots, hidden_size], host memory; read, never kept
+}
+
 // ForwardBatch runs new tokens of several sequences in one pass: matrix products, norms and experts see
 // every row at once, so each weight is read once per step, and attention runs per sequence against its own
 // cache. ids[i] feeds seqs[i]. It returns logits for every new token of every sequence in order when
 // allLogits is set, else the last token's of each sequence ([len(seqs), vocab]). On error no sequence
 // advances, but caches may hold the failed step's keys: start such a sequence again.
 func (m *Model) ForwardBatch(ctx context.Context, seqs []*Sequence, ids [][]int, allLogits bool) (backend.Tensor, error) {
+	return m.forwardBatch(ctx, seqs, ids, nil, allLogits)
+}
+
+// ForwardImages is Forward with images: the features in images take the place of the embeddings of
+// the <|patch|> ids, as Llama4ForConditionalGeneration's masked_scatter does (spec §6.4). Image tokens
+// attend causally like text. Errors wrap ErrInput when the slots and the feature rows do not match.
+func (m *Model) ForwardImages(ctx context.Context, seq *Sequence, ids []int, images Images, allLogits bool) (backend.Tensor, error) {
+	return m.forwardBatch(ctx, []*Sequence{seq}, [][]int{ids}, []Images{images}, allLogits)
+}
+
+// forwardBatch is ForwardBatch with optional images per sequence (nil: none).
+func (m *Model) forwardBatch(ctx context.Context, seqs []*Sequence, ids [][]int, images []Images, allLogits bool) (backend.Tensor, error) {
 	if len(seqs) == 0 || len(seqs) != len(ids) {
 		return nil, fmt.Errorf("%w: %d sequences with %d token lists", ErrInput, len(seqs), len(ids))
 	}
@@ -268,10 +288,13 @@ func (m *Model) ForwardBatch(ctx context.Context, seqs []*Sequence, ids [][]int,
 		flat, pos = append(flat, ids[i]...), append(pos, sp.pos...)
 		spans[i] = sp
 	}
-	run := func() (backend.Tensor, error) { return m.forward(ctx, flat, pos, spans, allLogits) }
+	slots, err := m.imageSlots(spans, flat, images)
+	if err != nil {
+		return nil, err
+	}
+	run := func() (backend.Tensor, error) { return m.forward(ctx, flat, pos, spans, slots, allLogits) }
 	var logits backend.Tensor
-	var err error
-	if rec, ok := m.ops.(backend.StepRecorder); ok && len(flat) == len(seqs) && !allLogits {
+	if rec, ok := m.ops.(backend.StepRecorder); ok && len(flat) == len(seqs) && !allLogits && slots == nil {
 		// A decode step: the same ops for every step of this many sequences, so the backend may record
 		// them once (a CUDA graph) and replay them.
 		logits, err = rec.Step(fmt.Sprintf("llama4 %p decode %d", m, len(seqs)), run)
@@ -289,10 +312,13 @@ func (m *Model) ForwardBatch(ctx context.Context, seqs []*Sequence, ids [][]int,
 
 // forward is the model proper: embedding, decoder layers, final norm and lm_head over the batch's rows
 // flat at positions pos. It has no effect besides the backend's ops (StepRecorder may run it twice).
-func (m *Model) forward(ctx context.Context, flat, pos []int, spans []span, allLogits bool) (backend.Tensor, error) {
+func (m *Model) forward(ctx context.Context, flat, pos []int, spans []span, slots []imageSlot, allLogits bool) (backend.Tensor, error) {
 	s := &step{ctx: ctx, ops: m.ops, comm: m.comm}
 	eps := m.Config.RMSNormEps
 	x := s.allReduce(s.embed(m.embed, flat, m.embedFirst), m.embedSplit) // spec §2.1
+	if slots != nil {
+		x = m.placeImages(s, x, len(flat), slots) // spec §6.4
+	}
 	// h is always the norm of x that the next block reads: each residual add is fused with the norm
 	// after it, the last layer's with the final norm.
 	next := func(l int) backend.Tensor {
@@ -320,6 +346,72 @@ func (m *Model) forward(ctx context.Context, flat, pos []int, spans []span, allL
 		return nil, fmt.Errorf("llama4: forward: %w", s.err)
 	}
 	return logits, nil
+}
+
+// imageSlot is one image feature row and the batch row whose embedding it replaces.
+type imageSlot struct {
+	row     int
+	feature []float32
+}
+
+// imageSlots pairs the <|patch|> rows of each sequence with its feature rows, in order; nil when no
+// sequence has images.
+func (m *Model) imageSlots(spans []span, flat []int, images []Images) ([]imageSlot, error) {
+	var out []imageSlot
+	h := m.Config.HiddenSize
+	for i, im := range images {
+		if im.Features == nil {
+			continue
+		}
+		if len(im.Features)%h != 0 {
+			return nil, fmt.Errorf("%w: sequence %d: %d image feature values are not rows of hidden_size %d", ErrInput, i, len(im.Features), h)
+		}
+		rows := len(im.Features) / h
+		n := 0
+		for r := spans[i].start; r < spans[i].end; r++ {
+			if flat[r] != im.PatchID {
+				continue
+			}
+			if n < rows {
+				out = append(out, imageSlot{row: r, feature: im.Features[n*h : (n+1)*h]})
+			}
+			n++
+		}
+		if n != rows {
+			return nil, fmt.Errorf("%w: sequence %d: %d <|patch|> slots (id %d) for %d image feature rows", ErrInput, i, n, im.PatchID, rows)
+		}
+	}
+	return out, nil
+}
+
+// placeImages returns x [rows, hidden] with the slots' rows replaced by their features: the untouched
+// runs of rows and the feature runs concatenated in order.
+func (m *Model) placeImages(s *step, x backend.Tensor, rows int, slots []imageSlot) backend.Tensor {
+	h := m.Config.HiddenSize
+	var parts []backend.Tensor
+	next := 0
+	for i := 0; i < len(slots); {
+		j := i + 1
+		for j < len(slots) && slots[j].row == slots[j-1].row+1 {
+			j++
+		}
+		if start := slots[i].row; start > next {
+			parts = append(parts, s.rows(x, next, start))
+		}
+		run := make([]float32, 0, (j-i)*h)
+		for _, sl := range slots[i:j] {
+			run = append(run, sl.feature...)
+		}
+		parts = append(parts, s.do("image_features", func() (backend.Tensor, error) {
+			return s.ops.FromFloat32([]int{j - i, h}, run)
+		}))
+		next = slots[j-1].row + 1
+		i = j
+	}
+	if next < rows {
+		parts = append(parts, s.rows(x, next, rows))
+	}
+	return s.concat(parts...)
 }
 
 // checkInput rejects tokens outside the vocabulary or past the sequence's context.

@@ -210,3 +210,13 @@ func (r runner) Generate(ctx context.Context, prompt []int, opt run.GenerateOpti
 }
 
 func (r runner) Score(ctx context.Context, ids []int) ([]float32, error) { return r.m.Score(ctx, ids) }
+
+// GenerateImages is Model.GenerateImages: Generate with image features in the <|patch|> (patchID) slots.
+func (r runner) GenerateImages(ctx context.Context, prompt []int, patchID int, features []float32, opt run.GenerateOptions, emit func(id int) error) ([]int, run.Finish, error) {
+	return r.m.GenerateImages(ctx, prompt, Images{PatchID: patchID, Features: features}, opt, emit)
+}
+
+// ScoreImages is Model.ScoreImages: Score with image features in the <|patch|> (patchID) slots.
+func (r runner) ScoreImages(ctx context.Context, ids []int, patchID int, features []float32) ([]float32, error) {
+	return r.m.ScoreImages(ctx, ids, Images{PatchID: patchID, Features: features})
+}

@@ -4,7 +4,8 @@
 #   scripts/gpu/test.sh              here: build the GPU packages' test binaries (go test -c, cgo, stripped)
 #                                    into .gpubuild/ (git-ignored) and gzip them
 #   BENCH=1 scripts/gpu/test.sh --run  also benches Scout-4L (tpfleet bench --device cuda) at TP=1 and,
-#                                    with 2 GPUs, TP=2, and adds them to the table
+#                                    with 2 GPUs, TP=2, and adds them to the table; at TP=1 (graphs) also
+#                                    with the weights in each of $BENCH_QUANT (default "fp8 int4")
 #   scripts/gpu/test.sh --run [ARGS] on the GPU machine, from a copy of the repo that carries .gpubuild/:
 #                                    unpack and run every binary from the repo root with -test.v (ARGS are
 #                                    passed on, e.g. -test.run=TestGolden), then print a table
@@ -87,18 +88,26 @@ run() {
 		local gpus scout maverick tp
 		gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
 		scout="--layers 4 --hidden 5120 --heads 40 --kv-heads 8 --head-dim 128 --experts 16 --intermediate 8192 --vocab 202048"
+		local runs=() q
 		for tp in 1 2 4 8; do
 			[ "$tp" -le "$gpus" ] || continue
-			for mode in graphs eager; do
-				[ "$mode" = graphs ] || [ "$tp" = 1 ] || continue
-				echo "== bench Scout-4L tp $tp $mode" | tee -a "$log"
-				set +e
-				TPFLEET_CUDA_GRAPHS=$([ "$mode" = graphs ] && echo 1 || echo 0) timeout -k 10 "${BENCH_TIMEOUT:-120}" "$tmp/tpfleet" bench --device cuda --tp "$tp" $scout \
-					--prompt 2048 --tokens "${BENCH_TOKENS:-32}" --runs "${BENCH_RUNS:-3}" --profile --json 2>&1 | tee -a "$log" "$tmp/bench.json"
-				st=${PIPESTATUS[0]}
-				set -e
-				[ "$st" = 0 ] || rc=$st
-				python3 - "$tmp/bench.json" "$tp $mode" >>"$table" <<'PY' || true
+			runs+=("$tp graphs none")
+			[ "$tp" != 1 ] || runs+=("1 eager none")
+		done
+		for q in ${BENCH_QUANT-fp8 int4}; do runs+=("1 graphs $q"); done
+		local run mode
+		for run in "${runs[@]}"; do
+			read -r tp mode q <<<"$run"
+			echo "== bench Scout-4L tp $tp $mode quantization $q" | tee -a "$log"
+			set +e
+			TPFLEET_CUDA_GRAPHS=$([ "$mode" = graphs ] && echo 1 || echo 0) timeout -k 10 "${BENCH_TIMEOUT:-120}" "$tmp/tpfleet" bench --device cuda --tp "$tp" $scout \
+				--quantization "$q" --prompt 2048 --tokens "${BENCH_TOKENS:-32}" --runs "${BENCH_RUNS:-3}" --profile --json 2>&1 | tee -a "$log" "$tmp/bench.json"
+			st=${PIPESTATUS[0]}
+			set -e
+			[ "$st" = 0 ] || rc=$st
+			label="$tp $mode"
+			[ "$q" = none ] || label="$label $q"
+			python3 - "$tmp/bench.json" "$label" >>"$table" <<'PY' || true
 import json, sys
 for line in open(sys.argv[1]):
     if line.startswith("{"):
@@ -113,8 +122,7 @@ for line in open(sys.argv[1]):
         for g in r.get("graphs") or []:
             print("graphs|%s|steps %d replays %d captures %d eager %s|" % (g["key"], g["steps"], g["replays"], g["captures"], g["eager"]))
 PY
-				: >"$tmp/bench.json"
-			done
+			: >"$tmp/bench.json"
 		done
 	fi
 	[ -n "${OUT:-}" ] && cp "$table" "$OUT/gpu-table.txt"

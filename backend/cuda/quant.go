@@ -1,0 +1,291 @@
+package cuda
+
+import (
+	"fmt"
+	"runtime"
+	"slices"
+
+	"github.com/tpfleet/tpfleet/backend"
+	"github.com/tpfleet/tpfleet/quant"
+	"github.com/tpfleet/tpfleet/safetensors"
+)
+
+// Quantised weights (package quant's formats) stay on the GPU in their compact form: fp8 as one E4M3
+// code a byte and one float32 scale per output channel, int4 as two nibbles a byte and one bf16 scale
+// per output channel and group (quant's package doc, Layout). Linear and Experts dispatch on the format:
+//   - decode and small batches (at most skinnyRows rows or tokens): GEMV kernels
+//     (quant.cu) that read the codes and dequantise in registers, so a step reads 1 (fp8) or ½ (int4)
+//     byte a weight instead of 2; at 1 or 2 rows a weight of at most gemvSplitMaxRows rows splits K
+//     over a block's warps (qgemv_split_N), as the bf16 GEMV does;
+//   - prefill: the weight (one expert at a time for Experts) is dequantised into a bf16 scratch and the
+//     bf16 path (cuBLASLt) runs on it.
+//
+// Each dequantised weight is quant.Weight.Dequantize's value (q·scale in float32, rounded to bf16 for the
+// compressed-tensors format); the prefill scratch rounds it to bf16, as the bf16 path rounds its inputs.
+// Where the format has DynamicActivations, act_quant_rows first quantises the input rows per token
+// (quant.FakeQuantFP8Rows) in float32: the score-scaled input of the experts' gate/up and the SwiGLU
+// product before down.
+
+// quantized is the DType of a quantised weight's codes (tensor.q says the format). Only Linear,
+// LinearMulti, Experts and ExpertsAdd take such a tensor.
+const quantized DType = 100
+
+// Weight format codes of the kernels (QF_* in quant.cu).
+const (
+	qfFP8     = 0 // q·s in float32
+	qfFP8BF16 = 1 // bf16(q·s)
+	qfInt4    = 2 // q·s, s bf16-valued
+)
+
+// qgemvKernelRows is the most rows one quantised GEMV launch takes (qgemv_8). Linear runs up to
+// skinnyRows rows on it (qgemvOK), qgemvKernelRows rows a launch: each launch reads the compact weight
+// once (at 64 rows 8 times, 8 bytes a weight for fp8, where the bf16 copy costs 2 written and 2 read),
+// and the result keeps float32 accuracy, as the skinny-GEMM rule asks (doc.go, Numerics). More rows
+// (prefill; also with Activations F32, where the bf16 weights' path would split x) take the bf16 copy.
+const qgemvKernelRows = 8
+
+// actQuantBlock is act_quant_rows' block: one block a row.
+var actQuantBlock = dim3{256, 1, 1}
+
+// qweight is a quantised weight's format and scales (the codes are the tensor's buffer).
+type qweight struct {
+	format quant.Format
+	code   int     // qf*
+	scales *buffer // float32 (fp8) or bf16 (int4), quant.Weight.ScaleShape
+	in     int     // the input dimension's size
+	gs     int     // input columns per scale group (int4); in for fp8
+	groups int     // scale groups along the input dimension
+}
+
+func (q *qweight) dyn() bool { return q.format.DynamicActivations }
+
+var _ backend.QuantizedLoader = (*Backend)(nil)
+
+// LoadQuantized copies w (codes and scales) to the device in its compact form (backend.QuantizedLoader).
+// Linear takes a weight [out, in] (InputDim 1) and Experts weights [E, in, out] (InputDim 1). int4
+// scales must be bf16 values (quant.Quantize makes them so): they are stored as bf16.
+func (b *Backend) LoadQuantized(w quant.Weight) (backend.Tensor, error) {
+	if b.closed {
+		return nil, ErrClosed
+	}
+	if err := w.Check(); err != nil {
+		return nil, fmt.Errorf("cuda: load %s%v: %w", w.Format, w.Shape, err)
+	}
+	if _, ok := numel(w.Shape); !ok || w.InputDim != 1 {
+		return nil, fmt.Errorf("cuda: load %s%v with input dimension %d (want 1: [out, in] or [E, in, out]): %w",
+			w.Format, w.Shape, w.InputDim, backend.ErrShape)
+	}
+	q := &qweight{format: w.Format, in: w.Shape[w.InputDim]}
+	var scales []byte
+	switch {
+	case w.Format.Kind == quant.FP8 && w.Format.RoundBF16:
+		q.code, q.gs, q.groups, scales = qfFP8BF16, q.in, 1, float32Bytes(w.Scales)
+	case w.Format.Kind == quant.FP8:
+		q.code, q.gs, q.groups, scales = qfFP8, q.in, 1, float32Bytes(w.Scales)
+	case w.Format.Kind == quant.Int4:
+		for i, s := range w.Scales {
+			if safetensors.BF16ToFloat32(safetensors.Float32ToBF16(s)) != s {
+				return nil, fmt.Errorf("cuda: load %s%v: scale %d = %g is not a bf16 value: %w", w.Format, w.Shape, i, s, quant.ErrFormat)
+			}
+		}
+		q.code, q.gs, scales = qfInt4, w.Format.GroupSize, bf16Bytes(w.Scales)
+		q.groups = ceilDiv(q.in, q.gs)
+	default:
+		return nil, fmt.Errorf("cuda: load %s%v: %w", w.Format, w.Shape, quant.ErrFormat)
+	}
+	codes, err := b.pool.getDedicated(int64(len(w.Data)))
+	if err != nil {
+		return nil, fmt.Errorf("cuda: load %s%v: %w", w.Format, w.Shape, err)
+	}
+	codes = b.pool.owned(codes)
+	if err := b.upload(codes.ptr, w.Data); err != nil {
+		return nil, fmt.Errorf("cuda: load %s%v: %w", w.Format, w.Shape, err)
+	}
+	if q.scales, err = b.pool.getDedicated(int64(len(scales))); err != nil {
+		return nil, fmt.Errorf("cuda: load %s%v scales: %w", w.Format, w.Shape, err)
+	}
+	q.scales = b.pool.owned(q.scales)
+	if err := b.upload(q.scales.ptr, scales); err != nil {
+		return nil, fmt.Errorf("cuda: load %s%v scales: %w", w.Format, w.Shape, err)
+	}
+	return &tensor{b: b, buf: codes, shape: slices.Clone(w.Shape), dt: quantized, q: q}, nil
+}
+
+// notQuantized returns an error for an op that cannot read a quantised tensor.
+func notQuantized(op string, t *tensor) error {
+	if t.q == nil {
+		return nil
+	}
+	return fmt.Errorf("cuda: %s of a %s weight%v: only Linear and Experts read quantised weights: %w", op, t.q.format, t.shape, backend.ErrShape)
+}
+
+// actQuant enqueues act_quant_rows over rows of x [rows, n] into a new float32 tensor: each row
+// quantised to FP8 per token (quant.FakeQuantFP8Rows).
+func (b *Backend) actQuant(xt *tensor) (*tensor, error) {
+	rows, n := xt.shape[0], xt.shape[1]
+	out, err := b.newTensor(F32, rows, n)
+	if err != nil {
+		return nil, err
+	}
+	if rows == 0 || n == 0 {
+		return out, nil
+	}
+	err = b.stream.launch(b.k.actQuantRows, dim3{uint32(rows), 1, 1}, actQuantBlock, 0,
+		xt, int(xt.dt), devptr(0), devptr(0), 1, n, true, out, int(F32), devptr(0))
+	return out, err
+}
+
+// dequant enqueues dequant_bf16 for elements [off, off+n) of the quantised weight t, viewed as [outer,
+// in, inner] with in = t.q.in (the input dimension is 1: inner is the product of the dimensions after
+// it), into a pooled bf16 block the caller releases after enqueuing its use.
+func (b *Backend) dequant(t *tensor, off, n int64) (*buffer, error) {
+	q := t.q
+	inner := int64(1)
+	for _, d := range t.shape[2:] {
+		inner *= int64(d)
+	}
+	buf, err := b.pool.get(n * 2)
+	if err != nil {
+		return nil, err
+	}
+	if n == 0 {
+		return buf, nil
+	}
+	if err := b.stream.launch(b.k.dequantBF16, elemGrid(int(min(n, 1<<30))), elemBlockDim, 0,
+		t, q.scales, q.code, int64(q.in), inner, q.gs, q.groups, off, n, buf); err != nil {
+		b.pool.release(*buf)
+		return nil, err
+	}
+	return buf, nil
+}
+
+// qgemvOK reports whether x [T, in] · wᵀ runs on the quantised GEMV: at most skinnyRows rows, K a
+// multiple of a 16-byte chunk's elements (16 fp8, 32 int4; the int4 group size too) and 16-byte aligned
+// operands (every block of qgemvKernelRows rows of x then is too).
+func (b *Backend) qgemvOK(xt, wt *tensor) bool {
+	T, in := xt.shape[0], xt.shape[1]
+	per := 16
+	if wt.q.code == qfInt4 {
+		per = 32
+		if wt.q.gs%32 != 0 {
+			return false
+		}
+	}
+	return !b.noQuantGEMV && T <= skinnyRows && in > 0 && in%per == 0 && wt.ptr()%16 == 0 && xt.ptr()%16 == 0
+}
+
+// linearQuant is Linear for a quantised w [out, in]: x's rows quantised first where the format says so,
+// then the quantised GEMV for a few rows, else the bf16 Linear on a dequantised copy of w.
+func (b *Backend) linearQuant(xt, wt *tensor) (backend.Tensor, error) {
+	if len(wt.shape) != 2 {
+		return nil, fmt.Errorf("cuda: linear x%v w%v (%s): %w", xt.shape, wt.shape, wt.q.format, backend.ErrShape)
+	}
+	T, in, outDim := xt.shape[0], xt.shape[1], wt.shape[0]
+	if T == 0 || outDim == 0 || in == 0 {
+		y, err := b.newTensor(F32, T, outDim)
+		if err != nil {
+			return nil, err
+		}
+		if T > 0 && outDim > 0 {
+			err = b.stream.memset(y.ptr(), 0, int64(T*outDim)*4)
+		}
+		return b.result("linear", y, err)
+	}
+	x := xt
+	if wt.q.dyn() {
+		var err error
+		if x, err = b.actQuant(xt); err != nil {
+			return nil, fmt.Errorf("cuda: linear x%v w%v (%s): %w", xt.shape, wt.shape, wt.q.format, err)
+		}
+	}
+	if b.qgemvOK(x, wt) {
+		y, err := b.newTensor(F32, T, outDim)
+		if err != nil {
+			return nil, err
+		}
+		b.counts.QuantGEMV++
+		for r0 := 0; r0 < T; r0 += qgemvKernelRows {
+			n := min(qgemvKernelRows, T-r0)
+			i := 0
+			for 1<<i < n {
+				i++
+			}
+			// As Linear's bf16 GEMV: at 1 or 2 rows, weights of up to gemvSplitMaxRows rows split K over
+			// a block's warps (qgemv_split_N), the others one warp a row pair.
+			k, grid := b.k.qgemv[i], gemvGrid(outDim)
+			if T <= 2 && outDim <= gemvSplitMaxRows && !b.noGEMVSplit {
+				k, grid = b.k.qgemvSplit[T-1], gemvSplitGrid(outDim)
+			}
+			xp := x.ptr() + devptr(int64(r0)*int64(in)*x.dt.size())
+			yp := y.ptr() + devptr(int64(r0)*int64(outDim)*4)
+			err = b.stream.launch(k, grid, gemvBlock, 0, xp, int(x.dt), wt, wt.q.scales, wt.q.code, wt.q.gs, yp, n, in, outDim)
+			if err != nil {
+				return nil, fmt.Errorf("cuda: linear x%v w%v (%s): %w", xt.shape, wt.shape, wt.q.format, err)
+			}
+		}
+		runtime.KeepAlive(x)
+		return y, nil
+	}
+	b.counts.QuantDequant++
+	buf, err := b.dequant(wt, 0, int64(outDim)*int64(in))
+	if err != nil {
+		return nil, fmt.Errorf("cuda: linear x%v w%v (%s): %w", xt.shape, wt.shape, wt.q.format, err)
+	}
+	defer b.pool.release(*buf)
+	return b.Linear(x, &tensor{b: b, buf: buf, shape: wt.shape, dt: BF16})
+}
+
+// RandomQuantized makes a weight of shape (input dimension inputDim, which must be 1) in format f from
+// random values mean + std·z (RandomBF16's, seed for seed), quantised on the device by quant.Quantize's
+// rules: benchmarks' random quantised models start without generating and quantising gigabytes on the
+// host. The weight needs a bf16 scratch of its size while it is made.
+func (b *Backend) RandomQuantized(f quant.Format, shape []int, inputDim int, mean, std float32, seed uint64) (backend.Tensor, error) {
+	if b.closed {
+		return nil, ErrClosed
+	}
+	n, ok := numel(shape)
+	if !ok || inputDim != 1 || len(shape) < 2 {
+		return nil, fmt.Errorf("cuda: random %s%v with input dimension %d: %w", f, shape, inputDim, backend.ErrShape)
+	}
+	q := &qweight{format: f, in: shape[1]}
+	codeBytes, scaleSize := int64(n), int64(4)
+	switch {
+	case f.Kind == quant.FP8 && f.RoundBF16:
+		q.code, q.gs, q.groups = qfFP8BF16, q.in, 1
+	case f.Kind == quant.FP8:
+		q.code, q.gs, q.groups = qfFP8, q.in, 1
+	case f.Kind == quant.Int4 && f.GroupSize > 0:
+		q.code, q.gs, q.groups = qfInt4, f.GroupSize, ceilDiv(q.in, f.GroupSize)
+		codeBytes, scaleSize = (int64(n)+1)/2, 2
+	default:
+		return nil, fmt.Errorf("cuda: random %s%v: %w", f, shape, quant.ErrFormat)
+	}
+	outer, inner := int64(shape[0]), int64(1)
+	for _, d := range shape[2:] {
+		inner *= int64(d)
+	}
+	nscales := outer * int64(q.groups) * inner
+	src, err := b.RandomBF16(shape, mean, std, seed)
+	if err != nil {
+		return nil, err
+	}
+	codes, err := b.pool.getDedicated(codeBytes)
+	if err != nil {
+		return nil, fmt.Errorf("cuda: random %s%v: %w", f, shape, err)
+	}
+	codes = b.pool.owned(codes)
+	if q.scales, err = b.pool.getDedicated(nscales * scaleSize); err != nil {
+		return nil, fmt.Errorf("cuda: random %s%v scales: %w", f, shape, err)
+	}
+	q.scales = b.pool.owned(q.scales)
+	t := &tensor{b: b, buf: codes, shape: slices.Clone(shape), dt: quantized, q: q}
+	if n == 0 {
+		return t, nil
+	}
+	if err := b.stream.memset(codes.ptr, 0, codes.size); err != nil {
+		return nil, err
+	}
+	err = b.stream.launch(b.k.quantizeBF16, elemGrid(int(min(nscales, 1<<30))), elemBlockDim, 0,
+		src, int64(q.in), inner, q.code, q.gs, q.groups, nscales, codes, q.scales)
+	return b.result("random "+f.String(), t, err)
+}

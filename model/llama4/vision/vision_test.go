@@ -1,0 +1,146 @@
+package vision
+
+import (
+	"context"
+	"errors"
+	"math"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+
+	"github.com/tpfleet/tpfleet/safetensors"
+)
+
+const fixtures = "../../../testdata/fixtures"
+
+func TestPixelShuffle(t *testing.T) {
+	// A 4×4 grid of 1-channel patches valued row*10+col: token (y, x) of the 2×2 output holds
+	// (2y,2x), (2y,2x+1), (2y+1,2x), (2y+1,2x+1).
+	in := make([]float32, 16)
+	for r := range 4 {
+		for c := range 4 {
+			in[r*4+c] = float32(r*10 + c)
+		}
+	}
+	want := []float32{0, 1, 10, 11, 2, 3, 12, 13, 20, 21, 30, 31, 22, 23, 32, 33}
+	if got := pixelShuffle(in, 4, 1); !slices.Equal(got, want) {
+		t.Errorf("pixelShuffle(4×4) = %v, want %v", got, want)
+	}
+	// Two channels stay together.
+	in2 := make([]float32, 2*4)
+	for i := range 4 {
+		in2[2*i], in2[2*i+1] = float32(i), float32(-i)
+	}
+	if got, want := pixelShuffle(in2, 2, 2), []float32{0, 0, 1, -1, 2, -2, 3, -3}; !slices.Equal(got, want) {
+		t.Errorf("pixelShuffle(2×2, 2 channels) = %v, want %v", got, want)
+	}
+}
+
+func TestRope(t *testing.T) {
+	// Scout's tower: 24×24 patches, head_dim 88: 22 base frequencies θ_i = 10000^(−4i/88).
+	c := Config{HiddenSize: 1408, NumHeads: 16, ImageSize: 336, PatchSize: 14, RopeTheta: 10000}
+	cos, sin := rope(c)
+	if len(cos) != 577 || len(cos[0]) != 44 {
+		t.Fatalf("rope table %d×%d, want 577×44", len(cos), len(cos[0]))
+	}
+	angle := func(pos, p int) float64 { return math.Atan2(float64(sin[pos][p]), float64(cos[pos][p])) }
+	theta := func(i int) float64 { return math.Pow(10000, -4*float64(i)/88) }
+	for _, tt := range []struct {
+		pos, pair int
+		want      float64
+	}{
+		{0, 0, 1},                    // row 0, col 0: (col+1)·θ_0
+		{0, 22, 1},                   // (row+1)·θ_0
+		{5*24 + 7, 0, 8},             // col 7
+		{5*24 + 7, 22, 6},            // row 5
+		{5*24 + 7, 3, 8 * theta(3)},  // col part, frequency 3
+		{5*24 + 7, 25, 6 * theta(3)}, // row part, frequency 3
+		{23*24 + 23, 43, 24 * theta(21)},
+		{576, 0, 0}, {576, 30, 0}, // CLS: identity
+	} {
+		want := math.Remainder(tt.want, 2*math.Pi)
+		if got := angle(tt.pos, tt.pair); math.Abs(got-want) > 1e-5 {
+			t.Errorf("rope angle(pos %d, pair %d) = %v, want %v", tt.pos, tt.pair, got, want)
+		}
+	}
+}
+
+func TestParseConfig(t *testing.T) {
+	data, err := os.ReadFile(filepath.Join(fixtures, "dense-moe-mm", "config.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := ParseConfig(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Config{HiddenSize: 32, NumLayers: 1, NumHeads: 2, IntermediateSize: 128, ImageSize: 28, PatchSize: 14,
+		NumChannels: 3, VisionOutputDim: 32, ProjectorInputDim: 32, ProjectorOutputDim: 32, PixelShuffleRatio: 0.5,
+		RopeTheta: 10000, TextHiddenSize: 64, ImageStartID: 200080, ImageEndID: 200081, PatchID: 200092}
+	if c != want {
+		t.Errorf("ParseConfig(dense-moe-mm) = %+v, want %+v", c, want)
+	}
+	text, err := os.ReadFile(filepath.Join(fixtures, "moe-top1", "config.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ParseConfig(text); !errors.Is(err, ErrNoVision) {
+		t.Errorf("ParseConfig(text-only) error = %v, want ErrNoVision", err)
+	}
+	for _, bad := range []string{
+		`{"model_type":"llama4","vision_config":{"hidden_size":30,"num_attention_heads":2,"intermediate_size":120}}`,
+		`{"model_type":"llama4","vision_config":{"image_size":30}}`,
+		`{"model_type":"llama4","vision_config":{"hidden_size":32,"num_attention_heads":2,"intermediate_size":100}}`,
+		`{"model_type":"llama4","vision_config":{"pixel_shuffle_ratio":0.25}}`,
+		`{"model_type":"llama4","vision_config":[1]}`,
+	} {
+		if _, err := ParseConfig([]byte(bad)); !errors.Is(err, ErrConfig) {
+			t.Errorf("ParseConfig(%s) error = %v, want ErrConfig", bad, err)
+		}
+	}
+}
+
+func TestLoadFixture(t *testing.T) {
+	dir := filepath.Join(fixtures, "dense-moe-mm")
+	cfg, err := LoadConfig(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ckpt, err := safetensors.OpenCheckpoint(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ckpt.Close()
+	m, err := Load(context.Background(), ckpt, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pix := make([]float32, 2*3*28*28)
+	for i := range pix {
+		pix[i] = float32(i%255)/127.5 - 1
+	}
+	f, err := m.Features(context.Background(), pix, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(f) != 2*1*64 {
+		t.Fatalf("Features: %d values, want 2 tiles × 1 token × 64", len(f))
+	}
+	for i, v := range f {
+		if math.IsNaN(float64(v)) || math.IsInf(float64(v), 0) {
+			t.Fatalf("Features[%d] = %v", i, v)
+		}
+	}
+	if slices.Equal(f[:64], f[64:]) {
+		t.Errorf("two different tiles gave the same features")
+	}
+	if _, err := m.Features(context.Background(), pix[:10], 2); !errors.Is(err, ErrInput) {
+		t.Errorf("Features(10 values) error = %v, want ErrInput", err)
+	}
+	bad := cfg
+	bad.NumLayers = 2
+	if _, err := Load(context.Background(), ckpt, bad); err == nil {
+		t.Errorf("Load with 2 layers of a 1-layer checkpoint: no error")
+	}
+}

@@ -1,0 +1,149 @@
+// quant_check.cpp: runs the kernels of kernels/quant.cu under the emulator (emu.h) on small random inputs
+// and compares them with host references written from package quant's rules (qgemv_N, dequant_bf16,
+// qexpert_gemv_N in both modes, act_quant_rows gathered and in place, quantize_bf16). The scalar helpers
+// (E4M3 decode, rounding, encoding, FP8RowScale) are those of quant.cu itself, checked against package
+// quant bit for bit when this was written. Build and run: scripts/gpu/emu-quant.sh.
+#include "src.cu" // made by emu-quant.sh
+#include <random>
+std::mt19937 rng(1);
+float urand(float a, float b) { return std::uniform_real_distribution<float>(a, b)(rng); }
+int bad = 0;
+void check(const char* what, double got, double want, double tol, long i) {
+	if (!(std::fabs(got - want) <= tol * (1 + std::fabs(want)))) { if (bad++ < 10) printf("%s [%ld]: got %g want %g\n", what, i, got, want); }
+}
+float deq_host(const std::vector<unsigned char>& w, const void* scales, int fmt, long idx, long in, long inner, int gs, int G) {
+	return qweight_at(w.data(), scales, fmt, idx, in, inner, gs, G);
+}
+// quantised weight [outer, in, inner]
+struct QW { std::vector<unsigned char> codes; std::vector<float> sf; std::vector<bf16_t> sb; int fmt, gs, G; long outer, in, inner;
+	const void* scales() const { return fmt == QF_INT4 ? (const void*)sb.data() : (const void*)sf.data(); }
+	float at(long idx) const { return qweight_at(codes.data(), scales(), fmt, idx, in, inner, gs, G); } };
+QW make(int fmt, int gs, long outer, long in, long inner) {
+	QW q; q.fmt = fmt; q.outer = outer; q.in = in; q.inner = inner;
+	long n = outer * in * inner;
+	if (fmt == QF_INT4) { q.gs = gs; q.G = (in + gs - 1) / gs; q.codes.resize((n + 1) / 2 + 16); for (auto& c : q.codes) c = rng() & 0xff;
+		q.sb.resize(outer * q.G * inner); for (auto& s : q.sb) s = f32_to_bf16(urand(0.01f, 1.0f)); }
+	else { q.gs = in; q.G = 1; q.codes.resize(n + 16); for (auto& c : q.codes) { c = rng() & 0xff; if ((c & 0x7f) == 0x7f) c = 0x10; }
+		q.sf.resize(outer * inner); for (auto& s : q.sf) s = urand(0.001f, 0.1f); }
+	return q;
+}
+void test_qgemv(int fmt, int gs, int T, int K, int N, int xdt, bool split = false) {
+	QW w = make(fmt, gs, N, K, 1);
+	// align the codes to 16 bytes
+	std::vector<float> xf(T * K); for (auto& v : xf) v = urand(-1, 1);
+	std::vector<bf16_t> xb(T * K); for (int i = 0; i < T * K; i++) { xb[i] = f32_to_bf16(xf[i]); if (xdt == DT_BF16) xf[i] = bf16_to_f32(xb[i]); }
+	const void* x = xdt == DT_BF16 ? (const void*)xb.data() : (const void*)xf.data();
+	std::vector<float> y(T * N, NAN);
+	dim3 grid{(unsigned)((N + GEMV_WARPS * GEMV_ROWS - 1) / (GEMV_WARPS * GEMV_ROWS))}, block{GEMV_WARPS * 32};
+	if (split) grid = dim3{(unsigned)((N + GEMV_ROWS - 1) / GEMV_ROWS)};
+	launch(grid, block, [&] {
+		if (split && T == 1) qgemv_split_1(x, xdt, w.codes.data(), w.scales(), fmt, gs, y.data(), T, K, N);
+		else if (split) qgemv_split_2(x, xdt, w.codes.data(), w.scales(), fmt, gs, y.data(), T, K, N);
+		else if (T == 1) qgemv_1(x, xdt, w.codes.data(), w.scales(), fmt, gs, y.data(), T, K, N);
+		else if (T == 2) qgemv_2(x, xdt, w.codes.data(), w.scales(), fmt, gs, y.data(), T, K, N);
+		else if (T <= 4) qgemv_4(x, xdt, w.codes.data(), w.scales(), fmt, gs, y.data(), T, K, N);
+		else qgemv_8(x, xdt, w.codes.data(), w.scales(), fmt, gs, y.data(), T, K, N); });
+	for (int t = 0; t < T; t++) for (int n = 0; n < N; n++) {
+		double s = 0, a = 0; for (int i = 0; i < K; i++) { double p = (double)xf[t * K + i] * w.at((long)n * K + i); s += p; a += std::fabs(p); }
+		check("qgemv", y[t * N + n], s, 1e-5 * (1 + a), t * N + n);
+	}
+}
+void test_dequant(int fmt, int gs) {
+	long E = 3, K = 40, N = 24; QW w = make(fmt, gs, E, K, N);
+	for (long e = 0; e < E; e++) {
+		long n = K * N; std::vector<bf16_t> out(n);
+		launch(dim3{4}, dim3{64}, [&] { dequant_bf16(w.codes.data(), w.scales(), fmt, K, N, w.gs, w.G, e * n, n, out.data()); });
+		for (long i = 0; i < n; i++) check("dequant", bf16_to_f32(out[i]), bf16_to_f32(f32_to_bf16(w.at(e * n + i))), 0, i);
+	}
+}
+void test_expert(int fmt, int gs, int mode, int NS) {
+	int E = 3, K = 40, N = 24, T = 3, k = 2;
+	QW w = make(fmt, gs, E, K, N);
+	int experts[] = {0, 2, 2, 1, 0, 2}; float scores[6]; for (auto& s : scores) s = urand(0.1f, 1);
+	if (NS == 1) { T = 1; experts[0] = 2; experts[1] = 0; }
+	int R = T * k;
+	// plan (align 1)
+	std::vector<int> seg(2 * E), perm(R), rowOf(R), active, meta(2);
+	int off = 0; for (int e = 0; e < E; e++) { int c = 0; for (int s = 0; s < R; s++) c += experts[s] == e; seg[2 * e] = off; seg[2 * e + 1] = c;
+		int r = off; for (int s = 0; s < R; s++) if (experts[s] == e) { perm[r] = s; rowOf[s] = r; r++; }
+		if (c) active.push_back(e); off += c; }
+	meta[0] = active.size(); meta[1] = off;
+	int Kx = K;
+	std::vector<float> x(mode == 0 ? T * K : R * K); for (auto& v : x) v = urand(-1, 1);
+	int ksplit = 32, S = (K + ksplit - 1) / ksplit;
+	std::vector<float> P(S * R * N, NAN);
+	dim3 grid{(unsigned)((N + EG_COLS - 1) / EG_COLS), (unsigned)S, (unsigned)active.size()};
+	launch(grid, dim3{EG_WARPS * 32}, [&] {
+		if (NS == 1) qexpert_gemv_1(x.data(), DT_F32, mode, perm.data(), scores, k, seg.data(), active.data(), meta.data(), w.codes.data(), w.scales(), fmt, gs, Kx, N, ksplit, P.data(), R);
+		else qexpert_gemv_8(x.data(), DT_F32, mode, perm.data(), scores, k, seg.data(), active.data(), meta.data(), w.codes.data(), w.scales(), fmt, gs, Kx, N, ksplit, P.data(), R); });
+	for (int r = 0; r < R; r++) { int s = perm[r], e = experts[s];
+		for (int c = 0; c < N; c++) { double got = 0; for (int sp = 0; sp < S; sp++) got += P[((long)sp * R + r) * N + c];
+			double want = 0, a = 0; for (int kk = 0; kk < K; kk++) { float in = mode == 0 ? x[(s / k) * K + kk] * scores[s] : x[r * K + kk];
+				double p = (double)in * w.at(((long)e * K + kk) * N + c); want += p; a += std::fabs(p); }
+			check("qexpert", got, want, 1e-5 * (1 + a), r * N + c); } }
+}
+void test_act_quant() {
+	int T = 3, k = 2, n = 300, rows = 7;
+	std::vector<float> x(T * n); for (auto& v : x) v = urand(-3, 3);
+	x[5] = 2000; // clamped by the upper bound
+	float scores[6]; for (auto& s : scores) s = urand(0.1f, 1);
+	int perm[7] = {3, 0, -1, 5, 1, 2, 4};
+	int nrows = 6;
+	std::vector<float> out(rows * n, NAN);
+	launch(dim3{(unsigned)rows}, dim3{256}, [&] { act_quant_rows(x.data(), DT_F32, perm, scores, k, n, 1, out.data(), DT_F32, &nrows); });
+	for (int r = 0; r < rows; r++) {
+		if (r >= nrows) { for (int i = 0; i < n; i++) if (!std::isnan(out[r * n + i])) { bad++; printf("act row %d written\n", r); break; } continue; }
+		float amax = 0; std::vector<float> v(n);
+		for (int i = 0; i < n; i++) { v[i] = perm[r] < 0 ? 0.0f : x[(perm[r] / k) * n + i] * scores[perm[r]]; amax = std::max(amax, std::fabs(v[i])); }
+		float s = fp8_row_scale(amax, 1200.0f);
+		for (int i = 0; i < n; i++) { float want = perm[r] < 0 ? 0.0f : fake_quant_fp8(v[i], s); if (__float_as_uint(want) != __float_as_uint(out[r * n + i])) { if (bad++ < 10) printf("act [%d][%d] %g %g\n", r, i, out[r * n + i], want); } }
+	}
+	// in place, plain rows
+	std::vector<float> y = x;
+	launch(dim3{(unsigned)T}, dim3{128}, [&] { act_quant_rows(y.data(), DT_F32, nullptr, nullptr, 1, n, 1, y.data(), DT_F32, nullptr); });
+	for (int r = 0; r < T; r++) { float amax = 0; for (int i = 0; i < n; i++) amax = std::max(amax, std::fabs(x[r * n + i]));
+		float s = fp8_row_scale(amax, 1200.0f);
+		for (int i = 0; i < n; i++) { float want = fake_quant_fp8(x[r * n + i], s); if (__float_as_uint(want) != __float_as_uint(y[r * n + i])) { if (bad++ < 10) printf("act inplace [%d][%d] %g %g\n", r, i, y[r * n + i], want); } } }
+}
+void test_quantize(int fmt, int gs, long outer, long in, long inner) {
+	long n = outer * in * inner; std::vector<bf16_t> v(n); for (auto& b : v) b = f32_to_bf16(urand(-1, 1) * (rng() % 7 == 0 ? 0.0f : 1.0f));
+	int G = fmt == QF_INT4 ? (in + gs - 1) / gs : 1; if (fmt != QF_INT4) gs = in;
+	long ns = outer * G * inner;
+	std::vector<unsigned char> codes((n + 1) / 2 * 2 + 64, 0); std::vector<float> sf(ns); std::vector<bf16_t> sb(ns);
+	void* sc = fmt == QF_INT4 ? (void*)sb.data() : (void*)sf.data();
+	launch(dim3{3}, dim3{64}, [&] { quantize_bf16(v.data(), in, inner, fmt, gs, G, ns, codes.data(), sc); });
+	// host reference of quant.Quantize
+	for (long o = 0; o < outer; o++) for (long g = 0; g < G; g++) for (long c = 0; c < inner; c++) {
+		long lo = g * gs, hi = std::min(lo + gs, in); float amax = 0;
+		for (long i = lo; i < hi; i++) amax = std::max(amax, std::fabs(bf16_to_f32(v[(o * in + i) * inner + c])));
+		long s = (o * G + g) * inner + c;
+		float scale = fmt == QF_INT4 ? bf16_to_f32(f32_to_bf16(amax / 7)) : (amax == 0 ? 1.0f / 448 : amax / 448);
+		float got = fmt == QF_INT4 ? bf16_to_f32(sb[s]) : sf[s];
+		check("qscale", got, scale, 0, s);
+		for (long i = lo; i < hi; i++) { long idx = (o * in + i) * inner + c; float x = bf16_to_f32(v[idx]);
+			if (fmt == QF_INT4) { int q = scale == 0 ? 0 : (int)std::min(std::max(std::nearbyint(x / scale), -8.0f), 7.0f);
+				int gq = (int)(signed char)((codes[idx / 2] >> (4 * (idx & 1))) << 4) >> 4; check("qint4", gq, q, 0, idx); }
+			else { unsigned want = e4m3_encode(round_e4m3(std::min(std::max(x / scale, -448.0f), 448.0f))); check("qfp8", codes[idx], want, 0, idx); } }
+	}
+}
+int main() {
+	for (int xdt : {DT_F32, DT_BF16}) for (int T : {1, 2, 3, 5, 8}) {
+		test_qgemv(QF_FP8, 0, T, 64, 10, xdt); test_qgemv(QF_FP8_BF16, 0, T, 48, 9, xdt);
+		test_qgemv(QF_INT4, 32, T, 96, 11, xdt); test_qgemv(QF_INT4, 128, T, 256, 8, xdt); test_qgemv(QF_INT4, 64, T, 320, 3, xdt); }
+	// Several chunks a lane (the stride loop): 65 chunks a row.
+	test_qgemv(QF_FP8, 0, 2, 1040, 5, DT_F32); test_qgemv(QF_INT4, 32, 3, 2080, 5, DT_BF16); test_qgemv(QF_INT4, 160, 1, 2080, 4, DT_F32);
+	// The split-K variant (a block's warps share a row pair): chunk counts below, at and above 4·32.
+	for (int T : {1, 2}) { test_qgemv(QF_FP8, 0, T, 48, 7, DT_F32, true); test_qgemv(QF_FP8_BF16, 0, T, 2048, 5, DT_BF16, true);
+		test_qgemv(QF_INT4, 32, T, 4160, 3, DT_F32, true); test_qgemv(QF_INT4, 128, T, 256, 6, DT_BF16, true); }
+	printf("qgemv done bad=%d\n", bad);
+	for (int f : {QF_FP8, QF_FP8_BF16}) test_dequant(f, 0);
+	test_dequant(QF_INT4, 16); test_dequant(QF_INT4, 7);
+	printf("dequant done bad=%d\n", bad);
+	for (int mode : {0, 1}) for (int NS : {1, 8}) { test_expert(QF_FP8, 0, mode, NS); test_expert(QF_FP8_BF16, 0, mode, NS); test_expert(QF_INT4, 16, mode, NS); test_expert(QF_INT4, 13, mode, NS); }
+	printf("expert done bad=%d\n", bad);
+	test_act_quant();
+	printf("act done bad=%d\n", bad);
+	test_quantize(QF_FP8, 0, 5, 33, 1); test_quantize(QF_FP8, 0, 3, 20, 24); test_quantize(QF_INT4, 16, 5, 37, 1); test_quantize(QF_INT4, 8, 3, 20, 24); test_quantize(QF_INT4, 128, 2, 40, 3);
+	printf("quantize done bad=%d\n", bad);
+	return bad != 0;
+}
