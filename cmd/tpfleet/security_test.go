@@ -1,10 +1,17 @@
 package main
 
 import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/tpfleet/tpfleet/client"
 	"github.com/tpfleet/tpfleet/cluster"
@@ -97,4 +104,65 @@ func TestInsecureListen(t *testing.T) {
 			t.Errorf("tpfleet %s = exit %d, %q; want %d with %q", strings.Join(tc.args, " "), code, stderr, tc.code, tc.want)
 		}
 	}
+}
+
+// TestGatewayTLS: `tpfleet gateway` in front of a `tpfleet serve` with TLS and an API key serves HTTPS
+// with its own API key, and reaches the coordinator over mTLS with the coordinator's key (--token,
+// here from TPFLEET_TOKEN): a completion returns the fixture's greedy ids; a request without the
+// gateway's key is refused with 401.
+func TestGatewayTLS(t *testing.T) {
+	g := readGolden(t, "moe-top1")
+	certs := withTLS(t)
+	model := filepath.Join(fixtures, "moe-top1")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	addr, code, _ := startServe(t, ctx, append([]string{"--model", model, "--tp", "1", "--http-listen", "", "--listen", "127.0.0.1:0",
+		"--log-level", "warn", "--api-key", testAPIKey}, certs.Args("node")...)...)
+	waitCoordinator(t, addr)
+	lines, gwCode, gwErr := runInProcess(ctx, append([]string{"gateway", "--coordinators", addr, "--model", model, "--http-listen", "127.0.0.1:0",
+		"--api-key", "gw-key-31f0", "--log-level", "warn"}, certs.Args("client")...)...)
+	var base string
+	select {
+	case a := <-lines:
+		base = "https://" + a
+	case c := <-gwCode:
+		t.Fatalf("gateway exited %d: %s", c, gwErr)
+	case <-time.After(30 * time.Second):
+		t.Fatal("gateway printed no address within 30s")
+	}
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: certs.Load(t, "client").ClientConfig()}, Timeout: 30 * time.Second}
+	post := func(key string) (int, []byte) {
+		t.Helper()
+		body := fmt.Sprintf(`{"prompt":[%s],"max_tokens":%d,"temperature":0,"ignore_eos":true,"return_token_ids":true}`, joinIDs(g.prompt), len(g.greedy))
+		req, err := http.NewRequestWithContext(ctx, http.MethodPost, base+"/v1/completions", strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Content-Type", "application/json")
+		if key != "" {
+			req.Header.Set("Authorization", "Bearer "+key)
+		}
+		resp, err := hc.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		data, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, data
+	}
+	if c, body := post(""); c != http.StatusUnauthorized {
+		t.Errorf("completion without the gateway's key = %d %s, want 401", c, body)
+	}
+	c, body := post("gw-key-31f0")
+	var out struct {
+		Choices []struct {
+			TokenIDs []int `json:"token_ids"`
+		} `json:"choices"`
+	}
+	if err := json.Unmarshal(body, &out); c != http.StatusOK || err != nil || len(out.Choices) != 1 || !slices.Equal(out.Choices[0].TokenIDs, g.greedy) {
+		t.Errorf("completion through the TLS gateway = %d %s, want the greedy ids %v", c, body, g.greedy)
+	}
+	cancel()
+	<-gwCode
+	<-code
 }
