@@ -97,6 +97,8 @@ func TestInsecureListen(t *testing.T) {
 		{[]string{"serve", model, "--host", "0.0.0.0", "--listen", "127.0.0.1:0"}, 1, "--http-listen 0.0.0.0:8000"},
 		{[]string{"etcd", "--listen", "0.0.0.0:0"}, 2, "--listen 0.0.0.0:0"},
 		{[]string{"worker", "--etcd", "127.0.0.1:1", "--ring-host", "0.0.0.0"}, 2, "--ring-host 0.0.0.0"},
+		{[]string{"worker", "--etcd", "127.0.0.1:1", "--metrics-listen", "0.0.0.0:0"}, 2, "--metrics-listen 0.0.0.0:0"},
+		{[]string{"gateway", "--coordinators", "127.0.0.1:1", "--model", model, "--http-listen", "0.0.0.0:0"}, 2, "--http-listen 0.0.0.0:0"},
 		{[]string{"worker", "--etcd", "127.0.0.1:1", "--tls-cert", certs.Config("worker").CertFile}, 2, "missing --tls-key, --tls-ca"},
 	} {
 		code, _, stderr := tpfleet(t, tc.args...)
