@@ -2,15 +2,18 @@ package client
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/tpfleet/tpfleet/internal/grpcauth"
 	"github.com/tpfleet/tpfleet/internal/samplingpb"
 	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/sample"
@@ -32,10 +35,40 @@ type Client struct {
 	health healthpb.HealthClient
 }
 
-// Dial makes a Client of the coordinator at addr (host:port), over plaintext. It connects lazily: the
-// first call reports an unreachable address.
-func Dial(addr string) (*Client, error) {
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+// Option configures Dial.
+type Option func(*dialOptions)
+
+type dialOptions struct {
+	tls   *tls.Config
+	token string
+}
+
+// WithTLS makes Dial connect over TLS with cfg: tpfleet's coordinators require a client certificate of
+// the cluster's CA with the client or admin role (package internal/security's ClientConfig makes such
+// a configuration from --tls-cert, --tls-key and --tls-ca). A nil cfg means plaintext.
+func WithTLS(cfg *tls.Config) Option { return func(o *dialOptions) { o.tls = cfg } }
+
+// WithToken makes every call send token as a bearer token (authorization: Bearer TOKEN): one of the
+// coordinator's --api-key for Generate, or an --admin-key for the Admin calls. Empty means none.
+func WithToken(token string) Option { return func(o *dialOptions) { o.token = token } }
+
+// Dial makes a Client of the coordinator at addr (host:port), over plaintext unless WithTLS. It
+// connects lazily: the first call reports an unreachable address, or a refused certificate, as
+// UNAVAILABLE.
+func Dial(addr string, opts ...Option) (*Client, error) {
+	var o dialOptions
+	for _, f := range opts {
+		f(&o)
+	}
+	creds := insecure.NewCredentials()
+	if o.tls != nil {
+		creds = credentials.NewTLS(o.tls)
+	}
+	dopts := []grpc.DialOption{grpc.WithTransportCredentials(creds)}
+	if o.token != "" {
+		dopts = append(dopts, grpc.WithPerRPCCredentials(grpcauth.Bearer(o.token)))
+	}
+	conn, err := grpc.NewClient(addr, dopts...)
 	if err != nil {
 		return nil, fmt.Errorf("client: dial %s: %w", addr, err)
 	}

@@ -2,9 +2,11 @@ package cluster
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
+	"os"
 	"regexp"
 	"strings"
 	"sync"
@@ -56,10 +58,23 @@ type Config struct {
 	// DialTimeout bounds New: if etcd has not answered a read within it, New fails with
 	// ErrUnavailable naming the endpoints. Zero means DefaultDialTimeout.
 	DialTimeout time.Duration `json:"etcd-dial-timeout"`
+	// TLS, when set, is the client's TLS configuration for https:// endpoints (and bare host:port
+	// ones): its certificate authenticates this process to etcd, whose user, with etcd's
+	// authentication on and no Username, is the certificate's common name. http:// endpoints stay
+	// plaintext. Nil means plaintext.
+	TLS *tls.Config `json:"-"`
+	// Username and Password log in to an etcd with authentication on (etcd's --auth); empty Username:
+	// no login (the TLS certificate's common name is the user, if etcd asks). The password comes from
+	// the TPFLEET_ETCD_PASSWORD environment variable with AddFlags: never a flag, which ps shows.
+	Username string `json:"etcd-user"`
+	Password string `json:"-"`
 	// Logger receives the package's logs and, at warn level and above, the etcd client's. Nil means
 	// zap.NewNop().
 	Logger *zap.Logger `json:"-"`
 }
+
+// EnvEtcdPassword is the environment variable AddFlags reads Config.Password from.
+const EnvEtcdPassword = "TPFLEET_ETCD_PASSWORD"
 
 // Validate reports a Config that New cannot use.
 func (c Config) Validate() error {
@@ -77,6 +92,9 @@ func (c Config) Validate() error {
 	if c.DialTimeout < 0 {
 		return fmt.Errorf("%w: config: negative dial timeout %v", ErrInvalid, c.DialTimeout)
 	}
+	if c.Password != "" && c.Username == "" {
+		return fmt.Errorf("%w: config: an etcd password without a user (--etcd-user)", ErrInvalid)
+	}
 	return nil
 }
 
@@ -85,6 +103,10 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.Var((*listFlag)(&c.Endpoints), "etcd-endpoints", "etcd client URLs, comma-separated")
 	fs.StringVar(&c.Cluster, "cluster", c.Cluster, "cluster name; keys live under /tpfleet/<cluster>/ (empty: "+DefaultCluster+")")
 	fs.DurationVar(&c.DialTimeout, "etcd-dial-timeout", c.DialTimeout, "how long to wait for etcd at start-up (0: 5s)")
+	fs.StringVar(&c.Username, "etcd-user", c.Username, "etcd user, for an etcd with authentication on; the password comes from $"+EnvEtcdPassword+" (empty: none, or the TLS certificate's common name)")
+	if c.Password == "" {
+		c.Password = os.Getenv(EnvEtcdPassword)
+	}
 }
 
 // listFlag is a comma-separated list flag.
@@ -148,11 +170,16 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 	lg := cfg.Logger.With(zap.String("cluster", cfg.Cluster))
 	lg.Info("starting etcd client",
 		zap.Strings("etcd-endpoints", cfg.Endpoints),
-		zap.Duration("etcd-dial-timeout", cfg.DialTimeout))
+		zap.Duration("etcd-dial-timeout", cfg.DialTimeout),
+		zap.Bool("etcd-tls", cfg.TLS != nil),
+		zap.String("etcd-user", cfg.Username))
 
 	cli, err := clientv3.New(clientv3.Config{
 		Endpoints:   cfg.Endpoints,
 		DialTimeout: cfg.DialTimeout,
+		TLS:         cfg.TLS,
+		Username:    cfg.Username,
+		Password:    cfg.Password,
 		Logger:      atLeast(cfg.Logger.Named("etcd-client"), zapcore.WarnLevel),
 	})
 	if err != nil {

@@ -63,6 +63,15 @@
 // and its OnLeave reports a killed worker within about a second, sooner than its etcd lease expires.
 // etcd stays the authority on membership; gossip only tells sooner that a member's process died.
 //
+// # Security
+//
+// Config.TLS makes the client speak TLS to https:// endpoints, presenting a certificate whose common
+// name is its etcd user (Username and Password log in to a password-protected etcd instead).
+// EmbedConfig.TLS serves the embedded etcd over TLS, requires client certificates of its CA and, with
+// EmbedTLS.Users, turns etcd's authentication on so that only those users may read and write under
+// KeyRoot. Plans read from etcd are decoded and validated by DecodePlan. GossipConfig.KeyFile encrypts
+// gossip with the cluster's keys and reloads them, so they rotate without a restart.
+//
 // # Lifetimes and channels
 //
 // Calls that block take a ctx and honour it; none keeps it. Background goroutines (lease keep-alives,

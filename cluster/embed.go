@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -14,6 +15,8 @@ import (
 	"syscall"
 	"time"
 
+	"go.etcd.io/etcd/client/pkg/v3/transport"
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -64,6 +67,27 @@ type EmbedConfig struct {
 	ElectionTimeout   time.Duration `json:"etcd-election-timeout"`
 	// UnsafeNoFsync skips fsync: faster, and loses data on a crash. For tests only.
 	UnsafeNoFsync bool `json:"-"`
+	// TLS, when set, makes the server speak TLS to clients and peers (https:// endpoints) and require
+	// client certificates of its CA. Nil means plaintext.
+	TLS *EmbedTLS `json:"-"`
+}
+
+// EmbedTLS is the TLS of an embedded etcd.
+type EmbedTLS struct {
+	// CertFile and KeyFile are the server's PEM certificate and key, CAFile the PEM CA that clients'
+	// certificates must chain to. etcd reads them at every handshake, so renewed files take effect
+	// without a restart.
+	CertFile, KeyFile, CAFile string
+	// Users, when not empty, turns etcd's authentication on at the first start (a data directory
+	// whose etcd already has it on is left as it is): the certificates whose common names are listed
+	// may read and write the keys under KeyRoot, and no other client may read or write anything
+	// (root has no password and no certificate is issued for it). Empty leaves authentication off:
+	// any certificate of the CA may read and write.
+	Users []string
+	// ClientTLS is the client configuration StartEmbedded uses to turn authentication on: it must
+	// present a certificate of the CA and accept the server's (host name 127.0.0.1 or the client
+	// address's host). Required with Users.
+	ClientTLS *tls.Config
 }
 
 // Validate reports an EmbedConfig that StartEmbedded cannot use.
@@ -88,6 +112,10 @@ func (c EmbedConfig) Validate() error {
 		return fmt.Errorf("%w: embedded etcd: negative raft timing", ErrInvalid)
 	case c.HeartbeatInterval > 0 && c.ElectionTimeout > 0 && c.ElectionTimeout < 5*c.HeartbeatInterval:
 		return fmt.Errorf("%w: embedded etcd: election timeout %v below 5 heartbeats of %v", ErrInvalid, c.ElectionTimeout, c.HeartbeatInterval)
+	case c.TLS != nil && (c.TLS.CertFile == "" || c.TLS.KeyFile == "" || c.TLS.CAFile == ""):
+		return fmt.Errorf("%w: embedded etcd: TLS needs a certificate, a key and a CA file", ErrInvalid)
+	case c.TLS != nil && len(c.TLS.Users) > 0 && c.TLS.ClientTLS == nil:
+		return fmt.Errorf("%w: embedded etcd: authentication needs a client TLS configuration", ErrInvalid)
 	}
 	return nil
 }
@@ -163,8 +191,12 @@ func startEmbedded(ctx context.Context, cfg EmbedConfig, etcdLog *zap.Logger, qu
 	if err != nil {
 		return nil, fmt.Errorf("cluster: embedded etcd: peer address: %w", err)
 	}
-	clientURL := url.URL{Scheme: "http", Host: clientAddr}
-	peerURL := url.URL{Scheme: "http", Host: peerAddr}
+	scheme := "http"
+	if cfg.TLS != nil {
+		scheme = "https"
+	}
+	clientURL := url.URL{Scheme: scheme, Host: clientAddr}
+	peerURL := url.URL{Scheme: scheme, Host: peerAddr}
 
 	ec := embed.NewConfig()
 	ec.Name = cfg.Name
@@ -184,6 +216,10 @@ func startEmbedded(ctx context.Context, cfg EmbedConfig, etcdLog *zap.Logger, qu
 	if cfg.ElectionTimeout > 0 {
 		ec.ElectionMs = uint(cfg.ElectionTimeout.Milliseconds())
 	}
+	if t := cfg.TLS; t != nil {
+		info := transport.TLSInfo{CertFile: t.CertFile, KeyFile: t.KeyFile, TrustedCAFile: t.CAFile, ClientCertAuth: true}
+		ec.ClientTLSInfo, ec.PeerTLSInfo = info, info
+	}
 	cfg.Logger.Info("starting embedded etcd",
 		zap.String("etcd-name", cfg.Name),
 		zap.String("etcd-dir", cfg.Dir),
@@ -192,7 +228,8 @@ func startEmbedded(ctx context.Context, cfg EmbedConfig, etcdLog *zap.Logger, qu
 		zap.Uint("etcd-heartbeat-ms", ec.TickMs),
 		zap.Uint("etcd-election-ms", ec.ElectionMs),
 		zap.Duration("etcd-ready-timeout", cfg.ReadyTimeout),
-		zap.Bool("etcd-unsafe-no-fsync", cfg.UnsafeNoFsync))
+		zap.Bool("etcd-unsafe-no-fsync", cfg.UnsafeNoFsync),
+		zap.Bool("etcd-tls", cfg.TLS != nil))
 
 	etcd, err := embed.StartEtcd(ec)
 	if err != nil {
@@ -217,7 +254,12 @@ func startEmbedded(ctx context.Context, cfg EmbedConfig, etcdLog *zap.Logger, qu
 		return nil, fmt.Errorf("cluster: start embedded etcd: %w", ctx.Err())
 	}
 	for _, l := range etcd.Clients {
-		e.endpoints = append(e.endpoints, "http://"+l.Addr().String())
+		e.endpoints = append(e.endpoints, scheme+"://"+l.Addr().String())
+	}
+	if cfg.TLS != nil && len(cfg.TLS.Users) > 0 {
+		if err := enableAuth(ctx, e.endpoints, cfg.TLS, cfg.ReadyTimeout, cfg.Logger); err != nil {
+			return nil, fmt.Errorf("cluster: embedded etcd at %s: %w", clientURL.String(), err)
+		}
 	}
 	cfg.Logger.Info("embedded etcd ready", zap.Strings("etcd-endpoints", e.endpoints))
 	return e, nil
@@ -238,6 +280,60 @@ func (e *Embedded) Close() error {
 		e.etcd.Close()
 		e.lg.Info("embedded etcd stopped")
 	})
+	return nil
+}
+
+// authRole is the etcd role of the users of EmbedTLS: read and write under KeyRoot.
+const authRole = "tpfleet"
+
+// enableAuth turns etcd's authentication on, unless it is on already: root (no password: nobody can
+// log in as root) and users without passwords, named after certificates' common names, with read and
+// write under KeyRoot.
+func enableAuth(ctx context.Context, endpoints []string, t *EmbedTLS, timeout time.Duration, lg *zap.Logger) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: endpoints, TLS: t.ClientTLS, DialTimeout: timeout, Context: ctx,
+		Logger: atLeast(lg.Named("etcd-client"), zapcore.ErrorLevel)})
+	if err != nil {
+		return fmt.Errorf("enable authentication: %w", err)
+	}
+	defer cli.Close()
+	st, err := cli.AuthStatus(ctx)
+	if err != nil {
+		return fmt.Errorf("enable authentication: status: %w", err)
+	}
+	if st.Enabled {
+		lg.Info("embedded etcd authentication already on")
+		return nil
+	}
+	noPassword := &clientv3.UserAddOptions{NoPassword: true}
+	type step struct {
+		what string
+		do   func() error
+	}
+	steps := []step{
+		{"add root", func() error { _, err := cli.UserAddWithOptions(ctx, "root", "", noPassword); return err }},
+		{"grant root", func() error { _, err := cli.UserGrantRole(ctx, "root", "root"); return err }},
+		{"add role " + authRole, func() error { _, err := cli.RoleAdd(ctx, authRole); return err }},
+		{"grant " + KeyRoot, func() error {
+			_, err := cli.RoleGrantPermission(ctx, authRole, KeyRoot, clientv3.GetPrefixRangeEnd(KeyRoot), clientv3.PermissionType(clientv3.PermReadWrite))
+			return err
+		}},
+	}
+	for _, u := range t.Users {
+		steps = append(steps,
+			step{"add user " + u, func() error { _, err := cli.UserAddWithOptions(ctx, u, "", noPassword); return err }},
+			step{"grant user " + u, func() error { _, err := cli.UserGrantRole(ctx, u, authRole); return err }})
+	}
+	for _, s := range steps {
+		if err := s.do(); err != nil {
+			return fmt.Errorf("enable authentication: %s: %w", s.what, err)
+		}
+	}
+	if _, err := cli.AuthEnable(ctx); err != nil {
+		return fmt.Errorf("enable authentication: %w", err)
+	}
+	lg.Info("embedded etcd authentication on", zap.Strings("etcd-users", t.Users))
 	return nil
 }
 

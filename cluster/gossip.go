@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log"
 	"net"
+	"os"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -66,6 +67,14 @@ type GossipConfig struct {
 	ProbeInterval time.Duration `json:"gossip-probe-interval"`
 	ProbeTimeout  time.Duration `json:"gossip-probe-timeout"`
 	SuspicionMult int           `json:"gossip-suspicion-mult"`
+	// KeyFile, when set, encrypts and authenticates gossip with the cluster's keys (memberlist's
+	// keyring, AES-GCM; ReadGossipKeys gives the format): every node needs the same file. The node
+	// reloads it every KeyReloadInterval, so keys rotate without a restart: add the new key as a second
+	// line everywhere, then move it first everywhere, then remove the old one. Empty means plaintext
+	// gossip.
+	KeyFile string `json:"gossip-key-file"`
+	// KeyReloadInterval is how often the node looks at KeyFile. Zero means DefaultGossipKeyReload.
+	KeyReloadInterval time.Duration `json:"gossip-key-reload-interval"`
 }
 
 // Validate reports a GossipConfig that StartGossip cannot use.
@@ -79,6 +88,8 @@ func (c GossipConfig) Validate() error {
 		return fmt.Errorf("%w: gossip: meta of %d bytes, at most %d", ErrInvalid, len(c.Meta), memberlist.MetaMaxSize)
 	case c.ProbeInterval < 0 || c.ProbeTimeout < 0 || c.SuspicionMult < 0:
 		return fmt.Errorf("%w: gossip: negative probe setting", ErrInvalid)
+	case c.KeyReloadInterval < 0:
+		return fmt.Errorf("%w: gossip: negative key reload interval", ErrInvalid)
 	}
 	if c.BindAddr != "" && net.ParseIP(c.BindAddr) == nil {
 		return fmt.Errorf("%w: gossip: bind address %q is not an IP address", ErrInvalid, c.BindAddr)
@@ -111,7 +122,14 @@ func (c *GossipConfig) AddFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.ProbeInterval, "gossip-probe-interval", c.ProbeInterval, "gossip failure-detection probe interval (0: 250ms)")
 	fs.DurationVar(&c.ProbeTimeout, "gossip-probe-timeout", c.ProbeTimeout, "gossip probe ack timeout (0: 100ms)")
 	fs.IntVar(&c.SuspicionMult, "gossip-suspicion-mult", c.SuspicionMult, "gossip suspicion timeout multiplier (0: 3)")
+	if c.KeyFile == "" {
+		c.KeyFile = os.Getenv(EnvGossipKeyFile)
+	}
+	fs.StringVar(&c.KeyFile, "gossip-key-file", c.KeyFile, "file of base64 gossip keys, one a line, the first encrypting; reloaded when it changes (env "+EnvGossipKeyFile+"; empty: plaintext gossip)")
 }
+
+// EnvGossipKeyFile is the environment variable that gives GossipConfig.AddFlags' default KeyFile.
+const EnvGossipKeyFile = "TPFLEET_GOSSIP_KEY_FILE"
 
 // Gossip is a running gossip node. Make one with StartGossip. Its methods are safe for concurrent use.
 type Gossip struct {
@@ -166,6 +184,15 @@ func StartGossip(ctx context.Context, cfg GossipConfig) (*Gossip, error) {
 	mc.Logger = log.New(stdLogWriter{mlg}, "", 0)
 	mc.Delegate = metaDelegate{meta: slices.Clone(cfg.Meta)}
 	mc.Events = g.events
+	var keys *keyFile
+	if cfg.KeyFile != "" {
+		var err error
+		if keys, err = newKeyFile(cfg.KeyFile, lg); err != nil {
+			return nil, err
+		}
+		mc.Keyring = keys.ring
+		mc.GossipVerifyIncoming, mc.GossipVerifyOutgoing = true, true
+	}
 	lg.Info("starting gossip",
 		zap.String("gossip-bind-addr", mc.BindAddr),
 		zap.Int("gossip-bind-port", mc.BindPort),
@@ -173,7 +200,8 @@ func StartGossip(ctx context.Context, cfg GossipConfig) (*Gossip, error) {
 		zap.Strings("gossip-join", cfg.Join),
 		zap.Duration("gossip-probe-interval", mc.ProbeInterval),
 		zap.Duration("gossip-probe-timeout", mc.ProbeTimeout),
-		zap.Int("gossip-suspicion-mult", mc.SuspicionMult))
+		zap.Int("gossip-suspicion-mult", mc.SuspicionMult),
+		zap.String("gossip-key-file", cfg.KeyFile))
 
 	g.wg.Add(1)
 	go func() {
@@ -187,6 +215,9 @@ func StartGossip(ctx context.Context, cfg GossipConfig) (*Gossip, error) {
 		return nil, fmt.Errorf("cluster: start gossip %s on %s:%d: %w", cfg.Name, mc.BindAddr, cfg.BindPort, err)
 	}
 	g.ml = ml
+	if keys != nil {
+		g.wg.Go(func() { keys.watch(g.stop, cmp.Or(cfg.KeyReloadInterval, DefaultGossipKeyReload)) })
+	}
 
 	if len(cfg.Join) > 0 {
 		type result struct {

@@ -130,11 +130,24 @@ func (c *Client) Plan(ctx context.Context) (Plan, bool, error) {
 	if len(resp.Kvs) == 0 {
 		return Plan{}, false, nil
 	}
-	var p Plan
-	if err := json.Unmarshal(resp.Kvs[0].Value, &p); err != nil {
-		return Plan{}, false, fmt.Errorf("cluster: decode plan at %s: %w", c.key(keyPlan), err)
+	p, err := DecodePlan(resp.Kvs[0].Value)
+	if err != nil {
+		return Plan{}, false, fmt.Errorf("cluster: plan at %s: %w", c.key(keyPlan), err)
 	}
 	return p, true, nil
+}
+
+// DecodePlan decodes a plan as stored in etcd and checks it (Validate): what anyone who can write to
+// etcd puts there is outside input, and a plan that PutPlan would refuse is refused on the way in too.
+func DecodePlan(data []byte) (Plan, error) {
+	var p Plan
+	if err := json.Unmarshal(data, &p); err != nil {
+		return Plan{}, fmt.Errorf("%w: decode plan: %v", ErrInvalid, err)
+	}
+	if err := p.Validate(); err != nil {
+		return Plan{}, err
+	}
+	return p, nil
 }
 
 // PutPlan stores p if the stored plan's epoch is prevEpoch (0: no plan stored) and p.Epoch is
@@ -231,7 +244,8 @@ func storedEpoch(kvs []*mvccpb.KeyValue) (int64, error) {
 // WatchPlan returns a channel that receives the stored plan first (if any), then every newer epoch, in
 // increasing epoch order. The channel is unbuffered and nothing is dropped: while the reader is busy,
 // etcd's watch holds the later plans (a reader that falls behind etcd's compaction sees the latest plan
-// next, skipping the compacted ones). Plans that do not decode are logged and skipped, as are deletions.
+// next, skipping the compacted ones). Plans that do not decode or are not valid (DecodePlan) are logged
+// and skipped, as are deletions.
 // The channel is closed when ctx ends or the client is closed.
 func (c *Client) WatchPlan(ctx context.Context) <-chan Plan {
 	out := make(chan Plan)
@@ -240,9 +254,9 @@ func (c *Client) WatchPlan(ctx context.Context) <-chan Plan {
 		defer close(out)
 		var last int64
 		send := func(value []byte) bool {
-			var p Plan
-			if err := json.Unmarshal(value, &p); err != nil {
-				c.lg.Warn("skipping undecodable plan", zap.String("key", key), zap.Error(err))
+			p, err := DecodePlan(value)
+			if err != nil {
+				c.lg.Warn("skipping undecodable or invalid plan", zap.String("key", key), zap.Error(err))
 				return true
 			}
 			if p.Epoch <= last {

@@ -5,7 +5,9 @@
 //   - [Solo] is the one-rank communicator of TP=1: every collective is a no-op or a copy.
 //   - [NewLocalGroup] runs n ranks as goroutines of one process over shared memory, for tests and for
 //     `--tp N` on one CPU.
-//   - [Listen] and [Connect] join one rank per process into a TCP ring, for CPU worker processes.
+//   - [Listen] and [Connect] join one rank per process into a TCP ring, for CPU worker processes; with
+//     RingConfig's ServerTLS and ClientTLS its connections are TLS, and the configurations decide which
+//     peers may join (the worker admits only workers of its cluster).
 //   - Package comm/nccl joins GPUs into an NCCL communicator (nccl.NewGroup in one process, nccl.Join one
 //     rank per process); its collectives take [DeviceBuffer] values, which only a device communicator
 //     accepts ([AcceptsDeviceBuffers]).

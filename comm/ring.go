@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"cmp"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -40,6 +41,11 @@ type RingConfig struct {
 	// DialTimeout bounds Connect: dialling rank r+1, retried until it answers, and accepting rank r-1.
 	// Zero means DefaultDialTimeout; an earlier deadline of Connect's ctx wins.
 	DialTimeout time.Duration
+	// ServerTLS and ClientTLS, when set, wrap the ring's connections in TLS before the hello: the
+	// accepted connection with ServerTLS, the dialled one with ClientTLS. Set both or neither; they
+	// decide who may join (package internal/security makes configurations that need a worker's
+	// certificate of the same cluster). Nil means plain TCP.
+	ServerTLS, ClientTLS *tls.Config
 }
 
 // Validate reports a config that Connect cannot use.
@@ -54,6 +60,8 @@ func (c RingConfig) Validate() error {
 		return fmt.Errorf("comm: ring config: negative op timeout %v", c.OpTimeout)
 	case c.DialTimeout < 0:
 		return fmt.Errorf("comm: ring config: negative dial timeout %v", c.DialTimeout)
+	case (c.ServerTLS == nil) != (c.ClientTLS == nil):
+		return errors.New("comm: ring config: ServerTLS and ClientTLS must be set together")
 	}
 	if n == 1 {
 		return nil
@@ -174,11 +182,14 @@ func dialNext(ctx context.Context, cfg RingConfig) (net.Conn, error) {
 	for {
 		conn, err := d.DialContext(ctx, "tcp", cfg.Addrs[peer])
 		if err == nil {
+			if cfg.ClientTLS != nil {
+				conn = tls.Client(conn, cfg.ClientTLS)
+			}
 			if err = handshake(ctx, conn, true, cfg.Rank, n, peer); err == nil {
 				return conn, nil
 			}
 			conn.Close()
-			if errors.Is(err, errWrongPeer) {
+			if errors.Is(err, errWrongPeer) || isTLSRefusal(err) {
 				return nil, fail(err)
 			}
 		}
@@ -191,6 +202,16 @@ func dialNext(ctx context.Context, cfg RingConfig) (net.Conn, error) {
 		}
 		wait = min(2*wait, 500*time.Millisecond)
 	}
+}
+
+// isTLSRefusal reports a TLS handshake that failed on certificates (as opposed to a peer not yet
+// listening): retrying cannot help.
+func isTLSRefusal(err error) bool {
+	var (
+		cv *tls.CertificateVerificationError
+		ae tls.AlertError
+	)
+	return errors.As(err, &cv) || errors.As(err, &ae)
 }
 
 // acceptPrev accepts connections on l until one is rank-1 of this ring or ctx ends. Connections from
@@ -221,6 +242,9 @@ func acceptPrev(ctx context.Context, l *RingListener, cfg RingConfig) (net.Conn,
 			return nil, &OpError{Rank: cfg.Rank, Op: OpConnect, Peer: peer, Addr: cfg.Addrs[peer],
 				Action: "accept from", Err: err}
 		}
+		if cfg.ServerTLS != nil {
+			conn = tls.Server(conn, cfg.ServerTLS)
+		}
 		if err := handshake(ctx, conn, false, cfg.Rank, n, peer); err != nil {
 			rejected = fmt.Errorf("%s: %w", conn.RemoteAddr(), unwrapNet(err))
 			conn.Close()
@@ -230,12 +254,20 @@ func acceptPrev(ctx context.Context, l *RingListener, cfg RingConfig) (net.Conn,
 	}
 }
 
-// handshake exchanges hellos on conn within ctx.
+// handshake runs the TLS handshake of a *tls.Conn and exchanges hellos on conn, within ctx.
 func handshake(ctx context.Context, conn net.Conn, dialer bool, rank, size, peer int) error {
 	deadline, _ := ctx.Deadline()
 	conn.SetDeadline(deadline)
 	stop := afterDone(ctx, func() { conn.SetDeadline(aLongTimeAgo) })
-	err := exchangeHello(conn, dialer, rank, size, peer)
+	var err error
+	if tc, ok := conn.(*tls.Conn); ok {
+		if err = tc.HandshakeContext(ctx); err != nil {
+			err = fmt.Errorf("TLS handshake: %w", err)
+		}
+	}
+	if err == nil {
+		err = exchangeHello(conn, dialer, rank, size, peer)
+	}
 	stop()
 	if err != nil {
 		return err

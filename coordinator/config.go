@@ -8,11 +8,13 @@ import (
 	"os"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"go.uber.org/zap"
 
 	"github.com/tpfleet/tpfleet/cluster"
+	"github.com/tpfleet/tpfleet/internal/security"
 	"github.com/tpfleet/tpfleet/quant"
 )
 
@@ -76,8 +78,23 @@ type Config struct {
 	HTTPAddr string `json:"http-listen"`
 	// HTTPAllowedOrigins are the origins the gateway's CORS headers allow ("*": any); empty: none.
 	HTTPAllowedOrigins []string `json:"allowed-origins"`
-	// HTTPAPIKey, when set, is the bearer token the gateway's /v1 routes require (vLLM's --api-key).
-	HTTPAPIKey string `json:"-"`
+	// APIKeys, when not empty, are the bearer tokens that the Generation API and the gateway's /v1
+	// routes accept, one of which a client must send (vLLM's --api-key, which may be given several
+	// times); /health stays open. They never appear in logs or Status.
+	APIKeys []string `json:"-"`
+	// AdminKeys are the bearer tokens that open the Admin API to a caller without the admin role in its
+	// certificate (--admin-key, several allowed). Without TLS and without AdminKeys the Admin API is
+	// open (a loopback listener, or --insecure).
+	AdminKeys []string `json:"-"`
+	// TLS, when set, is the coordinator's certificate (roles coordinator, for the workers, and a
+	// server certificate for clients): the gRPC server then requires client certificates of the CA
+	// (Generation: role client or admin; Admin: role admin or an admin key), the gateway serves HTTPS,
+	// the coordinator dials workers with it (they must have the worker role) and the etcd client
+	// presents it. Nil means plaintext everywhere, which Validate refuses on a non-loopback address
+	// unless Insecure.
+	TLS *security.TLS `json:"-"`
+	// Insecure allows plaintext listeners on non-loopback addresses; every start then logs a warning.
+	Insecure bool `json:"insecure"`
 	// ServedModelName is the model's name in the APIs; empty means the checkpoint directory's base name.
 	ServedModelName string `json:"served-model-name"`
 	// MaxModelLen bounds a request's prompt and new tokens; 0 means the model's max_position_embeddings,
@@ -211,6 +228,9 @@ func (c Config) Validate() error {
 	if err := c.Etcd.Validate(); err != nil {
 		return fmt.Errorf("%w: %w", ErrInvalidConfig, err)
 	}
+	if _, err := c.insecureListeners(); err != nil {
+		return fmt.Errorf("%w: %w", ErrInvalidConfig, err)
+	}
 	if _, err := quant.ParseFormat(c.Quantization, cmp.Or(c.QuantizationGroup, quant.DefaultGroupSize)); err != nil {
 		return fmt.Errorf("%w: config: %w", ErrInvalidConfig, err)
 	}
@@ -273,7 +293,36 @@ func (c Config) withDefaults() Config {
 		c.Gossip.BindAddr = gossipBindAddr(c.ListenAddr)
 	}
 	c.Gossip.Join = slices.Clone(c.Gossip.Join)
+	c.APIKeys, c.AdminKeys = slices.Clone(c.APIKeys), slices.Clone(c.AdminKeys)
+	if c.TLS != nil && c.Etcd.TLS == nil {
+		c.Etcd.TLS = c.TLS.EtcdClientConfig()
+	}
 	return c
+}
+
+// insecureListeners checks the listeners without TLS (security.CheckListen) and returns the ones that
+// are not on loopback, which Insecure allows.
+func (c Config) insecureListeners() ([]string, error) {
+	d := c.withDefaults()
+	type listener struct {
+		what, addr string
+		secure     bool
+	}
+	ls := []listener{{"--listen", d.ListenAddr, c.TLS != nil}, {"--http-listen", c.HTTPAddr, c.TLS != nil}}
+	if !c.NoGossip {
+		ls = append(ls, listener{"--gossip-bind-addr (give --gossip-key-file)", cmp.Or(d.Gossip.BindAddr, cluster.DefaultGossipBindAddr), c.Gossip.KeyFile != ""})
+	}
+	var open []string
+	for _, l := range ls {
+		warn, err := security.CheckListen(l.what, l.addr, l.secure, c.Insecure)
+		if err != nil {
+			return nil, err
+		}
+		if warn {
+			open = append(open, l.addr)
+		}
+	}
+	return open, nil
 }
 
 // gossipBindAddr is the gossip bind address that goes with a gRPC listen address: its host when that is
@@ -313,7 +362,29 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.StepTokenTimeout, "step-token-timeout", c.StepTokenTimeout, "what each token of a step adds to its deadline (0: 20ms)")
 	fs.DurationVar(&c.ShutdownGrace, "shutdown-grace", c.ShutdownGrace, "how long a shutdown lets streams finish before cutting them (0: 5s)")
 	fs.BoolVar(&c.NoGossip, "no-gossip", c.NoGossip, "run no gossip node: a dead worker is noticed when its etcd lease expires")
+	fs.Var((*keysFlag)(&c.APIKeys), "api-key", "bearer token the Generation API and the HTTP gateway's /v1 routes require; repeat for several (empty: none)")
+	fs.Var((*keysFlag)(&c.AdminKeys), "admin-key", "bearer token that opens the Admin API to a caller without the admin role in its certificate; repeat for several")
 	c.Gossip.AddFlags(fs)
 	fs.Lookup("gossip-bind-addr").Usage = "gossip listen address (empty: the host of --listen when it is an IP address, else 0.0.0.0)"
 	c.Etcd.AddFlags(fs)
+}
+
+// keysFlag is a flag that may be repeated, each value adding a key (also comma-separated). Its
+// String shows how many keys it holds, never the keys: flag's usage output prints defaults.
+type keysFlag []string
+
+func (k *keysFlag) String() string {
+	if k == nil || len(*k) == 0 {
+		return ""
+	}
+	return strconv.Itoa(len(*k)) + " key(s)"
+}
+
+func (k *keysFlag) Set(s string) error {
+	for _, e := range strings.Split(s, ",") {
+		if e = strings.TrimSpace(e); e != "" {
+			*k = append(*k, e)
+		}
+	}
+	return nil
 }

@@ -1,6 +1,7 @@
 package coordinator
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -12,13 +13,14 @@ import (
 
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
 
 	"github.com/tpfleet/tpfleet/cluster"
+	"github.com/tpfleet/tpfleet/internal/grpcauth"
+	"github.com/tpfleet/tpfleet/internal/security"
 	"github.com/tpfleet/tpfleet/internal/wait"
 	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/safetensors"
@@ -134,7 +136,7 @@ func New(cfg Config) (*Coordinator, error) {
 		log:           cfg.Logger.With(zap.String("coordinator-id", cfg.ID)),
 		model:         m,
 		queue:         newQueueTimeout(cfg.MaxQueue, cfg.ResumeTimeout),
-		dial:          dialWorker,
+		dial:          workerDialer(cfg.TLS),
 		ready:         make(chan struct{}),
 		errc:          make(chan error, 1),
 		rebalanceReqs: make(chan rebalanceReq),
@@ -154,10 +156,28 @@ func New(cfg Config) (*Coordinator, error) {
 	return c, nil
 }
 
-// dialWorker opens a plaintext connection to a worker. No keepalive pings: a dead worker breaks its
-// Step stream (the connection resets) or loses its etcd lease, and both end its group's steps.
-func dialWorker(addr string) (*grpc.ClientConn, error) {
-	return grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+// workerDialer returns the function that opens a connection to a worker: with t, mTLS that presents
+// the coordinator's certificate and accepts only a worker's of the same cluster; without, plaintext. No
+// keepalive pings: a dead worker breaks its Step stream (the connection resets) or loses its etcd lease,
+// and both end its group's steps.
+func workerDialer(t *security.TLS) dialFunc {
+	creds := grpcauth.DialCredentials(t, security.RoleWorker)
+	return func(addr string) (*grpc.ClientConn, error) {
+		return grpc.NewClient(addr, grpc.WithTransportCredentials(creds))
+	}
+}
+
+// authorizer is who may call the coordinator's gRPC services: health and reflection anyone; Generation
+// a client or admin certificate (with TLS) and one of APIKeys (when set); Admin an admin certificate or
+// one of AdminKeys. See package grpcauth for the codes of refusals.
+func (c *Coordinator) authorizer() *grpcauth.Authorizer {
+	api, admin := security.NewTokens(c.cfg.APIKeys...), security.NewTokens(c.cfg.AdminKeys...)
+	return &grpcauth.Authorizer{TLS: c.cfg.TLS, Rules: []grpcauth.Rule{
+		{Prefix: "/grpc.health.v1.Health/", Open: true},
+		{Prefix: "/grpc.reflection.", Open: true},
+		{Prefix: "/tpfleet.v1.Generation/", Roles: []security.Role{security.RoleClient, security.RoleAdmin}, Tokens: api},
+		{Prefix: "/tpfleet.v1.Admin/", Roles: []security.Role{security.RoleAdmin}, Tokens: admin, TokenOrRole: true, Known: api},
+	}}
 }
 
 // checkTP reports a TP size the model cannot be split into under the tp_plan (rules parsed when given, see
@@ -212,7 +232,21 @@ func (c *Coordinator) Start(ctx context.Context) error {
 		zap.Float64("load-bandwidth", c.cfg.LoadBandwidth),
 		zap.Duration("experts-every", c.cfg.ExpertsEvery),
 		zap.Strings("etcd-endpoints", c.cfg.Etcd.Endpoints),
-		zap.String("cluster", c.cfg.Etcd.Cluster))
+		zap.String("cluster", c.cfg.Etcd.Cluster),
+		zap.Bool("tls", c.cfg.TLS != nil),
+		zap.Int("api-keys", len(c.cfg.APIKeys)),
+		zap.Int("admin-keys", len(c.cfg.AdminKeys)),
+		zap.Bool("gossip-encrypted", c.cfg.Gossip.KeyFile != ""))
+	if open, _ := c.cfg.insecureListeners(); len(open) > 0 {
+		c.log.Warn(security.InsecureWarning, zap.Strings("addrs", open))
+	}
+	if c.cfg.TLS != nil {
+		name := cmp.Or(c.cfg.Etcd.Cluster, cluster.DefaultCluster)
+		if id := c.cfg.TLS.Identity(); !id.Has(security.RoleCoordinator) || id.Cluster != name {
+			return fmt.Errorf("%w: the certificate %q has roles %v of cluster %q; a coordinator of cluster %q needs the coordinator role of its cluster",
+				ErrInvalidConfig, id.Name, id.Roles, id.Cluster, name)
+		}
+	}
 
 	cl, err := cluster.New(ctx, c.cfg.Etcd)
 	if err != nil {
@@ -241,7 +275,7 @@ func (c *Coordinator) Start(ctx context.Context) error {
 			return err
 		}
 	}
-	c.srv = grpc.NewServer(
+	c.srv = grpc.NewServer(append(c.authorizer().ServerOptions(),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{
 			MinTime:             10 * time.Second, // clients may ping every 10 s, e.g. during a long generation
 			PermitWithoutStream: true,             // and while idle
@@ -251,7 +285,7 @@ func (c *Coordinator) Start(ctx context.Context) error {
 			Timeout: 10 * time.Second, // and close the connection when the ping is not answered in 10 s
 			// MaxConnectionAge stays unset: Generate streams may be long.
 		}),
-	)
+	)...)
 	pb.RegisterGenerationServer(c.srv, &generationServer{c: c})
 	pb.RegisterAdminServer(c.srv, &adminServer{c: c})
 	c.health = health.NewServer()

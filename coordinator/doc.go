@@ -81,6 +81,16 @@
 //
 // Package client wraps the services for Go programs that should not use the generated code.
 //
+// # Security
+//
+// With Config.TLS the gRPC server requires client certificates of the cluster's CA: Generation takes
+// the client or admin role (and one of Config.APIKeys when set, as a bearer token), Admin the admin
+// role or one of Config.AdminKeys; the gateway serves HTTPS and takes the API keys; the coordinator
+// dials workers with its certificate and accepts only workers' certificates of its cluster. Refusals are
+// UNAUTHENTICATED (missing or wrong token) or PERMISSION_DENIED (wrong role or token); see package
+// internal/grpcauth and docs/security.md. Without TLS, a listener on a non-loopback address needs
+// Config.Insecure.
+//
 // # OpenAI-compatible HTTP
 //
 // With Config.HTTPAddr set, the coordinator also serves package gateway's OpenAI-compatible API (GET

@@ -51,15 +51,16 @@ type fakeWorker struct {
 
 var _ pb.WorkerServer = (*fakeWorker)(nil)
 
-// startFakeWorker serves a fake worker on 127.0.0.1:0 until the test ends.
-func startFakeWorker(t *testing.T, id string) *fakeWorker {
+// startFakeWorker serves a fake worker on 127.0.0.1:0 until the test ends; opts configure its gRPC
+// server (TLS credentials).
+func startFakeWorker(t *testing.T, id string, opts ...grpc.ServerOption) *fakeWorker {
 	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	w := &fakeWorker{id: id, addr: lis.Addr().String(), state: "idle", seqs: map[uint64][]int32{}, caps: map[uint64]int{}, lps: map[uint64]*pb.SamplingParams{}}
-	w.srv = grpc.NewServer()
+	w.srv = grpc.NewServer(opts...)
 	pb.RegisterWorkerServer(w.srv, w)
 	go func() { _ = w.srv.Serve(lis) }()
 	t.Cleanup(w.srv.Stop)

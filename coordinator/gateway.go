@@ -2,6 +2,7 @@ package coordinator
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -41,6 +42,11 @@ func (c *Coordinator) listenHTTP() (net.Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("coordinator: listen (http): %w", err)
 	}
+	if c.cfg.TLS != nil {
+		// HTTPS; a client certificate is verified when one is sent, but the API keys are what let a
+		// request in: curl and the OpenAI clients send a token, not a certificate.
+		lis = tls.NewListener(lis, c.cfg.TLS.ServerConfig(false))
+	}
 	return lis, nil
 }
 
@@ -50,7 +56,7 @@ func (c *Coordinator) serveHTTP() {
 		return
 	}
 	g, err := gateway.New(gateway.Config{Generator: generator{c}, Logger: c.log,
-		AllowedOrigins: c.cfg.HTTPAllowedOrigins, APIKey: c.cfg.HTTPAPIKey})
+		AllowedOrigins: c.cfg.HTTPAllowedOrigins, APIKeys: c.cfg.APIKeys})
 	if err != nil { // a Config that cannot fail Validate
 		c.fail(fmt.Errorf("coordinator: serve HTTP: %w", err))
 		return

@@ -30,7 +30,7 @@ func testGroup(t *testing.T, q *queue, maxBatch, budget int, ws ...*fakeWorker) 
 	cfg := groupConfig{
 		epoch: 1, group: g, queue: q, maxBatch: maxBatch, tokenBudget: budget, seqIDs: &seq,
 		stepTimeout: DefaultStepTimeout, stepTokenTimeout: DefaultStepTokenTimeout,
-		dial: dialWorker, log: zap.NewNop(), onReady: func(bool) {}, onFailed: func() { failed.Add(1) },
+		dial: workerDialer(nil), log: zap.NewNop(), onReady: func(bool) {}, onFailed: func() { failed.Add(1) },
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup

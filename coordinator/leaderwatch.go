@@ -8,8 +8,11 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"google.golang.org/grpc"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/tpfleet/tpfleet/internal/grpcauth"
+	"github.com/tpfleet/tpfleet/internal/security"
 	"github.com/tpfleet/tpfleet/internal/wait"
 )
 
@@ -67,7 +70,9 @@ func (c *Coordinator) leaderAddr(ctx context.Context) (id, addr string) {
 
 // watchHealth returns when the health Watch stream to addr ends (or cannot start), or ctx ends.
 func (c *Coordinator) watchHealth(ctx context.Context, addr string) {
-	conn, err := c.dial(addr)
+	// The leader is a coordinator: with TLS its certificate must carry that role. The health service
+	// is open, so no token is sent.
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(grpcauth.DialCredentials(c.cfg.TLS, security.RoleCoordinator)))
 	if err != nil {
 		return
 	}

@@ -264,6 +264,14 @@ func TestChartRender(t *testing.T) {
 		if !slices.Contains(cc.Args, "--shutdown-grace=10s") || !slices.ContainsFunc(cc.VolumeMounts, func(v corev1.VolumeMount) bool { return v.MountPath == "/etc/tpfleet/tls" }) {
 			t.Errorf("coordinator args %q mounts %+v; want the extra arg and the TLS mount", cc.Args, cc.VolumeMounts)
 		}
+		// With TLS the processes find the secret's files through TPFLEET_TLS_* and do not run --insecure.
+		env := map[string]string{}
+		for _, e := range cc.Env {
+			env[e.Name] = e.Value
+		}
+		if env["TPFLEET_TLS_CERT"] != "/etc/tpfleet/tls/tls.crt" || env["TPFLEET_TLS_CA"] != "/etc/tpfleet/tls/ca.crt" || env["TPFLEET_INSECURE"] != "" {
+			t.Errorf("coordinator env with tls.enabled = %v; want TPFLEET_TLS_* on the mounted secret and no TPFLEET_INSECURE", env)
+		}
 	})
 
 	t.Run("hostPath model, external etcd", func(t *testing.T) {

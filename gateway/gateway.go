@@ -1,7 +1,6 @@
 package gateway
 
 import (
-	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -10,6 +9,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/tpfleet/tpfleet/internal/security"
 )
 
 // Limits of the HTTP gateway.
@@ -34,9 +35,10 @@ type Config struct {
 	// AllowedOrigins are the origins whose browser requests the CORS headers allow ("*": any); empty
 	// means no CORS headers.
 	AllowedOrigins []string
-	// APIKey, when set, is the bearer token every /v1 route requires (401 without it), as vLLM's
-	// --api-key; /health stays open.
-	APIKey string
+	// APIKeys, when not empty, are the bearer tokens every /v1 route accepts; a request without one of
+	// them is refused with 401, as vLLM's --api-key (which may be given several times); /health stays
+	// open. They are compared in constant time.
+	APIKeys []string
 }
 
 // Validate reports a Config that New refuses.
@@ -54,7 +56,7 @@ type Gateway struct {
 	created int64 // unix seconds: when the gateway was made, the model object's "created"
 	mux     *http.ServeMux
 	origins []string
-	apiKey  string
+	keys    security.Tokens
 }
 
 // New returns the gateway of cfg.Generator.
@@ -63,7 +65,7 @@ func New(cfg Config) (*Gateway, error) {
 		return nil, err
 	}
 	g := &Gateway{gen: cfg.Generator, log: cfg.Logger, created: time.Now().Unix(), mux: http.NewServeMux(),
-		origins: cfg.AllowedOrigins, apiKey: cfg.APIKey}
+		origins: cfg.AllowedOrigins, keys: security.NewTokens(cfg.APIKeys...)}
 	if g.log == nil {
 		g.log = zap.NewNop()
 	}
@@ -95,8 +97,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	if g.apiKey != "" && strings.HasPrefix(r.URL.Path, "/v1") &&
-		subtle.ConstantTimeCompare([]byte(r.Header.Get("Authorization")), []byte("Bearer "+g.apiKey)) != 1 {
+	if g.keys.Len() > 0 && strings.HasPrefix(r.URL.Path, "/v1") && !g.keys.Valid(security.BearerToken(r.Header.Get("Authorization"))) {
 		g.fail(w, &httpError{http.StatusUnauthorized, "unauthorized", errors.New("missing or wrong API key: send Authorization: Bearer KEY")})
 		return
 	}

@@ -600,3 +600,48 @@ func TestChoices(t *testing.T) {
 		}
 	}
 }
+
+// TestAPIKeys: with several API keys, /v1 routes accept each of them (in any case of "Bearer") and
+// refuse a missing, wrong or malformed one with 401 and an OpenAI error body; /health stays open.
+func TestAPIKeys(t *testing.T) {
+	g, err := New(Config{Generator: &fakeGen{}, APIKeys: []string{"sk-first", "sk-second"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(g)
+	t.Cleanup(srv.Close)
+	for _, tc := range []struct {
+		path, auth string
+		code       int
+	}{
+		{"/health", "", http.StatusOK},
+		{"/v1/models", "", http.StatusUnauthorized},
+		{"/v1/models", "Bearer sk-third", http.StatusUnauthorized},
+		{"/v1/models", "Bearer sk-firs", http.StatusUnauthorized},
+		{"/v1/models", "sk-first", http.StatusUnauthorized},
+		{"/v1/models", "Basic sk-first", http.StatusUnauthorized},
+		{"/v1/models", "Bearer ", http.StatusUnauthorized},
+		{"/v1/models", "Bearer sk-first", http.StatusOK},
+		{"/v1/models", "bearer sk-second", http.StatusOK},
+	} {
+		req, err := http.NewRequestWithContext(t.Context(), http.MethodGet, srv.URL+tc.path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tc.auth != "" {
+			req.Header.Set("Authorization", tc.auth)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var body struct {
+			Error struct{ Code string } `json:"error"`
+		}
+		_ = json.NewDecoder(resp.Body).Decode(&body)
+		_ = resp.Body.Close()
+		if resp.StatusCode != tc.code || (tc.code == http.StatusUnauthorized && body.Error.Code != "unauthorized") {
+			t.Errorf("GET %s with %q = %d %+v, want %d", tc.path, tc.auth, resp.StatusCode, body, tc.code)
+		}
+	}
+}

@@ -2,6 +2,7 @@ package tpgroup
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -42,6 +43,10 @@ type Options struct {
 	RingHost string
 	// AdvertiseHost replaces an unspecified RingHost (0.0.0.0) in the published address.
 	AdvertiseHost string
+	// RingServerTLS and RingClientTLS, when set, secure the TCP ring's connections (comm.RingConfig's
+	// ServerTLS and ClientTLS): the worker passes configurations that admit only workers of its
+	// cluster. Nil means plain TCP.
+	RingServerTLS, RingClientTLS *tls.Config
 	// OpTimeout bounds one collective of the communicator, and the ring's dials. Zero means
 	// comm.DefaultOpTimeout.
 	OpTimeout time.Duration
@@ -117,11 +122,12 @@ func joinRing(ctx context.Context, rdzv Rendezvous, rank, size int, o Options, l
 	for r, rec := range recs {
 		addrs[r] = rec.Addr
 	}
-	c, err := comm.Connect(ctx, l, comm.RingConfig{Rank: rank, Addrs: addrs, OpTimeout: o.OpTimeout, DialTimeout: o.OpTimeout})
+	c, err := comm.Connect(ctx, l, comm.RingConfig{Rank: rank, Addrs: addrs, OpTimeout: o.OpTimeout, DialTimeout: o.OpTimeout,
+		ServerTLS: o.RingServerTLS, ClientTLS: o.RingClientTLS})
 	if err != nil {
 		return nil, err
 	}
-	lg.Info("communicator ready", zap.String("kind", "ring"), zap.Strings("ring", addrs))
+	lg.Info("communicator ready", zap.String("kind", "ring"), zap.Strings("ring", addrs), zap.Bool("tls", o.RingServerTLS != nil))
 	return c, nil
 }
 

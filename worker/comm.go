@@ -2,6 +2,7 @@ package worker
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"net"
 	"sync/atomic"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/comm"
+	"github.com/tpfleet/tpfleet/internal/security"
 	"github.com/tpfleet/tpfleet/tpgroup"
 )
 
@@ -105,6 +107,10 @@ func (w *Worker) connect(ctx context.Context, p cluster.Plan, g cluster.Group, a
 	ctx, cancel := context.WithTimeout(ctx, w.cfg.RendezvousTimeout)
 	defer cancel()
 	host, _, _ := net.SplitHostPort(w.addr)
+	var serverTLS, clientTLS *tls.Config
+	if t := w.cfg.TLS; t != nil { // the ring admits only workers of the cluster
+		serverTLS, clientTLS = t.PeerServerConfig(security.RoleWorker), t.ClientConfig(security.RoleWorker)
+	}
 	return tpgroup.Join(ctx, w.cli.Rendezvous(p.Epoch, g.ID, w.cfg.RendezvousTimeout), a.Rank, p.TP, w.ops, tpgroup.Options{
 		Device:        w.cfg.Device,
 		Name:          w.cfg.ID + " " + w.ops.Name(),
@@ -112,5 +118,7 @@ func (w *Worker) connect(ctx context.Context, p cluster.Plan, g cluster.Group, a
 		AdvertiseHost: host,
 		OpTimeout:     w.cfg.OpTimeout,
 		Logger:        w.lg.With(zap.Int64("epoch", p.Epoch), zap.Int("group", g.ID)),
+		RingServerTLS: serverTLS,
+		RingClientTLS: clientTLS,
 	})
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/comm"
+	"github.com/tpfleet/tpfleet/internal/security"
 	"github.com/tpfleet/tpfleet/quant"
 )
 
@@ -146,6 +147,14 @@ type Config struct {
 	// NoGossip runs no gossip node: the coordinator then learns of the worker's death only when its
 	// lease expires.
 	NoGossip bool `json:"no-gossip"`
+	// TLS, when set, is the worker's certificate (role worker of the cluster): the gRPC server then
+	// requires client certificates of the CA and takes Step and LoadPlan only from a coordinator of the
+	// cluster (Status also from an admin), the TCP ring admits only workers of the cluster, and the
+	// etcd client presents it. Nil means plaintext, which Validate refuses on a non-loopback address
+	// unless Insecure.
+	TLS *security.TLS `json:"-"`
+	// Insecure allows plaintext listeners on non-loopback addresses; every start then logs a warning.
+	Insecure bool `json:"insecure"`
 	// MetricsAddr is the host:port of an HTTP listener serving the worker's Prometheus metrics at
 	// MetricsPath (state, epoch, weight-load progress, steps, KV cache); port 0 picks a free port (see
 	// Worker.MetricsAddr). Empty means no metrics listener.
@@ -256,7 +265,36 @@ func (c Config) Validate() error {
 	if err := c.Etcd.Validate(); err != nil {
 		return fmt.Errorf("%w: etcd: %w", ErrInvalidConfig, err)
 	}
+	if _, err := c.insecureListeners(); err != nil {
+		return fmt.Errorf("%w: %w", ErrInvalidConfig, err)
+	}
 	return nil
+}
+
+// insecureListeners checks the listeners without TLS (security.CheckListen) and returns the ones that
+// are not on loopback, which Insecure allows.
+func (c Config) insecureListeners() ([]string, error) {
+	d := c.withDefaults()
+	type listener struct {
+		what, addr string
+		secure     bool
+	}
+	ls := []listener{{"--listen", d.ListenAddr, c.TLS != nil}, {"--ring-host", d.RingHost, c.TLS != nil},
+		{"--metrics-listen", c.MetricsAddr, c.TLS != nil}}
+	if !c.NoGossip {
+		ls = append(ls, listener{"--gossip-bind-addr (give --gossip-key-file)", cmp.Or(d.Gossip.BindAddr, cluster.DefaultGossipBindAddr), c.Gossip.KeyFile != ""})
+	}
+	var open []string
+	for _, l := range ls {
+		warn, err := security.CheckListen(l.what, l.addr, l.secure, c.Insecure)
+		if err != nil {
+			return nil, err
+		}
+		if warn {
+			open = append(open, l.addr)
+		}
+	}
+	return open, nil
 }
 
 // withDefaults returns a copy of c with zero fields replaced by their defaults.
@@ -297,6 +335,9 @@ func (c Config) withDefaults() Config {
 	c.Gossip.Join = slices.Clone(c.Gossip.Join)
 	c.Labels = maps.Clone(c.Labels)
 	c.Etcd.Endpoints = append([]string(nil), c.Etcd.Endpoints...)
+	if c.TLS != nil && c.Etcd.TLS == nil {
+		c.Etcd.TLS = c.TLS.EtcdClientConfig()
+	}
 	return c
 }
 

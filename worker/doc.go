@@ -21,6 +21,14 @@
 //	...                         // watch w.Err()
 //	w.Close()                   // graceful, then forced; deregisters; idempotent
 //
+// # Security
+//
+// With Config.TLS the gRPC server requires client certificates of the cluster's CA and takes Step and
+// LoadPlan only from a coordinator of the worker's cluster (Status also from an admin), answering
+// others with PERMISSION_DENIED; the CPU ring's connections are TLS too, admitting only workers of the
+// cluster; etcd is reached with the same certificate. Without TLS, a listener on a non-loopback address
+// (--listen, --ring-host, gossip without a key) needs Config.Insecure.
+//
 // # Gossip
 //
 // Unless Config.NoGossip is set, Start also starts a gossip node (cluster.StartGossip) named after the

@@ -2,6 +2,7 @@ package worker
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -227,6 +228,9 @@ func (w *Worker) startMetrics() error {
 	lis, err := net.Listen("tcp", w.cfg.MetricsAddr)
 	if err != nil {
 		return fmt.Errorf("worker: listen (metrics) %s: %w", w.cfg.MetricsAddr, err)
+	}
+	if w.cfg.TLS != nil { // HTTPS: Prometheus scrapes with the CA (a client certificate is verified if sent)
+		lis = tls.NewListener(lis, w.cfg.TLS.ServerConfig(false))
 	}
 	mux := http.NewServeMux()
 	mux.Handle("GET "+MetricsPath, promhttp.HandlerFor(w.metrics.reg, promhttp.HandlerOpts{Registry: w.metrics.reg}))

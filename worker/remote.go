@@ -18,9 +18,10 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
+	"github.com/tpfleet/tpfleet/internal/grpcauth"
+	"github.com/tpfleet/tpfleet/internal/security"
 	tpfleetv1 "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/safetensors"
 	"github.com/tpfleet/tpfleet/shard"
@@ -326,7 +327,7 @@ func (w *Worker) dialCheckpoint(ctx context.Context, dir string) (*remoteCheckpo
 	}
 	var errs []error
 	for _, peer := range peers {
-		conn, err := dialPeer(peer)
+		conn, err := w.dialPeer(peer)
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -385,9 +386,10 @@ func (w *Worker) remoteFrom(ctx context.Context, c tpfleetv1.WorkerClient, peer,
 	return rc, nil
 }
 
-// dialPeer opens a plaintext connection to a peer worker or seed.
-func dialPeer(addr string) (*grpc.ClientConn, error) {
-	return grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+// dialPeer opens a connection to a peer worker or seed: with the worker's TLS, mTLS that presents its
+// certificate and accepts only a worker's of the same cluster; without, plaintext.
+func (w *Worker) dialPeer(addr string) (*grpc.ClientConn, error) {
+	return grpc.NewClient(addr, grpc.WithTransportCredentials(grpcauth.DialCredentials(w.cfg.TLS, security.RoleWorker)))
 }
 
 // seedState is the checkpoint a worker serves to peers (see seedCheckpoint).

@@ -3,6 +3,7 @@ package worker
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -25,6 +26,8 @@ import (
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/comm"
+	"github.com/tpfleet/tpfleet/internal/grpcauth"
+	"github.com/tpfleet/tpfleet/internal/security"
 	"github.com/tpfleet/tpfleet/model/run"
 	tpfleetv1 "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/tpgroup"
@@ -274,6 +277,24 @@ func (w *Worker) threads() int {
 	return 0
 }
 
+// authorizer is who may call the worker's gRPC services: health and reflection anyone; Step, LoadPlan
+// and Prepare a coordinator of the cluster, Status also an admin; CheckpointInfo and ReadTensor another
+// worker of the cluster (with TLS; without, anyone).
+func (w *Worker) authorizer() *grpcauth.Authorizer {
+	coord := []security.Role{security.RoleCoordinator}
+	return &grpcauth.Authorizer{TLS: w.cfg.TLS, Rules: []grpcauth.Rule{
+		{Prefix: "/grpc.health.v1.Health/", Open: true},
+		{Prefix: "/grpc.reflection.", Open: true},
+		{Prefix: tpfleetv1.Worker_Status_FullMethodName, Roles: []security.Role{security.RoleCoordinator, security.RoleAdmin}},
+		{Prefix: tpfleetv1.Worker_Step_FullMethodName, Roles: coord},
+		{Prefix: tpfleetv1.Worker_LoadPlan_FullMethodName, Roles: coord},
+		{Prefix: tpfleetv1.Worker_Prepare_FullMethodName, Roles: coord},
+		// A worker without the checkpoint's files reads its slices from a peer (see dialCheckpoint).
+		{Prefix: tpfleetv1.Worker_CheckpointInfo_FullMethodName, Roles: []security.Role{security.RoleWorker}},
+		{Prefix: tpfleetv1.Worker_ReadTensor_FullMethodName, Roles: []security.Role{security.RoleWorker}},
+	}}
+}
+
 // Start opens the gRPC listener and serves on it, connects to etcd, registers the member under a lease
 // and starts following the plan. It returns once the listener is open and the member registered;
 // loading happens in the background (see Ready). ctx bounds the start only. On failure Start undoes
@@ -296,6 +317,13 @@ func (w *Worker) Start(ctx context.Context) (err error) {
 		}
 	}()
 
+	if w.cfg.TLS != nil {
+		name := cmp.Or(w.cfg.Etcd.Cluster, cluster.DefaultCluster)
+		if id := w.cfg.TLS.Identity(); !id.Has(security.RoleWorker) || id.Cluster != name {
+			return fmt.Errorf("%w: the certificate %q has roles %v of cluster %q; a worker of cluster %q needs the worker role of its cluster",
+				ErrInvalidConfig, id.Name, id.Roles, id.Cluster, name)
+		}
+	}
 	if err := w.openDevice(ctx); err != nil {
 		return err
 	}
@@ -311,7 +339,7 @@ func (w *Worker) Start(ctx context.Context) (err error) {
 	}()
 	w.addr = cluster.Advertised(w.cfg.AdvertiseAddr, lis.Addr())
 	w.startedAt = time.Now().UTC()
-	w.srv = grpc.NewServer(
+	w.srv = grpc.NewServer(append(w.authorizer().ServerOptions(),
 		grpc.KeepaliveParams(keepalive.ServerParameters{
 			// MaxConnectionIdle, MaxConnectionAge and MaxConnectionAgeGrace stay unset (infinite): a
 			// Step stream lives as long as its coordinator.
@@ -324,7 +352,7 @@ func (w *Worker) Start(ctx context.Context) (err error) {
 		}),
 		grpc.MaxRecvMsgSize(w.cfg.MaxRecvMsgSize),
 		grpc.WaitForHandlers(true), // Stop returns only once every handler has: Close then owns them all
-	)
+	)...)
 	w.health = health.NewServer()
 	tpfleetv1.RegisterWorkerServer(w.srv, &service{w: w})
 	healthpb.RegisterHealthServer(w.srv, w.health)
@@ -342,7 +370,11 @@ func (w *Worker) Start(ctx context.Context) (err error) {
 		zap.Duration("graceful-stop-timeout", w.cfg.GracefulStopTimeout),
 		zap.Duration("keepalive-time", w.cfg.KeepAliveTime), zap.Duration("keepalive-timeout", w.cfg.KeepAliveTimeout),
 		zap.Duration("keepalive-min-time", w.cfg.KeepAliveMinTime), zap.Int("max-recv-msg-size", w.cfg.MaxRecvMsgSize),
-		zap.Bool("no-gossip", w.cfg.NoGossip), zap.Any("labels", w.cfg.Labels))
+		zap.Bool("no-gossip", w.cfg.NoGossip), zap.Any("labels", w.cfg.Labels),
+		zap.Bool("tls", w.cfg.TLS != nil), zap.Bool("gossip-encrypted", w.cfg.Gossip.KeyFile != ""))
+	if open, _ := w.cfg.insecureListeners(); len(open) > 0 {
+		w.lg.Warn(security.InsecureWarning, zap.Strings("addrs", open))
+	}
 
 	if err := w.startMetrics(); err != nil {
 		return err

@@ -28,6 +28,7 @@ type clusterFlags struct {
 	etcd  cluster.Config
 	json  bool
 	model string // cluster shards: where to read the checkpoint's headers ("": the plan's model)
+	tls   tlsFlags
 }
 
 func parseClusterFlags(name string, args []string, stderr io.Writer) (clusterFlags, error) {
@@ -40,9 +41,15 @@ func parseClusterFlags(name string, args []string, stderr io.Writer) (clusterFla
 	if name == "shards" {
 		fs.StringVar(&f.model, "model", "", "the checkpoint directory, for the tensors each worker holds (default: the plan's model)")
 	}
+	f.tls.add(fs)
 	if err := fs.Parse(args); err != nil {
 		return f, err
 	}
+	tc, err := f.tls.etcdTLS()
+	if err != nil {
+		return f, usagef("%v", err)
+	}
+	f.etcd.TLS = tc
 	switch {
 	case fs.NArg() > 0:
 		return f, usagef("unexpected argument %q", fs.Arg(0))

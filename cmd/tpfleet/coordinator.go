@@ -38,6 +38,7 @@ func splitList(s string) []string {
 func runCoordinator(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg coordinator.Config
 	var logLevel string
+	var tf tlsFlags
 	fs := flag.NewFlagSet("coordinator", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	cfg.ListenAddr = coordinator.DefaultListenAddr
@@ -46,6 +47,7 @@ func runCoordinator(ctx context.Context, args []string, stdout, stderr io.Writer
 	cfg.Plan = coordinator.DefaultPlan
 	cfg.AddFlags(fs)
 	etcdFlag(fs, &cfg.Etcd)
+	tf.add(fs)
 	fs.StringVar(&logLevel, "log-level", "info", "log level on stderr: debug, info, warn, error")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -64,6 +66,14 @@ func runCoordinator(ctx context.Context, args []string, stdout, stderr io.Writer
 	}
 	defer log.Sync() //nolint:errcheck // nothing to do about a failed flush of stderr
 	cfg.Logger = log
+	tctx, stopTLS := context.WithCancel(ctx)
+	tl, waitTLS, err := tf.load(tctx, log)
+	if err != nil {
+		stopTLS()
+		return err
+	}
+	defer func() { stopTLS(); waitTLS() }()
+	cfg.TLS, cfg.Insecure = tl, tf.cfg.Insecure
 	c, err := coordinator.New(cfg)
 	if err != nil {
 		return err

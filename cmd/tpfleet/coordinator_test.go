@@ -23,7 +23,7 @@ import (
 // waitCoordinator waits until the coordinator at addr serves (health SERVING).
 func waitCoordinator(t *testing.T, addr string) *client.Client {
 	t.Helper()
-	cli, err := client.Dial(addr)
+	cli, err := client.Dial(addr, clientOptions(t)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -87,26 +87,51 @@ func planEpoch(t *testing.T, ep string) int64 {
 // countLine counts the log lines of stderr whose message is msg.
 func countLine(stderr, msg string) int { return strings.Count(stderr, "\t"+msg+"\t") }
 
-// TestClusterProcesses is issue 5's acceptance: separate processes on 127.0.0.1 — etcd, a coordinator at
-// TP 2 and two CPU workers — serve 8 concurrent requests with the fixture's greedy ids; bad requests fail
+// TestClusterProcesses is issue 5's acceptance, with TLS on (issue 16): separate processes on 127.0.0.1
+// — etcd, a coordinator at TP 2 and two CPU workers, each with its certificate — serve 8 concurrent requests with the fixture's greedy ids; bad requests fail
 // with INVALID_ARGUMENT and the coordinator keeps serving; after the coordinator is killed (SIGKILL) a new
 // one resumes the plan in etcd: no new epoch, no reload on the workers, and requests succeed again.
 func TestClusterProcesses(t *testing.T) {
 	start := time.Now()
 	g := readGolden(t, "moe-top1")
 	model := filepath.Join(fixtures, "moe-top1")
-	_, ep := startEtcd(t)
-	coordArgs := []string{"coordinator", "--etcd", ep, "--model", model, "--tp", "2", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--leader-ttl", "2s", "--settle", "50ms"}
+	certs := withTLS(t)
+	_, ep := startEtcd(t, certs.Args("node")...)
+	coordArgs := append([]string{"coordinator", "--etcd", ep, "--model", model, "--tp", "2", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
+		"--leader-ttl", "2s", "--settle", "50ms", "--api-key", testAPIKey}, certs.Args("coordinator")...)
 	coord := startProc(t, "coordinator", coordArgs...)
 	addr := coord.line(t)
 	var workers []*proc
 	for i := range 2 {
-		workers = append(workers, startProc(t, fmt.Sprintf("worker %d", i), "worker", "--etcd", ep, "--threads", "1", "--op-timeout", "20s"))
+		workers = append(workers, startProc(t, fmt.Sprintf("worker %d", i), append([]string{"worker", "--etcd", ep, "--threads", "1", "--op-timeout", "20s"},
+			certs.Args("worker")...)...))
 	}
 	cli := waitCoordinator(t, addr)
 	t.Logf("serving after %v", time.Since(start).Round(time.Millisecond))
 
 	generateConcurrently(t, addr, g, 8)
+
+	// TLS everywhere: etcd speaks https; a client in plaintext, and one without the API key, are refused.
+	if !strings.HasPrefix(ep, "https://") {
+		t.Errorf("etcd endpoint %s, want https://", ep)
+	}
+	probe := client.GenerateRequest{PromptIDs: g.prompt, MaxTokens: 1}
+	t.Setenv(EnvToken, "")
+	for name, opts := range map[string][]client.Option{"in plaintext": nil, "without the API key": clientOptions(t)} {
+		cli, err := client.Dial(addr, opts...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := codes.Unauthenticated
+		if opts == nil {
+			want = codes.Unavailable
+		}
+		if _, err := cli.Generate(context.Background(), probe, nil); status.Code(err) != want {
+			t.Errorf("Generate %s = %v, want %v", name, err, want)
+		}
+		_ = cli.Close()
+	}
+	t.Setenv(EnvToken, testAPIKey)
 
 	// Bad requests: INVALID_ARGUMENT with a message; the coordinator keeps serving.
 	ctx := context.Background()
@@ -146,6 +171,21 @@ func TestClusterProcesses(t *testing.T) {
 		t.Errorf("cluster members = %d, %q; want two workers", code, stdout)
 	}
 	epoch := planEpoch(t, ep)
+	for i, w := range workers {
+		ring := false
+		for _, l := range strings.Split(w.stderr.String(), "\n") {
+			ring = ring || strings.Contains(l, "\tcommunicator ready\t") && strings.Contains(l, `"tls": true`)
+		}
+		if !ring {
+			t.Errorf("worker %d did not log a TLS ring (communicator ready, tls true)", i)
+		}
+		if !strings.Contains(w.stderr.String(), `"gossip-encrypted": true`) {
+			t.Errorf("worker %d's gossip is not encrypted", i)
+		}
+	}
+	if s := coord.stderr.String(); !strings.Contains(s, `"gossip-encrypted": true`) || strings.Contains(s, "cannot join a worker's gossip node") {
+		t.Errorf("the coordinator's gossip is not encrypted, or could not join the workers' (encrypted) gossip")
+	}
 	loads := make([]int, len(workers))
 	for i, w := range workers {
 		loads[i] = countLine(w.stderr.String(), "weights loaded")

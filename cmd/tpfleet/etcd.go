@@ -12,6 +12,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tpfleet/tpfleet/cluster"
+	"github.com/tpfleet/tpfleet/internal/security"
 )
 
 type etcdFlags struct {
@@ -21,6 +22,8 @@ type etcdFlags struct {
 	heartbeat          time.Duration
 	election           time.Duration
 	logLevel           string
+	tls                tlsFlags
+	users              string
 }
 
 // runEtcd runs a single-member etcd in this process until interrupted: the cluster store for tests and
@@ -36,6 +39,8 @@ func runEtcd(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs.DurationVar(&f.heartbeat, "heartbeat-interval", 0, "raft heartbeat (0: etcd's 100ms)")
 	fs.DurationVar(&f.election, "election-timeout", 0, "raft election timeout (0: etcd's 1s); the shortest lease is 1.5 of it, rounded up to a second")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level on stderr: debug, info, warn, error")
+	f.tls.add(fs)
+	fs.StringVar(&f.users, "etcd-users", strings.Join(defaultEtcdUsers, ","), "with TLS: the common names of the certificates that may read and write the cluster's keys; etcd's authentication is turned on at the first start (empty: off, any certificate of the CA may write)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -47,6 +52,20 @@ func runEtcd(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	defer log.Sync() //nolint:errcheck // nothing to do about a failed flush of stderr
+	tctx, stopTLS := context.WithCancel(ctx)
+	tl, waitTLS, err := f.tls.load(tctx, log)
+	if err != nil {
+		stopTLS()
+		return err
+	}
+	defer func() { stopTLS(); waitTLS() }()
+	for _, l := range [][2]string{{"--listen", f.listen}, {"--peer-listen", f.peerListen}} {
+		if warn, err := security.CheckListen(l[0], l[1], tl != nil, f.tls.cfg.Insecure); err != nil {
+			return usagef("%v", err)
+		} else if warn {
+			log.Warn(security.InsecureWarning, zap.String("addr", l[1]))
+		}
+	}
 
 	dir := f.dataDir
 	if dir == "" {
@@ -58,6 +77,7 @@ func runEtcd(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	e, err := cluster.StartEmbedded(ctx, cluster.EmbedConfig{
 		Dir: dir, ClientAddr: f.listen, PeerAddr: f.peerListen, Name: f.name, Logger: log,
 		HeartbeatInterval: f.heartbeat, ElectionTimeout: f.election,
+		TLS: f.tls.embedTLS(tl, splitList(f.users)),
 	})
 	if err != nil {
 		return err

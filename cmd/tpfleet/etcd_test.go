@@ -122,12 +122,13 @@ func (p *proc) signal(t *testing.T, sig syscall.Signal) {
 	}
 }
 
-// startEtcd runs `tpfleet etcd` on a free port and returns its endpoint.
-func startEtcd(t *testing.T) (*proc, string) {
+// startEtcd runs `tpfleet etcd args...` on a free port and returns its endpoint (https:// with
+// certificates in args).
+func startEtcd(t *testing.T, args ...string) (*proc, string) {
 	t.Helper()
-	p := startProc(t, "etcd", "etcd", "--listen", "127.0.0.1:0", "--data-dir", t.TempDir())
+	p := startProc(t, "etcd", append([]string{"etcd", "--listen", "127.0.0.1:0", "--data-dir", t.TempDir()}, args...)...)
 	ep := p.line(t)
-	if !strings.HasPrefix(ep, "http://127.0.0.1:") {
+	if !strings.HasPrefix(ep, "http://127.0.0.1:") && !strings.HasPrefix(ep, "https://127.0.0.1:") {
 		t.Fatalf("tpfleet etcd printed %q, want its client URL", ep)
 	}
 	return p, ep

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -11,9 +12,12 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"google.golang.org/grpc"
 
 	"github.com/tpfleet/tpfleet/coordinator"
 	"github.com/tpfleet/tpfleet/gateway"
+	"github.com/tpfleet/tpfleet/internal/grpcauth"
+	"github.com/tpfleet/tpfleet/internal/security"
 )
 
 // gatewayShutdownGrace is how long a stopping gateway lets its streams finish before it cuts them.
@@ -25,17 +29,24 @@ const gatewayShutdownGrace = 5 * time.Second
 // the address it listens on to stdout.
 //
 //	tpfleet gateway --coordinators HOST:7070,HOST2:7070 --model DIR [--http-listen ADDR] [--api-key KEY]
+//
+// With --tls-cert (a certificate with the client role) it serves HTTPS and dials the coordinators with
+// mTLS; --token is the coordinators' API key it sends them.
 func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var (
-		coords, model, listen, apiKey, servedName, origins, logLevel string
-		maxModelLen                                                  int
+		coords, model, listen, servedName, origins, logLevel, token string
+		apiKeys                                                     []string
+		maxModelLen                                                 int
+		tf                                                          tlsFlags
 	)
 	fs := flag.NewFlagSet("gateway", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.StringVar(&coords, "coordinators", "", "comma-separated gRPC addresses of the cluster's coordinators (leader and standbys)")
 	fs.StringVar(&model, "model", "", "the checkpoint directory the coordinators serve (its configs and tokenizer are read, not its weights)")
 	fs.StringVar(&listen, "http-listen", coordinator.DefaultHTTPAddr, "host:port of the OpenAI-compatible HTTP API (port 0: any)")
-	fs.StringVar(&apiKey, "api-key", "", "bearer token the /v1 routes require (empty: none)")
+	keysFlag(fs, &apiKeys, "api-key", "bearer token the /v1 routes require; repeat for several (none: no token)")
+	tokenFlag(fs, &token, "the API key the coordinators require, sent with every call")
+	tf.add(fs)
 	fs.StringVar(&servedName, "served-model-name", "", "the model's name in the API, as the coordinators' (empty: the checkpoint directory's name)")
 	fs.IntVar(&maxModelLen, "max-model-len", 0, "context of a request, as the coordinators' (0: max_position_embeddings)")
 	fs.StringVar(&origins, "allowed-origins", "", `comma-separated origins CORS allows ("*": any; empty: no CORS)`)
@@ -56,19 +67,39 @@ func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		return err
 	}
 	defer log.Sync() //nolint:errcheck // nothing to do about a failed flush of stderr
+	tctx, stopTLS := context.WithCancel(ctx)
+	tl, waitTLS, err := tf.load(tctx, log)
+	if err != nil {
+		stopTLS()
+		return err
+	}
+	defer func() { stopTLS(); waitTLS() }()
+	if warn, err := security.CheckListen("--http-listen", listen, tl != nil, tf.cfg.Insecure); err != nil {
+		return usagef("%v", err)
+	} else if warn {
+		log.Warn(security.InsecureWarning, zap.String("http-listen", listen))
+	}
+	dopts := []grpc.DialOption{grpc.WithTransportCredentials(grpcauth.DialCredentials(tl, security.RoleCoordinator))}
+	if token != "" {
+		dopts = append(dopts, grpc.WithPerRPCCredentials(grpcauth.Bearer(token)))
+	}
 	p, err := coordinator.NewProxy(coordinator.ProxyConfig{Coordinators: splitList(coords), Model: model,
-		ServedModelName: servedName, MaxModelLen: maxModelLen, Logger: log})
+		ServedModelName: servedName, MaxModelLen: maxModelLen, Logger: log,
+		Dial: func(addr string) (*grpc.ClientConn, error) { return grpc.NewClient(addr, dopts...) }})
 	if err != nil {
 		return err
 	}
 	defer p.Close()
-	g, err := gateway.New(gateway.Config{Generator: p, Logger: log, AllowedOrigins: splitList(origins), APIKey: apiKey})
+	g, err := gateway.New(gateway.Config{Generator: p, Logger: log, AllowedOrigins: splitList(origins), APIKeys: apiKeys})
 	if err != nil {
 		return err
 	}
 	lis, err := net.Listen("tcp", listen)
 	if err != nil {
 		return fmt.Errorf("gateway: listen: %w", err)
+	}
+	if tl != nil {
+		lis = tls.NewListener(lis, tl.ServerConfig(false))
 	}
 	srv := g.NewServer()
 	errc := make(chan error, 1)

@@ -24,6 +24,7 @@ import (
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/coordinator"
+	"github.com/tpfleet/tpfleet/internal/security"
 )
 
 // Defaults of launch, as torchrun's.
@@ -63,6 +64,12 @@ type launchFlags struct {
 	maxQueue    int
 	maxBatch    int
 	tokenBudget int
+	apiKeys     []string
+	adminKeys   []string
+
+	// Every process's certificates: --standalone's etcd and coordinator, and the children's (as
+	// TPFLEET_TLS_* variables, which a child's own flags override).
+	tls tlsFlags
 }
 
 // torchrunFlag registers a flag under its name and its underscore form (torchrun accepts both), with
@@ -201,8 +208,15 @@ func runLaunch(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		return err
 	}
+	tctx, stopTLS := context.WithCancel(ctx)
+	tl, waitTLS, err := f.tls.load(tctx, log)
+	if err != nil {
+		stopTLS()
+		return err
+	}
+	defer func() { stopTLS(); waitTLS() }()
 	if f.standalone {
-		stop, addr, err := startStandalone(ctx, f, nproc, clusterName, log)
+		stop, addr, err := startStandalone(ctx, f, nproc, clusterName, tl, log)
 		if err != nil {
 			return err
 		}
@@ -220,6 +234,10 @@ func runLaunch(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if runID == "" {
 		runID = "none"
 	}
+	scheme := "http://"
+	if tl != nil {
+		scheme = "https://"
+	}
 	g := &localGroup{
 		sub:      sub[0],
 		args:     sub[1:],
@@ -228,7 +246,7 @@ func runLaunch(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		nodeRank: f.nodeRank,
 		role:     f.role,
 		master:   [2]string{host, port},
-		etcd:     "http://" + etcdAddr,
+		etcd:     scheme + etcdAddr,
 		cluster:  clusterName,
 		runID:    runID,
 		maxRest:  f.maxRestarts,
@@ -236,6 +254,7 @@ func runLaunch(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		stderr:   &syncWriter{w: stderr},
 		log:      log,
 		device:   f.device,
+		extraEnv: f.tls.env(),
 	}
 	log.Info("launching",
 		zap.String("subcommand", g.sub), zap.Strings("args", g.args), zap.Int("nproc-per-node", nproc),
@@ -281,6 +300,10 @@ func parseLaunch(args []string, stderr io.Writer) (launchFlags, []string, error)
 	fs.IntVar(&f.maxBatch, "max-batch", 0, "with --standalone: sequences per step (0: 32)")
 	fs.IntVar(&f.tokenBudget, "token-budget", 0, "with --standalone: tokens per step (0: 512)")
 	fs.StringVar(&f.httpListen, "http-listen", "", "with --standalone: host:port of the coordinator's OpenAI-compatible HTTP gateway, as serve's (port 0: any; empty: no gateway)")
+	keysFlag(fs, &f.apiKeys, "api-key", "with --standalone: bearer token the coordinator's Generation API requires; repeat for several")
+	keysFlag(fs, &f.adminKeys, "admin-key", "with --standalone: bearer token that opens the coordinator's Admin API; repeat for several")
+	f.tls.add(fs)
+	f.tls.addGossipKey(fs)
 	if err := fs.Parse(args); err != nil {
 		return f, nil, err
 	}
@@ -405,12 +428,13 @@ type standaloneAddrs struct{ etcd, coordinator string }
 
 // startStandalone starts an etcd on a free loopback port and a coordinator of it, as torchrun's
 // --standalone starts a c10d store on localhost:0. stop closes both.
-func startStandalone(ctx context.Context, f launchFlags, nproc int, clusterName string, log *zap.Logger) (stop func(), _ standaloneAddrs, err error) {
+func startStandalone(ctx context.Context, f launchFlags, nproc int, clusterName string, tl *security.TLS, log *zap.Logger) (stop func(), _ standaloneAddrs, err error) {
 	dir, err := os.MkdirTemp("", "tpfleet-launch-etcd-")
 	if err != nil {
 		return nil, standaloneAddrs{}, err
 	}
-	e, err := cluster.StartEmbedded(ctx, cluster.EmbedConfig{Dir: dir, ClientAddr: "127.0.0.1:0", PeerAddr: "127.0.0.1:0", Logger: log})
+	e, err := cluster.StartEmbedded(ctx, cluster.EmbedConfig{Dir: dir, ClientAddr: "127.0.0.1:0", PeerAddr: "127.0.0.1:0", Logger: log,
+		TLS: f.tls.embedTLS(tl, defaultEtcdUsers)})
 	if err != nil {
 		os.RemoveAll(dir)
 		return nil, standaloneAddrs{}, err
@@ -423,6 +447,8 @@ func startStandalone(ctx context.Context, f launchFlags, nproc int, clusterName 
 		ListenAddr: f.listen, HTTPAddr: f.httpListen, Model: f.model, TP: tp, Plan: f.plan,
 		Quantization: f.quant.name, QuantizationGroup: f.quant.group,
 		MaxQueue: f.maxQueue, MaxBatch: f.maxBatch, TokenBudget: f.tokenBudget,
+		APIKeys: f.apiKeys, AdminKeys: f.adminKeys, TLS: tl, Insecure: f.tls.cfg.Insecure,
+		Gossip: cluster.GossipConfig{KeyFile: f.tls.gossipKey},
 		Etcd:   cluster.Config{Endpoints: e.Endpoints(), Cluster: clusterName},
 		Logger: log,
 	})
@@ -468,6 +494,8 @@ type localGroup struct {
 	device string
 	// perChild, when set, gives local rank lr's own arguments, after the common ones.
 	perChild func(lr int) []string
+	// extraEnv is added to every child's environment (the TLS flags' TPFLEET_TLS_* variables).
+	extraEnv []string
 }
 
 // exit is a child's end.
@@ -583,7 +611,7 @@ func (g *localGroup) env(lr, restart int) []string {
 	if _, ok := os.LookupEnv("OMP_NUM_THREADS"); !ok && g.nproc > 1 {
 		vars["OMP_NUM_THREADS"] = "1"
 	}
-	env := os.Environ()
+	env := append(os.Environ(), g.extraEnv...)
 	for k, v := range vars {
 		env = append(env, k+"="+v)
 	}

@@ -12,21 +12,30 @@ import (
 	"time"
 )
 
-// TestLaunchStandalone: `tpfleet launch --standalone --nproc-per-node 2 --model DIR --tp 2` serves on one
-// box (an etcd and a coordinator in the launch process, two worker processes): 8 concurrent requests
-// return the fixture's greedy ids, and its --http-listen gateway answers the OpenAI API; SIGTERM stops
-// the group and launch exits 0.
+// TestLaunchStandalone: `tpfleet launch --standalone --nproc-per-node 2 --model DIR --tp 2`, with TLS on
+// (the node certificate, passed on to the workers) and an API key, serves on one box (an etcd and a
+// coordinator in the launch process, two worker processes): 8 concurrent requests return the fixture's
+// greedy ids, and its --http-listen gateway answers the OpenAI API over HTTPS; SIGTERM stops the group
+// and launch exits 0.
 func TestLaunchStandalone(t *testing.T) {
 	start := time.Now()
 	g := readGolden(t, "moe-top1")
+	certs := withTLS(t)
 	httpAddr := freePort(t)
-	p := startProc(t, "launch", "launch", "--standalone", "--nproc-per-node", "2", "--model", filepath.Join(fixtures, "moe-top1"),
-		"--tp", "2", "--listen", "127.0.0.1:0", "--http-listen", httpAddr, "--", "worker", "--op-timeout", "20s")
+	p := startProc(t, "launch", append(append([]string{"launch", "--standalone", "--nproc-per-node", "2", "--model", filepath.Join(fixtures, "moe-top1"),
+		"--tp", "2", "--listen", "127.0.0.1:0", "--http-listen", httpAddr, "--api-key", testAPIKey}, certs.Args("node")...), "--", "worker", "--op-timeout", "20s")...)
 	addr := p.line(t)
 	waitCoordinator(t, addr)
 	t.Logf("serving after %v", time.Since(start).Round(time.Millisecond))
 	generateConcurrently(t, addr, g, 8)
-	resp, err := http.Post("http://"+httpAddr+"/v1/completions", "application/json", strings.NewReader(`{"prompt":[1,2,3],"max_tokens":2,"return_token_ids":true}`))
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: certs.Load(t, "client").ClientConfig()}, Timeout: 30 * time.Second}
+	req, err := http.NewRequest(http.MethodPost, "https://"+httpAddr+"/v1/completions", strings.NewReader(`{"prompt":[1,2,3],"max_tokens":2,"return_token_ids":true}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", "Bearer "+testAPIKey)
+	resp, err := hc.Do(req)
 	if err != nil {
 		t.Fatalf("POST /v1/completions to launch's gateway: %v", err)
 	}

@@ -34,6 +34,8 @@ type loadFlags struct {
 	seed        uint64
 	wait        time.Duration
 	json        bool
+	token       string
+	tls         tlsFlags
 }
 
 // loadResult is what bench --addr reports, as vLLM's benchmark_serving does. Latencies are in
@@ -125,6 +127,8 @@ func runLoadBench(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	fs.Uint64Var(&f.seed, "seed", 1, "seed of the prompt ids")
 	fs.DurationVar(&f.wait, "wait", 30*time.Second, "wait up to this long for the coordinator to serve first")
 	fs.BoolVar(&f.json, "json", false, "print one JSON object instead of the table")
+	tokenFlag(fs, &f.token, "the API key the coordinator requires")
+	f.tls.add(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -139,7 +143,11 @@ func runLoadBench(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	if f.requests == 0 && f.duration == 0 {
 		f.requests = 4 * f.concurrency
 	}
-	cli, err := client.Dial(f.addr)
+	tc, err := f.tls.clientTLS()
+	if err != nil {
+		return usagef("%v", err)
+	}
+	cli, err := client.Dial(f.addr, client.WithTLS(tc), client.WithToken(f.token))
 	if err != nil {
 		return err
 	}

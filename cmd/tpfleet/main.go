@@ -45,6 +45,7 @@ func commands() []command {
 		{"shards", "print how a tp_plan splits a checkpoint across ranks (shards plan)", runShards},
 		{"bench", "time prefill and decode of a random model, or with --addr load a running server (TTFT, ITL, tokens/s)", runBench},
 		{"version", "print the version, commit, Go version and the GPU libraries found", runVersion},
+		{"certs", "make a development CA and the cluster's certificates (roles), and a gossip key", runCerts},
 	}
 }
 

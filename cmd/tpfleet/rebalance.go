@@ -35,6 +35,10 @@ func runRebalance(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	fs.BoolVar(&req.Experts, "experts", false, "place the experts of every MoE layer over the ranks by their load (the ep plan): the hottest on the least loaded ranks")
 	timeout := fs.Duration("timeout", 5*time.Minute, "how long to wait for the coordinator (loads and --wait included)")
 	asJSON := fs.Bool("json", false, "print one JSON object")
+	var token string
+	tokenFlag(fs, &token, "an admin key of the coordinator (else the admin role of --tls-cert)")
+	var tf tlsFlags
+	tf.add(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -58,7 +62,11 @@ func runRebalance(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	}
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
-	cli, err := client.Dial(*addr)
+	tc, err := tf.clientTLS()
+	if err != nil {
+		return usagef("%v", err)
+	}
+	cli, err := client.Dial(*addr, client.WithTLS(tc), client.WithToken(token))
 	if err != nil {
 		return err
 	}

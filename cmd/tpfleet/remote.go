@@ -19,8 +19,10 @@ import (
 
 // remoteFlags are generate's flags for a coordinator's cluster instead of a local model.
 type remoteFlags struct {
-	addr string
-	wait time.Duration
+	addr  string
+	wait  time.Duration
+	token string
+	tls   tlsFlags
 }
 
 // addRemoteFlags adds generate's --addr and --wait to fs.
@@ -28,6 +30,8 @@ func addRemoteFlags(fs *flag.FlagSet) *remoteFlags {
 	var r remoteFlags
 	fs.StringVar(&r.addr, "addr", "", "generate on the coordinator at host:port instead of loading --model here; --model then only names the model (its base name)")
 	fs.DurationVar(&r.wait, "wait", 0, "with --addr: wait up to this long for the coordinator to serve (0: do not wait)")
+	tokenFlag(fs, &r.token, "with --addr: the API key the coordinator requires")
+	r.tls.add(fs)
 	return &r
 }
 
@@ -71,7 +75,11 @@ func runRemoteGenerate(ctx context.Context, fs *flag.FlagSet, f generateFlags, r
 	}
 	defer log.Sync() //nolint:errcheck // nothing to do about a failed flush of stderr
 
-	cli, err := client.Dial(r.addr)
+	tc, err := r.tls.clientTLS()
+	if err != nil {
+		return usagef("%v", err)
+	}
+	cli, err := client.Dial(r.addr, client.WithTLS(tc), client.WithToken(r.token))
 	if err != nil {
 		return err
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/coordinator"
+	"github.com/tpfleet/tpfleet/internal/security"
 	"github.com/tpfleet/tpfleet/tpgroup"
 	"github.com/tpfleet/tpfleet/worker"
 )
@@ -39,9 +40,11 @@ type serveFlags struct {
 	tokenBudget int
 	logLevel    string
 	// vLLM's serve flags.
-	host, apiKey, servedName, origins string
-	port, maxModelLen                 int
-	genConfig                         string
+	host, servedName, origins string
+	port, maxModelLen         int
+	genConfig                 string
+	apiKeys, adminKeys        []string
+	tls                       tlsFlags
 }
 
 // runServe is the one-machine deployment: an embedded etcd, a coordinator and --workers local workers,
@@ -73,7 +76,10 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&f.tp, "tensor-parallel-size", 1, "same as --tp (vLLM's name)")
 	fs.StringVar(&f.host, "host", "", "host of the HTTP gateway, replacing --http-listen's (vLLM's flag)")
 	fs.IntVar(&f.port, "port", 0, "port of the HTTP gateway, replacing --http-listen's (vLLM's flag; 0: keep it)")
-	fs.StringVar(&f.apiKey, "api-key", "", "bearer token the HTTP gateway's /v1 routes require (empty: none)")
+	keysFlag(fs, &f.apiKeys, "api-key", "bearer token the Generation API and the HTTP gateway's /v1 routes require; repeat for several (vLLM's flag; none: no token)")
+	keysFlag(fs, &f.adminKeys, "admin-key", "bearer token that opens the Admin API to a caller without the admin role in its certificate; repeat for several")
+	f.tls.add(fs)
+	f.tls.addGossipKey(fs)
 	fs.StringVar(&f.servedName, "served-model-name", "", "the model's name in the APIs (empty: the checkpoint directory's name)")
 	fs.IntVar(&f.maxModelLen, "max-model-len", 0, "context of a request, prompt and new tokens (0: max_position_embeddings)")
 	fs.StringVar(&f.genConfig, "generation-config", "auto", `default sampling of requests that leave it out: "auto" (the checkpoint's generation_config.json), "vllm" (vLLM's defaults: temperature 1) or a directory with a generation_config.json`)
@@ -140,6 +146,18 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	defer log.Sync() //nolint:errcheck // nothing to do about a failed flush of stderr
+	tctx, stopTLS := context.WithCancel(ctx)
+	tl, waitTLS, err := f.tls.load(tctx, log)
+	if err != nil {
+		stopTLS()
+		return err
+	}
+	defer func() { stopTLS(); waitTLS() }()
+	if warn, err := security.CheckListen("--etcd-listen", f.etcdListen, tl != nil, f.tls.cfg.Insecure); err != nil {
+		return usagef("%v", err)
+	} else if warn {
+		log.Warn(security.InsecureWarning, zap.String("etcd-listen", f.etcdListen))
+	}
 
 	dir := f.dataDir
 	if dir == "" {
@@ -148,7 +166,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		defer os.RemoveAll(dir)
 	}
-	e, err := cluster.StartEmbedded(ctx, cluster.EmbedConfig{Dir: dir, ClientAddr: f.etcdListen, PeerAddr: "127.0.0.1:0", Logger: log.Named("etcd")})
+	e, err := cluster.StartEmbedded(ctx, cluster.EmbedConfig{Dir: dir, ClientAddr: f.etcdListen, PeerAddr: "127.0.0.1:0", Logger: log.Named("etcd"),
+		TLS: f.tls.embedTLS(tl, defaultEtcdUsers)})
 	if err != nil {
 		return err
 	}
@@ -157,7 +176,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 
 	c, err := coordinator.New(coordinator.Config{
 		ListenAddr: f.listen, HTTPAddr: f.httpListen, Model: f.model, TP: f.tp, Plan: f.plan,
-		HTTPAPIKey: f.apiKey, HTTPAllowedOrigins: splitList(f.origins), ServedModelName: f.servedName, MaxModelLen: f.maxModelLen,
+		APIKeys: f.apiKeys, AdminKeys: f.adminKeys, TLS: tl, Insecure: f.tls.cfg.Insecure,
+		Gossip:             cluster.GossipConfig{KeyFile: f.tls.gossipKey},
+		HTTPAllowedOrigins: splitList(f.origins), ServedModelName: f.servedName, MaxModelLen: f.maxModelLen,
 		GenerationConfig: f.genConfig,
 		Quantization:     f.quant.name, QuantizationGroup: f.quant.group,
 		MaxQueue: f.maxQueue, MaxBatch: f.maxBatch, TokenBudget: f.tokenBudget,
@@ -192,6 +213,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		wcfg.DeviceIndex = i
 		wcfg.Threads = f.threads
 		wcfg.Etcd = etcd
+		wcfg.TLS, wcfg.Insecure = tl, f.tls.cfg.Insecure
+		wcfg.Gossip.KeyFile = f.tls.gossipKey
 		wcfg.Logger = log.Named(fmt.Sprintf("worker%d", i))
 		w, err := worker.New(wcfg)
 		if err != nil {
@@ -291,19 +314,20 @@ func startServeProcs(f serveFlags, etcd string, stderr io.Writer, log *zap.Logge
 	out := &syncWriter{w: stderr}
 	pid := os.Getpid()
 	g := &localGroup{
-		sub:     "worker",
-		args:    []string{"--log-level", f.logLevel},
-		device:  f.device,
-		nproc:   f.workers,
-		nnodes:  1,
-		role:    "worker",
-		master:  [2]string{host, port},
-		etcd:    etcd,
-		cluster: cluster.DefaultCluster,
-		runID:   "none",
-		stdout:  out,
-		stderr:  out,
-		log:     log.Named("workers"),
+		sub:      "worker",
+		args:     []string{"--log-level", f.logLevel},
+		device:   f.device,
+		nproc:    f.workers,
+		nnodes:   1,
+		role:     "worker",
+		master:   [2]string{host, port},
+		etcd:     etcd,
+		cluster:  cluster.DefaultCluster,
+		runID:    "none",
+		stdout:   out,
+		stderr:   out,
+		log:      log.Named("workers"),
+		extraEnv: f.tls.env(),
 		perChild: func(lr int) []string {
 			return []string{"--gpu", strconv.Itoa(lr), "--id", fmt.Sprintf("serve-%d-w%03d", pid, lr)}
 		},

@@ -12,16 +12,17 @@ import (
 	"time"
 )
 
-// TestServe: `tpfleet serve --tp 2 --workers 4` runs an etcd, a coordinator and four workers (two
-// replicas) in one process; concurrent requests return the fixture's greedy ids; when its context ends
-// (SIGINT, SIGTERM) it shuts down cleanly and exits 0.
+// TestServe: `tpfleet serve --tp 2 --workers 4`, with TLS on and an API key, runs an etcd, a coordinator
+// and four workers (two replicas) in one process; concurrent requests return the fixture's greedy ids;
+// when its context ends (SIGINT, SIGTERM) it shuts down cleanly and exits 0.
 func TestServe(t *testing.T) {
 	start := time.Now()
 	g := readGolden(t, "moe-top1")
+	certs := withTLS(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	addr, code, stderr := startServe(t, ctx, "--model", filepath.Join(fixtures, "moe-top1"), "--tp", "2", "--workers", "4",
-		"--http-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--log-level", "warn")
+	addr, code, stderr := startServe(t, ctx, append([]string{"--model", filepath.Join(fixtures, "moe-top1"), "--tp", "2", "--workers", "4",
+		"--http-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--log-level", "warn", "--api-key", testAPIKey}, certs.Args("node")...)...)
 	cli := waitCoordinator(t, addr)
 	t.Logf("serving after %v", time.Since(start).Round(time.Millisecond))
 	generateConcurrently(t, addr, g, 8)

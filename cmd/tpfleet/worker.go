@@ -22,9 +22,11 @@ import (
 // takes LOCAL_RANK as --device-index (--gpu) when that flag is absent.
 func runWorker(ctx context.Context, args []string, _, stderr io.Writer) error {
 	cfg := worker.DefaultConfig()
+	var tf tlsFlags
 	fs := flag.NewFlagSet("worker", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	cfg.AddFlags(fs)
+	tf.add(fs)
 	fs.Func("etcd", "etcd client URLs, comma-separated (same as --etcd-endpoints)", func(s string) error {
 		cfg.Etcd.Endpoints = cfg.Etcd.Endpoints[:0]
 		for _, e := range strings.Split(s, ",") {
@@ -49,15 +51,23 @@ func runWorker(ctx context.Context, args []string, _, stderr io.Writer) error {
 	if len(cfg.Etcd.Endpoints) == 0 {
 		return usagef("--etcd is required: the etcd client URLs of the cluster")
 	}
-	if err := cfg.Validate(); err != nil {
-		return usagef("%v", err)
-	}
 	log, err := newLogger(stderr, *logLevel)
 	if err != nil {
 		return err
 	}
 	defer log.Sync() //nolint:errcheck // nothing to do about a failed flush of stderr
 	cfg.Logger = log
+	tctx, stopTLS := context.WithCancel(ctx)
+	tl, waitTLS, err := tf.load(tctx, log)
+	if err != nil {
+		stopTLS()
+		return err
+	}
+	defer func() { stopTLS(); waitTLS() }()
+	cfg.TLS, cfg.Insecure = tl, tf.cfg.Insecure
+	if err := cfg.Validate(); err != nil {
+		return usagef("%v", err)
+	}
 
 	w, err := worker.New(cfg)
 	if err != nil {

@@ -174,14 +174,25 @@ library directories, and the user's env.
 - name: TPFLEET_LIB_DIRS
   value: /opt/tpfleet/lib
 {{- end }}
+{{- if .Values.tls.enabled }}
+- name: TPFLEET_TLS_CERT
+  value: /etc/tpfleet/tls/tls.crt
+- name: TPFLEET_TLS_KEY
+  value: /etc/tpfleet/tls/tls.key
+- name: TPFLEET_TLS_CA
+  value: /etc/tpfleet/tls/ca.crt
+{{- else }}
+- name: TPFLEET_INSECURE
+  value: "1"
+{{- end }}
 {{- with .Values.env }}
 {{ toYaml . }}
 {{- end }}
 {{- end }}
 
 {{/*
-The TLS flags and mounts, once the security issue's flags land (tls.enabled). Until then the switch only
-mounts the secret at /etc/tpfleet/tls.
+The TLS secret's volume and mount at /etc/tpfleet/tls (tls.enabled); tpfleet.env points TPFLEET_TLS_* at
+its files, or sets TPFLEET_INSECURE without it (the pods listen on 0.0.0.0).
 */}}
 {{- define "tpfleet.tlsVolumes" -}}
 {{- if .Values.tls.enabled }}
