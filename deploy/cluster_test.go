@@ -125,13 +125,16 @@ func (e *localEnv) local(p pod, c corev1.Container, s string, env map[string]str
 	s = e.hosts.ReplaceAllString(s, "127.0.0.1$1")
 	s = strings.ReplaceAll(s, "0.0.0.0:", "127.0.0.1:")
 	s = strings.ReplaceAll(s, "=0.0.0.0", "=127.0.0.1")
-	for from, to := range e.imagePath {
-		s = strings.ReplaceAll(s, from, to)
-	}
+	// Mounts first, on the container's paths: a mapped image path is a local one (the repository's), which
+	// a mount path such as /tmp may prefix when the repository is cloned there.
 	for _, vm := range c.VolumeMounts { // one mount per value: the mapped path must not be mapped again
 		if strings.Contains(s, vm.MountPath+"/") {
-			return strings.ReplaceAll(s, vm.MountPath+"/", filepath.Join(e.tmp, p.name, vm.Name)+"/")
+			s = strings.ReplaceAll(s, vm.MountPath+"/", filepath.Join(e.tmp, p.name, vm.Name)+"/")
+			break
 		}
+	}
+	for from, to := range e.imagePath {
+		s = strings.ReplaceAll(s, from, to)
 	}
 	return s
 }
