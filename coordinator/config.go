@@ -304,25 +304,11 @@ func (c Config) withDefaults() Config {
 // are not on loopback, which Insecure allows.
 func (c Config) insecureListeners() ([]string, error) {
 	d := c.withDefaults()
-	type listener struct {
-		what, addr string
-		secure     bool
-	}
-	ls := []listener{{"--listen", d.ListenAddr, c.TLS != nil}, {"--http-listen", c.HTTPAddr, c.TLS != nil}}
+	ls := []security.Listener{{What: "--listen", Addr: d.ListenAddr, Secure: c.TLS != nil}, {What: "--http-listen", Addr: c.HTTPAddr, Secure: c.TLS != nil}}
 	if !c.NoGossip {
-		ls = append(ls, listener{"--gossip-bind-addr (give --gossip-key-file)", cmp.Or(d.Gossip.BindAddr, cluster.DefaultGossipBindAddr), c.Gossip.KeyFile != ""})
+		ls = append(ls, security.Listener{What: "--gossip-bind-addr (give --gossip-key-file)", Addr: cmp.Or(d.Gossip.BindAddr, cluster.DefaultGossipBindAddr), Secure: c.Gossip.KeyFile != ""})
 	}
-	var open []string
-	for _, l := range ls {
-		warn, err := security.CheckListen(l.what, l.addr, l.secure, c.Insecure)
-		if err != nil {
-			return nil, err
-		}
-		if warn {
-			open = append(open, l.addr)
-		}
-	}
-	return open, nil
+	return security.CheckListeners(ls, c.Insecure)
 }
 
 // gossipBindAddr is the gossip bind address that goes with a gRPC listen address: its host when that is

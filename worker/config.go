@@ -275,26 +275,12 @@ func (c Config) Validate() error {
 // are not on loopback, which Insecure allows.
 func (c Config) insecureListeners() ([]string, error) {
 	d := c.withDefaults()
-	type listener struct {
-		what, addr string
-		secure     bool
-	}
-	ls := []listener{{"--listen", d.ListenAddr, c.TLS != nil}, {"--ring-host", d.RingHost, c.TLS != nil},
-		{"--metrics-listen", c.MetricsAddr, c.TLS != nil}}
+	ls := []security.Listener{{What: "--listen", Addr: d.ListenAddr, Secure: c.TLS != nil}, {What: "--ring-host", Addr: d.RingHost, Secure: c.TLS != nil},
+		{What: "--metrics-listen", Addr: c.MetricsAddr, Secure: c.TLS != nil}}
 	if !c.NoGossip {
-		ls = append(ls, listener{"--gossip-bind-addr (give --gossip-key-file)", cmp.Or(d.Gossip.BindAddr, cluster.DefaultGossipBindAddr), c.Gossip.KeyFile != ""})
+		ls = append(ls, security.Listener{What: "--gossip-bind-addr (give --gossip-key-file)", Addr: cmp.Or(d.Gossip.BindAddr, cluster.DefaultGossipBindAddr), Secure: c.Gossip.KeyFile != ""})
 	}
-	var open []string
-	for _, l := range ls {
-		warn, err := security.CheckListen(l.what, l.addr, l.secure, c.Insecure)
-		if err != nil {
-			return nil, err
-		}
-		if warn {
-			open = append(open, l.addr)
-		}
-	}
-	return open, nil
+	return security.CheckListeners(ls, c.Insecure)
 }
 
 // withDefaults returns a copy of c with zero fields replaced by their defaults.

@@ -113,6 +113,29 @@ func CheckListen(what, addr string, tlsOn, insecure bool) (warn bool, err error)
 	return false, fmt.Errorf("%w: %s %s", ErrInsecure, what, addr)
 }
 
+// Listener is one address a process listens on, for CheckListeners: what names its flag, Secure says
+// whether it serves TLS (or gossip under a key).
+type Listener struct {
+	What, Addr string
+	Secure     bool
+}
+
+// CheckListeners applies CheckListen to each listener and returns the addresses the caller must warn
+// about, or the first refusal.
+func CheckListeners(ls []Listener, insecure bool) ([]string, error) {
+	var open []string
+	for _, l := range ls {
+		warn, err := CheckListen(l.What, l.Addr, l.Secure, insecure)
+		if err != nil {
+			return nil, err
+		}
+		if warn {
+			open = append(open, l.Addr)
+		}
+	}
+	return open, nil
+}
+
 // Loopback reports whether addr, a host:port or a bare host, names only loopback interfaces.
 func Loopback(addr string) bool {
 	host := addr
