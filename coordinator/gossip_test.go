@@ -3,6 +3,9 @@ package coordinator
 import (
 	"context"
 	"fmt"
+	"github.com/tpfleet/tpfleet/internal/security/securitytest"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"slices"
 	"testing"
 	"time"
@@ -26,9 +29,9 @@ type gossipWorker struct {
 }
 
 // startGossipWorker starts a gossipWorker that registers with a lease of ttl and follows the plan.
-func startGossipWorker(t *testing.T, id string, ttl time.Duration) *gossipWorker {
+func startGossipWorker(t *testing.T, id string, ttl time.Duration, opts ...grpc.ServerOption) *gossipWorker {
 	t.Helper()
-	w := &gossipWorker{fakeWorker: startFakeWorker(t, id)}
+	w := &gossipWorker{fakeWorker: startFakeWorker(t, id, opts...)}
 	var err error
 	if w.cl, err = cluster.New(testCtx(t), etcdConfig(t)); err != nil {
 		t.Fatal(err)
@@ -294,33 +297,45 @@ func TestLapsedWorkerKept(t *testing.T) {
 // TestStandbyDeposesGoneLeader: when the leader's gRPC server is gone (a killed process's sockets close)
 // the standby deposes it and leads at once, although gossip still reports the leader's node alive and
 // its lease is kept alive: the standby's health Watch stream ended and the address refuses connections.
+// With TLS too: the standby dials the leader as a coordinator, not with the workers' dialer.
 func TestStandbyDeposesGoneLeader(t *testing.T) {
-	for i := range 2 {
-		startGossipWorker(t, fmt.Sprintf("w%d", i), 10*time.Second)
-	}
-	cfgA, cfgB := testConfig(t), testConfig(t)
-	cfgA.ID, cfgB.ID = "a", "b"
-	cfgA.LeaderTTL, cfgB.LeaderTTL = 10*time.Second, 10*time.Second
-	a, _ := startCoordinator(t, cfgA)
-	waitReady(t, a)
-	b, _ := startCoordinator(t, cfgB)
-	eventually(t, "the standby watching the leader's address", func() bool {
-		_, addr := b.leaderAddr(testCtx(t))
-		return addr == a.Addr()
-	})
-	gone := time.Now()
-	a.srv.Stop() // closes the listener and the connections, as the kernel does for a killed process
-	eventually(t, "the standby leading", func() bool {
-		b.mu.Lock()
-		defer b.mu.Unlock()
-		return b.leader
-	})
-	took := time.Since(gone)
-	t.Logf("the standby leads %v after the leader's gRPC server stopped", took.Round(time.Millisecond))
-	if !slices.Contains(b.gossip.Members(), gossipNodeName("a")) {
-		t.Errorf("gossip no longer lists the old leader's node: the take-over may be gossip's doing, not the watch's")
-	}
-	if took > 5*time.Second {
-		t.Errorf("the standby led %v after the leader's server stopped, want well within the 10 s lease", took)
+	for _, withTLS := range []bool{false, true} {
+		t.Run(map[bool]string{false: "plaintext", true: "tls"}[withTLS], func(t *testing.T) {
+			cfgA, cfgB := testConfig(t), testConfig(t)
+			var opts []grpc.ServerOption
+			if withTLS {
+				certs := securitytest.CertsFor(t, cfgA.Etcd.Cluster)
+				opts = append(opts, grpc.Creds(credentials.NewTLS(certs.Load(t, "worker").ServerConfig(true))))
+				cfgA.TLS, cfgB.TLS = certs.Load(t, "coordinator"), certs.Load(t, "coordinator")
+			}
+			for i := range 2 {
+				startGossipWorker(t, fmt.Sprintf("w%d", i), 10*time.Second, opts...)
+			}
+			cfgA.ID, cfgB.ID = "a", "b"
+			cfgA.LeaderTTL, cfgB.LeaderTTL = 10*time.Second, 10*time.Second
+			a, _ := startCoordinator(t, cfgA)
+			waitReady(t, a)
+			b, _ := startCoordinator(t, cfgB)
+			eventually(t, "the standby watching the leader's address", func() bool {
+				_, addr := b.leaderAddr(testCtx(t))
+				return addr == a.Addr()
+			})
+			time.Sleep(200 * time.Millisecond) // the watch stream opens
+			gone := time.Now()
+			a.srv.Stop() // closes the listener and the connections, as the kernel does for a killed process
+			eventually(t, "the standby leading", func() bool {
+				b.mu.Lock()
+				defer b.mu.Unlock()
+				return b.leader
+			})
+			took := time.Since(gone)
+			t.Logf("the standby leads %v after the leader's gRPC server stopped", took.Round(time.Millisecond))
+			if !slices.Contains(b.gossip.Members(), gossipNodeName("a")) {
+				t.Errorf("gossip no longer lists the old leader's node: the take-over may be gossip's doing, not the watch's")
+			}
+			if took > 5*time.Second {
+				t.Errorf("the standby led %v after the leader's server stopped, want well within the 10 s lease", took)
+			}
+		})
 	}
 }
