@@ -260,7 +260,7 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 	toRead, toReadBytes := rw.lacking()
 	w.metrics.loadStart(toRead, toReadBytes)
 	defer w.metrics.loadEnd()
-	counted := &progressWeights{Weights: run.NewRankWeights(shard.NewRankReader(view, man), w.ops).WithFormat(cfg, format), m: w.metrics, bytesOf: man.BytesOf}
+	counted := &progressWeights{Weights: run.NewRankWeights(shard.NewRankReader(view, man), w.ops).WithFormat(cfg, format).WithLog(lg), m: w.metrics, bytesOf: man.BytesOf}
 	pw := &run.Progress{Weights: counted, Log: lg,
 		Total: toRead, TotalBytes: toReadBytes, BytesOf: man.BytesOf, Every: w.progressEvery}
 	rw.next = pw

@@ -168,7 +168,7 @@ func loadRanks(ctx context.Context, f modelFlags, cfg model.Config, ckpt *safete
 	}
 	for i, rank := range ranks {
 		ops := allOps[i]
-		cw := modelrun.NewCheckpointWeights(ckpt, ops, cfg).WithFormat(cfg, format)
+		cw := modelrun.NewCheckpointWeights(ckpt, ops, cfg).WithFormat(cfg, format).WithLog(log.With(zap.Int("rank", rank)))
 		var w modelrun.Weights = cw
 		memBytes := cw.MemoryBytes
 		bytesOf := func(name string) int64 {
@@ -184,7 +184,7 @@ func loadRanks(ctx context.Context, f modelFlags, cfg model.Config, ckpt *safete
 				g.Close()
 				return nil, err
 			}
-			rw := modelrun.NewRankWeights(shard.NewRankReader(view, man), ops).WithFormat(cfg, format)
+			rw := modelrun.NewRankWeights(shard.NewRankReader(view, man), ops).WithFormat(cfg, format).WithLog(log.With(zap.Int("rank", rank)))
 			w, bytesOf, memBytes = rw, man.BytesOf, rw.MemoryBytes
 		}
 		bytes := int64(0)
