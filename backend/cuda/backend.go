@@ -55,6 +55,9 @@ type Backend struct {
 	// noQuantGEMV makes Linear and Experts on quantised weights take the dequantise-to-bf16 paths at any
 	// row count (tests compare them with the GEMV kernels).
 	noQuantGEMV bool
+	// noFP8Gemm makes Linear on fp8 weights with dynamic activations take the dequantised path for
+	// prefill instead of the FP8 GEMM (fp8gemm.go; tests compare them).
+	noFP8Gemm bool
 }
 
 var _ backend.Ops = (*Backend)(nil)
@@ -78,6 +81,7 @@ type kernelSet struct {
 	actQuantRows, dequantBF16, qexpertGEMV1, qexpertGEMV8, quantizeBF16  *kernel
 	qgemv                                                                [4]*kernel // qgemv_1, _2, _4, _8
 	qgemvSplit                                                           [2]*kernel // qgemv_split_1, _2
+	actQuantFP8, fp8ScaleOut                                             *kernel
 }
 
 // Info describes what New found and did.
@@ -108,6 +112,7 @@ type Counters struct {
 
 	QuantGEMV    int64 // Linear calls on a quantised weight run by the quantised GEMV (decode)
 	QuantDequant int64 // Linear calls on a quantised weight run on a dequantised bf16 copy (prefill)
+	QuantFP8Gemm int64 // Linear calls on an fp8 weight run by the FP8 GEMM (prefill, fp8gemm.go)
 }
 
 // New loads the CUDA libraries, opens device cfg.Device and compiles the kernels. On a machine without
@@ -208,6 +213,7 @@ func (b *Backend) init() error {
 		{"qgemv_1", &b.k.qgemv[0]}, {"qgemv_2", &b.k.qgemv[1]}, {"qgemv_4", &b.k.qgemv[2]}, {"qgemv_8", &b.k.qgemv[3]},
 		{"qgemv_split_1", &b.k.qgemvSplit[0]}, {"qgemv_split_2", &b.k.qgemvSplit[1]},
 		{"qexpert_gemv_1", &b.k.qexpertGEMV1}, {"qexpert_gemv_8", &b.k.qexpertGEMV8}, {"quantize_bf16", &b.k.quantizeBF16},
+		{"act_quant_fp8", &b.k.actQuantFP8}, {"fp8_scale_out", &b.k.fp8ScaleOut},
 	} {
 		if *k.dst, err = b.module.function(k.name); err != nil {
 			return err

@@ -1,6 +1,7 @@
 // quant_check.cpp: runs the kernels of kernels/quant.cu under the emulator (emu.h) on small random inputs
 // and compares them with host references written from package quant's rules (qgemv_N, dequant_bf16,
-// qexpert_gemv_N in both modes, act_quant_rows gathered and in place, quantize_bf16). The scalar helpers
+// qexpert_gemv_N in both modes, act_quant_rows gathered and in place, quantize_bf16; act_quant_fp8 and
+// fp8_scale_out of quant_fp8gemm.cu around a host GEMM of their codes). The scalar helpers
 // (E4M3 decode, rounding, encoding, FP8RowScale) are those of quant.cu itself, checked against package
 // quant bit for bit when this was written. Build and run: scripts/gpu/emu-quant.sh.
 #include "src.cu" // made by emu-quant.sh
@@ -126,6 +127,28 @@ void test_quantize(int fmt, int gs, long outer, long in, long inner) {
 			else { unsigned want = e4m3_encode(round_e4m3(std::min(std::max(x / scale, -448.0f), 448.0f))); check("qfp8", codes[idx], want, 0, idx); } }
 	}
 }
+// test_fp8gemm: act_quant_fp8's codes and scales decode to act_quant_rows' values bit for bit, and
+// act_quant_fp8 → a float32 product of the codes (the host stands in for cuBLASLt) → fp8_scale_out gives
+// the product of the fake-quantised rows with the dequantised fp8 weight [N, K].
+void test_fp8gemm(int T, int K, int N, int xdt) {
+	std::vector<float> xf(T * K); for (auto& v : xf) v = urand(-3, 3) * (rng() % 11 == 0 ? 0.0f : 1.0f);
+	if (T > 1) { xf[K + 3] = 2500; for (int i = 0; i < K; i++) xf[2 * K % (T * K) + i] *= (T > 2 ? 0.0f : 1.0f); } // a clamped row, a zero row
+	std::vector<bf16_t> xb(T * K); for (int i = 0; i < T * K; i++) { xb[i] = f32_to_bf16(xf[i]); if (xdt == DT_BF16) xf[i] = bf16_to_f32(xb[i]); }
+	const void* x = xdt == DT_BF16 ? (const void*)xb.data() : (const void*)xf.data();
+	std::vector<unsigned char> codes(T * K); std::vector<float> sx(T, NAN);
+	launch(dim3{(unsigned)T}, dim3{128}, [&] { act_quant_fp8(x, xdt, K, codes.data(), sx.data()); });
+	std::vector<float> fq(T * K);
+	launch(dim3{(unsigned)T}, dim3{64}, [&] { act_quant_rows(x, xdt, nullptr, nullptr, 1, K, 1, fq.data(), DT_F32, nullptr); });
+	for (int i = 0; i < T * K; i++) { float got = e4m3_to_f32(codes[i]) * sx[i / K];
+		if (__float_as_uint(got) != __float_as_uint(fq[i])) { if (bad++ < 10) printf("act_quant_fp8 [%d] %g want %g\n", i, got, fq[i]); } }
+	QW w = make(QF_FP8, 0, N, K, 1);
+	std::vector<float> y(T * N), want(T * N);
+	for (int t = 0; t < T; t++) for (int o = 0; o < N; o++) { double acc = 0, ref = 0;
+		for (int k = 0; k < K; k++) { acc += (double)e4m3_to_f32(codes[t * K + k]) * e4m3_to_f32(w.codes[o * K + k]); ref += (double)fq[t * K + k] * w.at((long)o * K + k); }
+		y[t * N + o] = (float)acc; want[t * N + o] = (float)ref; }
+	launch(dim3{3}, dim3{32}, [&] { fp8_scale_out(y.data(), sx.data(), w.sf.data(), T, N); });
+	for (int i = 0; i < T * N; i++) check("fp8gemm", y[i], want[i], 1e-5, i);
+}
 int main() {
 	for (int xdt : {DT_F32, DT_BF16}) for (int T : {1, 2, 3, 5, 8}) {
 		test_qgemv(QF_FP8, 0, T, 64, 10, xdt); test_qgemv(QF_FP8_BF16, 0, T, 48, 9, xdt);
@@ -145,5 +168,7 @@ int main() {
 	printf("act done bad=%d\n", bad);
 	test_quantize(QF_FP8, 0, 5, 33, 1); test_quantize(QF_FP8, 0, 3, 20, 24); test_quantize(QF_INT4, 16, 5, 37, 1); test_quantize(QF_INT4, 8, 3, 20, 24); test_quantize(QF_INT4, 128, 2, 40, 3);
 	printf("quantize done bad=%d\n", bad);
+	for (int xdt : {DT_F32, DT_BF16}) { test_fp8gemm(1, 64, 5, xdt); test_fp8gemm(3, 160, 7, xdt); test_fp8gemm(5, 48, 16, xdt); }
+	printf("fp8gemm done bad=%d\n", bad);
 	return bad != 0;
 }

@@ -1,0 +1,158 @@
+package cuda_test
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tpfleet/tpfleet/backend"
+	"github.com/tpfleet/tpfleet/backend/cpu"
+	"github.com/tpfleet/tpfleet/backend/cuda"
+	"github.com/tpfleet/tpfleet/quant"
+	"github.com/tpfleet/tpfleet/safetensors"
+)
+
+// quantFP8GemmRelL2 bounds the FP8 prefill GEMM against the cpu: the products of E4M3 codes are exact and
+// the scales are applied once, so only the tensor cores' float32 accumulation (and its order) differs
+// from the cpu's sum of the same products: about 1e-6 relative. A wrong scale, row or code gives errors of
+// order one; the bound leaves room for the FP8 accumulator's reduced precision on Hopper.
+const quantFP8GemmRelL2 = 1e-3
+
+// fp8GemmArch reports whether the card has FP8 tensor cores (sm_89 and later), where Linear must take
+// the FP8 GEMM.
+func fp8GemmArch(g *cuda.Backend) bool {
+	arch := strings.TrimPrefix(g.Info().Arch, "sm_")
+	n, err := strconv.Atoi(strings.TrimRight(arch, "a"))
+	return err == nil && n >= 89
+}
+
+// TestQuantFP8GemmVsCPU compares Linear on fp8 weights with dynamic activations (--quantization fp8) at
+// prefill row counts with the cpu backend: the FP8 GEMM (act_quant_fp8, cuBLASLt on the codes,
+// fp8_scale_out) with float32 and bf16 inputs, rows with a clamped maximum (above the activation bound
+// 1200) and a zero row; the same shapes on the dequantised path (SetFP8Gemm off) for comparison; and a
+// width the FP8 GEMM does not take (out not a multiple of 16: the dequantised path). On sm_89 and later
+// the FP8 GEMM must have run (Counters.QuantFP8Gemm).
+func TestQuantFP8GemmVsCPU(t *testing.T) {
+	g := newBackend(t, cuda.BF16)
+	e := &opEnv{t: t, cpu: cpu.New(cpu.Config{}), gpu: g, r: rand.New(rand.NewPCG(51, 52))}
+	f := quant.Format{Kind: quant.FP8, DynamicActivations: true}
+	for _, s := range []struct{ T, in, out int }{{65, 512, 384}, {300, 2048, 1536}, {2048, 5120, 1024}, {129, 1024, 200}} {
+		w := e.qweight(f, 0.05, s.out, s.in)
+		vals := randVals(e.r, s.T*s.in, 1)
+		vals[3] = 5000                      // row 0's maximum is clamped to the activation bound
+		clear(vals[s.in : 2*s.in])          // row 1 is zero
+		xf := e.pairOf(vals, s.T, s.in)     // float32 rows
+		xb := e.bf16PairOf(vals, s.T, s.in) // bf16 rows (the cpu gets the same bf16-rounded values)
+		fast := s.out%16 == 0 && s.in%16 == 0
+		for _, in := range []struct {
+			name string
+			x    pair
+		}{{"f32", xf}, {"bf16", xb}} {
+			for _, on := range []bool{true, false} {
+				old := cuda.SetFP8Gemm(g, on)
+				before := g.Counters()
+				name := "QFP8Gemm"
+				bound := quantFP8GemmRelL2
+				if !on || !fast {
+					name, bound = "QFP8Deq", quantBF16RelL2
+				}
+				e.qcompare(name, fmt.Sprintf("%s x %s [%d %d]x[%d %d]", f, in.name, s.T, s.in, s.out, s.in), bound, func(b backend.Ops, side int) (backend.Tensor, error) {
+					return b.Linear(pickSide(in.x, side), pickSide(w, side))
+				})
+				ran := g.Counters().QuantFP8Gemm - before.QuantFP8Gemm
+				if want := on && fast && fp8GemmArch(g); (ran > 0) != want {
+					t.Errorf("%s [%d %d]x[%d %d] with the FP8 GEMM %v on %s: it ran %d times, want it to run: %v", in.name, s.T, s.in, s.out, s.in, on, g.Info().Arch, ran, want)
+				}
+				cuda.SetFP8Gemm(g, old)
+			}
+		}
+	}
+}
+
+// pairOf loads vals [rows, cols] as float32 on both backends.
+func (e *opEnv) pairOf(vals []float32, shape ...int) pair {
+	e.t.Helper()
+	c, err := e.cpu.FromFloat32(shape, vals)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	g, err := e.gpu.FromFloat32(shape, vals)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return pair{c, g}
+}
+
+// bf16PairOf loads vals rounded to bf16: a bf16 tensor on the GPU, their float32 values on the cpu.
+func (e *opEnv) bf16PairOf(vals []float32, shape ...int) pair {
+	e.t.Helper()
+	data := bf16Data(vals)
+	rounded := make([]float32, len(vals))
+	if err := safetensors.ToFloat32(safetensors.BF16, data, rounded); err != nil {
+		e.t.Fatal(err)
+	}
+	c, err := e.cpu.FromFloat32(shape, rounded)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	g, err := e.gpu.Load(safetensors.BF16, shape, data)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return pair{c, g}
+}
+
+// TestQuantFP8GemmTimes times Linear at prefill (2048 rows) on Scout's shapes: bf16 (cuBLASLt), fp8 on
+// the FP8 GEMM, fp8 on the dequantised path, int4 (dequantised). A report, no assertion.
+func TestQuantFP8GemmTimes(t *testing.T) {
+	g := newBackend(t, cuda.BF16)
+	r := rand.New(rand.NewPCG(61, 62))
+	const T, reps = 2048, 10
+	for _, s := range []struct{ in, out int }{{5120, 5120}, {5120, 16384}, {8192, 5120}} {
+		x, err := g.FromFloat32([]int{T, s.in}, randVals(r, T*s.in, 1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range []struct {
+			name string
+			f    quant.Format
+			fp8  bool
+		}{{"bf16", quant.Format{}, false}, {"fp8 gemm", quant.Format{Kind: quant.FP8, DynamicActivations: true}, true},
+			{"fp8 dequant", quant.Format{Kind: quant.FP8, DynamicActivations: true}, false}, {"int4 dequant", quant.Format{Kind: quant.Int4, GroupSize: 128}, false}} {
+			var w backend.Tensor
+			if c.f.Quantized() {
+				w, err = g.RandomQuantized(c.f, []int{s.out, s.in}, 1, 0, 0.02, 7)
+			} else {
+				w, err = g.RandomBF16([]int{s.out, s.in}, 0, 0.02, 7)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			old := cuda.SetFP8Gemm(g, c.fp8)
+			run := func() error { _, err := g.Linear(x, w); return err }
+			if err := run(); err != nil { // warm-up, plans
+				t.Fatalf("%s: %v", c.name, err)
+			}
+			_, total, err := g.Profile(func() error {
+				for range reps {
+					if err := run(); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+			cuda.SetFP8Gemm(g, old)
+			if err != nil {
+				t.Fatalf("%s: %v", c.name, err)
+			}
+			per := total / reps
+			tflops := 2 * float64(T) * float64(s.in) * float64(s.out) / per.Seconds() / 1e12
+			shape := fmt.Sprintf("[%d %d]x[%d %d]", T, s.in, s.out, s.in)
+			t.Logf("%-14s %-26s %9.1f µs  %6.0f TFLOP/s", c.name, shape, float64(per.Nanoseconds())/1e3, tflops)
+			row("Prefill "+c.name, shape, fmt.Sprintf("%.0f TFLOP/s", tflops), per.Round(time.Microsecond).String())
+		}
+	}
+}
