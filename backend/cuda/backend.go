@@ -34,6 +34,7 @@ type Backend struct {
 	info    Info
 	closed  bool
 	counts  Counters
+	offload OffloadStats // offloaded experts' copies (offload.go)
 
 	rec   *recorder             // the Step being captured or replayed, nil otherwise (graph.go)
 	steps map[string]*stepState // Step's recordings by key
@@ -308,7 +309,8 @@ type tensor struct {
 	off   int64 // bytes
 	shape []int
 	dt    DType
-	q     *qweight // a quantised weight's format and scales (dt is quantized), nil otherwise
+	q     *qweight    // a quantised weight's format and scales (dt is quantized), nil otherwise
+	host  *hostWeight // an offloaded experts weight (offload.go): buf is nil, only Experts reads it
 }
 
 // Shape returns the tensor's dimensions, outermost first. The caller must not modify the slice.
@@ -356,6 +358,9 @@ func (b *Backend) asTensor(op, name string, t backend.Tensor) (*tensor, error) {
 	tt, ok := t.(*tensor)
 	if !ok || tt == nil || tt.b != b {
 		return nil, fmt.Errorf("cuda: %s: %s is a %T of another backend: %w", op, name, t, ErrForeign)
+	}
+	if tt.host != nil && op != "experts" && op != "offload experts" {
+		return nil, fmt.Errorf("cuda: %s: %s%v is an offloaded experts weight: only Experts reads it: %w", op, name, tt.shape, backend.ErrShape)
 	}
 	return tt, nil
 }

@@ -141,6 +141,9 @@ func (b *Backend) experts(x backend.Tensor, r backend.Routing, gateUp, down back
 	if err != nil {
 		return nil, err
 	}
+	if gt.host != nil || dt.host != nil {
+		return b.expertsOffloaded(xt, rt, gt, dt, first, add)
+	}
 	if len(xt.shape) != 2 || len(gt.shape) != 3 || len(dt.shape) != 3 || rt.tokens != xt.shape[0] ||
 		gt.shape[0] != dt.shape[0] || gt.shape[1] != xt.shape[1] || gt.shape[2] != 2*dt.shape[1] || dt.shape[2] != xt.shape[1] {
 		return nil, fmt.Errorf("cuda: experts x%v routing[%d×%d] gateUp%v down%v: %w",
