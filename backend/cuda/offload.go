@@ -46,6 +46,9 @@ type OffloadStats struct {
 // OffloadStats returns the counts so far.
 func (b *Backend) OffloadStats() OffloadStats { return b.offload }
 
+// OffloadCopied returns OffloadStats' calls and bytes (tpfleet bench --offload-experts).
+func (b *Backend) OffloadCopied() (calls, bytes int64) { return b.offload.Calls, b.offload.Bytes }
+
 // OffloadExperts moves t, an experts weight [E, K, N] loaded on b (bf16 or quantised), to pinned host
 // memory and returns its offloaded form, which only Experts reads; t's device memory is freed when t
 // becomes unreachable. The pinned memory is freed when the returned tensor becomes unreachable.
