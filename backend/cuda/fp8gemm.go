@@ -36,7 +36,10 @@ func (b *Backend) fp8GemmOK(xt, wt *tensor) bool {
 // no plan for the shape.
 func (b *Backend) linearFP8(xt, wt *tensor) (y backend.Tensor, ok bool, err error) {
 	T, in, out := xt.shape[0], xt.shape[1], wt.shape[0]
-	key := gemmKey{m: T, n: out, k: in, out: F32, fp8: true}
+	// The GEMM runs on rows padded to a multiple of 16 (zero codes), so that every prompt length has the
+	// shapes cuBLASLt's FP8 kernels take; only the first T rows are scaled and returned.
+	M := ceilDiv(T, 16) * 16
+	key := gemmKey{m: M, n: out, k: in, out: F32, fp8: true}
 	plan, err := b.gemm.plan(key)
 	if err != nil {
 		return nil, false, fmt.Errorf("cuda: linear x%v w%v (%s): %w", xt.shape, wt.shape, wt.q.format, err)
@@ -47,20 +50,26 @@ func (b *Backend) linearFP8(xt, wt *tensor) (y backend.Tensor, ok bool, err erro
 	fail := func(err error) (backend.Tensor, bool, error) {
 		return nil, true, fmt.Errorf("cuda: linear x%v w%v (%s, fp8 gemm): %w", xt.shape, wt.shape, wt.q.format, err)
 	}
-	codes, err := b.pool.get(int64(T) * int64(in))
+	codes, err := b.pool.get(int64(M) * int64(in))
 	if err != nil {
 		return fail(err)
 	}
 	defer b.pool.release(*codes)
+	if M > T {
+		if err := b.stream.memset(codes.ptr+devptr(int64(T)*int64(in)), 0, int64(M-T)*int64(in)); err != nil {
+			return fail(err)
+		}
+	}
 	scales, err := b.pool.get(int64(T) * 4)
 	if err != nil {
 		return fail(err)
 	}
 	defer b.pool.release(*scales)
-	yt, err := b.newTensor(F32, T, out)
+	yt, err := b.newTensor(F32, M, out)
 	if err != nil {
 		return fail(err)
 	}
+	yt.shape = []int{T, out} // the padding rows stay in the block, unread
 	if err := b.stream.launch(b.k.actQuantFP8, dim3{uint32(T), 1, 1}, actQuantBlock, 0, xt, int(xt.dt), in, codes, scales); err != nil {
 		return fail(err)
 	}
