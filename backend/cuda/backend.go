@@ -35,6 +35,7 @@ type Backend struct {
 	closed  bool
 	counts  Counters
 	offload OffloadStats // offloaded experts' copies (offload.go)
+	off     *offloader   // the offloaded experts' copy stream and cache (offload.go), nil until then
 
 	rec   *recorder             // the Step being captured or replayed, nil otherwise (graph.go)
 	steps map[string]*stepState // Step's recordings by key
@@ -241,6 +242,7 @@ func (b *Backend) Close() error {
 	}
 	b.closeGraphs()
 	b.closeProfiler()
+	b.closeOffload()
 	if b.pool != nil {
 		keep(b.pool.close())
 	}

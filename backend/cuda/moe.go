@@ -59,6 +59,7 @@ func (b *Backend) Route(logits backend.Tensor, k int) (backend.Routing, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cuda: route: %w", err)
 	}
+	b.offloadRouted(r) // offload.go: an event Experts on offloaded weights can wait for
 	return r, nil
 }
 

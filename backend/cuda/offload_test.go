@@ -99,6 +99,32 @@ func TestOffloadExpertsVsResident(t *testing.T) {
 				row("Offload experts", shape, fmt.Sprintf("relL2 %.2e", rel), fmt.Sprintf("%d slices %d B", copied, st.Bytes-before.Bytes))
 			}
 		}
+		// A routing that is not the last one Route made takes the path without overlap (a stream
+		// synchronisation, copies on the compute stream): same result.
+		x, logits := e.input(1, 5, H).g, e.input(3, 5, E).g
+		r1, err := g.Route(logits, 2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := g.Route(e.input(3, 5, E).g, 2); err != nil {
+			t.Fatal(err)
+		}
+		want, err := g.Experts(x, r1, gu, dn, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := g.Experts(x, r1, hgu, hdn, 0)
+		if err != nil {
+			t.Fatalf("%s offloaded, an older routing: %v", f, err)
+		}
+		wv, _ := g.Float32(want)
+		gv, err := g.Float32(got)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rel := relL2(gv, wv); rel > offloadRelL2 || math.IsNaN(rel) {
+			t.Errorf("%s T 5 k 2, an older routing: offloaded vs resident relative L2 = %.3g, want <= %.3g", f, rel, offloadRelL2)
+		}
 		if _, err := g.Linear(e.input(1, 1, H).g, hgu); !errors.Is(err, backend.ErrShape) {
 			t.Errorf("Linear on an offloaded weight = %v, want ErrShape", err)
 		}
