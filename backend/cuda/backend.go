@@ -83,7 +83,7 @@ type kernelSet struct {
 	actQuantRows, dequantBF16, qexpertGEMV1, qexpertGEMV8, quantizeBF16  *kernel
 	qgemv                                                                [4]*kernel // qgemv_1, _2, _4, _8
 	qgemvSplit                                                           [2]*kernel // qgemv_split_1, _2
-	actQuantFP8, fp8ScaleOut                                             *kernel
+	actQuantFP8, fp8ScaleOut, transposeU8                                *kernel
 }
 
 // Info describes what New found and did.
@@ -115,6 +115,7 @@ type Counters struct {
 	QuantGEMV    int64 // Linear calls on a quantised weight run by the quantised GEMV (decode)
 	QuantDequant int64 // Linear calls on a quantised weight run on a dequantised bf16 copy (prefill)
 	QuantFP8Gemm int64 // Linear calls on an fp8 weight run by the FP8 GEMM (prefill, fp8gemm.go)
+	ExpertsFP8   int64 // of ExpertsGrouped, the calls on fp8 weights run by the FP8 GEMM per expert
 }
 
 // New loads the CUDA libraries, opens device cfg.Device and compiles the kernels. On a machine without
@@ -215,7 +216,7 @@ func (b *Backend) init() error {
 		{"qgemv_1", &b.k.qgemv[0]}, {"qgemv_2", &b.k.qgemv[1]}, {"qgemv_4", &b.k.qgemv[2]}, {"qgemv_8", &b.k.qgemv[3]},
 		{"qgemv_split_1", &b.k.qgemvSplit[0]}, {"qgemv_split_2", &b.k.qgemvSplit[1]},
 		{"qexpert_gemv_1", &b.k.qexpertGEMV1}, {"qexpert_gemv_8", &b.k.qexpertGEMV8}, {"quantize_bf16", &b.k.quantizeBF16},
-		{"act_quant_fp8", &b.k.actQuantFP8}, {"fp8_scale_out", &b.k.fp8ScaleOut},
+		{"act_quant_fp8", &b.k.actQuantFP8}, {"fp8_scale_out", &b.k.fp8ScaleOut}, {"transpose_u8", &b.k.transposeU8},
 	} {
 		if *k.dst, err = b.module.function(k.name); err != nil {
 			return err

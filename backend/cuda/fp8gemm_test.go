@@ -2,6 +2,7 @@ package cuda_test
 
 import (
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"strconv"
 	"strings"
@@ -68,6 +69,56 @@ func TestQuantFP8GemmVsCPU(t *testing.T) {
 				}
 				cuda.SetFP8Gemm(g, old)
 			}
+		}
+	}
+}
+
+// quantFP8ActRelL2 bounds the routed experts on the FP8 GEMM against the cpu: the products are exact, so
+// the gate and up sums differ from the cpu's by the accumulation only, but the SwiGLU rows are rounded to
+// E4M3 again before down, and an element near a rounding midpoint lands on the neighbouring value (a step
+// is 6–12 % of it): a few 1e-3 relative L2 expected; a wrong expert, row or scale gives order one.
+const quantFP8ActRelL2 = 3e-2
+
+// TestQuantFP8ExpertsVsCPU compares Route+Experts (and ExpertsAdd) on fp8 expert weights with dynamic
+// activations at prefill token counts with the cpu: the FP8 GEMM per active expert (act_quant_fp8 on the
+// gathered rows, transpose_u8 of the expert's codes, cuBLASLt, the scales) and, for comparison, the
+// dequantised grouped path (SetFP8Gemm off). On sm_89 and later the FP8 path must have run
+// (Counters.ExpertsFP8).
+func TestQuantFP8ExpertsVsCPU(t *testing.T) {
+	g := newBackend(t, cuda.BF16)
+	e := &opEnv{t: t, cpu: cpu.New(cpu.Config{}), gpu: g, r: rand.New(rand.NewPCG(81, 82))}
+	f := quant.Format{Kind: quant.FP8, DynamicActivations: true}
+	for _, s := range []struct{ T, E, k, H, I int }{{300, 8, 2, 256, 128}, {129, 16, 1, 1024, 512}, {1000, 4, 1, 512, 256}} {
+		x, add := e.input(1, s.T, s.H), e.input(1, s.T, s.H)
+		logits := e.input(3, s.T, s.E)
+		gu := e.qweight(f, float32(2/math.Sqrt(float64(s.H))), s.E, s.H, 2*s.I)
+		dn := e.qweight(f, float32(2/math.Sqrt(float64(s.I))), s.E, s.I, s.H)
+		for _, on := range []bool{true, false} {
+			old := cuda.SetFP8Gemm(g, on)
+			before := g.Counters()
+			name, bound := "QExpertsFP8", quantFP8ActRelL2
+			if !on {
+				name, bound = "QExpertsDeq", quantBF16ActRelL2
+			}
+			e.qcompare(name, fmt.Sprintf("%s T %d E %d k %d H %d I %d +add", f, s.T, s.E, s.k, s.H, s.I), bound, func(b backend.Ops, side int) (backend.Tensor, error) {
+				r, err := b.Route(pickSide(logits, side), s.k)
+				if err != nil {
+					return nil, err
+				}
+				if side == 1 {
+					return g.ExpertsAdd(x.g, r, gu.g, dn.g, 0, add.g)
+				}
+				y, err := b.Experts(x.c, r, gu.c, dn.c, 0)
+				if err != nil {
+					return nil, err
+				}
+				return b.Add(y, add.c)
+			})
+			ran := g.Counters().ExpertsFP8 - before.ExpertsFP8
+			if want := on && fp8GemmArch(g); (ran > 0) != want {
+				t.Errorf("T %d E %d with the FP8 GEMM %v on %s: the FP8 experts path ran %d times, want it to run: %v", s.T, s.E, on, g.Info().Arch, ran, want)
+			}
+			cuda.SetFP8Gemm(g, old)
 		}
 	}
 }

@@ -245,6 +245,16 @@ func (b *Backend) expertsQuant(e *expertsCall, fast bool) (backend.Tensor, error
 		return b.experts(e.x, e.r, &tensor{b: b, buf: gb, shape: gt.shape, dt: BF16}, &tensor{b: b, buf: db, shape: dt.shape, dt: BF16}, e.first, e.add)
 	}
 	if (e.T > skinnyRows || b.noQuantGEMV) && b.cfg.Activations == BF16 {
+		if b.fp8ExpertsOK(e) { // fp8gemm.go: the FP8 GEMM per active expert
+			done, err := b.expertsFP8Grouped(e)
+			if err != nil {
+				return nil, fmt.Errorf("cuda: experts (%s, fp8 gemm): %w", gt.q.format, err)
+			}
+			if done {
+				b.counts.ExpertsGrouped++
+				return e.out, nil
+			}
+		}
 		done, err := b.expertsGrouped(e)
 		if err != nil {
 			return nil, fmt.Errorf("cuda: experts (%s): %w", gt.q.format, err)
