@@ -81,8 +81,9 @@ for r in rows:
         fmt = r.get("format", "") + (" offload" if r.get("offload_experts") else "")
         notes = ""
         if r.get("offload_experts"):
-            notes = "copied %.1f MB/step, PCIe floor %.3f ms (%.1f GB/s)" % (r.get("offload_bytes_per_step", 0) / 1e6,
-                r.get("offload_floor_ms", 0), r.get("offload_gb_per_s", 0))
+            pf = r.get("offload_floor_ms", 0)
+            notes = "copies %.1f MB/step; PCIe floor %.3f ms (%.1f GB/s host to device), %.0f%% of it" % (
+                r.get("offload_bytes_per_step", 0) / 1e6, pf, r.get("offload_gb_per_s", 0), 100 * pf / r["decode_ms_per_token"])
         pre = "%.2f" % r["prefill_ms"] if r.get("prompt_tokens") == 2048 else ""
         print(f"{'tpfleet':10s} {fmt:16s} {r['batch']:5d} {r['decode_ms_per_token']:10.3f} {r.get('decode_floor_ms', 0):9.3f} "
               f"{100 * r.get('decode_fraction_of_floor', 0):7.0f}% {r['decode_weight_bytes_per_step'] / 1e9:8.3f} {pre:>12s}  {notes}")
