@@ -132,22 +132,7 @@ func (b *Backend) expertsOffloaded(xt *tensor, rt *routing, gt, dt *tensor, firs
 	if err != nil {
 		return nil, fmt.Errorf("cuda: experts (offloaded): %w", err)
 	}
-	E := gt.shape[0]
-	slot := make([]int32, E)
-	for i := range slot {
-		slot[i] = -1
-	}
-	var chosen []int
-	for _, id := range ids {
-		if l := id - first; l >= 0 && l < E && slot[l] < 0 {
-			slot[l] = 0
-			chosen = append(chosen, l)
-		}
-	}
-	slices.Sort(chosen)
-	for i, l := range chosen {
-		slot[l] = int32(i)
-	}
+	chosen, compactIDs := compactRouting(ids, first, gt.shape[0])
 	b.offload.Calls++
 	if len(chosen) == 0 { // no token chose an expert of this rank: zeros (+ add)
 		out, err := b.newTensor(F32, xt.shape[0], xt.shape[1])
@@ -174,11 +159,7 @@ func (b *Backend) expertsOffloaded(xt *tensor, rt *routing, gt, dt *tensor, firs
 		return nil, err
 	}
 	raw := make([]byte, 4*len(ids))
-	for i, id := range ids {
-		v := int32(-1) // not among this call's compact experts
-		if l := id - first; l >= 0 && l < E {
-			v = slot[l]
-		}
+	for i, v := range compactIDs {
 		binary.LittleEndian.PutUint32(raw[4*i:], uint32(v))
 	}
 	ex, err := b.pool.get(int64(len(raw)))
@@ -365,6 +346,34 @@ func (b *Backend) fetchOverlapped(gt, dt *tensor, chosen []int) (cg, cd *tensor,
 		return nil, nil, err
 	}
 	return cg, cd, nil
+}
+
+// compactRouting returns the local experts (ids first .. first+E-1) that ids choose, sorted, and ids
+// renumbered as indices into that list, -1 for the ids of experts held elsewhere: the routing of the
+// compact weights [len(chosen), K, N] that fetchExperts makes.
+func compactRouting(ids []int, first, E int) (chosen []int, compact []int32) {
+	slot := make([]int32, E)
+	for i := range slot {
+		slot[i] = -1
+	}
+	for _, id := range ids {
+		if l := id - first; l >= 0 && l < E && slot[l] < 0 {
+			slot[l] = 0
+			chosen = append(chosen, l)
+		}
+	}
+	slices.Sort(chosen)
+	for i, l := range chosen {
+		slot[l] = int32(i)
+	}
+	compact = make([]int32, len(ids))
+	for i, id := range ids {
+		compact[i] = -1 // not among this call's compact experts
+		if l := id - first; l >= 0 && l < E {
+			compact[i] = slot[l]
+		}
+	}
+	return chosen, compact
 }
 
 // fetchExperts enqueues copies of experts chosen (sorted local ids) of the offloaded w into a compact
