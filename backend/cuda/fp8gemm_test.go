@@ -156,8 +156,9 @@ func (e *opEnv) bf16PairOf(vals []float32, shape ...int) pair {
 	return pair{c, g}
 }
 
-// TestQuantFP8GemmTimes times Linear at prefill (2048 rows) on Scout's shapes: bf16 (cuBLASLt), fp8 on
-// the FP8 GEMM, fp8 on the dequantised path, int4 (dequantised). A report, no assertion.
+// TestQuantFP8GemmTimes times Linear at prefill (2048 rows) on Scout's shapes, and a Scout MoE layer's
+// routed experts at 2048 tokens: bf16 (cuBLASLt), fp8 on the FP8 GEMM, fp8 on the dequantised path, int4
+// (dequantised). A report, no assertion.
 func TestQuantFP8GemmTimes(t *testing.T) {
 	g := newBackend(t, cuda.BF16)
 	r := rand.New(rand.NewPCG(61, 62))
@@ -205,5 +206,63 @@ func TestQuantFP8GemmTimes(t *testing.T) {
 			t.Logf("%-14s %-26s %9.1f µs  %6.0f TFLOP/s", c.name, shape, float64(per.Nanoseconds())/1e3, tflops)
 			row("Prefill "+c.name, shape, fmt.Sprintf("%.0f TFLOP/s", tflops), per.Round(time.Microsecond).String())
 		}
+	}
+	// A Scout MoE layer's routed experts at prefill: 2048 tokens, 16 experts, top-1 (random weights made
+	// on the device, as bench makes them).
+	const E, H, I = 16, 5120, 8192
+	x, err := g.FromFloat32([]int{T, H}, randVals(r, T*H, 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	logits, err := g.FromFloat32([]int{T, E}, randVals(r, T*E, 3))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name string
+		f    quant.Format
+		fp8  bool
+	}{{"bf16", quant.Format{}, false}, {"fp8 gemm", quant.Format{Kind: quant.FP8, DynamicActivations: true}, true},
+		{"fp8 dequant", quant.Format{Kind: quant.FP8, DynamicActivations: true}, false}, {"int4 dequant", quant.Format{Kind: quant.Int4, GroupSize: 128}, false}} {
+		var gu, dn backend.Tensor
+		if c.f.Quantized() {
+			if gu, err = g.RandomQuantized(c.f, []int{E, H, 2 * I}, 1, 0, 0.02, 1); err == nil {
+				dn, err = g.RandomQuantized(c.f, []int{E, I, H}, 1, 0, 0.02, 2)
+			}
+		} else if gu, err = g.RandomBF16([]int{E, H, 2 * I}, 0, 0.02, 1); err == nil {
+			dn, err = g.RandomBF16([]int{E, I, H}, 0, 0.02, 2)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		old := cuda.SetFP8Gemm(g, c.fp8)
+		run := func() error {
+			rt, err := g.Route(logits, 1)
+			if err != nil {
+				return err
+			}
+			_, err = g.Experts(x, rt, gu, dn, 0)
+			return err
+		}
+		if err := run(); err != nil {
+			t.Fatalf("experts %s: %v", c.name, err)
+		}
+		_, total, err := g.Profile(func() error {
+			for range 3 {
+				if err := run(); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		cuda.SetFP8Gemm(g, old)
+		if err != nil {
+			t.Fatalf("experts %s: %v", c.name, err)
+		}
+		per := total / 3
+		shape := fmt.Sprintf("T %d E %d k 1 H %d I %d", T, E, H, I)
+		t.Logf("experts %-14s %-30s %9.1f µs", c.name, shape, float64(per.Nanoseconds())/1e3)
+		row("Prefill experts "+c.name, shape, fmt.Sprintf("%.0f TFLOP/s", 6*float64(T)*H*I/per.Seconds()/1e12), per.Round(time.Microsecond).String())
+		gu, dn = nil, nil
 	}
 }
