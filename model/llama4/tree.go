@@ -188,6 +188,14 @@ func (r runner) Config() model.Config { return r.m.Config }
 
 var _ run.ExpertLoader = runner{}
 
+var _ run.KVPool = runner{}
+
+// SetKVBlocks is Model.SetKVBlocks.
+func (r runner) SetKVBlocks(blockSize, blocks int) error { return r.m.SetKVBlocks(blockSize, blocks) }
+
+// KVUsage is Model.KVUsage.
+func (r runner) KVUsage() (used, total, blockSize int) { return r.m.KVUsage() }
+
 // ExpertLoad is Model.ExpertLoad.
 func (r runner) ExpertLoad() [][]int64 { return r.m.ExpertLoad() }
 
