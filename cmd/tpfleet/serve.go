@@ -19,6 +19,7 @@ import (
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/coordinator"
 	"github.com/tpfleet/tpfleet/internal/security"
+	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/tpgroup"
 	"github.com/tpfleet/tpfleet/worker"
 )
