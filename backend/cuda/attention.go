@@ -62,11 +62,13 @@ func (p *blockPool) grow(total, n int) error {
 	return nil
 }
 
-func (p *blockPool) BlockSize() int          { return p.size }
+func (p *blockPool) BlockSize() int           { return p.size }
 func (p *blockPool) Usage() (used, total int) { return p.ids.Usage() }
 
 // blockBytes is the size of one block: keys and values of size positions in bf16.
-func (p *blockPool) blockBytes() int64 { return 2 * int64(p.size) * int64(p.kvHeads) * int64(p.headDim) * 2 }
+func (p *blockPool) blockBytes() int64 {
+	return 2 * int64(p.size) * int64(p.kvHeads) * int64(p.headDim) * 2
+}
 
 // addr is block id's device address.
 func (p *blockPool) addr(id int) devptr {
