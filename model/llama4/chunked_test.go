@@ -229,3 +229,92 @@ func TestLongContextGolden(t *testing.T) {
 		t.Errorf("KV blocks in use at the end = %d, want 0", used)
 	}
 }
+
+// TestChunkedPrefillInterleaved: one sequence's prompt fed in pieces of 5 in the same ForwardBatch
+// steps as another sequence's greedy decode (as the coordinator's --prefill-chunk schedules them): both
+// give HF's greedy ids, and their blocks go back when they are freed.
+func TestChunkedPrefillInterleaved(t *testing.T) {
+	ctx := context.Background()
+	for _, f := range fixtures(t) {
+		t.Run(f.name, func(t *testing.T) {
+			m, ops := f.loadOps(t)
+			n := len(f.greedyIDs)
+			a, err := m.NewSequence(len(f.prompt) + n)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, err := m.NewSequence(len(f.prompt) + n)
+			if err != nil {
+				t.Fatal(err)
+			}
+			argmaxRow := func(v []float32, row int) int {
+				r := v[row*f.cfg.VocabSize : (row+1)*f.cfg.VocabSize]
+				best := 0
+				for i, x := range r {
+					if x > r[best] {
+						best = i
+					}
+				}
+				return best
+			}
+			var gotA, gotB []int
+			nextA := f.prompt // a's prompt whole, then its decodes
+			fedB := 0
+			for len(gotA) < n || len(gotB) < n {
+				var seqs []*llama4.Sequence
+				var ids [][]int
+				if len(gotA) < n {
+					seqs, ids = append(seqs, a), append(ids, nextA)
+				}
+				var pieceB []int
+				switch {
+				case fedB < len(f.prompt):
+					pieceB = f.prompt[fedB:min(fedB+5, len(f.prompt))]
+				case len(gotB) < n:
+					pieceB = []int{gotB[len(gotB)-1]}
+				}
+				if pieceB != nil {
+					seqs, ids = append(seqs, b), append(ids, pieceB)
+				}
+				logits, err := m.ForwardBatch(ctx, seqs, ids, false)
+				if err != nil {
+					t.Fatal(err)
+				}
+				v, err := ops.Float32(logits)
+				if err != nil {
+					t.Fatal(err)
+				}
+				row := 0
+				if len(gotA) < n {
+					gotA = append(gotA, argmaxRow(v, row))
+					nextA = []int{gotA[len(gotA)-1]}
+					row++
+				}
+				if pieceB != nil {
+					if fedB < len(f.prompt) {
+						fedB += len(pieceB)
+						if fedB == len(f.prompt) {
+							gotB = append(gotB, argmaxRow(v, row))
+						}
+					} else {
+						gotB = append(gotB, argmaxRow(v, row))
+					}
+				}
+			}
+			if !slices.Equal(gotA, f.greedyIDs) || !slices.Equal(gotB, f.greedyIDs) {
+				t.Errorf("interleaved: a %v, b (prompt in pieces of 5) %v, want HF's %v", gotA, gotB, f.greedyIDs)
+			}
+			if used, _, _ := m.KVUsage(); used == 0 {
+				t.Error("no KV blocks in use while two sequences are held")
+			}
+			a.Free()
+			b.Free()
+			if used, _, _ := m.KVUsage(); used != 0 {
+				t.Errorf("KV blocks in use after Free = %d, want 0", used)
+			}
+			if _, err := m.Forward(ctx, a, []int{1}, false); !errors.Is(err, llama4.ErrInput) {
+				t.Errorf("Forward on a freed sequence: %v, want ErrInput", err)
+			}
+		})
+	}
+}
