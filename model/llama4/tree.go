@@ -191,6 +191,9 @@ var _ run.ExpertLoader = runner{}
 // ExpertLoad is Model.ExpertLoad.
 func (r runner) ExpertLoad() [][]int64 { return r.m.ExpertLoad() }
 
+// SlotLoad is Model.SlotLoad.
+func (r runner) SlotLoad() [][]int64 { return r.m.SlotLoad() }
+
 func (r runner) NewSequence(capacity int) (run.Sequence, error) {
 	s, err := r.m.NewSequence(capacity)
 	if err != nil {
