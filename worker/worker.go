@@ -185,8 +185,8 @@ type Worker struct {
 	readBytes   int64
 	keptTensors int
 	keptBytes   int64
-	expertLoad  run.ExpertLoader   // the served model's expert counts; nil: none
-	latest      cluster.Plan       // the newest plan seen
+	expertLoad  run.ExpertLoader // the served model's expert counts; nil: none
+	latest      cluster.Plan     // the newest plan seen
 	applying    *applyJob
 	readyEpoch  int64         // Ready closes once the worker settles on this epoch (or a later one)
 	changed     chan struct{} // closed and replaced whenever state, epoch or latest change
