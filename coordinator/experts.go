@@ -167,8 +167,9 @@ func redundantOf(order *cluster.UnitOrder, load map[int][]int64) int {
 // balanceExperts places the experts of every counted layer over tp ranks by their load, as vLLM's and
 // SGLang's EPLB do: a layer gets E + redundant slots ((E + redundant)/tp a rank, whole experts, the ep
 // plan); the redundant slots hold replicas of the experts with the most tokens per replica (one more at a
-// time, at most one replica a rank), and an expert's tokens split evenly among its replicas (the model
-// spreads them by position). Then every replica, the heaviest (tokens over replicas) first, goes to the
+// time, at most one replica a rank; the hottest expert always gets one), the slots left over replicas of
+// the coldest (whichever split of the spare slots between the two packs best), and an expert's tokens
+// split evenly among its replicas (the model spreads them by position). Then every replica, the heaviest (tokens over replicas) first, goes to the
 // rank with the least load so far among those with a free slot and no replica of it, one that holds the
 // expert now (under cur; nil: the checkpoint's order) on a tie, then the lowest; should that leave a
 // replica no rank can take, the layer's replicas are dealt round robin instead. So any expert may move,
@@ -220,9 +221,11 @@ func placeLayer(counts []int64, old []int, tp, slots int) []int {
 	}
 	// The spare slots hold replicas of the hottest experts, k of them, and of the coldest, the rest (they
 	// only fill slots): each k is packed and the busiest rank's load decides, more hot replicas on a tie.
+	// The hottest expert always gets a replica where there is a spare slot (k >= 1), as EPLB's do: the
+	// counts are the past, and the hottest expert is the likeliest to flood one rank next.
 	var members [][]int
 	busiest := math.Inf(1)
-	for k := slots - n; k >= 0; k-- {
+	for k := slots - n; k >= min(1, slots-n); k-- {
 		reps := replicas(counts, tp, k, slots-n-k)
 		m, load := pack(counts, reps, home, tp, per)
 		if load < busiest {

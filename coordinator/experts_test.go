@@ -62,8 +62,8 @@ func TestBalanceExperts(t *testing.T) {
 }
 
 // TestBalanceExpertsProperties: on random loads, every placement holds every expert, (E+R)/tp slots a rank
-// with no expert twice on one, the hottest expert on more than one rank when it alone carries more than a
-// rank's mean and there are spare slots, a busiest rank no busier than before (with as many slots as
+// with no expert twice on one, the hottest expert on more than one rank when there are spare slots, a
+// busiest rank no busier than before (with as many slots as
 // before), and the same answer for the same input.
 func TestBalanceExpertsProperties(t *testing.T) {
 	r := rand.New(rand.NewPCG(1, 2))
@@ -114,11 +114,7 @@ func TestBalanceExpertsProperties(t *testing.T) {
 				hotRanks++
 			}
 		}
-		var total int64
-		for _, c := range counts {
-			total += c
-		}
-		if redundant > 0 && counts[hot]*int64(tp) > total && hotRanks < 2 {
+		if redundant > 0 && hotRanks < 2 {
 			t.Errorf("balanceExperts(%v, tp %d, redundant %d) = %v: the hottest expert %d is on %d rank(s), want a replica on another", counts, tp, redundant, ord, hot, hotRanks)
 		}
 		var curOrd []int
