@@ -29,20 +29,6 @@ type ExpertLoad struct {
 	Order  *cluster.UnitOrder
 }
 
-// RankLoad returns the tokens each rank computed in layer l (from Slots), nil when not counted.
-func (l ExpertLoad) RankLoad(layer int) []int64 {
-	slots := l.Slots[layer]
-	if l.TP < 1 || len(slots) == 0 || len(slots)%l.TP != 0 {
-		return nil
-	}
-	out := make([]int64, l.TP)
-	per := len(slots) / l.TP
-	for i, n := range slots {
-		out[i/per] += n
-	}
-	return out
-}
-
 // Hottest returns the expert with the most tokens over all layers, its tokens, and the layers' sum per
 // expert; -1 when nothing was counted.
 func (l ExpertLoad) Hottest() (expert int, tokens int64, perExpert []int64) {
