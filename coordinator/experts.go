@@ -95,6 +95,15 @@ func (c *Coordinator) ExpertLoad(ctx context.Context) (ExpertLoad, error) {
 	return out, nil
 }
 
+// metricsExperts is the expert load for a metrics scrape: asked of the workers within statusTimeout; false
+// on a standby, an error or nothing counted.
+func (c *Coordinator) metricsExperts() (ExpertLoad, bool) {
+	ctx, cancel := context.WithTimeout(context.Background(), statusTimeout) // a scrape may come before Start
+	defer cancel()
+	l, err := c.ExpertLoad(ctx)
+	return l, err == nil && len(l.Layers) > 0
+}
+
 // addCounts adds b to a elementwise, growing a to b's length.
 func addCounts(a, b []int64) []int64 {
 	if len(a) < len(b) {

@@ -239,13 +239,15 @@ func TestShardStreamingProcesses(t *testing.T) {
 // prints them). `rebalance --experts --wait` (one spare slot a rank by default) gives every layer's
 // hottest expert a place on a rank that did not hold it; each worker reads exactly the bytes the
 // coordinator's moves said; the same traffic again gives the same counts per expert, split so that the
-// busiest rank carries less than before in the layers summed, and every request its greedy output.
+// busiest rank carries less than before in the layers summed (also on the coordinator's /metrics), and
+// every request its greedy output.
 func TestExpertsProcesses(t *testing.T) {
 	g := readGolden(t, "moe-top1")
 	model := filepath.Join(fixtures, "moe-top1")
 	_, ep := startEtcd(t)
+	hm := freePort(t)
 	coord := startProc(t, "coordinator", "coordinator", "--etcd", ep, "--model", model, "--tp", "2", "--plan", "ep",
-		"--listen", "127.0.0.1:0", "--http-listen", "", "--settle", "50ms", "--no-gossip")
+		"--listen", "127.0.0.1:0", "--http-listen", hm, "--settle", "50ms", "--no-gossip")
 	addr := coord.line(t)
 	for _, id := range []string{"a", "b"} {
 		startProc(t, "worker "+id, "worker", "--etcd", ep, "--id", id, "--threads", "1", "--no-gossip")
@@ -330,6 +332,7 @@ func TestExpertsProcesses(t *testing.T) {
 	if err != nil || len(after.Layers) == 0 || after.Epoch <= before.Epoch {
 		t.Fatalf("Experts() after the switch = %+v, %v; want counts of a later epoch", after, err)
 	}
+	metrics := scrape(t, "http://"+hm+"/metrics")
 	var busiestBefore, busiestAfter int64
 	for l, counts := range before.Layers {
 		if !slices.Equal(after.Layers[l], counts) {
@@ -341,6 +344,11 @@ func TestExpertsProcesses(t *testing.T) {
 		}
 		busiestBefore += slices.Max(rb)
 		busiestAfter += slices.Max(ra)
+		for r, n := range ra {
+			if got := metricValue(metrics, "tpfleet_expert_rank_tokens", fmt.Sprintf("layer=%d", l), fmt.Sprintf("rank=%d", r)); got != float64(n) {
+				t.Errorf("coordinator metric tpfleet_expert_rank_tokens{layer=%d,rank=%d} = %g, want %d", l, r, got, n)
+			}
+		}
 		t.Logf("layer %d: tokens per rank %v before, %v after (slots %v: %v)", l, rb, ra, after.Order[l], after.Slots[l])
 	}
 	t.Logf("busiest rank's tokens summed over the layers: %d before, %d after", busiestBefore, busiestAfter)
