@@ -24,13 +24,10 @@ type RebalanceRequest struct {
 	// Experts places the experts of every MoE layer over the ranks by their load (the ep plan).
 	Experts bool
 	// RedundantExperts, with Experts, is the number of replica slots a layer for the hottest experts (a
-	// multiple of the TP size; 0: experts only move); KeepRedundantExperts leaves it to the coordinator
-	// (the plan's, or one slot a rank for a plan without an expert order).
-	RedundantExperts int
+	// multiple of the TP size; 0: experts only move); nil leaves it to the coordinator (the plan's, or one
+	// slot a rank for a plan without an expert order).
+	RedundantExperts *int
 }
-
-// KeepRedundantExperts is RebalanceRequest.RedundantExperts that leaves the replica slots to the coordinator.
-const KeepRedundantExperts = -1
 
 // Move is what one worker does in a plan change: its place in the new plan (Group and Rank -1: none) and
 // the tensors (its slices of them) it loads, keeps and drops.
@@ -122,8 +119,8 @@ func (c *Client) RebalanceWith(ctx context.Context, req RebalanceRequest) (Rebal
 		r := int32(req.Replicas)
 		in.Replicas = &r
 	}
-	if req.RedundantExperts != KeepRedundantExperts {
-		r := int32(req.RedundantExperts)
+	if req.RedundantExperts != nil {
+		r := int32(*req.RedundantExperts)
 		in.RedundantExperts = &r
 	}
 	resp, err := c.admin.Rebalance(ctx, in)

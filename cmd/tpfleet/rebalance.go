@@ -35,7 +35,7 @@ func runRebalance(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	fs.BoolVar(&req.DryRun, "dry-run", false, "print the moves (per worker the tensors loaded, kept and dropped) and change nothing")
 	fs.BoolVar(&req.Wait, "wait", false, "return once every group of the new epoch serves")
 	fs.BoolVar(&req.Experts, "experts", false, "place the experts of every MoE layer over the ranks by their load (the ep plan): the hottest on the least loaded ranks, with replicas in spare slots (--redundant-experts)")
-	fs.IntVar(&req.RedundantExperts, "redundant-experts", client.KeepRedundantExperts, "with --experts: spare expert slots a MoE layer, a multiple of the TP size, for replicas of the hottest experts (0: only move experts; -1: the plan's, or one a rank where the plan has no expert order yet)")
+	redundant := fs.Int("redundant-experts", -1, "with --experts: spare expert slots a MoE layer, a multiple of the TP size, for replicas of the hottest experts (0: only move experts; -1: the plan's, or one a rank where the plan has no expert order yet)")
 	timeout := fs.Duration("timeout", 5*time.Minute, "how long to wait for the coordinator (loads and --wait included)")
 	asJSON := fs.Bool("json", false, "print one JSON object")
 	var token string
@@ -54,12 +54,15 @@ func runRebalance(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		return usagef("--replicas %d must be >= 0 (or -1: keep)", req.Replicas)
 	case req.Drain != "" && req.Drain == req.Undrain:
 		return usagef("--drain and --undrain name the same worker %s", req.Drain)
-	case req.RedundantExperts < client.KeepRedundantExperts:
-		return usagef("--redundant-experts %d must be >= 0 (or -1: the coordinator's choice)", req.RedundantExperts)
-	case req.RedundantExperts != client.KeepRedundantExperts && !req.Experts:
+	case *redundant < -1:
+		return usagef("--redundant-experts %d must be >= 0 (or -1: the coordinator's choice)", *redundant)
+	case *redundant >= 0 && !req.Experts:
 		return usagef("--redundant-experts needs --experts")
 	case *timeout <= 0:
 		return usagef("--timeout must be positive")
+	}
+	if *redundant >= 0 {
+		req.RedundantExperts = redundant
 	}
 	if *plan != "" {
 		var err error
