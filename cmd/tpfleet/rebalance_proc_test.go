@@ -289,6 +289,19 @@ func TestExpertsProcesses(t *testing.T) {
 		t.Fatalf("rebalance --experts --dry-run = exit %d, %q (%s); want the expert load", exit, stdout, errOut)
 	}
 	t.Logf("tpfleet rebalance --experts --dry-run:\n%s", stdout)
+	for _, bad := range []struct {
+		args []string
+		exit int
+		want string
+	}{
+		{[]string{"--redundant-experts", "2"}, 2, "--redundant-experts needs --experts"},
+		{[]string{"--experts", "--redundant-experts", "1"}, 1, "multiple of tp=2"},
+		{[]string{"--experts", "--redundant-experts", "6"}, 1, "at most 4"},
+	} {
+		if exit, _, errOut := tpfleet(t, append([]string{"rebalance", "--addr", addr}, bad.args...)...); exit != bad.exit || !strings.Contains(errOut, bad.want) {
+			t.Errorf("rebalance %v = exit %d, %q; want %d and %q", bad.args, exit, errOut, bad.exit, bad.want)
+		}
+	}
 
 	read := readBytes(t, addrs)
 	exit, stdout, errOut = tpfleet(t, "rebalance", "--addr", addr, "--experts", "--wait", "--json")
