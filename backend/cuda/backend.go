@@ -36,6 +36,7 @@ type Backend struct {
 	counts  Counters
 	offload OffloadStats // offloaded experts' copies (offload.go)
 	off     *offloader   // the offloaded experts' copy stream and cache (offload.go), nil until then
+	tallies *tallyReader // the expert tallies' reads (expertcount.go), nil until the first tally
 
 	rec   *recorder             // the Step being captured or replayed, nil otherwise (graph.go)
 	steps map[string]*stepState // Step's recordings by key
@@ -70,6 +71,7 @@ type kernelSet struct {
 	splitBF16, addHalves                                                 *kernel
 	kvAppend, attention, route, expertGateUp, expertDown                 *kernel
 	mapExperts                                                           *kernel
+	countExperts                                                         *kernel
 	attentionSplit, attentionCombine                                     *kernel
 	attentionSplit128                                                    [5]*kernel // groups of at most 1, 2, 4, 5, 8
 	attentionFlash                                                       *kernel
@@ -206,6 +208,7 @@ func (b *Backend) init() error {
 		{"attention_flash", &b.k.attentionFlash},
 		{"route", &b.k.route}, {"expert_gate_up", &b.k.expertGateUp}, {"expert_down", &b.k.expertDown},
 		{"map_experts", &b.k.mapExperts},
+		{"count_experts", &b.k.countExperts},
 		{"gather_permute", &b.k.gatherPermute}, {"fill_random", &b.k.fillRandom},
 		{"gemv_1", &b.k.gemv[0]}, {"gemv_2", &b.k.gemv[1]}, {"gemv_4", &b.k.gemv[2]}, {"gemv_8", &b.k.gemv[3]},
 		{"moe_plan", &b.k.moePlan}, {"expert_gemv_1", &b.k.expertGEMV1}, {"expert_gemv_8", &b.k.expertGEMV8},
@@ -246,6 +249,7 @@ func (b *Backend) Close() error {
 	b.closeGraphs()
 	b.closeProfiler()
 	b.closeOffload()
+	keep(b.closeTallies())
 	if b.pool != nil {
 		keep(b.pool.close())
 	}
