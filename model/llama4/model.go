@@ -102,8 +102,8 @@ type moe struct {
 	slots  [][]int
 	mapper backend.ExpertMapper
 	// tokens counts the (token, choice) pairs routed to each expert of the checkpoint, slotTokens those
-	// that each slot of the group computes, where the backend's routing is an backend.ExpertCounter (see
-	// Model.ExpertLoad and Model.SlotLoad).
+	// that each slot of the group computes, where the backend's routing is an backend.ExpertCounter and
+	// the backend no backend.ExpertTallier (then tally counts; see Model.ExpertLoad and Model.SlotLoad).
 	tokens, slotTokens []atomic.Int64
 	// slotUnits[s] is the checkpoint's expert of the group's slot s; tallyFirst is the layer's first
 	// counter in Model.tally, which counts slots (experts.go).
@@ -304,8 +304,10 @@ func count(r backend.Routing, into []atomic.Int64, units []int) {
 
 // ExpertLoad returns, per decoder layer, the tokens routed to each expert of the checkpoint (in its
 // numbering, whatever order the plan placed the experts in) since the model was loaded (nil for a dense
-// layer); all nil where the backend does not count (see backend.ExpertCounter). Every rank of a group
-// routes every token, so each reports the group's load. Safe for concurrent use.
+// layer); zeros where the backend does not count (neither backend.ExpertCounter nor
+// backend.ExpertTallier), all nil where it failed to read its counters. Every rank of a group routes every
+// token, so each reports the group's load. Safe for concurrent use, also while the model runs on a
+// device backend (its counters are read on the side, see backend.ExpertTally.Counts).
 func (m *Model) ExpertLoad() [][]int64 {
 	if m.tally != nil {
 		return m.tallied(false)
