@@ -528,7 +528,9 @@ type chunkError struct {
 	err          error
 }
 
-func (e *chunkError) Error() string { return fmt.Sprintf("load %s from %s: %v", e.tensor, e.path, e.err) }
+func (e *chunkError) Error() string {
+	return fmt.Sprintf("load %s from %s: %v", e.tensor, e.path, e.err)
+}
 func (e *chunkError) Unwrap() error { return e.err }
 
 // budget is a weighted semaphore of bytes.

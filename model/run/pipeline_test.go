@@ -115,7 +115,7 @@ type hostOps struct {
 	backend.Ops // nil: any other op panics
 	staging     bool
 
-	mu      sync.Mutex
+	mu       sync.Mutex
 	stagings int
 	closed   int
 }
@@ -171,11 +171,11 @@ type hostStaging struct {
 	bufs [][]byte
 }
 
-func (s *hostStaging) Buffer(i int) []byte                  { return s.bufs[i] }
-func (s *hostStaging) Stages(dt safetensors.DType) bool     { return dt == safetensors.BF16 }
-func (s *hostStaging) Wait(int) error                       { return nil }
-func (s *hostStaging) Finish() error                        { return nil }
-func (s *hostStaging) Close() error                         { s.o.mu.Lock(); s.o.closed++; s.o.mu.Unlock(); return nil }
+func (s *hostStaging) Buffer(i int) []byte              { return s.bufs[i] }
+func (s *hostStaging) Stages(dt safetensors.DType) bool { return dt == safetensors.BF16 }
+func (s *hostStaging) Wait(int) error                   { return nil }
+func (s *hostStaging) Finish() error                    { return nil }
+func (s *hostStaging) Close() error                     { s.o.mu.Lock(); s.o.closed++; s.o.mu.Unlock(); return nil }
 func (s *hostStaging) Alloc(dt safetensors.DType, shape []int) (backend.Tensor, error) {
 	n := dt.Size()
 	for _, d := range shape {
