@@ -1,6 +1,7 @@
 package backend
 
 import (
+	"github.com/tpfleet/tpfleet/internal/phase"
 	"github.com/tpfleet/tpfleet/quant"
 	"github.com/tpfleet/tpfleet/safetensors"
 )
@@ -43,4 +44,10 @@ type Staging interface {
 // the checkpoint's bytes as they are and quantises after the copy instead of on the host. t is not kept.
 type DeviceQuantizer interface {
 	Quantize(t Tensor, f quant.Format, inputDim int) (Tensor, error)
+}
+
+// StartupReporter is implemented by backends whose opening takes measurable time (a GPU's context, its
+// kernels' compile or cache hit): StartupPhases reports those phases (package phase's names).
+type StartupReporter interface {
+	StartupPhases() []phase.Phase
 }

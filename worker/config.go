@@ -18,6 +18,7 @@ import (
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/comm"
 	"github.com/tpfleet/tpfleet/internal/security"
+	"github.com/tpfleet/tpfleet/model/run"
 	"github.com/tpfleet/tpfleet/quant"
 )
 
@@ -65,6 +66,9 @@ type Config struct {
 	// a plan whose quantisation differs.
 	Quantization      string `json:"quantization"`
 	QuantizationGroup int    `json:"quantization-group"`
+	// Load configures the weight-load pipeline: reader goroutines, read size, O_DIRECT (run.LoadConfig;
+	// zero values are its defaults).
+	Load run.LoadConfig `json:"load"`
 	// ID names the member in etcd; it must be unique in the cluster. Letters, digits and ". _ : @ -",
 	// starting with a letter or digit. Empty means "<host>-<pid>".
 	ID string `json:"id"`
@@ -209,6 +213,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.KeepAliveMinTime, "keepalive-min-time", c.KeepAliveMinTime, "shortest client ping interval tolerated")
 	fs.IntVar(&c.MaxRecvMsgSize, "max-recv-msg-size", c.MaxRecvMsgSize, "largest gRPC message accepted, in bytes")
 	fs.BoolVar(&c.NoGossip, "no-gossip", c.NoGossip, "run no gossip node: the coordinator notices this worker's death only when its lease expires")
+	c.Load.AddFlags(fs)
 	c.Gossip.AddFlags(fs)
 	fs.Lookup("gossip-bind-addr").Usage = "gossip listen address (empty: the host of --listen when it is an IP address, else 0.0.0.0)"
 	c.Etcd.AddFlags(fs)
@@ -241,6 +246,9 @@ func (c Config) Validate() error {
 		if _, err := quant.ParseFormat(c.Quantization, cmp.Or(c.QuantizationGroup, quant.DefaultGroupSize)); err != nil {
 			return bad("%v", err)
 		}
+	}
+	if err := c.Load.Validate(); err != nil {
+		return bad("%v", err)
 	}
 	switch {
 	case c.MaxRecvMsgSize < 0:

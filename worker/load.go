@@ -156,6 +156,29 @@ func (r *reuseWeights) Load(ctx context.Context, name string) (backend.Tensor, m
 	return t, lay, nil
 }
 
+// toRead lists the model's names of the manifest's tensors that no earlier weights hold, in the model's
+// loading order: what the load pipeline reads ahead.
+func (r *reuseWeights) toRead(cfg model.Config) []string {
+	var names []string
+	for _, s := range model.Tensors(cfg) {
+		ts, ok := r.man.Lookup(r.man.Prefix + s.Name)
+		if !ok {
+			continue
+		}
+		key, held := ts.Key()+"|"+r.format, false
+		for _, from := range r.from {
+			if h, ok := from[s.Name]; ok && h.key == key {
+				held = true
+				break
+			}
+		}
+		if !held {
+			names = append(names, s.Name)
+		}
+	}
+	return names
+}
+
 // defaultSampling is the sampling a sequence started without SamplingParams uses: the checkpoint's
 // generation_config.json, greedy when it does not sample.
 func (w *weights) defaultSampling() sample.Params {
@@ -260,7 +283,14 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 	toRead, toReadBytes := rw.lacking()
 	w.metrics.loadStart(toRead, toReadBytes)
 	defer w.metrics.loadEnd()
-	counted := &progressWeights{Weights: run.NewRankWeights(shard.NewRankReader(view, man), w.ops).WithFormat(cfg, format), m: w.metrics, bytesOf: man.BytesOf}
+	rankW := run.NewRankWeights(shard.NewRankReader(view, man), w.ops).WithFormat(cfg, format)
+	// The load pipeline reads what is lacking ahead of the model's loader, with several readers, into the
+	// backend's staging buffers where it has them (a checkpoint streamed from a peer is read as before).
+	if err := rankW.Prefetch(ctx, rw.toRead(cfg), w.cfg.Load); err != nil {
+		return nil, err
+	}
+	defer rankW.Close()
+	counted := &progressWeights{Weights: rankW, m: w.metrics, bytesOf: man.BytesOf}
 	pw := &run.Progress{Weights: counted, Log: lg,
 		Total: toRead, TotalBytes: toReadBytes, BytesOf: man.BytesOf, Every: w.progressEvery}
 	rw.next = pw
@@ -271,8 +301,12 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 		}
 		return nil, err
 	}
+	if err := rankW.Close(); err != nil {
+		return nil, err
+	}
 	took := time.Since(start)
 	tensors, bytes := pw.Loaded()
+	w.phases.AddAll(rankW.LoadStats().Phases(start, bytes))
 	lg.Info("weights loaded", zap.Int("tensors", tensors), zap.Int64("bytes", bytes),
 		zap.Int("kept-tensors", rw.kept), zap.Int64("kept-bytes", rw.keptBytes),
 		zap.Duration("took", took.Round(time.Millisecond)),

@@ -10,6 +10,7 @@ import (
 
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/cluster"
+	"github.com/tpfleet/tpfleet/internal/phase"
 	"github.com/tpfleet/tpfleet/model/run"
 )
 
@@ -209,11 +210,17 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 	}
 	w.mu.Unlock()
 
+	joinStart := time.Now()
 	comm, err := w.connect(ctx, p, g, a)
 	if err != nil {
 		w.fail(ctx, p.Epoch, fmt.Errorf("build the communicator of group %d rank %d: %w", g.ID, a.Rank, err))
 		return
 	}
+	commKind := "tcp-ring"
+	if _, device := w.ops.(backend.DeviceContext); device {
+		commKind = "nccl"
+	}
+	w.phases.Since(phase.NCCL, joinStart, fmt.Sprintf("%s, %d ranks (with the wait for the group's peers)", commKind, p.TP))
 	w.runMu.Lock()
 	wts.comm.set(comm)
 	w.runMu.Unlock()
@@ -226,6 +233,10 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 	w.comm = comm
 	w.setStateLocked(StateServing)
 	w.mu.Unlock()
+	if !w.stepped.Load() {
+		w.phases.Since(phase.Ready, w.phases.Start(), "process start to serving")
+		w.lg.Info("start-up", w.phases.Field())
+	}
 	lg.Info("serving", zap.Int("group", g.ID), zap.Int("rank", a.Rank), zap.Int("tp", p.TP),
 		zap.Duration("took", time.Since(start).Round(time.Millisecond)))
 }

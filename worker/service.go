@@ -90,7 +90,13 @@ func (s *service) Status(context.Context, *tpfleetv1.StatusRequest) (*tpfleetv1.
 			load = append(load, &tpfleetv1.ExpertLoad{Layer: int32(i), Tokens: l})
 		}
 	}
+	var phases []*tpfleetv1.StartupPhase
+	for _, p := range st.Phases {
+		phases = append(phases, &tpfleetv1.StartupPhase{Name: p.Name, StartSeconds: p.Start.Sub(st.ProcessStart).Seconds(),
+			TookSeconds: p.Took.Seconds(), Detail: p.Detail})
+	}
 	return &tpfleetv1.StatusResponse{
+		StartupPhases: phases,
 		ExpertLoad:    load,
 		MemberId:      st.MemberID,
 		Epoch:         st.Epoch,

@@ -7,6 +7,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/tpfleet/tpfleet/internal/phase"
 	"github.com/tpfleet/tpfleet/internal/samplingpb"
 	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/model/run"
@@ -41,6 +42,9 @@ func (w *Worker) stepOn(stream uint64, req *tpfleetv1.StepRequest) *tpfleetv1.St
 		tokens += len(s.GetIds())
 	}
 	w.metrics.step(time.Since(start), tokens, err)
+	if err == nil {
+		w.firstSteps(req, start)
+	}
 	if err != nil {
 		resp.Error = oneLine(err.Error())
 		w.lg.Debug("step failed", zap.Uint64("step", req.GetStep()), zap.Int64("epoch", req.GetEpoch()), zap.Error(err))
@@ -311,4 +315,24 @@ func samplingParams(sp *tpfleetv1.SamplingParams, wts *weights) sample.Params {
 		return wts.defaultSampling()
 	}
 	return samplingpb.FromProto(sp)
+}
+
+// firstSteps records the first step's time, and the first decode-only step's (one token a sequence: the
+// step a device backend records as a CUDA graph), as start-up phases.
+func (w *Worker) firstSteps(req *tpfleetv1.StepRequest, start time.Time) {
+	if !w.stepped.Swap(true) {
+		w.phases.Since(phase.FirstStep, start, fmt.Sprintf("%d sequences", len(req.GetSeqs())))
+		w.lg.Info("start-up", w.phases.Field())
+	}
+	if w.decoded.Load() || len(req.GetSeqs()) == 0 {
+		return
+	}
+	for _, s := range req.GetSeqs() {
+		if len(s.GetIds()) != 1 {
+			return
+		}
+	}
+	if !w.decoded.Swap(true) {
+		w.phases.Since(phase.Graph, start, "the first decode step (captured where the backend records steps)")
+	}
 }

@@ -27,6 +27,7 @@ import (
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/comm"
 	"github.com/tpfleet/tpfleet/internal/grpcauth"
+	"github.com/tpfleet/tpfleet/internal/phase"
 	"github.com/tpfleet/tpfleet/internal/security"
 	"github.com/tpfleet/tpfleet/model/run"
 	tpfleetv1 "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
@@ -91,6 +92,10 @@ type Status struct {
 	ExpertLoad [][]int64
 	// Err is why the worker failed, in StateFailed.
 	Err error
+	// Phases are the start-up phases, in order of their start (the last load's, the last communicator's).
+	Phases []phase.Phase
+	// ProcessStart is when the process started: the origin of the phases' starts.
+	ProcessStart time.Time
 }
 
 // gossipLeaveTimeout bounds the wait for the gossip node's leave message to reach a peer at Close.
@@ -118,6 +123,10 @@ type Worker struct {
 	lg            *zap.Logger
 	ops           backend.Ops // Config.Device's backend, opened by Start
 	progressEvery time.Duration
+	// phases times the start-up: the process, the device, each load, the communicator, the first step.
+	phases *phase.Recorder
+	// stepped and decoded are set after the first step and the first decode-only step.
+	stepped, decoded atomic.Bool
 
 	// ctx is the lifetime of steps: Close cancels it once the graceful stop is over (or forced). bgCtx
 	// is the lifetime of the background work (plan watch, loading, rendezvous, registration): Close
@@ -202,6 +211,7 @@ func New(cfg Config) (*Worker, error) {
 		cfg:           cfg,
 		lg:            cfg.Logger.With(zap.String("member-id", cfg.ID)),
 		progressEvery: 2 * time.Second,
+		phases:        phase.NewRecorder(phase.ProcessStart()),
 		ctx:           ctx,
 		cancel:        cancel,
 		bgCtx:         bgCtx,
@@ -224,11 +234,17 @@ func New(cfg Config) (*Worker, error) {
 // It fails with an error wrapping ErrDeviceUnavailable and the backend's error, which names the missing
 // library or device (and wraps backend.ErrUnavailable when the backend cannot run on this host).
 func (w *Worker) openDevice(ctx context.Context) error {
+	start := time.Now()
 	b, err := backend.Open(ctx, w.cfg.Device, backend.Options{Device: w.cfg.DeviceIndex, Threads: w.cfg.Threads})
 	if err != nil {
 		return fmt.Errorf("%w: %s:%d: %w", ErrDeviceUnavailable, w.cfg.Device, w.cfg.DeviceIndex, err)
 	}
 	w.ops = b
+	if sr, ok := b.(backend.StartupReporter); ok {
+		w.phases.AddAll(sr.StartupPhases())
+	} else {
+		w.phases.Since("device", start, b.Name())
+	}
 	if d, ok := b.(backend.Describer); ok {
 		desc := d.Describe()
 		w.lg.Info("device opened", zap.String("device", b.Name()), zap.String("name", desc.Name),
@@ -488,6 +504,8 @@ func (w *Worker) Status() Status {
 		StreamedBytes: w.streamed.Load(),
 		ExpertLoad:    w.expertLoadLocked(),
 		Err:           w.failure,
+		Phases:        w.phases.Phases(),
+		ProcessStart:  w.phases.Start(),
 	}
 }
 

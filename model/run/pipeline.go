@@ -3,6 +3,7 @@ package run
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"runtime"
 	"sync"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/internal/fileread"
+	"github.com/tpfleet/tpfleet/internal/phase"
 	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/safetensors"
 )
@@ -34,17 +36,17 @@ func DefaultLoadWorkers() int { return min(max(runtime.GOMAXPROCS(0), 2), MaxLoa
 // LoadConfig configures the load pipeline (RankWeights.Prefetch).
 type LoadConfig struct {
 	// Workers is the number of reader goroutines; 0 means DefaultLoadWorkers().
-	Workers int
+	Workers int `json:"load-workers"`
 	// Chunk is the most bytes one read and one staged copy move; 0 means DefaultChunk.
-	Chunk int64
+	Chunk int64 `json:"load-chunk"`
 	// Ahead bounds the bytes read ahead of the backend for tensors handed over whole; 0 means
 	// DefaultAhead. Staged tensors are bounded by the staging buffers (2 per worker, Chunk each).
-	Ahead int64
+	Ahead int64 `json:"-"`
 	// Direct reads with O_DIRECT (large aligned reads that bypass the page cache), where the filesystem
 	// allows it.
-	Direct bool
+	Direct bool `json:"load-direct"`
 	// Files reads the checkpoint's files; nil means fileread.New(Direct). Tests count reads through it.
-	Files FileReader
+	Files FileReader `json:"-"`
 }
 
 // Validate reports a negative field.
@@ -566,4 +568,41 @@ func (b *budget) release(n int64) {
 	close(b.wake)
 	b.wake = make(chan struct{})
 	b.mu.Unlock()
+}
+
+// AddFlags binds c's fields to flags in fs (--load-workers, --load-chunk, --load-direct), with c's
+// current values as defaults.
+func (c *LoadConfig) AddFlags(fs *flag.FlagSet) {
+	fs.IntVar(&c.Workers, "load-workers", c.Workers, fmt.Sprintf("reader goroutines of the weight load (0: GOMAXPROCS, 2 to %d)", MaxLoadWorkers))
+	fs.Int64Var(&c.Chunk, "load-chunk", c.Chunk, "bytes one weight read and one host-to-device copy move at most (0: 32 MiB)")
+	fs.BoolVar(&c.Direct, "load-direct", c.Direct, "read the checkpoint with O_DIRECT (bypasses the page cache: for cold reads at the disk's rate)")
+}
+
+// Phases are a load's start-up phases (package phase): the whole (from start to now, bytes in all, the
+// kept and fallback-read tensors included), and the pipeline's reads, copies and quantisation.
+func (st LoadStats) Phases(start time.Time, bytes int64) []phase.Phase {
+	took := time.Since(start)
+	out := []phase.Phase{{Name: phase.Weights, Start: start, Took: took, Detail: fmt.Sprintf("%s at %s", gb(bytes), rate(bytes, took))}}
+	if st.Tensors == 0 {
+		return out
+	}
+	direct := ""
+	if st.Direct {
+		direct = ", O_DIRECT"
+	}
+	out = append(out,
+		phase.Phase{Name: phase.Read, Start: st.Start, Took: st.Read,
+			Detail: fmt.Sprintf("%s at %s, %d readers, %d reads%s", gb(st.Bytes), rate(st.Bytes, st.Read), st.Workers, st.Reads, direct)},
+		phase.Phase{Name: phase.Copy, Start: st.Start, Took: st.Copy,
+			Detail: fmt.Sprintf("%s staged (pinned, async); waited %.3fs for reads", gb(st.Staged), st.Wait.Seconds())})
+	if st.Quantize > 0 {
+		out = append(out, phase.Phase{Name: phase.Quantize, Start: st.Start, Took: st.Quantize, Detail: "on the device, after the copies"})
+	}
+	return out
+}
+
+func gb(n int64) string { return fmt.Sprintf("%.2f GB", float64(n)/1e9) }
+
+func rate(n int64, d time.Duration) string {
+	return fmt.Sprintf("%.2f GB/s", float64(n)/1e9/max(d.Seconds(), 1e-9))
 }

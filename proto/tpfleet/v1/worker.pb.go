@@ -532,7 +532,10 @@ type StatusResponse struct {
 	StreamedBytes int64 `protobuf:"varint,15,opt,name=streamed_bytes,json=streamedBytes,proto3" json:"streamed_bytes,omitempty"`
 	// expert_load is, per MoE layer, the tokens routed to each expert (in the checkpoint's expert order)
 	// since the weights were loaded; empty where the backend does not count them (routing on a device).
-	ExpertLoad    []*ExpertLoad `protobuf:"bytes,16,rep,name=expert_load,json=expertLoad,proto3" json:"expert_load,omitempty"`
+	ExpertLoad []*ExpertLoad `protobuf:"bytes,16,rep,name=expert_load,json=expertLoad,proto3" json:"expert_load,omitempty"`
+	// startup_phases are the worker's start-up phases (process, CUDA context, kernel compile, weight read,
+	// copy, quantise, NCCL, first step, ...), in order of their start; phases may overlap.
+	StartupPhases []*StartupPhase `protobuf:"bytes,17,rep,name=startup_phases,json=startupPhases,proto3" json:"startup_phases,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -679,6 +682,84 @@ func (x *StatusResponse) GetExpertLoad() []*ExpertLoad {
 	return nil
 }
 
+func (x *StatusResponse) GetStartupPhases() []*StartupPhase {
+	if x != nil {
+		return x.StartupPhases
+	}
+	return nil
+}
+
+// StartupPhase is one timed phase of a worker's start-up.
+type StartupPhase struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// start_seconds is when the phase began, in seconds from the process's start.
+	StartSeconds float64 `protobuf:"fixed64,2,opt,name=start_seconds,json=startSeconds,proto3" json:"start_seconds,omitempty"`
+	TookSeconds  float64 `protobuf:"fixed64,3,opt,name=took_seconds,json=tookSeconds,proto3" json:"took_seconds,omitempty"`
+	// detail says more: "cache hit", "21.8 GB at 15.1 GB/s".
+	Detail        string `protobuf:"bytes,4,opt,name=detail,proto3" json:"detail,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StartupPhase) Reset() {
+	*x = StartupPhase{}
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StartupPhase) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StartupPhase) ProtoMessage() {}
+
+func (x *StartupPhase) ProtoReflect() protoreflect.Message {
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StartupPhase.ProtoReflect.Descriptor instead.
+func (*StartupPhase) Descriptor() ([]byte, []int) {
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *StartupPhase) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *StartupPhase) GetStartSeconds() float64 {
+	if x != nil {
+		return x.StartSeconds
+	}
+	return 0
+}
+
+func (x *StartupPhase) GetTookSeconds() float64 {
+	if x != nil {
+		return x.TookSeconds
+	}
+	return 0
+}
+
+func (x *StartupPhase) GetDetail() string {
+	if x != nil {
+		return x.Detail
+	}
+	return ""
+}
+
 // ExpertLoad is one MoE layer's tokens per expert: tokens[e] (token, choice) pairs went to expert e.
 type ExpertLoad struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -690,7 +771,7 @@ type ExpertLoad struct {
 
 func (x *ExpertLoad) Reset() {
 	*x = ExpertLoad{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[8]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -702,7 +783,7 @@ func (x *ExpertLoad) String() string {
 func (*ExpertLoad) ProtoMessage() {}
 
 func (x *ExpertLoad) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[8]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -715,7 +796,7 @@ func (x *ExpertLoad) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpertLoad.ProtoReflect.Descriptor instead.
 func (*ExpertLoad) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{8}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ExpertLoad) GetLayer() int32 {
@@ -742,7 +823,7 @@ type PrepareRequest struct {
 
 func (x *PrepareRequest) Reset() {
 	*x = PrepareRequest{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[9]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -754,7 +835,7 @@ func (x *PrepareRequest) String() string {
 func (*PrepareRequest) ProtoMessage() {}
 
 func (x *PrepareRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[9]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -767,7 +848,7 @@ func (x *PrepareRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareRequest.ProtoReflect.Descriptor instead.
 func (*PrepareRequest) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{9}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *PrepareRequest) GetPlan() []byte {
@@ -790,7 +871,7 @@ type PrepareResponse struct {
 
 func (x *PrepareResponse) Reset() {
 	*x = PrepareResponse{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[10]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -802,7 +883,7 @@ func (x *PrepareResponse) String() string {
 func (*PrepareResponse) ProtoMessage() {}
 
 func (x *PrepareResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[10]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -815,7 +896,7 @@ func (x *PrepareResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareResponse.ProtoReflect.Descriptor instead.
 func (*PrepareResponse) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{10}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *PrepareResponse) GetLoaded() int32 {
@@ -854,7 +935,7 @@ type CheckpointInfoRequest struct {
 
 func (x *CheckpointInfoRequest) Reset() {
 	*x = CheckpointInfoRequest{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[11]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -866,7 +947,7 @@ func (x *CheckpointInfoRequest) String() string {
 func (*CheckpointInfoRequest) ProtoMessage() {}
 
 func (x *CheckpointInfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[11]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -879,7 +960,7 @@ func (x *CheckpointInfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckpointInfoRequest.ProtoReflect.Descriptor instead.
 func (*CheckpointInfoRequest) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{11}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{12}
 }
 
 type CheckpointFile struct {
@@ -892,7 +973,7 @@ type CheckpointFile struct {
 
 func (x *CheckpointFile) Reset() {
 	*x = CheckpointFile{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[12]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -904,7 +985,7 @@ func (x *CheckpointFile) String() string {
 func (*CheckpointFile) ProtoMessage() {}
 
 func (x *CheckpointFile) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[12]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -917,7 +998,7 @@ func (x *CheckpointFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckpointFile.ProtoReflect.Descriptor instead.
 func (*CheckpointFile) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{12}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *CheckpointFile) GetName() string {
@@ -945,7 +1026,7 @@ type TensorHeader struct {
 
 func (x *TensorHeader) Reset() {
 	*x = TensorHeader{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[13]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -957,7 +1038,7 @@ func (x *TensorHeader) String() string {
 func (*TensorHeader) ProtoMessage() {}
 
 func (x *TensorHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[13]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -970,7 +1051,7 @@ func (x *TensorHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TensorHeader.ProtoReflect.Descriptor instead.
 func (*TensorHeader) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{13}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *TensorHeader) GetName() string {
@@ -1004,7 +1085,7 @@ type CheckpointInfoResponse struct {
 
 func (x *CheckpointInfoResponse) Reset() {
 	*x = CheckpointInfoResponse{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[14]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1016,7 +1097,7 @@ func (x *CheckpointInfoResponse) String() string {
 func (*CheckpointInfoResponse) ProtoMessage() {}
 
 func (x *CheckpointInfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[14]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1029,7 +1110,7 @@ func (x *CheckpointInfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckpointInfoResponse.ProtoReflect.Descriptor instead.
 func (*CheckpointInfoResponse) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{14}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *CheckpointInfoResponse) GetFiles() []*CheckpointFile {
@@ -1060,7 +1141,7 @@ type ReadTensorRequest struct {
 
 func (x *ReadTensorRequest) Reset() {
 	*x = ReadTensorRequest{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[15]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1072,7 +1153,7 @@ func (x *ReadTensorRequest) String() string {
 func (*ReadTensorRequest) ProtoMessage() {}
 
 func (x *ReadTensorRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[15]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1085,7 +1166,7 @@ func (x *ReadTensorRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadTensorRequest.ProtoReflect.Descriptor instead.
 func (*ReadTensorRequest) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{15}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ReadTensorRequest) GetName() string {
@@ -1133,7 +1214,7 @@ type TensorChunk struct {
 
 func (x *TensorChunk) Reset() {
 	*x = TensorChunk{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[16]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1145,7 +1226,7 @@ func (x *TensorChunk) String() string {
 func (*TensorChunk) ProtoMessage() {}
 
 func (x *TensorChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[16]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1158,7 +1239,7 @@ func (x *TensorChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TensorChunk.ProtoReflect.Descriptor instead.
 func (*TensorChunk) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{16}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *TensorChunk) GetOffset() int64 {
@@ -1244,7 +1325,7 @@ const file_tpfleet_v1_worker_proto_rawDesc = "" +
 	"\x05epoch\x18\x01 \x01(\x03R\x05epoch\"(\n" +
 	"\x10LoadPlanResponse\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x03R\x05epoch\"\x0f\n" +
-	"\rStatusRequest\"\xef\x03\n" +
+	"\rStatusRequest\"\xb0\x04\n" +
 	"\x0eStatusResponse\x12\x1b\n" +
 	"\tmember_id\x18\x01 \x01(\tR\bmemberId\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x03R\x05epoch\x12\x14\n" +
@@ -1266,7 +1347,13 @@ const file_tpfleet_v1_worker_proto_rawDesc = "" +
 	"kept_bytes\x18\x0e \x01(\x03R\tkeptBytes\x12%\n" +
 	"\x0estreamed_bytes\x18\x0f \x01(\x03R\rstreamedBytes\x127\n" +
 	"\vexpert_load\x18\x10 \x03(\v2\x16.tpfleet.v1.ExpertLoadR\n" +
-	"expertLoad\":\n" +
+	"expertLoad\x12?\n" +
+	"\x0estartup_phases\x18\x11 \x03(\v2\x18.tpfleet.v1.StartupPhaseR\rstartupPhases\"\x82\x01\n" +
+	"\fStartupPhase\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12#\n" +
+	"\rstart_seconds\x18\x02 \x01(\x01R\fstartSeconds\x12!\n" +
+	"\ftook_seconds\x18\x03 \x01(\x01R\vtookSeconds\x12\x16\n" +
+	"\x06detail\x18\x04 \x01(\tR\x06detail\":\n" +
 	"\n" +
 	"ExpertLoad\x12\x14\n" +
 	"\x05layer\x18\x01 \x01(\x05R\x05layer\x12\x16\n" +
@@ -1328,7 +1415,7 @@ func file_tpfleet_v1_worker_proto_rawDescGZIP() []byte {
 }
 
 var file_tpfleet_v1_worker_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tpfleet_v1_worker_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_tpfleet_v1_worker_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_tpfleet_v1_worker_proto_goTypes = []any{
 	(StepProtocol)(0),              // 0: tpfleet.v1.StepProtocol
 	(*StepRequest)(nil),            // 1: tpfleet.v1.StepRequest
@@ -1339,44 +1426,46 @@ var file_tpfleet_v1_worker_proto_goTypes = []any{
 	(*LoadPlanResponse)(nil),       // 6: tpfleet.v1.LoadPlanResponse
 	(*StatusRequest)(nil),          // 7: tpfleet.v1.StatusRequest
 	(*StatusResponse)(nil),         // 8: tpfleet.v1.StatusResponse
-	(*ExpertLoad)(nil),             // 9: tpfleet.v1.ExpertLoad
-	(*PrepareRequest)(nil),         // 10: tpfleet.v1.PrepareRequest
-	(*PrepareResponse)(nil),        // 11: tpfleet.v1.PrepareResponse
-	(*CheckpointInfoRequest)(nil),  // 12: tpfleet.v1.CheckpointInfoRequest
-	(*CheckpointFile)(nil),         // 13: tpfleet.v1.CheckpointFile
-	(*TensorHeader)(nil),           // 14: tpfleet.v1.TensorHeader
-	(*CheckpointInfoResponse)(nil), // 15: tpfleet.v1.CheckpointInfoResponse
-	(*ReadTensorRequest)(nil),      // 16: tpfleet.v1.ReadTensorRequest
-	(*TensorChunk)(nil),            // 17: tpfleet.v1.TensorChunk
-	(*SamplingParams)(nil),         // 18: tpfleet.v1.SamplingParams
-	(*ChosenLogprobs)(nil),         // 19: tpfleet.v1.ChosenLogprobs
+	(*StartupPhase)(nil),           // 9: tpfleet.v1.StartupPhase
+	(*ExpertLoad)(nil),             // 10: tpfleet.v1.ExpertLoad
+	(*PrepareRequest)(nil),         // 11: tpfleet.v1.PrepareRequest
+	(*PrepareResponse)(nil),        // 12: tpfleet.v1.PrepareResponse
+	(*CheckpointInfoRequest)(nil),  // 13: tpfleet.v1.CheckpointInfoRequest
+	(*CheckpointFile)(nil),         // 14: tpfleet.v1.CheckpointFile
+	(*TensorHeader)(nil),           // 15: tpfleet.v1.TensorHeader
+	(*CheckpointInfoResponse)(nil), // 16: tpfleet.v1.CheckpointInfoResponse
+	(*ReadTensorRequest)(nil),      // 17: tpfleet.v1.ReadTensorRequest
+	(*TensorChunk)(nil),            // 18: tpfleet.v1.TensorChunk
+	(*SamplingParams)(nil),         // 19: tpfleet.v1.SamplingParams
+	(*ChosenLogprobs)(nil),         // 20: tpfleet.v1.ChosenLogprobs
 }
 var file_tpfleet_v1_worker_proto_depIdxs = []int32{
 	0,  // 0: tpfleet.v1.StepRequest.protocol:type_name -> tpfleet.v1.StepProtocol
 	2,  // 1: tpfleet.v1.StepRequest.seqs:type_name -> tpfleet.v1.SequenceWork
-	18, // 2: tpfleet.v1.SequenceWork.sampling:type_name -> tpfleet.v1.SamplingParams
+	19, // 2: tpfleet.v1.SequenceWork.sampling:type_name -> tpfleet.v1.SamplingParams
 	4,  // 3: tpfleet.v1.StepResponse.results:type_name -> tpfleet.v1.SequenceResult
-	19, // 4: tpfleet.v1.SequenceResult.logprobs:type_name -> tpfleet.v1.ChosenLogprobs
-	9,  // 5: tpfleet.v1.StatusResponse.expert_load:type_name -> tpfleet.v1.ExpertLoad
-	13, // 6: tpfleet.v1.CheckpointInfoResponse.files:type_name -> tpfleet.v1.CheckpointFile
-	14, // 7: tpfleet.v1.CheckpointInfoResponse.tensors:type_name -> tpfleet.v1.TensorHeader
-	1,  // 8: tpfleet.v1.Worker.Step:input_type -> tpfleet.v1.StepRequest
-	5,  // 9: tpfleet.v1.Worker.LoadPlan:input_type -> tpfleet.v1.LoadPlanRequest
-	7,  // 10: tpfleet.v1.Worker.Status:input_type -> tpfleet.v1.StatusRequest
-	10, // 11: tpfleet.v1.Worker.Prepare:input_type -> tpfleet.v1.PrepareRequest
-	12, // 12: tpfleet.v1.Worker.CheckpointInfo:input_type -> tpfleet.v1.CheckpointInfoRequest
-	16, // 13: tpfleet.v1.Worker.ReadTensor:input_type -> tpfleet.v1.ReadTensorRequest
-	3,  // 14: tpfleet.v1.Worker.Step:output_type -> tpfleet.v1.StepResponse
-	6,  // 15: tpfleet.v1.Worker.LoadPlan:output_type -> tpfleet.v1.LoadPlanResponse
-	8,  // 16: tpfleet.v1.Worker.Status:output_type -> tpfleet.v1.StatusResponse
-	11, // 17: tpfleet.v1.Worker.Prepare:output_type -> tpfleet.v1.PrepareResponse
-	15, // 18: tpfleet.v1.Worker.CheckpointInfo:output_type -> tpfleet.v1.CheckpointInfoResponse
-	17, // 19: tpfleet.v1.Worker.ReadTensor:output_type -> tpfleet.v1.TensorChunk
-	14, // [14:20] is the sub-list for method output_type
-	8,  // [8:14] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	20, // 4: tpfleet.v1.SequenceResult.logprobs:type_name -> tpfleet.v1.ChosenLogprobs
+	10, // 5: tpfleet.v1.StatusResponse.expert_load:type_name -> tpfleet.v1.ExpertLoad
+	9,  // 6: tpfleet.v1.StatusResponse.startup_phases:type_name -> tpfleet.v1.StartupPhase
+	14, // 7: tpfleet.v1.CheckpointInfoResponse.files:type_name -> tpfleet.v1.CheckpointFile
+	15, // 8: tpfleet.v1.CheckpointInfoResponse.tensors:type_name -> tpfleet.v1.TensorHeader
+	1,  // 9: tpfleet.v1.Worker.Step:input_type -> tpfleet.v1.StepRequest
+	5,  // 10: tpfleet.v1.Worker.LoadPlan:input_type -> tpfleet.v1.LoadPlanRequest
+	7,  // 11: tpfleet.v1.Worker.Status:input_type -> tpfleet.v1.StatusRequest
+	11, // 12: tpfleet.v1.Worker.Prepare:input_type -> tpfleet.v1.PrepareRequest
+	13, // 13: tpfleet.v1.Worker.CheckpointInfo:input_type -> tpfleet.v1.CheckpointInfoRequest
+	17, // 14: tpfleet.v1.Worker.ReadTensor:input_type -> tpfleet.v1.ReadTensorRequest
+	3,  // 15: tpfleet.v1.Worker.Step:output_type -> tpfleet.v1.StepResponse
+	6,  // 16: tpfleet.v1.Worker.LoadPlan:output_type -> tpfleet.v1.LoadPlanResponse
+	8,  // 17: tpfleet.v1.Worker.Status:output_type -> tpfleet.v1.StatusResponse
+	12, // 18: tpfleet.v1.Worker.Prepare:output_type -> tpfleet.v1.PrepareResponse
+	16, // 19: tpfleet.v1.Worker.CheckpointInfo:output_type -> tpfleet.v1.CheckpointInfoResponse
+	18, // 20: tpfleet.v1.Worker.ReadTensor:output_type -> tpfleet.v1.TensorChunk
+	15, // [15:21] is the sub-list for method output_type
+	9,  // [9:15] is the sub-list for method input_type
+	9,  // [9:9] is the sub-list for extension type_name
+	9,  // [9:9] is the sub-list for extension extendee
+	0,  // [0:9] is the sub-list for field type_name
 }
 
 func init() { file_tpfleet_v1_worker_proto_init() }
@@ -1391,7 +1480,7 @@ func file_tpfleet_v1_worker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tpfleet_v1_worker_proto_rawDesc), len(file_tpfleet_v1_worker_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   17,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
