@@ -304,6 +304,11 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 	if err := rankW.Close(); err != nil {
 		return nil, err
 	}
+	if s, ok := w.ops.(backend.Synchronizer); ok { // the weights are on the device when their copies end
+		if err := s.Synchronize(); err != nil {
+			return nil, err
+		}
+	}
 	took := time.Since(start)
 	tensors, bytes := pw.Loaded()
 	w.phases.AddAll(rankW.LoadStats().Phases(start, bytes))
