@@ -15,4 +15,16 @@ trap 'rm -f "$src"' EXIT
 cat kernels/prelude.cuh $(ls kernels/*.cu | sort) >"$src"
 "$CLANG" -x cuda --cuda-device-only --cuda-gpu-arch=sm_80 -nocudainc -nocudalib -fsyntax-only \
 	-ferror-limit=0 -Wno-unknown-cuda-version -include scripts/gpu/cucheck.h "$src"
-echo "cucheck: kernels/*.cu ok"
+# Each compilation unit (kernels.Units: the files compiled apart, in parallel) must also parse alone.
+for unit in $(ls kernels/*.cu | sort); do
+	case $unit in
+	kernels/quant.cu) continue ;;                 # compiled with gemv.cu
+	kernels/gemv.cu) files="kernels/gemv.cu kernels/quant.cu" ;;
+	*) files=$unit ;;
+	esac
+	cat kernels/prelude.cuh $files >"$src"
+	"$CLANG" -x cuda --cuda-device-only --cuda-gpu-arch=sm_80 -nocudainc -nocudalib -fsyntax-only \
+		-ferror-limit=0 -Wno-unknown-cuda-version -include scripts/gpu/cucheck.h "$src" ||
+		{ echo "cucheck: unit $files does not compile alone (kernels.go unitGroups)" >&2; exit 1; }
+done
+echo "cucheck: kernels/*.cu ok (one unit and each of kernels.Units alone)"
