@@ -166,7 +166,9 @@ func TestKernelCache(t *testing.T) {
 		t.Errorf("damaged file after the compile = %q, %v; want it stored again", got, err)
 	}
 	// A compile error is returned; no cache at all compiles every unit.
-	fail := func(src, name, arch string) ([]byte, error) { return nil, &CompileError{Name: name, Err: errors.New("boom")} }
+	fail := func(src, name, arch string) ([]byte, error) {
+		return nil, &CompileError{Name: name, Err: errors.New("boom")}
+	}
 	if _, err := compileUnits("", units, base, fail); err == nil || !strings.Contains(err.Error(), "boom") {
 		t.Errorf("compile error: %v, want boom", err)
 	}
