@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/tpfleet/tpfleet/backend"
+	"github.com/tpfleet/tpfleet/internal/phase"
 	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/model/llama4"
 	modelrun "github.com/tpfleet/tpfleet/model/run"
@@ -61,6 +62,9 @@ type benchResult struct {
 	FloorMS       float64 `json:"decode_floor_ms,omitempty"`
 	FloorFraction float64 `json:"decode_fraction_of_floor,omitempty"`
 	LoadMS        float64 `json:"load_ms"`
+	// Phases are the start-up phases: the process, the device (context, kernel compile or cache hits),
+	// the random weights' generation ("weights"), the first prefill.
+	Phases []phaseJSON `json:"phases,omitempty"`
 	// Graphs is how rank 0's backend ran the decode steps (CUDA graph replays per key), when it reports
 	// them (backend.GraphReporter).
 	Graphs []backend.GraphStats `json:"graphs,omitempty"`
@@ -297,12 +301,19 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		threads = runtime.GOMAXPROCS(0)
 	}
 	mf := modelFlags{device: f.device, threads: threads, par: parallelFlags{tp: f.tp, plan: "tp", rank: -1}}
+	phases := phase.NewRecorder(phase.ProcessStart())
 	start := time.Now()
 	g, allOps, _, err := newRankOps(ctx, mf)
 	if err != nil {
 		return err
 	}
 	defer g.Close()
+	if sr, ok := allOps[0].(backend.StartupReporter); ok {
+		phases.AddAll(sr.StartupPhases())
+	} else {
+		phases.Since("device", start, fmt.Sprintf("%d ranks", len(allOps)))
+	}
+	weightsStart := time.Now()
 	for _, ops := range allOps {
 		if err := backend.CheckQuantized(ops, format); err != nil {
 			return err
@@ -338,6 +349,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			}
 		}
 	}
+	phases.Since(phase.Weights, weightsStart, "random weights generated on the device (no checkpoint read)")
 	res := benchResult{Device: allOps[0].Name(), TP: f.tp, Layers: f.layers, Hidden: f.hidden, Experts: f.experts,
 		Vocab: f.vocab, PromptTokens: f.prompt, DecodeTokens: f.tokens, Batch: f.batch, StepBytes: stepBytes(cfg, f.batch, format), Format: format.String(),
 		LoadMS: float64(time.Since(start)) / float64(time.Millisecond)}
@@ -367,9 +379,14 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		res.Context = f.context
 	}
 	for r := 0; r < f.runs; r++ {
+		runStart := time.Now()
 		prefill, decode, err := benchOnce(ctx, g, allOps, prompt, f.tokens, f.batch, f.context)
 		if err != nil {
 			return err
+		}
+		if r == 0 {
+			phases.Add(phase.FirstStep, runStart, prefill, fmt.Sprintf("prefill of %d tokens", f.prompt))
+			phases.Add(phase.Ready, phases.Start(), runStart.Add(prefill).Sub(phases.Start()), "process start to the first prefill's end")
 		}
 		if r == 0 || prefill < time.Duration(res.PrefillMS*float64(time.Millisecond)) {
 			res.PrefillMS = float64(prefill) / float64(time.Millisecond)
@@ -391,8 +408,12 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if res.FloorMS > 0 {
 		res.FloorFraction = res.FloorMS / res.DecodeMSPerTok
 	}
+	res.Phases = phasesJSON(phases)
 	if f.json {
 		return json.NewEncoder(stdout).Encode(res)
+	}
+	if backend.HasDevices(f.device) {
+		fmt.Fprint(stderr, phases.Table())
 	}
 	_, err = fmt.Fprintf(stdout, "device %s %s tp %d: %d layers, hidden %d, %d experts, vocab %d, %.1f MiB bf16, %.1f MiB as %s (loaded in %.0f ms)\n"+
 		"prefill %d tokens: %.1f ms\ndecode batch %d: %.2f ms/step, %.1f tokens/s\n",
