@@ -28,12 +28,13 @@ type Staging interface {
 	// Alloc makes an uninitialised weight tensor of a staged type dt and shape, which Copy fills.
 	Alloc(dt safetensors.DType, shape []int) (Tensor, error)
 	// Copy enqueues a copy of n bytes of buffer i, from byte src of it, to t's bytes at byte offset off.
-	// Buffer i must not be written again before Wait(i) returns.
+	// The copy is ordered before every op later enqueued on the backend, so t may be used (by ops, by a
+	// DeviceQuantizer) as soon as its last Copy returned. Buffer i must not be written again before
+	// Wait(i) returns.
 	Copy(t Tensor, off int64, i int, src, n int64) error
 	// Wait blocks until the copies from buffer i enqueued so far have finished.
 	Wait(i int) error
-	// Finish waits for every copy enqueued so far and orders them before the backend's later ops; tensors
-	// that Copy filled may be used once it returns.
+	// Finish waits for every copy enqueued so far (the host side: the buffers are then free).
 	Finish() error
 	// Close waits for the copies and frees the buffers. It is idempotent.
 	Close() error

@@ -21,22 +21,23 @@ var (
 	_ backend.DeviceQuantizer = (*Backend)(nil)
 )
 
-// uploadStaging is one load's pinned staging buffers and its copy stream (backend.Staging): the loader's
-// readers fill a buffer, Copy enqueues its host-to-device copy on the copy stream and records the
-// buffer's event, and Wait synchronizes on that event before the buffer is filled again. The copies
-// overlap the reads and the compute stream; Finish orders them before later ops by waiting for the copy
-// stream.
+// uploadStaging is one load's pinned staging buffers (backend.Staging): the loader's readers fill a
+// buffer, Copy enqueues its host-to-device copy and records the buffer's event, and Wait synchronizes on
+// that event before the buffer is filled again. The copies are asynchronous, so the DMA engine copies
+// while the readers read the next chunks. They go on the backend's own stream: that orders each copy
+// before every later op on its tensor (a family's load-time ops, the on-device quantisation) with no
+// cross-stream synchronisation, and during a load that stream has nothing else to overlap with.
 type uploadStaging struct {
 	b      *Backend
 	s      *stream
 	size   int64
 	bufs   []*pinned
-	events []C.CUevent // per buffer; nil entries (no event API): Wait synchronizes the copy stream
+	events []C.CUevent // per buffer; nil entries (no event API): Wait synchronizes the stream
 	used   []bool      // an event was recorded since the last Wait
 	closed bool
 }
 
-// NewStaging allocates n pinned buffers of size bytes and a copy stream for one load
+// NewStaging allocates n pinned buffers of size bytes for one load
 // (backend.Uploader).
 func (b *Backend) NewStaging(n int, size int64) (backend.Staging, error) {
 	if b.closed {
@@ -45,11 +46,7 @@ func (b *Backend) NewStaging(n int, size int64) (backend.Staging, error) {
 	if n <= 0 || size <= 0 {
 		return nil, fmt.Errorf("cuda: staging of %d buffers of %d bytes", n, size)
 	}
-	s, err := b.dev.newStream()
-	if err != nil {
-		return nil, err
-	}
-	u := &uploadStaging{b: b, s: s, size: size, events: make([]C.CUevent, n), used: make([]bool, n)}
+	u := &uploadStaging{b: b, s: b.stream, size: size, events: make([]C.CUevent, n), used: make([]bool, n)}
 	for i := range n {
 		h, err := b.dev.allocPinned(size)
 		if err != nil {
@@ -129,7 +126,7 @@ func (u *uploadStaging) Wait(i int) error {
 	return check("cuEventSynchronize", cuResult(C.tp_cuEventSynchronize(drv.eventSynchronize, u.b.dev.ctx, u.events[i])))
 }
 
-// Finish waits for every copy: the tensors are then ready for any stream.
+// Finish waits for every copy (and the stream's other work).
 func (u *uploadStaging) Finish() error {
 	if u.closed {
 		return nil
@@ -138,7 +135,7 @@ func (u *uploadStaging) Finish() error {
 	return u.s.sync()
 }
 
-// Close waits for the copies and frees the buffers, the events and the stream.
+// Close waits for the copies and frees the buffers and the events.
 func (u *uploadStaging) Close() error {
 	if u.closed {
 		return nil
@@ -153,7 +150,6 @@ func (u *uploadStaging) Close() error {
 	for _, h := range u.bufs {
 		errs = append(errs, h.free())
 	}
-	errs = append(errs, u.s.destroy())
 	return errors.Join(errs...)
 }
 

@@ -489,10 +489,7 @@ func (p *pipeline) finish(ctx context.Context, t *task) (backend.Tensor, error) 
 	}
 	start = time.Now()
 	defer func() { p.stats.Quantize += time.Since(start) }()
-	if err := p.staging.Finish(); err != nil {
-		return nil, err
-	}
-	return p.w.q.quantizeOnDevice(p.w.ops, t.name, ten)
+	return p.w.q.quantizeOnDevice(p.w.ops, t.name, ten) // ordered after the copies (Staging.Copy)
 }
 
 // stop ends the readers, waits for them and frees the staging buffers and files.
