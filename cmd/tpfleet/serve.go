@@ -19,6 +19,7 @@ import (
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/coordinator"
 	"github.com/tpfleet/tpfleet/internal/security"
+	modelrun "github.com/tpfleet/tpfleet/model/run"
 	"github.com/tpfleet/tpfleet/tpgroup"
 	"github.com/tpfleet/tpfleet/worker"
 )
@@ -31,6 +32,7 @@ type serveFlags struct {
 	threads     int
 	plan        string
 	quant       quantFlags
+	load        modelrun.LoadConfig // the workers' weight-load pipeline
 	listen      string
 	httpListen  string
 	dataDir     string
@@ -90,6 +92,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&f.threads, "threads", 0, "CPU threads of each worker's matrix products (0: cores / workers)")
 	fs.StringVar(&f.plan, "plan", coordinator.DefaultPlan, `tp_plan: "tp", "ep" or a plan file in HF's format`)
 	f.quant.addFlags(fs, "")
+	f.load.AddFlags(fs)
 	fs.StringVar(&f.listen, "listen", coordinator.DefaultListenAddr, "host:port of the coordinator's gRPC server (port 0: any)")
 	fs.StringVar(&f.httpListen, "http-listen", coordinator.DefaultHTTPAddr, "host:port of the OpenAI-compatible HTTP gateway (port 0: any; empty: no gateway)")
 	fs.StringVar(&f.dataDir, "data-dir", "", "etcd's data directory, kept across runs (empty: a temporary one, removed at exit)")
@@ -212,6 +215,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		wcfg.Device = f.device
 		wcfg.DeviceIndex = i
 		wcfg.Threads = f.threads
+		wcfg.Load = f.load
 		wcfg.Etcd = etcd
 		wcfg.TLS, wcfg.Insecure = tl, f.tls.cfg.Insecure
 		wcfg.Gossip.KeyFile = f.tls.gossipKey
@@ -315,7 +319,7 @@ func startServeProcs(f serveFlags, etcd string, stderr io.Writer, log *zap.Logge
 	pid := os.Getpid()
 	g := &localGroup{
 		sub:      "worker",
-		args:     []string{"--log-level", f.logLevel},
+		args:     append([]string{"--log-level", f.logLevel}, loadArgs(f.load)...),
 		device:   f.device,
 		nproc:    f.workers,
 		nnodes:   1,
@@ -382,4 +386,13 @@ func parseInterspersed(fs *flag.FlagSet, args []string, pos *string) error {
 		}
 		*pos, args = fs.Arg(0), fs.Args()[1:]
 	}
+}
+
+// loadArgs are the worker flags of a load pipeline configuration (run.LoadConfig.AddFlags).
+func loadArgs(c modelrun.LoadConfig) []string {
+	args := []string{"--load-workers", strconv.Itoa(c.Workers), "--load-chunk", strconv.FormatInt(c.Chunk, 10)}
+	if c.Direct {
+		args = append(args, "--load-direct")
+	}
+	return args
 }
