@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"strings"
 	"testing"
 
 	"github.com/tpfleet/tpfleet/model"
@@ -31,6 +32,13 @@ func TestBenchQuantization(t *testing.T) {
 				t.Errorf("bench --quantization %s --tp %s = %+v", q, tp, res)
 			}
 			step[q] = res.StepBytes
+			var names []string
+			for _, p := range res.Phases {
+				names = append(names, p.Name)
+			}
+			if got := strings.Join(names, ","); got != "process,device,weights,first-step,ready" {
+				t.Errorf("bench --json phases = %s, want process,device,weights,first-step,ready", got)
+			}
 		}
 	}
 	if !(step["int4"] < step["fp8"] && step["fp8"] < step["none"]) {

@@ -88,7 +88,7 @@ func (r *Recorder) AddAll(ps []Phase) {
 	}
 }
 
-// Phases returns the phases recorded, in order of their start.
+// Phases returns the phases recorded, in order of their start, Ready (process start to ready) last.
 func (r *Recorder) Phases() []Phase {
 	if r == nil {
 		return nil
@@ -96,8 +96,15 @@ func (r *Recorder) Phases() []Phase {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	out := append([]Phase(nil), r.phases...)
-	for i := 1; i < len(out); i++ { // insertion sort: stable, and the list is short and nearly sorted
-		for j := i; j > 0 && out[j].Start.Before(out[j-1].Start); j-- {
+	// Insertion sort by start (stable; the list is short and nearly sorted); Ready, the summary, last.
+	before := func(a, b Phase) bool {
+		if (a.Name == Ready) != (b.Name == Ready) {
+			return b.Name == Ready
+		}
+		return a.Start.Before(b.Start)
+	}
+	for i := 1; i < len(out); i++ {
+		for j := i; j > 0 && before(out[j], out[j-1]); j-- {
 			out[j], out[j-1] = out[j-1], out[j]
 		}
 	}

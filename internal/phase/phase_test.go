@@ -15,11 +15,12 @@ func TestRecorder(t *testing.T) {
 	r.Add(Read, start.Add(3*time.Second), 2*time.Second, "1.0 GB")
 	r.Add(Context, start.Add(1200*time.Millisecond), 300*time.Millisecond, "")
 	r.Add(Read, start.Add(2*time.Second), 1500*time.Millisecond, "replaced")
+	r.Add(Ready, start, 4*time.Second, "")
 	var names []string
 	for _, p := range r.Phases() {
 		names = append(names, p.Name)
 	}
-	if got, want := strings.Join(names, ","), "process,cuda-context,weight-read"; got != want {
+	if got, want := strings.Join(names, ","), "process,cuda-context,weight-read,ready"; got != want {
 		t.Errorf("Phases() names = %s, want %s", got, want)
 	}
 	if p := r.Phases()[0]; p.Took < time.Second || p.Took > time.Minute {
