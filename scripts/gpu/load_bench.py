@@ -33,8 +33,8 @@ def write(args):
     cfg = scout_config(args.layers)
     start = time.time()
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = Llama4ForCausalLM(cfg).to(torch.bfloat16)
+    with torch.device("cuda"):  # bf16 from the start, as scripts/gpu/bench_hf.py makes its models
+        model = Llama4ForCausalLM._from_config(cfg, dtype=torch.bfloat16)
     # Random values everywhere (HF's init leaves some tensors constant): a benchmark never loads zeros.
     with torch.no_grad():
         for p in model.parameters():
