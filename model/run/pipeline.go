@@ -19,9 +19,10 @@ import (
 
 // Defaults of LoadConfig.
 const (
-	// DefaultChunk is the most bytes one read, and one staged copy, moves: 32 MiB, large enough that a
-	// read runs at the disk's sequential rate and a copy at the bus's.
-	DefaultChunk = 32 << 20
+	// DefaultChunk is the most bytes one read, and one staged copy, moves: 16 MiB, large enough that a
+	// read runs at the disk's sequential rate and a copy at the bus's, small enough that the pinned
+	// staging buffers (two per reader) are quick to allocate (pinning costs time per byte).
+	DefaultChunk = 16 << 20
 	// DefaultAhead bounds the bytes read ahead of the backend when tensors are handed over whole (a
 	// backend without staging): 1 GiB, or one tensor when it is larger.
 	DefaultAhead = 1 << 30
@@ -571,7 +572,7 @@ func (b *budget) release(n int64) {
 // current values as defaults.
 func (c *LoadConfig) AddFlags(fs *flag.FlagSet) {
 	fs.IntVar(&c.Workers, "load-workers", c.Workers, fmt.Sprintf("reader goroutines of the weight load (0: GOMAXPROCS, 2 to %d)", MaxLoadWorkers))
-	fs.Int64Var(&c.Chunk, "load-chunk", c.Chunk, "bytes one weight read and one host-to-device copy move at most (0: 32 MiB)")
+	fs.Int64Var(&c.Chunk, "load-chunk", c.Chunk, "bytes one weight read and one host-to-device copy move at most (0: 16 MiB)")
 	fs.BoolVar(&c.Direct, "load-direct", c.Direct, "read the checkpoint with O_DIRECT (bypasses the page cache: for cold reads at the disk's rate)")
 }
 
