@@ -84,7 +84,9 @@ type LoadStats struct {
 	// copies (enqueueing, waiting for buffers, the final wait) and Ops.Load; Quantize its time in
 	// on-device quantisation; Wait its time waiting for reads. They overlap: Read runs beside the others.
 	Read, Copy, Quantize, Wait time.Duration
-	Start                      time.Time
+	// Staging is the time NewStaging took (pinned host memory is slow to allocate).
+	Staging time.Duration
+	Start   time.Time
 }
 
 // pipeline reads one rank's tensors ahead of the model's loader with several reader goroutines and hands
@@ -208,7 +210,9 @@ func (w *RankWeights) Prefetch(ctx context.Context, names []string, cfg LoadConf
 	}
 	if p.stats.Staged > 0 {
 		n := 2 * cfg.Workers
+		pin := time.Now()
 		st, err := up.NewStaging(n, cfg.Chunk+fileread.Slack)
+		p.stats.Staging = time.Since(pin)
 		if err != nil {
 			return errors.Join(fmt.Errorf("load: staging buffers: %w", err), p.closeFiles())
 		}
@@ -592,7 +596,7 @@ func (st LoadStats) Phases(start time.Time, bytes int64) []phase.Phase {
 		phase.Phase{Name: phase.Read, Start: st.Start, Took: st.Read,
 			Detail: fmt.Sprintf("%s at %s, %d readers, %d reads%s", gb(st.Bytes), rate(st.Bytes, st.Read), st.Workers, st.Reads, direct)},
 		phase.Phase{Name: phase.Copy, Start: st.Start, Took: st.Copy,
-			Detail: fmt.Sprintf("%s staged (pinned, async); waited %.3fs for reads", gb(st.Staged), st.Wait.Seconds())})
+			Detail: fmt.Sprintf("%s staged (pinned buffers allocated in %.3fs, async copies); waited %.3fs for reads", gb(st.Staged), st.Staging.Seconds(), st.Wait.Seconds())})
 	if st.Quantize > 0 {
 		out = append(out, phase.Phase{Name: phase.Quantize, Start: st.Start, Took: st.Quantize, Detail: "on the device, after the copies"})
 	}
