@@ -18,8 +18,9 @@ type Slices interface {
 }
 
 // RankWeights is one rank's Weights: it reads exactly the part of each tensor a shard manifest gives the
-// rank (range reads; never a whole split tensor) and loads it into a backend. Load is safe for concurrent
-// use when the slices' reader and the backend's Load are.
+// rank (range reads; never a whole split tensor) and loads it into a backend. Without Prefetch, Load is
+// safe for concurrent use when the slices' reader and the backend's Load are; with it (the load
+// pipeline), Load is called by one goroutine, the one that drives the backend.
 type RankWeights struct {
 	s   Slices
 	ops backend.Ops
