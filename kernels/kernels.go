@@ -56,9 +56,24 @@ func concat(names []string) string {
 	return sb.String()
 }
 
-// unitGroups are the files that must be compiled together: quant.cu uses gemv.cu's helpers. Every other
-// *.cu is a compilation unit of its own (prelude.cuh and the file), so the units compile in parallel.
-var unitGroups = [][]string{{"gemv.cu", "quant.cu"}}
+// unitsFile lists the files that must be compiled together, one group a line ("#" starts a comment).
+//
+//go:embed units.txt
+var unitsFile string
+
+// unitGroups parses unitsFile.
+func unitGroups() [][]string {
+	var groups [][]string
+	for _, line := range strings.Split(unitsFile, "\n") {
+		if i := strings.IndexByte(line, '#'); i >= 0 {
+			line = line[:i]
+		}
+		if f := strings.Fields(line); len(f) > 0 {
+			groups = append(groups, f)
+		}
+	}
+	return groups
+}
 
 // Unit is one compilation unit: the prelude followed by Files, in order. Units are independent: each
 // compiles alone, and every kernel is in exactly one of them.
@@ -67,19 +82,20 @@ type Unit struct {
 	Files []string // *.cu files
 }
 
-// Units returns the compilation units: the groups of unitGroups, then every other *.cu alone, in file
-// name order of their first file.
+// Units returns the compilation units: the groups of units.txt, and every other *.cu alone, in file name
+// order of their first file.
 func Units() []Unit {
 	grouped := map[string]bool{}
 	var units []Unit
-	for _, g := range unitGroups {
+	groups := unitGroups()
+	for _, g := range groups {
 		for _, f := range g {
 			grouped[f] = true
 		}
 	}
 	for _, f := range Files() {
 		if grouped[f] {
-			for _, g := range unitGroups {
+			for _, g := range groups {
 				if g[0] == f {
 					units = append(units, Unit{Name: strings.TrimSuffix(f, ".cu"), Files: g})
 				}

@@ -263,6 +263,9 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 	if err != nil {
 		return nil, err
 	}
+	if _, ok := w.ops.(run.ExpertsOffloader); w.cfg.OffloadExperts && !ok {
+		return nil, fmt.Errorf("%w: --offload-experts: the %s backend cannot keep experts in host memory (cuda can)", ErrInvalidConfig, w.ops.Name())
+	}
 	man, err := shard.NewManifest(cfg, view, plan, k.tp, k.rank)
 	if err != nil {
 		return nil, err
@@ -283,14 +286,20 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 	toRead, toReadBytes := rw.lacking()
 	w.metrics.loadStart(toRead, toReadBytes)
 	defer w.metrics.loadEnd()
-	rankW := run.NewRankWeights(shard.NewRankReader(view, man), w.ops).WithFormat(cfg, format)
+	rankW := run.NewRankWeights(shard.NewRankReader(view, man), w.ops).WithFormat(cfg, format).WithLog(lg)
 	// The load pipeline reads what is lacking ahead of the model's loader, with several readers, into the
 	// backend's staging buffers where it has them (a checkpoint streamed from a peer is read as before).
 	if err := rankW.Prefetch(ctx, rw.toRead(cfg), w.cfg.Load); err != nil {
 		return nil, err
 	}
 	defer rankW.Close()
-	counted := &progressWeights{Weights: rankW, m: w.metrics, bytesOf: man.BytesOf}
+	var next run.Weights = rankW
+	if w.cfg.OffloadExperts {
+		if next, err = run.NewOffloadWeights(rankW, cfg, w.ops); err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrInvalidConfig, err)
+		}
+	}
+	counted := &progressWeights{Weights: next, m: w.metrics, bytesOf: man.BytesOf}
 	pw := &run.Progress{Weights: counted, Log: lg,
 		Total: toRead, TotalBytes: toReadBytes, BytesOf: man.BytesOf, Every: w.progressEvery}
 	rw.next = pw

@@ -32,6 +32,7 @@ type modelFlags struct {
 	par      parallelFlags
 	quant    quantFlags
 	load     modelrun.LoadConfig // --load-workers, --load-chunk, --load-direct
+	offload  bool                // --offload-experts
 	// backendConfig holds the registered backends' own flags (backend.BindFlags), by backend name.
 	backendConfig map[string]backend.FlagConfig
 }
@@ -43,6 +44,7 @@ func (f *modelFlags) add(fs *flag.FlagSet) {
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level on stderr: debug, info, warn, error")
 	f.quant.addFlags(fs, "")
 	f.load.AddFlags(fs)
+	fs.BoolVar(&f.offload, "offload-experts", false, "keep the routed experts in pinned host memory and copy the ones each step chooses to the GPU (cuda; such steps run without CUDA graphs)")
 	f.par.add(fs)
 	f.backendConfig = backend.BindFlags(fs)
 }
@@ -206,7 +208,7 @@ func loadRanks(ctx context.Context, f modelFlags, cfg model.Config, ckpt *safete
 			g.Close()
 			return nil, err
 		}
-		rw := modelrun.NewRankWeights(shard.NewRankReader(view, man), ops).WithFormat(cfg, format)
+		rw := modelrun.NewRankWeights(shard.NewRankReader(view, man), ops).WithFormat(cfg, format).WithLog(log.With(zap.Int("rank", rank)))
 		var names []string
 		for _, s := range specs {
 			if _, ok := man.Lookup(prefix + s.Name); ok {
@@ -220,6 +222,13 @@ func loadRanks(ctx context.Context, f modelFlags, cfg model.Config, ckpt *safete
 		}
 		var w modelrun.Weights = rw
 		bytesOf, memBytes := man.BytesOf, rw.MemoryBytes
+		if f.offload {
+			if w, err = modelrun.NewOffloadWeights(w, cfg, ops); err != nil {
+				rw.Close()
+				g.Close()
+				return nil, err
+			}
+		}
 		bytes := int64(0)
 		for _, s := range specs {
 			bytes += bytesOf(s.Name)
