@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -490,11 +491,12 @@ func (p *pipeline) finish(ctx context.Context, t *task) (backend.Tensor, error) 
 	}
 	if !p.w.q.quantizes(t.name, t.ext.DType) {
 		p.w.q.mem.Add(t.bytes)
+		p.w.q.held(t.name, t.ext.DType, int(t.bytes), strings.ToLower(t.ext.DType.String()), t.bytes)
 		return ten, nil
 	}
 	start = time.Now()
 	defer func() { p.stats.Quantize += time.Since(start) }()
-	return p.w.q.quantizeOnDevice(p.w.ops, t.name, ten) // ordered after the copies (Staging.Copy)
+	return p.w.q.quantizeOnDevice(p.w.ops, t.name, t.ext.DType, ten) // ordered after the copies (Staging.Copy)
 }
 
 // stop ends the readers, waits for them and frees the staging buffers and files.

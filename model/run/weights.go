@@ -108,7 +108,7 @@ func (q *quantizer) quantizes(name string, dt safetensors.DType) bool {
 }
 
 // quantizeOnDevice quantises t (the bf16 weight name, already on the device) there.
-func (q *quantizer) quantizeOnDevice(ops backend.Ops, name string, t backend.Tensor) (backend.Tensor, error) {
+func (q *quantizer) quantizeOnDevice(ops backend.Ops, name string, dt safetensors.DType, t backend.Tensor) (backend.Tensor, error) {
 	dq, ok := ops.(backend.DeviceQuantizer)
 	if !ok {
 		return nil, fmt.Errorf("quantise %s on %s: the backend quantises on the host only", name, ops.Name())
@@ -118,7 +118,13 @@ func (q *quantizer) quantizeOnDevice(ops backend.Ops, name string, t backend.Ten
 	if err != nil {
 		return nil, fmt.Errorf("quantise %s: %w", name, err)
 	}
-	q.mem.Add(q.format.Bytes(t.Shape(), spec.InputDim))
+	mem := q.format.Bytes(t.Shape(), spec.InputDim)
+	q.mem.Add(mem)
+	n := int64(dt.Size())
+	for _, d := range t.Shape() {
+		n *= int64(d)
+	}
+	q.held(name, dt, int(n), q.format.String(), mem)
 	return out, nil
 }
 
