@@ -139,6 +139,7 @@ func (r *reuseWeights) Load(ctx context.Context, name string) (backend.Tensor, m
 	if ok {
 		for _, from := range r.from {
 			if h, held := from[name]; held && h.key == key {
+				h.layout = ts.Layout // the same bytes; the expert order over the group may differ
 				r.got[name] = h
 				r.kept++
 				r.keptBytes += ts.Bytes

@@ -72,6 +72,7 @@ type kernelSet struct {
 	convert, embed, rmsnorm, add, siluMul, scaleRows, rope, linearSimple *kernel
 	splitBF16, addHalves                                                 *kernel
 	kvAppend, attention, route, expertGateUp, expertDown                 *kernel
+	mapExperts                                                           *kernel
 	attentionSplit, attentionCombine                                     *kernel
 	attentionSplit128                                                    [5]*kernel // groups of at most 1, 2, 4, 5, 8
 	attentionFlash                                                       *kernel
@@ -195,6 +196,7 @@ func (b *Backend) init() error {
 		{"attention_combine", &b.k.attentionCombine},
 		{"attention_flash", &b.k.attentionFlash},
 		{"route", &b.k.route}, {"expert_gate_up", &b.k.expertGateUp}, {"expert_down", &b.k.expertDown},
+		{"map_experts", &b.k.mapExperts},
 		{"gather_permute", &b.k.gatherPermute}, {"fill_random", &b.k.fillRandom},
 		{"gemv_1", &b.k.gemv[0]}, {"gemv_2", &b.k.gemv[1]}, {"gemv_4", &b.k.gemv[2]}, {"gemv_8", &b.k.gemv[3]},
 		{"moe_plan", &b.k.moePlan}, {"expert_gemv_1", &b.k.expertGEMV1}, {"expert_gemv_8", &b.k.expertGEMV8},

@@ -201,11 +201,15 @@ func (b *Backend) newOffloader() error {
 	}
 	const disableTiming = 2 // CU_EVENT_DISABLE_TIMING
 	for _, e := range []*C.CUevent{&o.routed, &o.copied, &o.used} {
-		if err := check("cuEventCreate", cuResult(C.tp_cuEventCreate(drv.eventCreate, b.dev.ctx, e, disableTiming))); err != nil {
+		// Through a local: cgo checks the whole object behind a pointer that is not an address expression,
+		// and o holds Go pointers.
+		var ev C.CUevent
+		if err := check("cuEventCreate", cuResult(C.tp_cuEventCreate(drv.eventCreate, b.dev.ctx, &ev, disableTiming))); err != nil {
 			b.off = o
 			b.closeOffload()
 			return err
 		}
+		*e = ev
 	}
 	if o.ids, err = b.dev.allocPinned(64 << 10); err != nil {
 		b.off = o

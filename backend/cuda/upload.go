@@ -54,10 +54,13 @@ func (b *Backend) NewStaging(n int, size int64) (backend.Staging, error) {
 		}
 		u.bufs = append(u.bufs, h)
 		if drv.eventCreate != nil && drv.eventRecord != nil && drv.eventSynchronize != nil {
-			// 2: CU_EVENT_DISABLE_TIMING.
-			if err := check("cuEventCreate", cuResult(C.tp_cuEventCreate(drv.eventCreate, b.dev.ctx, &u.events[i], 2))); err != nil {
+			// 2: CU_EVENT_DISABLE_TIMING. Through a local: cgo checks all the memory a pointer argument
+			// points into.
+			var e C.CUevent
+			if err := check("cuEventCreate", cuResult(C.tp_cuEventCreate(drv.eventCreate, b.dev.ctx, &e, 2))); err != nil {
 				return nil, errors.Join(err, u.Close())
 			}
+			u.events[i] = e
 		}
 	}
 	return u, nil

@@ -760,11 +760,15 @@ func (x *StartupPhase) GetDetail() string {
 	return ""
 }
 
-// ExpertLoad is one MoE layer's tokens per expert: tokens[e] (token, choice) pairs went to expert e.
+// ExpertLoad is one MoE layer's tokens per expert: tokens[e] (token, choice) pairs went to expert e (the
+// checkpoint's numbering). slot_tokens[i] is how many of them slot i of the group's expert tensors computed:
+// the plan's expert order (slots rank by rank, replicas of hot experts included; the checkpoint's experts
+// when the plan orders none), so a replicated expert's tokens split over its slots.
 type ExpertLoad struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Layer         int32                  `protobuf:"varint,1,opt,name=layer,proto3" json:"layer,omitempty"`
 	Tokens        []int64                `protobuf:"varint,2,rep,packed,name=tokens,proto3" json:"tokens,omitempty"`
+	SlotTokens    []int64                `protobuf:"varint,3,rep,packed,name=slot_tokens,json=slotTokens,proto3" json:"slot_tokens,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -809,6 +813,13 @@ func (x *ExpertLoad) GetLayer() int32 {
 func (x *ExpertLoad) GetTokens() []int64 {
 	if x != nil {
 		return x.Tokens
+	}
+	return nil
+}
+
+func (x *ExpertLoad) GetSlotTokens() []int64 {
+	if x != nil {
+		return x.SlotTokens
 	}
 	return nil
 }
@@ -1353,11 +1364,13 @@ const file_tpfleet_v1_worker_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12#\n" +
 	"\rstart_seconds\x18\x02 \x01(\x01R\fstartSeconds\x12!\n" +
 	"\ftook_seconds\x18\x03 \x01(\x01R\vtookSeconds\x12\x16\n" +
-	"\x06detail\x18\x04 \x01(\tR\x06detail\":\n" +
+	"\x06detail\x18\x04 \x01(\tR\x06detail\"[\n" +
 	"\n" +
 	"ExpertLoad\x12\x14\n" +
 	"\x05layer\x18\x01 \x01(\x05R\x05layer\x12\x16\n" +
-	"\x06tokens\x18\x02 \x03(\x03R\x06tokens\"$\n" +
+	"\x06tokens\x18\x02 \x03(\x03R\x06tokens\x12\x1f\n" +
+	"\vslot_tokens\x18\x03 \x03(\x03R\n" +
+	"slotTokens\"$\n" +
 	"\x0ePrepareRequest\x12\x12\n" +
 	"\x04plan\x18\x01 \x01(\fR\x04plan\"\x7f\n" +
 	"\x0fPrepareResponse\x12\x16\n" +
