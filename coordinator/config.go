@@ -100,6 +100,10 @@ type Config struct {
 	// MaxModelLen bounds a request's prompt and new tokens; 0 means the model's max_position_embeddings,
 	// and more than that is refused.
 	MaxModelLen int `json:"max-model-len"`
+	// LoadFormat is the workers' --load-format: "dummy" means Model holds only config.json (the workers
+	// generate their weights), so the coordinator checks splits against the declared tensors instead of a
+	// checkpoint. Empty or "auto": a checkpoint.
+	LoadFormat string `json:"load-format"`
 	// GenerationConfig chooses the default sampling of requests that leave it out, as vLLM's
 	// --generation-config: "auto" (or empty) the checkpoint's generation_config.json; "vllm" vLLM's
 	// defaults (sampling at temperature 1, top-p 1, no top-k; the eos ids stay the checkpoint's);

@@ -22,6 +22,7 @@ import (
 	"github.com/tpfleet/tpfleet/internal/grpcauth"
 	"github.com/tpfleet/tpfleet/internal/security"
 	"github.com/tpfleet/tpfleet/internal/wait"
+	"github.com/tpfleet/tpfleet/model/dummy"
 	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/safetensors"
 	"github.com/tpfleet/tpfleet/shard"
@@ -119,6 +120,7 @@ func New(cfg Config) (*Coordinator, error) {
 	if err := m.serveAs(cfg.ServedModelName, cfg.MaxModelLen); err != nil {
 		return nil, err
 	}
+	m.dummy = cfg.LoadFormat == dummy.LoadFormat
 	if err := checkTP(m, cfg.Plan, nil, cfg.TP); err != nil {
 		return nil, err
 	}
@@ -190,12 +192,20 @@ func checkTP(m modelInfo, planName string, rules []byte, tp int) error {
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrInvalidConfig, err)
 	}
-	ckpt, err := safetensors.OpenCheckpoint(m.dir)
-	if err != nil {
-		return fmt.Errorf("%w: %w", ErrInvalidConfig, err)
+	var cat shard.Catalog
+	if m.dummy {
+		if cat, err = dummy.NewSource(m.config, 0); err != nil {
+			return fmt.Errorf("%w: %w", ErrInvalidConfig, err)
+		}
+	} else {
+		ckpt, err := safetensors.OpenCheckpoint(m.dir)
+		if err != nil {
+			return fmt.Errorf("%w: %w (with --load-format dummy, config.json is enough)", ErrInvalidConfig, err)
+		}
+		defer ckpt.Close()
+		cat = ckpt
 	}
-	defer ckpt.Close()
-	if _, err := shard.NewManifest(m.config, ckpt, plan, tp, 0); err != nil {
+	if _, err := shard.NewManifest(m.config, cat, plan, tp, 0); err != nil {
 		return fmt.Errorf("%w: model %s at TP %d under plan %q: %w", ErrInvalidConfig, m.name, tp, planName, err)
 	}
 	return nil

@@ -34,6 +34,8 @@ type modelInfo struct {
 	cfg    model.Info // config.Info(): vocabulary, context, eos ids
 	gen    model.Generation
 	tok    *tokenizer.Tokenizer // nil when the directory has no tokenizer.json
+	// dummy: the workers generate their weights (Config.LoadFormat "dummy"); dir may hold no checkpoint.
+	dummy bool
 }
 
 // loadModelInfo reads dir's config.json and generation_config.json, and its tokenizer when it has a

@@ -119,6 +119,7 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 	w.runMu.Lock()
 	n := len(w.seqs)
 	clear(w.seqs)
+	w.mem = nil
 	prev, staged := w.wts, w.staged
 	w.staged = nil
 	if prev != nil {
@@ -139,7 +140,7 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 	}
 	w.runMu.Unlock()
 	w.mu.Lock()
-	w.nseqs = 0
+	w.nseqs, w.nreserved, w.memPlan = 0, 0, nil
 	w.mu.Unlock()
 	if n > 0 {
 		lg.Info("dropped the previous epoch's sequences", zap.Int("sequences", n))
@@ -184,7 +185,17 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 		// What the new weights did not take over is dropped now.
 		w.freeLocked(lg, prev)
 	}
+	// The plan is made with the previous weights freed, so the device's free memory is this epoch's.
+	mem, err := w.planMemory(lg, wts, p.TP)
+	w.mem = mem
 	w.runMu.Unlock()
+	if err != nil {
+		w.fail(ctx, p.Epoch, err)
+		return
+	}
+	w.mu.Lock()
+	w.memPlan, w.nreserved = mem, 0
+	w.mu.Unlock()
 	w.mu.Lock()
 	w.weightDir, w.weightSize = key.dir, wts.bytes
 	w.expertLoad, _ = wts.model.(run.ExpertLoader)

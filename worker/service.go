@@ -90,7 +90,9 @@ func (s *service) Status(context.Context, *tpfleetv1.StatusRequest) (*tpfleetv1.
 			load = append(load, &tpfleetv1.ExpertLoad{Layer: int32(i), Tokens: l})
 		}
 	}
+	mem, reserved := s.w.memoryStatus()
 	return &tpfleetv1.StatusResponse{
+		Memory:        memoryProto(mem, reserved),
 		ExpertLoad:    load,
 		MemberId:      st.MemberID,
 		Epoch:         st.Epoch,

@@ -39,6 +39,7 @@ type serveFlags struct {
 	maxBatch    int
 	tokenBudget int
 	logLevel    string
+	mem         memFlags
 	// vLLM's serve flags.
 	host, servedName, origins string
 	port, maxModelLen         int
@@ -98,6 +99,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&f.maxBatch, "max-batch", 0, "sequences per step (0: 32)")
 	fs.IntVar(&f.tokenBudget, "token-budget", 0, "tokens per step: decodes plus prompt pieces (0: 512)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level on stderr: debug, info, warn, error")
+	f.mem.addFlags(fs)
 	if err := parseInterspersed(fs, args, &f.model); err != nil {
 		return err
 	}
@@ -179,8 +181,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		APIKeys: f.apiKeys, AdminKeys: f.adminKeys, TLS: tl, Insecure: f.tls.cfg.Insecure,
 		Gossip:             cluster.GossipConfig{KeyFile: f.tls.gossipKey},
 		HTTPAllowedOrigins: splitList(f.origins), ServedModelName: f.servedName, MaxModelLen: f.maxModelLen,
-		GenerationConfig: f.genConfig,
-		Quantization:     f.quant.name, QuantizationGroup: f.quant.group,
+		GenerationConfig: f.genConfig, LoadFormat: f.mem.loadFormat,
+		Quantization: f.quant.name, QuantizationGroup: f.quant.group,
 		MaxQueue: f.maxQueue, MaxBatch: f.maxBatch, TokenBudget: f.tokenBudget,
 		Etcd: etcd, Logger: log.Named("coordinator"),
 	})
@@ -216,6 +218,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		wcfg.TLS, wcfg.Insecure = tl, f.tls.cfg.Insecure
 		wcfg.Gossip.KeyFile = f.tls.gossipKey
 		wcfg.Logger = log.Named(fmt.Sprintf("worker%d", i))
+		f.mem.apply(&wcfg, f.tokenBudget)
 		w, err := worker.New(wcfg)
 		if err != nil {
 			return err
@@ -315,7 +318,7 @@ func startServeProcs(f serveFlags, etcd string, stderr io.Writer, log *zap.Logge
 	pid := os.Getpid()
 	g := &localGroup{
 		sub:      "worker",
-		args:     []string{"--log-level", f.logLevel},
+		args:     append([]string{"--log-level", f.logLevel}, f.mem.args(f.tokenBudget)...),
 		device:   f.device,
 		nproc:    f.workers,
 		nnodes:   1,
