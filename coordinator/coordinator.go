@@ -36,11 +36,12 @@ var errLeadershipLost = errors.New("coordinator: leadership lost")
 // group and serves Generate; a standby answers Generate with UNAVAILABLE until it leads. Make one with
 // New, then Start it; Close stops it. Its methods are safe for concurrent use.
 type Coordinator struct {
-	cfg   Config
-	log   *zap.Logger
-	model modelInfo
-	queue *queue
-	dial  dialFunc
+	cfg    Config
+	log    *zap.Logger
+	model  modelInfo
+	queue  *queue
+	kvCaps capacities // the serving groups' KV budgets, for admission (admission.go)
+	dial   dialFunc
 	// advertised is the gRPC address published in this coordinator's gossip meta; set by Start.
 	advertised string
 	// metrics are served at MetricsPath on the HTTP gateway (metrics.go).
@@ -429,6 +430,9 @@ func (c *Coordinator) admit(r *request) error {
 		return fmt.Errorf("%w: this coordinator is a standby", ErrNotLeader)
 	case groups == 0:
 		return fmt.Errorf("%w: no TP group of %d workers is placed; see the cluster's members", ErrNoPlan, c.currentTP())
+	}
+	if err := c.kvCaps.check(r); err != nil {
+		return err
 	}
 	c.metrics.admitted(r) // before push: a group may take it at once
 	if err := c.queue.push(r); err != nil {
@@ -856,6 +860,7 @@ func (ld *leader) apply() {
 			onReady:          ld.onReady(ld.plan.Epoch, g.ID),
 			onFailed:         ld.onFailed(ld.plan.Epoch),
 			obs:              c.metrics.group(g.ID),
+			kvCaps:           &c.kvCaps,
 		}
 		ld.groupsWG.Go(func() { runGroup(ctx, cfg) })
 	}

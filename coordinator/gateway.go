@@ -144,6 +144,7 @@ var gatewayKinds = []struct {
 	{ErrNoTokenizer, gateway.ErrInvalidRequest, "no_tokenizer"},
 	{ErrInvalidRequest, gateway.ErrInvalidRequest, "invalid_request"},
 	{ErrQueueFull, gateway.ErrOverloaded, "queue_full"},
+	{ErrKVCapacity, gateway.ErrInvalidRequest, "kv_capacity"},
 	{ErrNotLeader, gateway.ErrUnavailable, "not_leader"},
 	{ErrNoPlan, gateway.ErrUnavailable, "no_plan"},
 	{ErrNotPlaced, gateway.ErrUnavailable, "not_placed"}, // before the cause it wraps
