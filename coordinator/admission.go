@@ -67,6 +67,18 @@ func (c *capacities) set(group int, k *kvBudget) {
 	c.groups[group] = kvBudget{geom: k.geom, blocks: k.blocks}
 }
 
+// longest is the longest context a serving group's KV cache holds alone (the largest over the groups); 0
+// when none reports a budget.
+func (c *capacities) longest() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for _, k := range c.groups {
+		n = max(n, k.geom.Longest(k.blocks))
+	}
+	return n
+}
+
 // check refuses r with ErrKVCapacity when serving groups report KV budgets and none of them could ever
 // hold r; with no budget known (no group serving yet, or families without plans) it admits.
 func (c *capacities) check(r *request) error {
