@@ -49,6 +49,18 @@ func TestAdmissionByKVBlocks(t *testing.T) {
 		t.Errorf("worker log has no memory plan:\n%s", w.stderr.String())
 	}
 
+	code, stdout, stderr := tpfleet(t, "cluster", "memory", "--etcd", ep, "--json")
+	var rows []memoryRow
+	if err := json.Unmarshal([]byte(stdout), &rows); code != 0 || err != nil || len(rows) != 1 || rows[0].Memory == nil {
+		t.Fatalf("cluster memory --json = %d, %q (%s), want one worker with a memory plan", code, stdout, stderr)
+	}
+	if p := rows[0].Memory; p.GetKvBlocks() != 12 || p.GetBlockSize() != 16 || p.GetLongestContext() != 96 || !slices.Equal(p.GetWindows(), []int32{16, 16, 16, 0}) || !p.GetFromTokens() {
+		t.Errorf("cluster memory: plan %v, want 12 blocks of 16, longest 96, windows [16 16 16 0], from --kv-cache-tokens", p)
+	}
+	if code, stdout, _ := tpfleet(t, "cluster", "memory", "--etcd", ep); code != 0 || !strings.Contains(stdout, "12×16") {
+		t.Errorf("cluster memory = %d, %q, want a table with 12×16 blocks", code, stdout)
+	}
+
 	greedy := &sample.Params{TopP: 1}
 	run := func(n int) {
 		t.Helper()
