@@ -113,19 +113,6 @@ func (q *queue) popIf(ok func(*request) bool) *request {
 	return r
 }
 
-// pop removes and returns the head of the queue, or nil when it is empty.
-func (q *queue) pop() *request {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	e := q.items.Front()
-	if e == nil {
-		return nil
-	}
-	r := q.items.Remove(e).(*request)
-	q.forget(r)
-	return r
-}
-
 // remove takes r out of the queue if it is there, and reports whether it was.
 func (q *queue) remove(r *request) bool {
 	q.mu.Lock()
