@@ -34,7 +34,8 @@ func (w *Worker) planMemory(lg *zap.Logger, wts *weights, tp int) (*memory, erro
 		return nil, nil
 	}
 	var total, free int64
-	if m, ok := w.ops.(backend.MemoryReporter); ok {
+	m, device := w.ops.(backend.MemoryReporter)
+	if device {
 		if total, free, err = m.DeviceMemory(); err != nil {
 			return nil, fmt.Errorf("memory plan: device memory: %w", err)
 		}
@@ -47,6 +48,13 @@ func (w *Worker) planMemory(lg *zap.Logger, wts *weights, tp int) (*memory, erro
 		in.Activations = m.StepBytes(w.maxStepTokens(), tp)
 	}
 	p, err := memplan.New(in)
+	if err != nil && !device && errors.Is(err, memplan.ErrNoMemory) {
+		// The host's memory is shared with everything else on it: too little of it free is no reason to
+		// stop serving, but then there is no budget to admit by.
+		lg.Warn("no memory plan: the host's memory is too full for a KV cache at --gpu-memory-utilization; requests are not admitted by KV blocks (give --kv-cache-tokens)",
+			zap.Error(err))
+		return nil, nil
+	}
 	if err != nil {
 		if errors.Is(err, memplan.ErrNoMemory) {
 			err = fmt.Errorf("%w (lower the weights with --quantization or a larger TP, or raise --gpu-memory-utilization)", err)
