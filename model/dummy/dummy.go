@@ -142,43 +142,47 @@ func (s *Source) gen(name string, info safetensors.TensorInfo, dim int, ranges [
 	for _, d := range info.Shape[dim+1:] {
 		inner *= d
 	}
-	full, local := info.Shape[dim], shape[dim]
-	// Each (outer index, local row) is a run of inner elements, contiguous in the output and in the
-	// whole tensor: rows are spread over goroutines.
-	rows := outer * local
-	row := func(r int) {
-		o, j := r/local, r%local
-		g := j
+	full := info.Shape[dim]
+	// The slice is runs contiguous both in the output and in the whole tensor: for each outer index, each
+	// range's rows of inner elements. Long runs are cut so that goroutines share the work.
+	type run struct{ out, global, n int }
+	var runs []run
+	const piece = 1 << 16
+	o := 0
+	for outerIdx := 0; outerIdx < outer; outerIdx++ {
 		for _, rg := range ranges {
-			if g < rg.End-rg.Start {
-				g += rg.Start
-				break
+			n := (rg.End - rg.Start) * inner
+			g := (outerIdx*full + rg.Start) * inner
+			for k := 0; k < n; k += piece {
+				runs = append(runs, run{o + k, g + k, min(piece, n-k)})
 			}
-			g -= rg.End - rg.Start
+			o += n
 		}
-		base := uint64((o*full + g) * inner)
-		dst := out[2*r*inner : 2*(r+1)*inner]
-		for k := 0; k < inner; k++ {
+	}
+	fill := func(r run) {
+		dst := out[2*r.out : 2*(r.out+r.n)]
+		base := uint64(r.global)
+		for k := range r.n {
 			binary.LittleEndian.PutUint16(dst[2*k:], value(key, base+uint64(k)))
 		}
 	}
 	workers := 1
 	if total >= parallelMin {
-		workers = min(runtime.GOMAXPROCS(0), rows)
+		workers = min(runtime.GOMAXPROCS(0), len(runs))
 	}
 	if workers <= 1 {
-		for r := 0; r < rows; r++ {
-			row(r)
+		for _, r := range runs {
+			fill(r)
 		}
 		return out, nil
 	}
 	var wg sync.WaitGroup
-	per := (rows + workers - 1) / workers
+	per := (len(runs) + workers - 1) / workers
 	for w := 0; w < workers; w++ {
-		lo, hi := w*per, min((w+1)*per, rows)
+		lo, hi := w*per, min((w+1)*per, len(runs))
 		wg.Go(func() {
-			for r := lo; r < hi; r++ {
-				row(r)
+			for _, r := range runs[lo:hi] {
+				fill(r)
 			}
 		})
 	}
