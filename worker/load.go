@@ -271,7 +271,11 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 	toRead, toReadBytes := rw.lacking()
 	w.metrics.loadStart(toRead, toReadBytes)
 	defer w.metrics.loadEnd()
-	counted := &progressWeights{Weights: run.NewRankWeights(shard.NewRankReader(view, man), w.ops).WithFormat(cfg, format), m: w.metrics, bytesOf: man.BytesOf}
+	var ranked run.Weights = run.NewRankWeights(shard.NewRankReader(view, man), w.ops).WithFormat(cfg, format)
+	if fill, ok := w.ops.(deviceFiller); ok && w.cfg.LoadFormat == dummy.LoadFormat {
+		ranked = newDeviceDummy(ranked, fill, cfg, &man, format) // generated on the device
+	}
+	counted := &progressWeights{Weights: ranked, m: w.metrics, bytesOf: man.BytesOf}
 	pw := &run.Progress{Weights: counted, Log: lg,
 		Total: toRead, TotalBytes: toReadBytes, BytesOf: man.BytesOf, Every: w.progressEvery}
 	rw.next = pw
