@@ -18,6 +18,7 @@ import (
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/comm"
 	"github.com/tpfleet/tpfleet/internal/security"
+	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/model/dummy"
 	"github.com/tpfleet/tpfleet/quant"
 )
@@ -80,8 +81,6 @@ type Config struct {
 	// KVCacheTokens, when positive, sizes the KV cache for this many tokens in every layer instead of from
 	// memory (a fixed budget: tests, CPU hosts shared with others). Zero: from memory.
 	KVCacheTokens int `json:"kv-cache-tokens"`
-	// KVBlockSize is the tokens of one KV block. Zero means memplan.DefaultBlockSize.
-	KVBlockSize int `json:"kv-block-size"`
 	// MaxStepTokens is the most tokens a step feeds (the coordinator's --token-budget), for which the
 	// planner keeps activation memory. Zero means DefaultMaxStepTokens.
 	MaxStepTokens int `json:"max-step-tokens"`
@@ -112,6 +111,10 @@ type Config struct {
 	// LOCAL_RANK): with a device backend ("cuda") the device the worker opens (as CUDA numbers them, after
 	// CUDA_VISIBLE_DEVICES); for the CPU it is informational. It is registered with the member.
 	DeviceIndex int `json:"device-index"`
+	// BlockSize is the number of positions of one KV cache block (the paged cache's unit: sequences take
+	// blocks from the model's pool as they grow, chunked-attention layers give back the blocks of past
+	// chunks). Zero means model.DefaultKVBlockSize.
+	BlockSize int `json:"block-size"`
 	// Threads is the number of goroutines of the CPU backend's matrix products (unused by device backends).
 	// Zero means GOMAXPROCS. Several workers on one host should share the cores: Threads = cores /
 	// workers.
@@ -212,7 +215,6 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.LoadFormat, "load-format", c.LoadFormat, "where the weights come from: auto (the checkpoint) or dummy (generated from config.json, each rank its own slices)")
 	fs.Float64Var(&c.GPUMemoryUtilization, "gpu-memory-utilization", c.GPUMemoryUtilization, "share of the device's memory (host memory on cpu) for weights, activations and the KV cache (0: 0.9)")
 	fs.IntVar(&c.KVCacheTokens, "kv-cache-tokens", c.KVCacheTokens, "size the KV cache for this many tokens in every layer instead of from memory (0: from memory)")
-	fs.IntVar(&c.KVBlockSize, "kv-block-size", c.KVBlockSize, "tokens of one KV cache block (0: 16)")
 	fs.IntVar(&c.MaxStepTokens, "max-step-tokens", c.MaxStepTokens, "most tokens one step feeds, the coordinator's --token-budget: the planner keeps activation memory for it (0: 512)")
 	fs.StringVar(&c.ID, "id", c.ID, "member ID, unique in the cluster (empty: <host>-<pid>)")
 	fs.StringVar(&c.ListenAddr, "listen", c.ListenAddr, "host:port of the worker's gRPC server (port 0: any free port)")
@@ -223,6 +225,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.Device, "device", c.Device, "the backend to run on: "+strings.Join(backend.Names(), " or ")+" (cpu: TCP ring collectives; a GPU backend: one GPU, NCCL collectives)")
 	fs.IntVar(&c.DeviceIndex, "device-index", c.DeviceIndex, "device ordinal on this host: the GPU with --device cuda (default: torchrun's LOCAL_RANK, else 0)")
 	fs.IntVar(&c.DeviceIndex, "gpu", c.DeviceIndex, "same as --device-index")
+	fs.IntVar(&c.BlockSize, "block-size", c.BlockSize, fmt.Sprintf("positions per KV cache block (0: %d)", model.DefaultKVBlockSize))
 	fs.IntVar(&c.Threads, "threads", c.Threads, "CPU threads for matrix products (0: all cores)")
 	fs.StringVar(&c.RingHost, "ring-host", c.RingHost, "host the TCP ring listener binds; must be reachable from the group's peers")
 	fs.DurationVar(&c.LeaseTTL, "lease-ttl", c.LeaseTTL, "TTL of the member's etcd lease")
@@ -257,6 +260,11 @@ func (c Config) Validate() error {
 			return bad("%s address %q: %v", a.name, a.addr, err)
 		}
 	}
+	if c.BlockSize != 0 {
+		if err := model.CheckKVBlockSize(c.BlockSize); err != nil {
+			return bad("%v", err)
+		}
+	}
 	if c.Device != "" {
 		if _, err := backend.Lookup(c.Device); err != nil {
 			return bad("%v", err)
@@ -277,8 +285,6 @@ func (c Config) Validate() error {
 		return bad("gpu memory utilization %g, want in (0, 1]", c.GPUMemoryUtilization)
 	case c.KVCacheTokens < 0:
 		return bad("kv cache tokens %d, want >= 0", c.KVCacheTokens)
-	case c.KVBlockSize < 0:
-		return bad("kv block size %d, want >= 0", c.KVBlockSize)
 	case c.MaxStepTokens < 0:
 		return bad("max step tokens %d, want >= 0", c.MaxStepTokens)
 	case c.MaxRecvMsgSize < 0:
@@ -423,3 +429,6 @@ func (c *Config) ApplyTorchrunEnv(getenv func(string) string, deviceIndexSet boo
 	}
 	return nil
 }
+
+// blockSize is the KV cache block size the worker's model uses.
+func (w *Worker) blockSize() int { return cmp.Or(w.cfg.BlockSize, model.DefaultKVBlockSize) }

@@ -28,7 +28,7 @@ func (w *Worker) planMemory(lg *zap.Logger, wts *weights, tp int) (*memory, erro
 	if k, ok := w.ops.(backend.KVSizer); ok {
 		elem = k.KVElementBytes()
 	}
-	geom, err := memplan.GeometryOf(wts.cfg, tp, elem, w.cfg.KVBlockSize)
+	geom, err := memplan.GeometryOf(wts.cfg, tp, elem, w.blockSize())
 	if err != nil {
 		lg.Warn("no memory plan: requests are not admitted by KV blocks", zap.Error(err))
 		return nil, nil

@@ -118,7 +118,7 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 	// loaded, which take over the tensors they share with them (and with those Prepare staged).
 	w.runMu.Lock()
 	n := len(w.seqs)
-	clear(w.seqs)
+	w.clearSeqs()
 	w.mem = nil
 	prev, staged := w.wts, w.staged
 	w.staged = nil
@@ -185,9 +185,23 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 		// What the new weights did not take over is dropped now.
 		w.freeLocked(lg, prev)
 	}
-	// The plan is made with the previous weights freed, so the device's free memory is this epoch's.
+	// The plan is made with the previous weights freed, so the device's free memory is this epoch's; the
+	// model's block pool then gets the plan's blocks (without a plan: a pool that grows).
 	mem, err := w.planMemory(lg, wts, p.TP)
 	w.mem = mem
+	if kp, ok := wts.model.(run.KVPool); ok && err == nil {
+		blocks := 0
+		if mem != nil {
+			blocks = mem.plan.Blocks
+		}
+		if perr := kp.SetKVBlocks(w.blockSize(), blocks); perr != nil {
+			if mem != nil {
+				err = fmt.Errorf("kv block pool of the memory plan: %w", perr)
+			} else {
+				lg.Warn("kv block pool", zap.Error(perr))
+			}
+		}
+	}
 	w.runMu.Unlock()
 	if err != nil {
 		w.fail(ctx, p.Epoch, err)

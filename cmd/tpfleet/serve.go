@@ -19,6 +19,7 @@ import (
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/coordinator"
 	"github.com/tpfleet/tpfleet/internal/security"
+	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/tpgroup"
 	"github.com/tpfleet/tpfleet/worker"
 )
@@ -38,8 +39,10 @@ type serveFlags struct {
 	maxQueue    int
 	maxBatch    int
 	tokenBudget int
-	logLevel    string
-	mem         memFlags
+	// prefillChunk caps a prompt's piece per step; blockSize is the workers' KV block size.
+	prefillChunk, blockSize int
+	logLevel                string
+	mem                     memFlags
 	// vLLM's serve flags.
 	host, servedName, origins string
 	port, maxModelLen         int
@@ -98,6 +101,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&f.maxQueue, "max-queue", 0, "requests that may wait for a batch (0: 256)")
 	fs.IntVar(&f.maxBatch, "max-batch", 0, "sequences per step (0: 32)")
 	fs.IntVar(&f.tokenBudget, "token-budget", 0, "tokens per step: decodes plus prompt pieces (0: 512)")
+	fs.IntVar(&f.prefillChunk, "prefill-chunk", 0, "most prompt tokens of one sequence per step (chunked prefill, interleaved with decodes; 0: the token budget)")
+	fs.IntVar(&f.blockSize, "block-size", 0, fmt.Sprintf("positions per KV cache block of the workers (0: %d)", model.DefaultKVBlockSize))
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level on stderr: debug, info, warn, error")
 	f.mem.addFlags(fs)
 	if err := parseInterspersed(fs, args, &f.model); err != nil {
@@ -183,7 +188,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		HTTPAllowedOrigins: splitList(f.origins), ServedModelName: f.servedName, MaxModelLen: f.maxModelLen,
 		GenerationConfig: f.genConfig, LoadFormat: f.mem.loadFormat,
 		Quantization: f.quant.name, QuantizationGroup: f.quant.group,
-		MaxQueue: f.maxQueue, MaxBatch: f.maxBatch, TokenBudget: f.tokenBudget,
+		MaxQueue: f.maxQueue, MaxBatch: f.maxBatch, TokenBudget: f.tokenBudget, PrefillChunk: f.prefillChunk,
 		Etcd: etcd, Logger: log.Named("coordinator"),
 	})
 	if err != nil {
@@ -214,6 +219,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		wcfg.Device = f.device
 		wcfg.DeviceIndex = i
 		wcfg.Threads = f.threads
+		wcfg.BlockSize = f.blockSize
 		wcfg.Etcd = etcd
 		wcfg.TLS, wcfg.Insecure = tl, f.tls.cfg.Insecure
 		wcfg.Gossip.KeyFile = f.tls.gossipKey
@@ -318,7 +324,7 @@ func startServeProcs(f serveFlags, etcd string, stderr io.Writer, log *zap.Logge
 	pid := os.Getpid()
 	g := &localGroup{
 		sub:      "worker",
-		args:     append([]string{"--log-level", f.logLevel}, f.mem.args(f.tokenBudget)...),
+		args:     append([]string{"--log-level", f.logLevel, "--block-size", strconv.Itoa(f.blockSize)}, f.mem.args(f.tokenBudget)...),
 		device:   f.device,
 		nproc:    f.workers,
 		nnodes:   1,
