@@ -186,12 +186,14 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 		w.freeLocked(lg, prev)
 	}
 	// The plan is made with the previous weights freed, so the device's free memory is this epoch's; the
-	// model's block pool then gets the plan's blocks (without a plan: a pool that grows).
+	// model's block pool then gets the plan's blocks on a device, or with --kv-cache-tokens. A plan from the
+	// host's memory (the CPU) admits by its blocks but keeps a pool that grows: the host is shared, and
+	// its memory is taken as sequences need it rather than all at start-up.
 	mem, err := w.planMemory(lg, wts, p.TP)
 	w.mem = mem
 	if kp, ok := wts.model.(run.KVPool); ok && err == nil {
 		blocks := 0
-		if mem != nil {
+		if _, device := w.ops.(backend.MemoryReporter); mem != nil && (device || w.cfg.KVCacheTokens > 0) {
 			blocks = mem.plan.Blocks
 		}
 		if perr := kp.SetKVBlocks(w.blockSize(), blocks); perr != nil {
