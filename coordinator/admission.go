@@ -18,15 +18,16 @@ type kvBudget struct {
 	used   int
 }
 
-// budgetOf is the group's budget from its ranks' plans; nil when a rank has none (a family that declares
-// no KV cache): the group then admits by MaxBatch and the token budget alone.
-func budgetOf(plans []*pb.MemoryPlan) (*kvBudget, error) {
+// budgetOf is the group's budget from its ranks' plans, for steps that feed a sequence up to piece tokens
+// (memplan.Geometry.Piece); nil when a rank has none (a family that declares no KV cache): the group then
+// admits by MaxBatch and the token budget alone.
+func budgetOf(plans []*pb.MemoryPlan, piece int) (*kvBudget, error) {
 	var k *kvBudget
 	for i, p := range plans {
 		if p == nil || p.GetKvBlocks() <= 0 {
 			return nil, nil
 		}
-		g := memplan.Geometry{BlockSize: int(p.GetBlockSize())}
+		g := memplan.Geometry{BlockSize: int(p.GetBlockSize()), Piece: piece}
 		for _, w := range p.GetWindows() {
 			g.Layers = append(g.Layers, memplan.Layer{Window: int(w)})
 		}
@@ -35,7 +36,7 @@ func budgetOf(plans []*pb.MemoryPlan) (*kvBudget, error) {
 			continue
 		}
 		if g.BlockSize != k.geom.BlockSize || len(g.Layers) != len(k.geom.Layers) {
-			return nil, fmt.Errorf("%w: rank %d's KV cache has %d layers in blocks of %d tokens, rank 0's %d in blocks of %d (same --kv-block-size on every worker)",
+			return nil, fmt.Errorf("%w: rank %d's KV cache has %d layers in blocks of %d tokens, rank 0's %d in blocks of %d (same --block-size on every worker)",
 				ErrStepFailed, i, len(g.Layers), g.BlockSize, len(k.geom.Layers), k.geom.BlockSize)
 		}
 		k.blocks = min(k.blocks, int(p.GetKvBlocks()))

@@ -17,17 +17,17 @@ func plan4(blocks int64) *pb.MemoryPlan {
 }
 
 func TestBudgetOf(t *testing.T) {
-	k, err := budgetOf([]*pb.MemoryPlan{plan4(20), plan4(12)})
+	k, err := budgetOf([]*pb.MemoryPlan{plan4(20), plan4(12)}, 1)
 	if err != nil || k == nil || k.blocks != 12 {
 		t.Fatalf("budgetOf(20, 12 blocks) = %+v, %v; want the smaller, 12", k, err)
 	}
-	if k, err := budgetOf([]*pb.MemoryPlan{plan4(12), nil}); k != nil || err != nil {
+	if k, err := budgetOf([]*pb.MemoryPlan{plan4(12), nil}, 1); k != nil || err != nil {
 		t.Errorf("budgetOf with a rank without a plan = %+v, %v; want no budget", k, err)
 	}
 	odd := plan4(12)
 	odd.BlockSize = 32
-	if _, err := budgetOf([]*pb.MemoryPlan{plan4(12), odd}); err == nil || !strings.Contains(err.Error(), "same --kv-block-size") {
-		t.Errorf("budgetOf with block sizes 16 and 32 = %v, want an error naming --kv-block-size", err)
+	if _, err := budgetOf([]*pb.MemoryPlan{plan4(12), odd}, 1); err == nil || !strings.Contains(err.Error(), "same --block-size") {
+		t.Errorf("budgetOf with block sizes 16 and 32 = %v, want an error naming --block-size", err)
 	}
 }
 
@@ -35,7 +35,7 @@ func TestBudgetOf(t *testing.T) {
 // waits, smaller requests behind it wait too (no starvation of the long one), it is counted once, and a
 // request larger than the whole budget is taken (to be refused) rather than block the queue.
 func TestAdmitsFIFO(t *testing.T) {
-	k, _ := budgetOf([]*pb.MemoryPlan{plan4(12)})
+	k, _ := budgetOf([]*pb.MemoryPlan{plan4(12)}, 1) // decode-sized pieces: the formula
 	b := &batch{kv: k}
 	q := newQueue(10)
 	long := newRequest(tokens(12), 30, sample.Params{}, nil) // 42 tokens: 3 + 3·2 = 9 blocks
@@ -83,7 +83,7 @@ func TestCapacitiesCheck(t *testing.T) {
 	if err := c.check(r); err != nil || c.longest() != 0 {
 		t.Errorf("check with no group serving = %v (longest %d), want admitted", err, c.longest())
 	}
-	k, _ := budgetOf([]*pb.MemoryPlan{plan4(12)})
+	k, _ := budgetOf([]*pb.MemoryPlan{plan4(12)}, 1)
 	c.set(0, k)
 	err := c.check(r)
 	if !errors.Is(err, ErrKVCapacity) || !strings.Contains(err.Error(), "112 tokens need 13 KV blocks of 16 tokens; the largest group holds 12 blocks, a context of at most 96 tokens") {
@@ -92,7 +92,7 @@ func TestCapacitiesCheck(t *testing.T) {
 	if got := c.longest(); got != 96 {
 		t.Errorf("longest() = %d, want 96", got)
 	}
-	big, _ := budgetOf([]*pb.MemoryPlan{plan4(20)})
+	big, _ := budgetOf([]*pb.MemoryPlan{plan4(20)}, 1)
 	c.set(1, big)
 	if err := c.check(r); err != nil {
 		t.Errorf("check with a 20-block group = %v, want admitted", err)
@@ -100,5 +100,10 @@ func TestCapacitiesCheck(t *testing.T) {
 	c.set(1, nil)
 	if err := c.check(r); err == nil {
 		t.Errorf("check after the 20-block group stopped: admitted, want ErrKVCapacity")
+	}
+	// Steps of 512 tokens: a chunked layer may hold the window and the whole 42-token piece.
+	k512, _ := budgetOf([]*pb.MemoryPlan{plan4(12)}, 512)
+	if got := k512.need(newRequest(tokens(12), 30, sample.Params{}, nil)); got != 12 {
+		t.Errorf("need(12 + 30 tokens) with pieces of 512 = %d, want 3 + 3·3 = 12", got)
 	}
 }

@@ -140,7 +140,11 @@ func serveGroup(ctx context.Context, cfg groupConfig) error {
 		}
 		plans[i] = st.GetMemory()
 	}
-	kv, err := budgetOf(plans)
+	piece := cfg.tokenBudget // the most of one sequence a step feeds
+	if cfg.prefillChunk > 0 {
+		piece = min(piece, cfg.prefillChunk)
+	}
+	kv, err := budgetOf(plans, piece)
 	if err != nil {
 		return err
 	}

@@ -20,5 +20,9 @@
 //	blocks(L), windowed layer  = min(ceil(L / BlockSize), ceil(window / BlockSize) + 1)
 //	blocks(L)                  = Σ over layers
 //
+// While a step appends a piece of P tokens of a sequence, a windowed layer holds up to a window and the
+// piece (it drops its past chunks at the start of an append): the coordinator's admission counts
+// min(ceil(L/B), ceil((window+P-1)/B)+1) for it (Geometry.Piece), which is the formula above at P = 1.
+//
 // docs/operations.md works it through for Llama 4 Scout and Maverick.
 package memplan

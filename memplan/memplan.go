@@ -34,6 +34,10 @@ type Layer struct {
 type Geometry struct {
 	BlockSize int
 	Layers    []Layer
+	// Piece is the most tokens of one sequence a step appends (the coordinator's token budget, or its
+	// --prefill-chunk): a windowed layer drops its past chunks only at the start of an append, so during a
+	// step it holds up to a window and a piece. 0 or 1: one token a step (decode), the hold between steps.
+	Piece int
 }
 
 // KVHeadsPerRank is how many of kv key/value heads one rank of tp holds: kv/tp, or 1 when tp exceeds kv
@@ -98,17 +102,19 @@ func (g Geometry) BlockBytes() int64 {
 	return int64(g.BlockSize) * w
 }
 
-// Blocks is the blocks a sequence of tokens tokens needs: per global layer ceil(L/B), per windowed layer
-// min(ceil(L/B), ceil(window/B)+1).
+// Blocks is the blocks a sequence of tokens tokens needs at most: per global layer ceil(L/B), per windowed
+// layer min(ceil(L/B), ceil((window+P-1)/B)+1) with P = min(Piece, L) (at least 1): the blocks that window+P-1
+// consecutive positions can span. With P = 1 that is min(ceil(L/B), ceil(window/B)+1).
 func (g Geometry) Blocks(tokens int) int {
 	if tokens <= 0 || g.BlockSize <= 0 {
 		return 0
 	}
 	full := ceilDiv(tokens, g.BlockSize)
+	piece := min(max(g.Piece, 1), tokens)
 	n := 0
 	for _, l := range g.Layers {
 		if l.Window > 0 {
-			n += min(full, ceilDiv(l.Window, g.BlockSize)+1)
+			n += min(full, ceilDiv(l.Window+piece-1, g.BlockSize)+1)
 		} else {
 			n += full
 		}

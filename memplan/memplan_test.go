@@ -70,6 +70,12 @@ func TestKVBytesPerTokenFormula(t *testing.T) {
 			if got := g.Blocks(10485760); got != c.b10m {
 				t.Errorf("%s tp %d: Blocks(10485760) = %d, want %d", name, c.tp, got, c.b10m)
 			}
+			// With steps of 512 tokens (the default token budget) a chunked layer may hold
+			// ceil((8192+511)/16)+1 = 545 blocks during a step: 128k tokens, 12·8192 + 36·545 = 117924.
+			g.Piece = 512
+			if got := g.Blocks(131072); got != 117924 {
+				t.Errorf("%s tp %d: Blocks(131072) with pieces of 512 = %d, want 117924", name, c.tp, got)
+			}
 		}
 	}
 }
@@ -92,6 +98,16 @@ func TestBlocksHybridPolicy(t *testing.T) {
 		}
 		if got := g.Longest(c.blocks); got > 0 && g.Blocks(got) > c.blocks || g.Blocks(got+1) <= c.blocks {
 			t.Errorf("Longest(%d) = %d: Blocks(%d) = %d, Blocks(%d) = %d", c.blocks, got, got, g.Blocks(got), got+1, g.Blocks(got+1))
+		}
+	}
+	// Steps that append up to 20 tokens of a sequence: a windowed layer may hold a window and a piece,
+	// ceil((32+20-1)/16)+1 = 5 blocks, once the sequence is that long.
+	g.Piece = 20
+	for _, c := range []struct{ tokens, want int }{
+		{1, 3}, {16, 3}, {33, 9}, {48, 9}, {64, 12}, {80, 15}, {160, 10 + 10}, {10, 3},
+	} {
+		if got := g.Blocks(c.tokens); got != c.want {
+			t.Errorf("Piece 20: Blocks(%d) = %d, want %d", c.tokens, got, c.want)
 		}
 	}
 	windowed := memplan.Geometry{BlockSize: 16, Layers: []memplan.Layer{{TokenBytes: 8, Window: 32}}}

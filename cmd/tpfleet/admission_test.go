@@ -23,11 +23,12 @@ import (
 
 // TestAdmissionByKVBlocks is issue 12's admission acceptance, with separate processes (etcd, a coordinator,
 // a CPU worker whose KV cache is sized for 48 tokens of its 4 layers by --kv-cache-tokens: 12 blocks of
-// 16). The fixture's request (12 prompt tokens + 30 new: 3 blocks of the global layer, 2 of each of the 3
-// chunked layers of window 16) needs 9 blocks, so one runs at a time: concurrent requests wait at the
+// 16). The fixture's request (12 prompt tokens + 30 new) needs 12 blocks: 3 of the global layer and 3 of
+// each chunked layer of window 16 (the coordinator counts a step's piece, up to the 512-token budget, on
+// top of a chunk), so one runs at a time: concurrent requests wait at the
 // head of the queue (tpfleet_requests_kv_waited_total counts them), and every one completes with HF's
 // greedy ids, with no step failing (a worker refuses a sequence beyond its plan) and none resumed. A
-// request of 12 + 100 tokens (13 blocks: more than the longest context the cache holds, 96 tokens) is refused at once over
+// request of 12 + 100 tokens (28 blocks: more than the longest context the cache holds, 48 tokens) is refused at once over
 // gRPC (INVALID_ARGUMENT) and HTTP (400), naming the numbers.
 func TestAdmissionByKVBlocks(t *testing.T) {
 	g := readGolden(t, "moe-top1")
@@ -118,8 +119,8 @@ func TestAdmissionByKVBlocks(t *testing.T) {
 	defer cancel()
 	_, err := cli.Generate(ctx, client.GenerateRequest{PromptIDs: g.prompt, MaxTokens: 100, Sampling: greedy}, nil)
 	st, _ := status.FromError(err)
-	if st.Code() != codes.InvalidArgument || !strings.Contains(st.Message(), "need 13 KV blocks of 16 tokens; the largest group holds 12 blocks, a context of at most 96 tokens") {
-		t.Errorf("Generate(12 + 100 tokens) = %v, want INVALID_ARGUMENT naming 13 blocks of 12, 96 tokens", err)
+	if st.Code() != codes.InvalidArgument || !strings.Contains(st.Message(), "need 28 KV blocks of 16 tokens; the largest group holds 12 blocks, a context of at most 48 tokens") {
+		t.Errorf("Generate(12 + 100 tokens) = %v, want INVALID_ARGUMENT naming 28 blocks of 12, 48 tokens", err)
 	}
 	body, _ := json.Marshal(map[string]any{"model": "moe-top1", "prompt": g.prompt, "max_tokens": 100})
 	resp, err := http.Post("http://"+hm+"/v1/completions", "application/json", bytes.NewReader(body))
