@@ -67,7 +67,7 @@ func (w *Worker) planMemory(lg *zap.Logger, wts *weights, tp int) (*memory, erro
 		zap.Int64("kv-bytes", p.KV), zap.Int64("token-bytes", p.TokenBytes), zap.Int64("global-token-bytes", p.GlobalTokenBytes),
 		zap.Int("kv-tokens", p.Tokens), zap.String("longest-context", p.LongestString()),
 		zap.Int("max-context", p.MaxContext), zap.Float64("concurrency", p.Concurrency), zap.Bool("from-kv-cache-tokens", p.FromTokens))
-	lg.Info("memory plan (rank " + fmt.Sprint(w.rank) + " of " + fmt.Sprint(tp) + "):\n" + p.Table())
+	lg.Info(fmt.Sprintf("memory plan (rank %d of %d):\n%s", wts.key.rank, tp, p.Table()))
 	return &memory{plan: p, geom: geom}, nil
 }
 
