@@ -35,6 +35,7 @@ type benchFlags struct {
 	// overrides its layer count when given.
 	config, loadFormat string
 	utilization        float64
+	prefillChunk       int
 }
 
 // benchResult is one measurement; times are the best of the runs (the first run warms up).
@@ -282,10 +283,14 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	f.quant.addFlags(fs, "")
 	fs.StringVar(&f.config, "config", "", "a config.json (or its directory), e.g. testdata/configs/scout: its shape replaces the shape flags (--layers still overrides the layer count)")
 	fs.StringVar(&f.loadFormat, "load-format", dummy.LoadFormat, "bench's weights are always generated (dummy, as vLLM names it); no other value is accepted")
+	fs.IntVar(&f.prefillChunk, "prefill-chunk", 0, "run the prompt in pieces of at most this many tokens (chunked prefill: long prompts in less activation memory; 0: whole)")
 	fs.Float64Var(&f.utilization, "gpu-memory-utilization", 0, "share of the device's memory the memory plan may use (0: 0.9)")
 	fs.BoolVar(&f.profile, "profile", false, "also profile one prefill and the decode steps on the GPU (time per kernel; backends that profile, e.g. cuda)")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if f.prefillChunk < 0 {
+		return usagef("--prefill-chunk %d must not be negative", f.prefillChunk)
 	}
 	if f.runs < 1 || f.prompt < 1 || f.tokens < 1 || f.tp < 1 || f.batch < 1 || f.context < 1 {
 		return usagef("--runs, --prompt, --tokens, --tp, --batch and --context must be positive")
@@ -406,7 +411,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		res.Context = f.context
 	}
 	for r := 0; r < f.runs; r++ {
-		prefill, decode, err := benchOnce(ctx, g, allOps, prompt, f.tokens, f.batch, f.context)
+		prefill, decode, err := benchOnce(ctx, g, allOps, prompt, f.tokens, f.batch, f.context, f.prefillChunk)
 		if err != nil {
 			return err
 		}
@@ -462,11 +467,12 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	return err
 }
 
-// benchOnce runs one prefill and tokens decode steps on every rank of g, returning their wall times.
+// benchOnce runs one prefill (in pieces of at most chunk tokens; 0: whole) and tokens decode steps on
+// every rank of g, returning their wall times.
 // Each decode step feeds a fixed token (no host argmax) and waits for the step's logits on the device;
 // the prefill waits for its logits too. With batch > 1 the decode steps run batch sequences of context
 // cached tokens each (prefilled untimed) through one ForwardBatch.
-func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, tokens, batch, context int) (prefill, decode time.Duration, err error) {
+func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, tokens, batch, context, chunk int) (prefill, decode time.Duration, err error) {
 	seqs := make([]*llama4.Sequence, len(g.ranks))
 	for r, m := range g.ranks {
 		if seqs[r], err = llama4.AsModel(m).NewSequence(len(prompt) + tokens); err != nil {
@@ -483,9 +489,15 @@ func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, t
 	start := time.Now()
 	err = g.run(func(r int, rm modelrun.Model) error {
 		m := llama4.AsModel(rm) // the benchmark times the Llama 4 model itself
-		logits, err := m.Forward(ctx, seqs[r], prompt, false)
-		if err != nil {
-			return err
+		piece := len(prompt)
+		if chunk > 0 {
+			piece = chunk
+		}
+		var logits backend.Tensor
+		for at := 0; at < len(prompt); at += piece {
+			if logits, err = m.Forward(ctx, seqs[r], prompt[at:min(at+piece, len(prompt))], false); err != nil {
+				return err
+			}
 		}
 		return wait(r, logits)
 	})
