@@ -84,6 +84,9 @@ type Config struct {
 	// MaxStepTokens is the most tokens a step feeds (the coordinator's --token-budget), for which the
 	// planner keeps activation memory. Zero means DefaultMaxStepTokens.
 	MaxStepTokens int `json:"max-step-tokens"`
+	// OffloadExperts keeps the routed experts in pinned host memory and copies the ones each step
+	// chooses to the GPU (run.OffloadWeights; a backend that cannot, such as cpu, fails the load).
+	OffloadExperts bool `json:"offload-experts"`
 	// ID names the member in etcd; it must be unique in the cluster. Letters, digits and ". _ : @ -",
 	// starting with a letter or digit. Empty means "<host>-<pid>".
 	ID string `json:"id"`
@@ -216,6 +219,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.Float64Var(&c.GPUMemoryUtilization, "gpu-memory-utilization", c.GPUMemoryUtilization, "share of the device's memory (host memory on cpu) for weights, activations and the KV cache (0: 0.9)")
 	fs.IntVar(&c.KVCacheTokens, "kv-cache-tokens", c.KVCacheTokens, "size the KV cache for this many tokens in every layer instead of from memory (0: from memory)")
 	fs.IntVar(&c.MaxStepTokens, "max-step-tokens", c.MaxStepTokens, "most tokens one step feeds, the coordinator's --token-budget: the planner keeps activation memory for it (0: 512)")
+	fs.BoolVar(&c.OffloadExperts, "offload-experts", c.OffloadExperts, "keep the routed experts in pinned host memory and copy the ones each step chooses to the GPU (cuda; such steps run without CUDA graphs)")
 	fs.StringVar(&c.ID, "id", c.ID, "member ID, unique in the cluster (empty: <host>-<pid>)")
 	fs.StringVar(&c.ListenAddr, "listen", c.ListenAddr, "host:port of the worker's gRPC server (port 0: any free port)")
 	fs.StringVar(&c.MetricsAddr, "metrics-listen", c.MetricsAddr, "host:port of an HTTP listener serving Prometheus metrics at "+MetricsPath+" (port 0: any; empty: none)")

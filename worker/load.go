@@ -251,6 +251,9 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 	if err != nil {
 		return nil, err
 	}
+	if _, ok := w.ops.(run.ExpertsOffloader); w.cfg.OffloadExperts && !ok {
+		return nil, fmt.Errorf("%w: --offload-experts: the %s backend cannot keep experts in host memory (cuda can)", ErrInvalidConfig, w.ops.Name())
+	}
 	man, err := shard.NewManifest(cfg, view, plan, k.tp, k.rank)
 	if err != nil {
 		return nil, err
@@ -271,11 +274,16 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 	toRead, toReadBytes := rw.lacking()
 	w.metrics.loadStart(toRead, toReadBytes)
 	defer w.metrics.loadEnd()
-	var ranked run.Weights = run.NewRankWeights(shard.NewRankReader(view, man), w.ops).WithFormat(cfg, format)
+	var rankW run.Weights = run.NewRankWeights(shard.NewRankReader(view, man), w.ops).WithFormat(cfg, format).WithLog(lg)
 	if fill, ok := w.ops.(deviceFiller); ok && w.cfg.LoadFormat == dummy.LoadFormat {
-		ranked = newDeviceDummy(ranked, fill, cfg, &man, format) // generated on the device
+		rankW = newDeviceDummy(rankW, fill, cfg, &man, format) // generated on the device
 	}
-	counted := &progressWeights{Weights: ranked, m: w.metrics, bytesOf: man.BytesOf}
+	if w.cfg.OffloadExperts {
+		if rankW, err = run.NewOffloadWeights(rankW, cfg, w.ops); err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrInvalidConfig, err)
+		}
+	}
+	counted := &progressWeights{Weights: rankW, m: w.metrics, bytesOf: man.BytesOf}
 	pw := &run.Progress{Weights: counted, Log: lg,
 		Total: toRead, TotalBytes: toReadBytes, BytesOf: man.BytesOf, Every: w.progressEvery}
 	rw.next = pw
