@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
 	"runtime"
 	"slices"
 	"strings"
@@ -262,7 +263,7 @@ func TestPipelineReadsEachByteOnce(t *testing.T) {
 						t.Fatal(err)
 					}
 					ht := got.(*hostTensor)
-					if ht.dt != dt || !slices.Equal(ht.shape, shape) || !bytes.Equal(ht.data, want) || lay != wantLay {
+					if ht.dt != dt || !slices.Equal(ht.shape, shape) || !bytes.Equal(ht.data, want) || !reflect.DeepEqual(lay, wantLay) {
 						t.Fatalf("Load(%s) = %s%v %v (%d bytes), want %s%v %v (%d bytes, equal)", n, ht.dt, ht.shape, lay, len(ht.data), dt, shape, wantLay, len(want))
 					}
 				}
