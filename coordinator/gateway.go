@@ -247,6 +247,10 @@ func (m modelInfo) fromGateway(req gateway.Request) (*pb.GenerateRequest, error)
 		}
 	}
 	in.Sampling = samplingpb.ToProto(p)
+	if n := req.PromptLogprobs; n != nil {
+		v := clamp32(*n)
+		in.PromptLogprobs = &v
+	}
 	if in.StopIds, err = m.tokenIDs(req.StopIDs, "stop id"); err != nil {
 		return nil, err
 	}
@@ -280,6 +284,8 @@ type stream struct {
 	r      *request
 	prompt []int
 	out    *output
+	// promptSent: the prompt's logprobs went with a chunk (or the request did not ask for them).
+	promptSent bool
 }
 
 func (s *stream) PromptIDs() []int { return s.prompt }
@@ -304,6 +310,9 @@ func (s *stream) Next(ctx context.Context) (gateway.Chunk, error) {
 			ch.IDs[i] = int(id)
 		}
 		ch.Logprobs = gatewayLogprobs(lps)
+		if s.r.promptLogprobs != nil && !s.promptSent && (err != nil || done || len(got) > 0) {
+			ch.PromptLogprobs, s.promptSent = gatewayLogprobs(s.r.takePrompt()), true
+		}
 		switch {
 		case err != nil:
 			return ch, toGateway(err)

@@ -279,6 +279,9 @@ func (b *batch) plan() ([]*pb.SequenceWork, []*sequence) {
 		if !s.started {
 			w.Start, w.Capacity, w.Sampling = true, int32(len(s.req.prompt)+s.req.maxTokens), s.req.sampling
 			w.Resumed = uint32(len(s.req.gen)) // rank 0 skips the draws made for them
+			if len(s.req.gen) == 0 {           // the prompt's logprobs come with the first token
+				w.PromptLogprobs = s.req.promptLogprobs
+			}
 			s.started = true
 		}
 		s.fed += n
@@ -413,6 +416,9 @@ func (b *batch) deliver(sampled []*sequence, results []*pb.SequenceResult) {
 		s.tokens = append(s.tokens, id)
 		s.req.gen = append(s.req.gen, id)
 		s.req.progressed()
+		if lps := res.GetPromptLogprobs(); len(lps) > 0 {
+			s.req.setPrompt(lps)
+		}
 		s.req.emit(id, res.GetLogprobs())
 		if why, ok := s.req.finished(); ok {
 			s.req.end(why, nil)

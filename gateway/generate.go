@@ -161,6 +161,7 @@ type choice struct {
 	text               string
 	ids                []int
 	lps                []TokenLogprobs
+	promptLps          []TokenLogprobs // with echo and logprobs
 	finish, stopReason string
 }
 
@@ -171,6 +172,7 @@ func (o output) response(choices []choice, prompt []int) (any, error) {
 		completion += len(c.ids)
 	}
 	u := newUsage(len(prompt), completion)
+	prompt0 := prompt
 	if !o.returnIDs {
 		prompt = nil
 	}
@@ -199,7 +201,12 @@ func (o output) response(choices []choice, prompt []int) (any, error) {
 			PromptTokenIDs: prompt, TokenIDs: o.ids(c.ids)}
 		if o.lp.on {
 			var err error
-			if ch.Logprobs, _, err = o.lp.completion(c.ids, c.lps, 0); err != nil { // echo has no logprobs: offsets from 0
+			if o.echo { // the prompt's tokens first, offsets from the echoed prompt's start
+				ch.Logprobs, _, err = o.lp.echoed(prompt0, c.promptLps, c.ids, c.lps)
+			} else {
+				ch.Logprobs, _, err = o.lp.completion(c.ids, c.lps, 0)
+			}
+			if err != nil {
 				return nil, err
 			}
 		}
@@ -219,7 +226,11 @@ func (o output) ids(ids []int) []int {
 // chunk is a streamed event with new text and ids (and their logprobs, the first at offset characters
 // of the choice's text); finish is "" until the last one, and prompt is set on the first one only. It
 // returns the offset after the chunk's tokens.
-func (o output) chunk(index int, text string, ids []int, lps []TokenLogprobs, offset int, prompt []int, finish, stopReason string) (any, int, error) {
+//
+// echoed, on the first chunk of an echoed completion with logprobs, is the prompt's ids: their
+// logprobs (promptLps) come first, from offset 0.
+func (o output) chunk(index int, text string, ids []int, lps []TokenLogprobs, offset int, prompt []int, finish, stopReason string,
+	echoed []int, promptLps []TokenLogprobs) (any, int, error) {
 	var fin *string
 	if finish != "" {
 		fin = &finish
@@ -227,7 +238,11 @@ func (o output) chunk(index int, text string, ids []int, lps []TokenLogprobs, of
 	var clp *CompletionLogprobs
 	var chlp *ChatLogprobs
 	var err error
-	if o.lp.on && len(ids) > 0 {
+	if o.lp.on && echoed != nil && o.kind == kindCompletion {
+		if clp, offset, err = o.lp.echoed(echoed, promptLps, ids, lps); err != nil {
+			return nil, offset, err
+		}
+	} else if o.lp.on && len(ids) > 0 {
 		if o.kind == kindChat {
 			chlp, err = o.lp.chat(ids, lps)
 		} else {
@@ -441,6 +456,7 @@ func (g *Gateway) generate(w http.ResponseWriter, hr *http.Request, req Request,
 	offsets := make([]int, len(streams)) // logprobs' text offsets, per choice
 	held := make([]toolHold, len(streams))
 	first := make([]bool, len(streams))
+	promptLps := make([][]TokenLogprobs, len(streams)) // with echo and logprobs, until the first event
 	for i := range first {
 		first[i] = true
 	}
@@ -455,6 +471,7 @@ func (g *Gateway) generate(w http.ResponseWriter, hr *http.Request, req Request,
 			return
 		}
 		completion += len(c.IDs)
+		promptLps[c.index] = append(promptLps[c.index], c.PromptLogprobs...)
 		done := c.Finish != "" && c.err == nil
 		text := c.Text
 		if first[c.index] && echo != "" {
@@ -475,11 +492,14 @@ func (g *Gateway) generate(w http.ResponseWriter, hr *http.Request, req Request,
 		}
 		// Skipped: a token that ends inside a character (or held back), unless its id was asked for.
 		if text != "" || done || ((o.returnIDs || o.lp.on) && len(c.IDs) > 0) {
-			var p []int
+			var p, echoed []int
 			if first[c.index] && o.kind == kindCompletion {
 				p = prompt
+				if o.echo {
+					echoed = prompt
+				}
 			}
-			ev, off, cerr := o.chunk(c.index, text, c.IDs, c.Logprobs, offsets[c.index], p, finish, c.StopReason)
+			ev, off, cerr := o.chunk(c.index, text, c.IDs, c.Logprobs, offsets[c.index], p, finish, c.StopReason, echoed, promptLps[c.index])
 			if cerr != nil {
 				_, body := toHTTP(cerr)
 				_ = sse.event(body)
@@ -530,6 +550,7 @@ func (g *Gateway) whole(ctx context.Context, w http.ResponseWriter, streams []St
 			}
 			c.ids = append(c.ids, ch.IDs...)
 			c.lps = append(c.lps, ch.Logprobs...)
+			c.promptLps = append(c.promptLps, ch.PromptLogprobs...)
 			text.WriteString(ch.Text)
 			if err != nil {
 				g.fail(w, err)

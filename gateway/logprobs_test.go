@@ -107,6 +107,73 @@ func TestLogprobFormats(t *testing.T) {
 	}
 }
 
+// TestEchoLogprobs: /v1/completions with echo and logprobs asks the Generator for the prompt's
+// logprobs and writes the prompt's tokens first, as vLLM does: the first with null logprob and top,
+// text_offset from the echoed prompt's start; streamed, the first event carries the prompt's with the
+// first token's (and the echoed text), the next ones go on from its offsets.
+func TestEchoLogprobs(t *testing.T) {
+	f := &fakeGen{tok: true}
+	base := serve(t, f)
+	// Prompt "hi" is [1 104 105] ("<1>", "<104>", "<105>" as logprob tokens); it generates 106, 107.
+	want := `{"text_offset":[0,3,8,13,18],"token_logprobs":[null,-0.1,-0.2,-1.06,-1.07],` +
+		`"tokens":["<1>","<104>","<105>","<106>","<107>"],` +
+		`"top_logprobs":[null,{"<104>":-0.1,"<105>":-0.25},{"<105>":-0.2,"<106>":-0.25},{"<106>":-1.06,"<107>":-0.5},{"<107>":-1.07,"<108>":-0.5}]}`
+	wantEvents := []string{
+		`{"text_offset":[0,3,8,13],"token_logprobs":[null,-0.1,-0.2,-1.06],"tokens":["<1>","<104>","<105>","<106>"],` +
+			`"top_logprobs":[null,{"<104>":-0.1,"<105>":-0.25},{"<105>":-0.2,"<106>":-0.25},{"<106>":-1.06,"<107>":-0.5}]}`,
+		`{"text_offset":[18],"token_logprobs":[-1.07],"tokens":["<107>"],"top_logprobs":[{"<107>":-1.07,"<108>":-0.5}]}`,
+	}
+	type choice struct {
+		Text     string          `json:"text"`
+		Logprobs json.RawMessage `json:"logprobs"`
+	}
+	var r struct {
+		Choices []choice `json:"choices"`
+	}
+	for _, prompt := range []string{`"hi"`, `[1,104,105]`} {
+		body := `{"prompt":` + prompt + `,"max_tokens":2,"logprobs":1,"echo":true}`
+		code, _, data := call(t, http.MethodPost, base+"/v1/completions", body)
+		if err := json.Unmarshal(data, &r); code != http.StatusOK || err != nil || len(r.Choices) != 1 {
+			t.Fatalf("POST %s = %d %s", body, code, data)
+		}
+		f.mu.Lock()
+		asked := f.last.PromptLogprobs
+		f.mu.Unlock()
+		if asked == nil || *asked != 1 {
+			t.Errorf("%s: Generator asked for prompt logprobs %v, want 1", body, asked)
+		}
+		if got := r.Choices[0]; got.Text != "hi<106><107>" || string(got.Logprobs) != want {
+			t.Errorf("%s: text %q logprobs %s\nwant %q %s", body, got.Text, got.Logprobs, "hi<106><107>", want)
+		}
+		code, _, data = call(t, http.MethodPost, base+"/v1/completions", strings.Replace(body, "{", `{"stream":true,`, 1))
+		var texts, events []string
+		for _, ev := range gatewaytest.Events(t, data) {
+			if ev == "[DONE]" {
+				continue
+			}
+			if err := json.Unmarshal([]byte(ev), &r); err != nil || len(r.Choices) != 1 {
+				t.Fatalf("%s streamed: event %s: %v", body, ev, err)
+			}
+			texts, events = append(texts, r.Choices[0].Text), append(events, string(r.Choices[0].Logprobs))
+		}
+		if code != http.StatusOK || !reflect.DeepEqual(texts, []string{"hi<106>", "<107>"}) || !reflect.DeepEqual(events, wantEvents) {
+			t.Errorf("%s streamed: %d texts %q logprobs\n%s\nwant %q\n%s", body, code, texts, strings.Join(events, "\n"), []string{"hi<106>", "<107>"}, strings.Join(wantEvents, "\n"))
+		}
+	}
+	// Echo without logprobs, or logprobs without echo, asks for no prompt logprobs.
+	for _, body := range []string{`{"prompt":"hi","max_tokens":1,"echo":true}`, `{"prompt":"hi","max_tokens":1,"logprobs":1}`} {
+		if code, _, data := call(t, http.MethodPost, base+"/v1/completions", body); code != http.StatusOK {
+			t.Fatalf("POST %s = %d %s", body, code, data)
+		}
+		f.mu.Lock()
+		asked := f.last.PromptLogprobs
+		f.mu.Unlock()
+		if asked != nil {
+			t.Errorf("%s: Generator asked for prompt logprobs %d, want none", body, *asked)
+		}
+	}
+}
+
 // TestTopLogprobMap: a token already in the map is left out, as a Python dict keeps the first; the
 // order is kept and HTML is not escaped.
 func TestTopLogprobMap(t *testing.T) {

@@ -254,14 +254,14 @@ func (b *completionRequest) request(g *Gateway) (Request, error) {
 	if err != nil {
 		return Request{}, err
 	}
-	if on && b.Echo {
-		return Request{}, invalid("logprobs with echo (the prompt's logprobs) are not supported")
-	}
 	text, ids, err := parsePrompt(b.Prompt)
 	if err != nil {
 		return Request{}, err
 	}
 	req := Request{Model: b.Model, Prompt: text, PromptIDs: ints(ids), Logprobs: on, TopLogprobs: top}
+	if on && b.Echo { // the prompt's tokens are written with theirs, as vLLM does
+		req.PromptLogprobs = &top
+	}
 	n := len(ids)
 	if text != "" && b.MaxTokens == nil {
 		if tok, err := g.gen.Tokenizer(); err == nil {
