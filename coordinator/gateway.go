@@ -330,7 +330,7 @@ func (s *stream) Next(ctx context.Context) (gateway.Chunk, error) {
 func gatewayLogprobs(lps []*pb.ChosenLogprobs) []gateway.TokenLogprobs {
 	var out []gateway.TokenLogprobs
 	for _, lp := range lps {
-		t := gateway.TokenLogprobs{Logprob: lp.GetLogprob()}
+		t := gateway.TokenLogprobs{Logprob: lp.GetLogprob(), Rank: int(lp.GetRank())}
 		for _, top := range lp.GetTop() {
 			t.Top = append(t.Top, gateway.TokenLogprob{ID: int(top.GetId()), Logprob: top.GetLogprob()})
 		}

@@ -111,7 +111,7 @@ func (s *fakeStream) Next(ctx context.Context) (Chunk, error) {
 	if s.promptLps != nil && s.sent == 0 {
 		ch.PromptLogprobs = []TokenLogprobs{}
 		for i, id := range s.prompt[1:] {
-			t := TokenLogprobs{Logprob: -float32(i+1) / 10}
+			t := TokenLogprobs{Logprob: -float32(i+1) / 10, Rank: i + 1}
 			for k := range *s.promptLps {
 				t.Top = append(t.Top, TokenLogprob{ID: id + k + 1, Logprob: -float32(k+1) / 4})
 			}

@@ -48,7 +48,11 @@ func (g *Gateway) generation(k kind) http.HandlerFunc {
 			o.tools = c.tools == toolsAuto
 		}
 		o.lp = logprobs{on: req.Logprobs, top: req.TopLogprobs}
-		if tok, err := g.gen.Tokenizer(); err == nil && o.lp.on {
+		if p := b.sampling().PromptLogprobs; p != nil && !o.stream { // vLLM writes them in whole responses only
+			n := int(*p)
+			o.promptTop = &n
+		}
+		if tok, err := g.gen.Tokenizer(); err == nil && (o.lp.on || o.promptTop != nil) {
 			o.lp.tok = tok
 		}
 		g.generate(w, r, req, o)
@@ -68,6 +72,7 @@ type output struct {
 	echo      bool // completions: the prompt's text before each choice's
 	lp        logprobs
 	tools     bool // chat with tools: the output is parsed for tool calls
+	promptTop *int // vLLM's prompt_logprobs: written with this many top ones (nil: not asked)
 }
 
 func (g *Gateway) newOutput(k kind, model string, s *samplingFields) output {
@@ -114,6 +119,8 @@ type CompletionChoice struct {
 	StopReason     string              `json:"stop_reason,omitempty"` // vLLM: the stop string that ended the choice
 	PromptTokenIDs []int               `json:"prompt_token_ids,omitempty"`
 	TokenIDs       []int               `json:"token_ids,omitempty"`
+	// PromptLogprobs are vLLM's prompt_logprobs (the request's prompt_logprobs; whole responses only).
+	PromptLogprobs PromptLogprobs `json:"prompt_logprobs,omitempty"`
 }
 
 // CompletionResponse is the response of POST /v1/completions, or a chunk of its stream.
@@ -154,6 +161,8 @@ type ChatResponse struct {
 	Choices        []ChatChoice `json:"choices"`
 	Usage          *Usage       `json:"usage,omitempty"`
 	PromptTokenIDs []int        `json:"prompt_token_ids,omitempty"`
+	// PromptLogprobs are vLLM's prompt_logprobs (the request's prompt_logprobs; whole responses only).
+	PromptLogprobs PromptLogprobs `json:"prompt_logprobs,omitempty"`
 }
 
 // choice is one finished choice of a whole response.
@@ -178,6 +187,12 @@ func (o output) response(choices []choice, prompt []int) (any, error) {
 	}
 	if o.kind == kindChat {
 		r := ChatResponse{ID: o.id, Object: "chat.completion", Created: o.created, Model: o.model, Usage: u, PromptTokenIDs: prompt}
+		if o.promptTop != nil && len(choices) > 0 {
+			var err error
+			if r.PromptLogprobs, err = o.lp.promptLogprobs(prompt0, choices[0].promptLps, *o.promptTop); err != nil {
+				return nil, err
+			}
+		}
 		for i, c := range choices {
 			ch := ChatChoice{Index: i, Message: &ChatContent{Role: "assistant", Content: &c.text},
 				FinishReason: &c.finish, StopReason: c.stopReason, TokenIDs: o.ids(c.ids)}
@@ -199,6 +214,12 @@ func (o output) response(choices []choice, prompt []int) (any, error) {
 	for i, c := range choices {
 		ch := CompletionChoice{Index: i, Text: c.text, FinishReason: &c.finish, StopReason: c.stopReason,
 			PromptTokenIDs: prompt, TokenIDs: o.ids(c.ids)}
+		if o.promptTop != nil {
+			var err error
+			if ch.PromptLogprobs, err = o.lp.promptLogprobs(prompt0, c.promptLps, *o.promptTop); err != nil {
+				return nil, err
+			}
+		}
 		if o.lp.on {
 			var err error
 			if o.echo { // the prompt's tokens first, offsets from the echoed prompt's start

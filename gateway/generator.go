@@ -146,6 +146,8 @@ type Chunk struct {
 type TokenLogprobs struct {
 	Logprob float32
 	Top     []TokenLogprob
+	// Rank is the token's rank (1: the most likely), given for a prompt's tokens (0: not given).
+	Rank int
 }
 
 // TokenLogprob is a token id and its log-probability.

@@ -215,3 +215,83 @@ func (l logprobs) chat(ids []int, lps []TokenLogprobs) (*ChatLogprobs, error) {
 	}
 	return out, nil
 }
+
+// PromptLogprobs are vLLM's prompt_logprobs: per prompt token null (the first token) or an object of
+// token ids (as strings) to their logprob, rank and decoded_token: the prompt token first, then the N
+// most likely (a token already written is left out, as a Python dict keeps the first).
+type PromptLogprobs []PromptLogprobEntry
+
+// PromptLogprobEntry is one prompt token's entries in order; nil is written null.
+type PromptLogprobEntry []PromptLogprob
+
+// PromptLogprob is one token of a PromptLogprobEntry.
+type PromptLogprob struct {
+	ID           int
+	Logprob      float32
+	Rank         *int    // nil: not known
+	DecodedToken *string // nil: no tokenizer
+}
+
+// MarshalJSON writes the entry as one object in order, or null.
+func (e PromptLogprobEntry) MarshalJSON() ([]byte, error) {
+	if e == nil {
+		return []byte("null"), nil
+	}
+	var b bytes.Buffer
+	b.WriteByte('{')
+	seen := make(map[int]bool, len(e))
+	for _, t := range e {
+		if seen[t.ID] {
+			continue
+		}
+		if len(seen) > 0 {
+			b.WriteByte(',')
+		}
+		seen[t.ID] = true
+		v, err := marshalNoEscape(struct {
+			Logprob      float32 `json:"logprob"`
+			Rank         *int    `json:"rank"`
+			DecodedToken *string `json:"decoded_token"`
+		}{t.Logprob, t.Rank, t.DecodedToken})
+		if err != nil {
+			return nil, err
+		}
+		fmt.Fprintf(&b, "%q:", strconv.Itoa(t.ID))
+		b.Write(v)
+	}
+	b.WriteByte('}')
+	return b.Bytes(), nil
+}
+
+// promptLogprobs returns vLLM's prompt_logprobs of a prompt, ids, from its logprobs (one per token after
+// the first, Chunk.PromptLogprobs), with the top most likely tokens of each position.
+func (l logprobs) promptLogprobs(ids []int, lps []TokenLogprobs, top int) (PromptLogprobs, error) {
+	if len(ids) > 0 && len(lps) != len(ids)-1 {
+		return nil, fmt.Errorf("gateway: %d prompt logprobs for a prompt of %d tokens", len(lps), len(ids))
+	}
+	decoded := func(id int) *string {
+		if l.tok == nil {
+			return nil
+		}
+		s := l.text(id)
+		return &s
+	}
+	out := make(PromptLogprobs, len(ids))
+	for i := 1; i < len(ids); i++ {
+		lp := lps[i-1]
+		e := PromptLogprobEntry{{ID: ids[i], Logprob: lp.Logprob, DecodedToken: decoded(ids[i])}}
+		if lp.Rank > 0 {
+			r := lp.Rank
+			e[0].Rank = &r
+		}
+		for k, t := range lp.Top {
+			if k >= top {
+				break
+			}
+			r := k + 1
+			e = append(e, PromptLogprob{ID: t.ID, Logprob: t.Logprob, Rank: &r, DecodedToken: decoded(t.ID)})
+		}
+		out[i] = e
+	}
+	return out, nil
+}

@@ -2,8 +2,10 @@ package gateway
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -171,6 +173,65 @@ func TestEchoLogprobs(t *testing.T) {
 		if asked != nil {
 			t.Errorf("%s: Generator asked for prompt logprobs %d, want none", body, *asked)
 		}
+	}
+}
+
+// TestPromptLogprobsField: vLLM's prompt_logprobs extra parameter, on completions (per choice) and chat
+// (the response's), in vLLM's format: null for the first prompt token, then an object of token ids to
+// logprob, rank and decoded_token, the prompt token first and then the N most likely. A stream does not
+// write them (nor asks for them), as vLLM's; a count past 20 is refused.
+func TestPromptLogprobsField(t *testing.T) {
+	f := &fakeGen{tok: true}
+	base := serve(t, f)
+	wantCompletion := `[null,` +
+		`{"104":{"logprob":-0.1,"rank":1,"decoded_token":"<104>"},"105":{"logprob":-0.25,"rank":1,"decoded_token":"<105>"}},` +
+		`{"105":{"logprob":-0.2,"rank":2,"decoded_token":"<105>"},"106":{"logprob":-0.25,"rank":1,"decoded_token":"<106>"}}]`
+	code, _, data := call(t, http.MethodPost, base+"/v1/completions", `{"prompt":"hi","max_tokens":1,"prompt_logprobs":1}`)
+	var r struct {
+		Choices []struct {
+			PromptLogprobs json.RawMessage `json:"prompt_logprobs"`
+			Logprobs       json.RawMessage `json:"logprobs"`
+		} `json:"choices"`
+		PromptLogprobs json.RawMessage `json:"prompt_logprobs"`
+	}
+	if err := json.Unmarshal(data, &r); code != http.StatusOK || err != nil || len(r.Choices) != 1 {
+		t.Fatalf("POST /v1/completions = %d %s", code, data)
+	}
+	if got := string(r.Choices[0].PromptLogprobs); got != wantCompletion || string(r.Choices[0].Logprobs) != "null" {
+		t.Errorf("completion prompt_logprobs = %s, logprobs %s\nwant %s, null", got, r.Choices[0].Logprobs, wantCompletion)
+	}
+	// Chat: the rendered prompt's, at the response's top level; ranks and tops as above.
+	code, _, data = call(t, http.MethodPost, base+"/v1/chat/completions", `{"messages":[{"role":"user","content":"hi"}],"max_tokens":1,"prompt_logprobs":0}`)
+	r.PromptLogprobs = nil
+	var entries []map[string]struct {
+		Logprob      float32 `json:"logprob"`
+		Rank         int     `json:"rank"`
+		DecodedToken string  `json:"decoded_token"`
+	}
+	if err := json.Unmarshal(data, &r); code != http.StatusOK || err != nil || json.Unmarshal(r.PromptLogprobs, &entries) != nil {
+		t.Fatalf("POST /v1/chat/completions = %d %s", code, data)
+	}
+	prompt, _ := fakeTok{}.EncodeChat([]Message{{Role: "user", Content: "hi"}}, nil, true)
+	if len(entries) != len(prompt) || entries[0] != nil {
+		t.Fatalf("chat prompt_logprobs has %d entries (first %v), want %d, the first null: %s", len(entries), entries[0], len(prompt), r.PromptLogprobs)
+	}
+	for i := 1; i < len(prompt); i++ {
+		e, ok := entries[i][strconv.Itoa(prompt[i])]
+		if len(entries[i]) != 1 || !ok || e.Rank != i || e.Logprob != -float32(i)/10 || e.DecodedToken != fmt.Sprintf("<%d>", prompt[i]) {
+			t.Errorf("chat prompt_logprobs[%d] = %v, want the prompt token %d alone, rank %d", i, entries[i], prompt[i], i)
+		}
+	}
+	// Streamed: not written, not asked for.
+	code, _, data = call(t, http.MethodPost, base+"/v1/completions", `{"prompt":"hi","max_tokens":1,"prompt_logprobs":1,"stream":true}`)
+	f.mu.Lock()
+	asked := f.last.PromptLogprobs
+	f.mu.Unlock()
+	if code != http.StatusOK || strings.Contains(string(data), "prompt_logprobs") || asked != nil {
+		t.Errorf("streamed prompt_logprobs: %d %s, Generator asked %v; want none", code, data, asked)
+	}
+	if code, _, data := call(t, http.MethodPost, base+"/v1/completions", `{"prompt":"hi","prompt_logprobs":21}`); code != http.StatusBadRequest ||
+		!strings.Contains(string(data), "prompt_logprobs 21 must be in [0, 20]") {
+		t.Errorf("prompt_logprobs 21 = %d %s, want 400 naming it", code, data)
 	}
 }
 

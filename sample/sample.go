@@ -166,6 +166,9 @@ type Choice struct {
 	ID      int
 	Logprob float32
 	Top     []TokenLogprob
+	// Rank is ID's rank in the row (1: the most likely; the ids whose logit is at least its own, as
+	// vLLM counts): set by PromptLogprobs, 0 elsewhere.
+	Rank int
 }
 
 // Choose picks a token id from logits as Next does, after the bias, min tokens and penalties of the
@@ -454,6 +457,11 @@ func (p *PromptLogprobs) Add(ids []int, rows []float32, vocab int) error {
 			}
 			c := Choice{ID: id}
 			c.Logprob, c.Top = Logprobs(p.last, id, p.top)
+			for _, x := range p.last {
+				if x >= p.last[id] {
+					c.Rank++
+				}
+			}
 			p.out = append(p.out, c)
 		}
 		p.last = append(p.last[:0], rows[k*vocab:(k+1)*vocab]...)

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"reflect"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"unicode/utf8"
@@ -156,6 +157,40 @@ func TestEchoLogprobs(t *testing.T) {
 	t.Logf("%d prompt + %d generated tokens: max |logprob - CPU log-softmax| %.3g", len(ids), maxTokens, worst)
 	if worst > 1e-4 {
 		t.Errorf("max |logprob - CPU log-softmax| = %.3g, want <= 1e-4", worst)
+	}
+
+	// vLLM's prompt_logprobs on chat: the rendered prompt's tokens with their rank among the CPU
+	// model's log-probabilities (the tokens at least as likely).
+	code, data = httpPost(t, base+"/v1/chat/completions", `{"messages":[{"role":"user","content":"Hi!"}],"max_tokens":1,"prompt_logprobs":1}`)
+	var chat struct {
+		PromptLogprobs []map[string]struct {
+			Logprob float64 `json:"logprob"`
+			Rank    int     `json:"rank"`
+		} `json:"prompt_logprobs"`
+	}
+	if err := json.Unmarshal(data, &chat); code != http.StatusOK || err != nil || len(chat.PromptLogprobs) < 2 || chat.PromptLogprobs[0] != nil {
+		t.Fatalf("chat with prompt_logprobs = %d %s", code, data)
+	}
+	chatIDs, err := tok.EncodeChat([]tokenizer.Message{{Role: "user", Content: "Hi!"}}, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(chat.PromptLogprobs) != len(chatIDs) {
+		t.Fatalf("chat prompt_logprobs has %d entries, want the prompt's %d", len(chat.PromptLogprobs), len(chatIDs))
+	}
+	chatRef := scoreChatFixture(t, chatIDs)
+	for i := 1; i < len(chatIDs); i++ {
+		id, want := chatIDs[i], chatRef[i-1]
+		got, ok := chat.PromptLogprobs[i][strconv.Itoa(id)]
+		rank := 0
+		for _, v := range want {
+			if v >= want[id] {
+				rank++
+			}
+		}
+		if !ok || math.Abs(got.Logprob-want[id]) > 1e-4 || got.Rank != rank {
+			t.Errorf("chat prompt_logprobs[%d] = %v, want id %d with %g, rank %d", i, chat.PromptLogprobs[i], id, want[id], rank)
+		}
 	}
 
 	// Streamed: the first event has the echoed prompt and its logprobs with the first token's.

@@ -78,6 +78,7 @@ func PromptLogprobs(cs []sample.Choice) []*pb.ChosenLogprobs {
 	out := make([]*pb.ChosenLogprobs, len(cs))
 	for i, c := range cs {
 		out[i] = ChoiceLogprobs(sample.Params{Logprobs: true}, c)
+		out[i].Rank = int32(c.Rank)
 	}
 	return out
 }
