@@ -153,6 +153,12 @@ func TestPromptLogprobs(t *testing.T) {
 	if len(got) != 2 || !slices.Equal(got[0], []float32{-0.25, -0.5}) || got[1] != nil {
 		t.Errorf("prompt logprobs per message = %v, want [[-0.25 -0.5] []]", got)
 	}
+	// The Go client gives them with the prompt's ids.
+	one := 1
+	res, err := cli.Generate(testCtx(t), client.GenerateRequest{PromptIDs: []int{40, 50, 60}, MaxTokens: 1, PromptLogprobs: &one}, nil)
+	if err != nil || len(res.PromptLogprobs) != 2 || res.PromptLogprobs[0].ID != 50 || res.PromptLogprobs[1].ID != 60 || res.PromptLogprobs[1].Logprob != -0.5 {
+		t.Errorf("client Generate with prompt logprobs = %+v, %v; want ids 50 and 60 with -0.25 and -0.5", res.PromptLogprobs, err)
+	}
 	bad := int32(21)
 	st, err := cli.gen.Generate(testCtx(t), &pb.GenerateRequest{PromptIds: []int32{40}, MaxTokens: 1, PromptLogprobs: &bad})
 	if err == nil {
