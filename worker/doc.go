@@ -103,7 +103,8 @@
 //     with start) runs its pieces with every position's logits on every rank until it samples, rank 0
 //     collects each prompt token's log-probability given the tokens before it (package sample's
 //     PromptLogprobs), and the first SequenceResult carries them (one per prompt token after the first);
-//     a batch holding such a sequence computes the lm_head over all its rows;
+//     such a sequence's piece runs in a forward pass of its own (the lm_head over all its rows is its
+//     cost alone);
 //  5. last, the sequences named in release are dropped (unknown ids are ignored); releases are applied
 //     whenever the epoch matches, also when the work failed.
 //

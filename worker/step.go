@@ -91,6 +91,7 @@ func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.S
 	var results []*tpfleetv1.SequenceResult
 	var batch []int // indices into req.Seqs
 	inBatch := map[uint64]bool{}
+	alone := false // the batch holds a sequence collecting its prompt's logprobs
 	flush := func() error {
 		if len(batch) == 0 {
 			return nil
@@ -105,8 +106,8 @@ func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.S
 			}
 		}
 		first := req.GetSeqs()[batch[0]].GetSeqId()
-		// A sequence that collects its prompt's logprobs needs every position's logits: the whole batch
-		// then returns them (rows[k] are sequence k's, from row first[k]), else only each one's last.
+		// A sequence that collects its prompt's logprobs (alone in its batch) needs every position's
+		// logits; the others need only their last.
 		all := false
 		for _, i := range batch {
 			all = all || w.seqs[req.GetSeqs()[i].GetSeqId()].promptLogprobs
@@ -160,16 +161,23 @@ func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.S
 				w.seqs[work.GetSeqId()].promptLogprobs = false
 			}
 		}
-		batch, inBatch = batch[:0], map[uint64]bool{}
+		batch, inBatch, alone = batch[:0], map[uint64]bool{}, false
 		return nil
 	}
 	for i, work := range req.GetSeqs() {
 		id := work.GetSeqId()
-		if inBatch[id] {
+		// A sequence collecting its prompt's logprobs runs alone: the lm_head over all of its piece's
+		// rows is its cost, not its neighbours'.
+		pl := work.PromptLogprobs != nil
+		if s, ok := w.seqs[id]; ok && !work.GetStart() {
+			pl = s.promptLogprobs
+		}
+		if inBatch[id] || alone || (pl && len(batch) > 0) {
 			if err := flush(); err != nil {
 				return nil, err
 			}
 		}
+		alone = pl
 		if work.GetStart() {
 			seq, err := wts.model.NewSequence(int(work.GetCapacity()))
 			if err != nil {
