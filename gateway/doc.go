@@ -25,8 +25,8 @@
 //     first event with the echoed text (vLLM's later events count offsets from the generated text only;
 //     ours go on from the prompt's). vLLM's prompt_logprobs (up to 20) gives the prompt's logprobs in
 //     vLLM's format in whole responses (a completion choice's, a chat response's prompt_logprobs: null
-//     for the first token, then token ids to logprob, rank and decoded_token; a stream has none, as
-//     vLLM's). Chat tools are rendered by the model's
+//     for the first token, then token ids to logprob, rank and decoded_token; a whole echo with
+//     logprobs has them too; a stream has none, and refuses prompt_logprobs above 0, as vLLM's). Chat tools are rendered by the model's
 //     chat template (with the assistants' tool_calls, their arguments parsed from JSON, and role tool
 //     turns); with tool_choice "auto" (the default) the output is parsed for Llama 4's JSON tool calls
 //     ({"name", "parameters"}, as vLLM's llama3_json parser reads them) and answered as tool_calls with

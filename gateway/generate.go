@@ -51,6 +51,9 @@ func (g *Gateway) generation(k kind) http.HandlerFunc {
 		if p := b.sampling().PromptLogprobs; p != nil && !o.stream { // vLLM writes them in whole responses only
 			n := int(*p)
 			o.promptTop = &n
+		} else if o.echo && o.lp.on && !o.stream { // echo with logprobs asked for them: vLLM writes them too
+			n := req.TopLogprobs
+			o.promptTop = &n
 		}
 		if tok, err := g.gen.Tokenizer(); err == nil && (o.lp.on || o.promptTop != nil) {
 			o.lp.tok = tok

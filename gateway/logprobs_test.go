@@ -147,6 +147,10 @@ func TestEchoLogprobs(t *testing.T) {
 		if got := r.Choices[0]; got.Text != "hi<106><107>" || string(got.Logprobs) != want {
 			t.Errorf("%s: text %q logprobs %s\nwant %q %s", body, got.Text, got.Logprobs, "hi<106><107>", want)
 		}
+		// As vLLM, the whole choice has the prompt's logprobs in prompt_logprobs's format too.
+		if want := `"prompt_logprobs":[null,{"104":{"logprob":-0.1,"rank":1,"decoded_token":"<104>"},`; !strings.Contains(string(data), want) {
+			t.Errorf("%s: %s\nwant it to hold %s", body, data, want)
+		}
 		code, _, data = call(t, http.MethodPost, base+"/v1/completions", strings.Replace(body, "{", `{"stream":true,`, 1))
 		var texts, events []string
 		for _, ev := range gatewaytest.Events(t, data) {
@@ -158,7 +162,8 @@ func TestEchoLogprobs(t *testing.T) {
 			}
 			texts, events = append(texts, r.Choices[0].Text), append(events, string(r.Choices[0].Logprobs))
 		}
-		if code != http.StatusOK || !reflect.DeepEqual(texts, []string{"hi<106>", "<107>"}) || !reflect.DeepEqual(events, wantEvents) {
+		if code != http.StatusOK || !reflect.DeepEqual(texts, []string{"hi<106>", "<107>"}) || !reflect.DeepEqual(events, wantEvents) ||
+			strings.Contains(string(data), "prompt_logprobs") {
 			t.Errorf("%s streamed: %d texts %q logprobs\n%s\nwant %q\n%s", body, code, texts, strings.Join(events, "\n"), []string{"hi<106>", "<107>"}, strings.Join(wantEvents, "\n"))
 		}
 	}
@@ -221,13 +226,17 @@ func TestPromptLogprobsField(t *testing.T) {
 			t.Errorf("chat prompt_logprobs[%d] = %v, want the prompt token %d alone, rank %d", i, entries[i], prompt[i], i)
 		}
 	}
-	// Streamed: not written, not asked for.
-	code, _, data = call(t, http.MethodPost, base+"/v1/completions", `{"prompt":"hi","max_tokens":1,"prompt_logprobs":1,"stream":true}`)
+	// Streamed: not written, nor asked for; top ones are refused, as vLLM refuses them.
+	code, _, data = call(t, http.MethodPost, base+"/v1/completions", `{"prompt":"hi","max_tokens":1,"prompt_logprobs":0,"stream":true}`)
 	f.mu.Lock()
 	asked := f.last.PromptLogprobs
 	f.mu.Unlock()
 	if code != http.StatusOK || strings.Contains(string(data), "prompt_logprobs") || asked != nil {
-		t.Errorf("streamed prompt_logprobs: %d %s, Generator asked %v; want none", code, data, asked)
+		t.Errorf("streamed prompt_logprobs 0: %d %s, Generator asked %v; want none", code, data, asked)
+	}
+	if code, _, data := call(t, http.MethodPost, base+"/v1/chat/completions", `{"messages":[{"role":"user","content":"hi"}],"prompt_logprobs":1,"stream":true}`); code != http.StatusBadRequest ||
+		!strings.Contains(string(data), "not available when stream is true") {
+		t.Errorf("streamed prompt_logprobs 1 = %d %s, want 400", code, data)
 	}
 	if code, _, data := call(t, http.MethodPost, base+"/v1/completions", `{"prompt":"hi","prompt_logprobs":21}`); code != http.StatusBadRequest ||
 		!strings.Contains(string(data), "prompt_logprobs 21 must be in [0, 20]") {

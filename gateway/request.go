@@ -175,7 +175,10 @@ func (s *samplingFields) fill(req *Request, m Model, maxTokens *int64, n int) er
 		if *p < 0 || *p > maxLogprobs {
 			return invalid("prompt_logprobs %d must be in [0, %d]", *p, maxLogprobs)
 		}
-		if s.Stream { // as vLLM, a stream does not write them
+		if s.Stream { // as vLLM: a stream does not write them, so it may not ask for top ones
+			if *p > 0 {
+				return invalid("prompt_logprobs %d: prompt logprobs are not available when stream is true", *p)
+			}
 			return nil
 		}
 		n := int(*p)
