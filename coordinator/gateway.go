@@ -256,6 +256,10 @@ func (m modelInfo) fromGateway(req gateway.Request) (*pb.GenerateRequest, error)
 		}
 	}
 	in.Sampling = samplingpb.ToProto(p)
+	if n := req.PromptLogprobs; n != nil {
+		v := clamp32(*n)
+		in.PromptLogprobs = &v
+	}
 	if in.StopIds, err = m.tokenIDs(req.StopIDs, "stop id"); err != nil {
 		return nil, err
 	}
@@ -289,6 +293,8 @@ type stream struct {
 	r      *request
 	prompt []int
 	out    *output
+	// promptSent: the prompt's logprobs went with a chunk (or the request did not ask for them).
+	promptSent bool
 }
 
 func (s *stream) PromptIDs() []int { return s.prompt }
@@ -313,6 +319,9 @@ func (s *stream) Next(ctx context.Context) (gateway.Chunk, error) {
 			ch.IDs[i] = int(id)
 		}
 		ch.Logprobs = gatewayLogprobs(lps)
+		if s.r.promptLogprobs != nil && !s.promptSent && (err != nil || done || len(got) > 0) {
+			ch.PromptLogprobs, s.promptSent = gatewayLogprobs(s.r.takePrompt()), true
+		}
 		switch {
 		case err != nil:
 			return ch, toGateway(err)
@@ -330,7 +339,7 @@ func (s *stream) Next(ctx context.Context) (gateway.Chunk, error) {
 func gatewayLogprobs(lps []*pb.ChosenLogprobs) []gateway.TokenLogprobs {
 	var out []gateway.TokenLogprobs
 	for _, lp := range lps {
-		t := gateway.TokenLogprobs{Logprob: lp.GetLogprob()}
+		t := gateway.TokenLogprobs{Logprob: lp.GetLogprob(), Rank: int(lp.GetRank())}
 		for _, top := range lp.GetTop() {
 			t.Top = append(t.Top, gateway.TokenLogprob{ID: int(top.GetId()), Logprob: top.GetLogprob()})
 		}

@@ -81,6 +81,10 @@ type GenerateOptions struct {
 	// PrefillChunk, when positive, runs the prompt through the model in pieces of at most this many
 	// tokens (chunked prefill: the same logits, less activation memory per step).
 	PrefillChunk int
+	// PromptLogprobs, when not nil, receives the prompt's log-probabilities during the prefill (vLLM's
+	// prompt_logprobs): every prompt position's logits are computed (the lm_head over all of them, in
+	// each piece of a chunked prefill) and fed to it, so they cost memory only when asked for.
+	PromptLogprobs *sample.PromptLogprobs
 }
 
 // Finish says why a generation ended.
