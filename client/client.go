@@ -105,6 +105,9 @@ type GenerateRequest struct {
 	// before the stop string, or after it with IncludeStopStr. They need the model's tokenizer.
 	Stop           []string
 	IncludeStopStr bool
+	// PromptLogprobs, when not nil, asks for the prompt tokens' log-probabilities (vLLM's
+	// prompt_logprobs) with this many (at most 20) most likely tokens each.
+	PromptLogprobs *int
 }
 
 // GenerateResult is a finished generation.
@@ -122,6 +125,10 @@ type GenerateResult struct {
 	// Logprobs has one entry per id of IDs when Sampling.Logprobs was set: the id, its log-probability
 	// and the Sampling.TopLogprobs most likely ids'.
 	Logprobs []sample.Choice
+	// PromptLogprobs, when asked for, has one entry per prompt token after the first: its
+	// log-probability given the tokens before it, its rank and the most likely tokens there. ID is the
+	// prompt token's when the request gave PromptIDs (0 for a text prompt).
+	PromptLogprobs []sample.Choice
 }
 
 // Generate runs one generation. emit, when not nil, receives the new ids as the coordinator streams
@@ -143,6 +150,10 @@ func (c *Client) Generate(ctx context.Context, req GenerateRequest, emit func(id
 	}
 	if p := req.Sampling; p != nil {
 		in.Sampling = samplingpb.ToProto(*p)
+	}
+	if n := req.PromptLogprobs; n != nil {
+		v := int32(*n)
+		in.PromptLogprobs = &v
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -177,6 +188,16 @@ func (c *Client) Generate(ctx context.Context, req GenerateRequest, emit func(id
 				c.Top = append(c.Top, sample.TokenLogprob{ID: int(t.GetId()), Logprob: t.GetLogprob()})
 			}
 			res.Logprobs = append(res.Logprobs, c)
+		}
+		for i, lp := range msg.GetPromptLogprobs() {
+			c := sample.Choice{Logprob: lp.GetLogprob(), Rank: int(lp.GetRank())}
+			if i+1 < len(req.PromptIDs) {
+				c.ID = req.PromptIDs[i+1]
+			}
+			for _, t := range lp.GetTop() {
+				c.Top = append(c.Top, sample.TokenLogprob{ID: int(t.GetId()), Logprob: t.GetLogprob()})
+			}
+			res.PromptLogprobs = append(res.PromptLogprobs, c)
 		}
 		if msg.GetPromptTokens() > 0 {
 			res.PromptTokens = int(msg.GetPromptTokens())

@@ -144,6 +144,7 @@ var gatewayKinds = []struct {
 	{ErrNoTokenizer, gateway.ErrInvalidRequest, "no_tokenizer"},
 	{ErrInvalidRequest, gateway.ErrInvalidRequest, "invalid_request"},
 	{ErrQueueFull, gateway.ErrOverloaded, "queue_full"},
+	{ErrKVCapacity, gateway.ErrInvalidRequest, "kv_capacity"},
 	{ErrNotLeader, gateway.ErrUnavailable, "not_leader"},
 	{ErrNoPlan, gateway.ErrUnavailable, "no_plan"},
 	{ErrNotPlaced, gateway.ErrUnavailable, "not_placed"}, // before the cause it wraps
@@ -164,7 +165,15 @@ func toGateway(err error) error {
 }
 
 // Model describes the served model; another name is 404 model_not_found, with Generate's message.
-func (g generator) Model(name string) (gateway.Model, error) { return g.c.model.gatewayModel(name) }
+// The context it reports is bounded by the longest sequence a serving group's KV cache holds, so that a
+// request without max_tokens (which defaults to the rest of the context) is not refused for KV blocks.
+func (g generator) Model(name string) (gateway.Model, error) {
+	m, err := g.c.model.gatewayModel(name)
+	if l := g.c.kvCaps.longest(); err == nil && l > 0 && l < m.MaxModelLen {
+		m.MaxModelLen = l
+	}
+	return m, err
+}
 
 // Tokenizer returns the model's tokenizer, or the error of a text request without one.
 func (g generator) Tokenizer() (gateway.Tokenizer, error) { return g.c.model.gatewayTokenizer() }
@@ -247,6 +256,10 @@ func (m modelInfo) fromGateway(req gateway.Request) (*pb.GenerateRequest, error)
 		}
 	}
 	in.Sampling = samplingpb.ToProto(p)
+	if n := req.PromptLogprobs; n != nil {
+		v := clamp32(*n)
+		in.PromptLogprobs = &v
+	}
 	if in.StopIds, err = m.tokenIDs(req.StopIDs, "stop id"); err != nil {
 		return nil, err
 	}
@@ -280,6 +293,8 @@ type stream struct {
 	r      *request
 	prompt []int
 	out    *output
+	// promptSent: the prompt's logprobs went with a chunk (or the request did not ask for them).
+	promptSent bool
 }
 
 func (s *stream) PromptIDs() []int { return s.prompt }
@@ -304,6 +319,9 @@ func (s *stream) Next(ctx context.Context) (gateway.Chunk, error) {
 			ch.IDs[i] = int(id)
 		}
 		ch.Logprobs = gatewayLogprobs(lps)
+		if s.r.promptLogprobs != nil && !s.promptSent && (err != nil || done || len(got) > 0) {
+			ch.PromptLogprobs, s.promptSent = gatewayLogprobs(s.r.takePrompt()), true
+		}
 		switch {
 		case err != nil:
 			return ch, toGateway(err)
@@ -321,7 +339,7 @@ func (s *stream) Next(ctx context.Context) (gateway.Chunk, error) {
 func gatewayLogprobs(lps []*pb.ChosenLogprobs) []gateway.TokenLogprobs {
 	var out []gateway.TokenLogprobs
 	for _, lp := range lps {
-		t := gateway.TokenLogprobs{Logprob: lp.GetLogprob()}
+		t := gateway.TokenLogprobs{Logprob: lp.GetLogprob(), Rank: int(lp.GetRank())}
 		for _, top := range lp.GetTop() {
 			t.Top = append(t.Top, gateway.TokenLogprob{ID: int(top.GetId()), Logprob: top.GetLogprob()})
 		}

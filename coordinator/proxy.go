@@ -258,6 +258,8 @@ type proxyStream struct {
 	st     grpc.ServerStreamingClient[pb.GenerateResponse]
 	cancel context.CancelFunc
 	first  *pb.GenerateResponse // read by Generate, not yet returned
+	// promptLps are the prompt's logprobs of a message without ids or text, for the next chunk.
+	promptLps []gateway.TokenLogprobs
 }
 
 func (s *proxyStream) PromptIDs() []int { return s.prompt }
@@ -291,7 +293,9 @@ func (s *proxyStream) Next(ctx context.Context) (gateway.Chunk, error) {
 		for i, id := range msg.GetIds() {
 			ch.IDs[i] = int(id)
 		}
+		s.promptLps = append(s.promptLps, gatewayLogprobs(msg.GetPromptLogprobs())...)
 		if len(ch.IDs) > 0 || ch.Text != "" || ch.Finish != "" {
+			ch.PromptLogprobs, s.promptLps = s.promptLps, nil
 			return ch, nil
 		}
 	}

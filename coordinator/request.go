@@ -34,6 +34,8 @@ type modelInfo struct {
 	cfg    model.Info // config.Info(): vocabulary, context, eos ids
 	gen    model.Generation
 	tok    *tokenizer.Tokenizer // nil when the directory has no tokenizer.json
+	// dummy: the workers generate their weights (Config.LoadFormat "dummy"); dir may hold no checkpoint.
+	dummy bool
 }
 
 // loadModelInfo reads dir's config.json and generation_config.json, and its tokenizer when it has a
@@ -189,6 +191,12 @@ func (m modelInfo) newRequest(in *pb.GenerateRequest) (*request, error) {
 	}
 	r := newRequest(prompt, maxTokens, p, stop)
 	r.stopStrings, r.includeStop = in.GetStop(), in.GetIncludeStopStrInOutput()
+	if n := in.PromptLogprobs; n != nil {
+		if *n < 0 || *n > sample.MaxTopLogprobs {
+			return nil, invalid("prompt_logprobs %d must be in [0, %d]", *n, sample.MaxTopLogprobs)
+		}
+		r.promptLogprobs = n
+	}
 	return r, nil
 }
 
@@ -205,11 +213,16 @@ type request struct {
 	// includeStop keeps the one found in the text.
 	stopStrings []string
 	includeStop bool
+	// promptLogprobs (nil: not asked) is the number of top logprobs of each prompt position the workers
+	// return with the first token.
+	promptLogprobs *int32
 
 	// Queue bookkeeping, guarded by the queue's mutex.
 	elem    *list.Element
 	counted bool
 	timer   *time.Timer // while a resumed request waits: ends it at its deadline (queue.resume)
+	// kvWaited: it has waited at the head for KV blocks (batch.admits; counted once).
+	kvWaited bool
 
 	// gen holds the ids chosen so far. Only the group holding the request touches it; a request passes
 	// from group to group through the queue, whose mutex orders those accesses.
@@ -225,14 +238,15 @@ type request struct {
 	goneOnce sync.Once
 
 	// Output to the Generate handler: ids not yet sent (with their logprobs when asked for), and the end.
-	mu      sync.Mutex
-	pending []int32
-	lps     []*pb.ChosenLogprobs
-	done    bool
-	finish  string
-	err     error
-	notify  chan struct{} // buffer 1: something is pending; a full buffer already says so
-	obs     *requestObs   // its metrics, set at admission (nil: none); used under mu
+	mu        sync.Mutex
+	pending   []int32
+	lps       []*pb.ChosenLogprobs
+	promptLps []*pb.ChosenLogprobs // the prompt's logprobs, until taken (takePrompt)
+	done      bool
+	finish    string
+	err       error
+	notify    chan struct{} // buffer 1: something is pending; a full buffer already says so
+	obs       *requestObs   // its metrics, set at admission (nil: none); used under mu
 }
 
 func newRequest(prompt []int32, maxTokens int, p sample.Params, stop map[int32]bool) *request {
@@ -270,6 +284,23 @@ func (r *request) emit(id int32, lp *pb.ChosenLogprobs) {
 	r.obs.token()
 	r.mu.Unlock()
 	r.wake()
+}
+
+// setPrompt hands the prompt's logprobs (rank 0's, with the first token) to the client, before that
+// token is emitted.
+func (r *request) setPrompt(lps []*pb.ChosenLogprobs) {
+	r.mu.Lock()
+	r.promptLps = lps
+	r.mu.Unlock()
+}
+
+// takePrompt returns the prompt's logprobs once they came, and nil before and after.
+func (r *request) takePrompt() []*pb.ChosenLogprobs {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	lps := r.promptLps
+	r.promptLps = nil
+	return lps
 }
 
 // end finishes the request with a finish reason, or with err. Only the first call counts.

@@ -71,7 +71,8 @@ func (f *fakeGen) Generate(_ context.Context, req Request) (Stream, error) {
 	if len(prompt) == 0 || req.MaxTokens <= 0 {
 		return nil, fmt.Errorf("fake: %w: empty prompt or max_tokens %d", ErrInvalidRequest, req.MaxTokens)
 	}
-	return &fakeStream{f: f, prompt: prompt, next: prompt[len(prompt)-1] + 1, left: req.MaxTokens, lp: req.Logprobs, top: req.TopLogprobs}, nil
+	return &fakeStream{f: f, prompt: prompt, next: prompt[len(prompt)-1] + 1, left: req.MaxTokens, lp: req.Logprobs, top: req.TopLogprobs,
+		promptLps: req.PromptLogprobs}, nil
 }
 
 type fakeStream struct {
@@ -81,6 +82,9 @@ type fakeStream struct {
 	sent       int
 	lp         bool // logprobs: the chosen id k has -k/100; the top ones are k+1, k+2, … with -0.5, -1, …
 	top        int
+	// promptLps (prompt logprobs asked for): the first chunk has them; prompt token i (i >= 1) has
+	// -i/10, its top ones are its id+1, id+2, … with -0.25, -0.5, …
+	promptLps *int
 }
 
 func (s *fakeStream) PromptIDs() []int { return s.prompt }
@@ -103,6 +107,16 @@ func (s *fakeStream) Next(ctx context.Context) (Chunk, error) {
 			t.Top = append(t.Top, TokenLogprob{ID: s.next + i + 1, Logprob: -float32(i+1) / 2})
 		}
 		ch.Logprobs = []TokenLogprobs{t}
+	}
+	if s.promptLps != nil && s.sent == 0 {
+		ch.PromptLogprobs = []TokenLogprobs{}
+		for i, id := range s.prompt[1:] {
+			t := TokenLogprobs{Logprob: -float32(i+1) / 10, Rank: i + 1}
+			for k := range *s.promptLps {
+				t.Top = append(t.Top, TokenLogprob{ID: id + k + 1, Logprob: -float32(k+1) / 4})
+			}
+			ch.PromptLogprobs = append(ch.PromptLogprobs, t)
+		}
 	}
 	s.next++
 	s.sent++
@@ -396,7 +410,6 @@ func TestErrors(t *testing.T) {
 		{"logit_bias value", "", "/v1/completions", `{"prompt":[1],"logit_bias":{"5":"x"}}`, 400, "invalid_request_error", "invalid_request", "field logit_bias"},
 		{"logprobs 21", "", "/v1/completions", `{"prompt":[1],"logprobs":21}`, 400, "invalid_request_error", "invalid_request", "logprobs 21 must be an integer in [0, 20]"},
 		{"logprobs true (completions)", "", "/v1/completions", `{"prompt":[1],"logprobs":true}`, 400, "invalid_request_error", "invalid_request", "logprobs true must be an integer in [0, 20]"},
-		{"logprobs with echo", "", "/v1/completions", `{"prompt":[1],"logprobs":1,"echo":true}`, 400, "invalid_request_error", "invalid_request", "logprobs with echo"},
 		{"logprobs 3 (chat)", "", "/v1/chat/completions", `{"messages":[],"logprobs":3}`, 400, "invalid_request_error", "invalid_request", "logprobs 3 must be true or false"},
 		{"top_logprobs without logprobs", "", "/v1/chat/completions", `{"messages":[],"top_logprobs":2}`, 400, "invalid_request_error", "invalid_request", "top_logprobs needs logprobs set to true"},
 		{"top_logprobs 21", "", "/v1/chat/completions", `{"messages":[],"logprobs":true,"top_logprobs":21}`, 400, "invalid_request_error", "invalid_request", "top_logprobs 21 must be in [0, 20]"},

@@ -102,6 +102,10 @@ type Request struct {
 	// tokens' (Chunk.Logprobs), of the model's own distribution as vLLM gives them.
 	Logprobs    bool
 	TopLogprobs int
+	// PromptLogprobs, when not nil, asks for the log-probabilities of the prompt's tokens (vLLM's
+	// prompt_logprobs) with this many (at most 20) most likely tokens each, of the model's own
+	// distribution as Logprobs are: they come with the first chunk (Chunk.PromptLogprobs).
+	PromptLogprobs *int
 }
 
 // Sampling is a request's sampling parameters; nil fields take the model's defaults
@@ -133,12 +137,17 @@ type Chunk struct {
 	StopReason string
 	// Logprobs has one entry per id of IDs when the request asked for logprobs, else none.
 	Logprobs []TokenLogprobs
+	// PromptLogprobs are set on the first chunk when the request asked for them: entry i is prompt
+	// token i+1's log-probability given the tokens before it (the first prompt token has none).
+	PromptLogprobs []TokenLogprobs
 }
 
 // TokenLogprobs are a chosen token's log-probability and the most likely tokens' (highest first).
 type TokenLogprobs struct {
 	Logprob float32
 	Top     []TokenLogprob
+	// Rank is the token's rank (1: the most likely), given for a prompt's tokens (0: not given).
+	Rank int
 }
 
 // TokenLogprob is a token id and its log-probability.

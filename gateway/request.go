@@ -42,6 +42,7 @@ type samplingFields struct {
 	RepetitionPenalty *float64           `json:"repetition_penalty"` // vLLM
 	MinTokens         *int64             `json:"min_tokens"`         // vLLM
 	LogitBias         map[string]float64 `json:"logit_bias"`         // token id (as a string) to a bias, clamped to [-100, 100]
+	PromptLogprobs    *int64             `json:"prompt_logprobs"`    // vLLM: the prompt tokens' logprobs, with this many top ones
 }
 
 // unsupported reports an OpenAI field set to what the gateway cannot do.
@@ -170,6 +171,22 @@ func (s *samplingFields) fill(req *Request, m Model, maxTokens *int64, n int) er
 		return err
 	}
 	req.IncludeStopStr = s.IncludeStopStr
+	if p := s.PromptLogprobs; p != nil {
+		if *p < 0 || *p > maxLogprobs {
+			return invalid("prompt_logprobs %d must be in [0, %d]", *p, maxLogprobs)
+		}
+		if s.Stream { // as vLLM: a stream does not write them, so it may not ask for top ones
+			if *p > 0 {
+				return invalid("prompt_logprobs %d: prompt logprobs are not available when stream is true", *p)
+			}
+			return nil
+		}
+		n := int(*p)
+		if req.PromptLogprobs != nil { // echo with logprobs asked for some too
+			n = max(n, *req.PromptLogprobs)
+		}
+		req.PromptLogprobs = &n
+	}
 	return nil
 }
 
@@ -254,14 +271,14 @@ func (b *completionRequest) request(g *Gateway) (Request, error) {
 	if err != nil {
 		return Request{}, err
 	}
-	if on && b.Echo {
-		return Request{}, invalid("logprobs with echo (the prompt's logprobs) are not supported")
-	}
 	text, ids, err := parsePrompt(b.Prompt)
 	if err != nil {
 		return Request{}, err
 	}
 	req := Request{Model: b.Model, Prompt: text, PromptIDs: ints(ids), Logprobs: on, TopLogprobs: top}
+	if on && b.Echo { // the prompt's tokens are written with theirs, as vLLM does
+		req.PromptLogprobs = &top
+	}
 	n := len(ids)
 	if text != "" && b.MaxTokens == nil {
 		if tok, err := g.gen.Tokenizer(); err == nil {

@@ -1,6 +1,6 @@
 // The official openai npm client against a running `tpfleet serve` (BASE_URL, e.g. http://127.0.0.1:8000)
 // of the testdata/serve/moe-top1-chat fixture: completions and chat, whole and streamed; stop strings;
-// logprobs; n = 3; seed reproducibility; tools and tool calls rendered (the parser of the model's calls is
+// logprobs (with echo: the prompt's too); n = 3; seed reproducibility; tools and tool calls rendered (the parser of the model's calls is
 // tested in Go on fixed outputs: the fixture's random model does not call tools). Run by cmd/tpfleet's TestOpenAINodeClient; exits non-zero on
 // the first failed check, naming it.
 import assert from 'node:assert/strict';
@@ -106,6 +106,38 @@ check('logprobs (completions and chat)', async () => {
   let n = 0;
   for await (const chunk of await s) n += chunk.choices[0]?.logprobs?.content?.length ?? 0;
   assert.equal(n, 12);
+});
+
+check('echo with logprobs (the prompt\'s first)', async () => {
+  const prompt = 'Once upon a time';
+  const r = await client.completions.create({ model, prompt, ...greedy, logprobs: 2, echo: true });
+  const c = r.choices[0];
+  const lp = c.logprobs;
+  assert.ok(c.text.startsWith(prompt));
+  const n = r.usage.prompt_tokens + 12;
+  assert.equal(lp.tokens.length, n);
+  assert.equal(lp.token_logprobs.length, n);
+  // The prompt's first token has none; the rest have theirs and their top ones.
+  assert.equal(lp.token_logprobs[0], null);
+  assert.equal(lp.top_logprobs[0], null);
+  let offset = 0;
+  lp.tokens.forEach((t, i) => {
+    assert.equal(lp.text_offset[i], offset, `text_offset[${i}]`);
+    offset += [...t].length;
+    if (i === 0) return;
+    assert.ok(lp.token_logprobs[i] <= 0);
+    assert.equal(lp.top_logprobs[i][t], lp.token_logprobs[i]);
+  });
+  // Streamed: the first event carries the echoed prompt and its logprobs.
+  const s = await client.completions.create({ model, prompt, ...greedy, logprobs: 2, echo: true, stream: true });
+  const tokens = [];
+  let text = '';
+  for await (const chunk of s) {
+    text += chunk.choices[0]?.text ?? '';
+    tokens.push(...(chunk.choices[0]?.logprobs?.tokens ?? []));
+  }
+  assert.equal(text, c.text);
+  assert.deepEqual(tokens, lp.tokens);
 });
 
 check('n = 3 and seed reproducibility', async () => {
