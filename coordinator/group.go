@@ -277,6 +277,7 @@ func (b *batch) plan() ([]*pb.SequenceWork, []*sequence) {
 		if !s.started {
 			w.Start, w.Capacity, w.Sampling = true, int32(len(s.req.prompt)+s.req.maxTokens), s.req.sampling
 			w.Resumed = uint32(len(s.req.gen)) // rank 0 skips the draws made for them
+			w.Images = s.req.images            // the ranks encode them once and keep the features
 			s.started = true
 		}
 		s.fed += n

@@ -7,6 +7,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/internal/samplingpb"
 	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/model/run"
@@ -21,6 +22,7 @@ type sequence struct {
 	sampler  *sample.Sampler // rank 0 only
 	stream   uint64          // the Step stream that started it (0: a direct Step call); see releaseStream
 	rev      int64           // the leader_rev of the request that started it; see fence
+	images   *imageSlots     // image features its prompt's later pieces still need (images.go); nil: none
 }
 
 // Step runs one StepRequest and returns its response; see the package doc for the semantics. Requests
@@ -101,7 +103,16 @@ func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.S
 			}
 		}
 		first := req.GetSeqs()[batch[0]].GetSeqId()
-		logits, err := wts.model.ForwardBatch(w.ctx, seqs, ids, false)
+		feats, err := w.batchImages(wts, batch, req, ids)
+		if err != nil {
+			return err
+		}
+		var logits backend.Tensor
+		if feats != nil {
+			logits, err = wts.model.(run.ImageModel).ForwardBatchImages(w.ctx, seqs, ids, wts.images.SlotID(), feats, false)
+		} else {
+			logits, err = wts.model.ForwardBatch(w.ctx, seqs, ids, false)
+		}
 		if err != nil {
 			return w.stepError(epoch, batch[0], first, err)
 		}
@@ -128,6 +139,10 @@ func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.S
 		batch, inBatch = batch[:0], map[uint64]bool{}
 		return nil
 	}
+	encoded, err := w.encodeImages(req, wts) // one pass of the vision tower over all the new images
+	if err != nil {
+		return nil, err
+	}
 	for i, work := range req.GetSeqs() {
 		id := work.GetSeqId()
 		if inBatch[id] {
@@ -140,7 +155,7 @@ func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.S
 			if err != nil {
 				return nil, w.stepError(epoch, i, id, err)
 			}
-			s := &sequence{seq: seq, capacity: int(work.GetCapacity()), stream: stream, rev: req.GetLeaderRev()}
+			s := &sequence{seq: seq, capacity: int(work.GetCapacity()), stream: stream, rev: req.GetLeaderRev(), images: encoded[i]}
 			if rank == 0 {
 				s.sampler = sample.New(samplingParams(work.GetSampling(), wts))
 				s.sampler.Skip(int(work.GetResumed()), wts.info.VocabSize)
@@ -211,6 +226,11 @@ func (w *Worker) validate(req *tpfleetv1.StepRequest, cfg model.Info) error {
 				}
 			}
 			sh = shadow{0, c}
+			if n := len(work.GetImages()); n > 0 && w.wts.images == nil {
+				return fmt.Errorf("%w: %s: %d images: %w", ErrInvalidRequest, where, n, w.wts.noImages)
+			}
+		} else if len(work.GetImages()) > 0 {
+			return fmt.Errorf("%w: %s: images come with start only", ErrInvalidRequest, where)
 		} else if s, ok := sim[id]; ok {
 			sh = s
 		} else if s, ok := w.seqs[id]; ok {
@@ -311,4 +331,42 @@ func samplingParams(sp *tpfleetv1.SamplingParams, wts *weights) sample.Params {
 		return wts.defaultSampling()
 	}
 	return samplingpb.FromProto(sp)
+}
+
+// batchImages returns the image features of a batch's works (nil when none has any): for each, the rows
+// of the image slots among its ids, taken from its sequence's features.
+func (w *Worker) batchImages(wts *weights, batch []int, req *tpfleetv1.StepRequest, ids [][]int) ([][]float32, error) {
+	var feats [][]float32
+	for k, i := range batch {
+		s := w.seqs[req.GetSeqs()[i].GetSeqId()]
+		if s.images == nil {
+			continue
+		}
+		n := 0
+		for _, id := range ids[k] {
+			if id == wts.images.SlotID() {
+				n++
+			}
+		}
+		rows, err := s.images.take(n, wts.images.Width())
+		if err != nil {
+			return nil, fmt.Errorf("seq %d (seqs[%d]): %w", req.GetSeqs()[i].GetSeqId(), i, err)
+		}
+		if s.images.rows == nil {
+			s.images = nil
+		}
+		if rows == nil {
+			continue
+		}
+		if feats == nil {
+			feats = make([][]float32, len(batch))
+		}
+		feats[k] = rows
+	}
+	if feats != nil {
+		if _, ok := wts.model.(run.ImageModel); !ok {
+			return nil, fmt.Errorf("%w: the model takes no image features", ErrInvalidRequest)
+		}
+	}
+	return feats, nil
 }

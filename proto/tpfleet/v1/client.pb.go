@@ -42,8 +42,12 @@ type GenerateRequest struct {
 	// is held back from the stream until it cannot. Needs the model's tokenizer; strings must not be empty.
 	Stop                   []string `protobuf:"bytes,8,rep,name=stop,proto3" json:"stop,omitempty"`
 	IncludeStopStrInOutput bool     `protobuf:"varint,9,opt,name=include_stop_str_in_output,json=includeStopStrInOutput,proto3" json:"include_stop_str_in_output,omitempty"`
-	unknownFields          protoimpl.UnknownFields
-	sizeCache              protoimpl.SizeCache
+	// images are encoded images (PNG, JPEG, GIF or WebP) for a model with a vision tower, in the order of
+	// the prompt's image placeholders (<|image|> for Llama 4); a prompt without any gets one per image
+	// after its BOS. At most the model's images per prompt; each image's size is checked before decoding.
+	Images        [][]byte `protobuf:"bytes,16,rep,name=images,proto3" json:"images,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GenerateRequest) Reset() {
@@ -137,6 +141,13 @@ func (x *GenerateRequest) GetIncludeStopStrInOutput() bool {
 		return x.IncludeStopStrInOutput
 	}
 	return false
+}
+
+func (x *GenerateRequest) GetImages() [][]byte {
+	if x != nil {
+		return x.Images
+	}
+	return nil
 }
 
 type GenerateResponse struct {
@@ -503,7 +514,7 @@ var File_tpfleet_v1_client_proto protoreflect.FileDescriptor
 const file_tpfleet_v1_client_proto_rawDesc = "" +
 	"\n" +
 	"\x17tpfleet/v1/client.proto\x12\n" +
-	"tpfleet.v1\x1a\x17tpfleet/v1/common.proto\"\xbf\x02\n" +
+	"tpfleet.v1\x1a\x17tpfleet/v1/common.proto\"\xd7\x02\n" +
 	"\x0fGenerateRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x1d\n" +
 	"\n" +
@@ -516,7 +527,8 @@ const file_tpfleet_v1_client_proto_rawDesc = "" +
 	"ignore_eos\x18\x06 \x01(\bR\tignoreEos\x12\x19\n" +
 	"\bstop_ids\x18\a \x03(\x05R\astopIds\x12\x12\n" +
 	"\x04stop\x18\b \x03(\tR\x04stop\x12:\n" +
-	"\x1ainclude_stop_str_in_output\x18\t \x01(\bR\x16includeStopStrInOutput\"\x88\x02\n" +
+	"\x1ainclude_stop_str_in_output\x18\t \x01(\bR\x16includeStopStrInOutput\x12\x16\n" +
+	"\x06images\x18\x10 \x03(\fR\x06images\"\x88\x02\n" +
 	"\x10GenerateResponse\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\x05R\x03ids\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\tR\x04text\x12#\n" +

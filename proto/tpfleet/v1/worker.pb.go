@@ -176,7 +176,12 @@ type SequenceWork struct {
 	// resumed is set with start for a request that already chose that many tokens on another sequence (a
 	// group that stopped or failed): rank 0 advances the new sampler's random stream by as many draws, so
 	// that a sampled request resumed with its prompt and tokens so far continues as if uninterrupted.
-	Resumed       uint32 `protobuf:"varint,7,opt,name=resumed,proto3" json:"resumed,omitempty"`
+	Resumed uint32 `protobuf:"varint,7,opt,name=resumed,proto3" json:"resumed,omitempty"`
+	// images are set with start only: the encoded images (PNG, JPEG, GIF or WebP) of a prompt whose ids
+	// already hold their image slots (the coordinator expanded its placeholders). Each rank runs the vision
+	// tower once over them when the sequence starts and keeps the features until the prompt's image slots
+	// have been fed, so later prompt pieces and decode steps carry no images.
+	Images        [][]byte `protobuf:"bytes,16,rep,name=images,proto3" json:"images,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -258,6 +263,13 @@ func (x *SequenceWork) GetResumed() uint32 {
 		return x.Resumed
 	}
 	return 0
+}
+
+func (x *SequenceWork) GetImages() [][]byte {
+	if x != nil {
+		return x.Images
+	}
+	return nil
 }
 
 type StepResponse struct {
@@ -1223,7 +1235,7 @@ const file_tpfleet_v1_worker_proto_rawDesc = "" +
 	"\x04seqs\x18\x04 \x03(\v2\x18.tpfleet.v1.SequenceWorkR\x04seqs\x12\x18\n" +
 	"\arelease\x18\x05 \x03(\x04R\arelease\x12\x1d\n" +
 	"\n" +
-	"leader_rev\x18\x06 \x01(\x03R\tleaderRev\"\xd3\x01\n" +
+	"leader_rev\x18\x06 \x01(\x03R\tleaderRev\"\xeb\x01\n" +
 	"\fSequenceWork\x12\x15\n" +
 	"\x06seq_id\x18\x01 \x01(\x04R\x05seqId\x12\x10\n" +
 	"\x03ids\x18\x02 \x03(\x05R\x03ids\x12\x14\n" +
@@ -1231,7 +1243,8 @@ const file_tpfleet_v1_worker_proto_rawDesc = "" +
 	"\bcapacity\x18\x04 \x01(\x05R\bcapacity\x126\n" +
 	"\bsampling\x18\x05 \x01(\v2\x1a.tpfleet.v1.SamplingParamsR\bsampling\x12\x16\n" +
 	"\x06sample\x18\x06 \x01(\bR\x06sample\x12\x18\n" +
-	"\aresumed\x18\a \x01(\rR\aresumed\"n\n" +
+	"\aresumed\x18\a \x01(\rR\aresumed\x12\x16\n" +
+	"\x06images\x18\x10 \x03(\fR\x06images\"n\n" +
 	"\fStepResponse\x12\x12\n" +
 	"\x04step\x18\x01 \x01(\x04R\x04step\x124\n" +
 	"\aresults\x18\x02 \x03(\v2\x1a.tpfleet.v1.SequenceResultR\aresults\x12\x14\n" +
