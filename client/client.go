@@ -105,6 +105,10 @@ type GenerateRequest struct {
 	// before the stop string, or after it with IncludeStopStr. They need the model's tokenizer.
 	Stop           []string
 	IncludeStopStr bool
+	// Images are encoded images (PNG, JPEG, GIF, WebP) for a model with a vision tower, in the order of
+	// the prompt's image placeholders (<|image|> for Llama 4); a prompt without any gets one per image
+	// after its BOS. A model without a vision tower refuses them (INVALID_ARGUMENT).
+	Images [][]byte
 }
 
 // GenerateResult is a finished generation.
@@ -140,6 +144,7 @@ func (c *Client) Generate(ctx context.Context, req GenerateRequest, emit func(id
 		Stop:      req.Stop,
 
 		IncludeStopStrInOutput: req.IncludeStopStr,
+		Images:                 req.Images,
 	}
 	if p := req.Sampling; p != nil {
 		in.Sampling = samplingpb.ToProto(*p)

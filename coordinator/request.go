@@ -117,7 +117,7 @@ func (m modelInfo) withImages(prompt []int32, images [][]byte) ([]int32, error) 
 	}
 	if !has {
 		at := 0
-		if len(ids) > 0 && ids[0] == m.cfg.BOS {
+		if bos, ok := m.tok.BOS(); ok && len(ids) > 0 && ids[0] == bos { // m.images implies a tokenizer
 			at = 1
 		}
 		ids = slices.Insert(ids, at, slices.Repeat([]int{holder}, len(images))...)

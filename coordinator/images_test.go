@@ -1,0 +1,159 @@
+package coordinator
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"hash/crc32"
+	"image"
+	"image/png"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
+	"github.com/tpfleet/tpfleet/tokenizer"
+)
+
+// visionModelDir is a model directory whose config.json declares a vision tower (the dense-moe-mm
+// fixture's: 28-pixel tiles of 14-pixel patches, one <|patch|> slot a tile) with the test tokenizer's
+// image token ids; it holds no weights (the coordinator reads none).
+func visionModelDir(t *testing.T) string {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "vision")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	var cfg map[string]any
+	data, err := os.ReadFile("../testdata/fixtures/dense-moe-mm/config.json")
+	if err == nil {
+		err = json.Unmarshal(data, &cfg)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg["boi_token_index"], cfg["eoi_token_index"], cfg["image_token_index"] = 505, 506, 510
+	if data, err = json.Marshal(cfg); err != nil {
+		t.Fatal(err)
+	}
+	files := map[string][]byte{"config.json": data}
+	for _, name := range []string{tokenizer.TokenizerFile, tokenizer.ConfigFile} {
+		if files[name], err = os.ReadFile(filepath.Join(testTokenizer, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for name, data := range files {
+		if err := os.WriteFile(filepath.Join(dir, name), data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
+// testPNG encodes a w×h gradient.
+func testPNG(t *testing.T, w, h int) []byte {
+	t.Helper()
+	img := image.NewNRGBA(image.Rect(0, 0, w, h))
+	for i := range img.Pix {
+		img.Pix[i] = uint8(i * 7)
+	}
+	var b bytes.Buffer
+	if err := png.Encode(&b, img); err != nil {
+		t.Fatal(err)
+	}
+	return b.Bytes()
+}
+
+// pngHeader is a PNG signature and IHDR chunk announcing w×h RGB pixels, and no pixel data.
+func pngHeader(w, h uint32) []byte {
+	ihdr := make([]byte, 13)
+	binary.BigEndian.PutUint32(ihdr[0:], w)
+	binary.BigEndian.PutUint32(ihdr[4:], h)
+	ihdr[8], ihdr[9] = 8, 2 // 8-bit RGB
+	var b bytes.Buffer
+	b.WriteString("\x89PNG\r\n\x1a\n")
+	_ = binary.Write(&b, binary.BigEndian, uint32(len(ihdr)))
+	chunk := append([]byte("IHDR"), ihdr...)
+	b.Write(chunk)
+	_ = binary.Write(&b, binary.BigEndian, crc32.ChecksumIEEE(chunk))
+	return b.Bytes()
+}
+
+// TestRequestImages: a GenerateRequest's images expand the prompt's <|image|> placeholders (one is added
+// after BOS when the prompt has none) with each image's tile layout, and stay with the request for its
+// sequence's start; bad images are INVALID_ARGUMENT errors naming the image and the problem, found
+// before any pixel is decoded where the header tells.
+func TestRequestImages(t *testing.T) {
+	m, err := loadModelInfo(visionModelDir(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.images == nil {
+		t.Fatalf("loadModelInfo(vision model): no image prompter: %v", m.noImages)
+	}
+	const bos, start, end, tileX, tileY, placeholder, slot = 490, 505, 506, 507, 508, 509, 510
+	wide := testPNG(t, 56, 28) // two 28-pixel tiles side by side, and the global one
+	square := testPNG(t, 20, 20)
+	layoutWide := []int32{start, slot, tileX, slot, tileY, placeholder, slot, end}
+	layoutSquare := []int32{start, placeholder, slot, end}
+	for _, tc := range []struct {
+		name   string
+		in     *pb.GenerateRequest
+		prefix []int32 // the expanded prompt starts with it
+	}{
+		{"placeholder in the text", &pb.GenerateRequest{Prompt: "<|image|>hi", Images: [][]byte{wide}}, append([]int32{bos}, layoutWide...)},
+		{"no placeholder", &pb.GenerateRequest{Prompt: "hi", Images: [][]byte{square, wide}}, append(append([]int32{bos}, layoutSquare...), layoutWide...)},
+		{"ids", &pb.GenerateRequest{PromptIds: []int32{7, placeholder, 8}, Images: [][]byte{square}}, append(append([]int32{7}, layoutSquare...), 8)},
+	} {
+		tc.in.MaxTokens = 4
+		r, err := m.newRequest(tc.in)
+		if err != nil {
+			t.Errorf("%s: newRequest = %v", tc.name, err)
+			continue
+		}
+		if !slices.Equal(r.prompt[:min(len(tc.prefix), len(r.prompt))], tc.prefix) || len(r.images) != len(tc.in.Images) {
+			t.Errorf("%s: prompt %v with %d images, want it to start with %v, %d images", tc.name, r.prompt, len(r.images), tc.prefix, len(tc.in.Images))
+		}
+	}
+
+	eleven := slices.Repeat([][]byte{square}, 11)
+	for _, tc := range []struct {
+		name string
+		in   *pb.GenerateRequest
+		msg  string
+	}{
+		{"corrupt bytes", &pb.GenerateRequest{Prompt: "hi", Images: [][]byte{[]byte("not an image at all")}}, "image 0: imageproc: invalid image"},
+		{"truncated", &pb.GenerateRequest{Prompt: "hi", Images: [][]byte{square, wide[:len(wide)/2]}}, "image 1: imageproc: invalid image"},
+		{"zero bytes", &pb.GenerateRequest{Prompt: "hi", Images: [][]byte{{}}}, "image 0: zero bytes"},
+		{"zero pixels", &pb.GenerateRequest{Prompt: "hi", Images: [][]byte{pngHeader(0, 5)}}, "image 0: imageproc: invalid image"},
+		{"20000×20000", &pb.GenerateRequest{Prompt: "hi", Images: [][]byte{pngHeader(20000, 20000)}}, "image 0: imageproc: image too large: png of 20000×20000"},
+		{"too many", &pb.GenerateRequest{Prompt: "hi", Images: eleven}, "11 images: at most 10 per prompt"},
+		{"placeholders", &pb.GenerateRequest{Prompt: "<|image|><|image|>", Images: [][]byte{square}}, "the prompt has 2 <|image|> placeholders for 1 images"},
+	} {
+		tc.in.MaxTokens = 4
+		_, err := m.newRequest(tc.in)
+		if !errors.Is(err, ErrInvalidRequest) || !strings.Contains(err.Error(), tc.msg) {
+			t.Errorf("%s: newRequest = %v, want ErrInvalidRequest with %q", tc.name, err, tc.msg)
+		}
+	}
+
+	// A checkpoint without a vision tower refuses images, naming why.
+	dir, _ := modelWithTokenizer(t)
+	text, err := loadModelInfo(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = text.newRequest(&pb.GenerateRequest{Prompt: "hi", MaxTokens: 4, Images: [][]byte{square}})
+	if !errors.Is(err, ErrInvalidRequest) || !strings.Contains(err.Error(), "the checkpoint takes no images") {
+		t.Errorf("newRequest(image, text-only model) = %v, want ErrInvalidRequest: takes no images", err)
+	}
+	if gm, _ := text.gatewayModel(""); gm.ImagePlaceholder != "" || gm.NoImages == "" {
+		t.Errorf("gatewayModel(text-only) = %+v, want no placeholder and a reason", gm)
+	}
+	if gm, _ := m.gatewayModel(""); gm.ImagePlaceholder != "<|image|>" || gm.MaxImages != 10 {
+		t.Errorf("gatewayModel(vision) = %+v, want placeholder <|image|>, 10 images", gm)
+	}
+}
