@@ -76,7 +76,7 @@ func (s *imageSlots) take(n, rowLen int) ([]float32, error) {
 		return nil, nil
 	}
 	if s.used+n > s.n {
-		return nil, fmt.Errorf("%w: %d image slots after %d, the images give %d features", ErrInvalidRequest, n, s.used, s.n)
+		return nil, fmt.Errorf("%d image slots after %d, the images give %d features", n, s.used, s.n)
 	}
 	rows := s.rows[s.used*rowLen : (s.used+n)*rowLen]
 	s.used += n

@@ -350,7 +350,7 @@ func (w *Worker) batchImages(wts *weights, batch []int, req *tpfleetv1.StepReque
 		}
 		rows, err := s.images.take(n, wts.images.Width())
 		if err != nil {
-			return nil, fmt.Errorf("seq %d (seqs[%d]): %w", req.GetSeqs()[i].GetSeqId(), i, err)
+			return nil, fmt.Errorf("%w: seq %d (seqs[%d]): %w", ErrInvalidRequest, req.GetSeqs()[i].GetSeqId(), i, err)
 		}
 		if s.images.rows == nil {
 			s.images = nil
