@@ -112,6 +112,34 @@ func localImageIDs(t *testing.T, dir string, n int, image string, prompt ...stri
 	return got.IDs
 }
 
+// imageQuestion is the text of the image chats: one user message of an image part and this text part.
+const imageQuestion = "What is in this picture?"
+
+// imageChatWant returns the ids and text that the local `generate --image` decodes greedily for the
+// chat of one user message [image, imageQuestion] rendered by dir's chat template (the image's
+// placeholder where its part was).
+func imageChatWant(t *testing.T, dir, image string, n int) ([]int, string) {
+	t.Helper()
+	tok, err := tokenizer.Load(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chatIDs, err := tok.EncodeChat([]tokenizer.Message{{Role: "user", Content: "<|image|>" + imageQuestion}}, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	list := make([]string, len(chatIDs))
+	for i, id := range chatIDs {
+		list[i] = strconv.Itoa(id)
+	}
+	ids := localImageIDs(t, dir, n, image, "--ids", strings.Join(list, ","))
+	text, err := tok.Decode(ids, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ids, text
+}
+
 // chatStream posts a streamed chat and returns the token ids and text of its chunks (vLLM's
 // return_token_ids), and the HTTP status with the body of a refused request.
 func chatStream(t *testing.T, base string, body map[string]any) ([]int, string, int, string) {
@@ -171,21 +199,9 @@ func TestServeImages(t *testing.T) {
 		t.Fatal(err)
 	}
 	const n = 6
-	const question = "What is in this picture?"
+	const question = imageQuestion
 	want := localImageIDs(t, dir, n, imgFile, "--prompt", "<|image|>"+question)
-	tok, err := tokenizer.Load(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	chatIDs, err := tok.EncodeChat([]tokenizer.Message{{Role: "user", Content: "<|image|>" + question}}, true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	idList := make([]string, len(chatIDs))
-	for i, id := range chatIDs {
-		idList[i] = strconv.Itoa(id)
-	}
-	wantChat := localImageIDs(t, dir, n, imgFile, "--ids", strings.Join(idList, ","))
+	wantChat, wantText := imageChatWant(t, dir, imgFile, n)
 
 	_, port, err := net.SplitHostPort(freePort(t))
 	if err != nil {
@@ -228,7 +244,7 @@ func TestServeImages(t *testing.T) {
 		t.Errorf("streamed image chat = %d %s, ids %v; want 200 with the local generate --image ids %v", status, body, ids, wantChat)
 	}
 	t.Logf("streamed image chat: ids %v text %q (local generate --image: %v)", ids, text, wantChat)
-	if wantText, _ := tok.Decode(wantChat, true); text != wantText {
+	if text != wantText {
 		t.Errorf("streamed image chat text %q, want %q", text, wantText)
 	}
 
