@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -229,6 +230,14 @@ func TestServeImages(t *testing.T) {
 		t.Errorf("gRPC Generate: %d prompt tokens, want the image layout's and the text's", res.PromptTokens)
 	}
 
+	// The same through `tpfleet generate --addr --image`.
+	code2, stdout, stderr2 := tpfleet(t, "generate", "--addr", addr, "--prompt", "<|image|>"+question, "--image", imgFile,
+		"--max-tokens", strconv.Itoa(n), "--temperature", "0", "--ignore-eos", "--json")
+	var remote generateJSON
+	if err := json.Unmarshal([]byte(stdout), &remote); code2 != 0 || err != nil || !slices.Equal(remote.IDs, want) {
+		t.Errorf("generate --addr --image = exit %d, %q (%s); want the ids %v", code2, stdout, stderr2, want)
+	}
+
 	// OpenAI chat: an image_url data URL, streamed.
 	dataURL := "data:image/png;base64," + base64.StdEncoding.EncodeToString(img)
 	chat := func(parts ...any) map[string]any {
@@ -301,5 +310,51 @@ func TestServeImages(t *testing.T) {
 	}
 	if s := stderr.String(); strings.Contains(s, "ERROR") || strings.Contains(s, "panic") {
 		t.Errorf("serve logged errors:\n%s", s)
+	}
+}
+
+// TestREADMEImageExample runs the README's image chat (its sh block with an image_url, under bash with
+// curl and base64) against `tpfleet serve` of a checkpoint with a vision tower.
+func TestREADMEImageExample(t *testing.T) {
+	var block string
+	for _, b := range readmeBlocks(t, "sh") {
+		if strings.Contains(b, "image_url") {
+			block = b
+		}
+	}
+	if block == "" {
+		t.Fatal("README has no sh block with an image chat")
+	}
+	for _, tool := range []string{"bash", "curl", "base64"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s is not installed: %v", tool, err)
+		}
+	}
+	base := serveModel(t, visionServeDir(t))
+	work := t.TempDir()
+	if err := os.WriteFile(filepath.Join(work, "cat.png"), gradientPNG(t, 40, 30), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	script := strings.ReplaceAll(block, "http://127.0.0.1:8000", base)
+	script = strings.ReplaceAll(script, "127.0.0.1:8000", strings.TrimPrefix(base, "http://"))
+	cmd := exec.Command("bash", "-euo", "pipefail", "-c", script)
+	cmd.Dir = work
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("README image example: %v\n%s", err, out)
+	}
+	var resp struct {
+		Choices []struct {
+			Message struct {
+				Content *string `json:"content"`
+			} `json:"message"`
+			FinishReason string `json:"finish_reason"`
+		} `json:"choices"`
+		Usage struct {
+			PromptTokens int `json:"prompt_tokens"`
+		} `json:"usage"`
+	}
+	if err := json.Unmarshal(out, &resp); err != nil || len(resp.Choices) != 1 || resp.Choices[0].Message.Content == nil || resp.Usage.PromptTokens < 10 {
+		t.Fatalf("README image example answered %s (%v), want a chat completion with the image's tokens in the prompt", out, err)
 	}
 }
