@@ -114,7 +114,7 @@ func (m *media) allowed(u *url.URL) error {
 		}
 	}
 	if len(m.cfg.AllowedDomains) == 0 {
-		return errors.New("image URLs are not fetched by this server (start it with --allowed-media-domains); send the image as a data URL (data:image/png;base64,...)")
+		return errors.New("image URLs are not fetched by this server (start it with --allowed-media-domains); send the image as a data URL (data:image/png;base64,<the bytes>)")
 	}
 	return fmt.Errorf("host %q is not among the allowed media domains %v", host, m.cfg.AllowedDomains)
 }
@@ -138,14 +138,14 @@ func (m *media) read(ctx context.Context, raw string) ([]byte, error) {
 func (m *media) dataURL(raw string) ([]byte, error) {
 	meta, data, ok := strings.Cut(strings.TrimPrefix(raw, "data:"), ",")
 	if !ok {
-		return nil, errors.New("data URL without a comma: want data:image/png;base64,...")
+		return nil, errors.New("data URL without a comma: want data:image/png;base64,<the bytes>")
 	}
 	params := strings.Split(meta, ";")
 	if mt := strings.ToLower(strings.TrimSpace(params[0])); mt != "" && !strings.HasPrefix(mt, "image/") {
 		return nil, fmt.Errorf("data URL of media type %q: want an image/*", params[0])
 	}
 	if !strings.EqualFold(params[len(params)-1], "base64") {
-		return nil, errors.New("data URL is not base64: want data:image/png;base64,...")
+		return nil, errors.New("data URL is not base64: want data:image/png;base64,<the bytes>")
 	}
 	if n := int64(base64.StdEncoding.DecodedLen(len(data))); n > m.cfg.MaxBytes+3 {
 		return nil, fmt.Errorf("image of about %d bytes, more than %d", n, m.cfg.MaxBytes)
@@ -223,7 +223,7 @@ func (p contentPart) imageURL() (string, error) {
 	if err := json.Unmarshal(p.ImageURL, &s); err == nil {
 		return s, nil
 	}
-	return "", errors.New(`image_url must be {"url": "data:image/png;base64,..."}`)
+	return "", errors.New(`image_url must be {"url": "data:image/png;base64,<the bytes>"}`)
 }
 
 // chatImages reads the images of a chat's messages in order and renders each message's content with the

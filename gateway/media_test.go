@@ -41,7 +41,9 @@ func imageChat(parts ...string) string {
 	return `{"max_tokens":2,"messages":[{"role":"user","content":[` + strings.Join(parts, ",") + `]}]}`
 }
 
-func imagePart(u string) string { return fmt.Sprintf(`{"type":"image_url","image_url":{"url":%q,"detail":"high"}}`, u) }
+func imagePart(u string) string {
+	return fmt.Sprintf(`{"type":"image_url","image_url":{"url":%q,"detail":"high"}}`, u)
+}
 
 // TestChatImages: image_url parts with data URLs reach the Generator as bytes, their placeholders in the
 // rendered content where the parts were; bad ones are 400s that name the part and the problem, and no
