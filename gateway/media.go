@@ -261,11 +261,10 @@ func (g *Gateway) chatImages(ctx context.Context, m Model, in []chatMessage, msg
 		return nil, nil
 	}
 	if m.ImagePlaceholder == "" {
-		why := m.NoImages
-		if why == "" {
-			why = "it has no vision tower"
+		if m.NoImages != "" {
+			return nil, invalid("messages: %d images: %s", len(refs), m.NoImages)
 		}
-		return nil, invalid("messages: %d images for model %s, which takes no images: %s", len(refs), m.Name, why)
+		return nil, invalid("messages: %d images for model %s, which takes no images", len(refs), m.Name)
 	}
 	if m.MaxImages > 0 && len(refs) > m.MaxImages {
 		return nil, invalid("messages: %d images, at most %d per request", len(refs), m.MaxImages)

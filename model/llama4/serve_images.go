@@ -34,7 +34,7 @@ func (c Config) ImagePrompter(dir string, tokenID func(string) (int, bool)) (mod
 	}
 	ids, err := imageproc.LookupIDs(tokenID)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %s: %w", model.ErrNoImages, dir, err)
+		return nil, fmt.Errorf("%w: %w", model.ErrNoImages, err)
 	}
 	if ids.Patch != vcfg.PatchID {
 		return nil, fmt.Errorf("%w: %s: the tokenizer's %s is %d, config.json's image_token_index %d", model.ErrConfig, dir, imageproc.TokenPatch, ids.Patch, vcfg.PatchID)
@@ -46,7 +46,7 @@ func (c Config) ImagePrompter(dir string, tokenID func(string) (int, bool)) (mod
 func visionConfig(dir string) (vision.Config, imageproc.Config, error) {
 	vcfg, err := vision.LoadConfig(dir)
 	if errors.Is(err, vision.ErrNoVision) {
-		return vision.Config{}, imageproc.Config{}, fmt.Errorf("%w: %s: %w", model.ErrNoImages, dir, err)
+		return vision.Config{}, imageproc.Config{}, fmt.Errorf("%w: its config.json has no vision_config", model.ErrNoImages)
 	}
 	if err != nil {
 		return vision.Config{}, imageproc.Config{}, fmt.Errorf("%w: %w", model.ErrConfig, err)
