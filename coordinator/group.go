@@ -293,8 +293,22 @@ func (b *batch) plan() ([]*pb.SequenceWork, []*sequence) {
 			feed(s, 1)
 		}
 	}
+	// A step carries at most maxStepImageBytes of images (one request's may be all of it): a start whose
+	// images do not fit waits for the next step, so the StepRequest stays within the workers' message size.
+	imageBytes := 0
+	fits := func(s *sequence) bool {
+		if s.started || len(s.req.images) == 0 {
+			return true
+		}
+		n := s.req.imageBytes()
+		if imageBytes > 0 && imageBytes+n > maxStepImageBytes {
+			return false
+		}
+		imageBytes += n
+		return true
+	}
 	for _, s := range b.active {
-		if left := len(s.tokens) - s.fed; budget > 0 && (!s.started || left > 1) {
+		if left := len(s.tokens) - s.fed; budget > 0 && (!s.started || left > 1) && fits(s) {
 			feed(s, min(left, budget))
 		}
 	}
@@ -309,7 +323,9 @@ func (b *batch) plan() ([]*pb.SequenceWork, []*sequence) {
 		r.scheduled()
 		s := &sequence{id: b.cfg.seqIDs.Add(1), req: r, tokens: append(slices.Clone(r.prompt), r.gen...)}
 		b.active = append(b.active, s)
-		feed(s, min(len(s.tokens), budget))
+		if fits(s) { // else it starts in a later step
+			feed(s, min(len(s.tokens), budget))
+		}
 	}
 	return work, sampled
 }

@@ -12,9 +12,11 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
+	"github.com/tpfleet/tpfleet/sample"
 	"github.com/tpfleet/tpfleet/tokenizer"
 )
 
@@ -155,5 +157,36 @@ func TestRequestImages(t *testing.T) {
 	}
 	if gm, _ := m.gatewayModel(""); gm.ImagePlaceholder != "<|image|>" || gm.MaxImages != 10 {
 		t.Errorf("gatewayModel(vision) = %+v, want placeholder <|image|>, 10 images", gm)
+	}
+}
+
+// TestPlanImageBytes: the starts of one step carry at most maxStepImageBytes of images; a start that does
+// not fit waits for a later step (and one request's images always go, whatever their size).
+func TestPlanImageBytes(t *testing.T) {
+	q := newQueue(8)
+	big := make([]byte, maxStepImageBytes/2+1)
+	for range 3 {
+		r := newRequest([]int32{1, 2, 3}, 4, sample.Params{}, nil)
+		r.images = [][]byte{big}
+		if err := q.push(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b := &batch{cfg: groupConfig{queue: q, maxBatch: 8, tokenBudget: 64, seqIDs: new(atomic.Uint64)}}
+	for step, want := range []int{1, 1, 1} {
+		work, _ := b.plan()
+		var starts, images int
+		for _, w := range work {
+			if w.GetStart() {
+				starts++
+				images += len(w.GetImages())
+			}
+		}
+		if starts != want || images != want {
+			t.Errorf("step %d: %d starts with %d images, want %d and %d", step, starts, images, want, want)
+		}
+	}
+	if len(b.active) != 3 {
+		t.Errorf("%d sequences in the batch, want 3", len(b.active))
 	}
 }

@@ -75,6 +75,19 @@ func loadModelInfo(dir string) (modelInfo, error) {
 // gateway bounds a body to as much).
 const maxRecvMsgSize = 64 << 20
 
+// maxStepImageBytes bounds the encoded images of one request, and of the starts of one step (unless one
+// request's are all of them): below the workers' default message size (worker.DefaultMaxRecvMsgSize).
+const maxStepImageBytes = 48 << 20
+
+// imageBytes is the size of the request's encoded images.
+func (r *request) imageBytes() int {
+	n := 0
+	for _, im := range r.images {
+		n += len(im)
+	}
+	return n
+}
+
 // loadImages finds how the model lays out images, when it takes them: a family with a vision tower
 // (model.ImageConfig), a checkpoint that has one, and a tokenizer with its image tokens.
 func (m *modelInfo) loadImages() error {
@@ -122,10 +135,15 @@ func (m modelInfo) withImages(prompt []int32, images [][]byte) ([]int32, error) 
 		}
 		ids = slices.Insert(ids, at, slices.Repeat([]int{holder}, len(images))...)
 	}
+	total := 0
 	for i, data := range images {
 		if len(data) == 0 {
 			return nil, invalid("image %d: zero bytes", i)
 		}
+		total += len(data)
+	}
+	if total > maxStepImageBytes {
+		return nil, invalid("%d images of %d bytes in all, more than %d", len(images), total, maxStepImageBytes)
 	}
 	out, err := m.images.Expand(ids, images)
 	if err != nil {
