@@ -308,8 +308,12 @@ func TestServeImages(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("serve did not stop within 30s")
 	}
-	if s := stderr.String(); strings.Contains(s, "ERROR") || strings.Contains(s, "panic") {
-		t.Errorf("serve logged errors:\n%s", s)
+	// Errors other than gossip's (memberlist's pings time out on a loaded test machine) would be the
+	// refused images' or the workers'.
+	for _, line := range strings.Split(stderr.String(), "\n") {
+		if strings.Contains(line, "panic") || strings.Contains(line, "ERROR") && !strings.Contains(line, "gossip.memberlist") {
+			t.Errorf("serve logged an error: %s", line)
+		}
 	}
 }
 
