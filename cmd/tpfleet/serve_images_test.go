@@ -7,9 +7,11 @@ import (
 	"encoding/base64"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"hash/crc32"
 	"image"
 	"image/png"
+	"io/fs"
 	"net"
 	"net/http"
 	"os"
@@ -25,6 +27,7 @@ import (
 	grpcstatus "google.golang.org/grpc/status"
 
 	"github.com/tpfleet/tpfleet/client"
+	"github.com/tpfleet/tpfleet/safetensors"
 	"github.com/tpfleet/tpfleet/sample"
 	"github.com/tpfleet/tpfleet/tokenizer"
 )
@@ -360,5 +363,86 @@ func TestREADMEImageExample(t *testing.T) {
 	}
 	if err := json.Unmarshal(out, &resp); err != nil || len(resp.Choices) != 1 || resp.Choices[0].Message.Content == nil || resp.Usage.PromptTokens < 10 {
 		t.Fatalf("README image example answered %s (%v), want a chat completion with the image's tokens in the prompt", out, err)
+	}
+}
+
+// TestServeImagesGolden: `tpfleet serve` at TP=2 of the HF vision fixture (testdata/vision/model: a tiny
+// Llama4ForConditionalGeneration with 336-pixel tiles) answers gRPC Generate with the fixture's images
+// with HF's greedy ids (prompts "one": a 500×300 image, 3 tiles; "two": two images, 5 tiles), and a
+// streamed chat with an image with the ids of the local generate --image for the chat's prompt.
+func TestServeImagesGolden(t *testing.T) {
+	if _, err := os.Stat(visionFixtures); errors.Is(err, fs.ErrNotExist) {
+		// Remove this skip (make it a t.Fatal) once testdata/vision is committed.
+		t.Skip("testdata/vision is missing: run python3 scripts/fixtures/make_vision_fixtures.py --out testdata/vision on the GPU machine and commit it")
+	}
+	gold, err := safetensors.OpenCheckpoint(filepath.Join(visionFixtures, "golden.safetensors"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gold.Close()
+	dir := filepath.Join(visionFixtures, "model")
+	readImage := func(name string) []byte {
+		data, err := os.ReadFile(filepath.Join(visionFixtures, "images", name+".png"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return data
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	_, port, err := net.SplitHostPort(freePort(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr, code, stderr := startServe(t, ctx, dir, "--tensor-parallel-size", "2", "--host", "127.0.0.1", "--port", port,
+		"--listen", "127.0.0.1:0", "--log-level", "warn")
+	cli := waitCoordinator(t, addr)
+	for _, tc := range []struct {
+		prompt, text string
+		images       []string
+	}{
+		{"one", "<|image|>What is in this picture?", []string{"b_500x300"}},
+		{"two", "Compare <|image|> with <|image|> please.", []string{"c_100x80", "d_1000x200"}},
+	} {
+		want64, _, err := gold.Int64s(tc.prompt + ".greedy_ids")
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := make([]int, len(want64))
+		for i, id := range want64 {
+			want[i] = int(id)
+		}
+		var images [][]byte
+		for _, name := range tc.images {
+			images = append(images, readImage(name))
+		}
+		res, err := cli.Generate(ctx, client.GenerateRequest{Prompt: tc.text, Images: images, MaxTokens: len(want),
+			Sampling: &sample.Params{TopP: 1}, IgnoreEOS: true}, nil)
+		if err != nil || !slices.Equal(res.IDs, want) {
+			t.Errorf("prompt %s: served greedy ids %v, %v; HF %v", tc.prompt, res.IDs, err, want)
+		}
+		t.Logf("prompt %s: %d prompt tokens, served ids %v, HF %v", tc.prompt, res.PromptTokens, res.IDs, want)
+	}
+
+	img := filepath.Join(visionFixtures, "images", "b_500x300.png")
+	wantChat, _ := imageChatWant(t, dir, img, 6)
+	chat := map[string]any{"stream": true, "return_token_ids": true, "temperature": 0, "max_tokens": 6, "ignore_eos": true,
+		"messages": []any{map[string]any{"role": "user", "content": []any{
+			map[string]any{"type": "image_url", "image_url": map[string]any{"url": "data:image/png;base64," + base64.StdEncoding.EncodeToString(readImage("b_500x300"))}},
+			map[string]any{"type": "text", "text": imageQuestion},
+		}}}}
+	ids, text, status, body := chatStream(t, "http://127.0.0.1:"+port, chat)
+	if status != http.StatusOK || !slices.Equal(ids, wantChat) {
+		t.Errorf("streamed image chat = %d %s, ids %v; want the local generate --image ids %v", status, body, ids, wantChat)
+	}
+	t.Logf("streamed image chat: ids %v text %q", ids, text)
+	cancel()
+	select {
+	case c := <-code:
+		if c != 0 {
+			t.Errorf("serve exited %d, want 0:\n%s", c, stderr)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("serve did not stop within 30s")
 	}
 }
