@@ -35,9 +35,11 @@ func (w Window) Visible(query, key int) bool {
 	return w.Chunk == 0 || key/w.Chunk == query/w.Chunk
 }
 
-// KVCache holds the keys and values of one attention layer for one sequence. Keys are stored after RoPE and
-// qk-norm, as attention consumes them. Implementations may drop positions that Window says no later
-// query can see (chunked layers keep only the current chunk).
+// KVCache holds the keys and values of one attention layer for one sequence, paged: in blocks of its
+// BlockPool, through a block table. Keys are stored after RoPE and qk-norm, as attention consumes them.
+// A cache drops the positions that Window says no later query can see (chunked layers keep only the
+// current chunk: at most ceil(chunk/block size)+1 blocks between decode steps) and returns their blocks to
+// the pool; global layers keep every block.
 type KVCache interface {
 	// Append stores k and v ([T, kvHeads, headDim]) for the absolute positions pos (len T, consecutive,
 	// continuing right after the last appended position). A failed Append leaves the cache unchanged.
@@ -46,6 +48,9 @@ type KVCache interface {
 	Len() int
 	// Kept is the number of positions currently held in memory.
 	Kept() int
+	// Free returns every block to the pool. The cache holds nothing afterwards: Append and Attention on
+	// it fail. Freeing twice is harmless.
+	Free()
 }
 
 // Routing is the expert choice for a batch of tokens: for each token, TopK experts and their scores. It
@@ -108,9 +113,13 @@ type Ops interface {
 	// interleaved layout of spec §2.3a) the angle is pos[t]·invFreq[i] (len D/2), computed in float32.
 	RoPE(x Tensor, pos []int, invFreq []float32) (Tensor, error)
 
-	// NewKVCache makes an empty cache for one layer of one sequence: kvHeads heads of headDim, room
-	// for capacity positions (the largest position + 1 it will see), dropping what window hides.
-	NewKVCache(kvHeads, headDim, capacity int, window Window) (KVCache, error)
+	// NewBlockPool makes a pool of KV blocks of blockSize positions for caches of kvHeads heads of
+	// headDim: blocks of them, allocated now, or (blocks == 0) a pool that grows as caches need blocks.
+	NewBlockPool(kvHeads, headDim, blockSize, blocks int) (BlockPool, error)
+	// NewKVCache makes an empty cache for one layer of one sequence in pool's blocks: room for capacity
+	// positions (the largest position + 1 it will see), dropping what window hides. It takes no block
+	// until its first Append.
+	NewKVCache(pool BlockPool, capacity int, window Window) (KVCache, error)
 	// Attention computes, for q [T, heads, D] at positions pos (len T), softmax(q·kᵀ·scale)·v over the
 	// cached keys each query may see under window, with grouped heads: query head h reads kv head
 	// h / (heads / kvHeads). Returns [T, heads, D]. The cache must already hold the queries' own positions.

@@ -142,6 +142,10 @@ type Config struct {
 	// prompts are fed in pieces that fit what is left. It must be at least MaxBatch. Zero means
 	// DefaultTokenBudget.
 	TokenBudget int `json:"token-budget"`
+	// PrefillChunk caps the prompt piece one sequence is fed in one step (chunked prefill): a long prompt
+	// runs over several steps, each also decoding every other sequence of the batch, so it does not stall
+	// them for one long step. Zero means no cap beyond the token budget.
+	PrefillChunk int `json:"prefill-chunk"`
 	// LeaderTTL is the lease of the leader election key (whole seconds; etcd's minimum applies). Zero
 	// means DefaultLeaderTTL.
 	LeaderTTL time.Duration `json:"leader-ttl"`
@@ -202,6 +206,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: config: max batch %d, want >= 1", ErrInvalidConfig, c.MaxBatch)
 	case c.TokenBudget < 0:
 		return fmt.Errorf("%w: config: token budget %d, want >= 1", ErrInvalidConfig, c.TokenBudget)
+	case c.PrefillChunk < 0:
+		return fmt.Errorf("%w: config: prefill chunk %d, want >= 1 (0: the token budget)", ErrInvalidConfig, c.PrefillChunk)
 	case c.ExpertsEvery < 0 || c.ExpertsImbalance < 0 || (c.ExpertsImbalance > 0 && c.ExpertsImbalance < 1):
 		return fmt.Errorf("%w: experts every %v, imbalance %g: want durations >= 0 and an imbalance of 0 (default) or >= 1", ErrInvalidConfig, c.ExpertsEvery, c.ExpertsImbalance)
 	case c.LoadBandwidth < 0:
@@ -342,6 +348,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.IntVar(&c.MaxQueue, "max-queue", c.MaxQueue, "requests that may wait for a place in a batch; more are refused (0: 256)")
 	fs.IntVar(&c.MaxBatch, "max-batch", c.MaxBatch, "sequences per step of a group (0: 32)")
 	fs.IntVar(&c.TokenBudget, "token-budget", c.TokenBudget, "tokens per step of a group: decodes plus prompt pieces (0: 512)")
+	fs.IntVar(&c.PrefillChunk, "prefill-chunk", c.PrefillChunk, "most prompt tokens of one sequence per step (chunked prefill, interleaved with decodes; 0: the token budget)")
 	fs.DurationVar(&c.LeaderTTL, "leader-ttl", c.LeaderTTL, "lease of the leader election; a standby takes over this long after the leader dies, sooner when gossip declares it dead (0: 5s)")
 	fs.DurationVar(&c.Settle, "settle", c.Settle, "how long the member list must stay unchanged before a new plan (0: 250ms)")
 	fs.DurationVar(&c.ExpertsEvery, "experts-every", c.ExpertsEvery, "under the ep plan, look at the expert load this often and rebalance the experts when a rank is too busy (0: never)")

@@ -34,7 +34,8 @@
 //   - Scheduling: one step loop per group keeps a Step stream to each rank and sends every rank the same
 //     StepRequests in the same order (continuous batching): new requests join at step boundaries within
 //     Config.MaxBatch sequences and Config.TokenBudget tokens per step (a decode takes one token, a
-//     prompt is fed in pieces of what is left); rank 0 returns each sampled token, which is streamed to
+//     prompt is fed in pieces of what is left, at most Config.PrefillChunk tokens a step: chunked
+//     prefill, so a long prompt does not stall the decodes); rank 0 returns each sampled token, which is streamed to
 //     its client at once; finished and cancelled sequences are released at the next step.
 //   - Text: when the model directory has a tokenizer.json, New loads it (package tokenizer).
 //     Generate then takes a text prompt, encoded with BOS as HF's tokenizer(text) does, instead of

@@ -47,6 +47,8 @@ type groupConfig struct {
 	queue       *queue
 	maxBatch    int
 	tokenBudget int
+	// prefillChunk caps one sequence's prompt piece per step (0: none beyond the budget).
+	prefillChunk int
 	// A step must be answered within stepTimeout plus stepTokenTimeout per token it feeds.
 	stepTimeout      time.Duration
 	stepTokenTimeout time.Duration
@@ -266,8 +268,8 @@ func (b *batch) dropCancelled() {
 }
 
 // plan builds the work of the next step: a decode for every sequence that has one new token, prompt
-// pieces within what is left of the token budget, then new sequences from the queue while the batch has
-// room. It returns the work and the sequences that asked to sample.
+// pieces within what is left of the token budget (each at most prefillChunk tokens), then new sequences
+// from the queue while the batch has room. It returns the work and the sequences that asked to sample.
 func (b *batch) plan() ([]*pb.SequenceWork, []*sequence) {
 	budget := b.cfg.tokenBudget
 	var work []*pb.SequenceWork
@@ -307,9 +309,15 @@ func (b *batch) plan() ([]*pb.SequenceWork, []*sequence) {
 		imageBytes += n
 		return true
 	}
+	piece := func(left int) int {
+		if c := b.cfg.prefillChunk; c > 0 {
+			return min(left, budget, c)
+		}
+		return min(left, budget)
+	}
 	for _, s := range b.active {
 		if left := len(s.tokens) - s.fed; budget > 0 && (!s.started || left > 1) && fits(s) {
-			feed(s, min(left, budget))
+			feed(s, piece(left))
 		}
 	}
 	for budget > 0 && len(b.active) < b.cfg.maxBatch {
@@ -324,7 +332,7 @@ func (b *batch) plan() ([]*pb.SequenceWork, []*sequence) {
 		s := &sequence{id: b.cfg.seqIDs.Add(1), req: r, tokens: append(slices.Clone(r.prompt), r.gen...)}
 		b.active = append(b.active, s)
 		if fits(s) { // else it starts in a later step
-			feed(s, min(len(s.tokens), budget))
+			feed(s, piece(len(s.tokens)))
 		}
 	}
 	return work, sampled

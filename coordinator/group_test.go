@@ -20,6 +20,12 @@ import (
 // testGroup runs a group of the fake workers (rank order) in epoch 1 over q until the test ends.
 func testGroup(t *testing.T, q *queue, maxBatch, budget int, ws ...*fakeWorker) (failed *atomic.Int32) {
 	t.Helper()
+	return testGroupWith(t, q, maxBatch, budget, 0, ws...)
+}
+
+// testGroupWith is testGroup with a prefill chunk (0: none).
+func testGroupWith(t *testing.T, q *queue, maxBatch, budget, prefillChunk int, ws ...*fakeWorker) (failed *atomic.Int32) {
+	t.Helper()
 	g := cluster.Group{ID: 0}
 	for r, w := range ws {
 		w.serve(1, 0, r)
@@ -28,7 +34,7 @@ func testGroup(t *testing.T, q *queue, maxBatch, budget int, ws ...*fakeWorker) 
 	failed = new(atomic.Int32)
 	var seq atomic.Uint64
 	cfg := groupConfig{
-		epoch: 1, group: g, queue: q, maxBatch: maxBatch, tokenBudget: budget, seqIDs: &seq,
+		epoch: 1, group: g, queue: q, maxBatch: maxBatch, tokenBudget: budget, prefillChunk: prefillChunk, seqIDs: &seq,
 		stepTimeout: DefaultStepTimeout, stepTokenTimeout: DefaultStepTokenTimeout,
 		dial: workerDialer(nil), log: zap.NewNop(), onReady: func(bool) {}, onFailed: func() { failed.Add(1) },
 	}
@@ -342,4 +348,95 @@ func TestGroupReportsFailedEpoch(t *testing.T) {
 		t.Fatalf("request ended with %v, want ErrStepFailed", err)
 	}
 	eventually(t, "onFailed", func() bool { return failed.Load() > 0 })
+}
+
+// TestPrefillChunk: with a prefill chunk, a long prompt that joins a running batch is fed in pieces of at
+// most the chunk over several steps, and every one of those steps also decodes the running sequence: the
+// long prompt does not stall it (counted in steps). The outputs are those of a model that reads every id
+// in order (greedy over the whole sequence), as without chunking.
+func TestPrefillChunk(t *testing.T) {
+	const chunk = 8
+	w0, w1 := startFakeWorker(t, "w0"), startFakeWorker(t, "w1")
+	sum := func(ids []int32) int32 { // the next id depends on every id before it, in order
+		var h int32
+		for _, id := range ids {
+			h = (h*31 + id) % fakeVocab
+		}
+		return h
+	}
+	w0.setNext(sum)
+	g := gate(w0)
+	q := newQueue(16)
+	testGroupWith(t, q, 4, 64, chunk, w0, w1)
+
+	a := greedyRequest([]int32{10}, 12)
+	if err := q.push(a); err != nil {
+		t.Fatal(err)
+	}
+	s1 := g.next(t)
+	seqA := s1.GetSeqs()[0].GetSeqId()
+	long := make([]int32, 37) // 5 pieces of 8: 8, 8, 8, 8, 5
+	for i := range long {
+		long[i] = int32(100 + i)
+	}
+	b := greedyRequest(long, 3)
+	if err := q.push(b); err != nil {
+		t.Fatal(err)
+	}
+	g.release()
+	fed, prefillSteps := 0, 0
+	for fed < len(long) {
+		st := g.next(t)
+		ws := works(st)
+		if len(ws) != 2 || ws[0].seq != seqA || len(ws[0].ids) != 1 || !ws[0].sample {
+			t.Fatalf("step %d while b is prefilled = %+v, want a's decode first, then b's piece", st.GetStep(), ws)
+		}
+		piece := ws[1]
+		want := min(chunk, len(long)-fed)
+		if !slices.Equal(piece.ids, long[fed:fed+want]) || piece.start != (fed == 0) || piece.sample != (fed+want == len(long)) {
+			t.Fatalf("step %d: b's piece = %+v, want ids %v (start %v, sample %v)", st.GetStep(), piece, long[fed:fed+want], fed == 0, fed+want == len(long))
+		}
+		fed += want
+		prefillSteps++
+		g.release()
+	}
+	if prefillSteps != 5 {
+		t.Errorf("b's 37-token prompt took %d steps, want 5 pieces of at most %d", prefillSteps, chunk)
+	}
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer close(done)
+	wg.Go(func() { // the remaining steps run ungated
+		for {
+			select {
+			case <-g.seen:
+				select {
+				case g.proceed <- struct{}{}:
+				case <-done:
+					return
+				}
+			case <-done:
+				return
+			}
+		}
+	})
+	greedyOf := func(prompt []int32, n int) []int32 {
+		seq, out := slices.Clone(prompt), []int32(nil)
+		for range n {
+			id := sum(seq)
+			out, seq = append(out, id), append(seq, id)
+		}
+		return out
+	}
+	for _, tc := range []struct {
+		name string
+		r    *request
+		want []int32
+	}{{"a", a, greedyOf([]int32{10}, 12)}, {"b", b, greedyOf(long, 3)}} {
+		ids, finish, err := result(t, tc.r)
+		if !slices.Equal(ids, tc.want) || finish != FinishLength || err != nil {
+			t.Errorf("request %s = %v, %q, %v; want %v, length", tc.name, ids, finish, err, tc.want)
+		}
+	}
 }

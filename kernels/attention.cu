@@ -1,23 +1,41 @@
-// attention.cu: the KV cache append and attention over it.
+// attention.cu: the paged KV cache append and attention over it.
 //
-// The cache of one layer is two bf16 arrays [capacity, kvHeads, D] indexed by absolute position.
+// The cache of one layer is paged: blocks of bs positions, each [2][bs][kvHeads][D] bf16 (the keys of its
+// positions, then their values), anywhere in device memory, and a block table per cache: table[p / bs]
+// is the address of the block holding position p (int64). Keys of position p are at
+// table[p / bs] + (p % bs)·kvHeads·D, their values bs·kvHeads·D elements further (kv_key, kv_val).
 
 // KV_ROW is the number of int64 words per row in the rows arrays kv_append and attention_split read
-// (kvRow in attention.go): [0] the cache's key array, [1] its value array, [2] its first kept position,
-// [3] the row's position. Reading them from device memory lets one launch serve rows of several
-// sequences, and keeps the launches the same from step to step, so a recorded decode step (a CUDA graph)
-// replays for any sequences and positions.
-#define KV_ROW 4
+// (kvRow in attention.go): [0] the cache's block table, [1] its block size, [2] its first kept position,
+// [3] the row's position, [4] the block that holds that position (kv_append writes it into the table).
+// Reading them from device memory lets one launch serve rows of several sequences, and keeps the
+// launches the same from step to step, so a recorded decode step (a CUDA graph) replays for any
+// sequences, positions and blocks.
+#define KV_ROW 5
+
+// kv_key returns the key row of position j (stride = kvHeads·D elements) through the block table.
+__device__ __forceinline__ const bf16_t* kv_key(const long long* table, int bs, int j, long long stride) {
+	return (const bf16_t*)table[j / bs] + (long long)(j % bs) * stride;
+}
+
+// kv_val returns the value row of position j.
+__device__ __forceinline__ const bf16_t* kv_val(const long long* table, int bs, int j, long long stride) {
+	return kv_key(table, bs, j, stride) + (long long)bs * stride;
+}
 
 // kv_append converts n = T·stride elements of k and v (T rows of stride = kvHeads·D) into the caches:
-// row t goes to position rows[t] of its own cache.
+// row t goes to position rows[t] of its own cache, in the block rows[t] names, and the block's address
+// goes into the cache's table (the same value from every row of the block).
 extern "C" __global__ void kv_append(const void* k, int kdt, const void* v, int vdt, const long long* rows, long long stride, long long n) {
 	for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
 		long long t = i / stride, j = i - t * stride;
 		const long long* r = rows + KV_ROW * t;
-		long long dst = r[3] * stride + j;
-		((bf16_t*)r[0])[dst] = f32_to_bf16(ld(k, kdt, i));
-		((bf16_t*)r[1])[dst] = f32_to_bf16(ld(v, vdt, i));
+		long long bs = r[1], p = r[3];
+		bf16_t* blk = (bf16_t*)r[4];
+		long long dst = (p % bs) * stride + j;
+		blk[dst] = f32_to_bf16(ld(k, kdt, i));
+		blk[bs * stride + dst] = f32_to_bf16(ld(v, vdt, i));
+		if (j == 0) ((long long*)r[0])[p / bs] = r[4];
 	}
 }
 
@@ -26,12 +44,12 @@ extern "C" __global__ void kv_append(const void* k, int kdt, const void* v, int 
 #define ATT_PER_LANE (ATT_MAXD / 32)
 
 // attention computes, for query t (at position pos[t]) and head h (block (t, h)), softmax(q·kᵀ·scale)·v
-// over the cached keys j in [from, pos[t]], where from is the start of pos[t]'s chunk (chunk > 0) or 0,
+// over the cached keys j in [from, pos[t]] (through the block table of bs positions a block), where from is the start of pos[t]'s chunk (chunk > 0) or 0,
 // but not below first_kept. Query head h reads kv head h / (heads / kv_heads). Each of the block's 4
 // warps runs an online softmax (float32) over every 4th key; the warps' partial results are merged at
 // the end. D <= ATT_MAXD.
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
-attention(const void* q, int qdt, const bf16_t* kc, const bf16_t* vc, const int* pos, void* out, int odt,
+attention(const void* q, int qdt, const long long* table, int bs, const int* pos, void* out, int odt,
 	int heads, int kv_heads, int D, int chunk, int first_kept, float scale) {
 	__shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS];
 	__shared__ float sm_acc[ATT_WARPS][ATT_MAXD];
@@ -52,8 +70,8 @@ attention(const void* q, int qdt, const bf16_t* kc, const bf16_t* vc, const int*
 	float m = NEG_INF, l = 0.0f;
 	long long stride = (long long)kv_heads * D;
 	for (int j = from + warp; j <= p; j += ATT_WARPS) {
-		const bf16_t* kr = kc + j * stride + (long long)kvh * D;
-		const bf16_t* vr = vc + j * stride + (long long)kvh * D;
+		const bf16_t* kr = kv_key(table, bs, j, stride) + (long long)kvh * D;
+		const bf16_t* vr = kv_val(table, bs, j, stride) + (long long)kvh * D;
 		float s = 0.0f;
 #pragma unroll
 		for (int i = 0; i < ATT_PER_LANE; i++) {
@@ -117,11 +135,11 @@ attention(const void* q, int qdt, const bf16_t* kc, const bf16_t* vc, const int*
 // att_load_kv loads lane's bf16 pairs (elements 64i + 2·lane, +1) of key j's K and V rows of one kv head
 // (offset head_off) when j <= hi and the pair is inside D; the others are left as they are.
 template <int PAIRS>
-__device__ __forceinline__ void att_load_kv(const bf16_t* kc, const bf16_t* vc, int j, int hi, long long stride,
+__device__ __forceinline__ void att_load_kv(const long long* table, int bs, int j, int hi, long long stride,
 	long long head_off, int D, int lane, unsigned int* kw, unsigned int* vw) {
 	if (j > hi) return;
-	const bf16_t* kr = kc + j * stride + head_off;
-	const bf16_t* vr = vc + j * stride + head_off;
+	const bf16_t* kr = kv_key(table, bs, j, stride) + head_off;
+	const bf16_t* vr = kv_val(table, bs, j, stride) + head_off;
 #pragma unroll
 	for (int i = 0; i < PAIRS; i++) {
 		int d = 64 * i + 2 * lane;
@@ -140,8 +158,8 @@ __device__ __forceinline__ void attention_split_body(const void* q, int qdt, con
 	int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 	int G = heads / kv_heads;
 	const long long* r = rows + KV_ROW * t;
-	const bf16_t* kc = (const bf16_t*)r[0];
-	const bf16_t* vc = (const bf16_t*)r[1];
+	const long long* table = (const long long*)r[0];
+	int bs = (int)r[1];
 	int first_kept = (int)r[2];
 	int p = (int)r[3];
 	int from = chunk > 0 ? p - p % chunk : 0;
@@ -171,7 +189,7 @@ __device__ __forceinline__ void attention_split_body(const void* q, int qdt, con
 	unsigned int kn[PAIRS], vn[PAIRS];
 #pragma unroll
 	for (int i = 0; i < PAIRS; i++) kn[i] = vn[i] = 0;
-	att_load_kv<PAIRS>(kc, vc, lo + warp, hi, stride, (long long)kvh * D, D, lane, kn, vn);
+	att_load_kv<PAIRS>(table, bs, lo + warp, hi, stride, (long long)kvh * D, D, lane, kn, vn);
 	for (int j = lo + warp; j <= hi; j += WARPS) {
 		unsigned int kcur[PAIRS], vcur[PAIRS];
 #pragma unroll
@@ -179,7 +197,7 @@ __device__ __forceinline__ void attention_split_body(const void* q, int qdt, con
 			kcur[i] = kn[i];
 			vcur[i] = vn[i];
 		}
-		att_load_kv<PAIRS>(kc, vc, j + WARPS, hi, stride, (long long)kvh * D, D, lane, kn, vn);
+		att_load_kv<PAIRS>(table, bs, j + WARPS, hi, stride, (long long)kvh * D, D, lane, kn, vn);
 		float kf[PAIRS][2], vf[PAIRS][2];
 #pragma unroll
 		for (int i = 0; i < PAIRS; i++) {

@@ -80,11 +80,12 @@ __device__ __forceinline__ int fa_wmax(int v) {
 	return v;
 }
 
-// fa_load_tile copies keys [k0, k0 + FA_BN) of kv head kvh from cache (rows of kv_heads·D bf16) into
-// the shared tile dst (rows of D + FA_PAD), by cp.async; keys above kmax are zero-filled instead (they
-// may lie past the cache's memory, and masked scores still multiply V: its rows must be finite).
+// fa_load_tile copies keys [k0, k0 + FA_BN) of kv head kvh from the paged cache (block table of bs
+// positions a block, see attention.cu; half 0 the keys, half 1 the values) into the shared tile dst (rows
+// of D + FA_PAD), by cp.async; keys above kmax are zero-filled instead (their blocks may not exist, and
+// masked scores still multiply V: its rows must be finite).
 template <int D>
-__device__ __forceinline__ void fa_load_tile(bf16_t* dst, const bf16_t* cache, int k0, int kmax, int kv_heads, int kvh) {
+__device__ __forceinline__ void fa_load_tile(bf16_t* dst, const long long* table, int bs, int half, int k0, int kmax, int kv_heads, int kvh) {
 	const int CH = D / 8; // 16-byte chunks per row
 #pragma unroll
 	for (int i = 0; i < FA_BN * CH / (FA_WARPS * 32); i++) {
@@ -92,13 +93,17 @@ __device__ __forceinline__ void fa_load_tile(bf16_t* dst, const bf16_t* cache, i
 		int r = x / CH, c = x % CH;
 		unsigned s = fa_smem(dst + r * (D + FA_PAD) + c * 8);
 		int key = k0 + r;
-		if (key <= kmax) fa_cp16(s, cache + ((long long)key * kv_heads + kvh) * D + c * 8);
+		if (key <= kmax) {
+			long long stride = (long long)kv_heads * D;
+			const bf16_t* row = (const bf16_t*)table[key / bs] + ((long long)(key % bs) + (long long)half * bs) * stride;
+			fa_cp16(s, row + (long long)kvh * D + c * 8);
+		}
 		else fa_zero16(s);
 	}
 }
 
 template <int D>
-__device__ __forceinline__ void fa_body(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const int* pos,
+__device__ __forceinline__ void fa_body(const bf16_t* q, const long long* table, int bs, const int* pos,
 	void* out, int odt, int T, int heads, int kv_heads, int chunk, int first_kept, float scale,
 	bf16_t* sk, bf16_t* sv, int* sred) {
 	const int KS = D / 16; // k-steps of Q·Kᵀ
@@ -172,12 +177,12 @@ __device__ __forceinline__ void fa_body(const bf16_t* q, const bf16_t* kc, const
 	int voff = ((lane & 7) + (((lane >> 3) & 1) << 3)) * RB + (lane >> 4) * 16;
 	unsigned skb = fa_smem(sk), svb = fa_smem(sv);
 
-	fa_load_tile<D>(sk, kc, kmin, kmax, kv_heads, kvh);
+	fa_load_tile<D>(sk, table, bs, 0, kmin, kmax, kv_heads, kvh);
 	fa_commit();
 	for (int k0 = kmin; k0 <= kmax; k0 += FA_BN) {
 		fa_wait_all();
 		__syncthreads(); // K(k0) visible to all; every warp is done with the previous V
-		fa_load_tile<D>(sv, vc, k0, kmax, kv_heads, kvh);
+		fa_load_tile<D>(sv, table, bs, 1, k0, kmax, kv_heads, kvh);
 		fa_commit();
 		bool active = k0 <= whi && k0 + FA_BN - 1 >= wlo; // some row of this warp sees a key of the tile
 		float s[FA_BN / 8][4];
@@ -238,7 +243,7 @@ __device__ __forceinline__ void fa_body(const bf16_t* q, const bf16_t* kc, const
 		fa_wait_all();
 		__syncthreads(); // V(k0) visible to all; every warp is done with K(k0)
 		if (k0 + FA_BN <= kmax) {
-			fa_load_tile<D>(sk, kc, k0 + FA_BN, kmax, kv_heads, kvh);
+			fa_load_tile<D>(sk, table, bs, 0, k0 + FA_BN, kmax, kv_heads, kvh);
 			fa_commit();
 		}
 		if (active) {
@@ -282,11 +287,11 @@ __device__ __forceinline__ void fa_body(const bf16_t* q, const bf16_t* kc, const
 // 128, by tensor cores. Grid (ceil(T / 64), heads), block 128 threads, static shared memory only
 // (2·64·(128+8)·2 bytes for K and V tiles). heads is a multiple of kv_heads.
 extern "C" __global__ void __launch_bounds__(FA_WARPS * 32)
-attention_flash(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const int* pos, void* out, int odt,
+attention_flash(const bf16_t* q, const long long* table, int bs, const int* pos, void* out, int odt,
 	int T, int heads, int kv_heads, int D, int chunk, int first_kept, float scale) {
 	__shared__ __attribute__((aligned(16))) bf16_t sk[FA_BN * (FA_MAXD + FA_PAD)];
 	__shared__ __attribute__((aligned(16))) bf16_t sv[FA_BN * (FA_MAXD + FA_PAD)];
 	__shared__ int sred[2 * FA_WARPS];
-	if (D == 128) fa_body<128>(q, kc, vc, pos, out, odt, T, heads, kv_heads, chunk, first_kept, scale, sk, sv, sred);
-	else fa_body<64>(q, kc, vc, pos, out, odt, T, heads, kv_heads, chunk, first_kept, scale, sk, sv, sred);
+	if (D == 128) fa_body<128>(q, table, bs, pos, out, odt, T, heads, kv_heads, chunk, first_kept, scale, sk, sv, sred);
+	else fa_body<64>(q, table, bs, pos, out, odt, T, heads, kv_heads, chunk, first_kept, scale, sk, sv, sred);
 }

@@ -263,6 +263,62 @@ extern "C" __global__ void moe_plan(const int* experts, int n, int first, int E,
 #define EG_COLS 256  // columns per block: 32 lanes × 8
 #define EG_KTILE 1024 // the most K rows one block (one split) covers
 
+// eg_stage_rows puts K columns [k0, k0+kn) of the ng input rows r, r+1, ... of an expert GEMV into
+// xs as float: row r is x[perm[r] / topk] · scores[perm[r]] (mode 0: gate_up, the router's score
+// scales the input as in Llama 4) or x[r] (mode 1: down). Shared by the bf16 and quantised kernels.
+template <int NS>
+__device__ __forceinline__ void eg_stage_rows(float (&xs)[NS][EG_KTILE], const void* __restrict__ x, int xdt, int mode,
+	const int* __restrict__ perm, const float* __restrict__ scores, int topk, int K, int k0, int kn, int r, int ng) {
+	for (int i = threadIdx.x; i < ng * kn; i += blockDim.x) {
+		int j = i / kn, kk = i - j * kn;
+		float v;
+		if (mode == 0) {
+			int sl = perm[r + j];
+			v = ld(x, xdt, (long long)(sl / topk) * K + k0 + kk) * scores[sl];
+		} else {
+			v = ld(x, xdt, (long long)(r + j) * K + k0 + kk);
+		}
+		xs[j][kk] = v;
+	}
+}
+
+// eg_fma adds input value xs[j][kx] times one lane's 8 weight columns wf to acc[j], for the ng rows.
+template <int NS>
+__device__ __forceinline__ void eg_fma(float (&acc)[NS][8], const float (&xs)[NS][EG_KTILE], int kx, int ng, const float (&wf)[8]) {
+#pragma unroll
+	for (int j = 0; j < NS; j++) {
+		if (j < ng) {
+			float xv = xs[j][kx];
+#pragma unroll
+			for (int i = 0; i < 8; i++) acc[j][i] += xv * wf[i];
+		}
+	}
+}
+
+// eg_store_rows adds the warps' partial sums acc (each lane 8 columns of its warp's K rows) in a fixed
+// order through shared memory and writes row j's 256 columns of the block to out[j·N + col].
+template <int NS>
+__device__ __forceinline__ void eg_store_rows(const float (&acc)[NS][8], float (&red)[EG_WARPS][EG_COLS], int ng, int N,
+	float* __restrict__ out) {
+	int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+	for (int j = 0; j < NS; j++) {
+		if (j < ng) { // uniform over the block
+			__syncthreads(); // red is free
+#pragma unroll
+			for (int i = 0; i < 8; i++) red[warp][lane * 8 + i] = acc[j][i];
+			__syncthreads();
+			int col = blockIdx.x * EG_COLS + threadIdx.x;
+			if (col < N) {
+				float s = 0.0f;
+#pragma unroll
+				for (int v = 0; v < EG_WARPS; v++) s += red[v][threadIdx.x];
+				out[(long long)j * N + col] = s;
+			}
+		}
+	}
+}
+
 // expert_gemv_rows is the split-K GEMV of the routed experts for a few rows each. Block (x, y, z) takes
 // the z-th active expert e (blocks past meta[0] return), columns [256x, 256x+256) and K rows
 // [y·ksplit, (y+1)·ksplit) of W_e = w + e·K·N (input-major [K, N], bf16), and writes
@@ -291,18 +347,7 @@ __device__ __forceinline__ void expert_gemv_rows(const void* __restrict__ x, int
 	for (int g = 0; g < nr; g += NS) {
 		int ng = imin(NS, nr - g);
 		__syncthreads(); // the previous group is done with xs
-		for (int i = threadIdx.x; i < ng * kn; i += blockDim.x) {
-			int j = i / kn, kk = i - j * kn;
-			int r = r0 + g + j;
-			float v;
-			if (mode == 0) {
-				int sl = perm[r];
-				v = ld(x, xdt, (long long)(sl / topk) * K + k0 + kk) * scores[sl];
-			} else {
-				v = ld(x, xdt, (long long)r * K + k0 + kk);
-			}
-			xs[j][kk] = v;
-		}
+		eg_stage_rows<NS>(xs, x, xdt, mode, perm, scores, topk, K, k0, kn, r0 + g, ng);
 		__syncthreads();
 		float acc[NS][8];
 #pragma unroll
@@ -321,45 +366,16 @@ __device__ __forceinline__ void expert_gemv_rows(const void* __restrict__ x, int
 				for (int u = 0; u < 8; u++) {
 					float wf[8];
 					bf16x8(wv[u], wf);
-#pragma unroll
-					for (int j = 0; j < NS; j++) {
-						if (j < ng) {
-							float xv = xs[j][kk + u * EG_WARPS - k0];
-#pragma unroll
-							for (int i = 0; i < 8; i++) acc[j][i] += xv * wf[i];
-						}
-					}
+					eg_fma<NS>(acc, xs, kk + u * EG_WARPS - k0, ng, wf);
 				}
 			}
 			for (; kk < k1; kk += EG_WARPS) {
 				float wf[8];
 				bf16x8(*(const u32x4*)(we + (long long)kk * N), wf);
-#pragma unroll
-				for (int j = 0; j < NS; j++) {
-					if (j < ng) {
-						float xv = xs[j][kk - k0];
-#pragma unroll
-						for (int i = 0; i < 8; i++) acc[j][i] += xv * wf[i];
-					}
-				}
+				eg_fma<NS>(acc, xs, kk - k0, ng, wf);
 			}
 		}
-#pragma unroll
-		for (int j = 0; j < NS; j++) {
-			if (j < ng) { // uniform over the block
-				__syncthreads(); // red is free
-#pragma unroll
-				for (int i = 0; i < 8; i++) red[warp][lane * 8 + i] = acc[j][i];
-				__syncthreads();
-				int col = blockIdx.x * EG_COLS + threadIdx.x;
-				if (col < N) {
-					float s = 0.0f;
-#pragma unroll
-					for (int v = 0; v < EG_WARPS; v++) s += red[v][threadIdx.x];
-					P[((long long)split * R + r0 + g + j) * N + col] = s;
-				}
-			}
-		}
+		eg_store_rows<NS>(acc, red, ng, N, P + ((long long)split * R + r0 + g) * N);
 	}
 }
 

@@ -368,18 +368,7 @@ __device__ __forceinline__ void qexpert_gemv_rows(const void* __restrict__ x, in
 	for (int g = 0; g < nr; g += NS) {
 		int ng = imin(NS, nr - g);
 		__syncthreads(); // the previous group is done with xs
-		for (int i = threadIdx.x; i < ng * kn; i += blockDim.x) {
-			int j = i / kn, kk = i - j * kn;
-			int r = r0 + g + j;
-			float v;
-			if (mode == 0) {
-				int sl = perm[r];
-				v = ld(x, xdt, (long long)(sl / topk) * K + k0 + kk) * scores[sl];
-			} else {
-				v = ld(x, xdt, (long long)r * K + k0 + kk);
-			}
-			xs[j][kk] = v;
-		}
+		eg_stage_rows<NS>(xs, x, xdt, mode, perm, scores, topk, K, k0, kn, r0 + g, ng);
 		__syncthreads();
 		float acc[NS][8];
 #pragma unroll
@@ -392,32 +381,10 @@ __device__ __forceinline__ void qexpert_gemv_rows(const void* __restrict__ x, in
 			for (int kk = k0 + warp; kk < k1; kk += EG_WARPS) {
 				float wf[8];
 				qexpert_w8(w, scales, fmt, gs, G, e, K, N, kk, c8 * 8, wf);
-#pragma unroll
-				for (int j = 0; j < NS; j++) {
-					if (j < ng) {
-						float xv = xs[j][kk - k0];
-#pragma unroll
-						for (int i = 0; i < 8; i++) acc[j][i] += xv * wf[i];
-					}
-				}
+				eg_fma<NS>(acc, xs, kk - k0, ng, wf);
 			}
 		}
-#pragma unroll
-		for (int j = 0; j < NS; j++) {
-			if (j < ng) { // uniform over the block
-				__syncthreads(); // red is free
-#pragma unroll
-				for (int i = 0; i < 8; i++) red[warp][lane * 8 + i] = acc[j][i];
-				__syncthreads();
-				int col = blockIdx.x * EG_COLS + threadIdx.x;
-				if (col < N) {
-					float s = 0.0f;
-#pragma unroll
-					for (int v = 0; v < EG_WARPS; v++) s += red[v][threadIdx.x];
-					P[((long long)split * R + r0 + g + j) * N + col] = s;
-				}
-			}
-		}
+		eg_store_rows<NS>(acc, red, ng, N, P + ((long long)split * R + r0 + g) * N);
 	}
 }
 

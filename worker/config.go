@@ -18,6 +18,7 @@ import (
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/comm"
 	"github.com/tpfleet/tpfleet/internal/security"
+	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/quant"
 )
 
@@ -92,6 +93,10 @@ type Config struct {
 	// LOCAL_RANK): with a device backend ("cuda") the device the worker opens (as CUDA numbers them, after
 	// CUDA_VISIBLE_DEVICES); for the CPU it is informational. It is registered with the member.
 	DeviceIndex int `json:"device-index"`
+	// BlockSize is the number of positions of one KV cache block (the paged cache's unit: sequences take
+	// blocks from the model's pool as they grow, chunked-attention layers give back the blocks of past
+	// chunks). Zero means model.DefaultKVBlockSize.
+	BlockSize int `json:"block-size"`
 	// Threads is the number of goroutines of the CPU backend's matrix products (unused by device backends).
 	// Zero means GOMAXPROCS. Several workers on one host should share the cores: Threads = cores /
 	// workers.
@@ -198,6 +203,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.Device, "device", c.Device, "the backend to run on: "+strings.Join(backend.Names(), " or ")+" (cpu: TCP ring collectives; a GPU backend: one GPU, NCCL collectives)")
 	fs.IntVar(&c.DeviceIndex, "device-index", c.DeviceIndex, "device ordinal on this host: the GPU with --device cuda (default: torchrun's LOCAL_RANK, else 0)")
 	fs.IntVar(&c.DeviceIndex, "gpu", c.DeviceIndex, "same as --device-index")
+	fs.IntVar(&c.BlockSize, "block-size", c.BlockSize, fmt.Sprintf("positions per KV cache block (0: %d)", model.DefaultKVBlockSize))
 	fs.IntVar(&c.Threads, "threads", c.Threads, "CPU threads for matrix products (0: all cores)")
 	fs.StringVar(&c.RingHost, "ring-host", c.RingHost, "host the TCP ring listener binds; must be reachable from the group's peers")
 	fs.DurationVar(&c.LeaseTTL, "lease-ttl", c.LeaseTTL, "TTL of the member's etcd lease")
@@ -230,6 +236,11 @@ func (c Config) Validate() error {
 		}
 		if _, _, err := net.SplitHostPort(a.addr); err != nil {
 			return bad("%s address %q: %v", a.name, a.addr, err)
+		}
+	}
+	if c.BlockSize != 0 {
+		if err := model.CheckKVBlockSize(c.BlockSize); err != nil {
+			return bad("%v", err)
 		}
 	}
 	if c.Device != "" {
@@ -385,3 +396,6 @@ func (c *Config) ApplyTorchrunEnv(getenv func(string) string, deviceIndexSet boo
 	}
 	return nil
 }
+
+// blockSize is the KV cache block size the worker's model uses.
+func (w *Worker) blockSize() int { return cmp.Or(w.cfg.BlockSize, model.DefaultKVBlockSize) }

@@ -118,7 +118,7 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 	// loaded, which take over the tensors they share with them (and with those Prepare staged).
 	w.runMu.Lock()
 	n := len(w.seqs)
-	clear(w.seqs)
+	w.clearSeqs()
 	prev, staged := w.wts, w.staged
 	w.staged = nil
 	if prev != nil {
@@ -179,6 +179,11 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 		w.mu.Unlock()
 	}
 	w.runMu.Lock()
+	if kp, ok := wts.model.(run.KVPool); ok {
+		if err := kp.SetKVBlocks(w.blockSize(), 0); err != nil {
+			lg.Warn("kv block pool", zap.Error(err))
+		}
+	}
 	w.wts = wts
 	if prev != nil {
 		// What the new weights did not take over is dropped now.

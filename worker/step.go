@@ -155,6 +155,7 @@ func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.S
 			if err != nil {
 				return nil, w.stepError(epoch, i, id, err)
 			}
+			w.dropSeq(id) // a start of a held id replaces it
 			s := &sequence{seq: seq, capacity: int(work.GetCapacity()), stream: stream, rev: req.GetLeaderRev(), images: encoded[i]}
 			if rank == 0 {
 				s.sampler = sample.New(samplingParams(work.GetSampling(), wts))
@@ -276,7 +277,7 @@ func (w *Worker) fence(rev int64) error {
 	n := 0
 	for id, s := range w.seqs {
 		if s.rev != 0 && s.rev < rev {
-			delete(w.seqs, id)
+			w.dropSeq(id)
 			n++
 		}
 	}
@@ -302,7 +303,7 @@ func (w *Worker) releaseStream(stream uint64) int {
 	n := 0
 	for id, s := range w.seqs {
 		if s.stream == stream {
-			delete(w.seqs, id)
+			w.dropSeq(id)
 			n++
 		}
 	}
@@ -316,12 +317,42 @@ func (w *Worker) releaseStream(stream uint64) int {
 // release drops the named sequences; unknown ids are ignored.
 func (w *Worker) release(ids []uint64) {
 	for _, id := range ids {
-		delete(w.seqs, id)
+		w.dropSeq(id)
 	}
 	w.metrics.kv(w.seqs)
 	w.mu.Lock()
 	w.nseqs = len(w.seqs)
 	w.mu.Unlock()
+}
+
+// dropSeq forgets sequence id (unknown ids are ignored) and returns its KV cache blocks to the model's
+// pool. runMu is held.
+func (w *Worker) dropSeq(id uint64) {
+	if s, ok := w.seqs[id]; ok {
+		s.seq.Free()
+		delete(w.seqs, id)
+	}
+}
+
+// clearSeqs drops every sequence (a new epoch, closing). runMu is held.
+func (w *Worker) clearSeqs() {
+	for id := range w.seqs {
+		w.dropSeq(id)
+	}
+}
+
+// KVBlocks reports the KV cache blocks the loaded model's sequences hold, the blocks its pool has and
+// their size in positions (all 0 with no model loaded, or a model without a block pool).
+func (w *Worker) KVBlocks() (used, total, blockSize int) {
+	w.runMu.Lock()
+	defer w.runMu.Unlock()
+	if w.wts == nil {
+		return 0, 0, 0
+	}
+	if p, ok := w.wts.model.(run.KVPool); ok {
+		return p.KVUsage()
+	}
+	return 0, 0, 0
 }
 
 // samplingParams are the parameters of a sequence's sampler: sp, or the checkpoint's

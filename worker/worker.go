@@ -570,7 +570,7 @@ func (w *Worker) Close() error {
 		w.closeSeed()
 		w.runMu.Lock()
 		w.wts, w.staged = nil, nil
-		clear(w.seqs)
+		w.clearSeqs()
 		if c, ok := w.ops.(io.Closer); ok {
 			if err := c.Close(); err != nil {
 				w.lg.Warn("close the device", zap.Error(err))

@@ -49,10 +49,21 @@ func TestGenerateTP2(t *testing.T) {
 			t.Errorf("TP=2 greedy ids = %s, want %s", fmtIDs(got), fmtIDs(gold.Greedy))
 		}
 		g.run(&tpfleetv1.SequenceWork{SeqId: 2, Ids: gold.Prompt[:1], Start: true, Capacity: 4}) // no sample: no result
+		for i, w := range []*worker.Worker{w0, w1} {
+			// Sequence 1 holds its prompt and greedy ids, 2 one position: every layer holds blocks.
+			if used, total, size := w.KVBlocks(); used == 0 || total < used || size != 16 {
+				t.Errorf("rank %d: KV blocks before release = %d of %d of %d positions, want some of 16", i, used, total, size)
+			}
+		}
 		g.send(&tpfleetv1.StepRequest{Release: []uint64{1, 2}})
 		for i, c := range []tpfleetv1.WorkerClient{c0, c1} {
 			if n := statusOf(t, c).GetSequences(); n != 0 {
 				t.Errorf("rank %d: sequences after release = %d, want 0", i, n)
+			}
+		}
+		for i, w := range []*worker.Worker{w0, w1} {
+			if used, _, _ := w.KVBlocks(); used != 0 {
+				t.Errorf("rank %d: KV blocks in use after release = %d, want 0", i, used)
 			}
 		}
 	})
@@ -198,6 +209,13 @@ func TestGenerateTP2(t *testing.T) {
 			})
 		}
 		g.run(next(30, 1)) // the first stream's sequence is still there
+		g.send(&tpfleetv1.StepRequest{Release: []uint64{30}})
+		for i, w := range []*worker.Worker{w0, w1} {
+			// Sequence 31 went with its stream, 30 with its release: their blocks are back.
+			if used, _, _ := w.KVBlocks(); used != 0 {
+				t.Errorf("rank %d: KV blocks in use after the stream ended and the release = %d, want 0", i, used)
+			}
+		}
 	})
 
 	t.Run("status and health", func(t *testing.T) {

@@ -56,6 +56,7 @@ func Run(t *testing.T, ops backend.Ops, tol Tolerance) {
 		{"KVCache", s.testKVCache},
 		{"Attention", s.testAttention},
 		{"AttentionAppends", s.testAttentionAppends},
+		{"BlockPool", s.testBlockPool},
 		{"Route", s.testRoute},
 		{"Experts", s.testExperts},
 		{"ExpertsSplit", s.testExpertsSplit},
@@ -69,8 +70,9 @@ func Run(t *testing.T, ops backend.Ops, tol Tolerance) {
 }
 
 type suite struct {
-	ops backend.Ops
-	tol Tolerance
+	ops       backend.Ops
+	tol       Tolerance
+	blockSize int // of the pools newCache makes (0: 4)
 }
 
 // rng returns a generator seeded from the test's name, so each subtest has its own reproducible inputs.
@@ -638,6 +640,21 @@ func (s *suite) appendKV(t *testing.T, r *rand.Rand, c backend.KVCache, d *kvDat
 	}
 }
 
+// newCache makes a cache of capacity positions under w in a growing pool of blocks of s.blockSize
+// positions (4 unless a test sets it: several blocks even in small tests).
+func (s *suite) newCache(t *testing.T, kvHeads, D, capacity int, w backend.Window) (backend.KVCache, error) {
+	t.Helper()
+	bs := s.blockSize
+	if bs == 0 {
+		bs = 4
+	}
+	pool, err := s.ops.NewBlockPool(kvHeads, D, bs, 0)
+	if err != nil {
+		t.Fatalf("NewBlockPool(%d, %d, block size %d) error: %v", kvHeads, D, bs, err)
+	}
+	return s.ops.NewKVCache(pool, capacity, w)
+}
+
 func span(from, to int) []int {
 	p := make([]int, 0, to-from)
 	for i := from; i < to; i++ {
@@ -652,13 +669,17 @@ func (s *suite) testKVCache(t *testing.T) {
 	for _, tc := range []struct{ kvHeads, D, capacity, chunk int }{
 		{0, 8, 16, 0}, {2, 0, 16, 0}, {2, 8, 0, 0}, {2, 8, 16, -1},
 	} {
-		wantShapeErr(t, fmt.Sprintf("NewKVCache(%d, %d, %d, chunk %d)", tc.kvHeads, tc.D, tc.capacity, tc.chunk), func() error {
-			_, err := s.ops.NewKVCache(tc.kvHeads, tc.D, tc.capacity, backend.Window{Chunk: tc.chunk})
+		wantShapeErr(t, fmt.Sprintf("NewBlockPool(%d, %d) + NewKVCache(%d, chunk %d)", tc.kvHeads, tc.D, tc.capacity, tc.chunk), func() error {
+			pool, err := s.ops.NewBlockPool(tc.kvHeads, tc.D, 4, 0)
+			if err != nil {
+				return err
+			}
+			_, err = s.ops.NewKVCache(pool, tc.capacity, backend.Window{Chunk: tc.chunk})
 			return err
 		})
 	}
 
-	c, err := s.ops.NewKVCache(kvHeads, D, 16, backend.Window{})
+	c, err := s.newCache(t, kvHeads, D, 16, backend.Window{})
 	if err != nil {
 		t.Fatalf("NewKVCache error: %v", err)
 	}
@@ -719,7 +740,7 @@ func (s *suite) testKVCache(t *testing.T) {
 
 	// A chunked cache keeps at most the chunk of the last position plus the positions just appended.
 	const chunk = 4
-	c, err = s.ops.NewKVCache(kvHeads, D, 64, backend.Window{Chunk: chunk})
+	c, err = s.newCache(t, kvHeads, D, 64, backend.Window{Chunk: chunk})
 	if err != nil {
 		t.Fatalf("NewKVCache(chunk 4) error: %v", err)
 	}
@@ -760,7 +781,7 @@ func (s *suite) testAttention(t *testing.T) {
 	} {
 		name := fmt.Sprintf("Attention(T %d, heads %d/%d, D %d, chunk %d, q×%v)", tc.T, tc.heads, tc.kvHeads, tc.D, tc.chunk, tc.qScale)
 		w := backend.Window{Chunk: tc.chunk}
-		c, err := s.ops.NewKVCache(tc.kvHeads, tc.D, 64, w)
+		c, err := s.newCache(t, tc.kvHeads, tc.D, 64, w)
 		if err != nil {
 			t.Fatalf("%s: NewKVCache error: %v", name, err)
 		}
@@ -779,7 +800,7 @@ func (s *suite) testAttention(t *testing.T) {
 			refAttention(qv, pos, d.keys, d.vals, tc.heads, tc.kvHeads, tc.D, tc.chunk, scale))
 	}
 
-	c, err := s.ops.NewKVCache(2, 16, 64, backend.Window{})
+	c, err := s.newCache(t, 2, 16, 64, backend.Window{})
 	if err != nil {
 		t.Fatalf("NewKVCache error: %v", err)
 	}
@@ -805,7 +826,7 @@ func (s *suite) testAttention(t *testing.T) {
 		_, err := s.ops.Attention(q, c, []int{5}, backend.Window{}, 1)
 		return err
 	})
-	empty, err := s.ops.NewKVCache(2, 16, 64, backend.Window{})
+	empty, err := s.newCache(t, 2, 16, 64, backend.Window{})
 	if err != nil {
 		t.Fatalf("NewKVCache error: %v", err)
 	}
@@ -821,7 +842,10 @@ func (s *suite) testAttentionAppends(t *testing.T) {
 	r := rng(t)
 	const heads, kvHeads, D, total = 4, 2, 16, 23
 	scale := float32(0.25)
-	for _, chunk := range []int{0, 4, 6} {
+	defer func() { s.blockSize = 0 }()
+	for _, tc := range []struct{ chunk, block int }{{0, 4}, {4, 4}, {6, 4}, {0, 1}, {6, 1}, {6, 5}, {4, 16}, {0, 16}} {
+		chunk := tc.chunk
+		s.blockSize = tc.block
 		w := backend.Window{Chunk: chunk}
 		kv := uniform(r, total*kvHeads*D, 1)
 		vv := uniform(r, total*kvHeads*D, 1)
@@ -833,7 +857,7 @@ func (s *suite) testAttentionAppends(t *testing.T) {
 		}
 		rows := func(v []float32, from, to, width int) []float32 { return v[from*width : to*width] }
 
-		one, err := s.ops.NewKVCache(kvHeads, D, total, w)
+		one, err := s.newCache(t, kvHeads, D, total, w)
 		if err != nil {
 			t.Fatalf("NewKVCache error: %v", err)
 		}
@@ -843,13 +867,13 @@ func (s *suite) testAttentionAppends(t *testing.T) {
 		}
 		y, err := s.ops.Attention(s.tensor(t, []int{total, heads, D}, qv), one, all, w, scale)
 		if err != nil {
-			t.Fatalf("Attention(one Append, chunk %d) error: %v", chunk, err)
+			t.Fatalf("Attention(one Append, chunk %d, block %d) error: %v", chunk, tc.block, err)
 		}
 		whole := s.read(t, "Attention(one Append)", y, total, heads, D)
 		s.close(t, fmt.Sprintf("Attention(one Append, chunk %d)", chunk), whole,
 			refAttention(qv, all, d.keys, d.vals, heads, kvHeads, D, chunk, scale))
 
-		many, err := s.ops.NewKVCache(kvHeads, D, total, w)
+		many, err := s.newCache(t, kvHeads, D, total, w)
 		if err != nil {
 			t.Fatalf("NewKVCache error: %v", err)
 		}
@@ -878,7 +902,7 @@ func (s *suite) testAttentionAppends(t *testing.T) {
 		for i, v := range whole {
 			want[i] = float64(v)
 		}
-		s.close(t, fmt.Sprintf("Attention(several Appends, chunk %d) vs one Append", chunk), pieces, want)
+		s.close(t, fmt.Sprintf("Attention(several Appends, chunk %d, block %d) vs one Append", chunk, tc.block), pieces, want)
 		if chunk > 0 && many.Kept() > chunk+1 {
 			t.Errorf("chunk %d: Kept after decode steps = %d, want <= %d", chunk, many.Kept(), chunk+1)
 		}
@@ -1104,6 +1128,7 @@ func (f foreignTensor) Shape() []int                             { return f.shap
 func (foreignCache) Append(k, v backend.Tensor, pos []int) error { return nil }
 func (foreignCache) Len() int                                    { return 1 }
 func (foreignCache) Kept() int                                   { return 1 }
+func (foreignCache) Free()                                       {}
 func (foreignRouting) TopK() int                                 { return 1 }
 
 // testForeign checks that values from elsewhere (and nil tensors) give errors, not panics.
@@ -1112,7 +1137,7 @@ func (s *suite) testForeign(t *testing.T) {
 	q := s.tensor(t, []int{1, 2, 4}, make([]float32, 8))
 	f := foreignTensor{shape: []int{2, 4}}
 	f3 := foreignTensor{shape: []int{1, 2, 4}}
-	c, err := s.ops.NewKVCache(1, 4, 8, backend.Window{})
+	c, err := s.newCache(t, 1, 4, 8, backend.Window{})
 	if err != nil {
 		t.Fatalf("NewKVCache error: %v", err)
 	}
@@ -1236,3 +1261,119 @@ func (s *suite) testQuantized(t *testing.T) {
 		}
 	}
 }
+
+// testBlockPool checks the paged cache's blocks: a fixed pool runs out with ErrNoBlocks and the cache
+// unchanged, chunked caches give back the blocks of past chunks (at most ceil(chunk/block)+1 between decode
+// steps), global caches keep all, Free returns everything, and a freed cache refuses work.
+func (s *suite) testBlockPool(t *testing.T) {
+	r := rng(t)
+	const kvHeads, D, heads = 2, 8, 4
+	for _, tc := range []struct{ kvHeads, D, block, blocks int }{{0, 8, 4, 0}, {2, 0, 4, 0}, {2, 8, 0, 0}, {2, 8, 4, -1}} {
+		wantShapeErr(t, fmt.Sprintf("NewBlockPool(%d, %d, block %d, blocks %d)", tc.kvHeads, tc.D, tc.block, tc.blocks), func() error {
+			_, err := s.ops.NewBlockPool(tc.kvHeads, tc.D, tc.block, tc.blocks)
+			return err
+		})
+	}
+	usage := func(name string, p backend.BlockPool, wantUsed, wantTotal int) {
+		t.Helper()
+		used, total := p.Usage()
+		if used != wantUsed || (wantTotal >= 0 && total != wantTotal) {
+			t.Errorf("%s: Usage = %d, %d, want %d, %d (-1: any)", name, used, total, wantUsed, wantTotal)
+		}
+	}
+
+	// A fixed pool of 5 blocks of 4: a global cache of 12 positions takes 3.
+	fixed, err := s.ops.NewBlockPool(kvHeads, D, 4, 5)
+	if err != nil {
+		t.Fatalf("NewBlockPool(fixed 5) error: %v", err)
+	}
+	if fixed.BlockSize() != 4 {
+		t.Errorf("BlockSize = %d, want 4", fixed.BlockSize())
+	}
+	usage("new fixed pool", fixed, 0, 5)
+	a, err := s.ops.NewKVCache(fixed, 64, backend.Window{})
+	if err != nil {
+		t.Fatalf("NewKVCache error: %v", err)
+	}
+	da := newKVData()
+	s.appendKV(t, r, a, da, span(0, 9), kvHeads, D)
+	usage("global cache of 9 positions", fixed, 3, 5)
+	b, err := s.ops.NewKVCache(fixed, 64, backend.Window{})
+	if err != nil {
+		t.Fatalf("NewKVCache error: %v", err)
+	}
+	zeros := func(T int) backend.Tensor { return s.tensor(t, []int{T, kvHeads, D}, make([]float32, T*kvHeads*D)) }
+	err = b.Append(zeros(9), zeros(9), span(0, 9))
+	if !errors.Is(err, backend.ErrNoBlocks) {
+		t.Errorf("Append of 9 positions (3 blocks) to a pool with 2 free: error %v, want ErrNoBlocks", err)
+	}
+	if b.Len() != 0 || b.Kept() != 0 {
+		t.Errorf("after a failed Append: Len, Kept = %d, %d, want 0, 0", b.Len(), b.Kept())
+	}
+	usage("after a failed Append", fixed, 3, 5)
+	// The first cache still attends what it holds.
+	qv := uniform(r, heads*D, 1)
+	y, err := s.ops.Attention(s.tensor(t, []int{1, heads, D}, qv), a, []int{8}, backend.Window{}, 0.5)
+	if err != nil {
+		t.Fatalf("Attention after another cache's failed Append: %v", err)
+	}
+	s.close(t, "Attention after another cache's failed Append", s.read(t, "attention", y, 1, heads, D),
+		refAttention(qv, []int{8}, da.keys, da.vals, heads, kvHeads, D, 0, 0.5))
+	a.Free()
+	usage("after Free", fixed, 0, 5)
+	a.Free()
+	usage("after a second Free", fixed, 0, 5)
+	wantErr(t, "Append to a freed cache", func() error { return a.Append(zeros(1), zeros(1), []int{9}) })
+	wantErr(t, "Attention over a freed cache", func() error {
+		_, err := s.ops.Attention(s.tensor(t, []int{1, heads, D}, qv), a, []int{8}, backend.Window{}, 0.5)
+		return err
+	})
+	if err := b.Append(zeros(9), zeros(9), span(0, 9)); err != nil {
+		t.Errorf("Append of 9 positions after Free made room: %v", err)
+	}
+	b.Free()
+	usage("after the second cache's Free", fixed, 0, 5)
+
+	// Chunked and global caches in one growing pool, decoding a long sequence.
+	for _, tc := range []struct{ chunk, block int }{{8, 4}, {6, 4}, {16, 16}, {5, 1}} {
+		pool, err := s.ops.NewBlockPool(kvHeads, D, tc.block, 0)
+		if err != nil {
+			t.Fatalf("NewBlockPool(growing) error: %v", err)
+		}
+		w := backend.Window{Chunk: tc.chunk}
+		chunked, err := s.ops.NewKVCache(pool, 200, w)
+		if err != nil {
+			t.Fatalf("NewKVCache error: %v", err)
+		}
+		global, err := s.ops.NewKVCache(pool, 200, backend.Window{})
+		if err != nil {
+			t.Fatalf("NewKVCache error: %v", err)
+		}
+		dc, dg := newKVData(), newKVData()
+		s.appendKV(t, r, chunked, dc, span(0, 11), kvHeads, D) // a prefill
+		s.appendKV(t, r, global, dg, span(0, 11), kvHeads, D)
+		limit := ceilDiv(tc.chunk, tc.block) + 1
+		for p := 11; p < 60; p++ {
+			s.appendKV(t, r, chunked, dc, []int{p}, kvHeads, D)
+			s.appendKV(t, r, global, dg, []int{p}, kvHeads, D)
+			used, _ := pool.Usage()
+			globalBlocks := ceilDiv(p+1, tc.block)
+			if held := used - globalBlocks; held > limit || held < 1 {
+				t.Fatalf("chunk %d, block %d, after position %d: the chunked cache holds %d blocks, want 1..%d",
+					tc.chunk, tc.block, p, held, limit)
+			}
+			qv := uniform(r, heads*D, 1)
+			y, err := s.ops.Attention(s.tensor(t, []int{1, heads, D}, qv), chunked, []int{p}, w, 0.5)
+			if err != nil {
+				t.Fatalf("chunked Attention(pos %d): %v", p, err)
+			}
+			s.close(t, fmt.Sprintf("chunk %d, block %d: chunked Attention(pos %d)", tc.chunk, tc.block, p),
+				s.read(t, "attention", y, 1, heads, D), refAttention(qv, []int{p}, dc.keys, dc.vals, heads, kvHeads, D, tc.chunk, 0.5))
+		}
+		chunked.Free()
+		global.Free()
+		usage(fmt.Sprintf("chunk %d, block %d: after both Free", tc.chunk, tc.block), pool, 0, -1)
+	}
+}
+
+func ceilDiv(a, b int) int { return (a + b - 1) / b }

@@ -7,50 +7,91 @@ import (
 	"github.com/tpfleet/tpfleet/backend"
 )
 
-// kvCache is the cpu KVCache: the keys and values of the kept positions (consecutive, from
-// positions.First()).
+// blockPool is the cpu BlockPool: blocks of [2, blockSize, kvHeads, headDim] float32 (keys, then
+// values) in slabs that are never moved, so a growing pool keeps its blocks where they are.
+type blockPool struct {
+	kvHeads, headDim, size int
+	ids                    *backend.BlockIDs
+	slabs                  [][]float32
+	perSlab                []int // first block id of each slab
+}
+
+var _ backend.BlockPool = (*blockPool)(nil)
+
+// NewBlockPool makes a pool of blocks blocks of blockSize positions for kvHeads heads of headDim, or a
+// growing one (blocks == 0) that adds slabs of at least 16 blocks, doubling, as caches need them. It is
+// not safe for concurrent use (one goroutine drives a backend).
+func (b *Backend) NewBlockPool(kvHeads, headDim, blockSize, blocks int) (backend.BlockPool, error) {
+	if kvHeads <= 0 || headDim <= 0 || blockSize <= 0 || blocks < 0 {
+		return nil, fmt.Errorf("cpu: new kv block pool kvHeads=%d headDim=%d block size=%d blocks=%d: %w",
+			kvHeads, headDim, blockSize, blocks, backend.ErrShape)
+	}
+	p := &blockPool{kvHeads: kvHeads, headDim: headDim, size: blockSize}
+	ids, err := backend.NewBlockIDs(blocks, func(total, n int) error {
+		p.perSlab = append(p.perSlab, total)
+		p.slabs = append(p.slabs, make([]float32, n*p.blockLen()))
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("cpu: %w", err)
+	}
+	p.ids = ids
+	return p, nil
+}
+
+func (p *blockPool) BlockSize() int           { return p.size }
+func (p *blockPool) Usage() (used, total int) { return p.ids.Usage() }
+
+// blockLen is the float32s of one block: keys and values of size positions.
+func (p *blockPool) blockLen() int { return 2 * p.size * p.kvHeads * p.headDim }
+
+// block returns block id's keys and values, each [size, kvHeads, headDim].
+func (p *blockPool) block(id int) (k, v []float32) {
+	s := len(p.perSlab) - 1
+	for p.perSlab[s] > id {
+		s--
+	}
+	n := p.blockLen()
+	off := (id - p.perSlab[s]) * n
+	blk := p.slabs[s][off : off+n]
+	return blk[:n/2], blk[n/2:]
+}
+
+// kvCache is the cpu KVCache: a block table over a blockPool.
 type kvCache struct {
-	kvHeads, headDim int
-	positions        backend.KVPositions
-	k, v             []float32 // [kept, kvHeads, headDim]
+	pool  *blockPool
+	table backend.BlockTable
 }
 
 var _ backend.KVCache = (*kvCache)(nil)
 
-// NewKVCache makes an empty cache for kvHeads heads of headDim and positions below capacity. A global
-// cache preallocates room for capacity positions; a chunked one (window.Chunk > 0) for at most
-// 2·window.Chunk and grows if a long Append needs more. The returned cache is not safe for concurrent
-// use.
-//
-// A chunked cache drops positions as backend.KVPositions says, and frees their storage.
-func (b *Backend) NewKVCache(kvHeads, headDim, capacity int, window backend.Window) (backend.KVCache, error) {
-	if kvHeads <= 0 || headDim <= 0 || capacity <= 0 || window.Chunk < 0 {
-		return nil, fmt.Errorf("cpu: new kv cache kvHeads=%d headDim=%d capacity=%d chunk=%d: %w",
-			kvHeads, headDim, capacity, window.Chunk, backend.ErrShape)
+// NewKVCache makes an empty cache in pool's blocks for positions below capacity. A chunked cache
+// (window.Chunk > 0) drops positions as backend.KVPositions says and returns the blocks that hold only
+// dropped positions. The returned cache is not safe for concurrent use.
+func (b *Backend) NewKVCache(pool backend.BlockPool, capacity int, window backend.Window) (backend.KVCache, error) {
+	p, ok := pool.(*blockPool)
+	if !ok || p == nil {
+		return nil, fmt.Errorf("cpu: new kv cache: pool is a %T: %w", pool, ErrForeign)
 	}
-	room := capacity
-	if window.Chunk > 0 {
-		room = min(capacity, 2*window.Chunk)
+	t, err := backend.NewBlockTable(p.size, capacity, window)
+	if err != nil {
+		return nil, fmt.Errorf("cpu: new kv cache: %w", err)
 	}
-	stride := kvHeads * headDim
-	return &kvCache{
-		kvHeads:   kvHeads,
-		headDim:   headDim,
-		positions: backend.KVPositions{Window: window, Capacity: capacity},
-		k:         make([]float32, 0, room*stride),
-		v:         make([]float32, 0, room*stride),
-	}, nil
+	return &kvCache{pool: p, table: t}, nil
 }
 
 // Len returns the number of positions appended so far.
-func (c *kvCache) Len() int { return c.positions.Len() }
+func (c *kvCache) Len() int { return c.table.Len() }
 
 // Kept returns the number of positions held in memory.
-func (c *kvCache) Kept() int { return c.positions.Kept() }
+func (c *kvCache) Kept() int { return c.table.Kept() }
+
+// Free returns the cache's blocks to its pool.
+func (c *kvCache) Free() { c.table.Free(c.pool.ids) }
 
 // Append stores k and v ([T, kvHeads, headDim]) for positions pos, which must be consecutive, start
 // where the previous Append ended (any position >= 0 for the first) and stay below the capacity. On
-// error the cache is unchanged.
+// error (bad shapes, positions, or an exhausted pool: backend.ErrNoBlocks) the cache is unchanged.
 func (c *kvCache) Append(k, v backend.Tensor, pos []int) error {
 	kt, err := asTensor("kv append", "k", k)
 	if err != nil {
@@ -60,23 +101,27 @@ func (c *kvCache) Append(k, v backend.Tensor, pos []int) error {
 	if err != nil {
 		return err
 	}
+	p := c.pool
 	ok := func(s []int) bool {
-		return len(s) == 3 && s[0] == len(pos) && s[1] == c.kvHeads && s[2] == c.headDim
+		return len(s) == 3 && s[0] == len(pos) && s[1] == p.kvHeads && s[2] == p.headDim
 	}
 	if !ok(kt.shape) || !ok(vt.shape) {
 		return fmt.Errorf("cpu: kv append k%v v%v pos[%d] to a cache of [%d %d]: %w",
-			kt.shape, vt.shape, len(pos), c.kvHeads, c.headDim, backend.ErrShape)
+			kt.shape, vt.shape, len(pos), p.kvHeads, p.headDim, backend.ErrShape)
 	}
-	if err := c.positions.CheckAppend(pos); err != nil {
+	if err := c.table.CheckAppend(pos); err != nil {
 		return fmt.Errorf("cpu: %w", err)
 	}
-	if dropped := c.positions.Append(pos); dropped > 0 {
-		off := dropped * c.kvHeads * c.headDim
-		c.k = c.k[:copy(c.k, c.k[off:])]
-		c.v = c.v[:copy(c.v, c.v[off:])]
+	if _, err := c.table.Append(p.ids, pos); err != nil {
+		return fmt.Errorf("cpu: kv append: %w", err)
 	}
-	c.k = append(c.k, kt.data...)
-	c.v = append(c.v, vt.data...)
+	stride := p.kvHeads * p.headDim
+	for i, q := range pos {
+		id, row := c.table.Block(q)
+		kb, vb := p.block(id)
+		copy(kb[row*stride:(row+1)*stride], kt.data[i*stride:(i+1)*stride])
+		copy(vb[row*stride:(row+1)*stride], vt.data[i*stride:(i+1)*stride])
+	}
 	return nil
 }
 
@@ -95,18 +140,27 @@ func (b *Backend) Attention(q backend.Tensor, cache backend.KVCache, pos []int, 
 	if !ok || c == nil {
 		return nil, fmt.Errorf("cpu: attention: cache is a %T: %w", cache, ErrForeign)
 	}
-	if len(qt.shape) != 3 || qt.shape[0] != len(pos) || qt.shape[2] != c.headDim || qt.shape[1] == 0 ||
-		qt.shape[1]%c.kvHeads != 0 || window.Chunk < 0 {
+	pl := c.pool
+	if len(qt.shape) != 3 || qt.shape[0] != len(pos) || qt.shape[2] != pl.headDim || qt.shape[1] == 0 ||
+		qt.shape[1]%pl.kvHeads != 0 || window.Chunk < 0 {
 		return nil, fmt.Errorf("cpu: attention q%v pos[%d] cache [%d %d] chunk %d: %w",
-			qt.shape, len(pos), c.kvHeads, c.headDim, window.Chunk, backend.ErrShape)
+			qt.shape, len(pos), pl.kvHeads, pl.headDim, window.Chunk, backend.ErrShape)
 	}
 	T, heads, D := qt.shape[0], qt.shape[1], qt.shape[2]
-	if err := c.positions.CheckAttend(pos, window); err != nil {
+	if err := c.table.CheckAttend(pos, window); err != nil {
 		return nil, fmt.Errorf("cpu: %w", err)
 	}
-	first, kept := c.positions.First(), c.positions.Kept()
-	group := heads / c.kvHeads
-	stride := c.kvHeads * D
+	first, kept := c.table.First(), c.table.Kept()
+	group := heads / pl.kvHeads
+	stride := pl.kvHeads * D
+	// The keys and values of each held block, by logical block, looked up once.
+	keys, vals := make([][]float32, len(c.table.IDs)), make([][]float32, len(c.table.IDs))
+	for blk, id := range c.table.IDs {
+		if id >= 0 {
+			keys[blk], vals[blk] = pl.block(id)
+		}
+	}
+	bs := pl.size
 	out := alloc(T, heads, D)
 	items := T * heads
 	b.parallel(items, b.grain(items, 2*kept*D), func(lo, hi int) {
@@ -123,8 +177,9 @@ func (b *Backend) Attention(q backend.Tensor, cache backend.KVCache, pos []int, 
 			s := scores[:p-from+1]
 			m := float32(math.Inf(-1))
 			for j := range s {
-				off := (from-first+j)*stride + kvOff
-				s[j] = dot(qv, c.k[off:off+D]) * scale
+				key := from + j
+				off := (key%bs)*stride + kvOff
+				s[j] = dot(qv, keys[key/bs][off:off+D]) * scale
 				m = max(m, s[j])
 			}
 			var sum float64
@@ -136,8 +191,9 @@ func (b *Backend) Attention(q backend.Tensor, cache backend.KVCache, pos []int, 
 			inv := 1 / sum
 			o := out.data[it*D : (it+1)*D]
 			for j, e := range s {
-				off := (from-first+j)*stride + kvOff
-				axpy(o, float32(float64(e)*inv), c.v[off:off+D])
+				key := from + j
+				off := (key%bs)*stride + kvOff
+				axpy(o, float32(float64(e)*inv), vals[key/bs][off:off+D])
 			}
 		}
 	})

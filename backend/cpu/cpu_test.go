@@ -133,7 +133,7 @@ func TestDeterministicOps(t *testing.T) {
 		}
 		outs = append(outs, data(t, y))
 
-		c, err := b.NewKVCache(2, 32, 64, backend.Window{Chunk: 8})
+		c, err := newCache(t, b, 2, 32, 64, backend.Window{Chunk: 8})
 		if err != nil {
 			t.Fatalf("NewKVCache error: %v", err)
 		}
@@ -226,7 +226,7 @@ func TestExpertsSplitExact(t *testing.T) {
 func TestKVCacheKept(t *testing.T) {
 	b := New(Config{})
 	r := rand.New(rand.NewPCG(7, 8))
-	c, err := b.NewKVCache(1, 4, 100, backend.Window{Chunk: 4})
+	c, err := newCache(t, b, 1, 4, 100, backend.Window{Chunk: 4})
 	if err != nil {
 		t.Fatalf("NewKVCache error: %v", err)
 	}
@@ -267,7 +267,7 @@ func TestAttentionAppendsExact(t *testing.T) {
 		for i := range all {
 			all[i] = i
 		}
-		one, _ := b.NewKVCache(kvh, D, total, w)
+		one, _ := newCache(t, b, kvh, D, total, w)
 		if err := one.Append(k, v, all); err != nil {
 			t.Fatalf("Append error: %v", err)
 		}
@@ -275,7 +275,7 @@ func TestAttentionAppendsExact(t *testing.T) {
 		if err != nil {
 			t.Fatalf("Attention error: %v", err)
 		}
-		many, _ := b.NewKVCache(kvh, D, total, w)
+		many, _ := newCache(t, b, kvh, D, total, w)
 		var got []float32
 		for from := 0; from < total; {
 			to := min(total, from+1+from%7)
@@ -301,7 +301,7 @@ func TestAttentionAppendsExact(t *testing.T) {
 func TestAttentionDroppedError(t *testing.T) {
 	b := New(Config{})
 	r := rand.New(rand.NewPCG(11, 12))
-	c, _ := b.NewKVCache(1, 4, 100, backend.Window{Chunk: 4})
+	c, _ := newCache(t, b, 1, 4, 100, backend.Window{Chunk: 4})
 	for p := range 10 {
 		if err := c.Append(randTensor(t, b, r, 1, 1, 4), randTensor(t, b, r, 1, 1, 4), []int{p}); err != nil {
 			t.Fatalf("Append(%d) error: %v", p, err)
@@ -486,4 +486,14 @@ func TestNoGoroutineLeak(t *testing.T) {
 	if n := runtime.NumGoroutine(); n > before {
 		t.Errorf("goroutines after 10 Linear calls with 8 threads = %d, want <= %d", n, before)
 	}
+}
+
+// newCache makes a cache in a growing pool of blocks of 4 positions.
+func newCache(t *testing.T, b *Backend, kvHeads, headDim, capacity int, w backend.Window) (backend.KVCache, error) {
+	t.Helper()
+	pool, err := b.NewBlockPool(kvHeads, headDim, 4, 0)
+	if err != nil {
+		t.Fatalf("NewBlockPool error: %v", err)
+	}
+	return b.NewKVCache(pool, capacity, w)
 }

@@ -11,75 +11,147 @@ import (
 // maxHeadDim is the largest head dimension the attention kernel takes (ATT_MAXD in attention.cu).
 const maxHeadDim = 256
 
-// kvCache is the cuda KVCache: bf16 keys and values [capacity, kvHeads, headDim] indexed by absolute
-// position. A chunked cache drops positions the way the cpu cache does (at the start of each Append,
-// those before the chunk of the last position appended so far), but only logically: Kept and the
-// checks in Attention follow the drops, while the memory stays allocated for the whole capacity.
+// blockPool is the cuda BlockPool: blocks of [2, blockSize, kvHeads, headDim] bf16 (keys, then values)
+// in slabs of device memory that never move, so a growing pool keeps its blocks where they are. A block
+// is named to the kernels by its device address (the block tables hold addresses).
+type blockPool struct {
+	b                      *Backend
+	kvHeads, headDim, size int
+	ids                    *backend.BlockIDs
+	slabs                  []*buffer
+	perSlab                []int // first block id of each slab
+}
+
+var _ backend.BlockPool = (*blockPool)(nil)
+
+// NewBlockPool makes a pool of blocks blocks of blockSize positions for kvHeads heads of headDim,
+// allocated now, or a growing one (blocks == 0) that allocates slabs of at least 16 blocks, doubling,
+// as caches need them. A growing pool that must grow inside a recorded step makes the step run eagerly
+// (the allocation cannot be recorded); the next step records again.
+func (b *Backend) NewBlockPool(kvHeads, headDim, blockSize, blocks int) (backend.BlockPool, error) {
+	if b.closed {
+		return nil, ErrClosed
+	}
+	if kvHeads <= 0 || headDim <= 0 || blockSize <= 0 || blocks < 0 {
+		return nil, fmt.Errorf("cuda: new kv block pool kvHeads=%d headDim=%d block size=%d blocks=%d: %w",
+			kvHeads, headDim, blockSize, blocks, backend.ErrShape)
+	}
+	if _, ok := numel([]int{2, blockSize, kvHeads, headDim, max(blocks, 1)}); !ok {
+		return nil, fmt.Errorf("cuda: kv block pool of %d blocks of %d×%d×%d: %w", blocks, blockSize, kvHeads, headDim, backend.ErrShape)
+	}
+	p := &blockPool{b: b, kvHeads: kvHeads, headDim: headDim, size: blockSize}
+	ids, err := backend.NewBlockIDs(blocks, p.grow)
+	if err != nil {
+		return nil, fmt.Errorf("cuda: %w", err)
+	}
+	p.ids = ids
+	return p, nil
+}
+
+// grow allocates a slab for blocks total .. total+n-1.
+func (p *blockPool) grow(total, n int) error {
+	if r := p.b.rec; r != nil {
+		return r.fail(fmt.Errorf("%w: the kv block pool grows", errReplayDiff))
+	}
+	buf, err := p.b.pool.getDedicated(int64(n) * p.blockBytes())
+	if err != nil {
+		return err
+	}
+	p.slabs = append(p.slabs, p.b.pool.owned(buf))
+	p.perSlab = append(p.perSlab, total)
+	return nil
+}
+
+func (p *blockPool) BlockSize() int           { return p.size }
+func (p *blockPool) Usage() (used, total int) { return p.ids.Usage() }
+
+// blockBytes is the size of one block: keys and values of size positions in bf16.
+func (p *blockPool) blockBytes() int64 {
+	return 2 * int64(p.size) * int64(p.kvHeads) * int64(p.headDim) * 2
+}
+
+// addr is block id's device address.
+func (p *blockPool) addr(id int) devptr {
+	s := len(p.perSlab) - 1
+	for p.perSlab[s] > id {
+		s--
+	}
+	return p.slabs[s].ptr + devptr(int64(id-p.perSlab[s])*p.blockBytes())
+}
+
+// kvCache is the cuda KVCache: a block table over a blockPool, on the host (backend.BlockTable) and on the
+// device (table: one int64 block address per logical block, ceil(capacity / block size) of them, written
+// by kv_append as positions are appended). A chunked cache drops positions the way the cpu cache does
+// and returns the blocks that hold only dropped positions; their table entries are never read again.
 type kvCache struct {
-	b                *Backend
-	kvHeads, headDim int
-	positions        backend.KVPositions
-	k, v             *buffer
+	b     *Backend
+	pool  *blockPool
+	table backend.BlockTable
+	dtab  *buffer
 }
 
 var _ backend.KVCache = (*kvCache)(nil)
 
-// NewKVCache makes an empty bf16 cache for kvHeads heads of headDim and positions below capacity. Its
-// memory (2·capacity·kvHeads·headDim·2 bytes) is allocated now. The cache is not safe for concurrent
-// use.
-func (b *Backend) NewKVCache(kvHeads, headDim, capacity int, window backend.Window) (backend.KVCache, error) {
+// NewKVCache makes an empty cache in pool's blocks for positions below capacity; its device block table
+// (8 bytes per block of capacity) is allocated now, its blocks as positions are appended. The cache is
+// not safe for concurrent use.
+func (b *Backend) NewKVCache(pool backend.BlockPool, capacity int, window backend.Window) (backend.KVCache, error) {
 	if b.closed {
 		return nil, ErrClosed
 	}
-	if kvHeads <= 0 || headDim <= 0 || capacity <= 0 || window.Chunk < 0 {
-		return nil, fmt.Errorf("cuda: new kv cache kvHeads=%d headDim=%d capacity=%d chunk=%d: %w",
-			kvHeads, headDim, capacity, window.Chunk, backend.ErrShape)
+	p, ok := pool.(*blockPool)
+	if !ok || p == nil || p.b != b {
+		return nil, fmt.Errorf("cuda: new kv cache: pool is a %T of another backend: %w", pool, ErrForeign)
 	}
-	n, ok := numel([]int{capacity, kvHeads, headDim})
-	if !ok {
-		return nil, fmt.Errorf("cuda: new kv cache of %d×%d×%d: %w", capacity, kvHeads, headDim, backend.ErrShape)
+	t, err := backend.NewBlockTable(p.size, capacity, window)
+	if err != nil {
+		return nil, fmt.Errorf("cuda: new kv cache: %w", err)
 	}
-	c := &kvCache{b: b, kvHeads: kvHeads, headDim: headDim, positions: backend.KVPositions{Window: window, Capacity: capacity}}
-	var err error
-	if c.k, err = b.pool.getDedicated(int64(n) * 2); err != nil {
+	dtab, err := b.pool.getDedicated(8 * int64(ceilDiv(capacity, p.size)))
+	if err != nil {
 		return nil, err
 	}
-	c.k = b.pool.owned(c.k)
-	if c.v, err = b.pool.getDedicated(int64(n) * 2); err != nil {
-		return nil, err
-	}
-	c.v = b.pool.owned(c.v)
-	return c, nil
+	return &kvCache{b: b, pool: p, table: t, dtab: b.pool.owned(dtab)}, nil
 }
 
 // Len returns the number of positions appended so far.
-func (c *kvCache) Len() int { return c.positions.Len() }
+func (c *kvCache) Len() int { return c.table.Len() }
 
 // Kept returns the number of positions attention may still read.
-func (c *kvCache) Kept() int { return c.positions.Kept() }
+func (c *kvCache) Kept() int { return c.table.Kept() }
+
+// Free returns the cache's blocks to its pool. Work already enqueued that reads them runs before any
+// later use of them (one stream).
+func (c *kvCache) Free() { c.table.Free(c.pool.ids) }
 
 // kvRow is one row of keys/values to append, or one query, as kv_append and attention_split read it from
-// device memory (KV_ROW int64 words in attention.cu): its cache's key and value arrays, the cache's first
-// kept position, and the row's position. Passing these as data rather than launch parameters lets one
-// launch serve the rows of several sequences (AttendBatch) and keeps a decode step's launches the same
-// whatever its sequences and positions, so a recorded step (a CUDA graph) replays for all of them.
+// device memory (KV_ROW int64 words in attention.cu): its cache's device block table and block size, the
+// cache's first kept position, the row's position and the block that holds it. Passing these as data
+// rather than launch parameters lets one launch serve the rows of several sequences (AttendBatch) and
+// keeps a decode step's launches the same whatever its sequences, positions and blocks, so a recorded
+// step (a CUDA graph) replays for all of them.
 type kvRow struct {
 	c   *kvCache
 	pos int
 }
 
-const kvRowWords = 4 // KV_ROW
+const kvRowWords = 5 // KV_ROW
 
-// uploadRows uploads rows for kv_append or attention_split; first is read now, so upload attention rows
-// after the appends they follow.
+// uploadRows uploads rows for kv_append or attention_split; the table is read now, so upload rows after
+// the host Append of their positions.
 func (b *Backend) uploadRows(rows []kvRow) (*buffer, error) {
 	m := make([]byte, 8*kvRowWords*len(rows))
 	for i, r := range rows {
 		w := m[8*kvRowWords*i:]
-		binary.LittleEndian.PutUint64(w[0:], uint64(r.c.k.ptr))
-		binary.LittleEndian.PutUint64(w[8:], uint64(r.c.v.ptr))
-		binary.LittleEndian.PutUint64(w[16:], uint64(r.c.positions.First()))
+		var blk devptr
+		if id, _ := r.c.table.Block(r.pos); id >= 0 {
+			blk = r.c.pool.addr(id)
+		}
+		binary.LittleEndian.PutUint64(w[0:], uint64(r.c.dtab.ptr))
+		binary.LittleEndian.PutUint64(w[8:], uint64(r.c.pool.size))
+		binary.LittleEndian.PutUint64(w[16:], uint64(r.c.table.First()))
 		binary.LittleEndian.PutUint64(w[24:], uint64(r.pos))
+		binary.LittleEndian.PutUint64(w[32:], uint64(blk))
 	}
 	return b.temp(m)
 }
@@ -97,18 +169,23 @@ func (b *Backend) appendRows(kt, vt *tensor, rows []kvRow) error {
 		meta, int64(stride), int64(n))
 }
 
-// record notes pos as appended, restorably while a step is recorded or replayed.
-func (c *kvCache) record(pos []int) {
-	if r := c.b.rec; r != nil { // a recorded step may be undone and run again
-		saved := c.positions
-		r.onUndo(func() { c.positions = saved })
+// reserve takes the blocks pos needs and records pos as appended (backend.BlockTable.Append),
+// restorably while a step is recorded or replayed.
+func (c *kvCache) reserve(pos []int) error {
+	u, err := c.table.Append(c.pool.ids, pos)
+	if err != nil {
+		return err
 	}
-	c.positions.Append(pos) // the memory covers every position; dropping is only logical
+	if r := c.b.rec; r != nil { // a recorded step may be undone and run again
+		r.onUndo(func() { c.table.Undo(c.pool.ids, u) })
+	}
+	return nil
 }
 
 // Append stores k and v ([T, kvHeads, headDim], any dtype, converted to bf16) for positions pos, which
 // must be consecutive, start where the previous Append ended (any position >= 0 for the first) and stay
-// below the capacity. On error the cache is unchanged.
+// below the capacity. On error (bad shapes or positions, an exhausted pool: backend.ErrNoBlocks) the
+// cache is unchanged.
 func (c *kvCache) Append(k, v backend.Tensor, pos []int) error {
 	b := c.b
 	kt, err := b.asTensor("kv append", "k", k)
@@ -125,6 +202,9 @@ func (c *kvCache) Append(k, v backend.Tensor, pos []int) error {
 	if len(pos) == 0 {
 		return nil
 	}
+	if err := c.reserve(pos); err != nil {
+		return fmt.Errorf("cuda: kv append: %w", err)
+	}
 	rows := make([]kvRow, len(pos))
 	for i, p := range pos {
 		rows[i] = kvRow{c, p}
@@ -132,20 +212,19 @@ func (c *kvCache) Append(k, v backend.Tensor, pos []int) error {
 	if err := b.appendRows(kt, vt, rows); err != nil {
 		return fmt.Errorf("cuda: kv append: %w", err)
 	}
-	c.record(pos)
 	return nil
 }
 
 // checkAppend checks k and v [len(pos), kvHeads, headDim] and the positions.
 func (c *kvCache) checkAppend(kt, vt *tensor, pos []int) error {
 	ok := func(s []int) bool {
-		return len(s) == 3 && s[0] == len(pos) && s[1] == c.kvHeads && s[2] == c.headDim
+		return len(s) == 3 && s[0] == len(pos) && s[1] == c.pool.kvHeads && s[2] == c.pool.headDim
 	}
 	if !ok(kt.shape) || !ok(vt.shape) {
 		return fmt.Errorf("cuda: kv append k%v v%v pos[%d] to a cache of [%d %d]: %w",
-			kt.shape, vt.shape, len(pos), c.kvHeads, c.headDim, backend.ErrShape)
+			kt.shape, vt.shape, len(pos), c.pool.kvHeads, c.pool.headDim, backend.ErrShape)
 	}
-	if err := c.positions.CheckAppend(pos); err != nil {
+	if err := c.table.CheckAppend(pos); err != nil {
 		return fmt.Errorf("cuda: %w", err)
 	}
 	return nil
@@ -165,16 +244,17 @@ func (b *Backend) Attention(q backend.Tensor, cache backend.KVCache, pos []int, 
 	if !ok || c == nil || c.b != b {
 		return nil, fmt.Errorf("cuda: attention: cache is a %T of another backend: %w", cache, ErrForeign)
 	}
-	if len(qt.shape) != 3 || qt.shape[0] != len(pos) || qt.shape[2] != c.headDim || qt.shape[1] == 0 ||
-		qt.shape[1]%c.kvHeads != 0 || window.Chunk < 0 {
+	kvHeads := c.pool.kvHeads
+	if len(qt.shape) != 3 || qt.shape[0] != len(pos) || qt.shape[2] != c.pool.headDim || qt.shape[1] == 0 ||
+		qt.shape[1]%kvHeads != 0 || window.Chunk < 0 {
 		return nil, fmt.Errorf("cuda: attention q%v pos[%d] cache [%d %d] chunk %d: %w",
-			qt.shape, len(pos), c.kvHeads, c.headDim, window.Chunk, backend.ErrShape)
+			qt.shape, len(pos), kvHeads, c.pool.headDim, window.Chunk, backend.ErrShape)
 	}
 	T, heads, D := qt.shape[0], qt.shape[1], qt.shape[2]
 	if D > maxHeadDim {
 		return nil, fmt.Errorf("cuda: attention head dim %d > %d is not supported: %w", D, maxHeadDim, backend.ErrShape)
 	}
-	if err := c.positions.CheckAttend(pos, window); err != nil {
+	if err := c.table.CheckAttend(pos, window); err != nil {
 		return nil, fmt.Errorf("cuda: %w", err)
 	}
 	out, err := b.act(T, heads, D)
@@ -184,12 +264,12 @@ func (b *Backend) Attention(q backend.Tensor, cache backend.KVCache, pos []int, 
 	if T == 0 {
 		return out, nil
 	}
-	if splitEligible(T, heads, c.kvHeads, D) {
+	if splitEligible(T, heads, kvHeads, D) {
 		rows := make([]kvRow, T)
 		for i, p := range pos {
 			rows[i] = kvRow{c, p}
 		}
-		err = b.attentionSplit(qt, c.kvHeads, rows, out, window, scale)
+		err = b.attentionSplit(qt, kvHeads, rows, out, window, scale)
 		return b.result("attention", out, err)
 	}
 	pb, err := int32Bytes("pos", pos)
@@ -201,12 +281,12 @@ func (b *Backend) Attention(q backend.Tensor, cache backend.KVCache, pos []int, 
 		return nil, err
 	}
 	defer b.pool.release(*pbuf)
-	if b.flashEligible(qt, heads, c.kvHeads, D, T) {
+	if b.flashEligible(qt, heads, kvHeads, D, T) {
 		err = b.attentionFlash(qt, c, pbuf, out, window, scale)
 		return b.result("attention", out, err)
 	}
 	err = b.stream.launch(b.k.attention, dim3{uint32(T), uint32(heads), 1}, dim3{128, 1, 1}, 0,
-		qt, int(qt.dt), c.k, c.v, pbuf, out, int(out.dt), heads, c.kvHeads, D, window.Chunk, c.positions.First(), scale)
+		qt, int(qt.dt), c.dtab, c.pool.size, pbuf, out, int(out.dt), heads, kvHeads, D, window.Chunk, c.table.First(), scale)
 	return b.result("attention", out, err)
 }
 
@@ -300,9 +380,9 @@ func (b *Backend) AttendBatch(q, k, v backend.Tensor, spans []backend.AttendSpan
 			return nil, fmt.Errorf("cuda: attend batch: span %d's cache is a %T of another backend: %w", i, sp.Cache, ErrForeign)
 		}
 		if sp.Start != next || sp.End < sp.Start || sp.End > T || len(sp.Pos) != sp.End-sp.Start ||
-			c.kvHeads != kvHeads || c.headDim != D || slices.Contains(caches[:i], c) {
+			c.pool.kvHeads != kvHeads || c.pool.headDim != D || slices.Contains(caches[:i], c) {
 			return nil, fmt.Errorf("cuda: attend batch: span %d rows [%d, %d) pos[%d] of %d rows, cache [%d %d], k%v: %w",
-				i, sp.Start, sp.End, len(sp.Pos), T, c.kvHeads, c.headDim, kt.shape, backend.ErrShape)
+				i, sp.Start, sp.End, len(sp.Pos), T, c.pool.kvHeads, c.pool.headDim, kt.shape, backend.ErrShape)
 		}
 		caches[i], next = c, sp.End
 		small = small && splitEligible(sp.End-sp.Start, heads, kvHeads, D)
@@ -314,9 +394,29 @@ func (b *Backend) AttendBatch(q, k, v backend.Tensor, spans []backend.AttendSpan
 		return b.attendEach(qt, kt, vt, spans, window, scale)
 	}
 	for i, sp := range spans {
-		if err := caches[i].positions.CheckAppend(sp.Pos); err != nil {
+		if err := caches[i].table.CheckAppend(sp.Pos); err != nil {
 			return nil, fmt.Errorf("cuda: attend batch: span %d: %w", i, err)
 		}
+	}
+	// The blocks of every span's positions, taken before the rows name them; on failure the spans
+	// taken so far are undone, so no cache changes.
+	undo := make([]backend.BlockAppend, 0, len(spans))
+	for i, sp := range spans {
+		u, err := caches[i].table.Append(caches[i].pool.ids, sp.Pos)
+		if err != nil {
+			for j := len(undo) - 1; j >= 0; j-- {
+				caches[j].table.Undo(caches[j].pool.ids, undo[j])
+			}
+			return nil, fmt.Errorf("cuda: attend batch: span %d: %w", i, err)
+		}
+		undo = append(undo, u)
+	}
+	if r := b.rec; r != nil { // a recorded step may be undone and run again
+		r.onUndo(func() {
+			for j := len(undo) - 1; j >= 0; j-- {
+				caches[j].table.Undo(caches[j].pool.ids, undo[j])
+			}
+		})
 	}
 	rows := make([]kvRow, 0, T)
 	for i, sp := range spans {
@@ -328,10 +428,7 @@ func (b *Backend) AttendBatch(q, k, v backend.Tensor, spans []backend.AttendSpan
 		return nil, fmt.Errorf("cuda: attend batch: kv append: %w", err)
 	}
 	for i, sp := range spans {
-		caches[i].record(sp.Pos)
-	}
-	for i, sp := range spans {
-		if err := caches[i].positions.CheckAttend(sp.Pos, window); err != nil {
+		if err := caches[i].table.CheckAttend(sp.Pos, window); err != nil {
 			return nil, fmt.Errorf("cuda: attend batch: span %d: %w", i, err)
 		}
 	}

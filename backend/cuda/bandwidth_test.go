@@ -80,10 +80,7 @@ func TestDecodeBandwidth(t *testing.T) {
 	cuda.SetGEMVSplit(b, true)
 
 	// Decode attention at a 2048-token context: 40 query heads over 8 kv heads of 128.
-	cache, err := b.NewKVCache(8, 128, 4096, backend.Window{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	cache := newCache(t, b, 8, 128, 4096, backend.Window{}, 0)
 	const ctx = 2049
 	kv, err := b.FromFloat32([]int{ctx, 8, 128}, make([]float32, ctx*8*128))
 	if err != nil {

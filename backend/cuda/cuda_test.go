@@ -312,10 +312,7 @@ func TestOpsVsCPU(t *testing.T) {
 		}
 		var caches [2]backend.KVCache
 		for side, b := range []backend.Ops{e.cpu, e.gpu} {
-			c, err := b.NewKVCache(s.kvHeads, s.headD, s.ctx, w)
-			if err != nil {
-				t.Fatal(err)
-			}
+			c := newCache(t, b, s.kvHeads, s.headD, s.ctx, w, 0)
 			if err := c.Append(pick(k, side), pick(v, side), all); err != nil {
 				t.Fatal(err)
 			}

@@ -23,5 +23,5 @@ func (b *Backend) flashEligible(qt *tensor, heads, kvHeads, D, T int) bool {
 func (b *Backend) attentionFlash(qt *tensor, c *kvCache, pbuf *buffer, out *tensor, window backend.Window, scale float32) error {
 	T, heads, D := qt.shape[0], qt.shape[1], qt.shape[2]
 	return b.stream.launch(b.k.attentionFlash, dim3{uint32(ceilDiv(T, flashRows)), uint32(heads), 1}, dim3{128, 1, 1}, 0,
-		qt, c.k, c.v, pbuf, out, int(out.dt), T, heads, c.kvHeads, D, window.Chunk, c.positions.First(), scale)
+		qt, c.dtab, c.pool.size, pbuf, out, int(out.dt), T, heads, c.pool.kvHeads, D, window.Chunk, c.table.First(), scale)
 }

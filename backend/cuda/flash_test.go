@@ -1,6 +1,7 @@
 package cuda_test
 
 import (
+	"cmp"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -22,10 +23,25 @@ type flashCase struct {
 	first, start, T   int
 	qScale, kvScale   float32
 	capacity          int // 0: start + T
+	block             int // KV block size (0: 16)
 }
 
 func (s flashCase) String() string {
-	return fmt.Sprintf("%s T %d at %d (cache from %d) h %d/%d D %d chunk %d", s.name, s.T, s.start, s.first, s.heads, s.kvHeads, s.D, s.chunk)
+	return fmt.Sprintf("%s T %d at %d (cache from %d) h %d/%d D %d chunk %d block %d", s.name, s.T, s.start, s.first, s.heads, s.kvHeads, s.D, s.chunk, cmp.Or(s.block, 16))
+}
+
+// newCache makes a cache in a growing pool of blocks of block positions (0: 16) on b.
+func newCache(t testing.TB, b backend.Ops, kvHeads, D, capacity int, w backend.Window, block int) backend.KVCache {
+	t.Helper()
+	pool, err := b.NewBlockPool(kvHeads, D, cmp.Or(block, 16), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := b.NewKVCache(pool, capacity, w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
 }
 
 // flashSide is one backend's cache and q for a flashCase.
@@ -46,10 +62,7 @@ func setupFlash(t testing.TB, b backend.Ops, s flashCase, seed uint64) flashSide
 		capacity = s.start + s.T
 	}
 	w := backend.Window{Chunk: s.chunk}
-	c, err := b.NewKVCache(s.kvHeads, s.D, capacity, w)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := newCache(t, b, s.kvHeads, s.D, capacity, w, s.block)
 	appendRange := func(lo, hi int) {
 		if hi <= lo {
 			return
@@ -139,6 +152,11 @@ func TestFlashAttention(t *testing.T) {
 		{name: "smallest T", heads: 40, kvHeads: 8, D: 128, start: 500, T: 9},
 		{name: "MHA spare capacity", heads: 8, kvHeads: 8, D: 128, T: 100, capacity: 1000},
 		{name: "G5 peaked", heads: 10, kvHeads: 2, D: 128, chunk: 96, start: 40, T: 333, qScale: 8},
+		// Paged: blocks smaller than a 64-key tile and not dividing the chunk, and one position a block.
+		{name: "block 5 continue chunked", heads: 40, kvHeads: 8, D: 128, chunk: 128, start: 200, T: 130, block: 5},
+		{name: "block 5 continue dropped", heads: 40, kvHeads: 8, D: 128, chunk: 128, first: 100, start: 250, T: 130, block: 5},
+		{name: "block 1 D64 chunked", heads: 16, kvHeads: 4, D: 64, chunk: 64, start: 30, T: 200, block: 1},
+		{name: "block 256 global", heads: 40, kvHeads: 8, D: 128, start: 100, T: 300, block: 256},
 	} {
 		if s.qScale == 0 {
 			s.qScale = 2

@@ -79,10 +79,7 @@ func TestAttendBatchEqualsEach(t *testing.T) {
 			var batched, each []backend.KVCache
 			for i := range lens {
 				for _, dst := range []*[]backend.KVCache{&batched, &each} {
-					c, err := b.NewKVCache(kvHeads, D, 128, window)
-					if err != nil {
-						t.Fatal(err)
-					}
+					c := newCache(t, b, kvHeads, D, 128, window, 0)
 					*dst = append(*dst, c)
 				}
 				n := starts[i]

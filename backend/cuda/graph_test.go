@@ -47,6 +47,13 @@ func TestGraphDecodeEqualsEager(t *testing.T) {
 				return m
 			}
 			mg, me := load(graphs), load(eager)
+			// A fixed pool (as the memory planner sizes it): blocks are taken and given back at chunk
+			// boundaries inside replayed steps, and no step needs a new allocation, so each key records once.
+			for _, m := range []*llama4.Model{mg, me} {
+				if err := m.SetKVBlocks(16, 64); err != nil {
+					t.Fatal(err)
+				}
+			}
 			before := stats(graphs)
 
 			// One sequence, 40 steps: crosses chunk boundaries (the fixtures' chunk is 16).
@@ -84,6 +91,13 @@ func TestGraphDecodeEqualsEager(t *testing.T) {
 					}
 				}
 				t.Logf("%s: %d steps, worst rel L2 %.3g; host wall graph %v, eager %v", phase, steps, worst, graphTime, eagerTime)
+				for i := range sg {
+					sg[i].Free()
+					se[i].Free()
+				}
+				if used, total, _ := mg.KVUsage(); used != 0 || total != 64 {
+					t.Errorf("%s: %d of %d KV blocks in use after the sequences were freed, want 0 of 64", phase, used, total)
+				}
 			}
 			compare("single", []int{64}, [][]int{{1, 475, 188, 269, 460}}, 40)
 			compare("batch A", []int{64, 100, 48}, [][]int{{3, 4, 5}, {7}, {9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25}}, 20)
@@ -97,6 +111,9 @@ func TestGraphDecodeEqualsEager(t *testing.T) {
 				t.Logf("%s: %d steps, %d replays, %d captures, eager %v", key, a.Steps-b.Steps, replays, captures, a.Eager)
 				if a.Eager || replays == 0 {
 					t.Errorf("%s was not replayed: %+v", key, a)
+				}
+				if captures != 1 {
+					t.Errorf("%s was recorded %d times, want once: block tables and blocks are data of the replays", key, captures)
 				}
 			}
 			status := "equal, replayed"

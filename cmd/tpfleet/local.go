@@ -248,6 +248,8 @@ type generateFlags struct {
 	ignoreEOS   bool
 	json        bool
 	images      imageFiles // --image (images.go)
+	// prefillChunk runs the prompt in pieces of at most this many tokens (0: whole).
+	prefillChunk int
 }
 
 func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -258,6 +260,7 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	fs.StringVar(&f.ids, "ids", "", "prompt token ids, comma-separated")
 	fs.StringVar(&f.prompt, "prompt", "", "prompt text, encoded with the model's tokenizer (BOS added); instead of --ids; prints text")
 	fs.IntVar(&f.maxTokens, "max-tokens", 32, "new tokens at most")
+	fs.IntVar(&f.prefillChunk, "prefill-chunk", 0, "run the prompt through the model in pieces of at most this many tokens (chunked prefill; 0: whole)")
 	fs.Float64Var(&f.temperature, "temperature", 0, "sampling temperature; 0 is greedy (default: generation_config.json)")
 	fs.IntVar(&f.topK, "top-k", 0, "sample from the k most likely tokens; 0 disables (default: generation_config.json)")
 	fs.Float64Var(&f.topP, "top-p", 1, "sample from the smallest set of tokens whose probability reaches p (default: generation_config.json)")
@@ -280,6 +283,9 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	}
 	if f.maxTokens <= 0 {
 		return usagef("--max-tokens %d must be positive", f.maxTokens)
+	}
+	if f.prefillChunk < 0 {
+		return usagef("--prefill-chunk %d must not be negative", f.prefillChunk)
 	}
 	if err := (sample.Params{Temperature: f.temperature, TopK: f.topK, TopP: f.topP}).Validate(); err != nil {
 		return usagef("%v", err)
@@ -321,7 +327,7 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return err
 	}
 	params := samplingParams(fs, f, m.gen)
-	opt := modelrun.GenerateOptions{MaxTokens: f.maxTokens, Sample: params}
+	opt := modelrun.GenerateOptions{MaxTokens: f.maxTokens, Sample: params, PrefillChunk: f.prefillChunk}
 	if !f.ignoreEOS {
 		opt.StopIDs = m.gen.EOS
 	}

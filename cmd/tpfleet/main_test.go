@@ -61,10 +61,12 @@ type generateJSON struct {
 }
 
 func TestGenerateJSONMatchesHFGreedy(t *testing.T) {
-	for _, fixture := range []string{"moe-top1", "dense-moe-mm", "moe-top2"} {
+	for _, fixture := range []string{"moe-top1", "dense-moe-mm", "moe-top2", "moe-top1 --prefill-chunk 5"} {
+		extra := strings.Fields(fixture)[1:] // a chunked prefill must give the same ids
+		fixture = strings.Fields(fixture)[0]
 		g := readGolden(t, fixture)
-		code, stdout, stderr := tpfleet(t, "generate", "--model", filepath.Join(fixtures, fixture), "--ids", joinIDs(g.prompt),
-			"--max-tokens", strconv.Itoa(len(g.greedy)), "--temperature", "0", "--ignore-eos", "--json")
+		code, stdout, stderr := tpfleet(t, append([]string{"generate", "--model", filepath.Join(fixtures, fixture), "--ids", joinIDs(g.prompt),
+			"--max-tokens", strconv.Itoa(len(g.greedy)), "--temperature", "0", "--ignore-eos", "--json"}, extra...)...)
 		if code != 0 {
 			t.Fatalf("generate %s: exit %d, stderr:\n%s", fixture, code, stderr)
 		}
@@ -127,21 +129,23 @@ func TestScoreWritesLogits(t *testing.T) {
 		t.Fatal(err)
 	}
 	out := filepath.Join(dir, "logits.safetensors")
-	if code, _, stderr := tpfleet(t, "score", "--model", fixture, "--ids-file", in, "--out", out); code != 0 {
-		t.Fatalf("score: exit %d: %s", code, stderr)
-	}
-	got := readF32(t, out, "logits")
-	want := readF32(t, filepath.Join(fixture, "golden.safetensors"), "score_logits")
-	if len(got.values) != len(want.values) || !slices.Equal(got.shape, want.shape) {
-		t.Fatalf("logits shape %v, want %v", got.shape, want.shape)
-	}
-	var diff, ref float64
-	for i := range want.values {
-		diff = math.Max(diff, math.Abs(float64(got.values[i]-want.values[i])))
-		ref = math.Max(ref, math.Abs(float64(want.values[i])))
-	}
-	if diff/ref > 1e-4 {
-		t.Errorf("score logits max |Δ|/max |ref| = %.3g, want <= 1e-4", diff/ref)
+	for _, extra := range [][]string{nil, {"--prefill-chunk", "7"}} { // whole, and in pieces of 7 tokens
+		if code, _, stderr := tpfleet(t, append([]string{"score", "--model", fixture, "--ids-file", in, "--out", out}, extra...)...); code != 0 {
+			t.Fatalf("score %v: exit %d: %s", extra, code, stderr)
+		}
+		got := readF32(t, out, "logits")
+		want := readF32(t, filepath.Join(fixture, "golden.safetensors"), "score_logits")
+		if len(got.values) != len(want.values) || !slices.Equal(got.shape, want.shape) {
+			t.Fatalf("score %v: logits shape %v, want %v", extra, got.shape, want.shape)
+		}
+		var diff, ref float64
+		for i := range want.values {
+			diff = math.Max(diff, math.Abs(float64(got.values[i]-want.values[i])))
+			ref = math.Max(ref, math.Abs(float64(want.values[i])))
+		}
+		if diff/ref > 1e-4 {
+			t.Errorf("score %v: logits max |Δ|/max |ref| = %.3g, want <= 1e-4", extra, diff/ref)
+		}
 	}
 
 	// --ids gives [1, seq, vocab].

@@ -28,9 +28,15 @@ type pixels struct {
 
 type scoreFlags struct {
 	modelFlags
-	ids     string
-	idsFile string
-	out     string
+	ids          string
+	idsFile      string
+	out          string
+	prefillChunk int
+}
+
+// chunkScorer is a model that scores in pieces of at most chunk tokens (chunked prefill).
+type chunkScorer interface {
+	ScoreChunked(ctx context.Context, ids []int, chunk int) ([]float32, error)
 }
 
 // runScore writes teacher-forced logits: float32 "logits" [batch, seq, vocab] for int64 "input_ids" [batch, seq].
@@ -44,11 +50,15 @@ func runScore(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&f.ids, "ids", "", "token ids of one sequence, comma-separated")
 	fs.StringVar(&f.idsFile, "ids-file", "", `safetensors file with int64 "input_ids" [batch, seq] and, for images, float32 "pixel_values" [tiles, 3, H, W]`)
 	fs.StringVar(&f.out, "out", "", `output safetensors file: float32 "logits" [batch, seq, vocab]`)
+	fs.IntVar(&f.prefillChunk, "prefill-chunk", 0, "run each sequence through the model in pieces of at most this many tokens (chunked prefill; 0: whole)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if fs.NArg() > 0 {
 		return usagef("unexpected argument %q", fs.Arg(0))
+	}
+	if f.prefillChunk < 0 {
+		return usagef("--prefill-chunk %d must not be negative", f.prefillChunk)
 	}
 	if err := f.check(); err != nil {
 		return err
@@ -100,6 +110,8 @@ func runScore(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 					return fmt.Errorf("%w: the %s model takes no images", modelrun.ErrInput, rm.Config().Info().Family)
 				}
 				got, err = is.ScoreImages(ctx, ids, features.patchID, features.rows[b])
+			} else if cs, ok := rm.(chunkScorer); ok && f.prefillChunk > 0 {
+				got, err = cs.ScoreChunked(ctx, ids, f.prefillChunk)
 			} else {
 				got, err = rm.Score(ctx, ids)
 			}

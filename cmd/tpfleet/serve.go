@@ -20,6 +20,7 @@ import (
 	"github.com/tpfleet/tpfleet/coordinator"
 	"github.com/tpfleet/tpfleet/gateway"
 	"github.com/tpfleet/tpfleet/internal/security"
+	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/tpgroup"
 	"github.com/tpfleet/tpfleet/worker"
 )
@@ -39,7 +40,9 @@ type serveFlags struct {
 	maxQueue    int
 	maxBatch    int
 	tokenBudget int
-	logLevel    string
+	// prefillChunk caps a prompt's piece per step; blockSize is the workers' KV block size.
+	prefillChunk, blockSize int
+	logLevel                string
 	// vLLM's serve flags.
 	host, servedName, origins string
 	media                     gateway.MediaConfig
@@ -100,6 +103,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&f.maxQueue, "max-queue", 0, "requests that may wait for a batch (0: 256)")
 	fs.IntVar(&f.maxBatch, "max-batch", 0, "sequences per step (0: 32)")
 	fs.IntVar(&f.tokenBudget, "token-budget", 0, "tokens per step: decodes plus prompt pieces (0: 512)")
+	fs.IntVar(&f.prefillChunk, "prefill-chunk", 0, "most prompt tokens of one sequence per step (chunked prefill, interleaved with decodes; 0: the token budget)")
+	fs.IntVar(&f.blockSize, "block-size", 0, fmt.Sprintf("positions per KV cache block of the workers (0: %d)", model.DefaultKVBlockSize))
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level on stderr: debug, info, warn, error")
 	if err := parseInterspersed(fs, args, &f.model); err != nil {
 		return err
@@ -184,7 +189,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		HTTPAllowedOrigins: splitList(f.origins), HTTPMedia: f.media, ServedModelName: f.servedName, MaxModelLen: f.maxModelLen,
 		GenerationConfig: f.genConfig,
 		Quantization:     f.quant.name, QuantizationGroup: f.quant.group,
-		MaxQueue: f.maxQueue, MaxBatch: f.maxBatch, TokenBudget: f.tokenBudget,
+		MaxQueue: f.maxQueue, MaxBatch: f.maxBatch, TokenBudget: f.tokenBudget, PrefillChunk: f.prefillChunk,
 		Etcd: etcd, Logger: log.Named("coordinator"),
 	})
 	if err != nil {
@@ -215,6 +220,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		wcfg.Device = f.device
 		wcfg.DeviceIndex = i
 		wcfg.Threads = f.threads
+		wcfg.BlockSize = f.blockSize
 		wcfg.Etcd = etcd
 		wcfg.TLS, wcfg.Insecure = tl, f.tls.cfg.Insecure
 		wcfg.Gossip.KeyFile = f.tls.gossipKey
@@ -318,7 +324,7 @@ func startServeProcs(f serveFlags, etcd string, stderr io.Writer, log *zap.Logge
 	pid := os.Getpid()
 	g := &localGroup{
 		sub:      "worker",
-		args:     []string{"--log-level", f.logLevel},
+		args:     []string{"--log-level", f.logLevel, "--block-size", strconv.Itoa(f.blockSize)},
 		device:   f.device,
 		nproc:    f.workers,
 		nnodes:   1,

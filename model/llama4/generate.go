@@ -53,14 +53,26 @@ func (m *Model) generate(ctx context.Context, prompt []int, images *Images, opt 
 		return nil, "", fmt.Errorf("%w: prompt of %d tokens plus %d new tokens exceeds max_position_embeddings %d",
 			ErrInput, len(prompt), opt.MaxTokens, m.Config.MaxPositions)
 	}
+	if opt.PrefillChunk < 0 {
+		return nil, "", fmt.Errorf("%w: prefill chunk %d must not be negative", ErrInput, opt.PrefillChunk)
+	}
 	seq, err := m.NewSequence(len(prompt) + opt.MaxTokens)
 	if err != nil {
 		return nil, "", err
 	}
+	defer seq.Free() // the blocks go back however the generation ends
 	sampler := sample.New(opt.Sample)
 	sampler.Feed(prompt) // the penalties' history
 	var out []int
 	next := prompt
+	if images == nil && opt.PrefillChunk > 0 { // all of the prompt but its last piece; the loop runs that
+		for len(next) > opt.PrefillChunk {
+			if _, err := m.Forward(ctx, seq, next[:opt.PrefillChunk], false); err != nil {
+				return nil, "", err
+			}
+			next = next[opt.PrefillChunk:]
+		}
+	}
 	for len(out) < opt.MaxTokens {
 		var logits backend.Tensor
 		if images != nil && len(out) == 0 {
@@ -122,15 +134,36 @@ func (m *Model) choose(logits backend.Tensor, sampler *sample.Sampler) (int, err
 
 // Score runs ids teacher-forced through a fresh sequence and returns logits [len(ids), vocab] on the host.
 func (m *Model) Score(ctx context.Context, ids []int) ([]float32, error) {
+	return m.ScoreChunked(ctx, ids, 0)
+}
+
+// ScoreChunked is Score with the ids run in pieces of at most chunk tokens (chunked prefill; 0: all at
+// once). The logits are those of Score: each piece attends to the cached keys of the pieces before it.
+func (m *Model) ScoreChunked(ctx context.Context, ids []int, chunk int) ([]float32, error) {
+	if chunk < 0 {
+		return nil, fmt.Errorf("%w: prefill chunk %d must not be negative", ErrInput, chunk)
+	}
+	if chunk == 0 {
+		chunk = max(len(ids), 1)
+	}
 	seq, err := m.NewSequence(len(ids))
 	if err != nil {
 		return nil, err
 	}
-	logits, err := m.Forward(ctx, seq, ids, true)
-	if err != nil {
-		return nil, err
+	defer seq.Free()
+	var out []float32
+	for from := 0; from < len(ids) || from == 0; from += chunk {
+		logits, err := m.Forward(ctx, seq, ids[from:min(from+chunk, len(ids))], true)
+		if err != nil {
+			return nil, err
+		}
+		v, err := m.ops.Float32(logits)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, v...)
 	}
-	return m.ops.Float32(logits)
+	return out, nil
 }
 
 // ScoreImages is Score with images: features in the <|patch|> slots of ids (see ForwardImages).
@@ -139,6 +172,7 @@ func (m *Model) ScoreImages(ctx context.Context, ids []int, images Images) ([]fl
 	if err != nil {
 		return nil, err
 	}
+	defer seq.Free()
 	logits, err := m.ForwardImages(ctx, seq, ids, images, true)
 	if err != nil {
 		return nil, err

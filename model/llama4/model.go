@@ -45,6 +45,10 @@ type Model struct {
 	norm       backend.Tensor
 	lmHead     backend.Tensor
 	lmSplit    bool
+
+	// kvPool holds the blocks of every layer's KV caches (all layers share one shape); made on the first
+	// NewSequence (a growing pool of model.DefaultKVBlockSize) unless SetKVBlocks made one.
+	kvPool backend.BlockPool
 }
 
 // decoderLayer is spec §2.5's block: x += attention(norm(x)); x += ffn(norm(x)).
@@ -247,23 +251,71 @@ type Sequence struct {
 	caches   []backend.KVCache
 	next     int // position of the next token
 	capacity int
+	freed    bool
 }
 
 // Len is the number of tokens the sequence has consumed.
 func (s *Sequence) Len() int { return s.next }
+
+// Free returns the blocks of the sequence's caches to the model's pool. The sequence cannot run again
+// (ForwardBatch refuses it); freeing twice is harmless.
+func (s *Sequence) Free() {
+	for _, c := range s.caches {
+		c.Free()
+	}
+	s.freed = true
+}
+
+// SetKVBlocks makes the pool that the caches of later sequences take their blocks from: blocks blocks
+// of blockSize positions, or, with blocks 0, a pool that grows as needed. Sequences made before keep
+// their pool.
+func (m *Model) SetKVBlocks(blockSize, blocks int) error {
+	if err := model.CheckKVBlockSize(blockSize); err != nil {
+		return fmt.Errorf("llama4: %w", err)
+	}
+	kvHeads := 0
+	for _, l := range m.layers {
+		if kvHeads != 0 && l.attn.kvHeads != kvHeads {
+			return fmt.Errorf("llama4: layers with %d and %d local kv heads cannot share a block pool", kvHeads, l.attn.kvHeads)
+		}
+		kvHeads = l.attn.kvHeads
+	}
+	p, err := m.ops.NewBlockPool(max(kvHeads, 1), m.Config.HeadDim, blockSize, blocks)
+	if err != nil {
+		return fmt.Errorf("llama4: kv block pool of %d blocks of %d: %w", blocks, blockSize, err)
+	}
+	m.kvPool = p
+	return nil
+}
+
+// KVUsage reports the KV blocks in use by live sequences, the blocks the pool has, and their size in
+// positions (all 0 before the first sequence when no pool was set).
+func (m *Model) KVUsage() (used, total, blockSize int) {
+	if m.kvPool == nil {
+		return 0, 0, 0
+	}
+	used, total = m.kvPool.Usage()
+	return used, total, m.kvPool.BlockSize()
+}
 
 // NewSequence makes an empty sequence with room for capacity tokens (prompt and generated).
 func (m *Model) NewSequence(capacity int) (*Sequence, error) {
 	if capacity <= 0 || capacity > m.Config.MaxPositions {
 		return nil, fmt.Errorf("%w: context of %d tokens: must be in [1, max_position_embeddings=%d]", ErrInput, capacity, m.Config.MaxPositions)
 	}
-	s := &Sequence{caches: make([]backend.KVCache, len(m.layers)), capacity: capacity}
+	if m.kvPool == nil {
+		if err := m.SetKVBlocks(model.DefaultKVBlockSize, 0); err != nil {
+			return nil, err
+		}
+	}
+	s := &Sequence{caches: make([]backend.KVCache, 0, len(m.layers)), capacity: capacity}
 	for i, l := range m.layers {
-		c, err := m.ops.NewKVCache(l.attn.kvHeads, m.Config.HeadDim, capacity, l.window)
+		c, err := m.ops.NewKVCache(m.kvPool, capacity, l.window)
 		if err != nil {
+			s.Free()
 			return nil, fmt.Errorf("llama4: layer %d kv cache: %w", i, err)
 		}
-		s.caches[i] = c
+		s.caches = append(s.caches, c)
 	}
 	return s, nil
 }
@@ -458,6 +510,9 @@ func (m *Model) placeImages(s *step, x backend.Tensor, rows int, slots []imageSl
 func (m *Model) checkInput(seq *Sequence, ids []int) error {
 	if len(ids) == 0 {
 		return fmt.Errorf("%w: no tokens", ErrInput)
+	}
+	if seq.freed {
+		return fmt.Errorf("%w: the sequence was freed", ErrInput)
 	}
 	for i, id := range ids {
 		if id < 0 || id >= m.Config.VocabSize {

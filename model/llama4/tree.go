@@ -188,6 +188,14 @@ func (r runner) Config() model.Config { return r.m.Config }
 
 var _ run.ExpertLoader = runner{}
 
+var _ run.KVPool = runner{}
+
+// SetKVBlocks is Model.SetKVBlocks.
+func (r runner) SetKVBlocks(blockSize, blocks int) error { return r.m.SetKVBlocks(blockSize, blocks) }
+
+// KVUsage is Model.KVUsage.
+func (r runner) KVUsage() (used, total, blockSize int) { return r.m.KVUsage() }
+
 // ExpertLoad is Model.ExpertLoad.
 func (r runner) ExpertLoad() [][]int64 { return r.m.ExpertLoad() }
 
@@ -215,6 +223,11 @@ func (r runner) Generate(ctx context.Context, prompt []int, opt run.GenerateOpti
 }
 
 func (r runner) Score(ctx context.Context, ids []int) ([]float32, error) { return r.m.Score(ctx, ids) }
+
+// ScoreChunked is Model.ScoreChunked: Score with the ids run in pieces of at most chunk tokens.
+func (r runner) ScoreChunked(ctx context.Context, ids []int, chunk int) ([]float32, error) {
+	return r.m.ScoreChunked(ctx, ids, chunk)
+}
 
 // GenerateImages is Model.GenerateImages: Generate with image features in the <|patch|> (patchID) slots.
 func (r runner) GenerateImages(ctx context.Context, prompt []int, patchID int, features []float32, opt run.GenerateOptions, emit func(id int) error) ([]int, run.Finish, error) {

@@ -49,6 +49,19 @@ type Parallel struct {
 type Sequence interface {
 	// Len is the number of tokens the sequence has consumed.
 	Len() int
+	// Free returns the sequence's KV cache blocks to the model's pool; the sequence cannot run again.
+	// Call it when a sequence ends or is cancelled. Freeing twice is harmless.
+	Free()
+}
+
+// KVPool is implemented by a Model whose sequences keep their KV caches in a pool of fixed-size blocks
+// (backend.BlockPool): SetKVBlocks replaces the pool by one of blocks blocks of blockSize positions
+// (blocks 0: a pool that grows as sequences need blocks), for the sequences made after it; KVUsage
+// reports the blocks in use and the blocks the pool has (the memory planner sizes the pool from free
+// memory, admission counts blocks).
+type KVPool interface {
+	SetKVBlocks(blockSize, blocks int) error
+	KVUsage() (used, total, blockSize int)
 }
 
 // GenerateOptions bound and steer a generation.
@@ -56,6 +69,9 @@ type GenerateOptions struct {
 	MaxTokens int           // new tokens at most; must be positive
 	Sample    sample.Params // Temperature 0 is greedy
 	StopIDs   []int         // generation ends after emitting one of these (eos ids); empty: never
+	// PrefillChunk, when positive, runs the prompt through the model in pieces of at most this many
+	// tokens (chunked prefill: the same logits, less activation memory per step).
+	PrefillChunk int
 }
 
 // Finish says why a generation ended.
