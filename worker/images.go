@@ -13,9 +13,15 @@ import (
 )
 
 // openImages loads the checkpoint's vision tower when its family has one that runs here and the
-// checkpoint declares one (run.ImageOpener); otherwise it returns why the model takes no images. A
-// checkpoint read from a peer (local false) has no files here for the tower.
-func (w *Worker) openImages(ctx context.Context, cfg model.Config, dir string, local bool) (run.ImageEncoder, error, error) {
+// checkpoint declares one (run.ImageOpener), or takes it over from weights of the same checkpoint in
+// from; otherwise noImages says why the model takes no images (err is a failed load). A checkpoint read
+// from a peer (local false) has no files here for the tower.
+func (w *Worker) openImages(ctx context.Context, cfg model.Config, dir string, local bool, from []*weights) (enc run.ImageEncoder, noImages, err error) {
+	for _, f := range from {
+		if f != nil && f.key.dir == dir && f.images != nil {
+			return f.images, nil, nil
+		}
+	}
 	o, ok := cfg.(run.ImageOpener)
 	switch {
 	case !ok:
@@ -23,7 +29,7 @@ func (w *Worker) openImages(ctx context.Context, cfg model.Config, dir string, l
 	case !local:
 		return nil, fmt.Errorf("%w: %s is read from a peer; the vision tower needs the checkpoint's files on this host", model.ErrNoImages, dir), nil
 	}
-	enc, err := o.OpenImageEncoder(ctx, dir)
+	enc, err = o.OpenImageEncoder(ctx, dir)
 	if errors.Is(err, model.ErrNoImages) {
 		return nil, err, nil
 	}

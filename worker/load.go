@@ -274,7 +274,7 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 		}
 		return nil, err
 	}
-	enc, noImages, err := w.openImages(ctx, cfg, k.dir, remote == nil) // images.go
+	enc, noImages, err := w.openImages(ctx, cfg, k.dir, remote == nil, from) // images.go
 	if err != nil {
 		return nil, err
 	}
