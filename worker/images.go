@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"go.uber.org/zap"
 
@@ -64,10 +65,12 @@ func (w *Worker) encodeImages(req *tpfleetv1.StepRequest, wts *weights) (map[int
 	if len(at) == 0 {
 		return nil, nil
 	}
+	start := time.Now()
 	feats, err := wts.images.Encode(w.ctx, prompts)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidRequest, err)
 	}
+	w.lg.Debug("images encoded", zap.Uint64("step", req.GetStep()), zap.Int("sequences", len(at)), zap.Duration("took", time.Since(start)))
 	rowLen := wts.images.Width()
 	out := make(map[int]*imageSlots, len(at))
 	for k, i := range at {
