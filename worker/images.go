@@ -67,7 +67,10 @@ func (w *Worker) encodeImages(req *tpfleetv1.StepRequest, wts *weights) (map[int
 	}
 	start := time.Now()
 	feats, err := wts.images.Encode(w.ctx, prompts)
-	if err != nil {
+	switch {
+	case err != nil && w.ctx.Err() != nil:
+		return nil, fmt.Errorf("%w: %w", ErrClosed, err)
+	case err != nil:
 		return nil, fmt.Errorf("%w: %w", ErrInvalidRequest, err)
 	}
 	w.lg.Debug("images encoded", zap.Uint64("step", req.GetStep()), zap.Int("sequences", len(at)), zap.Duration("took", time.Since(start)))
