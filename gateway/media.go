@@ -322,3 +322,23 @@ func (c *MediaConfig) AddFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.Timeout, "media-timeout", c.Timeout, "deadline of one image URL's fetch (0: 10s)")
 	fs.IntVar(&c.MaxRedirects, "media-max-redirects", c.MaxRedirects, "redirects one image URL's fetch may follow (0: 3; negative: none)")
 }
+
+// hasImages reports whether any message has an image_url part.
+func hasImages(in []chatMessage) bool {
+	for _, msg := range in {
+		raw := bytes.TrimSpace(msg.Content)
+		if len(raw) == 0 || raw[0] != '[' {
+			continue
+		}
+		var parts []contentPart
+		if json.Unmarshal(raw, &parts) != nil {
+			continue
+		}
+		for _, p := range parts {
+			if p.Type == "image_url" {
+				return true
+			}
+		}
+	}
+	return false
+}

@@ -68,6 +68,11 @@ func TestChatImages(t *testing.T) {
 	if want := "user: <|image|>What is it?\nBe brief.<|image|>\n"; !strings.HasPrefix(prompt, want) {
 		t.Errorf("rendered prompt %q, want it to start with %q", prompt, want)
 	}
+	// /tokenize counts text only.
+	code, _, out = call(t, http.MethodPost, base+"/tokenize", `{"messages":[{"role":"user","content":[`+imagePart(data)+`]}]}`)
+	if code != http.StatusBadRequest || !strings.Contains(string(out), "/tokenize takes text content only") {
+		t.Errorf("POST /tokenize with an image part = %d %s, want 400", code, out)
+	}
 	// Unpadded base64, as some clients send it.
 	unpadded := "data:image/png;base64," + base64.RawStdEncoding.EncodeToString(img)
 	if code, _, out := call(t, http.MethodPost, base+"/v1/chat/completions", imageChat(imagePart(unpadded))); code != http.StatusOK {
