@@ -2,12 +2,15 @@ package coordinator
 
 import (
 	"bytes"
+	"encoding/base64"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"hash/crc32"
 	"image"
 	"image/png"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"slices"
@@ -15,6 +18,7 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/tpfleet/tpfleet/gateway"
 	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/sample"
 	"github.com/tpfleet/tpfleet/tokenizer"
@@ -22,11 +26,11 @@ import (
 
 // visionModelDir is a model directory whose config.json declares a vision tower (the dense-moe-mm
 // fixture's: 28-pixel tiles of 14-pixel patches, one <|patch|> slot a tile) with the test tokenizer's
-// image token ids; it holds no weights (the coordinator reads none).
+// image token ids: a copy of that fixture with the tokenizer added.
 func visionModelDir(t *testing.T) string {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "vision")
-	if err := os.Mkdir(dir, 0o755); err != nil {
+	if err := os.CopyFS(dir, os.DirFS("../testdata/fixtures/dense-moe-mm")); err != nil {
 		t.Fatal(err)
 	}
 	var cfg map[string]any
@@ -188,5 +192,71 @@ func TestPlanImageBytes(t *testing.T) {
 	}
 	if len(b.active) != 3 {
 		t.Errorf("%d sequences in the batch, want 3", len(b.active))
+	}
+}
+
+// TestOpenAIImages: a chat with an image through the leader's gateway and through a Proxy (the gateway
+// process) reaches the group's workers as the image bytes on the sequence's start only, the prompt
+// expanded (usage counts the image's tokens); a corrupt image is a 400 from either, before any step.
+func TestOpenAIImages(t *testing.T) {
+	dir := visionModelDir(t)
+	cl := clusterClient(t)
+	ws, _ := startWorkers(t, cl, 2)
+	cfg := testConfig(t)
+	cfg.Model, cfg.HTTPAddr = dir, "127.0.0.1:0"
+	c, _ := startCoordinator(t, cfg)
+	waitReady(t, c)
+	p, err := NewProxy(ProxyConfig{Coordinators: []string{c.Addr()}, Model: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = p.Close() })
+	g, err := gateway.New(gateway.Config{Generator: p})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(g)
+	t.Cleanup(srv.Close)
+
+	img := testPNG(t, 56, 28)
+	url := "data:image/png;base64," + base64.StdEncoding.EncodeToString(img)
+	body := `{"max_tokens":3,"temperature":0,"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"` + url + `"}},{"type":"text","text":"hi"}]}]}`
+	text, err := loadModelInfo(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain, err := text.tok.EncodeChat([]tokenizer.Message{{Role: "user", Content: "<|image|>hi"}}, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const layout = 8 // <|image_start|> slot tileX slot tileY <|image|> slot <|image_end|> in place of <|image|>
+	for _, base := range []string{"http://" + c.HTTPAddr(), srv.URL} {
+		before := len(ws[0].recorded())
+		code, data := post(t, base, "/v1/chat/completions", body)
+		res := decode[gateway.ChatResponse](t, data)
+		if code != http.StatusOK || res.Usage == nil || res.Usage.PromptTokens != len(plain)-1+layout {
+			t.Fatalf("%s: image chat = %d %s, want 200 with %d prompt tokens", base, code, data, len(plain)-1+layout)
+		}
+		var starts, withImages int
+		for _, req := range ws[0].recorded()[before:] {
+			for _, w := range req.GetSeqs() {
+				if len(w.GetImages()) > 0 {
+					withImages++
+					if !w.GetStart() || !bytes.Equal(w.GetImages()[0], img) {
+						t.Errorf("%s: images on a work that is not a start, or other bytes", base)
+					}
+				}
+				if w.GetStart() {
+					starts++
+				}
+			}
+		}
+		if starts != 1 || withImages != 1 {
+			t.Errorf("%s: %d starts, %d works with images; want the one start with the image", base, starts, withImages)
+		}
+		bad := strings.Replace(body, url, "data:image/png;base64,"+base64.StdEncoding.EncodeToString([]byte("junk")), 1)
+		if code, data := post(t, base, "/v1/chat/completions", bad); code != http.StatusBadRequest || !strings.Contains(string(data), "image 0: imageproc: invalid image") {
+			t.Errorf("%s: corrupt image chat = %d %s, want 400 naming the image", base, code, data)
+		}
 	}
 }
