@@ -69,6 +69,21 @@ type ExpertCounter interface {
 	CountExperts(counts []int64) error
 }
 
+// ExpertMapper is implemented by a backend that sends each token's choice of an expert to one of the
+// expert's replicas: the slots of a layer's expert tensors over the group (shard.Plan.WithOrder, hot experts
+// held on several ranks) are then not the router's experts one for one. A model whose slots differ from
+// its router's experts needs it; one whose do not never calls it.
+type ExpertMapper interface {
+	// MapExperts returns a Routing with r's choices and scores in r's order, where token t's choice of
+	// expert e (an index of the router's logits) becomes slot slots[e][spread[t] mod len(slots[e])]: the
+	// model picks the spread (the token's position) so that every rank picks the same replica and an
+	// expert's tokens split evenly among its replicas. slots has an entry for every expert, none empty;
+	// spread has one entry (>= 0) per token. An expert beyond slots, an empty entry or a spread of the
+	// wrong length is an error wrapping ErrShape. r is not changed; the result, like r, may be used
+	// until the step ends.
+	MapExperts(r Routing, slots [][]int, spread []int) (Routing, error)
+}
+
 // Ops is the set of operations the model's forward pass is written over. Every shape is given outermost
 // first; "[T, n]" means T rows of n elements. Implementations compute in float32 or better unless their doc
 // says otherwise. An op with operands of the wrong shape returns an error wrapping ErrShape, never panics.

@@ -23,6 +23,10 @@ type RebalanceRequest struct {
 	DryRun, Wait bool
 	// Experts places the experts of every MoE layer over the ranks by their load (the ep plan).
 	Experts bool
+	// RedundantExperts, with Experts, is the number of replica slots a layer for the hottest experts (a
+	// multiple of the TP size; 0: experts only move); nil leaves it to the coordinator (the plan's, or one
+	// slot a rank for a plan without an expert order).
+	RedundantExperts *int
 }
 
 // Move is what one worker does in a plan change: its place in the new plan (Group and Rank -1: none) and
@@ -60,12 +64,31 @@ type RebalanceResult struct {
 	ExpertOrder map[int][]int `json:"expert_order,omitempty"`
 }
 
-// ExpertLoad is the cluster's expert load: per MoE layer, the tokens routed to each expert, summed over
-// Groups TP groups of plan Epoch.
+// ExpertLoad is the cluster's expert load: per MoE layer, the tokens routed to each expert (Layers, the
+// checkpoint's numbering) and computed by each slot of the group's expert tensors (Slots: slots rank by
+// rank, TP ranks, Order[layer][slot] the expert a slot holds, replicas included; no Order: the checkpoint's
+// order), summed over Groups TP groups of plan Epoch.
 type ExpertLoad struct {
 	Epoch  int64           `json:"epoch"`
 	Groups int             `json:"groups"`
+	TP     int             `json:"tp"`
 	Layers map[int][]int64 `json:"layers"`
+	Slots  map[int][]int64 `json:"slots,omitempty"`
+	Order  map[int][]int   `json:"order,omitempty"`
+}
+
+// RankLoad returns the tokens each rank computed in layer l (from Slots), nil when they were not counted.
+func (l ExpertLoad) RankLoad(layer int) []int64 {
+	slots := l.Slots[layer]
+	if l.TP < 1 || len(slots) == 0 || len(slots)%l.TP != 0 {
+		return nil
+	}
+	out := make([]int64, l.TP)
+	per := len(slots) / l.TP
+	for i, n := range slots {
+		out[i/per] += n
+	}
+	return out
 }
 
 // Experts reads the expert load through the coordinator's Admin service.
@@ -74,10 +97,17 @@ func (c *Client) Experts(ctx context.Context) (ExpertLoad, error) {
 	if err != nil {
 		return ExpertLoad{}, err
 	}
-	out := ExpertLoad{Epoch: resp.GetEpoch(), Groups: int(resp.GetGroups()), Layers: make(map[int][]int64)}
+	out := ExpertLoad{Epoch: resp.GetEpoch(), Groups: int(resp.GetGroups()), TP: int(resp.GetTp()), Layers: make(map[int][]int64)}
 	for _, l := range resp.GetLayers() {
 		out.Layers[int(l.GetLayer())] = l.GetTokens()
+		if len(l.GetSlotTokens()) > 0 {
+			if out.Slots == nil {
+				out.Slots = make(map[int][]int64)
+			}
+			out.Slots[int(l.GetLayer())] = l.GetSlotTokens()
+		}
 	}
+	out.Order = expertOrder(resp.GetExpertOrder())
 	return out, nil
 }
 
@@ -88,6 +118,10 @@ func (c *Client) RebalanceWith(ctx context.Context, req RebalanceRequest) (Rebal
 	if req.Replicas != KeepReplicas {
 		r := int32(req.Replicas)
 		in.Replicas = &r
+	}
+	if req.RedundantExperts != nil {
+		r := int32(*req.RedundantExperts)
+		in.RedundantExperts = &r
 	}
 	resp, err := c.admin.Rebalance(ctx, in)
 	if err != nil {
@@ -102,20 +136,27 @@ func (c *Client) RebalanceWith(ctx context.Context, req RebalanceRequest) (Rebal
 	for _, a := range resp.GetAssignments() {
 		out.Assignments = append(out.Assignments, Placement{Group: int(a.GetGroup()), Rank: int(a.GetRank()), MemberID: a.GetMemberId(), Addr: a.GetAddr()})
 	}
-	for _, o := range resp.GetExpertOrder() {
-		if out.ExpertOrder == nil {
-			out.ExpertOrder = make(map[int][]int)
-		}
-		es := make([]int, len(o.GetExperts()))
-		for i, e := range o.GetExperts() {
-			es[i] = int(e)
-		}
-		out.ExpertOrder[int(o.GetLayer())] = es
-	}
+	out.ExpertOrder = expertOrder(resp.GetExpertOrder())
 	for _, m := range resp.GetMoves() {
 		out.Moves = append(out.Moves, Move{MemberID: m.GetMemberId(), Group: int(m.GetGroup()), Rank: int(m.GetRank()), Drained: m.GetDrained(),
 			Loaded: int(m.GetLoaded()), LoadedBytes: m.GetLoadedBytes(), Kept: int(m.GetKept()), KeptBytes: m.GetKeptBytes(),
 			Dropped: int(m.GetDropped()), DroppedBytes: m.GetDroppedBytes(), EstimatedSeconds: m.GetEstimatedSeconds()})
 	}
 	return out, nil
+}
+
+// expertOrder is the Go form of the API's expert order; nil for none.
+func expertOrder(layers []*pb.ExpertOrder) map[int][]int {
+	if len(layers) == 0 {
+		return nil
+	}
+	out := make(map[int][]int, len(layers))
+	for _, o := range layers {
+		es := make([]int, len(o.GetExperts()))
+		for i, e := range o.GetExperts() {
+			es[i] = int(e)
+		}
+		out[int(o.GetLayer())] = es
+	}
+	return out
 }

@@ -38,8 +38,9 @@ type Plan struct {
 	// int4's input columns per scale (0 otherwise). A pre-quantised checkpoint needs neither.
 	Quantization      string `json:"quantization,omitempty"`
 	QuantizationGroup int    `json:"quantization_group,omitempty"`
-	// Order permutes the units of one dimension per layer (shard.Plan.WithOrder): rebalance --experts
-	// places the experts of each MoE layer over the ranks by their load. Nil: the checkpoint's order.
+	// Order places the units of one dimension per layer (shard.Plan.WithOrder): rebalance --experts
+	// places the experts of each MoE layer over the ranks by their load, hot ones replicated in spare
+	// slots. Nil: the checkpoint's order.
 	Order *UnitOrder `json:"order,omitempty"`
 	// Groups are the TP groups (replicas of the model). It may be empty: a plan that places nothing.
 	Groups []Group `json:"groups"`
@@ -47,8 +48,9 @@ type Plan struct {
 	Created time.Time `json:"created"`
 }
 
-// UnitOrder is a permutation of the units of the dimension named Unit ("experts"), per layer: index i of
-// that dimension holds the checkpoint's unit Layers[L][i] in layer L.
+// UnitOrder places the units of the dimension named Unit ("experts"), per layer: slot i of that dimension
+// over a group (slots rank by rank) holds the checkpoint's unit Layers[L][i] in layer L. It names every
+// unit at least once; a unit named more than once is replicated (a hot expert on several ranks).
 type UnitOrder struct {
 	Unit   string        `json:"unit"`
 	Layers map[int][]int `json:"layers"`

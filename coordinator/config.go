@@ -161,8 +161,9 @@ type Config struct {
 	// loading the tensors it lacks. Zero means DefaultLoadBandwidth.
 	LoadBandwidth float64 `json:"load-bandwidth"`
 	// ExpertsEvery is how often the leader looks at the expert load under the ep plan and, when the
-	// busiest rank of a layer carries more than ExpertsImbalance times the mean, rebalances the experts
-	// (rebalance --experts). Zero means never: the automatic mode is off by default.
+	// busiest rank of a layer carries more than ExpertsImbalance times the mean and a new placement
+	// lowers that, rebalances the experts (rebalance --experts with its default replica slots: the
+	// plan's, one a rank at first). Zero means never: the automatic mode is off by default.
 	ExpertsEvery time.Duration `json:"experts-every"`
 	// ExpertsImbalance is the busiest rank's load over the mean that ExpertsEvery acts on. Zero means
 	// DefaultExpertsImbalance.

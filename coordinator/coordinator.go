@@ -150,7 +150,7 @@ func New(cfg Config) (*Coordinator, error) {
 		procGone:      make(map[string]time.Time),
 		coordChanged:  make(chan struct{}, 1),
 	}
-	c.metrics = newMetrics(c.queue.len, c.metricsState)
+	c.metrics = newMetrics(c.queue.len, c.metricsState, c.metricsExperts)
 	// Sequence ids of different coordinator lives differ, so a worker never confuses them.
 	c.seqIDs.Store(uint64(time.Now().UnixNano()))
 	return c, nil

@@ -66,7 +66,7 @@ type metrics struct {
 
 // newMetrics makes the coordinator's metrics and registers them, with the Go runtime's and the
 // process's collectors, in a new registry. queueLen and state are read at scrape time.
-func newMetrics(queueLen func() int, state func() (leader bool, epoch int64, tp, groups, ready int)) *metrics {
+func newMetrics(queueLen func() int, state func() (leader bool, epoch int64, tp, groups, ready int), experts func() (ExpertLoad, bool)) *metrics {
 	m := &metrics{reg: prometheus.NewRegistry()}
 	f := factory{m.reg}
 	m.requests = f.counterVec("tpfleet_requests_total", "Requests by outcome: stop and length (finished), error (failed after admission), abort (the client went away), rejected (refused at admission).", "outcome")
@@ -90,6 +90,7 @@ func newMetrics(queueLen func() int, state func() (leader bool, epoch int64, tp,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "tpfleet_num_requests_waiting", Help: "Requests waiting in the queue for a place in a batch."},
 			func() float64 { return float64(queueLen()) }),
 		newStateCollector(state),
+		newExpertsCollector(experts),
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
@@ -258,6 +259,52 @@ func (s *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(s.tp, prometheus.GaugeValue, float64(tp))
 	ch <- prometheus.MustNewConstMetric(s.groups, prometheus.GaugeValue, float64(groups))
 	ch <- prometheus.MustNewConstMetric(s.readyDesc, prometheus.GaugeValue, float64(ready))
+}
+
+// expertsCollector exports the cluster's expert load (Coordinator.ExpertLoad), asked of the workers at
+// scrape time; nothing while this coordinator does not lead or nothing was counted.
+type expertsCollector struct {
+	load         func() (ExpertLoad, bool)
+	tokens, rank *prometheus.Desc
+}
+
+func newExpertsCollector(load func() (ExpertLoad, bool)) *expertsCollector {
+	return &expertsCollector{
+		load:   load,
+		tokens: prometheus.NewDesc("tpfleet_expert_tokens", "Tokens routed to each expert of each MoE layer (checkpoint numbering) under the plan in force, summed over its groups (cpu routing only).", []string{"layer", "expert"}, nil),
+		rank:   prometheus.NewDesc("tpfleet_expert_rank_tokens", "Tokens the experts of each rank computed in each MoE layer under the plan in force (replicas included), summed over its groups (cpu routing only).", []string{"layer", "rank"}, nil),
+	}
+}
+
+func (e *expertsCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- e.tokens
+	ch <- e.rank
+}
+
+func (e *expertsCollector) Collect(ch chan<- prometheus.Metric) {
+	if e.load == nil {
+		return
+	}
+	l, ok := e.load()
+	if !ok {
+		return
+	}
+	for layer, counts := range l.Layers {
+		for ex, n := range counts {
+			ch <- prometheus.MustNewConstMetric(e.tokens, prometheus.GaugeValue, float64(n), strconv.Itoa(layer), strconv.Itoa(ex))
+		}
+		slots := l.Slots[layer]
+		if l.TP < 1 || len(slots) == 0 || len(slots)%l.TP != 0 {
+			continue
+		}
+		ranks := make([]int64, l.TP)
+		for i, n := range slots {
+			ranks[i/(len(slots)/l.TP)] += n
+		}
+		for r, n := range ranks {
+			ch <- prometheus.MustNewConstMetric(e.rank, prometheus.GaugeValue, float64(n), strconv.Itoa(layer), strconv.Itoa(r))
+		}
+	}
 }
 
 // factory makes metrics and registers them in one registry.

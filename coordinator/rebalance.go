@@ -40,8 +40,13 @@ type RebalanceOptions struct {
 	// Wait returns only once every group of the new epoch serves (or ctx ends).
 	Wait bool
 	// Experts places the experts of every MoE layer over the ranks by their load (ExpertLoad), under the
-	// ep plan: the most loaded experts go to different ranks.
+	// ep plan: the most loaded experts go to different ranks, and get replicas in RedundantExperts extra
+	// slots a layer (see balanceExperts).
 	Experts bool
+	// RedundantExperts, when set, is the number of replica slots a layer that Experts fills (a multiple
+	// of the TP size; 0: experts only move); nil keeps the plan's, or, where the plan has no expert order
+	// yet, one a rank (the TP size; none at TP 1). It needs Experts.
+	RedundantExperts *int
 
 	load *ExpertLoad // the load Experts balances, read before the leader computes the plan
 }
@@ -102,6 +107,10 @@ func (c *Coordinator) Rebalance(ctx context.Context, opts RebalanceOptions) (Reb
 		return RebalanceResult{}, invalid("drain and undrain of the same worker %s", opts.Drain)
 	case len(opts.PlanFile) > 0 && opts.Plan == "":
 		return RebalanceResult{}, invalid("a plan file needs a plan name")
+	case opts.RedundantExperts != nil && *opts.RedundantExperts < 0:
+		return RebalanceResult{}, invalid("redundant experts %d must be >= 0", *opts.RedundantExperts)
+	case opts.RedundantExperts != nil && !opts.Experts:
+		return RebalanceResult{}, invalid("redundant experts without --experts: replicas are placed by the expert load")
 	}
 	if opts.Experts {
 		load, err := c.ExpertLoad(ctx)
@@ -329,7 +338,11 @@ func (ld *leader) rebalanceSpec(opts RebalanceOptions) (spec, error) {
 		if s.planName != "ep" {
 			return spec{}, invalid("--experts places whole experts per rank: it needs the ep plan (--plan ep), not %q; the plan is unchanged", s.planName)
 		}
-		ord, _, err := balanceExperts(opts.load.Layers, s.unitOrder(), s.tp)
+		redundant := defaultRedundant(s)
+		if opts.RedundantExperts != nil {
+			redundant = *opts.RedundantExperts
+		}
+		ord, _, err := balanceExperts(opts.load.Layers, s.unitOrder(), s.tp, redundant)
 		if err != nil {
 			return spec{}, fmt.Errorf("%w; the plan is unchanged", err)
 		}

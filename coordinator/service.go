@@ -3,6 +3,7 @@ package coordinator
 import (
 	"context"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -205,6 +206,10 @@ func (s *adminServer) Rebalance(ctx context.Context, in *pb.RebalanceRequest) (*
 	if in.Replicas != nil {
 		opts.Replicas = int(in.GetReplicas())
 	}
+	if in.RedundantExperts != nil {
+		n := int(in.GetRedundantExperts())
+		opts.RedundantExperts = &n
+	}
 	res, err := s.c.Rebalance(ctx, opts)
 	if err != nil {
 		return nil, toStatus(err)
@@ -217,16 +222,7 @@ func (s *adminServer) Rebalance(ctx context.Context, in *pb.RebalanceRequest) (*
 			out.Assignments = append(out.Assignments, &pb.Assignment{Group: int32(g.ID), Rank: int32(a.Rank), MemberId: a.MemberID, Addr: a.Addr})
 		}
 	}
-	if p.Order != nil {
-		layers := make([]int, 0, len(p.Order.Layers))
-		for l := range p.Order.Layers {
-			layers = append(layers, l)
-		}
-		slices.Sort(layers)
-		for _, l := range layers {
-			out.ExpertOrder = append(out.ExpertOrder, &pb.ExpertOrder{Layer: int32(l), Experts: toInt32(p.Order.Layers[l])})
-		}
-	}
+	out.ExpertOrder = expertOrderProto(p.Order)
 	for _, m := range res.Moves {
 		out.Moves = append(out.Moves, &pb.WorkerMove{MemberId: m.MemberID, Group: int32(m.Group), Rank: int32(m.Rank), Drained: m.Drained,
 			Loaded: int32(m.Loaded), LoadedBytes: m.LoadedBytes, Kept: int32(m.Kept), KeptBytes: m.KeptBytes,
@@ -235,13 +231,25 @@ func (s *adminServer) Rebalance(ctx context.Context, in *pb.RebalanceRequest) (*
 	return out, nil
 }
 
+// expertOrderProto is the API form of an expert order, layers in order; nil for none.
+func expertOrderProto(o *cluster.UnitOrder) []*pb.ExpertOrder {
+	if o == nil {
+		return nil
+	}
+	var out []*pb.ExpertOrder
+	for _, l := range slices.Sorted(maps.Keys(o.Layers)) {
+		out = append(out, &pb.ExpertOrder{Layer: int32(l), Experts: toInt32(o.Layers[l])})
+	}
+	return out
+}
+
 // Experts sums the expert load of the groups in force (see Coordinator.ExpertLoad).
 func (s *adminServer) Experts(ctx context.Context, _ *pb.ExpertsRequest) (*pb.ExpertsResponse, error) {
 	l, err := s.c.ExpertLoad(ctx)
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	return &pb.ExpertsResponse{Epoch: l.Epoch, Groups: int32(l.Groups), Layers: expertLoadProto(l)}, nil
+	return &pb.ExpertsResponse{Epoch: l.Epoch, Groups: int32(l.Groups), Layers: expertLoadProto(l), Tp: int32(l.TP), ExpertOrder: expertOrderProto(l.Order)}, nil
 }
 
 // toInt32 converts token ids to the API's int32 (the coordinator's ids fit: they are below the

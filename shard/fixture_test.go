@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"testing"
 
@@ -133,12 +134,12 @@ func TestWithOrder(t *testing.T) {
 		ranges []safetensors.Range
 		layout model.Layout
 	}{
-		{"model.layers.0.feed_forward.experts.gate_up_proj", 0, []safetensors.Range{{Start: 3, End: 4}, {Start: 1, End: 2}}, model.Layout{Dim: 0, Part: 0, Parts: 2}},
-		{"model.layers.0.feed_forward.router.weight", 0, []safetensors.Range{{Start: 3, End: 4}, {Start: 1, End: 3}, {Start: 0, End: 1}}, model.Replicated},
+		{"model.layers.0.feed_forward.experts.gate_up_proj", 0, []safetensors.Range{{Start: 3, End: 4}, {Start: 1, End: 2}}, model.Layout{Dim: 0, Part: 0, Parts: 2, Units: []int{3, 1, 2, 0}}},
+		{"model.layers.0.feed_forward.router.weight", 0, []safetensors.Range{{Start: 3, End: 4}, {Start: 1, End: 3}, {Start: 0, End: 1}}, model.Layout{Dim: -1, Parts: 1, Units: []int{3, 1, 2, 0}}},
 		{"model.layers.1.feed_forward.experts.gate_up_proj", 0, []safetensors.Range{{Start: 0, End: 2}}, model.Layout{Dim: 0, Part: 0, Parts: 2}},
 	} {
 		s, ok := m.Lookup(tc.name)
-		if !ok || s.Dim != tc.dim || !slices.Equal(s.Ranges, tc.ranges) || s.Layout != tc.layout {
+		if !ok || s.Dim != tc.dim || !slices.Equal(s.Ranges, tc.ranges) || !reflect.DeepEqual(s.Layout, tc.layout) {
 			t.Errorf("%s: dim %d, ranges %v, layout %+v; want %d, %v, %+v", tc.name, s.Dim, s.Ranges, s.Layout, tc.dim, tc.ranges, tc.layout)
 		}
 	}
@@ -151,9 +152,58 @@ func TestWithOrder(t *testing.T) {
 		{ep, map[int][]int{0: {0, 0, 1, 2}}},
 		{ep, map[int][]int{0: {0, 1}}},
 		{ep, map[int][]int{99: {0, 1, 2, 3}}},
+		{ep, map[int][]int{0: {0, 1, 2, 3, 0}}},    // 5 slots over 2 ranks
+		{ep, map[int][]int{0: {0, 1, 2, 3, 4, 0}}}, // no expert 4
+		{ep, map[int][]int{0: {0, 1, 2, 0, 1, 2}}}, // expert 3 nowhere
 	} {
 		if _, err := NewManifest(cfg, ckpt, bad.plan.WithOrder("experts", bad.order), 2, 0); !errors.Is(err, ErrPlan) {
 			t.Errorf("NewManifest with order %v = %v, want ErrPlan", bad.order, err)
+		}
+	}
+}
+
+// TestWithOrderReplicas: an order with more slots than experts gives each rank the experts of its slots,
+// a replicated expert on every rank that has a slot of it, with the bytes of its slots; the router stays
+// in the checkpoint's order; Diff reads on each rank only the experts it lacks.
+func TestWithOrderReplicas(t *testing.T) {
+	cfg, ckpt := openFixture(t, "moe-top1")
+	ep, _ := NamedPlan(cfg, "ep")
+	order := []int{3, 0, 1, 0, 2, 3} // experts 0 and 3 on both ranks
+	const gu = "model.layers.0.feed_forward.experts.gate_up_proj"
+	info, err := ckpt.Info(gu)
+	if err != nil {
+		t.Fatal(err)
+	}
+	perExpert := info.NumBytes() / int64(info.Shape[0])
+	for rank, want := range [][]safetensors.Range{{{Start: 3, End: 4}, {Start: 0, End: 2}}, {{Start: 0, End: 1}, {Start: 2, End: 4}}} {
+		m, err := NewManifest(cfg, ckpt, ep.WithOrder("experts", map[int][]int{0: order}), 2, rank)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, _ := m.Lookup(gu)
+		wantLayout := model.Layout{Dim: 0, Part: rank, Parts: 2, Units: order}
+		if !slices.Equal(s.Ranges, want) || s.LocalShape[0] != 3 || s.Bytes != 3*perExpert || !reflect.DeepEqual(s.Layout, wantLayout) {
+			t.Errorf("rank %d %s: ranges %v, local shape %v, %d bytes, layout %+v; want %v, 3 experts, %d bytes, %+v",
+				rank, gu, s.Ranges, s.LocalShape, s.Bytes, s.Layout, want, 3*perExpert, wantLayout)
+		}
+		r, _ := m.Lookup("model.layers.0.feed_forward.router.weight")
+		if r.Ranges != nil || !reflect.DeepEqual(r.Layout, model.Replicated) {
+			t.Errorf("rank %d router: ranges %v, layout %+v; want the whole tensor in the checkpoint's order", rank, r.Ranges, r.Layout)
+		}
+		// From the checkpoint's order (experts 0, 1 on rank 0; 2, 3 on rank 1) a rank reads only the
+		// experts it lacks: for the ep plan's two expert tensors, their entries.
+		plain, err := NewManifest(cfg, ckpt, ep, 2, rank)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mv := Diff(&plain, &m)
+		var wantBytes int64
+		for _, name := range []string{gu, "model.layers.0.feed_forward.experts.down_proj"} {
+			e, _ := m.Lookup(name)
+			wantBytes += e.Bytes
+		}
+		if mv.Loaded != 2 || mv.LoadedBytes != wantBytes || mv.Dropped != 2 {
+			t.Errorf("rank %d: Diff(checkpoint order, replicas) = %+v; want the 2 expert tensors loaded (%d bytes) and dropped", rank, mv, wantBytes)
 		}
 	}
 }

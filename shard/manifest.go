@@ -432,6 +432,9 @@ func (a *analysis) manifest(rank int) Manifest {
 				half, c := n/2, n/2/a.tp
 				s.Ranges = []safetensors.Range{{Start: rank * c, End: (rank + 1) * c}, {Start: half + rank*c, End: half + (rank+1)*c}}
 			default:
+				if d, ord, ok := a.orderOf(t); ok && d == t.dim {
+					n = len(ord) // slots, replicas included
+				}
 				c := n / a.tp
 				s.Ranges = []safetensors.Range{{Start: rank * c, End: (rank + 1) * c}}
 			}

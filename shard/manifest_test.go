@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -53,7 +54,7 @@ func TestManifestReassembles(t *testing.T) {
 						if s.Split() {
 							wantLay = llama4.Layout{Dim: s.Dim, Part: m.Rank, Parts: tp}
 						}
-						if lay != wantLay {
+						if !reflect.DeepEqual(lay, wantLay) {
 							t.Errorf("%s %s tp %d rank %d: Load(%q) layout = %+v, want %+v", fx, pl.name, tp, m.Rank, name, lay, wantLay)
 						}
 						a := asm[s.Name]

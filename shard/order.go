@@ -16,13 +16,17 @@ type unitOrder struct {
 }
 
 // WithOrder returns p with the units of the dimension named unit (a key of the model's Dims: "experts")
-// permuted, layer by layer: in every tensor of layer L (the first all-digit component of its name) with a
-// dimension of that unit, index i of the dimension holds the checkpoint's unit layers[L][i]. Whole tensors
-// are read in that order (every rank reads all of them: a router's rows), and tensors split on that
-// dimension give each rank the units of its indices (whole experts per rank: the ep plan). The model then
-// sees the units permuted alike in every such tensor, which changes nothing of what it computes but which
-// rank holds which unit. NewManifest reports an order that is not a permutation of the dimension, and a
-// tensor split on another dimension than the permuted one. Layers without an order keep the checkpoint's.
+// placed, layer by layer: in every tensor of layer L (the first all-digit component of its name) split on a
+// dimension of that unit, index (slot) i of the dimension over the group holds the checkpoint's unit
+// layers[L][i], and each rank gets the units of its slots (whole experts per rank: the ep plan). An order
+// is a permutation of the units, or longer: every unit at least once and some more than once (replicas of a
+// hot expert on several ranks), in as many slots as divide over the ranks; a split tensor then has
+// len(layers[L])/tp slots a rank. Whole tensors with that dimension (a router's rows, which every rank
+// reads) are read in the order when it is a permutation and in the checkpoint's order when it has
+// replicas. The model is told the order of every tensor it applies to (model.Layout.Units), so it
+// computes what it did unordered, on other ranks. NewManifest reports an order that leaves out a unit or
+// names one the dimension lacks, slots that do not divide over the ranks, and a tensor split on another
+// dimension than the ordered one. Layers without an order keep the checkpoint's.
 func (p Plan) WithOrder(unit string, layers map[int][]int) Plan {
 	if len(layers) == 0 {
 		p.order = nil
@@ -79,12 +83,13 @@ func (a *analysis) checkOrder(errs *errorSet) {
 		l, _ := layerOf(t.info.Name)
 		used[l] = true
 		n := t.info.Shape[d]
-		sorted := slices.Sorted(slices.Values(ord))
 		switch {
-		case len(ord) != n || !slices.Equal(sorted, seq(n)):
-			errs.add(fmt.Errorf("%w: %s: the order of %s in layer %d, %v, is not a permutation of its %d %s", ErrPlan, t.info.Name, a.order.unit, l, ord, n, a.order.unit))
+		case !covers(ord, n):
+			errs.add(fmt.Errorf("%w: %s: the order of %s in layer %d, %v, must name each of its %d %s at least once and no other", ErrPlan, t.info.Name, a.order.unit, l, ord, n, a.order.unit))
 		case t.dim >= 0 && (t.dim != d || t.packed || t.replicas > 1):
 			errs.add(fmt.Errorf("%w: %s is split on dim %d: an order of %s needs whole %s per rank (split on dim %d, as the ep plan does)", ErrPlan, t.info.Name, t.dim, a.order.unit, a.order.unit, d))
+		case t.dim == d && len(ord)%a.tp != 0:
+			errs.add(fmt.Errorf("%w: %s: the order of %s in layer %d has %d slots, which do not divide over tp=%d", ErrPlan, t.info.Name, a.order.unit, l, len(ord), a.tp))
 		}
 	}
 	for _, l := range slices.Sorted(maps.Keys(a.order.layers)) {
@@ -94,16 +99,25 @@ func (a *analysis) checkOrder(errs *errorSet) {
 	}
 }
 
-func seq(n int) []int {
-	out := make([]int, n)
-	for i := range out {
-		out[i] = i
+// covers reports whether ord names every unit of [0, n) at least once and nothing else.
+func covers(ord []int, n int) bool {
+	seen := make([]bool, n)
+	left := n
+	for _, u := range ord {
+		if u < 0 || u >= n {
+			return false
+		}
+		if !seen[u] {
+			seen[u] = true
+			left--
+		}
 	}
-	return out
+	return left == 0
 }
 
-// permute applies the order to entry s of planned tensor t: its ranges along the permuted dimension become
-// the checkpoint's units of its indices (all of them for a whole tensor, which stays Replicated).
+// permute applies the order to entry s of planned tensor t: its ranges along the ordered dimension become
+// the checkpoint's units of its slots (all of them for a whole tensor, which stays Replicated, when the
+// order is a permutation), and its Layout says the order.
 func (a *analysis) permute(s *TensorShard, t planned) {
 	d, ord, ok := a.orderOf(t)
 	if !ok {
@@ -113,6 +127,9 @@ func (a *analysis) permute(s *TensorShard, t planned) {
 	if t.dim == d {
 		slots = s.Ranges
 	} else {
+		if len(ord) != t.info.Shape[d] {
+			return // replicas: a whole tensor keeps the checkpoint's order, which its Layout says
+		}
 		slots = []safetensors.Range{{Start: 0, End: t.info.Shape[d]}}
 	}
 	var out []safetensors.Range
@@ -130,4 +147,5 @@ func (a *analysis) permute(s *TensorShard, t planned) {
 	if t.dim < 0 {
 		s.Layout = model.Replicated
 	}
+	s.Layout.Units = slices.Clone(ord)
 }

@@ -9,8 +9,8 @@ import (
 
 // chatGolden is testdata/tokenizer/chat_template_golden.json, made by
 // scripts/fixtures/make_chat_template_golden.py: Llama 4's template rendered by transformers'
-// apply_chat_template over conversations with tools (or by its jinja2 fallback until the GPU machine
-// regenerates it: rendered_by says which).
+// apply_chat_template over conversations with tools (on the GPU machine, where transformers is installed;
+// rendered_by names the version).
 type chatGolden struct {
 	RenderedBy string `json:"rendered_by"`
 	Cases      []struct {
@@ -46,6 +46,9 @@ func TestChatTemplateToolsGolden(t *testing.T) {
 	}
 	if len(g.Cases) == 0 {
 		t.Fatal("no cases in the golden")
+	}
+	if !strings.HasPrefix(g.RenderedBy, "transformers ") {
+		t.Fatalf("golden rendered by %q, want transformers: run python3 scripts/fixtures/make_chat_template_golden.py where transformers is installed", g.RenderedBy)
 	}
 	t.Logf("golden rendered by %s", g.RenderedBy)
 	tok, err := Load("../testdata/tokenizer")

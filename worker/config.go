@@ -66,6 +66,9 @@ type Config struct {
 	// a plan whose quantisation differs.
 	Quantization      string `json:"quantization"`
 	QuantizationGroup int    `json:"quantization-group"`
+	// OffloadExperts keeps the routed experts in pinned host memory and copies the ones each step
+	// chooses to the GPU (run.OffloadWeights; a backend that cannot, such as cpu, fails the load).
+	OffloadExperts bool `json:"offload-experts"`
 	// ID names the member in etcd; it must be unique in the cluster. Letters, digits and ". _ : @ -",
 	// starting with a letter or digit. Empty means "<host>-<pid>".
 	ID string `json:"id"`
@@ -194,6 +197,7 @@ func DefaultConfig() Config {
 func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.Quantization, "quantization", c.Quantization, "check only: refuse a plan whose quantization (the coordinator's --quantization) is not this: none, fp8 or int4 (empty: take the plan's)")
 	fs.IntVar(&c.QuantizationGroup, "quantization-group", c.QuantizationGroup, "with --quantization int4: the input columns per scale the plan must have (0: 128)")
+	fs.BoolVar(&c.OffloadExperts, "offload-experts", c.OffloadExperts, "keep the routed experts in pinned host memory and copy the ones each step chooses to the GPU (cuda; such steps run without CUDA graphs)")
 	fs.StringVar(&c.ID, "id", c.ID, "member ID, unique in the cluster (empty: <host>-<pid>)")
 	fs.StringVar(&c.ListenAddr, "listen", c.ListenAddr, "host:port of the worker's gRPC server (port 0: any free port)")
 	fs.StringVar(&c.MetricsAddr, "metrics-listen", c.MetricsAddr, "host:port of an HTTP listener serving Prometheus metrics at "+MetricsPath+" (port 0: any; empty: none)")

@@ -142,6 +142,7 @@ func (r *reuseWeights) Load(ctx context.Context, name string) (backend.Tensor, m
 	if ok {
 		for _, from := range r.from {
 			if h, held := from[name]; held && h.key == key {
+				h.layout = ts.Layout // the same bytes; the expert order over the group may differ
 				r.got[name] = h
 				r.kept++
 				r.keptBytes += ts.Bytes
@@ -243,6 +244,9 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 	if err != nil {
 		return nil, err
 	}
+	if _, ok := w.ops.(run.ExpertsOffloader); w.cfg.OffloadExperts && !ok {
+		return nil, fmt.Errorf("%w: --offload-experts: the %s backend cannot keep experts in host memory (cuda can)", ErrInvalidConfig, w.ops.Name())
+	}
 	man, err := shard.NewManifest(cfg, view, plan, k.tp, k.rank)
 	if err != nil {
 		return nil, err
@@ -263,7 +267,13 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 	toRead, toReadBytes := rw.lacking()
 	w.metrics.loadStart(toRead, toReadBytes)
 	defer w.metrics.loadEnd()
-	counted := &progressWeights{Weights: run.NewRankWeights(shard.NewRankReader(view, man), w.ops).WithFormat(cfg, format), m: w.metrics, bytesOf: man.BytesOf}
+	var rankW run.Weights = run.NewRankWeights(shard.NewRankReader(view, man), w.ops).WithFormat(cfg, format).WithLog(lg)
+	if w.cfg.OffloadExperts {
+		if rankW, err = run.NewOffloadWeights(rankW, cfg, w.ops); err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrInvalidConfig, err)
+		}
+	}
+	counted := &progressWeights{Weights: rankW, m: w.metrics, bytesOf: man.BytesOf}
 	pw := &run.Progress{Weights: counted, Log: lg,
 		Total: toRead, TotalBytes: toReadBytes, BytesOf: man.BytesOf, Every: w.progressEvery}
 	rw.next = pw

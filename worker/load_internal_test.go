@@ -1,10 +1,12 @@
 package worker
 
 import (
+	"context"
 	"errors"
 	"strings"
 	"testing"
 
+	"github.com/tpfleet/tpfleet/backend/cpu"
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/quant"
 )
@@ -45,5 +47,16 @@ func TestFormatFor(t *testing.T) {
 		if err != nil || got != tt.want {
 			t.Errorf("formatFor(plan %q, worker %q) = %v, %v; want %v", tt.plan, tt.own, got, err, tt.want)
 		}
+	}
+}
+
+// TestOffloadExpertsRefused: a worker with --offload-experts on a backend that cannot offload (cpu) fails
+// its load with one line of ErrInvalidConfig before reading any weight.
+func TestOffloadExpertsRefused(t *testing.T) {
+	w := &Worker{cfg: Config{OffloadExperts: true}, ops: cpu.New(cpu.Config{})}
+	k := w.keyFor(cluster.Plan{Model: "../testdata/fixtures/moe-top1", TP: 1, PlanName: "tp"}, cluster.Assignment{})
+	_, err := w.loadWeights(context.Background(), k)
+	if !errors.Is(err, ErrInvalidConfig) || !strings.Contains(err.Error(), "cannot keep experts in host memory") || strings.Contains(err.Error(), "\n") {
+		t.Errorf("loadWeights with --offload-experts on the cpu = %v, want one line of ErrInvalidConfig saying it cannot", err)
 	}
 }

@@ -148,13 +148,14 @@ var (
 	descLoadBytesOf   = prometheus.NewDesc("tpfleet_weight_load_bytes_total", "Checkpoint bytes the current (or last) weight load reads.", nil, nil)
 	descLoadProgress  = prometheus.NewDesc("tpfleet_weight_load_progress", "Fraction of the current (or last) weight load done, by bytes (0 before any load).", nil, nil)
 	descExpertTokens  = prometheus.NewDesc("tpfleet_worker_expert_tokens_total", "Tokens routed to each expert of each MoE layer since the served weights were loaded (checkpoint numbering; cpu routing only).", []string{"layer", "expert"}, nil)
+	descSlotTokens    = prometheus.NewDesc("tpfleet_worker_expert_slot_tokens_total", "Tokens each slot of the group's expert tensors computed since the served weights were loaded (the plan's expert order, replicas included, slots rank by rank; cpu routing only).", []string{"layer", "slot"}, nil)
 	descReadBytes     = prometheus.NewDesc("tpfleet_worker_read_bytes_total", "Tensor bytes read (from the checkpoint or a peer) since the worker started; tensors kept across a plan change are not read again.", nil, nil)
 	descLoadSeconds   = prometheus.NewDesc("tpfleet_weight_load_seconds", "Time the current (or last) weight load has taken.", nil, nil)
 )
 
 func (s *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descState, descEpoch, descRank, descGroup, descSeqs, descStreams, descWeights, descLoads,
-		descLoadTensors, descLoadTensorsOf, descLoadBytes, descLoadBytesOf, descLoadProgress, descLoadSeconds, descExpertTokens, descReadBytes} {
+		descLoadTensors, descLoadTensorsOf, descLoadBytes, descLoadBytesOf, descLoadProgress, descLoadSeconds, descExpertTokens, descSlotTokens, descReadBytes} {
 		ch <- d
 	}
 }
@@ -182,6 +183,11 @@ func (s *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	for l, counts := range st.ExpertLoad {
 		for e, n := range counts {
 			ch <- prometheus.MustNewConstMetric(descExpertTokens, prometheus.CounterValue, float64(n), strconv.Itoa(l), strconv.Itoa(e))
+		}
+	}
+	for l, counts := range st.SlotLoad {
+		for slot, n := range counts {
+			ch <- prometheus.MustNewConstMetric(descSlotTokens, prometheus.CounterValue, float64(n), strconv.Itoa(l), strconv.Itoa(slot))
 		}
 	}
 

@@ -193,7 +193,6 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 	w.mu.Lock()
 	w.weightDir, w.weightSize = key.dir, wts.bytes
 	w.expertLoad, _ = wts.model.(run.ExpertLoader)
-	w.expertOrder = wts.order
 	w.mu.Unlock()
 
 	// A newer plan that needs the same weights may have come while they loaded: its communicator is

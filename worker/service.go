@@ -87,7 +87,11 @@ func (s *service) Status(context.Context, *tpfleetv1.StatusRequest) (*tpfleetv1.
 	var load []*tpfleetv1.ExpertLoad
 	for i, l := range st.ExpertLoad {
 		if l != nil {
-			load = append(load, &tpfleetv1.ExpertLoad{Layer: int32(i), Tokens: l})
+			el := &tpfleetv1.ExpertLoad{Layer: int32(i), Tokens: l}
+			if i < len(st.SlotLoad) {
+				el.SlotTokens = st.SlotLoad[i]
+			}
+			load = append(load, el)
 		}
 	}
 	return &tpfleetv1.StatusResponse{

@@ -86,9 +86,12 @@ type Status struct {
 	// StreamedBytes is the part of ReadBytes received from a peer (the worker's model directory held no
 	// checkpoint).
 	StreamedBytes int64
-	// ExpertLoad is, per decoder layer, the tokens routed to each expert since the served weights were
-	// loaded (nil for a dense layer); nil when the model or backend does not count them.
-	ExpertLoad [][]int64
+	// ExpertLoad is, per decoder layer, the tokens routed to each expert (in the checkpoint's numbering)
+	// since the served weights were loaded (nil for a dense layer); nil when the model or backend does not
+	// count them. SlotLoad is the same per slot of the group's expert tensors (the plan's expert order,
+	// replicas included; slots rank by rank): it says how a replicated expert's tokens split and what
+	// each rank computed.
+	ExpertLoad, SlotLoad [][]int64
 	// Err is why the worker failed, in StateFailed.
 	Err error
 }
@@ -182,9 +185,8 @@ type Worker struct {
 	readBytes   int64
 	keptTensors int
 	keptBytes   int64
-	expertLoad  run.ExpertLoader   // the served model's expert counts; nil: none
-	expertOrder *cluster.UnitOrder // the order its experts were loaded in; nil: the checkpoint's
-	latest      cluster.Plan       // the newest plan seen
+	expertLoad  run.ExpertLoader // the served model's expert counts; nil: none
+	latest      cluster.Plan     // the newest plan seen
 	applying    *applyJob
 	readyEpoch  int64         // Ready closes once the worker settles on this epoch (or a later one)
 	changed     chan struct{} // closed and replaced whenever state, epoch or latest change
@@ -486,33 +488,18 @@ func (w *Worker) Status() Status {
 		KeptTensors:   w.keptTensors,
 		KeptBytes:     w.keptBytes,
 		StreamedBytes: w.streamed.Load(),
-		ExpertLoad:    w.expertLoadLocked(),
+		ExpertLoad:    w.expertLoadLocked(run.ExpertLoader.ExpertLoad),
+		SlotLoad:      w.expertLoadLocked(run.ExpertLoader.SlotLoad),
 		Err:           w.failure,
 	}
 }
 
-// expertLoadLocked returns the served model's expert load, nil when it has none. w.mu is held.
-func (w *Worker) expertLoadLocked() [][]int64 {
+// expertLoadLocked returns the served model's expert load, by of, nil when it has none. w.mu is held.
+func (w *Worker) expertLoadLocked(of func(run.ExpertLoader) [][]int64) [][]int64 {
 	if w.expertLoad == nil {
 		return nil
 	}
-	load := w.expertLoad.ExpertLoad()
-	if w.expertOrder == nil {
-		return load
-	}
-	// Slot i of layer L holds the checkpoint's expert order[L][i]: report by the checkpoint's numbering.
-	for l, counts := range load {
-		ord, ok := w.expertOrder.Layers[l]
-		if !ok || len(ord) != len(counts) {
-			continue
-		}
-		out := make([]int64, len(counts))
-		for i, c := range counts {
-			out[ord[i]] = c
-		}
-		load[l] = out
-	}
-	return load
+	return of(w.expertLoad)
 }
 
 // Close stops the worker, gracefully first: health turns NOT_SERVING, loading and rendezvous stop, the

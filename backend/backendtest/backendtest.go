@@ -60,6 +60,7 @@ func Run(t *testing.T, ops backend.Ops, tol Tolerance) {
 		{"Route", s.testRoute},
 		{"Experts", s.testExperts},
 		{"ExpertsSplit", s.testExpertsSplit},
+		{"ExpertMapper", s.testExpertMapper},
 		{"Quantized", s.testQuantized},
 		{"Foreign", s.testForeign},
 		{"Sample", s.testSample},
@@ -1114,6 +1115,104 @@ func (s *suite) testExpertsSplit(t *testing.T) {
 		s.close(t, name+": sum of halves vs all", s.read(t, name, sum, tc.T, tc.H), want)
 		experts, scores := refRoute(logits, tc.T, tc.E, tc.k)
 		s.close(t, name+": all vs reference", fullV, refExperts(xv, experts, scores, tc.k, gu, dn, tc.T, tc.H, tc.E, tc.I, 0))
+	}
+}
+
+// testExpertMapper checks backend.ExpertMapper, where the backend has it: two ranks holding 6 slots of 4
+// experts (experts 0 and 3 twice, on both ranks) sum, after MapExperts, to what one rank holding the 4
+// experts computes; each choice goes to the replica its spread picks; errors wrap ErrShape.
+func (s *suite) testExpertMapper(t *testing.T) {
+	em, ok := s.ops.(backend.ExpertMapper)
+	if !ok {
+		t.Skipf("%s does not implement backend.ExpertMapper (optional)", s.ops.Name())
+	}
+	r := rng(t)
+	const E, H, I = 4, 32, 16
+	order := []int{3, 0, 1, 0, 2, 3} // slot → expert; 3 slots a rank
+	slots := make([][]int, E)
+	for p, e := range order {
+		slots[e] = append(slots[e], p)
+	}
+	for _, tc := range []struct{ T, k int }{{1, 1}, {7, 1}, {9, 2}} {
+		name := fmt.Sprintf("MapExperts(T %d, k %d)", tc.T, tc.k)
+		xv := uniform(r, tc.T*H, 1)
+		logits := uniform(r, tc.T*E, 3)
+		gu, dn := expertWeights(r, E, H, I)
+		x := s.tensor(t, []int{tc.T, H}, xv)
+		rt, err := s.ops.Route(s.tensor(t, []int{tc.T, E}, logits), tc.k)
+		if err != nil {
+			t.Fatalf("%s: Route error: %v", name, err)
+		}
+		spread := make([]int, tc.T)
+		for i := range spread {
+			spread[i] = 5 + 3*i
+		}
+		mapped, err := em.MapExperts(rt, slots, spread)
+		if err != nil {
+			t.Fatalf("%s error: %v", name, err)
+		}
+		// Each rank's slots hold copies of its experts' weights.
+		guS, dnS := make([]float32, 0, len(order)*H*2*I), make([]float32, 0, len(order)*I*H)
+		for _, e := range order {
+			guS = append(guS, gu[e*H*2*I:(e+1)*H*2*I]...)
+			dnS = append(dnS, dn[e*I*H:(e+1)*I*H]...)
+		}
+		per := len(order) / 2
+		var parts []backend.Tensor
+		for rank := range 2 {
+			lo, hi := rank*per, (rank+1)*per
+			y, err := s.ops.Experts(x, mapped, s.tensor(t, []int{per, H, 2 * I}, guS[lo*H*2*I:hi*H*2*I]),
+				s.tensor(t, []int{per, I, H}, dnS[lo*I*H:hi*I*H]), lo)
+			if err != nil {
+				t.Fatalf("%s: Experts(rank %d) error: %v", name, rank, err)
+			}
+			parts = append(parts, y)
+		}
+		sum, err := s.ops.Add(parts[0], parts[1])
+		if err != nil {
+			t.Fatalf("%s: Add error: %v", name, err)
+		}
+		experts, scores := refRoute(logits, tc.T, E, tc.k)
+		s.close(t, name+": sum over ranks vs reference", s.read(t, name, sum, tc.T, H),
+			refExperts(xv, experts, scores, tc.k, gu, dn, tc.T, H, E, I, 0))
+		// Which slot each choice went to: run one slot at a time and see which rows it fills.
+		for p := range order {
+			y, err := s.ops.Experts(x, mapped, s.tensor(t, []int{1, H, 2 * I}, guS[p*H*2*I:(p+1)*H*2*I]),
+				s.tensor(t, []int{1, I, H}, dnS[p*I*H:(p+1)*I*H]), p)
+			if err != nil {
+				t.Fatalf("%s: Experts(slot %d) error: %v", name, p, err)
+			}
+			got := s.read(t, name, y, tc.T, H)
+			for tok := range tc.T {
+				want := false
+				for j := range tc.k {
+					e := experts[tok*tc.k+j]
+					want = want || slots[e][spread[tok]%len(slots[e])] == p
+				}
+				filled := slices.ContainsFunc(got[tok*H:(tok+1)*H], func(v float32) bool { return v != 0 })
+				if filled != want {
+					t.Errorf("%s: token %d (experts %v, spread %d) reached slot %d: %t, want %t", name, tok, experts[tok*tc.k:(tok+1)*tc.k], spread[tok], p, filled, want)
+				}
+			}
+		}
+	}
+	rt, err := s.ops.Route(s.tensor(t, []int{2, E}, []float32{0, 0, 0, 5, 0, 5, 0, 0}), 1) // experts 3 and 1
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, bad := range []struct {
+		name   string
+		slots  [][]int
+		spread []int
+	}{
+		{"short spread", slots, []int{0}},
+		{"slots of 2 experts", slots[:2], []int{0, 1}},
+		{"an expert without a slot", [][]int{{0}, {}, {}, {}}, []int{0, 1}},
+		{"negative spread", slots, []int{-1, 0}},
+	} {
+		if _, err := em.MapExperts(rt, bad.slots, bad.spread); !errors.Is(err, backend.ErrShape) {
+			t.Errorf("MapExperts(%s) = %v, want ErrShape", bad.name, err)
+		}
 	}
 }
 

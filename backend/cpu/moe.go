@@ -19,6 +19,7 @@ type routing struct {
 var (
 	_ backend.Routing       = (*routing)(nil)
 	_ backend.ExpertCounter = (*routing)(nil)
+	_ backend.ExpertMapper  = (*Backend)(nil)
 )
 
 // CountExperts adds the tokens routed to each expert to counts.
@@ -65,6 +66,27 @@ func (b *Backend) Route(logits backend.Tensor, k int) (backend.Routing, error) {
 		}
 	}
 	return r, nil
+}
+
+// MapExperts returns r with token t's choice of expert e replaced by slot slots[e][spread[t] mod
+// len(slots[e])] (backend.ExpertMapper), scores and order unchanged.
+func (b *Backend) MapExperts(r backend.Routing, slots [][]int, spread []int) (backend.Routing, error) {
+	rt, ok := r.(*routing)
+	if !ok || rt == nil {
+		return nil, fmt.Errorf("cpu: map experts: routing is a %T: %w", r, ErrForeign)
+	}
+	if len(spread) != rt.tokens {
+		return nil, fmt.Errorf("cpu: map experts: %d spreads for %d tokens: %w", len(spread), rt.tokens, backend.ErrShape)
+	}
+	out := &routing{tokens: rt.tokens, k: rt.k, experts: make([]int, len(rt.experts)), scores: slices.Clone(rt.scores)}
+	for s, e := range rt.experts {
+		if e < 0 || e >= len(slots) || len(slots[e]) == 0 || spread[s/rt.k] < 0 {
+			return nil, fmt.Errorf("cpu: map experts: expert %d of %d with slots, spread %d: %w", e, len(slots), spread[s/rt.k], backend.ErrShape)
+		}
+		rs := slots[e]
+		out.experts[s] = rs[spread[s/rt.k]%len(rs)]
+	}
+	return out, nil
 }
 
 // ReadRouting returns the choice r holds, flattened token-major: experts[t·k + j] is token t's j-th

@@ -34,6 +34,8 @@ type Backend struct {
 	info    Info
 	closed  bool
 	counts  Counters
+	offload OffloadStats // offloaded experts' copies (offload.go)
+	off     *offloader   // the offloaded experts' copy stream and cache (offload.go), nil until then
 
 	rec   *recorder             // the Step being captured or replayed, nil otherwise (graph.go)
 	steps map[string]*stepState // Step's recordings by key
@@ -55,6 +57,9 @@ type Backend struct {
 	// noQuantGEMV makes Linear and Experts on quantised weights take the dequantise-to-bf16 paths at any
 	// row count (tests compare them with the GEMV kernels).
 	noQuantGEMV bool
+	// noFP8Gemm makes Linear on fp8 weights with dynamic activations take the dequantised path for
+	// prefill instead of the FP8 GEMM (fp8gemm.go; tests compare them).
+	noFP8Gemm bool
 }
 
 var _ backend.Ops = (*Backend)(nil)
@@ -64,6 +69,7 @@ type kernelSet struct {
 	convert, embed, rmsnorm, add, siluMul, scaleRows, rope, linearSimple *kernel
 	splitBF16, addHalves                                                 *kernel
 	kvAppend, attention, route, expertGateUp, expertDown                 *kernel
+	mapExperts                                                           *kernel
 	attentionSplit, attentionCombine                                     *kernel
 	attentionSplit128                                                    [5]*kernel // groups of at most 1, 2, 4, 5, 8
 	attentionFlash                                                       *kernel
@@ -78,6 +84,7 @@ type kernelSet struct {
 	actQuantRows, dequantBF16, qexpertGEMV1, qexpertGEMV8, quantizeBF16  *kernel
 	qgemv                                                                [4]*kernel // qgemv_1, _2, _4, _8
 	qgemvSplit                                                           [2]*kernel // qgemv_split_1, _2
+	actQuantFP8, fp8ScaleOut, transposeU8                                *kernel
 }
 
 // Info describes what New found and did.
@@ -108,6 +115,8 @@ type Counters struct {
 
 	QuantGEMV    int64 // Linear calls on a quantised weight run by the quantised GEMV (decode)
 	QuantDequant int64 // Linear calls on a quantised weight run on a dequantised bf16 copy (prefill)
+	QuantFP8Gemm int64 // Linear calls on an fp8 weight run by the FP8 GEMM (prefill, fp8gemm.go)
+	ExpertsFP8   int64 // of ExpertsGrouped, the calls on fp8 weights run by the FP8 GEMM per expert
 }
 
 // New loads the CUDA libraries, opens device cfg.Device and compiles the kernels. On a machine without
@@ -196,6 +205,7 @@ func (b *Backend) init() error {
 		{"attention_combine", &b.k.attentionCombine},
 		{"attention_flash", &b.k.attentionFlash},
 		{"route", &b.k.route}, {"expert_gate_up", &b.k.expertGateUp}, {"expert_down", &b.k.expertDown},
+		{"map_experts", &b.k.mapExperts},
 		{"gather_permute", &b.k.gatherPermute}, {"fill_random", &b.k.fillRandom},
 		{"gemv_1", &b.k.gemv[0]}, {"gemv_2", &b.k.gemv[1]}, {"gemv_4", &b.k.gemv[2]}, {"gemv_8", &b.k.gemv[3]},
 		{"moe_plan", &b.k.moePlan}, {"expert_gemv_1", &b.k.expertGEMV1}, {"expert_gemv_8", &b.k.expertGEMV8},
@@ -208,6 +218,7 @@ func (b *Backend) init() error {
 		{"qgemv_1", &b.k.qgemv[0]}, {"qgemv_2", &b.k.qgemv[1]}, {"qgemv_4", &b.k.qgemv[2]}, {"qgemv_8", &b.k.qgemv[3]},
 		{"qgemv_split_1", &b.k.qgemvSplit[0]}, {"qgemv_split_2", &b.k.qgemvSplit[1]},
 		{"qexpert_gemv_1", &b.k.qexpertGEMV1}, {"qexpert_gemv_8", &b.k.qexpertGEMV8}, {"quantize_bf16", &b.k.quantizeBF16},
+		{"act_quant_fp8", &b.k.actQuantFP8}, {"fp8_scale_out", &b.k.fp8ScaleOut}, {"transpose_u8", &b.k.transposeU8},
 	} {
 		if *k.dst, err = b.module.function(k.name); err != nil {
 			return err
@@ -234,6 +245,7 @@ func (b *Backend) Close() error {
 	}
 	b.closeGraphs()
 	b.closeProfiler()
+	b.closeOffload()
 	if b.pool != nil {
 		keep(b.pool.close())
 	}
@@ -302,7 +314,8 @@ type tensor struct {
 	off   int64 // bytes
 	shape []int
 	dt    DType
-	q     *qweight // a quantised weight's format and scales (dt is quantized), nil otherwise
+	q     *qweight    // a quantised weight's format and scales (dt is quantized), nil otherwise
+	host  *hostWeight // an offloaded experts weight (offload.go): buf is nil, only Experts reads it
 }
 
 // Shape returns the tensor's dimensions, outermost first. The caller must not modify the slice.
@@ -350,6 +363,9 @@ func (b *Backend) asTensor(op, name string, t backend.Tensor) (*tensor, error) {
 	tt, ok := t.(*tensor)
 	if !ok || tt == nil || tt.b != b {
 		return nil, fmt.Errorf("cuda: %s: %s is a %T of another backend: %w", op, name, t, ErrForeign)
+	}
+	if tt.host != nil && op != "experts" && op != "offload experts" {
+		return nil, fmt.Errorf("cuda: %s: %s%v is an offloaded experts weight: only Experts reads it: %w", op, name, tt.shape, backend.ErrShape)
 	}
 	return tt, nil
 }

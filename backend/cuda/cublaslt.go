@@ -42,6 +42,7 @@ func cublasLtSymbols() []dl.Symbol {
 const (
 	cudaR32F         = 0
 	cudaR16BF        = 14
+	cudaR8FE4M3      = 28
 	cublasCompute32F = 68
 	descTransA       = 3
 	descTransB       = 4
@@ -57,6 +58,7 @@ type gemmKey struct {
 	m, n, k int
 	out     DType
 	wIn     bool
+	fp8     bool // x and w are E4M3 codes (fp8gemm.go; not with wIn: cuBLASLt's FP8 takes W transposed only)
 }
 
 // gemmPlan is a cached cuBLASLt description of one shape; ok is false when cuBLASLt has no algorithm
@@ -169,10 +171,14 @@ func (g *gemm) plan(key gemmKey) (*gemmPlan, error) {
 		return fail(err)
 	}
 	m, n, k := C.uint64_t(key.m), C.uint64_t(key.n), C.uint64_t(key.k)
-	if err := check(op+": layout W", ltStatus(C.tp_ltMatrixLayoutCreate(lt.layoutCreate, &p.w, cudaR16BF, C.uint64_t(wRows), C.uint64_t(wCols), C.int64_t(wLd)))); err != nil {
+	in := C.int(cudaR16BF)
+	if key.fp8 {
+		in = cudaR8FE4M3
+	}
+	if err := check(op+": layout W", ltStatus(C.tp_ltMatrixLayoutCreate(lt.layoutCreate, &p.w, in, C.uint64_t(wRows), C.uint64_t(wCols), C.int64_t(wLd)))); err != nil {
 		return fail(err)
 	}
-	if err := check(op+": layout X", ltStatus(C.tp_ltMatrixLayoutCreate(lt.layoutCreate, &p.x, cudaR16BF, k, m, C.int64_t(key.k)))); err != nil {
+	if err := check(op+": layout X", ltStatus(C.tp_ltMatrixLayoutCreate(lt.layoutCreate, &p.x, in, k, m, C.int64_t(key.k)))); err != nil {
 		return fail(err)
 	}
 	if err := check(op+": layout D", ltStatus(C.tp_ltMatrixLayoutCreate(lt.layoutCreate, &p.d, ltType(key.out), n, m, C.int64_t(key.n)))); err != nil {
@@ -216,7 +222,11 @@ func (g *gemm) run(p *gemmPlan, key gemmKey, x, w, d devptr, s *stream) error {
 		&p.heuristic.algo, C.CUdeviceptr(g.ws), C.size_t(g.wsSize), s.s))
 	if st.ok() {
 		if s.prof != nil {
-			s.prof.mark(s, fmt.Sprintf("cublasLt m=%d n=%d k=%d", key.m, key.n, key.k))
+			name := "cublasLt"
+			if key.fp8 {
+				name = "cublasLt fp8"
+			}
+			s.prof.mark(s, fmt.Sprintf("%s m=%d n=%d k=%d", name, key.m, key.n, key.k))
 		}
 		return nil
 	}

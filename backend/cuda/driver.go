@@ -25,6 +25,8 @@ var drv struct {
 	// Optional: without them every step runs eagerly (see graph.go).
 	beginCapture, endCapture, graphInstantiate, graphLaunch, graphExecDestroy, graphDestroy unsafe.Pointer
 	eventCreate, eventDestroy, eventRecord, eventSynchronize, eventElapsedTime              unsafe.Pointer
+	// Optional: without it offloaded experts are copied on the compute stream (offload.go).
+	streamWaitEvent unsafe.Pointer
 }
 
 // driverSymbols names the entry points with the ABI version this package declares: the _v2 names are
@@ -70,6 +72,7 @@ func driverSymbols() []dl.Symbol {
 		{Name: "cuEventRecord", Dst: &drv.eventRecord, Optional: true},
 		{Name: "cuEventSynchronize", Dst: &drv.eventSynchronize, Optional: true},
 		{Name: "cuEventElapsedTime", Dst: &drv.eventElapsedTime, Optional: true},
+		{Name: "cuStreamWaitEvent", Dst: &drv.streamWaitEvent, Optional: true},
 	}
 }
 

@@ -48,3 +48,11 @@ func SetQuantGEMV(b *Backend, on bool) bool {
 	b.noQuantGEMV = !on
 	return old
 }
+
+// SetFP8Gemm makes b's Linear on fp8 weights with dynamic activations use the FP8 GEMM for prefill (the
+// default) or the dequantise-to-bf16 path, and returns the previous setting.
+func SetFP8Gemm(b *Backend, on bool) bool {
+	old := !b.noFP8Gemm
+	b.noFP8Gemm = !on
+	return old
+}

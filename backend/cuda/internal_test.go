@@ -133,3 +133,25 @@ func TestConfig(t *testing.T) {
 		t.Errorf("DType strings = %s, %s", BF16, F32)
 	}
 }
+
+// TestCompactRouting: offloaded Experts copies the chosen local experts in id order and renumbers the
+// routing into them; experts held elsewhere (expert parallelism) become -1, which the kernels skip.
+func TestCompactRouting(t *testing.T) {
+	for _, tt := range []struct {
+		ids         []int
+		first, E    int
+		wantChosen  []int
+		wantCompact []int32
+	}{
+		{[]int{5}, 0, 8, []int{5}, []int32{0}},
+		{[]int{6, 2, 2, 6, 0, 7}, 0, 8, []int{0, 2, 6, 7}, []int32{2, 1, 1, 2, 0, 3}},
+		{[]int{1, 5, 4, 7, 3, 4}, 4, 4, []int{0, 1, 3}, []int32{-1, 1, 0, 2, -1, 0}},
+		{[]int{0, 1}, 4, 4, nil, []int32{-1, -1}},
+		{nil, 0, 4, nil, []int32{}},
+	} {
+		chosen, compact := compactRouting(tt.ids, tt.first, tt.E)
+		if !slices.Equal(chosen, tt.wantChosen) || !slices.Equal(compact, tt.wantCompact) {
+			t.Errorf("compactRouting(%v, first %d, E %d) = %v, %v; want %v, %v", tt.ids, tt.first, tt.E, chosen, compact, tt.wantChosen, tt.wantCompact)
+		}
+	}
+}

@@ -59,6 +59,7 @@ func (b *Backend) Route(logits backend.Tensor, k int) (backend.Routing, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cuda: route: %w", err)
 	}
+	b.offloadRouted(r) // offload.go: an event Experts on offloaded weights can wait for
 	return r, nil
 }
 
@@ -140,6 +141,9 @@ func (b *Backend) experts(x backend.Tensor, r backend.Routing, gateUp, down back
 	dt, err := b.asTensor("experts", "down", down)
 	if err != nil {
 		return nil, err
+	}
+	if gt.host != nil || dt.host != nil {
+		return b.expertsOffloaded(xt, rt, gt, dt, first, add)
 	}
 	if len(xt.shape) != 2 || len(gt.shape) != 3 || len(dt.shape) != 3 || rt.tokens != xt.shape[0] ||
 		gt.shape[0] != dt.shape[0] || gt.shape[1] != xt.shape[1] || gt.shape[2] != 2*dt.shape[1] || dt.shape[2] != xt.shape[1] {
@@ -241,6 +245,16 @@ func (b *Backend) expertsQuant(e *expertsCall, fast bool) (backend.Tensor, error
 		return b.experts(e.x, e.r, &tensor{b: b, buf: gb, shape: gt.shape, dt: BF16}, &tensor{b: b, buf: db, shape: dt.shape, dt: BF16}, e.first, e.add)
 	}
 	if (e.T > skinnyRows || b.noQuantGEMV) && b.cfg.Activations == BF16 {
+		if b.fp8ExpertsOK(e) { // fp8gemm.go: the FP8 GEMM per active expert
+			done, err := b.expertsFP8Grouped(e)
+			if err != nil {
+				return nil, fmt.Errorf("cuda: experts (%s, fp8 gemm): %w", gt.q.format, err)
+			}
+			if done {
+				b.counts.ExpertsGrouped++
+				return e.out, nil
+			}
+		}
 		done, err := b.expertsGrouped(e)
 		if err != nil {
 			return nil, fmt.Errorf("cuda: experts (%s): %w", gt.q.format, err)

@@ -191,6 +191,12 @@ func (b *Backend) linearQuant(xt, wt *tensor) (backend.Tensor, error) {
 		}
 		return b.result("linear", y, err)
 	}
+	if b.fp8GemmOK(xt, wt) {
+		y, ok, err := b.linearFP8(xt, wt)
+		if ok || err != nil {
+			return y, err
+		}
+	}
 	x := xt
 	if wt.q.dyn() {
 		var err error

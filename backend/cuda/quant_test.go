@@ -148,7 +148,7 @@ func counterDiff(a, b cuda.Counters) string {
 		n    int64
 	}{
 		{"gemv", b.GEMV - a.GEMV}, {"lt", b.Gemm - a.Gemm}, {"split", b.Split - a.Split}, {"simple", b.Fallback - a.Fallback},
-		{"qgemv", b.QuantGEMV - a.QuantGEMV}, {"qdequant", b.QuantDequant - a.QuantDequant},
+		{"qgemv", b.QuantGEMV - a.QuantGEMV}, {"qdequant", b.QuantDequant - a.QuantDequant}, {"qfp8gemm", b.QuantFP8Gemm - a.QuantFP8Gemm}, {"exp-fp8", b.ExpertsFP8 - a.ExpertsFP8},
 		{"exp-gemv", b.ExpertsGEMV - a.ExpertsGEMV}, {"exp-grouped", b.ExpertsGrouped - a.ExpertsGrouped},
 		{"exp-simple", b.ExpertsSimple - a.ExpertsSimple},
 	} {

@@ -93,6 +93,10 @@ CUresult tp_cuEventCreate(void* f, CUcontext c, CUevent* e, unsigned flags) { BI
 CUresult tp_cuEventDestroy(void* f, CUcontext c, CUevent e) { BIND(c); return ((CUresult(*)(CUevent))f)(e); }
 CUresult tp_cuEventRecord(void* f, CUcontext c, CUevent e, CUstream s) { BIND(c); return ((CUresult(*)(CUevent, CUstream))f)(e, s); }
 CUresult tp_cuEventSynchronize(void* f, CUcontext c, CUevent e) { BIND(c); return ((CUresult(*)(CUevent))f)(e); }
+CUresult tp_cuStreamWaitEvent(void* f, CUcontext c, CUstream s, CUevent e, unsigned flags) {
+	BIND(c);
+	return ((CUresult(*)(CUstream, CUevent, unsigned))f)(s, e, flags);
+}
 CUresult tp_cuEventElapsedTime(void* f, CUcontext c, float* ms, CUevent a, CUevent b) {
 	BIND(c);
 	return ((CUresult(*)(float*, CUevent, CUevent))f)(ms, a, b);

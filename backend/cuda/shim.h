@@ -73,6 +73,7 @@ CUresult tp_cuEventDestroy(void* f, CUcontext c, CUevent e);
 CUresult tp_cuEventRecord(void* f, CUcontext c, CUevent e, CUstream s);
 CUresult tp_cuEventSynchronize(void* f, CUcontext c, CUevent e);
 CUresult tp_cuEventElapsedTime(void* f, CUcontext c, float* ms, CUevent a, CUevent b);
+CUresult tp_cuStreamWaitEvent(void* f, CUcontext c, CUstream s, CUevent e, unsigned flags);
 
 // cuBLASLt (cublasLt.h values, unchanged from CUDA 11 to 13).
 typedef int cublasStatus_t;

@@ -24,7 +24,7 @@ type benchFlags struct {
 	layers, hidden, heads, kvHeads, headDim, experts, topK, intermediate, intermediateMLP, vocab, moeStep int
 	prompt, tokens, threads, runs, tp, batch, context                                                     int
 	device                                                                                                string
-	json, profile                                                                                         bool
+	json, profile, offload                                                                                bool
 	quant                                                                                                 quantFlags
 }
 
@@ -71,6 +71,24 @@ type benchResult struct {
 	ProfileDecodeGPUMS  float64      `json:"profile_decode_gpu_ms,omitempty"`
 	ProfilePrefill      []profileRow `json:"profile_prefill,omitempty"`
 	ProfilePrefillGPUMS float64      `json:"profile_prefill_gpu_ms,omitempty"`
+	// Offload is --offload-experts: the routed experts in pinned host memory, the chosen ones copied to
+	// the GPU by every MoE layer (eager steps). OffloadStepBytes is the expert bytes a decode step of
+	// Batch sequences copies (at most Batch·top-k experts a MoE layer, in the format they are held in),
+	// OffloadGBs the measured pinned-host-to-device copy rate, and OffloadFloorMS their quotient: the
+	// PCIe floor of a step. OffloadCopied and OffloadCalls are what the runs (prefills included) copied.
+	Offload          bool    `json:"offload_experts,omitempty"`
+	OffloadStepBytes int64   `json:"offload_bytes_per_step,omitempty"`
+	OffloadGBs       float64 `json:"offload_gb_per_s,omitempty"`
+	OffloadFloorMS   float64 `json:"offload_floor_ms,omitempty"`
+	OffloadCopied    int64   `json:"offload_copied_bytes,omitempty"`
+	OffloadCalls     int64   `json:"offload_calls,omitempty"`
+}
+
+// offloadMeter is a backend that offloads experts and reports its copies and the host-to-device rate
+// (cuda).
+type offloadMeter interface {
+	OffloadCopied() (calls, bytes int64)
+	HostCopyRate() (float64, error)
 }
 
 // profileRow is one line of a GPU profile: an operation kind, its calls and GPU time per step.
@@ -227,6 +245,18 @@ func stepBytes(cfg llama4.Config, batch int, f quant.Format) int64 {
 	return total
 }
 
+// offloadStepBytes is the routed experts' part of stepBytes: what a decode step of batch sequences copies
+// to the GPU when the experts are offloaded.
+func offloadStepBytes(cfg llama4.Config, batch int, f quant.Format) int64 {
+	var total int64
+	for _, s := range cfg.Tensors() {
+		if s.Kind == model.KindExperts {
+			total += tensorBytes(s, f) / int64(cfg.NumExperts) * int64(min(batch*cfg.TopK, cfg.NumExperts))
+		}
+	}
+	return total
+}
+
 // tensorBytes is the size of a whole tensor held in f (bf16 unless it is quantisable).
 func tensorBytes(s model.TensorSpec, f quant.Format) int64 {
 	if !s.Quantizable {
@@ -268,6 +298,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.BoolVar(&f.json, "json", false, "print one JSON object")
 	f.quant.addFlags(fs, "")
 	fs.BoolVar(&f.profile, "profile", false, "also profile one prefill and the decode steps on the GPU (time per kernel; backends that profile, e.g. cuda)")
+	fs.BoolVar(&f.offload, "offload-experts", false, "keep the routed experts in pinned host memory and copy the chosen ones to the GPU each step (cuda; steps run without CUDA graphs)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -324,7 +355,12 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		if mans != nil {
 			man = &mans[r]
 		}
-		w := newBenchWeights(ops, cfg, man, specs, format)
+		var w modelrun.Weights = newBenchWeights(ops, cfg, man, specs, format)
+		if f.offload {
+			if w, err = modelrun.NewOffloadWeights(w, cfg, ops); err != nil {
+				return err
+			}
+		}
 		m, err := cfg.Open(ctx, ops, w, modelrun.Parallel{Comm: g.comms[r]})
 		if err != nil {
 			return fmt.Errorf("rank %d: %w", r, err)
@@ -359,6 +395,21 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		res.CopyGBs = bw / 1e9
 		res.FloorMS = float64(res.StepBytes) / float64(f.tp) / bw * 1e3
 	}
+	var meter offloadMeter
+	if f.offload {
+		m, ok := allOps[0].(offloadMeter)
+		if !ok {
+			return fmt.Errorf("--offload-experts: the %s backend does not report its copies", allOps[0].Name())
+		}
+		meter = m
+		rate, err := meter.HostCopyRate()
+		if err != nil {
+			return err
+		}
+		res.Offload, res.OffloadStepBytes, res.OffloadGBs = true, offloadStepBytes(cfg, f.batch, format), rate/1e9
+		res.OffloadFloorMS = float64(res.OffloadStepBytes) / float64(f.tp) / rate * 1e3
+		res.OffloadCalls, res.OffloadCopied = meter.OffloadCopied()
+	}
 	prompt := make([]int, f.prompt)
 	for i := range prompt {
 		prompt[i] = (i*7919 + 13) % f.vocab
@@ -379,6 +430,10 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			res.DecodeMSPerTok = perTok
 		}
 	}
+	if meter != nil {
+		calls, bytes := meter.OffloadCopied()
+		res.OffloadCalls, res.OffloadCopied = calls-res.OffloadCalls, bytes-res.OffloadCopied
+	}
 	if b, ok := allOps[0].(backend.GraphReporter); ok {
 		res.Graphs = b.Graphs()
 	}
@@ -398,6 +453,10 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		"prefill %d tokens: %.1f ms\ndecode batch %d: %.2f ms/step, %.1f tokens/s\n",
 		res.Device, res.Card, res.TP, res.Layers, res.Hidden, res.Experts, res.Vocab, float64(res.WeightBytes)/(1<<20), float64(res.MemoryBytes)/(1<<20), res.Format, res.LoadMS,
 		res.PromptTokens, res.PrefillMS, res.Batch, res.DecodeMSPerTok, res.TokensPerSec)
+	if err == nil && res.Offload {
+		_, err = fmt.Fprintf(stdout, "experts offloaded: %.1f MiB of experts copied a step / %d rank(s) at %.1f GB/s (measured host to device) = %.3f ms PCIe floor; runs copied %.1f MiB in %d calls\n",
+			float64(res.OffloadStepBytes)/(1<<20), res.TP, res.OffloadGBs, res.OffloadFloorMS, float64(res.OffloadCopied)/(1<<20), res.OffloadCalls)
+	}
 	if err == nil && res.FloorMS > 0 {
 		_, err = fmt.Fprintf(stdout, "decode floor: %.1f MiB of weights a step / %d rank(s) at %.0f GB/s (measured copy) = %.3f ms; decode at %.0f %% of it\n",
 			float64(res.StepBytes)/(1<<20), res.TP, res.CopyGBs, res.FloorMS, 100*res.FloorFraction)

@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"strings"
 	"testing"
 
 	"github.com/tpfleet/tpfleet/model"
+	"github.com/tpfleet/tpfleet/model/llama4"
 	"github.com/tpfleet/tpfleet/quant"
 )
 
@@ -58,6 +60,41 @@ func TestBenchTensorBytes(t *testing.T) {
 	for _, tt := range tests {
 		if got := tensorBytes(tt.s, tt.f); got != tt.want {
 			t.Errorf("tensorBytes(%s%v, %s) = %d, want %d", tt.s.Name, tt.s.Shape, tt.f, got, tt.want)
+		}
+	}
+}
+
+// TestBenchOffloadExperts: --offload-experts on a backend that cannot offload (cpu) is one clear error,
+// and the bytes an offloaded step copies are the chosen experts' (gate_up and down of min(batch·top-k, E)
+// experts a MoE layer) in the format they are held in: a 4-layer model of 4 experts, hidden 128,
+// intermediate 256, every layer MoE.
+func TestBenchOffloadExperts(t *testing.T) {
+	var errOut bytes.Buffer
+	err := runBench(context.Background(), append([]string{"--offload-experts"}, benchTiny...), &bytes.Buffer{}, &errOut)
+	if err == nil || !strings.Contains(err.Error(), "cannot keep experts in host memory") || strings.Contains(err.Error(), "\n") {
+		t.Errorf("bench --offload-experts on the cpu = %v, want one line saying it cannot", err)
+	}
+	cfgJSON := []byte(`{"model_type": "llama4_text", "vocab_size": 1000, "hidden_size": 128, "intermediate_size": 256,
+		"intermediate_size_mlp": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+		"num_local_experts": 4, "num_experts_per_tok": 1, "interleave_moe_layer_step": 1}`)
+	cfg, err := llama4.ParseConfig(cfgJSON)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const expert = 3 * 128 * 256 // gate, up and down of one expert, elements
+	for _, tt := range []struct {
+		batch int
+		f     quant.Format
+		want  int64
+	}{
+		{1, quant.Format{}, 4 * 2 * expert},
+		{3, quant.Format{}, 4 * 3 * 2 * expert},
+		{64, quant.Format{}, 4 * 4 * 2 * expert},                                                // at most every expert
+		{1, quant.Format{Kind: quant.FP8}, 4 * (expert + 4*(2*256+128))},                        // codes + a float32 scale an output column
+		{1, quant.Format{Kind: quant.Int4, GroupSize: 128}, 4 * (expert/2 + 2*(1*2*256+2*128))}, // nibbles + bf16 scales per group
+	} {
+		if got := offloadStepBytes(cfg, tt.batch, tt.f); got != tt.want {
+			t.Errorf("offloadStepBytes(batch %d, %s) = %d, want %d", tt.batch, tt.f, got, tt.want)
 		}
 	}
 }

@@ -30,6 +30,7 @@ type modelFlags struct {
 	logLevel string
 	par      parallelFlags
 	quant    quantFlags
+	offload  bool // --offload-experts
 	// backendConfig holds the registered backends' own flags (backend.BindFlags), by backend name.
 	backendConfig map[string]backend.FlagConfig
 }
@@ -40,6 +41,7 @@ func (f *modelFlags) add(fs *flag.FlagSet) {
 	fs.IntVar(&f.threads, "threads", 0, "CPU threads for matrix products (0: all cores)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level on stderr: debug, info, warn, error")
 	f.quant.addFlags(fs, "")
+	fs.BoolVar(&f.offload, "offload-experts", false, "keep the routed experts in pinned host memory and copy the ones each step chooses to the GPU (cuda; such steps run without CUDA graphs)")
 	f.par.add(fs)
 	f.backendConfig = backend.BindFlags(fs)
 }
@@ -168,7 +170,7 @@ func loadRanks(ctx context.Context, f modelFlags, cfg model.Config, ckpt *safete
 	}
 	for i, rank := range ranks {
 		ops := allOps[i]
-		cw := modelrun.NewCheckpointWeights(ckpt, ops, cfg).WithFormat(cfg, format)
+		cw := modelrun.NewCheckpointWeights(ckpt, ops, cfg).WithFormat(cfg, format).WithLog(log.With(zap.Int("rank", rank)))
 		var w modelrun.Weights = cw
 		memBytes := cw.MemoryBytes
 		bytesOf := func(name string) int64 {
@@ -184,8 +186,14 @@ func loadRanks(ctx context.Context, f modelFlags, cfg model.Config, ckpt *safete
 				g.Close()
 				return nil, err
 			}
-			rw := modelrun.NewRankWeights(shard.NewRankReader(view, man), ops).WithFormat(cfg, format)
+			rw := modelrun.NewRankWeights(shard.NewRankReader(view, man), ops).WithFormat(cfg, format).WithLog(log.With(zap.Int("rank", rank)))
 			w, bytesOf, memBytes = rw, man.BytesOf, rw.MemoryBytes
+		}
+		if f.offload {
+			if w, err = modelrun.NewOffloadWeights(w, cfg, ops); err != nil {
+				g.Close()
+				return nil, err
+			}
 		}
 		bytes := int64(0)
 		for _, s := range specs {

@@ -264,6 +264,7 @@ func TestBadInputsGiveOneLineErrors(t *testing.T) {
 		{"no model", []string{"generate", "--ids", "1"}, "--model is required"},
 		{"score without out", []string{"score", "--model", model, "--ids", "1"}, "--out is required"},
 		{"unknown command", []string{"frobnicate"}, "unknown command"},
+		{"offload on the cpu", []string{"generate", "--model", model, "--ids", "1", "--offload-experts"}, "cannot keep experts in host memory"},
 	} {
 		code, _, stderr := tpfleet(t, tc.args...)
 		lines := strings.Split(strings.TrimSpace(stderr), "\n")

@@ -10,7 +10,9 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -32,7 +34,8 @@ func runRebalance(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	fs.StringVar(&req.Undrain, "undrain", "", "put a drained worker back")
 	fs.BoolVar(&req.DryRun, "dry-run", false, "print the moves (per worker the tensors loaded, kept and dropped) and change nothing")
 	fs.BoolVar(&req.Wait, "wait", false, "return once every group of the new epoch serves")
-	fs.BoolVar(&req.Experts, "experts", false, "place the experts of every MoE layer over the ranks by their load (the ep plan): the hottest on the least loaded ranks")
+	fs.BoolVar(&req.Experts, "experts", false, "place the experts of every MoE layer over the ranks by their load (the ep plan): the hottest on the least loaded ranks, with replicas in spare slots (--redundant-experts)")
+	redundant := fs.Int("redundant-experts", -1, "with --experts: spare expert slots a MoE layer, a multiple of the TP size, for replicas of the hottest experts (0: only move experts; -1: the plan's, or one a rank where the plan has no expert order yet)")
 	timeout := fs.Duration("timeout", 5*time.Minute, "how long to wait for the coordinator (loads and --wait included)")
 	asJSON := fs.Bool("json", false, "print one JSON object")
 	var token string
@@ -51,8 +54,15 @@ func runRebalance(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		return usagef("--replicas %d must be >= 0 (or -1: keep)", req.Replicas)
 	case req.Drain != "" && req.Drain == req.Undrain:
 		return usagef("--drain and --undrain name the same worker %s", req.Drain)
+	case *redundant < -1:
+		return usagef("--redundant-experts %d must be >= 0 (or -1: the coordinator's choice)", *redundant)
+	case *redundant >= 0 && !req.Experts:
+		return usagef("--redundant-experts needs --experts")
 	case *timeout <= 0:
 		return usagef("--timeout must be positive")
+	}
+	if *redundant >= 0 {
+		req.RedundantExperts = redundant
 	}
 	if *plan != "" {
 		var err error
@@ -152,8 +162,10 @@ func writeRebalance(w io.Writer, res client.RebalanceResult) error {
 	return nil
 }
 
-// writeExperts prints, per MoE layer, the tokens each expert got and the rank that holds it after the
-// change (slots rank by rank, experts/tp each).
+// writeExperts prints, per MoE layer, the tokens each expert got and the ranks that hold it before and
+// after the change (slots rank by rank; an expert with replicas on several ranks), then the tokens each
+// rank computed and those it would have computed under the new order, an expert's tokens split evenly
+// among its replicas.
 func writeExperts(w io.Writer, load client.ExpertLoad, res client.RebalanceResult) error {
 	layers := make([]int, 0, len(load.Layers))
 	for l := range load.Layers {
@@ -162,26 +174,88 @@ func writeExperts(w io.Writer, load client.ExpertLoad, res client.RebalanceResul
 	sort.Ints(layers)
 	fmt.Fprintf(w, "expert load of epoch %d (%d group(s)):\n", load.Epoch, load.Groups)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "LAYER\tEXPERT\tTOKENS\tNEW RANK")
+	fmt.Fprintln(tw, "LAYER\tEXPERT\tTOKENS\tRANKS\tNEW RANKS")
 	for _, l := range layers {
 		counts := load.Layers[l]
-		per := max(len(counts)/max(res.TP, 1), 1)
-		newRank := make([]int, len(counts))
-		for i := range newRank {
-			newRank[i] = i / per
-		}
-		if ord, ok := res.ExpertOrder[l]; ok {
-			for slot, e := range ord {
-				if e < len(newRank) {
-					newRank[e] = slot / per
-				}
-			}
-		}
+		now, next := ranksOf(load.Order[l], len(counts), load.TP), ranksOf(res.ExpertOrder[l], len(counts), res.TP)
 		for e, n := range counts {
-			fmt.Fprintf(tw, "%d\t%d\t%d\t%d\n", l, e, n, newRank[e])
+			fmt.Fprintf(tw, "%d\t%d\t%d\t%s\t%s\n", l, e, n, joinInts(now[e]), joinInts(next[e]))
 		}
 	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "LAYER\tTOKENS A RANK\tEXPECTED UNDER THE NEW ORDER")
+	for _, l := range layers {
+		counted := "-"
+		if r := load.RankLoad(l); r != nil {
+			counted = joinInt64s(r)
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\n", l, counted, joinInt64s(expectedRankLoad(load.Layers[l], res.ExpertOrder[l], res.TP)))
+	}
 	return tw.Flush()
+}
+
+// ranksOf returns, per expert, the ranks whose slots hold it under ord (slots rank by rank over tp ranks;
+// nil: the checkpoint's order).
+func ranksOf(ord []int, experts, tp int) [][]int {
+	if len(ord) == 0 {
+		ord = make([]int, experts)
+		for i := range ord {
+			ord[i] = i
+		}
+	}
+	per := max(len(ord)/max(tp, 1), 1)
+	out := make([][]int, experts)
+	for slot, e := range ord {
+		if e >= 0 && e < experts && !slices.Contains(out[e], slot/per) {
+			out[e] = append(out[e], slot/per)
+		}
+	}
+	return out
+}
+
+// expectedRankLoad returns the tokens each of tp ranks would compute with the experts in ord (nil: the
+// checkpoint's order) and each expert's tokens split evenly among its replicas (rounded down).
+func expectedRankLoad(counts []int64, ord []int, tp int) []int64 {
+	tp = max(tp, 1)
+	if len(ord) == 0 {
+		ord = make([]int, len(counts))
+		for i := range ord {
+			ord[i] = i
+		}
+	}
+	reps := make([]int64, len(counts))
+	for _, e := range ord {
+		if e >= 0 && e < len(counts) {
+			reps[e]++
+		}
+	}
+	per := max(len(ord)/tp, 1)
+	out := make([]int64, tp)
+	for slot, e := range ord {
+		if e >= 0 && e < len(counts) && slot/per < tp {
+			out[slot/per] += counts[e] / reps[e]
+		}
+	}
+	return out
+}
+
+func joinInts(v []int) string {
+	parts := make([]string, len(v))
+	for i, n := range v {
+		parts[i] = strconv.Itoa(n)
+	}
+	return strings.Join(parts, ",")
+}
+
+func joinInt64s(v []int64) string {
+	parts := make([]string, len(v))
+	for i, n := range v {
+		parts[i] = strconv.FormatInt(n, 10)
+	}
+	return strings.Join(parts, "/")
 }
 
 func groupCount(as []client.Placement) int {

@@ -65,7 +65,7 @@ func TestScoreImagesErrors(t *testing.T) {
 func TestScoreImages(t *testing.T) {
 	if _, err := os.Stat(visionFixtures); errors.Is(err, fs.ErrNotExist) {
 		// Remove this skip (make it a t.Fatal) once testdata/vision is committed.
-		t.Skip("testdata/vision is missing: run python3 scripts/fixtures/make_vision_fixtures.py --out testdata/vision on the GPU machine and commit it")
+		t.Fatal("testdata/vision is missing: run python3 scripts/fixtures/make_vision_fixtures.py --out testdata/vision on the GPU machine and commit it")
 	}
 	var prompts map[string]struct {
 		Images   []string `json:"images"`
@@ -169,7 +169,7 @@ func TestGenerateImageErrors(t *testing.T) {
 func TestGenerateImage(t *testing.T) {
 	if _, err := os.Stat(visionFixtures); errors.Is(err, fs.ErrNotExist) {
 		// Remove this skip (make it a t.Fatal) once testdata/vision is committed.
-		t.Skip("testdata/vision is missing: run python3 scripts/fixtures/make_vision_fixtures.py --out testdata/vision on the GPU machine and commit it")
+		t.Fatal("testdata/vision is missing: run python3 scripts/fixtures/make_vision_fixtures.py --out testdata/vision on the GPU machine and commit it")
 	}
 	gold, err := safetensors.OpenCheckpoint(filepath.Join(visionFixtures, "golden.safetensors"))
 	if err != nil {

@@ -33,6 +33,7 @@ type serveFlags struct {
 	threads     int
 	plan        string
 	quant       quantFlags
+	offload     bool // --offload-experts, passed to the workers
 	listen      string
 	httpListen  string
 	dataDir     string
@@ -96,6 +97,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&f.threads, "threads", 0, "CPU threads of each worker's matrix products (0: cores / workers)")
 	fs.StringVar(&f.plan, "plan", coordinator.DefaultPlan, `tp_plan: "tp", "ep" or a plan file in HF's format`)
 	f.quant.addFlags(fs, "")
+	fs.BoolVar(&f.offload, "offload-experts", false, "the workers keep the routed experts in pinned host memory and copy the ones each step chooses to the GPU (cuda; such steps run without CUDA graphs)")
 	fs.StringVar(&f.listen, "listen", coordinator.DefaultListenAddr, "host:port of the coordinator's gRPC server (port 0: any)")
 	fs.StringVar(&f.httpListen, "http-listen", coordinator.DefaultHTTPAddr, "host:port of the OpenAI-compatible HTTP gateway (port 0: any; empty: no gateway)")
 	fs.StringVar(&f.dataDir, "data-dir", "", "etcd's data directory, kept across runs (empty: a temporary one, removed at exit)")
@@ -220,6 +222,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		wcfg.Device = f.device
 		wcfg.DeviceIndex = i
 		wcfg.Threads = f.threads
+		wcfg.OffloadExperts = f.offload
 		wcfg.BlockSize = f.blockSize
 		wcfg.Etcd = etcd
 		wcfg.TLS, wcfg.Insecure = tl, f.tls.cfg.Insecure
@@ -322,9 +325,13 @@ func startServeProcs(f serveFlags, etcd string, stderr io.Writer, log *zap.Logge
 	}
 	out := &syncWriter{w: stderr}
 	pid := os.Getpid()
+	args := []string{"--log-level", f.logLevel, "--block-size", strconv.Itoa(f.blockSize)}
+	if f.offload {
+		args = append(args, "--offload-experts")
+	}
 	g := &localGroup{
 		sub:      "worker",
-		args:     []string{"--log-level", f.logLevel, "--block-size", strconv.Itoa(f.blockSize)},
+		args:     args,
 		device:   f.device,
 		nproc:    f.workers,
 		nnodes:   1,

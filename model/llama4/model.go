@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"slices"
 	"sync/atomic"
 
 	"github.com/tpfleet/tpfleet/backend"
@@ -85,14 +86,21 @@ type mlp struct {
 // expert's input, and the shared expert is always added.
 type moe struct {
 	router       backend.Tensor
-	gateUp, down backend.Tensor // [E_local, H, 2I_local], [E_local, I_local, H]
-	firstExpert  int
+	gateUp, down backend.Tensor // [slots_local, H, 2I_local], [slots_local, I_local, H]
+	firstExpert  int            // the first slot this rank holds
 	topK         int
 	shared       mlp
 	partial      bool
-	// tokens counts the (token, choice) pairs routed to each expert, where the backend's routing is an
-	// backend.ExpertCounter (see Model.ExpertLoad).
-	tokens []atomic.Int64
+	// units[i] is the checkpoint's expert of the router's row i (nil: i). slots, when the expert tensors'
+	// slots over the group are not the router's rows one for one (an order with replicas), lists for
+	// router row i the slots that hold its expert, and mapper sends each choice to one of them.
+	units  []int
+	slots  [][]int
+	mapper backend.ExpertMapper
+	// tokens counts the (token, choice) pairs routed to each expert of the checkpoint, slotTokens those
+	// that each slot of the group computes, where the backend's routing is an backend.ExpertCounter (see
+	// Model.ExpertLoad and Model.SlotLoad).
+	tokens, slotTokens []atomic.Int64
 }
 
 // Load builds the model from w: model.Load fills the declared tensor tree (tree.go), then each part is
@@ -188,8 +196,8 @@ func loadMLP(w *mlpWeights, p string) (*mlp, error) {
 }
 
 func (m *Model) loadMoE(w *moeWeights, p string) (*moe, error) {
-	f := &moe{topK: m.Config.TopK, router: w.Router.T, gateUp: w.GateUp.T, down: w.Down.T,
-		tokens: make([]atomic.Int64, w.Router.T.Shape()[0])}
+	E := w.Router.T.Shape()[0]
+	f := &moe{topK: m.Config.TopK, router: w.Router.T, gateUp: w.GateUp.T, down: w.Down.T, units: w.Router.Layout.Units}
 	lr, lgu, ld := w.Router.Layout, w.GateUp.Layout, w.Down.Layout
 	shared, err := loadMLP(&w.Shared, p+"shared_expert.")
 	if err != nil {
@@ -199,48 +207,114 @@ func (m *Model) loadMoE(w *moeWeights, p string) (*moe, error) {
 	if lr.Split() {
 		return nil, fmt.Errorf("llama4: %srouter.weight must be replicated: every rank routes every token", p)
 	}
+	if !slices.Equal(lgu.Units, ld.Units) {
+		return nil, fmt.Errorf("llama4: %sexperts: gate_up_proj and down_proj hold experts in different orders", p)
+	}
+	slotUnits := lgu.Units // the group's slots (nil: the checkpoint's experts in order)
+	nSlots := E
+	if slotUnits != nil {
+		nSlots = len(slotUnits)
+	}
 	switch {
 	case lgu.Split() != ld.Split():
 		return nil, fmt.Errorf("llama4: %sexperts: gate_up_proj and down_proj must be split together", p)
 	case lgu.Dim == 0 && ld.Dim == 0: // expert parallel: whole experts per rank
-		f.firstExpert = lgu.Part * f.gateUp.Shape()[0]
+		local := f.gateUp.Shape()[0]
+		f.firstExpert = lgu.Part * local
+		if local*lgu.Parts != nSlots {
+			return nil, fmt.Errorf("llama4: %sexperts: %d a rank over %d ranks, but the group has %d slots", p, local, lgu.Parts, nSlots)
+		}
 	case lgu.Split() && (lgu.Dim != 2 || ld.Dim != 1):
 		return nil, fmt.Errorf("llama4: %sexperts: split gate_up_proj on dim 2 (packed) with down_proj on dim 1, or both on dim 0 (experts); got %d and %d", p, lgu.Dim, ld.Dim)
+	case !lgu.Split() && f.gateUp.Shape()[0] != nSlots:
+		return nil, fmt.Errorf("llama4: %sexperts: %d held whole, but the order has %d slots", p, f.gateUp.Shape()[0], nSlots)
 	}
+	if f.units != nil && len(f.units) != E {
+		return nil, fmt.Errorf("llama4: %srouter.weight: an order of %d experts for %d rows", p, len(f.units), E)
+	}
+	if !slices.Equal(orIdentity(f.units, E), orIdentity(slotUnits, nSlots)) {
+		// The router's rows are not the slots: each choice goes to one of its expert's replicas.
+		em, ok := m.ops.(backend.ExpertMapper)
+		if !ok {
+			return nil, fmt.Errorf("llama4: %sexperts: the plan holds %d slots of %d experts (replicas of hot experts), and backend %s cannot route among replicas (backend.ExpertMapper): rebalance with --redundant-experts 0", p, nSlots, E, m.ops.Name())
+		}
+		f.mapper, f.slots = em, make([][]int, E)
+		for i, u := range orIdentity(f.units, E) {
+			for slot, su := range slotUnits {
+				if su == u {
+					f.slots[i] = append(f.slots[i], slot)
+				}
+			}
+			if len(f.slots[i]) == 0 {
+				return nil, fmt.Errorf("llama4: %sexperts: expert %d has no slot in the order %v", p, u, slotUnits)
+			}
+		}
+	}
+	f.tokens, f.slotTokens = make([]atomic.Int64, E), make([]atomic.Int64, nSlots)
 	f.partial = lgu.Split()
 	return f, nil
 }
 
-// count adds a step's routing to the expert load, where the backend can count it.
-func (f *moe) count(r backend.Routing) {
+// orIdentity returns units, or 0..n-1 when it is nil.
+func orIdentity(units []int, n int) []int {
+	if units != nil {
+		return units
+	}
+	out := make([]int, n)
+	for i := range out {
+		out[i] = i
+	}
+	return out
+}
+
+// count adds a step's routing to into, where the backend can count it: choice i adds to into[units[i]]
+// (into[i] when units is nil).
+func count(r backend.Routing, into []atomic.Int64, units []int) {
 	ec, ok := r.(backend.ExpertCounter)
-	if !ok {
+	if !ok || r == nil {
 		return
 	}
-	n := make([]int64, len(f.tokens))
+	n := make([]int64, len(into))
 	if ec.CountExperts(n) != nil {
 		return
 	}
-	for e, c := range n {
-		if c != 0 {
-			f.tokens[e].Add(c)
+	for i, c := range n {
+		if c == 0 {
+			continue
 		}
+		if units != nil {
+			i = units[i]
+		}
+		into[i].Add(c)
 	}
 }
 
-// ExpertLoad returns, per decoder layer, the tokens routed to each expert since the model was loaded
-// (nil for a dense layer); all nil where the backend does not count (see backend.ExpertCounter). Every
-// rank of a group routes every token, so each reports the group's load. Safe for concurrent use.
+// ExpertLoad returns, per decoder layer, the tokens routed to each expert of the checkpoint (in its
+// numbering, whatever order the plan placed the experts in) since the model was loaded (nil for a dense
+// layer); all nil where the backend does not count (see backend.ExpertCounter). Every rank of a group
+// routes every token, so each reports the group's load. Safe for concurrent use.
 func (m *Model) ExpertLoad() [][]int64 {
+	return m.load(func(f *moe) []atomic.Int64 { return f.tokens })
+}
+
+// SlotLoad is ExpertLoad per slot of the group's expert tensors (model.Layout.Units: slots rank by rank;
+// the checkpoint's experts when the plan placed none): with replicas, how an expert's tokens split
+// among them, and so what each rank computed.
+func (m *Model) SlotLoad() [][]int64 {
+	return m.load(func(f *moe) []atomic.Int64 { return f.slotTokens })
+}
+
+func (m *Model) load(of func(*moe) []atomic.Int64) [][]int64 {
 	out := make([][]int64, len(m.layers))
 	for i, d := range m.layers {
 		f, ok := d.ffn.(*moe)
 		if !ok {
 			continue
 		}
-		out[i] = make([]int64, len(f.tokens))
-		for e := range f.tokens {
-			out[i][e] = f.tokens[e].Load()
+		c := of(f)
+		out[i] = make([]int64, len(c))
+		for e := range c {
+			out[i][e] = c[e].Load()
 		}
 	}
 	return out
@@ -405,7 +479,7 @@ func (m *Model) forwardBatch(ctx context.Context, seqs []*Sequence, ids [][]int,
 // forward is the model proper: embedding, decoder layers, final norm and lm_head over the batch's rows
 // flat at positions pos. It has no effect besides the backend's ops (StepRecorder may run it twice).
 func (m *Model) forward(ctx context.Context, flat, pos []int, spans []span, slots []imageSlot, allLogits bool) (backend.Tensor, error) {
-	s := &step{ctx: ctx, ops: m.ops, comm: m.comm}
+	s := &step{ctx: ctx, ops: m.ops, comm: m.comm, pos: pos}
 	eps := m.Config.RMSNormEps
 	x := s.allReduce(s.embed(m.embed, flat, m.embedFirst), m.embedSplit) // spec §2.1
 	if slots != nil {
@@ -589,7 +663,11 @@ func (f *mlp) local(s *step, h backend.Tensor) backend.Tensor {
 func (f *moe) forward(s *step, h backend.Tensor) backend.Tensor {
 	p := s.linears(h, f.router, f.shared.gate, f.shared.up) // every product of h at once
 	routing := s.route(p[0], f.topK)
-	f.count(routing)
+	count(routing, f.tokens, f.units)
+	if f.slots != nil {
+		routing = s.mapExperts(f.mapper, routing, f.slots)
+	}
+	count(routing, f.slotTokens, nil)
 	shared := s.linear(s.siluMul(p[1], p[2]), f.shared.down)
 	if f.partial == f.shared.partial {
 		return s.allReduce(s.expertsAdd(h, routing, f.gateUp, f.down, f.firstExpert, shared), f.partial)

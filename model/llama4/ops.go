@@ -14,6 +14,7 @@ type step struct {
 	ctx  context.Context
 	ops  backend.Ops
 	comm comm.Comm
+	pos  []int // the positions of the step's rows (the MoE spreads an expert's tokens over its replicas by them)
 	err  error
 }
 
@@ -144,6 +145,17 @@ func (s *step) route(logits backend.Tensor, k int) backend.Routing {
 	r, err := s.ops.Route(logits, k)
 	s.fail("route", err)
 	return r
+}
+
+// mapExperts sends each choice of r to one of its expert's slots (backend.ExpertMapper), by the rows'
+// positions.
+func (s *step) mapExperts(em backend.ExpertMapper, r backend.Routing, slots [][]int) backend.Routing {
+	if s.err != nil {
+		return nil
+	}
+	m, err := em.MapExperts(r, slots, s.pos)
+	s.fail("map_experts", err)
+	return m
 }
 
 func (s *step) experts(x backend.Tensor, r backend.Routing, gateUp, down backend.Tensor, first int) backend.Tensor {

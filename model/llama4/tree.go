@@ -199,6 +199,9 @@ func (r runner) KVUsage() (used, total, blockSize int) { return r.m.KVUsage() }
 // ExpertLoad is Model.ExpertLoad.
 func (r runner) ExpertLoad() [][]int64 { return r.m.ExpertLoad() }
 
+// SlotLoad is Model.SlotLoad.
+func (r runner) SlotLoad() [][]int64 { return r.m.SlotLoad() }
+
 func (r runner) NewSequence(capacity int) (run.Sequence, error) {
 	s, err := r.m.NewSequence(capacity)
 	if err != nil {

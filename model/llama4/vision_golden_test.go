@@ -39,7 +39,7 @@ type visionFixture struct {
 func openVisionFixture(t *testing.T) *visionFixture {
 	t.Helper()
 	if _, err := os.Stat(visionDir); errors.Is(err, fs.ErrNotExist) {
-		t.Skip("testdata/vision is missing: run python3 scripts/fixtures/make_vision_fixtures.py --out testdata/vision on the GPU machine and commit it")
+		t.Fatal("testdata/vision is missing: run python3 scripts/fixtures/make_vision_fixtures.py --out testdata/vision on the GPU machine and commit it")
 	}
 	f := &visionFixture{}
 	dir := filepath.Join(visionDir, "model")

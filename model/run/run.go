@@ -102,10 +102,13 @@ type Model interface {
 }
 
 // ExpertLoader is implemented by a Model of a mixture of experts that counts the tokens routed to each
-// expert: ExpertLoad returns them per decoder layer since the model was loaded (nil for a dense layer).
-// It is safe to call while the model runs.
+// expert: ExpertLoad returns them per decoder layer since the model was loaded (nil for a dense layer), by
+// the checkpoint's expert numbering; SlotLoad returns them per slot of the group's expert tensors (the
+// plan's expert order, replicas included: model.Layout.Units), which says what each rank computed. Both
+// are safe to call while the model runs.
 type ExpertLoader interface {
 	ExpertLoad() [][]int64
+	SlotLoad() [][]int64
 }
 
 // Opener is implemented by the configuration types of families that run in this binary.

@@ -3,7 +3,10 @@ package run
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync/atomic"
+
+	"go.uber.org/zap"
 
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/model"
@@ -39,6 +42,17 @@ type quantizer struct {
 	specs  map[string]model.TensorSpec
 	format quant.Format
 	mem    atomic.Int64 // bytes held in memory so far (quantised: codes and scales)
+	log    *zap.Logger  // nil: no line a tensor
+}
+
+// held logs, at debug level, how one tensor is held: its stored dtype and bytes and its in-memory format
+// and bytes (quantised: codes and scales), the per-tensor form of tpfleet shards plan's table.
+func (q *quantizer) held(name string, dt safetensors.DType, stored int, format string, mem int64) {
+	if q.log == nil {
+		return
+	}
+	q.log.Debug("tensor held", zap.String("tensor", name), zap.Stringer("stored-dtype", dt), zap.Int("stored-bytes", stored),
+		zap.String("in-memory", format), zap.Int64("memory-bytes", mem))
 }
 
 func (q *quantizer) configure(cfg model.Config, f quant.Format) {
@@ -77,9 +91,11 @@ func (q *quantizer) load(ops backend.Ops, name string, dt safetensors.DType, sha
 		}
 	default:
 		q.mem.Add(int64(len(data)))
+		q.held(name, dt, len(data), strings.ToLower(dt.String()), int64(len(data)))
 		return ops.Load(dt, shape, data)
 	}
 	q.mem.Add(w.Bytes())
+	q.held(name, dt, len(data), w.Format.String(), w.Bytes())
 	return backend.LoadQuantized(ops, w)
 }
 
@@ -88,6 +104,13 @@ func (q *quantizer) load(ops backend.Ops, name string, dt safetensors.DType, sha
 // a shard.View. The backend must be a backend.QuantizedLoader for either. It returns w.
 func (w *RankWeights) WithFormat(cfg model.Config, f quant.Format) *RankWeights {
 	w.q.configure(cfg, f)
+	return w
+}
+
+// WithLog makes w log each tensor it loads at debug level ("tensor held": stored dtype and bytes,
+// in-memory format and bytes). It returns w.
+func (w *RankWeights) WithLog(log *zap.Logger) *RankWeights {
+	w.q.log = log
 	return w
 }
 
@@ -140,6 +163,12 @@ type CheckpointWeights struct {
 // w.
 func (w *CheckpointWeights) WithFormat(cfg model.Config, f quant.Format) *CheckpointWeights {
 	w.q.configure(cfg, f)
+	return w
+}
+
+// WithLog makes w log each tensor it loads at debug level (see RankWeights.WithLog). It returns w.
+func (w *CheckpointWeights) WithLog(log *zap.Logger) *CheckpointWeights {
+	w.q.log = log
 	return w
 }
 

@@ -26,7 +26,7 @@ const visionDir = "../../../testdata/vision"
 func needFixtures(t *testing.T) {
 	t.Helper()
 	if _, err := os.Stat(visionDir); errors.Is(err, fs.ErrNotExist) {
-		t.Skip("testdata/vision is missing: run python3 scripts/fixtures/make_vision_fixtures.py --out testdata/vision on the GPU machine and commit it")
+		t.Fatal("testdata/vision is missing: run python3 scripts/fixtures/make_vision_fixtures.py --out testdata/vision on the GPU machine and commit it")
 	}
 }
 
@@ -144,7 +144,7 @@ func TestHFWebP(t *testing.T) {
 		t.Fatal(err)
 	}
 	if !meta.WebP {
-		t.Skip("the fixture machine's Pillow wrote no WebP (meta.json webp: false)")
+		t.Fatal("the fixture machine's Pillow wrote no WebP (meta.json webp: false): regenerate testdata/vision where Pillow has WebP")
 	}
 	png := decodeFile(t, filepath.Join(visionDir, "images", "c_100x80.png"))
 	webp := decodeFile(t, filepath.Join(visionDir, "images", "c_100x80.webp"))

@@ -398,10 +398,14 @@ type RebalanceRequest struct {
 	// wait returns only once every group of the new epoch serves.
 	Wait bool `protobuf:"varint,8,opt,name=wait,proto3" json:"wait,omitempty"`
 	// experts re-places the experts of every MoE layer over the ranks by their load (expert plan only): the
-	// hottest experts go to the least loaded ranks.
-	Experts       bool `protobuf:"varint,9,opt,name=experts,proto3" json:"experts,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// hottest experts go to the least loaded ranks, and get replicas when redundant_experts allows.
+	Experts bool `protobuf:"varint,9,opt,name=experts,proto3" json:"experts,omitempty"`
+	// redundant_experts, when present, is the number of extra expert slots per MoE layer (a multiple of the
+	// TP size) that experts fills with replicas of the hottest experts; 0 only moves experts. Absent: the
+	// number the plan in force has (0 at first).
+	RedundantExperts *int32 `protobuf:"varint,10,opt,name=redundant_experts,json=redundantExperts,proto3,oneof" json:"redundant_experts,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *RebalanceRequest) Reset() {
@@ -497,6 +501,13 @@ func (x *RebalanceRequest) GetExperts() bool {
 	return false
 }
 
+func (x *RebalanceRequest) GetRedundantExperts() int32 {
+	if x != nil && x.RedundantExperts != nil {
+		return *x.RedundantExperts
+	}
+	return 0
+}
+
 type ExpertsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -537,8 +548,13 @@ type ExpertsResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Epoch int64                  `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
 	// groups is the number of groups whose load is summed.
-	Groups        int32         `protobuf:"varint,2,opt,name=groups,proto3" json:"groups,omitempty"`
-	Layers        []*ExpertLoad `protobuf:"bytes,3,rep,name=layers,proto3" json:"layers,omitempty"`
+	Groups int32         `protobuf:"varint,2,opt,name=groups,proto3" json:"groups,omitempty"`
+	Layers []*ExpertLoad `protobuf:"bytes,3,rep,name=layers,proto3" json:"layers,omitempty"`
+	// tp is the plan's TP size: the slots of a layer (slot_tokens) split evenly over tp ranks.
+	Tp int32 `protobuf:"varint,4,opt,name=tp,proto3" json:"tp,omitempty"`
+	// expert_order is, per MoE layer, the expert each slot holds; empty when the plan keeps the
+	// checkpoint's order.
+	ExpertOrder   []*ExpertOrder `protobuf:"bytes,5,rep,name=expert_order,json=expertOrder,proto3" json:"expert_order,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -590,6 +606,20 @@ func (x *ExpertsResponse) GetGroups() int32 {
 func (x *ExpertsResponse) GetLayers() []*ExpertLoad {
 	if x != nil {
 		return x.Layers
+	}
+	return nil
+}
+
+func (x *ExpertsResponse) GetTp() int32 {
+	if x != nil {
+		return x.Tp
+	}
+	return 0
+}
+
+func (x *ExpertsResponse) GetExpertOrder() []*ExpertOrder {
+	if x != nil {
+		return x.ExpertOrder
 	}
 	return nil
 }
@@ -737,8 +767,8 @@ type RebalanceResponse struct {
 	// how long from writing the epoch until every group served (with wait).
 	PrepareSeconds float64 `protobuf:"fixed64,9,opt,name=prepare_seconds,json=prepareSeconds,proto3" json:"prepare_seconds,omitempty"`
 	SwitchSeconds  float64 `protobuf:"fixed64,10,opt,name=switch_seconds,json=switchSeconds,proto3" json:"switch_seconds,omitempty"`
-	// expert_order is, per MoE layer, the expert each slot holds (slots rank by rank, experts/tp each);
-	// empty when the plan keeps the checkpoint's order.
+	// expert_order is, per MoE layer, the expert each slot holds (slots rank by rank, slots/tp each; an
+	// expert with replicas appears in several slots); empty when the plan keeps the checkpoint's order.
 	ExpertOrder   []*ExpertOrder `protobuf:"bytes,11,rep,name=expert_order,json=expertOrder,proto3" json:"expert_order,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -932,7 +962,7 @@ const file_tpfleet_v1_admin_proto_rawDesc = "" +
 	"\x04plan\x18\x04 \x01(\tR\x04plan\x128\n" +
 	"\vassignments\x18\x05 \x03(\v2\x16.tpfleet.v1.AssignmentR\vassignments\x12\x1b\n" +
 	"\tleader_id\x18\x06 \x01(\tR\bleaderId\x12)\n" +
-	"\x10etcd_unreachable\x18\a \x01(\bR\x0fetcdUnreachable\"\xf8\x01\n" +
+	"\x10etcd_unreachable\x18\a \x01(\bR\x0fetcdUnreachable\"\xc0\x02\n" +
 	"\x10RebalanceRequest\x12\x0e\n" +
 	"\x02tp\x18\x01 \x01(\x05R\x02tp\x12\x12\n" +
 	"\x04plan\x18\x02 \x01(\tR\x04plan\x12\x1b\n" +
@@ -942,13 +972,18 @@ const file_tpfleet_v1_admin_proto_rawDesc = "" +
 	"\aundrain\x18\x06 \x01(\tR\aundrain\x12\x17\n" +
 	"\adry_run\x18\a \x01(\bR\x06dryRun\x12\x12\n" +
 	"\x04wait\x18\b \x01(\bR\x04wait\x12\x18\n" +
-	"\aexperts\x18\t \x01(\bR\aexpertsB\v\n" +
-	"\t_replicas\"\x10\n" +
-	"\x0eExpertsRequest\"o\n" +
+	"\aexperts\x18\t \x01(\bR\aexperts\x120\n" +
+	"\x11redundant_experts\x18\n" +
+	" \x01(\x05H\x01R\x10redundantExperts\x88\x01\x01B\v\n" +
+	"\t_replicasB\x14\n" +
+	"\x12_redundant_experts\"\x10\n" +
+	"\x0eExpertsRequest\"\xbb\x01\n" +
 	"\x0fExpertsResponse\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x03R\x05epoch\x12\x16\n" +
 	"\x06groups\x18\x02 \x01(\x05R\x06groups\x12.\n" +
-	"\x06layers\x18\x03 \x03(\v2\x16.tpfleet.v1.ExpertLoadR\x06layers\"\xc7\x02\n" +
+	"\x06layers\x18\x03 \x03(\v2\x16.tpfleet.v1.ExpertLoadR\x06layers\x12\x0e\n" +
+	"\x02tp\x18\x04 \x01(\x05R\x02tp\x12:\n" +
+	"\fexpert_order\x18\x05 \x03(\v2\x17.tpfleet.v1.ExpertOrderR\vexpertOrder\"\xc7\x02\n" +
 	"\n" +
 	"WorkerMove\x12\x1b\n" +
 	"\tmember_id\x18\x01 \x01(\tR\bmemberId\x12\x14\n" +
@@ -1018,22 +1053,23 @@ var file_tpfleet_v1_admin_proto_depIdxs = []int32{
 	1,  // 0: tpfleet.v1.MembersResponse.members:type_name -> tpfleet.v1.Member
 	4,  // 1: tpfleet.v1.ShardsResponse.assignments:type_name -> tpfleet.v1.Assignment
 	12, // 2: tpfleet.v1.ExpertsResponse.layers:type_name -> tpfleet.v1.ExpertLoad
-	4,  // 3: tpfleet.v1.RebalanceResponse.assignments:type_name -> tpfleet.v1.Assignment
-	9,  // 4: tpfleet.v1.RebalanceResponse.moves:type_name -> tpfleet.v1.WorkerMove
-	11, // 5: tpfleet.v1.RebalanceResponse.expert_order:type_name -> tpfleet.v1.ExpertOrder
-	0,  // 6: tpfleet.v1.Admin.Members:input_type -> tpfleet.v1.MembersRequest
-	3,  // 7: tpfleet.v1.Admin.Shards:input_type -> tpfleet.v1.ShardsRequest
-	6,  // 8: tpfleet.v1.Admin.Rebalance:input_type -> tpfleet.v1.RebalanceRequest
-	7,  // 9: tpfleet.v1.Admin.Experts:input_type -> tpfleet.v1.ExpertsRequest
-	2,  // 10: tpfleet.v1.Admin.Members:output_type -> tpfleet.v1.MembersResponse
-	5,  // 11: tpfleet.v1.Admin.Shards:output_type -> tpfleet.v1.ShardsResponse
-	10, // 12: tpfleet.v1.Admin.Rebalance:output_type -> tpfleet.v1.RebalanceResponse
-	8,  // 13: tpfleet.v1.Admin.Experts:output_type -> tpfleet.v1.ExpertsResponse
-	10, // [10:14] is the sub-list for method output_type
-	6,  // [6:10] is the sub-list for method input_type
-	6,  // [6:6] is the sub-list for extension type_name
-	6,  // [6:6] is the sub-list for extension extendee
-	0,  // [0:6] is the sub-list for field type_name
+	11, // 3: tpfleet.v1.ExpertsResponse.expert_order:type_name -> tpfleet.v1.ExpertOrder
+	4,  // 4: tpfleet.v1.RebalanceResponse.assignments:type_name -> tpfleet.v1.Assignment
+	9,  // 5: tpfleet.v1.RebalanceResponse.moves:type_name -> tpfleet.v1.WorkerMove
+	11, // 6: tpfleet.v1.RebalanceResponse.expert_order:type_name -> tpfleet.v1.ExpertOrder
+	0,  // 7: tpfleet.v1.Admin.Members:input_type -> tpfleet.v1.MembersRequest
+	3,  // 8: tpfleet.v1.Admin.Shards:input_type -> tpfleet.v1.ShardsRequest
+	6,  // 9: tpfleet.v1.Admin.Rebalance:input_type -> tpfleet.v1.RebalanceRequest
+	7,  // 10: tpfleet.v1.Admin.Experts:input_type -> tpfleet.v1.ExpertsRequest
+	2,  // 11: tpfleet.v1.Admin.Members:output_type -> tpfleet.v1.MembersResponse
+	5,  // 12: tpfleet.v1.Admin.Shards:output_type -> tpfleet.v1.ShardsResponse
+	10, // 13: tpfleet.v1.Admin.Rebalance:output_type -> tpfleet.v1.RebalanceResponse
+	8,  // 14: tpfleet.v1.Admin.Experts:output_type -> tpfleet.v1.ExpertsResponse
+	11, // [11:15] is the sub-list for method output_type
+	7,  // [7:11] is the sub-list for method input_type
+	7,  // [7:7] is the sub-list for extension type_name
+	7,  // [7:7] is the sub-list for extension extendee
+	0,  // [0:7] is the sub-list for field type_name
 }
 
 func init() { file_tpfleet_v1_admin_proto_init() }

@@ -691,11 +691,15 @@ func (x *StatusResponse) GetExpertLoad() []*ExpertLoad {
 	return nil
 }
 
-// ExpertLoad is one MoE layer's tokens per expert: tokens[e] (token, choice) pairs went to expert e.
+// ExpertLoad is one MoE layer's tokens per expert: tokens[e] (token, choice) pairs went to expert e (the
+// checkpoint's numbering). slot_tokens[i] is how many of them slot i of the group's expert tensors computed:
+// the plan's expert order (slots rank by rank, replicas of hot experts included; the checkpoint's experts
+// when the plan orders none), so a replicated expert's tokens split over its slots.
 type ExpertLoad struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Layer         int32                  `protobuf:"varint,1,opt,name=layer,proto3" json:"layer,omitempty"`
 	Tokens        []int64                `protobuf:"varint,2,rep,packed,name=tokens,proto3" json:"tokens,omitempty"`
+	SlotTokens    []int64                `protobuf:"varint,3,rep,packed,name=slot_tokens,json=slotTokens,proto3" json:"slot_tokens,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -740,6 +744,13 @@ func (x *ExpertLoad) GetLayer() int32 {
 func (x *ExpertLoad) GetTokens() []int64 {
 	if x != nil {
 		return x.Tokens
+	}
+	return nil
+}
+
+func (x *ExpertLoad) GetSlotTokens() []int64 {
+	if x != nil {
+		return x.SlotTokens
 	}
 	return nil
 }
@@ -1279,11 +1290,13 @@ const file_tpfleet_v1_worker_proto_rawDesc = "" +
 	"kept_bytes\x18\x0e \x01(\x03R\tkeptBytes\x12%\n" +
 	"\x0estreamed_bytes\x18\x0f \x01(\x03R\rstreamedBytes\x127\n" +
 	"\vexpert_load\x18\x10 \x03(\v2\x16.tpfleet.v1.ExpertLoadR\n" +
-	"expertLoad\":\n" +
+	"expertLoad\"[\n" +
 	"\n" +
 	"ExpertLoad\x12\x14\n" +
 	"\x05layer\x18\x01 \x01(\x05R\x05layer\x12\x16\n" +
-	"\x06tokens\x18\x02 \x03(\x03R\x06tokens\"$\n" +
+	"\x06tokens\x18\x02 \x03(\x03R\x06tokens\x12\x1f\n" +
+	"\vslot_tokens\x18\x03 \x03(\x03R\n" +
+	"slotTokens\"$\n" +
 	"\x0ePrepareRequest\x12\x12\n" +
 	"\x04plan\x18\x01 \x01(\fR\x04plan\"\x7f\n" +
 	"\x0fPrepareResponse\x12\x16\n" +

@@ -1,6 +1,7 @@
 // quant_check.cpp: runs the kernels of kernels/quant.cu under the emulator (emu.h) on small random inputs
 // and compares them with host references written from package quant's rules (qgemv_N, dequant_bf16,
-// qexpert_gemv_N in both modes, act_quant_rows gathered and in place, quantize_bf16). The scalar helpers
+// qexpert_gemv_N in both modes, act_quant_rows gathered and in place, quantize_bf16; act_quant_fp8 and
+// fp8_scale_out of quant_fp8gemm.cu around a host GEMM of their codes). The scalar helpers
 // (E4M3 decode, rounding, encoding, FP8RowScale) are those of quant.cu itself, checked against package
 // quant bit for bit when this was written. Build and run: scripts/gpu/emu-quant.sh.
 #include "src.cu" // made by emu-quant.sh
@@ -126,6 +127,51 @@ void test_quantize(int fmt, int gs, long outer, long in, long inner) {
 			else { unsigned want = e4m3_encode(round_e4m3(std::min(std::max(x / scale, -448.0f), 448.0f))); check("qfp8", codes[idx], want, 0, idx); } }
 	}
 }
+// test_fp8gemm: act_quant_fp8's codes and scales decode to act_quant_rows' values bit for bit, and
+// act_quant_fp8 → a float32 product of the codes (the host stands in for cuBLASLt) → fp8_scale_out gives
+// the product of the fake-quantised rows with the dequantised fp8 weight [N, K].
+void test_fp8gemm(int T, int K, int N, int xdt) {
+	std::vector<float> xf(T * K); for (auto& v : xf) v = urand(-3, 3) * (rng() % 11 == 0 ? 0.0f : 1.0f);
+	if (T > 1) { xf[K + 3] = 2500; for (int i = 0; i < K; i++) xf[2 * K % (T * K) + i] *= (T > 2 ? 0.0f : 1.0f); } // a clamped row, a zero row
+	std::vector<bf16_t> xb(T * K); for (int i = 0; i < T * K; i++) { xb[i] = f32_to_bf16(xf[i]); if (xdt == DT_BF16) xf[i] = bf16_to_f32(xb[i]); }
+	const void* x = xdt == DT_BF16 ? (const void*)xb.data() : (const void*)xf.data();
+	std::vector<unsigned char> codes(T * K); std::vector<float> sx(T, NAN);
+	launch(dim3{(unsigned)T}, dim3{128}, [&] { act_quant_fp8(x, xdt, nullptr, nullptr, 1, K, codes.data(), sx.data(), nullptr); });
+	std::vector<float> fq(T * K);
+	launch(dim3{(unsigned)T}, dim3{64}, [&] { act_quant_rows(x, xdt, nullptr, nullptr, 1, K, 1, fq.data(), DT_F32, nullptr); });
+	for (int i = 0; i < T * K; i++) { float got = e4m3_to_f32(codes[i]) * sx[i / K];
+		if (__float_as_uint(got) != __float_as_uint(fq[i])) { if (bad++ < 10) printf("act_quant_fp8 [%d] %g want %g\n", i, got, fq[i]); } }
+	QW w = make(QF_FP8, 0, N, K, 1);
+	std::vector<float> y(T * N), want(T * N);
+	for (int t = 0; t < T; t++) for (int o = 0; o < N; o++) { double acc = 0, ref = 0;
+		for (int k = 0; k < K; k++) { acc += (double)e4m3_to_f32(codes[t * K + k]) * e4m3_to_f32(w.codes[o * K + k]); ref += (double)fq[t * K + k] * w.at((long)o * K + k); }
+		y[t * N + o] = (float)acc; want[t * N + o] = (float)ref; }
+	launch(dim3{3}, dim3{32}, [&] { fp8_scale_out(y.data(), sx.data(), w.sf.data(), T, N); });
+	for (int i = 0; i < T * N; i++) check("fp8gemm", y[i], want[i], 1e-5, i);
+}
+// test_fp8_gather: act_quant_fp8 over gathered rows (perm, scores, nrows) decodes to act_quant_rows' values,
+// with zero codes and scale for gap rows and rows at or past nrows untouched; transpose_u8 transposes.
+void test_fp8_gather() {
+	int T = 3, k = 2, n = 200, rows = 7, nrows = 6;
+	std::vector<float> x(T * n); for (auto& v : x) v = urand(-3, 3);
+	x[7] = 3000;
+	float scores[6]; for (auto& s : scores) s = urand(0.1f, 1);
+	int perm[7] = {3, 0, -1, 5, 1, 2, 4};
+	std::vector<unsigned char> codes(rows * n, 0xAB); std::vector<float> sx(rows, NAN), fq(rows * n, NAN);
+	launch(dim3{(unsigned)rows}, dim3{96}, [&] { act_quant_fp8(x.data(), DT_F32, perm, scores, k, n, codes.data(), sx.data(), &nrows); });
+	launch(dim3{(unsigned)rows}, dim3{64}, [&] { act_quant_rows(x.data(), DT_F32, perm, scores, k, n, 1, fq.data(), DT_F32, &nrows); });
+	for (int r = 0; r < rows; r++) for (int i = 0; i < n; i++) {
+		if (r >= nrows) { if (codes[r * n + i] != 0xAB || !std::isnan(sx[r])) { if (bad++ < 10) printf("fp8 gather row %d written\n", r); } continue; }
+		float got = e4m3_to_f32(codes[r * n + i]) * sx[r];
+		if (__float_as_uint(got) != __float_as_uint(fq[r * n + i])) { if (bad++ < 10) printf("fp8 gather [%d][%d] %g want %g\n", r, i, got, fq[r * n + i]); }
+	}
+	for (long R : {1L, 63L, 64L, 130L}) for (long C : {1L, 65L, 128L, 200L}) {
+		std::vector<unsigned char> a(R * C), t(R * C, 0);
+		for (auto& v : a) v = rng() & 0xff;
+		launch(dim3{(unsigned)((C + 63) / 64), (unsigned)((R + 63) / 64)}, dim3{256}, [&] { transpose_u8(a.data(), R, C, t.data()); });
+		for (long r = 0; r < R; r++) for (long c = 0; c < C; c++) if (t[c * R + r] != a[r * C + c]) { if (bad++ < 10) printf("transpose %ldx%ld [%ld][%ld]\n", R, C, r, c); }
+	}
+}
 int main() {
 	for (int xdt : {DT_F32, DT_BF16}) for (int T : {1, 2, 3, 5, 8}) {
 		test_qgemv(QF_FP8, 0, T, 64, 10, xdt); test_qgemv(QF_FP8_BF16, 0, T, 48, 9, xdt);
@@ -145,5 +191,8 @@ int main() {
 	printf("act done bad=%d\n", bad);
 	test_quantize(QF_FP8, 0, 5, 33, 1); test_quantize(QF_FP8, 0, 3, 20, 24); test_quantize(QF_INT4, 16, 5, 37, 1); test_quantize(QF_INT4, 8, 3, 20, 24); test_quantize(QF_INT4, 128, 2, 40, 3);
 	printf("quantize done bad=%d\n", bad);
+	for (int xdt : {DT_F32, DT_BF16}) { test_fp8gemm(1, 64, 5, xdt); test_fp8gemm(3, 160, 7, xdt); test_fp8gemm(5, 48, 16, xdt); }
+	test_fp8_gather();
+	printf("fp8gemm done bad=%d\n", bad);
 	return bad != 0;
 }
