@@ -7,11 +7,9 @@ import (
 	"encoding/base64"
 	"encoding/binary"
 	"encoding/json"
-	"errors"
 	"hash/crc32"
 	"image"
 	"image/png"
-	"io/fs"
 	"net"
 	"net/http"
 	"os"
@@ -369,12 +367,9 @@ func TestREADMEImageExample(t *testing.T) {
 // TestServeImagesGolden: `tpfleet serve` at TP=2 of the HF vision fixture (testdata/vision/model: a tiny
 // Llama4ForConditionalGeneration with 336-pixel tiles) answers gRPC Generate with the fixture's images
 // with HF's greedy ids (prompts "one": a 500×300 image, 3 tiles; "two": two images, 5 tiles), and a
-// streamed chat with an image with the ids of the local generate --image for the chat's prompt.
+// streamed chat with an image with the ids of the local generate --image for the chat's prompt (it
+// fails without the fixture: python3 scripts/fixtures/make_vision_fixtures.py --out testdata/vision).
 func TestServeImagesGolden(t *testing.T) {
-	if _, err := os.Stat(visionFixtures); errors.Is(err, fs.ErrNotExist) {
-		// Remove this skip (make it a t.Fatal) once testdata/vision is committed.
-		t.Skip("testdata/vision is missing: run python3 scripts/fixtures/make_vision_fixtures.py --out testdata/vision on the GPU machine and commit it")
-	}
 	gold, err := safetensors.OpenCheckpoint(filepath.Join(visionFixtures, "golden.safetensors"))
 	if err != nil {
 		t.Fatal(err)
