@@ -37,6 +37,8 @@ type modelInfo struct {
 	// images lays out a request's images (nil: the model takes none, and noImages says why).
 	images   model.ImagePrompter
 	noImages error
+	// dummy: the workers generate their weights (Config.LoadFormat "dummy"); dir may hold no checkpoint.
+	dummy bool
 }
 
 // loadModelInfo reads dir's config.json and generation_config.json, and its tokenizer when it has a
@@ -309,6 +311,8 @@ type request struct {
 	elem    *list.Element
 	counted bool
 	timer   *time.Timer // while a resumed request waits: ends it at its deadline (queue.resume)
+	// kvWaited: it has waited at the head for KV blocks (batch.admits; counted once).
+	kvWaited bool
 
 	// gen holds the ids chosen so far. Only the group holding the request touches it; a request passes
 	// from group to group through the queue, whose mutex orders those accesses.

@@ -13,7 +13,9 @@ import (
 
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/cluster"
+	"github.com/tpfleet/tpfleet/memplan"
 	"github.com/tpfleet/tpfleet/model"
+	"github.com/tpfleet/tpfleet/model/dummy"
 	"github.com/tpfleet/tpfleet/model/run"
 	"github.com/tpfleet/tpfleet/quant"
 	"github.com/tpfleet/tpfleet/safetensors"
@@ -50,9 +52,12 @@ func (k weightsKey) String() string {
 // weights are one rank's loaded model. The model runs its collectives through comm, whose communicator
 // is replaced at every epoch.
 type weights struct {
-	key     weightsKey
-	model   run.Model
-	info    model.Info // the model's vocabulary, context and ids
+	key   weightsKey
+	model run.Model
+	cfg   model.Config
+	info  model.Info // the model's vocabulary, context and ids
+	// held is the bytes the weights take in memory, in the plan's format (memplan.WeightBytes).
+	held    int64
 	comm    *epochComm
 	gen     model.Generation
 	bytes   int64 // bytes held, as stored in the checkpoint
@@ -200,7 +205,13 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 	// The checkpoint: the directory's files, or a peer's when the directory holds none.
 	var src shard.Source
 	var remote *remoteCheckpoint
-	if hasCheckpoint(k.dir) {
+	if w.cfg.LoadFormat == dummy.LoadFormat {
+		d, err := dummySource(k.dir)
+		if err != nil {
+			return nil, err
+		}
+		src = d
+	} else if hasCheckpoint(k.dir) {
 		ckpt, err := safetensors.OpenCheckpoint(k.dir)
 		if err != nil {
 			return nil, err
@@ -268,6 +279,9 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 	w.metrics.loadStart(toRead, toReadBytes)
 	defer w.metrics.loadEnd()
 	var rankW run.Weights = run.NewRankWeights(shard.NewRankReader(view, man), w.ops).WithFormat(cfg, format).WithLog(lg)
+	if fill, ok := w.ops.(deviceFiller); ok && w.cfg.LoadFormat == dummy.LoadFormat {
+		rankW = newDeviceDummy(rankW, fill, cfg, &man, format) // generated on the device
+	}
 	if w.cfg.OffloadExperts {
 		if rankW, err = run.NewOffloadWeights(rankW, cfg, w.ops); err != nil {
 			return nil, fmt.Errorf("%w: %w", ErrInvalidConfig, err)
@@ -301,7 +315,7 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 	w.readBytes += bytes
 	w.keptTensors, w.keptBytes = rw.kept, rw.keptBytes
 	w.mu.Unlock()
-	return &weights{key: k, model: m, info: info, comm: comm, gen: gen, bytes: bytes + rw.keptBytes, tensors: tensors + rw.kept,
+	return &weights{key: k, model: m, cfg: cfg, info: info, held: memplan.WeightBytes(cfg, man, format), comm: comm, gen: gen, bytes: bytes + rw.keptBytes, tensors: tensors + rw.kept,
 		read: bytes, kept: rw.kept, keptBytes: rw.keptBytes, resident: rw.got, order: order, images: enc, noImages: noImages}, nil
 }
 
@@ -325,4 +339,17 @@ func (w *Worker) formatFor(k weightsKey) (quant.Format, error) {
 			ErrInvalidConfig, own, format)
 	}
 	return format, nil
+}
+
+// DummySeed is the seed of generated weights (--load-format dummy): every rank uses it, so the ranks of a
+// group hold slices of one model.
+const DummySeed = 0
+
+// dummySource generates the weights of dir's config.json (--load-format dummy).
+func dummySource(dir string) (*dummy.Source, error) {
+	cfg, err := model.LoadConfig(dir)
+	if err != nil {
+		return nil, err
+	}
+	return dummy.NewSource(cfg, DummySeed)
 }

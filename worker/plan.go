@@ -119,6 +119,7 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 	w.runMu.Lock()
 	n := len(w.seqs)
 	w.clearSeqs()
+	w.mem = nil
 	prev, staged := w.wts, w.staged
 	w.staged = nil
 	if prev != nil {
@@ -139,7 +140,7 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 	}
 	w.runMu.Unlock()
 	w.mu.Lock()
-	w.nseqs = 0
+	w.nseqs, w.nreserved, w.memPlan = 0, 0, nil
 	w.mu.Unlock()
 	if n > 0 {
 		lg.Info("dropped the previous epoch's sequences", zap.Int("sequences", n))
@@ -179,17 +180,38 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 		w.mu.Unlock()
 	}
 	w.runMu.Lock()
-	if kp, ok := wts.model.(run.KVPool); ok {
-		if err := kp.SetKVBlocks(w.blockSize(), 0); err != nil {
-			lg.Warn("kv block pool", zap.Error(err))
-		}
-	}
 	w.wts = wts
 	if prev != nil {
 		// What the new weights did not take over is dropped now.
 		w.freeLocked(lg, prev)
 	}
+	// The plan is made with the previous weights freed, so the device's free memory is this epoch's; the
+	// model's block pool then gets the plan's blocks on a device, or with --kv-cache-tokens. A plan from the
+	// host's memory (the CPU) admits by its blocks but keeps a pool that grows: the host is shared, and
+	// its memory is taken as sequences need it rather than all at start-up.
+	mem, err := w.planMemory(lg, wts, p.TP)
+	w.mem = mem
+	if kp, ok := wts.model.(run.KVPool); ok && err == nil {
+		blocks := 0
+		if _, device := w.ops.(backend.MemoryReporter); mem != nil && (device || w.cfg.KVCacheTokens > 0) {
+			blocks = mem.plan.Blocks
+		}
+		if perr := kp.SetKVBlocks(w.blockSize(), blocks); perr != nil {
+			if mem != nil {
+				err = fmt.Errorf("kv block pool of the memory plan: %w", perr)
+			} else {
+				lg.Warn("kv block pool", zap.Error(perr))
+			}
+		}
+	}
 	w.runMu.Unlock()
+	if err != nil {
+		w.fail(ctx, p.Epoch, err)
+		return
+	}
+	w.mu.Lock()
+	w.memPlan, w.nreserved = mem, 0
+	w.mu.Unlock()
 	w.mu.Lock()
 	w.weightDir, w.weightSize = key.dir, wts.bytes
 	w.expertLoad, _ = wts.model.(run.ExpertLoader)

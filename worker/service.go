@@ -94,7 +94,9 @@ func (s *service) Status(context.Context, *tpfleetv1.StatusRequest) (*tpfleetv1.
 			load = append(load, el)
 		}
 	}
+	mem, reserved := s.w.memoryStatus()
 	return &tpfleetv1.StatusResponse{
+		Memory:        memoryProto(mem, reserved),
 		ExpertLoad:    load,
 		MemberId:      st.MemberID,
 		Epoch:         st.Epoch,

@@ -19,6 +19,7 @@ import (
 type sequence struct {
 	seq      run.Sequence
 	capacity int
+	blocks   int             // KV blocks reserved at capacity (memplan.Geometry.Blocks); 0 without a memory plan
 	sampler  *sample.Sampler // rank 0 only
 	stream   uint64          // the Step stream that started it (0: a direct Step call); see releaseStream
 	rev      int64           // the leader_rev of the request that started it; see fence
@@ -157,6 +158,9 @@ func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.S
 			}
 			w.dropSeq(id) // a start of a held id replaces it
 			s := &sequence{seq: seq, capacity: int(work.GetCapacity()), stream: stream, rev: req.GetLeaderRev(), images: encoded[i]}
+			if w.mem != nil {
+				s.blocks = w.mem.geom.Blocks(s.capacity)
+			}
 			if rank == 0 {
 				s.sampler = sample.New(samplingParams(work.GetSampling(), wts))
 				s.sampler.Skip(int(work.GetResumed()), wts.info.VocabSize)
@@ -169,7 +173,7 @@ func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.S
 		return nil, err
 	}
 	w.mu.Lock()
-	w.nseqs = len(w.seqs)
+	w.nseqs, w.nreserved = len(w.seqs), w.reservedLocked(nil)
 	w.mu.Unlock()
 	return results, nil
 }
@@ -196,7 +200,7 @@ func (w *Worker) stepError(epoch int64, i int, id uint64, err error) error {
 		w.comm = nil
 		w.setStateLocked(StateFailed)
 	}
-	w.nseqs = len(w.seqs)
+	w.nseqs, w.nreserved = len(w.seqs), w.reservedLocked(nil)
 	w.mu.Unlock()
 	if comm != nil {
 		_ = comm.Close()
@@ -212,6 +216,10 @@ func (w *Worker) stepError(epoch int64, i int, id uint64, err error) error {
 func (w *Worker) validate(req *tpfleetv1.StepRequest, cfg model.Info) error {
 	type shadow struct{ len, capacity int }
 	sim := make(map[uint64]shadow)
+	reserved := 0
+	if w.mem != nil {
+		reserved = w.reservedLocked(req.GetRelease())
+	}
 	for i, work := range req.GetSeqs() {
 		id := work.GetSeqId()
 		where := fmt.Sprintf("seq %d (seqs[%d])", id, i)
@@ -225,6 +233,16 @@ func (w *Worker) validate(req *tpfleetv1.StepRequest, cfg model.Info) error {
 				if err := samplingpb.FromProto(sp).Validate(); err != nil {
 					return fmt.Errorf("%w: %s: %w", ErrInvalidRequest, where, err)
 				}
+			}
+			if w.mem != nil {
+				// The coordinator admits by the smallest plan of the group, so this holds on every rank
+				// unless it overcommits: refuse rather than run out of memory.
+				need := w.mem.geom.Blocks(c)
+				if reserved+need > w.mem.plan.Blocks {
+					return fmt.Errorf("%w: %s: capacity %d needs %d KV blocks, %d of this rank's %d are reserved",
+						ErrKVCacheFull, where, c, need, reserved, w.mem.plan.Blocks)
+				}
+				reserved += need
 			}
 			sh = shadow{0, c}
 			if n := len(work.GetImages()); n > 0 && w.wts.images == nil {
@@ -282,7 +300,7 @@ func (w *Worker) fence(rev int64) error {
 		}
 	}
 	w.mu.Lock()
-	w.nseqs = len(w.seqs)
+	w.nseqs, w.nreserved = len(w.seqs), w.reservedLocked(nil)
 	w.mu.Unlock()
 	if n > 0 {
 		w.lg.Info("a newer leader steps this worker; dropped the sequences of the older one", zap.Int64("leader-rev", rev), zap.Int("sequences", n))
@@ -309,7 +327,7 @@ func (w *Worker) releaseStream(stream uint64) int {
 	}
 	w.metrics.kv(w.seqs)
 	w.mu.Lock()
-	w.nseqs = len(w.seqs)
+	w.nseqs, w.nreserved = len(w.seqs), w.reservedLocked(nil)
 	w.mu.Unlock()
 	return n
 }
@@ -321,7 +339,7 @@ func (w *Worker) release(ids []uint64) {
 	}
 	w.metrics.kv(w.seqs)
 	w.mu.Lock()
-	w.nseqs = len(w.seqs)
+	w.nseqs, w.nreserved = len(w.seqs), w.reservedLocked(nil)
 	w.mu.Unlock()
 }
 

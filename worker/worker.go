@@ -28,6 +28,7 @@ import (
 	"github.com/tpfleet/tpfleet/comm"
 	"github.com/tpfleet/tpfleet/internal/grpcauth"
 	"github.com/tpfleet/tpfleet/internal/security"
+	"github.com/tpfleet/tpfleet/memplan"
 	"github.com/tpfleet/tpfleet/model/run"
 	tpfleetv1 "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/tpgroup"
@@ -92,6 +93,10 @@ type Status struct {
 	// replicas included; slots rank by rank): it says how a replicated expert's tokens split and what
 	// each rank computed.
 	ExpertLoad, SlotLoad [][]int64
+	// Memory is the served weights' memory plan, nil without one; KVBlocksReserved what the sequences
+	// held reserve of it.
+	Memory           *memplan.Plan
+	KVBlocksReserved int
 	// Err is why the worker failed, in StateFailed.
 	Err error
 }
@@ -154,6 +159,7 @@ type Worker struct {
 	// runMu is held while a step runs and while the weights or the sequences change.
 	runMu     sync.Mutex
 	wts       *weights
+	mem       *memory      // wts's memory plan; nil: none
 	staged    *weights     // loaded by Prepare for a plan about to be written; nil: none
 	seedState              // the checkpoint served to peers (remote.go)
 	streamed  atomic.Int64 // tensor bytes received from peers, for the loads that completed
@@ -179,6 +185,8 @@ type Worker struct {
 	weightDir  string
 	weightSize int64
 	nseqs      int
+	nreserved  int     // KV blocks the sequences reserve (reservedLocked), as of the last step
+	memPlan    *memory // the served weights' memory plan, for Status; nil: none
 	loads      int
 	// readBytes counts the tensor bytes read since Start; keptTensors and keptBytes are what the last load
 	// took over from the weights held before it.
@@ -470,27 +478,34 @@ func (w *Worker) ID() string { return w.cfg.ID }
 func (w *Worker) Status() Status {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	var plan *memplan.Plan
+	if w.memPlan != nil {
+		p := w.memPlan.plan
+		plan = &p
+	}
 	return Status{
-		MemberID:      w.cfg.ID,
-		Addr:          w.addr,
-		State:         w.state,
-		Epoch:         w.epoch,
-		Group:         w.group,
-		Rank:          w.rank,
-		TP:            w.tp,
-		Model:         w.weightDir,
-		WeightBytes:   w.weightSize,
-		Sequences:     w.nseqs,
-		Device:        w.cfg.Device,
-		StepStreams:   int(w.openSteps.Load()),
-		Loads:         w.loads,
-		ReadBytes:     w.readBytes,
-		KeptTensors:   w.keptTensors,
-		KeptBytes:     w.keptBytes,
-		StreamedBytes: w.streamed.Load(),
-		ExpertLoad:    w.expertLoadLocked(run.ExpertLoader.ExpertLoad),
-		SlotLoad:      w.expertLoadLocked(run.ExpertLoader.SlotLoad),
-		Err:           w.failure,
+		Memory:           plan,
+		MemberID:         w.cfg.ID,
+		Addr:             w.addr,
+		State:            w.state,
+		Epoch:            w.epoch,
+		Group:            w.group,
+		Rank:             w.rank,
+		TP:               w.tp,
+		Model:            w.weightDir,
+		WeightBytes:      w.weightSize,
+		Sequences:        w.nseqs,
+		Device:           w.cfg.Device,
+		StepStreams:      int(w.openSteps.Load()),
+		Loads:            w.loads,
+		ReadBytes:        w.readBytes,
+		KeptTensors:      w.keptTensors,
+		KeptBytes:        w.keptBytes,
+		StreamedBytes:    w.streamed.Load(),
+		ExpertLoad:       w.expertLoadLocked(run.ExpertLoader.ExpertLoad),
+		SlotLoad:         w.expertLoadLocked(run.ExpertLoader.SlotLoad),
+		Err:              w.failure,
+		KVBlocksReserved: w.nreserved,
 	}
 }
 
@@ -556,7 +571,7 @@ func (w *Worker) Close() error {
 		}
 		w.closeSeed()
 		w.runMu.Lock()
-		w.wts, w.staged = nil, nil
+		w.wts, w.staged, w.mem = nil, nil, nil
 		w.clearSeqs()
 		if c, ok := w.ops.(io.Closer); ok {
 			if err := c.Close(); err != nil {

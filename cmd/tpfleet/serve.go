@@ -44,6 +44,7 @@ type serveFlags struct {
 	// prefillChunk caps a prompt's piece per step; blockSize is the workers' KV block size.
 	prefillChunk, blockSize int
 	logLevel                string
+	mem                     memFlags
 	// vLLM's serve flags.
 	host, servedName, origins string
 	media                     gateway.MediaConfig
@@ -108,6 +109,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&f.prefillChunk, "prefill-chunk", 0, "most prompt tokens of one sequence per step (chunked prefill, interleaved with decodes; 0: the token budget)")
 	fs.IntVar(&f.blockSize, "block-size", 0, fmt.Sprintf("positions per KV cache block of the workers (0: %d)", model.DefaultKVBlockSize))
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level on stderr: debug, info, warn, error")
+	f.mem.addFlags(fs)
 	if err := parseInterspersed(fs, args, &f.model); err != nil {
 		return err
 	}
@@ -189,8 +191,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		APIKeys: f.apiKeys, AdminKeys: f.adminKeys, TLS: tl, Insecure: f.tls.cfg.Insecure,
 		Gossip:             cluster.GossipConfig{KeyFile: f.tls.gossipKey},
 		HTTPAllowedOrigins: splitList(f.origins), HTTPMedia: f.media, ServedModelName: f.servedName, MaxModelLen: f.maxModelLen,
-		GenerationConfig: f.genConfig,
-		Quantization:     f.quant.name, QuantizationGroup: f.quant.group,
+		GenerationConfig: f.genConfig, LoadFormat: f.mem.loadFormat,
+		Quantization: f.quant.name, QuantizationGroup: f.quant.group,
 		MaxQueue: f.maxQueue, MaxBatch: f.maxBatch, TokenBudget: f.tokenBudget, PrefillChunk: f.prefillChunk,
 		Etcd: etcd, Logger: log.Named("coordinator"),
 	})
@@ -228,6 +230,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		wcfg.TLS, wcfg.Insecure = tl, f.tls.cfg.Insecure
 		wcfg.Gossip.KeyFile = f.tls.gossipKey
 		wcfg.Logger = log.Named(fmt.Sprintf("worker%d", i))
+		f.mem.apply(&wcfg, f.tokenBudget)
 		w, err := worker.New(wcfg)
 		if err != nil {
 			return err
@@ -325,7 +328,7 @@ func startServeProcs(f serveFlags, etcd string, stderr io.Writer, log *zap.Logge
 	}
 	out := &syncWriter{w: stderr}
 	pid := os.Getpid()
-	args := []string{"--log-level", f.logLevel, "--block-size", strconv.Itoa(f.blockSize)}
+	args := append([]string{"--log-level", f.logLevel, "--block-size", strconv.Itoa(f.blockSize)}, f.mem.args(f.tokenBudget)...)
 	if f.offload {
 		args = append(args, "--offload-experts")
 	}
