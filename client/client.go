@@ -108,6 +108,10 @@ type GenerateRequest struct {
 	// PromptLogprobs, when not nil, asks for the prompt tokens' log-probabilities (vLLM's
 	// prompt_logprobs) with this many (at most 20) most likely tokens each.
 	PromptLogprobs *int
+	// Images are encoded images (PNG, JPEG, GIF, WebP) for a model with a vision tower, in the order of
+	// the prompt's image placeholders (<|image|> for Llama 4); a prompt without any gets one per image
+	// after its BOS. A model without a vision tower refuses them (INVALID_ARGUMENT).
+	Images [][]byte
 }
 
 // GenerateResult is a finished generation.
@@ -147,6 +151,7 @@ func (c *Client) Generate(ctx context.Context, req GenerateRequest, emit func(id
 		Stop:      req.Stop,
 
 		IncludeStopStrInOutput: req.IncludeStopStr,
+		Images:                 req.Images,
 	}
 	if p := req.Sampling; p != nil {
 		in.Sampling = samplingpb.ToProto(*p)

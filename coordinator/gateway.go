@@ -56,7 +56,7 @@ func (c *Coordinator) serveHTTP() {
 		return
 	}
 	g, err := gateway.New(gateway.Config{Generator: generator{c}, Logger: c.log,
-		AllowedOrigins: c.cfg.HTTPAllowedOrigins, APIKeys: c.cfg.APIKeys})
+		AllowedOrigins: c.cfg.HTTPAllowedOrigins, APIKeys: c.cfg.APIKeys, Media: c.cfg.HTTPMedia})
 	if err != nil { // a Config that cannot fail Validate
 		c.fail(fmt.Errorf("coordinator: serve HTTP: %w", err))
 		return
@@ -185,7 +185,13 @@ func (m modelInfo) gatewayModel(name string) (gateway.Model, error) {
 		return gateway.Model{}, &gateway.Error{Kind: gateway.ErrNotFound, Code: "model_not_found",
 			Err: invalid("unknown model %q: this cluster serves %q", name, m.name)}
 	}
-	return gateway.Model{Name: m.name, MaxModelLen: m.cfg.MaxPositions}, nil
+	gm := gateway.Model{Name: m.name, MaxModelLen: m.cfg.MaxPositions}
+	if m.images != nil {
+		gm.ImagePlaceholder, gm.MaxImages = m.images.Placeholder(), m.images.MaxImages()
+	} else if m.noImages != nil {
+		gm.NoImages = m.noImages.Error()
+	}
+	return gm, nil
 }
 
 // gatewayTokenizer returns the model's tokenizer as the gateway's, or the error of a text request
@@ -224,7 +230,7 @@ func (g generator) Generate(_ context.Context, req gateway.Request) (gateway.Str
 // are clamped to int32.
 func (m modelInfo) fromGateway(req gateway.Request) (*pb.GenerateRequest, error) {
 	in := &pb.GenerateRequest{Model: req.Model, Prompt: req.Prompt, MaxTokens: clamp32(req.MaxTokens), IgnoreEos: req.IgnoreEOS,
-		Stop: req.Stop, IncludeStopStrInOutput: req.IncludeStopStr}
+		Stop: req.Stop, IncludeStopStrInOutput: req.IncludeStopStr, Images: req.Images}
 	var err error
 	if in.PromptIds, err = m.tokenIDs(req.PromptIDs, "prompt id"); err != nil {
 		return nil, err

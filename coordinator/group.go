@@ -314,6 +314,7 @@ func (b *batch) plan() ([]*pb.SequenceWork, []*sequence) {
 			if len(s.req.gen) == 0 {           // the prompt's logprobs come with the first token
 				w.PromptLogprobs = s.req.promptLogprobs
 			}
+			w.Images = s.req.images // the ranks encode them once and keep the features
 			s.started = true
 		}
 		s.fed += n
@@ -329,6 +330,20 @@ func (b *batch) plan() ([]*pb.SequenceWork, []*sequence) {
 			feed(s, 1)
 		}
 	}
+	// A step carries at most maxStepImageBytes of images (one request's may be all of it): a start whose
+	// images do not fit waits for the next step, so the StepRequest stays within the workers' message size.
+	imageBytes := 0
+	fits := func(s *sequence) bool {
+		if s.started || len(s.req.images) == 0 {
+			return true
+		}
+		n := s.req.imageBytes()
+		if imageBytes > 0 && imageBytes+n > maxStepImageBytes {
+			return false
+		}
+		imageBytes += n
+		return true
+	}
 	piece := func(s *sequence, left int) int {
 		n := min(left, budget)
 		if c := b.cfg.prefillChunk; c > 0 {
@@ -340,7 +355,7 @@ func (b *batch) plan() ([]*pb.SequenceWork, []*sequence) {
 		return n
 	}
 	for _, s := range b.active {
-		if left := len(s.tokens) - s.fed; budget > 0 && (!s.started || left > 1) {
+		if left := len(s.tokens) - s.fed; budget > 0 && (!s.started || left > 1) && fits(s) {
 			feed(s, piece(s, left))
 		}
 	}
@@ -366,7 +381,9 @@ func (b *batch) plan() ([]*pb.SequenceWork, []*sequence) {
 		r.scheduled()
 		s := &sequence{id: b.cfg.seqIDs.Add(1), req: r, tokens: append(slices.Clone(r.prompt), r.gen...), blocks: blocks}
 		b.active = append(b.active, s)
-		feed(s, piece(s, len(s.tokens)))
+		if fits(s) { // else it starts in a later step
+			feed(s, piece(s, len(s.tokens)))
+		}
 	}
 	return work, sampled
 }

@@ -152,8 +152,14 @@ func (p *Proxy) Generate(ctx context.Context, req gateway.Request) (gateway.Stre
 		}
 		in.Prompt = ""
 	}
-	prompt := make([]int, len(in.GetPromptIds()))
-	for i, id := range in.GetPromptIds() {
+	ids := in.GetPromptIds()
+	if len(in.GetImages()) > 0 { // checked here too, and the prompt as the coordinator expands it
+		if ids, err = p.model.withImages(ids, in.GetImages()); err != nil {
+			return nil, toGateway(err)
+		}
+	}
+	prompt := make([]int, len(ids))
+	for i, id := range ids {
 		prompt[i] = int(id)
 	}
 	deadline := time.Now().Add(proxyTakeoverWait)

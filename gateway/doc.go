@@ -33,7 +33,11 @@
 //     finish_reason "tool_calls" (streamed: text that may be a call is held to the end, then sent as
 //     one tool_calls delta or as text); "none" leaves the output text. response_format other than
 //     {"type": "text"} and tool_choice "required" or a named function (both need constrained decoding,
-//     not built yet) are refused (400), never ignored. With stream they answer Server-Sent Events in OpenAI's chunk format, one event per
+//     not built yet) are refused (400), never ignored. A chat message's
+//     image_url parts (media.go) are read when the model takes images (Model.ImagePlaceholder): base64
+//     data URLs always, http(s) URLs only from MediaConfig.AllowedDomains, fetched within its bounds of
+//     bytes, time and redirects; the placeholder takes each part's place in the rendered content and the
+//     bytes go to the Generator (Request.Images), which decodes and checks them. With stream they answer Server-Sent Events in OpenAI's chunk format, one event per
 //     Chunk the Generator hands over (usually one token; text that could still become a stop string is
 //     held back until it cannot), flushed at once, then "data: [DONE]"; a
 //     failure after the first event comes as an error event before the end.

@@ -28,6 +28,7 @@ type fakeGen struct {
 	failAt  int   // when > 0: Next fails after this many tokens
 	failErr error
 	texts   []string // when set: the chunks' texts, the last one finishing with "stop"
+	images  int      // when > 0: the model takes this many images a request, placeholder "<|image|>"
 
 	onGenerate func(Request) // when set: called with each request
 
@@ -42,7 +43,11 @@ func (f *fakeGen) Model(name string) (Model, error) {
 	if name != "" && name != "fake" {
 		return Model{}, &Error{Kind: ErrNotFound, Code: "model_not_found", Err: fmt.Errorf("fake: unknown model %q", name)}
 	}
-	return Model{Name: "fake", MaxModelLen: 64}, nil
+	m := Model{Name: "fake", MaxModelLen: 64}
+	if f.images > 0 {
+		m.ImagePlaceholder, m.MaxImages = "<|image|>", f.images
+	}
+	return m, nil
 }
 
 func (f *fakeGen) Tokenizer() (Tokenizer, error) {
@@ -455,7 +460,8 @@ func TestErrors(t *testing.T) {
 	for _, tc := range []struct{ name, body, msg string }{
 		{"no messages", `{"messages":[]}`, "messages: empty"},
 		{"no role", `{"messages":[{"content":"hi"}]}`, "messages[0]: no role"},
-		{"image part", `{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}`, `messages[0].content: part 0: type "image_url" is not supported`},
+		{"image part", `{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}`, "1 images for model fake, which takes no images"},
+		{"audio part", `{"messages":[{"role":"user","content":[{"type":"input_audio","input_audio":{}}]}]}`, `messages[0].content: part 0: type "input_audio" is not supported`},
 		{"content object", `{"messages":[{"role":"user","content":{"text":"hi"}}]}`, "messages[0].content: want a string or an array of content parts"},
 		{"template error", `{"messages":[{"role":"tool","content":"hi"}]}`, "gateway: invalid request: messages: role tool is not in the template"},
 	} {

@@ -35,7 +35,7 @@ func (g *Gateway) generation(k kind) http.HandlerFunc {
 			g.fail(w, err)
 			return
 		}
-		req, err := b.request(g)
+		req, err := b.request(r.Context(), g)
 		if err != nil {
 			g.fail(w, err)
 			return

@@ -65,6 +65,12 @@ type Model struct {
 	Name string
 	// MaxModelLen is the context: prompt and new tokens together (max_position_embeddings).
 	MaxModelLen int
+	// ImagePlaceholder is the text that stands for one image in a prompt ("<|image|>" for Llama 4);
+	// empty when the model takes no images, and NoImages then says why. MaxImages bounds the images of
+	// one request (0: no bound here; the Generator checks).
+	ImagePlaceholder string
+	NoImages         string
+	MaxImages        int
 }
 
 // Message is one turn of a chat: an assistant's may carry tool calls, a tool's the id of the call it
@@ -106,6 +112,9 @@ type Request struct {
 	// prompt_logprobs) with this many (at most 20) most likely tokens each, of the model's own
 	// distribution as Logprobs are: they come with the first chunk (Chunk.PromptLogprobs).
 	PromptLogprobs *int
+	// Images are the encoded images (PNG, JPEG, GIF, WebP) of the prompt's image placeholders, in order
+	// (a chat's image_url parts); the Generator decodes and checks them.
+	Images [][]byte
 }
 
 // Sampling is a request's sampling parameters; nil fields take the model's defaults

@@ -7,6 +7,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/internal/phase"
 	"github.com/tpfleet/tpfleet/internal/samplingpb"
 	"github.com/tpfleet/tpfleet/model"
@@ -27,6 +28,7 @@ type sequence struct {
 	// pieces run with every position's logits (on every rank); prompt collects them on rank 0.
 	promptLogprobs bool
 	prompt         *sample.PromptLogprobs
+	images         *imageSlots // image features its prompt's later pieces still need (images.go); nil: none
 }
 
 // Step runs one StepRequest and returns its response; see the package doc for the semantics. Requests
@@ -117,7 +119,16 @@ func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.S
 		for _, i := range batch {
 			all = all || w.seqs[req.GetSeqs()[i].GetSeqId()].promptLogprobs
 		}
-		logits, err := wts.model.ForwardBatch(w.ctx, seqs, ids, all)
+		feats, err := w.batchImages(wts, batch, req, ids)
+		if err != nil {
+			return err
+		}
+		var logits backend.Tensor
+		if feats != nil {
+			logits, err = wts.model.(run.ImageModel).ForwardBatchImages(w.ctx, seqs, ids, wts.images.SlotID(), feats, all)
+		} else {
+			logits, err = wts.model.ForwardBatch(w.ctx, seqs, ids, all)
+		}
 		if err != nil {
 			return w.stepError(epoch, batch[0], first, err)
 		}
@@ -169,6 +180,10 @@ func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.S
 		batch, inBatch, alone = batch[:0], map[uint64]bool{}, false
 		return nil
 	}
+	encoded, err := w.encodeImages(req, wts) // one pass of the vision tower over all the new images
+	if err != nil {
+		return nil, err
+	}
 	for i, work := range req.GetSeqs() {
 		id := work.GetSeqId()
 		// A sequence collecting its prompt's logprobs runs alone: the lm_head over all of its piece's
@@ -189,7 +204,7 @@ func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.S
 				return nil, w.stepError(epoch, i, id, err)
 			}
 			w.dropSeq(id) // a start of a held id replaces it
-			s := &sequence{seq: seq, capacity: int(work.GetCapacity()), stream: stream, rev: req.GetLeaderRev(),
+			s := &sequence{seq: seq, capacity: int(work.GetCapacity()), stream: stream, rev: req.GetLeaderRev(), images: encoded[i],
 				promptLogprobs: work.PromptLogprobs != nil}
 			if w.mem != nil {
 				s.blocks = w.mem.geom.Blocks(s.capacity)
@@ -284,8 +299,13 @@ func (w *Worker) validate(req *tpfleetv1.StepRequest, cfg model.Info) error {
 				reserved += need
 			}
 			sh = shadow{0, c}
+			if n := len(work.GetImages()); n > 0 && w.wts.images == nil {
+				return fmt.Errorf("%w: %s: %d images: %w", ErrInvalidRequest, where, n, w.wts.noImages)
+			}
 		} else if work.PromptLogprobs != nil {
 			return fmt.Errorf("%w: %s: prompt logprobs are asked for with start only", ErrInvalidRequest, where)
+		} else if len(work.GetImages()) > 0 {
+			return fmt.Errorf("%w: %s: images come with start only", ErrInvalidRequest, where)
 		} else if s, ok := sim[id]; ok {
 			sh = s
 		} else if s, ok := w.seqs[id]; ok {
@@ -436,4 +456,42 @@ func (w *Worker) firstSteps(req *tpfleetv1.StepRequest, start time.Time) {
 	if !w.decoded.Swap(true) {
 		w.phases.Since(phase.Graph, start, "the first decode step (captured where the backend records steps)")
 	}
+}
+
+// batchImages returns the image features of a batch's works (nil when none has any): for each, the rows
+// of the image slots among its ids, taken from its sequence's features.
+func (w *Worker) batchImages(wts *weights, batch []int, req *tpfleetv1.StepRequest, ids [][]int) ([][]float32, error) {
+	var feats [][]float32
+	for k, i := range batch {
+		s := w.seqs[req.GetSeqs()[i].GetSeqId()]
+		if s.images == nil {
+			continue
+		}
+		n := 0
+		for _, id := range ids[k] {
+			if id == wts.images.SlotID() {
+				n++
+			}
+		}
+		rows, err := s.images.take(n, wts.images.Width())
+		if err != nil {
+			return nil, fmt.Errorf("%w: seq %d (seqs[%d]): %w", ErrInvalidRequest, req.GetSeqs()[i].GetSeqId(), i, err)
+		}
+		if s.images.rows == nil {
+			s.images = nil
+		}
+		if rows == nil {
+			continue
+		}
+		if feats == nil {
+			feats = make([][]float32, len(batch))
+		}
+		feats[k] = rows
+	}
+	if feats != nil {
+		if _, ok := wts.model.(run.ImageModel); !ok {
+			return nil, fmt.Errorf("%w: the model takes no image features", ErrInvalidRequest)
+		}
+	}
+	return feats, nil
 }

@@ -45,8 +45,12 @@ type GenerateRequest struct {
 	// prompt_logprobs asks for the log-probabilities of the prompt's tokens (vLLM's prompt_logprobs), each
 	// with this many most likely tokens (0 to 20), of the model's own distribution as logprobs are.
 	PromptLogprobs *int32 `protobuf:"varint,19,opt,name=prompt_logprobs,json=promptLogprobs,proto3,oneof" json:"prompt_logprobs,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// images are encoded images (PNG, JPEG, GIF or WebP) for a model with a vision tower, in the order of
+	// the prompt's image placeholders (<|image|> for Llama 4); a prompt without any gets one per image
+	// after its BOS. At most the model's images per prompt; each image's size is checked before decoding.
+	Images        [][]byte `protobuf:"bytes,16,rep,name=images,proto3" json:"images,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GenerateRequest) Reset() {
@@ -147,6 +151,13 @@ func (x *GenerateRequest) GetPromptLogprobs() int32 {
 		return *x.PromptLogprobs
 	}
 	return 0
+}
+
+func (x *GenerateRequest) GetImages() [][]byte {
+	if x != nil {
+		return x.Images
+	}
+	return nil
 }
 
 type GenerateResponse struct {
@@ -524,7 +535,7 @@ var File_tpfleet_v1_client_proto protoreflect.FileDescriptor
 const file_tpfleet_v1_client_proto_rawDesc = "" +
 	"\n" +
 	"\x17tpfleet/v1/client.proto\x12\n" +
-	"tpfleet.v1\x1a\x17tpfleet/v1/common.proto\"\x81\x03\n" +
+	"tpfleet.v1\x1a\x17tpfleet/v1/common.proto\"\x99\x03\n" +
 	"\x0fGenerateRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x1d\n" +
 	"\n" +
@@ -538,7 +549,8 @@ const file_tpfleet_v1_client_proto_rawDesc = "" +
 	"\bstop_ids\x18\a \x03(\x05R\astopIds\x12\x12\n" +
 	"\x04stop\x18\b \x03(\tR\x04stop\x12:\n" +
 	"\x1ainclude_stop_str_in_output\x18\t \x01(\bR\x16includeStopStrInOutput\x12,\n" +
-	"\x0fprompt_logprobs\x18\x13 \x01(\x05H\x00R\x0epromptLogprobs\x88\x01\x01B\x12\n" +
+	"\x0fprompt_logprobs\x18\x13 \x01(\x05H\x00R\x0epromptLogprobs\x88\x01\x01\x12\x16\n" +
+	"\x06images\x18\x10 \x03(\fR\x06imagesB\x12\n" +
 	"\x10_prompt_logprobs\"\xcd\x02\n" +
 	"\x10GenerateResponse\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\x05R\x03ids\x12\x12\n" +

@@ -181,8 +181,13 @@ type SequenceWork struct {
 	// prompt_logprobs) with this many most likely tokens each (0 to 20): every rank then computes the logits of
 	// every position of each piece of ids until the work that samples, whose result carries them.
 	PromptLogprobs *int32 `protobuf:"varint,17,opt,name=prompt_logprobs,json=promptLogprobs,proto3,oneof" json:"prompt_logprobs,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// images are set with start only: the encoded images (PNG, JPEG, GIF or WebP) of a prompt whose ids
+	// already hold their image slots (the coordinator expanded its placeholders). Each rank runs the vision
+	// tower once over them when the sequence starts and keeps the features until the prompt's image slots
+	// have been fed, so later prompt pieces and decode steps carry no images.
+	Images        [][]byte `protobuf:"bytes,16,rep,name=images,proto3" json:"images,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SequenceWork) Reset() {
@@ -269,6 +274,13 @@ func (x *SequenceWork) GetPromptLogprobs() int32 {
 		return *x.PromptLogprobs
 	}
 	return 0
+}
+
+func (x *SequenceWork) GetImages() [][]byte {
+	if x != nil {
+		return x.Images
+	}
+	return nil
 }
 
 type StepResponse struct {
@@ -1514,7 +1526,7 @@ const file_tpfleet_v1_worker_proto_rawDesc = "" +
 	"\x04seqs\x18\x04 \x03(\v2\x18.tpfleet.v1.SequenceWorkR\x04seqs\x12\x18\n" +
 	"\arelease\x18\x05 \x03(\x04R\arelease\x12\x1d\n" +
 	"\n" +
-	"leader_rev\x18\x06 \x01(\x03R\tleaderRev\"\x95\x02\n" +
+	"leader_rev\x18\x06 \x01(\x03R\tleaderRev\"\xad\x02\n" +
 	"\fSequenceWork\x12\x15\n" +
 	"\x06seq_id\x18\x01 \x01(\x04R\x05seqId\x12\x10\n" +
 	"\x03ids\x18\x02 \x03(\x05R\x03ids\x12\x14\n" +
@@ -1523,7 +1535,8 @@ const file_tpfleet_v1_worker_proto_rawDesc = "" +
 	"\bsampling\x18\x05 \x01(\v2\x1a.tpfleet.v1.SamplingParamsR\bsampling\x12\x16\n" +
 	"\x06sample\x18\x06 \x01(\bR\x06sample\x12\x18\n" +
 	"\aresumed\x18\a \x01(\rR\aresumed\x12,\n" +
-	"\x0fprompt_logprobs\x18\x11 \x01(\x05H\x00R\x0epromptLogprobs\x88\x01\x01B\x12\n" +
+	"\x0fprompt_logprobs\x18\x11 \x01(\x05H\x00R\x0epromptLogprobs\x88\x01\x01\x12\x16\n" +
+	"\x06images\x18\x10 \x03(\fR\x06imagesB\x12\n" +
 	"\x10_prompt_logprobs\"n\n" +
 	"\fStepResponse\x12\x12\n" +
 	"\x04step\x18\x01 \x01(\x04R\x04step\x124\n" +
