@@ -7,6 +7,8 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/tpfleet/tpfleet/backend"
+	"github.com/tpfleet/tpfleet/internal/phase"
 	"github.com/tpfleet/tpfleet/internal/samplingpb"
 	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/model/run"
@@ -18,9 +20,15 @@ import (
 type sequence struct {
 	seq      run.Sequence
 	capacity int
+	blocks   int             // KV blocks reserved at capacity (memplan.Geometry.Blocks); 0 without a memory plan
 	sampler  *sample.Sampler // rank 0 only
 	stream   uint64          // the Step stream that started it (0: a direct Step call); see releaseStream
 	rev      int64           // the leader_rev of the request that started it; see fence
+	// promptLogprobs: the sequence was started with prompt_logprobs and has not sampled yet, so its
+	// pieces run with every position's logits (on every rank); prompt collects them on rank 0.
+	promptLogprobs bool
+	prompt         *sample.PromptLogprobs
+	images         *imageSlots // image features its prompt's later pieces still need (images.go); nil: none
 }
 
 // Step runs one StepRequest and returns its response; see the package doc for the semantics. Requests
@@ -41,6 +49,9 @@ func (w *Worker) stepOn(stream uint64, req *tpfleetv1.StepRequest) *tpfleetv1.St
 		tokens += len(s.GetIds())
 	}
 	w.metrics.step(time.Since(start), tokens, err)
+	if err == nil {
+		w.firstSteps(req, start)
+	}
 	if err != nil {
 		resp.Error = oneLine(err.Error())
 		w.lg.Debug("step failed", zap.Uint64("step", req.GetStep()), zap.Int64("epoch", req.GetEpoch()), zap.Error(err))
@@ -87,6 +98,7 @@ func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.S
 	var results []*tpfleetv1.SequenceResult
 	var batch []int // indices into req.Seqs
 	inBatch := map[uint64]bool{}
+	alone := false // the batch holds a sequence collecting its prompt's logprobs
 	flush := func() error {
 		if len(batch) == 0 {
 			return nil
@@ -101,18 +113,40 @@ func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.S
 			}
 		}
 		first := req.GetSeqs()[batch[0]].GetSeqId()
-		logits, err := wts.model.ForwardBatch(w.ctx, seqs, ids, false)
+		// A sequence that collects its prompt's logprobs (alone in its batch) needs every position's
+		// logits; the others need only their last.
+		all := false
+		for _, i := range batch {
+			all = all || w.seqs[req.GetSeqs()[i].GetSeqId()].promptLogprobs
+		}
+		feats, err := w.batchImages(wts, batch, req, ids)
+		if err != nil {
+			return err
+		}
+		var logits backend.Tensor
+		if feats != nil {
+			logits, err = wts.model.(run.ImageModel).ForwardBatchImages(w.ctx, seqs, ids, wts.images.SlotID(), feats, all)
+		} else {
+			logits, err = wts.model.ForwardBatch(w.ctx, seqs, ids, all)
+		}
 		if err != nil {
 			return w.stepError(epoch, batch[0], first, err)
 		}
 		if rank == 0 {
 			var rows []float32
 			vocab := wts.info.VocabSize
+			row := 0 // the first row of sequence k's logits
 			for k, i := range batch {
 				work := req.GetSeqs()[i]
-				smp := w.seqs[work.GetSeqId()].sampler
-				smp.Feed(ids[k]) // the prompt, for the penalties
-				if !work.GetSample() {
+				s := w.seqs[work.GetSeqId()]
+				n := 1
+				if all {
+					n = len(ids[k])
+				}
+				from := row
+				row += n
+				s.sampler.Feed(ids[k]) // the prompt, for the penalties
+				if !work.GetSample() && s.prompt == nil {
 					continue
 				}
 				if rows == nil {
@@ -120,31 +154,67 @@ func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.S
 						return w.stepError(epoch, i, work.GetSeqId(), err)
 					}
 				}
-				c := smp.Choose(rows[k*vocab : (k+1)*vocab])
-				results = append(results, &tpfleetv1.SequenceResult{SeqId: work.GetSeqId(), NextId: int32(c.ID),
-					Logprobs: samplingpb.ChoiceLogprobs(smp.Params(), c)})
+				if s.prompt != nil {
+					if err := s.prompt.Add(ids[k], rows[from*vocab:row*vocab], vocab); err != nil {
+						return w.stepError(epoch, i, work.GetSeqId(), err)
+					}
+				}
+				if !work.GetSample() {
+					continue
+				}
+				c := s.sampler.Choose(rows[(row-1)*vocab : row*vocab])
+				res := &tpfleetv1.SequenceResult{SeqId: work.GetSeqId(), NextId: int32(c.ID),
+					Logprobs: samplingpb.ChoiceLogprobs(s.sampler.Params(), c)}
+				if s.prompt != nil {
+					res.PromptLogprobs = samplingpb.PromptLogprobs(s.prompt.Choices())
+					s.prompt = nil
+				}
+				results = append(results, res)
 			}
 		}
-		batch, inBatch = batch[:0], map[uint64]bool{}
+		for _, i := range batch { // on every rank: a sequence that sampled has its prompt behind it
+			if work := req.GetSeqs()[i]; work.GetSample() {
+				w.seqs[work.GetSeqId()].promptLogprobs = false
+			}
+		}
+		batch, inBatch, alone = batch[:0], map[uint64]bool{}, false
 		return nil
+	}
+	encoded, err := w.encodeImages(req, wts) // one pass of the vision tower over all the new images
+	if err != nil {
+		return nil, err
 	}
 	for i, work := range req.GetSeqs() {
 		id := work.GetSeqId()
-		if inBatch[id] {
+		// A sequence collecting its prompt's logprobs runs alone: the lm_head over all of its piece's
+		// rows is its cost, not its neighbours'.
+		pl := work.PromptLogprobs != nil
+		if s, ok := w.seqs[id]; ok && !work.GetStart() {
+			pl = s.promptLogprobs
+		}
+		if inBatch[id] || alone || (pl && len(batch) > 0) {
 			if err := flush(); err != nil {
 				return nil, err
 			}
 		}
+		alone = pl
 		if work.GetStart() {
 			seq, err := wts.model.NewSequence(int(work.GetCapacity()))
 			if err != nil {
 				return nil, w.stepError(epoch, i, id, err)
 			}
 			w.dropSeq(id) // a start of a held id replaces it
-			s := &sequence{seq: seq, capacity: int(work.GetCapacity()), stream: stream, rev: req.GetLeaderRev()}
+			s := &sequence{seq: seq, capacity: int(work.GetCapacity()), stream: stream, rev: req.GetLeaderRev(), images: encoded[i],
+				promptLogprobs: work.PromptLogprobs != nil}
+			if w.mem != nil {
+				s.blocks = w.mem.geom.Blocks(s.capacity)
+			}
 			if rank == 0 {
 				s.sampler = sample.New(samplingParams(work.GetSampling(), wts))
 				s.sampler.Skip(int(work.GetResumed()), wts.info.VocabSize)
+				if s.promptLogprobs {
+					s.prompt = sample.NewPromptLogprobs(int(work.GetPromptLogprobs()))
+				}
 			}
 			w.seqs[id] = s
 		}
@@ -154,7 +224,7 @@ func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.S
 		return nil, err
 	}
 	w.mu.Lock()
-	w.nseqs = len(w.seqs)
+	w.nseqs, w.nreserved = len(w.seqs), w.reservedLocked(nil)
 	w.mu.Unlock()
 	return results, nil
 }
@@ -181,7 +251,7 @@ func (w *Worker) stepError(epoch int64, i int, id uint64, err error) error {
 		w.comm = nil
 		w.setStateLocked(StateFailed)
 	}
-	w.nseqs = len(w.seqs)
+	w.nseqs, w.nreserved = len(w.seqs), w.reservedLocked(nil)
 	w.mu.Unlock()
 	if comm != nil {
 		_ = comm.Close()
@@ -197,6 +267,10 @@ func (w *Worker) stepError(epoch int64, i int, id uint64, err error) error {
 func (w *Worker) validate(req *tpfleetv1.StepRequest, cfg model.Info) error {
 	type shadow struct{ len, capacity int }
 	sim := make(map[uint64]shadow)
+	reserved := 0
+	if w.mem != nil {
+		reserved = w.reservedLocked(req.GetRelease())
+	}
 	for i, work := range req.GetSeqs() {
 		id := work.GetSeqId()
 		where := fmt.Sprintf("seq %d (seqs[%d])", id, i)
@@ -211,7 +285,27 @@ func (w *Worker) validate(req *tpfleetv1.StepRequest, cfg model.Info) error {
 					return fmt.Errorf("%w: %s: %w", ErrInvalidRequest, where, err)
 				}
 			}
+			if n := work.PromptLogprobs; n != nil && (*n < 0 || *n > sample.MaxTopLogprobs) {
+				return fmt.Errorf("%w: %s: prompt logprobs %d outside [0, %d]", ErrInvalidRequest, where, *n, sample.MaxTopLogprobs)
+			}
+			if w.mem != nil {
+				// The coordinator admits by the smallest plan of the group, so this holds on every rank
+				// unless it overcommits: refuse rather than run out of memory.
+				need := w.mem.geom.Blocks(c)
+				if reserved+need > w.mem.plan.Blocks {
+					return fmt.Errorf("%w: %s: capacity %d needs %d KV blocks, %d of this rank's %d are reserved",
+						ErrKVCacheFull, where, c, need, reserved, w.mem.plan.Blocks)
+				}
+				reserved += need
+			}
 			sh = shadow{0, c}
+			if n := len(work.GetImages()); n > 0 && w.wts.images == nil {
+				return fmt.Errorf("%w: %s: %d images: %w", ErrInvalidRequest, where, n, w.wts.noImages)
+			}
+		} else if work.PromptLogprobs != nil {
+			return fmt.Errorf("%w: %s: prompt logprobs are asked for with start only", ErrInvalidRequest, where)
+		} else if len(work.GetImages()) > 0 {
+			return fmt.Errorf("%w: %s: images come with start only", ErrInvalidRequest, where)
 		} else if s, ok := sim[id]; ok {
 			sh = s
 		} else if s, ok := w.seqs[id]; ok {
@@ -262,7 +356,7 @@ func (w *Worker) fence(rev int64) error {
 		}
 	}
 	w.mu.Lock()
-	w.nseqs = len(w.seqs)
+	w.nseqs, w.nreserved = len(w.seqs), w.reservedLocked(nil)
 	w.mu.Unlock()
 	if n > 0 {
 		w.lg.Info("a newer leader steps this worker; dropped the sequences of the older one", zap.Int64("leader-rev", rev), zap.Int("sequences", n))
@@ -289,7 +383,7 @@ func (w *Worker) releaseStream(stream uint64) int {
 	}
 	w.metrics.kv(w.seqs)
 	w.mu.Lock()
-	w.nseqs = len(w.seqs)
+	w.nseqs, w.nreserved = len(w.seqs), w.reservedLocked(nil)
 	w.mu.Unlock()
 	return n
 }
@@ -301,7 +395,7 @@ func (w *Worker) release(ids []uint64) {
 	}
 	w.metrics.kv(w.seqs)
 	w.mu.Lock()
-	w.nseqs = len(w.seqs)
+	w.nseqs, w.nreserved = len(w.seqs), w.reservedLocked(nil)
 	w.mu.Unlock()
 }
 
@@ -342,4 +436,62 @@ func samplingParams(sp *tpfleetv1.SamplingParams, wts *weights) sample.Params {
 		return wts.defaultSampling()
 	}
 	return samplingpb.FromProto(sp)
+}
+
+// firstSteps records the first step's time, and the first decode-only step's (one token a sequence: the
+// step a device backend records as a CUDA graph), as start-up phases.
+func (w *Worker) firstSteps(req *tpfleetv1.StepRequest, start time.Time) {
+	if !w.stepped.Swap(true) {
+		w.phases.Since(phase.FirstStep, start, fmt.Sprintf("%d sequences", len(req.GetSeqs())))
+		w.lg.Info("start-up", w.phases.Field())
+	}
+	if w.decoded.Load() || len(req.GetSeqs()) == 0 {
+		return
+	}
+	for _, s := range req.GetSeqs() {
+		if len(s.GetIds()) != 1 {
+			return
+		}
+	}
+	if !w.decoded.Swap(true) {
+		w.phases.Since(phase.Graph, start, "the first decode step (captured where the backend records steps)")
+	}
+}
+
+// batchImages returns the image features of a batch's works (nil when none has any): for each, the rows
+// of the image slots among its ids, taken from its sequence's features.
+func (w *Worker) batchImages(wts *weights, batch []int, req *tpfleetv1.StepRequest, ids [][]int) ([][]float32, error) {
+	var feats [][]float32
+	for k, i := range batch {
+		s := w.seqs[req.GetSeqs()[i].GetSeqId()]
+		if s.images == nil {
+			continue
+		}
+		n := 0
+		for _, id := range ids[k] {
+			if id == wts.images.SlotID() {
+				n++
+			}
+		}
+		rows, err := s.images.take(n, wts.images.Width())
+		if err != nil {
+			return nil, fmt.Errorf("%w: seq %d (seqs[%d]): %w", ErrInvalidRequest, req.GetSeqs()[i].GetSeqId(), i, err)
+		}
+		if s.images.rows == nil {
+			s.images = nil
+		}
+		if rows == nil {
+			continue
+		}
+		if feats == nil {
+			feats = make([][]float32, len(batch))
+		}
+		feats[k] = rows
+	}
+	if feats != nil {
+		if _, ok := wts.model.(run.ImageModel); !ok {
+			return nil, fmt.Errorf("%w: the model takes no image features", ErrInvalidRequest)
+		}
+	}
+	return feats, nil
 }
