@@ -382,9 +382,10 @@ func (b *Backend) newTensor(dt DType, shape ...int) (*tensor, error) {
 	return &tensor{b: b, buf: buf, shape: shape, dt: dt}, nil
 }
 
-// act allocates the output of an op whose consumer is a GEMM or attention (RMSNorm, SiLUMul, RoPE,
-// ScaleRows, Attention), of type actType(shape). Linear, Add and Experts, whose outputs are the
-// residual stream and the logits, always store float32.
+// act allocates the output of an op whose consumer is a GEMM or attention (SiLUMul, RoPE, ScaleRows,
+// Attention), of type actType(shape). Linear, Add and Experts, whose outputs are the residual stream and
+// the logits, and the norms, whose output also feeds narrow products (narrowProduct), always store
+// float32.
 func (b *Backend) act(shape ...int) (*tensor, error) { return b.newTensor(b.actType(shape), shape...) }
 
 // skinnyRows is the most rows (tokens) for which a GEMM is memory-bound on the weight: decode steps and
