@@ -574,6 +574,7 @@ func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, t
 			piece = chunk
 		}
 		var logits backend.Tensor
+		var err error // each rank's own: the ranks run concurrently
 		for at := 0; at < len(prompt); at += piece {
 			if logits, err = m.Forward(ctx, seqs[r], prompt[at:min(at+piece, len(prompt))], false); err != nil {
 				return err
