@@ -138,7 +138,7 @@ func (f *visionFixture) floats(t *testing.T, name string) []float32 {
 // prompt "one" (3 tiles) to 1e-4 relative.
 func TestVisionFeaturesGolden(t *testing.T) {
 	f := openVisionFixture(t)
-	vm, err := vision.Load(context.Background(), f.ckpt, f.vcfg)
+	vm, err := vision.Load(context.Background(), cpu.New(cpu.Config{}), f.ckpt, f.vcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -164,7 +164,7 @@ func TestVisionLogitsGolden(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	vm, err := vision.Load(ctx, f.ckpt, f.vcfg)
+	vm, err := vision.Load(ctx, ops, f.ckpt, f.vcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
