@@ -28,6 +28,7 @@ type Backend struct {
 	stream  *stream
 	module  *module
 	k       kernelSet
+	enc     *encoderKernels // encoder.cu's kernels, nil until the first encoder op (encoder.go)
 	gemm    *gemm
 	pool    *pool
 	staging *staging
