@@ -40,12 +40,7 @@ func Load(ctx context.Context, ops backend.Ops, ckpt *safetensors.Checkpoint, cf
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	enc, ok := ops.(backend.EncoderOps)
-	if !ok {
-		return nil, fmt.Errorf("vision: backend %s has no encoder ops (LayerNorm, GELU, full attention): %w", ops.Name(), errors.ErrUnsupported)
-	}
-	t := cfg.Tree()
-	specs, err := t.Tensors()
+	specs, err := cfg.Tree().Tensors()
 	if err != nil {
 		return nil, err
 	}
@@ -53,7 +48,35 @@ func Load(ctx context.Context, ops backend.Ops, ckpt *safetensors.Checkpoint, cf
 	for _, s := range specs {
 		w.shapes[s.Name] = s.Shape
 	}
-	if err := model.Load(ctx, t, model.Weights[backend.Tensor](w)); err != nil {
+	return load(ctx, ops, cfg, w)
+}
+
+// Random makes a tower and projector of cfg with random bf16 weights from seed (matrices ~ N(0,
+// 1/fan_in), norm weights near 1, small biases and embeddings): for benchmarks of a configuration without
+// its checkpoint.
+func Random(ctx context.Context, ops backend.Ops, cfg Config, seed uint64) (*Model, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	specs, err := cfg.Tree().Tensors()
+	if err != nil {
+		return nil, err
+	}
+	w := &randomWeights{ops: ops, seed: seed, shapes: map[string][]int{}}
+	for _, s := range specs {
+		w.shapes[s.Name] = s.Shape
+	}
+	return load(ctx, ops, cfg, w)
+}
+
+// load fills cfg's tree from w.
+func load(ctx context.Context, ops backend.Ops, cfg Config, w model.Weights[backend.Tensor]) (*Model, error) {
+	enc, ok := ops.(backend.EncoderOps)
+	if !ok {
+		return nil, fmt.Errorf("vision: backend %s has no encoder ops (LayerNorm, GELU, full attention): %w", ops.Name(), errors.ErrUnsupported)
+	}
+	t := cfg.Tree()
+	if err := model.Load(ctx, t, w); err != nil {
 		return nil, fmt.Errorf("vision: %w", err)
 	}
 	m := &Model{Config: cfg, ops: ops, enc: enc, w: t.Root.(*tree)}
