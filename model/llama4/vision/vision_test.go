@@ -9,6 +9,7 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/backend/cpu"
 	"github.com/tpfleet/tpfleet/safetensors"
 )
@@ -152,5 +153,59 @@ func TestLoadFixture(t *testing.T) {
 	bad.NumLayers = 2
 	if _, err := Load(context.Background(), cpu.New(cpu.Config{}), ckpt, bad); err == nil {
 		t.Errorf("Load with 2 layers of a 1-layer checkpoint: no error")
+	}
+}
+
+// textOnly is a backend without backend.EncoderOps.
+type textOnly struct{ backend.Ops }
+
+func TestLoadNeedsEncoderOps(t *testing.T) {
+	cfg := tinyConfig()
+	if _, err := Random(context.Background(), textOnly{cpu.New(cpu.Config{})}, cfg, 1); !errors.Is(err, errors.ErrUnsupported) {
+		t.Errorf("Random on a backend without EncoderOps: error %v, want ErrUnsupported", err)
+	}
+}
+
+// tinyConfig is a 2-layer tower of 28-pixel tiles (2×2 patches of 14).
+func tinyConfig() Config {
+	return Config{HiddenSize: 32, NumLayers: 2, NumHeads: 2, IntermediateSize: 128, ImageSize: 28, PatchSize: 14,
+		NumChannels: 3, VisionOutputDim: 24, ProjectorInputDim: 24, ProjectorOutputDim: 24, PixelShuffleRatio: 0.5,
+		RopeTheta: 10000, TextHiddenSize: 40}
+}
+
+// TestFeaturesBatched: tiles run together (more than MaxTilesPerPass, so in several passes) give each
+// tile's features exactly as the tile alone does: attention never crosses tiles, and every other op is
+// per row.
+func TestFeaturesBatched(t *testing.T) {
+	ctx := context.Background()
+	m, err := Random(ctx, cpu.New(cpu.Config{}), tinyConfig(), 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tiles := MaxTilesPerPass + 2
+	size := 3 * 28 * 28
+	pix := make([]float32, tiles*size)
+	for i := range pix {
+		pix[i] = float32((i*7919)%255)/127.5 - 1
+	}
+	all, err := m.Features(ctx, pix, tiles)
+	if err != nil {
+		t.Fatal(err)
+	}
+	per := m.Config.TokensPerTile() * m.Config.TextHiddenSize
+	if len(all) != tiles*per {
+		t.Fatalf("Features: %d values, want %d", len(all), tiles*per)
+	}
+	for _, tile := range []int{0, 5, tiles - 1} {
+		one, err := m.Features(ctx, pix[tile*size:(tile+1)*size], 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(one, all[tile*per:(tile+1)*per]) {
+			t.Errorf("tile %d alone differs from tile %d of the batch of %d", tile, tile, tiles)
+		}
+	}
+	if slices.Equal(all[:per], all[per:2*per]) {
+		t.Errorf("two different tiles gave the same features")
 	}
 }
