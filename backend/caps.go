@@ -27,6 +27,13 @@ type MemoryReporter interface {
 	DeviceMemory() (free, total int64, err error)
 }
 
+// KVSizer is implemented by backends that say how they hold the key/value cache: KVElementBytes is the
+// bytes of one cached key or value element (the cpu backend's float32: 4; cuda's bf16: 2). Without it, a
+// memory planner assumes 2.
+type KVSizer interface {
+	KVElementBytes() int
+}
+
 // Describer is implemented by backends of a physical device: Describe reports what it is, for member
 // records and logs.
 type Describer interface {

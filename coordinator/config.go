@@ -15,6 +15,7 @@ import (
 
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/internal/security"
+	"github.com/tpfleet/tpfleet/model/dummy"
 	"github.com/tpfleet/tpfleet/quant"
 )
 
@@ -100,6 +101,10 @@ type Config struct {
 	// MaxModelLen bounds a request's prompt and new tokens; 0 means the model's max_position_embeddings,
 	// and more than that is refused.
 	MaxModelLen int `json:"max-model-len"`
+	// LoadFormat is the workers' --load-format: "dummy" means Model holds only config.json (the workers
+	// generate their weights), so the coordinator checks splits against the declared tensors instead of a
+	// checkpoint. Empty or "auto": a checkpoint.
+	LoadFormat string `json:"load-format"`
 	// GenerationConfig chooses the default sampling of requests that leave it out, as vLLM's
 	// --generation-config: "auto" (or empty) the checkpoint's generation_config.json; "vllm" vLLM's
 	// defaults (sampling at temperature 1, top-p 1, no top-k; the eos ids stay the checkpoint's);
@@ -195,6 +200,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: config: no model directory", ErrInvalidConfig)
 	case c.TP < 0:
 		return fmt.Errorf("%w: config: TP %d, want >= 1", ErrInvalidConfig, c.TP)
+	case c.LoadFormat != "" && c.LoadFormat != "auto" && c.LoadFormat != dummy.LoadFormat:
+		return fmt.Errorf("%w: config: load format %q, want auto or dummy", ErrInvalidConfig, c.LoadFormat)
 	case c.QuantizationGroup < 0:
 		return fmt.Errorf("%w: config: quantization group %d, want >= 1", ErrInvalidConfig, c.QuantizationGroup)
 	case c.MaxQueue < 0:
@@ -337,6 +344,8 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.HTTPAddr, "http-listen", c.HTTPAddr, "host:port of the OpenAI-compatible HTTP gateway (port 0: any; empty: no gateway)")
 	fs.StringVar(&c.ID, "id", c.ID, "coordinator id in the leader election (empty: coordinator-<host>-<pid>)")
 	fs.StringVar(&c.Model, "model", c.Model, "checkpoint directory, the same path on every worker's host")
+	fs.StringVar(&c.LoadFormat, "load-format", c.LoadFormat, "the workers' --load-format: auto (a checkpoint) or dummy (the model directory needs only config.json)")
+	fs.IntVar(&c.MaxModelLen, "max-model-len", c.MaxModelLen, "context of a request, prompt and new tokens (0: max_position_embeddings); requests are also bounded by the KV cache the workers' memory plans hold")
 	fs.IntVar(&c.TP, "tp", c.TP, "tensor-parallel size: workers per group (0: 1)")
 	fs.StringVar(&c.GenerationConfig, "generation-config", c.GenerationConfig, `default sampling: "auto" (the checkpoint's generation_config.json), "vllm" (vLLM's: temperature 1) or a directory with a generation_config.json (empty: auto)`)
 	fs.StringVar(&c.Plan, "plan", c.Plan, `tp_plan: "tp", "ep" or a plan file in HF's format (empty: tp)`)

@@ -22,6 +22,7 @@ import (
 	"github.com/tpfleet/tpfleet/internal/grpcauth"
 	"github.com/tpfleet/tpfleet/internal/security"
 	"github.com/tpfleet/tpfleet/internal/wait"
+	"github.com/tpfleet/tpfleet/model/dummy"
 	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/safetensors"
 	"github.com/tpfleet/tpfleet/shard"
@@ -35,11 +36,12 @@ var errLeadershipLost = errors.New("coordinator: leadership lost")
 // group and serves Generate; a standby answers Generate with UNAVAILABLE until it leads. Make one with
 // New, then Start it; Close stops it. Its methods are safe for concurrent use.
 type Coordinator struct {
-	cfg   Config
-	log   *zap.Logger
-	model modelInfo
-	queue *queue
-	dial  dialFunc
+	cfg    Config
+	log    *zap.Logger
+	model  modelInfo
+	queue  *queue
+	kvCaps capacities // the serving groups' KV budgets, for admission (admission.go)
+	dial   dialFunc
 	// advertised is the gRPC address published in this coordinator's gossip meta; set by Start.
 	advertised string
 	// metrics are served at MetricsPath on the HTTP gateway (metrics.go).
@@ -119,6 +121,7 @@ func New(cfg Config) (*Coordinator, error) {
 	if err := m.serveAs(cfg.ServedModelName, cfg.MaxModelLen); err != nil {
 		return nil, err
 	}
+	m.dummy = cfg.LoadFormat == dummy.LoadFormat
 	if err := checkTP(m, cfg.Plan, nil, cfg.TP); err != nil {
 		return nil, err
 	}
@@ -190,12 +193,20 @@ func checkTP(m modelInfo, planName string, rules []byte, tp int) error {
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrInvalidConfig, err)
 	}
-	ckpt, err := safetensors.OpenCheckpoint(m.dir)
-	if err != nil {
-		return fmt.Errorf("%w: %w", ErrInvalidConfig, err)
+	var cat shard.Catalog
+	if m.dummy {
+		if cat, err = dummy.NewSource(m.config, 0); err != nil {
+			return fmt.Errorf("%w: %w", ErrInvalidConfig, err)
+		}
+	} else {
+		ckpt, err := safetensors.OpenCheckpoint(m.dir)
+		if err != nil {
+			return fmt.Errorf("%w: %w (with --load-format dummy, config.json is enough)", ErrInvalidConfig, err)
+		}
+		defer ckpt.Close()
+		cat = ckpt
 	}
-	defer ckpt.Close()
-	if _, err := shard.NewManifest(m.config, ckpt, plan, tp, 0); err != nil {
+	if _, err := shard.NewManifest(m.config, cat, plan, tp, 0); err != nil {
 		return fmt.Errorf("%w: model %s at TP %d under plan %q: %w", ErrInvalidConfig, m.name, tp, planName, err)
 	}
 	return nil
@@ -420,6 +431,9 @@ func (c *Coordinator) admit(r *request) error {
 		return fmt.Errorf("%w: this coordinator is a standby", ErrNotLeader)
 	case groups == 0:
 		return fmt.Errorf("%w: no TP group of %d workers is placed; see the cluster's members", ErrNoPlan, c.currentTP())
+	}
+	if err := c.kvCaps.check(r); err != nil {
+		return err
 	}
 	c.metrics.admitted(r) // before push: a group may take it at once
 	if err := c.queue.push(r); err != nil {
@@ -848,6 +862,7 @@ func (ld *leader) apply() {
 			onReady:          ld.onReady(ld.plan.Epoch, g.ID),
 			onFailed:         ld.onFailed(ld.plan.Epoch),
 			obs:              c.metrics.group(g.ID),
+			kvCaps:           &c.kvCaps,
 		}
 		ld.groupsWG.Go(func() { runGroup(ctx, cfg) })
 	}

@@ -16,6 +16,10 @@ var (
 	// tokenizer.json in its directory): FAILED_PRECONDITION, as no retry helps until the model directory
 	// has one and the coordinator restarts.
 	ErrNoTokenizer = errors.New("coordinator: no tokenizer")
+	// ErrKVCapacity means a request whose prompt and max_tokens need more KV blocks (at their worst case)
+	// than the largest serving group's workers hold: it could never run, so it is refused at once
+	// (INVALID_ARGUMENT, HTTP 400) with the numbers.
+	ErrKVCapacity = errors.New("coordinator: request exceeds the KV cache")
 	// ErrQueueFull means MaxQueue requests are already waiting for a place in a batch.
 	ErrQueueFull = errors.New("coordinator: queue full")
 	// ErrNotLeader means this coordinator is a standby: another one leads and serves.

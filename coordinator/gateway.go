@@ -144,6 +144,7 @@ var gatewayKinds = []struct {
 	{ErrNoTokenizer, gateway.ErrInvalidRequest, "no_tokenizer"},
 	{ErrInvalidRequest, gateway.ErrInvalidRequest, "invalid_request"},
 	{ErrQueueFull, gateway.ErrOverloaded, "queue_full"},
+	{ErrKVCapacity, gateway.ErrInvalidRequest, "kv_capacity"},
 	{ErrNotLeader, gateway.ErrUnavailable, "not_leader"},
 	{ErrNoPlan, gateway.ErrUnavailable, "no_plan"},
 	{ErrNotPlaced, gateway.ErrUnavailable, "not_placed"}, // before the cause it wraps
@@ -164,7 +165,15 @@ func toGateway(err error) error {
 }
 
 // Model describes the served model; another name is 404 model_not_found, with Generate's message.
-func (g generator) Model(name string) (gateway.Model, error) { return g.c.model.gatewayModel(name) }
+// The context it reports is bounded by the longest sequence a serving group's KV cache holds, so that a
+// request without max_tokens (which defaults to the rest of the context) is not refused for KV blocks.
+func (g generator) Model(name string) (gateway.Model, error) {
+	m, err := g.c.model.gatewayModel(name)
+	if l := g.c.kvCaps.longest(); err == nil && l > 0 && l < m.MaxModelLen {
+		m.MaxModelLen = l
+	}
+	return m, err
+}
 
 // Tokenizer returns the model's tokenizer, or the error of a text request without one.
 func (g generator) Tokenizer() (gateway.Tokenizer, error) { return g.c.model.gatewayTokenizer() }

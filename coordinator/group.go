@@ -63,6 +63,8 @@ type groupConfig struct {
 	onFailed func()
 	// obs records the group's steps (metrics.go); nil records nothing.
 	obs *groupObs
+	// kvCaps receives the group's KV budget while it serves (admission.go); nil: not reported.
+	kvCaps *capacities
 }
 
 // sequence is a request in a group's batch.
@@ -72,6 +74,7 @@ type sequence struct {
 	tokens  []int32 // prompt and the ids chosen so far: what the workers must have seen to sample next
 	fed     int     // tokens sent to the workers
 	started bool    // the start work was sent
+	blocks  int     // KV blocks reserved in the batch's kvBudget
 }
 
 // runGroup connects to the group's workers, waits until each serves the epoch, and runs the step loop,
@@ -129,10 +132,21 @@ func serveGroup(ctx context.Context, cfg groupConfig) error {
 	}
 
 	start := time.Now()
+	plans := make([]*pb.MemoryPlan, len(ranks))
 	for i, a := range ranks {
-		if err := waitServing(ctx, clients[i], cfg.epoch, cfg.group.ID, a, cfg.log); err != nil {
+		st, err := waitServing(ctx, clients[i], cfg.epoch, cfg.group.ID, a, cfg.log)
+		if err != nil {
 			return err
 		}
+		plans[i] = st.GetMemory()
+	}
+	piece := cfg.tokenBudget // the most of one sequence a step feeds
+	if cfg.prefillChunk > 0 {
+		piece = min(piece, cfg.prefillChunk)
+	}
+	kv, err := budgetOf(plans, piece)
+	if err != nil {
+		return err
 	}
 
 	streams := make([]grpc.BidiStreamingClient[pb.StepRequest, pb.StepResponse], len(ranks))
@@ -167,17 +181,28 @@ func serveGroup(ctx context.Context, cfg groupConfig) error {
 	for i, a := range ranks {
 		members[i] = a.MemberID
 	}
-	cfg.log.Info("group serving", zap.Strings("members", members), zap.Duration("took", time.Since(start).Round(time.Millisecond)))
+	fields := []zap.Field{zap.Strings("members", members), zap.Duration("took", time.Since(start).Round(time.Millisecond))}
+	if kv != nil {
+		fields = append(fields, zap.Int("kv-blocks", kv.blocks), zap.Int("block-size", kv.geom.BlockSize),
+			zap.Int("longest-context", kv.geom.Longest(kv.blocks)))
+		cfg.obs.setKV(kv)
+	}
+	cfg.log.Info("group serving", fields...)
+	if cfg.kvCaps != nil {
+		cfg.kvCaps.set(cfg.group.ID, kv)
+		defer cfg.kvCaps.set(cfg.group.ID, nil)
+	}
 	cfg.onReady(true)
 	defer cfg.onReady(false)
-	b := &batch{cfg: cfg, streams: streams, replies: replies}
-	err := b.loop(ctx)
+	b := &batch{cfg: cfg, streams: streams, replies: replies, kv: kv}
+	err = b.loop(ctx)
 	b.stop(ctx, err)
 	return err
 }
 
-// waitServing polls a worker's Status until it serves epoch as the planned group and rank, or ctx ends.
-func waitServing(ctx context.Context, c pb.WorkerClient, epoch int64, group int, a cluster.Assignment, log *zap.Logger) error {
+// waitServing polls a worker's Status until it serves epoch as the planned group and rank, or ctx ends;
+// it returns the serving worker's status.
+func waitServing(ctx context.Context, c pb.WorkerClient, epoch int64, group int, a cluster.Assignment, log *zap.Logger) (*pb.StatusResponse, error) {
 	backoff := pollFirst
 	var last string
 	for {
@@ -187,17 +212,17 @@ func waitServing(ctx context.Context, c pb.WorkerClient, epoch int64, group int,
 		var now string
 		switch {
 		case ctx.Err() != nil:
-			return ctx.Err()
+			return nil, ctx.Err()
 		case err != nil:
 			now = "unreachable: " + err.Error()
 		case st.GetEpoch() == epoch && st.GetState() == workerServing:
 			if st.GetGroup() != int32(group) || st.GetRank() != int32(a.Rank) || (st.GetMemberId() != "" && st.GetMemberId() != a.MemberID) {
-				return fmt.Errorf("%w: worker at %s serves epoch %d as %s group %d rank %d, want %s group %d rank %d",
+				return nil, fmt.Errorf("%w: worker at %s serves epoch %d as %s group %d rank %d, want %s group %d rank %d",
 					ErrStepFailed, a.Addr, epoch, st.GetMemberId(), st.GetGroup(), st.GetRank(), a.MemberID, group, a.Rank)
 			}
-			return nil
+			return st, nil
 		case st.GetEpoch() == epoch && st.GetState() == workerFailed:
-			return fmt.Errorf("%w: worker %s at %s: %w %d", ErrStepFailed, a.MemberID, a.Addr, errEpochFailed, epoch)
+			return nil, fmt.Errorf("%w: worker %s at %s: %w %d", ErrStepFailed, a.MemberID, a.Addr, errEpochFailed, epoch)
 		default:
 			now = fmt.Sprintf("epoch %d, %s", st.GetEpoch(), st.GetState())
 		}
@@ -207,7 +232,7 @@ func waitServing(ctx context.Context, c pb.WorkerClient, epoch int64, group int,
 			last = now
 		}
 		if !wait.Sleep(ctx, backoff) {
-			return ctx.Err()
+			return nil, ctx.Err()
 		}
 		backoff = min(2*backoff, pollMax)
 	}
@@ -220,7 +245,8 @@ type batch struct {
 	replies <-chan rankReply
 	step    uint64
 	active  []*sequence
-	release []uint64 // sequences to release at the next step
+	release []uint64  // sequences to release at the next step
+	kv      *kvBudget // the group's KV blocks (admission.go); nil: no memory plans, not admitted by blocks
 }
 
 // loop runs steps until ctx ends or a step fails. Each iteration is one step boundary: cancelled
@@ -260,6 +286,7 @@ func (b *batch) dropCancelled() {
 			return false
 		}
 		b.cfg.log.Debug("sequence cancelled", zap.Uint64("seq-id", s.id), zap.Int("generated", len(s.req.gen)))
+		b.free(s)
 		if s.started {
 			b.release = append(b.release, s.id)
 		}
@@ -306,15 +333,26 @@ func (b *batch) plan() ([]*pb.SequenceWork, []*sequence) {
 		}
 	}
 	for budget > 0 && len(b.active) < b.cfg.maxBatch {
-		r := b.cfg.queue.pop()
+		r := b.cfg.queue.popIf(b.admits)
 		if r == nil {
 			break
 		}
 		if r.cancelled() {
 			continue
 		}
+		blocks := 0
+		if b.kv != nil {
+			if blocks = b.kv.need(r); blocks > b.kv.blocks {
+				n := len(r.prompt) + r.maxTokens
+				r.end("", fmt.Errorf("%w: %d prompt tokens + max_tokens %d = %d tokens need %d KV blocks of %d tokens; group %d holds %d, a context of at most %d tokens",
+					ErrKVCapacity, len(r.prompt), r.maxTokens, n, blocks, b.kv.geom.BlockSize, b.cfg.group.ID, b.kv.blocks, b.kv.geom.Longest(b.kv.blocks)))
+				continue
+			}
+			b.kv.used += blocks
+			b.cfg.obs.setKVUsed(b.kv.used)
+		}
 		r.scheduled()
-		s := &sequence{id: b.cfg.seqIDs.Add(1), req: r, tokens: append(slices.Clone(r.prompt), r.gen...)}
+		s := &sequence{id: b.cfg.seqIDs.Add(1), req: r, tokens: append(slices.Clone(r.prompt), r.gen...), blocks: blocks}
 		b.active = append(b.active, s)
 		feed(s, piece(len(s.tokens)))
 	}
@@ -406,7 +444,7 @@ func (b *batch) deliver(sampled []*sequence, results []*pb.SequenceResult) {
 		res, ok := next[s.id]
 		if !ok {
 			s.req.end("", fmt.Errorf("%w: rank 0 returned no token for sequence %d at step %d", ErrStepFailed, s.id, b.step))
-			done[s.id] = true
+			done[s.id] = true // its blocks are freed with the others below
 			continue
 		}
 		id := res.GetNextId()
@@ -425,10 +463,40 @@ func (b *batch) deliver(sampled []*sequence, results []*pb.SequenceResult) {
 	b.active = slices.DeleteFunc(b.active, func(s *sequence) bool {
 		if done[s.id] {
 			b.release = append(b.release, s.id)
+			b.free(s)
 			return true
 		}
 		return false
 	})
+}
+
+// admits reports whether the queue's head r may join the batch now: when its worst-case KV blocks fit in
+// what the batch leaves (always without a budget). A cancelled request is taken (and dropped), and so is
+// one larger than the whole budget (ended with ErrKVCapacity), so that neither holds the queue. A head
+// that must wait holds the requests behind it: first come, first served, so a long request is not
+// starved by shorter ones. Called under the queue's lock: it must not block.
+func (b *batch) admits(r *request) bool {
+	if b.kv == nil || r.cancelled() {
+		return true
+	}
+	need := b.kv.need(r)
+	if need > b.kv.blocks || b.kv.used+need <= b.kv.blocks {
+		return true
+	}
+	if !r.kvWaited {
+		r.kvWaited = true
+		b.cfg.obs.kvWaited()
+	}
+	return false
+}
+
+// free returns s's KV blocks to the batch's budget.
+func (b *batch) free(s *sequence) {
+	if b.kv != nil && s.blocks > 0 {
+		b.kv.used -= s.blocks
+		s.blocks = 0
+		b.cfg.obs.setKVUsed(b.kv.used)
+	}
 }
 
 // stop hands the batch's requests back to the head of the queue (queue.resume), in their order, when
@@ -449,6 +517,10 @@ func (b *batch) stop(ctx context.Context, err error) {
 	}
 	b.cfg.obs.resumed(resumed)
 	b.cfg.obs.setRunning(0)
+	if b.kv != nil {
+		b.kv.used = 0
+		b.cfg.obs.setKVUsed(0)
+	}
 	if len(b.active) > 0 {
 		b.cfg.log.Info("group let its requests go", zap.Int("requests", len(b.active)), zap.Int("resumed", resumed),
 			zap.Bool("failed", cause != nil), zap.NamedError("cause", cause))

@@ -62,6 +62,9 @@ type metrics struct {
 	stepFailures *prometheus.CounterVec   // group
 	groupRunning *prometheus.GaugeVec     // group
 	resumedTotal prometheus.Counter
+	kvBlocks     *prometheus.GaugeVec // group
+	kvUsed       *prometheus.GaugeVec // group
+	kvWaited     prometheus.Counter
 }
 
 // newMetrics makes the coordinator's metrics and registers them, with the Go runtime's and the
@@ -86,6 +89,9 @@ func newMetrics(queueLen func() int, state func() (leader bool, epoch int64, tp,
 	m.stepFailures = f.counterVec("tpfleet_step_failures_total", "Steps of a TP group that failed (a lost worker, a failed or late step); the requests resume elsewhere.", "group")
 	m.groupRunning = f.gaugeVec("tpfleet_group_running_sequences", "Sequences in a TP group's batch.", "group")
 	m.resumedTotal = f.counter("tpfleet_requests_resumed_total", "Requests handed back by a group that stopped or failed, to run again elsewhere (re-prefill).")
+	m.kvBlocks = f.gaugeVec("tpfleet_kv_blocks", "KV cache blocks of a TP group: the smallest of its workers' memory plans.", "group")
+	m.kvUsed = f.gaugeVec("tpfleet_kv_blocks_used", "KV cache blocks a TP group's batch reserves, each sequence at its worst case (prompt + max_tokens).", "group")
+	m.kvWaited = f.counter("tpfleet_requests_kv_waited_total", "Requests that waited at the head of the queue for KV blocks to free (admission control).")
 	m.reg.MustRegister(
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "tpfleet_num_requests_waiting", Help: "Requests waiting in the queue for a place in a batch."},
 			func() float64 { return float64(queueLen()) }),
@@ -214,6 +220,28 @@ func (g *groupObs) setRunning(n int) {
 	g.m.running.Add(float64(n - g.running))
 	g.m.groupRunning.WithLabelValues(g.label).Set(float64(n))
 	g.running = n
+}
+
+// setKV reports the group's KV blocks.
+func (g *groupObs) setKV(k *kvBudget) {
+	if g != nil {
+		g.m.kvBlocks.WithLabelValues(g.label).Set(float64(k.blocks))
+		g.m.kvUsed.WithLabelValues(g.label).Set(float64(k.used))
+	}
+}
+
+// setKVUsed reports the blocks the group's batch reserves.
+func (g *groupObs) setKVUsed(n int) {
+	if g != nil {
+		g.m.kvUsed.WithLabelValues(g.label).Set(float64(n))
+	}
+}
+
+// kvWaited counts a request that waited at the head of the queue for KV blocks.
+func (g *groupObs) kvWaited() {
+	if g != nil {
+		g.m.kvWaited.Inc()
+	}
 }
 
 // resumed counts requests a group handed back.

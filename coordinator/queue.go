@@ -99,12 +99,13 @@ func (q *queue) signal() {
 	q.changed = make(chan struct{})
 }
 
-// pop removes and returns the head of the queue, or nil when it is empty.
-func (q *queue) pop() *request {
+// popIf removes and returns the head of the queue when ok accepts it (called under the queue's lock: it
+// must not block); nil when the queue is empty or ok refuses the head, which then stays first.
+func (q *queue) popIf(ok func(*request) bool) *request {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	e := q.items.Front()
-	if e == nil {
+	if e == nil || !ok(e.Value.(*request)) {
 		return nil
 	}
 	r := q.items.Remove(e).(*request)

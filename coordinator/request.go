@@ -34,6 +34,8 @@ type modelInfo struct {
 	cfg    model.Info // config.Info(): vocabulary, context, eos ids
 	gen    model.Generation
 	tok    *tokenizer.Tokenizer // nil when the directory has no tokenizer.json
+	// dummy: the workers generate their weights (Config.LoadFormat "dummy"); dir may hold no checkpoint.
+	dummy bool
 }
 
 // loadModelInfo reads dir's config.json and generation_config.json, and its tokenizer when it has a
@@ -210,6 +212,8 @@ type request struct {
 	elem    *list.Element
 	counted bool
 	timer   *time.Timer // while a resumed request waits: ends it at its deadline (queue.resume)
+	// kvWaited: it has waited at the head for KV blocks (batch.admits; counted once).
+	kvWaited bool
 
 	// gen holds the ids chosen so far. Only the group holding the request touches it; a request passes
 	// from group to group through the queue, whose mutex orders those accesses.

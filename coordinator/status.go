@@ -20,6 +20,7 @@ var statusTable = rpcstatus.Table{Domain: ErrorDomain, Rules: []rpcstatus.Rule{
 	{Err: ErrNoTokenizer, Code: codes.FailedPrecondition, Reason: "NO_TOKENIZER"},
 	{Err: ErrInvalidRequest, Code: codes.InvalidArgument, Reason: "INVALID_REQUEST"},
 	{Err: ErrQueueFull, Code: codes.ResourceExhausted, Reason: "QUEUE_FULL"},
+	{Err: ErrKVCapacity, Code: codes.InvalidArgument, Reason: "KV_CAPACITY"},
 	{Err: ErrNotLeader, Code: codes.Unavailable, Reason: "NOT_LEADER"},
 	{Err: ErrNoPlan, Code: codes.Unavailable, Reason: "NO_PLAN"},
 	{Err: ErrNotPlaced, Code: codes.Unavailable, Reason: "NOT_PLACED"}, // before the cause it wraps

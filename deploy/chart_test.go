@@ -223,6 +223,7 @@ func TestChartRender(t *testing.T) {
 			if !slices.ContainsFunc(wc.VolumeMounts, func(v corev1.VolumeMount) bool { return v.MountPath == "/dev/shm" }) {
 				t.Errorf("worker mounts no /dev/shm")
 			}
+			checkKernelCache(t, w.Spec.Template, wc, "/var/cache/tpfleet/kernels")
 			if spread := len(w.Spec.Template.Spec.TopologySpreadConstraints) > 0; spread != tt.spread {
 				t.Errorf("workers spread over nodes = %v, want %v", spread, tt.spread)
 			}
@@ -323,5 +324,46 @@ func TestChartSchema(t *testing.T) {
 	// so do the chart's defaults with a model path.
 	if _, stderr, err := runHelm(t, "template", "tpf", chartDir, "--set", "model.path=m"); err != nil {
 		t.Errorf("helm template with the defaults: %v\n%s", err, stderr)
+	}
+}
+
+// checkKernelCache checks that the worker container points TPFLEET_KERNEL_CACHE at a mounted volume.
+func checkKernelCache(t *testing.T, tpl corev1.PodTemplateSpec, c corev1.Container, path string) {
+	t.Helper()
+	i := slices.IndexFunc(c.Env, func(e corev1.EnvVar) bool { return e.Name == "TPFLEET_KERNEL_CACHE" })
+	if i < 0 || c.Env[i].Value != path {
+		t.Errorf("%s container: TPFLEET_KERNEL_CACHE not %s (env %v)", c.Name, path, c.Env)
+	}
+	m := slices.IndexFunc(c.VolumeMounts, func(v corev1.VolumeMount) bool { return v.MountPath == path })
+	if m < 0 {
+		t.Fatalf("%s container mounts nothing at the kernel cache %s", c.Name, path)
+	}
+	if !slices.ContainsFunc(tpl.Spec.Volumes, func(v corev1.Volume) bool { return v.Name == c.VolumeMounts[m].Name }) {
+		t.Errorf("the kernel cache's volume %s is not in the pod", c.VolumeMounts[m].Name)
+	}
+}
+
+// TestChartKernelCache: the kernel cache is an emptyDir by default, a claim when one is named, and with
+// warmup an init container fills it on the pod's GPU first.
+func TestChartKernelCache(t *testing.T) {
+	m := decodeStrict(t, render(t, []string{exampleFile("1node-8gpu-tp8")}, "workers.kernelCache.existingClaim=kernels",
+		"workers.kernelCache.warmup=true", "workers.kernelCache.path=/cache"))
+	w := m.statefulSets["tpf-tpfleet-workers"]
+	checkKernelCache(t, w.Spec.Template, container(t, w.Spec.Template, "worker"), "/cache")
+	vi := slices.IndexFunc(w.Spec.Template.Spec.Volumes, func(v corev1.Volume) bool { return v.Name == "kernel-cache" })
+	if vi < 0 || w.Spec.Template.Spec.Volumes[vi].PersistentVolumeClaim == nil || w.Spec.Template.Spec.Volumes[vi].PersistentVolumeClaim.ClaimName != "kernels" {
+		t.Errorf("kernel-cache volume = %+v, want the claim kernels", w.Spec.Template.Spec.Volumes)
+	}
+	ii := slices.IndexFunc(w.Spec.Template.Spec.InitContainers, func(c corev1.Container) bool { return c.Name == "kernel-warmup" })
+	if ii < 0 {
+		t.Fatalf("no kernel-warmup init container: %v", w.Spec.Template.Spec.InitContainers)
+	}
+	init := w.Spec.Template.Spec.InitContainers[ii]
+	if init.Args[0] != "warmup" || arg(init.Args, "kernel-cache") != "/cache" || init.Resources.Limits.Name("nvidia.com/gpu", "").Value() != 1 {
+		t.Errorf("kernel-warmup = %q, limits %v; want warmup --kernel-cache=/cache on the pod's GPU", init.Args, init.Resources.Limits)
+	}
+	cpu := decodeStrict(t, render(t, []string{exampleFile("cpu-demo")}, "workers.kernelCache.warmup=true"))
+	if cw := cpu.statefulSets["tpf-tpfleet-workers"]; slices.ContainsFunc(cw.Spec.Template.Spec.InitContainers, func(c corev1.Container) bool { return c.Name == "kernel-warmup" }) {
+		t.Errorf("a cpu worker has a kernel-warmup init container")
 	}
 }

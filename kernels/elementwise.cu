@@ -1,8 +1,6 @@
 // elementwise.cu: conversion, embedding gather, RMSNorm, add, SiLU·mul, row scaling and RoPE.
 // Grid-stride loops, so any grid size covers n elements.
 
-#define GRID_STRIDE(i, n) for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
-
 // convert copies n elements of x (dtype xdt) to y (dtype ydt).
 extern "C" __global__ void convert(const void* x, int xdt, void* y, int ydt, long long n) {
 	GRID_STRIDE(i, n) st(y, ydt, i, ld(x, xdt, i));

@@ -37,9 +37,12 @@ func File(name string) (string, error) {
 // Source returns the single compilation unit the backend compiles: the prelude followed by every
 // *.cu file in name order, each preceded by a #line directive so that compiler messages name the
 // original file and line.
-func Source() string {
+func Source() string { return concat(append([]string{Prelude}, Files()...)) }
+
+// concat joins embedded files, each preceded by a #line directive.
+func concat(names []string) string {
 	var sb strings.Builder
-	for _, name := range append([]string{Prelude}, Files()...) {
+	for _, name := range names {
 		b, err := files.ReadFile(name)
 		if err != nil { // embedded files are always readable
 			panic(err)
@@ -52,6 +55,60 @@ func Source() string {
 	}
 	return sb.String()
 }
+
+// unitsFile lists the files that must be compiled together, one group a line ("#" starts a comment).
+//
+//go:embed units.txt
+var unitsFile string
+
+// unitGroups parses unitsFile.
+func unitGroups() [][]string {
+	var groups [][]string
+	for _, line := range strings.Split(unitsFile, "\n") {
+		if i := strings.IndexByte(line, '#'); i >= 0 {
+			line = line[:i]
+		}
+		if f := strings.Fields(line); len(f) > 0 {
+			groups = append(groups, f)
+		}
+	}
+	return groups
+}
+
+// Unit is one compilation unit: the prelude followed by Files, in order. Units are independent: each
+// compiles alone, and every kernel is in exactly one of them.
+type Unit struct {
+	Name  string   // the first file's name without ".cu" ("gemv" for gemv.cu and quant.cu)
+	Files []string // *.cu files
+}
+
+// Units returns the compilation units: the groups of units.txt, and every other *.cu alone, in file name
+// order of their first file.
+func Units() []Unit {
+	grouped := map[string]bool{}
+	var units []Unit
+	groups := unitGroups()
+	for _, g := range groups {
+		for _, f := range g {
+			grouped[f] = true
+		}
+	}
+	for _, f := range Files() {
+		if grouped[f] {
+			for _, g := range groups {
+				if g[0] == f {
+					units = append(units, Unit{Name: strings.TrimSuffix(f, ".cu"), Files: g})
+				}
+			}
+			continue
+		}
+		units = append(units, Unit{Name: strings.TrimSuffix(f, ".cu"), Files: []string{f}})
+	}
+	return units
+}
+
+// Source returns the unit's source: the prelude and its files, each preceded by a #line directive.
+func (u Unit) Source() string { return concat(append([]string{Prelude}, u.Files...)) }
 
 var entryRE = regexp.MustCompile(`extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*\(`)
 

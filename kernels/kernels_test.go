@@ -56,3 +56,30 @@ func TestFile(t *testing.T) {
 		t.Errorf("File(%s) = %.30q, %v; want the prelude", Prelude, s, err)
 	}
 }
+
+// TestUnits checks that the units cover every file once and every kernel once, and that each unit starts
+// with the prelude.
+func TestUnits(t *testing.T) {
+	var files, entries []string
+	for _, u := range Units() {
+		files = append(files, u.Files...)
+		src := u.Source()
+		if !strings.HasPrefix(src, "#line 1 \"prelude.cuh\"\n") {
+			t.Errorf("unit %s starts with %.40q, want the prelude", u.Name, src)
+		}
+		entries = append(entries, Entries(src)...)
+	}
+	slices.Sort(files)
+	if !slices.Equal(files, Files()) {
+		t.Errorf("Units() files = %v, want each of %v once", files, Files())
+	}
+	want := Entries(Source())
+	slices.Sort(want)
+	slices.Sort(entries)
+	if !slices.Equal(entries, want) {
+		t.Errorf("Units() kernels = %v, want each of %v once", entries, want)
+	}
+	if len(Units()) < 4 {
+		t.Errorf("%d units, want several to compile in parallel", len(Units()))
+	}
+}

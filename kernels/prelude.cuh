@@ -6,6 +6,9 @@
 typedef unsigned short bf16_t;
 typedef unsigned int u32;
 
+// GRID_STRIDE loops i over [0, n) across the whole grid, so any grid size covers n elements.
+#define GRID_STRIDE(i, n) for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
+
 // Storage dtype codes; they match backend/cuda's kernel dtype codes.
 #define DT_BF16 0
 #define DT_F32 1

@@ -95,3 +95,62 @@ func slicePlan(t TensorInfo, dim int, ranges []Range) ([]int, []piece, error) {
 	}
 	return shape, pieces, nil
 }
+
+// Extent is where the bytes of a tensor, or of a slice of one, lie in their file: runs of bytes at
+// absolute file offsets, in the order of the result. A loader that reads the file itself (pread,
+// O_DIRECT) reads exactly these bytes and nothing else.
+type Extent struct {
+	Path   string // the file's name as opened (its path for Open and OpenCheckpoint)
+	DType  DType
+	Shape  []int   // the shape of the result
+	Pieces []Piece // in output order, adjacent runs merged
+}
+
+// Piece is a run of N bytes at offset Off of a file.
+type Piece struct{ Off, N int64 }
+
+// Bytes is the total size of e's pieces.
+func (e Extent) Bytes() int64 {
+	var n int64
+	for _, p := range e.Pieces {
+		n += p.N
+	}
+	return n
+}
+
+// Locate returns where the tensor called name lies in the file: the whole tensor for dim < 0, else the
+// index ranges along dim as ReadSlice would read them. It reads nothing.
+func (f *File) Locate(name string, dim int, ranges ...Range) (Extent, error) {
+	t, err := f.Info(name)
+	if err != nil {
+		return Extent{}, err
+	}
+	e := Extent{Path: f.name, DType: t.DType}
+	if dim < 0 {
+		e.Shape = append([]int(nil), t.Shape...)
+		if t.End > t.Begin {
+			e.Pieces = []Piece{{f.base + t.Begin, t.End - t.Begin}}
+		}
+		return e, nil
+	}
+	shape, pieces, err := slicePlan(t, dim, ranges)
+	if err != nil {
+		return Extent{}, &fileError{f.name, err}
+	}
+	e.Shape = shape
+	e.Pieces = make([]Piece, len(pieces))
+	for i, p := range pieces {
+		e.Pieces[i] = Piece{f.base + p.off, p.n}
+	}
+	return e, nil
+}
+
+// Locate returns where a tensor, or index ranges along dim of it (dim >= 0), lie in their file; see
+// File.Locate.
+func (c *Checkpoint) Locate(name string, dim int, ranges ...Range) (Extent, error) {
+	f, err := c.file(name)
+	if err != nil {
+		return Extent{}, err
+	}
+	return f.Locate(name, dim, ranges...)
+}

@@ -394,3 +394,17 @@ func rangeLen(ranges []safetensors.Range) int {
 	}
 	return n
 }
+
+// Locate says where a tensor the view stores as it is lies in the checkpoint's files (see Locator); a
+// stacked tensor the view assembles from per-expert parts is an error wrapping ErrNotLocatable, and so
+// is any tensor when the view's source is not a Locator.
+func (v *View) Locate(name string, dim int, ranges ...safetensors.Range) (safetensors.Extent, error) {
+	if _, ok := v.exps[name]; ok {
+		return safetensors.Extent{}, fmt.Errorf("%w: %s is stored per expert", ErrNotLocatable, name)
+	}
+	l, ok := v.src.(Locator)
+	if !ok {
+		return safetensors.Extent{}, fmt.Errorf("%w: %s: the view's source (%T) locates nothing", ErrNotLocatable, name, v.src)
+	}
+	return l.Locate(name, dim, ranges...)
+}

@@ -1,6 +1,7 @@
 package shard
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 
@@ -81,4 +82,45 @@ func (rr *RankReader) ReadTensor(name string) (safetensors.DType, []int, []byte,
 		return 0, nil, nil, model.Replicated, err
 	}
 	return s.DType, s.LocalShape, data, s.Layout, nil
+}
+
+// Locator says where a tensor's bytes, or index ranges along dim of it (dim < 0: all of it), lie in the
+// checkpoint's files. *safetensors.Checkpoint implements it, and so does a View for the tensors it
+// stores as they are; a tensor a View assembles (stacked experts stored per expert) is an error wrapping
+// ErrNotLocatable, and must be read with ReadSlice.
+type Locator interface {
+	Locate(name string, dim int, ranges ...safetensors.Range) (safetensors.Extent, error)
+}
+
+var (
+	_ Locator = (*safetensors.Checkpoint)(nil)
+	_ Locator = (*View)(nil)
+)
+
+// ErrNotLocatable means a tensor's bytes are not one run of file ranges in the result's order (a View
+// assembles it), so a loader must read it through the Reader.
+var ErrNotLocatable = errors.New("shard: tensor is assembled, not stored as read")
+
+// Locate says where this rank's part of name (without the prefix) lies in the checkpoint's files, with
+// the dtype and local shape of the result and the Layout the model is told. The reader must be a
+// Locator; otherwise, and for tensors a View assembles, the error wraps ErrNotLocatable.
+func (rr *RankReader) Locate(name string) (safetensors.Extent, model.Layout, error) {
+	full := rr.m.Prefix + name
+	s, ok := rr.m.Lookup(full)
+	if !ok {
+		return safetensors.Extent{}, model.Replicated, fmt.Errorf("shard: rank %d of %d: %q is not a text tensor of the checkpoint: %w",
+			rr.m.Rank, rr.m.TP, full, safetensors.ErrNotFound)
+	}
+	l, ok := rr.r.(Locator)
+	if !ok {
+		return safetensors.Extent{}, model.Replicated, fmt.Errorf("%w: %s: the checkpoint's reader (%T) locates nothing", ErrNotLocatable, full, rr.r)
+	}
+	e, err := l.Locate(full, s.Dim, s.Ranges...)
+	if err != nil {
+		return safetensors.Extent{}, model.Replicated, fmt.Errorf("shard: rank %d of %d: locate %s: %w", rr.m.Rank, rr.m.TP, full, err)
+	}
+	if !slices.Equal(e.Shape, s.LocalShape) {
+		return safetensors.Extent{}, model.Replicated, fmt.Errorf("shard: rank %d of %d: %s located as %v, want %v", rr.m.Rank, rr.m.TP, full, e.Shape, s.LocalShape)
+	}
+	return e, s.Layout, nil
 }

@@ -19,6 +19,8 @@ import (
 	"github.com/tpfleet/tpfleet/comm"
 	"github.com/tpfleet/tpfleet/internal/security"
 	"github.com/tpfleet/tpfleet/model"
+	"github.com/tpfleet/tpfleet/model/dummy"
+	"github.com/tpfleet/tpfleet/model/run"
 	"github.com/tpfleet/tpfleet/quant"
 )
 
@@ -53,6 +55,9 @@ const (
 	DefaultKeepAliveMinTime = 5 * time.Second
 )
 
+// DefaultMaxStepTokens is Config.MaxStepTokens's default: the coordinator's default token budget.
+const DefaultMaxStepTokens = 512
+
 // DeviceCPU is the pure-Go backend's name, the default device. Any name registered with package backend
 // (backend.Names: "cuda" where the binary links the cuda backend) is a device too.
 const DeviceCPU = "cpu"
@@ -66,6 +71,23 @@ type Config struct {
 	// a plan whose quantisation differs.
 	Quantization      string `json:"quantization"`
 	QuantizationGroup int    `json:"quantization-group"`
+	// Load configures the weight-load pipeline: reader goroutines, read size, O_DIRECT (run.LoadConfig;
+	// zero values are its defaults).
+	Load run.LoadConfig `json:"load"`
+	// LoadFormat is where the weights come from: "auto" (or empty, the default) reads the checkpoint;
+	// "dummy" generates them (package model/dummy) from the model directory's config.json alone, each rank
+	// its own slices, in the plan's format: full-size configurations run with no checkpoint.
+	LoadFormat string `json:"load-format"`
+	// GPUMemoryUtilization is the share of the device's memory the worker may use for weights, the largest
+	// step's activations and the KV cache (package memplan), in (0, 1]; the CPU backend's device is the
+	// host's memory. Zero means memplan.DefaultUtilization.
+	GPUMemoryUtilization float64 `json:"gpu-memory-utilization"`
+	// KVCacheTokens, when positive, sizes the KV cache for this many tokens in every layer instead of from
+	// memory (a fixed budget: tests, CPU hosts shared with others). Zero: from memory.
+	KVCacheTokens int `json:"kv-cache-tokens"`
+	// MaxStepTokens is the most tokens a step feeds (the coordinator's --token-budget), for which the
+	// planner keeps activation memory. Zero means DefaultMaxStepTokens.
+	MaxStepTokens int `json:"max-step-tokens"`
 	// OffloadExperts keeps the routed experts in pinned host memory and copies the ones each step
 	// chooses to the GPU (run.OffloadWeights; a backend that cannot, such as cpu, fails the load).
 	OffloadExperts bool `json:"offload-experts"`
@@ -197,6 +219,10 @@ func DefaultConfig() Config {
 func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.Quantization, "quantization", c.Quantization, "check only: refuse a plan whose quantization (the coordinator's --quantization) is not this: none, fp8 or int4 (empty: take the plan's)")
 	fs.IntVar(&c.QuantizationGroup, "quantization-group", c.QuantizationGroup, "with --quantization int4: the input columns per scale the plan must have (0: 128)")
+	fs.StringVar(&c.LoadFormat, "load-format", c.LoadFormat, "where the weights come from: auto (the checkpoint) or dummy (generated from config.json, each rank its own slices)")
+	fs.Float64Var(&c.GPUMemoryUtilization, "gpu-memory-utilization", c.GPUMemoryUtilization, "share of the device's memory (host memory on cpu) for weights, activations and the KV cache (0: 0.9)")
+	fs.IntVar(&c.KVCacheTokens, "kv-cache-tokens", c.KVCacheTokens, "size the KV cache for this many tokens in every layer instead of from memory (0: from memory)")
+	fs.IntVar(&c.MaxStepTokens, "max-step-tokens", c.MaxStepTokens, "most tokens one step feeds, the coordinator's --token-budget: the planner keeps activation memory for it (0: 512)")
 	fs.BoolVar(&c.OffloadExperts, "offload-experts", c.OffloadExperts, "keep the routed experts in pinned host memory and copy the ones each step chooses to the GPU (cuda; such steps run without CUDA graphs)")
 	fs.StringVar(&c.ID, "id", c.ID, "member ID, unique in the cluster (empty: <host>-<pid>)")
 	fs.StringVar(&c.ListenAddr, "listen", c.ListenAddr, "host:port of the worker's gRPC server (port 0: any free port)")
@@ -219,6 +245,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.KeepAliveMinTime, "keepalive-min-time", c.KeepAliveMinTime, "shortest client ping interval tolerated")
 	fs.IntVar(&c.MaxRecvMsgSize, "max-recv-msg-size", c.MaxRecvMsgSize, "largest gRPC message accepted, in bytes")
 	fs.BoolVar(&c.NoGossip, "no-gossip", c.NoGossip, "run no gossip node: the coordinator notices this worker's death only when its lease expires")
+	c.Load.AddFlags(fs)
 	c.Gossip.AddFlags(fs)
 	fs.Lookup("gossip-bind-addr").Usage = "gossip listen address (empty: the host of --listen when it is an IP address, else 0.0.0.0)"
 	c.Etcd.AddFlags(fs)
@@ -257,7 +284,21 @@ func (c Config) Validate() error {
 			return bad("%v", err)
 		}
 	}
+	if err := c.Load.Validate(); err != nil {
+		return bad("%v", err)
+	}
+	switch c.LoadFormat {
+	case "", "auto", dummy.LoadFormat:
+	default:
+		return bad("load format %q: want auto or dummy", c.LoadFormat)
+	}
 	switch {
+	case c.GPUMemoryUtilization < 0 || c.GPUMemoryUtilization > 1:
+		return bad("gpu memory utilization %g, want in (0, 1]", c.GPUMemoryUtilization)
+	case c.KVCacheTokens < 0:
+		return bad("kv cache tokens %d, want >= 0", c.KVCacheTokens)
+	case c.MaxStepTokens < 0:
+		return bad("max step tokens %d, want >= 0", c.MaxStepTokens)
 	case c.MaxRecvMsgSize < 0:
 		return bad("max receive message size %d, want >= 0", c.MaxRecvMsgSize)
 	case c.DeviceIndex < 0:

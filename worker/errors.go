@@ -26,6 +26,9 @@ var (
 	// capacity outside [1, max_position_embeddings], more tokens than the sequence's capacity, invalid
 	// sampling parameters.
 	ErrInvalidRequest = errors.New("worker: invalid request")
+	// ErrKVCacheFull means a step would start sequences whose KV blocks, reserved at their capacity, exceed
+	// the rank's memory plan: the coordinator admits by the plans, so it overcommitted.
+	ErrKVCacheFull = errors.New("worker: KV cache full")
 	// ErrFailed means the worker failed in its current epoch: its weights did not load, its
 	// communicator could not be built, or a step's forward pass failed (a peer died, a collective timed
 	// out). The worker stays failed until a new plan epoch arrives.

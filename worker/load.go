@@ -13,7 +13,9 @@ import (
 
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/cluster"
+	"github.com/tpfleet/tpfleet/memplan"
 	"github.com/tpfleet/tpfleet/model"
+	"github.com/tpfleet/tpfleet/model/dummy"
 	"github.com/tpfleet/tpfleet/model/run"
 	"github.com/tpfleet/tpfleet/quant"
 	"github.com/tpfleet/tpfleet/safetensors"
@@ -50,9 +52,12 @@ func (k weightsKey) String() string {
 // weights are one rank's loaded model. The model runs its collectives through comm, whose communicator
 // is replaced at every epoch.
 type weights struct {
-	key     weightsKey
-	model   run.Model
-	info    model.Info // the model's vocabulary, context and ids
+	key   weightsKey
+	model run.Model
+	cfg   model.Config
+	info  model.Info // the model's vocabulary, context and ids
+	// held is the bytes the weights take in memory, in the plan's format (memplan.WeightBytes).
+	held    int64
 	comm    *epochComm
 	gen     model.Generation
 	bytes   int64 // bytes held, as stored in the checkpoint
@@ -157,6 +162,29 @@ func (r *reuseWeights) Load(ctx context.Context, name string) (backend.Tensor, m
 	return t, lay, nil
 }
 
+// toRead lists the model's names of the manifest's tensors that no earlier weights hold, in the model's
+// loading order: what the load pipeline reads ahead.
+func (r *reuseWeights) toRead(cfg model.Config) []string {
+	var names []string
+	for _, s := range model.Tensors(cfg) {
+		ts, ok := r.man.Lookup(r.man.Prefix + s.Name)
+		if !ok {
+			continue
+		}
+		key, held := ts.Key()+"|"+r.format, false
+		for _, from := range r.from {
+			if h, ok := from[s.Name]; ok && h.key == key {
+				held = true
+				break
+			}
+		}
+		if !held {
+			names = append(names, s.Name)
+		}
+	}
+	return names
+}
+
 // defaultSampling is the sampling a sequence started without SamplingParams uses: the checkpoint's
 // generation_config.json, greedy when it does not sample.
 func (w *weights) defaultSampling() sample.Params {
@@ -197,7 +225,13 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 	// The checkpoint: the directory's files, or a peer's when the directory holds none.
 	var src shard.Source
 	var remote *remoteCheckpoint
-	if hasCheckpoint(k.dir) {
+	if w.cfg.LoadFormat == dummy.LoadFormat {
+		d, err := dummySource(k.dir)
+		if err != nil {
+			return nil, err
+		}
+		src = d
+	} else if hasCheckpoint(k.dir) {
 		ckpt, err := safetensors.OpenCheckpoint(k.dir)
 		if err != nil {
 			return nil, err
@@ -264,13 +298,23 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 	toRead, toReadBytes := rw.lacking()
 	w.metrics.loadStart(toRead, toReadBytes)
 	defer w.metrics.loadEnd()
-	var rankW run.Weights = run.NewRankWeights(shard.NewRankReader(view, man), w.ops).WithFormat(cfg, format).WithLog(lg)
+	rankW := run.NewRankWeights(shard.NewRankReader(view, man), w.ops).WithFormat(cfg, format).WithLog(lg)
+	defer rankW.Close()
+	var next run.Weights = rankW
+	if fill, ok := w.ops.(deviceFiller); ok && w.cfg.LoadFormat == dummy.LoadFormat {
+		next = newDeviceDummy(rankW, fill, cfg, &man, format) // generated on the device
+	} else if err := rankW.Prefetch(ctx, rw.toRead(cfg), w.cfg.Load); err != nil {
+		// The load pipeline reads what is lacking ahead of the model's loader, with several readers, into
+		// the backend's staging buffers where it has them (a checkpoint streamed from a peer, or generated
+		// weights, are read as before).
+		return nil, err
+	}
 	if w.cfg.OffloadExperts {
-		if rankW, err = run.NewOffloadWeights(rankW, cfg, w.ops); err != nil {
+		if next, err = run.NewOffloadWeights(next, cfg, w.ops); err != nil {
 			return nil, fmt.Errorf("%w: %w", ErrInvalidConfig, err)
 		}
 	}
-	counted := &progressWeights{Weights: rankW, m: w.metrics, bytesOf: man.BytesOf}
+	counted := &progressWeights{Weights: next, m: w.metrics, bytesOf: man.BytesOf}
 	pw := &run.Progress{Weights: counted, Log: lg,
 		Total: toRead, TotalBytes: toReadBytes, BytesOf: man.BytesOf, Every: w.progressEvery}
 	rw.next = pw
@@ -281,8 +325,17 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 		}
 		return nil, err
 	}
+	if err := rankW.Close(); err != nil {
+		return nil, err
+	}
+	if s, ok := w.ops.(backend.Synchronizer); ok { // the weights are on the device when their copies end
+		if err := s.Synchronize(); err != nil {
+			return nil, err
+		}
+	}
 	took := time.Since(start)
 	tensors, bytes := pw.Loaded()
+	w.phases.AddAll(rankW.LoadStats().Phases(start, bytes))
 	lg.Info("weights loaded", zap.Int("tensors", tensors), zap.Int64("bytes", bytes),
 		zap.Int("kept-tensors", rw.kept), zap.Int64("kept-bytes", rw.keptBytes),
 		zap.Duration("took", took.Round(time.Millisecond)),
@@ -294,7 +347,7 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 	w.readBytes += bytes
 	w.keptTensors, w.keptBytes = rw.kept, rw.keptBytes
 	w.mu.Unlock()
-	return &weights{key: k, model: m, info: info, comm: comm, gen: gen, bytes: bytes + rw.keptBytes, tensors: tensors + rw.kept,
+	return &weights{key: k, model: m, cfg: cfg, info: info, held: memplan.WeightBytes(cfg, man, format), comm: comm, gen: gen, bytes: bytes + rw.keptBytes, tensors: tensors + rw.kept,
 		read: bytes, kept: rw.kept, keptBytes: rw.keptBytes, resident: rw.got, order: order}, nil
 }
 
@@ -318,4 +371,17 @@ func (w *Worker) formatFor(k weightsKey) (quant.Format, error) {
 			ErrInvalidConfig, own, format)
 	}
 	return format, nil
+}
+
+// DummySeed is the seed of generated weights (--load-format dummy): every rank uses it, so the ranks of a
+// group hold slices of one model.
+const DummySeed = 0
+
+// dummySource generates the weights of dir's config.json (--load-format dummy).
+func dummySource(dir string) (*dummy.Source, error) {
+	cfg, err := model.LoadConfig(dir)
+	if err != nil {
+		return nil, err
+	}
+	return dummy.NewSource(cfg, DummySeed)
 }

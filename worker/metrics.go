@@ -151,11 +151,14 @@ var (
 	descSlotTokens    = prometheus.NewDesc("tpfleet_worker_expert_slot_tokens_total", "Tokens each slot of the group's expert tensors computed since the served weights were loaded (the plan's expert order, replicas included, slots rank by rank; cpu routing only).", []string{"layer", "slot"}, nil)
 	descReadBytes     = prometheus.NewDesc("tpfleet_worker_read_bytes_total", "Tensor bytes read (from the checkpoint or a peer) since the worker started; tensors kept across a plan change are not read again.", nil, nil)
 	descLoadSeconds   = prometheus.NewDesc("tpfleet_weight_load_seconds", "Time the current (or last) weight load has taken.", nil, nil)
+	descPhaseSeconds  = prometheus.NewDesc("tpfleet_worker_startup_phase_seconds", "Duration of each start-up phase (process, cuda-context, kernel-compile, weights, weight-read, weight-copy, quantize, nccl, first-step, graph-capture, ready); phases overlap.", []string{"phase"}, nil)
+	descPhaseStart    = prometheus.NewDesc("tpfleet_worker_startup_phase_start_seconds", "When each start-up phase began, in seconds from the process's start.", []string{"phase"}, nil)
 )
 
 func (s *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descState, descEpoch, descRank, descGroup, descSeqs, descStreams, descWeights, descLoads,
-		descLoadTensors, descLoadTensorsOf, descLoadBytes, descLoadBytesOf, descLoadProgress, descLoadSeconds, descExpertTokens, descSlotTokens, descReadBytes} {
+		descLoadTensors, descLoadTensorsOf, descLoadBytes, descLoadBytesOf, descLoadProgress, descLoadSeconds, descExpertTokens, descSlotTokens, descReadBytes,
+		descPhaseSeconds, descPhaseStart} {
 		ch <- d
 	}
 }
@@ -180,6 +183,10 @@ func (s *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(descWeights, float64(st.WeightBytes))
 	ch <- prometheus.MustNewConstMetric(descLoads, prometheus.CounterValue, float64(st.Loads))
 	ch <- prometheus.MustNewConstMetric(descReadBytes, prometheus.CounterValue, float64(st.ReadBytes))
+	for _, p := range st.Phases {
+		gauge(descPhaseSeconds, p.Took.Seconds(), p.Name)
+		gauge(descPhaseStart, p.Start.Sub(st.ProcessStart).Seconds(), p.Name)
+	}
 	for l, counts := range st.ExpertLoad {
 		for e, n := range counts {
 			ch <- prometheus.MustNewConstMetric(descExpertTokens, prometheus.CounterValue, float64(n), strconv.Itoa(l), strconv.Itoa(e))

@@ -58,10 +58,33 @@ func TestMetricsListener(t *testing.T) {
 		"tpfleet_worker_steps_total{result=\"ok\"} 1\n",
 		fmt.Sprintf("tpfleet_kv_cache_tokens %d\n", len(gold.Prompt)),
 		fmt.Sprintf("tpfleet_kv_cache_capacity_tokens %d\n", len(gold.Prompt)+2),
+		"tpfleet_worker_startup_phase_seconds{phase=\"weight-read\"} ",
+		"tpfleet_worker_startup_phase_seconds{phase=\"weight-copy\"} ",
+		"tpfleet_worker_startup_phase_seconds{phase=\"nccl\"} ",
+		"tpfleet_worker_startup_phase_seconds{phase=\"first-step\"} ",
+		"tpfleet_worker_startup_phase_start_seconds{phase=\"weights\"} ",
 	} {
 		if !strings.Contains(m, want) {
 			t.Errorf("metrics after a step: no %q in\n%s", strings.TrimSpace(want), m)
 		}
+	}
+
+	// Status reports the same phases, the pipeline's read among them.
+	st, err := c.Status(t.Context(), &tpfleetv1.StatusRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	phases := map[string]*tpfleetv1.StartupPhase{}
+	for _, p := range st.GetStartupPhases() {
+		phases[p.GetName()] = p
+	}
+	for _, name := range []string{"process", "device", "weights", "weight-read", "weight-copy", "nccl", "first-step", "ready"} {
+		if phases[name] == nil {
+			t.Errorf("Status().StartupPhases has no %q: %v", name, st.GetStartupPhases())
+		}
+	}
+	if r := phases["weight-read"]; r != nil && (r.GetTookSeconds() <= 0 || !strings.Contains(r.GetDetail(), "readers")) {
+		t.Errorf("weight-read phase = %v, want a positive time and the readers", r)
 	}
 
 	addr := w.MetricsAddr()

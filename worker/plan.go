@@ -10,6 +10,7 @@ import (
 
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/cluster"
+	"github.com/tpfleet/tpfleet/internal/phase"
 	"github.com/tpfleet/tpfleet/model/run"
 )
 
@@ -119,6 +120,7 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 	w.runMu.Lock()
 	n := len(w.seqs)
 	w.clearSeqs()
+	w.mem = nil
 	prev, staged := w.wts, w.staged
 	w.staged = nil
 	if prev != nil {
@@ -139,7 +141,7 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 	}
 	w.runMu.Unlock()
 	w.mu.Lock()
-	w.nseqs = 0
+	w.nseqs, w.nreserved, w.memPlan = 0, 0, nil
 	w.mu.Unlock()
 	if n > 0 {
 		lg.Info("dropped the previous epoch's sequences", zap.Int("sequences", n))
@@ -179,17 +181,38 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 		w.mu.Unlock()
 	}
 	w.runMu.Lock()
-	if kp, ok := wts.model.(run.KVPool); ok {
-		if err := kp.SetKVBlocks(w.blockSize(), 0); err != nil {
-			lg.Warn("kv block pool", zap.Error(err))
-		}
-	}
 	w.wts = wts
 	if prev != nil {
 		// What the new weights did not take over is dropped now.
 		w.freeLocked(lg, prev)
 	}
+	// The plan is made with the previous weights freed, so the device's free memory is this epoch's; the
+	// model's block pool then gets the plan's blocks on a device, or with --kv-cache-tokens. A plan from the
+	// host's memory (the CPU) admits by its blocks but keeps a pool that grows: the host is shared, and
+	// its memory is taken as sequences need it rather than all at start-up.
+	mem, err := w.planMemory(lg, wts, p.TP)
+	w.mem = mem
+	if kp, ok := wts.model.(run.KVPool); ok && err == nil {
+		blocks := 0
+		if _, device := w.ops.(backend.MemoryReporter); mem != nil && (device || w.cfg.KVCacheTokens > 0) {
+			blocks = mem.plan.Blocks
+		}
+		if perr := kp.SetKVBlocks(w.blockSize(), blocks); perr != nil {
+			if mem != nil {
+				err = fmt.Errorf("kv block pool of the memory plan: %w", perr)
+			} else {
+				lg.Warn("kv block pool", zap.Error(perr))
+			}
+		}
+	}
 	w.runMu.Unlock()
+	if err != nil {
+		w.fail(ctx, p.Epoch, err)
+		return
+	}
+	w.mu.Lock()
+	w.memPlan, w.nreserved = mem, 0
+	w.mu.Unlock()
 	w.mu.Lock()
 	w.weightDir, w.weightSize = key.dir, wts.bytes
 	w.expertLoad, _ = wts.model.(run.ExpertLoader)
@@ -213,11 +236,17 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 	}
 	w.mu.Unlock()
 
+	joinStart := time.Now()
 	comm, err := w.connect(ctx, p, g, a)
 	if err != nil {
 		w.fail(ctx, p.Epoch, fmt.Errorf("build the communicator of group %d rank %d: %w", g.ID, a.Rank, err))
 		return
 	}
+	commKind := "tcp-ring"
+	if _, device := w.ops.(backend.DeviceContext); device {
+		commKind = "nccl"
+	}
+	w.phases.Since(phase.NCCL, joinStart, fmt.Sprintf("%s, %d ranks (with the wait for the group's peers)", commKind, p.TP))
 	w.runMu.Lock()
 	wts.comm.set(comm)
 	w.runMu.Unlock()
@@ -230,6 +259,10 @@ func (w *Worker) apply(ctx context.Context, j *applyJob, p cluster.Plan) {
 	w.comm = comm
 	w.setStateLocked(StateServing)
 	w.mu.Unlock()
+	if !w.stepped.Load() {
+		w.phases.Since(phase.Ready, w.phases.Start(), "process start to serving")
+		w.lg.Info("start-up", w.phases.Field())
+	}
 	lg.Info("serving", zap.Int("group", g.ID), zap.Int("rank", a.Rank), zap.Int("tp", p.TP),
 		zap.Duration("took", time.Since(start).Round(time.Millisecond)))
 }

@@ -94,7 +94,15 @@ func (s *service) Status(context.Context, *tpfleetv1.StatusRequest) (*tpfleetv1.
 			load = append(load, el)
 		}
 	}
+	var phases []*tpfleetv1.StartupPhase
+	for _, p := range st.Phases {
+		phases = append(phases, &tpfleetv1.StartupPhase{Name: p.Name, StartSeconds: p.Start.Sub(st.ProcessStart).Seconds(),
+			TookSeconds: p.Took.Seconds(), Detail: p.Detail})
+	}
+	mem, reserved := s.w.memoryStatus()
 	return &tpfleetv1.StatusResponse{
+		StartupPhases: phases,
+		Memory:        memoryProto(mem, reserved),
 		ExpertLoad:    load,
 		MemberId:      st.MemberID,
 		Epoch:         st.Epoch,

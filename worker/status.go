@@ -20,6 +20,7 @@ var statusCodes = rpcstatus.Table{Rules: []rpcstatus.Rule{
 	{Err: ErrSuperseded, Code: codes.Aborted},
 	{Err: ErrFailed, Code: codes.Unavailable},
 	{Err: ErrInvalidRequest, Code: codes.InvalidArgument},
+	{Err: ErrKVCacheFull, Code: codes.ResourceExhausted},
 	{Err: ErrEpochMismatch, Code: codes.FailedPrecondition},
 	{Err: ErrStaleLeader, Code: codes.FailedPrecondition},
 	{Err: ErrNotServing, Code: codes.Unavailable},

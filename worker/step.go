@@ -7,6 +7,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/tpfleet/tpfleet/internal/phase"
 	"github.com/tpfleet/tpfleet/internal/samplingpb"
 	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/model/run"
@@ -18,6 +19,7 @@ import (
 type sequence struct {
 	seq      run.Sequence
 	capacity int
+	blocks   int             // KV blocks reserved at capacity (memplan.Geometry.Blocks); 0 without a memory plan
 	sampler  *sample.Sampler // rank 0 only
 	stream   uint64          // the Step stream that started it (0: a direct Step call); see releaseStream
 	rev      int64           // the leader_rev of the request that started it; see fence
@@ -41,6 +43,9 @@ func (w *Worker) stepOn(stream uint64, req *tpfleetv1.StepRequest) *tpfleetv1.St
 		tokens += len(s.GetIds())
 	}
 	w.metrics.step(time.Since(start), tokens, err)
+	if err == nil {
+		w.firstSteps(req, start)
+	}
 	if err != nil {
 		resp.Error = oneLine(err.Error())
 		w.lg.Debug("step failed", zap.Uint64("step", req.GetStep()), zap.Int64("epoch", req.GetEpoch()), zap.Error(err))
@@ -142,6 +147,9 @@ func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.S
 			}
 			w.dropSeq(id) // a start of a held id replaces it
 			s := &sequence{seq: seq, capacity: int(work.GetCapacity()), stream: stream, rev: req.GetLeaderRev()}
+			if w.mem != nil {
+				s.blocks = w.mem.geom.Blocks(s.capacity)
+			}
 			if rank == 0 {
 				s.sampler = sample.New(samplingParams(work.GetSampling(), wts))
 				s.sampler.Skip(int(work.GetResumed()), wts.info.VocabSize)
@@ -154,7 +162,7 @@ func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.S
 		return nil, err
 	}
 	w.mu.Lock()
-	w.nseqs = len(w.seqs)
+	w.nseqs, w.nreserved = len(w.seqs), w.reservedLocked(nil)
 	w.mu.Unlock()
 	return results, nil
 }
@@ -181,7 +189,7 @@ func (w *Worker) stepError(epoch int64, i int, id uint64, err error) error {
 		w.comm = nil
 		w.setStateLocked(StateFailed)
 	}
-	w.nseqs = len(w.seqs)
+	w.nseqs, w.nreserved = len(w.seqs), w.reservedLocked(nil)
 	w.mu.Unlock()
 	if comm != nil {
 		_ = comm.Close()
@@ -197,6 +205,10 @@ func (w *Worker) stepError(epoch int64, i int, id uint64, err error) error {
 func (w *Worker) validate(req *tpfleetv1.StepRequest, cfg model.Info) error {
 	type shadow struct{ len, capacity int }
 	sim := make(map[uint64]shadow)
+	reserved := 0
+	if w.mem != nil {
+		reserved = w.reservedLocked(req.GetRelease())
+	}
 	for i, work := range req.GetSeqs() {
 		id := work.GetSeqId()
 		where := fmt.Sprintf("seq %d (seqs[%d])", id, i)
@@ -210,6 +222,16 @@ func (w *Worker) validate(req *tpfleetv1.StepRequest, cfg model.Info) error {
 				if err := samplingpb.FromProto(sp).Validate(); err != nil {
 					return fmt.Errorf("%w: %s: %w", ErrInvalidRequest, where, err)
 				}
+			}
+			if w.mem != nil {
+				// The coordinator admits by the smallest plan of the group, so this holds on every rank
+				// unless it overcommits: refuse rather than run out of memory.
+				need := w.mem.geom.Blocks(c)
+				if reserved+need > w.mem.plan.Blocks {
+					return fmt.Errorf("%w: %s: capacity %d needs %d KV blocks, %d of this rank's %d are reserved",
+						ErrKVCacheFull, where, c, need, reserved, w.mem.plan.Blocks)
+				}
+				reserved += need
 			}
 			sh = shadow{0, c}
 		} else if s, ok := sim[id]; ok {
@@ -262,7 +284,7 @@ func (w *Worker) fence(rev int64) error {
 		}
 	}
 	w.mu.Lock()
-	w.nseqs = len(w.seqs)
+	w.nseqs, w.nreserved = len(w.seqs), w.reservedLocked(nil)
 	w.mu.Unlock()
 	if n > 0 {
 		w.lg.Info("a newer leader steps this worker; dropped the sequences of the older one", zap.Int64("leader-rev", rev), zap.Int("sequences", n))
@@ -289,7 +311,7 @@ func (w *Worker) releaseStream(stream uint64) int {
 	}
 	w.metrics.kv(w.seqs)
 	w.mu.Lock()
-	w.nseqs = len(w.seqs)
+	w.nseqs, w.nreserved = len(w.seqs), w.reservedLocked(nil)
 	w.mu.Unlock()
 	return n
 }
@@ -301,7 +323,7 @@ func (w *Worker) release(ids []uint64) {
 	}
 	w.metrics.kv(w.seqs)
 	w.mu.Lock()
-	w.nseqs = len(w.seqs)
+	w.nseqs, w.nreserved = len(w.seqs), w.reservedLocked(nil)
 	w.mu.Unlock()
 }
 
@@ -342,4 +364,24 @@ func samplingParams(sp *tpfleetv1.SamplingParams, wts *weights) sample.Params {
 		return wts.defaultSampling()
 	}
 	return samplingpb.FromProto(sp)
+}
+
+// firstSteps records the first step's time, and the first decode-only step's (one token a sequence: the
+// step a device backend records as a CUDA graph), as start-up phases.
+func (w *Worker) firstSteps(req *tpfleetv1.StepRequest, start time.Time) {
+	if !w.stepped.Swap(true) {
+		w.phases.Since(phase.FirstStep, start, fmt.Sprintf("%d sequences", len(req.GetSeqs())))
+		w.lg.Info("start-up", w.phases.Field())
+	}
+	if w.decoded.Load() || len(req.GetSeqs()) == 0 {
+		return
+	}
+	for _, s := range req.GetSeqs() {
+		if len(s.GetIds()) != 1 {
+			return
+		}
+	}
+	if !w.decoded.Swap(true) {
+		w.phases.Since(phase.Graph, start, "the first decode step (captured where the backend records steps)")
+	}
 }

@@ -27,7 +27,9 @@ import (
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/comm"
 	"github.com/tpfleet/tpfleet/internal/grpcauth"
+	"github.com/tpfleet/tpfleet/internal/phase"
 	"github.com/tpfleet/tpfleet/internal/security"
+	"github.com/tpfleet/tpfleet/memplan"
 	"github.com/tpfleet/tpfleet/model/run"
 	tpfleetv1 "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/tpgroup"
@@ -92,8 +94,16 @@ type Status struct {
 	// replicas included; slots rank by rank): it says how a replicated expert's tokens split and what
 	// each rank computed.
 	ExpertLoad, SlotLoad [][]int64
+	// Memory is the served weights' memory plan, nil without one; KVBlocksReserved what the sequences
+	// held reserve of it.
+	Memory           *memplan.Plan
+	KVBlocksReserved int
 	// Err is why the worker failed, in StateFailed.
 	Err error
+	// Phases are the start-up phases, in order of their start (the last load's, the last communicator's).
+	Phases []phase.Phase
+	// ProcessStart is when the process started: the origin of the phases' starts.
+	ProcessStart time.Time
 }
 
 // gossipLeaveTimeout bounds the wait for the gossip node's leave message to reach a peer at Close.
@@ -121,6 +131,10 @@ type Worker struct {
 	lg            *zap.Logger
 	ops           backend.Ops // Config.Device's backend, opened by Start
 	progressEvery time.Duration
+	// phases times the start-up: the process, the device, each load, the communicator, the first step.
+	phases *phase.Recorder
+	// stepped and decoded are set after the first step and the first decode-only step.
+	stepped, decoded atomic.Bool
 
 	// ctx is the lifetime of steps: Close cancels it once the graceful stop is over (or forced). bgCtx
 	// is the lifetime of the background work (plan watch, loading, rendezvous, registration): Close
@@ -154,6 +168,7 @@ type Worker struct {
 	// runMu is held while a step runs and while the weights or the sequences change.
 	runMu     sync.Mutex
 	wts       *weights
+	mem       *memory      // wts's memory plan; nil: none
 	staged    *weights     // loaded by Prepare for a plan about to be written; nil: none
 	seedState              // the checkpoint served to peers (remote.go)
 	streamed  atomic.Int64 // tensor bytes received from peers, for the loads that completed
@@ -179,6 +194,8 @@ type Worker struct {
 	weightDir  string
 	weightSize int64
 	nseqs      int
+	nreserved  int     // KV blocks the sequences reserve (reservedLocked), as of the last step
+	memPlan    *memory // the served weights' memory plan, for Status; nil: none
 	loads      int
 	// readBytes counts the tensor bytes read since Start; keptTensors and keptBytes are what the last load
 	// took over from the weights held before it.
@@ -204,6 +221,7 @@ func New(cfg Config) (*Worker, error) {
 		cfg:           cfg,
 		lg:            cfg.Logger.With(zap.String("member-id", cfg.ID)),
 		progressEvery: 2 * time.Second,
+		phases:        phase.NewRecorder(phase.ProcessStart()),
 		ctx:           ctx,
 		cancel:        cancel,
 		bgCtx:         bgCtx,
@@ -226,11 +244,17 @@ func New(cfg Config) (*Worker, error) {
 // It fails with an error wrapping ErrDeviceUnavailable and the backend's error, which names the missing
 // library or device (and wraps backend.ErrUnavailable when the backend cannot run on this host).
 func (w *Worker) openDevice(ctx context.Context) error {
+	start := time.Now()
 	b, err := backend.Open(ctx, w.cfg.Device, backend.Options{Device: w.cfg.DeviceIndex, Threads: w.cfg.Threads})
 	if err != nil {
 		return fmt.Errorf("%w: %s:%d: %w", ErrDeviceUnavailable, w.cfg.Device, w.cfg.DeviceIndex, err)
 	}
 	w.ops = b
+	if sr, ok := b.(backend.StartupReporter); ok {
+		w.phases.AddAll(sr.StartupPhases())
+	} else {
+		w.phases.Since("device", start, b.Name())
+	}
 	if d, ok := b.(backend.Describer); ok {
 		desc := d.Describe()
 		w.lg.Info("device opened", zap.String("device", b.Name()), zap.String("name", desc.Name),
@@ -470,27 +494,36 @@ func (w *Worker) ID() string { return w.cfg.ID }
 func (w *Worker) Status() Status {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	var plan *memplan.Plan
+	if w.memPlan != nil {
+		p := w.memPlan.plan
+		plan = &p
+	}
 	return Status{
-		MemberID:      w.cfg.ID,
-		Addr:          w.addr,
-		State:         w.state,
-		Epoch:         w.epoch,
-		Group:         w.group,
-		Rank:          w.rank,
-		TP:            w.tp,
-		Model:         w.weightDir,
-		WeightBytes:   w.weightSize,
-		Sequences:     w.nseqs,
-		Device:        w.cfg.Device,
-		StepStreams:   int(w.openSteps.Load()),
-		Loads:         w.loads,
-		ReadBytes:     w.readBytes,
-		KeptTensors:   w.keptTensors,
-		KeptBytes:     w.keptBytes,
-		StreamedBytes: w.streamed.Load(),
-		ExpertLoad:    w.expertLoadLocked(run.ExpertLoader.ExpertLoad),
-		SlotLoad:      w.expertLoadLocked(run.ExpertLoader.SlotLoad),
-		Err:           w.failure,
+		Memory:           plan,
+		MemberID:         w.cfg.ID,
+		Addr:             w.addr,
+		State:            w.state,
+		Epoch:            w.epoch,
+		Group:            w.group,
+		Rank:             w.rank,
+		TP:               w.tp,
+		Model:            w.weightDir,
+		WeightBytes:      w.weightSize,
+		Sequences:        w.nseqs,
+		Device:           w.cfg.Device,
+		StepStreams:      int(w.openSteps.Load()),
+		Loads:            w.loads,
+		ReadBytes:        w.readBytes,
+		KeptTensors:      w.keptTensors,
+		KeptBytes:        w.keptBytes,
+		StreamedBytes:    w.streamed.Load(),
+		ExpertLoad:       w.expertLoadLocked(run.ExpertLoader.ExpertLoad),
+		SlotLoad:         w.expertLoadLocked(run.ExpertLoader.SlotLoad),
+		Err:              w.failure,
+		KVBlocksReserved: w.nreserved,
+		Phases:           w.phases.Phases(),
+		ProcessStart:     w.phases.Start(),
 	}
 }
 
@@ -556,7 +589,7 @@ func (w *Worker) Close() error {
 		}
 		w.closeSeed()
 		w.runMu.Lock()
-		w.wts, w.staged = nil, nil
+		w.wts, w.staged, w.mem = nil, nil, nil
 		w.clearSeqs()
 		if c, ok := w.ops.(io.Closer); ok {
 			if err := c.Close(); err != nil {

@@ -12,7 +12,7 @@ import (
 
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/comm"
-	"github.com/tpfleet/tpfleet/kernels"
+	"github.com/tpfleet/tpfleet/internal/phase"
 	"github.com/tpfleet/tpfleet/safetensors"
 )
 
@@ -26,7 +26,7 @@ type Backend struct {
 	cfg     Config
 	dev     *device
 	stream  *stream
-	module  *module
+	module  *moduleSet // the kernels' compilation units (kernelcache.go)
 	k       kernelSet
 	enc     *encoderKernels // encoder.cu's kernels, nil until the first encoder op (encoder.go)
 	gemm    *gemm
@@ -35,8 +35,11 @@ type Backend struct {
 	info    Info
 	closed  bool
 	counts  Counters
-	offload OffloadStats // offloaded experts' copies (offload.go)
-	off     *offloader   // the offloaded experts' copy stream and cache (offload.go), nil until then
+	phases  []phase.Phase // New's start-up phases (StartupPhases)
+	// ctxStart is when New began: the CUDA context phase runs from it to the kernels' compile.
+	ctxStart time.Time
+	offload  OffloadStats // offloaded experts' copies (offload.go)
+	off      *offloader   // the offloaded experts' copy stream and cache (offload.go), nil until then
 
 	rec   *recorder             // the Step being captured or replayed, nil otherwise (graph.go)
 	steps map[string]*stepState // Step's recordings by key
@@ -98,9 +101,10 @@ type Info struct {
 	CublasLt      int               // cublasLtGetVersion, e.g. 130100
 	NVRTC         string            // e.g. "13.0"
 	Libraries     map[string]string // "cuda", "cublasLt", "nvrtc" → the path loaded
-	KernelCache   string            // the cubin file's directory, "" when the cache is off
-	CacheHit      bool              // the cubin came from the cache
-	CompileTime   time.Duration     // NVRTC compile (0 on a cache hit)
+	KernelCache   string            // the cubin files' directory, "" when the cache is off
+	CacheHit      bool              // every unit's cubin came from the cache
+	CompileTime   time.Duration     // NVRTC compiles, in parallel (0 when every unit was a cache hit)
+	CacheWarnings []string          // cache files that were corrupt or refused, and compiled again
 }
 
 // Counters counts Linear's and Experts' paths.
@@ -135,6 +139,7 @@ func New(cfg Config) (*Backend, error) {
 	if os.Getenv(EnvGraphs) == "0" {
 		cfg.Eager = true
 	}
+	start := time.Now()
 	if err := loadLibraries(dl.SearchDirs(cfg.LibDirs)); err != nil {
 		return nil, err
 	}
@@ -142,7 +147,7 @@ func New(cfg Config) (*Backend, error) {
 	if err != nil {
 		return nil, err
 	}
-	b := &Backend{cfg: cfg, dev: dev, gemvRows: gemvMaxRows, splitPerSM: defaultSplitPerSM}
+	b := &Backend{cfg: cfg, dev: dev, gemvRows: gemvMaxRows, splitPerSM: defaultSplitPerSM, ctxStart: start}
 	if err := b.init(); err != nil {
 		return nil, errors.Join(err, b.Close())
 	}
@@ -169,27 +174,13 @@ func (b *Backend) init() error {
 		return err
 	}
 	arch := fmt.Sprintf("sm_%d%d", d.ccMajor, d.ccMinor)
-	cacheDir := b.cfg.KernelCache
-	switch cacheDir {
-	case "":
-		cacheDir = defaultKernelCache()
-	case KernelCacheOff:
-		cacheDir = ""
-	}
-	start := time.Now()
-	cubin, hit, err := cachedCompile(cacheDir, kernels.Source(), "tpfleet.cu", arch, version)
-	if err != nil {
-		return err
-	}
 	b.info = Info{
 		Device: d.name, Arch: arch, Multiprocs: d.multiprocessors, TotalMemory: d.totalMem,
 		DriverVersion: d.driverVersion, CublasLt: cublasLtVersion(), NVRTC: version, Libraries: Libraries(),
-		KernelCache: cacheDir, CacheHit: hit,
 	}
-	if !hit {
-		b.info.CompileTime = time.Since(start)
-	}
-	if b.module, err = d.loadModule(cubin); err != nil {
+	b.phases = append(b.phases, phase.Phase{Name: phase.Context, Start: b.ctxStart, Took: time.Since(b.ctxStart),
+		Detail: fmt.Sprintf("%s, %s, driver %d", d.name, arch, d.driverVersion)})
+	if err := b.loadKernels(target{arch: arch, nvrtc: version, device: d.name, driver: d.driverVersion}); err != nil {
 		return err
 	}
 	for _, k := range []struct {

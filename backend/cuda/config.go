@@ -79,8 +79,10 @@ type Config struct {
 	// Poison fills every newly allocated activation with NaN before the op writes it, so elements an op
 	// fails to write show up. It costs a memset per allocation: for tests and debugging.
 	Poison bool `json:"cuda-poison"`
-	// KernelCache is the directory where compiled kernels are kept between runs. Empty means
-	// os.UserCacheDir()/tpfleet/kernels; KernelCacheOff disables the cache.
+	// KernelCache is the directory where compiled kernels are kept between runs (one cubin per
+	// compilation unit, keyed by source, options, architecture, device name, driver and NVRTC version).
+	// Empty means $TPFLEET_KERNEL_CACHE (EnvKernelCache), else os.UserCacheDir()/tpfleet/kernels;
+	// KernelCacheOff disables the cache.
 	KernelCache string `json:"cuda-kernel-cache"`
 	// LibDirs are directories searched for libcuda, cuBLASLt and NVRTC before $TPFLEET_LIB_DIRS and
 	// the default places (pip wheels' nvidia/*/lib, /usr/local/cuda/lib64, ...).
@@ -114,7 +116,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.IntVar(&c.Device, "cuda-device", c.Device, "ordinal of the GPU to use")
 	fs.Var(&c.Activations, "cuda-activations", "storage of activations: bf16 or f32")
 	fs.BoolVar(&c.Poison, "cuda-poison", c.Poison, "fill new activations with NaN first (debugging)")
-	fs.StringVar(&c.KernelCache, "cuda-kernel-cache", c.KernelCache, "directory for compiled kernels (empty: the user cache dir; off: none)")
+	fs.StringVar(&c.KernelCache, "cuda-kernel-cache", c.KernelCache, "directory for compiled kernels (empty: $TPFLEET_KERNEL_CACHE, else the user cache dir; off: none)")
 	fs.Func("cuda-lib-dirs", "colon-separated directories searched first for the CUDA libraries", func(s string) error {
 		c.LibDirs = filepath.SplitList(s)
 		return nil

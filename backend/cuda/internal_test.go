@@ -6,10 +6,15 @@ import (
 	"github.com/tpfleet/tpfleet/internal/dl"
 	"io"
 	"math"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
+	"time"
+
+	"github.com/tpfleet/tpfleet/kernels"
 )
 
 // These tests need no GPU: they run everywhere, CI included.
@@ -87,23 +92,98 @@ func TestInt32Bytes(t *testing.T) {
 	}
 }
 
-// TestKernelCache checks the key depends on source, arch and version, and that a cached cubin is used
-// without NVRTC (which this test never loads).
+// TestKernelCache checks the key depends on source, arch, NVRTC, device and driver, and that
+// compileUnits compiles the units in parallel into an empty cache, takes every unit from a filled one
+// without compiling, and compiles a corrupt file again with a warning. It needs no NVRTC (a fake
+// compiler).
 func TestKernelCache(t *testing.T) {
-	k := cacheKey("src", "sm_90", "13.0")
-	for _, other := range []string{cacheKey("src2", "sm_90", "13.0"), cacheKey("src", "sm_80", "13.0"), cacheKey("src", "sm_90", "12.9")} {
+	base := target{arch: "sm_90", nvrtc: "13.0", device: "NVIDIA H100 80GB HBM3", driver: 13000}
+	k := cacheKey("src", base)
+	for _, other := range []string{cacheKey("src2", base), cacheKey("src", target{"sm_80", "13.0", base.device, 13000}),
+		cacheKey("src", target{"sm_90", "12.9", base.device, 13000}), cacheKey("src", target{"sm_90", "13.0", "NVIDIA H200", 13000}),
+		cacheKey("src", target{"sm_90", "13.0", base.device, 12080})} {
 		if other == k {
 			t.Errorf("cacheKey collision: %s", k)
 		}
 	}
-	dir := t.TempDir()
-	writeCache(filepath.Join(dir, k+".cubin"), []byte("CUBIN"))
-	got, hit, err := cachedCompile(dir, "src", "x.cu", "sm_90", "13.0")
-	if err != nil || !hit || string(got) != "CUBIN" {
-		t.Errorf("cachedCompile(cached) = %q, %v, %v; want CUBIN, true, nil", got, hit, err)
+	units := kernels.Units()
+	var mu sync.Mutex
+	running, most, calls := 0, 0, 0
+	compile := func(src, name, arch string) ([]byte, error) {
+		mu.Lock()
+		running++
+		calls++
+		most = max(most, running)
+		mu.Unlock()
+		time.Sleep(20 * time.Millisecond)
+		mu.Lock()
+		running--
+		mu.Unlock()
+		return []byte("CUBIN " + name), nil
+	}
+	dir := filepath.Join(t.TempDir(), "kernels")
+	res, err := compileUnits(dir, units, base, compile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if calls != len(units) || most < 2 {
+		t.Errorf("empty cache: %d compiles, at most %d at once; want %d, in parallel", calls, most, len(units))
+	}
+	for _, r := range res {
+		if r.hit || string(r.cubin) != "CUBIN "+r.unit.Name+".cu" || r.warn != "" {
+			t.Errorf("empty cache: unit %s = hit %v, %q, warning %q", r.unit.Name, r.hit, r.cubin, r.warn)
+		}
+	}
+	calls = 0
+	res, err = compileUnits(dir, units, base, compile)
+	if err != nil || calls != 0 {
+		t.Fatalf("filled cache: %d compiles, error %v; want none", calls, err)
+	}
+	for _, r := range res {
+		if !r.hit || string(r.cubin) != "CUBIN "+r.unit.Name+".cu" {
+			t.Errorf("filled cache: unit %s = hit %v, %q", r.unit.Name, r.hit, r.cubin)
+		}
+	}
+	// Another driver misses; a damaged file is compiled again with a warning naming it.
+	if _, err := compileUnits(dir, units[:1], target{"sm_90", "13.0", base.device, 13010}, compile); err != nil || calls != 1 {
+		t.Errorf("other driver: %d compiles, error %v; want 1", calls, err)
+	}
+	damaged := res[1].path
+	b, _ := os.ReadFile(damaged)
+	b[len(b)-1] ^= 0xff
+	if err := os.WriteFile(damaged, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	calls = 0
+	res, err = compileUnits(dir, units, base, compile)
+	if err != nil || calls != 1 {
+		t.Fatalf("damaged file: %d compiles, error %v; want 1", calls, err)
+	}
+	if r := res[1]; r.hit || !strings.Contains(r.warn, damaged) || !strings.Contains(r.warn, "corrupt") {
+		t.Errorf("damaged file: hit %v, warning %q; want a compile and a warning naming %s", r.hit, r.warn, damaged)
+	}
+	if got, err := readCache(damaged); err != nil || string(got) != "CUBIN "+res[1].unit.Name+".cu" {
+		t.Errorf("damaged file after the compile = %q, %v; want it stored again", got, err)
+	}
+	// A compile error is returned; no cache at all compiles every unit.
+	fail := func(src, name, arch string) ([]byte, error) {
+		return nil, &CompileError{Name: name, Err: errors.New("boom")}
+	}
+	if _, err := compileUnits("", units, base, fail); err == nil || !strings.Contains(err.Error(), "boom") {
+		t.Errorf("compile error: %v, want boom", err)
 	}
 	if d := defaultKernelCache(); d != "" && !strings.HasSuffix(d, filepath.Join("tpfleet", "kernels")) {
 		t.Errorf("defaultKernelCache() = %q, want .../tpfleet/kernels", d)
+	}
+	t.Setenv(EnvKernelCache, "/cache/kernels")
+	for _, c := range []struct{ configured, want string }{{"", "/cache/kernels"}, {"/x", "/x"}, {KernelCacheOff, ""}} {
+		if got := KernelCacheDir(c.configured); got != c.want {
+			t.Errorf("KernelCacheDir(%q) with $%s = %q, want %q", c.configured, EnvKernelCache, got, c.want)
+		}
+	}
+	t.Setenv(EnvKernelCache, KernelCacheOff)
+	if got := KernelCacheDir(""); got != "" {
+		t.Errorf("KernelCacheDir() with $%s=off = %q, want none", EnvKernelCache, got)
 	}
 }
 

@@ -7,12 +7,8 @@ package cuda
 import "C"
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
 	"github.com/tpfleet/tpfleet/internal/dl"
-	"os"
-	"path/filepath"
 	"unsafe"
 )
 
@@ -107,59 +103,4 @@ func compile(src, name, arch string) ([]byte, error) {
 		return nil, err
 	}
 	return out, nil
-}
-
-// cacheKey names the cubin of src for arch by NVRTC version: a hash of all three and the options.
-func cacheKey(src, arch, version string) string {
-	h := sha256.New()
-	for _, s := range append([]string{src, arch, version}, compileOptions(arch)...) {
-		fmt.Fprintf(h, "%d:%s;", len(s), s)
-	}
-	return hex.EncodeToString(h.Sum(nil))[:32]
-}
-
-// defaultKernelCache is os.UserCacheDir()/tpfleet/kernels, or "" when there is no user cache dir.
-func defaultKernelCache() string {
-	d, err := os.UserCacheDir()
-	if err != nil {
-		return ""
-	}
-	return filepath.Join(d, "tpfleet", "kernels")
-}
-
-// cachedCompile returns the cubin of src for arch from dir when present, else compiles it and stores it
-// there. The cache is best effort: a dir of "" or one that cannot be read or written only costs a
-// compile. hit reports whether the cubin came from the cache.
-func cachedCompile(dir, src, name, arch, version string) (cubin []byte, hit bool, err error) {
-	var path string
-	if dir != "" {
-		path = filepath.Join(dir, cacheKey(src, arch, version)+".cubin")
-		if b, err := os.ReadFile(path); err == nil && len(b) > 0 {
-			return b, true, nil
-		}
-	}
-	cubin, err = compile(src, name, arch)
-	if err != nil {
-		return nil, false, err
-	}
-	if path != "" {
-		writeCache(path, cubin)
-	}
-	return cubin, false, nil
-}
-
-// writeCache stores b at path atomically (a temporary file renamed), ignoring failures.
-func writeCache(path string, b []byte) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return
-	}
-	f, err := os.CreateTemp(filepath.Dir(path), ".cubin-*")
-	if err != nil {
-		return
-	}
-	_, werr := f.Write(b)
-	cerr := f.Close()
-	if werr != nil || cerr != nil || os.Rename(f.Name(), path) != nil {
-		os.Remove(f.Name())
-	}
 }

@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"strconv"
+	"strings"
 
 	"github.com/tpfleet/tpfleet/backend"
 )
@@ -71,8 +72,12 @@ var (
 // versions and whether the kernels came from the cache as details (backend.Describer).
 func (b *Backend) Describe() backend.Description {
 	i := b.info
-	return backend.Description{Name: i.Device, TotalMemory: i.TotalMemory, Details: map[string]string{
+	d := backend.Description{Name: i.Device, TotalMemory: i.TotalMemory, Details: map[string]string{
 		"arch": i.Arch, "driver": strconv.Itoa(i.DriverVersion), "cublaslt": strconv.Itoa(i.CublasLt), "nvrtc": i.NVRTC,
-		"kernel-cache-hit": strconv.FormatBool(i.CacheHit),
+		"kernel-cache-hit": strconv.FormatBool(i.CacheHit), "kernel-cache": i.KernelCache,
 	}}
+	if len(i.CacheWarnings) > 0 {
+		d.Details["kernel-cache-warnings"] = strings.Join(i.CacheWarnings, "; ")
+	}
+	return d
 }

@@ -7,12 +7,18 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
 	"runtime"
 	"time"
 
 	"github.com/tpfleet/tpfleet/backend"
+	"github.com/tpfleet/tpfleet/internal/phase"
+	"github.com/tpfleet/tpfleet/memplan"
 	"github.com/tpfleet/tpfleet/model"
+	"github.com/tpfleet/tpfleet/model/dummy"
 	"github.com/tpfleet/tpfleet/model/llama4"
 	modelrun "github.com/tpfleet/tpfleet/model/run"
 	"github.com/tpfleet/tpfleet/quant"
@@ -26,6 +32,11 @@ type benchFlags struct {
 	device                                                                                                string
 	json, profile, offload                                                                                bool
 	quant                                                                                                 quantFlags
+	// config is a config.json (or its directory) whose shape replaces the shape flags; --layers still
+	// overrides its layer count when given.
+	config, loadFormat string
+	utilization        float64
+	prefillChunk       int
 }
 
 // benchResult is one measurement; times are the best of the runs (the first run warms up).
@@ -61,9 +72,16 @@ type benchResult struct {
 	FloorMS       float64 `json:"decode_floor_ms,omitempty"`
 	FloorFraction float64 `json:"decode_fraction_of_floor,omitempty"`
 	LoadMS        float64 `json:"load_ms"`
+	// Phases are the start-up phases: the process, the device (context, kernel compile or cache hits),
+	// the random weights' generation ("weights"), the first prefill.
+	Phases []phaseJSON `json:"phases,omitempty"`
 	// Graphs is how rank 0's backend ran the decode steps (CUDA graph replays per key), when it reports
 	// them (backend.GraphReporter).
 	Graphs []backend.GraphStats `json:"graphs,omitempty"`
+	// Config is --config's path; Memory rank 0's memory plan after the load (memplan), when the backend
+	// reports its memory or the host's is used.
+	Config string       `json:"config,omitempty"`
+	Memory *benchMemory `json:"memory,omitempty"`
 	// ProfileDecode and ProfilePrefill are rank 0's GPU time per operation (--profile): one decode step
 	// (averaged over profileSteps) and one prefill of the prompt, run eagerly with an event after each
 	// operation; *GPUMS is the whole step's GPU time.
@@ -297,14 +315,26 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&f.tp, "tp", 1, "tensor-parallel ranks in this process (HF's tp plan)")
 	fs.BoolVar(&f.json, "json", false, "print one JSON object")
 	f.quant.addFlags(fs, "")
+	fs.StringVar(&f.config, "config", "", "a config.json (or its directory), e.g. testdata/configs/scout: its shape replaces the shape flags (--layers still overrides the layer count)")
+	fs.StringVar(&f.loadFormat, "load-format", dummy.LoadFormat, "bench's weights are always generated (dummy, as vLLM names it); no other value is accepted")
+	fs.IntVar(&f.prefillChunk, "prefill-chunk", 0, "run the prompt in pieces of at most this many tokens (chunked prefill: long prompts in less activation memory; 0: whole)")
+	fs.Float64Var(&f.utilization, "gpu-memory-utilization", 0, "share of the device's memory the memory plan may use (0: 0.9)")
 	fs.BoolVar(&f.profile, "profile", false, "also profile one prefill and the decode steps on the GPU (time per kernel; backends that profile, e.g. cuda)")
 	fs.BoolVar(&f.offload, "offload-experts", false, "keep the routed experts in pinned host memory and copy the chosen ones to the GPU each step (cuda; steps run without CUDA graphs)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	if f.prefillChunk < 0 {
+		return usagef("--prefill-chunk %d must not be negative", f.prefillChunk)
+	}
 	if f.runs < 1 || f.prompt < 1 || f.tokens < 1 || f.tp < 1 || f.batch < 1 || f.context < 1 {
 		return usagef("--runs, --prompt, --tokens, --tp, --batch and --context must be positive")
 	}
+	if f.loadFormat != dummy.LoadFormat {
+		return usagef("--load-format %q: bench generates its weights; only %s is accepted", f.loadFormat, dummy.LoadFormat)
+	}
+	layersSet := false
+	fs.Visit(func(fl *flag.Flag) { layersSet = layersSet || fl.Name == "layers" })
 	if err := checkDevice(f.device); err != nil {
 		return err
 	}
@@ -323,17 +353,30 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return usagef("%v", err)
 	}
+	if f.config != "" {
+		if cfg, err = benchConfig(f.config, f.layers, layersSet); err != nil {
+			return err
+		}
+		f.layers, f.hidden, f.experts, f.vocab = cfg.NumLayers, cfg.HiddenSize, cfg.NumExperts, cfg.VocabSize
+	}
 	threads := f.threads
 	if threads == 0 {
 		threads = runtime.GOMAXPROCS(0)
 	}
 	mf := modelFlags{device: f.device, threads: threads, par: parallelFlags{tp: f.tp, plan: "tp", rank: -1}}
+	phases := phase.NewRecorder(phase.ProcessStart())
 	start := time.Now()
 	g, allOps, _, err := newRankOps(ctx, mf)
 	if err != nil {
 		return err
 	}
 	defer g.Close()
+	if sr, ok := allOps[0].(backend.StartupReporter); ok {
+		phases.AddAll(sr.StartupPhases())
+	} else {
+		phases.Since("device", start, fmt.Sprintf("%d ranks", len(allOps)))
+	}
+	weightsStart := time.Now()
 	for _, ops := range allOps {
 		if err := backend.CheckQuantized(ops, format); err != nil {
 			return err
@@ -374,6 +417,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			}
 		}
 	}
+	phases.Since(phase.Weights, weightsStart, "random weights generated on the device (no checkpoint read)")
 	res := benchResult{Device: allOps[0].Name(), TP: f.tp, Layers: f.layers, Hidden: f.hidden, Experts: f.experts,
 		Vocab: f.vocab, PromptTokens: f.prompt, DecodeTokens: f.tokens, Batch: f.batch, StepBytes: stepBytes(cfg, f.batch, format), Format: format.String(),
 		LoadMS: float64(time.Since(start)) / float64(time.Millisecond)}
@@ -386,6 +430,18 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	if d, ok := allOps[0].(backend.Describer); ok {
 		res.Card = d.Describe().Name
+	}
+	res.Config = f.config
+	var plan *memplan.Plan
+	if plan, err = benchPlan(cfg, allOps[0], f, format, mans); err != nil {
+		return err
+	}
+	if plan != nil {
+		res.Memory = &benchMemory{KVBlocks: plan.Blocks, BlockSize: plan.BlockSize, KVTokens: plan.Tokens, KVBytes: plan.KV,
+			TokenBytes: plan.TokenBytes, LongestContext: plan.Longest, Concurrency: plan.Concurrency, ContextFor: plan.MaxContext}
+		if plan.Longest == math.MaxInt {
+			res.Memory.LongestContext = -1
+		}
 	}
 	if b, ok := allOps[0].(backend.BandwidthMeter); ok {
 		bw, err := b.CopyBandwidth(1<<30, 20)
@@ -418,9 +474,14 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		res.Context = f.context
 	}
 	for r := 0; r < f.runs; r++ {
-		prefill, decode, err := benchOnce(ctx, g, allOps, prompt, f.tokens, f.batch, f.context)
+		runStart := time.Now()
+		prefill, decode, err := benchOnce(ctx, g, allOps, prompt, f.tokens, f.batch, f.context, f.prefillChunk)
 		if err != nil {
 			return err
+		}
+		if r == 0 {
+			phases.Add(phase.FirstStep, runStart, prefill, fmt.Sprintf("prefill of %d tokens", f.prompt))
+			phases.Add(phase.Ready, phases.Start(), runStart.Add(prefill).Sub(phases.Start()), "process start to the first prefill's end")
 		}
 		if r == 0 || prefill < time.Duration(res.PrefillMS*float64(time.Millisecond)) {
 			res.PrefillMS = float64(prefill) / float64(time.Millisecond)
@@ -446,13 +507,20 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if res.FloorMS > 0 {
 		res.FloorFraction = res.FloorMS / res.DecodeMSPerTok
 	}
+	res.Phases = phasesJSON(phases)
 	if f.json {
 		return json.NewEncoder(stdout).Encode(res)
+	}
+	if backend.HasDevices(f.device) {
+		fmt.Fprint(stderr, phases.Table())
 	}
 	_, err = fmt.Fprintf(stdout, "device %s %s tp %d: %d layers, hidden %d, %d experts, vocab %d, %.1f MiB bf16, %.1f MiB as %s (loaded in %.0f ms)\n"+
 		"prefill %d tokens: %.1f ms\ndecode batch %d: %.2f ms/step, %.1f tokens/s\n",
 		res.Device, res.Card, res.TP, res.Layers, res.Hidden, res.Experts, res.Vocab, float64(res.WeightBytes)/(1<<20), float64(res.MemoryBytes)/(1<<20), res.Format, res.LoadMS,
 		res.PromptTokens, res.PrefillMS, res.Batch, res.DecodeMSPerTok, res.TokensPerSec)
+	if err == nil && plan != nil {
+		_, err = fmt.Fprintf(stdout, "memory plan of rank 0 after the load:\n%s", plan.Table())
+	}
 	if err == nil && res.Offload {
 		_, err = fmt.Fprintf(stdout, "experts offloaded: %.1f MiB of experts copied a step / %d rank(s) at %.1f GB/s (measured host to device) = %.3f ms PCIe floor; runs copied %.1f MiB in %d calls\n",
 			float64(res.OffloadStepBytes)/(1<<20), res.TP, res.OffloadGBs, res.OffloadFloorMS, float64(res.OffloadCopied)/(1<<20), res.OffloadCalls)
@@ -479,11 +547,12 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	return err
 }
 
-// benchOnce runs one prefill and tokens decode steps on every rank of g, returning their wall times.
+// benchOnce runs one prefill (in pieces of at most chunk tokens; 0: whole) and tokens decode steps on
+// every rank of g, returning their wall times.
 // Each decode step feeds a fixed token (no host argmax) and waits for the step's logits on the device;
 // the prefill waits for its logits too. With batch > 1 the decode steps run batch sequences of context
 // cached tokens each (prefilled untimed) through one ForwardBatch.
-func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, tokens, batch, context int) (prefill, decode time.Duration, err error) {
+func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, tokens, batch, context, chunk int) (prefill, decode time.Duration, err error) {
 	seqs := make([]*llama4.Sequence, len(g.ranks))
 	for r, m := range g.ranks {
 		if seqs[r], err = llama4.AsModel(m).NewSequence(len(prompt) + tokens); err != nil {
@@ -500,9 +569,15 @@ func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, t
 	start := time.Now()
 	err = g.run(func(r int, rm modelrun.Model) error {
 		m := llama4.AsModel(rm) // the benchmark times the Llama 4 model itself
-		logits, err := m.Forward(ctx, seqs[r], prompt, false)
-		if err != nil {
-			return err
+		piece := len(prompt)
+		if chunk > 0 {
+			piece = chunk
+		}
+		var logits backend.Tensor
+		for at := 0; at < len(prompt); at += piece {
+			if logits, err = m.Forward(ctx, seqs[r], prompt[at:min(at+piece, len(prompt))], false); err != nil {
+				return err
+			}
 		}
 		return wait(r, logits)
 	})
@@ -630,4 +705,79 @@ func benchBatchDecode(ctx context.Context, g *group, ops []backend.Ops, wait fun
 		return nil
 	})
 	return time.Since(start), err
+}
+
+// benchMemory is rank 0's memory plan in bench's JSON (memplan.Plan): KV blocks after the weights, the
+// tokens every layer holds, the longest context alone (-1: unbounded) and the concurrency at ContextFor
+// tokens (the prompt or --context, and the decode steps).
+type benchMemory struct {
+	KVBlocks       int     `json:"kv_blocks"`
+	BlockSize      int     `json:"block_size"`
+	KVTokens       int     `json:"kv_tokens"`
+	KVBytes        int64   `json:"kv_bytes"`
+	TokenBytes     int64   `json:"kv_bytes_per_token"`
+	LongestContext int     `json:"longest_context"`
+	ContextFor     int     `json:"concurrency_context"`
+	Concurrency    float64 `json:"concurrency"`
+}
+
+// benchConfig reads --config (a config.json or its directory); with layersSet, the first layers layers
+// only (their RoPE, chunking and MoE pattern as the checkpoint's).
+func benchConfig(path string, layers int, layersSet bool) (llama4.Config, error) {
+	if st, err := os.Stat(path); err == nil && st.IsDir() {
+		path = filepath.Join(path, "config.json")
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return llama4.Config{}, usagef("--config: %v", err)
+	}
+	cfg, err := llama4.ParseConfig(data)
+	if err != nil {
+		return llama4.Config{}, usagef("--config %s: %v", path, err)
+	}
+	if layersSet {
+		if layers < 1 || layers > cfg.NumLayers {
+			return llama4.Config{}, usagef("--layers %d: the config has %d", layers, cfg.NumLayers)
+		}
+		cfg.NumLayers, cfg.UseRoPE, cfg.Chunked, cfg.MoE = layers, cfg.UseRoPE[:layers], cfg.Chunked[:layers], cfg.MoE[:layers]
+	}
+	// bench runs the text model: the weights are named without the multimodal prefix.
+	cfg.Prefix = ""
+	return cfg, cfg.Validate()
+}
+
+// benchPlan is rank 0's memory plan after the load: its weights in format, the device's memory as it
+// reports it now (the host's for a backend without), activations of the prefill. Nil for a backend that
+// reports no memory (the CPU: its weights share the host with everything else).
+func benchPlan(cfg llama4.Config, ops backend.Ops, f benchFlags, format quant.Format, mans []shard.Manifest) (*memplan.Plan, error) {
+	m, ok := ops.(backend.MemoryReporter)
+	if !ok {
+		return nil, nil
+	}
+	total, free, err := m.DeviceMemory()
+	if err != nil {
+		return nil, err
+	}
+	elem := 2
+	if k, ok := ops.(backend.KVSizer); ok {
+		elem = k.KVElementBytes()
+	}
+	geom, err := memplan.GeometryOf(cfg, f.tp, elem, 0)
+	if err != nil {
+		return nil, err
+	}
+	var weights int64
+	if mans != nil {
+		weights = memplan.WeightBytes(cfg, mans[0], format)
+	} else {
+		for _, s := range cfg.Tensors() {
+			weights += tensorBytes(s, format)
+		}
+	}
+	p, err := memplan.New(memplan.Input{Geometry: geom, Weights: weights, Activations: cfg.StepBytes(f.prompt, f.tp),
+		Total: total, Free: free, Utilization: f.utilization, MaxContext: max(f.prompt, f.context) + f.tokens})
+	if err != nil {
+		return nil, err
+	}
+	return &p, nil
 }

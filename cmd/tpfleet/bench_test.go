@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -33,6 +34,13 @@ func TestBenchQuantization(t *testing.T) {
 				t.Errorf("bench --quantization %s --tp %s = %+v", q, tp, res)
 			}
 			step[q] = res.StepBytes
+			var names []string
+			for _, p := range res.Phases {
+				names = append(names, p.Name)
+			}
+			if got := strings.Join(names, ","); got != "process,device,weights,first-step,ready" {
+				t.Errorf("bench --json phases = %s, want process,device,weights,first-step,ready", got)
+			}
 		}
 	}
 	if !(step["int4"] < step["fp8"] && step["fp8"] < step["none"]) {
@@ -60,6 +68,29 @@ func TestBenchTensorBytes(t *testing.T) {
 	for _, tt := range tests {
 		if got := tensorBytes(tt.s, tt.f); got != tt.want {
 			t.Errorf("tensorBytes(%s%v, %s) = %d, want %d", tt.s.Name, tt.s.Shape, tt.f, got, tt.want)
+		}
+	}
+}
+
+// TestBenchConfig: bench --config takes a real config.json's shape (here a fixture's, with --layers 2 of
+// its 4), and refuses a layer count the config lacks or a load format other than dummy.
+func TestBenchConfig(t *testing.T) {
+	code, stdout, stderr := tpfleet(t, "bench", "--config", filepath.Join(fixtures, "moe-top1"), "--layers", "2",
+		"--prompt", "16", "--tokens", "2", "--runs", "1", "--threads", "1", "--json")
+	var res benchResult
+	if err := json.Unmarshal([]byte(stdout), &res); code != 0 || err != nil {
+		t.Fatalf("bench --config = %d, %q (%s)", code, stdout, stderr)
+	}
+	if res.Layers != 2 || res.Hidden != 64 || res.Experts != 4 || res.Vocab != 512 || res.PrefillMS <= 0 {
+		t.Errorf("bench --config moe-top1 --layers 2 = %+v, want 2 layers of hidden 64, 4 experts, vocab 512", res)
+	}
+	for _, args := range [][]string{
+		{"--config", filepath.Join("..", "..", "testdata", "configs", "scout"), "--layers", "49"},
+		{"--config", filepath.Join(t.TempDir(), "none")},
+		{"--load-format", "auto"},
+	} {
+		if code, _, stderr := tpfleet(t, append([]string{"bench"}, args...)...); code != 2 || strings.Count(strings.TrimSpace(stderr), "\n") > 0 {
+			t.Errorf("bench %v = exit %d, %q, want 2 and one line", args, code, stderr)
 		}
 	}
 }

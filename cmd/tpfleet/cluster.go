@@ -20,6 +20,7 @@ func runCluster(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	return runSubcommand(ctx, "cluster", "--etcd ENDPOINTS [flags]", []command{
 		{"members", "list the registered workers", runClusterMembers},
 		{"shards", "show the plan: the epoch and which worker holds which rank of which TP group", runClusterShards},
+		{"memory", "show each worker's memory plan: weights, activations, KV blocks, the longest context", runClusterMemory},
 	}, args, stdout, stderr)
 }
 

@@ -14,6 +14,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/tpfleet/tpfleet/backend"
+	"github.com/tpfleet/tpfleet/internal/phase"
 	"github.com/tpfleet/tpfleet/model"
 	modelrun "github.com/tpfleet/tpfleet/model/run"
 	"github.com/tpfleet/tpfleet/quant"
@@ -30,7 +31,8 @@ type modelFlags struct {
 	logLevel string
 	par      parallelFlags
 	quant    quantFlags
-	offload  bool // --offload-experts
+	load     modelrun.LoadConfig // --load-workers, --load-chunk, --load-direct
+	offload  bool                // --offload-experts
 	// backendConfig holds the registered backends' own flags (backend.BindFlags), by backend name.
 	backendConfig map[string]backend.FlagConfig
 }
@@ -41,6 +43,7 @@ func (f *modelFlags) add(fs *flag.FlagSet) {
 	fs.IntVar(&f.threads, "threads", 0, "CPU threads for matrix products (0: all cores)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level on stderr: debug, info, warn, error")
 	f.quant.addFlags(fs, "")
+	f.load.AddFlags(fs)
 	fs.BoolVar(&f.offload, "offload-experts", false, "keep the routed experts in pinned host memory and copy the ones each step chooses to the GPU (cuda; such steps run without CUDA graphs)")
 	f.par.add(fs)
 	f.backendConfig = backend.BindFlags(fs)
@@ -58,6 +61,9 @@ func (f *modelFlags) check() error {
 	}
 	if _, err := f.quant.format(); err != nil {
 		return err
+	}
+	if err := f.load.Validate(); err != nil {
+		return usagef("%v", err)
 	}
 	return f.par.check()
 }
@@ -111,6 +117,24 @@ type loaded struct {
 	*group
 	gen  model.Generation
 	ckpt *safetensors.Checkpoint
+	// phases times the start-up: the process, the devices (context, kernels), the weight load, and the
+	// first step once the command records it (firstStep).
+	phases *phase.Recorder
+	gpu    bool // the device is a GPU backend's: the phase table is printed
+}
+
+// firstStep records the first forward pass, which began at start.
+func (l *loaded) firstStep(start time.Time, detail string) {
+	l.phases.Since(phase.FirstStep, start, detail)
+	l.phases.Since(phase.Ready, l.phases.Start(), "process start to the first step's end")
+}
+
+// report logs the start-up phases in one line and, on a GPU backend, prints their table on stderr.
+func (l *loaded) report(log *zap.Logger, stderr io.Writer) {
+	log.Info("start-up", l.phases.Field())
+	if l.gpu && l.leader {
+		fmt.Fprint(stderr, l.phases.Table())
+	}
 }
 
 func (l *loaded) Close() error { return errors.Join(l.group.Close(), l.ckpt.Close()) }
@@ -120,6 +144,7 @@ func (l *loaded) Close() error { return errors.Join(l.group.Close(), l.ckpt.Clos
 // fails fast.
 func loadModel(ctx context.Context, f modelFlags, log *zap.Logger, check func(model.Info) error) (*loaded, error) {
 	start := time.Now()
+	phases := phase.NewRecorder(phase.ProcessStart())
 	cfg, err := model.LoadConfig(f.dir)
 	if err != nil {
 		return nil, err
@@ -141,20 +166,26 @@ func loadModel(ctx context.Context, f modelFlags, log *zap.Logger, check func(mo
 	if err != nil {
 		return nil, err
 	}
-	g, err := loadRanks(ctx, f, cfg, ckpt, plan, log)
+	g, err := loadRanks(ctx, f, cfg, ckpt, plan, log, phases)
 	if err != nil {
 		ckpt.Close()
 		return nil, err
 	}
 	log.Info("model loaded", zap.Int("ranks", len(g.ranks)), zap.Duration("took", time.Since(start).Round(time.Millisecond)))
-	return &loaded{group: g, gen: gen, ckpt: ckpt}, nil
+	return &loaded{group: g, gen: gen, ckpt: ckpt, phases: phases, gpu: backend.HasDevices(f.device)}, nil
 }
 
 // loadRanks loads the ranks this process runs, each on its own backend (newRankOps).
-func loadRanks(ctx context.Context, f modelFlags, cfg model.Config, ckpt *safetensors.Checkpoint, plan shard.Plan, log *zap.Logger) (*group, error) {
+func loadRanks(ctx context.Context, f modelFlags, cfg model.Config, ckpt *safetensors.Checkpoint, plan shard.Plan, log *zap.Logger, phases *phase.Recorder) (*group, error) {
+	opened := time.Now()
 	g, allOps, ranks, err := newRankOps(ctx, f)
 	if err != nil {
 		return nil, err
+	}
+	if sr, ok := allOps[0].(backend.StartupReporter); ok {
+		phases.AddAll(sr.StartupPhases()) // the first rank's: the others' run beside it
+	} else {
+		phases.Since("device", opened, fmt.Sprintf("%d ranks", len(allOps)))
 	}
 	comms := g.comms
 	specs, prefix := model.Tensors(cfg), cfg.Info().Prefix
@@ -170,27 +201,30 @@ func loadRanks(ctx context.Context, f modelFlags, cfg model.Config, ckpt *safete
 	}
 	for i, rank := range ranks {
 		ops := allOps[i]
-		cw := modelrun.NewCheckpointWeights(ckpt, ops, cfg).WithFormat(cfg, format).WithLog(log.With(zap.Int("rank", rank)))
-		var w modelrun.Weights = cw
-		memBytes := cw.MemoryBytes
-		bytesOf := func(name string) int64 {
-			info, err := ckpt.Info(prefix + name)
-			if err != nil {
-				return 0
-			}
-			return info.NumBytes()
+		// Every rank, TP 1 included, reads its manifest's slices through the load pipeline: several readers,
+		// the backend's staging buffers, quantisation after the copy where the backend can.
+		man, err := shard.NewManifest(cfg, view, plan, f.par.tp, rank)
+		if err != nil {
+			g.Close()
+			return nil, err
 		}
-		if f.par.tp > 1 || view.Scheme() != nil { // pre-quantised checkpoints read through the view
-			man, err := shard.NewManifest(cfg, view, plan, f.par.tp, rank)
-			if err != nil {
-				g.Close()
-				return nil, err
+		rw := modelrun.NewRankWeights(shard.NewRankReader(view, man), ops).WithFormat(cfg, format).WithLog(log.With(zap.Int("rank", rank)))
+		var names []string
+		for _, s := range specs {
+			if _, ok := man.Lookup(prefix + s.Name); ok {
+				names = append(names, s.Name)
 			}
-			rw := modelrun.NewRankWeights(shard.NewRankReader(view, man), ops).WithFormat(cfg, format).WithLog(log.With(zap.Int("rank", rank)))
-			w, bytesOf, memBytes = rw, man.BytesOf, rw.MemoryBytes
 		}
+		loadStart := time.Now()
+		if err := rw.Prefetch(ctx, names, f.load); err != nil {
+			g.Close()
+			return nil, err
+		}
+		var w modelrun.Weights = rw
+		bytesOf, memBytes := man.BytesOf, rw.MemoryBytes
 		if f.offload {
 			if w, err = modelrun.NewOffloadWeights(w, cfg, ops); err != nil {
+				rw.Close()
 				g.Close()
 				return nil, err
 			}
@@ -205,9 +239,21 @@ func loadRanks(ctx context.Context, f modelFlags, cfg model.Config, ckpt *safete
 			zap.Stringer("format", format))
 		progress := &modelrun.Progress{Weights: w, Log: log.With(zap.Int("rank", rank)), Total: len(specs), TotalBytes: bytes, BytesOf: bytesOf}
 		m, err := modelrun.Open(ctx, ops, cfg, progress, modelrun.Parallel{Comm: comms[i]})
+		if cerr := rw.Close(); err == nil && cerr != nil {
+			err = cerr
+		}
 		if err != nil {
 			g.Close()
 			return nil, fmt.Errorf("rank %d: %w", rank, err)
+		}
+		if s, ok := ops.(backend.Synchronizer); ok { // the weights are on the device when their copies end
+			if err := s.Synchronize(); err != nil {
+				g.Close()
+				return nil, fmt.Errorf("rank %d: %w", rank, err)
+			}
+		}
+		if i == 0 {
+			phases.AddAll(rw.LoadStats().Phases(loadStart, bytes))
 		}
 		log.Info("weights in memory", zap.Int("rank", rank), zap.String("stored", mib(bytes)), zap.String("in-memory", mib(memBytes())), zap.Stringer("format", format))
 		g.ranks = append(g.ranks, m)
@@ -349,14 +395,30 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		var got []int
 		var why modelrun.Finish
 		var err error
+		// Rank 0 times the first token (the prefill) and the second (the first decode step, which a GPU
+		// backend records as a CUDA graph) as start-up phases.
+		var emit func(int) error
+		if rank == 0 {
+			n, last := 0, start
+			emit = func(int) error {
+				switch n++; n {
+				case 1:
+					m.firstStep(start, fmt.Sprintf("prefill of %d tokens and the first token", len(prompt)))
+				case 2:
+					m.phases.Since(phase.Graph, last, "the first decode step (recorded as a graph where the backend records steps)")
+				}
+				last = time.Now()
+				return nil
+			}
+		}
 		if features != nil {
 			ig, ok := rm.(imageGenerator)
 			if !ok {
 				return fmt.Errorf("%w: the %s model takes no images", modelrun.ErrInput, rm.Config().Info().Family)
 			}
-			got, why, err = ig.GenerateImages(ctx, prompt, features.patchID, features.rows[0], opt, nil)
+			got, why, err = ig.GenerateImages(ctx, prompt, features.patchID, features.rows[0], opt, emit)
 		} else {
-			got, why, err = rm.Generate(ctx, prompt, opt, nil)
+			got, why, err = rm.Generate(ctx, prompt, opt, emit)
 		}
 		if rank == 0 {
 			ids, finish = got, why
@@ -366,6 +428,7 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if err != nil {
 		return err
 	}
+	m.report(log, stderr)
 	if !m.leader {
 		return nil // rank 0's process reports
 	}

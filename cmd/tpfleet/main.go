@@ -44,6 +44,7 @@ func commands() []command {
 		{"tokenize", "encode text or a chat, or decode ids, with a checkpoint tokenizer", runTokenize},
 		{"shards", "print how a tp_plan splits a checkpoint across ranks (shards plan)", runShards},
 		{"bench", "time prefill and decode of a random model, or with --addr load a running server (TTFT, ITL, tokens/s)", runBench},
+		{"warmup", "compile the GPU kernels into the kernel cache and exit (for images and init containers); needs no model", runWarmup},
 		{"version", "print the version, commit, Go version and the GPU libraries found", runVersion},
 		{"certs", "make a development CA and the cluster's certificates (roles), and a gossip key", runCerts},
 	}

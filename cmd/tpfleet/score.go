@@ -102,6 +102,7 @@ func runScore(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	seqLen := len(batch[0])
 	logits := make([]float32, 0, len(batch)*seqLen*vocab)
 	for b, ids := range batch {
+		stepStart := time.Now()
 		var row []float32
 		err := m.run(func(rank int, rm modelrun.Model) error {
 			var got []float32
@@ -124,6 +125,10 @@ func runScore(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		})
 		if err != nil {
 			return fmt.Errorf("sequence %d: %w", b, err)
+		}
+		if b == 0 {
+			m.firstStep(stepStart, fmt.Sprintf("score of %d tokens", len(ids)))
+			m.report(log, stderr)
 		}
 		logits = append(logits, row...)
 	}

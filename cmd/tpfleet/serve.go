@@ -20,6 +20,7 @@ import (
 	"github.com/tpfleet/tpfleet/coordinator"
 	"github.com/tpfleet/tpfleet/internal/security"
 	"github.com/tpfleet/tpfleet/model"
+	modelrun "github.com/tpfleet/tpfleet/model/run"
 	"github.com/tpfleet/tpfleet/tpgroup"
 	"github.com/tpfleet/tpfleet/worker"
 )
@@ -32,7 +33,8 @@ type serveFlags struct {
 	threads     int
 	plan        string
 	quant       quantFlags
-	offload     bool // --offload-experts, passed to the workers
+	load        modelrun.LoadConfig // the workers' weight-load pipeline
+	offload     bool                // --offload-experts, passed to the workers
 	listen      string
 	httpListen  string
 	dataDir     string
@@ -43,6 +45,7 @@ type serveFlags struct {
 	// prefillChunk caps a prompt's piece per step; blockSize is the workers' KV block size.
 	prefillChunk, blockSize int
 	logLevel                string
+	mem                     memFlags
 	// vLLM's serve flags.
 	host, servedName, origins string
 	port, maxModelLen         int
@@ -94,6 +97,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&f.threads, "threads", 0, "CPU threads of each worker's matrix products (0: cores / workers)")
 	fs.StringVar(&f.plan, "plan", coordinator.DefaultPlan, `tp_plan: "tp", "ep" or a plan file in HF's format`)
 	f.quant.addFlags(fs, "")
+	f.load.AddFlags(fs)
 	fs.BoolVar(&f.offload, "offload-experts", false, "the workers keep the routed experts in pinned host memory and copy the ones each step chooses to the GPU (cuda; such steps run without CUDA graphs)")
 	fs.StringVar(&f.listen, "listen", coordinator.DefaultListenAddr, "host:port of the coordinator's gRPC server (port 0: any)")
 	fs.StringVar(&f.httpListen, "http-listen", coordinator.DefaultHTTPAddr, "host:port of the OpenAI-compatible HTTP gateway (port 0: any; empty: no gateway)")
@@ -105,6 +109,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&f.prefillChunk, "prefill-chunk", 0, "most prompt tokens of one sequence per step (chunked prefill, interleaved with decodes; 0: the token budget)")
 	fs.IntVar(&f.blockSize, "block-size", 0, fmt.Sprintf("positions per KV cache block of the workers (0: %d)", model.DefaultKVBlockSize))
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level on stderr: debug, info, warn, error")
+	f.mem.addFlags(fs)
 	if err := parseInterspersed(fs, args, &f.model); err != nil {
 		return err
 	}
@@ -186,8 +191,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		APIKeys: f.apiKeys, AdminKeys: f.adminKeys, TLS: tl, Insecure: f.tls.cfg.Insecure,
 		Gossip:             cluster.GossipConfig{KeyFile: f.tls.gossipKey},
 		HTTPAllowedOrigins: splitList(f.origins), ServedModelName: f.servedName, MaxModelLen: f.maxModelLen,
-		GenerationConfig: f.genConfig,
-		Quantization:     f.quant.name, QuantizationGroup: f.quant.group,
+		GenerationConfig: f.genConfig, LoadFormat: f.mem.loadFormat,
+		Quantization: f.quant.name, QuantizationGroup: f.quant.group,
 		MaxQueue: f.maxQueue, MaxBatch: f.maxBatch, TokenBudget: f.tokenBudget, PrefillChunk: f.prefillChunk,
 		Etcd: etcd, Logger: log.Named("coordinator"),
 	})
@@ -219,12 +224,14 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		wcfg.Device = f.device
 		wcfg.DeviceIndex = i
 		wcfg.Threads = f.threads
+		wcfg.Load = f.load
 		wcfg.OffloadExperts = f.offload
 		wcfg.BlockSize = f.blockSize
 		wcfg.Etcd = etcd
 		wcfg.TLS, wcfg.Insecure = tl, f.tls.cfg.Insecure
 		wcfg.Gossip.KeyFile = f.tls.gossipKey
 		wcfg.Logger = log.Named(fmt.Sprintf("worker%d", i))
+		f.mem.apply(&wcfg, f.tokenBudget)
 		w, err := worker.New(wcfg)
 		if err != nil {
 			return err
@@ -322,13 +329,13 @@ func startServeProcs(f serveFlags, etcd string, stderr io.Writer, log *zap.Logge
 	}
 	out := &syncWriter{w: stderr}
 	pid := os.Getpid()
-	args := []string{"--log-level", f.logLevel, "--block-size", strconv.Itoa(f.blockSize)}
+	args := append([]string{"--log-level", f.logLevel, "--block-size", strconv.Itoa(f.blockSize)}, f.mem.args(f.tokenBudget)...)
 	if f.offload {
 		args = append(args, "--offload-experts")
 	}
 	g := &localGroup{
 		sub:      "worker",
-		args:     args,
+		args:     append(args, loadArgs(f.load)...),
 		device:   f.device,
 		nproc:    f.workers,
 		nnodes:   1,
@@ -395,4 +402,13 @@ func parseInterspersed(fs *flag.FlagSet, args []string, pos *string) error {
 		}
 		*pos, args = fs.Arg(0), fs.Args()[1:]
 	}
+}
+
+// loadArgs are the worker flags of a load pipeline configuration (run.LoadConfig.AddFlags).
+func loadArgs(c modelrun.LoadConfig) []string {
+	args := []string{"--load-workers", strconv.Itoa(c.Workers), "--load-chunk", strconv.FormatInt(c.Chunk, 10)}
+	if c.Direct {
+		args = append(args, "--load-direct")
+	}
+	return args
 }

@@ -5,11 +5,16 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/tpfleet/tpfleet/client"
+	"github.com/tpfleet/tpfleet/sample"
 )
 
 // TestServe: `tpfleet serve --tp 2 --workers 4`, with TLS on and an API key, runs an etcd, a coordinator
@@ -134,5 +139,46 @@ func TestServeVLLMFlags(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("serve did not stop within 30s")
+	}
+}
+
+// TestServeDummyWeights: serve --load-format dummy runs a model directory that holds only config.json
+// (the workers generate their slices); TP 2 chooses the same greedy ids as TP 1, each rank having
+// generated only its own slices; without --load-format dummy the same directory is refused at start.
+func TestServeDummyWeights(t *testing.T) {
+	dir := t.TempDir()
+	data, err := os.ReadFile(filepath.Join(fixtures, "moe-top1", "config.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "config.json"), data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	prompt := []int{1, 475, 188, 269, 460, 492}
+	greedy := &sample.Params{TopP: 1}
+	var ids [][]int
+	for _, tp := range []string{"1", "2"} {
+		ctx, cancel := context.WithCancel(context.Background())
+		addr, code, stderr := startServe(t, ctx, "--model", dir, "--load-format", "dummy", "--tp", tp, "--threads", "1",
+			"--http-listen", "", "--listen", "127.0.0.1:0", "--log-level", "info")
+		cli := waitCoordinator(t, addr)
+		gctx, gcancel := context.WithTimeout(ctx, time.Minute)
+		res, err := cli.Generate(gctx, client.GenerateRequest{PromptIDs: prompt, MaxTokens: 8, Sampling: greedy, IgnoreEOS: true}, nil)
+		gcancel()
+		if err != nil {
+			t.Fatalf("tp %s: Generate: %v\n%s", tp, err, stderr)
+		}
+		ids = append(ids, res.IDs)
+		if s := stderr.String(); !strings.Contains(s, "memory plan") {
+			t.Errorf("tp %s: serve logged no memory plan", tp)
+		}
+		cancel()
+		<-code
+	}
+	if len(ids[0]) != 8 || !slices.Equal(ids[0], ids[1]) {
+		t.Errorf("dummy weights: TP 1 ids %v, TP 2 ids %v, want 8 equal ids", ids[0], ids[1])
+	}
+	if code, _, stderr := tpfleet(t, "serve", "--model", dir, "--http-listen", "", "--listen", "127.0.0.1:0"); code == 0 || !strings.Contains(stderr, "--load-format dummy") {
+		t.Errorf("serve of a config-only directory without --load-format dummy = %d, %q; want an error pointing at --load-format dummy", code, stderr)
 	}
 }

@@ -13,6 +13,15 @@
 // read through a shard.View with their scales, as quant.CompressedTensorsFP8. Either needs a backend that
 // implements backend.QuantizedLoader; the others get one line wrapping errors.ErrUnsupported naming the
 // format. MemoryBytes counts what is held (codes and scales).
+//
+// The load pipeline (RankWeights.Prefetch, LoadConfig) reads a rank's tensors ahead of the model's loader:
+// several reader goroutines do range reads (pread, optionally O_DIRECT; package internal/fileread) of the
+// slices a Locator places in the shard files, in chunks, into the backend's staging buffers where it is a
+// backend.Uploader (pinned memory on a GPU, asynchronous copies, on-device quantisation through a
+// backend.DeviceQuantizer) and into whole host buffers otherwise (Ops.Load). Each byte of the rank's slices
+// is read once; a failed read names the tensor and the file; Close ends every goroutine. LoadStats gives
+// the load's start-up phases (package internal/phase). A source that generates weights instead of reading
+// them plugs in as a Locator and a FileReader (LoadConfig.Files).
 package run
 
 import (

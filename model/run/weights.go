@@ -21,12 +21,14 @@ type Slices interface {
 }
 
 // RankWeights is one rank's Weights: it reads exactly the part of each tensor a shard manifest gives the
-// rank (range reads; never a whole split tensor) and loads it into a backend. Load is safe for concurrent
-// use when the slices' reader and the backend's Load are.
+// rank (range reads; never a whole split tensor) and loads it into a backend. Without Prefetch, Load is
+// safe for concurrent use when the slices' reader and the backend's Load are; with it (the load
+// pipeline), Load is called by one goroutine, the one that drives the backend.
 type RankWeights struct {
 	s   Slices
 	ops backend.Ops
 	q   quantizer
+	p   *pipeline // the load pipeline Prefetch started, nil before
 }
 
 // ScaleSlices is implemented by Slices that read pre-quantised checkpoints (*shard.RankReader over a
@@ -99,6 +101,33 @@ func (q *quantizer) load(ops backend.Ops, name string, dt safetensors.DType, sha
 	return backend.LoadQuantized(ops, w)
 }
 
+// quantizes reports whether a tensor of dtype dt called name is quantised at load.
+func (q *quantizer) quantizes(name string, dt safetensors.DType) bool {
+	spec, known := q.specs[name]
+	return q.format.Quantized() && known && spec.Quantizable && dt != safetensors.F8_E4M3
+}
+
+// quantizeOnDevice quantises t (the bf16 weight name, already on the device) there.
+func (q *quantizer) quantizeOnDevice(ops backend.Ops, name string, dt safetensors.DType, t backend.Tensor) (backend.Tensor, error) {
+	dq, ok := ops.(backend.DeviceQuantizer)
+	if !ok {
+		return nil, fmt.Errorf("quantise %s on %s: the backend quantises on the host only", name, ops.Name())
+	}
+	spec := q.specs[name]
+	out, err := dq.Quantize(t, q.format, spec.InputDim)
+	if err != nil {
+		return nil, fmt.Errorf("quantise %s: %w", name, err)
+	}
+	mem := q.format.Bytes(t.Shape(), spec.InputDim)
+	q.mem.Add(mem)
+	n := int64(dt.Size())
+	for _, d := range t.Shape() {
+		n *= int64(d)
+	}
+	q.held(name, dt, int(n), q.format.String(), mem)
+	return out, nil
+}
+
 // WithFormat makes w hold cfg's quantisable weights (model.TensorSpec.Quantizable) in format f, quantised
 // at load from this rank's slices only, and lets it load pre-quantised (F8_E4M3) checkpoints read through
 // a shard.View. The backend must be a backend.QuantizedLoader for either. It returns w.
@@ -131,10 +160,24 @@ func (w *RankWeights) Load(ctx context.Context, name string) (backend.Tensor, mo
 	if err := ctx.Err(); err != nil {
 		return nil, model.Replicated, err
 	}
+	if w.p != nil {
+		if t, lay, ok, err := w.p.take(ctx, name); ok || err != nil {
+			return t, lay, err
+		}
+	}
 	dt, shape, data, lay, err := w.s.ReadTensor(name)
 	if err != nil {
 		return nil, model.Replicated, err
 	}
+	t, err := w.make(name, dt, shape, data)
+	if err != nil {
+		return nil, model.Replicated, err
+	}
+	return t, lay, nil
+}
+
+// make loads a tensor's bytes into the backend, quantised on the host when the format says so.
+func (w *RankWeights) make(name string, dt safetensors.DType, shape []int, data []byte) (backend.Tensor, error) {
 	t, err := w.q.load(w.ops, name, dt, shape, data, func() ([]float32, error) {
 		ss, ok := w.s.(ScaleSlices)
 		if !ok {
@@ -144,9 +187,27 @@ func (w *RankWeights) Load(ctx context.Context, name string) (backend.Tensor, mo
 		return sc, err
 	})
 	if err != nil {
-		return nil, model.Replicated, fmt.Errorf("load %s %s%v: %w", name, dt, shape, err)
+		return nil, fmt.Errorf("load %s %s%v: %w", name, dt, shape, err)
 	}
-	return t, lay, nil
+	return t, nil
+}
+
+// Close ends the load pipeline Prefetch started: its goroutines end, its staging buffers are freed and
+// the tensors it read that Load did not hand out are dropped. The tensors loaded stay valid. It is
+// idempotent; without Prefetch it does nothing.
+func (w *RankWeights) Close() error {
+	if w.p == nil {
+		return nil
+	}
+	return w.p.stop()
+}
+
+// LoadStats reports what the pipeline did (zero without Prefetch); call it after Close.
+func (w *RankWeights) LoadStats() LoadStats {
+	if w.p == nil {
+		return LoadStats{}
+	}
+	return w.p.stats
 }
 
 // CheckpointWeights loads whole tensors from a safetensors checkpoint into a backend: the Weights of a

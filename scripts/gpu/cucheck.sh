@@ -15,4 +15,23 @@ trap 'rm -f "$src"' EXIT
 cat kernels/prelude.cuh $(ls kernels/*.cu | sort) >"$src"
 "$CLANG" -x cuda --cuda-device-only --cuda-gpu-arch=sm_80 -nocudainc -nocudalib -fsyntax-only \
 	-ferror-limit=0 -Wno-unknown-cuda-version -include scripts/gpu/cucheck.h "$src"
-echo "cucheck: kernels/*.cu ok"
+# Each compilation unit (kernels.Units: the files compiled apart, in parallel) must also parse alone: the
+# groups of kernels/units.txt, and every other file by itself.
+grouped=$(sed -e 's/#.*//' kernels/units.txt | tr -s ' \t' '\n\n' | grep -v '^$' || true)
+units=()
+while read -r line; do
+	line=${line%%#*}
+	[ -n "${line// /}" ] && units+=("$line")
+done <kernels/units.txt
+for f in $(cd kernels && ls *.cu | sort); do
+	grep -qx "$f" <<<"$grouped" || units+=("$f")
+done
+for unit in "${units[@]}"; do
+	files=""
+	for f in $unit; do files="$files kernels/$f"; done
+	cat kernels/prelude.cuh $files >"$src"
+	"$CLANG" -x cuda --cuda-device-only --cuda-gpu-arch=sm_80 -nocudainc -nocudalib -fsyntax-only \
+		-ferror-limit=0 -Wno-unknown-cuda-version -include scripts/gpu/cucheck.h "$src" ||
+		{ echo "cucheck: unit$files does not compile alone (add its dependencies to its line of kernels/units.txt)" >&2; exit 1; }
+done
+echo "cucheck: kernels/*.cu ok (one unit and each of kernels.Units alone)"

@@ -532,7 +532,13 @@ type StatusResponse struct {
 	StreamedBytes int64 `protobuf:"varint,15,opt,name=streamed_bytes,json=streamedBytes,proto3" json:"streamed_bytes,omitempty"`
 	// expert_load is, per MoE layer, the tokens routed to each expert (in the checkpoint's expert order)
 	// since the weights were loaded; empty where the backend does not count them (routing on a device).
-	ExpertLoad    []*ExpertLoad `protobuf:"bytes,16,rep,name=expert_load,json=expertLoad,proto3" json:"expert_load,omitempty"`
+	ExpertLoad []*ExpertLoad `protobuf:"bytes,16,rep,name=expert_load,json=expertLoad,proto3" json:"expert_load,omitempty"`
+	// memory is the rank's memory plan (package memplan), made after its weights loaded; absent while it
+	// has none (not serving, or a model family that declares no KV cache).
+	Memory *MemoryPlan `protobuf:"bytes,17,opt,name=memory,proto3" json:"memory,omitempty"`
+	// startup_phases are the worker's start-up phases (process, CUDA context, kernel compile, weight read,
+	// copy, quantise, NCCL, first step, ...), in order of their start; phases may overlap.
+	StartupPhases []*StartupPhase `protobuf:"bytes,18,rep,name=startup_phases,json=startupPhases,proto3" json:"startup_phases,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -679,6 +685,259 @@ func (x *StatusResponse) GetExpertLoad() []*ExpertLoad {
 	return nil
 }
 
+func (x *StatusResponse) GetMemory() *MemoryPlan {
+	if x != nil {
+		return x.Memory
+	}
+	return nil
+}
+
+func (x *StatusResponse) GetStartupPhases() []*StartupPhase {
+	if x != nil {
+		return x.StartupPhases
+	}
+	return nil
+}
+
+// StartupPhase is one timed phase of a worker's start-up.
+type StartupPhase struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// start_seconds is when the phase began, in seconds from the process's start.
+	StartSeconds float64 `protobuf:"fixed64,2,opt,name=start_seconds,json=startSeconds,proto3" json:"start_seconds,omitempty"`
+	TookSeconds  float64 `protobuf:"fixed64,3,opt,name=took_seconds,json=tookSeconds,proto3" json:"took_seconds,omitempty"`
+	// detail says more: "cache hit", "21.8 GB at 15.1 GB/s".
+	Detail        string `protobuf:"bytes,4,opt,name=detail,proto3" json:"detail,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StartupPhase) Reset() {
+	*x = StartupPhase{}
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StartupPhase) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StartupPhase) ProtoMessage() {}
+
+func (x *StartupPhase) ProtoReflect() protoreflect.Message {
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StartupPhase.ProtoReflect.Descriptor instead.
+func (*StartupPhase) Descriptor() ([]byte, []int) {
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *StartupPhase) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *StartupPhase) GetStartSeconds() float64 {
+	if x != nil {
+		return x.StartSeconds
+	}
+	return 0
+}
+
+func (x *StartupPhase) GetTookSeconds() float64 {
+	if x != nil {
+		return x.TookSeconds
+	}
+	return 0
+}
+
+func (x *StartupPhase) GetDetail() string {
+	if x != nil {
+		return x.Detail
+	}
+	return ""
+}
+
+// MemoryPlan is how one rank splits its device's memory: weights, the largest step's activations, and a
+// paged key/value cache of blocks of block_size tokens of one layer each (memplan.Plan).
+type MemoryPlan struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	WeightBytes     int64                  `protobuf:"varint,1,opt,name=weight_bytes,json=weightBytes,proto3" json:"weight_bytes,omitempty"`
+	ActivationBytes int64                  `protobuf:"varint,2,opt,name=activation_bytes,json=activationBytes,proto3" json:"activation_bytes,omitempty"`
+	// budget_bytes is the device memory times --gpu-memory-utilization (or what --kv-cache-tokens sizes).
+	BudgetBytes int64 `protobuf:"varint,3,opt,name=budget_bytes,json=budgetBytes,proto3" json:"budget_bytes,omitempty"`
+	KvBlocks    int64 `protobuf:"varint,4,opt,name=kv_blocks,json=kvBlocks,proto3" json:"kv_blocks,omitempty"`
+	BlockSize   int32 `protobuf:"varint,5,opt,name=block_size,json=blockSize,proto3" json:"block_size,omitempty"`
+	BlockBytes  int64 `protobuf:"varint,6,opt,name=block_bytes,json=blockBytes,proto3" json:"block_bytes,omitempty"`
+	// token_bytes is the KV bytes of one token in every layer; global_token_bytes in the global layers only
+	// (what a token past every window costs).
+	TokenBytes       int64 `protobuf:"varint,7,opt,name=token_bytes,json=tokenBytes,proto3" json:"token_bytes,omitempty"`
+	GlobalTokenBytes int64 `protobuf:"varint,8,opt,name=global_token_bytes,json=globalTokenBytes,proto3" json:"global_token_bytes,omitempty"`
+	// kv_tokens is the tokens every layer holds (kv_blocks * block_size / layers).
+	KvTokens int64 `protobuf:"varint,9,opt,name=kv_tokens,json=kvTokens,proto3" json:"kv_tokens,omitempty"`
+	// longest_context is the longest sequence the cache holds alone (-1: unbounded).
+	LongestContext int64 `protobuf:"varint,10,opt,name=longest_context,json=longestContext,proto3" json:"longest_context,omitempty"`
+	// max_context and concurrency: sequences of max_context tokens the cache holds at once.
+	MaxContext  int64   `protobuf:"varint,11,opt,name=max_context,json=maxContext,proto3" json:"max_context,omitempty"`
+	Concurrency float64 `protobuf:"fixed64,12,opt,name=concurrency,proto3" json:"concurrency,omitempty"`
+	// windows is each layer's attention window in tokens (0: global), in layer order: with block_size, the
+	// geometry from which the coordinator counts a sequence's blocks (memplan.Geometry.Blocks).
+	Windows []int32 `protobuf:"varint,13,rep,packed,name=windows,proto3" json:"windows,omitempty"`
+	// kv_blocks_reserved is what the sequences the rank holds reserve at their capacity (worst case).
+	KvBlocksReserved int64 `protobuf:"varint,14,opt,name=kv_blocks_reserved,json=kvBlocksReserved,proto3" json:"kv_blocks_reserved,omitempty"`
+	// from_tokens: sized by --kv-cache-tokens rather than from memory.
+	FromTokens    bool `protobuf:"varint,15,opt,name=from_tokens,json=fromTokens,proto3" json:"from_tokens,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MemoryPlan) Reset() {
+	*x = MemoryPlan{}
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MemoryPlan) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MemoryPlan) ProtoMessage() {}
+
+func (x *MemoryPlan) ProtoReflect() protoreflect.Message {
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MemoryPlan.ProtoReflect.Descriptor instead.
+func (*MemoryPlan) Descriptor() ([]byte, []int) {
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *MemoryPlan) GetWeightBytes() int64 {
+	if x != nil {
+		return x.WeightBytes
+	}
+	return 0
+}
+
+func (x *MemoryPlan) GetActivationBytes() int64 {
+	if x != nil {
+		return x.ActivationBytes
+	}
+	return 0
+}
+
+func (x *MemoryPlan) GetBudgetBytes() int64 {
+	if x != nil {
+		return x.BudgetBytes
+	}
+	return 0
+}
+
+func (x *MemoryPlan) GetKvBlocks() int64 {
+	if x != nil {
+		return x.KvBlocks
+	}
+	return 0
+}
+
+func (x *MemoryPlan) GetBlockSize() int32 {
+	if x != nil {
+		return x.BlockSize
+	}
+	return 0
+}
+
+func (x *MemoryPlan) GetBlockBytes() int64 {
+	if x != nil {
+		return x.BlockBytes
+	}
+	return 0
+}
+
+func (x *MemoryPlan) GetTokenBytes() int64 {
+	if x != nil {
+		return x.TokenBytes
+	}
+	return 0
+}
+
+func (x *MemoryPlan) GetGlobalTokenBytes() int64 {
+	if x != nil {
+		return x.GlobalTokenBytes
+	}
+	return 0
+}
+
+func (x *MemoryPlan) GetKvTokens() int64 {
+	if x != nil {
+		return x.KvTokens
+	}
+	return 0
+}
+
+func (x *MemoryPlan) GetLongestContext() int64 {
+	if x != nil {
+		return x.LongestContext
+	}
+	return 0
+}
+
+func (x *MemoryPlan) GetMaxContext() int64 {
+	if x != nil {
+		return x.MaxContext
+	}
+	return 0
+}
+
+func (x *MemoryPlan) GetConcurrency() float64 {
+	if x != nil {
+		return x.Concurrency
+	}
+	return 0
+}
+
+func (x *MemoryPlan) GetWindows() []int32 {
+	if x != nil {
+		return x.Windows
+	}
+	return nil
+}
+
+func (x *MemoryPlan) GetKvBlocksReserved() int64 {
+	if x != nil {
+		return x.KvBlocksReserved
+	}
+	return 0
+}
+
+func (x *MemoryPlan) GetFromTokens() bool {
+	if x != nil {
+		return x.FromTokens
+	}
+	return false
+}
+
 // ExpertLoad is one MoE layer's tokens per expert: tokens[e] (token, choice) pairs went to expert e (the
 // checkpoint's numbering). slot_tokens[i] is how many of them slot i of the group's expert tensors computed:
 // the plan's expert order (slots rank by rank, replicas of hot experts included; the checkpoint's experts
@@ -694,7 +953,7 @@ type ExpertLoad struct {
 
 func (x *ExpertLoad) Reset() {
 	*x = ExpertLoad{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[8]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -706,7 +965,7 @@ func (x *ExpertLoad) String() string {
 func (*ExpertLoad) ProtoMessage() {}
 
 func (x *ExpertLoad) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[8]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -719,7 +978,7 @@ func (x *ExpertLoad) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpertLoad.ProtoReflect.Descriptor instead.
 func (*ExpertLoad) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{8}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ExpertLoad) GetLayer() int32 {
@@ -753,7 +1012,7 @@ type PrepareRequest struct {
 
 func (x *PrepareRequest) Reset() {
 	*x = PrepareRequest{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[9]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -765,7 +1024,7 @@ func (x *PrepareRequest) String() string {
 func (*PrepareRequest) ProtoMessage() {}
 
 func (x *PrepareRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[9]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -778,7 +1037,7 @@ func (x *PrepareRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareRequest.ProtoReflect.Descriptor instead.
 func (*PrepareRequest) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{9}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *PrepareRequest) GetPlan() []byte {
@@ -801,7 +1060,7 @@ type PrepareResponse struct {
 
 func (x *PrepareResponse) Reset() {
 	*x = PrepareResponse{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[10]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -813,7 +1072,7 @@ func (x *PrepareResponse) String() string {
 func (*PrepareResponse) ProtoMessage() {}
 
 func (x *PrepareResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[10]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -826,7 +1085,7 @@ func (x *PrepareResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareResponse.ProtoReflect.Descriptor instead.
 func (*PrepareResponse) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{10}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *PrepareResponse) GetLoaded() int32 {
@@ -865,7 +1124,7 @@ type CheckpointInfoRequest struct {
 
 func (x *CheckpointInfoRequest) Reset() {
 	*x = CheckpointInfoRequest{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[11]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -877,7 +1136,7 @@ func (x *CheckpointInfoRequest) String() string {
 func (*CheckpointInfoRequest) ProtoMessage() {}
 
 func (x *CheckpointInfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[11]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -890,7 +1149,7 @@ func (x *CheckpointInfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckpointInfoRequest.ProtoReflect.Descriptor instead.
 func (*CheckpointInfoRequest) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{11}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{13}
 }
 
 type CheckpointFile struct {
@@ -903,7 +1162,7 @@ type CheckpointFile struct {
 
 func (x *CheckpointFile) Reset() {
 	*x = CheckpointFile{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[12]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -915,7 +1174,7 @@ func (x *CheckpointFile) String() string {
 func (*CheckpointFile) ProtoMessage() {}
 
 func (x *CheckpointFile) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[12]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -928,7 +1187,7 @@ func (x *CheckpointFile) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckpointFile.ProtoReflect.Descriptor instead.
 func (*CheckpointFile) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{12}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *CheckpointFile) GetName() string {
@@ -956,7 +1215,7 @@ type TensorHeader struct {
 
 func (x *TensorHeader) Reset() {
 	*x = TensorHeader{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[13]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -968,7 +1227,7 @@ func (x *TensorHeader) String() string {
 func (*TensorHeader) ProtoMessage() {}
 
 func (x *TensorHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[13]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -981,7 +1240,7 @@ func (x *TensorHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TensorHeader.ProtoReflect.Descriptor instead.
 func (*TensorHeader) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{13}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *TensorHeader) GetName() string {
@@ -1015,7 +1274,7 @@ type CheckpointInfoResponse struct {
 
 func (x *CheckpointInfoResponse) Reset() {
 	*x = CheckpointInfoResponse{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[14]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1027,7 +1286,7 @@ func (x *CheckpointInfoResponse) String() string {
 func (*CheckpointInfoResponse) ProtoMessage() {}
 
 func (x *CheckpointInfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[14]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1040,7 +1299,7 @@ func (x *CheckpointInfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckpointInfoResponse.ProtoReflect.Descriptor instead.
 func (*CheckpointInfoResponse) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{14}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CheckpointInfoResponse) GetFiles() []*CheckpointFile {
@@ -1071,7 +1330,7 @@ type ReadTensorRequest struct {
 
 func (x *ReadTensorRequest) Reset() {
 	*x = ReadTensorRequest{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[15]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1083,7 +1342,7 @@ func (x *ReadTensorRequest) String() string {
 func (*ReadTensorRequest) ProtoMessage() {}
 
 func (x *ReadTensorRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[15]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1096,7 +1355,7 @@ func (x *ReadTensorRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadTensorRequest.ProtoReflect.Descriptor instead.
 func (*ReadTensorRequest) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{15}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ReadTensorRequest) GetName() string {
@@ -1144,7 +1403,7 @@ type TensorChunk struct {
 
 func (x *TensorChunk) Reset() {
 	*x = TensorChunk{}
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[16]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1156,7 +1415,7 @@ func (x *TensorChunk) String() string {
 func (*TensorChunk) ProtoMessage() {}
 
 func (x *TensorChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_tpfleet_v1_worker_proto_msgTypes[16]
+	mi := &file_tpfleet_v1_worker_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1169,7 +1428,7 @@ func (x *TensorChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TensorChunk.ProtoReflect.Descriptor instead.
 func (*TensorChunk) Descriptor() ([]byte, []int) {
-	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{16}
+	return file_tpfleet_v1_worker_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *TensorChunk) GetOffset() int64 {
@@ -1255,7 +1514,7 @@ const file_tpfleet_v1_worker_proto_rawDesc = "" +
 	"\x05epoch\x18\x01 \x01(\x03R\x05epoch\"(\n" +
 	"\x10LoadPlanResponse\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x03R\x05epoch\"\x0f\n" +
-	"\rStatusRequest\"\xef\x03\n" +
+	"\rStatusRequest\"\xe0\x04\n" +
 	"\x0eStatusResponse\x12\x1b\n" +
 	"\tmember_id\x18\x01 \x01(\tR\bmemberId\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x03R\x05epoch\x12\x14\n" +
@@ -1277,7 +1536,37 @@ const file_tpfleet_v1_worker_proto_rawDesc = "" +
 	"kept_bytes\x18\x0e \x01(\x03R\tkeptBytes\x12%\n" +
 	"\x0estreamed_bytes\x18\x0f \x01(\x03R\rstreamedBytes\x127\n" +
 	"\vexpert_load\x18\x10 \x03(\v2\x16.tpfleet.v1.ExpertLoadR\n" +
-	"expertLoad\"[\n" +
+	"expertLoad\x12.\n" +
+	"\x06memory\x18\x11 \x01(\v2\x16.tpfleet.v1.MemoryPlanR\x06memory\x12?\n" +
+	"\x0estartup_phases\x18\x12 \x03(\v2\x18.tpfleet.v1.StartupPhaseR\rstartupPhases\"\x82\x01\n" +
+	"\fStartupPhase\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12#\n" +
+	"\rstart_seconds\x18\x02 \x01(\x01R\fstartSeconds\x12!\n" +
+	"\ftook_seconds\x18\x03 \x01(\x01R\vtookSeconds\x12\x16\n" +
+	"\x06detail\x18\x04 \x01(\tR\x06detail\"\x9b\x04\n" +
+	"\n" +
+	"MemoryPlan\x12!\n" +
+	"\fweight_bytes\x18\x01 \x01(\x03R\vweightBytes\x12)\n" +
+	"\x10activation_bytes\x18\x02 \x01(\x03R\x0factivationBytes\x12!\n" +
+	"\fbudget_bytes\x18\x03 \x01(\x03R\vbudgetBytes\x12\x1b\n" +
+	"\tkv_blocks\x18\x04 \x01(\x03R\bkvBlocks\x12\x1d\n" +
+	"\n" +
+	"block_size\x18\x05 \x01(\x05R\tblockSize\x12\x1f\n" +
+	"\vblock_bytes\x18\x06 \x01(\x03R\n" +
+	"blockBytes\x12\x1f\n" +
+	"\vtoken_bytes\x18\a \x01(\x03R\n" +
+	"tokenBytes\x12,\n" +
+	"\x12global_token_bytes\x18\b \x01(\x03R\x10globalTokenBytes\x12\x1b\n" +
+	"\tkv_tokens\x18\t \x01(\x03R\bkvTokens\x12'\n" +
+	"\x0flongest_context\x18\n" +
+	" \x01(\x03R\x0elongestContext\x12\x1f\n" +
+	"\vmax_context\x18\v \x01(\x03R\n" +
+	"maxContext\x12 \n" +
+	"\vconcurrency\x18\f \x01(\x01R\vconcurrency\x12\x18\n" +
+	"\awindows\x18\r \x03(\x05R\awindows\x12,\n" +
+	"\x12kv_blocks_reserved\x18\x0e \x01(\x03R\x10kvBlocksReserved\x12\x1f\n" +
+	"\vfrom_tokens\x18\x0f \x01(\bR\n" +
+	"fromTokens\"[\n" +
 	"\n" +
 	"ExpertLoad\x12\x14\n" +
 	"\x05layer\x18\x01 \x01(\x05R\x05layer\x12\x16\n" +
@@ -1341,7 +1630,7 @@ func file_tpfleet_v1_worker_proto_rawDescGZIP() []byte {
 }
 
 var file_tpfleet_v1_worker_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tpfleet_v1_worker_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_tpfleet_v1_worker_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_tpfleet_v1_worker_proto_goTypes = []any{
 	(StepProtocol)(0),              // 0: tpfleet.v1.StepProtocol
 	(*StepRequest)(nil),            // 1: tpfleet.v1.StepRequest
@@ -1352,44 +1641,48 @@ var file_tpfleet_v1_worker_proto_goTypes = []any{
 	(*LoadPlanResponse)(nil),       // 6: tpfleet.v1.LoadPlanResponse
 	(*StatusRequest)(nil),          // 7: tpfleet.v1.StatusRequest
 	(*StatusResponse)(nil),         // 8: tpfleet.v1.StatusResponse
-	(*ExpertLoad)(nil),             // 9: tpfleet.v1.ExpertLoad
-	(*PrepareRequest)(nil),         // 10: tpfleet.v1.PrepareRequest
-	(*PrepareResponse)(nil),        // 11: tpfleet.v1.PrepareResponse
-	(*CheckpointInfoRequest)(nil),  // 12: tpfleet.v1.CheckpointInfoRequest
-	(*CheckpointFile)(nil),         // 13: tpfleet.v1.CheckpointFile
-	(*TensorHeader)(nil),           // 14: tpfleet.v1.TensorHeader
-	(*CheckpointInfoResponse)(nil), // 15: tpfleet.v1.CheckpointInfoResponse
-	(*ReadTensorRequest)(nil),      // 16: tpfleet.v1.ReadTensorRequest
-	(*TensorChunk)(nil),            // 17: tpfleet.v1.TensorChunk
-	(*SamplingParams)(nil),         // 18: tpfleet.v1.SamplingParams
-	(*ChosenLogprobs)(nil),         // 19: tpfleet.v1.ChosenLogprobs
+	(*StartupPhase)(nil),           // 9: tpfleet.v1.StartupPhase
+	(*MemoryPlan)(nil),             // 10: tpfleet.v1.MemoryPlan
+	(*ExpertLoad)(nil),             // 11: tpfleet.v1.ExpertLoad
+	(*PrepareRequest)(nil),         // 12: tpfleet.v1.PrepareRequest
+	(*PrepareResponse)(nil),        // 13: tpfleet.v1.PrepareResponse
+	(*CheckpointInfoRequest)(nil),  // 14: tpfleet.v1.CheckpointInfoRequest
+	(*CheckpointFile)(nil),         // 15: tpfleet.v1.CheckpointFile
+	(*TensorHeader)(nil),           // 16: tpfleet.v1.TensorHeader
+	(*CheckpointInfoResponse)(nil), // 17: tpfleet.v1.CheckpointInfoResponse
+	(*ReadTensorRequest)(nil),      // 18: tpfleet.v1.ReadTensorRequest
+	(*TensorChunk)(nil),            // 19: tpfleet.v1.TensorChunk
+	(*SamplingParams)(nil),         // 20: tpfleet.v1.SamplingParams
+	(*ChosenLogprobs)(nil),         // 21: tpfleet.v1.ChosenLogprobs
 }
 var file_tpfleet_v1_worker_proto_depIdxs = []int32{
 	0,  // 0: tpfleet.v1.StepRequest.protocol:type_name -> tpfleet.v1.StepProtocol
 	2,  // 1: tpfleet.v1.StepRequest.seqs:type_name -> tpfleet.v1.SequenceWork
-	18, // 2: tpfleet.v1.SequenceWork.sampling:type_name -> tpfleet.v1.SamplingParams
+	20, // 2: tpfleet.v1.SequenceWork.sampling:type_name -> tpfleet.v1.SamplingParams
 	4,  // 3: tpfleet.v1.StepResponse.results:type_name -> tpfleet.v1.SequenceResult
-	19, // 4: tpfleet.v1.SequenceResult.logprobs:type_name -> tpfleet.v1.ChosenLogprobs
-	9,  // 5: tpfleet.v1.StatusResponse.expert_load:type_name -> tpfleet.v1.ExpertLoad
-	13, // 6: tpfleet.v1.CheckpointInfoResponse.files:type_name -> tpfleet.v1.CheckpointFile
-	14, // 7: tpfleet.v1.CheckpointInfoResponse.tensors:type_name -> tpfleet.v1.TensorHeader
-	1,  // 8: tpfleet.v1.Worker.Step:input_type -> tpfleet.v1.StepRequest
-	5,  // 9: tpfleet.v1.Worker.LoadPlan:input_type -> tpfleet.v1.LoadPlanRequest
-	7,  // 10: tpfleet.v1.Worker.Status:input_type -> tpfleet.v1.StatusRequest
-	10, // 11: tpfleet.v1.Worker.Prepare:input_type -> tpfleet.v1.PrepareRequest
-	12, // 12: tpfleet.v1.Worker.CheckpointInfo:input_type -> tpfleet.v1.CheckpointInfoRequest
-	16, // 13: tpfleet.v1.Worker.ReadTensor:input_type -> tpfleet.v1.ReadTensorRequest
-	3,  // 14: tpfleet.v1.Worker.Step:output_type -> tpfleet.v1.StepResponse
-	6,  // 15: tpfleet.v1.Worker.LoadPlan:output_type -> tpfleet.v1.LoadPlanResponse
-	8,  // 16: tpfleet.v1.Worker.Status:output_type -> tpfleet.v1.StatusResponse
-	11, // 17: tpfleet.v1.Worker.Prepare:output_type -> tpfleet.v1.PrepareResponse
-	15, // 18: tpfleet.v1.Worker.CheckpointInfo:output_type -> tpfleet.v1.CheckpointInfoResponse
-	17, // 19: tpfleet.v1.Worker.ReadTensor:output_type -> tpfleet.v1.TensorChunk
-	14, // [14:20] is the sub-list for method output_type
-	8,  // [8:14] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	21, // 4: tpfleet.v1.SequenceResult.logprobs:type_name -> tpfleet.v1.ChosenLogprobs
+	11, // 5: tpfleet.v1.StatusResponse.expert_load:type_name -> tpfleet.v1.ExpertLoad
+	10, // 6: tpfleet.v1.StatusResponse.memory:type_name -> tpfleet.v1.MemoryPlan
+	9,  // 7: tpfleet.v1.StatusResponse.startup_phases:type_name -> tpfleet.v1.StartupPhase
+	15, // 8: tpfleet.v1.CheckpointInfoResponse.files:type_name -> tpfleet.v1.CheckpointFile
+	16, // 9: tpfleet.v1.CheckpointInfoResponse.tensors:type_name -> tpfleet.v1.TensorHeader
+	1,  // 10: tpfleet.v1.Worker.Step:input_type -> tpfleet.v1.StepRequest
+	5,  // 11: tpfleet.v1.Worker.LoadPlan:input_type -> tpfleet.v1.LoadPlanRequest
+	7,  // 12: tpfleet.v1.Worker.Status:input_type -> tpfleet.v1.StatusRequest
+	12, // 13: tpfleet.v1.Worker.Prepare:input_type -> tpfleet.v1.PrepareRequest
+	14, // 14: tpfleet.v1.Worker.CheckpointInfo:input_type -> tpfleet.v1.CheckpointInfoRequest
+	18, // 15: tpfleet.v1.Worker.ReadTensor:input_type -> tpfleet.v1.ReadTensorRequest
+	3,  // 16: tpfleet.v1.Worker.Step:output_type -> tpfleet.v1.StepResponse
+	6,  // 17: tpfleet.v1.Worker.LoadPlan:output_type -> tpfleet.v1.LoadPlanResponse
+	8,  // 18: tpfleet.v1.Worker.Status:output_type -> tpfleet.v1.StatusResponse
+	13, // 19: tpfleet.v1.Worker.Prepare:output_type -> tpfleet.v1.PrepareResponse
+	17, // 20: tpfleet.v1.Worker.CheckpointInfo:output_type -> tpfleet.v1.CheckpointInfoResponse
+	19, // 21: tpfleet.v1.Worker.ReadTensor:output_type -> tpfleet.v1.TensorChunk
+	16, // [16:22] is the sub-list for method output_type
+	10, // [10:16] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_tpfleet_v1_worker_proto_init() }
@@ -1404,7 +1697,7 @@ func file_tpfleet_v1_worker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tpfleet_v1_worker_proto_rawDesc), len(file_tpfleet_v1_worker_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   17,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
