@@ -105,6 +105,13 @@ type GenerateRequest struct {
 	// before the stop string, or after it with IncludeStopStr. They need the model's tokenizer.
 	Stop           []string
 	IncludeStopStr bool
+	// PromptLogprobs, when not nil, asks for the prompt tokens' log-probabilities (vLLM's
+	// prompt_logprobs) with this many (at most 20) most likely tokens each.
+	PromptLogprobs *int
+	// Images are encoded images (PNG, JPEG, GIF, WebP) for a model with a vision tower, in the order of
+	// the prompt's image placeholders (<|image|> for Llama 4); a prompt without any gets one per image
+	// after its BOS. A model without a vision tower refuses them (INVALID_ARGUMENT).
+	Images [][]byte
 }
 
 // GenerateResult is a finished generation.
@@ -122,6 +129,10 @@ type GenerateResult struct {
 	// Logprobs has one entry per id of IDs when Sampling.Logprobs was set: the id, its log-probability
 	// and the Sampling.TopLogprobs most likely ids'.
 	Logprobs []sample.Choice
+	// PromptLogprobs, when asked for, has one entry per prompt token after the first: its
+	// log-probability given the tokens before it, its rank and the most likely tokens there. ID is the
+	// prompt token's when the request gave PromptIDs (0 for a text prompt).
+	PromptLogprobs []sample.Choice
 }
 
 // Generate runs one generation. emit, when not nil, receives the new ids as the coordinator streams
@@ -140,9 +151,14 @@ func (c *Client) Generate(ctx context.Context, req GenerateRequest, emit func(id
 		Stop:      req.Stop,
 
 		IncludeStopStrInOutput: req.IncludeStopStr,
+		Images:                 req.Images,
 	}
 	if p := req.Sampling; p != nil {
 		in.Sampling = samplingpb.ToProto(*p)
+	}
+	if n := req.PromptLogprobs; n != nil {
+		v := int32(*n)
+		in.PromptLogprobs = &v
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -177,6 +193,16 @@ func (c *Client) Generate(ctx context.Context, req GenerateRequest, emit func(id
 				c.Top = append(c.Top, sample.TokenLogprob{ID: int(t.GetId()), Logprob: t.GetLogprob()})
 			}
 			res.Logprobs = append(res.Logprobs, c)
+		}
+		for i, lp := range msg.GetPromptLogprobs() {
+			c := sample.Choice{Logprob: lp.GetLogprob(), Rank: int(lp.GetRank())}
+			if i+1 < len(req.PromptIDs) {
+				c.ID = req.PromptIDs[i+1]
+			}
+			for _, t := range lp.GetTop() {
+				c.Top = append(c.Top, sample.TokenLogprob{ID: int(t.GetId()), Logprob: t.GetLogprob()})
+			}
+			res.PromptLogprobs = append(res.PromptLogprobs, c)
 		}
 		if msg.GetPromptTokens() > 0 {
 			res.PromptTokens = int(msg.GetPromptTokens())

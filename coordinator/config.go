@@ -14,6 +14,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tpfleet/tpfleet/cluster"
+	"github.com/tpfleet/tpfleet/gateway"
 	"github.com/tpfleet/tpfleet/internal/security"
 	"github.com/tpfleet/tpfleet/model/dummy"
 	"github.com/tpfleet/tpfleet/quant"
@@ -79,6 +80,9 @@ type Config struct {
 	HTTPAddr string `json:"http-listen"`
 	// HTTPAllowedOrigins are the origins the gateway's CORS headers allow ("*": any); empty: none.
 	HTTPAllowedOrigins []string `json:"allowed-origins"`
+	// HTTPMedia says which image URLs the gateway's chat requests may name: data URLs always, http(s)
+	// URLs only from its AllowedDomains (none by default), bounded in bytes, time and redirects.
+	HTTPMedia gateway.MediaConfig `json:"media"`
 	// APIKeys, when not empty, are the bearer tokens that the Generation API and the gateway's /v1
 	// routes accept, one of which a client must send (vLLM's --api-key, which may be given several
 	// times); /health stays open. They never appear in logs or Status.
@@ -367,6 +371,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.BoolVar(&c.NoGossip, "no-gossip", c.NoGossip, "run no gossip node: a dead worker is noticed when its etcd lease expires")
 	fs.Var((*keysFlag)(&c.APIKeys), "api-key", "bearer token the Generation API and the HTTP gateway's /v1 routes require; repeat for several (empty: none)")
 	fs.Var((*keysFlag)(&c.AdminKeys), "admin-key", "bearer token that opens the Admin API to a caller without the admin role in its certificate; repeat for several")
+	c.HTTPMedia.AddFlags(fs)
 	c.Gossip.AddFlags(fs)
 	fs.Lookup("gossip-bind-addr").Usage = "gossip listen address (empty: the host of --listen when it is an IP address, else 0.0.0.0)"
 	c.Etcd.AddFlags(fs)

@@ -297,6 +297,7 @@ func (c *Coordinator) Start(ctx context.Context) error {
 			Timeout: 10 * time.Second, // and close the connection when the ping is not answered in 10 s
 			// MaxConnectionAge stays unset: Generate streams may be long.
 		}),
+		grpc.MaxRecvMsgSize(maxRecvMsgSize), // a Generate with images
 	)...)
 	pb.RegisterGenerationServer(c.srv, &generationServer{c: c})
 	pb.RegisterAdminServer(c.srv, &adminServer{c: c})

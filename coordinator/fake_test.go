@@ -45,6 +45,7 @@ type fakeWorker struct {
 	seqs   map[uint64][]int32
 	caps   map[uint64]int
 	lps    map[uint64]*pb.SamplingParams // sequences whose sampling asks for logprobs
+	plps   map[uint64]bool               // sequences started with prompt_logprobs, until they sample
 	steps  []*pb.StepRequest
 	status int // Status calls
 }
@@ -59,7 +60,7 @@ func startFakeWorker(t *testing.T, id string, opts ...grpc.ServerOption) *fakeWo
 	if err != nil {
 		t.Fatal(err)
 	}
-	w := &fakeWorker{id: id, addr: lis.Addr().String(), state: "idle", seqs: map[uint64][]int32{}, caps: map[uint64]int{}, lps: map[uint64]*pb.SamplingParams{}}
+	w := &fakeWorker{id: id, addr: lis.Addr().String(), state: "idle", seqs: map[uint64][]int32{}, caps: map[uint64]int{}, lps: map[uint64]*pb.SamplingParams{}, plps: map[uint64]bool{}}
 	w.srv = grpc.NewServer(opts...)
 	pb.RegisterWorkerServer(w.srv, w)
 	go func() { _ = w.srv.Serve(lis) }()
@@ -188,6 +189,7 @@ func (w *fakeWorker) step(req *pb.StepRequest) ([]*pb.SequenceResult, error) {
 		if s.GetStart() {
 			w.seqs[id], w.caps[id] = nil, int(s.GetCapacity())
 			delete(w.lps, id)
+			w.plps[id] = s.PromptLogprobs != nil
 			if s.GetSampling().GetLogprobs() {
 				w.lps[id] = s.GetSampling()
 			}
@@ -215,6 +217,12 @@ func (w *fakeWorker) step(req *pb.StepRequest) ([]*pb.SequenceResult, error) {
 					res.Logprobs.Top = append(res.Logprobs.Top, l)
 				}
 			}
+			if w.plps[id] { // prompt token i (i >= 1) has -i/4, with no top ones
+				for i := 1; i < len(ids); i++ {
+					res.PromptLogprobs = append(res.PromptLogprobs, &pb.ChosenLogprobs{Logprob: -float32(i) / 4})
+				}
+				w.plps[id] = false
+			}
 			out = append(out, res)
 		}
 	}
@@ -222,6 +230,7 @@ func (w *fakeWorker) step(req *pb.StepRequest) ([]*pb.SequenceResult, error) {
 		delete(w.seqs, id)
 		delete(w.caps, id)
 		delete(w.lps, id)
+		delete(w.plps, id)
 	}
 	return out, nil
 }

@@ -56,7 +56,7 @@ func (c *Coordinator) serveHTTP() {
 		return
 	}
 	g, err := gateway.New(gateway.Config{Generator: generator{c}, Logger: c.log,
-		AllowedOrigins: c.cfg.HTTPAllowedOrigins, APIKeys: c.cfg.APIKeys})
+		AllowedOrigins: c.cfg.HTTPAllowedOrigins, APIKeys: c.cfg.APIKeys, Media: c.cfg.HTTPMedia})
 	if err != nil { // a Config that cannot fail Validate
 		c.fail(fmt.Errorf("coordinator: serve HTTP: %w", err))
 		return
@@ -185,7 +185,13 @@ func (m modelInfo) gatewayModel(name string) (gateway.Model, error) {
 		return gateway.Model{}, &gateway.Error{Kind: gateway.ErrNotFound, Code: "model_not_found",
 			Err: invalid("unknown model %q: this cluster serves %q", name, m.name)}
 	}
-	return gateway.Model{Name: m.name, MaxModelLen: m.cfg.MaxPositions}, nil
+	gm := gateway.Model{Name: m.name, MaxModelLen: m.cfg.MaxPositions}
+	if m.images != nil {
+		gm.ImagePlaceholder, gm.MaxImages = m.images.Placeholder(), m.images.MaxImages()
+	} else if m.noImages != nil {
+		gm.NoImages = m.noImages.Error()
+	}
+	return gm, nil
 }
 
 // gatewayTokenizer returns the model's tokenizer as the gateway's, or the error of a text request
@@ -224,7 +230,7 @@ func (g generator) Generate(_ context.Context, req gateway.Request) (gateway.Str
 // are clamped to int32.
 func (m modelInfo) fromGateway(req gateway.Request) (*pb.GenerateRequest, error) {
 	in := &pb.GenerateRequest{Model: req.Model, Prompt: req.Prompt, MaxTokens: clamp32(req.MaxTokens), IgnoreEos: req.IgnoreEOS,
-		Stop: req.Stop, IncludeStopStrInOutput: req.IncludeStopStr}
+		Stop: req.Stop, IncludeStopStrInOutput: req.IncludeStopStr, Images: req.Images}
 	var err error
 	if in.PromptIds, err = m.tokenIDs(req.PromptIDs, "prompt id"); err != nil {
 		return nil, err
@@ -256,6 +262,10 @@ func (m modelInfo) fromGateway(req gateway.Request) (*pb.GenerateRequest, error)
 		}
 	}
 	in.Sampling = samplingpb.ToProto(p)
+	if n := req.PromptLogprobs; n != nil {
+		v := clamp32(*n)
+		in.PromptLogprobs = &v
+	}
 	if in.StopIds, err = m.tokenIDs(req.StopIDs, "stop id"); err != nil {
 		return nil, err
 	}
@@ -289,6 +299,8 @@ type stream struct {
 	r      *request
 	prompt []int
 	out    *output
+	// promptSent: the prompt's logprobs went with a chunk (or the request did not ask for them).
+	promptSent bool
 }
 
 func (s *stream) PromptIDs() []int { return s.prompt }
@@ -313,6 +325,9 @@ func (s *stream) Next(ctx context.Context) (gateway.Chunk, error) {
 			ch.IDs[i] = int(id)
 		}
 		ch.Logprobs = gatewayLogprobs(lps)
+		if s.r.promptLogprobs != nil && !s.promptSent && (err != nil || done || len(got) > 0) {
+			ch.PromptLogprobs, s.promptSent = gatewayLogprobs(s.r.takePrompt()), true
+		}
 		switch {
 		case err != nil:
 			return ch, toGateway(err)
@@ -330,7 +345,7 @@ func (s *stream) Next(ctx context.Context) (gateway.Chunk, error) {
 func gatewayLogprobs(lps []*pb.ChosenLogprobs) []gateway.TokenLogprobs {
 	var out []gateway.TokenLogprobs
 	for _, lp := range lps {
-		t := gateway.TokenLogprobs{Logprob: lp.GetLogprob()}
+		t := gateway.TokenLogprobs{Logprob: lp.GetLogprob(), Rank: int(lp.GetRank())}
 		for _, top := range lp.GetTop() {
 			t.Top = append(t.Top, gateway.TokenLogprob{ID: int(top.GetId()), Logprob: top.GetLogprob()})
 		}

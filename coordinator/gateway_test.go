@@ -401,7 +401,7 @@ func TestOpenAIChat(t *testing.T) {
 	}{
 		{"no messages", `{"messages":[]}`, "messages: empty"},
 		{"no role", `{"messages":[{"content":"hi"}]}`, "messages[0]: no role"},
-		{"image part", `{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}`, `messages[0].content: part 0: type "image_url" is not supported`},
+		{"image part", `{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}`, "1 images: model moe-top1: model: the checkpoint takes no images: its config.json has no vision_config"},
 		{"content object", `{"messages":[{"role":"user","content":{"text":"hi"}}]}`, "messages[0].content: want a string or an array of content parts"},
 		{"tool without a name", `{"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function"}]}`, `tools[0]: want {"type": "function"`},
 		{"bad message type", `{"messages":"hi"}`, "field messages: want an array, got string"},

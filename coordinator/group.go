@@ -294,6 +294,11 @@ func (b *batch) dropCancelled() {
 	})
 }
 
+// promptLogprobsChunk caps the prompt piece a step feeds a sequence whose prompt's logprobs were asked
+// for: the workers compute the lm_head over every position of its pieces, promptLogprobsChunk × vocab
+// floats a step at most (400 MB for Llama 4's 202048 tokens).
+const promptLogprobsChunk = 512
+
 // plan builds the work of the next step: a decode for every sequence that has one new token, prompt
 // pieces within what is left of the token budget (each at most prefillChunk tokens), then new sequences
 // from the queue while the batch has room. It returns the work and the sequences that asked to sample.
@@ -306,6 +311,10 @@ func (b *batch) plan() ([]*pb.SequenceWork, []*sequence) {
 		if !s.started {
 			w.Start, w.Capacity, w.Sampling = true, int32(len(s.req.prompt)+s.req.maxTokens), s.req.sampling
 			w.Resumed = uint32(len(s.req.gen)) // rank 0 skips the draws made for them
+			if len(s.req.gen) == 0 {           // the prompt's logprobs come with the first token
+				w.PromptLogprobs = s.req.promptLogprobs
+			}
+			w.Images = s.req.images // the ranks encode them once and keep the features
 			s.started = true
 		}
 		s.fed += n
@@ -321,15 +330,33 @@ func (b *batch) plan() ([]*pb.SequenceWork, []*sequence) {
 			feed(s, 1)
 		}
 	}
-	piece := func(left int) int {
-		if c := b.cfg.prefillChunk; c > 0 {
-			return min(left, budget, c)
+	// A step carries at most maxStepImageBytes of images (one request's may be all of it): a start whose
+	// images do not fit waits for the next step, so the StepRequest stays within the workers' message size.
+	imageBytes := 0
+	fits := func(s *sequence) bool {
+		if s.started || len(s.req.images) == 0 {
+			return true
 		}
-		return min(left, budget)
+		n := s.req.imageBytes()
+		if imageBytes > 0 && imageBytes+n > maxStepImageBytes {
+			return false
+		}
+		imageBytes += n
+		return true
+	}
+	piece := func(s *sequence, left int) int {
+		n := min(left, budget)
+		if c := b.cfg.prefillChunk; c > 0 {
+			n = min(n, c)
+		}
+		if s.req.promptLogprobs != nil && len(s.req.gen) == 0 { // its pieces' logits are rows × vocab floats
+			n = min(n, promptLogprobsChunk)
+		}
+		return n
 	}
 	for _, s := range b.active {
-		if left := len(s.tokens) - s.fed; budget > 0 && (!s.started || left > 1) {
-			feed(s, piece(left))
+		if left := len(s.tokens) - s.fed; budget > 0 && (!s.started || left > 1) && fits(s) {
+			feed(s, piece(s, left))
 		}
 	}
 	for budget > 0 && len(b.active) < b.cfg.maxBatch {
@@ -354,7 +381,9 @@ func (b *batch) plan() ([]*pb.SequenceWork, []*sequence) {
 		r.scheduled()
 		s := &sequence{id: b.cfg.seqIDs.Add(1), req: r, tokens: append(slices.Clone(r.prompt), r.gen...), blocks: blocks}
 		b.active = append(b.active, s)
-		feed(s, piece(len(s.tokens)))
+		if fits(s) { // else it starts in a later step
+			feed(s, piece(s, len(s.tokens)))
+		}
 	}
 	return work, sampled
 }
@@ -451,6 +480,9 @@ func (b *batch) deliver(sampled []*sequence, results []*pb.SequenceResult) {
 		s.tokens = append(s.tokens, id)
 		s.req.gen = append(s.req.gen, id)
 		s.req.progressed()
+		if lps := res.GetPromptLogprobs(); len(lps) > 0 {
+			s.req.setPrompt(lps)
+		}
 		s.req.emit(id, res.GetLogprobs())
 		if why, ok := s.req.finished(); ok {
 			s.req.end(why, nil)

@@ -3,6 +3,7 @@ package coordinator
 import (
 	"context"
 	"errors"
+	"reflect"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -438,5 +439,39 @@ func TestPrefillChunk(t *testing.T) {
 		if !slices.Equal(ids, tc.want) || finish != FinishLength || err != nil {
 			t.Errorf("request %s = %v, %q, %v; want %v, length", tc.name, ids, finish, err, tc.want)
 		}
+	}
+}
+
+// TestPlanPromptLogprobsPieces: a request that asks for its prompt's logprobs is fed at most
+// promptLogprobsChunk prompt tokens a step (the workers compute the lm_head over all of them) and asks
+// for them at its start only; another request's prompt takes the rest of the budget as before.
+func TestPlanPromptLogprobsPieces(t *testing.T) {
+	q := newQueue(4)
+	var ids atomic.Uint64
+	b := &batch{cfg: groupConfig{queue: q, maxBatch: 4, tokenBudget: 4096, seqIDs: &ids}}
+	n := int32(3)
+	asking := newRequest(make([]int32, 1200), 1, sample.Params{}, nil)
+	asking.promptLogprobs = &n
+	plain := newRequest(make([]int32, 1200), 1, sample.Params{}, nil)
+	for _, r := range []*request{asking, plain} {
+		if err := q.push(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var pieces [][2]int // per step: the asking request's piece and the plain one's
+	for len(pieces) < 4 {
+		work, _ := b.plan()
+		var p [2]int
+		for _, w := range work {
+			k := int(w.GetSeqId()) - 1
+			p[k] = len(w.GetIds())
+			if (w.PromptLogprobs != nil) != (k == 0 && w.GetStart()) {
+				t.Errorf("step %d: seq %d (start %v) prompt_logprobs %v, want them on the asking request's start only", len(pieces), k+1, w.GetStart(), w.PromptLogprobs)
+			}
+		}
+		pieces = append(pieces, p)
+	}
+	if want := [][2]int{{512, 1200}, {512, 0}, {176, 0}, {0, 0}}; !reflect.DeepEqual(pieces, want) {
+		t.Errorf("prompt pieces per step = %v, want %v", pieces, want)
 	}
 }

@@ -152,8 +152,14 @@ func (p *Proxy) Generate(ctx context.Context, req gateway.Request) (gateway.Stre
 		}
 		in.Prompt = ""
 	}
-	prompt := make([]int, len(in.GetPromptIds()))
-	for i, id := range in.GetPromptIds() {
+	ids := in.GetPromptIds()
+	if len(in.GetImages()) > 0 { // checked here too, and the prompt as the coordinator expands it
+		if ids, err = p.model.withImages(ids, in.GetImages()); err != nil {
+			return nil, toGateway(err)
+		}
+	}
+	prompt := make([]int, len(ids))
+	for i, id := range ids {
 		prompt[i] = int(id)
 	}
 	deadline := time.Now().Add(proxyTakeoverWait)
@@ -258,6 +264,8 @@ type proxyStream struct {
 	st     grpc.ServerStreamingClient[pb.GenerateResponse]
 	cancel context.CancelFunc
 	first  *pb.GenerateResponse // read by Generate, not yet returned
+	// promptLps are the prompt's logprobs of a message without ids or text, for the next chunk.
+	promptLps []gateway.TokenLogprobs
 }
 
 func (s *proxyStream) PromptIDs() []int { return s.prompt }
@@ -291,7 +299,9 @@ func (s *proxyStream) Next(ctx context.Context) (gateway.Chunk, error) {
 		for i, id := range msg.GetIds() {
 			ch.IDs[i] = int(id)
 		}
+		s.promptLps = append(s.promptLps, gatewayLogprobs(msg.GetPromptLogprobs())...)
 		if len(ch.IDs) > 0 || ch.Text != "" || ch.Finish != "" {
+			ch.PromptLogprobs, s.promptLps = s.promptLps, nil
 			return ch, nil
 		}
 	}

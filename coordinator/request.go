@@ -34,6 +34,9 @@ type modelInfo struct {
 	cfg    model.Info // config.Info(): vocabulary, context, eos ids
 	gen    model.Generation
 	tok    *tokenizer.Tokenizer // nil when the directory has no tokenizer.json
+	// images lays out a request's images (nil: the model takes none, and noImages says why).
+	images   model.ImagePrompter
+	noImages error
 	// dummy: the workers generate their weights (Config.LoadFormat "dummy"); dir may hold no checkpoint.
 	dummy bool
 }
@@ -64,7 +67,95 @@ func loadModelInfo(dir string) (modelInfo, error) {
 	} else if !errors.Is(err, fs.ErrNotExist) {
 		return modelInfo{}, fmt.Errorf("%w: model %s: %w", ErrInvalidConfig, abs, err)
 	}
+	if err := m.loadImages(); err != nil {
+		return modelInfo{}, err
+	}
 	return m, nil
+}
+
+// maxRecvMsgSize bounds a gRPC message the coordinator accepts: a Generate with images (the HTTP
+// gateway bounds a body to as much).
+const maxRecvMsgSize = 64 << 20
+
+// maxStepImageBytes bounds the encoded images of one request, and of the starts of one step (unless one
+// request's are all of them): below the workers' default message size (worker.DefaultMaxRecvMsgSize).
+const maxStepImageBytes = 48 << 20
+
+// imageBytes is the size of the request's encoded images.
+func (r *request) imageBytes() int {
+	n := 0
+	for _, im := range r.images {
+		n += len(im)
+	}
+	return n
+}
+
+// loadImages finds how the model lays out images, when it takes them: a family with a vision tower
+// (model.ImageConfig), a checkpoint that has one, and a tokenizer with its image tokens.
+func (m *modelInfo) loadImages() error {
+	ic, ok := m.config.(model.ImageConfig)
+	switch {
+	case !ok:
+		m.noImages = fmt.Errorf("%w: model %s (%s) has no vision tower", model.ErrNoImages, m.name, m.cfg.Family)
+		return nil
+	case m.tok == nil:
+		m.noImages = fmt.Errorf("%w: model %s has no tokenizer for its image tokens", model.ErrNoImages, m.name)
+		return nil
+	}
+	p, err := ic.ImagePrompter(m.dir, m.tok.TokenID)
+	switch {
+	case errors.Is(err, model.ErrNoImages):
+		m.noImages = fmt.Errorf("model %s: %w", m.name, err)
+	case err != nil:
+		return fmt.Errorf("%w: %w", ErrInvalidConfig, err)
+	default:
+		m.images = p
+	}
+	return nil
+}
+
+// withImages checks a request's images and returns its prompt with their layout (see
+// model.ImagePrompter.Expand); a prompt without any placeholder gets one per image after its BOS.
+func (m modelInfo) withImages(prompt []int32, images [][]byte) ([]int32, error) {
+	if m.images == nil {
+		return nil, invalid("%d images: %v", len(images), m.noImages)
+	}
+	if n := m.images.MaxImages(); len(images) > n {
+		return nil, invalid("%d images: at most %d per prompt", len(images), n)
+	}
+	ids := make([]int, 0, len(prompt)+len(images))
+	holder := m.images.PlaceholderID()
+	has := false
+	for _, id := range prompt {
+		ids = append(ids, int(id))
+		has = has || int(id) == holder
+	}
+	if !has {
+		at := 0
+		if bos, ok := m.tok.BOS(); ok && len(ids) > 0 && ids[0] == bos { // m.images implies a tokenizer
+			at = 1
+		}
+		ids = slices.Insert(ids, at, slices.Repeat([]int{holder}, len(images))...)
+	}
+	total := 0
+	for i, data := range images {
+		if len(data) == 0 {
+			return nil, invalid("image %d: zero bytes", i)
+		}
+		total += len(data)
+	}
+	if total > maxStepImageBytes {
+		return nil, invalid("%d images of %d bytes in all, more than %d", len(images), total, maxStepImageBytes)
+	}
+	out, err := m.images.Expand(ids, images)
+	if err != nil {
+		return nil, invalid("%v", err)
+	}
+	expanded := make([]int32, len(out))
+	for i, id := range out {
+		expanded[i] = int32(id)
+	}
+	return expanded, nil
 }
 
 // serveAs names the model name in the APIs (empty: the directory's base name) and bounds its context to
@@ -138,6 +229,12 @@ func (m modelInfo) newRequest(in *pb.GenerateRequest) (*request, error) {
 			return nil, invalid("%s %d at index %d is outside the vocabulary [0, %d)", what, id, i, vocab)
 		}
 	}
+	if len(in.GetImages()) > 0 {
+		var err error
+		if prompt, err = m.withImages(prompt, in.GetImages()); err != nil {
+			return nil, err
+		}
+	}
 	n, maxTokens := len(prompt), int(in.GetMaxTokens())
 	switch {
 	case maxTokens <= 0:
@@ -191,6 +288,13 @@ func (m modelInfo) newRequest(in *pb.GenerateRequest) (*request, error) {
 	}
 	r := newRequest(prompt, maxTokens, p, stop)
 	r.stopStrings, r.includeStop = in.GetStop(), in.GetIncludeStopStrInOutput()
+	if n := in.PromptLogprobs; n != nil {
+		if *n < 0 || *n > sample.MaxTopLogprobs {
+			return nil, invalid("prompt_logprobs %d must be in [0, %d]", *n, sample.MaxTopLogprobs)
+		}
+		r.promptLogprobs = n
+	}
+	r.images = in.GetImages()
 	return r, nil
 }
 
@@ -198,6 +302,7 @@ func (m modelInfo) newRequest(in *pb.GenerateRequest) (*request, error) {
 type request struct {
 	// Set before the request is queued, read-only afterwards.
 	prompt    []int32
+	images    [][]byte // encoded images for the prompt's image slots: sent with every start of its sequence
 	maxTokens int
 	sampling  *pb.SamplingParams
 	stop      map[int32]bool
@@ -207,6 +312,9 @@ type request struct {
 	// includeStop keeps the one found in the text.
 	stopStrings []string
 	includeStop bool
+	// promptLogprobs (nil: not asked) is the number of top logprobs of each prompt position the workers
+	// return with the first token.
+	promptLogprobs *int32
 
 	// Queue bookkeeping, guarded by the queue's mutex.
 	elem    *list.Element
@@ -229,14 +337,15 @@ type request struct {
 	goneOnce sync.Once
 
 	// Output to the Generate handler: ids not yet sent (with their logprobs when asked for), and the end.
-	mu      sync.Mutex
-	pending []int32
-	lps     []*pb.ChosenLogprobs
-	done    bool
-	finish  string
-	err     error
-	notify  chan struct{} // buffer 1: something is pending; a full buffer already says so
-	obs     *requestObs   // its metrics, set at admission (nil: none); used under mu
+	mu        sync.Mutex
+	pending   []int32
+	lps       []*pb.ChosenLogprobs
+	promptLps []*pb.ChosenLogprobs // the prompt's logprobs, until taken (takePrompt)
+	done      bool
+	finish    string
+	err       error
+	notify    chan struct{} // buffer 1: something is pending; a full buffer already says so
+	obs       *requestObs   // its metrics, set at admission (nil: none); used under mu
 }
 
 func newRequest(prompt []int32, maxTokens int, p sample.Params, stop map[int32]bool) *request {
@@ -274,6 +383,23 @@ func (r *request) emit(id int32, lp *pb.ChosenLogprobs) {
 	r.obs.token()
 	r.mu.Unlock()
 	r.wake()
+}
+
+// setPrompt hands the prompt's logprobs (rank 0's, with the first token) to the client, before that
+// token is emitted.
+func (r *request) setPrompt(lps []*pb.ChosenLogprobs) {
+	r.mu.Lock()
+	r.promptLps = lps
+	r.mu.Unlock()
+}
+
+// takePrompt returns the prompt's logprobs once they came, and nil before and after.
+func (r *request) takePrompt() []*pb.ChosenLogprobs {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	lps := r.promptLps
+	r.promptLps = nil
+	return lps
 }
 
 // end finishes the request with a finish reason, or with err. Only the first call counts.

@@ -3,15 +3,19 @@ package coordinator
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"reflect"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/tpfleet/tpfleet/client"
+	"github.com/tpfleet/tpfleet/gateway"
 	pb "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/sample"
 )
@@ -111,6 +115,77 @@ func TestSamplingControls(t *testing.T) {
 		if lp == nil || !slices.Equal(lp.Tokens, []string{"token_id:41", "token_id:42"}) || !slices.Equal(lp.TokenLogprobs, []float32{-0.125, -0.125}) ||
 			len(lp.TopLogprobs) != 2 || len(lp.TopLogprobs[0]) != 1 {
 			t.Errorf("%s: completion logprobs = %+v", url, lp)
+		}
+	}
+}
+
+// TestPromptLogprobs: prompt_logprobs reach the workers with the sequence's start and come back on
+// the first message (gRPC) or chunk (the gateway's echo with logprobs, the coordinator's own and over a
+// Proxy); a request that does not ask gets none, and a bad count is refused.
+func TestPromptLogprobs(t *testing.T) {
+	dir, _ := modelWithTokenizer(t) // echo of a prompt of ids decodes it
+	cl := clusterClient(t)
+	startWorkers(t, cl, 2)
+	cfg := testConfig(t)
+	cfg.Model = dir
+	c, cli, base := startGateway(t, cfg)
+	waitReady(t, c)
+	two := int32(2)
+	stream, err := cli.gen.Generate(testCtx(t), &pb.GenerateRequest{PromptIds: []int32{40, 50, 60}, MaxTokens: 2, PromptLogprobs: &two})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got [][]float32
+	for {
+		msg, err := stream.Recv()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("Recv: %v", err)
+		}
+		var lps []float32
+		for _, lp := range msg.GetPromptLogprobs() {
+			lps = append(lps, lp.GetLogprob())
+		}
+		got = append(got, lps)
+	}
+	if len(got) != 2 || !slices.Equal(got[0], []float32{-0.25, -0.5}) || got[1] != nil {
+		t.Errorf("prompt logprobs per message = %v, want [[-0.25 -0.5] []]", got)
+	}
+	// The Go client gives them with the prompt's ids.
+	one := 1
+	res, err := cli.Generate(testCtx(t), client.GenerateRequest{PromptIDs: []int{40, 50, 60}, MaxTokens: 1, PromptLogprobs: &one}, nil)
+	if err != nil || len(res.PromptLogprobs) != 2 || res.PromptLogprobs[0].ID != 50 || res.PromptLogprobs[1].ID != 60 || res.PromptLogprobs[1].Logprob != -0.5 {
+		t.Errorf("client Generate with prompt logprobs = %+v, %v; want ids 50 and 60 with -0.25 and -0.5", res.PromptLogprobs, err)
+	}
+	bad := int32(21)
+	st, err := cli.gen.Generate(testCtx(t), &pb.GenerateRequest{PromptIds: []int32{40}, MaxTokens: 1, PromptLogprobs: &bad})
+	if err == nil {
+		_, err = st.Recv()
+	}
+	if err == nil || !strings.Contains(err.Error(), "prompt_logprobs 21 must be in [0, 20]") {
+		t.Errorf("prompt_logprobs 21: %v, want INVALID_ARGUMENT naming it", err)
+	}
+	p, err := NewProxy(ProxyConfig{Coordinators: []string{c.Addr()}, Model: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = p.Close() })
+	g, err := gateway.New(gateway.Config{Generator: p})
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxied := httptest.NewServer(g)
+	t.Cleanup(proxied.Close)
+	for _, url := range []string{base, proxied.URL} {
+		for _, stream := range []bool{false, true} {
+			body := fmt.Sprintf(`{"prompt":[40,50,60],"max_tokens":2,"logprobs":0,"echo":true,"stream":%v}`, stream)
+			code, data := post(t, url, "/v1/completions", body)
+			want := `"token_logprobs":[null,-0.25,-0.5,-0.125`
+			if code != http.StatusOK || !strings.Contains(string(data), want) {
+				t.Errorf("POST %s/v1/completions %s = %d %s, want %s", url, body, code, data, want)
+			}
 		}
 	}
 }

@@ -64,7 +64,8 @@ func (s *generationServer) Generate(in *pb.GenerateRequest, stream grpc.ServerSt
 				r.end(FinishStop, nil)
 			}
 			sent += int32(len(ids))
-			msg := &pb.GenerateResponse{Ids: ids, Text: text, PromptTokens: promptTokens, CompletionTokens: sent, StopReason: stopped, Logprobs: lps}
+			msg := &pb.GenerateResponse{Ids: ids, Text: text, PromptTokens: promptTokens, CompletionTokens: sent, StopReason: stopped, Logprobs: lps,
+				PromptLogprobs: r.takePrompt()}
 			if done && err == nil {
 				msg.FinishReason = finish
 			}

@@ -19,14 +19,25 @@
 //     logit_bias (clamped to [-100, 100]) go to the Generator. logprobs (completions: an integer up to
 //     20; chat: logprobs true and top_logprobs up to 20) add each token's log-probability of the raw
 //     model distribution in the endpoint's format, as vLLM writes them (a token is decode([id]) with
-//     special tokens kept, "token_id:N" without a tokenizer). Chat tools are rendered by the model's
+//     special tokens kept, "token_id:N" without a tokenizer); with echo, completions' logprobs cover the
+//     prompt's tokens first (Request.PromptLogprobs, the prompt's first token with null logprob and
+//     top_logprobs), text_offset counting from the echoed prompt's start, and a stream sends them in its
+//     first event with the echoed text (vLLM's later events count offsets from the generated text only;
+//     ours go on from the prompt's). vLLM's prompt_logprobs (up to 20) gives the prompt's logprobs in
+//     vLLM's format in whole responses (a completion choice's, a chat response's prompt_logprobs: null
+//     for the first token, then token ids to logprob, rank and decoded_token; a whole echo with
+//     logprobs has them too; a stream has none, and refuses prompt_logprobs above 0, as vLLM's). Chat tools are rendered by the model's
 //     chat template (with the assistants' tool_calls, their arguments parsed from JSON, and role tool
 //     turns); with tool_choice "auto" (the default) the output is parsed for Llama 4's JSON tool calls
 //     ({"name", "parameters"}, as vLLM's llama3_json parser reads them) and answered as tool_calls with
 //     finish_reason "tool_calls" (streamed: text that may be a call is held to the end, then sent as
 //     one tool_calls delta or as text); "none" leaves the output text. response_format other than
 //     {"type": "text"} and tool_choice "required" or a named function (both need constrained decoding,
-//     not built yet), and logprobs with echo are refused (400), never ignored. With stream they answer Server-Sent Events in OpenAI's chunk format, one event per
+//     not built yet) are refused (400), never ignored. A chat message's
+//     image_url parts (media.go) are read when the model takes images (Model.ImagePlaceholder): base64
+//     data URLs always, http(s) URLs only from MediaConfig.AllowedDomains, fetched within its bounds of
+//     bytes, time and redirects; the placeholder takes each part's place in the rendered content and the
+//     bytes go to the Generator (Request.Images), which decodes and checks them. With stream they answer Server-Sent Events in OpenAI's chunk format, one event per
 //     Chunk the Generator hands over (usually one token; text that could still become a stop string is
 //     held back until it cannot), flushed at once, then "data: [DONE]"; a
 //     failure after the first event comes as an error event before the end.

@@ -39,6 +39,9 @@ type Config struct {
 	// them is refused with 401, as vLLM's --api-key (which may be given several times); /health stays
 	// open. They are compared in constant time.
 	APIKeys []string
+	// Media says which image URLs chat requests may name (data URLs always; http(s) only from allowed
+	// domains, bounded); the zero value refuses http(s) URLs.
+	Media MediaConfig
 }
 
 // Validate reports a Config that New refuses.
@@ -46,7 +49,7 @@ func (c Config) Validate() error {
 	if c.Generator == nil {
 		return errors.New("gateway: config: no Generator")
 	}
-	return nil
+	return c.Media.Validate()
 }
 
 // Gateway is the OpenAI-compatible HTTP API over a Generator, an http.Handler. Make one with New.
@@ -57,6 +60,7 @@ type Gateway struct {
 	mux     *http.ServeMux
 	origins []string
 	keys    security.Tokens
+	media   *media
 }
 
 // New returns the gateway of cfg.Generator.
@@ -65,7 +69,7 @@ func New(cfg Config) (*Gateway, error) {
 		return nil, err
 	}
 	g := &Gateway{gen: cfg.Generator, log: cfg.Logger, created: time.Now().Unix(), mux: http.NewServeMux(),
-		origins: cfg.AllowedOrigins, keys: security.NewTokens(cfg.APIKeys...)}
+		origins: cfg.AllowedOrigins, keys: security.NewTokens(cfg.APIKeys...), media: newMedia(cfg.Media)}
 	if g.log == nil {
 		g.log = zap.NewNop()
 	}

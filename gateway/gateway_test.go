@@ -28,6 +28,7 @@ type fakeGen struct {
 	failAt  int   // when > 0: Next fails after this many tokens
 	failErr error
 	texts   []string // when set: the chunks' texts, the last one finishing with "stop"
+	images  int      // when > 0: the model takes this many images a request, placeholder "<|image|>"
 
 	onGenerate func(Request) // when set: called with each request
 
@@ -42,7 +43,11 @@ func (f *fakeGen) Model(name string) (Model, error) {
 	if name != "" && name != "fake" {
 		return Model{}, &Error{Kind: ErrNotFound, Code: "model_not_found", Err: fmt.Errorf("fake: unknown model %q", name)}
 	}
-	return Model{Name: "fake", MaxModelLen: 64}, nil
+	m := Model{Name: "fake", MaxModelLen: 64}
+	if f.images > 0 {
+		m.ImagePlaceholder, m.MaxImages = "<|image|>", f.images
+	}
+	return m, nil
 }
 
 func (f *fakeGen) Tokenizer() (Tokenizer, error) {
@@ -71,7 +76,8 @@ func (f *fakeGen) Generate(_ context.Context, req Request) (Stream, error) {
 	if len(prompt) == 0 || req.MaxTokens <= 0 {
 		return nil, fmt.Errorf("fake: %w: empty prompt or max_tokens %d", ErrInvalidRequest, req.MaxTokens)
 	}
-	return &fakeStream{f: f, prompt: prompt, next: prompt[len(prompt)-1] + 1, left: req.MaxTokens, lp: req.Logprobs, top: req.TopLogprobs}, nil
+	return &fakeStream{f: f, prompt: prompt, next: prompt[len(prompt)-1] + 1, left: req.MaxTokens, lp: req.Logprobs, top: req.TopLogprobs,
+		promptLps: req.PromptLogprobs}, nil
 }
 
 type fakeStream struct {
@@ -81,6 +87,9 @@ type fakeStream struct {
 	sent       int
 	lp         bool // logprobs: the chosen id k has -k/100; the top ones are k+1, k+2, … with -0.5, -1, …
 	top        int
+	// promptLps (prompt logprobs asked for): the first chunk has them; prompt token i (i >= 1) has
+	// -i/10, its top ones are its id+1, id+2, … with -0.25, -0.5, …
+	promptLps *int
 }
 
 func (s *fakeStream) PromptIDs() []int { return s.prompt }
@@ -103,6 +112,16 @@ func (s *fakeStream) Next(ctx context.Context) (Chunk, error) {
 			t.Top = append(t.Top, TokenLogprob{ID: s.next + i + 1, Logprob: -float32(i+1) / 2})
 		}
 		ch.Logprobs = []TokenLogprobs{t}
+	}
+	if s.promptLps != nil && s.sent == 0 {
+		ch.PromptLogprobs = []TokenLogprobs{}
+		for i, id := range s.prompt[1:] {
+			t := TokenLogprobs{Logprob: -float32(i+1) / 10, Rank: i + 1}
+			for k := range *s.promptLps {
+				t.Top = append(t.Top, TokenLogprob{ID: id + k + 1, Logprob: -float32(k+1) / 4})
+			}
+			ch.PromptLogprobs = append(ch.PromptLogprobs, t)
+		}
 	}
 	s.next++
 	s.sent++
@@ -396,7 +415,6 @@ func TestErrors(t *testing.T) {
 		{"logit_bias value", "", "/v1/completions", `{"prompt":[1],"logit_bias":{"5":"x"}}`, 400, "invalid_request_error", "invalid_request", "field logit_bias"},
 		{"logprobs 21", "", "/v1/completions", `{"prompt":[1],"logprobs":21}`, 400, "invalid_request_error", "invalid_request", "logprobs 21 must be an integer in [0, 20]"},
 		{"logprobs true (completions)", "", "/v1/completions", `{"prompt":[1],"logprobs":true}`, 400, "invalid_request_error", "invalid_request", "logprobs true must be an integer in [0, 20]"},
-		{"logprobs with echo", "", "/v1/completions", `{"prompt":[1],"logprobs":1,"echo":true}`, 400, "invalid_request_error", "invalid_request", "logprobs with echo"},
 		{"logprobs 3 (chat)", "", "/v1/chat/completions", `{"messages":[],"logprobs":3}`, 400, "invalid_request_error", "invalid_request", "logprobs 3 must be true or false"},
 		{"top_logprobs without logprobs", "", "/v1/chat/completions", `{"messages":[],"top_logprobs":2}`, 400, "invalid_request_error", "invalid_request", "top_logprobs needs logprobs set to true"},
 		{"top_logprobs 21", "", "/v1/chat/completions", `{"messages":[],"logprobs":true,"top_logprobs":21}`, 400, "invalid_request_error", "invalid_request", "top_logprobs 21 must be in [0, 20]"},
@@ -442,7 +460,8 @@ func TestErrors(t *testing.T) {
 	for _, tc := range []struct{ name, body, msg string }{
 		{"no messages", `{"messages":[]}`, "messages: empty"},
 		{"no role", `{"messages":[{"content":"hi"}]}`, "messages[0]: no role"},
-		{"image part", `{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}`, `messages[0].content: part 0: type "image_url" is not supported`},
+		{"image part", `{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}`, "1 images for model fake, which takes no images"},
+		{"audio part", `{"messages":[{"role":"user","content":[{"type":"input_audio","input_audio":{}}]}]}`, `messages[0].content: part 0: type "input_audio" is not supported`},
 		{"content object", `{"messages":[{"role":"user","content":{"text":"hi"}}]}`, "messages[0].content: want a string or an array of content parts"},
 		{"template error", `{"messages":[{"role":"tool","content":"hi"}]}`, "gateway: invalid request: messages: role tool is not in the template"},
 	} {

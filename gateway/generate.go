@@ -35,7 +35,7 @@ func (g *Gateway) generation(k kind) http.HandlerFunc {
 			g.fail(w, err)
 			return
 		}
-		req, err := b.request(g)
+		req, err := b.request(r.Context(), g)
 		if err != nil {
 			g.fail(w, err)
 			return
@@ -48,7 +48,14 @@ func (g *Gateway) generation(k kind) http.HandlerFunc {
 			o.tools = c.tools == toolsAuto
 		}
 		o.lp = logprobs{on: req.Logprobs, top: req.TopLogprobs}
-		if tok, err := g.gen.Tokenizer(); err == nil && o.lp.on {
+		if p := b.sampling().PromptLogprobs; p != nil && !o.stream { // vLLM writes them in whole responses only
+			n := int(*p)
+			o.promptTop = &n
+		} else if o.echo && o.lp.on && !o.stream { // echo with logprobs asked for them: vLLM writes them too
+			n := req.TopLogprobs
+			o.promptTop = &n
+		}
+		if tok, err := g.gen.Tokenizer(); err == nil && (o.lp.on || o.promptTop != nil) {
 			o.lp.tok = tok
 		}
 		g.generate(w, r, req, o)
@@ -68,6 +75,7 @@ type output struct {
 	echo      bool // completions: the prompt's text before each choice's
 	lp        logprobs
 	tools     bool // chat with tools: the output is parsed for tool calls
+	promptTop *int // vLLM's prompt_logprobs: written with this many top ones (nil: not asked)
 }
 
 func (g *Gateway) newOutput(k kind, model string, s *samplingFields) output {
@@ -114,6 +122,8 @@ type CompletionChoice struct {
 	StopReason     string              `json:"stop_reason,omitempty"` // vLLM: the stop string that ended the choice
 	PromptTokenIDs []int               `json:"prompt_token_ids,omitempty"`
 	TokenIDs       []int               `json:"token_ids,omitempty"`
+	// PromptLogprobs are vLLM's prompt_logprobs (the request's prompt_logprobs; whole responses only).
+	PromptLogprobs PromptLogprobs `json:"prompt_logprobs,omitempty"`
 }
 
 // CompletionResponse is the response of POST /v1/completions, or a chunk of its stream.
@@ -154,6 +164,8 @@ type ChatResponse struct {
 	Choices        []ChatChoice `json:"choices"`
 	Usage          *Usage       `json:"usage,omitempty"`
 	PromptTokenIDs []int        `json:"prompt_token_ids,omitempty"`
+	// PromptLogprobs are vLLM's prompt_logprobs (the request's prompt_logprobs; whole responses only).
+	PromptLogprobs PromptLogprobs `json:"prompt_logprobs,omitempty"`
 }
 
 // choice is one finished choice of a whole response.
@@ -161,6 +173,7 @@ type choice struct {
 	text               string
 	ids                []int
 	lps                []TokenLogprobs
+	promptLps          []TokenLogprobs // with echo and logprobs
 	finish, stopReason string
 }
 
@@ -171,11 +184,18 @@ func (o output) response(choices []choice, prompt []int) (any, error) {
 		completion += len(c.ids)
 	}
 	u := newUsage(len(prompt), completion)
+	prompt0 := prompt
 	if !o.returnIDs {
 		prompt = nil
 	}
 	if o.kind == kindChat {
 		r := ChatResponse{ID: o.id, Object: "chat.completion", Created: o.created, Model: o.model, Usage: u, PromptTokenIDs: prompt}
+		if o.promptTop != nil && len(choices) > 0 {
+			var err error
+			if r.PromptLogprobs, err = o.lp.promptLogprobs(prompt0, choices[0].promptLps, *o.promptTop); err != nil {
+				return nil, err
+			}
+		}
 		for i, c := range choices {
 			ch := ChatChoice{Index: i, Message: &ChatContent{Role: "assistant", Content: &c.text},
 				FinishReason: &c.finish, StopReason: c.stopReason, TokenIDs: o.ids(c.ids)}
@@ -197,9 +217,20 @@ func (o output) response(choices []choice, prompt []int) (any, error) {
 	for i, c := range choices {
 		ch := CompletionChoice{Index: i, Text: c.text, FinishReason: &c.finish, StopReason: c.stopReason,
 			PromptTokenIDs: prompt, TokenIDs: o.ids(c.ids)}
+		if o.promptTop != nil {
+			var err error
+			if ch.PromptLogprobs, err = o.lp.promptLogprobs(prompt0, c.promptLps, *o.promptTop); err != nil {
+				return nil, err
+			}
+		}
 		if o.lp.on {
 			var err error
-			if ch.Logprobs, _, err = o.lp.completion(c.ids, c.lps, 0); err != nil { // echo has no logprobs: offsets from 0
+			if o.echo { // the prompt's tokens first, offsets from the echoed prompt's start
+				ch.Logprobs, _, err = o.lp.echoed(prompt0, c.promptLps, c.ids, c.lps)
+			} else {
+				ch.Logprobs, _, err = o.lp.completion(c.ids, c.lps, 0)
+			}
+			if err != nil {
 				return nil, err
 			}
 		}
@@ -219,7 +250,11 @@ func (o output) ids(ids []int) []int {
 // chunk is a streamed event with new text and ids (and their logprobs, the first at offset characters
 // of the choice's text); finish is "" until the last one, and prompt is set on the first one only. It
 // returns the offset after the chunk's tokens.
-func (o output) chunk(index int, text string, ids []int, lps []TokenLogprobs, offset int, prompt []int, finish, stopReason string) (any, int, error) {
+//
+// echoed, on the first chunk of an echoed completion with logprobs, is the prompt's ids: their
+// logprobs (promptLps) come first, from offset 0.
+func (o output) chunk(index int, text string, ids []int, lps []TokenLogprobs, offset int, prompt []int, finish, stopReason string,
+	echoed []int, promptLps []TokenLogprobs) (any, int, error) {
 	var fin *string
 	if finish != "" {
 		fin = &finish
@@ -227,7 +262,11 @@ func (o output) chunk(index int, text string, ids []int, lps []TokenLogprobs, of
 	var clp *CompletionLogprobs
 	var chlp *ChatLogprobs
 	var err error
-	if o.lp.on && len(ids) > 0 {
+	if o.lp.on && echoed != nil && o.kind == kindCompletion {
+		if clp, offset, err = o.lp.echoed(echoed, promptLps, ids, lps); err != nil {
+			return nil, offset, err
+		}
+	} else if o.lp.on && len(ids) > 0 {
 		if o.kind == kindChat {
 			chlp, err = o.lp.chat(ids, lps)
 		} else {
@@ -441,6 +480,7 @@ func (g *Gateway) generate(w http.ResponseWriter, hr *http.Request, req Request,
 	offsets := make([]int, len(streams)) // logprobs' text offsets, per choice
 	held := make([]toolHold, len(streams))
 	first := make([]bool, len(streams))
+	promptLps := make([][]TokenLogprobs, len(streams)) // with echo and logprobs, until the first event
 	for i := range first {
 		first[i] = true
 	}
@@ -455,6 +495,7 @@ func (g *Gateway) generate(w http.ResponseWriter, hr *http.Request, req Request,
 			return
 		}
 		completion += len(c.IDs)
+		promptLps[c.index] = append(promptLps[c.index], c.PromptLogprobs...)
 		done := c.Finish != "" && c.err == nil
 		text := c.Text
 		if first[c.index] && echo != "" {
@@ -475,11 +516,14 @@ func (g *Gateway) generate(w http.ResponseWriter, hr *http.Request, req Request,
 		}
 		// Skipped: a token that ends inside a character (or held back), unless its id was asked for.
 		if text != "" || done || ((o.returnIDs || o.lp.on) && len(c.IDs) > 0) {
-			var p []int
+			var p, echoed []int
 			if first[c.index] && o.kind == kindCompletion {
 				p = prompt
+				if o.echo {
+					echoed = prompt
+				}
 			}
-			ev, off, cerr := o.chunk(c.index, text, c.IDs, c.Logprobs, offsets[c.index], p, finish, c.StopReason)
+			ev, off, cerr := o.chunk(c.index, text, c.IDs, c.Logprobs, offsets[c.index], p, finish, c.StopReason, echoed, promptLps[c.index])
 			if cerr != nil {
 				_, body := toHTTP(cerr)
 				_ = sse.event(body)
@@ -530,6 +574,7 @@ func (g *Gateway) whole(ctx context.Context, w http.ResponseWriter, streams []St
 			}
 			c.ids = append(c.ids, ch.IDs...)
 			c.lps = append(c.lps, ch.Logprobs...)
+			c.promptLps = append(c.promptLps, ch.PromptLogprobs...)
 			text.WriteString(ch.Text)
 			if err != nil {
 				g.fail(w, err)

@@ -65,6 +65,12 @@ type Model struct {
 	Name string
 	// MaxModelLen is the context: prompt and new tokens together (max_position_embeddings).
 	MaxModelLen int
+	// ImagePlaceholder is the text that stands for one image in a prompt ("<|image|>" for Llama 4);
+	// empty when the model takes no images, and NoImages then says why. MaxImages bounds the images of
+	// one request (0: no bound here; the Generator checks).
+	ImagePlaceholder string
+	NoImages         string
+	MaxImages        int
 }
 
 // Message is one turn of a chat: an assistant's may carry tool calls, a tool's the id of the call it
@@ -102,6 +108,13 @@ type Request struct {
 	// tokens' (Chunk.Logprobs), of the model's own distribution as vLLM gives them.
 	Logprobs    bool
 	TopLogprobs int
+	// PromptLogprobs, when not nil, asks for the log-probabilities of the prompt's tokens (vLLM's
+	// prompt_logprobs) with this many (at most 20) most likely tokens each, of the model's own
+	// distribution as Logprobs are: they come with the first chunk (Chunk.PromptLogprobs).
+	PromptLogprobs *int
+	// Images are the encoded images (PNG, JPEG, GIF, WebP) of the prompt's image placeholders, in order
+	// (a chat's image_url parts); the Generator decodes and checks them.
+	Images [][]byte
 }
 
 // Sampling is a request's sampling parameters; nil fields take the model's defaults
@@ -133,12 +146,17 @@ type Chunk struct {
 	StopReason string
 	// Logprobs has one entry per id of IDs when the request asked for logprobs, else none.
 	Logprobs []TokenLogprobs
+	// PromptLogprobs are set on the first chunk when the request asked for them: entry i is prompt
+	// token i+1's log-probability given the tokens before it (the first prompt token has none).
+	PromptLogprobs []TokenLogprobs
 }
 
 // TokenLogprobs are a chosen token's log-probability and the most likely tokens' (highest first).
 type TokenLogprobs struct {
 	Logprob float32
 	Top     []TokenLogprob
+	// Rank is the token's rank (1: the most likely), given for a prompt's tokens (0: not given).
+	Rank int
 }
 
 // TokenLogprob is a token id and its log-probability.

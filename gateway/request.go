@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -42,6 +43,7 @@ type samplingFields struct {
 	RepetitionPenalty *float64           `json:"repetition_penalty"` // vLLM
 	MinTokens         *int64             `json:"min_tokens"`         // vLLM
 	LogitBias         map[string]float64 `json:"logit_bias"`         // token id (as a string) to a bias, clamped to [-100, 100]
+	PromptLogprobs    *int64             `json:"prompt_logprobs"`    // vLLM: the prompt tokens' logprobs, with this many top ones
 }
 
 // unsupported reports an OpenAI field set to what the gateway cannot do.
@@ -170,6 +172,22 @@ func (s *samplingFields) fill(req *Request, m Model, maxTokens *int64, n int) er
 		return err
 	}
 	req.IncludeStopStr = s.IncludeStopStr
+	if p := s.PromptLogprobs; p != nil {
+		if *p < 0 || *p > maxLogprobs {
+			return invalid("prompt_logprobs %d must be in [0, %d]", *p, maxLogprobs)
+		}
+		if s.Stream { // as vLLM: a stream does not write them, so it may not ask for top ones
+			if *p > 0 {
+				return invalid("prompt_logprobs %d: prompt logprobs are not available when stream is true", *p)
+			}
+			return nil
+		}
+		n := int(*p)
+		if req.PromptLogprobs != nil { // echo with logprobs asked for some too
+			n = max(n, *req.PromptLogprobs)
+		}
+		req.PromptLogprobs = &n
+	}
 	return nil
 }
 
@@ -188,7 +206,7 @@ func ints(ids []int64) []int {
 // body is a generation endpoint's request body.
 type body interface {
 	// request checks the body and turns it into a Request for g's Generator.
-	request(g *Gateway) (Request, error)
+	request(ctx context.Context, g *Gateway) (Request, error)
 	sampling() *samplingFields
 }
 
@@ -217,7 +235,8 @@ type chatRequest struct {
 	tools toolChoice // set by request
 }
 
-// chatMessage is one turn: content is a string, or an array of {"type": "text", "text"} parts; an
+// chatMessage is one turn: content is a string, or an array of {"type": "text", "text"} and
+// {"type": "image_url", "image_url": {"url"}} parts; an
 // assistant's may have tool_calls, a tool's a tool_call_id.
 type chatMessage struct {
 	Role       string          `json:"role"`
@@ -239,7 +258,7 @@ func (g *Gateway) start(model string, s *samplingFields) (Model, error) {
 }
 
 // request turns a completion request into a Request.
-func (b *completionRequest) request(g *Gateway) (Request, error) {
+func (b *completionRequest) request(_ context.Context, g *Gateway) (Request, error) {
 	m, err := g.start(b.Model, &b.samplingFields)
 	if err != nil {
 		return Request{}, err
@@ -254,14 +273,14 @@ func (b *completionRequest) request(g *Gateway) (Request, error) {
 	if err != nil {
 		return Request{}, err
 	}
-	if on && b.Echo {
-		return Request{}, invalid("logprobs with echo (the prompt's logprobs) are not supported")
-	}
 	text, ids, err := parsePrompt(b.Prompt)
 	if err != nil {
 		return Request{}, err
 	}
 	req := Request{Model: b.Model, Prompt: text, PromptIDs: ints(ids), Logprobs: on, TopLogprobs: top}
+	if on && b.Echo { // the prompt's tokens are written with theirs, as vLLM does
+		req.PromptLogprobs = &top
+	}
 	n := len(ids)
 	if text != "" && b.MaxTokens == nil {
 		if tok, err := g.gen.Tokenizer(); err == nil {
@@ -306,7 +325,7 @@ func parsePrompt(raw json.RawMessage) (string, []int64, error) {
 
 // request renders a chat request's messages with the model's chat template and a generation prompt,
 // and turns the request into a Request of the prompt's ids.
-func (b *chatRequest) request(g *Gateway) (Request, error) {
+func (b *chatRequest) request(ctx context.Context, g *Gateway) (Request, error) {
 	m, err := g.start(b.Model, &b.samplingFields)
 	if err != nil {
 		return Request{}, err
@@ -328,12 +347,16 @@ func (b *chatRequest) request(g *Gateway) (Request, error) {
 	if err != nil {
 		return Request{}, err
 	}
+	images, err := g.chatImages(ctx, m, b.Messages, msgs) // media.go
+	if err != nil {
+		return Request{}, err
+	}
 	addGen := b.AddGenerationPrompt == nil || *b.AddGenerationPrompt
 	ids, err := tok.EncodeChat(msgs, tools, addGen)
 	if err != nil {
 		return Request{}, fmt.Errorf("%w: messages: %w", ErrInvalidRequest, err)
 	}
-	req := Request{Model: b.Model, PromptIDs: ids, Logprobs: on, TopLogprobs: top}
+	req := Request{Model: b.Model, PromptIDs: ids, Logprobs: on, TopLogprobs: top, Images: images}
 	maxTokens := b.MaxTokens
 	if b.MaxCompletionTokens != nil {
 		maxTokens = b.MaxCompletionTokens
@@ -399,7 +422,7 @@ func chatLogprobs(raw json.RawMessage, top *int64) (bool, int, error) {
 }
 
 // messageContent reads a message's content: a string, null (""), or an array of text parts, joined
-// with newlines as vLLM does.
+// with newlines as vLLM does, and image_url parts, left out here (chatImages renders their placeholders).
 func messageContent(raw json.RawMessage) (string, error) {
 	raw = bytes.TrimSpace(raw)
 	if len(raw) == 0 || string(raw) == "null" {
@@ -416,12 +439,15 @@ func messageContent(raw json.RawMessage) (string, error) {
 	if err := json.Unmarshal(raw, &parts); err != nil {
 		return "", errors.New("want a string or an array of content parts")
 	}
-	texts := make([]string, len(parts))
+	texts := make([]string, 0, len(parts))
 	for i, p := range parts {
-		if p.Type != "text" || p.Text == nil {
-			return "", fmt.Errorf("part %d: type %q is not supported: only text parts", i, p.Type)
+		if p.Type == "image_url" {
+			continue
 		}
-		texts[i] = *p.Text
+		if p.Type != "text" || p.Text == nil {
+			return "", fmt.Errorf("part %d: type %q is not supported: only text and image_url parts", i, p.Type)
+		}
+		texts = append(texts, *p.Text)
 	}
 	return strings.Join(texts, "\n"), nil
 }

@@ -68,6 +68,10 @@ func (g *Gateway) tokenize(w http.ResponseWriter, r *http.Request) {
 			g.fail(w, err)
 			return
 		}
+		if hasImages(b.Messages) {
+			g.fail(w, invalid("messages: /tokenize takes text content only; image_url parts are expanded when a chat is generated"))
+			return
+		}
 		tools, _, err := readTools(b.Tools, nil)
 		if err != nil {
 			g.fail(w, err)

@@ -166,6 +166,9 @@ type Choice struct {
 	ID      int
 	Logprob float32
 	Top     []TokenLogprob
+	// Rank is ID's rank in the row (1: the most likely; the ids whose logit is at least its own, as
+	// vLLM counts): set by PromptLogprobs, 0 elsewhere.
+	Rank int
 }
 
 // Choose picks a token id from logits as Next does, after the bias, min tokens and penalties of the
@@ -422,3 +425,54 @@ func Argmax(v []float32) int {
 	}
 	return best
 }
+
+// PromptLogprobs collects a prompt's log-probabilities as its prefill runs, piece by piece: the
+// log-probability of each prompt token after the first under the logits of the position before it, and
+// the Top most likely ids there, with the math of Logprobs (the raw logits' log-softmax, before bias,
+// penalties and temperature), as vLLM's prompt_logprobs gives them. It keeps the last row it was given,
+// whose next token comes with the next piece. It is not safe for concurrent use.
+type PromptLogprobs struct {
+	top  int
+	last []float32 // the logits of the last position fed: they score the next piece's first token
+	out  []Choice
+}
+
+// NewPromptLogprobs returns a PromptLogprobs that keeps the top most likely ids of each position
+// (0: the prompt tokens' own log-probabilities only); top must be in [0, MaxTopLogprobs].
+func NewPromptLogprobs(top int) *PromptLogprobs { return &PromptLogprobs{top: top} }
+
+// Top is the number of most likely ids kept per position.
+func (p *PromptLogprobs) Top() int { return p.top }
+
+// Add takes the next piece of the prompt, ids, and the logits of its positions, rows (len(ids) rows of
+// vocab values, row k being the logits after ids[k]). rows is not kept: its last row is copied.
+func (p *PromptLogprobs) Add(ids []int, rows []float32, vocab int) error {
+	if vocab <= 0 || len(rows) != len(ids)*vocab {
+		return fmt.Errorf("sample: prompt logprobs: %d logits for %d ids of a vocabulary of %d", len(rows), len(ids), vocab)
+	}
+	for k, id := range ids {
+		if p.last != nil {
+			if id < 0 || id >= vocab {
+				return fmt.Errorf("sample: prompt logprobs: id %d outside the vocabulary [0, %d)", id, vocab)
+			}
+			c := Choice{ID: id}
+			c.Logprob, c.Top = Logprobs(p.last, id, p.top)
+			for _, x := range p.last {
+				if x >= p.last[id] {
+					c.Rank++
+				}
+			}
+			p.out = append(p.out, c)
+		}
+		p.last = append(p.last[:0], rows[k*vocab:(k+1)*vocab]...)
+	}
+	return nil
+}
+
+// Last returns the logits of the last position fed (nil before the first Add): after the whole prompt,
+// the row the first new token is chosen from. The caller must not modify it.
+func (p *PromptLogprobs) Last() []float32 { return p.last }
+
+// Choices returns the log-probabilities of the prompt tokens fed so far, but the first: entry i is
+// token i+1's (the first token has none, as vLLM gives null for it).
+func (p *PromptLogprobs) Choices() []Choice { return p.out }

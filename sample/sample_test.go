@@ -199,3 +199,50 @@ func TestPickRule(t *testing.T) {
 		t.Errorf("Pick(top-1 on a tie) = %d, want 1 (the lower id)", got)
 	}
 }
+
+// TestPromptLogprobs: a prompt fed in pieces gives the logprobs of fed whole: entry i is token i+1's
+// under row i (Logprobs' math), with its rank among the row's logits; the first token has none. Bad
+// shapes are refused.
+func TestPromptLogprobs(t *testing.T) {
+	const vocab = 5
+	ids := []int{0, 3, 1, 4}
+	rows := []float32{
+		1, 2, 3, 4, 0, // after 0: 3 is the most likely (rank 1)
+		0, 5, 1, 1, 1, // after 3: 1 is the most likely
+		2, 2, 2, 2, 1, // after 1: 4 is the least likely (rank 5)
+		9, 9, 9, 9, 9,
+	}
+	whole := sample.NewPromptLogprobs(2)
+	if err := whole.Add(ids, rows, vocab); err != nil {
+		t.Fatal(err)
+	}
+	pieces := sample.NewPromptLogprobs(2)
+	for _, cut := range [][2]int{{0, 1}, {1, 3}, {3, 4}} {
+		if err := pieces.Add(ids[cut[0]:cut[1]], rows[cut[0]*vocab:cut[1]*vocab], vocab); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := whole.Choices()
+	if len(got) != 3 || !reflect.DeepEqual(got, pieces.Choices()) {
+		t.Fatalf("Choices = %+v (pieces %+v), want 3, the same", got, pieces.Choices())
+	}
+	for i, c := range got {
+		lp, top := sample.Logprobs(rows[i*vocab:(i+1)*vocab], ids[i+1], 2)
+		if c.ID != ids[i+1] || c.Logprob != lp || !reflect.DeepEqual(c.Top, top) {
+			t.Errorf("entry %d = %+v, want id %d logprob %g top %v", i, c, ids[i+1], lp, top)
+		}
+	}
+	if ranks := []int{got[0].Rank, got[1].Rank, got[2].Rank}; !reflect.DeepEqual(ranks, []int{1, 1, 5}) {
+		t.Errorf("ranks = %v, want [1 1 5]", ranks)
+	}
+	if last := whole.Last(); !reflect.DeepEqual(last, rows[3*vocab:]) {
+		t.Errorf("Last = %v, want the last row", last)
+	}
+	if err := sample.NewPromptLogprobs(0).Add(ids, rows[:vocab], vocab); err == nil {
+		t.Error("Add of 4 ids with 1 row: no error")
+	}
+	p := sample.NewPromptLogprobs(0)
+	if err := p.Add([]int{0, 7}, rows[:2*vocab], vocab); err == nil {
+		t.Error("Add of an id outside the vocabulary: no error")
+	}
+}

@@ -99,7 +99,12 @@
 //     at the sequence's next positions; when sample is set, rank 0 draws the next token from the last
 //     position's logits and adds SequenceResult{seq_id, next_id}, in SequenceWork order. Other ranks
 //     answer with no results. The sampled token is not fed back by the worker: the coordinator sends
-//     it as the sequence's ids in a later step;
+//     it as the sequence's ids in a later step. A sequence started with prompt_logprobs (0 to 20; only
+//     with start) runs its pieces with every position's logits on every rank until it samples, rank 0
+//     collects each prompt token's log-probability given the tokens before it (package sample's
+//     PromptLogprobs), and the first SequenceResult carries them (one per prompt token after the first);
+//     such a sequence's piece runs in a forward pass of its own (the lm_head over all its rows is its
+//     cost alone);
 //  5. last, the sequences named in release are dropped (unknown ids are ignored); releases are applied
 //     whenever the epoch matches, also when the work failed.
 //

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/tpfleet/tpfleet/cluster"
 	tpfleetv1 "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
+	"github.com/tpfleet/tpfleet/safetensors"
 	"github.com/tpfleet/tpfleet/worker"
 )
 
@@ -317,3 +319,37 @@ func statusOf(t *testing.T, c tpfleetv1.WorkerClient) *tpfleetv1.StatusResponse 
 func equalIDs(a, b []int32) bool { return slices.Equal(a, b) }
 
 func fmtIDs(ids []int32) string { return fmt.Sprint(ids) }
+
+// goldenPromptLogprobs returns, for each prompt position but the last, the log-softmax (float64) of HF's
+// logits there (golden.safetensors' greedy_logits): row i scores prompt token i+1.
+func goldenPromptLogprobs(t *testing.T, gold golden) [][]float64 {
+	t.Helper()
+	c, err := safetensors.OpenCheckpoint(filepath.Join(fixture, "golden.safetensors"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	logits, shape, err := c.Float32s("greedy_logits")
+	if err != nil {
+		t.Fatal(err)
+	}
+	vocab := shape[len(shape)-1]
+	var out [][]float64
+	for i := range len(gold.Prompt) - 1 {
+		row := logits[i*vocab : (i+1)*vocab]
+		m := math.Inf(-1)
+		for _, x := range row {
+			m = max(m, float64(x))
+		}
+		sum := 0.0
+		for _, x := range row {
+			sum += math.Exp(float64(x) - m)
+		}
+		lp := make([]float64, vocab)
+		for j, x := range row {
+			lp[j] = float64(x) - m - math.Log(sum)
+		}
+		out = append(out, lp)
+	}
+	return out
+}

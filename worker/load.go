@@ -72,6 +72,9 @@ type weights struct {
 	resident map[string]resident
 	// order is the plan's unit order the weights were loaded in; nil: the checkpoint's.
 	order *cluster.UnitOrder
+	// images encodes a prompt's images (images.go); nil when the model takes none, and noImages says why.
+	images   run.ImageEncoder
+	noImages error
 }
 
 // unitOrder decodes k's unit order; nil when it has none.
@@ -333,6 +336,10 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 			return nil, err
 		}
 	}
+	enc, noImages, err := w.openImages(ctx, cfg, k.dir, remote == nil, from) // images.go
+	if err != nil {
+		return nil, err
+	}
 	took := time.Since(start)
 	tensors, bytes := pw.Loaded()
 	w.phases.AddAll(rankW.LoadStats().Phases(start, bytes))
@@ -348,7 +355,7 @@ func (w *Worker) loadWeights(ctx context.Context, k weightsKey, from ...*weights
 	w.keptTensors, w.keptBytes = rw.kept, rw.keptBytes
 	w.mu.Unlock()
 	return &weights{key: k, model: m, cfg: cfg, info: info, held: memplan.WeightBytes(cfg, man, format), comm: comm, gen: gen, bytes: bytes + rw.keptBytes, tensors: tensors + rw.kept,
-		read: bytes, kept: rw.kept, keptBytes: rw.keptBytes, resident: rw.got, order: order}, nil
+		read: bytes, kept: rw.kept, keptBytes: rw.keptBytes, resident: rw.got, order: order, images: enc, noImages: noImages}, nil
 }
 
 // formatFor returns the weight format of k's plan. The plan decides, so that the ranks of a group agree; a

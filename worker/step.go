@@ -7,6 +7,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/internal/phase"
 	"github.com/tpfleet/tpfleet/internal/samplingpb"
 	"github.com/tpfleet/tpfleet/model"
@@ -23,6 +24,11 @@ type sequence struct {
 	sampler  *sample.Sampler // rank 0 only
 	stream   uint64          // the Step stream that started it (0: a direct Step call); see releaseStream
 	rev      int64           // the leader_rev of the request that started it; see fence
+	// promptLogprobs: the sequence was started with prompt_logprobs and has not sampled yet, so its
+	// pieces run with every position's logits (on every rank); prompt collects them on rank 0.
+	promptLogprobs bool
+	prompt         *sample.PromptLogprobs
+	images         *imageSlots // image features its prompt's later pieces still need (images.go); nil: none
 }
 
 // Step runs one StepRequest and returns its response; see the package doc for the semantics. Requests
@@ -92,6 +98,7 @@ func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.S
 	var results []*tpfleetv1.SequenceResult
 	var batch []int // indices into req.Seqs
 	inBatch := map[uint64]bool{}
+	alone := false // the batch holds a sequence collecting its prompt's logprobs
 	flush := func() error {
 		if len(batch) == 0 {
 			return nil
@@ -106,18 +113,40 @@ func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.S
 			}
 		}
 		first := req.GetSeqs()[batch[0]].GetSeqId()
-		logits, err := wts.model.ForwardBatch(w.ctx, seqs, ids, false)
+		// A sequence that collects its prompt's logprobs (alone in its batch) needs every position's
+		// logits; the others need only their last.
+		all := false
+		for _, i := range batch {
+			all = all || w.seqs[req.GetSeqs()[i].GetSeqId()].promptLogprobs
+		}
+		feats, err := w.batchImages(wts, batch, req, ids)
+		if err != nil {
+			return err
+		}
+		var logits backend.Tensor
+		if feats != nil {
+			logits, err = wts.model.(run.ImageModel).ForwardBatchImages(w.ctx, seqs, ids, wts.images.SlotID(), feats, all)
+		} else {
+			logits, err = wts.model.ForwardBatch(w.ctx, seqs, ids, all)
+		}
 		if err != nil {
 			return w.stepError(epoch, batch[0], first, err)
 		}
 		if rank == 0 {
 			var rows []float32
 			vocab := wts.info.VocabSize
+			row := 0 // the first row of sequence k's logits
 			for k, i := range batch {
 				work := req.GetSeqs()[i]
-				smp := w.seqs[work.GetSeqId()].sampler
-				smp.Feed(ids[k]) // the prompt, for the penalties
-				if !work.GetSample() {
+				s := w.seqs[work.GetSeqId()]
+				n := 1
+				if all {
+					n = len(ids[k])
+				}
+				from := row
+				row += n
+				s.sampler.Feed(ids[k]) // the prompt, for the penalties
+				if !work.GetSample() && s.prompt == nil {
 					continue
 				}
 				if rows == nil {
@@ -125,34 +154,67 @@ func (w *Worker) step(stream uint64, req *tpfleetv1.StepRequest) ([]*tpfleetv1.S
 						return w.stepError(epoch, i, work.GetSeqId(), err)
 					}
 				}
-				c := smp.Choose(rows[k*vocab : (k+1)*vocab])
-				results = append(results, &tpfleetv1.SequenceResult{SeqId: work.GetSeqId(), NextId: int32(c.ID),
-					Logprobs: samplingpb.ChoiceLogprobs(smp.Params(), c)})
+				if s.prompt != nil {
+					if err := s.prompt.Add(ids[k], rows[from*vocab:row*vocab], vocab); err != nil {
+						return w.stepError(epoch, i, work.GetSeqId(), err)
+					}
+				}
+				if !work.GetSample() {
+					continue
+				}
+				c := s.sampler.Choose(rows[(row-1)*vocab : row*vocab])
+				res := &tpfleetv1.SequenceResult{SeqId: work.GetSeqId(), NextId: int32(c.ID),
+					Logprobs: samplingpb.ChoiceLogprobs(s.sampler.Params(), c)}
+				if s.prompt != nil {
+					res.PromptLogprobs = samplingpb.PromptLogprobs(s.prompt.Choices())
+					s.prompt = nil
+				}
+				results = append(results, res)
 			}
 		}
-		batch, inBatch = batch[:0], map[uint64]bool{}
+		for _, i := range batch { // on every rank: a sequence that sampled has its prompt behind it
+			if work := req.GetSeqs()[i]; work.GetSample() {
+				w.seqs[work.GetSeqId()].promptLogprobs = false
+			}
+		}
+		batch, inBatch, alone = batch[:0], map[uint64]bool{}, false
 		return nil
+	}
+	encoded, err := w.encodeImages(req, wts) // one pass of the vision tower over all the new images
+	if err != nil {
+		return nil, err
 	}
 	for i, work := range req.GetSeqs() {
 		id := work.GetSeqId()
-		if inBatch[id] {
+		// A sequence collecting its prompt's logprobs runs alone: the lm_head over all of its piece's
+		// rows is its cost, not its neighbours'.
+		pl := work.PromptLogprobs != nil
+		if s, ok := w.seqs[id]; ok && !work.GetStart() {
+			pl = s.promptLogprobs
+		}
+		if inBatch[id] || alone || (pl && len(batch) > 0) {
 			if err := flush(); err != nil {
 				return nil, err
 			}
 		}
+		alone = pl
 		if work.GetStart() {
 			seq, err := wts.model.NewSequence(int(work.GetCapacity()))
 			if err != nil {
 				return nil, w.stepError(epoch, i, id, err)
 			}
 			w.dropSeq(id) // a start of a held id replaces it
-			s := &sequence{seq: seq, capacity: int(work.GetCapacity()), stream: stream, rev: req.GetLeaderRev()}
+			s := &sequence{seq: seq, capacity: int(work.GetCapacity()), stream: stream, rev: req.GetLeaderRev(), images: encoded[i],
+				promptLogprobs: work.PromptLogprobs != nil}
 			if w.mem != nil {
 				s.blocks = w.mem.geom.Blocks(s.capacity)
 			}
 			if rank == 0 {
 				s.sampler = sample.New(samplingParams(work.GetSampling(), wts))
 				s.sampler.Skip(int(work.GetResumed()), wts.info.VocabSize)
+				if s.promptLogprobs {
+					s.prompt = sample.NewPromptLogprobs(int(work.GetPromptLogprobs()))
+				}
 			}
 			w.seqs[id] = s
 		}
@@ -223,6 +285,9 @@ func (w *Worker) validate(req *tpfleetv1.StepRequest, cfg model.Info) error {
 					return fmt.Errorf("%w: %s: %w", ErrInvalidRequest, where, err)
 				}
 			}
+			if n := work.PromptLogprobs; n != nil && (*n < 0 || *n > sample.MaxTopLogprobs) {
+				return fmt.Errorf("%w: %s: prompt logprobs %d outside [0, %d]", ErrInvalidRequest, where, *n, sample.MaxTopLogprobs)
+			}
 			if w.mem != nil {
 				// The coordinator admits by the smallest plan of the group, so this holds on every rank
 				// unless it overcommits: refuse rather than run out of memory.
@@ -234,6 +299,13 @@ func (w *Worker) validate(req *tpfleetv1.StepRequest, cfg model.Info) error {
 				reserved += need
 			}
 			sh = shadow{0, c}
+			if n := len(work.GetImages()); n > 0 && w.wts.images == nil {
+				return fmt.Errorf("%w: %s: %d images: %w", ErrInvalidRequest, where, n, w.wts.noImages)
+			}
+		} else if work.PromptLogprobs != nil {
+			return fmt.Errorf("%w: %s: prompt logprobs are asked for with start only", ErrInvalidRequest, where)
+		} else if len(work.GetImages()) > 0 {
+			return fmt.Errorf("%w: %s: images come with start only", ErrInvalidRequest, where)
 		} else if s, ok := sim[id]; ok {
 			sh = s
 		} else if s, ok := w.seqs[id]; ok {
@@ -384,4 +456,42 @@ func (w *Worker) firstSteps(req *tpfleetv1.StepRequest, start time.Time) {
 	if !w.decoded.Swap(true) {
 		w.phases.Since(phase.Graph, start, "the first decode step (captured where the backend records steps)")
 	}
+}
+
+// batchImages returns the image features of a batch's works (nil when none has any): for each, the rows
+// of the image slots among its ids, taken from its sequence's features.
+func (w *Worker) batchImages(wts *weights, batch []int, req *tpfleetv1.StepRequest, ids [][]int) ([][]float32, error) {
+	var feats [][]float32
+	for k, i := range batch {
+		s := w.seqs[req.GetSeqs()[i].GetSeqId()]
+		if s.images == nil {
+			continue
+		}
+		n := 0
+		for _, id := range ids[k] {
+			if id == wts.images.SlotID() {
+				n++
+			}
+		}
+		rows, err := s.images.take(n, wts.images.Width())
+		if err != nil {
+			return nil, fmt.Errorf("%w: seq %d (seqs[%d]): %w", ErrInvalidRequest, req.GetSeqs()[i].GetSeqId(), i, err)
+		}
+		if s.images.rows == nil {
+			s.images = nil
+		}
+		if rows == nil {
+			continue
+		}
+		if feats == nil {
+			feats = make([][]float32, len(batch))
+		}
+		feats[k] = rows
+	}
+	if feats != nil {
+		if _, ok := wts.model.(run.ImageModel); !ok {
+			return nil, fmt.Errorf("%w: the model takes no image features", ErrInvalidRequest)
+		}
+	}
+	return feats, nil
 }

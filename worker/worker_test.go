@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"slices"
 	"strings"
 	"testing"
@@ -144,6 +145,74 @@ func TestGenerateTP2(t *testing.T) {
 				t.Errorf("%s: logprob of id %d %v, want below the top's %v", tc.name, res.GetNextId(), lp, top[0].GetLogprob())
 			}
 		}
+	})
+
+	t.Run("prompt logprobs", func(t *testing.T) {
+		g.t = t
+		// The prompt's logprobs come with the first token and are HF's (the log-softmax of the golden
+		// logits before each prompt token), whether the prompt comes whole or in pieces batched with
+		// another sequence's decode; TP=2 all-gathers every position's logits on both ranks.
+		want := goldenPromptLogprobs(t, gold)
+		const top = 2
+		for _, pieces := range [][2]int{{0, len(gold.Prompt)}, {0, 3}, {0, 1}} {
+			name := fmt.Sprintf("first piece %d", pieces[1])
+			capacity := int32(len(gold.Prompt) + 2)
+			n := int32(top)
+			first := &tpfleetv1.SequenceWork{SeqId: 50, Ids: gold.Prompt[:pieces[1]], Start: true, Capacity: capacity,
+				Sampling: &tpfleetv1.SamplingParams{}, PromptLogprobs: &n, Sample: pieces[1] == len(gold.Prompt)}
+			var resps []*tpfleetv1.StepResponse
+			if first.Sample {
+				resps = g.send(&tpfleetv1.StepRequest{Seqs: []*tpfleetv1.SequenceWork{first}})
+			} else {
+				// A decoding sequence shares the steps: its result has no prompt logprobs.
+				g.run(greedy(51, gold.Prompt, int(capacity)+4), first)
+				resps = g.send(&tpfleetv1.StepRequest{Seqs: []*tpfleetv1.SequenceWork{
+					{SeqId: 50, Ids: gold.Prompt[pieces[1]:], Sample: true}, next(51, gold.Greedy[0])}})
+			}
+			if e := resps[0].GetError() + resps[1].GetError(); e != "" {
+				t.Fatalf("%s: %s", name, e)
+			}
+			var res *tpfleetv1.SequenceResult
+			for _, r := range resps[0].GetResults() {
+				switch r.GetSeqId() {
+				case 50:
+					res = r
+				case 51:
+					if len(r.GetPromptLogprobs()) != 0 {
+						t.Errorf("%s: sequence 51 (not asked) got %d prompt logprobs", name, len(r.GetPromptLogprobs()))
+					}
+				}
+			}
+			if res == nil || res.GetNextId() != gold.Greedy[0] {
+				t.Fatalf("%s: results %v, want sequence 50's HF greedy id %d", name, resps[0].GetResults(), gold.Greedy[0])
+			}
+			got := res.GetPromptLogprobs()
+			if len(got) != len(gold.Prompt)-1 {
+				t.Fatalf("%s: %d prompt logprobs for a prompt of %d, want %d", name, len(got), len(gold.Prompt), len(gold.Prompt)-1)
+			}
+			worst := 0.0
+			for i, lp := range got {
+				w := want[i]
+				worst = max(worst, math.Abs(float64(lp.GetLogprob())-w[gold.Prompt[i+1]]))
+				if len(lp.GetTop()) != top {
+					t.Fatalf("%s: entry %d: %d top logprobs, want %d", name, i, len(lp.GetTop()), top)
+				}
+				for _, tl := range lp.GetTop() {
+					worst = max(worst, math.Abs(float64(tl.GetLogprob())-w[tl.GetId()]))
+				}
+			}
+			t.Logf("%s: %d prompt logprobs, max |Δ| vs HF log-softmax %.3g", name, len(got), worst)
+			if worst > 1e-4 {
+				t.Errorf("%s: max |prompt logprob - HF| = %.3g, want <= 1e-4", name, worst)
+			}
+			// The next token has the prompt behind it: it runs as a plain decode, without them.
+			resps = g.send(&tpfleetv1.StepRequest{Seqs: []*tpfleetv1.SequenceWork{next(50, res.GetNextId())}, Release: []uint64{50, 51}})
+			if r := resps[0].GetResults(); resps[0].GetError() != "" || len(r) != 1 || r[0].GetNextId() != gold.Greedy[1] || len(r[0].GetPromptLogprobs()) != 0 {
+				t.Errorf("%s: second token: %v %q, want HF's %d without prompt logprobs", name, r, resps[0].GetError(), gold.Greedy[1])
+			}
+		}
+		bad := int32(21)
+		g.wantError(&tpfleetv1.StepRequest{Seqs: []*tpfleetv1.SequenceWork{{SeqId: 52, Ids: gold.Prompt, Start: true, Capacity: 64, PromptLogprobs: &bad}}}, "worker: invalid request")
 	})
 
 	t.Run("errors", func(t *testing.T) {

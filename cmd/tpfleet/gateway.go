@@ -50,6 +50,8 @@ func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	fs.StringVar(&servedName, "served-model-name", "", "the model's name in the API, as the coordinators' (empty: the checkpoint directory's name)")
 	fs.IntVar(&maxModelLen, "max-model-len", 0, "context of a request, as the coordinators' (0: max_position_embeddings)")
 	fs.StringVar(&origins, "allowed-origins", "", `comma-separated origins CORS allows ("*": any; empty: no CORS)`)
+	var media gateway.MediaConfig
+	media.AddFlags(fs)
 	fs.StringVar(&logLevel, "log-level", "info", "log level on stderr: debug, info, warn, error")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -90,7 +92,7 @@ func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		return err
 	}
 	defer p.Close()
-	g, err := gateway.New(gateway.Config{Generator: p, Logger: log, AllowedOrigins: splitList(origins), APIKeys: apiKeys})
+	g, err := gateway.New(gateway.Config{Generator: p, Logger: log, AllowedOrigins: splitList(origins), APIKeys: apiKeys, Media: media})
 	if err != nil {
 		return err
 	}

@@ -330,9 +330,6 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return usagef("unexpected argument %q", fs.Arg(0))
 	}
 	if remote.addr != "" {
-		if len(f.images) > 0 {
-			return usagef("--image works without --addr only (the gRPC API takes no images yet)")
-		}
 		return runRemoteGenerate(ctx, fs, f, *remote, stdout, stderr)
 	}
 	if err := f.check(); err != nil {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"io/fs"
 	"net"
@@ -22,12 +23,19 @@ const openAIClientDir = "../../scripts/openai-client"
 // test ends; it returns the gateway's base URL.
 func serveChat(t *testing.T, extra ...string) string {
 	t.Helper()
+	return serveModel(t, chatFixture, extra...)
+}
+
+// serveModel runs `tpfleet serve` of model at TP=2 with its gateway on a free port until the test ends;
+// it returns the gateway's base URL.
+func serveModel(t *testing.T, model string, extra ...string) string {
+	t.Helper()
 	_, port, err := net.SplitHostPort(freePort(t))
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	args := append([]string{chatFixture, "--tensor-parallel-size", "2", "--host", "127.0.0.1", "--port", port,
+	args := append([]string{model, "--tensor-parallel-size", "2", "--host", "127.0.0.1", "--port", port,
 		"--listen", "127.0.0.1:0", "--log-level", "warn"}, extra...)
 	addr, code, stderr := startServe(t, ctx, args...)
 	t.Cleanup(func() {
@@ -65,11 +73,26 @@ func TestOpenAINodeClient(t *testing.T) {
 		t.Fatal(err)
 	}
 	base := serveChat(t)
+	// A checkpoint with a vision tower for the image chat, and the ids the local generate --image
+	// decodes for it.
+	vision := visionServeDir(t)
+	imgFile := filepath.Join(t.TempDir(), "wide.png")
+	if err := os.WriteFile(imgFile, gradientPNG(t, 56, 28), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	wantIDs, wantText := imageChatWant(t, vision, imgFile, 6)
+	imageBase := serveModel(t, vision)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, node, "test.mjs")
 	cmd.Dir = openAIClientDir
-	cmd.Env = append(os.Environ(), "BASE_URL="+base)
+	wantJSON, _ := json.Marshal(wantIDs)
+	abs, err := filepath.Abs(imgFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Env = append(os.Environ(), "BASE_URL="+base, "IMAGE_BASE_URL="+imageBase, "IMAGE_FILE="+abs,
+		"IMAGE_QUESTION="+imageQuestion, "IMAGE_WANT_IDS="+string(wantJSON), "IMAGE_WANT_TEXT="+wantText)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Fatalf("node test.mjs against %s: %v\n%s", base, err, out)

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"os"
 	"path/filepath"
 	"strconv"
 	"time"
@@ -55,6 +56,20 @@ func runRemoteGenerate(ctx context.Context, fs *flag.FlagSet, f generateFlags, r
 		return usagef("--max-tokens %d must be positive", f.maxTokens)
 	}
 	req := client.GenerateRequest{PromptIDs: prompt, Prompt: f.prompt, MaxTokens: f.maxTokens, IgnoreEOS: f.ignoreEOS}
+	for _, name := range f.images { // the coordinator processes them (images.go's limits apply)
+		st, err := os.Stat(name)
+		if err != nil {
+			return fmt.Errorf("--image: %w", err)
+		}
+		if st.Size() > maxImageBytes {
+			return fmt.Errorf("--image %s: %d bytes, more than %d", name, st.Size(), maxImageBytes)
+		}
+		data, err := os.ReadFile(name)
+		if err != nil {
+			return fmt.Errorf("--image: %w", err)
+		}
+		req.Images = append(req.Images, data)
+	}
 	if f.dir != "" {
 		req.Model = filepath.Base(filepath.Clean(f.dir))
 	}

@@ -142,8 +142,8 @@ func TestScoreImages(t *testing.T) {
 	}
 }
 
-// TestGenerateImageErrors: --image on a checkpoint without a vision tower, without a tokenizer, or with
-// --addr is a clear error before any weight loads.
+// TestGenerateImageErrors: --image on a checkpoint without a vision tower or without a tokenizer is a
+// clear error before any weight loads.
 func TestGenerateImageErrors(t *testing.T) {
 	img := filepath.Join(t.TempDir(), "x.png")
 	if err := os.WriteFile(img, []byte("not a png"), 0o644); err != nil {
@@ -155,7 +155,6 @@ func TestGenerateImageErrors(t *testing.T) {
 	}{
 		{[]string{"--model", filepath.Join(fixtures, "moe-top1"), "--ids", "1,2"}, "no vision tower"},
 		{[]string{"--model", filepath.Join(fixtures, "dense-moe-mm"), "--ids", "1,2"}, "needs the model's tokenizer"},
-		{[]string{"--addr", "127.0.0.1:1", "--ids", "1,2"}, "--image works without --addr only"},
 	} {
 		args := append([]string{"generate", "--image", img}, tt.args...)
 		code, _, stderr := tpfleet(t, args...)

@@ -18,6 +18,7 @@ import (
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/cluster"
 	"github.com/tpfleet/tpfleet/coordinator"
+	"github.com/tpfleet/tpfleet/gateway"
 	"github.com/tpfleet/tpfleet/internal/security"
 	"github.com/tpfleet/tpfleet/model"
 	modelrun "github.com/tpfleet/tpfleet/model/run"
@@ -48,6 +49,7 @@ type serveFlags struct {
 	mem                     memFlags
 	// vLLM's serve flags.
 	host, servedName, origins string
+	media                     gateway.MediaConfig
 	port, maxModelLen         int
 	genConfig                 string
 	apiKeys, adminKeys        []string
@@ -91,6 +93,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&f.maxModelLen, "max-model-len", 0, "context of a request, prompt and new tokens (0: max_position_embeddings)")
 	fs.StringVar(&f.genConfig, "generation-config", "auto", `default sampling of requests that leave it out: "auto" (the checkpoint's generation_config.json), "vllm" (vLLM's defaults: temperature 1) or a directory with a generation_config.json`)
 	fs.StringVar(&f.origins, "allowed-origins", "", `comma-separated origins the HTTP gateway's CORS allows ("*": any; empty: no CORS)`)
+	f.media.AddFlags(fs)
 	fs.IntVar(&f.workers, "workers", 0, "local workers; a multiple of --tp gives several replicas (0: --tp on cpu; on cuda the visible GPUs, rounded down to a multiple of --tp)")
 	fs.IntVar(&f.workers, "nproc-per-node", 0, "same as --workers (torchrun's name: one worker per GPU)")
 	fs.StringVar(&f.device, "device", worker.DeviceCPU, "where the workers run: "+deviceChoices()+" (cpu: in this process; a GPU backend: one worker process per GPU)")
@@ -190,7 +193,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		ListenAddr: f.listen, HTTPAddr: f.httpListen, Model: f.model, TP: f.tp, Plan: f.plan,
 		APIKeys: f.apiKeys, AdminKeys: f.adminKeys, TLS: tl, Insecure: f.tls.cfg.Insecure,
 		Gossip:             cluster.GossipConfig{KeyFile: f.tls.gossipKey},
-		HTTPAllowedOrigins: splitList(f.origins), ServedModelName: f.servedName, MaxModelLen: f.maxModelLen,
+		HTTPAllowedOrigins: splitList(f.origins), HTTPMedia: f.media, ServedModelName: f.servedName, MaxModelLen: f.maxModelLen,
 		GenerationConfig: f.genConfig, LoadFormat: f.mem.loadFormat,
 		Quantization: f.quant.name, QuantizationGroup: f.quant.group,
 		MaxQueue: f.maxQueue, MaxBatch: f.maxBatch, TokenBudget: f.tokenBudget, PrefillChunk: f.prefillChunk,

@@ -71,3 +71,14 @@ func ChoiceLogprobs(p sample.Params, c sample.Choice) *pb.ChosenLogprobs {
 	}
 	return out
 }
+
+// PromptLogprobs returns a prompt's logprobs (sample.PromptLogprobs.Choices: one per prompt token after
+// the first) in protobuf form.
+func PromptLogprobs(cs []sample.Choice) []*pb.ChosenLogprobs {
+	out := make([]*pb.ChosenLogprobs, len(cs))
+	for i, c := range cs {
+		out[i] = ChoiceLogprobs(sample.Params{Logprobs: true}, c)
+		out[i].Rank = int32(c.Rank)
+	}
+	return out
+}

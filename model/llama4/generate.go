@@ -65,26 +65,40 @@ func (m *Model) generate(ctx context.Context, prompt []int, images *Images, opt 
 	sampler.Feed(prompt) // the penalties' history
 	var out []int
 	next := prompt
+	pl := opt.PromptLogprobs
 	if images == nil && opt.PrefillChunk > 0 { // all of the prompt but its last piece; the loop runs that
 		for len(next) > opt.PrefillChunk {
-			if _, err := m.Forward(ctx, seq, next[:opt.PrefillChunk], false); err != nil {
+			logits, err := m.Forward(ctx, seq, next[:opt.PrefillChunk], pl != nil)
+			if err != nil {
 				return nil, "", err
+			}
+			if pl != nil {
+				if err := m.addPromptLogprobs(pl, next[:opt.PrefillChunk], logits); err != nil {
+					return nil, "", err
+				}
 			}
 			next = next[opt.PrefillChunk:]
 		}
 	}
 	for len(out) < opt.MaxTokens {
+		prefill := len(out) == 0
+		all := prefill && pl != nil // the prompt's logprobs need every position's logits
 		var logits backend.Tensor
-		if images != nil && len(out) == 0 {
-			logits, err = m.ForwardImages(ctx, seq, next, *images, false)
+		if images != nil && prefill {
+			logits, err = m.ForwardImages(ctx, seq, next, *images, all)
 		} else {
-			logits, err = m.Forward(ctx, seq, next, false)
+			logits, err = m.Forward(ctx, seq, next, all)
 		}
 		if err != nil {
 			return out, "", err
 		}
-		id, err := m.choose(logits, sampler)
-		if err != nil {
+		var id int
+		if all {
+			if err := m.addPromptLogprobs(pl, next, logits); err != nil {
+				return out, "", err
+			}
+			id = sampler.Next(pl.Last())
+		} else if id, err = m.choose(logits, sampler); err != nil {
 			return out, "", err
 		}
 		out = append(out, id)
@@ -99,6 +113,16 @@ func (m *Model) generate(ctx context.Context, prompt []int, images *Images, opt 
 		next = []int{id}
 	}
 	return out, FinishLength, nil
+}
+
+// addPromptLogprobs reads the logits of every position of a prompt piece, ids, and feeds them to pl.
+func (m *Model) addPromptLogprobs(pl *sample.PromptLogprobs, ids []int, logits backend.Tensor) error {
+	rows, err := m.ops.Float32(logits)
+	if err != nil {
+		return fmt.Errorf("llama4: read prompt logits: %w", err)
+	}
+	shape := logits.Shape()
+	return pl.Add(ids, rows, shape[len(shape)-1])
 }
 
 // choose picks the next token from logits [1, vocab]: on the backend when it implements backend.Sampler

@@ -81,6 +81,10 @@ type GenerateOptions struct {
 	// PrefillChunk, when positive, runs the prompt through the model in pieces of at most this many
 	// tokens (chunked prefill: the same logits, less activation memory per step).
 	PrefillChunk int
+	// PromptLogprobs, when not nil, receives the prompt's log-probabilities during the prefill (vLLM's
+	// prompt_logprobs): every prompt position's logits are computed (the lm_head over all of them, in
+	// each piece of a chunked prefill) and fed to it, so they cost memory only when asked for.
+	PromptLogprobs *sample.PromptLogprobs
 }
 
 // Finish says why a generation ended.
@@ -133,4 +137,33 @@ func Open(ctx context.Context, ops backend.Ops, cfg model.Config, w Weights, par
 		return nil, fmt.Errorf("%w: %s (%T) has no runtime", ErrNotRunnable, cfg.Info().Family, cfg)
 	}
 	return o.Open(ctx, ops, w, par)
+}
+
+// ImageModel is implemented by a Model whose prompts may carry image features: ForwardBatchImages is
+// ForwardBatch with features[i] (nil: none) in place of the embeddings of the image slots (the ids equal
+// to slotID, ImageEncoder.SlotID) among ids[i], one row of the model's hidden size per slot, in order. The rows must match the slots exactly; errors
+// wrap ErrInput. The features are read, never kept.
+type ImageModel interface {
+	ForwardBatchImages(ctx context.Context, seqs []Sequence, ids [][]int, slotID int, features [][]float32, allLogits bool) (backend.Tensor, error)
+}
+
+// ImageOpener is implemented by the configuration types of families with a vision tower that runs in
+// this binary.
+type ImageOpener interface {
+	// OpenImageEncoder loads the vision tower of the checkpoint in dir; it wraps model.ErrNoImages when
+	// the checkpoint has none.
+	OpenImageEncoder(ctx context.Context, dir string) (ImageEncoder, error)
+}
+
+// ImageEncoder turns encoded images into the feature rows of their image slots. It runs on the host, the
+// same on every rank (the same bytes give bit-identical features), and is safe for concurrent use.
+type ImageEncoder interface {
+	// SlotID is the id of an image slot in an expanded prompt (the <|patch|> id), and Width the length of
+	// one slot's feature row (the text model's hidden size).
+	SlotID() int
+	Width() int
+	// Encode decodes and processes every prompt's images and runs the vision tower once over all their
+	// tiles; out[i] holds prompt i's feature rows ([slots, hidden_size]) in slot order. Bad images wrap
+	// model.ErrImage and name the prompt and the image.
+	Encode(ctx context.Context, prompts [][][]byte) ([][]float32, error)
 }

@@ -1,7 +1,8 @@
 // The official openai npm client against a running `tpfleet serve` (BASE_URL, e.g. http://127.0.0.1:8000)
 // of the testdata/serve/moe-top1-chat fixture: completions and chat, whole and streamed; stop strings;
-// logprobs; n = 3; seed reproducibility; tools and tool calls rendered (the parser of the model's calls is
-// tested in Go on fixed outputs: the fixture's random model does not call tools). Run by cmd/tpfleet's TestOpenAINodeClient; exits non-zero on
+// logprobs (with echo: the prompt's too); n = 3; seed reproducibility; tools and tool calls rendered (the parser of the model's calls is
+// tested in Go on fixed outputs: the fixture's random model does not call tools); with IMAGE_BASE_URL, an
+// image chat and refused images. Run by cmd/tpfleet's TestOpenAINodeClient; exits non-zero on
 // the first failed check, naming it.
 import assert from 'node:assert/strict';
 import OpenAI from 'openai';
@@ -108,6 +109,38 @@ check('logprobs (completions and chat)', async () => {
   assert.equal(n, 12);
 });
 
+check('echo with logprobs (the prompt\'s first)', async () => {
+  const prompt = 'Once upon a time';
+  const r = await client.completions.create({ model, prompt, ...greedy, logprobs: 2, echo: true });
+  const c = r.choices[0];
+  const lp = c.logprobs;
+  assert.ok(c.text.startsWith(prompt));
+  const n = r.usage.prompt_tokens + 12;
+  assert.equal(lp.tokens.length, n);
+  assert.equal(lp.token_logprobs.length, n);
+  // The prompt's first token has none; the rest have theirs and their top ones.
+  assert.equal(lp.token_logprobs[0], null);
+  assert.equal(lp.top_logprobs[0], null);
+  let offset = 0;
+  lp.tokens.forEach((t, i) => {
+    assert.equal(lp.text_offset[i], offset, `text_offset[${i}]`);
+    offset += [...t].length;
+    if (i === 0) return;
+    assert.ok(lp.token_logprobs[i] <= 0);
+    assert.equal(lp.top_logprobs[i][t], lp.token_logprobs[i]);
+  });
+  // Streamed: the first event carries the echoed prompt and its logprobs.
+  const s = await client.completions.create({ model, prompt, ...greedy, logprobs: 2, echo: true, stream: true });
+  const tokens = [];
+  let text = '';
+  for await (const chunk of s) {
+    text += chunk.choices[0]?.text ?? '';
+    tokens.push(...(chunk.choices[0]?.logprobs?.tokens ?? []));
+  }
+  assert.equal(text, c.text);
+  assert.deepEqual(tokens, lp.tokens);
+});
+
 check('n = 3 and seed reproducibility', async () => {
   const req = { model, prompt: 'Once upon a time', max_tokens: 10, temperature: 1, n: 3, seed: 1234, ignore_eos: true };
   const a = await client.completions.create(req);
@@ -155,6 +188,63 @@ check('a refused field is a 400 the client raises', async () => {
     (err) => err instanceof OpenAI.BadRequestError && /tool_choice/.test(err.message),
   );
 });
+
+// Images: an image_url data URL in a chat to a checkpoint with a vision tower (IMAGE_BASE_URL: a second
+// `tpfleet serve`, of the image fixture), streamed; the ids and text must be what the local
+// `tpfleet generate --image` decodes for the same chat (IMAGE_WANT_IDS, IMAGE_WANT_TEXT).
+const imageBase = process.env.IMAGE_BASE_URL;
+if (imageBase) {
+  const { readFileSync } = await import('node:fs');
+  const imageClient = new OpenAI({ baseURL: `${imageBase}/v1`, apiKey: process.env.API_KEY ?? 'none', maxRetries: 0 });
+  const png = readFileSync(process.env.IMAGE_FILE).toString('base64');
+  const imageMessages = (url) => [{
+    role: 'user',
+    content: [
+      { type: 'image_url', image_url: { url, detail: 'auto' } },
+      { type: 'text', text: process.env.IMAGE_QUESTION },
+    ],
+  }];
+  const imageGreedy = { temperature: 0, max_tokens: JSON.parse(process.env.IMAGE_WANT_IDS).length, ignore_eos: true };
+
+  check('image chat (image_url data URL), streamed', async () => {
+    const [{ id: imageModel }] = (await imageClient.models.list()).data;
+    const stream = await imageClient.chat.completions.create({
+      model: imageModel, messages: imageMessages(`data:image/png;base64,${png}`), ...imageGreedy,
+      stream: true, return_token_ids: true,
+    });
+    let text = '';
+    const ids = [];
+    let finish;
+    for await (const chunk of stream) {
+      for (const c of chunk.choices) {
+        text += c.delta?.content ?? '';
+        ids.push(...(c.token_ids ?? []));
+        if (c.finish_reason) finish = c.finish_reason;
+      }
+    }
+    assert.deepEqual(ids, JSON.parse(process.env.IMAGE_WANT_IDS));
+    assert.equal(text, process.env.IMAGE_WANT_TEXT);
+    assert.equal(finish, 'length');
+  });
+
+  check('bad images are 400s the client raises', async () => {
+    const [{ id: imageModel }] = (await imageClient.models.list()).data;
+    const junk = Buffer.from('not an image').toString('base64');
+    await assert.rejects(
+      imageClient.chat.completions.create({ model: imageModel, messages: imageMessages(`data:image/png;base64,${junk}`), max_tokens: 2 }),
+      (err) => err instanceof OpenAI.BadRequestError && /invalid image/.test(err.message),
+    );
+    await assert.rejects(
+      imageClient.chat.completions.create({ model: imageModel, messages: imageMessages('https://example.com/cat.png'), max_tokens: 2 }),
+      (err) => err instanceof OpenAI.BadRequestError && /allowed-media-domains/.test(err.message),
+    );
+    // A checkpoint without a vision tower.
+    await assert.rejects(
+      client.chat.completions.create({ model, messages: imageMessages(`data:image/png;base64,${png}`), max_tokens: 2 }),
+      (err) => err instanceof OpenAI.BadRequestError && /takes no images/.test(err.message),
+    );
+  });
+}
 
 let failed = 0;
 for (const [name, fn] of checks) {

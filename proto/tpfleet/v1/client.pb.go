@@ -42,8 +42,15 @@ type GenerateRequest struct {
 	// is held back from the stream until it cannot. Needs the model's tokenizer; strings must not be empty.
 	Stop                   []string `protobuf:"bytes,8,rep,name=stop,proto3" json:"stop,omitempty"`
 	IncludeStopStrInOutput bool     `protobuf:"varint,9,opt,name=include_stop_str_in_output,json=includeStopStrInOutput,proto3" json:"include_stop_str_in_output,omitempty"`
-	unknownFields          protoimpl.UnknownFields
-	sizeCache              protoimpl.SizeCache
+	// prompt_logprobs asks for the log-probabilities of the prompt's tokens (vLLM's prompt_logprobs), each
+	// with this many most likely tokens (0 to 20), of the model's own distribution as logprobs are.
+	PromptLogprobs *int32 `protobuf:"varint,19,opt,name=prompt_logprobs,json=promptLogprobs,proto3,oneof" json:"prompt_logprobs,omitempty"`
+	// images are encoded images (PNG, JPEG, GIF or WebP) for a model with a vision tower, in the order of
+	// the prompt's image placeholders (<|image|> for Llama 4); a prompt without any gets one per image
+	// after its BOS. At most the model's images per prompt; each image's size is checked before decoding.
+	Images        [][]byte `protobuf:"bytes,16,rep,name=images,proto3" json:"images,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GenerateRequest) Reset() {
@@ -139,6 +146,20 @@ func (x *GenerateRequest) GetIncludeStopStrInOutput() bool {
 	return false
 }
 
+func (x *GenerateRequest) GetPromptLogprobs() int32 {
+	if x != nil && x.PromptLogprobs != nil {
+		return *x.PromptLogprobs
+	}
+	return 0
+}
+
+func (x *GenerateRequest) GetImages() [][]byte {
+	if x != nil {
+		return x.Images
+	}
+	return nil
+}
+
 type GenerateResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// ids are the tokens chosen since the previous message (usually one).
@@ -153,9 +174,13 @@ type GenerateResponse struct {
 	// stop_reason is the stop string that ended the generation (on the last message only).
 	StopReason string `protobuf:"bytes,6,opt,name=stop_reason,json=stopReason,proto3" json:"stop_reason,omitempty"`
 	// logprobs has one entry per id of ids when sampling.logprobs is set.
-	Logprobs      []*ChosenLogprobs `protobuf:"bytes,7,rep,name=logprobs,proto3" json:"logprobs,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Logprobs []*ChosenLogprobs `protobuf:"bytes,7,rep,name=logprobs,proto3" json:"logprobs,omitempty"`
+	// prompt_logprobs are set on the first message when the request asked for them: entry i is prompt token
+	// i+1's log-probability given the tokens before it, and the most likely tokens there (the first prompt
+	// token has none).
+	PromptLogprobs []*ChosenLogprobs `protobuf:"bytes,17,rep,name=prompt_logprobs,json=promptLogprobs,proto3" json:"prompt_logprobs,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *GenerateResponse) Reset() {
@@ -233,6 +258,13 @@ func (x *GenerateResponse) GetStopReason() string {
 func (x *GenerateResponse) GetLogprobs() []*ChosenLogprobs {
 	if x != nil {
 		return x.Logprobs
+	}
+	return nil
+}
+
+func (x *GenerateResponse) GetPromptLogprobs() []*ChosenLogprobs {
+	if x != nil {
+		return x.PromptLogprobs
 	}
 	return nil
 }
@@ -503,7 +535,7 @@ var File_tpfleet_v1_client_proto protoreflect.FileDescriptor
 const file_tpfleet_v1_client_proto_rawDesc = "" +
 	"\n" +
 	"\x17tpfleet/v1/client.proto\x12\n" +
-	"tpfleet.v1\x1a\x17tpfleet/v1/common.proto\"\xbf\x02\n" +
+	"tpfleet.v1\x1a\x17tpfleet/v1/common.proto\"\x99\x03\n" +
 	"\x0fGenerateRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x1d\n" +
 	"\n" +
@@ -516,7 +548,10 @@ const file_tpfleet_v1_client_proto_rawDesc = "" +
 	"ignore_eos\x18\x06 \x01(\bR\tignoreEos\x12\x19\n" +
 	"\bstop_ids\x18\a \x03(\x05R\astopIds\x12\x12\n" +
 	"\x04stop\x18\b \x03(\tR\x04stop\x12:\n" +
-	"\x1ainclude_stop_str_in_output\x18\t \x01(\bR\x16includeStopStrInOutput\"\x88\x02\n" +
+	"\x1ainclude_stop_str_in_output\x18\t \x01(\bR\x16includeStopStrInOutput\x12,\n" +
+	"\x0fprompt_logprobs\x18\x13 \x01(\x05H\x00R\x0epromptLogprobs\x88\x01\x01\x12\x16\n" +
+	"\x06images\x18\x10 \x03(\fR\x06imagesB\x12\n" +
+	"\x10_prompt_logprobs\"\xcd\x02\n" +
 	"\x10GenerateResponse\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\x05R\x03ids\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\tR\x04text\x12#\n" +
@@ -525,7 +560,8 @@ const file_tpfleet_v1_client_proto_rawDesc = "" +
 	"\x11completion_tokens\x18\x05 \x01(\x05R\x10completionTokens\x12\x1f\n" +
 	"\vstop_reason\x18\x06 \x01(\tR\n" +
 	"stopReason\x126\n" +
-	"\blogprobs\x18\a \x03(\v2\x1a.tpfleet.v1.ChosenLogprobsR\blogprobs\"\\\n" +
+	"\blogprobs\x18\a \x03(\v2\x1a.tpfleet.v1.ChosenLogprobsR\blogprobs\x12C\n" +
+	"\x0fprompt_logprobs\x18\x11 \x03(\v2\x1a.tpfleet.v1.ChosenLogprobsR\x0epromptLogprobs\"\\\n" +
 	"\x0fTokenizeRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\tR\x04text\x12\x1f\n" +
@@ -577,18 +613,19 @@ var file_tpfleet_v1_client_proto_goTypes = []any{
 var file_tpfleet_v1_client_proto_depIdxs = []int32{
 	7, // 0: tpfleet.v1.GenerateRequest.sampling:type_name -> tpfleet.v1.SamplingParams
 	8, // 1: tpfleet.v1.GenerateResponse.logprobs:type_name -> tpfleet.v1.ChosenLogprobs
-	6, // 2: tpfleet.v1.ListModelsResponse.models:type_name -> tpfleet.v1.Model
-	0, // 3: tpfleet.v1.Generation.Generate:input_type -> tpfleet.v1.GenerateRequest
-	2, // 4: tpfleet.v1.Generation.Tokenize:input_type -> tpfleet.v1.TokenizeRequest
-	4, // 5: tpfleet.v1.Generation.ListModels:input_type -> tpfleet.v1.ListModelsRequest
-	1, // 6: tpfleet.v1.Generation.Generate:output_type -> tpfleet.v1.GenerateResponse
-	3, // 7: tpfleet.v1.Generation.Tokenize:output_type -> tpfleet.v1.TokenizeResponse
-	5, // 8: tpfleet.v1.Generation.ListModels:output_type -> tpfleet.v1.ListModelsResponse
-	6, // [6:9] is the sub-list for method output_type
-	3, // [3:6] is the sub-list for method input_type
-	3, // [3:3] is the sub-list for extension type_name
-	3, // [3:3] is the sub-list for extension extendee
-	0, // [0:3] is the sub-list for field type_name
+	8, // 2: tpfleet.v1.GenerateResponse.prompt_logprobs:type_name -> tpfleet.v1.ChosenLogprobs
+	6, // 3: tpfleet.v1.ListModelsResponse.models:type_name -> tpfleet.v1.Model
+	0, // 4: tpfleet.v1.Generation.Generate:input_type -> tpfleet.v1.GenerateRequest
+	2, // 5: tpfleet.v1.Generation.Tokenize:input_type -> tpfleet.v1.TokenizeRequest
+	4, // 6: tpfleet.v1.Generation.ListModels:input_type -> tpfleet.v1.ListModelsRequest
+	1, // 7: tpfleet.v1.Generation.Generate:output_type -> tpfleet.v1.GenerateResponse
+	3, // 8: tpfleet.v1.Generation.Tokenize:output_type -> tpfleet.v1.TokenizeResponse
+	5, // 9: tpfleet.v1.Generation.ListModels:output_type -> tpfleet.v1.ListModelsResponse
+	7, // [7:10] is the sub-list for method output_type
+	4, // [4:7] is the sub-list for method input_type
+	4, // [4:4] is the sub-list for extension type_name
+	4, // [4:4] is the sub-list for extension extendee
+	0, // [0:4] is the sub-list for field type_name
 }
 
 func init() { file_tpfleet_v1_client_proto_init() }
@@ -597,6 +634,7 @@ func file_tpfleet_v1_client_proto_init() {
 		return
 	}
 	file_tpfleet_v1_common_proto_init()
+	file_tpfleet_v1_client_proto_msgTypes[0].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{

@@ -217,9 +217,12 @@ func (x *TokenLogprob) GetLogprob() float32 {
 
 // ChosenLogprobs are a chosen token's log-probability and the most likely tokens', highest first.
 type ChosenLogprobs struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Logprob       float32                `protobuf:"fixed32,1,opt,name=logprob,proto3" json:"logprob,omitempty"`
-	Top           []*TokenLogprob        `protobuf:"bytes,2,rep,name=top,proto3" json:"top,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Logprob float32                `protobuf:"fixed32,1,opt,name=logprob,proto3" json:"logprob,omitempty"`
+	Top     []*TokenLogprob        `protobuf:"bytes,2,rep,name=top,proto3" json:"top,omitempty"`
+	// rank is the token's rank (1: the most likely; the tokens at least as likely), given for prompt
+	// logprobs (0: not given).
+	Rank          int32 `protobuf:"varint,13,opt,name=rank,proto3" json:"rank,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -268,6 +271,13 @@ func (x *ChosenLogprobs) GetTop() []*TokenLogprob {
 	return nil
 }
 
+func (x *ChosenLogprobs) GetRank() int32 {
+	if x != nil {
+		return x.Rank
+	}
+	return 0
+}
+
 var File_tpfleet_v1_common_proto protoreflect.FileDescriptor
 
 const file_tpfleet_v1_common_proto_rawDesc = "" +
@@ -295,10 +305,11 @@ const file_tpfleet_v1_common_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\x01R\x05value:\x028\x01\"8\n" +
 	"\fTokenLogprob\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x05R\x02id\x12\x18\n" +
-	"\alogprob\x18\x02 \x01(\x02R\alogprob\"V\n" +
+	"\alogprob\x18\x02 \x01(\x02R\alogprob\"j\n" +
 	"\x0eChosenLogprobs\x12\x18\n" +
 	"\alogprob\x18\x01 \x01(\x02R\alogprob\x12*\n" +
-	"\x03top\x18\x02 \x03(\v2\x18.tpfleet.v1.TokenLogprobR\x03topB7Z5github.com/tpfleet/tpfleet/proto/tpfleet/v1;tpfleetv1b\x06proto3"
+	"\x03top\x18\x02 \x03(\v2\x18.tpfleet.v1.TokenLogprobR\x03top\x12\x12\n" +
+	"\x04rank\x18\r \x01(\x05R\x04rankB7Z5github.com/tpfleet/tpfleet/proto/tpfleet/v1;tpfleetv1b\x06proto3"
 
 var (
 	file_tpfleet_v1_common_proto_rawDescOnce sync.Once

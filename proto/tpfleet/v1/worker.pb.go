@@ -176,7 +176,16 @@ type SequenceWork struct {
 	// resumed is set with start for a request that already chose that many tokens on another sequence (a
 	// group that stopped or failed): rank 0 advances the new sampler's random stream by as many draws, so
 	// that a sampled request resumed with its prompt and tokens so far continues as if uninterrupted.
-	Resumed       uint32 `protobuf:"varint,7,opt,name=resumed,proto3" json:"resumed,omitempty"`
+	Resumed uint32 `protobuf:"varint,7,opt,name=resumed,proto3" json:"resumed,omitempty"`
+	// prompt_logprobs is set with start to ask rank 0 for the log-probabilities of the prompt's tokens (vLLM's
+	// prompt_logprobs) with this many most likely tokens each (0 to 20): every rank then computes the logits of
+	// every position of each piece of ids until the work that samples, whose result carries them.
+	PromptLogprobs *int32 `protobuf:"varint,17,opt,name=prompt_logprobs,json=promptLogprobs,proto3,oneof" json:"prompt_logprobs,omitempty"`
+	// images are set with start only: the encoded images (PNG, JPEG, GIF or WebP) of a prompt whose ids
+	// already hold their image slots (the coordinator expanded its placeholders). Each rank runs the vision
+	// tower once over them when the sequence starts and keeps the features until the prompt's image slots
+	// have been fed, so later prompt pieces and decode steps carry no images.
+	Images        [][]byte `protobuf:"bytes,16,rep,name=images,proto3" json:"images,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -260,6 +269,20 @@ func (x *SequenceWork) GetResumed() uint32 {
 	return 0
 }
 
+func (x *SequenceWork) GetPromptLogprobs() int32 {
+	if x != nil && x.PromptLogprobs != nil {
+		return *x.PromptLogprobs
+	}
+	return 0
+}
+
+func (x *SequenceWork) GetImages() [][]byte {
+	if x != nil {
+		return x.Images
+	}
+	return nil
+}
+
 type StepResponse struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Step    uint64                 `protobuf:"varint,1,opt,name=step,proto3" json:"step,omitempty"`
@@ -326,9 +349,12 @@ type SequenceResult struct {
 	SeqId  uint64                 `protobuf:"varint,1,opt,name=seq_id,json=seqId,proto3" json:"seq_id,omitempty"`
 	NextId int32                  `protobuf:"varint,2,opt,name=next_id,json=nextId,proto3" json:"next_id,omitempty"`
 	// logprobs are next_id's when the sequence's sampling asked for them.
-	Logprobs      *ChosenLogprobs `protobuf:"bytes,3,opt,name=logprobs,proto3" json:"logprobs,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Logprobs *ChosenLogprobs `protobuf:"bytes,3,opt,name=logprobs,proto3" json:"logprobs,omitempty"`
+	// prompt_logprobs are set with the first token of a sequence started with prompt_logprobs: entry i is
+	// the log-probability of prompt token i+1 (the first has none) and the most likely tokens there.
+	PromptLogprobs []*ChosenLogprobs `protobuf:"bytes,13,rep,name=prompt_logprobs,json=promptLogprobs,proto3" json:"prompt_logprobs,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *SequenceResult) Reset() {
@@ -378,6 +404,13 @@ func (x *SequenceResult) GetNextId() int32 {
 func (x *SequenceResult) GetLogprobs() *ChosenLogprobs {
 	if x != nil {
 		return x.Logprobs
+	}
+	return nil
+}
+
+func (x *SequenceResult) GetPromptLogprobs() []*ChosenLogprobs {
+	if x != nil {
+		return x.PromptLogprobs
 	}
 	return nil
 }
@@ -1493,7 +1526,7 @@ const file_tpfleet_v1_worker_proto_rawDesc = "" +
 	"\x04seqs\x18\x04 \x03(\v2\x18.tpfleet.v1.SequenceWorkR\x04seqs\x12\x18\n" +
 	"\arelease\x18\x05 \x03(\x04R\arelease\x12\x1d\n" +
 	"\n" +
-	"leader_rev\x18\x06 \x01(\x03R\tleaderRev\"\xd3\x01\n" +
+	"leader_rev\x18\x06 \x01(\x03R\tleaderRev\"\xad\x02\n" +
 	"\fSequenceWork\x12\x15\n" +
 	"\x06seq_id\x18\x01 \x01(\x04R\x05seqId\x12\x10\n" +
 	"\x03ids\x18\x02 \x03(\x05R\x03ids\x12\x14\n" +
@@ -1501,15 +1534,19 @@ const file_tpfleet_v1_worker_proto_rawDesc = "" +
 	"\bcapacity\x18\x04 \x01(\x05R\bcapacity\x126\n" +
 	"\bsampling\x18\x05 \x01(\v2\x1a.tpfleet.v1.SamplingParamsR\bsampling\x12\x16\n" +
 	"\x06sample\x18\x06 \x01(\bR\x06sample\x12\x18\n" +
-	"\aresumed\x18\a \x01(\rR\aresumed\"n\n" +
+	"\aresumed\x18\a \x01(\rR\aresumed\x12,\n" +
+	"\x0fprompt_logprobs\x18\x11 \x01(\x05H\x00R\x0epromptLogprobs\x88\x01\x01\x12\x16\n" +
+	"\x06images\x18\x10 \x03(\fR\x06imagesB\x12\n" +
+	"\x10_prompt_logprobs\"n\n" +
 	"\fStepResponse\x12\x12\n" +
 	"\x04step\x18\x01 \x01(\x04R\x04step\x124\n" +
 	"\aresults\x18\x02 \x03(\v2\x1a.tpfleet.v1.SequenceResultR\aresults\x12\x14\n" +
-	"\x05error\x18\x03 \x01(\tR\x05error\"x\n" +
+	"\x05error\x18\x03 \x01(\tR\x05error\"\xbd\x01\n" +
 	"\x0eSequenceResult\x12\x15\n" +
 	"\x06seq_id\x18\x01 \x01(\x04R\x05seqId\x12\x17\n" +
 	"\anext_id\x18\x02 \x01(\x05R\x06nextId\x126\n" +
-	"\blogprobs\x18\x03 \x01(\v2\x1a.tpfleet.v1.ChosenLogprobsR\blogprobs\"'\n" +
+	"\blogprobs\x18\x03 \x01(\v2\x1a.tpfleet.v1.ChosenLogprobsR\blogprobs\x12C\n" +
+	"\x0fprompt_logprobs\x18\r \x03(\v2\x1a.tpfleet.v1.ChosenLogprobsR\x0epromptLogprobs\"'\n" +
 	"\x0fLoadPlanRequest\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x03R\x05epoch\"(\n" +
 	"\x10LoadPlanResponse\x12\x14\n" +
@@ -1661,28 +1698,29 @@ var file_tpfleet_v1_worker_proto_depIdxs = []int32{
 	20, // 2: tpfleet.v1.SequenceWork.sampling:type_name -> tpfleet.v1.SamplingParams
 	4,  // 3: tpfleet.v1.StepResponse.results:type_name -> tpfleet.v1.SequenceResult
 	21, // 4: tpfleet.v1.SequenceResult.logprobs:type_name -> tpfleet.v1.ChosenLogprobs
-	11, // 5: tpfleet.v1.StatusResponse.expert_load:type_name -> tpfleet.v1.ExpertLoad
-	10, // 6: tpfleet.v1.StatusResponse.memory:type_name -> tpfleet.v1.MemoryPlan
-	9,  // 7: tpfleet.v1.StatusResponse.startup_phases:type_name -> tpfleet.v1.StartupPhase
-	15, // 8: tpfleet.v1.CheckpointInfoResponse.files:type_name -> tpfleet.v1.CheckpointFile
-	16, // 9: tpfleet.v1.CheckpointInfoResponse.tensors:type_name -> tpfleet.v1.TensorHeader
-	1,  // 10: tpfleet.v1.Worker.Step:input_type -> tpfleet.v1.StepRequest
-	5,  // 11: tpfleet.v1.Worker.LoadPlan:input_type -> tpfleet.v1.LoadPlanRequest
-	7,  // 12: tpfleet.v1.Worker.Status:input_type -> tpfleet.v1.StatusRequest
-	12, // 13: tpfleet.v1.Worker.Prepare:input_type -> tpfleet.v1.PrepareRequest
-	14, // 14: tpfleet.v1.Worker.CheckpointInfo:input_type -> tpfleet.v1.CheckpointInfoRequest
-	18, // 15: tpfleet.v1.Worker.ReadTensor:input_type -> tpfleet.v1.ReadTensorRequest
-	3,  // 16: tpfleet.v1.Worker.Step:output_type -> tpfleet.v1.StepResponse
-	6,  // 17: tpfleet.v1.Worker.LoadPlan:output_type -> tpfleet.v1.LoadPlanResponse
-	8,  // 18: tpfleet.v1.Worker.Status:output_type -> tpfleet.v1.StatusResponse
-	13, // 19: tpfleet.v1.Worker.Prepare:output_type -> tpfleet.v1.PrepareResponse
-	17, // 20: tpfleet.v1.Worker.CheckpointInfo:output_type -> tpfleet.v1.CheckpointInfoResponse
-	19, // 21: tpfleet.v1.Worker.ReadTensor:output_type -> tpfleet.v1.TensorChunk
-	16, // [16:22] is the sub-list for method output_type
-	10, // [10:16] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	21, // 5: tpfleet.v1.SequenceResult.prompt_logprobs:type_name -> tpfleet.v1.ChosenLogprobs
+	11, // 6: tpfleet.v1.StatusResponse.expert_load:type_name -> tpfleet.v1.ExpertLoad
+	10, // 7: tpfleet.v1.StatusResponse.memory:type_name -> tpfleet.v1.MemoryPlan
+	9,  // 8: tpfleet.v1.StatusResponse.startup_phases:type_name -> tpfleet.v1.StartupPhase
+	15, // 9: tpfleet.v1.CheckpointInfoResponse.files:type_name -> tpfleet.v1.CheckpointFile
+	16, // 10: tpfleet.v1.CheckpointInfoResponse.tensors:type_name -> tpfleet.v1.TensorHeader
+	1,  // 11: tpfleet.v1.Worker.Step:input_type -> tpfleet.v1.StepRequest
+	5,  // 12: tpfleet.v1.Worker.LoadPlan:input_type -> tpfleet.v1.LoadPlanRequest
+	7,  // 13: tpfleet.v1.Worker.Status:input_type -> tpfleet.v1.StatusRequest
+	12, // 14: tpfleet.v1.Worker.Prepare:input_type -> tpfleet.v1.PrepareRequest
+	14, // 15: tpfleet.v1.Worker.CheckpointInfo:input_type -> tpfleet.v1.CheckpointInfoRequest
+	18, // 16: tpfleet.v1.Worker.ReadTensor:input_type -> tpfleet.v1.ReadTensorRequest
+	3,  // 17: tpfleet.v1.Worker.Step:output_type -> tpfleet.v1.StepResponse
+	6,  // 18: tpfleet.v1.Worker.LoadPlan:output_type -> tpfleet.v1.LoadPlanResponse
+	8,  // 19: tpfleet.v1.Worker.Status:output_type -> tpfleet.v1.StatusResponse
+	13, // 20: tpfleet.v1.Worker.Prepare:output_type -> tpfleet.v1.PrepareResponse
+	17, // 21: tpfleet.v1.Worker.CheckpointInfo:output_type -> tpfleet.v1.CheckpointInfoResponse
+	19, // 22: tpfleet.v1.Worker.ReadTensor:output_type -> tpfleet.v1.TensorChunk
+	17, // [17:23] is the sub-list for method output_type
+	11, // [11:17] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_tpfleet_v1_worker_proto_init() }
@@ -1691,6 +1729,7 @@ func file_tpfleet_v1_worker_proto_init() {
 		return
 	}
 	file_tpfleet_v1_common_proto_init()
+	file_tpfleet_v1_worker_proto_msgTypes[1].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
