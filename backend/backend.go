@@ -62,11 +62,36 @@ type Routing interface {
 
 // ExpertCounter is implemented by a Routing whose choices the host reads without a copy from the device
 // (cpu's): the model counts the tokens each expert gets (expert load, for rebalancing hot experts). A
-// device backend whose routing stays on the device leaves it out, and its experts are not counted.
+// device backend whose routing stays on the device leaves it out and counts there (ExpertTallier).
 type ExpertCounter interface {
 	// CountExperts adds to counts[e] the number of (token, choice) pairs routed to expert e. counts has one
 	// entry per expert of the router's logits; a shorter one is an error wrapping ErrShape.
 	CountExperts(counts []int64) error
+}
+
+// ExpertTallier is implemented by a backend whose routing stays on the device (cuda's): rather than the host
+// reading every step's choice (ExpertCounter, which would cost a device round trip per MoE layer and break
+// recorded steps), the device counts the choices into counters of its own, and the host reads them only
+// when it asks. A model that finds it counts through it and leaves ExpertCounter alone.
+type ExpertTallier interface {
+	// NewExpertTally returns a tally of n counters, all zero. Call it outside StepRecorder.Step (at load
+	// time): the counters keep their device address for the tally's life, so recorded steps replay their
+	// counting. The counters' memory returns to the backend when the tally becomes unreachable.
+	NewExpertTally(n int) (ExpertTally, error)
+}
+
+// ExpertTally is a set of expert counters on a device (ExpertTallier).
+type ExpertTally interface {
+	// Add counts r's choices into counters [first, first+n): each (token, choice) pair routed to expert e
+	// adds one to counter first+e when 0 <= e < n; others are not counted. It is enqueued like an op, on
+	// the goroutine that drives the backend, and a recorded step (StepRecorder) counts at every replay. A
+	// range outside the tally is an error wrapping ErrShape.
+	Add(r Routing, first, n int) error
+	// Counts returns every counter: the tokens of the Adds the device has finished (all those of a step
+	// whose output was read or after Synchronizer.Synchronize). Unlike the ops, it is safe to call from
+	// any goroutine while another drives the backend (a worker's Status during a step); it waits for its
+	// copy only, never for the backend's work.
+	Counts() ([]int64, error)
 }
 
 // ExpertMapper is implemented by a backend that sends each token's choice of an expert to one of the

@@ -23,6 +23,7 @@
 // GraphReporter), on-device sampling (Sampler), Synchronizer, MemoryReporter, KVSizer, Describer, Threader,
 // Profiler, BandwidthMeter, QuantizedLoader (weights in package quant's formats: fp8 rowwise, compressed-tensors
 // FP8, int4 group-wise; Linear and Experts dispatch on the format a weight carries; CheckQuantized reports a
-// backend without it as errors.ErrUnsupported before anything loads), and DeviceContext, which makes a TP group of the backend join through NCCL
+// backend without it as errors.ErrUnsupported before anything loads), expert counting (ExpertCounter on a
+// host Routing, ExpertTallier's counters on a device), ExpertMapper, and DeviceContext, which makes a TP group of the backend join through NCCL
 // instead of the TCP ring (package tpgroup).
 package backend

@@ -61,6 +61,7 @@ func Run(t *testing.T, ops backend.Ops, tol Tolerance) {
 		{"Experts", s.testExperts},
 		{"ExpertsSplit", s.testExpertsSplit},
 		{"ExpertMapper", s.testExpertMapper},
+		{"ExpertTally", s.testExpertTally},
 		{"Quantized", s.testQuantized},
 		{"Foreign", s.testForeign},
 		{"Sample", s.testSample},
@@ -1214,6 +1215,85 @@ func (s *suite) testExpertMapper(t *testing.T) {
 		if _, err := em.MapExperts(rt, bad.slots, bad.spread); !errors.Is(err, backend.ErrShape) {
 			t.Errorf("MapExperts(%s) = %v, want ErrShape", bad.name, err)
 		}
+	}
+}
+
+// testExpertTally checks backend.ExpertTallier, where the backend has it: a new tally is all zeros; Add
+// counts each (token, choice) pair into its expert's counter of the range asked for, skips experts
+// beyond a narrower range, and accumulates over calls and over three ranges of one tally (as a model's
+// layers share one); Counts equals the host count of the reference routing; bad ranges wrap ErrShape.
+func (s *suite) testExpertTally(t *testing.T) {
+	et, ok := s.ops.(backend.ExpertTallier)
+	if !ok {
+		t.Skipf("%s does not implement backend.ExpertTallier (optional)", s.ops.Name())
+	}
+	r := rng(t)
+	const E = 6
+	const n = 2*E + 3 // [0, E): a layer; [E, E+3): experts 0..2 only; [E+3, 2E+3): another layer
+	tally, err := et.NewExpertTally(n)
+	if err != nil {
+		t.Fatalf("NewExpertTally(%d) error: %v", n, err)
+	}
+	counts := func() []int64 {
+		t.Helper()
+		if sy, ok := s.ops.(backend.Synchronizer); ok {
+			if err := sy.Synchronize(); err != nil {
+				t.Fatalf("Synchronize error: %v", err)
+			}
+		}
+		got, err := tally.Counts()
+		if err != nil {
+			t.Fatalf("Counts error: %v", err)
+		}
+		return got
+	}
+	want := make([]int64, n)
+	if got := counts(); !slices.Equal(got, want) {
+		t.Fatalf("Counts() of a new tally = %v, want %v", got, want)
+	}
+	var last backend.Routing
+	for _, tc := range []struct{ T, k int }{{1, 1}, {7, 2}, {300, 2}, {0, 1}, {5, 4}} {
+		logits := uniform(r, tc.T*E, 3)
+		rt, err := s.ops.Route(s.tensor(t, []int{tc.T, E}, logits), tc.k)
+		if err != nil {
+			t.Fatalf("Route(T %d, k %d) error: %v", tc.T, tc.k, err)
+		}
+		for _, add := range []struct{ first, n int }{{0, E}, {E + 3, E}, {E, 3}} {
+			if err := tally.Add(rt, add.first, add.n); err != nil {
+				t.Fatalf("Add(T %d k %d, %d, %d) error: %v", tc.T, tc.k, add.first, add.n, err)
+			}
+		}
+		experts, _ := refRoute(logits, tc.T, E, tc.k)
+		for _, e := range experts {
+			want[e]++
+			want[E+3+e]++
+			if e < 3 {
+				want[E+e]++
+			}
+		}
+		if tc.T > 0 {
+			last = rt
+		}
+	}
+	if got := counts(); !slices.Equal(got, want) {
+		t.Errorf("Counts() = %v, want %v", got, want)
+	}
+	if got := counts(); !slices.Equal(got, want) {
+		t.Errorf("Counts() again = %v, want %v (reading does not reset)", got, want)
+	}
+	for _, bad := range []struct{ first, n int }{{-1, E}, {E + 4, E}, {0, n + 1}, {0, -1}} {
+		if err := tally.Add(last, bad.first, bad.n); !errors.Is(err, backend.ErrShape) {
+			t.Errorf("Add(routing, %d, %d) of %d counters = %v, want ErrShape", bad.first, bad.n, n, err)
+		}
+	}
+	if err := tally.Add(foreignRouting{}, 0, E); err == nil {
+		t.Errorf("Add(a foreign routing) = nil, want an error")
+	}
+	if _, err := et.NewExpertTally(-1); !errors.Is(err, backend.ErrShape) {
+		t.Errorf("NewExpertTally(-1) = %v, want ErrShape", err)
+	}
+	if got := counts(); !slices.Equal(got, want) {
+		t.Errorf("Counts() after refused Adds = %v, want %v", got, want)
 	}
 }
 

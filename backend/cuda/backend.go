@@ -40,6 +40,7 @@ type Backend struct {
 	ctxStart time.Time
 	offload  OffloadStats // offloaded experts' copies (offload.go)
 	off      *offloader   // the offloaded experts' copy stream and cache (offload.go), nil until then
+	tallies  *tallyReader // the expert tallies' reads (expertcount.go), nil until the first tally
 
 	rec   *recorder             // the Step being captured or replayed, nil otherwise (graph.go)
 	steps map[string]*stepState // Step's recordings by key
@@ -74,6 +75,7 @@ type kernelSet struct {
 	splitBF16, addHalves                                                 *kernel
 	kvAppend, attention, route, expertGateUp, expertDown                 *kernel
 	mapExperts                                                           *kernel
+	countExperts                                                         *kernel
 	attentionSplit, attentionCombine                                     *kernel
 	attentionSplit128                                                    [5]*kernel // groups of at most 1, 2, 4, 5, 8
 	attentionFlash                                                       *kernel
@@ -198,6 +200,7 @@ func (b *Backend) init() error {
 		{"attention_flash", &b.k.attentionFlash},
 		{"route", &b.k.route}, {"expert_gate_up", &b.k.expertGateUp}, {"expert_down", &b.k.expertDown},
 		{"map_experts", &b.k.mapExperts},
+		{"count_experts", &b.k.countExperts},
 		{"gather_permute", &b.k.gatherPermute}, {"fill_random", &b.k.fillRandom},
 		{"gemv_1", &b.k.gemv[0]}, {"gemv_2", &b.k.gemv[1]}, {"gemv_4", &b.k.gemv[2]}, {"gemv_8", &b.k.gemv[3]},
 		{"moe_plan", &b.k.moePlan}, {"expert_gemv_1", &b.k.expertGEMV1}, {"expert_gemv_8", &b.k.expertGEMV8},
@@ -238,6 +241,7 @@ func (b *Backend) Close() error {
 	b.closeGraphs()
 	b.closeProfiler()
 	b.closeOffload()
+	keep(b.closeTallies())
 	if b.pool != nil {
 		keep(b.pool.close())
 	}
@@ -379,9 +383,10 @@ func (b *Backend) newTensor(dt DType, shape ...int) (*tensor, error) {
 	return &tensor{b: b, buf: buf, shape: shape, dt: dt}, nil
 }
 
-// act allocates the output of an op whose consumer is a GEMM or attention (RMSNorm, SiLUMul, RoPE,
-// ScaleRows, Attention), of type actType(shape). Linear, Add and Experts, whose outputs are the
-// residual stream and the logits, always store float32.
+// act allocates the output of an op whose consumer is a GEMM or attention (SiLUMul, RoPE, ScaleRows,
+// Attention), of type actType(shape). Linear, Add and Experts, whose outputs are the residual stream and
+// the logits, and the norms, whose output also feeds narrow products (narrowProduct), always store
+// float32.
 func (b *Backend) act(shape ...int) (*tensor, error) { return b.newTensor(b.actType(shape), shape...) }
 
 // skinnyRows is the most rows (tokens) for which a GEMM is memory-bound on the weight: decode steps and

@@ -41,9 +41,11 @@
 // their scales, kept compact; quant.go says how Linear and Experts read them). Every op computes in float32: norms, softmax, RoPE angles (cos and sin in float64),
 // routing sigmoid (float64). What an op stores depends on its role, as in HF's bf16 model but with the
 // residual stream and the logits kept in float32: Linear, Add and Experts store float32, so the
-// residual stream, the routing logits and the model's logits are float32. Ops whose output feeds a
-// GEMM or attention (RMSNorm, SiLUMul, RoPE, ScaleRows, Attention) store Config.Activations (bf16 by
-// default), with one exception, the skinny-GEMM rule:
+// residual stream, the routing logits and the model's logits are float32. RMSNorm (and AddRMSNorm's norm)
+// store float32 too: their output feeds both wide GEMMs and narrow ones (a MoE router), and Linear
+// decides how precisely each reads it (below). The other ops whose output feeds a GEMM or attention
+// (SiLUMul, RoPE, ScaleRows, Attention) store Config.Activations (bf16 by default), with one exception,
+// the skinny-GEMM rule:
 //
 //   - At most 64 rows (tokens: decode, small batches, short prompts), a GEMM is memory-bound on its
 //     weight, so float32 inputs cost nothing measurable. Those ops then store float32, and Linear feeds
@@ -52,7 +54,10 @@
 //     lo = bf16(x − hi), stacked as 2T rows so the weight is read once; the halves are added).
 //     The decode experts (split-K GEMV) also compute on float32 inputs.
 //   - More rows (prefill): bf16 storage and one bf16 GEMM per Linear (per active expert for the
-//     routed experts), at full tensor-core speed.
+//     routed experts), at full tensor-core speed; a float32 x (a norm's output) is rounded to bf16 on
+//     the way in, once for all the wide products of a LinearMulti. Narrow products (at most 128
+//     outputs and an eighth of the input width: a MoE router) keep the hi/lo split at any row count,
+//     since a rounding of the router's input can flip a token's expert (narrowProduct in ops.go).
 //
 // Activations F32 (a reference mode) stores every output as float32 and uses the float32 paths at any
 // row count. The KV cache is bf16. FromFloat32 keeps its values as float32 and Embed returns the

@@ -159,7 +159,8 @@ func seq(from, n int) []int {
 }
 
 // TestLinearMulti: LinearMulti must equal one Linear per weight exactly, on the fused GEMV path (1 and 2
-// rows, q/k/v and router/gate/up shapes) and on the fallbacks (3 rows; an odd output width).
+// rows, q/k/v and router/gate/up shapes), on the fallbacks (3 rows; an odd output width) and at 100 rows
+// (prefill: x rounded to bf16 once for the wide products, the 16-output router split).
 func TestLinearMulti(t *testing.T) {
 	b := newBackend(t, cuda.BF16)
 	r := rand.New(rand.NewPCG(7, 8))
@@ -183,7 +184,7 @@ func TestLinearMulti(t *testing.T) {
 		for i, n := range outs {
 			ws[i] = weight(n, in)
 		}
-		for _, T := range []int{1, 2, 3} {
+		for _, T := range []int{1, 2, 3, 100} {
 			x := randTensor(t, b, r, T, in)
 			got, err := b.LinearMulti(x, ws...)
 			if err != nil {

@@ -2,6 +2,7 @@ package cuda
 
 import (
 	"fmt"
+	"slices"
 
 	"github.com/tpfleet/tpfleet/backend"
 )
@@ -37,6 +38,34 @@ func (b *Backend) gemvOK(xt, wt *tensor) bool {
 
 var _ backend.MultiLinear = (*Backend)(nil)
 
+// wideOperand returns x rounded to bf16 once for LinearMulti's products that Linear would each round
+// (a float32 x of more than skinnyRows rows in the default mode, at least two such unquantised bf16
+// weights), or nil when there is nothing to share. The narrow products (narrowProduct) keep the float32 x.
+func (b *Backend) wideOperand(xt *tensor, wts []*tensor) (*tensor, error) {
+	if xt.dt == BF16 || b.cfg.Activations != BF16 || len(xt.shape) != 2 || xt.shape[0] <= skinnyRows {
+		return nil, nil
+	}
+	wide := 0
+	for _, w := range wts {
+		if w.q == nil && w.dt == BF16 && len(w.shape) == 2 && w.shape[1] == xt.shape[1] && !narrowProduct(w.shape[1], w.shape[0]) {
+			wide++
+		}
+	}
+	if wide < 2 {
+		return nil, nil
+	}
+	out, err := b.newTensor(BF16, slices.Clone(xt.shape)...)
+	if err != nil {
+		return nil, err
+	}
+	n := xt.numel()
+	err = b.stream.launch(b.k.convert, elemGrid(n), elemBlockDim, 0, xt, int(xt.dt), out, int(BF16), int64(n))
+	if err != nil {
+		return nil, fmt.Errorf("cuda: linear multi x%v: %w", xt.shape, err)
+	}
+	return out, nil
+}
+
 // LinearMulti returns Linear(x, w) for each of ws (backend.MultiLinear). Two or three products that the
 // GEMV kernels take (at most 2 rows, bf16 weights of the same input width and an even number of output
 // rows each) run as one launch; otherwise each is a Linear.
@@ -56,8 +85,16 @@ func (b *Backend) LinearMulti(x backend.Tensor, ws ...backend.Tensor) ([]backend
 	}
 	out := make([]backend.Tensor, len(ws))
 	if !fused {
+		wide, err := b.wideOperand(xt, wts)
+		if err != nil {
+			return nil, err
+		}
 		for i, w := range ws {
-			if out[i], err = b.Linear(x, w); err != nil {
+			in := x
+			if wide != nil && !narrowProduct(wts[i].shape[1], wts[i].shape[0]) {
+				in = wide
+			}
+			if out[i], err = b.Linear(in, w); err != nil {
 				return nil, err
 			}
 		}

@@ -86,18 +86,22 @@ func TestNCCLDevice(t *testing.T) {
 				return fmt.Errorf("rank %d: f32 all-reduce [%d] = %v, want %v", r, i, g, want)
 			}
 		}
-		// bf16: RMSNorm without weight stores bf16 above 64 rows (the prefill rule; skinny inputs stay
-		// f32); all-reduce it and compare with twice the value.
+		// bf16: ScaleRows stores bf16 above 64 rows (the prefill rule; skinny inputs stay f32); all-reduce
+		// it and compare with twice the value.
 		rows, err := b.Reshape(x, 100, 10)
 		if err != nil {
 			return err
 		}
-		y, err := b.RMSNorm(rows, nil, 1e-5)
+		ones := make([]float32, 100)
+		for i := range ones {
+			ones[i] = 1
+		}
+		y, err := b.ScaleRows(rows, ones)
 		if err != nil {
 			return err
 		}
 		if dt, _ := cuda.DTypeOf(y); dt != cuda.BF16 {
-			return fmt.Errorf("rmsnorm output is %v, want bf16", dt)
+			return fmt.Errorf("scalerows output is %v, want bf16", dt)
 		}
 		before, err := b.Float32(y)
 		if err != nil {

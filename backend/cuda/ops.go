@@ -84,7 +84,9 @@ func (b *Backend) result(op string, out *tensor, err error) (backend.Tensor, err
 }
 
 // RMSNorm normalises x over its last dimension in float32, x · 1/sqrt(mean(x²) + eps) (the root in
-// float64), then multiplies by weight when it is not nil. One block a row.
+// float64), then multiplies by weight when it is not nil. One block a row. The output is float32 at any
+// row count: it feeds GEMMs, and Linear decides how precisely each reads it (narrow products such as
+// a MoE router at float32 accuracy, the others in bf16 above skinnyRows rows).
 func (b *Backend) RMSNorm(x, weight backend.Tensor, eps float32) (backend.Tensor, error) {
 	xt, err := b.asTensor("rmsnorm", "x", x)
 	if err != nil {
@@ -103,7 +105,7 @@ func (b *Backend) RMSNorm(x, weight backend.Tensor, eps float32) (backend.Tensor
 		return nil, fmt.Errorf("cuda: rmsnorm x%v: %w", xt.shape, backend.ErrShape)
 	}
 	n := xt.shape[len(xt.shape)-1]
-	out, err := b.act(slices.Clone(xt.shape)...)
+	out, err := b.newTensor(F32, slices.Clone(xt.shape)...)
 	if err != nil {
 		return nil, err
 	}
@@ -133,8 +135,8 @@ func (b *Backend) normBlock(rows, n int) dim3 {
 
 var _ backend.AddNormer = (*Backend)(nil)
 
-// AddRMSNorm returns sum = x + y (float32, as Add) and RMSNorm(sum, weight, eps) (as RMSNorm), in one
-// kernel: the residual update and the norm after it read and write the row once.
+// AddRMSNorm returns sum = x + y (float32, as Add) and RMSNorm(sum, weight, eps) (as RMSNorm, float32),
+// in one kernel: the residual update and the norm after it read and write the row once.
 func (b *Backend) AddRMSNorm(x, y, weight backend.Tensor, eps float32) (sum, normed backend.Tensor, err error) {
 	xt, err := b.asTensor("add_rmsnorm", "x", x)
 	if err != nil {
@@ -155,7 +157,7 @@ func (b *Backend) AddRMSNorm(x, y, weight backend.Tensor, eps float32) (sum, nor
 	if err != nil {
 		return nil, nil, err
 	}
-	out, err := b.act(slices.Clone(xt.shape)...)
+	out, err := b.newTensor(F32, slices.Clone(xt.shape)...)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -302,6 +304,8 @@ const gemvKernelRows = 8
 //   - T <= gemvMaxRows (2), a bf16 w and in % 8 == 0: the GEMV kernel, float32 math on x as stored.
 //   - T <= skinnyRows (64; any T with Activations F32) and a float32 x: one cuBLASLt GEMM of 2T rows on the hi/lo
 //     bf16 split of x (see splitLinear), float32-input accuracy for one weight read.
+//   - a float32 x and a narrow w (narrowProduct: a MoE router, whose top-k turns a rounding of x into
+//     another expert), at any T: the hi/lo split as well.
 //   - otherwise (prefill): x rounded to bf16, one cuBLASLt GEMM (bf16 inputs, float32 accumulation).
 //
 // A quantised w (LoadQuantized) takes linearQuant's paths (quant.go). A weight that is not bf16 (or an
@@ -367,7 +371,7 @@ func (b *Backend) Linear(x, w backend.Tensor) (backend.Tensor, error) {
 	if wtmp != nil {
 		defer b.pool.release(*wtmp)
 	}
-	if xt.dt != BF16 && (b.cfg.Activations == F32 || T <= skinnyRows) {
+	if xt.dt != BF16 && (b.cfg.Activations == F32 || T <= skinnyRows || narrowProduct(in, outDim)) {
 		err = b.splitLinear(xt, wp, y)
 	} else {
 		var xp devptr
@@ -387,6 +391,19 @@ func (b *Backend) Linear(x, w backend.Tensor) (backend.Tensor, error) {
 	}
 	return y, nil
 }
+
+// narrowProduct reports whether x · wᵀ for w [out, in] is narrow: at most narrowMaxOut outputs and at
+// most an eighth of the input width. Such a product costs little next to the wide ones that read the same
+// x, and is typically a router whose top-k is a discrete choice: above skinnyRows rows Linear still feeds it
+// a float32 x at float32 accuracy (the hi/lo split), since rounding x to bf16 flips the expert of tokens
+// whose router logits nearly tie, and one flipped expert changes a token's whole MLP output (the
+// long-context fixture's 208-token prefill: relative L2 8e-2 against HF with the router input in bf16,
+// 5.7e-3 with it split; docs/gpu-notes.md).
+func narrowProduct(in, out int) bool { return out <= narrowMaxOut && 8*out <= in }
+
+// narrowMaxOut is the most outputs of a narrow product (narrowProduct): Llama 4's routers have 16
+// (Scout) and 128 (Maverick) experts.
+const narrowMaxOut = 128
 
 // splitLinear computes y = x · wᵀ for a float32 x as [hi; lo] · wᵀ, one GEMM of 2T rows (the weight is
 // read once) into a float32 scratch, then y = top + bottom half. hi = bf16(x) and lo = bf16(x − hi)

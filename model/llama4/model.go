@@ -47,6 +47,10 @@ type Model struct {
 	lmHead     backend.Tensor
 	lmSplit    bool
 
+	// tally holds every MoE layer's slot counters on the device where the backend counts there
+	// (backend.ExpertTallier; experts.go); nil: the layers count on the host.
+	tally backend.ExpertTally
+
 	// kvPool holds the blocks of every layer's KV caches (all layers share one shape); made on the first
 	// NewSequence (a growing pool of model.DefaultKVBlockSize) unless SetKVBlocks made one.
 	kvPool backend.BlockPool
@@ -98,9 +102,14 @@ type moe struct {
 	slots  [][]int
 	mapper backend.ExpertMapper
 	// tokens counts the (token, choice) pairs routed to each expert of the checkpoint, slotTokens those
-	// that each slot of the group computes, where the backend's routing is an backend.ExpertCounter (see
-	// Model.ExpertLoad and Model.SlotLoad).
+	// that each slot of the group computes, where the backend's routing is an backend.ExpertCounter and
+	// the backend no backend.ExpertTallier (then tally counts; see Model.ExpertLoad and Model.SlotLoad).
 	tokens, slotTokens []atomic.Int64
+	// slotUnits[s] is the checkpoint's expert of the group's slot s; tallyFirst is the layer's first
+	// counter in Model.tally, which counts slots (experts.go).
+	slotUnits  []int
+	tallyFirst int
+	tally      backend.ExpertTally
 }
 
 // Load builds the model from w: model.Load fills the declared tensor tree (tree.go), then each part is
@@ -144,6 +153,9 @@ func Load(ctx context.Context, ops backend.Ops, cfg Config, w Weights, par Paral
 			return nil, err
 		}
 		m.layers[i] = layer
+	}
+	if err := m.newTally(); err != nil {
+		return nil, err
 	}
 	return m, nil
 }
@@ -251,6 +263,7 @@ func (m *Model) loadMoE(w *moeWeights, p string) (*moe, error) {
 		}
 	}
 	f.tokens, f.slotTokens = make([]atomic.Int64, E), make([]atomic.Int64, nSlots)
+	f.slotUnits = orIdentity(slotUnits, nSlots)
 	f.partial = lgu.Split()
 	return f, nil
 }
@@ -291,9 +304,14 @@ func count(r backend.Routing, into []atomic.Int64, units []int) {
 
 // ExpertLoad returns, per decoder layer, the tokens routed to each expert of the checkpoint (in its
 // numbering, whatever order the plan placed the experts in) since the model was loaded (nil for a dense
-// layer); all nil where the backend does not count (see backend.ExpertCounter). Every rank of a group
-// routes every token, so each reports the group's load. Safe for concurrent use.
+// layer); zeros where the backend does not count (neither backend.ExpertCounter nor
+// backend.ExpertTallier), all nil where it failed to read its counters. Every rank of a group routes every
+// token, so each reports the group's load. Safe for concurrent use, also while the model runs on a
+// device backend (its counters are read on the side, see backend.ExpertTally.Counts).
 func (m *Model) ExpertLoad() [][]int64 {
+	if m.tally != nil {
+		return m.tallied(false)
+	}
 	return m.load(func(f *moe) []atomic.Int64 { return f.tokens })
 }
 
@@ -301,6 +319,9 @@ func (m *Model) ExpertLoad() [][]int64 {
 // the checkpoint's experts when the plan placed none): with replicas, how an expert's tokens split
 // among them, and so what each rank computed.
 func (m *Model) SlotLoad() [][]int64 {
+	if m.tally != nil {
+		return m.tallied(true)
+	}
 	return m.load(func(f *moe) []atomic.Int64 { return f.slotTokens })
 }
 
@@ -663,11 +684,13 @@ func (f *mlp) local(s *step, h backend.Tensor) backend.Tensor {
 func (f *moe) forward(s *step, h backend.Tensor) backend.Tensor {
 	p := s.linears(h, f.router, f.shared.gate, f.shared.up) // every product of h at once
 	routing := s.route(p[0], f.topK)
-	count(routing, f.tokens, f.units)
+	if f.tally == nil {
+		count(routing, f.tokens, f.units)
+	}
 	if f.slots != nil {
 		routing = s.mapExperts(f.mapper, routing, f.slots)
 	}
-	count(routing, f.slotTokens, nil)
+	f.countSlots(s, routing)
 	shared := s.linear(s.siluMul(p[1], p[2]), f.shared.down)
 	if f.partial == f.shared.partial {
 		return s.allReduce(s.expertsAdd(h, routing, f.gateUp, f.down, f.firstExpert, shared), f.partial)

@@ -6,7 +6,7 @@
 # sizes 1 to 64, several caches of different block sizes in one launch. It checks indexing and the
 # reduction structure, not speed. attention_flash (flash.cu, inline PTX: mma, ldmatrix, cp.async) cannot
 # run here: TestFlashAttention on the GPU covers its block-table reads. Needs g++ with C++20; takes about a
-# minute.
+# minute (plus a few on a busy machine for the model-sized chunked case).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 tmp=$(mktemp -d)

@@ -115,7 +115,75 @@ void test(int bs, int bs2, int heads, int kvh, int D, int chunk, int first, int 
 	printf("bs %d/%d heads %d/%d D %d chunk %d first %d n %d kdt %d: bad=%d\n", bs, bs2, heads, kvh, D, chunk, first, n, kdt, bad);
 }
 
+// model_chunked mimics a chunked layer of the long-context fixture (testdata/longctx: 4 heads over 2 kv
+// heads of 16, attention_chunk_size 16, blocks of 16) as the cuda backend runs it: the cache's capacity is
+// the sequence's (llama4.Model.NewSequence: 208 positions, so a device table of ceil(208/16) = 13 entries,
+// followed here by canaries that must survive), the prompt appended in pieces of piece rows (kv_append, one
+// launch a piece; the first kept position and the dropped blocks follow backend.KVPositions: a chunked cache
+// drops, at the start of an append, the positions before the chunk of the last position appended so far),
+// and each piece's queries attended right after its append (attention, bf16 q as prefill stores it for more
+// than 64 rows, one block per query and head). Every output is compared with the reference over all keys.
+void model_chunked(int n, int piece) {
+	const int bs = 16, heads = 4, kvh = 2, D = 16, chunk = 16, canaries = 4;
+	const long long canary = 0x5a5a5a5a5a5aLL;
+	long long stride = (long long)kvh * D, blockElems = 2LL * bs * stride;
+	int nblk = (n + bs - 1) / bs;
+	Cache c{bs, kvh, D, 0, n, {}, {}, {}};
+	std::vector<long long> dtab(nblk + canaries, canary); // the device table: 8 bytes per block of capacity
+	std::vector<bf16_t> pool((size_t)(nblk + 2) * blockElems);
+	std::vector<int> free(nblk + 2);
+	for (int i = 0; i < (int)free.size(); i++) free[i] = i;
+	std::shuffle(free.begin(), free.end(), rng);
+	std::vector<long long> blockOf(nblk, 0);
+	c.k.assign((size_t)n * stride, 0); c.v.assign((size_t)n * stride, 0);
+	std::vector<bf16_t> kb((size_t)n * stride), vb((size_t)n * stride);
+	for (long i = 0; i < n * stride; i++) {
+		kb[i] = f32_to_bf16(urand(-1, 1)); vb[i] = f32_to_bf16(urand(-1, 1));
+		c.k[i] = bf16_to_f32(kb[i]); c.v[i] = bf16_to_f32(vb[i]);
+	}
+	std::vector<bf16_t> qb((size_t)n * heads * D);
+	for (auto& x : qb) x = f32_to_bf16(urand(-2, 2));
+	std::vector<float> out((size_t)n * heads * D, NAN);
+	float scale = 1.0f / std::sqrt((float)D);
+	int first = 0;
+	for (int p0 = 0; p0 < n; p0 += piece) {
+		int T = std::min(piece, n - p0);
+		if (p0 > 0) { // backend.KVPositions.Append: drop before the last appended position's chunk
+			int last = p0 - 1;
+			first = std::max(first, last - last % chunk);
+		}
+		for (int b = p0 / bs; b <= (p0 + T - 1) / bs; b++) if (!blockOf[b]) { blockOf[b] = (long long)(pool.data() + free.back() * blockElems); free.pop_back(); }
+		for (int b = 0; b < first / bs; b++) if (blockOf[b] > 0) { // returned to the pool: poisoned
+			bf16_t* blk = (bf16_t*)blockOf[b];
+			for (long long i = 0; i < blockElems; i++) blk[i] = f32_to_bf16(NAN);
+			dtab[b] = (long long)0xbad0000; blockOf[b] = -1;
+		}
+		std::vector<long long> rows(KV_ROW * T);
+		std::vector<int> pos(T);
+		for (int t = 0; t < T; t++) { int p = p0 + t; long long* r = &rows[KV_ROW * t]; pos[t] = p;
+			r[0] = (long long)dtab.data(); r[1] = bs; r[2] = first; r[3] = p; r[4] = blockOf[p / bs]; }
+		long long m = T * stride;
+		launch(dim3{3}, dim3{64}, [&] { kv_append(&kb[p0 * stride], DT_BF16, &vb[p0 * stride], DT_BF16, rows.data(), stride, m); });
+		c.table = dtab; c.first = first;
+		launch(dim3{(unsigned)T, (unsigned)heads}, dim3{128}, [&] {
+			attention(&qb[(size_t)p0 * heads * D], DT_BF16, dtab.data(), bs, pos.data(), &out[(size_t)p0 * heads * D], DT_F32, heads, kvh, D, chunk, first, scale); });
+	}
+	for (int i = 0; i < canaries; i++) check("table canary", (double)(dtab[nblk + i] == canary), 1, 0, nblk + i);
+	std::vector<double> want(D);
+	std::vector<float> q(D);
+	int before = bad;
+	for (int p = 0; p < n; p++) for (int h = 0; h < heads; h++) {
+		for (int e = 0; e < D; e++) q[e] = bf16_to_f32(qb[((size_t)p * heads + h) * D + e]);
+		c.first = 0;
+		ref(c, q.data(), p, h, heads, chunk, scale, want.data());
+		for (int e = 0; e < D; e++) check("model chunked layer", out[((size_t)p * heads + h) * D + e], want[e], 2e-5, ((long)p * heads + h) * D + e);
+	}
+	printf("model chunked layer: %d positions in pieces of %d, chunk %d, blocks of %d, table of %d: bad=%d\n", n, piece, chunk, bs, nblk, bad - before);
+}
+
 int main() {
+	model_chunked(208, 208); // the prompt whole: one append of 208 rows (13 chunks), 208 queries
+	model_chunked(208, 37);
 	test(16, 5, 4, 2, 64, 0, 0, 70, DT_F32);
 	test(5, 16, 8, 2, 64, 16, 32, 75, DT_BF16);  // chunked, blocks below 32 dropped (5 does not divide 32)
 	test(1, 64, 4, 4, 32, 0, 3, 40, DT_F32);     // one position a block

@@ -49,6 +49,7 @@ static inline unsigned __match_any_sync(unsigned, int) { abort(); }
 static inline int __popc(unsigned v) { return __builtin_popcount(v); }
 static inline int __ffs(int v) { return __builtin_ffs(v); }
 static inline unsigned atomicOr(unsigned* p, unsigned v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
+static inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 template <class F>
 void launch(dim3 grid, dim3 block, F f) {
 	gridDim = grid; blockDim = block;
