@@ -30,7 +30,7 @@ func (w *Worker) openImages(ctx context.Context, cfg model.Config, dir string, l
 	case !local:
 		return nil, fmt.Errorf("%w: %s is read from a peer; the vision tower needs the checkpoint's files on this host", model.ErrNoImages, dir), nil
 	}
-	enc, err = o.OpenImageEncoder(ctx, dir)
+	enc, err = o.OpenImageEncoder(ctx, dir, w.ops)
 	if errors.Is(err, model.ErrNoImages) {
 		return nil, err, nil
 	}
@@ -40,7 +40,7 @@ func (w *Worker) openImages(ctx context.Context, cfg model.Config, dir string, l
 		}
 		return nil, nil, fmt.Errorf("vision tower: %w", err)
 	}
-	w.lg.Info("vision tower loaded (host, float32)", zap.String("model", dir))
+	w.lg.Info("vision tower loaded", zap.String("model", dir), zap.String("device", w.ops.Name()))
 	return enc, nil, nil
 }
 

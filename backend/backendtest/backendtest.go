@@ -65,6 +65,7 @@ func Run(t *testing.T, ops backend.Ops, tol Tolerance) {
 		{"Quantized", s.testQuantized},
 		{"Foreign", s.testForeign},
 		{"Sample", s.testSample},
+		{"Encoder", s.testEncoder},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, tt.fn)

@@ -28,6 +28,7 @@ type Backend struct {
 	stream  *stream
 	module  *moduleSet // the kernels' compilation units (kernelcache.go)
 	k       kernelSet
+	enc     *encoderKernels // encoder.cu's kernels, nil until the first encoder op (encoder.go)
 	gemm    *gemm
 	pool    *pool
 	staging *staging

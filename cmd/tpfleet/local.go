@@ -376,7 +376,7 @@ func runGenerate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	}
 	defer m.Close()
 
-	features, err := imageFeatures(ctx, f.dir, m.ckpt, pix, [][]int{prompt}, log)
+	features, err := imageFeatures(ctx, f.dir, m.ckpt, m.backends[0], pix, [][]int{prompt}, log)
 	if err != nil {
 		return err
 	}

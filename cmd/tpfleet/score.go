@@ -9,6 +9,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/model/llama4/vision"
 	modelrun "github.com/tpfleet/tpfleet/model/run"
@@ -93,7 +94,7 @@ func runScore(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	defer m.Close()
 
-	features, err := imageFeatures(ctx, f.dir, m.ckpt, pix, batch, log)
+	features, err := imageFeatures(ctx, f.dir, m.ckpt, m.backends[0], pix, batch, log)
 	if err != nil {
 		return err
 	}
@@ -195,9 +196,10 @@ type features struct {
 	rows    [][]float32
 }
 
-// imageFeatures runs the checkpoint's vision tower over pix (nil: no images, nil result) and hands the
-// features to the rows in order, each row taking as many as it has <|patch|> slots.
-func imageFeatures(ctx context.Context, dir string, ckpt *safetensors.Checkpoint, pix *pixels, batch [][]int, log *zap.Logger) (*features, error) {
+// imageFeatures runs the checkpoint's vision tower on ops (the first local rank's backend: every rank
+// gets the same features) over pix (nil: no images, nil result) and hands the features to the rows in
+// order, each row taking as many as it has <|patch|> slots.
+func imageFeatures(ctx context.Context, dir string, ckpt *safetensors.Checkpoint, ops backend.Ops, pix *pixels, batch [][]int, log *zap.Logger) (*features, error) {
 	if pix == nil {
 		return nil, nil
 	}
@@ -220,15 +222,16 @@ func imageFeatures(ctx context.Context, dir string, ckpt *safetensors.Checkpoint
 	if slots != tiles*per {
 		return nil, fmt.Errorf("%w: %d <|patch|> slots (id %d) in input_ids, %d tiles give %d features", modelrun.ErrInput, slots, cfg.PatchID, tiles, tiles*per)
 	}
-	vm, err := vision.Load(ctx, ckpt, cfg)
+	vm, err := vision.Load(ctx, ops, ckpt, cfg)
 	if err != nil {
 		return nil, err
 	}
+	start := time.Now()
 	all, err := vm.Features(ctx, pix.values, tiles)
 	if err != nil {
 		return nil, err
 	}
-	log.Info("image features", zap.Int("tiles", tiles), zap.Int("slots", slots))
+	log.Info("image features", zap.Int("tiles", tiles), zap.Int("slots", slots), zap.String("device", ops.Name()), zap.Duration("took", time.Since(start)))
 	out := &features{patchID: cfg.PatchID, rows: make([][]float32, len(batch))}
 	h := cfg.TextHiddenSize
 	for b, ids := range batch {

@@ -16,7 +16,7 @@ import (
 // The served image path (model.ImageConfig for the coordinator, run.ImageOpener and run.ImageModel for
 // the workers): the coordinator expands a prompt's <|image|> placeholders with each image's tile layout
 // (spec §6.3), every rank decodes and processes the same bytes (spec §6.1) and runs the vision tower on
-// the host over all of a step's tiles at once (spec §6.2, §6.4), and the text model takes the features
+// its backend over all of a step's tiles at once (spec §6.2, §6.4), and the text model takes the features
 // in the <|patch|> slots (ForwardImages).
 
 var (
@@ -118,8 +118,9 @@ func (p imagePrompter) checkCount(prompt []int, images int) error {
 	return nil
 }
 
-// OpenImageEncoder loads dir's vision tower and projector into host memory as float32 (run.ImageOpener).
-func (c Config) OpenImageEncoder(ctx context.Context, dir string) (run.ImageEncoder, error) {
+// OpenImageEncoder loads dir's vision tower and projector into ops (run.ImageOpener): bf16 on a GPU,
+// float32 on the cpu backend.
+func (c Config) OpenImageEncoder(ctx context.Context, dir string, ops backend.Ops) (run.ImageEncoder, error) {
 	vcfg, pc, err := visionConfig(dir)
 	if err != nil {
 		return nil, err
@@ -132,7 +133,7 @@ func (c Config) OpenImageEncoder(ctx context.Context, dir string) (run.ImageEnco
 		return nil, fmt.Errorf("vision tower: %w", err)
 	}
 	defer ckpt.Close()
-	vm, err := vision.Load(ctx, ckpt, vcfg)
+	vm, err := vision.Load(ctx, ops, ckpt, vcfg)
 	if err != nil {
 		return nil, err
 	}

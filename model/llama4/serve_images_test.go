@@ -14,6 +14,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/tpfleet/tpfleet/backend/cpu"
 	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/model/llama4"
 	"github.com/tpfleet/tpfleet/model/llama4/imageproc"
@@ -99,7 +100,7 @@ func TestServedImages(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e, err := cfg.(llama4.Config).OpenImageEncoder(ctx, dir)
+	e, err := cfg.(llama4.Config).OpenImageEncoder(ctx, dir, cpu.New(cpu.Config{}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -143,7 +144,7 @@ func TestServedImages(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ckpt.Close()
-	vm, err := vision.Load(ctx, ckpt, vcfg)
+	vm, err := vision.Load(ctx, cpu.New(cpu.Config{}), ckpt, vcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -182,7 +183,7 @@ func TestServedImages(t *testing.T) {
 	if _, err := tcfg.(model.ImageConfig).ImagePrompter(text, testTokenIDs); !errors.Is(err, model.ErrNoImages) {
 		t.Errorf("ImagePrompter(moe-top1) = %v, want ErrNoImages", err)
 	}
-	if _, err := tcfg.(llama4.Config).OpenImageEncoder(ctx, text); !errors.Is(err, model.ErrNoImages) {
+	if _, err := tcfg.(llama4.Config).OpenImageEncoder(ctx, text, cpu.New(cpu.Config{})); !errors.Is(err, model.ErrNoImages) {
 		t.Errorf("OpenImageEncoder(moe-top1) = %v, want ErrNoImages", err)
 	}
 }

@@ -138,7 +138,7 @@ func (f *visionFixture) floats(t *testing.T, name string) []float32 {
 // prompt "one" (3 tiles) to 1e-4 relative.
 func TestVisionFeaturesGolden(t *testing.T) {
 	f := openVisionFixture(t)
-	vm, err := vision.Load(context.Background(), f.ckpt, f.vcfg)
+	vm, err := vision.Load(context.Background(), cpu.New(cpu.Config{}), f.ckpt, f.vcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -148,9 +148,11 @@ func TestVisionFeaturesGolden(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := f.floats(t, "one.features")
-	if worst, at := maxRelDiff(t, got, want, f.vcfg.TextHiddenSize); worst > 1e-4 {
+	worst, at := maxRelDiff(t, got, want, f.vcfg.TextHiddenSize)
+	if worst > 1e-4 {
 		t.Errorf("features: max |Δ|/max |ref| = %.3g at row %d, want <= 1e-4", worst, at)
 	}
+	t.Logf("features of %d tiles (cpu backend): max |Δ|/max |ref| = %.3g", tiles, worst)
 }
 
 // TestVisionLogitsGolden: with images, CPU logits match HF's float32 logits to 1e-4 relative at the stored
@@ -164,7 +166,7 @@ func TestVisionLogitsGolden(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	vm, err := vision.Load(ctx, f.ckpt, f.vcfg)
+	vm, err := vision.Load(ctx, ops, f.ckpt, f.vcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -192,9 +194,11 @@ func TestVisionLogitsGolden(t *testing.T) {
 			for _, p := range positions {
 				got = append(got, all[p*vocab:(p+1)*vocab]...)
 			}
-			if worst, at := maxRelDiff(t, got, f.floats(t, name+".logits"), vocab); worst > 1e-4 {
+			worst, at := maxRelDiff(t, got, f.floats(t, name+".logits"), vocab)
+			if worst > 1e-4 {
 				t.Errorf("logits: max |Δ|/max |ref| = %.3g at position %d, want <= 1e-4", worst, positions[at])
 			}
+			t.Logf("%s: %d tiles, logits max |Δ|/max |ref| = %.3g", name, tiles, worst)
 
 			want := f.ints(t, name+".greedy_ids")
 			seq, err := m.NewSequence(len(ids) + len(want))

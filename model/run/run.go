@@ -150,13 +150,15 @@ type ImageModel interface {
 // ImageOpener is implemented by the configuration types of families with a vision tower that runs in
 // this binary.
 type ImageOpener interface {
-	// OpenImageEncoder loads the vision tower of the checkpoint in dir; it wraps model.ErrNoImages when
-	// the checkpoint has none.
-	OpenImageEncoder(ctx context.Context, dir string) (ImageEncoder, error)
+	// OpenImageEncoder loads the vision tower of the checkpoint in dir into ops (the rank's backend: the
+	// text model's); it wraps model.ErrNoImages when the checkpoint has none.
+	OpenImageEncoder(ctx context.Context, dir string, ops backend.Ops) (ImageEncoder, error)
 }
 
-// ImageEncoder turns encoded images into the feature rows of their image slots. It runs on the host, the
-// same on every rank (the same bytes give bit-identical features), and is safe for concurrent use.
+// ImageEncoder turns encoded images into the feature rows of their image slots. It runs on the backend it
+// was opened on, the same on every rank (the same bytes and backend give the same features; every rank
+// holds the whole tower). Its calls take turns with each other, but like any work on a backend they must
+// not overlap the backend's other work (the worker encodes in the step, before the forward pass).
 type ImageEncoder interface {
 	// SlotID is the id of an image slot in an expanded prompt (the <|patch|> id), and Width the length of
 	// one slot's feature row (the text model's hidden size).

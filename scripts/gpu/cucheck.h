@@ -13,7 +13,7 @@ __device__ float expf(float); __device__ float fmaxf(float, float); __device__ f
 __device__ float logf(float); __device__ float cosf(float); __device__ float sinf(float);
 __device__ float rsqrtf(float); __device__ float sqrtf(float); __device__ float __expf(float);
 __device__ float exp2f(float); __device__ float floorf(float); __device__ float fabsf(float);
-__device__ float rintf(float);
+__device__ float rintf(float); __device__ float erff(float);
 __device__ double exp(double); __device__ double sqrt(double); __device__ double log(double);
 __device__ void sincos(double, double*, double*); __device__ float __fmul_rn(float, float);
 __device__ float __uint_as_float(unsigned); __device__ float __int_as_float(int);

@@ -5,18 +5,13 @@ import (
 	"fmt"
 	"slices"
 
+	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/safetensors"
 )
 
-// Tensor is a tensor on the host: float32 values, row-major.
-type Tensor struct {
-	Shape []int
-	Data  []float32
-}
-
-// weight is one loaded tensor of the tree.
-type weight = model.Weight[Tensor]
+// weight is one loaded tensor of the tree, on the backend.
+type weight = model.Weight[backend.Tensor]
 
 // The vision tower's and projector's tensors, declared once (spec §3.1). Names are the checkpoint's keys,
 // without a prefix: they sit beside language_model.* in Llama4ForConditionalGeneration checkpoints.
@@ -79,28 +74,37 @@ func (c Config) Tree() model.Tree {
 	}
 }
 
-// checkpointWeights reads whole tensors of a checkpoint as float32, checking each against its declared
-// shape.
+// checkpointWeights loads whole tensors of a checkpoint into a backend in their checkpoint dtype,
+// checking each against its declared shape.
 type checkpointWeights struct {
 	ckpt   *safetensors.Checkpoint
+	ops    backend.Ops
 	shapes map[string][]int
 }
 
-var _ model.Weights[Tensor] = (*checkpointWeights)(nil)
+var _ model.Weights[backend.Tensor] = (*checkpointWeights)(nil)
 
-func (w *checkpointWeights) Load(ctx context.Context, name string) (Tensor, model.Layout, error) {
+func (w *checkpointWeights) Load(ctx context.Context, name string) (backend.Tensor, model.Layout, error) {
 	if err := ctx.Err(); err != nil {
-		return Tensor{}, model.Replicated, err
+		return nil, model.Replicated, err
 	}
 	if !w.ckpt.Has(name) {
-		return Tensor{}, model.Replicated, fmt.Errorf("%w: tensor %s is missing", ErrNoVision, name)
+		return nil, model.Replicated, fmt.Errorf("%w: tensor %s is missing", ErrNoVision, name)
 	}
-	data, shape, err := w.ckpt.Float32s(name)
+	info, err := w.ckpt.Info(name)
 	if err != nil {
-		return Tensor{}, model.Replicated, err
+		return nil, model.Replicated, err
 	}
-	if want := w.shapes[name]; !slices.Equal(shape, want) {
-		return Tensor{}, model.Replicated, fmt.Errorf("%w: %s has shape %v, the config says %v", ErrConfig, name, shape, want)
+	if want := w.shapes[name]; !slices.Equal(info.Shape, want) {
+		return nil, model.Replicated, fmt.Errorf("%w: %s has shape %v, the config says %v", ErrConfig, name, info.Shape, want)
 	}
-	return Tensor{Shape: shape, Data: data}, model.Replicated, nil
+	data, err := w.ckpt.ReadAll(name)
+	if err != nil {
+		return nil, model.Replicated, err
+	}
+	t, err := w.ops.Load(info.DType, info.Shape, data)
+	if err != nil {
+		return nil, model.Replicated, fmt.Errorf("load %s: %w", name, err)
+	}
+	return t, model.Replicated, nil
 }

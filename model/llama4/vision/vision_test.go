@@ -9,31 +9,42 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/tpfleet/tpfleet/backend"
+	"github.com/tpfleet/tpfleet/backend/cpu"
 	"github.com/tpfleet/tpfleet/safetensors"
 )
 
 const fixtures = "../../../testdata/fixtures"
 
-func TestPixelShuffle(t *testing.T) {
-	// A 4×4 grid of 1-channel patches valued row*10+col: token (y, x) of the 2×2 output holds
-	// (2y,2x), (2y,2x+1), (2y+1,2x), (2y+1,2x+1).
-	in := make([]float32, 16)
-	for r := range 4 {
-		for c := range 4 {
-			in[r*4+c] = float32(r*10 + c)
+func TestShuffleRows(t *testing.T) {
+	// A 4×4 grid (rows 0..15, CLS row 16): token (y, x) of the 2×2 output takes patches (2y,2x),
+	// (2y,2x+1), (2y+1,2x), (2y+1,2x+1); the second tile's rows start after the first's CLS row.
+	want := []int{0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15}
+	got := shuffleRows(4, 2)
+	if !slices.Equal(got[:16], want) {
+		t.Errorf("shuffleRows(4, 2) tile 0 = %v, want %v", got[:16], want)
+	}
+	for i, v := range want {
+		want[i] = v + 17
+	}
+	if !slices.Equal(got[16:], want) {
+		t.Errorf("shuffleRows(4, 2) tile 1 = %v, want %v", got[16:], want)
+	}
+}
+
+func TestUnfold(t *testing.T) {
+	// 1 channel, 4×4 pixels valued y*10+x, patch 2: patch (row, col) holds pixels (2row+ky, 2col+kx)
+	// at ky·2+kx, and a zero row (CLS) follows the 4 patches.
+	c := Config{ImageSize: 4, PatchSize: 2, NumChannels: 1}
+	pix := make([]float32, 16)
+	for y := range 4 {
+		for x := range 4 {
+			pix[y*4+x] = float32(y*10 + x)
 		}
 	}
-	want := []float32{0, 1, 10, 11, 2, 3, 12, 13, 20, 21, 30, 31, 22, 23, 32, 33}
-	if got := pixelShuffle(in, 4, 1); !slices.Equal(got, want) {
-		t.Errorf("pixelShuffle(4×4) = %v, want %v", got, want)
-	}
-	// Two channels stay together.
-	in2 := make([]float32, 2*4)
-	for i := range 4 {
-		in2[2*i], in2[2*i+1] = float32(i), float32(-i)
-	}
-	if got, want := pixelShuffle(in2, 2, 2), []float32{0, 0, 1, -1, 2, -2, 3, -3}; !slices.Equal(got, want) {
-		t.Errorf("pixelShuffle(2×2, 2 channels) = %v, want %v", got, want)
+	want := []float32{0, 1, 10, 11, 2, 3, 12, 13, 20, 21, 30, 31, 22, 23, 32, 33, 0, 0, 0, 0}
+	if got := unfold(c, pix, 1); !slices.Equal(got, want) {
+		t.Errorf("unfold = %v, want %v", got, want)
 	}
 }
 
@@ -112,7 +123,7 @@ func TestLoadFixture(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ckpt.Close()
-	m, err := Load(context.Background(), ckpt, cfg)
+	m, err := Load(context.Background(), cpu.New(cpu.Config{}), ckpt, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -140,7 +151,61 @@ func TestLoadFixture(t *testing.T) {
 	}
 	bad := cfg
 	bad.NumLayers = 2
-	if _, err := Load(context.Background(), ckpt, bad); err == nil {
+	if _, err := Load(context.Background(), cpu.New(cpu.Config{}), ckpt, bad); err == nil {
 		t.Errorf("Load with 2 layers of a 1-layer checkpoint: no error")
+	}
+}
+
+// textOnly is a backend without backend.EncoderOps.
+type textOnly struct{ backend.Ops }
+
+func TestLoadNeedsEncoderOps(t *testing.T) {
+	cfg := tinyConfig()
+	if _, err := Random(context.Background(), textOnly{cpu.New(cpu.Config{})}, cfg, 1); !errors.Is(err, errors.ErrUnsupported) {
+		t.Errorf("Random on a backend without EncoderOps: error %v, want ErrUnsupported", err)
+	}
+}
+
+// tinyConfig is a 2-layer tower of 28-pixel tiles (2×2 patches of 14).
+func tinyConfig() Config {
+	return Config{HiddenSize: 32, NumLayers: 2, NumHeads: 2, IntermediateSize: 128, ImageSize: 28, PatchSize: 14,
+		NumChannels: 3, VisionOutputDim: 24, ProjectorInputDim: 24, ProjectorOutputDim: 24, PixelShuffleRatio: 0.5,
+		RopeTheta: 10000, TextHiddenSize: 40}
+}
+
+// TestFeaturesBatched: tiles run together (more than MaxTilesPerPass, so in several passes) give each
+// tile's features exactly as the tile alone does: attention never crosses tiles, and every other op is
+// per row.
+func TestFeaturesBatched(t *testing.T) {
+	ctx := context.Background()
+	m, err := Random(ctx, cpu.New(cpu.Config{}), tinyConfig(), 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tiles := MaxTilesPerPass + 2
+	size := 3 * 28 * 28
+	pix := make([]float32, tiles*size)
+	for i := range pix {
+		pix[i] = float32((i*7919)%255)/127.5 - 1
+	}
+	all, err := m.Features(ctx, pix, tiles)
+	if err != nil {
+		t.Fatal(err)
+	}
+	per := m.Config.TokensPerTile() * m.Config.TextHiddenSize
+	if len(all) != tiles*per {
+		t.Fatalf("Features: %d values, want %d", len(all), tiles*per)
+	}
+	for _, tile := range []int{0, 5, tiles - 1} {
+		one, err := m.Features(ctx, pix[tile*size:(tile+1)*size], 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(one, all[tile*per:(tile+1)*per]) {
+			t.Errorf("tile %d alone differs from tile %d of the batch of %d", tile, tile, tiles)
+		}
+	}
+	if slices.Equal(all[:per], all[per:2*per]) {
+		t.Errorf("two different tiles gave the same features")
 	}
 }

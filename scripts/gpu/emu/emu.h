@@ -37,6 +37,14 @@ static inline float __shfl_xor_sync(unsigned, float v, int o) {
 	g_warp[w]->arrive_and_wait();
 	return r;
 }
+static inline float __shfl_sync(unsigned, float v, int src) {
+	int t = threadIdx.x, w = t >> 5;
+	g_shfl[t] = v;
+	g_warp[w]->arrive_and_wait();
+	float r = g_shfl[(w << 5) + (src & 31)];
+	g_warp[w]->arrive_and_wait();
+	return r;
+}
 static inline unsigned __match_any_sync(unsigned, int) { abort(); }
 static inline int __popc(unsigned v) { return __builtin_popcount(v); }
 static inline int __ffs(int v) { return __builtin_ffs(v); }
