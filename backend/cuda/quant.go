@@ -249,49 +249,15 @@ func (b *Backend) RandomQuantized(f quant.Format, shape []int, inputDim int, mea
 	if b.closed {
 		return nil, ErrClosed
 	}
-	n, ok := numel(shape)
-	if !ok || inputDim != 1 || len(shape) < 2 {
+	if _, ok := numel(shape); !ok || inputDim != 1 || len(shape) < 2 {
 		return nil, fmt.Errorf("cuda: random %s%v with input dimension %d: %w", f, shape, inputDim, backend.ErrShape)
 	}
-	q := &qweight{format: f, in: shape[1]}
-	codeBytes, scaleSize := int64(n), int64(4)
-	switch {
-	case f.Kind == quant.FP8 && f.RoundBF16:
-		q.code, q.gs, q.groups = qfFP8BF16, q.in, 1
-	case f.Kind == quant.FP8:
-		q.code, q.gs, q.groups = qfFP8, q.in, 1
-	case f.Kind == quant.Int4 && f.GroupSize > 0:
-		q.code, q.gs, q.groups = qfInt4, f.GroupSize, ceilDiv(q.in, f.GroupSize)
-		codeBytes, scaleSize = (int64(n)+1)/2, 2
-	default:
-		return nil, fmt.Errorf("cuda: random %s%v: %w", f, shape, quant.ErrFormat)
+	if _, _, _, err := quantLayout(f, shape); err != nil {
+		return nil, fmt.Errorf("cuda: random %s%v: %w", f, shape, err)
 	}
-	outer, inner := int64(shape[0]), int64(1)
-	for _, d := range shape[2:] {
-		inner *= int64(d)
-	}
-	nscales := outer * int64(q.groups) * inner
 	src, err := b.RandomBF16(shape, mean, std, seed)
 	if err != nil {
 		return nil, err
 	}
-	codes, err := b.pool.getDedicated(codeBytes)
-	if err != nil {
-		return nil, fmt.Errorf("cuda: random %s%v: %w", f, shape, err)
-	}
-	codes = b.pool.owned(codes)
-	if q.scales, err = b.pool.getDedicated(nscales * scaleSize); err != nil {
-		return nil, fmt.Errorf("cuda: random %s%v scales: %w", f, shape, err)
-	}
-	q.scales = b.pool.owned(q.scales)
-	t := &tensor{b: b, buf: codes, shape: slices.Clone(shape), dt: quantized, q: q}
-	if n == 0 {
-		return t, nil
-	}
-	if err := b.stream.memset(codes.ptr, 0, codes.size); err != nil {
-		return nil, err
-	}
-	err = b.stream.launch(b.k.quantizeBF16, elemGrid(int(min(nscales, 1<<30))), elemBlockDim, 0,
-		src, int64(q.in), inner, q.code, q.gs, q.groups, nscales, codes, q.scales)
-	return b.result("random "+f.String(), t, err)
+	return b.Quantize(src, f, inputDim)
 }

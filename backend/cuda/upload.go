@@ -156,6 +156,26 @@ func (u *uploadStaging) Close() error {
 	return errors.Join(errs...)
 }
 
+// quantLayout is how format f stores a weight of shape ([out, in] or [E, in, out], input dimension 1):
+// its kernel code and groups, the bytes of its codes and of one scale.
+func quantLayout(f quant.Format, shape []int) (q *qweight, codeBytes, scaleSize int64, err error) {
+	n, _ := numel(shape)
+	q = &qweight{format: f, in: shape[1]}
+	codeBytes, scaleSize = int64(n), 4
+	switch {
+	case f.Kind == quant.FP8 && f.RoundBF16:
+		q.code, q.gs, q.groups = qfFP8BF16, q.in, 1
+	case f.Kind == quant.FP8:
+		q.code, q.gs, q.groups = qfFP8, q.in, 1
+	case f.Kind == quant.Int4 && f.GroupSize > 0:
+		q.code, q.gs, q.groups = qfInt4, f.GroupSize, ceilDiv(q.in, f.GroupSize)
+		codeBytes, scaleSize = (int64(n)+1)/2, 2
+	default:
+		return nil, 0, 0, quant.ErrFormat
+	}
+	return q, codeBytes, scaleSize, nil
+}
+
 // Quantize quantises a bf16 weight on the device into format f (backend.DeviceQuantizer), by
 // quant.Quantize's rules (the kernel RandomQuantized uses): the loader copies a checkpoint's bf16 bytes
 // and quantises after the copy. t must be [out, in] or [E, in, out] with input dimension 1.
@@ -169,24 +189,15 @@ func (b *Backend) Quantize(t backend.Tensor, f quant.Format, inputDim int) (back
 	if !ok || inputDim != 1 || len(shape) < 2 || src.dt != BF16 {
 		return nil, fmt.Errorf("cuda: quantize %s %s%v with input dimension %d (want bf16, input dimension 1): %w", f, src.dt, shape, inputDim, backend.ErrShape)
 	}
-	q := &qweight{format: f, in: shape[1]}
-	codeBytes, scaleSize := int64(n), int64(4)
-	switch {
-	case f.Kind == quant.FP8 && f.RoundBF16:
-		q.code, q.gs, q.groups = qfFP8BF16, q.in, 1
-	case f.Kind == quant.FP8:
-		q.code, q.gs, q.groups = qfFP8, q.in, 1
-	case f.Kind == quant.Int4 && f.GroupSize > 0:
-		q.code, q.gs, q.groups = qfInt4, f.GroupSize, ceilDiv(q.in, f.GroupSize)
-		codeBytes, scaleSize = (int64(n)+1)/2, 2
-	default:
-		return nil, fmt.Errorf("cuda: quantize %s%v: %w", f, shape, quant.ErrFormat)
+	q, codeBytes, scaleSize, err := quantLayout(f, shape)
+	if err != nil {
+		return nil, fmt.Errorf("cuda: quantize %s%v: %w", f, shape, err)
 	}
-	outer, inner := int64(shape[0]), int64(1)
+	inner := int64(1)
 	for _, d := range shape[2:] {
 		inner *= int64(d)
 	}
-	nscales := outer * int64(q.groups) * inner
+	nscales := int64(shape[0]) * int64(q.groups) * inner
 	codes, err := b.pool.getDedicated(codeBytes)
 	if err != nil {
 		return nil, fmt.Errorf("cuda: quantize %s%v: %w", f, shape, err)
