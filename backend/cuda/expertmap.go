@@ -11,8 +11,7 @@ var _ backend.ExpertMapper = (*Backend)(nil)
 // MapExperts returns r with token t's choice of expert e replaced by slot slots[e][spread[t] mod
 // len(slots[e])] (backend.ExpertMapper), scores and order unchanged: one kernel (map_experts) over the
 // choices in device memory, with the slots and spreads uploaded as one small table. The table is
-// checked here; a choice beyond len(slots) (the router has more rows than slots names) maps to -1, which
-// no rank holds.
+// checked here: slots must name every expert the router chose among.
 func (b *Backend) MapExperts(r backend.Routing, slots [][]int, spread []int) (backend.Routing, error) {
 	rt, err := b.asRouting("map experts", r)
 	if err != nil {
@@ -22,6 +21,11 @@ func (b *Backend) MapExperts(r backend.Routing, slots [][]int, spread []int) (ba
 		return nil, fmt.Errorf("cuda: map experts: %d spreads for %d tokens: %w", len(spread), rt.tokens, backend.ErrShape)
 	}
 	E := len(slots)
+	// The choices stay on the device, so every expert the router can choose must have slots (the cpu
+	// backend checks the experts actually chosen).
+	if E < rt.choices {
+		return nil, fmt.Errorf("cuda: map experts: slots for %d experts, the router chose among %d: %w", E, rt.choices, backend.ErrShape)
+	}
 	table := make([]int, 0, E+1+E+len(spread))
 	table = append(table, 0)
 	for e, s := range slots {
@@ -40,7 +44,7 @@ func (b *Backend) MapExperts(r backend.Routing, slots [][]int, spread []int) (ba
 		}
 		table = append(table, sp)
 	}
-	out := &routing{b: b, tokens: rt.tokens, k: rt.k}
+	out := &routing{b: b, tokens: rt.tokens, k: rt.k, choices: rt.choices}
 	n := int64(rt.tokens) * int64(rt.k) * 4
 	if out.experts, err = b.pool.get(n); err != nil {
 		return nil, err

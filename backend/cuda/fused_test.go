@@ -205,7 +205,8 @@ func TestLinearMulti(t *testing.T) {
 
 // TestRoPEQKEqualsRoPEThenNorm: the fused rotation and qk-norm must give what RoPE and the weightless
 // RMSNorm give, for decode (float32 activations) and prefill (bf16) row counts, with and without norm:
-// equal without it, within float32 summation order (1e-6) with it.
+// equal without it, within float32 summation order (1e-6) with it at decode, within bf16 rounding at
+// prefill.
 func TestRoPEQKEqualsRoPEThenNorm(t *testing.T) {
 	b := newBackend(t, cuda.BF16)
 	r := rand.New(rand.NewPCG(9, 10))
@@ -238,8 +239,11 @@ func TestRoPEQKEqualsRoPEThenNorm(t *testing.T) {
 				h, _ := b.Float32(want)
 				bound := 0.0 // without norm: the same arithmetic
 				switch {
-				case norm && T > 64: // bf16 outputs: a norm differing in the last float32 bit may flip a rounding
-					bound = 1e-4
+				case norm && T > 64:
+					// RoPEQK stores bf16 above 64 rows; RMSNorm stores float32 at any row count (since the
+					// prefill precision fix) over RoPE's bf16 output: the two differ by bf16 rounding (1.6e-3
+					// measured on an H100), a fraction of bf16's 2^-8.
+					bound = 4e-3
 				case norm:
 					bound = 1e-6
 				}

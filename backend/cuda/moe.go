@@ -20,6 +20,7 @@ type routing struct {
 	b       *Backend
 	tokens  int
 	k       int
+	choices int // the experts the router chose among (its logits' columns); 0 when unknown
 	experts *buffer
 	scores  *buffer
 }
@@ -41,7 +42,7 @@ func (b *Backend) Route(logits backend.Tensor, k int) (backend.Routing, error) {
 		return nil, fmt.Errorf("cuda: route logits%v k=%d: %w", lt.shape, k, backend.ErrShape)
 	}
 	T, E := lt.shape[0], lt.shape[1]
-	r := &routing{b: b, tokens: T, k: k}
+	r := &routing{b: b, tokens: T, k: k, choices: E}
 	n := int64(T) * int64(k) * 4
 	if r.experts, err = b.pool.get(n); err != nil {
 		return nil, err

@@ -170,7 +170,7 @@ func (b *Backend) expertsOffloaded(xt *tensor, rt *routing, gt, dt *tensor, firs
 	if err := b.upload(ex.ptr, raw); err != nil {
 		return nil, err
 	}
-	compact := &routing{b: b, tokens: rt.tokens, k: rt.k, experts: ex, scores: rt.scores}
+	compact := &routing{b: b, tokens: rt.tokens, k: rt.k, choices: rt.choices, experts: ex, scores: rt.scores}
 	out, err := b.experts(xt, compact, cg, cd, 0, add)
 	if err == nil && overlap { // the next copies into the cache wait for these kernels
 		err = check("cuEventRecord", cuResult(C.tp_cuEventRecord(drv.eventRecord, b.dev.ctx, b.off.used, b.stream.s)))
@@ -324,11 +324,11 @@ func (b *Backend) fetchOverlapped(gt, dt *tensor, chosen []int) (cg, cd *tensor,
 	}
 	view := func(w *tensor, codes, scales *buffer) (*tensor, error) {
 		t := &tensor{b: b, buf: &buffer{ptr: codes.ptr, size: codes.size, kind: dedicated}, shape: []int{len(chosen), w.shape[1], w.shape[2]}, dt: w.dt}
-		if err := b.copyExperts(o.copy, codes.ptr, w.host.codes, w.host.slice, chosen); err != nil {
+		if err := b.copyExperts(o.copy, codes.ptr, w.host.codes, w.host.slice, chosen, true); err != nil {
 			return nil, err
 		}
 		if w.q != nil {
-			if err := b.copyExperts(o.copy, scales.ptr, w.host.scales, w.host.scaleSlice, chosen); err != nil {
+			if err := b.copyExperts(o.copy, scales.ptr, w.host.scales, w.host.scaleSlice, chosen, false); err != nil {
 				return nil, err
 			}
 			q := *w.q
@@ -392,7 +392,7 @@ func (b *Backend) fetchExperts(w *tensor, chosen []int) (*tensor, error) {
 	}
 	codes = b.pool.owned(codes)
 	t := &tensor{b: b, buf: codes, shape: []int{len(chosen), w.shape[1], w.shape[2]}, dt: w.dt}
-	if err := b.copyExperts(b.stream, codes.ptr, h.codes, h.slice, chosen); err != nil {
+	if err := b.copyExperts(b.stream, codes.ptr, h.codes, h.slice, chosen, true); err != nil {
 		return nil, err
 	}
 	if w.q != nil {
@@ -401,7 +401,7 @@ func (b *Backend) fetchExperts(w *tensor, chosen []int) (*tensor, error) {
 			return nil, fmt.Errorf("cuda: experts (offloaded) %v scales: %w", w.shape, err)
 		}
 		sc = b.pool.owned(sc)
-		if err := b.copyExperts(b.stream, sc.ptr, h.scales, h.scaleSlice, chosen); err != nil {
+		if err := b.copyExperts(b.stream, sc.ptr, h.scales, h.scaleSlice, chosen, false); err != nil {
 			return nil, err
 		}
 		q := *w.q
@@ -412,8 +412,9 @@ func (b *Backend) fetchExperts(w *tensor, chosen []int) (*tensor, error) {
 }
 
 // copyExperts enqueues on s the copies of slices chosen of src (slice bytes each) to dst, one after the
-// other; runs of consecutive experts go in one copy.
-func (b *Backend) copyExperts(s *stream, dst devptr, src *pinned, slice int64, chosen []int) error {
+// other; runs of consecutive experts go in one copy. countSlices says whether they count as expert slices in
+// OffloadStats (a weight's codes do; its scales travel with them and count only as bytes).
+func (b *Backend) copyExperts(s *stream, dst devptr, src *pinned, slice int64, chosen []int, countSlices bool) error {
 	for i := 0; i < len(chosen); {
 		j := i + 1
 		for j < len(chosen) && chosen[j] == chosen[j-1]+1 {
@@ -427,7 +428,9 @@ func (b *Backend) copyExperts(s *stream, dst devptr, src *pinned, slice int64, c
 			s.prof.mark(s, "memcpy HtoD experts")
 		}
 		b.offload.Bytes += n
-		b.offload.Experts += int64(j - i)
+		if countSlices {
+			b.offload.Experts += int64(j - i)
+		}
 		i = j
 	}
 	return nil
