@@ -213,6 +213,9 @@ func New(in Input) (Plan, error) {
 	if util < 0 || util > 1 {
 		return Plan{}, fmt.Errorf("memplan: memory utilization %g, want (0, 1]", util)
 	}
+	if in.Free < 0 || in.Free > in.Total {
+		return Plan{}, fmt.Errorf("memplan: %s free of %s total: want 0 <= free <= total", GiB(in.Free), GiB(in.Total))
+	}
 	p := Plan{Weights: in.Weights, Activations: in.Activations, BlockSize: g.BlockSize, BlockBytes: g.BlockBytes(),
 		TokenBytes: g.TokenBytes(), GlobalTokenBytes: g.GlobalTokenBytes(), MaxContext: in.MaxContext}
 	if in.KVTokens > 0 {

@@ -146,6 +146,11 @@ func TestNewPlan(t *testing.T) {
 	if _, err := memplan.New(memplan.Input{Geometry: g, Weights: 73 * gib, Total: 80 * gib, Free: 7 * gib}); !errors.Is(err, memplan.ErrNoMemory) {
 		t.Errorf("New with 73 of 80 GiB in use: %v, want ErrNoMemory", err)
 	}
+	// Free and total swapped (as a caller once passed backend.MemoryReporter's (free, total)): refused, not
+	// a plan with negative memory in use and more KV than the card holds.
+	if _, err := memplan.New(memplan.Input{Geometry: g, Weights: 55 * gib, Total: 20 * gib, Free: 79 * gib}); err == nil || errors.Is(err, memplan.ErrNoMemory) {
+		t.Errorf("New with 79 GiB free of 20 GiB: %v, want an error naming the numbers", err)
+	}
 	p, err = memplan.New(memplan.Input{Geometry: g, KVTokens: 1000, Total: 80 * gib, Free: 80 * gib})
 	if err != nil || p.Blocks != 63*48 || !p.FromTokens {
 		t.Errorf("New(KVTokens 1000) = %d blocks, %v; want %d", p.Blocks, err, 63*48)

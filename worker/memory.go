@@ -36,7 +36,7 @@ func (w *Worker) planMemory(lg *zap.Logger, wts *weights, tp int) (*memory, erro
 	var total, free int64
 	m, device := w.ops.(backend.MemoryReporter)
 	if device {
-		if total, free, err = m.DeviceMemory(); err != nil {
+		if free, total, err = m.DeviceMemory(); err != nil {
 			return nil, fmt.Errorf("memory plan: device memory: %w", err)
 		}
 	} else {

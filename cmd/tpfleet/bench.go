@@ -755,7 +755,7 @@ func benchPlan(cfg llama4.Config, ops backend.Ops, f benchFlags, format quant.Fo
 	if !ok {
 		return nil, nil
 	}
-	total, free, err := m.DeviceMemory()
+	free, total, err := m.DeviceMemory()
 	if err != nil {
 		return nil, err
 	}
@@ -775,7 +775,11 @@ func benchPlan(cfg llama4.Config, ops backend.Ops, f benchFlags, format quant.Fo
 			weights += tensorBytes(s, format)
 		}
 	}
-	p, err := memplan.New(memplan.Input{Geometry: geom, Weights: weights, Activations: cfg.StepBytes(f.prompt, f.tp),
+	step := f.prompt // the largest step: the prompt, or its largest piece
+	if f.prefillChunk > 0 {
+		step = min(step, f.prefillChunk)
+	}
+	p, err := memplan.New(memplan.Input{Geometry: geom, Weights: weights, Activations: cfg.StepBytes(max(step, f.batch), f.tp),
 		Total: total, Free: free, Utilization: f.utilization, MaxContext: max(f.prompt, f.context) + f.tokens})
 	if err != nil {
 		return nil, err
