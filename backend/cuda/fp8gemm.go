@@ -1,7 +1,6 @@
 package cuda
 
 import (
-	"encoding/binary"
 	"fmt"
 
 	"github.com/tpfleet/tpfleet/backend"
@@ -102,11 +101,10 @@ func (b *Backend) expertsFP8Grouped(e *expertsCall) (done bool, err error) {
 	}
 	defer p.release(b)
 	H, I, k, E := e.H, e.I, e.r.k, e.E
-	raw := make([]byte, 4*(2*E+2))
-	if err := b.download(raw, p.ctl.ptr); err != nil {
+	at, err := p.segments(b, E)
+	if err != nil {
 		return false, err
 	}
-	at := func(i int) int { return int(int32(binary.LittleEndian.Uint32(raw[4*i:]))) }
 	rows := at(2*E + 1)
 	type job struct{ e, r0, n, m int } // m: n rounded up to 16 (the GEMM's rows; the extra rows are gaps)
 	var jobs []job

@@ -337,6 +337,16 @@ type expertPlan struct {
 	rows             int // capacity of the permuted order
 }
 
+// segments downloads the plan's control block (a wait for the GPU) and returns its reader: at(2e) and
+// at(2e+1) are expert e's first permuted row and row count, at(2E+1) the rows in all.
+func (p *expertPlan) segments(b *Backend, E int) (at func(i int) int, err error) {
+	raw := make([]byte, 4*(2*E+2))
+	if err := b.download(raw, p.ctl.ptr); err != nil {
+		return nil, err
+	}
+	return func(i int) int { return int(int32(binary.LittleEndian.Uint32(raw[4*i:]))) }, nil
+}
+
 func (p *expertPlan) release(b *Backend) {
 	b.pool.release(*p.ctl)
 	b.pool.release(*p.perm)
@@ -486,11 +496,10 @@ func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
 	}
 	defer p.release(b)
 	H, I, k, E := e.H, e.I, e.r.k, e.E
-	raw := make([]byte, 4*(2*E+2))
-	if err := b.download(raw, p.ctl.ptr); err != nil {
+	at, err := p.segments(b, E)
+	if err != nil {
 		return false, err
 	}
-	at := func(i int) int { return int(int32(binary.LittleEndian.Uint32(raw[4*i:]))) }
 	rows := at(2*E + 1)
 	type job struct{ e, r0, n int }
 	var jobs []job
