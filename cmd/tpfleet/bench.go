@@ -588,7 +588,7 @@ func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, t
 	prefill = time.Since(start)
 	vocab := g.Info().VocabSize
 	if batch > 1 {
-		d, err := benchBatchDecode(ctx, g, ops, wait, tokens, batch, context, vocab)
+		d, err := benchBatchDecode(ctx, g, ops, wait, tokens, batch, context, chunk, vocab)
 		return prefill, d, err
 	}
 	start = time.Now()
@@ -661,7 +661,7 @@ func profileRows(entries []backend.ProfileEntry, steps int) []profileRow {
 
 // benchBatchDecode times tokens decode steps of batch sequences that each hold context cached tokens.
 func benchBatchDecode(ctx context.Context, g *group, ops []backend.Ops, wait func(int, backend.Tensor) error,
-	tokens, batch, context, vocab int) (time.Duration, error) {
+	tokens, batch, context, chunk, vocab int) (time.Duration, error) {
 	seqs := make([][]*llama4.Sequence, len(g.ranks))
 	prefill := make([][]int, batch)
 	for b := range prefill {
@@ -678,9 +678,24 @@ func benchBatchDecode(ctx context.Context, g *group, ops []backend.Ops, wait fun
 			}
 			seqs[r] = append(seqs[r], s)
 		}
-		logits, err := m.ForwardBatch(ctx, seqs[r], prefill, false)
-		if err != nil {
-			return err
+		// One sequence's context at a time (in pieces of chunk with --prefill-chunk): the whole batch's
+		// contexts in one step would need batch×context tokens of activations (16×4096 ran a full-size
+		// Scout on an H100 out of memory).
+		var logits backend.Tensor
+		for b, s := range seqs[r] {
+			piece := len(prefill[b])
+			if chunk > 0 {
+				piece = min(piece, chunk)
+			}
+			for at := 0; at < len(prefill[b]); at += piece {
+				var err error
+				if logits, err = m.Forward(ctx, s, prefill[b][at:min(at+piece, len(prefill[b]))], false); err != nil {
+					return err
+				}
+			}
+		}
+		if logits == nil {
+			return nil
 		}
 		return wait(r, logits)
 	})

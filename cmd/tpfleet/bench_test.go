@@ -129,3 +129,22 @@ func TestBenchOffloadExperts(t *testing.T) {
 		}
 	}
 }
+
+// TestBenchBatchContext: a batch bench fills each sequence's context alone (in pieces of --prefill-chunk),
+// at TP 1 and 2, and reports the batch's decode step; a context that does not divide by the chunk works.
+func TestBenchBatchContext(t *testing.T) {
+	for _, tp := range []string{"1", "2"} {
+		var out, errOut bytes.Buffer
+		args := append([]string{"--tp", tp, "--batch", "3", "--context", "20", "--prefill-chunk", "7"}, benchTiny...)
+		if err := runBench(context.Background(), args, &out, &errOut); err != nil {
+			t.Fatalf("bench %v = %v (stderr %q)", args, err, errOut.String())
+		}
+		var res benchResult
+		if err := json.Unmarshal(out.Bytes(), &res); err != nil {
+			t.Fatal(err)
+		}
+		if res.Batch != 3 || res.DecodeMSPerTok <= 0 {
+			t.Errorf("bench --tp %s --batch 3 --context 20 = %+v, want batch 3 and a decode time", tp, res)
+		}
+	}
+}
