@@ -21,7 +21,8 @@ import (
 	"github.com/tpfleet/tpfleet/internal/wait"
 )
 
-// Device kinds.
+// Device kinds of the built-in backends. A kind is the name its backend registered under (package
+// backend's registry, which this package does not link): any valid name is accepted.
 const (
 	DeviceCPU  = "cpu"
 	DeviceCUDA = "cuda"
@@ -29,7 +30,7 @@ const (
 
 // Device is one device a worker owns.
 type Device struct {
-	Kind        string `json:"kind"`         // DeviceCPU or DeviceCUDA
+	Kind        string `json:"kind"`         // the backend's registered name: DeviceCPU, DeviceCUDA, ...
 	Index       int    `json:"index"`        // ordinal among the host's devices of this kind
 	Name        string `json:"name"`         // e.g. "NVIDIA H100 80GB HBM3"
 	MemoryTotal int64  `json:"memory_total"` // bytes
@@ -76,8 +77,9 @@ func (m Member) Validate() error {
 	}
 	for i, d := range m.Devices {
 		switch {
-		case d.Kind != DeviceCPU && d.Kind != DeviceCUDA:
-			return fmt.Errorf("%w: member %s: device %d: kind %q, want %q or %q", ErrInvalid, m.ID, i, d.Kind, DeviceCPU, DeviceCUDA)
+		case !validName(d.Kind):
+			return fmt.Errorf("%w: member %s: device %d: kind %q: want a backend's name (%q, %q, ...: letters, digits and . _ : @ -)",
+				ErrInvalid, m.ID, i, d.Kind, DeviceCPU, DeviceCUDA)
 		case d.Index < 0:
 			return fmt.Errorf("%w: member %s: device %d: negative index %d", ErrInvalid, m.ID, i, d.Index)
 		case d.MemoryTotal < 0 || d.MemoryFree < 0:

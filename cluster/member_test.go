@@ -57,7 +57,9 @@ func TestMemberValidate(t *testing.T) {
 		{"no port", bad(func(m *cluster.Member) { m.Addr = "127.0.0.1" }), false},
 		{"gossip address", bad(func(m *cluster.Member) { m.Gossip = "127.0.0.1:7946" }), true},
 		{"gossip without port", bad(func(m *cluster.Member) { m.Gossip = "127.0.0.1" }), false},
-		{"device kind", bad(func(m *cluster.Member) { m.Devices[0].Kind = "gpu" }), false},
+		{"another backend's device kind", bad(func(m *cluster.Member) { m.Devices[0].Kind = "rocm" }), true},
+		{"empty device kind", bad(func(m *cluster.Member) { m.Devices[0].Kind = "" }), false},
+		{"slash in device kind", bad(func(m *cluster.Member) { m.Devices[0].Kind = "a/b" }), false},
 		{"device index", bad(func(m *cluster.Member) { m.Devices[0].Index = -1 }), false},
 		{"device memory", bad(func(m *cluster.Member) { m.Devices[0].MemoryFree = -1 }), false},
 	}
