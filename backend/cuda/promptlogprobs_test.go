@@ -8,26 +8,10 @@ import (
 	"testing"
 
 	"github.com/tpfleet/tpfleet/backend/cuda"
+	"github.com/tpfleet/tpfleet/internal/refmath"
 	"github.com/tpfleet/tpfleet/model/llama4"
 	"github.com/tpfleet/tpfleet/sample"
 )
-
-// logSoftmaxRow is the log-softmax of row in float64.
-func logSoftmaxRow(row []float32) []float64 {
-	m := math.Inf(-1)
-	for _, x := range row {
-		m = max(m, float64(x))
-	}
-	s := 0.0
-	for _, x := range row {
-		s += math.Exp(float64(x) - m)
-	}
-	out := make([]float64, len(row))
-	for i, x := range row {
-		out[i] = float64(x) - m - math.Log(s)
-	}
-	return out
-}
 
 // TestPromptLogprobsGolden: on the GPU, the prompt logprobs Generate collects during the prefill equal
 // the log-softmax of the model's own teacher-forced logits (Score: the same forward pass, 1e-4) when the
@@ -76,8 +60,8 @@ func TestPromptLogprobsGolden(t *testing.T) {
 				}
 				ownWorst, hfWorst := 0.0, 0.0
 				for i, c := range got {
-					o := logSoftmaxRow(own[i*vocab : (i+1)*vocab])
-					h := logSoftmaxRow(gold.logits[i*vocab : (i+1)*vocab])
+					o := refmath.LogSoftmax(own[i*vocab : (i+1)*vocab])
+					h := refmath.LogSoftmax(gold.logits[i*vocab : (i+1)*vocab])
 					ownWorst = max(ownWorst, math.Abs(float64(c.Logprob)-o[ids[i+1]]))
 					hfWorst = max(hfWorst, math.Abs(float64(c.Logprob)-h[ids[i+1]]))
 				}

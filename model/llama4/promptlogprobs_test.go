@@ -5,26 +5,10 @@ import (
 	"math"
 	"testing"
 
+	"github.com/tpfleet/tpfleet/internal/refmath"
 	"github.com/tpfleet/tpfleet/model/llama4"
 	"github.com/tpfleet/tpfleet/sample"
 )
-
-// logSoftmax64 is the log-softmax of row in float64.
-func logSoftmax64(row []float32) []float64 {
-	m := math.Inf(-1)
-	for _, x := range row {
-		m = max(m, float64(x))
-	}
-	s := 0.0
-	for _, x := range row {
-		s += math.Exp(float64(x) - m)
-	}
-	out := make([]float64, len(row))
-	for i, x := range row {
-		out[i] = float64(x) - m - math.Log(s)
-	}
-	return out
-}
 
 // TestPromptLogprobsGolden: the prompt logprobs Generate collects during the prefill (whole, and in
 // pieces of 1, 3 and 5 tokens) are the log-softmax of HF's teacher-forced logits at the position
@@ -49,7 +33,7 @@ func TestPromptLogprobsGolden(t *testing.T) {
 				}
 				worst := 0.0
 				for i, c := range got {
-					want := logSoftmax64(f.scoreLogits[i*vocab : (i+1)*vocab])
+					want := refmath.LogSoftmax(f.scoreLogits[i*vocab : (i+1)*vocab])
 					if c.ID != ids[i+1] {
 						t.Fatalf("chunk %d: entry %d has id %d, want prompt id %d", chunk, i, c.ID, ids[i+1])
 					}
