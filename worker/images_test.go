@@ -1,56 +1,27 @@
 package worker_test
 
 import (
-	"bytes"
-	"encoding/json"
-	"image"
-	"image/png"
-	"os"
 	"path/filepath"
 	"testing"
 
+	"github.com/tpfleet/tpfleet/model/llama4/llama4test"
 	tpfleetv1 "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 	"github.com/tpfleet/tpfleet/worker"
 )
 
-// visionDir is a copy of the dense-moe-mm fixture (a random vision tower: 28-pixel tiles, one <|patch|>
-// slot a tile) whose config names the image ids 505/506/510.
+// visionDir is the dense-moe-mm fixture (a random vision tower: 28-pixel tiles, one <|patch|> slot a
+// tile) with the image ids 505/506/510.
 func visionDir(t *testing.T) string {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "vision-mm")
-	src := filepath.Join(filepath.Dir(fixture), "dense-moe-mm")
-	if err := os.CopyFS(dir, os.DirFS(src)); err != nil {
-		t.Fatal(err)
-	}
-	var cfg map[string]any
-	data, err := os.ReadFile(filepath.Join(dir, "config.json"))
-	if err == nil {
-		err = json.Unmarshal(data, &cfg)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg["boi_token_index"], cfg["eoi_token_index"], cfg["image_token_index"] = 505, 506, 510
-	data, _ = json.Marshal(cfg)
-	if err := os.WriteFile(filepath.Join(dir, "config.json"), data, 0o644); err != nil {
+	if err := llama4test.VisionCheckpoint(filepath.Join(filepath.Dir(fixture), "dense-moe-mm"), dir); err != nil {
 		t.Fatal(err)
 	}
 	return dir
 }
 
 // stripes encodes a w×h PNG whose pixels depend on seed.
-func stripes(t *testing.T, w, h, seed int) []byte {
-	t.Helper()
-	img := image.NewNRGBA(image.Rect(0, 0, w, h))
-	for i := range img.Pix {
-		img.Pix[i] = uint8(i*seed + i/7)
-	}
-	var b bytes.Buffer
-	if err := png.Encode(&b, img); err != nil {
-		t.Fatal(err)
-	}
-	return b.Bytes()
-}
+func stripes(_ *testing.T, w, h, seed int) []byte { return llama4test.PNG(w, h, seed) }
 
 // TestStepImages: ranks of a TP=2 group encode the images of the sequences a step starts (two at once
 // here: one vision pass) and keep the features for the prompt's later pieces; the results equal those of

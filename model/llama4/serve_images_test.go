@@ -1,14 +1,9 @@
 package llama4_test
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
-	"image"
-	"image/png"
 	"math"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -18,56 +13,23 @@ import (
 	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/model/llama4"
 	"github.com/tpfleet/tpfleet/model/llama4/imageproc"
+	"github.com/tpfleet/tpfleet/model/llama4/llama4test"
 	"github.com/tpfleet/tpfleet/model/llama4/vision"
 	"github.com/tpfleet/tpfleet/safetensors"
 )
 
-// servedVisionDir is the dense-moe-mm fixture's config (a 28-pixel-tile vision tower) and weights, linked
-// into a temporary directory, with the image token ids 505/506/510.
+// servedVisionDir is the dense-moe-mm fixture (a 28-pixel-tile vision tower) with the image token ids.
 func servedVisionDir(t *testing.T) string {
 	t.Helper()
-	src, _ := filepath.Abs(filepath.Join(fixturesDir, "dense-moe-mm"))
 	dir := t.TempDir()
-	entries, err := os.ReadDir(src)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, e := range entries {
-		if e.Name() != "config.json" {
-			if err := os.Symlink(filepath.Join(src, e.Name()), filepath.Join(dir, e.Name())); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	var cfg map[string]any
-	data, err := os.ReadFile(filepath.Join(src, "config.json"))
-	if err == nil {
-		err = json.Unmarshal(data, &cfg)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg["boi_token_index"], cfg["eoi_token_index"], cfg["image_token_index"] = 505, 506, 510
-	data, _ = json.Marshal(cfg)
-	if err := os.WriteFile(filepath.Join(dir, "config.json"), data, 0o644); err != nil {
+	if err := llama4test.VisionCheckpoint(filepath.Join(fixturesDir, "dense-moe-mm"), dir); err != nil {
 		t.Fatal(err)
 	}
 	return dir
 }
 
 // testImage encodes a w×h PNG whose pixels depend on seed.
-func testImage(t *testing.T, w, h, seed int) []byte {
-	t.Helper()
-	img := image.NewNRGBA(image.Rect(0, 0, w, h))
-	for i := range img.Pix {
-		img.Pix[i] = uint8(i*seed + i/5)
-	}
-	var b bytes.Buffer
-	if err := png.Encode(&b, img); err != nil {
-		t.Fatal(err)
-	}
-	return b.Bytes()
-}
+func testImage(_ *testing.T, w, h, seed int) []byte { return llama4test.PNG(w, h, seed) }
 
 // testTokenIDs is the test tokenizer's lookup of the image tokens.
 func testTokenIDs(tok string) (int, bool) {
