@@ -8,13 +8,14 @@ import (
 	tpfleetv1 "github.com/tpfleet/tpfleet/proto/tpfleet/v1"
 )
 
-// deviceMemoryOps is the cpu backend with a device's memory report (backend.MemoryReporter): 6 GiB free of
-// 8 GiB, so that the worker plans from a device as it does on a GPU.
+// deviceMemoryOps is the cpu backend with a device's memory report (backend.MemoryReporter): 48 MiB free
+// of 64 MiB (small: the cpu backend allocates the planned KV pool), so that the worker plans from a device
+// as it does on a GPU.
 type deviceMemoryOps struct{ backend.Ops }
 
 const (
-	testDeviceFree  = 6 << 30
-	testDeviceTotal = 8 << 30
+	testDeviceFree  = 48 << 20
+	testDeviceTotal = 64 << 20
 )
 
 func (deviceMemoryOps) DeviceMemory() (free, total int64, err error) {
