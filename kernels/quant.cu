@@ -1,9 +1,9 @@
 // quant.cu: quantised weights (package quant's formats) kept in their compact form on the GPU: fp8
-// (E4M3 codes, one float32 scale per output channel) and int4 (two's-complement nibbles, element 2k in
-// the low nibble, one bf16 scale per output channel and group of gs input columns). The kernels
-// dequantise in registers: every weight becomes exactly quant.Weight.Dequantize's value, q·scale in
-// float32 (rounded to bf16 for QF_FP8_BF16, the compressed-tensors format), before it meets x. Also the
-// dynamic per-token activation quantisation of FbgemmFp8 (quant.FakeQuantFP8Rows).
+// (E4M3 codes, one float32 scale per output channel); int4's GEMVs and dequantisation are in
+// quant_int4.cu, a unit of its own. The kernels dequantise in registers: every weight becomes exactly
+// quant.Weight.Dequantize's value, q·scale in float32 (rounded to bf16 for QF_FP8_BF16, the
+// compressed-tensors format), before it meets x. Also the dynamic per-token activation quantisation of
+// FbgemmFp8 (quant.FakeQuantFP8Rows) and the device quantiser of both formats (quantize_bf16).
 
 // Weight format codes; they match backend/cuda's qformat codes.
 #define QF_FP8 0      // q·s in float32 (fp8 rowwise, FbgemmFp8)
@@ -62,9 +62,6 @@ __device__ __forceinline__ float fp8_row_scale(float amax, float ub) {
 __device__ __forceinline__ float fake_quant_fp8(float v, float s) {
 	return round_e4m3(fminf(fmaxf(v / s, -FP8_MAX), FP8_MAX)) * s;
 }
-
-// int4_of returns nibble i (0..7) of word w, sign-extended.
-__device__ __forceinline__ float int4_of(u32 w, int i) { return (float)((int)(w << (28 - 4 * i)) >> 28); }
 
 // deq applies the format's scale to a code's value q: q·s, rounded to bf16 for QF_FP8_BF16.
 __device__ __forceinline__ float deq(float q, float s, int fmt) {
@@ -126,23 +123,18 @@ extern "C" __global__ void act_quant_rows(const void* x, int xdt, const int* per
 	}
 }
 
-// qweight_at returns element idx of a quantised weight viewed as [outer, in, inner] (row-major, idx =
-// (o·in + i)·inner + c) with G scale groups of gs along in: the dequantised value, as float32.
+// qweight_at returns element idx of an fp8 weight viewed as [outer, in, inner] (row-major, idx =
+// (o·in + i)·inner + c): the dequantised value, as float32.
 __device__ __forceinline__ float qweight_at(const unsigned char* w, const void* scales, int fmt, long long idx,
 	long long in, long long inner, int gs, int G) {
 	long long c = idx % inner, oi = idx / inner;
-	long long i = oi % in, o = oi / in;
-	if (fmt == QF_INT4) {
-		u32 b = w[idx >> 1];
-		float q = (float)((int)(b << (28 - 4 * (int)(idx & 1))) >> 28);
-		float s = bf16_to_f32(((const bf16_t*)scales)[(o * G + i / gs) * inner + c]);
-		return q * s;
-	}
+	long long o = oi / in;
 	return deq(e4m3_to_f32(w[idx]), ((const float*)scales)[o * inner + c], fmt);
 }
 
-// dequant_bf16 writes elements [off, off + n) of a quantised weight (see qweight_at) to out[0 .. n) as
-// bf16: the prefill path's GEMM operand (one expert at a time for the routed experts).
+// dequant_bf16 writes elements [off, off + n) of an fp8 weight (see qweight_at) to out[0 .. n) as bf16:
+// the prefill path's GEMM operand (one expert at a time for the routed experts). int4:
+// dequant_int4_bf16 (quant_int4.cu).
 extern "C" __global__ void dequant_bf16(const unsigned char* w, const void* scales, int fmt, long long in, long long inner,
 	int gs, int G, long long off, long long n, bf16_t* out) {
 	GRID_STRIDE(i, n) out[i] = f32_to_bf16(qweight_at(w, scales, fmt, off + i, in, inner, gs, G));
@@ -166,26 +158,22 @@ __device__ __forceinline__ void qgemv_acc8(const void* __restrict__ x, int xdt, 
 }
 
 // qgemv_accum adds to acc[r][t] this lane's share of the dot products of rows n0 .. n0+GEMV_ROWS-1 of
-// a quantised w [N, K] with the T <= NT rows of x [T, K], over the 16-byte chunks [cbeg, cend) of each
-// row (16 fp8 codes or 32 int4 nibbles a chunk): the lanes of a warp stride over the chunks, and each
-// chunk is dequantised in registers (q·s, as quant.Weight.Dequantize) and multiplied by x (float32 or
-// bf16, as stored) in float32. K is a multiple of 16 (fp8) or 32 (int4; gs too, so that a chunk lies in
-// one scale group); w and x 16-byte aligned.
+// an fp8 w [N, K] with the T <= NT rows of x [T, K], over the 16-byte chunks [cbeg, cend) of each row
+// (16 codes a chunk): the lanes of a warp stride over the chunks, and each chunk is dequantised in
+// registers (q·s, as quant.Weight.Dequantize) and multiplied by x (float32 or bf16, as stored) in
+// float32. K is a multiple of 16; w and x 16-byte aligned. (int4: quant_int4.cu.)
 template <int NT>
 __device__ __forceinline__ void qgemv_accum(const void* __restrict__ x, int xdt, const unsigned char* __restrict__ w,
 	const void* __restrict__ scales, int fmt, int gs, int T, int K, int N, int n0, int cbeg, int cend, float (&acc)[GEMV_ROWS][NT]) {
 	int lane = threadIdx.x & 31;
 	long long xrow = dt_size(xdt) * (long long)K;
-	bool int4 = fmt == QF_INT4;
-	long long rowBytes = int4 ? K / 2 : K;
-	int G = int4 ? (K + gs - 1) / gs : 1;
 	const u32x4* wr[GEMV_ROWS];
 	float srow[GEMV_ROWS];
 #pragma unroll
 	for (int r = 0; r < GEMV_ROWS; r++) {
 		int n = imin(n0 + r, N - 1);
-		wr[r] = (const u32x4*)(w + (long long)n * rowBytes);
-		srow[r] = int4 ? 0.0f : ((const float*)scales)[n];
+		wr[r] = (const u32x4*)(w + (long long)n * K);
+		srow[r] = ((const float*)scales)[n];
 	}
 	// Two chunks a row in flight (the loads do not depend on the sums, so the unrolled loop issues both
 	// first).
@@ -194,45 +182,25 @@ __device__ __forceinline__ void qgemv_accum(const void* __restrict__ x, int xdt,
 		u32x4 wv[GEMV_ROWS];
 #pragma unroll
 		for (int r = 0; r < GEMV_ROWS; r++) wv[r] = wr[r][ch];
-		if (int4) {
-			float s[GEMV_ROWS];
+#pragma unroll
+		for (int j = 0; j < 2; j++) { // 8 codes a pair of words
+			float wf[GEMV_ROWS][8];
 #pragma unroll
 			for (int r = 0; r < GEMV_ROWS; r++) {
-				int n = imin(n0 + r, N - 1);
-				s[r] = bf16_to_f32(((const bf16_t*)scales)[(long long)n * G + ch * 32 / gs]);
-			}
+				u32 lo = j == 0 ? wv[r].x : wv[r].z, hi = j == 0 ? wv[r].y : wv[r].w;
 #pragma unroll
-			for (int j = 0; j < 4; j++) { // 8 nibbles a word
-				float wf[GEMV_ROWS][8];
-#pragma unroll
-				for (int r = 0; r < GEMV_ROWS; r++) {
-					u32 word = j == 0 ? wv[r].x : j == 1 ? wv[r].y : j == 2 ? wv[r].z : wv[r].w;
-#pragma unroll
-					for (int i = 0; i < 8; i++) wf[r][i] = int4_of(word, i) * s[r];
+				for (int i = 0; i < 4; i++) {
+					wf[r][i] = deq(e4m3_to_f32((lo >> (8 * i)) & 0xffu), srow[r], fmt);
+					wf[r][4 + i] = deq(e4m3_to_f32((hi >> (8 * i)) & 0xffu), srow[r], fmt);
 				}
-				qgemv_acc8<NT>(x, xdt, xrow, T, ch * 4 + j, wf, acc);
 			}
-		} else {
-#pragma unroll
-			for (int j = 0; j < 2; j++) { // 8 codes a pair of words
-				float wf[GEMV_ROWS][8];
-#pragma unroll
-				for (int r = 0; r < GEMV_ROWS; r++) {
-					u32 lo = j == 0 ? wv[r].x : wv[r].z, hi = j == 0 ? wv[r].y : wv[r].w;
-#pragma unroll
-					for (int i = 0; i < 4; i++) {
-						wf[r][i] = deq(e4m3_to_f32((lo >> (8 * i)) & 0xffu), srow[r], fmt);
-						wf[r][4 + i] = deq(e4m3_to_f32((hi >> (8 * i)) & 0xffu), srow[r], fmt);
-					}
-				}
-				qgemv_acc8<NT>(x, xdt, xrow, T, ch * 2 + j, wf, acc);
-			}
+			qgemv_acc8<NT>(x, xdt, xrow, T, ch * 2 + j, wf, acc);
 		}
 	}
 }
 
-// qgemv_chunks is the number of 16-byte chunks of a row of K elements in format fmt.
-__device__ __forceinline__ int qgemv_chunks(int fmt, int K) { return fmt == QF_INT4 ? K / 32 : K / 16; }
+// qgemv_chunks is the number of 16-byte chunks of a row of K fp8 codes.
+__device__ __forceinline__ int qgemv_chunks(int fmt, int K) { return K / 16; }
 
 // qgemv_rows computes output rows n0 .. n0+GEMV_ROWS-1 of y [T, N] (float32) = x [T, K] · w [N, K]ᵀ for a
 // quantised w with one warp over all of K (qgemv_accum); a warp sum finishes each dot product.
@@ -320,20 +288,11 @@ qgemv_split_2(const void* x, int xdt, const unsigned char* w, const void* scales
 	qgemv_split_rows<2>(x, xdt, w, scales, fmt, gs, y, T, K, N, blockIdx.x * GEMV_ROWS);
 }
 
-// qexpert_w8 dequantises the 8 weights [c0, c0+8) of row kk of expert e's [K, N] slice of a quantised
-// [E, K, N] weight (N % 8 == 0; G scale groups of gs rows for int4).
+// qexpert_w8 dequantises the 8 weights [c0, c0+8) of row kk of expert e's [K, N] slice of an fp8
+// [E, K, N] weight (N % 8 == 0). (int4: quant_int4.cu.)
 __device__ __forceinline__ void qexpert_w8(const unsigned char* __restrict__ w, const void* __restrict__ scales, int fmt, int gs,
 	int G, int e, int K, int N, int kk, int c0, float* wf) {
 	long long idx = ((long long)e * K + kk) * N + c0;
-	if (fmt == QF_INT4) {
-		u32 word = *(const u32*)(w + (idx >> 1)); // 8 nibbles, 4-byte aligned as N % 8 == 0
-		u32x4 sv = *(const u32x4*)((const bf16_t*)scales + ((long long)e * G + kk / gs) * N + c0);
-		float s[8];
-		bf16x8(sv, s);
-#pragma unroll
-		for (int i = 0; i < 8; i++) wf[i] = int4_of(word, i) * s[i];
-		return;
-	}
 	const u32* p = (const u32*)(w + idx); // 8 codes, 8-byte aligned
 	u32 lo = p[0], hi = p[1];
 	const float* s = (const float*)scales + (long long)e * N + c0;
@@ -364,7 +323,7 @@ __device__ __forceinline__ void qexpert_gemv_rows(const void* __restrict__ x, in
 	int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 	int c8 = blockIdx.x * 32 + lane; // this lane's chunk of 8 columns
 	bool colok = c8 * 8 < N;
-	int G = fmt == QF_INT4 ? (K + gs - 1) / gs : 1;
+	int G = 1;
 	for (int g = 0; g < nr; g += NS) {
 		int ng = imin(NS, nr - g);
 		__syncthreads(); // the previous group is done with xs

@@ -228,6 +228,10 @@ func (b *Backend) expertsQuant(e *expertsCall, fast bool) (backend.Tensor, error
 		return nil, fmt.Errorf("cuda: experts gateUp %v (%s) down %v (%s): both quantised or neither: %w",
 			gt.shape, formatOf(gt), dt.shape, formatOf(dt), backend.ErrShape)
 	}
+	if gt.q.code == qfInt4 || dt.q.code == qfInt4 {
+		// int4 has its own GEMV (quant_int4.go); the shapes it does not take use the bf16 copies.
+		fast = fast && b.q4ExpertsOK(e)
+	}
 	if !fast {
 		if gt.q.dyn() || dt.q.dyn() {
 			return nil, fmt.Errorf("cuda: experts x%v gateUp%v down%v (%s): dynamic activations need H %% 8 == 0 and I %% 4 == 0: %w",
@@ -280,9 +284,13 @@ func formatOf(t *tensor) string {
 	return t.q.format.String()
 }
 
-// launchExpertGEMV enqueues the split-K expert GEMV (expert_gemv_N, or qexpert_gemv_N for a quantised
-// w) over w [E, K, N] for plan p's active experts; one selects the one-row kernel (decode of one token).
+// launchExpertGEMV enqueues the split-K expert GEMV (expert_gemv_N, qexpert_gemv_N for an fp8 w or
+// q4expert_gemv_N for an int4 one) over w [E, K, N] for plan p's active experts; one selects the one-row
+// kernel (decode of one token). ks and splits come from expertSplitK.
 func (b *Backend) launchExpertGEMV(one bool, e *expertsCall, p *expertPlan, x any, xdt, mode int, w *tensor, K, N, ks, splits int, P *buffer, R int) error {
+	if w.q != nil && w.q.code == qfInt4 {
+		return b.launchQ4Expert(e, p, x, xdt, mode, w, K, N, ks, splits, P, R)
+	}
 	grid := dim3{uint32(ceilDiv(N, egCols)), uint32(splits), uint32(e.expertBound())}
 	if w.q == nil {
 		kern := b.k.expertGEMV8
@@ -429,7 +437,7 @@ func (b *Backend) expertsGEMV(e *expertsCall) error {
 	R, H, I, k := e.slots(), e.H, e.I, e.r.k
 	z := e.expertBound()
 	one := e.T == 1 // Route's k experts of a token are distinct: one row per expert
-	ks1, s1 := b.splitK(H, 2*I, z)
+	ks1, s1 := b.expertSplitK(e.gu, H, 2*I, z)
 	p1, err := b.pool.get(int64(s1) * int64(R) * int64(2*I) * 4)
 	if err != nil {
 		return err
@@ -469,7 +477,7 @@ func (b *Backend) expertsGEMV(e *expertsCall) error {
 			return err
 		}
 	}
-	ks2, s2 := b.splitK(I, H, z)
+	ks2, s2 := b.expertSplitK(e.down, I, H, z)
 	p2, err := b.pool.get(int64(s2) * int64(R) * int64(H) * 4)
 	if err != nil {
 		return err

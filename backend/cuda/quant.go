@@ -14,9 +14,10 @@ import (
 // code a byte and one float32 scale per output channel, int4 as two nibbles a byte and one bf16 scale
 // per output channel and group (quant's package doc, Layout). Linear and Experts dispatch on the format:
 //   - decode and small batches (at most skinnyRows rows or tokens): GEMV kernels
-//     (quant.cu) that read the codes and dequantise in registers, so a step reads 1 (fp8) or ½ (int4)
-//     byte a weight instead of 2; at 1 or 2 rows a weight of at most gemvSplitMaxRows rows splits K
-//     over a block's warps (qgemv_split_N), as the bf16 GEMV does;
+//     (quant.cu for fp8, quant_int4.cu for int4: quant_int4.go) that read the codes and dequantise in
+//     registers, so a step reads 1 (fp8) or ½ (int4) byte a weight instead of 2; for fp8 at 1 or 2 rows
+//     a weight of at most gemvSplitMaxRows rows splits K over a block's warps (qgemv_split_N), as the
+//     bf16 GEMV does;
 //   - prefill: the weight (one expert at a time for Experts) is dequantised into a bf16 scratch and the
 //     bf16 path (cuBLASLt) runs on it.
 //
@@ -151,6 +152,13 @@ func (b *Backend) dequant(t *tensor, off, n int64) (*buffer, error) {
 	if n == 0 {
 		return buf, nil
 	}
+	if q.code == qfInt4 {
+		if err := b.dequantInt4(t, inner, off, n, buf); err != nil {
+			b.pool.release(*buf)
+			return nil, err
+		}
+		return buf, nil
+	}
 	if err := b.stream.launch(b.k.dequantBF16, elemGrid(int(min(n, 1<<30))), elemBlockDim, 0,
 		t, q.scales, q.code, int64(q.in), inner, q.gs, q.groups, off, n, buf); err != nil {
 		b.pool.release(*buf)
@@ -159,19 +167,15 @@ func (b *Backend) dequant(t *tensor, off, n int64) (*buffer, error) {
 	return buf, nil
 }
 
-// qgemvOK reports whether x [T, in] · wᵀ runs on the quantised GEMV: at most skinnyRows rows, K a
-// multiple of a 16-byte chunk's elements (16 fp8, 32 int4; the int4 group size too) and 16-byte aligned
-// operands (every block of qgemvKernelRows rows of x then is too).
+// qgemvOK reports whether x [T, in] · wᵀ runs on the quantised GEMV: for int4 q4gemvOK (quant_int4.go);
+// for fp8 at most skinnyRows rows, K a multiple of a 16-byte chunk's codes and 16-byte aligned operands
+// (every block of qgemvKernelRows rows of x then is too).
 func (b *Backend) qgemvOK(xt, wt *tensor) bool {
-	T, in := xt.shape[0], xt.shape[1]
-	per := 16
 	if wt.q.code == qfInt4 {
-		per = 32
-		if wt.q.gs%32 != 0 {
-			return false
-		}
+		return b.q4gemvOK(xt, wt)
 	}
-	return !b.noQuantGEMV && T <= skinnyRows && in > 0 && in%per == 0 && wt.ptr()%16 == 0 && xt.ptr()%16 == 0
+	T, in := xt.shape[0], xt.shape[1]
+	return !b.noQuantGEMV && T <= skinnyRows && in > 0 && in%16 == 0 && wt.ptr()%16 == 0 && xt.ptr()%16 == 0
 }
 
 // linearQuant is Linear for a quantised w [out, in]: x's rows quantised first where the format says so,
@@ -210,6 +214,12 @@ func (b *Backend) linearQuant(xt, wt *tensor) (backend.Tensor, error) {
 			return nil, err
 		}
 		b.counts.QuantGEMV++
+		if wt.q.code == qfInt4 {
+			if err := b.linearInt4(x, wt, y); err != nil {
+				return nil, fmt.Errorf("cuda: linear x%v w%v (%s): %w", xt.shape, wt.shape, wt.q.format, err)
+			}
+			return y, nil
+		}
 		for r0 := 0; r0 < T; r0 += qgemvKernelRows {
 			n := min(qgemvKernelRows, T-r0)
 			i := 0

@@ -26,6 +26,7 @@ __device__ float __shfl_down_sync(unsigned, float, int); __device__ int __shfl_d
 __device__ void __syncthreads(); __device__ void __syncwarp(unsigned m = 0xffffffffu);
 __device__ void __threadfence();
 __device__ int __popc(unsigned); __device__ int __ffs(int); __device__ int __clz(int);
+__device__ unsigned __byte_perm(unsigned, unsigned, unsigned);
 __device__ unsigned __match_any_sync(unsigned, int); __device__ unsigned __ballot_sync(unsigned, int);
 __device__ unsigned __activemask();
 __device__ float atomicAdd(float*, float); __device__ int atomicAdd(int*, int);

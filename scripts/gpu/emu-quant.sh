@@ -13,9 +13,9 @@ trap 'rm -rf "$tmp"' EXIT
 	echo '#include "emu.h"'
 	cat kernels/prelude.cuh
 	echo '#define GRID_STRIDE(i, n) for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)'
-	cat kernels/gemv.cu kernels/quant.cu kernels/quant_fp8gemm.cu
+	cat kernels/gemv.cu kernels/quant.cu kernels/quant_fp8gemm.cu kernels/quant_int4.cu
 } | sed -e 's/extern "C" //' -e 's/extern __shared__ int plan_sh\[\];/static int plan_sh[8192];/' >"$tmp/src.cu"
 cp scripts/gpu/emu/emu.h scripts/gpu/emu/quant_check.cpp "$tmp/"
 ${CXX:-g++} -std=c++20 -O1 -ffp-contract=off -pthread -Wno-unknown-pragmas -o "$tmp/quant_check" "$tmp/quant_check.cpp"
-"$tmp/quant_check"
-echo "emu-quant: kernels/quant.cu and kernels/quant_fp8gemm.cu ok"
+"$tmp/quant_check" "$@"
+echo "emu-quant: kernels/quant.cu, kernels/quant_fp8gemm.cu and kernels/quant_int4.cu ok"

@@ -1,24 +1,33 @@
 // quant_check.cpp: runs the kernels of kernels/quant.cu under the emulator (emu.h) on small random inputs
 // and compares them with host references written from package quant's rules (qgemv_N, dequant_bf16,
 // qexpert_gemv_N in both modes, act_quant_rows gathered and in place, quantize_bf16; act_quant_fp8 and
-// fp8_scale_out of quant_fp8gemm.cu around a host GEMM of their codes). The scalar helpers
-// (E4M3 decode, rounding, encoding, FP8RowScale) are those of quant.cu itself, checked against package
-// quant bit for bit when this was written. Build and run: scripts/gpu/emu-quant.sh.
+// fp8_scale_out of quant_fp8gemm.cu around a host GEMM of their codes), and the int4 kernels of
+// quant_int4.cu (q4gemv_N, q4expert_gemv_N, dequant_int4_bf16; the emulator stands in for mma.sync and
+// fma.rn.bf16x2, emu.h). The scalar helpers (E4M3 decode, rounding, encoding, FP8RowScale) are those of
+// quant.cu itself, checked against package quant bit for bit when this was written. Build and run:
+// scripts/gpu/emu-quant.sh.
 #include "src.cu" // made by emu-quant.sh
 #include <random>
+#include <string>
 std::mt19937 rng(1);
 float urand(float a, float b) { return std::uniform_real_distribution<float>(a, b)(rng); }
 int bad = 0;
 void check(const char* what, double got, double want, double tol, long i) {
 	if (!(std::fabs(got - want) <= tol * (1 + std::fabs(want)))) { if (bad++ < 10) printf("%s [%ld]: got %g want %g\n", what, i, got, want); }
 }
-float deq_host(const std::vector<unsigned char>& w, const void* scales, int fmt, long idx, long in, long inner, int gs, int G) {
-	return qweight_at(w.data(), scales, fmt, idx, in, inner, gs, G);
+// int4_at is quant's int4 rule: code idx (two's complement, element 2j in the low nibble of byte j) times
+// the bf16 scale of its output channel and group, in float32.
+float int4_at(const unsigned char* w, const bf16_t* scales, long idx, long in, long inner, int gs, int G) {
+	long c = idx % inner, oi = idx / inner, i = oi % in, o = oi / in;
+	int n = (w[idx >> 1] >> (4 * (idx & 1))) & 15, q = n >= 8 ? n - 16 : n;
+	return (float)q * bf16_to_f32(scales[(o * G + i / gs) * inner + c]);
 }
 // quantised weight [outer, in, inner]
 struct QW { std::vector<unsigned char> codes; std::vector<float> sf; std::vector<bf16_t> sb; int fmt, gs, G; long outer, in, inner;
 	const void* scales() const { return fmt == QF_INT4 ? (const void*)sb.data() : (const void*)sf.data(); }
-	float at(long idx) const { return qweight_at(codes.data(), scales(), fmt, idx, in, inner, gs, G); } };
+	float at(long idx) const {
+		if (fmt == QF_INT4) return int4_at(codes.data(), sb.data(), idx, in, inner, gs, G);
+		return qweight_at(codes.data(), scales(), fmt, idx, in, inner, gs, G); } };
 QW make(int fmt, int gs, long outer, long in, long inner) {
 	QW q; q.fmt = fmt; q.outer = outer; q.in = in; q.inner = inner;
 	long n = outer * in * inner;
@@ -172,21 +181,98 @@ void test_fp8_gather() {
 		for (long r = 0; r < R; r++) for (long c = 0; c < C; c++) if (t[c * R + r] != a[r * C + c]) { if (bad++ < 10) printf("transpose %ldx%ld [%ld][%ld]\n", R, C, r, c); }
 	}
 }
-int main() {
+// ---- quant_int4.cu ----
+// test_q4gemv: q4gemv_N (by T: _1 to 4 rows, _2 to 8, _4 to 16) with W warps a block against the float64
+// product of x and quant's dequantised weight. x enters as hi + lo bf16 (2^-16 relative), the sums in
+// float32: 3e-5 of the sum of |products| covers both.
+void test_q4gemv(int T, int K, int N, int gs, int xdt, int W) {
+	QW w = make(QF_INT4, gs, N, K, 1);
+	std::vector<float> xf(T * K); for (auto& v : xf) v = urand(-1, 1) * (rng() % 9 == 0 ? 1e-3f : 1.0f);
+	std::vector<bf16_t> xb(T * K); for (int i = 0; i < T * K; i++) { xb[i] = f32_to_bf16(xf[i]); if (xdt == DT_BF16) xf[i] = bf16_to_f32(xb[i]); }
+	const void* x = xdt == DT_BF16 ? (const void*)xb.data() : (const void*)xf.data();
+	std::vector<float> y(T * N + 1, NAN);
+	int MT = T <= 4 ? 4 : 2;
+	dim3 grid{(unsigned)((N + 16 * MT - 1) / (16 * MT))}, block{(unsigned)(32 * W)};
+	launch(grid, block, [&] {
+		if (T <= 4) q4gemv_1(x, xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N);
+		else if (T <= 8) q4gemv_2(x, xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N);
+		else q4gemv_4(x, xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N); });
+	for (int t = 0; t < T; t++) for (int n = 0; n < N; n++) {
+		double s = 0, a = 0; for (int i = 0; i < K; i++) { double p = (double)xf[t * K + i] * w.at((long)n * K + i); s += p; a += std::fabs(p); }
+		check("q4gemv", y[t * N + n], s, 3e-5 * (1 + a), t * N + n);
+	}
+	if (!std::isnan(y[T * N])) { bad++; printf("q4gemv wrote past y\n"); }
+}
+// test_q4expert: q4expert_gemv_N (NT = 1: 4 rows a pass, 2: 8) over E experts with uneven token counts
+// (one expert without tokens, one with more rows than a pass), in both modes, over K splits that end
+// inside scale groups, against the float64 reference of each permuted row.
+void test_q4expert(int mode, int NT, int K, int N, int gs, int ksplit, int xdt) {
+	const int E = 4, T = 7, k = 2, R = T * k;
+	QW w = make(QF_INT4, gs, E, K, N);
+	int experts[R] = {1, 0, 1, 2, 1, 2, 1, 2, 1, 3, 1, 3, 1, 3}; // expert 0: 1 row, 1: 7, 2: 3, 3: 3
+	if (NT == 2) { experts[9] = 1; experts[11] = 1; experts[13] = 2; experts[3] = 0; } // 1: 9 rows (two passes of 8), 3: 0
+	float scores[R]; for (auto& s : scores) s = urand(0.1f, 1);
+	std::vector<int> seg(2 * E), perm(R), rowOf(R), active, meta(2);
+	int off = 0; for (int e = 0; e < E; e++) { int c = 0; for (int s = 0; s < R; s++) c += experts[s] == e; seg[2 * e] = off; seg[2 * e + 1] = c;
+		int r = off; for (int s = 0; s < R; s++) if (experts[s] == e) { perm[r] = s; rowOf[s] = r; r++; }
+		if (c) active.push_back(e); off += c; }
+	meta[0] = active.size(); meta[1] = off;
+	std::vector<float> xf(mode == 0 ? T * K : R * K); for (auto& v : xf) v = urand(-1, 1);
+	std::vector<bf16_t> xb(xf.size()); for (size_t i = 0; i < xf.size(); i++) { xb[i] = f32_to_bf16(xf[i]); if (xdt == DT_BF16) xf[i] = bf16_to_f32(xb[i]); }
+	const void* x = xdt == DT_BF16 ? (const void*)xb.data() : (const void*)xf.data();
+	int S = (K + ksplit - 1) / ksplit;
+	std::vector<float> P((long)S * R * N, NAN);
+	dim3 grid{(unsigned)((N + Q4E_COLS - 1) / Q4E_COLS), (unsigned)S, (unsigned)active.size() + 1}; // one block past meta[0]
+	launch(grid, dim3{Q4E_WARPS * 32}, [&] {
+		if (NT == 1) q4expert_gemv_1(x, xdt, mode, perm.data(), scores, k, seg.data(), active.data(), meta.data(), w.codes.data(), w.sb.data(), gs, K, N, ksplit, P.data(), R);
+		else q4expert_gemv_2(x, xdt, mode, perm.data(), scores, k, seg.data(), active.data(), meta.data(), w.codes.data(), w.sb.data(), gs, K, N, ksplit, P.data(), R); });
+	for (int r = 0; r < R; r++) { int s = perm[r], e = experts[s];
+		for (int c = 0; c < N; c++) { double got = 0; for (int sp = 0; sp < S; sp++) got += P[((long)sp * R + r) * N + c];
+			double want = 0, a = 0; for (int kk = 0; kk < K; kk++) { float in = mode == 0 ? xf[(s / k) * K + kk] * scores[s] : xf[r * K + kk];
+				double p = (double)in * w.at(((long)e * K + kk) * N + c); want += p; a += std::fabs(p); }
+			check("q4expert", got, want, 3e-5 * (1 + a), r * N + c); } }
+}
+// test_q4dequant: dequant_int4_bf16 of [outer, in, inner] elements [off, off + n) gives bf16(q·s) bit for
+// bit, on the vector path (vec) and the element-wise one; nothing past n is written.
+void test_q4dequant(long outer, long in, long inner, int gs, long off, long n, int vec) {
+	QW w = make(QF_INT4, gs, outer, in, inner);
+	std::vector<bf16_t> out(n + 40, 0xABCD);
+	launch(dim3{3}, dim3{64}, [&] { dequant_int4_bf16(w.codes.data(), w.sb.data(), in, inner, gs, w.G, off, n, vec, out.data()); });
+	for (long i = 0; i < n; i++) check("q4dequant", bf16_to_f32(out[i]), bf16_to_f32(f32_to_bf16(w.at(off + i))), 0, i);
+	for (long i = n; i < n + 40; i++) if (out[i] != 0xABCD) { bad++; printf("q4dequant wrote past n at %ld\n", i); break; }
+}
+void int4_checks() {
+	for (int xdt : {DT_F32, DT_BF16}) for (int T : {1, 2, 4, 5, 8, 9, 16}) {
+		test_q4gemv(T, 96, 11, 32, xdt, 2); test_q4gemv(T, 256, 40, 128, xdt, 3); }
+	// Many blocks a warp (the unrolled loop and its tail), groups of 64 and 96, one warp and 16, rows past N.
+	test_q4gemv(1, 1056, 70, 64, DT_F32, 1); test_q4gemv(3, 1056, 5, 96, DT_F32, 16); test_q4gemv(12, 640, 33, 32, DT_BF16, 8);
+	test_q4gemv(1, 32, 3, 32, DT_F32, 4);
+	printf("q4gemv done bad=%d\n", bad);
+	for (int mode : {0, 1}) for (int NT : {1, 2}) {
+		test_q4expert(mode, NT, 96, 24, 16, 32, DT_F32); test_q4expert(mode, NT, 256, 72, 32, 80, DT_F32); }
+	test_q4expert(0, 1, 128, 264, 128, 64, DT_BF16); test_q4expert(1, 2, 160, 16, 48, 160, DT_F32);
+	printf("q4expert done bad=%d\n", bad);
+	test_q4dequant(5, 96, 1, 32, 0, 5 * 96, 1); test_q4dequant(3, 40, 64, 8, 64 * 40, 64 * 40, 1); test_q4dequant(3, 40, 64, 128, 0, 3 * 40 * 64, 1);
+	test_q4dequant(5, 37, 1, 16, 0, 5 * 37, 0); test_q4dequant(3, 20, 24, 8, 20 * 24, 20 * 24, 0); test_q4dequant(2, 64, 1, 32, 64, 64, 1);
+	printf("q4dequant done bad=%d\n", bad);
+}
+int main(int argc, char** argv) {
+	if (argc > 1 && std::string(argv[1]) == "int4") { // quant_int4.cu alone
+		int4_checks();
+		return bad != 0;
+	}
 	for (int xdt : {DT_F32, DT_BF16}) for (int T : {1, 2, 3, 5, 8}) {
-		test_qgemv(QF_FP8, 0, T, 64, 10, xdt); test_qgemv(QF_FP8_BF16, 0, T, 48, 9, xdt);
-		test_qgemv(QF_INT4, 32, T, 96, 11, xdt); test_qgemv(QF_INT4, 128, T, 256, 8, xdt); test_qgemv(QF_INT4, 64, T, 320, 3, xdt); }
+		test_qgemv(QF_FP8, 0, T, 64, 10, xdt); test_qgemv(QF_FP8_BF16, 0, T, 48, 9, xdt); }
 	// Several chunks a lane (the stride loop): 65 chunks a row.
-	test_qgemv(QF_FP8, 0, 2, 1040, 5, DT_F32); test_qgemv(QF_INT4, 32, 3, 2080, 5, DT_BF16); test_qgemv(QF_INT4, 160, 1, 2080, 4, DT_F32);
+	test_qgemv(QF_FP8, 0, 2, 1040, 5, DT_F32);
 	// The split-K variant (a block's warps share a row pair): chunk counts below, at and above 4·32.
-	for (int T : {1, 2}) { test_qgemv(QF_FP8, 0, T, 48, 7, DT_F32, true); test_qgemv(QF_FP8_BF16, 0, T, 2048, 5, DT_BF16, true);
-		test_qgemv(QF_INT4, 32, T, 4160, 3, DT_F32, true); test_qgemv(QF_INT4, 128, T, 256, 6, DT_BF16, true); }
+	for (int T : {1, 2}) { test_qgemv(QF_FP8, 0, T, 48, 7, DT_F32, true); test_qgemv(QF_FP8_BF16, 0, T, 2048, 5, DT_BF16, true); }
 	printf("qgemv done bad=%d\n", bad);
 	for (int f : {QF_FP8, QF_FP8_BF16}) test_dequant(f, 0);
-	test_dequant(QF_INT4, 16); test_dequant(QF_INT4, 7);
 	printf("dequant done bad=%d\n", bad);
-	for (int mode : {0, 1}) for (int NS : {1, 8}) { test_expert(QF_FP8, 0, mode, NS); test_expert(QF_FP8_BF16, 0, mode, NS); test_expert(QF_INT4, 16, mode, NS); test_expert(QF_INT4, 13, mode, NS); }
+	for (int mode : {0, 1}) for (int NS : {1, 8}) { test_expert(QF_FP8, 0, mode, NS); test_expert(QF_FP8_BF16, 0, mode, NS); }
 	printf("expert done bad=%d\n", bad);
+	int4_checks();
 	test_act_quant();
 	printf("act done bad=%d\n", bad);
 	test_quantize(QF_FP8, 0, 5, 33, 1); test_quantize(QF_FP8, 0, 3, 20, 24); test_quantize(QF_INT4, 16, 5, 37, 1); test_quantize(QF_INT4, 8, 3, 20, 24); test_quantize(QF_INT4, 128, 2, 40, 3);

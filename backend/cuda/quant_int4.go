@@ -1,0 +1,131 @@
+package cuda
+
+import (
+	"fmt"
+	"runtime"
+)
+
+// int4 weights run on their own kernels (kernels/quant_int4.cu), chosen by the format when the weight is
+// loaded, never by a branch inside a kernel:
+//   - decode and small batches, T <= skinnyRows rows or tokens: tensor-core GEMVs that read the codes (½
+//     byte a weight) and turn each pair of codes into bf16 in two instructions; x enters as hi + lo bf16
+//     columns, so the product keeps float32 accuracy as the skinny-GEMM rule asks (doc.go, Numerics).
+//     Linear: q4gemv_N, up to 16 rows a launch; the routed experts: q4expert_gemv_N on the [E, K, N]
+//     layout, K split over blocks as expert_gemv_N does.
+//   - prefill (more rows): dequant_int4_bf16 writes the weight (one expert at a time for Experts) as bf16
+//     and cuBLASLt multiplies, as for fp8.
+//
+// The threshold, from bytes and instructions (H100: 3.35 TB/s, 132 SMs issuing 4 warp-instructions a
+// cycle at 1.755 GHz, so 0.138 warp-instructions a weight at the int4 bandwidth floor): a GEMV launch of
+// up to 16 rows costs about 0.08 (q4gemv_1: the codes, 0.047; the hi/lo input columns, 0.02; the mma and
+// the group scales) to 0.14 (q4gemv_4) warp-instructions a weight, so T rows cost T/16 launches of about
+// 1 to 1.4 times the floor each, 0.5 byte a weight read each time (from L2 for the later launches of a
+// weight that fits it). Dequantising instead reads ½ byte, writes 2 and cuBLASLt reads 2 back: 9 times
+// the floor before the GEMM's own time, which grows by a tensor-core pass of 4T flops a weight (x hi and
+// lo, as the bf16 path splits a float32 x). The GEMV stays ahead up to about 150 rows; at 64 (skinnyRows)
+// it is twice as fast and keeps float32 accuracy, which the bf16 copy (q·s rounded to bf16) does not.
+// Above skinnyRows the dequantised path runs, as for every other format.
+
+// Launch geometry of quant_int4.cu (Q4_MAXW, Q4E_WARPS, Q4E_COLS, Q4E_KTILE).
+const (
+	q4MaxWarps = 16
+	q4eThreads = 128
+	q4eCols    = 256
+	q4eKTile   = 1024
+	// q4gemvRows is the most rows of x one q4gemv launch takes (q4gemv_4).
+	q4gemvRows = 16
+	// q4WarpsPerSM is the q4gemv warps a launch aims at per SM: enough four-block (2 KiB a warp at 64
+	// weight rows) load batches in flight to cover the memory latency, within the registers of a
+	// 512-thread block.
+	q4WarpsPerSM = 24
+	// q4eBlocksPerSM is the q4expert_gemv blocks (4 warps) a launch aims at per SM.
+	q4eBlocksPerSM = 8
+)
+
+// q4gemvOK reports whether x [T, in] · wᵀ (w int4) runs on q4gemv: at most skinnyRows rows, in and the
+// group size multiples of 32 (a 32-input block lies in one group), a 16-byte aligned x.
+func (b *Backend) q4gemvOK(xt, wt *tensor) bool {
+	T, in := xt.shape[0], xt.shape[1]
+	return !b.noQuantGEMV && T <= skinnyRows && in > 0 && in%32 == 0 && wt.q.gs%32 == 0 && wt.ptr()%16 == 0 &&
+		wt.q.scales.ptr%16 == 0 && xt.ptr()%16 == 0
+}
+
+// linearInt4 enqueues y [T, out] = x [T, in] · wᵀ on q4gemv, q4gemvRows rows a launch (q4gemvOK holds).
+func (b *Backend) linearInt4(x, wt, y *tensor) error {
+	T, in, outDim := x.shape[0], x.shape[1], wt.shape[0]
+	for r0 := 0; r0 < T; r0 += q4gemvRows {
+		n := min(q4gemvRows, T-r0)
+		k, rows, maxW := b.k.q4gemv[0], 64, q4MaxWarps
+		switch {
+		case n > 8:
+			k, rows, maxW = b.k.q4gemv[2], 32, q4MaxWarps/2
+		case n > 4:
+			k, rows = b.k.q4gemv[1], 32
+		}
+		blocks := ceilDiv(outDim, rows)
+		// Warps split K: as many as the SMs want, each with at least one batch of four 32-input blocks.
+		w := min(ceilDiv(q4WarpsPerSM*max(b.dev.multiprocessors, 1), blocks), maxW, max(in/32/4, 1))
+		xp := x.ptr() + devptr(int64(r0)*int64(in)*x.dt.size())
+		yp := y.ptr() + devptr(int64(r0)*int64(outDim)*4)
+		if err := b.stream.launch(k, dim3{uint32(blocks), 1, 1}, dim3{uint32(32 * w), 1, 1}, 0,
+			xp, int(x.dt), wt, wt.q.scales, wt.q.gs, yp, n, in, outDim); err != nil {
+			return err
+		}
+	}
+	runtime.KeepAlive(x)
+	return nil
+}
+
+// dequantInt4 enqueues dequant_int4_bf16 for elements [off, off+n) of the int4 weight t viewed as [outer,
+// in, inner] into buf (bf16): 32 elements a thread, on the vector path where the range and the shape
+// allow it (see the kernel).
+func (b *Backend) dequantInt4(t *tensor, inner, off, n int64, buf *buffer) error {
+	q := t.q
+	in := int64(q.in)
+	vec := off%32 == 0 && n%32 == 0 && t.ptr()%16 == 0 && q.scales.ptr%16 == 0 && buf.ptr%16 == 0 &&
+		((inner == 1 && in%32 == 0) || (inner > 1 && inner%32 == 0))
+	chunks := ceilDiv(int(min(n, 1<<40)), 32)
+	return b.stream.launch(b.k.dequantInt4, elemGrid(chunks), elemBlockDim, 0,
+		t, q.scales, in, inner, q.gs, q.groups, off, n, vec, buf)
+}
+
+// q4ExpertsOK reports whether Experts on int4 weights runs on q4expert_gemv: H and I multiples of 16 and
+// group sizes too (a k16 step lies in one group), 16-byte aligned scales (eight a load).
+func (b *Backend) q4ExpertsOK(e *expertsCall) bool {
+	gq, dq := e.gu.q, e.down.q
+	return gq.code == qfInt4 && dq.code == qfInt4 && e.H%16 == 0 && e.I%16 == 0 && gq.gs%16 == 0 && dq.gs%16 == 0 &&
+		gq.scales.ptr%16 == 0 && dq.scales.ptr%16 == 0 && e.gu.ptr()%4 == 0 && e.down.ptr()%4 == 0
+}
+
+// q4SplitK is splitK for q4expert_gemv: K rows per block a multiple of 64 (four k16 steps, the kernel's
+// batch of loads), at most q4eKTile, aiming at q4eBlocksPerSM blocks per SM.
+func (b *Backend) q4SplitK(K, N, z int) (ksplit, splits int) {
+	blocks := ceilDiv(N, q4eCols) * z
+	target := q4eBlocksPerSM * max(b.dev.multiprocessors, 1)
+	s := max(target/blocks, 1)
+	ksplit = min(max(ceilDiv(ceilDiv(K, s), 64)*64, 64), q4eKTile)
+	return ksplit, ceilDiv(K, ksplit)
+}
+
+// expertSplitK is the K split of the expert GEMV that reads w: q4SplitK for int4, else splitK.
+func (b *Backend) expertSplitK(w *tensor, K, N, z int) (ksplit, splits int) {
+	if w.q != nil && w.q.code == qfInt4 {
+		return b.q4SplitK(K, N, z)
+	}
+	return b.splitK(K, N, z)
+}
+
+// launchQ4Expert enqueues q4expert_gemv_N over w [E, K, N] (int4) for plan p's active experts: rows are
+// taken 4 a pass (q4expert_gemv_1) when no expert can have more than 4 (T <= 4), else 8 a pass.
+func (b *Backend) launchQ4Expert(e *expertsCall, p *expertPlan, x any, xdt, mode int, w *tensor, K, N, ks, splits int, P *buffer, R int) error {
+	if w.q == nil || w.q.code != qfInt4 {
+		return fmt.Errorf("cuda: q4expert_gemv on a %s weight", formatOf(w))
+	}
+	kern := b.k.q4expertGEMV[1]
+	if e.T <= 4 {
+		kern = b.k.q4expertGEMV[0]
+	}
+	grid := dim3{uint32(ceilDiv(N, q4eCols)), uint32(splits), uint32(e.expertBound())}
+	return b.stream.launch(kern, grid, dim3{q4eThreads, 1, 1}, 0,
+		x, xdt, mode, p.perm, e.scores(), e.r.k, p.seg(), p.active(e.E), p.meta(e.E), w, w.q.scales, w.q.gs, K, N, ks, P, R)
+}

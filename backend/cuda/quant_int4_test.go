@@ -1,0 +1,296 @@
+package cuda_test
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tpfleet/tpfleet/backend"
+	"github.com/tpfleet/tpfleet/backend/cpu"
+	"github.com/tpfleet/tpfleet/backend/cuda"
+	"github.com/tpfleet/tpfleet/quant"
+)
+
+// int4Rows are the row (token) counts the int4 tests run: decode (1, 2), the three q4gemv kernels' limits
+// (8 is q4gemv_2's, 16 q4gemv_4's), four q4gemv launches (64, skinnyRows) and prefill (2048: the
+// weight dequantised to bf16 for cuBLASLt).
+var int4Rows = []int{1, 2, 8, 16, 64, 2048}
+
+// int4Formats are the group sizes the int4 tests load: the default 128 and 32 (a scale for every 32-input
+// block, the smallest q4gemv takes).
+var int4Formats = []quant.Format{{Kind: quant.Int4, GroupSize: 128}, {Kind: quant.Int4, GroupSize: 32}}
+
+// int4Path says which path a Linear or Experts call on int4 weights must take at T rows, by the counter
+// that names it (counterDiff's words).
+func int4Path(T int, experts bool) string {
+	switch {
+	case experts && T <= 64:
+		return "exp-gemv×1"
+	case experts:
+		return "exp-grouped×1"
+	case T <= 64:
+		return "qgemv×1"
+	}
+	return "qdequant×1"
+}
+
+// TestInt4LinearVsCPU compares Linear on int4 weights with the cpu backend at int4Rows rows for group
+// sizes 128 and 32: up to 64 rows the tensor-core GEMV (q4gemv_N, float32 accuracy: quantGEMVRelL2), at
+// 2048 the weight dequantised to bf16 (dequant_int4_bf16) and cuBLASLt (quantBF16RelL2). The shapes have
+// K of 10, 32 and 64 input blocks and N not a multiple of a block's 64 or 32 rows; the path each call
+// took is checked by the counters.
+func TestInt4LinearVsCPU(t *testing.T) {
+	g := newBackend(t, cuda.BF16)
+	e := &opEnv{t: t, cpu: cpu.New(cpu.Config{}), gpu: g, r: rand.New(rand.NewPCG(51, 52))}
+	for _, f := range int4Formats {
+		for _, s := range []struct{ in, out int }{{320, 72}, {1024, 776}, {2048, 256}} {
+			w := e.qweight(f, 0.05, s.out, s.in)
+			for _, T := range int4Rows {
+				x := e.input(1, T, s.in)
+				shape := fmt.Sprintf("%s [%d %d]x[%d %d]", f, T, s.in, s.out, s.in)
+				bound := quantGEMVRelL2
+				if T > 64 {
+					bound = quantBF16RelL2
+				}
+				before := g.Counters()
+				e.qcompare("Int4Linear", shape, bound, func(b backend.Ops, side int) (backend.Tensor, error) {
+					return b.Linear(pickSide(x, side), pickSide(w, side))
+				})
+				if got, want := counterDiff(before, g.Counters()), int4Path(T, false); got != want {
+					t.Errorf("Int4Linear %s took paths %q, want %q", shape, got, want)
+				}
+			}
+		}
+	}
+}
+
+// int4Logits makes router logits [T, E] on both backends that route unevenly: most tokens prefer expert
+// 1, every third token expert 4 too, every seventh expert 6, and expert 3 never wins (one expert gets
+// most of the rows, several get a few, one none).
+func int4Logits(e *opEnv, T, E int) pair {
+	v := randVals(e.r, T*E, 0.5)
+	for tk := range T {
+		row := v[tk*E : (tk+1)*E]
+		row[1] += 3
+		if tk%3 == 0 {
+			row[4] += 4
+		}
+		if tk%7 == 0 {
+			row[6] += 6
+		}
+		row[3] -= 20
+	}
+	c, err := e.cpu.FromFloat32([]int{T, E}, v)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	gt, err := e.gpu.FromFloat32([]int{T, E}, v)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return pair{c, gt}
+}
+
+// TestInt4ExpertsVsCPU compares Route+Experts on int4 expert weights with the cpu backend at int4Rows
+// tokens, top-1 and top-2, group sizes 128 and 32, with uneven routing (int4Logits): up to 64 tokens the
+// tensor-core expert GEMV (q4expert_gemv_N: experts with more rows than a pass, experts with none),
+// at 2048 one cuBLASLt GEMM per active expert on its bf16 copy.
+func TestInt4ExpertsVsCPU(t *testing.T) {
+	g := newBackend(t, cuda.BF16)
+	e := &opEnv{t: t, cpu: cpu.New(cpu.Config{}), gpu: g, r: rand.New(rand.NewPCG(61, 62))}
+	const E, H, I = 8, 512, 320
+	for _, f := range int4Formats {
+		gu := e.qweight(f, float32(2/math.Sqrt(H)), E, H, 2*I)
+		dn := e.qweight(f, float32(2/math.Sqrt(I)), E, I, H)
+		for _, T := range int4Rows {
+			for _, k := range []int{1, 2} {
+				x := e.input(1, T, H)
+				logits := int4Logits(e, T, E)
+				shape := fmt.Sprintf("%s T %d E %d k %d H %d I %d", f, T, E, k, H, I)
+				bound := quantGEMVRelL2
+				if T > 64 {
+					bound = quantBF16RelL2
+				}
+				before := g.Counters()
+				e.qcompare("Int4Experts", shape, bound, func(b backend.Ops, side int) (backend.Tensor, error) {
+					r, err := b.Route(pickSide(logits, side), k)
+					if err != nil {
+						return nil, err
+					}
+					return b.Experts(pickSide(x, side), r, pickSide(gu, side), pickSide(dn, side), 0)
+				})
+				if got, want := counterDiff(before, g.Counters()), int4Path(T, true); got != want {
+					t.Errorf("Int4Experts %s took paths %q, want %q", shape, got, want)
+				}
+			}
+		}
+	}
+}
+
+// TestInt4GraphEqualsEager records a step of int4 ops (Linear, Route, Experts) as a CUDA graph and
+// requires every replay to give the eager step's values bit for bit, at 1 and 16 rows: the kernels take
+// no decision from timing, so a replay reproduces the eager launch.
+func TestInt4GraphEqualsEager(t *testing.T) {
+	g := newBackend(t, cuda.BF16)
+	e := &opEnv{t: t, cpu: cpu.New(cpu.Config{}), gpu: g, r: rand.New(rand.NewPCG(71, 72))}
+	const E, H, I = 8, 512, 256
+	f := int4Formats[0]
+	w := e.qweight(f, 0.05, H, H) // [T, H] out, as the experts': the step returns both, concatenated
+	gu := e.qweight(f, 0.1, E, H, 2*I)
+	dn := e.qweight(f, 0.1, E, I, H)
+	for _, T := range []int{1, 16} {
+		x := e.input(1, T, H)
+		logits := int4Logits(e, T, E)
+		step := func() (backend.Tensor, error) {
+			y, err := g.Linear(x.g, w.g)
+			if err != nil {
+				return nil, err
+			}
+			r, err := g.Route(logits.g, 2)
+			if err != nil {
+				return nil, err
+			}
+			z, err := g.Experts(x.g, r, gu.g, dn.g, 0)
+			if err != nil {
+				return nil, err
+			}
+			return g.Concat(y, z)
+		}
+		eagerOut, err := step()
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, err := g.Float32(eagerOut)
+		if err != nil {
+			t.Fatal(err)
+		}
+		key := fmt.Sprintf("int4 step T %d", T)
+		before := stats(g)[key]
+		for run := range 4 { // measured, recorded, replayed twice
+			out, err := g.Step(key, step)
+			if err != nil {
+				t.Fatalf("%s run %d: %v", key, run, err)
+			}
+			got, err := g.Float32(out)
+			if err != nil {
+				t.Fatal(err)
+			}
+			diff := 0
+			for i := range got {
+				if math.Float32bits(got[i]) != math.Float32bits(want[i]) {
+					if diff == 0 {
+						t.Errorf("%s run %d: [%d] = %g, eager %g", key, run, i, got[i], want[i])
+					}
+					diff++
+				}
+			}
+			if diff > 0 {
+				t.Errorf("%s run %d: %d of %d values differ from the eager step", key, run, diff, len(got))
+			}
+		}
+		after := stats(g)[key]
+		if after.Replays-before.Replays == 0 || after.Eager {
+			t.Errorf("%s was not replayed: %+v", key, after)
+		}
+		row("Int4Graph", key, fmt.Sprintf("%d replays", after.Replays-before.Replays), "bit-identical")
+	}
+}
+
+// TestInt4Times times, on the device (Profile), Linear on int4 weights of Scout's shapes at 1, 4, 16
+// and 64 rows beside bf16, a Scout decode MoE layer's routed experts at 1 and 16 tokens, and the
+// dequantisation of one Scout expert for prefill, and reports the effective bandwidth of the weight's
+// bytes in its format. No bound: the table rows are for the lead.
+func TestInt4Times(t *testing.T) {
+	g := newBackend(t, cuda.BF16)
+	r := rand.New(rand.NewPCG(81, 82))
+	const reps = 30
+	timeIt := func(name, shape string, bytes int64, f func() error) {
+		t.Helper()
+		if err := f(); err != nil {
+			t.Fatalf("%s %s: %v", name, shape, err)
+		}
+		entries, total, err := g.Profile(func() error {
+			for range reps {
+				if err := f(); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatalf("%s %s: %v", name, shape, err)
+		}
+		per := total / reps
+		var ops []string
+		for _, en := range entries {
+			ops = append(ops, fmt.Sprintf("%s %.1fµs", en.Op, float64(en.Device.Nanoseconds())/1e3/float64(reps)))
+		}
+		gbs := float64(bytes) / per.Seconds() / 1e9
+		t.Logf("%-16s %-28s %8.1f µs  %6.0f GB/s of %d weight bytes  (%s)", name, shape, float64(per.Nanoseconds())/1e3, gbs, bytes, strings.Join(ops, ", "))
+		row(name, shape, fmt.Sprintf("%.0f GB/s (%.1f MB)", gbs, float64(bytes)/1e6), per.Round(100*time.Nanosecond).String())
+	}
+	f := quant.Format{Kind: quant.Int4, GroupSize: 128}
+	for _, s := range []struct{ in, out int }{{5120, 5120}, {5120, 1024}, {5120, 8192}, {8192, 5120}} {
+		q, err := g.RandomQuantized(f, []int{s.out, s.in}, 1, 0, 0.02, 3)
+		if err != nil {
+			t.Fatal(err)
+		}
+		bw, err := g.RandomBF16([]int{s.out, s.in}, 0, 0.02, 3)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, T := range []int{1, 4, 16, 64} {
+			x, err := g.FromFloat32([]int{T, s.in}, randVals(r, T*s.in, 1))
+			if err != nil {
+				t.Fatal(err)
+			}
+			shape := fmt.Sprintf("[%d %d]x[%d %d]", T, s.in, s.out, s.in)
+			timeIt("Linear int4", shape, f.Bytes([]int{s.out, s.in}, 1), func() error { _, err := g.Linear(x, q); return err })
+			timeIt("Linear bf16", shape, int64(2*s.out*s.in), func() error { _, err := g.Linear(x, bw); return err })
+		}
+	}
+	const E, H, I = 16, 5120, 8192
+	gu, err := g.RandomQuantized(f, []int{E, H, 2 * I}, 1, 0, 0.02, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dn, err := g.RandomQuantized(f, []int{E, I, H}, 1, 0, 0.02, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	per := (f.Bytes([]int{E, H, 2 * I}, 1) + f.Bytes([]int{E, I, H}, 1)) / E
+	for _, T := range []int{1, 16} {
+		x, _ := g.FromFloat32([]int{T, H}, randVals(r, T*H, 1))
+		logits, _ := g.FromFloat32([]int{T, E}, randVals(r, T*E, 3))
+		rt, err := g.Route(logits, 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids, _, err := g.ReadRouting(rt)
+		if err != nil {
+			t.Fatal(err)
+		}
+		distinct := map[int]bool{}
+		for _, id := range ids {
+			distinct[id] = true
+		}
+		timeIt("Experts int4", fmt.Sprintf("T %d k 1 (%d experts)", T, len(distinct)), per*int64(len(distinct)), func() error {
+			_, err := g.Experts(x, rt, gu, dn, 0)
+			return err
+		})
+	}
+	// Prefill's dequantisation: every expert of gate_up written as bf16 (the bytes: codes read, bf16 written).
+	x, _ := g.FromFloat32([]int{256, H}, randVals(r, 256*H, 1))
+	logits, _ := g.FromFloat32([]int{256, E}, randVals(r, 256*E, 3))
+	rt, err := g.Route(logits, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	timeIt("Experts int4", "T 256 k 1 (grouped)", per*E*5, func() error {
+		_, err := g.Experts(x, rt, gu, dn, 0)
+		return err
+	})
+}
