@@ -37,7 +37,7 @@
 #define Q4E_WARPS 4   // warps of a q4expert_gemv block, 64 output channels each
 #define Q4E_COLS 256  // output channels of a q4expert_gemv block (host: q4eCols)
 #define Q4E_KTILE 1024 // the most input rows of one q4expert_gemv block (one K split; host: q4eKTile)
-#define Q4E_PAD 8     // floats of padding per staged row (the token rows' B loads hit different banks)
+#define Q4E_KP (Q4E_KTILE / 2 + 4) // input pairs per staged row, padded: the 8 rows a B load reads hit 8 bank groups
 
 struct alignas(16) q4_u32x4 {
 	u32 x, y, z, w;
@@ -133,8 +133,9 @@ __device__ __forceinline__ void q4_xblock(const void* __restrict__ p, int xdt, b
 // block takes e = 0, 4 (a0, a1: k 2c, 2c+1) and 1, 5 (a2, a3: k 2c+8, 2c+9); step 1 takes e = 2, 6
 // and 3, 7. xp[nt] is this lane's B row (token 4nt + g/2, inputs 8c ..) or null past T. When the block
 // ends a scale group (or the warp's range), the group's sums d are scaled into acc; grp is the block's
-// group and gend the first block of the next.
-template <int MT, int NT>
+// group and gend the first block of the next. With PREP, xp[nt] points at the lane's q4_xprep records
+// instead (one 16-byte load a block).
+template <int MT, int NT, bool PREP>
 __device__ __forceinline__ void q4gemv_block(int b, const u32 (&wv)[MT][2], const char* const (&xp)[NT], int xdt,
 	const bf16_t* (&sp)[MT][2], int bpg, bool last, int& grp, int& gend, float (&d)[MT][NT][4], float (&acc)[MT][NT][4]) {
 	int lane = threadIdx.x & 31, g = lane >> 2;
@@ -142,7 +143,13 @@ __device__ __forceinline__ void q4gemv_block(int b, const u32 (&wv)[MT][2], cons
 	u32 bf[NT][4];
 #pragma unroll
 	for (int nt = 0; nt < NT; nt++) {
-		if (xp[nt]) {
+		if (xp[nt] && PREP) {
+			q4_u32x4 v = ((const q4_u32x4*)xp[nt])[4 * b];
+			bf[nt][0] = v.x;
+			bf[nt][1] = v.y;
+			bf[nt][2] = v.z;
+			bf[nt][3] = v.w;
+		} else if (xp[nt]) {
 			q4_xblock(xp[nt] + xoff, xdt, g & 1, bf[nt]);
 		} else {
 #pragma unroll
@@ -182,12 +189,13 @@ __device__ __forceinline__ void q4gemv_block(int b, const u32 (&wv)[MT][2], cons
 }
 
 // q4gemv_rows computes rows n0 .. n0+16·MT-1 (n0 = 16·MT·blockIdx.x) of y [T, N] (float32) = x [T, K] ·
-// w [N, K]ᵀ for an int4 w with scales [N, G] (G = ceil(K / gs)), T <= 4·NT. The block's W =
+// w [N, K]ᵀ for an int4 w with scales [N, G] (G = ceil(K / gs)), T <= 4·NT; with PREP, x is q4_xprep's
+// records of the T rows (xdt ignored). The block's W =
 // blockDim.x / 32 warps (at most Q4_MAXW) split the K / 32 input blocks into W contiguous ranges; each
 // warp covers all the block's rows (MT m16 tiles) with four blocks' codes in flight (8·MT four-byte
 // loads a lane), and the warps' sums are added in warp order through shared memory (a fixed order).
 // K % 32 == 0, gs % 32 == 0; x 16-byte aligned, w 4-byte aligned.
-template <int MT, int NT>
+template <int MT, int NT, bool PREP>
 __device__ __forceinline__ void q4gemv_rows(const void* __restrict__ x, int xdt, const unsigned char* __restrict__ w,
 	const bf16_t* __restrict__ scales, int gs, float* __restrict__ y, int T, int K, int N) {
 	__shared__ float red[Q4_MAXW][16 * MT][4 * NT];
@@ -211,7 +219,8 @@ __device__ __forceinline__ void q4gemv_rows(const void* __restrict__ x, int xdt,
 #pragma unroll
 	for (int nt = 0; nt < NT; nt++) {
 		int t = 4 * nt + (g >> 1);
-		xp[nt] = t < T ? (const char*)x + ((long long)t * K + 8 * c) * (xdt == DT_F32 ? 4 : 2) : nullptr;
+		long long off = PREP ? ((long long)(2 * t + (g & 1)) * (K >> 3) + c) * 16 : ((long long)t * K + 8 * c) * (xdt == DT_F32 ? 4 : 2);
+		xp[nt] = t < T ? (const char*)x + off : nullptr;
 	}
 	float d[MT][NT][4], acc[MT][NT][4];
 #pragma unroll
@@ -230,7 +239,7 @@ __device__ __forceinline__ void q4gemv_rows(const void* __restrict__ x, int xdt,
 #pragma unroll
 				for (int h = 0; h < 2; h++) wv[u][m][h] = wp[m][h][4 * (b + u)];
 #pragma unroll
-		for (int u = 0; u < 4; u++) q4gemv_block<MT, NT>(b + u, wv[u], xp, xdt, sp, bpg, b + u + 1 == b1, grp, gend, d, acc);
+		for (int u = 0; u < 4; u++) q4gemv_block<MT, NT, PREP>(b + u, wv[u], xp, xdt, sp, bpg, b + u + 1 == b1, grp, gend, d, acc);
 	}
 	for (; b < b1; b++) {
 		u32 wv[MT][2];
@@ -238,7 +247,7 @@ __device__ __forceinline__ void q4gemv_rows(const void* __restrict__ x, int xdt,
 		for (int m = 0; m < MT; m++)
 #pragma unroll
 			for (int h = 0; h < 2; h++) wv[m][h] = wp[m][h][4 * b];
-		q4gemv_block<MT, NT>(b, wv, xp, xdt, sp, bpg, b + 1 == b1, grp, gend, d, acc);
+		q4gemv_block<MT, NT, PREP>(b, wv, xp, xdt, sp, bpg, b + 1 == b1, grp, gend, d, acc);
 	}
 	// Lane (g, c) holds, for token 4nt + c, rows 16m + g (hi + lo: acc 0 + 1) and 16m + 8 + g (2 + 3).
 #pragma unroll
@@ -257,40 +266,71 @@ __device__ __forceinline__ void q4gemv_rows(const void* __restrict__ x, int xdt,
 	}
 }
 
-// q4gemv_N: y [T, N] = x [T, K] · w [N, K]ᵀ: q4gemv_1 for up to 4 rows (64 weight rows a block),
-// q4gemv_2 up to 8 and q4gemv_4 up to 16 (32 weight rows a block). Grid: ceil(N / (16·MT)) blocks
-// of W <= Q4_MAXW warps (Q4_MAXW / 2 for q4gemv_4, whose registers would spill at 512 threads).
+// q4_xprep writes x [T, K] (float32 or bf16, K % 8 == 0) as the B operand of q4gemv_2 and q4gemv_4: for
+// row t, column half h (0 hi, 1 lo) and group j of 8 inputs, the 16-byte record xq[(2t + h)·K/8 + j]
+// holds q4_xblock's registers for inputs 8j .. 8j+7. At 8 and 16 rows converting x in every block of
+// the GEMV would take about as many instructions as the codes' own; converted once, a block loads it.
+extern "C" __global__ void q4_xprep(const void* x, int xdt, int T, int K, q4_u32x4* xq) {
+	long long groups = K >> 3, n = (long long)T * groups;
+	GRID_STRIDE(i, n) {
+		long long t = i / groups, j = i - t * groups;
+		const char* p = (const char*)x + (t * K + 8 * j) * (xdt == DT_F32 ? 4 : 2);
+		u32 hi[4], lo[4];
+		q4_xblock(p, xdt, false, hi);
+		q4_xblock(p, xdt, true, lo);
+		q4_u32x4 a, b;
+		a.x = hi[0], a.y = hi[1], a.z = hi[2], a.w = hi[3];
+		b.x = lo[0], b.y = lo[1], b.z = lo[2], b.w = lo[3];
+		xq[2 * t * groups + j] = a;
+		xq[(2 * t + 1) * groups + j] = b;
+	}
+}
+
+// q4gemv_N: y [T, N] = x [T, K] · w [N, K]ᵀ: q4gemv_1 for up to 4 rows of x as it is (64 weight rows a
+// block), q4gemv_2 up to 8 and q4gemv_4 up to 16 rows of q4_xprep's records (32 weight rows a block).
+// Grid: ceil(N / (16·MT)) blocks of W <= Q4_MAXW warps (Q4_MAXW / 2 for q4gemv_4, whose registers
+// would spill at 512 threads).
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_1(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
-	q4gemv_rows<4, 1>(x, xdt, w, scales, gs, y, T, K, N);
+	q4gemv_rows<4, 1, false>(x, xdt, w, scales, gs, y, T, K, N);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_2(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
-	q4gemv_rows<2, 2>(x, xdt, w, scales, gs, y, T, K, N);
+	q4gemv_rows<2, 2, true>(x, xdt, w, scales, gs, y, T, K, N);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 16)
 q4gemv_4(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
-	q4gemv_rows<2, 4>(x, xdt, w, scales, gs, y, T, K, N);
+	q4gemv_rows<2, 4, true>(x, xdt, w, scales, gs, y, T, K, N);
 }
 
 // ---- The routed experts: P[split][r] = in[r] · W_e over one K split, W_e [K, N] input-major ----
 
-// q4e_stage puts inputs [k0, k0+kn) of the ng permuted rows r, r+1, ... into xs as float: row r is
-// x[perm[r] / topk]·scores[perm[r]] (mode 0: gate_up, the router's score scales the input) or x[r]
-// (mode 1: down), as gemv.cu's eg_stage_rows.
+// q4e_stage puts inputs [k0, k0+kn) of the ng permuted rows r, r+1, ... into xs as B registers: xs[2j][p]
+// is the hi pair of inputs k0 + 2p, k0 + 2p + 1 of row r + j, xs[2j+1][p] its lo pair. The row is
+// x[perm[r] / topk]·scores[perm[r]] (mode 0: gate_up, the router's score scales the input, in float32)
+// or x[r] (mode 1: down), as gemv.cu's eg_stage_rows. kn is even.
 template <int NR>
-__device__ __forceinline__ void q4e_stage(float (&xs)[NR][Q4E_KTILE + Q4E_PAD], const void* __restrict__ x, int xdt, int mode,
+__device__ __forceinline__ void q4e_stage(u32 (&xs)[2 * NR][Q4E_KP], const void* __restrict__ x, int xdt, int mode,
 	const int* __restrict__ perm, const float* __restrict__ scores, int topk, int K, int k0, int kn, int r, int ng) {
-	for (int i = threadIdx.x; i < ng * kn; i += blockDim.x) {
-		int j = i / kn, kk = i - j * kn;
-		float v;
+	int np = kn >> 1;
+	for (int i = threadIdx.x; i < ng * np; i += blockDim.x) {
+		int j = i / np, p = i - j * np;
+		long long src;
+		float sc = 1.0f;
 		if (mode == 0) {
 			int sl = perm[r + j];
-			v = ld(x, xdt, (long long)(sl / topk) * K + k0 + kk) * scores[sl];
+			src = (long long)(sl / topk) * K + k0 + 2 * p;
+			sc = scores[sl];
 		} else {
-			v = ld(x, xdt, (long long)(r + j) * K + k0 + kk);
+			src = (long long)(r + j) * K + k0 + 2 * p;
 		}
-		xs[j][kk] = v;
+		float v0 = ld(x, xdt, src), v1 = ld(x, xdt, src + 1);
+		if (mode == 0) {
+			v0 *= sc;
+			v1 *= sc;
+		}
+		xs[2 * j][p] = q4_bpair(v0, v1, false);
+		xs[2 * j + 1][p] = q4_bpair(v0, v1, true);
 	}
 }
 
@@ -311,7 +351,7 @@ __device__ __forceinline__ void q4expert_gemv_rows(const void* __restrict__ x, i
 	const float* __restrict__ scores, int topk, const int* __restrict__ seg, const int* __restrict__ active,
 	const int* __restrict__ meta, const unsigned char* __restrict__ w, const bf16_t* __restrict__ scales, int gs, int K, int N,
 	int ksplit, float* __restrict__ P, int R) {
-	__shared__ float xs[4 * NT][Q4E_KTILE + Q4E_PAD];
+	__shared__ u32 xs[8 * NT][Q4E_KP];
 	if ((int)blockIdx.z >= meta[0]) return; // uniform over the block
 	int e = active[blockIdx.z];
 	int r0 = seg[2 * e], nr = seg[2 * e + 1];
@@ -365,9 +405,9 @@ __device__ __forceinline__ void q4expert_gemv_rows(const void* __restrict__ x, i
 							int t = 4 * nt + (g >> 1);
 							bf[nt][0] = bf[nt][1] = 0u;
 							if (t < ng) {
-								const float* xr = &xs[t][16 * s + 2 * c];
-								bf[nt][0] = q4_bpair(xr[0], xr[1], g & 1);
-								bf[nt][1] = q4_bpair(xr[8], xr[9], g & 1);
+								const u32* xr = &xs[8 * nt + g][8 * s + c];
+								bf[nt][0] = xr[0];
+								bf[nt][1] = xr[4];
 							}
 						}
 #pragma unroll

@@ -51,21 +51,38 @@ func (b *Backend) q4gemvOK(xt, wt *tensor) bool {
 }
 
 // linearInt4 enqueues y [T, out] = x [T, in] · wᵀ on q4gemv, q4gemvRows rows a launch (q4gemvOK holds).
+// Above 4 rows x is first converted once to the GEMV's B records (q4_xprep, float32 hi + lo as bf16
+// pairs: as many bytes as a float32 x), which q4gemv_2 and q4gemv_4 load instead of converting x in
+// every block.
 func (b *Backend) linearInt4(x, wt, y *tensor) error {
 	T, in, outDim := x.shape[0], x.shape[1], wt.shape[0]
+	var xq *buffer
+	if T > 4 {
+		var err error
+		if xq, err = b.pool.get(int64(T) * int64(in) * 4); err != nil {
+			return err
+		}
+		defer b.pool.release(*xq)
+		if err := b.stream.launch(b.k.q4XPrep, elemGrid(T*in/8), elemBlockDim, 0, x, int(x.dt), T, in, xq); err != nil {
+			return err
+		}
+	}
 	for r0 := 0; r0 < T; r0 += q4gemvRows {
 		n := min(q4gemvRows, T-r0)
 		k, rows, maxW := b.k.q4gemv[0], 64, q4MaxWarps
+		xp := x.ptr() + devptr(int64(r0)*int64(in)*x.dt.size())
 		switch {
 		case n > 8:
 			k, rows, maxW = b.k.q4gemv[2], 32, q4MaxWarps/2
 		case n > 4:
 			k, rows = b.k.q4gemv[1], 32
 		}
+		if n > 4 {
+			xp = xq.ptr + devptr(int64(r0)*int64(in)*4) // row r0's records: 2 halves × in/8 × 16 bytes a row
+		}
 		blocks := ceilDiv(outDim, rows)
 		// Warps split K: as many as the SMs want, each with at least one batch of four 32-input blocks.
 		w := min(ceilDiv(q4WarpsPerSM*max(b.dev.multiprocessors, 1), blocks), maxW, max(in/32/4, 1))
-		xp := x.ptr() + devptr(int64(r0)*int64(in)*x.dt.size())
 		yp := y.ptr() + devptr(int64(r0)*int64(outDim)*4)
 		if err := b.stream.launch(k, dim3{uint32(blocks), 1, 1}, dim3{uint32(32 * w), 1, 1}, 0,
 			xp, int(x.dt), wt, wt.q.scales, wt.q.gs, yp, n, in, outDim); err != nil {

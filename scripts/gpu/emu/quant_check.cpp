@@ -182,9 +182,9 @@ void test_fp8_gather() {
 	}
 }
 // ---- quant_int4.cu ----
-// test_q4gemv: q4gemv_N (by T: _1 to 4 rows, _2 to 8, _4 to 16) with W warps a block against the float64
-// product of x and quant's dequantised weight. x enters as hi + lo bf16 (2^-16 relative), the sums in
-// float32: 3e-5 of the sum of |products| covers both.
+// test_q4gemv: q4gemv_N (by T: _1 to 4 rows, _2 to 8 and _4 to 16 on q4_xprep's records) with W warps a
+// block against the float64 product of x and quant's dequantised weight. x enters as hi + lo bf16 (2^-16
+// relative), the sums in float32: 3e-5 of the sum of |products| covers both.
 void test_q4gemv(int T, int K, int N, int gs, int xdt, int W) {
 	QW w = make(QF_INT4, gs, N, K, 1);
 	std::vector<float> xf(T * K); for (auto& v : xf) v = urand(-1, 1) * (rng() % 9 == 0 ? 1e-3f : 1.0f);
@@ -192,11 +192,14 @@ void test_q4gemv(int T, int K, int N, int gs, int xdt, int W) {
 	const void* x = xdt == DT_BF16 ? (const void*)xb.data() : (const void*)xf.data();
 	std::vector<float> y(T * N + 1, NAN);
 	int MT = T <= 4 ? 4 : 2;
+	// Above 4 rows the GEMV reads q4_xprep's records of x (2·T·K/8 of 16 bytes).
+	std::vector<q4_u32x4> xq(T > 4 ? 2 * T * K / 8 : 0);
+	if (T > 4) launch(dim3{2}, dim3{64}, [&] { q4_xprep(x, xdt, T, K, xq.data()); });
 	dim3 grid{(unsigned)((N + 16 * MT - 1) / (16 * MT))}, block{(unsigned)(32 * W)};
 	launch(grid, block, [&] {
 		if (T <= 4) q4gemv_1(x, xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N);
-		else if (T <= 8) q4gemv_2(x, xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N);
-		else q4gemv_4(x, xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N); });
+		else if (T <= 8) q4gemv_2(xq.data(), xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N);
+		else q4gemv_4(xq.data(), xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N); });
 	for (int t = 0; t < T; t++) for (int n = 0; n < N; n++) {
 		double s = 0, a = 0; for (int i = 0; i < K; i++) { double p = (double)xf[t * K + i] * w.at((long)n * K + i); s += p; a += std::fabs(p); }
 		check("q4gemv", y[t * N + n], s, 3e-5 * (1 + a), t * N + n);
