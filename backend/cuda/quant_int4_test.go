@@ -200,9 +200,8 @@ func TestInt4GraphEqualsEager(t *testing.T) {
 }
 
 // TestInt4Times times, on the device (Profile), Linear on int4 weights of Scout's shapes at 1, 4, 16
-// and 64 rows beside bf16, a Scout decode MoE layer's routed experts at 1 and 16 tokens, and the
-// dequantisation of one Scout expert for prefill, and reports the effective bandwidth of the weight's
-// bytes in its format. No bound: the table rows are for the lead.
+// and 64 rows beside bf16, and a Scout MoE layer's routed experts at 1, 16 and 256 tokens, and reports
+// the effective bandwidth of the weight's bytes in its format. No bound: the table rows are for the lead.
 func TestInt4Times(t *testing.T) {
 	g := newBackend(t, cuda.BF16)
 	r := rand.New(rand.NewPCG(81, 82))
@@ -262,7 +261,10 @@ func TestInt4Times(t *testing.T) {
 		t.Fatal(err)
 	}
 	per := (f.Bytes([]int{E, H, 2 * I}, 1) + f.Bytes([]int{E, I, H}, 1)) / E
-	for _, T := range []int{1, 16} {
+	// Decode at 1 and 16 tokens (q4expert_gemv), and 256 tokens: prefill's path, each active expert
+	// dequantised to bf16 (dequant_int4_bf16) for two cuBLASLt GEMMs; the bytes are the active experts'
+	// codes and scales either way.
+	for _, T := range []int{1, 16, 256} {
 		x, _ := g.FromFloat32([]int{T, H}, randVals(r, T*H, 1))
 		logits, _ := g.FromFloat32([]int{T, E}, randVals(r, T*E, 3))
 		rt, err := g.Route(logits, 1)
@@ -282,15 +284,4 @@ func TestInt4Times(t *testing.T) {
 			return err
 		})
 	}
-	// Prefill's dequantisation: every expert of gate_up written as bf16 (the bytes: codes read, bf16 written).
-	x, _ := g.FromFloat32([]int{256, H}, randVals(r, 256*H, 1))
-	logits, _ := g.FromFloat32([]int{256, E}, randVals(r, 256*E, 3))
-	rt, err := g.Route(logits, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	timeIt("Experts int4", "T 256 k 1 (grouped)", per*E*5, func() error {
-		_, err := g.Experts(x, rt, gu, dn, 0)
-		return err
-	})
 }
