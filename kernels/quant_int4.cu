@@ -51,10 +51,11 @@ struct alignas(8) q4_f32x2 {
 	float x, y;
 };
 
-#ifdef TPFLEET_EMU
-// The SIMT emulator (scripts/gpu/emu/emu.h) stands in for the two PTX instructions.
+#ifdef TPF_EMU
+// The SIMT emulator (scripts/gpu/emu/emu.h) stands in for the PTX: its fa_mma is flash.cu's mma.
 __device__ __forceinline__ void q4_mma(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-	emu_mma_16816(d, a0, a1, a2, a3, b0, b1);
+	u32 a[4] = {a0, a1, a2, a3};
+	fa_mma(d, a, b0, b1);
 }
 __device__ __forceinline__ u32 q4_fma2(u32 a, u32 b, u32 c) { return emu_fma_bf16x2(a, b, c); }
 __device__ __forceinline__ u32 q4_andxor(u32 a, u32 b, u32 c) { return (a & b) ^ c; }
