@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# scripts/gpu/nvrtc-check.sh — compile every kernel unit (kernels/units.txt, as kernels.Units) to a cubin
+# here, without a GPU, with a host NVRTC: unlike make kernels-check (clang's parse), this runs ptxas, so
+# inline PTX (mma, ldmatrix, cp.async, lop3, fma.rn.bf16x2 ...) is checked, and -Xptxas=-v (VERBOSE=1)
+# prints each kernel's registers and spills. Needs a libnvrtc with the sm_90 target (CUDA 11.8+): Debian's
+# non-free libnvrtc11.2 package (11.8), a pip wheel's nvidia/cuda_nvrtc/lib, or a toolkit; set
+# LIBNVRTC=/path/to/libnvrtc.so.N when it is not found by name. NVRTC 11.8 is older than the GPU
+# machine's 13.0: a unit that passes here can still fail there (newer rules), rarely the other way round.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ARCH=${ARCH:-sm_90}
+LIBNVRTC=${LIBNVRTC:-}
+if [ -z "$LIBNVRTC" ]; then
+	for l in libnvrtc.so libnvrtc.so.13 libnvrtc.so.12 libnvrtc.so.11.2; do
+		if ldconfig -p 2>/dev/null | grep -q "^\s*$l "; then LIBNVRTC=$l; break; fi
+	done
+fi
+if [ -z "$LIBNVRTC" ]; then
+	echo "nvrtc-check: no libnvrtc found (Debian: add the non-free component, apt-get install libnvrtc11.2; or set LIBNVRTC)" >&2
+	exit 2
+fi
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+${CC:-gcc} -O1 -o "$tmp/nvrtc_check" scripts/gpu/nvrtc_check.c -ldl
+extra=()
+[ -n "${VERBOSE:-}" ] && extra=("-Xptxas=-v")
+grouped=$(sed -e 's/#.*//' kernels/units.txt | tr -s ' \t' '\n\n' | grep -v '^$' || true)
+units=()
+while read -r line; do
+	line=${line%%#*}
+	[ -n "${line// /}" ] && units+=("$line")
+done <kernels/units.txt
+for f in $(cd kernels && ls *.cu | sort); do
+	grep -qx "$f" <<<"$grouped" || units+=("$f")
+done
+for unit in "${units[@]}"; do
+	name=${unit%% *}
+	name=${name%.cu}
+	{
+		cat kernels/prelude.cuh
+		for f in $unit; do cat "kernels/$f"; done
+	} >"$tmp/$name.cu"
+	"$tmp/nvrtc_check" "$tmp/$name.cu" "$ARCH" "$LIBNVRTC" "${extra[@]}" || { echo "nvrtc-check: unit $unit failed" >&2; exit 1; }
+done
+echo "nvrtc-check: every unit compiles to an $ARCH cubin with $LIBNVRTC"
