@@ -189,7 +189,7 @@ __device__ __forceinline__ void q4gemv_block(int b, const u32 (&wv)[MT][2], cons
 	}
 }
 
-// q4gemv_rows computes rows n0 .. n0+16·MT-1 (n0 = 16·MT·blockIdx.x) of y [T, N] (float32) = x [T, K] ·
+// q4gemv_rows computes rows n0 .. n0+16·MT-1 (the block's; n0 < N) of y [T, N] (float32) = x [T, K] ·
 // w [N, K]ᵀ for an int4 w with scales [N, G] (G = ceil(K / gs)), T <= 4·NT; with PREP, x is q4_xprep's
 // records of the T rows (xdt ignored). The block's W =
 // blockDim.x / 32 warps (at most Q4_MAXW) split the K / 32 input blocks into W contiguous ranges; each
@@ -198,11 +198,10 @@ __device__ __forceinline__ void q4gemv_block(int b, const u32 (&wv)[MT][2], cons
 // K % 32 == 0, gs % 32 == 0; x 16-byte aligned, w 4-byte aligned.
 template <int MT, int NT, bool PREP>
 __device__ __forceinline__ void q4gemv_rows(const void* __restrict__ x, int xdt, const unsigned char* __restrict__ w,
-	const bf16_t* __restrict__ scales, int gs, float* __restrict__ y, int T, int K, int N) {
+	const bf16_t* __restrict__ scales, int gs, float* __restrict__ y, int T, int K, int N, int n0) {
 	__shared__ float red[Q4_MAXW][16 * MT][4 * NT];
 	int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5;
 	int g = lane >> 2, c = lane & 3;
-	int n0 = blockIdx.x * 16 * MT;
 	int nb = K >> 5, per = (nb + W - 1) / W;
 	int b0 = q4_imin(nb, warp * per), b1 = q4_imin(nb, b0 + per);
 	int G = (K + gs - 1) / gs, bpg = gs >> 5;
@@ -293,15 +292,32 @@ extern "C" __global__ void q4_xprep(const void* x, int xdt, int T, int K, q4_u32
 // would spill at 512 threads).
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_1(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
-	q4gemv_rows<4, 1, false>(x, xdt, w, scales, gs, y, T, K, N);
+	q4gemv_rows<4, 1, false>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 64);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_2(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
-	q4gemv_rows<2, 2, true>(x, xdt, w, scales, gs, y, T, K, N);
+	q4gemv_rows<2, 2, true>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 16)
 q4gemv_4(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
-	q4gemv_rows<2, 4, true>(x, xdt, w, scales, gs, y, T, K, N);
+	q4gemv_rows<2, 4, true>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32);
+}
+
+// q4gemv_multi_1 is q4gemv_1 for up to three weights of one x (T <= 4; the same K and group size): y_s
+// [T, n_s] = x · w_sᵀ for s = 0, 1, 2 (n_2 may be 0), ceil(n_s / 64) blocks each in order, so that q, k
+// and v (or the shared expert's gate and up) take one launch and the small products borrow the big
+// one's blocks.
+extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
+q4gemv_multi_1(const void* x, int xdt, const unsigned char* w0, const bf16_t* s0, float* y0, int n0, const unsigned char* w1,
+	const bf16_t* s1, float* y1, int n1, const unsigned char* w2, const bf16_t* s2, float* y2, int n2, int gs, int T, int K) {
+	int b = blockIdx.x, b0 = (n0 + 63) / 64, b1 = (n1 + 63) / 64;
+	if (b < b0) {
+		q4gemv_rows<4, 1, false>(x, xdt, w0, s0, gs, y0, T, K, n0, b * 64);
+	} else if (b < b0 + b1) {
+		q4gemv_rows<4, 1, false>(x, xdt, w1, s1, gs, y1, T, K, n1, (b - b0) * 64);
+	} else {
+		q4gemv_rows<4, 1, false>(x, xdt, w2, s2, gs, y2, T, K, n2, (b - b0 - b1) * 64);
+	}
 }
 
 // ---- The routed experts: P[split][r] = in[r] · W_e over one K split, W_e [K, N] input-major ----

@@ -95,7 +95,7 @@ type kernelSet struct {
 	actQuantFP8, fp8ScaleOut, transposeU8                                *kernel
 	q4gemv                                                               [3]*kernel // q4gemv_1, _2, _4 (quant_int4.cu)
 	q4expertGEMV                                                         [2]*kernel // q4expert_gemv_1, _2
-	dequantInt4, q4XPrep                                                 *kernel
+	dequantInt4, q4XPrep, q4gemvMulti                                    *kernel
 }
 
 // Info describes what New found and did.
@@ -221,7 +221,7 @@ func (b *Backend) init() error {
 		{"act_quant_fp8", &b.k.actQuantFP8}, {"fp8_scale_out", &b.k.fp8ScaleOut}, {"transpose_u8", &b.k.transposeU8},
 		{"q4gemv_1", &b.k.q4gemv[0]}, {"q4gemv_2", &b.k.q4gemv[1]}, {"q4gemv_4", &b.k.q4gemv[2]},
 		{"q4expert_gemv_1", &b.k.q4expertGEMV[0]}, {"q4expert_gemv_2", &b.k.q4expertGEMV[1]}, {"dequant_int4_bf16", &b.k.dequantInt4},
-		{"q4_xprep", &b.k.q4XPrep},
+		{"q4_xprep", &b.k.q4XPrep}, {"q4gemv_multi_1", &b.k.q4gemvMulti},
 	} {
 		if *k.dst, err = b.module.function(k.name); err != nil {
 			return err

@@ -3,6 +3,8 @@ package cuda
 import (
 	"fmt"
 	"runtime"
+
+	"github.com/tpfleet/tpfleet/backend"
 )
 
 // int4 weights run on their own kernels (kernels/quant_int4.cu), chosen by the format when the weight is
@@ -91,6 +93,59 @@ func (b *Backend) linearInt4(x, wt, y *tensor) error {
 	}
 	runtime.KeepAlive(x)
 	return nil
+}
+
+// linearMultiInt4 is LinearMulti's int4 fusion: at up to 4 rows, two or three of wts that are int4 weights
+// q4gemv takes, with the same input width and group size, run as one q4gemv_multi_1 launch (q, k and v;
+// the shared expert's gate and up beside a bf16 router); the others run as Linear. ok is false, with
+// nothing enqueued, when fewer than two weights qualify.
+func (b *Backend) linearMultiInt4(xt *tensor, wts []*tensor) (out []backend.Tensor, ok bool, err error) {
+	if len(xt.shape) != 2 || xt.shape[0] > 4 || xt.shape[0] == 0 || len(wts) > 3 {
+		return nil, false, nil
+	}
+	T, in := xt.shape[0], xt.shape[1]
+	var idx []int
+	for i, w := range wts {
+		if w.q != nil && w.q.code == qfInt4 && len(w.shape) == 2 && w.shape[1] == in && w.shape[0] > 0 &&
+			(len(idx) == 0 || w.q.gs == wts[idx[0]].q.gs) && b.q4gemvOK(xt, w) {
+			idx = append(idx, i)
+		}
+	}
+	if len(idx) < 2 {
+		return nil, false, nil
+	}
+	out = make([]backend.Tensor, len(wts))
+	args := []any{xt, int(xt.dt)}
+	blocks := 0
+	for j := range 3 {
+		if j >= len(idx) {
+			args = append(args, devptr(0), devptr(0), devptr(0), 0)
+			continue
+		}
+		w := wts[idx[j]]
+		n := w.shape[0]
+		y, err := b.newTensor(F32, T, n)
+		if err != nil {
+			return nil, true, err
+		}
+		out[idx[j]] = y
+		args = append(args, w, w.q.scales, y, n)
+		blocks += ceilDiv(n, 64)
+	}
+	args = append(args, wts[idx[0]].q.gs, T, in)
+	w := min(ceilDiv(q4WarpsPerSM*max(b.dev.multiprocessors, 1), blocks), q4MaxWarps, max(in/32/4, 1))
+	b.counts.QuantGEMV += int64(len(idx))
+	if err := b.stream.launch(b.k.q4gemvMulti, dim3{uint32(blocks), 1, 1}, dim3{uint32(32 * w), 1, 1}, 0, args...); err != nil {
+		return nil, true, fmt.Errorf("cuda: linear multi x%v (int4): %w", xt.shape, err)
+	}
+	for i := range wts {
+		if out[i] == nil {
+			if out[i], err = b.Linear(xt, wts[i]); err != nil {
+				return nil, true, err
+			}
+		}
+	}
+	return out, true, nil
 }
 
 // dequantInt4 enqueues dequant_int4_bf16 for elements [off, off+n) of the int4 weight t viewed as [outer,

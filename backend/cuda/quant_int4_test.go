@@ -67,6 +67,50 @@ func TestInt4LinearVsCPU(t *testing.T) {
 	}
 }
 
+// TestInt4LinearMulti compares LinearMulti's int4 fusion (q4gemv_multi_1: two or three int4 weights of
+// one x at up to 4 rows in one launch) with the cpu backend's Linear, for q, k and v of a decode step and
+// for a bf16 router beside the shared expert's int4 gate and up (the router runs apart), at 1 and 3 rows.
+func TestInt4LinearMulti(t *testing.T) {
+	g := newBackend(t, cuda.BF16)
+	e := &opEnv{t: t, cpu: cpu.New(cpu.Config{}), gpu: g, r: rand.New(rand.NewPCG(91, 92))}
+	f := int4Formats[0]
+	const in = 512
+	sets := []struct {
+		name  string
+		ws    []pair
+		fused int // int4 products in the one launch
+	}{
+		{"q k v", []pair{e.qweight(f, 0.05, 640, in), e.qweight(f, 0.05, 128, in), e.qweight(f, 0.05, 72, in)}, 3},
+		{"router gate up", []pair{e.weight(0.05, 16, in), e.qweight(f, 0.05, 384, in), e.qweight(f, 0.05, 384, in)}, 2},
+	}
+	for _, set := range sets {
+		for _, T := range []int{1, 3} {
+			x := e.input(1, T, in)
+			gws := make([]backend.Tensor, len(set.ws))
+			for i, w := range set.ws {
+				gws[i] = w.g
+			}
+			before := g.Counters()
+			outs, err := g.LinearMulti(x.g, gws...)
+			if err != nil {
+				t.Fatalf("LinearMulti %s T %d: %v", set.name, T, err)
+			}
+			d := g.Counters()
+			if got := d.QuantGEMV - before.QuantGEMV; got != int64(set.fused) {
+				t.Errorf("LinearMulti %s T %d: %d int4 products on the GEMV, want %d", set.name, T, got, set.fused)
+			}
+			for i := range set.ws {
+				e.qcompare("Int4LinearMulti", fmt.Sprintf("%s T %d w%d", set.name, T, i), quantGEMVRelL2, func(b backend.Ops, side int) (backend.Tensor, error) {
+					if side == 0 {
+						return b.Linear(x.c, set.ws[i].c)
+					}
+					return outs[i], nil
+				})
+			}
+		}
+	}
+}
+
 // int4Logits makes router logits [T, E] on both backends that route unevenly: most tokens prefer expert
 // 1, every third token expert 4 too, every seventh expert 6, and expert 3 never wins (one expert gets
 // most of the rows, several get a few, one none).

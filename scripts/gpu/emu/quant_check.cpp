@@ -2,10 +2,10 @@
 // and compares them with host references written from package quant's rules (qgemv_N, dequant_bf16,
 // qexpert_gemv_N in both modes, act_quant_rows gathered and in place, quantize_bf16; act_quant_fp8 and
 // fp8_scale_out of quant_fp8gemm.cu around a host GEMM of their codes), and the int4 kernels of
-// quant_int4.cu (q4gemv_N, q4expert_gemv_N, dequant_int4_bf16; the emulator stands in for mma.sync and
-// fma.rn.bf16x2, emu.h). The scalar helpers (E4M3 decode, rounding, encoding, FP8RowScale) are those of
-// quant.cu itself, checked against package quant bit for bit when this was written. Build and run:
-// scripts/gpu/emu-quant.sh.
+// quant_int4.cu (q4_xprep, q4gemv_N, q4gemv_multi_1, q4expert_gemv_N, dequant_int4_bf16; the emulator
+// stands in for mma.sync and fma.rn.bf16x2, emu.h). The scalar helpers (E4M3 decode, rounding, encoding,
+// FP8RowScale) are those of quant.cu itself, checked against package quant bit for bit when this was
+// written. Build and run: scripts/gpu/emu-quant.sh (scripts/gpu/emu-quant.sh int4: the int4 kernels only).
 #include "src.cu" // made by emu-quant.sh
 #include <random>
 #include <string>
@@ -206,6 +206,25 @@ void test_q4gemv(int T, int K, int N, int gs, int xdt, int W) {
 	}
 	if (!std::isnan(y[T * N])) { bad++; printf("q4gemv wrote past y\n"); }
 }
+// test_q4gemv_multi: q4gemv_multi_1 over three weights of one x (row counts not multiples of 64, the last
+// one empty when n2 == 0) against the float64 products.
+void test_q4gemv_multi(int T, int K, int n0, int n1, int n2, int gs, int W) {
+	QW w[3] = {make(QF_INT4, gs, n0, K, 1), make(QF_INT4, gs, n1, K, 1), make(QF_INT4, gs, std::max(n2, 1), K, 1)};
+	int ns[3] = {n0, n1, n2};
+	std::vector<float> x(T * K); for (auto& v : x) v = urand(-1, 1);
+	std::vector<float> y[3]; for (int s = 0; s < 3; s++) y[s].assign(T * std::max(ns[s], 1) + 1, NAN);
+	unsigned blocks = (n0 + 63) / 64 + (n1 + 63) / 64 + (n2 + 63) / 64;
+	launch(dim3{blocks}, dim3{(unsigned)(32 * W)}, [&] {
+		q4gemv_multi_1(x.data(), DT_F32, w[0].codes.data(), w[0].sb.data(), y[0].data(), n0, w[1].codes.data(), w[1].sb.data(), y[1].data(), n1,
+			n2 ? w[2].codes.data() : nullptr, n2 ? w[2].sb.data() : nullptr, n2 ? y[2].data() : nullptr, n2, gs, T, K); });
+	for (int s = 0; s < 3; s++) {
+		for (int t = 0; t < T; t++) for (int n = 0; n < ns[s]; n++) {
+			double r = 0, a = 0; for (int i = 0; i < K; i++) { double p = (double)x[t * K + i] * w[s].at((long)n * K + i); r += p; a += std::fabs(p); }
+			check("q4gemv_multi", y[s][t * ns[s] + n], r, 3e-5 * (1 + a), s * 100000 + t * ns[s] + n);
+		}
+		if (ns[s] && !std::isnan(y[s][T * ns[s]])) { bad++; printf("q4gemv_multi wrote past y%d\n", s); }
+	}
+}
 // test_q4expert: q4expert_gemv_N (NT = 1: 4 rows a pass, 2: 8) over E experts with uneven token counts
 // (one expert without tokens, one with more rows than a pass), in both modes, over K splits that end
 // inside scale groups, against the float64 reference of each permuted row.
@@ -250,6 +269,7 @@ void int4_checks() {
 	// Many blocks a warp (the unrolled loop and its tail), groups of 64 and 96, one warp and 16, rows past N.
 	test_q4gemv(1, 1056, 70, 64, DT_F32, 1); test_q4gemv(3, 1056, 5, 96, DT_F32, 16); test_q4gemv(12, 640, 33, 32, DT_BF16, 8);
 	test_q4gemv(1, 32, 3, 32, DT_F32, 4);
+	test_q4gemv_multi(1, 256, 80, 16, 24, 128, 4); test_q4gemv_multi(3, 96, 64, 70, 0, 32, 2);
 	printf("q4gemv done bad=%d\n", bad);
 	for (int mode : {0, 1}) for (int NT : {1, 2}) {
 		test_q4expert(mode, NT, 96, 24, 16, 32, DT_F32); test_q4expert(mode, NT, 256, 72, 32, 80, DT_F32); }
