@@ -136,9 +136,9 @@ func (b *Backend) actQuant(xt *tensor) (*tensor, error) {
 	return out, err
 }
 
-// dequant enqueues dequant_bf16 for elements [off, off+n) of the quantised weight t, viewed as [outer,
-// in, inner] with in = t.q.in (the input dimension is 1: inner is the product of the dimensions after
-// it), into a pooled bf16 block the caller releases after enqueuing its use.
+// dequant enqueues dequant_bf16 (dequant_int4_bf16 for int4) for elements [off, off+n) of the quantised
+// weight t, viewed as [outer, in, inner] with in = t.q.in (the input dimension is 1: inner is the product
+// of the dimensions after it), into a pooled bf16 block the caller releases after enqueuing its use.
 func (b *Backend) dequant(t *tensor, off, n int64) (*buffer, error) {
 	q := t.q
 	inner := int64(1)
