@@ -23,18 +23,19 @@ var int4Rows = []int{1, 2, 8, 16, 64, 2048}
 // block, the smallest q4gemv takes).
 var int4Formats = []quant.Format{{Kind: quant.Int4, GroupSize: 128}, {Kind: quant.Int4, GroupSize: 32}}
 
-// int4Path says which path a Linear or Experts call on int4 weights must take at T rows, by the counter
-// that names it (counterDiff's words).
-func int4Path(T int, experts bool) string {
+// int4PathOK reports whether paths (counterDiff's words for one Linear or Experts call on int4 weights at T
+// rows) name the path it must take: the GEMV up to 64 rows (the GEMV alone), above that the dequantised
+// bf16 copy (Linear's then runs the bf16 GEMM: "lt") or the grouped GEMMs.
+func int4PathOK(paths string, T int, experts bool) bool {
 	switch {
 	case experts && T <= 64:
-		return "exp-gemv×1"
+		return paths == "exp-gemv×1"
 	case experts:
-		return "exp-grouped×1"
+		return paths == "exp-grouped×1"
 	case T <= 64:
-		return "qgemv×1"
+		return paths == "qgemv×1"
 	}
-	return "qdequant×1"
+	return strings.Contains(paths, "qdequant×1") && !strings.Contains(paths, "qgemv")
 }
 
 // TestInt4LinearVsCPU compares Linear on int4 weights with the cpu backend at int4Rows rows for group
@@ -59,8 +60,8 @@ func TestInt4LinearVsCPU(t *testing.T) {
 				e.qcompare("Int4Linear", shape, bound, func(b backend.Ops, side int) (backend.Tensor, error) {
 					return b.Linear(pickSide(x, side), pickSide(w, side))
 				})
-				if got, want := counterDiff(before, g.Counters()), int4Path(T, false); got != want {
-					t.Errorf("Int4Linear %s took paths %q, want %q", shape, got, want)
+				if got := counterDiff(before, g.Counters()); !int4PathOK(got, T, false) {
+					t.Errorf("Int4Linear %s took paths %q: want the GEMV up to 64 rows, else the dequantised copy", shape, got)
 				}
 			}
 		}
@@ -166,8 +167,8 @@ func TestInt4ExpertsVsCPU(t *testing.T) {
 					}
 					return b.Experts(pickSide(x, side), r, pickSide(gu, side), pickSide(dn, side), 0)
 				})
-				if got, want := counterDiff(before, g.Counters()), int4Path(T, true); got != want {
-					t.Errorf("Int4Experts %s took paths %q, want %q", shape, got, want)
+				if got := counterDiff(before, g.Counters()); !int4PathOK(got, T, true) {
+					t.Errorf("Int4Experts %s took paths %q: want the expert GEMV up to 64 tokens, else the grouped GEMMs", shape, got)
 				}
 			}
 		}
