@@ -40,7 +40,7 @@ func TestEntries(t *testing.T) {
 		"gemv_1", "gemv_2", "gemv_4", "gemv_8", "gemv_split_1", "gemv_split_2", "gemv_multi_1", "gemv_multi_2", "moe_plan", "expert_gemv_1", "expert_gemv_8", "expert_act", "expert_combine",
 		"expert_gather", "route", "expert_gate_up", "expert_down",
 		"act_quant_rows", "dequant_bf16", "qgemv_1", "qgemv_2", "qgemv_4", "qgemv_8", "qgemv_split_1", "qgemv_split_2", "qexpert_gemv_1", "qexpert_gemv_8", "quantize_bf16", "act_quant_fp8", "transpose_u8", "fp8_scale_out",
-		"q4_xprep", "q4gemv_1", "q4gemv_2", "q4gemv_4", "q4gemv_multi_1", "q4expert_gemv_1", "q4expert_gemv_2", "dequant_int4_bf16",
+		"q4_xprep", "q4gemv_1", "q4gemv_2", "q4gemv_4", "q4gemv_1w", "q4gemv_2w", "q4gemv_4w", "q4gemv_multi_1", "q4gemv_multi_1w", "q4expert_gemv_1", "q4expert_gemv_2", "dequant_int4_bf16",
 		"sample_argmax", "sample_rows"}
 	if !slices.Equal(got, want) {
 		t.Errorf("Entries(Source()) = %v, want %v", got, want)

@@ -129,23 +129,25 @@ __device__ __forceinline__ void q4_xblock(const void* __restrict__ p, int xdt, b
 	}
 }
 
-// q4gemv_block runs one 32-input block b of the warp's 16·MT rows: wv[m][h] is word c of the block in
-// row 16m + 8h + g (nibbles 8c .. 8c+7 of the block: inputs 32b + 8c + e for e = 0..7). Step 0 of the
-// block takes e = 0, 4 (a0, a1: k 2c, 2c+1) and 1, 5 (a2, a3: k 2c+8, 2c+9); step 1 takes e = 2, 6
-// and 3, 7. xp[nt] is this lane's B row (token 4nt + g/2, inputs 8c ..) or null past T. When the block
-// ends a scale group (or the warp's range), the group's sums d are scaled into acc; grp is the block's
-// group and gend the first block of the next. With PREP, xp[nt] points at the lane's q4_xprep records
-// instead (one 16-byte load a block).
+// q4gemv_block runs one word of codes a lane, 32 inputs × 16·MT rows a warp: wv[m][h] is this lane's word
+// in row 16m + 8h + g, 8 codes for inputs k0 + e (e = 0..7), where k0 = 8·xo plus the lane's share of
+// the 32 (8c: word c of the 16-byte block b; WIDE: 32c, word u of the lane's 16 bytes of a 128-input
+// tile, xo = 4b + u). Step 0 takes e = 0, 4 (a0, a1: k 2c, 2c+1) and 1, 5 (a2, a3: k 2c+8, 2c+9); step
+// 1 takes e = 2, 6 and 3, 7. The 32 inputs of a step's 4 lanes lie in one 32-input block (a 128-input
+// tile when WIDE), so in one scale group. xp[nt] is this lane's B row (token 4nt + g/2 from its share's
+// first input) or null past T; with PREP it points at the lane's q4_xprep records (one 16-byte load).
+// When block b ends a scale group (or the warp's range), the group's sums d are scaled into acc; grp is
+// b's group and gend the first block of the next.
 template <int MT, int NT, bool PREP>
-__device__ __forceinline__ void q4gemv_block(int b, const u32 (&wv)[MT][2], const char* const (&xp)[NT], int xdt,
+__device__ __forceinline__ void q4gemv_block(int b, int xo, const u32 (&wv)[MT][2], const char* const (&xp)[NT], int xdt,
 	const bf16_t* (&sp)[MT][2], int bpg, bool last, int& grp, int& gend, float (&d)[MT][NT][4], float (&acc)[MT][NT][4]) {
 	int lane = threadIdx.x & 31, g = lane >> 2;
-	long long xoff = (long long)(32 * b) * (xdt == DT_F32 ? 4 : 2);
+	long long xoff = (long long)(8 * xo) * (xdt == DT_F32 ? 4 : 2);
 	u32 bf[NT][4];
 #pragma unroll
 	for (int nt = 0; nt < NT; nt++) {
 		if (xp[nt] && PREP) {
-			q4_u32x4 v = ((const q4_u32x4*)xp[nt])[4 * b];
+			q4_u32x4 v = ((const q4_u32x4*)xp[nt])[xo];
 			bf[nt][0] = v.x;
 			bf[nt][1] = v.y;
 			bf[nt][2] = v.z;
@@ -191,18 +193,20 @@ __device__ __forceinline__ void q4gemv_block(int b, const u32 (&wv)[MT][2], cons
 
 // q4gemv_rows computes rows n0 .. n0+16·MT-1 (the block's; n0 < N) of y [T, N] (float32) = x [T, K] ·
 // w [N, K]ᵀ for an int4 w with scales [N, G] (G = ceil(K / gs)), T <= 4·NT; with PREP, x is q4_xprep's
-// records of the T rows (xdt ignored). The block's W =
-// blockDim.x / 32 warps (at most Q4_MAXW) split the K / 32 input blocks into W contiguous ranges; each
-// warp covers all the block's rows (MT m16 tiles) with four blocks' codes in flight (8·MT four-byte
-// loads a lane), and the warps' sums are added in warp order through shared memory (a fixed order).
-// K % 32 == 0, gs % 32 == 0; x 16-byte aligned, w 4-byte aligned.
-template <int MT, int NT, bool PREP>
+// records of the T rows (xdt ignored). The block's W = blockDim.x / 32 warps (at most Q4_MAXW) split
+// the K / 32 input blocks into W contiguous ranges; each warp covers all the block's rows (MT m16 tiles)
+// with four blocks' codes in flight, and the warps' sums are added in warp order through shared memory
+// (a fixed order). K % 32 == 0, gs % 32 == 0; x 16-byte aligned, w 4-byte aligned. Without WIDE a lane
+// loads word c of each 16-byte block (four-byte loads: a step stays in a 32-input block, for groups of
+// 32); WIDE (K % 128 == 0, gs % 128 == 0, w 16-byte aligned) loads the lane's 16 bytes of a 128-input
+// tile at once, ranges in whole tiles.
+template <int MT, int NT, bool PREP, bool WIDE>
 __device__ __forceinline__ void q4gemv_rows(const void* __restrict__ x, int xdt, const unsigned char* __restrict__ w,
 	const bf16_t* __restrict__ scales, int gs, float* __restrict__ y, int T, int K, int N, int n0) {
 	__shared__ float red[Q4_MAXW][16 * MT][4 * NT];
 	int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5;
 	int g = lane >> 2, c = lane & 3;
-	int nb = K >> 5, per = (nb + W - 1) / W;
+	int nb = K >> 5, per = WIDE ? ((nb >> 2) + W - 1) / W * 4 : (nb + W - 1) / W;
 	int b0 = q4_imin(nb, warp * per), b1 = q4_imin(nb, b0 + per);
 	int G = (K + gs - 1) / gs, bpg = gs >> 5;
 	const u32* wp[MT][2];
@@ -219,7 +223,8 @@ __device__ __forceinline__ void q4gemv_rows(const void* __restrict__ x, int xdt,
 #pragma unroll
 	for (int nt = 0; nt < NT; nt++) {
 		int t = 4 * nt + (g >> 1);
-		long long off = PREP ? ((long long)(2 * t + (g & 1)) * (K >> 3) + c) * 16 : ((long long)t * K + 8 * c) * (xdt == DT_F32 ? 4 : 2);
+		int cx = WIDE ? 4 * c : c; // the lane's first 8 inputs of a block (WIDE: of a tile), in 8s
+		long long off = PREP ? ((long long)(2 * t + (g & 1)) * (K >> 3) + cx) * 16 : ((long long)t * K + 8 * cx) * (xdt == DT_F32 ? 4 : 2);
 		xp[nt] = t < T ? (const char*)x + off : nullptr;
 	}
 	float d[MT][NT][4], acc[MT][NT][4];
@@ -232,14 +237,28 @@ __device__ __forceinline__ void q4gemv_rows(const void* __restrict__ x, int xdt,
 	int b = b0, grp = b0 / bpg, gend = (grp + 1) * bpg;
 	for (; b + 4 <= b1; b += 4) {
 		u32 wv[4][MT][2];
-#pragma unroll
-		for (int u = 0; u < 4; u++)
+		if (WIDE) { // the lane's 16 bytes of tile b/4: bytes 16b + 16c, word u for inputs 32b + 32c + 8u
 #pragma unroll
 			for (int m = 0; m < MT; m++)
 #pragma unroll
-				for (int h = 0; h < 2; h++) wv[u][m][h] = wp[m][h][4 * (b + u)];
+				for (int h = 0; h < 2; h++) {
+					q4_u32x4 v = *(const q4_u32x4*)(wp[m][h] + 3 * c + 4 * b); // wp is word c: 4b + 4c words in
+					wv[0][m][h] = v.x;
+					wv[1][m][h] = v.y;
+					wv[2][m][h] = v.z;
+					wv[3][m][h] = v.w;
+				}
+		} else {
 #pragma unroll
-		for (int u = 0; u < 4; u++) q4gemv_block<MT, NT, PREP>(b + u, wv[u], xp, xdt, sp, bpg, b + u + 1 == b1, grp, gend, d, acc);
+			for (int u = 0; u < 4; u++)
+#pragma unroll
+				for (int m = 0; m < MT; m++)
+#pragma unroll
+					for (int h = 0; h < 2; h++) wv[u][m][h] = wp[m][h][4 * (b + u)];
+		}
+#pragma unroll
+		for (int u = 0; u < 4; u++)
+			q4gemv_block<MT, NT, PREP>(b + u, WIDE ? 4 * b + u : 4 * (b + u), wv[u], xp, xdt, sp, bpg, b + u + 1 == b1, grp, gend, d, acc);
 	}
 	for (; b < b1; b++) {
 		u32 wv[MT][2];
@@ -247,7 +266,7 @@ __device__ __forceinline__ void q4gemv_rows(const void* __restrict__ x, int xdt,
 		for (int m = 0; m < MT; m++)
 #pragma unroll
 			for (int h = 0; h < 2; h++) wv[m][h] = wp[m][h][4 * b];
-		q4gemv_block<MT, NT, PREP>(b, wv, xp, xdt, sp, bpg, b + 1 == b1, grp, gend, d, acc);
+		q4gemv_block<MT, NT, PREP>(b, 4 * b, wv, xp, xdt, sp, bpg, b + 1 == b1, grp, gend, d, acc); // never WIDE
 	}
 	// Lane (g, c) holds, for token 4nt + c, rows 16m + g (hi + lo: acc 0 + 1) and 16m + 8 + g (2 + 3).
 #pragma unroll
@@ -287,37 +306,63 @@ extern "C" __global__ void q4_xprep(const void* x, int xdt, int T, int K, q4_u32
 }
 
 // q4gemv_N: y [T, N] = x [T, K] · w [N, K]ᵀ: q4gemv_1 for up to 4 rows of x as it is (64 weight rows a
-// block), q4gemv_2 up to 8 and q4gemv_4 up to 16 rows of q4_xprep's records (32 weight rows a block).
-// Grid: ceil(N / (16·MT)) blocks of W <= Q4_MAXW warps (Q4_MAXW / 2 for q4gemv_4, whose registers
-// would spill at 512 threads).
+// block), q4gemv_2 up to 8 and q4gemv_4 up to 16 rows of q4_xprep's records (32 weight rows a block);
+// q4gemv_Nw the same with WIDE loads (groups and K multiples of 128). Grid: ceil(N / (16·MT)) blocks of
+// W <= Q4_MAXW warps (Q4_MAXW / 2 for q4gemv_4, whose registers would spill at 512 threads).
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_1(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
-	q4gemv_rows<4, 1, false>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 64);
+	q4gemv_rows<4, 1, false, false>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 64);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_2(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
-	q4gemv_rows<2, 2, true>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32);
+	q4gemv_rows<2, 2, true, false>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 16)
 q4gemv_4(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
-	q4gemv_rows<2, 4, true>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32);
+	q4gemv_rows<2, 4, true, false>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32);
+}
+extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
+q4gemv_1w(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
+	q4gemv_rows<4, 1, false, true>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 64);
+}
+extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
+q4gemv_2w(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
+	q4gemv_rows<2, 2, true, true>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32);
+}
+extern "C" __global__ void __launch_bounds__(Q4_MAXW * 16)
+q4gemv_4w(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
+	q4gemv_rows<2, 4, true, true>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32);
 }
 
 // q4gemv_multi_1 is q4gemv_1 for up to three weights of one x (T <= 4; the same K and group size): y_s
 // [T, n_s] = x · w_sᵀ for s = 0, 1, 2 (n_2 may be 0), ceil(n_s / 64) blocks each in order, so that q, k
 // and v (or the shared expert's gate and up) take one launch and the small products borrow the big
-// one's blocks.
+// one's blocks. q4gemv_multi_1w: WIDE.
+template <bool WIDE>
+__device__ __forceinline__ void q4gemv_multi(const void* x, int xdt, const unsigned char* w0, const bf16_t* s0, float* y0, int n0,
+	const unsigned char* w1, const bf16_t* s1, float* y1, int n1, const unsigned char* w2, const bf16_t* s2, float* y2, int n2, int gs,
+	int T, int K) {
+	int b = blockIdx.x, b0 = (n0 + 63) / 64, b1 = (n1 + 63) / 64;
+	const unsigned char* w = w0;
+	const bf16_t* s = s0;
+	float* y = y0;
+	int n = n0;
+	if (b >= b0 + b1) {
+		w = w2, s = s2, y = y2, n = n2, b -= b0 + b1;
+	} else if (b >= b0) {
+		w = w1, s = s1, y = y1, n = n1, b -= b0;
+	}
+	q4gemv_rows<4, 1, false, WIDE>(x, xdt, w, s, gs, y, T, K, n, b * 64); // one copy of the loop
+}
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_multi_1(const void* x, int xdt, const unsigned char* w0, const bf16_t* s0, float* y0, int n0, const unsigned char* w1,
 	const bf16_t* s1, float* y1, int n1, const unsigned char* w2, const bf16_t* s2, float* y2, int n2, int gs, int T, int K) {
-	int b = blockIdx.x, b0 = (n0 + 63) / 64, b1 = (n1 + 63) / 64;
-	if (b < b0) {
-		q4gemv_rows<4, 1, false>(x, xdt, w0, s0, gs, y0, T, K, n0, b * 64);
-	} else if (b < b0 + b1) {
-		q4gemv_rows<4, 1, false>(x, xdt, w1, s1, gs, y1, T, K, n1, (b - b0) * 64);
-	} else {
-		q4gemv_rows<4, 1, false>(x, xdt, w2, s2, gs, y2, T, K, n2, (b - b0 - b1) * 64);
-	}
+	q4gemv_multi<false>(x, xdt, w0, s0, y0, n0, w1, s1, y1, n1, w2, s2, y2, n2, gs, T, K);
+}
+extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
+q4gemv_multi_1w(const void* x, int xdt, const unsigned char* w0, const bf16_t* s0, float* y0, int n0, const unsigned char* w1,
+	const bf16_t* s1, float* y1, int n1, const unsigned char* w2, const bf16_t* s2, float* y2, int n2, int gs, int T, int K) {
+	q4gemv_multi<true>(x, xdt, w0, s0, y0, n0, w1, s1, y1, n1, w2, s2, y2, n2, gs, T, K);
 }
 
 // ---- The routed experts: P[split][r] = in[r] · W_e over one K split, W_e [K, N] input-major ----

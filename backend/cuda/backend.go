@@ -93,9 +93,10 @@ type kernelSet struct {
 	qgemv                                                                [4]*kernel // qgemv_1, _2, _4, _8
 	qgemvSplit                                                           [2]*kernel // qgemv_split_1, _2
 	actQuantFP8, fp8ScaleOut, transposeU8                                *kernel
-	q4gemv                                                               [3]*kernel // q4gemv_1, _2, _4 (quant_int4.cu)
-	q4expertGEMV                                                         [2]*kernel // q4expert_gemv_1, _2
-	dequantInt4, q4XPrep, q4gemvMulti                                    *kernel
+	q4gemv                                                               [2][3]*kernel // q4gemv_1, _2, _4 and the WIDE q4gemv_1w, _2w, _4w (quant_int4.cu)
+	q4expertGEMV                                                         [2]*kernel    // q4expert_gemv_1, _2
+	q4gemvMulti                                                          [2]*kernel    // q4gemv_multi_1, _1w
+	dequantInt4, q4XPrep                                                 *kernel
 }
 
 // Info describes what New found and did.
@@ -219,9 +220,10 @@ func (b *Backend) init() error {
 		{"qgemv_split_1", &b.k.qgemvSplit[0]}, {"qgemv_split_2", &b.k.qgemvSplit[1]},
 		{"qexpert_gemv_1", &b.k.qexpertGEMV1}, {"qexpert_gemv_8", &b.k.qexpertGEMV8}, {"quantize_bf16", &b.k.quantizeBF16},
 		{"act_quant_fp8", &b.k.actQuantFP8}, {"fp8_scale_out", &b.k.fp8ScaleOut}, {"transpose_u8", &b.k.transposeU8},
-		{"q4gemv_1", &b.k.q4gemv[0]}, {"q4gemv_2", &b.k.q4gemv[1]}, {"q4gemv_4", &b.k.q4gemv[2]},
+		{"q4gemv_1", &b.k.q4gemv[0][0]}, {"q4gemv_2", &b.k.q4gemv[0][1]}, {"q4gemv_4", &b.k.q4gemv[0][2]},
+		{"q4gemv_1w", &b.k.q4gemv[1][0]}, {"q4gemv_2w", &b.k.q4gemv[1][1]}, {"q4gemv_4w", &b.k.q4gemv[1][2]},
 		{"q4expert_gemv_1", &b.k.q4expertGEMV[0]}, {"q4expert_gemv_2", &b.k.q4expertGEMV[1]}, {"dequant_int4_bf16", &b.k.dequantInt4},
-		{"q4_xprep", &b.k.q4XPrep}, {"q4gemv_multi_1", &b.k.q4gemvMulti},
+		{"q4_xprep", &b.k.q4XPrep}, {"q4gemv_multi_1", &b.k.q4gemvMulti[0]}, {"q4gemv_multi_1w", &b.k.q4gemvMulti[1]},
 	} {
 		if *k.dst, err = b.module.function(k.name); err != nil {
 			return err

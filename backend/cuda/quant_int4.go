@@ -69,15 +69,16 @@ func (b *Backend) linearInt4(x, wt, y *tensor) error {
 			return err
 		}
 	}
+	ks := &b.k.q4gemv[q4Wide(wt)]
 	for r0 := 0; r0 < T; r0 += q4gemvRows {
 		n := min(q4gemvRows, T-r0)
-		k, rows, maxW := b.k.q4gemv[0], 64, q4MaxWarps
+		k, rows, maxW := ks[0], 64, q4MaxWarps
 		xp := x.ptr() + devptr(int64(r0)*int64(in)*x.dt.size())
 		switch {
 		case n > 8:
-			k, rows, maxW = b.k.q4gemv[2], 32, q4MaxWarps/2
+			k, rows, maxW = ks[2], 32, q4MaxWarps/2
 		case n > 4:
-			k, rows = b.k.q4gemv[1], 32
+			k, rows = ks[1], 32
 		}
 		if n > 4 {
 			xp = xq.ptr + devptr(int64(r0)*int64(in)*4) // row r0's records: 2 halves × in/8 × 16 bytes a row
@@ -106,8 +107,8 @@ func (b *Backend) linearMultiInt4(xt *tensor, wts []*tensor) (out []backend.Tens
 	T, in := xt.shape[0], xt.shape[1]
 	var idx []int
 	for i, w := range wts {
-		if w.q != nil && w.q.code == qfInt4 && len(w.shape) == 2 && w.shape[1] == in && w.shape[0] > 0 &&
-			(len(idx) == 0 || w.q.gs == wts[idx[0]].q.gs) && b.q4gemvOK(xt, w) {
+		if w.q != nil && w.q.code == qfInt4 && len(w.shape) == 2 && w.shape[1] == in && w.shape[0] > 0 && b.q4gemvOK(xt, w) &&
+			(len(idx) == 0 || (w.q.gs == wts[idx[0]].q.gs && q4Wide(w) == q4Wide(wts[idx[0]]))) {
 			idx = append(idx, i)
 		}
 	}
@@ -135,7 +136,7 @@ func (b *Backend) linearMultiInt4(xt *tensor, wts []*tensor) (out []backend.Tens
 	args = append(args, wts[idx[0]].q.gs, T, in)
 	w := min(ceilDiv(q4WarpsPerSM*max(b.dev.multiprocessors, 1), blocks), q4MaxWarps, max(in/32/4, 1))
 	b.counts.QuantGEMV += int64(len(idx))
-	if err := b.stream.launch(b.k.q4gemvMulti, dim3{uint32(blocks), 1, 1}, dim3{uint32(32 * w), 1, 1}, 0, args...); err != nil {
+	if err := b.stream.launch(b.k.q4gemvMulti[q4Wide(wts[idx[0]])], dim3{uint32(blocks), 1, 1}, dim3{uint32(32 * w), 1, 1}, 0, args...); err != nil {
 		return nil, true, fmt.Errorf("cuda: linear multi x%v (int4): %w", xt.shape, err)
 	}
 	for i := range wts {
@@ -146,6 +147,16 @@ func (b *Backend) linearMultiInt4(xt *tensor, wts []*tensor) (out []backend.Tens
 		}
 	}
 	return out, true, nil
+}
+
+// q4Wide is 1 where q4gemv reads w [N, K] with its WIDE loads (a lane's 16 bytes of a 128-input tile in
+// one load: K and the group size multiples of 128, w 16-byte aligned), else 0 (four-byte loads of word c
+// of each 16-byte block, so that groups of 32 work): the index of b.k.q4gemv and b.k.q4gemvMulti.
+func q4Wide(w *tensor) int {
+	if w.shape[1]%128 == 0 && w.q.gs%128 == 0 && w.ptr()%16 == 0 {
+		return 1
+	}
+	return 0
 }
 
 // dequantInt4 enqueues dequant_int4_bf16 for elements [off, off+n) of the int4 weight t viewed as [outer,

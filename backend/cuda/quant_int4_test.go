@@ -69,8 +69,9 @@ func TestInt4LinearVsCPU(t *testing.T) {
 }
 
 // TestInt4LinearMulti compares LinearMulti's int4 fusion (q4gemv_multi_1: two or three int4 weights of
-// one x at up to 4 rows in one launch) with the cpu backend's Linear, for q, k and v of a decode step and
-// for a bf16 router beside the shared expert's int4 gate and up (the router runs apart), at 1 and 3 rows.
+// one x at up to 4 rows in one launch) with the cpu backend's Linear, for q, k and v of a decode step
+// (groups of 128: the WIDE kernel; of 32: the other) and for a bf16 router beside the shared expert's int4
+// gate and up (the router runs apart), at 1 and 3 rows.
 func TestInt4LinearMulti(t *testing.T) {
 	g := newBackend(t, cuda.BF16)
 	e := &opEnv{t: t, cpu: cpu.New(cpu.Config{}), gpu: g, r: rand.New(rand.NewPCG(91, 92))}
@@ -83,6 +84,7 @@ func TestInt4LinearMulti(t *testing.T) {
 	}{
 		{"q k v", []pair{e.qweight(f, 0.05, 640, in), e.qweight(f, 0.05, 128, in), e.qweight(f, 0.05, 72, in)}, 3},
 		{"router gate up", []pair{e.weight(0.05, 16, in), e.qweight(f, 0.05, 384, in), e.qweight(f, 0.05, 384, in)}, 2},
+		{"q k v (g32)", []pair{e.qweight(int4Formats[1], 0.05, 256, in), e.qweight(int4Formats[1], 0.05, 64, in), e.qweight(int4Formats[1], 0.05, 64, in)}, 3},
 	}
 	for _, set := range sets {
 		for _, T := range []int{1, 3} {

@@ -182,10 +182,10 @@ void test_fp8_gather() {
 	}
 }
 // ---- quant_int4.cu ----
-// test_q4gemv: q4gemv_N (by T: _1 to 4 rows, _2 to 8 and _4 to 16 on q4_xprep's records) with W warps a
-// block against the float64 product of x and quant's dequantised weight. x enters as hi + lo bf16 (2^-16
+// test_q4gemv: q4gemv_N (by T: _1 to 4 rows, _2 to 8 and _4 to 16 on q4_xprep's records; q4gemv_Nw with
+// wide) with W warps a block against the float64 product of x and quant's dequantised weight. x enters as hi + lo bf16 (2^-16
 // relative), the sums in float32: 3e-5 of the sum of |products| covers both.
-void test_q4gemv(int T, int K, int N, int gs, int xdt, int W) {
+void test_q4gemv(int T, int K, int N, int gs, int xdt, int W, bool wide = false) {
 	QW w = make(QF_INT4, gs, N, K, 1);
 	std::vector<float> xf(T * K); for (auto& v : xf) v = urand(-1, 1) * (rng() % 9 == 0 ? 1e-3f : 1.0f);
 	std::vector<bf16_t> xb(T * K); for (int i = 0; i < T * K; i++) { xb[i] = f32_to_bf16(xf[i]); if (xdt == DT_BF16) xf[i] = bf16_to_f32(xb[i]); }
@@ -197,7 +197,10 @@ void test_q4gemv(int T, int K, int N, int gs, int xdt, int W) {
 	if (T > 4) launch(dim3{2}, dim3{64}, [&] { q4_xprep(x, xdt, T, K, xq.data()); });
 	dim3 grid{(unsigned)((N + 16 * MT - 1) / (16 * MT))}, block{(unsigned)(32 * W)};
 	launch(grid, block, [&] {
-		if (T <= 4) q4gemv_1(x, xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N);
+		if (wide && T <= 4) q4gemv_1w(x, xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N);
+		else if (wide && T <= 8) q4gemv_2w(xq.data(), xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N);
+		else if (wide) q4gemv_4w(xq.data(), xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N);
+		else if (T <= 4) q4gemv_1(x, xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N);
 		else if (T <= 8) q4gemv_2(xq.data(), xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N);
 		else q4gemv_4(xq.data(), xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N); });
 	for (int t = 0; t < T; t++) for (int n = 0; n < N; n++) {
@@ -208,14 +211,14 @@ void test_q4gemv(int T, int K, int N, int gs, int xdt, int W) {
 }
 // test_q4gemv_multi: q4gemv_multi_1 over three weights of one x (row counts not multiples of 64, the last
 // one empty when n2 == 0) against the float64 products.
-void test_q4gemv_multi(int T, int K, int n0, int n1, int n2, int gs, int W) {
+void test_q4gemv_multi(int T, int K, int n0, int n1, int n2, int gs, int W, bool wide = false) {
 	QW w[3] = {make(QF_INT4, gs, n0, K, 1), make(QF_INT4, gs, n1, K, 1), make(QF_INT4, gs, std::max(n2, 1), K, 1)};
 	int ns[3] = {n0, n1, n2};
 	std::vector<float> x(T * K); for (auto& v : x) v = urand(-1, 1);
 	std::vector<float> y[3]; for (int s = 0; s < 3; s++) y[s].assign(T * std::max(ns[s], 1) + 1, NAN);
 	unsigned blocks = (n0 + 63) / 64 + (n1 + 63) / 64 + (n2 + 63) / 64;
 	launch(dim3{blocks}, dim3{(unsigned)(32 * W)}, [&] {
-		q4gemv_multi_1(x.data(), DT_F32, w[0].codes.data(), w[0].sb.data(), y[0].data(), n0, w[1].codes.data(), w[1].sb.data(), y[1].data(), n1,
+		(wide ? q4gemv_multi_1w : q4gemv_multi_1)(x.data(), DT_F32, w[0].codes.data(), w[0].sb.data(), y[0].data(), n0, w[1].codes.data(), w[1].sb.data(), y[1].data(), n1,
 			n2 ? w[2].codes.data() : nullptr, n2 ? w[2].sb.data() : nullptr, n2 ? y[2].data() : nullptr, n2, gs, T, K); });
 	for (int s = 0; s < 3; s++) {
 		for (int t = 0; t < T; t++) for (int n = 0; n < ns[s]; n++) {
@@ -270,6 +273,10 @@ void int4_checks() {
 	test_q4gemv(1, 1056, 70, 64, DT_F32, 1); test_q4gemv(3, 1056, 5, 96, DT_F32, 16); test_q4gemv(12, 640, 33, 32, DT_BF16, 8);
 	test_q4gemv(1, 32, 3, 32, DT_F32, 4);
 	test_q4gemv_multi(1, 256, 80, 16, 24, 128, 4); test_q4gemv_multi(3, 96, 64, 70, 0, 32, 2);
+	// WIDE loads (K and groups multiples of 128): ranges of whole 128-input tiles, warps without one.
+	for (int T : {1, 3, 6, 13}) { test_q4gemv(T, 256, 40, 128, DT_F32, 3, true); test_q4gemv(T, 640, 17, 128, DT_BF16, 2, true); }
+	test_q4gemv(2, 1152, 70, 384, DT_F32, 16, true); test_q4gemv(16, 512, 33, 256, DT_F32, 4, true);
+	test_q4gemv_multi(2, 384, 80, 16, 24, 128, 3, true);
 	printf("q4gemv done bad=%d\n", bad);
 	for (int mode : {0, 1}) for (int NT : {1, 2}) {
 		test_q4expert(mode, NT, 96, 24, 16, 32, DT_F32); test_q4expert(mode, NT, 256, 72, 32, 80, DT_F32); }
