@@ -12,21 +12,23 @@ import (
 //   - decode and small batches, T <= skinnyRows rows or tokens: tensor-core GEMVs that read the codes (½
 //     byte a weight) and turn each pair of codes into bf16 in two instructions; x enters as hi + lo bf16
 //     columns, so the product keeps float32 accuracy as the skinny-GEMM rule asks (doc.go, Numerics).
-//     Linear: q4gemv_N, up to 16 rows a launch; the routed experts: q4expert_gemv_N on the [E, K, N]
-//     layout, K split over blocks as expert_gemv_N does.
+//     Linear: q4gemv_N, up to 16 rows a launch (above 4 rows on x converted once by q4_xprep), in the
+//     WIDE form q4gemv_Nw where K and the group size are multiples of 128 (q4Wide); LinearMulti: two or
+//     three int4 weights of one x as one q4gemv_multi_1(w) launch; the routed experts: q4expert_gemv_N
+//     on the [E, K, N] layout, K split over blocks as expert_gemv_N does.
 //   - prefill (more rows): dequant_int4_bf16 writes the weight (one expert at a time for Experts) as bf16
 //     and cuBLASLt multiplies, as for fp8.
 //
 // The threshold, from bytes and instructions (H100: 3.35 TB/s, 132 SMs issuing 4 warp-instructions a
 // cycle at 1.755 GHz, so 0.138 warp-instructions a weight at the int4 bandwidth floor): a GEMV launch of
-// up to 16 rows costs about 0.08 (q4gemv_1: the codes, 0.047; the hi/lo input columns, 0.02; the mma and
-// the group scales) to 0.14 (q4gemv_4) warp-instructions a weight, so T rows cost T/16 launches of about
-// 1 to 1.4 times the floor each, 0.5 byte a weight read each time (from L2 for the later launches of a
-// weight that fits it). Dequantising instead reads ½ byte, writes 2 and cuBLASLt reads 2 back: 9 times
-// the floor before the GEMM's own time, which grows by a tensor-core pass of 4T flops a weight (x hi and
-// lo, as the bf16 path splits a float32 x). The GEMV stays ahead up to about 150 rows; at 64 (skinnyRows)
-// it is twice as fast and keeps float32 accuracy, which the bf16 copy (q·s rounded to bf16) does not.
-// Above skinnyRows the dequantised path runs, as for every other format.
+// up to 16 rows costs about 0.1 (q4gemv_1w, the SASS of NVRTC 11.8: the codes 0.05, the hi/lo input
+// columns 0.02, the mma and the group scales) to 0.16 (q4gemv_4w) warp-instructions a weight, so T rows
+// cost T/16 launches of about 1 to 1.2 times the floor each, ½ byte a weight read each time (from L2 for
+// the later launches of a weight that fits it). Dequantising instead reads ½ byte, writes 2 and cuBLASLt
+// reads 2 back: 9 times the floor before the GEMM's own time, which grows by a tensor-core pass of 4T
+// flops a weight (x hi and lo, as the bf16 path splits a float32 x). The GEMV stays ahead up to about
+// 150 rows; at 64 (skinnyRows) it is twice as fast and keeps float32 accuracy, which the bf16 copy (q·s
+// rounded to bf16) does not. Above skinnyRows the dequantised path runs, as for every other format.
 
 // Launch geometry of quant_int4.cu (Q4_MAXW, Q4E_WARPS, Q4E_COLS, Q4E_KTILE).
 const (
