@@ -2,8 +2,10 @@
 // (E4M3 codes, one float32 scale per output channel) and int4 (two's-complement nibbles, element 2k in
 // the low nibble, one bf16 scale per output channel and group of gs input columns). The kernels
 // dequantise in registers: every weight becomes exactly quant.Weight.Dequantize's value, q·scale in
-// float32 (rounded to bf16 for QF_FP8_BF16, the compressed-tensors format), before it meets x. Also the
-// dynamic per-token activation quantisation of FbgemmFp8 (quant.FakeQuantFP8Rows).
+// float32 (rounded to bf16 for QF_FP8_BF16, the compressed-tensors format), before it meets x. The
+// scalar FP8 rules here (E4M3 decoding, rounding, FbgemmFp8's per-token activation quantisation,
+// quant.FakeQuantFP8Rows) serve quant_fp8.cu too, whose kernels take the fp8 weights' decode paths and
+// the activations' quantisation (fp8_act_rows).
 
 // Weight format codes; they match backend/cuda's qformat codes.
 #define QF_FP8 0      // q·s in float32 (fp8 rowwise, FbgemmFp8)
@@ -83,47 +85,6 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 #pragma unroll
 	for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
 	return v;
-}
-
-// act_quant_rows writes row r = blockIdx.x of out [rows, n] (odt): the input row, quantised to FP8 per
-// token when dyn (quant.FakeQuantFP8Rows: scale = FP8RowScale(max|row|, 1200)), else as it is. The input
-// row is x[r] (perm null) or, gathered for the routed experts, x[perm[r] / k]·scores[perm[r]] (zeros
-// where perm[r] < 0: a gap row). With nrows not null, blocks at or past *nrows (moe_plan's meta[1])
-// return. out may be x (same dtype, perm null): every element is read before any is written. Blocks of
-// a multiple of 32 threads.
-extern "C" __global__ void act_quant_rows(const void* x, int xdt, const int* perm, const float* scores, int k, int n, int dyn,
-	void* out, int odt, const int* nrows) {
-	__shared__ float scratch[32];
-	int r = blockIdx.x;
-	if (nrows && r >= *nrows) return; // uniform over the block
-	long long src = r;
-	float sc = 1.0f;
-	if (perm) {
-		int sl = perm[r];
-		if (sl < 0) {
-			for (int i = threadIdx.x; i < n; i += blockDim.x) st(out, odt, (long long)r * n + i, 0.0f);
-			return;
-		}
-		src = sl / k;
-		sc = scores[sl];
-	}
-	const long long base = src * n;
-	float s = 1.0f;
-	if (dyn) {
-		float amax = 0.0f;
-		for (int i = threadIdx.x; i < n; i += blockDim.x) {
-			float v = ld(x, xdt, base + i);
-			if (perm) v *= sc;
-			amax = fmaxf(amax, fabsf(v));
-		}
-		s = fp8_row_scale(block_max(amax, scratch), ACT_SCALE_UB);
-	}
-	for (int i = threadIdx.x; i < n; i += blockDim.x) {
-		float v = ld(x, xdt, base + i);
-		if (perm) v *= sc;
-		if (dyn) v = fake_quant_fp8(v, s);
-		st(out, odt, (long long)r * n + i, v);
-	}
 }
 
 // qweight_at returns element idx of a quantised weight viewed as [outer, in, inner] (row-major, idx =

@@ -65,6 +65,9 @@ type Backend struct {
 	// noFP8Gemm makes Linear on fp8 weights with dynamic activations take the dequantised path for
 	// prefill instead of the FP8 GEMM (fp8gemm.go; tests compare them).
 	noFP8Gemm bool
+	// fp8OuterVec: cuBLASLt applies the FP8 GEMM's row scales itself (outer-vector scaling), as New's
+	// probe found it does on this device (fp8gemm.go); false runs fp8_scale_out after the product.
+	fp8OuterVec bool
 }
 
 var _ backend.Ops = (*Backend)(nil)
@@ -87,10 +90,13 @@ type kernelSet struct {
 	addRMSNorm, spin                                                     *kernel
 	gemvMulti, gemvSplit                                                 [2]*kernel // _1, _2
 	ropeQK                                                               *kernel
-	actQuantRows, dequantBF16, qexpertGEMV1, qexpertGEMV8, quantizeBF16  *kernel
+	dequantBF16, qexpertGEMV1, qexpertGEMV8, quantizeBF16                *kernel
 	qgemv                                                                [4]*kernel // qgemv_1, _2, _4, _8
 	qgemvSplit                                                           [2]*kernel // qgemv_split_1, _2
-	actQuantFP8, fp8ScaleOut, transposeU8                                *kernel
+	fp8ScaleOut, transposeU8                                             *kernel
+	fp8ActRows, fp8ActCodes, fp8DequantExperts                           *kernel
+	fp8GEMV, fp8GEMVStaged                                               [4]*kernel // fp8_gemv_1, _2, _4, _8 (fp8.go)
+	fp8ExpertGEMV, fp8ExpertGEMVStaged                                   [2]*kernel // fp8_expert_gemv_1, _4
 }
 
 // Info describes what New found and did.
@@ -107,6 +113,9 @@ type Info struct {
 	CacheHit      bool              // every unit's cubin came from the cache
 	CompileTime   time.Duration     // NVRTC compiles, in parallel (0 when every unit was a cache hit)
 	CacheWarnings []string          // cache files that were corrupt or refused, and compiled again
+	// FP8OuterVec reports that cuBLASLt applies the FP8 GEMM's per-row scales itself (outer-vector
+	// scaling, checked by a small product at start-up); false: fp8_scale_out applies them after the GEMM.
+	FP8OuterVec bool
 }
 
 // Counters counts Linear's and Experts' paths.
@@ -124,6 +133,10 @@ type Counters struct {
 	QuantDequant int64 // Linear calls on a quantised weight run on a dequantised bf16 copy (prefill)
 	QuantFP8Gemm int64 // Linear calls on an fp8 weight run by the FP8 GEMM (prefill, fp8gemm.go)
 	ExpertsFP8   int64 // of ExpertsGrouped, the calls on fp8 weights run by the FP8 GEMM per expert
+
+	FP8ExpertGEMV int64 // expert GEMV launches (a projection each) on output-major fp8 experts (fp8.go)
+	FP8Staged     int64 // fp8 GEMV products whose kernel staged (and quantised) its input itself
+	FP8OuterVec   int64 // FP8 GEMMs whose scales cuBLASLt applied (outer-vector scaling)
 }
 
 // New loads the CUDA libraries, opens device cfg.Device and compiles the kernels. On a machine without
@@ -209,15 +222,25 @@ func (b *Backend) init() error {
 		{"add_rmsnorm", &b.k.addRMSNorm}, {"spin", &b.k.spin},
 		{"gemv_multi_1", &b.k.gemvMulti[0]}, {"gemv_multi_2", &b.k.gemvMulti[1]},
 		{"gemv_split_1", &b.k.gemvSplit[0]}, {"gemv_split_2", &b.k.gemvSplit[1]}, {"rope_qk", &b.k.ropeQK},
-		{"act_quant_rows", &b.k.actQuantRows}, {"dequant_bf16", &b.k.dequantBF16},
+		{"dequant_bf16", &b.k.dequantBF16},
 		{"qgemv_1", &b.k.qgemv[0]}, {"qgemv_2", &b.k.qgemv[1]}, {"qgemv_4", &b.k.qgemv[2]}, {"qgemv_8", &b.k.qgemv[3]},
 		{"qgemv_split_1", &b.k.qgemvSplit[0]}, {"qgemv_split_2", &b.k.qgemvSplit[1]},
 		{"qexpert_gemv_1", &b.k.qexpertGEMV1}, {"qexpert_gemv_8", &b.k.qexpertGEMV8}, {"quantize_bf16", &b.k.quantizeBF16},
-		{"act_quant_fp8", &b.k.actQuantFP8}, {"fp8_scale_out", &b.k.fp8ScaleOut}, {"transpose_u8", &b.k.transposeU8},
+		{"fp8_scale_out", &b.k.fp8ScaleOut}, {"transpose_u8", &b.k.transposeU8},
+		{"fp8_act_rows", &b.k.fp8ActRows}, {"fp8_act_codes", &b.k.fp8ActCodes}, {"fp8_dequant_experts", &b.k.fp8DequantExperts},
+		{"fp8_gemv_1", &b.k.fp8GEMV[0]}, {"fp8_gemv_2", &b.k.fp8GEMV[1]}, {"fp8_gemv_4", &b.k.fp8GEMV[2]}, {"fp8_gemv_8", &b.k.fp8GEMV[3]},
+		{"fp8_gemv_xs_1", &b.k.fp8GEMVStaged[0]}, {"fp8_gemv_xs_2", &b.k.fp8GEMVStaged[1]},
+		{"fp8_gemv_xs_4", &b.k.fp8GEMVStaged[2]}, {"fp8_gemv_xs_8", &b.k.fp8GEMVStaged[3]},
+		{"fp8_expert_gemv_1", &b.k.fp8ExpertGEMV[0]}, {"fp8_expert_gemv_4", &b.k.fp8ExpertGEMV[1]},
+		{"fp8_expert_gemv_xs_1", &b.k.fp8ExpertGEMVStaged[0]}, {"fp8_expert_gemv_xs_4", &b.k.fp8ExpertGEMVStaged[1]},
 	} {
 		if *k.dst, err = b.module.function(k.name); err != nil {
 			return err
 		}
+	}
+	if d.ccMajor*10+d.ccMinor >= 89 {
+		b.fp8OuterVec = b.probeOuterVec()
+		b.info.FP8OuterVec = b.fp8OuterVec
 	}
 	return nil
 }

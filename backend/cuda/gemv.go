@@ -68,7 +68,8 @@ func (b *Backend) wideOperand(xt *tensor, wts []*tensor) (*tensor, error) {
 
 // LinearMulti returns Linear(x, w) for each of ws (backend.MultiLinear). Two or three products that the
 // GEMV kernels take (at most 2 rows, bf16 weights of the same input width and an even number of output
-// rows each) run as one launch; otherwise each is a Linear.
+// rows each) run as one launch, as do two or three fp8 weights the fp8 GEMV takes (linearMultiFP8);
+// otherwise each is a Linear.
 func (b *Backend) LinearMulti(x backend.Tensor, ws ...backend.Tensor) ([]backend.Tensor, error) {
 	xt, err := b.asTensor("linear multi", "x", x)
 	if err != nil {
@@ -82,6 +83,9 @@ func (b *Backend) LinearMulti(x backend.Tensor, ws ...backend.Tensor) ([]backend
 		}
 		fused = fused && len(wts[i].shape) == 2 && wts[i].shape[1] == xt.shape[1] && wts[i].shape[0]%gemvRowsPerWarp == 0 &&
 			wts[i].shape[0] <= gemvSplitMaxRows && b.gemvOK(xt, wts[i])
+	}
+	if out, ok, err := b.linearMultiFP8(xt, wts); ok { // fp8 weights of one input in one launch (fp8.go)
+		return out, err
 	}
 	out := make([]backend.Tensor, len(ws))
 	if !fused {

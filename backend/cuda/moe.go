@@ -419,7 +419,9 @@ func (b *Backend) splitK(K, N, z int) (ksplit, splits int) {
 }
 
 // expertsGEMV is the decode path: moe_plan, gate_up GEMV (partials per K split), SiLU·mul summing the
-// splits, down GEMV, and a combine that sums each token's slots in routing order.
+// splits, down GEMV, and a combine that sums each token's slots in routing order. Each projection on an
+// output-major fp8 weight runs fp8_expert_gemv (fp8.go: one split, its inputs quantised by the kernel
+// itself where they fit); the others the split-K expert GEMV (gemv.cu, quant.cu).
 func (b *Backend) expertsGEMV(e *expertsCall) error {
 	p, err := b.planExperts(e, 1)
 	if err != nil {
@@ -427,60 +429,77 @@ func (b *Backend) expertsGEMV(e *expertsCall) error {
 	}
 	defer p.release(b)
 	R, H, I, k := e.slots(), e.H, e.I, e.r.k
-	z := e.expertBound()
-	one := e.T == 1 // Route's k experts of a token are distinct: one row per expert
-	ks1, s1 := b.splitK(H, 2*I, z)
-	p1, err := b.pool.get(int64(s1) * int64(R) * int64(2*I) * 4)
+	var bufs []*buffer
+	defer func() { b.releaseAll(bufs...) }()
+	keep := func(buf *buffer) {
+		if buf != nil {
+			bufs = append(bufs, buf)
+		}
+	}
+	p1, s1, err := b.expertProj(e, p, e.gu, e.x, int(e.x.dt), 0, H, 2*I, keep)
 	if err != nil {
-		return err
-	}
-	defer b.pool.release(*p1)
-	var x any = e.x
-	xdt, mode := int(e.x.dt), 0
-	if q := e.gu.q; q != nil && q.dyn() {
-		// The score-scaled input rows, gathered by expert and quantised per token (mode 1 reads them).
-		xq, err := b.pool.get(int64(R) * int64(H) * 4)
-		if err != nil {
-			return err
-		}
-		defer b.pool.release(*xq)
-		if err := b.stream.launch(b.k.actQuantRows, dim3{uint32(R), 1, 1}, actQuantBlock, 0,
-			e.x, int(e.x.dt), p.perm, e.scores(), k, H, true, xq, int(F32), p.rowsOf(e.E)); err != nil {
-			return err
-		}
-		x, xdt, mode = xq, int(F32), 1
-	}
-	if err := b.launchExpertGEMV(one, e, p, x, xdt, mode, e.gu, H, 2*I, ks1, s1, p1, R); err != nil {
 		return err
 	}
 	act, err := b.pool.get(int64(R) * int64(I) * 4)
 	if err != nil {
 		return err
 	}
-	defer b.pool.release(*act)
+	keep(act)
 	// One element a thread (its GRID_STRIDE_N pass guards the rest): decode has a few rows, and each
 	// element sums all the splits, so spreading them over more SMs is what matters.
 	if err := b.stream.launch(b.k.expertAct, elemGrid(R*I), elemBlockDim, 0, p1, s1, R, I, p.meta(e.E), act, int(F32)); err != nil {
 		return err
 	}
-	if q := e.down.q; q != nil && q.dyn() { // the SwiGLU rows quantised per token, in place
-		if err := b.stream.launch(b.k.actQuantRows, dim3{uint32(R), 1, 1}, actQuantBlock, 0,
-			act, int(F32), devptr(0), devptr(0), 1, I, true, act, int(F32), p.rowsOf(e.E)); err != nil {
-			return err
-		}
-	}
-	ks2, s2 := b.splitK(I, H, z)
-	p2, err := b.pool.get(int64(s2) * int64(R) * int64(H) * 4)
+	p2, s2, err := b.expertProj(e, p, e.down, act, int(F32), 1, I, H, keep)
 	if err != nil {
-		return err
-	}
-	defer b.pool.release(*p2)
-	if err := b.launchExpertGEMV(one, e, p, act, int(F32), 1, e.down, I, H, ks2, s2, p2, R); err != nil {
 		return err
 	}
 	ap, adt := e.addend()
 	return b.stream.launch(b.k.expertCombine, elemGrid(e.T*H), elemBlockDim, 0, p2, s2, R, H, p.rowOf, k, e.out, int(e.out.dt), int64(e.T*H),
 		ap, adt)
+}
+
+// expertProj enqueues one projection of expertsGEMV: the rows of each active expert (mode 0: x[perm[r] /
+// k]·scores[perm[r]], gate_up; mode 1: x [R, K] float32, down) times w [E, K, N], quantised per token
+// where w's format says so, into partial sums P [S, R, N] (returned with S). Pooled blocks go to keep,
+// which releases them after the whole call is enqueued.
+func (b *Backend) expertProj(e *expertsCall, p *expertPlan, w *tensor, x any, xdt, mode, K, N int, keep func(*buffer)) (P *buffer, S int, err error) {
+	R, k := e.slots(), e.r.k
+	if w.q != nil && w.q.kmajor { // fp8.go
+		if P, err = b.pool.get(int64(R) * int64(N) * 4); err != nil {
+			return nil, 0, err
+		}
+		keep(P)
+		tmp, err := b.fp8ExpertGEMV(e, p, w, x, xdt, mode, K, N, P)
+		keep(tmp)
+		return P, 1, err
+	}
+	ks, S := b.splitK(K, N, e.expertBound())
+	if P, err = b.pool.get(int64(S) * int64(R) * int64(N) * 4); err != nil {
+		return nil, 0, err
+	}
+	keep(P)
+	if q := w.q; q != nil && q.dyn() {
+		// The rows (mode 0: score-scaled, gathered by expert) quantised per token into [R, K] float32, read
+		// as mode 1; mode 1 rows in place.
+		xq := x
+		var perm, scores devptr
+		kk := 1
+		if mode == 0 {
+			buf, err := b.pool.get(int64(R) * int64(K) * 4)
+			if err != nil {
+				return nil, 0, err
+			}
+			keep(buf)
+			xq, perm, scores, kk = buf, p.perm.ptr, e.scores(), k
+		}
+		if err := b.stream.launch(b.k.fp8ActRows, dim3{uint32(R), 1, 1}, actQuantBlock, 0,
+			x, xdt, perm, scores, kk, K, true, xq, int(F32), p.rowsOf(e.E)); err != nil {
+			return nil, 0, err
+		}
+		x, xdt, mode = xq, int(F32), 1
+	}
+	return P, S, b.launchExpertGEMV(e.T == 1, e, p, x, xdt, mode, w, K, N, ks, S, P, R)
 }
 
 // expertsGrouped is the prefill path: moe_plan with 128-row aligned blocks, the per-expert counts to the
@@ -511,7 +530,8 @@ func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
 	keys := make([][2]gemmKey, len(jobs))
 	plans := make([][2]*gemmPlan, len(jobs))
 	for i, j := range jobs {
-		keys[i] = [2]gemmKey{{m: j.n, n: 2 * I, k: H, out: F32, wIn: true}, {m: j.n, n: H, k: I, out: F32, wIn: true}}
+		// Input-major weights ([E, K, N]: bf16, int4, fp8 of other shapes) or output-major fp8 experts.
+		keys[i] = [2]gemmKey{{m: j.n, n: 2 * I, k: H, out: F32, wIn: !kmajor(e.gu)}, {m: j.n, n: H, k: I, out: F32, wIn: !kmajor(e.down)}}
 		for h := range 2 {
 			if plans[i][h], err = b.gemm.plan(keys[i][h]); err != nil {
 				return false, err
@@ -529,7 +549,7 @@ func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
 	switch {
 	case rows == 0:
 	case e.gu.q != nil && e.gu.q.dyn(): // gathered, scaled and quantised per token, then bf16
-		if err := b.stream.launch(b.k.actQuantRows, dim3{uint32(rows), 1, 1}, actQuantBlock, 0,
+		if err := b.stream.launch(b.k.fp8ActRows, dim3{uint32(rows), 1, 1}, actQuantBlock, 0,
 			e.x, int(e.x.dt), p.perm, e.scores(), k, H, true, xp, int(BF16), devptr(0)); err != nil {
 			return false, err
 		}
@@ -574,7 +594,7 @@ func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
 		if err := b.stream.launch(b.k.expertAct, elemGridN(rows*I), elemBlockDim, 0, g, 1, rows, I, p.meta(E), a32, int(F32)); err != nil {
 			return false, err
 		}
-		if err := b.stream.launch(b.k.actQuantRows, dim3{uint32(rows), 1, 1}, actQuantBlock, 0,
+		if err := b.stream.launch(b.k.fp8ActRows, dim3{uint32(rows), 1, 1}, actQuantBlock, 0,
 			a32, int(F32), devptr(0), devptr(0), 1, I, true, act, int(BF16), devptr(0)); err != nil {
 			return false, err
 		}
@@ -611,17 +631,32 @@ func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
 	return true, nil
 }
 
-// expertWeight returns the address of expert x's [K, N] bf16 slice of w [E, K, N]: in w itself, or for a
-// quantised w in a dequantised bf16 copy (tmp, which the caller releases after enqueuing its use; stream
-// order lets the next expert reuse the block).
+// expertWeight returns the address of expert x's bf16 slice of w [E, K, N]: in w itself ([K, N]), or for
+// a quantised w in a dequantised bf16 copy (tmp, which the caller releases after enqueuing its use; stream
+// order lets the next expert reuse the block), [K, N] or, for output-major fp8 experts (kmajor), [N, K]
+// as the codes are stored.
 func (b *Backend) expertWeight(w *tensor, x, K, N int) (ptr devptr, tmp *buffer, err error) {
 	n := int64(K) * int64(N)
-	if w.q == nil {
+	switch {
+	case w.q == nil:
 		return w.ptr() + devptr(int64(x)*n*2), nil, nil
+	case w.q.kmajor: // the stored [E·N, K] rows, dequant_bf16's plain rows
+		tmp, err = b.pool.get(n * 2)
+		if err == nil {
+			err = b.stream.launch(b.k.dequantBF16, elemGrid(int(min(n, 1<<30))), elemBlockDim, 0,
+				w, w.q.scales, w.q.code, int64(K), int64(1), K, 1, int64(x)*n, n, tmp)
+		}
+	default:
+		tmp, err = b.dequant(w, int64(x)*n, n)
 	}
-	tmp, err = b.dequant(w, int64(x)*n, n)
 	if err != nil {
+		if tmp != nil {
+			b.pool.release(*tmp)
+		}
 		return 0, nil, err
 	}
 	return tmp.ptr, tmp, nil
 }
+
+// kmajor reports whether w is an output-major fp8 experts weight.
+func kmajor(w *tensor) bool { return w.q != nil && w.q.kmajor }
