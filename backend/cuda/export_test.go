@@ -56,3 +56,12 @@ func SetFP8Gemm(b *Backend, on bool) bool {
 	b.noFP8Gemm = !on
 	return old
 }
+
+// SetFP8OuterVec makes b's FP8 GEMM apply the row scales through cuBLASLt's outer-vector scaling (the
+// default where New's probe found it works: Info.FP8OuterVec; on is ignored elsewhere) or through
+// fp8_scale_out, and returns the previous setting.
+func SetFP8OuterVec(b *Backend, on bool) bool {
+	old := b.fp8OuterVec
+	b.fp8OuterVec = on && b.info.FP8OuterVec
+	return old
+}
