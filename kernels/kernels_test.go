@@ -39,7 +39,9 @@ func TestEntries(t *testing.T) {
 		"layernorm", "add_bias", "gelu", "rotate_pairs", "full_attention", "count_experts", "map_experts", "attention_flash",
 		"gemv_1", "gemv_2", "gemv_4", "gemv_8", "gemv_split_1", "gemv_split_2", "gemv_multi_1", "gemv_multi_2", "moe_plan", "expert_gemv_1", "expert_gemv_8", "expert_act", "expert_combine",
 		"expert_gather", "route", "expert_gate_up", "expert_down",
-		"act_quant_rows", "dequant_bf16", "qgemv_1", "qgemv_2", "qgemv_4", "qgemv_8", "qgemv_split_1", "qgemv_split_2", "qexpert_gemv_1", "qexpert_gemv_8", "quantize_bf16", "act_quant_fp8", "transpose_u8", "fp8_scale_out",
+		"dequant_bf16", "qgemv_1", "qgemv_2", "qgemv_4", "qgemv_8", "qgemv_split_1", "qgemv_split_2", "qexpert_gemv_1", "qexpert_gemv_8", "quantize_bf16",
+		"fp8_act_rows", "fp8_act_codes", "fp8_gemv_1", "fp8_gemv_2", "fp8_gemv_4", "fp8_gemv_8", "fp8_gemv_xs_1", "fp8_gemv_xs_2", "fp8_gemv_xs_4", "fp8_gemv_xs_8",
+		"fp8_expert_gemv_1", "fp8_expert_gemv_4", "fp8_expert_gemv_xs_1", "fp8_expert_gemv_xs_4", "fp8_dequant_experts", "transpose_u8", "fp8_scale_out",
 		"sample_argmax", "sample_rows"}
 	if !slices.Equal(got, want) {
 		t.Errorf("Entries(Source()) = %v, want %v", got, want)

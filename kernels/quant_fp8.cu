@@ -11,7 +11,7 @@
 // 1e-7 relative). QF_FP8_BF16 (compressed-tensors) keeps the reference's weights, bf16(q·s) one by one.
 //
 // Dynamic activations (FbgemmFp8): the staged ("xs") kernels quantise their input rows themselves
-// (fp8_stage_row: quant.FakeQuantFP8Rows, the values act_quant_rows writes) into shared memory before
+// (fp8_quant_row: quant.FakeQuantFP8Rows, the values fp8_act_rows writes) into shared memory before
 // their products, so that decode runs no separate quantisation launch; their grids are capped (fp8.go)
 // and each block loops over row groups, so that few blocks repeat the staging. The other kernels read
 // rows quantised beforehand by fp8_act_rows, once for every weight of the same input.
@@ -153,8 +153,8 @@ __device__ __forceinline__ float fp8_quant_row(const void* src, int sdt, float m
 	return s;
 }
 
-// fp8_act_rows is act_quant_rows (same arguments and results) with rows moved four elements a load and
-// read once for their maximum and once for the writes: row r = blockIdx.x of out [rows, n] (odt) is the
+// fp8_act_rows writes the activation rows FbgemmFp8 multiplies, a block a row, four elements a load, the
+// row read once for its maximum and once for the writes: row r = blockIdx.x of out [rows, n] (odt) is the
 // input row, quantised per token when dyn; the input row is x[r] (perm null) or, gathered for the routed
 // experts, x[perm[r] / k]·scores[perm[r]] (zeros where perm[r] < 0: a gap row). With nrows not null,
 // blocks at or past *nrows (moe_plan's meta[1]) return. out may be x (same dtype, perm null). Blocks of a
@@ -179,8 +179,9 @@ extern "C" __global__ void fp8_act_rows(const void* x, int xdt, const int* perm,
 	fp8_quant_row((const char*)x + src * n * dt_size(xdt), xdt, sc, n, dyn, dst, odt, scratch);
 }
 
-// fp8_act_codes is act_quant_fp8 (same arguments and results: the FP8 GEMM's E4M3 codes of each row and
-// its scale) with rows moved four elements a load, read once for the maximum and once for the codes.
+// fp8_act_codes is fp8_act_rows for the FP8 GEMM (same rows, gaps and nrows): each row's E4M3 codes and
+// its float32 scale (a gap row: zero codes, scale 0), so that a decoded code times its scale is
+// fp8_act_rows' value bit for bit.
 extern "C" __global__ void fp8_act_codes(const void* x, int xdt, const int* perm, const float* scores, int k, int n,
 	unsigned char* codes, float* scales, const int* nrows) {
 	__shared__ float scratch[32];

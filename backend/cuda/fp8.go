@@ -44,6 +44,16 @@ var fp8Block = dim3{256, 1, 1}
 // blocks of 8 warps keep 64 KiB of codes in flight an SM (FP8_UNROLL chunks of 2 rows a lane).
 const fp8StagedPerSM = 2
 
+// fp8StagedBlocks returns the grid of a staged fp8 GEMV over groups row groups (a block's warps' rows)
+// with at most limit blocks: as few groups a block as the limit allows, and the same number for every
+// block (the last one excepted), so that no block runs a group longer than the rest.
+func fp8StagedBlocks(groups, limit int) int {
+	if groups <= limit {
+		return groups
+	}
+	return ceilDiv(groups, ceilDiv(groups, limit))
+}
+
 // isFP8 reports whether q is an fp8 format (E4M3 codes, float32 scales).
 func (q *qweight) isFP8() bool { return q != nil && (q.code == qfFP8 || q.code == qfFP8BF16) }
 
@@ -164,7 +174,7 @@ func (b *Backend) fp8GEMV(xt *tensor, ws []*tensor) ([]backend.Tensor, error) {
 	}
 	blocks := ceilDiv(pairs, int(fp8Block.x/32))
 	if staged {
-		blocks = min(blocks, fp8StagedPerSM*max(b.dev.multiprocessors, 1))
+		blocks = fp8StagedBlocks(blocks, fp8StagedPerSM*max(b.dev.multiprocessors, 1))
 	}
 	for r0 := 0; r0 < T; r0 += qgemvKernelRows {
 		n := min(qgemvKernelRows, T-r0)
@@ -285,7 +295,7 @@ func (b *Backend) fp8ExpertGEMV(e *expertsCall, p *expertPlan, w *tensor, x any,
 	z := e.expertBound()
 	blocks := ceilDiv(ceilDiv(N, 2), int(fp8Block.x/32))
 	if staged {
-		blocks = min(blocks, max(fp8StagedPerSM*max(b.dev.multiprocessors, 1)/z, 1))
+		blocks = fp8StagedBlocks(blocks, max(fp8StagedPerSM*max(b.dev.multiprocessors, 1)/z, 1))
 	}
 	err = b.stream.launch(kern[i], dim3{uint32(blocks), 1, uint32(z)}, fp8Block, 0,
 		x, xdt, mode, p.perm, e.scores(), k, p.seg(), p.active(E), p.meta(E), w, w.q.scales, w.q.code, dyn, K, N, P)

@@ -300,7 +300,7 @@ func (b *Backend) launchExpertGEMV(one bool, e *expertsCall, p *expertPlan, x an
 		x, xdt, mode, p.perm, e.scores(), e.r.k, p.seg(), p.active(e.E), p.meta(e.E), w, w.q.scales, w.q.code, w.q.gs, K, N, ks, P, R)
 }
 
-// rowsOf is the address of moe_plan's meta[1], the number of permuted rows (act_quant_rows' nrows).
+// rowsOf is the address of moe_plan's meta[1], the number of permuted rows (fp8_act_rows' nrows).
 func (p *expertPlan) rowsOf(E int) devptr { return p.meta(E) + 4 }
 
 // maxPlanExperts bounds E for moe_plan, which keeps 2E ints in shared memory.

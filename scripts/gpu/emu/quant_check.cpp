@@ -130,8 +130,8 @@ void test_quantize(int fmt, int gs, long outer, long in, long inner) {
 			else { unsigned want = e4m3_encode(round_e4m3(std::min(std::max(x / scale, -448.0f), 448.0f))); check("qfp8", codes[idx], want, 0, idx); } }
 	}
 }
-// test_fp8gemm: act_quant_fp8's codes and scales decode to act_quant_rows' values bit for bit, and
-// act_quant_fp8 → a float32 product of the codes (the host stands in for cuBLASLt) → fp8_scale_out gives
+// test_fp8gemm: fp8_act_codes' codes and scales decode to fp8_act_rows' values bit for bit, and
+// fp8_act_codes → a float32 product of the codes (the host stands in for cuBLASLt) → fp8_scale_out gives
 // the product of the fake-quantised rows with the dequantised fp8 weight [N, K].
 void test_fp8gemm(int T, int K, int N, int xdt) {
 	std::vector<float> xf(T * K); for (auto& v : xf) v = urand(-3, 3) * (rng() % 11 == 0 ? 0.0f : 1.0f);
@@ -143,7 +143,7 @@ void test_fp8gemm(int T, int K, int N, int xdt) {
 	std::vector<float> fq(T * K);
 	launch(dim3{(unsigned)T}, dim3{64}, [&] { fp8_act_rows(x, xdt, nullptr, nullptr, 1, K, 1, fq.data(), DT_F32, nullptr); });
 	for (int i = 0; i < T * K; i++) { float got = e4m3_to_f32(codes[i]) * sx[i / K];
-		if (__float_as_uint(got) != __float_as_uint(fq[i])) { if (bad++ < 10) printf("act_quant_fp8 [%d] %g want %g\n", i, got, fq[i]); } }
+		if (__float_as_uint(got) != __float_as_uint(fq[i])) { if (bad++ < 10) printf("fp8_act_codes [%d] %g want %g\n", i, got, fq[i]); } }
 	QW w = make(QF_FP8, 0, N, K, 1);
 	std::vector<float> y(T * N), want(T * N);
 	for (int t = 0; t < T; t++) for (int o = 0; o < N; o++) { double acc = 0, ref = 0;
@@ -152,7 +152,7 @@ void test_fp8gemm(int T, int K, int N, int xdt) {
 	launch(dim3{1, 2}, dim3{32}, [&] { fp8_scale_out(y.data(), sx.data(), w.sf.data(), T, N); }); // N % 4 == 0: four a thread
 	for (int i = 0; i < T * N; i++) check("fp8gemm", y[i], want[i], 1e-5, i);
 }
-// test_fp8_gather: act_quant_fp8 over gathered rows (perm, scores, nrows) decodes to act_quant_rows' values,
+// test_fp8_gather: fp8_act_codes over gathered rows (perm, scores, nrows) decodes to fp8_act_rows' values,
 // with zero codes and scale for gap rows and rows at or past nrows untouched; transpose_u8 transposes.
 void test_fp8_gather() {
 	int T = 3, k = 2, n = 200, rows = 7, nrows = 6;
