@@ -208,42 +208,58 @@ func (b *Backend) fp8GEMV(xt *tensor, ws []*tensor) ([]backend.Tensor, error) {
 
 // linearMultiFP8 is LinearMulti where ws has fp8 weights: those that the fp8 GEMV takes together (same
 // format and input width, fp8GemvOK, an even number of rows but for the last; two or three of them) run
-// in one launch (fp8GEMV), the others each as a Linear. ok is false, with nothing done, where fewer than
-// two weights would share the launch. Weights the FP8 GEMM takes (more than fp8GemvRows rows) are
-// Linears.
+// in one launch (fp8GEMV); those the FP8 GEMM takes (more than fp8GemvRows rows) share one quantisation
+// of x (linearFP8Multi); the others are each a Linear. ok is false, with nothing done, where no two
+// weights share anything.
 func (b *Backend) linearMultiFP8(xt *tensor, wts []*tensor) (out []backend.Tensor, ok bool, err error) {
 	if len(xt.shape) != 2 {
 		return nil, false, nil
 	}
-	var group []int
+	var gemv, gemm []int
 	for i, w := range wts {
-		if w.q == nil || !w.q.isFP8() || len(w.shape) != 2 || w.shape[1] != xt.shape[1] || !b.fp8GemvOK(xt, w) || b.fp8GemmOK(xt, w) {
-			continue // the FP8 GEMM's (each a Linear) or not the GEMV's
+		if w.q == nil || !w.q.isFP8() || len(w.shape) != 2 || w.shape[1] != xt.shape[1] {
+			continue
 		}
-		if len(group) > 0 {
-			first := wts[group[0]].q
-			if w.q.code != first.code || w.q.dyn() != first.dyn() || wts[group[len(group)-1]].shape[0]%2 != 0 {
-				continue
+		switch {
+		case b.fp8GemmOK(xt, w):
+			gemm = append(gemm, i)
+		case b.fp8GemvOK(xt, w) && len(gemv) < 3:
+			if len(gemv) > 0 {
+				first := wts[gemv[0]].q
+				if w.q.code != first.code || w.q.dyn() != first.dyn() || wts[gemv[len(gemv)-1]].shape[0]%2 != 0 {
+					continue
+				}
 			}
-		}
-		if len(group) < 3 {
-			group = append(group, i)
+			gemv = append(gemv, i)
 		}
 	}
-	if len(group) < 2 {
+	if len(gemv) < 2 && len(gemm) < 2 {
 		return nil, false, nil
 	}
-	ws := make([]*tensor, len(group))
-	for j, i := range group {
-		ws[j] = wts[i]
-	}
-	ys, err := b.fp8GEMV(xt, ws)
-	if err != nil {
-		return nil, true, err
-	}
 	out = make([]backend.Tensor, len(wts))
-	for j, i := range group {
-		out[i] = ys[j]
+	for gi, group := range [][]int{gemv, gemm} {
+		if len(group) < 2 {
+			continue
+		}
+		ws := make([]*tensor, len(group))
+		for j, i := range group {
+			ws[j] = wts[i]
+		}
+		var ys []backend.Tensor
+		if gi == 1 { // the FP8 GEMM's
+			var done bool
+			if ys, done, err = b.linearFP8Multi(xt, ws); !done {
+				continue // cuBLASLt declined a shape: each a Linear below
+			}
+		} else {
+			ys, err = b.fp8GEMV(xt, ws)
+		}
+		if err != nil {
+			return nil, true, err
+		}
+		for j, i := range group {
+			out[i] = ys[j]
+		}
 	}
 	for i, w := range wts {
 		if out[i] == nil {

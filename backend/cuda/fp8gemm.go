@@ -79,19 +79,33 @@ func fp8ScaleGrid(rows, n int) dim3 {
 // linearFP8 is Linear on the FP8 GEMM (see above); ok is false, with nothing enqueued, where cuBLASLt has
 // no plan for the shape.
 func (b *Backend) linearFP8(xt, wt *tensor) (y backend.Tensor, ok bool, err error) {
-	T, in, out := xt.shape[0], xt.shape[1], wt.shape[0]
+	ys, ok, err := b.linearFP8Multi(xt, []*tensor{wt})
+	if !ok || err != nil {
+		return nil, ok, err
+	}
+	return ys[0], true, nil
+}
+
+// linearFP8Multi returns x · wᵀ for each of ws (fp8GemmOK, the same input width) on the FP8 GEMM, x's
+// rows quantised once for all of them; ok is false, with nothing enqueued, where cuBLASLt has no plan for
+// one of the shapes.
+func (b *Backend) linearFP8Multi(xt *tensor, ws []*tensor) (ys []backend.Tensor, ok bool, err error) {
+	T, in := xt.shape[0], xt.shape[1]
 	// The GEMM runs on rows padded to a multiple of 16 (zero codes, zero scales), so that every prompt
 	// length has the shapes cuBLASLt's FP8 kernels take; only the first T rows are returned.
 	M := ceilDiv(T, 16) * 16
-	key, plan, err := b.fp8Plan(M, out, in)
-	if err != nil {
-		return nil, false, fmt.Errorf("cuda: linear x%v w%v (%s): %w", xt.shape, wt.shape, wt.q.format, err)
+	keys := make([]gemmKey, len(ws))
+	plans := make([]*gemmPlan, len(ws))
+	for i, wt := range ws {
+		if keys[i], plans[i], err = b.fp8Plan(M, wt.shape[0], in); err != nil {
+			return nil, false, fmt.Errorf("cuda: linear x%v w%v (%s): %w", xt.shape, wt.shape, wt.q.format, err)
+		}
+		if !plans[i].ok {
+			return nil, false, nil
+		}
 	}
-	if !plan.ok {
-		return nil, false, nil
-	}
-	fail := func(err error) (backend.Tensor, bool, error) {
-		return nil, true, fmt.Errorf("cuda: linear x%v w%v (%s, fp8 gemm): %w", xt.shape, wt.shape, wt.q.format, err)
+	fail := func(err error) ([]backend.Tensor, bool, error) {
+		return nil, true, fmt.Errorf("cuda: linear x%v w%v (%s, fp8 gemm): %w", xt.shape, ws[0].shape, ws[0].q.format, err)
 	}
 	codes, err := b.pool.get(int64(M) * int64(in))
 	if err != nil {
@@ -111,20 +125,24 @@ func (b *Backend) linearFP8(xt, wt *tensor) (y backend.Tensor, ok bool, err erro
 			return fail(err)
 		}
 	}
-	yt, err := b.newTensor(F32, M, out)
-	if err != nil {
-		return fail(err)
-	}
-	yt.shape = []int{T, out} // the padding rows stay in the block, unread
 	if err := b.stream.launch(b.k.fp8ActCodes, dim3{uint32(T), 1, 1}, actQuantBlock, 0, xt, int(xt.dt), devptr(0), devptr(0), 1, in,
 		codes, scales, devptr(0)); err != nil {
 		return fail(err)
 	}
-	if err := b.fp8GemmRun(key, plan, codes.ptr, wt.ptr(), yt.ptr(), scales.ptr, wt.q.scales.ptr, T); err != nil {
-		return fail(err)
+	ys = make([]backend.Tensor, len(ws))
+	for i, wt := range ws {
+		yt, err := b.newTensor(F32, M, wt.shape[0])
+		if err != nil {
+			return fail(err)
+		}
+		yt.shape = []int{T, wt.shape[0]} // the padding rows stay in the block, unread
+		if err := b.fp8GemmRun(keys[i], plans[i], codes.ptr, wt.ptr(), yt.ptr(), scales.ptr, wt.q.scales.ptr, T); err != nil {
+			return fail(err)
+		}
+		ys[i] = yt
+		b.counts.QuantFP8Gemm++
 	}
-	b.counts.QuantFP8Gemm++
-	return yt, true, nil
+	return ys, true, nil
 }
 
 // expertsFP8Grouped is the routed experts' prefill on fp8 weights with dynamic activations: for each

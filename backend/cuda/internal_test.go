@@ -241,7 +241,7 @@ func TestCompactRouting(t *testing.T) {
 // last may have fewer) and never more blocks than the cap.
 func TestFP8StagedBlocks(t *testing.T) {
 	for _, tt := range []struct{ groups, limit, want int }{
-		{1, 264, 1}, {264, 264, 264}, {448, 264, 224}, {1024, 264, 256}, {265, 264, 133}, {7, 1, 7 / 7},
+		{1, 264, 1}, {264, 264, 264}, {448, 264, 224}, {1024, 264, 256}, {265, 264, 133}, {7, 1, 1},
 	} {
 		got := fp8StagedBlocks(tt.groups, tt.limit)
 		per := ceilDiv(tt.groups, got)
