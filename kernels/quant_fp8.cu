@@ -409,7 +409,10 @@ __device__ __forceinline__ void fp8_expert_gemv(const void* __restrict__ x, int 
 	__shared__ float scratch[32];
 	if ((int)blockIdx.z >= meta[0]) return; // uniform over the block
 	const int e = active[blockIdx.z];
-	const int r0 = seg[2 * e], nr = seg[2 * e + 1];
+	const int r0 = seg[2 * e];
+	// Route's k experts of a token are distinct, so an expert has at most T rows and the host's T·K <=
+	// FP8_XS bounds the staged rows; the clamp only keeps a malformed routing inside xs.
+	const int nr = XS ? imin(seg[2 * e + 1], FP8_XS / K) : seg[2 * e + 1];
 	const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5, pairs = (N + 1) >> 1;
 	const unsigned char* we = w + (long long)e * N * K;
 	const float* se = scales + (long long)e * N;
