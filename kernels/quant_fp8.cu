@@ -10,11 +10,18 @@
 // y = (Σ_k x_k·q_k)·s, which differs from the reference Σ_k x_k·(q_k·s) by float32 rounding only (about
 // 1e-7 relative). QF_FP8_BF16 (compressed-tensors) keeps the reference's weights, bf16(q·s) one by one.
 //
+// The GEMVs read their input rows as float32 in "word-major" order (fp8_wm): a row of K = 16·chunks is
+// stored as four runs of chunks float4s, run q holding elements [16c + 4q, 16c + 4q + 4) of every chunk
+// c, so that the lanes of a warp, each on its own chunk, read 16 consecutive bytes each (no bank
+// conflicts in shared memory, four L1 wavefronts a warp-wide load) where the row-major order would put
+// them 64 bytes apart.
+//
 // Dynamic activations (FbgemmFp8): the staged ("xs") kernels quantise their input rows themselves
 // (fp8_quant_row: quant.FakeQuantFP8Rows, the values fp8_act_rows writes) into shared memory before
 // their products, so that decode runs no separate quantisation launch; their grids are capped (fp8.go)
 // and each block loops over row groups, so that few blocks repeat the staging. The other kernels read
-// rows quantised beforehand by fp8_act_rows, once for every weight of the same input.
+// rows quantised (or, for weight-only formats, just converted) beforehand by fp8_act_rows, once for
+// every weight of the same input.
 //
 // This file sorts after gemv.cu and quant.cu in its compilation unit and uses their helpers.
 
@@ -107,12 +114,20 @@ __device__ __forceinline__ void st4(void* row, int dt, int j, const float (&f)[4
 	}
 }
 
+// fp8_wm returns where float4 j of a row of n elements (n % 16 == 0) goes in word-major order.
+__device__ __forceinline__ int fp8_wm(int j, int n) { return (j & 3) * (n >> 4) + (j >> 2); }
+
+// fp8_wm1 returns where element i of a row of n elements (n % 16 == 0) goes in word-major order.
+__device__ __forceinline__ int fp8_wm1(int i, int n) { return fp8_wm(i >> 2, n) * 4 + (i & 3); }
+
 // fp8_quant_row writes one row of n values src[i]·mul (float32 or bf16) to dst (float32 or bf16),
 // quantised per token when dyn (quant.FakeQuantFP8Rows: scale FP8RowScale(max|row|, 1200), each value
 // RoundE4M3(clamp(v/s, ±448))·s) and returns the scale (1 without dyn). A thread reads and writes the same
-// elements, so dst may be src. All the block's threads call it; scratch holds 32 floats of shared memory.
-// Rows of n % 4 == 0 with aligned ends move four elements a load; others one.
-__device__ __forceinline__ float fp8_quant_row(const void* src, int sdt, float mul, int n, int dyn, void* dst, int ddt, float* scratch) {
+// elements, so dst may be src (not with wm). With wm (float32 dst, n % 16 == 0) dst is in the GEMVs'
+// word-major order. All the block's threads call it; scratch holds 32 floats of shared memory. Rows of
+// n % 4 == 0 with aligned ends move four elements a load; others one.
+__device__ __forceinline__ float fp8_quant_row(const void* src, int sdt, float mul, int n, int dyn, void* dst, int ddt, int wm,
+	float* scratch) {
 	const bool vec = (n & 3) == 0 && ((unsigned long long)src & (sdt == DT_F32 ? 15 : 7)) == 0 &&
 		((unsigned long long)dst & (ddt == DT_F32 ? 15 : 7)) == 0;
 	const int n4 = n >> 2;
@@ -142,12 +157,12 @@ __device__ __forceinline__ float fp8_quant_row(const void* src, int sdt, float m
 				v[i] *= mul;
 				if (dyn) v[i] = fake_quant_fp8(v[i], s);
 			}
-			st4(dst, ddt, j, v);
+			st4(dst, ddt, wm ? fp8_wm(j, n) : j, v);
 		}
 	} else {
 		for (int i = threadIdx.x; i < n; i += blockDim.x) {
 			float v = ld(src, sdt, i) * mul;
-			st(dst, ddt, i, dyn ? fake_quant_fp8(v, s) : v);
+			st(dst, ddt, wm ? fp8_wm1(i, n) : i, dyn ? fake_quant_fp8(v, s) : v);
 		}
 	}
 	return s;
@@ -157,10 +172,11 @@ __device__ __forceinline__ float fp8_quant_row(const void* src, int sdt, float m
 // row read once for its maximum and once for the writes: row r = blockIdx.x of out [rows, n] (odt) is the
 // input row, quantised per token when dyn; the input row is x[r] (perm null) or, gathered for the routed
 // experts, x[perm[r] / k]·scores[perm[r]] (zeros where perm[r] < 0: a gap row). With nrows not null,
-// blocks at or past *nrows (moe_plan's meta[1]) return. out may be x (same dtype, perm null). Blocks of a
+// blocks at or past *nrows (moe_plan's meta[1]) return. out may be x (same dtype, perm null, not wm).
+// With wm (float32 out, n % 16 == 0) the rows are written in the fp8 GEMVs' word-major order. Blocks of a
 // multiple of 32 threads.
 extern "C" __global__ void fp8_act_rows(const void* x, int xdt, const int* perm, const float* scores, int k, int n, int dyn,
-	void* out, int odt, const int* nrows) {
+	void* out, int odt, const int* nrows, int wm) {
 	__shared__ float scratch[32];
 	const int r = blockIdx.x;
 	if (nrows && r >= *nrows) return; // uniform over the block
@@ -176,7 +192,7 @@ extern "C" __global__ void fp8_act_rows(const void* x, int xdt, const int* perm,
 		src = sl / k;
 		sc = scores[sl];
 	}
-	fp8_quant_row((const char*)x + src * n * dt_size(xdt), xdt, sc, n, dyn, dst, odt, scratch);
+	fp8_quant_row((const char*)x + src * n * dt_size(xdt), xdt, sc, n, dyn, dst, odt, wm, scratch);
 }
 
 // fp8_act_codes is fp8_act_rows for the FP8 GEMM (same rows, gaps and nrows): each row's E4M3 codes and
@@ -233,12 +249,14 @@ extern "C" __global__ void fp8_act_codes(const void* x, int xdt, const int* perm
 }
 
 // fp8_chunk adds to acc[r][t] (t < min(T, NT)) the products of 16-byte chunk c of the output rows' codes
-// (a for row 0, b for row 1) with elements [16c, 16c+16) of input row t: xs + t·K (staged, shared memory)
-// or x + t·xrow bytes (float32 or bf16). With r16 (QF_FP8_BF16) each weight is bf16(q·s) with its row's
-// scale s0 or s1, as quant.Weight.Dequantize; otherwise q, the row's scale applied to the sum later.
-template <int NT, bool XS>
-__device__ __forceinline__ void fp8_chunk(u32x4 a, u32x4 b, float s0, float s1, bool r16, const void* __restrict__ x, int xdt,
-	long long xrow, const float* xs, int K, int T, int c, float (&acc)[FP8_ROWS][NT]) {
+// (a for row 0, b for row 1) with elements [16c, 16c+16) of input row t, a float32 row of K in word-major
+// order (fp8_wm) at x + t·K (xs in shared memory, or x in global memory). With r16 (QF_FP8_BF16) each
+// weight is bf16(q·s) with its row's scale s0 or s1, as quant.Weight.Dequantize; otherwise q, the row's
+// scale applied to the sum later.
+template <int NT>
+__device__ __forceinline__ void fp8_chunk(u32x4 a, u32x4 b, float s0, float s1, bool r16, const float* x, int K, int T, int c,
+	float (&acc)[FP8_ROWS][NT]) {
+	const int chunks = K >> 4;
 #pragma unroll
 	for (int q = 0; q < 4; q++) {
 		const u32 wa = q == 0 ? a.x : q == 1 ? a.y : q == 2 ? a.z : a.w;
@@ -254,17 +272,11 @@ __device__ __forceinline__ void fp8_chunk(u32x4 a, u32x4 b, float s0, float s1, 
 			bf16r2(fb[0], fb[1]);
 			bf16r2(fb[2], fb[3]);
 		}
-		const int j = 4 * c + q; // the word's elements are [4j, 4j+4)
 #pragma unroll
 		for (int t = 0; t < NT; t++) {
 			if (t < T) {
-				float xv[4];
-				if (XS) {
-					f32x4 v = ((const f32x4*)(xs + (long long)t * K))[j];
-					xv[0] = v.x, xv[1] = v.y, xv[2] = v.z, xv[3] = v.w;
-				} else {
-					x4((const char*)x + t * xrow, xdt, j, xv);
-				}
+				const f32x4 v = ((const f32x4*)(x + (long long)t * K))[q * chunks + c]; // elements [16c + 4q, +4)
+				const float xv[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
 				for (int i = 0; i < 4; i++) {
 					acc[0][t] += xv[i] * fa[i]; // one FMA (--fmad)
@@ -276,11 +288,11 @@ __device__ __forceinline__ void fp8_chunk(u32x4 a, u32x4 b, float s0, float s1, 
 }
 
 // fp8_pair adds to acc this lane's share of the dot products of the output rows w0 and w1 (K codes each,
-// 16-byte aligned, K % 16 == 0) with the input rows (fp8_chunk): lanes stride over the chunks, with
+// 16-byte aligned, K % 16 == 0) with the input rows x (fp8_chunk): lanes stride over the chunks, with
 // FP8_UNROLL chunks of each row loaded before any is used.
-template <int NT, bool XS>
+template <int NT>
 __device__ __forceinline__ void fp8_pair(const unsigned char* w0, const unsigned char* w1, float s0, float s1, bool r16,
-	const void* __restrict__ x, int xdt, long long xrow, const float* xs, int K, int T, float (&acc)[FP8_ROWS][NT]) {
+	const float* x, int K, int T, float (&acc)[FP8_ROWS][NT]) {
 	const int lane = threadIdx.x & 31, chunks = K >> 4;
 	const u32x4* p0 = (const u32x4*)w0;
 	const u32x4* p1 = (const u32x4*)w1;
@@ -293,9 +305,9 @@ __device__ __forceinline__ void fp8_pair(const unsigned char* w0, const unsigned
 			b[u] = ld_stream(p1 + c + 32 * u);
 		}
 #pragma unroll
-		for (int u = 0; u < FP8_UNROLL; u++) fp8_chunk<NT, XS>(a[u], b[u], s0, s1, r16, x, xdt, xrow, xs, K, T, c + 32 * u, acc);
+		for (int u = 0; u < FP8_UNROLL; u++) fp8_chunk<NT>(a[u], b[u], s0, s1, r16, x, K, T, c + 32 * u, acc);
 	}
-	for (; c < chunks; c += 32) fp8_chunk<NT, XS>(ld_stream(p0 + c), ld_stream(p1 + c), s0, s1, r16, x, xdt, xrow, xs, K, T, c, acc);
+	for (; c < chunks; c += 32) fp8_chunk<NT>(ld_stream(p0 + c), ld_stream(p1 + c), s0, s1, r16, x, K, T, c, acc);
 }
 
 // fp8_prefetch asks L2 for the codes of output rows w0 and w1 (K each), a lane's share: what a warp reads
@@ -327,8 +339,8 @@ __device__ __forceinline__ void fp8_finish(float (&acc)[FP8_ROWS][NT], float s0,
 // (fmt: QF_FP8 or QF_FP8_BF16) sharing x (q, k and v; gate and up), N_2 = 0 (and N_1) where absent; every
 // N_s but the last present even, so that no warp's rows straddle two weights. T <= NT. A warp computes
 // FP8_ROWS rows; the blocks loop over groups of their warps' row pairs (grid-stride). XS: x (float32 or
-// bf16) is staged in shared memory first, quantised per token when dyn (T·K <= FP8_XS); otherwise x was
-// quantised before (fp8_act_rows) where the format says so.
+// bf16, row-major) is staged in shared memory first, quantised per token when dyn (T·K <= FP8_XS);
+// otherwise x is float32 in word-major order, quantised before (fp8_act_rows) where the format says so.
 template <int NT, bool XS>
 __device__ __forceinline__ void fp8_gemv(const void* __restrict__ x, int xdt, int dyn, int fmt, int T, int K,
 	const unsigned char* w0, const float* s0, float* y0, int n0, const unsigned char* w1, const float* s1, float* y1, int n1,
@@ -356,7 +368,7 @@ __device__ __forceinline__ void fp8_gemv(const void* __restrict__ x, int xdt, in
 			fp8_prefetch(w + (long long)n * K, w + (long long)imin(n + 1, N - 1) * K, K);
 		}
 		for (int t = 0; t < T; t++)
-			fp8_quant_row((const char*)x + t * xrow, xdt, 1.0f, K, dyn, (float*)xs4 + (long long)t * K, DT_F32, scratch);
+			fp8_quant_row((const char*)x + t * xrow, xdt, 1.0f, K, dyn, (float*)xs4 + (long long)t * K, DT_F32, 1, scratch);
 		__syncthreads();
 	}
 	for (int p = blockIdx.x * warps + warp; p < pairs; p += gridDim.x * warps) {
@@ -372,7 +384,7 @@ __device__ __forceinline__ void fp8_gemv(const void* __restrict__ x, int xdt, in
 		for (int r = 0; r < FP8_ROWS; r++)
 #pragma unroll
 			for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
-		fp8_pair<NT, XS>(w + (long long)n * K, w + (long long)m * K, sa, sb, r16, x, xdt, xrow, (const float*)xs4, K, T, acc);
+		fp8_pair<NT>(w + (long long)n * K, w + (long long)m * K, sa, sb, r16, XS ? (const float*)xs4 : (const float*)x, K, T, acc);
 		fp8_finish<NT>(acc, sa, sb, r16, y, N, n, N, T);
 	}
 }
@@ -382,8 +394,8 @@ __device__ __forceinline__ void fp8_gemv(const void* __restrict__ x, int xdt, in
 		const unsigned char *w1, const float *s1, float *y1, int n1, const unsigned char *w2, const float *s2, float *y2, int n2
 #define FP8_GEMV_ARGS x, xdt, dyn, fmt, T, K, w0, s0, y0, n0, w1, s1, y1, n1, w2, s2, y2, n2
 
-// fp8_gemv_N: fp8_gemv for T <= N rows of x as stored (quantised beforehand where the format says so);
-// fp8_gemv_xs_N stages x itself. Blocks of FP8_THREADS threads.
+// fp8_gemv_N: fp8_gemv for T <= N rows of x prepared by fp8_act_rows; fp8_gemv_xs_N stages x itself.
+// Blocks of FP8_THREADS threads.
 extern "C" __global__ void __launch_bounds__(FP8_THREADS) fp8_gemv_1(FP8_GEMV_PARAMS) { fp8_gemv<1, false>(FP8_GEMV_ARGS); }
 extern "C" __global__ void __launch_bounds__(FP8_THREADS) fp8_gemv_2(FP8_GEMV_PARAMS) { fp8_gemv<2, false>(FP8_GEMV_ARGS); }
 extern "C" __global__ void __launch_bounds__(FP8_THREADS) fp8_gemv_4(FP8_GEMV_PARAMS) { fp8_gemv<4, false>(FP8_GEMV_ARGS); }
@@ -399,7 +411,7 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS) fp8_gemv_xs_8(FP8_GEMV
 // expert's rows r (seg[2e] .. seg[2e]+seg[2e+1]), NS rows a pass. P is [R, N] (one split). XS: the block
 // first stages the expert's rows (at most FP8_XS / K) in shared memory, x[perm[r] / topk]·scores[perm[r]]
 // (mode 0: gate_up) or x[r] (mode 1: down), quantised per token when dyn. Otherwise the rows are x[r]
-// (mode 1), gathered and quantised beforehand (fp8_act_rows).
+// (mode 1), float32 in word-major order, gathered and quantised beforehand (fp8_act_rows).
 template <int NS, bool XS>
 __device__ __forceinline__ void fp8_expert_gemv(const void* __restrict__ x, int xdt, int mode, const int* __restrict__ perm,
 	const float* __restrict__ scores, int topk, const int* __restrict__ seg, const int* __restrict__ active,
@@ -432,7 +444,7 @@ __device__ __forceinline__ void fp8_expert_gemv(const void* __restrict__ x, int 
 			} else {
 				src = (const char*)x + (long long)(r0 + t) * xrow;
 			}
-			fp8_quant_row(src, xdt, mul, K, dyn, xs + (long long)t * K, DT_F32, scratch);
+			fp8_quant_row(src, xdt, mul, K, dyn, xs + (long long)t * K, DT_F32, 1, scratch);
 		}
 		__syncthreads();
 	}
@@ -446,8 +458,8 @@ __device__ __forceinline__ void fp8_expert_gemv(const void* __restrict__ x, int 
 			for (int r = 0; r < FP8_ROWS; r++)
 #pragma unroll
 				for (int t = 0; t < NS; t++) acc[r][t] = 0.0f;
-			fp8_pair<NS, XS>(we + (long long)n * K, we + (long long)m * K, sa, sb, r16, (const char*)x + (long long)(r0 + g) * xrow,
-				xdt, xrow, xs + (long long)g * K, K, ng, acc);
+			const float* in = XS ? xs + (long long)g * K : (const float*)x + (long long)(r0 + g) * K;
+			fp8_pair<NS>(we + (long long)n * K, we + (long long)m * K, sa, sb, r16, in, K, ng, acc);
 			fp8_finish<NS>(acc, sa, sb, r16, P + (long long)(r0 + g) * N, N, n, N, ng);
 		}
 	}

@@ -132,15 +132,16 @@ func (b *Backend) fp8GemvOK(xt, wt *tensor) bool {
 func fp8Staged(dyn bool, T, K int) bool { return dyn && T*K <= fp8XS }
 
 // fp8ActRows enqueues fp8_act_rows over the rows of x [rows, n] into a new float32 tensor: each row
-// quantised to FP8 per token (quant.FakeQuantFP8Rows), once for every weight that reads it.
-func (b *Backend) fp8ActRows(xt *tensor) (*tensor, error) {
+// quantised to FP8 per token (quant.FakeQuantFP8Rows) where dyn, else converted; in the fp8 GEMVs'
+// word-major order where wm (n % 16 == 0). Once for every weight that reads the rows.
+func (b *Backend) fp8ActRows(xt *tensor, dyn, wm bool) (*tensor, error) {
 	rows, n := xt.shape[0], xt.shape[1]
 	out, err := b.newTensor(F32, rows, n)
 	if err != nil || rows == 0 || n == 0 {
 		return out, err
 	}
 	err = b.stream.launch(b.k.fp8ActRows, dim3{uint32(rows), 1, 1}, actQuantBlock, 0,
-		xt, int(xt.dt), devptr(0), devptr(0), 1, n, true, out, int(F32), devptr(0))
+		xt, int(xt.dt), devptr(0), devptr(0), 1, n, dyn, out, int(F32), devptr(0), wm)
 	return out, err
 }
 
@@ -155,9 +156,9 @@ func (b *Backend) fp8GEMV(xt *tensor, ws []*tensor) ([]backend.Tensor, error) {
 	}
 	staged := fp8Staged(q.dyn(), min(T, qgemvKernelRows), K) && T <= qgemvKernelRows
 	x := xt
-	if q.dyn() && !staged {
+	if !staged { // float32 rows in word-major order, quantised where the format says so
 		var err error
-		if x, err = b.fp8ActRows(xt); err != nil {
+		if x, err = b.fp8ActRows(xt, q.dyn(), true); err != nil {
 			return fail(err)
 		}
 	}
@@ -275,14 +276,14 @@ func (b *Backend) linearMultiFP8(xt *tensor, wts []*tensor) (out []backend.Tenso
 // [E, K, N] (stored [E, N, K]) for plan p: P [R, N] (float32, one split) = the rows of each active expert
 // times its weight. The rows are x[perm[r] / k]·scores[perm[r]] (mode 0: gate_up) or x[r] (mode 1: down,
 // x [R, K] float32), quantised per token where w's format says so: by the kernel itself where every
-// expert's rows (at most T) fit fp8XS floats (staged), else first by fp8_act_rows into a pooled block
-// that the caller releases (tmp, nil if none).
+// expert's rows (at most T) fit fp8XS floats (staged), else first by fp8_act_rows into a pooled block in
+// the kernel's word-major order, which the caller releases (tmp, nil if none).
 func (b *Backend) fp8ExpertGEMV(e *expertsCall, p *expertPlan, w *tensor, x any, xdt, mode, K, N int, P *buffer) (tmp *buffer, err error) {
 	R, k, E := e.slots(), e.r.k, e.E
 	dyn := w.q.dyn()
 	staged := e.T*K <= fp8XS
-	if !staged && (mode == 0 || dyn) {
-		// The rows gathered (mode 0) and quantised (dyn) into [R, K] float32: mode 1 reads them.
+	if !staged {
+		// The rows gathered (mode 0) and quantised (dyn) into [R, K] float32, word-major: mode 1 reads them.
 		if tmp, err = b.pool.get(int64(R) * int64(K) * 4); err != nil {
 			return nil, err
 		}
@@ -295,7 +296,7 @@ func (b *Backend) fp8ExpertGEMV(e *expertsCall, p *expertPlan, w *tensor, x any,
 			kk = k
 		}
 		if err := b.stream.launch(b.k.fp8ActRows, dim3{uint32(R), 1, 1}, actQuantBlock, 0,
-			x, xdt, perm, scores, kk, K, dyn, tmp, int(F32), p.rowsOf(E)); err != nil {
+			x, xdt, perm, scores, kk, K, dyn, tmp, int(F32), p.rowsOf(E), true); err != nil {
 			return tmp, err
 		}
 		x, xdt, mode = tmp, int(F32), 1

@@ -494,7 +494,7 @@ func (b *Backend) expertProj(e *expertsCall, p *expertPlan, w *tensor, x any, xd
 			xq, perm, scores, kk = buf, p.perm.ptr, e.scores(), k
 		}
 		if err := b.stream.launch(b.k.fp8ActRows, dim3{uint32(R), 1, 1}, actQuantBlock, 0,
-			x, xdt, perm, scores, kk, K, true, xq, int(F32), p.rowsOf(e.E)); err != nil {
+			x, xdt, perm, scores, kk, K, true, xq, int(F32), p.rowsOf(e.E), false); err != nil {
 			return nil, 0, err
 		}
 		x, xdt, mode = xq, int(F32), 1
@@ -550,7 +550,7 @@ func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
 	case rows == 0:
 	case e.gu.q != nil && e.gu.q.dyn(): // gathered, scaled and quantised per token, then bf16
 		if err := b.stream.launch(b.k.fp8ActRows, dim3{uint32(rows), 1, 1}, actQuantBlock, 0,
-			e.x, int(e.x.dt), p.perm, e.scores(), k, H, true, xp, int(BF16), devptr(0)); err != nil {
+			e.x, int(e.x.dt), p.perm, e.scores(), k, H, true, xp, int(BF16), devptr(0), false); err != nil {
 			return false, err
 		}
 	default:
@@ -595,7 +595,7 @@ func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
 			return false, err
 		}
 		if err := b.stream.launch(b.k.fp8ActRows, dim3{uint32(rows), 1, 1}, actQuantBlock, 0,
-			a32, int(F32), devptr(0), devptr(0), 1, I, true, act, int(BF16), devptr(0)); err != nil {
+			a32, int(F32), devptr(0), devptr(0), 1, I, true, act, int(BF16), devptr(0), false); err != nil {
 			return false, err
 		}
 	default:

@@ -208,7 +208,7 @@ func (b *Backend) linearQuant(xt, wt *tensor) (backend.Tensor, error) {
 	x := xt
 	if wt.q.dyn() {
 		var err error
-		if x, err = b.fp8ActRows(xt); err != nil {
+		if x, err = b.fp8ActRows(xt, true, false); err != nil {
 			return nil, fmt.Errorf("cuda: linear x%v w%v (%s): %w", xt.shape, wt.shape, wt.q.format, err)
 		}
 	}

@@ -94,7 +94,7 @@ void test_act_quant() {
 	int perm[7] = {3, 0, -1, 5, 1, 2, 4};
 	int nrows = 6;
 	std::vector<float> out(rows * n, NAN);
-	launch(dim3{(unsigned)rows}, dim3{256}, [&] { fp8_act_rows(x.data(), DT_F32, perm, scores, k, n, 1, out.data(), DT_F32, &nrows); });
+	launch(dim3{(unsigned)rows}, dim3{256}, [&] { fp8_act_rows(x.data(), DT_F32, perm, scores, k, n, 1, out.data(), DT_F32, &nrows, 0); });
 	for (int r = 0; r < rows; r++) {
 		if (r >= nrows) { for (int i = 0; i < n; i++) if (!std::isnan(out[r * n + i])) { bad++; printf("act row %d written\n", r); break; } continue; }
 		float amax = 0; std::vector<float> v(n);
@@ -104,7 +104,7 @@ void test_act_quant() {
 	}
 	// in place, plain rows
 	std::vector<float> y = x;
-	launch(dim3{(unsigned)T}, dim3{128}, [&] { fp8_act_rows(y.data(), DT_F32, nullptr, nullptr, 1, n, 1, y.data(), DT_F32, nullptr); });
+	launch(dim3{(unsigned)T}, dim3{128}, [&] { fp8_act_rows(y.data(), DT_F32, nullptr, nullptr, 1, n, 1, y.data(), DT_F32, nullptr, 0); });
 	for (int r = 0; r < T; r++) { float amax = 0; for (int i = 0; i < n; i++) amax = std::max(amax, std::fabs(x[r * n + i]));
 		float s = fp8_row_scale(amax, 1200.0f);
 		for (int i = 0; i < n; i++) { float want = fake_quant_fp8(x[r * n + i], s); if (__float_as_uint(want) != __float_as_uint(y[r * n + i])) { if (bad++ < 10) printf("act inplace [%d][%d] %g %g\n", r, i, y[r * n + i], want); } } }
@@ -141,7 +141,7 @@ void test_fp8gemm(int T, int K, int N, int xdt) {
 	std::vector<unsigned char> codes(T * K); std::vector<float> sx(T, NAN);
 	launch(dim3{(unsigned)T}, dim3{128}, [&] { fp8_act_codes(x, xdt, nullptr, nullptr, 1, K, codes.data(), sx.data(), nullptr); });
 	std::vector<float> fq(T * K);
-	launch(dim3{(unsigned)T}, dim3{64}, [&] { fp8_act_rows(x, xdt, nullptr, nullptr, 1, K, 1, fq.data(), DT_F32, nullptr); });
+	launch(dim3{(unsigned)T}, dim3{64}, [&] { fp8_act_rows(x, xdt, nullptr, nullptr, 1, K, 1, fq.data(), DT_F32, nullptr, 0); });
 	for (int i = 0; i < T * K; i++) { float got = e4m3_to_f32(codes[i]) * sx[i / K];
 		if (__float_as_uint(got) != __float_as_uint(fq[i])) { if (bad++ < 10) printf("fp8_act_codes [%d] %g want %g\n", i, got, fq[i]); } }
 	QW w = make(QF_FP8, 0, N, K, 1);
@@ -162,7 +162,7 @@ void test_fp8_gather() {
 	int perm[7] = {3, 0, -1, 5, 1, 2, 4};
 	std::vector<unsigned char> codes(rows * n, 0xAB); std::vector<float> sx(rows, NAN), fq(rows * n, NAN);
 	launch(dim3{(unsigned)rows}, dim3{96}, [&] { fp8_act_codes(x.data(), DT_F32, perm, scores, k, n, codes.data(), sx.data(), &nrows); });
-	launch(dim3{(unsigned)rows}, dim3{64}, [&] { fp8_act_rows(x.data(), DT_F32, perm, scores, k, n, 1, fq.data(), DT_F32, &nrows); });
+	launch(dim3{(unsigned)rows}, dim3{64}, [&] { fp8_act_rows(x.data(), DT_F32, perm, scores, k, n, 1, fq.data(), DT_F32, &nrows, 0); });
 	for (int r = 0; r < rows; r++) for (int i = 0; i < n; i++) {
 		if (r >= nrows) { if (codes[r * n + i] != 0xAB || !std::isnan(sx[r])) { if (bad++ < 10) printf("fp8 gather row %d written\n", r); } continue; }
 		float got = e4m3_to_f32(codes[r * n + i]) * sx[r];
@@ -182,21 +182,24 @@ std::vector<float> host_fq(const float* src, float mul, int n, bool dyn) {
 	if (dyn) { float s = fp8_row_scale(amax, 1200.0f); for (auto& a : v) a = fake_quant_fp8(a, s); }
 	return v;
 }
-// test_fp8_act: fp8_act_rows to bf16 and on a width that is not a multiple of 4 (the one-element path),
-// against the host rule.
+// test_fp8_act: fp8_act_rows to bf16, on a width that is not a multiple of 4 (the one-element path), and
+// in word-major order (fp8_wm), against the host rule.
 void test_fp8_act(int n, int odt) {
 	int T = 3; std::vector<float> x(T * n); for (auto& v : x) v = urand(-3, 3);
 	x[n + 1] = 1500;
 	std::vector<float> of(T * n, NAN); std::vector<bf16_t> ob(T * n, 0xffff);
 	void* out = odt == DT_F32 ? (void*)of.data() : (void*)ob.data();
-	launch(dim3{(unsigned)T}, dim3{64}, [&] { fp8_act_rows(x.data(), DT_F32, nullptr, nullptr, 1, n, 1, out, odt, nullptr); });
+	int wm = odt == DT_F32 && n % 16 == 0;
+	launch(dim3{(unsigned)T}, dim3{64}, [&] { fp8_act_rows(x.data(), DT_F32, nullptr, nullptr, 1, n, 1, out, odt, nullptr, wm); });
 	for (int r = 0; r < T; r++) { auto want = host_fq(&x[r * n], 1.0f, n, true);
-		for (int i = 0; i < n; i++) { float got = odt == DT_F32 ? of[r * n + i] : bf16_to_f32(ob[r * n + i]); float w = odt == DT_F32 ? want[i] : bf16_to_f32(f32_to_bf16(want[i]));
-			if (__float_as_uint(got) != __float_as_uint(w)) { if (bad++ < 10) printf("fp8_act_rows n %d [%d][%d] %g want %g\n", n, r, i, got, w); } } }
+		for (int i = 0; i < n; i++) { int c = i / 16, q = (i / 4) % 4, at = wm ? (q * (n / 16) + c) * 4 + i % 4 : i; // word-major: run q, chunk c
+			float got = odt == DT_F32 ? of[r * n + at] : bf16_to_f32(ob[r * n + i]); float w = odt == DT_F32 ? want[i] : bf16_to_f32(f32_to_bf16(want[i]));
+			if (__float_as_uint(got) != __float_as_uint(w)) { if (bad++ < 10) printf("fp8_act_rows n %d wm %d [%d][%d] %g want %g\n", n, wm, r, i, got, w); } } }
 }
 // test_fp8_gemv: fp8_gemv_N / fp8_gemv_xs_N on one to three weights [N_s, K] of one input x [T, K]
 // (float32 or bf16), against the host product of the (fake-quantised, where dyn) rows with the
-// dequantised weights. Without staging, dyn rows go through fp8_act_rows first, as fp8.go does.
+// dequantised weights. Without staging the rows go through fp8_act_rows first (quantised where dyn, in
+// word-major order), as fp8.go does.
 void test_fp8_gemv(int fmt, int T, int K, std::vector<int> Ns, int xdt, bool staged, bool dyn, unsigned threads = 64, unsigned cap = 2) {
 	std::vector<QW> ws; for (int N : Ns) ws.push_back(make(fmt, 0, N, K, 1));
 	std::vector<float> xf(T * K); for (auto& v : xf) v = urand(-2, 2);
@@ -204,7 +207,7 @@ void test_fp8_gemv(int fmt, int T, int K, std::vector<int> Ns, int xdt, bool sta
 	std::vector<bf16_t> xb(T * K); for (int i = 0; i < T * K; i++) { xb[i] = f32_to_bf16(xf[i]); if (xdt == DT_BF16) xf[i] = bf16_to_f32(xb[i]); }
 	const void* x = xdt == DT_BF16 ? (const void*)xb.data() : (const void*)xf.data();
 	int xd = xdt; std::vector<float> xq;
-	if (dyn && !staged) { xq.assign(T * K, NAN); launch(dim3{(unsigned)T}, dim3{96}, [&] { fp8_act_rows(x, xdt, nullptr, nullptr, 1, K, 1, xq.data(), DT_F32, nullptr); }); x = xq.data(); xd = DT_F32; }
+	if (!staged) { xq.assign(T * K, NAN); launch(dim3{(unsigned)T}, dim3{96}, [&] { fp8_act_rows(x, xdt, nullptr, nullptr, 1, K, (int)dyn, xq.data(), DT_F32, nullptr, 1); }); x = xq.data(); xd = DT_F32; }
 	std::vector<std::vector<float>> y; for (int N : Ns) y.emplace_back(T * N + 8, NAN);
 	int pairs = 0; for (int N : Ns) pairs += (N + 1) / 2;
 	unsigned blocks = (pairs + threads / 32 - 1) / (threads / 32); if (staged) blocks = std::min(blocks, cap);
@@ -242,7 +245,7 @@ void test_fp8_expert(int fmt, int mode, int T, int K, int N, bool staged, bool d
 	int xd = xdt, md = mode; std::vector<float> xq;
 	if (!staged) { // as fp8ExpertGEMV: gather (mode 0) and quantise (dyn) into [R, K] float32
 		xq.assign(R * K, NAN);
-		launch(dim3{(unsigned)R}, dim3{64}, [&] { fp8_act_rows(x, xdt, mode == 0 ? perm.data() : nullptr, scores.data(), mode == 0 ? k : 1, K, (int)dyn, xq.data(), DT_F32, &meta[1]); });
+		launch(dim3{(unsigned)R}, dim3{64}, [&] { fp8_act_rows(x, xdt, mode == 0 ? perm.data() : nullptr, scores.data(), mode == 0 ? k : 1, K, (int)dyn, xq.data(), DT_F32, &meta[1], 1); });
 		x = xq.data(); xd = DT_F32; md = 1;
 	}
 	std::vector<float> P(R * N, NAN);
@@ -286,7 +289,7 @@ int main() {
 	for (int xdt : {DT_F32, DT_BF16}) { test_fp8gemm(1, 64, 5, xdt); test_fp8gemm(3, 160, 7, xdt); test_fp8gemm(5, 48, 16, xdt); }
 	test_fp8_gather();
 	printf("fp8gemm done bad=%d\n", bad);
-	for (int odt : {DT_F32, DT_BF16}) { test_fp8_act(300, odt); test_fp8_act(301, odt); }
+	for (int odt : {DT_F32, DT_BF16}) { test_fp8_act(300, odt); test_fp8_act(301, odt); test_fp8_act(320, odt); }
 	printf("fp8 act done bad=%d\n", bad);
 	for (int xdt : {DT_F32, DT_BF16}) for (int fmt : {QF_FP8, QF_FP8_BF16}) {
 		for (int T : {1, 2, 3, 8}) { test_fp8_gemv(fmt, T, 64, {10}, xdt, false, false); test_fp8_gemv(fmt, T, 96, {7}, xdt, false, true); test_fp8_gemv(fmt, T, 64, {6, 4, 9}, xdt, T <= 2, true); }
