@@ -395,15 +395,15 @@ __device__ __forceinline__ void fp8_gemv(const void* __restrict__ x, int xdt, in
 #define FP8_GEMV_ARGS x, xdt, dyn, fmt, T, K, w0, s0, y0, n0, w1, s1, y1, n1, w2, s2, y2, n2
 
 // fp8_gemv_N: fp8_gemv for T <= N rows of x prepared by fp8_act_rows; fp8_gemv_xs_N stages x itself.
-// Blocks of FP8_THREADS threads.
-extern "C" __global__ void __launch_bounds__(FP8_THREADS) fp8_gemv_1(FP8_GEMV_PARAMS) { fp8_gemv<1, false>(FP8_GEMV_ARGS); }
-extern "C" __global__ void __launch_bounds__(FP8_THREADS) fp8_gemv_2(FP8_GEMV_PARAMS) { fp8_gemv<2, false>(FP8_GEMV_ARGS); }
-extern "C" __global__ void __launch_bounds__(FP8_THREADS) fp8_gemv_4(FP8_GEMV_PARAMS) { fp8_gemv<4, false>(FP8_GEMV_ARGS); }
-extern "C" __global__ void __launch_bounds__(FP8_THREADS) fp8_gemv_8(FP8_GEMV_PARAMS) { fp8_gemv<8, false>(FP8_GEMV_ARGS); }
-extern "C" __global__ void __launch_bounds__(FP8_THREADS) fp8_gemv_xs_1(FP8_GEMV_PARAMS) { fp8_gemv<1, true>(FP8_GEMV_ARGS); }
-extern "C" __global__ void __launch_bounds__(FP8_THREADS) fp8_gemv_xs_2(FP8_GEMV_PARAMS) { fp8_gemv<2, true>(FP8_GEMV_ARGS); }
-extern "C" __global__ void __launch_bounds__(FP8_THREADS) fp8_gemv_xs_4(FP8_GEMV_PARAMS) { fp8_gemv<4, true>(FP8_GEMV_ARGS); }
-extern "C" __global__ void __launch_bounds__(FP8_THREADS) fp8_gemv_xs_8(FP8_GEMV_PARAMS) { fp8_gemv<8, true>(FP8_GEMV_ARGS); }
+// Blocks of FP8_THREADS threads, registers capped for two of them an SM (the staged grids' cap, fp8.go).
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_1(FP8_GEMV_PARAMS) { fp8_gemv<1, false>(FP8_GEMV_ARGS); }
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_2(FP8_GEMV_PARAMS) { fp8_gemv<2, false>(FP8_GEMV_ARGS); }
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_4(FP8_GEMV_PARAMS) { fp8_gemv<4, false>(FP8_GEMV_ARGS); }
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_8(FP8_GEMV_PARAMS) { fp8_gemv<8, false>(FP8_GEMV_ARGS); }
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_xs_1(FP8_GEMV_PARAMS) { fp8_gemv<1, true>(FP8_GEMV_ARGS); }
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_xs_2(FP8_GEMV_PARAMS) { fp8_gemv<2, true>(FP8_GEMV_ARGS); }
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_xs_4(FP8_GEMV_PARAMS) { fp8_gemv<4, true>(FP8_GEMV_ARGS); }
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_xs_8(FP8_GEMV_PARAMS) { fp8_gemv<8, true>(FP8_GEMV_ARGS); }
 
 // fp8_expert_gemv is the routed experts' decode GEMV on output-major fp8 codes w [E, N, K] (scales [E,
 // N]): block (x, 0, z) takes the z-th active expert e (blocks past meta[0] return) and its warps loop over
@@ -471,16 +471,16 @@ __device__ __forceinline__ void fp8_expert_gemv(const void* __restrict__ x, int 
 #define FP8_EXPERT_ARGS x, xdt, mode, perm, scores, topk, seg, active, meta, w, scales, fmt, dyn, K, N, P
 
 // fp8_expert_gemv_N: rows of x as stored, N a pass; fp8_expert_gemv_xs_N: staged. Blocks of FP8_THREADS.
-extern "C" __global__ void __launch_bounds__(FP8_THREADS) fp8_expert_gemv_1(FP8_EXPERT_PARAMS) {
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_expert_gemv_1(FP8_EXPERT_PARAMS) {
 	fp8_expert_gemv<1, false>(FP8_EXPERT_ARGS);
 }
-extern "C" __global__ void __launch_bounds__(FP8_THREADS) fp8_expert_gemv_4(FP8_EXPERT_PARAMS) {
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_expert_gemv_4(FP8_EXPERT_PARAMS) {
 	fp8_expert_gemv<4, false>(FP8_EXPERT_ARGS);
 }
-extern "C" __global__ void __launch_bounds__(FP8_THREADS) fp8_expert_gemv_xs_1(FP8_EXPERT_PARAMS) {
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_expert_gemv_xs_1(FP8_EXPERT_PARAMS) {
 	fp8_expert_gemv<1, true>(FP8_EXPERT_ARGS);
 }
-extern "C" __global__ void __launch_bounds__(FP8_THREADS) fp8_expert_gemv_xs_4(FP8_EXPERT_PARAMS) {
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_expert_gemv_xs_4(FP8_EXPERT_PARAMS) {
 	fp8_expert_gemv<4, true>(FP8_EXPERT_ARGS);
 }
 
