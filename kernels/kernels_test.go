@@ -36,7 +36,7 @@ func TestEntries(t *testing.T) {
 	got := Entries(Source())
 	want := []string{"kv_append", "attention", "attention_split", "attention_split_128_g1", "attention_split_128_g2", "attention_split_128_g4", "attention_split_128_g5", "attention_split_128_g8", "attention_combine", "convert", "embed", "rmsnorm", "add_rmsnorm", "spin", "add", "silu_mul",
 		"scale_rows", "rope", "rope_qk", "linear_simple", "split_bf16", "add_halves", "gather_permute", "fill_random",
-		"layernorm", "add_bias", "gelu", "rotate_pairs", "full_attention", "count_experts", "map_experts", "attention_flash",
+		"layernorm", "add_bias", "gelu", "rotate_pairs", "full_attention", "count_experts", "map_experts", "attention_flash", "attention_decode",
 		"gemv_1", "gemv_2", "gemv_4", "gemv_8", "gemv_split_1", "gemv_split_2", "gemv_multi_1", "gemv_multi_2", "moe_plan", "expert_gemv_1", "expert_gemv_8", "expert_act", "expert_combine",
 		"expert_gather", "route", "expert_gate_up", "expert_down",
 		"dequant_bf16", "qgemv_1", "qgemv_2", "qgemv_4", "qgemv_8", "qgemv_split_1", "qgemv_split_2", "qexpert_gemv_1", "qexpert_gemv_8", "quantize_bf16",
