@@ -3,12 +3,14 @@
 
 // convert copies n elements of x (dtype xdt) to y (dtype ydt).
 extern "C" __global__ void convert(const void* x, int xdt, void* y, int ydt, long long n) {
+	PDL_PROLOGUE();
 	GRID_STRIDE(i, n) st(y, ydt, i, ld(x, xdt, i));
 }
 
 // embed gathers rows of a table with H columns: out[i] = table[rows[i]] for rows[i] >= 0, else zeros (the
 // host maps ids outside this rank's rows to -1). out has the table's dtype, so the gather is exact.
 extern "C" __global__ void embed(const void* table, int dt, const int* rows, int H, void* out, long long n) {
+	PDL_PROLOGUE();
 	GRID_STRIDE(i, n) {
 		long long row = i / H, c = i - row * H;
 		int r = rows[row];
@@ -62,6 +64,7 @@ __device__ __forceinline__ float norm_inv(float ss, int n, float eps) {
 
 // rmsnorm normalises each of the rows of n elements: y = x * rsqrt(mean(x²) + eps) (* w). One block a row.
 extern "C" __global__ void rmsnorm(const void* x, int xdt, const void* w, int wdt, int has_w, void* y, int ydt, int n, float eps) {
+	PDL_PROLOGUE();
 	__shared__ float scratch[32];
 	long long off = (long long)blockIdx.x * n;
 	float inv = norm_inv(norm_sumsq(x, xdt, off, n, scratch), n, eps);
@@ -74,6 +77,7 @@ extern "C" __global__ void rmsnorm(const void* x, int xdt, const void* w, int wd
 // threads that wrote it (the same indices), so no barrier is needed before the norm's passes.
 extern "C" __global__ void add_rmsnorm(const void* a, int adt, const void* b, int bdt, float* s,
 	const void* w, int wdt, void* y, int ydt, int n, float eps) {
+	PDL_PROLOGUE();
 	__shared__ float scratch[32];
 	long long off = (long long)blockIdx.x * n;
 	for (int i0 = threadIdx.x; i0 < n; i0 += NORM_UNROLL * blockDim.x) {
@@ -98,6 +102,7 @@ extern "C" __global__ void add_rmsnorm(const void* a, int adt, const void* b, in
 // operations after it queue up behind it: their events then time the GPU's work back to back, not the
 // host's launches.
 extern "C" __global__ void spin(long long cycles) {
+	PDL_PROLOGUE();
 	long long start = clock64();
 	while (clock64() - start < cycles) {
 	}
@@ -130,21 +135,25 @@ struct silu_mul_op {
 };
 
 extern "C" __global__ void add(const void* a, int adt, const void* b, int bdt, void* y, int ydt, long long n) {
+	PDL_PROLOGUE();
 	binary_n(a, adt, b, bdt, y, ydt, n, add_op());
 }
 
 extern "C" __global__ void silu_mul(const void* g, int gdt, const void* u, int udt, void* y, int ydt, long long n) {
+	PDL_PROLOGUE();
 	binary_n(g, gdt, u, udt, y, ydt, n, silu_mul_op());
 }
 
 // scale_rows multiplies row r (row elements each) of x by s[r].
 extern "C" __global__ void scale_rows(const void* x, int xdt, const float* s, void* y, int ydt, long long row, long long n) {
+	PDL_PROLOGUE();
 	GRID_STRIDE(i, n) st(y, ydt, i, ld(x, xdt, i) * s[i / row]);
 }
 
 // rope rotates the interleaved pairs of x [T, heads, 2·half] by θ = float32(pos[t])·inv_freq[i] (a float32
 // product, not fused), with cos and sin evaluated in float64 and rounded to float32.
 extern "C" __global__ void rope(const void* x, int xdt, const int* pos, const float* inv_freq, void* y, int ydt, int heads, int half, long long n) {
+	PDL_PROLOGUE();
 	GRID_STRIDE(j, n) { // j indexes pairs: ((t·heads) + h)·half + i
 		int i = (int)(j % half);
 		long long t = j / ((long long)half * heads);
@@ -164,6 +173,7 @@ extern "C" __global__ void rope(const void* x, int xdt, const int* pos, const fl
 // block (t, head), heads of q first, then those of k.
 extern "C" __global__ void rope_qk(const void* q, int qdt, const void* k, int kdt, const int* pos, const float* inv_freq,
 	void* qo, void* ko, int ydt, int qheads, int kheads, int half, int norm, float eps) {
+	PDL_PROLOGUE();
 	__shared__ float scratch[32];
 	int t = blockIdx.x, h = blockIdx.y;
 	const void* x = q;
@@ -198,6 +208,7 @@ extern "C" __global__ void rope_qk(const void* q, int qdt, const void* k, int kd
 // linear_simple is the fallback for shapes cuBLASLt declines: y [T, out] = x [T, in] · w [out, in]ᵀ, one
 // thread an output element, float32 accumulation.
 extern "C" __global__ void linear_simple(const void* x, int xdt, const void* w, int wdt, void* y, int ydt, int T, int in, int out) {
+	PDL_PROLOGUE();
 	GRID_STRIDE(i, (long long)T * out) {
 		long long t = i / out, o = i - t * out;
 		float acc = 0.0f;
@@ -210,6 +221,7 @@ extern "C" __global__ void linear_simple(const void* x, int xdt, const void* w, 
 // out[n, 2n), so that hi + lo carries about 16 significant bits. A GEMM of the stacked [hi; lo] rows
 // against bf16 weights (products exact in float32) gives float32-input accuracy for one weight read.
 extern "C" __global__ void split_bf16(const void* x, int xdt, bf16_t* out, long long n) {
+	PDL_PROLOGUE();
 	GRID_STRIDE(i, n) {
 		float v = ld(x, xdt, i);
 		bf16_t hi = f32_to_bf16(v);
@@ -220,12 +232,14 @@ extern "C" __global__ void split_bf16(const void* x, int xdt, bf16_t* out, long 
 
 // add_halves sets y[i] = d[i] + d[n + i] for the two halves of a split GEMM's float32 output.
 extern "C" __global__ void add_halves(const float* d, void* y, int ydt, long long n) {
+	PDL_PROLOGUE();
 	GRID_STRIDE(i, n) st(y, ydt, i, d[i] + d[n + i]);
 }
 
 // gather_permute turns an all-gather's [size, T, n] blocks (rank r's [T, n] at r) into [T, size·n]: each
 // row is the ranks' rows side by side in rank order. Same dtype in and out (exact).
 extern "C" __global__ void gather_permute(const void* g, int dt, void* y, int T, int n, int size, long long total) {
+	PDL_PROLOGUE();
 	GRID_STRIDE(i, total) { // i indexes y
 		long long row = (long long)n * size;
 		long long t = i / row, c = i - t * row;
@@ -245,6 +259,7 @@ __device__ __forceinline__ unsigned long long splitmix64(unsigned long long x) {
 // fill_random sets n bf16 values to mean + std·z, z ~ N(0, 1) by Box–Muller on a hash of (seed, i): the
 // same seed gives the same values. For benchmarks' random weights.
 extern "C" __global__ void fill_random(bf16_t* y, long long n, unsigned long long seed, float mean, float std) {
+	PDL_PROLOGUE();
 	GRID_STRIDE(i, n) {
 		unsigned long long h = splitmix64(seed ^ splitmix64((unsigned long long)i));
 		float u1 = (float)((h >> 40) + 1) * 5.9604645e-8f; // (0, 1]

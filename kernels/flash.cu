@@ -289,6 +289,7 @@ __device__ __forceinline__ void fa_body(const bf16_t* q, const long long* table,
 extern "C" __global__ void __launch_bounds__(FA_WARPS * 32)
 attention_flash(const bf16_t* q, const long long* table, int bs, const int* pos, void* out, int odt,
 	int T, int heads, int kv_heads, int D, int chunk, int first_kept, float scale) {
+	PDL_PROLOGUE();
 	__shared__ __attribute__((aligned(16))) bf16_t sk[FA_BN * (FA_MAXD + FA_PAD)];
 	__shared__ __attribute__((aligned(16))) bf16_t sv[FA_BN * (FA_MAXD + FA_PAD)];
 	__shared__ int sred[2 * FA_WARPS];

@@ -162,20 +162,20 @@ __device__ __forceinline__ int gemv_row0() { return (blockIdx.x * GEMV_WARPS + (
 // gemv_N: y [T, N] = x [T, K] · w [N, K]ᵀ for T <= N rows (grid: ceil(N / (GEMV_WARPS·GEMV_ROWS))
 // blocks of GEMV_WARPS warps).
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_1(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_rows<1>(x, xdt, w, y, T, K, N, gemv_row0()); }
+gemv_1(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { PDL_PROLOGUE(); gemv_rows<1>(x, xdt, w, y, T, K, N, gemv_row0()); }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_2(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_rows<2>(x, xdt, w, y, T, K, N, gemv_row0()); }
+gemv_2(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { PDL_PROLOGUE(); gemv_rows<2>(x, xdt, w, y, T, K, N, gemv_row0()); }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_4(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_rows<4>(x, xdt, w, y, T, K, N, gemv_row0()); }
+gemv_4(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { PDL_PROLOGUE(); gemv_rows<4>(x, xdt, w, y, T, K, N, gemv_row0()); }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_8(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_rows<8>(x, xdt, w, y, T, K, N, gemv_row0()); }
+gemv_8(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { PDL_PROLOGUE(); gemv_rows<8>(x, xdt, w, y, T, K, N, gemv_row0()); }
 
 // gemv_split_N: y [T, N] = x [T, K] · w [N, K]ᵀ for T <= N rows with gemv_split_rows (grid:
 // ceil(N / GEMV_ROWS) blocks of GEMV_WARPS warps).
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_split_1(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_split_rows<1>(x, xdt, w, y, T, K, N, blockIdx.x * GEMV_ROWS); }
+gemv_split_1(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { PDL_PROLOGUE(); gemv_split_rows<1>(x, xdt, w, y, T, K, N, blockIdx.x * GEMV_ROWS); }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_split_2(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_split_rows<2>(x, xdt, w, y, T, K, N, blockIdx.x * GEMV_ROWS); }
+gemv_split_2(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { PDL_PROLOGUE(); gemv_split_rows<2>(x, xdt, w, y, T, K, N, blockIdx.x * GEMV_ROWS); }
 
 // gemv_multi_N computes up to three products of one x in one launch: y_s [T, N_s] = x · w_sᵀ for s = 0,
 // 1, 2 (N_s even, so that no block's rows straddle two products; N_2 may be 0), over N_0 + N_1 + N_2
@@ -195,11 +195,13 @@ __device__ __forceinline__ void gemv_multi(const void* x, int xdt, const bf16_t*
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_multi_1(const void* x, int xdt, const bf16_t* w0, float* y0, int n0, const bf16_t* w1, float* y1, int n1,
 	const bf16_t* w2, float* y2, int n2, int T, int K) {
+	PDL_PROLOGUE();
 	gemv_multi<1>(x, xdt, w0, y0, n0, w1, y1, n1, w2, y2, n2, T, K);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_multi_2(const void* x, int xdt, const bf16_t* w0, float* y0, int n0, const bf16_t* w1, float* y1, int n1,
 	const bf16_t* w2, float* y2, int n2, int T, int K) {
+	PDL_PROLOGUE();
 	gemv_multi<2>(x, xdt, w0, y0, n0, w1, y1, n1, w2, y2, n2, T, K);
 }
 
@@ -213,6 +215,7 @@ gemv_multi_2(const void* x, int xdt, const bf16_t* w0, float* y0, int n0, const 
 // keep their order. One warp; dynamic shared memory holds 2E ints.
 extern "C" __global__ void moe_plan(const int* experts, int n, int first, int E, int align,
 	int* seg, int* perm, int* row_of, int* active, int* meta) {
+	PDL_PROLOGUE();
 	extern __shared__ int plan_sh[];
 	int* cnt = plan_sh;
 	int* cur = plan_sh + E;
@@ -384,11 +387,13 @@ __device__ __forceinline__ void expert_gemv_rows(const void* __restrict__ x, int
 extern "C" __global__ void __launch_bounds__(EG_WARPS * 32)
 expert_gemv_1(const void* x, int xdt, int mode, const int* perm, const float* scores, int topk, const int* seg,
 	const int* active, const int* meta, const bf16_t* w, int K, int N, int ksplit, float* P, int R) {
+	PDL_PROLOGUE();
 	expert_gemv_rows<1>(x, xdt, mode, perm, scores, topk, seg, active, meta, w, K, N, ksplit, P, R);
 }
 extern "C" __global__ void __launch_bounds__(EG_WARPS * 32)
 expert_gemv_8(const void* x, int xdt, int mode, const int* perm, const float* scores, int topk, const int* seg,
 	const int* active, const int* meta, const bf16_t* w, int K, int N, int ksplit, float* P, int R) {
+	PDL_PROLOGUE();
 	expert_gemv_rows<8>(x, xdt, mode, perm, scores, topk, seg, active, meta, w, K, N, ksplit, P, R);
 }
 
@@ -396,6 +401,7 @@ expert_gemv_8(const void* x, int xdt, int mode, const int* perm, const float* sc
 // the sums over the S splits of P[s][r][c] and P[s][r][I + c] (P [S, R, 2I], gate columns then up).
 // ELEM_UNROLL elements a thread per pass; R·I < 2^31 (the host checks), so the index math is 32-bit.
 extern "C" __global__ void expert_act(const float* P, int S, int R, int I, const int* meta, void* act, int adt) {
+	PDL_PROLOGUE();
 	int rows = meta[1];
 	long long n = (long long)R * I;
 	GRID_STRIDE_N(i0, n) {
@@ -427,6 +433,7 @@ extern "C" __global__ void expert_act(const float* P, int S, int R, int I, const
 // added to the sum last (the shared expert's output: Add(routed, shared) in one pass).
 extern "C" __global__ void expert_combine(const float* P, int S, int R, int H, const int* row_of, int k, void* out, int odt, long long n,
 	const void* add, int adt) {
+	PDL_PROLOGUE();
 	GRID_STRIDE(i, n) {
 		long long t = i / H, h = i - t * H;
 		float sum = 0.0f;
@@ -446,6 +453,7 @@ extern "C" __global__ void expert_combine(const float* P, int S, int R, int H, c
 // x[perm[r] / k] · scores[perm[r]], or zeros for a gap row (perm[r] < 0: the host fills perm with -1
 // first). n = R·H < 2^31 (the host checks); ELEM_UNROLL elements a thread per pass.
 extern "C" __global__ void expert_gather(const void* x, int xdt, const int* perm, const float* scores, int k, int H, bf16_t* xp, long long n) {
+	PDL_PROLOGUE();
 	GRID_STRIDE_N(i0, n) {
 		float v[ELEM_UNROLL];
 #pragma unroll

@@ -84,3 +84,38 @@ func TestUnits(t *testing.T) {
 		t.Errorf("%d units, want several to compile in parallel", len(Units()))
 	}
 }
+
+// TestPrologue checks that every kernel begins with PDL_PROLOGUE (so that the backend may launch it with
+// programmatic dependent launch: a kernel without it would not wait for the one before it), and that
+// Prologued finds exactly those.
+func TestPrologue(t *testing.T) {
+	// quant.cu and quant_fp8gemm.cu (the quantised-weight kernels) do not have it yet: the backend launches
+	// their kernels without programmatic dependent launch, which is always correct.
+	without := map[string]bool{"quant.cu": true, "quant_fp8gemm.cu": true}
+	for _, f := range Files() {
+		src, err := File(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		entries, pro := Entries(src), Prologued(src)
+		if without[f] {
+			continue
+		}
+		if !slices.Equal(pro, entries) {
+			t.Errorf("%s: kernels %v begin with %s, want all of %v", f, pro, Prologue, entries)
+		}
+	}
+	for _, tt := range []struct {
+		src  string
+		want []string
+	}{
+		{`extern "C" __global__ void f(int x) { PDL_PROLOGUE(); x++; }`, []string{"f"}},
+		{"extern \"C\" __global__ void __launch_bounds__(128)\ng(const int* a,\n\tint n) {\n\tPDL_PROLOGUE();\n}", []string{"g"}},
+		{`extern "C" __global__ void h(int x) { x++; PDL_PROLOGUE(); }`, nil},
+		{`extern "C" __global__ void i(int x) { } extern "C" __global__ void j(int x) { PDL_PROLOGUE(); }`, []string{"j"}},
+	} {
+		if got := Prologued(tt.src); !slices.Equal(got, tt.want) {
+			t.Errorf("Prologued(%q) = %v, want %v", tt.src, got, tt.want)
+		}
+	}
+}

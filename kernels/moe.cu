@@ -5,6 +5,7 @@
 // to the lower index, NaN never larger than a number; experts[t·k + j] is the j-th choice and
 // scores[t·k + j] its sigmoid, evaluated in float64 and rounded.
 extern "C" __global__ void route(const void* logits, int dt, int T, int E, int k, int* experts, float* scores) {
+	PDL_PROLOGUE();
 	int t = blockIdx.x * blockDim.x + threadIdx.x;
 	if (t >= T) return;
 	long long off = (long long)t * E;
@@ -32,6 +33,7 @@ extern "C" __global__ void route(const void* logits, int dt, int T, int E, int k
 // dynamic shared memory holds the scaled input row (H floats).
 extern "C" __global__ void expert_gate_up(const void* x, int xdt, const int* experts, const float* scores, int k,
 	const void* gu, int gdt, int first, int E, int H, int I, float* act) {
+	PDL_PROLOGUE();
 	extern __shared__ float u[];
 	int slot = blockIdx.x;
 	int t = slot / k;
@@ -60,6 +62,7 @@ extern "C" __global__ void expert_gate_up(const void* x, int xdt, const int* exp
 // holds one slot's activation (I floats). Every output element is written, zeros when no expert is held.
 extern "C" __global__ void expert_down(const float* act, const int* experts, int k, const void* down, int ddt,
 	int first, int E, int H, int I, void* out, int odt) {
+	PDL_PROLOGUE();
 	extern __shared__ float a[];
 	int t = blockIdx.x;
 	int o = blockIdx.y * blockDim.x + threadIdx.x;

@@ -6,6 +6,23 @@
 typedef unsigned short bf16_t;
 typedef unsigned int u32;
 
+// PDL_PROLOGUE is the first statement of every kernel (kernels.Prologued finds it; a kernel without it is
+// launched without programmatic dependent launch). The backend launches the kernels that have it with
+// programmatic stream serialization (backend/cuda driver.go, stream.enqueue), so their blocks may be
+// scheduled before the kernel ahead of them in the stream has finished: griddepcontrol.wait holds them
+// until that kernel has completed and its memory operations are visible, so no kernel touches memory
+// before its predecessor is done, and since every kernel waits, the stream's order holds transitively.
+// griddepcontrol.launch_dependents then lets the next kernel's blocks be scheduled as soon as every block
+// of this one has passed it (they in turn wait for this kernel to complete). Both are no-ops for a kernel
+// launched without the attribute, and before sm_90 the prologue is empty.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_PROLOGUE() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define PDL_PROLOGUE() \
+	do { \
+	} while (0)
+#endif
+
 // GRID_STRIDE loops i over [0, n) across the whole grid, so any grid size covers n elements.
 #define GRID_STRIDE(i, n) for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
 

@@ -107,6 +107,10 @@ type Info struct {
 	CacheHit      bool              // every unit's cubin came from the cache
 	CompileTime   time.Duration     // NVRTC compiles, in parallel (0 when every unit was a cache hit)
 	CacheWarnings []string          // cache files that were corrupt or refused, and compiled again
+	// PDL says whether kernels launch with programmatic dependent launch (Config.NoPDL; compute
+	// capability 9.0 and a driver with cuLaunchKernelEx), Fused whether the fused decode kernels run
+	// (Config.Unfused).
+	PDL, Fused bool
 }
 
 // Counters counts Linear's and Experts' paths.
@@ -140,6 +144,12 @@ func New(cfg Config) (*Backend, error) {
 	}
 	if os.Getenv(EnvGraphs) == "0" {
 		cfg.Eager = true
+	}
+	if os.Getenv(EnvPDL) == "0" {
+		cfg.NoPDL = true
+	}
+	if os.Getenv(EnvFuse) == "0" {
+		cfg.Unfused = true
 	}
 	start := time.Now()
 	if err := loadLibraries(dl.SearchDirs(cfg.LibDirs)); err != nil {
@@ -185,6 +195,8 @@ func (b *Backend) init() error {
 	if err := b.loadKernels(target{arch: arch, nvrtc: version, device: d.name, driver: d.driverVersion}); err != nil {
 		return err
 	}
+	b.stream.pdl = !b.cfg.NoPDL && drv.launchEx != nil && d.ccMajor >= 9
+	b.info.PDL, b.info.Fused = b.stream.pdl, !b.cfg.Unfused
 	for _, k := range []struct {
 		name string
 		dst  **kernel
@@ -276,7 +288,11 @@ func (b *Backend) MakeCurrent() error { return b.dev.makeCurrent() }
 func (b *Backend) Name() string { return fmt.Sprintf("cuda:%d", b.cfg.Device) }
 
 // Info describes the device, the libraries and the kernels' compilation.
-func (b *Backend) Info() Info { return b.info }
+func (b *Backend) Info() Info {
+	i := b.info
+	i.PDL = b.stream != nil && b.stream.pdl // off for good if the driver refused a launch with it
+	return i
+}
 
 // Config returns the configuration in effect (defaults filled in).
 func (b *Backend) Config() Config { return b.cfg }

@@ -66,6 +66,12 @@ const (
 // --enforce-eager, for comparing and debugging without CUDA graphs.
 const EnvGraphs = "TPFLEET_CUDA_GRAPHS"
 
+// EnvPDL, when set to 0, turns programmatic dependent launch off for every Backend (Config.NoPDL).
+const EnvPDL = "TPFLEET_CUDA_PDL"
+
+// EnvFuse, when set to 0, makes every Backend run the unfused kernels (Config.Unfused).
+const EnvFuse = "TPFLEET_CUDA_FUSE"
+
 // Config configures a Backend.
 type Config struct {
 	// Device is the ordinal of the GPU to use (0 is the first CUDA sees).
@@ -94,6 +100,18 @@ type Config struct {
 	// Eager turns CUDA graphs off: Step runs every step's ops one by one (for comparisons and debugging).
 	// The environment variable EnvGraphs=0 does the same for any Config.
 	Eager bool `json:"cuda-eager"`
+	// NoPDL turns programmatic dependent launch off: every kernel then starts only after the one before
+	// it has finished (as on GPUs before Hopper, where it is always off). With it on (the default on
+	// compute capability 9.0 and later when the driver has cuLaunchKernelEx), a kernel's launch and
+	// start-up overlap the tail of the kernel before it, in graphs too. EnvPDL=0 does the same for any
+	// Config. The results are the same either way.
+	NoPDL bool `json:"cuda-no-pdl"`
+	// Unfused makes the ops launch their kernels one by one as before the decode fusions (routing, expert
+	// plan and counts in one kernel; SwiGLU in the GEMV that makes gate and up; the experts' activation and
+	// combine in their GEMVs; RoPE, qk-norm and the KV append in one kernel) and run the prefill's
+	// elementwise kernels without 16-byte accesses: for comparing and debugging. The results are the same
+	// bit for bit. EnvFuse=0 does the same for any Config.
+	Unfused bool `json:"cuda-unfused"`
 }
 
 // Validate reports a Config that New would refuse.
@@ -123,4 +141,6 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	})
 	fs.Int64Var(&c.Workspace, "cuda-workspace", c.Workspace, "cuBLASLt workspace in bytes (0: 32 MiB)")
 	fs.Int64Var(&c.Staging, "cuda-staging", c.Staging, "pinned staging buffer in bytes (0: 8 MiB)")
+	fs.BoolVar(&c.NoPDL, "cuda-no-pdl", c.NoPDL, "launch kernels without programmatic dependent launch (also $"+EnvPDL+"=0)")
+	fs.BoolVar(&c.Unfused, "cuda-unfused", c.Unfused, "run the unfused kernels, for comparison (also $"+EnvFuse+"=0)")
 }
