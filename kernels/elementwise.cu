@@ -58,10 +58,6 @@ __device__ __forceinline__ void norm_store(const void* x, int xdt, const void* w
 	}
 }
 
-__device__ __forceinline__ float norm_inv(float ss, int n, float eps) {
-	return (float)(1.0 / sqrt((double)ss / (double)n + (double)eps));
-}
-
 // rmsnorm normalises each of the rows of n elements: y = x * rsqrt(mean(x²) + eps) (* w). One block a row.
 extern "C" __global__ void rmsnorm(const void* x, int xdt, const void* w, int wdt, int has_w, void* y, int ydt, int n, float eps) {
 	PDL_PROLOGUE();
@@ -157,13 +153,10 @@ extern "C" __global__ void rope(const void* x, int xdt, const int* pos, const fl
 	GRID_STRIDE(j, n) { // j indexes pairs: ((t·heads) + h)·half + i
 		int i = (int)(j % half);
 		long long t = j / ((long long)half * heads);
-		float theta = __fmul_rn((float)pos[t], inv_freq[i]);
-		double sd, cd;
-		sincos((double)theta, &sd, &cd);
-		float s = (float)sd, c = (float)cd;
-		float x0 = ld(x, xdt, 2 * j), x1 = ld(x, xdt, 2 * j + 1);
-		st(y, ydt, 2 * j, x0 * c - x1 * s);
-		st(y, ydt, 2 * j + 1, x0 * s + x1 * c);
+		float y0, y1;
+		rope_pair(pos[t], inv_freq[i], ld(x, xdt, 2 * j), ld(x, xdt, 2 * j + 1), &y0, &y1);
+		st(y, ydt, 2 * j, y0);
+		st(y, ydt, 2 * j + 1, y1);
 	}
 }
 
@@ -185,16 +178,10 @@ extern "C" __global__ void rope_qk(const void* q, int qdt, const void* k, int kd
 	long long off = ((long long)t * heads + h) * 2 * half;
 	float ss = 0.0f;
 	for (int i = threadIdx.x; i < half; i += blockDim.x) {
-		float theta = __fmul_rn((float)pos[t], inv_freq[i]);
-		double sd, cd;
-		sincos((double)theta, &sd, &cd);
-		float s = (float)sd, c = (float)cd;
-		float x0 = ld(x, xdt, off + 2 * i), x1 = ld(x, xdt, off + 2 * i + 1);
-		float y0 = x0 * c - x1 * s, y1 = x0 * s + x1 * c;
-		if (ydt == DT_BF16) {
-			y0 = bf16_to_f32(f32_to_bf16(y0));
-			y1 = bf16_to_f32(f32_to_bf16(y1));
-		}
+		float y0, y1;
+		rope_pair(pos[t], inv_freq[i], ld(x, xdt, off + 2 * i), ld(x, xdt, off + 2 * i + 1), &y0, &y1);
+		y0 = as_dt(y0, ydt);
+		y1 = as_dt(y1, ydt);
 		st(y, ydt, off + 2 * i, y0);
 		st(y, ydt, off + 2 * i + 1, y1);
 		ss += y0 * y0 + y1 * y1;
@@ -266,5 +253,103 @@ extern "C" __global__ void fill_random(bf16_t* y, long long n, unsigned long lon
 		float u2 = (float)(h & 0xffffffull) * 5.9604645e-8f;
 		float z = sqrtf(-2.0f * logf(u1)) * cosf(6.2831853f * u2);
 		y[i] = f32_to_bf16(mean + std * z);
+	}
+}
+
+// The elementwise kernels with 16-byte accesses (prefill moves tens of megabytes through each): a thread
+// handles 8 consecutive elements, so a warp moves 512 contiguous bytes an instruction. The host takes them
+// when the element counts (the row lengths for add_rmsnorm_v8) are multiples of 8 and every operand is
+// 16-byte aligned. Each element gets the arithmetic of the kernel it replaces; only add_rmsnorm_v8 sums
+// its squares in another order (the threads own other elements), so its norm may differ from
+// add_rmsnorm's in the last bit.
+
+// convert_v8 is convert over n8 chunks of 8.
+extern "C" __global__ void convert_v8(const void* x, int xdt, void* y, int ydt, long long n8) {
+	PDL_PROLOGUE();
+	GRID_STRIDE(i, n8) {
+		float v[8];
+		load8(x, xdt, i, v);
+		store8(y, ydt, i, v);
+	}
+}
+
+// silu_mul_v8 is silu_mul over n8 chunks of 8.
+extern "C" __global__ void silu_mul_v8(const void* g, int gdt, const void* u, int udt, void* y, int ydt, long long n8) {
+	PDL_PROLOGUE();
+	GRID_STRIDE(i, n8) {
+		float a[8], b[8];
+		load8(g, gdt, i, a);
+		load8(u, udt, i, b);
+#pragma unroll
+		for (int e = 0; e < 8; e++) a[e] = silu(a[e]) * b[e];
+		store8(y, ydt, i, a);
+	}
+}
+
+// split_bf16_v8 is split_bf16 over n8 chunks of 8 (n = 8·n8 elements).
+extern "C" __global__ void split_bf16_v8(const void* x, int xdt, bf16_t* out, long long n8) {
+	PDL_PROLOGUE();
+	GRID_STRIDE(i, n8) {
+		float v[8], lo[8];
+		load8(x, xdt, i, v);
+#pragma unroll
+		for (int e = 0; e < 8; e++) {
+			float hi = bf16_to_f32(f32_to_bf16(v[e]));
+			lo[e] = v[e] - hi;
+		}
+		store8(out, DT_BF16, i, v); // rounds each to hi
+		store8(out + 8 * n8, DT_BF16, i, lo);
+	}
+}
+
+// NORM_V8 is the most 8-element chunks of its row a thread of add_rmsnorm_v8 holds (in registers).
+#define NORM_V8 4
+
+// add_rmsnorm_v8 is add_rmsnorm with 16-byte accesses and the row in registers between the sum and the
+// norm (n % 8 == 0, n/8 <= NORM_V8·blockDim.x): s = a + b stored as float32, y = s · 1/sqrt(mean(s²) +
+// eps) · w, each element as add_rmsnorm computes it; the squares are summed by chunk owner, so the
+// factor may differ from add_rmsnorm's in the last bit. One block a row.
+extern "C" __global__ void add_rmsnorm_v8(const void* a, int adt, const void* b, int bdt, float* s,
+	const void* w, int wdt, void* y, int ydt, int n, float eps) {
+	PDL_PROLOGUE();
+	__shared__ float scratch[32];
+	long long row = blockIdx.x;
+	int n8 = n >> 3;
+	const char* ar = (const char*)a + row * n * (adt == DT_F32 ? 4 : 2);
+	const char* br = (const char*)b + row * n * (bdt == DT_F32 ? 4 : 2);
+	float* sr = s + row * n;
+	char* yr = (char*)y + row * n * (ydt == DT_F32 ? 4 : 2);
+	float va[NORM_V8][8], vb[NORM_V8][8];
+#pragma unroll
+	for (int j = 0; j < NORM_V8; j++) {
+		int c = threadIdx.x + j * blockDim.x;
+		if (c < n8) {
+			load8(ar, adt, c, va[j]);
+			load8(br, bdt, c, vb[j]);
+		}
+	}
+	float ss = 0.0f;
+#pragma unroll
+	for (int j = 0; j < NORM_V8; j++) {
+		int c = threadIdx.x + j * blockDim.x;
+		if (c < n8) {
+#pragma unroll
+			for (int e = 0; e < 8; e++) va[j][e] = va[j][e] + vb[j][e];
+			store8(sr, DT_F32, c, va[j]);
+#pragma unroll
+			for (int e = 0; e < 8; e++) ss += va[j][e] * va[j][e];
+		}
+	}
+	float inv = norm_inv(block_sum(ss, scratch), n, eps);
+#pragma unroll
+	for (int j = 0; j < NORM_V8; j++) {
+		int c = threadIdx.x + j * blockDim.x;
+		if (c < n8) {
+			float g[8];
+			load8(w, wdt, c, g);
+#pragma unroll
+			for (int e = 0; e < 8; e++) g[e] = va[j][e] * inv * g[e];
+			store8(yr, ydt, c, g);
+		}
 	}
 }

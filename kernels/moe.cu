@@ -1,13 +1,10 @@
 // moe.cu: router top-k and the routed experts. The chosen expert ids stay in device memory: the expert
 // kernels read them there, so a MoE layer needs no host round trip.
 
-// route picks, for each row t of logits [T, E] (one thread a row), the k largest logits in order, ties
-// to the lower index, NaN never larger than a number; experts[t·k + j] is the j-th choice and
-// scores[t·k + j] its sigmoid, evaluated in float64 and rounded.
-extern "C" __global__ void route(const void* logits, int dt, int T, int E, int k, int* experts, float* scores) {
-	PDL_PROLOGUE();
-	int t = blockIdx.x * blockDim.x + threadIdx.x;
-	if (t >= T) return;
+// route_token picks token t's k largest logits of logits [T, E] in order, ties to the lower index, NaN
+// never larger than a number: experts[t·k + j] is the j-th choice and scores[t·k + j] its sigmoid,
+// evaluated in float64 and rounded.
+__device__ __forceinline__ void route_token(const void* logits, int dt, int t, int E, int k, int* experts, float* scores) {
 	long long off = (long long)t * E;
 	for (int j = 0; j < k; j++) {
 		int best = -1;
@@ -24,6 +21,76 @@ extern "C" __global__ void route(const void* logits, int dt, int T, int E, int k
 		}
 		experts[t * k + j] = best;
 		scores[t * k + j] = (float)(1.0 / (1.0 + exp(-(double)bv)));
+	}
+}
+
+// route runs route_token for each row t of logits [T, E], one thread a row.
+extern "C" __global__ void route(const void* logits, int dt, int T, int E, int k, int* experts, float* scores) {
+	PDL_PROLOGUE();
+	int t = blockIdx.x * blockDim.x + threadIdx.x;
+	if (t >= T) return;
+	route_token(logits, dt, t, E, k, experts, scores);
+}
+
+// route_plan is a decode step's route, count_experts and moe_plan (with align 1) in one launch of one
+// block, with the same results: with route_rows, route_token for each of the T rows of logits [T, C]
+// (else experts already holds the n = T·k choices); with counts (not null), one count for each choice e
+// in [0, count_n) into counts[e], as count_experts; then moe_plan's seg, perm, row_of, active and meta
+// for the local experts first .. first+E-1, each local expert's slots in their order. Threads stride over
+// tokens, slots and experts, so it takes any T·k, but is meant for a few: each thread scans every slot
+// for its experts. Dynamic shared memory holds n + E ints.
+extern "C" __global__ void route_plan(const void* logits, int dt, int T, int C, int k, int route_rows, int* experts,
+	float* scores, unsigned long long* counts, int count_n, int first, int E, int* seg, int* perm, int* row_of,
+	int* active, int* meta) {
+	PDL_PROLOGUE();
+	extern __shared__ int rp_sh[];
+	int n = T * k;
+	int* ids = rp_sh; // [n]: the choices
+	int* cur = rp_sh + n; // [E]: each local expert's slot count, then its next permuted row
+	if (route_rows) {
+		for (int t = threadIdx.x; t < T; t += blockDim.x) route_token(logits, dt, t, C, k, experts, scores);
+		__syncthreads(); // the choices in global memory, for every thread of the block
+	}
+	for (int s = threadIdx.x; s < n; s += blockDim.x) {
+		int e = experts[s];
+		ids[s] = e;
+		if (counts && e >= 0 && e < count_n) atomicAdd(&counts[e], 1ull);
+	}
+	__syncthreads();
+	for (int e = threadIdx.x; e < E; e += blockDim.x) {
+		int c = 0;
+		for (int s = 0; s < n; s++) c += ids[s] - first == e;
+		cur[e] = c;
+	}
+	__syncthreads();
+	if (threadIdx.x == 0) {
+		int off = 0, na = 0;
+		for (int e = 0; e < E; e++) {
+			int c = cur[e];
+			seg[2 * e] = off;
+			seg[2 * e + 1] = c;
+			cur[e] = off;
+			if (c > 0) {
+				active[na++] = e;
+				off += c;
+			}
+		}
+		meta[0] = na;
+		meta[1] = off;
+	}
+	__syncthreads();
+	for (int e = threadIdx.x; e < E; e += blockDim.x) {
+		int r = cur[e];
+		for (int s = 0; s < n; s++) {
+			if (ids[s] - first == e) {
+				perm[r] = s;
+				row_of[s] = r++;
+			}
+		}
+	}
+	for (int s = threadIdx.x; s < n; s += blockDim.x) {
+		int e = ids[s] - first;
+		if (e < 0 || e >= E) row_of[s] = -1;
 	}
 }
 

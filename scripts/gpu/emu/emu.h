@@ -1,7 +1,8 @@
 // emu.h: a tiny SIMT emulator for checking kernels on a machine without a GPU (scripts/gpu/emu-quant.sh):
 // one block at a time, one std::thread per CUDA thread, std::barrier for __syncthreads and warp shuffles.
-// __shared__ becomes static, so blocks must run one at a time (launch does). Only what gemv.cu and
-// quant.cu use is here; moe_plan (__match_any_sync) is compiled but not run.
+// __shared__ becomes static, so blocks must run one at a time (launch does). Only what the checked kernels
+// use is here. __syncwarp and __match_any_sync are barriers of the warp, so every lane of a warp must
+// reach them together (moe_plan's do).
 #include <cstdio>
 #include <cstring>
 #include <cmath>
@@ -28,7 +29,7 @@ static inline float __uint_as_float(unsigned u){float f; memcpy(&f,&u,4); return
 static inline float __int_as_float(int u){float f; memcpy(&f,&u,4); return f;}
 static inline unsigned __float_as_uint(float f){unsigned u; memcpy(&u,&f,4); return u;}
 static inline void __syncthreads() { g_block->arrive_and_wait(); }
-static inline void __syncwarp(unsigned = 0) {}
+static inline void __syncwarp(unsigned = 0) { g_warp[threadIdx.x >> 5]->arrive_and_wait(); }
 static inline float __shfl_xor_sync(unsigned, float v, int o) {
 	int t = threadIdx.x, w = t >> 5;
 	g_shfl[t] = v;
@@ -45,11 +46,25 @@ static inline float __shfl_sync(unsigned, float v, int src) {
 	g_warp[w]->arrive_and_wait();
 	return r;
 }
-static inline unsigned __match_any_sync(unsigned, int) { abort(); }
+int g_match[1024];
+static inline unsigned __match_any_sync(unsigned, int v) {
+	int t = threadIdx.x, w = t >> 5, n = std::min(32, (int)blockDim.x - 32 * w);
+	g_match[t] = v;
+	g_warp[w]->arrive_and_wait();
+	unsigned m = 0;
+	for (int i = 0; i < n; i++)
+		if (g_match[32 * w + i] == v) m |= 1u << i;
+	g_warp[w]->arrive_and_wait();
+	return m;
+}
 static inline int __popc(unsigned v) { return __builtin_popcount(v); }
 static inline int __ffs(int v) { return __builtin_ffs(v); }
 static inline unsigned atomicOr(unsigned* p, unsigned v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
 static inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+static inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+static inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+static inline float __fmul_rn(float a, float b) { return a * b; } // compiled with -ffp-contract=off
+static inline long long clock64() { return 0; }
 template <class F>
 void launch(dim3 grid, dim3 block, F f) {
 	gridDim = grid; blockDim = block;
