@@ -259,9 +259,8 @@ extern "C" __global__ void fill_random(bf16_t* y, long long n, unsigned long lon
 // The elementwise kernels with 16-byte accesses (prefill moves tens of megabytes through each): a thread
 // handles 8 consecutive elements, so a warp moves 512 contiguous bytes an instruction. The host takes them
 // when the element counts (the row lengths for add_rmsnorm_v8) are multiples of 8 and every operand is
-// 16-byte aligned. Each element gets the arithmetic of the kernel it replaces; only add_rmsnorm_v8 sums
-// its squares in another order (the threads own other elements), so its norm may differ from
-// add_rmsnorm's in the last bit.
+// 16-byte aligned. Each element gets the arithmetic of the kernel it replaces, in the same order, so the
+// results are the same bit for bit.
 
 // convert_v8 is convert over n8 chunks of 8.
 extern "C" __global__ void convert_v8(const void* x, int xdt, void* y, int ydt, long long n8) {
@@ -302,17 +301,20 @@ extern "C" __global__ void split_bf16_v8(const void* x, int xdt, bf16_t* out, lo
 	}
 }
 
-// NORM_V8 is the most 8-element chunks of its row a thread of add_rmsnorm_v8 holds (in registers).
+// NORM_V8 is the most 8-element chunks of its row a thread of add_rmsnorm_v8 holds (in registers), and
+// NORM_V8_MAXN the longest row (its sums go through shared memory).
 #define NORM_V8 4
+#define NORM_V8_MAXN 8192
 
-// add_rmsnorm_v8 is add_rmsnorm with 16-byte accesses and the row in registers between the sum and the
-// norm (n % 8 == 0, n/8 <= NORM_V8·blockDim.x): s = a + b stored as float32, y = s · 1/sqrt(mean(s²) +
-// eps) · w, each element as add_rmsnorm computes it; the squares are summed by chunk owner, so the
-// factor may differ from add_rmsnorm's in the last bit. One block a row.
+// add_rmsnorm_v8 is add_rmsnorm with 16-byte accesses and the row kept on chip between the sum and the
+// norm (n % 8 == 0, n <= NORM_V8_MAXN, n/8 <= NORM_V8·blockDim.x), bit for bit at the same block size: s = a
+// + b is stored as float32, its squares are summed in add_rmsnorm's order (each thread over the elements
+// congruent to it modulo the block, read back from shared memory), and y = s · inv · w. One block a row.
 extern "C" __global__ void add_rmsnorm_v8(const void* a, int adt, const void* b, int bdt, float* s,
 	const void* w, int wdt, void* y, int ydt, int n, float eps) {
 	PDL_PROLOGUE();
 	__shared__ float scratch[32];
+	__shared__ float srow[NORM_V8_MAXN];
 	long long row = blockIdx.x;
 	int n8 = n >> 3;
 	const char* ar = (const char*)a + row * n * (adt == DT_F32 ? 4 : 2);
@@ -328,19 +330,20 @@ extern "C" __global__ void add_rmsnorm_v8(const void* a, int adt, const void* b,
 			load8(br, bdt, c, vb[j]);
 		}
 	}
-	float ss = 0.0f;
 #pragma unroll
 	for (int j = 0; j < NORM_V8; j++) {
 		int c = threadIdx.x + j * blockDim.x;
 		if (c < n8) {
 #pragma unroll
-			for (int e = 0; e < 8; e++) va[j][e] = va[j][e] + vb[j][e];
+			for (int e = 0; e < 8; e++) {
+				va[j][e] = va[j][e] + vb[j][e];
+				srow[8 * c + e] = va[j][e];
+			}
 			store8(sr, DT_F32, c, va[j]);
-#pragma unroll
-			for (int e = 0; e < 8; e++) ss += va[j][e] * va[j][e];
 		}
 	}
-	float inv = norm_inv(block_sum(ss, scratch), n, eps);
+	__syncthreads();
+	float inv = norm_inv(norm_sumsq(srow, DT_F32, 0, n, scratch), n, eps);
 #pragma unroll
 	for (int j = 0; j < NORM_V8; j++) {
 		int c = threadIdx.x + j * blockDim.x;

@@ -49,6 +49,15 @@ type Backend struct {
 	// recording of a step needs for them.
 	argBytes int64
 
+	// fuse is the kernel fusions the ops make (Config.Unfuse; tests change it to compare).
+	fuse fusionSet
+	// fuseCtr is the split-K expert GEMVs' fused epilogues' counters (eg_last in gemv.cu): zeroed once,
+	// and every launch leaves them zero again; nil until the first fused epilogue (moe.go).
+	fuseCtr *buffer
+	// pendingRoutes are the routings whose route or count launch waits to be fused into the expert plan
+	// (moe.go): flushRoutes launches what is left before the host can observe it.
+	pendingRoutes []*routing
+
 	// noFlash makes Attention skip the flash path (tests time the attention kernel against it).
 	noFlash bool
 	// noGEMVSplit makes Linear use the one-warp-a-row GEMV for small weights too (tests compare).
@@ -91,7 +100,18 @@ type kernelSet struct {
 	qgemv                                                                [4]*kernel // qgemv_1, _2, _4, _8
 	qgemvSplit                                                           [2]*kernel // qgemv_split_1, _2
 	actQuantFP8, fp8ScaleOut, transposeU8                                *kernel
+
+	// The fused kernels (Config.Unfuse).
+	routePlan, qkAppend                   *kernel
+	gemvGated                             [2]*kernel // _1, _2
+	expertSwiGLU, expertCombineEpi        [2]*kernel // expert_gemv_swiglu_1, _8; expert_gemv_combine_1, _8
+	convertV8, siluMulV8, splitBF16V8     *kernel
+	addRMSNormV8                          *kernel
+	expertGatherV8, expertActV8, expertV8 *kernel // expertV8: expert_combine_v8
 }
+
+// fused reports whether the backend makes fusion f (Fusions).
+func (b *Backend) fused(f string) bool { return b.fuse[f] }
 
 // Info describes what New found and did.
 type Info struct {
@@ -108,9 +128,10 @@ type Info struct {
 	CompileTime   time.Duration     // NVRTC compiles, in parallel (0 when every unit was a cache hit)
 	CacheWarnings []string          // cache files that were corrupt or refused, and compiled again
 	// PDL says whether kernels launch with programmatic dependent launch (Config.NoPDL; compute
-	// capability 9.0 and a driver with cuLaunchKernelEx), Fused whether the fused decode kernels run
-	// (Config.Unfused).
-	PDL, Fused bool
+	// capability 9.0 and a driver with cuLaunchKernelEx).
+	PDL bool
+	// Fusions are the kernel fusions the backend makes (Fusions less Config.Unfuse).
+	Fusions []string
 }
 
 // Counters counts Linear's and Experts' paths.
@@ -148,8 +169,9 @@ func New(cfg Config) (*Backend, error) {
 	if os.Getenv(EnvPDL) == "0" {
 		cfg.NoPDL = true
 	}
-	if os.Getenv(EnvFuse) == "0" {
-		cfg.Unfused = true
+	fuse, err := parseUnfuse(cfg.Unfuse, os.Getenv(EnvUnfuse))
+	if err != nil {
+		return nil, fmt.Errorf("$%s: %w", EnvUnfuse, err)
 	}
 	start := time.Now()
 	if err := loadLibraries(dl.SearchDirs(cfg.LibDirs)); err != nil {
@@ -159,7 +181,7 @@ func New(cfg Config) (*Backend, error) {
 	if err != nil {
 		return nil, err
 	}
-	b := &Backend{cfg: cfg, dev: dev, gemvRows: gemvMaxRows, splitPerSM: defaultSplitPerSM, ctxStart: start}
+	b := &Backend{cfg: cfg, dev: dev, gemvRows: gemvMaxRows, splitPerSM: defaultSplitPerSM, ctxStart: start, fuse: fuse}
 	if err := b.init(); err != nil {
 		return nil, errors.Join(err, b.Close())
 	}
@@ -196,7 +218,7 @@ func (b *Backend) init() error {
 		return err
 	}
 	b.stream.pdl = !b.cfg.NoPDL && drv.launchEx != nil && d.ccMajor >= 9
-	b.info.PDL, b.info.Fused = b.stream.pdl, !b.cfg.Unfused
+	b.info.PDL, b.info.Fusions = b.stream.pdl, b.fuse.names()
 	for _, k := range []struct {
 		name string
 		dst  **kernel
@@ -226,6 +248,13 @@ func (b *Backend) init() error {
 		{"qgemv_split_1", &b.k.qgemvSplit[0]}, {"qgemv_split_2", &b.k.qgemvSplit[1]},
 		{"qexpert_gemv_1", &b.k.qexpertGEMV1}, {"qexpert_gemv_8", &b.k.qexpertGEMV8}, {"quantize_bf16", &b.k.quantizeBF16},
 		{"act_quant_fp8", &b.k.actQuantFP8}, {"fp8_scale_out", &b.k.fp8ScaleOut}, {"transpose_u8", &b.k.transposeU8},
+		{"route_plan", &b.k.routePlan}, {"qk_append", &b.k.qkAppend},
+		{"gemv_gated_1", &b.k.gemvGated[0]}, {"gemv_gated_2", &b.k.gemvGated[1]},
+		{"expert_gemv_swiglu_1", &b.k.expertSwiGLU[0]}, {"expert_gemv_swiglu_8", &b.k.expertSwiGLU[1]},
+		{"expert_gemv_combine_1", &b.k.expertCombineEpi[0]}, {"expert_gemv_combine_8", &b.k.expertCombineEpi[1]},
+		{"convert_v8", &b.k.convertV8}, {"silu_mul_v8", &b.k.siluMulV8}, {"split_bf16_v8", &b.k.splitBF16V8},
+		{"add_rmsnorm_v8", &b.k.addRMSNormV8},
+		{"expert_gather_v8", &b.k.expertGatherV8}, {"expert_act_v8", &b.k.expertActV8}, {"expert_combine_v8", &b.k.expertV8},
 	} {
 		if *k.dst, err = b.module.function(k.name); err != nil {
 			return err
@@ -311,6 +340,9 @@ func (b *Backend) DeviceMemory() (free, total int64, err error) { return b.dev.m
 func (b *Backend) Synchronize() error {
 	if b.closed {
 		return ErrClosed
+	}
+	if err := b.flushRoutes(); err != nil {
+		return err
 	}
 	if err := b.stream.sync(); err != nil {
 		return err

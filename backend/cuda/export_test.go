@@ -56,3 +56,15 @@ func SetFP8Gemm(b *Backend, on bool) bool {
 	b.noFP8Gemm = !on
 	return old
 }
+
+// SetUnfuse turns b's fusions in list off as Config.Unfuse does ("all", names of Fusions; "" turns every
+// one on) and returns a function that restores the previous set.
+func SetUnfuse(b *Backend, list string) (restore func(), err error) {
+	on, err := parseUnfuse(list)
+	if err != nil {
+		return nil, err
+	}
+	old := b.fuse
+	b.fuse = on
+	return func() { b.fuse = old }, nil
+}
