@@ -1,12 +1,14 @@
 package cuda
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"github.com/tpfleet/tpfleet/internal/dl"
 	"math"
 	"os"
 	"slices"
+	"strings"
 	"time"
 	"unsafe"
 
@@ -219,6 +221,13 @@ func (b *Backend) init() error {
 	}
 	b.stream.pdl = !b.cfg.NoPDL && drv.launchEx != nil && d.ccMajor >= 9
 	b.info.PDL, b.info.Fusions = b.stream.pdl, b.fuse.names()
+	if n := len(b.phases); n > 0 { // the kernels' phase says how they will launch
+		pdl := "off"
+		if b.stream.pdl {
+			pdl = "on"
+		}
+		b.phases[n-1].Detail += fmt.Sprintf("; programmatic dependent launch %s; fusions: %s", pdl, cmp.Or(strings.Join(b.info.Fusions, ","), "none"))
+	}
 	for _, k := range []struct {
 		name string
 		dst  **kernel
