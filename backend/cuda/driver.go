@@ -391,19 +391,27 @@ func (s *stream) launch(k *kernel, grid, block dim3, shmem int, args ...any) err
 // is a kernel's launch and start-up with its predecessor's tail, the gap at every kernel boundary of a
 // decode step. Captured into a graph, the launch becomes a programmatic edge between the two kernel
 // nodes. Kernels without the prologue (and every launch when PDL is off) use cuLaunchKernel: they start
-// only after everything before them in the stream. If the driver refuses the attributed launch, PDL is
-// turned off for the stream and the kernel launched plainly.
+// only after everything before them in the stream. If the driver refuses the attributed launch of a
+// kernel it then launches plainly, PDL is turned off for the stream (the first step of every recorded
+// key runs eagerly, so that happens before a capture).
 func (s *stream) enqueue(k *kernel, grid, block dim3, shmem int, slots *[C.TP_MAX_ARGS]uint64, nargs int) cuResult {
-	if s.pdl && k.pdl {
-		r := cuResult(C.tp_cuLaunchKernelEx(drv.launchEx, s.d.ctx, k.f,
+	plain := func() cuResult {
+		return cuResult(C.tp_cuLaunchKernel(drv.launch, s.d.ctx, k.f,
 			C.uint(grid.x), C.uint(grid.y), C.uint(grid.z), C.uint(block.x), C.uint(block.y), C.uint(block.z),
 			C.uint(shmem), s.s, (*C.uint64_t)(unsafe.Pointer(&slots[0])), C.int(nargs)))
-		if r == 0 {
-			return r
-		}
-		s.pdl = false
 	}
-	return cuResult(C.tp_cuLaunchKernel(drv.launch, s.d.ctx, k.f,
+	if !s.pdl || !k.pdl {
+		return plain()
+	}
+	r := cuResult(C.tp_cuLaunchKernelEx(drv.launchEx, s.d.ctx, k.f,
 		C.uint(grid.x), C.uint(grid.y), C.uint(grid.z), C.uint(block.x), C.uint(block.y), C.uint(block.z),
 		C.uint(shmem), s.s, (*C.uint64_t)(unsafe.Pointer(&slots[0])), C.int(nargs)))
+	if r == 0 {
+		return r
+	}
+	if pr := plain(); pr != 0 {
+		return r // the launch itself is wrong, not the attribute
+	}
+	s.pdl = false
+	return 0
 }
