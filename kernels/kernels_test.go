@@ -37,7 +37,7 @@ func TestEntries(t *testing.T) {
 	want := []string{"kv_append", "attention", "attention_split", "attention_split_128_g1", "attention_split_128_g2", "attention_split_128_g4", "attention_split_128_g5", "attention_split_128_g8", "attention_combine", "convert", "embed", "rmsnorm", "add_rmsnorm", "spin", "add", "silu_mul",
 		"scale_rows", "rope", "rope_qk", "linear_simple", "split_bf16", "add_halves", "gather_permute", "fill_random",
 		"convert_v8", "silu_mul_v8", "split_bf16_v8", "add_rmsnorm_v8",
-		"layernorm", "add_bias", "gelu", "rotate_pairs", "full_attention", "count_experts", "map_experts", "attention_flash",
+		"layernorm", "add_bias", "gelu", "rotate_pairs", "full_attention", "count_experts", "map_experts", "attention_flash", "attention_decode",
 		"gemv_1", "gemv_2", "gemv_4", "gemv_8", "gemv_split_1", "gemv_split_2", "gemv_multi_1", "gemv_multi_2", "gemv_gated_1", "gemv_gated_2", "moe_plan", "expert_gemv_1", "expert_gemv_8",
 		"expert_gemv_swiglu_1", "expert_gemv_swiglu_8", "expert_gemv_combine_1", "expert_gemv_combine_8", "expert_act", "expert_combine",
 		"expert_gather", "expert_gather_v8", "expert_act_v8", "expert_combine_v8", "route", "route_plan", "expert_gate_up", "expert_down", "qk_append",

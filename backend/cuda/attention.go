@@ -137,10 +137,10 @@ type kvRow struct {
 
 const kvRowWords = 5 // KV_ROW
 
-// uploadRows uploads rows for kv_append or attention_split; the table is read now, so upload rows after
-// the host Append of their positions.
-func (b *Backend) uploadRows(rows []kvRow) (*buffer, error) {
-	m := make([]byte, 8*kvRowWords*len(rows))
+// uploadRows uploads rows for kv_append or attention_split, followed by extra zero bytes; the table is
+// read now, so upload rows after the host Append of their positions.
+func (b *Backend) uploadRows(rows []kvRow, extra int) (*buffer, error) {
+	m := make([]byte, 8*kvRowWords*len(rows)+extra)
 	for i, r := range rows {
 		w := m[8*kvRowWords*i:]
 		var blk devptr
@@ -158,7 +158,7 @@ func (b *Backend) uploadRows(rows []kvRow) (*buffer, error) {
 
 // appendRows converts k and v [T, kvHeads, D] into the caches and positions rows names, in one launch.
 func (b *Backend) appendRows(kt, vt *tensor, rows []kvRow) error {
-	meta, err := b.uploadRows(rows)
+	meta, err := b.uploadRows(rows, 0)
 	if err != nil {
 		return err
 	}
@@ -232,9 +232,9 @@ func (c *kvCache) checkAppend(kt, vt *tensor, pos []int) error {
 
 // Attention computes softmax(q·kᵀ·scale)·v for q [T, heads, D] at positions pos over the keys of cache
 // each query may see under window, query head h reading kv head h / (heads / kvHeads): an online softmax
-// in float32 over the bf16 cache, for at most splitMaxQueries queries split over the keys
-// (attentionSplit), else one block per (query, head). Each query position must be held by
-// the cache, and so must every key it may see. D is at most 256.
+// in float32 over the bf16 cache; for at most splitMaxQueries queries split over the keys (attendDecode),
+// else the prefill kernels (attention_flash, or one block per (query, head)). Each query position must be
+// held by the cache, and so must every key it may see. D is at most 256.
 func (b *Backend) Attention(q backend.Tensor, cache backend.KVCache, pos []int, window backend.Window, scale float32) (backend.Tensor, error) {
 	qt, err := b.asTensor("attention", "q", q)
 	if err != nil {
@@ -269,7 +269,7 @@ func (b *Backend) Attention(q backend.Tensor, cache backend.KVCache, pos []int, 
 		for i, p := range pos {
 			rows[i] = kvRow{c, p}
 		}
-		err = b.attentionSplit(qt, kvHeads, rows, out, window, scale)
+		err = b.attendDecode(qt, kvHeads, rows, out, window, scale)
 		return b.result("attention", out, err)
 	}
 	pb, err := int32Bytes("pos", pos)
@@ -296,26 +296,85 @@ func splitEligible(T, heads, kvHeads, D int) bool {
 	return T <= splitMaxQueries && heads/kvHeads <= splitMaxGroup && D%2 == 0
 }
 
-// Split-K decode attention (attention_split and attention_combine in attention.cu).
+// Split-K decode attention: attention_decode (flash.cu) for the shapes it takes, else attention_split and
+// attention_combine (attention.cu).
 const (
-	defaultSplitPerSM = 2    // blocks per SM: more splits shorten each warp's walk but lengthen the combine
+	defaultSplitPerSM = 4    // attention_decode blocks per SM (its __launch_bounds__ minimum: all resident at once)
+	legacySplitPerSM  = 2    // attention_split blocks per SM: more splits shorten each warp's walk but lengthen the combine
 	splitMaxQueries   = 8    // Attention takes the split path for at most this many queries
-	splitMaxGroup     = 8    // and at most this many query heads per kv head (ATTS_MAXG)
+	splitMaxGroup     = 8    // and at most this many query heads per kv head (ATTS_MAXG, AD_MAXG)
 	splitMaxSplits    = 1024 // ATTC_MAXSPLITS
+	decodeMaxRows     = 512  // queries per attention_decode launch (AD_MAXT)
+	decodeThreads     = 128  // attention_decode's block (AD_WARPS warps)
 )
+
+// decodeEligible reports whether attention_decode takes queries of heads query heads over kvHeads of
+// dimension D (a multiple of 16 up to 128; at most 8 query heads a kv head). The others take
+// attention_split.
+func (b *Backend) decodeEligible(heads, kvHeads, D int) bool {
+	return !b.noDecode && (D == 16 || D == 32 || D == 64 || D == 128) && heads/kvHeads <= splitMaxGroup
+}
+
+// attendDecode is decode attention for the queries rows names (several sequences, or a few queries of one)
+// in one launch: attentionDecode where the shape allows, else attentionSplit.
+func (b *Backend) attendDecode(qt *tensor, kvHeads int, rows []kvRow, out *tensor, window backend.Window, scale float32) error {
+	if b.decodeEligible(qt.shape[1], kvHeads, qt.shape[2]) {
+		return b.attentionDecode(qt, kvHeads, rows, out, window, scale)
+	}
+	return b.attentionSplit(qt, kvHeads, rows, out, window, scale)
+}
+
+// attentionDecode is flash-decoding on tensor cores with the keys split by the total work
+// (attention_decode in flash.cu): the visible keys of every (query, kv head) are cut into 16-key tiles,
+// and the launch's tiles, all queries' together, are dealt out to a fixed grid of b.splitPerSM blocks per
+// SM in equal contiguous ranges, so a batch of short contexts and one long context both keep every SM
+// reading K/V, and a short context's keys (at most 64) stay in one block. The kernel computes the ranges
+// from the positions it reads, so the launch is the same at any context length (recorded steps replay).
+// A query's keys cut over several blocks are merged, in block order, by the block that finishes last (a
+// counter per (query, kv head), zeroed by the upload that carries the rows); no second kernel. Query t
+// reads the cache and position of rows[t]; at most decodeMaxRows queries a launch.
+func (b *Backend) attentionDecode(qt *tensor, kvHeads int, rows []kvRow, out *tensor, window backend.Window, scale float32) error {
+	T, heads, D := qt.shape[0], qt.shape[1], qt.shape[2]
+	blocks := max(b.splitPerSM, 1) * max(b.dev.multiprocessors, 1)
+	ss := decodeSlotFloats(heads/kvHeads, D)
+	part, err := b.pool.get(int64(2*blocks) * int64(ss) * 4)
+	if err != nil {
+		return err
+	}
+	defer b.pool.release(*part)
+	for t0 := 0; t0 < T; t0 += decodeMaxRows {
+		n := min(decodeMaxRows, T-t0)
+		meta, err := b.uploadRows(rows[t0:t0+n], 4*n*kvHeads) // the rows, then a zeroed counter per segment
+		if err != nil {
+			return err
+		}
+		err = b.stream.launch(b.k.attentionDecode, dim3{uint32(blocks), 1, 1}, dim3{decodeThreads, 1, 1}, 0,
+			qt, int(qt.dt), meta, meta.ptr+devptr(8*kvRowWords*n), n, t0, part, ss, out, int(out.dt), heads, kvHeads, D,
+			window.Chunk, scale)
+		b.pool.release(*meta)
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// decodeSlotFloats is the size of one attention_decode partial (G×D sums and G (max, sum) pairs), rounded
+// to 128 bytes so that no two slots share a cache line.
+func decodeSlotFloats(G, D int) int { return (G*(D+2) + 31) / 32 * 32 }
 
 // attentionSplit is flash-decoding: the visible key range of each query is cut into splits; block
 // (split, kv head, query) runs the online softmax for all query heads of its kv head over its split (K/V
 // read once per group) and writes float32 partials (max, sum, Σ e·v), and attention_combine merges the
 // splits with the log-sum-exp rule, in split order (deterministic). Query t reads the cache and position
 // of rows[t], so the queries may come from several sequences. The number of splits aims at
-// b.splitPerSM blocks per SM and depends only on the shapes; the kernel sizes the spans from the positions it reads,
-// so the launches are the same at every context length.
+// legacySplitPerSM blocks per SM and depends only on the shapes; the kernel sizes the spans from the positions it
+// reads, so the launches are the same at every context length.
 func (b *Backend) attentionSplit(qt *tensor, kvHeads int, rows []kvRow, out *tensor, window backend.Window, scale float32) error {
 	T, heads, D := qt.shape[0], qt.shape[1], qt.shape[2]
-	target := b.splitPerSM * max(b.dev.multiprocessors, 1)
+	target := legacySplitPerSM * max(b.dev.multiprocessors, 1)
 	splits := min(max(ceilDiv(target, T*kvHeads), 1), splitMaxSplits)
-	meta, err := b.uploadRows(rows)
+	meta, err := b.uploadRows(rows, 0)
 	if err != nil {
 		return err
 	}
@@ -352,8 +411,10 @@ var _ backend.BatchAttender = (*Backend)(nil)
 
 // AttendBatch appends and attends the rows of several sequences (backend.BatchAttender). When every
 // span has at most splitMaxQueries rows (decode), it takes one kv_append launch and one split attention
-// over all rows, whatever the number of sequences; otherwise each span goes through Append and
-// Attention.
+// over all rows (attendDecode), whatever the number of sequences; otherwise each span goes through Append
+// and Attention. On attention_decode a context of at most 64 keys gives the same values either way; a
+// longer one may be cut over the blocks differently when it is attended with others (the split follows
+// the batch's total work), which changes its values only by float32 summation order.
 func (b *Backend) AttendBatch(q, k, v backend.Tensor, spans []backend.AttendSpan, window backend.Window, scale float32) (backend.Tensor, error) {
 	return b.attendBatch(q, k, v, spans, window, scale, nil)
 }
@@ -452,7 +513,7 @@ func (b *Backend) attendBatch(q, k, v backend.Tensor, spans []backend.AttendSpan
 	if err != nil {
 		return nil, err
 	}
-	err = b.attentionSplit(qt, kvHeads, rows, out, window, scale)
+	err = b.attendDecode(qt, kvHeads, rows, out, window, scale)
 	return b.result("attend batch", out, err)
 }
 

@@ -64,8 +64,10 @@ type Backend struct {
 	noFlash bool
 	// noGEMVSplit makes Linear use the one-warp-a-row GEMV for small weights too (tests compare).
 	noGEMVSplit bool
-	// splitPerSM is the number of decode attention blocks per SM attentionSplit aims at.
+	// splitPerSM is the number of attention_decode blocks per SM (attentionDecode's grid).
 	splitPerSM int
+	// noDecode makes decode attention take attention_split instead of attention_decode (tests compare).
+	noDecode bool
 
 	// gemvRows is the largest row count Linear runs on the GEMV kernel (gemvMaxRows; tests change it to
 	// compare with cuBLASLt).
@@ -89,7 +91,7 @@ type kernelSet struct {
 	countExperts                                                         *kernel
 	attentionSplit, attentionCombine                                     *kernel
 	attentionSplit128                                                    [5]*kernel // groups of at most 1, 2, 4, 5, 8
-	attentionFlash                                                       *kernel
+	attentionFlash, attentionDecode                                      *kernel
 	gatherPermute, fillRandom                                            *kernel
 	gemv                                                                 [4]*kernel // gemv_1, _2, _4, _8
 	moePlan, expertGEMV1, expertGEMV8, expertAct, expertCombine          *kernel
@@ -240,7 +242,7 @@ func (b *Backend) init() error {
 		{"attention_split_128_g4", &b.k.attentionSplit128[2]}, {"attention_split_128_g5", &b.k.attentionSplit128[3]},
 		{"attention_split_128_g8", &b.k.attentionSplit128[4]},
 		{"attention_combine", &b.k.attentionCombine},
-		{"attention_flash", &b.k.attentionFlash},
+		{"attention_flash", &b.k.attentionFlash}, {"attention_decode", &b.k.attentionDecode},
 		{"route", &b.k.route}, {"expert_gate_up", &b.k.expertGateUp}, {"expert_down", &b.k.expertDown},
 		{"map_experts", &b.k.mapExperts},
 		{"count_experts", &b.k.countExperts},

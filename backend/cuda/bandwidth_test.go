@@ -2,6 +2,9 @@ package cuda_test
 
 import (
 	"fmt"
+	"math"
+	"math/rand/v2"
+	"strings"
 	"testing"
 	"time"
 
@@ -79,32 +82,7 @@ func TestDecodeBandwidth(t *testing.T) {
 	}
 	cuda.SetGEMVSplit(b, true)
 
-	// Decode attention at a 2048-token context: 40 query heads over 8 kv heads of 128.
-	cache := newCache(t, b, 8, 128, 4096, backend.Window{}, 0)
-	const ctx = 2049
-	kv, err := b.FromFloat32([]int{ctx, 8, 128}, make([]float32, ctx*8*128))
-	if err != nil {
-		t.Fatal(err)
-	}
-	pos := make([]int, ctx)
-	for i := range pos {
-		pos[i] = i
-	}
-	if err := cache.Append(kv, kv, pos); err != nil {
-		t.Fatal(err)
-	}
-	q, err := b.FromFloat32([]int{1, 40, 128}, make([]float32, 40*128))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, perSM := range []int{1, 2, 4, 8} {
-		old := cuda.SetSplitPerSM(b, perSM)
-		measure("Attn decode", fmt.Sprintf("ctx %d h 40/8 D 128, %d blocks/SM", ctx, perSM), int64(ctx)*8*128*2*2, func() error {
-			_, err := b.Attention(q, cache, []int{ctx - 1}, backend.Window{}, 0.088)
-			return err
-		})
-		cuda.SetSplitPerSM(b, old)
-	}
+	decodeAttentionBandwidth(t, b, copyRate)
 	const E, H, I = 16, 5120, 8192
 	gateUp, err := b.RandomBF16([]int{E, H, 2 * I}, 0, 0.02, 2)
 	if err != nil {
@@ -130,4 +108,131 @@ func TestDecodeBandwidth(t *testing.T) {
 		_, err := b.Experts(x, r, gateUp, down, 0)
 		return err
 	})
+}
+
+// decodeAttentionBandwidth adds the decode attention rows to the table: Scout's 40 query heads over 8 kv
+// heads of 128 (one layer, bf16 KV in blocks of 16), batches of 1, 16 and 64 sequences of 4096 cached
+// tokens, one 128 k-token context on a global (NoPE) layer, and one on a chunked layer, which reads only the
+// current 8192-token chunk. Bytes are the K and V rows the queries see; GB/s is from the attention kernels'
+// GPU time (Profile, without the rows' upload, which a recorded step folds into its one argument copy).
+// The old split kernel and other grid sizes are measured on the largest shapes for comparison. About 1.6
+// GB of KV in all.
+func decodeAttentionBandwidth(t *testing.T, b *cuda.Backend, copyRate float64) {
+	const heads, kvHeads, D, block = 40, 8, 128, 16
+	const rowBytes = kvHeads * D * 2 * 2 // K and V of one position, bf16
+	scale := float32(1 / math.Sqrt(D))
+	// One random piece of K/V rows, appended over and over (its values do not matter here).
+	const piece = 4096
+	kv, err := b.RandomBF16([]int{piece, kvHeads, D}, 0, 1, 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fill := func(c backend.KVCache, n int) {
+		for p0 := 0; p0 < n; p0 += piece {
+			m := min(piece, n-p0)
+			k, err := b.Rows(kv, 0, m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := c.Append(k, k, seq(p0, m)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	type shape struct {
+		name      string
+		seqs, ctx int
+		chunk     int
+		perSM     []int // attention_decode blocks per SM to measure (the first is the default)
+		legacy    bool  // also measure attention_split
+	}
+	for _, s := range []shape{
+		{"1×4096", 1, 4096, 0, []int{4}, true},
+		{"16×4096", 16, 4096, 0, []int{4}, false},
+		{"64×4096", 64, 4096, 0, []int{4, 2, 3, 5}, true},
+		{"1×131072 global layer", 1, 131072, 0, []int{4, 2, 3, 5}, true},
+		{"1×131072 chunked layer (chunk 8192)", 1, 131072, 8192, []int{4}, true},
+	} {
+		w := backend.Window{Chunk: s.chunk}
+		// A fixed pool for the batch (a chunked layer's cache holds at most a chunk and a piece).
+		held := s.ctx
+		if s.chunk > 0 {
+			held = s.chunk + piece
+		}
+		pool, err := b.NewBlockPool(kvHeads, D, block, s.seqs*(held/block+1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		caches := make([]backend.KVCache, s.seqs)
+		pos := make([]int, s.seqs)
+		var bytes int64
+		for i := range caches {
+			if caches[i], err = b.NewKVCache(pool, s.ctx, w); err != nil {
+				t.Fatal(err)
+			}
+			fill(caches[i], s.ctx)
+			pos[i] = s.ctx - 1
+			visible := s.ctx
+			if s.chunk > 0 {
+				visible = pos[i]%s.chunk + 1
+			}
+			bytes += int64(visible) * rowBytes
+		}
+		q, err := b.FromFloat32([]int{s.seqs, heads, D}, randVals(rand.New(rand.NewPCG(1, 2)), s.seqs*heads*D, 1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		attend := func() error {
+			_, err := cuda.AttendRows(b, q, caches, pos, w, scale)
+			return err
+		}
+		measureAttn := func(label string) {
+			t.Helper()
+			const calls = 10
+			entries, total, err := b.Profile(func() error {
+				for range calls {
+					if err := attend(); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var kern time.Duration
+			var kernels string
+			for _, e := range entries {
+				kernels += fmt.Sprintf(" %s %v", e.Op, (e.Device / calls).Round(100*time.Nanosecond))
+				if strings.HasPrefix(e.Op, "attention") {
+					kern += e.Device
+				}
+			}
+			kern /= calls
+			gbs := float64(bytes) / kern.Seconds() / 1e9
+			t.Logf("Attn decode %s: %.1f MB of K/V, kernels %v (%.0f GB/s, %.0f%% of copy), %v a call with the upload;%s",
+				label, float64(bytes)/1e6, kern, gbs, 100*gbs*1e9/copyRate, total/calls, kernels)
+			row("Attn decode", label, fmt.Sprintf("%.0f GB/s (%.0f%% of copy)", gbs, 100*gbs*1e9/copyRate), kern.Round(100*time.Nanosecond).String())
+		}
+		for _, n := range s.perSM {
+			old := cuda.SetSplitPerSM(b, n)
+			label := fmt.Sprintf("%s h 40/8 D 128", s.name)
+			if n != s.perSM[0] {
+				label += fmt.Sprintf(", %d blocks/SM", n)
+			}
+			measureAttn(label)
+			cuda.SetSplitPerSM(b, old)
+		}
+		if s.legacy {
+			old := cuda.SetDecode(b, false)
+			measureAttn(fmt.Sprintf("%s h 40/8 D 128, attention_split (before)", s.name))
+			cuda.SetDecode(b, old)
+		}
+		for _, c := range caches {
+			c.Free()
+		}
+		if err := b.Synchronize(); err != nil {
+			t.Fatal(err)
+		}
+	}
 }

@@ -1,5 +1,11 @@
 package cuda
 
+import (
+	"fmt"
+
+	"github.com/tpfleet/tpfleet/backend"
+)
+
 // SetGEMVRows sets the most rows Linear runs on the GEMV kernel (0: never; at most 8, the kernels' limit) and
 // returns the previous value, so that tests can time cuBLASLt on the same shapes.
 func SetGEMVRows(b *Backend, rows int) int {
@@ -55,6 +61,44 @@ func SetFP8Gemm(b *Backend, on bool) bool {
 	old := !b.noFP8Gemm
 	b.noFP8Gemm = !on
 	return old
+}
+
+// SetDecode turns b's attention_decode on or off (off: decode attention takes attention_split and
+// attention_combine) and returns the previous setting, so that tests can compare the two.
+func SetDecode(b *Backend, on bool) bool {
+	old := !b.noDecode
+	b.noDecode = !on
+	return old
+}
+
+// AttendRows is the decode attention of AttendBatch without the append: query t of q [T, heads, D] at
+// position pos[t] of caches[t] (each position already appended), in one launch.
+func AttendRows(b *Backend, q backend.Tensor, caches []backend.KVCache, pos []int, window backend.Window, scale float32) (backend.Tensor, error) {
+	qt, err := b.asTensor("attend rows", "q", q)
+	if err != nil {
+		return nil, err
+	}
+	if len(qt.shape) != 3 || qt.shape[0] != len(pos) || len(caches) != len(pos) || len(pos) == 0 {
+		return nil, fmt.Errorf("cuda: attend rows q%v, %d caches, %d positions: %w", qt.shape, len(caches), len(pos), backend.ErrShape)
+	}
+	rows := make([]kvRow, len(pos))
+	for i, c := range caches {
+		kc, ok := c.(*kvCache)
+		if !ok || kc.b != b || kc.pool.headDim != qt.shape[2] || qt.shape[1]%kc.pool.kvHeads != 0 ||
+			(i > 0 && kc.pool.kvHeads != rows[0].c.pool.kvHeads) {
+			return nil, fmt.Errorf("cuda: attend rows: cache %d (%T) does not fit q%v: %w", i, c, qt.shape, backend.ErrShape)
+		}
+		if err := kc.table.CheckAttend(pos[i:i+1], window); err != nil {
+			return nil, fmt.Errorf("cuda: attend rows: cache %d: %w", i, err)
+		}
+		rows[i] = kvRow{kc, pos[i]}
+	}
+	out, err := b.act(qt.shape...)
+	if err != nil {
+		return nil, err
+	}
+	err = b.attendDecode(qt, rows[0].c.pool.kvHeads, rows, out, window, scale)
+	return b.result("attend rows", out, err)
 }
 
 // SetUnfuse turns b's fusions in list off as Config.Unfuse does ("all", names of Fusions; "" turns every

@@ -60,7 +60,7 @@ func (b *Backend) qkAppend(qt, kt, vt *tensor, rows []kvRow, tr *backend.QKTrans
 	if err != nil {
 		return nil, err
 	}
-	meta, err := b.uploadRows(rows)
+	meta, err := b.uploadRows(rows, 0)
 	if err != nil {
 		return nil, err
 	}

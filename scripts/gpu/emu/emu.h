@@ -1,8 +1,12 @@
 // emu.h: a tiny SIMT emulator for checking kernels on a machine without a GPU (scripts/gpu/emu-quant.sh):
 // one block at a time, one std::thread per CUDA thread, std::barrier for __syncthreads and warp shuffles.
 // __shared__ becomes static, so blocks must run one at a time (launch does). Only what the checked kernels
-// use is here. __syncwarp and __match_any_sync are barriers of the warp, so every lane of a warp must
-// reach them together (moe_plan's do).
+// use is here. __syncwarp and __match_any_sync are barriers of the warp, so every lane of a warp must reach
+// them together (moe_plan's do). It also defines TPF_EMU and C++ versions
+// of flash.cu's PTX helpers (cp.async, ldmatrix, mma.sync m16n8k16 bf16, cvt bf16x2, ld.global.cg): each
+// lane gets exactly the fragment the PTX ISA gives it, exchanged through the warp's barrier, so kernels
+// built on them (attention_flash, attention_decode) run here too.
+#define TPF_EMU 1
 #include <cstdio>
 #include <cstring>
 #include <cmath>
@@ -17,7 +21,7 @@ thread_local dim3 threadIdx, blockIdx;
 dim3 blockDim, gridDim;
 std::barrier<>* g_block;
 std::vector<std::unique_ptr<std::barrier<>>> g_warp;
-float g_shfl[1024];
+uint64_t g_shfl[1024];
 #define __global__
 #define __device__
 #define __shared__ static
@@ -30,22 +34,23 @@ static inline float __int_as_float(int u){float f; memcpy(&f,&u,4); return f;}
 static inline unsigned __float_as_uint(float f){unsigned u; memcpy(&u,&f,4); return u;}
 static inline void __syncthreads() { g_block->arrive_and_wait(); }
 static inline void __syncwarp(unsigned = 0) { g_warp[threadIdx.x >> 5]->arrive_and_wait(); }
-static inline float __shfl_xor_sync(unsigned, float v, int o) {
+// emu_shfl returns lane src's v (src within this thread's warp), for any 4- or 8-byte type.
+template <class T>
+static inline T emu_shfl(T v, int src) {
+	static_assert(sizeof(T) <= 8, "shuffle of a type over 8 bytes");
 	int t = threadIdx.x, w = t >> 5;
-	g_shfl[t] = v;
+	uint64_t u = 0;
+	memcpy(&u, &v, sizeof(T));
+	g_shfl[t] = u;
 	g_warp[w]->arrive_and_wait();
-	float r = g_shfl[t ^ o];
+	u = g_shfl[(w << 5) + (src & 31)];
 	g_warp[w]->arrive_and_wait();
+	T r;
+	memcpy(&r, &u, sizeof(T));
 	return r;
 }
-static inline float __shfl_sync(unsigned, float v, int src) {
-	int t = threadIdx.x, w = t >> 5;
-	g_shfl[t] = v;
-	g_warp[w]->arrive_and_wait();
-	float r = g_shfl[(w << 5) + (src & 31)];
-	g_warp[w]->arrive_and_wait();
-	return r;
-}
+template <class T> static inline T __shfl_xor_sync(unsigned, T v, int o) { return emu_shfl(v, (threadIdx.x & 31) ^ o); }
+template <class T> static inline T __shfl_sync(unsigned, T v, int src) { return emu_shfl(v, src); }
 int g_match[1024];
 static inline unsigned __match_any_sync(unsigned, int v) {
 	int t = threadIdx.x, w = t >> 5, n = std::min(32, (int)blockDim.x - 32 * w);
@@ -65,6 +70,87 @@ static inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __A
 static inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 static inline float __fmul_rn(float a, float b) { return a * b; } // compiled with -ffp-contract=off
 static inline long long clock64() { return 0; }
+
+// Shared-memory addresses (__cvta_generic_to_shared) are offsets from an anchor in the same static data as
+// the kernels' __shared__ arrays, so they fit the 32 bits PTX gives them.
+static char emu_anchor;
+// (Integer arithmetic: the pointers are not into emu_anchor, which the compiler must not assume.)
+static inline unsigned __cvta_generic_to_shared(const void* p) { return (unsigned)(uint32_t)((uintptr_t)p - (uintptr_t)&emu_anchor); }
+static inline char* emu_smem(unsigned a) { return (char*)((uintptr_t)&emu_anchor + (uintptr_t)(intptr_t)(int32_t)a); }
+
+// emu_xch is each thread's exchange slots for the warp-wide matrix operations below.
+uint32_t emu_xch[1024][8];
+static inline void emu_warp_wait() { g_warp[threadIdx.x >> 5]->arrive_and_wait(); }
+static inline float emu_bf16(uint32_t h) { uint32_t u = h << 16; float f; memcpy(&f, &u, 4); return f; }
+
+// cp.async: the copy happens at once (commit and wait have nothing left to do).
+static inline void fa_cp16(unsigned dst, const void* src) { memcpy(emu_smem(dst), src, 16); }
+static inline void fa_zero16(unsigned dst) { memset(emu_smem(dst), 0, 16); }
+static inline void fa_commit() {}
+static inline void fa_wait_all() {}
+template <int N> static inline void fa_wait_pending() {}
+static inline float fa_ldcg(const float* p) { return *p; }
+
+// ldmatrix.m8n8.x4 (.trans): lanes 8i..8i+7 give the row addresses of matrix i; register i of lane (g, c)
+// = (lane/4, lane%4) gets row g, columns 2c, 2c+1 of matrix i (.trans: rows 2c, 2c+1 of column g).
+static inline void emu_ldmatrix(unsigned addr, bool trans, u32_& r0, u32_& r1, u32_& r2, u32_& r3) {
+	int t = threadIdx.x, w0 = t & ~31, lane = t & 31, g = lane >> 2, c = lane & 3;
+	emu_xch[t][0] = addr;
+	emu_warp_wait();
+	u32_ r[4];
+	for (int i = 0; i < 4; i++) {
+		if (!trans) memcpy(&r[i], emu_smem(emu_xch[w0 + 8 * i + g][0]) + 4 * c, 4);
+		else {
+			uint16_t lo, hi;
+			memcpy(&lo, emu_smem(emu_xch[w0 + 8 * i + 2 * c][0]) + 2 * g, 2);
+			memcpy(&hi, emu_smem(emu_xch[w0 + 8 * i + 2 * c + 1][0]) + 2 * g, 2);
+			r[i] = lo | (u32_)hi << 16;
+		}
+	}
+	emu_warp_wait();
+	r0 = r[0]; r1 = r[1]; r2 = r[2]; r3 = r[3];
+}
+static inline void fa_ldmatrix_x4(unsigned a, u32_& r0, u32_& r1, u32_& r2, u32_& r3) { emu_ldmatrix(a, false, r0, r1, r2, r3); }
+static inline void fa_ldmatrix_x4_trans(unsigned a, u32_& r0, u32_& r1, u32_& r2, u32_& r3) { emu_ldmatrix(a, true, r0, r1, r2, r3); }
+
+// mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32: d += a·b with the fragments of the PTX ISA (g = lane/4,
+// c = lane%4): A a0 (row g, k 2c..2c+1), a1 (row g+8), a2 (row g, k 2c+8..), a3 (row g+8, k 2c+8..);
+// B b0 (k 2c..2c+1, n g), b1 (k 2c+8..); C/D d0,d1 (row g, n 2c, 2c+1), d2,d3 (row g+8). The lower k in
+// the low half. Products are exact in float; the sum runs in float in k order.
+static inline void fa_mma(float* d, const u32_* a, u32_ b0, u32_ b1) {
+	int t = threadIdx.x, w0 = t & ~31, lane = t & 31, g = lane >> 2, c = lane & 3;
+	for (int i = 0; i < 4; i++) emu_xch[t][i] = a[i];
+	emu_xch[t][4] = b0;
+	emu_xch[t][5] = b1;
+	emu_warp_wait();
+	auto A = [&](int row, int k) {
+		uint32_t v = emu_xch[w0 + (row & 7) * 4 + ((k & 7) >> 1)][(row >= 8) + 2 * (k >= 8)];
+		return emu_bf16(k & 1 ? v >> 16 : v & 0xffff);
+	};
+	auto B = [&](int k, int n) {
+		uint32_t v = emu_xch[w0 + n * 4 + ((k & 7) >> 1)][4 + (k >= 8)];
+		return emu_bf16(k & 1 ? v >> 16 : v & 0xffff);
+	};
+	float r[4];
+	for (int e = 0; e < 4; e++) {
+		int row = g + 8 * (e >> 1), col = 2 * c + (e & 1);
+		float acc = d[e];
+		for (int k = 0; k < 16; k++) acc += A(row, k) * B(k, col);
+		r[e] = acc;
+	}
+	emu_warp_wait();
+	for (int e = 0; e < 4; e++) d[e] = r[e];
+}
+
+// cvt.rn.bf16x2.f32: lo and hi to bf16, round to nearest even (NaN to the canonical NaN), lo in the low half.
+static inline uint32_t emu_rn_bf16(float f) {
+	uint32_t u;
+	memcpy(&u, &f, 4);
+	if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;
+	u += 0x7fffu + ((u >> 16) & 1u);
+	return u >> 16;
+}
+static inline u32_ fa_pack(float lo, float hi) { return emu_rn_bf16(lo) | emu_rn_bf16(hi) << 16; }
 template <class F>
 void launch(dim3 grid, dim3 block, F f) {
 	gridDim = grid; blockDim = block;
