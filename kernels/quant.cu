@@ -106,6 +106,7 @@ __device__ __forceinline__ float qweight_at(const unsigned char* w, const void* 
 // bf16: the prefill path's GEMM operand (one expert at a time for the routed experts).
 extern "C" __global__ void dequant_bf16(const unsigned char* w, const void* scales, int fmt, long long in, long long inner,
 	int gs, int G, long long off, long long n, bf16_t* out) {
+	PDL_PROLOGUE();
 	GRID_STRIDE(i, n) out[i] = f32_to_bf16(qweight_at(w, scales, fmt, off + i, in, inner, gs, G));
 }
 
@@ -255,18 +256,22 @@ __device__ __forceinline__ void qgemv_split_rows(const void* __restrict__ x, int
 // (GEMV_WARPS·GEMV_ROWS)) blocks of GEMV_WARPS warps).
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 qgemv_1(const void* x, int xdt, const unsigned char* w, const void* scales, int fmt, int gs, float* y, int T, int K, int N) {
+	PDL_PROLOGUE();
 	qgemv_rows<1>(x, xdt, w, scales, fmt, gs, y, T, K, N, gemv_row0());
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 qgemv_2(const void* x, int xdt, const unsigned char* w, const void* scales, int fmt, int gs, float* y, int T, int K, int N) {
+	PDL_PROLOGUE();
 	qgemv_rows<2>(x, xdt, w, scales, fmt, gs, y, T, K, N, gemv_row0());
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 qgemv_4(const void* x, int xdt, const unsigned char* w, const void* scales, int fmt, int gs, float* y, int T, int K, int N) {
+	PDL_PROLOGUE();
 	qgemv_rows<4>(x, xdt, w, scales, fmt, gs, y, T, K, N, gemv_row0());
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 qgemv_8(const void* x, int xdt, const unsigned char* w, const void* scales, int fmt, int gs, float* y, int T, int K, int N) {
+	PDL_PROLOGUE();
 	qgemv_rows<8>(x, xdt, w, scales, fmt, gs, y, T, K, N, gemv_row0());
 }
 
@@ -274,10 +279,12 @@ qgemv_8(const void* x, int xdt, const unsigned char* w, const void* scales, int 
 // GEMV_WARPS warps).
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 qgemv_split_1(const void* x, int xdt, const unsigned char* w, const void* scales, int fmt, int gs, float* y, int T, int K, int N) {
+	PDL_PROLOGUE();
 	qgemv_split_rows<1>(x, xdt, w, scales, fmt, gs, y, T, K, N, blockIdx.x * GEMV_ROWS);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 qgemv_split_2(const void* x, int xdt, const unsigned char* w, const void* scales, int fmt, int gs, float* y, int T, int K, int N) {
+	PDL_PROLOGUE();
 	qgemv_split_rows<2>(x, xdt, w, scales, fmt, gs, y, T, K, N, blockIdx.x * GEMV_ROWS);
 }
 
@@ -354,12 +361,14 @@ extern "C" __global__ void __launch_bounds__(EG_WARPS * 32)
 qexpert_gemv_1(const void* x, int xdt, int mode, const int* perm, const float* scores, int topk, const int* seg,
 	const int* active, const int* meta, const unsigned char* w, const void* scales, int fmt, int gs, int K, int N, int ksplit,
 	float* P, int R) {
+	PDL_PROLOGUE();
 	qexpert_gemv_rows<1>(x, xdt, mode, perm, scores, topk, seg, active, meta, w, scales, fmt, gs, K, N, ksplit, P, R);
 }
 extern "C" __global__ void __launch_bounds__(EG_WARPS * 32)
 qexpert_gemv_8(const void* x, int xdt, int mode, const int* perm, const float* scores, int topk, const int* seg,
 	const int* active, const int* meta, const unsigned char* w, const void* scales, int fmt, int gs, int K, int N, int ksplit,
 	float* P, int R) {
+	PDL_PROLOGUE();
 	qexpert_gemv_rows<8>(x, xdt, mode, perm, scores, topk, seg, active, meta, w, scales, fmt, gs, K, N, ksplit, P, R);
 }
 
@@ -371,6 +380,7 @@ qexpert_gemv_8(const void* x, int xdt, int mode, const int* perm, const float* s
 // benchmarks' random quantised weights, made on the device.
 extern "C" __global__ void quantize_bf16(const bf16_t* v, long long in, long long inner, int fmt, int gs, int G,
 	long long nscales, unsigned char* codes, void* scales) {
+	PDL_PROLOGUE();
 	GRID_STRIDE(s, nscales) {
 		long long c = s % inner, og = s / inner;
 		long long g = og % G, o = og / G;

@@ -177,6 +177,7 @@ __device__ __forceinline__ float fp8_quant_row(const void* src, int sdt, float m
 // multiple of 32 threads.
 extern "C" __global__ void fp8_act_rows(const void* x, int xdt, const int* perm, const float* scores, int k, int n, int dyn,
 	void* out, int odt, const int* nrows, int wm) {
+	PDL_PROLOGUE();
 	__shared__ float scratch[32];
 	const int r = blockIdx.x;
 	if (nrows && r >= *nrows) return; // uniform over the block
@@ -200,6 +201,7 @@ extern "C" __global__ void fp8_act_rows(const void* x, int xdt, const int* perm,
 // fp8_act_rows' value bit for bit.
 extern "C" __global__ void fp8_act_codes(const void* x, int xdt, const int* perm, const float* scores, int k, int n,
 	unsigned char* codes, float* scales, const int* nrows) {
+	PDL_PROLOGUE();
 	__shared__ float scratch[32];
 	const int r = blockIdx.x;
 	if (nrows && r >= *nrows) return; // uniform over the block
@@ -396,14 +398,14 @@ __device__ __forceinline__ void fp8_gemv(const void* __restrict__ x, int xdt, in
 
 // fp8_gemv_N: fp8_gemv for T <= N rows of x prepared by fp8_act_rows; fp8_gemv_xs_N stages x itself.
 // Blocks of FP8_THREADS threads, registers capped for two of them an SM (the staged grids' cap, fp8.go).
-extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_1(FP8_GEMV_PARAMS) { fp8_gemv<1, false>(FP8_GEMV_ARGS); }
-extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_2(FP8_GEMV_PARAMS) { fp8_gemv<2, false>(FP8_GEMV_ARGS); }
-extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_4(FP8_GEMV_PARAMS) { fp8_gemv<4, false>(FP8_GEMV_ARGS); }
-extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_8(FP8_GEMV_PARAMS) { fp8_gemv<8, false>(FP8_GEMV_ARGS); }
-extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_xs_1(FP8_GEMV_PARAMS) { fp8_gemv<1, true>(FP8_GEMV_ARGS); }
-extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_xs_2(FP8_GEMV_PARAMS) { fp8_gemv<2, true>(FP8_GEMV_ARGS); }
-extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_xs_4(FP8_GEMV_PARAMS) { fp8_gemv<4, true>(FP8_GEMV_ARGS); }
-extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_xs_8(FP8_GEMV_PARAMS) { fp8_gemv<8, true>(FP8_GEMV_ARGS); }
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_1(FP8_GEMV_PARAMS) { PDL_PROLOGUE(); fp8_gemv<1, false>(FP8_GEMV_ARGS); }
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_2(FP8_GEMV_PARAMS) { PDL_PROLOGUE(); fp8_gemv<2, false>(FP8_GEMV_ARGS); }
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_4(FP8_GEMV_PARAMS) { PDL_PROLOGUE(); fp8_gemv<4, false>(FP8_GEMV_ARGS); }
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_8(FP8_GEMV_PARAMS) { PDL_PROLOGUE(); fp8_gemv<8, false>(FP8_GEMV_ARGS); }
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_xs_1(FP8_GEMV_PARAMS) { PDL_PROLOGUE(); fp8_gemv<1, true>(FP8_GEMV_ARGS); }
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_xs_2(FP8_GEMV_PARAMS) { PDL_PROLOGUE(); fp8_gemv<2, true>(FP8_GEMV_ARGS); }
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_xs_4(FP8_GEMV_PARAMS) { PDL_PROLOGUE(); fp8_gemv<4, true>(FP8_GEMV_ARGS); }
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_xs_8(FP8_GEMV_PARAMS) { PDL_PROLOGUE(); fp8_gemv<8, true>(FP8_GEMV_ARGS); }
 
 // fp8_expert_gemv is the routed experts' decode GEMV on output-major fp8 codes w [E, N, K] (scales [E,
 // N]): block (x, 0, z) takes the z-th active expert e (blocks past meta[0] return) and its warps loop over
@@ -472,15 +474,19 @@ __device__ __forceinline__ void fp8_expert_gemv(const void* __restrict__ x, int 
 
 // fp8_expert_gemv_N: rows of x as stored, N a pass; fp8_expert_gemv_xs_N: staged. Blocks of FP8_THREADS.
 extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_expert_gemv_1(FP8_EXPERT_PARAMS) {
+	PDL_PROLOGUE();
 	fp8_expert_gemv<1, false>(FP8_EXPERT_ARGS);
 }
 extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_expert_gemv_4(FP8_EXPERT_PARAMS) {
+	PDL_PROLOGUE();
 	fp8_expert_gemv<4, false>(FP8_EXPERT_ARGS);
 }
 extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_expert_gemv_xs_1(FP8_EXPERT_PARAMS) {
+	PDL_PROLOGUE();
 	fp8_expert_gemv<1, true>(FP8_EXPERT_ARGS);
 }
 extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_expert_gemv_xs_4(FP8_EXPERT_PARAMS) {
+	PDL_PROLOGUE();
 	fp8_expert_gemv<4, true>(FP8_EXPERT_ARGS);
 }
 
@@ -489,6 +495,7 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_expert_gemv_xs_
 // fast paths do not take), quant.Weight.Dequantize's values rounded to bf16.
 extern "C" __global__ void fp8_dequant_experts(const unsigned char* w, const float* scales, int fmt, long long K, long long N,
 	long long off, long long n, bf16_t* out) {
+	PDL_PROLOGUE();
 	GRID_STRIDE(i, n) {
 		const long long idx = off + i, c = idx % N, ek = idx / N, kk = ek % K, e = ek / K;
 		out[i] = f32_to_bf16(deq(e4m3_to_f32(w[(e * N + c) * K + kk]), scales[e * N + c], fmt));

@@ -12,6 +12,7 @@
 // kernels and cuBLASLt's FP8 GEMM take the weight output-major). A block moves a 64×64 tile through shared memory; blocks of 256
 // threads, grid (ceil(C/64), ceil(R/64)).
 extern "C" __global__ void transpose_u8(const unsigned char* src, long long R, long long C, unsigned char* dst) {
+	PDL_PROLOGUE();
 	__shared__ unsigned char tile[64][65];
 	const long long r0 = (long long)blockIdx.y * 64, c0 = (long long)blockIdx.x * 64;
 	const int tx = threadIdx.x & 63, ty = threadIdx.x >> 6, ny = blockDim.x >> 6;
@@ -31,6 +32,7 @@ extern "C" __global__ void transpose_u8(const unsigned char* src, long long R, l
 // columns a thread (N % 4 == 0, y 16-byte aligned: the FP8 GEMM's shapes), rows along the grid's y
 // (grid-stride), no division; other shapes one element a thread.
 extern "C" __global__ void fp8_scale_out(float* y, const float* sx, const float* sw, long long T, long long N) {
+	PDL_PROLOGUE();
 	if ((N & 3) == 0 && ((unsigned long long)y & 15) == 0 && ((unsigned long long)sw & 15) == 0) {
 		const long long n4 = N >> 2;
 		for (long long t = blockIdx.y; t < T; t += gridDim.y) {

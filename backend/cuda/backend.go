@@ -1,12 +1,14 @@
 package cuda
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"github.com/tpfleet/tpfleet/internal/dl"
 	"math"
 	"os"
 	"slices"
+	"strings"
 	"time"
 	"unsafe"
 
@@ -48,6 +50,15 @@ type Backend struct {
 	// argBytes counts the bytes temp uploads (kernel arguments), so that Step knows how much room a
 	// recording of a step needs for them.
 	argBytes int64
+
+	// fuse is the kernel fusions the ops make (Config.Unfuse; tests change it to compare).
+	fuse fusionSet
+	// fuseCtr is the split-K expert GEMVs' fused epilogues' counters (eg_last in gemv.cu): zeroed once,
+	// and every launch leaves them zero again; nil until the first fused epilogue (moe.go).
+	fuseCtr *buffer
+	// pendingRoutes are the routings whose route or count launch waits to be fused into the expert plan
+	// (moe.go): flushRoutes launches what is left before the host can observe it.
+	pendingRoutes []*routing
 
 	// noFlash makes Attention skip the flash path (tests time the attention kernel against it).
 	noFlash bool
@@ -99,7 +110,18 @@ type kernelSet struct {
 	fp8ActRows, fp8ActCodes, fp8DequantExperts                           *kernel
 	fp8GEMV, fp8GEMVStaged                                               [4]*kernel // fp8_gemv_1, _2, _4, _8 (fp8.go)
 	fp8ExpertGEMV, fp8ExpertGEMVStaged                                   [2]*kernel // fp8_expert_gemv_1, _4
+
+	// The fused kernels (Config.Unfuse).
+	routePlan, qkAppend                   *kernel
+	gemvGated                             [2]*kernel // _1, _2
+	expertSwiGLU, expertCombineEpi        [2]*kernel // expert_gemv_swiglu_1, _8; expert_gemv_combine_1, _8
+	convertV8, siluMulV8, splitBF16V8     *kernel
+	addRMSNormV8                          *kernel
+	expertGatherV8, expertActV8, expertV8 *kernel // expertV8: expert_combine_v8
 }
+
+// fused reports whether the backend makes fusion f (Fusions).
+func (b *Backend) fused(f string) bool { return b.fuse[f] }
 
 // Info describes what New found and did.
 type Info struct {
@@ -118,6 +140,11 @@ type Info struct {
 	// FP8OuterVec reports that cuBLASLt applies the FP8 GEMM's per-row scales itself (outer-vector
 	// scaling, checked by a small product at start-up); false: fp8_scale_out applies them after the GEMM.
 	FP8OuterVec bool
+	// PDL says whether kernels launch with programmatic dependent launch (Config.NoPDL; compute
+	// capability 9.0 and a driver with cuLaunchKernelEx).
+	PDL bool
+	// Fusions are the kernel fusions the backend makes (Fusions less Config.Unfuse).
+	Fusions []string
 }
 
 // Counters counts Linear's and Experts' paths.
@@ -156,6 +183,13 @@ func New(cfg Config) (*Backend, error) {
 	if os.Getenv(EnvGraphs) == "0" {
 		cfg.Eager = true
 	}
+	if os.Getenv(EnvPDL) == "0" {
+		cfg.NoPDL = true
+	}
+	fuse, err := parseUnfuse(cfg.Unfuse, os.Getenv(EnvUnfuse))
+	if err != nil {
+		return nil, fmt.Errorf("$%s: %w", EnvUnfuse, err)
+	}
 	start := time.Now()
 	if err := loadLibraries(dl.SearchDirs(cfg.LibDirs)); err != nil {
 		return nil, err
@@ -164,7 +198,7 @@ func New(cfg Config) (*Backend, error) {
 	if err != nil {
 		return nil, err
 	}
-	b := &Backend{cfg: cfg, dev: dev, gemvRows: gemvMaxRows, splitPerSM: defaultSplitPerSM, ctxStart: start}
+	b := &Backend{cfg: cfg, dev: dev, gemvRows: gemvMaxRows, splitPerSM: defaultSplitPerSM, ctxStart: start, fuse: fuse}
 	if err := b.init(); err != nil {
 		return nil, errors.Join(err, b.Close())
 	}
@@ -199,6 +233,15 @@ func (b *Backend) init() error {
 		Detail: fmt.Sprintf("%s, %s, driver %d", d.name, arch, d.driverVersion)})
 	if err := b.loadKernels(target{arch: arch, nvrtc: version, device: d.name, driver: d.driverVersion}); err != nil {
 		return err
+	}
+	b.stream.pdl = !b.cfg.NoPDL && drv.launchEx != nil && d.ccMajor >= 9
+	b.info.PDL, b.info.Fusions = b.stream.pdl, b.fuse.names()
+	if n := len(b.phases); n > 0 { // the kernels' phase says how they will launch
+		pdl := "off"
+		if b.stream.pdl {
+			pdl = "on"
+		}
+		b.phases[n-1].Detail += fmt.Sprintf("; programmatic dependent launch %s; fusions: %s", pdl, cmp.Or(strings.Join(b.info.Fusions, ","), "none"))
 	}
 	for _, k := range []struct {
 		name string
@@ -235,6 +278,13 @@ func (b *Backend) init() error {
 		{"fp8_gemv_xs_4", &b.k.fp8GEMVStaged[2]}, {"fp8_gemv_xs_8", &b.k.fp8GEMVStaged[3]},
 		{"fp8_expert_gemv_1", &b.k.fp8ExpertGEMV[0]}, {"fp8_expert_gemv_4", &b.k.fp8ExpertGEMV[1]},
 		{"fp8_expert_gemv_xs_1", &b.k.fp8ExpertGEMVStaged[0]}, {"fp8_expert_gemv_xs_4", &b.k.fp8ExpertGEMVStaged[1]},
+		{"route_plan", &b.k.routePlan}, {"qk_append", &b.k.qkAppend},
+		{"gemv_gated_1", &b.k.gemvGated[0]}, {"gemv_gated_2", &b.k.gemvGated[1]},
+		{"expert_gemv_swiglu_1", &b.k.expertSwiGLU[0]}, {"expert_gemv_swiglu_8", &b.k.expertSwiGLU[1]},
+		{"expert_gemv_combine_1", &b.k.expertCombineEpi[0]}, {"expert_gemv_combine_8", &b.k.expertCombineEpi[1]},
+		{"convert_v8", &b.k.convertV8}, {"silu_mul_v8", &b.k.siluMulV8}, {"split_bf16_v8", &b.k.splitBF16V8},
+		{"add_rmsnorm_v8", &b.k.addRMSNormV8},
+		{"expert_gather_v8", &b.k.expertGatherV8}, {"expert_act_v8", &b.k.expertActV8}, {"expert_combine_v8", &b.k.expertV8},
 	} {
 		if *k.dst, err = b.module.function(k.name); err != nil {
 			return err
@@ -301,7 +351,11 @@ func (b *Backend) MakeCurrent() error { return b.dev.makeCurrent() }
 func (b *Backend) Name() string { return fmt.Sprintf("cuda:%d", b.cfg.Device) }
 
 // Info describes the device, the libraries and the kernels' compilation.
-func (b *Backend) Info() Info { return b.info }
+func (b *Backend) Info() Info {
+	i := b.info
+	i.PDL = b.stream != nil && b.stream.pdl // off for good if the driver refused a launch with it
+	return i
+}
 
 // Config returns the configuration in effect (defaults filled in).
 func (b *Backend) Config() Config { return b.cfg }
@@ -320,6 +374,9 @@ func (b *Backend) DeviceMemory() (free, total int64, err error) { return b.dev.m
 func (b *Backend) Synchronize() error {
 	if b.closed {
 		return ErrClosed
+	}
+	if err := b.flushRoutes(); err != nil {
+		return err
 	}
 	if err := b.stream.sync(); err != nil {
 		return err

@@ -109,3 +109,15 @@ func AttendRows(b *Backend, q backend.Tensor, caches []backend.KVCache, pos []in
 	err = b.attendDecode(qt, rows[0].c.pool.kvHeads, rows, out, window, scale)
 	return b.result("attend rows", out, err)
 }
+
+// SetUnfuse turns b's fusions in list off as Config.Unfuse does ("all", names of Fusions; "" turns every
+// one on) and returns a function that restores the previous set.
+func SetUnfuse(b *Backend, list string) (restore func(), err error) {
+	on, err := parseUnfuse(list)
+	if err != nil {
+		return nil, err
+	}
+	old := b.fuse
+	b.fuse = on
+	return func() { b.fuse = old }, nil
+}

@@ -213,6 +213,36 @@ func TestConfig(t *testing.T) {
 	if BF16.String() != "bf16" || F32.String() != "f32" {
 		t.Errorf("DType strings = %s, %s", BF16, F32)
 	}
+	if err := fs.Parse([]string{"-cuda-no-pdl", "-cuda-unfuse=act,qkv"}); err != nil || !c.NoPDL || c.Unfuse != "act,qkv" {
+		t.Errorf("-cuda-no-pdl -cuda-unfuse=act,qkv: %v, %+v", err, c)
+	}
+	if err := (Config{Unfuse: "act,nope"}).Validate(); err == nil || !strings.Contains(err.Error(), `"nope"`) {
+		t.Errorf("Config{Unfuse: act,nope}.Validate() = %v, want an error naming nope", err)
+	}
+}
+
+// TestParseUnfuse: Config.Unfuse and $TPFLEET_CUDA_UNFUSE turn off the fusions they list (or all), and
+// name an unknown one.
+func TestParseUnfuse(t *testing.T) {
+	for _, tt := range []struct {
+		lists []string
+		want  []string
+	}{
+		{nil, Fusions},
+		{[]string{""}, Fusions},
+		{[]string{"all"}, nil},
+		{[]string{"route, Vec", ""}, []string{FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FusePack}},
+		{[]string{"act", "combine,qkv"}, []string{FuseRoute, FuseSwiGLU, FuseVec, FusePack}},
+		{[]string{"", "all"}, nil},
+	} {
+		got, err := parseUnfuse(tt.lists...)
+		if err != nil || !slices.Equal(got.names(), tt.want) {
+			t.Errorf("parseUnfuse(%q) = %v, %v; want %v", tt.lists, got.names(), err, tt.want)
+		}
+	}
+	if _, err := parseUnfuse("route,fast"); err == nil || !strings.Contains(err.Error(), `"fast"`) {
+		t.Errorf("parseUnfuse(route,fast) = %v, want an error naming fast", err)
+	}
 }
 
 // TestCompactRouting: offloaded Experts copies the chosen local experts in id order and renumbers the

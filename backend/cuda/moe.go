@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"runtime"
+	"slices"
 
 	"github.com/tpfleet/tpfleet/backend"
 )
@@ -23,6 +24,18 @@ type routing struct {
 	choices int // the experts the router chose among (its logits' columns); 0 when unknown
 	experts *buffer
 	scores  *buffer
+	// logits, while not nil, are the router's logits whose route kernel Route deferred (FuseRoute), so
+	// that planExperts can route them in its plan's launch (route_plan); count, while not nil, is a tally's
+	// count of the choices deferred the same way. materialize launches whatever is left, before anything
+	// else reads the choices.
+	logits *tensor
+	count  *pendingCount
+}
+
+// pendingCount is an expertTally.Add waiting to be fused: n counters at ptr.
+type pendingCount struct {
+	ptr devptr
+	n   int
 }
 
 var _ backend.Routing = (*routing)(nil)
@@ -55,13 +68,65 @@ func (b *Backend) Route(logits backend.Tensor, k int) (backend.Routing, error) {
 	if T == 0 {
 		return r, nil
 	}
-	err = b.stream.launch(b.k.route, dim3{uint32((T + 127) / 128), 1, 1}, dim3{128, 1, 1}, 0,
-		lt, int(lt.dt), T, E, k, r.experts, r.scores)
-	if err != nil {
-		return nil, fmt.Errorf("cuda: route: %w", err)
+	if b.fused(FuseRoute) && b.off == nil && T <= skinnyRows {
+		// Decode: the choice is routed by the expert plan's launch (planExperts), or by materialize if
+		// something else reads it first.
+		r.logits = lt
+		b.pendingRoutes = append(b.pendingRoutes, r)
+		return r, nil
+	}
+	if err := b.launchRoute(lt, r); err != nil {
+		return nil, err
 	}
 	b.offloadRouted(r) // offload.go: an event Experts on offloaded weights can wait for
 	return r, nil
+}
+
+// launchRoute enqueues the route kernel over lt for r.
+func (b *Backend) launchRoute(lt *tensor, r *routing) error {
+	err := b.stream.launch(b.k.route, dim3{uint32((r.tokens + 127) / 128), 1, 1}, dim3{128, 1, 1}, 0,
+		lt, int(lt.dt), r.tokens, r.choices, r.k, r.experts, r.scores)
+	if err != nil {
+		return fmt.Errorf("cuda: route: %w", err)
+	}
+	return nil
+}
+
+// materialize launches what Route and expertTally.Add deferred for r (the route kernel, count_experts),
+// in that order: before anything but planExperts' fused launch reads r's choices.
+func (b *Backend) materialize(r *routing) error {
+	if lt := r.logits; lt != nil {
+		r.logits = nil
+		if err := b.launchRoute(lt, r); err != nil {
+			return err
+		}
+	}
+	if c := r.count; c != nil {
+		r.count = nil
+		if err := b.launchCount(r, c.ptr, c.n); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// flushRoutes materializes every routing whose work is still deferred: at the end of a Step and before a
+// synchronisation, so that nothing Route or a tally's Add promised is left unlaunched when the host looks.
+func (b *Backend) flushRoutes() error {
+	list := b.pendingRoutes
+	b.pendingRoutes = nil
+	var first error
+	for _, r := range list {
+		if err := b.materialize(r); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+// unpend removes r from the routings flushRoutes would materialize (its work was fused).
+func (b *Backend) unpend(r *routing) {
+	b.pendingRoutes = slices.DeleteFunc(b.pendingRoutes, func(x *routing) bool { return x == r })
 }
 
 func (b *Backend) asRouting(op string, r backend.Routing) (*routing, error) {
@@ -77,6 +142,9 @@ func (b *Backend) asRouting(op string, r backend.Routing) (*routing, error) {
 func (b *Backend) ReadRouting(r backend.Routing) (experts []int, scores []float32, err error) {
 	rt, err := b.asRouting("read routing", r)
 	if err != nil {
+		return nil, nil, err
+	}
+	if err := b.materialize(rt); err != nil {
 		return nil, nil, err
 	}
 	n := rt.tokens * rt.k
@@ -195,6 +263,9 @@ func (b *Backend) experts(x backend.Tensor, r backend.Routing, gateUp, down back
 		return out, nil
 	}
 	b.counts.ExpertsSimple++
+	if err := b.materialize(rt); err != nil {
+		return nil, fmt.Errorf("cuda: experts: %w", err)
+	}
 	k := rt.k
 	if H > maxSharedFloats || I > maxSharedFloats {
 		return nil, fmt.Errorf("cuda: experts H=%d I=%d: at most %d each: %w", H, I, maxSharedFloats, backend.ErrShape)
@@ -306,6 +377,10 @@ func (p *expertPlan) rowsOf(E int) devptr { return p.meta(E) + 4 }
 // maxPlanExperts bounds E for moe_plan, which keeps 2E ints in shared memory.
 const maxPlanExperts = 4096
 
+// routePlanThreads is route_plan's block: threads stride over a decode step's tokens, choices and local
+// experts.
+const routePlanThreads = 256
+
 // Launch geometry of the expert GEMV (EG_WARPS, EG_COLS and EG_KTILE in gemv.cu).
 const (
 	egThreads = 256
@@ -387,6 +462,33 @@ func (b *Backend) planExperts(e *expertsCall, align int) (*expertPlan, error) {
 		b.releaseAll(p.ctl, p.perm)
 		return nil, err
 	}
+	if r := e.r; align == 1 && (r.logits != nil || r.count != nil) && b.fused(FuseRoute) && n+e.E <= maxSharedFloats {
+		// route_plan: Route's kernel and a tally's count, deferred until now, and the plan in one launch.
+		var logits any = devptr(0)
+		dt := int(F32)
+		if r.logits != nil {
+			logits, dt = r.logits, int(r.logits.dt)
+		}
+		var counts devptr
+		countN := 0
+		if r.count != nil {
+			counts, countN = r.count.ptr, r.count.n
+		}
+		err := b.stream.launch(b.k.routePlan, dim3{1, 1, 1}, dim3{routePlanThreads, 1, 1}, 4*(n+e.E),
+			logits, dt, r.tokens, r.choices, r.k, r.logits != nil, r.experts, r.scores, counts, countN,
+			e.first, e.E, p.seg(), p.perm, p.rowOf, p.active(e.E), p.meta(e.E))
+		if err != nil {
+			p.release(b)
+			return nil, fmt.Errorf("route plan: %w", err)
+		}
+		r.logits, r.count = nil, nil
+		b.unpend(r)
+		return p, nil
+	}
+	if err := b.materialize(e.r); err != nil {
+		p.release(b)
+		return nil, err
+	}
 	if align > 1 {
 		if err := b.stream.memset(p.perm.ptr, 0xff, int64(rows)*4); err != nil {
 			p.release(b)
@@ -436,25 +538,63 @@ func (b *Backend) expertsGEMV(e *expertsCall) error {
 			bufs = append(bufs, buf)
 		}
 	}
-	p1, s1, err := b.expertProj(e, p, e.gu, e.x, int(e.x.dt), 0, H, 2*I, keep)
-	if err != nil {
-		return err
+	// The fused epilogues (bf16 weights): SiLU·mul in the gate_up GEMV, the combine in the down GEMV.
+	z := e.expertBound()
+	one := e.T == 1 // Route's k experts of a token are distinct: one row per expert
+	bf16 := e.gu.q == nil && e.down.q == nil
+	swiglu := bf16 && b.fused(FuseExpertAct) && I%egCols == 0 && R <= fuseActMaxSlots
+	combine := bf16 && b.fused(FuseExpertCombine) && R <= fuseCombineMaxSlots
+	var ctr *buffer
+	if swiglu || combine {
+		if ctr, err = b.fuseCounters(max(z*(I/egCols), ceilDiv(H, egCols))); err != nil {
+			return err
+		}
+		swiglu, combine = swiglu && ctr != nil, combine && ctr != nil
 	}
 	act, err := b.pool.get(int64(R) * int64(I) * 4)
 	if err != nil {
 		return err
 	}
 	keep(act)
-	// One element a thread (its GRID_STRIDE_N pass guards the rest): decode has a few rows, and each
-	// element sums all the splits, so spreading them over more SMs is what matters.
-	if err := b.stream.launch(b.k.expertAct, elemGrid(R*I), elemBlockDim, 0, p1, s1, R, I, p.meta(e.E), act, int(F32)); err != nil {
-		return err
+	if swiglu {
+		ks1, s1 := b.splitK(H, 2*I, z)
+		p1, err := b.pool.get(int64(s1) * int64(R) * int64(2*I) * 4)
+		if err != nil {
+			return err
+		}
+		keep(p1)
+		if err := b.stream.launch(b.k.expertSwiGLU[boolIndex(!one)], dim3{uint32(ceilDiv(2*I, egCols)), uint32(s1), uint32(z)},
+			dim3{egThreads, 1, 1}, 0, e.x, int(e.x.dt), 0, p.perm, e.scores(), k, p.seg(), p.active(e.E), p.meta(e.E), e.gu, H, 2*I, ks1, p1, R,
+			ctr, act, int(F32)); err != nil {
+			return err
+		}
+	} else {
+		p1, s1, err := b.expertProj(e, p, e.gu, e.x, int(e.x.dt), 0, H, 2*I, keep)
+		if err != nil {
+			return err
+		}
+		// One element a thread (its GRID_STRIDE_N pass guards the rest): decode has a few rows, and each
+		// element sums all the splits, so spreading them over more SMs is what matters.
+		if err := b.stream.launch(b.k.expertAct, elemGrid(R*I), elemBlockDim, 0, p1, s1, R, I, p.meta(e.E), act, int(F32)); err != nil {
+			return err
+		}
+	}
+	ap, adt := e.addend()
+	if combine {
+		ks2, s2 := b.splitK(I, H, z)
+		p2, err := b.pool.get(int64(s2) * int64(R) * int64(H) * 4)
+		if err != nil {
+			return err
+		}
+		keep(p2)
+		return b.stream.launch(b.k.expertCombineEpi[boolIndex(!one)], dim3{uint32(ceilDiv(H, egCols)), uint32(s2), uint32(z)},
+			dim3{egThreads, 1, 1}, 0, act, int(F32), 1, p.perm, e.scores(), k, p.seg(), p.active(e.E), p.meta(e.E), e.down, I, H, ks2, p2, R,
+			ctr, p.rowOf, e.T, e.out, int(e.out.dt), ap, adt)
 	}
 	p2, s2, err := b.expertProj(e, p, e.down, act, int(F32), 1, I, H, keep)
 	if err != nil {
 		return err
 	}
-	ap, adt := e.addend()
 	return b.stream.launch(b.k.expertCombine, elemGrid(e.T*H), elemBlockDim, 0, p2, s2, R, H, p.rowOf, k, e.out, int(e.out.dt), int64(e.T*H),
 		ap, adt)
 }
@@ -502,13 +642,63 @@ func (b *Backend) expertProj(e *expertsCall, p *expertPlan, w *tensor, x any, xd
 	return P, S, b.launchExpertGEMV(e.T == 1, e, p, x, xdt, mode, w, K, N, ks, S, P, R)
 }
 
+// The fused epilogues' limits (FuseExpertAct, FuseExpertCombine): the last block of a column tile does
+// the reduction the separate kernel spreads over many, for every row of the tile, so they pay only where a
+// step routes a few tokens. At one token (batch-1 decode) each is a few hundred nanoseconds of tail
+// against a launch of its own.
+const (
+	fuseActMaxSlots     = 8 // routing slots (tokens · top-k) for SiLU·mul in the gate_up GEMV
+	fuseCombineMaxSlots = 4 // and for the combine in the down GEMV
+)
+
+func boolIndex(v bool) int {
+	if v {
+		return 1
+	}
+	return 0
+}
+
+// fuseCounters returns the fused epilogues' counters, at least n ints, all zero between launches: made
+// once (zeroed on the stream) and kept, since graphs record their address; a larger need outside a
+// recorded step makes a larger buffer (the old one stays allocated for the graphs that use it, until
+// Close). Inside a recorded step, where no memory can be allocated, a need larger than the buffer gives
+// nil: the caller runs the unfused kernels.
+func (b *Backend) fuseCounters(n int) (*buffer, error) {
+	if b.fuseCtr != nil && b.fuseCtr.size >= int64(n)*4 {
+		return b.fuseCtr, nil
+	}
+	if b.rec != nil {
+		return nil, nil
+	}
+	size := max(int64(n)*4, fuseCountersMin)
+	buf, err := b.pool.getDedicated(size)
+	if err != nil {
+		return nil, err
+	}
+	if err := b.stream.memset(buf.ptr, 0, size); err != nil {
+		return nil, err
+	}
+	b.fuseCtr = buf
+	return buf, nil
+}
+
+// fuseCountersMin is the fused epilogues' first counter buffer: 16 Ki counters, more than a decode step
+// of Scout or Maverick uses (local experts × I/256 for SwiGLU: 64 × 32 at batch 64 of Maverick).
+const fuseCountersMin = 64 << 10
+
 // expertsGrouped is the prefill path: moe_plan with 128-row aligned blocks, the per-expert counts to the
 // host, the tokens gathered by expert (scaled, bf16), one cuBLASLt GEMM per active expert for gate_up
 // into a float32 [rows, 2I], SiLU·mul to bf16, one GEMM per active expert for down into a float32
 // [rows, H], and the combine. It returns false, having enqueued nothing that writes the output, when
 // cuBLASLt has no algorithm for one of the shapes.
 func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
-	const align = 128 // rows: every block starts 256-byte aligned in each buffer
+	// Every expert's block of rows must start 256-byte aligned in each buffer (cuBLASLt): 128 rows do it
+	// for any H and I; where H and I are multiples of 128 every row does (FusePack), and the blocks are
+	// packed, so the gather and SiLU·mul kernels touch no gap rows.
+	align := 128
+	if b.fused(FusePack) && e.H%128 == 0 && e.I%128 == 0 {
+		align = 1
+	}
 	p, err := b.planExperts(e, align)
 	if err != nil {
 		return false, err
@@ -551,6 +741,11 @@ func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
 	case e.gu.q != nil && e.gu.q.dyn(): // gathered, scaled and quantised per token, then bf16
 		if err := b.stream.launch(b.k.fp8ActRows, dim3{uint32(rows), 1, 1}, actQuantBlock, 0,
 			e.x, int(e.x.dt), p.perm, e.scores(), k, H, true, xp, int(BF16), devptr(0), false); err != nil {
+			return false, err
+		}
+	case b.vec8(H, e.x.ptr()):
+		if err := b.stream.launch(b.k.expertGatherV8, elemGrid(rows*H/8), elemBlockDim, 0,
+			e.x, int(e.x.dt), p.perm, e.scores(), k, H, xp, int64(rows)*int64(H)/8); err != nil {
 			return false, err
 		}
 	default:
@@ -598,6 +793,10 @@ func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
 			a32, int(F32), devptr(0), devptr(0), 1, I, true, act, int(BF16), devptr(0), false); err != nil {
 			return false, err
 		}
+	case b.vec8(I):
+		if err := b.stream.launch(b.k.expertActV8, elemGrid(rows*I/8), elemBlockDim, 0, g, 1, rows, I, p.meta(E), act, int(BF16)); err != nil {
+			return false, err
+		}
 	default:
 		if err := b.stream.launch(b.k.expertAct, elemGridN(rows*I), elemBlockDim, 0, g, 1, rows, I, p.meta(E), act, int(BF16)); err != nil {
 			return false, err
@@ -623,7 +822,12 @@ func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
 		}
 	}
 	ap, adt := e.addend()
-	if err := b.stream.launch(b.k.expertCombine, elemGrid(e.T*H), elemBlockDim, 0, y, 1, max(rows, 1), H, p.rowOf, k,
+	if b.vec8(H, ap) {
+		if err := b.stream.launch(b.k.expertV8, elemGrid(e.T*H/8), elemBlockDim, 0, y, 1, max(rows, 1), H, p.rowOf, k,
+			e.out, int(e.out.dt), int64(e.T*H/8), ap, adt); err != nil {
+			return false, err
+		}
+	} else if err := b.stream.launch(b.k.expertCombine, elemGrid(e.T*H), elemBlockDim, 0, y, 1, max(rows, 1), H, p.rowOf, k,
 		e.out, int(e.out.dt), int64(e.T*H), ap, adt); err != nil {
 		return false, err
 	}
