@@ -19,7 +19,7 @@
 //
 // What only some backends can do is a small interface, found by a type assertion on an Ops, never by
 // a backend's name or concrete type: fused ops (AddNormer, QKRotator, MultiLinear, ExpertsAdder,
-// BatchAttender; their docs name the unfused ops they must equal), recorded steps (StepRecorder,
+// BatchAttender, GatedLinear, QKAttender; their docs name the unfused ops they must equal), recorded steps (StepRecorder,
 // GraphReporter), on-device sampling (Sampler), Synchronizer, MemoryReporter, KVSizer, Describer, Threader,
 // Profiler, BandwidthMeter, QuantizedLoader (weights in package quant's formats: fp8 rowwise, compressed-tensors
 // FP8, int4 group-wise; Linear and Experts dispatch on the format a weight carries; CheckQuantized reports a

@@ -57,3 +57,30 @@ type MultiLinear interface {
 type ExpertsAdder interface {
 	ExpertsAdd(x Tensor, r Routing, gateUp, down Tensor, first int, add Tensor) (Tensor, error)
 }
+
+// GatedLinear is implemented by backends that compute a gated MLP's activation in the pass that computes
+// the products it comes from: LinearGated(x, gate, up, ws...) returns SiLUMul(Linear(x, gate), Linear(x,
+// up)) and Linear(x, w) for each of ws (the other products of the same x a layer needs: a MoE's router),
+// with the same values as those ops.
+type GatedLinear interface {
+	LinearGated(x, gate, up Tensor, ws ...Tensor) (act Tensor, ys []Tensor, err error)
+}
+
+// QKTransform is what an attention's queries and keys go through before it: with InvFreq (not nil),
+// RoPE(·, pos, InvFreq) of q and k at the rows' positions, then with Norm the weightless RMSNorm(·, nil,
+// Eps) of every head (QKRotator's RoPEQK); then, with QScale (not nil, one factor a row), ScaleRows(q,
+// QScale).
+type QKTransform struct {
+	InvFreq []float32
+	Norm    bool
+	Eps     float32
+	QScale  []float32
+}
+
+// QKAttender is implemented by backends that transform the queries and keys of a batched attention in
+// the pass that appends its keys and values to the caches: AttendBatchQK(q, k, v, spans, window, scale,
+// tr) returns AttendBatch(q', k', v, spans, window, scale), where q' and k' are q and k under tr at the
+// spans' positions, with the same values (and the same effect on the caches).
+type QKAttender interface {
+	AttendBatchQK(q, k, v Tensor, spans []AttendSpan, window Window, scale float32, tr QKTransform) (Tensor, error)
+}

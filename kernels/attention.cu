@@ -27,6 +27,7 @@ __device__ __forceinline__ const bf16_t* kv_val(const long long* table, int bs, 
 // row t goes to position rows[t] of its own cache, in the block rows[t] names, and the block's address
 // goes into the cache's table (the same value from every row of the block).
 extern "C" __global__ void kv_append(const void* k, int kdt, const void* v, int vdt, const long long* rows, long long stride, long long n) {
+	PDL_PROLOGUE();
 	for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
 		long long t = i / stride, j = i - t * stride;
 		const long long* r = rows + KV_ROW * t;
@@ -51,6 +52,7 @@ extern "C" __global__ void kv_append(const void* k, int kdt, const void* v, int 
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention(const void* q, int qdt, const long long* table, int bs, const int* pos, void* out, int odt,
 	int heads, int kv_heads, int D, int chunk, int first_kept, float scale) {
+	PDL_PROLOGUE();
 	__shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS];
 	__shared__ float sm_acc[ATT_WARPS][ATT_MAXD];
 	int t = blockIdx.x, h = blockIdx.y;
@@ -277,6 +279,7 @@ __device__ __forceinline__ void attention_split_body(const void* q, int qdt, con
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention_split(const void* q, int qdt, const long long* rows,
 	float* part_ml, float* part_acc, int heads, int kv_heads, int D, int chunk, float scale, int splits) {
+	PDL_PROLOGUE();
 	attention_split_body<ATTS_PAIRS, ATT_WARPS, ATTS_MAXG>(q, qdt, rows, part_ml, part_acc, heads, kv_heads, D, chunk, scale, splits);
 }
 
@@ -289,26 +292,31 @@ attention_split(const void* q, int qdt, const long long* rows,
 extern "C" __global__ void __launch_bounds__(ATTS_WARPS_128 * 32)
 attention_split_128_g1(const void* q, int qdt, const long long* rows, float* part_ml, float* part_acc, int heads,
 	int kv_heads, int D, int chunk, float scale, int splits) {
+	PDL_PROLOGUE();
 	attention_split_body<2, ATTS_WARPS_128, 1>(q, qdt, rows, part_ml, part_acc, heads, kv_heads, D, chunk, scale, splits);
 }
 extern "C" __global__ void __launch_bounds__(ATTS_WARPS_128 * 32)
 attention_split_128_g2(const void* q, int qdt, const long long* rows, float* part_ml, float* part_acc, int heads,
 	int kv_heads, int D, int chunk, float scale, int splits) {
+	PDL_PROLOGUE();
 	attention_split_body<2, ATTS_WARPS_128, 2>(q, qdt, rows, part_ml, part_acc, heads, kv_heads, D, chunk, scale, splits);
 }
 extern "C" __global__ void __launch_bounds__(ATTS_WARPS_128 * 32)
 attention_split_128_g4(const void* q, int qdt, const long long* rows, float* part_ml, float* part_acc, int heads,
 	int kv_heads, int D, int chunk, float scale, int splits) {
+	PDL_PROLOGUE();
 	attention_split_body<2, ATTS_WARPS_128, 4>(q, qdt, rows, part_ml, part_acc, heads, kv_heads, D, chunk, scale, splits);
 }
 extern "C" __global__ void __launch_bounds__(ATTS_WARPS_128 * 32)
 attention_split_128_g5(const void* q, int qdt, const long long* rows, float* part_ml, float* part_acc, int heads,
 	int kv_heads, int D, int chunk, float scale, int splits) {
+	PDL_PROLOGUE();
 	attention_split_body<2, ATTS_WARPS_128, 5>(q, qdt, rows, part_ml, part_acc, heads, kv_heads, D, chunk, scale, splits);
 }
 extern "C" __global__ void __launch_bounds__(ATTS_WARPS_128 * 32)
 attention_split_128_g8(const void* q, int qdt, const long long* rows, float* part_ml, float* part_acc, int heads,
 	int kv_heads, int D, int chunk, float scale, int splits) {
+	PDL_PROLOGUE();
 	attention_split_body<2, ATTS_WARPS_128, 8>(q, qdt, rows, part_ml, part_acc, heads, kv_heads, D, chunk, scale, splits);
 }
 
@@ -317,6 +325,7 @@ attention_split_128_g8(const void* q, int qdt, const long long* rows, float* par
 #define ATTC_MAXSPLITS 1024
 extern "C" __global__ void attention_combine(const float* part_ml, const float* part_acc, void* out, int odt,
 	int heads, int D, int splits) {
+	PDL_PROLOGUE();
 	__shared__ float sm_w[ATTC_MAXSPLITS];
 	__shared__ float sm_red[32];
 	int t = blockIdx.x, h = blockIdx.y;

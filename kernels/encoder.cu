@@ -8,6 +8,7 @@
 // block a row.
 extern "C" __global__ void layernorm(const void* x, int xdt, const void* w, int wdt, const void* b, int bdt,
 	void* y, int ydt, int n, float eps) {
+	PDL_PROLOGUE();
 	__shared__ float scratch[32];
 	long long off = (long long)blockIdx.x * n;
 	float s = 0.0f;
@@ -26,12 +27,14 @@ extern "C" __global__ void layernorm(const void* x, int xdt, const void* w, int 
 
 // add_bias sets y[i] = x[i] + bias[i mod n] for the total elements of rows of n.
 extern "C" __global__ void add_bias(const void* x, int xdt, const void* bias, int bdt, void* y, int ydt, int n, long long total) {
+	PDL_PROLOGUE();
 	for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x)
 		st(y, ydt, i, ld(x, xdt, i) + ld(bias, bdt, i % n));
 }
 
 // gelu sets y = 0.5·x·(1 + erf(x/√2)) elementwise (nn.GELU()'s exact form).
 extern "C" __global__ void gelu(const void* x, int xdt, void* y, int ydt, long long total) {
+	PDL_PROLOGUE();
 	for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
 		float v = ld(x, xdt, i);
 		st(y, ydt, i, 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)));
@@ -42,6 +45,7 @@ extern "C" __global__ void gelu(const void* x, int xdt, void* y, int ydt, long l
 // angle whose cosine and sine are cs[t·half + p] and sn[t·half + p] (float32 tables). One thread a pair.
 extern "C" __global__ void rotate_pairs(const void* x, int xdt, const float* cs, const float* sn, void* y, int ydt,
 	int heads, int half, long long pairs) {
+	PDL_PROLOGUE();
 	for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < pairs; i += (long long)gridDim.x * blockDim.x) {
 		long long t = i / ((long long)heads * half);
 		long long a = t * half + i % half;
@@ -73,6 +77,7 @@ __device__ __forceinline__ float enc_warp_max(float v) {
 // Dynamic shared memory: (ENC_QB·D + ENC_KB·(D+1) + ENC_KB·D) floats.
 extern "C" __global__ void __launch_bounds__(ENC_WARPS * 32) full_attention(const void* q, int qdt, const void* k, int kdt,
 	const void* v, int vdt, void* out, int odt, int heads, int D, int seq, float scale) {
+	PDL_PROLOGUE();
 	extern __shared__ float enc_smem[];
 	float* qs = enc_smem;              // [ENC_QB][D]
 	float* ks = qs + ENC_QB * D;       // [ENC_KB][D+1]: the odd stride keeps the lanes' rows in distinct banks

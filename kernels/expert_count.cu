@@ -5,6 +5,7 @@
 // count_experts adds one to counts[e] for each of the n routing slots (one thread a slot) whose expert e
 // lies in [0, E); other ids (map_experts' -1, another rank's numbering) are not counted.
 extern "C" __global__ void count_experts(const int* experts, int n, unsigned long long* counts, int E) {
+	PDL_PROLOGUE();
 	int s = blockIdx.x * blockDim.x + threadIdx.x;
 	if (s >= n) return;
 	int e = experts[s];

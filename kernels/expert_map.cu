@@ -7,6 +7,7 @@
 // to -1, which no rank holds (the host checks the table, not the device's choice).
 extern "C" __global__ void map_experts(const int* experts, const float* scores, int T, int k, const int* table, int E,
 	int P, int* out_experts, float* out_scores) {
+	PDL_PROLOGUE();
 	int s = blockIdx.x * blockDim.x + threadIdx.x;
 	if (s >= T * k) return;
 	int e = experts[s];

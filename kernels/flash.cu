@@ -306,6 +306,7 @@ __device__ __forceinline__ void fa_body(const bf16_t* q, const long long* table,
 extern "C" __global__ void __launch_bounds__(FA_WARPS * 32)
 attention_flash(const bf16_t* q, const long long* table, int bs, const int* pos, void* out, int odt,
 	int T, int heads, int kv_heads, int D, int chunk, int first_kept, float scale) {
+	PDL_PROLOGUE();
 	__shared__ __attribute__((aligned(16))) bf16_t sk[FA_BN * (FA_MAXD + FA_PAD)];
 	__shared__ __attribute__((aligned(16))) bf16_t sv[FA_BN * (FA_MAXD + FA_PAD)];
 	__shared__ int sred[2 * FA_WARPS];
@@ -778,6 +779,7 @@ __device__ __forceinline__ void ad_body(const void* q, int qdt, const long long*
 extern "C" __global__ void __launch_bounds__(AD_WARPS * 32, 4)
 attention_decode(const void* q, int qdt, const long long* rows, int* cnt, int T, int t0, float* part, int ss,
 	void* out, int odt, int heads, int kv_heads, int D, int chunk, float scale) {
+	PDL_PROLOGUE();
 	__shared__ __attribute__((aligned(16))) bf16_t sk[AD_ST * AD_STAGE];
 	__shared__ __attribute__((aligned(16))) bf16_t sv[AD_ST * AD_STAGE];
 	__shared__ int pref[AD_MAXT + 1];

@@ -2,43 +2,13 @@
 // routed experts' split-K GEMV that reads only the chosen experts' weights, plus the routing plan (counts
 // and permutation by expert) that the decode and the prefill expert paths share.
 //
-// Weights are read with 16-byte loads (8 bf16), so these kernels need rows of a multiple of 8 elements
-// and 16-byte aligned weights; the host checks both and uses the generic kernels otherwise.
-
-struct alignas(16) u32x4 {
-	u32 x, y, z, w;
-};
-
-struct alignas(16) f32x4 {
-	float x, y, z, w;
-};
+// Weights are read with 16-byte loads (8 bf16; u32x4, bf16x8 and load8 are in prelude.cuh), so these
+// kernels need rows of a multiple of 8 elements and 16-byte aligned weights; the host checks both and uses
+// the generic kernels otherwise.
 
 __device__ __forceinline__ long long dt_size(int dt) { return dt == DT_F32 ? 4 : 2; }
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
-
-// bf16x8 widens the 8 bf16 values of v to float32 (exact).
-__device__ __forceinline__ void bf16x8(u32x4 v, float* f) {
-	f[0] = __uint_as_float(v.x << 16);
-	f[1] = __uint_as_float(v.x & 0xffff0000u);
-	f[2] = __uint_as_float(v.y << 16);
-	f[3] = __uint_as_float(v.y & 0xffff0000u);
-	f[4] = __uint_as_float(v.z << 16);
-	f[5] = __uint_as_float(v.z & 0xffff0000u);
-	f[6] = __uint_as_float(v.w << 16);
-	f[7] = __uint_as_float(v.w & 0xffff0000u);
-}
-
-// load8 reads elements [8c, 8c+8) of row (a float32 or bf16 array) as float32.
-__device__ __forceinline__ void load8(const void* row, int dt, int c, float* f) {
-	if (dt == DT_F32) {
-		f32x4 a = ((const f32x4*)row)[2 * c], b = ((const f32x4*)row)[2 * c + 1];
-		f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
-		f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
-	} else {
-		bf16x8(((const u32x4*)row)[c], f);
-	}
-}
 
 #define GEMV_WARPS 4
 #define GEMV_ROWS 2 // output rows per warp: each x chunk read from L1 serves two weight rows
@@ -48,13 +18,25 @@ __device__ __forceinline__ void load8(const void* row, int dt, int c, float* f) 
 // warp stride over the chunks, four chunks per row in flight, with float32 math (an f32 x is used as it
 // is, not rounded to bf16). K % 8 == 0; w and x 16-byte aligned.
 template <int NT>
+__device__ __forceinline__ void gemv_accum_rows(const void* __restrict__ x, int xdt, const u32x4* const (&wr)[GEMV_ROWS],
+	int T, int K, int cbeg, int cend, float (&acc)[GEMV_ROWS][NT]);
+
+template <int NT>
 __device__ __forceinline__ void gemv_accum(const void* __restrict__ x, int xdt, const bf16_t* __restrict__ w,
 	int T, int K, int N, int n0, int cbeg, int cend, float (&acc)[GEMV_ROWS][NT]) {
-	int lane = threadIdx.x & 31;
-	long long xrow = dt_size(xdt) * (long long)K;
 	const u32x4* wr[GEMV_ROWS];
 #pragma unroll
 	for (int r = 0; r < GEMV_ROWS; r++) wr[r] = (const u32x4*)(w + (long long)imin(n0 + r, N - 1) * K);
+	gemv_accum_rows<NT>(x, xdt, wr, T, K, cbeg, cend, acc);
+}
+
+// gemv_accum_rows is gemv_accum over the GEMV_ROWS weight rows wr (of K elements each, anywhere): each
+// row's sum is the same whatever the other rows are.
+template <int NT>
+__device__ __forceinline__ void gemv_accum_rows(const void* __restrict__ x, int xdt, const u32x4* const (&wr)[GEMV_ROWS],
+	int T, int K, int cbeg, int cend, float (&acc)[GEMV_ROWS][NT]) {
+	int lane = threadIdx.x & 31;
+	long long xrow = dt_size(xdt) * (long long)K;
 	int c = cbeg + lane;
 	for (; c + 96 < cend; c += 128) {
 		u32x4 wv[4][GEMV_ROWS];
@@ -162,20 +144,20 @@ __device__ __forceinline__ int gemv_row0() { return (blockIdx.x * GEMV_WARPS + (
 // gemv_N: y [T, N] = x [T, K] · w [N, K]ᵀ for T <= N rows (grid: ceil(N / (GEMV_WARPS·GEMV_ROWS))
 // blocks of GEMV_WARPS warps).
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_1(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_rows<1>(x, xdt, w, y, T, K, N, gemv_row0()); }
+gemv_1(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { PDL_PROLOGUE(); gemv_rows<1>(x, xdt, w, y, T, K, N, gemv_row0()); }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_2(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_rows<2>(x, xdt, w, y, T, K, N, gemv_row0()); }
+gemv_2(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { PDL_PROLOGUE(); gemv_rows<2>(x, xdt, w, y, T, K, N, gemv_row0()); }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_4(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_rows<4>(x, xdt, w, y, T, K, N, gemv_row0()); }
+gemv_4(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { PDL_PROLOGUE(); gemv_rows<4>(x, xdt, w, y, T, K, N, gemv_row0()); }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_8(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_rows<8>(x, xdt, w, y, T, K, N, gemv_row0()); }
+gemv_8(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { PDL_PROLOGUE(); gemv_rows<8>(x, xdt, w, y, T, K, N, gemv_row0()); }
 
 // gemv_split_N: y [T, N] = x [T, K] · w [N, K]ᵀ for T <= N rows with gemv_split_rows (grid:
 // ceil(N / GEMV_ROWS) blocks of GEMV_WARPS warps).
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_split_1(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_split_rows<1>(x, xdt, w, y, T, K, N, blockIdx.x * GEMV_ROWS); }
+gemv_split_1(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { PDL_PROLOGUE(); gemv_split_rows<1>(x, xdt, w, y, T, K, N, blockIdx.x * GEMV_ROWS); }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_split_2(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { gemv_split_rows<2>(x, xdt, w, y, T, K, N, blockIdx.x * GEMV_ROWS); }
+gemv_split_2(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { PDL_PROLOGUE(); gemv_split_rows<2>(x, xdt, w, y, T, K, N, blockIdx.x * GEMV_ROWS); }
 
 // gemv_multi_N computes up to three products of one x in one launch: y_s [T, N_s] = x · w_sᵀ for s = 0,
 // 1, 2 (N_s even, so that no block's rows straddle two products; N_2 may be 0), over N_0 + N_1 + N_2
@@ -195,12 +177,77 @@ __device__ __forceinline__ void gemv_multi(const void* x, int xdt, const bf16_t*
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_multi_1(const void* x, int xdt, const bf16_t* w0, float* y0, int n0, const bf16_t* w1, float* y1, int n1,
 	const bf16_t* w2, float* y2, int n2, int T, int K) {
+	PDL_PROLOGUE();
 	gemv_multi<1>(x, xdt, w0, y0, n0, w1, y1, n1, w2, y2, n2, T, K);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_multi_2(const void* x, int xdt, const bf16_t* w0, float* y0, int n0, const bf16_t* w1, float* y1, int n1,
 	const bf16_t* w2, float* y2, int n2, int T, int K) {
+	PDL_PROLOGUE();
 	gemv_multi<2>(x, xdt, w0, y0, n0, w1, y1, n1, w2, y2, n2, T, K);
+}
+
+// gemv_gated_row computes row i of a gated MLP's activation, act [T, I] (adt) = silu(x · gateᵀ) ⊙
+// (x · upᵀ), in one block: gemv_split_rows over the pair (gate row i, up row i), each product summed in
+// the order gemv_split_rows sums it, then silu_mul's arithmetic on the two sums. So the activation is
+// bit for bit what a GEMV of gate and up and silu_mul store.
+template <int NT>
+__device__ __forceinline__ void gemv_gated_row(const void* __restrict__ x, int xdt, const bf16_t* __restrict__ gate,
+	const bf16_t* __restrict__ up, void* act, int adt, int T, int K, int I, int i) {
+	__shared__ float part[GEMV_WARPS][GEMV_ROWS][NT];
+	int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+	float acc[GEMV_ROWS][NT];
+#pragma unroll
+	for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+		for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
+	const u32x4* wr[GEMV_ROWS] = {(const u32x4*)(gate + (long long)i * K), (const u32x4*)(up + (long long)i * K)};
+	int K8 = K >> 3, per = (K8 + GEMV_WARPS - 1) / GEMV_WARPS;
+	gemv_accum_rows<NT>(x, xdt, wr, T, K, imin(K8, warp * per), imin(K8, (warp + 1) * per), acc);
+#pragma unroll
+	for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+		for (int t = 0; t < NT; t++) {
+			float v = warp_sum(acc[r][t]);
+			if (lane == 0) part[warp][r][t] = v;
+		}
+	__syncthreads();
+	if (warp == 0 && lane < NT) {
+		int t = lane;
+		float g = 0.0f, u = 0.0f;
+#pragma unroll
+		for (int q = 0; q < GEMV_WARPS; q++) g += part[q][0][t];
+#pragma unroll
+		for (int q = 0; q < GEMV_WARPS; q++) u += part[q][1][t];
+		if (t < T) st(act, adt, (long long)t * I + i, silu(g) * u);
+	}
+}
+
+// gemv_gated_N computes y0 [T, n0] = x · w0ᵀ (n0 even, maybe 0: gemv_split_rows, GEMV_ROWS rows a block)
+// and a gated MLP's activation act [T, I] = silu(x · gateᵀ) ⊙ (x · upᵀ) (gemv_gated_row, a row a block)
+// in one launch: grid n0 / GEMV_ROWS + I blocks. Decode's MoE passes its router as w0 (the products of one
+// x), a dense MLP none.
+template <int NT>
+__device__ __forceinline__ void gemv_gated(const void* x, int xdt, const bf16_t* w0, float* y0, int n0, const bf16_t* gate,
+	const bf16_t* up, void* act, int adt, int I, int T, int K) {
+	int b0 = n0 / GEMV_ROWS;
+	if ((int)blockIdx.x < b0) {
+		gemv_split_rows<NT>(x, xdt, w0, y0, T, K, n0, blockIdx.x * GEMV_ROWS);
+	} else {
+		gemv_gated_row<NT>(x, xdt, gate, up, act, adt, T, K, I, blockIdx.x - b0);
+	}
+}
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
+gemv_gated_1(const void* x, int xdt, const bf16_t* w0, float* y0, int n0, const bf16_t* gate, const bf16_t* up,
+	void* act, int adt, int I, int T, int K) {
+	PDL_PROLOGUE();
+	gemv_gated<1>(x, xdt, w0, y0, n0, gate, up, act, adt, I, T, K);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
+gemv_gated_2(const void* x, int xdt, const bf16_t* w0, float* y0, int n0, const bf16_t* gate, const bf16_t* up,
+	void* act, int adt, int I, int T, int K) {
+	PDL_PROLOGUE();
+	gemv_gated<2>(x, xdt, w0, y0, n0, gate, up, act, adt, I, T, K);
 }
 
 // moe_plan groups the n = T·k routing slots by expert. experts[s] is slot s's expert id; only the E
@@ -213,6 +260,7 @@ gemv_multi_2(const void* x, int xdt, const bf16_t* w0, float* y0, int n0, const 
 // keep their order. One warp; dynamic shared memory holds 2E ints.
 extern "C" __global__ void moe_plan(const int* experts, int n, int first, int E, int align,
 	int* seg, int* perm, int* row_of, int* active, int* meta) {
+	PDL_PROLOGUE();
 	extern __shared__ int plan_sh[];
 	int* cnt = plan_sh;
 	int* cur = plan_sh + E;
@@ -384,18 +432,131 @@ __device__ __forceinline__ void expert_gemv_rows(const void* __restrict__ x, int
 extern "C" __global__ void __launch_bounds__(EG_WARPS * 32)
 expert_gemv_1(const void* x, int xdt, int mode, const int* perm, const float* scores, int topk, const int* seg,
 	const int* active, const int* meta, const bf16_t* w, int K, int N, int ksplit, float* P, int R) {
+	PDL_PROLOGUE();
 	expert_gemv_rows<1>(x, xdt, mode, perm, scores, topk, seg, active, meta, w, K, N, ksplit, P, R);
 }
 extern "C" __global__ void __launch_bounds__(EG_WARPS * 32)
 expert_gemv_8(const void* x, int xdt, int mode, const int* perm, const float* scores, int topk, const int* seg,
 	const int* active, const int* meta, const bf16_t* w, int K, int N, int ksplit, float* P, int R) {
+	PDL_PROLOGUE();
 	expert_gemv_rows<8>(x, xdt, mode, perm, scores, topk, seg, active, meta, w, K, N, ksplit, P, R);
+}
+
+// eg_last is the split-K GEMVs' fused epilogue's hand-off: every block of the launch calls it once, after
+// writing its partial sums, and it returns true in the last of the `expected` blocks that count on *ctr,
+// which it also resets to zero for the next launch (counters start zeroed: the backend zeroes them once).
+// The __threadfence before the count publishes each block's writes device-wide; the last block reads them
+// with ld_cg (past its L1). Which block is last varies; what it computes does not, so the results do not
+// depend on timing.
+__device__ __forceinline__ bool eg_last(int* ctr, int expected) {
+	__shared__ int last;
+	__threadfence();
+	__syncthreads(); // every thread's writes fenced
+	if (threadIdx.x == 0) {
+		int prev = atomicAdd(ctr, 1);
+		last = prev == expected - 1;
+		if (last) *ctr = 0; // every block has counted: no one else uses it in this launch
+	}
+	__syncthreads();
+	if (last) __threadfence();
+	return last;
+}
+
+// eg_sum8 adds the S split partials p[0], p[stride], ... p[(S-1)·stride] in split order, as a loop from
+// 0.0f does, with eight loads in flight at a time.
+__device__ __forceinline__ float eg_sum8(const float* p, long long stride, int S) {
+	float y = 0.0f;
+	for (int s0 = 0; s0 < S; s0 += 8) {
+		float v[8];
+#pragma unroll
+		for (int u = 0; u < 8; u++) v[u] = s0 + u < S ? ld_cg(p + (s0 + u) * stride) : 0.0f;
+#pragma unroll
+		for (int u = 0; u < 8; u++)
+			if (s0 + u < S) y += v[u];
+	}
+	return y;
+}
+
+// expert_gemv_swiglu_N is expert_gemv_N over a gate_up weight (N = 2I, I % EG_COLS == 0) followed by
+// expert_act, in one launch: the last block of the 2·gridDim.y blocks of expert blockIdx.z that wrote gate
+// columns [256j, 256j+256) or the matching up columns (counter ctr[z·(I/256) + j]) sums their splits and
+// stores act[r][c] = silu(g) · u for the expert's rows, as expert_act computes it.
+template <int NS>
+__device__ __forceinline__ void expert_gemv_swiglu(const void* x, int xdt, int mode, const int* perm, const float* scores,
+	int topk, const int* seg, const int* active, const int* meta, const bf16_t* w, int K, int N, int ksplit, float* P,
+	int R, int* ctr, void* act, int adt) {
+	expert_gemv_rows<NS>(x, xdt, mode, perm, scores, topk, seg, active, meta, w, K, N, ksplit, P, R);
+	int I = N / 2, tiles = I / EG_COLS, j = blockIdx.x % tiles, S = gridDim.y;
+	if (!eg_last(ctr + blockIdx.z * tiles + j, 2 * S)) return;
+	if ((int)blockIdx.z >= meta[0]) return;
+	int e = active[blockIdx.z];
+	int r0 = seg[2 * e], nr = seg[2 * e + 1];
+	int c = j * EG_COLS + threadIdx.x;
+	long long stride = (long long)R * N;
+	for (int r = r0; r < r0 + nr; r++) {
+		float g = eg_sum8(P + (long long)r * N + c, stride, S);
+		float u = eg_sum8(P + (long long)r * N + I + c, stride, S);
+		st(act, adt, (long long)r * I + c, silu(g) * u);
+	}
+}
+extern "C" __global__ void __launch_bounds__(EG_WARPS * 32)
+expert_gemv_swiglu_1(const void* x, int xdt, int mode, const int* perm, const float* scores, int topk, const int* seg,
+	const int* active, const int* meta, const bf16_t* w, int K, int N, int ksplit, float* P, int R, int* ctr, void* act, int adt) {
+	PDL_PROLOGUE();
+	expert_gemv_swiglu<1>(x, xdt, mode, perm, scores, topk, seg, active, meta, w, K, N, ksplit, P, R, ctr, act, adt);
+}
+extern "C" __global__ void __launch_bounds__(EG_WARPS * 32)
+expert_gemv_swiglu_8(const void* x, int xdt, int mode, const int* perm, const float* scores, int topk, const int* seg,
+	const int* active, const int* meta, const bf16_t* w, int K, int N, int ksplit, float* P, int R, int* ctr, void* act, int adt) {
+	PDL_PROLOGUE();
+	expert_gemv_swiglu<8>(x, xdt, mode, perm, scores, topk, seg, active, meta, w, K, N, ksplit, P, R, ctr, act, adt);
+}
+
+// expert_gemv_combine_N is expert_gemv_N over a down weight (N = H) followed by expert_combine, in one
+// launch: the last of the gridDim.y·gridDim.z blocks that wrote columns [256x, 256x+256) (counter
+// ctr[blockIdx.x]) sums, for each of the T tokens, its slots' splits in routing order, adds add (not null)
+// and stores out[t][h], as expert_combine does.
+template <int NS>
+__device__ __forceinline__ void expert_gemv_combine(const void* x, int xdt, int mode, const int* perm, const float* scores,
+	int topk, const int* seg, const int* active, const int* meta, const bf16_t* w, int K, int N, int ksplit, float* P,
+	int R, int* ctr, const int* row_of, int T, void* out, int odt, const void* add, int adt) {
+	expert_gemv_rows<NS>(x, xdt, mode, perm, scores, topk, seg, active, meta, w, K, N, ksplit, P, R);
+	if (!eg_last(ctr + blockIdx.x, gridDim.y * gridDim.z)) return;
+	int h = blockIdx.x * EG_COLS + threadIdx.x, S = gridDim.y;
+	if (h >= N) return;
+	long long stride = (long long)R * N;
+	for (int t = 0; t < T; t++) {
+		float sum = 0.0f;
+		for (int j = 0; j < topk; j++) {
+			int r = row_of[t * topk + j];
+			if (r < 0) continue;
+			sum += eg_sum8(P + (long long)r * N + h, stride, S);
+		}
+		long long i = (long long)t * N + h;
+		if (add) sum += ld(add, adt, i);
+		st(out, odt, i, sum);
+	}
+}
+extern "C" __global__ void __launch_bounds__(EG_WARPS * 32)
+expert_gemv_combine_1(const void* x, int xdt, int mode, const int* perm, const float* scores, int topk, const int* seg,
+	const int* active, const int* meta, const bf16_t* w, int K, int N, int ksplit, float* P, int R, int* ctr,
+	const int* row_of, int T, void* out, int odt, const void* add, int adt) {
+	PDL_PROLOGUE();
+	expert_gemv_combine<1>(x, xdt, mode, perm, scores, topk, seg, active, meta, w, K, N, ksplit, P, R, ctr, row_of, T, out, odt, add, adt);
+}
+extern "C" __global__ void __launch_bounds__(EG_WARPS * 32)
+expert_gemv_combine_8(const void* x, int xdt, int mode, const int* perm, const float* scores, int topk, const int* seg,
+	const int* active, const int* meta, const bf16_t* w, int K, int N, int ksplit, float* P, int R, int* ctr,
+	const int* row_of, int T, void* out, int odt, const void* add, int adt) {
+	PDL_PROLOGUE();
+	expert_gemv_combine<8>(x, xdt, mode, perm, scores, topk, seg, active, meta, w, K, N, ksplit, P, R, ctr, row_of, T, out, odt, add, adt);
 }
 
 // expert_act sets act[r][c] = silu(g) · u for the first meta[1] of R permuted rows, where g and u are
 // the sums over the S splits of P[s][r][c] and P[s][r][I + c] (P [S, R, 2I], gate columns then up).
 // ELEM_UNROLL elements a thread per pass; R·I < 2^31 (the host checks), so the index math is 32-bit.
 extern "C" __global__ void expert_act(const float* P, int S, int R, int I, const int* meta, void* act, int adt) {
+	PDL_PROLOGUE();
 	int rows = meta[1];
 	long long n = (long long)R * I;
 	GRID_STRIDE_N(i0, n) {
@@ -427,6 +588,7 @@ extern "C" __global__ void expert_act(const float* P, int S, int R, int I, const
 // added to the sum last (the shared expert's output: Add(routed, shared) in one pass).
 extern "C" __global__ void expert_combine(const float* P, int S, int R, int H, const int* row_of, int k, void* out, int odt, long long n,
 	const void* add, int adt) {
+	PDL_PROLOGUE();
 	GRID_STRIDE(i, n) {
 		long long t = i / H, h = i - t * H;
 		float sum = 0.0f;
@@ -446,6 +608,7 @@ extern "C" __global__ void expert_combine(const float* P, int S, int R, int H, c
 // x[perm[r] / k] · scores[perm[r]], or zeros for a gap row (perm[r] < 0: the host fills perm with -1
 // first). n = R·H < 2^31 (the host checks); ELEM_UNROLL elements a thread per pass.
 extern "C" __global__ void expert_gather(const void* x, int xdt, const int* perm, const float* scores, int k, int H, bf16_t* xp, long long n) {
+	PDL_PROLOGUE();
 	GRID_STRIDE_N(i0, n) {
 		float v[ELEM_UNROLL];
 #pragma unroll
@@ -463,5 +626,94 @@ extern "C" __global__ void expert_gather(const void* x, int xdt, const int* perm
 			int i = (int)i0 + u * (int)blockDim.x;
 			if (i < n) xp[i] = f32_to_bf16(v[u]);
 		}
+	}
+}
+
+// The prefill experts' elementwise kernels with 16-byte accesses (the host takes them when the rows are a
+// multiple of 8 elements and every operand 16-byte aligned): a thread handles 8 consecutive elements of
+// a row, each with the arithmetic of the kernel above it, so the results are the same bit for bit.
+
+// expert_gather_v8 is expert_gather, n8 = R·H/8 chunks of 8.
+extern "C" __global__ void expert_gather_v8(const void* x, int xdt, const int* perm, const float* scores, int k, int H,
+	bf16_t* xp, long long n8) {
+	PDL_PROLOGUE();
+	int H8 = H >> 3;
+	GRID_STRIDE(i, n8) {
+		long long r = i / H8, c = i - r * H8;
+		int sl = perm[r];
+		float v[8];
+		if (sl >= 0) {
+			float s = scores[sl];
+			load8((const char*)x + (long long)(sl / k) * H * (xdt == DT_F32 ? 4 : 2), xdt, c, v);
+#pragma unroll
+			for (int u = 0; u < 8; u++) v[u] *= s;
+		} else {
+#pragma unroll
+			for (int u = 0; u < 8; u++) v[u] = 0.0f;
+		}
+		store8(xp, DT_BF16, i, v);
+	}
+}
+
+// expert_act_v8 is expert_act, over R·I/8 chunks of 8 (I % 8 == 0).
+extern "C" __global__ void expert_act_v8(const float* P, int S, int R, int I, const int* meta, void* act, int adt) {
+	PDL_PROLOGUE();
+	int rows = meta[1], I8 = I >> 3;
+	long long n8 = (long long)R * I8;
+	GRID_STRIDE(i, n8) {
+		long long r = i / I8, c = i - r * I8;
+		if (r >= rows) continue;
+		float g[8], u[8];
+#pragma unroll
+		for (int e = 0; e < 8; e++) g[e] = u[e] = 0.0f;
+		for (int s = 0; s < S; s++) {
+			const float* p = P + ((long long)s * R + r) * 2 * I;
+			float a[8], b[8];
+			load8(p, DT_F32, c, a);
+			load8(p + I, DT_F32, c, b);
+#pragma unroll
+			for (int e = 0; e < 8; e++) {
+				g[e] += a[e];
+				u[e] += b[e];
+			}
+		}
+#pragma unroll
+		for (int e = 0; e < 8; e++) g[e] = silu(g[e]) * u[e];
+		store8((char*)act + r * I * (adt == DT_F32 ? 4 : 2), adt, c, g);
+	}
+}
+
+// expert_combine_v8 is expert_combine, over T·H/8 chunks of 8 (H % 8 == 0).
+extern "C" __global__ void expert_combine_v8(const float* P, int S, int R, int H, const int* row_of, int k, void* out, int odt,
+	long long n8, const void* add, int adt) {
+	PDL_PROLOGUE();
+	int H8 = H >> 3;
+	GRID_STRIDE(i, n8) {
+		long long t = i / H8, c = i - t * H8;
+		float sum[8];
+#pragma unroll
+		for (int e = 0; e < 8; e++) sum[e] = 0.0f;
+		for (int j = 0; j < k; j++) {
+			int r = row_of[t * k + j];
+			if (r < 0) continue;
+			float y[8];
+#pragma unroll
+			for (int e = 0; e < 8; e++) y[e] = 0.0f;
+			for (int s = 0; s < S; s++) {
+				float a[8];
+				load8(P + ((long long)s * R + r) * H, DT_F32, c, a);
+#pragma unroll
+				for (int e = 0; e < 8; e++) y[e] += a[e];
+			}
+#pragma unroll
+			for (int e = 0; e < 8; e++) sum[e] += y[e];
+		}
+		if (add) {
+			float a[8];
+			load8(add, adt, i, a);
+#pragma unroll
+			for (int e = 0; e < 8; e++) sum[e] += a[e];
+		}
+		store8(out, odt, i, sum);
 	}
 }

@@ -120,3 +120,25 @@ func Entries(src string) []string {
 	}
 	return names
 }
+
+// Prologue is the statement every kernel begins with (prelude.cuh): programmatic dependent launch's wait
+// for the kernel before it, then its signal that the next kernel may launch.
+const Prologue = "PDL_PROLOGUE();"
+
+// Prologued returns the entries of src (as Entries) whose body begins with Prologue: the kernels the
+// backend may launch with programmatic dependent launch. A kernel without it must be launched without:
+// it would not wait for the kernel before it.
+func Prologued(src string) []string {
+	var names []string
+	for _, m := range entryRE.FindAllStringSubmatchIndex(src, -1) {
+		rest := src[m[1]:]
+		open := strings.IndexByte(rest, '{')
+		if open < 0 {
+			continue
+		}
+		if body := strings.TrimLeft(rest[open+1:], " \t\r\n"); strings.HasPrefix(body, Prologue) {
+			names = append(names, src[m[2]:m[3]])
+		}
+	}
+	return names
+}

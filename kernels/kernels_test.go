@@ -36,10 +36,14 @@ func TestEntries(t *testing.T) {
 	got := Entries(Source())
 	want := []string{"kv_append", "attention", "attention_split", "attention_split_128_g1", "attention_split_128_g2", "attention_split_128_g4", "attention_split_128_g5", "attention_split_128_g8", "attention_combine", "convert", "embed", "rmsnorm", "add_rmsnorm", "spin", "add", "silu_mul",
 		"scale_rows", "rope", "rope_qk", "linear_simple", "split_bf16", "add_halves", "gather_permute", "fill_random",
+		"convert_v8", "silu_mul_v8", "split_bf16_v8", "add_rmsnorm_v8",
 		"layernorm", "add_bias", "gelu", "rotate_pairs", "full_attention", "count_experts", "map_experts", "attention_flash", "attention_decode",
-		"gemv_1", "gemv_2", "gemv_4", "gemv_8", "gemv_split_1", "gemv_split_2", "gemv_multi_1", "gemv_multi_2", "moe_plan", "expert_gemv_1", "expert_gemv_8", "expert_act", "expert_combine",
-		"expert_gather", "route", "expert_gate_up", "expert_down",
-		"act_quant_rows", "dequant_bf16", "qgemv_1", "qgemv_2", "qgemv_4", "qgemv_8", "qgemv_split_1", "qgemv_split_2", "qexpert_gemv_1", "qexpert_gemv_8", "quantize_bf16", "act_quant_fp8", "transpose_u8", "fp8_scale_out",
+		"gemv_1", "gemv_2", "gemv_4", "gemv_8", "gemv_split_1", "gemv_split_2", "gemv_multi_1", "gemv_multi_2", "gemv_gated_1", "gemv_gated_2", "moe_plan", "expert_gemv_1", "expert_gemv_8",
+		"expert_gemv_swiglu_1", "expert_gemv_swiglu_8", "expert_gemv_combine_1", "expert_gemv_combine_8", "expert_act", "expert_combine",
+		"expert_gather", "expert_gather_v8", "expert_act_v8", "expert_combine_v8", "route", "route_plan", "expert_gate_up", "expert_down", "qk_append",
+		"dequant_bf16", "qgemv_1", "qgemv_2", "qgemv_4", "qgemv_8", "qgemv_split_1", "qgemv_split_2", "qexpert_gemv_1", "qexpert_gemv_8", "quantize_bf16",
+		"fp8_act_rows", "fp8_act_codes", "fp8_gemv_1", "fp8_gemv_2", "fp8_gemv_4", "fp8_gemv_8", "fp8_gemv_xs_1", "fp8_gemv_xs_2", "fp8_gemv_xs_4", "fp8_gemv_xs_8",
+		"fp8_expert_gemv_1", "fp8_expert_gemv_4", "fp8_expert_gemv_xs_1", "fp8_expert_gemv_xs_4", "fp8_dequant_experts", "transpose_u8", "fp8_scale_out",
 		"q4_xprep", "q4gemv_1", "q4gemv_2", "q4gemv_4", "q4gemv_1w", "q4gemv_2w", "q4gemv_4w", "q4gemv_multi_1", "q4gemv_multi_1w", "q4expert_gemv_1", "q4expert_gemv_2", "dequant_int4_bf16",
 		"sample_argmax", "sample_rows"}
 	if !slices.Equal(got, want) {
@@ -83,5 +87,34 @@ func TestUnits(t *testing.T) {
 	}
 	if len(Units()) < 4 {
 		t.Errorf("%d units, want several to compile in parallel", len(Units()))
+	}
+}
+
+// TestPrologue checks that every kernel begins with PDL_PROLOGUE (so that the backend may launch it with
+// programmatic dependent launch: a kernel without it would not wait for the one before it), and that
+// Prologued finds exactly those.
+func TestPrologue(t *testing.T) {
+	for _, f := range Files() {
+		src, err := File(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		entries, pro := Entries(src), Prologued(src)
+		if !slices.Equal(pro, entries) {
+			t.Errorf("%s: kernels %v begin with %s, want all of %v", f, pro, Prologue, entries)
+		}
+	}
+	for _, tt := range []struct {
+		src  string
+		want []string
+	}{
+		{`extern "C" __global__ void f(int x) { PDL_PROLOGUE(); x++; }`, []string{"f"}},
+		{"extern \"C\" __global__ void __launch_bounds__(128)\ng(const int* a,\n\tint n) {\n\tPDL_PROLOGUE();\n}", []string{"g"}},
+		{`extern "C" __global__ void h(int x) { x++; PDL_PROLOGUE(); }`, nil},
+		{`extern "C" __global__ void i(int x) { } extern "C" __global__ void j(int x) { PDL_PROLOGUE(); }`, []string{"j"}},
+	} {
+		if got := Prologued(tt.src); !slices.Equal(got, tt.want) {
+			t.Errorf("Prologued(%q) = %v, want %v", tt.src, got, tt.want)
+		}
 	}
 }

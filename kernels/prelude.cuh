@@ -6,6 +6,23 @@
 typedef unsigned short bf16_t;
 typedef unsigned int u32;
 
+// PDL_PROLOGUE is the first statement of every kernel (kernels.Prologued finds it; a kernel without it is
+// launched without programmatic dependent launch). The backend launches the kernels that have it with
+// programmatic stream serialization (backend/cuda driver.go, stream.enqueue), so their blocks may be
+// scheduled before the kernel ahead of them in the stream has finished: griddepcontrol.wait holds them
+// until that kernel has completed and its memory operations are visible, so no kernel touches memory
+// before its predecessor is done, and since every kernel waits, the stream's order holds transitively.
+// griddepcontrol.launch_dependents then lets the next kernel's blocks be scheduled as soon as every block
+// of this one has passed it (they in turn wait for this kernel to complete). Both are no-ops for a kernel
+// launched without the attribute, and before sm_90 the prologue is empty.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_PROLOGUE() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define PDL_PROLOGUE() \
+	do { \
+	} while (0)
+#endif
+
 // GRID_STRIDE loops i over [0, n) across the whole grid, so any grid size covers n elements.
 #define GRID_STRIDE(i, n) for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
 
@@ -50,6 +67,12 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 	return warp_sum(v);
 }
 
+// norm_inv is RMSNorm's factor for a row of n elements whose squares sum to ss: 1/sqrt(mean + eps), the
+// root in float64.
+__device__ __forceinline__ float norm_inv(float ss, int n, float eps) {
+	return (float)(1.0 / sqrt((double)ss / (double)n + (double)eps));
+}
+
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
 
 // ELEM_UNROLL is how many elements a thread of the large elementwise kernels handles per pass: their
@@ -63,3 +86,82 @@ __device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
 
 // NEG_INF is float32 -∞ (no math.h here).
 #define NEG_INF __int_as_float(0xff800000)
+
+// 16-byte vectors: 8 bf16 (u32x4) or 4 float32 (f32x4), for the kernels that load and store 16 bytes a
+// thread (a warp then moves 512 contiguous bytes an instruction).
+struct alignas(16) u32x4 {
+	u32 x, y, z, w;
+};
+
+struct alignas(16) f32x4 {
+	float x, y, z, w;
+};
+
+// bf16x8 widens the 8 bf16 values of v to float32 (exact).
+__device__ __forceinline__ void bf16x8(u32x4 v, float* f) {
+	f[0] = __uint_as_float(v.x << 16);
+	f[1] = __uint_as_float(v.x & 0xffff0000u);
+	f[2] = __uint_as_float(v.y << 16);
+	f[3] = __uint_as_float(v.y & 0xffff0000u);
+	f[4] = __uint_as_float(v.z << 16);
+	f[5] = __uint_as_float(v.z & 0xffff0000u);
+	f[6] = __uint_as_float(v.w << 16);
+	f[7] = __uint_as_float(v.w & 0xffff0000u);
+}
+
+// load8 reads elements [8c, 8c+8) of row (a float32 or bf16 array, 16-byte aligned) as float32: as ld
+// reads each.
+__device__ __forceinline__ void load8(const void* row, int dt, long long c, float* f) {
+	if (dt == DT_F32) {
+		f32x4 a = ((const f32x4*)row)[2 * c], b = ((const f32x4*)row)[2 * c + 1];
+		f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+		f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+	} else {
+		bf16x8(((const u32x4*)row)[c], f);
+	}
+}
+
+// store8 writes f to elements [8c, 8c+8) of row (float32 or bf16, 16-byte aligned): as st writes each.
+__device__ __forceinline__ void store8(void* row, int dt, long long c, const float* f) {
+	if (dt == DT_F32) {
+		f32x4 a, b;
+		a.x = f[0]; a.y = f[1]; a.z = f[2]; a.w = f[3];
+		b.x = f[4]; b.y = f[5]; b.z = f[6]; b.w = f[7];
+		((f32x4*)row)[2 * c] = a;
+		((f32x4*)row)[2 * c + 1] = b;
+	} else {
+		u32x4 v;
+		v.x = (u32)f32_to_bf16(f[0]) | (u32)f32_to_bf16(f[1]) << 16;
+		v.y = (u32)f32_to_bf16(f[2]) | (u32)f32_to_bf16(f[3]) << 16;
+		v.z = (u32)f32_to_bf16(f[4]) | (u32)f32_to_bf16(f[5]) << 16;
+		v.w = (u32)f32_to_bf16(f[6]) | (u32)f32_to_bf16(f[7]) << 16;
+		((u32x4*)row)[c] = v;
+	}
+}
+
+// as_dt is v as a tensor of dtype dt holds it: rounded to bf16, or itself.
+__device__ __forceinline__ float as_dt(float v, int dt) { return dt == DT_BF16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+// ld_cg reads a float32 past the SM's L1 (ld.global.cg): for data other blocks of the same launch wrote
+// and published with __threadfence, which a stale L1 line must not hide. Volatile, so the compiler keeps
+// it after the synchronisation that precedes it (issue several before using any: they then overlap).
+__device__ __forceinline__ float ld_cg(const float* p) {
+#ifdef __CUDA_ARCH__
+	float v;
+	asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory");
+	return v;
+#else
+	return *(const volatile float*)p;
+#endif
+}
+
+// rope_pair rotates the pair (x0, x1) at position pos by θ = float32(pos)·inv_freq (a float32 product,
+// not fused), with cos and sin evaluated in float64 and rounded to float32.
+__device__ __forceinline__ void rope_pair(int pos, float inv_freq, float x0, float x1, float* y0, float* y1) {
+	float theta = __fmul_rn((float)pos, inv_freq);
+	double sd, cd;
+	sincos((double)theta, &sd, &cd);
+	float s = (float)sd, c = (float)cd;
+	*y0 = x0 * c - x1 * s;
+	*y1 = x0 * s + x1 * c;
+}

@@ -1,9 +1,11 @@
 // quant.cu: quantised weights (package quant's formats) kept in their compact form on the GPU: fp8
 // (E4M3 codes, one float32 scale per output channel); int4's GEMVs and dequantisation are in
-// quant_int4.cu, a unit of its own. The kernels dequantise in registers: every weight becomes exactly
-// quant.Weight.Dequantize's value, q·scale in float32 (rounded to bf16 for QF_FP8_BF16, the
-// compressed-tensors format), before it meets x. Also the dynamic per-token activation quantisation of
-// FbgemmFp8 (quant.FakeQuantFP8Rows) and the device quantiser of both formats (quantize_bf16).
+// quant_int4.cu, a unit of its own (this file keeps the device quantiser of both formats,
+// quantize_bf16). The kernels dequantise in registers: every weight becomes exactly quant.Weight.Dequantize's value, q·scale in
+// float32 (rounded to bf16 for QF_FP8_BF16, the compressed-tensors format), before it meets x. The
+// scalar FP8 rules here (E4M3 decoding, rounding, FbgemmFp8's per-token activation quantisation,
+// quant.FakeQuantFP8Rows) serve quant_fp8.cu too, whose kernels take the fp8 weights' decode paths and
+// the activations' quantisation (fp8_act_rows).
 
 // Weight format codes; they match backend/cuda's qformat codes.
 #define QF_FP8 0      // q·s in float32 (fp8 rowwise, FbgemmFp8)
@@ -82,47 +84,6 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 	return v;
 }
 
-// act_quant_rows writes row r = blockIdx.x of out [rows, n] (odt): the input row, quantised to FP8 per
-// token when dyn (quant.FakeQuantFP8Rows: scale = FP8RowScale(max|row|, 1200)), else as it is. The input
-// row is x[r] (perm null) or, gathered for the routed experts, x[perm[r] / k]·scores[perm[r]] (zeros
-// where perm[r] < 0: a gap row). With nrows not null, blocks at or past *nrows (moe_plan's meta[1])
-// return. out may be x (same dtype, perm null): every element is read before any is written. Blocks of
-// a multiple of 32 threads.
-extern "C" __global__ void act_quant_rows(const void* x, int xdt, const int* perm, const float* scores, int k, int n, int dyn,
-	void* out, int odt, const int* nrows) {
-	__shared__ float scratch[32];
-	int r = blockIdx.x;
-	if (nrows && r >= *nrows) return; // uniform over the block
-	long long src = r;
-	float sc = 1.0f;
-	if (perm) {
-		int sl = perm[r];
-		if (sl < 0) {
-			for (int i = threadIdx.x; i < n; i += blockDim.x) st(out, odt, (long long)r * n + i, 0.0f);
-			return;
-		}
-		src = sl / k;
-		sc = scores[sl];
-	}
-	const long long base = src * n;
-	float s = 1.0f;
-	if (dyn) {
-		float amax = 0.0f;
-		for (int i = threadIdx.x; i < n; i += blockDim.x) {
-			float v = ld(x, xdt, base + i);
-			if (perm) v *= sc;
-			amax = fmaxf(amax, fabsf(v));
-		}
-		s = fp8_row_scale(block_max(amax, scratch), ACT_SCALE_UB);
-	}
-	for (int i = threadIdx.x; i < n; i += blockDim.x) {
-		float v = ld(x, xdt, base + i);
-		if (perm) v *= sc;
-		if (dyn) v = fake_quant_fp8(v, s);
-		st(out, odt, (long long)r * n + i, v);
-	}
-}
-
 // qweight_at returns element idx of an fp8 weight viewed as [outer, in, inner] (row-major, idx =
 // (o·in + i)·inner + c): the dequantised value, as float32.
 __device__ __forceinline__ float qweight_at(const unsigned char* w, const void* scales, int fmt, long long idx,
@@ -137,6 +98,7 @@ __device__ __forceinline__ float qweight_at(const unsigned char* w, const void* 
 // dequant_int4_bf16 (quant_int4.cu).
 extern "C" __global__ void dequant_bf16(const unsigned char* w, const void* scales, int fmt, long long in, long long inner,
 	int gs, int G, long long off, long long n, bf16_t* out) {
+	PDL_PROLOGUE();
 	GRID_STRIDE(i, n) out[i] = f32_to_bf16(qweight_at(w, scales, fmt, off + i, in, inner, gs, G));
 }
 
@@ -262,18 +224,22 @@ __device__ __forceinline__ void qgemv_split_rows(const void* __restrict__ x, int
 // (GEMV_WARPS·GEMV_ROWS)) blocks of GEMV_WARPS warps).
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 qgemv_1(const void* x, int xdt, const unsigned char* w, const void* scales, int fmt, int gs, float* y, int T, int K, int N) {
+	PDL_PROLOGUE();
 	qgemv_rows<1>(x, xdt, w, scales, fmt, gs, y, T, K, N, gemv_row0());
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 qgemv_2(const void* x, int xdt, const unsigned char* w, const void* scales, int fmt, int gs, float* y, int T, int K, int N) {
+	PDL_PROLOGUE();
 	qgemv_rows<2>(x, xdt, w, scales, fmt, gs, y, T, K, N, gemv_row0());
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 qgemv_4(const void* x, int xdt, const unsigned char* w, const void* scales, int fmt, int gs, float* y, int T, int K, int N) {
+	PDL_PROLOGUE();
 	qgemv_rows<4>(x, xdt, w, scales, fmt, gs, y, T, K, N, gemv_row0());
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 qgemv_8(const void* x, int xdt, const unsigned char* w, const void* scales, int fmt, int gs, float* y, int T, int K, int N) {
+	PDL_PROLOGUE();
 	qgemv_rows<8>(x, xdt, w, scales, fmt, gs, y, T, K, N, gemv_row0());
 }
 
@@ -281,10 +247,12 @@ qgemv_8(const void* x, int xdt, const unsigned char* w, const void* scales, int 
 // GEMV_WARPS warps).
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 qgemv_split_1(const void* x, int xdt, const unsigned char* w, const void* scales, int fmt, int gs, float* y, int T, int K, int N) {
+	PDL_PROLOGUE();
 	qgemv_split_rows<1>(x, xdt, w, scales, fmt, gs, y, T, K, N, blockIdx.x * GEMV_ROWS);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 qgemv_split_2(const void* x, int xdt, const unsigned char* w, const void* scales, int fmt, int gs, float* y, int T, int K, int N) {
+	PDL_PROLOGUE();
 	qgemv_split_rows<2>(x, xdt, w, scales, fmt, gs, y, T, K, N, blockIdx.x * GEMV_ROWS);
 }
 
@@ -352,12 +320,14 @@ extern "C" __global__ void __launch_bounds__(EG_WARPS * 32)
 qexpert_gemv_1(const void* x, int xdt, int mode, const int* perm, const float* scores, int topk, const int* seg,
 	const int* active, const int* meta, const unsigned char* w, const void* scales, int fmt, int gs, int K, int N, int ksplit,
 	float* P, int R) {
+	PDL_PROLOGUE();
 	qexpert_gemv_rows<1>(x, xdt, mode, perm, scores, topk, seg, active, meta, w, scales, fmt, gs, K, N, ksplit, P, R);
 }
 extern "C" __global__ void __launch_bounds__(EG_WARPS * 32)
 qexpert_gemv_8(const void* x, int xdt, int mode, const int* perm, const float* scores, int topk, const int* seg,
 	const int* active, const int* meta, const unsigned char* w, const void* scales, int fmt, int gs, int K, int N, int ksplit,
 	float* P, int R) {
+	PDL_PROLOGUE();
 	qexpert_gemv_rows<8>(x, xdt, mode, perm, scores, topk, seg, active, meta, w, scales, fmt, gs, K, N, ksplit, P, R);
 }
 
@@ -369,6 +339,7 @@ qexpert_gemv_8(const void* x, int xdt, int mode, const int* perm, const float* s
 // benchmarks' random quantised weights, made on the device.
 extern "C" __global__ void quantize_bf16(const bf16_t* v, long long in, long long inner, int fmt, int gs, int G,
 	long long nscales, unsigned char* codes, void* scales) {
+	PDL_PROLOGUE();
 	GRID_STRIDE(s, nscales) {
 		long long c = s % inner, og = s / inner;
 		long long g = og % G, o = og / G;

@@ -290,6 +290,7 @@ __device__ __forceinline__ void q4gemv_rows(const void* __restrict__ x, int xdt,
 // holds q4_xblock's registers for inputs 8j .. 8j+7. At 8 and 16 rows converting x in every block of
 // the GEMV would take about as many instructions as the codes' own; converted once, a block loads it.
 extern "C" __global__ void q4_xprep(const void* x, int xdt, int T, int K, q4_u32x4* xq) {
+	PDL_PROLOGUE();
 	long long groups = K >> 3, n = (long long)T * groups;
 	GRID_STRIDE(i, n) {
 		long long t = i / groups, j = i - t * groups;
@@ -311,26 +312,32 @@ extern "C" __global__ void q4_xprep(const void* x, int xdt, int T, int K, q4_u32
 // W <= Q4_MAXW warps (Q4_MAXW / 2 for q4gemv_4, whose registers would spill at 512 threads).
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_1(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
+	PDL_PROLOGUE();
 	q4gemv_rows<4, 1, false, false>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 64);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_2(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
+	PDL_PROLOGUE();
 	q4gemv_rows<2, 2, true, false>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 16)
 q4gemv_4(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
+	PDL_PROLOGUE();
 	q4gemv_rows<2, 4, true, false>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_1w(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
+	PDL_PROLOGUE();
 	q4gemv_rows<4, 1, false, true>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 64);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_2w(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
+	PDL_PROLOGUE();
 	q4gemv_rows<2, 2, true, true>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 16)
 q4gemv_4w(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
+	PDL_PROLOGUE();
 	q4gemv_rows<2, 4, true, true>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32);
 }
 
@@ -357,11 +364,13 @@ __device__ __forceinline__ void q4gemv_multi(const void* x, int xdt, const unsig
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_multi_1(const void* x, int xdt, const unsigned char* w0, const bf16_t* s0, float* y0, int n0, const unsigned char* w1,
 	const bf16_t* s1, float* y1, int n1, const unsigned char* w2, const bf16_t* s2, float* y2, int n2, int gs, int T, int K) {
+	PDL_PROLOGUE();
 	q4gemv_multi<false>(x, xdt, w0, s0, y0, n0, w1, s1, y1, n1, w2, s2, y2, n2, gs, T, K);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_multi_1w(const void* x, int xdt, const unsigned char* w0, const bf16_t* s0, float* y0, int n0, const unsigned char* w1,
 	const bf16_t* s1, float* y1, int n1, const unsigned char* w2, const bf16_t* s2, float* y2, int n2, int gs, int T, int K) {
+	PDL_PROLOGUE();
 	q4gemv_multi<true>(x, xdt, w0, s0, y0, n0, w1, s1, y1, n1, w2, s2, y2, n2, gs, T, K);
 }
 
@@ -531,12 +540,14 @@ extern "C" __global__ void __launch_bounds__(Q4E_WARPS * 32)
 q4expert_gemv_1(const void* x, int xdt, int mode, const int* perm, const float* scores, int topk, const int* seg,
 	const int* active, const int* meta, const unsigned char* w, const bf16_t* scales, int gs, int K, int N, int ksplit,
 	float* P, int R) {
+	PDL_PROLOGUE();
 	q4expert_gemv_rows<1>(x, xdt, mode, perm, scores, topk, seg, active, meta, w, scales, gs, K, N, ksplit, P, R);
 }
 extern "C" __global__ void __launch_bounds__(Q4E_WARPS * 32)
 q4expert_gemv_2(const void* x, int xdt, int mode, const int* perm, const float* scores, int topk, const int* seg,
 	const int* active, const int* meta, const unsigned char* w, const bf16_t* scales, int gs, int K, int N, int ksplit,
 	float* P, int R) {
+	PDL_PROLOGUE();
 	q4expert_gemv_rows<2>(x, xdt, mode, perm, scores, topk, seg, active, meta, w, scales, gs, K, N, ksplit, P, R);
 }
 
@@ -557,6 +568,7 @@ __device__ __forceinline__ float q4_val(u32 v, int i) {
 // those conditions exclude).
 extern "C" __global__ void dequant_int4_bf16(const unsigned char* w, const bf16_t* scales, long long in, long long inner, int gs,
 	int G, long long off, long long n, int vec, bf16_t* out) {
+	PDL_PROLOGUE();
 	long long chunks = (n + 31) / 32;
 	GRID_STRIDE(j, chunks) {
 		long long e0 = off + 32 * j; // first element

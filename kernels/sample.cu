@@ -474,6 +474,7 @@ __device__ int smp_sample(const void* x, int dt, long long off, int V, const smp
 // sample_argmax writes, for each row r = blockIdx.x of logits [N, V], the index of the row's largest
 // logit (ties to the lowest index) to ids[r].
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_argmax(const void* logits, int dt, int V, int* ids) {
+	PDL_PROLOGUE();
 	__shared__ smp_u64 scratch[32];
 	smp_u64 best = smp_argmax(logits, dt, (long long)blockIdx.x * V, V, scratch);
 	if (threadIdx.x == 0) ids[blockIdx.x] = (int)~(u32)best;
@@ -483,6 +484,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_argmax(const
 // ids[r]: the argmax for greedy rows, else a draw after temperature, top-k and top-p.
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const void* logits, int dt, int V,
 	const smp_params* params, int* ids) {
+	PDL_PROLOGUE();
 	__shared__ smp_shared sh;
 	const smp_params p = params[blockIdx.x];
 	long long off = (long long)blockIdx.x * V;

@@ -416,6 +416,12 @@ var _ backend.BatchAttender = (*Backend)(nil)
 // longer one may be cut over the blocks differently when it is attended with others (the split follows
 // the batch's total work), which changes its values only by float32 summation order.
 func (b *Backend) AttendBatch(q, k, v backend.Tensor, spans []backend.AttendSpan, window backend.Window, scale float32) (backend.Tensor, error) {
+	return b.attendBatch(q, k, v, spans, window, scale, nil)
+}
+
+// attendBatch is AttendBatch with q and k under tr first, when tr is not nil (AttendBatchQK, qkv.go).
+func (b *Backend) attendBatch(q, k, v backend.Tensor, spans []backend.AttendSpan, window backend.Window, scale float32,
+	tr *backend.QKTransform) (backend.Tensor, error) {
 	qt, err := b.asTensor("attend batch", "q", q)
 	if err != nil {
 		return nil, err
@@ -451,6 +457,12 @@ func (b *Backend) AttendBatch(q, k, v backend.Tensor, spans []backend.AttendSpan
 	if next != T {
 		return nil, fmt.Errorf("cuda: attend batch: spans cover %d of %d rows: %w", next, T, backend.ErrShape)
 	}
+	if tr != nil && !(small && b.qkAppendOK(qt, kt, tr)) {
+		if qt, kt, err = b.transformQK(qt, kt, spans, tr); err != nil {
+			return nil, err
+		}
+		tr = nil
+	}
 	if !small {
 		return b.attendEach(qt, kt, vt, spans, window, scale)
 	}
@@ -485,7 +497,11 @@ func (b *Backend) AttendBatch(q, k, v backend.Tensor, spans []backend.AttendSpan
 			rows = append(rows, kvRow{caches[i], p})
 		}
 	}
-	if err := b.appendRows(kt, vt, rows); err != nil {
+	if tr != nil {
+		if qt, err = b.qkAppend(qt, kt, vt, rows, tr); err != nil {
+			return nil, fmt.Errorf("cuda: attend batch: qk append: %w", err)
+		}
+	} else if err := b.appendRows(kt, vt, rows); err != nil {
 		return nil, fmt.Errorf("cuda: attend batch: kv append: %w", err)
 	}
 	for i, sp := range spans {

@@ -1,12 +1,14 @@
 package cuda
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"github.com/tpfleet/tpfleet/internal/dl"
 	"math"
 	"os"
 	"slices"
+	"strings"
 	"time"
 	"unsafe"
 
@@ -49,6 +51,15 @@ type Backend struct {
 	// recording of a step needs for them.
 	argBytes int64
 
+	// fuse is the kernel fusions the ops make (Config.Unfuse; tests change it to compare).
+	fuse fusionSet
+	// fuseCtr is the split-K expert GEMVs' fused epilogues' counters (eg_last in gemv.cu): zeroed once,
+	// and every launch leaves them zero again; nil until the first fused epilogue (moe.go).
+	fuseCtr *buffer
+	// pendingRoutes are the routings whose route or count launch waits to be fused into the expert plan
+	// (moe.go): flushRoutes launches what is left before the host can observe it.
+	pendingRoutes []*routing
+
 	// noFlash makes Attention skip the flash path (tests time the attention kernel against it).
 	noFlash bool
 	// noGEMVSplit makes Linear use the one-warp-a-row GEMV for small weights too (tests compare).
@@ -67,6 +78,9 @@ type Backend struct {
 	// noFP8Gemm makes Linear on fp8 weights with dynamic activations take the dequantised path for
 	// prefill instead of the FP8 GEMM (fp8gemm.go; tests compare them).
 	noFP8Gemm bool
+	// fp8OuterVec: cuBLASLt applies the FP8 GEMM's row scales itself (outer-vector scaling), as New's
+	// probe found it does on this device (fp8gemm.go); false runs fp8_scale_out after the product.
+	fp8OuterVec bool
 }
 
 var _ backend.Ops = (*Backend)(nil)
@@ -89,15 +103,29 @@ type kernelSet struct {
 	addRMSNorm, spin                                                     *kernel
 	gemvMulti, gemvSplit                                                 [2]*kernel // _1, _2
 	ropeQK                                                               *kernel
-	actQuantRows, dequantBF16, qexpertGEMV1, qexpertGEMV8, quantizeBF16  *kernel
+	dequantBF16, qexpertGEMV1, qexpertGEMV8, quantizeBF16                *kernel
 	qgemv                                                                [4]*kernel // qgemv_1, _2, _4, _8
 	qgemvSplit                                                           [2]*kernel // qgemv_split_1, _2
-	actQuantFP8, fp8ScaleOut, transposeU8                                *kernel
+	fp8ScaleOut, transposeU8                                             *kernel
+	fp8ActRows, fp8ActCodes, fp8DequantExperts                           *kernel
+	fp8GEMV, fp8GEMVStaged                                               [4]*kernel    // fp8_gemv_1, _2, _4, _8 (fp8.go)
+	fp8ExpertGEMV, fp8ExpertGEMVStaged                                   [2]*kernel    // fp8_expert_gemv_1, _4
 	q4gemv                                                               [2][3]*kernel // q4gemv_1, _2, _4 and the WIDE q4gemv_1w, _2w, _4w (quant_int4.cu)
 	q4expertGEMV                                                         [2]*kernel    // q4expert_gemv_1, _2
 	q4gemvMulti                                                          [2]*kernel    // q4gemv_multi_1, _1w
 	dequantInt4, q4XPrep                                                 *kernel
+
+	// The fused kernels (Config.Unfuse).
+	routePlan, qkAppend                   *kernel
+	gemvGated                             [2]*kernel // _1, _2
+	expertSwiGLU, expertCombineEpi        [2]*kernel // expert_gemv_swiglu_1, _8; expert_gemv_combine_1, _8
+	convertV8, siluMulV8, splitBF16V8     *kernel
+	addRMSNormV8                          *kernel
+	expertGatherV8, expertActV8, expertV8 *kernel // expertV8: expert_combine_v8
 }
+
+// fused reports whether the backend makes fusion f (Fusions).
+func (b *Backend) fused(f string) bool { return b.fuse[f] }
 
 // Info describes what New found and did.
 type Info struct {
@@ -113,6 +141,14 @@ type Info struct {
 	CacheHit      bool              // every unit's cubin came from the cache
 	CompileTime   time.Duration     // NVRTC compiles, in parallel (0 when every unit was a cache hit)
 	CacheWarnings []string          // cache files that were corrupt or refused, and compiled again
+	// FP8OuterVec reports that cuBLASLt applies the FP8 GEMM's per-row scales itself (outer-vector
+	// scaling, checked by a small product at start-up); false: fp8_scale_out applies them after the GEMM.
+	FP8OuterVec bool
+	// PDL says whether kernels launch with programmatic dependent launch (Config.NoPDL; compute
+	// capability 9.0 and a driver with cuLaunchKernelEx).
+	PDL bool
+	// Fusions are the kernel fusions the backend makes (Fusions less Config.Unfuse).
+	Fusions []string
 }
 
 // Counters counts Linear's and Experts' paths.
@@ -130,6 +166,10 @@ type Counters struct {
 	QuantDequant int64 // Linear calls on a quantised weight run on a dequantised bf16 copy (prefill)
 	QuantFP8Gemm int64 // Linear calls on an fp8 weight run by the FP8 GEMM (prefill, fp8gemm.go)
 	ExpertsFP8   int64 // of ExpertsGrouped, the calls on fp8 weights run by the FP8 GEMM per expert
+
+	FP8ExpertGEMV int64 // expert GEMV launches (a projection each) on output-major fp8 experts (fp8.go)
+	FP8Staged     int64 // fp8 GEMV products whose kernel staged (and quantised) its input itself
+	FP8OuterVec   int64 // FP8 GEMMs whose scales cuBLASLt applied (outer-vector scaling)
 }
 
 // New loads the CUDA libraries, opens device cfg.Device and compiles the kernels. On a machine without
@@ -147,6 +187,13 @@ func New(cfg Config) (*Backend, error) {
 	if os.Getenv(EnvGraphs) == "0" {
 		cfg.Eager = true
 	}
+	if os.Getenv(EnvPDL) == "0" {
+		cfg.NoPDL = true
+	}
+	fuse, err := parseUnfuse(cfg.Unfuse, os.Getenv(EnvUnfuse))
+	if err != nil {
+		return nil, fmt.Errorf("$%s: %w", EnvUnfuse, err)
+	}
 	start := time.Now()
 	if err := loadLibraries(dl.SearchDirs(cfg.LibDirs)); err != nil {
 		return nil, err
@@ -155,7 +202,7 @@ func New(cfg Config) (*Backend, error) {
 	if err != nil {
 		return nil, err
 	}
-	b := &Backend{cfg: cfg, dev: dev, gemvRows: gemvMaxRows, splitPerSM: defaultSplitPerSM, ctxStart: start}
+	b := &Backend{cfg: cfg, dev: dev, gemvRows: gemvMaxRows, splitPerSM: defaultSplitPerSM, ctxStart: start, fuse: fuse}
 	if err := b.init(); err != nil {
 		return nil, errors.Join(err, b.Close())
 	}
@@ -191,6 +238,15 @@ func (b *Backend) init() error {
 	if err := b.loadKernels(target{arch: arch, nvrtc: version, device: d.name, driver: d.driverVersion}); err != nil {
 		return err
 	}
+	b.stream.pdl = !b.cfg.NoPDL && drv.launchEx != nil && d.ccMajor >= 9
+	b.info.PDL, b.info.Fusions = b.stream.pdl, b.fuse.names()
+	if n := len(b.phases); n > 0 { // the kernels' phase says how they will launch
+		pdl := "off"
+		if b.stream.pdl {
+			pdl = "on"
+		}
+		b.phases[n-1].Detail += fmt.Sprintf("; programmatic dependent launch %s; fusions: %s", pdl, cmp.Or(strings.Join(b.info.Fusions, ","), "none"))
+	}
 	for _, k := range []struct {
 		name string
 		dst  **kernel
@@ -215,19 +271,36 @@ func (b *Backend) init() error {
 		{"add_rmsnorm", &b.k.addRMSNorm}, {"spin", &b.k.spin},
 		{"gemv_multi_1", &b.k.gemvMulti[0]}, {"gemv_multi_2", &b.k.gemvMulti[1]},
 		{"gemv_split_1", &b.k.gemvSplit[0]}, {"gemv_split_2", &b.k.gemvSplit[1]}, {"rope_qk", &b.k.ropeQK},
-		{"act_quant_rows", &b.k.actQuantRows}, {"dequant_bf16", &b.k.dequantBF16},
+		{"dequant_bf16", &b.k.dequantBF16},
 		{"qgemv_1", &b.k.qgemv[0]}, {"qgemv_2", &b.k.qgemv[1]}, {"qgemv_4", &b.k.qgemv[2]}, {"qgemv_8", &b.k.qgemv[3]},
 		{"qgemv_split_1", &b.k.qgemvSplit[0]}, {"qgemv_split_2", &b.k.qgemvSplit[1]},
 		{"qexpert_gemv_1", &b.k.qexpertGEMV1}, {"qexpert_gemv_8", &b.k.qexpertGEMV8}, {"quantize_bf16", &b.k.quantizeBF16},
-		{"act_quant_fp8", &b.k.actQuantFP8}, {"fp8_scale_out", &b.k.fp8ScaleOut}, {"transpose_u8", &b.k.transposeU8},
+		{"fp8_scale_out", &b.k.fp8ScaleOut}, {"transpose_u8", &b.k.transposeU8},
+		{"fp8_act_rows", &b.k.fp8ActRows}, {"fp8_act_codes", &b.k.fp8ActCodes}, {"fp8_dequant_experts", &b.k.fp8DequantExperts},
+		{"fp8_gemv_1", &b.k.fp8GEMV[0]}, {"fp8_gemv_2", &b.k.fp8GEMV[1]}, {"fp8_gemv_4", &b.k.fp8GEMV[2]}, {"fp8_gemv_8", &b.k.fp8GEMV[3]},
+		{"fp8_gemv_xs_1", &b.k.fp8GEMVStaged[0]}, {"fp8_gemv_xs_2", &b.k.fp8GEMVStaged[1]},
+		{"fp8_gemv_xs_4", &b.k.fp8GEMVStaged[2]}, {"fp8_gemv_xs_8", &b.k.fp8GEMVStaged[3]},
+		{"fp8_expert_gemv_1", &b.k.fp8ExpertGEMV[0]}, {"fp8_expert_gemv_4", &b.k.fp8ExpertGEMV[1]},
+		{"fp8_expert_gemv_xs_1", &b.k.fp8ExpertGEMVStaged[0]}, {"fp8_expert_gemv_xs_4", &b.k.fp8ExpertGEMVStaged[1]},
 		{"q4gemv_1", &b.k.q4gemv[0][0]}, {"q4gemv_2", &b.k.q4gemv[0][1]}, {"q4gemv_4", &b.k.q4gemv[0][2]},
 		{"q4gemv_1w", &b.k.q4gemv[1][0]}, {"q4gemv_2w", &b.k.q4gemv[1][1]}, {"q4gemv_4w", &b.k.q4gemv[1][2]},
 		{"q4expert_gemv_1", &b.k.q4expertGEMV[0]}, {"q4expert_gemv_2", &b.k.q4expertGEMV[1]}, {"dequant_int4_bf16", &b.k.dequantInt4},
 		{"q4_xprep", &b.k.q4XPrep}, {"q4gemv_multi_1", &b.k.q4gemvMulti[0]}, {"q4gemv_multi_1w", &b.k.q4gemvMulti[1]},
+		{"route_plan", &b.k.routePlan}, {"qk_append", &b.k.qkAppend},
+		{"gemv_gated_1", &b.k.gemvGated[0]}, {"gemv_gated_2", &b.k.gemvGated[1]},
+		{"expert_gemv_swiglu_1", &b.k.expertSwiGLU[0]}, {"expert_gemv_swiglu_8", &b.k.expertSwiGLU[1]},
+		{"expert_gemv_combine_1", &b.k.expertCombineEpi[0]}, {"expert_gemv_combine_8", &b.k.expertCombineEpi[1]},
+		{"convert_v8", &b.k.convertV8}, {"silu_mul_v8", &b.k.siluMulV8}, {"split_bf16_v8", &b.k.splitBF16V8},
+		{"add_rmsnorm_v8", &b.k.addRMSNormV8},
+		{"expert_gather_v8", &b.k.expertGatherV8}, {"expert_act_v8", &b.k.expertActV8}, {"expert_combine_v8", &b.k.expertV8},
 	} {
 		if *k.dst, err = b.module.function(k.name); err != nil {
 			return err
 		}
+	}
+	if d.ccMajor*10+d.ccMinor >= 89 {
+		b.fp8OuterVec = b.probeOuterVec()
+		b.info.FP8OuterVec = b.fp8OuterVec
 	}
 	return nil
 }
@@ -286,7 +359,11 @@ func (b *Backend) MakeCurrent() error { return b.dev.makeCurrent() }
 func (b *Backend) Name() string { return fmt.Sprintf("cuda:%d", b.cfg.Device) }
 
 // Info describes the device, the libraries and the kernels' compilation.
-func (b *Backend) Info() Info { return b.info }
+func (b *Backend) Info() Info {
+	i := b.info
+	i.PDL = b.stream != nil && b.stream.pdl // off for good if the driver refused a launch with it
+	return i
+}
 
 // Config returns the configuration in effect (defaults filled in).
 func (b *Backend) Config() Config { return b.cfg }
@@ -305,6 +382,9 @@ func (b *Backend) DeviceMemory() (free, total int64, err error) { return b.dev.m
 func (b *Backend) Synchronize() error {
 	if b.closed {
 		return ErrClosed
+	}
+	if err := b.flushRoutes(); err != nil {
+		return err
 	}
 	if err := b.stream.sync(); err != nil {
 		return err

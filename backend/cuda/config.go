@@ -4,6 +4,7 @@ import (
 	"flag"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"strings"
 )
 
@@ -66,6 +67,41 @@ const (
 // --enforce-eager, for comparing and debugging without CUDA graphs.
 const EnvGraphs = "TPFLEET_CUDA_GRAPHS"
 
+// EnvPDL, when set to 0, turns programmatic dependent launch off for every Backend (Config.NoPDL).
+const EnvPDL = "TPFLEET_CUDA_PDL"
+
+// EnvUnfuse turns fusions off for every Backend, as Config.Unfuse does (the two lists are joined): "all",
+// or a comma-separated list of the names in Fusions.
+const EnvUnfuse = "TPFLEET_CUDA_UNFUSE"
+
+// Fusions names the kernel fusions a Backend makes, each of which Config.Unfuse can turn off. Every one
+// gives the results of the kernels it replaces bit for bit.
+var Fusions = []string{
+	FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack,
+}
+
+// The fusions (Fusions).
+const (
+	// FuseRoute: a decode step's router top-k, expert counts and expert plan in one kernel (route_plan).
+	FuseRoute = "route"
+	// FuseSwiGLU: SiLU·mul in the GEMV of a gated MLP's gate and up (gemv_gated_N; with the router's
+	// product for a MoE), at most two rows.
+	FuseSwiGLU = "swiglu"
+	// FuseExpertAct: the routed experts' SiLU·mul in their gate_up GEMV (expert_gemv_swiglu_N), decode.
+	FuseExpertAct = "act"
+	// FuseExpertCombine: the routed experts' combine (and the shared expert's add) in their down GEMV
+	// (expert_gemv_combine_N), decode steps of a few tokens.
+	FuseExpertCombine = "combine"
+	// FuseQKV: RoPE, qk-norm or the NoPE temperature and the KV cache append in one kernel (qk_append),
+	// decode.
+	FuseQKV = "qkv"
+	// FuseVec: 16-byte loads and stores in the large elementwise kernels (the *_v8 kernels).
+	FuseVec = "vec"
+	// FusePack: a prefill's expert blocks unpadded where every row offset keeps cuBLASLt's alignment, so
+	// the elementwise expert kernels touch no gap rows.
+	FusePack = "pack"
+)
+
 // Config configures a Backend.
 type Config struct {
 	// Device is the ordinal of the GPU to use (0 is the first CUDA sees).
@@ -94,6 +130,53 @@ type Config struct {
 	// Eager turns CUDA graphs off: Step runs every step's ops one by one (for comparisons and debugging).
 	// The environment variable EnvGraphs=0 does the same for any Config.
 	Eager bool `json:"cuda-eager"`
+	// NoPDL turns programmatic dependent launch off: every kernel then starts only after the one before
+	// it has finished (as on GPUs before Hopper, where it is always off). With it on (the default on
+	// compute capability 9.0 and later when the driver has cuLaunchKernelEx), a kernel's launch and
+	// start-up overlap the tail of the kernel before it, in graphs too. EnvPDL=0 does the same for any
+	// Config. The results are the same either way.
+	NoPDL bool `json:"cuda-no-pdl"`
+	// Unfuse turns kernel fusions off, for comparing and debugging: "all", or a comma-separated list of
+	// names from Fusions (route, swiglu, act, combine, qkv, vec, pack); empty keeps every fusion. The ops
+	// then launch the kernels the fusion replaces, with the same results. EnvUnfuse adds to it.
+	Unfuse string `json:"cuda-unfuse"`
+}
+
+// fusionSet is the fusions a Backend makes.
+type fusionSet map[string]bool
+
+// parseUnfuse returns the fusions left on when those listed (comma-separated, or "all") are turned off.
+func parseUnfuse(lists ...string) (fusionSet, error) {
+	on := fusionSet{}
+	for _, f := range Fusions {
+		on[f] = true
+	}
+	for _, list := range lists {
+		for _, name := range strings.Split(list, ",") {
+			name = strings.TrimSpace(strings.ToLower(name))
+			switch {
+			case name == "":
+			case name == "all":
+				clear(on)
+			case slices.Contains(Fusions, name):
+				delete(on, name)
+			default:
+				return nil, fmt.Errorf("cuda: unfuse %q: no fusion %q (have all, %s)", list, name, strings.Join(Fusions, ", "))
+			}
+		}
+	}
+	return on, nil
+}
+
+// names lists the fusions in s in the order of Fusions.
+func (s fusionSet) names() []string {
+	var out []string
+	for _, f := range Fusions {
+		if s[f] {
+			out = append(out, f)
+		}
+	}
+	return out
 }
 
 // Validate reports a Config that New would refuse.
@@ -108,7 +191,8 @@ func (c Config) Validate() error {
 	case c.Staging < 0:
 		return fmt.Errorf("cuda: Staging = %d, want >= 0", c.Staging)
 	}
-	return nil
+	_, err := parseUnfuse(c.Unfuse)
+	return err
 }
 
 // AddFlags binds c's fields to flags in fs, with c's current values as defaults.
@@ -123,4 +207,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	})
 	fs.Int64Var(&c.Workspace, "cuda-workspace", c.Workspace, "cuBLASLt workspace in bytes (0: 32 MiB)")
 	fs.Int64Var(&c.Staging, "cuda-staging", c.Staging, "pinned staging buffer in bytes (0: 8 MiB)")
+	fs.BoolVar(&c.NoPDL, "cuda-no-pdl", c.NoPDL, "launch kernels without programmatic dependent launch (also $"+EnvPDL+"=0)")
+	fs.StringVar(&c.Unfuse, "cuda-unfuse", c.Unfuse, "kernel fusions to turn off, for comparison: all, or a comma-separated list of "+
+		strings.Join(Fusions, ", ")+" (also $"+EnvUnfuse+")")
 }

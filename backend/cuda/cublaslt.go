@@ -48,6 +48,12 @@ const (
 	descTransB       = 4
 	prefMaxWorkspace = 1
 	opN, opT         = 0, 1
+	// FP8 outer-vector scaling (cuBLASLt 12.9 and later; fp8gemm.go checks it at start-up).
+	descAScalePointer = 17 // CUBLASLT_MATMUL_DESC_A_SCALE_POINTER
+	descBScalePointer = 18 // CUBLASLT_MATMUL_DESC_B_SCALE_POINTER
+	descAScaleMode    = 31 // CUBLASLT_MATMUL_DESC_A_SCALE_MODE
+	descBScaleMode    = 32 // CUBLASLT_MATMUL_DESC_B_SCALE_MODE
+	scaleOuterVec32F  = 3  // CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F
 )
 
 func cublasLtVersion() int { return int(C.tp_ltGetVersion(lt.getVersion)) }
@@ -59,6 +65,9 @@ type gemmKey struct {
 	out     DType
 	wIn     bool
 	fp8     bool // x and w are E4M3 codes (fp8gemm.go; not with wIn: cuBLASLt's FP8 takes W transposed only)
+	// scaled (with fp8): D[t][o] = sw[o]·sx[t]·Σ x·w, cuBLASLt's outer-vector scaling: one float32 scale
+	// per row of W (sw, n of them) and per row of X (sx, m); runScaled passes the two vectors.
+	scaled bool
 }
 
 // gemmPlan is a cached cuBLASLt description of one shape; ok is false when cuBLASLt has no algorithm
@@ -170,6 +179,16 @@ func (g *gemm) plan(key gemmKey) (*gemmPlan, error) {
 	if err := check(op+": set TRANSB", ltStatus(C.tp_ltMatmulDescSetAttribute(lt.descSet, p.desc, descTransB, unsafe.Pointer(&tb), 4))); err != nil {
 		return fail(err)
 	}
+	if key.scaled {
+		mode := C.int32_t(scaleOuterVec32F)
+		for _, attr := range []C.int{descAScaleMode, descBScaleMode} {
+			st := ltStatus(C.tp_ltMatmulDescSetAttribute(lt.descSet, p.desc, attr, unsafe.Pointer(&mode), 4))
+			if !st.ok() { // a cuBLASLt without the attribute: no plan, the unscaled path runs
+				g.plans[key] = p
+				return p, nil
+			}
+		}
+	}
 	m, n, k := C.uint64_t(key.m), C.uint64_t(key.n), C.uint64_t(key.k)
 	in := C.int(cudaR16BF)
 	if key.fp8 {
@@ -211,9 +230,28 @@ func (g *gemm) plan(key gemmKey) (*gemmPlan, error) {
 // run enqueues D = X · Wᵀ with the plan of key on s. The pointers must be 16-byte aligned (pool buffers
 // and loaded tensors are 256-byte aligned).
 func (g *gemm) run(p *gemmPlan, key gemmKey, x, w, d devptr, s *stream) error {
+	return g.runScaled(p, key, x, w, d, 0, 0, s)
+}
+
+// runScaled is run for a scaled key: sw (n float32, W's rows) and sx (m float32, X's rows) are the
+// outer-vector scales, set on the plan's descriptor before the call (cuBLASLt reads them when the call
+// enqueues its kernels).
+func (g *gemm) runScaled(p *gemmPlan, key gemmKey, x, w, d, sw, sx devptr, s *stream) error {
 	if s.rec != nil {
-		if enqueue, err := s.rec.op([]uint64{sigMatmul, uint64(uintptr(unsafe.Pointer(p))), uint64(x), uint64(w), uint64(d)}); !enqueue {
+		if enqueue, err := s.rec.op([]uint64{sigMatmul, uint64(uintptr(unsafe.Pointer(p))), uint64(x), uint64(w), uint64(d), uint64(sw), uint64(sx)}); !enqueue {
 			return err
+		}
+	}
+	if key.scaled {
+		for _, a := range []struct {
+			attr C.int
+			ptr  devptr
+		}{{descAScalePointer, sw}, {descBScalePointer, sx}} {
+			v := C.uint64_t(a.ptr)
+			if err := check(fmt.Sprintf("cublasLtMatmul m=%d n=%d k=%d: set scale pointer %d", key.m, key.n, key.k, a.attr),
+				ltStatus(C.tp_ltMatmulDescSetAttribute(lt.descSet, p.desc, a.attr, unsafe.Pointer(&v), 8))); err != nil {
+				return err
+			}
 		}
 	}
 	alpha, beta := C.float(1), C.float(0)
@@ -223,7 +261,10 @@ func (g *gemm) run(p *gemmPlan, key gemmKey, x, w, d devptr, s *stream) error {
 	if st.ok() {
 		if s.prof != nil {
 			name := "cublasLt"
-			if key.fp8 {
+			switch {
+			case key.scaled:
+				name = "cublasLt fp8 outer-vec"
+			case key.fp8:
 				name = "cublasLt fp8"
 			}
 			s.prof.mark(s, fmt.Sprintf("%s m=%d n=%d k=%d", name, key.m, key.n, key.k))

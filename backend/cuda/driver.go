@@ -27,6 +27,8 @@ var drv struct {
 	eventCreate, eventDestroy, eventRecord, eventSynchronize, eventElapsedTime              unsafe.Pointer
 	// Optional: without it offloaded experts are copied on the compute stream (offload.go).
 	streamWaitEvent unsafe.Pointer
+	// Optional (CUDA 11.8+): without it kernels launch without programmatic dependent launch.
+	launchEx unsafe.Pointer
 }
 
 // driverSymbols names the entry points with the ABI version this package declares: the _v2 names are
@@ -73,6 +75,7 @@ func driverSymbols() []dl.Symbol {
 		{Name: "cuEventSynchronize", Dst: &drv.eventSynchronize, Optional: true},
 		{Name: "cuEventElapsedTime", Dst: &drv.eventElapsedTime, Optional: true},
 		{Name: "cuStreamWaitEvent", Dst: &drv.streamWaitEvent, Optional: true},
+		{Name: "cuLaunchKernelEx", Dst: &drv.launchEx, Optional: true},
 	}
 }
 
@@ -186,6 +189,9 @@ type stream struct {
 	s    C.CUstream
 	rec  *recorder // set while a Step captures or replays (graph.go)
 	prof *profiler // set while Profile runs (profile.go)
+	// pdl launches the kernels that begin with PDL_PROLOGUE (kernel.pdl) with programmatic dependent
+	// launch (see launch); set by the Backend when the device, the driver and the Config allow it.
+	pdl bool
 }
 
 func (d *device) newStream() (*stream, error) {
@@ -291,6 +297,9 @@ func (m *module) unload() error {
 type kernel struct {
 	name string
 	f    C.CUfunction
+	// pdl: its source begins with PDL_PROLOGUE (kernels.Prologued), so it waits for the kernel before it
+	// itself and may be launched with programmatic dependent launch.
+	pdl bool
 }
 
 func (m *module) function(name string) (*kernel, error) {
@@ -364,14 +373,45 @@ func (s *stream) launch(k *kernel, grid, block dim3, shmem int, args ...any) err
 			return nil
 		}
 	}
-	r := cuResult(C.tp_cuLaunchKernel(drv.launch, s.d.ctx, k.f,
-		C.uint(grid.x), C.uint(grid.y), C.uint(grid.z), C.uint(block.x), C.uint(block.y), C.uint(block.z),
-		C.uint(shmem), s.s, (*C.uint64_t)(unsafe.Pointer(&slots[0])), C.int(len(args))))
-	if r != 0 {
+	if r := s.enqueue(k, grid, block, shmem, &slots, len(args)); r != 0 {
 		return check("cuLaunchKernel("+k.name+")", r)
 	}
 	if s.prof != nil {
 		s.prof.mark(s, k.name)
 	}
 	return nil
+}
+
+// enqueue launches k with nargs packed arguments. With s.pdl and a kernel that begins with PDL_PROLOGUE
+// it goes through cuLaunchKernelEx with programmatic stream serialization: the kernel's blocks may be
+// scheduled while the kernel before it still runs (once that one's blocks have all passed their
+// prologue's griddepcontrol.launch_dependents), and its own prologue's griddepcontrol.wait holds them
+// until that kernel has completed and its writes are visible. Each kernel so waits for the one before
+// it, which waited for its own predecessor, so the stream's order holds for every kernel; what overlaps
+// is a kernel's launch and start-up with its predecessor's tail, the gap at every kernel boundary of a
+// decode step. Captured into a graph, the launch becomes a programmatic edge between the two kernel
+// nodes. Kernels without the prologue (and every launch when PDL is off) use cuLaunchKernel: they start
+// only after everything before them in the stream. If the driver refuses the attributed launch of a
+// kernel it then launches plainly, PDL is turned off for the stream (the first step of every recorded
+// key runs eagerly, so that happens before a capture).
+func (s *stream) enqueue(k *kernel, grid, block dim3, shmem int, slots *[C.TP_MAX_ARGS]uint64, nargs int) cuResult {
+	plain := func() cuResult {
+		return cuResult(C.tp_cuLaunchKernel(drv.launch, s.d.ctx, k.f,
+			C.uint(grid.x), C.uint(grid.y), C.uint(grid.z), C.uint(block.x), C.uint(block.y), C.uint(block.z),
+			C.uint(shmem), s.s, (*C.uint64_t)(unsafe.Pointer(&slots[0])), C.int(nargs)))
+	}
+	if !s.pdl || !k.pdl {
+		return plain()
+	}
+	r := cuResult(C.tp_cuLaunchKernelEx(drv.launchEx, s.d.ctx, k.f,
+		C.uint(grid.x), C.uint(grid.y), C.uint(grid.z), C.uint(block.x), C.uint(block.y), C.uint(block.z),
+		C.uint(shmem), s.s, (*C.uint64_t)(unsafe.Pointer(&slots[0])), C.int(nargs)))
+	if r == 0 {
+		return r
+	}
+	if pr := plain(); pr != 0 {
+		return r // the launch itself is wrong, not the attribute
+	}
+	s.pdl = false
+	return 0
 }

@@ -146,8 +146,24 @@ func (t *expertTally) Add(r backend.Routing, first, n int) error {
 	if choices == 0 || n == 0 {
 		return nil
 	}
-	err = b.stream.launch(b.k.countExperts, dim3{uint32((choices + 127) / 128), 1, 1}, dim3{128, 1, 1}, 0,
-		rt.experts, choices, t.buf.ptr+devptr(8*first), n)
+	ptr := t.buf.ptr + devptr(8*first)
+	if rt.logits != nil && rt.count == nil && b.fused(FuseRoute) {
+		// The choice itself is not made yet (Route deferred it): count it in the launch that makes it
+		// (route_plan, moe.go), or in materialize's.
+		rt.count = &pendingCount{ptr: ptr, n: n}
+		return nil
+	}
+	if err := b.materialize(rt); err != nil {
+		return err
+	}
+	return b.launchCount(rt, ptr, n)
+}
+
+// launchCount enqueues count_experts over r's choices into the n counters at ptr.
+func (b *Backend) launchCount(r *routing, ptr devptr, n int) error {
+	choices := r.tokens * r.k
+	err := b.stream.launch(b.k.countExperts, dim3{uint32((choices + 127) / 128), 1, 1}, dim3{128, 1, 1}, 0,
+		r.experts, choices, ptr, n)
 	if err != nil {
 		return fmt.Errorf("cuda: count experts: %w", err)
 	}

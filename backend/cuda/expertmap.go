@@ -17,6 +17,9 @@ func (b *Backend) MapExperts(r backend.Routing, slots [][]int, spread []int) (ba
 	if err != nil {
 		return nil, err
 	}
+	if err := b.materialize(rt); err != nil {
+		return nil, err
+	}
 	if len(spread) != rt.tokens {
 		return nil, fmt.Errorf("cuda: map experts: %d spreads for %d tokens: %w", len(spread), rt.tokens, backend.ErrShape)
 	}

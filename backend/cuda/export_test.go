@@ -63,6 +63,15 @@ func SetFP8Gemm(b *Backend, on bool) bool {
 	return old
 }
 
+// SetFP8OuterVec makes b's FP8 GEMM apply the row scales through cuBLASLt's outer-vector scaling (the
+// default where New's probe found it works: Info.FP8OuterVec; on is ignored elsewhere) or through
+// fp8_scale_out, and returns the previous setting.
+func SetFP8OuterVec(b *Backend, on bool) bool {
+	old := b.fp8OuterVec
+	b.fp8OuterVec = on && b.info.FP8OuterVec
+	return old
+}
+
 // SetDecode turns b's attention_decode on or off (off: decode attention takes attention_split and
 // attention_combine) and returns the previous setting, so that tests can compare the two.
 func SetDecode(b *Backend, on bool) bool {
@@ -99,4 +108,16 @@ func AttendRows(b *Backend, q backend.Tensor, caches []backend.KVCache, pos []in
 	}
 	err = b.attendDecode(qt, rows[0].c.pool.kvHeads, rows, out, window, scale)
 	return b.result("attend rows", out, err)
+}
+
+// SetUnfuse turns b's fusions in list off as Config.Unfuse does ("all", names of Fusions; "" turns every
+// one on) and returns a function that restores the previous set.
+func SetUnfuse(b *Backend, list string) (restore func(), err error) {
+	on, err := parseUnfuse(list)
+	if err != nil {
+		return nil, err
+	}
+	old := b.fuse
+	b.fuse = on
+	return func() { b.fuse = old }, nil
 }

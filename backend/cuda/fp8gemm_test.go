@@ -31,8 +31,8 @@ func fp8GemmArch(g *cuda.Backend) bool {
 }
 
 // TestQuantFP8GemmVsCPU compares Linear on fp8 weights with dynamic activations (--quantization fp8) at
-// prefill row counts with the cpu backend: the FP8 GEMM (act_quant_fp8, cuBLASLt on the codes,
-// fp8_scale_out) with float32 and bf16 inputs, rows with a clamped maximum (above the activation bound
+// prefill row counts with the cpu backend: the FP8 GEMM (fp8_act_codes, cuBLASLt on the codes with its
+// outer-vector scales or fp8_scale_out) with float32 and bf16 inputs, rows with a clamped maximum (above the activation bound
 // 1200) and a zero row; the same shapes on the dequantised path (SetFP8Gemm off) for comparison; and a
 // width the FP8 GEMM does not take (out not a multiple of 16: the dequantised path). On sm_89 and later
 // the FP8 GEMM must have run (Counters.QuantFP8Gemm).
@@ -80,8 +80,8 @@ func TestQuantFP8GemmVsCPU(t *testing.T) {
 const quantFP8ActRelL2 = 3e-2
 
 // TestQuantFP8ExpertsVsCPU compares Route+Experts (and ExpertsAdd) on fp8 expert weights with dynamic
-// activations at prefill token counts with the cpu: the FP8 GEMM per active expert (act_quant_fp8 on the
-// gathered rows, transpose_u8 of the expert's codes, cuBLASLt, the scales) and, for comparison, the
+// activations at prefill token counts with the cpu: the FP8 GEMM per active expert (fp8_act_codes on the
+// gathered rows, cuBLASLt on the expert's output-major codes, the scales) and, for comparison, the
 // dequantised grouped path (SetFP8Gemm off). On sm_89 and later the FP8 path must have run
 // (Counters.ExpertsFP8).
 func TestQuantFP8ExpertsVsCPU(t *testing.T) {

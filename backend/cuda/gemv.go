@@ -58,9 +58,7 @@ func (b *Backend) wideOperand(xt *tensor, wts []*tensor) (*tensor, error) {
 	if err != nil {
 		return nil, err
 	}
-	n := xt.numel()
-	err = b.stream.launch(b.k.convert, elemGrid(n), elemBlockDim, 0, xt, int(xt.dt), out, int(BF16), int64(n))
-	if err != nil {
+	if err := b.convert(xt, out.ptr(), BF16, xt.numel()); err != nil {
 		return nil, fmt.Errorf("cuda: linear multi x%v: %w", xt.shape, err)
 	}
 	return out, nil
@@ -68,7 +66,8 @@ func (b *Backend) wideOperand(xt *tensor, wts []*tensor) (*tensor, error) {
 
 // LinearMulti returns Linear(x, w) for each of ws (backend.MultiLinear). Two or three products that the
 // GEMV kernels take (at most 2 rows, bf16 weights of the same input width and an even number of output
-// rows each) run as one launch, and so do two or three int4 weights at up to 4 rows (linearMultiInt4);
+// rows each) run as one launch, as do two or three fp8 weights the fp8 GEMV takes (linearMultiFP8) and
+// two or three int4 weights at up to 4 rows (linearMultiInt4);
 // otherwise each is a Linear.
 func (b *Backend) LinearMulti(x backend.Tensor, ws ...backend.Tensor) ([]backend.Tensor, error) {
 	xt, err := b.asTensor("linear multi", "x", x)
@@ -84,7 +83,10 @@ func (b *Backend) LinearMulti(x backend.Tensor, ws ...backend.Tensor) ([]backend
 		fused = fused && len(wts[i].shape) == 2 && wts[i].shape[1] == xt.shape[1] && wts[i].shape[0]%gemvRowsPerWarp == 0 &&
 			wts[i].shape[0] <= gemvSplitMaxRows && b.gemvOK(xt, wts[i])
 	}
-	if ys, ok, err := b.linearMultiInt4(xt, wts); ok || err != nil { // quant_int4.go
+	if out, ok, err := b.linearMultiFP8(xt, wts); ok { // fp8 weights of one input in one launch (fp8.go)
+		return out, err
+	}
+	if ys, ok, err := b.linearMultiInt4(xt, wts); ok || err != nil { // int4 weights of one input in one launch (quant_int4.go)
 		return ys, err
 	}
 	out := make([]backend.Tensor, len(ws))
@@ -127,4 +129,72 @@ func (b *Backend) LinearMulti(x backend.Tensor, ws ...backend.Tensor) ([]backend
 		return nil, fmt.Errorf("cuda: linear multi x%v: %w", xt.shape, err)
 	}
 	return out, nil
+}
+
+var _ backend.GatedLinear = (*Backend)(nil)
+
+// LinearGated returns SiLUMul(Linear(x, gate), Linear(x, up)) and Linear(x, w) for each of ws
+// (backend.GatedLinear). At one or two rows (decode) with bf16 weights the GEMV kernels take, and at most
+// one w (a MoE's router), it is one launch (gemv_gated_N, FuseSwiGLU): each block sums a row of gate and
+// the same row of up as the GEMV does and stores silu(g)·u as SiLUMul does. Otherwise it is LinearMulti
+// and SiLUMul.
+func (b *Backend) LinearGated(x, gate, up backend.Tensor, ws ...backend.Tensor) (backend.Tensor, []backend.Tensor, error) {
+	xt, err := b.asTensor("linear gated", "x", x)
+	if err != nil {
+		return nil, nil, err
+	}
+	gt, err := b.asTensor("linear gated", "gate", gate)
+	if err != nil {
+		return nil, nil, err
+	}
+	ut, err := b.asTensor("linear gated", "up", up)
+	if err != nil {
+		return nil, nil, err
+	}
+	wts := make([]*tensor, len(ws))
+	for i, w := range ws {
+		if wts[i], err = b.asTensor("linear gated", "w", w); err != nil {
+			return nil, nil, err
+		}
+	}
+	fused := b.fused(FuseSwiGLU) && !b.noGEMVSplit && len(ws) <= 1 && len(xt.shape) == 2 && xt.shape[0] >= 1 && xt.shape[0] <= 2 &&
+		len(gt.shape) == 2 && slices.Equal(gt.shape, ut.shape) && gt.shape[1] == xt.shape[1] && gt.shape[0] <= gemvSplitMaxRows &&
+		b.gemvOK(xt, gt) && b.gemvOK(xt, ut)
+	for _, w := range wts {
+		fused = fused && len(w.shape) == 2 && w.shape[1] == xt.shape[1] && w.shape[0]%gemvRowsPerWarp == 0 &&
+			w.shape[0] <= gemvSplitMaxRows && b.gemvOK(xt, w)
+	}
+	if !fused {
+		ys, err := b.LinearMulti(x, append(slices.Clone(ws), gate, up)...)
+		if err != nil {
+			return nil, nil, err
+		}
+		act, err := b.SiLUMul(ys[len(ws)], ys[len(ws)+1])
+		if err != nil {
+			return nil, nil, err
+		}
+		return act, ys[:len(ws)], nil
+	}
+	T, K, I := xt.shape[0], xt.shape[1], gt.shape[0]
+	act, err := b.act(T, I) // SiLUMul's output type
+	if err != nil {
+		return nil, nil, err
+	}
+	ys := make([]backend.Tensor, len(ws))
+	var w0, y0 any = devptr(0), devptr(0)
+	n0 := 0
+	if len(wts) == 1 {
+		n0 = wts[0].shape[0]
+		y, err := b.newTensor(F32, T, n0)
+		if err != nil {
+			return nil, nil, err
+		}
+		ys[0], w0, y0 = y, wts[0], y
+	}
+	b.counts.GEMV += int64(2 + len(ws))
+	if err := b.stream.launch(b.k.gemvGated[T-1], dim3{uint32(n0/gemvRowsPerWarp + I), 1, 1}, gemvBlock, 0,
+		xt, int(xt.dt), w0, y0, n0, gt, ut, act, int(act.dt), I, T, K); err != nil {
+		return nil, nil, fmt.Errorf("cuda: linear gated x%v gate%v: %w", xt.shape, gt.shape, err)
+	}
+	return act, ys, nil
 }

@@ -246,7 +246,11 @@ func (b *Backend) Step(key string, f func() (backend.Tensor, error)) (backend.Te
 	if b.closed {
 		return nil, ErrClosed
 	}
-	if b.cfg.Eager || b.rec != nil || b.stream.prof != nil || !graphsAvailable() {
+	if b.rec != nil { // inside another Step: that one flushes
+		return f()
+	}
+	f = b.flushing(f)
+	if b.cfg.Eager || b.stream.prof != nil || !graphsAvailable() {
 		return f()
 	}
 	if b.steps == nil {
@@ -267,6 +271,22 @@ func (b *Backend) Step(key string, f func() (backend.Tensor, error)) (backend.Te
 		return b.capture(st, f)
 	default:
 		return b.replay(st, f)
+	}
+}
+
+// flushing returns f followed by flushRoutes, so that a step launches everything its ops deferred
+// (recorded with the rest of it); after a failed f the deferred work is dropped with the step.
+func (b *Backend) flushing(f func() (backend.Tensor, error)) func() (backend.Tensor, error) {
+	return func() (backend.Tensor, error) {
+		out, err := f()
+		if err != nil {
+			b.pendingRoutes = nil
+			return nil, err
+		}
+		if err := b.flushRoutes(); err != nil {
+			return nil, err
+		}
+		return out, nil
 	}
 }
 

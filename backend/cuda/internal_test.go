@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/tpfleet/tpfleet/kernels"
+	"github.com/tpfleet/tpfleet/quant"
 )
 
 // These tests need no GPU: they run everywhere, CI included.
@@ -212,6 +213,36 @@ func TestConfig(t *testing.T) {
 	if BF16.String() != "bf16" || F32.String() != "f32" {
 		t.Errorf("DType strings = %s, %s", BF16, F32)
 	}
+	if err := fs.Parse([]string{"-cuda-no-pdl", "-cuda-unfuse=act,qkv"}); err != nil || !c.NoPDL || c.Unfuse != "act,qkv" {
+		t.Errorf("-cuda-no-pdl -cuda-unfuse=act,qkv: %v, %+v", err, c)
+	}
+	if err := (Config{Unfuse: "act,nope"}).Validate(); err == nil || !strings.Contains(err.Error(), `"nope"`) {
+		t.Errorf("Config{Unfuse: act,nope}.Validate() = %v, want an error naming nope", err)
+	}
+}
+
+// TestParseUnfuse: Config.Unfuse and $TPFLEET_CUDA_UNFUSE turn off the fusions they list (or all), and
+// name an unknown one.
+func TestParseUnfuse(t *testing.T) {
+	for _, tt := range []struct {
+		lists []string
+		want  []string
+	}{
+		{nil, Fusions},
+		{[]string{""}, Fusions},
+		{[]string{"all"}, nil},
+		{[]string{"route, Vec", ""}, []string{FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FusePack}},
+		{[]string{"act", "combine,qkv"}, []string{FuseRoute, FuseSwiGLU, FuseVec, FusePack}},
+		{[]string{"", "all"}, nil},
+	} {
+		got, err := parseUnfuse(tt.lists...)
+		if err != nil || !slices.Equal(got.names(), tt.want) {
+			t.Errorf("parseUnfuse(%q) = %v, %v; want %v", tt.lists, got.names(), err, tt.want)
+		}
+	}
+	if _, err := parseUnfuse("route,fast"); err == nil || !strings.Contains(err.Error(), `"fast"`) {
+		t.Errorf("parseUnfuse(route,fast) = %v, want an error naming fast", err)
+	}
 }
 
 // TestCompactRouting: offloaded Experts copies the chosen local experts in id order and renumbers the
@@ -232,6 +263,39 @@ func TestCompactRouting(t *testing.T) {
 		chosen, compact := compactRouting(tt.ids, tt.first, tt.E)
 		if !slices.Equal(chosen, tt.wantChosen) || !slices.Equal(compact, tt.wantCompact) {
 			t.Errorf("compactRouting(%v, first %d, E %d) = %v, %v; want %v, %v", tt.ids, tt.first, tt.E, chosen, compact, tt.wantChosen, tt.wantCompact)
+		}
+	}
+}
+
+// TestFP8StagedBlocks: a capped staged fp8 grid gives every block the same number of row groups (the
+// last may have fewer) and never more blocks than the cap.
+func TestFP8StagedBlocks(t *testing.T) {
+	for _, tt := range []struct{ groups, limit, want int }{
+		{1, 264, 1}, {264, 264, 264}, {448, 264, 224}, {1024, 264, 256}, {265, 264, 133}, {7, 1, 1},
+	} {
+		got := fp8StagedBlocks(tt.groups, tt.limit)
+		per := ceilDiv(tt.groups, got)
+		if got != tt.want || got > max(tt.limit, 1) || (got-1)*per >= tt.groups {
+			t.Errorf("fp8StagedBlocks(%d, %d) = %d, want %d (≤ the cap, %d groups a block, none idle)", tt.groups, tt.limit, got, tt.want, per)
+		}
+	}
+}
+
+// TestFP8KMajor: the fp8 experts weights with in and out multiples of 16 are kept output-major; Linear
+// weights, int4 and other shapes keep package quant's layout.
+func TestFP8KMajor(t *testing.T) {
+	fp8, act, ct := quant.Format{Kind: quant.FP8}, quant.Format{Kind: quant.FP8, DynamicActivations: true}, quant.CompressedTensorsFP8()
+	for _, tt := range []struct {
+		f     quant.Format
+		shape []int
+		want  bool
+	}{
+		{act, []int{16, 5120, 16384}, true}, {fp8, []int{3, 256, 192}, true}, {ct, []int{128, 5120, 8192}, true},
+		{act, []int{5120, 5120}, false}, {act, []int{4, 100, 104}, false}, {act, []int{4, 256, 120}, false},
+		{quant.Format{Kind: quant.Int4, GroupSize: 128}, []int{16, 5120, 16384}, false}, {act, []int{0, 16, 16}, false},
+	} {
+		if got := fp8KMajor(tt.f, tt.shape); got != tt.want {
+			t.Errorf("fp8KMajor(%s, %v) = %v, want %v", tt.f, tt.shape, got, tt.want)
 		}
 	}
 }

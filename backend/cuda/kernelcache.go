@@ -176,7 +176,8 @@ func (r *unitResult) build(t target, compile compileFunc) {
 // moduleSet is the loaded units, with the unit of every kernel.
 type moduleSet struct {
 	mods  []*module
-	where map[string]int // kernel → index into mods
+	where map[string]int  // kernel → index into mods
+	pdl   map[string]bool // kernels that begin with PDL_PROLOGUE (kernels.Prologued)
 }
 
 func (s *moduleSet) function(name string) (*kernel, error) {
@@ -184,7 +185,12 @@ func (s *moduleSet) function(name string) (*kernel, error) {
 	if !ok {
 		return nil, fmt.Errorf("cuda: kernel %s is in no compilation unit (kernels.Units)", name)
 	}
-	return s.mods[i].function(name)
+	k, err := s.mods[i].function(name)
+	if err != nil {
+		return nil, err
+	}
+	k.pdl = s.pdl[name]
+	return k, nil
 }
 
 func (s *moduleSet) unload() error {
@@ -205,7 +211,7 @@ func (b *Backend) loadKernels(t target) error {
 	if err != nil {
 		return err
 	}
-	set := &moduleSet{where: map[string]int{}}
+	set := &moduleSet{where: map[string]int{}, pdl: map[string]bool{}}
 	b.module = set
 	hits, compiled := 0, 0
 	var slowest time.Duration
@@ -226,6 +232,9 @@ func (b *Backend) loadKernels(t target) error {
 		set.mods = append(set.mods, m)
 		for _, k := range kernels.Entries(r.src) {
 			set.where[k] = len(set.mods) - 1
+		}
+		for _, k := range kernels.Prologued(r.src) {
+			set.pdl[k] = true
 		}
 		if r.hit {
 			hits++

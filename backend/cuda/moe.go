@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"runtime"
+	"slices"
 
 	"github.com/tpfleet/tpfleet/backend"
 )
@@ -23,6 +24,18 @@ type routing struct {
 	choices int // the experts the router chose among (its logits' columns); 0 when unknown
 	experts *buffer
 	scores  *buffer
+	// logits, while not nil, are the router's logits whose route kernel Route deferred (FuseRoute), so
+	// that planExperts can route them in its plan's launch (route_plan); count, while not nil, is a tally's
+	// count of the choices deferred the same way. materialize launches whatever is left, before anything
+	// else reads the choices.
+	logits *tensor
+	count  *pendingCount
+}
+
+// pendingCount is an expertTally.Add waiting to be fused: n counters at ptr.
+type pendingCount struct {
+	ptr devptr
+	n   int
 }
 
 var _ backend.Routing = (*routing)(nil)
@@ -55,13 +68,65 @@ func (b *Backend) Route(logits backend.Tensor, k int) (backend.Routing, error) {
 	if T == 0 {
 		return r, nil
 	}
-	err = b.stream.launch(b.k.route, dim3{uint32((T + 127) / 128), 1, 1}, dim3{128, 1, 1}, 0,
-		lt, int(lt.dt), T, E, k, r.experts, r.scores)
-	if err != nil {
-		return nil, fmt.Errorf("cuda: route: %w", err)
+	if b.fused(FuseRoute) && b.off == nil && T <= skinnyRows {
+		// Decode: the choice is routed by the expert plan's launch (planExperts), or by materialize if
+		// something else reads it first.
+		r.logits = lt
+		b.pendingRoutes = append(b.pendingRoutes, r)
+		return r, nil
+	}
+	if err := b.launchRoute(lt, r); err != nil {
+		return nil, err
 	}
 	b.offloadRouted(r) // offload.go: an event Experts on offloaded weights can wait for
 	return r, nil
+}
+
+// launchRoute enqueues the route kernel over lt for r.
+func (b *Backend) launchRoute(lt *tensor, r *routing) error {
+	err := b.stream.launch(b.k.route, dim3{uint32((r.tokens + 127) / 128), 1, 1}, dim3{128, 1, 1}, 0,
+		lt, int(lt.dt), r.tokens, r.choices, r.k, r.experts, r.scores)
+	if err != nil {
+		return fmt.Errorf("cuda: route: %w", err)
+	}
+	return nil
+}
+
+// materialize launches what Route and expertTally.Add deferred for r (the route kernel, count_experts),
+// in that order: before anything but planExperts' fused launch reads r's choices.
+func (b *Backend) materialize(r *routing) error {
+	if lt := r.logits; lt != nil {
+		r.logits = nil
+		if err := b.launchRoute(lt, r); err != nil {
+			return err
+		}
+	}
+	if c := r.count; c != nil {
+		r.count = nil
+		if err := b.launchCount(r, c.ptr, c.n); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// flushRoutes materializes every routing whose work is still deferred: at the end of a Step and before a
+// synchronisation, so that nothing Route or a tally's Add promised is left unlaunched when the host looks.
+func (b *Backend) flushRoutes() error {
+	list := b.pendingRoutes
+	b.pendingRoutes = nil
+	var first error
+	for _, r := range list {
+		if err := b.materialize(r); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+// unpend removes r from the routings flushRoutes would materialize (its work was fused).
+func (b *Backend) unpend(r *routing) {
+	b.pendingRoutes = slices.DeleteFunc(b.pendingRoutes, func(x *routing) bool { return x == r })
 }
 
 func (b *Backend) asRouting(op string, r backend.Routing) (*routing, error) {
@@ -77,6 +142,9 @@ func (b *Backend) asRouting(op string, r backend.Routing) (*routing, error) {
 func (b *Backend) ReadRouting(r backend.Routing) (experts []int, scores []float32, err error) {
 	rt, err := b.asRouting("read routing", r)
 	if err != nil {
+		return nil, nil, err
+	}
+	if err := b.materialize(rt); err != nil {
 		return nil, nil, err
 	}
 	n := rt.tokens * rt.k
@@ -195,6 +263,9 @@ func (b *Backend) experts(x backend.Tensor, r backend.Routing, gateUp, down back
 		return out, nil
 	}
 	b.counts.ExpertsSimple++
+	if err := b.materialize(rt); err != nil {
+		return nil, fmt.Errorf("cuda: experts: %w", err)
+	}
 	k := rt.k
 	if H > maxSharedFloats || I > maxSharedFloats {
 		return nil, fmt.Errorf("cuda: experts H=%d I=%d: at most %d each: %w", H, I, maxSharedFloats, backend.ErrShape)
@@ -220,8 +291,7 @@ func (b *Backend) experts(x backend.Tensor, r backend.Routing, gateUp, down back
 
 // expertsQuant is Experts on quantised weights (both must be): the decode GEMV reading the compact
 // weights (qexpert_gemv_N; q4expert_gemv_N for int4), or for prefill the grouped GEMMs on each active
-// expert dequantised to bf16;
-// inputs quantised per token where the formats say so. Shapes the fast paths do not take run the
+// expert dequantised to bf16; inputs quantised per token where the formats say so. Shapes the fast paths do not take run the
 // generic kernels on bf16 copies of the whole weights (weight-only formats only).
 func (b *Backend) expertsQuant(e *expertsCall, fast bool) (backend.Tensor, error) {
 	gt, dt := e.gu, e.down
@@ -309,11 +379,15 @@ func (b *Backend) launchExpertGEMV(one bool, e *expertsCall, p *expertPlan, x an
 		x, xdt, mode, p.perm, e.scores(), e.r.k, p.seg(), p.active(e.E), p.meta(e.E), w, w.q.scales, w.q.code, w.q.gs, K, N, ks, P, R)
 }
 
-// rowsOf is the address of moe_plan's meta[1], the number of permuted rows (act_quant_rows' nrows).
+// rowsOf is the address of moe_plan's meta[1], the number of permuted rows (fp8_act_rows' nrows).
 func (p *expertPlan) rowsOf(E int) devptr { return p.meta(E) + 4 }
 
 // maxPlanExperts bounds E for moe_plan, which keeps 2E ints in shared memory.
 const maxPlanExperts = 4096
+
+// routePlanThreads is route_plan's block: threads stride over a decode step's tokens, choices and local
+// experts.
+const routePlanThreads = 256
 
 // Launch geometry of the expert GEMV (EG_WARPS, EG_COLS and EG_KTILE in gemv.cu).
 const (
@@ -396,6 +470,33 @@ func (b *Backend) planExperts(e *expertsCall, align int) (*expertPlan, error) {
 		b.releaseAll(p.ctl, p.perm)
 		return nil, err
 	}
+	if r := e.r; align == 1 && (r.logits != nil || r.count != nil) && b.fused(FuseRoute) && n+e.E <= maxSharedFloats {
+		// route_plan: Route's kernel and a tally's count, deferred until now, and the plan in one launch.
+		var logits any = devptr(0)
+		dt := int(F32)
+		if r.logits != nil {
+			logits, dt = r.logits, int(r.logits.dt)
+		}
+		var counts devptr
+		countN := 0
+		if r.count != nil {
+			counts, countN = r.count.ptr, r.count.n
+		}
+		err := b.stream.launch(b.k.routePlan, dim3{1, 1, 1}, dim3{routePlanThreads, 1, 1}, 4*(n+e.E),
+			logits, dt, r.tokens, r.choices, r.k, r.logits != nil, r.experts, r.scores, counts, countN,
+			e.first, e.E, p.seg(), p.perm, p.rowOf, p.active(e.E), p.meta(e.E))
+		if err != nil {
+			p.release(b)
+			return nil, fmt.Errorf("route plan: %w", err)
+		}
+		r.logits, r.count = nil, nil
+		b.unpend(r)
+		return p, nil
+	}
+	if err := b.materialize(e.r); err != nil {
+		p.release(b)
+		return nil, err
+	}
 	if align > 1 {
 		if err := b.stream.memset(p.perm.ptr, 0xff, int64(rows)*4); err != nil {
 			p.release(b)
@@ -428,7 +529,9 @@ func (b *Backend) splitK(K, N, z int) (ksplit, splits int) {
 }
 
 // expertsGEMV is the decode path: moe_plan, gate_up GEMV (partials per K split), SiLU·mul summing the
-// splits, down GEMV, and a combine that sums each token's slots in routing order.
+// splits, down GEMV, and a combine that sums each token's slots in routing order. Each projection on an
+// output-major fp8 weight runs fp8_expert_gemv (fp8.go: one split, its inputs quantised by the kernel
+// itself where they fit); the others the split-K expert GEMV (gemv.cu, quant.cu).
 func (b *Backend) expertsGEMV(e *expertsCall) error {
 	p, err := b.planExperts(e, 1)
 	if err != nil {
@@ -436,61 +539,160 @@ func (b *Backend) expertsGEMV(e *expertsCall) error {
 	}
 	defer p.release(b)
 	R, H, I, k := e.slots(), e.H, e.I, e.r.k
+	var bufs []*buffer
+	defer func() { b.releaseAll(bufs...) }()
+	keep := func(buf *buffer) {
+		if buf != nil {
+			bufs = append(bufs, buf)
+		}
+	}
+	// The fused epilogues (bf16 weights): SiLU·mul in the gate_up GEMV, the combine in the down GEMV.
 	z := e.expertBound()
 	one := e.T == 1 // Route's k experts of a token are distinct: one row per expert
-	ks1, s1 := b.expertSplitK(e.gu, H, 2*I, z)
-	p1, err := b.pool.get(int64(s1) * int64(R) * int64(2*I) * 4)
-	if err != nil {
-		return err
-	}
-	defer b.pool.release(*p1)
-	var x any = e.x
-	xdt, mode := int(e.x.dt), 0
-	if q := e.gu.q; q != nil && q.dyn() {
-		// The score-scaled input rows, gathered by expert and quantised per token (mode 1 reads them).
-		xq, err := b.pool.get(int64(R) * int64(H) * 4)
-		if err != nil {
+	bf16 := e.gu.q == nil && e.down.q == nil
+	swiglu := bf16 && b.fused(FuseExpertAct) && I%egCols == 0 && R <= fuseActMaxSlots
+	combine := bf16 && b.fused(FuseExpertCombine) && R <= fuseCombineMaxSlots
+	var ctr *buffer
+	if swiglu || combine {
+		if ctr, err = b.fuseCounters(max(z*(I/egCols), ceilDiv(H, egCols))); err != nil {
 			return err
 		}
-		defer b.pool.release(*xq)
-		if err := b.stream.launch(b.k.actQuantRows, dim3{uint32(R), 1, 1}, actQuantBlock, 0,
-			e.x, int(e.x.dt), p.perm, e.scores(), k, H, true, xq, int(F32), p.rowsOf(e.E)); err != nil {
-			return err
-		}
-		x, xdt, mode = xq, int(F32), 1
-	}
-	if err := b.launchExpertGEMV(one, e, p, x, xdt, mode, e.gu, H, 2*I, ks1, s1, p1, R); err != nil {
-		return err
+		swiglu, combine = swiglu && ctr != nil, combine && ctr != nil
 	}
 	act, err := b.pool.get(int64(R) * int64(I) * 4)
 	if err != nil {
 		return err
 	}
-	defer b.pool.release(*act)
-	// One element a thread (its GRID_STRIDE_N pass guards the rest): decode has a few rows, and each
-	// element sums all the splits, so spreading them over more SMs is what matters.
-	if err := b.stream.launch(b.k.expertAct, elemGrid(R*I), elemBlockDim, 0, p1, s1, R, I, p.meta(e.E), act, int(F32)); err != nil {
-		return err
-	}
-	if q := e.down.q; q != nil && q.dyn() { // the SwiGLU rows quantised per token, in place
-		if err := b.stream.launch(b.k.actQuantRows, dim3{uint32(R), 1, 1}, actQuantBlock, 0,
-			act, int(F32), devptr(0), devptr(0), 1, I, true, act, int(F32), p.rowsOf(e.E)); err != nil {
+	keep(act)
+	if swiglu {
+		ks1, s1 := b.splitK(H, 2*I, z)
+		p1, err := b.pool.get(int64(s1) * int64(R) * int64(2*I) * 4)
+		if err != nil {
+			return err
+		}
+		keep(p1)
+		if err := b.stream.launch(b.k.expertSwiGLU[boolIndex(!one)], dim3{uint32(ceilDiv(2*I, egCols)), uint32(s1), uint32(z)},
+			dim3{egThreads, 1, 1}, 0, e.x, int(e.x.dt), 0, p.perm, e.scores(), k, p.seg(), p.active(e.E), p.meta(e.E), e.gu, H, 2*I, ks1, p1, R,
+			ctr, act, int(F32)); err != nil {
+			return err
+		}
+	} else {
+		p1, s1, err := b.expertProj(e, p, e.gu, e.x, int(e.x.dt), 0, H, 2*I, keep)
+		if err != nil {
+			return err
+		}
+		// One element a thread (its GRID_STRIDE_N pass guards the rest): decode has a few rows, and each
+		// element sums all the splits, so spreading them over more SMs is what matters.
+		if err := b.stream.launch(b.k.expertAct, elemGrid(R*I), elemBlockDim, 0, p1, s1, R, I, p.meta(e.E), act, int(F32)); err != nil {
 			return err
 		}
 	}
-	ks2, s2 := b.expertSplitK(e.down, I, H, z)
-	p2, err := b.pool.get(int64(s2) * int64(R) * int64(H) * 4)
+	ap, adt := e.addend()
+	if combine {
+		ks2, s2 := b.splitK(I, H, z)
+		p2, err := b.pool.get(int64(s2) * int64(R) * int64(H) * 4)
+		if err != nil {
+			return err
+		}
+		keep(p2)
+		return b.stream.launch(b.k.expertCombineEpi[boolIndex(!one)], dim3{uint32(ceilDiv(H, egCols)), uint32(s2), uint32(z)},
+			dim3{egThreads, 1, 1}, 0, act, int(F32), 1, p.perm, e.scores(), k, p.seg(), p.active(e.E), p.meta(e.E), e.down, I, H, ks2, p2, R,
+			ctr, p.rowOf, e.T, e.out, int(e.out.dt), ap, adt)
+	}
+	p2, s2, err := b.expertProj(e, p, e.down, act, int(F32), 1, I, H, keep)
 	if err != nil {
 		return err
 	}
-	defer b.pool.release(*p2)
-	if err := b.launchExpertGEMV(one, e, p, act, int(F32), 1, e.down, I, H, ks2, s2, p2, R); err != nil {
-		return err
-	}
-	ap, adt := e.addend()
 	return b.stream.launch(b.k.expertCombine, elemGrid(e.T*H), elemBlockDim, 0, p2, s2, R, H, p.rowOf, k, e.out, int(e.out.dt), int64(e.T*H),
 		ap, adt)
 }
+
+// expertProj enqueues one projection of expertsGEMV: the rows of each active expert (mode 0: x[perm[r] /
+// k]·scores[perm[r]], gate_up; mode 1: x [R, K] float32, down) times w [E, K, N], quantised per token
+// where w's format says so, into partial sums P [S, R, N] (returned with S). Pooled blocks go to keep,
+// which releases them after the whole call is enqueued.
+func (b *Backend) expertProj(e *expertsCall, p *expertPlan, w *tensor, x any, xdt, mode, K, N int, keep func(*buffer)) (P *buffer, S int, err error) {
+	R, k := e.slots(), e.r.k
+	if w.q != nil && w.q.kmajor { // fp8.go
+		if P, err = b.pool.get(int64(R) * int64(N) * 4); err != nil {
+			return nil, 0, err
+		}
+		keep(P)
+		tmp, err := b.fp8ExpertGEMV(e, p, w, x, xdt, mode, K, N, P)
+		keep(tmp)
+		return P, 1, err
+	}
+	ks, S := b.expertSplitK(w, K, N, e.expertBound()) // q4SplitK for int4
+	if P, err = b.pool.get(int64(S) * int64(R) * int64(N) * 4); err != nil {
+		return nil, 0, err
+	}
+	keep(P)
+	if q := w.q; q != nil && q.dyn() {
+		// The rows (mode 0: score-scaled, gathered by expert) quantised per token into [R, K] float32, read
+		// as mode 1; mode 1 rows in place.
+		xq := x
+		var perm, scores devptr
+		kk := 1
+		if mode == 0 {
+			buf, err := b.pool.get(int64(R) * int64(K) * 4)
+			if err != nil {
+				return nil, 0, err
+			}
+			keep(buf)
+			xq, perm, scores, kk = buf, p.perm.ptr, e.scores(), k
+		}
+		if err := b.stream.launch(b.k.fp8ActRows, dim3{uint32(R), 1, 1}, actQuantBlock, 0,
+			x, xdt, perm, scores, kk, K, true, xq, int(F32), p.rowsOf(e.E), false); err != nil {
+			return nil, 0, err
+		}
+		x, xdt, mode = xq, int(F32), 1
+	}
+	return P, S, b.launchExpertGEMV(e.T == 1, e, p, x, xdt, mode, w, K, N, ks, S, P, R)
+}
+
+// The fused epilogues' limits (FuseExpertAct, FuseExpertCombine): the last block of a column tile does
+// the reduction the separate kernel spreads over many, for every row of the tile, so they pay only where a
+// step routes a few tokens. At one token (batch-1 decode) each is a few hundred nanoseconds of tail
+// against a launch of its own.
+const (
+	fuseActMaxSlots     = 8 // routing slots (tokens · top-k) for SiLU·mul in the gate_up GEMV
+	fuseCombineMaxSlots = 4 // and for the combine in the down GEMV
+)
+
+func boolIndex(v bool) int {
+	if v {
+		return 1
+	}
+	return 0
+}
+
+// fuseCounters returns the fused epilogues' counters, at least n ints, all zero between launches: made
+// once (zeroed on the stream) and kept, since graphs record their address; a larger need outside a
+// recorded step makes a larger buffer (the old one stays allocated for the graphs that use it, until
+// Close). Inside a recorded step, where no memory can be allocated, a need larger than the buffer gives
+// nil: the caller runs the unfused kernels.
+func (b *Backend) fuseCounters(n int) (*buffer, error) {
+	if b.fuseCtr != nil && b.fuseCtr.size >= int64(n)*4 {
+		return b.fuseCtr, nil
+	}
+	if b.rec != nil {
+		return nil, nil
+	}
+	size := max(int64(n)*4, fuseCountersMin)
+	buf, err := b.pool.getDedicated(size)
+	if err != nil {
+		return nil, err
+	}
+	if err := b.stream.memset(buf.ptr, 0, size); err != nil {
+		return nil, err
+	}
+	b.fuseCtr = buf
+	return buf, nil
+}
+
+// fuseCountersMin is the fused epilogues' first counter buffer: 16 Ki counters, more than a decode step
+// of Scout or Maverick uses (local experts × I/256 for SwiGLU: 64 × 32 at batch 64 of Maverick).
+const fuseCountersMin = 64 << 10
 
 // expertsGrouped is the prefill path: moe_plan with 128-row aligned blocks, the per-expert counts to the
 // host, the tokens gathered by expert (scaled, bf16), one cuBLASLt GEMM per active expert for gate_up
@@ -498,7 +700,13 @@ func (b *Backend) expertsGEMV(e *expertsCall) error {
 // [rows, H], and the combine. It returns false, having enqueued nothing that writes the output, when
 // cuBLASLt has no algorithm for one of the shapes.
 func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
-	const align = 128 // rows: every block starts 256-byte aligned in each buffer
+	// Every expert's block of rows must start 256-byte aligned in each buffer (cuBLASLt): 128 rows do it
+	// for any H and I; where H and I are multiples of 128 every row does (FusePack), and the blocks are
+	// packed, so the gather and SiLU·mul kernels touch no gap rows.
+	align := 128
+	if b.fused(FusePack) && e.H%128 == 0 && e.I%128 == 0 {
+		align = 1
+	}
 	p, err := b.planExperts(e, align)
 	if err != nil {
 		return false, err
@@ -520,7 +728,8 @@ func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
 	keys := make([][2]gemmKey, len(jobs))
 	plans := make([][2]*gemmPlan, len(jobs))
 	for i, j := range jobs {
-		keys[i] = [2]gemmKey{{m: j.n, n: 2 * I, k: H, out: F32, wIn: true}, {m: j.n, n: H, k: I, out: F32, wIn: true}}
+		// Input-major weights ([E, K, N]: bf16, int4, fp8 of other shapes) or output-major fp8 experts.
+		keys[i] = [2]gemmKey{{m: j.n, n: 2 * I, k: H, out: F32, wIn: !kmajor(e.gu)}, {m: j.n, n: H, k: I, out: F32, wIn: !kmajor(e.down)}}
 		for h := range 2 {
 			if plans[i][h], err = b.gemm.plan(keys[i][h]); err != nil {
 				return false, err
@@ -538,8 +747,13 @@ func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
 	switch {
 	case rows == 0:
 	case e.gu.q != nil && e.gu.q.dyn(): // gathered, scaled and quantised per token, then bf16
-		if err := b.stream.launch(b.k.actQuantRows, dim3{uint32(rows), 1, 1}, actQuantBlock, 0,
-			e.x, int(e.x.dt), p.perm, e.scores(), k, H, true, xp, int(BF16), devptr(0)); err != nil {
+		if err := b.stream.launch(b.k.fp8ActRows, dim3{uint32(rows), 1, 1}, actQuantBlock, 0,
+			e.x, int(e.x.dt), p.perm, e.scores(), k, H, true, xp, int(BF16), devptr(0), false); err != nil {
+			return false, err
+		}
+	case b.vec8(H, e.x.ptr()):
+		if err := b.stream.launch(b.k.expertGatherV8, elemGrid(rows*H/8), elemBlockDim, 0,
+			e.x, int(e.x.dt), p.perm, e.scores(), k, H, xp, int64(rows)*int64(H)/8); err != nil {
 			return false, err
 		}
 	default:
@@ -583,8 +797,12 @@ func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
 		if err := b.stream.launch(b.k.expertAct, elemGridN(rows*I), elemBlockDim, 0, g, 1, rows, I, p.meta(E), a32, int(F32)); err != nil {
 			return false, err
 		}
-		if err := b.stream.launch(b.k.actQuantRows, dim3{uint32(rows), 1, 1}, actQuantBlock, 0,
-			a32, int(F32), devptr(0), devptr(0), 1, I, true, act, int(BF16), devptr(0)); err != nil {
+		if err := b.stream.launch(b.k.fp8ActRows, dim3{uint32(rows), 1, 1}, actQuantBlock, 0,
+			a32, int(F32), devptr(0), devptr(0), 1, I, true, act, int(BF16), devptr(0), false); err != nil {
+			return false, err
+		}
+	case b.vec8(I):
+		if err := b.stream.launch(b.k.expertActV8, elemGrid(rows*I/8), elemBlockDim, 0, g, 1, rows, I, p.meta(E), act, int(BF16)); err != nil {
 			return false, err
 		}
 	default:
@@ -612,7 +830,12 @@ func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
 		}
 	}
 	ap, adt := e.addend()
-	if err := b.stream.launch(b.k.expertCombine, elemGrid(e.T*H), elemBlockDim, 0, y, 1, max(rows, 1), H, p.rowOf, k,
+	if b.vec8(H, ap) {
+		if err := b.stream.launch(b.k.expertV8, elemGrid(e.T*H/8), elemBlockDim, 0, y, 1, max(rows, 1), H, p.rowOf, k,
+			e.out, int(e.out.dt), int64(e.T*H/8), ap, adt); err != nil {
+			return false, err
+		}
+	} else if err := b.stream.launch(b.k.expertCombine, elemGrid(e.T*H), elemBlockDim, 0, y, 1, max(rows, 1), H, p.rowOf, k,
 		e.out, int(e.out.dt), int64(e.T*H), ap, adt); err != nil {
 		return false, err
 	}
@@ -620,17 +843,32 @@ func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
 	return true, nil
 }
 
-// expertWeight returns the address of expert x's [K, N] bf16 slice of w [E, K, N]: in w itself, or for a
-// quantised w in a dequantised bf16 copy (tmp, which the caller releases after enqueuing its use; stream
-// order lets the next expert reuse the block).
+// expertWeight returns the address of expert x's bf16 slice of w [E, K, N]: in w itself ([K, N]), or for
+// a quantised w in a dequantised bf16 copy (tmp, which the caller releases after enqueuing its use; stream
+// order lets the next expert reuse the block), [K, N] or, for output-major fp8 experts (kmajor), [N, K]
+// as the codes are stored.
 func (b *Backend) expertWeight(w *tensor, x, K, N int) (ptr devptr, tmp *buffer, err error) {
 	n := int64(K) * int64(N)
-	if w.q == nil {
+	switch {
+	case w.q == nil:
 		return w.ptr() + devptr(int64(x)*n*2), nil, nil
+	case w.q.kmajor: // the stored [E·N, K] rows, dequant_bf16's plain rows
+		tmp, err = b.pool.get(n * 2)
+		if err == nil {
+			err = b.stream.launch(b.k.dequantBF16, elemGrid(int(min(n, 1<<30))), elemBlockDim, 0,
+				w, w.q.scales, w.q.code, int64(K), int64(1), K, 1, int64(x)*n, n, tmp)
+		}
+	default:
+		tmp, err = b.dequant(w, int64(x)*n, n)
 	}
-	tmp, err = b.dequant(w, int64(x)*n, n)
 	if err != nil {
+		if tmp != nil {
+			b.pool.release(*tmp)
+		}
 		return 0, nil, err
 	}
 	return tmp.ptr, tmp, nil
 }
+
+// kmajor reports whether w is an output-major fp8 experts weight.
+func kmajor(w *tensor) bool { return w.q != nil && w.q.kmajor }

@@ -36,6 +36,20 @@ const elemUnroll = 4
 
 func elemGridN(n int) dim3 { return elemGrid(ceilDiv(n, elemUnroll)) }
 
+// vec8 reports whether the 16-byte elementwise kernels (*_v8, FuseVec) take n elements of operands at
+// ptrs: n a multiple of 8 and every operand 16-byte aligned (pool blocks are; views of them may not be).
+func (b *Backend) vec8(n int, ptrs ...devptr) bool {
+	if !b.fused(FuseVec) || n%8 != 0 {
+		return false
+	}
+	for _, p := range ptrs {
+		if p%16 != 0 {
+			return false
+		}
+	}
+	return true
+}
+
 // Embed gathers rows of table [V, H]: out[i] = table[ids[i]-first] when first <= ids[i] < first+V, else
 // zeros. The output has the table's dtype (the gather is exact).
 func (b *Backend) Embed(table backend.Tensor, ids []int, first int) (backend.Tensor, error) {
@@ -133,6 +147,13 @@ func (b *Backend) normBlock(rows, n int) dim3 {
 	return dim3{uint32(min(max(roundUp(int64(ceilDiv(n, 4)), 32), 32), 1024)), 1, 1}
 }
 
+// add_rmsnorm_v8's limits (NORM_V8 and NORM_V8_MAXN in elementwise.cu): 8-element chunks a thread,
+// elements a row.
+const (
+	normV8     = 4
+	normV8MaxN = 8192
+)
+
 var _ backend.AddNormer = (*Backend)(nil)
 
 // AddRMSNorm returns sum = x + y (float32, as Add) and RMSNorm(sum, weight, eps) (as RMSNorm, float32),
@@ -165,7 +186,13 @@ func (b *Backend) AddRMSNorm(x, y, weight backend.Tensor, eps float32) (sum, nor
 	if n == 0 || xt.numel() == 0 {
 		return st, out, nil
 	}
-	err = b.stream.launch(b.k.addRMSNorm, dim3{uint32(xt.numel() / n), 1, 1}, b.normBlock(xt.numel()/n, n), 0,
+	rows := xt.numel() / n
+	k, block := b.k.addRMSNorm, b.normBlock(rows, n)
+	// add_rmsnorm_v8 at the same block size: the same sums in the same order.
+	if n <= normV8MaxN && n/8 <= normV8*int(block.x) && b.vec8(n, xt.ptr(), yt.ptr(), wt.ptr()) {
+		k = b.k.addRMSNormV8
+	}
+	err = b.stream.launch(k, dim3{uint32(rows), 1, 1}, block, 0,
 		xt, int(xt.dt), yt, int(yt.dt), st, wt, int(wt.dt), out, int(out.dt), n, eps)
 	if err != nil {
 		return nil, nil, fmt.Errorf("cuda: add_rmsnorm: %w", err)
@@ -208,6 +235,10 @@ func (b *Backend) binary(op string, k *kernel, dt DType, x, y backend.Tensor) (b
 	n := xt.numel()
 	if n == 0 {
 		return out, nil
+	}
+	if k == b.k.siluMul && b.vec8(n, xt.ptr(), yt.ptr(), out.ptr()) {
+		err = b.stream.launch(b.k.siluMulV8, elemGrid(n/8), elemBlockDim, 0, xt, int(xt.dt), yt, int(yt.dt), out, int(out.dt), int64(n/8))
+		return b.result(op, out, err)
 	}
 	err = b.stream.launch(k, elemGridN(n), elemBlockDim, 0, xt, int(xt.dt), yt, int(yt.dt), out, int(out.dt), int64(n))
 	return b.result(op, out, err)
@@ -431,7 +462,11 @@ func (b *Backend) splitLinear(xt *tensor, w devptr, y *tensor) error {
 		return err
 	}
 	defer b.pool.release(*d)
-	if err := b.stream.launch(b.k.splitBF16, elemGrid(n), elemBlockDim, 0, xt, int(xt.dt), halves, int64(n)); err != nil {
+	if b.vec8(n, xt.ptr()) {
+		if err := b.stream.launch(b.k.splitBF16V8, elemGrid(n/8), elemBlockDim, 0, xt, int(xt.dt), halves, int64(n/8)); err != nil {
+			return err
+		}
+	} else if err := b.stream.launch(b.k.splitBF16, elemGrid(n), elemBlockDim, 0, xt, int(xt.dt), halves, int64(n)); err != nil {
 		return err
 	}
 	if err := b.gemm.run(plan, key, halves.ptr, w, d.ptr, b.stream); err != nil {
@@ -451,11 +486,19 @@ func (b *Backend) bf16Operand(t *tensor) (devptr, *buffer, error) {
 	if err != nil {
 		return 0, nil, err
 	}
-	if err := b.stream.launch(b.k.convert, elemGrid(n), elemBlockDim, 0, t, int(t.dt), buf, int(BF16), int64(n)); err != nil {
+	if err := b.convert(t, buf.ptr, BF16, n); err != nil {
 		b.pool.release(*buf)
 		return 0, nil, err
 	}
 	return buf.ptr, buf, nil
+}
+
+// convert enqueues the conversion of t's n elements to dtype dt at dst (convert, or convert_v8).
+func (b *Backend) convert(t *tensor, dst devptr, dt DType, n int) error {
+	if b.vec8(n, t.ptr(), dst) {
+		return b.stream.launch(b.k.convertV8, elemGrid(n/8), elemBlockDim, 0, t, int(t.dt), dst, int(dt), int64(n/8))
+	}
+	return b.stream.launch(b.k.convert, elemGrid(n), elemBlockDim, 0, t, int(t.dt), dst, int(dt), int64(n))
 }
 
 // commBuffer describes t's memory for an NCCL collective on the backend's stream.

@@ -23,9 +23,11 @@ import (
 //
 // Each dequantised weight is quant.Weight.Dequantize's value (q·scale in float32, rounded to bf16 for the
 // compressed-tensors format); the prefill scratch rounds it to bf16, as the bf16 path rounds its inputs.
-// Where the format has DynamicActivations, act_quant_rows first quantises the input rows per token
-// (quant.FakeQuantFP8Rows) in float32: the score-scaled input of the experts' gate/up and the SwiGLU
-// product before down.
+// Where the format has DynamicActivations, the input rows are quantised per token (quant.FakeQuantFP8Rows)
+// in float32 first (fp8_act_rows, or the staged fp8 kernels themselves): the score-scaled input of the
+// experts' gate/up and the SwiGLU product before down. fp8 weights take their own paths (fp8.go,
+// fp8gemm.go) and keep the routed experts' codes output-major; the kernels of this file's input-major fp8
+// weights are in quant.cu, int4's in quant_int4.cu (quant_int4.go).
 
 // quantized is the DType of a quantised weight's codes (tensor.q says the format). Only Linear,
 // LinearMulti, Experts and ExpertsAdd take such a tensor.
@@ -45,7 +47,7 @@ const (
 // (prefill; also with Activations F32, where the bf16 weights' path would split x) take the bf16 copy.
 const qgemvKernelRows = 8
 
-// actQuantBlock is act_quant_rows' block: one block a row.
+// actQuantBlock is fp8_act_rows' and fp8_act_codes' block: one block a row.
 var actQuantBlock = dim3{256, 1, 1}
 
 // qweight is a quantised weight's format and scales (the codes are the tensor's buffer).
@@ -56,6 +58,9 @@ type qweight struct {
 	in     int     // the input dimension's size
 	gs     int     // input columns per scale group (int4); in for fp8
 	groups int     // scale groups along the input dimension
+	// kmajor: the codes of an experts weight [E, in, out] are stored [E, out, in], output-major (fp8.go,
+	// fp8KMajor); the shape and the scales are as package quant has them.
+	kmajor bool
 }
 
 func (q *qweight) dyn() bool { return q.format.DynamicActivations }
@@ -63,8 +68,9 @@ func (q *qweight) dyn() bool { return q.format.DynamicActivations }
 var _ backend.QuantizedLoader = (*Backend)(nil)
 
 // LoadQuantized copies w (codes and scales) to the device in its compact form (backend.QuantizedLoader).
-// Linear takes a weight [out, in] (InputDim 1) and Experts weights [E, in, out] (InputDim 1). int4
-// scales must be bf16 values (quant.Quantize makes them so): they are stored as bf16.
+// Linear takes a weight [out, in] (InputDim 1) and Experts weights [E, in, out] (InputDim 1); fp8 experts
+// weights are transposed to output-major on the way (fp8.go). int4 scales must be bf16 values
+// (quant.Quantize makes them so): they are stored as bf16.
 func (b *Backend) LoadQuantized(w quant.Weight) (backend.Tensor, error) {
 	if b.closed {
 		return nil, ErrClosed
@@ -99,7 +105,13 @@ func (b *Backend) LoadQuantized(w quant.Weight) (backend.Tensor, error) {
 		return nil, fmt.Errorf("cuda: load %s%v: %w", w.Format, w.Shape, err)
 	}
 	codes = b.pool.owned(codes)
-	if err := b.upload(codes.ptr, w.Data); err != nil {
+	if fp8KMajor(w.Format, w.Shape) {
+		q.kmajor = true
+		err = b.uploadKMajor(codes.ptr, w.Data, w.Shape[0], w.Shape[1], w.Shape[2])
+	} else {
+		err = b.upload(codes.ptr, w.Data)
+	}
+	if err != nil {
 		return nil, fmt.Errorf("cuda: load %s%v: %w", w.Format, w.Shape, err)
 	}
 	if q.scales, err = b.pool.getDedicated(int64(len(scales))); err != nil {
@@ -120,27 +132,15 @@ func notQuantized(op string, t *tensor) error {
 	return fmt.Errorf("cuda: %s of a %s weight%v: only Linear and Experts read quantised weights: %w", op, t.q.format, t.shape, backend.ErrShape)
 }
 
-// actQuant enqueues act_quant_rows over rows of x [rows, n] into a new float32 tensor: each row
-// quantised to FP8 per token (quant.FakeQuantFP8Rows).
-func (b *Backend) actQuant(xt *tensor) (*tensor, error) {
-	rows, n := xt.shape[0], xt.shape[1]
-	out, err := b.newTensor(F32, rows, n)
-	if err != nil {
-		return nil, err
-	}
-	if rows == 0 || n == 0 {
-		return out, nil
-	}
-	err = b.stream.launch(b.k.actQuantRows, dim3{uint32(rows), 1, 1}, actQuantBlock, 0,
-		xt, int(xt.dt), devptr(0), devptr(0), 1, n, true, out, int(F32), devptr(0))
-	return out, err
-}
-
 // dequant enqueues dequant_bf16 (dequant_int4_bf16 for int4) for elements [off, off+n) of the quantised
 // weight t, viewed as [outer, in, inner] with in = t.q.in (the input dimension is 1: inner is the product
 // of the dimensions after it), into a pooled bf16 block the caller releases after enqueuing its use.
+// Output-major fp8 experts (kmajor) are dequantised in the same logical order (fp8_dequant_experts).
 func (b *Backend) dequant(t *tensor, off, n int64) (*buffer, error) {
 	q := t.q
+	if q.kmajor {
+		return b.dequantFP8Experts(t, off, n)
+	}
 	inner := int64(1)
 	for _, d := range t.shape[2:] {
 		inner *= int64(d)
@@ -178,8 +178,9 @@ func (b *Backend) qgemvOK(xt, wt *tensor) bool {
 	return !b.noQuantGEMV && T <= skinnyRows && in > 0 && in%16 == 0 && wt.ptr()%16 == 0 && xt.ptr()%16 == 0
 }
 
-// linearQuant is Linear for a quantised w [out, in]: x's rows quantised first where the format says so,
-// then the quantised GEMV for a few rows, else the bf16 Linear on a dequantised copy of w.
+// linearQuant is Linear for a quantised w [out, in]: for fp8 the FP8 GEMM (more than fp8GemvRows rows
+// with dynamic activations) or the fp8 GEMV (fp8.go); else x's rows quantised first where the format says
+// so, then the quantised GEMV for a few rows, else the bf16 Linear on a dequantised copy of w.
 func (b *Backend) linearQuant(xt, wt *tensor) (backend.Tensor, error) {
 	if len(wt.shape) != 2 {
 		return nil, fmt.Errorf("cuda: linear x%v w%v (%s): %w", xt.shape, wt.shape, wt.q.format, backend.ErrShape)
@@ -201,10 +202,17 @@ func (b *Backend) linearQuant(xt, wt *tensor) (backend.Tensor, error) {
 			return y, err
 		}
 	}
+	if b.fp8GemvOK(xt, wt) {
+		ys, err := b.fp8GEMV(xt, []*tensor{wt})
+		if err != nil {
+			return nil, err
+		}
+		return ys[0], nil
+	}
 	x := xt
 	if wt.q.dyn() {
 		var err error
-		if x, err = b.actQuant(xt); err != nil {
+		if x, err = b.fp8ActRows(xt, true, false); err != nil {
 			return nil, fmt.Errorf("cuda: linear x%v w%v (%s): %w", xt.shape, wt.shape, wt.q.format, err)
 		}
 	}

@@ -151,6 +151,7 @@ func counterDiff(a, b cuda.Counters) string {
 		{"qgemv", b.QuantGEMV - a.QuantGEMV}, {"qdequant", b.QuantDequant - a.QuantDequant}, {"qfp8gemm", b.QuantFP8Gemm - a.QuantFP8Gemm}, {"exp-fp8", b.ExpertsFP8 - a.ExpertsFP8},
 		{"exp-gemv", b.ExpertsGEMV - a.ExpertsGEMV}, {"exp-grouped", b.ExpertsGrouped - a.ExpertsGrouped},
 		{"exp-simple", b.ExpertsSimple - a.ExpertsSimple},
+		{"fp8-exp-gemv", b.FP8ExpertGEMV - a.FP8ExpertGEMV}, {"fp8-staged", b.FP8Staged - a.FP8Staged}, {"fp8-outer-vec", b.FP8OuterVec - a.FP8OuterVec},
 	} {
 		if c.n != 0 {
 			parts = append(parts, fmt.Sprintf("%s×%d", c.name, c.n))
@@ -169,8 +170,9 @@ func pickSide(p pair, side int) backend.Tensor {
 // TestQuantLinearVsCPU compares Linear on quantised weights with the cpu backend for every format, at
 // 1, 7, 64 and 300 rows, on shapes the GEMV takes (K a multiple of 16 for fp8, 32 for int4) and shapes it
 // does not (K = 1000, 77: the dequantise-to-bf16 path), at 1 row both GEMV kernels (split-K and one
-// warp a row pair), and at up to 64 rows (the GEMV, 8 rows a launch) the dequantised path too
-// (SetQuantGEMV off). 300 rows is prefill: the dequantised path.
+// warp a row pair; fp8 has one), and at up to 64 rows (the GEMV, 8 rows a launch) the dequantised path
+// too (SetQuantGEMV off). 300 rows is prefill: the dequantised path, or for fp8 with dynamic activations
+// the FP8 GEMM, which also takes 64 rows (at its own bound).
 func TestQuantLinearVsCPU(t *testing.T) {
 	g := newBackend(t, cuda.BF16)
 	e := &opEnv{t: t, cpu: cpu.New(cpu.Config{}), gpu: g, r: rand.New(rand.NewPCG(11, 12))}
@@ -189,7 +191,10 @@ func TestQuantLinearVsCPU(t *testing.T) {
 					oldQ := cuda.SetQuantGEMV(g, mode != " deq")
 					oldS := cuda.SetGEMVSplit(g, mode != " nosplit")
 					bound := quantBF16RelL2
-					if mode != " deq" && T <= 64 && qgemvShape(f, s.in) {
+					switch {
+					case mode == "" && fp8GemmTakes(g, f, T, s.in, s.out):
+						bound = quantFP8GemmRelL2 // decode batches above 8 rows run the FP8 GEMM
+					case mode != " deq" && T <= 64 && qgemvShape(f, s.in):
 						bound = quantGEMVRelL2
 					}
 					e.qcompare("QLinear"+mode, shape, bound, func(b backend.Ops, side int) (backend.Tensor, error) {
@@ -216,6 +221,13 @@ func TestQuantLinearVsCPU(t *testing.T) {
 			return out[i], nil
 		})
 	}
+}
+
+// fp8GemmTakes reports whether Linear of T rows on a weight [out, in] in format f runs on the FP8 GEMM
+// (fp8GemmOK, on a card with FP8 tensor cores): dynamic activations, more than 8 rows, in and out
+// multiples of 16.
+func fp8GemmTakes(g *cuda.Backend, f quant.Format, T, in, out int) bool {
+	return f.Kind == quant.FP8 && f.DynamicActivations && !f.RoundBF16 && T > 8 && in%16 == 0 && out%16 == 0 && fp8GemmArch(g)
 }
 
 // qgemvShape reports whether the quantised GEMV takes an input width of in for f (qgemvOK).

@@ -1,6 +1,7 @@
 // shim.c: the trampolines declared in shim.h. Each casts a dlsym'd pointer to the entry point's
 // signature and calls it.
 #include <dlfcn.h>
+#include <string.h>
 #include "shim.h"
 
 void* tp_dlopen(const char* path) { return dlopen(path, RTLD_NOW | RTLD_GLOBAL); }
@@ -78,6 +79,49 @@ CUresult tp_cuLaunchKernel(void* f, CUcontext c, CUfunction fn, unsigned gx, uns
 	for (int i = 0; i < nargs; i++) params[i] = &args[i];
 	return ((CUresult(*)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
 		CUstream, void**, void**))f)(fn, gx, gy, gz, bx, by, bz, shmem, s, params, NULL);
+}
+
+// The driver's launch configuration (cuda.h, CUDA 11.8 and later): a CUlaunchAttribute is a 4-byte id,
+// 4 bytes of padding and a 64-byte value union whose int members start at its first byte.
+typedef struct {
+	int id;
+	char pad[4];
+	union {
+		char raw[64];
+		int programmaticStreamSerializationAllowed;
+	} value;
+} tp_launchAttribute;
+
+typedef struct {
+	unsigned gridDimX, gridDimY, gridDimZ;
+	unsigned blockDimX, blockDimY, blockDimZ;
+	unsigned sharedMemBytes;
+	CUstream hStream;
+	tp_launchAttribute* attrs;
+	unsigned numAttrs;
+} tp_launchConfig;
+
+// The layout cuda.h gives these (on LP64): checked here, since no CUDA header is at hand.
+_Static_assert(sizeof(tp_launchAttribute) == 72, "CUlaunchAttribute is 72 bytes");
+_Static_assert(offsetof(tp_launchAttribute, value) == 8, "CUlaunchAttribute's value at byte 8");
+_Static_assert(offsetof(tp_launchConfig, hStream) == 32, "CUlaunchConfig's hStream at byte 32");
+_Static_assert(offsetof(tp_launchConfig, attrs) == 40, "CUlaunchConfig's attrs at byte 40");
+_Static_assert(offsetof(tp_launchConfig, numAttrs) == 48, "CUlaunchConfig's numAttrs at byte 48");
+
+#define TP_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION 6
+
+CUresult tp_cuLaunchKernelEx(void* f, CUcontext c, CUfunction fn, unsigned gx, unsigned gy, unsigned gz,
+		unsigned bx, unsigned by, unsigned bz, unsigned shmem, CUstream s, uint64_t* args, int nargs) {
+	void* params[TP_MAX_ARGS];
+	BIND(c);
+	if (nargs < 0 || nargs > TP_MAX_ARGS) return 1; // CUDA_ERROR_INVALID_VALUE
+	for (int i = 0; i < nargs; i++) params[i] = &args[i];
+	tp_launchAttribute attr;
+	memset(&attr, 0, sizeof attr);
+	attr.id = TP_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+	attr.value.programmaticStreamSerializationAllowed = 1;
+	tp_launchConfig cfg = {gx, gy, gz, bx, by, bz, shmem, s, &attr, 1};
+	return ((CUresult(*)(const tp_launchConfig*, CUfunction, void**, void**))f)(&cfg, fn, params, NULL);
 }
 
 CUresult tp_cuStreamBeginCapture(void* f, CUcontext c, CUstream s, int mode) { BIND(c); return ((CUresult(*)(CUstream, int))f)(s, mode); }

@@ -56,6 +56,11 @@ CUresult tp_cuStreamSynchronize(void* f, CUcontext c, CUstream s);
 #define TP_MAX_ARGS 32
 CUresult tp_cuLaunchKernel(void* f, CUcontext c, CUfunction fn, unsigned gx, unsigned gy, unsigned gz,
 	unsigned bx, unsigned by, unsigned bz, unsigned shmem, CUstream s, uint64_t* args, int nargs);
+// tp_cuLaunchKernelEx is tp_cuLaunchKernel through cuLaunchKernelEx with one launch attribute:
+// CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION set to 1 (programmatic dependent launch: the
+// kernel may start while the one before it in the stream runs, and waits for it with griddepcontrol.wait).
+CUresult tp_cuLaunchKernelEx(void* f, CUcontext c, CUfunction fn, unsigned gx, unsigned gy, unsigned gz,
+	unsigned bx, unsigned by, unsigned bz, unsigned shmem, CUstream s, uint64_t* args, int nargs);
 
 // CUDA graphs and events (driver API, CUDA 12+ ABI names: cuStreamBeginCapture_v2,
 // cuGraphInstantiateWithFlags, cuEventDestroy_v2).

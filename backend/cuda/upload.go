@@ -178,7 +178,8 @@ func quantLayout(f quant.Format, shape []int) (q *qweight, codeBytes, scaleSize 
 
 // Quantize quantises a bf16 weight on the device into format f (backend.DeviceQuantizer), by
 // quant.Quantize's rules (the kernel RandomQuantized uses): the loader copies a checkpoint's bf16 bytes
-// and quantises after the copy. t must be [out, in] or [E, in, out] with input dimension 1.
+// and quantises after the copy. t must be [out, in] or [E, in, out] with input dimension 1; fp8 experts
+// come out output-major, as LoadQuantized makes them (fp8.go).
 func (b *Backend) Quantize(t backend.Tensor, f quant.Format, inputDim int) (backend.Tensor, error) {
 	src, err := b.asTensor("quantize", "t", t)
 	if err != nil {
@@ -210,6 +211,11 @@ func (b *Backend) Quantize(t backend.Tensor, f quant.Format, inputDim int) (back
 	out := &tensor{b: b, buf: codes, shape: slices.Clone(shape), dt: quantized, q: q}
 	if n == 0 {
 		return out, nil
+	}
+	if fp8KMajor(f, shape) { // the experts' codes output-major (fp8.go)
+		q.kmajor = true
+		err = b.quantizeKMajor(src, q, codes.ptr, shape[0], shape[1], shape[2])
+		return b.result("quantize "+f.String(), out, err)
 	}
 	if err := b.stream.memset(codes.ptr, 0, codes.size); err != nil {
 		return nil, err

@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"time"
 
 	"github.com/tpfleet/tpfleet/backend"
@@ -63,9 +64,15 @@ type benchResult struct {
 	DecodeMSPerTok float64 `json:"decode_ms_per_token"` // per step: one token for each of Batch sequences
 	TokensPerSec   float64 `json:"decode_tokens_per_second"`
 	// StepBytes is the weight bytes one decode step of Batch sequences must read (attention, dense and
-	// shared MLPs, at most Batch·top-k experts of each MoE layer, the routing weight, norms, the lm_head, embedding
-	// rows), over all ranks, each tensor in the format it is held in (stepBytes).
-	StepBytes int64 `json:"decode_weight_bytes_per_step"`
+	// shared MLPs, the experts each MoE layer's step routes to, the routing weight, norms, the lm_head,
+	// embedding rows), over all ranks, each tensor in the format it is held in (stepBytes). The routed
+	// experts are counted as the timed steps chose them: ExpertsRouted is the distinct experts a MoE layer's
+	// step routed its tokens to, on average over the steps and layers (from the model's expert counts,
+	// read after each step of the warm-up run); StepBytesBound counts min(Batch·top-k, experts) a layer
+	// instead, what a step can route to at most (StepBytes when the backend counts no experts).
+	StepBytes      int64   `json:"decode_weight_bytes_per_step"`
+	ExpertsRouted  float64 `json:"decode_experts_per_moe_layer,omitempty"`
+	StepBytesBound int64   `json:"decode_weight_bytes_bound,omitempty"`
 	// CopyGBs is the measured device-to-device copy rate (bytes read + written per second / 1e9) on
 	// rank 0's GPU; FloorMS is StepBytes / TP / that rate, the memory-bandwidth floor of a decode step.
 	CopyGBs       float64 `json:"copy_gb_per_s,omitempty"`
@@ -243,18 +250,19 @@ func (c specCatalog) Info(name string) (safetensors.TensorInfo, error) {
 	return safetensors.TensorInfo{}, fmt.Errorf("no tensor %s", name)
 }
 
-// stepBytes is the weight bytes a decode step of batch sequences reads: every tensor, except the routed
-// experts (at most batch·top-k of E per MoE layer) and the embedding table (one row a sequence), each in
-// the format it is held in: the quantisable ones in f (fp8: a byte an element plus float32 scales; int4:
-// half a byte plus bf16 scales, quant.Format.Bytes), the others (lm_head, embedding, routing weight, norms) bf16.
-// Scales are counted for whole tensors (TP = 1).
-func stepBytes(cfg llama4.Config, batch int, f quant.Format) int64 {
+// stepBytes is the weight bytes a decode step of batch sequences reads when each MoE layer's step routes
+// its tokens to experts distinct experts (on average; at most min(batch·top-k, E), maxRouted): every
+// tensor, except the routed experts (experts of E per MoE layer) and the embedding table (one row a
+// sequence), each in the format it is held in: the quantisable ones in f (fp8: a byte an element plus
+// float32 scales; int4: half a byte plus bf16 scales, quant.Format.Bytes), the others (lm_head, embedding,
+// routing weight, norms) bf16. Scales are counted for whole tensors (TP = 1).
+func stepBytes(cfg llama4.Config, batch int, experts float64, f quant.Format) int64 {
 	var total int64
 	for _, s := range cfg.Tensors() {
 		n := tensorBytes(s, f)
 		switch s.Kind {
 		case model.KindExperts:
-			n = n / int64(cfg.NumExperts) * int64(min(batch*cfg.TopK, cfg.NumExperts))
+			n = routedBytes(n, cfg.NumExperts, experts)
 		case model.KindEmbedding:
 			n = 2 * int64(cfg.HiddenSize) * int64(batch)
 		}
@@ -263,16 +271,83 @@ func stepBytes(cfg llama4.Config, batch int, f quant.Format) int64 {
 	return total
 }
 
-// offloadStepBytes is the routed experts' part of stepBytes: what a decode step of batch sequences copies
-// to the GPU when the experts are offloaded.
-func offloadStepBytes(cfg llama4.Config, batch int, f quant.Format) int64 {
+// maxRouted is the most distinct experts a MoE layer's step of batch sequences can route to.
+func maxRouted(cfg llama4.Config, batch int) float64 {
+	return float64(min(batch*cfg.TopK, cfg.NumExperts))
+}
+
+// routedBytes is the part of a stacked experts tensor of n bytes (E experts) that experts of them take.
+func routedBytes(n int64, E int, experts float64) int64 {
+	return int64(math.Round(float64(n/int64(E)) * experts))
+}
+
+// offloadStepBytes is the routed experts' part of stepBytes: what a decode step copies to the GPU when the
+// experts are offloaded (the distinct experts a layer routes to, as stepBytes counts them).
+func offloadStepBytes(cfg llama4.Config, experts float64, f quant.Format) int64 {
 	var total int64
 	for _, s := range cfg.Tensors() {
 		if s.Kind == model.KindExperts {
-			total += tensorBytes(s, f) / int64(cfg.NumExperts) * int64(min(batch*cfg.TopK, cfg.NumExperts))
+			total += routedBytes(tensorBytes(s, f), cfg.NumExperts, experts)
 		}
 	}
 	return total
+}
+
+// routeCensus counts the distinct experts the MoE layers of one rank's model route each decode step's
+// tokens to, from the model's cumulative expert loads (llama4.Model.ExpertLoad, one count per layer and
+// expert) read before the first step and after each: an expert whose count grew was routed to. The reads
+// wait for nothing but the counters (the steps are waited for already); took is their time, which the
+// decode time does not include.
+type routeCensus struct {
+	load   func() [][]int64
+	last   [][]int64
+	steps  int           // steps observed
+	routed int64         // (layer, expert) pairs routed to, summed over the steps
+	layers int           // MoE layers (those with counts)
+	took   time.Duration // spent reading the loads
+}
+
+// observe reads the loads, and after the first read counts the step that ran since the last.
+func (c *routeCensus) observe() {
+	start := time.Now()
+	load := c.load()
+	c.took += time.Since(start)
+	if c.last != nil && len(load) == len(c.last) {
+		c.steps++
+		c.routed += int64(distinctRouted(c.last, load))
+	}
+	c.layers = 0
+	for _, l := range load {
+		if l != nil {
+			c.layers++
+		}
+	}
+	c.last = load
+}
+
+// distinctRouted counts the (layer, expert) pairs whose count grew from before to after.
+func distinctRouted(before, after [][]int64) int {
+	n := 0
+	for l := range after {
+		if l >= len(before) || len(before[l]) != len(after[l]) {
+			continue
+		}
+		for e, c := range after[l] {
+			if c > before[l][e] {
+				n++
+			}
+		}
+	}
+	return n
+}
+
+// perLayer is the mean distinct experts a MoE layer's step routed to, or 0 when nothing was counted
+// (a backend that counts no experts reports zeros).
+func (c *routeCensus) perLayer() float64 {
+	if c == nil || c.steps == 0 || c.layers == 0 || c.routed == 0 {
+		return 0
+	}
+	return float64(c.routed) / float64(c.steps) / float64(c.layers)
 }
 
 // tensorBytes is the size of a whole tensor held in f (bf16 unless it is quantisable).
@@ -419,7 +494,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	phases.Since(phase.Weights, weightsStart, "random weights generated on the device (no checkpoint read)")
 	res := benchResult{Device: allOps[0].Name(), TP: f.tp, Layers: f.layers, Hidden: f.hidden, Experts: f.experts,
-		Vocab: f.vocab, PromptTokens: f.prompt, DecodeTokens: f.tokens, Batch: f.batch, StepBytes: stepBytes(cfg, f.batch, format), Format: format.String(),
+		Vocab: f.vocab, PromptTokens: f.prompt, DecodeTokens: f.tokens, Batch: f.batch, Format: format.String(),
 		LoadMS: float64(time.Since(start)) / float64(time.Millisecond)}
 	if _, ok := allOps[0].(backend.Threader); ok {
 		res.Threads = threads
@@ -443,13 +518,12 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			res.Memory.LongestContext = -1
 		}
 	}
+	var bw float64 // bytes per second of a device-to-device copy; 0 for a backend that does not measure it
 	if b, ok := allOps[0].(backend.BandwidthMeter); ok {
-		bw, err := b.CopyBandwidth(1<<30, 20)
-		if err != nil {
+		if bw, err = b.CopyBandwidth(1<<30, 20); err != nil {
 			return err
 		}
 		res.CopyGBs = bw / 1e9
-		res.FloorMS = float64(res.StepBytes) / float64(f.tp) / bw * 1e3
 	}
 	var meter offloadMeter
 	if f.offload {
@@ -462,8 +536,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		if err != nil {
 			return err
 		}
-		res.Offload, res.OffloadStepBytes, res.OffloadGBs = true, offloadStepBytes(cfg, f.batch, format), rate/1e9
-		res.OffloadFloorMS = float64(res.OffloadStepBytes) / float64(f.tp) / rate * 1e3
+		res.Offload, res.OffloadGBs = true, rate/1e9
 		res.OffloadCalls, res.OffloadCopied = meter.OffloadCopied()
 	}
 	prompt := make([]int, f.prompt)
@@ -473,9 +546,16 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if f.batch > 1 {
 		res.Context = f.context
 	}
+	// The first run (the warm-up) also counts the experts each step routes to, for the floor: the runs
+	// route alike (the same prompt, context and tokens on fresh sequences, deterministic kernels).
+	census := &routeCensus{load: llama4.AsModel(g.ranks[0]).ExpertLoad}
 	for r := 0; r < f.runs; r++ {
 		runStart := time.Now()
-		prefill, decode, err := benchOnce(ctx, g, allOps, prompt, f.tokens, f.batch, f.context, f.prefillChunk)
+		c := census
+		if r > 0 {
+			c = nil
+		}
+		prefill, decode, err := benchOnce(ctx, g, allOps, prompt, f.tokens, f.batch, f.context, f.prefillChunk, c)
 		if err != nil {
 			return err
 		}
@@ -491,9 +571,22 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			res.DecodeMSPerTok = perTok
 		}
 	}
+	experts := maxRouted(cfg, f.batch)
+	res.StepBytesBound = stepBytes(cfg, f.batch, experts, format)
+	if cfg.NumExperts > 0 && slices.Contains(cfg.MoE, true) {
+		if routed := census.perLayer(); routed > 0 {
+			experts, res.ExpertsRouted = routed, routed
+		}
+	}
+	res.StepBytes = stepBytes(cfg, f.batch, experts, format)
+	if bw > 0 {
+		res.FloorMS = float64(res.StepBytes) / float64(f.tp) / bw * 1e3
+	}
 	if meter != nil {
 		calls, bytes := meter.OffloadCopied()
 		res.OffloadCalls, res.OffloadCopied = calls-res.OffloadCalls, bytes-res.OffloadCopied
+		res.OffloadStepBytes = offloadStepBytes(cfg, experts, format)
+		res.OffloadFloorMS = float64(res.OffloadStepBytes) / float64(f.tp) / (res.OffloadGBs * 1e9) * 1e3
 	}
 	if b, ok := allOps[0].(backend.GraphReporter); ok {
 		res.Graphs = b.Graphs()
@@ -526,8 +619,12 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			float64(res.OffloadStepBytes)/(1<<20), res.TP, res.OffloadGBs, res.OffloadFloorMS, float64(res.OffloadCopied)/(1<<20), res.OffloadCalls)
 	}
 	if err == nil && res.FloorMS > 0 {
-		_, err = fmt.Fprintf(stdout, "decode floor: %.1f MiB of weights a step / %d rank(s) at %.0f GB/s (measured copy) = %.3f ms; decode at %.0f %% of it\n",
-			float64(res.StepBytes)/(1<<20), res.TP, res.CopyGBs, res.FloorMS, 100*res.FloorFraction)
+		routed := ""
+		if res.ExpertsRouted > 0 {
+			routed = fmt.Sprintf(" (%.2f experts a MoE layer, as the steps routed)", res.ExpertsRouted)
+		}
+		_, err = fmt.Fprintf(stdout, "decode floor: %.1f MiB of weights a step%s / %d rank(s) at %.0f GB/s (measured copy) = %.3f ms; decode at %.0f %% of it\n",
+			float64(res.StepBytes)/(1<<20), routed, res.TP, res.CopyGBs, res.FloorMS, 100*res.FloorFraction)
 	}
 	for _, p := range []struct {
 		name string
@@ -537,7 +634,11 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		if err != nil || p.rows == nil {
 			continue
 		}
-		_, err = fmt.Fprintf(stdout, "profile of one %s (rank 0, eager): %.3f ms of GPU time\n", p.name, p.gpu)
+		floor := ""
+		if p.name == "decode step" && res.FloorMS > 0 {
+			floor = fmt.Sprintf(" (the decode floor: %.3f ms)", res.FloorMS)
+		}
+		_, err = fmt.Fprintf(stdout, "profile of one %s (rank 0, eager): %.3f ms of GPU time%s\n", p.name, p.gpu, floor)
 		for _, r := range p.rows {
 			if err == nil {
 				_, err = fmt.Fprintf(stdout, "  %8.3f ms %6.1f calls  %s\n", r.MS, r.Calls, r.Op)
@@ -552,7 +653,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 // Each decode step feeds a fixed token (no host argmax) and waits for the step's logits on the device;
 // the prefill waits for its logits too. With batch > 1 the decode steps run batch sequences of context
 // cached tokens each (prefilled untimed) through one ForwardBatch.
-func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, tokens, batch, context, chunk int) (prefill, decode time.Duration, err error) {
+func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, tokens, batch, context, chunk int, census *routeCensus) (prefill, decode time.Duration, err error) {
 	seqs := make([]*llama4.Sequence, len(g.ranks))
 	for r, m := range g.ranks {
 		if seqs[r], err = llama4.AsModel(m).NewSequence(len(prompt) + tokens); err != nil {
@@ -588,12 +689,14 @@ func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, t
 	prefill = time.Since(start)
 	vocab := g.Info().VocabSize
 	if batch > 1 {
-		d, err := benchBatchDecode(ctx, g, ops, wait, tokens, batch, context, chunk, vocab)
+		d, err := benchBatchDecode(ctx, g, ops, wait, tokens, batch, context, chunk, vocab, census)
 		return prefill, d, err
 	}
+	observe := census.observer()
 	start = time.Now()
 	err = g.run(func(r int, rm modelrun.Model) error {
 		m := llama4.AsModel(rm) // the benchmark times the Llama 4 model itself
+		observe(r)
 		for i := 0; i < tokens; i++ {
 			logits, err := m.Forward(ctx, seqs[r], []int{(i*104729 + 7) % vocab}, false)
 			if err != nil {
@@ -602,13 +705,32 @@ func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, t
 			if err := wait(r, logits); err != nil {
 				return err
 			}
+			observe(r)
 		}
 		return nil
 	})
 	if err != nil {
 		return 0, 0, errors.Join(err)
 	}
-	return prefill, time.Since(start), nil
+	return prefill, time.Since(start) - census.spent(), nil
+}
+
+// observer returns the decode loops' hook: rank 0 observes the census after each step (a nil census
+// observes nothing).
+func (c *routeCensus) observer() func(rank int) {
+	return func(rank int) {
+		if c != nil && rank == 0 {
+			c.observe()
+		}
+	}
+}
+
+// spent is the time the census took, which the decode time leaves out.
+func (c *routeCensus) spent() time.Duration {
+	if c == nil {
+		return 0
+	}
+	return c.took
 }
 
 // benchProfile profiles, on every rank, a prefill of prompt and profileSteps decode steps after it, and
@@ -661,7 +783,7 @@ func profileRows(entries []backend.ProfileEntry, steps int) []profileRow {
 
 // benchBatchDecode times tokens decode steps of batch sequences that each hold context cached tokens.
 func benchBatchDecode(ctx context.Context, g *group, ops []backend.Ops, wait func(int, backend.Tensor) error,
-	tokens, batch, context, chunk, vocab int) (time.Duration, error) {
+	tokens, batch, context, chunk, vocab int, census *routeCensus) (time.Duration, error) {
 	seqs := make([][]*llama4.Sequence, len(g.ranks))
 	prefill := make([][]int, batch)
 	for b := range prefill {
@@ -702,9 +824,11 @@ func benchBatchDecode(ctx context.Context, g *group, ops []backend.Ops, wait fun
 	if err != nil {
 		return 0, err
 	}
+	observe := census.observer()
 	start := time.Now()
 	err = g.run(func(r int, rm modelrun.Model) error {
 		m := llama4.AsModel(rm) // the benchmark times the Llama 4 model itself
+		observe(r)
 		ids := make([][]int, batch)
 		for i := 0; i < tokens; i++ {
 			for b := range ids {
@@ -717,10 +841,11 @@ func benchBatchDecode(ctx context.Context, g *group, ops []backend.Ops, wait fun
 			if err := wait(r, logits); err != nil {
 				return err
 			}
+			observe(r)
 		}
 		return nil
 	})
-	return time.Since(start), err
+	return time.Since(start) - census.spent(), err
 }
 
 // benchMemory is rank 0's memory plan in bench's JSON (memplan.Plan): KV blocks after the weights, the

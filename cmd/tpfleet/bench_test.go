@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -124,7 +125,7 @@ func TestBenchOffloadExperts(t *testing.T) {
 		{1, quant.Format{Kind: quant.FP8}, 4 * (expert + 4*(2*256+128))},                        // codes + a float32 scale an output column
 		{1, quant.Format{Kind: quant.Int4, GroupSize: 128}, 4 * (expert/2 + 2*(1*2*256+2*128))}, // nibbles + bf16 scales per group
 	} {
-		if got := offloadStepBytes(cfg, tt.batch, tt.f); got != tt.want {
+		if got := offloadStepBytes(cfg, maxRouted(cfg, tt.batch), tt.f); got != tt.want {
 			t.Errorf("offloadStepBytes(batch %d, %s) = %d, want %d", tt.batch, tt.f, got, tt.want)
 		}
 	}
@@ -146,5 +147,79 @@ func TestBenchBatchContext(t *testing.T) {
 		if res.Batch != 3 || res.DecodeMSPerTok <= 0 {
 			t.Errorf("bench --tp %s --batch 3 --context 20 = %+v, want batch 3 and a decode time", tp, res)
 		}
+	}
+}
+
+// TestBenchFloorCountsRoutedExperts: the decode floor counts the distinct experts each MoE layer's step
+// routes its tokens to, as the model's expert counts say, not every expert a batch could reach: on the
+// cpu, top-1 over 16 experts, batch 1 routes one expert a layer (the bound) and batch 12 at most 12,
+// usually fewer distinct ones; the bytes are the bound's with the experts part scaled to the routed count.
+func TestBenchFloorCountsRoutedExperts(t *testing.T) {
+	cfgJSON := []byte(`{"model_type": "llama4_text", "vocab_size": 1000, "hidden_size": 128, "intermediate_size": 256,
+		"intermediate_size_mlp": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+		"num_local_experts": 16, "num_experts_per_tok": 1, "interleave_moe_layer_step": 1}`)
+	cfg, err := llama4.ParseConfig(cfgJSON)
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"--layers", "2", "--hidden", "128", "--heads", "4", "--kv-heads", "2", "--head-dim", "32", "--experts", "16",
+		"--intermediate", "256", "--intermediate-mlp", "256", "--vocab", "1000", "--prompt", "8", "--tokens", "3", "--runs", "1",
+		"--context", "4", "--json", "--threads", "1"}
+	for _, batch := range []int{1, 12} {
+		var out, errOut bytes.Buffer
+		if err := runBench(context.Background(), append([]string{"--batch", strconv.Itoa(batch)}, args...), &out, &errOut); err != nil {
+			t.Fatalf("bench --batch %d = %v (stderr %q)", batch, err, errOut.String())
+		}
+		var res benchResult
+		if err := json.Unmarshal(out.Bytes(), &res); err != nil {
+			t.Fatal(err)
+		}
+		bound := stepBytes(cfg, batch, maxRouted(cfg, batch), quant.Format{})
+		if res.StepBytesBound != bound {
+			t.Errorf("batch %d: decode_weight_bytes_bound = %d, want %d", batch, res.StepBytesBound, bound)
+		}
+		if res.ExpertsRouted < 1 || res.ExpertsRouted > maxRouted(cfg, batch) {
+			t.Errorf("batch %d: decode_experts_per_moe_layer = %g, want in [1, %g]", batch, res.ExpertsRouted, maxRouted(cfg, batch))
+		}
+		if batch == 1 && res.ExpertsRouted != 1 {
+			t.Errorf("batch 1, top-1: decode_experts_per_moe_layer = %g, want 1", res.ExpertsRouted)
+		}
+		if want := stepBytes(cfg, batch, res.ExpertsRouted, quant.Format{}); res.StepBytes != want || res.StepBytes > bound {
+			t.Errorf("batch %d: decode_weight_bytes_per_step = %d, want %d (%g experts a layer), at most the bound %d",
+				batch, res.StepBytes, want, res.ExpertsRouted, bound)
+		}
+	}
+}
+
+// TestRouteCensus: the census counts, for each step, the (layer, expert) pairs whose count grew, and
+// averages them over steps and MoE layers; dense layers (nil) and backends that count nothing give 0.
+func TestRouteCensus(t *testing.T) {
+	loads := [][][]int64{
+		{{0, 0, 0, 0}, nil, {0, 0, 0, 0}},
+		{{2, 0, 0, 0}, nil, {0, 1, 1, 0}}, // 1 + 2 experts
+		{{2, 3, 0, 0}, nil, {0, 1, 1, 5}}, // 1 + 1
+		{{3, 4, 1, 1}, nil, {1, 2, 2, 6}}, // 4 + 4
+	}
+	i := 0
+	c := &routeCensus{load: func() [][]int64 { i++; return loads[i-1] }}
+	for range loads {
+		c.observe()
+	}
+	if c.steps != 3 || c.routed != 13 || c.layers != 2 {
+		t.Errorf("census = %d steps, %d routed, %d layers; want 3, 13, 2", c.steps, c.routed, c.layers)
+	}
+	if got, want := c.perLayer(), 13.0/3/2; got != want {
+		t.Errorf("perLayer() = %g, want %g", got, want)
+	}
+	zero := &routeCensus{load: func() [][]int64 { return [][]int64{{0, 0}} }}
+	zero.observe()
+	zero.observe()
+	if got := zero.perLayer(); got != 0 {
+		t.Errorf("perLayer() with nothing counted = %g, want 0", got)
+	}
+	var none *routeCensus
+	none.observer()(0)
+	if none.perLayer() != 0 || none.spent() != 0 {
+		t.Errorf("a nil census observes nothing")
 	}
 }

@@ -637,25 +637,29 @@ func (d *decoderLayer) attention(s *step, m *Model, h backend.Tensor, pos []int,
 	q := s.reshape(qkv[0], t, a.heads, cfg.HeadDim)
 	k := s.reshape(qkv[1], t, a.kvHeads, cfg.HeadDim)
 	v := s.reshape(qkv[2], t, a.kvHeads, cfg.HeadDim)
+	var tr backend.QKTransform
 	if d.useRoPE { // (a) RoPE on interleaved pairs, then (b) weightless RMS qk-norm
-		q, k = s.ropeQK(q, k, pos, m.invFreq, d.qkNorm, cfg.RMSNormEps)
+		tr.InvFreq, tr.Norm, tr.Eps = m.invFreq, d.qkNorm, cfg.RMSNormEps
 	}
 	if d.temperatureTuned { // (c) NoPE layers scale q by the absolute position's temperature
-		scale := make([]float32, t)
+		tr.QScale = make([]float32, t)
 		for i, p := range pos {
-			scale[i] = cfg.AttnTemperature(p)
+			tr.QScale[i] = cfg.AttnTemperature(p)
 		}
-		q = s.scaleRows(q, scale)
 	}
 	scale := float32(1 / math.Sqrt(float64(cfg.HeadDim)))
+	as := make([]backend.AttendSpan, len(spans))
+	for i, sp := range spans {
+		as[i] = backend.AttendSpan{Cache: sp.seq.caches[d.index], Start: sp.start, End: sp.end, Pos: sp.pos}
+	}
 	var att backend.Tensor
-	if ba, ok := s.ops.(backend.BatchAttender); ok { // (d) and (e) for every sequence at once
-		as := make([]backend.AttendSpan, len(spans))
-		for i, sp := range spans {
-			as[i] = backend.AttendSpan{Cache: sp.seq.caches[d.index], Start: sp.start, End: sp.end, Pos: sp.pos}
-		}
+	if qa, ok := s.ops.(backend.QKAttender); ok { // (a) to (e) for every sequence at once
+		att = s.attendQK(qa, q, k, v, as, d.window, scale, tr)
+	} else if ba, ok := s.ops.(backend.BatchAttender); ok { // (d) and (e) for every sequence at once
+		q, k = s.transformQK(q, k, pos, tr)
 		att = s.attendBatch(ba, q, k, v, as, d.window, scale)
 	} else {
+		q, k = s.transformQK(q, k, pos, tr)
 		outs := make([]backend.Tensor, len(spans))
 		for i, sp := range spans {
 			cache := sp.seq.caches[d.index]
@@ -674,15 +678,15 @@ func (f *mlp) forward(s *step, h backend.Tensor) backend.Tensor {
 
 // local is the SwiGLU product without the reduction, so the MoE can reduce shared and routed together.
 func (f *mlp) local(s *step, h backend.Tensor) backend.Tensor {
-	gu := s.linears(h, f.gate, f.up)
-	return s.linear(s.siluMul(gu[0], gu[1]), f.down)
+	act, _ := s.gated(h, f.gate, f.up)
+	return s.linear(act, f.down)
 }
 
 // forward is spec §2.4: top-k on raw router logits, sigmoid scores scale the experts' input, plus the shared
 // expert. When both are partial sums (tensor parallel) they are added before one all-reduce; under expert
 // parallelism only the routed sum is partial.
 func (f *moe) forward(s *step, h backend.Tensor) backend.Tensor {
-	p := s.linears(h, f.router, f.shared.gate, f.shared.up) // every product of h at once
+	act, p := s.gated(h, f.shared.gate, f.shared.up, f.router) // every product of h at once
 	routing := s.route(p[0], f.topK)
 	if f.tally == nil {
 		count(routing, f.tokens, f.units)
@@ -691,7 +695,7 @@ func (f *moe) forward(s *step, h backend.Tensor) backend.Tensor {
 		routing = s.mapExperts(f.mapper, routing, f.slots)
 	}
 	f.countSlots(s, routing)
-	shared := s.linear(s.siluMul(p[1], p[2]), f.shared.down)
+	shared := s.linear(act, f.shared.down)
 	if f.partial == f.shared.partial {
 		return s.allReduce(s.expertsAdd(h, routing, f.gateUp, f.down, f.firstExpert, shared), f.partial)
 	}

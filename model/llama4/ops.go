@@ -3,6 +3,7 @@ package llama4
 import (
 	"context"
 	"fmt"
+	"slices"
 
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/comm"
@@ -78,6 +79,23 @@ func (s *step) linears(x backend.Tensor, ws ...backend.Tensor) []backend.Tensor 
 	return out
 }
 
+// gated returns a gated MLP's activation SiLUMul(x · gateᵀ, x · upᵀ) and x · wᵀ for each of ws: one op
+// where the backend has it (backend.GatedLinear), else the products of x in one go and SiLUMul.
+func (s *step) gated(x, gate, up backend.Tensor, ws ...backend.Tensor) (backend.Tensor, []backend.Tensor) {
+	if s.err != nil {
+		return nil, make([]backend.Tensor, len(ws))
+	}
+	if g, ok := s.ops.(backend.GatedLinear); ok {
+		act, ys, err := g.LinearGated(x, gate, up, ws...)
+		if s.fail("linear", err); err != nil {
+			return nil, make([]backend.Tensor, len(ws))
+		}
+		return act, ys
+	}
+	p := s.linears(x, append(slices.Clone(ws), gate, up)...)
+	return s.siluMul(p[len(ws)], p[len(ws)+1]), p[:len(ws)]
+}
+
 func (s *step) add(a, b backend.Tensor) backend.Tensor {
 	return s.do("add", func() (backend.Tensor, error) { return s.ops.Add(a, b) })
 }
@@ -130,6 +148,24 @@ func (s *step) attention(q backend.Tensor, cache backend.KVCache, pos []int, w b
 
 func (s *step) attendBatch(ba backend.BatchAttender, q, k, v backend.Tensor, spans []backend.AttendSpan, w backend.Window, scale float32) backend.Tensor {
 	return s.do("attention", func() (backend.Tensor, error) { return ba.AttendBatch(q, k, v, spans, w, scale) })
+}
+
+// attendQK is attendBatch with q and k under tr first, in one op (backend.QKAttender).
+func (s *step) attendQK(qa backend.QKAttender, q, k, v backend.Tensor, spans []backend.AttendSpan, w backend.Window, scale float32,
+	tr backend.QKTransform) backend.Tensor {
+	return s.do("attention", func() (backend.Tensor, error) { return qa.AttendBatchQK(q, k, v, spans, w, scale, tr) })
+}
+
+// transformQK returns q and k under tr (spec §2.3 (a) to (c)): RoPE and the qk-norm through ropeQK, then
+// q scaled by row.
+func (s *step) transformQK(q, k backend.Tensor, pos []int, tr backend.QKTransform) (backend.Tensor, backend.Tensor) {
+	if tr.InvFreq != nil {
+		q, k = s.ropeQK(q, k, pos, tr.InvFreq, tr.Norm, tr.Eps)
+	}
+	if tr.QScale != nil {
+		q = s.scaleRows(q, tr.QScale)
+	}
+	return q, k
 }
 
 func (s *step) appendKV(cache backend.KVCache, k, v backend.Tensor, pos []int) {

@@ -1,7 +1,8 @@
 // emu.h: a tiny SIMT emulator for checking kernels on a machine without a GPU (scripts/gpu/emu-quant.sh):
 // one block at a time, one std::thread per CUDA thread, std::barrier for __syncthreads and warp shuffles.
 // __shared__ becomes static, so blocks must run one at a time (launch does). Only what the checked kernels
-// use is here; moe_plan (__match_any_sync) is compiled but not run. It also defines TPF_EMU and C++ versions
+// use is here. __syncwarp and __match_any_sync are barriers of the warp, so every lane of a warp must reach
+// them together (moe_plan's do). It also defines TPF_EMU and C++ versions
 // of flash.cu's PTX helpers (cp.async, ldmatrix, mma.sync m16n8k16 bf16, cvt bf16x2, ld.global.cg): each
 // lane gets exactly the fragment the PTX ISA gives it, exchanged through the warp's barrier, so kernels
 // built on them (attention_flash, attention_decode) run here too.
@@ -32,7 +33,7 @@ static inline float __uint_as_float(unsigned u){float f; memcpy(&f,&u,4); return
 static inline float __int_as_float(int u){float f; memcpy(&f,&u,4); return f;}
 static inline unsigned __float_as_uint(float f){unsigned u; memcpy(&u,&f,4); return u;}
 static inline void __syncthreads() { g_block->arrive_and_wait(); }
-static inline void __syncwarp(unsigned = 0) {}
+static inline void __syncwarp(unsigned = 0) { g_warp[threadIdx.x >> 5]->arrive_and_wait(); }
 // emu_shfl returns lane src's v (src within this thread's warp), for any 4- or 8-byte type.
 template <class T>
 static inline T emu_shfl(T v, int src) {
@@ -50,13 +51,25 @@ static inline T emu_shfl(T v, int src) {
 }
 template <class T> static inline T __shfl_xor_sync(unsigned, T v, int o) { return emu_shfl(v, (threadIdx.x & 31) ^ o); }
 template <class T> static inline T __shfl_sync(unsigned, T v, int src) { return emu_shfl(v, src); }
-static inline unsigned __match_any_sync(unsigned, int) { abort(); }
+int g_match[1024];
+static inline unsigned __match_any_sync(unsigned, int v) {
+	int t = threadIdx.x, w = t >> 5, n = std::min(32, (int)blockDim.x - 32 * w);
+	g_match[t] = v;
+	g_warp[w]->arrive_and_wait();
+	unsigned m = 0;
+	for (int i = 0; i < n; i++)
+		if (g_match[32 * w + i] == v) m |= 1u << i;
+	g_warp[w]->arrive_and_wait();
+	return m;
+}
 static inline int __popc(unsigned v) { return __builtin_popcount(v); }
 static inline int __ffs(int v) { return __builtin_ffs(v); }
 static inline unsigned atomicOr(unsigned* p, unsigned v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
 static inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 static inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 static inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+static inline float __fmul_rn(float a, float b) { return a * b; } // compiled with -ffp-contract=off
+static inline long long clock64() { return 0; }
 
 // Shared-memory addresses (__cvta_generic_to_shared) are offsets from an anchor in the same static data as
 // the kernels' __shared__ arrays, so they fit the 32 bits PTX gives them.

@@ -1,11 +1,14 @@
-// quant_check.cpp: runs the kernels of kernels/quant.cu under the emulator (emu.h) on small random inputs
+// quant_check.cpp: runs the kernels of kernels/quant*.cu under the emulator (emu.h) on small random inputs
 // and compares them with host references written from package quant's rules (qgemv_N, dequant_bf16,
-// qexpert_gemv_N in both modes, act_quant_rows gathered and in place, quantize_bf16; act_quant_fp8 and
-// fp8_scale_out of quant_fp8gemm.cu around a host GEMM of their codes), and the int4 kernels of
-// quant_int4.cu (q4_xprep, q4gemv_N, q4gemv_multi_1, q4expert_gemv_N, dequant_int4_bf16; the emulator
-// stands in for mma.sync and fma.rn.bf16x2, emu.h). The scalar helpers (E4M3 decode, rounding, encoding,
-// FP8RowScale) are those of quant.cu itself, checked against package quant bit for bit when this was
-// written. Build and run: scripts/gpu/emu-quant.sh (scripts/gpu/emu-quant.sh int4: the int4 kernels only).
+// qexpert_gemv_N in both modes, quantize_bf16; of quant_fp8.cu fp8_act_rows gathered, in place, to bf16
+// and on unaligned widths, fp8_gemv_N and fp8_gemv_xs_N with one to three weights, fp8_expert_gemv_N
+// and _xs_N in both modes, fp8_dequant_experts; fp8_act_codes and fp8_scale_out around a host GEMM of
+// their codes), and the int4 kernels of quant_int4.cu (q4_xprep, q4gemv_N(w), q4gemv_multi_1(w),
+// q4expert_gemv_N, dequant_int4_bf16; the emulator stands in for mma.sync and fma.rn.bf16x2, emu.h). The
+// scalar helpers (E4M3 decode, rounding, encoding, FP8RowScale) are those of quant.cu itself, checked
+// against package quant bit for bit when this was written. The emulator runs the
+// software E4M3 decode and bf16 rounding (the PTX of sm_80+/sm_89+ is the GPU tests' to check). Build and
+// run: scripts/gpu/emu-quant.sh (scripts/gpu/emu-quant.sh int4: the int4 kernels only).
 #include "src.cu" // made by emu-quant.sh
 #include <random>
 #include <string>
@@ -100,7 +103,7 @@ void test_act_quant() {
 	int perm[7] = {3, 0, -1, 5, 1, 2, 4};
 	int nrows = 6;
 	std::vector<float> out(rows * n, NAN);
-	launch(dim3{(unsigned)rows}, dim3{256}, [&] { act_quant_rows(x.data(), DT_F32, perm, scores, k, n, 1, out.data(), DT_F32, &nrows); });
+	launch(dim3{(unsigned)rows}, dim3{256}, [&] { fp8_act_rows(x.data(), DT_F32, perm, scores, k, n, 1, out.data(), DT_F32, &nrows, 0); });
 	for (int r = 0; r < rows; r++) {
 		if (r >= nrows) { for (int i = 0; i < n; i++) if (!std::isnan(out[r * n + i])) { bad++; printf("act row %d written\n", r); break; } continue; }
 		float amax = 0; std::vector<float> v(n);
@@ -110,7 +113,7 @@ void test_act_quant() {
 	}
 	// in place, plain rows
 	std::vector<float> y = x;
-	launch(dim3{(unsigned)T}, dim3{128}, [&] { act_quant_rows(y.data(), DT_F32, nullptr, nullptr, 1, n, 1, y.data(), DT_F32, nullptr); });
+	launch(dim3{(unsigned)T}, dim3{128}, [&] { fp8_act_rows(y.data(), DT_F32, nullptr, nullptr, 1, n, 1, y.data(), DT_F32, nullptr, 0); });
 	for (int r = 0; r < T; r++) { float amax = 0; for (int i = 0; i < n; i++) amax = std::max(amax, std::fabs(x[r * n + i]));
 		float s = fp8_row_scale(amax, 1200.0f);
 		for (int i = 0; i < n; i++) { float want = fake_quant_fp8(x[r * n + i], s); if (__float_as_uint(want) != __float_as_uint(y[r * n + i])) { if (bad++ < 10) printf("act inplace [%d][%d] %g %g\n", r, i, y[r * n + i], want); } } }
@@ -136,8 +139,8 @@ void test_quantize(int fmt, int gs, long outer, long in, long inner) {
 			else { unsigned want = e4m3_encode(round_e4m3(std::min(std::max(x / scale, -448.0f), 448.0f))); check("qfp8", codes[idx], want, 0, idx); } }
 	}
 }
-// test_fp8gemm: act_quant_fp8's codes and scales decode to act_quant_rows' values bit for bit, and
-// act_quant_fp8 → a float32 product of the codes (the host stands in for cuBLASLt) → fp8_scale_out gives
+// test_fp8gemm: fp8_act_codes' codes and scales decode to fp8_act_rows' values bit for bit, and
+// fp8_act_codes → a float32 product of the codes (the host stands in for cuBLASLt) → fp8_scale_out gives
 // the product of the fake-quantised rows with the dequantised fp8 weight [N, K].
 void test_fp8gemm(int T, int K, int N, int xdt) {
 	std::vector<float> xf(T * K); for (auto& v : xf) v = urand(-3, 3) * (rng() % 11 == 0 ? 0.0f : 1.0f);
@@ -145,20 +148,20 @@ void test_fp8gemm(int T, int K, int N, int xdt) {
 	std::vector<bf16_t> xb(T * K); for (int i = 0; i < T * K; i++) { xb[i] = f32_to_bf16(xf[i]); if (xdt == DT_BF16) xf[i] = bf16_to_f32(xb[i]); }
 	const void* x = xdt == DT_BF16 ? (const void*)xb.data() : (const void*)xf.data();
 	std::vector<unsigned char> codes(T * K); std::vector<float> sx(T, NAN);
-	launch(dim3{(unsigned)T}, dim3{128}, [&] { act_quant_fp8(x, xdt, nullptr, nullptr, 1, K, codes.data(), sx.data(), nullptr); });
+	launch(dim3{(unsigned)T}, dim3{128}, [&] { fp8_act_codes(x, xdt, nullptr, nullptr, 1, K, codes.data(), sx.data(), nullptr); });
 	std::vector<float> fq(T * K);
-	launch(dim3{(unsigned)T}, dim3{64}, [&] { act_quant_rows(x, xdt, nullptr, nullptr, 1, K, 1, fq.data(), DT_F32, nullptr); });
+	launch(dim3{(unsigned)T}, dim3{64}, [&] { fp8_act_rows(x, xdt, nullptr, nullptr, 1, K, 1, fq.data(), DT_F32, nullptr, 0); });
 	for (int i = 0; i < T * K; i++) { float got = e4m3_to_f32(codes[i]) * sx[i / K];
-		if (__float_as_uint(got) != __float_as_uint(fq[i])) { if (bad++ < 10) printf("act_quant_fp8 [%d] %g want %g\n", i, got, fq[i]); } }
+		if (__float_as_uint(got) != __float_as_uint(fq[i])) { if (bad++ < 10) printf("fp8_act_codes [%d] %g want %g\n", i, got, fq[i]); } }
 	QW w = make(QF_FP8, 0, N, K, 1);
 	std::vector<float> y(T * N), want(T * N);
 	for (int t = 0; t < T; t++) for (int o = 0; o < N; o++) { double acc = 0, ref = 0;
 		for (int k = 0; k < K; k++) { acc += (double)e4m3_to_f32(codes[t * K + k]) * e4m3_to_f32(w.codes[o * K + k]); ref += (double)fq[t * K + k] * w.at((long)o * K + k); }
 		y[t * N + o] = (float)acc; want[t * N + o] = (float)ref; }
-	launch(dim3{3}, dim3{32}, [&] { fp8_scale_out(y.data(), sx.data(), w.sf.data(), T, N); });
+	launch(dim3{1, 2}, dim3{32}, [&] { fp8_scale_out(y.data(), sx.data(), w.sf.data(), T, N); }); // N % 4 == 0: four a thread
 	for (int i = 0; i < T * N; i++) check("fp8gemm", y[i], want[i], 1e-5, i);
 }
-// test_fp8_gather: act_quant_fp8 over gathered rows (perm, scores, nrows) decodes to act_quant_rows' values,
+// test_fp8_gather: fp8_act_codes over gathered rows (perm, scores, nrows) decodes to fp8_act_rows' values,
 // with zero codes and scale for gap rows and rows at or past nrows untouched; transpose_u8 transposes.
 void test_fp8_gather() {
 	int T = 3, k = 2, n = 200, rows = 7, nrows = 6;
@@ -167,8 +170,8 @@ void test_fp8_gather() {
 	float scores[6]; for (auto& s : scores) s = urand(0.1f, 1);
 	int perm[7] = {3, 0, -1, 5, 1, 2, 4};
 	std::vector<unsigned char> codes(rows * n, 0xAB); std::vector<float> sx(rows, NAN), fq(rows * n, NAN);
-	launch(dim3{(unsigned)rows}, dim3{96}, [&] { act_quant_fp8(x.data(), DT_F32, perm, scores, k, n, codes.data(), sx.data(), &nrows); });
-	launch(dim3{(unsigned)rows}, dim3{64}, [&] { act_quant_rows(x.data(), DT_F32, perm, scores, k, n, 1, fq.data(), DT_F32, &nrows); });
+	launch(dim3{(unsigned)rows}, dim3{96}, [&] { fp8_act_codes(x.data(), DT_F32, perm, scores, k, n, codes.data(), sx.data(), &nrows); });
+	launch(dim3{(unsigned)rows}, dim3{64}, [&] { fp8_act_rows(x.data(), DT_F32, perm, scores, k, n, 1, fq.data(), DT_F32, &nrows, 0); });
 	for (int r = 0; r < rows; r++) for (int i = 0; i < n; i++) {
 		if (r >= nrows) { if (codes[r * n + i] != 0xAB || !std::isnan(sx[r])) { if (bad++ < 10) printf("fp8 gather row %d written\n", r); } continue; }
 		float got = e4m3_to_f32(codes[r * n + i]) * sx[r];
@@ -180,6 +183,98 @@ void test_fp8_gather() {
 		launch(dim3{(unsigned)((C + 63) / 64), (unsigned)((R + 63) / 64)}, dim3{256}, [&] { transpose_u8(a.data(), R, C, t.data()); });
 		for (long r = 0; r < R; r++) for (long c = 0; c < C; c++) if (t[c * R + r] != a[r * C + c]) { if (bad++ < 10) printf("transpose %ldx%ld [%ld][%ld]\n", R, C, r, c); }
 	}
+}
+// host_fq returns row [0, n) of src·mul, fake-quantised per token when dyn (quant.FakeQuantFP8Rows).
+std::vector<float> host_fq(const float* src, float mul, int n, bool dyn) {
+	std::vector<float> v(n); float amax = 0;
+	for (int i = 0; i < n; i++) { v[i] = src[i] * mul; amax = std::max(amax, std::fabs(v[i])); }
+	if (dyn) { float s = fp8_row_scale(amax, 1200.0f); for (auto& a : v) a = fake_quant_fp8(a, s); }
+	return v;
+}
+// test_fp8_act: fp8_act_rows to bf16, on a width that is not a multiple of 4 (the one-element path), and
+// in word-major order (fp8_wm), against the host rule.
+void test_fp8_act(int n, int odt) {
+	int T = 3; std::vector<float> x(T * n); for (auto& v : x) v = urand(-3, 3);
+	x[n + 1] = 1500;
+	std::vector<float> of(T * n, NAN); std::vector<bf16_t> ob(T * n, 0xffff);
+	void* out = odt == DT_F32 ? (void*)of.data() : (void*)ob.data();
+	int wm = odt == DT_F32 && n % 16 == 0;
+	launch(dim3{(unsigned)T}, dim3{64}, [&] { fp8_act_rows(x.data(), DT_F32, nullptr, nullptr, 1, n, 1, out, odt, nullptr, wm); });
+	for (int r = 0; r < T; r++) { auto want = host_fq(&x[r * n], 1.0f, n, true);
+		for (int i = 0; i < n; i++) { int c = i / 16, q = (i / 4) % 4, at = wm ? (q * (n / 16) + c) * 4 + i % 4 : i; // word-major: run q, chunk c
+			float got = odt == DT_F32 ? of[r * n + at] : bf16_to_f32(ob[r * n + i]); float w = odt == DT_F32 ? want[i] : bf16_to_f32(f32_to_bf16(want[i]));
+			if (__float_as_uint(got) != __float_as_uint(w)) { if (bad++ < 10) printf("fp8_act_rows n %d wm %d [%d][%d] %g want %g\n", n, wm, r, i, got, w); } } }
+}
+// test_fp8_gemv: fp8_gemv_N / fp8_gemv_xs_N on one to three weights [N_s, K] of one input x [T, K]
+// (float32 or bf16), against the host product of the (fake-quantised, where dyn) rows with the
+// dequantised weights. Without staging the rows go through fp8_act_rows first (quantised where dyn, in
+// word-major order), as fp8.go does.
+void test_fp8_gemv(int fmt, int T, int K, std::vector<int> Ns, int xdt, bool staged, bool dyn, unsigned threads = 64, unsigned cap = 2) {
+	std::vector<QW> ws; for (int N : Ns) ws.push_back(make(fmt, 0, N, K, 1));
+	std::vector<float> xf(T * K); for (auto& v : xf) v = urand(-2, 2);
+	if (T > 1) { xf[K + 2] = 3000; for (int i = 0; i < K && T > 2; i++) xf[2 * K + i] = 0; } // a clamped row, a zero row
+	std::vector<bf16_t> xb(T * K); for (int i = 0; i < T * K; i++) { xb[i] = f32_to_bf16(xf[i]); if (xdt == DT_BF16) xf[i] = bf16_to_f32(xb[i]); }
+	const void* x = xdt == DT_BF16 ? (const void*)xb.data() : (const void*)xf.data();
+	int xd = xdt; std::vector<float> xq;
+	if (!staged) { xq.assign(T * K, NAN); launch(dim3{(unsigned)T}, dim3{96}, [&] { fp8_act_rows(x, xdt, nullptr, nullptr, 1, K, (int)dyn, xq.data(), DT_F32, nullptr, 1); }); x = xq.data(); xd = DT_F32; }
+	std::vector<std::vector<float>> y; for (int N : Ns) y.emplace_back(T * N + 8, NAN);
+	int pairs = 0; for (int N : Ns) pairs += (N + 1) / 2;
+	unsigned blocks = (pairs + threads / 32 - 1) / (threads / 32); if (staged) blocks = std::min(blocks, cap);
+	const unsigned char* w[3] = {}; const float* sc[3] = {}; float* yp[3] = {}; int n[3] = {};
+	for (size_t s = 0; s < Ns.size(); s++) { w[s] = ws[s].codes.data(); sc[s] = ws[s].sf.data(); yp[s] = y[s].data(); n[s] = Ns[s]; }
+	launch(dim3{blocks}, dim3{threads}, [&] {
+		auto args = [&](auto f) { f(x, xd, (int)dyn, fmt, T, K, w[0], sc[0], yp[0], n[0], w[1], sc[1], yp[1], n[1], w[2], sc[2], yp[2], n[2]); };
+		if (staged) { if (T == 1) args(fp8_gemv_xs_1); else if (T == 2) args(fp8_gemv_xs_2); else if (T <= 4) args(fp8_gemv_xs_4); else args(fp8_gemv_xs_8); }
+		else { if (T == 1) args(fp8_gemv_1); else if (T == 2) args(fp8_gemv_2); else if (T <= 4) args(fp8_gemv_4); else args(fp8_gemv_8); } });
+	for (size_t s = 0; s < Ns.size(); s++) { int N = Ns[s];
+		for (int t = 0; t < T; t++) { auto xr = host_fq(&xf[t * K], 1.0f, K, dyn);
+			for (int o = 0; o < N; o++) { double want = 0, a = 0; for (int k = 0; k < K; k++) { double p = (double)xr[k] * ws[s].at((long)o * K + k); want += p; a += std::fabs(p); }
+				check("fp8_gemv", y[s][t * N + o], want, 1e-5 * (1 + a), s * 100000 + t * N + o); } }
+		for (int i = T * N; i < T * N + 8; i++) if (!std::isnan(y[s][i])) { if (bad++ < 10) printf("fp8_gemv wrote past y %zu\n", s); } }
+}
+// test_fp8_expert: fp8_expert_gemv_N / _xs_N on output-major codes [E, N, K] for an uneven routing (one
+// expert with most slots), mode 0 (gathered, score-scaled rows of x [T, K]) and mode 1 (rows of x [R, K]),
+// against the host; without staging the rows are gathered and quantised by fp8_act_rows first (fp8.go).
+void test_fp8_expert(int fmt, int mode, int T, int K, int N, bool staged, bool dyn, int xdt) {
+	int E = 4, k = 2, R = T * k;
+	QW w = make(fmt, 0, (long)E * N, K, 1); // stored [E·N, K]: W_e[n][kk] = w.at((e·N + n)·K + kk)
+	std::vector<int> experts(R); for (int s = 0; s < R; s++) experts[s] = s % 5 == 4 ? 3 : (s % 3 == 0 ? 1 : 0); // expert 2 idle
+	if (T == 1) { experts[0] = 3; experts[1] = 1; }
+	std::vector<float> scores(R); for (auto& v : scores) v = urand(0.1f, 1);
+	std::vector<int> seg(2 * E), perm(R), rowOf(R), active, meta(2);
+	int off = 0; for (int e = 0; e < E; e++) { int c = 0; for (int s = 0; s < R; s++) c += experts[s] == e; seg[2 * e] = off; seg[2 * e + 1] = c;
+		int r = off; for (int s = 0; s < R; s++) if (experts[s] == e) { perm[r] = s; rowOf[s] = r; r++; }
+		if (c) active.push_back(e); off += c; }
+	meta[0] = active.size(); meta[1] = off;
+	int rows = mode == 0 ? T : R;
+	std::vector<float> xf(rows * K); for (auto& v : xf) v = urand(-2, 2);
+	if (rows > 1) xf[K + 5] = 2500; // a clamped row
+	std::vector<bf16_t> xb(rows * K); for (int i = 0; i < rows * K; i++) { xb[i] = f32_to_bf16(xf[i]); if (xdt == DT_BF16) xf[i] = bf16_to_f32(xb[i]); }
+	const void* x = xdt == DT_BF16 ? (const void*)xb.data() : (const void*)xf.data();
+	int xd = xdt, md = mode; std::vector<float> xq;
+	if (!staged) { // as fp8ExpertGEMV: gather (mode 0) and quantise (dyn) into [R, K] float32
+		xq.assign(R * K, NAN);
+		launch(dim3{(unsigned)R}, dim3{64}, [&] { fp8_act_rows(x, xdt, mode == 0 ? perm.data() : nullptr, scores.data(), mode == 0 ? k : 1, K, (int)dyn, xq.data(), DT_F32, &meta[1], 1); });
+		x = xq.data(); xd = DT_F32; md = 1;
+	}
+	std::vector<float> P(R * N, NAN);
+	unsigned blocks = staged ? 2 : (unsigned)((N / 2 + 1) / 2);
+	launch(dim3{blocks, 1, (unsigned)active.size() + 1}, dim3{64}, [&] {
+		auto args = [&](auto f) { f(x, xd, md, perm.data(), scores.data(), k, seg.data(), active.data(), meta.data(), w.codes.data(), w.sf.data(), fmt, (int)dyn, K, N, P.data()); };
+		if (staged) { if (T == 1) args(fp8_expert_gemv_xs_1); else args(fp8_expert_gemv_xs_4); }
+		else { if (T == 1) args(fp8_expert_gemv_1); else args(fp8_expert_gemv_4); } });
+	for (int r = 0; r < R; r++) { int s = perm[r], e = experts[s];
+		std::vector<float> in = mode == 0 ? host_fq(&xf[(s / k) * K], scores[s], K, dyn) : host_fq(&xf[r * K], 1.0f, K, dyn);
+		for (int c = 0; c < N; c++) { double want = 0, a = 0; for (int kk = 0; kk < K; kk++) { double p = (double)in[kk] * w.at(((long)e * N + c) * K + kk); want += p; a += std::fabs(p); }
+			check("fp8_expert", P[(long)r * N + c], want, 1e-5 * (1 + a), r * N + c); } }
+}
+// test_fp8_dequant_experts: the output-major experts weight dequantised in logical [E, K, N] order.
+void test_fp8_dequant_experts(int fmt) {
+	long E = 3, K = 32, N = 16; QW w = make(fmt, 0, E * N, K, 1);
+	long n = E * K * N - 7, off = 5; std::vector<bf16_t> out(n);
+	launch(dim3{3}, dim3{64}, [&] { fp8_dequant_experts(w.codes.data(), w.sf.data(), fmt, K, N, off, n, out.data()); });
+	for (long i = 0; i < n; i++) { long idx = off + i, c = idx % N, kk = (idx / N) % K, e = idx / (N * K);
+		check("fp8_dequant_experts", bf16_to_f32(out[i]), bf16_to_f32(f32_to_bf16(w.at((e * N + c) * K + kk))), 0, i); }
 }
 // ---- quant_int4.cu ----
 // test_q4gemv: q4gemv_N (by T: _1 to 4 rows, _2 to 8 and _4 to 16 on q4_xprep's records; q4gemv_Nw with
@@ -310,5 +405,22 @@ int main(int argc, char** argv) {
 	for (int xdt : {DT_F32, DT_BF16}) { test_fp8gemm(1, 64, 5, xdt); test_fp8gemm(3, 160, 7, xdt); test_fp8gemm(5, 48, 16, xdt); }
 	test_fp8_gather();
 	printf("fp8gemm done bad=%d\n", bad);
+	for (int odt : {DT_F32, DT_BF16}) { test_fp8_act(300, odt); test_fp8_act(301, odt); test_fp8_act(320, odt); }
+	printf("fp8 act done bad=%d\n", bad);
+	for (int xdt : {DT_F32, DT_BF16}) for (int fmt : {QF_FP8, QF_FP8_BF16}) {
+		for (int T : {1, 2, 3, 8}) { test_fp8_gemv(fmt, T, 64, {10}, xdt, false, false); test_fp8_gemv(fmt, T, 96, {7}, xdt, false, true); test_fp8_gemv(fmt, T, 64, {6, 4, 9}, xdt, T <= 2, true); }
+		test_fp8_gemv(fmt, 1, 2080, {6, 2, 5}, xdt, true, true, 128, 1); // staged, several chunks a lane, the grid-stride loop
+		test_fp8_gemv(fmt, 2, 2080, {7}, xdt, false, true);
+		test_fp8_gemv(fmt, 5, 1056, {4, 3}, xdt, true, true, 64, 1);
+	}
+	test_fp8_gemv(QF_FP8, 1, 4096, {16, 16, 8}, DT_BF16, true, true, 256, 1);
+	printf("fp8 gemv done bad=%d\n", bad);
+	for (int fmt : {QF_FP8, QF_FP8_BF16}) for (int mode : {0, 1}) for (bool dyn : {false, true}) {
+		for (int T : {1, 7}) { test_fp8_expert(fmt, mode, T, 48, 24, true, dyn, DT_F32); test_fp8_expert(fmt, mode, T, 64, 40, false, dyn, mode ? DT_F32 : DT_BF16); }
+		test_fp8_expert(fmt, mode, 1, 2080, 8, true, dyn, DT_BF16);
+		test_fp8_expert(fmt, mode, 3, 2080, 6, false, dyn, DT_F32);
+	}
+	for (int fmt : {QF_FP8, QF_FP8_BF16}) test_fp8_dequant_experts(fmt);
+	printf("fp8 expert done bad=%d\n", bad);
 	return bad != 0;
 }
