@@ -291,8 +291,8 @@ func (b *Backend) experts(x backend.Tensor, r backend.Routing, gateUp, down back
 
 // expertsQuant is Experts on quantised weights (both must be): the decode GEMV reading the compact
 // weights (qexpert_gemv_N; q4expert_gemv_N for int4), or for prefill the grouped GEMMs on each active
-// expert dequantised to bf16; inputs quantised per token where the formats say so. Shapes the fast paths do not take run the
-// generic kernels on bf16 copies of the whole weights (weight-only formats only).
+// expert dequantised to bf16; inputs quantised per token where the formats say so. Shapes the fast paths
+// do not take run the generic kernels on bf16 copies of the whole weights (weight-only formats only).
 func (b *Backend) expertsQuant(e *expertsCall, fast bool) (backend.Tensor, error) {
 	gt, dt := e.gu, e.down
 	if gt.q == nil || dt.q == nil {
