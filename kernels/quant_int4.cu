@@ -18,10 +18,13 @@
 //     at the end.
 //   - The products of one scale group are summed in a fresh accumulator, which is multiplied by the
 //     group's scale once and added to the running sum (float32). The result differs from quant's
-//     reference (q·s in float32, then x·w) only in rounding: about 1e-6 relative.
-//   - A warp's k16 step never crosses a scale group: the dense layout reads, per 32-input block, word
-//     c of the block in lane c (the 4 lanes of a row cover the block's 16 bytes), so a step takes its
-//     16 inputs from one block; groups are multiples of 32 inputs (dense) or 16 (experts).
+//     reference (q·s in float32, then x·w) only in rounding (x's hi + lo: at most 2^-16 of each product;
+//     the sums: float32).
+//   - A warp's k16 step never crosses a scale group. Dense weights: with groups of 32 or 64, lane c of
+//     a row reads word c of each 16-byte (32-input) block, so a step takes its 16 inputs from one
+//     block; with groups (and K) multiples of 128 (WIDE), lane c reads its 16 bytes of a 128-input tile
+//     at once and a step spans the tile, which lies in one group. Experts: groups of a multiple of 16
+//     rows, a step's 16 inputs being 16 K rows.
 // Fragment layouts (PTX ISA, mma.m16n8k16 .bf16; g = lane/4, c = lane%4; as flash.cu):
 //   A 16×16: a0 (row g, k 2c..2c+1), a1 (row g+8, k 2c..), a2 (row g, k 2c+8..), a3 (row g+8, k 2c+8..).
 //   B 16×8: b0 (k 2c..2c+1, col g), b1 (k 2c+8..2c+9, col g). C/D 16×8 float: d0, d1 (row g, cols 2c,
@@ -133,8 +136,8 @@ __device__ __forceinline__ void q4_xblock(const void* __restrict__ p, int xdt, b
 // in row 16m + 8h + g, 8 codes for inputs k0 + e (e = 0..7), where k0 = 8·xo plus the lane's share of
 // the 32 (8c: word c of the 16-byte block b; WIDE: 32c, word u of the lane's 16 bytes of a 128-input
 // tile, xo = 4b + u). Step 0 takes e = 0, 4 (a0, a1: k 2c, 2c+1) and 1, 5 (a2, a3: k 2c+8, 2c+9); step
-// 1 takes e = 2, 6 and 3, 7. The 32 inputs of a step's 4 lanes lie in one 32-input block (a 128-input
-// tile when WIDE), so in one scale group. xp[nt] is this lane's B row (token 4nt + g/2 from its share's
+// 1 takes e = 2, 6 and 3, 7. A step's 16 inputs (4 from each of a row's 4 lanes) lie in one 32-input
+// block (a 128-input tile when WIDE), so in one scale group. xp[nt] is this lane's B row (token 4nt + g/2 from its share's
 // first input) or null past T; with PREP it points at the lane's q4_xprep records (one 16-byte load).
 // When block b ends a scale group (or the warp's range), the group's sums d are scaled into acc; grp is
 // b's group and gend the first block of the next.
