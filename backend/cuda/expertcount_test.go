@@ -117,15 +117,7 @@ func TestExpertCountsEqualCPU(t *testing.T) {
 	ctx := context.Background()
 	for _, fixture := range []string{"moe-top1", "moe-top2", "dense-moe-mm"} {
 		dir := filepath.Join(fixturesDir(t), fixture)
-		cfg, err := llama4.LoadConfig(dir)
-		if err != nil {
-			t.Fatal(err)
-		}
-		ckpt, err := safetensors.OpenCheckpoint(dir)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ckpt.Close()
+		cfg, ckpt := openFixture(t, dir)
 		E := cfg.NumExperts
 		replica := make([]int, E+1) // E-1 .. 0, then expert 0 again: E+1 slots on the one rank
 		for i := range E {

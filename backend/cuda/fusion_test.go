@@ -290,15 +290,7 @@ func TestPDLDecodeEqualsSerial(t *testing.T) {
 		t.Errorf("%s on %s: PDL off by default (driver without cuLaunchKernelEx, or a launch refused)", i.Device, i.Arch)
 	}
 	dir := filepath.Join(fixturesDir(t), "moe-top1")
-	cfg, err := llama4.LoadConfig(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ckpt, err := safetensors.OpenCheckpoint(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ckpt.Close()
+	cfg, ckpt := openFixture(t, dir)
 	ctx := context.Background()
 	var models []*llama4.Model
 	for _, b := range []*cuda.Backend{pdl, serial} {

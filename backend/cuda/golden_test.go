@@ -26,6 +26,21 @@ const (
 	goldenTop1  = 0.98
 )
 
+// openFixture reads the fixture checkpoint in dir: its config and its tensors, closed when t ends.
+func openFixture(t *testing.T, dir string) (llama4.Config, *safetensors.Checkpoint) {
+	t.Helper()
+	cfg, err := llama4.LoadConfig(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ckpt, err := safetensors.OpenCheckpoint(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ckpt.Close() })
+	return cfg, ckpt
+}
+
 // fixturesDir finds testdata/fixtures from the working directory or one of its parents, so the test
 // binary runs from the package directory (go test) or the repository root (scripts/gpu/test.sh).
 func fixturesDir(t *testing.T) string {

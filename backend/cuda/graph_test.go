@@ -11,7 +11,6 @@ import (
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/backend/cuda"
 	"github.com/tpfleet/tpfleet/model/llama4"
-	"github.com/tpfleet/tpfleet/safetensors"
 )
 
 // TestGraphDecodeEqualsEager decodes the same sequences on two backends, one recording decode steps as
@@ -29,15 +28,7 @@ func TestGraphDecodeEqualsEager(t *testing.T) {
 	for _, fixture := range []string{"moe-top1", "dense-moe-mm"} {
 		t.Run(fixture, func(t *testing.T) {
 			dir := filepath.Join(fixturesDir(t), fixture)
-			cfg, err := llama4.LoadConfig(dir)
-			if err != nil {
-				t.Fatal(err)
-			}
-			ckpt, err := safetensors.OpenCheckpoint(dir)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ckpt.Close()
+			cfg, ckpt := openFixture(t, dir)
 			ctx := context.Background()
 			load := func(b *cuda.Backend) *llama4.Model {
 				m, err := llama4.Load(ctx, b, cfg, llama4.NewCheckpointWeights(ckpt, b, cfg), llama4.Parallel{})

@@ -28,15 +28,7 @@ func TestLongContextGolden(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, "golden.safetensors")); err != nil {
 		t.Fatalf("the long-context fixture is missing (%v): python3 scripts/fixtures/make_longctx_fixture.py --out testdata/longctx", err)
 	}
-	cfg, err := llama4.LoadConfig(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ckpt, err := safetensors.OpenCheckpoint(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ckpt.Close()
+	cfg, ckpt := openFixture(t, dir)
 	golden, err := safetensors.OpenCheckpoint(filepath.Join(dir, "golden.safetensors"))
 	if err != nil {
 		t.Fatal(err)

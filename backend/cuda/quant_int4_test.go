@@ -6,7 +6,6 @@ import (
 	"math/rand/v2"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/backend/cpu"
@@ -253,31 +252,7 @@ func TestInt4Times(t *testing.T) {
 	g := newBackend(t, cuda.BF16)
 	r := rand.New(rand.NewPCG(81, 82))
 	const reps = 30
-	timeIt := func(name, shape string, bytes int64, f func() error) {
-		t.Helper()
-		if err := f(); err != nil {
-			t.Fatalf("%s %s: %v", name, shape, err)
-		}
-		entries, total, err := g.Profile(func() error {
-			for range reps {
-				if err := f(); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-		if err != nil {
-			t.Fatalf("%s %s: %v", name, shape, err)
-		}
-		per := total / reps
-		var ops []string
-		for _, en := range entries {
-			ops = append(ops, fmt.Sprintf("%s %.1fµs", en.Op, float64(en.Device.Nanoseconds())/1e3/float64(reps)))
-		}
-		gbs := float64(bytes) / per.Seconds() / 1e9
-		t.Logf("%-16s %-28s %8.1f µs  %6.0f GB/s of %d weight bytes  (%s)", name, shape, float64(per.Nanoseconds())/1e3, gbs, bytes, strings.Join(ops, ", "))
-		row(name, shape, fmt.Sprintf("%.0f GB/s (%.1f MB)", gbs, float64(bytes)/1e6), per.Round(100*time.Nanosecond).String())
-	}
+	timeIt := weightTimer(t, g, reps)
 	f := quant.Format{Kind: quant.Int4, GroupSize: 128}
 	for _, s := range []struct{ in, out int }{{5120, 5120}, {5120, 1024}, {5120, 8192}, {8192, 5120}} {
 		q, err := g.RandomQuantized(f, []int{s.out, s.in}, 1, 0, 0.02, 3)

@@ -362,31 +362,7 @@ func TestQuantGEMVTimes(t *testing.T) {
 	g := newBackend(t, cuda.BF16)
 	r := rand.New(rand.NewPCG(31, 32))
 	const reps = 50
-	timeIt := func(name, shape string, bytes int64, f func() error) {
-		t.Helper()
-		if err := f(); err != nil { // warm-up
-			t.Fatalf("%s %s: %v", name, shape, err)
-		}
-		entries, total, err := g.Profile(func() error {
-			for range reps {
-				if err := f(); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-		if err != nil {
-			t.Fatalf("%s %s: %v", name, shape, err)
-		}
-		per := total / reps
-		var ops []string
-		for _, en := range entries {
-			ops = append(ops, fmt.Sprintf("%s %.1fµs", en.Op, float64(en.Device.Nanoseconds())/1e3/float64(reps)))
-		}
-		gbs := float64(bytes) / per.Seconds() / 1e9
-		t.Logf("%-14s %-30s %8.1f µs  %6.0f GB/s of %d weight bytes  (%s)", name, shape, float64(per.Nanoseconds())/1e3, gbs, bytes, strings.Join(ops, ", "))
-		row(name, shape, fmt.Sprintf("%.0f GB/s (%.1f MB)", gbs, float64(bytes)/1e6), per.Round(100*time.Nanosecond).String())
-	}
+	timeIt := weightTimer(t, g, reps)
 	formats := []quant.Format{{}, {Kind: quant.FP8}, {Kind: quant.FP8, DynamicActivations: true}, {Kind: quant.Int4, GroupSize: 128}}
 	for _, s := range []struct{ in, out int }{{5120, 8192}, {8192, 5120}} {
 		vals := randVals(r, s.in*s.out, 0.05)
@@ -556,5 +532,36 @@ func TestRandomQuantized(t *testing.T) {
 			t.Fatal(err)
 		}
 		same(fmt.Sprintf("Experts %s [%d %d %d]", f, E, H, 2*I), a, b)
+	}
+}
+
+// weightTimer returns a function that times f on the device (Profile, reps runs after a warm-up) and
+// logs and tables its effective bandwidth over bytes (a weight's bytes in its format), with the
+// kernels each run launched. No bound: the rows are for the lead.
+func weightTimer(t *testing.T, g *cuda.Backend, reps int) func(name, shape string, bytes int64, f func() error) {
+	return func(name, shape string, bytes int64, f func() error) {
+		t.Helper()
+		if err := f(); err != nil { // warm-up
+			t.Fatalf("%s %s: %v", name, shape, err)
+		}
+		entries, total, err := g.Profile(func() error {
+			for range reps {
+				if err := f(); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatalf("%s %s: %v", name, shape, err)
+		}
+		per := total / time.Duration(reps)
+		var ops []string
+		for _, en := range entries {
+			ops = append(ops, fmt.Sprintf("%s %.1fµs", en.Op, float64(en.Device.Nanoseconds())/1e3/float64(reps)))
+		}
+		gbs := float64(bytes) / per.Seconds() / 1e9
+		t.Logf("%-16s %-30s %8.1f µs  %6.0f GB/s of %d weight bytes  (%s)", name, shape, float64(per.Nanoseconds())/1e3, gbs, bytes, strings.Join(ops, ", "))
+		row(name, shape, fmt.Sprintf("%.0f GB/s (%.1f MB)", gbs, float64(bytes)/1e6), per.Round(100*time.Nanosecond).String())
 	}
 }
