@@ -74,10 +74,11 @@ const EnvPDL = "TPFLEET_CUDA_PDL"
 // or a comma-separated list of the names in Fusions.
 const EnvUnfuse = "TPFLEET_CUDA_UNFUSE"
 
-// Fusions names the kernel fusions a Backend makes, each of which Config.Unfuse can turn off. Every one
+// Fusions returns the names of the kernel fusions a Backend makes, each of which Config.Unfuse can turn
+// off (a new slice each call: the list is not package state anyone can change). Every one
 // gives the results of the kernels it replaces bit for bit.
-var Fusions = []string{
-	FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack,
+func Fusions() []string {
+	return []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack}
 }
 
 // The fusions (Fusions).
@@ -148,7 +149,7 @@ type fusionSet map[string]bool
 // parseUnfuse returns the fusions left on when those listed (comma-separated, or "all") are turned off.
 func parseUnfuse(lists ...string) (fusionSet, error) {
 	on := fusionSet{}
-	for _, f := range Fusions {
+	for _, f := range Fusions() {
 		on[f] = true
 	}
 	for _, list := range lists {
@@ -158,10 +159,10 @@ func parseUnfuse(lists ...string) (fusionSet, error) {
 			case name == "":
 			case name == "all":
 				clear(on)
-			case slices.Contains(Fusions, name):
+			case slices.Contains(Fusions(), name):
 				delete(on, name)
 			default:
-				return nil, fmt.Errorf("cuda: unfuse %q: no fusion %q (have all, %s)", list, name, strings.Join(Fusions, ", "))
+				return nil, fmt.Errorf("cuda: unfuse %q: no fusion %q (have all, %s)", list, name, strings.Join(Fusions(), ", "))
 			}
 		}
 	}
@@ -171,7 +172,7 @@ func parseUnfuse(lists ...string) (fusionSet, error) {
 // names lists the fusions in s in the order of Fusions.
 func (s fusionSet) names() []string {
 	var out []string
-	for _, f := range Fusions {
+	for _, f := range Fusions() {
 		if s[f] {
 			out = append(out, f)
 		}
@@ -209,5 +210,5 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.Int64Var(&c.Staging, "cuda-staging", c.Staging, "pinned staging buffer in bytes (0: 8 MiB)")
 	fs.BoolVar(&c.NoPDL, "cuda-no-pdl", c.NoPDL, "launch kernels without programmatic dependent launch (also $"+EnvPDL+"=0)")
 	fs.StringVar(&c.Unfuse, "cuda-unfuse", c.Unfuse, "kernel fusions to turn off, for comparison: all, or a comma-separated list of "+
-		strings.Join(Fusions, ", ")+" (also $"+EnvUnfuse+")")
+		strings.Join(Fusions(), ", ")+" (also $"+EnvUnfuse+")")
 }

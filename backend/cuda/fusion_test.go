@@ -110,14 +110,14 @@ func moeLayer(t *testing.T, b *cuda.Backend, w moeWeights, tally backend.ExpertT
 	return act, ys[0], out, after
 }
 
-// TestFusionsEqualUnfused: every fusion (cuda.Fusions) gives what the kernels it replaces give, bit for
+// TestFusionsEqualUnfused: every fusion (cuda.Fusions()) gives what the kernels it replaces give, bit for
 // bit: a MoE layer at decode sizes (route_plan, gemv_gated, the experts' SwiGLU and combine epilogues, the
 // counts) and prefill sizes (the 16-byte gather, SiLU·mul and combine; packed expert blocks), the norms,
 // SiLU·mul, the hi/lo split and the bf16 conversion at decode and prefill sizes.
 func TestFusionsEqualUnfused(t *testing.T) {
 	b := newBackend(t, cuda.BF16)
-	if i := b.Info(); len(i.Fusions) != len(cuda.Fusions) {
-		t.Fatalf("Info().Fusions = %v, want all of %v", i.Fusions, cuda.Fusions)
+	if i := b.Info(); len(i.Fusions) != len(cuda.Fusions()) {
+		t.Fatalf("Info().Fusions = %v, want all of %v", i.Fusions, cuda.Fusions())
 	}
 	r := rand.New(rand.NewPCG(21, 22))
 	const E, H, I = 8, 512, 256

@@ -228,8 +228,8 @@ func TestParseUnfuse(t *testing.T) {
 		lists []string
 		want  []string
 	}{
-		{nil, Fusions},
-		{[]string{""}, Fusions},
+		{nil, Fusions()},
+		{[]string{""}, Fusions()},
 		{[]string{"all"}, nil},
 		{[]string{"route, Vec", ""}, []string{FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FusePack}},
 		{[]string{"act", "combine,qkv"}, []string{FuseRoute, FuseSwiGLU, FuseVec, FusePack}},

@@ -10,7 +10,7 @@
 #                                          (ms/step, fraction of the routed-experts floor, prefill)
 #
 # UNFUSE=1 adds a third column: PDL on, every kernel fusion off (TPFLEET_CUDA_UNFUSE=all), the unfused
-# baseline (about 40 s more). UNFUSE=act,combine (any list of cuda.Fusions) turns off only those there.
+# baseline (about 40 s more). UNFUSE=act,combine (any list of cuda.Fusions()) turns off only those there.
 # TOKENS (decode steps, 32) and RUNS (best of, 2) as for bench.
 # With the device tool: run(command="bash scripts/gpu/pdl_ab.sh --run", carry=[".gpubuild"]).
 set -euo pipefail
