@@ -17,15 +17,8 @@ cat kernels/prelude.cuh $(ls kernels/*.cu | sort) >"$src"
 	-ferror-limit=0 -Wno-unknown-cuda-version -include scripts/gpu/cucheck.h "$src"
 # Each compilation unit (kernels.Units: the files compiled apart, in parallel) must also parse alone: the
 # groups of kernels/units.txt, and every other file by itself.
-grouped=$(sed -e 's/#.*//' kernels/units.txt | tr -s ' \t' '\n\n' | grep -v '^$' || true)
-units=()
-while read -r line; do
-	line=${line%%#*}
-	[ -n "${line// /}" ] && units+=("$line")
-done <kernels/units.txt
-for f in $(cd kernels && ls *.cu | sort); do
-	grep -qx "$f" <<<"$grouped" || units+=("$f")
-done
+. scripts/gpu/units.sh
+kernel_units
 for unit in "${units[@]}"; do
 	files=""
 	for f in $unit; do files="$files kernels/$f"; done

@@ -24,15 +24,8 @@ trap 'rm -rf "$tmp"' EXIT
 ${CC:-gcc} -O1 -o "$tmp/nvrtc_check" scripts/gpu/nvrtc_check.c -ldl
 extra=()
 [ -n "${VERBOSE:-}" ] && extra=("-Xptxas=-v")
-grouped=$(sed -e 's/#.*//' kernels/units.txt | tr -s ' \t' '\n\n' | grep -v '^$' || true)
-units=()
-while read -r line; do
-	line=${line%%#*}
-	[ -n "${line// /}" ] && units+=("$line")
-done <kernels/units.txt
-for f in $(cd kernels && ls *.cu | sort); do
-	grep -qx "$f" <<<"$grouped" || units+=("$f")
-done
+. scripts/gpu/units.sh
+kernel_units
 for unit in "${units[@]}"; do
 	name=${unit%% *}
 	name=${name%.cu}
