@@ -78,7 +78,7 @@ const EnvUnfuse = "TPFLEET_CUDA_UNFUSE"
 // off (a new slice each call: the list is not package state anyone can change). Every one
 // gives the results of the kernels it replaces bit for bit.
 func Fusions() []string {
-	return []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack}
+	return []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FusePrefetch}
 }
 
 // The fusions (Fusions).
@@ -101,6 +101,10 @@ const (
 	// FusePack: a prefill's expert blocks unpadded where every row offset keeps cuBLASLt's alignment, so
 	// the elementwise expert kernels touch no gap rows.
 	FusePack = "pack"
+	// FusePrefetch: the dense GEMVs ask L2 for the start of their weight rows before they wait for the
+	// kernel ahead (PDL_PROLOGUE_L2, kernels/prelude.cuh). A compile-time switch: turned off, the kernels
+	// are compiled without it (a cache entry of their own); it changes timing only.
+	FusePrefetch = "prefetch"
 )
 
 // Config configures a Backend.
@@ -138,7 +142,7 @@ type Config struct {
 	// Config. The results are the same either way.
 	NoPDL bool `json:"cuda-no-pdl"`
 	// Unfuse turns kernel fusions off, for comparing and debugging: "all", or a comma-separated list of
-	// names from Fusions (route, swiglu, act, combine, qkv, vec, pack); empty keeps every fusion. The ops
+	// names from Fusions (route, swiglu, act, combine, qkv, vec, pack, prefetch); empty keeps every fusion. The ops
 	// then launch the kernels the fusion replaces, with the same results. EnvUnfuse adds to it.
 	Unfuse string `json:"cuda-unfuse"`
 }
@@ -167,6 +171,15 @@ func parseUnfuse(lists ...string) (fusionSet, error) {
 		}
 	}
 	return on, nil
+}
+
+// defines are the preprocessor lines that compile the kernels without the compile-time fusions s lacks
+// (compileUnits puts them before every unit's source).
+func (s fusionSet) defines() string {
+	if s[FusePrefetch] {
+		return ""
+	}
+	return "#define TPFLEET_NO_L2_PREFETCH\n"
 }
 
 // names lists the fusions in s in the order of Fusions.
