@@ -69,6 +69,8 @@ __device__ __forceinline__ unsigned gg_smem(const void* p) { return (unsigned)__
 #ifdef TPF_EMU
 // The SIMT emulator (scripts/gpu/emu/emu.h) stands in for the PTX with flash.cu's helpers.
 __device__ __forceinline__ void gg_cp16(unsigned dst, const void* src) { fa_cp16(dst, src); }
+__device__ __forceinline__ unsigned long long gg_stream_policy() { return 0; }
+__device__ __forceinline__ void gg_cp16_stream(unsigned dst, const void* src, unsigned long long) { fa_cp16(dst, src); }
 __device__ __forceinline__ void gg_zero16(unsigned dst) { fa_zero16(dst); }
 __device__ __forceinline__ void gg_commit() { fa_commit(); }
 template <int N>
@@ -79,6 +81,18 @@ __device__ __forceinline__ void gg_mma(float* d, const u32* a, u32 b0, u32 b1) {
 #else
 __device__ __forceinline__ void gg_cp16(unsigned dst, const void* src) {
 	asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+// gg_stream_policy is an L2 policy that makes the lines a copy brings in the first to be evicted: for the
+// weights, which a block streams once (its neighbours with the same expert and columns read them at about
+// the same time), so that they do not push the tokens' rows (read again for every column tile) out of L2.
+__device__ __forceinline__ unsigned long long gg_stream_policy() {
+	unsigned long long p;
+	asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(p));
+	return p;
+}
+// gg_cp16_stream is gg_cp16 under L2 policy p.
+__device__ __forceinline__ void gg_cp16_stream(unsigned dst, const void* src, unsigned long long p) {
+	asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "l"(p) : "memory");
 }
 __device__ __forceinline__ void gg_zero16(unsigned dst) {
 	asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst), "r"(0) : "memory");
@@ -207,6 +221,7 @@ __device__ __forceinline__ void gg_body(const bf16_t* __restrict__ a, const int*
 		bok = col < N;
 	}
 	const bf16_t* bcol = we + col;
+	const unsigned long long wpol = gg_stream_policy();
 	const int nk = (K + GG_BK - 1) / GG_BK;
 
 	// load issues the cp.async copies of K slice kt into stage st.
@@ -227,7 +242,7 @@ __device__ __forceinline__ void gg_body(const bf16_t* __restrict__ a, const int*
 			int kr = bk + 8 * i;
 			unsigned d = gg_smem(db + kr * GG_BS + bc * 8);
 			if (k0 + kr < K) {
-				if (bok) gg_cp16(d, bcol + (long long)(k0 + kr) * ldw);
+				if (bok) gg_cp16_stream(d, bcol + (long long)(k0 + kr) * ldw, wpol);
 			} else gg_zero16(d);
 		}
 	};
