@@ -7,8 +7,9 @@
 //     token's local slots of act (as the kernel stored it) times down, plus the add;
 //   - at top-k 1, grouped_fill + grouped_down's combine epilogue against that path, bit for bit.
 // The routings have experts with no tokens, experts of more than one 128-row tile, row counts that are
-// not a multiple of 16, top-k 1 and 2, experts held elsewhere (first > 0, expert parallelism), and widths
-// with K and N tails (H, I not multiples of 32 and of the 128- and 256-column tiles). Build and run:
+// not a multiple of 16, top-k 1 and 2, experts held elsewhere (first > 0, expert parallelism), more
+// than 32 active experts (the tile search's several passes), and widths with K and N tails (H, I not
+// multiples of 32 and of the 128- and 256-column tiles). Build and run:
 // scripts/gpu/emu-grouped.sh.
 #include "src.cu" // made by emu-grouped.sh
 #include <random>
@@ -149,6 +150,12 @@ int main() {
 		{"129 rows: a one-row tile", 129, 1, 1, 0, 1, 32, 16, {1}, -1},
 		{"expert parallel, top-2", 90, 2, 4, 1, 2, 48, 24, {1, 2, 1, 1}, DT_F32},
 	};
+	// More than 32 active experts: the tile search's prefix sum runs over several passes of a warp.
+	std::vector<double> many(70, 1.0);
+	many[3] = many[40] = many[65] = 0;
+	many[33] = 30;
+	cases.push_back({"70 experts, top-1", 160, 1, 70, 0, 70, 32, 16, many, DT_F32});
+	cases.push_back({"70 experts, top-2, 60 held here", 100, 2, 70, 8, 60, 40, 24, many, -1});
 	for (auto& c : cases) run(c);
 	if (bad) {
 		printf("grouped_check: %d of %ld comparisons failed\n", bad, compared);
