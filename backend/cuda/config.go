@@ -75,10 +75,12 @@ const EnvPDL = "TPFLEET_CUDA_PDL"
 const EnvUnfuse = "TPFLEET_CUDA_UNFUSE"
 
 // Fusions returns the names of the kernel fusions a Backend makes, each of which Config.Unfuse can turn
-// off (a new slice each call: the list is not package state anyone can change). Every one
-// gives the results of the kernels it replaces bit for bit.
+// off (a new slice each call: the list is not package state anyone can change). Every one but
+// FuseGrouped gives the results of the kernels it replaces bit for bit; FuseGrouped replaces cuBLASLt's
+// GEMMs, whose summation order is cuBLASLt's own, and agrees with them to bf16 rounding (it is
+// deterministic run to run all the same).
 func Fusions() []string {
-	return []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FusePrefetch}
+	return []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FusePrefetch, FuseGrouped}
 }
 
 // The fusions (Fusions).
@@ -105,6 +107,11 @@ const (
 	// kernel ahead (PDL_PROLOGUE_L2, kernels/prelude.cuh). A compile-time switch: turned off, the kernels
 	// are compiled without it (a cache entry of their own); it changes timing only.
 	FusePrefetch = "prefetch"
+	// FuseGrouped: a prefill's bf16 routed experts as two grouped tensor-core GEMMs over every active
+	// expert (kernels/grouped.cu: the tokens gathered in the tile loader, SiLU·mul and, at top-k 1, the
+	// combine in the epilogues), reading the expert plan on the device; off, one cuBLASLt GEMM per active
+	// expert after a host read of the counts, with expert_gather, expert_act and expert_combine.
+	FuseGrouped = "grouped"
 )
 
 // Config configures a Backend.
@@ -142,7 +149,7 @@ type Config struct {
 	// Config. The results are the same either way.
 	NoPDL bool `json:"cuda-no-pdl"`
 	// Unfuse turns kernel fusions off, for comparing and debugging: "all", or a comma-separated list of
-	// names from Fusions (route, swiglu, act, combine, qkv, vec, pack, prefetch); empty keeps every fusion. The ops
+	// names from Fusions (route, swiglu, act, combine, qkv, vec, pack, prefetch, grouped); empty keeps every fusion. The ops
 	// then launch the kernels the fusion replaces, with the same results. EnvUnfuse adds to it.
 	Unfuse string `json:"cuda-unfuse"`
 }

@@ -231,8 +231,9 @@ func TestParseUnfuse(t *testing.T) {
 		{nil, Fusions()},
 		{[]string{""}, Fusions()},
 		{[]string{"all"}, nil},
-		{[]string{"route, Vec", ""}, []string{FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FusePack, FusePrefetch}},
-		{[]string{"act", "combine,qkv"}, []string{FuseRoute, FuseSwiGLU, FuseVec, FusePack, FusePrefetch}},
+		{[]string{"route, Vec", ""}, []string{FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FusePack, FusePrefetch, FuseGrouped}},
+		{[]string{"act", "combine,qkv"}, []string{FuseRoute, FuseSwiGLU, FuseVec, FusePack, FusePrefetch, FuseGrouped}},
+		{[]string{"grouped"}, []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FusePrefetch}},
 		{[]string{"", "all"}, nil},
 	} {
 		got, err := parseUnfuse(tt.lists...)
