@@ -41,7 +41,7 @@ func TestEntries(t *testing.T) {
 		"gemv_1", "gemv_2", "gemv_4", "gemv_8", "gemv_split_1", "gemv_split_2", "gemv_multi_1", "gemv_multi_2", "gemv_gated_1", "gemv_gated_2", "moe_plan", "expert_gemv_1", "expert_gemv_8",
 		"expert_gemv_swiglu_1", "expert_gemv_swiglu_8", "expert_gemv_combine_1", "expert_gemv_combine_8", "expert_act", "expert_combine",
 		"expert_gather", "expert_gather_v8", "expert_act_v8", "expert_combine_v8",
-		"grouped_gate_up", "grouped_down", "grouped_fill",
+		"grouped_gate_up", "grouped_down", "grouped_fp8_gate_up", "grouped_fp8_down", "grouped_fill",
 		"route", "route_plan", "expert_gate_up", "expert_down", "qk_append",
 		"dequant_bf16", "qgemv_1", "qgemv_2", "qgemv_4", "qgemv_8", "qgemv_split_1", "qgemv_split_2", "qexpert_gemv_1", "qexpert_gemv_8", "quantize_bf16",
 		"fp8_act_rows", "fp8_act_codes", "fp8_gemv_1", "fp8_gemv_2", "fp8_gemv_4", "fp8_gemv_8", "fp8_gemv_xs_1", "fp8_gemv_xs_2", "fp8_gemv_xs_4", "fp8_gemv_xs_8",

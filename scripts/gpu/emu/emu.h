@@ -2,10 +2,10 @@
 // one block at a time, one std::thread per CUDA thread, std::barrier for __syncthreads and warp shuffles.
 // __shared__ becomes static, so blocks must run one at a time (launch does). Only what the checked kernels
 // use is here. __syncwarp and __match_any_sync are barriers of the warp, so every lane of a warp must reach
-// them together (moe_plan's do). It also defines TPF_EMU and C++ versions
-// of flash.cu's PTX helpers (cp.async, ldmatrix, mma.sync m16n8k16 bf16, cvt bf16x2, ld.global.cg): each
+// them together (moe_plan's do). It also defines TPF_EMU and C++ versions of flash.cu's PTX helpers
+// (cp.async, ldmatrix, mma.sync: m16n8k16 bf16 and f16, m16n8k32 E4M3; cvt bf16x2, ld.global.cg): each
 // lane gets exactly the fragment the PTX ISA gives it, exchanged through the warp's barrier, so kernels
-// built on them (attention_flash, attention_decode) run here too.
+// built on them (attention_flash, attention_decode, the grouped expert GEMMs) run here too.
 #define TPF_EMU 1
 #include <cstdio>
 #include <cstring>
@@ -113,34 +113,52 @@ static inline void emu_ldmatrix(unsigned addr, bool trans, u32_& r0, u32_& r1, u
 static inline void fa_ldmatrix_x4(unsigned a, u32_& r0, u32_& r1, u32_& r2, u32_& r3) { emu_ldmatrix(a, false, r0, r1, r2, r3); }
 static inline void fa_ldmatrix_x4_trans(unsigned a, u32_& r0, u32_& r1, u32_& r2, u32_& r3) { emu_ldmatrix(a, true, r0, r1, r2, r3); }
 
-// mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32: d += a·b with the fragments of the PTX ISA (g = lane/4,
-// c = lane%4): A a0 (row g, k 2c..2c+1), a1 (row g+8), a2 (row g, k 2c+8..), a3 (row g+8, k 2c+8..);
-// B b0 (k 2c..2c+1, n g), b1 (k 2c+8..); C/D d0,d1 (row g, n 2c, 2c+1), d2,d3 (row g+8). The lower k in
-// the low half. Products are exact in float; the sum runs in float in k order.
-static inline void fa_mma(float* d, const u32_* a, u32_ b0, u32_ b1) {
+// emu_mma is mma.sync.m16n8k16 (EPR = 2 elements of 16 bits a register) or m16n8k32 (EPR = 4 of 8 bits)
+// .row.col with float32 accumulation: d += a·b with the fragments of the PTX ISA (g = lane/4, c = lane%4,
+// KH = 4·EPR, half of K): A a0 (row g, k EPR·c ..), a1 (row g+8), a2 (row g, k KH + EPR·c ..), a3 (row g+8,
+// k KH + EPR·c ..); B b0 (k EPR·c .., n g), b1 (k KH + EPR·c ..); C/D d0,d1 (row g, n 2c, 2c+1), d2,d3
+// (row g+8). Element i of a register is its bits [i·32/EPR, (i+1)·32/EPR), the lower k first; dec gives
+// its value. Products are exact in float (bf16, f16 and E4M3 alike); the sum runs in float in k order.
+template <int EPR, class Dec>
+static inline void emu_mma(float* d, const u32_* a, u32_ b0, u32_ b1, Dec dec) {
+	constexpr int KH = 4 * EPR, BITS = 32 / EPR;
 	int t = threadIdx.x, w0 = t & ~31, lane = t & 31, g = lane >> 2, c = lane & 3;
 	for (int i = 0; i < 4; i++) emu_xch[t][i] = a[i];
 	emu_xch[t][4] = b0;
 	emu_xch[t][5] = b1;
 	emu_warp_wait();
-	auto A = [&](int row, int k) {
-		uint32_t v = emu_xch[w0 + (row & 7) * 4 + ((k & 7) >> 1)][(row >= 8) + 2 * (k >= 8)];
-		return emu_bf16(k & 1 ? v >> 16 : v & 0xffff);
-	};
-	auto B = [&](int k, int n) {
-		uint32_t v = emu_xch[w0 + n * 4 + ((k & 7) >> 1)][4 + (k >= 8)];
-		return emu_bf16(k & 1 ? v >> 16 : v & 0xffff);
-	};
+	auto elem = [&](uint32_t v, int k) { return dec((v >> (BITS * (k % EPR))) & ((1u << BITS) - 1)); };
+	auto A = [&](int row, int k) { return elem(emu_xch[w0 + (row & 7) * 4 + (k % KH) / EPR][(row >= 8) + 2 * (k >= KH)], k); };
+	auto B = [&](int k, int n) { return elem(emu_xch[w0 + n * 4 + (k % KH) / EPR][4 + (k >= KH)], k); };
 	float r[4];
 	for (int e = 0; e < 4; e++) {
 		int row = g + 8 * (e >> 1), col = 2 * c + (e & 1);
 		float acc = d[e];
-		for (int k = 0; k < 16; k++) acc += A(row, k) * B(k, col);
+		for (int k = 0; k < 2 * KH; k++) acc += A(row, k) * B(k, col);
 		r[e] = acc;
 	}
 	emu_warp_wait();
 	for (int e = 0; e < 4; e++) d[e] = r[e];
 }
+
+// emu_f16 is the value of binary16 bits h (exact in float).
+static inline float emu_f16(uint32_t h) {
+	int e = (h >> 10) & 31, m = h & 1023;
+	float v = e == 0 ? std::ldexp((float)m, -24) : e == 31 ? (m ? NAN : INFINITY) : std::ldexp((float)(1024 + m), e - 25);
+	return h & 0x8000u ? -v : v;
+}
+// emu_e4m3 is the value of E4M3 code b (OCP e4m3fn: 0x7F and 0xFF are NaN), computed independently of the
+// kernels' decoders.
+static inline float emu_e4m3(uint32_t b) {
+	int e = (b >> 3) & 15, m = b & 7;
+	float v = (b & 0x7f) == 0x7f ? NAN : e == 0 ? std::ldexp((float)m, -9) : std::ldexp((float)(8 + m), e - 10);
+	return b & 0x80u ? -v : v;
+}
+
+// The mma shapes the kernels use: bf16 and f16 m16n8k16, E4M3 m16n8k32.
+static inline void fa_mma(float* d, const u32_* a, u32_ b0, u32_ b1) { emu_mma<2>(d, a, b0, b1, emu_bf16); }
+static inline void emu_mma_f16(float* d, const u32_* a, u32_ b0, u32_ b1) { emu_mma<2>(d, a, b0, b1, emu_f16); }
+static inline void emu_mma_e4m3(float* d, const u32_* a, u32_ b0, u32_ b1) { emu_mma<4>(d, a, b0, b1, emu_e4m3); }
 
 // cvt.rn.bf16x2.f32: lo and hi to bf16, round to nearest even (NaN to the canonical NaN), lo in the low half.
 static inline uint32_t emu_rn_bf16(float f) {
