@@ -81,6 +81,9 @@ type Backend struct {
 	// groupedShared: the grouped expert GEMMs (grouped.go) may use their GG_SMEM bytes of dynamic shared
 	// memory (cuFuncSetAttribute took it); false keeps them off.
 	groupedShared bool
+	// fp8GroupedShared: the fp8 grouped expert GEMMs may run: an FP8 tensor core (sm_89 and later) and
+	// their GF_SMEM bytes of dynamic shared memory granted; false keeps them off.
+	fp8GroupedShared bool
 	// fp8OuterVec: cuBLASLt applies the FP8 GEMM's row scales itself (outer-vector scaling), as New's
 	// probe found it does on this device (fp8gemm.go); false runs fp8_scale_out after the product.
 	fp8OuterVec bool
@@ -126,8 +129,9 @@ type kernelSet struct {
 	addRMSNormV8                          *kernel
 	expertGatherV8, expertActV8, expertV8 *kernel // expertV8: expert_combine_v8
 
-	// The grouped expert GEMMs (grouped.cu, FuseGrouped).
+	// The grouped expert GEMMs (grouped.cu, FuseGrouped and FuseFP8Grouped).
 	groupedGateUp, groupedDown, groupedFill *kernel
+	groupedFP8GateUp, groupedFP8Down        *kernel
 }
 
 // fused reports whether the backend makes fusion f (Fusions).
@@ -171,8 +175,8 @@ type Counters struct {
 	QuantGEMV    int64 // Linear calls on a quantised weight run by the quantised GEMV (decode)
 	QuantDequant int64 // Linear calls on a quantised weight run on a dequantised bf16 copy (prefill)
 	QuantFP8Gemm int64 // Linear calls on an fp8 weight run by the FP8 GEMM (prefill, fp8gemm.go)
-	ExpertsFP8   int64 // of ExpertsGrouped, the calls on fp8 weights run by the FP8 GEMM per expert
-	ExpertsMMA   int64 // of ExpertsGrouped, the calls run by the grouped tensor-core kernels (grouped.go)
+	ExpertsFP8   int64 // of ExpertsGrouped, the calls on fp8 weights run on FP8 tensor cores (the FP8 GEMM per expert, or the grouped fp8 kernels)
+	ExpertsMMA   int64 // of ExpertsGrouped, the calls run by the grouped tensor-core kernels (grouped.go; fp8 ones counted in ExpertsFP8 too)
 
 	FP8ExpertGEMV int64 // expert GEMV launches (a projection each) on output-major fp8 experts (fp8.go)
 	FP8Staged     int64 // fp8 GEMV products whose kernel staged (and quantised) its input itself
@@ -301,13 +305,15 @@ func (b *Backend) init() error {
 		{"add_rmsnorm_v8", &b.k.addRMSNormV8},
 		{"expert_gather_v8", &b.k.expertGatherV8}, {"expert_act_v8", &b.k.expertActV8}, {"expert_combine_v8", &b.k.expertV8},
 		{"grouped_gate_up", &b.k.groupedGateUp}, {"grouped_down", &b.k.groupedDown}, {"grouped_fill", &b.k.groupedFill},
+		{"grouped_fp8_gate_up", &b.k.groupedFP8GateUp}, {"grouped_fp8_down", &b.k.groupedFP8Down},
 	} {
 		if *k.dst, err = b.module.function(k.name); err != nil {
 			return err
 		}
 	}
-	b.groupedShared = b.allowGroupedShared()
+	b.groupedShared = b.allowShared(groupedSmem, b.k.groupedGateUp, b.k.groupedDown)
 	if d.ccMajor*10+d.ccMinor >= 89 {
+		b.fp8GroupedShared = b.allowShared(groupedFP8Smem, b.k.groupedFP8GateUp, b.k.groupedFP8Down)
 		b.fp8OuterVec = b.probeOuterVec()
 		b.info.FP8OuterVec = b.fp8OuterVec
 	}

@@ -76,11 +76,14 @@ const EnvUnfuse = "TPFLEET_CUDA_UNFUSE"
 
 // Fusions returns the names of the kernel fusions a Backend makes, each of which Config.Unfuse can turn
 // off (a new slice each call: the list is not package state anyone can change). Every one but
-// FuseGrouped gives the results of the kernels it replaces bit for bit; FuseGrouped replaces cuBLASLt's
-// GEMMs, whose summation order is cuBLASLt's own, and agrees with them to bf16 rounding (it is
-// deterministic run to run all the same).
+// FuseGrouped and FuseFP8Grouped gives the results of the kernels it replaces bit for bit; those two
+// replace cuBLASLt's GEMMs (FuseFP8Grouped at decode batches the fp8 expert GEMV), whose summation order is
+// their own: FuseGrouped agrees with them to bf16 rounding, FuseFP8Grouped to float32 rounding of the
+// sums and the E4M3 rounding of the SwiGLU rows that follows (both are deterministic run to run all the
+// same).
 func Fusions() []string {
-	return []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FusePrefetch, FuseGrouped}
+	return []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FusePrefetch, FuseGrouped,
+		FuseFP8Grouped}
 }
 
 // The fusions (Fusions).
@@ -112,6 +115,12 @@ const (
 	// combine in the epilogues), reading the expert plan on the device; off, one cuBLASLt GEMM per active
 	// expert after a host read of the counts, with expert_gather, expert_act and expert_combine.
 	FuseGrouped = "grouped"
+	// FuseFP8Grouped: the routed experts on fp8 weights with dynamic activations (--quantization fp8)
+	// above fp8GemvRows tokens (prefill, and decode batches of 9 to 64 sequences) as the two grouped
+	// tensor-core GEMMs on E4M3 codes (kernels/grouped.cu, W8A8 mma.sync, sm_89 and later), reading the
+	// expert plan on the device; off, prefill runs one cuBLASLt FP8 GEMM per active expert after a host
+	// read of the counts (fp8gemm.go) and decode batches the fp8 expert GEMV (fp8.go).
+	FuseFP8Grouped = "fp8grouped"
 )
 
 // Config configures a Backend.
@@ -149,8 +158,9 @@ type Config struct {
 	// Config. The results are the same either way.
 	NoPDL bool `json:"cuda-no-pdl"`
 	// Unfuse turns kernel fusions off, for comparing and debugging: "all", or a comma-separated list of
-	// names from Fusions (route, swiglu, act, combine, qkv, vec, pack, prefetch, grouped); empty keeps every fusion. The ops
-	// then launch the kernels the fusion replaces, with the same results. EnvUnfuse adds to it.
+	// names from Fusions (route, swiglu, act, combine, qkv, vec, pack, prefetch, grouped, fp8grouped); empty
+	// keeps every fusion. The ops then launch the kernels the fusion replaces, with the same results (grouped
+	// and fp8grouped: to the rounding of their sums). EnvUnfuse adds to it.
 	Unfuse string `json:"cuda-unfuse"`
 }
 

@@ -73,7 +73,9 @@
 // chosen experts' weights, with no host round trip; for more tokens (prefill) two grouped tensor-core
 // GEMMs (grouped.go, kernels/grouped.cu) run every active expert in one launch each, reading the plan on
 // the device too (with that fusion off, the per-expert counts come to the host once per MoE layer and
-// cuBLASLt runs one GEMM per active expert). Backend implements
+// cuBLASLt runs one GEMM per active expert); fp8 experts with dynamic activations take the same kernels
+// in their W8A8 form (E4M3 × E4M3 on the FP8 tensor cores) above 8 tokens, decode batches included.
+// Backend implements
 // backend.Sampler (sample.cu): the next token is chosen on the device, one block a row, and only its id
 // comes back.
 //

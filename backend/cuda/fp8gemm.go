@@ -27,7 +27,10 @@ import (
 //
 // The routed experts' prefill (expertsFP8Grouped) runs the same GEMM per active expert on the tokens
 // gathered by expert. Their codes are output-major already ([E, out, in], fp8.go: transposed once at
-// load), the layout cuBLASLt's FP8 takes ("TN"), so a step only quantises the rows and multiplies.
+// load), the layout cuBLASLt's FP8 takes ("TN"), so a step only quantises the rows and multiplies. By
+// default (FuseFP8Grouped) the routed experts take the grouped fp8 kernels instead (grouped.go: every
+// active expert in one launch a projection, no host read of the counts); this path is what
+// TPFLEET_CUDA_UNFUSE=fp8grouped restores.
 
 // fp8GemmOK reports whether x [T, in] · wᵀ may take the FP8 GEMM: an fp8 weight with dynamic activations
 // (codes scaled in float32), more rows than the fp8 GEMV takes (at most skinnyRows of them only with the
@@ -267,12 +270,17 @@ func (b *Backend) expertsFP8Grouped(e *expertsCall) (done bool, err error) {
 	return true, nil
 }
 
-// fp8ExpertsOK reports whether Experts' prefill on e may take expertsFP8Grouped: both weights fp8 with
-// dynamic activations (float32 scales), output-major (then H and I are multiples of 16, cuBLASLt's FP8
-// leading dimensions, and every expert's codes start 16-byte aligned).
-func (b *Backend) fp8ExpertsOK(e *expertsCall) bool {
+// fp8ExpertsOK reports whether Experts' prefill on e may take expertsFP8Grouped: the FP8 GEMM not turned
+// off (SetFP8Gemm) and fp8DynKMajor.
+func (b *Backend) fp8ExpertsOK(e *expertsCall) bool { return !b.noFP8Gemm && fp8DynKMajor(e) }
+
+// fp8DynKMajor reports whether e's weights are what the FP8 tensor-core paths take: both fp8 with dynamic
+// activations (float32 scales), output-major (then H and I are multiples of 16, cuBLASLt's FP8 leading
+// dimensions and the grouped kernels' 16-byte chunks, and every expert's codes start 16-byte aligned),
+// codes and scales 16-byte aligned.
+func fp8DynKMajor(e *expertsCall) bool {
 	gq, dq := e.gu.q, e.down.q
-	return !b.noFP8Gemm && gq != nil && dq != nil && gq.code == qfFP8 && dq.code == qfFP8 && gq.dyn() && dq.dyn() &&
+	return gq != nil && dq != nil && gq.code == qfFP8 && dq.code == qfFP8 && gq.dyn() && dq.dyn() &&
 		gq.kmajor && dq.kmajor && e.H%16 == 0 && e.I%16 == 0 && e.gu.ptr()%16 == 0 && e.down.ptr()%16 == 0 &&
 		gq.scales.ptr%16 == 0 && dq.scales.ptr%16 == 0
 }

@@ -231,9 +231,10 @@ func TestParseUnfuse(t *testing.T) {
 		{nil, Fusions()},
 		{[]string{""}, Fusions()},
 		{[]string{"all"}, nil},
-		{[]string{"route, Vec", ""}, []string{FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FusePack, FusePrefetch, FuseGrouped}},
-		{[]string{"act", "combine,qkv"}, []string{FuseRoute, FuseSwiGLU, FuseVec, FusePack, FusePrefetch, FuseGrouped}},
-		{[]string{"grouped"}, []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FusePrefetch}},
+		{[]string{"route, Vec", ""}, []string{FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FusePack, FusePrefetch, FuseGrouped, FuseFP8Grouped}},
+		{[]string{"act", "combine,qkv"}, []string{FuseRoute, FuseSwiGLU, FuseVec, FusePack, FusePrefetch, FuseGrouped, FuseFP8Grouped}},
+		{[]string{"grouped"}, []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FusePrefetch, FuseFP8Grouped}},
+		{[]string{"FP8Grouped"}, []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FusePrefetch, FuseGrouped}},
 		{[]string{"", "all"}, nil},
 	} {
 		got, err := parseUnfuse(tt.lists...)

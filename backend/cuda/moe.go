@@ -300,7 +300,9 @@ func (b *Backend) experts(x backend.Tensor, r backend.Routing, gateUp, down back
 
 // expertsQuant is Experts on quantised weights (both must be): the decode GEMV reading the compact
 // weights (qexpert_gemv_N; q4expert_gemv_N for int4), or for prefill the grouped GEMMs on each active
-// expert dequantised to bf16; inputs quantised per token where the formats say so. Shapes the fast paths
+// expert dequantised to bf16; inputs quantised per token where the formats say so. fp8 with dynamic
+// activations above fp8GemvRows tokens (prefill and decode batches) takes the fp8 grouped kernels
+// (grouped.go, FuseFP8Grouped; unfused, the FP8 GEMM per active expert at prefill). Shapes the fast paths
 // do not take run the generic kernels on bf16 copies of the whole weights (weight-only formats only).
 func (b *Backend) expertsQuant(e *expertsCall, fast bool) (backend.Tensor, error) {
 	gt, dt := e.gu, e.down
@@ -328,6 +330,15 @@ func (b *Backend) expertsQuant(e *expertsCall, fast bool) (backend.Tensor, error
 		}
 		defer b.pool.release(*db)
 		return b.experts(e.x, e.r, &tensor{b: b, buf: gb, shape: gt.shape, dt: BF16}, &tensor{b: b, buf: db, shape: dt.shape, dt: BF16}, e.first, e.add)
+	}
+	if e.T > fp8GemvRows && b.cfg.Activations == BF16 && b.fp8GroupedOK(e) { // grouped.go: the fp8 grouped GEMMs
+		if err := b.expertsFP8MMA(e); err != nil {
+			return nil, fmt.Errorf("cuda: experts (%s, fp8 grouped): %w", gt.q.format, err)
+		}
+		b.counts.ExpertsGrouped++
+		b.counts.ExpertsMMA++
+		b.counts.ExpertsFP8++
+		return e.out, nil
 	}
 	if (e.T > skinnyRows || b.noQuantGEMV) && b.cfg.Activations == BF16 {
 		if b.fp8ExpertsOK(e) { // fp8gemm.go: the FP8 GEMM per active expert
