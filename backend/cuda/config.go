@@ -75,10 +75,11 @@ const EnvPDL = "TPFLEET_CUDA_PDL"
 const EnvUnfuse = "TPFLEET_CUDA_UNFUSE"
 
 // Fusions returns the names of the kernel fusions a Backend makes, each of which Config.Unfuse can turn
-// off (a new slice each call: the list is not package state anyone can change). Every one
-// gives the results of the kernels it replaces bit for bit.
+// off (a new slice each call: the list is not package state anyone can change). Every one but FuseQ4GEMM
+// gives the results of the kernels it replaces bit for bit; FuseQ4GEMM multiplies the same bf16 weights
+// and inputs and differs only in the order of its float32 sums.
 func Fusions() []string {
-	return []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack}
+	return []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FuseQ4GEMM}
 }
 
 // The fusions (Fusions).
@@ -101,6 +102,11 @@ const (
 	// FusePack: a prefill's expert blocks unpadded where every row offset keeps cuBLASLt's alignment, so
 	// the elementwise expert kernels touch no gap rows.
 	FusePack = "pack"
+	// FuseQ4GEMM: int4 weights above the GEMVs' rows (prefill) on q4gemm, a tensor-core GEMM that turns the
+	// codes into bf16(q·s) in registers (kernels/quant_int4.cu; the routed experts in one launch with SiLU·mul
+	// in gate_up's epilogue), instead of dequant_int4_bf16 writing each weight as bf16 for cuBLASLt. The
+	// same bf16 products; the float32 sums in another order.
+	FuseQ4GEMM = "q4gemm"
 )
 
 // Config configures a Backend.
@@ -138,8 +144,9 @@ type Config struct {
 	// Config. The results are the same either way.
 	NoPDL bool `json:"cuda-no-pdl"`
 	// Unfuse turns kernel fusions off, for comparing and debugging: "all", or a comma-separated list of
-	// names from Fusions (route, swiglu, act, combine, qkv, vec, pack); empty keeps every fusion. The ops
-	// then launch the kernels the fusion replaces, with the same results. EnvUnfuse adds to it.
+	// names from Fusions (route, swiglu, act, combine, qkv, vec, pack, q4gemm); empty keeps every fusion. The
+	// ops then launch the kernels the fusion replaces, with the same results (q4gemm: to float32 rounding).
+	// EnvUnfuse adds to it.
 	Unfuse string `json:"cuda-unfuse"`
 }
 

@@ -231,8 +231,9 @@ func TestParseUnfuse(t *testing.T) {
 		{nil, Fusions()},
 		{[]string{""}, Fusions()},
 		{[]string{"all"}, nil},
-		{[]string{"route, Vec", ""}, []string{FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FusePack}},
-		{[]string{"act", "combine,qkv"}, []string{FuseRoute, FuseSwiGLU, FuseVec, FusePack}},
+		{[]string{"route, Vec", ""}, []string{FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FusePack, FuseQ4GEMM}},
+		{[]string{"act", "combine,qkv"}, []string{FuseRoute, FuseSwiGLU, FuseVec, FusePack, FuseQ4GEMM}},
+		{[]string{"q4gemm"}, []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack}},
 		{[]string{"", "all"}, nil},
 	} {
 		got, err := parseUnfuse(tt.lists...)
