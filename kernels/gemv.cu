@@ -141,23 +141,66 @@ __device__ __forceinline__ void gemv_split_rows(const void* __restrict__ x, int 
 // gemv_row0 is the first output row of this warp: each warp owns GEMV_ROWS consecutive rows.
 __device__ __forceinline__ int gemv_row0() { return (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * GEMV_ROWS; }
 
+// gemv_l2 is the weight span a gemv_N warp reads first: the starts of its two rows (clamped as
+// gemv_accum clamps them; none past N).
+__device__ __forceinline__ l2span gemv_l2(const bf16_t* w, int K, int N) {
+	int n0 = gemv_row0();
+	if (n0 >= N) return l2span{nullptr, nullptr, 0};
+	const char* p0 = (const char*)(w + (long long)n0 * K);
+	const char* p1 = (const char*)(w + (long long)imin(n0 + 1, N - 1) * K);
+	return l2span{p0, p1, imin(2 * K, L2_PREFETCH_ROW)};
+}
+
+// gemv_split_l2 is the weight span a gemv_split_rows warp of the block at rows n0 .. n0+1 of w reads
+// first: the start of its quarter of K in both rows (the second row, a pair: the other product's first
+// row where gemv_gated_row passes the pair; p1 == p0 past N).
+__device__ __forceinline__ l2span gemv_split_l2(const bf16_t* r0, const bf16_t* r1, int K) {
+	int warp = threadIdx.x >> 5, K8 = K >> 3, per = (K8 + GEMV_WARPS - 1) / GEMV_WARPS;
+	int beg = imin(K8, warp * per), end = imin(K8, (warp + 1) * per);
+	return l2span{(const char*)(r0 + beg * 8), (const char*)(r1 + beg * 8), imin((end - beg) * 16, L2_PREFETCH_ROW)};
+}
+
+// gemv_rows_l2 is gemv_split_l2 for the block of rows n0, n0+1 of w [N, K] (nothing past N).
+__device__ __forceinline__ l2span gemv_rows_l2(const bf16_t* w, int K, int N, int n0) {
+	if (n0 >= N) return l2span{nullptr, nullptr, 0};
+	return gemv_split_l2(w + (long long)n0 * K, w + (long long)imin(n0 + 1, N - 1) * K, K);
+}
+
 // gemv_N: y [T, N] = x [T, K] · w [N, K]ᵀ for T <= N rows (grid: ceil(N / (GEMV_WARPS·GEMV_ROWS))
 // blocks of GEMV_WARPS warps).
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_1(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { PDL_PROLOGUE(); gemv_rows<1>(x, xdt, w, y, T, K, N, gemv_row0()); }
+gemv_1(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) {
+	PDL_PROLOGUE_L2(gemv_l2(w, K, N));
+	gemv_rows<1>(x, xdt, w, y, T, K, N, gemv_row0());
+}
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_2(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { PDL_PROLOGUE(); gemv_rows<2>(x, xdt, w, y, T, K, N, gemv_row0()); }
+gemv_2(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) {
+	PDL_PROLOGUE_L2(gemv_l2(w, K, N));
+	gemv_rows<2>(x, xdt, w, y, T, K, N, gemv_row0());
+}
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_4(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { PDL_PROLOGUE(); gemv_rows<4>(x, xdt, w, y, T, K, N, gemv_row0()); }
+gemv_4(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) {
+	PDL_PROLOGUE_L2(gemv_l2(w, K, N));
+	gemv_rows<4>(x, xdt, w, y, T, K, N, gemv_row0());
+}
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_8(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { PDL_PROLOGUE(); gemv_rows<8>(x, xdt, w, y, T, K, N, gemv_row0()); }
+gemv_8(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) {
+	PDL_PROLOGUE_L2(gemv_l2(w, K, N));
+	gemv_rows<8>(x, xdt, w, y, T, K, N, gemv_row0());
+}
 
 // gemv_split_N: y [T, N] = x [T, K] · w [N, K]ᵀ for T <= N rows with gemv_split_rows (grid:
 // ceil(N / GEMV_ROWS) blocks of GEMV_WARPS warps).
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_split_1(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { PDL_PROLOGUE(); gemv_split_rows<1>(x, xdt, w, y, T, K, N, blockIdx.x * GEMV_ROWS); }
+gemv_split_1(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) {
+	PDL_PROLOGUE_L2(gemv_rows_l2(w, K, N, blockIdx.x * GEMV_ROWS));
+	gemv_split_rows<1>(x, xdt, w, y, T, K, N, blockIdx.x * GEMV_ROWS);
+}
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_split_2(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) { PDL_PROLOGUE(); gemv_split_rows<2>(x, xdt, w, y, T, K, N, blockIdx.x * GEMV_ROWS); }
+gemv_split_2(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) {
+	PDL_PROLOGUE_L2(gemv_rows_l2(w, K, N, blockIdx.x * GEMV_ROWS));
+	gemv_split_rows<2>(x, xdt, w, y, T, K, N, blockIdx.x * GEMV_ROWS);
+}
 
 // gemv_multi_N computes up to three products of one x in one launch: y_s [T, N_s] = x · w_sᵀ for s = 0,
 // 1, 2 (N_s even, so that no block's rows straddle two products; N_2 may be 0), over N_0 + N_1 + N_2
@@ -174,16 +217,23 @@ __device__ __forceinline__ void gemv_multi(const void* x, int xdt, const bf16_t*
 		gemv_split_rows<NT>(x, xdt, w2, y2, T, K, n2, n - n0 - n1);
 	}
 }
+// gemv_multi_l2 is the weight span of a gemv_multi_N warp: its block's rows of the product it falls in.
+__device__ __forceinline__ l2span gemv_multi_l2(const bf16_t* w0, int n0, const bf16_t* w1, int n1, const bf16_t* w2, int n2, int K) {
+	int n = blockIdx.x * GEMV_ROWS;
+	if (n < n0) return gemv_rows_l2(w0, K, n0, n);
+	if (n < n0 + n1) return gemv_rows_l2(w1, K, n1, n - n0);
+	return gemv_rows_l2(w2, K, n2, n - n0 - n1);
+}
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_multi_1(const void* x, int xdt, const bf16_t* w0, float* y0, int n0, const bf16_t* w1, float* y1, int n1,
 	const bf16_t* w2, float* y2, int n2, int T, int K) {
-	PDL_PROLOGUE();
+	PDL_PROLOGUE_L2(gemv_multi_l2(w0, n0, w1, n1, w2, n2, K));
 	gemv_multi<1>(x, xdt, w0, y0, n0, w1, y1, n1, w2, y2, n2, T, K);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_multi_2(const void* x, int xdt, const bf16_t* w0, float* y0, int n0, const bf16_t* w1, float* y1, int n1,
 	const bf16_t* w2, float* y2, int n2, int T, int K) {
-	PDL_PROLOGUE();
+	PDL_PROLOGUE_L2(gemv_multi_l2(w0, n0, w1, n1, w2, n2, K));
 	gemv_multi<2>(x, xdt, w0, y0, n0, w1, y1, n1, w2, y2, n2, T, K);
 }
 
@@ -237,16 +287,25 @@ __device__ __forceinline__ void gemv_gated(const void* x, int xdt, const bf16_t*
 		gemv_gated_row<NT>(x, xdt, gate, up, act, adt, T, K, I, blockIdx.x - b0);
 	}
 }
+// gemv_gated_l2 is the weight span of a gemv_gated_N warp: the block's rows of w0, or its gate and up
+// rows.
+__device__ __forceinline__ l2span gemv_gated_l2(const bf16_t* w0, int n0, const bf16_t* gate, const bf16_t* up, int I, int K) {
+	int b0 = n0 / GEMV_ROWS;
+	if ((int)blockIdx.x < b0) return gemv_rows_l2(w0, K, n0, blockIdx.x * GEMV_ROWS);
+	int i = blockIdx.x - b0;
+	if (i >= I) return l2span{nullptr, nullptr, 0};
+	return gemv_split_l2(gate + (long long)i * K, up + (long long)i * K, K);
+}
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_gated_1(const void* x, int xdt, const bf16_t* w0, float* y0, int n0, const bf16_t* gate, const bf16_t* up,
 	void* act, int adt, int I, int T, int K) {
-	PDL_PROLOGUE();
+	PDL_PROLOGUE_L2(gemv_gated_l2(w0, n0, gate, up, I, K));
 	gemv_gated<1>(x, xdt, w0, y0, n0, gate, up, act, adt, I, T, K);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_gated_2(const void* x, int xdt, const bf16_t* w0, float* y0, int n0, const bf16_t* gate, const bf16_t* up,
 	void* act, int adt, int I, int T, int K) {
-	PDL_PROLOGUE();
+	PDL_PROLOGUE_L2(gemv_gated_l2(w0, n0, gate, up, I, K));
 	gemv_gated<2>(x, xdt, w0, y0, n0, gate, up, act, adt, I, T, K);
 }
 

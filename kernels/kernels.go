@@ -122,12 +122,16 @@ func Entries(src string) []string {
 }
 
 // Prologue is the statement every kernel begins with (prelude.cuh): programmatic dependent launch's wait
-// for the kernel before it, then its signal that the next kernel may launch.
-const Prologue = "PDL_PROLOGUE();"
+// for the kernel before it, then its signal that the next kernel may launch. PrologueL2 is its form
+// that first prefetches weights into L2 (PDL_PROLOGUE_L2(span)), which waits the same way.
+const (
+	Prologue   = "PDL_PROLOGUE();"
+	PrologueL2 = "PDL_PROLOGUE_L2("
+)
 
-// Prologued returns the entries of src (as Entries) whose body begins with Prologue: the kernels the
-// backend may launch with programmatic dependent launch. A kernel without it must be launched without:
-// it would not wait for the kernel before it.
+// Prologued returns the entries of src (as Entries) whose body begins with Prologue or PrologueL2: the
+// kernels the backend may launch with programmatic dependent launch. A kernel without it must be launched
+// without: it would not wait for the kernel before it.
 func Prologued(src string) []string {
 	var names []string
 	for _, m := range entryRE.FindAllStringSubmatchIndex(src, -1) {
@@ -136,7 +140,7 @@ func Prologued(src string) []string {
 		if open < 0 {
 			continue
 		}
-		if body := strings.TrimLeft(rest[open+1:], " \t\r\n"); strings.HasPrefix(body, Prologue) {
+		if body := strings.TrimLeft(rest[open+1:], " \t\r\n"); strings.HasPrefix(body, Prologue) || strings.HasPrefix(body, PrologueL2) {
 			names = append(names, src[m[2]:m[3]])
 		}
 	}

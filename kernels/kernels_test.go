@@ -40,7 +40,9 @@ func TestEntries(t *testing.T) {
 		"layernorm", "add_bias", "gelu", "rotate_pairs", "full_attention", "count_experts", "map_experts", "attention_flash", "attention_decode",
 		"gemv_1", "gemv_2", "gemv_4", "gemv_8", "gemv_split_1", "gemv_split_2", "gemv_multi_1", "gemv_multi_2", "gemv_gated_1", "gemv_gated_2", "moe_plan", "expert_gemv_1", "expert_gemv_8",
 		"expert_gemv_swiglu_1", "expert_gemv_swiglu_8", "expert_gemv_combine_1", "expert_gemv_combine_8", "expert_act", "expert_combine",
-		"expert_gather", "expert_gather_v8", "expert_act_v8", "expert_combine_v8", "route", "route_plan", "expert_gate_up", "expert_down", "qk_append",
+		"expert_gather", "expert_gather_v8", "expert_act_v8", "expert_combine_v8",
+		"grouped_gate_up", "grouped_down", "grouped_fill",
+		"route", "route_plan", "expert_gate_up", "expert_down", "qk_append",
 		"dequant_bf16", "qgemv_1", "qgemv_2", "qgemv_4", "qgemv_8", "qgemv_split_1", "qgemv_split_2", "qexpert_gemv_1", "qexpert_gemv_8", "quantize_bf16",
 		"fp8_act_rows", "fp8_act_codes", "fp8_gemv_1", "fp8_gemv_2", "fp8_gemv_4", "fp8_gemv_8", "fp8_gemv_xs_1", "fp8_gemv_xs_2", "fp8_gemv_xs_4", "fp8_gemv_xs_8",
 		"fp8_expert_gemv_1", "fp8_expert_gemv_4", "fp8_expert_gemv_xs_1", "fp8_expert_gemv_xs_4", "fp8_dequant_experts", "transpose_u8", "fp8_scale_out",
@@ -111,6 +113,8 @@ func TestPrologue(t *testing.T) {
 		{`extern "C" __global__ void f(int x) { PDL_PROLOGUE(); x++; }`, []string{"f"}},
 		{"extern \"C\" __global__ void __launch_bounds__(128)\ng(const int* a,\n\tint n) {\n\tPDL_PROLOGUE();\n}", []string{"g"}},
 		{`extern "C" __global__ void h(int x) { x++; PDL_PROLOGUE(); }`, nil},
+		{`extern "C" __global__ void k(const bf16_t* w) { PDL_PROLOGUE_L2(gemv_l2(w, K, N)); }`, []string{"k"}},
+		{`extern "C" __global__ void l(int x) { PDL_PROLOGUE_L2; }`, nil},
 		{`extern "C" __global__ void i(int x) { } extern "C" __global__ void j(int x) { PDL_PROLOGUE(); }`, []string{"j"}},
 	} {
 		if got := Prologued(tt.src); !slices.Equal(got, tt.want) {

@@ -78,6 +78,9 @@ type Backend struct {
 	// noFP8Gemm makes Linear on fp8 weights with dynamic activations take the dequantised path for
 	// prefill instead of the FP8 GEMM (fp8gemm.go; tests compare them).
 	noFP8Gemm bool
+	// groupedShared: the grouped expert GEMMs (grouped.go) may use their GG_SMEM bytes of dynamic shared
+	// memory (cuFuncSetAttribute took it); false keeps them off.
+	groupedShared bool
 	// fp8OuterVec: cuBLASLt applies the FP8 GEMM's row scales itself (outer-vector scaling), as New's
 	// probe found it does on this device (fp8gemm.go); false runs fp8_scale_out after the product.
 	fp8OuterVec bool
@@ -123,6 +126,9 @@ type kernelSet struct {
 	convertV8, siluMulV8, splitBF16V8     *kernel
 	addRMSNormV8                          *kernel
 	expertGatherV8, expertActV8, expertV8 *kernel // expertV8: expert_combine_v8
+
+	// The grouped expert GEMMs (grouped.cu, FuseGrouped).
+	groupedGateUp, groupedDown, groupedFill *kernel
 }
 
 // fused reports whether the backend makes fusion f (Fusions).
@@ -169,6 +175,7 @@ type Counters struct {
 	QuantFP8Gemm int64 // Linear calls on an fp8 weight run by the FP8 GEMM (prefill, fp8gemm.go)
 	ExpertsFP8   int64 // of ExpertsGrouped, the calls on fp8 weights run by the FP8 GEMM per expert
 	ExpertsQ4    int64 // of ExpertsGrouped, the calls on int4 weights run by q4gemm_experts(_swiglu)
+	ExpertsMMA   int64 // of ExpertsGrouped, the calls run by the grouped tensor-core kernels (grouped.go)
 
 	FP8ExpertGEMV int64 // expert GEMV launches (a projection each) on output-major fp8 experts (fp8.go)
 	FP8Staged     int64 // fp8 GEMV products whose kernel staged (and quantised) its input itself
@@ -297,11 +304,13 @@ func (b *Backend) init() error {
 		{"convert_v8", &b.k.convertV8}, {"silu_mul_v8", &b.k.siluMulV8}, {"split_bf16_v8", &b.k.splitBF16V8},
 		{"add_rmsnorm_v8", &b.k.addRMSNormV8},
 		{"expert_gather_v8", &b.k.expertGatherV8}, {"expert_act_v8", &b.k.expertActV8}, {"expert_combine_v8", &b.k.expertV8},
+		{"grouped_gate_up", &b.k.groupedGateUp}, {"grouped_down", &b.k.groupedDown}, {"grouped_fill", &b.k.groupedFill},
 	} {
 		if *k.dst, err = b.module.function(k.name); err != nil {
 			return err
 		}
 	}
+	b.groupedShared = b.allowGroupedShared()
 	if d.ccMajor*10+d.ccMinor >= 89 {
 		b.fp8OuterVec = b.probeOuterVec()
 		b.info.FP8OuterVec = b.fp8OuterVec

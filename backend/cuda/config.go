@@ -75,11 +75,14 @@ const EnvPDL = "TPFLEET_CUDA_PDL"
 const EnvUnfuse = "TPFLEET_CUDA_UNFUSE"
 
 // Fusions returns the names of the kernel fusions a Backend makes, each of which Config.Unfuse can turn
-// off (a new slice each call: the list is not package state anyone can change). Every one but FuseQ4GEMM
-// gives the results of the kernels it replaces bit for bit; FuseQ4GEMM multiplies the same bf16 weights
-// and inputs and differs only in the order of its float32 sums.
+// off (a new slice each call: the list is not package state anyone can change). Every one but
+// FuseGrouped and FuseQ4GEMM gives the results of the kernels it replaces bit for bit; those two replace
+// cuBLASLt's GEMMs, whose summation order is cuBLASLt's own: FuseGrouped agrees with them to bf16
+// rounding, FuseQ4GEMM multiplies the same bf16 weights and inputs and differs only in the order of its
+// float32 sums (both are deterministic run to run all the same).
 func Fusions() []string {
-	return []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FuseQ4GEMM}
+	return []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FusePrefetch, FuseGrouped,
+		FuseQ4GEMM}
 }
 
 // The fusions (Fusions).
@@ -102,6 +105,15 @@ const (
 	// FusePack: a prefill's expert blocks unpadded where every row offset keeps cuBLASLt's alignment, so
 	// the elementwise expert kernels touch no gap rows.
 	FusePack = "pack"
+	// FusePrefetch: the dense GEMVs ask L2 for the start of their weight rows before they wait for the
+	// kernel ahead (PDL_PROLOGUE_L2, kernels/prelude.cuh). A compile-time switch: turned off, the kernels
+	// are compiled without it (a cache entry of their own); it changes timing only.
+	FusePrefetch = "prefetch"
+	// FuseGrouped: a prefill's bf16 routed experts as two grouped tensor-core GEMMs over every active
+	// expert (kernels/grouped.cu: the tokens gathered in the tile loader, SiLU·mul and, at top-k 1, the
+	// combine in the epilogues), reading the expert plan on the device; off, one cuBLASLt GEMM per active
+	// expert after a host read of the counts, with expert_gather, expert_act and expert_combine.
+	FuseGrouped = "grouped"
 	// FuseQ4GEMM: int4 weights above the GEMVs' rows (prefill) on q4gemm, a tensor-core GEMM that turns the
 	// codes into bf16(q·s) in registers (kernels/quant_int4.cu; the routed experts in one launch with SiLU·mul
 	// in gate_up's epilogue), instead of dequant_int4_bf16 writing each weight as bf16 for cuBLASLt. The
@@ -144,9 +156,9 @@ type Config struct {
 	// Config. The results are the same either way.
 	NoPDL bool `json:"cuda-no-pdl"`
 	// Unfuse turns kernel fusions off, for comparing and debugging: "all", or a comma-separated list of
-	// names from Fusions (route, swiglu, act, combine, qkv, vec, pack, q4gemm); empty keeps every fusion. The
-	// ops then launch the kernels the fusion replaces, with the same results (q4gemm: to float32 rounding).
-	// EnvUnfuse adds to it.
+	// names from Fusions (route, swiglu, act, combine, qkv, vec, pack, prefetch, grouped, q4gemm); empty
+	// keeps every fusion. The ops then launch the kernels the fusion replaces, with the same results (grouped
+	// and q4gemm: to the rounding of their sums). EnvUnfuse adds to it.
 	Unfuse string `json:"cuda-unfuse"`
 }
 
@@ -174,6 +186,15 @@ func parseUnfuse(lists ...string) (fusionSet, error) {
 		}
 	}
 	return on, nil
+}
+
+// defines are the preprocessor lines that compile the kernels without the compile-time fusions s lacks
+// (compileUnits puts them before every unit's source).
+func (s fusionSet) defines() string {
+	if s[FusePrefetch] {
+		return ""
+	}
+	return "#define TPFLEET_NO_L2_PREFETCH\n"
 }
 
 // names lists the fusions in s in the order of Fusions.

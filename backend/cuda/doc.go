@@ -53,8 +53,8 @@
 //     one launch), for 3..64 rows one cuBLASLt GEMM on the hi/lo bf16 split of x (hi = bf16(x),
 //     lo = bf16(x − hi), stacked as 2T rows so the weight is read once; the halves are added).
 //     The decode experts (split-K GEMV) also compute on float32 inputs.
-//   - More rows (prefill): bf16 storage and one bf16 GEMM per Linear (per active expert for the
-//     routed experts), at full tensor-core speed; a float32 x (a norm's output) is rounded to bf16 on
+//   - More rows (prefill): bf16 storage and one bf16 GEMM per Linear (one grouped GEMM over the active
+//     experts for the routed experts), at full tensor-core speed; a float32 x (a norm's output) is rounded to bf16 on
 //     the way in, once for all the wide products of a LinearMulti. Narrow products (at most 128
 //     outputs and an eighth of the input width: a MoE router) keep the hi/lo split at any row count,
 //     since a rounding of the router's input can flip a token's expert (narrowProduct in ops.go).
@@ -70,8 +70,10 @@
 // of the source, the architecture and NVRTC's version. They include no header. Experts read the
 // expert choice from device memory: moe_plan groups the routing slots by expert (counts and
 // permutation) on the device. For at most 64 tokens a split-K GEMV per active expert reads only the
-// chosen experts' weights, with no host round trip; for more tokens (prefill) the per-expert counts
-// come to the host once per MoE layer and cuBLASLt runs one GEMM per active expert. Backend implements
+// chosen experts' weights, with no host round trip; for more tokens (prefill) two grouped tensor-core
+// GEMMs (grouped.go, kernels/grouped.cu) run every active expert in one launch each, reading the plan on
+// the device too (with that fusion off, the per-expert counts come to the host once per MoE layer and
+// cuBLASLt runs one GEMM per active expert). Backend implements
 // backend.Sampler (sample.cu): the next token is chosen on the device, one block a row, and only its id
 // comes back.
 //

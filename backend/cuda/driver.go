@@ -29,6 +29,9 @@ var drv struct {
 	streamWaitEvent unsafe.Pointer
 	// Optional (CUDA 11.8+): without it kernels launch without programmatic dependent launch.
 	launchEx unsafe.Pointer
+	// Optional: without it no kernel gets more than 48 KiB of dynamic shared memory (the grouped expert
+	// GEMMs stay off, grouped.go).
+	funcSetAttribute unsafe.Pointer
 }
 
 // driverSymbols names the entry points with the ABI version this package declares: the _v2 names are
@@ -76,6 +79,7 @@ func driverSymbols() []dl.Symbol {
 		{Name: "cuEventElapsedTime", Dst: &drv.eventElapsedTime, Optional: true},
 		{Name: "cuStreamWaitEvent", Dst: &drv.streamWaitEvent, Optional: true},
 		{Name: "cuLaunchKernelEx", Dst: &drv.launchEx, Optional: true},
+		{Name: "cuFuncSetAttribute", Dst: &drv.funcSetAttribute, Optional: true},
 	}
 }
 
@@ -310,6 +314,19 @@ func (m *module) function(name string) (*kernel, error) {
 		return nil, err
 	}
 	return &kernel{name: name, f: f}, nil
+}
+
+// funcAttrMaxDynamicShared is CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES.
+const funcAttrMaxDynamicShared = 8
+
+// allowShared lets k launch with up to bytes of dynamic shared memory: above 48 KiB a function must opt
+// in (cuFuncSetAttribute), up to the device's per-block limit (227 KiB on Hopper).
+func (d *device) allowShared(k *kernel, bytes int) error {
+	if drv.funcSetAttribute == nil {
+		return fmt.Errorf("cuda: %s: %d bytes of shared memory: the driver has no cuFuncSetAttribute", k.name, bytes)
+	}
+	return check("cuFuncSetAttribute("+k.name+")", cuResult(C.tp_cuFuncSetAttribute(drv.funcSetAttribute, d.ctx, k.f,
+		C.int(funcAttrMaxDynamicShared), C.int(bytes))))
 }
 
 // dim3 is a grid or block size.

@@ -123,7 +123,7 @@ func TestKernelCache(t *testing.T) {
 		return []byte("CUBIN " + name), nil
 	}
 	dir := filepath.Join(t.TempDir(), "kernels")
-	res, err := compileUnits(dir, units, base, compile)
+	res, err := compileUnits(dir, units, "", base, compile)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -136,7 +136,7 @@ func TestKernelCache(t *testing.T) {
 		}
 	}
 	calls = 0
-	res, err = compileUnits(dir, units, base, compile)
+	res, err = compileUnits(dir, units, "", base, compile)
 	if err != nil || calls != 0 {
 		t.Fatalf("filled cache: %d compiles, error %v; want none", calls, err)
 	}
@@ -146,7 +146,7 @@ func TestKernelCache(t *testing.T) {
 		}
 	}
 	// Another driver misses; a damaged file is compiled again with a warning naming it.
-	if _, err := compileUnits(dir, units[:1], target{"sm_90", "13.0", base.device, 13010}, compile); err != nil || calls != 1 {
+	if _, err := compileUnits(dir, units[:1], "", target{"sm_90", "13.0", base.device, 13010}, compile); err != nil || calls != 1 {
 		t.Errorf("other driver: %d compiles, error %v; want 1", calls, err)
 	}
 	damaged := res[1].path
@@ -156,7 +156,7 @@ func TestKernelCache(t *testing.T) {
 		t.Fatal(err)
 	}
 	calls = 0
-	res, err = compileUnits(dir, units, base, compile)
+	res, err = compileUnits(dir, units, "", base, compile)
 	if err != nil || calls != 1 {
 		t.Fatalf("damaged file: %d compiles, error %v; want 1", calls, err)
 	}
@@ -170,7 +170,7 @@ func TestKernelCache(t *testing.T) {
 	fail := func(src, name, arch string) ([]byte, error) {
 		return nil, &CompileError{Name: name, Err: errors.New("boom")}
 	}
-	if _, err := compileUnits("", units, base, fail); err == nil || !strings.Contains(err.Error(), "boom") {
+	if _, err := compileUnits("", units, "", base, fail); err == nil || !strings.Contains(err.Error(), "boom") {
 		t.Errorf("compile error: %v, want boom", err)
 	}
 	if d := defaultKernelCache(); d != "" && !strings.HasSuffix(d, filepath.Join("tpfleet", "kernels")) {
@@ -231,15 +231,23 @@ func TestParseUnfuse(t *testing.T) {
 		{nil, Fusions()},
 		{[]string{""}, Fusions()},
 		{[]string{"all"}, nil},
-		{[]string{"route, Vec", ""}, []string{FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FusePack, FuseQ4GEMM}},
-		{[]string{"act", "combine,qkv"}, []string{FuseRoute, FuseSwiGLU, FuseVec, FusePack, FuseQ4GEMM}},
-		{[]string{"q4gemm"}, []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack}},
+		{[]string{"route, Vec", ""}, []string{FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FusePack, FusePrefetch, FuseGrouped, FuseQ4GEMM}},
+		{[]string{"act", "combine,qkv"}, []string{FuseRoute, FuseSwiGLU, FuseVec, FusePack, FusePrefetch, FuseGrouped, FuseQ4GEMM}},
+		{[]string{"grouped"}, []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FusePrefetch, FuseQ4GEMM}},
+		{[]string{"q4gemm"}, []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FusePrefetch, FuseGrouped}},
 		{[]string{"", "all"}, nil},
 	} {
 		got, err := parseUnfuse(tt.lists...)
 		if err != nil || !slices.Equal(got.names(), tt.want) {
 			t.Errorf("parseUnfuse(%q) = %v, %v; want %v", tt.lists, got.names(), err, tt.want)
 		}
+	}
+	// prefetch is a compile-time fusion: turned off, the kernels are compiled with a define (and so
+	// cached apart), and only then.
+	on, _ := parseUnfuse("")
+	off, _ := parseUnfuse("prefetch")
+	if on.defines() != "" || off.defines() != "#define TPFLEET_NO_L2_PREFETCH\n" {
+		t.Errorf("defines: all on %q, prefetch off %q; want none, then TPFLEET_NO_L2_PREFETCH", on.defines(), off.defines())
 	}
 	if _, err := parseUnfuse("route,fast"); err == nil || !strings.Contains(err.Error(), `"fast"`) {
 		t.Errorf("parseUnfuse(route,fast) = %v, want an error naming fast", err)

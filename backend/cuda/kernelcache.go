@@ -129,14 +129,16 @@ type unitResult struct {
 type compileFunc func(src, name, arch string) ([]byte, error)
 
 // compileUnits gets every unit's cubin for t: from dir's cache when present and intact, else compiled,
-// the units in parallel (NVRTC programs are independent), and stored. A corrupt cache file is compiled
-// again with a warning. dir "" is no cache. The first compile error is returned after every unit ended.
-func compileUnits(dir string, units []kernels.Unit, t target, compile compileFunc) ([]unitResult, error) {
+// the units in parallel (NVRTC programs are independent), and stored. defines (preprocessor lines, the
+// fusions turned off at compile time: fusionSet.defines) go before each unit's source, so they are part
+// of its cache key. A corrupt cache file is compiled again with a warning. dir "" is no cache. The first
+// compile error is returned after every unit ended.
+func compileUnits(dir string, units []kernels.Unit, defines string, t target, compile compileFunc) ([]unitResult, error) {
 	res := make([]unitResult, len(units))
 	var wg sync.WaitGroup
 	for i, u := range units {
 		r := &res[i]
-		r.unit, r.src = u, u.Source()
+		r.unit, r.src = u, defines+u.Source()
 		if dir != "" {
 			r.path = filepath.Join(dir, u.Name+"-"+cacheKey(r.src, t)+".cubin")
 			b, err := readCache(r.path)
@@ -207,7 +209,7 @@ func (b *Backend) loadKernels(t target) error {
 	dir := KernelCacheDir(b.cfg.KernelCache)
 	start := time.Now()
 	units := kernels.Units()
-	res, err := compileUnits(dir, units, t, compile)
+	res, err := compileUnits(dir, units, b.fuse.defines(), t, compile)
 	if err != nil {
 		return err
 	}

@@ -172,9 +172,11 @@ func (b *Backend) ReadRouting(r backend.Routing) (experts []int, scores []float3
 // (moe_plan groups the routing slots by expert there). Three paths:
 //   - T <= skinnyRows (decode): a split-K GEMV per active expert (gemv.cu) that reads only the chosen
 //     experts' weights with 16-byte loads, float32 math on x as stored; 5 launches, no host round trip.
-//   - larger T (prefill) in the default mode: one cuBLASLt GEMM per active expert for gate_up and for
-//     down, on the tokens gathered by expert (bf16 inputs, float32 accumulation). The per-expert counts
-//     come to the host (one synchronization per MoE layer). Activations F32 keeps the GEMV path.
+//   - larger T (prefill) in the default mode: the grouped tensor-core GEMMs of grouped.go (FuseGrouped:
+//     one launch for gate_up and one for down over every active expert, the plan read on the device);
+//     with that fusion off, one cuBLASLt GEMM per active expert for gate_up and for down, on the tokens
+//     gathered by expert (bf16 inputs, float32 accumulation), the per-expert counts brought to the host
+//     (one synchronization per MoE layer). Activations F32 keeps the GEMV path.
 //   - shapes those kernels do not take (H or I not a multiple of 8 and 4, weights not bf16): the
 //     generic per-slot kernels of moe.cu.
 func (b *Backend) Experts(x backend.Tensor, r backend.Routing, gateUp, down backend.Tensor, first int) (backend.Tensor, error) {
@@ -244,6 +246,13 @@ func (b *Backend) experts(x backend.Tensor, r backend.Routing, gateUp, down back
 	fast := small && E > 0 && I > 0 && H%8 == 0 && I%4 == 0 && gt.dt == BF16 && dt.dt == BF16 && gt.ptr()%16 == 0 && dt.ptr()%16 == 0 &&
 		E <= maxPlanExperts
 	switch {
+	case fast && T > skinnyRows && b.cfg.Activations == BF16 && b.groupedOK(e): // grouped.go
+		b.counts.ExpertsGrouped++
+		b.counts.ExpertsMMA++
+		if err := b.expertsMMA(e); err != nil {
+			return nil, fmt.Errorf("cuda: experts: %w", err)
+		}
+		return out, nil
 	case fast && T > skinnyRows && b.cfg.Activations == BF16 && H*I%128 == 0 && gt.ptr()%alignment == 0 && dt.ptr()%alignment == 0:
 		done, err := b.expertsGrouped(e)
 		if err != nil {

@@ -67,6 +67,10 @@ CUresult tp_cuModuleGetFunction(void* f, CUcontext c, CUfunction* fn, CUmodule m
 	BIND(c);
 	return ((CUresult(*)(CUfunction*, CUmodule, const char*))f)(fn, m, name);
 }
+CUresult tp_cuFuncSetAttribute(void* f, CUcontext c, CUfunction fn, int attr, int v) {
+	BIND(c);
+	return ((CUresult(*)(CUfunction, int, int))f)(fn, attr, v);
+}
 CUresult tp_cuStreamCreate(void* f, CUcontext c, CUstream* s, unsigned fl) { BIND(c); return ((CUresult(*)(CUstream*, unsigned))f)(s, fl); }
 CUresult tp_cuStreamDestroy(void* f, CUcontext c, CUstream s) { BIND(c); return ((CUresult(*)(CUstream))f)(s); }
 CUresult tp_cuStreamSynchronize(void* f, CUcontext c, CUstream s) { BIND(c); return ((CUresult(*)(CUstream))f)(s); }

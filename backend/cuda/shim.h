@@ -48,6 +48,7 @@ CUresult tp_cuMemsetD8Async(void* f, CUcontext c, CUdeviceptr dst, unsigned char
 CUresult tp_cuModuleLoadData(void* f, CUcontext c, CUmodule* m, const void* image);
 CUresult tp_cuModuleUnload(void* f, CUcontext c, CUmodule m);
 CUresult tp_cuModuleGetFunction(void* f, CUcontext c, CUfunction* fn, CUmodule m, const char* name);
+CUresult tp_cuFuncSetAttribute(void* f, CUcontext c, CUfunction fn, int attr, int v);
 CUresult tp_cuStreamCreate(void* f, CUcontext c, CUstream* s, unsigned flags);
 CUresult tp_cuStreamDestroy(void* f, CUcontext c, CUstream s);
 CUresult tp_cuStreamSynchronize(void* f, CUcontext c, CUstream s);

@@ -11,8 +11,11 @@ cd "$(dirname "$0")/../.."
 ARCH=${ARCH:-sm_90}
 LIBNVRTC=${LIBNVRTC:-}
 if [ -z "$LIBNVRTC" ]; then
+	# The cache read once into a variable: `ldconfig -p | grep -q` under pipefail fails at random (grep -q
+	# exits at the first match and ldconfig dies of SIGPIPE).
+	cache=$(ldconfig -p 2>/dev/null || true)
 	for l in libnvrtc.so libnvrtc.so.13 libnvrtc.so.12 libnvrtc.so.11.2; do
-		if ldconfig -p 2>/dev/null | grep -q "^\s*$l "; then LIBNVRTC=$l; break; fi
+		if grep -q "^\s*$l " <<<"$cache"; then LIBNVRTC=$l; break; fi
 	done
 fi
 if [ -z "$LIBNVRTC" ]; then

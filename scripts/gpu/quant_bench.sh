@@ -60,7 +60,7 @@ for q in ${FORMATS:-bf16 fp8 int4}; do
 done
 
 if [ "${OFFLOAD:-1}" = 1 ]; then
-	if "$tmp/tpfleet" bench -h 2>&1 | grep -q -- '-offload-experts'; then
+	if "$tmp/tpfleet" bench -h 2>&1 | grep -- '-offload-experts' >/dev/null; then
 		for q in bf16 fp8; do bench "$q" 1 --offload-experts; done
 	else
 		echo "== offload: this tpfleet has no bench --offload-experts (not built yet)"

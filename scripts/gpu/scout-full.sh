@@ -62,7 +62,7 @@ for q in ${FORMATS:-int4}; do
 	pid=$!
 	ok=0
 	for _ in $(seq 600); do
-		if "$tp" cluster memory --etcd http://127.0.0.1:23790 --json 2>/dev/null | grep -q '"kv_blocks"'; then
+		if "$tp" cluster memory --etcd http://127.0.0.1:23790 --json 2>/dev/null | grep '"kv_blocks"' >/dev/null; then
 			ok=1
 			break
 		fi
