@@ -76,11 +76,13 @@ const EnvUnfuse = "TPFLEET_CUDA_UNFUSE"
 
 // Fusions returns the names of the kernel fusions a Backend makes, each of which Config.Unfuse can turn
 // off (a new slice each call: the list is not package state anyone can change). Every one but
-// FuseGrouped gives the results of the kernels it replaces bit for bit; FuseGrouped replaces cuBLASLt's
-// GEMMs, whose summation order is cuBLASLt's own, and agrees with them to bf16 rounding (it is
-// deterministic run to run all the same).
+// FuseGrouped and FuseQ4GEMM gives the results of the kernels it replaces bit for bit; those two replace
+// cuBLASLt's GEMMs, whose summation order is cuBLASLt's own: FuseGrouped agrees with them to bf16
+// rounding, FuseQ4GEMM multiplies the same bf16 weights and inputs and differs only in the order of its
+// float32 sums (both are deterministic run to run all the same).
 func Fusions() []string {
-	return []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FusePrefetch, FuseGrouped}
+	return []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FusePrefetch, FuseGrouped,
+		FuseQ4GEMM}
 }
 
 // The fusions (Fusions).
@@ -112,6 +114,11 @@ const (
 	// combine in the epilogues), reading the expert plan on the device; off, one cuBLASLt GEMM per active
 	// expert after a host read of the counts, with expert_gather, expert_act and expert_combine.
 	FuseGrouped = "grouped"
+	// FuseQ4GEMM: int4 weights above the GEMVs' rows (prefill) on q4gemm, a tensor-core GEMM that turns the
+	// codes into bf16(q·s) in registers (kernels/quant_int4.cu; the routed experts in one launch with SiLU·mul
+	// in gate_up's epilogue), instead of dequant_int4_bf16 writing each weight as bf16 for cuBLASLt. The
+	// same bf16 products; the float32 sums in another order.
+	FuseQ4GEMM = "q4gemm"
 )
 
 // Config configures a Backend.
@@ -149,8 +156,9 @@ type Config struct {
 	// Config. The results are the same either way.
 	NoPDL bool `json:"cuda-no-pdl"`
 	// Unfuse turns kernel fusions off, for comparing and debugging: "all", or a comma-separated list of
-	// names from Fusions (route, swiglu, act, combine, qkv, vec, pack, prefetch, grouped); empty keeps every fusion. The ops
-	// then launch the kernels the fusion replaces, with the same results. EnvUnfuse adds to it.
+	// names from Fusions (route, swiglu, act, combine, qkv, vec, pack, prefetch, grouped, q4gemm); empty
+	// keeps every fusion. The ops then launch the kernels the fusion replaces, with the same results (grouped
+	// and q4gemm: to the rounding of their sums). EnvUnfuse adds to it.
 	Unfuse string `json:"cuda-unfuse"`
 }
 
