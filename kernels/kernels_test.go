@@ -114,7 +114,7 @@ func TestPrologue(t *testing.T) {
 		{`extern "C" __global__ void f(int x) { PDL_PROLOGUE(); x++; }`, []string{"f"}},
 		{"extern \"C\" __global__ void __launch_bounds__(128)\ng(const int* a,\n\tint n) {\n\tPDL_PROLOGUE();\n}", []string{"g"}},
 		{`extern "C" __global__ void h(int x) { x++; PDL_PROLOGUE(); }`, nil},
-		{`extern "C" __global__ void k(const bf16_t* w) { PDL_PROLOGUE_L2(gemv_l2(w, K, N)); }`, []string{"k"}},
+		{`extern "C" __global__ void k(const bf16_t* w) { PDL_PROLOGUE_L2(l2_prefetch(gemv_l2(w, K, N))); }`, []string{"k"}},
 		{`extern "C" __global__ void l(int x) { PDL_PROLOGUE_L2; }`, nil},
 		{`extern "C" __global__ void i(int x) { } extern "C" __global__ void j(int x) { PDL_PROLOGUE(); }`, []string{"j"}},
 	} {

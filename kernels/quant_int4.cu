@@ -206,13 +206,28 @@ __device__ __forceinline__ void q4gemv_block(int b, int xo, const u32 (&wv)[MT][
 // loads word c of each 16-byte block (four-byte loads: a step stays in a 32-input block, for groups of
 // 32); WIDE (K % 128 == 0, gs % 128 == 0, w 16-byte aligned) loads the lane's 16 bytes of a 128-input
 // tile at once, ranges in whole tiles.
+// q4_per is the 32-input blocks of K each of a q4gemv block's W warps takes (WIDE: whole 128-input tiles).
+template <bool WIDE>
+__device__ __forceinline__ int q4_per(int nb, int W) {
+	return WIDE ? ((nb >> 2) + W - 1) / W * 4 : (nb + W - 1) / W;
+}
+
+// q4gemv_prefetch asks L2 for the line where each of the block's 16·MT rows (from n0, w [N, K]) starts
+// in this warp's range of K: what q4gemv_rows reads first, for PDL_PROLOGUE_L2.
+template <int MT, bool WIDE>
+__device__ __forceinline__ void q4gemv_prefetch(const unsigned char* w, int K, int N, int n0) {
+	int nb = K >> 5, b0 = (threadIdx.x >> 5) * q4_per<WIDE>(nb, blockDim.x >> 5);
+	if (b0 >= nb || n0 >= N) return;
+	for (int r = threadIdx.x & 31; r < 16 * MT; r += 32) prefetch_l2(w + (long long)q4_imin(n0 + r, N - 1) * (K >> 1) + 16 * b0);
+}
+
 template <int MT, int NT, bool PREP, bool WIDE>
 __device__ __forceinline__ void q4gemv_rows(const void* __restrict__ x, int xdt, const unsigned char* __restrict__ w,
 	const bf16_t* __restrict__ scales, int gs, float* __restrict__ y, int T, int K, int N, int n0) {
 	__shared__ float red[Q4_MAXW][16 * MT][4 * NT];
 	int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5;
 	int g = lane >> 2, c = lane & 3;
-	int nb = K >> 5, per = WIDE ? ((nb >> 2) + W - 1) / W * 4 : (nb + W - 1) / W;
+	int nb = K >> 5, per = q4_per<WIDE>(nb, W);
 	int b0 = q4_imin(nb, warp * per), b1 = q4_imin(nb, b0 + per);
 	int G = (K + gs - 1) / gs, bpg = gs >> 5;
 	const u32* wp[MT][2];
@@ -318,32 +333,32 @@ extern "C" __global__ void q4_xprep(const void* x, int xdt, int T, int K, q4_u32
 // W <= Q4_MAXW warps (Q4_MAXW / 2 for q4gemv_4, whose registers would spill at 512 threads).
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_1(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
-	PDL_PROLOGUE();
+	PDL_PROLOGUE_L2((q4gemv_prefetch<4, false>(w, K, N, blockIdx.x * 64)));
 	q4gemv_rows<4, 1, false, false>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 64);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_2(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
-	PDL_PROLOGUE();
+	PDL_PROLOGUE_L2((q4gemv_prefetch<2, false>(w, K, N, blockIdx.x * 32)));
 	q4gemv_rows<2, 2, true, false>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 16)
 q4gemv_4(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
-	PDL_PROLOGUE();
+	PDL_PROLOGUE_L2((q4gemv_prefetch<2, false>(w, K, N, blockIdx.x * 32)));
 	q4gemv_rows<2, 4, true, false>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_1w(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
-	PDL_PROLOGUE();
+	PDL_PROLOGUE_L2((q4gemv_prefetch<4, true>(w, K, N, blockIdx.x * 64)));
 	q4gemv_rows<4, 1, false, true>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 64);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_2w(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
-	PDL_PROLOGUE();
+	PDL_PROLOGUE_L2((q4gemv_prefetch<2, true>(w, K, N, blockIdx.x * 32)));
 	q4gemv_rows<2, 2, true, true>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 16)
 q4gemv_4w(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
-	PDL_PROLOGUE();
+	PDL_PROLOGUE_L2((q4gemv_prefetch<2, true>(w, K, N, blockIdx.x * 32)));
 	q4gemv_rows<2, 4, true, true>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32);
 }
 
@@ -351,32 +366,52 @@ q4gemv_4w(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, 
 // [T, n_s] = x · w_sᵀ for s = 0, 1, 2 (n_2 may be 0), ceil(n_s / 64) blocks each in order, so that q, k
 // and v (or the shared expert's gate and up) take one launch and the small products borrow the big
 // one's blocks. q4gemv_multi_1w: WIDE.
-template <bool WIDE>
-__device__ __forceinline__ void q4gemv_multi(const void* x, int xdt, const unsigned char* w0, const bf16_t* s0, float* y0, int n0,
-	const unsigned char* w1, const bf16_t* s1, float* y1, int n1, const unsigned char* w2, const bf16_t* s2, float* y2, int n2, int gs,
-	int T, int K) {
-	int b = blockIdx.x, b0 = (n0 + 63) / 64, b1 = (n1 + 63) / 64;
-	const unsigned char* w = w0;
-	const bf16_t* s = s0;
-	float* y = y0;
-	int n = n0;
+// q4gemv_multi_pick selects the weight of q4gemv_multi's block b (64 rows a block, the products in order):
+// its codes w, scales s, output y and rows n; it returns the block's first row in it.
+__device__ __forceinline__ int q4gemv_multi_pick(int b, const unsigned char* w0, const bf16_t* s0, float* y0, int n0,
+	const unsigned char* w1, const bf16_t* s1, float* y1, int n1, const unsigned char* w2, const bf16_t* s2, float* y2, int n2,
+	const unsigned char*& w, const bf16_t*& s, float*& y, int& n) {
+	int b0 = (n0 + 63) / 64, b1 = (n1 + 63) / 64;
+	w = w0, s = s0, y = y0, n = n0;
 	if (b >= b0 + b1) {
 		w = w2, s = s2, y = y2, n = n2, b -= b0 + b1;
 	} else if (b >= b0) {
 		w = w1, s = s1, y = y1, n = n1, b -= b0;
 	}
-	q4gemv_rows<4, 1, false, WIDE>(x, xdt, w, s, gs, y, T, K, n, b * 64); // one copy of the loop
+	return b * 64;
+}
+
+// q4gemv_multi_prefetch is q4gemv_prefetch for q4gemv_multi's block.
+template <bool WIDE>
+__device__ __forceinline__ void q4gemv_multi_prefetch(const unsigned char* w0, int n0, const unsigned char* w1, int n1,
+	const unsigned char* w2, int n2, int K) {
+	const unsigned char* w;
+	const bf16_t* s;
+	float* y;
+	int n, r0 = q4gemv_multi_pick(blockIdx.x, w0, nullptr, nullptr, n0, w1, nullptr, nullptr, n1, w2, nullptr, nullptr, n2, w, s, y, n);
+	q4gemv_prefetch<4, WIDE>(w, K, n, r0);
+}
+
+template <bool WIDE>
+__device__ __forceinline__ void q4gemv_multi(const void* x, int xdt, const unsigned char* w0, const bf16_t* s0, float* y0, int n0,
+	const unsigned char* w1, const bf16_t* s1, float* y1, int n1, const unsigned char* w2, const bf16_t* s2, float* y2, int n2, int gs,
+	int T, int K) {
+	const unsigned char* w;
+	const bf16_t* s;
+	float* y;
+	int n, r0 = q4gemv_multi_pick(blockIdx.x, w0, s0, y0, n0, w1, s1, y1, n1, w2, s2, y2, n2, w, s, y, n);
+	q4gemv_rows<4, 1, false, WIDE>(x, xdt, w, s, gs, y, T, K, n, r0); // one copy of the loop
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_multi_1(const void* x, int xdt, const unsigned char* w0, const bf16_t* s0, float* y0, int n0, const unsigned char* w1,
 	const bf16_t* s1, float* y1, int n1, const unsigned char* w2, const bf16_t* s2, float* y2, int n2, int gs, int T, int K) {
-	PDL_PROLOGUE();
+	PDL_PROLOGUE_L2(q4gemv_multi_prefetch<false>(w0, n0, w1, n1, w2, n2, K));
 	q4gemv_multi<false>(x, xdt, w0, s0, y0, n0, w1, s1, y1, n1, w2, s2, y2, n2, gs, T, K);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_multi_1w(const void* x, int xdt, const unsigned char* w0, const bf16_t* s0, float* y0, int n0, const unsigned char* w1,
 	const bf16_t* s1, float* y1, int n1, const unsigned char* w2, const bf16_t* s2, float* y2, int n2, int gs, int T, int K) {
-	PDL_PROLOGUE();
+	PDL_PROLOGUE_L2(q4gemv_multi_prefetch<true>(w0, n0, w1, n1, w2, n2, K));
 	q4gemv_multi<true>(x, xdt, w0, s0, y0, n0, w1, s1, y1, n1, w2, s2, y2, n2, gs, T, K);
 }
 

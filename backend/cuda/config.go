@@ -105,8 +105,8 @@ const (
 	// FusePack: a prefill's expert blocks unpadded where every row offset keeps cuBLASLt's alignment, so
 	// the elementwise expert kernels touch no gap rows.
 	FusePack = "pack"
-	// FusePrefetch: the dense GEMVs ask L2 for the start of their weight rows before they wait for the
-	// kernel ahead (PDL_PROLOGUE_L2, kernels/prelude.cuh). A compile-time switch: turned off, the kernels
+	// FusePrefetch: the dense GEMVs (bf16, fp8 and int4 Linear) ask L2 for the start of their weight rows
+	// before they wait for the kernel ahead (PDL_PROLOGUE_L2, kernels/prelude.cuh). A compile-time switch: turned off, the kernels
 	// are compiled without it (a cache entry of their own); it changes timing only.
 	FusePrefetch = "prefetch"
 	// FuseGrouped: a prefill's bf16 routed experts as two grouped tensor-core GEMMs over every active
