@@ -29,6 +29,7 @@ func TestStdLogWriter(t *testing.T) {
 	l.Printf("[DEBUG] memberlist: Stream connection from=%s", "127.0.0.1:1")
 	l.Printf("[WARN] memberlist: Refuting a suspect message")
 	l.Printf("[ERR] memberlist: Failed to send")
+	l.Printf("[ERR] memberlist: Failed fallback TCP ping: timeout 250ms: i/o timeout")
 	l.Printf("no prefix")
 	var got []string
 	for _, e := range logs.All() {
@@ -38,6 +39,7 @@ func TestStdLogWriter(t *testing.T) {
 		"debug Stream connection from=127.0.0.1:1",
 		"warn Refuting a suspect message",
 		"error Failed to send",
+		"warn Failed fallback TCP ping: timeout 250ms: i/o timeout",
 		"info no prefix",
 	}
 	if !slices.Equal(got, want) {

@@ -58,7 +58,14 @@ func (w stdLogWriter) Write(p []byte) (int, error) {
 			break
 		}
 	}
-	if ce := w.lg.Check(lvl, string(bytes.TrimPrefix(msg, []byte("memberlist: ")))); ce != nil {
+	msg = bytes.TrimPrefix(msg, []byte("memberlist: "))
+	if lvl == zapcore.ErrorLevel && bytes.HasPrefix(msg, []byte("Failed fallback TCP ping")) {
+		// A probe of a slow or gone peer timed out: what failure detection is there to notice (the peer is
+		// then suspected, and marked dead if it stays silent), not a fault of this process. A busy host
+		// makes a few of these.
+		lvl = zapcore.WarnLevel
+	}
+	if ce := w.lg.Check(lvl, string(msg)); ce != nil {
 		ce.Write()
 	}
 	return len(p), nil

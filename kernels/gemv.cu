@@ -170,22 +170,22 @@ __device__ __forceinline__ l2span gemv_rows_l2(const bf16_t* w, int K, int N, in
 // blocks of GEMV_WARPS warps).
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_1(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) {
-	PDL_PROLOGUE_L2(gemv_l2(w, K, N));
+	PDL_PROLOGUE_L2(l2_prefetch(gemv_l2(w, K, N)));
 	gemv_rows<1>(x, xdt, w, y, T, K, N, gemv_row0());
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_2(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) {
-	PDL_PROLOGUE_L2(gemv_l2(w, K, N));
+	PDL_PROLOGUE_L2(l2_prefetch(gemv_l2(w, K, N)));
 	gemv_rows<2>(x, xdt, w, y, T, K, N, gemv_row0());
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_4(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) {
-	PDL_PROLOGUE_L2(gemv_l2(w, K, N));
+	PDL_PROLOGUE_L2(l2_prefetch(gemv_l2(w, K, N)));
 	gemv_rows<4>(x, xdt, w, y, T, K, N, gemv_row0());
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_8(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) {
-	PDL_PROLOGUE_L2(gemv_l2(w, K, N));
+	PDL_PROLOGUE_L2(l2_prefetch(gemv_l2(w, K, N)));
 	gemv_rows<8>(x, xdt, w, y, T, K, N, gemv_row0());
 }
 
@@ -193,12 +193,12 @@ gemv_8(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) {
 // ceil(N / GEMV_ROWS) blocks of GEMV_WARPS warps).
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_split_1(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) {
-	PDL_PROLOGUE_L2(gemv_rows_l2(w, K, N, blockIdx.x * GEMV_ROWS));
+	PDL_PROLOGUE_L2(l2_prefetch(gemv_rows_l2(w, K, N, blockIdx.x * GEMV_ROWS)));
 	gemv_split_rows<1>(x, xdt, w, y, T, K, N, blockIdx.x * GEMV_ROWS);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_split_2(const void* x, int xdt, const bf16_t* w, float* y, int T, int K, int N) {
-	PDL_PROLOGUE_L2(gemv_rows_l2(w, K, N, blockIdx.x * GEMV_ROWS));
+	PDL_PROLOGUE_L2(l2_prefetch(gemv_rows_l2(w, K, N, blockIdx.x * GEMV_ROWS)));
 	gemv_split_rows<2>(x, xdt, w, y, T, K, N, blockIdx.x * GEMV_ROWS);
 }
 
@@ -227,13 +227,13 @@ __device__ __forceinline__ l2span gemv_multi_l2(const bf16_t* w0, int n0, const 
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_multi_1(const void* x, int xdt, const bf16_t* w0, float* y0, int n0, const bf16_t* w1, float* y1, int n1,
 	const bf16_t* w2, float* y2, int n2, int T, int K) {
-	PDL_PROLOGUE_L2(gemv_multi_l2(w0, n0, w1, n1, w2, n2, K));
+	PDL_PROLOGUE_L2(l2_prefetch(gemv_multi_l2(w0, n0, w1, n1, w2, n2, K)));
 	gemv_multi<1>(x, xdt, w0, y0, n0, w1, y1, n1, w2, y2, n2, T, K);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_multi_2(const void* x, int xdt, const bf16_t* w0, float* y0, int n0, const bf16_t* w1, float* y1, int n1,
 	const bf16_t* w2, float* y2, int n2, int T, int K) {
-	PDL_PROLOGUE_L2(gemv_multi_l2(w0, n0, w1, n1, w2, n2, K));
+	PDL_PROLOGUE_L2(l2_prefetch(gemv_multi_l2(w0, n0, w1, n1, w2, n2, K)));
 	gemv_multi<2>(x, xdt, w0, y0, n0, w1, y1, n1, w2, y2, n2, T, K);
 }
 
@@ -299,13 +299,13 @@ __device__ __forceinline__ l2span gemv_gated_l2(const bf16_t* w0, int n0, const 
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_gated_1(const void* x, int xdt, const bf16_t* w0, float* y0, int n0, const bf16_t* gate, const bf16_t* up,
 	void* act, int adt, int I, int T, int K) {
-	PDL_PROLOGUE_L2(gemv_gated_l2(w0, n0, gate, up, I, K));
+	PDL_PROLOGUE_L2(l2_prefetch(gemv_gated_l2(w0, n0, gate, up, I, K)));
 	gemv_gated<1>(x, xdt, w0, y0, n0, gate, up, act, adt, I, T, K);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_gated_2(const void* x, int xdt, const bf16_t* w0, float* y0, int n0, const bf16_t* gate, const bf16_t* up,
 	void* act, int adt, int I, int T, int K) {
-	PDL_PROLOGUE_L2(gemv_gated_l2(w0, n0, gate, up, I, K));
+	PDL_PROLOGUE_L2(l2_prefetch(gemv_gated_l2(w0, n0, gate, up, I, K)));
 	gemv_gated<2>(x, xdt, w0, y0, n0, gate, up, act, adt, I, T, K);
 }
 

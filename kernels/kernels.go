@@ -123,7 +123,7 @@ func Entries(src string) []string {
 
 // Prologue is the statement every kernel begins with (prelude.cuh): programmatic dependent launch's wait
 // for the kernel before it, then its signal that the next kernel may launch. PrologueL2 is its form
-// that first prefetches weights into L2 (PDL_PROLOGUE_L2(span)), which waits the same way.
+// that first prefetches weights into L2 (PDL_PROLOGUE_L2(prefetch call)), which waits the same way.
 const (
 	Prologue   = "PDL_PROLOGUE();"
 	PrologueL2 = "PDL_PROLOGUE_L2("

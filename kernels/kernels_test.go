@@ -47,6 +47,7 @@ func TestEntries(t *testing.T) {
 		"fp8_act_rows", "fp8_act_codes", "fp8_gemv_1", "fp8_gemv_2", "fp8_gemv_4", "fp8_gemv_8", "fp8_gemv_xs_1", "fp8_gemv_xs_2", "fp8_gemv_xs_4", "fp8_gemv_xs_8",
 		"fp8_expert_gemv_1", "fp8_expert_gemv_4", "fp8_expert_gemv_xs_1", "fp8_expert_gemv_xs_4", "fp8_dequant_experts", "transpose_u8", "fp8_scale_out",
 		"q4_xprep", "q4gemv_1", "q4gemv_2", "q4gemv_4", "q4gemv_1w", "q4gemv_2w", "q4gemv_4w", "q4gemv_multi_1", "q4gemv_multi_1w", "q4expert_gemv_1", "q4expert_gemv_2", "dequant_int4_bf16",
+		"q4gemm", "q4gemm_experts", "q4gemm_experts_swiglu",
 		"sample_argmax", "sample_rows"}
 	if !slices.Equal(got, want) {
 		t.Errorf("Entries(Source()) = %v, want %v", got, want)
@@ -113,7 +114,7 @@ func TestPrologue(t *testing.T) {
 		{`extern "C" __global__ void f(int x) { PDL_PROLOGUE(); x++; }`, []string{"f"}},
 		{"extern \"C\" __global__ void __launch_bounds__(128)\ng(const int* a,\n\tint n) {\n\tPDL_PROLOGUE();\n}", []string{"g"}},
 		{`extern "C" __global__ void h(int x) { x++; PDL_PROLOGUE(); }`, nil},
-		{`extern "C" __global__ void k(const bf16_t* w) { PDL_PROLOGUE_L2(gemv_l2(w, K, N)); }`, []string{"k"}},
+		{`extern "C" __global__ void k(const bf16_t* w) { PDL_PROLOGUE_L2(l2_prefetch(gemv_l2(w, K, N))); }`, []string{"k"}},
 		{`extern "C" __global__ void l(int x) { PDL_PROLOGUE_L2; }`, nil},
 		{`extern "C" __global__ void i(int x) { } extern "C" __global__ void j(int x) { PDL_PROLOGUE(); }`, []string{"j"}},
 	} {

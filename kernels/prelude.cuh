@@ -23,40 +23,55 @@ typedef unsigned int u32;
 	} while (0)
 #endif
 
+// prefetch_l2 asks for the 128-byte line at p in L2 without waiting for it.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#if defined(__CUDA_ARCH__)
+	asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#else
+	(void)p;
+#endif
+}
+
 // l2span is a part of a kernel's input that no kernel before it in the stream writes (its weights), in
-// two streams of bytes bytes each (p1 may equal p0): what PDL_PROLOGUE_L2 asks L2 for before waiting.
+// two streams of bytes bytes each (p1 may equal p0): what l2_prefetch asks L2 for.
 struct l2span {
 	const char* p0;
 	const char* p1;
 	int bytes;
 };
 
+// l2_prefetch asks L2 for span s, a warp's share: one 128-byte line a lane and stream at a time.
+__device__ __forceinline__ void l2_prefetch(l2span s) {
+	for (int o = (threadIdx.x & 31) * 128; o < s.bytes; o += 32 * 128) {
+		prefetch_l2(s.p0 + o);
+		if (s.p1 != s.p0) prefetch_l2(s.p1 + o);
+	}
+}
+
 // L2_PREFETCH_ROW is the most bytes of a weight row a warp prefetches: a GEMV warp's first pass over a
 // row (32 lanes × 4 loads of 16 bytes). A block waiting at griddepcontrol.wait holds a slot of its SM, so
 // at most a few MB are prefetched by all the blocks resident early: they stay in L2 until they are read.
 #define L2_PREFETCH_ROW 2048
 
-// PDL_PROLOGUE_L2(span) is PDL_PROLOGUE for a kernel whose weights (span, an l2span) are not written by
-// the kernels before it: each warp first asks L2 for the start of its weight rows, one 128-byte line a
-// lane a stream, then waits. Programmatic dependent launch schedules its blocks while the kernel ahead
+// PDL_PROLOGUE_L2(prefetch) is PDL_PROLOGUE for a kernel whose weights are not written by the kernels
+// before it: each warp first runs prefetch, a call that asks L2 for the weight it reads first (the start
+// of its rows: l2_prefetch of an l2span, or the kernel's own), then waits. Programmatic dependent launch schedules its blocks while the kernel ahead
 // still runs (a norm, an attention, the tail of a GEMV), so the weight stream starts then instead of after
 // it: the GPU's gap at a kernel boundary is spent reading. A prefetch is a hint (it writes nothing and
 // changes no result); TPFLEET_NO_L2_PREFETCH (the backend's fusion "prefetch" turned off) leaves it out.
 // kernels.Prologued accepts it as the first statement.
+// L2_PREFETCH_EARLY is 1 where PDL_PROLOGUE_L2 prefetches: a kernel that prefetched after its wait before
+// does so only where it is 0.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(TPFLEET_NO_L2_PREFETCH)
-__device__ __forceinline__ void l2_prefetch(l2span s) {
-	for (int o = (threadIdx.x & 31) * 128; o < s.bytes; o += 32 * 128) {
-		asm volatile("prefetch.global.L2 [%0];" ::"l"(s.p0 + o));
-		if (s.p1 != s.p0) asm volatile("prefetch.global.L2 [%0];" ::"l"(s.p1 + o));
-	}
-}
-#define PDL_PROLOGUE_L2(span) \
+#define L2_PREFETCH_EARLY 1
+#define PDL_PROLOGUE_L2(prefetch) \
 	do { \
-		l2_prefetch(span); \
+		prefetch; \
 		PDL_PROLOGUE(); \
 	} while (0)
 #else
-#define PDL_PROLOGUE_L2(span) PDL_PROLOGUE()
+#define L2_PREFETCH_EARLY 0
+#define PDL_PROLOGUE_L2(prefetch) PDL_PROLOGUE()
 #endif
 
 // GRID_STRIDE loops i over [0, n) across the whole grid, so any grid size covers n elements.

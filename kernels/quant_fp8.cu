@@ -79,15 +79,6 @@ __device__ __forceinline__ u32x4 ld_stream(const u32x4* p) {
 #endif
 }
 
-// prefetch_l2 asks for the 128-byte line at p in L2 without waiting for it.
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-#if defined(__CUDA_ARCH__)
-	asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-#else
-	(void)p;
-#endif
-}
-
 // x4 reads elements [4j, 4j+4) of a float32 or bf16 row (16- or 8-byte aligned) as float32.
 __device__ __forceinline__ void x4(const void* row, int dt, int j, float (&f)[4]) {
 	if (dt == DT_F32) {
@@ -312,15 +303,6 @@ __device__ __forceinline__ void fp8_pair(const unsigned char* w0, const unsigned
 	for (; c < chunks; c += 32) fp8_chunk<NT>(ld_stream(p0 + c), ld_stream(p1 + c), s0, s1, r16, x, K, T, c, acc);
 }
 
-// fp8_prefetch asks L2 for the codes of output rows w0 and w1 (K each), a lane's share: what a warp reads
-// first, fetched while its block stages the input.
-__device__ __forceinline__ void fp8_prefetch(const unsigned char* w0, const unsigned char* w1, int K) {
-	for (int i = (threadIdx.x & 31) * 128; i < K; i += 32 * 128) {
-		prefetch_l2(w0 + i);
-		prefetch_l2(w1 + i);
-	}
-}
-
 // fp8_finish sums each lane's acc over the warp and has lane 0 store row t's results y[t·ystride + n + r]
 // (r < FP8_ROWS, n + r < N, t < T): the sum times the row's scale, or as it is for r16.
 template <int NT>
@@ -335,6 +317,33 @@ __device__ __forceinline__ void fp8_finish(float (&acc)[FP8_ROWS][NT], float s0,
 			if (!r16) v *= r == 0 ? s0 : s1;
 			if (lane == 0 && t < T && n + r < N) y[t * ystride + n + r] = v;
 		}
+}
+
+// fp8_pick selects pair p's weight w, scales s, output y, its row count N and the pair's first row n
+// among fp8_gemv's up to three weights (q0, q1: the pairs of the first two).
+__device__ __forceinline__ void fp8_pick(int p, int q0, int q1, const unsigned char* w0, const float* s0, float* y0, int n0,
+	const unsigned char* w1, const float* s1, float* y1, int n1, const unsigned char* w2, const float* s2, float* y2, int n2,
+	const unsigned char*& w, const float*& s, float*& y, int& N, int& n) {
+	if (p < q0) w = w0, s = s0, y = y0, N = n0, n = 2 * p;
+	else if (p < q0 + q1) w = w1, s = s1, y = y1, N = n1, n = 2 * (p - q0);
+	else w = w2, s = s2, y = y2, N = n2, n = 2 * (p - q0 - q1);
+}
+
+// fp8_gemv_l2 is the span of codes a fp8_gemv warp reads first, its first pair's two rows, for
+// PDL_PROLOGUE_L2: whole rows where the block stages x first (XS: the codes come while it quantises the
+// input), else their first L2_PREFETCH_ROW bytes.
+__device__ __forceinline__ l2span fp8_gemv_l2(bool xs, int K, const unsigned char* w0, int n0, const unsigned char* w1, int n1,
+	const unsigned char* w2, int n2) {
+	const int warps = blockDim.x >> 5, p = blockIdx.x * warps + (threadIdx.x >> 5);
+	const int q0 = (n0 + 1) >> 1, q1 = (n1 + 1) >> 1;
+	if (p >= q0 + q1 + ((n2 + 1) >> 1)) return l2span{nullptr, nullptr, 0};
+	const unsigned char* w;
+	const float* s;
+	float* y;
+	int N, n;
+	fp8_pick(p, q0, q1, w0, nullptr, nullptr, n0, w1, nullptr, nullptr, n1, w2, nullptr, nullptr, n2, w, s, y, N, n);
+	return l2span{(const char*)(w + (long long)n * K), (const char*)(w + (long long)imin(n + 1, N - 1) * K),
+		xs ? K : imin(K, L2_PREFETCH_ROW)};
 }
 
 // fp8_gemv computes y_s [T, N_s] = x [T, K] · w_sᵀ for up to three fp8 weights w_s [N_s, K] of one format
@@ -355,20 +364,10 @@ __device__ __forceinline__ void fp8_gemv(const void* __restrict__ x, int xdt, in
 	const bool r16 = fmt == QF_FP8_BF16;
 	// pick selects pair p's weight and first row.
 	auto pick = [&](int p, const unsigned char*& w, const float*& s, float*& y, int& N, int& n) {
-		if (p < q0) w = w0, s = s0, y = y0, N = n0, n = 2 * p;
-		else if (p < q0 + q1) w = w1, s = s1, y = y1, N = n1, n = 2 * (p - q0);
-		else w = w2, s = s2, y = y2, N = n2, n = 2 * (p - q0 - q1);
+		fp8_pick(p, q0, q1, w0, s0, y0, n0, w1, s1, y1, n1, w2, s2, y2, n2, w, s, y, N, n);
 	};
 	if (XS) {
-		int p = blockIdx.x * warps + warp;
-		if (p < pairs) {
-			const unsigned char* w;
-			const float* s;
-			float* y;
-			int N, n;
-			pick(p, w, s, y, N, n);
-			fp8_prefetch(w + (long long)n * K, w + (long long)imin(n + 1, N - 1) * K, K);
-		}
+		if (!L2_PREFETCH_EARLY) l2_prefetch(fp8_gemv_l2(true, K, w0, n0, w1, n1, w2, n2)); // the codes come while x is staged
 		for (int t = 0; t < T; t++)
 			fp8_quant_row((const char*)x + t * xrow, xdt, 1.0f, K, dyn, (float*)xs4 + (long long)t * K, DT_F32, 1, scratch);
 		__syncthreads();
@@ -398,14 +397,38 @@ __device__ __forceinline__ void fp8_gemv(const void* __restrict__ x, int xdt, in
 
 // fp8_gemv_N: fp8_gemv for T <= N rows of x prepared by fp8_act_rows; fp8_gemv_xs_N stages x itself.
 // Blocks of FP8_THREADS threads, registers capped for two of them an SM (the staged grids' cap, fp8.go).
-extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_1(FP8_GEMV_PARAMS) { PDL_PROLOGUE(); fp8_gemv<1, false>(FP8_GEMV_ARGS); }
-extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_2(FP8_GEMV_PARAMS) { PDL_PROLOGUE(); fp8_gemv<2, false>(FP8_GEMV_ARGS); }
-extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_4(FP8_GEMV_PARAMS) { PDL_PROLOGUE(); fp8_gemv<4, false>(FP8_GEMV_ARGS); }
-extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_8(FP8_GEMV_PARAMS) { PDL_PROLOGUE(); fp8_gemv<8, false>(FP8_GEMV_ARGS); }
-extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_xs_1(FP8_GEMV_PARAMS) { PDL_PROLOGUE(); fp8_gemv<1, true>(FP8_GEMV_ARGS); }
-extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_xs_2(FP8_GEMV_PARAMS) { PDL_PROLOGUE(); fp8_gemv<2, true>(FP8_GEMV_ARGS); }
-extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_xs_4(FP8_GEMV_PARAMS) { PDL_PROLOGUE(); fp8_gemv<4, true>(FP8_GEMV_ARGS); }
-extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_xs_8(FP8_GEMV_PARAMS) { PDL_PROLOGUE(); fp8_gemv<8, true>(FP8_GEMV_ARGS); }
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_1(FP8_GEMV_PARAMS) {
+	PDL_PROLOGUE_L2(l2_prefetch(fp8_gemv_l2(false, K, w0, n0, w1, n1, w2, n2)));
+	fp8_gemv<1, false>(FP8_GEMV_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_2(FP8_GEMV_PARAMS) {
+	PDL_PROLOGUE_L2(l2_prefetch(fp8_gemv_l2(false, K, w0, n0, w1, n1, w2, n2)));
+	fp8_gemv<2, false>(FP8_GEMV_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_4(FP8_GEMV_PARAMS) {
+	PDL_PROLOGUE_L2(l2_prefetch(fp8_gemv_l2(false, K, w0, n0, w1, n1, w2, n2)));
+	fp8_gemv<4, false>(FP8_GEMV_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_8(FP8_GEMV_PARAMS) {
+	PDL_PROLOGUE_L2(l2_prefetch(fp8_gemv_l2(false, K, w0, n0, w1, n1, w2, n2)));
+	fp8_gemv<8, false>(FP8_GEMV_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_xs_1(FP8_GEMV_PARAMS) {
+	PDL_PROLOGUE_L2(l2_prefetch(fp8_gemv_l2(true, K, w0, n0, w1, n1, w2, n2)));
+	fp8_gemv<1, true>(FP8_GEMV_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_xs_2(FP8_GEMV_PARAMS) {
+	PDL_PROLOGUE_L2(l2_prefetch(fp8_gemv_l2(true, K, w0, n0, w1, n1, w2, n2)));
+	fp8_gemv<2, true>(FP8_GEMV_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_xs_4(FP8_GEMV_PARAMS) {
+	PDL_PROLOGUE_L2(l2_prefetch(fp8_gemv_l2(true, K, w0, n0, w1, n1, w2, n2)));
+	fp8_gemv<4, true>(FP8_GEMV_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_gemv_xs_8(FP8_GEMV_PARAMS) {
+	PDL_PROLOGUE_L2(l2_prefetch(fp8_gemv_l2(true, K, w0, n0, w1, n1, w2, n2)));
+	fp8_gemv<8, true>(FP8_GEMV_ARGS);
+}
 
 // fp8_expert_gemv is the routed experts' decode GEMV on output-major fp8 codes w [E, N, K] (scales [E,
 // N]): block (x, 0, z) takes the z-th active expert e (blocks past meta[0] return) and its warps loop over
@@ -435,7 +458,8 @@ __device__ __forceinline__ void fp8_expert_gemv(const void* __restrict__ x, int 
 	float* xs = (float*)xs4;
 	if (XS) {
 		int p = blockIdx.x * warps + warp;
-		if (p < pairs) fp8_prefetch(we + (long long)2 * p * K, we + (long long)imin(2 * p + 1, N - 1) * K, K);
+		if (p < pairs) // the codes come while the block stages its rows
+			l2_prefetch(l2span{(const char*)(we + (long long)2 * p * K), (const char*)(we + (long long)imin(2 * p + 1, N - 1) * K), K});
 		for (int t = 0; t < nr; t++) {
 			const char* src;
 			float mul = 1.0f;

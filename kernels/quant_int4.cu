@@ -1,6 +1,8 @@
 // quant_int4.cu: int4 weights (package quant's Int4: two's-complement nibbles, element 2j in the low
 // nibble of byte j, one bf16 scale per output channel and group of gs input elements) without a format
-// branch: the decode GEMVs on tensor cores and the prefill path's dequantisation to bf16.
+// branch: the decode GEMVs on tensor cores, the prefill GEMMs on tensor cores (q4gemm, q4gemm_experts,
+// q4gemm_experts_swiglu: the codes dequantised in registers, see "Prefill: q4gemm" below) and the
+// dequantisation to bf16 that the prefill path takes with FuseQ4GEMM off.
 //
 // GEMVs (q4gemv_N for Linear's [N, K] weights, q4expert_gemv_N for the routed experts' input-major
 // [E, K, N] weights): a warp multiplies 16 output channels × 16 inputs at a time on the tensor cores
@@ -32,7 +34,8 @@
 //   16 logical k to physical inputs as suits the loads, the same for A and B.
 //
 // dequant_int4_bf16 writes bf16(q·s) (quant.Weight.Dequantize rounded to bf16), 32 codes a thread: one
-// 16-byte load, four 16-byte stores, and the index arithmetic once per 32 elements.
+// 16-byte load, four 16-byte stores, and the index arithmetic once per 32 elements. q4gemm's fragments
+// hold the same bf16(q·s).
 //
 // A unit of its own (kernels/units.txt): it uses only the prelude.
 
@@ -203,13 +206,28 @@ __device__ __forceinline__ void q4gemv_block(int b, int xo, const u32 (&wv)[MT][
 // loads word c of each 16-byte block (four-byte loads: a step stays in a 32-input block, for groups of
 // 32); WIDE (K % 128 == 0, gs % 128 == 0, w 16-byte aligned) loads the lane's 16 bytes of a 128-input
 // tile at once, ranges in whole tiles.
+// q4_per is the 32-input blocks of K each of a q4gemv block's W warps takes (WIDE: whole 128-input tiles).
+template <bool WIDE>
+__device__ __forceinline__ int q4_per(int nb, int W) {
+	return WIDE ? ((nb >> 2) + W - 1) / W * 4 : (nb + W - 1) / W;
+}
+
+// q4gemv_prefetch asks L2 for the line where each of the block's 16·MT rows (from n0, w [N, K]) starts
+// in this warp's range of K: what q4gemv_rows reads first, for PDL_PROLOGUE_L2.
+template <int MT, bool WIDE>
+__device__ __forceinline__ void q4gemv_prefetch(const unsigned char* w, int K, int N, int n0) {
+	int nb = K >> 5, b0 = (threadIdx.x >> 5) * q4_per<WIDE>(nb, blockDim.x >> 5);
+	if (b0 >= nb || n0 >= N) return;
+	for (int r = threadIdx.x & 31; r < 16 * MT; r += 32) prefetch_l2(w + (long long)q4_imin(n0 + r, N - 1) * (K >> 1) + 16 * b0);
+}
+
 template <int MT, int NT, bool PREP, bool WIDE>
 __device__ __forceinline__ void q4gemv_rows(const void* __restrict__ x, int xdt, const unsigned char* __restrict__ w,
 	const bf16_t* __restrict__ scales, int gs, float* __restrict__ y, int T, int K, int N, int n0) {
 	__shared__ float red[Q4_MAXW][16 * MT][4 * NT];
 	int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5;
 	int g = lane >> 2, c = lane & 3;
-	int nb = K >> 5, per = WIDE ? ((nb >> 2) + W - 1) / W * 4 : (nb + W - 1) / W;
+	int nb = K >> 5, per = q4_per<WIDE>(nb, W);
 	int b0 = q4_imin(nb, warp * per), b1 = q4_imin(nb, b0 + per);
 	int G = (K + gs - 1) / gs, bpg = gs >> 5;
 	const u32* wp[MT][2];
@@ -315,32 +333,32 @@ extern "C" __global__ void q4_xprep(const void* x, int xdt, int T, int K, q4_u32
 // W <= Q4_MAXW warps (Q4_MAXW / 2 for q4gemv_4, whose registers would spill at 512 threads).
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_1(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
-	PDL_PROLOGUE();
+	PDL_PROLOGUE_L2((q4gemv_prefetch<4, false>(w, K, N, blockIdx.x * 64)));
 	q4gemv_rows<4, 1, false, false>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 64);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_2(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
-	PDL_PROLOGUE();
+	PDL_PROLOGUE_L2((q4gemv_prefetch<2, false>(w, K, N, blockIdx.x * 32)));
 	q4gemv_rows<2, 2, true, false>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 16)
 q4gemv_4(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
-	PDL_PROLOGUE();
+	PDL_PROLOGUE_L2((q4gemv_prefetch<2, false>(w, K, N, blockIdx.x * 32)));
 	q4gemv_rows<2, 4, true, false>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_1w(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
-	PDL_PROLOGUE();
+	PDL_PROLOGUE_L2((q4gemv_prefetch<4, true>(w, K, N, blockIdx.x * 64)));
 	q4gemv_rows<4, 1, false, true>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 64);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_2w(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
-	PDL_PROLOGUE();
+	PDL_PROLOGUE_L2((q4gemv_prefetch<2, true>(w, K, N, blockIdx.x * 32)));
 	q4gemv_rows<2, 2, true, true>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 16)
 q4gemv_4w(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
-	PDL_PROLOGUE();
+	PDL_PROLOGUE_L2((q4gemv_prefetch<2, true>(w, K, N, blockIdx.x * 32)));
 	q4gemv_rows<2, 4, true, true>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32);
 }
 
@@ -348,32 +366,52 @@ q4gemv_4w(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, 
 // [T, n_s] = x · w_sᵀ for s = 0, 1, 2 (n_2 may be 0), ceil(n_s / 64) blocks each in order, so that q, k
 // and v (or the shared expert's gate and up) take one launch and the small products borrow the big
 // one's blocks. q4gemv_multi_1w: WIDE.
-template <bool WIDE>
-__device__ __forceinline__ void q4gemv_multi(const void* x, int xdt, const unsigned char* w0, const bf16_t* s0, float* y0, int n0,
-	const unsigned char* w1, const bf16_t* s1, float* y1, int n1, const unsigned char* w2, const bf16_t* s2, float* y2, int n2, int gs,
-	int T, int K) {
-	int b = blockIdx.x, b0 = (n0 + 63) / 64, b1 = (n1 + 63) / 64;
-	const unsigned char* w = w0;
-	const bf16_t* s = s0;
-	float* y = y0;
-	int n = n0;
+// q4gemv_multi_pick selects the weight of q4gemv_multi's block b (64 rows a block, the products in order):
+// its codes w, scales s, output y and rows n; it returns the block's first row in it.
+__device__ __forceinline__ int q4gemv_multi_pick(int b, const unsigned char* w0, const bf16_t* s0, float* y0, int n0,
+	const unsigned char* w1, const bf16_t* s1, float* y1, int n1, const unsigned char* w2, const bf16_t* s2, float* y2, int n2,
+	const unsigned char*& w, const bf16_t*& s, float*& y, int& n) {
+	int b0 = (n0 + 63) / 64, b1 = (n1 + 63) / 64;
+	w = w0, s = s0, y = y0, n = n0;
 	if (b >= b0 + b1) {
 		w = w2, s = s2, y = y2, n = n2, b -= b0 + b1;
 	} else if (b >= b0) {
 		w = w1, s = s1, y = y1, n = n1, b -= b0;
 	}
-	q4gemv_rows<4, 1, false, WIDE>(x, xdt, w, s, gs, y, T, K, n, b * 64); // one copy of the loop
+	return b * 64;
+}
+
+// q4gemv_multi_prefetch is q4gemv_prefetch for q4gemv_multi's block.
+template <bool WIDE>
+__device__ __forceinline__ void q4gemv_multi_prefetch(const unsigned char* w0, int n0, const unsigned char* w1, int n1,
+	const unsigned char* w2, int n2, int K) {
+	const unsigned char* w;
+	const bf16_t* s;
+	float* y;
+	int n, r0 = q4gemv_multi_pick(blockIdx.x, w0, nullptr, nullptr, n0, w1, nullptr, nullptr, n1, w2, nullptr, nullptr, n2, w, s, y, n);
+	q4gemv_prefetch<4, WIDE>(w, K, n, r0);
+}
+
+template <bool WIDE>
+__device__ __forceinline__ void q4gemv_multi(const void* x, int xdt, const unsigned char* w0, const bf16_t* s0, float* y0, int n0,
+	const unsigned char* w1, const bf16_t* s1, float* y1, int n1, const unsigned char* w2, const bf16_t* s2, float* y2, int n2, int gs,
+	int T, int K) {
+	const unsigned char* w;
+	const bf16_t* s;
+	float* y;
+	int n, r0 = q4gemv_multi_pick(blockIdx.x, w0, s0, y0, n0, w1, s1, y1, n1, w2, s2, y2, n2, w, s, y, n);
+	q4gemv_rows<4, 1, false, WIDE>(x, xdt, w, s, gs, y, T, K, n, r0); // one copy of the loop
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_multi_1(const void* x, int xdt, const unsigned char* w0, const bf16_t* s0, float* y0, int n0, const unsigned char* w1,
 	const bf16_t* s1, float* y1, int n1, const unsigned char* w2, const bf16_t* s2, float* y2, int n2, int gs, int T, int K) {
-	PDL_PROLOGUE();
+	PDL_PROLOGUE_L2(q4gemv_multi_prefetch<false>(w0, n0, w1, n1, w2, n2, K));
 	q4gemv_multi<false>(x, xdt, w0, s0, y0, n0, w1, s1, y1, n1, w2, s2, y2, n2, gs, T, K);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_multi_1w(const void* x, int xdt, const unsigned char* w0, const bf16_t* s0, float* y0, int n0, const unsigned char* w1,
 	const bf16_t* s1, float* y1, int n1, const unsigned char* w2, const bf16_t* s2, float* y2, int n2, int gs, int T, int K) {
-	PDL_PROLOGUE();
+	PDL_PROLOGUE_L2(q4gemv_multi_prefetch<true>(w0, n0, w1, n1, w2, n2, K));
 	q4gemv_multi<true>(x, xdt, w0, s0, y0, n0, w1, s1, y1, n1, w2, s2, y2, n2, gs, T, K);
 }
 
@@ -628,4 +666,421 @@ extern "C" __global__ void dequant_int4_bf16(const unsigned char* w, const bf16_
 			}
 		}
 	}
+}
+
+// ---- Prefill: q4gemm, a tensor-core GEMM that dequantises the codes in registers ----
+//
+// y = x · W for many rows of x (bf16) and an int4 W, the weight read as its codes (½ byte a weight) and
+// turned into bf16 A fragments in registers; nothing is written back but the result. A block of
+// Q4G_WARPS warps computes 8·NT rows of x × 64·MT output channels; each warp takes all the block's rows
+// and 16·MT channels: MT m16 tiles of channels (the A operand) × NT n8 tiles of rows (the B operand),
+// 128 float accumulators a lane for either shape, and a weight is decoded once a block. K advances
+// Q4G_BK a stage through Q4G_STAGES stages of shared memory filled by cp.async (16-byte copies, no
+// register staging); x's rows are read as B fragments by ldmatrix (rows of 64 bytes, their 16-byte chunks
+// swizzled by (row / 2) % 4, so that the 8 rows of a matrix hit 8 bank groups).
+//
+// The A fragment is bf16(q·s), exactly the weight dequant_int4_bf16 writes (the prefill path it replaces):
+// q exact as in the GEMVs (LOP3 + fma.rn.bf16x2), then one more bf16x2 fma by the (channel, group) scale
+// with -0 added, a single rounding of the exact q·s. The scale goes into the fragment rather than onto a
+// per-group partial sum as in the GEMVs: a second set of 128 accumulators would not fit the registers. So
+// the result differs from the dequantised path's cuBLASLt GEMM only in the order of the float32 sums. The
+// groups are multiples of Q4G_BK (K too), so a stage lies in one group; a lane holds its channels' scale
+// pairs for the current group and loads the next group's a stage or more ahead.
+//
+// The cost is the decoding: mma.sync reaches about 65 % of Hopper's tensor peak and leaves some six issue
+// slots of a sub-partition per m16n8k16, of which the other instructions must take few. A fragment's 4
+// pairs serve NT mma, so the warp's rows are what amortise them:
+//   - dense [N, K] (Linear; q4gemm: MT 2, NT 16, a warp 32 channels × 128 rows, a block 128 × 128): a
+//     channel's codes run along K, two to a byte. mma pairs two consecutive k of one channel in a register,
+//     and ldmatrix gives lane c the pair at k 2c, 2c+1 of each 8-k block, so lane c takes byte c of its
+//     channels' 4-byte words: a PRMT brings that byte and the same byte of the word shifted by 4 into the
+//     halves' low bytes, and q4_pair's LOP3 takes the low nibble of each half (codes 2c and 2c+1). Five
+//     instructions a pair, 1.25 an mma. Stage: 128 channel rows of 16 bytes.
+//   - experts [E, K, N] (input-major; MT 4, NT 8, a warp 64 channels × 64 rows, a block 256 × 64: the
+//     experts' rows come in runs of about T·k/E, so shorter tiles waste less): a word holds 8 channels of
+//     one K row. As in q4expert_gemv, lane g of a warp reads word g (channels 8g .. 8g+7 of the warp's 64)
+//     of the K rows 2c, 2c+1, 2c+8 and 2c+9 of a k16 step and a PRMT pairs byte m of two rows; tile m's
+//     row g is channel 2m of the word, row g+8 channel 2m+1. Four instructions a pair, 2 an mma. Stage:
+//     Q4G_BK K rows of 256 channels (128 bytes, padded to Q4G_WRS so that the 4 rows a load touches hit
+//     distinct banks).
+//     The routed experts' rows come grouped by expert (moe_plan with align 1: expert e's rows are seg[2e]
+//     .. seg[2e] + seg[2e+1] - 1 of x); one launch covers every active expert: blockIdx.y counts row tiles
+//     over the active experts in order (a warp's prefix sum over their tile counts finds the block's expert
+//     and tile; slots past the last tile return at once), blockIdx.x the channel tiles. gate_up's SwiGLU
+//     runs in the epilogue (q4gemm_experts_swiglu): a block takes 128 columns of gate and the same 128 of up
+//     (32-column chunks alternating gate, up in the staged rows), so lane g < 4 of a warp holds gate and
+//     lane g + 4 (lane + 16) up for the same columns; they swap half their sums with a shuffle each, and
+//     each stores bf16(silu(gate) · up) for its half, as expert_act_v8 does.
+
+#define Q4G_WARPS 4
+#define Q4G_BK 32     // K a stage
+#define Q4G_STAGES 4
+#define Q4G_DMT 2     // q4gemm: m16 tiles (channels) and n8 tiles (rows) a warp (host: q4gDenseBN, q4gDenseBM)
+#define Q4G_DNT 16
+#define Q4G_EMT 4     // q4gemm_experts(_swiglu) (host: q4gExpertBN, q4gExpertBM)
+#define Q4G_ENT 8
+#define Q4G_EBM (8 * Q4G_ENT) // rows of an experts' tile
+
+struct alignas(8) q4_u32x2 {
+	u32 x, y;
+};
+
+#ifdef TPF_EMU
+// The emulator's cp.async copies at once and its ldmatrix exchanges through the warp (emu.h).
+__device__ __forceinline__ void q4_cp16(unsigned dst, const void* src) { fa_cp16(dst, src); }
+__device__ __forceinline__ void q4_commit() {}
+template <int N>
+__device__ __forceinline__ void q4_wait() {}
+__device__ __forceinline__ void q4_ldsm4(unsigned a, u32& r0, u32& r1, u32& r2, u32& r3) { fa_ldmatrix_x4(a, r0, r1, r2, r3); }
+#else
+// q4_cp16 copies 16 bytes from global memory to shared address dst, asynchronously (cp.async.cg).
+__device__ __forceinline__ void q4_cp16(unsigned dst, const void* src) {
+	asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void q4_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// q4_wait waits until at most N of this thread's cp.async groups are in flight.
+template <int N>
+__device__ __forceinline__ void q4_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+// q4_ldsm4: ldmatrix.x4 (lanes 8i .. 8i+7 give the row addresses of matrix i; register i gets row g,
+// columns 2c, 2c+1 of matrix i).
+__device__ __forceinline__ void q4_ldsm4(unsigned a, u32& r0, u32& r1, u32& r2, u32& r3) {
+	asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+		: "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+		: "r"(a));
+}
+#endif
+
+__device__ __forceinline__ unsigned q4_smem(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+#define Q4_NEG0 0x80008000u // bf16 pair (-0, -0): x·s + (-0) is x·s, rounded once
+
+// q4_scaled is bf16(q·s) for the exact code pair p and the scale pair s.
+__device__ __forceinline__ u32 q4_scaled(u32 p, u32 s) { return q4_fma2(p, s, Q4_NEG0); }
+
+// q4_bytepair is the exact bf16 pair of the two codes of byte c of w (code 2c low), sel = q4e_sel(c):
+// byte c of w and of w >> 4 go to the low bytes of the halves.
+__device__ __forceinline__ u32 q4_bytepair(u32 w, u32 sel) { return q4_pair(__byte_perm(w, w >> 4, sel)); }
+
+// q4_dup is the bf16 pair (s, s) of the bf16 in the low (hi false) or high half of v.
+__device__ __forceinline__ u32 q4_dup(u32 v, bool hi) { return __byte_perm(v, 0u, hi ? 0x3232u : 0x1010u); }
+
+// Q4G_DENSE, Q4G_EXPERTS and Q4G_SWIGLU are q4gemm_rows' modes: Linear's [N, K] weight into float32 y;
+// the experts' [K, N] weight into float32 y; the experts' gate_up [K, 2I] into bf16 silu(gate)·up.
+#define Q4G_DENSE 0
+#define Q4G_EXPERTS 1
+#define Q4G_SWIGLU 2
+
+// q4gemm_rows computes the block's tile, rows m0 .. m0+8·NT-1 of rows (x [rows, K] bf16, 16-byte aligned
+// rows) × channels n0 .. n0+64·MT-1, of y [rows, N] (float32) = x · W for an int4 W: MODE Q4G_DENSE w
+// [N, K] with scales [N, G]; Q4G_EXPERTS (MT 4) w [K, N], scales [G, N]; Q4G_SWIGLU (MT 4) w [K, N = 2I],
+// scales [G, N], n0 a column of act [rows, I] (bf16): the tile is act columns n0 .. n0+127, from gate's
+// and up's. G = ceil(K / gs); K % Q4G_BK == 0, gs % Q4G_BK == 0; codes 16-byte aligned; experts: N % 32
+// == 0 (SWIGLU: I % 32 == 0), scales 16-byte aligned. Rows and channels past the ends are read clamped
+// (rows >= 1) and not written.
+template <int MODE, int MT, int NT>
+__device__ __forceinline__ void q4gemm_rows(const bf16_t* __restrict__ x, const unsigned char* __restrict__ w,
+	const bf16_t* __restrict__ scales, int gs, int rows, int K, int N, int m0, int n0, float* __restrict__ y, int I,
+	bf16_t* __restrict__ act) {
+	constexpr int BM = 8 * NT, BN = 64 * MT, THREADS = 32 * Q4G_WARPS;
+	constexpr int XB = BM * Q4G_BK * 2;                                 // bytes of x a stage
+	constexpr int WRS = BN / 2 + 16;                                    // experts: bytes of a staged K row (padded)
+	constexpr int WB = MODE == Q4G_DENSE ? BN * Q4G_BK / 2 : Q4G_BK * WRS; // bytes of codes a stage
+	constexpr int SB = XB + WB;                                         // bytes a stage
+	constexpr int XC = BM * 4 / THREADS, WC = BN / THREADS;             // 16-byte copies a thread a stage
+	static_assert(MODE == Q4G_DENSE || MT == 4, "the experts' lanes read a word of 8 channels: 4 m16 tiles");
+	static_assert(XC * THREADS == BM * 4 && WC * THREADS == BN && SB % 16 == 0, "q4gemm_rows: tile shape");
+	__shared__ q4_u32x4 q4g_sm[Q4G_STAGES * SB / 16];
+	int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c = lane & 3;
+	int KT = K / Q4G_BK;
+	unsigned sm = q4_smem(q4g_sm);
+	const char* smp = (const char*)q4g_sm;
+	// cp.async: x chunk tid + THREADS·i (row chunk / 4, 16-byte chunk chunk % 4 of its 64 bytes a stage);
+	// codes chunk tid + THREADS·i (dense: the 16 bytes of channel row n0 + chunk; experts: K row chunk / 8
+	// of the stage, 32-channel chunk chunk % 8 of the staged row).
+	const bf16_t* xs[XC];
+	unsigned xd[XC];
+#pragma unroll
+	for (int i = 0; i < XC; i++) {
+		int r = (tid + THREADS * i) >> 2, j = tid & 3;
+		xs[i] = x + (long long)q4_imin(m0 + r, rows - 1) * K + 8 * j;
+		xd[i] = r * 64 + 16 * (j ^ ((r >> 1) & 3));
+	}
+	const unsigned char* ws[WC];
+	unsigned wd[WC];
+	long long wstep; // bytes of codes a stage further along K
+	if (MODE == Q4G_DENSE) {
+#pragma unroll
+		for (int i = 0; i < WC; i++) {
+			ws[i] = w + (long long)q4_imin(n0 + tid + THREADS * i, N - 1) * (K >> 1);
+			wd[i] = XB + 16 * (tid + THREADS * i);
+		}
+		wstep = Q4G_BK / 2;
+	} else {
+		int j = tid & 7, col;
+		if (MODE == Q4G_EXPERTS) {
+			col = n0 + 32 * j;
+			if (col >= N) col = 0;
+		} else {
+			col = n0 + 32 * (j >> 1);
+			col = col < I ? col + (j & 1) * I : 0;
+		}
+#pragma unroll
+		for (int i = 0; i < WC; i++) {
+			int kr = (tid + THREADS * i) >> 3;
+			ws[i] = w + ((long long)kr * N + col) / 2;
+			wd[i] = XB + kr * WRS + 16 * j;
+		}
+		wstep = (long long)Q4G_BK * N / 2;
+	}
+	// The lane's scales: dense, channel rows 16·MT·warp + 16m + 8h + g (sc[2m + h]); experts, the 8
+	// channels of its word from column scol (sc[m] = channel 2m's pair, sc[4 + m] channel 2m+1's).
+	int scol = 0;
+	if (MODE == Q4G_EXPERTS) {
+		scol = n0 + 64 * warp + 8 * g;
+		if (scol >= N) scol = 0;
+	} else if (MODE == Q4G_SWIGLU) {
+		scol = n0 + 32 * warp + 8 * (g & 3);
+		scol = scol < I ? scol + (g >> 2) * I : 0;
+	}
+	constexpr int NS = MODE == Q4G_DENSE ? 2 * MT : 8;
+	u32 sc[NS], sn[NS];
+	int G = (K + gs - 1) / gs;
+#define Q4G_LOAD_SCALES(grp)                                                                                      \
+	do {                                                                                                          \
+		if (MODE == Q4G_DENSE) {                                                                                  \
+			_Pragma("unroll") for (int i = 0; i < NS; i++) {                                                      \
+				int ch = q4_imin(n0 + 16 * MT * warp + 16 * (i >> 1) + 8 * (i & 1) + g, N - 1);                   \
+				sn[i] = scales[(long long)ch * G + (grp)];                                                        \
+			}                                                                                                     \
+		} else {                                                                                                  \
+			q4_u32x4 v = *(const q4_u32x4*)(scales + (long long)(grp) * N + scol);                                \
+			sn[0] = v.x, sn[1] = v.y, sn[2] = v.z, sn[3] = v.w;                                                   \
+		}                                                                                                         \
+	} while (0)
+	Q4G_LOAD_SCALES(0);
+	// The stages ahead: tiles 0 .. Q4G_STAGES-2 (a group committed for each, empty past KT).
+#pragma unroll
+	for (int s = 0; s < Q4G_STAGES - 1; s++) {
+		if (s < KT) {
+			unsigned b = sm + s * SB;
+#pragma unroll
+			for (int i = 0; i < XC; i++) q4_cp16(b + xd[i], xs[i] + s * Q4G_BK);
+#pragma unroll
+			for (int i = 0; i < WC; i++) q4_cp16(b + wd[i], ws[i] + s * wstep);
+		}
+		q4_commit();
+	}
+	float acc[MT][NT][4];
+#pragma unroll
+	for (int m = 0; m < MT; m++)
+#pragma unroll
+		for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+			for (int i = 0; i < 4; i++) acc[m][nt][i] = 0.0f;
+	u32 csel = q4e_sel(c);
+	int gnext = 0, grp = 0; // the K of the next group's first stage, and that group
+	for (int kt = 0; kt < KT; kt++) {
+		q4_wait<Q4G_STAGES - 2>(); // this thread's copies of tile kt have landed
+		__syncthreads();           // everyone's have, and everyone is done with tile kt-1's stage
+		int nk = kt + Q4G_STAGES - 1;
+		if (nk < KT) {
+			unsigned b = sm + (nk % Q4G_STAGES) * SB;
+#pragma unroll
+			for (int i = 0; i < XC; i++) q4_cp16(b + xd[i], xs[i] + (long long)nk * Q4G_BK);
+#pragma unroll
+			for (int i = 0; i < WC; i++) q4_cp16(b + wd[i], ws[i] + nk * wstep);
+		}
+		q4_commit();
+		if (kt * Q4G_BK == gnext) { // uniform: a new scale group starts with this tile
+			if (MODE == Q4G_DENSE) {
+#pragma unroll
+				for (int i = 0; i < NS; i++) sc[i] = q4_dup(sn[i], false);
+			} else {
+#pragma unroll
+				for (int m = 0; m < 4; m++) {
+					sc[m] = q4_dup(sn[m], false);
+					sc[4 + m] = q4_dup(sn[m], true);
+				}
+			}
+			gnext += gs;
+			grp++;
+			if (grp < G) Q4G_LOAD_SCALES(grp); // needed a stage or more from now
+		}
+		unsigned xsm = sm + (kt % Q4G_STAGES) * SB;
+		const char* wsm = smp + (kt % Q4G_STAGES) * SB + XB;
+#pragma unroll
+		for (int s = 0; s < Q4G_BK / 16; s++) {
+			// A: the warp's MT tiles of channels for k 16s .. 16s+15 of the stage.
+			u32 a[MT][4];
+			if (MODE == Q4G_DENSE) { // channel rows 16m + g and + 8: words 2s (k 0-7) and 2s+1 (k 8-15)
+#pragma unroll
+				for (int m = 0; m < MT; m++) {
+					const char* wr = wsm + (16 * MT * warp + 16 * m + g) * 16 + 8 * s;
+					q4_u32x2 lo = *(const q4_u32x2*)wr, hi = *(const q4_u32x2*)(wr + 128);
+					a[m][0] = q4_scaled(q4_bytepair(lo.x, csel), sc[2 * m]);
+					a[m][1] = q4_scaled(q4_bytepair(hi.x, csel), sc[2 * m + 1]);
+					a[m][2] = q4_scaled(q4_bytepair(lo.y, csel), sc[2 * m]);
+					a[m][3] = q4_scaled(q4_bytepair(hi.y, csel), sc[2 * m + 1]);
+				}
+			} else { // K rows 16s + 2c, +1, +8, +9: the lane's word of the warp's 32 bytes
+				const char* wr = wsm + (16 * s + 2 * c) * WRS + 32 * warp + 4 * g;
+				u32 w0 = *(const u32*)wr, w1 = *(const u32*)(wr + WRS), w8 = *(const u32*)(wr + 8 * WRS),
+				    w9 = *(const u32*)(wr + 9 * WRS);
+#pragma unroll
+				for (int m = 0; m < MT; m++) {
+					u32 sel = q4e_sel(m);
+					u32 v01 = __byte_perm(w0, w1, sel), v89 = __byte_perm(w8, w9, sel);
+					a[m][0] = q4_scaled(q4_pair(v01), sc[m]);
+					a[m][1] = q4_scaled(q4_pair(v01 >> 4), sc[4 + m]);
+					a[m][2] = q4_scaled(q4_pair(v89), sc[m]);
+					a[m][3] = q4_scaled(q4_pair(v89 >> 4), sc[4 + m]);
+				}
+			}
+			// B: rows 16p .. 16p+15 of the tile (chunks 2s, 2s+1 of their 64 bytes), then the mma.
+#pragma unroll
+			for (int p = 0; p < NT / 2; p++) {
+				int row = 16 * p + (lane & 7) + ((lane >> 4) << 3), ch = 2 * s + ((lane >> 3) & 1);
+				u32 b0, b1, b2, b3;
+				q4_ldsm4(xsm + row * 64 + 16 * (ch ^ ((row >> 1) & 3)), b0, b1, b2, b3);
+#pragma unroll
+				for (int m = 0; m < MT; m++) {
+					q4_mma(acc[m][2 * p], a[m][0], a[m][1], a[m][2], a[m][3], b0, b1);
+					q4_mma(acc[m][2 * p + 1], a[m][0], a[m][1], a[m][2], a[m][3], b2, b3);
+				}
+			}
+		}
+	}
+#undef Q4G_LOAD_SCALES
+	// Lane (g, c) holds, for rows m0 + 8nt + 2c (acc 0, 2) and + 1 (acc 1, 3), tile m's rows g (acc 0, 1)
+	// and g + 8 (acc 2, 3).
+	if (MODE == Q4G_DENSE) {
+#pragma unroll
+		for (int m = 0; m < MT; m++) {
+			int ch = n0 + 16 * MT * warp + 16 * m + g;
+#pragma unroll
+			for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+				for (int i = 0; i < 4; i++) {
+					int t = m0 + 8 * nt + 2 * c + (i & 1), n = ch + 8 * (i >> 1);
+					if (t < rows && n < N) y[(long long)t * N + n] = acc[m][nt][i];
+				}
+		}
+	} else if (MODE == Q4G_EXPERTS) {
+		int ch = n0 + 64 * warp + 8 * g; // channels ch + 2m (acc 0, 1) and ch + 2m + 1 (acc 2, 3)
+		if (ch < N) {
+#pragma unroll
+			for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+				for (int h = 0; h < 2; h++) {
+					int t = m0 + 8 * nt + 2 * c + h;
+					if (t < rows) {
+#pragma unroll
+						for (int m = 0; m < MT; m++) {
+							q4_f32x2 v;
+							v.x = acc[m][nt][h];
+							v.y = acc[m][nt][2 + h];
+							*(q4_f32x2*)(y + (long long)t * N + ch + 2 * m) = v;
+						}
+					}
+				}
+		}
+	} else {
+		// Gate lanes (g < 4) keep tiles 0, 1 (columns col + 0..3) and take up's from lane + 16; up lanes keep
+		// tiles 2, 3 (col + 4..7) and take gate's.
+		bool gate = g < 4;
+		int col = n0 + 32 * warp + 8 * (g & 3) + (gate ? 0 : 4);
+#pragma unroll
+		for (int mm = 0; mm < 2; mm++)
+#pragma unroll
+			for (int nt = 0; nt < NT; nt++) {
+				float h[4];
+#pragma unroll
+				for (int i = 0; i < 4; i++) {
+					float keep = gate ? acc[mm][nt][i] : acc[2 + mm][nt][i];
+					float other = __shfl_xor_sync(0xffffffffu, gate ? acc[2 + mm][nt][i] : acc[mm][nt][i], 16);
+					float gv = gate ? keep : other, uv = gate ? other : keep;
+					h[i] = silu(gv) * uv;
+				}
+				int n = col + 2 * mm;
+				if (n < I) {
+#pragma unroll
+					for (int hh = 0; hh < 2; hh++) {
+						int t = m0 + 8 * nt + 2 * c + hh;
+						if (t < rows) *(u32*)(act + (long long)t * I + n) = (u32)f32_to_bf16(h[hh]) | (u32)f32_to_bf16(h[2 + hh]) << 16;
+					}
+				}
+			}
+	}
+}
+
+// q4gemm: y [T, N] (float32) = x [T, K] (bf16) · w [N, K]ᵀ for an int4 w with scales [N, ceil(K / gs)].
+// Grid (ceil(N / (64·Q4G_DMT)), ceil(T / (8·Q4G_DNT))), Q4G_WARPS warps. K % 32 == 0, gs % 32 == 0; x
+// and w 16-byte aligned.
+extern "C" __global__ void __launch_bounds__(Q4G_WARPS * 32)
+q4gemm(const bf16_t* x, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
+	PDL_PROLOGUE();
+	q4gemm_rows<Q4G_DENSE, Q4G_DMT, Q4G_DNT>(x, w, scales, gs, T, K, N, blockIdx.y * 8 * Q4G_DNT, blockIdx.x * 64 * Q4G_DMT, y,
+		0, nullptr);
+}
+
+// q4g_expert_tile finds the row tile slot blockIdx.y among the active experts' tiles (ceil(rows /
+// Q4G_EBM) each, in active order): the expert and its tile, or false past the last tile. Every warp
+// computes the same answer: 32 experts a round, a prefix sum over the lanes.
+__device__ __forceinline__ bool q4g_expert_tile(const int* __restrict__ seg, const int* __restrict__ active,
+	const int* __restrict__ meta, int& e, int& tile) {
+	int lane = threadIdx.x & 31, na = meta[0], want = blockIdx.y, base = 0;
+	for (int i0 = 0; i0 < na; i0 += 32) { // uniform
+		int i = i0 + lane, ex = 0, nt = 0;
+		if (i < na) {
+			ex = active[i];
+			nt = (seg[2 * ex + 1] + Q4G_EBM - 1) / Q4G_EBM;
+		}
+		int inc = nt;
+#pragma unroll
+		for (int o = 1; o < 32; o <<= 1) {
+			int v = __shfl_sync(0xffffffffu, inc, (lane - o) & 31);
+			if (lane >= o) inc += v;
+		}
+		int total = __shfl_sync(0xffffffffu, inc, 31);
+		if (want < base + total) {
+			int first = base + inc > want ? lane : 32;
+#pragma unroll
+			for (int o = 16; o > 0; o >>= 1) first = q4_imin(first, __shfl_xor_sync(0xffffffffu, first, o));
+			e = __shfl_sync(0xffffffffu, ex, first);
+			tile = want - base - __shfl_sync(0xffffffffu, inc - nt, first);
+			return true;
+		}
+		base += total;
+	}
+	return false;
+}
+
+// q4gemm_experts: for each active expert e (moe_plan's seg, active and meta, align 1), y[r] (float32, N
+// columns) = x[r] · W_e for its rows r = seg[2e] .. seg[2e] + seg[2e+1] - 1 of x [R, K] (bf16), W_e = the
+// codes of expert e of w [E, K, N] (scales [E, ceil(K / gs), N]). Grid (ceil(N / (64·Q4G_EMT)), ceil(R /
+// Q4G_EBM) + min(E, R)), Q4G_WARPS warps. K % 32 == 0, gs % 32 == 0, N % 32 == 0; x, w and scales
+// 16-byte aligned.
+extern "C" __global__ void __launch_bounds__(Q4G_WARPS * 32)
+q4gemm_experts(const bf16_t* x, const int* seg, const int* active, const int* meta, const unsigned char* w, const bf16_t* scales,
+	int gs, int K, int N, float* y) {
+	PDL_PROLOGUE();
+	int e, tile;
+	if (!q4g_expert_tile(seg, active, meta, e, tile)) return; // uniform over the block
+	long long r0 = seg[2 * e];
+	q4gemm_rows<Q4G_EXPERTS, Q4G_EMT, Q4G_ENT>(x + r0 * K, w + (long long)e * K * N / 2, scales + (long long)e * ((K + gs - 1) / gs) * N,
+		gs, seg[2 * e + 1], K, N, tile * Q4G_EBM, blockIdx.x * 64 * Q4G_EMT, y + r0 * N, 0, nullptr);
+}
+
+// q4gemm_experts_swiglu is q4gemm_experts over gate_up (w [E, K, 2I], gate columns then up) with SiLU·mul
+// in the epilogue: act[r][j] (bf16, I columns) = bf16(silu(gate) · up), gate = x[r] · W_e[:, j] and up
+// = x[r] · W_e[:, I + j]. Grid (ceil(I / (32·Q4G_EMT)), as q4gemm_experts). I % 32 == 0.
+extern "C" __global__ void __launch_bounds__(Q4G_WARPS * 32)
+q4gemm_experts_swiglu(const bf16_t* x, const int* seg, const int* active, const int* meta, const unsigned char* w,
+	const bf16_t* scales, int gs, int K, int I, bf16_t* act) {
+	PDL_PROLOGUE();
+	int e, tile;
+	if (!q4g_expert_tile(seg, active, meta, e, tile)) return; // uniform over the block
+	long long r0 = seg[2 * e], N = 2LL * I;
+	q4gemm_rows<Q4G_SWIGLU, Q4G_EMT, Q4G_ENT>(x + r0 * K, w + (long long)e * K * N / 2, scales + (long long)e * ((K + gs - 1) / gs) * N,
+		gs, seg[2 * e + 1], K, (int)N, tile * Q4G_EBM, blockIdx.x * 32 * Q4G_EMT, nullptr, I, act + r0 * I);
 }

@@ -120,6 +120,7 @@ type kernelSet struct {
 	q4expertGEMV                                                         [2]*kernel    // q4expert_gemv_1, _2
 	q4gemvMulti                                                          [2]*kernel    // q4gemv_multi_1, _1w
 	dequantInt4, q4XPrep                                                 *kernel
+	q4gemm, q4gemmExperts, q4gemmSwiGLU                                  *kernel // q4gemm, q4gemm_experts(_swiglu)
 
 	// The fused kernels (Config.Unfuse).
 	routePlan, qkAppend                   *kernel
@@ -174,8 +175,10 @@ type Counters struct {
 
 	QuantGEMV    int64 // Linear calls on a quantised weight run by the quantised GEMV (decode)
 	QuantDequant int64 // Linear calls on a quantised weight run on a dequantised bf16 copy (prefill)
+	QuantQ4GEMM  int64 // Linear calls on an int4 weight run by q4gemm (prefill, FuseQ4GEMM)
 	QuantFP8Gemm int64 // Linear calls on an fp8 weight run by the FP8 GEMM (prefill, fp8gemm.go)
 	ExpertsFP8   int64 // of ExpertsGrouped, the calls on fp8 weights run on FP8 tensor cores (the FP8 GEMM per expert, or the grouped fp8 kernels)
+	ExpertsQ4    int64 // of ExpertsGrouped, the calls on int4 weights run by q4gemm_experts(_swiglu)
 	ExpertsMMA   int64 // of ExpertsGrouped, the calls run by the grouped tensor-core kernels (grouped.go; fp8 ones counted in ExpertsFP8 too)
 
 	FP8ExpertGEMV int64 // expert GEMV launches (a projection each) on output-major fp8 experts (fp8.go)
@@ -297,6 +300,7 @@ func (b *Backend) init() error {
 		{"q4gemv_1w", &b.k.q4gemv[1][0]}, {"q4gemv_2w", &b.k.q4gemv[1][1]}, {"q4gemv_4w", &b.k.q4gemv[1][2]},
 		{"q4expert_gemv_1", &b.k.q4expertGEMV[0]}, {"q4expert_gemv_2", &b.k.q4expertGEMV[1]}, {"dequant_int4_bf16", &b.k.dequantInt4},
 		{"q4_xprep", &b.k.q4XPrep}, {"q4gemv_multi_1", &b.k.q4gemvMulti[0]}, {"q4gemv_multi_1w", &b.k.q4gemvMulti[1]},
+		{"q4gemm", &b.k.q4gemm}, {"q4gemm_experts", &b.k.q4gemmExperts}, {"q4gemm_experts_swiglu", &b.k.q4gemmSwiGLU},
 		{"route_plan", &b.k.routePlan}, {"qk_append", &b.k.qkAppend},
 		{"gemv_gated_1", &b.k.gemvGated[0]}, {"gemv_gated_2", &b.k.gemvGated[1]},
 		{"expert_gemv_swiglu_1", &b.k.expertSwiGLU[0]}, {"expert_gemv_swiglu_8", &b.k.expertSwiGLU[1]},

@@ -76,14 +76,15 @@ const EnvUnfuse = "TPFLEET_CUDA_UNFUSE"
 
 // Fusions returns the names of the kernel fusions a Backend makes, each of which Config.Unfuse can turn
 // off (a new slice each call: the list is not package state anyone can change). Every one but
-// FuseGrouped and FuseFP8Grouped gives the results of the kernels it replaces bit for bit; those two
-// replace cuBLASLt's GEMMs (FuseFP8Grouped at decode batches the fp8 expert GEMV), whose summation order is
-// their own: FuseGrouped agrees with them to bf16 rounding, FuseFP8Grouped to float32 rounding of the
-// sums and the E4M3 rounding of the SwiGLU rows that follows (both are deterministic run to run all the
-// same).
+// FuseGrouped, FuseQ4GEMM and FuseFP8Grouped gives the results of the kernels it replaces bit for bit;
+// those replace cuBLASLt's GEMMs (FuseFP8Grouped at decode batches the fp8 expert GEMV), whose summation
+// order is their own: FuseGrouped agrees with them to bf16 rounding, FuseQ4GEMM multiplies the same bf16
+// weights and inputs and differs only in the order of its float32 sums, FuseFP8Grouped differs by the
+// float32 rounding of its sums and the E4M3 rounding of the SwiGLU rows that follows (all are
+// deterministic run to run all the same).
 func Fusions() []string {
 	return []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FusePrefetch, FuseGrouped,
-		FuseFP8Grouped}
+		FuseQ4GEMM, FuseFP8Grouped}
 }
 
 // The fusions (Fusions).
@@ -106,8 +107,8 @@ const (
 	// FusePack: a prefill's expert blocks unpadded where every row offset keeps cuBLASLt's alignment, so
 	// the elementwise expert kernels touch no gap rows.
 	FusePack = "pack"
-	// FusePrefetch: the dense GEMVs ask L2 for the start of their weight rows before they wait for the
-	// kernel ahead (PDL_PROLOGUE_L2, kernels/prelude.cuh). A compile-time switch: turned off, the kernels
+	// FusePrefetch: the dense GEMVs (bf16, fp8 and int4 Linear) ask L2 for the start of their weight rows
+	// before they wait for the kernel ahead (PDL_PROLOGUE_L2, kernels/prelude.cuh). A compile-time switch: turned off, the kernels
 	// are compiled without it (a cache entry of their own); it changes timing only.
 	FusePrefetch = "prefetch"
 	// FuseGrouped: a prefill's bf16 routed experts as two grouped tensor-core GEMMs over every active
@@ -115,11 +116,16 @@ const (
 	// combine in the epilogues), reading the expert plan on the device; off, one cuBLASLt GEMM per active
 	// expert after a host read of the counts, with expert_gather, expert_act and expert_combine.
 	FuseGrouped = "grouped"
+	// FuseQ4GEMM: int4 weights above the GEMVs' rows (prefill) on q4gemm, a tensor-core GEMM that turns the
+	// codes into bf16(q·s) in registers (kernels/quant_int4.cu; the routed experts in one launch with SiLU·mul
+	// in gate_up's epilogue), instead of dequant_int4_bf16 writing each weight as bf16 for cuBLASLt. The
+	// same bf16 products; the float32 sums in another order.
+	FuseQ4GEMM = "q4gemm"
 	// FuseFP8Grouped: the routed experts on fp8 weights with dynamic activations (--quantization fp8)
 	// above fp8GemvRows tokens (prefill, and decode batches of 9 to 64 sequences) as the two grouped
-	// tensor-core GEMMs on E4M3 codes (kernels/grouped.cu, W8A8 mma.sync, sm_89 and later), reading the
-	// expert plan on the device; off, prefill runs one cuBLASLt FP8 GEMM per active expert after a host
-	// read of the counts (fp8gemm.go) and decode batches the fp8 expert GEMV (fp8.go).
+	// tensor-core GEMMs on E4M3 codes (kernels/grouped.cu, W8A8, sm_89 and later), reading the expert plan
+	// on the device; off, prefill runs one cuBLASLt FP8 GEMM per active expert after a host read of the
+	// counts (fp8gemm.go) and decode batches the fp8 expert GEMV (fp8.go).
 	FuseFP8Grouped = "fp8grouped"
 )
 
@@ -158,9 +164,9 @@ type Config struct {
 	// Config. The results are the same either way.
 	NoPDL bool `json:"cuda-no-pdl"`
 	// Unfuse turns kernel fusions off, for comparing and debugging: "all", or a comma-separated list of
-	// names from Fusions (route, swiglu, act, combine, qkv, vec, pack, prefetch, grouped, fp8grouped); empty
-	// keeps every fusion. The ops then launch the kernels the fusion replaces, with the same results (grouped
-	// and fp8grouped: to the rounding of their sums). EnvUnfuse adds to it.
+	// names from Fusions (route, swiglu, act, combine, qkv, vec, pack, prefetch, grouped, q4gemm,
+	// fp8grouped); empty keeps every fusion. The ops then launch the kernels the fusion replaces, with the
+	// same results (grouped, q4gemm and fp8grouped: to the rounding of their sums). EnvUnfuse adds to it.
 	Unfuse string `json:"cuda-unfuse"`
 }
 

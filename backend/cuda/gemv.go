@@ -39,15 +39,17 @@ func (b *Backend) gemvOK(xt, wt *tensor) bool {
 var _ backend.MultiLinear = (*Backend)(nil)
 
 // wideOperand returns x rounded to bf16 once for LinearMulti's products that Linear would each round
-// (a float32 x of more than skinnyRows rows in the default mode, at least two such unquantised bf16
-// weights), or nil when there is nothing to share. The narrow products (narrowProduct) keep the float32 x.
+// (a float32 x of more than skinnyRows rows in the default mode, at least two such unquantised bf16 or
+// int4 weights: q4gemm and the dequantised path round x alike), or nil when there is nothing to share. The
+// narrow products (narrowProduct) keep the float32 x.
 func (b *Backend) wideOperand(xt *tensor, wts []*tensor) (*tensor, error) {
 	if xt.dt == BF16 || b.cfg.Activations != BF16 || len(xt.shape) != 2 || xt.shape[0] <= skinnyRows {
 		return nil, nil
 	}
 	wide := 0
 	for _, w := range wts {
-		if w.q == nil && w.dt == BF16 && len(w.shape) == 2 && w.shape[1] == xt.shape[1] && !narrowProduct(w.shape[1], w.shape[0]) {
+		rounds := (w.q == nil && w.dt == BF16) || (w.q != nil && w.q.code == qfInt4)
+		if rounds && len(w.shape) == 2 && w.shape[1] == xt.shape[1] && !narrowProduct(w.shape[1], w.shape[0]) {
 			wide++
 		}
 	}

@@ -299,11 +299,12 @@ func (b *Backend) experts(x backend.Tensor, r backend.Routing, gateUp, down back
 }
 
 // expertsQuant is Experts on quantised weights (both must be): the decode GEMV reading the compact
-// weights (qexpert_gemv_N; q4expert_gemv_N for int4), or for prefill the grouped GEMMs on each active
-// expert dequantised to bf16; inputs quantised per token where the formats say so. fp8 with dynamic
-// activations above fp8GemvRows tokens (prefill and decode batches) takes the fp8 grouped kernels
-// (grouped.go, FuseFP8Grouped; unfused, the FP8 GEMM per active expert at prefill). Shapes the fast paths
-// do not take run the generic kernels on bf16 copies of the whole weights (weight-only formats only).
+// weights (qexpert_gemv_N; q4expert_gemv_N for int4), or for prefill the FP8 GEMM per active expert
+// (fp8gemm.go), q4gemm_experts over every active int4 expert (quant_int4.go, FuseQ4GEMM), else the
+// grouped GEMMs on each active expert dequantised to bf16; inputs quantised per token where the formats
+// say so. fp8 with dynamic activations above fp8GemvRows tokens (prefill and decode batches) takes the
+// fp8 grouped kernels before those (grouped.go, FuseFP8Grouped). Shapes the fast paths do not take run
+// the generic kernels on bf16 copies of the whole weights (weight-only formats only).
 func (b *Backend) expertsQuant(e *expertsCall, fast bool) (backend.Tensor, error) {
 	gt, dt := e.gu, e.down
 	if gt.q == nil || dt.q == nil {
@@ -350,6 +351,14 @@ func (b *Backend) expertsQuant(e *expertsCall, fast bool) (backend.Tensor, error
 				b.counts.ExpertsGrouped++
 				return e.out, nil
 			}
+		}
+		if b.q4ExpertsGEMMOK(e) { // quant_int4.go: int4 experts on q4gemm, every active expert in one launch
+			if err := b.expertsQ4GEMM(e); err != nil {
+				return nil, fmt.Errorf("cuda: experts (%s, q4gemm): %w", gt.q.format, err)
+			}
+			b.counts.ExpertsGrouped++
+			b.counts.ExpertsQ4++
+			return e.out, nil
 		}
 		done, err := b.expertsGrouped(e)
 		if err != nil {
@@ -469,9 +478,17 @@ func (b *Backend) releaseAll(bufs ...*buffer) { // release pool blocks after the
 	}
 }
 
-// plan enqueues moe_plan for e's routing with blocks aligned to align rows. With align > 1 the
+// planExperts enqueues moe_plan for e's routing with blocks aligned to align rows. With align > 1 the
 // permutation is first filled with -1, so gap rows are recognisable.
 func (b *Backend) planExperts(e *expertsCall, align int) (*expertPlan, error) {
+	return b.planExpertsFill(e, align, align > 1)
+}
+
+// planExpertsFill is planExperts, the permutation filled with -1 first where fill is set (always with
+// align > 1): then the rows past the local slots (meta[1] .. slots, which a kernel sized by the slots
+// without reading meta[1] reaches) are gap rows too.
+func (b *Backend) planExpertsFill(e *expertsCall, align int, fill bool) (*expertPlan, error) {
+	fill = fill || align > 1
 	n := e.slots()
 	rows := n
 	if align > 1 {
@@ -490,7 +507,7 @@ func (b *Backend) planExperts(e *expertsCall, align int) (*expertPlan, error) {
 		b.releaseAll(p.ctl, p.perm)
 		return nil, err
 	}
-	if r := e.r; align == 1 && (r.logits != nil || r.count != nil) && b.fused(FuseRoute) && n+e.E <= maxSharedFloats {
+	if r := e.r; align == 1 && !fill && (r.logits != nil || r.count != nil) && b.fused(FuseRoute) && n+e.E <= maxSharedFloats {
 		// route_plan: Route's kernel and a tally's count, deferred until now, and the plan in one launch.
 		var logits any = devptr(0)
 		dt := int(F32)
@@ -517,7 +534,7 @@ func (b *Backend) planExperts(e *expertsCall, align int) (*expertPlan, error) {
 		p.release(b)
 		return nil, err
 	}
-	if align > 1 {
+	if fill {
 		if err := b.stream.memset(p.perm.ptr, 0xff, int64(rows)*4); err != nil {
 			p.release(b)
 			return nil, err

@@ -462,17 +462,23 @@ func (b *Backend) splitLinear(xt *tensor, w devptr, y *tensor) error {
 		return err
 	}
 	defer b.pool.release(*d)
-	if b.vec8(n, xt.ptr()) {
-		if err := b.stream.launch(b.k.splitBF16V8, elemGrid(n/8), elemBlockDim, 0, xt, int(xt.dt), halves, int64(n/8)); err != nil {
-			return err
-		}
-	} else if err := b.stream.launch(b.k.splitBF16, elemGrid(n), elemBlockDim, 0, xt, int(xt.dt), halves, int64(n)); err != nil {
+	if err := b.splitHalves(xt, halves); err != nil {
 		return err
 	}
 	if err := b.gemm.run(plan, key, halves.ptr, w, d.ptr, b.stream); err != nil {
 		return err
 	}
 	return b.stream.launch(b.k.addHalves, elemGrid(T*out), elemBlockDim, 0, d, y, int(y.dt), int64(T*out))
+}
+
+// splitHalves enqueues split_bf16 (split_bf16_v8 where it can): xt's n elements as bf16 hi = bf16(x) in
+// halves[0, n) and lo = bf16(x − hi) in halves[n, 2n), rows [hi; lo] of a GEMM of twice xt's rows.
+func (b *Backend) splitHalves(xt *tensor, halves *buffer) error {
+	n := xt.numel()
+	if b.vec8(n, xt.ptr()) {
+		return b.stream.launch(b.k.splitBF16V8, elemGrid(n/8), elemBlockDim, 0, xt, int(xt.dt), halves, int64(n/8))
+	}
+	return b.stream.launch(b.k.splitBF16, elemGrid(n), elemBlockDim, 0, xt, int(xt.dt), halves, int64(n))
 }
 
 // bf16Operand returns t's address when it is bf16 and aligned, else a temporary bf16 copy (which the

@@ -18,8 +18,10 @@ import (
 //     registers, so a step reads 1 (fp8) or ½ (int4) byte a weight instead of 2; for fp8 at 1 or 2 rows
 //     a weight of at most gemvSplitMaxRows rows splits K over a block's warps (qgemv_split_N), as the
 //     bf16 GEMV does;
-//   - prefill: the weight (one expert at a time for Experts) is dequantised into a bf16 scratch and the
-//     bf16 path (cuBLASLt) runs on it.
+//   - prefill: for int4, q4gemm (quant_int4.go), a tensor-core GEMM that dequantises the codes in
+//     registers, the routed experts in one launch; else (fp8 weight-only, int4 with FuseQ4GEMM off or a
+//     shape q4gemm does not take) the weight (one expert at a time for Experts) is dequantised into a bf16
+//     scratch and the bf16 path (cuBLASLt) runs on it.
 //
 // Each dequantised weight is quant.Weight.Dequantize's value (q·scale in float32, rounded to bf16 for the
 // compressed-tensors format); the prefill scratch rounds it to bf16, as the bf16 path rounds its inputs.
@@ -180,7 +182,8 @@ func (b *Backend) qgemvOK(xt, wt *tensor) bool {
 
 // linearQuant is Linear for a quantised w [out, in]: for fp8 the FP8 GEMM (more than fp8GemvRows rows
 // with dynamic activations) or the fp8 GEMV (fp8.go); else x's rows quantised first where the format says
-// so, then the quantised GEMV for a few rows, else the bf16 Linear on a dequantised copy of w.
+// so, then the quantised GEMV for a few rows, else for int4 q4gemm (FuseQ4GEMM), else the bf16 Linear on
+// a dequantised copy of w.
 func (b *Backend) linearQuant(xt, wt *tensor) (backend.Tensor, error) {
 	if len(wt.shape) != 2 {
 		return nil, fmt.Errorf("cuda: linear x%v w%v (%s): %w", xt.shape, wt.shape, wt.q.format, backend.ErrShape)
@@ -248,6 +251,13 @@ func (b *Backend) linearQuant(xt, wt *tensor) (backend.Tensor, error) {
 			}
 		}
 		runtime.KeepAlive(x)
+		return y, nil
+	}
+	if b.q4gemmOK(wt) { // int4 above the GEMV's rows: q4gemm reads the codes (quant_int4.go)
+		y, err := b.linearQ4GEMM(x, wt)
+		if err != nil {
+			return nil, fmt.Errorf("cuda: linear x%v w%v (%s, q4gemm): %w", xt.shape, wt.shape, wt.q.format, err)
+		}
 		return y, nil
 	}
 	b.counts.QuantDequant++

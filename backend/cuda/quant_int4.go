@@ -16,8 +16,13 @@ import (
 //     WIDE form q4gemv_Nw where K and the group size are multiples of 128 (q4Wide); LinearMulti: two or
 //     three int4 weights of one x as one q4gemv_multi_1(w) launch; the routed experts: q4expert_gemv_N
 //     on the [E, K, N] layout, K split over blocks as expert_gemv_N does.
-//   - prefill (more rows): dequant_int4_bf16 writes the weight (one expert at a time for Experts) as bf16
-//     and cuBLASLt multiplies, as for fp8.
+//   - prefill (more rows): q4gemm, a tensor-core GEMM that turns the codes into bf16(q·s) fragments in
+//     registers (FuseQ4GEMM): Linear on q4gemm (x in bf16: a float32 x rounded once, or split into hi
+//     and lo halves where Linear keeps float32 accuracy), the routed experts on q4gemm_experts_swiglu
+//     (gate_up with SiLU·mul in its epilogue) and q4gemm_experts (down), every active expert in one launch
+//     and no host synchronisation. With FuseQ4GEMM off (or shapes q4gemm does not take: K or the group size
+//     not a multiple of 32), dequant_int4_bf16 writes the weight (one expert at a time for Experts) as bf16
+//     and cuBLASLt multiplies, as for fp8; both multiply the same bf16 weights and inputs.
 //
 // The threshold, from bytes and instructions (H100: 3.35 TB/s, 132 SMs issuing 4 warp-instructions a
 // cycle at 1.755 GHz, so 0.138 warp-instructions a weight at the int4 bandwidth floor): a GEMV launch of
@@ -28,7 +33,14 @@ import (
 // reads 2 back: 9 times the floor before the GEMM's own time, which grows by a tensor-core pass of 4T
 // flops a weight (x hi and lo, as the bf16 path splits a float32 x). The GEMV stays ahead up to about
 // 150 rows; at 64 (skinnyRows) it is twice as fast and keeps float32 accuracy, which the bf16 copy (q·s
-// rounded to bf16) does not. Above skinnyRows the dequantised path runs, as for every other format.
+// rounded to bf16) does not. Above skinnyRows q4gemm runs (the dequantised path with FuseQ4GEMM off).
+//
+// q4gemm reads ½ byte a weight once per tile of rows of x (128 for Linear, 64 for the experts), where the
+// dequantised path moved 4½ bytes a weight before its GEMM (½ read, 2 written, 2 read back), and keeps the
+// tensor cores busy at prefill's row counts: blocks of 4 warps, each warp 32 channels × 128 rows (Linear)
+// or 64 × 64 (experts), with 2.8 (Linear) and 3.6 (experts) other instructions an mma in the main loop
+// (NVRTC 11.8's SASS for sm_90: 255 and 207–210 registers, two blocks an SM, no spills).
+// docs/gpu-notes.md has the prediction for Scout.
 
 // Launch geometry of quant_int4.cu (Q4_MAXW, Q4E_WARPS, Q4E_COLS, Q4E_KTILE).
 const (
@@ -44,6 +56,16 @@ const (
 	q4WarpsPerSM = 24
 	// q4eBlocksPerSM is the q4expert_gemv blocks (4 warps) a launch aims at per SM.
 	q4eBlocksPerSM = 8
+	// q4gemm's geometry (Q4G_WARPS, Q4G_BK, Q4G_DMT/DNT, Q4G_EMT/ENT): blocks of 4 warps; q4gemm's of 128
+	// rows of x × 128 output channels, q4gemm_experts' of 64 rows × 256 channels (q4gemm_experts_swiglu:
+	// 128 columns of act, from 128 of gate and 128 of up); K and the group size in multiples of 32 (a stage
+	// lies in one group).
+	q4gThreads  = 128
+	q4gBK       = 32
+	q4gDenseBM  = 128
+	q4gDenseBN  = 128
+	q4gExpertBM = 64
+	q4gExpertBN = 256
 )
 
 // q4gemvOK reports whether x [T, in] · wᵀ (w int4) runs on q4gemv: at most skinnyRows rows, in and the
@@ -213,4 +235,151 @@ func (b *Backend) launchQ4Expert(e *expertsCall, p *expertPlan, x any, xdt, mode
 	grid := dim3{uint32(ceilDiv(N, q4eCols)), uint32(splits), uint32(e.expertBound())}
 	return b.stream.launch(kern, grid, dim3{q4eThreads, 1, 1}, 0,
 		x, xdt, mode, p.perm, e.scores(), e.r.k, p.seg(), p.active(e.E), p.meta(e.E), w, w.q.scales, w.q.gs, K, N, ks, P, R)
+}
+
+// q4gemmOK reports whether Linear on the int4 weight w [out, in] runs on q4gemm above the GEMV's rows:
+// FuseQ4GEMM on, in and the group size multiples of q4gBK, 16-byte aligned codes.
+func (b *Backend) q4gemmOK(w *tensor) bool {
+	return b.fused(FuseQ4GEMM) && w.q != nil && w.q.code == qfInt4 && len(w.shape) == 2 && w.shape[1] > 0 &&
+		w.shape[1]%q4gBK == 0 && w.q.gs%q4gBK == 0 && w.ptr()%16 == 0
+}
+
+// linearQ4GEMM returns y [T, out] = x [T, in] · wᵀ (float32) on q4gemm (q4gemmOK holds, T > 0). x enters
+// as bf16, by Linear's rule for the bf16 path: a float32 x is split into hi and lo halves, one q4gemm of 2T
+// rows and their sum (float32 accuracy), with Activations F32, at most skinnyRows rows (SetQuantGEMV off)
+// or a narrow product; else it is rounded to bf16 once.
+func (b *Backend) linearQ4GEMM(x, w *tensor) (*tensor, error) {
+	T, in, out := x.shape[0], x.shape[1], w.shape[0]
+	y, err := b.newTensor(F32, T, out)
+	if err != nil {
+		return nil, err
+	}
+	b.counts.QuantQ4GEMM++
+	if x.dt != BF16 && (b.cfg.Activations == F32 || T <= skinnyRows || narrowProduct(in, out)) {
+		halves, err := b.pool.get(int64(2*T) * int64(in) * 2)
+		if err != nil {
+			return nil, err
+		}
+		defer b.pool.release(*halves)
+		d, err := b.pool.get(int64(2*T) * int64(out) * 4)
+		if err != nil {
+			return nil, err
+		}
+		defer b.pool.release(*d)
+		if err := b.splitHalves(x, halves); err != nil {
+			return nil, err
+		}
+		if err := b.launchQ4GEMM(halves.ptr, w, d.ptr, 2*T); err != nil {
+			return nil, err
+		}
+		if err := b.stream.launch(b.k.addHalves, elemGrid(T*out), elemBlockDim, 0, d, y, int(y.dt), int64(T*out)); err != nil {
+			return nil, err
+		}
+		runtime.KeepAlive(x)
+		return y, nil
+	}
+	xp := x.ptr()
+	if x.dt != BF16 || xp%16 != 0 {
+		tmp, err := b.pool.get(int64(T) * int64(in) * 2)
+		if err != nil {
+			return nil, err
+		}
+		defer b.pool.release(*tmp)
+		if err := b.convert(x, tmp.ptr, BF16, T*in); err != nil {
+			return nil, err
+		}
+		xp = tmp.ptr
+	}
+	if err := b.launchQ4GEMM(xp, w, y.ptr(), T); err != nil {
+		return nil, err
+	}
+	runtime.KeepAlive(x)
+	return y, nil
+}
+
+// launchQ4GEMM enqueues q4gemm: y [rows, out] (float32) = x [rows, in] (bf16 at xp) · wᵀ.
+func (b *Backend) launchQ4GEMM(xp devptr, w *tensor, y devptr, rows int) error {
+	in, out := w.shape[1], w.shape[0]
+	if ceilDiv(rows, q4gDenseBM) > maxGridY {
+		return fmt.Errorf("q4gemm of %d rows: more than %d row tiles: %w", rows, maxGridY, backend.ErrShape)
+	}
+	grid := dim3{uint32(ceilDiv(out, q4gDenseBN)), uint32(ceilDiv(rows, q4gDenseBM)), 1}
+	return b.stream.launch(b.k.q4gemm, grid, dim3{q4gThreads, 1, 1}, 0, xp, w, w.q.scales, w.q.gs, y, rows, in, out)
+}
+
+// maxGridY is the most blocks of a grid's y dimension.
+const maxGridY = 65535
+
+// q4ExpertsGEMMOK reports whether Experts on int4 weights runs on q4gemm_experts at prefill: FuseQ4GEMM
+// on, H and I multiples of q4gBK and so the group sizes (a stage in one group; gate_up's 32-column
+// chunks of gate and up), 16-byte aligned codes and scales, and the row-tile slots within a grid.
+func (b *Backend) q4ExpertsGEMMOK(e *expertsCall) bool {
+	gq, dq := e.gu.q, e.down.q
+	return b.fused(FuseQ4GEMM) && gq.code == qfInt4 && dq.code == qfInt4 && e.H%q4gBK == 0 && e.I%q4gBK == 0 &&
+		gq.gs%q4gBK == 0 && dq.gs%q4gBK == 0 && e.gu.ptr()%16 == 0 && e.down.ptr()%16 == 0 &&
+		gq.scales.ptr%16 == 0 && dq.scales.ptr%16 == 0 && q4gSlots(e) <= maxGridY
+}
+
+// q4gSlots is the row-tile slots of a q4gemm_experts grid: at least the active experts' tiles of
+// q4gExpertBM rows, Σ ceil(rows_e / q4gExpertBM) <= ceil(R / q4gExpertBM) + (active experts), with R the
+// routing slots.
+func q4gSlots(e *expertsCall) int { return ceilDiv(e.slots(), q4gExpertBM) + e.expertBound() }
+
+// expertsQ4GEMM is the int4 prefill path of Experts: moe_plan with align 1 (the permutation filled with
+// -1 first), the tokens gathered by expert (scaled by their scores, bf16: expert_gather), gate_up with
+// SiLU·mul on q4gemm_experts_swiglu into act [R, I] (bf16), down on q4gemm_experts into y [R, H] (float32)
+// and the combine, as expertsGrouped does with cuBLASLt on bf16 copies; R is the routing slots, of which
+// the kernels read the plan's rows on the device, so nothing waits for the GPU.
+func (b *Backend) expertsQ4GEMM(e *expertsCall) error {
+	p, err := b.planExpertsFill(e, 1, true)
+	if err != nil {
+		return err
+	}
+	defer p.release(b)
+	R, H, I, E, k := e.slots(), e.H, e.I, e.E, e.r.k
+	xp, err := b.pool.get(int64(R) * int64(H) * 2)
+	if err != nil {
+		return err
+	}
+	defer b.pool.release(*xp)
+	if b.vec8(H, e.x.ptr()) {
+		err = b.stream.launch(b.k.expertGatherV8, elemGrid(R*H/8), elemBlockDim, 0, e.x, int(e.x.dt), p.perm, e.scores(), k, H, xp,
+			int64(R)*int64(H)/8)
+	} else {
+		err = b.stream.launch(b.k.expertGather, elemGridN(R*H), elemBlockDim, 0, e.x, int(e.x.dt), p.perm, e.scores(), k, H, xp,
+			int64(R)*int64(H))
+	}
+	if err != nil {
+		return err
+	}
+	act, err := b.pool.get(int64(R) * int64(I) * 2)
+	if err != nil {
+		return err
+	}
+	defer b.pool.release(*act)
+	slots := uint32(q4gSlots(e))
+	gu, dn := e.gu, e.down
+	if err := b.stream.launch(b.k.q4gemmSwiGLU, dim3{uint32(ceilDiv(I, q4gExpertBN/2)), slots, 1}, dim3{q4gThreads, 1, 1}, 0,
+		xp, p.seg(), p.active(E), p.meta(E), gu, gu.q.scales, gu.q.gs, H, I, act); err != nil {
+		return err
+	}
+	y, err := b.pool.get(int64(R) * int64(H) * 4)
+	if err != nil {
+		return err
+	}
+	defer b.pool.release(*y)
+	if err := b.stream.launch(b.k.q4gemmExperts, dim3{uint32(ceilDiv(H, q4gExpertBN)), slots, 1}, dim3{q4gThreads, 1, 1}, 0,
+		act, p.seg(), p.active(E), p.meta(E), dn, dn.q.scales, dn.q.gs, I, H, y); err != nil {
+		return err
+	}
+	ap, adt := e.addend()
+	if b.vec8(H, ap) {
+		err = b.stream.launch(b.k.expertV8, elemGrid(e.T*H/8), elemBlockDim, 0, y, 1, max(R, 1), H, p.rowOf, k,
+			e.out, int(e.out.dt), int64(e.T*H/8), ap, adt)
+	} else {
+		err = b.stream.launch(b.k.expertCombine, elemGrid(e.T*H), elemBlockDim, 0, y, 1, max(R, 1), H, p.rowOf, k,
+			e.out, int(e.out.dt), int64(e.T*H), ap, adt)
+	}
+	runtime.KeepAlive(e)
+	return err
 }

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
-	"strings"
 	"testing"
 
 	"github.com/tpfleet/tpfleet/backend"
@@ -14,34 +13,34 @@ import (
 )
 
 // int4Rows are the row (token) counts the int4 tests run: decode (1, 2), the three q4gemv kernels' limits
-// (8 is q4gemv_2's, 16 q4gemv_4's), four q4gemv launches (64, skinnyRows) and prefill (2048: the
-// weight dequantised to bf16 for cuBLASLt).
-var int4Rows = []int{1, 2, 8, 16, 64, 2048}
+// (8 is q4gemv_2's, 16 q4gemv_4's), a partial q4gemv launch (37), four q4gemv launches (64, skinnyRows)
+// and prefill (256, 2048: q4gemm).
+var int4Rows = []int{1, 2, 8, 16, 37, 64, 256, 2048}
 
 // int4Formats are the group sizes the int4 tests load: the default 128 and 32 (a scale for every 32-input
 // block, the smallest q4gemv takes).
 var int4Formats = []quant.Format{{Kind: quant.Int4, GroupSize: 128}, {Kind: quant.Int4, GroupSize: 32}}
 
 // int4PathOK reports whether paths (counterDiff's words for one Linear or Experts call on int4 weights at T
-// rows) name the path it must take: the GEMV up to 64 rows (the GEMV alone), above that the dequantised
-// bf16 copy (Linear's then runs the bf16 GEMM: "lt") or the grouped GEMMs.
+// rows) name the path it must take: the GEMV up to 64 rows (the GEMV alone), above that q4gemm (Linear) or
+// q4gemm_experts (Experts, counted among the grouped paths).
 func int4PathOK(paths string, T int, experts bool) bool {
 	switch {
 	case experts && T <= 64:
 		return paths == "exp-gemv×1"
 	case experts:
-		return paths == "exp-grouped×1"
+		return paths == "exp-grouped×1 exp-q4×1"
 	case T <= 64:
 		return paths == "qgemv×1"
 	}
-	return strings.Contains(paths, "qdequant×1") && !strings.Contains(paths, "qgemv")
+	return paths == "q4gemm×1"
 }
 
 // TestInt4LinearVsCPU compares Linear on int4 weights with the cpu backend at int4Rows rows for group
 // sizes 128 and 32: up to 64 rows the tensor-core GEMV (q4gemv_N, float32 accuracy: quantGEMVRelL2), at
-// 2048 the weight dequantised to bf16 (dequant_int4_bf16) and cuBLASLt (quantBF16RelL2). The shapes have
-// K of 10, 32 and 64 input blocks and N not a multiple of a block's 64 or 32 rows; the path each call
-// took is checked by the counters.
+// 256 and 2048 q4gemm (bf16(q·s) weights and x rounded to bf16: quantBF16RelL2). The shapes have K of 10,
+// 32 and 64 input blocks and N not a multiple of a block's 64 or 32 rows (nor of q4gemm's 256); the
+// path each call took is checked by the counters. TestInt4GEMMVsCPU covers q4gemm's own cases.
 func TestInt4LinearVsCPU(t *testing.T) {
 	g := newBackend(t, cuda.BF16)
 	e := &opEnv{t: t, cpu: cpu.New(cpu.Config{}), gpu: g, r: rand.New(rand.NewPCG(51, 52))}
@@ -143,7 +142,7 @@ func int4Logits(e *opEnv, T, E int) pair {
 // TestInt4ExpertsVsCPU compares Route+Experts on int4 expert weights with the cpu backend at int4Rows
 // tokens, top-1 and top-2, group sizes 128 and 32, with uneven routing (int4Logits): up to 64 tokens the
 // tensor-core expert GEMV (q4expert_gemv_N: experts with more rows than a pass, experts with none),
-// at 2048 one cuBLASLt GEMM per active expert on its bf16 copy.
+// at 256 and 2048 q4gemm_experts_swiglu and q4gemm_experts over every active expert.
 func TestInt4ExpertsVsCPU(t *testing.T) {
 	g := newBackend(t, cuda.BF16)
 	e := &opEnv{t: t, cpu: cpu.New(cpu.Config{}), gpu: g, r: rand.New(rand.NewPCG(61, 62))}
@@ -283,9 +282,9 @@ func TestInt4Times(t *testing.T) {
 		t.Fatal(err)
 	}
 	per := (f.Bytes([]int{E, H, 2 * I}, 1) + f.Bytes([]int{E, I, H}, 1)) / E
-	// Decode at 1 and 16 tokens (q4expert_gemv), and 256 tokens: prefill's path, each active expert
-	// dequantised to bf16 (dequant_int4_bf16) for two cuBLASLt GEMMs; the bytes are the active experts'
-	// codes and scales either way.
+	// Decode at 1 and 16 tokens (q4expert_gemv), and 256 tokens: prefill's path, q4gemm_experts_swiglu
+	// and q4gemm_experts over the active experts (TestInt4GEMMTimes compares it with the dequantised
+	// path); the bytes are the active experts' codes and scales either way.
 	for _, T := range []int{1, 16, 256} {
 		x, _ := g.FromFloat32([]int{T, H}, randVals(r, T*H, 1))
 		logits, _ := g.FromFloat32([]int{T, E}, randVals(r, T*E, 3))

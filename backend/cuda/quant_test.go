@@ -148,7 +148,8 @@ func counterDiff(a, b cuda.Counters) string {
 		n    int64
 	}{
 		{"gemv", b.GEMV - a.GEMV}, {"lt", b.Gemm - a.Gemm}, {"split", b.Split - a.Split}, {"simple", b.Fallback - a.Fallback},
-		{"qgemv", b.QuantGEMV - a.QuantGEMV}, {"qdequant", b.QuantDequant - a.QuantDequant}, {"qfp8gemm", b.QuantFP8Gemm - a.QuantFP8Gemm}, {"exp-fp8", b.ExpertsFP8 - a.ExpertsFP8},
+		{"qgemv", b.QuantGEMV - a.QuantGEMV}, {"qdequant", b.QuantDequant - a.QuantDequant}, {"q4gemm", b.QuantQ4GEMM - a.QuantQ4GEMM},
+		{"qfp8gemm", b.QuantFP8Gemm - a.QuantFP8Gemm}, {"exp-fp8", b.ExpertsFP8 - a.ExpertsFP8}, {"exp-q4", b.ExpertsQ4 - a.ExpertsQ4},
 		{"exp-gemv", b.ExpertsGEMV - a.ExpertsGEMV}, {"exp-grouped", b.ExpertsGrouped - a.ExpertsGrouped},
 		{"exp-simple", b.ExpertsSimple - a.ExpertsSimple},
 		{"fp8-exp-gemv", b.FP8ExpertGEMV - a.FP8ExpertGEMV}, {"fp8-staged", b.FP8Staged - a.FP8Staged}, {"fp8-outer-vec", b.FP8OuterVec - a.FP8OuterVec},
@@ -541,27 +542,34 @@ func TestRandomQuantized(t *testing.T) {
 func weightTimer(t *testing.T, g *cuda.Backend, reps int) func(name, shape string, bytes int64, f func() error) {
 	return func(name, shape string, bytes int64, f func() error) {
 		t.Helper()
-		if err := f(); err != nil { // warm-up
-			t.Fatalf("%s %s: %v", name, shape, err)
-		}
-		entries, total, err := g.Profile(func() error {
-			for range reps {
-				if err := f(); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-		if err != nil {
-			t.Fatalf("%s %s: %v", name, shape, err)
-		}
-		per := total / time.Duration(reps)
-		var ops []string
-		for _, en := range entries {
-			ops = append(ops, fmt.Sprintf("%s %.1fµs", en.Op, float64(en.Device.Nanoseconds())/1e3/float64(reps)))
-		}
+		per, ops := profileOp(t, g, reps, name+" "+shape, f)
 		gbs := float64(bytes) / per.Seconds() / 1e9
 		t.Logf("%-16s %-30s %8.1f µs  %6.0f GB/s of %d weight bytes  (%s)", name, shape, float64(per.Nanoseconds())/1e3, gbs, bytes, strings.Join(ops, ", "))
 		row(name, shape, fmt.Sprintf("%.0f GB/s (%.1f MB)", gbs, float64(bytes)/1e6), per.Round(100*time.Nanosecond).String())
 	}
+}
+
+// profileOp times f on the device (Profile, reps runs after a warm-up): the time a run and the kernels a
+// run launched with their device time each.
+func profileOp(t *testing.T, g *cuda.Backend, reps int, what string, f func() error) (time.Duration, []string) {
+	t.Helper()
+	if err := f(); err != nil { // warm-up
+		t.Fatalf("%s: %v", what, err)
+	}
+	entries, total, err := g.Profile(func() error {
+		for range reps {
+			if err := f(); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+	var ops []string
+	for _, en := range entries {
+		ops = append(ops, fmt.Sprintf("%s %.1fµs", en.Op, float64(en.Device.Nanoseconds())/1e3/float64(reps)))
+	}
+	return total / time.Duration(reps), ops
 }

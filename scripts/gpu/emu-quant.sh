@@ -4,7 +4,8 @@
 # thread, barriers for __syncthreads and shuffles) and compared with host references
 # (scripts/gpu/emu/quant_check.cpp). It checks indexing, packing and the reduction structure, not speed,
 # inline PTX or what NVRTC alone accepts (make kernels-check parses the CUDA). Needs g++ with C++20
-# (<barrier>); takes about a minute (it starts a thread per emulated CUDA thread).
+# (<barrier>); takes about a minute (it starts a thread per emulated CUDA thread). SANITIZE=1 builds with
+# AddressSanitizer, which also catches reads past the inputs (rows or channels a clamp let through).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 tmp=$(mktemp -d)
@@ -16,6 +17,6 @@ trap 'rm -rf "$tmp"' EXIT
 	cat kernels/gemv.cu kernels/quant.cu kernels/quant_fp8.cu kernels/quant_fp8gemm.cu kernels/quant_int4.cu
 } | sed -e 's/extern "C" //' -e 's/extern __shared__ int plan_sh\[\];/static int plan_sh[8192];/' >"$tmp/src.cu"
 cp scripts/gpu/emu/emu.h scripts/gpu/emu/quant_check.cpp "$tmp/"
-${CXX:-g++} -std=c++20 -O1 -ffp-contract=off -pthread -Wno-unknown-pragmas -o "$tmp/quant_check" "$tmp/quant_check.cpp"
+${CXX:-g++} -std=c++20 -O1 -ffp-contract=off -pthread -Wno-unknown-pragmas ${SANITIZE:+-fsanitize=address} -o "$tmp/quant_check" "$tmp/quant_check.cpp"
 "$tmp/quant_check" "$@"
 echo "emu-quant: kernels/quant.cu, quant_fp8.cu, quant_fp8gemm.cu and quant_int4.cu ok"

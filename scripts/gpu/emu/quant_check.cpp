@@ -4,7 +4,8 @@
 // and on unaligned widths, fp8_gemv_N and fp8_gemv_xs_N with one to three weights, fp8_expert_gemv_N
 // and _xs_N in both modes, fp8_dequant_experts; fp8_act_codes and fp8_scale_out around a host GEMM of
 // their codes), and the int4 kernels of quant_int4.cu (q4_xprep, q4gemv_N(w), q4gemv_multi_1(w),
-// q4expert_gemv_N, dequant_int4_bf16; the emulator stands in for mma.sync and fma.rn.bf16x2, emu.h). The
+// q4expert_gemv_N, dequant_int4_bf16, q4gemm, q4gemm_experts(_swiglu); the emulator stands in for
+// mma.sync, ldmatrix, cp.async and fma.rn.bf16x2, emu.h). The
 // scalar helpers (E4M3 decode, rounding, encoding, FP8RowScale) are those of quant.cu itself, checked
 // against package quant bit for bit when this was written. The emulator runs the
 // software E4M3 decode and bf16 rounding (the PTX of sm_80+/sm_89+ is the GPU tests' to check). Build and
@@ -361,6 +362,61 @@ void test_q4dequant(long outer, long in, long inner, int gs, long off, long n, i
 	for (long i = 0; i < n; i++) check("q4dequant", bf16_to_f32(out[i]), bf16_to_f32(f32_to_bf16(w.at(off + i))), 0, i);
 	for (long i = n; i < n + 40; i++) if (out[i] != 0xABCD) { bad++; printf("q4dequant wrote past n at %ld\n", i); break; }
 }
+// bf16r is v rounded to bf16 (what dequant_int4_bf16 writes for a weight, and q4gemm's fragments hold).
+float bf16r(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+// test_q4gemm: q4gemm (x [T, K] bf16 times w [N, K] int4) against the float64 product of x and the weights
+// rounded to bf16 (bf16(q·s): the dequantised path's and the kernel's fragments), float32 sums: 1e-5 of the
+// sum of |products|. Row and channel tails (T, N not multiples of the tile), several scale groups and a
+// last group shorter than gs; nothing is written past y.
+void test_q4gemm(int T, int K, int N, int gs) {
+	QW w = make(QF_INT4, gs, N, K, 1);
+	std::vector<bf16_t> xb(T * K); for (auto& v : xb) v = f32_to_bf16(urand(-1, 1) * (rng() % 9 == 0 ? 1e-3f : 1.0f));
+	std::vector<float> y(T * N + 1, NAN);
+	dim3 grid{(unsigned)((N + 64 * Q4G_DMT - 1) / (64 * Q4G_DMT)), (unsigned)((T + 8 * Q4G_DNT - 1) / (8 * Q4G_DNT))};
+	launch(grid, dim3{Q4G_WARPS * 32}, [&] { q4gemm(xb.data(), w.codes.data(), w.sb.data(), gs, y.data(), T, K, N); });
+	for (int t = 0; t < T; t++) for (int n = 0; n < N; n++) {
+		double s = 0, a = 0; for (int i = 0; i < K; i++) { double p = (double)bf16_to_f32(xb[t * K + i]) * bf16r(w.at((long)n * K + i)); s += p; a += std::fabs(p); }
+		check("q4gemm", y[t * N + n], s, 1e-5 * (1 + a), t * N + n);
+	}
+	if (!std::isnan(y[T * N])) { bad++; printf("q4gemm wrote past y\n"); }
+}
+// test_q4gemm_experts: q4gemm_experts (swiglu false: y [R, N] float32) and q4gemm_experts_swiglu (act [R,
+// I] bf16 = bf16(silu(gate)·up), N = 2I) over E experts with the given row counts (experts with none, one
+// row, more rows than a tile, a tile and a row), rows packed in expert order as moe_plan's align 1 leaves
+// them, and spare rows after them that no expert owns (left unwritten); the grid has the host's bound of
+// row-tile slots, so most slots find no tile and return.
+void test_q4gemm_experts(bool swiglu, int K, int N, int gs, std::vector<int> counts) {
+	int E = counts.size(), rows = 0; for (int n : counts) rows += n;
+	int R = rows + 3, I = N / 2;
+	QW w = make(QF_INT4, gs, E, K, N);
+	std::vector<int> seg(2 * E), active, meta(2);
+	for (int e = 0, off = 0; e < E; e++) { seg[2 * e] = off; seg[2 * e + 1] = counts[e]; if (counts[e]) active.push_back(e); off += counts[e]; }
+	meta[0] = active.size(); meta[1] = rows;
+	std::vector<bf16_t> xb((long)R * K); for (auto& v : xb) v = f32_to_bf16(urand(-1, 1));
+	int cols = swiglu ? I : N;
+	std::vector<float> y((long)R * N, NAN);
+	std::vector<bf16_t> act((long)R * I, 0xFFFF); // NaN
+	unsigned slots = (R + Q4G_EBM - 1) / Q4G_EBM + std::min(E, R);
+	unsigned bn = 64 * Q4G_EMT, cols_a = swiglu ? bn / 2 : bn;
+	dim3 grid{(unsigned)((cols + cols_a - 1) / cols_a), slots};
+	launch(grid, dim3{Q4G_WARPS * 32}, [&] {
+		if (swiglu) q4gemm_experts_swiglu(xb.data(), seg.data(), active.data(), meta.data(), w.codes.data(), w.sb.data(), gs, K, I, act.data());
+		else q4gemm_experts(xb.data(), seg.data(), active.data(), meta.data(), w.codes.data(), w.sb.data(), gs, K, N, y.data()); });
+	auto dot = [&](int r, int e, int col, double& a) {
+		double s = 0; for (int kk = 0; kk < K; kk++) { double p = (double)bf16_to_f32(xb[(long)r * K + kk]) * bf16r(w.at(((long)e * K + kk) * N + col)); s += p; a += std::fabs(p); }
+		return s; };
+	for (int e = 0; e < E; e++) for (int r = seg[2 * e]; r < seg[2 * e] + counts[e]; r++) for (int col = 0; col < cols; col++) {
+		double a = 0;
+		if (!swiglu) { double want = dot(r, e, col, a); check("q4gemm_experts", y[(long)r * N + col], want, 1e-5 * (1 + a), (long)r * N + col); continue; }
+		double ag = 0, au = 0, gv = dot(r, e, col, ag), uv = dot(r, e, I + col, au);
+		float want = silu((float)gv) * (float)uv;
+		// bf16 rounding (2^-9 of the value) and the float32 sums' error carried through silu·up.
+		double tol = std::ldexp(std::fabs(want), -8) + 1e-5 * (ag * std::fabs(uv) + au * std::fabs(gv) + 1);
+		check("q4gemm_experts_swiglu", bf16_to_f32(act[(long)r * I + col]), want, tol / (1 + std::fabs(want)), (long)r * I + col);
+	}
+	for (long i = (long)rows * cols; i < (long)R * cols; i++)
+		if (swiglu ? act[i] != 0xFFFF : !std::isnan(y[i])) { bad++; printf("q4gemm_experts wrote row %ld, owned by no expert\n", i / cols); break; }
+}
 void int4_checks() {
 	for (int xdt : {DT_F32, DT_BF16}) for (int T : {1, 2, 4, 5, 8, 9, 16}) {
 		test_q4gemv(T, 96, 11, 32, xdt, 2); test_q4gemv(T, 256, 40, 128, xdt, 3); }
@@ -380,6 +436,15 @@ void int4_checks() {
 	test_q4dequant(5, 96, 1, 32, 0, 5 * 96, 1); test_q4dequant(3, 40, 64, 8, 64 * 40, 64 * 40, 1); test_q4dequant(3, 40, 64, 128, 0, 3 * 40 * 64, 1);
 	test_q4dequant(5, 37, 1, 16, 0, 5 * 37, 0); test_q4dequant(3, 20, 24, 8, 20 * 24, 20 * 24, 0); test_q4dequant(2, 64, 1, 32, 64, 64, 1);
 	printf("q4dequant done bad=%d\n", bad);
+	// q4gemm: groups of 32, 64 (a short last group), 96 and 128; rows and channels off the 128 × 128 tile.
+	test_q4gemm(70, 128, 300, 32); test_q4gemm(128, 256, 256, 128); test_q4gemm(1, 160, 40, 64); test_q4gemm(130, 192, 264, 96);
+	printf("q4gemm done bad=%d\n", bad);
+	for (bool sw : {false, true}) {
+		test_q4gemm_experts(sw, 128, 320, 32, {0, 70, 1, 0, 65, 3});
+		test_q4gemm_experts(sw, 160, 256, 64, {5, 0, 64});
+		test_q4gemm_experts(sw, 256, 576, 128, {2, 130, 0});
+	}
+	printf("q4gemm experts done bad=%d\n", bad);
 }
 int main(int argc, char** argv) {
 	if (argc > 1 && std::string(argv[1]) == "int4") { // quant_int4.cu alone
