@@ -343,3 +343,17 @@ func TestOpsVsCPU(t *testing.T) {
 	}
 	t.Logf("memory %+v, linear %+v", g.Memory(), g.Counters())
 }
+
+// activeExperts returns how many distinct experts routing rt chose (a synchronisation).
+func activeExperts(t *testing.T, g *cuda.Backend, rt backend.Routing) int {
+	t.Helper()
+	ids, _, err := g.ReadRouting(rt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	distinct := map[int]bool{}
+	for _, id := range ids {
+		distinct[id] = true
+	}
+	return len(distinct)
+}

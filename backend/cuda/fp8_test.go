@@ -151,7 +151,8 @@ func skewedLogits(r *rand.Rand, T, E int) []float32 {
 // TestFP8ExpertsDecodeVsCPU compares Route+Experts on output-major fp8 experts with the cpu at decode
 // token counts (1, 2, 8, 16, 64), top-1 and top-2, with uneven token counts an expert (skewedLogits),
 // and checks the path: the fp8 expert GEMV for both projections, staged (quantising its rows itself)
-// where T·H and T·I fit 8192 floats. Also a Scout-wide shape (H 5120) at 1 and 2 tokens.
+// where T·H and T·I fit 8192 floats; with dynamic activations above 8 tokens the grouped fp8 kernels
+// (FuseFP8Grouped, sm_89 and later). Also a Scout-wide shape (H 5120) at 1 and 2 tokens.
 func TestFP8ExpertsDecodeVsCPU(t *testing.T) {
 	g := newBackend(t, cuda.BF16)
 	e := &opEnv{t: t, cpu: cpu.New(cpu.Config{}), gpu: g, r: rand.New(rand.NewPCG(95, 96))}
@@ -167,7 +168,11 @@ func TestFP8ExpertsDecodeVsCPU(t *testing.T) {
 					x := e.input(1, T, s.H)
 					logits := e.pairOf(skewedLogits(e.r, T, s.E), T, s.E)
 					bound := quantGEMVRelL2
-					if f.DynamicActivations {
+					grouped := fp8GroupedTakes(g, f, T)
+					switch {
+					case grouped:
+						bound = fp8GroupedRelL2
+					case f.DynamicActivations:
 						bound = quantGEMVActRelL2
 					}
 					before := g.Counters()
@@ -179,6 +184,12 @@ func TestFP8ExpertsDecodeVsCPU(t *testing.T) {
 						return b.Experts(pickSide(x, side), r, pickSide(gu, side), pickSide(dn, side), 0)
 					})
 					_, st, _, eg, _, _ := fp8Paths(before, g.Counters())
+					if mma := g.Counters().ExpertsMMA - before.ExpertsMMA; grouped {
+						if eg != 0 || mma != 1 {
+							t.Errorf("%s T %d k %d H %d: %d fp8 expert GEMVs, ExpertsMMA +%d; want the grouped fp8 kernels (0, +1)", f, T, k, s.H, eg, mma)
+						}
+						continue
+					}
 					wantStaged := int64(0)
 					for _, K := range []int{s.H, s.I} {
 						if T*K <= 8192 {

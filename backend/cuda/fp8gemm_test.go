@@ -208,7 +208,13 @@ func TestQuantFP8GemmTimes(t *testing.T) {
 		}
 	}
 	// A Scout MoE layer's routed experts at prefill: 2048 tokens, 16 experts, top-1 (random weights made
-	// on the device, as bench makes them).
+	// on the device, as bench makes them), "fp8 gemm" on the FP8 GEMM per expert (the grouped fp8 kernels
+	// off: TestFP8GroupedTimes times them beside it).
+	restore, err := cuda.SetUnfuse(g, cuda.FuseFP8Grouped)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer restore()
 	const E, H, I = 16, 5120, 8192
 	x, err := g.FromFloat32([]int{T, H}, randVals(r, T*H, 1))
 	if err != nil {

@@ -12,6 +12,7 @@ import (
 	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/backend/cpu"
 	"github.com/tpfleet/tpfleet/backend/cuda"
+	"github.com/tpfleet/tpfleet/quant"
 )
 
 // groupedRelL2 bounds the grouped expert GEMMs' relative L2 error against the cpu backend's float32
@@ -21,10 +22,11 @@ import (
 const groupedRelL2 = 1e-2
 
 // groupedCase is one Experts call at prefill size: T tokens, top-k of E router choices, experts
-// [first, first+local) held here, widths H and I; bf16x: x stored in bf16 (the model's form) or float32.
+// [first, first+local) held here, widths H and I; bf16x: x stored in bf16 (the model's form) or float32;
+// skew: router logits under which a few experts take most tokens and some none (skewedLogits).
 type groupedCase struct {
 	T, E, k, H, I, first, local int
-	bf16x, add                  bool
+	bf16x, add, skew            bool
 }
 
 func (c groupedCase) String() string {
@@ -40,16 +42,22 @@ type groupedInputs struct {
 	x, logits, gu, dn, add pair
 }
 
-func newGroupedInputs(e *opEnv, c groupedCase) groupedInputs {
+// newGroupedInputs makes c's operands, the expert weights by weight (opEnv.weight: bf16; or a quantised
+// format's maker).
+func newGroupedInputs(e *opEnv, c groupedCase, weight func(scale float32, shape ...int) pair) groupedInputs {
 	var in groupedInputs
 	if c.bf16x {
 		in.x = e.weight(1, c.T, c.H) // bf16 on the cuda side, its float32 values on the cpu's
 	} else {
 		in.x = e.input(1, c.T, c.H)
 	}
-	in.logits = e.input(3, c.T, c.E)
-	in.gu = e.weight(float32(2/math.Sqrt(float64(c.H))), c.local, c.H, 2*c.I)
-	in.dn = e.weight(float32(2/math.Sqrt(float64(c.I))), c.local, c.I, c.H)
+	if c.skew {
+		in.logits = e.pairOf(skewedLogits(e.r, c.T, c.E), c.T, c.E)
+	} else {
+		in.logits = e.input(3, c.T, c.E)
+	}
+	in.gu = weight(float32(2/math.Sqrt(float64(c.H))), c.local, c.H, 2*c.I)
+	in.dn = weight(float32(2/math.Sqrt(float64(c.I))), c.local, c.I, c.H)
 	if c.add {
 		in.add = e.input(1, c.T, c.H)
 	}
@@ -97,7 +105,7 @@ func TestGroupedExpertsVsCPU(t *testing.T) {
 		{T: 257, E: 8, k: 2, H: 264, I: 40, first: 2, local: 4, bf16x: true},
 		{T: 65, E: 16, k: 1, H: 256, I: 128, local: 16},
 	} {
-		in := newGroupedInputs(e, c)
+		in := newGroupedInputs(e, c, e.weight)
 		before := g.Counters().ExpertsMMA
 		e.compare("Exp grouped", c.String(), groupedRelL2, func(b backend.Ops, side int) (backend.Tensor, error) {
 			return runGrouped(b, side, c, in)
@@ -125,43 +133,55 @@ func TestGroupedEqualsUnfused(t *testing.T) {
 		{T: 2048, E: 8, k: 2, H: 2048, I: 1024, local: 8, bf16x: true},
 		{T: 512, E: 16, k: 1, H: 1024, I: 512, first: 8, local: 8, bf16x: true, add: true},
 	} {
-		in := newGroupedInputs(e, c)
+		in := newGroupedInputs(e, c, e.weight)
 		run := func(unfuse string) []float32 {
 			t.Helper()
-			restore, err := cuda.SetUnfuse(g, unfuse)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer restore()
-			before := g.Counters()
-			y, err := runGrouped(g, 1, c, in)
-			if err != nil {
-				t.Fatalf("%s unfuse %q: %v", c, unfuse, err)
-			}
-			v, err := g.Float32(y)
-			if err != nil {
-				t.Fatal(err)
-			}
-			after := g.Counters()
+			v, before, after := runUnfused(t, g, c, in, unfuse)
 			mma, grouped := after.ExpertsMMA-before.ExpertsMMA, after.ExpertsGrouped-before.ExpertsGrouped
 			if wantMMA := int64(boolInt(unfuse == "")); mma != wantMMA || grouped != 1 {
 				t.Errorf("%s unfuse %q: ExpertsMMA +%d ExpertsGrouped +%d, want +%d and +1", c, unfuse, mma, grouped, wantMMA)
 			}
 			return v
 		}
-		got, again, want := run(""), run(""), run(cuda.FuseGrouped)
-		if !slices.Equal(got, again) {
-			t.Errorf("%s: a second grouped run differs (rel L2 %.3g): not deterministic", c, relL2(again, got))
-		}
-		rel := relL2(got, want)
-		status := ""
-		if rel > groupedRelL2 || math.IsNaN(rel) {
-			status = " FAIL"
-			t.Errorf("%s: grouped vs cuBLASLt path relative L2 = %.3g, want <= %.3g", c, rel, groupedRelL2)
-		}
-		t.Logf("%-60s grouped vs unfused relL2 %.3g", c, rel)
-		row("Exp grouped=unfused", c.String(), fmt.Sprintf("relL2 %.2e%s", rel, status), "")
+		checkUnfused(t, "Exp grouped=unfused", c, run(""), run(""), run(cuda.FuseGrouped), groupedRelL2)
 	}
+}
+
+// runUnfused runs c's Experts (runGrouped) on g with the fusions in unfuse turned off and returns the
+// result and the Counters before and after.
+func runUnfused(t *testing.T, g *cuda.Backend, c groupedCase, in groupedInputs, unfuse string) (v []float32, before, after cuda.Counters) {
+	t.Helper()
+	restore, err := cuda.SetUnfuse(g, unfuse)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer restore()
+	before = g.Counters()
+	y, err := runGrouped(g, 1, c, in)
+	if err != nil {
+		t.Fatalf("%s unfuse %q: %v", c, unfuse, err)
+	}
+	if v, err = g.Float32(y); err != nil {
+		t.Fatal(err)
+	}
+	return v, before, g.Counters()
+}
+
+// checkUnfused requires a fused result (got) to equal a second run of it (again) bit for bit and the
+// unfused path's result (want) within bound (relative L2), and adds a table row name.
+func checkUnfused(t *testing.T, name string, c groupedCase, got, again, want []float32, bound float64) {
+	t.Helper()
+	if !slices.Equal(got, again) {
+		t.Errorf("%s: a second fused run differs (rel L2 %.3g): not deterministic", c, relL2(again, got))
+	}
+	rel := relL2(got, want)
+	status := ""
+	if rel > bound || math.IsNaN(rel) {
+		status = " FAIL"
+		t.Errorf("%s: fused vs unfused path relative L2 = %.3g, want <= %.3g", c, rel, bound)
+	}
+	t.Logf("%-60s fused vs unfused relL2 %.3g", c, rel)
+	row(name, c.String(), fmt.Sprintf("relL2 %.2e%s", rel, status), "")
 }
 
 func boolInt(v bool) int {
@@ -173,23 +193,41 @@ func boolInt(v bool) int {
 
 // TestGroupedExpertsTimes times one MoE layer's routed experts at Scout's shapes (16 experts top-1, H 5120,
 // I 8192: 4 GB of bf16 weights; and the I 1024 of a TP=8 slice with 128 experts, Maverick's count) at
-// prefill sizes, on the grouped kernels and on the cuBLASLt path, on device time (Profile, after a
-// warm-up): rows "Exp grouped" and "Exp cuBLASLt" with the time, the useful tensor rate (6·T·k·H·I
-// FLOP) and the weight bytes of one read of every expert over the time. No bound: the rows are for the
-// lead (docs/gpu-notes.md has the prediction). Both results are compared (groupedRelL2).
+// prefill sizes, on the grouped kernels and on the cuBLASLt path (groupedTimes): rows "Exp grouped" and
+// "Exp cuBLASLt". No bound on time: the rows are for the lead (docs/gpu-notes.md has the prediction). Both
+// results are compared (groupedRelL2).
 func TestGroupedExpertsTimes(t *testing.T) {
 	g := newBackend(t, cuda.BF16)
-	r := rand.New(rand.NewPCG(95, 96))
-	const reps = 5
-	for _, c := range []struct{ T, E, k, H, I int }{
+	groupedTimes(t, g, rand.New(rand.NewPCG(95, 96)), []timedCase{
 		{2048, 16, 1, 5120, 8192}, {512, 16, 1, 5120, 8192}, {100, 16, 1, 5120, 8192}, {2048, 128, 1, 5120, 1024}, {2048, 8, 2, 5120, 2048},
-	} {
+	}, 2, func(shape []int, std float32, seed uint64) (backend.Tensor, error) {
+		return g.RandomBF16(shape, 0, std, seed)
+	}, func(timedCase) []timedPath {
+		return []timedPath{{"Exp grouped", ""}, {"Exp cuBLASLt", cuda.FuseGrouped}}
+	}, groupedRelL2)
+}
+
+// timedCase is one MoE layer's routed experts to time: T tokens, top-k of E experts, widths H and I.
+type timedCase struct{ T, E, k, H, I int }
+
+// timedPath is one way timeExperts runs Experts: the table row's name and the fusions turned off.
+type timedPath struct{ name, unfuse string }
+
+// groupedTimes times ExpertsAdd for each case on each of paths(c) (timeExperts), with expert weights made
+// on the device by weight (bytes a weight element; gate_up [E, H, 2I] and down [E, I, H] of standard
+// deviation 1/√H and 1/√I), bf16 x and a float32 add, and requires every path's result to match the first
+// one's within bound. The rows give the time, the useful tensor rate (6·T·k·H·I FLOP) and the bytes of one
+// read of every routed expert's weights over the time.
+func groupedTimes(t *testing.T, g *cuda.Backend, r *rand.Rand, cases []timedCase, bytes int64,
+	weight func(shape []int, std float32, seed uint64) (backend.Tensor, error), paths func(timedCase) []timedPath, bound float64) {
+	t.Helper()
+	for _, c := range cases {
 		shape := fmt.Sprintf("T %d E %d k %d H %d I %d", c.T, c.E, c.k, c.H, c.I)
-		gu, err := g.RandomBF16([]int{c.E, c.H, 2 * c.I}, 0, float32(1/math.Sqrt(float64(c.H))), 1)
+		gu, err := weight([]int{c.E, c.H, 2 * c.I}, float32(1/math.Sqrt(float64(c.H))), 1)
 		if err != nil {
 			t.Fatal(err)
 		}
-		dn, err := g.RandomBF16([]int{c.E, c.I, c.H}, 0, float32(1/math.Sqrt(float64(c.I))), 2)
+		dn, err := weight([]int{c.E, c.I, c.H}, float32(1/math.Sqrt(float64(c.I))), 2)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -197,59 +235,177 @@ func TestGroupedExpertsTimes(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		logits := randTensor(t, g, r, c.T, c.E)
 		add := randTensor(t, g, r, c.T, c.H)
-		rt, err := g.Route(logits, c.k)
+		rt, err := g.Route(randTensor(t, g, r, c.T, c.E), c.k)
 		if err != nil {
 			t.Fatal(err)
 		}
 		flop := 6 * float64(c.T) * float64(c.k) * float64(c.H) * float64(c.I)
-		bytes := int64(c.E) * 3 * int64(c.H) * int64(c.I) * 2
-		var outs [2][]float32
-		for i, unfuse := range []string{"", cuda.FuseGrouped} {
-			restore, err := cuda.SetUnfuse(g, unfuse)
-			if err != nil {
-				t.Fatal(err)
+		weights := int64(activeExperts(t, g, rt)) * 3 * int64(c.H) * int64(c.I) * bytes
+		ps := paths(c)
+		outs := timeExperts(t, g, shape, flop, weights, func() (backend.Tensor, error) { return g.ExpertsAdd(x, rt, gu, dn, 0, add) }, ps...)
+		for i := 1; i < len(outs); i++ {
+			if rel := relL2(outs[0], outs[i]); rel > bound || math.IsNaN(rel) {
+				t.Errorf("%s: %s vs %s relative L2 = %.3g, want <= %.3g", shape, ps[0].name, ps[i].name, rel, bound)
 			}
-			var y backend.Tensor
-			f := func() error {
-				var err error
-				y, err = g.ExpertsAdd(x, rt, gu, dn, 0, add)
-				return err
-			}
-			if err := f(); err != nil { // warm-up
-				t.Fatalf("%s: %v", shape, err)
-			}
-			entries, total, err := g.Profile(func() error {
-				for range reps {
-					if err := f(); err != nil {
-						return err
-					}
-				}
-				return nil
-			})
-			if err != nil {
-				t.Fatalf("%s: %v", shape, err)
-			}
-			if outs[i], err = g.Float32(y); err != nil {
-				t.Fatal(err)
-			}
-			restore()
-			per := total / reps
-			var ops []string
-			for _, en := range entries {
-				ops = append(ops, fmt.Sprintf("%s %.1fµs", en.Op, float64(en.Device.Nanoseconds())/1e3/reps))
-			}
-			name := "Exp grouped"
-			if unfuse != "" {
-				name = "Exp cuBLASLt"
-			}
-			tf, gbs := flop/per.Seconds()/1e12, float64(bytes)/per.Seconds()/1e9
-			t.Logf("%-13s %-34s %9.1f µs  %5.0f TFLOP/s  %5.0f GB/s of weights  (%s)", name, shape, float64(per.Nanoseconds())/1e3, tf, gbs, strings.Join(ops, ", "))
-			row(name, shape, fmt.Sprintf("%.0f TFLOP/s, %.0f GB/s of weights", tf, gbs), per.Round(time.Microsecond).String())
-		}
-		if rel := relL2(outs[0], outs[1]); rel > groupedRelL2 || math.IsNaN(rel) {
-			t.Errorf("%s: grouped vs cuBLASLt relative L2 = %.3g, want <= %.3g", shape, rel, groupedRelL2)
 		}
 	}
+}
+
+// timeExperts times run (one Experts call) on each path on device time (profileOp: 5 runs after a
+// warm-up), logs and tabulates each (time, the useful tensor rate flop / time, and bytes of weights
+// read over the time) and returns each path's last result.
+func timeExperts(t *testing.T, g *cuda.Backend, shape string, flop float64, bytes int64, run func() (backend.Tensor, error), paths ...timedPath) [][]float32 {
+	t.Helper()
+	outs := make([][]float32, len(paths))
+	for i, p := range paths {
+		restore, err := cuda.SetUnfuse(g, p.unfuse)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var y backend.Tensor
+		per, ops := profileOp(t, g, 5, p.name+" "+shape, func() error {
+			var err error
+			y, err = run()
+			return err
+		})
+		if outs[i], err = g.Float32(y); err != nil {
+			t.Fatal(err)
+		}
+		restore()
+		tf, gbs := flop/per.Seconds()/1e12, float64(bytes)/per.Seconds()/1e9
+		t.Logf("%-16s %-34s %9.1f µs  %5.0f TFLOP/s  %5.0f GB/s of weights  (%s)", p.name, shape, float64(per.Nanoseconds())/1e3, tf, gbs, strings.Join(ops, ", "))
+		row(p.name, shape, fmt.Sprintf("%.0f TFLOP/s, %.0f GB/s of weights", tf, gbs), per.Round(time.Microsecond).String())
+	}
+	return outs
+}
+
+// fp8Dyn is --quantization fp8: E4M3 weights with dynamic per-token activations (FbgemmFp8).
+var fp8Dyn = quant.Format{Kind: quant.FP8, DynamicActivations: true}
+
+// fp8GroupedRelL2 bounds the fp8 grouped kernels against the cpu backend: the products of E4M3 codes are
+// exact and summed in float32, so gate and up differ from the cpu's by accumulation only, but the SwiGLU
+// rows are rounded to E4M3 again before down, and an element near a rounding midpoint lands on the
+// neighbouring value (a step is 6–12 % of it): a few 1e-3 expected, the bound of the FP8 GEMM path
+// (quantFP8ActRelL2; issue 11 allows 5e-2). A wrong expert, row, channel or scale gives order one.
+const fp8GroupedRelL2 = quantFP8ActRelL2
+
+// fp8GroupedUnfusedRelL2 bounds the fp8 grouped kernels against the paths they replace (the FP8 GEMM per
+// expert at prefill, the fp8 expert GEMV at decode batches): both quantise the same rows with the same
+// kernel and sum exact products, in another order, so only float32 rounding and the rare E4M3 rounding
+// flip it causes in the SwiGLU rows differ.
+const fp8GroupedUnfusedRelL2 = 5e-3
+
+// fp8GroupedTakes reports whether Experts on fp8 weights of format f with T tokens must take the grouped
+// fp8 kernels (FuseFP8Grouped on): dynamic activations, more than 8 tokens (the fp8 expert GEMV's rows),
+// a card with FP8 tensor cores. The callers' widths are multiples of 16 (output-major codes).
+func fp8GroupedTakes(g *cuda.Backend, f quant.Format, T int) bool {
+	return f.Kind == quant.FP8 && f.DynamicActivations && !f.RoundBF16 && T > 8 && fp8GemmArch(g)
+}
+
+// fp8Weight returns a maker of expert weights in fp8 format f on both backends (newGroupedInputs).
+func (e *opEnv) fp8Weight(f quant.Format) func(scale float32, shape ...int) pair {
+	return func(scale float32, shape ...int) pair { return e.qweight(f, scale, shape...) }
+}
+
+// fp8GroupedCases are the Experts calls the fp8 grouped kernels are checked on: decode batches (16, 64
+// tokens) and prefill (65 to 2048), 16 experts top-1 and 8 top-2, skewed routings (idle experts, a hot one
+// over several 128-row tiles), Scout's H 5120, expert parallelism (top-1 and top-2), H and I that are not
+// multiples of the tiles (K and N tails), x in bf16 and float32, with and without the shared expert's add.
+func fp8GroupedCases() []groupedCase {
+	return []groupedCase{
+		{T: 16, E: 16, k: 1, H: 1024, I: 512, local: 16, bf16x: true, add: true},
+		{T: 16, E: 8, k: 2, H: 1024, I: 512, local: 8},
+		{T: 64, E: 16, k: 1, H: 5120, I: 1024, local: 16, bf16x: true, add: true, skew: true},
+		{T: 65, E: 16, k: 1, H: 1024, I: 512, local: 16, bf16x: true, add: true},
+		{T: 256, E: 16, k: 1, H: 1024, I: 512, local: 16, add: true, skew: true},
+		{T: 256, E: 16, k: 1, H: 5120, I: 1024, local: 16, bf16x: true, add: true},
+		{T: 300, E: 8, k: 2, H: 1024, I: 512, local: 8, bf16x: true, add: true},
+		{T: 300, E: 8, k: 1, H: 528, I: 144, first: 4, local: 4, add: true},
+		{T: 257, E: 8, k: 2, H: 272, I: 48, first: 2, local: 4, bf16x: true},
+		{T: 512, E: 16, k: 1, H: 1024, I: 512, first: 8, local: 8, bf16x: true, add: true},
+		{T: 2048, E: 16, k: 1, H: 1024, I: 512, local: 16, bf16x: true, add: true, skew: true},
+		{T: 2048, E: 8, k: 2, H: 512, I: 256, local: 8, bf16x: true, add: true},
+		{T: 2048, E: 16, k: 1, H: 5120, I: 1024, local: 16, bf16x: true, add: true},
+	}
+}
+
+// TestFP8GroupedExpertsVsCPU compares Route+Experts (and ExpertsAdd) on fp8 expert weights with dynamic
+// activations with the cpu backend on fp8GroupedCases, on the grouped fp8 kernels (the path counters, on
+// sm_89 and later). Bound: fp8GroupedRelL2.
+func TestFP8GroupedExpertsVsCPU(t *testing.T) {
+	g := newBackend(t, cuda.BF16)
+	e := &opEnv{t: t, cpu: cpu.New(cpu.Config{}), gpu: g, r: rand.New(rand.NewPCG(101, 102))}
+	for _, c := range fp8GroupedCases() {
+		in := newGroupedInputs(e, c, e.fp8Weight(fp8Dyn))
+		before := g.Counters()
+		e.qcompare("Exp fp8 grouped", fmt.Sprintf("%s %s", fp8Dyn, c), fp8GroupedRelL2, func(b backend.Ops, side int) (backend.Tensor, error) {
+			return runGrouped(b, side, c, in)
+		})
+		after := g.Counters()
+		mma, fp8 := after.ExpertsMMA-before.ExpertsMMA, after.ExpertsFP8-before.ExpertsFP8
+		if want := int64(boolInt(fp8GroupedTakes(g, fp8Dyn, c.T))); mma != want || fp8 != want {
+			t.Errorf("%s on %s: ExpertsMMA +%d ExpertsFP8 +%d, want +%d each (the grouped fp8 kernels)", c, g.Info().Arch, mma, fp8, want)
+		}
+	}
+}
+
+// TestFP8GroupedEqualsUnfused compares the grouped fp8 kernels on fp8GroupedCases with the paths
+// TPFLEET_CUDA_UNFUSE=fp8grouped restores on the same inputs: the fp8 expert GEMV at decode batches (16,
+// 64 tokens) and the FP8 GEMM per active expert at prefill, within fp8GroupedUnfusedRelL2; that each took
+// its path (on sm_89 and later); that the fused result is the same bits on a second run. The other fp8
+// formats (weight-only, compressed-tensors) keep their paths with the fusion on.
+func TestFP8GroupedEqualsUnfused(t *testing.T) {
+	g := newBackend(t, cuda.BF16)
+	e := &opEnv{t: t, cpu: cpu.New(cpu.Config{}), gpu: g, r: rand.New(rand.NewPCG(103, 104))}
+	for _, c := range fp8GroupedCases() {
+		in := newGroupedInputs(e, c, e.fp8Weight(fp8Dyn))
+		run := func(unfuse string) []float32 {
+			t.Helper()
+			v, before, after := runUnfused(t, g, c, in, unfuse)
+			mma, fp8, gemv := after.ExpertsMMA-before.ExpertsMMA, after.ExpertsFP8-before.ExpertsFP8, after.ExpertsGEMV-before.ExpertsGEMV
+			switch {
+			case !fp8GemmArch(g):
+			case unfuse == "" && (mma != 1 || fp8 != 1):
+				t.Errorf("%s: ExpertsMMA +%d ExpertsFP8 +%d, want +1 each (the grouped fp8 kernels)", c, mma, fp8)
+			case unfuse != "" && c.T <= 64 && (mma != 0 || gemv != 1):
+				t.Errorf("%s unfused: ExpertsMMA +%d ExpertsGEMV +%d, want +0 and +1 (the fp8 expert GEMV)", c, mma, gemv)
+			case unfuse != "" && c.T > 64 && (mma != 0 || fp8 != 1):
+				t.Errorf("%s unfused: ExpertsMMA +%d ExpertsFP8 +%d, want +0 and +1 (the FP8 GEMM per expert)", c, mma, fp8)
+			}
+			return v
+		}
+		checkUnfused(t, "Exp fp8 grouped=unfused", c, run(""), run(""), run(cuda.FuseFP8Grouped), fp8GroupedUnfusedRelL2)
+	}
+	// The formats the W8A8 kernels do not serve exactly keep their paths.
+	c := groupedCase{T: 300, E: 8, k: 1, H: 512, I: 256, local: 8, bf16x: true}
+	for _, f := range []quant.Format{{Kind: quant.FP8}, quant.CompressedTensorsFP8()} {
+		in := newGroupedInputs(e, c, e.fp8Weight(f))
+		_, before, after := runUnfused(t, g, c, in, "")
+		if mma := after.ExpertsMMA - before.ExpertsMMA; mma != 0 {
+			t.Errorf("%s %s: ExpertsMMA +%d, want +0: the W8A8 kernels took a format without dynamic activations", f, c, mma)
+		}
+	}
+}
+
+// TestFP8GroupedTimes times one MoE layer's routed experts on fp8 weights with dynamic activations
+// (groupedTimes) at Scout's shapes (16 experts top-1, H 5120, I 8192: 2 GB of codes) at prefill (2048, 512,
+// 100 tokens) and decode batches (64, 16), 128 experts of I 1024 (Maverick's count with a TP=8 slice) and 8
+// of I 2048 top-2 at 2048, on the grouped fp8 kernels and on the path they replace: rows "Exp fp8 grouped"
+// and "Exp fp8 cuBLASLt" (prefill) or "Exp fp8 GEMV" (decode batches). No bound on time: the rows are for
+// the lead (docs/gpu-notes.md has the prediction). Both results are compared (fp8GroupedUnfusedRelL2).
+func TestFP8GroupedTimes(t *testing.T) {
+	g := newBackend(t, cuda.BF16)
+	groupedTimes(t, g, rand.New(rand.NewPCG(105, 106)), []timedCase{
+		{2048, 16, 1, 5120, 8192}, {512, 16, 1, 5120, 8192}, {100, 16, 1, 5120, 8192}, {64, 16, 1, 5120, 8192}, {16, 16, 1, 5120, 8192},
+		{2048, 128, 1, 5120, 1024}, {2048, 8, 2, 5120, 2048},
+	}, 1, func(shape []int, std float32, seed uint64) (backend.Tensor, error) {
+		return g.RandomQuantized(fp8Dyn, shape, 1, 0, std, seed)
+	}, func(c timedCase) []timedPath {
+		unfused := timedPath{"Exp fp8 cuBLASLt", cuda.FuseFP8Grouped}
+		if c.T <= 64 {
+			unfused.name = "Exp fp8 GEMV"
+		}
+		return []timedPath{{"Exp fp8 grouped", ""}, unfused}
+	}, fp8GroupedUnfusedRelL2)
 }

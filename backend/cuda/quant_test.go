@@ -263,6 +263,8 @@ func TestQuantExpertsVsCPU(t *testing.T) {
 			dn := e.qweight(f, float32(2/math.Sqrt(float64(s.I))), s.E, s.I, s.H)
 			bound := quantBF16RelL2
 			switch {
+			case s.gemv && fp8GroupedTakes(g, f, s.T):
+				bound = fp8GroupedRelL2 // the grouped fp8 kernels (decode batches too)
 			case s.gemv && s.T <= 64 && s.H%8 == 0 && f.DynamicActivations:
 				bound = quantGEMVActRelL2
 			case s.gemv && s.T <= 64 && s.H%8 == 0:
