@@ -65,45 +65,78 @@ func groupedTiles(e *expertsCall) uint32 {
 	return uint32(ceilDiv(e.slots(), groupedBM) + min(e.E, e.slots()))
 }
 
-// expertsMMA enqueues e on the grouped kernels (groupedOK holds).
-func (b *Backend) expertsMMA(e *expertsCall) error {
+// expertsMMA enqueues e on the grouped kernels of its format, fp8 (fp8GroupedOK holds) or bf16
+// (groupedOK holds): moe_plan (packed rows), the format's gate_up, then groupedFinish with its down kernel.
+func (b *Backend) expertsMMA(e *expertsCall, fp8 bool) error {
 	p, err := b.planExperts(e, 1)
 	if err != nil {
 		return err
 	}
 	defer p.release(b)
+	var bufs []*buffer
+	defer func() { b.releaseAll(bufs...) }()
+	keep := func(buf *buffer) {
+		if buf != nil {
+			bufs = append(bufs, buf)
+		}
+	}
+	gateUp := b.bf16GateUp
+	if fp8 {
+		gateUp = b.fp8GateUp
+	}
+	down, err := gateUp(e, p, keep)
+	if err != nil {
+		return err
+	}
+	return b.groupedFinish(e, p, down)
+}
+
+// groupedDown launches a format's down kernel with y (0: the combine into out, top-k 1) and out's
+// pointer, dtype and addend.
+type groupedDown func(y devptr, out any, odt int, add devptr, adt int) error
+
+// scratch returns a pooled block of n bytes, given to keep (released after the call is enqueued).
+func (b *Backend) scratch(n int64, keep func(*buffer)) (devptr, error) {
+	buf, err := b.pool.get(n)
+	if err != nil {
+		return 0, err
+	}
+	keep(buf)
+	return buf.ptr, nil
+}
+
+// bf16GateUp enqueues grouped_gate_up for e on plan p (x rounded to bf16 first where it is float32) and
+// returns its down launch; pooled blocks go to keep.
+func (b *Backend) bf16GateUp(e *expertsCall, p *expertPlan, keep func(*buffer)) (groupedDown, error) {
 	H, I, k, E, R := e.H, e.I, e.r.k, e.E, e.slots()
 	x := e.x.ptr()
 	if e.x.dt != BF16 || x%16 != 0 {
 		xb, tmp, err := b.bf16Operand(e.x)
 		if err != nil {
-			return err
+			return nil, err
 		}
-		if tmp != nil {
-			defer b.pool.release(*tmp)
-		}
+		keep(tmp)
 		x = xb
 	}
-	act, err := b.pool.get(int64(R) * int64(I) * 2)
+	act, err := b.scratch(int64(R)*int64(I)*2, keep)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer b.pool.release(*act)
 	tiles := groupedTiles(e)
 	if err := b.stream.launch(b.k.groupedGateUp, dim3{tiles, uint32(ceilDiv(I, groupedBN/2)), 1}, dim3{groupedThreads, 1, 1}, groupedSmem,
 		x, p.perm, e.scores(), k, p.seg(), p.active(E), p.meta(E), e.gu, H, I, act); err != nil {
-		return err
+		return nil, err
 	}
-	return b.groupedFinish(e, p, func(y devptr, out any, odt int, add devptr, adt int) error {
+	return func(y devptr, out any, odt int, add devptr, adt int) error {
 		return b.stream.launch(b.k.groupedDown, dim3{tiles, uint32(ceilDiv(H, groupedBN)), 1}, dim3{groupedThreads, 1, 1}, groupedSmem,
 			act, p.perm, p.seg(), p.active(E), p.meta(E), e.down, I, H, y, out, odt, add, adt)
-	})
+	}, nil
 }
 
 // groupedFinish enqueues what follows a grouped gate_up launch of e on plan p: at top-k 1 grouped_fill
 // and down with the combine in its epilogue (y = 0, out e's output), else down into y [R, H] float32
 // (out 0) and expert_combine(_v8). down launches the format's down kernel with those operands.
-func (b *Backend) groupedFinish(e *expertsCall, p *expertPlan, down func(y devptr, out any, odt int, add devptr, adt int) error) error {
+func (b *Backend) groupedFinish(e *expertsCall, p *expertPlan, down groupedDown) error {
 	H, k, R := e.H, e.r.k, e.slots()
 	ap, adt := e.addend()
 	if k == 1 {
@@ -138,51 +171,38 @@ func (b *Backend) fp8GroupedOK(e *expertsCall) bool {
 	return b.fused(FuseFP8Grouped) && b.fp8GroupedShared && !b.noFP8Gemm && fp8DynKMajor(e) && (e.x.dt == F32 || e.x.dt == BF16)
 }
 
-// expertsFP8MMA enqueues e on the fp8 grouped kernels (fp8GroupedOK holds): the rows quantised per
-// routing slot (fp8_act_codes, x[perm[r] / k]·scores[perm[r]]), grouped_fp8_gate_up, act quantised per
-// row, grouped_fp8_down and the combine (groupedFinish).
-func (b *Backend) expertsFP8MMA(e *expertsCall) error {
-	p, err := b.planExperts(e, 1)
-	if err != nil {
-		return err
-	}
-	defer p.release(b)
+// fp8GateUp enqueues the fp8 kernels' first half for e on plan p (fp8GroupedOK holds): the rows quantised
+// per routing slot (fp8_act_codes: x[perm[r] / k]·scores[perm[r]] to codes and a scale), then
+// grouped_fp8_gate_up, then act quantised per row; it returns grouped_fp8_down's launch. Pooled blocks go
+// to keep.
+func (b *Backend) fp8GateUp(e *expertsCall, p *expertPlan, keep func(*buffer)) (groupedDown, error) {
 	H, I, k, E, R := e.H, e.I, e.r.k, e.E, e.slots()
-	var bufs []*buffer
-	defer func() { b.releaseAll(bufs...) }()
-	get := func(n int64) (devptr, error) {
-		buf, err := b.pool.get(n)
-		if err != nil {
-			return 0, err
-		}
-		bufs = append(bufs, buf)
-		return buf.ptr, nil
-	}
 	var xc, xs, act, ac, as devptr
 	for _, a := range []struct {
 		dst *devptr
 		n   int64
 	}{{&xc, int64(R) * int64(H)}, {&xs, int64(R) * 4}, {&act, int64(R) * int64(I) * 4}, {&ac, int64(R) * int64(I)}, {&as, int64(R) * 4}} {
-		if *a.dst, err = get(a.n); err != nil {
-			return err
+		var err error
+		if *a.dst, err = b.scratch(a.n, keep); err != nil {
+			return nil, err
 		}
 	}
 	// Only the plan's rows (meta[1]): the blocks past them return, and no kernel reads their rows.
 	if err := b.stream.launch(b.k.fp8ActCodes, dim3{uint32(R), 1, 1}, actQuantBlock, 0, e.x, int(e.x.dt), p.perm, e.scores(), k, H,
 		xc, xs, p.rowsOf(E)); err != nil {
-		return err
+		return nil, err
 	}
 	tiles := groupedTiles(e)
 	if err := b.stream.launch(b.k.groupedFP8GateUp, dim3{tiles, uint32(ceilDiv(I, groupedBN/2)), 1}, dim3{groupedThreads, 1, 1}, groupedFP8Smem,
 		xc, xs, p.seg(), p.active(E), p.meta(E), e.gu, e.gu.q.scales, H, I, act); err != nil {
-		return err
+		return nil, err
 	}
 	if err := b.stream.launch(b.k.fp8ActCodes, dim3{uint32(R), 1, 1}, actQuantBlock, 0, act, int(F32), devptr(0), devptr(0), 1, I,
 		ac, as, p.rowsOf(E)); err != nil {
-		return err
+		return nil, err
 	}
-	return b.groupedFinish(e, p, func(y devptr, out any, odt int, add devptr, adt int) error {
+	return func(y devptr, out any, odt int, add devptr, adt int) error {
 		return b.stream.launch(b.k.groupedFP8Down, dim3{tiles, uint32(ceilDiv(H, groupedBN)), 1}, dim3{groupedThreads, 1, 1}, groupedFP8Smem,
 			ac, as, p.perm, p.seg(), p.active(E), p.meta(E), e.down, e.down.q.scales, I, H, y, out, odt, add, adt)
-	})
+	}, nil
 }

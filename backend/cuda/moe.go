@@ -249,7 +249,7 @@ func (b *Backend) experts(x backend.Tensor, r backend.Routing, gateUp, down back
 	case fast && T > skinnyRows && b.cfg.Activations == BF16 && b.groupedOK(e): // grouped.go
 		b.counts.ExpertsGrouped++
 		b.counts.ExpertsMMA++
-		if err := b.expertsMMA(e); err != nil {
+		if err := b.expertsMMA(e, false); err != nil {
 			return nil, fmt.Errorf("cuda: experts: %w", err)
 		}
 		return out, nil
@@ -333,7 +333,7 @@ func (b *Backend) expertsQuant(e *expertsCall, fast bool) (backend.Tensor, error
 		return b.experts(e.x, e.r, &tensor{b: b, buf: gb, shape: gt.shape, dt: BF16}, &tensor{b: b, buf: db, shape: dt.shape, dt: BF16}, e.first, e.add)
 	}
 	if e.T > fp8GemvRows && b.cfg.Activations == BF16 && b.fp8GroupedOK(e) { // grouped.go: the fp8 grouped GEMMs
-		if err := b.expertsFP8MMA(e); err != nil {
+		if err := b.expertsMMA(e, true); err != nil {
 			return nil, fmt.Errorf("cuda: experts (%s, fp8 grouped): %w", gt.q.format, err)
 		}
 		b.counts.ExpertsGrouped++
