@@ -148,29 +148,7 @@ func TestInt4ExpertsGEMMVsCPU(t *testing.T) {
 					}
 					return b.Experts(pickSide(x, side), r, pickSide(gu, side), pickSide(dn, side), 0)
 				}
-				var fused backend.Tensor
-				before := g.Counters()
-				e.qcompare("Int4ExpGEMM", shape, quantBF16RelL2, func(b backend.Ops, side int) (backend.Tensor, error) {
-					y, err := run(b, side)
-					if side == 1 {
-						fused = y
-					}
-					return y, err
-				})
-				if got := counterDiff(before, g.Counters()); got != "exp-grouped×1 exp-q4×1" {
-					t.Errorf("Int4ExpGEMM %s took paths %q, want exp-grouped×1 exp-q4×1", shape, got)
-				}
-				var unf backend.Tensor
-				paths := unfusedQ4(t, g, func() {
-					var err error
-					if unf, err = run(g, 1); err != nil {
-						t.Fatalf("Int4ExpGEMM %s unfused: %v", shape, err)
-					}
-				})
-				if paths != "exp-grouped×1" {
-					t.Errorf("Int4ExpGEMM %s with q4gemm off took paths %q, want exp-grouped×1 (cuBLASLt on bf16 copies)", shape, paths)
-				}
-				sameQ4(t, g, "Int4ExpGEMM", shape, fused, unf, int4ExpertsFusedRelL2)
+				checkQ4Experts(e, g, shape, "exp-grouped×1", run)
 				cuda.SetQuantGEMV(g, old)
 			}
 		}
@@ -195,10 +173,20 @@ func TestInt4ExpertsGEMMVsCPU(t *testing.T) {
 		}
 		return b.Add(y, add.c)
 	}
+	checkQ4Experts(e, g, shape, "", addExperts)
+}
+
+// checkQ4Experts compares run (side 0: the cpu backend, 1: g) with the cpu backend (quantBF16RelL2),
+// checks that g took q4gemm's expert path, and compares it with the same call with q4gemm off (the
+// dequantised bf16 copies, int4ExpertsFusedRelL2), whose counters must read unfusedPaths where it is not
+// "" (ExpertsAdd's are not checked).
+func checkQ4Experts(e *opEnv, g *cuda.Backend, shape, unfusedPaths string, run func(b backend.Ops, side int) (backend.Tensor, error)) {
+	t := e.t
+	t.Helper()
 	var fused backend.Tensor
 	before := g.Counters()
 	e.qcompare("Int4ExpGEMM", shape, quantBF16RelL2, func(b backend.Ops, side int) (backend.Tensor, error) {
-		y, err := addExperts(b, side)
+		y, err := run(b, side)
 		if side == 1 {
 			fused = y
 		}
@@ -208,12 +196,15 @@ func TestInt4ExpertsGEMMVsCPU(t *testing.T) {
 		t.Errorf("Int4ExpGEMM %s took paths %q, want exp-grouped×1 exp-q4×1", shape, got)
 	}
 	var unf backend.Tensor
-	unfusedQ4(t, g, func() {
+	paths := unfusedQ4(t, g, func() {
 		var err error
-		if unf, err = addExperts(g, 1); err != nil {
+		if unf, err = run(g, 1); err != nil {
 			t.Fatalf("Int4ExpGEMM %s unfused: %v", shape, err)
 		}
 	})
+	if unfusedPaths != "" && paths != unfusedPaths {
+		t.Errorf("Int4ExpGEMM %s with q4gemm off took paths %q, want %s (cuBLASLt on bf16 copies)", shape, paths, unfusedPaths)
+	}
 	sameQ4(t, g, "Int4ExpGEMM", shape, fused, unf, int4ExpertsFusedRelL2)
 }
 

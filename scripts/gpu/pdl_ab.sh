@@ -11,6 +11,7 @@
 #
 # UNFUSE=1 adds a third column: PDL on, every kernel fusion off (TPFLEET_CUDA_UNFUSE=all), the unfused
 # baseline (about 40 s more). UNFUSE=act,combine (any list of cuda.Fusions()) turns off only those there.
+# QUANT=fp8 or QUANT=int4 quantises the weights at load (bench --quantization; e.g. UNFUSE=q4gemm QUANT=int4).
 # TOKENS (decode steps, 32) and RUNS (best of, 2) as for bench.
 # With the device tool: run(command="bash scripts/gpu/pdl_ab.sh --run", carry=[".gpubuild"]).
 set -euo pipefail
@@ -29,6 +30,8 @@ sides="on off"
 unfuse=${UNFUSE:-}
 [ "$unfuse" = 1 ] && unfuse=all
 [ -n "$unfuse" ] && sides="on off unfused"
+quant=()
+[ -n "${QUANT:-}" ] && quant=(--quantization "$QUANT")
 scout="--layers 4 --hidden 5120 --heads 40 --kv-heads 8 --head-dim 128 --experts 16 --intermediate 8192 --vocab 202048"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 for batch in 1 16 64; do
@@ -39,7 +42,7 @@ for batch in 1 16 64; do
 		[ "$side" = off ] && pdl=0
 		[ "$side" = unfused ] && un=$unfuse
 		echo "== batch $batch PDL $side"
-		TPFLEET_CUDA_PDL=$pdl TPFLEET_CUDA_UNFUSE=$un timeout -k 10 150 "$tmp/tpfleet" bench --device cuda --tp 1 $scout \
+		TPFLEET_CUDA_PDL=$pdl TPFLEET_CUDA_UNFUSE=$un timeout -k 10 150 "$tmp/tpfleet" bench --device cuda --tp 1 $scout "${quant[@]}" \
 			--batch "$batch" --context 128 --prompt "$prompt" --tokens "${TOKENS:-32}" --runs "${RUNS:-2}" --json 2>"$tmp/err" |
 			sed "s/^{/{\"side\":\"$side\",/" | tee -a "$jsonl" | cut -c1-200 || tail -5 "$tmp/err"
 	done
