@@ -501,62 +501,17 @@ expert_gemv_8(const void* x, int xdt, int mode, const int* perm, const float* sc
 	expert_gemv_rows<8>(x, xdt, mode, perm, scores, topk, seg, active, meta, w, K, N, ksplit, P, R);
 }
 
-// eg_last is the split-K GEMVs' fused epilogue's hand-off: every block of the launch calls it once, after
-// writing its partial sums, and it returns true in the last of the `expected` blocks that count on *ctr,
-// which it also resets to zero for the next launch (counters start zeroed: the backend zeroes them once).
-// The __threadfence before the count publishes each block's writes device-wide; the last block reads them
-// with ld_cg (past its L1). Which block is last varies; what it computes does not, so the results do not
-// depend on timing.
-__device__ __forceinline__ bool eg_last(int* ctr, int expected) {
-	__shared__ int last;
-	__threadfence();
-	__syncthreads(); // every thread's writes fenced
-	if (threadIdx.x == 0) {
-		int prev = atomicAdd(ctr, 1);
-		last = prev == expected - 1;
-		if (last) *ctr = 0; // every block has counted: no one else uses it in this launch
-	}
-	__syncthreads();
-	if (last) __threadfence();
-	return last;
-}
-
-// eg_sum8 adds the S split partials p[0], p[stride], ... p[(S-1)·stride] in split order, as a loop from
-// 0.0f does, with eight loads in flight at a time.
-__device__ __forceinline__ float eg_sum8(const float* p, long long stride, int S) {
-	float y = 0.0f;
-	for (int s0 = 0; s0 < S; s0 += 8) {
-		float v[8];
-#pragma unroll
-		for (int u = 0; u < 8; u++) v[u] = s0 + u < S ? ld_cg(p + (s0 + u) * stride) : 0.0f;
-#pragma unroll
-		for (int u = 0; u < 8; u++)
-			if (s0 + u < S) y += v[u];
-	}
-	return y;
-}
-
 // expert_gemv_swiglu_N is expert_gemv_N over a gate_up weight (N = 2I, I % EG_COLS == 0) followed by
 // expert_act, in one launch: the last block of the 2·gridDim.y blocks of expert blockIdx.z that wrote gate
 // columns [256j, 256j+256) or the matching up columns (counter ctr[z·(I/256) + j]) sums their splits and
-// stores act[r][c] = silu(g) · u for the expert's rows, as expert_act computes it.
+// stores act[r][c] = silu(g) · u for the expert's rows, as expert_act computes it (eg_swiglu_epilogue in
+// prelude.cuh, shared with the int4 experts' q4expert_gemv_swiglu_N).
 template <int NS>
 __device__ __forceinline__ void expert_gemv_swiglu(const void* x, int xdt, int mode, const int* perm, const float* scores,
 	int topk, const int* seg, const int* active, const int* meta, const bf16_t* w, int K, int N, int ksplit, float* P,
 	int R, int* ctr, void* act, int adt) {
 	expert_gemv_rows<NS>(x, xdt, mode, perm, scores, topk, seg, active, meta, w, K, N, ksplit, P, R);
-	int I = N / 2, tiles = I / EG_COLS, j = blockIdx.x % tiles, S = gridDim.y;
-	if (!eg_last(ctr + blockIdx.z * tiles + j, 2 * S)) return;
-	if ((int)blockIdx.z >= meta[0]) return;
-	int e = active[blockIdx.z];
-	int r0 = seg[2 * e], nr = seg[2 * e + 1];
-	int c = j * EG_COLS + threadIdx.x;
-	long long stride = (long long)R * N;
-	for (int r = r0; r < r0 + nr; r++) {
-		float g = eg_sum8(P + (long long)r * N + c, stride, S);
-		float u = eg_sum8(P + (long long)r * N + I + c, stride, S);
-		st(act, adt, (long long)r * I + c, silu(g) * u);
-	}
+	eg_swiglu_epilogue(ctr, seg, active, meta, N, P, R, EG_COLS, act, adt);
 }
 extern "C" __global__ void __launch_bounds__(EG_WARPS * 32)
 expert_gemv_swiglu_1(const void* x, int xdt, int mode, const int* perm, const float* scores, int topk, const int* seg,
@@ -574,27 +529,13 @@ expert_gemv_swiglu_8(const void* x, int xdt, int mode, const int* perm, const fl
 // expert_gemv_combine_N is expert_gemv_N over a down weight (N = H) followed by expert_combine, in one
 // launch: the last of the gridDim.y·gridDim.z blocks that wrote columns [256x, 256x+256) (counter
 // ctr[blockIdx.x]) sums, for each of the T tokens, its slots' splits in routing order, adds add (not null)
-// and stores out[t][h], as expert_combine does.
+// and stores out[t][h], as expert_combine does (eg_combine_epilogue in prelude.cuh).
 template <int NS>
 __device__ __forceinline__ void expert_gemv_combine(const void* x, int xdt, int mode, const int* perm, const float* scores,
 	int topk, const int* seg, const int* active, const int* meta, const bf16_t* w, int K, int N, int ksplit, float* P,
 	int R, int* ctr, const int* row_of, int T, void* out, int odt, const void* add, int adt) {
 	expert_gemv_rows<NS>(x, xdt, mode, perm, scores, topk, seg, active, meta, w, K, N, ksplit, P, R);
-	if (!eg_last(ctr + blockIdx.x, gridDim.y * gridDim.z)) return;
-	int h = blockIdx.x * EG_COLS + threadIdx.x, S = gridDim.y;
-	if (h >= N) return;
-	long long stride = (long long)R * N;
-	for (int t = 0; t < T; t++) {
-		float sum = 0.0f;
-		for (int j = 0; j < topk; j++) {
-			int r = row_of[t * topk + j];
-			if (r < 0) continue;
-			sum += eg_sum8(P + (long long)r * N + h, stride, S);
-		}
-		long long i = (long long)t * N + h;
-		if (add) sum += ld(add, adt, i);
-		st(out, odt, i, sum);
-	}
+	eg_combine_epilogue(ctr, topk, N, P, R, EG_COLS, row_of, T, out, odt, add, adt);
 }
 extern "C" __global__ void __launch_bounds__(EG_WARPS * 32)
 expert_gemv_combine_1(const void* x, int xdt, int mode, const int* perm, const float* scores, int topk, const int* seg,

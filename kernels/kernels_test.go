@@ -45,8 +45,11 @@ func TestEntries(t *testing.T) {
 		"route", "route_plan", "expert_gate_up", "expert_down", "qk_append",
 		"dequant_bf16", "qgemv_1", "qgemv_2", "qgemv_4", "qgemv_8", "qgemv_split_1", "qgemv_split_2", "qexpert_gemv_1", "qexpert_gemv_8", "quantize_bf16",
 		"fp8_act_rows", "fp8_act_codes", "fp8_gemv_1", "fp8_gemv_2", "fp8_gemv_4", "fp8_gemv_8", "fp8_gemv_xs_1", "fp8_gemv_xs_2", "fp8_gemv_xs_4", "fp8_gemv_xs_8",
-		"fp8_expert_gemv_1", "fp8_expert_gemv_4", "fp8_expert_gemv_xs_1", "fp8_expert_gemv_xs_4", "fp8_dequant_experts", "transpose_u8", "fp8_scale_out",
-		"q4_xprep", "q4gemv_1", "q4gemv_2", "q4gemv_4", "q4gemv_1w", "q4gemv_2w", "q4gemv_4w", "q4gemv_multi_1", "q4gemv_multi_1w", "q4expert_gemv_1", "q4expert_gemv_2", "dequant_int4_bf16",
+		"fp8_expert_gemv_1", "fp8_expert_gemv_4", "fp8_expert_gemv_xs_1", "fp8_expert_gemv_xs_4",
+		"fp8_expert_gemv_swiglu_1", "fp8_expert_gemv_swiglu_4", "fp8_expert_gemv_xs_swiglu_1", "fp8_expert_gemv_xs_swiglu_4",
+		"fp8_expert_gemv_combine_1", "fp8_expert_gemv_combine_4", "fp8_expert_gemv_xs_combine_1", "fp8_expert_gemv_xs_combine_4", "fp8_dequant_experts", "transpose_u8", "fp8_scale_out",
+		"q4_xprep", "q4gemv_1", "q4gemv_2", "q4gemv_4", "q4gemv_1w", "q4gemv_2w", "q4gemv_4w", "q4gemv_multi_1", "q4gemv_multi_1w", "q4expert_gemv_1", "q4expert_gemv_2",
+		"q4expert_gemv_swiglu_1", "q4expert_gemv_swiglu_2", "q4expert_gemv_combine_1", "q4expert_gemv_combine_2", "dequant_int4_bf16",
 		"q4gemm", "q4gemm_experts", "q4gemm_experts_swiglu",
 		"sample_argmax", "sample_rows"}
 	if !slices.Equal(got, want) {

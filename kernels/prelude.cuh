@@ -206,6 +206,96 @@ __device__ __forceinline__ float ld_cg(const float* p) {
 #endif
 }
 
+// eg_last is the split-K GEMVs' fused epilogue's hand-off: every block of the launch calls it once, after
+// writing its partial sums, and it returns true in the last of the `expected` blocks that count on *ctr,
+// which it also resets to zero for the next launch (counters start zeroed: the backend zeroes them once).
+// The __threadfence before the count publishes each block's writes device-wide; the last block reads them
+// with ld_cg (past its L1). Which block is last varies; what it computes does not, so the results do not
+// depend on timing.
+__device__ __forceinline__ bool eg_last(int* ctr, int expected) {
+	__shared__ int last;
+	__threadfence();
+	__syncthreads(); // every thread's writes fenced
+	if (threadIdx.x == 0) {
+		int prev = atomicAdd(ctr, 1);
+		last = prev == expected - 1;
+		if (last) *ctr = 0; // every block has counted: no one else uses it in this launch
+	}
+	__syncthreads();
+	if (last) __threadfence();
+	return last;
+}
+
+// eg_sum8 adds the S split partials p[0], p[stride], ... p[(S-1)·stride] in split order, as a loop from
+// 0.0f does, with eight loads in flight at a time.
+__device__ __forceinline__ float eg_sum8(const float* p, long long stride, int S) {
+	float y = 0.0f;
+	for (int s0 = 0; s0 < S; s0 += 8) {
+		float v[8];
+#pragma unroll
+		for (int u = 0; u < 8; u++) v[u] = s0 + u < S ? ld_cg(p + (s0 + u) * stride) : 0.0f;
+#pragma unroll
+		for (int u = 0; u < 8; u++)
+			if (s0 + u < S) y += v[u];
+	}
+	return y;
+}
+
+// eg_act_at stores act[r][c] = silu(g)·u, g and u the sums over the S splits of P[s][r][c] and
+// P[s][r][I + c] (P [S, R, 2I], gate columns then up), in split order from 0.0f as expert_act adds them.
+__device__ __forceinline__ void eg_act_at(const float* P, int S, int R, int I, int r, int c, void* act, int adt) {
+	long long N = 2LL * I, stride = (long long)R * N;
+	float g = eg_sum8(P + r * N + c, stride, S);
+	float u = eg_sum8(P + r * N + I + c, stride, S);
+	st(act, adt, (long long)r * I + c, silu(g) * u);
+}
+
+// eg_combine_at stores out[t][h] as expert_combine computes it: the sum, over token t's topk slots in
+// routing order whose row r = row_of[t·topk + j] is held here (r >= 0), of the sum over the S splits of
+// P[s][r][h] (P [S, R, H]), plus add[t][h] last where add is not null.
+__device__ __forceinline__ void eg_combine_at(const float* P, int S, int R, int H, const int* row_of, int topk, int t, int h,
+	void* out, int odt, const void* add, int adt) {
+	long long stride = (long long)R * H;
+	float sum = 0.0f;
+	for (int j = 0; j < topk; j++) {
+		int r = row_of[t * topk + j];
+		if (r < 0) continue;
+		sum += eg_sum8(P + (long long)r * H + h, stride, S);
+	}
+	long long i = (long long)t * H + h;
+	if (add) sum += ld(add, adt, i);
+	st(out, odt, i, sum);
+}
+
+// The split-K expert GEMVs' fused epilogues (expert_gemv_N in gemv.cu, bf16; q4expert_gemv_N in
+// quant_int4.cu, int4): grid (N / cols column tiles, S splits, active experts bound), every block of the
+// launch calling the epilogue once after writing its partials P [S, R, N].
+//
+// eg_swiglu_epilogue (gate_up, N = 2I, I % cols == 0): the last block of the 2S blocks of expert
+// blockIdx.z that wrote gate columns [cols·j, cols·j + cols) or the matching up columns (counter
+// ctr[z·(I/cols) + j]) stores act[r][c] = silu(g)·u for the expert's rows (eg_act_at).
+__device__ __forceinline__ void eg_swiglu_epilogue(int* ctr, const int* seg, const int* active, const int* meta, int N,
+	const float* P, int R, int cols, void* act, int adt) {
+	int I = N / 2, tiles = I / cols, j = blockIdx.x % tiles, S = gridDim.y;
+	if (!eg_last(ctr + blockIdx.z * tiles + j, 2 * S)) return;
+	if ((int)blockIdx.z >= meta[0]) return;
+	int e = active[blockIdx.z];
+	int r0 = seg[2 * e], nr = seg[2 * e + 1];
+	for (int r = r0; r < r0 + nr; r++)
+		for (int c = j * cols + threadIdx.x; c < (j + 1) * cols; c += blockDim.x) eg_act_at(P, S, R, I, r, c, act, adt);
+}
+
+// eg_combine_epilogue (down, N = H): the last of the S·gridDim.z blocks that wrote columns [cols·x,
+// cols·x + cols) (counter ctr[blockIdx.x]) stores out[t][h] for the T tokens (eg_combine_at).
+__device__ __forceinline__ void eg_combine_epilogue(int* ctr, int topk, int N, const float* P, int R, int cols,
+	const int* row_of, int T, void* out, int odt, const void* add, int adt) {
+	if (!eg_last(ctr + blockIdx.x, gridDim.y * gridDim.z)) return;
+	int h1 = (int)(blockIdx.x + 1) * cols < N ? (int)(blockIdx.x + 1) * cols : N;
+	for (int t = 0; t < T; t++)
+		for (int h = blockIdx.x * cols + threadIdx.x; h < h1; h += blockDim.x)
+			eg_combine_at(P, gridDim.y, R, N, row_of, topk, t, h, out, odt, add, adt);
+}
+
 // rope_pair rotates the pair (x0, x1) at position pos by θ = float32(pos)·inv_freq (a float32 product,
 // not fused), with cos and sin evaluated in float64 and rounded to float32.
 __device__ __forceinline__ void rope_pair(int pos, float inv_freq, float x0, float x1, float* y0, float* y1) {

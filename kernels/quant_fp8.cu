@@ -514,6 +514,77 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_expert_gemv_xs_
 	fp8_expert_gemv<4, true>(FP8_EXPERT_ARGS);
 }
 
+// The fused epilogues of fp8_expert_gemv (FuseExpertAct, FuseExpertCombine; one split, so P [R, N] is the
+// sum expert_act and expert_combine read with S = 1). Block x's warps take row pairs p = 8x + warp, then
+// p + 8·gridDim.x, ...: the block writes the column chunks q = x, x + gridDim.x, ... of FP8_CHUNK = 16
+// columns (with FP8_THREADS threads), which fp8_chunk_col enumerates.
+#define FP8_CHUNK (2 * (FP8_THREADS / 32))
+
+// fp8_chunk_col returns the l-th column of the chunks q = blockIdx.x + i·gridDim.x below chunks (l <
+// FP8_CHUNK·(number of them)), or -1 past the last.
+__device__ __forceinline__ int fp8_chunk_col(int l, int chunks) {
+	int q = blockIdx.x + (l / FP8_CHUNK) * gridDim.x;
+	return q < chunks ? q * FP8_CHUNK + l % FP8_CHUNK : -1;
+}
+
+// fp8_expert_gemv_swiglu_N (gate_up, N = 2I): fp8_expert_gemv_N followed by expert_act. The host launches
+// it with I % FP8_CHUNK == 0 and gridDim.x dividing I / FP8_CHUNK, so that gate chunk q and up chunk q +
+// I / FP8_CHUNK (the same columns of up) belong to the same block: each block, once its own warps are done,
+// stores act[r][c] = silu(g)·u (eg_act_at) for the columns c of its gate chunks and its expert's rows. No
+// counters: nothing another block writes is read.
+template <int NS, bool XS>
+__device__ __forceinline__ void fp8_expert_gemv_swiglu(const void* __restrict__ x, int xdt, int mode, const int* __restrict__ perm,
+	const float* __restrict__ scores, int topk, const int* __restrict__ seg, const int* __restrict__ active,
+	const int* __restrict__ meta, const unsigned char* __restrict__ w, const float* __restrict__ scales, int fmt, int dyn, int K,
+	int N, float* __restrict__ P, void* act, int adt) {
+	fp8_expert_gemv<NS, XS>(x, xdt, mode, perm, scores, topk, seg, active, meta, w, scales, fmt, dyn, K, N, P);
+	if ((int)blockIdx.z >= meta[0]) return; // uniform over the block
+	__threadfence();
+	__syncthreads(); // the block's P written (ld_cg reads past L1)
+	const int e = active[blockIdx.z];
+	const int r0 = seg[2 * e], nr = XS ? imin(seg[2 * e + 1], FP8_XS / K) : seg[2 * e + 1]; // the rows fp8_expert_gemv wrote
+	const int I = N / 2, R = 0; // S = 1: the split stride is never used
+	for (int l = threadIdx.x;; l += blockDim.x) {
+		int c = fp8_chunk_col(l, I / FP8_CHUNK);
+		if (c < 0) break;
+		for (int r = r0; r < r0 + nr; r++) eg_act_at(P, 1, R, I, r, c, act, adt);
+	}
+}
+
+#define FP8_SWIGLU_PARAMS FP8_EXPERT_PARAMS, void *act, int adt
+#define FP8_SWIGLU_ARGS FP8_EXPERT_ARGS, act, adt
+// Blocks of FP8_THREADS; _xs_: the rows staged, as fp8_expert_gemv_xs_N.
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_expert_gemv_swiglu_1(FP8_SWIGLU_PARAMS) { PDL_PROLOGUE(); fp8_expert_gemv_swiglu<1, false>(FP8_SWIGLU_ARGS); }
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_expert_gemv_swiglu_4(FP8_SWIGLU_PARAMS) { PDL_PROLOGUE(); fp8_expert_gemv_swiglu<4, false>(FP8_SWIGLU_ARGS); }
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_expert_gemv_xs_swiglu_1(FP8_SWIGLU_PARAMS) { PDL_PROLOGUE(); fp8_expert_gemv_swiglu<1, true>(FP8_SWIGLU_ARGS); }
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_expert_gemv_xs_swiglu_4(FP8_SWIGLU_PARAMS) { PDL_PROLOGUE(); fp8_expert_gemv_swiglu<4, true>(FP8_SWIGLU_ARGS); }
+
+// fp8_expert_gemv_combine_N (down, N = H): fp8_expert_gemv_N followed by expert_combine. The last of the
+// gridDim.z blocks of column chunks blockIdx.x (counter ctr[blockIdx.x], eg_last: zero between launches)
+// stores out[t][h] (eg_combine_at) for the T tokens and the columns of its chunks.
+template <int NS, bool XS>
+__device__ __forceinline__ void fp8_expert_gemv_combine(const void* __restrict__ x, int xdt, int mode, const int* __restrict__ perm,
+	const float* __restrict__ scores, int topk, const int* __restrict__ seg, const int* __restrict__ active,
+	const int* __restrict__ meta, const unsigned char* __restrict__ w, const float* __restrict__ scales, int fmt, int dyn, int K,
+	int N, float* __restrict__ P, int* ctr, const int* row_of, int T, void* out, int odt, const void* add, int adt) {
+	fp8_expert_gemv<NS, XS>(x, xdt, mode, perm, scores, topk, seg, active, meta, w, scales, fmt, dyn, K, N, P);
+	if (!eg_last(ctr + blockIdx.x, gridDim.z)) return;
+	const int chunks = (N + FP8_CHUNK - 1) / FP8_CHUNK;
+	for (int l = threadIdx.x;; l += blockDim.x) {
+		int h = fp8_chunk_col(l, chunks);
+		if (h < 0) break;
+		if (h < N)
+			for (int t = 0; t < T; t++) eg_combine_at(P, 1, 0, N, row_of, topk, t, h, out, odt, add, adt);
+	}
+}
+
+#define FP8_COMBINE_PARAMS FP8_EXPERT_PARAMS, int *ctr, const int *row_of, int T, void *out, int odt, const void *add, int adt
+#define FP8_COMBINE_ARGS FP8_EXPERT_ARGS, ctr, row_of, T, out, odt, add, adt
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_expert_gemv_combine_1(FP8_COMBINE_PARAMS) { PDL_PROLOGUE(); fp8_expert_gemv_combine<1, false>(FP8_COMBINE_ARGS); }
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_expert_gemv_combine_4(FP8_COMBINE_PARAMS) { PDL_PROLOGUE(); fp8_expert_gemv_combine<4, false>(FP8_COMBINE_ARGS); }
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_expert_gemv_xs_combine_1(FP8_COMBINE_PARAMS) { PDL_PROLOGUE(); fp8_expert_gemv_combine<1, true>(FP8_COMBINE_ARGS); }
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 2) fp8_expert_gemv_xs_combine_4(FP8_COMBINE_PARAMS) { PDL_PROLOGUE(); fp8_expert_gemv_combine<4, true>(FP8_COMBINE_ARGS); }
+
 // fp8_dequant_experts writes elements [off, off + n) of an output-major fp8 experts weight (logical [E,
 // K, N], stored [E, N, K]) in logical order as bf16: the generic experts kernels' operand (shapes the
 // fast paths do not take), quant.Weight.Dequantize's values rounded to bf16.

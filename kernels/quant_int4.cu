@@ -592,6 +592,41 @@ q4expert_gemv_2(const void* x, int xdt, int mode, const int* perm, const float* 
 	q4expert_gemv_rows<2>(x, xdt, mode, perm, scores, topk, seg, active, meta, w, scales, gs, K, N, ksplit, P, R);
 }
 
+// q4expert_gemv_swiglu_N is q4expert_gemv_N over a gate_up weight (N = 2I, I % Q4E_COLS == 0) followed by
+// gemv.cu's expert_act in one launch, and q4expert_gemv_combine_N q4expert_gemv_N over a down weight (N =
+// H) followed by expert_combine: the split-K epilogues of the bf16 expert_gemv_swiglu_N and
+// expert_gemv_combine_N (eg_swiglu_epilogue, eg_combine_epilogue in prelude.cuh; the grids have the same
+// shape, 256-column tiles), so the results equal the separate kernels' bit for bit. ctr: counters, zero
+// between launches (the backend zeroes them once; each epilogue leaves them zero).
+#define Q4E_PARAMS                                                                                                      \
+	const void *x, int xdt, int mode, const int *perm, const float *scores, int topk, const int *seg, const int *active, \
+		const int *meta, const unsigned char *w, const bf16_t *scales, int gs, int K, int N, int ksplit, float *P, int R
+#define Q4E_ARGS x, xdt, mode, perm, scores, topk, seg, active, meta, w, scales, gs, K, N, ksplit, P, R
+extern "C" __global__ void __launch_bounds__(Q4E_WARPS * 32)
+q4expert_gemv_swiglu_1(Q4E_PARAMS, int* ctr, void* act, int adt) {
+	PDL_PROLOGUE();
+	q4expert_gemv_rows<1>(Q4E_ARGS);
+	eg_swiglu_epilogue(ctr, seg, active, meta, N, P, R, Q4E_COLS, act, adt);
+}
+extern "C" __global__ void __launch_bounds__(Q4E_WARPS * 32)
+q4expert_gemv_swiglu_2(Q4E_PARAMS, int* ctr, void* act, int adt) {
+	PDL_PROLOGUE();
+	q4expert_gemv_rows<2>(Q4E_ARGS);
+	eg_swiglu_epilogue(ctr, seg, active, meta, N, P, R, Q4E_COLS, act, adt);
+}
+extern "C" __global__ void __launch_bounds__(Q4E_WARPS * 32)
+q4expert_gemv_combine_1(Q4E_PARAMS, int* ctr, const int* row_of, int T, void* out, int odt, const void* add, int adt) {
+	PDL_PROLOGUE();
+	q4expert_gemv_rows<1>(Q4E_ARGS);
+	eg_combine_epilogue(ctr, topk, N, P, R, Q4E_COLS, row_of, T, out, odt, add, adt);
+}
+extern "C" __global__ void __launch_bounds__(Q4E_WARPS * 32)
+q4expert_gemv_combine_2(Q4E_PARAMS, int* ctr, const int* row_of, int T, void* out, int odt, const void* add, int adt) {
+	PDL_PROLOGUE();
+	q4expert_gemv_rows<2>(Q4E_ARGS);
+	eg_combine_epilogue(ctr, topk, N, P, R, Q4E_COLS, row_of, T, out, odt, add, adt);
+}
+
 // ---- Prefill: the weight dequantised to bf16 for cuBLASLt ----
 
 // q4_val returns code i (0..7) of word v as a float, exactly: 2^23 + (n ^ 8) as a float bit pattern,

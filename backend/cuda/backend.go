@@ -118,6 +118,8 @@ type kernelSet struct {
 	fp8ExpertGEMV, fp8ExpertGEMVStaged                                   [2]*kernel    // fp8_expert_gemv_1, _4
 	q4gemv                                                               [2][3]*kernel // q4gemv_1, _2, _4 and the WIDE q4gemv_1w, _2w, _4w (quant_int4.cu)
 	q4expertGEMV                                                         [2]*kernel    // q4expert_gemv_1, _2
+	q4expertSwiGLU, q4expertCombine                                      [2]*kernel    // q4expert_gemv_swiglu_1, _2; q4expert_gemv_combine_1, _2
+	fp8ExpertSwiGLU, fp8ExpertCombine                                    [2][2]*kernel // [staged]: fp8_expert_gemv(_xs)_swiglu_1, _4; _combine_1, _4
 	q4gemvMulti                                                          [2]*kernel    // q4gemv_multi_1, _1w
 	dequantInt4, q4XPrep                                                 *kernel
 	q4gemm, q4gemmExperts, q4gemmSwiGLU                                  *kernel // q4gemm, q4gemm_experts(_swiglu)
@@ -299,6 +301,12 @@ func (b *Backend) init() error {
 		{"q4gemv_1", &b.k.q4gemv[0][0]}, {"q4gemv_2", &b.k.q4gemv[0][1]}, {"q4gemv_4", &b.k.q4gemv[0][2]},
 		{"q4gemv_1w", &b.k.q4gemv[1][0]}, {"q4gemv_2w", &b.k.q4gemv[1][1]}, {"q4gemv_4w", &b.k.q4gemv[1][2]},
 		{"q4expert_gemv_1", &b.k.q4expertGEMV[0]}, {"q4expert_gemv_2", &b.k.q4expertGEMV[1]}, {"dequant_int4_bf16", &b.k.dequantInt4},
+		{"q4expert_gemv_swiglu_1", &b.k.q4expertSwiGLU[0]}, {"q4expert_gemv_swiglu_2", &b.k.q4expertSwiGLU[1]},
+		{"q4expert_gemv_combine_1", &b.k.q4expertCombine[0]}, {"q4expert_gemv_combine_2", &b.k.q4expertCombine[1]},
+		{"fp8_expert_gemv_swiglu_1", &b.k.fp8ExpertSwiGLU[0][0]}, {"fp8_expert_gemv_swiglu_4", &b.k.fp8ExpertSwiGLU[0][1]},
+		{"fp8_expert_gemv_xs_swiglu_1", &b.k.fp8ExpertSwiGLU[1][0]}, {"fp8_expert_gemv_xs_swiglu_4", &b.k.fp8ExpertSwiGLU[1][1]},
+		{"fp8_expert_gemv_combine_1", &b.k.fp8ExpertCombine[0][0]}, {"fp8_expert_gemv_combine_4", &b.k.fp8ExpertCombine[0][1]},
+		{"fp8_expert_gemv_xs_combine_1", &b.k.fp8ExpertCombine[1][0]}, {"fp8_expert_gemv_xs_combine_4", &b.k.fp8ExpertCombine[1][1]},
 		{"q4_xprep", &b.k.q4XPrep}, {"q4gemv_multi_1", &b.k.q4gemvMulti[0]}, {"q4gemv_multi_1w", &b.k.q4gemvMulti[1]},
 		{"q4gemm", &b.k.q4gemm}, {"q4gemm_experts", &b.k.q4gemmExperts}, {"q4gemm_experts_swiglu", &b.k.q4gemmSwiGLU},
 		{"route_plan", &b.k.routePlan}, {"qk_append", &b.k.qkAppend},

@@ -94,10 +94,14 @@ const (
 	// FuseSwiGLU: SiLU·mul in the GEMV of a gated MLP's gate and up (gemv_gated_N; with the router's
 	// product for a MoE), at most two rows.
 	FuseSwiGLU = "swiglu"
-	// FuseExpertAct: the routed experts' SiLU·mul in their gate_up GEMV (expert_gemv_swiglu_N), decode.
+	// FuseExpertAct: the routed experts' SiLU·mul in their gate_up GEMV at decode, for bf16
+	// (expert_gemv_swiglu_N), int4 (q4expert_gemv_swiglu_N) and output-major fp8 experts
+	// (fp8_expert_gemv(_xs)_swiglu_N), at most 8 routing slots: no expert_act launch.
 	FuseExpertAct = "act"
 	// FuseExpertCombine: the routed experts' combine (and the shared expert's add) in their down GEMV
-	// (expert_gemv_combine_N), decode steps of a few tokens.
+	// (expert_gemv_combine_N, q4expert_gemv_combine_N, fp8_expert_gemv(_xs)_combine_N), decode steps of at
+	// most 4 routing slots: no expert_combine launch. The input-major quantised experts (qexpert_gemv_N)
+	// keep both separate kernels.
 	FuseExpertCombine = "combine"
 	// FuseQKV: RoPE, qk-norm or the NoPE temperature and the KV cache append in one kernel (qk_append),
 	// decode.

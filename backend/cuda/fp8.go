@@ -54,6 +54,20 @@ func fp8StagedBlocks(groups, limit int) int {
 	return ceilDiv(groups, ceilDiv(groups, limit))
 }
 
+// fp8Chunk is the columns a block of fp8_expert_gemv writes in a row: a pair a warp (FP8_CHUNK).
+const fp8Chunk = 16
+
+// fp8SwiGLUBlocks returns the grid of fp8_expert_gemv(_xs)_swiglu_N over chunks gate chunks: the largest
+// divisor of chunks at most limit (the unfused kernel's grid, or the staged cap).
+func fp8SwiGLUBlocks(chunks, limit int) int {
+	for d := min(chunks, max(limit, 1)); d > 1; d-- {
+		if chunks%d == 0 {
+			return d
+		}
+	}
+	return 1
+}
+
 // isFP8 reports whether q is an fp8 format (E4M3 codes, float32 scales).
 func (q *qweight) isFP8() bool { return q != nil && (q.code == qfFP8 || q.code == qfFP8BF16) }
 
@@ -277,8 +291,10 @@ func (b *Backend) linearMultiFP8(xt *tensor, wts []*tensor) (out []backend.Tenso
 // times its weight. The rows are x[perm[r] / k]·scores[perm[r]] (mode 0: gate_up) or x[r] (mode 1: down,
 // x [R, K] float32), quantised per token where w's format says so: by the kernel itself where every
 // expert's rows (at most T) fit fp8XS floats (staged), else first by fp8_act_rows into a pooled block in
-// the kernel's word-major order, which the caller releases (tmp, nil if none).
-func (b *Backend) fp8ExpertGEMV(e *expertsCall, p *expertPlan, w *tensor, x any, xdt, mode, K, N int, P *buffer) (tmp *buffer, err error) {
+// the kernel's word-major order, which the caller releases (tmp, nil if none). With epi (not nil) the
+// kernel ends with that fused epilogue (fp8_expert_gemv(_xs)_swiglu_N, _combine_N); the down projection's
+// input is quantised as without it, by the staged kernel itself or by fp8_act_rows.
+func (b *Backend) fp8ExpertGEMV(e *expertsCall, p *expertPlan, w *tensor, x any, xdt, mode, K, N int, P *buffer, epi *expertEpi) (tmp *buffer, err error) {
 	R, k, E := e.slots(), e.r.k, e.E
 	dyn := w.q.dyn()
 	staged := e.T*K <= fp8XS
@@ -311,11 +327,21 @@ func (b *Backend) fp8ExpertGEMV(e *expertsCall, p *expertPlan, w *tensor, x any,
 	}
 	z := e.expertBound()
 	blocks := ceilDiv(ceilDiv(N, 2), int(fp8Block.x/32))
+	limit := blocks
 	if staged {
-		blocks = fp8StagedBlocks(blocks, max(fp8StagedPerSM*max(b.dev.multiprocessors, 1)/z, 1))
+		limit = max(fp8StagedPerSM*max(b.dev.multiprocessors, 1)/z, 1)
+		blocks = fp8StagedBlocks(blocks, limit)
 	}
-	err = b.stream.launch(kern[i], dim3{uint32(blocks), 1, uint32(z)}, fp8Block, 0,
-		x, xdt, mode, p.perm, e.scores(), k, p.seg(), p.active(E), p.meta(E), w, w.q.scales, w.q.code, dyn, K, N, P)
+	args := []any{x, xdt, mode, p.perm, e.scores(), k, p.seg(), p.active(E), p.meta(E), w, w.q.scales, w.q.code, dyn, K, N, P}
+	if epi != nil {
+		kern = epi.pick(b.k.fp8ExpertSwiGLU[boolIndex(staged)], b.k.fp8ExpertCombine[boolIndex(staged)])
+		args = append(args, epi.args(e, p)...)
+		if epi.act != nil {
+			// A block holds gate chunk q and up chunk q + I/fp8Chunk: gridDim.x divides I/fp8Chunk.
+			blocks = fp8SwiGLUBlocks(N/2/fp8Chunk, limit)
+		}
+	}
+	err = b.stream.launch(kern[i], dim3{uint32(blocks), 1, uint32(z)}, fp8Block, 0, args...)
 	if err == nil {
 		b.counts.FP8ExpertGEMV++
 		if staged {

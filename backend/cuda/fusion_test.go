@@ -3,6 +3,7 @@ package cuda_test
 import (
 	"context"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"path/filepath"
 	"slices"
@@ -11,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/tpfleet/tpfleet/backend"
+	"github.com/tpfleet/tpfleet/backend/cpu"
 	"github.com/tpfleet/tpfleet/backend/cuda"
 	"github.com/tpfleet/tpfleet/model/llama4"
 	"github.com/tpfleet/tpfleet/safetensors"
@@ -199,6 +201,98 @@ func TestFusionsEqualUnfused(t *testing.T) {
 		status = "FAIL"
 	}
 	row("fusions", "MoE layer T 1..300, norms, silu_mul, split, convert vs unfused", status, "")
+}
+
+// TestQuantExpertEpiloguesEqualUnfused: the fused epilogues of the quantised decode expert GEMVs
+// (FuseExpertAct and FuseExpertCombine on int4 experts, q4expert_gemv_swiglu_N and _combine_N, and on
+// output-major fp8 experts, fp8_expert_gemv(_xs)_swiglu_N and _combine_N) give what the GEMVs followed by
+// expert_act and expert_combine give, bit for bit: Route+ExpertsAdd (the shared expert's add in the
+// combine) at 1, 4 and 16 tokens, top-1 and top-2, uneven routing (int4Logits), every int4 and fp8 format.
+// The fused kernels must run exactly where the slot limits allow (8 slots for SiLU·mul, 4 for the combine;
+// kernel names from Profile), and Experts stays within the GEMV bounds of the cpu. FuseFP8Grouped is off on
+// both sides: with it, fp8 experts with dynamic activations take the grouped kernels above 8 tokens.
+func TestQuantExpertEpiloguesEqualUnfused(t *testing.T) {
+	g := newBackend(t, cuda.BF16)
+	e := &opEnv{t: t, cpu: cpu.New(cpu.Config{}), gpu: g, r: rand.New(rand.NewPCG(131, 132))}
+	restoreAll, err := cuda.SetUnfuse(g, cuda.FuseFP8Grouped)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer restoreAll()
+	const E, H, I = 8, 512, 256
+	for _, f := range slices.Concat(int4Formats, fp8Formats) {
+		gu := e.qweight(f, float32(2/math.Sqrt(H)), E, H, 2*I)
+		dn := e.qweight(f, float32(2/math.Sqrt(I)), E, I, H)
+		for _, T := range []int{1, 4, 16} {
+			for _, k := range []int{1, 2} {
+				name := fmt.Sprintf("%s T %d k %d", f, T, k)
+				x, shared := e.input(1, T, H), e.input(1, T, H)
+				logits := int4Logits(e, T, E)
+				step := func() (backend.Tensor, error) {
+					r, err := g.Route(logits.g, k)
+					if err != nil {
+						return nil, err
+					}
+					return g.ExpertsAdd(x.g, r, gu.g, dn.g, 0, shared.g)
+				}
+				fused, err := step()
+				if err != nil {
+					t.Fatalf("%s: %v", name, err)
+				}
+				var plain backend.Tensor
+				restore, err := cuda.SetUnfuse(g, cuda.FuseExpertAct+","+cuda.FuseExpertCombine+","+cuda.FuseFP8Grouped)
+				if err != nil {
+					t.Fatal(err)
+				}
+				plain, err = step()
+				restore()
+				if err != nil {
+					t.Fatalf("%s unfused: %v", name, err)
+				}
+				sameFloats(t, g, name+" ExpertsAdd", fused, plain)
+				entries, _, err := g.Profile(func() error { _, err := step(); return err })
+				if err != nil {
+					t.Fatal(err)
+				}
+				var act, combine, swigluEpi, combineEpi bool
+				for _, en := range entries {
+					switch op := en.Op; {
+					case op == "expert_act":
+						act = true
+					case op == "expert_combine":
+						combine = true
+					case op == "q4expert_gemv_swiglu_1", op == "q4expert_gemv_swiglu_2", op == "fp8_expert_gemv_swiglu_1",
+						op == "fp8_expert_gemv_swiglu_4", op == "fp8_expert_gemv_xs_swiglu_1", op == "fp8_expert_gemv_xs_swiglu_4":
+						swigluEpi = true
+					case op == "q4expert_gemv_combine_1", op == "q4expert_gemv_combine_2", op == "fp8_expert_gemv_combine_1",
+						op == "fp8_expert_gemv_combine_4", op == "fp8_expert_gemv_xs_combine_1", op == "fp8_expert_gemv_xs_combine_4":
+						combineEpi = true
+					}
+				}
+				wantAct, wantCombine := T*k <= 8, T*k <= 4
+				if swigluEpi != wantAct || act == wantAct || combineEpi != wantCombine || combine == wantCombine {
+					t.Errorf("%s: fused SiLU·mul %v (expert_act %v), fused combine %v (expert_combine %v); want fused SiLU·mul %v, fused combine %v",
+						name, swigluEpi, act, combineEpi, combine, wantAct, wantCombine)
+				}
+				bound := quantGEMVRelL2
+				if f.DynamicActivations {
+					bound = quantGEMVActRelL2
+				}
+				e.qcompare("QuantExpertEpilogues", name, bound, func(b backend.Ops, side int) (backend.Tensor, error) {
+					r, err := b.Route(pickSide(logits, side), k)
+					if err != nil {
+						return nil, err
+					}
+					return b.Experts(pickSide(x, side), r, pickSide(gu, side), pickSide(dn, side), 0)
+				})
+			}
+		}
+	}
+	status := "equal"
+	if t.Failed() {
+		status = "FAIL"
+	}
+	row("quant expert epilogues", "int4, fp8 Experts T 1, 4, 16 fused vs unfused", status, "")
 }
 
 // TestAttendBatchQKEqualsUnfused: AttendBatchQK (qk_append: RoPE, qk-norm or the NoPE temperature and the

@@ -291,6 +291,19 @@ func TestFP8StagedBlocks(t *testing.T) {
 	}
 }
 
+// TestFP8SwiGLUBlocks: the grid of the fused fp8 gate_up GEMV divides the gate chunks (so a block owns
+// the up chunks of its gate chunks) and is the largest such grid within the cap.
+func TestFP8SwiGLUBlocks(t *testing.T) {
+	for _, tt := range []struct{ chunks, limit, want int }{
+		{512, 1024, 512}, {512, 264, 256}, {512, 4, 4}, {6, 5, 3}, {7, 6, 1}, {1, 264, 1}, {12, 0, 1},
+	} {
+		got := fp8SwiGLUBlocks(tt.chunks, tt.limit)
+		if got != tt.want || tt.chunks%got != 0 || got > max(tt.limit, 1) {
+			t.Errorf("fp8SwiGLUBlocks(%d, %d) = %d, want %d (a divisor, within the cap)", tt.chunks, tt.limit, got, tt.want)
+		}
+	}
+}
+
 // TestFP8KMajor: the fp8 experts weights with in and out multiples of 16 are kept output-major; Linear
 // weights, int4 and other shapes keep package quant's layout.
 func TestFP8KMajor(t *testing.T) {

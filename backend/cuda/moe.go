@@ -386,19 +386,28 @@ func formatOf(t *tensor) string {
 
 // launchExpertGEMV enqueues the split-K expert GEMV (expert_gemv_N, qexpert_gemv_N for an fp8 w or
 // q4expert_gemv_N for an int4 one) over w [E, K, N] for plan p's active experts; one selects the one-row
-// kernel (decode of one token). ks and splits come from expertSplitK.
-func (b *Backend) launchExpertGEMV(one bool, e *expertsCall, p *expertPlan, x any, xdt, mode int, w *tensor, K, N, ks, splits int, P *buffer, R int) error {
+// kernel (decode of one token). ks and splits come from expertSplitK. With epi (not nil: bf16 and int4 w
+// only, fusedEpilogue) the kernel ends with that epilogue (expert_gemv_swiglu_N, expert_gemv_combine_N).
+func (b *Backend) launchExpertGEMV(one bool, e *expertsCall, p *expertPlan, x any, xdt, mode int, w *tensor, K, N, ks, splits int, P *buffer, R int,
+	epi *expertEpi) error {
 	if w.q != nil && w.q.code == qfInt4 {
-		return b.launchQ4Expert(e, p, x, xdt, mode, w, K, N, ks, splits, P, R)
+		return b.launchQ4Expert(e, p, x, xdt, mode, w, K, N, ks, splits, P, R, epi)
 	}
 	grid := dim3{uint32(ceilDiv(N, egCols)), uint32(splits), uint32(e.expertBound())}
 	if w.q == nil {
+		args := []any{x, xdt, mode, p.perm, e.scores(), e.r.k, p.seg(), p.active(e.E), p.meta(e.E), w, K, N, ks, P, R}
 		kern := b.k.expertGEMV8
 		if one {
 			kern = b.k.expertGEMV1
 		}
-		return b.stream.launch(kern, grid, dim3{egThreads, 1, 1}, 0,
-			x, xdt, mode, p.perm, e.scores(), e.r.k, p.seg(), p.active(e.E), p.meta(e.E), w, K, N, ks, P, R)
+		if epi != nil {
+			kern = epi.pick(b.k.expertSwiGLU, b.k.expertCombineEpi)[boolIndex(!one)]
+			args = append(args, epi.args(e, p)...)
+		}
+		return b.stream.launch(kern, grid, dim3{egThreads, 1, 1}, 0, args...)
+	}
+	if epi != nil {
+		return fmt.Errorf("cuda: no fused expert epilogue for a %s weight", formatOf(w))
 	}
 	kern := b.k.qexpertGEMV8
 	if one {
@@ -406,6 +415,39 @@ func (b *Backend) launchExpertGEMV(one bool, e *expertsCall, p *expertPlan, x an
 	}
 	return b.stream.launch(kern, grid, dim3{egThreads, 1, 1}, 0,
 		x, xdt, mode, p.perm, e.scores(), e.r.k, p.seg(), p.active(e.E), p.meta(e.E), w, w.q.scales, w.q.code, w.q.gs, K, N, ks, P, R)
+}
+
+// expertEpi is a fused epilogue of the decode expert GEMVs (FuseExpertAct, FuseExpertCombine): with act,
+// SiLU·mul of the gate_up partials into act [R, I] float32 (expert_act's work); without, the down
+// partials summed per token into e.out plus e's addend (expert_combine's). ctr: fuseCounters.
+type expertEpi struct {
+	ctr, act *buffer
+}
+
+// pick returns swiglu for a SiLU·mul epilogue, else combine.
+func (epi *expertEpi) pick(swiglu, combine [2]*kernel) [2]*kernel {
+	if epi.act != nil {
+		return swiglu
+	}
+	return combine
+}
+
+// args are the epilogue's kernel arguments after the GEMV's: ctr, act, its dtype (SiLU·mul) or ctr,
+// row_of, T, out, its dtype, the addend and its dtype (combine).
+func (epi *expertEpi) args(e *expertsCall, p *expertPlan) []any {
+	if epi.act != nil {
+		return []any{epi.ctr, epi.act, int(F32)}
+	}
+	ap, adt := e.addend()
+	return []any{epi.ctr, p.rowOf, e.T, e.out, int(e.out.dt), ap, adt}
+}
+
+// fusedEpilogue reports whether the decode expert GEMV on w has the fused epilogues: bf16
+// (expert_gemv_swiglu_N, _combine_N), int4 (q4expert_gemv_swiglu_N, _combine_N) and output-major fp8
+// (fp8_expert_gemv(_xs)_swiglu_N, _combine_N). The input-major quantised experts (qexpert_gemv_N) have
+// none.
+func fusedEpilogue(w *tensor) bool {
+	return w.q == nil || w.q.code == qfInt4 || w.q.kmajor
 }
 
 // rowsOf is the address of moe_plan's meta[1], the number of permuted rows (fp8_act_rows' nrows).
@@ -568,7 +610,9 @@ func (b *Backend) splitK(K, N, z int) (ksplit, splits int) {
 // expertsGEMV is the decode path: moe_plan, gate_up GEMV (partials per K split), SiLU·mul summing the
 // splits, down GEMV, and a combine that sums each token's slots in routing order. Each projection on an
 // output-major fp8 weight runs fp8_expert_gemv (fp8.go: one split, its inputs quantised by the kernel
-// itself where they fit); the others the split-K expert GEMV (gemv.cu, quant.cu).
+// itself where they fit); the others the split-K expert GEMV (gemv.cu, quant.cu, quant_int4.cu). For bf16,
+// int4 and output-major fp8 weights (fusedEpilogue) the SiLU·mul and the combine run in the GEMVs'
+// epilogues where FuseExpertAct, FuseExpertCombine and the slot limits allow.
 func (b *Backend) expertsGEMV(e *expertsCall) error {
 	p, err := b.planExperts(e, 1)
 	if err != nil {
@@ -583,15 +627,17 @@ func (b *Backend) expertsGEMV(e *expertsCall) error {
 			bufs = append(bufs, buf)
 		}
 	}
-	// The fused epilogues (bf16 weights): SiLU·mul in the gate_up GEMV, the combine in the down GEMV.
+	// The fused epilogues: SiLU·mul in the gate_up GEMV, the combine in the down GEMV (fusedEpilogue).
 	z := e.expertBound()
-	one := e.T == 1 // Route's k experts of a token are distinct: one row per expert
-	bf16 := e.gu.q == nil && e.down.q == nil
-	swiglu := bf16 && b.fused(FuseExpertAct) && I%egCols == 0 && R <= fuseActMaxSlots
-	combine := bf16 && b.fused(FuseExpertCombine) && R <= fuseCombineMaxSlots
+	swiglu := b.fused(FuseExpertAct) && fusedEpilogue(e.gu) && I%egCols == 0 && R <= fuseActMaxSlots
+	combine := b.fused(FuseExpertCombine) && fusedEpilogue(e.down) && R <= fuseCombineMaxSlots
 	var ctr *buffer
 	if swiglu || combine {
-		if ctr, err = b.fuseCounters(max(z*(I/egCols), ceilDiv(H, egCols))); err != nil {
+		n := max(z*(I/egCols), ceilDiv(H, egCols))
+		if kmajor(e.down) {
+			n = max(n, ceilDiv(H, fp8Chunk)) // fp8_expert_gemv_combine_N: a counter a block
+		}
+		if ctr, err = b.fuseCounters(n); err != nil {
 			return err
 		}
 		swiglu, combine = swiglu && ctr != nil, combine && ctr != nil
@@ -601,45 +647,30 @@ func (b *Backend) expertsGEMV(e *expertsCall) error {
 		return err
 	}
 	keep(act)
+	var epi *expertEpi
 	if swiglu {
-		ks1, s1 := b.splitK(H, 2*I, z)
-		p1, err := b.pool.get(int64(s1) * int64(R) * int64(2*I) * 4)
-		if err != nil {
-			return err
-		}
-		keep(p1)
-		if err := b.stream.launch(b.k.expertSwiGLU[boolIndex(!one)], dim3{uint32(ceilDiv(2*I, egCols)), uint32(s1), uint32(z)},
-			dim3{egThreads, 1, 1}, 0, e.x, int(e.x.dt), 0, p.perm, e.scores(), k, p.seg(), p.active(e.E), p.meta(e.E), e.gu, H, 2*I, ks1, p1, R,
-			ctr, act, int(F32)); err != nil {
-			return err
-		}
-	} else {
-		p1, s1, err := b.expertProj(e, p, e.gu, e.x, int(e.x.dt), 0, H, 2*I, keep)
-		if err != nil {
-			return err
-		}
+		epi = &expertEpi{ctr: ctr, act: act}
+	}
+	p1, s1, err := b.expertProj(e, p, e.gu, e.x, int(e.x.dt), 0, H, 2*I, keep, epi)
+	if err != nil {
+		return err
+	}
+	if !swiglu {
 		// One element a thread (its GRID_STRIDE_N pass guards the rest): decode has a few rows, and each
 		// element sums all the splits, so spreading them over more SMs is what matters.
 		if err := b.stream.launch(b.k.expertAct, elemGrid(R*I), elemBlockDim, 0, p1, s1, R, I, p.meta(e.E), act, int(F32)); err != nil {
 			return err
 		}
 	}
-	ap, adt := e.addend()
+	epi = nil
 	if combine {
-		ks2, s2 := b.splitK(I, H, z)
-		p2, err := b.pool.get(int64(s2) * int64(R) * int64(H) * 4)
-		if err != nil {
-			return err
-		}
-		keep(p2)
-		return b.stream.launch(b.k.expertCombineEpi[boolIndex(!one)], dim3{uint32(ceilDiv(H, egCols)), uint32(s2), uint32(z)},
-			dim3{egThreads, 1, 1}, 0, act, int(F32), 1, p.perm, e.scores(), k, p.seg(), p.active(e.E), p.meta(e.E), e.down, I, H, ks2, p2, R,
-			ctr, p.rowOf, e.T, e.out, int(e.out.dt), ap, adt)
+		epi = &expertEpi{ctr: ctr}
 	}
-	p2, s2, err := b.expertProj(e, p, e.down, act, int(F32), 1, I, H, keep)
-	if err != nil {
+	p2, s2, err := b.expertProj(e, p, e.down, act, int(F32), 1, I, H, keep, epi)
+	if err != nil || combine {
 		return err
 	}
+	ap, adt := e.addend()
 	return b.stream.launch(b.k.expertCombine, elemGrid(e.T*H), elemBlockDim, 0, p2, s2, R, H, p.rowOf, k, e.out, int(e.out.dt), int64(e.T*H),
 		ap, adt)
 }
@@ -647,15 +678,17 @@ func (b *Backend) expertsGEMV(e *expertsCall) error {
 // expertProj enqueues one projection of expertsGEMV: the rows of each active expert (mode 0: x[perm[r] /
 // k]·scores[perm[r]], gate_up; mode 1: x [R, K] float32, down) times w [E, K, N], quantised per token
 // where w's format says so, into partial sums P [S, R, N] (returned with S). Pooled blocks go to keep,
-// which releases them after the whole call is enqueued.
-func (b *Backend) expertProj(e *expertsCall, p *expertPlan, w *tensor, x any, xdt, mode, K, N int, keep func(*buffer)) (P *buffer, S int, err error) {
+// which releases them after the whole call is enqueued. epi (not nil where fusedEpilogue(w)) is the fused
+// epilogue the GEMV ends with.
+func (b *Backend) expertProj(e *expertsCall, p *expertPlan, w *tensor, x any, xdt, mode, K, N int, keep func(*buffer),
+	epi *expertEpi) (P *buffer, S int, err error) {
 	R, k := e.slots(), e.r.k
 	if w.q != nil && w.q.kmajor { // fp8.go
 		if P, err = b.pool.get(int64(R) * int64(N) * 4); err != nil {
 			return nil, 0, err
 		}
 		keep(P)
-		tmp, err := b.fp8ExpertGEMV(e, p, w, x, xdt, mode, K, N, P)
+		tmp, err := b.fp8ExpertGEMV(e, p, w, x, xdt, mode, K, N, P, epi)
 		keep(tmp)
 		return P, 1, err
 	}
@@ -684,7 +717,7 @@ func (b *Backend) expertProj(e *expertsCall, p *expertPlan, w *tensor, x any, xd
 		}
 		x, xdt, mode = xq, int(F32), 1
 	}
-	return P, S, b.launchExpertGEMV(e.T == 1, e, p, x, xdt, mode, w, K, N, ks, S, P, R)
+	return P, S, b.launchExpertGEMV(e.T == 1, e, p, x, xdt, mode, w, K, N, ks, S, P, R, epi)
 }
 
 // The fused epilogues' limits (FuseExpertAct, FuseExpertCombine): the last block of a column tile does

@@ -223,18 +223,25 @@ func (b *Backend) expertSplitK(w *tensor, K, N, z int) (ksplit, splits int) {
 }
 
 // launchQ4Expert enqueues q4expert_gemv_N over w [E, K, N] (int4) for plan p's active experts: rows are
-// taken 4 a pass (q4expert_gemv_1) when no expert can have more than 4 (T <= 4), else 8 a pass.
-func (b *Backend) launchQ4Expert(e *expertsCall, p *expertPlan, x any, xdt, mode int, w *tensor, K, N, ks, splits int, P *buffer, R int) error {
+// taken 4 a pass (q4expert_gemv_1) when no expert can have more than 4 (T <= 4), else 8 a pass. With epi
+// (not nil) the kernel ends with that fused epilogue (q4expert_gemv_swiglu_N, q4expert_gemv_combine_N).
+func (b *Backend) launchQ4Expert(e *expertsCall, p *expertPlan, x any, xdt, mode int, w *tensor, K, N, ks, splits int, P *buffer, R int,
+	epi *expertEpi) error {
 	if w.q == nil || w.q.code != qfInt4 {
 		return fmt.Errorf("cuda: q4expert_gemv on a %s weight", formatOf(w))
 	}
-	kern := b.k.q4expertGEMV[1]
+	kerns := b.k.q4expertGEMV
+	args := []any{x, xdt, mode, p.perm, e.scores(), e.r.k, p.seg(), p.active(e.E), p.meta(e.E), w, w.q.scales, w.q.gs, K, N, ks, P, R}
+	if epi != nil {
+		kerns = epi.pick(b.k.q4expertSwiGLU, b.k.q4expertCombine)
+		args = append(args, epi.args(e, p)...)
+	}
+	kern := kerns[1]
 	if e.T <= 4 {
-		kern = b.k.q4expertGEMV[0]
+		kern = kerns[0]
 	}
 	grid := dim3{uint32(ceilDiv(N, q4eCols)), uint32(splits), uint32(e.expertBound())}
-	return b.stream.launch(kern, grid, dim3{q4eThreads, 1, 1}, 0,
-		x, xdt, mode, p.perm, e.scores(), e.r.k, p.seg(), p.active(e.E), p.meta(e.E), w, w.q.scales, w.q.gs, K, N, ks, P, R)
+	return b.stream.launch(kern, grid, dim3{q4eThreads, 1, 1}, 0, args...)
 }
 
 // q4gemmOK reports whether Linear on the int4 weight w [out, in] runs on q4gemm above the GEMV's rows:

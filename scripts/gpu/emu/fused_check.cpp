@@ -5,6 +5,10 @@
 //   - gemv_gated_N (gemv.cu) with gemv_multi_N and silu_mul, with and without a router product;
 //   - expert_gemv_swiglu_N with expert_gemv_N and expert_act, expert_gemv_combine_N with expert_gemv_N and
 //     expert_combine (with and without the shared expert's add), and their counters zero afterwards;
+//   - the same epilogues on the quantised experts: q4expert_gemv_swiglu_N and q4expert_gemv_combine_N
+//     (quant_int4.cu) with q4expert_gemv_N, fp8_expert_gemv(_xs)_swiglu_N and _combine_N (quant_fp8.cu)
+//     with fp8_expert_gemv(_xs)_N (after fp8_act_rows where not staged, as fp8.go), expert_act and
+//     expert_combine, over grids of several blocks a column range;
 //   - qk_append (qkv.cu) with rope_qk (or scale_rows) and kv_append into a paged cache of two sequences;
 //   - convert_v8, silu_mul_v8, split_bf16_v8, expert_gather_v8, expert_act_v8, expert_combine_v8 with
 //     their elementwise kernels, and add_rmsnorm_v8 with add_rmsnorm.
@@ -208,6 +212,126 @@ void check_expert_gemv(int T, int k, int E, int H, int I, int ksplitGU, int kspl
 	}
 }
 
+// check_q4expert runs an int4 MoE layer's gate_up and down both ways: q4expert_gemv_N and expert_act /
+// expert_combine against q4expert_gemv_swiglu_N and q4expert_gemv_combine_N (NT = 1: 4 rows a pass, 2: 8).
+void check_q4expert(int T, int k, int E, int H, int I, int gs, int ksplitGU, int ksplitD, int NT, bool withAdd) {
+	Plan p = check_route_plan(T, k, E, 0, E, true, false);
+	int R = T * k, z = std::min(R, E), N1 = 2 * I;
+	Arr x(DT_BF16, (size_t)T * H);
+	auto codes = [](size_t n) { std::vector<unsigned char> v(n); for (auto& b : v) b = (unsigned char)rng(); return v; };
+	auto scales = [](size_t n) { std::vector<bf16_t> v(n); for (auto& s : v) s = f32_to_bf16(urand(0.001f, 0.02f)); return v; };
+	std::vector<unsigned char> wgu = codes((size_t)E * H * N1 / 2), wd = codes((size_t)E * I * H / 2);
+	std::vector<bf16_t> sgu = scales((size_t)E * ((H + gs - 1) / gs) * N1), sd = scales((size_t)E * ((I + gs - 1) / gs) * H);
+	std::string w = "q4expert NT=" + std::to_string(NT) + " T=" + std::to_string(T) + " k=" + std::to_string(k) + " E=" + std::to_string(E) +
+		" H=" + std::to_string(H) + " I=" + std::to_string(I);
+	std::vector<int> ctr(1024, 0);
+	// gate_up
+	int S1 = (H + ksplitGU - 1) / ksplitGU;
+	dim3 g1{(unsigned)((N1 + Q4E_COLS - 1) / Q4E_COLS), (unsigned)S1, (unsigned)z};
+	std::vector<float> P1((size_t)S1 * R * N1, 0.0f), P1b(P1), acta((size_t)R * I, NAN), actb(acta);
+#define Q4E_GU x.p(), DT_BF16, 0, p.perm.data(), p.scores.data(), k, p.seg.data(), p.active.data(), p.meta.data(), wgu.data(), sgu.data(), gs, H, N1, ksplitGU
+	launch(g1, dim3{Q4E_WARPS * 32}, [&] { if (NT == 1) q4expert_gemv_1(Q4E_GU, P1.data(), R); else q4expert_gemv_2(Q4E_GU, P1.data(), R); });
+	launch(dim3{(unsigned)((R * I + 255) / 256)}, dim3{256}, [&] { expert_act(P1.data(), S1, R, I, p.meta.data(), acta.data(), DT_F32); });
+	launch(g1, dim3{Q4E_WARPS * 32}, [&] {
+		if (NT == 1) q4expert_gemv_swiglu_1(Q4E_GU, P1b.data(), R, ctr.data(), actb.data(), DT_F32);
+		else q4expert_gemv_swiglu_2(Q4E_GU, P1b.data(), R, ctr.data(), actb.data(), DT_F32);
+	});
+	same((w + " swiglu act").c_str(), actb, acta, (size_t)p.meta[1] * I);
+	for (int c : ctr) CHECK(c == 0, "%s: a swiglu counter is %d after the launch, want 0", w.c_str(), c);
+	// down
+	int S2 = (I + ksplitD - 1) / ksplitD;
+	dim3 g2{(unsigned)((H + Q4E_COLS - 1) / Q4E_COLS), (unsigned)S2, (unsigned)z};
+	std::vector<float> P2((size_t)S2 * R * H, 0.0f), P2b(P2), outa((size_t)T * H, NAN), outb(outa);
+	Arr add(DT_BF16, (size_t)T * H);
+	const void* ap = withAdd ? add.p() : nullptr;
+	long long n = (long long)T * H;
+#define Q4E_D acta.data(), DT_F32, 1, p.perm.data(), p.scores.data(), k, p.seg.data(), p.active.data(), p.meta.data(), wd.data(), sd.data(), gs, I, H, ksplitD
+	launch(g2, dim3{Q4E_WARPS * 32}, [&] { if (NT == 1) q4expert_gemv_1(Q4E_D, P2.data(), R); else q4expert_gemv_2(Q4E_D, P2.data(), R); });
+	launch(dim3{(unsigned)((n + 255) / 256)}, dim3{256}, [&] { expert_combine(P2.data(), S2, R, H, p.rowOf.data(), k, outa.data(), DT_F32, n, ap, DT_BF16); });
+	launch(g2, dim3{Q4E_WARPS * 32}, [&] {
+		if (NT == 1) q4expert_gemv_combine_1(Q4E_D, P2b.data(), R, ctr.data(), p.rowOf.data(), T, outb.data(), DT_F32, ap, DT_BF16);
+		else q4expert_gemv_combine_2(Q4E_D, P2b.data(), R, ctr.data(), p.rowOf.data(), T, outb.data(), DT_F32, ap, DT_BF16);
+	});
+	same((w + (withAdd ? " combine+add" : " combine") + " out").c_str(), outb, outa);
+	for (int c : ctr) CHECK(c == 0, "%s: a combine counter is %d after the launch, want 0", w.c_str(), c);
+#undef Q4E_GU
+#undef Q4E_D
+}
+
+// fp8_proj runs one projection of an fp8 MoE layer as fp8.go enqueues it: staged (the kernel quantises its
+// rows) or fp8_act_rows into word-major rows first; kern launches the GEMV (plain or fused) on x, xdt, mode.
+template <class F>
+void fp8_proj(Plan& p, int k, int R, bool staged, const void* x, int xdt, int mode, int K, int dyn, unsigned blocks, int z, F kern) {
+	std::vector<float> tmp;
+	if (!staged) {
+		tmp.assign((size_t)R * K, NAN);
+		const int* perm = mode == 0 ? p.perm.data() : nullptr;
+		const float* sc = mode == 0 ? p.scores.data() : nullptr;
+		launch(dim3{(unsigned)R}, dim3{256}, [&] { fp8_act_rows(x, xdt, perm, sc, mode == 0 ? k : 1, K, dyn, tmp.data(), DT_F32, p.meta.data() + 1, 1); });
+		x = tmp.data(), xdt = DT_F32, mode = 1;
+	}
+	launch(dim3{blocks, 1, (unsigned)z}, dim3{FP8_THREADS}, [&] { kern(x, xdt, mode); });
+}
+
+// check_fp8expert runs an fp8 (output-major codes) MoE layer's gate_up and down both ways: fp8_expert_gemv
+// and expert_act / expert_combine against the fused kernels, on blocks gate_up blocks (dividing I / 16)
+// and down blocks (any).
+void check_fp8expert(int T, int k, int E, int H, int I, int fmt, int dyn, bool staged, unsigned guBlocks, unsigned dBlocks, bool withAdd) {
+	Plan p = check_route_plan(T, k, E, 0, E, true, false);
+	int R = T * k, z = std::min(R, E), N1 = 2 * I;
+	Arr x(DT_BF16, (size_t)T * H);
+	auto codes = [](size_t n) {
+		std::vector<unsigned char> v(n);
+		for (auto& b : v) { b = (unsigned char)rng(); if ((b & 0x7f) == 0x7f) b ^= 1; } // no NaN codes
+		return v;
+	};
+	auto scales = [](size_t n) { std::vector<float> v(n); for (auto& s : v) s = urand(0.001f, 0.01f); return v; };
+	std::vector<unsigned char> wgu = codes((size_t)E * N1 * H), wd = codes((size_t)E * H * I);
+	std::vector<float> sgu = scales((size_t)E * N1), sd = scales((size_t)E * H);
+	std::string w = "fp8expert fmt=" + std::to_string(fmt) + " dyn=" + std::to_string(dyn) + " staged=" + std::to_string(staged) +
+		" T=" + std::to_string(T) + " k=" + std::to_string(k) + " E=" + std::to_string(E) + " H=" + std::to_string(H) + " I=" + std::to_string(I) +
+		" blocks=" + std::to_string(guBlocks) + "," + std::to_string(dBlocks);
+	std::vector<int> ctr(1024, 0);
+	const int* pm = p.perm.data(); const float* ps = p.scores.data(); const int *sg = p.seg.data(), *ac = p.active.data(), *mt = p.meta.data();
+	// gate_up: P [R, 2I], one split
+	std::vector<float> P1((size_t)R * N1, 0.0f), P1b(P1), acta((size_t)R * I, NAN), actb(acta);
+	unsigned guPlain = (unsigned)((N1 / 2 + 7) / 8);
+	fp8_proj(p, k, R, staged, x.p(), DT_BF16, 0, H, dyn, guPlain, z, [&](const void* xx, int xdt, int mode) {
+		if (staged) { if (T == 1) fp8_expert_gemv_xs_1(xx, xdt, mode, pm, ps, k, sg, ac, mt, wgu.data(), sgu.data(), fmt, dyn, H, N1, P1.data());
+			else fp8_expert_gemv_xs_4(xx, xdt, mode, pm, ps, k, sg, ac, mt, wgu.data(), sgu.data(), fmt, dyn, H, N1, P1.data()); }
+		else if (T == 1) fp8_expert_gemv_1(xx, xdt, mode, pm, ps, k, sg, ac, mt, wgu.data(), sgu.data(), fmt, dyn, H, N1, P1.data());
+		else fp8_expert_gemv_4(xx, xdt, mode, pm, ps, k, sg, ac, mt, wgu.data(), sgu.data(), fmt, dyn, H, N1, P1.data());
+	});
+	launch(dim3{(unsigned)((R * I + 255) / 256)}, dim3{256}, [&] { expert_act(P1.data(), 1, R, I, p.meta.data(), acta.data(), DT_F32); });
+	fp8_proj(p, k, R, staged, x.p(), DT_BF16, 0, H, dyn, guBlocks, z, [&](const void* xx, int xdt, int mode) {
+		if (staged) { if (T == 1) fp8_expert_gemv_xs_swiglu_1(xx, xdt, mode, pm, ps, k, sg, ac, mt, wgu.data(), sgu.data(), fmt, dyn, H, N1, P1b.data(), actb.data(), DT_F32);
+			else fp8_expert_gemv_xs_swiglu_4(xx, xdt, mode, pm, ps, k, sg, ac, mt, wgu.data(), sgu.data(), fmt, dyn, H, N1, P1b.data(), actb.data(), DT_F32); }
+		else if (T == 1) fp8_expert_gemv_swiglu_1(xx, xdt, mode, pm, ps, k, sg, ac, mt, wgu.data(), sgu.data(), fmt, dyn, H, N1, P1b.data(), actb.data(), DT_F32);
+		else fp8_expert_gemv_swiglu_4(xx, xdt, mode, pm, ps, k, sg, ac, mt, wgu.data(), sgu.data(), fmt, dyn, H, N1, P1b.data(), actb.data(), DT_F32);
+	});
+	same((w + " swiglu act").c_str(), actb, acta, (size_t)p.meta[1] * I);
+	// down: P [R, H]; the input is act (float32, mode 1), quantised again per token where dyn
+	std::vector<float> P2((size_t)R * H, 0.0f), P2b(P2), outa((size_t)T * H, NAN), outb(outa);
+	Arr add(DT_F32, (size_t)T * H);
+	const void* ap = withAdd ? add.p() : nullptr;
+	long long n = (long long)T * H;
+	fp8_proj(p, k, R, staged, acta.data(), DT_F32, 1, I, dyn, (unsigned)((H + 15) / 16), z, [&](const void* xx, int xdt, int mode) {
+		if (staged) { if (T == 1) fp8_expert_gemv_xs_1(xx, xdt, mode, pm, ps, k, sg, ac, mt, wd.data(), sd.data(), fmt, dyn, I, H, P2.data());
+			else fp8_expert_gemv_xs_4(xx, xdt, mode, pm, ps, k, sg, ac, mt, wd.data(), sd.data(), fmt, dyn, I, H, P2.data()); }
+		else if (T == 1) fp8_expert_gemv_1(xx, xdt, mode, pm, ps, k, sg, ac, mt, wd.data(), sd.data(), fmt, dyn, I, H, P2.data());
+		else fp8_expert_gemv_4(xx, xdt, mode, pm, ps, k, sg, ac, mt, wd.data(), sd.data(), fmt, dyn, I, H, P2.data());
+	});
+	launch(dim3{(unsigned)((n + 255) / 256)}, dim3{256}, [&] { expert_combine(P2.data(), 1, R, H, p.rowOf.data(), k, outa.data(), DT_F32, n, ap, DT_F32); });
+	fp8_proj(p, k, R, staged, actb.data(), DT_F32, 1, I, dyn, dBlocks, z, [&](const void* xx, int xdt, int mode) {
+		if (staged) { if (T == 1) fp8_expert_gemv_xs_combine_1(xx, xdt, mode, pm, ps, k, sg, ac, mt, wd.data(), sd.data(), fmt, dyn, I, H, P2b.data(), ctr.data(), p.rowOf.data(), T, outb.data(), DT_F32, ap, DT_F32);
+			else fp8_expert_gemv_xs_combine_4(xx, xdt, mode, pm, ps, k, sg, ac, mt, wd.data(), sd.data(), fmt, dyn, I, H, P2b.data(), ctr.data(), p.rowOf.data(), T, outb.data(), DT_F32, ap, DT_F32); }
+		else if (T == 1) fp8_expert_gemv_combine_1(xx, xdt, mode, pm, ps, k, sg, ac, mt, wd.data(), sd.data(), fmt, dyn, I, H, P2b.data(), ctr.data(), p.rowOf.data(), T, outb.data(), DT_F32, ap, DT_F32);
+		else fp8_expert_gemv_combine_4(xx, xdt, mode, pm, ps, k, sg, ac, mt, wd.data(), sd.data(), fmt, dyn, I, H, P2b.data(), ctr.data(), p.rowOf.data(), T, outb.data(), DT_F32, ap, DT_F32);
+	});
+	same((w + (withAdd ? " combine+add" : " combine") + " out").c_str(), outb, outa);
+	for (int c : ctr) CHECK(c == 0, "%s: a combine counter is %d after the launch, want 0", w.c_str(), c);
+}
+
 // A paged cache of two sequences (block sizes 4 and 8) for qk_append and kv_append, rows of KV_ROW words.
 void check_qk_append(int T, int qh, int kh, int half, int ydt, bool rope, bool norm, bool qscale) {
 	int D = 2 * half;
@@ -331,6 +455,15 @@ int main() {
 	check_expert_gemv(1, 1, 4, 264, 256, 64, 96, 1, true, DT_F32);
 	check_expert_gemv(3, 2, 4, 96, 256, 32, 40, 8, false, DT_F32);
 	check_expert_gemv(5, 1, 3, 520, 512, 192, 256, 8, true, DT_BF16);
+	// int4: T, k, E, H, I, gs, ksplits, NT, add (splits ending inside scale groups; a partial last tile of H)
+	check_q4expert(1, 1, 4, 256, 256, 32, 64, 64, 1, true);
+	check_q4expert(3, 2, 4, 192, 256, 64, 64, 128, 1, false);
+	check_q4expert(5, 2, 3, 272, 512, 16, 128, 192, 2, true);
+	// fp8: T, k, E, H, I, format, dyn, staged, gate_up blocks (dividing I / 16), down blocks, add
+	check_fp8expert(1, 1, 4, 64, 64, QF_FP8, 1, true, 2, 3, true);
+	check_fp8expert(1, 2, 4, 48, 96, QF_FP8_BF16, 0, true, 3, 1, false);
+	check_fp8expert(3, 2, 4, 80, 64, QF_FP8, 1, false, 4, 5, true);
+	check_fp8expert(4, 1, 3, 48, 32, QF_FP8, 0, false, 1, 2, true);
 	for (int ydt : {DT_F32, DT_BF16})
 		for (int f = 0; f < 8; f++)
 			if ((f & 1) || (f & 4)) check_qk_append(3, 4, 2, f < 4 ? 32 : 64, ydt, f & 1, (f & 1) && (f & 2), f & 4);
