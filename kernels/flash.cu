@@ -22,54 +22,9 @@
 #define FA_MAXD 128
 #define FA_PAD 8 // bf16 elements of padding per shared row: 16-byte aligned rows, conflict-free ldmatrix
 
-__device__ __forceinline__ unsigned fa_smem(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-
-// The PTX helpers below are what the SIMT emulator (scripts/gpu/emu/emu.h, which defines TPF_EMU) replaces
-// with C++ versions of the same warp-level semantics, so that these kernels can be checked without a GPU.
+// fa_ldcg is what the SIMT emulator (scripts/gpu/emu/emu.h, which defines TPF_EMU) replaces with a plain
+// load; the prelude's tc_* helpers are replaced the same way.
 #ifndef TPF_EMU
-
-__device__ __forceinline__ void fa_cp16(unsigned dst, const void* src) {
-	asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-}
-
-__device__ __forceinline__ void fa_zero16(unsigned dst) {
-	asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst), "r"(0) : "memory");
-}
-
-__device__ __forceinline__ void fa_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-__device__ __forceinline__ void fa_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
-__device__ __forceinline__ void fa_ldmatrix_x4(unsigned addr, u32& r0, u32& r1, u32& r2, u32& r3) {
-	asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-		: "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-		: "r"(addr));
-}
-
-__device__ __forceinline__ void fa_ldmatrix_x4_trans(unsigned addr, u32& r0, u32& r1, u32& r2, u32& r3) {
-	asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-		: "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-		: "r"(addr));
-}
-
-// fa_mma: d += a·b for one m16n8k16 tile.
-__device__ __forceinline__ void fa_mma(float* d, const u32* a, u32 b0, u32 b1) {
-	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-		: "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-		: "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// fa_pack converts lo and hi to bf16 (round to nearest even) in one register, lo in the low half.
-__device__ __forceinline__ u32 fa_pack(float lo, float hi) {
-	u32 r;
-	asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-	return r;
-}
-
-// fa_wait_pending waits until at most N of this thread's cp.async groups are still in flight.
-template <int N>
-__device__ __forceinline__ void fa_wait_pending() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
-
 // fa_ldcg loads a float through L2 only (ld.global.cg): data other blocks of the same launch wrote, which
 // a stale L1 line must not hide.
 __device__ __forceinline__ float fa_ldcg(const float* p) {
@@ -108,14 +63,14 @@ __device__ __forceinline__ void fa_load_tile(bf16_t* dst, const long long* table
 	for (int i = 0; i < FA_BN * CH / (FA_WARPS * 32); i++) {
 		int x = threadIdx.x + i * FA_WARPS * 32;
 		int r = x / CH, c = x % CH;
-		unsigned s = fa_smem(dst + r * (D + FA_PAD) + c * 8);
+		unsigned s = tc_smem(dst + r * (D + FA_PAD) + c * 8);
 		int key = k0 + r;
 		if (key <= kmax) {
 			long long stride = (long long)kv_heads * D;
 			const bf16_t* row = (const bf16_t*)table[key / bs] + ((long long)(key % bs) + (long long)half * bs) * stride;
-			fa_cp16(s, row + (long long)kvh * D + c * 8);
+			tc_cp16(s, row + (long long)kvh * D + c * 8);
 		}
-		else fa_zero16(s);
+		else tc_zero16(s);
 	}
 }
 
@@ -192,15 +147,15 @@ __device__ __forceinline__ void fa_body(const bf16_t* q, const long long* table,
 	const int RB = (D + FA_PAD) * 2; // bytes per shared row
 	int koff = ((lane & 7) + ((lane >> 4) << 3)) * RB + ((lane >> 3) & 1) * 16;
 	int voff = ((lane & 7) + (((lane >> 3) & 1) << 3)) * RB + (lane >> 4) * 16;
-	unsigned skb = fa_smem(sk), svb = fa_smem(sv);
+	unsigned skb = tc_smem(sk), svb = tc_smem(sv);
 
 	fa_load_tile<D>(sk, table, bs, 0, kmin, kmax, kv_heads, kvh);
-	fa_commit();
+	tc_commit();
 	for (int k0 = kmin; k0 <= kmax; k0 += FA_BN) {
-		fa_wait_all();
+		tc_wait_all();
 		__syncthreads(); // K(k0) visible to all; every warp is done with the previous V
 		fa_load_tile<D>(sv, table, bs, 1, k0, kmax, kv_heads, kvh);
-		fa_commit();
+		tc_commit();
 		bool active = k0 <= whi && k0 + FA_BN - 1 >= wlo; // some row of this warp sees a key of the tile
 		float s[FA_BN / 8][4];
 		if (active) {
@@ -211,9 +166,9 @@ __device__ __forceinline__ void fa_body(const bf16_t* q, const long long* table,
 #pragma unroll
 				for (int np = 0; np < FA_BN / 16; np++) {
 					u32 b0, b1, b2, b3;
-					fa_ldmatrix_x4(skb + koff + np * 16 * RB + k * 32, b0, b1, b2, b3);
-					fa_mma(s[2 * np], qa[k], b0, b1);
-					fa_mma(s[2 * np + 1], qa[k], b2, b3);
+					tc_ldsm4(skb + koff + np * 16 * RB + k * 32, b0, b1, b2, b3);
+					tc_mma(s[2 * np], qa[k], b0, b1);
+					tc_mma(s[2 * np + 1], qa[k], b2, b3);
 				}
 			}
 			bool mask = !(k0 >= wfree_lo && k0 + FA_BN - 1 <= wfree_hi);
@@ -257,26 +212,26 @@ __device__ __forceinline__ void fa_body(const bf16_t* q, const long long* table,
 				}
 			}
 		}
-		fa_wait_all();
+		tc_wait_all();
 		__syncthreads(); // V(k0) visible to all; every warp is done with K(k0)
 		if (k0 + FA_BN <= kmax) {
 			fa_load_tile<D>(sk, table, bs, 0, k0 + FA_BN, kmax, kv_heads, kvh);
-			fa_commit();
+			tc_commit();
 		}
 		if (active) {
 #pragma unroll
 			for (int k = 0; k < FA_BN / 16; k++) {
 				u32 pa[4];
-				pa[0] = fa_pack(s[2 * k][0], s[2 * k][1]);
-				pa[1] = fa_pack(s[2 * k][2], s[2 * k][3]);
-				pa[2] = fa_pack(s[2 * k + 1][0], s[2 * k + 1][1]);
-				pa[3] = fa_pack(s[2 * k + 1][2], s[2 * k + 1][3]);
+				pa[0] = tc_pack(s[2 * k][0], s[2 * k][1]);
+				pa[1] = tc_pack(s[2 * k][2], s[2 * k][3]);
+				pa[2] = tc_pack(s[2 * k + 1][0], s[2 * k + 1][1]);
+				pa[3] = tc_pack(s[2 * k + 1][2], s[2 * k + 1][3]);
 #pragma unroll
 				for (int dp = 0; dp < D / 16; dp++) {
 					u32 b0, b1, b2, b3;
-					fa_ldmatrix_x4_trans(svb + voff + k * 16 * RB + dp * 32, b0, b1, b2, b3);
-					fa_mma(o[2 * dp], pa, b0, b1);
-					fa_mma(o[2 * dp + 1], pa, b2, b3);
+					tc_ldsm4_t(svb + voff + k * 16 * RB + dp * 32, b0, b1, b2, b3);
+					tc_mma(o[2 * dp], pa, b0, b1);
+					tc_mma(o[2 * dp + 1], pa, b2, b3);
 				}
 			}
 		}
@@ -449,13 +404,13 @@ __device__ __forceinline__ void ad_load(bf16_t* dk, bf16_t* dv, const bf16_t* co
 		int x = threadIdx.x + j * AD_WARPS * 32;
 		if (x < AD_TK * CH) {
 			int off = (x / CH) * (D + FA_PAD) + (x % CH) * 8;
-			unsigned sk = fa_smem(dk + off), sv = fa_smem(dv + off);
+			unsigned sk = tc_smem(dk + off), sv = tc_smem(dv + off);
 			if (addr[j]) {
-				fa_cp16(sk, addr[j]);
-				fa_cp16(sv, addr[j] + (long long)bs * stride);
+				tc_cp16(sk, addr[j]);
+				tc_cp16(sv, addr[j] + (long long)bs * stride);
 			} else {
-				fa_zero16(sk);
-				fa_zero16(sv);
+				tc_zero16(sk);
+				tc_zero16(sv);
 			}
 		}
 	}
@@ -537,7 +492,7 @@ __device__ __forceinline__ void ad_body(const void* q, int qdt, const long long*
 			ad_load<D>(sk + s * AD_STAGE, sv + s * AD_STAGE, addr, L.r.bs, stride);
 			ad_next(L, rows, T, kv_heads, chunk);
 		}
-		fa_commit();
+		tc_commit();
 	}
 	int lbs = L.r.bs;
 	if (AD_ST - 1 < n) ad_addr<D>(L, kv_heads, addr);
@@ -554,7 +509,7 @@ __device__ __forceinline__ void ad_body(const void* q, int qdt, const long long*
 	bool first = true;   // the compute is in the block's first segment
 	int stage = 0;       // tile i's stage (i % AD_ST); tile i + AD_ST - 1 loads into the previous one
 	for (long long i = 0; i < n; i++, stage = stage == AD_ST - 1 ? 0 : stage + 1) {
-		fa_wait_pending<AD_ST - 2>();
+		tc_wait<AD_ST - 2>();
 		__syncthreads(); // tile i is in place; every warp is done with tile i - 1, whose stage is reloaded now
 		if (i + AD_ST - 1 < n) {
 			int s = stage == 0 ? AD_ST - 1 : stage - 1;
@@ -563,7 +518,7 @@ __device__ __forceinline__ void ad_body(const void* q, int qdt, const long long*
 			lbs = L.r.bs;
 			if (i + AD_ST < n) ad_addr<D>(L, kv_heads, addr);
 		}
-		fa_commit();
+		tc_commit();
 
 		if (C.tile == piece0) { // a piece starts: its query's q, a fresh softmax
 			long long qrow = ((long long)(t0 + C.t) * heads + (long long)C.kvh * G + g) * D;
@@ -577,10 +532,10 @@ __device__ __forceinline__ void ad_body(const void* q, int qdt, const long long*
 					x2 = ld(q, qdt, qrow + d + 8);
 					x3 = ld(q, qdt, qrow + d + 9);
 				}
-				qb[k][0] = fa_pack(x0, x1);
-				qb[k][1] = fa_pack(x2, x3);
-				ql[k][0] = fa_pack(x0 - ad_lo(qb[k][0]), x1 - ad_hi(qb[k][0]));
-				ql[k][1] = fa_pack(x2 - ad_lo(qb[k][1]), x3 - ad_hi(qb[k][1]));
+				qb[k][0] = tc_pack(x0, x1);
+				qb[k][1] = tc_pack(x2, x3);
+				ql[k][0] = tc_pack(x0 - ad_lo(qb[k][0]), x1 - ad_hi(qb[k][0]));
+				ql[k][1] = tc_pack(x2 - ad_lo(qb[k][1]), x3 - ad_hi(qb[k][1]));
 			}
 			m[0] = m[1] = NEG_INF;
 			l[0] = l[1] = 0.0f;
@@ -588,15 +543,15 @@ __device__ __forceinline__ void ad_body(const void* q, int qdt, const long long*
 			for (int j = 0; j < MTW; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
 		}
 
-		unsigned kb = fa_smem(sk + stage * AD_STAGE), vb = fa_smem(sv + stage * AD_STAGE);
+		unsigned kb = tc_smem(sk + stage * AD_STAGE), vb = tc_smem(sv + stage * AD_STAGE);
 		// Sᵀ: s0,s1 key g, heads 2c, 2c+1; s2,s3 key g+8. The hi and lo products accumulate apart.
 		float s[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sl[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
 		for (int k = 0; k < KS; k++) {
 			u32 a[4];
-			fa_ldmatrix_x4(kb + koff + k * 32, a[0], a[1], a[2], a[3]);
-			fa_mma(s, a, qb[k][0], qb[k][1]);
-			if (qf32) fa_mma(sl, a, ql[k][0], ql[k][1]);
+			tc_ldsm4(kb + koff + k * 32, a[0], a[1], a[2], a[3]);
+			tc_mma(s, a, qb[k][0], qb[k][1]);
+			if (qf32) tc_mma(sl, a, ql[k][0], ql[k][1]);
 		}
 		int k0 = C.r.from + AD_TK * C.tile;
 		bool v0 = k0 + g <= C.r.p, v1 = k0 + g + 8 <= C.r.p;
@@ -625,19 +580,19 @@ __device__ __forceinline__ void ad_body(const void* q, int qdt, const long long*
 			}
 		}
 		if (pv) {
-			u32 h01 = fa_pack(x[0], x[1]), h23 = fa_pack(x[2], x[3]);
+			u32 h01 = tc_pack(x[0], x[1]), h23 = tc_pack(x[2], x[3]);
 			u32 bh0, bh1, bl0 = 0, bl1 = 0;
 			ad_transpose(h01, h23, g, c, bh0, bh1);
 			if (qf32) {
-				u32 l01 = fa_pack(x[0] - ad_lo(h01), x[1] - ad_hi(h01)), l23 = fa_pack(x[2] - ad_lo(h23), x[3] - ad_hi(h23));
+				u32 l01 = tc_pack(x[0] - ad_lo(h01), x[1] - ad_hi(h01)), l23 = tc_pack(x[2] - ad_lo(h23), x[3] - ad_hi(h23));
 				ad_transpose(l01, l23, g, c, bl0, bl1);
 			}
 #pragma unroll
 			for (int j = 0; j < MTW; j++) {
 				u32 a[4];
-				fa_ldmatrix_x4_trans(vb + voff + (mt0 + j) * 32, a[0], a[1], a[2], a[3]);
-				fa_mma(o[j], a, bh0, bh1);
-				if (qf32) fa_mma(o[j], a, bl0, bl1);
+				tc_ldsm4_t(vb + voff + (mt0 + j) * 32, a[0], a[1], a[2], a[3]);
+				tc_mma(o[j], a, bh0, bh1);
+				if (qf32) tc_mma(o[j], a, bl0, bl1);
 			}
 		}
 
@@ -769,7 +724,7 @@ __device__ __forceinline__ void ad_body(const void* q, int qdt, const long long*
 		}
 		ad_next(C, rows, T, kv_heads, chunk);
 	}
-	fa_wait_all();
+	tc_wait_all();
 }
 
 // attention_decode: see above. q [t0 + T, heads, D] (bf16 or float32; rows t0.. are this launch's), rows

@@ -105,8 +105,6 @@ struct alignas(8) gg_f32x2 {
 	float x, y;
 };
 
-__device__ __forceinline__ unsigned gg_smem(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-
 // gg_e4m3_h returns the binary16 bits of E4M3 code b (exact: every E4M3 value is a normal binary16 or
 // zero; 0x7F and 0xFF give NaN).
 __device__ __forceinline__ u32 gg_e4m3_h(u32 b) {
@@ -119,17 +117,9 @@ __device__ __forceinline__ u32 gg_e4m3_h(u32 b) {
 }
 
 #ifdef TPF_EMU
-// The SIMT emulator (scripts/gpu/emu/emu.h) stands in for the PTX with flash.cu's helpers and its own.
-__device__ __forceinline__ void gg_cp16(unsigned dst, const void* src) { fa_cp16(dst, src); }
+// The SIMT emulator (scripts/gpu/emu/emu.h) stands in for the PTX: the prelude's tc_* helpers and these.
 __device__ __forceinline__ unsigned long long gg_stream_policy() { return 0; }
-__device__ __forceinline__ void gg_cp16_stream(unsigned dst, const void* src, unsigned long long) { fa_cp16(dst, src); }
-__device__ __forceinline__ void gg_zero16(unsigned dst) { fa_zero16(dst); }
-__device__ __forceinline__ void gg_commit() { fa_commit(); }
-template <int N>
-__device__ __forceinline__ void gg_wait() { fa_wait_pending<N>(); }
-__device__ __forceinline__ void gg_ldsm(unsigned a, u32& r0, u32& r1, u32& r2, u32& r3) { fa_ldmatrix_x4(a, r0, r1, r2, r3); }
-__device__ __forceinline__ void gg_ldsm_t(unsigned a, u32& r0, u32& r1, u32& r2, u32& r3) { fa_ldmatrix_x4_trans(a, r0, r1, r2, r3); }
-__device__ __forceinline__ void gg_mma(float* d, const u32* a, u32 b0, u32 b1) { fa_mma(d, a, b0, b1); }
+__device__ __forceinline__ void gg_cp16_stream(unsigned dst, const void* src, unsigned long long) { tc_cp16(dst, src); }
 __device__ __forceinline__ void gg_mma_f16(float* d, const u32* a, u32 b0, u32 b1) { emu_mma_f16(d, a, b0, b1); }
 #ifndef GG_E4M3_VIA_F16 // emu-grouped.sh checks both ways
 #define GG_E4M3_MMA 1
@@ -142,9 +132,6 @@ __device__ __forceinline__ void gg_mma_e4m3(float* d, const u32* a, u32 b0, u32 
 // gg_h2 widens bytes 2h and 2h+1 of v to two binary16 values, byte 2h in the low half.
 __device__ __forceinline__ u32 gg_h2(u32 v, int h) { return gg_e4m3_h((v >> (16 * h)) & 0xffu) | gg_e4m3_h((v >> (16 * h + 8)) & 0xffu) << 16; }
 #else
-__device__ __forceinline__ void gg_cp16(unsigned dst, const void* src) {
-	asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-}
 // gg_stream_policy is an L2 policy that makes the lines a copy brings in the first to be evicted: for the
 // weights, which a block streams once (its neighbours with the same expert and columns read them at about
 // the same time), so that they do not push the tokens' rows (read again for every column tile) out of L2.
@@ -153,32 +140,9 @@ __device__ __forceinline__ unsigned long long gg_stream_policy() {
 	asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(p));
 	return p;
 }
-// gg_cp16_stream is gg_cp16 under L2 policy p.
+// gg_cp16_stream is tc_cp16 under L2 policy p.
 __device__ __forceinline__ void gg_cp16_stream(unsigned dst, const void* src, unsigned long long p) {
 	asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "l"(p) : "memory");
-}
-__device__ __forceinline__ void gg_zero16(unsigned dst) {
-	asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst), "r"(0) : "memory");
-}
-__device__ __forceinline__ void gg_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// gg_wait waits until at most N of this thread's cp.async groups are in flight.
-template <int N>
-__device__ __forceinline__ void gg_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
-__device__ __forceinline__ void gg_ldsm(unsigned a, u32& r0, u32& r1, u32& r2, u32& r3) {
-	asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-		: "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-		: "r"(a));
-}
-__device__ __forceinline__ void gg_ldsm_t(unsigned a, u32& r0, u32& r1, u32& r2, u32& r3) {
-	asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-		: "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-		: "r"(a));
-}
-// gg_mma: d += a·b for one m16n8k16 tile.
-__device__ __forceinline__ void gg_mma(float* d, const u32* a, u32 b0, u32 b1) {
-	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-		: "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-		: "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 // gg_mma_f16: d += a·b for one m16n8k16 tile of binary16 operands (the FP8 kernels' widened codes).
 __device__ __forceinline__ void gg_mma_f16(float* d, const u32* a, u32 b0, u32 b1) {
@@ -313,11 +277,11 @@ __device__ __forceinline__ void gg_step(float (&acc)[4][8][4], unsigned ast, con
 #pragma unroll
 	for (int kk = 0; kk < 2; kk++) {
 #pragma unroll
-		for (int mi = 0; mi < MV; mi++) gg_ldsm(ast + mi * 16 * GG_ROW + kk * 32, af[kk][mi][0], af[kk][mi][1], af[kk][mi][2], af[kk][mi][3]);
+		for (int mi = 0; mi < MV; mi++) tc_ldsm4(ast + mi * 16 * GG_ROW + kk * 32, af[kk][mi][0], af[kk][mi][1], af[kk][mi][2], af[kk][mi][3]);
 #pragma unroll
 		for (int p = 0; p < 4; p++) {
-			if (FP8) gg_ldsm(bb[p] + bst + kk * 32, bfr[kk][2 * p][0], bfr[kk][2 * p][1], bfr[kk][2 * p + 1][0], bfr[kk][2 * p + 1][1]);
-			else gg_ldsm_t(bb[p] + bst + kk * 16 * GG_BS * 2, bfr[kk][2 * p][0], bfr[kk][2 * p][1], bfr[kk][2 * p + 1][0], bfr[kk][2 * p + 1][1]);
+			if (FP8) tc_ldsm4(bb[p] + bst + kk * 32, bfr[kk][2 * p][0], bfr[kk][2 * p][1], bfr[kk][2 * p + 1][0], bfr[kk][2 * p + 1][1]);
+			else tc_ldsm4_t(bb[p] + bst + kk * 16 * GG_BS * 2, bfr[kk][2 * p][0], bfr[kk][2 * p][1], bfr[kk][2 * p + 1][0], bfr[kk][2 * p + 1][1]);
 		}
 	}
 	if (!FP8) {
@@ -326,7 +290,7 @@ __device__ __forceinline__ void gg_step(float (&acc)[4][8][4], unsigned ast, con
 #pragma unroll
 			for (int mi = 0; mi < MV; mi++)
 #pragma unroll
-				for (int j = 0; j < 8; j++) gg_mma(acc[mi][j], af[kk][mi], bfr[kk][j][0], bfr[kk][j][1]);
+				for (int j = 0; j < 8; j++) tc_mma(acc[mi][j], af[kk][mi], bfr[kk][j][0], bfr[kk][j][1]);
 	} else {
 		gg_step8<MV>(acc, af, bfr);
 	}
@@ -415,23 +379,23 @@ __device__ __forceinline__ void gg_body(const gg_args op) {
 #pragma unroll
 		for (int i = 0; i < 2; i++) {
 			if (!arow[i]) continue;
-			unsigned d = gg_smem(da + ((tid >> 2) + 64 * i) * GG_ROW + ac * 16);
-			if (kin) gg_cp16(d, arow[i] + k0);
-			else gg_zero16(d);
+			unsigned d = tc_smem(da + ((tid >> 2) + 64 * i) * GG_ROW + ac * 16);
+			if (kin) tc_cp16(d, arow[i] + k0);
+			else tc_zero16(d);
 		}
 #pragma unroll
 		for (int i = 0; i < 4; i++) {
 			if (FP8) {
 				if (!(bmask >> i & 1u)) continue;
-				unsigned d = gg_smem(db + ((tid >> 2) + 64 * i) * GF_BS + bc * 16);
+				unsigned d = tc_smem(db + ((tid >> 2) + 64 * i) * GF_BS + bc * 16);
 				if (k0 + bc * 16 < KB) gg_cp16_stream(d, brow + boff(i) + k0, wpol);
-				else gg_zero16(d);
+				else tc_zero16(d);
 			} else {
 				int kr = bk + 8 * i;
-				unsigned d = gg_smem(db + (kr * GG_BS + bc * 8) * 2);
+				unsigned d = tc_smem(db + (kr * GG_BS + bc * 8) * 2);
 				if (k0 / 2 + kr < K) {
 					if (bcol) gg_cp16_stream(d, bcol + (long long)(k0 / 2 + kr) * NW * 2, wpol);
-				} else gg_zero16(d);
+				} else tc_zero16(d);
 			}
 		}
 	};
@@ -444,13 +408,13 @@ __device__ __forceinline__ void gg_body(const gg_args op) {
 
 	// Per-lane ldmatrix byte offsets within a stage (see the fragment layouts above).
 	const int lr = (lane & 7) + ((lane >> 3) & 1) * 8, lc = (lane >> 4) * 16;
-	const unsigned abase = gg_smem(sa) + (wm * 64 + lr) * GG_ROW + lc;
+	const unsigned abase = tc_smem(sa) + (wm * 64 + lr) * GG_ROW + lc;
 	unsigned bbase[4]; // the warp's column pairs p: n tiles 2p and 2p+1
 #pragma unroll
 	for (int p = 0; p < 4; p++) {
 		int cb = GATED ? (p >> 1) * (GG_BN / 2) + wn * 32 + (p & 1) * 16 : wn * 64 + p * 16;
-		if (FP8) bbase[p] = gg_smem(sb) + (cb + (lane & 7) + (lane >> 4) * 8) * GF_BS + ((lane >> 3) & 1) * 16;
-		else bbase[p] = gg_smem(sb) + (lr * GG_BS + cb) * 2 + lc;
+		if (FP8) bbase[p] = tc_smem(sb) + (cb + (lane & 7) + (lane >> 4) * 8) * GF_BS + ((lane >> 3) & 1) * 16;
+		else bbase[p] = tc_smem(sb) + (lr * GG_BS + cb) * 2 + lc;
 	}
 
 	// The warp's m16 row slices that hold a valid row: the others skip their ldmatrix and mma.
@@ -460,14 +424,14 @@ __device__ __forceinline__ void gg_body(const gg_args op) {
 #pragma unroll
 	for (int s = 0; s < GG_STAGES - 1; s++) {
 		if (s < nk) load(s, s);
-		gg_commit();
+		tc_commit();
 	}
 	for (int kt = 0; kt < nk; kt++) {
-		gg_wait<GG_STAGES - 2>(); // slice kt has landed (for this thread's copies)
+		tc_wait<GG_STAGES - 2>(); // slice kt has landed (for this thread's copies)
 		__syncthreads();          // for every thread's; and every warp is done with slice kt - 1's stage
 		int nt = kt + GG_STAGES - 1;
 		if (nt < nk) load(nt % GG_STAGES, nt);
-		gg_commit();
+		tc_commit();
 		int st = kt % GG_STAGES;
 		unsigned ast = abase + st * 2 * GG_A_STAGE, bst = st * B_STAGE;
 		switch (mv) { // uniform over the warp; each case is one basic block, which ptxas schedules freely
@@ -478,7 +442,7 @@ __device__ __forceinline__ void gg_body(const gg_args op) {
 		default: break;
 		}
 	}
-	gg_wait<0>();
+	tc_wait<0>();
 
 	// Epilogue: rows wm·64 + 16mi + g (+8), columns 2c, 2c+1 of each n8 tile. A product is acc·(rs·cs):
 	// rs the row's factor (fp8: the row's scale; bf16 gate_up: the router score; else 1), cs the column's

@@ -190,6 +190,51 @@ __device__ __forceinline__ void store8(void* row, int dt, long long c, const flo
 	}
 }
 
+// The tensor-core and asynchronous-copy helpers every unit with mma.sync tiles uses (flash.cu,
+// grouped.cu, quant_int4.cu): the shared-memory address of p, cp.async of 16 bytes and its groups,
+// ldmatrix.x4 (plain and transposed), mma.m16n8k16 on bf16 with float32 accumulation, and a bf16 pair.
+// The SIMT emulator (scripts/gpu/emu/emu.h, which defines TPF_EMU) has C++ versions of the same
+// warp-level semantics, so that these kernels can be checked without a GPU.
+__device__ __forceinline__ unsigned tc_smem(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+#ifndef TPF_EMU
+// tc_cp16 copies 16 bytes from global memory to shared address dst, asynchronously (cp.async.cg).
+__device__ __forceinline__ void tc_cp16(unsigned dst, const void* src) {
+	asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void tc_zero16(unsigned dst) {
+	asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst), "r"(0) : "memory");
+}
+__device__ __forceinline__ void tc_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void tc_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+// tc_wait waits until at most N of this thread's cp.async groups are still in flight.
+template <int N>
+__device__ __forceinline__ void tc_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+// tc_ldsm4: ldmatrix.x4 (lanes 8i .. 8i+7 give the row addresses of matrix i; register i gets row g,
+// columns 2c, 2c+1 of matrix i); tc_ldsm4_t the transposed load.
+__device__ __forceinline__ void tc_ldsm4(unsigned addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+	asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+		: "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+		: "r"(addr));
+}
+__device__ __forceinline__ void tc_ldsm4_t(unsigned addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+	asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+		: "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+		: "r"(addr));
+}
+// tc_mma: d += a·b for one m16n8k16 tile (bf16 operands, float32 accumulators).
+__device__ __forceinline__ void tc_mma(float* d, const u32* a, u32 b0, u32 b1) {
+	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+		: "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+		: "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// tc_pack converts lo and hi to bf16 (round to nearest even) in one register, lo in the low half.
+__device__ __forceinline__ u32 tc_pack(float lo, float hi) {
+	u32 r;
+	asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+	return r;
+}
+#endif // TPF_EMU
+
 // as_dt is v as a tensor of dtype dt holds it: rounded to bf16, or itself.
 __device__ __forceinline__ float as_dt(float v, int dt) { return dt == DT_BF16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
 

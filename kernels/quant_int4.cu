@@ -58,10 +58,10 @@ struct alignas(8) q4_f32x2 {
 };
 
 #ifdef TPF_EMU
-// The SIMT emulator (scripts/gpu/emu/emu.h) stands in for the PTX: its fa_mma is flash.cu's mma.
+// The SIMT emulator (scripts/gpu/emu/emu.h) stands in for the PTX: its tc_mma is the prelude's mma.
 __device__ __forceinline__ void q4_mma(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
 	u32 a[4] = {a0, a1, a2, a3};
-	fa_mma(d, a, b0, b1);
+	tc_mma(d, a, b0, b1);
 }
 __device__ __forceinline__ u32 q4_fma2(u32 a, u32 b, u32 c) { return emu_fma_bf16x2(a, b, c); }
 __device__ __forceinline__ u32 q4_andxor(u32 a, u32 b, u32 c) { return (a & b) ^ c; }
@@ -760,32 +760,6 @@ struct alignas(8) q4_u32x2 {
 	u32 x, y;
 };
 
-#ifdef TPF_EMU
-// The emulator's cp.async copies at once and its ldmatrix exchanges through the warp (emu.h).
-__device__ __forceinline__ void q4_cp16(unsigned dst, const void* src) { fa_cp16(dst, src); }
-__device__ __forceinline__ void q4_commit() {}
-template <int N>
-__device__ __forceinline__ void q4_wait() {}
-__device__ __forceinline__ void q4_ldsm4(unsigned a, u32& r0, u32& r1, u32& r2, u32& r3) { fa_ldmatrix_x4(a, r0, r1, r2, r3); }
-#else
-// q4_cp16 copies 16 bytes from global memory to shared address dst, asynchronously (cp.async.cg).
-__device__ __forceinline__ void q4_cp16(unsigned dst, const void* src) {
-	asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void q4_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// q4_wait waits until at most N of this thread's cp.async groups are in flight.
-template <int N>
-__device__ __forceinline__ void q4_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
-// q4_ldsm4: ldmatrix.x4 (lanes 8i .. 8i+7 give the row addresses of matrix i; register i gets row g,
-// columns 2c, 2c+1 of matrix i).
-__device__ __forceinline__ void q4_ldsm4(unsigned a, u32& r0, u32& r1, u32& r2, u32& r3) {
-	asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-		: "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-		: "r"(a));
-}
-#endif
-
-__device__ __forceinline__ unsigned q4_smem(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 
 #define Q4_NEG0 0x80008000u // bf16 pair (-0, -0): x·s + (-0) is x·s, rounded once
 
@@ -827,7 +801,7 @@ __device__ __forceinline__ void q4gemm_rows(const bf16_t* __restrict__ x, const 
 	__shared__ q4_u32x4 q4g_sm[Q4G_STAGES * SB / 16];
 	int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c = lane & 3;
 	int KT = K / Q4G_BK;
-	unsigned sm = q4_smem(q4g_sm);
+	unsigned sm = tc_smem(q4g_sm);
 	const char* smp = (const char*)q4g_sm;
 	// cp.async: x chunk tid + THREADS·i (row chunk / 4, 16-byte chunk chunk % 4 of its 64 bytes a stage);
 	// codes chunk tid + THREADS·i (dense: the 16 bytes of channel row n0 + chunk; experts: K row chunk / 8
@@ -899,11 +873,11 @@ __device__ __forceinline__ void q4gemm_rows(const bf16_t* __restrict__ x, const 
 		if (s < KT) {
 			unsigned b = sm + s * SB;
 #pragma unroll
-			for (int i = 0; i < XC; i++) q4_cp16(b + xd[i], xs[i] + s * Q4G_BK);
+			for (int i = 0; i < XC; i++) tc_cp16(b + xd[i], xs[i] + s * Q4G_BK);
 #pragma unroll
-			for (int i = 0; i < WC; i++) q4_cp16(b + wd[i], ws[i] + s * wstep);
+			for (int i = 0; i < WC; i++) tc_cp16(b + wd[i], ws[i] + s * wstep);
 		}
-		q4_commit();
+		tc_commit();
 	}
 	float acc[MT][NT][4];
 #pragma unroll
@@ -915,17 +889,17 @@ __device__ __forceinline__ void q4gemm_rows(const bf16_t* __restrict__ x, const 
 	u32 csel = q4e_sel(c);
 	int gnext = 0, grp = 0; // the K of the next group's first stage, and that group
 	for (int kt = 0; kt < KT; kt++) {
-		q4_wait<Q4G_STAGES - 2>(); // this thread's copies of tile kt have landed
+		tc_wait<Q4G_STAGES - 2>(); // this thread's copies of tile kt have landed
 		__syncthreads();           // everyone's have, and everyone is done with tile kt-1's stage
 		int nk = kt + Q4G_STAGES - 1;
 		if (nk < KT) {
 			unsigned b = sm + (nk % Q4G_STAGES) * SB;
 #pragma unroll
-			for (int i = 0; i < XC; i++) q4_cp16(b + xd[i], xs[i] + (long long)nk * Q4G_BK);
+			for (int i = 0; i < XC; i++) tc_cp16(b + xd[i], xs[i] + (long long)nk * Q4G_BK);
 #pragma unroll
-			for (int i = 0; i < WC; i++) q4_cp16(b + wd[i], ws[i] + nk * wstep);
+			for (int i = 0; i < WC; i++) tc_cp16(b + wd[i], ws[i] + nk * wstep);
 		}
-		q4_commit();
+		tc_commit();
 		if (kt * Q4G_BK == gnext) { // uniform: a new scale group starts with this tile
 			if (MODE == Q4G_DENSE) {
 #pragma unroll
@@ -976,7 +950,7 @@ __device__ __forceinline__ void q4gemm_rows(const bf16_t* __restrict__ x, const 
 			for (int p = 0; p < NT / 2; p++) {
 				int row = 16 * p + (lane & 7) + ((lane >> 4) << 3), ch = 2 * s + ((lane >> 3) & 1);
 				u32 b0, b1, b2, b3;
-				q4_ldsm4(xsm + row * 64 + 16 * (ch ^ ((row >> 1) & 3)), b0, b1, b2, b3);
+				tc_ldsm4(xsm + row * 64 + 16 * (ch ^ ((row >> 1) & 3)), b0, b1, b2, b3);
 #pragma unroll
 				for (int m = 0; m < MT; m++) {
 					q4_mma(acc[m][2 * p], a[m][0], a[m][1], a[m][2], a[m][3], b0, b1);

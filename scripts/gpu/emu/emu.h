@@ -2,8 +2,9 @@
 // one block at a time, one std::thread per CUDA thread, std::barrier for __syncthreads and warp shuffles.
 // __shared__ becomes static, so blocks must run one at a time (launch does). Only what the checked kernels
 // use is here. __syncwarp and __match_any_sync are barriers of the warp, so every lane of a warp must reach
-// them together (moe_plan's do). It also defines TPF_EMU and C++ versions of flash.cu's PTX helpers
-// (cp.async, ldmatrix, mma.sync: m16n8k16 bf16 and f16, m16n8k32 E4M3; cvt bf16x2, ld.global.cg): each
+// them together (moe_plan's do). It also defines TPF_EMU and C++ versions of the prelude's PTX helpers
+// (tc_*) and the kernels' own (cp.async, ldmatrix, mma.sync: m16n8k16 bf16 and f16, m16n8k32 E4M3; cvt
+// bf16x2, ld.global.cg): each
 // lane gets exactly the fragment the PTX ISA gives it, exchanged through the warp's barrier, so kernels
 // built on them (attention_flash, attention_decode, the grouped expert GEMMs) run here too.
 #define TPF_EMU 1
@@ -84,11 +85,11 @@ static inline void emu_warp_wait() { g_warp[threadIdx.x >> 5]->arrive_and_wait()
 static inline float emu_bf16(uint32_t h) { uint32_t u = h << 16; float f; memcpy(&f, &u, 4); return f; }
 
 // cp.async: the copy happens at once (commit and wait have nothing left to do).
-static inline void fa_cp16(unsigned dst, const void* src) { memcpy(emu_smem(dst), src, 16); }
-static inline void fa_zero16(unsigned dst) { memset(emu_smem(dst), 0, 16); }
-static inline void fa_commit() {}
-static inline void fa_wait_all() {}
-template <int N> static inline void fa_wait_pending() {}
+static inline void tc_cp16(unsigned dst, const void* src) { memcpy(emu_smem(dst), src, 16); }
+static inline void tc_zero16(unsigned dst) { memset(emu_smem(dst), 0, 16); }
+static inline void tc_commit() {}
+static inline void tc_wait_all() {}
+template <int N> static inline void tc_wait() {}
 static inline float fa_ldcg(const float* p) { return *p; }
 
 // ldmatrix.m8n8.x4 (.trans): lanes 8i..8i+7 give the row addresses of matrix i; register i of lane (g, c)
@@ -110,8 +111,8 @@ static inline void emu_ldmatrix(unsigned addr, bool trans, u32_& r0, u32_& r1, u
 	emu_warp_wait();
 	r0 = r[0]; r1 = r[1]; r2 = r[2]; r3 = r[3];
 }
-static inline void fa_ldmatrix_x4(unsigned a, u32_& r0, u32_& r1, u32_& r2, u32_& r3) { emu_ldmatrix(a, false, r0, r1, r2, r3); }
-static inline void fa_ldmatrix_x4_trans(unsigned a, u32_& r0, u32_& r1, u32_& r2, u32_& r3) { emu_ldmatrix(a, true, r0, r1, r2, r3); }
+static inline void tc_ldsm4(unsigned a, u32_& r0, u32_& r1, u32_& r2, u32_& r3) { emu_ldmatrix(a, false, r0, r1, r2, r3); }
+static inline void tc_ldsm4_t(unsigned a, u32_& r0, u32_& r1, u32_& r2, u32_& r3) { emu_ldmatrix(a, true, r0, r1, r2, r3); }
 
 // emu_mma is mma.sync.m16n8k16 (EPR = 2 elements of 16 bits a register) or m16n8k32 (EPR = 4 of 8 bits)
 // .row.col with float32 accumulation: d += a·b with the fragments of the PTX ISA (g = lane/4, c = lane%4,
@@ -156,7 +157,7 @@ static inline float emu_e4m3(uint32_t b) {
 }
 
 // The mma shapes the kernels use: bf16 and f16 m16n8k16, E4M3 m16n8k32.
-static inline void fa_mma(float* d, const u32_* a, u32_ b0, u32_ b1) { emu_mma<2>(d, a, b0, b1, emu_bf16); }
+static inline void tc_mma(float* d, const u32_* a, u32_ b0, u32_ b1) { emu_mma<2>(d, a, b0, b1, emu_bf16); }
 static inline void emu_mma_f16(float* d, const u32_* a, u32_ b0, u32_ b1) { emu_mma<2>(d, a, b0, b1, emu_f16); }
 static inline void emu_mma_e4m3(float* d, const u32_* a, u32_ b0, u32_ b1) { emu_mma<4>(d, a, b0, b1, emu_e4m3); }
 
@@ -168,9 +169,9 @@ static inline uint32_t emu_rn_bf16(float f) {
 	u += 0x7fffu + ((u >> 16) & 1u);
 	return u >> 16;
 }
-static inline u32_ fa_pack(float lo, float hi) { return emu_rn_bf16(lo) | emu_rn_bf16(hi) << 16; }
+static inline u32_ tc_pack(float lo, float hi) { return emu_rn_bf16(lo) | emu_rn_bf16(hi) << 16; }
 
-// quant_int4.cu's other PTX (its mma is fa_mma above): byte permutes (PRMT) and fma.rn.bf16x2.
+// quant_int4.cu's other PTX (its mma is tc_mma above): byte permutes (PRMT) and fma.rn.bf16x2.
 static inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
 	unsigned long long v = (unsigned long long)y << 32 | x, r = 0;
 	for (int i = 0; i < 4; i++) r |= ((v >> (8 * ((s >> (4 * i)) & 7))) & 0xffu) << (8 * i);
