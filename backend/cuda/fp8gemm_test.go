@@ -100,20 +100,7 @@ func TestQuantFP8ExpertsVsCPU(t *testing.T) {
 			if !on {
 				name, bound = "QExpertsDeq", quantBF16ActRelL2
 			}
-			e.qcompare(name, fmt.Sprintf("%s T %d E %d k %d H %d I %d +add", f, s.T, s.E, s.k, s.H, s.I), bound, func(b backend.Ops, side int) (backend.Tensor, error) {
-				r, err := b.Route(pickSide(logits, side), s.k)
-				if err != nil {
-					return nil, err
-				}
-				if side == 1 {
-					return g.ExpertsAdd(x.g, r, gu.g, dn.g, 0, add.g)
-				}
-				y, err := b.Experts(x.c, r, gu.c, dn.c, 0)
-				if err != nil {
-					return nil, err
-				}
-				return b.Add(y, add.c)
-			})
+			e.qcompare(name, fmt.Sprintf("%s T %d E %d k %d H %d I %d +add", f, s.T, s.E, s.k, s.H, s.I), bound, routedAdd(g, logits, x, gu, dn, add, s.k, 0))
 			ran := g.Counters().ExpertsFP8 - before.ExpertsFP8
 			if want := on && fp8GemmArch(g); (ran > 0) != want {
 				t.Errorf("T %d E %d with the FP8 GEMM %v on %s: the FP8 experts path ran %d times, want it to run: %v", s.T, s.E, on, g.Info().Arch, ran, want)

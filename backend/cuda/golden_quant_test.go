@@ -95,6 +95,7 @@ func quantModels(t *testing.T) []quantModel {
 	}
 }
 
+// openCheckpoint opens the checkpoint (or single safetensors file) at dir, closed when t ends.
 func openCheckpoint(t *testing.T, dir string) *safetensors.Checkpoint {
 	t.Helper()
 	c, err := safetensors.OpenCheckpoint(dir)

@@ -33,12 +33,7 @@ func openFixture(t *testing.T, dir string) (llama4.Config, *safetensors.Checkpoi
 	if err != nil {
 		t.Fatal(err)
 	}
-	ckpt, err := safetensors.OpenCheckpoint(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ckpt.Close() })
-	return cfg, ckpt
+	return cfg, openCheckpoint(t, dir)
 }
 
 // fixturesDir finds testdata/fixtures from the working directory or one of its parents, so the test
@@ -109,18 +104,10 @@ type scoreGolden struct {
 // golden (golden.safetensors: score_ids, score_logits).
 func openGolden(t *testing.T, dir string) (*safetensors.Checkpoint, scoreGolden) {
 	t.Helper()
-	ckpt, err := safetensors.OpenCheckpoint(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ckpt.Close() })
-	golden, err := safetensors.OpenCheckpoint(filepath.Join(dir, "golden.safetensors"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { golden.Close() })
+	ckpt, golden := openCheckpoint(t, dir), openCheckpoint(t, filepath.Join(dir, "golden.safetensors"))
 	g := scoreGolden{file: golden}
 	info, data := readGolden(t, golden, "score_ids")
+	var err error
 	if g.ids, err = safetensors.ToInt64(info.DType, data); err != nil {
 		t.Fatal(err)
 	}

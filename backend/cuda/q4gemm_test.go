@@ -159,21 +159,7 @@ func TestInt4ExpertsGEMMVsCPU(t *testing.T) {
 	logits := int4Logits(e, T, E)
 	gu, dn := e.qweight(f, 0.1, 4, H, 2*I), e.qweight(f, 0.1, 4, I, H)
 	shape := fmt.Sprintf("%s T %d experts 4..7 of %d k %d H %d I %d + add", f, T, E, k, H, I)
-	addExperts := func(b backend.Ops, side int) (backend.Tensor, error) {
-		r, err := b.Route(pickSide(logits, side), k)
-		if err != nil {
-			return nil, err
-		}
-		if side == 1 {
-			return g.ExpertsAdd(x.g, r, gu.g, dn.g, 4, add.g)
-		}
-		y, err := b.Experts(x.c, r, gu.c, dn.c, 4)
-		if err != nil {
-			return nil, err
-		}
-		return b.Add(y, add.c)
-	}
-	checkQ4Experts(e, g, shape, "", addExperts)
+	checkQ4Experts(e, g, shape, "", routedAdd(g, logits, x, gu, dn, add, k, 4))
 }
 
 // checkQ4Experts compares run (side 0: the cpu backend, 1: g) with the cpu backend (quantBF16RelL2),

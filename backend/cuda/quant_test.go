@@ -168,6 +168,26 @@ func pickSide(p pair, side int) backend.Tensor {
 	return p.g
 }
 
+// routedAdd is a qcompare side function for the shared expert's add fused into the routed experts:
+// Route, then ExpertsAdd of the experts from first on g (side 1), and Route, Experts and Add on the cpu
+// backend (side 0), what the fused op must equal.
+func routedAdd(g *cuda.Backend, logits, x, gu, dn, add pair, k, first int) func(backend.Ops, int) (backend.Tensor, error) {
+	return func(b backend.Ops, side int) (backend.Tensor, error) {
+		r, err := b.Route(pickSide(logits, side), k)
+		if err != nil {
+			return nil, err
+		}
+		if side == 1 {
+			return g.ExpertsAdd(x.g, r, gu.g, dn.g, first, add.g)
+		}
+		y, err := b.Experts(x.c, r, gu.c, dn.c, first)
+		if err != nil {
+			return nil, err
+		}
+		return b.Add(y, add.c)
+	}
+}
+
 // TestQuantLinearVsCPU compares Linear on quantised weights with the cpu backend for every format, at
 // 1, 7, 64 and 300 rows, on shapes the GEMV takes (K a multiple of 16 for fp8, 32 for int4) and shapes it
 // does not (K = 1000, 77: the dequantise-to-bf16 path), at 1 row both GEMV kernels (split-K and one
@@ -294,20 +314,7 @@ func TestQuantExpertsVsCPU(t *testing.T) {
 	gu, dn := e.qweight(f, 0.1, 4, 256, 256), e.qweight(f, 0.1, 4, 128, 256)
 	add := e.input(1, 3, 256)
 	e.qcompare("QExpertsAdd", fmt.Sprintf("%s T 3 E 4 of 8 (first 4) k 2 H 256 I 128", f), quantGEMVActRelL2,
-		func(b backend.Ops, side int) (backend.Tensor, error) {
-			r, err := b.Route(pickSide(logits, side), 2)
-			if err != nil {
-				return nil, err
-			}
-			if side == 1 {
-				return g.ExpertsAdd(x.g, r, gu.g, dn.g, 4, add.g)
-			}
-			y, err := b.Experts(x.c, r, gu.c, dn.c, 4)
-			if err != nil {
-				return nil, err
-			}
-			return b.Add(y, add.c)
-		})
+		routedAdd(g, logits, x, gu, dn, add, 2, 4))
 }
 
 // TestQuantRefusals: ops that cannot read a quantised weight, and the expert shapes the dynamic
