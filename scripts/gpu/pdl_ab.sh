@@ -11,7 +11,7 @@
 #
 # UNFUSE=1 adds a third column: PDL on, every kernel fusion off (TPFLEET_CUDA_UNFUSE=all), the unfused
 # baseline (about 40 s more). UNFUSE=act,combine (any list of cuda.Fusions()) turns off only those there.
-# QUANT=fp8 or QUANT=int4 quantises the weights at load (bench --quantization; e.g. UNFUSE=q4gemm QUANT=int4).
+# SIDES="on unfused" runs only those columns (a shorter call). QUANT=fp8 or QUANT=int4 quantises the weights at load (bench --quantization; e.g. UNFUSE=q4gemm QUANT=int4).
 # TOKENS (decode steps, 32) and RUNS (best of, 2) as for bench.
 # With the device tool: run(command="bash scripts/gpu/pdl_ab.sh --run", carry=[".gpubuild"]).
 set -euo pipefail
@@ -30,6 +30,7 @@ sides="on off"
 unfuse=${UNFUSE:-}
 [ "$unfuse" = 1 ] && unfuse=all
 [ -n "$unfuse" ] && sides="on off unfused"
+[ -z "${SIDES:-}" ] || sides=$SIDES
 quant=()
 [ -n "${QUANT:-}" ] && quant=(--quantization "$QUANT")
 scout="--layers 4 --hidden 5120 --heads 40 --kv-heads 8 --head-dim 128 --experts 16 --intermediate 8192 --vocab 202048"
