@@ -433,10 +433,86 @@ __device__ __forceinline__ void ad_transpose(u32 u01, u32 u23, int g, int c, u32
 	b1 = ad_half(a23, h) | (ad_half(b23, h) << 16);
 }
 
+// ad_merge is the merge of a cut segment by the block that finished its last piece: the np pieces' partials
+// (the first in block bf's first slot when f0, else its last slot; piece k in the first slot of block bf + k)
+// combined in piece order with the log-sum-exp rule and stored, normalised, at out + obase ([G][D]).
+// It is rare (a segment end) and needs a few dozen registers of its own, so it stays out of line.
+template <int D>
+__device__ __noinline__ void ad_merge(const float* part, int ss, int bf, int np, int f0, int G, void* out, int odt,
+	long long obase, float* sml, float* sw) {
+	int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+	__threadfence();
+	// Piece k's slot: block bf's first or last segment, then the first segment of bf + k.
+	const float* ps = part + (long long)(f0 ? 2 * bf : 2 * bf + 1) * ss;
+	const float* pk = part + (long long)(2 * bf + 2) * ss; // piece 1; piece k at pk + 2(k-1)ss
+	for (int h = warp; h < G; h += AD_WARPS) {
+		float mx = NEG_INF;
+		for (int k = lane; k < np; k += 32) {
+			const float* sp = k == 0 ? ps : pk + (long long)(k - 1) * 2 * ss;
+			mx = fmaxf(mx, fa_ldcg(sp + G * D + 2 * h));
+		}
+#pragma unroll
+		for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+		float ls = 0.0f;
+		for (int k = lane; k < np; k += 32) {
+			const float* sp = k == 0 ? ps : pk + (long long)(k - 1) * 2 * ss;
+			ls += fa_ldcg(sp + G * D + 2 * h + 1) * exp2f(fa_ldcg(sp + G * D + 2 * h) - mx);
+		}
+		ls = warp_sum(ls);
+		if (lane == 0) {
+			sml[2 * h] = mx;
+			sml[2 * h + 1] = ls;
+		}
+	}
+	__syncthreads();
+	// Σ_k O_k·2^(m_k − M), in piece order, for this thread's elements e = tid + 128·j of the
+	// segment's [G][D]: the weights of AD_WCH pieces at a time in shared memory, the sums of
+	// AD_MU pieces loaded before any is used.
+	const int EPT = AD_MAXG * D / (AD_WARPS * 32);
+	float acc[EPT];
+#pragma unroll
+	for (int j = 0; j < EPT; j++) acc[j] = 0.0f;
+	for (int c0 = 0; c0 < np; c0 += AD_WCH) {
+		int nc = np - c0 < AD_WCH ? np - c0 : AD_WCH;
+		__syncthreads(); // the previous chunk's weights are used up
+		for (int x = tid; x < nc * G; x += AD_WARPS * 32) {
+			int k = c0 + x / G, h = x % G;
+			const float* sp = k == 0 ? ps : pk + (long long)(k - 1) * 2 * ss;
+			sw[x] = exp2f(fa_ldcg(sp + G * D + 2 * h) - sml[2 * h]);
+		}
+		__syncthreads();
+		for (int k0 = 0; k0 < nc; k0 += AD_MU) {
+			float a[AD_MU][EPT];
+#pragma unroll
+			for (int u = 0; u < AD_MU; u++) {
+				int k = c0 + k0 + u;
+				const float* sp = k == 0 ? ps : pk + (long long)(k - 1) * 2 * ss;
+#pragma unroll
+				for (int j = 0; j < EPT; j++) {
+					int e = tid + j * AD_WARPS * 32;
+					a[u][j] = k0 + u < nc && e < G * D ? fa_ldcg(sp + e) : 0.0f;
+				}
+			}
+#pragma unroll
+			for (int u = 0; u < AD_MU; u++)
+#pragma unroll
+				for (int j = 0; j < EPT; j++) {
+					int e = tid + j * AD_WARPS * 32;
+					if (k0 + u < nc && e < G * D) acc[j] += a[u][j] * sw[(k0 + u) * G + e / D];
+				}
+		}
+	}
+#pragma unroll
+	for (int j = 0; j < EPT; j++) {
+		int e = tid + j * AD_WARPS * 32;
+		if (e < G * D) st(out, odt, obase + e, acc[j] / sml[2 * (e / D) + 1]);
+	}
+}
+
 template <int D>
 __device__ __forceinline__ void ad_body(const void* q, int qdt, const long long* rows, int* cnt, int T, int t0,
 	float* part, int ss, void* out, int odt, int heads, int kv_heads, int chunk, float scale,
-	bf16_t* sk, bf16_t* sv, int* pref, int* sred, float* sml, float* sw) {
+	bf16_t* sk, bf16_t* sv, u32* sq, int* pref, int* sred, float* sml, float* sw) {
 	const int RB = (D + FA_PAD) * 2;                   // bytes per shared row
 	const int KS = D / 16;                             // k-steps of Sᵀ = K·Qᵀ (and m-tiles of Oᵀ)
 	const int MTW = KS >= AD_WARPS ? KS / AD_WARPS : 1; // m-tiles of Oᵀ (16 dims) per warp
@@ -503,7 +579,9 @@ __device__ __forceinline__ void ad_body(const void* q, int qdt, const long long*
 	int voff = ((lane & 7) + (lane >> 4) * 8) * RB + ((lane >> 3) & 1) * 16;
 	const float sl2 = scale * 1.4426950408889634f;
 
-	u32 qb[KS][2], ql[KS][2]; // Qᵀ as B operands: dims 16k+2c.. (0) and 16k+2c+8.. (1) of head g; hi and lo
+	// Qᵀ as B operands, this lane's words of k-step k at sq[4(32k + lane)]: dims 16k+2c.. and 16k+2c+8.. of
+	// head g, hi, then lo. They live in shared memory, not registers (32 of them at D = 128), which the tile
+	// loop needs: every warp writes the same words (the same q, the same code) after the loop's barrier.
 	float m[2], l[2], o[MTW][4];
 	int piece0 = C.tile; // the current piece's first tile
 	bool first = true;   // the compute is in the block's first segment
@@ -532,11 +610,14 @@ __device__ __forceinline__ void ad_body(const void* q, int qdt, const long long*
 					x2 = ld(q, qdt, qrow + d + 8);
 					x3 = ld(q, qdt, qrow + d + 9);
 				}
-				qb[k][0] = tc_pack(x0, x1);
-				qb[k][1] = tc_pack(x2, x3);
-				ql[k][0] = tc_pack(x0 - ad_lo(qb[k][0]), x1 - ad_hi(qb[k][0]));
-				ql[k][1] = tc_pack(x2 - ad_lo(qb[k][1]), x3 - ad_hi(qb[k][1]));
+				u32* qs = sq + 4 * (32 * k + lane);
+				u32 h0 = tc_pack(x0, x1), h1 = tc_pack(x2, x3);
+				qs[0] = h0;
+				qs[1] = h1;
+				qs[2] = tc_pack(x0 - ad_lo(h0), x1 - ad_hi(h0));
+				qs[3] = tc_pack(x2 - ad_lo(h1), x3 - ad_hi(h1));
 			}
+			__syncwarp();
 			m[0] = m[1] = NEG_INF;
 			l[0] = l[1] = 0.0f;
 #pragma unroll
@@ -550,8 +631,9 @@ __device__ __forceinline__ void ad_body(const void* q, int qdt, const long long*
 		for (int k = 0; k < KS; k++) {
 			u32 a[4];
 			tc_ldsm4(kb + koff + k * 32, a[0], a[1], a[2], a[3]);
-			tc_mma(s, a, qb[k][0], qb[k][1]);
-			if (qf32) tc_mma(sl, a, ql[k][0], ql[k][1]);
+			const u32* qs = sq + 4 * (32 * k + lane);
+			tc_mma(s, a, qs[0], qs[1]);
+			if (qf32) tc_mma(sl, a, qs[2], qs[3]);
 		}
 		int k0 = C.r.from + AD_TK * C.tile;
 		bool v0 = k0 + g <= C.r.p, v1 = k0 + g + 8 <= C.r.p;
@@ -649,75 +731,8 @@ __device__ __forceinline__ void ad_body(const void* q, int qdt, const long long*
 					sred[3] = (long long)bf * W / B == P0; // the segment is block bf's first
 				}
 				__syncthreads();
-				if (sred[0]) {
-					__threadfence();
-					int bf = sred[1], np = sred[2], f0 = sred[3];
-					// Piece k's slot: block bf's first or last segment, then the first segment of bf + k.
-					const float* ps = part + (long long)(f0 ? 2 * bf : 2 * bf + 1) * ss;
-					const float* pk = part + (long long)(2 * bf + 2) * ss; // piece 1; piece k at pk + 2(k-1)ss
-					for (int h = warp; h < G; h += AD_WARPS) {
-						float mx = NEG_INF;
-						for (int k = lane; k < np; k += 32) {
-							const float* sp = k == 0 ? ps : pk + (long long)(k - 1) * 2 * ss;
-							mx = fmaxf(mx, fa_ldcg(sp + G * D + 2 * h));
-						}
-#pragma unroll
-						for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-						float ls = 0.0f;
-						for (int k = lane; k < np; k += 32) {
-							const float* sp = k == 0 ? ps : pk + (long long)(k - 1) * 2 * ss;
-							ls += fa_ldcg(sp + G * D + 2 * h + 1) * exp2f(fa_ldcg(sp + G * D + 2 * h) - mx);
-						}
-						ls = warp_sum(ls);
-						if (lane == 0) {
-							sml[2 * h] = mx;
-							sml[2 * h + 1] = ls;
-						}
-					}
-					__syncthreads();
-					// Σ_k O_k·2^(m_k − M), in piece order, for this thread's elements e = tid + 128·j of the
-					// segment's [G][D]: the weights of AD_WCH pieces at a time in shared memory, the sums of
-					// AD_MU pieces loaded before any is used.
-					const int EPT = AD_MAXG * D / (AD_WARPS * 32);
-					float acc[EPT];
-#pragma unroll
-					for (int j = 0; j < EPT; j++) acc[j] = 0.0f;
-					for (int c0 = 0; c0 < np; c0 += AD_WCH) {
-						int nc = np - c0 < AD_WCH ? np - c0 : AD_WCH;
-						__syncthreads(); // the previous chunk's weights are used up
-						for (int x = tid; x < nc * G; x += AD_WARPS * 32) {
-							int k = c0 + x / G, h = x % G;
-							const float* sp = k == 0 ? ps : pk + (long long)(k - 1) * 2 * ss;
-							sw[x] = exp2f(fa_ldcg(sp + G * D + 2 * h) - sml[2 * h]);
-						}
-						__syncthreads();
-						for (int k0 = 0; k0 < nc; k0 += AD_MU) {
-							float a[AD_MU][EPT];
-#pragma unroll
-							for (int u = 0; u < AD_MU; u++) {
-								int k = c0 + k0 + u;
-								const float* sp = k == 0 ? ps : pk + (long long)(k - 1) * 2 * ss;
-#pragma unroll
-								for (int j = 0; j < EPT; j++) {
-									int e = tid + j * AD_WARPS * 32;
-									a[u][j] = k0 + u < nc && e < G * D ? fa_ldcg(sp + e) : 0.0f;
-								}
-							}
-#pragma unroll
-							for (int u = 0; u < AD_MU; u++)
-#pragma unroll
-								for (int j = 0; j < EPT; j++) {
-									int e = tid + j * AD_WARPS * 32;
-									if (k0 + u < nc && e < G * D) acc[j] += a[u][j] * sw[(k0 + u) * G + e / D];
-								}
-						}
-					}
-#pragma unroll
-					for (int j = 0; j < EPT; j++) {
-						int e = tid + j * AD_WARPS * 32;
-						if (e < G * D) st(out, odt, obase + e, acc[j] / sml[2 * (e / D) + 1]);
-					}
-				}
+				if (sred[0]) // the last piece: merge (out of line, so its registers do not weigh on the tile loop)
+					ad_merge<D>(part, ss, sred[1], sred[2], sred[3], G, out, odt, obase, sml, sw);
 			}
 			first = false;
 			piece0 = 0;
@@ -741,10 +756,11 @@ attention_decode(const void* q, int qdt, const long long* rows, int* cnt, int T,
 	__shared__ int sred[AD_WARPS];
 	__shared__ float sml[2 * AD_MAXG];
 	__shared__ float sw[AD_WCH * AD_MAXG];
+	__shared__ __attribute__((aligned(16))) u32 sq[4 * 32 * (AD_MAXD / 16)];
 	switch (D) {
-	case 128: ad_body<128>(q, qdt, rows, cnt, T, t0, part, ss, out, odt, heads, kv_heads, chunk, scale, sk, sv, pref, sred, sml, sw); break;
-	case 64: ad_body<64>(q, qdt, rows, cnt, T, t0, part, ss, out, odt, heads, kv_heads, chunk, scale, sk, sv, pref, sred, sml, sw); break;
-	case 32: ad_body<32>(q, qdt, rows, cnt, T, t0, part, ss, out, odt, heads, kv_heads, chunk, scale, sk, sv, pref, sred, sml, sw); break;
-	default: ad_body<16>(q, qdt, rows, cnt, T, t0, part, ss, out, odt, heads, kv_heads, chunk, scale, sk, sv, pref, sred, sml, sw); break;
+	case 128: ad_body<128>(q, qdt, rows, cnt, T, t0, part, ss, out, odt, heads, kv_heads, chunk, scale, sk, sv, sq, pref, sred, sml, sw); break;
+	case 64: ad_body<64>(q, qdt, rows, cnt, T, t0, part, ss, out, odt, heads, kv_heads, chunk, scale, sk, sv, sq, pref, sred, sml, sw); break;
+	case 32: ad_body<32>(q, qdt, rows, cnt, T, t0, part, ss, out, odt, heads, kv_heads, chunk, scale, sk, sv, sq, pref, sred, sml, sw); break;
+	default: ad_body<16>(q, qdt, rows, cnt, T, t0, part, ss, out, odt, heads, kv_heads, chunk, scale, sk, sv, sq, pref, sred, sml, sw); break;
 	}
 }

@@ -27,6 +27,7 @@ uint64_t g_shfl[1024];
 #define __device__
 #define __shared__ static
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
 typedef unsigned int u32_;
