@@ -57,17 +57,41 @@ func sameQ4(t *testing.T, g *cuda.Backend, name, shape string, got, want backend
 	row(name+" vs unfused", shape, fmt.Sprintf("relL2 %.2e%s", rel, status), "")
 }
 
-// unfusedQ4 runs f with FuseQ4GEMM off (the dequantised path) and returns the paths it took.
-func unfusedQ4(t *testing.T, g *cuda.Backend, f func()) string {
+// checkQ4 compares run (side 0: the cpu backend, 1: g) with the cpu backend (quantBF16RelL2), checks that g
+// took fusedPaths, and compares g's result with the same call with FuseQ4GEMM off (the dequantised path,
+// within tol), whose counters must satisfy unfusedOK where it is not nil (want: what it expects, for the
+// message).
+func checkQ4(e *opEnv, g *cuda.Backend, name, shape, fusedPaths string, unfusedOK func(paths string) bool, want string,
+	tol float64, run func(b backend.Ops, side int) (backend.Tensor, error)) {
+	t := e.t
 	t.Helper()
+	var fused backend.Tensor
+	before := g.Counters()
+	e.qcompare(name, shape, quantBF16RelL2, func(b backend.Ops, side int) (backend.Tensor, error) {
+		y, err := run(b, side)
+		if side == 1 {
+			fused = y
+		}
+		return y, err
+	})
+	if got := counterDiff(before, g.Counters()); got != fusedPaths {
+		t.Errorf("%s %s took paths %q, want %s", name, shape, got, fusedPaths)
+	}
 	restore, err := cuda.SetUnfuse(g, cuda.FuseQ4GEMM)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer restore()
-	before := g.Counters()
-	f()
-	return counterDiff(before, g.Counters())
+	before = g.Counters()
+	unf, err := run(g, 1)
+	paths := counterDiff(before, g.Counters())
+	restore()
+	if err != nil {
+		t.Fatalf("%s %s unfused: %v", name, shape, err)
+	}
+	if unfusedOK != nil && !unfusedOK(paths) {
+		t.Errorf("%s %s with q4gemm off took paths %q, want %s", name, shape, paths, want)
+	}
+	sameQ4(t, g, name, shape, fused, unf, tol)
 }
 
 // TestInt4GEMMVsCPU compares Linear on int4 weights at q4gemm's row counts (int4GEMMRows) with the cpu
@@ -90,29 +114,13 @@ func TestInt4GEMMVsCPU(t *testing.T) {
 				}
 				old := cuda.SetQuantGEMV(g, T > 64)
 				shape := fmt.Sprintf("%s x %s [%d %d]x[%d %d]", f, xdt, T, s.in, s.out, s.in)
-				var fused backend.Tensor
-				before := g.Counters()
-				e.qcompare("Int4GEMM", shape, quantBF16RelL2, func(b backend.Ops, side int) (backend.Tensor, error) {
-					y, err := b.Linear(pickSide(x, side), pickSide(w, side))
-					if side == 1 {
-						fused = y
-					}
-					return y, err
-				})
-				if got := counterDiff(before, g.Counters()); got != "q4gemm×1" {
-					t.Errorf("Int4GEMM %s took paths %q, want q4gemm×1", shape, got)
+				dequantised := func(paths string) bool {
+					return strings.Contains(paths, "qdequant×1") && strings.Contains(paths, "lt×1") && !strings.Contains(paths, "q4gemm")
 				}
-				var unf backend.Tensor
-				paths := unfusedQ4(t, g, func() {
-					var err error
-					if unf, err = g.Linear(x.g, w.g); err != nil {
-						t.Fatalf("Int4GEMM %s unfused: %v", shape, err)
-					}
-				})
-				if !strings.Contains(paths, "qdequant×1") || !strings.Contains(paths, "lt×1") || strings.Contains(paths, "q4gemm") {
-					t.Errorf("Int4GEMM %s with q4gemm off took paths %q, want the dequantised copy and cuBLASLt", shape, paths)
-				}
-				sameQ4(t, g, "Int4GEMM", shape, fused, unf, int4GEMMFusedRelL2)
+				checkQ4(e, g, "Int4GEMM", shape, "q4gemm×1", dequantised, "the dequantised copy and cuBLASLt", int4GEMMFusedRelL2,
+					func(b backend.Ops, side int) (backend.Tensor, error) {
+						return b.Linear(pickSide(x, side), pickSide(w, side))
+					})
 				cuda.SetQuantGEMV(g, old)
 			}
 		}
@@ -162,36 +170,17 @@ func TestInt4ExpertsGEMMVsCPU(t *testing.T) {
 	checkQ4Experts(e, g, shape, "", routedAdd(g, logits, x, gu, dn, add, k, 4))
 }
 
-// checkQ4Experts compares run (side 0: the cpu backend, 1: g) with the cpu backend (quantBF16RelL2),
-// checks that g took q4gemm's expert path, and compares it with the same call with q4gemm off (the
-// dequantised bf16 copies, int4ExpertsFusedRelL2), whose counters must read unfusedPaths where it is not
-// "" (ExpertsAdd's are not checked).
+// checkQ4Experts is checkQ4 for q4gemm's expert path (int4ExpertsFusedRelL2 against the dequantised bf16
+// copies), whose counters with q4gemm off must read unfusedPaths where it is not "" (ExpertsAdd's are not
+// checked).
 func checkQ4Experts(e *opEnv, g *cuda.Backend, shape, unfusedPaths string, run func(b backend.Ops, side int) (backend.Tensor, error)) {
-	t := e.t
-	t.Helper()
-	var fused backend.Tensor
-	before := g.Counters()
-	e.qcompare("Int4ExpGEMM", shape, quantBF16RelL2, func(b backend.Ops, side int) (backend.Tensor, error) {
-		y, err := run(b, side)
-		if side == 1 {
-			fused = y
-		}
-		return y, err
-	})
-	if got := counterDiff(before, g.Counters()); got != "exp-grouped×1 exp-q4×1" {
-		t.Errorf("Int4ExpGEMM %s took paths %q, want exp-grouped×1 exp-q4×1", shape, got)
+	e.t.Helper()
+	var ok func(string) bool
+	if unfusedPaths != "" {
+		ok = func(paths string) bool { return paths == unfusedPaths }
 	}
-	var unf backend.Tensor
-	paths := unfusedQ4(t, g, func() {
-		var err error
-		if unf, err = run(g, 1); err != nil {
-			t.Fatalf("Int4ExpGEMM %s unfused: %v", shape, err)
-		}
-	})
-	if unfusedPaths != "" && paths != unfusedPaths {
-		t.Errorf("Int4ExpGEMM %s with q4gemm off took paths %q, want %s (cuBLASLt on bf16 copies)", shape, paths, unfusedPaths)
-	}
-	sameQ4(t, g, "Int4ExpGEMM", shape, fused, unf, int4ExpertsFusedRelL2)
+	checkQ4(e, g, "Int4ExpGEMM", shape, "exp-grouped×1 exp-q4×1", ok, unfusedPaths+" (cuBLASLt on bf16 copies)",
+		int4ExpertsFusedRelL2, run)
 }
 
 // TestInt4GEMMTimes times, on the device (Profile), q4gemm against the dequantised path (FuseQ4GEMM off)
