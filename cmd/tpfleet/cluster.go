@@ -60,17 +60,19 @@ func parseClusterFlags(name string, args []string, stderr io.Writer) (clusterFla
 	return f, nil
 }
 
-func dialCluster(ctx context.Context, f clusterFlags) (*cluster.Client, error) {
-	return cluster.New(ctx, f.etcd)
+// openCluster parses the flags of cluster tool name and connects to etcd; the caller closes the client.
+func openCluster(ctx context.Context, name string, args []string, stderr io.Writer) (clusterFlags, *cluster.Client, error) {
+	f, err := parseClusterFlags(name, args, stderr)
+	if err != nil {
+		return f, nil, err
+	}
+	cl, err := cluster.New(ctx, f.etcd)
+	return f, cl, err
 }
 
 // runClusterMembers lists the registered workers.
 func runClusterMembers(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	f, err := parseClusterFlags("members", args, stderr)
-	if err != nil {
-		return err
-	}
-	cl, err := dialCluster(ctx, f)
+	f, cl, err := openCluster(ctx, "members", args, stderr)
 	if err != nil {
 		return err
 	}
@@ -108,11 +110,7 @@ type shardsView struct {
 
 // runClusterShards shows the stored plan.
 func runClusterShards(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	f, err := parseClusterFlags("shards", args, stderr)
-	if err != nil {
-		return err
-	}
-	cl, err := dialCluster(ctx, f)
+	f, cl, err := openCluster(ctx, "shards", args, stderr)
 	if err != nil {
 		return err
 	}

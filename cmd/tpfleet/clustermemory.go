@@ -30,11 +30,7 @@ type memoryRow struct {
 // runClusterMemory asks every registered worker for its Status and shows its memory plan (worker Status:
 // a coordinator's or an admin's certificate with TLS).
 func runClusterMemory(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	f, err := parseClusterFlags("memory", args, stderr)
-	if err != nil {
-		return err
-	}
-	cl, err := dialCluster(ctx, f)
+	f, cl, err := openCluster(ctx, "memory", args, stderr)
 	if err != nil {
 		return err
 	}

@@ -66,13 +66,11 @@ func runCoordinator(ctx context.Context, args []string, stdout, stderr io.Writer
 	}
 	defer log.Sync() //nolint:errcheck // nothing to do about a failed flush of stderr
 	cfg.Logger = log
-	tctx, stopTLS := context.WithCancel(ctx)
-	tl, waitTLS, err := tf.load(tctx, log)
+	tl, stopTLS, err := tf.start(ctx, log)
 	if err != nil {
-		stopTLS()
 		return err
 	}
-	defer func() { stopTLS(); waitTLS() }()
+	defer stopTLS()
 	cfg.TLS, cfg.Insecure = tl, tf.cfg.Insecure
 	c, err := coordinator.New(cfg)
 	if err != nil {

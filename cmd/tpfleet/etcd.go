@@ -52,13 +52,11 @@ func runEtcd(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	defer log.Sync() //nolint:errcheck // nothing to do about a failed flush of stderr
-	tctx, stopTLS := context.WithCancel(ctx)
-	tl, waitTLS, err := f.tls.load(tctx, log)
+	tl, stopTLS, err := f.tls.start(ctx, log)
 	if err != nil {
-		stopTLS()
 		return err
 	}
-	defer func() { stopTLS(); waitTLS() }()
+	defer stopTLS()
 	for _, l := range [][2]string{{"--listen", f.listen}, {"--peer-listen", f.peerListen}} {
 		if warn, err := security.CheckListen(l[0], l[1], tl != nil, f.tls.cfg.Insecure); err != nil {
 			return usagef("%v", err)

@@ -69,13 +69,11 @@ func runGateway(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		return err
 	}
 	defer log.Sync() //nolint:errcheck // nothing to do about a failed flush of stderr
-	tctx, stopTLS := context.WithCancel(ctx)
-	tl, waitTLS, err := tf.load(tctx, log)
+	tl, stopTLS, err := tf.start(ctx, log)
 	if err != nil {
-		stopTLS()
 		return err
 	}
-	defer func() { stopTLS(); waitTLS() }()
+	defer stopTLS()
 	if warn, err := security.CheckListen("--http-listen", listen, tl != nil, tf.cfg.Insecure); err != nil {
 		return usagef("%v", err)
 	} else if warn {

@@ -208,13 +208,11 @@ func runLaunch(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		return err
 	}
-	tctx, stopTLS := context.WithCancel(ctx)
-	tl, waitTLS, err := f.tls.load(tctx, log)
+	tl, stopTLS, err := f.tls.start(ctx, log)
 	if err != nil {
-		stopTLS()
 		return err
 	}
-	defer func() { stopTLS(); waitTLS() }()
+	defer stopTLS()
 	if f.standalone {
 		stop, addr, err := startStandalone(ctx, f, nproc, clusterName, tl, log)
 		if err != nil {

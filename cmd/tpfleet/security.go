@@ -32,9 +32,9 @@ func (f *tlsFlags) addGossipKey(fs *flag.FlagSet) {
 		"file of base64 gossip keys of the coordinator and workers, one a line, the first encrypting (env "+cluster.EnvGossipKeyFile+"; empty: plaintext gossip)")
 }
 
-// load loads the certificates (nil without TLS) and, until ctx ends, reloads them when their files
-// change; wait waits for that goroutine after ctx ended.
-func (f *tlsFlags) load(ctx context.Context, log *zap.Logger) (t *security.TLS, wait func(), err error) {
+// start loads the certificates (nil without TLS) and reloads them when their files change, until ctx
+// ends or stop is called; stop also waits for that goroutine.
+func (f *tlsFlags) start(ctx context.Context, log *zap.Logger) (t *security.TLS, stop func(), err error) {
 	t, err = security.LoadIfEnabled(f.cfg)
 	if err != nil {
 		return nil, nil, usagef("%v", err)
@@ -45,9 +45,10 @@ func (f *tlsFlags) load(ctx context.Context, log *zap.Logger) (t *security.TLS, 
 	id := t.Identity()
 	log.Info("TLS on", zap.String("tls-cert", f.cfg.CertFile), zap.String("tls-ca", f.cfg.CAFile),
 		zap.String("name", id.Name), zap.String("cluster", id.Cluster), zap.Any("roles", id.Roles))
+	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	wg.Go(func() { t.Watch(ctx, log.Named("tls")) })
-	return t, wg.Wait, nil
+	return t, func() { cancel(); wg.Wait() }, nil
 }
 
 // env returns the TPFLEET_TLS_* variables of the flags, for child processes (tpfleet launch's

@@ -161,13 +161,11 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	defer log.Sync() //nolint:errcheck // nothing to do about a failed flush of stderr
-	tctx, stopTLS := context.WithCancel(ctx)
-	tl, waitTLS, err := f.tls.load(tctx, log)
+	tl, stopTLS, err := f.tls.start(ctx, log)
 	if err != nil {
-		stopTLS()
 		return err
 	}
-	defer func() { stopTLS(); waitTLS() }()
+	defer stopTLS()
 	if warn, err := security.CheckListen("--etcd-listen", f.etcdListen, tl != nil, f.tls.cfg.Insecure); err != nil {
 		return usagef("%v", err)
 	} else if warn {

@@ -57,13 +57,11 @@ func runWorker(ctx context.Context, args []string, _, stderr io.Writer) error {
 	}
 	defer log.Sync() //nolint:errcheck // nothing to do about a failed flush of stderr
 	cfg.Logger = log
-	tctx, stopTLS := context.WithCancel(ctx)
-	tl, waitTLS, err := tf.load(tctx, log)
+	tl, stopTLS, err := tf.start(ctx, log)
 	if err != nil {
-		stopTLS()
 		return err
 	}
-	defer func() { stopTLS(); waitTLS() }()
+	defer stopTLS()
 	cfg.TLS, cfg.Insecure = tl, tf.cfg.Insecure
 	if err := cfg.Validate(); err != nil {
 		return usagef("%v", err)
