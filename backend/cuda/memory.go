@@ -234,13 +234,7 @@ func (p *pool) flush() error {
 	list := p.deferred
 	p.deferred = nil
 	p.mu.Unlock()
-	var first error
-	for _, ptr := range list {
-		if err := p.free1(ptr); err != nil && first == nil {
-			first = err
-		}
-	}
-	return first
+	return p.freeAll(list)
 }
 
 // trim frees the deferred blocks and every free pooled block. Call it only after the stream is
@@ -254,6 +248,11 @@ func (p *pool) trim() error {
 		delete(p.free, class)
 	}
 	p.mu.Unlock()
+	return p.freeAll(list)
+}
+
+// freeAll frees every block of list, going on past a failure; it returns the first error.
+func (p *pool) freeAll(list []devptr) error {
 	var first error
 	for _, ptr := range list {
 		if err := p.free1(ptr); err != nil && first == nil {
@@ -285,13 +284,7 @@ func (p *pool) close() error {
 	}
 	p.free, p.deferred = map[int64][]devptr{}, nil
 	p.mu.Unlock()
-	var first error
-	for _, ptr := range list {
-		if err := p.free1(ptr); err != nil && first == nil {
-			first = err
-		}
-	}
-	return first
+	return p.freeAll(list)
 }
 
 func (p *pool) snapshot() MemoryStats {
