@@ -59,7 +59,7 @@ __device__ __forceinline__ void norm_store(const void* x, int xdt, const void* w
 }
 
 // rmsnorm normalises each of the rows of n elements: y = x * rsqrt(mean(x²) + eps) (* w). One block a row.
-extern "C" __global__ void rmsnorm(const void* x, int xdt, const void* w, int wdt, int has_w, void* y, int ydt, int n, float eps) {
+extern "C" __global__ void __launch_bounds__(1024) rmsnorm(const void* x, int xdt, const void* w, int wdt, int has_w, void* y, int ydt, int n, float eps) {
 	PDL_PROLOGUE();
 	__shared__ float scratch[32];
 	long long off = (long long)blockIdx.x * n;
@@ -71,7 +71,7 @@ extern "C" __global__ void rmsnorm(const void* x, int xdt, const void* w, int wd
 // s = a + b is stored as float32, exactly as add stores it, and y is rmsnorm of s with the same
 // arithmetic in the same order as rmsnorm. One block a row; s is written by one pass and read back by the
 // threads that wrote it (the same indices), so no barrier is needed before the norm's passes.
-extern "C" __global__ void add_rmsnorm(const void* a, int adt, const void* b, int bdt, float* s,
+extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm(const void* a, int adt, const void* b, int bdt, float* s,
 	const void* w, int wdt, void* y, int ydt, int n, float eps) {
 	PDL_PROLOGUE();
 	__shared__ float scratch[32];
@@ -309,8 +309,10 @@ extern "C" __global__ void split_bf16_v8(const void* x, int xdt, bf16_t* out, lo
 // add_rmsnorm_v8 is add_rmsnorm with 16-byte accesses and the row kept on chip between the sum and the
 // norm (n % 8 == 0, n <= NORM_V8_MAXN, n/8 <= NORM_V8·blockDim.x), bit for bit at the same block size: s = a
 // + b is stored as float32, its squares are summed in add_rmsnorm's order (each thread over the elements
-// congruent to it modulo the block, read back from shared memory), and y = s · inv · w. One block a row.
-extern "C" __global__ void add_rmsnorm_v8(const void* a, int adt, const void* b, int bdt, float* s,
+// congruent to it modulo the block, read back from shared memory), and y = s · inv · w. One block a row,
+// up to 1024 threads (normBlock): the bound keeps it within 64 registers a thread, where it took 78 and
+// its 1024-thread launches failed (CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES on an H100).
+extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm_v8(const void* a, int adt, const void* b, int bdt, float* s,
 	const void* w, int wdt, void* y, int ydt, int n, float eps) {
 	PDL_PROLOGUE();
 	__shared__ float scratch[32];
@@ -321,13 +323,16 @@ extern "C" __global__ void add_rmsnorm_v8(const void* a, int adt, const void* b,
 	const char* br = (const char*)b + row * n * (bdt == DT_F32 ? 4 : 2);
 	float* sr = s + row * n;
 	char* yr = (char*)y + row * n * (ydt == DT_F32 ? 4 : 2);
-	float va[NORM_V8][8], vb[NORM_V8][8];
+	float va[NORM_V8][8];
 #pragma unroll
 	for (int j = 0; j < NORM_V8; j++) {
 		int c = threadIdx.x + j * blockDim.x;
 		if (c < n8) {
+			float vb[8];
 			load8(ar, adt, c, va[j]);
-			load8(br, bdt, c, vb[j]);
+			load8(br, bdt, c, vb);
+#pragma unroll
+			for (int e = 0; e < 8; e++) va[j][e] = va[j][e] + vb[e];
 		}
 	}
 #pragma unroll
@@ -335,10 +340,7 @@ extern "C" __global__ void add_rmsnorm_v8(const void* a, int adt, const void* b,
 		int c = threadIdx.x + j * blockDim.x;
 		if (c < n8) {
 #pragma unroll
-			for (int e = 0; e < 8; e++) {
-				va[j][e] = va[j][e] + vb[j][e];
-				srow[8 * c + e] = va[j][e];
-			}
+			for (int e = 0; e < 8; e++) srow[8 * c + e] = va[j][e];
 			store8(sr, DT_F32, c, va[j]);
 		}
 	}

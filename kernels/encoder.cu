@@ -6,7 +6,7 @@
 // layernorm normalises each row of n elements: (x − mean) · 1/sqrt(var + eps) · w + b, the mean and the
 // biased variance summed in float32 over the block (two passes over the row), the root in float64. One
 // block a row.
-extern "C" __global__ void layernorm(const void* x, int xdt, const void* w, int wdt, const void* b, int bdt,
+extern "C" __global__ void __launch_bounds__(1024) layernorm(const void* x, int xdt, const void* w, int wdt, const void* b, int bdt,
 	void* y, int ydt, int n, float eps) {
 	PDL_PROLOGUE();
 	__shared__ float scratch[32];

@@ -1,6 +1,7 @@
 package kernels
 
 import (
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -123,6 +124,20 @@ func TestPrologue(t *testing.T) {
 	} {
 		if got := Prologued(tt.src); !slices.Equal(got, tt.want) {
 			t.Errorf("Prologued(%q) = %v, want %v", tt.src, got, tt.want)
+		}
+	}
+}
+
+// TestWideBlocksBounded: the kernels the backend launches with up to 1024 threads (the norms'
+// normBlock, the samplers' SAMPLE_THREADS) declare __launch_bounds__ for it, so that ptxas keeps them
+// within 64 registers a thread. Unbounded, add_rmsnorm_v8 took 78 and every 1024-thread launch failed
+// with CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES.
+func TestWideBlocksBounded(t *testing.T) {
+	src := Source()
+	for _, name := range []string{"rmsnorm", "add_rmsnorm", "add_rmsnorm_v8", "layernorm", "sample_rows", "sample_argmax"} {
+		re := regexp.MustCompile(`__global__\s+void\s+__launch_bounds__\((1024|SAMPLE_THREADS)\)\s+` + name + `\s*\(`)
+		if !re.MatchString(src) {
+			t.Errorf("kernel %s: no __launch_bounds__(1024) (or SAMPLE_THREADS) on its declaration", name)
 		}
 	}
 }
