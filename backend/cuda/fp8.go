@@ -335,10 +335,13 @@ func (b *Backend) fp8ExpertGEMV(e *expertsCall, p *expertPlan, w *tensor, x any,
 	args := []any{x, xdt, mode, p.perm, e.scores(), k, p.seg(), p.active(E), p.meta(E), w, w.q.scales, w.q.code, dyn, K, N, P}
 	if epi != nil {
 		kern = epi.pick(b.k.fp8ExpertSwiGLU[boolIndex(staged)], b.k.fp8ExpertCombine[boolIndex(staged)])
-		args = append(args, epi.args(e, p)...)
 		if epi.act != nil {
-			// A block holds gate chunk q and up chunk q + I/fp8Chunk: gridDim.x divides I/fp8Chunk.
+			// No counter (a block holds gate chunk q and up chunk q + I/fp8Chunk: gridDim.x divides
+			// I/fp8Chunk), so the arguments are act and its dtype alone, not epi.args'.
+			args = append(args, epi.act, int(F32))
 			blocks = fp8SwiGLUBlocks(N/2/fp8Chunk, limit)
+		} else {
+			args = append(args, epi.args(e, p)...)
 		}
 	}
 	err = b.stream.launch(kern[i], dim3{uint32(blocks), 1, uint32(z)}, fp8Block, 0, args...)
