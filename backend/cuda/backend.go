@@ -56,6 +56,9 @@ type Backend struct {
 	// fuseCtr is the split-K expert GEMVs' fused epilogues' counters (eg_last in gemv.cu): zeroed once,
 	// and every launch leaves them zero again; nil until the first fused epilogue (moe.go).
 	fuseCtr *buffer
+	// groupedMaxRows is the most routing slots per local expert (T·k/E) a call may have to run on the
+	// grouped expert kernels (groupedPays); 0: no limit.
+	groupedMaxRows int
 	// pendingRoutes are the routings whose route or count launch waits to be fused into the expert plan
 	// (moe.go): flushRoutes launches what is left before the host can observe it.
 	pendingRoutes []*routing
@@ -218,7 +221,8 @@ func New(cfg Config) (*Backend, error) {
 	if err != nil {
 		return nil, err
 	}
-	b := &Backend{cfg: cfg, dev: dev, gemvRows: gemvMaxRows, splitPerSM: defaultSplitPerSM, ctxStart: start, fuse: fuse}
+	b := &Backend{cfg: cfg, dev: dev, gemvRows: gemvMaxRows, splitPerSM: defaultSplitPerSM, groupedMaxRows: groupedMaxRowsPerExpert,
+		ctxStart: start, fuse: fuse}
 	if err := b.init(); err != nil {
 		return nil, errors.Join(err, b.Close())
 	}

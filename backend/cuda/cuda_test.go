@@ -43,6 +43,9 @@ func newBackend(t testing.TB, act cuda.DType) *cuda.Backend {
 	}
 	b, err := cuda.New(cuda.Config{Activations: act, Poison: true})
 	gputest.Check(t, "cuda.New", err)
+	// The grouped expert kernels at every shape the tests give them, however many rows an expert has
+	// (TestGroupedDispatch checks the default limit).
+	cuda.SetGroupedMaxRows(b, 0)
 	if len(backends) == 0 {
 		i := b.Info()
 		t.Logf("device %q %s, %d SMs, %.1f GiB; driver %d, cuBLASLt %d, NVRTC %s; libraries %v; kernels: cache %q hit %v, compiled in %v",

@@ -1,6 +1,7 @@
 package cuda
 
 import (
+	"encoding/binary"
 	"fmt"
 
 	"github.com/tpfleet/tpfleet/backend"
@@ -120,4 +121,36 @@ func SetUnfuse(b *Backend, list string) (restore func(), err error) {
 	old := b.fuse
 	b.fuse = on
 	return func() { b.fuse = old }, nil
+}
+
+// FuseCounters waits for b's stream and returns the fused epilogues' counters (eg_last), which must all
+// be zero between launches; nil before the first fused epilogue made them.
+func FuseCounters(b *Backend) ([]int32, error) {
+	if b.fuseCtr == nil {
+		return nil, nil
+	}
+	if err := b.stream.sync(); err != nil {
+		return nil, err
+	}
+	raw := make([]byte, b.fuseCtr.size)
+	if err := b.download(raw, b.fuseCtr.ptr); err != nil {
+		return nil, err
+	}
+	out := make([]int32, len(raw)/4)
+	for i := range out {
+		out[i] = int32(binary.LittleEndian.Uint32(raw[4*i:]))
+	}
+	return out, nil
+}
+
+// SetGroupedMaxRows sets the most routing slots per local expert that run on the grouped expert kernels
+// (0: no limit, so that tests reach the kernels at any shape; negative: the default) and returns the
+// previous value.
+func SetGroupedMaxRows(b *Backend, n int) int {
+	if n < 0 {
+		n = groupedMaxRowsPerExpert
+	}
+	old := b.groupedMaxRows
+	b.groupedMaxRows = n
+	return old
 }

@@ -52,9 +52,10 @@ func (b *Backend) allowShared(bytes int, ks ...*kernel) bool {
 
 // groupedOK reports whether Experts call e (bf16 weights, prefill) runs on the grouped kernels: the
 // fusion on, the shared memory granted, H and I multiples of 8 and the operands 16-byte aligned (the
-// tile loaders copy 16 bytes, 8 elements, at a time). x may be float32: it is rounded to bf16 first.
+// tile loaders copy 16 bytes, 8 elements, at a time), few rows an expert (groupedPays). x may be float32:
+// it is rounded to bf16 first.
 func (b *Backend) groupedOK(e *expertsCall) bool {
-	return b.fused(FuseGrouped) && b.groupedShared && e.gu.q == nil && e.down.q == nil &&
+	return b.fused(FuseGrouped) && b.groupedShared && b.groupedPays(e) && e.gu.q == nil && e.down.q == nil &&
 		e.gu.dt == BF16 && e.down.dt == BF16 && e.H%8 == 0 && e.I%8 == 0 &&
 		e.gu.ptr()%16 == 0 && e.down.ptr()%16 == 0 && (e.x.dt == F32 || e.x.dt == BF16)
 }
@@ -164,11 +165,27 @@ func (b *Backend) groupedFinish(e *expertsCall, p *expertPlan, down groupedDown)
 }
 
 // fp8GroupedOK reports whether Experts call e runs on the fp8 grouped kernels: the fusion on, an FP8
-// tensor core (sm_89+) and the shared memory granted (fp8GroupedShared), the FP8 paths not turned off
-// (SetFP8Gemm), both weights fp8 with dynamic activations, output-major, H and I multiples of 16 and
-// aligned operands (fp8DynKMajor), x float32 or bf16. expertsQuant asks it above fp8GemvRows tokens.
+// tensor core (sm_89+) and the shared memory granted (fp8GroupedShared), few rows an expert
+// (groupedPays), the FP8 paths not turned off (SetFP8Gemm), both weights fp8 with dynamic activations,
+// output-major, H and I multiples of 16 and aligned operands (fp8DynKMajor), x float32 or bf16.
+// expertsQuant asks it above fp8GemvRows tokens.
 func (b *Backend) fp8GroupedOK(e *expertsCall) bool {
-	return b.fused(FuseFP8Grouped) && b.fp8GroupedShared && !b.noFP8Gemm && fp8DynKMajor(e) && (e.x.dt == F32 || e.x.dt == BF16)
+	return b.fused(FuseFP8Grouped) && b.fp8GroupedShared && b.groupedPays(e) && !b.noFP8Gemm && fp8DynKMajor(e) &&
+		(e.x.dt == F32 || e.x.dt == BF16)
+}
+
+// groupedMaxRowsPerExpert is the default Backend.groupedMaxRows. The grouped kernels' mma.sync tiles win
+// where the experts have few rows each and lose to cuBLASLt's GEMM per expert where they have many (H100,
+// Scout's H 5120 I 8192, bf16 / fp8 µs: 32 rows an expert 1586 / 1290 grouped against 1755 / 1685; 128
+// rows 2952 / 2329 against 1918 / 1796; Maverick's 128 experts at 16 rows 1717 / 1471 against 3323 /
+// 6524; 512 rows at E 8 k 2 1438 / 1276 against 752 / 909).
+const groupedMaxRowsPerExpert = 64
+
+// groupedPays reports whether e has few enough rows per local expert for the grouped kernels
+// (groupedMaxRows; the rows counted over all the experts of the routing, as the host knows them
+// without reading the plan).
+func (b *Backend) groupedPays(e *expertsCall) bool {
+	return b.groupedMaxRows <= 0 || e.slots() <= b.groupedMaxRows*e.E
 }
 
 // fp8GateUp enqueues the fp8 kernels' first half for e on plan p (fp8GroupedOK holds): the rows quantised

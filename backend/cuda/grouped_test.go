@@ -409,3 +409,32 @@ func TestFP8GroupedTimes(t *testing.T) {
 		return []timedPath{{"Exp fp8 grouped", ""}, unfused}
 	}, fp8GroupedUnfusedRelL2)
 }
+
+// TestGroupedDispatch: at the default limit (groupedMaxRowsPerExpert) a prefill takes the grouped
+// kernels where its experts have few rows each (32 an expert here) and cuBLASLt's GEMM per expert where
+// they have many (128), and both agree with the cpu backend.
+func TestGroupedDispatch(t *testing.T) {
+	g := newBackend(t, cuda.BF16)
+	old := cuda.SetGroupedMaxRows(g, -1)
+	defer cuda.SetGroupedMaxRows(g, old)
+	e := &opEnv{t: t, cpu: cpu.New(cpu.Config{}), gpu: g, r: rand.New(rand.NewPCG(93, 94))}
+	for _, c := range []struct {
+		groupedCase
+		mma bool
+	}{
+		{groupedCase{T: 512, E: 16, k: 1, H: 1024, I: 512, local: 16, bf16x: true}, true},
+		{groupedCase{T: 2048, E: 16, k: 1, H: 1024, I: 512, local: 16, bf16x: true}, false},
+		{groupedCase{T: 256, E: 8, k: 2, H: 512, I: 256, local: 8, bf16x: true}, true},
+		{groupedCase{T: 2048, E: 8, k: 2, H: 512, I: 256, local: 8, bf16x: true}, false},
+	} {
+		in := newGroupedInputs(e, c.groupedCase, e.weight)
+		before := g.Counters()
+		e.compare("Exp dispatch", c.String(), groupedRelL2, func(b backend.Ops, side int) (backend.Tensor, error) {
+			return runGrouped(b, side, c.groupedCase, in)
+		})
+		after := g.Counters()
+		if mma, grouped := after.ExpertsMMA-before.ExpertsMMA, after.ExpertsGrouped-before.ExpertsGrouped; mma != int64(boolInt(c.mma)) || grouped != 1 {
+			t.Errorf("%s (%d rows an expert): ExpertsMMA +%d ExpertsGrouped +%d, want +%d and +1", c, c.T*c.k/c.E, mma, grouped, boolInt(c.mma))
+		}
+	}
+}
