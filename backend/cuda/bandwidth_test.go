@@ -154,10 +154,12 @@ func decodeAttentionBandwidth(t *testing.T, b *cuda.Backend, copyRate float64) {
 		{"1×131072 chunked layer (chunk 8192)", 1, 131072, 8192, []int{4}, true},
 	} {
 		w := backend.Window{Chunk: s.chunk}
-		// A fixed pool for the batch (a chunked layer's cache holds at most a chunk and a piece).
+		// A fixed pool for the batch. A chunked layer's cache holds at most a chunk and a piece, and an
+		// append takes its blocks before it gives back those the window has left (so that it can be
+		// undone): one more piece at the peak.
 		held := s.ctx
 		if s.chunk > 0 {
-			held = s.chunk + piece
+			held = s.chunk + 2*piece
 		}
 		pool, err := b.NewBlockPool(kvHeads, D, block, s.seqs*(held/block+1))
 		if err != nil {

@@ -297,3 +297,63 @@ func TestExpertsAddEqualsExpertsThenAdd(t *testing.T) {
 		}
 	}
 }
+
+// TestExpertEpilogueCountersReset: the decode expert GEMVs' fused epilogues (SiLU·mul in gate_up, the
+// combine in down) hand off to the last block of each column tile through counters that must be zero
+// again after every launch, and give what the unfused kernels give, call after call. Each call is
+// checked on its own, so a failure says whether the counters or the hand-off went wrong first.
+func TestExpertEpilogueCountersReset(t *testing.T) {
+	b := newBackend(t, cuda.BF16)
+	r := rand.New(rand.NewPCG(21, 22))
+	const E, H, I = 8, 512, 256 // I % 256 == 0: the SiLU·mul epilogue applies
+	gateUp, err := b.Load(safetensors.BF16, []int{E, H, 2 * I}, bf16Data(randVals(r, E*H*2*I, 0.05)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	down, err := b.Load(safetensors.BF16, []int{E, I, H}, bf16Data(randVals(r, E*I*H, 0.05)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for call := range 6 {
+		T, k := 1+call%2, 1+call/2%2 // 1 to 4 slots: both epilogues
+		x := randTensor(t, b, r, T, H)
+		routing, err := b.Route(randTensor(t, b, r, T, E), k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := b.Experts(x, routing, gateUp, down, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctr, err := cuda.FuseCounters(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ctr == nil {
+			t.Fatalf("call %d (T %d k %d): no fused epilogue ran", call, T, k)
+		}
+		for i, c := range ctr {
+			if c != 0 {
+				t.Errorf("call %d (T %d k %d): counter %d is %d after the launch, want 0", call, T, k, i, c)
+				break
+			}
+		}
+		var want backend.Tensor
+		unfused(t, b, func() {
+			if want, err = b.Experts(x, routing, gateUp, down, 0); err != nil {
+				t.Fatal(err)
+			}
+		})
+		g, err := b.Float32(got)
+		if err != nil {
+			t.Fatal(err)
+		}
+		h, err := b.Float32(want)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(g, h) {
+			t.Errorf("call %d (T %d k %d): fused epilogues differ from the unfused kernels (rel L2 %.3g; [0] %g vs %g)", call, T, k, relL2(g, h), g[0], h[0])
+		}
+	}
+}

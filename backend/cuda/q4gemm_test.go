@@ -179,7 +179,7 @@ func checkQ4Experts(e *opEnv, g *cuda.Backend, shape, unfusedPaths string, run f
 	if unfusedPaths != "" {
 		ok = func(paths string) bool { return paths == unfusedPaths }
 	}
-	checkQ4(e, g, "Int4ExpGEMM", shape, "exp-grouped×1 exp-q4×1", ok, unfusedPaths+" (cuBLASLt on bf16 copies)",
+	checkQ4(e, g, "Int4ExpGEMM", shape, "exp-q4×1 exp-grouped×1", ok, unfusedPaths+" (cuBLASLt on bf16 copies)",
 		int4ExpertsFusedRelL2, run)
 }
 

@@ -29,7 +29,7 @@ func int4PathOK(paths string, T int, experts bool) bool {
 	case experts && T <= 64:
 		return paths == "exp-gemv×1"
 	case experts:
-		return paths == "exp-grouped×1 exp-q4×1"
+		return paths == "exp-q4×1 exp-grouped×1"
 	case T <= 64:
 		return paths == "qgemv×1"
 	}
