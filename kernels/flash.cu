@@ -277,9 +277,12 @@ attention_flash(const bf16_t* q, const long long* table, int bs, const int* pos,
 // Work. Query t's visible keys [from, p] (the attention kernel's window) are cut into tiles of AD_TK keys
 // counted from `from`; a segment is one (query, kv head) pair, c_t tiles long (all kv heads of a query see
 // the same keys). The launch's W = kv_heads · Σ c_t tiles, in the order (t, kv head, tile), are dealt to
-// B = min(gridDim.x, W / AD_MINT) blocks as contiguous ranges of ⌊W/B⌋ or ⌈W/B⌉ tiles (blocks past B
-// return at once), so every block reads the same number of K/V bytes whatever the mix of short and long
-// sequences, and a 128 k-token context is read by every block of the grid. A block boundary that falls
+// B = min(gridDim.x, W / max(minb, AD_MINT)) blocks as contiguous ranges of ⌊W/B⌋ or ⌈W/B⌉ tiles (blocks
+// past B return at once), so every block reads the same number of K/V bytes whatever the mix of short and
+// long sequences, and a 128 k-token context is read by every block of the grid. minb (the host's
+// decodeMinTiles) keeps a short batch's pieces long: a cut segment's pieces are merged one after another
+// by one block, so 64 pieces of 4 tiles cost more than reading them (1×4096 on an H100: 82 µs against
+// attention_split's 29 µs). A block boundary that falls
 // inside a short segment (at most AD_MINT tiles) moves back to the segment's start: short segments are
 // never cut, so their results do not depend on the rest of the batch. The grid depends only on the
 // shapes: every block computes W and the ranges from the rows it reads (device memory), so a recorded
@@ -302,7 +305,7 @@ attention_flash(const bf16_t* q, const long long* table, int bs, const int* pos,
 #define AD_TK 16    // keys per tile: the unit of the split and of the pipeline
 #define AD_ST 4     // pipeline stages
 #define AD_MAXT 512 // queries per launch (the prefix sums live in shared memory)
-#define AD_MINT 4   // tiles a block takes at least; segments of at most AD_MINT tiles are never cut
+#define AD_MINT 4   // segments of at most AD_MINT tiles are never cut, and no block takes fewer (minb)
 #define AD_MAXG 8   // query heads per kv head (the mma's N)
 #define AD_MAXD 128
 #define AD_STAGE (AD_TK * (AD_MAXD + FA_PAD)) // bf16 elements of one stage's K (or V) tile
@@ -511,7 +514,7 @@ __device__ __noinline__ void ad_merge(const float* part, int ss, int bf, int np,
 
 template <int D>
 __device__ __forceinline__ void ad_body(const void* q, int qdt, const long long* rows, int* cnt, int T, int t0,
-	float* part, int ss, void* out, int odt, int heads, int kv_heads, int chunk, float scale,
+	float* part, int ss, void* out, int odt, int heads, int kv_heads, int chunk, float scale, int minb,
 	bf16_t* sk, bf16_t* sv, u32* sq, int* pref, int* sred, float* sml, float* sw) {
 	const int RB = (D + FA_PAD) * 2;                   // bytes per shared row
 	const int KS = D / 16;                             // k-steps of Sᵀ = K·Qᵀ (and m-tiles of Oᵀ)
@@ -551,7 +554,7 @@ __device__ __forceinline__ void ad_body(const void* q, int qdt, const long long*
 		__syncthreads();
 	}
 	long long W = (long long)kv_heads * pref[T];
-	long long nb = W / AD_MINT;
+	long long nb = W / (minb > AD_MINT ? minb : AD_MINT);
 	int B = nb < 1 ? 1 : (nb < (long long)gridDim.x ? (int)nb : (int)gridDim.x);
 	int b = blockIdx.x;
 	if (b >= B) return;
@@ -744,11 +747,11 @@ __device__ __forceinline__ void ad_body(const void* q, int qdt, const long long*
 
 // attention_decode: see above. q [t0 + T, heads, D] (bf16 or float32; rows t0.. are this launch's), rows
 // [T][KV_ROW] (the queries' caches and positions), cnt [T·kv_heads] zeroed ints, part [2·gridDim.x][ss]
-// floats (ss >= G·(D + 2)), out like q. Block 128 threads; T <= AD_MAXT, G = heads / kv_heads <= AD_MAXG, D
-// 16, 32, 64 or 128.
+// floats (ss >= G·(D + 2)), out like q, minb the fewest tiles a block takes (AD_MINT at least). Block 128
+// threads; T <= AD_MAXT, G = heads / kv_heads <= AD_MAXG, D 16, 32, 64 or 128.
 extern "C" __global__ void __launch_bounds__(AD_WARPS * 32, 4)
 attention_decode(const void* q, int qdt, const long long* rows, int* cnt, int T, int t0, float* part, int ss,
-	void* out, int odt, int heads, int kv_heads, int D, int chunk, float scale) {
+	void* out, int odt, int heads, int kv_heads, int D, int chunk, float scale, int minb) {
 	PDL_PROLOGUE();
 	__shared__ __attribute__((aligned(16))) bf16_t sk[AD_ST * AD_STAGE];
 	__shared__ __attribute__((aligned(16))) bf16_t sv[AD_ST * AD_STAGE];
@@ -758,9 +761,9 @@ attention_decode(const void* q, int qdt, const long long* rows, int* cnt, int T,
 	__shared__ float sw[AD_WCH * AD_MAXG];
 	__shared__ __attribute__((aligned(16))) u32 sq[4 * 32 * (AD_MAXD / 16)];
 	switch (D) {
-	case 128: ad_body<128>(q, qdt, rows, cnt, T, t0, part, ss, out, odt, heads, kv_heads, chunk, scale, sk, sv, sq, pref, sred, sml, sw); break;
-	case 64: ad_body<64>(q, qdt, rows, cnt, T, t0, part, ss, out, odt, heads, kv_heads, chunk, scale, sk, sv, sq, pref, sred, sml, sw); break;
-	case 32: ad_body<32>(q, qdt, rows, cnt, T, t0, part, ss, out, odt, heads, kv_heads, chunk, scale, sk, sv, sq, pref, sred, sml, sw); break;
-	default: ad_body<16>(q, qdt, rows, cnt, T, t0, part, ss, out, odt, heads, kv_heads, chunk, scale, sk, sv, sq, pref, sred, sml, sw); break;
+	case 128: ad_body<128>(q, qdt, rows, cnt, T, t0, part, ss, out, odt, heads, kv_heads, chunk, scale, minb, sk, sv, sq, pref, sred, sml, sw); break;
+	case 64: ad_body<64>(q, qdt, rows, cnt, T, t0, part, ss, out, odt, heads, kv_heads, chunk, scale, minb, sk, sv, sq, pref, sred, sml, sw); break;
+	case 32: ad_body<32>(q, qdt, rows, cnt, T, t0, part, ss, out, odt, heads, kv_heads, chunk, scale, minb, sk, sv, sq, pref, sred, sml, sw); break;
+	default: ad_body<16>(q, qdt, rows, cnt, T, t0, part, ss, out, odt, heads, kv_heads, chunk, scale, minb, sk, sv, sq, pref, sred, sml, sw); break;
 	}
 }

@@ -207,10 +207,10 @@ struct DQ {
 // decode_check runs attention_decode (flash.cu) over the queries qs (rows of several caches in one launch)
 // at each grid size, and checks every output against the reference (q rounded to bf16 first when qdt is
 // bf16); a second launch must give the same bits; and a query of at most AD_MINT tiles (never cut) must
-// give the same bits at every grid size. The counters (one a segment) say how many pieces each cut
+// give the same bits at every grid size. minb is the kernel's fewest tiles a block. The counters (one a segment) say how many pieces each cut
 // segment had; min_cut is the fewest cut segments the largest grid must produce (0: any).
 void decode_check(const char* name, const std::vector<DQ>& qs, int heads, int kvh, int D, int chunk, int qdt,
-	std::vector<int> grids, int min_cut, int t0 = 0) {
+	std::vector<int> grids, int min_cut, int t0 = 0, int minb = AD_MINT) {
 	int T = (int)qs.size(), G = heads / kvh, before = bad;
 	std::vector<long long> rows(KV_ROW * T);
 	for (int t = 0; t < T; t++) {
@@ -236,7 +236,7 @@ void decode_check(const char* name, const std::vector<DQ>& qs, int heads, int kv
 			std::vector<float> part((size_t)2 * grid * ss, NAN), o((size_t)(t0 + T) * heads * D, NAN);
 			std::vector<int> cnt(T * kvh, 0);
 			launch(dim3{(unsigned)grid}, dim3{AD_WARPS * 32}, [&] {
-				attention_decode(qp, qdt, rows.data(), cnt.data(), T, t0, part.data(), ss, o.data(), DT_F32, heads, kvh, D, chunk, 1.0f / std::sqrt((float)D)); });
+				attention_decode(qp, qdt, rows.data(), cnt.data(), T, t0, part.data(), ss, o.data(), DT_F32, heads, kvh, D, chunk, 1.0f / std::sqrt((float)D), minb); });
 			if (rep == 1) {
 				for (size_t i = 0; i < o.size(); i++) check("attention_decode deterministic", (double)(memcmp(&o[i], &o0[i], 4) == 0), 1, 0, (long)i);
 				break;
@@ -309,6 +309,10 @@ void decode_tests() {
 		Cache a = newCache(pa, 16, 1, 64, 0, 1500), b = newCache(pb, 64, 1, 16, 0, 4500);
 		decode_check("G1 D64 long", {{&a, 1499}}, 1, 1, 64, 0, DT_F32, {1, 40}, 1);
 		decode_check("G2 D16 long, 70 pieces", {{&b, 4499}}, 2, 1, 16, 0, DT_F32, {1, 80}, 1);
+		// The backend's 16 tiles a block at least (decodeMinTiles): 94 tiles over 5 blocks at any larger
+		// grid, 282 (and two short queries) over 17, the short segments whole.
+		decode_check("G1 D64 long, minb 16", {{&a, 1499}}, 1, 1, 64, 0, DT_F32, {1, 40, 528}, 1, 0, 16);
+		decode_check("G2 D16 long, minb 16", {{&b, 4499}, {&b, 40}, {&b, 30}}, 2, 1, 16, 0, DT_F32, {1, 80, 528}, 1, 0, 16);
 	}
 	{ // All 8 kv heads of Scout's 40/8.
 		Cache a = newCache(pa, 16, 8, 128, 0, 70);
