@@ -11,7 +11,8 @@
 #
 # UNFUSE=1 adds a third column: PDL on, every kernel fusion off (TPFLEET_CUDA_UNFUSE=all), the unfused
 # baseline (about 40 s more). UNFUSE=act,combine (any list of cuda.Fusions()) turns off only those there.
-# SIDES="on unfused" runs only those columns (a shorter call). QUANT=fp8 or QUANT=int4 quantises the weights at load (bench --quantization; e.g. UNFUSE=q4gemm QUANT=int4).
+# SIDES="on unfused" runs only those columns (a shorter call). BASE_UNFUSE=act,combine turns those fusions
+# off on every side (a fusion known to be wrong kept out of the comparison). QUANT=fp8 or QUANT=int4 quantises the weights at load (bench --quantization; e.g. UNFUSE=q4gemm QUANT=int4).
 # TOKENS (decode steps, 32) and RUNS (best of, 2) as for bench.
 # With the device tool: run(command="bash scripts/gpu/pdl_ab.sh --run", carry=[".gpubuild"]).
 set -euo pipefail
@@ -39,9 +40,9 @@ for batch in 1 16 64; do
 	prompt=16
 	[ "$batch" = 1 ] && prompt=2048 # the prefill is timed with the batch-1 runs
 	for side in $sides; do
-		pdl=1 un=
+		pdl=1 un=${BASE_UNFUSE:-}
 		[ "$side" = off ] && pdl=0
-		[ "$side" = unfused ] && un=$unfuse
+		[ "$side" = unfused ] && un=$unfuse${un:+,$un}
 		echo "== batch $batch PDL $side"
 		TPFLEET_CUDA_PDL=$pdl TPFLEET_CUDA_UNFUSE=$un timeout -k 10 150 "$tmp/tpfleet" bench --device cuda --tp 1 $scout "${quant[@]}" \
 			--batch "$batch" --context 128 --prompt "$prompt" --tokens "${TOKENS:-32}" --runs "${RUNS:-2}" --json 2>"$tmp/err" |
