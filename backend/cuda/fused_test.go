@@ -1,6 +1,7 @@
 package cuda_test
 
 import (
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"slices"
@@ -261,14 +262,7 @@ func TestExpertsAddEqualsExpertsThenAdd(t *testing.T) {
 	b := newBackend(t, cuda.BF16)
 	r := rand.New(rand.NewPCG(11, 12))
 	const E, H, I = 8, 512, 256
-	gateUp, err := b.Load(safetensors.BF16, []int{E, H, 2 * I}, bf16Data(randVals(r, E*H*2*I, 0.05)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	down, err := b.Load(safetensors.BF16, []int{E, I, H}, bf16Data(randVals(r, E*I*H, 0.05)))
-	if err != nil {
-		t.Fatal(err)
-	}
+	gateUp, down := bf16Experts(t, b, r, E, H, I)
 	for _, T := range []int{1, 3, 100} {
 		for _, first := range []int{0, 4} { // 4: half the chosen experts are another rank's
 			x, shared := randTensor(t, b, r, T, H), randTensor(t, b, r, T, H)
@@ -306,14 +300,7 @@ func TestExpertEpilogueCountersReset(t *testing.T) {
 	b := newBackend(t, cuda.BF16)
 	r := rand.New(rand.NewPCG(21, 22))
 	const E, H, I = 8, 512, 256 // I % 256 == 0: the SiLU·mul epilogue applies
-	gateUp, err := b.Load(safetensors.BF16, []int{E, H, 2 * I}, bf16Data(randVals(r, E*H*2*I, 0.05)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	down, err := b.Load(safetensors.BF16, []int{E, I, H}, bf16Data(randVals(r, E*I*H, 0.05)))
-	if err != nil {
-		t.Fatal(err)
-	}
+	gateUp, down := bf16Experts(t, b, r, E, H, I)
 	for call := range 6 {
 		T, k := 1+call%2, 1+call/2%2 // 1 to 4 slots: both epilogues
 		x := randTensor(t, b, r, T, H)
@@ -344,16 +331,20 @@ func TestExpertEpilogueCountersReset(t *testing.T) {
 				t.Fatal(err)
 			}
 		})
-		g, err := b.Float32(got)
-		if err != nil {
-			t.Fatal(err)
-		}
-		h, err := b.Float32(want)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !slices.Equal(g, h) {
-			t.Errorf("call %d (T %d k %d): fused epilogues differ from the unfused kernels (rel L2 %.3g; [0] %g vs %g)", call, T, k, relL2(g, h), g[0], h[0])
-		}
+		sameFloats(t, b, fmt.Sprintf("call %d (T %d k %d) Experts", call, T, k), got, want)
 	}
+}
+
+// bf16Experts loads random bf16 routed-expert weights, gate_up [E, H, 2I] and down [E, I, H].
+func bf16Experts(t *testing.T, b *cuda.Backend, r *rand.Rand, E, H, I int) (gateUp, down backend.Tensor) {
+	t.Helper()
+	gateUp, err := b.Load(safetensors.BF16, []int{E, H, 2 * I}, bf16Data(randVals(r, E*H*2*I, 0.05)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	down, err = b.Load(safetensors.BF16, []int{E, I, H}, bf16Data(randVals(r, E*I*H, 0.05)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return gateUp, down
 }
