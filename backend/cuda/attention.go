@@ -332,8 +332,8 @@ func (b *Backend) attendDecode(qt *tensor, kvHeads int, rows []kvRow, out *tenso
 // attentionDecode is flash-decoding on tensor cores with the keys split by the total work
 // (attention_decode in flash.cu): the visible keys of every (query, kv head) are cut into 16-key tiles,
 // and the launch's tiles, all queries' together, are dealt out to a fixed grid of b.splitPerSM blocks per
-// SM in equal contiguous ranges of at least decodeMinTiles tiles, so a batch of short contexts and one long context both keep every SM
-// reading K/V, and a short context's keys (at most 64) stay in one block. The kernel computes the ranges
+// SM in equal contiguous ranges of at least decodeMinTiles tiles, so a batch of short contexts and one
+// long context both keep every SM reading K/V, and a short context's keys (at most 64) stay in one block. The kernel computes the ranges
 // from the positions it reads, so the launch is the same at any context length (recorded steps replay).
 // A query's keys cut over several blocks are merged, in block order, by the block that finishes last (a
 // counter per (query, kv head), zeroed by the upload that carries the rows); no second kernel. Query t
