@@ -33,10 +33,7 @@ jsonl="$out/load_bench.jsonl"
 gunzip -c "$BUILD/tpfleet.gz" >"$tmp/tpfleet"
 chmod +x "$tmp/tpfleet"
 tpf="$tmp/tpfleet"
-if [ -z "${TPFLEET_LIB_DIRS:-}" ]; then
-	TPFLEET_LIB_DIRS=$(python3 -c 'import glob, site; print(":".join(d for p in site.getsitepackages() for d in glob.glob(p + "/nvidia/*/lib")))' 2>/dev/null || true)
-	export TPFLEET_LIB_DIRS
-fi
+source scripts/gpu/libdirs.sh
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 echo "== $(date -u +%FT%TZ) $(hostname) $card, $(nproc) cores"
 

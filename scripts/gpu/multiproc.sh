@@ -41,10 +41,7 @@ gunzip -c "$BUILD/tpfleet.gz" >"$bin"
 chmod +x "$bin"
 
 # NCCL from the pip wheel when it is not in a system directory (as scripts/gpu/test.sh).
-if [ -z "${TPFLEET_LIB_DIRS:-}" ]; then
-	TPFLEET_LIB_DIRS=$(python3 -c 'import glob, site; print(":".join(d for p in site.getsitepackages() for d in glob.glob(p + "/nvidia/*/lib")))' 2>/dev/null || true)
-	export TPFLEET_LIB_DIRS
-fi
+source scripts/gpu/libdirs.sh
 export NCCL_NVLS_ENABLE=0
 
 say() { echo "$*" | tee -a "$log"; }

@@ -21,10 +21,7 @@ jsonl="$out/quant_bench.jsonl"
 : >"$jsonl"
 gunzip -c "$BUILD/tpfleet.gz" >"$tmp/tpfleet" || { echo "no $BUILD/tpfleet.gz: run bash scripts/gpu/test.sh here first" >&2; exit 2; }
 chmod +x "$tmp/tpfleet"
-if [ -z "${TPFLEET_LIB_DIRS:-}" ]; then
-	TPFLEET_LIB_DIRS=$(python3 -c 'import glob, site; print(":".join(d for p in site.getsitepackages() for d in glob.glob(p + "/nvidia/*/lib")))' 2>/dev/null || true)
-	export TPFLEET_LIB_DIRS
-fi
+source scripts/gpu/libdirs.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 scout="--layers 4 --hidden 5120 --heads 40 --kv-heads 8 --head-dim 128 --experts 16 --moe-step 1 --intermediate 8192 --vocab 202048"
 rc=0

@@ -30,10 +30,7 @@ jsonl="$out/scout.jsonl"
 gunzip -c "$BUILD/tpfleet.gz" >"$tmp/tpfleet"
 chmod +x "$tmp/tpfleet"
 tp="$tmp/tpfleet"
-if [ -z "${TPFLEET_LIB_DIRS:-}" ]; then
-	TPFLEET_LIB_DIRS=$(python3 -c 'import glob, site; print(":".join(d for p in site.getsitepackages() for d in glob.glob(p + "/nvidia/*/lib")))' 2>/dev/null || true)
-	export TPFLEET_LIB_DIRS
-fi
+source scripts/gpu/libdirs.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader
 cfg=testdata/configs/scout
 

@@ -47,10 +47,7 @@ run() {
 		nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 || true
 	} | tee "$log"
 	# NCCL from the pip wheel when it is not in a system directory.
-	if [ -z "${TPFLEET_LIB_DIRS:-}" ]; then
-		TPFLEET_LIB_DIRS=$(python3 -c 'import glob, site; print(":".join(d for p in site.getsitepackages() for d in glob.glob(p + "/nvidia/*/lib")))' 2>/dev/null || true)
-		export TPFLEET_LIB_DIRS
-	fi
+	source scripts/gpu/libdirs.sh
 	export NCCL_NVLS_ENABLE=0
 	local gpus
 	gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)

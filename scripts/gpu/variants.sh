@@ -15,10 +15,7 @@ tmp=$(mktemp -d)
 out=${OUT:-$tmp}
 gunzip -c .gpubuild/backend_cuda.test.gz >"$tmp/cuda.test"
 chmod +x "$tmp/cuda.test"
-if [ -z "${TPFLEET_LIB_DIRS:-}" ]; then
-	TPFLEET_LIB_DIRS=$(python3 -c 'import glob, site; print(":".join(d for p in site.getsitepackages() for d in glob.glob(p + "/nvidia/*/lib")))' 2>/dev/null || true)
-	export TPFLEET_LIB_DIRS
-fi
+source scripts/gpu/libdirs.sh
 summary=$tmp/summary
 : >"$summary"
 rc=0

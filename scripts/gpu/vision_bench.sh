@@ -18,10 +18,7 @@ out=${OUT:-$tmp}
 log="$out/vision_bench.log"
 gunzip -c "$BUILD/backend_cuda.test.gz" >"$tmp/cuda.test" || { echo "no $BUILD/backend_cuda.test.gz: run bash scripts/gpu/test.sh here first" >&2; exit 2; }
 chmod +x "$tmp/cuda.test"
-if [ -z "${TPFLEET_LIB_DIRS:-}" ]; then
-	TPFLEET_LIB_DIRS=$(python3 -c 'import glob, site; print(":".join(d for p in site.getsitepackages() for d in glob.glob(p + "/nvidia/*/lib")))' 2>/dev/null || true)
-	export TPFLEET_LIB_DIRS
-fi
+source scripts/gpu/libdirs.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$log"
 rc=0
 # The test binary runs from the package directory's view of the repo: testdata is found upwards.
