@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -104,16 +103,6 @@ type chaosFault struct {
 	at   time.Time
 }
 
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
 func TestChaos(t *testing.T) {
 	if testing.Short() {
 		t.Skip("chaos: separate processes for a minute or more")
@@ -131,13 +120,13 @@ func TestChaos(t *testing.T) {
 	t.Setenv("TPFLEET_TEST_LIFETIME", "10m")
 	start := time.Now()
 	model := filepath.Join(fixtures, "moe-top1")
-	etcdDir, etcdPeer := t.TempDir(), freeAddr(t)
+	etcdDir, etcdPeer := t.TempDir(), freePort(t)
 	etcd := startProc(t, "etcd", "etcd", "--listen", "127.0.0.1:0", "--peer-listen", etcdPeer, "--data-dir", etcdDir)
 	ep := etcd.line(t)
 	var err error
-	httpAddr := freeAddr(t)
-	httpAddrs := []string{httpAddr, freeAddr(t)}
-	grpcAddrs := []string{freeAddr(t), freeAddr(t)} // fixed across a restart, for the gateway
+	httpAddr := freePort(t)
+	httpAddrs := []string{httpAddr, freePort(t)}
+	grpcAddrs := []string{freePort(t), freePort(t)} // fixed across a restart, for the gateway
 	coordArgs := func(i int) []string {
 		return []string{"coordinator", "--etcd", ep, "--model", model, "--tp", "2", "--listen", grpcAddrs[i],
 			"--http-listen", httpAddrs[i], "--leader-ttl", leaderTTL, "--settle", "100ms", "--step-timeout", "2s", "--max-batch", "16",

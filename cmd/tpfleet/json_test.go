@@ -39,7 +39,7 @@ func badKeys(v any, path string, data map[string]bool) []string {
 // TestJSONSnakeCase: every command's --json output is snake_case (rebalance printed Go's field names
 // where cluster shards printed snake_case).
 func TestJSONSnakeCase(t *testing.T) {
-	etcd := freeAddr(t)
+	etcd := freePort(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	addr, code, _ := startServe(t, ctx, chatFixture, "--tp", "1", "--workers", "2", "--etcd-listen", etcd,

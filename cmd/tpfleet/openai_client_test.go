@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"io/fs"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -30,14 +29,11 @@ func serveChat(t *testing.T, extra ...string) string {
 // it returns the gateway's base URL.
 func serveModel(t *testing.T, model string, extra ...string) string {
 	t.Helper()
-	_, port, err := net.SplitHostPort(freePort(t))
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx, cancel := context.WithCancel(context.Background())
-	args := append([]string{model, "--tensor-parallel-size", "2", "--host", "127.0.0.1", "--port", port,
-		"--listen", "127.0.0.1:0", "--log-level", "warn"}, extra...)
-	addr, code, stderr := startServe(t, ctx, args...)
+	addr, port, code, stderr := startServeOnFreePort(t, ctx, func(port string) []string {
+		return append([]string{model, "--tensor-parallel-size", "2", "--host", "127.0.0.1", "--port", port,
+			"--listen", "127.0.0.1:0", "--log-level", "warn"}, extra...)
+	})
 	t.Cleanup(func() {
 		cancel()
 		select {

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -123,15 +122,14 @@ func curl(t *testing.T, words []string) (int, []byte) {
 // ports in place of the README's: each curl answers 200 with JSON, each tpfleet command exits 0, and the
 // openai client example (when the client is installed: see TestOpenAINodeClient) prints text.
 func TestREADMEExamples(t *testing.T) {
-	listen, etcd := freeAddr(t), freeAddr(t)
-	_, port, err := net.SplitHostPort(freePort(t))
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	addr, code, stderr := startServe(t, ctx, chatFixture, "--tensor-parallel-size", "2", "--host", "127.0.0.1", "--port", port,
-		"--listen", listen, "--etcd-listen", etcd, "--log-level", "warn")
+	var listen, etcd string
+	addr, port, code, stderr := startServeOnFreePort(t, ctx, func(port string) []string {
+		listen, etcd = freePort(t), freePort(t)
+		return []string{chatFixture, "--tensor-parallel-size", "2", "--host", "127.0.0.1", "--port", port,
+			"--listen", listen, "--etcd-listen", etcd, "--log-level", "warn"}
+	})
 	waitCoordinator(t, addr)
 	local := strings.NewReplacer("127.0.0.1:8000", "127.0.0.1:"+port, "127.0.0.1:7070", listen, "127.0.0.1:2379", etcd)
 

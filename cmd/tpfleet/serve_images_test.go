@@ -10,7 +10,6 @@ import (
 	"hash/crc32"
 	"image"
 	"image/png"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -205,17 +204,15 @@ func TestServeImages(t *testing.T) {
 	want := localImageIDs(t, dir, n, imgFile, "--prompt", "<|image|>"+question)
 	wantChat, wantText := imageChatWant(t, dir, imgFile, n)
 
-	_, port, err := net.SplitHostPort(freePort(t))
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	addr, code, stderr := startServe(t, ctx, dir, "--tensor-parallel-size", "2", "--host", "127.0.0.1", "--port", port,
-		"--listen", "127.0.0.1:0", "--log-level", "warn",
-		// Prompt pieces of 5 tokens: an image's slots span several steps, whose features the workers
-		// keep from the sequence's start.
-		"--token-budget", "5", "--max-batch", "4")
+	addr, port, code, stderr := startServeOnFreePort(t, ctx, func(port string) []string {
+		return []string{dir, "--tensor-parallel-size", "2", "--host", "127.0.0.1", "--port", port,
+			"--listen", "127.0.0.1:0", "--log-level", "warn",
+			// Prompt pieces of 5 tokens: an image's slots span several steps, whose features the workers
+			// keep from the sequence's start.
+			"--token-budget", "5", "--max-batch", "4"}
+	})
 	cli := waitCoordinator(t, addr)
 	base := "http://127.0.0.1:" + port
 
@@ -385,12 +382,10 @@ func TestServeImagesGolden(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	_, port, err := net.SplitHostPort(freePort(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr, code, stderr := startServe(t, ctx, dir, "--tensor-parallel-size", "2", "--host", "127.0.0.1", "--port", port,
-		"--listen", "127.0.0.1:0", "--log-level", "warn")
+	addr, port, code, stderr := startServeOnFreePort(t, ctx, func(port string) []string {
+		return []string{dir, "--tensor-parallel-size", "2", "--host", "127.0.0.1", "--port", port,
+			"--listen", "127.0.0.1:0", "--log-level", "warn"}
+	})
 	cli := waitCoordinator(t, addr)
 	for _, tc := range []struct {
 		prompt, text string

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -52,16 +53,46 @@ func TestServe(t *testing.T) {
 // first (the coordinator's), its exit status channel and its stderr.
 func startServe(t *testing.T, ctx context.Context, args ...string) (string, <-chan int, *lockedBuffer) {
 	t.Helper()
+	addr, code, stderr, err := launchServe(ctx, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return addr, code, stderr
+}
+
+// launchServe is startServe's start: an error where serve exits or prints nothing within 30 s.
+func launchServe(ctx context.Context, args ...string) (string, <-chan int, *lockedBuffer, error) {
 	lines, code, stderr := runInProcess(ctx, append([]string{"serve"}, args...)...)
 	select {
 	case addr := <-lines:
-		return addr, code, stderr
+		return addr, code, stderr, nil
 	case c := <-code:
-		t.Fatalf("serve exited %d before printing its address:\n%s", c, stderr)
+		return "", code, stderr, fmt.Errorf("serve exited %d before printing its address:\n%s", c, stderr)
 	case <-time.After(30 * time.Second):
-		t.Fatal("serve printed no address within 30s")
+		return "", code, stderr, fmt.Errorf("serve printed no address within 30s")
 	}
-	return "", nil, nil
+}
+
+// startServeOnFreePort is startServe with the gateway's --port (and whatever else args picks) on a free
+// port: args(port) gives serve's arguments. A port found free may be taken by another listener of the
+// tests running beside this one before serve binds it, so a start that fails with "address already in
+// use" is tried again with new ports, three times in all.
+func startServeOnFreePort(t *testing.T, ctx context.Context, args func(port string) []string) (addr, port string, code <-chan int, stderr *lockedBuffer) {
+	t.Helper()
+	for try := 1; ; try++ {
+		_, port, err := net.SplitHostPort(freePort(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr, code, stderr, err := launchServe(ctx, args(port)...)
+		if err == nil {
+			return addr, port, code, stderr
+		}
+		if try == 3 || !strings.Contains(stderr.String(), "address already in use") {
+			t.Fatal(err)
+		}
+		t.Logf("serve start %d: a port was taken, trying new ones: %v", try, err)
+	}
 }
 
 func TestServeFlags(t *testing.T) {
