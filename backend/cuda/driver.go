@@ -9,6 +9,7 @@ import "C"
 import (
 	"fmt"
 	"github.com/tpfleet/tpfleet/internal/dl"
+	"github.com/tpfleet/tpfleet/kernels"
 	"math"
 	"unsafe"
 )
@@ -304,6 +305,9 @@ type kernel struct {
 	// pdl: its source begins with PDL_PROLOGUE (kernels.Prologued), so it waits for the kernel before it
 	// itself and may be launched with programmatic dependent launch.
 	pdl bool
+	// params is its parameter list as the source declares it (kernels.Signatures): launch checks the
+	// arguments against it, since the driver copies whatever it is given without a word.
+	params []kernels.Param
 }
 
 func (m *module) function(name string) (*kernel, error) {
@@ -370,9 +374,53 @@ func packArgs(slots []uint64, args []any) error {
 	return nil
 }
 
+// argKind is the kernel parameter kind packArgs passes a as (kernels.KindOther for a type it refuses).
+func argKind(a any) kernels.Kind {
+	switch a.(type) {
+	case devptr, *tensor, *buffer:
+		return kernels.KindPointer
+	case int, int32:
+		return kernels.KindInt32
+	case int64:
+		return kernels.KindInt64
+	case float32:
+		return kernels.KindFloat32
+	case bool:
+		return kernels.KindBool
+	}
+	return kernels.KindOther
+}
+
+// argFits reports whether an argument of kind a may fill a parameter of kind p. A bool may fill an int:
+// packArgs writes it as 0 or 1 into a zeroed 8-byte slot, which the int reads exactly. An int may not
+// fill a long long (a negative one would read as a large positive value), nor an int64 an int.
+func argFits(a, p kernels.Kind) bool {
+	return a == p || (a == kernels.KindBool && p == kernels.KindInt32)
+}
+
+// checkArgs reports an argument list that does not match a kernel's parameters (nil params: not known,
+// nothing checked): a count or a kind the kernel would misread.
+func checkArgs(params []kernels.Param, args []any) error {
+	if params == nil {
+		return nil
+	}
+	if len(args) != len(params) {
+		return fmt.Errorf("cuda: %d kernel arguments for %d parameters (%v)", len(args), len(params), params)
+	}
+	for i, a := range args {
+		if k := argKind(a); !argFits(k, params[i].Kind) {
+			return fmt.Errorf("cuda: kernel argument %d (%s) is a %T, which passes as %s", i, params[i], a, k)
+		}
+	}
+	return nil
+}
+
 // launch enqueues k on s. Tensors among args stay reachable until the launch is enqueued; after that,
 // stream order protects their memory (see pool).
 func (s *stream) launch(k *kernel, grid, block dim3, shmem int, args ...any) error {
+	if err := checkArgs(k.params, args); err != nil {
+		return fmt.Errorf("%s: %w", k.name, err)
+	}
 	var slots [C.TP_MAX_ARGS]uint64
 	if err := packArgs(slots[:], args); err != nil {
 		return fmt.Errorf("%s: %w", k.name, err)

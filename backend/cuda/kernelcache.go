@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -180,6 +181,7 @@ type moduleSet struct {
 	mods  []*module
 	where map[string]int  // kernel → index into mods
 	pdl   map[string]bool // kernels that begin with PDL_PROLOGUE (kernels.Prologued)
+	sigs  map[string][]kernels.Param
 }
 
 func (s *moduleSet) function(name string) (*kernel, error) {
@@ -192,6 +194,7 @@ func (s *moduleSet) function(name string) (*kernel, error) {
 		return nil, err
 	}
 	k.pdl = s.pdl[name]
+	k.params = s.sigs[name]
 	return k, nil
 }
 
@@ -213,7 +216,7 @@ func (b *Backend) loadKernels(t target) error {
 	if err != nil {
 		return err
 	}
-	set := &moduleSet{where: map[string]int{}, pdl: map[string]bool{}}
+	set := &moduleSet{where: map[string]int{}, pdl: map[string]bool{}, sigs: map[string][]kernels.Param{}}
 	b.module = set
 	hits, compiled := 0, 0
 	var slowest time.Duration
@@ -238,6 +241,11 @@ func (b *Backend) loadKernels(t target) error {
 		for _, k := range kernels.Prologued(r.src) {
 			set.pdl[k] = true
 		}
+		sigs, err := kernels.Signatures(r.src)
+		if err != nil {
+			return fmt.Errorf("cuda: load kernels %s: %w", r.unit.Name, err)
+		}
+		maps.Copy(set.sigs, sigs)
 		if r.hit {
 			hits++
 		} else {

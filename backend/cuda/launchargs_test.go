@@ -1,0 +1,846 @@
+package cuda
+
+import (
+	"fmt"
+	"go/ast"
+	"go/importer"
+	"go/parser"
+	"go/printer"
+	"go/token"
+	"go/types"
+	"maps"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/tpfleet/tpfleet/kernels"
+)
+
+// TestLaunchArgumentsMatchKernels checks every stream.launch of the package, without a GPU, against the
+// parameter lists of the kernels it may launch (kernels.Signatures): the number of arguments and the
+// kind each one passes as (packArgs). The driver copies whatever a launch gives it, so a missing or extra
+// argument shifts every one after it with no error: the kernel computes on garbage (an H100 run of the
+// fp8 SiLU·mul epilogue gave NaN that way). launch checks the same at run time (checkArgs); this finds
+// it before a device is lent.
+//
+// The kernel and the arguments of a launch are often built up in its function: a variable assigned one
+// kernel field or another, an argument list appended to in loops and branches, a method returning one
+// list or another. The test follows each function's statements along every path (unrolling loops over
+// a constant, tracking if-conditions by their text so that correlated branches stay together) up to
+// each launch, and checks each path's argument list against the kernels that path may launch.
+func TestLaunchArgumentsMatchKernels(t *testing.T) {
+	sigs := map[string][]kernels.Param{}
+	for _, u := range kernels.Units() {
+		s, err := kernels.Signatures(u.Source())
+		if err != nil {
+			t.Fatal(err)
+		}
+		maps.Copy(sigs, s)
+	}
+	fset := token.NewFileSet()
+	names, err := filepath.Glob("*.go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var files []*ast.File
+	for _, name := range names {
+		if strings.HasSuffix(name, "_test.go") {
+			continue
+		}
+		f, err := parser.ParseFile(fset, name, nil, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		files = append(files, f)
+	}
+	info := &types.Info{Types: map[ast.Expr]types.TypeAndValue{}}
+	// FakeImportC leaves the cgo declarations untyped, so expressions of C types are errors; the
+	// arguments checked here are Go values, and one left without a type fails the check below.
+	conf := types.Config{FakeImportC: true, Importer: importer.ForCompiler(fset, "source", nil), Error: func(error) {}}
+	_, _ = conf.Check("cuda", fset, files, info)
+	li := &launchInterp{fset: fset, info: info, fields: kernelFields(files), methods: map[string]*ast.FuncDecl{}, files: files}
+	if len(li.fields) < 80 {
+		t.Fatalf("found %d kernel fields in the kernel tables: the table pattern changed?", len(li.fields))
+	}
+	for _, f := range files {
+		for _, d := range f.Decls {
+			if fd, ok := d.(*ast.FuncDecl); ok && fd.Recv != nil && fd.Body != nil {
+				li.methods[fd.Name.Name] = fd
+			}
+		}
+	}
+	sites, paths := 0, 0
+	// visit checks the launches of one function body; a function literal's are followed in its own body.
+	var visit func(body *ast.BlockStmt)
+	visit = func(body *ast.BlockStmt) {
+		ast.Inspect(body, func(n ast.Node) bool {
+			if fl, ok := n.(*ast.FuncLit); ok {
+				visit(fl.Body)
+				return false
+			}
+			call, ok := n.(*ast.CallExpr)
+			if !ok || !li.isLaunch(call) {
+				return true
+			}
+			sites++
+			at := fset.Position(call.Pos())
+			hits := li.follow(body, call)
+			if len(hits) == 0 {
+				t.Errorf("%s: no path reaches this launch", at)
+			}
+			for _, h := range hits {
+				paths++
+				if err := li.check(h, sigs); err != nil {
+					t.Errorf("%s: %v", at, err)
+				}
+			}
+			return true
+		})
+	}
+	for _, f := range files {
+		for _, d := range f.Decls {
+			if fd, ok := d.(*ast.FuncDecl); ok && fd.Body != nil {
+				li.fn = fd
+				visit(fd.Body)
+			}
+		}
+	}
+	if sites < 50 {
+		t.Fatalf("found %d launches: the launch pattern changed?", sites)
+	}
+	t.Logf("%d launches, %d paths checked against %d kernels", sites, paths, len(sigs))
+}
+
+// TestLaunchCheckArgs is launch's run-time check (checkArgs) on a parameter list with every kind.
+func TestLaunchCheckArgs(t *testing.T) {
+	sigs, err := kernels.Signatures(`extern "C" __global__ void k(const float* x, int n, long long m, float s, bool b) {}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	params := sigs["k"]
+	for _, c := range []struct {
+		name string
+		args []any
+		ok   bool
+	}{
+		{"exact", []any{devptr(8), 3, int64(4), float32(1), true}, true},
+		{"tensor and buffer for a pointer, int32 and bool for an int", []any{&tensor{}, int32(3), int64(4), float32(1), false}, true},
+		{"bool for an int", []any{&buffer{}, true, int64(4), float32(1), false}, true},
+		{"one missing", []any{devptr(8), 3, int64(4), float32(1)}, false},
+		{"one extra", []any{devptr(8), 3, int64(4), float32(1), true, 0}, false},
+		{"int for a long long", []any{devptr(8), 3, 4, float32(1), true}, false},
+		{"int64 for an int", []any{devptr(8), int64(3), int64(4), float32(1), true}, false},
+		{"float64 for a float", []any{devptr(8), 3, int64(4), 1.0, true}, false},
+		{"int for a pointer", []any{0, 3, int64(4), float32(1), true}, false},
+		{"a DType for an int", []any{devptr(8), F32, int64(4), float32(1), true}, false},
+	} {
+		if err := checkArgs(params, c.args); (err == nil) != c.ok {
+			t.Errorf("%s: checkArgs = %v, want ok %v", c.name, err, c.ok)
+		}
+	}
+	if err := checkArgs(nil, []any{1, 2}); err != nil {
+		t.Errorf("a kernel of unknown parameters: %v", err)
+	}
+}
+
+// kernelFields maps each kernel field of the kernel tables ({"name", &x.field[...]} in New and encoder)
+// to the kernels it holds.
+func kernelFields(files []*ast.File) map[string][]string {
+	fields := map[string][]string{}
+	for _, f := range files {
+		ast.Inspect(f, func(n ast.Node) bool {
+			cl, ok := n.(*ast.CompositeLit)
+			if !ok || len(cl.Elts) != 2 {
+				return true
+			}
+			lit, ok1 := cl.Elts[0].(*ast.BasicLit)
+			addr, ok2 := cl.Elts[1].(*ast.UnaryExpr)
+			if !ok1 || !ok2 || lit.Kind != token.STRING || addr.Op != token.AND {
+				return true
+			}
+			sel, ok := unindex(addr.X).(*ast.SelectorExpr)
+			if !ok {
+				return true
+			}
+			name, err := strconv.Unquote(lit.Value)
+			if err != nil {
+				return true
+			}
+			fields[sel.Sel.Name] = append(fields[sel.Sel.Name], name)
+			return true
+		})
+	}
+	return fields
+}
+
+func unindex(e ast.Expr) ast.Expr {
+	for {
+		switch x := e.(type) {
+		case *ast.IndexExpr:
+			e = x.X
+		case *ast.ParenExpr:
+			e = x.X
+		default:
+			return e
+		}
+	}
+}
+
+// launchInterp follows a function's statements to its launches.
+type launchInterp struct {
+	fset    *token.FileSet
+	info    *types.Info
+	fields  map[string][]string      // kernel field → kernel names
+	methods map[string]*ast.FuncDecl // the package's methods by name
+	files   []*ast.File
+	fn      *ast.FuncDecl // the function whose launches are followed
+	depth   int           // methods being followed, nested (recursion ends at a few)
+}
+
+// isLaunch reports whether call is s.launch(kernel, grid, block, shmem, args...) on a *stream.
+func (li *launchInterp) isLaunch(call *ast.CallExpr) bool {
+	sel, ok := call.Fun.(*ast.SelectorExpr)
+	if !ok || sel.Sel.Name != "launch" || len(call.Args) < 4 {
+		return false
+	}
+	tv, ok := li.info.Types[sel.X]
+	return ok && types.TypeString(tv.Type, nil) == "*cuda.stream"
+}
+
+// value is what the interpreter knows of a variable: an argument list or the kernel fields it may hold.
+type value struct {
+	args    []ast.Expr
+	isArgs  bool
+	kernels []string
+}
+
+// path is one way through a function: what its variables hold and the conditions it took.
+type path struct {
+	vars  map[string]value
+	conds map[string]bool
+	// stop: "" running; "continue", "break", "return" (with ret), "hit" (the launch reached).
+	stop string
+	ret  []value
+	hit  *launchHit
+}
+
+func (p *path) clone() *path {
+	return &path{vars: maps.Clone(p.vars), conds: maps.Clone(p.conds), stop: p.stop, ret: p.ret, hit: p.hit}
+}
+
+// forget drops what p knew of variable name: its value and the conditions that mention it.
+func (p *path) forget(name string) {
+	delete(p.vars, name)
+	for k := range p.conds {
+		if replaceIdent(k, name, "\x00") != k {
+			p.conds = maps.Clone(p.conds)
+			maps.DeleteFunc(p.conds, func(k string, _ bool) bool { return replaceIdent(k, name, "\x00") != k })
+			return
+		}
+	}
+}
+
+type launchHit struct {
+	args    []ast.Expr
+	kernels []string
+	why     string // set when the path could not be followed
+}
+
+// follow returns what every path of a function body that reaches call passes to it.
+func (li *launchInterp) follow(body *ast.BlockStmt, call *ast.CallExpr) []*launchHit {
+	start := &path{vars: map[string]value{}, conds: map[string]bool{}}
+	var hits []*launchHit
+	for _, p := range li.block(body.List, []*path{start}, call, nil) {
+		if p.hit != nil {
+			hits = append(hits, p.hit)
+		}
+	}
+	return hits
+}
+
+// block runs stmts on paths. call is the launch being followed (nil inside a method called for its
+// value); subst renames a method's receiver in condition keys.
+func (li *launchInterp) block(stmts []ast.Stmt, paths []*path, call *ast.CallExpr, subst map[string]string) []*path {
+	for _, s := range stmts {
+		var next []*path
+		for _, p := range paths {
+			if p.stop != "" {
+				next = append(next, p)
+				continue
+			}
+			next = append(next, li.stmt(s, p, call, subst)...)
+		}
+		paths = next
+	}
+	return paths
+}
+
+func contains(n ast.Node, call *ast.CallExpr) bool {
+	return call != nil && n != nil && n.Pos() <= call.Pos() && call.End() <= n.End()
+}
+
+// stmt runs one statement on p.
+func (li *launchInterp) stmt(s ast.Stmt, p *path, call *ast.CallExpr, subst map[string]string) []*path {
+	switch s := s.(type) {
+	case *ast.BlockStmt:
+		return li.block(s.List, []*path{p}, call, subst)
+	case *ast.IfStmt:
+		if s.Init != nil {
+			if contains(s.Init, call) {
+				return []*path{li.reach(p, call, subst)}
+			}
+			var out []*path
+			for _, q := range li.stmt(s.Init, p, call, subst) {
+				out = append(out, li.ifBranches(s, q, call, subst)...)
+			}
+			return out
+		}
+		return li.ifBranches(s, p, call, subst)
+	case *ast.RangeStmt:
+		n := -1
+		if tv, ok := li.info.Types[s.X]; ok && tv.Value != nil {
+			if v, err := strconv.Atoi(tv.Value.ExactString()); err == nil {
+				n = v
+			}
+		}
+		return li.loop(s.Body, n, p, call, subst)
+	case *ast.ForStmt:
+		var out []*path
+		if s.Init == nil {
+			return li.loop(s.Body, -1, p, call, subst)
+		}
+		for _, q := range li.stmt(s.Init, p, call, subst) {
+			out = append(out, li.loop(s.Body, -1, q, call, subst)...)
+		}
+		return out
+	case *ast.SwitchStmt:
+		if contains(s.Init, call) || contains(s.Tag, call) {
+			return []*path{li.reach(p, call, subst)}
+		}
+		if s.Init != nil || !contains(s, call) && !steers(s.Body, call == nil) {
+			break // an init statement is not followed; a switch that steers nothing passes through
+		}
+		// Each case is a path (their conditions are not tracked); without a default, so is none.
+		var out []*path
+		def := false
+		for _, c := range s.Body.List {
+			cc := c.(*ast.CaseClause)
+			def = def || cc.List == nil
+			out = append(out, li.block(cc.Body, []*path{p.clone()}, call, subst)...)
+		}
+		if !def {
+			out = append(out, p)
+		}
+		for _, q := range out {
+			if q.stop == "break" {
+				q.stop = ""
+			}
+		}
+		return out
+	case *ast.BranchStmt:
+		switch s.Tok {
+		case token.CONTINUE:
+			p.stop = "continue"
+		case token.BREAK:
+			p.stop = "break"
+		}
+		return []*path{p}
+	case *ast.ReturnStmt:
+		if contains(s, call) {
+			return []*path{li.reach(p, call, subst)}
+		}
+		p.stop = "return"
+		if call == nil && len(s.Results) == 1 {
+			return li.returns(s.Results[0], p, subst)
+		}
+		return []*path{p}
+	case *ast.AssignStmt:
+		if contains(s, call) {
+			return []*path{li.reach(p, call, subst)}
+		}
+		paths := []*path{p}
+		for i, l := range s.Lhs {
+			id, ok := l.(*ast.Ident)
+			if !ok {
+				continue
+			}
+			var next []*path
+			for _, q := range paths {
+				if len(s.Lhs) != len(s.Rhs) {
+					q.forget(id.Name)
+					next = append(next, q)
+					continue
+				}
+				for _, r := range li.eval(s.Rhs[i], q, subst) {
+					r.p.forget(id.Name)
+					if r.known {
+						r.p.vars[id.Name] = r.v
+					}
+					next = append(next, r.p)
+				}
+			}
+			paths = next
+		}
+		return paths
+	}
+	if contains(s, call) {
+		return []*path{li.reach(p, call, subst)}
+	}
+	return []*path{p}
+}
+
+// ifBranches runs an if statement's condition and branches on p (its init statement run already). An
+// if that neither assigns, nor continues or breaks, nor holds the launch (an error return) does not fork.
+func (li *launchInterp) ifBranches(s *ast.IfStmt, p *path, call *ast.CallExpr, subst map[string]string) []*path {
+	if contains(s.Cond, call) {
+		return []*path{li.reach(p, call, subst)}
+	}
+	if !contains(s, call) && !steers(s.Body, call == nil) && (s.Else == nil || !steers(s.Else, call == nil)) {
+		return []*path{p}
+	}
+	var out []*path
+	for _, taken := range li.branch(s.Cond, p, subst) {
+		q := taken.p
+		if taken.yes {
+			out = append(out, li.block(s.Body.List, []*path{q}, call, subst)...)
+		} else if s.Else != nil {
+			out = append(out, li.stmt(s.Else, q, call, subst)...)
+		} else {
+			out = append(out, q)
+		}
+	}
+	return out
+}
+
+// steers reports whether n assigns a variable or continues or breaks a loop (or returns, in a method
+// followed for its value): what a path must follow.
+func steers(n ast.Node, returns bool) bool {
+	found := false
+	ast.Inspect(n, func(n ast.Node) bool {
+		switch n := n.(type) {
+		case *ast.AssignStmt, *ast.IncDecStmt:
+			found = true
+		case *ast.ReturnStmt:
+			found = found || returns
+		case *ast.BranchStmt:
+			found = found || n.Tok == token.CONTINUE || n.Tok == token.BREAK
+		case *ast.FuncLit:
+			return false
+		}
+		return !found
+	})
+	return found
+}
+
+// loop runs body n times (n < 0: an unknown count, run once), ending each iteration's continue and the
+// loop at a break.
+func (li *launchInterp) loop(body *ast.BlockStmt, n int, p *path, call *ast.CallExpr, subst map[string]string) []*path {
+	if n < 0 {
+		n = 1
+	}
+	paths := []*path{p}
+	var done []*path
+	for range n {
+		var next []*path
+		for _, q := range li.block(body.List, paths, call, subst) {
+			switch q.stop {
+			case "continue":
+				q.stop = ""
+				next = append(next, q)
+			case "break":
+				q.stop = ""
+				done = append(done, q)
+			case "":
+				next = append(next, q)
+			default:
+				done = append(done, q)
+			}
+		}
+		paths = next
+	}
+	return append(done, paths...)
+}
+
+// reach is p arriving at the launch: it records the hit.
+func (li *launchInterp) reach(p *path, call *ast.CallExpr, subst map[string]string) *path {
+	p.stop = "hit"
+	h := &launchHit{}
+	p.hit = h
+	ks := li.evalOne(call.Args[0], p, subst)
+	if len(ks.kernels) == 0 {
+		h.why = fmt.Sprintf("cannot tell which kernel %s holds", li.text(call.Args[0]))
+		return p
+	}
+	h.kernels = ks.kernels
+	h.args = call.Args[4:]
+	if call.Ellipsis.IsValid() {
+		v := li.evalOne(call.Args[len(call.Args)-1], p, subst)
+		if !v.isArgs {
+			h.why = fmt.Sprintf("cannot follow the argument list %s", li.text(call.Args[len(call.Args)-1]))
+			return p
+		}
+		h.args = append(slices.Clone(call.Args[4:len(call.Args)-1]), v.args...)
+	}
+	return p
+}
+
+type evalResult struct {
+	p     *path
+	v     value
+	known bool
+}
+
+// evalOne evaluates e where it cannot fork (a kernel reference or an argument list at a launch).
+func (li *launchInterp) evalOne(e ast.Expr, p *path, subst map[string]string) value {
+	rs := li.eval(e, p.clone(), subst)
+	if len(rs) != 1 || !rs[0].known {
+		return value{}
+	}
+	return rs[0].v
+}
+
+// eval evaluates e on p: an argument list ([]any{...}, append), a kernel field (x.k.field[i]), a
+// variable, or a method of the package whose returns are those (followed, possibly forking p).
+func (li *launchInterp) eval(e ast.Expr, p *path, subst map[string]string) []evalResult {
+	unknown := []evalResult{{p: p}}
+	switch x := e.(type) {
+	case *ast.ParenExpr:
+		return li.eval(x.X, p, subst)
+	case *ast.CompositeLit:
+		if at, ok := x.Type.(*ast.ArrayType); ok && at.Len == nil {
+			if id, ok := at.Elt.(*ast.Ident); ok && id.Name == "any" {
+				return []evalResult{{p: p, v: value{args: slices.Clone(x.Elts), isArgs: true}, known: true}}
+			}
+		}
+		return unknown
+	case *ast.Ident:
+		if v, ok := p.vars[x.Name]; ok {
+			return []evalResult{{p: p, v: v, known: true}}
+		}
+		if ks := li.kernelParam(x); len(ks) > 0 {
+			return []evalResult{{p: p, v: value{kernels: ks}, known: true}}
+		}
+		return unknown
+	case *ast.UnaryExpr:
+		if x.Op == token.AND {
+			return li.eval(x.X, p, subst)
+		}
+		return unknown
+	case *ast.IndexExpr:
+		base := unindex(x)
+		if sel, ok := base.(*ast.SelectorExpr); ok && li.fields[sel.Sel.Name] != nil {
+			return []evalResult{{p: p, v: value{kernels: []string{sel.Sel.Name}}, known: true}}
+		}
+		if id, ok := base.(*ast.Ident); ok {
+			v, ok := p.vars[id.Name]
+			return []evalResult{{p: p, v: v, known: ok && len(v.kernels) > 0}}
+		}
+		return li.eval(base, p, subst)
+	case *ast.SelectorExpr:
+		if li.fields[x.Sel.Name] != nil {
+			return []evalResult{{p: p, v: value{kernels: []string{x.Sel.Name}}, known: true}}
+		}
+		return unknown
+	case *ast.CallExpr:
+		if id, ok := x.Fun.(*ast.Ident); ok && id.Name == "append" && len(x.Args) >= 1 {
+			var out []evalResult
+			for _, r := range li.eval(x.Args[0], p, subst) {
+				if !r.known || !r.v.isArgs {
+					out = append(out, evalResult{p: r.p})
+					continue
+				}
+				more := x.Args[1:]
+				if !x.Ellipsis.IsValid() {
+					r.v.args = append(slices.Clone(r.v.args), more...)
+					out = append(out, r)
+					continue
+				}
+				for _, t := range li.eval(more[0], r.p, subst) {
+					if !t.known || !t.v.isArgs {
+						out = append(out, evalResult{p: t.p})
+						continue
+					}
+					out = append(out, evalResult{p: t.p, v: value{args: append(slices.Clone(r.v.args), t.v.args...), isArgs: true}, known: true})
+				}
+			}
+			return out
+		}
+		if sel, ok := x.Fun.(*ast.SelectorExpr); ok {
+			if m := li.methods[sel.Sel.Name]; m != nil {
+				return li.method(m, sel.X, x.Args, p, subst)
+			}
+		}
+		return unknown
+	}
+	return unknown
+}
+
+// kernelParam returns, for a *kernel parameter id of the function being followed, the kernel fields
+// that the package's calls of that function pass for it.
+func (li *launchInterp) kernelParam(id *ast.Ident) []string {
+	fd := li.fn
+	if fd == nil {
+		return nil
+	}
+	at := -1
+	i := 0
+	for _, field := range fd.Type.Params.List {
+		for _, name := range field.Names {
+			if name.Name == id.Name && li.text(field.Type) == "*kernel" {
+				at = i
+			}
+			i++
+		}
+	}
+	if at < 0 {
+		return nil
+	}
+	var ks []string
+	for _, f := range li.files {
+		ast.Inspect(f, func(n ast.Node) bool {
+			c, ok := n.(*ast.CallExpr)
+			if !ok || len(c.Args) <= at {
+				return true
+			}
+			if sel, ok := c.Fun.(*ast.SelectorExpr); ok && sel.Sel.Name == fd.Name.Name {
+				if s, ok := unindex(c.Args[at]).(*ast.SelectorExpr); ok && li.fields[s.Sel.Name] != nil && !slices.Contains(ks, s.Sel.Name) {
+					ks = append(ks, s.Sel.Name)
+				}
+			}
+			return true
+		})
+	}
+	return ks
+}
+
+// method follows a call of the package's method m on recv with args for its return values: its
+// receiver's name stands for recv in condition keys, and its parameters hold the arguments' values.
+func (li *launchInterp) method(m *ast.FuncDecl, recv ast.Expr, args []ast.Expr, p *path, subst map[string]string) []evalResult {
+	if li.depth >= 2 {
+		return []evalResult{{p: p}}
+	}
+	li.depth++
+	defer func() { li.depth-- }()
+	inner := map[string]string{recvName(m): li.key(recv, subst)}
+	q := &path{vars: map[string]value{}, conds: p.conds}
+	i := 0
+	for _, field := range m.Type.Params.List {
+		for _, name := range field.Names {
+			if i < len(args) {
+				if v := li.evalOne(args[i], p, subst); v.isArgs || len(v.kernels) > 0 {
+					q.vars[name.Name] = v
+				}
+			}
+			i++
+		}
+	}
+	var out []evalResult
+	for _, r := range li.block(m.Body.List, []*path{q}, nil, inner) {
+		if r.stop != "return" || len(r.ret) != 1 {
+			continue
+		}
+		// The method's conditions on its receiver's state hold for the caller too (epi.act != nil);
+		// those on its own variables do not.
+		np := p.clone()
+		np.conds = maps.Clone(p.conds)
+		for k, v := range r.conds {
+			if _, ok := p.conds[k]; !ok && strings.HasPrefix(k, inner[recvName(m)]+".") {
+				np.conds[k] = v
+			}
+		}
+		out = append(out, evalResult{p: np, v: r.ret[0], known: r.ret[0].isArgs || len(r.ret[0].kernels) > 0})
+	}
+	if len(out) == 0 {
+		return []evalResult{{p: p}}
+	}
+	// Returns that leave the caller in the same state are one path.
+	seen := map[string]bool{}
+	uniq := out[:0]
+	for _, r := range out {
+		k := fmt.Sprint(r.known, li.valueKey(r.v), sortedConds(r.p.conds))
+		if !seen[k] {
+			seen[k] = true
+			uniq = append(uniq, r)
+		}
+	}
+	return uniq
+}
+
+func (li *launchInterp) valueKey(v value) string {
+	return fmt.Sprint(v.isArgs, li.list(v.args), v.kernels)
+}
+
+func sortedConds(c map[string]bool) []string {
+	var s []string
+	for k, v := range c {
+		s = append(s, fmt.Sprint(k, "=", v))
+	}
+	slices.Sort(s)
+	return s
+}
+
+// recvName is m's receiver's name ("" when it has none).
+func recvName(m *ast.FuncDecl) string {
+	if len(m.Recv.List) == 1 && len(m.Recv.List[0].Names) == 1 {
+		return m.Recv.List[0].Names[0].Name
+	}
+	return ""
+}
+
+// returns records a method's return value on p.
+func (li *launchInterp) returns(e ast.Expr, p *path, subst map[string]string) []*path {
+	var out []*path
+	for _, r := range li.eval(e, p, subst) {
+		r.p.stop = "return"
+		r.p.ret = []value{r.v}
+		out = append(out, r.p)
+	}
+	return out
+}
+
+type taken struct {
+	p   *path
+	yes bool
+}
+
+// branch splits p at condition c: one path where it holds and one where it does not, or only the one
+// that p's earlier conditions (by key, a negation folded) allow.
+func (li *launchInterp) branch(c ast.Expr, p *path, subst map[string]string) []taken {
+	key, neg := li.condKey(c, subst)
+	if v, ok := p.conds[key]; ok {
+		return []taken{{p, v != neg}}
+	}
+	yes, no := p.clone(), p.clone()
+	yes.conds = maps.Clone(p.conds)
+	no.conds = maps.Clone(p.conds)
+	yes.conds[key], no.conds[key] = !neg, neg
+	return []taken{{yes, true}, {no, false}}
+}
+
+// condKey is a condition's key and whether c is its negation: !x is x negated, a == b is a != b negated.
+func (li *launchInterp) condKey(c ast.Expr, subst map[string]string) (string, bool) {
+	switch x := c.(type) {
+	case *ast.ParenExpr:
+		return li.condKey(x.X, subst)
+	case *ast.UnaryExpr:
+		if x.Op == token.NOT {
+			k, n := li.condKey(x.X, subst)
+			return k, !n
+		}
+	case *ast.BinaryExpr:
+		if x.Op == token.EQL {
+			return li.key(&ast.BinaryExpr{X: x.X, Op: token.NEQ, Y: x.Y}, subst), true
+		}
+	}
+	return li.key(c, subst), false
+}
+
+// key prints e with the names of subst replaced (a method's receiver by its caller's expression).
+func (li *launchInterp) key(e ast.Expr, subst map[string]string) string {
+	s := li.text(e)
+	for from, to := range subst {
+		s = replaceIdent(s, from, to)
+	}
+	return s
+}
+
+func (li *launchInterp) text(e ast.Expr) string {
+	var sb strings.Builder
+	if err := printer.Fprint(&sb, li.fset, e); err != nil {
+		return fmt.Sprint(e)
+	}
+	return sb.String()
+}
+
+// replaceIdent replaces the identifier from in s (not as part of a longer name or after a dot) by to.
+func replaceIdent(s, from, to string) string {
+	var sb strings.Builder
+	word := func(c byte) bool {
+		return c == '_' || c == '.' || 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9'
+	}
+	for i := 0; i < len(s); {
+		if strings.HasPrefix(s[i:], from) && (i == 0 || !word(s[i-1])) && (i+len(from) == len(s) || !word(s[i+len(from)]) || s[i+len(from)] == '.') {
+			sb.WriteString(to)
+			i += len(from)
+			continue
+		}
+		sb.WriteByte(s[i])
+		i++
+	}
+	return sb.String()
+}
+
+// check compares a path's arguments with the kernels it may launch: they must fit at least one of
+// them (an index chosen at run time may pick among a field's kernels, which share their parameters).
+func (li *launchInterp) check(h *launchHit, sigs map[string][]kernels.Param) error {
+	if h.why != "" {
+		return fmt.Errorf("%s", h.why)
+	}
+	var tried []string
+	for _, f := range h.kernels {
+		for _, name := range li.fields[f] {
+			params, ok := sigs[name]
+			if !ok {
+				return fmt.Errorf("kernel %s (field %s) is in no kernel source", name, f)
+			}
+			err := li.fits(h.args, params)
+			if err == nil {
+				return nil
+			}
+			tried = append(tried, fmt.Sprintf("%s: %v", name, err))
+		}
+	}
+	return fmt.Errorf("arguments (%s) fit none of the kernels:\n\t%s", li.list(h.args), strings.Join(tried, "\n\t"))
+}
+
+func (li *launchInterp) list(args []ast.Expr) string {
+	var s []string
+	for _, a := range args {
+		s = append(s, li.text(a))
+	}
+	return strings.Join(s, ", ")
+}
+
+// fits checks args' count and static kinds against params; an argument of interface type (any) is
+// checked at run time only.
+func (li *launchInterp) fits(args []ast.Expr, params []kernels.Param) error {
+	if len(args) != len(params) {
+		return fmt.Errorf("%d arguments for %d parameters", len(args), len(params))
+	}
+	for i, a := range args {
+		tv, ok := li.info.Types[a]
+		if !ok {
+			return fmt.Errorf("argument %d (%s): no type", i, li.text(a))
+		}
+		k, dynamic := staticKind(tv.Type)
+		if dynamic {
+			continue
+		}
+		if !argFits(k, params[i].Kind) {
+			return fmt.Errorf("argument %d %s (%s) passes as %s for %s", i, li.text(a), tv.Type, k, params[i])
+		}
+	}
+	return nil
+}
+
+// staticKind is argKind for a static type; dynamic for an interface (its value decides).
+func staticKind(t types.Type) (k kernels.Kind, dynamic bool) {
+	if _, ok := t.Underlying().(*types.Interface); ok {
+		return kernels.KindOther, true
+	}
+	switch types.TypeString(t, func(p *types.Package) string { return p.Name() }) {
+	case "cuda.devptr", "*cuda.tensor", "*cuda.buffer":
+		return kernels.KindPointer, false
+	case "int", "int32", "untyped int":
+		return kernels.KindInt32, false
+	case "int64":
+		return kernels.KindInt64, false
+	case "float32":
+		return kernels.KindFloat32, false
+	case "bool", "untyped bool":
+		return kernels.KindBool, false
+	}
+	return kernels.KindOther, false
+}
