@@ -306,11 +306,11 @@ const (
 	splitMaxSplits    = 1024 // ATTC_MAXSPLITS
 	decodeMaxRows     = 512  // queries per attention_decode launch (AD_MAXT)
 	decodeThreads     = 128  // attention_decode's block (AD_WARPS warps)
-	// decodeMinTiles is the fewest 16-key tiles an attention_decode block takes (its minb): a segment cut
-	// into many short pieces costs a long serial merge in the block that finishes it. On an H100 one
-	// 4096-key query over Scout's 8 kv heads took 82 µs at 4 tiles a block (64 pieces a segment), against
-	// 29 µs on attention_split.
-	decodeMinTiles = 16
+	// defaultDecodeMinTiles is the fewest 16-key tiles an attention_decode block takes (its minb;
+	// Backend.decodeMinTiles): a segment cut into many short pieces costs a long serial merge in the block
+	// that finishes it. On an H100 one 4096-key query over Scout's 8 kv heads took 82 µs at 4 tiles a block
+	// (64 pieces a segment), against 29 µs on attention_split. The kernel takes at least AD_MINT (4).
+	defaultDecodeMinTiles = 16
 )
 
 // decodeEligible reports whether attention_decode takes queries of heads query heads over kvHeads of
@@ -332,7 +332,7 @@ func (b *Backend) attendDecode(qt *tensor, kvHeads int, rows []kvRow, out *tenso
 // attentionDecode is flash-decoding on tensor cores with the keys split by the total work
 // (attention_decode in flash.cu): the visible keys of every (query, kv head) are cut into 16-key tiles,
 // and the launch's tiles, all queries' together, are dealt out to a fixed grid of b.splitPerSM blocks per
-// SM in equal contiguous ranges of at least decodeMinTiles tiles, so a batch of short contexts and one
+// SM in equal contiguous ranges of at least b.decodeMinTiles tiles, so a batch of short contexts and one
 // long context both keep every SM reading K/V, and a short context's keys (at most 64) stay in one block. The kernel computes the ranges
 // from the positions it reads, so the launch is the same at any context length (recorded steps replay).
 // A query's keys cut over several blocks are merged, in block order, by the block that finishes last (a
@@ -355,7 +355,7 @@ func (b *Backend) attentionDecode(qt *tensor, kvHeads int, rows []kvRow, out *te
 		}
 		err = b.stream.launch(b.k.attentionDecode, dim3{uint32(blocks), 1, 1}, dim3{decodeThreads, 1, 1}, 0,
 			qt, int(qt.dt), meta, meta.ptr+devptr(8*kvRowWords*n), n, t0, part, ss, out, int(out.dt), heads, kvHeads, D,
-			window.Chunk, scale, decodeMinTiles)
+			window.Chunk, scale, b.decodeMinTiles)
 		b.pool.release(*meta)
 		if err != nil {
 			return err

@@ -69,6 +69,9 @@ type Backend struct {
 	noGEMVSplit bool
 	// splitPerSM is the number of attention_decode blocks per SM (attentionDecode's grid).
 	splitPerSM int
+	// decodeMinTiles is the fewest 16-key tiles an attention_decode block takes (the kernel's minb;
+	// defaultDecodeMinTiles; tests sweep it).
+	decodeMinTiles int
 	// noDecode makes decode attention take attention_split instead of attention_decode (tests compare).
 	noDecode bool
 
@@ -221,8 +224,8 @@ func New(cfg Config) (*Backend, error) {
 	if err != nil {
 		return nil, err
 	}
-	b := &Backend{cfg: cfg, dev: dev, gemvRows: gemvMaxRows, splitPerSM: defaultSplitPerSM, groupedMaxRows: groupedMaxRowsPerExpert,
-		ctxStart: start, fuse: fuse}
+	b := &Backend{cfg: cfg, dev: dev, gemvRows: gemvMaxRows, splitPerSM: defaultSplitPerSM, decodeMinTiles: defaultDecodeMinTiles,
+		groupedMaxRows: groupedMaxRowsPerExpert, ctxStart: start, fuse: fuse}
 	if err := b.init(); err != nil {
 		return nil, errors.Join(err, b.Close())
 	}

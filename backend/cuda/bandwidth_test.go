@@ -111,12 +111,19 @@ func TestDecodeBandwidth(t *testing.T) {
 }
 
 // decodeAttentionBandwidth adds the decode attention rows to the table: Scout's 40 query heads over 8 kv
-// heads of 128 (one layer, bf16 KV in blocks of 16), batches of 1, 16 and 64 sequences of 4096 cached
-// tokens, one 128 k-token context on a global (NoPE) layer, and one on a chunked layer, which reads only the
-// current 8192-token chunk. Bytes are the K and V rows the queries see; GB/s is from the attention kernels'
-// GPU time (Profile, without the rows' upload, which a recorded step folds into its one argument copy).
-// The old split kernel and other grid sizes are measured on the largest shapes for comparison. About 1.6
-// GB of KV in all.
+// heads of 128 (one layer, bf16 KV in blocks of 16), one sequence of 2048 cached tokens (Scout-4L's batch-1
+// bench), batches of 1, 16 and 64 sequences of 4096, one 128 k-token context on a global (NoPE) layer, and
+// one on a chunked layer, which reads only the current 8192-token chunk. Bytes are the K and V rows the
+// queries see; GB/s is from the attention kernels' GPU time (Profile, without the rows' upload, which a
+// recorded step folds into its one argument copy). The old split kernel, other grid sizes and other minb
+// (the fewest 16-key tiles a block takes) are measured for comparison. About 1.6 GB of KV in all.
+//
+// minb matters only while it limits the blocks: the kernel runs min(grid, W/minb) of them, W the launch's
+// tiles (kv heads × the queries' 16-key tiles), so on an H100 or H200 (132 SMs, 528 blocks) 1×2048 (W
+// 1024), 1×4096 (W 2048) and the chunked layer (W 4096, 8192 keys visible) change blocks at the values
+// swept, but 16×4096 (W 32768), 64×4096 (W 131072) and the global 1×131072 (W 65536) are grid-bound up to
+// 62, 248 and 124 tiles a block: their sweeps keep values under that as controls (the same launch as the
+// default) and go past it, where fewer blocks cut the segments into fewer pieces (merged serially).
 func decodeAttentionBandwidth(t *testing.T, b *cuda.Backend, copyRate float64) {
 	const heads, kvHeads, D, block = 40, 8, 128, 16
 	const rowBytes = kvHeads * D * 2 * 2 // K and V of one position, bf16
@@ -144,14 +151,18 @@ func decodeAttentionBandwidth(t *testing.T, b *cuda.Backend, copyRate float64) {
 		seqs, ctx int
 		chunk     int
 		perSM     []int // attention_decode blocks per SM to measure (the first is the default)
-		legacy    bool  // also measure attention_split
+		// minb are attention_decode minb values to measure at the default grid besides the default (16,
+		// the perSM rows'; the kernel raises values under 4 to 4).
+		minb   []int
+		legacy bool // also measure attention_split
 	}
 	for _, s := range []shape{
-		{"1×4096", 1, 4096, 0, []int{4}, true},
-		{"16×4096", 16, 4096, 0, []int{4}, false},
-		{"64×4096", 64, 4096, 0, []int{4, 2, 3, 5}, true},
-		{"1×131072 global layer", 1, 131072, 0, []int{4, 2, 3, 5}, true},
-		{"1×131072 chunked layer (chunk 8192)", 1, 131072, 8192, []int{4}, true},
+		{"1×2048", 1, 2048, 0, []int{4}, []int{4, 8, 32, 64}, true},
+		{"1×4096", 1, 4096, 0, []int{4}, []int{4, 8, 32, 64}, true},
+		{"16×4096", 16, 4096, 0, []int{4}, []int{8, 32, 128, 256}, false},
+		{"64×4096", 64, 4096, 0, []int{4, 2, 3, 5}, []int{8, 32, 256, 512}, true},
+		{"1×131072 global layer", 1, 131072, 0, []int{4, 2, 3, 5}, []int{64, 256, 512, 1024}, true},
+		{"1×131072 chunked layer (chunk 8192)", 1, 131072, 8192, []int{4}, []int{4, 8, 32, 64}, true},
 	} {
 		w := backend.Window{Chunk: s.chunk}
 		// A fixed pool for the batch. A chunked layer's cache holds at most a chunk and a piece, and an
@@ -224,6 +235,11 @@ func decodeAttentionBandwidth(t *testing.T, b *cuda.Backend, copyRate float64) {
 			}
 			measureAttn(label)
 			cuda.SetSplitPerSM(b, old)
+		}
+		for _, m := range s.minb {
+			old := cuda.SetDecodeMinTiles(b, m)
+			measureAttn(fmt.Sprintf("%s h 40/8 D 128, minb %d", s.name, m))
+			cuda.SetDecodeMinTiles(b, old)
 		}
 		if s.legacy {
 			old := cuda.SetDecode(b, false)

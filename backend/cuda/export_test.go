@@ -30,6 +30,14 @@ func SetSplitPerSM(b *Backend, n int) int {
 	return old
 }
 
+// SetDecodeMinTiles sets the fewest 16-key tiles an attention_decode block of b takes (the kernel's minb,
+// which it raises to AD_MINT, 4) and returns the previous value, so that tests can time other cuts.
+func SetDecodeMinTiles(b *Backend, n int) int {
+	old := b.decodeMinTiles
+	b.decodeMinTiles = n
+	return old
+}
+
 // SetFlash turns b's tensor-core prefill path (attention_flash) on or off and returns the previous
 // setting, so that tests can compare it with the attention kernel.
 func SetFlash(b *Backend, on bool) bool {
