@@ -83,6 +83,26 @@ type ProfileEntry struct {
 	Device time.Duration
 }
 
+// HostReporter is implemented by backends that count what their host side did that can leave the device
+// idle (cuda): a step's wall time beyond its device time is spent there or in the caller.
+type HostReporter interface {
+	HostStats() HostStats
+}
+
+// HostStats are a backend's running totals of host work that stalls the device.
+type HostStats struct {
+	Syncs       int64 // waits for the device to finish its queue (stream synchronisations)
+	Allocs      int64 // device allocations (each a driver call of up to milliseconds for large blocks)
+	Collections int64 // garbage collections the backend forced to get device memory back
+	// CollectionTime is the time those collections took on the calling goroutine.
+	CollectionTime time.Duration
+}
+
+// Sub returns s − o, the counts of the span between two readings.
+func (s HostStats) Sub(o HostStats) HostStats {
+	return HostStats{s.Syncs - o.Syncs, s.Allocs - o.Allocs, s.Collections - o.Collections, s.CollectionTime - o.CollectionTime}
+}
+
 // GraphReporter is implemented by StepRecorders that report how their steps ran (CUDA graphs). Graphs
 // returns one GraphStats per step key; ReleaseGraphs frees every recording (before the communicators
 // they captured are closed: NCCL waits for the graphs that use it).

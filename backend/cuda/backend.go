@@ -405,6 +405,15 @@ func (b *Backend) Config() Config { return b.cfg }
 // Memory reports the device memory the backend holds.
 func (b *Backend) Memory() MemoryStats { return b.pool.snapshot() }
 
+var _ backend.HostReporter = (*Backend)(nil)
+
+// HostStats reports the host's waits for the device, the pool's cuMemAlloc calls and the collections it
+// forced (backend.HostReporter).
+func (b *Backend) HostStats() backend.HostStats {
+	m := b.pool.snapshot()
+	return backend.HostStats{Syncs: b.dev.waits.Load(), Allocs: m.Allocs, Collections: m.Collections, CollectionTime: m.CollectionTime}
+}
+
 // Counters reports how Linear calls ran.
 func (b *Backend) Counters() Counters { return b.counts }
 

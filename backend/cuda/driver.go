@@ -11,6 +11,7 @@ import (
 	"github.com/tpfleet/tpfleet/internal/dl"
 	"github.com/tpfleet/tpfleet/kernels"
 	"math"
+	"sync/atomic"
 	"unsafe"
 )
 
@@ -106,6 +107,14 @@ type device struct {
 	multiprocessors int
 	totalMem        int64
 	driverVersion   int
+	// waits counts the host's waits for the device: stream and event synchronisations (HostStats).
+	waits atomic.Int64
+}
+
+// eventSync waits until the work before event ev's record has finished.
+func (d *device) eventSync(ev C.CUevent) error {
+	d.waits.Add(1)
+	return check("cuEventSynchronize", cuResult(C.tp_cuEventSynchronize(drv.eventSynchronize, d.ctx, ev)))
 }
 
 func driverVersion() (int, error) {
@@ -216,6 +225,7 @@ func (s *stream) sync() error {
 	if s.rec != nil {
 		return s.rec.fail(fmt.Errorf("%w: stream synchronize", errNotRecordable))
 	}
+	s.d.waits.Add(1)
 	return check("cuStreamSynchronize", cuResult(C.tp_cuStreamSynchronize(drv.streamSynchronize, s.d.ctx, s.s)))
 }
 

@@ -381,7 +381,7 @@ func (b *Backend) capture(st *stepState, f func() (backend.Tensor, error)) (back
 func (b *Backend) replay(st *stepState, f func() (backend.Tensor, error)) (backend.Tensor, error) {
 	g := st.g
 	// The previous launch must have read its pinned arguments before they are rewritten.
-	if err := check("cuEventSynchronize", cuResult(C.tp_cuEventSynchronize(drv.eventSynchronize, b.dev.ctx, g.done))); err != nil {
+	if err := b.dev.eventSync(g.done); err != nil {
 		return nil, err
 	}
 	r := &recorder{mode: recReplay, g: g, pin: g.argCap}

@@ -6,6 +6,7 @@ import (
 	"math/bits"
 	"runtime"
 	"sync"
+	"time"
 	"unsafe"
 )
 
@@ -22,6 +23,10 @@ type MemoryStats struct {
 	Weights int64
 	// Allocs is the number of cuMemAlloc calls so far; a steady decode step adds none.
 	Allocs int64
+	// Collections is the number of garbage collections the pool forced to get blocks back, and
+	// CollectionTime what they took.
+	Collections    int64
+	CollectionTime time.Duration
 }
 
 // buffer is device memory owned by the backend. Buffers of tensors, caches and routings return to the
@@ -142,9 +147,12 @@ func (p *pool) getPooled(n int64) (*buffer, error) {
 	if p.grown >= gcEveryBytes || p.gets >= gcEveryGets {
 		p.grown, p.gets = 0, 0
 		p.mu.Unlock()
+		start := time.Now()
 		runtime.GC()
 		runtime.Gosched() // let the cleanup goroutine return what the collection found
 		p.mu.Lock()
+		p.stats.Collections++
+		p.stats.CollectionTime += time.Since(start)
 		if b := p.take(class); b != nil {
 			p.mu.Unlock()
 			return b, nil

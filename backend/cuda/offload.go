@@ -264,7 +264,7 @@ func (b *Backend) offloadIDs(rt *routing) (ids []int, overlap bool, err error) {
 		return ids, false, err
 	}
 	o.routing = nil
-	if err := check("cuEventSynchronize", cuResult(C.tp_cuEventSynchronize(drv.eventSynchronize, b.dev.ctx, o.routed))); err != nil {
+	if err := b.dev.eventSync(o.routed); err != nil {
 		return nil, false, err
 	}
 	n := int64(rt.tokens) * int64(rt.k) * 4

@@ -126,7 +126,7 @@ func (u *uploadStaging) Wait(i int) error {
 	if u.events[i] == nil {
 		return u.s.sync()
 	}
-	return check("cuEventSynchronize", cuResult(C.tp_cuEventSynchronize(drv.eventSynchronize, u.b.dev.ctx, u.events[i])))
+	return u.b.dev.eventSync(u.events[i])
 }
 
 // Finish waits for every copy (and the stream's other work).

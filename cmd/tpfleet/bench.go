@@ -96,6 +96,11 @@ type benchResult struct {
 	ProfileDecodeGPUMS  float64      `json:"profile_decode_gpu_ms,omitempty"`
 	ProfilePrefill      []profileRow `json:"profile_prefill,omitempty"`
 	ProfilePrefillGPUMS float64      `json:"profile_prefill_gpu_ms,omitempty"`
+	// PrefillHost and DecodeHost are what rank 0's host side did in the last run's prefill and, per step,
+	// in its decode steps (hostCounts): where a step's wall time exceeds its GPU time (the profile), the
+	// waits, allocations and collections say where the rest went.
+	PrefillHost *hostCounts `json:"prefill_host,omitempty"`
+	DecodeHost  *hostCounts `json:"decode_host_per_step,omitempty"`
 	// Offload is --offload-experts: the routed experts in pinned host memory, the chosen ones copied to
 	// the GPU by every MoE layer (eager steps). OffloadStepBytes is the expert bytes a decode step of
 	// Batch sequences copies (at most Batch·top-k experts a MoE layer, in the format they are held in),
@@ -114,6 +119,55 @@ type benchResult struct {
 type offloadMeter interface {
 	OffloadCopied() (calls, bytes int64)
 	HostCopyRate() (float64, error)
+}
+
+// hostCounts is what rank 0's host did over a timed span (per step for decode): its waits for the
+// device, device allocations and the collections the backend forced (backend.HostStats), and the Go
+// runtime's collections in all.
+type hostCounts struct {
+	Syncs      float64 `json:"syncs"`
+	Allocs     float64 `json:"allocs"`
+	ForcedGCs  float64 `json:"forced_gcs"`
+	ForcedGCMS float64 `json:"forced_gc_ms"`
+	GoGCs      float64 `json:"go_gcs"`
+}
+
+// hostMeter reads rank 0's host counters around the timed spans of a run, outside their timing; prefill
+// and decode hold the latest run's.
+type hostMeter struct {
+	rep             backend.HostReporter // nil when the backend counts nothing: Go's collections only
+	prefill, decode *hostCounts
+}
+
+type hostReading struct {
+	stats backend.HostStats
+	gcs   uint32
+}
+
+// read takes a reading (a nil meter reads nothing).
+func (m *hostMeter) read() hostReading {
+	if m == nil {
+		return hostReading{}
+	}
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	r := hostReading{gcs: ms.NumGC}
+	if m.rep != nil {
+		r.stats = m.rep.HostStats()
+	}
+	return r
+}
+
+// since returns the counts from r0 to now, divided by steps.
+func (m *hostMeter) since(r0 hostReading, steps int) *hostCounts {
+	if m == nil {
+		return nil
+	}
+	r := m.read()
+	d := r.stats.Sub(r0.stats)
+	n := float64(max(steps, 1))
+	return &hostCounts{Syncs: float64(d.Syncs) / n, Allocs: float64(d.Allocs) / n, ForcedGCs: float64(d.Collections) / n,
+		ForcedGCMS: float64(d.CollectionTime) / float64(time.Millisecond) / n, GoGCs: float64(r.gcs-r0.gcs) / n}
 }
 
 // profileRow is one line of a GPU profile: an operation kind, its calls and GPU time per step.
@@ -549,13 +603,15 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	// The first run (the warm-up) also counts the experts each step routes to, for the floor: the runs
 	// route alike (the same prompt, context and tokens on fresh sequences, deterministic kernels).
 	census := &routeCensus{load: llama4.AsModel(g.ranks[0]).ExpertLoad}
+	host := &hostMeter{}
+	host.rep, _ = allOps[0].(backend.HostReporter)
 	for r := 0; r < f.runs; r++ {
 		runStart := time.Now()
 		c := census
 		if r > 0 {
 			c = nil
 		}
-		prefill, decode, err := benchOnce(ctx, g, allOps, prompt, f.tokens, f.batch, f.context, f.prefillChunk, c)
+		prefill, decode, err := benchOnce(ctx, g, allOps, prompt, f.tokens, f.batch, f.context, f.prefillChunk, c, host)
 		if err != nil {
 			return err
 		}
@@ -571,6 +627,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			res.DecodeMSPerTok = perTok
 		}
 	}
+	res.PrefillHost, res.DecodeHost = host.prefill, host.decode
 	experts := maxRouted(cfg, f.batch)
 	res.StepBytesBound = stepBytes(cfg, f.batch, experts, format)
 	if cfg.NumExperts > 0 && slices.Contains(cfg.MoE, true) {
@@ -626,6 +683,15 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		_, err = fmt.Fprintf(stdout, "decode floor: %.1f MiB of weights a step%s / %d rank(s) at %.0f GB/s (measured copy) = %.3f ms; decode at %.0f %% of it\n",
 			float64(res.StepBytes)/(1<<20), routed, res.TP, res.CopyGBs, res.FloorMS, 100*res.FloorFraction)
 	}
+	for _, h := range []struct {
+		name string
+		c    *hostCounts
+	}{{"prefill", res.PrefillHost}, {"decode step", res.DecodeHost}} {
+		if err == nil && h.c != nil {
+			_, err = fmt.Fprintf(stdout, "host of a %s (rank 0, last run): %.1f waits for the device, %.1f device allocations, %.1f forced collections (%.2f ms), %.1f Go collections\n",
+				h.name, h.c.Syncs, h.c.Allocs, h.c.ForcedGCs, h.c.ForcedGCMS, h.c.GoGCs)
+		}
+	}
 	for _, p := range []struct {
 		name string
 		gpu  float64
@@ -649,11 +715,12 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 }
 
 // benchOnce runs one prefill (in pieces of at most chunk tokens; 0: whole) and tokens decode steps on
-// every rank of g, returning their wall times.
+// every rank of g, returning their wall times; meter (nil: none) takes rank 0's host counts of each.
 // Each decode step feeds a fixed token (no host argmax) and waits for the step's logits on the device;
 // the prefill waits for its logits too. With batch > 1 the decode steps run batch sequences of context
 // cached tokens each (prefilled untimed) through one ForwardBatch.
-func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, tokens, batch, context, chunk int, census *routeCensus) (prefill, decode time.Duration, err error) {
+func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, tokens, batch, context, chunk int, census *routeCensus,
+	meter *hostMeter) (prefill, decode time.Duration, err error) {
 	seqs := make([]*llama4.Sequence, len(g.ranks))
 	for r, m := range g.ranks {
 		if seqs[r], err = llama4.AsModel(m).NewSequence(len(prompt) + tokens); err != nil {
@@ -667,6 +734,7 @@ func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, t
 		_, err := ops[r].Float32(logits)
 		return err
 	}
+	h := meter.read()
 	start := time.Now()
 	err = g.run(func(r int, rm modelrun.Model) error {
 		m := llama4.AsModel(rm) // the benchmark times the Llama 4 model itself
@@ -687,12 +755,16 @@ func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, t
 		return 0, 0, err
 	}
 	prefill = time.Since(start)
+	if meter != nil {
+		meter.prefill = meter.since(h, 1)
+	}
 	vocab := g.Info().VocabSize
 	if batch > 1 {
-		d, err := benchBatchDecode(ctx, g, ops, wait, tokens, batch, context, chunk, vocab, census)
+		d, err := benchBatchDecode(ctx, g, ops, wait, tokens, batch, context, chunk, vocab, census, meter)
 		return prefill, d, err
 	}
 	observe := census.observer()
+	h = meter.read()
 	start = time.Now()
 	err = g.run(func(r int, rm modelrun.Model) error {
 		m := llama4.AsModel(rm) // the benchmark times the Llama 4 model itself
@@ -712,7 +784,11 @@ func benchOnce(ctx context.Context, g *group, ops []backend.Ops, prompt []int, t
 	if err != nil {
 		return 0, 0, errors.Join(err)
 	}
-	return prefill, time.Since(start) - census.spent(), nil
+	decode = time.Since(start) - census.spent()
+	if meter != nil {
+		meter.decode = meter.since(h, tokens)
+	}
+	return prefill, decode, nil
 }
 
 // observer returns the decode loops' hook: rank 0 observes the census after each step (a nil census
@@ -781,9 +857,10 @@ func profileRows(entries []backend.ProfileEntry, steps int) []profileRow {
 	return rows
 }
 
-// benchBatchDecode times tokens decode steps of batch sequences that each hold context cached tokens.
+// benchBatchDecode times tokens decode steps of batch sequences that each hold context cached tokens
+// (meter, when not nil, takes rank 0's host counts of the steps).
 func benchBatchDecode(ctx context.Context, g *group, ops []backend.Ops, wait func(int, backend.Tensor) error,
-	tokens, batch, context, chunk, vocab int, census *routeCensus) (time.Duration, error) {
+	tokens, batch, context, chunk, vocab int, census *routeCensus, meter *hostMeter) (time.Duration, error) {
 	seqs := make([][]*llama4.Sequence, len(g.ranks))
 	prefill := make([][]int, batch)
 	for b := range prefill {
@@ -825,6 +902,7 @@ func benchBatchDecode(ctx context.Context, g *group, ops []backend.Ops, wait fun
 		return 0, err
 	}
 	observe := census.observer()
+	h := meter.read()
 	start := time.Now()
 	err = g.run(func(r int, rm modelrun.Model) error {
 		m := llama4.AsModel(rm) // the benchmark times the Llama 4 model itself
@@ -845,7 +923,11 @@ func benchBatchDecode(ctx context.Context, g *group, ops []backend.Ops, wait fun
 		}
 		return nil
 	})
-	return time.Since(start) - census.spent(), err
+	d := time.Since(start) - census.spent()
+	if meter != nil && err == nil {
+		meter.decode = meter.since(h, tokens)
+	}
+	return d, err
 }
 
 // benchMemory is rank 0's memory plan in bench's JSON (memplan.Plan): KV blocks after the weights, the

@@ -8,7 +8,9 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/tpfleet/tpfleet/backend"
 	"github.com/tpfleet/tpfleet/model"
 	"github.com/tpfleet/tpfleet/model/llama4"
 	"github.com/tpfleet/tpfleet/quant"
@@ -221,5 +223,44 @@ func TestRouteCensus(t *testing.T) {
 	none.observer()(0)
 	if none.perLayer() != 0 || none.spent() != 0 {
 		t.Errorf("a nil census observes nothing")
+	}
+}
+
+// fakeHost is a backend.HostReporter whose counts the test sets.
+type fakeHost struct{ s backend.HostStats }
+
+func (f *fakeHost) HostStats() backend.HostStats { return f.s }
+
+// TestHostMeter: a span's counts are the reporter's difference between the readings, per step; a nil
+// meter reads nothing; a bench run reports its prefill's and decode steps' counts in its JSON.
+func TestHostMeter(t *testing.T) {
+	rep := &fakeHost{backend.HostStats{Syncs: 5, Allocs: 2, Collections: 1, CollectionTime: time.Millisecond}}
+	m := &hostMeter{rep: rep}
+	r0 := m.read()
+	rep.s = backend.HostStats{Syncs: 13, Allocs: 6, Collections: 3, CollectionTime: 5 * time.Millisecond}
+	got := m.since(r0, 4)
+	want := hostCounts{Syncs: 2, Allocs: 1, ForcedGCs: 0.5, ForcedGCMS: 1, GoGCs: got.GoGCs}
+	if *got != want {
+		t.Errorf("since = %+v, want %+v", *got, want)
+	}
+	var none *hostMeter
+	if none.since(none.read(), 1) != nil {
+		t.Error("a nil meter counted")
+	}
+
+	var out, errOut bytes.Buffer
+	if err := runBench(context.Background(), benchTiny, &out, &errOut); err != nil {
+		t.Fatalf("bench = %v (stderr %q)", err, errOut.String())
+	}
+	var res benchResult
+	if err := json.Unmarshal(out.Bytes(), &res); err != nil {
+		t.Fatal(err)
+	}
+	if res.PrefillHost == nil || res.DecodeHost == nil {
+		t.Fatalf("bench JSON has prefill_host %v and decode_host_per_step %v, want both", res.PrefillHost, res.DecodeHost)
+	}
+	// The cpu backend has no device to wait for: no syncs, allocations or forced collections.
+	if res.PrefillHost.Syncs != 0 || res.DecodeHost.Allocs != 0 || res.PrefillHost.ForcedGCs != 0 {
+		t.Errorf("cpu bench host counts %+v / %+v, want no device work", *res.PrefillHost, *res.DecodeHost)
 	}
 }

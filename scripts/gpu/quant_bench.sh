@@ -90,6 +90,12 @@ for r in rows:
             notes = "copies %.1f MB/step; PCIe floor %.3f ms (%.1f GB/s host to device), %.0f%% of it" % (
                 r.get("offload_bytes_per_step", 0) / 1e6, pf, r.get("offload_gb_per_s", 0), 100 * pf / r["decode_ms_per_token"])
         pre = "%.2f" % r["prefill_ms"] if r.get("prompt_tokens") == 2048 else ""
+        if pre and r.get("profile_prefill_gpu_ms"):
+            notes += "prefill GPU %.2f ms; " % r["profile_prefill_gpu_ms"]
+        for span, h in (("prefill", r.get("prefill_host")), ("decode step", r.get("decode_host_per_step"))):
+            if h and (h["syncs"] or h["allocs"] or h["forced_gcs"] or h["go_gcs"]):
+                notes += "%s host: %.1f waits, %.1f allocs, %.1f forced GCs (%.2f ms), %.1f Go GCs; " % (
+                    span, h["syncs"], h["allocs"], h["forced_gcs"], h["forced_gc_ms"], h["go_gcs"])
         print(f"{'tpfleet':10s} {fmt:16s} {r['batch']:5d} {r['decode_ms_per_token']:10.3f} {r.get('decode_floor_ms', 0):9.3f} "
               f"{100 * r.get('decode_fraction_of_floor', 0):7.0f}% {r['decode_weight_bytes_per_step'] / 1e9:8.3f} {pre:>12s}  {notes}")
     elif "error" in r:
