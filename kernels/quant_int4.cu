@@ -199,36 +199,51 @@ __device__ __forceinline__ void q4gemv_block(int b, int xo, const u32 (&wv)[MT][
 
 // q4gemv_rows computes rows n0 .. n0+16·MT-1 (the block's; n0 < N) of y [T, N] (float32) = x [T, K] ·
 // w [N, K]ᵀ for an int4 w with scales [N, G] (G = ceil(K / gs)), T <= 4·NT; with PREP, x is q4_xprep's
-// records of the T rows (xdt ignored). The block's W = blockDim.x / 32 warps (at most Q4_MAXW) split
-// the K / 32 input blocks into W contiguous ranges; each warp covers all the block's rows (MT m16 tiles)
-// with four blocks' codes in flight, and the warps' sums are added in warp order through shared memory
-// (a fixed order). K % 32 == 0, gs % 32 == 0; x 16-byte aligned, w 4-byte aligned. Without WIDE a lane
-// loads word c of each 16-byte block (four-byte loads: a step stays in a 32-input block, for groups of
-// 32); WIDE (K % 128 == 0, gs % 128 == 0, w 16-byte aligned) loads the lane's 16 bytes of a 128-input
-// tile at once, ranges in whole tiles.
-// q4_per is the 32-input blocks of K each of a q4gemv block's W warps takes (WIDE: whole 128-input tiles).
+// records of the T rows (xdt ignored). The launch's gridDim.y splits cut the K / 32 input blocks into
+// contiguous ranges (q4_range), and the block's W = blockDim.x / 32 warps (at most Q4_MAXW) cut its
+// range again; each warp covers all the block's rows (MT m16 tiles) with four blocks' codes in flight,
+// and the warps' sums are added in warp order through shared memory (a fixed order). With one split the
+// block stores its rows of y. With S splits (small N: 64-row blocks alone would leave SMs idle) each block
+// stores its sums in its slab of part ([S][gridDim.x][16·MT][4·NT] float32), and the last of a row tile's
+// S blocks (eg_last on ctr[blockIdx.x], zero between launches) adds the S slabs in split order into y:
+// the result depends on S, which depends only on the shapes, never on timing. K % 32 == 0, gs % 32 == 0;
+// x 16-byte aligned, w 4-byte aligned. Without WIDE a lane loads word c of each 16-byte block (four-byte
+// loads: a step stays in a 32-input block, for groups of 32); WIDE (K % 128 == 0, gs % 128 == 0, w
+// 16-byte aligned) loads the lane's 16 bytes of a 128-input tile at once, ranges in whole tiles.
+//
+// q4_range sets [b0, b1), the 32-input blocks of K (nb of them) this warp takes: split blockIdx.y of
+// gridDim.y takes a contiguous share of the units (WIDE: 128-input tiles, else 32-input blocks), and the
+// block's warps share that out again, ceil-sized, so that the last warps may take fewer or none.
 template <bool WIDE>
-__device__ __forceinline__ int q4_per(int nb, int W) {
-	return WIDE ? ((nb >> 2) + W - 1) / W * 4 : (nb + W - 1) / W;
+__device__ __forceinline__ void q4_range(int nb, int& b0, int& b1) {
+	const int U = WIDE ? 4 : 1;
+	int W = blockDim.x >> 5, warp = threadIdx.x >> 5, S = gridDim.y;
+	int units = nb / U, us = (units + S - 1) / S;
+	int u0 = q4_imin(units, (int)blockIdx.y * us), u1 = q4_imin(units, u0 + us);
+	int uw = (u1 - u0 + W - 1) / W;
+	int w0 = q4_imin(u1, u0 + warp * uw), w1 = q4_imin(u1, w0 + uw);
+	b0 = w0 * U;
+	b1 = w1 * U;
 }
 
 // q4gemv_prefetch asks L2 for the line where each of the block's 16·MT rows (from n0, w [N, K]) starts
 // in this warp's range of K: what q4gemv_rows reads first, for PDL_PROLOGUE_L2.
 template <int MT, bool WIDE>
 __device__ __forceinline__ void q4gemv_prefetch(const unsigned char* w, int K, int N, int n0) {
-	int nb = K >> 5, b0 = (threadIdx.x >> 5) * q4_per<WIDE>(nb, blockDim.x >> 5);
-	if (b0 >= nb || n0 >= N) return;
+	int b0, b1;
+	q4_range<WIDE>(K >> 5, b0, b1);
+	if (b0 >= b1 || n0 >= N) return;
 	for (int r = threadIdx.x & 31; r < 16 * MT; r += 32) prefetch_l2(w + (long long)q4_imin(n0 + r, N - 1) * (K >> 1) + 16 * b0);
 }
 
 template <int MT, int NT, bool PREP, bool WIDE>
 __device__ __forceinline__ void q4gemv_rows(const void* __restrict__ x, int xdt, const unsigned char* __restrict__ w,
-	const bf16_t* __restrict__ scales, int gs, float* __restrict__ y, int T, int K, int N, int n0) {
+	const bf16_t* __restrict__ scales, int gs, float* __restrict__ y, int T, int K, int N, int n0, float* __restrict__ part, int* ctr) {
 	__shared__ float red[Q4_MAXW][16 * MT][4 * NT];
 	int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5;
 	int g = lane >> 2, c = lane & 3;
-	int nb = K >> 5, per = q4_per<WIDE>(nb, W);
-	int b0 = q4_imin(nb, warp * per), b1 = q4_imin(nb, b0 + per);
+	int nb = K >> 5, b0, b1;
+	q4_range<WIDE>(nb, b0, b1);
 	int G = (K + gs - 1) / gs, bpg = gs >> 5;
 	const u32* wp[MT][2];
 	const bf16_t* sp[MT][2];
@@ -298,11 +313,21 @@ __device__ __forceinline__ void q4gemv_rows(const void* __restrict__ x, int xdt,
 			red[warp][16 * m + 8 + g][4 * nt + c] = acc[m][nt][2] + acc[m][nt][3];
 		}
 	__syncthreads();
-	for (int i = threadIdx.x; i < 16 * MT * 4 * NT; i += blockDim.x) {
+	const int SLAB = 16 * MT * 4 * NT;
+	int S = gridDim.y;
+	float* slab = part + ((long long)blockIdx.y * gridDim.x + blockIdx.x) * SLAB;
+	for (int i = threadIdx.x; i < SLAB; i += blockDim.x) {
 		int r = i / (4 * NT), t = i - r * (4 * NT);
 		float v = 0.0f;
 		for (int q = 0; q < W; q++) v += red[q][r][t];
-		if (t < T && n0 + r < N) y[(long long)t * N + n0 + r] = v;
+		if (S > 1) slab[i] = v;
+		else if (t < T && n0 + r < N) y[(long long)t * N + n0 + r] = v;
+	}
+	if (S == 1 || !eg_last(ctr + blockIdx.x, S)) return;
+	const float* first = part + (long long)blockIdx.x * SLAB;
+	for (int i = threadIdx.x; i < SLAB; i += blockDim.x) {
+		int r = i / (4 * NT), t = i - r * (4 * NT);
+		if (t < T && n0 + r < N) y[(long long)t * N + n0 + r] = eg_sum8(first + i, (long long)gridDim.x * SLAB, S);
 	}
 }
 
@@ -329,37 +354,44 @@ extern "C" __global__ void q4_xprep(const void* x, int xdt, int T, int K, q4_u32
 
 // q4gemv_N: y [T, N] = x [T, K] · w [N, K]ᵀ: q4gemv_1 for up to 4 rows of x as it is (64 weight rows a
 // block), q4gemv_2 up to 8 and q4gemv_4 up to 16 rows of q4_xprep's records (32 weight rows a block);
-// q4gemv_Nw the same with WIDE loads (groups and K multiples of 128). Grid: ceil(N / (16·MT)) blocks of
-// W <= Q4_MAXW warps (Q4_MAXW / 2 for q4gemv_4, whose registers would spill at 512 threads).
+// q4gemv_Nw the same with WIDE loads (groups and K multiples of 128). Grid: ceil(N / (16·MT)) × S blocks of
+// W <= Q4_MAXW warps (Q4_MAXW / 2 for q4gemv_4, whose registers would spill at 512 threads); with S > 1,
+// part and ctr as q4gemv_rows says (null otherwise).
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
-q4gemv_1(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
+q4gemv_1(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N,
+	float* part, int* ctr) {
 	PDL_PROLOGUE_L2((q4gemv_prefetch<4, false>(w, K, N, blockIdx.x * 64)));
-	q4gemv_rows<4, 1, false, false>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 64);
+	q4gemv_rows<4, 1, false, false>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 64, part, ctr);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
-q4gemv_2(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
+q4gemv_2(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N,
+	float* part, int* ctr) {
 	PDL_PROLOGUE_L2((q4gemv_prefetch<2, false>(w, K, N, blockIdx.x * 32)));
-	q4gemv_rows<2, 2, true, false>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32);
+	q4gemv_rows<2, 2, true, false>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32, part, ctr);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 16)
-q4gemv_4(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
+q4gemv_4(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N,
+	float* part, int* ctr) {
 	PDL_PROLOGUE_L2((q4gemv_prefetch<2, false>(w, K, N, blockIdx.x * 32)));
-	q4gemv_rows<2, 4, true, false>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32);
+	q4gemv_rows<2, 4, true, false>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32, part, ctr);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
-q4gemv_1w(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
+q4gemv_1w(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N,
+	float* part, int* ctr) {
 	PDL_PROLOGUE_L2((q4gemv_prefetch<4, true>(w, K, N, blockIdx.x * 64)));
-	q4gemv_rows<4, 1, false, true>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 64);
+	q4gemv_rows<4, 1, false, true>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 64, part, ctr);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
-q4gemv_2w(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
+q4gemv_2w(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N,
+	float* part, int* ctr) {
 	PDL_PROLOGUE_L2((q4gemv_prefetch<2, true>(w, K, N, blockIdx.x * 32)));
-	q4gemv_rows<2, 2, true, true>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32);
+	q4gemv_rows<2, 2, true, true>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32, part, ctr);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 16)
-q4gemv_4w(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N) {
+q4gemv_4w(const void* x, int xdt, const unsigned char* w, const bf16_t* scales, int gs, float* y, int T, int K, int N,
+	float* part, int* ctr) {
 	PDL_PROLOGUE_L2((q4gemv_prefetch<2, true>(w, K, N, blockIdx.x * 32)));
-	q4gemv_rows<2, 4, true, true>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32);
+	q4gemv_rows<2, 4, true, true>(x, xdt, w, scales, gs, y, T, K, N, blockIdx.x * 32, part, ctr);
 }
 
 // q4gemv_multi_1 is q4gemv_1 for up to three weights of one x (T <= 4; the same K and group size): y_s
@@ -395,24 +427,26 @@ __device__ __forceinline__ void q4gemv_multi_prefetch(const unsigned char* w0, i
 template <bool WIDE>
 __device__ __forceinline__ void q4gemv_multi(const void* x, int xdt, const unsigned char* w0, const bf16_t* s0, float* y0, int n0,
 	const unsigned char* w1, const bf16_t* s1, float* y1, int n1, const unsigned char* w2, const bf16_t* s2, float* y2, int n2, int gs,
-	int T, int K) {
+	int T, int K, float* part, int* ctr) {
 	const unsigned char* w;
 	const bf16_t* s;
 	float* y;
 	int n, r0 = q4gemv_multi_pick(blockIdx.x, w0, s0, y0, n0, w1, s1, y1, n1, w2, s2, y2, n2, w, s, y, n);
-	q4gemv_rows<4, 1, false, WIDE>(x, xdt, w, s, gs, y, T, K, n, r0); // one copy of the loop
+	q4gemv_rows<4, 1, false, WIDE>(x, xdt, w, s, gs, y, T, K, n, r0, part, ctr); // one copy of the loop
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_multi_1(const void* x, int xdt, const unsigned char* w0, const bf16_t* s0, float* y0, int n0, const unsigned char* w1,
-	const bf16_t* s1, float* y1, int n1, const unsigned char* w2, const bf16_t* s2, float* y2, int n2, int gs, int T, int K) {
+	const bf16_t* s1, float* y1, int n1, const unsigned char* w2, const bf16_t* s2, float* y2, int n2, int gs, int T, int K, float* part,
+	int* ctr) {
 	PDL_PROLOGUE_L2(q4gemv_multi_prefetch<false>(w0, n0, w1, n1, w2, n2, K));
-	q4gemv_multi<false>(x, xdt, w0, s0, y0, n0, w1, s1, y1, n1, w2, s2, y2, n2, gs, T, K);
+	q4gemv_multi<false>(x, xdt, w0, s0, y0, n0, w1, s1, y1, n1, w2, s2, y2, n2, gs, T, K, part, ctr);
 }
 extern "C" __global__ void __launch_bounds__(Q4_MAXW * 32)
 q4gemv_multi_1w(const void* x, int xdt, const unsigned char* w0, const bf16_t* s0, float* y0, int n0, const unsigned char* w1,
-	const bf16_t* s1, float* y1, int n1, const unsigned char* w2, const bf16_t* s2, float* y2, int n2, int gs, int T, int K) {
+	const bf16_t* s1, float* y1, int n1, const unsigned char* w2, const bf16_t* s2, float* y2, int n2, int gs, int T, int K, float* part,
+	int* ctr) {
 	PDL_PROLOGUE_L2(q4gemv_multi_prefetch<true>(w0, n0, w1, n1, w2, n2, K));
-	q4gemv_multi<true>(x, xdt, w0, s0, y0, n0, w1, s1, y1, n1, w2, s2, y2, n2, gs, T, K);
+	q4gemv_multi<true>(x, xdt, w0, s0, y0, n0, w1, s1, y1, n1, w2, s2, y2, n2, gs, T, K, part, ctr);
 }
 
 // ---- The routed experts: P[split][r] = in[r] · W_e over one K split, W_e [K, N] input-major ----

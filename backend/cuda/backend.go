@@ -184,6 +184,7 @@ type Counters struct {
 	QuantGEMV    int64 // Linear calls on a quantised weight run by the quantised GEMV (decode)
 	QuantDequant int64 // Linear calls on a quantised weight run on a dequantised bf16 copy (prefill)
 	QuantQ4GEMM  int64 // Linear calls on an int4 weight run by q4gemm (prefill, FuseQ4GEMM)
+	Q4Split      int64 // q4gemv launches that split K over blocks too (FuseQ4Split)
 	QuantFP8Gemm int64 // Linear calls on an fp8 weight run by the FP8 GEMM (prefill, fp8gemm.go)
 	ExpertsFP8   int64 // of ExpertsGrouped, the calls on fp8 weights run on FP8 tensor cores (the FP8 GEMM per expert, or the grouped fp8 kernels)
 	ExpertsQ4    int64 // of ExpertsGrouped, the calls on int4 weights run by q4gemm_experts(_swiglu)

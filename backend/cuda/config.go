@@ -84,7 +84,7 @@ const EnvUnfuse = "TPFLEET_CUDA_UNFUSE"
 // deterministic run to run all the same).
 func Fusions() []string {
 	return []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FusePrefetch, FuseGrouped,
-		FuseQ4GEMM, FuseFP8Grouped}
+		FuseQ4GEMM, FuseFP8Grouped, FuseQ4Split}
 }
 
 // The fusions (Fusions).
@@ -131,6 +131,11 @@ const (
 	// on the device; off, prefill runs one cuBLASLt FP8 GEMM per active expert after a host read of the
 	// counts (fp8gemm.go) and decode batches the fp8 expert GEMV (fp8.go).
 	FuseFP8Grouped = "fp8grouped"
+	// FuseQ4Split: an int4 GEMV (q4gemv_N, q4gemv_multi_1) whose 64-row blocks are too few for the SMs
+	// (Scout's 5120-row o_proj and shared down: 80 blocks on 132 SMs) also splits K over the blocks, whose
+	// partial sums the last block of each row tile adds in split order; off, one block a row tile, its
+	// warps splitting K. The same products; the float32 sums in another order (deterministic).
+	FuseQ4Split = "q4split"
 )
 
 // Config configures a Backend.
@@ -169,8 +174,8 @@ type Config struct {
 	NoPDL bool `json:"cuda-no-pdl"`
 	// Unfuse turns kernel fusions off, for comparing and debugging: "all", or a comma-separated list of
 	// names from Fusions (route, swiglu, act, combine, qkv, vec, pack, prefetch, grouped, q4gemm,
-	// fp8grouped); empty keeps every fusion. The ops then launch the kernels the fusion replaces, with the
-	// same results (grouped, q4gemm and fp8grouped: to the rounding of their sums). EnvUnfuse adds to it.
+	// fp8grouped, q4split); empty keeps every fusion. The ops then launch the kernels the fusion replaces,
+	// with the same results (grouped, q4gemm, fp8grouped and q4split: to the rounding of their sums). EnvUnfuse adds to it.
 	Unfuse string `json:"cuda-unfuse"`
 }
 

@@ -231,11 +231,12 @@ func TestParseUnfuse(t *testing.T) {
 		{nil, Fusions()},
 		{[]string{""}, Fusions()},
 		{[]string{"all"}, nil},
-		{[]string{"route, Vec", ""}, []string{FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FusePack, FusePrefetch, FuseGrouped, FuseQ4GEMM, FuseFP8Grouped}},
-		{[]string{"act", "combine,qkv"}, []string{FuseRoute, FuseSwiGLU, FuseVec, FusePack, FusePrefetch, FuseGrouped, FuseQ4GEMM, FuseFP8Grouped}},
-		{[]string{"grouped"}, []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FusePrefetch, FuseQ4GEMM, FuseFP8Grouped}},
-		{[]string{"q4gemm"}, []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FusePrefetch, FuseGrouped, FuseFP8Grouped}},
-		{[]string{"FP8Grouped"}, []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FusePrefetch, FuseGrouped, FuseQ4GEMM}},
+		{[]string{"route, Vec", ""}, []string{FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FusePack, FusePrefetch, FuseGrouped, FuseQ4GEMM, FuseFP8Grouped, FuseQ4Split}},
+		{[]string{"act", "combine,qkv"}, []string{FuseRoute, FuseSwiGLU, FuseVec, FusePack, FusePrefetch, FuseGrouped, FuseQ4GEMM, FuseFP8Grouped, FuseQ4Split}},
+		{[]string{"grouped"}, []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FusePrefetch, FuseQ4GEMM, FuseFP8Grouped, FuseQ4Split}},
+		{[]string{"q4gemm"}, []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FusePrefetch, FuseGrouped, FuseFP8Grouped, FuseQ4Split}},
+		{[]string{"FP8Grouped"}, []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FusePrefetch, FuseGrouped, FuseQ4GEMM, FuseQ4Split}},
+		{[]string{"Q4Split"}, []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FusePrefetch, FuseGrouped, FuseQ4GEMM, FuseFP8Grouped}},
 		{[]string{"", "all"}, nil},
 	} {
 		got, err := parseUnfuse(tt.lists...)

@@ -66,8 +66,8 @@ func TestLaunchArgumentsMatchKernels(t *testing.T) {
 	}
 	for _, f := range files {
 		for _, d := range f.Decls {
-			if fd, ok := d.(*ast.FuncDecl); ok && fd.Recv != nil && fd.Body != nil {
-				li.methods[fd.Name.Name] = fd
+			if fd, ok := d.(*ast.FuncDecl); ok && fd.Recv != nil && fd.Body != nil && len(fd.Recv.List) == 1 {
+				li.methods[recvType(fd.Recv.List[0].Type)+"."+fd.Name.Name] = fd
 			}
 		}
 	}
@@ -193,7 +193,7 @@ type launchInterp struct {
 	fset    *token.FileSet
 	info    *types.Info
 	fields  map[string][]string      // kernel field → kernel names
-	methods map[string]*ast.FuncDecl // the package's methods by name
+	methods map[string]*ast.FuncDecl // the package's methods by "type.name"
 	files   []*ast.File
 	fn      *ast.FuncDecl // the function whose launches are followed
 	depth   int           // methods being followed, nested (recursion ends at a few)
@@ -568,8 +568,11 @@ func (li *launchInterp) eval(e ast.Expr, p *path, subst map[string]string) []eva
 			return out
 		}
 		if sel, ok := x.Fun.(*ast.SelectorExpr); ok {
-			if m := li.methods[sel.Sel.Name]; m != nil {
-				return li.method(m, sel.X, x.Args, p, subst)
+			if tv, ok := li.info.Types[sel.X]; ok {
+				name := strings.TrimPrefix(types.TypeString(tv.Type, func(*types.Package) string { return "" }), "*")
+				if m := li.methods[name+"."+sel.Sel.Name]; m != nil {
+					return li.method(m, sel.X, x.Args, p, subst)
+				}
 			}
 		}
 		return unknown
@@ -679,6 +682,17 @@ func sortedConds(c map[string]bool) []string {
 	}
 	slices.Sort(s)
 	return s
+}
+
+// recvType is a method receiver's type name, without a pointer.
+func recvType(e ast.Expr) string {
+	if st, ok := e.(*ast.StarExpr); ok {
+		e = st.X
+	}
+	if id, ok := e.(*ast.Ident); ok {
+		return id.Name
+	}
+	return ""
 }
 
 // recvName is m's receiver's name ("" when it has none).

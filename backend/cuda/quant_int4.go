@@ -54,6 +54,14 @@ const (
 	// weight rows) load batches in flight to cover the memory latency, within the registers of a
 	// 512-thread block.
 	q4WarpsPerSM = 24
+	// With FuseQ4Split, a q4gemv launch whose row tiles would leave SMs idle (q4SplitBelow: one block an
+	// SM, the last wave part empty, e.g. 80 tiles of a 5120-row weight on 132 SMs) also splits K, into
+	// at most q4SplitBlocksPerSM·SMs blocks of q4SplitWarps warps (gridDim.y splits, at least a unit a
+	// warp): the kernels use 128 registers a thread (512-thread bounds), so four such blocks fit an SM
+	// and the launch is one wave.
+	q4SplitBelow       = 0.9
+	q4SplitBlocksPerSM = 4
+	q4SplitWarps       = 4
 	// q4eBlocksPerSM is the q4expert_gemv blocks (4 warps) a launch aims at per SM.
 	q4eBlocksPerSM = 8
 	// q4gemm's geometry (Q4G_WARPS, Q4G_BK, Q4G_DMT/DNT, Q4G_EMT/ENT): blocks of 4 warps; q4gemm's of 128
@@ -67,6 +75,59 @@ const (
 	q4gExpertBM = 64
 	q4gExpertBN = 256
 )
+
+// q4Launch is a q4gemv launch's geometry: S K splits (gridDim.y) of blocks of W warps, and with S > 1
+// the split partials and the counters the kernel adds them with (q4gemv_rows in quant_int4.cu).
+type q4Launch struct {
+	S, W int
+	part *buffer
+	ctr  *buffer
+}
+
+// q4Geometry sizes a q4gemv launch of tiles row tiles over in inputs (wide: 128-input units, else 32),
+// with slab floats of partial sums a block when split and maxW warps a block at most. Without a split a
+// block's warps cut K alone, as many as q4WarpsPerSM asks; with FuseQ4Split, tiles that would fill the
+// SMs' last wave less than q4SplitBelow split K too (q4SplitBlocksPerSM blocks an SM). Release the
+// partials (release) once the launch is enqueued.
+func (b *Backend) q4Geometry(tiles, in, slab int, wide bool, maxW int) (q4Launch, error) {
+	sms := max(b.dev.multiprocessors, 1)
+	g := q4Launch{S: 1, W: min(ceilDiv(q4WarpsPerSM*sms, tiles), maxW, max(in/32/4, 1))}
+	if !b.fused(FuseQ4Split) || float64(tiles)/float64(ceilDiv(tiles, sms)*sms) >= q4SplitBelow {
+		return g, nil
+	}
+	units := in / 32
+	if wide {
+		units = in / 128
+	}
+	S := min(q4SplitBlocksPerSM*sms/tiles, units/q4SplitWarps) // all blocks resident at once: one wave
+	if S < 2 {
+		return g, nil
+	}
+	ctr, err := b.fuseCounters(tiles)
+	if err != nil || ctr == nil { // nil: a recorded step's counters are too few; no split then
+		return g, err
+	}
+	part, err := b.pool.get(int64(S) * int64(tiles) * int64(slab) * 4)
+	if err != nil {
+		return g, err
+	}
+	b.counts.Q4Split++
+	return q4Launch{S: S, W: q4SplitWarps, part: part, ctr: ctr}, nil
+}
+
+// args are the kernel's last two arguments: the partials and the counters (null without a split).
+func (g q4Launch) args() (devptr, devptr) {
+	if g.part == nil {
+		return 0, 0
+	}
+	return g.part.ptr, g.ctr.ptr
+}
+
+func (g q4Launch) release(b *Backend) {
+	if g.part != nil {
+		b.pool.release(*g.part)
+	}
+}
 
 // q4gemvOK reports whether x [T, in] · wᵀ (w int4) runs on q4gemv: at most skinnyRows rows, in and the
 // group size multiples of 32 (a 32-input block lies in one group), a 16-byte aligned x.
@@ -96,23 +157,30 @@ func (b *Backend) linearInt4(x, wt, y *tensor) error {
 	ks := &b.k.q4gemv[q4Wide(wt)]
 	for r0 := 0; r0 < T; r0 += q4gemvRows {
 		n := min(q4gemvRows, T-r0)
-		k, rows, maxW := ks[0], 64, q4MaxWarps
+		k, rows, nt, maxW := ks[0], 64, 1, q4MaxWarps // nt: the kernel's n8 tiles (NT), 4 rows of x each
 		xp := x.ptr() + devptr(int64(r0)*int64(in)*x.dt.size())
 		switch {
 		case n > 8:
-			k, rows, maxW = ks[2], 32, q4MaxWarps/2
+			k, rows, nt, maxW = ks[2], 32, 4, q4MaxWarps/2
 		case n > 4:
-			k, rows = ks[1], 32
+			k, rows, nt = ks[1], 32, 2
 		}
 		if n > 4 {
 			xp = xq.ptr + devptr(int64(r0)*int64(in)*4) // row r0's records: 2 halves × in/8 × 16 bytes a row
 		}
 		blocks := ceilDiv(outDim, rows)
-		// Warps split K: as many as the SMs want, each with at least one batch of four 32-input blocks.
-		w := min(ceilDiv(q4WarpsPerSM*max(b.dev.multiprocessors, 1), blocks), maxW, max(in/32/4, 1))
+		// Warps split K: as many as the SMs want, each with at least one batch of four 32-input blocks;
+		// blocks too few for the SMs split it too.
+		g, err := b.q4Geometry(blocks, in, rows*4*nt, q4Wide(wt) == 1, maxW)
+		if err != nil {
+			return err
+		}
+		part, ctr := g.args()
 		yp := y.ptr() + devptr(int64(r0)*int64(outDim)*4)
-		if err := b.stream.launch(k, dim3{uint32(blocks), 1, 1}, dim3{uint32(32 * w), 1, 1}, 0,
-			xp, int(x.dt), wt, wt.q.scales, wt.q.gs, yp, n, in, outDim); err != nil {
+		err = b.stream.launch(k, dim3{uint32(blocks), uint32(g.S), 1}, dim3{uint32(32 * g.W), 1, 1}, 0,
+			xp, int(x.dt), wt, wt.q.scales, wt.q.gs, yp, n, in, outDim, part, ctr)
+		g.release(b)
+		if err != nil {
 			return err
 		}
 	}
@@ -157,10 +225,17 @@ func (b *Backend) linearMultiInt4(xt *tensor, wts []*tensor) (out []backend.Tens
 		args = append(args, w, w.q.scales, y, n)
 		blocks += ceilDiv(n, 64)
 	}
-	args = append(args, wts[idx[0]].q.gs, T, in)
-	w := min(ceilDiv(q4WarpsPerSM*max(b.dev.multiprocessors, 1), blocks), q4MaxWarps, max(in/32/4, 1))
+	wide := q4Wide(wts[idx[0]])
+	g, err := b.q4Geometry(blocks, in, 64*4, wide == 1, q4MaxWarps)
+	if err != nil {
+		return nil, true, err
+	}
+	part, ctr := g.args()
+	args = append(args, wts[idx[0]].q.gs, T, in, part, ctr)
 	b.counts.QuantGEMV += int64(len(idx))
-	if err := b.stream.launch(b.k.q4gemvMulti[q4Wide(wts[idx[0]])], dim3{uint32(blocks), 1, 1}, dim3{uint32(32 * w), 1, 1}, 0, args...); err != nil {
+	err = b.stream.launch(b.k.q4gemvMulti[wide], dim3{uint32(blocks), uint32(g.S), 1}, dim3{uint32(32 * g.W), 1, 1}, 0, args...)
+	g.release(b)
+	if err != nil {
 		return nil, true, fmt.Errorf("cuda: linear multi x%v (int4): %w", xt.shape, err)
 	}
 	for i := range wts {

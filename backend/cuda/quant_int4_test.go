@@ -40,16 +40,33 @@ func int4PathOK(paths string, T int, experts bool) bool {
 // sizes 128 and 32: up to 64 rows the tensor-core GEMV (q4gemv_N, float32 accuracy: quantGEMVRelL2), at
 // 256 and 2048 q4gemm (bf16(q·s) weights and x rounded to bf16: quantBF16RelL2). The shapes have K of 10,
 // 32 and 64 input blocks and N not a multiple of a block's 64 or 32 rows (nor of q4gemm's 256); the
-// path each call took is checked by the counters. TestInt4GEMMVsCPU covers q4gemm's own cases.
+// path each call took is checked by the counters. TestInt4GEMMVsCPU covers q4gemm's own cases. Every
+// shape runs with q4split on (these few row tiles split K over the blocks: the counter must say so) and
+// off (one block a row tile).
 func TestInt4LinearVsCPU(t *testing.T) {
 	g := newBackend(t, cuda.BF16)
 	e := &opEnv{t: t, cpu: cpu.New(cpu.Config{}), gpu: g, r: rand.New(rand.NewPCG(51, 52))}
+	for _, unfuse := range []string{"", cuda.FuseQ4Split} {
+		restore, err := cuda.SetUnfuse(g, unfuse)
+		if err != nil {
+			t.Fatal(err)
+		}
+		before := g.Counters()
+		int4LinearVsCPU(t, g, e, unfuse)
+		restore()
+		if split := g.Counters().Q4Split - before.Q4Split; (split > 0) != (unfuse == "") {
+			t.Errorf("unfuse %q: %d q4gemv launches split K, want them %s", unfuse, split, map[bool]string{true: "some", false: "none"}[unfuse == ""])
+		}
+	}
+}
+
+func int4LinearVsCPU(t *testing.T, g *cuda.Backend, e *opEnv, unfuse string) {
 	for _, f := range int4Formats {
 		for _, s := range []struct{ in, out int }{{320, 72}, {1024, 776}, {2048, 256}} {
 			w := e.qweight(f, 0.05, s.out, s.in)
 			for _, T := range int4Rows {
 				x := e.input(1, T, s.in)
-				shape := fmt.Sprintf("%s [%d %d]x[%d %d]", f, T, s.in, s.out, s.in)
+				shape := fmt.Sprintf("%s [%d %d]x[%d %d] unfuse %q", f, T, s.in, s.out, s.in, unfuse)
 				bound := quantGEMVRelL2
 				if T > 64 {
 					bound = quantBF16RelL2
@@ -75,6 +92,17 @@ func TestInt4LinearMulti(t *testing.T) {
 	e := &opEnv{t: t, cpu: cpu.New(cpu.Config{}), gpu: g, r: rand.New(rand.NewPCG(91, 92))}
 	f := int4Formats[0]
 	const in = 512
+	restore, err := cuda.SetUnfuse(g, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer restore()
+	split := g.Counters().Q4Split
+	defer func() {
+		if g.Counters().Q4Split == split {
+			t.Error("no q4gemv_multi launch split K over the blocks (q4split), though its few row tiles leave SMs idle")
+		}
+	}()
 	sets := []struct {
 		name  string
 		ws    []pair

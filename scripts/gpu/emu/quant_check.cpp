@@ -279,9 +279,11 @@ void test_fp8_dequant_experts(int fmt) {
 }
 // ---- quant_int4.cu ----
 // test_q4gemv: q4gemv_N (by T: _1 to 4 rows, _2 to 8 and _4 to 16 on q4_xprep's records; q4gemv_Nw with
-// wide) with W warps a block against the float64 product of x and quant's dequantised weight. x enters as hi + lo bf16 (2^-16
-// relative), the sums in float32: 3e-5 of the sum of |products| covers both.
-void test_q4gemv(int T, int K, int N, int gs, int xdt, int W, bool wide = false) {
+// wide) with W warps a block and S K splits (gridDim.y: partial slabs, the last block of a row tile adds
+// them; its counters must be back at zero after the launch) against the float64 product of x and quant's
+// dequantised weight. x enters as hi + lo bf16 (2^-16 relative), the sums in float32: 3e-5 of the sum of
+// |products| covers both.
+void test_q4gemv(int T, int K, int N, int gs, int xdt, int W, bool wide = false, int S = 1) {
 	QW w = make(QF_INT4, gs, N, K, 1);
 	std::vector<float> xf(T * K); for (auto& v : xf) v = urand(-1, 1) * (rng() % 9 == 0 ? 1e-3f : 1.0f);
 	std::vector<bf16_t> xb(T * K); for (int i = 0; i < T * K; i++) { xb[i] = f32_to_bf16(xf[i]); if (xdt == DT_BF16) xf[i] = bf16_to_f32(xb[i]); }
@@ -291,14 +293,20 @@ void test_q4gemv(int T, int K, int N, int gs, int xdt, int W, bool wide = false)
 	// Above 4 rows the GEMV reads q4_xprep's records of x (2·T·K/8 of 16 bytes).
 	std::vector<q4_u32x4> xq(T > 4 ? 2 * T * K / 8 : 0);
 	if (T > 4) launch(dim3{2}, dim3{64}, [&] { q4_xprep(x, xdt, T, K, xq.data()); });
-	dim3 grid{(unsigned)((N + 16 * MT - 1) / (16 * MT))}, block{(unsigned)(32 * W)};
+	dim3 grid{(unsigned)((N + 16 * MT - 1) / (16 * MT)), (unsigned)S}, block{(unsigned)(32 * W)};
+	int NT = T <= 4 ? 1 : T <= 8 ? 2 : 4;
+	std::vector<float> part(S > 1 ? (size_t)S * grid.x * 16 * MT * 4 * NT : 0, NAN);
+	std::vector<int> ctr(grid.x, 0);
+	float* pp = S > 1 ? part.data() : nullptr;
+	int* cp = S > 1 ? ctr.data() : nullptr;
 	launch(grid, block, [&] {
-		if (wide && T <= 4) q4gemv_1w(x, xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N);
-		else if (wide && T <= 8) q4gemv_2w(xq.data(), xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N);
-		else if (wide) q4gemv_4w(xq.data(), xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N);
-		else if (T <= 4) q4gemv_1(x, xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N);
-		else if (T <= 8) q4gemv_2(xq.data(), xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N);
-		else q4gemv_4(xq.data(), xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N); });
+		if (wide && T <= 4) q4gemv_1w(x, xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N, pp, cp);
+		else if (wide && T <= 8) q4gemv_2w(xq.data(), xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N, pp, cp);
+		else if (wide) q4gemv_4w(xq.data(), xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N, pp, cp);
+		else if (T <= 4) q4gemv_1(x, xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N, pp, cp);
+		else if (T <= 8) q4gemv_2(xq.data(), xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N, pp, cp);
+		else q4gemv_4(xq.data(), xdt, w.codes.data(), w.sb.data(), gs, y.data(), T, K, N, pp, cp); });
+	for (unsigned i = 0; i < grid.x; i++) if (ctr[i] != 0) { bad++; printf("q4gemv S %d: counter %u left at %d\n", S, i, ctr[i]); break; }
 	for (int t = 0; t < T; t++) for (int n = 0; n < N; n++) {
 		double s = 0, a = 0; for (int i = 0; i < K; i++) { double p = (double)xf[t * K + i] * w.at((long)n * K + i); s += p; a += std::fabs(p); }
 		check("q4gemv", y[t * N + n], s, 3e-5 * (1 + a), t * N + n);
@@ -307,15 +315,20 @@ void test_q4gemv(int T, int K, int N, int gs, int xdt, int W, bool wide = false)
 }
 // test_q4gemv_multi: q4gemv_multi_1 over three weights of one x (row counts not multiples of 64, the last
 // one empty when n2 == 0) against the float64 products.
-void test_q4gemv_multi(int T, int K, int n0, int n1, int n2, int gs, int W, bool wide = false) {
+void test_q4gemv_multi(int T, int K, int n0, int n1, int n2, int gs, int W, bool wide = false, int S = 1) {
 	QW w[3] = {make(QF_INT4, gs, n0, K, 1), make(QF_INT4, gs, n1, K, 1), make(QF_INT4, gs, std::max(n2, 1), K, 1)};
 	int ns[3] = {n0, n1, n2};
 	std::vector<float> x(T * K); for (auto& v : x) v = urand(-1, 1);
 	std::vector<float> y[3]; for (int s = 0; s < 3; s++) y[s].assign(T * std::max(ns[s], 1) + 1, NAN);
 	unsigned blocks = (n0 + 63) / 64 + (n1 + 63) / 64 + (n2 + 63) / 64;
-	launch(dim3{blocks}, dim3{(unsigned)(32 * W)}, [&] {
+	std::vector<float> part(S > 1 ? (size_t)S * blocks * 64 * 4 : 0, NAN);
+	std::vector<int> ctr(blocks, 0);
+	float* pp = S > 1 ? part.data() : nullptr;
+	int* cp = S > 1 ? ctr.data() : nullptr;
+	launch(dim3{blocks, (unsigned)S}, dim3{(unsigned)(32 * W)}, [&] {
 		(wide ? q4gemv_multi_1w : q4gemv_multi_1)(x.data(), DT_F32, w[0].codes.data(), w[0].sb.data(), y[0].data(), n0, w[1].codes.data(), w[1].sb.data(), y[1].data(), n1,
-			n2 ? w[2].codes.data() : nullptr, n2 ? w[2].sb.data() : nullptr, n2 ? y[2].data() : nullptr, n2, gs, T, K); });
+			n2 ? w[2].codes.data() : nullptr, n2 ? w[2].sb.data() : nullptr, n2 ? y[2].data() : nullptr, n2, gs, T, K, pp, cp); });
+	for (unsigned i = 0; i < blocks; i++) if (ctr[i] != 0) { bad++; printf("q4gemv_multi S %d: counter %u left at %d\n", S, i, ctr[i]); break; }
 	for (int s = 0; s < 3; s++) {
 		for (int t = 0; t < T; t++) for (int n = 0; n < ns[s]; n++) {
 			double r = 0, a = 0; for (int i = 0; i < K; i++) { double p = (double)x[t * K + i] * w[s].at((long)n * K + i); r += p; a += std::fabs(p); }
@@ -428,6 +441,15 @@ void int4_checks() {
 	for (int T : {1, 3, 6, 13}) { test_q4gemv(T, 256, 40, 128, DT_F32, 3, true); test_q4gemv(T, 640, 17, 128, DT_BF16, 2, true); }
 	test_q4gemv(2, 1152, 70, 384, DT_F32, 16, true); test_q4gemv(16, 512, 33, 256, DT_F32, 4, true);
 	test_q4gemv_multi(2, 384, 80, 16, 24, 128, 3, true);
+	// K split over the blocks (gridDim.y): even and uneven shares, splits with no units left (S above the
+	// units), with one and several warps, every kernel size.
+	for (int S : {2, 3, 5}) {
+		test_q4gemv(1, 640, 70, 128, DT_F32, 2, true, S); test_q4gemv(4, 1152, 40, 384, DT_BF16, 1, true, S);
+		test_q4gemv(6, 512, 33, 128, DT_F32, 2, true, S); test_q4gemv(13, 384, 20, 128, DT_F32, 1, true, S);
+		test_q4gemv(3, 1056, 5, 96, DT_F32, 2, false, S); test_q4gemv(9, 160, 17, 32, DT_BF16, 1, false, S);
+		test_q4gemv_multi(1, 640, 80, 16, 24, 128, 2, true, S); test_q4gemv_multi(3, 96, 64, 70, 0, 32, 1, false, S);
+	}
+	test_q4gemv(2, 256, 40, 128, DT_F32, 1, true, 7); // 2 tiles over 7 splits: five blocks have none
 	printf("q4gemv done bad=%d\n", bad);
 	for (int mode : {0, 1}) for (int NT : {1, 2}) {
 		test_q4expert(mode, NT, 96, 24, 16, 32, DT_F32); test_q4expert(mode, NT, 256, 72, 32, 80, DT_F32); }
