@@ -320,8 +320,9 @@ __device__ __forceinline__ void q4gemv_rows(const void* __restrict__ x, int xdt,
 		int r = i / (4 * NT), t = i - r * (4 * NT);
 		float v = 0.0f;
 		for (int q = 0; q < W; q++) v += red[q][r][t];
+		if (t >= T) continue; // columns past the rows of x: neither stored nor added
 		if (S > 1) slab[i] = v;
-		else if (t < T && n0 + r < N) y[(long long)t * N + n0 + r] = v;
+		else if (n0 + r < N) y[(long long)t * N + n0 + r] = v;
 	}
 	if (S == 1 || !eg_last(ctr + blockIdx.x, S)) return;
 	const float* first = part + (long long)blockIdx.x * SLAB;

@@ -56,12 +56,11 @@ const (
 	q4WarpsPerSM = 24
 	// With FuseQ4Split, a q4gemv launch whose row tiles would leave SMs idle (q4SplitBelow: one block an
 	// SM, the last wave part empty, e.g. 80 tiles of a 5120-row weight on 132 SMs) also splits K, into
-	// at most q4SplitBlocksPerSM·SMs blocks of q4SplitWarps warps (gridDim.y splits, at least a unit a
-	// warp): the kernels use 128 registers a thread (512-thread bounds), so four such blocks fit an SM
-	// and the launch is one wave.
-	q4SplitBelow       = 0.9
-	q4SplitBlocksPerSM = 4
-	q4SplitWarps       = 4
+	// as many blocks of q4SplitWarps warps as fit the SMs at once (gridDim.y splits, at least a unit a
+	// warp), so that the launch is one wave: q4gemv_1 and _2 use 128 registers a thread (their
+	// 512-thread bounds), four such blocks an SM; q4gemv_4 about 180, two.
+	q4SplitBelow = 0.9
+	q4SplitWarps = 4
 	// q4eBlocksPerSM is the q4expert_gemv blocks (4 warps) a launch aims at per SM.
 	q4eBlocksPerSM = 8
 	// q4gemm's geometry (Q4G_WARPS, Q4G_BK, Q4G_DMT/DNT, Q4G_EMT/ENT): blocks of 4 warps; q4gemm's of 128
@@ -87,9 +86,9 @@ type q4Launch struct {
 // q4Geometry sizes a q4gemv launch of tiles row tiles over in inputs (wide: 128-input units, else 32),
 // with slab floats of partial sums a block when split and maxW warps a block at most. Without a split a
 // block's warps cut K alone, as many as q4WarpsPerSM asks; with FuseQ4Split, tiles that would fill the
-// SMs' last wave less than q4SplitBelow split K too (q4SplitBlocksPerSM blocks an SM). Release the
+// SMs' last wave less than q4SplitBelow split K too, into at most perSM blocks an SM. Release the
 // partials (release) once the launch is enqueued.
-func (b *Backend) q4Geometry(tiles, in, slab int, wide bool, maxW int) (q4Launch, error) {
+func (b *Backend) q4Geometry(tiles, in, slab int, wide bool, maxW, perSM int) (q4Launch, error) {
 	sms := max(b.dev.multiprocessors, 1)
 	g := q4Launch{S: 1, W: min(ceilDiv(q4WarpsPerSM*sms, tiles), maxW, max(in/32/4, 1))}
 	if !b.fused(FuseQ4Split) || float64(tiles)/float64(ceilDiv(tiles, sms)*sms) >= q4SplitBelow {
@@ -99,7 +98,7 @@ func (b *Backend) q4Geometry(tiles, in, slab int, wide bool, maxW int) (q4Launch
 	if wide {
 		units = in / 128
 	}
-	S := min(q4SplitBlocksPerSM*sms/tiles, units/q4SplitWarps) // all blocks resident at once: one wave
+	S := min(perSM*sms/tiles, units/q4SplitWarps) // all blocks resident at once: one wave
 	if S < 2 {
 		return g, nil
 	}
@@ -157,11 +156,12 @@ func (b *Backend) linearInt4(x, wt, y *tensor) error {
 	ks := &b.k.q4gemv[q4Wide(wt)]
 	for r0 := 0; r0 < T; r0 += q4gemvRows {
 		n := min(q4gemvRows, T-r0)
-		k, rows, nt, maxW := ks[0], 64, 1, q4MaxWarps // nt: the kernel's n8 tiles (NT), 4 rows of x each
+		// nt: the kernel's n8 tiles (NT), 4 rows of x each; perSM: its split blocks that fit an SM.
+		k, rows, nt, maxW, perSM := ks[0], 64, 1, q4MaxWarps, 4
 		xp := x.ptr() + devptr(int64(r0)*int64(in)*x.dt.size())
 		switch {
 		case n > 8:
-			k, rows, nt, maxW = ks[2], 32, 4, q4MaxWarps/2
+			k, rows, nt, maxW, perSM = ks[2], 32, 4, q4MaxWarps/2, 2
 		case n > 4:
 			k, rows, nt = ks[1], 32, 2
 		}
@@ -171,7 +171,7 @@ func (b *Backend) linearInt4(x, wt, y *tensor) error {
 		blocks := ceilDiv(outDim, rows)
 		// Warps split K: as many as the SMs want, each with at least one batch of four 32-input blocks;
 		// blocks too few for the SMs split it too.
-		g, err := b.q4Geometry(blocks, in, rows*4*nt, q4Wide(wt) == 1, maxW)
+		g, err := b.q4Geometry(blocks, in, rows*4*nt, q4Wide(wt) == 1, maxW, perSM)
 		if err != nil {
 			return err
 		}
@@ -226,7 +226,7 @@ func (b *Backend) linearMultiInt4(xt *tensor, wts []*tensor) (out []backend.Tens
 		blocks += ceilDiv(n, 64)
 	}
 	wide := q4Wide(wts[idx[0]])
-	g, err := b.q4Geometry(blocks, in, 64*4, wide == 1, q4MaxWarps)
+	g, err := b.q4Geometry(blocks, in, 64*4, wide == 1, q4MaxWarps, 4)
 	if err != nil {
 		return nil, true, err
 	}
