@@ -163,6 +163,8 @@ type Info struct {
 	// FP8OuterVec reports that cuBLASLt applies the FP8 GEMM's per-row scales itself (outer-vector
 	// scaling, checked by a small product at start-up); false: fp8_scale_out applies them after the GEMM.
 	FP8OuterVec bool
+	// FP8OuterVecNote is the check's outcome in words (what failed, where it did).
+	FP8OuterVecNote string
 	// PDL says whether kernels launch with programmatic dependent launch (Config.NoPDL; compute
 	// capability 9.0 and a driver with cuLaunchKernelEx).
 	PDL bool
@@ -334,8 +336,12 @@ func (b *Backend) init() error {
 	b.groupedShared = b.allowShared(groupedSmem, b.k.groupedGateUp, b.k.groupedDown)
 	if d.ccMajor*10+d.ccMinor >= 89 {
 		b.fp8GroupedShared = b.allowShared(groupedFP8Smem, b.k.groupedFP8GateUp, b.k.groupedFP8Down)
-		b.fp8OuterVec = b.probeOuterVec()
-		b.info.FP8OuterVec = b.fp8OuterVec
+		var why string
+		b.fp8OuterVec, why = b.probeOuterVec()
+		b.info.FP8OuterVec, b.info.FP8OuterVecNote = b.fp8OuterVec, why
+		if n := len(b.phases); n > 0 {
+			b.phases[n-1].Detail += "; fp8 GEMM scales: " + why
+		}
 	}
 	return nil
 }

@@ -32,7 +32,7 @@ func fp8Paths(a, b cuda.Counters) (gemv, staged, gemm, expertGEMV, grouped, oute
 func TestFP8LinearDecodeVsCPU(t *testing.T) {
 	g := newBackend(t, cuda.BF16)
 	e := &opEnv{t: t, cpu: cpu.New(cpu.Config{}), gpu: g, r: rand.New(rand.NewPCG(91, 92))}
-	t.Logf("%s: cuBLASLt outer-vector scaling %v", g.Info().Arch, g.Info().FP8OuterVec)
+	t.Logf("%s: cuBLASLt outer-vector scaling %v (%s)", g.Info().Arch, g.Info().FP8OuterVec, g.Info().FP8OuterVecNote)
 	for _, f := range fp8Formats {
 		for _, s := range []struct{ in, out int }{{5120, 1024}, {8192, 640}, {512, 384}} {
 			w := e.qweight(f, 0.05, s.out, s.in)

@@ -2,8 +2,10 @@ package cuda
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"math"
+	"strings"
 
 	"github.com/tpfleet/tpfleet/backend"
 )
@@ -285,49 +287,66 @@ func fp8DynKMajor(e *expertsCall) bool {
 		gq.scales.ptr%16 == 0 && dq.scales.ptr%16 == 0
 }
 
-// probeOuterVec reports whether cuBLASLt's outer-vector scaling works on this device: a 16×16×16 FP8
-// product of ones with row scales sx[t] = t+1 and column scales sw[o] = (o+1)/2 must give exactly
-// 16·sx[t]·sw[o] (which also catches the two vectors swapped). Any refusal or difference leaves the
-// fp8_scale_out path on. New runs it once, on sm_89 and later.
-func (b *Backend) probeOuterVec() bool {
-	const n = 16
+// probeOuterVec reports whether cuBLASLt's outer-vector scaling works on this device, and if not why: an
+// n×n×n FP8 product of ones with row scales sx[t] = t+1 and column scales sw[o] = (o+1)/2 must give
+// exactly n·sx[t]·sw[o] (which also catches the two vectors swapped), at n = 16 or, where cuBLASLt has
+// no scaled algorithm that small, 128. Any refusal or difference leaves the fp8_scale_out path on. New
+// runs it once, on sm_89 and later, and its kernels phase says the outcome.
+func (b *Backend) probeOuterVec() (ok bool, why string) {
+	var whys []string
+	for _, n := range []int{16, 128} {
+		err := b.probeOuterVecAt(n)
+		if err == nil {
+			return true, fmt.Sprintf("cuBLASLt applies the scales (checked at %d×%d×%d)", n, n, n)
+		}
+		whys = append(whys, fmt.Sprintf("%d×%d×%d: %v", n, n, n, err))
+	}
+	return false, "fp8_scale_out applies the scales: " + strings.Join(whys, "; ")
+}
+
+// probeOuterVecAt runs probeOuterVec's product at n×n×n.
+func (b *Backend) probeOuterVecAt(n int) error {
 	key := gemmKey{m: n, n: n, k: n, out: F32, fp8: true, scaled: true}
 	plan, err := b.gemm.plan(key)
-	if err != nil || !plan.ok {
-		return false
-	}
-	buf, err := b.pool.get(2*n*n + 2*n*4 + n*n*4)
 	if err != nil {
-		return false
+		return err
+	}
+	if !plan.ok {
+		return errors.New("no scaled algorithm (or no scale-mode attribute)")
+	}
+	nn := int64(n) * int64(n)
+	buf, err := b.pool.get(2*nn + 2*int64(n)*4 + nn*4)
+	if err != nil {
+		return err
 	}
 	defer b.pool.release(*buf)
-	host := make([]byte, 2*n*n+2*n*4)
-	for i := range 2 * n * n {
+	host := make([]byte, 2*nn+2*int64(n)*4)
+	for i := range 2 * nn {
 		host[i] = 0x38 // E4M3 1.0
 	}
 	for i := range n {
-		binary.LittleEndian.PutUint32(host[2*n*n+4*i:], math.Float32bits(float32(i+1)))       // sx
-		binary.LittleEndian.PutUint32(host[2*n*n+4*(n+i):], math.Float32bits(float32(i+1)/2)) // sw
+		binary.LittleEndian.PutUint32(host[2*nn+4*int64(i):], math.Float32bits(float32(i+1)))     // sx
+		binary.LittleEndian.PutUint32(host[2*nn+4*int64(n+i):], math.Float32bits(float32(i+1)/2)) // sw
 	}
 	if err := b.upload(buf.ptr, host); err != nil {
-		return false
+		return err
 	}
-	x, w := buf.ptr, buf.ptr+n*n
-	sx, sw, d := buf.ptr+2*n*n, buf.ptr+2*n*n+n*4, buf.ptr+2*n*n+2*n*4
+	x, w := buf.ptr, buf.ptr+devptr(nn)
+	sx, sw, d := buf.ptr+devptr(2*nn), buf.ptr+devptr(2*nn+int64(n)*4), buf.ptr+devptr(2*nn+2*int64(n)*4)
 	if err := b.gemm.runScaled(plan, key, x, w, d, sw, sx, b.stream); err != nil {
-		return false
+		return err
 	}
-	out := make([]byte, n*n*4)
+	out := make([]byte, nn*4)
 	if err := b.download(out, d); err != nil {
-		return false
+		return err
 	}
 	for t := range n {
 		for o := range n {
 			got := math.Float32frombits(binary.LittleEndian.Uint32(out[4*(t*n+o):]))
-			if got != float32(n)*float32(t+1)*float32(o+1)/2 {
-				return false
+			if want := float32(n) * float32(t+1) * float32(o+1) / 2; got != want {
+				return fmt.Errorf("product element [%d][%d] = %g, want %g", t, o, got, want)
 			}
 		}
 	}
-	return true
+	return nil
 }
