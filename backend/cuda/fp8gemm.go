@@ -289,8 +289,8 @@ func fp8DynKMajor(e *expertsCall) bool {
 
 // probeOuterVec reports whether cuBLASLt's outer-vector scaling works on this device, and if not why: an
 // n×n×n FP8 product of ones with row scales sx[t] = t+1 and column scales sw[o] = (o+1)/2 must give
-// exactly n·sx[t]·sw[o] (which also catches the two vectors swapped), at n = 16 or, where cuBLASLt has
-// no scaled algorithm that small, 128. Any refusal or difference leaves the fp8_scale_out path on. New
+// exactly n·sx[t]·sw[o] (which also catches the two vectors swapped), at n = 16 or, only where cuBLASLt
+// has no scaled algorithm that small, 128. Any refusal or difference leaves the fp8_scale_out path on. New
 // runs it once, on sm_89 and later, and its kernels phase says the outcome.
 func (b *Backend) probeOuterVec() (ok bool, why string) {
 	var whys []string
@@ -300,9 +300,14 @@ func (b *Backend) probeOuterVec() (ok bool, why string) {
 			return true, fmt.Sprintf("cuBLASLt applies the scales (checked at %d×%d×%d)", n, n, n)
 		}
 		whys = append(whys, fmt.Sprintf("%d×%d×%d: %v", n, n, n, err))
+		if !errors.Is(err, errNoScaledAlgo) { // a wrong product or a failed call: not at any size
+			break
+		}
 	}
 	return false, "fp8_scale_out applies the scales: " + strings.Join(whys, "; ")
 }
+
+var errNoScaledAlgo = errors.New("no scaled algorithm (or no scale-mode attribute)")
 
 // probeOuterVecAt runs probeOuterVec's product at n×n×n.
 func (b *Backend) probeOuterVecAt(n int) error {
@@ -312,7 +317,7 @@ func (b *Backend) probeOuterVecAt(n int) error {
 		return err
 	}
 	if !plan.ok {
-		return errors.New("no scaled algorithm (or no scale-mode attribute)")
+		return errNoScaledAlgo
 	}
 	nn := int64(n) * int64(n)
 	buf, err := b.pool.get(2*nn + 2*int64(n)*4 + nn*4)
