@@ -229,14 +229,14 @@ extern "C" __global__ void fp8_act_codes(const void* x, int xdt, const int* perm
 		for (int j = threadIdx.x; j < n >> 2; j += blockDim.x) {
 			float v[4];
 			x4(row, xdt, j, v);
-			u32 w = 0;
+			float c[4];
 #pragma unroll
-			for (int i = 0; i < 4; i++) w |= e4m3_encode(round_e4m3(fminf(fmaxf(v[i] * sc / s, -FP8_MAX), FP8_MAX))) << (8 * i);
-			((u32*)dst)[j] = w;
+			for (int i = 0; i < 4; i++) c[i] = fminf(fmaxf(v[i] * sc / s, -FP8_MAX), FP8_MAX);
+			((u32*)dst)[j] = e4m3x2_rn(c[0], c[1]) | e4m3x2_rn(c[2], c[3]) << 16;
 		}
 	} else {
 		for (int i = threadIdx.x; i < n; i += blockDim.x)
-			dst[i] = (unsigned char)e4m3_encode(round_e4m3(fminf(fmaxf(ld(row, xdt, i) * sc / s, -FP8_MAX), FP8_MAX)));
+			dst[i] = (unsigned char)fp8_code(ld(row, xdt, i) * sc, s);
 	}
 	if (threadIdx.x == 0) scales[r] = s;
 }

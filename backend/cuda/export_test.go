@@ -3,6 +3,7 @@ package cuda
 import (
 	"encoding/binary"
 	"fmt"
+	"math"
 
 	"github.com/tpfleet/tpfleet/backend"
 )
@@ -161,4 +162,43 @@ func SetGroupedMaxRows(b *Backend, n int) int {
 	old := b.groupedMaxRows
 	b.groupedMaxRows = n
 	return old
+}
+
+// ActCodes runs fp8_act_codes on x [rows, n]: each row's E4M3 codes (FbgemmFp8's per-token
+// quantisation) and its scale, as the FP8 GEMM gets them.
+func ActCodes(b *Backend, x backend.Tensor) (codes []byte, scales []float32, err error) {
+	xt, err := b.asTensor("act codes", "x", x)
+	if err != nil {
+		return nil, nil, err
+	}
+	rows, n := xt.shape[0], xt.shape[1]
+	buf, err := b.pool.get(int64(rows) * int64(n+4))
+	if err != nil {
+		return nil, nil, err
+	}
+	defer b.pool.release(*buf)
+	cp, sp := buf.ptr, buf.ptr+devptr(int64(rows)*int64(n))
+	if err := b.stream.launch(b.k.fp8ActCodes, dim3{uint32(rows), 1, 1}, actQuantBlock, 0,
+		xt, int(xt.dt), devptr(0), devptr(0), 1, n, cp, sp, devptr(0)); err != nil {
+		return nil, nil, err
+	}
+	out := make([]byte, rows*(n+4))
+	if err := b.download(out, buf.ptr); err != nil {
+		return nil, nil, err
+	}
+	scales = make([]float32, rows)
+	for r := range scales {
+		scales[r] = math.Float32frombits(binary.LittleEndian.Uint32(out[rows*n+4*r:]))
+	}
+	return out[:rows*n], scales, nil
+}
+
+// ActRows runs fp8_act_rows on x [rows, n] with dynamic quantisation: the values FbgemmFp8 multiplies
+// (quant.FakeQuantFP8Rows), float32, in row order.
+func ActRows(b *Backend, x backend.Tensor) (backend.Tensor, error) {
+	xt, err := b.asTensor("act rows", "x", x)
+	if err != nil {
+		return nil, err
+	}
+	return b.fp8ActRows(xt, true, false)
 }

@@ -259,3 +259,88 @@ func TestQuantFP8GemmTimes(t *testing.T) {
 		gu, dn = nil, nil
 	}
 }
+
+// TestFP8ActQuantExact: the activations' E4M3 codes and scales (fp8_act_codes, the FP8 GEMM's input) and
+// their dequantised values (fp8_act_rows, the GEMVs' and the dequantised path's input) equal package
+// quant's rule bit for bit: on sm_89 and later both round with the cvt.rn.satfinite instruction, checked
+// here against the software rule. Rows built to hit the rounding's edges at a power-of-two scale (ties
+// between E4M3 neighbours, which go to the even code; subnormal steps and their ties; the subnormal to
+// normal boundary; signed zeros), a row whose maximum is clamped to the activation bound (values past
+// ±448 after the division saturate), a zero row and random rows of several magnitudes; widths of 256
+// (four elements a load) and 250 (rows not 16-byte aligned: one a load).
+func TestFP8ActQuantExact(t *testing.T) {
+	g := newBackend(t, cuda.BF16)
+	r := rand.New(rand.NewPCG(171, 172))
+	sub := float32(math.Ldexp(1, -9)) // the smallest subnormal step
+	edges := []float32{448, 1.0625, 1.1875, 1.3125, -1.0625, -1.1875, 272, 304, -304, 432, 416, 0.5 * sub, 1.5 * sub,
+		2.5 * sub, 7.5 * sub, -1.5 * sub, 0.25 * sub, 0, float32(math.Copysign(0, -1)), 1e-30, -1e-30, 0.015625, 0.0146484375}
+	for _, n := range []int{256, 250} {
+		var rows [][]float32
+		row := make([]float32, n) // max 448: scale 1, the values rounded as they are
+		for i := range row {
+			row[i] = edges[i%len(edges)]
+		}
+		rows = append(rows, row)
+		twice := make([]float32, n) // max 896: scale 2, the same edges doubled
+		for i := range twice {
+			twice[i] = 2 * row[i]
+		}
+		rows = append(rows, twice)
+		clamped := make([]float32, n) // max 2400 > 1200: scale 1200/448, values up to ±896 saturate at ±448
+		for i := range clamped {
+			clamped[i] = (2*r.Float32() - 1) * 2400
+		}
+		clamped[0] = 2400
+		rows = append(rows, clamped, make([]float32, n))
+		for _, mag := range []float32{1e-3, 1, 100, 1e4} {
+			v := make([]float32, n)
+			for i := range v {
+				v[i] = float32(r.NormFloat64()) * mag
+			}
+			rows = append(rows, v)
+		}
+		flat := make([]float32, 0, len(rows)*n)
+		for _, row := range rows {
+			flat = append(flat, row...)
+		}
+		x, err := g.FromFloat32([]int{len(rows), n}, flat)
+		if err != nil {
+			t.Fatal(err)
+		}
+		codes, scales, err := cuda.ActCodes(g, x)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fq, err := cuda.ActRows(g, x)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := g.Float32(fq)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := make([]float32, len(flat))
+		quant.FakeQuantFP8Rows(want, flat, n)
+		bad := 0
+		for ri, row := range rows {
+			var amax float32
+			for _, v := range row {
+				amax = max(amax, float32(math.Abs(float64(v))))
+			}
+			s := quant.FP8RowScale(amax, quant.ActivationScaleUB)
+			if math.Float32bits(scales[ri]) != math.Float32bits(s) {
+				t.Errorf("n %d row %d: scale %g, want %g", n, ri, scales[ri], s)
+			}
+			for i, v := range row {
+				at := ri*n + i
+				wc := quant.EncodeE4M3(min(max(v/s, -quant.FP8Max), quant.FP8Max))
+				if codes[at] != wc || math.Float32bits(got[at]) != math.Float32bits(want[at]) {
+					if bad++; bad <= 10 {
+						t.Errorf("n %d row %d [%d] = %g (/s %g): code %#02x value %g, want %#02x and %g", n, ri, i, v, v/s, codes[at], got[at], wc, want[at])
+					}
+				}
+			}
+		}
+		t.Logf("n %d: %d rows, %d values, %d differ from package quant's rule", n, len(rows), len(flat), bad)
+	}
+}
