@@ -59,6 +59,9 @@ type Backend struct {
 	// groupedMaxRows is the most routing slots per local expert (T·k/E) a call may have to run on the
 	// grouped expert kernels (groupedPays); 0: no limit.
 	groupedMaxRows int
+	// q4gemmMaxRows is the most rows of x a dense Linear on int4 weights runs on q4gemm (q4gemmOK); more
+	// take the dequantised copy and cuBLASLt. 0: no limit.
+	q4gemmMaxRows int
 	// pendingRoutes are the routings whose route or count launch waits to be fused into the expert plan
 	// (moe.go): flushRoutes launches what is left before the host can observe it.
 	pendingRoutes []*routing
@@ -228,7 +231,7 @@ func New(cfg Config) (*Backend, error) {
 		return nil, err
 	}
 	b := &Backend{cfg: cfg, dev: dev, gemvRows: gemvMaxRows, splitPerSM: defaultSplitPerSM, decodeMinTiles: defaultDecodeMinTiles,
-		groupedMaxRows: groupedMaxRowsPerExpert, ctxStart: start, fuse: fuse}
+		groupedMaxRows: groupedMaxRowsPerExpert, q4gemmMaxRows: q4gemmDenseMaxRows, ctxStart: start, fuse: fuse}
 	if err := b.init(); err != nil {
 		return nil, errors.Join(err, b.Close())
 	}

@@ -122,7 +122,8 @@ const (
 	FuseGrouped = "grouped"
 	// FuseQ4GEMM: int4 weights above the GEMVs' rows (prefill) on q4gemm, a tensor-core GEMM that turns the
 	// codes into bf16(q·s) in registers (kernels/quant_int4.cu; the routed experts in one launch with SiLU·mul
-	// in gate_up's epilogue), instead of dequant_int4_bf16 writing each weight as bf16 for cuBLASLt. The
+	// in gate_up's epilogue), instead of dequant_int4_bf16 writing each weight as bf16 for cuBLASLt; dense
+	// weights only up to q4gemmDenseMaxRows rows of x, above which cuBLASLt on the bf16 copy is faster. The
 	// same bf16 products; the float32 sums in another order.
 	FuseQ4GEMM = "q4gemm"
 	// FuseFP8Grouped: the routed experts on fp8 weights with dynamic activations (--quantization fp8)

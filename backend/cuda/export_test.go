@@ -164,6 +164,17 @@ func SetGroupedMaxRows(b *Backend, n int) int {
 	return old
 }
 
+// SetQ4GEMMMaxRows sets the most rows of x a dense Linear on int4 weights runs on q4gemm (0: no limit, so
+// that tests reach q4gemm at any row count; negative: the default) and returns the previous value.
+func SetQ4GEMMMaxRows(b *Backend, n int) int {
+	if n < 0 {
+		n = q4gemmDenseMaxRows
+	}
+	old := b.q4gemmMaxRows
+	b.q4gemmMaxRows = n
+	return old
+}
+
 // ActCodes runs fp8_act_codes on x [rows, n]: each row's E4M3 codes (FbgemmFp8's per-token
 // quantisation) and its scale, as the FP8 GEMM gets them.
 func ActCodes(b *Backend, x backend.Tensor) (codes []byte, scales []float32, err error) {

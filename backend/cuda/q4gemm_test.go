@@ -258,3 +258,33 @@ func TestInt4GEMMTimes(t *testing.T) {
 	timeIt("Experts int4 q4gemm", shape, flops, exp)
 	timeIt("Experts int4 dequant", shape, flops, unfused(exp))
 }
+
+// TestQ4GEMMDispatch: at the default limit (q4gemmDenseMaxRows) a dense Linear on int4 weights takes
+// q4gemm up to a few hundred rows of x and the dequantised copy with cuBLASLt above (faster there on an
+// H100: TestInt4GEMMTimes); both agree with the cpu backend.
+func TestQ4GEMMDispatch(t *testing.T) {
+	g := newBackend(t, cuda.BF16)
+	old := cuda.SetQ4GEMMMaxRows(g, -1)
+	defer cuda.SetQ4GEMMMaxRows(g, old)
+	e := &opEnv{t: t, cpu: cpu.New(cpu.Config{}), gpu: g, r: rand.New(rand.NewPCG(103, 104))}
+	f := quant.Format{Kind: quant.Int4, GroupSize: 128}
+	w := e.qweight(f, 0.05, 776, 1024)
+	for _, c := range []struct {
+		T       int
+		q4gemm  bool
+		explain string
+	}{{256, true, "q4gemm"}, {384, true, "q4gemm"}, {385, false, "the dequantised copy"}, {2048, false, "the dequantised copy"}} {
+		x := e.input(1, c.T, 1024)
+		shape := fmt.Sprintf("%s [%d 1024]x[776 1024]", f, c.T)
+		before := g.Counters()
+		e.qcompare("Int4 dispatch", shape, quantBF16RelL2, func(b backend.Ops, side int) (backend.Tensor, error) {
+			return b.Linear(pickSide(x, side), pickSide(w, side))
+		})
+		paths := counterDiff(before, g.Counters())
+		q4 := paths == "q4gemm×1"
+		dequantised := strings.Contains(paths, "qdequant×1") && strings.Contains(paths, "lt×1")
+		if q4 != c.q4gemm || (!q4 && !dequantised) {
+			t.Errorf("%s took paths %q, want %s", shape, paths, c.explain)
+		}
+	}
+}

@@ -253,7 +253,7 @@ func (b *Backend) linearQuant(xt, wt *tensor) (backend.Tensor, error) {
 		runtime.KeepAlive(x)
 		return y, nil
 	}
-	if b.q4gemmOK(wt) { // int4 above the GEMV's rows: q4gemm reads the codes (quant_int4.go)
+	if b.q4gemmOK(wt, T) { // int4 above the GEMV's rows: q4gemm reads the codes (quant_int4.go)
 		y, err := b.linearQ4GEMM(x, wt)
 		if err != nil {
 			return nil, fmt.Errorf("cuda: linear x%v w%v (%s, q4gemm): %w", xt.shape, wt.shape, wt.q.format, err)

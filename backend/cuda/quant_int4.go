@@ -33,7 +33,9 @@ import (
 // reads 2 back: 9 times the floor before the GEMM's own time, which grows by a tensor-core pass of 4T
 // flops a weight (x hi and lo, as the bf16 path splits a float32 x). The GEMV stays ahead up to about
 // 150 rows; at 64 (skinnyRows) it is twice as fast and keeps float32 accuracy, which the bf16 copy (q·s
-// rounded to bf16) does not. Above skinnyRows q4gemm runs (the dequantised path with FuseQ4GEMM off).
+// rounded to bf16) does not. Above skinnyRows q4gemm runs (the dequantised path with FuseQ4GEMM off), for
+// dense weights up to q4gemmDenseMaxRows rows of x (more take the dequantised path: cuBLASLt's faster
+// tiles outweigh the copy there).
 //
 // q4gemm reads ½ byte a weight once per tile of rows of x (128 for Linear, 64 for the experts), where the
 // dequantised path moved 4½ bytes a weight before its GEMM (½ read, 2 written, 2 read back), and keeps the
@@ -319,10 +321,18 @@ func (b *Backend) launchQ4Expert(e *expertsCall, p *expertPlan, x any, xdt, mode
 	return b.stream.launch(kern, grid, dim3{q4eThreads, 1, 1}, 0, args...)
 }
 
-// q4gemmOK reports whether Linear on the int4 weight w [out, in] runs on q4gemm above the GEMV's rows:
-// FuseQ4GEMM on, in and the group size multiples of q4gBK, 16-byte aligned codes.
-func (b *Backend) q4gemmOK(w *tensor) bool {
-	return b.fused(FuseQ4GEMM) && w.q != nil && w.q.code == qfInt4 && len(w.shape) == 2 && w.shape[1] > 0 &&
+// q4gemmDenseMaxRows is the default Backend.q4gemmMaxRows. q4gemm reads half a byte a weight where the
+// dequantised path writes and reads two more, but its mma.sync tiles run at 60 % of cuBLASLt's rate: on an
+// H100 at 2048 rows of Scout's dense shapes q4gemm took 352, 89, 465 and 556 µs against 210, 52, 315 and
+// 311 µs dequantised (TestInt4GEMMTimes), and a bf16 copy of a 5120×5120 weight costs about 20 µs, so the
+// rows at which the two meet are near 300–500 for those shapes.
+const q4gemmDenseMaxRows = 384
+
+// q4gemmOK reports whether Linear on the int4 weight w [out, in] runs on q4gemm above the GEMV's rows for
+// T rows of x: FuseQ4GEMM on, at most q4gemmMaxRows rows, in and the group size multiples of q4gBK,
+// 16-byte aligned codes.
+func (b *Backend) q4gemmOK(w *tensor, T int) bool {
+	return b.fused(FuseQ4GEMM) && (b.q4gemmMaxRows <= 0 || T <= b.q4gemmMaxRows) && w.q != nil && w.q.code == qfInt4 && len(w.shape) == 2 && w.shape[1] > 0 &&
 		w.shape[1]%q4gBK == 0 && w.q.gs%q4gBK == 0 && w.ptr()%16 == 0
 }
 
