@@ -62,6 +62,9 @@ type Backend struct {
 	// q4gemmMaxRows is the most rows of x a dense Linear on int4 weights runs on q4gemm (q4gemmOK); more
 	// take the dequantised copy and cuBLASLt. 0: no limit.
 	q4gemmMaxRows int
+	// fp8ExpertGemvRows is the most tokens the fp8 routed experts (dynamic activations) run on the expert
+	// GEMV before the grouped fp8 kernels (fp8ExpertGemvRows, the constant, by default).
+	fp8ExpertGemvRows int
 	// pendingRoutes are the routings whose route or count launch waits to be fused into the expert plan
 	// (moe.go): flushRoutes launches what is left before the host can observe it.
 	pendingRoutes []*routing
@@ -231,7 +234,7 @@ func New(cfg Config) (*Backend, error) {
 		return nil, err
 	}
 	b := &Backend{cfg: cfg, dev: dev, gemvRows: gemvMaxRows, splitPerSM: defaultSplitPerSM, decodeMinTiles: defaultDecodeMinTiles,
-		groupedMaxRows: groupedMaxRowsPerExpert, q4gemmMaxRows: q4gemmDenseMaxRows, ctxStart: start, fuse: fuse}
+		groupedMaxRows: groupedMaxRowsPerExpert, q4gemmMaxRows: q4gemmDenseMaxRows, fp8ExpertGemvRows: fp8ExpertGemvRows, ctxStart: start, fuse: fuse}
 	if err := b.init(); err != nil {
 		return nil, errors.Join(err, b.Close())
 	}

@@ -127,7 +127,7 @@ const (
 	// same bf16 products; the float32 sums in another order.
 	FuseQ4GEMM = "q4gemm"
 	// FuseFP8Grouped: the routed experts on fp8 weights with dynamic activations (--quantization fp8)
-	// above fp8GemvRows tokens (prefill, and decode batches of 9 to 64 sequences) as the two grouped
+	// above 32 tokens (fp8ExpertGemvRows: prefill, and decode batches of 33 to 64 sequences) as the two grouped
 	// tensor-core GEMMs on E4M3 codes (kernels/grouped.cu, W8A8, sm_89 and later), reading the expert plan
 	// on the device; off, prefill runs one cuBLASLt FP8 GEMM per active expert after a host read of the
 	// counts (fp8gemm.go) and decode batches the fp8 expert GEMV (fp8.go).

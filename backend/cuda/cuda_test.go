@@ -46,8 +46,10 @@ func newBackend(t testing.TB, act cuda.DType) *cuda.Backend {
 	// The grouped expert kernels at every shape the tests give them, however many rows an expert has
 	// (TestGroupedDispatch checks the default limit).
 	cuda.SetGroupedMaxRows(b, 0)
-	// q4gemm at every row count too (TestQ4GEMMDispatch checks its default limit).
+	// q4gemm at every row count too (TestQ4GEMMDispatch checks its default limit), and the grouped fp8
+	// experts from 9 tokens, where the tests' decode batches of 16 reach them (TestFP8ExpertDispatch).
 	cuda.SetQ4GEMMMaxRows(b, 0)
+	cuda.SetFP8ExpertGEMVRows(b, 8)
 	if len(backends) == 0 {
 		i := b.Info()
 		t.Logf("device %q %s, %d SMs, %.1f GiB; driver %d, cuBLASLt %d, NVRTC %s; libraries %v; kernels: cache %q hit %v, compiled in %v",

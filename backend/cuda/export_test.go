@@ -175,6 +175,17 @@ func SetQ4GEMMMaxRows(b *Backend, n int) int {
 	return old
 }
 
+// SetFP8ExpertGEMVRows sets the most tokens the fp8 routed experts (dynamic activations) run on the
+// expert GEMV before the grouped fp8 kernels (negative: the default) and returns the previous value.
+func SetFP8ExpertGEMVRows(b *Backend, n int) int {
+	if n < 0 {
+		n = fp8ExpertGemvRows
+	}
+	old := b.fp8ExpertGemvRows
+	b.fp8ExpertGemvRows = n
+	return old
+}
+
 // ActCodes runs fp8_act_codes on x [rows, n]: each row's E4M3 codes (FbgemmFp8's per-token
 // quantisation) and its scale, as the FP8 GEMM gets them.
 func ActCodes(b *Backend, x backend.Tensor) (codes []byte, scales []float32, err error) {

@@ -168,7 +168,7 @@ func (b *Backend) groupedFinish(e *expertsCall, p *expertPlan, down groupedDown)
 // tensor core (sm_89+) and the shared memory granted (fp8GroupedShared), few rows an expert
 // (groupedPays), the FP8 paths not turned off (SetFP8Gemm), both weights fp8 with dynamic activations,
 // output-major, H and I multiples of 16 and aligned operands (fp8DynKMajor), x float32 or bf16.
-// expertsQuant asks it above fp8GemvRows tokens.
+// expertsQuant asks it above Backend.fp8ExpertGemvRows tokens.
 func (b *Backend) fp8GroupedOK(e *expertsCall) bool {
 	return b.fused(FuseFP8Grouped) && b.fp8GroupedShared && b.groupedPays(e) && !b.noFP8Gemm && fp8DynKMajor(e) &&
 		(e.x.dt == F32 || e.x.dt == BF16)

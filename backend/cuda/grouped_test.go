@@ -438,3 +438,29 @@ func TestGroupedDispatch(t *testing.T) {
 		}
 	}
 }
+
+// TestFP8ExpertDispatch: at the default limit (fp8ExpertGemvRows) the fp8 routed experts with dynamic
+// activations run on the expert GEMV up to 32 tokens (a decode batch of 16: faster there on an H100) and
+// on the grouped fp8 kernels above (on sm_89 and later); both agree with the cpu backend.
+func TestFP8ExpertDispatch(t *testing.T) {
+	g := newBackend(t, cuda.BF16)
+	old := cuda.SetFP8ExpertGEMVRows(g, -1)
+	defer cuda.SetFP8ExpertGEMVRows(g, old)
+	e := &opEnv{t: t, cpu: cpu.New(cpu.Config{}), gpu: g, r: rand.New(rand.NewPCG(107, 108))}
+	for _, c := range []groupedCase{
+		{T: 16, E: 16, k: 1, H: 1024, I: 512, local: 16, bf16x: true, add: true},
+		{T: 32, E: 8, k: 2, H: 1024, I: 512, local: 8},
+		{T: 40, E: 16, k: 1, H: 1024, I: 512, local: 16, bf16x: true, add: true},
+	} {
+		in := newGroupedInputs(e, c, e.fp8Weight(fp8Dyn))
+		before := g.Counters()
+		e.qcompare("Exp fp8 dispatch", c.String(), fp8GroupedRelL2, func(b backend.Ops, side int) (backend.Tensor, error) {
+			return runGrouped(b, side, c, in)
+		})
+		after := g.Counters()
+		grouped := c.T > 32 && fp8GemmArch(g)
+		if mma, gemv := after.ExpertsMMA-before.ExpertsMMA, after.ExpertsGEMV-before.ExpertsGEMV; mma != int64(boolInt(grouped)) || gemv != int64(boolInt(!grouped)) {
+			t.Errorf("%s: ExpertsMMA +%d ExpertsGEMV +%d, want +%d and +%d", c, mma, gemv, boolInt(grouped), boolInt(!grouped))
+		}
+	}
+}

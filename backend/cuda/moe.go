@@ -302,7 +302,7 @@ func (b *Backend) experts(x backend.Tensor, r backend.Routing, gateUp, down back
 // weights (qexpert_gemv_N; q4expert_gemv_N for int4), or for prefill the FP8 GEMM per active expert
 // (fp8gemm.go), q4gemm_experts over every active int4 expert (quant_int4.go, FuseQ4GEMM), else the
 // grouped GEMMs on each active expert dequantised to bf16; inputs quantised per token where the formats
-// say so. fp8 with dynamic activations above fp8GemvRows tokens (prefill and decode batches) takes the
+// say so. fp8 with dynamic activations above fp8ExpertGemvRows tokens (prefill and decode batches) takes the
 // fp8 grouped kernels before those (grouped.go, FuseFP8Grouped). Shapes the fast paths do not take run
 // the generic kernels on bf16 copies of the whole weights (weight-only formats only).
 func (b *Backend) expertsQuant(e *expertsCall, fast bool) (backend.Tensor, error) {
@@ -332,7 +332,7 @@ func (b *Backend) expertsQuant(e *expertsCall, fast bool) (backend.Tensor, error
 		defer b.pool.release(*db)
 		return b.experts(e.x, e.r, &tensor{b: b, buf: gb, shape: gt.shape, dt: BF16}, &tensor{b: b, buf: db, shape: dt.shape, dt: BF16}, e.first, e.add)
 	}
-	if e.T > fp8GemvRows && b.cfg.Activations == BF16 && b.fp8GroupedOK(e) { // grouped.go: the fp8 grouped GEMMs
+	if e.T > b.fp8ExpertGemvRows && b.cfg.Activations == BF16 && b.fp8GroupedOK(e) { // grouped.go: the fp8 grouped GEMMs
 		if err := b.expertsMMA(e, true); err != nil {
 			return nil, fmt.Errorf("cuda: experts (%s, fp8 grouped): %w", gt.q.format, err)
 		}
