@@ -65,6 +65,8 @@ type Backend struct {
 	// fp8ExpertGemvRows is the most tokens the fp8 routed experts (dynamic activations) run on the expert
 	// GEMV before the grouped fp8 kernels (fp8ExpertGemvRows, the constant, by default).
 	fp8ExpertGemvRows int
+	// side are the fan-out's side streams (fanout.go), made at the first fan-out.
+	side *sides
 	// pendingRoutes are the routings whose route or count launch waits to be fused into the expert plan
 	// (moe.go): flushRoutes launches what is left before the host can observe it.
 	pendingRoutes []*routing
@@ -193,6 +195,7 @@ type Counters struct {
 	QuantDequant int64 // Linear calls on a quantised weight run on a dequantised bf16 copy (prefill)
 	QuantQ4GEMM  int64 // Linear calls on an int4 weight run by q4gemm (prefill, FuseQ4GEMM)
 	Q4Split      int64 // q4gemv launches that split K over blocks too (FuseQ4Split)
+	FanOuts      int64 // expert GEMM loops run on the side streams at once (FuseStreams, fanout.go)
 	QuantFP8Gemm int64 // Linear calls on an fp8 weight run by the FP8 GEMM (prefill, fp8gemm.go)
 	ExpertsFP8   int64 // of ExpertsGrouped, the calls on fp8 weights run on FP8 tensor cores (the FP8 GEMM per expert, or the grouped fp8 kernels)
 	ExpertsQ4    int64 // of ExpertsGrouped, the calls on int4 weights run by q4gemm_experts(_swiglu)
@@ -371,6 +374,7 @@ func (b *Backend) Close() error {
 	b.closeGraphs()
 	b.closeProfiler()
 	b.closeOffload()
+	b.closeSides()
 	keep(b.closeTallies())
 	if b.pool != nil {
 		keep(b.pool.close())

@@ -84,7 +84,7 @@ const EnvUnfuse = "TPFLEET_CUDA_UNFUSE"
 // deterministic run to run all the same).
 func Fusions() []string {
 	return []string{FuseRoute, FuseSwiGLU, FuseExpertAct, FuseExpertCombine, FuseQKV, FuseVec, FusePack, FusePrefetch, FuseGrouped,
-		FuseQ4GEMM, FuseFP8Grouped, FuseQ4Split}
+		FuseQ4GEMM, FuseFP8Grouped, FuseQ4Split, FuseStreams}
 }
 
 // The fusions (Fusions).
@@ -137,6 +137,11 @@ const (
 	// partial sums the last block of each row tile adds in split order; off, one block a row tile, its
 	// warps splitting K. The same products; the float32 sums in another order (deterministic).
 	FuseQ4Split = "q4split"
+	// FuseStreams: a prefill's routed experts on cuBLASLt (one GEMM per active expert: bf16 weights, and fp8
+	// with dynamic activations) run their GEMMs on four side streams at once (fanout.go), where one after
+	// another on the compute stream each small grid leaves most SMs idle; off, on the compute stream. The
+	// same GEMMs: the same results bit for bit.
+	FuseStreams = "streams"
 )
 
 // Config configures a Backend.
@@ -175,7 +180,7 @@ type Config struct {
 	NoPDL bool `json:"cuda-no-pdl"`
 	// Unfuse turns kernel fusions off, for comparing and debugging: "all", or a comma-separated list of
 	// names from Fusions (route, swiglu, act, combine, qkv, vec, pack, prefetch, grouped, q4gemm,
-	// fp8grouped, q4split); empty keeps every fusion. The ops then launch the kernels the fusion replaces,
+	// fp8grouped, q4split, streams); empty keeps every fusion. The ops then launch the kernels the fusion replaces,
 	// with the same results (grouped, q4gemm, fp8grouped and q4split: to the rounding of their sums). EnvUnfuse adds to it.
 	Unfuse string `json:"cuda-unfuse"`
 }

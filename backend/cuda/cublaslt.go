@@ -255,9 +255,13 @@ func (g *gemm) runScaled(p *gemmPlan, key gemmKey, x, w, d, sw, sx devptr, s *st
 		}
 	}
 	alpha, beta := C.float(1), C.float(0)
+	ws := g.ws
+	if s.ws != 0 {
+		ws = s.ws
+	}
 	st := ltStatus(C.tp_ltMatmul(lt.matmul, g.d.ctx, g.h, p.desc, &alpha,
 		C.CUdeviceptr(w), p.w, C.CUdeviceptr(x), p.x, &beta, C.CUdeviceptr(d), p.d, C.CUdeviceptr(d), p.d,
-		&p.heuristic.algo, C.CUdeviceptr(g.ws), C.size_t(g.wsSize), s.s))
+		&p.heuristic.algo, C.CUdeviceptr(ws), C.size_t(g.wsSize), s.s))
 	if st.ok() {
 		if s.prof != nil {
 			name := "cublasLt"

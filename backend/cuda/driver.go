@@ -206,6 +206,9 @@ type stream struct {
 	// pdl launches the kernels that begin with PDL_PROLOGUE (kernel.pdl) with programmatic dependent
 	// launch (see launch); set by the Backend when the device, the driver and the Config allow it.
 	pdl bool
+	// ws is the cuBLASLt workspace of GEMMs on this stream, of the gemm's size; 0: the gemm's own (the
+	// compute stream's). Side streams (fanout.go) have their own, since their GEMMs run at once.
+	ws devptr
 }
 
 func (d *device) newStream() (*stream, error) {

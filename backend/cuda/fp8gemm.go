@@ -60,20 +60,20 @@ func (b *Backend) fp8Plan(m, n, k int) (key gemmKey, plan *gemmPlan, err error) 
 	return key, plan, err
 }
 
-// fp8GemmRun enqueues D [m, n] = the product of the codes x [m, k] and w [n, k] with the row scales sx
-// (m) and sw (n) applied: by cuBLASLt (a scaled key) or by fp8_scale_out on the first rows of D.
-func (b *Backend) fp8GemmRun(key gemmKey, plan *gemmPlan, x, w, d, sx, sw devptr, rows int) error {
+// fp8GemmRun enqueues on s D [m, n] = the product of the codes x [m, k] and w [n, k] with the row scales
+// sx (m) and sw (n) applied: by cuBLASLt (a scaled key) or by fp8_scale_out on the first rows of D.
+func (b *Backend) fp8GemmRun(key gemmKey, plan *gemmPlan, x, w, d, sx, sw devptr, rows int, s *stream) error {
 	if key.scaled {
-		if err := b.gemm.runScaled(plan, key, x, w, d, sw, sx, b.stream); err != nil {
+		if err := b.gemm.runScaled(plan, key, x, w, d, sw, sx, s); err != nil {
 			return err
 		}
 		b.counts.FP8OuterVec++
 		return nil
 	}
-	if err := b.gemm.run(plan, key, x, w, d, b.stream); err != nil {
+	if err := b.gemm.run(plan, key, x, w, d, s); err != nil {
 		return err
 	}
-	return b.stream.launch(b.k.fp8ScaleOut, fp8ScaleGrid(rows, key.n), elemBlockDim, 0, d, sx, sw, int64(rows), int64(key.n))
+	return s.launch(b.k.fp8ScaleOut, fp8ScaleGrid(rows, key.n), elemBlockDim, 0, d, sx, sw, int64(rows), int64(key.n))
 }
 
 // fp8ScaleGrid sizes fp8_scale_out over [rows, n]: four columns a thread, rows along y.
@@ -141,7 +141,7 @@ func (b *Backend) linearFP8Multi(xt *tensor, ws []*tensor) (ys []backend.Tensor,
 			return fail(err)
 		}
 		yt.shape = []int{T, wt.shape[0]} // the padding rows stay in the block, unread
-		if err := b.fp8GemmRun(keys[i], plans[i], codes.ptr, wt.ptr(), yt.ptr(), scales.ptr, wt.q.scales.ptr, T); err != nil {
+		if err := b.fp8GemmRun(keys[i], plans[i], codes.ptr, wt.ptr(), yt.ptr(), scales.ptr, wt.q.scales.ptr, T, b.stream); err != nil {
 			return fail(err)
 		}
 		ys[i] = yt
@@ -220,17 +220,32 @@ func (b *Backend) expertsFP8Grouped(e *expertsCall) (done bool, err error) {
 			return false, err
 		}
 	}
-	// gemmFP8 runs one expert's product: rows [r0, r0+m) of codes (n wide) times expert x of w (logical
-	// [E, n, N], stored [E, N, n]), scaled, into out [.., N].
-	gemmFP8 := func(key gemmKey, plan *gemmPlan, w *tensor, x, r0, n, N int, codes, scales, out *buffer) error {
-		per := int64(n) * int64(N)
-		return b.fp8GemmRun(key, plan, codes.ptr+devptr(int64(r0)*int64(n)), w.ptr()+devptr(int64(x)*per),
-			out.ptr+devptr(int64(r0)*int64(N)*4), scales.ptr+devptr(4*r0), w.q.scales.ptr+devptr(4*int64(x)*int64(N)), key.m)
-	}
-	for i, j := range jobs {
-		if err := gemmFP8(keys[i][0], plans[i][0], e.gu, j.e, j.r0, H, 2*I, xc, xs, g); err != nil {
-			return false, err
+	// gemmsFP8 runs projection h of every job: rows [r0, r0+m) of codes (n wide) times expert x of w
+	// (logical [E, n, N], stored [E, N, n]), scaled, into out [.., N]; on the side streams at once
+	// (fanout.go) where there are several.
+	gemmsFP8 := func(h int, w *tensor, n, N int, codes, scales, out *buffer) error {
+		var fo *fanOut
+		if len(jobs) > 1 {
+			var err error
+			if fo, err = b.startFanOut(); err != nil {
+				return err
+			}
 		}
+		per := int64(n) * int64(N)
+		for i, j := range jobs {
+			s, err := b.jobStream(fo)
+			if err == nil {
+				err = b.fp8GemmRun(keys[i][h], plans[i][h], codes.ptr+devptr(int64(j.r0)*int64(n)), w.ptr()+devptr(int64(j.e)*per),
+					out.ptr+devptr(int64(j.r0)*int64(N)*4), scales.ptr+devptr(4*j.r0), w.q.scales.ptr+devptr(4*int64(j.e)*int64(N)), keys[i][h].m, s)
+			}
+			if err != nil {
+				return errors.Join(err, fo.join())
+			}
+		}
+		return fo.join()
+	}
+	if err := gemmsFP8(0, e.gu, H, 2*I, xc, xs, g); err != nil {
+		return false, err
 	}
 	a32, err := alloc(R*int64(I)*4, true)
 	if err != nil {
@@ -258,10 +273,8 @@ func (b *Backend) expertsFP8Grouped(e *expertsCall) (done bool, err error) {
 	if err != nil {
 		return false, err
 	}
-	for i, j := range jobs {
-		if err := gemmFP8(keys[i][1], plans[i][1], e.down, j.e, j.r0, I, H, ac, as, y); err != nil {
-			return false, err
-		}
+	if err := gemmsFP8(1, e.down, I, H, ac, as, y); err != nil {
+		return false, err
 	}
 	ap, adt := e.addend()
 	if err := b.stream.launch(b.k.expertCombine, elemGrid(e.T*H), elemBlockDim, 0, y, 1, max(rows, 1), H, p.rowOf, k,

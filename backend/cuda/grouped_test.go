@@ -125,14 +125,7 @@ func TestGroupedExpertsVsCPU(t *testing.T) {
 func TestGroupedEqualsUnfused(t *testing.T) {
 	g := newBackend(t, cuda.BF16)
 	e := &opEnv{t: t, cpu: cpu.New(cpu.Config{}), gpu: g, r: rand.New(rand.NewPCG(93, 94))}
-	for _, c := range []groupedCase{
-		{T: 65, E: 16, k: 1, H: 1024, I: 512, local: 16, bf16x: true, add: true},
-		{T: 300, E: 16, k: 1, H: 1024, I: 512, local: 16, bf16x: true},
-		{T: 2048, E: 16, k: 1, H: 5120, I: 1024, local: 16, bf16x: true, add: true},
-		{T: 100, E: 8, k: 2, H: 1024, I: 512, local: 8, bf16x: true, add: true},
-		{T: 2048, E: 8, k: 2, H: 2048, I: 1024, local: 8, bf16x: true},
-		{T: 512, E: 16, k: 1, H: 1024, I: 512, first: 8, local: 8, bf16x: true, add: true},
-	} {
+	for _, c := range groupedCases() {
 		in := newGroupedInputs(e, c, e.weight)
 		run := func(unfuse string) []float32 {
 			t.Helper()
@@ -144,6 +137,20 @@ func TestGroupedEqualsUnfused(t *testing.T) {
 			return v
 		}
 		checkUnfused(t, "Exp grouped=unfused", c, run(""), run(""), run(cuda.FuseGrouped), groupedRelL2)
+	}
+}
+
+// groupedCases are the prefill Experts calls TestGroupedEqualsUnfused and TestExpertStreamsEqualSerial run
+// both ways: top-1 and top-2, Scout's H 5120, expert parallelism (experts 8..15 of 16), x in bf16, with
+// and without the shared expert's add.
+func groupedCases() []groupedCase {
+	return []groupedCase{
+		{T: 65, E: 16, k: 1, H: 1024, I: 512, local: 16, bf16x: true, add: true},
+		{T: 300, E: 16, k: 1, H: 1024, I: 512, local: 16, bf16x: true},
+		{T: 2048, E: 16, k: 1, H: 5120, I: 1024, local: 16, bf16x: true, add: true},
+		{T: 100, E: 8, k: 2, H: 1024, I: 512, local: 8, bf16x: true, add: true},
+		{T: 2048, E: 8, k: 2, H: 2048, I: 1024, local: 8, bf16x: true},
+		{T: 512, E: 16, k: 1, H: 1024, I: 512, first: 8, local: 8, bf16x: true, add: true},
 	}
 }
 
@@ -461,6 +468,42 @@ func TestFP8ExpertDispatch(t *testing.T) {
 		grouped := c.T > 32 && fp8GemmArch(g)
 		if mma, gemv := after.ExpertsMMA-before.ExpertsMMA, after.ExpertsGEMV-before.ExpertsGEMV; mma != int64(boolInt(grouped)) || gemv != int64(boolInt(!grouped)) {
 			t.Errorf("%s: ExpertsMMA +%d ExpertsGEMV +%d, want +%d and +%d", c, mma, gemv, boolInt(grouped), boolInt(!grouped))
+		}
+	}
+}
+
+// TestExpertStreamsEqualSerial: a prefill's routed experts on cuBLASLt (grouped and fp8grouped off: one
+// GEMM per active expert, bf16 weights and fp8 with dynamic activations) give the same bits with their
+// GEMMs fanned out over the side streams (FuseStreams, on by default) as one after another on the compute
+// stream, on every case of the grouped tests (uneven and skewed routings, expert parallelism, top-2, the
+// shared expert's add); the fan-out counter says the side streams ran.
+func TestExpertStreamsEqualSerial(t *testing.T) {
+	g := newBackend(t, cuda.BF16)
+	e := &opEnv{t: t, cpu: cpu.New(cpu.Config{}), gpu: g, r: rand.New(rand.NewPCG(109, 110))}
+	for _, w := range []struct {
+		name, off string
+		weight    func(scale float32, shape ...int) pair
+		cases     []groupedCase
+	}{
+		{"bf16", cuda.FuseGrouped, e.weight, groupedCases()},
+		{"fp8", cuda.FuseFP8Grouped, e.fp8Weight(fp8Dyn), fp8GroupedCases()},
+	} {
+		for _, c := range w.cases {
+			if c.T <= 64 {
+				continue // decode sizes take the expert GEMV
+			}
+			in := newGroupedInputs(e, c, w.weight)
+			fanned, before, after := runUnfused(t, g, c, in, w.off)
+			if w.name == "fp8" && !fp8GemmArch(g) {
+				continue
+			}
+			if after.FanOuts-before.FanOuts != 2 {
+				t.Errorf("%s %s: %d fan-outs, want 2 (gate_up and down)", w.name, c, after.FanOuts-before.FanOuts)
+			}
+			serial, _, _ := runUnfused(t, g, c, in, w.off+","+cuda.FuseStreams)
+			if !slices.Equal(fanned, serial) {
+				t.Errorf("%s %s: fanned out differs from serial (rel L2 %.3g)", w.name, c, relL2(serial, fanned))
+			}
 		}
 	}
 }

@@ -837,19 +837,36 @@ func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
 		return false, err
 	}
 	defer b.pool.release(*g)
-	for i, j := range jobs {
-		w, tmp, err := b.expertWeight(e.gu, j.e, H, 2*I)
-		if err != nil {
-			return false, err
+	// gemms runs projection h of every job, each expert's weight x w [E, K, N]: on the side streams at
+	// once where the weights need no temporary copy (bf16; fanout.go), else one after another.
+	gemms := func(h int, w *tensor, K, N int, in, out devptr, inSize int64) error {
+		var fo *fanOut
+		if w.q == nil && len(jobs) > 1 {
+			var err error
+			if fo, err = b.startFanOut(); err != nil {
+				return err
+			}
 		}
-		err = b.gemm.run(plans[i][0], keys[i][0], xp.ptr+devptr(int64(j.r0)*int64(H)*2), w,
-			g.ptr+devptr(int64(j.r0)*int64(2*I)*4), b.stream)
-		if tmp != nil {
-			b.pool.release(*tmp)
+		for i, j := range jobs {
+			wp, tmp, err := b.expertWeight(w, j.e, K, N)
+			if err != nil {
+				return errors.Join(err, fo.join())
+			}
+			s, err := b.jobStream(fo)
+			if err == nil {
+				err = b.gemm.run(plans[i][h], keys[i][h], in+devptr(int64(j.r0)*int64(K)*inSize), wp, out+devptr(int64(j.r0)*int64(N)*4), s)
+			}
+			if tmp != nil { // only without a fan-out: the compute stream orders its reuse
+				b.pool.release(*tmp)
+			}
+			if err != nil {
+				return errors.Join(err, fo.join())
+			}
 		}
-		if err != nil {
-			return false, err
-		}
+		return fo.join()
+	}
+	if err := gemms(0, e.gu, H, 2*I, xp.ptr, g.ptr, 2); err != nil {
+		return false, err
 	}
 	act, err := b.pool.get(int64(rows) * int64(I) * 2)
 	if err != nil {
@@ -885,19 +902,8 @@ func (b *Backend) expertsGrouped(e *expertsCall) (bool, error) {
 		return false, err
 	}
 	defer b.pool.release(*y)
-	for i, j := range jobs {
-		w, tmp, err := b.expertWeight(e.down, j.e, I, H)
-		if err != nil {
-			return false, err
-		}
-		err = b.gemm.run(plans[i][1], keys[i][1], act.ptr+devptr(int64(j.r0)*int64(I)*2), w,
-			y.ptr+devptr(int64(j.r0)*int64(H)*4), b.stream)
-		if tmp != nil {
-			b.pool.release(*tmp)
-		}
-		if err != nil {
-			return false, err
-		}
+	if err := gemms(1, e.down, I, H, act.ptr, y.ptr, 2); err != nil {
+		return false, err
 	}
 	ap, adt := e.addend()
 	if b.vec8(H, ap) {
