@@ -156,34 +156,29 @@ func FuseCounters(b *Backend) ([]int32, error) {
 // (0: no limit, so that tests reach the kernels at any shape; negative: the default) and returns the
 // previous value.
 func SetGroupedMaxRows(b *Backend, n int) int {
+	return setLimit(&b.groupedMaxRows, n, groupedMaxRowsPerExpert)
+}
+
+// setLimit sets *field to n (negative: def) and returns the previous value.
+func setLimit(field *int, n, def int) int {
 	if n < 0 {
-		n = groupedMaxRowsPerExpert
+		n = def
 	}
-	old := b.groupedMaxRows
-	b.groupedMaxRows = n
+	old := *field
+	*field = n
 	return old
 }
 
 // SetQ4GEMMMaxRows sets the most rows of x a dense Linear on int4 weights runs on q4gemm (0: no limit, so
 // that tests reach q4gemm at any row count; negative: the default) and returns the previous value.
 func SetQ4GEMMMaxRows(b *Backend, n int) int {
-	if n < 0 {
-		n = q4gemmDenseMaxRows
-	}
-	old := b.q4gemmMaxRows
-	b.q4gemmMaxRows = n
-	return old
+	return setLimit(&b.q4gemmMaxRows, n, q4gemmDenseMaxRows)
 }
 
 // SetFP8ExpertGEMVRows sets the most tokens the fp8 routed experts (dynamic activations) run on the
 // expert GEMV before the grouped fp8 kernels (negative: the default) and returns the previous value.
 func SetFP8ExpertGEMVRows(b *Backend, n int) int {
-	if n < 0 {
-		n = fp8ExpertGemvRows
-	}
-	old := b.fp8ExpertGemvRows
-	b.fp8ExpertGemvRows = n
-	return old
+	return setLimit(&b.fp8ExpertGemvRows, n, fp8ExpertGemvRows)
 }
 
 // ActCodes runs fp8_act_codes on x [rows, n]: each row's E4M3 codes (FbgemmFp8's per-token

@@ -434,16 +434,20 @@ func TestGroupedDispatch(t *testing.T) {
 		{groupedCase{T: 256, E: 8, k: 2, H: 512, I: 256, local: 8, bf16x: true}, true},
 		{groupedCase{T: 2048, E: 8, k: 2, H: 512, I: 256, local: 8, bf16x: true}, false},
 	} {
-		in := newGroupedInputs(e, c.groupedCase, e.weight)
-		before := g.Counters()
-		e.compare("Exp dispatch", c.String(), groupedRelL2, func(b backend.Ops, side int) (backend.Tensor, error) {
-			return runGrouped(b, side, c.groupedCase, in)
-		})
-		after := g.Counters()
+		before, after := dispatchRun(e.compare, g, "Exp dispatch", c.groupedCase, newGroupedInputs(e, c.groupedCase, e.weight), groupedRelL2)
 		if mma, grouped := after.ExpertsMMA-before.ExpertsMMA, after.ExpertsGrouped-before.ExpertsGrouped; mma != int64(boolInt(c.mma)) || grouped != 1 {
 			t.Errorf("%s (%d rows an expert): ExpertsMMA +%d ExpertsGrouped +%d, want +%d and +1", c, c.T*c.k/c.E, mma, grouped, boolInt(c.mma))
 		}
 	}
+}
+
+// dispatchRun compares c's Experts on g with the cpu backend through cmp (opEnv.compare, or qcompare
+// for quantised weights) within bound and returns g's counters before and after: the path it took.
+func dispatchRun(cmp func(name, shape string, bound float64, op func(b backend.Ops, side int) (backend.Tensor, error)),
+	g *cuda.Backend, name string, c groupedCase, in groupedInputs, bound float64) (before, after cuda.Counters) {
+	before = g.Counters()
+	cmp(name, c.String(), bound, func(b backend.Ops, side int) (backend.Tensor, error) { return runGrouped(b, side, c, in) })
+	return before, g.Counters()
 }
 
 // TestFP8ExpertDispatch: at the default limit (fp8ExpertGemvRows) the fp8 routed experts with dynamic
@@ -459,12 +463,7 @@ func TestFP8ExpertDispatch(t *testing.T) {
 		{T: 32, E: 8, k: 2, H: 1024, I: 512, local: 8},
 		{T: 40, E: 16, k: 1, H: 1024, I: 512, local: 16, bf16x: true, add: true},
 	} {
-		in := newGroupedInputs(e, c, e.fp8Weight(fp8Dyn))
-		before := g.Counters()
-		e.qcompare("Exp fp8 dispatch", c.String(), fp8GroupedRelL2, func(b backend.Ops, side int) (backend.Tensor, error) {
-			return runGrouped(b, side, c, in)
-		})
-		after := g.Counters()
+		before, after := dispatchRun(e.qcompare, g, "Exp fp8 dispatch", c, newGroupedInputs(e, c, e.fp8Weight(fp8Dyn)), fp8GroupedRelL2)
 		grouped := c.T > 32 && fp8GemmArch(g)
 		if mma, gemv := after.ExpertsMMA-before.ExpertsMMA, after.ExpertsGEMV-before.ExpertsGEMV; mma != int64(boolInt(grouped)) || gemv != int64(boolInt(!grouped)) {
 			t.Errorf("%s: ExpertsMMA +%d ExpertsGEMV +%d, want +%d and +%d", c, mma, gemv, boolInt(grouped), boolInt(!grouped))
