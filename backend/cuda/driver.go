@@ -209,6 +209,10 @@ type stream struct {
 	// ws is the cuBLASLt workspace of GEMMs on this stream, of the gemm's size; 0: the gemm's own (the
 	// compute stream's). Side streams (fanout.go) have their own, since their GEMMs run at once.
 	ws devptr
+	// plainNext makes the next kernel launch without programmatic dependent launch: after the stream
+	// waited for events (a fan-out's join), the kernel must start after them, not with the tail of the
+	// kernel enqueued before them.
+	plainNext bool
 }
 
 func (d *device) newStream() (*stream, error) {
@@ -478,7 +482,8 @@ func (s *stream) enqueue(k *kernel, grid, block dim3, shmem int, slots *[C.TP_MA
 			C.uint(grid.x), C.uint(grid.y), C.uint(grid.z), C.uint(block.x), C.uint(block.y), C.uint(block.z),
 			C.uint(shmem), s.s, (*C.uint64_t)(unsafe.Pointer(&slots[0])), C.int(nargs)))
 	}
-	if !s.pdl || !k.pdl {
+	if !s.pdl || !k.pdl || s.plainNext {
+		s.plainNext = false
 		return plain()
 	}
 	r := cuResult(C.tp_cuLaunchKernelEx(drv.launchEx, s.d.ctx, k.f,

@@ -110,6 +110,7 @@ func (f *fanOut) join() error {
 		// The compute stream may not wait for the jobs: wait here, so that their blocks can be released.
 		return errors.Join(err, f.b.syncSides())
 	}
+	f.b.stream.plainNext = true
 	return nil
 }
 
