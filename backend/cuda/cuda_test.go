@@ -364,3 +364,29 @@ func activeExperts(t *testing.T, g *cuda.Backend, rt backend.Routing) int {
 	}
 	return len(distinct)
 }
+
+// TestHostStats: the backend's host counters (backend.HostReporter, bench's prefill_host) count a
+// Synchronize and a download as waits for the device, report the pool's cuMemAlloc calls and forced
+// collections (MemoryStats), and never go down.
+func TestHostStats(t *testing.T) {
+	g := newBackend(t, cuda.BF16)
+	before := g.HostStats()
+	if err := g.Synchronize(); err != nil {
+		t.Fatal(err)
+	}
+	x, err := g.FromFloat32([]int{2, 3}, []float32{1, 2, 3, 4, 5, 6})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := g.Float32(x); err != nil {
+		t.Fatal(err)
+	}
+	after, m := g.HostStats(), g.Memory()
+	d := after.Sub(before)
+	if d.Syncs < 2 || d.Allocs < 0 || d.Collections < 0 || d.CollectionTime < 0 {
+		t.Errorf("host stats over a Synchronize and a download: %+v, want at least two waits and nothing negative", d)
+	}
+	if after.Allocs != m.Allocs || after.Collections != m.Collections || after.CollectionTime != m.CollectionTime {
+		t.Errorf("HostStats %+v disagree with Memory %+v", after, m)
+	}
+}
