@@ -9,6 +9,8 @@ import (
 	"go/token"
 	"go/types"
 	"maps"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -39,8 +41,14 @@ func TestLaunchArgumentsMatchKernels(t *testing.T) {
 		}
 		maps.Copy(sigs, s)
 	}
+	// The check reads the package's source and type-checks it with its imports (the source importer runs
+	// the go command). Where the test binary runs without them (the GPU machine: a copy of the test binary
+	// in the repository root, no Go toolchain) launch's own check (checkArgs) does the same at run time.
+	if _, err := exec.LookPath("go"); err != nil {
+		t.Skip("no go command to type-check the source with (checkArgs checks every launch at run time)")
+	}
 	fset := token.NewFileSet()
-	names, err := filepath.Glob("*.go")
+	names, err := filepath.Glob(filepath.Join(sourceDir(t), "*.go"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -63,6 +71,25 @@ func TestLaunchArgumentsMatchKernels(t *testing.T) {
 		t.Fatalf("found %d launches: the launch pattern changed?", sites)
 	}
 	t.Logf("%d launches, %d paths checked against %d kernels", sites, paths, len(sigs))
+}
+
+// sourceDir is backend/cuda's directory: the working directory under go test, else found from the
+// working directory or one of its parents (a test binary run from the repository root).
+func sourceDir(t *testing.T) string {
+	dir, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for d := dir; ; d = filepath.Dir(d) {
+		for _, c := range []string{d, filepath.Join(d, "backend", "cuda")} {
+			if _, err := os.Stat(filepath.Join(c, "launchargs_test.go")); err == nil {
+				return c
+			}
+		}
+		if filepath.Dir(d) == d {
+			t.Fatalf("no backend/cuda source at or above %s", dir)
+		}
+	}
 }
 
 // launchErrors type-checks files (one package, its cgo declarations faked) and follows every
