@@ -315,7 +315,7 @@ __device__ __forceinline__ void q4gemv_rows(const void* __restrict__ x, int xdt,
 	__syncthreads();
 	const int SLAB = 16 * MT * 4 * NT;
 	int S = gridDim.y;
-	float* slab = part + ((long long)blockIdx.y * gridDim.x + blockIdx.x) * SLAB;
+	float* slab = S > 1 ? part + ((long long)blockIdx.y * gridDim.x + blockIdx.x) * SLAB : nullptr;
 	for (int i = threadIdx.x; i < SLAB; i += blockDim.x) {
 		int r = i / (4 * NT), t = i - r * (4 * NT);
 		float v = 0.0f;
